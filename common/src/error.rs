@@ -1,0 +1,132 @@
+//! The one error type of the model, with a kind that decides the gRPC status
+//! code (mapped once, at the server's edge), whether retrying can help, and
+//! the one-line message an operator sees.
+
+use std::fmt;
+
+/// What went wrong, in terms an operator and a peer can act on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ErrorKind {
+    /// The request itself is malformed (bad name, offset out of range, ...).
+    InvalidArgument,
+    /// No such job or revision.
+    NotFound,
+    /// Something with that identity exists already.
+    AlreadyExists,
+    /// The request is well-formed but the state does not allow it now
+    /// (frames out of order, parent changed, spec ambiguous).
+    FailedPrecondition,
+    /// Another operation holds the job (a push is running).
+    Busy,
+    /// Out of disk space or over a limit.
+    ResourceExhausted,
+    /// Data did not arrive or is not stored intact (checksum mismatch).
+    DataLoss,
+    /// No or bad credentials.
+    Unauthenticated,
+    /// Valid credentials, not allowed for this job.
+    PermissionDenied,
+    /// The peer or a subprocess went away; retrying may help.
+    Unavailable,
+    /// A bug or an unexpected local failure.
+    Internal,
+}
+
+impl ErrorKind {
+    /// Whether running the same operation again later can succeed.
+    pub fn is_retryable(self) -> bool {
+        matches!(
+            self,
+            ErrorKind::Busy | ErrorKind::Unavailable | ErrorKind::ResourceExhausted
+        )
+    }
+}
+
+/// An error of the model: a kind plus a one-line, human message.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub struct Error {
+    pub kind: ErrorKind,
+    pub message: String,
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+macro_rules! ctor {
+    ($($name:ident => $kind:ident),* $(,)?) => {
+        impl Error {
+            $(
+                #[doc = concat!("An error of kind [`ErrorKind::", stringify!($kind), "`].")]
+                pub fn $name(message: impl Into<String>) -> Self {
+                    Error { kind: ErrorKind::$kind, message: message.into() }
+                }
+            )*
+        }
+    };
+}
+
+ctor! {
+    invalid => InvalidArgument,
+    not_found => NotFound,
+    exists => AlreadyExists,
+    precondition => FailedPrecondition,
+    busy => Busy,
+    exhausted => ResourceExhausted,
+    data_loss => DataLoss,
+    unauthenticated => Unauthenticated,
+    denied => PermissionDenied,
+    unavailable => Unavailable,
+    internal => Internal,
+}
+
+impl Error {
+    /// Wraps an I/O error with what was being done; ENOSPC/EDQUOT become
+    /// [`ErrorKind::ResourceExhausted`] so that a full disk says so.
+    pub fn io(context: impl fmt::Display, err: std::io::Error) -> Self {
+        let kind = match err.raw_os_error() {
+            Some(28) | Some(122) => ErrorKind::ResourceExhausted, // ENOSPC, EDQUOT
+            _ => match err.kind() {
+                std::io::ErrorKind::NotFound => ErrorKind::NotFound,
+                std::io::ErrorKind::PermissionDenied => ErrorKind::PermissionDenied,
+                _ => ErrorKind::Internal,
+            },
+        };
+        let msg = if kind == ErrorKind::ResourceExhausted {
+            format!("{context}: no space left on device ({err})")
+        } else {
+            format!("{context}: {err}")
+        };
+        Error { kind, message: msg }
+    }
+
+    /// Prefixes the message with more context, keeping the kind.
+    pub fn context(mut self, context: impl fmt::Display) -> Self {
+        self.message = format!("{context}: {}", self.message);
+        self
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn enospc_is_resource_exhausted() {
+        let e = Error::io("writing x", std::io::Error::from_raw_os_error(28));
+        assert_eq!(e.kind, ErrorKind::ResourceExhausted);
+        assert!(e.message.contains("no space left"), "{}", e.message);
+        assert!(e.kind.is_retryable());
+    }
+
+    #[test]
+    fn context_keeps_kind() {
+        let e = Error::not_found("no revision abc").context("job vm1");
+        assert_eq!(e.kind, ErrorKind::NotFound);
+        assert_eq!(e.to_string(), "job vm1: no revision abc");
+    }
+}

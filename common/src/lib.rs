@@ -1,0 +1,26 @@
+//! backy's model: the types and pure logic both `backy-server` and
+//! `backy-client` need. No sockets, no async runtime, no process spawning;
+//! the only I/O is through `std::io::Read`/`Write` handed in by the caller.
+
+pub mod checksum;
+pub mod config;
+pub mod error;
+pub mod id;
+pub mod job;
+pub mod manifest;
+pub mod ranges;
+pub mod revision;
+pub mod source;
+pub mod spec;
+pub mod units;
+
+pub use error::{Error, ErrorKind, Result};
+pub use id::RevisionId;
+pub use job::JobName;
+
+/// Default block size for digests: Ceph's default object size.
+pub const DEFAULT_BLOCK_SIZE: u32 = 4 << 20;
+/// Largest data payload of one push or restore frame.
+pub const MAX_FRAME_DATA: usize = 1 << 20;
+/// Cap on any one gRPC message (a frame plus its envelope).
+pub const MAX_MESSAGE_BYTES: usize = MAX_FRAME_DATA + (64 << 10);

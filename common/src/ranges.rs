@@ -1,0 +1,159 @@
+//! Change detection on in-memory blocks: what to send for a block, given
+//! the parent's digest of it.
+
+use crate::manifest::{digest, zero_digest, Digest};
+
+/// What a block needs on the wire.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Change {
+    /// Same digest as the parent's block: send nothing.
+    Unchanged,
+    /// All zeros (and the parent's block was not): send a zero range.
+    Zero,
+    /// Send the data.
+    Data,
+}
+
+/// Whether every byte is zero. Comparing fixed 16-byte chunks lets the
+/// optimiser vectorise without `unsafe`.
+pub fn is_all_zero(data: &[u8]) -> bool {
+    // Page-sized pieces keep the early exit for data blocks cheap.
+    data.chunks(4096).all(|page| {
+        let words = page.chunks_exact(16);
+        let tail = words.remainder();
+        words.fold(0u128, |acc, c| {
+            acc | u128::from_ne_bytes(c.try_into().unwrap_or([1; 16]))
+        }) == 0
+            && tail.iter().all(|&b| b == 0)
+    })
+}
+
+/// Classifies one block and returns its digest.
+pub fn classify(data: &[u8], parent: Option<&Digest>) -> (Change, Digest) {
+    if is_all_zero(data) {
+        let d = zero_digest(data.len() as u64);
+        let change = if parent == Some(&d) {
+            Change::Unchanged
+        } else {
+            Change::Zero
+        };
+        return (change, d);
+    }
+    let d = digest(data);
+    let change = if parent == Some(&d) {
+        Change::Unchanged
+    } else {
+        Change::Data
+    };
+    (change, d)
+}
+
+/// A byte range of an image.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Extent {
+    pub offset: u64,
+    pub len: u64,
+}
+
+impl Extent {
+    pub fn end(&self) -> u64 {
+        self.offset + self.len
+    }
+}
+
+/// Merges touching or overlapping extents (input in any order).
+pub fn coalesce(mut extents: Vec<Extent>) -> Vec<Extent> {
+    extents.retain(|e| e.len > 0);
+    extents.sort_by_key(|e| e.offset);
+    let mut out: Vec<Extent> = Vec::with_capacity(extents.len());
+    for e in extents {
+        match out.last_mut() {
+            Some(last) if e.offset <= last.end() => {
+                let end = last.end().max(e.end());
+                last.len = end - last.offset;
+            }
+            _ => out.push(e),
+        }
+    }
+    out
+}
+
+/// Block indexes an extent touches.
+pub fn blocks_of(e: Extent, block_size: u32) -> std::ops::Range<u64> {
+    let bs = block_size as u64;
+    if e.len == 0 {
+        return 0..0;
+    }
+    e.offset / bs..e.end().div_ceil(bs)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn classify_table() {
+        let zeros = vec![0u8; 4096];
+        let mut data = zeros.clone();
+        data[4095] = 1;
+        let dz = zero_digest(4096);
+        let dd = digest(&data);
+        let cases = [
+            (&zeros, None, Change::Zero),
+            (&zeros, Some(dz), Change::Unchanged),
+            (&zeros, Some(dd), Change::Zero),
+            (&data, None, Change::Data),
+            (&data, Some(dz), Change::Data),
+            (&data, Some(dd), Change::Unchanged),
+        ];
+        for (block, parent, want) in cases {
+            assert_eq!(classify(block, parent.as_ref()).0, want);
+        }
+    }
+
+    #[test]
+    fn zero_detection_sees_every_byte() {
+        for len in [0, 1, 15, 16, 17, 4097] {
+            let mut v = vec![0u8; len];
+            assert!(is_all_zero(&v));
+            for i in 0..len {
+                v[i] = 1;
+                assert!(!is_all_zero(&v), "len {len} byte {i}");
+                v[i] = 0;
+            }
+        }
+    }
+
+    #[test]
+    fn blocks_of_extents() {
+        assert_eq!(blocks_of(Extent { offset: 0, len: 1 }, 4096), 0..1);
+        assert_eq!(blocks_of(Extent { offset: 4095, len: 2 }, 4096), 0..2);
+        assert_eq!(
+            blocks_of(
+                Extent {
+                    offset: 4096,
+                    len: 4096
+                },
+                4096
+            ),
+            1..2
+        );
+        assert_eq!(blocks_of(Extent { offset: 10, len: 0 }, 4096), 0..0);
+    }
+
+    proptest! {
+        #[test]
+        fn coalesce_covers_same_bytes(raw in proptest::collection::vec((0u64..1000, 0u64..50), 0..40)) {
+            let input: Vec<Extent> = raw.iter().map(|&(o, l)| Extent { offset: o, len: l }).collect();
+            let out = coalesce(input.clone());
+            for w in out.windows(2) {
+                prop_assert!(w[0].end() < w[1].offset, "sorted, disjoint, not touching");
+            }
+            let covered = |set: &[Extent], x: u64| set.iter().any(|e| e.offset <= x && x < e.end());
+            for x in 0..1100 {
+                prop_assert_eq!(covered(&input, x), covered(&out, x));
+            }
+        }
+    }
+}

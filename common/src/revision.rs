@@ -1,0 +1,194 @@
+//! Revision metadata: the `<rev>.rev` YAML file whose presence commits a
+//! revision.
+
+use crate::error::{Error, Result};
+use crate::id::RevisionId;
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeSet;
+
+/// How far a revision's stored data can be relied on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Trust {
+    /// Written and checked at commit, not re-read since.
+    #[default]
+    Trusted,
+    /// A verify found blocks that do not match the manifest.
+    Distrusted,
+    /// Re-read completely and found intact (see `verified_at`).
+    Verified,
+}
+
+impl Trust {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Trust::Trusted => "trusted",
+            Trust::Distrusted => "distrusted",
+            Trust::Verified => "verified",
+        }
+    }
+
+    pub fn parse(s: &str) -> Result<Self> {
+        match s {
+            "trusted" => Ok(Trust::Trusted),
+            "distrusted" => Ok(Trust::Distrusted),
+            "verified" => Ok(Trust::Verified),
+            _ => Err(Error::invalid(format!("unknown trust {s:?}"))),
+        }
+    }
+
+    /// Whether the revision may serve as a parent.
+    pub fn usable_as_parent(self) -> bool {
+        self != Trust::Distrusted
+    }
+}
+
+/// How the revision's image file shares data with its parent.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum StorageMode {
+    /// A reflink clone: unchanged extents are shared.
+    #[default]
+    Reflink,
+    /// A sparse copy: the filesystem cannot share extents.
+    Copy,
+}
+
+impl StorageMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StorageMode::Reflink => "reflink",
+            StorageMode::Copy => "copy",
+        }
+    }
+}
+
+/// Where the revision's data came from.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SourceInfo {
+    /// Source type, e.g. `file`, `block`, `ceph-rbd`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// Source-side snapshot name (e.g. `backy-<id>`), empty if none.
+    #[serde(default)]
+    pub snapshot: String,
+}
+
+/// Counters of the push that made the revision.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Stats {
+    /// Payload bytes received (data ranges).
+    pub bytes_received: u64,
+    /// Bytes written into the image file.
+    pub bytes_written: u64,
+    /// Blocks whose digest changed relative to the parent.
+    pub changed_blocks: u64,
+    /// Wall time of the push, seconds.
+    pub duration: f64,
+}
+
+/// The contents of a `.rev` file.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RevisionMeta {
+    pub id: RevisionId,
+    pub timestamp: DateTime<Utc>,
+    #[serde(default)]
+    pub parent: Option<RevisionId>,
+    pub size: u64,
+    pub block_size: u32,
+    #[serde(default)]
+    pub tags: BTreeSet<String>,
+    #[serde(default)]
+    pub trust: Trust,
+    #[serde(default)]
+    pub verified_at: Option<DateTime<Utc>>,
+    #[serde(default)]
+    pub source: SourceInfo,
+    #[serde(default)]
+    pub stats: Stats,
+    /// Hex BLAKE3 of the `.digests` file.
+    pub manifest_digest: String,
+    #[serde(default)]
+    pub storage: StorageMode,
+}
+
+impl RevisionMeta {
+    pub fn to_yaml(&self) -> Result<String> {
+        serde_yaml::to_string(self).map_err(|e| Error::internal(format!("encoding revision: {e}")))
+    }
+
+    /// Parses a `.rev` file; `what` names it in errors.
+    pub fn from_yaml(text: &str, what: &str) -> Result<Self> {
+        serde_yaml::from_str(text)
+            .map_err(|e| Error::data_loss(format!("{what}: bad revision metadata: {e}")))
+    }
+}
+
+/// Checks a tag: 1..=64 printable characters without whitespace, commas or
+/// slashes; `manual:` tags are the operator's and never expire.
+pub fn check_tag(tag: &str) -> Result<()> {
+    let ok = !tag.is_empty()
+        && tag.len() <= 64
+        && tag.bytes().all(|c| c.is_ascii_graphic() && !b",/\\".contains(&c));
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::invalid(format!(
+            "invalid tag {tag:?}: 1-64 printable characters, no ',', '/' or spaces"
+        )))
+    }
+}
+
+pub const MANUAL_PREFIX: &str = "manual:";
+
+pub fn is_manual_tag(tag: &str) -> bool {
+    tag.starts_with(MANUAL_PREFIX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn yaml_round_trip() {
+        let meta = RevisionMeta {
+            id: RevisionId::new_random(),
+            timestamp: "2026-05-10T10:00:00Z".parse().unwrap(),
+            parent: Some(RevisionId::new_random()),
+            size: 1 << 30,
+            block_size: 4 << 20,
+            tags: ["daily".to_string(), "manual:x".to_string()].into(),
+            trust: Trust::Verified,
+            verified_at: Some("2026-05-11T00:00:00Z".parse().unwrap()),
+            source: SourceInfo {
+                kind: "file".into(),
+                snapshot: String::new(),
+            },
+            stats: Stats {
+                bytes_received: 5,
+                bytes_written: 6,
+                changed_blocks: 1,
+                duration: 1.5,
+            },
+            manifest_digest: "ab".repeat(32),
+            storage: StorageMode::Copy,
+        };
+        let text = meta.to_yaml().unwrap();
+        assert!(text.contains("trust: verified"), "{text}");
+        assert_eq!(RevisionMeta::from_yaml(&text, "x.rev").unwrap(), meta);
+        let e = RevisionMeta::from_yaml("id: [", "vm1/x.rev").unwrap_err();
+        assert!(e.message.starts_with("vm1/x.rev: bad revision metadata"));
+    }
+
+    #[test]
+    fn tags() {
+        for ok in ["daily", "manual:keep-forever", "a"] {
+            assert!(check_tag(ok).is_ok(), "{ok}");
+        }
+        for bad in ["", "a b", "a,b", "a/b", &"x".repeat(65)] {
+            assert!(check_tag(bad).is_err(), "{bad}");
+        }
+        assert!(is_manual_tag("manual:x") && !is_manual_tag("daily"));
+    }
+}
