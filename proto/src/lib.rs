@@ -1,11 +1,12 @@
-//! The wire protocol between `backy-client` and `backy-server`.
-//!
-//! Only generated code lives here; validation and meaning live in
-//! `backy-common`, the server and the client.
-#![allow(clippy::all, missing_docs)]
+//! The wire protocol between `backy-client` and `backy-server`, and the
+//! conversions between wire messages and the domain types of
+//! `backy-common` (kept here, once, so neither side repeats them).
 
+#[allow(clippy::all, missing_docs)]
 pub mod v1 {
     tonic::include_proto!("backy.v1");
 }
+
+mod convert;
 
 pub use v1::*;

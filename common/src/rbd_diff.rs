@@ -1,0 +1,1 @@
+//! Parser for Ceph's `rbd export-diff` stream (formats v1 and v2).

@@ -1,0 +1,1 @@
+//! Schedules: due computation, expiry and SLA (DESIGN.md section 5).
