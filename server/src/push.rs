@@ -1,0 +1,125 @@
+//! Receiving a push: validate the begin frame, lock the job, write the new
+//! revision from the ranges as they arrive, commit, expire.
+
+use crate::state::Server;
+use crate::storage::{NewRevision, NewRevisionSpec, PushEnd};
+use backy_common::revision::{check_tag, is_manual_tag, RevisionMeta, SourceInfo};
+use backy_common::{Error, Result, RevisionId, DEFAULT_BLOCK_SIZE};
+use backy_proto::PushBegin;
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use tokio::sync::mpsc;
+
+/// One decoded frame after the begin frame.
+pub enum Step {
+    Data(u64, Vec<u8>),
+    Zero(u64, u64),
+    End(PushEnd),
+}
+
+/// Runs a whole push on a blocking thread; `rx` ends without `End` when the
+/// client went away, and then nothing is committed.
+pub fn run(server: Arc<Server>, begin: PushBegin, mut rx: mpsc::Receiver<Step>) -> Result<RevisionMeta> {
+    let job = server.job(&begin.job)?;
+    let config = server.config();
+    let job_cfg = config.job(job.name())?;
+    let id: RevisionId = begin.rev_id.parse().map_err(|e: Error| e.context("push: rev_id"))?;
+    if begin.block_size != DEFAULT_BLOCK_SIZE {
+        return Err(Error::invalid(format!(
+            "block size {} is not this server's {DEFAULT_BLOCK_SIZE}",
+            begin.block_size
+        )));
+    }
+    if let Some(max) = job_cfg.max_size {
+        if begin.size > max {
+            return Err(Error::exhausted(format!(
+                "image size {} exceeds job {}'s limit of {max} bytes",
+                begin.size,
+                job.name()
+            )));
+        }
+    }
+    if begin.size > backy_common::manifest::MAX_IMAGE_SIZE {
+        return Err(Error::invalid(format!("image size {} is too large", begin.size)));
+    }
+    let tags = check_tags(&begin.tags, config.schedule_of(job_cfg), begin.force)?;
+
+    let _lock = job.lock()?;
+    for p in job.clean_leftovers()? {
+        tracing::info!(job = %job.name(), "removed leftover {}", p.display());
+    }
+    let revs = job.revisions()?;
+    if revs.iter().any(|r| r.id == id) {
+        return Err(Error::exists(format!("job {}: revision {id} exists already", job.name())));
+    }
+    let parent = if begin.parent_id.is_empty() {
+        None
+    } else {
+        let pid: RevisionId = begin.parent_id.parse().map_err(|e: Error| e.context("push: parent_id"))?;
+        let meta = revs.iter().find(|r| r.id == pid).ok_or_else(|| {
+            Error::precondition(format!("parent revision {pid} no longer exists; run the push again"))
+        })?;
+        if !meta.trust.usable_as_parent() {
+            return Err(Error::precondition(format!(
+                "parent revision {pid} is distrusted; run the push again for a full backup"
+            )));
+        }
+        Some(meta)
+    };
+    let _running = server.start_push(job.name(), id, parent.map(|p| p.id));
+    let parent = match parent {
+        Some(meta) => Some((meta, job.manifest(meta)?)),
+        None => None,
+    };
+    let spec = NewRevisionSpec {
+        id,
+        size: begin.size,
+        block_size: begin.block_size,
+        tags,
+        source: SourceInfo { kind: begin.source_type.clone(), snapshot: begin.source_snapshot.clone() },
+    };
+    let mut rev = NewRevision::create(&job, spec, parent)?;
+    let meta = loop {
+        match rx.blocking_recv() {
+            Some(Step::Data(offset, data)) => rev.data(offset, &data)?,
+            Some(Step::Zero(offset, len)) => rev.zero(offset, len)?,
+            Some(Step::End(end)) => break rev.commit(&end)?,
+            None => {
+                return Err(Error::unavailable(
+                    "push stream ended before its end frame; nothing was committed",
+                ))
+            }
+        }
+    };
+    job.update_latest()?;
+    tracing::info!(
+        job = %job.name(), rev = %meta.id, size = meta.size, received = meta.stats.bytes_received,
+        changed_blocks = meta.stats.changed_blocks, storage = meta.storage.as_str(), "committed revision"
+    );
+    Ok(meta)
+}
+
+/// Validates tags: each well-formed; with a schedule, tags outside it must
+/// be `manual:` unless forced.
+fn check_tags(
+    tags: &[String],
+    schedule: Option<&backy_common::config::Schedule>,
+    force: bool,
+) -> Result<BTreeSet<String>> {
+    if tags.len() > 32 {
+        return Err(Error::invalid("more than 32 tags"));
+    }
+    let mut out = BTreeSet::new();
+    for t in tags {
+        check_tag(t)?;
+        if let Some(s) = schedule {
+            if !force && !is_manual_tag(t) && !s.contains_key(t) {
+                return Err(Error::invalid(format!(
+                    "tag {t:?} is not in the job's schedule: use a 'manual:' tag or --force"
+                )));
+            }
+        }
+        out.insert(t.clone());
+    }
+    Ok(out)
+}

@@ -1,0 +1,202 @@
+//! The gRPC service: thin handlers that decode, validate frame order, and
+//! hand the work to blocking code that knows nothing of gRPC.
+
+use crate::push::Step;
+use crate::state::Server;
+use crate::storage::PushEnd;
+use crate::wire::to_status;
+use backy_common::Result;
+use backy_proto::backy_server::Backy;
+use backy_proto::push_frame::Frame;
+use backy_proto::*;
+use std::pin::Pin;
+use std::sync::Arc;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::Stream;
+use tonic::{Request, Response, Status, Streaming};
+
+type BoxStream<T> = Pin<Box<dyn Stream<Item = std::result::Result<T, Status>> + Send + 'static>>;
+
+/// How many decoded frames may wait between network and disk.
+const FRAMES_IN_FLIGHT: usize = 8;
+/// How long a client may take to close its stream after the end frame.
+const END_GRACE: std::time::Duration = std::time::Duration::from_secs(30);
+
+#[derive(Clone)]
+pub struct Service {
+    pub server: Arc<Server>,
+}
+
+/// Runs blocking work off the async threads and maps its error.
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> std::result::Result<T, Status> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| Status::internal(format!("worker failed: {e}")))?
+        .map_err(to_status)
+}
+
+fn out_of_order(what: &str) -> Status {
+    Status::invalid_argument(format!("push frames out of order: {what}"))
+}
+
+#[tonic::async_trait]
+impl Backy for Service {
+    async fn plan(&self, req: Request<PlanRequest>) -> std::result::Result<Response<PlanReply>, Status> {
+        let server = self.server.clone();
+        let req = req.into_inner();
+        blocking(move || crate::plan::plan(&server, &req)).await.map(Response::new)
+    }
+
+    type ManifestStream = BoxStream<ManifestChunk>;
+
+    async fn manifest(
+        &self,
+        req: Request<ManifestRequest>,
+    ) -> std::result::Result<Response<Self::ManifestStream>, Status> {
+        let server = self.server.clone();
+        let req = req.into_inner();
+        let (info, bytes) = blocking(move || {
+            let job = server.job(&req.job)?;
+            let meta = crate::restore::resolve(&job, &req.revision)?;
+            let bytes = job.manifest_bytes(&meta)?;
+            Ok((RevisionInfo::from(&meta), bytes))
+        })
+        .await?;
+        const CHUNK: usize = 256 << 10;
+        let mut chunks: Vec<std::result::Result<ManifestChunk, Status>> = Vec::new();
+        let mut revision = Some(info);
+        for piece in bytes.chunks(CHUNK) {
+            chunks.push(Ok(ManifestChunk { revision: revision.take(), data: piece.to_vec() }));
+        }
+        Ok(Response::new(Box::pin(tokio_stream::iter(chunks))))
+    }
+
+    async fn push(&self, req: Request<Streaming<PushFrame>>) -> std::result::Result<Response<PushReply>, Status> {
+        let mut stream = req.into_inner();
+        let begin = match stream.message().await? {
+            Some(PushFrame { frame: Some(Frame::Begin(b)) }) => b,
+            Some(_) => return Err(out_of_order("a push must start with a begin frame")),
+            None => return Err(Status::invalid_argument("empty push stream")),
+        };
+        let job = begin.job.clone();
+        let server = self.server.clone();
+        let (tx, rx) = mpsc::channel(FRAMES_IN_FLIGHT);
+        let writer = tokio::task::spawn_blocking(move || crate::push::run(server, begin, rx));
+        let mut protocol_error: Option<Status> = None;
+        loop {
+            let step = match stream.message().await {
+                Ok(Some(PushFrame { frame: Some(Frame::Data(d)) })) => Step::Data(d.offset, d.data),
+                Ok(Some(PushFrame { frame: Some(Frame::Zero(z)) })) => Step::Zero(z.offset, z.length),
+                Ok(Some(PushFrame { frame: Some(Frame::End(e)) })) => {
+                    // The end frame must end the stream: check that before
+                    // letting the writer commit.
+                    match tokio::time::timeout(END_GRACE, stream.message()).await {
+                        Ok(Ok(None)) => {}
+                        Ok(Ok(Some(_))) => protocol_error = Some(out_of_order("frames after the end frame")),
+                        Ok(Err(_)) | Err(_) => {
+                            protocol_error = Some(Status::invalid_argument("push stream not closed after its end frame"))
+                        }
+                    }
+                    if protocol_error.is_some() {
+                        break;
+                    }
+                    Step::End(PushEnd { stream_checksum: e.stream_checksum, manifest_digest: e.manifest_digest })
+                }
+                Ok(Some(PushFrame { frame: Some(Frame::Begin(_)) })) => {
+                    protocol_error = Some(out_of_order("a second begin frame"));
+                    break;
+                }
+                Ok(Some(PushFrame { frame: None })) => {
+                    protocol_error = Some(Status::invalid_argument("empty push frame"));
+                    break;
+                }
+                Ok(None) => break,
+                Err(status) => {
+                    tracing::warn!(job, "push stream broke: {status}");
+                    break;
+                }
+            };
+            let is_end = matches!(step, Step::End(_));
+            if tx.send(step).await.is_err() || is_end {
+                break; // the writer stopped (error) or has everything
+            }
+        }
+        // Without an end step the writer discards the partial revision.
+        drop(tx);
+        let result = writer.await.map_err(|e| Status::internal(format!("push worker failed: {e}")))?;
+        let outcome = match (&protocol_error, &result) {
+            (Some(p), _) => Err(p.message().to_string()),
+            (None, Err(e)) => Err(e.message.clone()),
+            (None, Ok(_)) => Ok(()),
+        };
+        if let Ok(name) = backy_common::JobName::new(&job) {
+            self.server.record_outcome(&name, &outcome);
+        }
+        if let Some(p) = protocol_error {
+            return Err(p);
+        }
+        let meta = result.map_err(|e| {
+            tracing::warn!(job, "push failed: {e}");
+            to_status(e)
+        })?;
+        Ok(Response::new(PushReply { revision: Some(RevisionInfo::from(&meta)), expired: Vec::new() }))
+    }
+
+    async fn status(&self, req: Request<StatusRequest>) -> std::result::Result<Response<StatusReply>, Status> {
+        let server = self.server.clone();
+        let req = req.into_inner();
+        blocking(move || crate::status::status(&server, &req)).await.map(Response::new)
+    }
+
+    type RestoreStream = BoxStream<RestoreFrame>;
+
+    async fn restore(
+        &self,
+        req: Request<RestoreRequest>,
+    ) -> std::result::Result<Response<Self::RestoreStream>, Status> {
+        let server = self.server.clone();
+        let req = req.into_inner();
+        let (job, meta) = blocking(move || {
+            let job = server.job(&req.job)?;
+            let meta = crate::restore::resolve(&job, &req.revision)?;
+            Ok((job, meta))
+        })
+        .await?;
+        let (tx, rx) = mpsc::channel(FRAMES_IN_FLIGHT);
+        let server = self.server.clone();
+        tokio::task::spawn_blocking(move || crate::restore::stream_image(server, job, meta, tx));
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    type VerifyStream = BoxStream<VerifyReport>;
+
+    async fn verify(&self, _req: Request<VerifyRequest>) -> std::result::Result<Response<Self::VerifyStream>, Status> {
+        Err(not_yet("verify"))
+    }
+
+    async fn distrust(&self, _req: Request<RevisionsRequest>) -> std::result::Result<Response<RevisionsReply>, Status> {
+        Err(not_yet("distrust"))
+    }
+
+    async fn tags(&self, _req: Request<TagsRequest>) -> std::result::Result<Response<RevisionsReply>, Status> {
+        Err(not_yet("tags"))
+    }
+
+    async fn forget(&self, _req: Request<RevisionsRequest>) -> std::result::Result<Response<RevisionsReply>, Status> {
+        Err(not_yet("forget"))
+    }
+
+    type AgentStream = BoxStream<AgentOrder>;
+
+    async fn agent(
+        &self,
+        _req: Request<Streaming<AgentReport>>,
+    ) -> std::result::Result<Response<Self::AgentStream>, Status> {
+        Err(not_yet("agent"))
+    }
+}
+
+fn not_yet(what: &str) -> Status {
+    Status::unimplemented(format!("{what} is not supported by this server version"))
+}

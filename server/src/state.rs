@@ -1,0 +1,130 @@
+//! The server's shared state: configuration, storage root, and what is
+//! running right now (pushes, readers), which expiry and forget consult so
+//! they never remove a revision in use.
+
+use crate::storage::JobDir;
+use backy_common::config::ServerConfig;
+use backy_common::revision::StorageMode;
+use backy_common::{JobName, Result, RevisionId};
+use chrono::{DateTime, Utc};
+use std::collections::{BTreeSet, HashMap};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+
+/// What is happening to one job right now, and its recent failures.
+#[derive(Debug, Default, Clone)]
+pub struct JobRuntime {
+    /// The revision being pushed and its parent.
+    pub push: Option<(RevisionId, Option<RevisionId>)>,
+    /// Revisions being read (restore, manifest streaming), with counts.
+    pub readers: HashMap<RevisionId, usize>,
+    pub failures: u32,
+    pub last_failure: Option<DateTime<Utc>>,
+    pub last_error: String,
+}
+
+pub struct Server {
+    config: RwLock<Arc<ServerConfig>>,
+    pub storage_mode: StorageMode,
+    runtime: Mutex<HashMap<JobName, JobRuntime>>,
+}
+
+impl Server {
+    pub fn new(config: ServerConfig, storage_mode: StorageMode) -> Self {
+        Server { config: RwLock::new(Arc::new(config)), storage_mode, runtime: Mutex::new(HashMap::new()) }
+    }
+
+    pub fn config(&self) -> Arc<ServerConfig> {
+        self.config.read().map(|c| c.clone()).unwrap_or_else(|p| p.into_inner().clone())
+    }
+
+    pub fn replace_config(&self, config: ServerConfig) {
+        match self.config.write() {
+            Ok(mut c) => *c = Arc::new(config),
+            Err(p) => *p.into_inner() = Arc::new(config),
+        }
+    }
+
+    fn runtime(&self) -> MutexGuard<'_, HashMap<JobName, JobRuntime>> {
+        self.runtime.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A configured job's directory; unknown jobs are `NotFound`.
+    pub fn job(&self, name: &str) -> Result<JobDir> {
+        let name = JobName::new(name)?;
+        let config = self.config();
+        config.job(&name)?;
+        Ok(JobDir::new(&config.base_dir, name))
+    }
+
+    pub fn job_runtime(&self, job: &JobName) -> JobRuntime {
+        self.runtime().get(job).cloned().unwrap_or_default()
+    }
+
+    /// Revisions that must not be removed now: the parent of a running push
+    /// and everything being read.
+    pub fn protected(&self, job: &JobName) -> BTreeSet<RevisionId> {
+        let rt = self.runtime();
+        let Some(r) = rt.get(job) else { return BTreeSet::new() };
+        r.readers.keys().copied().chain(r.push.iter().filter_map(|(_, parent)| *parent)).collect()
+    }
+
+    /// Registers a push; cleared when the guard drops.
+    pub fn start_push(self: &Arc<Self>, job: &JobName, id: RevisionId, parent: Option<RevisionId>) -> PushGuard {
+        self.runtime().entry(job.clone()).or_default().push = Some((id, parent));
+        PushGuard { server: self.clone(), job: job.clone() }
+    }
+
+    /// Registers a reader of a revision; cleared when the guard drops.
+    pub fn start_read(self: &Arc<Self>, job: &JobName, id: RevisionId) -> ReadGuard {
+        *self.runtime().entry(job.clone()).or_default().readers.entry(id).or_default() += 1;
+        ReadGuard { server: self.clone(), job: job.clone(), id }
+    }
+
+    pub fn record_outcome(&self, job: &JobName, result: &std::result::Result<(), String>) {
+        let mut rt = self.runtime();
+        let r = rt.entry(job.clone()).or_default();
+        match result {
+            Ok(()) => {
+                r.failures = 0;
+                r.last_error.clear();
+            }
+            Err(e) => {
+                r.failures = r.failures.saturating_add(1);
+                r.last_failure = Some(Utc::now());
+                r.last_error = e.clone();
+            }
+        }
+    }
+}
+
+pub struct PushGuard {
+    server: Arc<Server>,
+    job: JobName,
+}
+
+impl Drop for PushGuard {
+    fn drop(&mut self) {
+        if let Some(r) = self.server.runtime().get_mut(&self.job) {
+            r.push = None;
+        }
+    }
+}
+
+pub struct ReadGuard {
+    server: Arc<Server>,
+    job: JobName,
+    id: RevisionId,
+}
+
+impl Drop for ReadGuard {
+    fn drop(&mut self) {
+        if let Some(r) = self.server.runtime().get_mut(&self.job) {
+            if let Some(n) = r.readers.get_mut(&self.id) {
+                *n -= 1;
+                if *n == 0 {
+                    r.readers.remove(&self.id);
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,100 @@
+//! Durable file replacement: every metadata write goes through here, so a
+//! crash leaves the old file or the new one, never half of either.
+
+use backy_common::{Error, Result};
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::Path;
+
+/// Mode of every file the server creates.
+pub const FILE_MODE: u32 = 0o600;
+/// Mode of every directory the server creates.
+pub const DIR_MODE: u32 = 0o700;
+
+/// Writes `bytes` to `path`: temp file in the same directory, fsync,
+/// rename over the target, fsync the directory.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let dir = parent_of(path)?;
+    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("file");
+    let tmp = dir.join(format!(".tmp.{name}.{}", uuid::Uuid::new_v4().simple()));
+    let result = (|| {
+        let mut f = create_new(&tmp)?;
+        f.write_all(bytes).map_err(|e| Error::io(format!("writing {}", tmp.display()), e))?;
+        f.sync_all().map_err(|e| Error::io(format!("syncing {}", tmp.display()), e))?;
+        std::fs::rename(&tmp, path)
+            .map_err(|e| Error::io(format!("renaming {} to {}", tmp.display(), path.display()), e))?;
+        fsync_dir(dir)
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}
+
+/// Creates a new file with the server's file mode; fails if it exists.
+pub fn create_new(path: &Path) -> Result<File> {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .mode(FILE_MODE)
+        .open(path)
+        .map_err(|e| Error::io(format!("creating {}", path.display()), e))
+}
+
+/// Makes a directory entry change (create, rename, unlink) durable.
+pub fn fsync_dir(dir: &Path) -> Result<()> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| Error::io(format!("syncing directory {}", dir.display()), e))
+}
+
+/// Creates a directory (and parents) with the server's directory mode.
+pub fn create_dir(dir: &Path) -> Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(DIR_MODE)
+        .create(dir)
+        .map_err(|e| Error::io(format!("creating directory {}", dir.display()), e))
+}
+
+/// Points `link` at `target` atomically (new link under a temp name, then
+/// rename), so people reading `latest` never see it missing or half-made.
+pub fn replace_symlink(link: &Path, target: &str) -> Result<()> {
+    let dir = parent_of(link)?;
+    let tmp = dir.join(format!(".tmp.link.{}", uuid::Uuid::new_v4().simple()));
+    std::os::unix::fs::symlink(target, &tmp)
+        .map_err(|e| Error::io(format!("creating symlink {}", tmp.display()), e))?;
+    if let Err(e) = std::fs::rename(&tmp, link) {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(Error::io(format!("replacing {}", link.display()), e));
+    }
+    fsync_dir(dir)
+}
+
+fn parent_of(path: &Path) -> Result<&Path> {
+    path.parent().ok_or_else(|| Error::internal(format!("{} has no parent directory", path.display())))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn replaces_and_leaves_no_temp() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("x.rev");
+        write_atomic(&p, b"one").unwrap();
+        write_atomic(&p, b"two").unwrap();
+        assert_eq!(std::fs::read(&p).unwrap(), b"two");
+        assert_eq!(std::fs::metadata(&p).unwrap().permissions().mode() & 0o777, FILE_MODE);
+        let names: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(names, vec![std::ffi::OsString::from("x.rev")]);
+        replace_symlink(&dir.path().join("latest"), "x.rev").unwrap();
+        replace_symlink(&dir.path().join("latest"), "y").unwrap();
+        assert_eq!(std::fs::read_link(dir.path().join("latest")).unwrap(), Path::new("y"));
+    }
+}

@@ -1,0 +1,216 @@
+//! One job's directory: committed revisions (`<id>`, `<id>.digests`,
+//! `<id>.rev`), the `latest` symlink, `.partial/` and `.lock`.
+
+use super::durable;
+use super::lock::JobLock;
+use backy_common::manifest::Manifest;
+use backy_common::revision::RevisionMeta;
+use backy_common::{Error, JobName, Result, RevisionId};
+use std::path::{Path, PathBuf};
+
+pub const PARTIAL_DIR: &str = ".partial";
+pub const LOCK_FILE: &str = ".lock";
+pub const LATEST_LINK: &str = "latest";
+
+/// Paths and committed state of one job.
+#[derive(Clone, Debug)]
+pub struct JobDir {
+    name: JobName,
+    dir: PathBuf,
+}
+
+impl JobDir {
+    /// The directory of `name` below `base`; a validated [`JobName`] never
+    /// escapes `base`.
+    pub fn new(base: &Path, name: JobName) -> Self {
+        let dir = base.join(name.as_str());
+        JobDir { name, dir }
+    }
+
+    pub fn name(&self) -> &JobName {
+        &self.name
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn image_path(&self, id: &RevisionId) -> PathBuf {
+        self.dir.join(id.short())
+    }
+
+    pub fn digests_path(&self, id: &RevisionId) -> PathBuf {
+        self.dir.join(format!("{}.digests", id.short()))
+    }
+
+    pub fn rev_path(&self, id: &RevisionId) -> PathBuf {
+        self.dir.join(format!("{}.rev", id.short()))
+    }
+
+    pub fn partial_dir(&self) -> PathBuf {
+        self.dir.join(PARTIAL_DIR)
+    }
+
+    /// Creates the job's directories if missing.
+    pub fn ensure(&self) -> Result<()> {
+        durable::create_dir(&self.partial_dir())
+    }
+
+    /// Takes the job's lock (fails at once if held).
+    pub fn lock(&self) -> Result<JobLock> {
+        self.ensure()?;
+        JobLock::try_acquire(&self.dir.join(LOCK_FILE), self.name.as_str())
+    }
+
+    /// Committed revisions, oldest first. A `.rev` that cannot be read is
+    /// logged and left out rather than hiding every other revision.
+    pub fn revisions(&self) -> Result<Vec<RevisionMeta>> {
+        let entries = match std::fs::read_dir(&self.dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(Error::io(format!("listing {}", self.dir.display()), e)),
+        };
+        let mut revs = Vec::new();
+        for entry in entries {
+            let entry = entry.map_err(|e| Error::io(format!("listing {}", self.dir.display()), e))?;
+            let name = entry.file_name();
+            let Some(stem) = name.to_str().and_then(|n| n.strip_suffix(".rev")) else { continue };
+            if RevisionId::from_short(stem).is_err() {
+                continue;
+            }
+            match self.read_meta(&entry.path()) {
+                Ok(meta) if meta.id.short() == stem => revs.push(meta),
+                Ok(meta) => tracing::error!(job = %self.name, file = %entry.path().display(),
+                    "revision metadata names id {}, ignoring it", meta.id),
+                Err(e) => tracing::error!(job = %self.name, "{e}"),
+            }
+        }
+        revs.sort_by(|a, b| a.timestamp.cmp(&b.timestamp).then(a.id.cmp(&b.id)));
+        Ok(revs)
+    }
+
+    fn read_meta(&self, path: &Path) -> Result<RevisionMeta> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(format!("reading {}", path.display()), e))?;
+        RevisionMeta::from_yaml(&text, &path.display().to_string())
+    }
+
+    /// One committed revision's metadata.
+    pub fn meta(&self, id: &RevisionId) -> Result<RevisionMeta> {
+        let path = self.rev_path(id);
+        if !path.exists() {
+            return Err(Error::not_found(format!("job {}: no revision {id}", self.name)));
+        }
+        self.read_meta(&path)
+    }
+
+    /// The raw `.digests` bytes of a revision, checked against its `.rev`.
+    pub fn manifest_bytes(&self, meta: &RevisionMeta) -> Result<Vec<u8>> {
+        let path = self.digests_path(&meta.id);
+        let bytes = std::fs::read(&path).map_err(|e| Error::io(format!("reading {}", path.display()), e))?;
+        let got = hex::encode(blake3::hash(&bytes).as_bytes());
+        if got != meta.manifest_digest {
+            return Err(Error::data_loss(format!(
+                "{}: manifest digest {got} does not match the revision's {}",
+                path.display(),
+                meta.manifest_digest
+            )));
+        }
+        Ok(bytes)
+    }
+
+    /// A revision's manifest, decoded and checked.
+    pub fn manifest(&self, meta: &RevisionMeta) -> Result<Manifest> {
+        let bytes = self.manifest_bytes(meta)?;
+        let m = Manifest::decode(&bytes, &self.digests_path(&meta.id).display().to_string())?;
+        if m.image_size() != meta.size || m.block_size() != meta.block_size {
+            return Err(Error::data_loss(format!(
+                "job {}: manifest of {} does not match its size or block size",
+                self.name, meta.id
+            )));
+        }
+        Ok(m)
+    }
+
+    /// Removes what no committed revision owns: everything in `.partial/`,
+    /// temp files, and image/manifest files without a `.rev`. Call with the
+    /// job locked (or at start, before serving).
+    pub fn clean_leftovers(&self) -> Result<Vec<PathBuf>> {
+        let mut removed = Vec::new();
+        let partial = self.partial_dir();
+        if let Ok(entries) = std::fs::read_dir(&partial) {
+            for e in entries.flatten() {
+                remove_path(&e.path())?;
+                removed.push(e.path());
+            }
+        }
+        let entries = match std::fs::read_dir(&self.dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(removed),
+            Err(e) => return Err(Error::io(format!("listing {}", self.dir.display()), e)),
+        };
+        for e in entries.flatten() {
+            let name = e.file_name();
+            let Some(name) = name.to_str() else { continue };
+            let orphan = if name.starts_with(".tmp.") {
+                true
+            } else {
+                let stem = name.strip_suffix(".digests").unwrap_or(name);
+                RevisionId::from_short(stem).is_ok_and(|id| !self.rev_path(&id).exists())
+            };
+            if orphan {
+                remove_path(&e.path())?;
+                removed.push(e.path());
+            }
+        }
+        if !removed.is_empty() {
+            durable::fsync_dir(&self.dir)?;
+        }
+        Ok(removed)
+    }
+
+    /// Deletes a committed revision: `.rev` first (durably), so a crash
+    /// half-way leaves orphan files that [`JobDir::clean_leftovers`] removes,
+    /// never a listed revision with missing data.
+    pub fn delete(&self, id: &RevisionId) -> Result<()> {
+        remove_path(&self.rev_path(id))?;
+        durable::fsync_dir(&self.dir)?;
+        remove_path(&self.image_path(id))?;
+        remove_path(&self.digests_path(id))?;
+        durable::fsync_dir(&self.dir)
+    }
+
+    /// Points `latest` at the newest committed revision (or removes it).
+    /// For people only: the code derives "latest" from metadata.
+    pub fn update_latest(&self) -> Result<()> {
+        let link = self.dir.join(LATEST_LINK);
+        match self.revisions()?.last() {
+            Some(newest) => durable::replace_symlink(&link, &newest.id.short()),
+            None => remove_path(&link),
+        }
+    }
+
+    /// Bytes allocated on disk by the job's files.
+    pub fn allocated_bytes(&self) -> u64 {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::read_dir(&self.dir)
+            .map(|entries| {
+                entries
+                    .flatten()
+                    .filter_map(|e| e.path().symlink_metadata().ok())
+                    .filter(|m| m.is_file())
+                    .map(|m| m.blocks() * 512)
+                    .sum()
+            })
+            .unwrap_or(0)
+    }
+}
+
+fn remove_path(path: &Path) -> Result<()> {
+    let r = match path.symlink_metadata() {
+        Ok(m) if m.is_dir() => std::fs::remove_dir_all(path),
+        Ok(_) => std::fs::remove_file(path),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => Err(e),
+    };
+    r.map_err(|e| Error::io(format!("removing {}", path.display()), e))
+}

@@ -1,0 +1,35 @@
+//! The per-job lock (`<job>/.lock`, flock): one writer per job at a time,
+//! across threads and processes alike.
+
+use backy_common::{Error, Result};
+use rustix::fs::FlockOperation;
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::Path;
+
+/// Held while a job is being changed; released on drop.
+#[derive(Debug)]
+pub struct JobLock {
+    _file: File,
+}
+
+impl JobLock {
+    /// Takes the lock or fails at once with [`backy_common::ErrorKind::Busy`].
+    pub fn try_acquire(path: &Path, job: &str) -> Result<Self> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(super::durable::FILE_MODE)
+            .open(path)
+            .map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
+        match rustix::fs::flock(&file, FlockOperation::NonBlockingLockExclusive) {
+            Ok(()) => Ok(JobLock { _file: file }),
+            Err(rustix::io::Errno::WOULDBLOCK) => {
+                Err(Error::busy(format!("job {job} is busy: another push or change is running")))
+            }
+            Err(e) => Err(Error::io(format!("locking {}", path.display()), e.into())),
+        }
+    }
+}
