@@ -39,14 +39,21 @@ pub async fn serve(config: ServerConfig, mode: StorageMode, _config_path: PathBu
     }
     let addr: std::net::SocketAddr = config.listen.parse().context("listen address")?;
     let server = Arc::new(Server::new(config, mode));
-    let service = BackyServer::new(service::Service { server: server.clone() })
-        .max_decoding_message_size(MAX_MESSAGE_BYTES)
-        .max_encoding_message_size(MAX_MESSAGE_BYTES);
-    let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("listening on {addr}"))?;
+    let service = BackyServer::new(service::Service {
+        server: server.clone(),
+    })
+    .max_decoding_message_size(MAX_MESSAGE_BYTES)
+    .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("listening on {addr}"))?;
     tracing::info!("listening on {}", listener.local_addr()?);
     tonic::transport::Server::builder()
         .add_service(service)
-        .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), shutdown())
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            shutdown(),
+        )
         .await
         .context("serving")?;
     tracing::info!("stopped");

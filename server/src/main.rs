@@ -60,7 +60,12 @@ fn main() {
 fn run(cli: Cli) -> anyhow::Result<()> {
     let config = load(&cli.config)?;
     if let Some(Command::CheckConfig) = cli.command {
-        println!("{}: OK ({} jobs, {} schedules)", cli.config.display(), config.jobs.len(), config.schedules.len());
+        println!(
+            "{}: OK ({} jobs, {} schedules)",
+            cli.config.display(),
+            config.jobs.len(),
+            config.schedules.len()
+        );
         return Ok(());
     }
     let mode = storage::probe_storage(&config.base_dir)?;

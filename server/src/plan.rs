@@ -20,7 +20,15 @@ pub fn plan(server: &Server, req: &PlanRequest) -> Result<PlanReply> {
     }
     let revs = job.revisions()?;
     let (due, tags, reason) = if req.force || config.schedule_of(job_cfg).is_none() {
-        (true, req.tags.clone(), if req.force { "forced".to_string() } else { "no schedule".to_string() })
+        (
+            true,
+            req.tags.clone(),
+            if req.force {
+                "forced".to_string()
+            } else {
+                "no schedule".to_string()
+            },
+        )
     } else {
         crate::schedule::due_now(server, &job, &revs, &req.tags)?
     };

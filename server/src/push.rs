@@ -23,7 +23,10 @@ pub fn run(server: Arc<Server>, begin: PushBegin, mut rx: mpsc::Receiver<Step>) 
     let job = server.job(&begin.job)?;
     let config = server.config();
     let job_cfg = config.job(job.name())?;
-    let id: RevisionId = begin.rev_id.parse().map_err(|e: Error| e.context("push: rev_id"))?;
+    let id: RevisionId = begin
+        .rev_id
+        .parse()
+        .map_err(|e: Error| e.context("push: rev_id"))?;
     if begin.block_size != DEFAULT_BLOCK_SIZE {
         return Err(Error::invalid(format!(
             "block size {} is not this server's {DEFAULT_BLOCK_SIZE}",
@@ -50,14 +53,22 @@ pub fn run(server: Arc<Server>, begin: PushBegin, mut rx: mpsc::Receiver<Step>) 
     }
     let revs = job.revisions()?;
     if revs.iter().any(|r| r.id == id) {
-        return Err(Error::exists(format!("job {}: revision {id} exists already", job.name())));
+        return Err(Error::exists(format!(
+            "job {}: revision {id} exists already",
+            job.name()
+        )));
     }
     let parent = if begin.parent_id.is_empty() {
         None
     } else {
-        let pid: RevisionId = begin.parent_id.parse().map_err(|e: Error| e.context("push: parent_id"))?;
+        let pid: RevisionId = begin
+            .parent_id
+            .parse()
+            .map_err(|e: Error| e.context("push: parent_id"))?;
         let meta = revs.iter().find(|r| r.id == pid).ok_or_else(|| {
-            Error::precondition(format!("parent revision {pid} no longer exists; run the push again"))
+            Error::precondition(format!(
+                "parent revision {pid} no longer exists; run the push again"
+            ))
         })?;
         if !meta.trust.usable_as_parent() {
             return Err(Error::precondition(format!(
@@ -76,7 +87,10 @@ pub fn run(server: Arc<Server>, begin: PushBegin, mut rx: mpsc::Receiver<Step>) 
         size: begin.size,
         block_size: begin.block_size,
         tags,
-        source: SourceInfo { kind: begin.source_type.clone(), snapshot: begin.source_snapshot.clone() },
+        source: SourceInfo {
+            kind: begin.source_type.clone(),
+            snapshot: begin.source_snapshot.clone(),
+        },
     };
     let mut rev = NewRevision::create(&job, spec, parent)?;
     let meta = loop {

@@ -16,7 +16,9 @@ use tokio::sync::mpsc;
 pub fn resolve(job: &JobDir, spec: &str) -> Result<RevisionMeta> {
     let spec = Spec::parse(if spec.is_empty() { "latest" } else { spec })?;
     let mut revs = job.revisions()?;
-    let i = spec.resolve_one(&revs).map_err(|e| e.context(format!("job {}", job.name())))?;
+    let i = spec
+        .resolve_one(&revs)
+        .map_err(|e| e.context(format!("job {}", job.name())))?;
     Ok(revs.swap_remove(i))
 }
 
@@ -35,7 +37,10 @@ pub fn stream_image(
         let manifest = job.manifest(&meta)?;
         let path = job.image_path(&meta.id);
         let file = File::open(&path).map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
-        let len = file.metadata().map_err(|e| Error::io(format!("reading {}", path.display()), e))?.len();
+        let len = file
+            .metadata()
+            .map_err(|e| Error::io(format!("reading {}", path.display()), e))?
+            .len();
         if len != meta.size {
             return Err(Error::data_loss(format!(
                 "{}: {len} bytes, the revision says {}",
@@ -60,7 +65,10 @@ pub fn stream_image(
                 continue;
             }
             if let Some((start, l)) = zero_run.take() {
-                if !send(Frame::Zero(ZeroRange { offset: start, length: l })) {
+                if !send(Frame::Zero(ZeroRange {
+                    offset: start,
+                    length: l,
+                })) {
                     return Ok(false);
                 }
             }
@@ -69,7 +77,10 @@ pub fn stream_image(
                 let n = (offset + len - pos).min(buf.len() as u64) as usize;
                 file.read_exact_at(&mut buf[..n], pos)
                     .map_err(|e| Error::io(format!("reading {}", path.display()), e))?;
-                if !send(Frame::Data(DataRange { offset: pos, data: buf[..n].to_vec() })) {
+                if !send(Frame::Data(DataRange {
+                    offset: pos,
+                    data: buf[..n].to_vec(),
+                })) {
                     return Ok(false);
                 }
                 sent += n as u64;
@@ -77,7 +88,10 @@ pub fn stream_image(
             }
         }
         if let Some((start, l)) = zero_run {
-            if !send(Frame::Zero(ZeroRange { offset: start, length: l })) {
+            if !send(Frame::Zero(ZeroRange {
+                offset: start,
+                length: l,
+            })) {
                 return Ok(false);
             }
         }

@@ -29,7 +29,9 @@ pub struct Service {
 }
 
 /// Runs blocking work off the async threads and maps its error.
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> std::result::Result<T, Status> {
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T> + Send + 'static,
+) -> std::result::Result<T, Status> {
     tokio::task::spawn_blocking(f)
         .await
         .map_err(|e| Status::internal(format!("worker failed: {e}")))?
@@ -45,7 +47,9 @@ impl Backy for Service {
     async fn plan(&self, req: Request<PlanRequest>) -> std::result::Result<Response<PlanReply>, Status> {
         let server = self.server.clone();
         let req = req.into_inner();
-        blocking(move || crate::plan::plan(&server, &req)).await.map(Response::new)
+        blocking(move || crate::plan::plan(&server, &req))
+            .await
+            .map(Response::new)
     }
 
     type ManifestStream = BoxStream<ManifestChunk>;
@@ -67,15 +71,23 @@ impl Backy for Service {
         let mut chunks: Vec<std::result::Result<ManifestChunk, Status>> = Vec::new();
         let mut revision = Some(info);
         for piece in bytes.chunks(CHUNK) {
-            chunks.push(Ok(ManifestChunk { revision: revision.take(), data: piece.to_vec() }));
+            chunks.push(Ok(ManifestChunk {
+                revision: revision.take(),
+                data: piece.to_vec(),
+            }));
         }
         Ok(Response::new(Box::pin(tokio_stream::iter(chunks))))
     }
 
-    async fn push(&self, req: Request<Streaming<PushFrame>>) -> std::result::Result<Response<PushReply>, Status> {
+    async fn push(
+        &self,
+        req: Request<Streaming<PushFrame>>,
+    ) -> std::result::Result<Response<PushReply>, Status> {
         let mut stream = req.into_inner();
         let begin = match stream.message().await? {
-            Some(PushFrame { frame: Some(Frame::Begin(b)) }) => b,
+            Some(PushFrame {
+                frame: Some(Frame::Begin(b)),
+            }) => b,
             Some(_) => return Err(out_of_order("a push must start with a begin frame")),
             None => return Err(Status::invalid_argument("empty push stream")),
         };
@@ -86,24 +98,37 @@ impl Backy for Service {
         let mut protocol_error: Option<Status> = None;
         loop {
             let step = match stream.message().await {
-                Ok(Some(PushFrame { frame: Some(Frame::Data(d)) })) => Step::Data(d.offset, d.data),
-                Ok(Some(PushFrame { frame: Some(Frame::Zero(z)) })) => Step::Zero(z.offset, z.length),
-                Ok(Some(PushFrame { frame: Some(Frame::End(e)) })) => {
+                Ok(Some(PushFrame {
+                    frame: Some(Frame::Data(d)),
+                })) => Step::Data(d.offset, d.data),
+                Ok(Some(PushFrame {
+                    frame: Some(Frame::Zero(z)),
+                })) => Step::Zero(z.offset, z.length),
+                Ok(Some(PushFrame {
+                    frame: Some(Frame::End(e)),
+                })) => {
                     // The end frame must end the stream: check that before
                     // letting the writer commit.
                     match tokio::time::timeout(END_GRACE, stream.message()).await {
                         Ok(Ok(None)) => {}
                         Ok(Ok(Some(_))) => protocol_error = Some(out_of_order("frames after the end frame")),
                         Ok(Err(_)) | Err(_) => {
-                            protocol_error = Some(Status::invalid_argument("push stream not closed after its end frame"))
+                            protocol_error = Some(Status::invalid_argument(
+                                "push stream not closed after its end frame",
+                            ))
                         }
                     }
                     if protocol_error.is_some() {
                         break;
                     }
-                    Step::End(PushEnd { stream_checksum: e.stream_checksum, manifest_digest: e.manifest_digest })
+                    Step::End(PushEnd {
+                        stream_checksum: e.stream_checksum,
+                        manifest_digest: e.manifest_digest,
+                    })
                 }
-                Ok(Some(PushFrame { frame: Some(Frame::Begin(_)) })) => {
+                Ok(Some(PushFrame {
+                    frame: Some(Frame::Begin(_)),
+                })) => {
                     protocol_error = Some(out_of_order("a second begin frame"));
                     break;
                 }
@@ -124,7 +149,9 @@ impl Backy for Service {
         }
         // Without an end step the writer discards the partial revision.
         drop(tx);
-        let result = writer.await.map_err(|e| Status::internal(format!("push worker failed: {e}")))?;
+        let result = writer
+            .await
+            .map_err(|e| Status::internal(format!("push worker failed: {e}")))?;
         let outcome = match (&protocol_error, &result) {
             (Some(p), _) => Err(p.message().to_string()),
             (None, Err(e)) => Err(e.message.clone()),
@@ -140,13 +167,21 @@ impl Backy for Service {
             tracing::warn!(job, "push failed: {e}");
             to_status(e)
         })?;
-        Ok(Response::new(PushReply { revision: Some(RevisionInfo::from(&meta)), expired: Vec::new() }))
+        Ok(Response::new(PushReply {
+            revision: Some(RevisionInfo::from(&meta)),
+            expired: Vec::new(),
+        }))
     }
 
-    async fn status(&self, req: Request<StatusRequest>) -> std::result::Result<Response<StatusReply>, Status> {
+    async fn status(
+        &self,
+        req: Request<StatusRequest>,
+    ) -> std::result::Result<Response<StatusReply>, Status> {
         let server = self.server.clone();
         let req = req.into_inner();
-        blocking(move || crate::status::status(&server, &req)).await.map(Response::new)
+        blocking(move || crate::status::status(&server, &req))
+            .await
+            .map(Response::new)
     }
 
     type RestoreStream = BoxStream<RestoreFrame>;
@@ -171,19 +206,31 @@ impl Backy for Service {
 
     type VerifyStream = BoxStream<VerifyReport>;
 
-    async fn verify(&self, _req: Request<VerifyRequest>) -> std::result::Result<Response<Self::VerifyStream>, Status> {
+    async fn verify(
+        &self,
+        _req: Request<VerifyRequest>,
+    ) -> std::result::Result<Response<Self::VerifyStream>, Status> {
         Err(not_yet("verify"))
     }
 
-    async fn distrust(&self, _req: Request<RevisionsRequest>) -> std::result::Result<Response<RevisionsReply>, Status> {
+    async fn distrust(
+        &self,
+        _req: Request<RevisionsRequest>,
+    ) -> std::result::Result<Response<RevisionsReply>, Status> {
         Err(not_yet("distrust"))
     }
 
-    async fn tags(&self, _req: Request<TagsRequest>) -> std::result::Result<Response<RevisionsReply>, Status> {
+    async fn tags(
+        &self,
+        _req: Request<TagsRequest>,
+    ) -> std::result::Result<Response<RevisionsReply>, Status> {
         Err(not_yet("tags"))
     }
 
-    async fn forget(&self, _req: Request<RevisionsRequest>) -> std::result::Result<Response<RevisionsReply>, Status> {
+    async fn forget(
+        &self,
+        _req: Request<RevisionsRequest>,
+    ) -> std::result::Result<Response<RevisionsReply>, Status> {
         Err(not_yet("forget"))
     }
 

@@ -30,11 +30,18 @@ pub struct Server {
 
 impl Server {
     pub fn new(config: ServerConfig, storage_mode: StorageMode) -> Self {
-        Server { config: RwLock::new(Arc::new(config)), storage_mode, runtime: Mutex::new(HashMap::new()) }
+        Server {
+            config: RwLock::new(Arc::new(config)),
+            storage_mode,
+            runtime: Mutex::new(HashMap::new()),
+        }
     }
 
     pub fn config(&self) -> Arc<ServerConfig> {
-        self.config.read().map(|c| c.clone()).unwrap_or_else(|p| p.into_inner().clone())
+        self.config
+            .read()
+            .map(|c| c.clone())
+            .unwrap_or_else(|p| p.into_inner().clone())
     }
 
     pub fn replace_config(&self, config: ServerConfig) {
@@ -64,20 +71,44 @@ impl Server {
     /// and everything being read.
     pub fn protected(&self, job: &JobName) -> BTreeSet<RevisionId> {
         let rt = self.runtime();
-        let Some(r) = rt.get(job) else { return BTreeSet::new() };
-        r.readers.keys().copied().chain(r.push.iter().filter_map(|(_, parent)| *parent)).collect()
+        let Some(r) = rt.get(job) else {
+            return BTreeSet::new();
+        };
+        r.readers
+            .keys()
+            .copied()
+            .chain(r.push.iter().filter_map(|(_, parent)| *parent))
+            .collect()
     }
 
     /// Registers a push; cleared when the guard drops.
-    pub fn start_push(self: &Arc<Self>, job: &JobName, id: RevisionId, parent: Option<RevisionId>) -> PushGuard {
+    pub fn start_push(
+        self: &Arc<Self>,
+        job: &JobName,
+        id: RevisionId,
+        parent: Option<RevisionId>,
+    ) -> PushGuard {
         self.runtime().entry(job.clone()).or_default().push = Some((id, parent));
-        PushGuard { server: self.clone(), job: job.clone() }
+        PushGuard {
+            server: self.clone(),
+            job: job.clone(),
+        }
     }
 
     /// Registers a reader of a revision; cleared when the guard drops.
     pub fn start_read(self: &Arc<Self>, job: &JobName, id: RevisionId) -> ReadGuard {
-        *self.runtime().entry(job.clone()).or_default().readers.entry(id).or_default() += 1;
-        ReadGuard { server: self.clone(), job: job.clone(), id }
+        *self
+            .runtime()
+            .entry(job.clone())
+            .or_default()
+            .readers
+            .entry(id)
+            .or_default() += 1;
+        ReadGuard {
+            server: self.clone(),
+            job: job.clone(),
+            id,
+        }
     }
 
     pub fn record_outcome(&self, job: &JobName, result: &std::result::Result<(), String>) {

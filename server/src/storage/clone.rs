@@ -22,14 +22,26 @@ pub fn clone_or_copy(src: &File, dst: &File) -> Result<StorageMode> {
 
 /// Errors by which a filesystem says "no reflinks here".
 fn reflink_unsupported(e: Errno) -> bool {
-    [Errno::OPNOTSUPP, Errno::INVAL, Errno::XDEV, Errno::NOTTY, Errno::PERM, Errno::NOSYS].contains(&e)
+    [
+        Errno::OPNOTSUPP,
+        Errno::INVAL,
+        Errno::XDEV,
+        Errno::NOTTY,
+        Errno::PERM,
+        Errno::NOSYS,
+    ]
+    .contains(&e)
 }
 
 /// Copies only the data segments of `src` (found with SEEK_DATA/SEEK_HOLE),
 /// so holes stay holes, using `copy_file_range` (in-kernel, no user copy).
 pub fn sparse_copy(src: &File, dst: &File) -> Result<()> {
-    let len = src.metadata().map_err(|e| Error::io("reading parent size", e))?.len();
-    dst.set_len(len).map_err(|e| Error::io("sizing new revision", e))?;
+    let len = src
+        .metadata()
+        .map_err(|e| Error::io("reading parent size", e))?
+        .len();
+    dst.set_len(len)
+        .map_err(|e| Error::io("sizing new revision", e))?;
     let mut pos = 0u64;
     while pos < len {
         let data = match rustix::fs::seek(src, SeekFrom::Data(pos)) {
@@ -52,8 +64,14 @@ fn copy_range(src: &File, dst: &File, offset: u64, len: u64) -> Result<()> {
         let mut off_in = offset + done;
         let mut off_out = offset + done;
         let want = (len - done).min(1 << 30) as usize;
-        let n = rustix::fs::copy_file_range(src.as_fd(), Some(&mut off_in), dst.as_fd(), Some(&mut off_out), want)
-            .map_err(|e| Error::io("copying parent data", e.into()))?;
+        let n = rustix::fs::copy_file_range(
+            src.as_fd(),
+            Some(&mut off_in),
+            dst.as_fd(),
+            Some(&mut off_out),
+            want,
+        )
+        .map_err(|e| Error::io("copying parent data", e.into()))?;
         if n == 0 {
             return Err(Error::internal("parent revision shrank while being copied"));
         }

@@ -20,8 +20,10 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let tmp = dir.join(format!(".tmp.{name}.{}", uuid::Uuid::new_v4().simple()));
     let result = (|| {
         let mut f = create_new(&tmp)?;
-        f.write_all(bytes).map_err(|e| Error::io(format!("writing {}", tmp.display()), e))?;
-        f.sync_all().map_err(|e| Error::io(format!("syncing {}", tmp.display()), e))?;
+        f.write_all(bytes)
+            .map_err(|e| Error::io(format!("writing {}", tmp.display()), e))?;
+        f.sync_all()
+            .map_err(|e| Error::io(format!("syncing {}", tmp.display()), e))?;
         std::fs::rename(&tmp, path)
             .map_err(|e| Error::io(format!("renaming {} to {}", tmp.display(), path.display()), e))?;
         fsync_dir(dir)
@@ -75,7 +77,8 @@ pub fn replace_symlink(link: &Path, target: &str) -> Result<()> {
 }
 
 fn parent_of(path: &Path) -> Result<&Path> {
-    path.parent().ok_or_else(|| Error::internal(format!("{} has no parent directory", path.display())))
+    path.parent()
+        .ok_or_else(|| Error::internal(format!("{} has no parent directory", path.display())))
 }
 
 #[cfg(test)]
@@ -90,11 +93,20 @@ mod tests {
         write_atomic(&p, b"one").unwrap();
         write_atomic(&p, b"two").unwrap();
         assert_eq!(std::fs::read(&p).unwrap(), b"two");
-        assert_eq!(std::fs::metadata(&p).unwrap().permissions().mode() & 0o777, FILE_MODE);
-        let names: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(
+            std::fs::metadata(&p).unwrap().permissions().mode() & 0o777,
+            FILE_MODE
+        );
+        let names: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
         assert_eq!(names, vec![std::ffi::OsString::from("x.rev")]);
         replace_symlink(&dir.path().join("latest"), "x.rev").unwrap();
         replace_symlink(&dir.path().join("latest"), "y").unwrap();
-        assert_eq!(std::fs::read_link(dir.path().join("latest")).unwrap(), Path::new("y"));
+        assert_eq!(
+            std::fs::read_link(dir.path().join("latest")).unwrap(),
+            Path::new("y")
+        );
     }
 }

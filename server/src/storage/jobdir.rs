@@ -74,7 +74,9 @@ impl JobDir {
         for entry in entries {
             let entry = entry.map_err(|e| Error::io(format!("listing {}", self.dir.display()), e))?;
             let name = entry.file_name();
-            let Some(stem) = name.to_str().and_then(|n| n.strip_suffix(".rev")) else { continue };
+            let Some(stem) = name.to_str().and_then(|n| n.strip_suffix(".rev")) else {
+                continue;
+            };
             if RevisionId::from_short(stem).is_err() {
                 continue;
             }
@@ -90,7 +92,8 @@ impl JobDir {
     }
 
     fn read_meta(&self, path: &Path) -> Result<RevisionMeta> {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io(format!("reading {}", path.display()), e))?;
+        let text =
+            std::fs::read_to_string(path).map_err(|e| Error::io(format!("reading {}", path.display()), e))?;
         RevisionMeta::from_yaml(&text, &path.display().to_string())
     }
 

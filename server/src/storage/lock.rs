@@ -26,9 +26,9 @@ impl JobLock {
             .map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
         match rustix::fs::flock(&file, FlockOperation::NonBlockingLockExclusive) {
             Ok(()) => Ok(JobLock { _file: file }),
-            Err(rustix::io::Errno::WOULDBLOCK) => {
-                Err(Error::busy(format!("job {job} is busy: another push or change is running")))
-            }
+            Err(rustix::io::Errno::WOULDBLOCK) => Err(Error::busy(format!(
+                "job {job} is busy: another push or change is running"
+            ))),
             Err(e) => Err(Error::io(format!("locking {}", path.display()), e.into())),
         }
     }

@@ -56,7 +56,11 @@ pub struct NewRevision {
 impl NewRevision {
     /// Creates `.partial/<id>` as a clone of `parent` (or an empty sparse
     /// file) sized to the new image. The job must be locked by the caller.
-    pub fn create(job: &JobDir, spec: NewRevisionSpec, parent: Option<(&RevisionMeta, Manifest)>) -> Result<Self> {
+    pub fn create(
+        job: &JobDir,
+        spec: NewRevisionSpec,
+        parent: Option<(&RevisionMeta, Manifest)>,
+    ) -> Result<Self> {
         let path = job.partial_dir().join(spec.id.short());
         let file = durable::create_new(&path)?;
         let mut guard = RemoveOnError(Some(path.clone()));
@@ -78,7 +82,8 @@ impl NewRevision {
         }
         let old_size = baseline.image_size();
         baseline.resize(spec.size)?;
-        file.set_len(spec.size).map_err(|e| Error::io(format!("sizing {}", path.display()), e))?;
+        file.set_len(spec.size)
+            .map_err(|e| Error::io(format!("sizing {}", path.display()), e))?;
         let mut touched = Bitmap::new(baseline.block_count());
         for b in baseline.resize_touched(old_size) {
             touched.set(b);
@@ -106,13 +111,19 @@ impl NewRevision {
     }
 
     fn check_extent(&self, offset: u64, len: u64) -> Result<Extent> {
-        let end = offset.checked_add(len).filter(|&end| end <= self.spec.size).ok_or_else(|| {
-            Error::invalid(format!(
-                "range {offset}+{len} lies beyond the announced image size {}",
-                self.spec.size
-            ))
-        })?;
-        Ok(Extent { offset, len: end - offset })
+        let end = offset
+            .checked_add(len)
+            .filter(|&end| end <= self.spec.size)
+            .ok_or_else(|| {
+                Error::invalid(format!(
+                    "range {offset}+{len} lies beyond the announced image size {}",
+                    self.spec.size
+                ))
+            })?;
+        Ok(Extent {
+            offset,
+            len: end - offset,
+        })
     }
 
     /// Writes one data range.
@@ -145,7 +156,12 @@ impl NewRevision {
         match rustix::fs::fallocate(&self.file, flags, offset, len) {
             Ok(()) => {}
             Err(rustix::io::Errno::OPNOTSUPP) => self.write_zeros(extent)?,
-            Err(e) => return Err(Error::io(format!("punching hole in {}", self.path.display()), e.into())),
+            Err(e) => {
+                return Err(Error::io(
+                    format!("punching hole in {}", self.path.display()),
+                    e.into(),
+                ))
+            }
         }
         self.checksum.zero(offset, len);
         self.touch(extent);
@@ -202,7 +218,9 @@ impl NewRevision {
                 "end-to-end check failed: the stored image's manifest differs from the client's",
             ));
         }
-        self.file.sync_all().map_err(|e| Error::io(format!("syncing {}", self.path.display()), e))?;
+        self.file
+            .sync_all()
+            .map_err(|e| Error::io(format!("syncing {}", self.path.display()), e))?;
         self.stats.duration = self.started.elapsed().as_secs_f64();
 
         let id = self.spec.id;
@@ -264,7 +282,10 @@ struct Bitmap {
 
 impl Bitmap {
     fn new(len: u64) -> Self {
-        Bitmap { words: vec![0; len.div_ceil(64) as usize], len }
+        Bitmap {
+            words: vec![0; len.div_ceil(64) as usize],
+            len,
+        }
     }
 
     fn set(&mut self, i: u64) {

@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# The whole test suite: installs what the tests need when it is missing
+# (as root), then runs every unit, property and end-to-end test and the
+# lints. Usage: scripts/test.sh [extra cargo test args]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need=()
+command -v mkfs.btrfs >/dev/null || need+=(btrfs-progs)
+command -v mkfs.xfs >/dev/null || need+=(xfsprogs)
+command -v losetup >/dev/null || need+=(mount)
+command -v qemu-img >/dev/null || need+=(qemu-utils)
+command -v nbdinfo >/dev/null || need+=(libnbd-bin)
+command -v ceph-mon >/dev/null || need+=(ceph-mon)
+command -v ceph-osd >/dev/null || need+=(ceph-osd)
+command -v rbd >/dev/null || need+=(ceph-common)
+if ((${#need[@]})); then
+  if [ "$(id -u)" != 0 ]; then
+    echo "test.sh: missing packages ${need[*]} and not root to install them" >&2
+    exit 1
+  fi
+  echo "test.sh: installing ${need[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+fi
+if [ "$(id -u)" != 0 ]; then
+  echo "test.sh: the end-to-end tests mount loop filesystems and need root" >&2
+  exit 1
+fi
+
+echo "== cargo fmt --check"
+cargo fmt --all -- --check
+echo "== cargo clippy"
+cargo clippy --release --workspace --all-targets --quiet -- -D warnings
+echo "== cargo test"
+# Release builds: the end-to-end tests move GiB-sized sparse images.
+cargo build --release --workspace --bins --quiet
+cargo test --release --workspace "$@" 2>&1 | tee target/test-output.txt
+grep -E "^test result:" target/test-output.txt | awk '
+  { for (i = 1; i <= NF; i++) { if ($i ~ /^passed/) p += $(i-1); if ($i ~ /^failed/) f += $(i-1); if ($i ~ /^ignored/) s += $(i-1) } }
+  END { printf "all tests: %d passed, %d failed, %d skipped\n", p, f, s }'

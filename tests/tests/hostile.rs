@@ -1,0 +1,285 @@
+//! Bad input to a real server over a real socket: each request is refused
+//! with a precise gRPC status and changes nothing stored.
+
+mod support;
+
+use backy_proto::backy_client::BackyClient;
+use backy_proto::push_frame::Frame;
+use backy_proto::*;
+use support::*;
+use tonic::Code;
+
+const SIZE: u64 = 64 << 20;
+
+fn begin(job: &str, size: u64) -> Frame {
+    Frame::Begin(PushBegin {
+        job: job.into(),
+        rev_id: uuid::Uuid::new_v4().to_string(),
+        parent_id: String::new(),
+        size,
+        block_size: 4 << 20,
+        tags: vec![],
+        source_type: "file".into(),
+        source_snapshot: String::new(),
+        force: false,
+    })
+}
+
+fn data(offset: u64, len: usize) -> Frame {
+    Frame::Data(DataRange {
+        offset,
+        data: vec![7u8; len],
+    })
+}
+
+fn end(checksum: [u8; 32]) -> Frame {
+    Frame::End(PushEnd {
+        stream_checksum: checksum.to_vec(),
+        manifest_digest: vec![],
+        bytes_read: 0,
+    })
+}
+
+/// Checksum of frames as a well-behaved client computes it.
+fn checksum_of(frames: &[Frame]) -> [u8; 32] {
+    let mut c = backy_common::checksum::StreamChecksum::new();
+    for f in frames {
+        match f {
+            Frame::Data(d) => c.data(d.offset, &d.data),
+            Frame::Zero(z) => c.zero(z.offset, z.length),
+            _ => {}
+        }
+    }
+    c.finish()
+}
+
+async fn push(url: &str, frames: Vec<Frame>) -> Result<PushReply, tonic::Status> {
+    let mut client = BackyClient::connect(url.to_string())
+        .await
+        .expect("connect")
+        .max_encoding_message_size(64 << 20)
+        .max_decoding_message_size(64 << 20);
+    let stream = tokio_stream::iter(frames.into_iter().map(|f| PushFrame { frame: Some(f) }));
+    client.push(stream).await.map(|r| r.into_inner())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_pushes_are_refused_and_change_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("store");
+    let server = tokio::task::spawn_blocking({
+        let base = base.clone();
+        move || Server::start(&base, "  vm1: {max-size: 1G}\n")
+    })
+    .await
+    .unwrap();
+    let url = server.url.clone();
+
+    // One good revision first, so "nothing changed" covers committed data.
+    let good = vec![data(0, 1 << 20)];
+    let mut frames = vec![begin("vm1", SIZE)];
+    frames.extend(good.clone());
+    frames.push(end(checksum_of(&good)));
+    push(&url, frames).await.expect("a well-formed push succeeds");
+    let before = server.snapshot_tree();
+
+    let ok_end = |fs: &[Frame]| end(checksum_of(fs));
+    let cases: Vec<(&str, Vec<Frame>, Code, &str)> = vec![
+        (
+            "job escaping base-dir",
+            vec![begin("../x", SIZE), ok_end(&[])],
+            Code::InvalidArgument,
+            "invalid job name",
+        ),
+        (
+            "job with slash",
+            vec![begin("a/b", SIZE), ok_end(&[])],
+            Code::InvalidArgument,
+            "invalid job name",
+        ),
+        (
+            "empty job",
+            vec![begin("", SIZE), ok_end(&[])],
+            Code::InvalidArgument,
+            "invalid job name",
+        ),
+        (
+            "overlong job",
+            vec![begin(&"a".repeat(65), SIZE), ok_end(&[])],
+            Code::InvalidArgument,
+            "longer than 64",
+        ),
+        (
+            "unknown job",
+            vec![begin("vm9", SIZE), ok_end(&[])],
+            Code::NotFound,
+            "unknown job vm9",
+        ),
+        (
+            "size over the job limit",
+            vec![begin("vm1", 2 << 30), ok_end(&[])],
+            Code::ResourceExhausted,
+            "limit",
+        ),
+        (
+            "extent beyond the size",
+            vec![begin("vm1", SIZE), data(SIZE - 10, 20), ok_end(&[])],
+            Code::InvalidArgument,
+            "beyond the announced image size",
+        ),
+        (
+            "offset overflow",
+            vec![
+                begin("vm1", SIZE),
+                Frame::Zero(ZeroRange {
+                    offset: u64::MAX - 1,
+                    length: 10,
+                }),
+                ok_end(&[]),
+            ],
+            Code::InvalidArgument,
+            "beyond the announced image size",
+        ),
+        (
+            "data frame larger than 1 MiB",
+            vec![begin("vm1", SIZE), data(0, (1 << 20) + 1), ok_end(&[])],
+            Code::InvalidArgument,
+            "must be 1..=",
+        ),
+        (
+            "data before begin",
+            vec![data(0, 10), begin("vm1", SIZE)],
+            Code::InvalidArgument,
+            "out of order",
+        ),
+        (
+            "second begin",
+            vec![begin("vm1", SIZE), data(0, 10), begin("vm1", SIZE)],
+            Code::InvalidArgument,
+            "second begin",
+        ),
+        (
+            "frames after end",
+            vec![begin("vm1", SIZE), ok_end(&[]), data(0, 10)],
+            Code::InvalidArgument,
+            "after the end frame",
+        ),
+        (
+            "no end frame",
+            vec![begin("vm1", SIZE), data(0, 10)],
+            Code::Unavailable,
+            "before its end frame",
+        ),
+        (
+            "wrong end-to-end checksum",
+            vec![begin("vm1", SIZE), data(0, 10), ok_end(&[data(0, 11)])],
+            Code::DataLoss,
+            "end-to-end check failed",
+        ),
+        (
+            "bad block size",
+            vec![
+                Frame::Begin(PushBegin {
+                    block_size: 4096,
+                    ..begin_fields("vm1")
+                }),
+                ok_end(&[]),
+            ],
+            Code::InvalidArgument,
+            "block size",
+        ),
+        (
+            "parent that does not exist",
+            vec![
+                Frame::Begin(PushBegin {
+                    parent_id: uuid::Uuid::new_v4().to_string(),
+                    ..begin_fields("vm1")
+                }),
+                ok_end(&[]),
+            ],
+            Code::FailedPrecondition,
+            "no longer exists",
+        ),
+        (
+            "bad tag",
+            vec![
+                Frame::Begin(PushBegin {
+                    tags: vec!["a b".into()],
+                    ..begin_fields("vm1")
+                }),
+                ok_end(&[]),
+            ],
+            Code::InvalidArgument,
+            "invalid tag",
+        ),
+    ];
+    for (what, frames, code, msg) in cases {
+        let err = push(&url, frames).await.expect_err(what);
+        assert_eq!(err.code(), code, "{what}: {err:?}");
+        assert!(
+            err.message().contains(msg),
+            "{what}: message {:?} lacks {msg:?}",
+            err.message()
+        );
+        assert_eq!(server.snapshot_tree(), before, "{what}: stored state changed");
+    }
+
+    // A message over the size cap is refused by the transport.
+    let huge = vec![begin("vm1", SIZE), data(0, 3 << 20)];
+    let err = push(&url, huge).await.expect_err("oversized message");
+    assert!(
+        [Code::OutOfRange, Code::ResourceExhausted, Code::InvalidArgument].contains(&err.code()),
+        "oversized message: {err:?}"
+    );
+    eprintln!(
+        "oversized message answered with {:?}: {}",
+        err.code(),
+        err.message()
+    );
+    assert_eq!(
+        server.snapshot_tree(),
+        before,
+        "oversized message: stored state changed"
+    );
+
+    // Restores and manifests of unknown things.
+    let mut client = BackyClient::connect(url.clone()).await.unwrap();
+    let e = client
+        .restore(RestoreRequest {
+            job: "../etc".into(),
+            revision: "latest".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    let e = client
+        .restore(RestoreRequest {
+            job: "vm1".into(),
+            revision: "nope".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::NotFound, "{e:?}");
+    let e = client
+        .manifest(ManifestRequest {
+            job: "vm1".into(),
+            revision: "all".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    let e = client
+        .status(StatusRequest { job: "vm9".into() })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::NotFound, "{e:?}");
+    assert_eq!(server.snapshot_tree(), before);
+    drop(server);
+}
+
+fn begin_fields(job: &str) -> PushBegin {
+    match begin(job, SIZE) {
+        Frame::Begin(b) => b,
+        _ => unreachable!(),
+    }
+}

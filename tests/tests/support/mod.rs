@@ -1,0 +1,336 @@
+//! Shared fixtures for the end-to-end tests: real `backy-server` and
+//! `backy-client` processes, real loop-mounted filesystems, sample images.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::fs::{FileExt, MetadataExt};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+pub const MIB: u64 = 1 << 20;
+pub const BLOCK: u64 = 4 * MIB;
+
+/// Directory holding the freshly built binaries. Builds them once per test
+/// process (`cargo test` does not build other packages' binaries).
+pub fn bin_dir() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let exe = std::env::current_exe().expect("test executable path");
+        // target/<profile>/deps/<test> → target/<profile>
+        let dir = exe
+            .parent()
+            .and_then(Path::parent)
+            .expect("target dir")
+            .to_path_buf();
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let mut cmd = Command::new(cargo);
+        cmd.args(["build", "--quiet", "-p", "backy-server", "-p", "backy-client"]);
+        if dir.file_name().is_some_and(|n| n == "release") {
+            cmd.arg("--release");
+        }
+        let status = cmd.status().expect("running cargo build");
+        assert!(status.success(), "building backy binaries failed");
+        dir
+    })
+}
+
+pub fn must_be_root() {
+    assert!(
+        rustix::process::geteuid().is_root(),
+        "these tests mount loop filesystems and must run as root (see README: the test command)"
+    );
+}
+
+fn run_ok(cmd: &mut Command) -> Output {
+    let out = cmd.output().unwrap_or_else(|e| panic!("running {cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// A filesystem of `kind` ("btrfs" or "xfs") on a loop device, mounted in a
+/// temp dir; unmounted and removed on drop.
+pub struct LoopFs {
+    pub mount: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl LoopFs {
+    pub fn new(kind: &str, size: u64) -> Self {
+        must_be_root();
+        let dir = tempfile::tempdir().expect("tempdir");
+        let image = dir.path().join("fs.img");
+        let mount = dir.path().join("mnt");
+        std::fs::create_dir(&mount).expect("mkdir");
+        std::fs::File::create(&image)
+            .and_then(|f| f.set_len(size))
+            .expect("fs image");
+        match kind {
+            "btrfs" => run_ok(Command::new("mkfs.btrfs").arg("-q").arg(&image)),
+            "xfs" => run_ok(
+                Command::new("mkfs.xfs")
+                    .args(["-q", "-m", "reflink=1"])
+                    .arg(&image),
+            ),
+            other => panic!("unknown filesystem {other}"),
+        };
+        run_ok(Command::new("mount").args(["-o", "loop"]).arg(&image).arg(&mount));
+        LoopFs { mount, _dir: dir }
+    }
+}
+
+impl Drop for LoopFs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.mount).status();
+    }
+}
+
+/// A running `backy-server` on an ephemeral loopback port; killed on drop.
+pub struct Server {
+    child: Child,
+    pub url: String,
+    pub base: PathBuf,
+    pub config_path: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Server {
+    /// Starts a server storing under `base` with `jobs` (YAML of the jobs map).
+    pub fn start(base: &Path, jobs_yaml: &str) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config_path = dir.path().join("server.yaml");
+        let config = format!(
+            "listen: 127.0.0.1:0\nbase-dir: {}\njobs:\n{jobs_yaml}\n",
+            base.display()
+        );
+        std::fs::write(&config_path, config).expect("write config");
+        Self::start_with_config(config_path, base, dir)
+    }
+
+    fn start_with_config(config_path: PathBuf, base: &Path, dir: tempfile::TempDir) -> Self {
+        let mut child = Command::new(bin_dir().join("backy-server"))
+            .arg("--config")
+            .arg(&config_path)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("starting backy-server");
+        // The server logs "listening on ADDR" once bound; read until then,
+        // then keep draining stderr so the server never blocks on it.
+        let stderr = child.stderr.take().expect("stderr");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut tx = Some(tx);
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                eprintln!("[server] {line}");
+                if let Some(addr) = line.split("listening on ").nth(1) {
+                    if let Some(tx) = tx.take() {
+                        let _ = tx.send(addr.trim().to_string());
+                    }
+                }
+            }
+        });
+        let addr = rx
+            .recv_timeout(Duration::from_secs(30))
+            .expect("backy-server did not start listening");
+        Server {
+            child,
+            url: format!("http://{addr}"),
+            base: base.to_path_buf(),
+            config_path,
+            _dir: dir,
+        }
+    }
+
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Runs `backy-client --server URL ARGS...`.
+    pub fn client(&self, args: &[&str]) -> Output {
+        Command::new(bin_dir().join("backy-client"))
+            .arg("--server")
+            .arg(&self.url)
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("running backy-client")
+    }
+
+    /// Like [`Server::client`], asserting success.
+    pub fn client_ok(&self, args: &[&str]) -> String {
+        let out = self.client(args);
+        assert!(
+            out.status.success(),
+            "backy-client {args:?} failed ({:?}):\nstdout: {}\nstderr: {}",
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// `status --json` for one job, parsed.
+    pub fn status_json(&self, job: &str) -> serde_json::Value {
+        let text = self.client_ok(&["status", job, "--json"]);
+        serde_json::from_str(&text).unwrap_or_else(|e| panic!("status --json is not JSON ({e}): {text}"))
+    }
+
+    /// Committed revisions of a job, oldest first, from `status --json`.
+    pub fn revisions(&self, job: &str) -> Vec<serde_json::Value> {
+        let status = self.status_json(job);
+        let jobs = status["jobs"].as_array().expect("jobs array");
+        let j = jobs.iter().find(|j| j["job"] == job).expect("job in status");
+        j["revisions"].as_array().expect("revisions array").clone()
+    }
+
+    /// Every file and directory below the base dir with its size and hash,
+    /// to prove a bad request changed nothing.
+    pub fn snapshot_tree(&self) -> Vec<(String, u64, String)> {
+        let mut out = Vec::new();
+        walk(&self.base, &self.base, &mut out);
+        out.sort();
+        out
+    }
+}
+
+fn walk(root: &Path, dir: &Path, out: &mut Vec<(String, u64, String)>) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let p = e.path();
+        let rel = p.strip_prefix(root).unwrap_or(&p).display().to_string();
+        let meta = p.symlink_metadata().expect("stat");
+        if meta.is_dir() {
+            out.push((rel + "/", 0, String::new()));
+            walk(root, &p, out);
+        } else if meta.file_type().is_symlink() {
+            out.push((
+                rel,
+                0,
+                std::fs::read_link(&p)
+                    .map(|l| l.display().to_string())
+                    .unwrap_or_default(),
+            ));
+        } else if rel.ends_with(".lock") {
+            out.push((rel, 0, String::new()));
+        } else {
+            out.push((rel, meta.len(), file_hash(&p)));
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// BLAKE3 of a whole file, hex.
+pub fn file_hash(path: &Path) -> String {
+    let mut h = blake3::Hasher::new();
+    h.update_mmap(path)
+        .unwrap_or_else(|e| panic!("hashing {}: {e}", path.display()));
+    h.finalize().to_hex().to_string()
+}
+
+/// Bytes allocated on disk for a file.
+pub fn allocated(path: &Path) -> u64 {
+    std::fs::metadata(path).expect("stat").blocks() * 512
+}
+
+/// Deterministic pseudo-random bytes (xorshift), so failures reproduce.
+pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+/// A sparse image: `size` bytes with data written at `(offset, len)`
+/// extents (pseudo-random, seeded by offset) and holes elsewhere.
+pub fn make_image(path: &Path, size: u64, extents: &[(u64, u64)]) {
+    let f = std::fs::File::create(path).expect("create image");
+    f.set_len(size).expect("size image");
+    for &(offset, len) in extents {
+        write_at(path, offset, &pattern(offset ^ 0x5eed, len as usize));
+    }
+}
+
+pub fn write_at(path: &Path, offset: u64, data: &[u8]) {
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .expect("open for write");
+    f.write_all_at(data, offset).expect("write");
+}
+
+/// Zeroes a range by punching a hole (what a discard does).
+pub fn punch(path: &Path, offset: u64, len: u64) {
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .expect("open for punch");
+    rustix::fs::fallocate(
+        &f,
+        rustix::fs::FallocateFlags::PUNCH_HOLE | rustix::fs::FallocateFlags::KEEP_SIZE,
+        offset,
+        len,
+    )
+    .expect("punch hole");
+}
+
+/// Copies a file keeping holes (a frozen copy of a source state).
+pub fn sparse_copy(from: &Path, to: &Path) {
+    run_ok(Command::new("cp").arg("--sparse=always").arg(from).arg(to));
+}
+
+/// `btrfs filesystem du --raw` of one file: (total, exclusive); the rest
+/// of its extents are shared with other files.
+pub fn btrfs_du(path: &Path) -> (u64, u64) {
+    let out = run_ok(
+        Command::new("btrfs")
+            .args(["filesystem", "du", "--raw"])
+            .arg(path),
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text
+        .lines()
+        .nth(1)
+        .unwrap_or_else(|| panic!("btrfs du output: {text}"));
+    let nums: Vec<u64> = line
+        .split_whitespace()
+        .take(2)
+        .map(|n| n.parse().unwrap_or(0))
+        .collect();
+    (nums[0], nums[1])
+}
+
+pub fn flush(f: &mut impl Write) {
+    f.flush().expect("flush");
+}
+
+/// Waits for `cond` with a deadline (for process state that has no event
+/// to wait on, e.g. a file appearing); panics with `what` on timeout.
+pub fn wait_for(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
