@@ -92,7 +92,7 @@ pub fn run(server: Arc<Server>, begin: PushBegin, mut rx: mpsc::Receiver<Step>) 
             snapshot: begin.source_snapshot.clone(),
         },
     };
-    let mut rev = NewRevision::create(&job, spec, parent)?;
+    let mut rev = NewRevision::create(&job, spec, parent, server.storage_mode)?;
     let meta = loop {
         match rx.blocking_recv() {
             Some(Step::Data(offset, data)) => rev.data(offset, &data)?,

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::Stream;
-use tonic::{Request, Response, Status, Streaming};
+use tonic::{Code, Request, Response, Status, Streaming};
 
 type BoxStream<T> = Pin<Box<dyn Stream<Item = std::result::Result<T, Status>> + Send + 'static>>;
 
@@ -139,6 +139,14 @@ impl Backy for Service {
                 Ok(None) => break,
                 Err(status) => {
                     tracing::warn!(job, "push stream broke: {status}");
+                    // Transport-level refusals (e.g. a message over the size
+                    // cap) keep their code; a vanished client gets nothing.
+                    if matches!(
+                        status.code(),
+                        Code::OutOfRange | Code::ResourceExhausted | Code::InvalidArgument
+                    ) {
+                        protocol_error = Some(status);
+                    }
                     break;
                 }
             };

@@ -56,10 +56,12 @@ pub struct NewRevision {
 impl NewRevision {
     /// Creates `.partial/<id>` as a clone of `parent` (or an empty sparse
     /// file) sized to the new image. The job must be locked by the caller.
+    /// `fs_mode` is what the filesystem can do, recorded for full pushes.
     pub fn create(
         job: &JobDir,
         spec: NewRevisionSpec,
         parent: Option<(&RevisionMeta, Manifest)>,
+        fs_mode: StorageMode,
     ) -> Result<Self> {
         let path = job.partial_dir().join(spec.id.short());
         let file = durable::create_new(&path)?;
@@ -71,7 +73,7 @@ impl NewRevision {
                 let storage = clone_or_copy(&src, &file)?;
                 (Some(meta.id), manifest, storage)
             }
-            None => (None, Manifest::zeroed(0, spec.block_size)?, StorageMode::Reflink),
+            None => (None, Manifest::zeroed(0, spec.block_size)?, fs_mode),
         };
         if baseline.block_size() != spec.block_size {
             return Err(Error::invalid(format!(

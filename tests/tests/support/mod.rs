@@ -12,28 +12,27 @@ use std::time::{Duration, Instant};
 pub const MIB: u64 = 1 << 20;
 pub const BLOCK: u64 = 4 * MIB;
 
-/// Directory holding the freshly built binaries. Builds them once per test
-/// process (`cargo test` does not build other packages' binaries).
-pub fn bin_dir() -> &'static Path {
-    static DIR: OnceLock<PathBuf> = OnceLock::new();
-    DIR.get_or_init(|| {
-        let exe = std::env::current_exe().expect("test executable path");
-        // target/<profile>/deps/<test> → target/<profile>
-        let dir = exe
-            .parent()
-            .and_then(Path::parent)
-            .expect("target dir")
-            .to_path_buf();
+/// Path of a freshly built workspace binary (`backy-server`, `backy-client`).
+/// Builds each once per test process: `cargo test` does not build other
+/// packages' binaries.
+pub fn bin(name: &'static str) -> PathBuf {
+    static BUILT: std::sync::Mutex<Vec<&'static str>> = std::sync::Mutex::new(Vec::new());
+    let exe = std::env::current_exe().expect("test executable path");
+    // target/<profile>/deps/<test> → target/<profile>
+    let dir = exe.parent().and_then(Path::parent).expect("target dir").to_path_buf();
+    let mut built = BUILT.lock().unwrap_or_else(|p| p.into_inner());
+    if !built.contains(&name) {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let mut cmd = Command::new(cargo);
-        cmd.args(["build", "--quiet", "-p", "backy-server", "-p", "backy-client"]);
+        cmd.args(["build", "--quiet", "-p", name]);
         if dir.file_name().is_some_and(|n| n == "release") {
             cmd.arg("--release");
         }
         let status = cmd.status().expect("running cargo build");
-        assert!(status.success(), "building backy binaries failed");
-        dir
-    })
+        assert!(status.success(), "building {name} failed");
+        built.push(name);
+    }
+    dir.join(name)
 }
 
 pub fn must_be_root() {
@@ -114,7 +113,7 @@ impl Server {
     }
 
     fn start_with_config(config_path: PathBuf, base: &Path, dir: tempfile::TempDir) -> Self {
-        let mut child = Command::new(bin_dir().join("backy-server"))
+        let mut child = Command::new(bin("backy-server"))
             .arg("--config")
             .arg(&config_path)
             .stdin(Stdio::null())
@@ -156,7 +155,7 @@ impl Server {
 
     /// Runs `backy-client --server URL ARGS...`.
     pub fn client(&self, args: &[&str]) -> Output {
-        Command::new(bin_dir().join("backy-client"))
+        Command::new(bin("backy-client"))
             .arg("--server")
             .arg(&self.url)
             .args(args)
