@@ -1,9 +1,11 @@
 //! backy-server as a library: storage, schedules and the gRPC service, so
 //! the binary stays a thin edge and tests can reach the parts.
 
+pub mod agent;
 pub mod plan;
 pub mod push;
 pub mod restore;
+pub mod revisions;
 pub mod schedule;
 pub mod service;
 pub mod state;
@@ -21,7 +23,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 /// Cleans leftovers of every job, then serves until SIGINT/SIGTERM.
-pub async fn serve(config: ServerConfig, mode: StorageMode, _config_path: PathBuf) -> anyhow::Result<()> {
+pub async fn serve(config: ServerConfig, mode: StorageMode, config_path: PathBuf) -> anyhow::Result<()> {
     if mode == StorageMode::Copy {
         tracing::warn!(
             base_dir = %config.base_dir.display(),
@@ -44,6 +46,8 @@ pub async fn serve(config: ServerConfig, mode: StorageMode, _config_path: PathBu
     })
     .max_decoding_message_size(MAX_MESSAGE_BYTES)
     .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    spawn_expiry(server.clone());
+    spawn_reload_on_hup(server.clone(), config_path);
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .with_context(|| format!("listening on {addr}"))?;
@@ -58,6 +62,63 @@ pub async fn serve(config: ServerConfig, mode: StorageMode, _config_path: PathBu
         .context("serving")?;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// How often expiry runs besides after each commit.
+const EXPIRY_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Periodic expiry for all scheduled jobs, on a blocking thread per round.
+fn spawn_expiry(server: Arc<Server>) {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(EXPIRY_EVERY);
+        loop {
+            tick.tick().await;
+            let s = server.clone();
+            if let Err(e) = tokio::task::spawn_blocking(move || schedule::expire_all(&s)).await {
+                tracing::error!("expiry round failed: {e}");
+            }
+        }
+    });
+}
+
+/// SIGHUP re-reads the configuration; running pushes keep the config they
+/// started with. A bad file or a changed base-dir is refused with a log line.
+fn spawn_reload_on_hup(server: Arc<Server>, path: PathBuf) {
+    use tokio::signal::unix::{signal, SignalKind};
+    tokio::spawn(async move {
+        let Ok(mut hup) = signal(SignalKind::hangup()) else {
+            return;
+        };
+        while hup.recv().await.is_some() {
+            let text = match std::fs::read_to_string(&path) {
+                Ok(t) => t,
+                Err(e) => {
+                    tracing::error!(
+                        "reload: reading {}: {e}; keeping the old configuration",
+                        path.display()
+                    );
+                    continue;
+                }
+            };
+            match ServerConfig::from_yaml(&text, &path.display().to_string()) {
+                Ok(new)
+                    if new.base_dir != server.config().base_dir || new.listen != server.config().listen =>
+                {
+                    tracing::error!("reload: base-dir and listen cannot change without a restart; keeping the old configuration")
+                }
+                Ok(new) => {
+                    for name in new.jobs.keys() {
+                        if let Err(e) = storage::JobDir::new(&new.base_dir, name.clone()).ensure() {
+                            tracing::error!(job = %name, "reload: {e}");
+                        }
+                    }
+                    tracing::info!(jobs = new.jobs.len(), "reloaded {}", path.display());
+                    server.replace_config(new);
+                }
+                Err(e) => tracing::error!("reload: {e}; keeping the old configuration"),
+            }
+        }
+    });
 }
 
 async fn shutdown() {

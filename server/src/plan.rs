@@ -19,18 +19,33 @@ pub fn plan(server: &Server, req: &PlanRequest) -> Result<PlanReply> {
         backy_common::revision::check_tag(t)?;
     }
     let revs = job.revisions()?;
-    let (due, tags, reason) = if req.force || config.schedule_of(job_cfg).is_none() {
-        (
-            true,
-            req.tags.clone(),
+    let (due, tags, reason) = match config.schedule_of(job_cfg) {
+        None => (true, req.tags.clone(), "job has no schedule".to_string()),
+        Some(schedule) => {
+            let state = crate::schedule::due_state(server, &job, schedule, &revs);
             if req.force {
-                "forced".to_string()
+                // Forced: the given tags, else those of the next slot, so a
+                // forced revision is never born without tags (expiry would
+                // delete it at once).
+                let tags = if !req.tags.is_empty() {
+                    req.tags.clone()
+                } else if !state.next_tags.is_empty() {
+                    state.next_tags.iter().cloned().collect()
+                } else {
+                    schedule.keys().cloned().collect()
+                };
+                (true, tags, "forced".to_string())
+            } else if state.due_now {
+                let tags = if req.tags.is_empty() {
+                    state.tags.iter().cloned().collect()
+                } else {
+                    req.tags.clone()
+                };
+                (true, tags, state.reason)
             } else {
-                "no schedule".to_string()
-            },
-        )
-    } else {
-        crate::schedule::due_now(server, &job, &revs, &req.tags)?
+                (false, Vec::new(), state.reason)
+            }
+        }
     };
     let parent = choose_parent(&revs);
     Ok(PlanReply {

@@ -17,9 +17,14 @@ pub enum Step {
     End(PushEnd),
 }
 
-/// Runs a whole push on a blocking thread; `rx` ends without `End` when the
+/// Runs a whole push on a blocking thread and returns the new revision and
+/// the ids expiry removed after it; `rx` ends without `End` when the
 /// client went away, and then nothing is committed.
-pub fn run(server: Arc<Server>, begin: PushBegin, mut rx: mpsc::Receiver<Step>) -> Result<RevisionMeta> {
+pub fn run(
+    server: Arc<Server>,
+    begin: PushBegin,
+    mut rx: mpsc::Receiver<Step>,
+) -> Result<(RevisionMeta, Vec<RevisionId>)> {
     let job = server.job(&begin.job)?;
     let config = server.config();
     let job_cfg = config.job(job.name())?;
@@ -105,12 +110,18 @@ pub fn run(server: Arc<Server>, begin: PushBegin, mut rx: mpsc::Receiver<Step>) 
             }
         }
     };
-    job.update_latest()?;
+    let expired = match config.schedule_of(job_cfg) {
+        Some(schedule) => crate::schedule::expire_locked(&server, &job, schedule)?,
+        None => {
+            job.update_latest()?;
+            Vec::new()
+        }
+    };
     tracing::info!(
         job = %job.name(), rev = %meta.id, size = meta.size, received = meta.stats.bytes_received,
         changed_blocks = meta.stats.changed_blocks, storage = meta.storage.as_str(), "committed revision"
     );
-    Ok(meta)
+    Ok((meta, expired))
 }
 
 /// Validates tags: each well-formed; with a schedule, tags outside it must

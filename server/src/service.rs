@@ -171,13 +171,13 @@ impl Backy for Service {
         if let Some(p) = protocol_error {
             return Err(p);
         }
-        let meta = result.map_err(|e| {
+        let (meta, expired) = result.map_err(|e| {
             tracing::warn!(job, "push failed: {e}");
             to_status(e)
         })?;
         Ok(Response::new(PushReply {
             revision: Some(RevisionInfo::from(&meta)),
-            expired: Vec::new(),
+            expired: expired.iter().map(|id| id.uuid().to_string()).collect(),
         }))
     }
 
@@ -216,42 +216,114 @@ impl Backy for Service {
 
     async fn verify(
         &self,
-        _req: Request<VerifyRequest>,
+        req: Request<VerifyRequest>,
     ) -> std::result::Result<Response<Self::VerifyStream>, Status> {
-        Err(not_yet("verify"))
+        let server = self.server.clone();
+        let req = req.into_inner();
+        let (job, selected) = blocking(move || {
+            let job = server.job(&req.job)?;
+            let spec = if req.revisions.is_empty() {
+                "latest"
+            } else {
+                &req.revisions
+            };
+            let selected = crate::revisions::select(&job, spec)?;
+            Ok((job, selected))
+        })
+        .await?;
+        let (tx, rx) = mpsc::channel(4);
+        let server = self.server.clone();
+        tokio::task::spawn_blocking(move || {
+            for meta in selected {
+                let report = match crate::revisions::verify(&server, &job, &meta, |_| {}) {
+                    Ok(v) => VerifyReport {
+                        ok: v.bad_blocks.is_empty(),
+                        revision: Some(RevisionInfo::from(&v.meta)),
+                        bytes_checked: v.bytes_checked,
+                        bad_blocks: v.bad_blocks,
+                        error: String::new(),
+                    },
+                    Err(e) => VerifyReport {
+                        ok: false,
+                        revision: Some(RevisionInfo::from(&meta)),
+                        bytes_checked: 0,
+                        bad_blocks: Vec::new(),
+                        error: e.message,
+                    },
+                };
+                if tx.blocking_send(Ok(report)).is_err() {
+                    break; // the caller went away; stop reading
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
     async fn distrust(
         &self,
-        _req: Request<RevisionsRequest>,
+        req: Request<RevisionsRequest>,
     ) -> std::result::Result<Response<RevisionsReply>, Status> {
-        Err(not_yet("distrust"))
+        let server = self.server.clone();
+        let req = req.into_inner();
+        blocking(move || {
+            let job = server.job(&req.job)?;
+            crate::revisions::distrust(&server, &job, &req.revisions)
+        })
+        .await
+        .map(revisions_reply)
     }
 
-    async fn tags(
-        &self,
-        _req: Request<TagsRequest>,
-    ) -> std::result::Result<Response<RevisionsReply>, Status> {
-        Err(not_yet("tags"))
+    async fn tags(&self, req: Request<TagsRequest>) -> std::result::Result<Response<RevisionsReply>, Status> {
+        use crate::revisions::TagAction;
+        let server = self.server.clone();
+        let req = req.into_inner();
+        let action = match tags_request::Action::try_from(req.action) {
+            Ok(tags_request::Action::Set) => TagAction::Set,
+            Ok(tags_request::Action::Add) => TagAction::Add,
+            Ok(tags_request::Action::Remove) => TagAction::Remove,
+            Err(_) => {
+                return Err(Status::invalid_argument(format!(
+                    "unknown tag action {}",
+                    req.action
+                )))
+            }
+        };
+        blocking(move || {
+            let job = server.job(&req.job)?;
+            crate::revisions::tags(&server, &job, &req.revisions, action, &req.tags)
+        })
+        .await
+        .map(revisions_reply)
     }
 
     async fn forget(
         &self,
-        _req: Request<RevisionsRequest>,
+        req: Request<RevisionsRequest>,
     ) -> std::result::Result<Response<RevisionsReply>, Status> {
-        Err(not_yet("forget"))
+        let server = self.server.clone();
+        let req = req.into_inner();
+        blocking(move || {
+            let job = server.job(&req.job)?;
+            crate::revisions::forget(&server, &job, &req.revisions)
+        })
+        .await
+        .map(revisions_reply)
     }
 
     type AgentStream = BoxStream<AgentOrder>;
 
     async fn agent(
         &self,
-        _req: Request<Streaming<AgentReport>>,
+        req: Request<Streaming<AgentReport>>,
     ) -> std::result::Result<Response<Self::AgentStream>, Status> {
-        Err(not_yet("agent"))
+        let (tx, rx) = mpsc::channel(16);
+        tokio::spawn(crate::agent::serve(self.server.clone(), req.into_inner(), tx));
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 }
 
-fn not_yet(what: &str) -> Status {
-    Status::unimplemented(format!("{what} is not supported by this server version"))
+fn revisions_reply(metas: Vec<backy_common::revision::RevisionMeta>) -> Response<RevisionsReply> {
+    Response::new(RevisionsReply {
+        revisions: metas.iter().map(RevisionInfo::from).collect(),
+    })
 }

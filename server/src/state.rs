@@ -19,6 +19,8 @@ pub struct JobRuntime {
     pub readers: HashMap<RevisionId, usize>,
     pub failures: u32,
     pub last_failure: Option<DateTime<Utc>>,
+    /// When a push outcome was last recorded (success or failure).
+    pub last_outcome: Option<DateTime<Utc>>,
     pub last_error: String,
 }
 
@@ -26,6 +28,8 @@ pub struct Server {
     config: RwLock<Arc<ServerConfig>>,
     pub storage_mode: StorageMode,
     runtime: Mutex<HashMap<JobName, JobRuntime>>,
+    /// Serialises `.rev` read-modify-write cycles.
+    meta: Mutex<()>,
 }
 
 impl Server {
@@ -34,6 +38,7 @@ impl Server {
             config: RwLock::new(Arc::new(config)),
             storage_mode,
             runtime: Mutex::new(HashMap::new()),
+            meta: Mutex::new(()),
         }
     }
 
@@ -49,6 +54,10 @@ impl Server {
             Ok(mut c) => *c = Arc::new(config),
             Err(p) => *p.into_inner() = Arc::new(config),
         }
+    }
+
+    pub fn meta_lock(&self) -> MutexGuard<'_, ()> {
+        self.meta.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn runtime(&self) -> MutexGuard<'_, HashMap<JobName, JobRuntime>> {
@@ -114,6 +123,7 @@ impl Server {
     pub fn record_outcome(&self, job: &JobName, result: &std::result::Result<(), String>) {
         let mut rt = self.runtime();
         let r = rt.entry(job.clone()).or_default();
+        r.last_outcome = Some(Utc::now());
         match result {
             Ok(()) => {
                 r.failures = 0;
@@ -124,6 +134,21 @@ impl Server {
                 r.last_failure = Some(Utc::now());
                 r.last_error = e.clone();
             }
+        }
+    }
+}
+
+impl Server {
+    /// An agent reported a failure for an order given at `ordered_at`: count
+    /// it unless the push itself already reached the server and was recorded.
+    pub fn record_agent_failure(&self, job: &JobName, ordered_at: DateTime<Utc>, error: &str) {
+        let already = self
+            .runtime()
+            .get(job)
+            .and_then(|r| r.last_outcome)
+            .is_some_and(|t| t >= ordered_at);
+        if !already {
+            self.record_outcome(job, &Err(error.to_string()));
         }
     }
 }
