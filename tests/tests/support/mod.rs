@@ -6,7 +6,6 @@ use std::io::{BufRead, BufReader, Write};
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 pub const MIB: u64 = 1 << 20;
@@ -19,7 +18,11 @@ pub fn bin(name: &'static str) -> PathBuf {
     static BUILT: std::sync::Mutex<Vec<&'static str>> = std::sync::Mutex::new(Vec::new());
     let exe = std::env::current_exe().expect("test executable path");
     // target/<profile>/deps/<test> → target/<profile>
-    let dir = exe.parent().and_then(Path::parent).expect("target dir").to_path_buf();
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target dir")
+        .to_path_buf();
     let mut built = BUILT.lock().unwrap_or_else(|p| p.into_inner());
     if !built.contains(&name) {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
