@@ -1,1 +1,318 @@
-fn main() {}
+//! `backy-client`: the command line. Parses arguments, sets up logging and
+//! the runtime, runs one command, and turns its outcome into output and an
+//! exit status (0 success, 1 error with a one-line reason on stderr).
+
+mod connect;
+#[cfg(test)]
+mod fake_server;
+#[cfg(test)]
+mod flow_tests;
+mod manifest;
+mod progress;
+mod push;
+mod restore;
+mod scan;
+mod settings;
+mod source;
+mod status;
+mod view;
+
+use anyhow::Context;
+use backy_common::JobName;
+use clap::{Args, Parser, Subcommand};
+use serde::Serialize;
+use std::io::{IsTerminal, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+const EXAMPLES: &str = "\
+Examples:
+  backy-client push vm1
+  backy-client push vm1 --source /dev/vg/vm1-snap --force --tags manual:pre-upgrade
+  backy-client restore vm1 -r daily /var/tmp/vm1.img
+  backy-client status
+  backy-client status vm1 --json
+  BACKY_SERVER=http://backup01:6023 backy-client status";
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "backy-client",
+    version,
+    about = "Back up VM disks to a backy server, restore them, and show their state",
+    after_help = EXAMPLES
+)]
+struct Cli {
+    /// Server URL [default: from the config file, else http://127.0.0.1:6023]
+    #[arg(
+        long,
+        env = "BACKY_SERVER",
+        value_name = "URL",
+        global = true,
+        help_heading = "Global options"
+    )]
+    server: Option<String>,
+
+    /// Client config file [default: /etc/backy/client.yaml when present]
+    #[arg(long, value_name = "FILE", global = true, help_heading = "Global options")]
+    config: Option<PathBuf>,
+
+    /// Print results as JSON
+    #[arg(long, global = true, help_heading = "Global options")]
+    json: bool,
+
+    /// Log more to stderr (-v info, -vv debug, -vvv everything)
+    #[arg(short, long, action = clap::ArgAction::Count, global = true, help_heading = "Global options")]
+    verbose: u8,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    Push(PushCmd),
+    Restore(RestoreCmd),
+    Status(StatusCmd),
+}
+
+/// Back up a job's disk if a backup is due; exits silently when none is.
+#[derive(Args, Debug)]
+#[command(after_help = "\
+Examples:
+  backy-client push vm1                                  source from the server config
+  backy-client push vm1 --source /var/lib/vms/vm1.img    an image file (stop the VM first)
+  backy-client push vm1 --source /dev/vg/vm1-snap --force --tags manual:pre-upgrade")]
+struct PushCmd {
+    /// Job name
+    #[arg(value_name = "JOB", value_parser = parse_job)]
+    job: JobName,
+
+    /// Image file or block device to read [default: the job's source in the server config]
+    #[arg(long, value_name = "PATH")]
+    source: Option<String>,
+
+    /// Back up even if nothing is due
+    #[arg(long)]
+    force: bool,
+
+    /// Tags of the new revision instead of the due ones (with --force)
+    #[arg(long, value_name = "TAGS", value_delimiter = ',', requires = "force")]
+    tags: Vec<String>,
+}
+
+/// Restore a revision to a file or block device, verified as it streams.
+#[derive(Args, Debug)]
+#[command(after_help = "\
+A file target is written sparse under a temporary name and renamed when
+complete; an existing non-empty file is replaced only with --force. A block
+device is written in place.
+
+Revision specs: latest (default), N (0 = newest), a tag (newest with it),
+a revision id or a unique prefix of one.
+
+Examples:
+  backy-client restore vm1 /var/tmp/vm1.img
+  backy-client restore vm1 -r 1 /var/tmp/vm1-yesterday.img
+  backy-client restore vm1 -r weekly /dev/vg/vm1")]
+struct RestoreCmd {
+    /// Job name
+    #[arg(value_name = "JOB", value_parser = parse_job)]
+    job: JobName,
+
+    /// Revision to restore
+    #[arg(short, long, value_name = "SPEC", default_value = "latest")]
+    revision: String,
+
+    /// File or block device to write
+    #[arg(value_name = "TARGET")]
+    target: PathBuf,
+
+    /// Replace an existing non-empty file
+    #[arg(long)]
+    force: bool,
+}
+
+/// Show the revisions and health of one job or of all jobs.
+#[derive(Args, Debug)]
+#[command(after_help = "\
+Examples:
+  backy-client status
+  backy-client status vm1 --json")]
+struct StatusCmd {
+    /// Job name [default: all jobs]
+    #[arg(value_name = "JOB", value_parser = parse_job)]
+    job: Option<JobName>,
+}
+
+fn parse_job(s: &str) -> Result<JobName, String> {
+    JobName::new(s).map_err(|e| e.message)
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            // --help and --version are not errors; usage errors exit 1 like
+            // every other error.
+            let _ = e.print();
+            return if e.use_stderr() {
+                ExitCode::FAILURE
+            } else {
+                ExitCode::SUCCESS
+            };
+        }
+    };
+    init_logging(cli.verbose);
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            let reason = format!("{e:#}");
+            eprintln!(
+                "backy-client: error: {}",
+                reason.split_whitespace().collect::<Vec<_>>().join(" ")
+            );
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(verbose: u8) {
+    let filter = match verbose {
+        0 => "warn",
+        1 => "warn,backy_client=info",
+        2 => "info,backy_client=debug",
+        _ => "trace",
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    let config = settings::load(cli.config.as_deref())?;
+    let url = settings::server_url(cli.server.as_deref(), &config);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    let result = runtime.block_on(async {
+        tokio::select! {
+            result = dispatch(&cli, &url) => result,
+            signal = interrupted() => Err(anyhow::anyhow!("interrupted by {signal}")),
+        }
+    });
+    // Dropping the runtime waits for the reader/writer threads to stop, so an
+    // interrupted restore has removed its temporary file before we exit.
+    drop(runtime);
+    result
+}
+
+async fn dispatch(cli: &Cli, url: &str) -> anyhow::Result<()> {
+    let show_progress = progress::wanted(cli.json);
+    let mut client = connect::connect(url).await?;
+    match &cli.command {
+        Command::Push(cmd) => {
+            let args = push::PushArgs {
+                job: cmd.job.clone(),
+                source: cmd.source.clone(),
+                force: cmd.force,
+                tags: cmd.tags.clone(),
+            };
+            // Not due: nothing to say (DESIGN: exit silently).
+            if let Some(pushed) = push::push(&mut client, &args, show_progress).await? {
+                print_result(cli.json, &pushed)?;
+            }
+        }
+        Command::Restore(cmd) => {
+            let args = restore::RestoreArgs {
+                job: cmd.job.clone(),
+                revision: cmd.revision.clone(),
+                target: cmd.target.clone(),
+                force: cmd.force,
+            };
+            let restored = restore::restore(&mut client, &args, show_progress).await?;
+            print_result(cli.json, &restored)?;
+        }
+        Command::Status(cmd) => {
+            let reply = status::fetch(&mut client, cmd.job.as_ref()).await?;
+            if cli.json {
+                print_json(&status::StatusView::from(&reply))?;
+            } else {
+                print_out(&status::format_status(&reply))?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A command's one-line result, or its JSON.
+fn print_result<T: Serialize + std::fmt::Display>(json: bool, value: &T) -> anyhow::Result<()> {
+    if json {
+        print_json(value)
+    } else {
+        print_out(&format!("{value}\n"))
+    }
+}
+
+fn print_json<T: Serialize>(value: &T) -> anyhow::Result<()> {
+    let mut text = serde_json::to_string_pretty(value).context("encoding JSON")?;
+    text.push('\n');
+    print_out(&text)
+}
+
+/// Writes to stdout; a reader that went away (`| head`) is not an error.
+fn print_out(text: &str) -> anyhow::Result<()> {
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e).context("writing to stdout"),
+        _ => Ok(()),
+    }
+}
+
+/// Resolves on SIGINT or SIGTERM with the signal's name.
+async fn interrupted() -> &'static str {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut int), Ok(mut term)) = (signal(SignalKind::interrupt()), signal(SignalKind::terminate()))
+    else {
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = int.recv() => "SIGINT",
+        _ = term.recv() => "SIGTERM",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn parses_commands() {
+        let cli =
+            Cli::try_parse_from(["backy-client", "push", "vm1", "--force", "--tags", "a,manual:b"]).unwrap();
+        let Command::Push(p) = cli.command else { panic!() };
+        assert_eq!(p.tags, ["a", "manual:b"]);
+        assert!(Cli::try_parse_from(["backy-client", "push", "vm1", "--tags", "a"]).is_err());
+        assert!(Cli::try_parse_from(["backy-client", "push", "../x"]).is_err());
+
+        let cli = Cli::try_parse_from(["backy-client", "restore", "vm1", "/tmp/x", "-v", "--json"]).unwrap();
+        assert!(cli.json && cli.verbose == 1);
+        let Command::Restore(r) = cli.command else {
+            panic!()
+        };
+        assert_eq!(r.revision, "latest");
+        assert_eq!(r.target, PathBuf::from("/tmp/x"));
+
+        let cli = Cli::try_parse_from(["backy-client", "status", "--server", "http://h:1"]).unwrap();
+        assert_eq!(cli.server.as_deref(), Some("http://h:1"));
+        assert!(matches!(cli.command, Command::Status(StatusCmd { job: None })));
+    }
+}

@@ -1,0 +1,445 @@
+//! `push`: ask the server for a plan, scan the source against the parent's
+//! manifest, and stream the changed ranges.
+//!
+//! The source is read in a blocking thread that hands frames to the gRPC
+//! request stream through a bounded channel: a slow network or server slows
+//! the reading down instead of filling memory.
+
+use crate::connect::{status_error, Client};
+use crate::progress;
+use crate::scan::{self, Scanned};
+use crate::source::{self, Source};
+use crate::view::{short_id, RevisionView};
+use backy_common::manifest::{check_block_size, Manifest};
+use backy_common::revision::check_tag;
+use backy_common::source::SourceSpec;
+use backy_common::units::format_bytes;
+use backy_common::{Error, JobName, Result, RevisionId};
+use backy_proto::push_frame::Frame;
+use backy_proto::{PlanReply, PlanRequest, PushBegin, PushEnd, PushFrame, PushReply, RevisionInfo};
+use serde::Serialize;
+use std::fmt;
+use std::future::Future;
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
+use tokio::task::{JoinError, JoinHandle};
+use tokio_stream::wrappers::ReceiverStream;
+
+/// Frames in flight between the reader and the network: at most this many
+/// MiB of data wait in memory.
+const FRAMES_IN_FLIGHT: usize = 16;
+
+/// The reader's error when the request stream is gone; the server's status
+/// then says why.
+const STREAM_CLOSED: &str = "push stream closed";
+
+#[derive(Debug, Clone)]
+pub struct PushArgs {
+    pub job: JobName,
+    /// A path (file or block device) or `rbd:POOL/IMAGE`; default: the
+    /// job's source from the server config.
+    pub source: Option<String>,
+    pub force: bool,
+    pub tags: Vec<String>,
+}
+
+/// A committed push.
+#[derive(Debug, Serialize)]
+pub struct Pushed {
+    pub job: String,
+    pub revision: RevisionView,
+    pub bytes_read: u64,
+    pub bytes_sent: u64,
+    pub duration_secs: f64,
+    pub expired: Vec<String>,
+}
+
+impl fmt::Display for Pushed {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}: revision {} committed, {} image, {} sent in {:.1} s",
+            self.job,
+            self.revision.short_id,
+            format_bytes(self.revision.size),
+            format_bytes(self.bytes_sent),
+            self.duration_secs
+        )?;
+        match self.expired.len() {
+            0 => Ok(()),
+            1 => write!(f, ", 1 old revision expired"),
+            n => write!(f, ", {n} old revisions expired"),
+        }
+    }
+}
+
+/// Runs a push; `None` when the job is not due (and nothing was done).
+pub async fn push(client: &mut Client, args: &PushArgs, show_progress: bool) -> Result<Option<Pushed>> {
+    let started = Instant::now();
+    let job = args.job.as_str();
+    for tag in &args.tags {
+        check_tag(tag)?;
+    }
+    let plan = client
+        .plan(PlanRequest {
+            job: job.to_string(),
+            force: args.force,
+            tags: args.tags.clone(),
+        })
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    if !plan.due {
+        tracing::info!(job, reason = %plan.reason, "not due");
+        return Ok(None);
+    }
+    tracing::info!(job, reason = %plan.reason, tags = ?plan.tags, parent = %plan.parent_id, "due");
+    check_plan(&plan)?;
+
+    let spec = source_spec(job, args.source.as_deref(), &plan.source_json)?;
+    let mut source = source::open(&spec)?;
+    let size = source.size();
+    let baseline = baseline(client, job, &plan, size).await?;
+
+    let begin = PushBegin {
+        job: job.to_string(),
+        rev_id: plan.new_id.clone(),
+        parent_id: plan.parent_id.clone(),
+        size,
+        block_size: plan.block_size,
+        tags: plan.tags.clone(),
+        source_type: source.kind().to_string(),
+        source_snapshot: source.snapshot().to_string(),
+        force: args.force,
+    };
+    let (tx, rx) = mpsc::channel(FRAMES_IN_FLIGHT);
+    tx.send(PushFrame {
+        frame: Some(Frame::Begin(begin)),
+    })
+    .await
+    .map_err(|_| Error::internal(STREAM_CLOSED))?;
+
+    let bar = progress::bar(size, job, show_progress);
+    let reader_bar = bar.clone();
+    let has_parent = !plan.parent_id.is_empty();
+    let reader = tokio::task::spawn_blocking(move || {
+        read_source(&mut *source, baseline, has_parent, &tx, |pos| {
+            reader_bar.set_position(pos)
+        })
+    });
+    let rpc = client.push(ReceiverStream::new(rx));
+    let joined = join(reader, rpc).await;
+    bar.finish_and_clear();
+    let (scanned, reply) = joined?;
+    tracing::info!(
+        job,
+        bytes_read = scanned.bytes_read,
+        bytes_sent = scanned.bytes_sent,
+        changed_blocks = scanned.changed_blocks,
+        "pushed"
+    );
+    let revision = reply
+        .revision
+        .ok_or_else(|| Error::internal("server reply names no revision"))?;
+    check_committed(&revision, &scanned)?;
+    Ok(Some(Pushed {
+        job: job.to_string(),
+        revision: RevisionView::from(&revision),
+        bytes_read: scanned.bytes_read,
+        bytes_sent: scanned.bytes_sent,
+        duration_secs: started.elapsed().as_secs_f64(),
+        expired: reply.expired,
+    }))
+}
+
+/// Waits for both sides of a push and decides whose error to report.
+async fn join<F>(mut reader: JoinHandle<Result<Scanned>>, rpc: F) -> Result<(Scanned, PushReply)>
+where
+    F: Future<Output = std::result::Result<tonic::Response<PushReply>, tonic::Status>>,
+{
+    let early_reply = || Error::internal("server replied before the push ended");
+    tokio::pin!(rpc);
+    tokio::select! {
+        joined = &mut reader => match flatten(joined) {
+            Ok(scanned) => Ok((scanned, rpc.await.map_err(status_error)?.into_inner())),
+            // The server ended the stream: its status says why.
+            Err(e) if e.message == STREAM_CLOSED => Err(match rpc.await {
+                Err(status) => status_error(status),
+                Ok(_) => early_reply(),
+            }),
+            // A read error. Returning drops the request, which resets the
+            // stream, so the server discards the partial revision.
+            Err(e) => Err(e),
+        },
+        reply = &mut rpc => match reply {
+            // Committed: the reader has sent the end marker and is returning.
+            Ok(reply) => match flatten(reader.await) {
+                Ok(scanned) => Ok((scanned, reply.into_inner())),
+                Err(e) if e.message == STREAM_CLOSED => Err(early_reply()),
+                Err(e) => Err(e),
+            },
+            // The server failed the push, possibly because the reader failed
+            // and the stream ended without its end marker: then the reader's
+            // error is the one that explains. A reader still busy stops at
+            // its next send; it is not waited for long.
+            Err(status) => match tokio::time::timeout(Duration::from_secs(1), reader).await {
+                Ok(joined) => match flatten(joined) {
+                    Err(e) if e.message != STREAM_CLOSED => Err(e),
+                    _ => Err(status_error(status)),
+                },
+                Err(_) => Err(status_error(status)),
+            },
+        },
+    }
+}
+
+fn flatten(joined: std::result::Result<Result<Scanned>, JoinError>) -> Result<Scanned> {
+    joined.map_err(|e| Error::internal(format!("source reader failed: {e}")))?
+}
+
+/// The blocking side: scan, then the end marker.
+fn read_source(
+    source: &mut dyn Source,
+    baseline: Manifest,
+    has_parent: bool,
+    tx: &mpsc::Sender<PushFrame>,
+    progress: impl FnMut(u64),
+) -> Result<Scanned> {
+    let send = |frame| {
+        tx.blocking_send(PushFrame { frame: Some(frame) })
+            .map_err(|_| Error::unavailable(STREAM_CLOSED))
+    };
+    // Known changes are relative to the parent's snapshot: without a parent
+    // everything is compared with zeros.
+    let changed = if has_parent {
+        source.changed_extents()?
+    } else {
+        None
+    };
+    let scanned = scan::scan(source, baseline, changed, send, progress)?;
+    send(Frame::End(PushEnd {
+        stream_checksum: scanned.checksum.to_vec(),
+        manifest_digest: scanned.manifest.file_digest().to_vec(),
+        bytes_read: scanned.bytes_read,
+    }))?;
+    Ok(scanned)
+}
+
+fn check_plan(plan: &PlanReply) -> Result<()> {
+    let bad = |why: String| Error::internal(format!("server sent a bad plan: {why}"));
+    plan.new_id
+        .parse::<RevisionId>()
+        .map_err(|e| bad(format!("new id: {e}")))?;
+    if !plan.parent_id.is_empty() {
+        plan.parent_id
+            .parse::<RevisionId>()
+            .map_err(|e| bad(format!("parent id: {e}")))?;
+    }
+    check_block_size(plan.block_size).map_err(|e| bad(e.message))
+}
+
+/// The source to read: the command line's, else the server config's.
+pub fn source_spec(job: &str, cli: Option<&str>, server_json: &str) -> Result<SourceSpec> {
+    match cli {
+        Some(s) => SourceSpec::from_cli(s, source::is_block_device),
+        None if !server_json.trim().is_empty() => {
+            SourceSpec::from_json(server_json).map_err(|e| e.context(format!("job {job}")))
+        }
+        None => Err(Error::invalid(format!("job {job} has no source: give --source"))),
+    }
+}
+
+/// What the source is compared with: the parent's manifest at the source's
+/// size, or all zeros for a full backup (the server starts it from an empty
+/// sparse file).
+async fn baseline(client: &mut Client, job: &str, plan: &PlanReply, size: u64) -> Result<Manifest> {
+    if plan.parent_id.is_empty() {
+        return Manifest::zeroed(size, plan.block_size);
+    }
+    let (info, parent) = crate::manifest::fetch(client, job, &plan.parent_id).await?;
+    if info.id.parse::<RevisionId>().ok() != plan.parent_id.parse::<RevisionId>().ok() {
+        return Err(Error::internal(format!(
+            "asked for parent {}, the server sent revision {}",
+            plan.parent_id, info.id
+        )));
+    }
+    rebase(parent, plan.block_size, size).map_err(|e| e.context(format!("parent {}", short_id(&info))))
+}
+
+/// The parent's manifest resized to the source. Blocks whose length
+/// changes keep the old digest, so they never match and are sent.
+pub fn rebase(mut parent: Manifest, block_size: u32, size: u64) -> Result<Manifest> {
+    if parent.block_size() != block_size {
+        return Err(Error::precondition(format!(
+            "manifest block size {} differs from the job's {block_size}",
+            parent.block_size()
+        )));
+    }
+    parent.resize(size)?;
+    Ok(parent)
+}
+
+/// The server's manifest must be the one we computed: otherwise the stored
+/// image is not the one we read.
+fn check_committed(revision: &RevisionInfo, scanned: &Scanned) -> Result<()> {
+    let ours = hex::encode(scanned.manifest.file_digest());
+    if !revision.manifest_digest.is_empty() && !revision.manifest_digest.eq_ignore_ascii_case(&ours) {
+        return Err(Error::data_loss(format!(
+            "revision {} was committed with manifest digest {}, but the client computed {ours}",
+            short_id(revision),
+            revision.manifest_digest
+        )));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use backy_common::manifest::digest;
+    use backy_common::ErrorKind;
+
+    #[test]
+    fn source_from_cli_or_server() {
+        let s = source_spec("vm1", Some("disk.img"), r#"{"type":"block","path":"/dev/x"}"#).unwrap();
+        assert_eq!(s.kind(), "file");
+        let s = source_spec("vm1", None, r#"{"type":"block","path":"/dev/x"}"#).unwrap();
+        assert_eq!(s.kind(), "block");
+        let e = source_spec("vm1", None, "").unwrap_err();
+        assert_eq!(e.message, "job vm1 has no source: give --source");
+        let e = source_spec("vm1", None, "{").unwrap_err();
+        assert!(e.message.starts_with("job vm1: bad source spec"), "{}", e.message);
+    }
+
+    #[test]
+    fn rebase_resizes_and_checks_block_size() {
+        let bs = 64 << 10;
+        let mut parent = Manifest::zeroed(3 * bs as u64, bs).unwrap();
+        parent.set(0, digest(b"a")).unwrap();
+        let m = rebase(parent.clone(), bs, 5 * bs as u64 + 1).unwrap();
+        assert_eq!(m.block_count(), 6);
+        assert_eq!(m.get(0), Some(&digest(b"a")));
+        let e = rebase(parent, bs * 2, 1).unwrap_err();
+        assert_eq!(e.kind, ErrorKind::FailedPrecondition);
+    }
+
+    #[test]
+    fn plan_checks() {
+        let good = PlanReply {
+            due: true,
+            new_id: RevisionId::new_random().uuid().to_string(),
+            block_size: 4 << 20,
+            ..PlanReply::default()
+        };
+        assert!(check_plan(&good).is_ok());
+        for bad in [
+            PlanReply {
+                new_id: String::new(),
+                ..good.clone()
+            },
+            PlanReply {
+                parent_id: "x".into(),
+                ..good.clone()
+            },
+            PlanReply {
+                block_size: 1000,
+                ..good.clone()
+            },
+        ] {
+            assert!(check_plan(&bad).is_err(), "{bad:?}");
+        }
+    }
+
+    fn scanned() -> Scanned {
+        Scanned {
+            manifest: Manifest::zeroed(0, 64 << 10).unwrap(),
+            checksum: [0; 32],
+            bytes_read: 0,
+            bytes_sent: 0,
+            changed_blocks: 0,
+        }
+    }
+
+    /// Runs `join` with a reader that ends after `reader_ms` and an RPC that
+    /// ends after `rpc_ms`.
+    async fn race(
+        reader_ms: u64,
+        reader: Result<()>,
+        rpc_ms: u64,
+        rpc: std::result::Result<(), tonic::Status>,
+    ) -> Result<(Scanned, PushReply)> {
+        let reader = tokio::task::spawn_blocking(move || {
+            std::thread::sleep(Duration::from_millis(reader_ms));
+            reader.map(|()| scanned())
+        });
+        let rpc = async move {
+            tokio::time::sleep(Duration::from_millis(rpc_ms)).await;
+            rpc.map(|()| tonic::Response::new(PushReply::default()))
+        };
+        join(reader, rpc).await
+    }
+
+    #[tokio::test]
+    async fn join_reports_the_error_that_explains() {
+        let closed = || Err(Error::unavailable(STREAM_CLOSED));
+        let full = || Err(tonic::Status::resource_exhausted("disk full"));
+        type RpcResult = std::result::Result<(), tonic::Status>;
+        type Case = (u64, Result<()>, u64, RpcResult, Option<&'static str>);
+        let cases: Vec<Case> = vec![
+            (0, Ok(()), 10, Ok(()), None),
+            (10, Ok(()), 0, Ok(()), None),
+            (0, closed(), 10, full(), Some("disk full (RESOURCE_EXHAUSTED)")),
+            (10, closed(), 0, full(), Some("disk full (RESOURCE_EXHAUSTED)")),
+            (
+                0,
+                Err(Error::io("reading x", std::io::ErrorKind::Other.into())),
+                10,
+                full(),
+                Some("reading x"),
+            ),
+            (
+                10,
+                Err(Error::io("reading x", std::io::ErrorKind::Other.into())),
+                0,
+                full(),
+                Some("reading x"),
+            ),
+            (
+                10,
+                closed(),
+                0,
+                Ok(()),
+                Some("server replied before the push ended"),
+            ),
+            (0, Ok(()), 10, full(), Some("disk full")),
+        ];
+        for (reader_ms, reader, rpc_ms, rpc, want) in cases {
+            let got = race(reader_ms, reader, rpc_ms, rpc).await;
+            match (want, got) {
+                (None, Ok(_)) => {}
+                (Some(w), Err(e)) => assert!(e.message.starts_with(w), "want {w:?}, got {:?}", e.message),
+                (want, got) => panic!("want {want:?}, got {got:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn line_names_revision_sizes_and_expiry() {
+        let pushed = Pushed {
+            job: "vm1".into(),
+            revision: RevisionView::from(&RevisionInfo {
+                short_id: "3xKabc".into(),
+                size: 4 << 30,
+                ..RevisionInfo::default()
+            }),
+            bytes_read: 0,
+            bytes_sent: 42 << 20,
+            duration_secs: 2.34,
+            expired: vec!["a".into(), "b".into()],
+        };
+        assert_eq!(
+            pushed.to_string(),
+            "vm1: revision 3xKabc committed, 4.00 GiB image, 42.00 MiB sent in 2.3 s, 2 old revisions expired"
+        );
+    }
+}

@@ -1,0 +1,273 @@
+//! `restore`: fetch a revision's manifest, stream its image, check every
+//! block against the manifest as it arrives, and write it to a file or a
+//! block device.
+//!
+//! Frames go from the network to a blocking writer thread through a
+//! bounded channel, so a slow disk slows the stream instead of filling
+//! memory.
+
+mod check;
+mod target;
+
+use crate::connect::{status_error, Client};
+use crate::progress;
+use crate::view::{short_id, RevisionView};
+use backy_common::spec::Spec;
+use backy_common::units::format_bytes;
+use backy_common::{Error, JobName, Result};
+use backy_proto::restore_frame::Frame;
+use backy_proto::{RestoreFrame, RestoreRequest};
+use check::StreamCheck;
+use serde::Serialize;
+use std::fmt;
+use std::path::PathBuf;
+use std::time::Instant;
+use target::Target;
+use tokio::sync::mpsc;
+
+/// Frames buffered between the network and the disk (at most 1 MiB each).
+const FRAMES_IN_FLIGHT: usize = 16;
+
+#[derive(Debug, Clone)]
+pub struct RestoreArgs {
+    pub job: JobName,
+    /// Revision spec.
+    pub revision: String,
+    pub target: PathBuf,
+    pub force: bool,
+}
+
+/// A completed restore.
+#[derive(Debug, Serialize)]
+pub struct Restored {
+    pub job: String,
+    pub revision: RevisionView,
+    pub target: PathBuf,
+    pub data_bytes: u64,
+    pub duration_secs: f64,
+}
+
+impl fmt::Display for Restored {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}: restored revision {} ({}, {} data) to {} in {:.1} s",
+            self.job,
+            self.revision.short_id,
+            format_bytes(self.revision.size),
+            format_bytes(self.data_bytes),
+            self.target.display(),
+            self.duration_secs
+        )
+    }
+}
+
+pub async fn restore(client: &mut Client, args: &RestoreArgs, show_progress: bool) -> Result<Restored> {
+    let started = Instant::now();
+    let job = args.job.as_str();
+    if Spec::parse(&args.revision)? == Spec::All {
+        return Err(Error::invalid("'all' is not allowed here: name one revision"));
+    }
+    let (info, manifest) = crate::manifest::fetch(client, job, &args.revision).await?;
+    let short = short_id(&info).to_string();
+    // Before the stream starts: a refused target costs no transfer.
+    let target = Target::open(&args.target, info.size, args.force)?;
+    tracing::info!(job, revision = %short, size = info.size, target = %args.target.display(), "restoring");
+
+    // The full id, so both calls name the same revision even if a new one
+    // was committed in between.
+    let request = RestoreRequest {
+        job: job.to_string(),
+        revision: info.id.clone(),
+    };
+    let mut stream = client.restore(request).await.map_err(status_error)?.into_inner();
+    match stream.message().await.map_err(status_error)? {
+        Some(RestoreFrame {
+            frame: Some(Frame::Begin(begin)),
+        }) if begin.id == info.id && begin.size == info.size => {}
+        Some(_) => {
+            return Err(Error::data_loss(format!(
+                "restore stream did not start with revision {short}"
+            )))
+        }
+        None => return Err(Error::data_loss("restore stream ended early")),
+    }
+
+    let bar = progress::bar(info.size, job, show_progress);
+    let writer_bar = bar.clone();
+    let (tx, rx) = mpsc::channel(FRAMES_IN_FLIGHT);
+    let check = StreamCheck::new(manifest, &short);
+    let writer = tokio::task::spawn_blocking(move || {
+        write_stream(rx, check, target, |pos| writer_bar.set_position(pos))
+    });
+    let received = forward(&mut stream, &tx).await;
+    drop(tx);
+    let written = writer
+        .await
+        .map_err(|e| Error::internal(format!("restore writer failed: {e}")));
+    bar.finish_and_clear();
+    // A server error explains why the writer saw the stream end early.
+    received?;
+    let data_bytes = written??;
+    Ok(Restored {
+        job: job.to_string(),
+        revision: RevisionView::from(&info),
+        target: args.target.clone(),
+        data_bytes,
+        duration_secs: started.elapsed().as_secs_f64(),
+    })
+}
+
+/// Hands frames to the writer until the stream ends or the writer stops
+/// (its own error then says why).
+async fn forward(stream: &mut tonic::Streaming<RestoreFrame>, tx: &mpsc::Sender<Frame>) -> Result<()> {
+    loop {
+        let message = tokio::select! {
+            _ = tx.closed() => return Ok(()),
+            message = stream.message() => message.map_err(status_error)?,
+        };
+        let Some(message) = message else {
+            return Ok(());
+        };
+        let frame = message
+            .frame
+            .ok_or_else(|| Error::data_loss("empty frame in restore stream"))?;
+        if tx.send(frame).await.is_err() {
+            return Ok(());
+        }
+    }
+}
+
+/// The blocking side: check each frame, write it, and commit at the end
+/// marker. Returns the data bytes received.
+fn write_stream(
+    mut rx: mpsc::Receiver<Frame>,
+    mut check: StreamCheck,
+    mut target: Target,
+    mut progress: impl FnMut(u64),
+) -> Result<u64> {
+    while let Some(frame) = rx.blocking_recv() {
+        match frame {
+            Frame::Data(d) => {
+                check.data(d.offset, &d.data)?;
+                target.write_data(d.offset, &d.data)?;
+            }
+            Frame::Zero(z) => {
+                check.zero(z.offset, z.length)?;
+                target.write_zero(z.offset, z.length)?;
+            }
+            Frame::End(end) => check.end(end.bytes_sent)?,
+            Frame::Begin(_) => return Err(Error::data_loss("restore stream starts twice")),
+        }
+        progress(check.position());
+    }
+    if !check.ended() {
+        return Err(Error::data_loss(format!(
+            "restore stream ended early (at offset {})",
+            check.position()
+        )));
+    }
+    tracing::debug!(target = %target.path().display(), "restore complete, committing");
+    target.commit()?;
+    Ok(check.data_bytes())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use backy_common::manifest::{digest, Manifest};
+    use backy_proto::{DataRange, RestoreEnd, RevisionInfo, ZeroRange};
+
+    const BS: u32 = 64 << 10;
+    const B: usize = BS as usize;
+
+    fn manifest_of(img: &[u8]) -> Manifest {
+        let mut m = Manifest::zeroed(img.len() as u64, BS).unwrap();
+        for (i, b) in img.chunks(B).enumerate() {
+            m.set(i as u64, digest(b)).unwrap();
+        }
+        m
+    }
+
+    fn frames_of(img: &[u8]) -> Vec<Frame> {
+        let mut out = Vec::new();
+        for (i, b) in img.chunks(B).enumerate() {
+            let offset = (i * B) as u64;
+            if b.iter().all(|&x| x == 0) {
+                out.push(Frame::Zero(ZeroRange {
+                    offset,
+                    length: b.len() as u64,
+                }));
+            } else {
+                out.push(Frame::Data(DataRange {
+                    offset,
+                    data: b.to_vec(),
+                }));
+            }
+        }
+        out
+    }
+
+    fn run(img: &[u8], frames: Vec<Frame>, path: &std::path::Path) -> Result<u64> {
+        let (tx, rx) = mpsc::channel(frames.len() + 1);
+        for f in frames {
+            tx.try_send(f).unwrap();
+        }
+        drop(tx);
+        let target = Target::open(path, img.len() as u64, false)?;
+        write_stream(rx, StreamCheck::new(manifest_of(img), "r"), target, |_| {})
+    }
+
+    #[test]
+    fn writes_a_checked_stream_and_commits() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("out.img");
+        let mut img = vec![0u8; 4 * B + 10];
+        img[B..2 * B].fill(9);
+        img[4 * B + 1] = 1;
+        let mut frames = frames_of(&img);
+        frames.push(Frame::End(RestoreEnd {
+            bytes_sent: (B + 10) as u64,
+        }));
+        assert_eq!(run(&img, frames, &path).unwrap(), (B + 10) as u64);
+        assert_eq!(std::fs::read(&path).unwrap(), img);
+    }
+
+    #[test]
+    fn unfinished_or_bad_stream_leaves_no_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("out.img");
+        let img = vec![7u8; 3 * B];
+        let e = run(&img, frames_of(&img), &path).unwrap_err();
+        assert!(e.message.contains("ended early"), "{}", e.message);
+        let mut bad = frames_of(&img);
+        if let Frame::Data(d) = &mut bad[1] {
+            d.data[0] = 0;
+        }
+        let e = run(&img, bad, &path).unwrap_err();
+        assert!(e.message.contains("offset 65536"), "{}", e.message);
+        let mut twice = frames_of(&img);
+        twice.insert(1, Frame::Begin(RevisionInfo::default()));
+        assert!(run(&img, twice, &path).is_err());
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn line() {
+        let r = Restored {
+            job: "vm1".into(),
+            revision: RevisionView::from(&RevisionInfo {
+                short_id: "XYZ".into(),
+                size: 4 << 30,
+                ..RevisionInfo::default()
+            }),
+            target: "/tmp/vm1.img".into(),
+            data_bytes: 2 << 30,
+            duration_secs: 1.23,
+        };
+        assert_eq!(
+            r.to_string(),
+            "vm1: restored revision XYZ (4.00 GiB, 2.00 GiB data) to /tmp/vm1.img in 1.2 s"
+        );
+    }
+}

@@ -1,0 +1,268 @@
+//! Where a restore writes: a block device in place, or a sparse file that
+//! appears under its name only once it is complete and on disk.
+
+use backy_common::ranges::is_all_zero;
+use backy_common::{Error, Result};
+use std::fs::{File, OpenOptions, Permissions};
+use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use tempfile::NamedTempFile;
+
+/// Zeros written per call when a device cannot zero a range by itself.
+const ZERO_CHUNK: usize = 1 << 20;
+
+pub enum Target {
+    /// Written in place; every byte of the image is written (zero ranges
+    /// too), nothing beyond it is touched.
+    Device {
+        file: File,
+        path: PathBuf,
+        zeros: Vec<u8>,
+    },
+    /// A temporary file next to the target, renamed over it at the end.
+    /// Dropping it uncommitted removes it.
+    File { tmp: NamedTempFile, path: PathBuf },
+}
+
+impl Target {
+    /// Opens the target for an image of `size` bytes. An existing non-empty
+    /// file is replaced only with `force`.
+    pub fn open(path: &Path, size: u64, force: bool) -> Result<Target> {
+        let meta = match std::fs::metadata(path) {
+            Ok(meta) => Some(meta),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => return Err(Error::io(format!("examining {}", path.display()), e)),
+        };
+        match meta {
+            Some(m) if m.file_type().is_block_device() => Self::device(path, size),
+            Some(m) if m.is_file() => {
+                if m.len() > 0 && !force {
+                    return Err(Error::exists(format!(
+                        "{} exists and is not empty: give --force to replace it",
+                        path.display()
+                    )));
+                }
+                // Replace what a symlink points to, as `dd of=` would.
+                let real = std::fs::canonicalize(path)
+                    .map_err(|e| Error::io(format!("resolving {}", path.display()), e))?;
+                Self::file(&real, size, Some(m.permissions()))
+            }
+            Some(_) => Err(Error::invalid(format!(
+                "{} is neither a regular file nor a block device",
+                path.display()
+            ))),
+            None => Self::file(path, size, None),
+        }
+    }
+
+    fn device(path: &Path, size: u64) -> Result<Target> {
+        // O_EXCL on a block device fails while it is mounted or held by
+        // another device (LVM, RAID): never overwrite a disk in use.
+        let mut file = OpenOptions::new()
+            .write(true)
+            .custom_flags(rustix::fs::OFlags::EXCL.bits() as i32)
+            .open(path)
+            .map_err(|e| match e.raw_os_error() {
+                Some(16) => Error::busy(format!(
+                    "{} is in use (mounted or held by another device): not restoring onto it",
+                    path.display()
+                )),
+                _ => Error::io(format!("opening {}", path.display()), e),
+            })?;
+        let device_size = crate::source::block::device_size(&mut file, path)?;
+        if device_size < size {
+            return Err(Error::invalid(format!(
+                "{} holds {device_size} bytes, the image needs {size}",
+                path.display()
+            )));
+        }
+        Ok(Target::Device {
+            file,
+            path: path.to_path_buf(),
+            zeros: Vec::new(),
+        })
+    }
+
+    fn file(path: &Path, size: u64, permissions: Option<Permissions>) -> Result<Target> {
+        let name = path
+            .file_name()
+            .ok_or_else(|| Error::invalid(format!("{} names no file", path.display())))?;
+        let dir = match path.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d,
+            _ => Path::new("."),
+        };
+        let tmp = tempfile::Builder::new()
+            .prefix(&format!(".{}.backy-restore-", name.to_string_lossy()))
+            .rand_bytes(6)
+            .tempfile_in(dir)
+            .map_err(|e| Error::io(format!("creating a temporary file in {}", dir.display()), e))?;
+        // Disk images are private by default (the temporary file is 0600);
+        // a replaced file keeps its mode.
+        if let Some(p) = permissions {
+            tmp.as_file()
+                .set_permissions(Permissions::from_mode(p.mode()))
+                .map_err(|e| Error::io(format!("setting permissions of {}", tmp.path().display()), e))?;
+        }
+        // All holes until data arrives: zeros cost no space.
+        tmp.as_file()
+            .set_len(size)
+            .map_err(|e| Error::io(format!("sizing {}", tmp.path().display()), e))?;
+        Ok(Target::File {
+            tmp,
+            path: path.to_path_buf(),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        match self {
+            Target::Device { path, .. } | Target::File { path, .. } => path,
+        }
+    }
+
+    /// Writes a data range. Into a file, all-zero data stays a hole.
+    pub fn write_data(&mut self, offset: u64, data: &[u8]) -> Result<()> {
+        match self {
+            Target::Device { file, path, .. } => write_at(file, path, offset, data),
+            Target::File { .. } if is_all_zero(data) => Ok(()),
+            Target::File { tmp, .. } => write_at(tmp.as_file(), tmp.path(), offset, data),
+        }
+    }
+
+    /// Makes a range zero: a device's old contents must go; a new file's
+    /// holes are zero already.
+    pub fn write_zero(&mut self, offset: u64, len: u64) -> Result<()> {
+        let Target::Device { file, path, zeros } = self else {
+            return Ok(());
+        };
+        let flags = rustix::fs::FallocateFlags::ZERO_RANGE | rustix::fs::FallocateFlags::KEEP_SIZE;
+        if rustix::fs::fallocate(&*file, flags, offset, len).is_ok() {
+            return Ok(());
+        }
+        // Not supported, or not aligned to the device's sectors: write them.
+        if zeros.is_empty() {
+            zeros.resize(ZERO_CHUNK, 0);
+        }
+        let mut at = offset;
+        let end = offset + len;
+        while at < end {
+            let n = (end - at).min(ZERO_CHUNK as u64) as usize;
+            write_at(file, path, at, &zeros[..n])?;
+            at += n as u64;
+        }
+        Ok(())
+    }
+
+    /// Makes the restore durable, and for a file puts it in place.
+    pub fn commit(self) -> Result<()> {
+        match self {
+            Target::Device { file, path, .. } => file
+                .sync_all()
+                .map_err(|e| Error::io(format!("flushing {}", path.display()), e)),
+            Target::File { tmp, path } => {
+                tmp.as_file()
+                    .sync_all()
+                    .map_err(|e| Error::io(format!("flushing {}", tmp.path().display()), e))?;
+                tmp.persist(&path)
+                    .map_err(|e| Error::io(format!("renaming the restore to {}", path.display()), e.error))?;
+                let dir = match path.parent() {
+                    Some(d) if !d.as_os_str().is_empty() => d,
+                    _ => Path::new("."),
+                };
+                File::open(dir)
+                    .and_then(|d| d.sync_all())
+                    .map_err(|e| Error::io(format!("flushing directory {}", dir.display()), e))
+            }
+        }
+    }
+}
+
+fn write_at(file: &File, path: &Path, offset: u64, data: &[u8]) -> Result<()> {
+    file.write_all_at(data, offset)
+        .map_err(|e| Error::io(format!("writing {} at offset {offset}", path.display()), e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use backy_common::ErrorKind;
+    use std::os::unix::fs::MetadataExt;
+
+    const MIB: u64 = 1 << 20;
+
+    fn leftovers(dir: &Path) -> Vec<String> {
+        std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.contains("backy-restore"))
+            .collect()
+    }
+
+    #[test]
+    fn file_restore_is_sparse_and_atomic() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("vm1.img");
+        let mut t = Target::open(&path, 64 * MIB, false).unwrap();
+        assert!(!path.exists(), "nothing at the target before commit");
+        t.write_data(0, &vec![0u8; MIB as usize]).unwrap();
+        t.write_data(10 * MIB, &vec![3u8; MIB as usize]).unwrap();
+        t.write_zero(11 * MIB, 53 * MIB).unwrap();
+        t.commit().unwrap();
+        let meta = std::fs::metadata(&path).unwrap();
+        assert_eq!(meta.len(), 64 * MIB);
+        assert!(
+            meta.blocks() * 512 <= 2 * MIB,
+            "allocated {}",
+            meta.blocks() * 512
+        );
+        assert_eq!(meta.mode() & 0o777, 0o600);
+        let data = std::fs::read(&path).unwrap();
+        assert!(data[..10 * MIB as usize].iter().all(|&b| b == 0));
+        assert!(data[10 * MIB as usize..11 * MIB as usize].iter().all(|&b| b == 3));
+        assert!(leftovers(dir.path()).is_empty());
+    }
+
+    #[test]
+    fn dropped_restore_leaves_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("vm1.img");
+        let mut t = Target::open(&path, MIB, false).unwrap();
+        t.write_data(0, &[1, 2, 3]).unwrap();
+        assert_eq!(leftovers(dir.path()).len(), 1);
+        drop(t);
+        assert!(leftovers(dir.path()).is_empty());
+        assert!(!path.exists());
+    }
+
+    #[test]
+    fn existing_files_need_force() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("vm1.img");
+        std::fs::write(&path, b"old").unwrap();
+        std::fs::set_permissions(&path, Permissions::from_mode(0o640)).unwrap();
+        let e = Target::open(&path, MIB, false).err().unwrap();
+        assert_eq!(e.kind, ErrorKind::AlreadyExists);
+        assert!(e.message.contains("--force"), "{}", e.message);
+
+        // Through a symlink, the file it points to is replaced.
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink(&path, &link).unwrap();
+        let mut t = Target::open(&link, 4, true).unwrap();
+        t.write_data(0, b"new!").unwrap();
+        t.commit().unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), b"new!");
+        assert!(std::fs::symlink_metadata(&link).unwrap().file_type().is_symlink());
+        assert_eq!(std::fs::metadata(&path).unwrap().mode() & 0o777, 0o640);
+
+        // An empty file is fair game.
+        let empty = dir.path().join("empty");
+        std::fs::write(&empty, b"").unwrap();
+        assert!(Target::open(&empty, 1, false).is_ok());
+
+        let e = Target::open(dir.path(), 1, true).err().unwrap();
+        assert!(e.message.contains("neither"), "{}", e.message);
+        let e = Target::open(Path::new("/nonexistent/dir/x.img"), 1, false)
+            .err()
+            .unwrap();
+        assert!(e.message.contains("temporary file"), "{}", e.message);
+    }
+}

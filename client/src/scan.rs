@@ -1,0 +1,546 @@
+//! Reading a source block by block and deciding what to send: the heart of
+//! a push, free of networking so it can be tested on in-memory images.
+//!
+//! [`Scanner`] turns blocks (in ascending order) and the baseline manifest
+//! into push frames, the new manifest and the stream checksum. [`scan`]
+//! drives it over a [`Source`], skipping holes and, for sources that know
+//! their changes, untouched blocks.
+
+use crate::source::Source;
+use backy_common::checksum::StreamChecksum;
+use backy_common::manifest::{zero_digest, Digest, Manifest};
+use backy_common::ranges::{blocks_of, classify, coalesce, Change, Extent};
+use backy_common::{Error, Result, MAX_FRAME_DATA};
+use backy_proto::push_frame::Frame;
+use backy_proto::{DataRange, ZeroRange};
+
+/// What a scan produced besides its frames.
+#[derive(Debug)]
+pub struct Scanned {
+    /// Every block's digest: the manifest the server must end up with.
+    pub manifest: Manifest,
+    /// [`StreamChecksum`] over exactly the frames emitted.
+    pub checksum: [u8; 32],
+    /// Bytes read from the source (holes are not read).
+    pub bytes_read: u64,
+    /// Payload bytes of the data frames.
+    pub bytes_sent: u64,
+    /// Blocks sent as data or zeros.
+    pub changed_blocks: u64,
+}
+
+/// Classifies blocks against the baseline and emits the frames for them.
+pub struct Scanner<E> {
+    /// Starts as the baseline; each visited block's digest replaces the
+    /// parent's once it has been compared.
+    manifest: Manifest,
+    checksum: StreamChecksum,
+    /// Zero blocks not yet emitted, coalesced while they are contiguous.
+    zero_run: Option<Extent>,
+    full_zero: Digest,
+    next_block: u64,
+    bytes_read: u64,
+    bytes_sent: u64,
+    changed_blocks: u64,
+    emit: E,
+}
+
+impl<E: FnMut(Frame) -> Result<()>> Scanner<E> {
+    /// `baseline` has the source's size: the parent's manifest (resized),
+    /// or an all-zero manifest for a full backup.
+    pub fn new(baseline: Manifest, emit: E) -> Self {
+        let full_zero = zero_digest(baseline.block_size() as u64);
+        Scanner {
+            manifest: baseline,
+            checksum: StreamChecksum::new(),
+            zero_run: None,
+            full_zero,
+            next_block: 0,
+            bytes_read: 0,
+            bytes_sent: 0,
+            changed_blocks: 0,
+            emit,
+        }
+    }
+
+    pub fn manifest(&self) -> &Manifest {
+        &self.manifest
+    }
+
+    /// A block read from the source; `data` is the whole block.
+    pub fn block(&mut self, index: u64, data: &[u8]) -> Result<()> {
+        let (offset, len) = self.visit(index)?;
+        if data.len() as u64 != len {
+            return Err(Error::internal(format!(
+                "block {index} has {} bytes, expected {len}",
+                data.len()
+            )));
+        }
+        self.bytes_read += len;
+        let (change, digest) = classify(data, self.manifest.get(index));
+        self.manifest.set(index, digest)?;
+        match change {
+            Change::Unchanged => Ok(()),
+            Change::Zero => self.zero(offset, len),
+            Change::Data => self.data(offset, data),
+        }
+    }
+
+    /// A block the source knows to be all zeros (a hole), not read.
+    pub fn hole(&mut self, index: u64) -> Result<()> {
+        let (offset, len) = self.visit(index)?;
+        let digest = if len == self.manifest.block_size() as u64 {
+            self.full_zero
+        } else {
+            zero_digest(len)
+        };
+        if self.manifest.get(index) == Some(&digest) {
+            return Ok(());
+        }
+        self.manifest.set(index, digest)?;
+        self.zero(offset, len)
+    }
+
+    /// Emits what is pending and returns the results.
+    pub fn finish(mut self) -> Result<Scanned> {
+        self.flush_zeros()?;
+        Ok(Scanned {
+            manifest: self.manifest,
+            checksum: self.checksum.finish(),
+            bytes_read: self.bytes_read,
+            bytes_sent: self.bytes_sent,
+            changed_blocks: self.changed_blocks,
+        })
+    }
+
+    /// Checks the block comes after the previous one (frames must be in
+    /// offset order) and returns its offset and length.
+    fn visit(&mut self, index: u64) -> Result<(u64, u64)> {
+        if index < self.next_block || index >= self.manifest.block_count() {
+            return Err(Error::internal(format!(
+                "block {index} out of order or beyond the image (next {}, count {})",
+                self.next_block,
+                self.manifest.block_count()
+            )));
+        }
+        self.next_block = index + 1;
+        Ok((self.manifest.block_offset(index), self.manifest.block_len(index)))
+    }
+
+    fn zero(&mut self, offset: u64, len: u64) -> Result<()> {
+        self.changed_blocks += 1;
+        match &mut self.zero_run {
+            Some(run) if run.end() == offset => run.len += len,
+            _ => {
+                self.flush_zeros()?;
+                self.zero_run = Some(Extent { offset, len });
+            }
+        }
+        Ok(())
+    }
+
+    fn data(&mut self, offset: u64, data: &[u8]) -> Result<()> {
+        self.changed_blocks += 1;
+        self.flush_zeros()?;
+        let mut at = offset;
+        for chunk in data.chunks(MAX_FRAME_DATA) {
+            self.checksum.data(at, chunk);
+            self.bytes_sent += chunk.len() as u64;
+            (self.emit)(Frame::Data(DataRange {
+                offset: at,
+                data: chunk.to_vec(),
+            }))?;
+            at += chunk.len() as u64;
+        }
+        Ok(())
+    }
+
+    fn flush_zeros(&mut self) -> Result<()> {
+        if let Some(run) = self.zero_run.take() {
+            self.checksum.zero(run.offset, run.len);
+            (self.emit)(Frame::Zero(ZeroRange {
+                offset: run.offset,
+                length: run.len,
+            }))?;
+        }
+        Ok(())
+    }
+}
+
+/// Scans a source against `baseline` (which must have the source's size).
+/// `changed`: extents known to differ from the baseline; blocks outside them
+/// keep the baseline's digest unread. `progress` gets the offset scanned to.
+pub fn scan<E: FnMut(Frame) -> Result<()>>(
+    source: &mut dyn Source,
+    baseline: Manifest,
+    changed: Option<Vec<Extent>>,
+    emit: E,
+    mut progress: impl FnMut(u64),
+) -> Result<Scanned> {
+    let size = source.size();
+    if baseline.image_size() != size {
+        return Err(Error::internal(format!(
+            "baseline manifest is for {} bytes, source has {size}",
+            baseline.image_size()
+        )));
+    }
+    let block_size = baseline.block_size();
+    let count = baseline.block_count();
+    let blocks: Box<dyn Iterator<Item = u64>> = match changed {
+        None => Box::new(0..count),
+        Some(extents) => Box::new(changed_blocks(extents, block_size, count)),
+    };
+    let mut scanner = Scanner::new(baseline, emit);
+    let mut buf = vec![0u8; block_size as usize];
+    let mut region = source.next_data(0)?;
+    for index in blocks {
+        let offset = scanner.manifest().block_offset(index);
+        let len = scanner.manifest().block_len(index);
+        let end = offset + len;
+        if region.is_some_and(|r| r.end() <= offset) {
+            region = source.next_data(offset)?;
+        }
+        let in_hole = region.is_none_or(|r| r.offset >= end);
+        if in_hole {
+            scanner.hole(index)?;
+        } else {
+            let block = &mut buf[..len as usize];
+            source.read_at(offset, block)?;
+            scanner.block(index, block)?;
+        }
+        progress(end);
+    }
+    scanner.finish()
+}
+
+/// Blocks touched by a set of extents, ascending and each once.
+fn changed_blocks(extents: Vec<Extent>, block_size: u32, count: u64) -> impl Iterator<Item = u64> {
+    let mut last = None;
+    coalesce(extents)
+        .into_iter()
+        .flat_map(move |e| blocks_of(e, block_size))
+        .filter(move |&b| {
+            let fresh = b < count && last.is_none_or(|l| b > l);
+            if fresh {
+                last = Some(b);
+            }
+            fresh
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::source::mem::MemSource;
+    use backy_common::manifest::digest;
+    use proptest::prelude::*;
+
+    const BS: u32 = 64 << 10;
+    const B: usize = BS as usize;
+
+    /// Runs a scan and collects its frames.
+    fn run(src: &mut MemSource, baseline: Manifest, changed: Option<Vec<Extent>>) -> (Vec<Frame>, Scanned) {
+        let mut frames = Vec::new();
+        let scanned = scan(
+            src,
+            baseline,
+            changed,
+            |f| {
+                frames.push(f);
+                Ok(())
+            },
+            |_| {},
+        )
+        .unwrap();
+        (frames, scanned)
+    }
+
+    fn manifest_of(image: &[u8], bs: u32) -> Manifest {
+        let mut m = Manifest::zeroed(image.len() as u64, bs).unwrap();
+        for (i, block) in image.chunks(bs as usize).enumerate() {
+            m.set(i as u64, digest(block)).unwrap();
+        }
+        m
+    }
+
+    /// The parent image with the frames applied, as the server does it.
+    fn apply(parent: &[u8], size: usize, frames: &[Frame]) -> Vec<u8> {
+        let mut img = parent.to_vec();
+        img.resize(size, 0);
+        for f in frames {
+            match f {
+                Frame::Data(d) => {
+                    let o = d.offset as usize;
+                    img[o..o + d.data.len()].copy_from_slice(&d.data);
+                }
+                Frame::Zero(z) => {
+                    let o = z.offset as usize;
+                    img[o..o + z.length as usize].fill(0);
+                }
+                other => panic!("unexpected frame {other:?}"),
+            }
+        }
+        img
+    }
+
+    fn recompute_checksum(frames: &[Frame]) -> [u8; 32] {
+        let mut c = StreamChecksum::new();
+        for f in frames {
+            match f {
+                Frame::Data(d) => c.data(d.offset, &d.data),
+                Frame::Zero(z) => c.zero(z.offset, z.length),
+                other => panic!("unexpected frame {other:?}"),
+            }
+        }
+        c.finish()
+    }
+
+    fn pattern(len: usize, seed: u8) -> Vec<u8> {
+        (0..len)
+            .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed) | 1)
+            .collect()
+    }
+
+    #[test]
+    fn unchanged_blocks_send_nothing() {
+        let image = pattern(4 * B + 100, 1);
+        let mut src = MemSource::new(image.clone());
+        let (frames, scanned) = run(&mut src, manifest_of(&image, BS), None);
+        assert!(frames.is_empty(), "{frames:?}");
+        assert_eq!(scanned.bytes_sent, 0);
+        assert_eq!(scanned.bytes_read, image.len() as u64);
+        assert_eq!(scanned.changed_blocks, 0);
+        assert_eq!(scanned.manifest, manifest_of(&image, BS));
+        assert_eq!(scanned.checksum, StreamChecksum::new().finish());
+    }
+
+    #[test]
+    fn changed_block_sends_its_data_in_small_frames() {
+        // 4 MiB blocks: one changed block is four 1 MiB frames.
+        let bs = 4u32 << 20;
+        let parent = pattern(3 * bs as usize, 1);
+        let mut image = parent.clone();
+        image[bs as usize + 5] ^= 0xff;
+        let mut src = MemSource::new(image.clone());
+        let (frames, scanned) = run(&mut src, manifest_of(&parent, bs), None);
+        assert_eq!(frames.len(), 4);
+        for (i, f) in frames.iter().enumerate() {
+            let Frame::Data(d) = f else { panic!("{f:?}") };
+            assert_eq!(d.offset, bs as u64 + (i * MAX_FRAME_DATA) as u64);
+            assert_eq!(d.data.len(), MAX_FRAME_DATA);
+        }
+        assert_eq!(scanned.bytes_sent, bs as u64);
+        assert_eq!(scanned.changed_blocks, 1);
+        assert_eq!(apply(&parent, image.len(), &frames), image);
+        assert_eq!(scanned.checksum, recompute_checksum(&frames));
+    }
+
+    #[test]
+    fn zero_runs_coalesce_and_holes_are_not_read() {
+        // Parent: all data. Source: blocks 1-3 and 5 zero (2 and 3 in a hole).
+        let parent = pattern(7 * B, 3);
+        let mut image = parent.clone();
+        image[B..4 * B].fill(0);
+        image[5 * B..6 * B].fill(0);
+        let mut src = MemSource::new(image.clone());
+        src.regions = Some(vec![
+            Extent {
+                offset: 0,
+                len: 2 * B as u64,
+            },
+            Extent {
+                offset: 4 * B as u64,
+                len: 3 * B as u64,
+            },
+        ]);
+        let (frames, scanned) = run(&mut src, manifest_of(&parent, BS), None);
+        let zeros: Vec<_> = frames
+            .iter()
+            .map(|f| match f {
+                Frame::Zero(z) => (z.offset, z.length),
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(zeros, [(B as u64, 3 * B as u64), (5 * B as u64, B as u64)]);
+        assert_eq!(src.reads, [0, B as u64, 4 * B as u64, 5 * B as u64, 6 * B as u64]);
+        assert_eq!(scanned.bytes_read, 5 * B as u64);
+        assert_eq!(scanned.changed_blocks, 4);
+        assert_eq!(scanned.manifest, manifest_of(&image, BS));
+        assert_eq!(apply(&parent, image.len(), &frames), image);
+    }
+
+    #[test]
+    fn full_backup_of_sparse_image_sends_only_data() {
+        let mut image = vec![0u8; 6 * B + 10];
+        image[2 * B + 7] = 9;
+        image[6 * B + 3] = 1; // in the short last block
+        let mut src = MemSource::new(image.clone());
+        let baseline = Manifest::zeroed(image.len() as u64, BS).unwrap();
+        let (frames, scanned) = run(&mut src, baseline, None);
+        assert_eq!(frames.len(), 2);
+        assert!(matches!(&frames[1], Frame::Data(d) if d.offset == 6 * B as u64 && d.data.len() == 10));
+        assert_eq!(scanned.bytes_sent, B as u64 + 10);
+        assert_eq!(scanned.manifest, manifest_of(&image, BS));
+        assert_eq!(apply(&[], image.len(), &frames), image);
+    }
+
+    #[test]
+    fn grown_and_shrunk_images() {
+        let parent = pattern(3 * B + 100, 5);
+        for size in [B / 2, B, 2 * B + 1, 3 * B + 100, 3 * B + 200, 5 * B, 6 * B + 3] {
+            // The source keeps the parent's bytes where both have them,
+            // and zeros beyond (like a grown disk).
+            let mut image = parent.clone();
+            image.resize(size, 0);
+            let mut baseline = manifest_of(&parent, BS);
+            baseline.resize(size as u64).unwrap();
+            let mut src = MemSource::new(image.clone());
+            let (frames, scanned) = run(&mut src, baseline, None);
+            assert_eq!(apply(&parent, size, &frames), image, "size {size}");
+            assert_eq!(scanned.manifest, manifest_of(&image, BS), "size {size}");
+            assert_eq!(scanned.checksum, recompute_checksum(&frames));
+            // At most the blocks at the old and new end change.
+            assert!(
+                scanned.changed_blocks <= 2,
+                "size {size}: {}",
+                scanned.changed_blocks
+            );
+        }
+    }
+
+    #[test]
+    fn known_changes_read_only_their_blocks() {
+        let parent = pattern(8 * B, 1);
+        let mut image = parent.clone();
+        image[3 * B + 1] ^= 1;
+        image[6 * B..7 * B].fill(0);
+        let mut src = MemSource::new(image.clone());
+        src.changed = Some(vec![
+            Extent {
+                offset: 6 * B as u64,
+                len: 10,
+            },
+            Extent {
+                offset: 3 * B as u64,
+                len: 2,
+            },
+            Extent {
+                offset: 3 * B as u64 + 100,
+                len: 2,
+            },
+            Extent {
+                offset: 100 * B as u64,
+                len: 1,
+            },
+        ]);
+        let changed = src.changed.clone();
+        let (frames, scanned) = run(&mut src, manifest_of(&parent, BS), changed);
+        assert_eq!(src.reads, [3 * B as u64, 6 * B as u64]);
+        assert_eq!(frames.len(), 2);
+        assert_eq!(scanned.manifest, manifest_of(&image, BS));
+        assert_eq!(apply(&parent, image.len(), &frames), image);
+    }
+
+    #[test]
+    fn emit_failure_stops_the_scan() {
+        let image = pattern(3 * B, 1);
+        let mut src = MemSource::new(image.clone());
+        let baseline = Manifest::zeroed(image.len() as u64, BS).unwrap();
+        let mut sent = 0;
+        let e = scan(
+            &mut src,
+            baseline,
+            None,
+            |_| {
+                sent += 1;
+                Err(Error::unavailable("closed"))
+            },
+            |_| {},
+        )
+        .unwrap_err();
+        assert_eq!(e.message, "closed");
+        assert_eq!(sent, 1);
+        assert_eq!(src.reads.len(), 1);
+    }
+
+    #[test]
+    fn refuses_out_of_order_blocks() {
+        let mut s = Scanner::new(Manifest::zeroed(3 * B as u64, BS).unwrap(), |_| Ok(()));
+        s.hole(1).unwrap();
+        assert!(s.hole(1).is_err());
+        assert!(s.hole(3).is_err());
+        assert!(s.block(2, &[1, 2]).is_err());
+    }
+
+    /// A block of a generated image: zero, equal to the parent's, or new.
+    #[derive(Clone, Copy, Debug)]
+    enum Kind {
+        Zero,
+        Same,
+        New(u8),
+    }
+
+    proptest! {
+        #[test]
+        fn frames_rebuild_the_image(
+            parent_len in 0usize..5 * B,
+            kinds in proptest::collection::vec(
+                prop_oneof![Just(Kind::Zero), Just(Kind::Same), any::<u8>().prop_map(Kind::New)],
+                0..6,
+            ),
+            tail in 0usize..B,
+            with_parent: bool,
+        ) {
+            let parent = if with_parent { pattern(parent_len, 7) } else { Vec::new() };
+            let size = (kinds.len() * B).saturating_sub(tail);
+            let mut image = vec![0u8; size];
+            for (i, k) in kinds.iter().enumerate() {
+                let range = i * B..((i + 1) * B).min(size);
+                match k {
+                    Kind::Zero => {}
+                    Kind::Same => {
+                        for j in range {
+                            image[j] = parent.get(j).copied().unwrap_or(0);
+                        }
+                    }
+                    Kind::New(seed) => {
+                        let len = range.len();
+                        image[range].copy_from_slice(&pattern(len, *seed));
+                    }
+                }
+            }
+            let baseline = if with_parent {
+                let mut m = manifest_of(&parent, BS);
+                m.resize(size as u64).unwrap();
+                m
+            } else {
+                Manifest::zeroed(size as u64, BS).unwrap()
+            };
+            let mut src = MemSource::new(image.clone());
+            let (frames, scanned) = run(&mut src, baseline, None);
+            prop_assert_eq!(apply(&parent, size, &frames), image.clone());
+            prop_assert_eq!(scanned.manifest.file_digest(), manifest_of(&image, BS).file_digest());
+            prop_assert_eq!(scanned.checksum, recompute_checksum(&frames));
+            let data: u64 = frames.iter().map(|f| match f {
+                Frame::Data(d) => d.data.len() as u64,
+                _ => 0,
+            }).sum();
+            prop_assert_eq!(scanned.bytes_sent, data);
+            let mut next = 0;
+            for f in &frames {
+                let (o, l) = match f {
+                    Frame::Data(d) => (d.offset, d.data.len() as u64),
+                    Frame::Zero(z) => (z.offset, z.length),
+                    _ => unreachable!(),
+                };
+                prop_assert!(o >= next && l > 0, "frames in order, not empty");
+                next = o + l;
+            }
+            for w in frames.windows(2) {
+                if let (Frame::Zero(a), Frame::Zero(b)) = (&w[0], &w[1]) {
+                    prop_assert!(a.offset + a.length < b.offset, "touching zero ranges coalesce");
+                }
+            }
+        }
+    }
+}

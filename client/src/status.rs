@@ -1,0 +1,366 @@
+//! `status`: the revisions and health of jobs, as a table for people or
+//! JSON for scripts. Formatting is pure: a reply in, text out.
+
+use crate::connect::{status_error, Client};
+use crate::view::{non_empty, RevisionView};
+use backy_common::units::format_bytes;
+use backy_common::{JobName, Result};
+use backy_proto::{JobStatus, RevisionInfo, StatusReply, StatusRequest};
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use std::fmt::Write;
+
+pub async fn fetch(client: &mut Client, job: Option<&JobName>) -> Result<StatusReply> {
+    let request = StatusRequest {
+        job: job.map(|j| j.to_string()).unwrap_or_default(),
+    };
+    Ok(client.status(request).await.map_err(status_error)?.into_inner())
+}
+
+/// The table, per job.
+pub fn format_status(reply: &StatusReply) -> String {
+    let mut out = String::new();
+    for (i, job) in reply.jobs.iter().enumerate() {
+        if i > 0 {
+            out.push('\n');
+        }
+        format_job(&mut out, job);
+    }
+    if reply.jobs.is_empty() {
+        out.push_str("no jobs\n");
+    }
+    out
+}
+
+fn format_job(out: &mut String, job: &JobStatus) {
+    let _ = writeln!(out, "== {} (storage: {})", job.job, or_unknown(&job.storage));
+    if job.storage == "copy" {
+        out.push_str("storage: copy, not CoW (filesystem without reflink)\n");
+    }
+    let header = ["Date (UTC)", "ID", "Size", "Sent", "Duration", "Tags", "Trust"];
+    let rows: Vec<[String; 7]> = job.revisions.iter().map(row).collect();
+    table(out, &header, &rows);
+    if rows.is_empty() {
+        out.push_str("(no revisions)\n");
+    }
+    out.push_str("== Summary\n");
+    let _ = writeln!(
+        out,
+        "{} revision{}, {} data (estimated: bytes written), {} allocated",
+        rows.len(),
+        if rows.len() == 1 { "" } else { "s" },
+        format_bytes(data_bytes(job)),
+        format_bytes(job.allocated_bytes)
+    );
+    if job.running {
+        out.push_str("a push is running\n");
+    }
+    if !job.schedule.is_empty() {
+        let _ = writeln!(out, "schedule: {}", job.schedule);
+        if job.sla_ok {
+            out.push_str("SLA: OK\n");
+        } else if job.revisions.is_empty() {
+            out.push_str("SLA: TOO OLD (no revisions yet)\n");
+        } else {
+            let overdue = u64::try_from(job.sla_overdue_secs).unwrap_or(0);
+            let _ = writeln!(out, "SLA: TOO OLD (overdue {})", human_secs(overdue));
+        }
+        if !job.next_due.is_empty() {
+            let _ = writeln!(
+                out,
+                "next: {} ({})",
+                utc_time(&job.next_due),
+                job.next_tags.join(",")
+            );
+        }
+    }
+    if job.failures > 0 {
+        let _ = writeln!(out, "failures: {} in a row", job.failures);
+    }
+    if !job.last_error.is_empty() {
+        let _ = writeln!(out, "last error: {}", job.last_error);
+    }
+}
+
+fn row(r: &RevisionInfo) -> [String; 7] {
+    [
+        utc_time(&r.timestamp),
+        if r.short_id.is_empty() {
+            r.id.clone()
+        } else {
+            r.short_id.clone()
+        },
+        format_bytes(r.size),
+        format_bytes(r.bytes_received),
+        format!("{:.0}s", r.duration_secs),
+        r.tags.join(","),
+        r.trust.clone(),
+    ]
+}
+
+/// Left-aligned columns two spaces apart, the last one unpadded.
+fn table<const N: usize>(out: &mut String, header: &[&str; N], rows: &[[String; N]]) {
+    let mut widths = header.map(|h| h.chars().count());
+    for r in rows {
+        for (w, cell) in widths.iter_mut().zip(r) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let mut line = |cells: &mut dyn Iterator<Item = &str>| {
+        let mut text = String::new();
+        for (i, cell) in cells.enumerate() {
+            if i + 1 < N {
+                let _ = write!(text, "{cell:<width$}  ", width = widths[i]);
+            } else {
+                text.push_str(cell);
+            }
+        }
+        out.push_str(text.trim_end());
+        out.push('\n');
+    };
+    line(&mut header.iter().copied());
+    for r in rows {
+        line(&mut r.iter().map(String::as_str));
+    }
+}
+
+/// `2026-11-28 10:07:51` from RFC 3339; unparsable text as it came.
+fn utc_time(rfc3339: &str) -> String {
+    DateTime::parse_from_rfc3339(rfc3339)
+        .map(|t| t.with_timezone(&Utc).format("%Y-%m-%d %H:%M:%S").to_string())
+        .unwrap_or_else(|_| rfc3339.to_string())
+}
+
+/// `45s`, `12m`, `3h`, `2d 4h`: the two largest units.
+pub fn human_secs(secs: u64) -> String {
+    const UNITS: [(&str, u64); 4] = [("d", 86400), ("h", 3600), ("m", 60), ("s", 1)];
+    let mut parts = Vec::new();
+    let mut rest = secs;
+    for (name, len) in UNITS {
+        if rest >= len {
+            parts.push(format!("{}{name}", rest / len));
+            rest %= len;
+        } else if !parts.is_empty() {
+            // Keep the two units adjacent: "2d 0h" would read oddly.
+            break;
+        }
+        if parts.len() == 2 {
+            break;
+        }
+    }
+    if parts.is_empty() {
+        "0s".to_string()
+    } else {
+        parts.join(" ")
+    }
+}
+
+fn or_unknown(s: &str) -> &str {
+    if s.is_empty() {
+        "unknown"
+    } else {
+        s
+    }
+}
+
+/// Estimated data of a job: what each revision wrote.
+fn data_bytes(job: &JobStatus) -> u64 {
+    job.revisions.iter().map(|r| r.bytes_written).sum()
+}
+
+/// `status --json`.
+#[derive(Debug, Serialize, PartialEq)]
+pub struct StatusView {
+    pub jobs: Vec<JobView>,
+}
+
+#[derive(Debug, Serialize, PartialEq)]
+pub struct JobView {
+    pub job: String,
+    pub storage: String,
+    pub allocated_bytes: u64,
+    /// Sum of the revisions' bytes written.
+    pub data_bytes: u64,
+    pub running: bool,
+    /// `null` (like the SLA and next fields) when the job has no schedule.
+    pub schedule: Option<String>,
+    pub sla_ok: Option<bool>,
+    pub sla_overdue_secs: Option<i64>,
+    pub next_due: Option<String>,
+    pub next_tags: Vec<String>,
+    pub failures: u32,
+    pub last_error: Option<String>,
+    /// Oldest first.
+    pub revisions: Vec<RevisionView>,
+}
+
+impl From<&StatusReply> for StatusView {
+    fn from(reply: &StatusReply) -> Self {
+        StatusView {
+            jobs: reply.jobs.iter().map(JobView::from).collect(),
+        }
+    }
+}
+
+impl From<&JobStatus> for JobView {
+    fn from(j: &JobStatus) -> Self {
+        let scheduled = !j.schedule.is_empty();
+        JobView {
+            job: j.job.clone(),
+            storage: j.storage.clone(),
+            allocated_bytes: j.allocated_bytes,
+            data_bytes: data_bytes(j),
+            running: j.running,
+            schedule: non_empty(&j.schedule),
+            sla_ok: scheduled.then_some(j.sla_ok),
+            sla_overdue_secs: scheduled.then_some(j.sla_overdue_secs),
+            next_due: non_empty(&j.next_due),
+            next_tags: j.next_tags.clone(),
+            failures: j.failures,
+            last_error: non_empty(&j.last_error),
+            revisions: j.revisions.iter().map(RevisionView::from).collect(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rev(short: &str, time: &str, size: u64, sent: u64, secs: f64, tags: &[&str]) -> RevisionInfo {
+        RevisionInfo {
+            id: format!("uuid-{short}"),
+            short_id: short.into(),
+            timestamp: time.into(),
+            size,
+            bytes_received: sent,
+            bytes_written: sent,
+            duration_secs: secs,
+            tags: tags.iter().map(|t| t.to_string()).collect(),
+            trust: "trusted".into(),
+            storage: "reflink".into(),
+            ..RevisionInfo::default()
+        }
+    }
+
+    fn sample() -> StatusReply {
+        StatusReply {
+            jobs: vec![
+                JobStatus {
+                    job: "vm1".into(),
+                    revisions: vec![
+                        rev(
+                            "3xkM1",
+                            "2026-11-28T10:07:51Z",
+                            20 << 30,
+                            20 << 30,
+                            252.4,
+                            &["daily", "weekly"],
+                        ),
+                        rev(
+                            "4abc2",
+                            "2026-11-29T10:07:51+00:00",
+                            20 << 30,
+                            20 << 20,
+                            3.0,
+                            &["daily"],
+                        ),
+                    ],
+                    storage: "reflink".into(),
+                    allocated_bytes: 21 << 30,
+                    ..JobStatus::default()
+                },
+                JobStatus {
+                    job: "vm2".into(),
+                    storage: "copy".into(),
+                    schedule: "default".into(),
+                    sla_ok: false,
+                    sla_overdue_secs: 3 * 3600 + 5,
+                    next_due: "2026-11-30T00:00:00Z".into(),
+                    next_tags: vec!["daily".into(), "weekly".into()],
+                    failures: 2,
+                    last_error: "cannot open /dev/x".into(),
+                    running: true,
+                    ..JobStatus::default()
+                },
+            ],
+        }
+    }
+
+    #[test]
+    fn table_text() {
+        let want = "\
+== vm1 (storage: reflink)
+Date (UTC)           ID     Size       Sent       Duration  Tags          Trust
+2026-11-28 10:07:51  3xkM1  20.00 GiB  20.00 GiB  252s      daily,weekly  trusted
+2026-11-29 10:07:51  4abc2  20.00 GiB  20.00 MiB  3s        daily         trusted
+== Summary
+2 revisions, 20.02 GiB data (estimated: bytes written), 21.00 GiB allocated
+
+== vm2 (storage: copy)
+storage: copy, not CoW (filesystem without reflink)
+Date (UTC)  ID  Size  Sent  Duration  Tags  Trust
+(no revisions)
+== Summary
+0 revisions, 0 B data (estimated: bytes written), 0 B allocated
+a push is running
+schedule: default
+SLA: TOO OLD (no revisions yet)
+next: 2026-11-30 00:00:00 (daily,weekly)
+failures: 2 in a row
+last error: cannot open /dev/x
+";
+        assert_eq!(format_status(&sample()), want);
+        assert_eq!(format_status(&StatusReply::default()), "no jobs\n");
+    }
+
+    #[test]
+    fn overdue_sla() {
+        let reply = StatusReply {
+            jobs: vec![JobStatus {
+                job: "vm3".into(),
+                revisions: vec![rev("5xyz", "2026-11-01T00:00:00Z", 1, 1, 1.0, &["daily"])],
+                schedule: "default".into(),
+                sla_overdue_secs: 2 * 86400 + 5 * 3600,
+                ..JobStatus::default()
+            }],
+        };
+        let text = format_status(&reply);
+        assert!(text.contains("\nSLA: TOO OLD (overdue 2d 5h)\n"), "{text}");
+        assert!(!text.contains("next:"), "{text}");
+    }
+
+    #[test]
+    fn json_keys_are_stable() {
+        let v = serde_json::to_value(StatusView::from(&sample())).unwrap();
+        let vm1 = &v["jobs"][0];
+        assert_eq!(vm1["job"], "vm1");
+        assert_eq!(vm1["data_bytes"], (20u64 << 30) + (20 << 20));
+        assert!(vm1["schedule"].is_null() && vm1["sla_ok"].is_null());
+        assert_eq!(vm1["revisions"][0]["short_id"], "3xkM1");
+        assert_eq!(
+            vm1["revisions"][0]["tags"],
+            serde_json::json!(["daily", "weekly"])
+        );
+        assert!(vm1["revisions"][0]["parent_id"].is_null());
+        let vm2 = &v["jobs"][1];
+        assert_eq!(vm2["sla_ok"], false);
+        assert_eq!(vm2["sla_overdue_secs"], 3 * 3600 + 5);
+        assert_eq!(vm2["last_error"], "cannot open /dev/x");
+    }
+
+    #[test]
+    fn human_durations() {
+        for (secs, want) in [
+            (0, "0s"),
+            (45, "45s"),
+            (60, "1m"),
+            (3 * 3600 + 5, "3h"),
+            (3 * 3600 + 120, "3h 2m"),
+            (2 * 86400 + 4 * 3600 + 9, "2d 4h"),
+            (86400 + 60, "1d"),
+        ] {
+            assert_eq!(human_secs(secs), want, "{secs}");
+        }
+    }
+}
