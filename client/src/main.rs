@@ -2,6 +2,8 @@
 //! the runtime, runs one command, and turns its outcome into output and an
 //! exit status (0 success, 1 error with a one-line reason on stderr).
 
+mod agent;
+mod check;
 mod connect;
 #[cfg(test)]
 mod fake_server;
@@ -11,6 +13,7 @@ mod manifest;
 mod progress;
 mod push;
 mod restore;
+mod revisions;
 mod scan;
 mod settings;
 mod source;
@@ -73,6 +76,102 @@ enum Command {
     Push(PushCmd),
     Restore(RestoreCmd),
     Status(StatusCmd),
+    Verify(VerifyCmd),
+    Distrust(RevisionsCmd),
+    Tags(TagsCmd),
+    Forget(RevisionsCmd),
+    Check(CheckCmd),
+    Agent(AgentCmd),
+}
+
+/// Re-read stored revisions on the server and compare every block with
+/// the manifest; marks them verified or distrusted. Exit 1 if any is damaged.
+#[derive(Args, Debug)]
+#[command(after_help = "\
+Examples:
+  backy-client verify vm1                 the newest revision
+  backy-client verify vm1 -r all          every revision")]
+struct VerifyCmd {
+    /// Job name
+    #[arg(value_name = "JOB", value_parser = parse_job)]
+    job: JobName,
+
+    /// Revisions to verify (a spec, or all)
+    #[arg(short, long, value_name = "SPEC", default_value = "latest")]
+    revision: String,
+}
+
+/// Name revisions of a job (distrust, forget).
+#[derive(Args, Debug)]
+#[command(after_help = "\
+Examples:
+  backy-client distrust vm1 -r latest     never use it as a parent again
+  backy-client forget vm1 -r 3xKq9v       delete it from the server")]
+struct RevisionsCmd {
+    /// Job name
+    #[arg(value_name = "JOB", value_parser = parse_job)]
+    job: JobName,
+
+    /// Revisions (a spec, or all)
+    #[arg(short, long, value_name = "SPEC")]
+    revision: String,
+}
+
+/// Change the tags of revisions. Tags starting with manual: never expire.
+#[derive(Args, Debug)]
+#[command(after_help = "\
+Examples:
+  backy-client tags vm1 -r latest add manual:before-upgrade
+  backy-client tags vm1 -r 2 set daily,weekly
+  backy-client tags vm1 -r all remove manual:before-upgrade")]
+struct TagsCmd {
+    /// Job name
+    #[arg(value_name = "JOB", value_parser = parse_job)]
+    job: JobName,
+
+    /// Revisions (a spec, or all)
+    #[arg(short, long, value_name = "SPEC")]
+    revision: String,
+
+    /// What to do
+    #[arg(value_enum)]
+    action: revisions::TagAction,
+
+    /// Comma-separated tags
+    #[arg(value_name = "TAGS", value_delimiter = ',')]
+    tags: Vec<String>,
+}
+
+/// Monitoring probe: exit 0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN (Nagios).
+#[derive(Args, Debug)]
+#[command(after_help = "\
+CRITICAL when a job's newest trusted revision is older than 1.5 x its
+shortest interval; WARNING for distrusted revisions or failing pushes;
+UNKNOWN when the server cannot be asked.
+
+Examples:
+  backy-client check
+  backy-client check vm1")]
+struct CheckCmd {
+    /// Job name [default: all jobs]
+    #[arg(value_name = "JOB", value_parser = parse_job)]
+    job: Option<JobName>,
+}
+
+/// Run on a hypervisor: receive orders from the server when this client's
+/// jobs are due and run the pushes; reconnects when the server goes away.
+#[derive(Args, Debug)]
+#[command(after_help = "\
+Examples:
+  backy-client agent --name hv01 --workers 2")]
+struct AgentCmd {
+    /// The client identity whose jobs this agent runs [default: the host name]
+    #[arg(long, value_name = "NAME")]
+    name: Option<String>,
+
+    /// Pushes run at the same time
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=64))]
+    workers: u32,
 }
 
 /// Back up a job's disk if a backup is due; exits silently when none is.
@@ -163,8 +262,18 @@ fn main() -> ExitCode {
         }
     };
     init_logging(cli.verbose);
+    let is_check = matches!(cli.command, Command::Check(_));
     match run(cli) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => ExitCode::from(code),
+        Err(e) if is_check => {
+            // A monitoring probe that cannot ask is UNKNOWN, not an error.
+            let reason = format!("{e:#}");
+            println!(
+                "BACKY UNKNOWN: {}",
+                reason.split_whitespace().collect::<Vec<_>>().join(" ")
+            );
+            ExitCode::from(check::State::Unknown as u8)
+        }
         Err(e) => {
             let reason = format!("{e:#}");
             eprintln!(
@@ -190,7 +299,7 @@ fn init_logging(verbose: u8) {
         .init();
 }
 
-fn run(cli: Cli) -> anyhow::Result<()> {
+fn run(cli: Cli) -> anyhow::Result<u8> {
     let config = settings::load(cli.config.as_deref())?;
     let url = settings::server_url(cli.server.as_deref(), &config);
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -209,7 +318,21 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     result
 }
 
-async fn dispatch(cli: &Cli, url: &str) -> anyhow::Result<()> {
+/// Runs the command; returns the exit status.
+async fn dispatch(cli: &Cli, url: &str) -> anyhow::Result<u8> {
+    if let Command::Agent(cmd) = &cli.command {
+        // The agent connects (and reconnects) by itself: the server may be
+        // down when it starts.
+        let name = match &cmd.name {
+            Some(n) => n.clone(),
+            None => std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .context("reading the host name; give --name")?
+                .trim()
+                .to_string(),
+        };
+        agent::run(url, &name, cmd.workers).await?;
+        return Ok(0);
+    }
     let show_progress = progress::wanted(cli.json);
     let mut client = connect::connect(url).await?;
     match &cli.command {
@@ -243,8 +366,35 @@ async fn dispatch(cli: &Cli, url: &str) -> anyhow::Result<()> {
                 print_out(&status::format_status(&reply))?;
             }
         }
+        Command::Verify(cmd) => {
+            let verified = revisions::verify(&mut client, &cmd.job, &cmd.revision).await?;
+            print_result(cli.json, &verified)?;
+            if !verified.all_ok() {
+                return Ok(1);
+            }
+        }
+        Command::Distrust(cmd) => {
+            let changed = revisions::distrust(&mut client, &cmd.job, &cmd.revision).await?;
+            print_result(cli.json, &changed)?;
+        }
+        Command::Forget(cmd) => {
+            let changed = revisions::forget(&mut client, &cmd.job, &cmd.revision).await?;
+            print_result(cli.json, &changed)?;
+        }
+        Command::Tags(cmd) => {
+            let changed =
+                revisions::tags(&mut client, &cmd.job, &cmd.revision, cmd.action, &cmd.tags).await?;
+            print_result(cli.json, &changed)?;
+        }
+        Command::Check(cmd) => {
+            let reply = status::fetch(&mut client, cmd.job.as_ref()).await?;
+            let (state, line) = check::evaluate(&reply);
+            print_out(&format!("{line}\n"))?;
+            return Ok(state as u8);
+        }
+        Command::Agent(_) => anyhow::bail!("internal error: the agent is not run over a shared connection"),
     }
-    Ok(())
+    Ok(0)
 }
 
 /// A command's one-line result, or its JSON.

@@ -93,6 +93,37 @@ impl Drop for LoopFs {
     }
 }
 
+/// Starts `backy-server` and waits until it listens; returns its URL.
+fn spawn_server(config_path: &Path) -> (Child, String) {
+    let mut child = Command::new(bin("backy-server"))
+        .arg("--config")
+        .arg(config_path)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("starting backy-server");
+    // The server logs "listening on ADDR" once bound; read until then,
+    // then keep draining stderr so the server never blocks on it.
+    let stderr = child.stderr.take().expect("stderr");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut tx = Some(tx);
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            eprintln!("[server] {line}");
+            if let Some(addr) = line.split("listening on ").nth(1) {
+                if let Some(tx) = tx.take() {
+                    let _ = tx.send(addr.trim().to_string());
+                }
+            }
+        }
+    });
+    let addr = rx
+        .recv_timeout(Duration::from_secs(30))
+        .expect("backy-server did not start listening");
+    (child, format!("http://{addr}"))
+}
+
 /// A running `backy-server` on an ephemeral loopback port; killed on drop.
 pub struct Server {
     child: Child,
@@ -116,35 +147,10 @@ impl Server {
     }
 
     fn start_with_config(config_path: PathBuf, base: &Path, dir: tempfile::TempDir) -> Self {
-        let mut child = Command::new(bin("backy-server"))
-            .arg("--config")
-            .arg(&config_path)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("starting backy-server");
-        // The server logs "listening on ADDR" once bound; read until then,
-        // then keep draining stderr so the server never blocks on it.
-        let stderr = child.stderr.take().expect("stderr");
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let mut tx = Some(tx);
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                eprintln!("[server] {line}");
-                if let Some(addr) = line.split("listening on ").nth(1) {
-                    if let Some(tx) = tx.take() {
-                        let _ = tx.send(addr.trim().to_string());
-                    }
-                }
-            }
-        });
-        let addr = rx
-            .recv_timeout(Duration::from_secs(30))
-            .expect("backy-server did not start listening");
+        let (child, url) = spawn_server(&config_path);
         Server {
             child,
-            url: format!("http://{addr}"),
+            url,
             base: base.to_path_buf(),
             config_path,
             _dir: dir,
@@ -334,5 +340,67 @@ pub fn wait_for(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
     while !cond() {
         assert!(Instant::now() < deadline, "timed out waiting for {what}");
         std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A free loopback port (for servers that must come back on the same
+/// address after a restart).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+impl Server {
+    /// Starts a server from a complete config text (`BASE` is replaced by
+    /// the base dir).
+    pub fn start_config(base: &Path, config: &str) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config_path = dir.path().join("server.yaml");
+        std::fs::write(&config_path, config.replace("BASE", &base.display().to_string()))
+            .expect("write config");
+        Self::start_with_config(config_path, base, dir)
+    }
+
+    /// Starts the server again (after [`Server::kill`]) with the same config.
+    pub fn restart(&mut self) {
+        self.kill();
+        let (child, url) = spawn_server(&self.config_path);
+        self.child = child;
+        self.url = url;
+    }
+}
+
+/// A background `backy-client` process (e.g. an agent); killed on drop.
+pub struct Agent {
+    child: Child,
+}
+
+impl Agent {
+    pub fn start(url: &str, args: &[&str]) -> Self {
+        let mut child = Command::new(bin("backy-client"))
+            .arg("--server")
+            .arg(url)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("starting backy-client agent");
+        let stderr = child.stderr.take().expect("stderr");
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                eprintln!("[agent] {line}");
+            }
+        });
+        Agent { child }
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }

@@ -1,0 +1,259 @@
+//! Server-owned schedules end to end: agents for two client identities
+//! receive orders when their jobs are due, expiry removes exactly what it
+//! should from disk, status shows SLA and next due, and a server killed
+//! mid-run loses nothing while the agents reconnect.
+
+mod support;
+
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::time::Duration;
+use support::*;
+
+const CONFIG: &str = "
+listen: 127.0.0.1:PORT
+base-dir: BASE
+schedules:
+  fast:
+    often: {interval: 2s, keep: 2}
+    rarely: {interval: 6s, keep: 1}
+jobs:
+  vm1: {schedule: fast, client: hv01, source: {type: file, path: IMG1}}
+  vm2: {schedule: fast, client: hv02, source: {type: file, path: IMG2}}
+  vm3: {schedule: fast, client: nobody, source: {type: file, path: IMG1}}
+";
+
+fn ids(server: &Server, job: &str) -> Vec<String> {
+    server
+        .revisions(job)
+        .iter()
+        .map(|r| r["short_id"].as_str().unwrap().to_string())
+        .collect()
+}
+
+/// Every listed revision has its image, manifest and metadata, and no file
+/// in the job directory belongs to anything unlisted.
+fn assert_files_match_listing(base: &Path, job: &str, listed: &[String]) {
+    let mut want: BTreeSet<String> = BTreeSet::new();
+    for id in listed {
+        want.insert(id.clone());
+        want.insert(format!("{id}.digests"));
+        want.insert(format!("{id}.rev"));
+    }
+    let have: BTreeSet<String> = std::fs::read_dir(base.join(job))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|n| !n.starts_with('.') && n != "latest")
+        .collect();
+    assert_eq!(have, want, "{job}: files on disk vs listed revisions");
+}
+
+#[test]
+fn agents_back_up_when_due_and_expiry_keeps_what_the_schedule_says() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("store");
+    let img1 = dir.path().join("vm1.img");
+    let img2 = dir.path().join("vm2.img");
+    make_image(&img1, 64 * MIB, &[(0, MIB), (10 * MIB, 3 * MIB)]);
+    make_image(&img2, 32 * MIB, &[(5 * MIB, 2 * MIB)]);
+    let port = free_port();
+    let config = CONFIG
+        .replace("PORT", &port.to_string())
+        .replace("IMG1", img1.to_str().unwrap())
+        .replace("IMG2", img2.to_str().unwrap());
+    let mut server = Server::start_config(&base, &config);
+
+    // Before any backup: SLA violated, due now.
+    let status = server.status_json("vm1");
+    assert_eq!(status["jobs"][0]["sla_ok"], false);
+
+    let _a1 = Agent::start(&server.url, &["agent", "--name", "hv01", "-vv"]);
+    let _a2 = Agent::start(&server.url, &["agent", "--name", "hv02", "--workers", "1"]);
+
+    // Collect every revision id ever listed while the agents work.
+    let mut seen: BTreeSet<String> = BTreeSet::new();
+    wait_for(
+        "six pushes of vm1 and three of vm2",
+        Duration::from_secs(90),
+        || {
+            seen.extend(ids(&server, "vm1"));
+            seen.extend(ids(&server, "vm2"));
+            seen.len() >= 9 && ids(&server, "vm2").len() >= 1
+        },
+    );
+
+    // The first backup carried every tag.
+    // Expiry keeps: "often" newest 2 plus those within 4 s, "rarely" the
+    // newest 1 plus those within 6 s; so vm1 never lists more than a few.
+    let listed = ids(&server, "vm1");
+    assert!(listed.len() <= 6, "expiry bounds the revisions kept: {listed:?}");
+    let vm1_seen: Vec<_> = seen
+        .iter()
+        .filter(|id| !ids(&server, "vm2").contains(id))
+        .collect();
+    assert!(vm1_seen.len() > listed.len(), "some revisions were expired");
+    for r in server.revisions("vm1") {
+        let tags: Vec<&str> = r["tags"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t.as_str().unwrap())
+            .collect();
+        assert!(!tags.is_empty(), "no revision is kept without tags: {r}");
+        assert!(
+            tags.iter().all(|t| ["often", "rarely"].contains(t)),
+            "only schedule tags: {tags:?}"
+        );
+    }
+    assert_files_match_listing(&base, "vm1", &listed);
+    // vm3 belongs to no connected agent: never backed up.
+    assert!(ids(&server, "vm3").is_empty(), "vm3 has no agent");
+
+    // Status: SLA OK, next due in the future with tags.
+    let status = server.status_json("vm1");
+    let job = &status["jobs"][0];
+    assert_eq!(job["sla_ok"], true, "{job}");
+    assert!(job["next_due"].as_str().is_some_and(|s| !s.is_empty()), "{job}");
+    assert!(!job["next_tags"].as_array().unwrap().is_empty(), "{job}");
+    let human = server.client_ok(&["status", "vm1"]);
+    assert!(human.contains("SLA: OK"), "{human}");
+
+    // Kill the server in the middle of the run; nothing committed is lost
+    // and the agents reconnect and carry on.
+    let before_kill: BTreeSet<String> = ids(&server, "vm2").into_iter().collect();
+    server.kill();
+    server.restart();
+    let mut after: BTreeSet<String> = BTreeSet::new();
+    wait_for("vm2 backed up after the restart", Duration::from_secs(60), || {
+        after = ids(&server, "vm2").into_iter().collect();
+        after.difference(&before_kill).count() >= 2
+    });
+    for job in ["vm1", "vm2"] {
+        let listed = ids(&server, job);
+        assert_files_match_listing(&base, job, &listed);
+        let partial: Vec<_> = std::fs::read_dir(base.join(job).join(".partial"))
+            .unwrap()
+            .collect();
+        // A push may be running right now; anything in .partial is its own.
+        assert!(
+            partial.len() <= 2,
+            "{job}: .partial holds only a running push: {partial:?}"
+        );
+        let verify = server.client(&["verify", job, "-r", "all"]);
+        let text = String::from_utf8_lossy(&verify.stdout);
+        assert!(
+            verify.status.success(),
+            "{job}: verify after restart:\n{text}\n{}",
+            String::from_utf8_lossy(&verify.stderr)
+        );
+    }
+    let check = server.client(&["check"]);
+    assert_eq!(
+        check.status.code(),
+        Some(2),
+        "vm3 was never backed up: CRITICAL; {}",
+        String::from_utf8_lossy(&check.stdout)
+    );
+}
+
+#[test]
+fn tags_forget_distrust_and_forced_pushes() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("store");
+    let img = dir.path().join("vm1.img");
+    make_image(&img, 40 * MIB, &[(0, 9 * MIB), (20 * MIB, MIB)]);
+    let config = "
+listen: 127.0.0.1:0
+base-dir: BASE
+schedules:
+  s: {daily: {interval: 1d, keep: 3}}
+jobs:
+  vm1: {schedule: s, source: {type: file, path: IMG}}
+"
+    .replace("IMG", img.to_str().unwrap());
+    let server = Server::start_config(&base, &config);
+    let src = img.to_str().unwrap();
+
+    // First push: due (no history) with all tags.
+    server.client_ok(&["push", "vm1"]);
+    let revs = server.revisions("vm1");
+    assert_eq!(revs.len(), 1);
+    assert_eq!(revs[0]["tags"], serde_json::json!(["daily"]));
+    // Not due again within the day: silent, exit 0, nothing pushed.
+    let out = server.client(&["push", "vm1"]);
+    assert!(out.status.success());
+    assert!(
+        out.stdout.is_empty() && out.stderr.is_empty(),
+        "not due is silent: {out:?}"
+    );
+    assert_eq!(server.revisions("vm1").len(), 1);
+    // Unknown tags without manual: are refused unless forced.
+    let out = server.client(&["push", "vm1", "--force", "--tags", "manual:keep,daily"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        server.revisions("vm1")[1]["tags"],
+        serde_json::json!(["daily", "manual:keep"])
+    );
+
+    // Tags: add, remove, set; an unknown revision is NOT_FOUND.
+    server.client_ok(&["tags", "vm1", "-r", "1", "add", "manual:x"]);
+    assert_eq!(
+        server.revisions("vm1")[0]["tags"],
+        serde_json::json!(["daily", "manual:x"])
+    );
+    server.client_ok(&["tags", "vm1", "-r", "1", "remove", "daily"]);
+    assert_eq!(
+        server.revisions("vm1")[0]["tags"],
+        serde_json::json!(["manual:x"])
+    );
+    let out = server.client(&["tags", "vm1", "-r", "nosuchrev", "add", "manual:y"]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("NOT_FOUND") && err.lines().count() == 1, "{err}");
+
+    // Distrust the newest: the next push does not use it as a parent and
+    // sends every non-zero block again.
+    server.client_ok(&["distrust", "vm1", "-r", "latest"]);
+    assert_eq!(server.revisions("vm1")[1]["trust"], "distrusted");
+    let check = server.client(&["check", "vm1"]);
+    assert_eq!(check.status.code(), Some(1), "distrusted revision: WARNING");
+    server.client_ok(&["push", "vm1", "--force", "--source", src]);
+    let revs = server.revisions("vm1");
+    assert_eq!(revs.len(), 3);
+    assert_eq!(
+        revs[2]["parent_id"],
+        serde_json::Value::Null,
+        "full push after distrust"
+    );
+    assert_eq!(
+        revs[2]["bytes_received"],
+        12 * MIB,
+        "all non-zero blocks sent again"
+    );
+
+    // Verify finds a flipped byte, marks the revision distrusted, exits 1.
+    let newest = revs[2]["short_id"].as_str().unwrap().to_string();
+    let stored = base.join("vm1").join(&newest);
+    let mut byte = [0u8; 1];
+    std::os::unix::fs::FileExt::read_exact_at(&std::fs::File::open(&stored).unwrap(), &mut byte, 5 * MIB + 7)
+        .unwrap();
+    write_at(&stored, 5 * MIB + 7, &[byte[0] ^ 0xff]);
+    let out = server.client(&["verify", "vm1", "-r", &newest]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(
+        text.contains("DAMAGED") && text.contains(&(4 * MIB).to_string()),
+        "{text}"
+    );
+    assert_eq!(server.revisions("vm1")[2]["trust"], "distrusted");
+    // The first revision verifies clean and becomes "verified".
+    let out = server.client_ok(&["verify", "vm1", "-r", "2"]);
+    assert!(out.contains("OK"), "{out}");
+    assert_eq!(server.revisions("vm1")[0]["trust"], "verified");
+
+    // Forget removes the revision and its files.
+    server.client_ok(&["forget", "vm1", "-r", &newest]);
+    assert_eq!(server.revisions("vm1").len(), 2);
+    assert!(!stored.exists());
+    assert_files_match_listing(&base, "vm1", &ids(&server, "vm1"));
+}
