@@ -211,12 +211,21 @@ jobs:
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("NOT_FOUND") && err.lines().count() == 1, "{err}");
 
-    // Distrust the newest: the next push does not use it as a parent and
-    // sends every non-zero block again.
+    // Distrusted revisions are never parents: with every revision
+    // distrusted the next push is a full one and sends every non-zero block
+    // again.
     server.client_ok(&["distrust", "vm1", "-r", "latest"]);
-    assert_eq!(server.revisions("vm1")[1]["trust"], "distrusted");
     let check = server.client(&["check", "vm1"]);
-    assert_eq!(check.status.code(), Some(1), "distrusted revision: WARNING");
+    assert_eq!(check.status.code(), Some(1), "a distrusted revision: WARNING");
+    assert!(String::from_utf8_lossy(&check.stdout).starts_with("BACKY WARNING: vm1: 1 distrusted"));
+    server.client_ok(&["distrust", "vm1", "-r", "all"]);
+    assert!(server.revisions("vm1").iter().all(|r| r["trust"] == "distrusted"));
+    let check = server.client(&["check", "vm1"]);
+    assert_eq!(
+        check.status.code(),
+        Some(2),
+        "no trusted revision: SLA violated, CRITICAL"
+    );
     server.client_ok(&["push", "vm1", "--force", "--source", src]);
     let revs = server.revisions("vm1");
     assert_eq!(revs.len(), 3);
@@ -227,7 +236,7 @@ jobs:
     );
     assert_eq!(
         revs[2]["bytes_received"],
-        12 * MIB,
+        16 * MIB,
         "all non-zero blocks sent again"
     );
 
@@ -246,7 +255,7 @@ jobs:
         "{text}"
     );
     assert_eq!(server.revisions("vm1")[2]["trust"], "distrusted");
-    // The first revision verifies clean and becomes "verified".
+    // The first revision verifies clean: trust restored as "verified".
     let out = server.client_ok(&["verify", "vm1", "-r", "2"]);
     assert!(out.contains("OK"), "{out}");
     assert_eq!(server.revisions("vm1")[0]["trust"], "verified");
