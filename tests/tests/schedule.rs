@@ -78,7 +78,7 @@ fn agents_back_up_when_due_and_expiry_keeps_what_the_schedule_says() {
         || {
             seen.extend(ids(&server, "vm1"));
             seen.extend(ids(&server, "vm2"));
-            seen.len() >= 9 && ids(&server, "vm2").len() >= 1
+            seen.len() >= 9 && !ids(&server, "vm2").is_empty()
         },
     );
 
