@@ -14,7 +14,7 @@ use backy_common::manifest::{check_block_size, Manifest};
 use backy_common::revision::check_tag;
 use backy_common::source::SourceSpec;
 use backy_common::units::format_bytes;
-use backy_common::{Error, JobName, Result, RevisionId};
+use backy_common::{fault, Error, JobName, Result, RevisionId};
 use backy_proto::push_frame::Frame;
 use backy_proto::{PlanReply, PlanRequest, PushBegin, PushEnd, PushFrame, PushReply, RevisionInfo};
 use serde::Serialize;
@@ -95,11 +95,13 @@ pub async fn push(client: &mut Client, args: &PushArgs, show_progress: bool) -> 
     }
     tracing::info!(job, reason = %plan.reason, tags = ?plan.tags, parent = %plan.parent_id, "due");
     check_plan(&plan)?;
+    fault::point("client.planned");
 
     let spec = source_spec(job, args.source.as_deref(), &plan.source_json)?;
     let mut source = source::open(&spec)?;
     let size = source.size();
     let baseline = baseline(client, job, &plan, size).await?;
+    fault::point("client.manifest");
 
     let begin = PushBegin {
         job: job.to_string(),
@@ -129,6 +131,7 @@ pub async fn push(client: &mut Client, args: &PushArgs, show_progress: bool) -> 
     });
     let rpc = client.push(ReceiverStream::new(rx));
     let joined = join(reader, rpc).await;
+    fault::point("client.replied");
     bar.finish_and_clear();
     let (scanned, reply) = joined?;
     tracing::info!(
@@ -206,8 +209,11 @@ fn read_source(
     progress: impl FnMut(u64),
 ) -> Result<Scanned> {
     let send = |frame| {
-        tx.blocking_send(PushFrame { frame: Some(frame) })
-            .map_err(|_| Error::unavailable(STREAM_CLOSED))
+        let sent = tx
+            .blocking_send(PushFrame { frame: Some(frame) })
+            .map_err(|_| Error::unavailable(STREAM_CLOSED));
+        fault::point("client.frame");
+        sent
     };
     // Known changes are relative to the parent's snapshot: without a parent
     // everything is compared with zeros.
@@ -217,6 +223,7 @@ fn read_source(
         None
     };
     let scanned = scan::scan(source, baseline, changed, send, progress)?;
+    fault::point("client.before-end");
     send(Frame::End(PushEnd {
         stream_checksum: scanned.checksum.to_vec(),
         manifest_digest: scanned.manifest.file_digest().to_vec(),

@@ -5,6 +5,7 @@
 pub mod checksum;
 pub mod config;
 pub mod error;
+pub mod fault;
 pub mod id;
 pub mod job;
 pub mod manifest;

@@ -4,7 +4,7 @@
 use crate::state::Server;
 use crate::storage::{NewRevision, NewRevisionSpec, PushEnd};
 use backy_common::revision::{check_tag, is_manual_tag, RevisionMeta, SourceInfo};
-use backy_common::{Error, Result, RevisionId, DEFAULT_BLOCK_SIZE};
+use backy_common::{fault, Error, Result, RevisionId, DEFAULT_BLOCK_SIZE};
 use backy_proto::PushBegin;
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -52,10 +52,14 @@ pub fn run(
     }
     let tags = check_tags(&begin.tags, config.schedule_of(job_cfg), begin.force)?;
 
+    if server.job_runtime(job.name()).push.is_some() {
+        return Err(Error::busy(format!("job {} is busy: another push is running", job.name())));
+    }
     let _lock = job.lock()?;
     for p in job.clean_leftovers()? {
         tracing::info!(job = %job.name(), "removed leftover {}", p.display());
     }
+    fault::point("push.locked");
     let revs = job.revisions()?;
     if revs.iter().any(|r| r.id == id) {
         return Err(Error::exists(format!(
@@ -98,10 +102,17 @@ pub fn run(
         },
     };
     let mut rev = NewRevision::create(&job, spec, parent, server.storage_mode)?;
+    fault::point("push.cloned");
     let meta = loop {
         match rx.blocking_recv() {
-            Some(Step::Data(offset, data)) => rev.data(offset, &data)?,
-            Some(Step::Zero(offset, len)) => rev.zero(offset, len)?,
+            Some(Step::Data(offset, data)) => {
+                rev.data(offset, &data)?;
+                fault::point("push.frame");
+            }
+            Some(Step::Zero(offset, len)) => {
+                rev.zero(offset, len)?;
+                fault::point("push.frame");
+            }
             Some(Step::End(end)) => break rev.commit(&end)?,
             None => {
                 return Err(Error::unavailable(
@@ -110,6 +121,7 @@ pub fn run(
             }
         }
     };
+    fault::point("push.committed");
     let expired = match config.schedule_of(job_cfg) {
         Some(schedule) => crate::schedule::expire_locked(&server, &job, schedule)?,
         None => {

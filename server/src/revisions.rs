@@ -36,6 +36,15 @@ pub fn update_meta(
     Ok(meta)
 }
 
+/// The job lock for a change to stored revisions; refused at once while a
+/// push runs (it may take hours), waited for behind short maintenance.
+fn lock_unless_pushing(server: &Server, job: &JobDir) -> Result<crate::storage::lock::JobLock> {
+    if server.job_runtime(job.name()).push.is_some() {
+        return Err(Error::busy(format!("job {} is busy: a push is running; try again later", job.name())));
+    }
+    job.lock()
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum TagAction {
     Set,
@@ -54,7 +63,7 @@ pub fn tags(
     for t in tags {
         check_tag(t)?;
     }
-    let _lock = job.lock()?;
+    let _lock = lock_unless_pushing(server, job)?;
     let tags: BTreeSet<String> = tags.iter().cloned().collect();
     let mut out = Vec::new();
     for meta in select(job, spec)? {
@@ -71,7 +80,7 @@ pub fn tags(
 /// Deletes the selected revisions, under the job lock; refuses revisions
 /// in use by a restore or as the base of a push.
 pub fn forget(server: &Server, job: &JobDir, spec: &str) -> Result<Vec<RevisionMeta>> {
-    let _lock = job.lock()?;
+    let _lock = lock_unless_pushing(server, job)?;
     let selected = select(job, spec)?;
     let protected = server.protected(job.name());
     if let Some(busy) = selected.iter().find(|m| protected.contains(&m.id)) {

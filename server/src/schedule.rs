@@ -6,7 +6,7 @@ use crate::storage::JobDir;
 use backy_common::config::Schedule;
 use backy_common::revision::RevisionMeta;
 use backy_common::schedule::{self, DueState, FailureState};
-use backy_common::{Result, RevisionId};
+use backy_common::{fault, Result, RevisionId};
 use chrono::Utc;
 
 /// The due state of a scheduled job now.
@@ -35,6 +35,7 @@ pub fn expire_locked(server: &Server, job: &JobDir, schedule: &Schedule) -> Resu
             if let Some(tags) = plan.kept.get(&meta.id) {
                 let m = crate::revisions::update_meta(server, job, &meta.id, |m| m.tags = tags.clone())?;
                 tracing::info!(job = %job.name(), rev = %m.id, "expiry: tags now {:?}", m.tags);
+                fault::point("expiry.retagged");
             }
         }
     }
@@ -43,6 +44,7 @@ pub fn expire_locked(server: &Server, job: &JobDir, schedule: &Schedule) -> Resu
         job.delete(id)?;
         tracing::info!(job = %job.name(), rev = %id, "expiry: deleted revision");
         deleted.push(*id);
+        fault::point("expiry.deleted");
     }
     job.update_latest()?;
     Ok(deleted)
@@ -56,7 +58,10 @@ pub fn expire_all(server: &Server) {
             continue;
         };
         let job = JobDir::new(&config.base_dir, name.clone());
-        let result = job.lock().and_then(|_lock| expire_locked(server, &job, schedule));
+        if server.job_runtime(name).push.is_some() {
+            continue; // expiry runs after the push's commit anyway
+        }
+        let result = job.try_lock().and_then(|_lock| expire_locked(server, &job, schedule));
         match result {
             Ok(_) => {}
             Err(e) if e.kind == backy_common::ErrorKind::Busy => {} // next round

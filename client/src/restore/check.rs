@@ -20,6 +20,10 @@ pub struct StreamCheck {
     block: blake3::Hasher,
     data_bytes: u64,
     ended: bool,
+    /// Record mismatching blocks instead of failing (restoring a revision
+    /// that is known to be damaged).
+    tolerant: bool,
+    bad_blocks: Vec<u64>,
 }
 
 impl StreamCheck {
@@ -31,7 +35,23 @@ impl StreamCheck {
             block: blake3::Hasher::new(),
             data_bytes: 0,
             ended: false,
+            tolerant: false,
+            bad_blocks: Vec::new(),
         }
+    }
+
+    /// A check that records mismatching blocks instead of failing: for a
+    /// distrusted revision, which is restored as far as it goes.
+    pub fn tolerant(manifest: Manifest, revision: &str) -> Self {
+        StreamCheck {
+            tolerant: true,
+            ..Self::new(manifest, revision)
+        }
+    }
+
+    /// Offsets of blocks that did not match (tolerant checks only).
+    pub fn bad_blocks(&self) -> &[u64] {
+        &self.bad_blocks
     }
 
     /// Offset up to which the image has arrived and been checked (up to the
@@ -80,7 +100,10 @@ impl StreamCheck {
             if at_block_start && block_end <= end {
                 let index = self.current_block();
                 if !self.manifest.is_zero(index) {
-                    return Err(self.mismatch(index));
+                    if !self.tolerant {
+                        return Err(self.mismatch(index));
+                    }
+                    self.bad_blocks.push(self.manifest.block_offset(index));
                 }
                 self.next = block_end;
                 continue;
@@ -156,7 +179,10 @@ impl StreamCheck {
             let digest = *self.block.finalize().as_bytes();
             self.block.reset();
             if self.manifest.get(index) != Some(&digest) {
-                return Err(self.mismatch(index));
+                if !self.tolerant {
+                    return Err(self.mismatch(index));
+                }
+                self.bad_blocks.push(self.manifest.block_offset(index));
             }
         }
         Ok(())
@@ -216,6 +242,23 @@ mod tests {
         c.data(3 * B + 50, &img[3 * B as usize + 50..]).unwrap();
         assert_eq!(c.position(), img.len() as u64);
         c.end(c.data_bytes()).unwrap();
+    }
+
+    #[test]
+    fn tolerant_check_records_damaged_blocks() {
+        let img = image();
+        let mut bad = img.clone();
+        bad[B as usize + 3] ^= 1;
+        let mut c = StreamCheck::tolerant(manifest(&img), "r");
+        c.zero(0, B).unwrap();
+        c.data(B, &bad[B as usize..2 * B as usize]).unwrap();
+        c.data(2 * B, &bad[2 * B as usize..3 * B as usize]).unwrap();
+        c.zero(3 * B, 100).unwrap(); // block 3 is not zero in the manifest
+        c.end(2 * B).unwrap();
+        assert_eq!(c.bad_blocks(), &[B, 3 * B]);
+        let mut strict = StreamCheck::new(manifest(&img), "r");
+        strict.zero(0, B).unwrap();
+        assert!(strict.data(B, &bad[B as usize..2 * B as usize]).is_err());
     }
 
     #[test]

@@ -45,6 +45,9 @@ pub struct Restored {
     pub target: PathBuf,
     pub data_bytes: u64,
     pub duration_secs: f64,
+    /// Offsets of blocks that did not match the manifest (only when a
+    /// distrusted revision was restored anyway).
+    pub damaged_blocks: Vec<u64>,
 }
 
 impl fmt::Display for Restored {
@@ -58,7 +61,16 @@ impl fmt::Display for Restored {
             format_bytes(self.data_bytes),
             self.target.display(),
             self.duration_secs
-        )
+        )?;
+        if !self.damaged_blocks.is_empty() {
+            write!(
+                f,
+                "\nwarning: {} blocks do not match the manifest (offsets {:?}): the revision is damaged there",
+                self.damaged_blocks.len(),
+                self.damaged_blocks
+            )?;
+        }
+        Ok(())
     }
 }
 
@@ -96,7 +108,17 @@ pub async fn restore(client: &mut Client, args: &RestoreArgs, show_progress: boo
     let bar = progress::bar(info.size, job, show_progress);
     let writer_bar = bar.clone();
     let (tx, rx) = mpsc::channel(FRAMES_IN_FLIGHT);
-    let check = StreamCheck::new(manifest, &short);
+    // A distrusted revision (a verify found damage) is still restored block
+    // by block, with a warning, rather than refused: it may be the best copy
+    // there is.
+    let check = if info.trust == "distrusted" {
+        eprintln!(
+            "backy-client: warning: revision {short} is distrusted; restoring it anyway and reporting damaged blocks"
+        );
+        StreamCheck::tolerant(manifest, &short)
+    } else {
+        StreamCheck::new(manifest, &short)
+    };
     let writer = tokio::task::spawn_blocking(move || {
         write_stream(rx, check, target, |pos| writer_bar.set_position(pos))
     });
@@ -108,13 +130,14 @@ pub async fn restore(client: &mut Client, args: &RestoreArgs, show_progress: boo
     bar.finish_and_clear();
     // A server error explains why the writer saw the stream end early.
     received?;
-    let data_bytes = written??;
+    let (data_bytes, damaged_blocks) = written??;
     Ok(Restored {
         job: job.to_string(),
         revision: RevisionView::from(&info),
         target: args.target.clone(),
         data_bytes,
         duration_secs: started.elapsed().as_secs_f64(),
+        damaged_blocks,
     })
 }
 
@@ -145,7 +168,7 @@ fn write_stream(
     mut check: StreamCheck,
     mut target: Target,
     mut progress: impl FnMut(u64),
-) -> Result<u64> {
+) -> Result<(u64, Vec<u64>)> {
     while let Some(frame) = rx.blocking_recv() {
         match frame {
             Frame::Data(d) => {
@@ -169,7 +192,7 @@ fn write_stream(
     }
     tracing::debug!(target = %target.path().display(), "restore complete, committing");
     target.commit()?;
-    Ok(check.data_bytes())
+    Ok((check.data_bytes(), check.bad_blocks().to_vec()))
 }
 
 #[cfg(test)]
@@ -215,7 +238,7 @@ mod tests {
         }
         drop(tx);
         let target = Target::open(path, img.len() as u64, false)?;
-        write_stream(rx, StreamCheck::new(manifest_of(img), "r"), target, |_| {})
+        write_stream(rx, StreamCheck::new(manifest_of(img), "r"), target, |_| {}).map(|(n, _)| n)
     }
 
     #[test]
@@ -264,6 +287,7 @@ mod tests {
             target: "/tmp/vm1.img".into(),
             data_bytes: 2 << 30,
             duration_secs: 1.23,
+            damaged_blocks: Vec::new(),
         };
         assert_eq!(
             r.to_string(),

@@ -5,12 +5,14 @@ use super::durable;
 use super::lock::JobLock;
 use backy_common::manifest::Manifest;
 use backy_common::revision::RevisionMeta;
-use backy_common::{Error, JobName, Result, RevisionId};
+use backy_common::{fault, Error, JobName, Result, RevisionId};
 use std::path::{Path, PathBuf};
 
 pub const PARTIAL_DIR: &str = ".partial";
 pub const LOCK_FILE: &str = ".lock";
 pub const LATEST_LINK: &str = "latest";
+/// How long a request waits for the job lock held by short maintenance.
+const LOCK_PATIENCE: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// Paths and committed state of one job.
 #[derive(Clone, Debug)]
@@ -56,8 +58,15 @@ impl JobDir {
         durable::create_dir(&self.partial_dir())
     }
 
-    /// Takes the job's lock (fails at once if held).
+    /// Takes the job's lock, waiting a little for short maintenance (expiry,
+    /// tag changes) to finish. Callers refuse at once when a push is running.
     pub fn lock(&self) -> Result<JobLock> {
+        self.ensure()?;
+        JobLock::acquire(&self.dir.join(LOCK_FILE), self.name.as_str(), LOCK_PATIENCE)
+    }
+
+    /// Takes the job's lock only if it is free now (background work).
+    pub fn try_lock(&self) -> Result<JobLock> {
         self.ensure()?;
         JobLock::try_acquire(&self.dir.join(LOCK_FILE), self.name.as_str())
     }
@@ -177,7 +186,9 @@ impl JobDir {
     pub fn delete(&self, id: &RevisionId) -> Result<()> {
         remove_path(&self.rev_path(id))?;
         durable::fsync_dir(&self.dir)?;
+        fault::point("delete.rev-removed");
         remove_path(&self.image_path(id))?;
+        fault::point("delete.image-removed");
         remove_path(&self.digests_path(id))?;
         durable::fsync_dir(&self.dir)
     }

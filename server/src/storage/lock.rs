@@ -1,7 +1,8 @@
 //! The per-job lock (`<job>/.lock`, flock): one writer per job at a time,
 //! across threads and processes alike.
 
-use backy_common::{Error, Result};
+use backy_common::{Error, ErrorKind, Result};
+use std::time::{Duration, Instant};
 use rustix::fs::FlockOperation;
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::OpenOptionsExt;
@@ -14,6 +15,21 @@ pub struct JobLock {
 }
 
 impl JobLock {
+    /// Takes the lock, waiting up to `patience` for a holder to finish (short
+    /// maintenance such as expiry or a tag change); then fails with
+    /// [`backy_common::ErrorKind::Busy`].
+    pub fn acquire(path: &Path, job: &str, patience: Duration) -> Result<Self> {
+        let deadline = Instant::now() + patience;
+        loop {
+            match Self::try_acquire(path, job) {
+                Err(e) if e.kind == ErrorKind::Busy && Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(20))
+                }
+                other => return other,
+            }
+        }
+    }
+
     /// Takes the lock or fails at once with [`backy_common::ErrorKind::Busy`].
     pub fn try_acquire(path: &Path, job: &str) -> Result<Self> {
         let file = OpenOptions::new()

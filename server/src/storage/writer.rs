@@ -8,7 +8,7 @@ use backy_common::checksum::StreamChecksum;
 use backy_common::manifest::{digest, Digest, Manifest};
 use backy_common::ranges::{blocks_of, Extent};
 use backy_common::revision::{RevisionMeta, SourceInfo, Stats, StorageMode, Trust};
-use backy_common::{Error, Result, RevisionId, MAX_FRAME_DATA};
+use backy_common::{fault, Error, Result, RevisionId, MAX_FRAME_DATA};
 use chrono::{DateTime, Utc};
 use rustix::fs::FallocateFlags;
 use std::collections::BTreeSet;
@@ -213,6 +213,7 @@ impl NewRevision {
             }
             manifest.set(block, d)?;
         }
+        fault::point("commit.digested");
         let manifest_bytes = manifest.encode();
         let manifest_digest = *blake3::hash(&manifest_bytes).as_bytes();
         if !end.manifest_digest.is_empty() && end.manifest_digest.as_slice() != manifest_digest {
@@ -223,13 +224,17 @@ impl NewRevision {
         self.file
             .sync_all()
             .map_err(|e| Error::io(format!("syncing {}", self.path.display()), e))?;
+        fault::point("commit.synced");
         self.stats.duration = self.started.elapsed().as_secs_f64();
 
         let id = self.spec.id;
         let partial_digests = self.job.partial_dir().join(format!("{}.digests", id.short()));
         durable::write_atomic(&partial_digests, &manifest_bytes)?;
+        fault::point("commit.digests-written");
         rename(&self.path, &self.job.image_path(&id))?;
+        fault::point("commit.image-moved");
         rename(&partial_digests, &self.job.digests_path(&id))?;
+        fault::point("commit.digests-moved");
         durable::fsync_dir(self.job.path())?;
         durable::fsync_dir(&self.job.partial_dir())?;
 
@@ -249,6 +254,7 @@ impl NewRevision {
         };
         durable::write_atomic(&self.job.rev_path(&id), meta.to_yaml()?.as_bytes())?;
         self.committed = true;
+        fault::point("commit.rev-written");
         Ok(meta)
     }
 }

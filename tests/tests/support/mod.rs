@@ -94,8 +94,9 @@ impl Drop for LoopFs {
 }
 
 /// Starts `backy-server` and waits until it listens; returns its URL.
-fn spawn_server(config_path: &Path) -> (Child, String) {
+fn spawn_server(config_path: &Path, env: &[(&str, &str)]) -> (Child, String) {
     let mut child = Command::new(bin("backy-server"))
+        .envs(env.iter().copied())
         .arg("--config")
         .arg(config_path)
         .stdin(Stdio::null())
@@ -147,7 +148,7 @@ impl Server {
     }
 
     fn start_with_config(config_path: PathBuf, base: &Path, dir: tempfile::TempDir) -> Self {
-        let (child, url) = spawn_server(&config_path);
+        let (child, url) = spawn_server(&config_path, &[]);
         Server {
             child,
             url,
@@ -164,7 +165,13 @@ impl Server {
 
     /// Runs `backy-client --server URL ARGS...`.
     pub fn client(&self, args: &[&str]) -> Output {
+        self.client_env(&[], args)
+    }
+
+    /// Runs `backy-client` with extra environment (e.g. `BACKY_FAULT`).
+    pub fn client_env(&self, env: &[(&str, &str)], args: &[&str]) -> Output {
         Command::new(bin("backy-client"))
+            .envs(env.iter().copied())
             .arg("--server")
             .arg(&self.url)
             .args(args)
@@ -365,10 +372,26 @@ impl Server {
 
     /// Starts the server again (after [`Server::kill`]) with the same config.
     pub fn restart(&mut self) {
+        self.restart_with_env(&[]);
+    }
+
+    /// Restarts with extra environment (e.g. `BACKY_FAULT`).
+    pub fn restart_with_env(&mut self, env: &[(&str, &str)]) {
         self.kill();
-        let (child, url) = spawn_server(&self.config_path);
+        let (child, url) = spawn_server(&self.config_path, env);
         self.child = child;
         self.url = url;
+    }
+
+    /// Waits for the server process to end by itself (e.g. at a fault
+    /// point); returns whether it was killed by a signal (abort).
+    pub fn wait_exit(&mut self) -> bool {
+        let mut status = None;
+        wait_for("backy-server to exit", Duration::from_secs(30), || {
+            status = self.child.try_wait().expect("waiting for backy-server");
+            status.is_some()
+        });
+        status.and_then(|s| std::os::unix::process::ExitStatusExt::signal(&s)).is_some()
     }
 }
 

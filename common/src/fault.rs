@@ -1,0 +1,41 @@
+//! Crash points for fault-injection tests. `BACKY_FAULT=name` aborts the
+//! process (as `kill -9` would: no unwinding, no cleanup) the first time it
+//! reaches the point `name`; `BACKY_FAULT=name@N` on the N-th time. Unset,
+//! each point costs one relaxed atomic load.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::OnceLock;
+
+struct Fault {
+    point: String,
+    nth: u64,
+    hits: AtomicU64,
+}
+
+fn configured() -> Option<&'static Fault> {
+    static FAULT: OnceLock<Option<Fault>> = OnceLock::new();
+    FAULT
+        .get_or_init(|| {
+            let spec = std::env::var("BACKY_FAULT").ok()?;
+            let (point, nth) = match spec.split_once('@') {
+                Some((p, n)) => (p.to_string(), n.parse().ok()?),
+                None => (spec, 1),
+            };
+            Some(Fault {
+                point,
+                nth,
+                hits: AtomicU64::new(0),
+            })
+        })
+        .as_ref()
+}
+
+/// A named crash point.
+pub fn point(name: &str) {
+    if let Some(f) = configured() {
+        if f.point == name && f.hits.fetch_add(1, Ordering::SeqCst) + 1 == f.nth {
+            eprintln!("BACKY_FAULT: aborting at {name}@{}", f.nth);
+            std::process::abort();
+        }
+    }
+}
