@@ -2,11 +2,11 @@
 //! across threads and processes alike.
 
 use backy_common::{Error, ErrorKind, Result};
-use std::time::{Duration, Instant};
 use rustix::fs::FlockOperation;
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
+use std::time::{Duration, Instant};
 
 /// Held while a job is being changed; released on drop.
 #[derive(Debug)]

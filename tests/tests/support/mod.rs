@@ -391,7 +391,9 @@ impl Server {
             status = self.child.try_wait().expect("waiting for backy-server");
             status.is_some()
         });
-        status.and_then(|s| std::os::unix::process::ExitStatusExt::signal(&s)).is_some()
+        status
+            .and_then(|s| std::os::unix::process::ExitStatusExt::signal(&s))
+            .is_some()
     }
 }
 
