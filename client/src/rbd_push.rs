@@ -579,3 +579,154 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'sta
         .await
         .map_err(|e| Error::internal(format!("blocking task failed: {e}")))?
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use backy_common::manifest::digest;
+    use backy_common::ErrorKind;
+
+    const BS: u32 = 64 << 10;
+
+    /// A v1 diff stream from `from` to `to` of an image of `size` bytes.
+    fn stream(size: u64, writes: &[(u64, Vec<u8>)], zeros: &[(u64, u64)]) -> Vec<u8> {
+        let mut s = b"rbd diff v1\n".to_vec();
+        for (tag, name) in [(b'f', "backy-a"), (b't', "backy-b")] {
+            s.push(tag);
+            s.extend_from_slice(&(name.len() as u32).to_le_bytes());
+            s.extend_from_slice(name.as_bytes());
+        }
+        s.push(b's');
+        s.extend_from_slice(&size.to_le_bytes());
+        for (off, data) in writes {
+            s.push(b'w');
+            s.extend_from_slice(&off.to_le_bytes());
+            s.extend_from_slice(&(data.len() as u64).to_le_bytes());
+            s.extend_from_slice(data);
+        }
+        for (off, len) in zeros {
+            s.push(b'z');
+            s.extend_from_slice(&off.to_le_bytes());
+            s.extend_from_slice(&len.to_le_bytes());
+        }
+        s.push(b'e');
+        s
+    }
+
+    /// Applies frames to an image, checking the stream checksum.
+    fn apply(image: &mut Vec<u8>, frames: &[Frame], checksum: [u8; 32]) {
+        let mut c = StreamChecksum::new();
+        for f in frames {
+            match f {
+                Frame::Data(d) => {
+                    c.data(d.offset, &d.data);
+                    image[d.offset as usize..d.offset as usize + d.data.len()].copy_from_slice(&d.data);
+                }
+                Frame::Zero(z) => {
+                    c.zero(z.offset, z.length);
+                    image[z.offset as usize..(z.offset + z.length) as usize].fill(0);
+                }
+                other => panic!("unexpected frame {other:?}"),
+            }
+        }
+        assert_eq!(c.finish(), checksum);
+    }
+
+    #[test]
+    fn incremental_sends_data_and_zero_ranges() {
+        let size = 4 * BS as u64;
+        let mut data = vec![0u8; 3 * PAGE];
+        data[PAGE + 5] = 9; // only the middle page holds data
+        let writes = vec![(1000, data.clone()), (size - 3, vec![1, 2, 3])];
+        let zeros = vec![(2 * BS as u64, BS as u64)];
+        let raw = stream(size, &writes, &zeros);
+        let mut diff = DiffReader::new(&raw[..]);
+        read_header(&mut diff, Some("backy-a"), "backy-b", size).unwrap();
+        let mut frames = Vec::new();
+        let (streamed, checksum) = incremental(&mut diff, &mut |f| Ok(frames.push(f)), |_| {}).unwrap();
+        assert_eq!(streamed.bytes_read, 3 * PAGE as u64 + 3);
+        assert_eq!(
+            streamed.bytes_sent,
+            PAGE as u64 + 3,
+            "zero pages are not sent as data"
+        );
+        let mut image = vec![7u8; size as usize];
+        let mut want = image.clone();
+        apply(&mut image, &frames, checksum);
+        want[1000..1000 + data.len()].copy_from_slice(&data);
+        want[size as usize - 3..].copy_from_slice(&[1, 2, 3]);
+        want[2 * BS as usize..3 * BS as usize].fill(0);
+        assert!(image == want);
+    }
+
+    #[test]
+    fn full_compares_blocks_with_the_parent() {
+        let size = 4 * BS as u64 + 100;
+        // The parent: block 0 as now, block 1 with data that is gone now.
+        let block0 = vec![5u8; BS as usize];
+        let mut parent = Manifest::zeroed(size, BS).unwrap();
+        parent.set(0, digest(&block0)).unwrap();
+        parent.set(1, digest(&vec![6u8; BS as usize])).unwrap();
+        let writes = vec![
+            (0, block0.clone()),
+            (3 * BS as u64 - 10, vec![8u8; 20]),
+            (size - 1, vec![1]),
+        ];
+        let raw = stream(size, &writes, &[]);
+        let mut diff = DiffReader::new(&raw[..]);
+        read_header(&mut diff, Some("backy-a"), "backy-b", size).unwrap();
+        let mut frames = Vec::new();
+        let (streamed, checksum) = full(&mut diff, parent, &mut |f| Ok(frames.push(f)), |_| {}).unwrap();
+        assert_eq!(streamed.bytes_read, BS as u64 + 21);
+        // Block 0 is unchanged, block 1 zeroed, blocks 2, 3 and the tail sent.
+        assert_eq!(streamed.bytes_sent, 2 * BS as u64 + 100);
+        let mut image = vec![0u8; size as usize];
+        image[..BS as usize].copy_from_slice(&block0);
+        image[BS as usize..2 * BS as usize].fill(6);
+        apply(&mut image, &frames, checksum);
+        let mut want = vec![0u8; size as usize];
+        want[..BS as usize].copy_from_slice(&block0);
+        want[3 * BS as usize - 10..3 * BS as usize + 10].fill(8);
+        want[size as usize - 1] = 1;
+        assert!(image == want);
+        let scanned = streamed.scanned.unwrap();
+        for b in 0..5 {
+            let o = b * BS as usize;
+            let end = (o + BS as usize).min(size as usize);
+            assert_eq!(
+                scanned.manifest.get(b as u64),
+                Some(&digest(&want[o..end])),
+                "block {b}"
+            );
+        }
+    }
+
+    #[test]
+    fn broken_streams_fail_before_the_end() {
+        let size = 2 * BS as u64;
+        let good = stream(size, &[(10, vec![1u8; 5000])], &[(BS as u64, 10)]);
+        for cut in [20, 60, 100, good.len() - 1] {
+            for is_full in [false, true] {
+                let mut diff = DiffReader::new(&good[..cut]);
+                let mut frames = 0;
+                let r = read_header(&mut diff, Some("backy-a"), "backy-b", size).and_then(|()| {
+                    let send = &mut |_| Ok(frames += 1);
+                    if is_full {
+                        full(&mut diff, Manifest::zeroed(size, BS).unwrap(), send, |_| {}).map(drop)
+                    } else {
+                        incremental(&mut diff, send, |_| {}).map(drop)
+                    }
+                });
+                let e = r.unwrap_err();
+                assert_eq!(e.kind, ErrorKind::DataLoss, "cut {cut}: {}", e.message);
+            }
+        }
+        // The wrong snapshots or size are refused.
+        let mut diff = DiffReader::new(&good[..]);
+        let e = read_header(&mut diff, None, "backy-b", size).unwrap_err();
+        assert!(e.message.contains("expected None"), "{}", e.message);
+        let mut diff = DiffReader::new(&good[..]);
+        let e = read_header(&mut diff, Some("backy-a"), "backy-b", size + 1).unwrap_err();
+        assert!(e.message.contains("size record says"), "{}", e.message);
+    }
+}

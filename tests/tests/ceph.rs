@@ -141,7 +141,11 @@ impl Drop for Image {
 
 /// A push with `--json`: (short id, bytes read, bytes sent).
 fn push_json(server: &Server, env: &[(&str, &str)], job: &str) -> (String, u64, u64) {
-    let out = server.client_env(env, &["push", job, "--force", "--json"]);
+    push_args(server, env, &["push", job, "--force", "--json"])
+}
+
+fn push_args(server: &Server, env: &[(&str, &str)], args: &[&str]) -> (String, u64, u64) {
+    let out = server.client_env(env, args);
     assert!(
         out.status.success(),
         "push failed: {}",
@@ -382,6 +386,7 @@ fn broken_diff_streams_and_failing_rbd_commit_nothing() {
         let path = fake_rbd(work.path(), script);
         let out = server.client_env(&[("PATH", &path)], &["push", "vm1", "--force"]);
         let err = String::from_utf8_lossy(&out.stderr);
+        println!("injected `{script}`: {}", err.trim());
         assert_eq!(out.status.code(), Some(1), "{script}: {err}");
         assert!(err.contains(want), "{script}: want {want:?} in: {err}");
         assert!(err.contains("nothing was committed"), "{err}");
@@ -412,8 +417,14 @@ fn broken_diff_streams_and_failing_rbd_commit_nothing() {
     assert_eq!(img.backy_snapshots(), [format!("backy-{id1}")]);
     std::fs::remove_file(format!("{}.fail", log.display())).unwrap();
 
-    // And the next good push is an incremental one.
-    let (id2, _, sent) = push_json(&server, &[], "vm1");
+    // And the next good push is an incremental one; this time with the
+    // source on the command line and the cluster from the environment.
+    let source = format!("rbd:{}", img.spec());
+    let (id2, _, sent) = push_args(
+        &server,
+        &[("CEPH_CONF", conf.to_str().unwrap())],
+        &["push", "vm1", "--force", "--json", "--source", &source],
+    );
     assert!(sent <= 2 * MIB + 64 * 1024, "sent {sent}");
     assert_eq!(img.backy_snapshots(), [format!("backy-{id2}")]);
     let export = work.path().join("export");
