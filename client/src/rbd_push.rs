@@ -614,7 +614,7 @@ mod tests {
     }
 
     /// Applies frames to an image, checking the stream checksum.
-    fn apply(image: &mut Vec<u8>, frames: &[Frame], checksum: [u8; 32]) {
+    fn apply(image: &mut [u8], frames: &[Frame], checksum: [u8; 32]) {
         let mut c = StreamChecksum::new();
         for f in frames {
             match f {
@@ -643,7 +643,15 @@ mod tests {
         let mut diff = DiffReader::new(&raw[..]);
         read_header(&mut diff, Some("backy-a"), "backy-b", size).unwrap();
         let mut frames = Vec::new();
-        let (streamed, checksum) = incremental(&mut diff, &mut |f| Ok(frames.push(f)), |_| {}).unwrap();
+        let (streamed, checksum) = incremental(
+            &mut diff,
+            &mut |f| {
+                frames.push(f);
+                Ok(())
+            },
+            |_| {},
+        )
+        .unwrap();
         assert_eq!(streamed.bytes_read, 3 * PAGE as u64 + 3);
         assert_eq!(
             streamed.bytes_sent,
@@ -676,7 +684,16 @@ mod tests {
         let mut diff = DiffReader::new(&raw[..]);
         read_header(&mut diff, Some("backy-a"), "backy-b", size).unwrap();
         let mut frames = Vec::new();
-        let (streamed, checksum) = full(&mut diff, parent, &mut |f| Ok(frames.push(f)), |_| {}).unwrap();
+        let (streamed, checksum) = full(
+            &mut diff,
+            parent,
+            &mut |f| {
+                frames.push(f);
+                Ok(())
+            },
+            |_| {},
+        )
+        .unwrap();
         assert_eq!(streamed.bytes_read, BS as u64 + 21);
         // Block 0 is unchanged, block 1 zeroed, blocks 2, 3 and the tail sent.
         assert_eq!(streamed.bytes_sent, 2 * BS as u64 + 100);
@@ -710,7 +727,10 @@ mod tests {
                 let mut diff = DiffReader::new(&good[..cut]);
                 let mut frames = 0;
                 let r = read_header(&mut diff, Some("backy-a"), "backy-b", size).and_then(|()| {
-                    let send = &mut |_| Ok(frames += 1);
+                    let send = &mut |_| {
+                        frames += 1;
+                        Ok(())
+                    };
                     if is_full {
                         full(&mut diff, Manifest::zeroed(size, BS).unwrap(), send, |_| {}).map(drop)
                     } else {
