@@ -12,6 +12,7 @@ mod flow_tests;
 mod manifest;
 mod progress;
 mod push;
+mod rbd_push;
 mod restore;
 mod revisions;
 mod scan;

@@ -27,11 +27,11 @@ use tokio_stream::wrappers::ReceiverStream;
 
 /// Frames in flight between the reader and the network: at most this many
 /// MiB of data wait in memory.
-const FRAMES_IN_FLIGHT: usize = 16;
+pub(crate) const FRAMES_IN_FLIGHT: usize = 16;
 
 /// The reader's error when the request stream is gone; the server's status
 /// then says why.
-const STREAM_CLOSED: &str = "push stream closed";
+pub(crate) const STREAM_CLOSED: &str = "push stream closed";
 
 #[derive(Debug, Clone)]
 pub struct PushArgs {
@@ -103,7 +103,12 @@ pub async fn push(client: &mut Client, args: &PushArgs, show_progress: bool) -> 
     fault::point("client.planned");
 
     let spec = source_spec(job, args.source.as_deref(), &plan.source_json)?;
-    let mut source = source::open(&spec)?;
+    if let SourceSpec::CephRbd { .. } = spec {
+        return crate::rbd_push::push(client, args, &plan, &spec, show_progress, started)
+            .await
+            .map(Some);
+    }
+    let mut source = source::open(&spec, job, &plan.new_id)?;
     let size = source.size();
     let resume = plan.resume && plan.resume_size == size;
     if plan.resume && !resume {
@@ -137,6 +142,7 @@ pub async fn push(client: &mut Client, args: &PushArgs, show_progress: bool) -> 
         source_snapshot: source.snapshot().to_string(),
         force: args.force,
         resume,
+        resumable: true,
     };
     let (tx, rx) = mpsc::channel(FRAMES_IN_FLIGHT);
     tx.send(PushFrame {
@@ -181,7 +187,7 @@ pub async fn push(client: &mut Client, args: &PushArgs, show_progress: bool) -> 
 }
 
 /// Waits for both sides of a push and decides whose error to report.
-async fn join<F>(mut reader: JoinHandle<Result<Scanned>>, rpc: F) -> Result<(Scanned, PushReply)>
+pub(crate) async fn join<T, F>(mut reader: JoinHandle<Result<T>>, rpc: F) -> Result<(T, PushReply)>
 where
     F: Future<Output = std::result::Result<tonic::Response<PushReply>, tonic::Status>>,
 {
@@ -221,7 +227,7 @@ where
     }
 }
 
-fn flatten(joined: std::result::Result<Result<Scanned>, JoinError>) -> Result<Scanned> {
+fn flatten<T>(joined: std::result::Result<Result<T>, JoinError>) -> Result<T> {
     joined.map_err(|e| Error::internal(format!("source reader failed: {e}")))?
 }
 
@@ -284,7 +290,12 @@ pub fn source_spec(job: &str, cli: Option<&str>, server_json: &str) -> Result<So
 /// What the source is compared with: the parent's manifest at the source's
 /// size, or all zeros for a full backup (the server starts it from an empty
 /// sparse file).
-async fn baseline(client: &mut Client, job: &str, plan: &PlanReply, size: u64) -> Result<Manifest> {
+pub(crate) async fn baseline(
+    client: &mut Client,
+    job: &str,
+    plan: &PlanReply,
+    size: u64,
+) -> Result<Manifest> {
     if plan.parent_id.is_empty() {
         return Manifest::zeroed(size, plan.block_size);
     }
@@ -313,7 +324,7 @@ pub fn rebase(mut parent: Manifest, block_size: u32, size: u64) -> Result<Manife
 
 /// The server's manifest must be the one we computed: otherwise the stored
 /// image is not the one we read.
-fn check_committed(revision: &RevisionInfo, scanned: &Scanned) -> Result<()> {
+pub(crate) fn check_committed(revision: &RevisionInfo, scanned: &Scanned) -> Result<()> {
     let ours = hex::encode(scanned.manifest.file_digest());
     if !revision.manifest_digest.is_empty() && !revision.manifest_digest.eq_ignore_ascii_case(&ours) {
         return Err(Error::data_loss(format!(

@@ -120,7 +120,7 @@ pub fn run(
             snapshot: begin.source_snapshot.clone(),
         },
     };
-    let checkpoint_every = config.resume.enabled.then_some(config.resume.checkpoint);
+    let checkpoint_every = (config.resume.enabled && begin.resumable).then_some(config.resume.checkpoint);
     let mut rev = match &resuming {
         Some(record) => {
             tracing::info!(job = %job.name(), rev = %id, checkpoint = record.checkpoint, "resuming push");

@@ -23,6 +23,7 @@ fn begin(job: &str, size: u64) -> Frame {
         source_snapshot: String::new(),
         force: false,
         resume: false,
+        resumable: false,
     })
 }
 
