@@ -52,6 +52,8 @@ pub struct Pushed {
     pub bytes_sent: u64,
     pub duration_secs: f64,
     pub expired: Vec<String>,
+    /// Where an interrupted push of this revision was resumed.
+    pub resumed_at: Option<u64>,
 }
 
 impl fmt::Display for Pushed {
@@ -65,6 +67,9 @@ impl fmt::Display for Pushed {
             format_bytes(self.bytes_sent),
             self.duration_secs
         )?;
+        if let Some(at) = self.resumed_at {
+            write!(f, " (resumed at {})", format_bytes(at))?;
+        }
         match self.expired.len() {
             0 => Ok(()),
             1 => write!(f, ", 1 old revision expired"),
@@ -105,7 +110,25 @@ pub async fn push(client: &mut Client, args: &PushArgs, show_progress: bool) -> 
     }
     let mut source = source::open(&spec, job, &plan.new_id)?;
     let size = source.size();
-    let baseline = baseline(client, job, &plan, size).await?;
+    let resume = plan.resume && plan.resume_size == size;
+    if plan.resume && !resume {
+        tracing::info!(
+            job,
+            "not resuming the interrupted push: it had {} bytes, the source now {size}",
+            plan.resume_size
+        );
+    }
+    let baseline = if resume {
+        tracing::info!(
+            job,
+            checkpoint = plan.resume_checkpoint,
+            "resuming interrupted push"
+        );
+        let (_, partial) = crate::manifest::fetch_resume(client, job, &plan.new_id).await?;
+        rebase(partial, plan.block_size, size)?
+    } else {
+        baseline(client, job, &plan, size).await?
+    };
     fault::point("client.manifest");
 
     let begin = PushBegin {
@@ -118,6 +141,7 @@ pub async fn push(client: &mut Client, args: &PushArgs, show_progress: bool) -> 
         source_type: source.kind().to_string(),
         source_snapshot: source.snapshot().to_string(),
         force: args.force,
+        resume,
     };
     let (tx, rx) = mpsc::channel(FRAMES_IN_FLIGHT);
     tx.send(PushFrame {
@@ -157,6 +181,7 @@ pub async fn push(client: &mut Client, args: &PushArgs, show_progress: bool) -> 
         bytes_sent: scanned.bytes_sent,
         duration_secs: started.elapsed().as_secs_f64(),
         expired: reply.expired,
+        resumed_at: resume.then_some(plan.resume_checkpoint),
     }))
 }
 
@@ -453,6 +478,7 @@ mod tests {
             bytes_sent: 42 << 20,
             duration_secs: 2.34,
             expired: vec!["a".into(), "b".into()],
+            resumed_at: None,
         };
         assert_eq!(
             pushed.to_string(),

@@ -108,6 +108,11 @@ pub async fn push(
 /// pre-snapshot hook, `rbd snap create`, post-snapshot hook (which runs
 /// whenever the pre-snapshot hook ran).
 fn take_snapshot(hooks: &mut HookRunner, rbd: &Rbd, snap: &str) -> Result<()> {
+    // A killed client can leave the snapshot of a revision id the server
+    // offers again (to resume): it is not the state to back up now.
+    if rbd.snapshots()?.iter().any(|s| s == snap) {
+        rbd.snap_remove(snap)?;
+    }
     let taken = hooks.pre_snapshot().and_then(|()| rbd.snap_create(snap));
     let post = hooks.post_snapshot();
     match (taken, post) {
@@ -173,6 +178,9 @@ async fn push_snapshot(
         source_type: "ceph-rbd".to_string(),
         source_snapshot: snap.to_string(),
         force: args.force,
+        // An interrupted rbd push left no snapshot to resume from (a failed
+        // push removes it): start over.
+        resume: false,
     };
     let (tx, rx) = mpsc::channel(FRAMES_IN_FLIGHT);
     tx.send(PushFrame {
@@ -221,6 +229,7 @@ async fn push_snapshot(
         bytes_sent: streamed.bytes_sent,
         duration_secs: started.elapsed().as_secs_f64(),
         expired: reply.expired,
+        resumed_at: None,
     })
 }
 
