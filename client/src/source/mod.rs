@@ -62,7 +62,10 @@ pub fn open(spec: &SourceSpec, job: &str, rev_id: &str) -> Result<Box<dyn Source
     let path = match spec {
         SourceSpec::File { path, .. } | SourceSpec::Block { path, .. } => path,
         SourceSpec::CephRbd { .. } => {
-            return Err(Error::internal("ceph-rbd sources are pushed by rbd_push"));
+            // Pushes read them as diffs (rbd_push); there is no block access.
+            return Err(Error::invalid(
+                "a ceph-rbd source cannot be read block by block (only files and block devices can)",
+            ));
         }
     };
     if spec.hooks().is_empty() {
