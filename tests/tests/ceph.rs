@@ -239,6 +239,18 @@ fn full_incremental_resize_lost_snapshot_and_restores() {
     );
     record(&mut revisions, &id2);
 
+    // verify --source reads the newest revision's own snapshot whole and
+    // finds it equal; the older revision's snapshot is gone (rotated).
+    let out = server.client_ok(&["verify", "vm1", "--source"]);
+    assert!(
+        out.contains(&format!("revision {id2}: all 11 blocks")) && out.contains("equal the source"),
+        "{out}"
+    );
+    let out = server.client(&["verify", "vm1", "-r", &id1, "--source"]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(&format!("backy-{id1} is gone")), "{err}");
+
     // Grow, write in the new part and at an old object's start.
     let grown = 13 * BLOCK + 12_288;
     img.resize(grown);
