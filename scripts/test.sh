@@ -40,3 +40,8 @@ cargo test --release --workspace "$@" 2>&1 | tee target/test-output.txt
 grep -E "^test result:" target/test-output.txt | awk '
   { for (i = 1; i <= NF; i++) { if ($i ~ /^passed/) p += $(i-1); if ($i ~ /^failed/) f += $(i-1); if ($i ~ /^ignored/) s += $(i-1) } }
   END { printf "all tests: %d passed, %d failed, %d skipped\n", p, f, s }'
+
+echo "== bench smoke (scripts/bench.sh --smoke: every step on a tiny image, no timing asserts)"
+command -v rsync >/dev/null && command -v restic >/dev/null && command -v borg >/dev/null ||
+  { export DEBIAN_FRONTEND=noninteractive; apt-get update -qq; apt-get install -y -qq --no-install-recommends rsync restic borgbackup >/dev/null; }
+python3 scripts/bench.py --smoke --json target/bench-smoke.json
