@@ -4,8 +4,10 @@
 
 pub mod clone;
 pub mod durable;
+pub mod flush;
 pub mod jobdir;
 pub mod lock;
+pub mod streamed;
 pub mod writer;
 
 pub use jobdir::JobDir;

@@ -3,7 +3,9 @@
 
 use super::clone::clone_or_copy;
 use super::durable;
+use super::flush::Flusher;
 use super::jobdir::JobDir;
+use super::streamed::Streamed;
 use backy_common::checksum::StreamChecksum;
 use backy_common::manifest::{digest, Digest, Manifest};
 use backy_common::ranges::{blocks_of, Extent};
@@ -45,6 +47,9 @@ pub struct NewRevision {
     file: File,
     path: PathBuf,
     touched: Bitmap,
+    /// Digests of blocks that arrived whole: not re-read at commit.
+    streamed: Streamed,
+    flusher: Flusher,
     checksum: StreamChecksum,
     stats: Stats,
     storage: StorageMode,
@@ -91,6 +96,8 @@ impl NewRevision {
             touched.set(b);
         }
         guard.0 = None;
+        let streamed = Streamed::new(baseline.clone());
+        let flusher = Flusher::new(&file);
         Ok(NewRevision {
             job: job.clone(),
             spec,
@@ -99,6 +106,8 @@ impl NewRevision {
             file,
             path,
             touched,
+            streamed,
+            flusher,
             checksum: StreamChecksum::new(),
             stats: Stats::default(),
             storage,
@@ -140,6 +149,8 @@ impl NewRevision {
         self.file
             .write_all_at(data, offset)
             .map_err(|e| Error::io(format!("writing {}", self.path.display()), e))?;
+        self.flusher.wrote(data.len() as u64);
+        self.streamed.data(offset, data)?;
         self.checksum.data(offset, data);
         self.stats.bytes_received += data.len() as u64;
         self.stats.bytes_written += data.len() as u64;
@@ -165,6 +176,7 @@ impl NewRevision {
                 ))
             }
         }
+        self.streamed.zero(extent)?;
         self.checksum.zero(offset, len);
         self.touch(extent);
         Ok(())
@@ -179,6 +191,7 @@ impl NewRevision {
                 .write_all_at(&zeros[..n], pos)
                 .map_err(|err| Error::io(format!("writing {}", self.path.display()), err))?;
             self.stats.bytes_written += n as u64;
+            self.flusher.wrote(n as u64);
             pos += n as u64;
         }
         Ok(())
@@ -190,8 +203,9 @@ impl NewRevision {
         }
     }
 
-    /// Checks the client's end-to-end checksums, recomputes the digests of
-    /// every touched block from the file, and commits: image and manifest
+    /// Checks the client's end-to-end checksums, takes the digests of every
+    /// touched block (from the data as it arrived when a block came whole,
+    /// else read back from the file), and commits: image and manifest
     /// moved into the job directory, then the `.rev` written last.
     pub fn commit(mut self, end: &PushEnd) -> Result<RevisionMeta> {
         if end.stream_checksum.as_slice() != self.checksum.finish() {
@@ -202,12 +216,17 @@ impl NewRevision {
         let mut manifest = self.baseline.clone();
         let mut buf = vec![0u8; self.spec.block_size as usize];
         for block in self.touched.iter() {
-            let len = manifest.block_len(block) as usize;
-            let offset = manifest.block_offset(block);
-            self.file
-                .read_exact_at(&mut buf[..len], offset)
-                .map_err(|e| Error::io(format!("reading back {}", self.path.display()), e))?;
-            let d: Digest = digest(&buf[..len]);
+            let d: Digest = match self.streamed.get(block) {
+                Some(d) => *d,
+                None => {
+                    let len = manifest.block_len(block) as usize;
+                    let offset = manifest.block_offset(block);
+                    self.file
+                        .read_exact_at(&mut buf[..len], offset)
+                        .map_err(|e| Error::io(format!("reading back {}", self.path.display()), e))?;
+                    digest(&buf[..len])
+                }
+            };
             if Some(&d) != self.baseline.get(block) {
                 self.stats.changed_blocks += 1;
             }
@@ -221,6 +240,7 @@ impl NewRevision {
                 "end-to-end check failed: the stored image's manifest differs from the client's",
             ));
         }
+        self.flusher.finish();
         self.file
             .sync_all()
             .map_err(|e| Error::io(format!("syncing {}", self.path.display()), e))?;
