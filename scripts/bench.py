@@ -267,6 +267,8 @@ def main():
     run(["mount", "-o", "loop", fs_img, mnt])
     server = None
     results = {}
+    with open("/proc/loadavg") as f:
+        load_at_start = f.read().split()[:3]
     try:
         img = os.path.join(mnt, "disk.img")
         log(f"generating a {args.size / GIB:.2f} GiB image, {args.data:.0%} data")
@@ -384,10 +386,10 @@ def main():
         subprocess.run(["umount", mnt])
         shutil.rmtree(work, ignore_errors=True)
 
-    report(args, results, changed_bytes, len(writes))
+    report(args, results, changed_bytes, len(writes), load_at_start)
 
 
-def machine():
+def machine(load_at_start):
     cpu = ""
     try:
         with open("/proc/cpuinfo") as f:
@@ -398,7 +400,7 @@ def machine():
         load = f.read().split()[:3]
     return {"cpu": cpu, "cores": os.cpu_count(), "kernel": platform.release(),
             "mem_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GIB, 1),
-            "loadavg_at_end": load, "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
+            "loadavg_at_start": load_at_start, "loadavg_at_end": load, "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
 
 
 def fmt_bytes(n):
@@ -410,7 +412,7 @@ def fmt_bytes(n):
     return f"{n} B"
 
 
-def report(args, results, changed_bytes, n_writes):
+def report(args, results, changed_bytes, n_writes, load_at_start):
     for r in results.values():
         r.pop("stdout", None)
     t = {k: r["wall_s"] for k, r in results.items()}
@@ -447,9 +449,9 @@ def report(args, results, changed_bytes, n_writes):
 
     print(f"\nbacky bench: {fmt_bytes(args.size)} image, {args.data:.0%} data, "
           f"{n_writes} changed ranges ({fmt_bytes(changed_bytes)}), btrfs loop fs, caches dropped before each step")
-    m = machine()
+    m = machine(load_at_start)
     print(f"machine: {m['cpu']}, {m['cores']} cores, {m['mem_gib']} GiB, kernel {m['kernel']}, "
-          f"load {' '.join(m['loadavg_at_end'])}, {m['date']}")
+          f"load {' '.join(m['loadavg_at_start'])} at start, {' '.join(m['loadavg_at_end'])} at end, {m['date']}")
     head = f"{'step':<22}{'wall s':>8}{'MB/s':>9}{'CPU s':>8}{'RSS MiB':>9}{'srv CPU':>9}{'srv RSS':>9}" \
            f"{'sent':>11}{'written':>11}"
     print(head)
