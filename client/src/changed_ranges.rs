@@ -141,6 +141,10 @@ impl Source for KnownChanges {
         self.inner.next_data(offset)
     }
 
+    fn will_need(&mut self, offset: u64, len: u64) {
+        self.inner.will_need(offset, len)
+    }
+
     fn changed_extents(&mut self) -> Result<Option<Vec<Extent>>> {
         Ok(self.changed.take())
     }

@@ -13,6 +13,7 @@ use backy_common::ranges::{blocks_of, coalesce, is_all_zero, Change, Extent};
 use backy_common::{Error, Result, MAX_FRAME_DATA};
 use backy_proto::push_frame::Frame;
 use backy_proto::{DataRange, ZeroRange};
+use std::collections::VecDeque;
 use std::sync::mpsc::{channel, sync_channel, Receiver, SyncSender};
 
 /// What a scan produced besides its frames.
@@ -240,6 +241,9 @@ pub fn scan<E: FnMut(Frame) -> Result<()>>(
 /// Blocks read ahead of the digesting and sending.
 const READ_AHEAD: usize = 4;
 
+/// Blocks the source is asked to fetch ahead of the reader.
+const PREFETCH: usize = 4;
+
 /// What the reader thread hands over, in block order.
 enum Read {
     /// A block in a hole: all zeros, not read.
@@ -267,13 +271,30 @@ fn block_digest(data: &[u8]) -> Digest {
 fn read_blocks(
     source: &mut dyn Source,
     geometry: &Manifest,
-    blocks: Box<dyn Iterator<Item = u64> + Send + '_>,
+    mut blocks: Box<dyn Iterator<Item = u64> + Send + '_>,
     out: SyncSender<Result<Read>>,
     free: Receiver<Vec<u8>>,
 ) {
     let mut region = None;
     let mut first = true;
-    for index in blocks {
+    // The next blocks to read; each is prefetched as it joins, PREFETCH
+    // blocks before it is read.
+    let mut upcoming = VecDeque::with_capacity(PREFETCH + 1);
+    loop {
+        while upcoming.len() <= PREFETCH {
+            let Some(next) = blocks.next() else { break };
+            upcoming.push_back(next);
+            let start = geometry.block_offset(next);
+            let end = start + geometry.block_len(next);
+            // Only its data: prefetching holes would fill the cache with zeros.
+            if let Ok(Some(r)) = source.next_data(start) {
+                let (from, to) = (r.offset.max(start), r.end().min(end));
+                if from < to {
+                    source.will_need(from, to - from);
+                }
+            }
+        }
+        let Some(index) = upcoming.pop_front() else { break };
         let offset = geometry.block_offset(index);
         let len = geometry.block_len(index);
         let read = (|| {
