@@ -1,7 +1,7 @@
 //! Block devices (LVM snapshots, loop devices, ...): read whole; a device
 //! has no holes to skip.
 
-use super::{forget_cached, prefetch, pread_exact, Source};
+use super::{forget_cached, pread_exact, prefetch, Source};
 use backy_common::{Error, Result};
 use std::fs::File;
 use std::io::{Seek, SeekFrom};

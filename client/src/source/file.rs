@@ -1,7 +1,7 @@
 //! Raw image files: read with positioned reads, holes found with
 //! `SEEK_DATA`/`SEEK_HOLE` so sparse images cost only their data.
 
-use super::{forget_cached, prefetch, pread_exact, Source};
+use super::{forget_cached, pread_exact, prefetch, Source};
 use backy_common::ranges::Extent;
 use backy_common::{Error, Result};
 use rustix::fs::SeekFrom;
