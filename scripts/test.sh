@@ -59,3 +59,8 @@ if [ "$status" != 0 ]; then
   grep -E "^test .* FAILED$" target/test-output.txt >&2 || true
   exit "$status"
 fi
+
+echo "== bench smoke (scripts/bench.sh --smoke: every step on a tiny image, no timing asserts)"
+command -v rsync >/dev/null && command -v restic >/dev/null && command -v borg >/dev/null ||
+  { export DEBIAN_FRONTEND=noninteractive; apt-get update -qq; apt-get install -y -qq --no-install-recommends rsync restic borgbackup >/dev/null; }
+python3 scripts/bench.py --smoke --json target/bench-smoke.json

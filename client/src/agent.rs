@@ -78,6 +78,7 @@ async fn run_order(mut client: Client, order: &AgentOrder) -> AgentOutcome {
             source: None,
             force: true,
             tags: order.tags.clone(),
+            changed_ranges: None,
         };
         push(&mut client, &args, false).await
     }

@@ -19,6 +19,7 @@ fn push_args(source: Option<&Path>) -> PushArgs {
         source: source.map(|p| p.display().to_string()),
         force: false,
         tags: Vec::new(),
+        changed_ranges: None,
     }
 }
 

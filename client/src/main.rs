@@ -3,6 +3,7 @@
 //! exit status (0 success, 1 error with a one-line reason on stderr).
 
 mod agent;
+mod changed_ranges;
 mod check;
 mod connect;
 #[cfg(test)]
@@ -195,7 +196,8 @@ struct AgentCmd {
 Examples:
   backy-client push vm1                                  source from the server config
   backy-client push vm1 --source /var/lib/vms/vm1.img    an image file (stop the VM first)
-  backy-client push vm1 --source /dev/vg/vm1-snap --force --tags manual:pre-upgrade")]
+  backy-client push vm1 --source /dev/vg/vm1-snap --force --tags manual:pre-upgrade
+  backy-client push vm1 --source /dev/vg/vm1-snap --changed-ranges /run/vm1.dirty")]
 struct PushCmd {
     /// Job name
     #[arg(value_name = "JOB", value_parser = parse_job)]
@@ -212,6 +214,11 @@ struct PushCmd {
     /// Tags of the new revision instead of the due ones (with --force)
     #[arg(long, value_name = "TAGS", value_delimiter = ',', requires = "force")]
     tags: Vec<String>,
+
+    /// Read only these byte ranges, changed since the parent revision: one
+    /// `OFFSET LENGTH` per line, decimal (from a dirty-block tracker)
+    #[arg(long, value_name = "FILE")]
+    changed_ranges: Option<PathBuf>,
 }
 
 /// Restore a revision to a file or block device, verified as it streams.
@@ -357,6 +364,7 @@ async fn dispatch(cli: &Cli, url: &str) -> anyhow::Result<u8> {
                 source: cmd.source.clone(),
                 force: cmd.force,
                 tags: cmd.tags.clone(),
+                changed_ranges: cmd.changed_ranges.clone(),
             };
             // Not due: nothing to say (DESIGN: exit silently).
             if let Some(pushed) = push::push(&mut client, &args, show_progress).await? {

@@ -41,6 +41,9 @@ pub struct PushArgs {
     pub source: Option<String>,
     pub force: bool,
     pub tags: Vec<String>,
+    /// A file of byte ranges changed since the parent revision: only the
+    /// blocks they touch are read (see [`crate::changed_ranges`]).
+    pub changed_ranges: Option<std::path::PathBuf>,
 }
 
 /// A committed push.
@@ -110,6 +113,16 @@ pub async fn push(client: &mut Client, args: &PushArgs, show_progress: bool) -> 
     }
     let mut source = source::open(&spec, job, &plan.new_id)?;
     let size = source.size();
+    if let Some(path) = &args.changed_ranges {
+        let changed = crate::changed_ranges::read(path, size)?;
+        if plan.parent_id.is_empty() {
+            tracing::info!(
+                job,
+                "no parent revision: a full backup reads everything, not just the changed ranges"
+            );
+        }
+        source = Box::new(crate::changed_ranges::KnownChanges::new(source, changed));
+    }
     let resume = plan.resume && plan.resume_size == size;
     if plan.resume && !resume {
         tracing::info!(

@@ -9,10 +9,12 @@
 use crate::source::Source;
 use backy_common::checksum::StreamChecksum;
 use backy_common::manifest::{zero_digest, Digest, Manifest};
-use backy_common::ranges::{blocks_of, classify, coalesce, Change, Extent};
+use backy_common::ranges::{blocks_of, coalesce, is_all_zero, Change, Extent};
 use backy_common::{Error, Result, MAX_FRAME_DATA};
 use backy_proto::push_frame::Frame;
 use backy_proto::{DataRange, ZeroRange};
+use std::collections::VecDeque;
+use std::sync::mpsc::{channel, sync_channel, Receiver, SyncSender};
 
 /// What a scan produced besides its frames.
 #[derive(Debug)]
@@ -69,6 +71,12 @@ impl<E: FnMut(Frame) -> Result<()>> Scanner<E> {
 
     /// A block read from the source; `data` is the whole block.
     pub fn block(&mut self, index: u64, data: &[u8]) -> Result<()> {
+        self.block_digested(index, data, block_digest(data))
+    }
+
+    /// A block read from the source with its digest (from
+    /// [`block_digest`], computed by the reader thread).
+    pub fn block_digested(&mut self, index: u64, data: &[u8], digest: Digest) -> Result<()> {
         let (offset, len) = self.visit(index)?;
         if data.len() as u64 != len {
             return Err(Error::internal(format!(
@@ -77,7 +85,13 @@ impl<E: FnMut(Frame) -> Result<()>> Scanner<E> {
             )));
         }
         self.bytes_read += len;
-        let (change, digest) = classify(data, self.manifest.get(index));
+        let change = if self.manifest.get(index) == Some(&digest) {
+            Change::Unchanged
+        } else if digest == self.zero_digest(len) {
+            Change::Zero
+        } else {
+            Change::Data
+        };
         self.manifest.set(index, digest)?;
         match change {
             Change::Unchanged => Ok(()),
@@ -89,11 +103,7 @@ impl<E: FnMut(Frame) -> Result<()>> Scanner<E> {
     /// A block the source knows to be all zeros (a hole), not read.
     pub fn hole(&mut self, index: u64) -> Result<()> {
         let (offset, len) = self.visit(index)?;
-        let digest = if len == self.manifest.block_size() as u64 {
-            self.full_zero
-        } else {
-            zero_digest(len)
-        };
+        let digest = self.zero_digest(len);
         if self.manifest.get(index) == Some(&digest) {
             return Ok(());
         }
@@ -125,6 +135,14 @@ impl<E: FnMut(Frame) -> Result<()>> Scanner<E> {
         }
         self.next_block = index + 1;
         Ok((self.manifest.block_offset(index), self.manifest.block_len(index)))
+    }
+
+    fn zero_digest(&self, len: u64) -> Digest {
+        if len == self.manifest.block_size() as u64 {
+            self.full_zero
+        } else {
+            zero_digest(len)
+        }
     }
 
     fn zero(&mut self, offset: u64, len: u64) -> Result<()> {
@@ -186,31 +204,119 @@ pub fn scan<E: FnMut(Frame) -> Result<()>>(
     }
     let block_size = baseline.block_size();
     let count = baseline.block_count();
-    let blocks: Box<dyn Iterator<Item = u64>> = match changed {
+    let blocks: Box<dyn Iterator<Item = u64> + Send> = match changed {
         None => Box::new(0..count),
         Some(extents) => Box::new(changed_blocks(extents, block_size, count)),
     };
+    let geometry = Manifest::zeroed(size, block_size)?;
     let mut scanner = Scanner::new(baseline, emit);
-    let mut buf = vec![0u8; block_size as usize];
-    let mut region = source.next_data(0)?;
-    for index in blocks {
-        let offset = scanner.manifest().block_offset(index);
-        let len = scanner.manifest().block_len(index);
-        let end = offset + len;
-        if region.is_some_and(|r| r.end() <= offset) {
-            region = source.next_data(offset)?;
+    // A reader thread keeps a few blocks read ahead while this one digests
+    // and sends: reading, hashing and the network overlap.
+    std::thread::scope(|threads| {
+        let (read_tx, read_rx) = sync_channel::<Result<Read>>(READ_AHEAD);
+        let (free_tx, free_rx) = channel::<Vec<u8>>();
+        threads.spawn(move || read_blocks(source, &geometry, blocks, read_tx, free_rx));
+        for read in read_rx {
+            match read? {
+                Read::Hole(index) => {
+                    scanner.hole(index)?;
+                    progress(scanner.manifest().block_offset(index) + scanner.manifest().block_len(index));
+                }
+                Read::Block(index, buf, digest) => {
+                    let len = scanner.manifest().block_len(index);
+                    scanner.block_digested(index, &buf[..len as usize], digest)?;
+                    progress(scanner.manifest().block_offset(index) + len);
+                    // The reader may have stopped; then the buffer just goes.
+                    let _ = free_tx.send(buf);
+                }
+            }
         }
-        let in_hole = region.is_none_or(|r| r.offset >= end);
-        if in_hole {
-            scanner.hole(index)?;
-        } else {
+        // Returning early (an error) drops the receivers first, which
+        // stops the reader at its next send.
+        scanner.finish()
+    })
+}
+
+/// Blocks read ahead of the digesting and sending.
+const READ_AHEAD: usize = 4;
+
+/// Blocks the source is asked to fetch ahead of the reader.
+const PREFETCH: usize = 4;
+
+/// What the reader thread hands over, in block order.
+enum Read {
+    /// A block in a hole: all zeros, not read.
+    Hole(u64),
+    /// A block's bytes (the buffer may be longer than the block) and digest.
+    Block(u64, Vec<u8>, Digest),
+}
+
+/// A block's digest: zero blocks get the known zero digest unhashed. One
+/// BLAKE3 thread (SIMD) per block: the pipeline's threads (reading and
+/// digesting, checksumming and framing, sending) keep the cores busy, where
+/// splitting single blocks across cores costs more in coordination than it
+/// saves on a small, shared machine.
+fn block_digest(data: &[u8]) -> Digest {
+    if is_all_zero(data) {
+        zero_digest(data.len() as u64)
+    } else {
+        *blake3::hash(data).as_bytes()
+    }
+}
+
+/// The reader thread: reads `blocks` in order (skipping holes), reusing
+/// buffers that come back through `free`. Stops at the first error (sent
+/// on) or when the receiver is gone.
+fn read_blocks(
+    source: &mut dyn Source,
+    geometry: &Manifest,
+    mut blocks: Box<dyn Iterator<Item = u64> + Send + '_>,
+    out: SyncSender<Result<Read>>,
+    free: Receiver<Vec<u8>>,
+) {
+    let mut region = None;
+    let mut first = true;
+    // The next blocks to read; each is prefetched as it joins, PREFETCH
+    // blocks before it is read.
+    let mut upcoming = VecDeque::with_capacity(PREFETCH + 1);
+    loop {
+        while upcoming.len() <= PREFETCH {
+            let Some(next) = blocks.next() else { break };
+            upcoming.push_back(next);
+            let start = geometry.block_offset(next);
+            let end = start + geometry.block_len(next);
+            // Only its data: prefetching holes would fill the cache with zeros.
+            if let Ok(Some(r)) = source.next_data(start) {
+                let (from, to) = (r.offset.max(start), r.end().min(end));
+                if from < to {
+                    source.will_need(from, to - from);
+                }
+            }
+        }
+        let Some(index) = upcoming.pop_front() else { break };
+        let offset = geometry.block_offset(index);
+        let len = geometry.block_len(index);
+        let read = (|| {
+            if first || region.is_some_and(|r: Extent| r.end() <= offset) {
+                region = source.next_data(offset)?;
+                first = false;
+            }
+            if region.is_none_or(|r| r.offset >= offset + len) {
+                return Ok(Read::Hole(index));
+            }
+            let mut buf = free
+                .try_recv()
+                .unwrap_or_else(|_| vec![0u8; geometry.block_size() as usize]);
             let block = &mut buf[..len as usize];
             source.read_at(offset, block)?;
-            scanner.block(index, block)?;
+            let digest = block_digest(block);
+            Ok(Read::Block(index, buf, digest))
+        })();
+        let failed = read.is_err();
+        if out.send(read).is_err() || failed {
+            return;
         }
-        progress(end);
     }
-    scanner.finish()
 }
 
 /// Blocks touched by a set of extents, ascending and each once.
@@ -460,7 +566,8 @@ mod tests {
         .unwrap_err();
         assert_eq!(e.message, "closed");
         assert_eq!(sent, 1);
-        assert_eq!(src.reads.len(), 1);
+        // The reader may be a few blocks ahead, never further.
+        assert!(src.reads.len() <= 2 + READ_AHEAD, "{:?}", src.reads);
     }
 
     #[test]

@@ -59,6 +59,11 @@ pub async fn serve(config: ServerConfig, mode: StorageMode, config_path: PathBuf
         .with_context(|| format!("listening on {addr}"))?;
     tracing::info!("listening on {}", listener.local_addr()?);
     tonic::transport::Server::builder()
+        // As the client: windows of several 1 MiB frames, large frames.
+        .tcp_nodelay(true)
+        .initial_stream_window_size(16 << 20)
+        .initial_connection_window_size(32 << 20)
+        .max_frame_size(1 << 20)
         .add_service(service)
         .serve_with_incoming_shutdown(
             tokio_stream::wrappers::TcpListenerStream::new(listener),

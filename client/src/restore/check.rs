@@ -78,11 +78,9 @@ impl StreamCheck {
         while !rest.is_empty() {
             let room = (self.block_end() - self.next) as usize;
             let (piece, tail) = rest.split_at(room.min(rest.len()));
-            if piece.len() >= 256 << 10 {
-                self.block.update_rayon(piece);
-            } else {
-                self.block.update(piece);
-            }
+            // One thread (SIMD): the network side decodes in parallel, and
+            // rayon's idle spinning costs more than it gains on 2 cores.
+            self.block.update(piece);
             self.advance(piece.len() as u64)?;
             rest = tail;
         }

@@ -1,7 +1,7 @@
 //! Block devices (LVM snapshots, loop devices, ...): read whole; a device
 //! has no holes to skip.
 
-use super::{forget_cached, pread_exact, Source};
+use super::{forget_cached, pread_exact, prefetch, Source};
 use backy_common::{Error, Result};
 use std::fs::File;
 use std::io::{Seek, SeekFrom};
@@ -44,5 +44,9 @@ impl Source for BlockSource {
         pread_exact(&self.file, &self.path, offset, buf)?;
         forget_cached(&self.file, offset, buf.len());
         Ok(())
+    }
+
+    fn will_need(&mut self, offset: u64, len: u64) {
+        prefetch(&self.file, offset, len);
     }
 }

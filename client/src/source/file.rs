@@ -1,7 +1,7 @@
 //! Raw image files: read with positioned reads, holes found with
 //! `SEEK_DATA`/`SEEK_HOLE` so sparse images cost only their data.
 
-use super::{forget_cached, pread_exact, Source};
+use super::{forget_cached, pread_exact, prefetch, Source};
 use backy_common::ranges::Extent;
 use backy_common::{Error, Result};
 use rustix::fs::SeekFrom;
@@ -43,6 +43,10 @@ impl Source for FileSource {
         pread_exact(&self.file, &self.path, offset, buf)?;
         forget_cached(&self.file, offset, buf.len());
         Ok(())
+    }
+
+    fn will_need(&mut self, offset: u64, len: u64) {
+        prefetch(&self.file, offset, len);
     }
 
     fn next_data(&mut self, offset: u64) -> Result<Option<Extent>> {

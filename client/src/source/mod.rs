@@ -47,6 +47,10 @@ pub trait Source: Send {
         }))
     }
 
+    /// A hint that `len` bytes at `offset` are read soon: sources that can
+    /// start fetching them in the background do (the default does nothing).
+    fn will_need(&mut self, _offset: u64, _len: u64) {}
+
     /// Extents that may differ from the parent revision's snapshot, when the
     /// source tracks them; `None`: unknown, so every block is compared.
     fn changed_extents(&mut self) -> Result<Option<Vec<Extent>>> {
@@ -158,6 +162,15 @@ fn pread_exact(file: &File, path: &Path, offset: u64, buf: &mut [u8]) -> Result<
             Error::io(format!("reading source {} at offset {offset}", path.display()), e)
         }
     })
+}
+
+/// Starts reading a range into the page cache in the background, beyond
+/// the kernel's readahead window, so several MiB are in flight.
+fn prefetch(file: &File, offset: u64, len: u64) {
+    if let Some(len) = std::num::NonZeroU64::new(len) {
+        // Advice only.
+        let _ = rustix::fs::fadvise(file, offset, Some(len), rustix::fs::Advice::WillNeed);
+    }
 }
 
 /// Drops pages we have read from the page cache: a backup reads every

@@ -4,9 +4,11 @@
 
 pub mod clone;
 pub mod durable;
+pub mod flush;
 pub mod jobdir;
 pub mod lock;
 pub mod resume;
+pub mod streamed;
 pub mod writer;
 
 pub use jobdir::JobDir;

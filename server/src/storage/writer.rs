@@ -3,7 +3,9 @@
 
 use super::clone::clone_or_copy;
 use super::durable;
+use super::flush::Flusher;
 use super::jobdir::JobDir;
+use super::streamed::Streamed;
 use backy_common::checksum::StreamChecksum;
 use backy_common::manifest::{digest, Digest, Manifest};
 use backy_common::ranges::{blocks_of, Extent};
@@ -52,6 +54,9 @@ pub struct NewRevision {
     path: PathBuf,
     /// Blocks written since their digest in `current` was taken.
     touched: Bitmap,
+    /// Digests of blocks that arrived whole: not re-read at commit.
+    streamed: Streamed,
+    flusher: Flusher,
     checksum: StreamChecksum,
     /// Frames must come in ascending order: the end of the last one.
     position: u64,
@@ -109,6 +114,8 @@ impl NewRevision {
         }
         guard.0 = None;
         let now = Utc::now();
+        let streamed = Streamed::new(baseline.clone());
+        let flusher = Flusher::new(&file);
         Ok(NewRevision {
             job: job.clone(),
             spec,
@@ -119,6 +126,8 @@ impl NewRevision {
             file,
             path,
             touched,
+            streamed,
+            flusher,
             checksum: StreamChecksum::new(),
             position: 0,
             checkpoint_every,
@@ -181,6 +190,8 @@ impl NewRevision {
             }
         }
         let now = Utc::now();
+        let streamed = Streamed::new(current.clone());
+        let flusher = Flusher::new(&file);
         Ok(NewRevision {
             job: job.clone(),
             spec,
@@ -191,6 +202,8 @@ impl NewRevision {
             file,
             path,
             touched,
+            streamed,
+            flusher,
             checksum: StreamChecksum::new(),
             position: 0,
             checkpoint_every,
@@ -245,6 +258,8 @@ impl NewRevision {
         self.file
             .write_all_at(data, offset)
             .map_err(|e| Error::io(format!("writing {}", self.path.display()), e))?;
+        self.flusher.wrote(data.len() as u64);
+        self.streamed.data(offset, data)?;
         self.checksum.data(offset, data);
         self.stats.bytes_received += data.len() as u64;
         self.stats.bytes_written += data.len() as u64;
@@ -265,12 +280,18 @@ impl NewRevision {
         let blocks: Vec<u64> = self.touched.iter().take_while(|&b| b < limit).collect();
         let mut buf = vec![0u8; self.spec.block_size as usize];
         for block in blocks {
-            let len = self.current.block_len(block) as usize;
-            let offset = self.current.block_offset(block);
-            self.file
-                .read_exact_at(&mut buf[..len], offset)
-                .map_err(|e| Error::io(format!("reading back {}", self.path.display()), e))?;
-            let d: Digest = digest(&buf[..len]);
+            // Blocks that arrived whole were digested as they came.
+            let d: Digest = match self.streamed.get(block) {
+                Some(d) => *d,
+                None => {
+                    let len = self.current.block_len(block) as usize;
+                    let offset = self.current.block_offset(block);
+                    self.file
+                        .read_exact_at(&mut buf[..len], offset)
+                        .map_err(|e| Error::io(format!("reading back {}", self.path.display()), e))?;
+                    digest(&buf[..len])
+                }
+            };
             if Some(&d) != self.baseline.get(block) && Some(&d) != self.current.get(block) {
                 self.stats.changed_blocks += 1;
             }
@@ -347,6 +368,7 @@ impl NewRevision {
                 ))
             }
         }
+        self.streamed.zero(extent)?;
         self.checksum.zero(offset, len);
         self.touch(extent);
         Ok(())
@@ -361,6 +383,7 @@ impl NewRevision {
                 .write_all_at(&zeros[..n], pos)
                 .map_err(|err| Error::io(format!("writing {}", self.path.display()), err))?;
             self.stats.bytes_written += n as u64;
+            self.flusher.wrote(n as u64);
             pos += n as u64;
         }
         Ok(())
@@ -372,8 +395,9 @@ impl NewRevision {
         }
     }
 
-    /// Checks the client's end-to-end checksums, recomputes the digests of
-    /// every touched block from the file, and commits: image and manifest
+    /// Checks the client's end-to-end checksums, takes the digests of every
+    /// touched block (from the data as it arrived when a block came whole,
+    /// else read back from the file), and commits: image and manifest
     /// moved into the job directory, then the `.rev` written last.
     pub fn commit(mut self, end: &PushEnd) -> Result<RevisionMeta> {
         if end.stream_checksum.as_slice() != self.checksum.finish() {
@@ -391,6 +415,7 @@ impl NewRevision {
                 "end-to-end check failed: the stored image's manifest differs from the client's",
             ));
         }
+        self.flusher.finish();
         self.file
             .sync_all()
             .map_err(|e| Error::io(format!("syncing {}", self.path.display()), e))?;

@@ -1,0 +1,481 @@
+#!/usr/bin/env python3
+"""backy benchmark: backy against the tools an operator would use instead,
+and against the physical reference points, on one btrfs loop filesystem.
+
+Run through scripts/bench.sh (which installs the tools and builds backy).
+Every measurement starts with a dropped page cache. Prints one table and
+writes the results as JSON.
+"""
+
+import argparse
+import json
+import os
+import platform
+import random
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+MIB = 1 << 20
+GIB = 1 << 30
+BLOCK = 4 * MIB
+
+
+def parse_size(text):
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)([KMGT]?)(?:i?B)?", text.strip(), re.I)
+    if not m:
+        raise argparse.ArgumentTypeError(f"bad size {text!r}: use e.g. 4G, 512M")
+    mult = {"": 1, "K": 1 << 10, "M": MIB, "G": GIB, "T": 1 << 40}[m.group(2).upper()]
+    return int(float(m.group(1)) * mult)
+
+
+def log(msg):
+    print(f"bench: {msg}", file=sys.stderr, flush=True)
+
+
+def run(cmd, **kw):
+    """Runs a setup command (not measured); fails loudly."""
+    r = subprocess.run(cmd, capture_output=True, text=True, **kw)
+    if r.returncode != 0:
+        raise SystemExit(f"bench: {' '.join(map(str, cmd))} failed ({r.returncode}):\n{r.stdout}{r.stderr}")
+    return r.stdout
+
+
+def drop_caches():
+    os.sync()
+    try:
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("3\n")
+    except OSError as e:
+        log(f"cannot drop caches ({e}): page-cache state not controlled")
+
+
+def allocated(path):
+    return os.stat(path).st_blocks * 512
+
+
+# ---------------------------------------------------------------- workload
+
+
+def make_image(path, size, data_fraction, seed):
+    """A sparse image: data runs of 1-64 MiB (64 KiB aligned) between holes,
+    `data_fraction` of it data. Returns the data extents."""
+    rng = random.Random(seed)
+    gen = random.Random(seed + 1)
+    extents = []
+    with open(path, "wb") as f:
+        f.truncate(size)
+        pos = 0
+        while pos < size:
+            run_len = rng.randrange(16, 1025) * 64 * 1024
+            is_data = rng.random() < data_fraction
+            end = min(size, pos + run_len)
+            if is_data:
+                f.seek(pos)
+                at = pos
+                while at < end:
+                    n = min(8 * MIB, end - at)
+                    f.write(gen.randbytes(n))
+                    at += n
+                extents.append((pos, end - pos))
+            pos = end
+    return extents
+
+
+def make_changes(size, change_fraction, seed):
+    """Scattered writes: one 4-64 KiB write (4 KiB aligned) into
+    `change_fraction` of the 4 MiB blocks, plus a few unaligned writes."""
+    rng = random.Random(seed)
+    blocks = (size + BLOCK - 1) // BLOCK
+    picked = rng.sample(range(blocks), max(1, round(blocks * change_fraction)))
+    writes = []
+    for b in sorted(picked):
+        blen = min(BLOCK, size - b * BLOCK)
+        length = min(blen, rng.randrange(1, 17) * 4096)
+        off = b * BLOCK + rng.randrange(0, (blen - length) // 4096 + 1) * 4096
+        writes.append((off, length))
+    for _ in range(5):
+        length = rng.randrange(1, 20000)
+        off = rng.randrange(0, size - length)
+        writes.append((off, length))
+    writes.sort()
+    return writes
+
+
+def apply_changes(path, writes, seed):
+    gen = random.Random(seed)
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        for off, length in writes:
+            os.pwrite(fd, gen.randbytes(length), off)
+    finally:
+        os.close(fd)
+
+
+def write_ranges_file(path, writes):
+    with open(path, "w") as f:
+        f.write("# offset length (bytes) of every range written since the parent\n")
+        for off, length in writes:
+            f.write(f"{off} {length}\n")
+
+
+# ---------------------------------------------------------------- measuring
+
+
+class Server:
+    """A backy-server process whose RSS peak and CPU time are read per phase."""
+
+    def __init__(self, binary, config, logfile):
+        self.log = open(logfile, "w")
+        self.proc = subprocess.Popen([binary, "--config", config], stdin=subprocess.DEVNULL,
+                                     stdout=self.log, stderr=self.log)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            with open(logfile) as f:
+                m = re.search(r"listening on (\S+)", f.read())
+            if m:
+                self.url = "http://" + re.sub(r"\x1b\[[0-9;]*m", "", m.group(1))
+                return
+            if self.proc.poll() is not None:
+                break
+            time.sleep(0.05)
+        raise SystemExit(f"bench: backy-server did not start; see {logfile}")
+
+    def reset(self):
+        with open(f"/proc/{self.proc.pid}/clear_refs", "w") as f:
+            f.write("5\n")  # resets VmHWM
+        self.cpu0 = self.cpu()
+
+    def cpu(self):
+        with open(f"/proc/{self.proc.pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def peak_rss(self):
+        with open(f"/proc/{self.proc.pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+        return 0
+
+    def stop(self):
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.log.close()
+
+
+def measure(name, cmd, source_size, server=None, env=None, shell=False, cache="drop"):
+    """Runs one measured command with a dropped page cache; returns a
+    result dict (wall time, throughput over the source size, CPU, RSS)."""
+    if cache == "drop":
+        drop_caches()
+    if server:
+        server.reset()
+    t0 = time.monotonic()
+    proc = subprocess.Popen(cmd, shell=shell, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env=env, text=True)
+    out, err = proc.communicate()
+    wall = time.monotonic() - t0
+    if proc.returncode != 0:
+        raise SystemExit(f"bench: {name} failed ({proc.returncode}):\n{out}{err}")
+    r = {
+        "name": name,
+        "wall_s": wall,
+        "mb_per_s": source_size / MIB / wall if wall > 0 else None,
+        "stdout": out,
+    }
+    if server:
+        r["server_cpu_s"] = server.cpu() - server.cpu0
+        r["server_peak_rss"] = server.peak_rss()
+    return r
+
+
+def timed(name, cmd, source_size, **kw):
+    """measure() plus client CPU time and peak RSS, via a wrapper that
+    reports the child's rusage (so peaks of earlier commands do not mask it)."""
+    wrapped = [sys.executable, os.path.abspath(__file__), "--rusage-of", "--"] + (
+        ["bash", "-c", cmd] if isinstance(cmd, str) else list(cmd))
+    r = measure(name, wrapped, source_size, **kw)
+    lines = r["stdout"].rstrip("\n").split("\n")
+    usage = json.loads(lines[-1])
+    r["stdout"] = "\n".join(lines[:-1])
+    r["cpu_s"] = usage["cpu_s"]
+    r["peak_rss"] = usage["peak_rss"]
+    return r
+
+
+def rusage_of(argv):
+    """--rusage-of: run argv, forward its output, print its rusage as JSON."""
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.execvp(argv[0], argv)
+        finally:
+            os._exit(127)
+    _, status, ru = os.wait4(pid, 0)
+    code = os.waitstatus_to_exitcode(status)
+    sys.stdout.flush()
+    print(json.dumps({"cpu_s": ru.ru_utime + ru.ru_stime, "peak_rss": ru.ru_maxrss * 1024}))
+    sys.exit(code)
+
+
+# ---------------------------------------------------------------- the run
+
+
+def main():
+    if len(sys.argv) > 2 and sys.argv[1] == "--rusage-of":
+        rusage_of(sys.argv[3:])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--size", type=parse_size, default=4 * GIB, help="image size (default 4G)")
+    ap.add_argument("--data", type=float, default=0.5, help="fraction of the image that is data (default 0.5)")
+    ap.add_argument("--change", type=float, default=0.01, help="fraction of 4 MiB blocks changed (default 0.01)")
+    ap.add_argument("--seed", type=int, default=7)
+    ap.add_argument("--peers", default="rsync,restic,borg", help="comma-separated peers to run ('' for none)")
+    ap.add_argument("--json", default="target/bench.json", help="where to write the results")
+    ap.add_argument("--bin", default="target/release", help="directory of backy-server and backy-client")
+    ap.add_argument("--workdir", default=None, help="where the loop filesystem lives (default: a temp dir)")
+    ap.add_argument("--smoke", action="store_true", help="tiny image, every step, seconds; checks results")
+    args = ap.parse_args()
+    if args.smoke:
+        args.size = 64 * MIB + 12345
+        args.change = 0.1
+    if os.geteuid() != 0:
+        raise SystemExit("bench: needs root (loop mount, dropping caches)")
+    peers = [p for p in args.peers.split(",") if p]
+    bin_dir = os.path.abspath(args.bin)
+    client_bin = os.path.join(bin_dir, "backy-client")
+    server_bin = os.path.join(bin_dir, "backy-server")
+
+    work = tempfile.mkdtemp(prefix="backy-bench.", dir=args.workdir)
+    mnt = os.path.join(work, "mnt")
+    os.mkdir(mnt)
+    fs_img = os.path.join(work, "fs.img")
+    data_bytes = int(args.size * args.data)
+    # Image, sparse copy, restore, backy store, rsync target, restic and borg
+    # repos each hold up to the data once; metadata and slack on top.
+    fs_size = max(512 * MIB, int(data_bytes * (4 + len(peers)) * 1.3) + GIB)
+    with open(fs_img, "wb") as f:
+        f.truncate(fs_size)
+    run(["mkfs.btrfs", "-q", fs_img])
+    run(["mount", "-o", "loop", fs_img, mnt])
+    server = None
+    results = {}
+    with open("/proc/loadavg") as f:
+        load_at_start = f.read().split()[:3]
+    try:
+        img = os.path.join(mnt, "disk.img")
+        log(f"generating a {args.size / GIB:.2f} GiB image, {args.data:.0%} data")
+        make_image(img, args.size, args.data, args.seed)
+        writes = make_changes(args.size, args.change, args.seed + 2)
+        ranges_file = os.path.join(work, "changed-ranges")
+        write_ranges_file(ranges_file, writes)
+        changed_bytes = sum(length for _, length in writes)
+        src_alloc = allocated(img)
+
+        store = os.path.join(mnt, "store")
+        os.mkdir(store)
+        cfg = os.path.join(work, "server.yaml")
+        with open(cfg, "w") as f:
+            f.write(f"listen: 127.0.0.1:0\nbase-dir: {store}\n"
+                    "schedules:\n  default:\n    daily: {interval: 1d, keep: 9}\n"
+                    "jobs:\n  bench:\n    schedule: default\n"
+                    f"    source: {{type: file, path: {img}}}\n")
+        server = Server(server_bin, cfg, os.path.join(work, "server.log"))
+        benv = dict(os.environ, BACKY_SERVER=server.url)
+        client = [client_bin, "--json"]
+        size = args.size
+
+        def backy(name, cmd):
+            r = timed(name, client + cmd, size, server=server, env=benv)
+            if r["stdout"].strip().startswith("{"):
+                out = json.loads(r["stdout"])
+                r["bytes_sent"] = out.get("bytes_sent")
+                r["bytes_read"] = out.get("bytes_read")
+                rev = out.get("revision") or {}
+                r["bytes_written"] = rev.get("bytes_written")
+            results[name] = r
+            log(f"{name}: {r['wall_s']:.2f} s")
+            return r
+
+        # ---- full (version 1 of the image)
+        results["seq_read"] = timed("seq_read", f"cat {img} > /dev/null", size)
+        results["sparse_copy"] = timed("sparse_copy", f"cp --reflink=never --sparse=always {img} {mnt}/copy.img && sync", size)
+        results["sparse_copy"]["bytes_written"] = allocated(f"{mnt}/copy.img")
+        backy("backy_full", ["push", "bench", "--force"])
+
+        peer_full = {}
+        if "rsync" in peers:
+            os.makedirs(f"{mnt}/rsync-snaps")
+            run(["btrfs", "subvolume", "create", f"{mnt}/rsync"])
+            peer_full["rsync"] = timed(
+                "rsync_full",
+                f"rsync --inplace --no-whole-file --sparse {img} {mnt}/rsync/disk.img && "
+                f"btrfs -q subvolume snapshot -r {mnt}/rsync {mnt}/rsync-snaps/1 && sync", size)
+        restic_env = dict(os.environ, RESTIC_PASSWORD="bench", RESTIC_REPOSITORY=f"{mnt}/restic",
+                          RESTIC_CACHE_DIR=f"{work}/restic-cache")
+        if "restic" in peers:
+            run(["restic", "init", "-q"], env=restic_env)
+            peer_full["restic"] = timed("restic_full", f"restic backup -q {img} && sync", size, env=restic_env)
+        borg_env = dict(os.environ, BORG_REPO=f"{mnt}/borg", BORG_UNKNOWN_UNENCRYPTED_REPO_ACCESS_IS_OK="yes",
+                        BORG_BASE_DIR=f"{work}/borg-base")
+        if "borg" in peers:
+            run(["borg", "init", "-e", "none"], env=borg_env)
+            peer_full["borg"] = timed("borg_full", f"borg create --chunker-params fixed,4194304 ::v1 {img} && sync",
+                                      size, env=borg_env)
+        for name, r in peer_full.items():
+            results[f"{name}_full"] = r
+
+        # ---- incremental (version 2: the change set written in)
+        log(f"changing {len(writes)} ranges, {changed_bytes} bytes")
+        apply_changes(img, writes, args.seed + 3)
+        os.sync()
+        results["seq_read_v2"] = timed("seq_read_v2", f"cat {img} > /dev/null", size)
+        # Reflink the first version and write just the changed bytes in.
+        apply_script = (
+            "import os,sys\n"
+            "src=os.open(sys.argv[1],os.O_RDONLY); dst=os.open(sys.argv[2],os.O_WRONLY)\n"
+            "for line in open(sys.argv[3]):\n"
+            "  if line.startswith('#'): continue\n"
+            "  o,l=map(int,line.split()); os.pwrite(dst, os.pread(src,l,o), o)\n"
+            "os.fsync(dst)\n")
+        results["reflink_changes"] = timed(
+            "reflink_changes",
+            ["bash", "-c", f"cp --reflink=always {mnt}/copy.img {mnt}/copy2.img && "
+                           f"{sys.executable} -c \"$1\" {img} {mnt}/copy2.img {ranges_file} && sync",
+             "bash", apply_script], size)
+        backy("backy_incr_scan", ["push", "bench", "--force"])
+        run(client + ["forget", "bench", "-r", "latest"], env=benv)
+        backy("backy_incr_ranges", ["push", "bench", "--force", "--changed-ranges", ranges_file])
+
+        if "rsync" in peers:
+            results["rsync_incr"] = timed(
+                "rsync_incr",
+                f"rsync --inplace --no-whole-file {img} {mnt}/rsync/disk.img && "
+                f"btrfs -q subvolume snapshot -r {mnt}/rsync {mnt}/rsync-snaps/2 && sync", size)
+        if "restic" in peers:
+            results["restic_incr"] = timed("restic_incr", f"restic backup -q {img} && sync", size, env=restic_env)
+        if "borg" in peers:
+            results["borg_incr"] = timed("borg_incr",
+                                         f"borg create --chunker-params fixed,4194304 ::v2 {img} && sync",
+                                         size, env=borg_env)
+
+        # ---- restore of the newest revision
+        restored = f"{mnt}/restored.img"
+        backy("backy_restore", ["restore", "bench", "-r", "latest", restored])
+        results["backy_restore"]["bytes_written"] = allocated(restored)
+        same = subprocess.run(["cmp", "-s", img, restored]).returncode == 0
+        results["backy_restore"]["identical"] = same
+        results["backy_restore"]["holes_kept"] = allocated(restored) <= src_alloc + 64 * MIB
+        if not same:
+            raise SystemExit("bench: the restored image differs from the source")
+        if args.smoke:
+            scan = results["backy_incr_scan"]
+            ranged = results["backy_incr_ranges"]
+            assert scan["bytes_sent"] == ranged["bytes_sent"], (scan["bytes_sent"], ranged["bytes_sent"])
+            assert ranged["bytes_read"] <= scan["bytes_read"]
+    finally:
+        if server:
+            server.stop()
+        subprocess.run(["umount", mnt])
+        shutil.rmtree(work, ignore_errors=True)
+
+    report(args, results, changed_bytes, len(writes), load_at_start)
+
+
+def machine(load_at_start):
+    cpu = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), "")
+    except OSError:
+        pass
+    with open("/proc/loadavg") as f:
+        load = f.read().split()[:3]
+    return {"cpu": cpu, "cores": os.cpu_count(), "kernel": platform.release(),
+            "mem_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GIB, 1),
+            "loadavg_at_start": load_at_start, "loadavg_at_end": load, "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
+
+
+def fmt_bytes(n):
+    if n is None:
+        return "-"
+    for unit, div in (("GiB", GIB), ("MiB", MIB), ("KiB", 1024)):
+        if n >= div:
+            return f"{n / div:.1f} {unit}"
+    return f"{n} B"
+
+
+def report(args, results, changed_bytes, n_writes, load_at_start):
+    for r in results.values():
+        r.pop("stdout", None)
+    t = {k: r["wall_s"] for k, r in results.items()}
+    checks = []
+
+    def ratio(name, num, den, target, higher_is_better=True):
+        if num in t and den in t:
+            v = t[den] / t[num] if higher_is_better else t[num] / t[den]
+            checks.append({"check": name, "ratio": v, "target": target,
+                           "met": v >= target if target is not None else None})
+
+    # Throughput ratios: reference time / backy time (1.0 = as fast).
+    ratio("full push vs sparse copy", "backy_full", "sparse_copy", 0.70)
+    ratio("incremental scan vs sequential read", "backy_incr_scan", "seq_read_v2", 0.60)
+    ratio("restore vs sparse copy", "backy_restore", "sparse_copy", 0.70)
+    ratio("incremental ranges vs reflink+changes", "backy_incr_ranges", "reflink_changes", None)
+    if "backy_incr_ranges" in t and "backy_full" in t:
+        limit = 0.05 * t["backy_full"] + 0.5
+        checks.append({"check": "known-ranges push <= 5% of full + 0.5 s", "ratio": t["backy_incr_ranges"],
+                       "target": limit, "met": t["backy_incr_ranges"] <= limit})
+    for peer in ("rsync", "restic", "borg"):
+        for phase, mine in (("full", "backy_full"), ("incr", "backy_incr_scan")):
+            key = f"{peer}_{phase}"
+            if key in t:
+                v = t[key] / t[mine]
+                checks.append({"check": f"{peer} {phase} time / backy {phase} time", "ratio": v,
+                               "target": 1.0 if phase == "incr" else None,
+                               "met": v > 1.0 if phase == "incr" else None})
+    rss = [r.get(k) for r in results.values() for k in ("peak_rss", "server_peak_rss")
+           if k in r and r["name"].startswith("backy")]
+    if rss:
+        checks.append({"check": "backy peak RSS (client and server) < 200 MiB", "ratio": max(rss) / MIB,
+                       "target": 200, "met": max(rss) < 200 * MIB})
+
+    print(f"\nbacky bench: {fmt_bytes(args.size)} image, {args.data:.0%} data, "
+          f"{n_writes} changed ranges ({fmt_bytes(changed_bytes)}), btrfs loop fs, caches dropped before each step")
+    m = machine(load_at_start)
+    print(f"machine: {m['cpu']}, {m['cores']} cores, {m['mem_gib']} GiB, kernel {m['kernel']}, "
+          f"load {' '.join(m['loadavg_at_start'])} at start, {' '.join(m['loadavg_at_end'])} at end, {m['date']}")
+    head = f"{'step':<22}{'wall s':>8}{'MB/s':>9}{'CPU s':>8}{'RSS MiB':>9}{'srv CPU':>9}{'srv RSS':>9}" \
+           f"{'sent':>11}{'written':>11}"
+    print(head)
+    print("-" * len(head))
+    for k, r in results.items():
+        def num(key, div=1, f="{:.2f}"):
+            v = r.get(key)
+            return "-" if v is None else f.format(v / div)
+        print(f"{k:<22}{r['wall_s']:>8.2f}{r['mb_per_s'] or 0:>9.0f}{num('cpu_s'):>8}"
+              f"{num('peak_rss', MIB, '{:.0f}'):>9}{num('server_cpu_s'):>9}{num('server_peak_rss', MIB, '{:.0f}'):>9}"
+              f"{fmt_bytes(r.get('bytes_sent')):>11}{fmt_bytes(r.get('bytes_written')):>11}")
+    print()
+    for c in checks:
+        met = {True: "met", False: "MISSED", None: ""}[c["met"]]
+        target = "" if c["target"] is None else f"(target {c['target']:.2f})"
+        print(f"{c['check']:<48}{c['ratio']:>8.2f} {target:<16}{met}")
+    out = {"size": args.size, "data_fraction": args.data, "change_fraction": args.change,
+           "changed_ranges": n_writes, "changed_bytes": changed_bytes, "machine": m,
+           "results": results, "checks": checks}
+    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+    with open(args.json, "w") as f:
+        json.dump(out, f, indent=2)
+    print(f"\nJSON: {args.json}")
+
+
+if __name__ == "__main__":
+    main()
