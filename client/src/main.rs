@@ -244,11 +244,11 @@ struct RestoreCmd {
     #[arg(short, long, value_name = "SPEC", default_value = "latest")]
     revision: String,
 
-    /// File or block device to write
+    /// File, block device or rbd:POOL/IMAGE to write
     #[arg(value_name = "TARGET")]
     target: PathBuf,
 
-    /// Replace an existing non-empty file
+    /// Replace an existing non-empty file or RBD image
     #[arg(long)]
     force: bool,
 }
