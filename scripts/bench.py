@@ -199,7 +199,8 @@ def measure(name, cmd, source_size, server=None, env=None, shell=False, cache="d
 
 def timed(name, cmd, source_size, **kw):
     """measure() plus client CPU time and peak RSS, via a wrapper that
-    reports the child's rusage (so peaks of earlier commands do not mask it)."""
+    reports the child's rusage and wall time (so peaks of earlier commands
+    do not mask it, and the wrapper's own start is not timed)."""
     wrapped = [sys.executable, os.path.abspath(__file__), "--rusage-of", "--"] + (
         ["bash", "-c", cmd] if isinstance(cmd, str) else list(cmd))
     r = measure(name, wrapped, source_size, **kw)
@@ -208,11 +209,15 @@ def timed(name, cmd, source_size, **kw):
     r["stdout"] = "\n".join(lines[:-1])
     r["cpu_s"] = usage["cpu_s"]
     r["peak_rss"] = usage["peak_rss"]
+    # The command's own time, without the wrapper's start.
+    r["wall_s"] = usage["wall_s"]
+    r["mb_per_s"] = source_size / MIB / r["wall_s"] if r["wall_s"] > 0 else None
     return r
 
 
 def rusage_of(argv):
     """--rusage-of: run argv, forward its output, print its rusage as JSON."""
+    t0 = time.monotonic()
     pid = os.fork()
     if pid == 0:
         try:
@@ -220,9 +225,10 @@ def rusage_of(argv):
         finally:
             os._exit(127)
     _, status, ru = os.wait4(pid, 0)
+    wall = time.monotonic() - t0
     code = os.waitstatus_to_exitcode(status)
     sys.stdout.flush()
-    print(json.dumps({"cpu_s": ru.ru_utime + ru.ru_stime, "peak_rss": ru.ru_maxrss * 1024}))
+    print(json.dumps({"cpu_s": ru.ru_utime + ru.ru_stime, "peak_rss": ru.ru_maxrss * 1024, "wall_s": wall}))
     sys.exit(code)
 
 
