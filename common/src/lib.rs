@@ -15,6 +15,7 @@ pub mod revision;
 pub mod schedule;
 pub mod source;
 pub mod spec;
+pub mod token;
 pub mod units;
 
 pub use error::{Error, ErrorKind, Result};

@@ -30,6 +30,89 @@ enum Command {
     Serve,
     /// Validate the configuration and exit.
     CheckConfig,
+    /// Print the hash of a client token for `clients: NAME: token-hash:`.
+    /// Reads the token from stdin (so it stays out of shell history and
+    /// `ps`), or makes a new one with --generate.
+    #[command(
+        after_help = "Examples:\n  backy-server hash-token --generate /etc/backy/hv01.token\n  backy-server hash-token < /etc/backy/hv01.token"
+    )]
+    HashToken {
+        /// Make a new random token: writes it to FILE (mode 0600) and
+        /// prints its hash.
+        #[arg(long, value_name = "FILE")]
+        generate: Option<PathBuf>,
+    },
+    /// Print the fingerprint of a client certificate (PEM) for
+    /// `clients: NAME: cert-fingerprint:` (mutual TLS).
+    CertFingerprint {
+        #[arg(value_name = "CERT.pem")]
+        cert: PathBuf,
+    },
+}
+
+fn hash_token(generate: Option<&PathBuf>) -> anyhow::Result<()> {
+    use backy_common::token;
+    let text = match generate {
+        Some(path) => {
+            use std::io::Write;
+            use std::os::unix::fs::OpenOptionsExt;
+            let t = token::generate_token();
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(path)
+                .with_context(|| format!("creating token file {}", path.display()))?;
+            writeln!(f, "{t}").with_context(|| format!("writing {}", path.display()))?;
+            t
+        }
+        None => {
+            let mut t = String::new();
+            std::io::stdin()
+                .read_line(&mut t)
+                .context("reading the token from stdin")?;
+            t
+        }
+    };
+    println!("{}", token::hash_token(&text)?);
+    Ok(())
+}
+
+fn cert_fingerprint(path: &PathBuf) -> anyhow::Result<()> {
+    let pem = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let body: String = pem
+        .lines()
+        .skip_while(|l| !l.starts_with("-----BEGIN CERTIFICATE-----"))
+        .skip(1)
+        .take_while(|l| !l.starts_with("-----END"))
+        .collect();
+    let der = base64_decode(&body).with_context(|| format!("{} is not a PEM certificate", path.display()))?;
+    println!("{}", backy_common::token::cert_fingerprint(&der));
+    Ok(())
+}
+
+/// Standard base64 (PEM bodies); small enough not to need a crate.
+fn base64_decode(text: &str) -> anyhow::Result<Vec<u8>> {
+    let mut out = Vec::with_capacity(text.len() * 3 / 4);
+    let (mut acc, mut bits) = (0u32, 0u32);
+    for c in text.bytes().filter(|c| !c.is_ascii_whitespace() && *c != b'=') {
+        let v = match c {
+            b'A'..=b'Z' => c - b'A',
+            b'a'..=b'z' => c - b'a' + 26,
+            b'0'..=b'9' => c - b'0' + 52,
+            b'+' => 62,
+            b'/' => 63,
+            _ => anyhow::bail!("bad base64 character {:?}", c as char),
+        };
+        acc = (acc << 6) | u32::from(v);
+        bits += 6;
+        if bits >= 8 {
+            bits -= 8;
+            out.push((acc >> bits) as u8);
+        }
+    }
+    anyhow::ensure!(!out.is_empty(), "no certificate found");
+    Ok(out)
 }
 
 fn load(path: &PathBuf) -> anyhow::Result<ServerConfig> {
@@ -59,6 +142,11 @@ fn main() {
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
+    match &cli.command {
+        Some(Command::HashToken { generate }) => return hash_token(generate.as_ref()),
+        Some(Command::CertFingerprint { cert }) => return cert_fingerprint(cert),
+        _ => {}
+    }
     let config = load(&cli.config)?;
     if let Some(Command::CheckConfig) = cli.command {
         println!(

@@ -53,7 +53,10 @@ pub fn run(
     let tags = check_tags(&begin.tags, config.schedule_of(job_cfg), begin.force)?;
 
     if server.job_runtime(job.name()).push.is_some() {
-        return Err(Error::busy(format!("job {} is busy: another push is running", job.name())));
+        return Err(Error::busy(format!(
+            "job {} is busy: another push is running",
+            job.name()
+        )));
     }
     let _lock = job.lock()?;
     for p in job.clean_leftovers()? {

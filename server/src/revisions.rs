@@ -40,7 +40,10 @@ pub fn update_meta(
 /// push runs (it may take hours), waited for behind short maintenance.
 fn lock_unless_pushing(server: &Server, job: &JobDir) -> Result<crate::storage::lock::JobLock> {
     if server.job_runtime(job.name()).push.is_some() {
-        return Err(Error::busy(format!("job {} is busy: a push is running; try again later", job.name())));
+        return Err(Error::busy(format!(
+            "job {} is busy: a push is running; try again later",
+            job.name()
+        )));
     }
     job.lock()
 }

@@ -61,7 +61,9 @@ pub fn expire_all(server: &Server) {
         if server.job_runtime(name).push.is_some() {
             continue; // expiry runs after the push's commit anyway
         }
-        let result = job.try_lock().and_then(|_lock| expire_locked(server, &job, schedule));
+        let result = job
+            .try_lock()
+            .and_then(|_lock| expire_locked(server, &job, schedule));
         match result {
             Ok(_) => {}
             Err(e) if e.kind == backy_common::ErrorKind::Busy => {} // next round

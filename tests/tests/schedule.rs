@@ -266,9 +266,16 @@ jobs:
     let out = server.client(&["restore", "vm1", "-r", &newest, target.to_str().unwrap()]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(text.contains("warning: 1 blocks do not match") && text.contains(&(4 * MIB).to_string()), "{text}");
+    assert!(
+        text.contains("warning: 1 blocks do not match") && text.contains(&(4 * MIB).to_string()),
+        "{text}"
+    );
     assert!(String::from_utf8_lossy(&out.stderr).contains("distrusted"));
-    assert_eq!(file_hash(&target), file_hash(&stored), "restored as stored, damage included");
+    assert_eq!(
+        file_hash(&target),
+        file_hash(&stored),
+        "restored as stored, damage included"
+    );
 
     // Forget removes the revision and its files.
     server.client_ok(&["forget", "vm1", "-r", &newest]);

@@ -2,11 +2,11 @@
 //! across threads and processes alike.
 
 use backy_common::{Error, ErrorKind, Result};
-use std::time::{Duration, Instant};
 use rustix::fs::FlockOperation;
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
+use std::time::{Duration, Instant};
 
 /// Held while a job is being changed; released on drop.
 #[derive(Debug)]
@@ -37,7 +37,7 @@ impl JobLock {
             .write(true)
             .create(true)
             .truncate(false)
-            .mode(super::durable::FILE_MODE)
+            .mode(super::durable::file_mode())
             .open(path)
             .map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
         match rustix::fs::flock(&file, FlockOperation::NonBlockingLockExclusive) {
