@@ -56,7 +56,7 @@ where
     const ROUND: u32 = 256;
     let start = Instant::now();
     let executions = std::sync::atomic::AtomicU64::new(0);
-    let counted = |v| {
+    let counted = &|v| {
         executions.fetch_add(1, Ordering::Relaxed);
         check(v)
     };
@@ -67,7 +67,7 @@ where
             failure_persistence: None,
             ..Config::default()
         });
-        if let Err(e) = runner.run(&strategy, &counted) {
+        if let Err(e) = runner.run(&strategy, counted) {
             panic!("fuzz {name}: {e}");
         }
     }
@@ -253,7 +253,7 @@ fn config_alias_bombs_are_refused_quickly() {
     let mut text = String::from("a0: &a0 [x, x, x, x, x, x, x, x, x, x]\n");
     for i in 1..12 {
         let prev = format!("*a{}", i - 1);
-        text.push_str(&format!("a{i}: &a{i} [{}]\n", vec![prev.as_str(); 10].join(", ")));
+        text.push_str(&format!("a{i}: &a{i} [{}]\n", [prev.as_str(); 10].join(", ")));
     }
     text.push_str("listen: 127.0.0.1:1\nbase-dir: /x\n");
     let start = Instant::now();
