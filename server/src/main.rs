@@ -79,40 +79,11 @@ fn hash_token(generate: Option<&PathBuf>) -> anyhow::Result<()> {
 }
 
 fn cert_fingerprint(path: &PathBuf) -> anyhow::Result<()> {
-    let pem = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    let body: String = pem
-        .lines()
-        .skip_while(|l| !l.starts_with("-----BEGIN CERTIFICATE-----"))
-        .skip(1)
-        .take_while(|l| !l.starts_with("-----END"))
-        .collect();
-    let der = base64_decode(&body).with_context(|| format!("{} is not a PEM certificate", path.display()))?;
+    use rustls_pki_types::pem::PemObject;
+    let der = rustls_pki_types::CertificateDer::from_pem_file(path)
+        .map_err(|e| anyhow::anyhow!("{} is not a PEM certificate: {e}", path.display()))?;
     println!("{}", backy_common::token::cert_fingerprint(&der));
     Ok(())
-}
-
-/// Standard base64 (PEM bodies); small enough not to need a crate.
-fn base64_decode(text: &str) -> anyhow::Result<Vec<u8>> {
-    let mut out = Vec::with_capacity(text.len() * 3 / 4);
-    let (mut acc, mut bits) = (0u32, 0u32);
-    for c in text.bytes().filter(|c| !c.is_ascii_whitespace() && *c != b'=') {
-        let v = match c {
-            b'A'..=b'Z' => c - b'A',
-            b'a'..=b'z' => c - b'a' + 26,
-            b'0'..=b'9' => c - b'0' + 52,
-            b'+' => 62,
-            b'/' => 63,
-            _ => anyhow::bail!("bad base64 character {:?}", c as char),
-        };
-        acc = (acc << 6) | u32::from(v);
-        bits += 6;
-        if bits >= 8 {
-            bits -= 8;
-            out.push((acc >> bits) as u8);
-        }
-    }
-    anyhow::ensure!(!out.is_empty(), "no certificate found");
-    Ok(out)
 }
 
 fn load(path: &PathBuf) -> anyhow::Result<ServerConfig> {
