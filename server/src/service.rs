@@ -62,6 +62,29 @@ async fn blocking<T: Send + 'static>(
         .map_err(to_status)
 }
 
+/// Relays a server stream to the response, dropping it when the client has
+/// not taken a message for `idle` (a stalled reader): the producer then sees
+/// its channel closed and stops, releasing its thread and stream permit.
+fn stall_guarded<T: Send + 'static>(
+    mut from: mpsc::Receiver<std::result::Result<T, Status>>,
+    idle: std::time::Duration,
+) -> ReceiverStream<std::result::Result<T, Status>> {
+    let (tx, rx) = mpsc::channel(1);
+    tokio::spawn(async move {
+        while let Some(item) = from.recv().await {
+            match tokio::time::timeout(idle, tx.send(item)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) => break, // the client went away
+                Err(_) => {
+                    tracing::warn!("stream not read for {}s: dropped", idle.as_secs());
+                    break;
+                }
+            }
+        }
+    });
+    ReceiverStream::new(rx)
+}
+
 fn out_of_order(what: &str) -> Status {
     Status::invalid_argument(format!("push frames out of order: {what}"))
 }
@@ -275,7 +298,8 @@ impl Backy for Service {
             let _permit = permit;
             crate::restore::stream_image(server, job, meta, tx)
         });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        let idle = self.server.config().limits.idle_timeout.as_duration();
+        Ok(Response::new(Box::pin(stall_guarded(rx, idle))))
     }
 
     type VerifyStream = BoxStream<VerifyReport>;
@@ -325,7 +349,8 @@ impl Backy for Service {
                 }
             }
         });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        let idle = self.server.config().limits.idle_timeout.as_duration();
+        Ok(Response::new(Box::pin(stall_guarded(rx, idle))))
     }
 
     async fn distrust(

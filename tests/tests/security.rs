@@ -539,7 +539,9 @@ async fn raw(
     s: &Setup,
     url: &str,
     who: usize,
-) -> BackyClient<tonic::service::interceptor::InterceptedService<Channel, impl tonic::service::Interceptor>> {
+) -> BackyClient<
+    tonic::service::interceptor::InterceptedService<Channel, impl tonic::service::Interceptor + Clone>,
+> {
     let pem = std::fs::read(&s.ca_file).unwrap();
     let channel = Endpoint::from_shared(url.to_string())
         .unwrap()
@@ -694,7 +696,8 @@ async fn stalled_and_excess_streams_do_not_block_others() {
 
     // Meanwhile another client pushes normally.
     let image = s.dir.path().join("vm2.img");
-    make_image(&image, 8 * MIB, &[(MIB, 2 * MIB)]);
+    // Large enough that a restore not being read fills every buffer.
+    make_image(&image, 48 * MIB, &[(MIB, 40 * MIB)]);
     let hv02 = as_who(&s, 1);
     let img = image.to_str().unwrap().to_string();
     let out = tokio::task::spawn_blocking({
@@ -738,5 +741,46 @@ async fn stalled_and_excess_streams_do_not_block_others() {
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::NotFound, "{e:?}");
+
+    // hv02 starts two restores and never reads them: they hold its two
+    // streams until the idle timeout drops them, then its limit has room.
+    let mut c2 = raw(&s, &url, 1).await;
+    let mut unread = Vec::new();
+    for _ in 0..2 {
+        unread.push(
+            c2.restore(RestoreRequest {
+                job: "vm2".into(),
+                revision: "latest".into(),
+            })
+            .await
+            .expect("restore starts"),
+        );
+    }
+    let probe = |c: &mut BackyClient<_>| {
+        let mut c = c.clone();
+        async move {
+            c.restore(RestoreRequest {
+                job: "vm2".into(),
+                revision: "nope".into(),
+            })
+            .await
+            .unwrap_err()
+            .code()
+        }
+    };
+    assert_eq!(
+        probe(&mut c2).await,
+        Code::ResourceExhausted,
+        "two unread restores hold the limit"
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while probe(&mut c2).await != Code::NotFound {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "stalled restores were never dropped"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    drop(unread);
     drop(server);
 }
