@@ -33,10 +33,29 @@ echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy"
 cargo clippy --release --workspace --all-targets --quiet -- -D warnings
+echo "== ceph test cluster"
+# A throw-away one-node cluster for tests/tests/ceph.rs, stopped on exit
+# (only the daemons it started). A free mon port, in case another cluster
+# runs on this machine.
+ceph_dir=$(mktemp -d /tmp/backy-ceph.XXXXXX)
+trap 'scripts/ceph-down.sh "$ceph_dir"' EXIT
+for port in $(seq 3400 2 3498); do
+  (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null || (exec 3<>"/dev/tcp/127.0.0.1/$((port + 1))") 2>/dev/null || break
+done
+BACKY_TEST_CEPH_CONF=$(scripts/ceph-up.sh "$ceph_dir" "$port")
+export BACKY_TEST_CEPH_CONF
+echo "ceph cluster up: $BACKY_TEST_CEPH_CONF"
 echo "== cargo test"
 # Release builds: the end-to-end tests move GiB-sized sparse images.
 cargo build --release --workspace --bins --quiet
-cargo test --release --workspace "$@" 2>&1 | tee target/test-output.txt
+set +e
+cargo test --release --workspace --no-fail-fast "$@" 2>&1 | tee target/test-output.txt
+status=${PIPESTATUS[0]}
+set -e
 grep -E "^test result:" target/test-output.txt | awk '
   { for (i = 1; i <= NF; i++) { if ($i ~ /^passed/) p += $(i-1); if ($i ~ /^failed/) f += $(i-1); if ($i ~ /^ignored/) s += $(i-1) } }
   END { printf "all tests: %d passed, %d failed, %d skipped\n", p, f, s }'
+if [ "$status" != 0 ]; then
+  grep -E "^test .* FAILED$" target/test-output.txt >&2 || true
+  exit "$status"
+fi

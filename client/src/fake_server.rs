@@ -116,6 +116,7 @@ impl Backy for Fake {
             source_json: st.source_json.clone(),
             new_id: RevisionId::new_random().uuid().to_string(),
             reason: "test".into(),
+            ..PlanReply::default()
         }))
     }
 

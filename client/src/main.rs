@@ -12,11 +12,13 @@ mod flow_tests;
 mod manifest;
 mod progress;
 mod push;
+mod rbd_push;
 mod restore;
 mod revisions;
 mod scan;
 mod settings;
 mod source;
+mod source_check;
 mod status;
 mod view;
 
@@ -126,19 +128,32 @@ enum Command {
 
 /// Re-read stored revisions on the server and compare every block with
 /// the manifest; marks them verified or distrusted. Exit 1 if any is damaged.
+/// With --source, compare one revision with the source it was taken from
+/// instead (reported only; trust is left alone).
 #[derive(Args, Debug)]
 #[command(after_help = "\
 Examples:
   backy-client verify vm1                 the newest revision
-  backy-client verify vm1 -r all          every revision")]
+  backy-client verify vm1 -r all          every revision
+  backy-client verify vm1 --source /dev/vg/vm1-snap --sample 5
+                                          5% of the blocks against the source")]
 struct VerifyCmd {
     /// Job name
     #[arg(value_name = "JOB", value_parser = parse_job)]
     job: JobName,
 
-    /// Revisions to verify (a spec, or all)
+    /// Revisions to verify (a spec, or all; one revision with --source)
     #[arg(short, long, value_name = "SPEC", default_value = "latest")]
     revision: String,
+
+    /// Compare with the source (a path, rbd:POOL/IMAGE@SNAP; without a
+    /// value the job's source from the server config)
+    #[arg(long, value_name = "SOURCE", num_args = 0..=1, default_missing_value = "")]
+    source: Option<String>,
+
+    /// With --source: the share of blocks to compare, in percent
+    #[arg(long, value_name = "PCT", default_value_t = 100.0, requires = "source")]
+    sample: f64,
 }
 
 /// Name revisions of a job (distrust, forget).
@@ -410,6 +425,24 @@ async fn dispatch(cli: &Cli, url: &str, creds: &connect::Credentials) -> anyhow:
                 print_json(&status::StatusView::from(&reply))?;
             } else {
                 print_out(&status::format_status(&reply))?;
+            }
+        }
+        Command::Verify(VerifyCmd {
+            job,
+            revision,
+            source: Some(source),
+            sample,
+        }) => {
+            let spec = if source.is_empty() {
+                let json = revisions::job_source(&mut client, job).await?;
+                push::source_spec(job.as_str(), None, &json)?
+            } else {
+                push::source_spec(job.as_str(), Some(source), "")?
+            };
+            let compared = source_check::compare(&mut client, job, revision, spec, *sample).await?;
+            print_result(cli.json, &compared)?;
+            if !compared.equal() {
+                return Ok(1);
             }
         }
         Command::Verify(cmd) => {

@@ -8,10 +8,31 @@ use backy_proto::{ManifestChunk, ManifestRequest, RevisionInfo};
 
 /// A revision's metadata and its verified manifest.
 pub async fn fetch(client: &mut Client, job: &str, revision: &str) -> Result<(RevisionInfo, Manifest)> {
-    let request = ManifestRequest {
-        job: job.to_string(),
-        revision: revision.to_string(),
-    };
+    request(
+        client,
+        ManifestRequest {
+            job: job.to_string(),
+            revision: revision.to_string(),
+            resume: false,
+        },
+    )
+    .await
+}
+
+/// The manifest of the partial image of the interrupted push `id`.
+pub async fn fetch_resume(client: &mut Client, job: &str, id: &str) -> Result<(RevisionInfo, Manifest)> {
+    request(
+        client,
+        ManifestRequest {
+            job: job.to_string(),
+            revision: id.to_string(),
+            resume: true,
+        },
+    )
+    .await
+}
+
+async fn request(client: &mut Client, request: ManifestRequest) -> Result<(RevisionInfo, Manifest)> {
     let mut stream = client.manifest(request).await.map_err(status_error)?.into_inner();
     let mut assembler = Assembler::default();
     while let Some(chunk) = stream.message().await.map_err(status_error)? {

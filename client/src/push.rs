@@ -26,11 +26,11 @@ use tokio::task::{JoinError, JoinHandle};
 
 /// Frames in flight between the reader and the network: at most this many
 /// MiB of data wait in memory.
-const FRAMES_IN_FLIGHT: usize = 16;
+pub(crate) const FRAMES_IN_FLIGHT: usize = 16;
 
 /// The reader's error when the request stream is gone; the server's status
 /// then says why.
-const STREAM_CLOSED: &str = "push stream closed";
+pub(crate) const STREAM_CLOSED: &str = "push stream closed";
 
 #[derive(Debug, Clone)]
 pub struct PushArgs {
@@ -51,6 +51,8 @@ pub struct Pushed {
     pub bytes_sent: u64,
     pub duration_secs: f64,
     pub expired: Vec<String>,
+    /// Where an interrupted push of this revision was resumed.
+    pub resumed_at: Option<u64>,
 }
 
 impl fmt::Display for Pushed {
@@ -64,6 +66,9 @@ impl fmt::Display for Pushed {
             format_bytes(self.bytes_sent),
             self.duration_secs
         )?;
+        if let Some(at) = self.resumed_at {
+            write!(f, " (resumed at {})", format_bytes(at))?;
+        }
         match self.expired.len() {
             0 => Ok(()),
             1 => write!(f, ", 1 old revision expired"),
@@ -97,9 +102,32 @@ pub async fn push(client: &mut Client, args: &PushArgs, show_progress: bool) -> 
     fault::point("client.planned");
 
     let spec = source_spec(job, args.source.as_deref(), &plan.source_json)?;
-    let mut source = source::open(&spec)?;
+    if let SourceSpec::CephRbd { .. } = spec {
+        return crate::rbd_push::push(client, args, &plan, &spec, show_progress, started)
+            .await
+            .map(Some);
+    }
+    let mut source = source::open(&spec, job, &plan.new_id)?;
     let size = source.size();
-    let baseline = baseline(client, job, &plan, size).await?;
+    let resume = plan.resume && plan.resume_size == size;
+    if plan.resume && !resume {
+        tracing::info!(
+            job,
+            "not resuming the interrupted push: it had {} bytes, the source now {size}",
+            plan.resume_size
+        );
+    }
+    let baseline = if resume {
+        tracing::info!(
+            job,
+            checkpoint = plan.resume_checkpoint,
+            "resuming interrupted push"
+        );
+        let (_, partial) = crate::manifest::fetch_resume(client, job, &plan.new_id).await?;
+        rebase(partial, plan.block_size, size)?
+    } else {
+        baseline(client, job, &plan, size).await?
+    };
     fault::point("client.manifest");
 
     let begin = PushBegin {
@@ -112,6 +140,8 @@ pub async fn push(client: &mut Client, args: &PushArgs, show_progress: bool) -> 
         source_type: source.kind().to_string(),
         source_snapshot: source.snapshot().to_string(),
         force: args.force,
+        resume,
+        resumable: true,
     };
     let (tx, rx) = mpsc::channel(FRAMES_IN_FLIGHT);
     tx.send(PushFrame {
@@ -151,11 +181,12 @@ pub async fn push(client: &mut Client, args: &PushArgs, show_progress: bool) -> 
         bytes_sent: scanned.bytes_sent,
         duration_secs: started.elapsed().as_secs_f64(),
         expired: reply.expired,
+        resumed_at: resume.then_some(plan.resume_checkpoint),
     }))
 }
 
 /// Waits for both sides of a push and decides whose error to report.
-async fn join<F>(mut reader: JoinHandle<Result<Scanned>>, rpc: F) -> Result<(Scanned, PushReply)>
+pub(crate) async fn join<T, F>(mut reader: JoinHandle<Result<T>>, rpc: F) -> Result<(T, PushReply)>
 where
     F: Future<Output = std::result::Result<tonic::Response<PushReply>, tonic::Status>>,
 {
@@ -195,7 +226,7 @@ where
     }
 }
 
-fn flatten(joined: std::result::Result<Result<Scanned>, JoinError>) -> Result<Scanned> {
+fn flatten<T>(joined: std::result::Result<Result<T>, JoinError>) -> Result<T> {
     joined.map_err(|e| Error::internal(format!("source reader failed: {e}")))?
 }
 
@@ -258,7 +289,12 @@ pub fn source_spec(job: &str, cli: Option<&str>, server_json: &str) -> Result<So
 /// What the source is compared with: the parent's manifest at the source's
 /// size, or all zeros for a full backup (the server starts it from an empty
 /// sparse file).
-async fn baseline(client: &mut Client, job: &str, plan: &PlanReply, size: u64) -> Result<Manifest> {
+pub(crate) async fn baseline(
+    client: &mut Client,
+    job: &str,
+    plan: &PlanReply,
+    size: u64,
+) -> Result<Manifest> {
     if plan.parent_id.is_empty() {
         return Manifest::zeroed(size, plan.block_size);
     }
@@ -287,7 +323,7 @@ pub fn rebase(mut parent: Manifest, block_size: u32, size: u64) -> Result<Manife
 
 /// The server's manifest must be the one we computed: otherwise the stored
 /// image is not the one we read.
-fn check_committed(revision: &RevisionInfo, scanned: &Scanned) -> Result<()> {
+pub(crate) fn check_committed(revision: &RevisionInfo, scanned: &Scanned) -> Result<()> {
     let ours = hex::encode(scanned.manifest.file_digest());
     if !revision.manifest_digest.is_empty() && !revision.manifest_digest.eq_ignore_ascii_case(&ours) {
         return Err(Error::data_loss(format!(
@@ -442,6 +478,7 @@ mod tests {
             bytes_sent: 42 << 20,
             duration_secs: 2.34,
             expired: vec!["a".into(), "b".into()],
+            resumed_at: None,
         };
         assert_eq!(
             pushed.to_string(),

@@ -52,6 +52,12 @@ pub struct ServerConfig {
     pub schedules: BTreeMap<String, Schedule>,
     #[serde(default, deserialize_with = "unique_keys::deserialize")]
     pub jobs: BTreeMap<JobName, JobConfig>,
+    /// Resuming interrupted pushes.
+    #[serde(default)]
+    pub resume: ResumeConfig,
+    /// Periodic re-verification of stored revisions.
+    #[serde(default)]
+    pub scrub: ScrubConfig,
     /// TLS for every connection (required unless `insecure-plaintext`).
     #[serde(default)]
     pub tls: Option<TlsConfig>,
@@ -142,6 +148,76 @@ impl Default for Limits {
     }
 }
 
+/// The background scrub: every revision re-read and checked against its
+/// manifest at least once per `interval`, at most `rate` bytes/s.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct ScrubConfig {
+    #[serde(default = "yes")]
+    pub enabled: bool,
+    #[serde(default = "default_scrub_interval")]
+    pub interval: Interval,
+    /// Read rate limit in bytes per second (with K/M/G); 0: unlimited.
+    #[serde(default = "default_scrub_rate", with = "size")]
+    pub rate: u64,
+}
+
+impl Default for ScrubConfig {
+    fn default() -> Self {
+        ScrubConfig {
+            enabled: true,
+            interval: default_scrub_interval(),
+            rate: default_scrub_rate(),
+        }
+    }
+}
+
+fn default_scrub_interval() -> Interval {
+    Interval::from_secs(30 * 86400)
+}
+
+fn default_scrub_rate() -> u64 {
+    50 << 20
+}
+
+/// How interrupted pushes are kept for resuming.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct ResumeConfig {
+    /// Keep an interrupted push's partial revision; off: discard it.
+    #[serde(default = "yes")]
+    pub enabled: bool,
+    /// How long after its last checkpoint an interrupted push may resume.
+    #[serde(default = "default_resume_window")]
+    pub window: Interval,
+    /// Received bytes between durable checkpoints during a push (a broken
+    /// connection always checkpoints at once; a crash loses at most this).
+    #[serde(default = "default_checkpoint", with = "size")]
+    pub checkpoint: u64,
+}
+
+impl Default for ResumeConfig {
+    fn default() -> Self {
+        ResumeConfig {
+            enabled: true,
+            window: default_resume_window(),
+            checkpoint: default_checkpoint(),
+        }
+    }
+}
+
+fn yes() -> bool {
+    true
+}
+
+fn default_resume_window() -> Interval {
+    Interval::from_secs(6 * 3600)
+}
+
+fn default_checkpoint() -> u64 {
+    1 << 30
+}
+
 fn default_file_mode() -> u32 {
     DEFAULT_FILE_MODE
 }
@@ -186,6 +262,12 @@ impl ServerConfig {
                     )));
                 }
             }
+        }
+        if self.resume.checkpoint < crate::MAX_FRAME_DATA as u64 {
+            return Err(Error::invalid(format!(
+                "resume checkpoint {} is below the minimum of 1M",
+                self.resume.checkpoint
+            )));
         }
         for (job, cfg) in &self.jobs {
             if let Some(s) = &cfg.schedule {
@@ -353,6 +435,18 @@ mod unique_keys {
             }
         }
         d.deserialize_map(V2(PhantomData))
+    }
+}
+
+mod size {
+    use serde::{Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &u64, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u64(*v)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+        super::opt_size::deserialize(d)?.ok_or_else(|| serde::de::Error::custom("a size is required"))
     }
 }
 

@@ -16,6 +16,11 @@ pub struct Hooks {
     /// Run after the snapshot whenever `pre-snapshot` ran.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub post_snapshot: Option<String>,
+    /// Run once the source has been read, whether the push succeeded or
+    /// not, whenever `pre-snapshot` ran (e.g. `lvremove` of the snapshot
+    /// `pre-snapshot` made).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cleanup: Option<String>,
     /// Seconds each hook may take (default 60).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hook_timeout: Option<u64>,

@@ -8,6 +8,7 @@ pub mod push;
 pub mod restore;
 pub mod revisions;
 pub mod schedule;
+pub mod scrub;
 pub mod service;
 pub mod state;
 pub mod status;
@@ -38,7 +39,11 @@ pub async fn serve(config: ServerConfig, mode: StorageMode, config_path: PathBuf
     for name in config.jobs.keys() {
         let job = storage::JobDir::new(&config.base_dir, name.clone());
         job.ensure()?;
-        for p in job.clean_leftovers()? {
+        let resumable = job.resumable(config.resume.window.as_duration(), chrono::Utc::now());
+        if let Some(r) = &resumable {
+            tracing::info!(job = %name, rev = %r.id, checkpoint = r.checkpoint, "keeping an interrupted push for resuming");
+        }
+        for p in job.clean_leftovers(resumable.map(|r| r.id))? {
             tracing::info!(job = %name, "removed leftover {}", p.display());
         }
         job.update_latest()?;
@@ -51,6 +56,7 @@ pub async fn serve(config: ServerConfig, mode: StorageMode, config_path: PathBuf
     let service =
         tonic::service::interceptor::InterceptedService::new(service, auth::interceptor(server.clone()));
     spawn_expiry(server.clone());
+    scrub::spawn(server.clone());
     spawn_reload_on_hup(server.clone(), config_path);
     let listener = tokio::net::TcpListener::bind(addr)
         .await
@@ -81,7 +87,8 @@ pub async fn serve(config: ServerConfig, mode: StorageMode, config_path: PathBuf
     Ok(())
 }
 
-/// How often expiry runs besides after each commit.
+/// How often expiry (and removal of interrupted pushes whose resume window
+/// passed) runs besides after each commit.
 const EXPIRY_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// Periodic expiry for all scheduled jobs, on a blocking thread per round.

@@ -1,9 +1,11 @@
 //! Answering "what should a push of this job do now?".
 
 use crate::state::Server;
+use crate::storage::JobDir;
+use backy_common::manifest::Manifest;
 use backy_common::revision::RevisionMeta;
-use backy_common::{Result, RevisionId, DEFAULT_BLOCK_SIZE};
-use backy_proto::{PlanReply, PlanRequest};
+use backy_common::{Error, Result, RevisionId, DEFAULT_BLOCK_SIZE};
+use backy_proto::{PlanReply, PlanRequest, RevisionInfo};
 
 /// The revision a new push builds on: the newest one that is not
 /// distrusted.
@@ -48,6 +50,14 @@ pub fn plan(server: &Server, req: &PlanRequest) -> Result<PlanReply> {
         }
     };
     let parent = choose_parent(&revs);
+    // An interrupted push on the same parent continues under its own id.
+    let resume = job
+        .resumable(config.resume.window.as_duration(), chrono::Utc::now())
+        .filter(|r| due && r.parent == parent.map(|p| p.id));
+    let new_id = resume
+        .as_ref()
+        .map(|r| r.id)
+        .unwrap_or_else(RevisionId::new_random);
     Ok(PlanReply {
         due,
         tags,
@@ -56,7 +66,45 @@ pub fn plan(server: &Server, req: &PlanRequest) -> Result<PlanReply> {
         parent_size: parent.map(|p| p.size).unwrap_or(0),
         block_size: DEFAULT_BLOCK_SIZE,
         source_json: job_cfg.source.as_ref().map(|s| s.to_json()).unwrap_or_default(),
-        new_id: RevisionId::new_random().uuid().to_string(),
+        new_id: new_id.uuid().to_string(),
         reason,
+        resume: resume.is_some(),
+        resume_size: resume.as_ref().map(|r| r.size).unwrap_or(0),
+        resume_checkpoint: resume.as_ref().map(|r| r.checkpoint).unwrap_or(0),
     })
+}
+
+/// The manifest of the interrupted push `id` as a resumed push will find
+/// its partial image: what the client compares its source with.
+pub fn resume_manifest(server: &Server, job: &JobDir, id: &str) -> Result<(RevisionInfo, Vec<u8>)> {
+    let id: RevisionId = id.parse().map_err(|e: Error| e.context("resume manifest"))?;
+    let config = server.config();
+    let record = job
+        .resumable(config.resume.window.as_duration(), chrono::Utc::now())
+        .filter(|r| r.id == id)
+        .ok_or_else(|| {
+            Error::not_found(format!(
+                "no interrupted push {id} to resume in job {}",
+                job.name()
+            ))
+        })?;
+    let mut baseline = match &record.parent {
+        Some(pid) => {
+            let meta = job.meta(pid)?;
+            job.manifest(&meta)?
+        }
+        None => Manifest::zeroed(0, record.block_size)?,
+    };
+    baseline.resize(record.size)?;
+    let bytes = job.resume_manifest(&record, &baseline)?.encode();
+    let info = RevisionInfo {
+        id: id.uuid().to_string(),
+        short_id: id.short(),
+        parent_id: record.parent.map(|p| p.uuid().to_string()).unwrap_or_default(),
+        size: record.size,
+        block_size: record.block_size,
+        manifest_digest: blake3::hash(&bytes).to_hex().to_string(),
+        ..RevisionInfo::default()
+    };
+    Ok((info, bytes))
 }

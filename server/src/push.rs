@@ -15,6 +15,9 @@ pub enum Step {
     Data(u64, Vec<u8>),
     Zero(u64, u64),
     End(PushEnd),
+    /// The connection broke (the client went away): keep what arrived for
+    /// resuming. A channel closed without this or `End` discards it.
+    Interrupted,
 }
 
 /// Runs a whole push on a blocking thread and returns the new revision and
@@ -59,7 +62,20 @@ pub fn run(
         )));
     }
     let _lock = job.lock()?;
-    for p in job.clean_leftovers()? {
+    let now = chrono::Utc::now();
+    let window = config.resume.window.as_duration();
+    let resuming = if begin.resume {
+        let record = job.resumable(window, now).filter(|r| r.id == id).ok_or_else(|| {
+            Error::precondition(format!(
+                "push {id} of job {} can no longer be resumed; run the push again",
+                job.name()
+            ))
+        })?;
+        Some(record)
+    } else {
+        None
+    };
+    for p in job.clean_leftovers(resuming.as_ref().map(|r| r.id))? {
         tracing::info!(job = %job.name(), "removed leftover {}", p.display());
     }
     fault::point("push.locked");
@@ -104,7 +120,14 @@ pub fn run(
             snapshot: begin.source_snapshot.clone(),
         },
     };
-    let mut rev = NewRevision::create(&job, spec, parent, server.storage_mode)?;
+    let checkpoint_every = (config.resume.enabled && begin.resumable).then_some(config.resume.checkpoint);
+    let mut rev = match &resuming {
+        Some(record) => {
+            tracing::info!(job = %job.name(), rev = %id, checkpoint = record.checkpoint, "resuming push");
+            NewRevision::resume(&job, spec, record, parent, checkpoint_every)?
+        }
+        None => NewRevision::create(&job, spec, parent, server.storage_mode, checkpoint_every)?,
+    };
     fault::point("push.cloned");
     let meta = loop {
         match rx.blocking_recv() {
@@ -117,6 +140,17 @@ pub fn run(
                 fault::point("push.frame");
             }
             Some(Step::End(end)) => break rev.commit(&end)?,
+            Some(Step::Interrupted) => {
+                let why = "push stream ended before its end frame";
+                return Err(match rev.suspend()? {
+                    Some(at) => Error::unavailable(format!(
+                        "{why}; {} kept for resuming within {}: run the push again",
+                        backy_common::units::format_bytes(at),
+                        config.resume.window
+                    )),
+                    None => Error::unavailable(format!("{why}; nothing was committed")),
+                });
+            }
             None => {
                 return Err(Error::unavailable(
                     "push stream ended before its end frame; nothing was committed",

@@ -53,17 +53,22 @@ pub fn expire_locked(server: &Server, job: &JobDir, schedule: &Schedule) -> Resu
 /// Expires every scheduled job that is not busy (periodic background work).
 pub fn expire_all(server: &Server) {
     let config = server.config();
+    let window = config.resume.window.as_duration();
     for (name, job_cfg) in &config.jobs {
-        let Some(schedule) = config.schedule_of(job_cfg) else {
-            continue;
-        };
         let job = JobDir::new(&config.base_dir, name.clone());
         if server.job_runtime(name).push.is_some() {
             continue; // expiry runs after the push's commit anyway
         }
-        let result = job
-            .try_lock()
-            .and_then(|_lock| expire_locked(server, &job, schedule));
+        let result = job.try_lock().and_then(|_lock| {
+            let keep = job.resumable(window, chrono::Utc::now()).map(|r| r.id);
+            for p in job.clean_leftovers(keep)? {
+                tracing::info!(job = %name, "removed leftover {}", p.display());
+            }
+            match config.schedule_of(job_cfg) {
+                Some(schedule) => expire_locked(server, &job, schedule).map(|_| ()),
+                None => Ok(()),
+            }
+        });
         match result {
             Ok(_) => {}
             Err(e) if e.kind == backy_common::ErrorKind::Busy => {} // next round

@@ -111,6 +111,9 @@ impl Backy for Service {
         let req = req.into_inner();
         let (info, bytes) = blocking(move || {
             let job = server.job(&req.job)?;
+            if req.resume {
+                return crate::plan::resume_manifest(&server, &job, &req.revision);
+            }
             let meta = crate::restore::resolve(&job, &req.revision)?;
             let bytes = job.manifest_bytes(&meta)?;
             Ok((RevisionInfo::from(&meta), bytes))
@@ -210,7 +213,10 @@ impl Backy for Service {
                     protocol_error = Some(Status::invalid_argument("empty push frame"));
                     break;
                 }
-                Ok(None) => break,
+                Ok(None) => {
+                    let _ = tx.send(Step::Interrupted).await;
+                    break;
+                }
                 Err(status) => {
                     tracing::warn!(job, "push stream broke: {status}");
                     // Transport-level refusals (e.g. a message over the size
@@ -220,6 +226,8 @@ impl Backy for Service {
                         Code::OutOfRange | Code::ResourceExhausted | Code::InvalidArgument
                     ) {
                         protocol_error = Some(status);
+                    } else {
+                        let _ = tx.send(Step::Interrupted).await;
                     }
                     break;
                 }

@@ -128,6 +128,7 @@ fn encode(frames: &[F]) -> Vec<PushFrame> {
                     source_type: "file".into(),
                     source_snapshot: String::new(),
                     force: true,
+                    ..PushBegin::default()
                 })),
                 F::Data { offset, len } => {
                     let data = vec![0x5a; *len];

@@ -17,7 +17,8 @@ async fn a_running_push_blocks_only_what_it_must() {
     let dir = tempfile::tempdir().unwrap();
     let base = dir.path().join("store");
     let img = dir.path().join("vm1.img");
-    make_image(&img, 32 * MIB, &[(0, 8 * MIB)]);
+    // More data than the server buffers ahead, so a restore stays open.
+    make_image(&img, 96 * MIB, &[(0, 64 * MIB)]);
     let server = {
         let base = base.clone();
         tokio::task::spawn_blocking(move || Server::start(&base, "  vm1: {}\n"))

@@ -2,8 +2,9 @@
 //! as `kill -9`) at named points of a push — while cloning, mid-stream,
 //! during commit, during expiry — on a real btrfs loop filesystem. After
 //! each: only complete revisions are listed, every one verifies and equals
-//! the source state it was taken from, `.partial/` is clean, the next push
-//! works.
+//! the source state it was taken from, `.partial/` holds at most a push
+//! kept for resuming, the next push works (resuming it) and leaves
+//! `.partial/` empty.
 
 mod support;
 
@@ -127,19 +128,35 @@ impl World {
             .client_ok(&["tags", "vm1", "-r", &(n - 1).to_string(), "set", "obsolete"]);
     }
 
+    fn assert_partial_empty(&self, point: &str) {
+        let left = std::fs::read_dir(self.base().join("vm1/.partial"))
+            .unwrap()
+            .count();
+        assert_eq!(left, 0, "after a good push following {point}, .partial is empty");
+    }
+
     /// Everything listed is complete, verifies, restores to a pushed source
     /// state; nothing else is on disk.
     fn check(&self, what: &str) {
         let job = self.base().join("vm1");
         wait_for(
-            &format!("{what}: .partial cleaned"),
+            &format!("{what}: the server done with the push"),
             Duration::from_secs(20),
-            || {
-                std::fs::read_dir(job.join(".partial"))
-                    .map(|d| d.count() == 0)
-                    .unwrap_or(true)
-            },
+            || self.server.status_json("vm1")["jobs"][0]["running"] == false,
         );
+        // `.partial/` holds nothing, or one interrupted push kept for
+        // resuming: its image, digests and record.
+        let mut partial: Vec<String> = std::fs::read_dir(job.join(".partial"))
+            .map(|d| d.map(|e| e.unwrap().file_name().into_string().unwrap()).collect())
+            .unwrap_or_default();
+        partial.sort();
+        if let Some(id) = partial.first().cloned() {
+            assert_eq!(
+                partial,
+                vec![id.clone(), format!("{id}.resume"), format!("{id}.resume.digests")],
+                "{what}: only a resumable push is left in .partial"
+            );
+        }
         let revs = self.server.revisions("vm1");
         assert!(!revs.is_empty(), "{what}: committed revisions are never lost");
         let mut want = BTreeSet::new();
@@ -210,6 +227,7 @@ fn server_killed_at_every_point_loses_nothing() {
         w.check(&format!("server killed at {point}"));
         w.push_ok();
         w.check(&format!("push after server killed at {point}"));
+        w.assert_partial_empty(point);
     }
     eprintln!("server kill points survived: {}", SERVER_POINTS.len());
 }
@@ -234,6 +252,7 @@ fn client_killed_at_every_point_loses_nothing() {
         w.check(&format!("client killed at {point}"));
         w.push_ok();
         w.check(&format!("push after client killed at {point}"));
+        w.assert_partial_empty(point);
     }
     eprintln!("client kill points survived: {}", CLIENT_POINTS.len());
 }

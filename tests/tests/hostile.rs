@@ -22,6 +22,8 @@ fn begin(job: &str, size: u64) -> Frame {
         source_type: "file".into(),
         source_snapshot: String::new(),
         force: false,
+        resume: false,
+        resumable: false,
     })
 }
 
@@ -295,6 +297,7 @@ async fn hostile_pushes_are_refused_and_change_nothing() {
         .manifest(ManifestRequest {
             job: "vm1".into(),
             revision: "all".into(),
+            resume: false,
         })
         .await
         .unwrap_err();

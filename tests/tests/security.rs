@@ -570,6 +570,7 @@ fn begin(job: &str, size: u64) -> PushFrame {
             source_type: "file".into(),
             source_snapshot: String::new(),
             force: true,
+            ..PushBegin::default()
         })),
     }
 }

@@ -7,6 +7,7 @@
 //! memory.
 
 mod check;
+mod rbd;
 mod target;
 
 use crate::connect::{status_error, Client};

@@ -22,12 +22,23 @@ pub enum Target {
     /// A temporary file next to the target, renamed over it at the end.
     /// Dropping it uncommitted removes it.
     File { tmp: NamedTempFile, path: PathBuf },
+    /// A Ceph RBD image (`rbd:POOL/IMAGE`), written by `rbd import-diff`.
+    Rbd {
+        target: Box<super::rbd::RbdTarget>,
+        path: PathBuf,
+    },
 }
 
 impl Target {
     /// Opens the target for an image of `size` bytes. An existing non-empty
     /// file is replaced only with `force`.
     pub fn open(path: &Path, size: u64, force: bool) -> Result<Target> {
+        if let Some(spec) = path.to_str().and_then(|p| p.strip_prefix("rbd:")) {
+            return Ok(Target::Rbd {
+                target: Box::new(super::rbd::RbdTarget::open(spec, size, force)?),
+                path: path.to_path_buf(),
+            });
+        }
         let meta = match std::fs::metadata(path) {
             Ok(meta) => Some(meta),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
@@ -115,7 +126,7 @@ impl Target {
 
     pub fn path(&self) -> &Path {
         match self {
-            Target::Device { path, .. } | Target::File { path, .. } => path,
+            Target::Device { path, .. } | Target::File { path, .. } | Target::Rbd { path, .. } => path,
         }
     }
 
@@ -125,14 +136,17 @@ impl Target {
             Target::Device { file, path, .. } => write_at(file, path, offset, data),
             Target::File { .. } if is_all_zero(data) => Ok(()),
             Target::File { tmp, .. } => write_at(tmp.as_file(), tmp.path(), offset, data),
+            Target::Rbd { target, .. } => target.write_data(offset, data),
         }
     }
 
     /// Makes a range zero: a device's old contents must go; a new file's
     /// holes are zero already.
     pub fn write_zero(&mut self, offset: u64, len: u64) -> Result<()> {
-        let Target::Device { file, path, zeros } = self else {
-            return Ok(());
+        let (file, path, zeros) = match self {
+            Target::Device { file, path, zeros } => (file, path, zeros),
+            Target::Rbd { target, .. } => return target.write_zero(offset, len),
+            Target::File { .. } => return Ok(()),
         };
         let flags = rustix::fs::FallocateFlags::ZERO_RANGE | rustix::fs::FallocateFlags::KEEP_SIZE;
         if rustix::fs::fallocate(&*file, flags, offset, len).is_ok() {
@@ -155,6 +169,7 @@ impl Target {
     /// Makes the restore durable, and for a file puts it in place.
     pub fn commit(self) -> Result<()> {
         match self {
+            Target::Rbd { target, .. } => target.commit(),
             Target::Device { file, path, .. } => file
                 .sync_all()
                 .map_err(|e| Error::io(format!("flushing {}", path.display()), e)),

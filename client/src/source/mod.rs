@@ -9,6 +9,9 @@
 
 pub mod block;
 pub mod file;
+pub mod hooks;
+pub mod process;
+pub mod rbd;
 
 use backy_common::ranges::Extent;
 use backy_common::source::SourceSpec;
@@ -51,21 +54,68 @@ pub trait Source: Send {
     }
 }
 
-/// Opens the source a spec names.
-pub fn open(spec: &SourceSpec) -> Result<Box<dyn Source>> {
-    if !spec.hooks().is_empty() {
-        // Running them is another issue's work; reading without the freeze
-        // or snapshot they promise would give an inconsistent image.
-        return Err(Error::invalid(format!(
-            "{} source has hooks configured, which this client does not run yet",
-            spec.kind()
-        )));
+/// Opens the source a spec names for revision `rev_id` of `job`, running
+/// its hooks first: `pre-snapshot` (which may create the snapshot `path`
+/// names, e.g. `lvcreate --snapshot`), then `post-snapshot`. `cleanup` runs
+/// when the returned source is dropped.
+pub fn open(spec: &SourceSpec, job: &str, rev_id: &str) -> Result<Box<dyn Source>> {
+    let path = match spec {
+        SourceSpec::File { path, .. } | SourceSpec::Block { path, .. } => path,
+        SourceSpec::CephRbd { .. } => {
+            // Pushes read them as diffs (rbd_push); there is no block access.
+            return Err(Error::invalid(
+                "a ceph-rbd source cannot be read block by block (only files and block devices can)",
+            ));
+        }
+    };
+    if spec.hooks().is_empty() {
+        return open_path(path);
     }
-    match spec {
-        SourceSpec::File { path, .. } | SourceSpec::Block { path, .. } => open_path(path),
-        SourceSpec::CephRbd { .. } => Err(Error::invalid(
-            "ceph-rbd sources are not supported by this client yet",
-        )),
+    let short = rev_id
+        .parse::<backy_common::RevisionId>()
+        .map(|id| id.short())
+        .unwrap_or_else(|_| rev_id.to_string());
+    let env = vec![
+        ("BACKY_JOB".to_string(), job.to_string()),
+        ("BACKY_REVISION".to_string(), short),
+        ("BACKY_SOURCE".to_string(), path.display().to_string()),
+    ];
+    let mut hooks = hooks::HookRunner::new(spec.hooks(), env);
+    hooks.pre_snapshot()?;
+    hooks.post_snapshot()?;
+    let inner = open_path(path)?;
+    Ok(Box::new(Hooked { inner, _hooks: hooks }))
+}
+
+/// A source read between its hooks; dropping it runs `cleanup`.
+struct Hooked {
+    inner: Box<dyn Source>,
+    _hooks: hooks::HookRunner,
+}
+
+impl Source for Hooked {
+    fn kind(&self) -> &'static str {
+        self.inner.kind()
+    }
+
+    fn snapshot(&self) -> &str {
+        self.inner.snapshot()
+    }
+
+    fn size(&self) -> u64 {
+        self.inner.size()
+    }
+
+    fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        self.inner.read_at(offset, buf)
+    }
+
+    fn next_data(&mut self, offset: u64) -> Result<Option<Extent>> {
+        self.inner.next_data(offset)
+    }
+
+    fn changed_extents(&mut self) -> Result<Option<Vec<Extent>>> {
+        self.inner.changed_extents()
     }
 }
 
@@ -197,23 +247,27 @@ mod tests {
 
     #[test]
     fn refuses_what_it_cannot_read() {
-        let rbd = SourceSpec::from_cli("rbd:rbd/vm1", |_| false).unwrap();
-        let e = open(&rbd).err().unwrap();
-        assert!(
-            e.message.contains("ceph-rbd sources are not supported"),
-            "{}",
-            e.message
-        );
-
+        let dir = tempfile::tempdir().unwrap();
+        let img = dir.path().join("snap.img");
+        let log = dir.path().join("log");
         let hooked = SourceSpec::File {
-            path: "/dev/null".into(),
+            path: img.clone(),
             hooks: Hooks {
-                pre_snapshot: Some("sync".into()),
+                pre_snapshot: Some(format!(
+                    "echo $BACKY_JOB > {}; truncate -s 4096 {}",
+                    log.display(),
+                    img.display()
+                )),
+                cleanup: Some(format!("rm {}", img.display())),
                 ..Hooks::default()
             },
         };
-        let e = open(&hooked).err().unwrap();
-        assert!(e.message.contains("hooks"), "{}", e.message);
+        let src = open(&hooked, "vm1", "x").unwrap();
+        assert_eq!(src.size(), 4096);
+        assert!(img.exists());
+        drop(src);
+        assert!(!img.exists(), "cleanup ran");
+        assert_eq!(std::fs::read_to_string(&log).unwrap(), "vm1\n");
 
         let e = open_path(Path::new("/dev/null")).err().unwrap();
         assert!(e.message.contains("neither a regular file"), "{}", e.message);

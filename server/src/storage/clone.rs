@@ -42,16 +42,23 @@ pub fn sparse_copy(src: &File, dst: &File) -> Result<()> {
         .len();
     dst.set_len(len)
         .map_err(|e| Error::io("sizing new revision", e))?;
-    let mut pos = 0u64;
-    while pos < len {
+    sparse_copy_range(src, dst, 0, len)
+}
+
+/// Copies the data segments of `src` within `start..end` to the same
+/// offsets of `dst`, which must be a hole there. On btrfs and XFS the
+/// kernel turns `copy_file_range` into a reflink, so the data is shared.
+pub fn sparse_copy_range(src: &File, dst: &File, start: u64, end: u64) -> Result<()> {
+    let mut pos = start;
+    while pos < end {
         let data = match rustix::fs::seek(src, SeekFrom::Data(pos)) {
-            Ok(d) => d,
-            Err(Errno::NXIO) => break, // no data after pos
+            Ok(d) if d < end => d,
+            Ok(_) | Err(Errno::NXIO) => break, // no data after pos
             Err(e) => return Err(Error::io("seeking data in parent", e.into())),
         };
         let hole = rustix::fs::seek(src, SeekFrom::Hole(data))
             .map_err(|e| Error::io("seeking hole in parent", e.into()))?
-            .min(len);
+            .min(end);
         copy_range(src, dst, data, hole - data)?;
         pos = hole;
     }

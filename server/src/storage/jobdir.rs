@@ -143,14 +143,28 @@ impl JobDir {
         Ok(m)
     }
 
-    /// Removes what no committed revision owns: everything in `.partial/`,
-    /// temp files, and image/manifest files without a `.rev`. Call with the
-    /// job locked (or at start, before serving).
-    pub fn clean_leftovers(&self) -> Result<Vec<PathBuf>> {
+    /// Removes what no committed revision owns: everything in `.partial/`
+    /// except the files of the interrupted push `keep`, temp files, and
+    /// image/manifest files without a `.rev`. Call with the job locked (or
+    /// at start, before serving).
+    pub fn clean_leftovers(&self, keep: Option<RevisionId>) -> Result<Vec<PathBuf>> {
         let mut removed = Vec::new();
         let partial = self.partial_dir();
+        let kept: Vec<PathBuf> = keep
+            .iter()
+            .flat_map(|id| {
+                [
+                    self.partial_image_path(id),
+                    self.resume_record_path(id),
+                    self.resume_digests_path(id),
+                ]
+            })
+            .collect();
         if let Ok(entries) = std::fs::read_dir(&partial) {
             for e in entries.flatten() {
+                if kept.contains(&e.path()) {
+                    continue;
+                }
                 remove_path(&e.path())?;
                 removed.push(e.path());
             }

@@ -7,6 +7,7 @@ use super::jobdir::JobDir;
 use backy_common::checksum::StreamChecksum;
 use backy_common::manifest::{digest, Digest, Manifest};
 use backy_common::ranges::{blocks_of, Extent};
+use backy_common::resume::{checkpoint_at, ResumeRecord};
 use backy_common::revision::{RevisionMeta, SourceInfo, Stats, StorageMode, Trust};
 use backy_common::{fault, Error, Result, RevisionId, MAX_FRAME_DATA};
 use chrono::{DateTime, Utc};
@@ -35,22 +36,38 @@ pub struct PushEnd {
     pub manifest_digest: Vec<u8>,
 }
 
-/// A revision under construction. Dropping it uncommitted removes its files.
+/// A revision under construction. Dropping it uncommitted removes its
+/// files, unless it was suspended for resuming.
 pub struct NewRevision {
     job: JobDir,
     spec: NewRevisionSpec,
     parent: Option<RevisionId>,
+    parent_size: u64,
     /// The parent's manifest resized to the new size (zeros for a full push).
     baseline: Manifest,
+    /// The image's digests as far as known: `baseline` with the blocks
+    /// below the last checkpoint (or a resumed push's) filled in.
+    current: Manifest,
     file: File,
     path: PathBuf,
+    /// Blocks written since their digest in `current` was taken.
     touched: Bitmap,
     checksum: StreamChecksum,
+    /// Frames must come in ascending order: the end of the last one.
+    position: u64,
+    /// Durable checkpoints every this many received bytes; `None`: the
+    /// push is not resumable.
+    checkpoint_every: Option<u64>,
+    since_checkpoint: u64,
+    /// Counters of earlier sessions of a resumed push.
+    earlier: Stats,
     stats: Stats,
     storage: StorageMode,
+    first_started: DateTime<Utc>,
     timestamp: DateTime<Utc>,
     started: Instant,
     committed: bool,
+    kept: bool,
 }
 
 impl NewRevision {
@@ -62,14 +79,14 @@ impl NewRevision {
         spec: NewRevisionSpec,
         parent: Option<(&RevisionMeta, Manifest)>,
         fs_mode: StorageMode,
+        checkpoint_every: Option<u64>,
     ) -> Result<Self> {
-        let path = job.partial_dir().join(spec.id.short());
+        let path = job.partial_image_path(&spec.id);
         let file = durable::create_new(&path)?;
         let mut guard = RemoveOnError(Some(path.clone()));
         let (parent_id, mut baseline, storage) = match parent {
             Some((meta, manifest)) => {
-                let src = File::open(job.image_path(&meta.id))
-                    .map_err(|e| Error::io(format!("opening parent revision {}", meta.id), e))?;
+                let src = open_parent(job, meta)?;
                 let storage = clone_or_copy(&src, &file)?;
                 (Some(meta.id), manifest, storage)
             }
@@ -91,20 +108,101 @@ impl NewRevision {
             touched.set(b);
         }
         guard.0 = None;
+        let now = Utc::now();
         Ok(NewRevision {
             job: job.clone(),
             spec,
             parent: parent_id,
+            parent_size: old_size,
+            current: baseline.clone(),
             baseline,
             file,
             path,
             touched,
             checksum: StreamChecksum::new(),
+            position: 0,
+            checkpoint_every,
+            since_checkpoint: 0,
+            earlier: Stats::default(),
             stats: Stats::default(),
             storage,
-            timestamp: Utc::now(),
+            first_started: now,
+            timestamp: now,
             started: Instant::now(),
             committed: false,
+            kept: false,
+        })
+    }
+
+    /// Reopens the partial revision an interrupted push left, after
+    /// resetting everything above its checkpoint to the parent. The job
+    /// must be locked and `record` checked by the caller.
+    pub fn resume(
+        job: &JobDir,
+        spec: NewRevisionSpec,
+        record: &ResumeRecord,
+        parent: Option<(&RevisionMeta, Manifest)>,
+        checkpoint_every: Option<u64>,
+    ) -> Result<Self> {
+        if spec.id != record.id || spec.size != record.size || spec.block_size != record.block_size {
+            return Err(Error::precondition(format!(
+                "push {} does not match the interrupted one ({} bytes); run it again without resuming",
+                spec.id, record.size
+            )));
+        }
+        if parent.as_ref().map(|(m, _)| m.id) != record.parent {
+            return Err(Error::precondition("the interrupted push had another parent"));
+        }
+        let path = job.partial_image_path(&spec.id);
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
+        let (mut baseline, parent_file) = match &parent {
+            Some((meta, manifest)) => (manifest.clone(), Some(open_parent(job, meta)?)),
+            None => (Manifest::zeroed(0, spec.block_size)?, None),
+        };
+        let old_size = baseline.image_size();
+        baseline.resize(spec.size)?;
+        super::resume::reset_tail(
+            &file,
+            parent_file.as_ref(),
+            old_size,
+            record.checkpoint,
+            spec.size,
+        )?;
+        let current = job.resume_manifest(record, &baseline)?;
+        let mut touched = Bitmap::new(baseline.block_count());
+        let done = record.checkpoint / u64::from(spec.block_size);
+        for b in baseline.resize_touched(old_size) {
+            if b >= done {
+                touched.set(b);
+            }
+        }
+        let now = Utc::now();
+        Ok(NewRevision {
+            job: job.clone(),
+            spec,
+            parent: record.parent,
+            parent_size: old_size,
+            baseline,
+            current,
+            file,
+            path,
+            touched,
+            checksum: StreamChecksum::new(),
+            position: 0,
+            checkpoint_every,
+            since_checkpoint: 0,
+            earlier: record.stats.clone(),
+            stats: Stats::default(),
+            storage: record.storage,
+            first_started: record.started,
+            timestamp: now,
+            started: Instant::now(),
+            committed: false,
+            kept: false,
         })
     }
 
@@ -112,7 +210,13 @@ impl NewRevision {
         self.storage
     }
 
-    fn check_extent(&self, offset: u64, len: u64) -> Result<Extent> {
+    fn check_extent(&mut self, offset: u64, len: u64) -> Result<Extent> {
+        if offset < self.position {
+            return Err(Error::invalid(format!(
+                "frames out of order: range at {offset} after one ending at {}",
+                self.position
+            )));
+        }
         let end = offset
             .checked_add(len)
             .filter(|&end| end <= self.spec.size)
@@ -122,6 +226,7 @@ impl NewRevision {
                     self.spec.size
                 ))
             })?;
+        self.position = end;
         Ok(Extent {
             offset,
             len: end - offset,
@@ -144,7 +249,84 @@ impl NewRevision {
         self.stats.bytes_received += data.len() as u64;
         self.stats.bytes_written += data.len() as u64;
         self.touch(extent);
+        self.since_checkpoint += data.len() as u64;
+        if self
+            .checkpoint_every
+            .is_some_and(|every| self.since_checkpoint >= every)
+        {
+            self.checkpoint()?;
+        }
         Ok(())
+    }
+
+    /// Digests the blocks below `upto` written since their last digest.
+    fn digest_touched_below(&mut self, upto: u64) -> Result<()> {
+        let limit = upto / u64::from(self.spec.block_size);
+        let blocks: Vec<u64> = self.touched.iter().take_while(|&b| b < limit).collect();
+        let mut buf = vec![0u8; self.spec.block_size as usize];
+        for block in blocks {
+            let len = self.current.block_len(block) as usize;
+            let offset = self.current.block_offset(block);
+            self.file
+                .read_exact_at(&mut buf[..len], offset)
+                .map_err(|e| Error::io(format!("reading back {}", self.path.display()), e))?;
+            let d: Digest = digest(&buf[..len]);
+            if Some(&d) != self.baseline.get(block) && Some(&d) != self.current.get(block) {
+                self.stats.changed_blocks += 1;
+            }
+            self.current.set(block, d)?;
+            self.touched.clear(block);
+        }
+        Ok(())
+    }
+
+    /// Makes the progress so far durable: the image synced, the digests of
+    /// every block below the checkpoint recorded, then the record.
+    pub fn checkpoint(&mut self) -> Result<()> {
+        let checkpoint = checkpoint_at(self.position, self.spec.block_size);
+        self.digest_touched_below(checkpoint)?;
+        self.file
+            .sync_data()
+            .map_err(|e| Error::io(format!("syncing {}", self.path.display()), e))?;
+        let record = ResumeRecord {
+            id: self.spec.id,
+            parent: self.parent,
+            parent_size: self.parent_size,
+            size: self.spec.size,
+            block_size: self.spec.block_size,
+            checkpoint,
+            storage: self.storage,
+            stats: self.total_stats(),
+            started: self.first_started,
+            written: Utc::now(),
+        };
+        self.job.write_checkpoint(&record, &self.current)?;
+        self.since_checkpoint = 0;
+        fault::point("push.checkpointed");
+        tracing::info!(job = %self.job.name(), rev = %self.spec.id, checkpoint, "push checkpointed");
+        Ok(())
+    }
+
+    /// The connection broke: keep the partial revision for resuming when
+    /// this push is resumable and got past its first block; returns the
+    /// checkpoint kept.
+    pub fn suspend(mut self) -> Result<Option<u64>> {
+        let checkpoint = checkpoint_at(self.position, self.spec.block_size);
+        if self.checkpoint_every.is_none() || checkpoint == 0 {
+            return Ok(None);
+        }
+        self.checkpoint()?;
+        self.kept = true;
+        Ok(Some(checkpoint))
+    }
+
+    fn total_stats(&self) -> Stats {
+        Stats {
+            bytes_received: self.earlier.bytes_received + self.stats.bytes_received,
+            bytes_written: self.earlier.bytes_written + self.stats.bytes_written,
+            changed_blocks: self.earlier.changed_blocks + self.stats.changed_blocks,
+            duration: self.earlier.duration + self.started.elapsed().as_secs_f64(),
+        }
     }
 
     /// Makes a range zero by punching a hole (zeros written where the
@@ -199,20 +381,8 @@ impl NewRevision {
                 "end-to-end check failed: the data received does not match the client's stream checksum",
             ));
         }
-        let mut manifest = self.baseline.clone();
-        let mut buf = vec![0u8; self.spec.block_size as usize];
-        for block in self.touched.iter() {
-            let len = manifest.block_len(block) as usize;
-            let offset = manifest.block_offset(block);
-            self.file
-                .read_exact_at(&mut buf[..len], offset)
-                .map_err(|e| Error::io(format!("reading back {}", self.path.display()), e))?;
-            let d: Digest = digest(&buf[..len]);
-            if Some(&d) != self.baseline.get(block) {
-                self.stats.changed_blocks += 1;
-            }
-            manifest.set(block, d)?;
-        }
+        self.digest_touched_below(u64::MAX)?;
+        let manifest = self.current.clone();
         fault::point("commit.digested");
         let manifest_bytes = manifest.encode();
         let manifest_digest = *blake3::hash(&manifest_bytes).as_bytes();
@@ -225,10 +395,12 @@ impl NewRevision {
             .sync_all()
             .map_err(|e| Error::io(format!("syncing {}", self.path.display()), e))?;
         fault::point("commit.synced");
-        self.stats.duration = self.started.elapsed().as_secs_f64();
+        let stats = self.total_stats();
 
         let id = self.spec.id;
         let partial_digests = self.job.partial_dir().join(format!("{}.digests", id.short()));
+        // From here on the push is no longer resumable.
+        self.job.discard_resume(&id);
         durable::write_atomic(&partial_digests, &manifest_bytes)?;
         fault::point("commit.digests-written");
         rename(&self.path, &self.job.image_path(&id))?;
@@ -248,7 +420,7 @@ impl NewRevision {
             trust: Trust::Trusted,
             verified_at: None,
             source: self.spec.source.clone(),
-            stats: self.stats.clone(),
+            stats,
             manifest_digest: hex::encode(manifest_digest),
             storage: self.storage,
         };
@@ -261,10 +433,16 @@ impl NewRevision {
 
 impl Drop for NewRevision {
     fn drop(&mut self) {
-        if !self.committed {
+        if !self.committed && !self.kept {
+            self.job.discard_resume(&self.spec.id);
             let _ = std::fs::remove_file(&self.path);
         }
     }
+}
+
+fn open_parent(job: &JobDir, meta: &RevisionMeta) -> Result<File> {
+    File::open(job.image_path(&meta.id))
+        .map_err(|e| Error::io(format!("opening parent revision {}", meta.id), e))
 }
 
 struct RemoveOnError(Option<PathBuf>);
@@ -299,6 +477,12 @@ impl Bitmap {
     fn set(&mut self, i: u64) {
         if i < self.len {
             self.words[(i / 64) as usize] |= 1 << (i % 64);
+        }
+    }
+
+    fn clear(&mut self, i: u64) {
+        if i < self.len {
+            self.words[(i / 64) as usize] &= !(1 << (i % 64));
         }
     }
 

@@ -1,0 +1,763 @@
+//! `push` of a Ceph RBD image: snapshot it (between the job's hooks), let
+//! Ceph say what changed since the parent's snapshot, and send exactly that.
+//!
+//! * Incremental: `rbd export-diff --from-snap backy-<parent>` is parsed as
+//!   it arrives; its data records become data ranges, its zero records zero
+//!   ranges. Only changed bytes are read and sent. The server recomputes
+//!   the digests of the touched blocks itself.
+//! * Full (no parent, or its snapshot is gone): `rbd export-diff` of the
+//!   whole snapshot, which carries only the extents that exist in Ceph.
+//!   The extents are assembled into blocks, digested and compared with the
+//!   parent's manifest when there is one, so unchanged blocks stay shared
+//!   on the server and the client knows the whole new manifest.
+//!
+//! Nothing is committed unless the diff stream ended with its end marker
+//! and `rbd` exited 0. After a commit the older `backy-*` snapshots go; a
+//! failed push removes the snapshot it made.
+
+use crate::connect::Client;
+use crate::progress;
+use crate::push::{self, PushArgs, Pushed, FRAMES_IN_FLIGHT, STREAM_CLOSED};
+use crate::scan::{Scanned, Scanner};
+use crate::source::hooks::HookRunner;
+use crate::source::process::{describe, Running};
+use crate::source::rbd::{Rbd, SNAP_PREFIX};
+use crate::view::RevisionView;
+use backy_common::checksum::StreamChecksum;
+use backy_common::manifest::Manifest;
+use backy_common::ranges::is_all_zero;
+use backy_common::rbd_diff::{DiffReader, Record};
+use backy_common::source::SourceSpec;
+use backy_common::{fault, Error, Result, RevisionId, MAX_FRAME_DATA};
+use backy_proto::push_frame::Frame;
+use backy_proto::{DataRange, PlanReply, PushBegin, PushEnd, PushFrame, ZeroRange};
+use std::io::BufReader;
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+
+/// How long `rbd export-diff` may take to exit once its stream ended.
+const EXIT_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Pipe buffer between `rbd` and the parser.
+const PIPE_BUFFER: usize = 1 << 20;
+
+/// What the diff reader produced.
+pub struct Streamed {
+    pub bytes_read: u64,
+    pub bytes_sent: u64,
+    /// The full scan's results (full backups only).
+    pub scanned: Option<Scanned>,
+}
+
+/// Runs a push of a ceph-rbd source for a due plan.
+pub async fn push(
+    client: &mut Client,
+    args: &PushArgs,
+    plan: &PlanReply,
+    spec: &SourceSpec,
+    show_progress: bool,
+    started: Instant,
+) -> Result<Pushed> {
+    let job = args.job.as_str();
+    let rbd = Rbd::from_spec(spec)?;
+    let new_id: RevisionId = plan.new_id.parse()?;
+    let snap = format!("{SNAP_PREFIX}{}", new_id.short());
+    let env = vec![
+        ("BACKY_JOB".to_string(), job.to_string()),
+        ("BACKY_REVISION".to_string(), new_id.short()),
+        ("BACKY_SNAPSHOT".to_string(), rbd.snap_spec(&snap)),
+    ];
+    let hooks = HookRunner::new(spec.hooks(), env);
+    let (mut hooks, taken) = blocking({
+        let (rbd, snap) = (rbd.clone(), snap.clone());
+        move || {
+            let mut hooks = hooks;
+            let taken = take_snapshot(&mut hooks, &rbd, &snap);
+            Ok((hooks, taken))
+        }
+    })
+    .await?;
+    taken?;
+    fault::point("client.snapshot");
+
+    let result = push_snapshot(client, job, args, plan, &rbd, &snap, show_progress, started).await;
+    let (rbd2, snap2) = (rbd.clone(), snap.clone());
+    let after = blocking(move || {
+        let tidy = match &result {
+            // The new snapshot is the next push's parent; older ones are
+            // no use any more.
+            Ok(_) => rotate(&rbd2, &snap2),
+            Err(_) => rbd2.snap_remove(&snap2),
+        };
+        let cleaned = hooks.cleanup();
+        Ok((result, tidy, cleaned))
+    })
+    .await?;
+    let (result, tidy, cleaned) = after;
+    if let Err(e) = tidy {
+        // The push's outcome stands; leftover snapshots only cost space and
+        // are removed by the next successful push.
+        tracing::warn!("{}", e.message);
+    }
+    let pushed = result?;
+    cleaned?;
+    Ok(pushed)
+}
+
+/// pre-snapshot hook, `rbd snap create`, post-snapshot hook (which runs
+/// whenever the pre-snapshot hook ran).
+fn take_snapshot(hooks: &mut HookRunner, rbd: &Rbd, snap: &str) -> Result<()> {
+    // The plan reuses the id of an interrupted push; a snapshot its killed
+    // client left behind is stale.
+    if rbd.snapshots()?.iter().any(|s| s == snap) {
+        tracing::info!(snapshot = %rbd.snap_spec(snap), "removing the stale snapshot of an interrupted push");
+        rbd.snap_remove(snap)?;
+    }
+    let taken = hooks.pre_snapshot().and_then(|()| rbd.snap_create(snap));
+    let post = hooks.post_snapshot();
+    match (taken, post) {
+        (Err(e), _) => Err(e),
+        (Ok(()), Err(e)) => {
+            // Taken while the hooks failed: not a consistent snapshot.
+            let _ = rbd.snap_remove(snap);
+            Err(e)
+        }
+        (Ok(()), Ok(())) => Ok(()),
+    }
+}
+
+/// Removes every `backy-*` snapshot of the image but `keep`.
+fn rotate(rbd: &Rbd, keep: &str) -> Result<()> {
+    for old in rbd.snapshots()? {
+        if old.starts_with(SNAP_PREFIX) && old != keep {
+            tracing::info!(snapshot = %rbd.snap_spec(&old), "removing old snapshot");
+            rbd.snap_remove(&old)?;
+        }
+    }
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn push_snapshot(
+    client: &mut Client,
+    job: &str,
+    args: &PushArgs,
+    plan: &PlanReply,
+    rbd: &Rbd,
+    snap: &str,
+    show_progress: bool,
+    started: Instant,
+) -> Result<Pushed> {
+    let (size, from) = blocking({
+        let (rbd, snap, plan) = (rbd.clone(), snap.to_string(), plan.clone());
+        move || {
+            let size = rbd.size(Some(&snap))?;
+            Ok((size, parent_snapshot(&rbd, &plan)?))
+        }
+    })
+    .await?;
+    let baseline = match &from {
+        Some(_) => None,
+        None => Some(push::baseline(client, job, plan, size).await?),
+    };
+    tracing::info!(
+        job,
+        snapshot = %rbd.snap_spec(snap),
+        from = from.as_deref().unwrap_or("(full)"),
+        size,
+        "reading rbd snapshot"
+    );
+
+    let begin = PushBegin {
+        job: job.to_string(),
+        rev_id: plan.new_id.clone(),
+        parent_id: plan.parent_id.clone(),
+        size,
+        block_size: plan.block_size,
+        tags: plan.tags.clone(),
+        source_type: "ceph-rbd".to_string(),
+        source_snapshot: snap.to_string(),
+        force: args.force,
+        // rbd pushes start afresh: the snapshot of a broken attempt is
+        // removed with it, so there is nothing to resume from.
+        resume: false,
+        resumable: false,
+    };
+    let (tx, rx) = mpsc::channel(FRAMES_IN_FLIGHT);
+    tx.send(PushFrame {
+        frame: Some(Frame::Begin(begin)),
+    })
+    .await
+    .map_err(|_| Error::internal(STREAM_CLOSED))?;
+
+    let bar = progress::bar(size, job, show_progress);
+    let reader_bar = bar.clone();
+    let (rbd, snap) = (rbd.clone(), snap.to_string());
+    let reader = tokio::task::spawn_blocking(move || {
+        let send = |frame| {
+            let sent = tx
+                .blocking_send(PushFrame { frame: Some(frame) })
+                .map_err(|_| Error::unavailable(STREAM_CLOSED));
+            fault::point("client.frame");
+            sent
+        };
+        let streamed = export(&rbd, from.as_deref(), &snap, size, baseline, send, |pos| {
+            reader_bar.set_position(pos)
+        })?;
+        Ok(streamed)
+    });
+    let rpc = client.push(ReceiverStream::new(rx));
+    let joined = push::join(reader, rpc).await;
+    fault::point("client.replied");
+    bar.finish_and_clear();
+    let (streamed, reply) = joined?;
+    tracing::info!(
+        job,
+        bytes_read = streamed.bytes_read,
+        bytes_sent = streamed.bytes_sent,
+        "pushed"
+    );
+    let revision = reply
+        .revision
+        .ok_or_else(|| Error::internal("server reply names no revision"))?;
+    if let Some(scanned) = &streamed.scanned {
+        push::check_committed(&revision, scanned)?;
+    }
+    Ok(Pushed {
+        job: job.to_string(),
+        revision: RevisionView::from(&revision),
+        bytes_read: streamed.bytes_read,
+        bytes_sent: streamed.bytes_sent,
+        duration_secs: started.elapsed().as_secs_f64(),
+        expired: reply.expired,
+        resumed_at: None,
+    })
+}
+
+/// The parent's snapshot when an incremental diff from it is possible.
+fn parent_snapshot(rbd: &Rbd, plan: &PlanReply) -> Result<Option<String>> {
+    let parent = &plan.parent_snapshot;
+    if plan.parent_id.is_empty() || !parent.starts_with(SNAP_PREFIX) {
+        return Ok(None);
+    }
+    if rbd.snapshots()?.iter().any(|s| s == parent) {
+        Ok(Some(parent.clone()))
+    } else {
+        tracing::warn!(
+            snapshot = %rbd.snap_spec(parent),
+            "the parent revision's snapshot is gone: full backup"
+        );
+        Ok(None)
+    }
+}
+
+/// Runs `rbd export-diff`, streams its records as frames, checks that the
+/// stream was complete and `rbd` exited 0, then sends the end frame.
+/// `baseline` given: a full backup compared block by block against it.
+pub fn export(
+    rbd: &Rbd,
+    from: Option<&str>,
+    snap: &str,
+    size: u64,
+    baseline: Option<Manifest>,
+    mut send: impl FnMut(Frame) -> Result<()>,
+    progress: impl FnMut(u64),
+) -> Result<Streamed> {
+    let mut running = rbd.export_diff(from, snap)?;
+    let stdout = running
+        .child
+        .stdout
+        .take()
+        .ok_or_else(|| Error::internal("rbd export-diff has no stdout"))?;
+    let mut diff = DiffReader::new(BufReader::with_capacity(PIPE_BUFFER, stdout));
+    let parsed = read_header(&mut diff, from, snap, size).and_then(|()| match baseline {
+        None => incremental(&mut diff, &mut send, progress),
+        Some(baseline) => full(&mut diff, baseline, &mut send, progress),
+    });
+    // Closing the pipe stops an `rbd` we no longer listen to.
+    drop(diff);
+    let status = running.wait(EXIT_TIMEOUT)?;
+    let (streamed, checksum) = match parsed {
+        Err(e) if e.message == STREAM_CLOSED => return Err(e),
+        Err(e) => return Err(explain(&mut running, status, e)),
+        Ok(done) => done,
+    };
+    match status {
+        Some(s) if s.success() => {}
+        _ => {
+            let e = Error::unavailable("its diff stream looked complete");
+            return Err(explain(&mut running, status, e));
+        }
+    }
+    fault::point("client.before-end");
+    let manifest_digest = streamed
+        .scanned
+        .as_ref()
+        .map(|s| s.manifest.file_digest().to_vec())
+        .unwrap_or_default();
+    send(Frame::End(PushEnd {
+        stream_checksum: checksum.to_vec(),
+        manifest_digest,
+        bytes_read: streamed.bytes_read,
+    }))?;
+    Ok(streamed)
+}
+
+/// The error to report when the stream or `rbd` failed: `rbd`'s own exit
+/// status and message first when it failed, the stream's error otherwise.
+fn explain(running: &mut Running, status: Option<std::process::ExitStatus>, stream: Error) -> Error {
+    let stderr = running.stderr_tail();
+    let what = running.what().to_string();
+    match status {
+        Some(s) if s.code().is_some_and(|c| c != 0) => Error::unavailable(format!(
+            "{what} failed ({}){stderr}; nothing was committed ({})",
+            describe(s),
+            stream.message
+        )),
+        Some(s) if !s.success() => Error::unavailable(format!(
+            "{what} failed ({}){stderr}; nothing was committed ({})",
+            describe(s),
+            stream.message
+        )),
+        None => Error::unavailable(format!(
+            "{what} did not exit after its stream ended and was killed{stderr}; nothing was committed"
+        )),
+        Some(_) => Error {
+            kind: stream.kind,
+            message: format!("{what}: {}; nothing was committed", stream.message),
+        },
+    }
+}
+
+/// The metadata records: the snapshots must be the ones asked for and the
+/// size the snapshot's.
+fn read_header<R: std::io::Read>(
+    diff: &mut DiffReader<R>,
+    from: Option<&str>,
+    snap: &str,
+    size: u64,
+) -> Result<()> {
+    let mut seen_from = None;
+    let mut seen_to = None;
+    loop {
+        match diff.next_record()? {
+            Some(Record::Header { .. }) | Some(Record::SnapProtected(_)) => {}
+            Some(Record::FromSnap(s)) => seen_from = Some(s),
+            Some(Record::ToSnap(s)) => seen_to = Some(s),
+            Some(Record::Size(s)) if s != size => {
+                return Err(Error::data_loss(format!(
+                    "rbd diff: size record says {s} bytes, the snapshot has {size}"
+                )))
+            }
+            Some(Record::Size(_)) => break,
+            Some(other) => {
+                return Err(Error::data_loss(format!(
+                    "rbd diff: {other:?} before the size record"
+                )))
+            }
+            None => return Err(Error::data_loss("rbd diff: stream ended before the size record")),
+        }
+    }
+    if seen_from.as_deref() != from || seen_to.as_deref() != Some(snap) {
+        return Err(Error::data_loss(format!(
+            "rbd diff: goes from {seen_from:?} to {seen_to:?}, expected {from:?} to {snap:?}"
+        )));
+    }
+    Ok(())
+}
+
+/// Incremental: records straight to frames. Ceph reports an object new
+/// since the parent snapshot from its start to its last written byte, so
+/// all-zero pages inside data records go as zero ranges, not as data.
+fn incremental<R: std::io::Read>(
+    diff: &mut DiffReader<R>,
+    send: &mut impl FnMut(Frame) -> Result<()>,
+    mut progress: impl FnMut(u64),
+) -> Result<(Streamed, [u8; 32])> {
+    let mut out = Frames {
+        send,
+        checksum: StreamChecksum::new(),
+        zero_run: None,
+        bytes_sent: 0,
+    };
+    let mut bytes_read = 0u64;
+    let mut buf = vec![0u8; MAX_FRAME_DATA];
+    loop {
+        match diff.next_record()? {
+            Some(Record::Data { offset, .. }) => {
+                let mut at = offset;
+                loop {
+                    let n = diff.read_data(&mut buf)?;
+                    if n == 0 {
+                        break;
+                    }
+                    bytes_read += n as u64;
+                    out.chunk(at, &buf[..n])?;
+                    at += n as u64;
+                    progress(at);
+                }
+            }
+            Some(Record::Zero { offset, len }) => {
+                out.zero(offset, len)?;
+                progress(offset + len);
+            }
+            Some(Record::End) => {
+                out.flush_zeros()?;
+                let streamed = Streamed {
+                    bytes_read,
+                    bytes_sent: out.bytes_sent,
+                    scanned: None,
+                };
+                return Ok((streamed, out.checksum.finish()));
+            }
+            Some(other) => {
+                return Err(Error::data_loss(format!(
+                    "rbd diff: unexpected {other:?} record among the extents"
+                )))
+            }
+            None => return Err(Error::data_loss("rbd diff: stream ended without end marker")),
+        }
+    }
+}
+
+/// Granularity of zero detection in incremental diffs.
+const PAGE: usize = 4096;
+
+/// Frames of an incremental push, with neighbouring zero ranges merged.
+struct Frames<'a, S> {
+    send: &'a mut S,
+    checksum: StreamChecksum,
+    zero_run: Option<(u64, u64)>,
+    bytes_sent: u64,
+}
+
+impl<S: FnMut(Frame) -> Result<()>> Frames<'_, S> {
+    /// Data read at `offset`: zero pages become zero ranges, the rest data.
+    fn chunk(&mut self, offset: u64, data: &[u8]) -> Result<()> {
+        let mut start = 0;
+        while start < data.len() {
+            let zero = is_all_zero(&data[start..(start + PAGE).min(data.len())]);
+            let mut end = start;
+            while end < data.len() && is_all_zero(&data[end..(end + PAGE).min(data.len())]) == zero {
+                end = (end + PAGE).min(data.len());
+            }
+            let at = offset + start as u64;
+            if zero {
+                self.zero(at, (end - start) as u64)?;
+            } else {
+                self.data(at, &data[start..end])?;
+            }
+            start = end;
+        }
+        Ok(())
+    }
+
+    fn data(&mut self, offset: u64, data: &[u8]) -> Result<()> {
+        self.flush_zeros()?;
+        self.checksum.data(offset, data);
+        self.bytes_sent += data.len() as u64;
+        (self.send)(Frame::Data(DataRange {
+            offset,
+            data: data.to_vec(),
+        }))
+    }
+
+    fn zero(&mut self, offset: u64, len: u64) -> Result<()> {
+        if len == 0 {
+            return Ok(());
+        }
+        match &mut self.zero_run {
+            Some((o, l)) if *o + *l == offset => *l += len,
+            _ => {
+                self.flush_zeros()?;
+                self.zero_run = Some((offset, len));
+            }
+        }
+        Ok(())
+    }
+
+    fn flush_zeros(&mut self) -> Result<()> {
+        if let Some((offset, length)) = self.zero_run.take() {
+            self.checksum.zero(offset, length);
+            (self.send)(Frame::Zero(ZeroRange { offset, length }))?;
+        }
+        Ok(())
+    }
+}
+
+/// Full: the extents that exist, assembled into blocks (everything else
+/// reads as zeros) and compared with `baseline` by the scanner.
+fn full<R: std::io::Read>(
+    diff: &mut DiffReader<R>,
+    baseline: Manifest,
+    send: &mut impl FnMut(Frame) -> Result<()>,
+    progress: impl FnMut(u64),
+) -> Result<(Streamed, [u8; 32])> {
+    let mut blocks = Blocks {
+        block_size: baseline.block_size() as u64,
+        count: baseline.block_count(),
+        buf: vec![0u8; baseline.block_size() as usize],
+        current: 0,
+        filled: false,
+        scanner: Scanner::new(baseline, send),
+        progress,
+    };
+    let mut bytes_read = 0u64;
+    loop {
+        match diff.next_record()? {
+            Some(Record::Data { offset, len }) => {
+                let end = offset + len;
+                let mut at = offset;
+                while at < end {
+                    let index = at / blocks.block_size;
+                    if index < blocks.current {
+                        return Err(Error::data_loss(format!(
+                            "rbd diff: the extent at {at} comes after later ones (images with \
+                             fancy striping are not supported)"
+                        )));
+                    }
+                    blocks.advance(index)?;
+                    let within = (at - index * blocks.block_size) as usize;
+                    let n = (end - at).min(blocks.block_size - within as u64) as usize;
+                    let got = diff.read_data(&mut blocks.buf[within..within + n])?;
+                    if got != n {
+                        return Err(Error::internal(format!("rbd diff: read {got} of {n} bytes")));
+                    }
+                    blocks.filled = true;
+                    bytes_read += n as u64;
+                    at += n as u64;
+                }
+            }
+            // A full diff has nothing to zero: absent extents read as zeros.
+            Some(Record::Zero { .. }) => {}
+            Some(Record::End) => {
+                blocks.advance(blocks.count)?;
+                let scanned = blocks.scanner.finish()?;
+                let checksum = scanned.checksum;
+                let streamed = Streamed {
+                    bytes_read,
+                    bytes_sent: scanned.bytes_sent,
+                    scanned: Some(scanned),
+                };
+                return Ok((streamed, checksum));
+            }
+            Some(other) => {
+                return Err(Error::data_loss(format!(
+                    "rbd diff: unexpected {other:?} record among the extents"
+                )))
+            }
+            None => return Err(Error::data_loss("rbd diff: stream ended without end marker")),
+        }
+    }
+}
+
+/// Blocks of a full backup being assembled from the diff's extents.
+struct Blocks<E, P> {
+    block_size: u64,
+    count: u64,
+    buf: Vec<u8>,
+    /// The block being assembled, and whether any extent touched it.
+    current: u64,
+    filled: bool,
+    scanner: Scanner<E>,
+    progress: P,
+}
+
+impl<E: FnMut(Frame) -> Result<()>, P: FnMut(u64)> Blocks<E, P> {
+    /// Hands every block before `upto` to the scanner: the current one as
+    /// assembled, the ones no extent touched as holes.
+    fn advance(&mut self, upto: u64) -> Result<()> {
+        while self.current < upto {
+            if self.filled {
+                let len = self.scanner.manifest().block_len(self.current) as usize;
+                self.scanner.block(self.current, &self.buf[..len])?;
+                self.buf.fill(0);
+                self.filled = false;
+            } else {
+                self.scanner.hole(self.current)?;
+            }
+            self.current += 1;
+            (self.progress)(self.current * self.block_size);
+        }
+        Ok(())
+    }
+}
+
+/// Runs blocking work (the `rbd` tool, hooks) off the async threads.
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| Error::internal(format!("blocking task failed: {e}")))?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use backy_common::manifest::digest;
+    use backy_common::ErrorKind;
+
+    const BS: u32 = 64 << 10;
+
+    /// A v1 diff stream from `from` to `to` of an image of `size` bytes.
+    fn stream(size: u64, writes: &[(u64, Vec<u8>)], zeros: &[(u64, u64)]) -> Vec<u8> {
+        let mut s = b"rbd diff v1\n".to_vec();
+        for (tag, name) in [(b'f', "backy-a"), (b't', "backy-b")] {
+            s.push(tag);
+            s.extend_from_slice(&(name.len() as u32).to_le_bytes());
+            s.extend_from_slice(name.as_bytes());
+        }
+        s.push(b's');
+        s.extend_from_slice(&size.to_le_bytes());
+        for (off, data) in writes {
+            s.push(b'w');
+            s.extend_from_slice(&off.to_le_bytes());
+            s.extend_from_slice(&(data.len() as u64).to_le_bytes());
+            s.extend_from_slice(data);
+        }
+        for (off, len) in zeros {
+            s.push(b'z');
+            s.extend_from_slice(&off.to_le_bytes());
+            s.extend_from_slice(&len.to_le_bytes());
+        }
+        s.push(b'e');
+        s
+    }
+
+    /// Applies frames to an image, checking the stream checksum.
+    fn apply(image: &mut [u8], frames: &[Frame], checksum: [u8; 32]) {
+        let mut c = StreamChecksum::new();
+        for f in frames {
+            match f {
+                Frame::Data(d) => {
+                    c.data(d.offset, &d.data);
+                    image[d.offset as usize..d.offset as usize + d.data.len()].copy_from_slice(&d.data);
+                }
+                Frame::Zero(z) => {
+                    c.zero(z.offset, z.length);
+                    image[z.offset as usize..(z.offset + z.length) as usize].fill(0);
+                }
+                other => panic!("unexpected frame {other:?}"),
+            }
+        }
+        assert_eq!(c.finish(), checksum);
+    }
+
+    #[test]
+    fn incremental_sends_data_and_zero_ranges() {
+        let size = 4 * BS as u64;
+        let mut data = vec![0u8; 3 * PAGE];
+        data[PAGE + 5] = 9; // only the middle page holds data
+        let writes = vec![(1000, data.clone()), (size - 3, vec![1, 2, 3])];
+        let zeros = vec![(2 * BS as u64, BS as u64)];
+        let raw = stream(size, &writes, &zeros);
+        let mut diff = DiffReader::new(&raw[..]);
+        read_header(&mut diff, Some("backy-a"), "backy-b", size).unwrap();
+        let mut frames = Vec::new();
+        let (streamed, checksum) = incremental(
+            &mut diff,
+            &mut |f| {
+                frames.push(f);
+                Ok(())
+            },
+            |_| {},
+        )
+        .unwrap();
+        assert_eq!(streamed.bytes_read, 3 * PAGE as u64 + 3);
+        assert_eq!(
+            streamed.bytes_sent,
+            PAGE as u64 + 3,
+            "zero pages are not sent as data"
+        );
+        let mut image = vec![7u8; size as usize];
+        let mut want = image.clone();
+        apply(&mut image, &frames, checksum);
+        want[1000..1000 + data.len()].copy_from_slice(&data);
+        want[size as usize - 3..].copy_from_slice(&[1, 2, 3]);
+        want[2 * BS as usize..3 * BS as usize].fill(0);
+        assert!(image == want);
+    }
+
+    #[test]
+    fn full_compares_blocks_with_the_parent() {
+        let size = 4 * BS as u64 + 100;
+        // The parent: block 0 as now, block 1 with data that is gone now.
+        let block0 = vec![5u8; BS as usize];
+        let mut parent = Manifest::zeroed(size, BS).unwrap();
+        parent.set(0, digest(&block0)).unwrap();
+        parent.set(1, digest(&vec![6u8; BS as usize])).unwrap();
+        let writes = vec![
+            (0, block0.clone()),
+            (3 * BS as u64 - 10, vec![8u8; 20]),
+            (size - 1, vec![1]),
+        ];
+        let raw = stream(size, &writes, &[]);
+        let mut diff = DiffReader::new(&raw[..]);
+        read_header(&mut diff, Some("backy-a"), "backy-b", size).unwrap();
+        let mut frames = Vec::new();
+        let (streamed, checksum) = full(
+            &mut diff,
+            parent,
+            &mut |f| {
+                frames.push(f);
+                Ok(())
+            },
+            |_| {},
+        )
+        .unwrap();
+        assert_eq!(streamed.bytes_read, BS as u64 + 21);
+        // Block 0 is unchanged, block 1 zeroed, blocks 2, 3 and the tail sent.
+        assert_eq!(streamed.bytes_sent, 2 * BS as u64 + 100);
+        let mut image = vec![0u8; size as usize];
+        image[..BS as usize].copy_from_slice(&block0);
+        image[BS as usize..2 * BS as usize].fill(6);
+        apply(&mut image, &frames, checksum);
+        let mut want = vec![0u8; size as usize];
+        want[..BS as usize].copy_from_slice(&block0);
+        want[3 * BS as usize - 10..3 * BS as usize + 10].fill(8);
+        want[size as usize - 1] = 1;
+        assert!(image == want);
+        let scanned = streamed.scanned.unwrap();
+        for b in 0..5 {
+            let o = b * BS as usize;
+            let end = (o + BS as usize).min(size as usize);
+            assert_eq!(
+                scanned.manifest.get(b as u64),
+                Some(&digest(&want[o..end])),
+                "block {b}"
+            );
+        }
+    }
+
+    #[test]
+    fn broken_streams_fail_before_the_end() {
+        let size = 2 * BS as u64;
+        let good = stream(size, &[(10, vec![1u8; 5000])], &[(BS as u64, 10)]);
+        for cut in [20, 60, 100, good.len() - 1] {
+            for is_full in [false, true] {
+                let mut diff = DiffReader::new(&good[..cut]);
+                let mut frames = 0;
+                let r = read_header(&mut diff, Some("backy-a"), "backy-b", size).and_then(|()| {
+                    let send = &mut |_| {
+                        frames += 1;
+                        Ok(())
+                    };
+                    if is_full {
+                        full(&mut diff, Manifest::zeroed(size, BS).unwrap(), send, |_| {}).map(drop)
+                    } else {
+                        incremental(&mut diff, send, |_| {}).map(drop)
+                    }
+                });
+                let e = r.unwrap_err();
+                assert_eq!(e.kind, ErrorKind::DataLoss, "cut {cut}: {}", e.message);
+            }
+        }
+        // The wrong snapshots or size are refused.
+        let mut diff = DiffReader::new(&good[..]);
+        let e = read_header(&mut diff, None, "backy-b", size).unwrap_err();
+        assert!(e.message.contains("expected None"), "{}", e.message);
+        let mut diff = DiffReader::new(&good[..]);
+        let e = read_header(&mut diff, Some("backy-a"), "backy-b", size + 1).unwrap_err();
+        assert!(e.message.contains("size record says"), "{}", e.message);
+    }
+}

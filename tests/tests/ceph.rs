@@ -1,0 +1,447 @@
+//! Ceph RBD sources against a real one-node cluster (started by
+//! scripts/test.sh, which exports BACKY_TEST_CEPH_CONF): full and
+//! incremental pushes from `rbd export-diff`, resizes, a lost parent
+//! snapshot, snapshot rotation, hooks, broken `rbd` runs, and restores into
+//! files and RBD images compared with `rbd export` of the same snapshots.
+
+mod support;
+
+use serde_json::Value;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use support::*;
+
+/// The cluster's ceph.conf, or `None` (with the reason printed) when the
+/// test command did not start one.
+fn ceph_conf() -> Option<PathBuf> {
+    match std::env::var_os("BACKY_TEST_CEPH_CONF") {
+        Some(c) => Some(PathBuf::from(c)),
+        None => {
+            println!("SKIPPED: no Ceph cluster (BACKY_TEST_CEPH_CONF is unset; scripts/test.sh starts one)");
+            None
+        }
+    }
+}
+
+/// An RBD image in pool `rbd` of the test cluster, removed (with its
+/// snapshots) on drop.
+struct Image {
+    conf: PathBuf,
+    name: String,
+}
+
+impl Image {
+    fn new(conf: &Path, tag: &str, size: u64) -> Image {
+        let img = Image {
+            conf: conf.to_path_buf(),
+            name: format!("backy-test-{}-{tag}", std::process::id()),
+        };
+        img.rbd_ok(&["create", "--size", &format!("{size}B"), &img.spec()]);
+        img
+    }
+
+    fn spec(&self) -> String {
+        format!("rbd/{}", self.name)
+    }
+
+    fn rbd(&self, args: &[&str]) -> Output {
+        Command::new("rbd")
+            .arg("--conf")
+            .arg(&self.conf)
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("running rbd")
+    }
+
+    fn rbd_ok(&self, args: &[&str]) -> Vec<u8> {
+        let out = self.rbd(args);
+        assert!(
+            out.status.success(),
+            "rbd {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out.stdout
+    }
+
+    /// Writes and discards exact ranges through `rbd import-diff`.
+    fn apply(&self, size: u64, writes: &[(u64, Vec<u8>)], discards: &[(u64, u64)]) {
+        let mut diff = b"rbd diff v1\n".to_vec();
+        diff.push(b's');
+        diff.extend_from_slice(&size.to_le_bytes());
+        for (off, data) in writes {
+            diff.push(b'w');
+            diff.extend_from_slice(&off.to_le_bytes());
+            diff.extend_from_slice(&(data.len() as u64).to_le_bytes());
+            diff.extend_from_slice(data);
+        }
+        for (off, len) in discards {
+            diff.push(b'z');
+            diff.extend_from_slice(&off.to_le_bytes());
+            diff.extend_from_slice(&len.to_le_bytes());
+        }
+        diff.push(b'e');
+        let mut child = Command::new("rbd")
+            .arg("--conf")
+            .arg(&self.conf)
+            .args(["import-diff", "--no-progress", "-", &self.spec()])
+            .stdin(Stdio::piped())
+            .spawn()
+            .expect("rbd import-diff");
+        child.stdin.take().unwrap().write_all(&diff).unwrap();
+        assert!(child.wait().unwrap().success(), "rbd import-diff failed");
+    }
+
+    fn resize(&self, size: u64) {
+        self.rbd_ok(&[
+            "resize",
+            "--no-progress",
+            "--allow-shrink",
+            "--size",
+            &format!("{size}B"),
+            &self.spec(),
+        ]);
+    }
+
+    fn snapshots(&self) -> Vec<String> {
+        let out = self.rbd_ok(&["snap", "ls", "--format", "json", &self.spec()]);
+        let v: Value = serde_json::from_slice(&out).unwrap();
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s["name"].as_str().unwrap().to_string())
+            .collect()
+    }
+
+    fn backy_snapshots(&self) -> Vec<String> {
+        self.snapshots()
+            .into_iter()
+            .filter(|s| s.starts_with("backy-"))
+            .collect()
+    }
+
+    /// `rbd export` of a snapshot (or the head) into a file.
+    fn export(&self, snap: Option<&str>, to: &Path) {
+        let spec = match snap {
+            Some(s) => format!("{}@{s}", self.spec()),
+            None => self.spec(),
+        };
+        let _ = std::fs::remove_file(to);
+        self.rbd_ok(&["export", "--no-progress", &spec, to.to_str().unwrap()]);
+    }
+}
+
+impl Drop for Image {
+    fn drop(&mut self) {
+        let _ = self.rbd(&["snap", "purge", "--no-progress", &self.spec()]);
+        let _ = self.rbd(&["rm", "--no-progress", &self.spec()]);
+    }
+}
+
+/// A push with `--json`: (short id, bytes read, bytes sent).
+fn push_json(server: &Server, env: &[(&str, &str)], job: &str) -> (String, u64, u64) {
+    push_args(server, env, &["push", job, "--force", "--json"])
+}
+
+fn push_args(server: &Server, env: &[(&str, &str)], args: &[&str]) -> (String, u64, u64) {
+    let out = server.client_env(env, args);
+    assert!(
+        out.status.success(),
+        "push failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).expect("push --json");
+    (
+        v["revision"]["short_id"].as_str().unwrap().to_string(),
+        v["bytes_read"].as_u64().unwrap(),
+        v["bytes_sent"].as_u64().unwrap(),
+    )
+}
+
+fn job_yaml(img: &Image, extra: &str) -> String {
+    format!(
+        "  vm1:\n    source: {{type: ceph-rbd, pool: rbd, image: {}, conf: {}{extra}}}\n",
+        img.name,
+        img.conf.display()
+    )
+}
+
+#[test]
+fn full_incremental_resize_lost_snapshot_and_restores() {
+    must_be_root();
+    let Some(conf) = ceph_conf() else { return };
+    let fs = LoopFs::new("btrfs", 2 << 30);
+    let work = tempfile::tempdir().unwrap();
+    let log = work.path().join("hooks.log");
+    let size = 10 * BLOCK + 8192;
+    let img = Image::new(&conf, "main", size);
+    let hooks = format!(
+        ", hooks: {{pre-snapshot: 'echo pre $BACKY_SNAPSHOT >> {0}', post-snapshot: 'echo post >> {0}', hook-timeout: 20}}",
+        log.display()
+    );
+    let server = Server::start(&fs.mount.join("base"), &job_yaml(&img, &hooks));
+    // (short id, the snapshot's export) of every revision.
+    let mut revisions: Vec<(String, PathBuf)> = Vec::new();
+    let record = |revisions: &mut Vec<(String, PathBuf)>, id: &str| {
+        assert_eq!(
+            img.backy_snapshots(),
+            [format!("backy-{id}")],
+            "exactly one backy snapshot"
+        );
+        let file = work.path().join(format!("export-{}", revisions.len()));
+        img.export(Some(&format!("backy-{id}")), &file);
+        revisions.push((id.to_string(), file));
+    };
+
+    // Full: unaligned writes, one across an object boundary, the last block.
+    let writes1 = vec![
+        (0, pattern(1, 100_000)),
+        (BLOCK - 1000, pattern(2, 5000)),
+        (5 * BLOCK + 7, pattern(3, MIB as usize)),
+        (size - 4096, pattern(4, 4096)),
+    ];
+    let data1: u64 = writes1.iter().map(|w| w.1.len() as u64).sum();
+    img.apply(size, &writes1, &[]);
+    let (id1, read1, sent1) = push_json(&server, &[], "vm1");
+    println!("full push: {read1} bytes read, {sent1} bytes sent ({data1} bytes written to the image)");
+    // Only what exists in Ceph is read: a full diff reports each object
+    // that exists from its start to its last written byte.
+    let object_spans = BLOCK + 4000 + (MIB + 7) + 8192;
+    assert!(read1 >= data1 && read1 <= object_spans, "read {read1}");
+    assert!(sent1 >= data1 && sent1 <= 5 * BLOCK, "sent {sent1}");
+    assert_eq!(
+        std::fs::read_to_string(&log).unwrap(),
+        format!("pre {}@backy-{id1}\npost\n", img.spec())
+    );
+    record(&mut revisions, &id1);
+
+    // Incremental: small unaligned writes, across a boundary, the last
+    // bytes, a discard of a whole object.
+    let writes2 = vec![
+        (2 * BLOCK + 123, pattern(5, 4096)),
+        (3 * BLOCK - 50, pattern(6, 100)),
+        (size - 10, pattern(7, 10)),
+    ];
+    let changed2: u64 = writes2.iter().map(|w| w.1.len() as u64).sum();
+    img.apply(size, &writes2, &[(5 * BLOCK, BLOCK)]);
+    let (id2, read2, sent2) = push_json(&server, &[], "vm1");
+    println!("incremental push: {read2} bytes read, {sent2} bytes sent ({changed2} bytes changed)");
+    assert!(
+        sent2 >= changed2 && sent2 <= changed2 + 64 * 1024,
+        "an incremental push sends about the changed bytes: {sent2} for {changed2}"
+    );
+    // Ceph reports an object new since the parent snapshot from its start
+    // to its last written byte: objects 2 and 3 are new here.
+    assert!(
+        read2 <= BLOCK + 50 + 10,
+        "only the changed extents are read: {read2}"
+    );
+    record(&mut revisions, &id2);
+
+    // verify --source reads the newest revision's own snapshot whole and
+    // finds it equal; the older revision's snapshot is gone (rotated).
+    let out = server.client_ok(&["verify", "vm1", "--source"]);
+    assert!(
+        out.contains(&format!("revision {id2}: all 11 blocks")) && out.contains("equal the source"),
+        "{out}"
+    );
+    let out = server.client(&["verify", "vm1", "-r", &id1, "--source"]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(&format!("backy-{id1} is gone")), "{err}");
+
+    // Grow, write in the new part and at an old object's start.
+    let grown = 13 * BLOCK + 12_288;
+    img.resize(grown);
+    let writes3 = vec![(grown - 5000, pattern(8, 5000)), (11 * BLOCK, pattern(9, 65536))];
+    img.apply(grown, &writes3, &[]);
+    let (id3, _, sent3) = push_json(&server, &[], "vm1");
+    assert!(sent3 <= 5000 + 65536 + 64 * 1024, "grow sent {sent3}");
+    record(&mut revisions, &id3);
+
+    // Shrink into the middle of a written object.
+    let shrunk = 5 * BLOCK + 4096;
+    img.resize(shrunk);
+    let (id4, _, sent4) = push_json(&server, &[], "vm1");
+    assert!(sent4 <= 64 * 1024, "shrink sent {sent4}");
+    record(&mut revisions, &id4);
+
+    // The parent's snapshot is gone: a full backup, still right.
+    img.rbd_ok(&[
+        "snap",
+        "rm",
+        "--no-progress",
+        &format!("{}@backy-{id4}", img.spec()),
+    ]);
+    img.apply(shrunk, &[(4096, pattern(10, 8192))], &[]);
+    let (id5, read5, _) = push_json(&server, &[], "vm1");
+    assert!(
+        read5 > 100_000,
+        "a full read after the parent snapshot was lost: {read5}"
+    );
+    record(&mut revisions, &id5);
+
+    let revs = server.revisions("vm1");
+    assert_eq!(revs.len(), 5);
+    for (i, (id, export)) in revisions.iter().enumerate() {
+        let target = work.path().join(format!("restored-{i}"));
+        server.client_ok(&["restore", "vm1", "-r", id, target.to_str().unwrap()]);
+        assert_eq!(
+            file_hash(&target),
+            file_hash(export),
+            "revision {i} ({id}) restores as exported"
+        );
+        assert_eq!(revs[i]["source_type"], "ceph-rbd", "{:?}", revs[i]);
+    }
+
+    // Restore into RBD images: fresh, refused over an existing one, forced.
+    let target = Image {
+        conf: conf.clone(),
+        name: format!("backy-test-{}-restored", std::process::id()),
+    };
+    let rbd_target = format!("rbd:{}", target.spec());
+    let env = [("CEPH_CONF", conf.to_str().unwrap())];
+    let out = server.client_env(&env, &["restore", "vm1", "-r", &revisions[2].0, &rbd_target]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let back = work.path().join("back");
+    target.export(None, &back);
+    assert_eq!(file_hash(&back), file_hash(&revisions[2].1));
+    // Sparse: only the data was written.
+    let du: Value =
+        serde_json::from_slice(&target.rbd_ok(&["diff", "--format", "json", &target.spec()])).unwrap();
+    let written: u64 = du
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["length"].as_u64().unwrap())
+        .sum();
+    assert!(
+        written < 4 * BLOCK,
+        "restored image holds {written} bytes of extents"
+    );
+
+    let out = server.client_env(&env, &["restore", "vm1", "-r", &revisions[0].0, &rbd_target]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("exists") && err.contains("--force"), "{err}");
+    let out = server.client_env(
+        &env,
+        &["restore", "vm1", "-r", &revisions[0].0, &rbd_target, "--force"],
+    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    target.export(None, &back);
+    assert_eq!(file_hash(&back), file_hash(&revisions[0].1));
+}
+
+/// A fault injector standing in for `rbd`: `export-diff` runs the real
+/// tool and then misbehaves as `script` says; other commands go to the
+/// real `rbd`.
+fn fake_rbd(dir: &Path, export_diff: &str) -> String {
+    let real = String::from_utf8(
+        Command::new("sh")
+            .args(["-c", "command -v rbd"])
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .unwrap();
+    let bin = dir.join("bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    let script = format!(
+        "#!/bin/sh\nREAL={}\nfor a; do [ \"$a\" = export-diff ] && {{ {export_diff}; }}; done\nexec $REAL \"$@\"\n",
+        real.trim()
+    );
+    let path = bin.join("rbd");
+    std::fs::write(&path, script).unwrap();
+    std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    format!("{}:{}", bin.display(), std::env::var("PATH").unwrap_or_default())
+}
+
+#[test]
+fn broken_diff_streams_and_failing_rbd_commit_nothing() {
+    must_be_root();
+    let Some(conf) = ceph_conf() else { return };
+    let fs = LoopFs::new("btrfs", 1 << 30);
+    let work = tempfile::tempdir().unwrap();
+    let size = 4 * BLOCK;
+    let img = Image::new(&conf, "faults", size);
+    let log = work.path().join("hooks.log");
+    let hooks = format!(
+        ", hooks: {{pre-snapshot: 'test ! -e {0}.fail', post-snapshot: 'echo post >> {0}'}}",
+        log.display()
+    );
+    let server = Server::start(&fs.mount.join("base"), &job_yaml(&img, &hooks));
+    img.apply(size, &[(0, pattern(1, 3 * MIB as usize))], &[]);
+    let (id1, _, _) = push_json(&server, &[], "vm1");
+    img.apply(size, &[(2 * BLOCK + 5, pattern(2, 2 * MIB as usize))], &[]);
+    let before = server.snapshot_tree();
+
+    let cases: Vec<(&str, &str)> = vec![
+        // Truncated in the middle of a data record, rbd exiting 0.
+        (
+            "$REAL \"$@\" | head -c 100000; exit 0",
+            "truncated data record",
+        ),
+        // A corrupted record tag: the first data record's, after the banner
+        // (12 bytes), from/to snapshot records (2 x 33) and size (9).
+        (
+            "$REAL \"$@\" | { dd bs=1 count=87; dd bs=1 count=1 of=/dev/null; printf X; cat; } 2>/dev/null; exit 0",
+            "unknown record tag",
+        ),
+        // rbd itself fails: its exit status and message are reported.
+        ("echo 'rbd: export-diff error: (5) Input/output error' >&2; exit 5", "(exit 5): rbd: export-diff error"),
+        // A complete stream, but rbd exits non-zero afterwards.
+        ("$REAL \"$@\"; exit 3", "(exit 3)"),
+    ];
+    for (script, want) in cases {
+        let path = fake_rbd(work.path(), script);
+        let out = server.client_env(&[("PATH", &path)], &["push", "vm1", "--force"]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        println!("injected `{script}`: {}", err.trim());
+        assert_eq!(out.status.code(), Some(1), "{script}: {err}");
+        assert!(err.contains(want), "{script}: want {want:?} in: {err}");
+        assert!(err.contains("nothing was committed"), "{err}");
+        // The server drops the partial revision once it sees the stream reset.
+        wait_for(
+            "the partial revision to go",
+            std::time::Duration::from_secs(30),
+            || server.snapshot_tree() == before,
+        );
+        assert_eq!(
+            img.backy_snapshots(),
+            [format!("backy-{id1}")],
+            "the failed push's snapshot is removed"
+        );
+    }
+
+    // A failing pre-snapshot hook: no snapshot, post-snapshot still ran.
+    std::fs::write(format!("{}.fail", log.display()), "").unwrap();
+    let _ = std::fs::remove_file(&log);
+    let out = server.client(&["push", "vm1", "--force"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("pre-snapshot hook") && err.contains("(exit 1)"),
+        "{err}"
+    );
+    assert_eq!(std::fs::read_to_string(&log).unwrap(), "post\n");
+    assert_eq!(img.backy_snapshots(), [format!("backy-{id1}")]);
+    std::fs::remove_file(format!("{}.fail", log.display())).unwrap();
+
+    // And the next good push is an incremental one; this time with the
+    // source on the command line and the cluster from the environment.
+    let source = format!("rbd:{}", img.spec());
+    let (id2, _, sent) = push_args(
+        &server,
+        &[("CEPH_CONF", conf.to_str().unwrap())],
+        &["push", "vm1", "--force", "--json", "--source", &source],
+    );
+    assert!(sent <= 2 * MIB + 64 * 1024, "sent {sent}");
+    assert_eq!(img.backy_snapshots(), [format!("backy-{id2}")]);
+    let export = work.path().join("export");
+    img.export(Some(&format!("backy-{id2}")), &export);
+    let restored = work.path().join("restored");
+    server.client_ok(&["restore", "vm1", restored.to_str().unwrap()]);
+    assert_eq!(file_hash(&restored), file_hash(&export));
+}
