@@ -13,6 +13,8 @@ echo "== demo in $work"
 
 cat > "$work/server.yaml" <<YAML
 listen: 127.0.0.1:0
+# Plain TCP on loopback only, no clients: open to local users (demo).
+insecure-plaintext: true
 base-dir: $work/store
 schedules:
   default:

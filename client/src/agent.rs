@@ -3,7 +3,7 @@
 //! time) and reports each outcome; when the server goes away it reconnects
 //! with exponential backoff.
 
-use crate::connect::{connect, status_error, Client};
+use crate::connect::{connect_with, status_error, Client, Credentials};
 use crate::push::{push, PushArgs};
 use backy_common::{Error, JobName, Result};
 use backy_proto::agent_report::Report;
@@ -16,10 +16,10 @@ use tokio_stream::wrappers::ReceiverStream;
 const MAX_BACKOFF: Duration = Duration::from_secs(60);
 
 /// Runs until interrupted.
-pub async fn run(url: &str, name: &str, workers: u32) -> Result<()> {
+pub async fn run(url: &str, creds: &Credentials, name: &str, workers: u32) -> Result<()> {
     let mut backoff = Duration::from_secs(1);
     loop {
-        match session(url, name, workers, &mut backoff).await {
+        match session(url, creds, name, workers, &mut backoff).await {
             Ok(()) => tracing::warn!("server closed the agent stream; reconnecting"),
             Err(e) => tracing::warn!("agent session ended: {e}; reconnecting in {}s", backoff.as_secs()),
         }
@@ -28,8 +28,14 @@ pub async fn run(url: &str, name: &str, workers: u32) -> Result<()> {
     }
 }
 
-async fn session(url: &str, name: &str, workers: u32, backoff: &mut Duration) -> Result<()> {
-    let mut client = connect(url).await?;
+async fn session(
+    url: &str,
+    creds: &Credentials,
+    name: &str,
+    workers: u32,
+    backoff: &mut Duration,
+) -> Result<()> {
+    let mut client = connect_with(url, creds).await?;
     let (reports, rx) = mpsc::channel(16);
     reports
         .send(AgentReport {

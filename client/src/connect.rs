@@ -3,22 +3,114 @@
 
 use backy_common::{Error, ErrorKind, Result, MAX_MESSAGE_BYTES};
 use backy_proto::backy_client::BackyClient;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
 use std::time::Duration;
-use tonic::transport::{Channel, Endpoint};
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 use tonic::{Code, Status};
 
-/// The generated client over a plain channel.
-pub type Client = BackyClient<Channel>;
+/// The generated client over a channel that adds the bearer token.
+pub type Client = BackyClient<InterceptedService<Channel, TokenInterceptor>>;
 
-/// Connects eagerly, so an unreachable server is reported as such before
-/// any work starts.
-pub async fn connect(url: &str) -> Result<Client> {
-    if !url.contains("://") {
+/// What the client proves itself with and whom it trusts.
+#[derive(Clone, Debug, Default)]
+pub struct Credentials {
+    /// `Bearer <token>`, ready for the authorization header.
+    token: Option<MetadataValue<Ascii>>,
+    /// CA certificate (PEM) the server's certificate must chain to.
+    ca: Option<Vec<u8>>,
+    /// Client certificate and key (PEM) for mutual TLS.
+    identity: Option<(Vec<u8>, Vec<u8>)>,
+}
+
+/// Where the credentials come from (flags, env or client.yaml).
+#[derive(Clone, Debug, Default)]
+pub struct CredentialFiles<'a> {
+    pub token_file: Option<&'a Path>,
+    pub ca: Option<&'a Path>,
+    pub cert: Option<&'a Path>,
+    pub key: Option<&'a Path>,
+}
+
+fn read_secret(path: &Path, what: &str) -> Result<Vec<u8>> {
+    let meta =
+        std::fs::metadata(path).map_err(|e| Error::io(format!("reading {what} {}", path.display()), e))?;
+    if meta.permissions().mode() & 0o004 != 0 {
         return Err(Error::invalid(format!(
-            "bad server URL {url:?}: give a URL like http://backup01:6023"
+            "{what} {} is world-readable: run chmod o-rwx on it",
+            path.display()
         )));
     }
-    let endpoint = Endpoint::from_shared(url.to_string())
+    read(path, what)
+}
+
+fn read(path: &Path, what: &str) -> Result<Vec<u8>> {
+    std::fs::read(path).map_err(|e| Error::io(format!("reading {what} {}", path.display()), e))
+}
+
+impl Credentials {
+    pub fn load(files: &CredentialFiles<'_>) -> Result<Self> {
+        let token = match files.token_file {
+            None => None,
+            Some(p) => {
+                let bytes = read_secret(p, "token file")?;
+                let text = String::from_utf8(bytes)
+                    .map_err(|_| Error::invalid(format!("token file {} is not text", p.display())))?;
+                let token = backy_common::token::check_token(&text)
+                    .map_err(|e| Error::invalid(format!("token file {}: {}", p.display(), e.message)))?;
+                Some(
+                    format!("Bearer {token}")
+                        .parse()
+                        .map_err(|_| Error::invalid("token is not a valid header value"))?,
+                )
+            }
+        };
+        let ca = files.ca.map(|p| read(p, "CA certificate")).transpose()?;
+        let identity = match (files.cert, files.key) {
+            (None, None) => None,
+            (Some(c), Some(k)) => Some((read(c, "client certificate")?, read_secret(k, "client key")?)),
+            _ => {
+                return Err(Error::invalid(
+                    "give both --cert and --key for a client certificate",
+                ))
+            }
+        };
+        Ok(Credentials { token, ca, identity })
+    }
+}
+
+/// Adds the bearer token to every request.
+#[derive(Clone, Debug, Default)]
+pub struct TokenInterceptor(Option<MetadataValue<Ascii>>);
+
+impl tonic::service::Interceptor for TokenInterceptor {
+    fn call(&mut self, mut req: tonic::Request<()>) -> std::result::Result<tonic::Request<()>, Status> {
+        if let Some(t) = &self.0 {
+            req.metadata_mut()
+                .insert(backy_common::token::AUTH_HEADER, t.clone());
+        }
+        Ok(req)
+    }
+}
+
+/// Connects without credentials (loopback plaintext servers, tests).
+#[cfg(test)]
+pub async fn connect(url: &str) -> Result<Client> {
+    connect_with(url, &Credentials::default()).await
+}
+
+/// Connects eagerly, so an unreachable server (or a certificate that does
+/// not verify) is reported as such before any work starts.
+pub async fn connect_with(url: &str, creds: &Credentials) -> Result<Client> {
+    if !url.contains("://") {
+        return Err(Error::invalid(format!(
+            "bad server URL {url:?}: give a URL like https://backup01:6023"
+        )));
+    }
+    let https = url.starts_with("https://");
+    let mut endpoint = Endpoint::from_shared(url.to_string())
         .map_err(|e| Error::invalid(format!("bad server URL {url:?}: {}", chain(&e))))?
         .connect_timeout(Duration::from_secs(10))
         .tcp_nodelay(true)
@@ -27,14 +119,71 @@ pub async fn connect(url: &str) -> Result<Client> {
         // cut the per-frame work.
         .initial_stream_window_size(16 << 20)
         .initial_connection_window_size(32 << 20)
-        .max_frame_size(1 << 20);
+        .max_frame_size(1 << 20)
+        .http2_keep_alive_interval(Duration::from_secs(30))
+        .keep_alive_while_idle(true);
+    match (https, &creds.ca) {
+        (true, Some(ca)) => {
+            let mut tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(ca));
+            if let Some((cert, key)) = &creds.identity {
+                tls = tls.identity(Identity::from_pem(cert, key));
+            }
+            endpoint = endpoint
+                .tls_config(tls)
+                .map_err(|e| Error::invalid(format!("TLS settings: {}", chain(&e))))?;
+        }
+        (true, None) => {
+            return Err(Error::invalid(format!(
+                "{url}: https needs the CA certificate that signed the server's (--ca FILE)"
+            )))
+        }
+        (false, _) if creds.ca.is_some() || creds.identity.is_some() => {
+            return Err(Error::invalid(format!(
+                "{url}: TLS settings given for a plaintext URL; use https://"
+            )))
+        }
+        (false, _) => {}
+    }
     let channel = endpoint
         .connect()
         .await
         .map_err(|e| Error::unavailable(format!("cannot connect to {url}: {}", chain(&e))))?;
-    Ok(BackyClient::new(channel)
-        .max_decoding_message_size(MAX_MESSAGE_BYTES)
-        .max_encoding_message_size(MAX_MESSAGE_BYTES))
+    Ok(
+        BackyClient::with_interceptor(channel, TokenInterceptor(creds.token.clone()))
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES),
+    )
+}
+
+/// How long a push stream may go without a frame before a keepalive is
+/// sent: well under the server's default idle timeout (120 s).
+pub const KEEPALIVE_EVERY: Duration = Duration::from_secs(15);
+
+/// The push frames from `rx`, with a keepalive frame whenever none came for
+/// [`KEEPALIVE_EVERY`] (scanning unchanged data sends nothing for long
+/// stretches); none after the end frame, which must end the stream.
+pub fn with_keepalive(
+    rx: tokio::sync::mpsc::Receiver<backy_proto::PushFrame>,
+) -> impl tokio_stream::Stream<Item = backy_proto::PushFrame> {
+    use backy_proto::push_frame::Frame;
+    futures::stream::unfold((rx, false), |(mut rx, ended)| async move {
+        if ended {
+            return rx.recv().await.map(|f| (f, (rx, true)));
+        }
+        match tokio::time::timeout(KEEPALIVE_EVERY, rx.recv()).await {
+            Ok(Some(f)) => {
+                let end = matches!(f.frame, Some(Frame::End(_)));
+                Some((f, (rx, end)))
+            }
+            Ok(None) => None,
+            Err(_) => Some((
+                backy_proto::PushFrame {
+                    frame: Some(Frame::Keepalive(backy_proto::PushKeepalive {})),
+                },
+                (rx, false),
+            )),
+        }
+    })
 }
 
 /// A server's answer as a one-line error: its message plus the code name,

@@ -187,6 +187,7 @@ impl Backy for Fake {
                     checksum.zero(z.offset, z.length);
                 }
                 Some(Frame::End(end)) => break end,
+                Some(Frame::Keepalive(_)) => {}
                 _ => return Err(Status::failed_precondition("unexpected frame")),
             }
         };

@@ -62,6 +62,46 @@ struct Cli {
     #[arg(long, value_name = "FILE", global = true, help_heading = "Global options")]
     config: Option<PathBuf>,
 
+    /// File with this client's bearer token [default: token-file in the config]
+    #[arg(
+        long,
+        env = "BACKY_TOKEN_FILE",
+        value_name = "FILE",
+        global = true,
+        help_heading = "Global options"
+    )]
+    token_file: Option<PathBuf>,
+
+    /// CA certificate (PEM) the server's certificate must chain to (https://)
+    #[arg(
+        long,
+        env = "BACKY_CA",
+        value_name = "FILE",
+        global = true,
+        help_heading = "Global options"
+    )]
+    ca: Option<PathBuf>,
+
+    /// Client certificate (PEM) for mutual TLS
+    #[arg(
+        long,
+        env = "BACKY_CERT",
+        value_name = "FILE",
+        global = true,
+        help_heading = "Global options"
+    )]
+    cert: Option<PathBuf>,
+
+    /// Key (PEM) of the client certificate
+    #[arg(
+        long,
+        env = "BACKY_KEY",
+        value_name = "FILE",
+        global = true,
+        help_heading = "Global options"
+    )]
+    key: Option<PathBuf>,
+
     /// Print results as JSON
     #[arg(long, global = true, help_heading = "Global options")]
     json: bool,
@@ -324,13 +364,19 @@ fn init_logging(verbose: u8) {
 fn run(cli: Cli) -> anyhow::Result<u8> {
     let config = settings::load(cli.config.as_deref())?;
     let url = settings::server_url(cli.server.as_deref(), &config);
+    let creds = connect::Credentials::load(&connect::CredentialFiles {
+        token_file: cli.token_file.as_deref().or(config.token_file.as_deref()),
+        ca: cli.ca.as_deref().or(config.ca.as_deref()),
+        cert: cli.cert.as_deref().or(config.cert.as_deref()),
+        key: cli.key.as_deref().or(config.key.as_deref()),
+    })?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("starting the async runtime")?;
     let result = runtime.block_on(async {
         tokio::select! {
-            result = dispatch(&cli, &url) => result,
+            result = dispatch(&cli, &url, &creds) => result,
             signal = interrupted() => Err(anyhow::anyhow!("interrupted by {signal}")),
         }
     });
@@ -341,7 +387,7 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
 }
 
 /// Runs the command; returns the exit status.
-async fn dispatch(cli: &Cli, url: &str) -> anyhow::Result<u8> {
+async fn dispatch(cli: &Cli, url: &str, creds: &connect::Credentials) -> anyhow::Result<u8> {
     if let Command::Agent(cmd) = &cli.command {
         // The agent connects (and reconnects) by itself: the server may be
         // down when it starts.
@@ -352,11 +398,11 @@ async fn dispatch(cli: &Cli, url: &str) -> anyhow::Result<u8> {
                 .trim()
                 .to_string(),
         };
-        agent::run(url, &name, cmd.workers).await?;
+        agent::run(url, creds, &name, cmd.workers).await?;
         return Ok(0);
     }
     let show_progress = progress::wanted(cli.json);
-    let mut client = connect::connect(url).await?;
+    let mut client = connect::connect_with(url, creds).await?;
     match &cli.command {
         Command::Push(cmd) => {
             let args = push::PushArgs {

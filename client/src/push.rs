@@ -23,7 +23,6 @@ use std::future::Future;
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 use tokio::task::{JoinError, JoinHandle};
-use tokio_stream::wrappers::ReceiverStream;
 
 /// Frames in flight between the reader and the network: at most this many
 /// MiB of data wait in memory.
@@ -172,7 +171,7 @@ pub async fn push(client: &mut Client, args: &PushArgs, show_progress: bool) -> 
             reader_bar.set_position(pos)
         })
     });
-    let rpc = client.push(ReceiverStream::new(rx));
+    let rpc = client.push(crate::connect::with_keepalive(rx));
     let joined = join(reader, rpc).await;
     fault::point("client.replied");
     bar.finish_and_clear();

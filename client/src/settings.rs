@@ -33,6 +33,7 @@ mod tests {
     fn precedence() {
         let cfg = ClientConfig {
             server: Some("http://backup:6023".into()),
+            ..ClientConfig::default()
         };
         assert_eq!(server_url(Some("http://x:1"), &cfg), "http://x:1");
         assert_eq!(server_url(None, &cfg), "http://backup:6023");

@@ -58,6 +58,94 @@ pub struct ServerConfig {
     /// Periodic re-verification of stored revisions.
     #[serde(default)]
     pub scrub: ScrubConfig,
+    /// TLS for every connection (required unless `insecure-plaintext`).
+    #[serde(default)]
+    pub tls: Option<TlsConfig>,
+    /// Serve plain TCP: only on a loopback `listen` address (tests, demo).
+    #[serde(default)]
+    pub insecure_plaintext: bool,
+    /// Client identities; none (plaintext loopback only): everyone may do
+    /// everything, as on a single host.
+    #[serde(default, deserialize_with = "unique_keys::deserialize")]
+    pub clients: BTreeMap<String, ClientIdentity>,
+    #[serde(default)]
+    pub limits: Limits,
+    /// Mode of revision files: 0600 (default) or 0640 (directories follow:
+    /// 0700 or 0750).
+    #[serde(default = "default_file_mode", with = "file_mode")]
+    pub file_mode: u32,
+}
+
+/// Server certificate and key (PEM files); `client-ca` turns on mutual TLS:
+/// every client must present a certificate signed by it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct TlsConfig {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    #[serde(default)]
+    pub client_ca: Option<PathBuf>,
+}
+
+/// What an identity may do.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Role {
+    /// Push, restore, verify, distrust, tag and forget the jobs whose
+    /// `client` it is; see their status; run an agent under its name.
+    #[default]
+    Hypervisor,
+    /// Status and check of every job; nothing else.
+    ReadOnly,
+    /// Everything on every job (operators).
+    Admin,
+}
+
+/// One client identity: a bearer token (stored hashed), a client
+/// certificate (mutual TLS), or both.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct ClientIdentity {
+    #[serde(default)]
+    pub role: Role,
+    /// `blake3:<hex>` from `backy-server hash-token`.
+    #[serde(default)]
+    pub token_hash: Option<String>,
+    /// `blake3:<hex>` of the client certificate (DER), from
+    /// `backy-server cert-fingerprint FILE`.
+    #[serde(default)]
+    pub cert_fingerprint: Option<String>,
+}
+
+/// Bounds on what one client may hold open.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct Limits {
+    /// Push, restore, verify and manifest streams one identity may have
+    /// open at once; more are refused with RESOURCE_EXHAUSTED.
+    #[serde(default = "default_streams")]
+    pub streams_per_client: u32,
+    /// A push stream with no frame for this long is dropped (clients send
+    /// keepalive frames while scanning unchanged data).
+    #[serde(default = "default_idle")]
+    pub idle_timeout: Interval,
+}
+
+fn default_streams() -> u32 {
+    16
+}
+
+fn default_idle() -> Interval {
+    Interval::from_secs(120)
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            streams_per_client: default_streams(),
+            idle_timeout: default_idle(),
+        }
+    }
 }
 
 /// The background scrub: every revision re-read and checked against its
@@ -130,6 +218,10 @@ fn default_checkpoint() -> u64 {
     1 << 30
 }
 
+fn default_file_mode() -> u32 {
+    DEFAULT_FILE_MODE
+}
+
 fn default_listen() -> String {
     DEFAULT_LISTEN.to_string()
 }
@@ -183,8 +275,91 @@ impl ServerConfig {
                     return Err(Error::invalid(format!("job {job}: unknown schedule {s:?}")));
                 }
             }
+            if let Some(c) = &cfg.client {
+                if !self.clients.is_empty() && !self.clients.contains_key(c) {
+                    return Err(Error::invalid(format!(
+                        "job {job}: client {c:?} is not listed under clients"
+                    )));
+                }
+            }
+        }
+        self.validate_security()
+    }
+
+    /// TLS or explicit loopback plaintext; well-formed identities.
+    fn validate_security(&self) -> Result<()> {
+        let addr: std::net::SocketAddr = self
+            .listen
+            .parse()
+            .map_err(|_| Error::invalid(format!("listen: {:?} is not an address:port", self.listen)))?;
+        match (&self.tls, self.insecure_plaintext) {
+            (Some(_), true) => {
+                return Err(Error::invalid(
+                    "both tls and insecure-plaintext are set: choose one",
+                ))
+            }
+            (None, false) => {
+                return Err(Error::invalid(
+                    "no tls section: give tls: {cert: FILE, key: FILE}, or set \
+                     insecure-plaintext: true (loopback listen addresses only)",
+                ))
+            }
+            (None, true) if !addr.ip().is_loopback() => {
+                return Err(Error::invalid(format!(
+                    "insecure-plaintext is allowed only on a loopback listen address, \
+                     not {}: configure tls",
+                    self.listen
+                )))
+            }
+            (Some(_), false) if self.clients.is_empty() => {
+                return Err(Error::invalid(
+                    "tls without clients: list client identities (clients:) so requests can be authorised",
+                ))
+            }
+            _ => {}
+        }
+        let mtls = self.tls.as_ref().is_some_and(|t| t.client_ca.is_some());
+        for (name, id) in &self.clients {
+            let what = || format!("clients: {name}");
+            JobName::new(name).map_err(|_| {
+                Error::invalid(format!(
+                    "clients: {name:?} is not a valid identity name (like a job name)"
+                ))
+            })?;
+            if let Some(h) = &id.token_hash {
+                crate::token::TokenHash::parse(h).map_err(|e| e.context(what()))?;
+            }
+            if let Some(f) = &id.cert_fingerprint {
+                crate::token::TokenHash::parse(f).map_err(|_| {
+                    Error::invalid(format!("{}: cert-fingerprint must be blake3:<64 hex>", what()))
+                })?;
+                if !mtls {
+                    return Err(Error::invalid(format!(
+                        "{}: cert-fingerprint needs tls.client-ca (mutual TLS)",
+                        what()
+                    )));
+                }
+            }
+            if id.token_hash.is_none() && id.cert_fingerprint.is_none() {
+                return Err(Error::invalid(format!(
+                    "{}: give token-hash or cert-fingerprint",
+                    what()
+                )));
+            }
+        }
+        if self.limits.streams_per_client == 0 {
+            return Err(Error::invalid("limits: streams-per-client must be at least 1"));
         }
         Ok(())
+    }
+
+    /// Mode for directories that go with [`ServerConfig::file_mode`].
+    pub fn dir_mode(&self) -> u32 {
+        if self.file_mode & 0o040 != 0 {
+            0o750
+        } else {
+            0o700
+        }
     }
 
     pub fn job(&self, name: &JobName) -> Result<&JobConfig> {
@@ -203,9 +378,20 @@ impl ServerConfig {
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case", deny_unknown_fields)]
 pub struct ClientConfig {
-    /// Server URL, e.g. `http://127.0.0.1:6023`.
+    /// Server URL, e.g. `https://backup01:6023`.
     #[serde(default)]
     pub server: Option<String>,
+    /// File holding this client's bearer token (mode 0600).
+    #[serde(default)]
+    pub token_file: Option<PathBuf>,
+    /// CA certificate (PEM) the server's certificate must chain to.
+    #[serde(default)]
+    pub ca: Option<PathBuf>,
+    /// Client certificate and key (PEM) for mutual TLS.
+    #[serde(default)]
+    pub cert: Option<PathBuf>,
+    #[serde(default)]
+    pub key: Option<PathBuf>,
 }
 
 impl ClientConfig {
@@ -264,6 +450,39 @@ mod size {
     }
 }
 
+/// `file-mode`: "0600" or "0640" (quoted or not).
+mod file_mode {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &u32, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&format!("{v:04o}"))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            N(u64),
+            S(String),
+        }
+        // Unquoted 0640 reads as the decimal number 640 in YAML 1.2.
+        let text = match Raw::deserialize(d)? {
+            Raw::N(n) => n.to_string(),
+            Raw::S(s) => s,
+        };
+        match text.trim_start_matches('0') {
+            "600" => Ok(0o600),
+            "640" => Ok(0o640),
+            _ => Err(serde::de::Error::custom(format!(
+                "file-mode {text:?}: use 0600 or 0640"
+            ))),
+        }
+    }
+}
+
+/// Mode of revision files when the config does not say.
+pub const DEFAULT_FILE_MODE: u32 = 0o600;
+
 mod opt_size {
     use serde::{Deserialize, Deserializer, Serializer};
 
@@ -297,6 +516,7 @@ mod tests {
 
     const GOOD: &str = r#"
 listen: 127.0.0.1:7000
+insecure-plaintext: true
 base-dir: /srv/backy
 schedules:
   default:
@@ -320,6 +540,28 @@ jobs:
         assert!(cfg.job(&JobName::new("vm3").unwrap()).is_err());
     }
 
+    const HASH: &str = "blake3:0000000000000000000000000000000000000000000000000000000000000000";
+
+    #[test]
+    fn loads_security_settings() {
+        let text = GOOD.replace(
+            "insecure-plaintext: true",
+            "tls: {cert: /etc/backy/cert.pem, key: /etc/backy/key.pem, client-ca: /etc/backy/ca.pem}",
+        ) + &format!(
+            "clients:\n  hv01: {{token-hash: {HASH}}}\n  mon: {{role: read-only, cert-fingerprint: {HASH}}}\n\
+             file-mode: 0640\nlimits: {{streams-per-client: 3, idle-timeout: 30s}}\n"
+        );
+        let cfg = ServerConfig::from_yaml(&text, "server.yaml").unwrap();
+        assert_eq!(cfg.clients["hv01"].role, Role::Hypervisor);
+        assert_eq!(cfg.clients["mon"].role, Role::ReadOnly);
+        assert_eq!((cfg.file_mode, cfg.dir_mode()), (0o640, 0o750));
+        assert_eq!(cfg.limits.streams_per_client, 3);
+        assert_eq!(cfg.limits.idle_timeout.secs(), 30);
+        let plain = ServerConfig::from_yaml(GOOD, "server.yaml").unwrap();
+        assert_eq!((plain.file_mode, plain.dir_mode()), (0o600, 0o700));
+        assert_eq!(plain.limits, Limits::default());
+    }
+
     #[test]
     fn refuses_bad_configs() {
         let cases = [
@@ -337,6 +579,41 @@ jobs:
                 "listen",
             ),
             (GOOD.replace("client: hv01", "clinet: hv01"), "unknown field"),
+            (GOOD.replace("insecure-plaintext: true\n", ""), "no tls section"),
+            (
+                GOOD.replace("listen: 127.0.0.1:7000", "listen: 0.0.0.0:7000"),
+                "only on a loopback",
+            ),
+            (
+                GOOD.replace(
+                    "insecure-plaintext: true",
+                    "insecure-plaintext: true\ntls: {cert: /c, key: /k}",
+                ),
+                "choose one",
+            ),
+            (
+                GOOD.replace("insecure-plaintext: true", "tls: {cert: /c, key: /k}"),
+                "tls without clients",
+            ),
+            (
+                format!("{GOOD}clients:\n  hv02: {{token-hash: {HASH}}}\n"),
+                "client \"hv01\" is not listed",
+            ),
+            (
+                format!("{GOOD}clients:\n  hv01: {{token-hash: abc}}\n"),
+                "clients: hv01: token hash must start",
+            ),
+            (format!("{GOOD}clients:\n  hv01: {{}}\n"), "give token-hash"),
+            (
+                format!("{GOOD}clients:\n  hv01: {{cert-fingerprint: {HASH}}}\n"),
+                "needs tls.client-ca",
+            ),
+            (
+                format!("{GOOD}clients:\n  hv01: {{token-hash: {HASH}}}\n  ../x: {{token-hash: {HASH}}}\n"),
+                "identity name",
+            ),
+            (format!("{GOOD}file-mode: 0644\n"), "use 0600 or 0640"),
+            (format!("{GOOD}limits: {{streams-per-client: 0}}\n"), "at least 1"),
         ];
         for (text, want) in cases {
             let e = ServerConfig::from_yaml(&text, "server.yaml").unwrap_err();

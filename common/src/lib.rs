@@ -17,6 +17,7 @@ pub mod schedule;
 pub mod scrub;
 pub mod source;
 pub mod spec;
+pub mod token;
 pub mod units;
 
 pub use error::{Error, ErrorKind, Result};

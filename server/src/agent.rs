@@ -18,6 +18,7 @@ pub const TICK: Duration = Duration::from_secs(1);
 /// Serves one agent connection until it goes away.
 pub async fn serve(
     server: Arc<Server>,
+    caller: crate::auth::Caller,
     mut reports: Streaming<AgentReport>,
     orders: mpsc::Sender<std::result::Result<AgentOrder, Status>>,
 ) {
@@ -33,6 +34,10 @@ pub async fn serve(
         }
         Err(_) => return,
     };
+    if let Err(status) = crate::auth::authorize_agent(&caller, &hello.agent) {
+        let _ = orders.send(Err(status)).await;
+        return;
+    }
     let agent = hello.agent.clone();
     let workers = hello.workers.clamp(1, 64) as usize;
     tracing::info!(agent, workers, "agent connected");

@@ -2,6 +2,7 @@
 //! the binary stays a thin edge and tests can reach the parts.
 
 pub mod agent;
+pub mod auth;
 pub mod plan;
 pub mod push;
 pub mod restore;
@@ -12,6 +13,7 @@ pub mod service;
 pub mod state;
 pub mod status;
 pub mod storage;
+pub mod tls;
 pub mod wire;
 
 use anyhow::Context;
@@ -25,6 +27,8 @@ use std::sync::Arc;
 
 /// Cleans leftovers of every job, then serves until SIGINT/SIGTERM.
 pub async fn serve(config: ServerConfig, mode: StorageMode, config_path: PathBuf) -> anyhow::Result<()> {
+    storage::durable::set_modes(config.file_mode, config.dir_mode());
+    let tls = tls::server_tls(&config, &config_path)?;
     if mode == StorageMode::Copy {
         tracing::warn!(
             base_dir = %config.base_dir.display(),
@@ -46,11 +50,11 @@ pub async fn serve(config: ServerConfig, mode: StorageMode, config_path: PathBuf
     }
     let addr: std::net::SocketAddr = config.listen.parse().context("listen address")?;
     let server = Arc::new(Server::new(config, mode));
-    let service = BackyServer::new(service::Service {
-        server: server.clone(),
-    })
-    .max_decoding_message_size(MAX_MESSAGE_BYTES)
-    .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    let service = BackyServer::new(service::Service::new(server.clone()))
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    let service =
+        tonic::service::interceptor::InterceptedService::new(service, auth::interceptor(server.clone()));
     spawn_expiry(server.clone());
     scrub::spawn(server.clone());
     spawn_reload_on_hup(server.clone(), config_path);
@@ -58,12 +62,25 @@ pub async fn serve(config: ServerConfig, mode: StorageMode, config_path: PathBuf
         .await
         .with_context(|| format!("listening on {addr}"))?;
     tracing::info!("listening on {}", listener.local_addr()?);
-    tonic::transport::Server::builder()
+    let mut builder = tonic::transport::Server::builder()
         // As the client: windows of several 1 MiB frames, large frames.
         .tcp_nodelay(true)
         .initial_stream_window_size(16 << 20)
         .initial_connection_window_size(32 << 20)
         .max_frame_size(1 << 20)
+        // Bounds per connection; per-identity stream limits are in the service.
+        .max_concurrent_streams(Some(64))
+        .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(std::time::Duration::from_secs(20)))
+        .tcp_keepalive(Some(std::time::Duration::from_secs(60)));
+    match tls {
+        Some(t) => builder = builder.tls_config(t).context("TLS configuration")?,
+        None => tracing::warn!(
+            "insecure-plaintext: serving WITHOUT TLS on loopback address {addr}; \
+             configure tls before clients on other hosts connect"
+        ),
+    }
+    builder
         .add_service(service)
         .serve_with_incoming_shutdown(
             tokio_stream::wrappers::TcpListenerStream::new(listener),

@@ -30,6 +30,60 @@ enum Command {
     Serve,
     /// Validate the configuration and exit.
     CheckConfig,
+    /// Print the hash of a client token for `clients: NAME: token-hash:`.
+    /// Reads the token from stdin (so it stays out of shell history and
+    /// `ps`), or makes a new one with --generate.
+    #[command(
+        after_help = "Examples:\n  backy-server hash-token --generate /etc/backy/hv01.token\n  backy-server hash-token < /etc/backy/hv01.token"
+    )]
+    HashToken {
+        /// Make a new random token: writes it to FILE (mode 0600) and
+        /// prints its hash.
+        #[arg(long, value_name = "FILE")]
+        generate: Option<PathBuf>,
+    },
+    /// Print the fingerprint of a client certificate (PEM) for
+    /// `clients: NAME: cert-fingerprint:` (mutual TLS).
+    CertFingerprint {
+        #[arg(value_name = "CERT.pem")]
+        cert: PathBuf,
+    },
+}
+
+fn hash_token(generate: Option<&PathBuf>) -> anyhow::Result<()> {
+    use backy_common::token;
+    let text = match generate {
+        Some(path) => {
+            use std::io::Write;
+            use std::os::unix::fs::OpenOptionsExt;
+            let t = token::generate_token();
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(path)
+                .with_context(|| format!("creating token file {}", path.display()))?;
+            writeln!(f, "{t}").with_context(|| format!("writing {}", path.display()))?;
+            t
+        }
+        None => {
+            let mut t = String::new();
+            std::io::stdin()
+                .read_line(&mut t)
+                .context("reading the token from stdin")?;
+            t
+        }
+    };
+    println!("{}", token::hash_token(&text)?);
+    Ok(())
+}
+
+fn cert_fingerprint(path: &PathBuf) -> anyhow::Result<()> {
+    use rustls_pki_types::pem::PemObject;
+    let der = rustls_pki_types::CertificateDer::from_pem_file(path)
+        .map_err(|e| anyhow::anyhow!("{} is not a PEM certificate: {e}", path.display()))?;
+    println!("{}", backy_common::token::cert_fingerprint(&der));
+    Ok(())
 }
 
 fn load(path: &PathBuf) -> anyhow::Result<ServerConfig> {
@@ -59,6 +113,11 @@ fn main() {
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
+    match &cli.command {
+        Some(Command::HashToken { generate }) => return hash_token(generate.as_ref()),
+        Some(Command::CertFingerprint { cert }) => return cert_fingerprint(cert),
+        _ => {}
+    }
     let config = load(&cli.config)?;
     if let Some(Command::CheckConfig) = cli.command {
         println!(

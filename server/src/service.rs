@@ -1,6 +1,7 @@
 //! The gRPC service: thin handlers that decode, validate frame order, and
 //! hand the work to blocking code that knows nothing of gRPC.
 
+use crate::auth::{self, Action, Caller, StreamLimiter};
 use crate::push::Step;
 use crate::state::Server;
 use crate::storage::PushEnd;
@@ -26,6 +27,29 @@ const END_GRACE: std::time::Duration = std::time::Duration::from_secs(30);
 #[derive(Clone)]
 pub struct Service {
     pub server: Arc<Server>,
+    /// Open streams per identity (limits: streams-per-client).
+    pub streams: Arc<StreamLimiter>,
+}
+
+impl Service {
+    pub fn new(server: Arc<Server>) -> Self {
+        Service {
+            server,
+            streams: Arc::default(),
+        }
+    }
+
+    /// The authenticated caller, if it may do `action` to `job`.
+    fn check<T>(&self, req: &Request<T>, job: &str, action: Action) -> std::result::Result<Caller, Status> {
+        let caller = auth::caller(req)?;
+        auth::authorize(&self.server.config(), &caller, job, action)?;
+        Ok(caller)
+    }
+
+    fn permit(&self, caller: &Caller) -> std::result::Result<auth::StreamPermit, Status> {
+        let limit = self.server.config().limits.streams_per_client;
+        self.streams.acquire(caller, limit)
+    }
 }
 
 /// Runs blocking work off the async threads and maps its error.
@@ -38,6 +62,29 @@ async fn blocking<T: Send + 'static>(
         .map_err(to_status)
 }
 
+/// Relays a server stream to the response, dropping it when the client has
+/// not taken a message for `idle` (a stalled reader): the producer then sees
+/// its channel closed and stops, releasing its thread and stream permit.
+fn stall_guarded<T: Send + 'static>(
+    mut from: mpsc::Receiver<std::result::Result<T, Status>>,
+    idle: std::time::Duration,
+) -> ReceiverStream<std::result::Result<T, Status>> {
+    let (tx, rx) = mpsc::channel(1);
+    tokio::spawn(async move {
+        while let Some(item) = from.recv().await {
+            match tokio::time::timeout(idle, tx.send(item)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) => break, // the client went away
+                Err(_) => {
+                    tracing::warn!("stream not read for {}s: dropped", idle.as_secs());
+                    break;
+                }
+            }
+        }
+    });
+    ReceiverStream::new(rx)
+}
+
 fn out_of_order(what: &str) -> Status {
     Status::invalid_argument(format!("push frames out of order: {what}"))
 }
@@ -45,6 +92,7 @@ fn out_of_order(what: &str) -> Status {
 #[tonic::async_trait]
 impl Backy for Service {
     async fn plan(&self, req: Request<PlanRequest>) -> std::result::Result<Response<PlanReply>, Status> {
+        self.check(&req, &req.get_ref().job, Action::Operate)?;
         let server = self.server.clone();
         let req = req.into_inner();
         blocking(move || crate::plan::plan(&server, &req))
@@ -58,6 +106,7 @@ impl Backy for Service {
         &self,
         req: Request<ManifestRequest>,
     ) -> std::result::Result<Response<Self::ManifestStream>, Status> {
+        self.check(&req, &req.get_ref().job, Action::Operate)?;
         let server = self.server.clone();
         let req = req.into_inner();
         let (info, bytes) = blocking(move || {
@@ -86,8 +135,25 @@ impl Backy for Service {
         &self,
         req: Request<Streaming<PushFrame>>,
     ) -> std::result::Result<Response<PushReply>, Status> {
+        let caller = auth::caller(&req)?;
+        let _permit = self.permit(&caller)?;
+        let idle = self.server.config().limits.idle_timeout.as_duration();
+        let idle_error = || {
+            tracing::warn!(
+                identity = caller.name,
+                "push stream idle for {}s: dropped",
+                idle.as_secs()
+            );
+            Status::deadline_exceeded(format!(
+                "push stream idle for {}s (limits: idle-timeout): dropped",
+                idle.as_secs()
+            ))
+        };
         let mut stream = req.into_inner();
-        let begin = match stream.message().await? {
+        let first = tokio::time::timeout(idle, stream.message())
+            .await
+            .map_err(|_| idle_error())?;
+        let begin = match first? {
             Some(PushFrame {
                 frame: Some(Frame::Begin(b)),
             }) => b,
@@ -95,12 +161,20 @@ impl Backy for Service {
             None => return Err(Status::invalid_argument("empty push stream")),
         };
         let job = begin.job.clone();
+        auth::authorize(&self.server.config(), &caller, &job, Action::Operate)?;
         let server = self.server.clone();
         let (tx, rx) = mpsc::channel(FRAMES_IN_FLIGHT);
         let writer = tokio::task::spawn_blocking(move || crate::push::run(server, begin, rx));
         let mut protocol_error: Option<Status> = None;
         loop {
-            let step = match stream.message().await {
+            let Ok(message) = tokio::time::timeout(idle, stream.message()).await else {
+                protocol_error = Some(idle_error());
+                break;
+            };
+            let step = match message {
+                Ok(Some(PushFrame {
+                    frame: Some(Frame::Keepalive(_)),
+                })) => continue,
                 Ok(Some(PushFrame {
                     frame: Some(Frame::Data(d)),
                 })) => Step::Data(d.offset, d.data),
@@ -193,11 +267,21 @@ impl Backy for Service {
         &self,
         req: Request<StatusRequest>,
     ) -> std::result::Result<Response<StatusReply>, Status> {
+        let caller = if req.get_ref().job.is_empty() {
+            auth::caller(&req)?
+        } else {
+            self.check(&req, &req.get_ref().job, Action::Read)?
+        };
         let server = self.server.clone();
         let req = req.into_inner();
-        blocking(move || crate::status::status(&server, &req))
-            .await
-            .map(Response::new)
+        let mut reply = blocking(move || crate::status::status(&server, &req)).await?;
+        // All jobs: only those the caller may see.
+        let config = self.server.config();
+        reply.jobs.retain(|j| {
+            backy_common::JobName::new(&j.job)
+                .is_ok_and(|n| auth::may_see(&config, &caller, &n, Action::Read))
+        });
+        Ok(Response::new(reply))
     }
 
     type RestoreStream = BoxStream<RestoreFrame>;
@@ -206,6 +290,8 @@ impl Backy for Service {
         &self,
         req: Request<RestoreRequest>,
     ) -> std::result::Result<Response<Self::RestoreStream>, Status> {
+        let caller = self.check(&req, &req.get_ref().job, Action::Operate)?;
+        let permit = self.permit(&caller)?;
         let server = self.server.clone();
         let req = req.into_inner();
         let (job, meta) = blocking(move || {
@@ -216,8 +302,12 @@ impl Backy for Service {
         .await?;
         let (tx, rx) = mpsc::channel(FRAMES_IN_FLIGHT);
         let server = self.server.clone();
-        tokio::task::spawn_blocking(move || crate::restore::stream_image(server, job, meta, tx));
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            crate::restore::stream_image(server, job, meta, tx)
+        });
+        let idle = self.server.config().limits.idle_timeout.as_duration();
+        Ok(Response::new(Box::pin(stall_guarded(rx, idle))))
     }
 
     type VerifyStream = BoxStream<VerifyReport>;
@@ -226,6 +316,8 @@ impl Backy for Service {
         &self,
         req: Request<VerifyRequest>,
     ) -> std::result::Result<Response<Self::VerifyStream>, Status> {
+        let caller = self.check(&req, &req.get_ref().job, Action::Operate)?;
+        let permit = self.permit(&caller)?;
         let server = self.server.clone();
         let req = req.into_inner();
         let (job, selected) = blocking(move || {
@@ -242,6 +334,7 @@ impl Backy for Service {
         let (tx, rx) = mpsc::channel(4);
         let server = self.server.clone();
         tokio::task::spawn_blocking(move || {
+            let _permit = permit;
             for meta in selected {
                 let report = match crate::revisions::verify(&server, &job, &meta, |_| {}) {
                     Ok(v) => VerifyReport {
@@ -264,13 +357,15 @@ impl Backy for Service {
                 }
             }
         });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        let idle = self.server.config().limits.idle_timeout.as_duration();
+        Ok(Response::new(Box::pin(stall_guarded(rx, idle))))
     }
 
     async fn distrust(
         &self,
         req: Request<RevisionsRequest>,
     ) -> std::result::Result<Response<RevisionsReply>, Status> {
+        self.check(&req, &req.get_ref().job, Action::Operate)?;
         let server = self.server.clone();
         let req = req.into_inner();
         blocking(move || {
@@ -283,6 +378,7 @@ impl Backy for Service {
 
     async fn tags(&self, req: Request<TagsRequest>) -> std::result::Result<Response<RevisionsReply>, Status> {
         use crate::revisions::TagAction;
+        self.check(&req, &req.get_ref().job, Action::Operate)?;
         let server = self.server.clone();
         let req = req.into_inner();
         let action = match tags_request::Action::try_from(req.action) {
@@ -308,6 +404,7 @@ impl Backy for Service {
         &self,
         req: Request<RevisionsRequest>,
     ) -> std::result::Result<Response<RevisionsReply>, Status> {
+        self.check(&req, &req.get_ref().job, Action::Operate)?;
         let server = self.server.clone();
         let req = req.into_inner();
         blocking(move || {
@@ -324,8 +421,14 @@ impl Backy for Service {
         &self,
         req: Request<Streaming<AgentReport>>,
     ) -> std::result::Result<Response<Self::AgentStream>, Status> {
+        let caller = auth::caller(&req)?;
+        let permit = self.permit(&caller)?;
         let (tx, rx) = mpsc::channel(16);
-        tokio::spawn(crate::agent::serve(self.server.clone(), req.into_inner(), tx));
+        let server = self.server.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            crate::agent::serve(server, caller, req.into_inner(), tx).await
+        });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 }

@@ -203,6 +203,37 @@ async fn hostile_pushes_are_refused_and_change_nothing() {
             "no longer exists",
         ),
         (
+            "keepalive before begin",
+            vec![Frame::Keepalive(PushKeepalive {}), begin("vm1", SIZE)],
+            Code::InvalidArgument,
+            "out of order",
+        ),
+        (
+            "empty data frame",
+            vec![begin("vm1", SIZE), data(0, 0), ok_end(&[])],
+            Code::InvalidArgument,
+            "must be 1..=",
+        ),
+        (
+            "zero range past the end",
+            vec![
+                begin("vm1", SIZE),
+                Frame::Zero(ZeroRange {
+                    offset: SIZE - 1,
+                    length: 2,
+                }),
+                ok_end(&[]),
+            ],
+            Code::InvalidArgument,
+            "beyond the announced image size",
+        ),
+        (
+            "image size over the server maximum",
+            vec![begin("vm1", u64::MAX), ok_end(&[])],
+            Code::ResourceExhausted,
+            "limit",
+        ),
+        (
             "bad tag",
             vec![
                 Frame::Begin(PushBegin {

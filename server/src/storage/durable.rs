@@ -7,10 +7,30 @@ use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
-/// Mode of every file the server creates.
+/// Default mode of every file the server creates.
 pub const FILE_MODE: u32 = 0o600;
-/// Mode of every directory the server creates.
+/// Default mode of every directory the server creates.
 pub const DIR_MODE: u32 = 0o700;
+
+use std::sync::atomic::{AtomicU32, Ordering};
+static FILE_MODE_NOW: AtomicU32 = AtomicU32::new(FILE_MODE);
+static DIR_MODE_NOW: AtomicU32 = AtomicU32::new(DIR_MODE);
+
+/// Sets the modes from the config (`file-mode: 0640` → 0640 and 0750),
+/// once at start. Revision images hold whole VM disks: never world-readable.
+pub fn set_modes(file: u32, dir: u32) {
+    FILE_MODE_NOW.store(file & 0o750, Ordering::Relaxed);
+    DIR_MODE_NOW.store(dir & 0o750, Ordering::Relaxed);
+}
+
+/// Mode for new files.
+pub fn file_mode() -> u32 {
+    FILE_MODE_NOW.load(Ordering::Relaxed)
+}
+
+fn dir_mode() -> u32 {
+    DIR_MODE_NOW.load(Ordering::Relaxed)
+}
 
 /// Writes `bytes` to `path`: temp file in the same directory, fsync,
 /// rename over the target, fsync the directory.
@@ -40,7 +60,7 @@ pub fn create_new(path: &Path) -> Result<File> {
         .read(true)
         .write(true)
         .create_new(true)
-        .mode(FILE_MODE)
+        .mode(file_mode())
         .open(path)
         .map_err(|e| Error::io(format!("creating {}", path.display()), e))
 }
@@ -57,7 +77,7 @@ pub fn create_dir(dir: &Path) -> Result<()> {
     use std::os::unix::fs::DirBuilderExt;
     std::fs::DirBuilder::new()
         .recursive(true)
-        .mode(DIR_MODE)
+        .mode(dir_mode())
         .create(dir)
         .map_err(|e| Error::io(format!("creating directory {}", dir.display()), e))
 }

@@ -37,7 +37,7 @@ impl JobLock {
             .write(true)
             .create(true)
             .truncate(false)
-            .mode(super::durable::FILE_MODE)
+            .mode(super::durable::file_mode())
             .open(path)
             .map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
         match rustix::fs::flock(&file, FlockOperation::NonBlockingLockExclusive) {

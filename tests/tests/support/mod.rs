@@ -140,7 +140,7 @@ impl Server {
         let dir = tempfile::tempdir().expect("tempdir");
         let config_path = dir.path().join("server.yaml");
         let config = format!(
-            "listen: 127.0.0.1:0\nbase-dir: {}\njobs:\n{jobs_yaml}\n",
+            "listen: 127.0.0.1:0\nbase-dir: {}\njobs:\n{jobs_yaml}\ninsecure-plaintext: true\n",
             base.display()
         );
         std::fs::write(&config_path, config).expect("write config");
@@ -361,12 +361,23 @@ pub fn free_port() -> u16 {
 
 impl Server {
     /// Starts a server from a complete config text (`BASE` is replaced by
-    /// the base dir).
+    /// the base dir). A config without a `tls:` section gets
+    /// `insecure-plaintext: true` (loopback only) appended, so test configs
+    /// need not repeat it.
     pub fn start_config(base: &Path, config: &str) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let config_path = dir.path().join("server.yaml");
-        std::fs::write(&config_path, config.replace("BASE", &base.display().to_string()))
-            .expect("write config");
+        let mut text = config.replace("BASE", &base.display().to_string());
+        if !text
+            .lines()
+            .any(|l| l.starts_with("tls:") || l.starts_with("insecure-plaintext:"))
+        {
+            text.push_str("\ninsecure-plaintext: true\n");
+        }
+        std::fs::write(&config_path, text).expect("write config");
+        // Configs with token hashes must not be world-readable.
+        std::fs::set_permissions(&config_path, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+            .expect("chmod config");
         Self::start_with_config(config_path, base, dir)
     }
 

@@ -1,0 +1,264 @@
+//! Fuzz harnesses (proptest-driven) for the parsers that read bytes from
+//! outside: the rbd diff stream parser, the digest manifest reader and
+//! config loading. Each runs for a time budget: 2 s per target in
+//! `cargo test`, `BACKY_FUZZ_SECS=600 cargo test --release -p backy-common
+//! --test fuzz -- --nocapture` for longer runs. Every input must give a
+//! result or an error: no panic, no hang (step bounds), and no allocation
+//! over [`ALLOC_CAP`] (a counting global allocator).
+
+use backy_common::config::{ClientConfig, ServerConfig};
+use backy_common::manifest::{Manifest, HEADER_LEN, MAGIC};
+use backy_common::rbd_diff::{DiffReader, Record};
+use proptest::prelude::*;
+use proptest::test_runner::{Config, TestRunner};
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+/// Largest single allocation any input may cause.
+const ALLOC_CAP: usize = 64 << 20;
+
+struct Capped;
+static LARGEST: AtomicUsize = AtomicUsize::new(0);
+
+unsafe impl GlobalAlloc for Capped {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        LARGEST.fetch_max(layout.size(), Ordering::Relaxed);
+        if layout.size() > ALLOC_CAP {
+            return std::ptr::null_mut(); // aborts the test: a bug
+        }
+        // SAFETY: forwarded unchanged to the system allocator.
+        unsafe { System.alloc(layout) }
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        // SAFETY: forwarded unchanged to the system allocator.
+        unsafe { System.dealloc(ptr, layout) }
+    }
+}
+
+#[global_allocator]
+static ALLOC: Capped = Capped;
+
+fn budget() -> Duration {
+    let secs = std::env::var("BACKY_FUZZ_SECS")
+        .ok()
+        .and_then(|s| s.parse::<f64>().ok())
+        .unwrap_or(2.0);
+    Duration::from_secs_f64(secs)
+}
+
+/// Runs `check` on inputs from `strategy` until the time budget is spent;
+/// a failing input is shrunk and reported. Prints the execution count.
+fn fuzz<S: Strategy>(name: &str, strategy: S, check: impl Fn(S::Value) -> Result<(), TestCaseError>)
+where
+    S::Value: std::fmt::Debug,
+{
+    const ROUND: u32 = 256;
+    let start = Instant::now();
+    let executions = std::sync::atomic::AtomicU64::new(0);
+    let counted = &|v| {
+        executions.fetch_add(1, Ordering::Relaxed);
+        check(v)
+    };
+    while start.elapsed() < budget() || executions.load(Ordering::Relaxed) == 0 {
+        // A fresh runner per round: a new random seed.
+        let mut runner = TestRunner::new(Config {
+            cases: ROUND,
+            failure_persistence: None,
+            ..Config::default()
+        });
+        if let Err(e) = runner.run(&strategy, counted) {
+            panic!("fuzz {name}: {e}");
+        }
+    }
+    let executions = executions.load(Ordering::Relaxed);
+    eprintln!(
+        "fuzz {name}: {executions} executions in {:.1}s, largest allocation {} bytes",
+        start.elapsed().as_secs_f64(),
+        LARGEST.load(Ordering::Relaxed)
+    );
+}
+
+/// Bytes that look like an rbd diff: a banner, then records with tags
+/// and lengths from the format (including huge ones), then noise.
+fn diff_like() -> impl Strategy<Value = Vec<u8>> {
+    let banner = prop_oneof![
+        Just(b"rbd diff v1\n".to_vec()),
+        Just(b"rbd diff v2\n".to_vec()),
+        proptest::collection::vec(any::<u8>(), 0..14),
+    ];
+    let num = prop_oneof![
+        0u64..5000,
+        Just(u64::MAX),
+        Just(u64::MAX / 2),
+        Just(1u64 << 40),
+        any::<u64>()
+    ];
+    let record = (
+        proptest::sample::select(vec![b'f', b't', b'p', b's', b'w', b'z', b'e', b'x', 0u8]),
+        num.clone(),
+        num,
+        proptest::collection::vec(any::<u8>(), 0..64),
+    )
+        .prop_map(|(tag, a, b, tail)| {
+            let mut r = vec![tag];
+            r.extend_from_slice(&a.to_le_bytes());
+            r.extend_from_slice(&b.to_le_bytes());
+            r.extend_from_slice(&tail);
+            r
+        });
+    (
+        banner,
+        proptest::collection::vec(record, 0..12),
+        proptest::collection::vec(any::<u8>(), 0..16),
+    )
+        .prop_map(|(mut out, records, noise)| {
+            for r in records {
+                out.extend(r);
+            }
+            out.extend(noise);
+            out
+        })
+}
+
+#[test]
+fn fuzz_rbd_diff_parser() {
+    fuzz("rbd_diff", diff_like(), |bytes| {
+        let len = bytes.len() as u64;
+        let mut r = DiffReader::new(&bytes[..]);
+        let mut buf = [0u8; 4096];
+        // Every step consumes input or ends: bounded by the input length.
+        for _ in 0..(bytes.len() * 2 + 16) {
+            match r.next_record() {
+                Ok(Some(Record::Data { .. })) => {
+                    if r.skip_data().is_err() {
+                        return Ok(());
+                    }
+                }
+                Ok(Some(Record::End)) | Ok(None) | Err(_) => {
+                    prop_assert!(r.stream_position() <= len);
+                    return Ok(());
+                }
+                Ok(Some(_)) => {}
+            }
+            let _ = r.read_data(&mut buf);
+        }
+        prop_assert!(false, "the parser did not finish within its step bound");
+        Ok(())
+    });
+}
+
+#[test]
+fn fuzz_manifest_reader() {
+    // Valid manifests with bytes flipped, and headers with random fields.
+    let valid = (1u64..64 << 20, 0usize..200, any::<u8>(), 0usize..300).prop_map(|(size, at, x, cut)| {
+        let mut m = Manifest::zeroed(size, 1 << 20).expect("valid manifest").encode();
+        let i = at % m.len();
+        m[i] ^= x;
+        m.truncate(m.len().saturating_sub(cut % 3 * cut));
+        m
+    });
+    let forged = (
+        any::<[u8; HEADER_LEN - 8]>(),
+        proptest::collection::vec(any::<u8>(), 0..256),
+    )
+        .prop_map(|(rest, body)| {
+            let mut m = MAGIC.to_vec();
+            m.extend_from_slice(&rest);
+            m[8] = 1; // version
+            m.extend(body);
+            m
+        });
+    let noise = proptest::collection::vec(any::<u8>(), 0..200);
+    fuzz("manifest", prop_oneof![valid, forged, noise], |bytes| {
+        if let Ok(m) = Manifest::decode(&bytes, "fuzz.digests") {
+            // What decodes re-encodes to the same size and decodes to the
+            // same manifest (reserved header bytes are not kept).
+            let again = m.encode();
+            prop_assert_eq!(again.len(), bytes.len());
+            prop_assert_eq!(&again[HEADER_LEN..], &bytes[HEADER_LEN..]);
+            prop_assert_eq!(Manifest::decode(&again, "again").ok(), Some(m));
+        }
+        Ok(())
+    });
+}
+
+const GOOD: &str = "listen: 127.0.0.1:7000
+insecure-plaintext: true
+base-dir: /srv/backy
+schedules:
+  default:
+    daily: {interval: 1d, keep: 9}
+jobs:
+  vm1: {schedule: default, client: hv01, max-size: 100G, source: {type: ceph-rbd, pool: rbd, image: vm1}}
+clients:
+  hv01: {token-hash: 'blake3:0000000000000000000000000000000000000000000000000000000000000000'}
+limits: {streams-per-client: 4, idle-timeout: 30s}
+file-mode: 0640
+";
+
+#[test]
+fn fuzz_config_loading() {
+    let mutated = (
+        0usize..GOOD.len(),
+        proptest::collection::vec(any::<u8>(), 0..8),
+        0usize..20,
+    )
+        .prop_map(|(at, insert, delete)| {
+            let mut b = GOOD.as_bytes().to_vec();
+            let end = (at + delete).min(b.len());
+            b.splice(at..end, insert);
+            String::from_utf8_lossy(&b).into_owned()
+        });
+    let tokens = proptest::collection::vec(
+        proptest::sample::select(vec![
+            "jobs:",
+            "clients:",
+            "tls:",
+            "\n",
+            "  ",
+            "- ",
+            "{",
+            "}",
+            "[",
+            "]",
+            "&a ",
+            "*a",
+            "!!binary ",
+            "~",
+            "1e999",
+            "-1",
+            "99999999999999999999",
+            "'",
+            "\"",
+            ":",
+            ",",
+            "vm1",
+            "keep: 0",
+            "interval: 0s",
+        ]),
+        0..40,
+    )
+    .prop_map(|v| v.concat());
+    fuzz("config", prop_oneof![mutated, tokens, ".*"], |text| {
+        let _ = ServerConfig::from_yaml(&text, "fuzz.yaml");
+        let _ = ClientConfig::from_yaml(&text, "fuzz.yaml");
+        Ok(())
+    });
+}
+
+#[test]
+fn config_alias_bombs_are_refused_quickly() {
+    // "Billion laughs": nested aliases that would expand exponentially.
+    let mut text = String::from("a0: &a0 [x, x, x, x, x, x, x, x, x, x]\n");
+    for i in 1..12 {
+        let prev = format!("*a{}", i - 1);
+        text.push_str(&format!("a{i}: &a{i} [{}]\n", [prev.as_str(); 10].join(", ")));
+    }
+    text.push_str("listen: 127.0.0.1:1\nbase-dir: /x\n");
+    let start = Instant::now();
+    assert!(ServerConfig::from_yaml(&text, "bomb.yaml").is_err());
+    assert!(start.elapsed() < Duration::from_secs(5));
+    let deep = format!("{}{}", "[".repeat(100_000), "]".repeat(100_000));
+    assert!(ServerConfig::from_yaml(&deep, "deep.yaml").is_err());
+}

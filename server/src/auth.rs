@@ -1,0 +1,309 @@
+//! Who is calling, and what they may do.
+//!
+//! An interceptor authenticates every request (bearer token and/or client
+//! certificate) and puts the [`Caller`] into the request's extensions; the
+//! handlers then ask [`authorize`] once they know the job. Unknown jobs are
+//! refused exactly like other clients' jobs, so a client cannot probe which
+//! jobs exist.
+
+use backy_common::config::{Role, ServerConfig};
+use backy_common::token::{cert_fingerprint, check_token, TokenHash, AUTH_HEADER};
+use backy_common::JobName;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use tonic::{Request, Status};
+
+/// An authenticated identity.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Caller {
+    pub name: String,
+    pub role: Role,
+}
+
+/// What a request does to a job.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Action {
+    /// Status and check.
+    Read,
+    /// Everything else: plan, push, manifest, restore, verify, distrust,
+    /// tags, forget.
+    Operate,
+}
+
+/// The identity of a request, or UNAUTHENTICATED. With no clients
+/// configured (only allowed on plaintext loopback) everyone is `local`
+/// with every right, as on a single host.
+pub fn authenticate<T>(config: &ServerConfig, req: &Request<T>) -> Result<Caller, Status> {
+    if config.clients.is_empty() {
+        return Ok(Caller {
+            name: "local".into(),
+            role: Role::Admin,
+        });
+    }
+    let peer = req.remote_addr();
+    let fail = |reason: &str| {
+        // Never log the token itself.
+        tracing::warn!(peer = ?peer, "authentication failed: {reason}");
+        Status::unauthenticated(reason.to_string())
+    };
+    let by_token = match req.metadata().get(AUTH_HEADER) {
+        None => None,
+        Some(value) => {
+            let text = value
+                .to_str()
+                .map_err(|_| fail("authorization header is not text"))?;
+            let token = text
+                .strip_prefix("Bearer ")
+                .ok_or_else(|| fail("authorization header must be 'Bearer TOKEN'"))?;
+            let token = check_token(token).map_err(|e| fail(&e.message))?;
+            // Compare with every identity (each in constant time) so the
+            // time taken does not depend on which one matched.
+            let mut found = None;
+            for (name, id) in &config.clients {
+                let Some(hash) = id.token_hash.as_deref().and_then(|h| TokenHash::parse(h).ok()) else {
+                    continue;
+                };
+                if hash.matches(token) {
+                    found = Some(name);
+                }
+            }
+            Some(found.ok_or_else(|| fail("invalid token"))?)
+        }
+    };
+    let by_cert = match req.peer_certs() {
+        None => None,
+        Some(certs) => match certs.first() {
+            None => None,
+            Some(leaf) => {
+                let fp = cert_fingerprint(leaf);
+                config
+                    .clients
+                    .iter()
+                    .find(|(_, id)| id.cert_fingerprint.as_deref() == Some(fp.as_str()))
+                    .map(|(name, _)| name)
+            }
+        },
+    };
+    let name = match (by_token, by_cert) {
+        (Some(t), Some(c)) if t != c => {
+            return Err(fail(
+                "token and client certificate belong to different identities",
+            ))
+        }
+        (Some(n), _) | (None, Some(n)) => n,
+        (None, None) => {
+            return Err(fail(
+                "missing credentials: give a token (--token-file) or a known client certificate",
+            ))
+        }
+    };
+    let role = config.clients.get(name).map(|c| c.role).unwrap_or(Role::ReadOnly);
+    Ok(Caller {
+        name: name.clone(),
+        role,
+    })
+}
+
+/// The caller the interceptor stored with the request.
+pub fn caller<T>(req: &Request<T>) -> Result<Caller, Status> {
+    req.extensions()
+        .get::<Caller>()
+        .cloned()
+        .ok_or_else(|| Status::internal("request was not authenticated"))
+}
+
+/// Whether `caller` may do `action` to `job`: INVALID_ARGUMENT for a bad
+/// name, PERMISSION_DENIED outside its jobs.
+pub fn authorize(config: &ServerConfig, caller: &Caller, job: &str, action: Action) -> Result<(), Status> {
+    let name = JobName::new(job).map_err(|e| Status::invalid_argument(e.message))?;
+    if may_see(config, caller, &name, action) {
+        return Ok(());
+    }
+    tracing::warn!(identity = caller.name, job, ?action, "permission denied");
+    Err(match caller.role {
+        Role::ReadOnly => Status::permission_denied(format!(
+            "identity {} is read-only: it may only read status",
+            caller.name
+        )),
+        _ => Status::permission_denied(format!("identity {} may not access job {job}", caller.name)),
+    })
+}
+
+/// The rule itself, without logging (also filters `status` of all jobs).
+pub fn may_see(config: &ServerConfig, caller: &Caller, job: &JobName, action: Action) -> bool {
+    match caller.role {
+        Role::Admin => true,
+        Role::ReadOnly => action == Action::Read,
+        Role::Hypervisor => config
+            .jobs
+            .get(job)
+            .is_some_and(|j| j.client.as_deref() == Some(caller.name.as_str())),
+    }
+}
+
+/// An agent may run only under its own name (admins under any).
+pub fn authorize_agent(caller: &Caller, agent: &str) -> Result<(), Status> {
+    match caller.role {
+        Role::Admin => Ok(()),
+        Role::Hypervisor if caller.name == agent => Ok(()),
+        _ => {
+            tracing::warn!(identity = caller.name, agent, "agent permission denied");
+            Err(Status::permission_denied(format!(
+                "identity {} may not run an agent named {agent}",
+                caller.name
+            )))
+        }
+    }
+}
+
+/// Open streams per identity, bounded so one client cannot hold every
+/// worker (others' pushes keep working).
+#[derive(Default)]
+pub struct StreamLimiter {
+    open: Mutex<HashMap<String, u32>>,
+}
+
+/// One open stream; released when dropped.
+pub struct StreamPermit {
+    limiter: Arc<StreamLimiter>,
+    name: String,
+}
+
+impl StreamLimiter {
+    pub fn acquire(self: &Arc<Self>, caller: &Caller, limit: u32) -> Result<StreamPermit, Status> {
+        let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
+        let n = open.entry(caller.name.clone()).or_insert(0);
+        if *n >= limit {
+            tracing::warn!(identity = caller.name, limit, "stream limit reached");
+            return Err(Status::resource_exhausted(format!(
+                "identity {} has {limit} streams open already (limits: streams-per-client)",
+                caller.name
+            )));
+        }
+        *n += 1;
+        Ok(StreamPermit {
+            limiter: self.clone(),
+            name: caller.name.clone(),
+        })
+    }
+}
+
+impl Drop for StreamPermit {
+    fn drop(&mut self) {
+        let mut open = self.limiter.open.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = open.get_mut(&self.name) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                open.remove(&self.name);
+            }
+        }
+    }
+}
+
+/// The interceptor: authenticates and stores the caller.
+pub fn interceptor(
+    server: Arc<crate::state::Server>,
+) -> impl FnMut(Request<()>) -> Result<Request<()>, Status> + Clone {
+    move |mut req: Request<()>| {
+        let caller = authenticate(&server.config(), &req)?;
+        req.extensions_mut().insert(caller);
+        Ok(req)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use backy_common::token::{generate_token, hash_token};
+
+    fn config(hv_token: &str, ro_token: &str) -> ServerConfig {
+        let text = format!(
+            "listen: 127.0.0.1:1\ninsecure-plaintext: true\nbase-dir: /srv\n\
+             clients:\n  hv01: {{token-hash: '{}'}}\n  mon: {{role: read-only, token-hash: '{}'}}\n\
+             jobs:\n  vm1: {{client: hv01}}\n  vm2: {{}}\n",
+            hash_token(hv_token).unwrap(),
+            hash_token(ro_token).unwrap()
+        );
+        ServerConfig::from_yaml(&text, "t").unwrap()
+    }
+
+    fn req(token: Option<&str>) -> Request<()> {
+        let mut r = Request::new(());
+        if let Some(t) = token {
+            r.metadata_mut()
+                .insert(AUTH_HEADER, format!("Bearer {t}").parse().unwrap());
+        }
+        r
+    }
+
+    #[test]
+    fn tokens_map_to_identities() {
+        let (hv, ro) = (generate_token(), generate_token());
+        let cfg = config(&hv, &ro);
+        assert_eq!(authenticate(&cfg, &req(Some(&hv))).unwrap().name, "hv01");
+        assert_eq!(authenticate(&cfg, &req(Some(&ro))).unwrap().role, Role::ReadOnly);
+        for bad in [None, Some("short"), Some(generate_token().as_str())] {
+            let e = authenticate(&cfg, &req(bad)).unwrap_err();
+            assert_eq!(e.code(), tonic::Code::Unauthenticated, "{bad:?}");
+        }
+        let mut r = Request::new(());
+        r.metadata_mut().insert(AUTH_HEADER, hv.parse().unwrap());
+        assert!(authenticate(&cfg, &r).unwrap_err().message().contains("Bearer"));
+    }
+
+    #[test]
+    fn jobs_belong_to_their_client() {
+        let (hv, ro) = (generate_token(), generate_token());
+        let cfg = config(&hv, &ro);
+        let hv = authenticate(&cfg, &req(Some(&hv))).unwrap();
+        let ro = authenticate(&cfg, &req(Some(&ro))).unwrap();
+        assert!(authorize(&cfg, &hv, "vm1", Action::Operate).is_ok());
+        let code = |r: Result<(), Status>| r.unwrap_err().code();
+        assert_eq!(
+            code(authorize(&cfg, &hv, "vm2", Action::Operate)),
+            tonic::Code::PermissionDenied
+        );
+        assert_eq!(
+            code(authorize(&cfg, &hv, "vm2", Action::Read)),
+            tonic::Code::PermissionDenied
+        );
+        assert_eq!(
+            code(authorize(&cfg, &hv, "nope", Action::Read)),
+            tonic::Code::PermissionDenied
+        );
+        assert_eq!(
+            code(authorize(&cfg, &hv, "../x", Action::Read)),
+            tonic::Code::InvalidArgument
+        );
+        assert!(authorize(&cfg, &ro, "vm2", Action::Read).is_ok());
+        assert_eq!(
+            code(authorize(&cfg, &ro, "vm1", Action::Operate)),
+            tonic::Code::PermissionDenied
+        );
+        assert!(authorize_agent(&hv, "hv01").is_ok());
+        assert!(authorize_agent(&hv, "hv02").is_err());
+        assert!(authorize_agent(&ro, "mon").is_err());
+    }
+
+    #[test]
+    fn stream_limit_is_per_identity_and_released() {
+        let limiter = Arc::new(StreamLimiter::default());
+        let a = Caller {
+            name: "a".into(),
+            role: Role::Hypervisor,
+        };
+        let b = Caller {
+            name: "b".into(),
+            role: Role::Hypervisor,
+        };
+        let p1 = limiter.acquire(&a, 2).unwrap();
+        let _p2 = limiter.acquire(&a, 2).unwrap();
+        assert_eq!(
+            limiter.acquire(&a, 2).err().unwrap().code(),
+            tonic::Code::ResourceExhausted
+        );
+        let _q = limiter.acquire(&b, 2).unwrap();
+        drop(p1);
+        assert!(limiter.acquire(&a, 2).is_ok());
+    }
+}

@@ -1,0 +1,787 @@
+//! Security end to end, over TLS with certificates made in the test setup:
+//! identities and their jobs, read-only identities, bad credentials, bad
+//! certificates, refused insecure configurations, per-client stream limits
+//! and stalled streams, and the modes of stored files.
+
+mod support;
+
+use backy_common::token::{cert_fingerprint, generate_token, hash_token};
+use backy_proto::backy_client::BackyClient;
+use backy_proto::push_frame::Frame;
+use backy_proto::*;
+use rcgen::{
+    date_time_ymd, BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer,
+    KeyPair,
+};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
+use support::*;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
+use tonic::Code;
+
+/// A certificate authority that signs server and client certificates.
+struct Ca {
+    issuer: Issuer<'static, KeyPair>,
+    pem: String,
+}
+
+impl Ca {
+    fn new(name: &str) -> Self {
+        let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
+        p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        p.distinguished_name.push(DnType::CommonName, name);
+        let key = KeyPair::generate().unwrap();
+        let pem = p.self_signed(&key).unwrap().pem();
+        Ca {
+            issuer: Issuer::new(p, key),
+            pem,
+        }
+    }
+
+    /// (certificate PEM, key PEM, certificate DER).
+    fn sign(&self, names: &[&str], client: bool, expired: bool) -> (String, String, Vec<u8>) {
+        let mut p = CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>()).unwrap();
+        p.distinguished_name.push(DnType::CommonName, names[0]);
+        p.extended_key_usages = vec![if client {
+            ExtendedKeyUsagePurpose::ClientAuth
+        } else {
+            ExtendedKeyUsagePurpose::ServerAuth
+        }];
+        if expired {
+            p.not_before = date_time_ymd(2020, 1, 1);
+            p.not_after = date_time_ymd(2021, 1, 1);
+        }
+        let key = KeyPair::generate().unwrap();
+        let cert = p.signed_by(&key, &self.issuer).unwrap();
+        (cert.pem(), key.serialize_pem(), cert.der().to_vec())
+    }
+}
+
+fn write_secret(path: &Path, text: &str) -> PathBuf {
+    std::fs::write(path, text).unwrap();
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).unwrap();
+    path.to_path_buf()
+}
+
+/// Everything one TLS test needs: files in a temp dir.
+struct Setup {
+    dir: tempfile::TempDir,
+    ca: Ca,
+    ca_file: PathBuf,
+    tokens: Vec<(String, PathBuf)>,
+}
+
+impl Setup {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = Ca::new("backy test CA");
+        let ca_file = dir.path().join("ca.pem");
+        std::fs::write(&ca_file, &ca.pem).unwrap();
+        let (cert, key, _) = ca.sign(&["127.0.0.1", "localhost"], false, false);
+        std::fs::write(dir.path().join("server.pem"), cert).unwrap();
+        write_secret(&dir.path().join("server.key"), &key);
+        let tokens = ["hv01", "hv02", "mon", "admin"]
+            .iter()
+            .map(|name| {
+                let t = generate_token();
+                let path = write_secret(&dir.path().join(format!("{name}.token")), &format!("{t}\n"));
+                (t, path)
+            })
+            .collect();
+        Setup {
+            dir,
+            ca,
+            ca_file,
+            tokens,
+        }
+    }
+
+    fn token_file(&self, who: usize) -> &Path {
+        &self.tokens[who].1
+    }
+
+    /// A server config: TLS, four identities, vm1 of hv01, vm2 of hv02.
+    fn config(&self, extra: &str) -> String {
+        let h = |i: usize| hash_token(&self.tokens[i].0).unwrap();
+        format!(
+            "listen: 127.0.0.1:0\nbase-dir: BASE\n\
+             tls: {{cert: {d}/server.pem, key: {d}/server.key{extra}}}\n\
+             clients:\n  hv01: {{token-hash: '{}'}}\n  hv02: {{token-hash: '{}'}}\n  \
+             mon: {{role: read-only, token-hash: '{}'}}\n  admin: {{role: admin, token-hash: '{}'}}\n\
+             limits: {{streams-per-client: 2, idle-timeout: 3s}}\n\
+             jobs:\n  vm1: {{client: hv01}}\n  vm2: {{client: hv02}}\n",
+            h(0),
+            h(1),
+            h(2),
+            h(3),
+            d = self.dir.path().display(),
+        )
+    }
+}
+
+fn https(server: &Server) -> String {
+    server.url.replace("http://", "https://")
+}
+
+/// `backy-client --server https://... ARGS`.
+fn client(server: &Server, args: &[&str]) -> Output {
+    Command::new(bin("backy-client"))
+        .arg("--server")
+        .arg(https(server))
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("running backy-client")
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+fn ok(out: Output, what: &str) -> String {
+    assert!(out.status.success(), "{what} failed: {}", stderr(&out));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn refused(out: Output, what: &str, code: &str) {
+    assert_eq!(out.status.code(), Some(1), "{what}: {}", stderr(&out));
+    assert!(
+        stderr(&out).contains(code),
+        "{what}: want {code} in {}",
+        stderr(&out)
+    );
+}
+
+/// Global flags of identity `who`.
+fn as_who(s: &Setup, who: usize) -> Vec<&str> {
+    vec![
+        "--ca",
+        s.ca_file.to_str().unwrap(),
+        "--token-file",
+        s.token_file(who).to_str().unwrap(),
+    ]
+}
+
+fn args<'a>(base: &[&'a str], rest: &[&'a str]) -> Vec<&'a str> {
+    base.iter().chain(rest).copied().collect()
+}
+
+#[test]
+fn identities_reach_only_their_jobs() {
+    let s = Setup::new();
+    let base = s.dir.path().join("store");
+    let server = Server::start_config(&base, &s.config(""));
+    let image = s.dir.path().join("vm1.img");
+    make_image(&image, 16 * MIB, &[(0, MIB), (9 * MIB, 3 * MIB)]);
+    let img = image.to_str().unwrap();
+    let hv01 = as_who(&s, 0);
+    let hv02 = as_who(&s, 1);
+    let mon = as_who(&s, 2);
+    let admin = as_who(&s, 3);
+
+    ok(
+        client(
+            &server,
+            &args(&hv01, &["push", "vm1", "--source", img, "--force"]),
+        ),
+        "hv01 push vm1",
+    );
+    let restored = s.dir.path().join("restored.img");
+    ok(
+        client(
+            &server,
+            &args(&hv01, &["restore", "vm1", restored.to_str().unwrap()]),
+        ),
+        "hv01 restore vm1",
+    );
+    assert_eq!(file_hash(&restored), file_hash(&image));
+    let before = server.snapshot_tree();
+
+    // Another hypervisor: nothing of vm1, not even whether it has revisions.
+    let other = s.dir.path().join("other.img");
+    for rest in [
+        vec!["push", "vm1", "--source", img, "--force"],
+        vec!["restore", "vm1", other.to_str().unwrap()],
+        vec!["verify", "vm1"],
+        vec!["forget", "vm1", "-r", "latest"],
+        vec!["distrust", "vm1", "-r", "latest"],
+        vec!["tags", "vm1", "-r", "latest", "add", "manual:x"],
+        vec!["status", "vm1"],
+        vec!["push", "vm9", "--source", img, "--force"],
+    ] {
+        refused(
+            client(&server, &args(&hv02, &rest)),
+            &format!("hv02 {rest:?}"),
+            "PERMISSION_DENIED",
+        );
+    }
+    assert!(!other.exists());
+    let all = ok(
+        client(&server, &args(&hv02, &["status", "--json"])),
+        "hv02 status",
+    );
+    let all: serde_json::Value = serde_json::from_str(&all).unwrap();
+    let names: Vec<&str> = all["jobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|j| j["job"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["vm2"], "hv02 sees only its own job");
+    // An agent may only run under its own name.
+    let mut agent = Command::new(bin("backy-client"))
+        .arg("--server")
+        .arg(https(&server))
+        .args(args(&hv02, &["agent", "--name", "hv01"]))
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut agent_err = agent.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(&mut agent_err)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if line.contains("PERMISSION_DENIED") {
+                let _ = tx.send(line);
+            }
+        }
+    });
+    let line = rx
+        .recv_timeout(Duration::from_secs(20))
+        .expect("agent under a foreign name is refused");
+    assert!(line.contains("may not run an agent named hv01"), "{line}");
+    let _ = agent.kill();
+    let _ = agent.wait();
+
+    // Read-only: status and check of every job, nothing else.
+    let st = ok(
+        client(&server, &args(&mon, &["status", "vm1", "--json"])),
+        "mon status",
+    );
+    assert!(st.contains("\"vm1\""));
+    let check = client(&server, &args(&mon, &["check"]));
+    assert!(check.status.code().is_some_and(|c| c <= 2), "{}", stderr(&check));
+    for rest in [
+        vec!["push", "vm1", "--source", img, "--force"],
+        vec!["restore", "vm1", other.to_str().unwrap()],
+        vec!["verify", "vm1"],
+        vec!["forget", "vm1", "-r", "latest"],
+    ] {
+        refused(
+            client(&server, &args(&mon, &rest)),
+            &format!("mon {rest:?}"),
+            "PERMISSION_DENIED",
+        );
+    }
+
+    // No, a wrong, or a malformed token.
+    let ca = ["--ca", s.ca_file.to_str().unwrap()];
+    refused(
+        client(&server, &args(&ca, &["status"])),
+        "no token",
+        "UNAUTHENTICATED",
+    );
+    let wrong = write_secret(&s.dir.path().join("wrong.token"), &generate_token());
+    refused(
+        client(
+            &server,
+            &args(&ca, &["--token-file", wrong.to_str().unwrap(), "status"]),
+        ),
+        "wrong token",
+        "UNAUTHENTICATED",
+    );
+    // A world-readable token file is refused by the client itself.
+    std::fs::set_permissions(&wrong, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let out = client(
+        &server,
+        &args(&ca, &["--token-file", wrong.to_str().unwrap(), "status"]),
+    );
+    assert!(stderr(&out).contains("world-readable"), "{}", stderr(&out));
+    // https without a CA, and plaintext against the TLS port.
+    let out = client(
+        &server,
+        &["--token-file", s.token_file(0).to_str().unwrap(), "status"],
+    );
+    assert!(stderr(&out).contains("--ca FILE"), "{}", stderr(&out));
+    let out = Command::new(bin("backy-client"))
+        .args([
+            "--server",
+            &server.url,
+            "--token-file",
+            s.token_file(0).to_str().unwrap(),
+            "status",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "plaintext to a TLS server: {}",
+        stderr(&out)
+    );
+    assert_eq!(server.snapshot_tree(), before, "refused requests changed nothing");
+
+    // Admin may do anything; then the file modes of what was stored.
+    ok(client(&server, &args(&admin, &["verify", "vm1"])), "admin verify");
+    let job = base.join("vm1");
+    assert_eq!(mode(&base.join("vm1")), 0o700);
+    let mut files = 0;
+    for e in std::fs::read_dir(&job).unwrap().flatten() {
+        let meta = e.path().symlink_metadata().unwrap();
+        if meta.file_type().is_symlink() {
+            continue;
+        }
+        let want = if meta.is_dir() { 0o700 } else { 0o600 };
+        assert_eq!(mode(&e.path()), want, "{}", e.path().display());
+        files += 1;
+    }
+    assert!(files >= 3, "image, .rev and .digests checked");
+}
+
+fn mode(p: &Path) -> u32 {
+    std::fs::metadata(p).unwrap().permissions().mode() & 0o7777
+}
+
+#[test]
+fn certificates_are_verified_and_map_to_identities() {
+    let s = Setup::new();
+    let d = s.dir.path();
+    // A client certificate for hv01 (mutual TLS), and one from another CA.
+    let (cert, key, der) = s.ca.sign(&["hv01"], true, false);
+    std::fs::write(d.join("hv01.pem"), &cert).unwrap();
+    write_secret(&d.join("hv01.key"), &key);
+    let rogue = Ca::new("rogue CA");
+    let (rcert, rkey, _) = rogue.sign(&["hv01"], true, false);
+    std::fs::write(d.join("rogue.pem"), &rcert).unwrap();
+    write_secret(&d.join("rogue.key"), &rkey);
+    std::fs::write(d.join("rogue-ca.pem"), &rogue.pem).unwrap();
+
+    // backy-server cert-fingerprint agrees with the fingerprint of the DER.
+    let out = Command::new(bin("backy-server"))
+        .arg("cert-fingerprint")
+        .arg(d.join("hv01.pem"))
+        .output()
+        .unwrap();
+    let fp = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    assert_eq!(fp, cert_fingerprint(&der));
+
+    let config = s
+        .config(&format!(", client-ca: {}", s.ca_file.display()))
+        .replace(
+            "  mon: {",
+            &format!("  hv01c: {{cert-fingerprint: '{fp}'}}\n  mon: {{"),
+        )
+        .replace(
+            "vm1: {client: hv01}",
+            "vm1: {client: hv01}\n  vm3: {client: hv01c}",
+        );
+    let base = d.join("store");
+    let server = Server::start_config(&base, &config);
+    let ca = s.ca_file.to_str().unwrap();
+    let p = |n: &str| d.join(n).to_str().unwrap().to_string();
+
+    // The certificate alone is the identity hv01c.
+    ok(
+        client(
+            &server,
+            &[
+                "--ca",
+                ca,
+                "--cert",
+                &p("hv01.pem"),
+                "--key",
+                &p("hv01.key"),
+                "status",
+                "vm3",
+            ],
+        ),
+        "certificate identity",
+    );
+    refused(
+        client(
+            &server,
+            &[
+                "--ca",
+                ca,
+                "--cert",
+                &p("hv01.pem"),
+                "--key",
+                &p("hv01.key"),
+                "status",
+                "vm1",
+            ],
+        ),
+        "certificate identity on another job",
+        "PERMISSION_DENIED",
+    );
+    // Token and certificate of different identities: refused.
+    refused(
+        client(
+            &server,
+            &[
+                "--ca",
+                ca,
+                "--cert",
+                &p("hv01.pem"),
+                "--key",
+                &p("hv01.key"),
+                "--token-file",
+                s.token_file(1).to_str().unwrap(),
+                "status",
+                "vm2",
+            ],
+        ),
+        "token and certificate disagree",
+        "UNAUTHENTICATED",
+    );
+    // Without a client certificate, or with one of another CA: no TLS session.
+    let out = client(&server, &args(&as_who(&s, 0), &["status", "vm1"]));
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(!stderr(&out).contains("\"vm1\""));
+    let out = client(
+        &server,
+        &[
+            "--ca",
+            ca,
+            "--cert",
+            &p("rogue.pem"),
+            "--key",
+            &p("rogue.key"),
+            "--token-file",
+            s.token_file(0).to_str().unwrap(),
+            "status",
+            "vm1",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    drop(server);
+
+    // The client refuses a server certificate from a CA it does not trust,
+    // and an expired one from the right CA.
+    let server = Server::start_config(&d.join("store2"), &s.config(""));
+    let out = client(
+        &server,
+        &args(
+            &[
+                "--ca",
+                &p("rogue-ca.pem"),
+                "--token-file",
+                s.token_file(0).to_str().unwrap(),
+            ],
+            &["status"],
+        ),
+    );
+    refused(out, "untrusted server certificate", "certificate");
+    drop(server);
+    let (ecert, ekey, _) = s.ca.sign(&["127.0.0.1"], false, true);
+    std::fs::write(d.join("server.pem"), ecert).unwrap();
+    write_secret(&d.join("server.key"), &ekey);
+    let server = Server::start_config(&d.join("store3"), &s.config(""));
+    let out = client(&server, &args(&as_who(&s, 0), &["status"]));
+    refused(out, "expired server certificate", "certificate expired");
+}
+
+/// Runs `backy-server` on a config that must be refused; returns stderr.
+fn server_refuses(dir: &Path, config: &str, config_mode: u32) -> String {
+    let base = dir.join("store");
+    std::fs::create_dir_all(&base).unwrap();
+    let path = dir.join("bad.yaml");
+    std::fs::write(&path, config.replace("BASE", base.to_str().unwrap())).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(config_mode)).unwrap();
+    let mut child = Command::new(bin("backy-server"))
+        .arg("--config")
+        .arg(&path)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut status = None;
+    wait_for("backy-server to refuse", Duration::from_secs(20), || {
+        status = child.try_wait().unwrap();
+        status.is_some()
+    });
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(status.and_then(|s| s.code()), Some(1));
+    stderr(&out)
+}
+
+#[test]
+fn insecure_configurations_are_refused() {
+    let s = Setup::new();
+    let d = s.dir.path();
+    let plain = "listen: 0.0.0.0:0\nbase-dir: BASE\ninsecure-plaintext: true\njobs: {}\n";
+    assert!(server_refuses(d, plain, 0o600).contains("only on a loopback listen address"));
+    let none = "listen: 127.0.0.1:0\nbase-dir: BASE\njobs: {}\n";
+    assert!(server_refuses(d, none, 0o600).contains("no tls section"));
+    let e = server_refuses(d, &s.config(""), 0o644);
+    assert!(
+        e.contains("config file with token hashes") && e.contains("world-readable"),
+        "{e}"
+    );
+    std::fs::set_permissions(d.join("server.key"), std::fs::Permissions::from_mode(0o644)).unwrap();
+    let e = server_refuses(d, &s.config(""), 0o600);
+    assert!(e.contains("TLS key") && e.contains("world-readable"), "{e}");
+    std::fs::set_permissions(d.join("server.key"), std::fs::Permissions::from_mode(0o600)).unwrap();
+    // And no token appears in any log line or error.
+    for (t, _) in &s.tokens {
+        assert!(!e.contains(t.as_str()));
+    }
+}
+
+/// A raw gRPC client over TLS with identity `who`'s token.
+async fn raw(
+    s: &Setup,
+    url: &str,
+    who: usize,
+) -> BackyClient<
+    tonic::service::interceptor::InterceptedService<Channel, impl tonic::service::Interceptor + Clone>,
+> {
+    let pem = std::fs::read(&s.ca_file).unwrap();
+    let channel = Endpoint::from_shared(url.to_string())
+        .unwrap()
+        .tls_config(ClientTlsConfig::new().ca_certificate(Certificate::from_pem(pem)))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let header: tonic::metadata::MetadataValue<_> = format!("Bearer {}", s.tokens[who].0).parse().unwrap();
+    BackyClient::with_interceptor(channel, move |mut r: tonic::Request<()>| {
+        r.metadata_mut().insert("authorization", header.clone());
+        Ok(r)
+    })
+    .max_encoding_message_size(64 << 20)
+}
+
+fn begin(job: &str, size: u64) -> PushFrame {
+    PushFrame {
+        frame: Some(Frame::Begin(PushBegin {
+            job: job.into(),
+            rev_id: uuid::Uuid::new_v4().to_string(),
+            parent_id: String::new(),
+            size,
+            block_size: 4 << 20,
+            tags: vec![],
+            source_type: "file".into(),
+            source_snapshot: String::new(),
+            force: true,
+            ..PushBegin::default()
+        })),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_and_excess_streams_do_not_block_others() {
+    let s = Setup::new();
+    let base = s.dir.path().join("store");
+    let config = s.config("");
+    let server = tokio::task::spawn_blocking(move || Server::start_config(&base, &config))
+        .await
+        .unwrap();
+    let url = https(&server);
+
+    // Hostile frames over TLS, each with its code.
+    let keep = PushFrame {
+        frame: Some(Frame::Keepalive(PushKeepalive {})),
+    };
+    let data = PushFrame {
+        frame: Some(Frame::Data(DataRange {
+            offset: 0,
+            data: vec![1; 4096],
+        })),
+    };
+    let mut sum = backy_common::checksum::StreamChecksum::new();
+    sum.data(0, &[1; 4096]);
+    let end = PushFrame {
+        frame: Some(Frame::End(PushEnd {
+            stream_checksum: sum.finish().to_vec(),
+            manifest_digest: vec![],
+            bytes_read: 0,
+        })),
+    };
+    let cases: Vec<(&str, usize, Vec<PushFrame>, Code)> = vec![
+        (
+            "push to another client's job",
+            1,
+            vec![begin("vm1", MIB), end.clone()],
+            Code::PermissionDenied,
+        ),
+        (
+            "push by read-only identity",
+            2,
+            vec![begin("vm1", MIB), end.clone()],
+            Code::PermissionDenied,
+        ),
+        (
+            "push to an unknown job",
+            0,
+            vec![begin("vm9", MIB), end.clone()],
+            Code::PermissionDenied,
+        ),
+        (
+            "job name escaping",
+            0,
+            vec![begin("../vm1", MIB), end.clone()],
+            Code::InvalidArgument,
+        ),
+        (
+            "keepalive before begin",
+            0,
+            vec![keep.clone(), begin("vm1", MIB)],
+            Code::InvalidArgument,
+        ),
+        (
+            "empty frame",
+            0,
+            vec![begin("vm1", MIB), PushFrame { frame: None }],
+            Code::InvalidArgument,
+        ),
+        (
+            "keepalives between frames are fine",
+            0,
+            vec![
+                begin("vm1", MIB),
+                keep.clone(),
+                data.clone(),
+                keep.clone(),
+                end.clone(),
+            ],
+            Code::Ok,
+        ),
+    ];
+    for (what, who, frames, code) in cases {
+        let mut c = raw(&s, &url, who).await;
+        let got = match c.push(tokio_stream::iter(frames)).await {
+            Ok(_) => Code::Ok,
+            Err(e) => e.code(),
+        };
+        assert_eq!(got, code, "{what}");
+    }
+
+    // hv01 holds two stalled pushes: its limit. A third stream is refused.
+    let mut stalled = Vec::new();
+    let mut senders = Vec::new();
+    for _ in 0..2 {
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        tx.send(begin("vm1", 64 * MIB)).await.unwrap();
+        senders.push(tx);
+        let mut c = raw(&s, &url, 0).await;
+        stalled.push(tokio::spawn(async move {
+            c.push(tokio_stream::wrappers::ReceiverStream::new(rx)).await
+        }));
+    }
+    let mut c = raw(&s, &url, 0).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        // A restore of a missing revision: NOT_FOUND while the limit has
+        // room, RESOURCE_EXHAUSTED once both stalled streams are counted.
+        let e = c
+            .restore(RestoreRequest {
+                job: "vm1".into(),
+                revision: "nope".into(),
+            })
+            .await
+            .unwrap_err();
+        if e.code() == Code::ResourceExhausted {
+            assert!(e.message().contains("streams-per-client"), "{e:?}");
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "limit never reached: {e:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // Meanwhile another client pushes normally.
+    let image = s.dir.path().join("vm2.img");
+    // Large enough that a restore not being read fills every buffer.
+    make_image(&image, 48 * MIB, &[(MIB, 40 * MIB)]);
+    let hv02 = as_who(&s, 1);
+    let img = image.to_str().unwrap().to_string();
+    let out = tokio::task::spawn_blocking({
+        let hv02: Vec<String> = hv02.iter().map(|a| a.to_string()).collect();
+        let srv_url = url.clone();
+        move || {
+            Command::new(bin("backy-client"))
+                .arg("--server")
+                .arg(srv_url)
+                .args(&hv02)
+                .args(["push", "vm2", "--source", &img, "--force"])
+                .output()
+                .unwrap()
+        }
+    })
+    .await
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "hv02 push while hv01 stalls: {}",
+        stderr(&out)
+    );
+
+    // The stalled pushes are dropped after the idle timeout (3 s).
+    for h in stalled {
+        let e = tokio::time::timeout(Duration::from_secs(30), h)
+            .await
+            .expect("stalled push dropped in time")
+            .unwrap()
+            .unwrap_err();
+        assert_eq!(e.code(), Code::DeadlineExceeded, "{e:?}");
+        assert!(e.message().contains("idle"), "{e:?}");
+    }
+    drop(senders);
+    // And hv01 can work again.
+    let e = c
+        .restore(RestoreRequest {
+            job: "vm1".into(),
+            revision: "nope".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::NotFound, "{e:?}");
+
+    // hv02 starts two restores and never reads them: they hold its two
+    // streams until the idle timeout drops them, then its limit has room.
+    let mut c2 = raw(&s, &url, 1).await;
+    let mut unread = Vec::new();
+    for _ in 0..2 {
+        unread.push(
+            c2.restore(RestoreRequest {
+                job: "vm2".into(),
+                revision: "latest".into(),
+            })
+            .await
+            .expect("restore starts"),
+        );
+    }
+    let probe = |c: &mut BackyClient<_>| {
+        let mut c = c.clone();
+        async move {
+            c.restore(RestoreRequest {
+                job: "vm2".into(),
+                revision: "nope".into(),
+            })
+            .await
+            .unwrap_err()
+            .code()
+        }
+    };
+    assert_eq!(
+        probe(&mut c2).await,
+        Code::ResourceExhausted,
+        "two unread restores hold the limit"
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while probe(&mut c2).await != Code::NotFound {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "stalled restores were never dropped"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    drop(unread);
+    drop(server);
+}
