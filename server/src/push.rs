@@ -15,9 +15,10 @@ pub enum Step {
     Data(u64, Vec<u8>),
     Zero(u64, u64),
     End(PushEnd),
-    /// The connection broke (the client went away): keep what arrived for
-    /// resuming. A channel closed without this or `End` discards it.
-    Interrupted,
+    /// The client broke the protocol: discard, failing with this reason.
+    /// (A channel that closes without `End` or `Abort` means the client
+    /// went away: what arrived is kept for resuming.)
+    Abort(String),
 }
 
 /// Runs a whole push on a blocking thread and returns the new revision and
@@ -140,7 +141,8 @@ pub fn run(
                 fault::point("push.frame");
             }
             Some(Step::End(end)) => break rev.commit(&end)?,
-            Some(Step::Interrupted) => {
+            Some(Step::Abort(why)) => return Err(Error::invalid(why)),
+            None => {
                 let why = "push stream ended before its end frame";
                 return Err(match rev.suspend()? {
                     Some(at) => Error::unavailable(format!(
@@ -150,11 +152,6 @@ pub fn run(
                     )),
                     None => Error::unavailable(format!("{why}; nothing was committed")),
                 });
-            }
-            None => {
-                return Err(Error::unavailable(
-                    "push stream ended before its end frame; nothing was committed",
-                ))
             }
         }
     };

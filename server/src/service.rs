@@ -164,7 +164,14 @@ impl Backy for Service {
         auth::authorize(&self.server.config(), &caller, &job, Action::Operate)?;
         let server = self.server.clone();
         let (tx, rx) = mpsc::channel(FRAMES_IN_FLIGHT);
-        let writer = tokio::task::spawn_blocking(move || crate::push::run(server, begin, rx));
+        // The outcome is recorded by the writer: this handler is dropped
+        // when the client's connection goes away.
+        let writer = tokio::task::spawn_blocking(move || {
+            let job = begin.job.clone();
+            let result = crate::push::run(server.clone(), begin, rx);
+            server.record_push_outcome(&job, &result);
+            result
+        });
         let mut protocol_error: Option<Status> = None;
         loop {
             let Ok(message) = tokio::time::timeout(idle, stream.message()).await else {
@@ -213,10 +220,7 @@ impl Backy for Service {
                     protocol_error = Some(Status::invalid_argument("empty push frame"));
                     break;
                 }
-                Ok(None) => {
-                    let _ = tx.send(Step::Interrupted).await;
-                    break;
-                }
+                Ok(None) => break,
                 Err(status) => {
                     tracing::warn!(job, "push stream broke: {status}");
                     // Transport-level refusals (e.g. a message over the size
@@ -226,8 +230,6 @@ impl Backy for Service {
                         Code::OutOfRange | Code::ResourceExhausted | Code::InvalidArgument
                     ) {
                         protocol_error = Some(status);
-                    } else {
-                        let _ = tx.send(Step::Interrupted).await;
                     }
                     break;
                 }
@@ -237,19 +239,15 @@ impl Backy for Service {
                 break; // the writer stopped (error) or has everything
             }
         }
-        // Without an end step the writer discards the partial revision.
+        // Without an end step the writer keeps the partial revision for
+        // resuming (the client went away) or discards it (abort).
+        if let Some(p) = &protocol_error {
+            let _ = tx.send(Step::Abort(p.message().to_string())).await;
+        }
         drop(tx);
         let result = writer
             .await
             .map_err(|e| Status::internal(format!("push worker failed: {e}")))?;
-        let outcome = match (&protocol_error, &result) {
-            (Some(p), _) => Err(p.message().to_string()),
-            (None, Err(e)) => Err(e.message.clone()),
-            (None, Ok(_)) => Ok(()),
-        };
-        if let Ok(name) = backy_common::JobName::new(&job) {
-            self.server.record_outcome(&name, &outcome);
-        }
         if let Some(p) = protocol_error {
             return Err(p);
         }

@@ -120,6 +120,20 @@ impl Server {
         }
     }
 
+    /// Records how a push of `job` (as the client named it) ended, for
+    /// configured jobs only: a peer cannot grow this table with made-up names.
+    pub fn record_push_outcome<T>(&self, job: &str, result: &Result<T>) {
+        let Ok(name) = JobName::new(job) else { return };
+        if !self.config().jobs.contains_key(&name) {
+            return;
+        }
+        let outcome = match result {
+            Ok(_) => Ok(()),
+            Err(e) => Err(e.message.clone()),
+        };
+        self.record_outcome(&name, &outcome);
+    }
+
     pub fn record_outcome(&self, job: &JobName, result: &std::result::Result<(), String>) {
         let mut rt = self.runtime();
         let r = rt.entry(job.clone()).or_default();

@@ -128,6 +128,13 @@ impl World {
             .client_ok(&["tags", "vm1", "-r", &(n - 1).to_string(), "set", "obsolete"]);
     }
 
+    fn newest(&self) -> Option<String> {
+        self.server
+            .revisions("vm1")
+            .last()
+            .map(|r| r["short_id"].as_str().unwrap().to_string())
+    }
+
     fn assert_partial_empty(&self, point: &str) {
         let left = std::fs::read_dir(self.base().join("vm1/.partial"))
             .unwrap()
@@ -239,6 +246,7 @@ fn client_killed_at_every_point_loses_nothing() {
     for point in CLIENT_POINTS {
         // Enough changed blocks that the push has 40+ frames.
         w.change(48 * MIB);
+        let newest_before = w.newest();
         let out = w.server.client_env(
             &[("BACKY_FAULT", point)],
             &["push", "vm1", "--force", "--source", w.src.to_str().unwrap()],
@@ -249,6 +257,18 @@ fn client_killed_at_every_point_loses_nothing() {
             "{point}: the client must have aborted there: {}",
             String::from_utf8_lossy(&out.stderr)
         );
+        // Once the push reached the server, wait until the server is done
+        // with it: failed (the stream broke) or committed.
+        if !matches!(*point, "client.planned" | "client.manifest") {
+            wait_for(
+                &format!("{point}: the server ends the push"),
+                Duration::from_secs(30),
+                || {
+                    w.server.status_json("vm1")["jobs"][0]["failures"].as_u64() > Some(0)
+                        || w.newest() != newest_before
+                },
+            );
+        }
         w.check(&format!("client killed at {point}"));
         w.push_ok();
         w.check(&format!("push after client killed at {point}"));

@@ -83,17 +83,19 @@ impl World {
     }
 }
 
-/// Waits until the server has finished with the broken push.
+/// Waits until the server has recorded the broken push as failed.
 fn settled(w: &World) {
     wait_for(
-        "the broken push to end on the server",
-        std::time::Duration::from_secs(20),
-        || w.server.status_json("vm1")["jobs"][0]["running"] == false,
+        "the broken push to fail on the server",
+        std::time::Duration::from_secs(30),
+        || {
+            let job = &w.server.status_json("vm1")["jobs"][0];
+            job["running"] == false && job["failures"].as_u64() > Some(0)
+        },
     );
 }
 
 fn kept_for_resuming(w: &World) -> String {
-    settled(w);
     let partial = w.partial();
     assert_eq!(partial.len(), 3, "image, digests and record kept: {partial:?}");
     let id = partial[0].clone();
@@ -120,14 +122,16 @@ fn a_dropped_connection_resumes_and_sends_only_the_remainder() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    settled(&w);
     assert!(w.server.revisions("vm1").is_empty(), "nothing committed");
     let id = kept_for_resuming(&w);
 
     let pushed = w.push_ok();
     let at = pushed["resumed_at"].as_u64().expect("the push was resumed");
     assert_eq!(pushed["revision"]["short_id"].as_str().unwrap(), id);
-    // Frames in flight when the client died may or may not have arrived.
-    assert!((96 * MIB..=120 * MIB).contains(&at), "resumed at {at}");
+    // Frames in flight when the client died (its 16-frame queue and the
+    // 32 MiB HTTP/2 window) may or may not have arrived.
+    assert!((64 * MIB..=120 * MIB).contains(&at), "resumed at {at}");
     assert_eq!(sent(&pushed), 200 * MIB - at, "only the remainder is sent");
     w.check_latest();
 
@@ -193,6 +197,7 @@ fn a_fresh_push_discards_what_cannot_be_resumed() {
     let w = World::new("");
     let out = w.push(&[("BACKY_FAULT", "client.frame@50")]);
     assert_eq!(out.status.signal(), Some(6));
+    settled(&w);
     kept_for_resuming(&w);
     let f = std::fs::OpenOptions::new().write(true).open(&w.src).unwrap();
     f.set_len(260 * MIB).unwrap();

@@ -12,10 +12,13 @@ pub const MIB: u64 = 1 << 20;
 pub const BLOCK: u64 = 4 * MIB;
 
 /// Path of a freshly built workspace binary (`backy-server`, `backy-client`).
-/// Builds each once per test process: `cargo test` does not build other
-/// packages' binaries.
+/// `cargo test` does not build other packages' binaries, so each test
+/// process builds them once, with exactly the command `scripts/test.sh`
+/// uses first (`--workspace --bins`): the same features, so nothing is
+/// rebuilt (building `-p NAME` alone unifies features differently and
+/// recompiles shared dependencies every time).
 pub fn bin(name: &'static str) -> PathBuf {
-    static BUILT: std::sync::Mutex<Vec<&'static str>> = std::sync::Mutex::new(Vec::new());
+    static BUILT: std::sync::OnceLock<()> = std::sync::OnceLock::new();
     let exe = std::env::current_exe().expect("test executable path");
     // target/<profile>/deps/<test> → target/<profile>
     let dir = exe
@@ -23,18 +26,36 @@ pub fn bin(name: &'static str) -> PathBuf {
         .and_then(Path::parent)
         .expect("target dir")
         .to_path_buf();
-    let mut built = BUILT.lock().unwrap_or_else(|p| p.into_inner());
-    if !built.contains(&name) {
+    BUILT.get_or_init(|| {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let mut cmd = Command::new(cargo);
-        cmd.args(["build", "--quiet", "-p", name]);
+        cmd.args(["build", "--quiet", "--workspace", "--bins"]);
+        // The variables cargo sets for this test process (CARGO_PKG_NAME,
+        // CARGO_MANIFEST_DIR, ...) would reach build scripts that watch
+        // them (ring's) and make cargo rebuild half the tree.
+        for (key, _) in std::env::vars_os() {
+            let key = key.to_string_lossy();
+            if [
+                "CARGO_PKG_",
+                "CARGO_MANIFEST_",
+                "CARGO_CRATE_",
+                "CARGO_BIN_",
+                "CARGO_PRIMARY_",
+                "CARGO_TARGET_TMPDIR",
+            ]
+            .iter()
+            .any(|p| key.starts_with(p))
+                || key == "OUT_DIR"
+            {
+                cmd.env_remove(key.as_ref());
+            }
+        }
         if dir.file_name().is_some_and(|n| n == "release") {
             cmd.arg("--release");
         }
         let status = cmd.status().expect("running cargo build");
-        assert!(status.success(), "building {name} failed");
-        built.push(name);
-    }
+        assert!(status.success(), "building the workspace binaries failed");
+    });
     dir.join(name)
 }
 
