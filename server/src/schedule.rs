@@ -28,6 +28,8 @@ pub fn expire_locked(server: &Server, job: &JobDir, schedule: &Schedule) -> Resu
     let protected = server.protected(job.name());
     let plan = schedule::expire(schedule, &revs, Utc::now(), &protected);
     if plan.is_noop() {
+        // A commit just before still needs `latest` to point at it.
+        job.update_latest()?;
         return Ok(Vec::new());
     }
     for meta in &revs {

@@ -277,9 +277,15 @@ jobs:
         "restored as stored, damage included"
     );
 
-    // Forget removes the revision and its files.
+    // `latest` (for people restoring with dd) names the newest revision.
+    let latest = || std::fs::read_link(base.join("vm1").join("latest")).unwrap();
+    assert_eq!(latest(), std::path::PathBuf::from(&newest));
+
+    // Forget removes the revision and its files; `latest` follows.
     server.client_ok(&["forget", "vm1", "-r", &newest]);
     assert_eq!(server.revisions("vm1").len(), 2);
     assert!(!stored.exists());
     assert_files_match_listing(&base, "vm1", &ids(&server, "vm1"));
+    let listed = ids(&server, "vm1");
+    assert_eq!(latest(), std::path::PathBuf::from(listed.last().unwrap()));
 }
