@@ -120,8 +120,11 @@ enum Command {
     Restore(RestoreCmd),
     Status(StatusCmd),
     Verify(VerifyCmd),
+    /// Mark revisions distrusted by hand: never a parent again (the next
+    /// push is a full one) until a clean verify restores trust
     Distrust(RevisionsCmd),
     Tags(TagsCmd),
+    /// Remove revisions and all their files from the server
     Forget(RevisionsCmd),
     Check(CheckCmd),
     Agent(AgentCmd),
@@ -236,6 +239,7 @@ struct AgentCmd {
 Examples:
   backy-client push vm1                                  source from the server config
   backy-client push vm1 --source /var/lib/vms/vm1.img    an image file (stop the VM first)
+  backy-client push vm1 --source rbd:rbd/vm1.root        a Ceph RBD image (snapshotted by backy)
   backy-client push vm1 --source /dev/vg/vm1-snap --force --tags manual:pre-upgrade
   backy-client push vm1 --source /dev/vg/vm1-snap --changed-ranges /run/vm1.dirty")]
 struct PushCmd {
@@ -243,7 +247,7 @@ struct PushCmd {
     #[arg(value_name = "JOB", value_parser = parse_job)]
     job: JobName,
 
-    /// Image file or block device to read [default: the job's source in the server config]
+    /// Image file, block device or rbd:POOL/IMAGE to read [default: the job's source in the server config]
     #[arg(long, value_name = "PATH")]
     source: Option<String>,
 

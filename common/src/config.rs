@@ -286,6 +286,26 @@ impl ServerConfig {
         self.validate_security()
     }
 
+    /// Why `new` cannot replace this running configuration on a reload
+    /// (SIGHUP): the listener, the storage root, the transport and file
+    /// modes are fixed at start, and a reload that pretended to change them
+    /// would, say, list TLS identities while still serving plaintext.
+    /// `None`: `new` may take over.
+    pub fn reload_refusal(&self, new: &ServerConfig) -> Option<String> {
+        let fixed: [(&str, bool); 5] = [
+            ("listen", self.listen != new.listen),
+            ("base-dir", self.base_dir != new.base_dir),
+            ("tls", self.tls != new.tls),
+            (
+                "insecure-plaintext",
+                self.insecure_plaintext != new.insecure_plaintext,
+            ),
+            ("file-mode", self.file_mode != new.file_mode),
+        ];
+        let changed: Vec<&str> = fixed.iter().filter(|(_, c)| *c).map(|(n, _)| *n).collect();
+        (!changed.is_empty()).then(|| format!("{} cannot change without a restart", changed.join(", ")))
+    }
+
     /// TLS or explicit loopback plaintext; well-formed identities.
     fn validate_security(&self) -> Result<()> {
         let addr: std::net::SocketAddr = self
@@ -538,6 +558,27 @@ jobs:
         assert_eq!(vm1.max_size, Some(100 << 30));
         assert_eq!(cfg.schedule_of(vm1).unwrap()["weekly"].interval.secs(), 7 * 86400);
         assert!(cfg.job(&JobName::new("vm3").unwrap()).is_err());
+    }
+
+    #[test]
+    fn reload_takes_jobs_and_schedules_but_not_what_is_fixed_at_start() {
+        let old = ServerConfig::from_yaml(GOOD, "old").unwrap();
+        let more_jobs = GOOD.replace("  vm2: {}", "  vm2: {}\n  vm3: {schedule: default}");
+        let new = ServerConfig::from_yaml(&more_jobs, "new").unwrap();
+        assert_eq!(old.reload_refusal(&new), None);
+        for (from, to, named) in [
+            ("127.0.0.1:7000", "127.0.0.1:7001", "listen"),
+            ("/srv/backy", "/srv/other", "base-dir"),
+        ] {
+            let new = ServerConfig::from_yaml(&GOOD.replace(from, to), "new").unwrap();
+            let why = old.reload_refusal(&new).expect("refused");
+            assert_eq!(why, format!("{named} cannot change without a restart"));
+        }
+        let new = ServerConfig::from_yaml(&format!("{GOOD}file-mode: \"0640\"\n"), "new").unwrap();
+        assert_eq!(
+            old.reload_refusal(&new).as_deref(),
+            Some("file-mode cannot change without a restart")
+        );
     }
 
     const HASH: &str = "blake3:0000000000000000000000000000000000000000000000000000000000000000";

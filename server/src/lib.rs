@@ -55,6 +55,13 @@ pub async fn serve(config: ServerConfig, mode: StorageMode, config_path: PathBuf
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
     let service =
         tonic::service::interceptor::InterceptedService::new(service, auth::interceptor(server.clone()));
+    // Expire once before serving, so what clients first see is settled
+    // (revisions a stopped server should have expired are gone), then on
+    // a timer.
+    let s = server.clone();
+    tokio::task::spawn_blocking(move || schedule::expire_all(&s))
+        .await
+        .context("expiry at start")?;
     spawn_expiry(server.clone());
     scrub::spawn(server.clone());
     spawn_reload_on_hup(server.clone(), config_path);
@@ -96,10 +103,12 @@ pub async fn serve(config: ServerConfig, mode: StorageMode, config_path: PathBuf
 /// passed) runs besides after each commit.
 const EXPIRY_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
 
-/// Periodic expiry for all scheduled jobs, on a blocking thread per round.
+/// Periodic expiry for all scheduled jobs after the one at start, on a
+/// blocking thread per round.
 fn spawn_expiry(server: Arc<Server>) {
     tokio::spawn(async move {
-        let mut tick = tokio::time::interval(EXPIRY_EVERY);
+        let start = tokio::time::Instant::now() + EXPIRY_EVERY;
+        let mut tick = tokio::time::interval_at(start, EXPIRY_EVERY);
         loop {
             tick.tick().await;
             let s = server.clone();
@@ -111,7 +120,8 @@ fn spawn_expiry(server: Arc<Server>) {
 }
 
 /// SIGHUP re-reads the configuration; running pushes keep the config they
-/// started with. A bad file or a changed base-dir is refused with a log line.
+/// started with. A bad file, or one changing what is fixed at start, is
+/// refused with a log line and the old configuration stays.
 fn spawn_reload_on_hup(server: Arc<Server>, path: PathBuf) {
     use tokio::signal::unix::{signal, SignalKind};
     tokio::spawn(async move {
@@ -129,13 +139,16 @@ fn spawn_reload_on_hup(server: Arc<Server>, path: PathBuf) {
                     continue;
                 }
             };
-            match ServerConfig::from_yaml(&text, &path.display().to_string()) {
-                Ok(new)
-                    if new.base_dir != server.config().base_dir || new.listen != server.config().listen =>
-                {
-                    tracing::error!("reload: base-dir and listen cannot change without a restart; keeping the old configuration")
+            let new = match ServerConfig::from_yaml(&text, &path.display().to_string()) {
+                Ok(new) => new,
+                Err(e) => {
+                    tracing::error!("reload: {e}; keeping the old configuration");
+                    continue;
                 }
-                Ok(new) => {
+            };
+            match reload_refusal(&server.config(), &new, &path) {
+                Some(why) => tracing::error!("reload: {why}; keeping the old configuration"),
+                None => {
                     for name in new.jobs.keys() {
                         if let Err(e) = storage::JobDir::new(&new.base_dir, name.clone()).ensure() {
                             tracing::error!(job = %name, "reload: {e}");
@@ -144,10 +157,23 @@ fn spawn_reload_on_hup(server: Arc<Server>, path: PathBuf) {
                     tracing::info!(jobs = new.jobs.len(), "reloaded {}", path.display());
                     server.replace_config(new);
                 }
-                Err(e) => tracing::error!("reload: {e}; keeping the old configuration"),
             }
         }
     });
+}
+
+/// Why `new` (read from `path`) cannot replace the running `old`; the same
+/// file checks as at start.
+fn reload_refusal(old: &ServerConfig, new: &ServerConfig, path: &std::path::Path) -> Option<String> {
+    if let Some(why) = old.reload_refusal(new) {
+        return Some(why);
+    }
+    if new.clients.values().any(|c| c.token_hash.is_some()) {
+        if let Err(e) = tls::refuse_world_readable(path, "config file with token hashes") {
+            return Some(format!("{e:#}"));
+        }
+    }
+    None
 }
 
 async fn shutdown() {

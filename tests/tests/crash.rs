@@ -215,10 +215,13 @@ fn server_killed_at_every_point_loses_nothing() {
     let fs = LoopFs::new("btrfs", 3 << 30);
     let mut w = World::new(&fs);
     for point in SERVER_POINTS {
-        w.prepare_expiry();
         // Enough changed blocks that the push has 10+ frames.
         w.change(24 * MIB);
         w.server.restart_with_env(&[("BACKY_FAULT", point)]);
+        // Work for the expiry after the push's commit (the faulty server's
+        // expiry at start is over: it listens), so the expiry points are
+        // reached there; a restart before the commit does it at start.
+        w.prepare_expiry();
         let out = w
             .server
             .client(&["push", "vm1", "--force", "--source", w.src.to_str().unwrap()]);

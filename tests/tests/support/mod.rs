@@ -114,8 +114,11 @@ impl Drop for LoopFs {
     }
 }
 
+/// Lines the server logged, shared with the thread that drains its stderr.
+pub type ServerLog = std::sync::Arc<std::sync::Mutex<Vec<String>>>;
+
 /// Starts `backy-server` and waits until it listens; returns its URL.
-fn spawn_server(config_path: &Path, env: &[(&str, &str)]) -> (Child, String) {
+fn spawn_server(config_path: &Path, env: &[(&str, &str)], log: ServerLog) -> (Child, String) {
     let mut child = Command::new(bin("backy-server"))
         .envs(env.iter().copied())
         .arg("--config")
@@ -138,6 +141,7 @@ fn spawn_server(config_path: &Path, env: &[(&str, &str)]) -> (Child, String) {
                     let _ = tx.send(addr.trim().to_string());
                 }
             }
+            log.lock().unwrap_or_else(|p| p.into_inner()).push(line);
         }
     });
     let addr = rx
@@ -149,6 +153,8 @@ fn spawn_server(config_path: &Path, env: &[(&str, &str)]) -> (Child, String) {
 /// A running `backy-server` on an ephemeral loopback port; killed on drop.
 pub struct Server {
     child: Child,
+    /// Everything every incarnation of this server logged.
+    log: ServerLog,
     pub url: String,
     pub base: PathBuf,
     pub config_path: PathBuf,
@@ -169,9 +175,11 @@ impl Server {
     }
 
     fn start_with_config(config_path: PathBuf, base: &Path, dir: tempfile::TempDir) -> Self {
-        let (child, url) = spawn_server(&config_path, &[]);
+        let log = ServerLog::default();
+        let (child, url) = spawn_server(&config_path, &[], log.clone());
         Server {
             child,
+            log,
             url,
             base: base.to_path_buf(),
             config_path,
@@ -410,9 +418,36 @@ impl Server {
     /// Restarts with extra environment (e.g. `BACKY_FAULT`).
     pub fn restart_with_env(&mut self, env: &[(&str, &str)]) {
         self.kill();
-        let (child, url) = spawn_server(&self.config_path, env);
+        let (child, url) = spawn_server(&self.config_path, env, self.log.clone());
         self.child = child;
         self.url = url;
+    }
+
+    /// Sends SIGHUP (re-read the config).
+    pub fn hup(&self) {
+        let pid = rustix::process::Pid::from_child(&self.child);
+        rustix::process::kill_process(pid, rustix::process::Signal::HUP).expect("SIGHUP to backy-server");
+    }
+
+    /// How many lines the server has logged so far (a mark for
+    /// [`Server::wait_log`]).
+    pub fn log_mark(&self) -> usize {
+        self.log.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
+    /// Waits until a line logged after `mark` contains `needle`; returns it.
+    pub fn wait_log(&self, mark: usize, needle: &str) -> String {
+        let mut found = None;
+        wait_for(
+            &format!("the server to log {needle:?}"),
+            Duration::from_secs(20),
+            || {
+                let log = self.log.lock().unwrap_or_else(|p| p.into_inner());
+                found = log.iter().skip(mark).find(|l| l.contains(needle)).cloned();
+                found.is_some()
+            },
+        );
+        found.unwrap_or_default()
     }
 
     /// Waits for the server process to end by itself (e.g. at a fault
