@@ -1,6 +1,8 @@
 //! backy's model: the types and pure logic both `backy-server` and
 //! `backy-client` need. No sockets, no async runtime, no process spawning;
-//! the only I/O is through `std::io::Read`/`Write` handed in by the caller.
+//! the only I/O is through `std::io::Read`/`Write` handed in by the caller,
+//! except [`writeback`], a writeback hint for files the caller opened,
+//! which both edges use.
 
 pub mod checksum;
 pub mod config;
@@ -19,6 +21,7 @@ pub mod source;
 pub mod spec;
 pub mod token;
 pub mod units;
+pub mod writeback;
 
 pub use error::{Error, ErrorKind, Result};
 pub use id::RevisionId;

@@ -51,7 +51,7 @@ pub fn stream_image(
         if !send(Frame::Begin(RevisionInfo::from(&meta))) {
             return Ok(false);
         }
-        let mut buf = vec![0u8; MAX_FRAME_DATA];
+        let _ = rustix::fs::fadvise(&file, 0, None, rustix::fs::Advice::Sequential);
         let mut sent = 0u64;
         let mut zero_run: Option<(u64, u64)> = None;
         for block in 0..manifest.block_count() {
@@ -74,13 +74,12 @@ pub fn stream_image(
             }
             let mut pos = offset;
             while pos < offset + len {
-                let n = (offset + len - pos).min(buf.len() as u64) as usize;
-                file.read_exact_at(&mut buf[..n], pos)
+                let n = (offset + len - pos).min(MAX_FRAME_DATA as u64) as usize;
+                // A buffer per frame: it moves into the message uncopied.
+                let mut data = vec![0u8; n];
+                file.read_exact_at(&mut data, pos)
                     .map_err(|e| Error::io(format!("reading {}", path.display()), e))?;
-                if !send(Frame::Data(DataRange {
-                    offset: pos,
-                    data: buf[..n].to_vec(),
-                })) {
+                if !send(Frame::Data(DataRange { offset: pos, data })) {
                     return Ok(false);
                 }
                 sent += n as u64;

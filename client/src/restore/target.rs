@@ -2,6 +2,7 @@
 //! appears under its name only once it is complete and on disk.
 
 use backy_common::ranges::is_all_zero;
+use backy_common::writeback::Flusher;
 use backy_common::{Error, Result};
 use std::fs::{File, OpenOptions, Permissions};
 use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt, PermissionsExt};
@@ -20,8 +21,13 @@ pub enum Target {
         zeros: Vec<u8>,
     },
     /// A temporary file next to the target, renamed over it at the end.
-    /// Dropping it uncommitted removes it.
-    File { tmp: NamedTempFile, path: PathBuf },
+    /// Dropping it uncommitted removes it. Written back as it fills, so the
+    /// final `fsync` does not wait for the whole image.
+    File {
+        tmp: NamedTempFile,
+        path: PathBuf,
+        writeback: Flusher,
+    },
     /// A Ceph RBD image (`rbd:POOL/IMAGE`), written by `rbd import-diff`.
     Rbd {
         target: Box<super::rbd::RbdTarget>,
@@ -118,9 +124,11 @@ impl Target {
         tmp.as_file()
             .set_len(size)
             .map_err(|e| Error::io(format!("sizing {}", tmp.path().display()), e))?;
+        let writeback = Flusher::new(tmp.as_file());
         Ok(Target::File {
             tmp,
             path: path.to_path_buf(),
+            writeback,
         })
     }
 
@@ -135,7 +143,11 @@ impl Target {
         match self {
             Target::Device { file, path, .. } => write_at(file, path, offset, data),
             Target::File { .. } if is_all_zero(data) => Ok(()),
-            Target::File { tmp, .. } => write_at(tmp.as_file(), tmp.path(), offset, data),
+            Target::File { tmp, writeback, .. } => {
+                write_at(tmp.as_file(), tmp.path(), offset, data)?;
+                writeback.wrote(data.len() as u64);
+                Ok(())
+            }
             Target::Rbd { target, .. } => target.write_data(offset, data),
         }
     }
@@ -173,7 +185,12 @@ impl Target {
             Target::Device { file, path, .. } => file
                 .sync_all()
                 .map_err(|e| Error::io(format!("flushing {}", path.display()), e)),
-            Target::File { tmp, path } => {
+            Target::File {
+                tmp,
+                path,
+                mut writeback,
+            } => {
+                writeback.finish();
                 tmp.as_file()
                     .sync_all()
                     .map_err(|e| Error::io(format!("flushing {}", tmp.path().display()), e))?;

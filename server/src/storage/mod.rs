@@ -4,7 +4,6 @@
 
 pub mod clone;
 pub mod durable;
-pub mod flush;
 pub mod jobdir;
 pub mod lock;
 pub mod resume;

@@ -3,7 +3,6 @@
 
 use super::clone::clone_or_copy;
 use super::durable;
-use super::flush::Flusher;
 use super::jobdir::JobDir;
 use super::streamed::Streamed;
 use backy_common::checksum::StreamChecksum;
@@ -11,6 +10,7 @@ use backy_common::manifest::{digest, Digest, Manifest};
 use backy_common::ranges::{blocks_of, Extent};
 use backy_common::resume::{checkpoint_at, ResumeRecord};
 use backy_common::revision::{RevisionMeta, SourceInfo, Stats, StorageMode, Trust};
+use backy_common::writeback::Flusher;
 use backy_common::{fault, Error, Result, RevisionId, MAX_FRAME_DATA};
 use chrono::{DateTime, Utc};
 use rustix::fs::FallocateFlags;

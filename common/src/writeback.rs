@@ -1,6 +1,8 @@
-//! Background writeback of a revision being written.
+//! Background writeback of a large file being written from a stream: a
+//! revision on the server, a restore on the client. The one piece of file
+//! I/O both edges share, so it lives here once.
 //!
-//! Without it the kernel starts writing a push's data only when its dirty
+//! Without it the kernel starts writing the data only when its dirty
 //! limits are reached or at the final `fsync`, so the disk idles while data
 //! arrives and the commit then waits for all of it. A helper thread asks
 //! the kernel to write the file out (`sync_file_range`) every few MiB, so
