@@ -175,7 +175,17 @@ pub async fn push(client: &mut Client, args: &PushArgs, show_progress: bool) -> 
     let joined = join(reader, rpc).await;
     fault::point("client.replied");
     bar.finish_and_clear();
-    let (scanned, reply) = joined?;
+    let (scanned, reply) = joined.map_err(|e| match (&args.changed_ranges, e.kind) {
+        // With a complete range list the server's digests of the blocks it
+        // patched equal the ones read here; otherwise the list missed writes.
+        (Some(path), backy_common::ErrorKind::DataLoss) if e.message.contains("manifest differs") => e.context(
+            format!(
+                "{} does not name every byte written since the parent revision (push without --changed-ranges to scan everything)",
+                path.display()
+            ),
+        ),
+        _ => e,
+    })?;
     tracing::info!(
         job,
         bytes_read = scanned.bytes_read,

@@ -4,7 +4,8 @@
 //! [`Scanner`] turns blocks (in ascending order) and the baseline manifest
 //! into push frames, the new manifest and the stream checksum. [`scan`]
 //! drives it over a [`Source`], skipping holes and, for sources that know
-//! their changes, untouched blocks.
+//! their changes, untouched blocks; of a changed block it then sends only
+//! the known changed bytes.
 
 use crate::source::Source;
 use backy_common::checksum::StreamChecksum;
@@ -44,6 +45,12 @@ pub struct Scanner<E> {
     bytes_read: u64,
     bytes_sent: u64,
     changed_blocks: u64,
+    /// Known changes since the baseline (coalesced, ascending): a changed
+    /// block sends only its bytes inside them, the rest being the
+    /// baseline's already. `None`: changed blocks are sent whole.
+    known: Option<Vec<Extent>>,
+    /// The first of `known` that may still overlap the next block.
+    known_next: usize,
     emit: E,
 }
 
@@ -61,8 +68,20 @@ impl<E: FnMut(Frame) -> Result<()>> Scanner<E> {
             bytes_read: 0,
             bytes_sent: 0,
             changed_blocks: 0,
+            known: None,
+            known_next: 0,
             emit,
         }
+    }
+
+    /// Sends of changed blocks only their bytes inside `changed` (which
+    /// must cover every byte that differs from the baseline): what the
+    /// server holds outside them is the parent's and right already. A
+    /// range list that misses a write is caught by the server, whose
+    /// digests of the blocks then differ from this scan's manifest.
+    pub fn with_known_changes(mut self, changed: Vec<Extent>) -> Self {
+        self.known = Some(coalesce(changed));
+        self
     }
 
     pub fn manifest(&self) -> &Manifest {
@@ -95,9 +114,51 @@ impl<E: FnMut(Frame) -> Result<()>> Scanner<E> {
         self.manifest.set(index, digest)?;
         match change {
             Change::Unchanged => Ok(()),
-            Change::Zero => self.zero(offset, len),
-            Change::Data => self.data(offset, data),
+            Change::Zero => {
+                self.changed_blocks += 1;
+                self.zero(offset, len)
+            }
+            Change::Data => {
+                self.changed_blocks += 1;
+                match self.known_parts(offset, len) {
+                    None => self.data(offset, data),
+                    Some(parts) => {
+                        for part in parts {
+                            let bytes =
+                                &data[(part.offset - offset) as usize..(part.end() - offset) as usize];
+                            if is_all_zero(bytes) {
+                                self.zero(part.offset, part.len)?;
+                            } else {
+                                self.data(part.offset, bytes)?;
+                            }
+                        }
+                        Ok(())
+                    }
+                }
+            }
         }
+    }
+
+    /// The pieces of the block at `offset` inside the known changes, or
+    /// `None` when changes are not known.
+    fn known_parts(&mut self, offset: u64, len: u64) -> Option<Vec<Extent>> {
+        let known = self.known.as_ref()?;
+        let end = offset + len;
+        while known.get(self.known_next).is_some_and(|e| e.end() <= offset) {
+            self.known_next += 1;
+        }
+        let parts = known[self.known_next..]
+            .iter()
+            .take_while(|e| e.offset < end)
+            .map(|e| {
+                let from = e.offset.max(offset);
+                Extent {
+                    offset: from,
+                    len: e.end().min(end) - from,
+                }
+            })
+            .collect();
+        Some(parts)
     }
 
     /// A block the source knows to be all zeros (a hole), not read.
@@ -108,6 +169,7 @@ impl<E: FnMut(Frame) -> Result<()>> Scanner<E> {
             return Ok(());
         }
         self.manifest.set(index, digest)?;
+        self.changed_blocks += 1;
         self.zero(offset, len)
     }
 
@@ -146,7 +208,6 @@ impl<E: FnMut(Frame) -> Result<()>> Scanner<E> {
     }
 
     fn zero(&mut self, offset: u64, len: u64) -> Result<()> {
-        self.changed_blocks += 1;
         match &mut self.zero_run {
             Some(run) if run.end() == offset => run.len += len,
             _ => {
@@ -158,7 +219,6 @@ impl<E: FnMut(Frame) -> Result<()>> Scanner<E> {
     }
 
     fn data(&mut self, offset: u64, data: &[u8]) -> Result<()> {
-        self.changed_blocks += 1;
         self.flush_zeros()?;
         let mut at = offset;
         for chunk in data.chunks(MAX_FRAME_DATA) {
@@ -204,12 +264,15 @@ pub fn scan<E: FnMut(Frame) -> Result<()>>(
     }
     let block_size = baseline.block_size();
     let count = baseline.block_count();
+    let mut scanner = Scanner::new(baseline, emit);
     let blocks: Box<dyn Iterator<Item = u64> + Send> = match changed {
         None => Box::new(0..count),
-        Some(extents) => Box::new(changed_blocks(extents, block_size, count)),
+        Some(extents) => {
+            scanner = scanner.with_known_changes(extents.clone());
+            Box::new(changed_blocks(extents, block_size, count))
+        }
     };
     let geometry = Manifest::zeroed(size, block_size)?;
-    let mut scanner = Scanner::new(baseline, emit);
     // A reader thread keeps a few blocks read ahead while this one digests
     // and sends: reading, hashing and the network overlap.
     std::thread::scope(|threads| {
@@ -519,7 +582,7 @@ mod tests {
         let parent = pattern(8 * B, 1);
         let mut image = parent.clone();
         image[3 * B + 1] ^= 1;
-        image[6 * B..7 * B].fill(0);
+        image[6 * B..6 * B + 10].fill(0);
         let mut src = MemSource::new(image.clone());
         src.changed = Some(vec![
             Extent {
@@ -542,7 +605,20 @@ mod tests {
         let changed = src.changed.clone();
         let (frames, scanned) = run(&mut src, manifest_of(&parent, BS), changed);
         assert_eq!(src.reads, [3 * B as u64, 6 * B as u64]);
-        assert_eq!(frames.len(), 2);
+        // Only the changed bytes of the changed blocks: two data ranges in
+        // block 3 and the zeroed one in block 6, which travels as zeros.
+        let sent: Vec<_> = frames
+            .iter()
+            .map(|f| match f {
+                Frame::Data(d) => ('D', d.offset, d.data.len() as u64),
+                Frame::Zero(z) => ('Z', z.offset, z.length),
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        let b = B as u64;
+        assert_eq!(sent, [('D', 3 * b, 2), ('D', 3 * b + 100, 2), ('Z', 6 * b, 10)]);
+        assert_eq!(scanned.bytes_sent, 4);
+        assert_eq!(scanned.changed_blocks, 2);
         assert_eq!(scanned.manifest, manifest_of(&image, BS));
         assert_eq!(apply(&parent, image.len(), &frames), image);
     }
@@ -588,6 +664,45 @@ mod tests {
     }
 
     proptest! {
+        /// Writes into a parent, the written ranges (and extra ones) as the
+        /// known changes: the frames rebuild the image, carry no byte
+        /// outside the ranges, and the manifest is the image's.
+        #[test]
+        fn known_changes_rebuild_the_image(
+            writes in proptest::collection::vec((0usize..6 * B, 1usize..B, any::<u8>(), any::<bool>()), 0..8),
+            extra in proptest::collection::vec((0usize..6 * B, 1usize..B), 0..3),
+        ) {
+            let size = 6 * B;
+            let parent = pattern(size, 9);
+            let mut image = parent.clone();
+            let mut changed = Vec::new();
+            for &(at, len, seed, zero) in &writes {
+                let len = len.min(size - at);
+                if zero {
+                    image[at..at + len].fill(0);
+                } else {
+                    image[at..at + len].copy_from_slice(&pattern(len, seed));
+                }
+                changed.push(Extent { offset: at as u64, len: len as u64 });
+            }
+            for &(at, len) in &extra {
+                changed.push(Extent { offset: at as u64, len: len.min(size - at) as u64 });
+            }
+            let covered: u64 = coalesce(changed.clone()).iter().map(|e| e.len).sum();
+            let mut src = MemSource::new(image.clone());
+            src.changed = Some(changed.clone());
+            let (frames, scanned) = run(&mut src, manifest_of(&parent, BS), Some(changed));
+            prop_assert_eq!(apply(&parent, size, &frames), image.clone());
+            prop_assert_eq!(scanned.manifest, manifest_of(&image, BS));
+            prop_assert_eq!(scanned.checksum, recompute_checksum(&frames));
+            let carried: u64 = frames.iter().map(|f| match f {
+                Frame::Data(d) => d.data.len() as u64,
+                Frame::Zero(z) => z.length,
+                _ => 0,
+            }).sum();
+            prop_assert!(carried <= covered, "{} bytes in frames, {} covered", carried, covered);
+        }
+
         #[test]
         fn frames_rebuild_the_image(
             parent_len in 0usize..5 * B,

@@ -181,6 +181,7 @@ fn a_server_crash_resumes_from_the_last_durable_checkpoint() {
 
 #[test]
 fn a_fresh_push_discards_what_cannot_be_resumed() {
+    // Three ways: resuming off, the source changed size, the window passed.
     // Resuming switched off: a broken push leaves nothing behind.
     let w = World::new("resume: {enabled: false}\n");
     let out = w.push(&[("BACKY_FAULT", "client.frame@50")]);
@@ -203,6 +204,21 @@ fn a_fresh_push_discards_what_cannot_be_resumed() {
     f.set_len(260 * MIB).unwrap();
     let pushed = w.push_ok();
     assert!(pushed["resumed_at"].is_null());
+    assert_eq!(sent(&pushed), 200 * MIB);
+    w.check_latest();
+
+    // Resuming on, but the window passed: the interrupted push is
+    // discarded and the next one starts afresh under a new id.
+    let w = World::new("resume: {window: 1s}\n");
+    let out = w.push(&[("BACKY_FAULT", "client.frame@50")]);
+    assert_eq!(out.status.signal(), Some(6));
+    settled(&w);
+    let stale = kept_for_resuming(&w);
+    // The behaviour under test is the passing of time itself.
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    let pushed = w.push_ok();
+    assert!(pushed["resumed_at"].is_null(), "not resumed after the window");
+    assert_ne!(pushed["revision"]["short_id"].as_str().unwrap(), stale);
     assert_eq!(sent(&pushed), 200 * MIB);
     w.check_latest();
 }

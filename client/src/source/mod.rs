@@ -52,7 +52,9 @@ pub trait Source: Send {
     fn will_need(&mut self, _offset: u64, _len: u64) {}
 
     /// Extents that may differ from the parent revision's snapshot, when the
-    /// source tracks them; `None`: unknown, so every block is compared.
+    /// source tracks them: every byte outside them equals the parent's, so
+    /// only blocks they touch are read and only their bytes inside them are
+    /// sent. `None`: unknown, so every block is compared (and sent whole).
     fn changed_extents(&mut self) -> Result<Option<Vec<Extent>>> {
         Ok(None)
     }
