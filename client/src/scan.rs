@@ -226,7 +226,7 @@ impl<E: FnMut(Frame) -> Result<()>> Scanner<E> {
             self.bytes_sent += chunk.len() as u64;
             (self.emit)(Frame::Data(DataRange {
                 offset: at,
-                data: chunk.to_vec(),
+                data: prost::bytes::Bytes::copy_from_slice(chunk),
             }))?;
             at += chunk.len() as u64;
         }
