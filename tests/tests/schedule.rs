@@ -23,6 +23,75 @@ jobs:
   vm3: {schedule: fast, client: nobody, source: {type: file, path: IMG1}}
 ";
 
+/// A revision as first listed: its timestamp and tags then.
+type Sighting = (chrono::DateTime<chrono::Utc>, BTreeSet<String>);
+
+fn tags_of(r: &serde_json::Value) -> BTreeSet<String> {
+    r["tags"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_str().unwrap().to_string())
+        .collect()
+}
+
+/// Records every revision of `job` listed now that was not seen before;
+/// returns the listing when it was stable (the same twice in a row: no
+/// commit or expiry ran while it was read).
+fn sight(
+    server: &Server,
+    job: &str,
+    seen: &mut std::collections::BTreeMap<String, Sighting>,
+) -> Option<Vec<serde_json::Value>> {
+    let first = server.revisions(job);
+    let listed = server.revisions(job);
+    for r in first.iter().chain(&listed) {
+        let at = chrono::DateTime::parse_from_rfc3339(r["timestamp"].as_str().unwrap())
+            .unwrap()
+            .with_timezone(&chrono::Utc);
+        seen.entry(r["short_id"].as_str().unwrap().to_string())
+            .or_insert_with(|| (at, tags_of(r)));
+    }
+    let key = |l: &[serde_json::Value]| -> Vec<(String, BTreeSet<String>)> {
+        l.iter()
+            .map(|r| (r["short_id"].as_str().unwrap().to_string(), tags_of(r)))
+            .collect()
+    };
+    (key(&first) == key(&listed)).then_some(listed)
+}
+
+/// Expiry removed nothing it had to keep: per tag, the newest `keep`
+/// revisions ever seen with it and every one younger than `keep ×
+/// interval` (at `now`, after `listed` was taken) are listed with it still.
+fn assert_expiry_kept(
+    seen: &std::collections::BTreeMap<String, Sighting>,
+    listed: &[serde_json::Value],
+    rules: &[(&str, i64, usize)],
+    now: chrono::DateTime<chrono::Utc>,
+) {
+    let listed: std::collections::BTreeMap<String, BTreeSet<String>> = listed
+        .iter()
+        .map(|r| (r["short_id"].as_str().unwrap().to_string(), tags_of(r)))
+        .collect();
+    for &(tag, interval_secs, keep) in rules {
+        let mut with: Vec<(&chrono::DateTime<chrono::Utc>, &String)> = seen
+            .iter()
+            .filter(|(_, (_, tags))| tags.contains(tag))
+            .map(|(id, (at, _))| (at, id))
+            .collect();
+        with.sort();
+        let window = chrono::Duration::seconds(interval_secs * keep as i64);
+        for (i, (at, id)) in with.iter().rev().enumerate() {
+            if i < keep || **at > now - window {
+                assert!(
+                    listed.get(*id).is_some_and(|t| t.contains(tag)),
+                    "{id} ({at}) must keep {tag:?}: among the newest {keep} or inside {window}; listed {listed:?}"
+                );
+            }
+        }
+    }
+}
+
 fn ids(server: &Server, job: &str) -> Vec<String> {
     server
         .revisions(job)
@@ -70,17 +139,27 @@ fn agents_back_up_when_due_and_expiry_keeps_what_the_schedule_says() {
     let _a1 = Agent::start(&server.url, &["agent", "--name", "hv01", "-vv"]);
     let _a2 = Agent::start(&server.url, &["agent", "--name", "hv02", "--workers", "1"]);
 
-    // Collect every revision id ever listed while the agents work.
+    // Collect every revision id ever listed while the agents work, and
+    // check expiry against the schedule at every sighting.
     let mut seen: BTreeSet<String> = BTreeSet::new();
+    let mut sightings = std::collections::BTreeMap::new();
+    let rules = [("often", 2, 2), ("rarely", 6, 1)];
+    let mut checks = 0;
     wait_for(
         "six pushes of vm1 and three of vm2",
         Duration::from_secs(90),
         || {
+            if let Some(listed) = sight(&server, "vm1", &mut sightings) {
+                assert_expiry_kept(&sightings, &listed, &rules, chrono::Utc::now());
+                checks += 1;
+            }
             seen.extend(ids(&server, "vm1"));
             seen.extend(ids(&server, "vm2"));
             seen.len() >= 9 && !ids(&server, "vm2").is_empty()
         },
     );
+
+    assert!(checks >= 10, "expiry checked against the schedule {checks} times");
 
     // The first backup carried every tag.
     // Expiry keeps: "often" newest 2 plus those within 4 s, "rarely" the
