@@ -218,7 +218,36 @@ impl<E: FnMut(Frame) -> Result<()>> Scanner<E> {
         Ok(())
     }
 
+    /// Changed bytes at `offset`: all-zero granules travel as zero ranges
+    /// (nothing to send, holes on the server), the rest as data. Granules
+    /// keep the server's writes and holes in pieces of at least 64 KiB, so
+    /// revisions do not fragment into page-sized extents.
     fn data(&mut self, offset: u64, data: &[u8]) -> Result<()> {
+        let mut start = 0;
+        while start < data.len() {
+            let granule_end = |from: usize| {
+                // Granules are aligned in the image, not in `data`.
+                let at = offset + from as u64;
+                let next = (at / ZERO_GRANULE + 1) * ZERO_GRANULE;
+                (from + (next - at) as usize).min(data.len())
+            };
+            let zero = is_all_zero(&data[start..granule_end(start)]);
+            let mut end = granule_end(start);
+            while end < data.len() && is_all_zero(&data[end..granule_end(end)]) == zero {
+                end = granule_end(end);
+            }
+            let at = offset + start as u64;
+            if zero {
+                self.zero(at, (end - start) as u64)?;
+            } else {
+                self.nonzero(at, &data[start..end])?;
+            }
+            start = end;
+        }
+        Ok(())
+    }
+
+    fn nonzero(&mut self, offset: u64, data: &[u8]) -> Result<()> {
         self.flush_zeros()?;
         let mut at = offset;
         for chunk in data.chunks(MAX_FRAME_DATA) {
@@ -299,6 +328,9 @@ pub fn scan<E: FnMut(Frame) -> Result<()>>(
         scanner.finish()
     })
 }
+
+/// Smallest all-zero piece of a changed block sent as a zero range.
+const ZERO_GRANULE: u64 = backy_common::manifest::MIN_BLOCK_SIZE as u64;
 
 /// Blocks read ahead of the digesting and sending.
 const READ_AHEAD: usize = 4;
@@ -500,6 +532,43 @@ mod tests {
         }
         assert_eq!(scanned.bytes_sent, bs as u64);
         assert_eq!(scanned.changed_blocks, 1);
+        assert_eq!(apply(&parent, image.len(), &frames), image);
+        assert_eq!(scanned.checksum, recompute_checksum(&frames));
+    }
+
+    #[test]
+    fn zero_granules_of_a_changed_block_travel_as_zero_ranges() {
+        // A 4 MiB block over a parent's data: new bytes in its first 100 KiB
+        // and its last 10, zeros between; then a zero block, coalesced with
+        // the zeros before it.
+        let bs = 4u32 << 20;
+        let g = ZERO_GRANULE as usize;
+        let parent = pattern(2 * bs as usize, 1);
+        let mut image = vec![0u8; 2 * bs as usize];
+        image[..100 << 10].copy_from_slice(&pattern(100 << 10, 2));
+        image[bs as usize - 10..bs as usize].fill(3);
+        let mut src = MemSource::new(image.clone());
+        let (frames, scanned) = run(&mut src, manifest_of(&parent, bs), None);
+        let sent: Vec<_> = frames
+            .iter()
+            .map(|f| match f {
+                Frame::Data(d) => ('D', d.offset as usize, d.data.len()),
+                Frame::Zero(z) => ('Z', z.offset as usize, z.length as usize),
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        let b = bs as usize;
+        assert_eq!(
+            sent,
+            [
+                ('D', 0, 2 * g),
+                ('Z', 2 * g, b - 3 * g),
+                ('D', b - g, g),
+                ('Z', b, b)
+            ]
+        );
+        assert_eq!(scanned.bytes_sent, 3 * g as u64);
+        assert_eq!(scanned.changed_blocks, 2);
         assert_eq!(apply(&parent, image.len(), &frames), image);
         assert_eq!(scanned.checksum, recompute_checksum(&frames));
     }

@@ -7,8 +7,12 @@ mod support;
 use std::path::Path;
 use support::*;
 
-/// Blocks (by index) whose content differs between two images and is not
-/// all zero in `new`, with their lengths: what an incremental push must send.
+/// The client sends zero pieces of changed blocks as zero ranges, in
+/// granules of this size.
+const GRANULE: u64 = 64 << 10;
+
+/// What an incremental push must send: of the blocks whose content differs
+/// between two images, the granules that are not all zero in `new`.
 fn changed_data_bytes(old: Option<&Path>, new: &Path) -> u64 {
     let size = std::fs::metadata(new).unwrap().len();
     let read = |p: &Path, off: u64, len: u64| {
@@ -27,8 +31,12 @@ fn changed_data_bytes(old: Option<&Path>, new: &Path) -> u64 {
         let len = BLOCK.min(size - off);
         let n = read(new, off, len);
         let o = old.map(|o| read(o, off, len));
-        if n.iter().any(|&b| b != 0) && o.as_deref() != Some(&n[..]) {
-            total += len;
+        if o.as_deref() != Some(&n[..]) {
+            total += n
+                .chunks(GRANULE as usize)
+                .filter(|g| g.iter().any(|&b| b != 0))
+                .map(|g| g.len() as u64)
+                .sum::<u64>();
         }
         off += len;
     }
@@ -128,8 +136,8 @@ fn push_change_push_restore(base: &Path, work: &Path, size: u64) -> (Server, Flo
 }
 
 fn assert_sent(flow: &Flow) {
-    // The first push sends exactly the non-zero blocks; the second exactly
-    // the blocks whose content changed (and are not now zero).
+    // The first push sends exactly the non-zero granules; the second
+    // exactly the non-zero granules of the blocks whose content changed.
     assert_eq!(flow.rev1_sent, flow.expected1, "bytes sent by the full push");
     assert_eq!(
         flow.rev2_sent, flow.expected2,
