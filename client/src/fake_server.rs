@@ -272,7 +272,7 @@ impl Backy for Fake {
                 sent += data.len() as u64;
                 frames.push(Frame::Data(DataRange {
                     offset: offset + (j * MAX_FRAME_DATA) as u64,
-                    data: data.into(),
+                    data,
                 }));
             }
         }

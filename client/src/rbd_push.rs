@@ -459,7 +459,7 @@ impl<S: FnMut(Frame) -> Result<()>> Frames<'_, S> {
         self.bytes_sent += data.len() as u64;
         (self.send)(Frame::Data(DataRange {
             offset,
-            data: prost::bytes::Bytes::copy_from_slice(data),
+            data: data.to_vec(),
         }))
     }
 

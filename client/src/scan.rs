@@ -255,7 +255,7 @@ impl<E: FnMut(Frame) -> Result<()>> Scanner<E> {
             self.bytes_sent += chunk.len() as u64;
             (self.emit)(Frame::Data(DataRange {
                 offset: at,
-                data: prost::bytes::Bytes::copy_from_slice(chunk),
+                data: chunk.to_vec(),
             }))?;
             at += chunk.len() as u64;
         }

@@ -12,7 +12,7 @@ use tokio::sync::mpsc;
 
 /// One decoded frame after the begin frame.
 pub enum Step {
-    Data(u64, prost::bytes::Bytes),
+    Data(u64, Vec<u8>),
     Zero(u64, u64),
     End(PushEnd),
     /// The client broke the protocol: discard, failing with this reason.

@@ -79,10 +79,7 @@ pub fn stream_image(
                 let mut data = vec![0u8; n];
                 file.read_exact_at(&mut data, pos)
                     .map_err(|e| Error::io(format!("reading {}", path.display()), e))?;
-                if !send(Frame::Data(DataRange {
-                    offset: pos,
-                    data: data.into(),
-                })) {
+                if !send(Frame::Data(DataRange { offset: pos, data })) {
                     return Ok(false);
                 }
                 sent += n as u64;

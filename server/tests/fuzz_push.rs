@@ -135,7 +135,7 @@ fn encode(frames: &[F]) -> Vec<PushFrame> {
                     sum.data(*offset, &data);
                     Some(Frame::Data(DataRange {
                         offset: *offset,
-                        data: data.into(),
+                        data,
                     }))
                 }
                 F::Zero { offset, len } => {

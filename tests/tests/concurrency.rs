@@ -60,7 +60,7 @@ async fn a_running_push_blocks_only_what_it_must() {
     tx.send(PushFrame {
         frame: Some(Frame::Data(DataRange {
             offset: 0,
-            data: vec![1; 4096].into(),
+            data: vec![1; 4096],
         })),
     })
     .await

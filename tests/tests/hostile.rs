@@ -30,7 +30,7 @@ fn begin(job: &str, size: u64) -> Frame {
 fn data(offset: u64, len: usize) -> Frame {
     Frame::Data(DataRange {
         offset,
-        data: vec![7u8; len].into(),
+        data: vec![7u8; len],
     })
 }
 

@@ -78,7 +78,7 @@ async fn sighup_reloads_without_dropping_a_running_push() {
         }),
         Frame::Data(DataRange {
             offset: 0,
-            data: vec![1; 4096].into(),
+            data: vec![1; 4096],
         }),
     ];
     for f in frames {

@@ -592,7 +592,7 @@ async fn stalled_and_excess_streams_do_not_block_others() {
     let data = PushFrame {
         frame: Some(Frame::Data(DataRange {
             offset: 0,
-            data: vec![1; 4096].into(),
+            data: vec![1; 4096],
         })),
     };
     let mut sum = backy_common::checksum::StreamChecksum::new();

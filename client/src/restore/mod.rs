@@ -225,7 +225,7 @@ mod tests {
             } else {
                 out.push(Frame::Data(DataRange {
                     offset,
-                    data: b.to_vec().into(),
+                    data: b.to_vec(),
                 }));
             }
         }
@@ -266,9 +266,7 @@ mod tests {
         assert!(e.message.contains("ended early"), "{}", e.message);
         let mut bad = frames_of(&img);
         if let Frame::Data(d) = &mut bad[1] {
-            let mut data = d.data.to_vec();
-            data[0] = 0;
-            d.data = data.into();
+            d.data[0] = 0;
         }
         let e = run(&img, bad, &path).unwrap_err();
         assert!(e.message.contains("offset 65536"), "{}", e.message);
