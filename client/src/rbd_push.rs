@@ -25,7 +25,7 @@ use crate::source::rbd::{Rbd, SNAP_PREFIX};
 use crate::view::RevisionView;
 use backy_common::checksum::StreamChecksum;
 use backy_common::manifest::Manifest;
-use backy_common::ranges::is_all_zero;
+use backy_common::ranges::zero_runs;
 use backy_common::rbd_diff::{DiffReader, Record};
 use backy_common::source::SourceSpec;
 use backy_common::{fault, Error, Result, RevisionId, MAX_FRAME_DATA};
@@ -435,20 +435,13 @@ struct Frames<'a, S> {
 impl<S: FnMut(Frame) -> Result<()>> Frames<'_, S> {
     /// Data read at `offset`: zero pages become zero ranges, the rest data.
     fn chunk(&mut self, offset: u64, data: &[u8]) -> Result<()> {
-        let mut start = 0;
-        while start < data.len() {
-            let zero = is_all_zero(&data[start..(start + PAGE).min(data.len())]);
-            let mut end = start;
-            while end < data.len() && is_all_zero(&data[end..(end + PAGE).min(data.len())]) == zero {
-                end = (end + PAGE).min(data.len());
-            }
+        for (start, end, zero) in zero_runs(offset, data, PAGE as u64) {
             let at = offset + start as u64;
             if zero {
                 self.zero(at, (end - start) as u64)?;
             } else {
                 self.data(at, &data[start..end])?;
             }
-            start = end;
         }
         Ok(())
     }

@@ -10,7 +10,7 @@
 use crate::source::Source;
 use backy_common::checksum::StreamChecksum;
 use backy_common::manifest::{zero_digest, Digest, Manifest};
-use backy_common::ranges::{blocks_of, coalesce, is_all_zero, Change, Extent};
+use backy_common::ranges::{blocks_of, coalesce, is_all_zero, zero_runs, Change, Extent};
 use backy_common::{Error, Result, MAX_FRAME_DATA};
 use backy_proto::push_frame::Frame;
 use backy_proto::{DataRange, ZeroRange};
@@ -223,26 +223,13 @@ impl<E: FnMut(Frame) -> Result<()>> Scanner<E> {
     /// keep the server's writes and holes in pieces of at least 64 KiB, so
     /// revisions do not fragment into page-sized extents.
     fn data(&mut self, offset: u64, data: &[u8]) -> Result<()> {
-        let mut start = 0;
-        while start < data.len() {
-            let granule_end = |from: usize| {
-                // Granules are aligned in the image, not in `data`.
-                let at = offset + from as u64;
-                let next = (at / ZERO_GRANULE + 1) * ZERO_GRANULE;
-                (from + (next - at) as usize).min(data.len())
-            };
-            let zero = is_all_zero(&data[start..granule_end(start)]);
-            let mut end = granule_end(start);
-            while end < data.len() && is_all_zero(&data[end..granule_end(end)]) == zero {
-                end = granule_end(end);
-            }
+        for (start, end, zero) in zero_runs(offset, data, ZERO_GRANULE) {
             let at = offset + start as u64;
             if zero {
                 self.zero(at, (end - start) as u64)?;
             } else {
                 self.nonzero(at, &data[start..end])?;
             }
-            start = end;
         }
         Ok(())
     }

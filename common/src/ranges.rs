@@ -28,6 +28,32 @@ pub fn is_all_zero(data: &[u8]) -> bool {
     })
 }
 
+/// Splits `data`, found at image offset `offset`, into maximal runs that are
+/// all zero or not, judged in pieces of `granule` bytes aligned in the
+/// image (the first and last piece may be shorter). Yields `(start, end,
+/// zero)` as indices into `data`. `granule` must not be 0.
+pub fn zero_runs(offset: u64, data: &[u8], granule: u64) -> impl Iterator<Item = (usize, usize, bool)> + '_ {
+    let piece_end = move |from: usize| {
+        let at = offset + from as u64;
+        let next = (at / granule + 1) * granule;
+        (from as u64 + (next - at)).min(data.len() as u64) as usize
+    };
+    let mut start = 0;
+    std::iter::from_fn(move || {
+        if start >= data.len() {
+            return None;
+        }
+        let zero = is_all_zero(&data[start..piece_end(start)]);
+        let mut end = piece_end(start);
+        while end < data.len() && is_all_zero(&data[end..piece_end(end)]) == zero {
+            end = piece_end(end);
+        }
+        let run = (start, end, zero);
+        start = end;
+        Some(run)
+    })
+}
+
 /// Classifies one block and returns its digest.
 pub fn classify(data: &[u8], parent: Option<&Digest>) -> (Change, Digest) {
     if is_all_zero(data) {
@@ -142,7 +168,51 @@ mod tests {
         assert_eq!(blocks_of(Extent { offset: 10, len: 0 }, 4096), 0..0);
     }
 
+    #[test]
+    fn zero_runs_table() {
+        let mut data = vec![0u8; 40];
+        data[12] = 1; // piece 10..20 (granule 10, data at offset 3: 7..17)
+        data[39] = 1;
+        let runs: Vec<_> = zero_runs(3, &data, 10).collect();
+        assert_eq!(
+            runs,
+            [(0, 7, true), (7, 17, false), (17, 37, true), (37, 40, false)]
+        );
+        assert_eq!(zero_runs(0, &[], 10).count(), 0);
+        assert_eq!(zero_runs(5, &[0; 3], 4096).collect::<Vec<_>>(), [(0, 3, true)]);
+    }
+
     proptest! {
+        #[test]
+        fn zero_runs_tile_the_data_and_judge_each_granule(
+            offset in 0u64..10_000,
+            granule in 1u64..600,
+            ones in proptest::collection::vec(0usize..2000, 0..6),
+            len in 0usize..2000,
+        ) {
+            let mut data = vec![0u8; len];
+            for i in ones {
+                if i < len {
+                    data[i] = 1;
+                }
+            }
+            let runs: Vec<_> = zero_runs(offset, &data, granule).collect();
+            let mut next = 0;
+            for (i, &(start, end, zero)) in runs.iter().enumerate() {
+                prop_assert_eq!(start, next);
+                prop_assert!(end > start);
+                prop_assert_eq!(is_all_zero(&data[start..end]), zero);
+                if i > 0 {
+                    prop_assert_ne!(runs[i - 1].2, zero, "runs are maximal");
+                }
+                if end < len {
+                    prop_assert_eq!((offset + end as u64) % granule, 0, "runs end on granules");
+                }
+                next = end;
+            }
+            prop_assert_eq!(next, len);
+        }
+
         #[test]
         fn coalesce_covers_same_bytes(raw in proptest::collection::vec((0u64..1000, 0u64..50), 0..40)) {
             let input: Vec<Extent> = raw.iter().map(|&(o, l)| Extent { offset: o, len: l }).collect();
