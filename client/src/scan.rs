@@ -124,13 +124,8 @@ impl<E: FnMut(Frame) -> Result<()>> Scanner<E> {
                     None => self.data(offset, data),
                     Some(parts) => {
                         for part in parts {
-                            let bytes =
-                                &data[(part.offset - offset) as usize..(part.end() - offset) as usize];
-                            if is_all_zero(bytes) {
-                                self.zero(part.offset, part.len)?;
-                            } else {
-                                self.data(part.offset, bytes)?;
-                            }
+                            let within = (part.offset - offset) as usize..(part.end() - offset) as usize;
+                            self.data(part.offset, &data[within])?;
                         }
                         Ok(())
                     }
