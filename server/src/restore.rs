@@ -2,6 +2,7 @@
 
 use crate::state::Server;
 use crate::storage::JobDir;
+use backy_common::ranges::zero_runs;
 use backy_common::revision::RevisionMeta;
 use backy_common::spec::Spec;
 use backy_common::{Error, Result, MAX_FRAME_DATA};
@@ -52,25 +53,15 @@ pub fn stream_image(
             return Ok(false);
         }
         let _ = rustix::fs::fadvise(&file, 0, None, rustix::fs::Advice::Sequential);
-        let mut sent = 0u64;
-        let mut zero_run: Option<(u64, u64)> = None;
+        let mut out = Frames::new(send);
         for block in 0..manifest.block_count() {
             let offset = manifest.block_offset(block);
             let len = manifest.block_len(block);
             if manifest.is_zero(block) {
-                zero_run = Some(match zero_run {
-                    Some((start, l)) => (start, l + len),
-                    None => (offset, len),
-                });
-                continue;
-            }
-            if let Some((start, l)) = zero_run.take() {
-                if !send(Frame::Zero(ZeroRange {
-                    offset: start,
-                    length: l,
-                })) {
+                if !out.zero(offset, len) {
                     return Ok(false);
                 }
+                continue;
             }
             let mut pos = offset;
             while pos < offset + len {
@@ -79,25 +70,149 @@ pub fn stream_image(
                 let mut data = vec![0u8; n];
                 file.read_exact_at(&mut data, pos)
                     .map_err(|e| Error::io(format!("reading {}", path.display()), e))?;
-                if !send(Frame::Data(DataRange { offset: pos, data })) {
+                if !out.data(pos, data) {
                     return Ok(false);
                 }
-                sent += n as u64;
                 pos += n as u64;
             }
         }
-        if let Some((start, l)) = zero_run {
-            if !send(Frame::Zero(ZeroRange {
-                offset: start,
-                length: l,
-            })) {
-                return Ok(false);
-            }
-        }
-        Ok(send(Frame::End(RestoreEnd { bytes_sent: sent })))
+        Ok(out.end())
     })();
     if let Err(e) = result {
         tracing::error!(job = %job.name(), rev = %meta.id, "restore failed: {e}");
         let _ = tx.blocking_send(Err(crate::wire::to_status(e)));
+    }
+}
+
+/// Smallest all-zero piece of a data block sent as a zero range: the
+/// client writes nothing for it (a hole) and it costs no bandwidth.
+const ZERO_GRANULE: u64 = backy_common::manifest::MIN_BLOCK_SIZE as u64;
+
+/// The frames of a restore stream, with neighbouring zero ranges merged.
+/// Each method returns whether the receiver is still there.
+struct Frames<S> {
+    send: S,
+    zero_run: Option<(u64, u64)>,
+    /// Data payload bytes, for the end marker.
+    sent: u64,
+}
+
+impl<S: FnMut(Frame) -> bool> Frames<S> {
+    fn new(send: S) -> Self {
+        Frames {
+            send,
+            zero_run: None,
+            sent: 0,
+        }
+    }
+
+    fn zero(&mut self, offset: u64, len: u64) -> bool {
+        match &mut self.zero_run {
+            Some((start, l)) if *start + *l == offset => {
+                *l += len;
+                true
+            }
+            _ => {
+                let flushed = self.flush_zeros();
+                self.zero_run = Some((offset, len));
+                flushed
+            }
+        }
+    }
+
+    /// Data read at `offset`; its all-zero granules go as zero ranges.
+    fn data(&mut self, offset: u64, data: Vec<u8>) -> bool {
+        let runs: Vec<_> = zero_runs(offset, &data, ZERO_GRANULE).collect();
+        if let [(_, _, false)] = runs[..] {
+            // All data: the buffer itself goes.
+            return self.nonzero(offset, data);
+        }
+        runs.into_iter().all(|(start, end, zero)| {
+            let at = offset + start as u64;
+            if zero {
+                self.zero(at, (end - start) as u64)
+            } else {
+                self.nonzero(at, data[start..end].to_vec())
+            }
+        })
+    }
+
+    fn nonzero(&mut self, offset: u64, data: Vec<u8>) -> bool {
+        if !self.flush_zeros() {
+            return false;
+        }
+        self.sent += data.len() as u64;
+        (self.send)(Frame::Data(DataRange { offset, data }))
+    }
+
+    fn flush_zeros(&mut self) -> bool {
+        match self.zero_run.take() {
+            Some((offset, length)) => (self.send)(Frame::Zero(ZeroRange { offset, length })),
+            None => true,
+        }
+    }
+
+    fn end(mut self) -> bool {
+        self.flush_zeros()
+            && (self.send)(Frame::End(RestoreEnd {
+                bytes_sent: self.sent,
+            }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frames_of(chunks: &[(u64, Vec<u8>)], zeros: &[(u64, u64)]) -> Vec<(char, u64, u64)> {
+        let mut got = Vec::new();
+        let mut out = Frames::new(|f: Frame| {
+            got.push(match f {
+                Frame::Data(d) => ('D', d.offset, d.data.len() as u64),
+                Frame::Zero(z) => ('Z', z.offset, z.length),
+                Frame::End(e) => ('E', 0, e.bytes_sent),
+                Frame::Begin(_) => ('B', 0, 0),
+            });
+            true
+        });
+        for (offset, len) in zeros {
+            assert!(out.zero(*offset, *len));
+        }
+        for (offset, data) in chunks {
+            assert!(out.data(*offset, data.clone()));
+        }
+        assert!(out.end());
+        got
+    }
+
+    #[test]
+    fn zero_granules_of_data_merge_with_zero_blocks() {
+        let g = ZERO_GRANULE;
+        // A zero block, then a block whose first two granules are zero and
+        // whose third holds data, then zeros to its end.
+        let mut data = vec![0u8; 4 * g as usize];
+        data[2 * g as usize + 1] = 7;
+        let got = frames_of(&[(8 * g, data)], &[(0, 8 * g)]);
+        assert_eq!(
+            got,
+            [('Z', 0, 10 * g), ('D', 10 * g, g), ('Z', 11 * g, g), ('E', 0, g)]
+        );
+        // All data: one frame, the buffer as it is.
+        let got = frames_of(&[(0, vec![1; 100])], &[]);
+        assert_eq!(got, [('D', 0, 100), ('E', 0, 100)]);
+    }
+
+    #[test]
+    fn a_receiver_gone_stops_the_stream() {
+        let mut calls = 0;
+        {
+            let mut out = Frames::new(|_| {
+                calls += 1;
+                false
+            });
+            assert!(out.zero(0, 10));
+            assert!(!out.data(10, vec![1; 10]), "the zero range could not be sent");
+        }
+        assert_eq!(calls, 1, "nothing sent after the refusal");
     }
 }
