@@ -10,6 +10,7 @@ mod connect;
 mod fake_server;
 #[cfg(test)]
 mod flow_tests;
+mod frames;
 mod manifest;
 mod progress;
 mod push;

@@ -16,6 +16,7 @@
 //! failed push removes the snapshot it made.
 
 use crate::connect::Client;
+use crate::frames::PushFrames;
 use crate::progress;
 use crate::push::{self, PushArgs, Pushed, FRAMES_IN_FLIGHT, STREAM_CLOSED};
 use crate::scan::{Scanned, Scanner};
@@ -23,14 +24,12 @@ use crate::source::hooks::HookRunner;
 use crate::source::process::{describe, Running};
 use crate::source::rbd::{Rbd, SNAP_PREFIX};
 use crate::view::RevisionView;
-use backy_common::checksum::StreamChecksum;
 use backy_common::manifest::Manifest;
-use backy_common::ranges::zero_runs;
 use backy_common::rbd_diff::{DiffReader, Record};
 use backy_common::source::SourceSpec;
 use backy_common::{fault, Error, Result, RevisionId, MAX_FRAME_DATA};
 use backy_proto::push_frame::Frame;
-use backy_proto::{DataRange, PlanReply, PushBegin, PushEnd, PushFrame, ZeroRange};
+use backy_proto::{PlanReply, PushBegin, PushEnd, PushFrame};
 use std::io::BufReader;
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
@@ -375,12 +374,7 @@ fn incremental<R: std::io::Read>(
     send: &mut impl FnMut(Frame) -> Result<()>,
     mut progress: impl FnMut(u64),
 ) -> Result<(Streamed, [u8; 32])> {
-    let mut out = Frames {
-        send,
-        checksum: StreamChecksum::new(),
-        zero_run: None,
-        bytes_sent: 0,
-    };
+    let mut out = PushFrames::new(send);
     let mut bytes_read = 0u64;
     let mut buf = vec![0u8; MAX_FRAME_DATA];
     loop {
@@ -393,7 +387,7 @@ fn incremental<R: std::io::Read>(
                         break;
                     }
                     bytes_read += n as u64;
-                    out.chunk(at, &buf[..n])?;
+                    out.data(at, &buf[..n], PAGE as u64)?;
                     at += n as u64;
                     progress(at);
                 }
@@ -403,13 +397,13 @@ fn incremental<R: std::io::Read>(
                 progress(offset + len);
             }
             Some(Record::End) => {
-                out.flush_zeros()?;
+                let (checksum, bytes_sent) = out.finish()?;
                 let streamed = Streamed {
                     bytes_read,
-                    bytes_sent: out.bytes_sent,
+                    bytes_sent,
                     scanned: None,
                 };
-                return Ok((streamed, out.checksum.finish()));
+                return Ok((streamed, checksum));
             }
             Some(other) => {
                 return Err(Error::data_loss(format!(
@@ -423,61 +417,6 @@ fn incremental<R: std::io::Read>(
 
 /// Granularity of zero detection in incremental diffs.
 const PAGE: usize = 4096;
-
-/// Frames of an incremental push, with neighbouring zero ranges merged.
-struct Frames<'a, S> {
-    send: &'a mut S,
-    checksum: StreamChecksum,
-    zero_run: Option<(u64, u64)>,
-    bytes_sent: u64,
-}
-
-impl<S: FnMut(Frame) -> Result<()>> Frames<'_, S> {
-    /// Data read at `offset`: zero pages become zero ranges, the rest data.
-    fn chunk(&mut self, offset: u64, data: &[u8]) -> Result<()> {
-        for (start, end, zero) in zero_runs(offset, data, PAGE as u64) {
-            let at = offset + start as u64;
-            if zero {
-                self.zero(at, (end - start) as u64)?;
-            } else {
-                self.data(at, &data[start..end])?;
-            }
-        }
-        Ok(())
-    }
-
-    fn data(&mut self, offset: u64, data: &[u8]) -> Result<()> {
-        self.flush_zeros()?;
-        self.checksum.data(offset, data);
-        self.bytes_sent += data.len() as u64;
-        (self.send)(Frame::Data(DataRange {
-            offset,
-            data: data.to_vec(),
-        }))
-    }
-
-    fn zero(&mut self, offset: u64, len: u64) -> Result<()> {
-        if len == 0 {
-            return Ok(());
-        }
-        match &mut self.zero_run {
-            Some((o, l)) if *o + *l == offset => *l += len,
-            _ => {
-                self.flush_zeros()?;
-                self.zero_run = Some((offset, len));
-            }
-        }
-        Ok(())
-    }
-
-    fn flush_zeros(&mut self) -> Result<()> {
-        if let Some((offset, length)) = self.zero_run.take() {
-            self.checksum.zero(offset, length);
-            (self.send)(Frame::Zero(ZeroRange { offset, length }))?;
-        }
-        Ok(())
-    }
-}
 
 /// Full: the extents that exist, assembled into blocks (everything else
 /// reads as zeros) and compared with `baseline` by the scanner.
@@ -587,6 +526,7 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'sta
 #[cfg(test)]
 mod tests {
     use super::*;
+    use backy_common::checksum::StreamChecksum;
     use backy_common::manifest::digest;
     use backy_common::ErrorKind;
 

@@ -7,13 +7,12 @@
 //! their changes, untouched blocks; of a changed block it then sends only
 //! the known changed bytes.
 
+use crate::frames::PushFrames;
 use crate::source::Source;
-use backy_common::checksum::StreamChecksum;
 use backy_common::manifest::{zero_digest, Digest, Manifest};
-use backy_common::ranges::{blocks_of, coalesce, is_all_zero, zero_runs, Change, Extent};
-use backy_common::{Error, Result, MAX_FRAME_DATA};
+use backy_common::ranges::{blocks_of, coalesce, is_all_zero, Change, Extent};
+use backy_common::{Error, Result};
 use backy_proto::push_frame::Frame;
-use backy_proto::{DataRange, ZeroRange};
 use std::collections::VecDeque;
 use std::sync::mpsc::{channel, sync_channel, Receiver, SyncSender};
 
@@ -37,13 +36,10 @@ pub struct Scanner<E> {
     /// Starts as the baseline; each visited block's digest replaces the
     /// parent's once it has been compared.
     manifest: Manifest,
-    checksum: StreamChecksum,
-    /// Zero blocks not yet emitted, coalesced while they are contiguous.
-    zero_run: Option<Extent>,
+    frames: PushFrames<E>,
     full_zero: Digest,
     next_block: u64,
     bytes_read: u64,
-    bytes_sent: u64,
     changed_blocks: u64,
     /// Known changes since the baseline (coalesced, ascending): a changed
     /// block sends only its bytes inside them, the rest being the
@@ -51,7 +47,6 @@ pub struct Scanner<E> {
     known: Option<Vec<Extent>>,
     /// The first of `known` that may still overlap the next block.
     known_next: usize,
-    emit: E,
 }
 
 impl<E: FnMut(Frame) -> Result<()>> Scanner<E> {
@@ -61,16 +56,13 @@ impl<E: FnMut(Frame) -> Result<()>> Scanner<E> {
         let full_zero = zero_digest(baseline.block_size() as u64);
         Scanner {
             manifest: baseline,
-            checksum: StreamChecksum::new(),
-            zero_run: None,
+            frames: PushFrames::new(emit),
             full_zero,
             next_block: 0,
             bytes_read: 0,
-            bytes_sent: 0,
             changed_blocks: 0,
             known: None,
             known_next: 0,
-            emit,
         }
     }
 
@@ -169,13 +161,13 @@ impl<E: FnMut(Frame) -> Result<()>> Scanner<E> {
     }
 
     /// Emits what is pending and returns the results.
-    pub fn finish(mut self) -> Result<Scanned> {
-        self.flush_zeros()?;
+    pub fn finish(self) -> Result<Scanned> {
+        let (checksum, bytes_sent) = self.frames.finish()?;
         Ok(Scanned {
             manifest: self.manifest,
-            checksum: self.checksum.finish(),
+            checksum,
             bytes_read: self.bytes_read,
-            bytes_sent: self.bytes_sent,
+            bytes_sent,
             changed_blocks: self.changed_blocks,
         })
     }
@@ -203,14 +195,7 @@ impl<E: FnMut(Frame) -> Result<()>> Scanner<E> {
     }
 
     fn zero(&mut self, offset: u64, len: u64) -> Result<()> {
-        match &mut self.zero_run {
-            Some(run) if run.end() == offset => run.len += len,
-            _ => {
-                self.flush_zeros()?;
-                self.zero_run = Some(Extent { offset, len });
-            }
-        }
-        Ok(())
+        self.frames.zero(offset, len)
     }
 
     /// Changed bytes at `offset`: all-zero granules travel as zero ranges
@@ -218,41 +203,7 @@ impl<E: FnMut(Frame) -> Result<()>> Scanner<E> {
     /// keep the server's writes and holes in pieces of at least 64 KiB, so
     /// revisions do not fragment into page-sized extents.
     fn data(&mut self, offset: u64, data: &[u8]) -> Result<()> {
-        for (start, end, zero) in zero_runs(offset, data, ZERO_GRANULE) {
-            let at = offset + start as u64;
-            if zero {
-                self.zero(at, (end - start) as u64)?;
-            } else {
-                self.nonzero(at, &data[start..end])?;
-            }
-        }
-        Ok(())
-    }
-
-    fn nonzero(&mut self, offset: u64, data: &[u8]) -> Result<()> {
-        self.flush_zeros()?;
-        let mut at = offset;
-        for chunk in data.chunks(MAX_FRAME_DATA) {
-            self.checksum.data(at, chunk);
-            self.bytes_sent += chunk.len() as u64;
-            (self.emit)(Frame::Data(DataRange {
-                offset: at,
-                data: chunk.to_vec(),
-            }))?;
-            at += chunk.len() as u64;
-        }
-        Ok(())
-    }
-
-    fn flush_zeros(&mut self) -> Result<()> {
-        if let Some(run) = self.zero_run.take() {
-            self.checksum.zero(run.offset, run.len);
-            (self.emit)(Frame::Zero(ZeroRange {
-                offset: run.offset,
-                length: run.len,
-            }))?;
-        }
-        Ok(())
+        self.frames.data(offset, data, ZERO_GRANULE)
     }
 }
 
@@ -415,7 +366,9 @@ fn changed_blocks(extents: Vec<Extent>, block_size: u32, count: u64) -> impl Ite
 mod tests {
     use super::*;
     use crate::source::mem::MemSource;
+    use backy_common::checksum::StreamChecksum;
     use backy_common::manifest::digest;
+    use backy_common::MAX_FRAME_DATA;
     use proptest::prelude::*;
 
     const BS: u32 = 64 << 10;
