@@ -92,6 +92,20 @@ impl<E: FnMut(Frame) -> Result<()>> PushFrames<E> {
     }
 }
 
+/// Frames as (kind, offset, length) for test assertions: `D` data, `Z`
+/// zeros.
+#[cfg(test)]
+pub fn summary(frames: &[Frame]) -> Vec<(char, u64, u64)> {
+    frames
+        .iter()
+        .map(|f| match f {
+            Frame::Data(d) => ('D', d.offset, d.data.len() as u64),
+            Frame::Zero(z) => ('Z', z.offset, z.length),
+            other => panic!("not a range: {other:?}"),
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -111,14 +125,7 @@ mod tests {
         out.data(10, &data, 10).unwrap();
         out.data(40, &vec![2; MAX_FRAME_DATA + 1], 10).unwrap();
         let (sum, sent) = out.finish().unwrap();
-        let got: Vec<_> = frames
-            .iter()
-            .map(|f| match f {
-                Frame::Data(d) => ('D', d.offset, d.data.len() as u64),
-                Frame::Zero(z) => ('Z', z.offset, z.length),
-                other => panic!("{other:?}"),
-            })
-            .collect();
+        let got = summary(&frames);
         let m = MAX_FRAME_DATA as u64;
         assert_eq!(got, [('Z', 0, 30), ('D', 30, 10), ('D', 40, m), ('D', 40 + m, 1)]);
         assert_eq!(sent, 11 + m);

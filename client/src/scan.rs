@@ -477,22 +477,15 @@ mod tests {
         // and its last 10, zeros between; then a zero block, coalesced with
         // the zeros before it.
         let bs = 4u32 << 20;
-        let g = ZERO_GRANULE as usize;
+        let g = ZERO_GRANULE;
         let parent = pattern(2 * bs as usize, 1);
         let mut image = vec![0u8; 2 * bs as usize];
         image[..100 << 10].copy_from_slice(&pattern(100 << 10, 2));
         image[bs as usize - 10..bs as usize].fill(3);
         let mut src = MemSource::new(image.clone());
         let (frames, scanned) = run(&mut src, manifest_of(&parent, bs), None);
-        let sent: Vec<_> = frames
-            .iter()
-            .map(|f| match f {
-                Frame::Data(d) => ('D', d.offset as usize, d.data.len()),
-                Frame::Zero(z) => ('Z', z.offset as usize, z.length as usize),
-                other => panic!("{other:?}"),
-            })
-            .collect();
-        let b = bs as usize;
+        let sent = crate::frames::summary(&frames);
+        let b = bs as u64;
         assert_eq!(
             sent,
             [
@@ -611,14 +604,7 @@ mod tests {
         assert_eq!(src.reads, [3 * B as u64, 6 * B as u64]);
         // Only the changed bytes of the changed blocks: two data ranges in
         // block 3 and the zeroed one in block 6, which travels as zeros.
-        let sent: Vec<_> = frames
-            .iter()
-            .map(|f| match f {
-                Frame::Data(d) => ('D', d.offset, d.data.len() as u64),
-                Frame::Zero(z) => ('Z', z.offset, z.length),
-                other => panic!("{other:?}"),
-            })
-            .collect();
+        let sent = crate::frames::summary(&frames);
         let b = B as u64;
         assert_eq!(sent, [('D', 3 * b, 2), ('D', 3 * b + 100, 2), ('Z', 6 * b, 10)]);
         assert_eq!(scanned.bytes_sent, 4);
