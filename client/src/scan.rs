@@ -495,7 +495,7 @@ mod tests {
                 ('Z', b, b)
             ]
         );
-        assert_eq!(scanned.bytes_sent, 3 * g as u64);
+        assert_eq!(scanned.bytes_sent, 3 * g);
         assert_eq!(scanned.changed_blocks, 2);
         assert_eq!(apply(&parent, image.len(), &frames), image);
         assert_eq!(scanned.checksum, recompute_checksum(&frames));
