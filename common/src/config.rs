@@ -27,8 +27,10 @@ pub type Schedule = BTreeMap<String, TagRule>;
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case", deny_unknown_fields)]
 pub struct JobConfig {
-    /// Name of a schedule; none: pushes are always due and nothing expires.
-    #[serde(default)]
+    /// Name of a schedule (required). `none` (`None` here): no schedule:
+    /// the agent never orders a push, a push run by hand always runs,
+    /// nothing expires, and there is no SLA.
+    #[serde(with = "schedule_name")]
     pub schedule: Option<String>,
     /// Client identity that may push and restore this job.
     #[serde(default)]
@@ -229,8 +231,15 @@ fn default_listen() -> String {
 impl ServerConfig {
     /// Parses and validates; `what` names the file in errors.
     pub fn from_yaml(text: &str, what: &str) -> Result<Self> {
-        let cfg: ServerConfig =
-            serde_yaml::from_str(text).map_err(|e| Error::invalid(format!("{what}: {e}")))?;
+        let cfg: ServerConfig = serde_yaml::from_str(text).map_err(|e| {
+            let mut msg = format!("{what}: {e}");
+            if msg.contains("missing field `schedule`") {
+                msg.push_str(&format!(
+                    " (every job names its schedule, or says `schedule: {NO_SCHEDULE}` for manual pushes only)"
+                ));
+            }
+            Error::invalid(msg)
+        })?;
         cfg.validate().map_err(|e| e.context(what))?;
         Ok(cfg)
     }
@@ -246,6 +255,11 @@ impl ServerConfig {
             )));
         }
         for (name, schedule) in &self.schedules {
+            if name == NO_SCHEDULE {
+                return Err(Error::invalid(format!(
+                    "schedules: {NO_SCHEDULE:?} is reserved (a job's `schedule: {NO_SCHEDULE}` means no schedule)"
+                )));
+            }
             if schedule.is_empty() {
                 return Err(Error::invalid(format!("schedule {name:?} has no tags")));
             }
@@ -500,6 +514,24 @@ mod file_mode {
     }
 }
 
+/// A job's `schedule:` value that means "no schedule".
+pub const NO_SCHEDULE: &str = "none";
+
+/// A job's `schedule:`: required; `none` deserializes to `None`.
+mod schedule_name {
+    use super::NO_SCHEDULE;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &Option<String>, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(v.as_deref().unwrap_or(NO_SCHEDULE))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+        let name = String::deserialize(d)?;
+        Ok((name != NO_SCHEDULE).then_some(name))
+    }
+}
+
 /// Mode of revision files when the config does not say.
 pub const DEFAULT_FILE_MODE: u32 = 0o600;
 
@@ -548,7 +580,7 @@ jobs:
     client: hv01
     source: {type: ceph-rbd, pool: rbd, image: vm1.root}
     max-size: 100G
-  vm2: {}
+  vm2: {schedule: none}
 "#;
 
     #[test]
@@ -558,12 +590,14 @@ jobs:
         assert_eq!(vm1.max_size, Some(100 << 30));
         assert_eq!(cfg.schedule_of(vm1).unwrap()["weekly"].interval.secs(), 7 * 86400);
         assert!(cfg.job(&JobName::new("vm3").unwrap()).is_err());
+        let vm2 = cfg.job(&JobName::new("vm2").unwrap()).unwrap();
+        assert_eq!((vm2.schedule.as_deref(), cfg.schedule_of(vm2)), (None, None));
     }
 
     #[test]
     fn reload_takes_jobs_and_schedules_but_not_what_is_fixed_at_start() {
         let old = ServerConfig::from_yaml(GOOD, "old").unwrap();
-        let more_jobs = GOOD.replace("  vm2: {}", "  vm2: {}\n  vm3: {schedule: default}");
+        let more_jobs = GOOD.replace("  vm2: {schedule: none}", "  vm2: {schedule: none}\n  vm3: {schedule: default}");
         let new = ServerConfig::from_yaml(&more_jobs, "new").unwrap();
         assert_eq!(old.reload_refusal(&new), None);
         for (from, to, named) in [
@@ -612,8 +646,13 @@ jobs:
             ),
             (GOOD.replace("keep: 9", "keep: 0"), "keep must be at least 1"),
             (GOOD.replace("interval: 1d", "interval: 0d"), "longer than zero"),
-            (GOOD.replace("vm2: {}", "../x: {}"), "invalid job name"),
-            (GOOD.replace("vm2: {}", "vm1: {}"), "duplicate"),
+            (GOOD.replace("vm2: {schedule", "../x: {schedule"), "invalid job name"),
+            (GOOD.replace("vm2: {schedule", "vm1: {schedule"), "duplicate"),
+            (GOOD.replace("vm2: {schedule: none}", "vm2: {}"), "schedule: none` for manual pushes only"),
+            (
+                GOOD.replace("  default:\n", "  none:\n").replace("schedule: default", "schedule: none"),
+                "\"none\" is reserved",
+            ),
             (GOOD.replace("base-dir: /srv/backy", "base-dir: rel"), "absolute"),
             (
                 GOOD.replace("listen: 127.0.0.1:7000", "listen: nowhere"),

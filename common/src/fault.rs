@@ -1,7 +1,9 @@
-//! Crash points for fault-injection tests. `BACKY_FAULT=name` aborts the
+//! Fault points for fault-injection tests. `BACKY_FAULT=name` aborts the
 //! process (as `kill -9` would: no unwinding, no cleanup) the first time it
-//! reaches the point `name`; `BACKY_FAULT=name@N` on the N-th time. Unset,
-//! each point costs one relaxed atomic load.
+//! reaches the crash point `name`; `BACKY_FAULT=name@N` on the N-th time.
+//! `BACKY_FAULT=error:name[@N]` makes the error point `name` fail instead
+//! (an I/O error that late in an operation). Unset, each point costs one
+//! relaxed atomic load.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
@@ -28,6 +30,17 @@ fn configured() -> Option<&'static Fault> {
             })
         })
         .as_ref()
+}
+
+/// A named error point: `Err` when `BACKY_FAULT=error:name` selects it.
+pub fn fail(name: &str) -> crate::Result<()> {
+    if let Some(f) = configured() {
+        if f.point.strip_prefix("error:") == Some(name) && f.hits.fetch_add(1, Ordering::SeqCst) + 1 == f.nth {
+            eprintln!("BACKY_FAULT: failing at {name}@{}", f.nth);
+            return Err(crate::Error::internal(format!("injected fault at {name}")));
+        }
+    }
+    Ok(())
 }
 
 /// A named crash point.

@@ -1,4 +1,4 @@
-//! Schedules: due computation, expiry and SLA (DESIGN.md section 5).
+//! Schedules: due computation, expiry and SLA (docs/DESIGN.md, "Schedules").
 //!
 //! Everything here is a pure function of a schedule, a job's committed
 //! revisions and an injected `now`: no clock, no I/O. The scheduler, the
@@ -8,13 +8,13 @@
 //! Times are whole seconds on the unix grid; a tag's slots are the instants
 //! `k·interval + offset` for every integer `k`.
 
-use crate::config::Schedule;
+use crate::config::{Schedule, TagRule};
 use crate::id::RevisionId;
 use crate::revision::{is_manual_tag, RevisionMeta, Trust};
 use crate::units::Interval;
 use chrono::{DateTime, TimeDelta, Utc};
 use std::collections::{BTreeMap, BTreeSet};
-use std::fmt::Write as _;
+use std::fmt::{self, Write as _};
 use std::time::Duration;
 
 /// A catch-up is not started when a regular slot is at most this far away:
@@ -115,7 +115,7 @@ pub struct DueState {
     pub reason: String,
 }
 
-/// Decides whether a job is due (DESIGN.md section 5).
+/// Decides whether a job is due (docs/DESIGN.md, "Schedules").
 ///
 /// `offset` is [`spread_offset`] of the job; `revisions` are all of its
 /// committed revisions in any order, distrusted ones included.
@@ -259,6 +259,53 @@ fn sub(t: DateTime<Utc>, d: Duration) -> Option<DateTime<Utc>> {
     t.checked_sub_signed(TimeDelta::from_std(d).ok()?)
 }
 
+/// Which expiry run this is: it decides what may happen to tags that are
+/// not (or no longer) in the job's schedule.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ExpiryRun {
+    /// Right after `committed` was committed under the current schedule.
+    /// Only this run strips tags outside the schedule (not from `committed`
+    /// itself, which an operator may have tagged so knowingly), as the
+    /// original expired only after a successful backup: a renamed schedule
+    /// plus a restart then cannot wipe a job before a new backup exists.
+    AfterCommit(RevisionId),
+    /// At start, on reload and on the timer: schedule tags age out; tags
+    /// outside the schedule wait for the next commit.
+    Periodic,
+}
+
+/// Why expiry removed a tag from a revision.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum TagRemoval {
+    /// A schedule tag older than `keep × interval` and not among its newest
+    /// `keep` carriers.
+    Aged { tag: String, rule: TagRule },
+    /// Neither in the schedule nor `manual:`.
+    NotInSchedule { tag: String },
+}
+
+impl fmt::Display for TagRemoval {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            TagRemoval::Aged { tag, rule } => write!(
+                f,
+                "{tag} ran out (older than {} x {} and not among its newest {})",
+                rule.keep, rule.interval, rule.keep
+            ),
+            TagRemoval::NotInSchedule { tag } => write!(f, "{tag} is not in the schedule"),
+        }
+    }
+}
+
+/// Why a revision without tags after expiry stays.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Held {
+    /// The job's newest revision that is not distrusted: never deleted.
+    NewestTrusted,
+    /// In use by a push (as its parent) or a restore.
+    InUse,
+}
+
 /// What expiry does to a job's revisions.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ExpiryPlan {
@@ -266,8 +313,15 @@ pub struct ExpiryPlan {
     pub kept: BTreeMap<RevisionId, BTreeSet<String>>,
     /// The kept revisions whose tags changed: rewrite their metadata.
     pub retagged: BTreeSet<RevisionId>,
-    /// Revisions left without tags (and not protected): remove them.
+    /// Revisions left without tags (and not held): remove them.
     pub deleted: BTreeSet<RevisionId>,
+    /// Per revision, the tags removed and why (deleted and retagged ones).
+    pub removals: BTreeMap<RevisionId, Vec<TagRemoval>>,
+    /// Revisions left without tags that stay, and why.
+    pub held: BTreeMap<RevisionId, Held>,
+    /// Tags outside the schedule that a periodic run left alone: they go
+    /// with the expiry after the next commit.
+    pub pending: BTreeMap<RevisionId, BTreeSet<String>>,
 }
 
 impl ExpiryPlan {
@@ -275,21 +329,32 @@ impl ExpiryPlan {
     pub fn is_noop(&self) -> bool {
         self.retagged.is_empty() && self.deleted.is_empty()
     }
+
+    /// One line on why `id` is deleted (for logs and dry runs).
+    pub fn reason(&self, id: &RevisionId) -> String {
+        match self.removals.get(id) {
+            Some(r) if !r.is_empty() => r.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "),
+            _ => "it has no tags".to_string(),
+        }
+    }
 }
 
-/// Expiry (DESIGN.md section 5): for each schedule tag, of all but its
+/// Expiry (docs/DESIGN.md, "Expiry"): for each schedule tag, of all but its
 /// newest `keep` carriers, the tag is removed from those older than
-/// `keep × interval`; tags neither in the schedule nor `manual:` are
-/// removed; revisions left without tags are deleted.
+/// `keep × interval`; after a commit, tags neither in the schedule nor
+/// `manual:` are removed too (see [`ExpiryRun`]); revisions left without
+/// tags are deleted.
 ///
 /// So each tag keeps at least its newest `keep` revisions and everything
 /// inside its window; `manual:` tags never expire. Trust does not matter
-/// here: a distrusted revision counts like any other.
+/// for tags: a distrusted revision counts like any other.
 ///
-/// `protected` revisions (the parent of a push in flight, a revision being
-/// restored) are never deleted: their tags expire like any other's, and if
-/// none remain they are kept with no tags and go at the first run after
-/// protection ends. That keeps tags a function of time and schedule alone.
+/// Never deleted, even without tags (kept with none, and gone at the first
+/// run after that stops being true): the job's newest revision that is not
+/// distrusted (a job always keeps its last good backup, whatever the
+/// config says), and `protected` revisions (the parent of a push in flight,
+/// a revision being restored). Their tags expire like any other's, which
+/// keeps tags a function of time and schedule alone.
 ///
 /// An empty schedule expires nothing (like a job without a schedule): a
 /// schedule without tags is a configuration error, never a reason to delete.
@@ -300,6 +365,7 @@ pub fn expire(
     revisions: &[RevisionMeta],
     now: DateTime<Utc>,
     protected: &BTreeSet<RevisionId>,
+    run: ExpiryRun,
 ) -> ExpiryPlan {
     if schedule.is_empty() {
         let kept = revisions.iter().map(|r| (r.id, r.tags.clone())).collect();
@@ -308,11 +374,27 @@ pub fn expire(
             ..ExpiryPlan::default()
         };
     }
-    let known = |t: &&String| is_manual_tag(t) || schedule.contains_key(t.as_str());
-    let mut new_tags: Vec<BTreeSet<String>> = revisions
-        .iter()
-        .map(|r| r.tags.iter().filter(known).cloned().collect())
-        .collect();
+    let mut removals: Vec<Vec<TagRemoval>> = vec![Vec::new(); revisions.len()];
+    let mut pending: BTreeMap<RevisionId, BTreeSet<String>> = BTreeMap::new();
+    let mut new_tags: Vec<BTreeSet<String>> = Vec::with_capacity(revisions.len());
+    for (i, r) in revisions.iter().enumerate() {
+        let mut tags = r.tags.clone();
+        for tag in &r.tags {
+            if is_manual_tag(tag) || schedule.contains_key(tag.as_str()) {
+                continue;
+            }
+            match run {
+                ExpiryRun::AfterCommit(committed) if committed != r.id => {
+                    tags.remove(tag);
+                    removals[i].push(TagRemoval::NotInSchedule { tag: tag.clone() });
+                }
+                _ => {
+                    pending.entry(r.id).or_default().insert(tag.clone());
+                }
+            }
+        }
+        new_tags.push(tags);
+    }
 
     for (tag, rule) in schedule {
         if is_manual_tag(tag) {
@@ -331,21 +413,49 @@ pub fn expire(
         };
         for &i in &carriers[..expirable] {
             if revisions[i].timestamp < cutoff {
-                if let Some(tags) = new_tags.get_mut(i) {
+                if let (Some(tags), Some(why)) = (new_tags.get_mut(i), removals.get_mut(i)) {
                     tags.remove(tag);
+                    why.push(TagRemoval::Aged {
+                        tag: tag.clone(),
+                        rule: *rule,
+                    });
                 }
             }
         }
     }
 
-    let mut plan = ExpiryPlan::default();
-    for (rev, tags) in revisions.iter().zip(new_tags) {
-        if tags.is_empty() && !protected.contains(&rev.id) {
-            plan.deleted.insert(rev.id);
-            continue;
+    let newest_trusted = revisions
+        .iter()
+        .filter(|r| r.trust.usable_as_parent())
+        .max_by_key(|r| (r.timestamp, r.id))
+        .map(|r| r.id);
+    let mut plan = ExpiryPlan {
+        pending,
+        ..ExpiryPlan::default()
+    };
+    for ((rev, tags), why) in revisions.iter().zip(new_tags).zip(removals) {
+        if tags.is_empty() {
+            let held = if newest_trusted == Some(rev.id) {
+                Some(Held::NewestTrusted)
+            } else if protected.contains(&rev.id) {
+                Some(Held::InUse)
+            } else {
+                None
+            };
+            match held {
+                Some(h) => {
+                    plan.held.insert(rev.id, h);
+                }
+                None => {
+                    plan.deleted.insert(rev.id);
+                    plan.removals.insert(rev.id, why);
+                    continue;
+                }
+            }
         }
         if tags != rev.tags {
             plan.retagged.insert(rev.id);
+            plan.removals.insert(rev.id, why);
         }
         plan.kept.insert(rev.id, tags);
     }
@@ -367,11 +477,18 @@ pub struct Sla {
     pub overdue: Duration,
 }
 
-/// SLA (DESIGN.md section 5): violated when the newest trusted revision is
-/// older than 1.5 × the shortest interval of the schedule (exactly at the
-/// deadline is still ok). A job without any trusted revision violates it.
-/// An empty schedule sets no expectation: ok.
-pub fn sla(schedule: &Schedule, revisions: &[RevisionMeta], now: DateTime<Utc>) -> Sla {
+/// SLA (docs/DESIGN.md, "Schedules"): violated when the newest trusted
+/// revision is older than 1.5 × the shortest interval of the schedule
+/// (exactly at the deadline is still ok). A job without any trusted
+/// revision has one such window from `since` (when the server first knew
+/// the job) to make its first backup; without `since` it violates the SLA
+/// at once. An empty schedule sets no expectation: ok.
+pub fn sla(
+    schedule: &Schedule,
+    revisions: &[RevisionMeta],
+    now: DateTime<Utc>,
+    since: Option<DateTime<Utc>>,
+) -> Sla {
     let newest_trusted = revisions
         .iter()
         .filter(|r| r.trust != Trust::Distrusted)
@@ -385,7 +502,7 @@ pub fn sla(schedule: &Schedule, revisions: &[RevisionMeta], now: DateTime<Utc>) 
             overdue: Duration::ZERO,
         };
     };
-    let Some(newest) = newest_trusted else {
+    let Some(start) = newest_trusted.or(since) else {
         return Sla {
             ok: false,
             newest_trusted,
@@ -395,7 +512,7 @@ pub fn sla(schedule: &Schedule, revisions: &[RevisionMeta], now: DateTime<Utc>) 
     };
     // 1.5 × in milliseconds, so odd second counts stay exact.
     let limit = u64::try_from(u128::from(shortest) * 1500).map(Duration::from_millis);
-    let deadline = limit.ok().and_then(|l| add(newest, l));
+    let deadline = limit.ok().and_then(|l| add(start, l));
     let overdue = deadline
         .and_then(|d| (now - d).to_std().ok())
         .unwrap_or(Duration::ZERO);
@@ -470,6 +587,11 @@ mod tests {
 
     fn distrusted(ts: &str, tags: &[&str]) -> RevisionMeta {
         meta(RevisionId::new_random(), t(ts), tags, Trust::Distrusted)
+    }
+
+    /// The expiry after committing a revision that is not among those given.
+    fn after_commit() -> ExpiryRun {
+        ExpiryRun::AfterCommit(RevisionId::from(Uuid::nil()))
     }
 
     fn set(tags: &[&str]) -> BTreeSet<String> {
@@ -852,7 +974,7 @@ mod tests {
     }
     const PINNED_VM1_OFFSET: u64 = 152_224;
 
-    /// DESIGN.md's worked example.
+    /// docs/DESIGN.md's worked example.
     #[test]
     fn expiry_worked_example() {
         let s = schedule(&[("daily", DAY, 5)]);
@@ -869,13 +991,13 @@ mod tests {
         .into_iter()
         .map(|ts| rev(ts, &["daily"]))
         .collect();
-        let plan = expire(&s, &revs, now, &none);
+        let plan = expire(&s, &revs, now, &none, after_commit());
         assert!(plan.is_noop(), "{plan:?}");
         assert_eq!(plan.kept.len(), 6);
 
         let old = rev("2026-05-04 11:00", &["daily"]);
         revs.push(old.clone());
-        let plan = expire(&s, &revs, now, &none);
+        let plan = expire(&s, &revs, now, &none, after_commit());
         assert_eq!(plan.deleted, [old.id].into());
         assert!(plan.retagged.is_empty());
         assert_eq!(plan.kept.len(), 6);
@@ -883,10 +1005,70 @@ mod tests {
         revs.pop();
         let mixed = rev("2026-05-04 11:00", &["daily", "manual:x", "unknown"]);
         revs.push(mixed.clone());
-        let plan = expire(&s, &revs, now, &none);
+        let plan = expire(&s, &revs, now, &none, after_commit());
         assert!(plan.deleted.is_empty());
         assert_eq!(plan.retagged, [mixed.id].into());
         assert_eq!(plan.kept[&mixed.id], set(&["manual:x"]));
+    }
+
+    /// A renamed schedule (daily -> nightly) and a restart: the periodic
+    /// runs delete nothing for tags that left the schedule; the expiry after
+    /// the first commit under the new name does, keeping the new revision.
+    #[test]
+    fn renamed_schedule_waits_for_a_commit() {
+        let nightly = schedule(&[("nightly", DAY, 3)]);
+        let now = t("2026-05-10 10:00");
+        let revs: Vec<RevisionMeta> = (1..=6)
+            .map(|d| rev(&format!("2026-05-0{d} 10:00"), &["daily"]))
+            .collect();
+        let none = BTreeSet::new();
+        let plan = expire(&nightly, &revs, now, &none, ExpiryRun::Periodic);
+        assert!(plan.is_noop(), "{plan:?}");
+        assert_eq!(plan.pending.len(), 6);
+        assert!(plan.pending.values().all(|t| *t == set(&["daily"])));
+
+        let mut revs = revs;
+        let new = rev("2026-05-10 10:00", &["nightly"]);
+        revs.push(new.clone());
+        let plan = expire(&nightly, &revs, now, &none, ExpiryRun::AfterCommit(new.id));
+        assert_eq!(plan.deleted.len(), 6);
+        assert_eq!(plan.kept.keys().collect::<Vec<_>>(), [&new.id]);
+        let old = revs[0].id;
+        assert_eq!(plan.reason(&old), "daily is not in the schedule");
+    }
+
+    /// The newest trusted revision stays whatever its tags; a distrusted
+    /// newer one does not count; a committed revision keeps tags outside
+    /// the schedule in its own expiry (the operator insisted on them).
+    #[test]
+    fn the_newest_trusted_revision_is_never_deleted() {
+        let s = schedule(&[("daily", DAY, 1)]);
+        let now = t("2026-05-10 10:00");
+        let none = BTreeSet::new();
+        let good = rev("2026-05-01 10:00", &["daily"]);
+        let older = rev("2026-04-30 10:00", &["daily"]);
+        let bad = distrusted("2026-05-09 10:00", &["daily"]);
+        let revs = vec![older.clone(), good.clone(), bad.clone()];
+        for run in [ExpiryRun::Periodic, after_commit()] {
+            let plan = expire(&s, &revs, now, &none, run);
+            assert_eq!(plan.deleted, [older.id].into(), "{run:?}");
+            assert_eq!(plan.kept[&good.id], set(&[]));
+            assert_eq!(plan.held[&good.id], Held::NewestTrusted);
+            assert_eq!(plan.kept[&bad.id], set(&["daily"]));
+            assert_eq!(
+                plan.reason(&older.id),
+                "daily ran out (older than 1 x 1d and not among its newest 1)"
+            );
+        }
+
+        let untagged = rev("2026-05-10 09:00", &[]);
+        let plan = expire(&s, &[untagged.clone()], now, &none, ExpiryRun::Periodic);
+        assert!(plan.is_noop() && plan.held[&untagged.id] == Held::NewestTrusted);
+
+        let pre = rev("2026-05-10 10:00", &["pre-upgrade"]);
+        let plan = expire(&s, &[good.clone(), pre.clone()], now, &none, ExpiryRun::AfterCommit(pre.id));
+        assert_eq!(plan.kept[&pre.id], set(&["pre-upgrade"]));
+        assert_eq!(plan.kept[&good.id], set(&["daily"]));
     }
 
     #[test]
@@ -989,7 +1171,7 @@ mod tests {
         for (name, s, revs, protected, expected) in cases {
             let revs: Vec<RevisionMeta> = revs.iter().map(|(ts, tags)| rev(ts, tags)).collect();
             let protected: BTreeSet<RevisionId> = protected.iter().map(|&i| revs[i].id).collect();
-            let plan = expire(&s, &revs, now, &protected);
+            let plan = expire(&s, &revs, now, &protected, after_commit());
             for (r, want) in revs.iter().zip(expected) {
                 match want {
                     None => assert!(
@@ -1083,7 +1265,7 @@ mod tests {
             ),
         ];
         for (name, s, revs, ok, newest, overdue_secs) in cases {
-            let r = sla(&s, &revs, now);
+            let r = sla(&s, &revs, now, None);
             assert_eq!(r.ok, ok, "{name}: {r:?}");
             assert_eq!(r.newest_trusted, newest.map(t), "{name}");
             assert_eq!(r.overdue.as_secs(), overdue_secs, "{name}: {r:?}");
@@ -1092,12 +1274,29 @@ mod tests {
             &schedule(&[("x", 3, 1)]),
             &[rev("2026-05-10 09:59:55", &["x"])],
             now,
+            None,
         );
         assert_eq!(r.overdue, Duration::from_millis(500));
         assert_eq!(
             r.deadline,
             Some(t("2026-05-10 09:59:59") + TimeDelta::milliseconds(500))
         );
+    }
+
+    /// A new job has one SLA window from when the server first knew it.
+    #[test]
+    fn a_new_job_has_one_window_for_its_first_backup() {
+        let now = t("2026-05-10 10:00");
+        let s = daily_weekly();
+        let r = sla(&s, &[], now, Some(t("2026-05-09 10:00")));
+        assert!(r.ok && r.newest_trusted.is_none(), "{r:?}");
+        assert_eq!(r.deadline, Some(t("2026-05-10 22:00")));
+        let r = sla(&s, &[], now, Some(t("2026-05-08 10:00")));
+        assert!(!r.ok);
+        assert_eq!(r.overdue, Duration::from_secs(12 * 3600));
+        // A revision, even an old one, is measured from, not `since`.
+        let r = sla(&s, &[rev("2026-05-01 10:00", &["daily"])], now, Some(now));
+        assert!(!r.ok);
     }
 
     // ---- properties ----
@@ -1196,7 +1395,7 @@ mod tests {
         fn expiry_invariants((s, now, revs, _) in arb_job(), protect in proptest::collection::vec(any::<bool>(), 40)) {
             let protected: BTreeSet<RevisionId> =
                 revs.iter().zip(&protect).filter(|(_, &p)| p).map(|(r, _)| r.id).collect();
-            let plan = expire(&s, &revs, now, &protected);
+            let plan = expire(&s, &revs, now, &protected, after_commit());
             prop_assert_eq!(plan.kept.len() + plan.deleted.len(), revs.len());
             for r in &revs {
                 let after = plan.kept.get(&r.id);
@@ -1228,9 +1427,50 @@ mod tests {
                 }
             }
             // Idempotent.
-            let again = expire(&s, &apply(&revs, &plan), now, &protected);
+            let again = expire(&s, &apply(&revs, &plan), now, &protected, after_commit());
             prop_assert!(again.is_noop(), "second run changed {:?}", again);
             prop_assert_eq!(&again.kept, &plan.kept);
+        }
+
+        /// Whatever the schedule and history: the newest trusted revision
+        /// survives every run; a periodic run under a changed schedule
+        /// (revisions tagged under another) removes no tag outside it, so
+        /// it never acts on a config change before a commit; a committed
+        /// revision keeps the tags outside the schedule it was committed
+        /// with; both runs are idempotent.
+        #[test]
+        fn expiry_is_safe(
+            (s, now, revs, _) in arb_job(),
+            changed in arb_schedule(),
+            committed in any::<proptest::sample::Index>(),
+        ) {
+            let none = BTreeSet::new();
+            let newest = revs
+                .iter()
+                .filter(|r| r.trust != Trust::Distrusted)
+                .max_by_key(|r| (r.timestamp, r.id))
+                .map(|r| r.id);
+            let c = (!revs.is_empty()).then(|| revs[committed.index(revs.len())].id);
+            let runs = [ExpiryRun::Periodic, ExpiryRun::AfterCommit(c.unwrap_or_else(RevisionId::new_random))];
+            for schedule in [&s, &changed] {
+                for run in runs {
+                    let plan = expire(schedule, &revs, now, &none, run);
+                    if let Some(n) = newest {
+                        prop_assert!(plan.kept.contains_key(&n), "newest trusted deleted ({:?})", run);
+                    }
+                    for r in &revs {
+                        let after = plan.kept.get(&r.id).cloned().unwrap_or_default();
+                        for tag in &r.tags {
+                            let unscheduled = !is_manual_tag(tag) && !schedule.contains_key(tag);
+                            if unscheduled && (run == ExpiryRun::Periodic || run == ExpiryRun::AfterCommit(r.id)) {
+                                prop_assert!(after.contains(tag), "{} removed by {:?}", tag, run);
+                            }
+                        }
+                    }
+                    let again = expire(schedule, &apply(&revs, &plan), now, &none, run);
+                    prop_assert!(again.is_noop(), "second {:?} run changed {:?}", run, again);
+                }
+            }
         }
 
         /// A push of the due tags, stamped now, satisfies the schedule: no
@@ -1326,7 +1566,7 @@ mod tests {
                     }
                     let tags: Vec<&str> = d.tags.iter().map(String::as_str).collect();
                     revs.push(meta(RevisionId::new_random(), now, &tags, Trust::Trusted));
-                    let plan = expire(&s, &revs, now, &BTreeSet::new());
+                    let plan = expire(&s, &revs, now, &BTreeSet::new(), after_commit());
                     revs = apply(&revs, &plan);
                 }
                 for (tag, rule) in &s {

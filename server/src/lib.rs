@@ -25,10 +25,34 @@ use state::Server;
 use std::path::PathBuf;
 use std::sync::Arc;
 
+/// What start-up establishes before serving: every check `serve` makes on
+/// its configuration and files, also run by `check-config`.
+pub struct Preflight {
+    pub tls: Option<tonic::transport::ServerTlsConfig>,
+    pub mode: StorageMode,
+}
+
+/// Checks the secret files' modes, loads and matches the TLS certificate
+/// and key, and probes the base directory (created if missing, must be
+/// writable; reflink or copy).
+pub fn preflight(config: &ServerConfig, config_path: &std::path::Path) -> anyhow::Result<Preflight> {
+    let tls = tls::server_tls(config, config_path)?;
+    if let Some(t) = &tls {
+        // Building the acceptor parses the certificate and key and checks
+        // that they belong together.
+        tonic::transport::Server::builder()
+            .tls_config(t.clone())
+            .context("TLS configuration")?;
+    }
+    let mode = storage::probe_storage(&config.base_dir)
+        .with_context(|| format!("base-dir {}", config.base_dir.display()))?;
+    Ok(Preflight { tls, mode })
+}
+
 /// Cleans leftovers of every job, then serves until SIGINT/SIGTERM.
-pub async fn serve(config: ServerConfig, mode: StorageMode, config_path: PathBuf) -> anyhow::Result<()> {
+pub async fn serve(config: ServerConfig, preflight: Preflight, config_path: PathBuf) -> anyhow::Result<()> {
     storage::durable::set_modes(config.file_mode, config.dir_mode());
-    let tls = tls::server_tls(&config, &config_path)?;
+    let Preflight { tls, mode } = preflight;
     if mode == StorageMode::Copy {
         tracing::warn!(
             base_dir = %config.base_dir.display(),

@@ -2,7 +2,8 @@
 
 use anyhow::Context;
 use backy_common::config::{ServerConfig, DEFAULT_SERVER_CONFIG};
-use backy_server::{serve, storage};
+use backy_common::JobName;
+use backy_server::{preflight, serve};
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 
@@ -28,8 +29,20 @@ struct Cli {
 enum Command {
     /// Serve (the default).
     Serve,
-    /// Validate the configuration and exit.
+    /// Run every check start-up runs (config, TLS files and their modes,
+    /// base-dir writable) and exit.
     CheckConfig,
+    /// Show what expiry would delete, and why, without changing anything:
+    /// the next periodic run, and the run after each job's next backup.
+    #[command(after_help = "Examples:\n  backy-server expire --dry-run\n  backy-server expire --dry-run vm1")]
+    Expire {
+        /// Required: expiry itself runs inside the server.
+        #[arg(long, required = true)]
+        dry_run: bool,
+        /// Only this job [default: every scheduled job]
+        #[arg(value_name = "JOB", value_parser = parse_job)]
+        job: Option<JobName>,
+    },
     /// Print the hash of a client token for `clients: NAME: token-hash:`.
     /// Reads the token from stdin (so it stays out of shell history and
     /// `ps`), or makes a new one with --generate.
@@ -86,6 +99,30 @@ fn cert_fingerprint(path: &PathBuf) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn parse_job(s: &str) -> Result<JobName, String> {
+    JobName::new(s).map_err(|e| e.message)
+}
+
+/// Prints the expiry preview of `job` or of every job.
+fn expire_dry_run(config: &ServerConfig, job: Option<&JobName>) -> anyhow::Result<()> {
+    let names: Vec<JobName> = match job {
+        Some(j) => {
+            config.job(j)?;
+            vec![j.clone()]
+        }
+        None => config.jobs.keys().cloned().collect(),
+    };
+    let now = chrono::Utc::now();
+    let mut out = String::new();
+    for name in names {
+        let dir = backy_server::storage::JobDir::new(&config.base_dir, name.clone());
+        let preview = backy_server::schedule::preview(config, &dir, now)?;
+        out.push_str(&backy_server::schedule::format_preview(&name, preview.as_ref()));
+    }
+    print!("{out}");
+    Ok(())
+}
+
 fn load(path: &PathBuf) -> anyhow::Result<ServerConfig> {
     let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     Ok(ServerConfig::from_yaml(&text, &path.display().to_string())?)
@@ -119,16 +156,20 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         _ => {}
     }
     let config = load(&cli.config)?;
+    if let Some(Command::Expire { dry_run: _, job }) = &cli.command {
+        return expire_dry_run(&config, job.as_ref());
+    }
+    let preflight = preflight(&config, &cli.config)?;
     if let Some(Command::CheckConfig) = cli.command {
         println!(
-            "{}: OK ({} jobs, {} schedules)",
+            "{}: OK ({} jobs, {} schedules, storage {})",
             cli.config.display(),
             config.jobs.len(),
-            config.schedules.len()
+            config.schedules.len(),
+            preflight.mode.as_str()
         );
         return Ok(());
     }
-    let mode = storage::probe_storage(&config.base_dir)?;
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
-    runtime.block_on(serve(config, mode, cli.config))
+    runtime.block_on(serve(config, preflight, cli.config))
 }

@@ -17,12 +17,14 @@ pub fn plan(server: &Server, req: &PlanRequest) -> Result<PlanReply> {
     let job = server.job(&req.job)?;
     let config = server.config();
     let job_cfg = config.job(job.name())?;
-    for t in &req.tags {
-        backy_common::revision::check_tag(t)?;
-    }
+    crate::revisions::check_tags(&req.tags, config.schedule_of(job_cfg), req.allow_unscheduled)?;
     let revs = job.revisions()?;
     let (due, tags, reason) = match config.schedule_of(job_cfg) {
-        None => (true, req.tags.clone(), "job has no schedule".to_string()),
+        None => (
+            true,
+            req.tags.clone(),
+            "job has no schedule: every push runs".to_string(),
+        ),
         Some(schedule) => {
             let state = crate::schedule::due_state(server, &job, schedule, &revs);
             if req.force {

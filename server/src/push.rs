@@ -3,12 +3,16 @@
 
 use crate::state::Server;
 use crate::storage::{NewRevision, NewRevisionSpec, PushEnd};
-use backy_common::revision::{check_tag, is_manual_tag, RevisionMeta, SourceInfo};
+use backy_common::revision::{RevisionMeta, SourceInfo};
+use backy_common::schedule::ExpiryRun;
 use backy_common::{fault, Error, Result, RevisionId, DEFAULT_BLOCK_SIZE};
 use backy_proto::PushBegin;
 use std::collections::BTreeSet;
 use std::sync::Arc;
 use tokio::sync::mpsc;
+
+/// Most tags one revision may carry.
+pub const MAX_TAGS: usize = 32;
 
 /// One decoded frame after the begin frame.
 pub enum Step {
@@ -54,7 +58,13 @@ pub fn run(
     if begin.size > backy_common::manifest::MAX_IMAGE_SIZE {
         return Err(Error::invalid(format!("image size {} is too large", begin.size)));
     }
-    let tags = check_tags(&begin.tags, config.schedule_of(job_cfg), begin.force)?;
+    if begin.size == 0 {
+        return Err(Error::invalid(format!(
+            "job {}: the source is empty (0 bytes): nothing to back up; is it the right disk?",
+            job.name()
+        )));
+    }
+    let tags = check_tags(&begin.tags, config.schedule_of(job_cfg), begin.allow_unscheduled)?;
 
     if server.job_runtime(job.name()).push.is_some() {
         return Err(Error::busy(format!(
@@ -86,6 +96,21 @@ pub fn run(
             "job {}: revision {id} exists already",
             job.name()
         )));
+    }
+    // Compared with the revision a push would build on, whatever parent the
+    // client names: a full backup of a shrunken disk is refused too.
+    if let Some(newest) = crate::plan::choose_parent(&revs) {
+        if begin.size < newest.size && !begin.allow_shrink {
+            return Err(Error::precondition(format!(
+                "job {}: the source has {} but revision {} has {}: a disk shrinks \
+                 rarely and by mistake often; check the source, or push with \
+                 --allow-shrink if it really shrank",
+                job.name(),
+                backy_common::units::format_bytes(begin.size),
+                newest.id.short(),
+                backy_common::units::format_bytes(newest.size),
+            )));
+        }
     }
     let parent = if begin.parent_id.is_empty() {
         None
@@ -156,13 +181,22 @@ pub fn run(
         }
     };
     fault::point("push.committed");
-    let expired = match config.schedule_of(job_cfg) {
-        Some(schedule) => crate::schedule::expire_locked(&server, &job, schedule)?,
-        None => {
-            job.update_latest()?;
-            Vec::new()
+    // The revision is committed: what follows is housekeeping, whose
+    // failure is logged and retried by the periodic run, never a failed
+    // push (the client would retry and back off for a backup it has).
+    let after_commit = || {
+        fault::fail("push.after-commit")?;
+        match config.schedule_of(job_cfg) {
+            Some(schedule) => {
+                crate::schedule::expire_locked(&server, &job, schedule, ExpiryRun::AfterCommit(meta.id))
+            }
+            None => job.update_latest().map(|()| Vec::new()),
         }
     };
+    let expired = after_commit().unwrap_or_else(|e| {
+        tracing::error!(job = %job.name(), rev = %meta.id, "after the commit: {e}; the revision is kept, expiry retries within a minute");
+        Vec::new()
+    });
     tracing::info!(
         job = %job.name(), rev = %meta.id, size = meta.size, received = meta.stats.bytes_received,
         changed_blocks = meta.stats.changed_blocks, storage = meta.storage.as_str(), "committed revision"
@@ -170,27 +204,20 @@ pub fn run(
     Ok((meta, expired))
 }
 
-/// Validates tags: each well-formed; with a schedule, tags outside it must
-/// be `manual:` unless forced.
+/// Validates a new revision's tags: see [`crate::revisions::check_tags`].
 fn check_tags(
     tags: &[String],
     schedule: Option<&backy_common::config::Schedule>,
-    force: bool,
+    allow_unscheduled: bool,
 ) -> Result<BTreeSet<String>> {
-    if tags.len() > 32 {
-        return Err(Error::invalid("more than 32 tags"));
+    if tags.len() > MAX_TAGS {
+        return Err(Error::invalid(format!("more than {MAX_TAGS} tags")));
     }
-    let mut out = BTreeSet::new();
-    for t in tags {
-        check_tag(t)?;
-        if let Some(s) = schedule {
-            if !force && !is_manual_tag(t) && !s.contains_key(t) {
-                return Err(Error::invalid(format!(
-                    "tag {t:?} is not in the job's schedule: use a 'manual:' tag or --force"
-                )));
-            }
-        }
-        out.insert(t.clone());
+    crate::revisions::check_tags(tags, schedule, allow_unscheduled)?;
+    if schedule.is_some() && tags.is_empty() {
+        return Err(Error::invalid(
+            "a revision of a scheduled job needs at least one tag (expiry deletes untagged revisions)",
+        ));
     }
-    Ok(out)
+    Ok(tags.iter().cloned().collect())
 }

@@ -5,9 +5,10 @@
 use crate::state::Server;
 use crate::storage::{durable, JobDir};
 use backy_common::manifest::digest;
-use backy_common::revision::{check_tag, RevisionMeta, Trust};
+use backy_common::config::Schedule;
+use backy_common::revision::{check_tag, is_manual_tag, RevisionMeta, Trust};
 use backy_common::spec::Spec;
-use backy_common::{Error, Result, RevisionId};
+use backy_common::{fault, Error, Result, RevisionId};
 use std::collections::BTreeSet;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
@@ -55,34 +56,104 @@ pub enum TagAction {
     Remove,
 }
 
-/// Changes tags of the selected revisions, under the job lock.
+/// Whether a change applies or only answers what it would do.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Apply {
+    Yes,
+    DryRun,
+}
+
+/// Checks tags an operator gives (push, tags): each well-formed; with a
+/// schedule, each in it or `manual:`, unless `allow_unscheduled` (such tags
+/// keep a revision only until the expiry after the next commit).
+pub fn check_tags(tags: &[String], schedule: Option<&Schedule>, allow_unscheduled: bool) -> Result<()> {
+    for t in tags {
+        check_tag(t)?;
+    }
+    let Some(schedule) = schedule else {
+        return Ok(());
+    };
+    let outside: Vec<&str> = tags
+        .iter()
+        .filter(|t| !is_manual_tag(t) && !schedule.contains_key(t.as_str()))
+        .map(String::as_str)
+        .collect();
+    if outside.is_empty() || allow_unscheduled {
+        return Ok(());
+    }
+    let known: Vec<&str> = schedule.keys().map(String::as_str).collect();
+    Err(Error::invalid(format!(
+        "tag {} not in the job's schedule ({}): expiry would remove {} and delete the revision; \
+         use a schedule tag, a manual:NAME tag (never expires), or --allow-unscheduled to keep \
+         it only until the next backup",
+        outside.join(", "),
+        known.join(", "),
+        if outside.len() == 1 { "it" } else { "them" },
+    )))
+}
+
+/// Changes tags of the selected revisions, under the job lock; all of them
+/// or none. On a scheduled job, tags outside the schedule need
+/// `allow_unscheduled`, and no revision may be left without tags (expiry
+/// would delete it: that is what `forget` is for).
 pub fn tags(
     server: &Server,
     job: &JobDir,
     spec: &str,
     action: TagAction,
     tags: &[String],
+    allow_unscheduled: bool,
+    apply: Apply,
 ) -> Result<Vec<RevisionMeta>> {
-    for t in tags {
-        check_tag(t)?;
+    let config = server.config();
+    let schedule = config.schedule_of(config.job(job.name())?);
+    if action != TagAction::Remove {
+        check_tags(tags, schedule, allow_unscheduled)?;
+    } else {
+        for t in tags {
+            check_tag(t)?;
+        }
     }
     let _lock = lock_unless_pushing(server, job)?;
     let tags: BTreeSet<String> = tags.iter().cloned().collect();
-    let mut out = Vec::new();
-    for meta in select(job, spec)? {
-        out.push(update_meta(server, job, &meta.id, |m| match action {
-            TagAction::Set => m.tags = tags.clone(),
-            TagAction::Add => m.tags.extend(tags.iter().cloned()),
-            TagAction::Remove => m.tags.retain(|t| !tags.contains(t)),
-        })?);
+    let mut changed = Vec::new();
+    for mut meta in select(job, spec)? {
+        match action {
+            TagAction::Set => meta.tags = tags.clone(),
+            TagAction::Add => meta.tags.extend(tags.iter().cloned()),
+            TagAction::Remove => meta.tags.retain(|t| !tags.contains(t)),
+        }
+        if meta.tags.len() > crate::push::MAX_TAGS {
+            return Err(Error::invalid(format!(
+                "revision {} would have more than {} tags",
+                meta.id,
+                crate::push::MAX_TAGS
+            )));
+        }
+        if schedule.is_some() && meta.tags.is_empty() {
+            return Err(Error::invalid(format!(
+                "revision {} would be left without tags, and expiry would delete it; \
+                 use forget to delete a revision",
+                meta.id.short()
+            )));
+        }
+        changed.push(meta);
     }
-    job.update_latest()?;
-    Ok(out)
+    if apply == Apply::Yes {
+        write_metas(server, job, &changed)?;
+        for m in &changed {
+            tracing::info!(job = %job.name(), rev = %m.id, "tags now {:?}", m.tags);
+        }
+        after_change(job, "tags.applied");
+    }
+    Ok(changed)
 }
 
 /// Deletes the selected revisions, under the job lock; refuses revisions
-/// in use by a restore or as the base of a push.
-pub fn forget(server: &Server, job: &JobDir, spec: &str) -> Result<Vec<RevisionMeta>> {
+/// in use by a restore or as the base of a push. Their `.rev` files go
+/// first, together: that is the commit point; the data files after it
+/// (what a failure there leaves is removed as leftovers).
+pub fn forget(server: &Server, job: &JobDir, spec: &str, apply: Apply) -> Result<Vec<RevisionMeta>> {
     let _lock = lock_unless_pushing(server, job)?;
     let selected = select(job, spec)?;
     let protected = server.protected(job.name());
@@ -92,20 +163,70 @@ pub fn forget(server: &Server, job: &JobDir, spec: &str) -> Result<Vec<RevisionM
             busy.id
         )));
     }
-    for meta in &selected {
-        job.delete(&meta.id)?;
-        tracing::info!(job = %job.name(), rev = %meta.id, "forgot revision");
+    if apply == Apply::DryRun {
+        return Ok(selected);
     }
-    job.update_latest()?;
+    for meta in &selected {
+        let rev = job.rev_path(&meta.id);
+        if let Err(e) = std::fs::remove_file(&rev) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                return Err(Error::io(format!("removing {}", rev.display()), e));
+            }
+        }
+    }
+    durable::fsync_dir(job.path())?;
+    for meta in &selected {
+        tracing::info!(job = %job.name(), rev = %meta.id, "forgot revision (by request)");
+    }
+    let remove_data = || -> Result<()> {
+        fault::fail("forget.applied")?;
+        for meta in &selected {
+            job.delete(&meta.id)?;
+        }
+        Ok(())
+    };
+    if let Err(e) = remove_data() {
+        tracing::error!(job = %job.name(), "forget: removing data files: {e}; removed as leftovers later");
+    }
+    after_change(job, "forget.latest");
     Ok(selected)
 }
 
-/// Marks the selected revisions distrusted.
-pub fn distrust(server: &Server, job: &JobDir, spec: &str) -> Result<Vec<RevisionMeta>> {
-    select(job, spec)?
+/// Marks the selected revisions distrusted; all of them or none.
+pub fn distrust(server: &Server, job: &JobDir, spec: &str, apply: Apply) -> Result<Vec<RevisionMeta>> {
+    let mut selected = select(job, spec)?;
+    for m in &mut selected {
+        m.trust = Trust::Distrusted;
+    }
+    if apply == Apply::Yes {
+        write_metas(server, job, &selected)?;
+        for m in &selected {
+            tracing::info!(job = %job.name(), rev = %m.id, "distrusted (by request)");
+        }
+        after_change(job, "distrust.applied");
+    }
+    Ok(selected)
+}
+
+/// Writes the `.rev` files of `metas` together (all or none).
+fn write_metas(server: &Server, job: &JobDir, metas: &[RevisionMeta]) -> Result<()> {
+    let _serial = server.meta_lock();
+    let texts: Vec<(std::path::PathBuf, String)> = metas
         .iter()
-        .map(|meta| update_meta(server, job, &meta.id, |m| m.trust = Trust::Distrusted))
-        .collect()
+        .map(|m| Ok((job.rev_path(&m.id), m.to_yaml()?)))
+        .collect::<Result<_>>()?;
+    let files: Vec<(&std::path::Path, &[u8])> =
+        texts.iter().map(|(p, t)| (p.as_path(), t.as_bytes())).collect();
+    durable::write_atomic_all(&files)
+}
+
+/// Housekeeping after a change has applied: its failure is logged, never
+/// answered as an error (the caller would retry a change that happened).
+/// `point` names the error point tests use to force such a late failure.
+fn after_change(job: &JobDir, point: &str) {
+    if let Err(e) = fault::fail(point).and_then(|()| job.update_latest()) {
+        tracing::error!(job = %job.name(), "updating latest: {e}; fixed by the next expiry run");
+    }
 }
 
 /// Outcome of verifying one revision.

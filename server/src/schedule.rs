@@ -1,13 +1,15 @@
 //! The server's use of the pure schedule logic in `backy_common::schedule`:
-//! due decisions for plans and agents, expiry after commits and on a timer.
+//! due decisions for plans and agents, expiry after commits and on a timer,
+//! and expiry previews (dry runs).
 
 use crate::state::Server;
 use crate::storage::JobDir;
-use backy_common::config::Schedule;
+use backy_common::config::{Schedule, ServerConfig};
 use backy_common::revision::RevisionMeta;
-use backy_common::schedule::{self, DueState, FailureState};
+use backy_common::schedule::{self, DueState, ExpiryPlan, ExpiryRun, FailureState};
 use backy_common::{fault, Result, RevisionId};
-use chrono::Utc;
+use chrono::{DateTime, Utc};
+use std::collections::BTreeSet;
 
 /// The due state of a scheduled job now.
 pub fn due_state(server: &Server, job: &JobDir, schedule: &Schedule, revs: &[RevisionMeta]) -> DueState {
@@ -23,20 +25,28 @@ pub fn due_state(server: &Server, job: &JobDir, schedule: &Schedule, revs: &[Rev
 /// Applies expiry to a job whose lock the caller holds; returns the ids of
 /// deleted revisions. Tags are rewritten atomically; deletion removes the
 /// `.rev` first, so a crash never leaves a listed revision without data.
-pub fn expire_locked(server: &Server, job: &JobDir, schedule: &Schedule) -> Result<Vec<RevisionId>> {
+/// Every deletion is logged with its reason.
+pub fn expire_locked(
+    server: &Server,
+    job: &JobDir,
+    schedule: &Schedule,
+    run: ExpiryRun,
+) -> Result<Vec<RevisionId>> {
     let revs = job.revisions()?;
     let protected = server.protected(job.name());
-    let plan = schedule::expire(schedule, &revs, Utc::now(), &protected);
+    let plan = schedule::expire(schedule, &revs, Utc::now(), &protected, run);
     if plan.is_noop() {
         // A commit just before still needs `latest` to point at it.
-        job.update_latest()?;
+        if matches!(run, ExpiryRun::AfterCommit(_)) {
+            job.update_latest()?;
+        }
         return Ok(Vec::new());
     }
     for meta in &revs {
         if plan.retagged.contains(&meta.id) && !plan.deleted.contains(&meta.id) {
             if let Some(tags) = plan.kept.get(&meta.id) {
                 let m = crate::revisions::update_meta(server, job, &meta.id, |m| m.tags = tags.clone())?;
-                tracing::info!(job = %job.name(), rev = %m.id, "expiry: tags now {:?}", m.tags);
+                tracing::info!(job = %job.name(), rev = %m.id, "expiry: tags now {:?} ({})", m.tags, plan.reason(&m.id));
                 fault::point("expiry.retagged");
             }
         }
@@ -44,7 +54,7 @@ pub fn expire_locked(server: &Server, job: &JobDir, schedule: &Schedule) -> Resu
     let mut deleted = Vec::new();
     for id in &plan.deleted {
         job.delete(id)?;
-        tracing::info!(job = %job.name(), rev = %id, "expiry: deleted revision");
+        tracing::info!(job = %job.name(), rev = %id, reason = %plan.reason(id), "expiry: deleted revision");
         deleted.push(*id);
         fault::point("expiry.deleted");
     }
@@ -67,7 +77,7 @@ pub fn expire_all(server: &Server) {
                 tracing::info!(job = %name, "removed leftover {}", p.display());
             }
             match config.schedule_of(job_cfg) {
-                Some(schedule) => expire_locked(server, &job, schedule).map(|_| ()),
+                Some(schedule) => expire_locked(server, &job, schedule, ExpiryRun::Periodic).map(|_| ()),
                 None => Ok(()),
             }
         });
@@ -77,4 +87,118 @@ pub fn expire_all(server: &Server) {
             Err(e) => tracing::error!(job = %name, "expiry failed: {e}"),
         }
     }
+}
+
+/// What expiry would do to one job, computed without changing anything.
+pub struct Preview {
+    pub revisions: Vec<RevisionMeta>,
+    /// The next periodic run (at start, on reload, every minute).
+    pub periodic: ExpiryPlan,
+    /// The run after the next backup, assuming it commits now with
+    /// `next_tags`.
+    pub after_backup: ExpiryPlan,
+    pub next_tags: BTreeSet<String>,
+}
+
+/// Expiry dry run of a scheduled job at `now`; `None` for a job without a
+/// schedule (nothing expires). Revisions in use are not known offline: a
+/// real run may keep more.
+pub fn preview(config: &ServerConfig, job: &JobDir, now: DateTime<Utc>) -> Result<Option<Preview>> {
+    let job_cfg = config.job(job.name())?;
+    let Some(schedule) = config.schedule_of(job_cfg) else {
+        return Ok(None);
+    };
+    let revisions = job.revisions()?;
+    let none = BTreeSet::new();
+    let periodic = schedule::expire(schedule, &revisions, now, &none, ExpiryRun::Periodic);
+    let offset = schedule::spread_offset(job.name().as_str(), schedule);
+    let due = schedule::due(schedule, offset, &revisions, &FailureState::default(), now);
+    let next_tags = if due.next_tags.is_empty() {
+        schedule.keys().cloned().collect()
+    } else {
+        due.next_tags
+    };
+    let mut with_new = revisions.clone();
+    let new = RevisionMeta {
+        id: RevisionId::new_random(),
+        timestamp: now,
+        tags: next_tags.clone(),
+        trust: backy_common::revision::Trust::Trusted,
+        ..revisions.last().cloned().unwrap_or_else(|| placeholder(now))
+    };
+    let new_id = new.id;
+    with_new.push(new);
+    let mut after_backup = schedule::expire(schedule, &with_new, now, &none, ExpiryRun::AfterCommit(new_id));
+    after_backup.kept.remove(&new_id);
+    after_backup.retagged.remove(&new_id);
+    after_backup.removals.remove(&new_id);
+    after_backup.held.remove(&new_id);
+    Ok(Some(Preview {
+        revisions,
+        periodic,
+        after_backup,
+        next_tags,
+    }))
+}
+
+/// A stand-in revision for previews of jobs that have none yet.
+fn placeholder(now: DateTime<Utc>) -> RevisionMeta {
+    RevisionMeta {
+        id: RevisionId::new_random(),
+        timestamp: now,
+        parent: None,
+        size: 0,
+        block_size: backy_common::DEFAULT_BLOCK_SIZE,
+        tags: BTreeSet::new(),
+        trust: Default::default(),
+        verified_at: None,
+        source: Default::default(),
+        stats: Default::default(),
+        manifest_digest: String::new(),
+        storage: Default::default(),
+    }
+}
+
+/// The dry-run report of one job, as `backy-server expire --dry-run`
+/// prints it.
+pub fn format_preview(job: &backy_common::JobName, preview: Option<&Preview>) -> String {
+    use std::fmt::Write as _;
+    let Some(p) = preview else {
+        return format!("{job}: no schedule: nothing expires\n");
+    };
+    let mut out = format!("{job}: {} revisions\n", p.revisions.len());
+    let list = |out: &mut String, what: &str, plan: &ExpiryPlan| {
+        if plan.deleted.is_empty() {
+            let _ = writeln!(out, "  {what}: deletes nothing");
+            return;
+        }
+        let _ = writeln!(out, "  {what}: deletes {}", plan.deleted.len());
+        for r in p.revisions.iter().filter(|r| plan.deleted.contains(&r.id)) {
+            let _ = writeln!(
+                out,
+                "    {}  {}  {}",
+                r.id.short(),
+                r.timestamp.format("%Y-%m-%d %H:%M:%S"),
+                plan.reason(&r.id)
+            );
+        }
+    };
+    list(&mut out, "next periodic expiry", &p.periodic);
+    if !p.periodic.pending.is_empty() {
+        let tags: BTreeSet<&String> = p.periodic.pending.values().flatten().collect();
+        let tags: Vec<&str> = tags.into_iter().map(String::as_str).collect();
+        let _ = writeln!(
+            out,
+            "  tags outside the schedule ({}) on {} revisions: kept until a backup under the current schedule commits",
+            tags.join(", "),
+            p.periodic.pending.len()
+        );
+    }
+    let next: Vec<&str> = p.next_tags.iter().map(String::as_str).collect();
+    list(
+        &mut out,
+        &format!("after the next backup (tags {})", next.join(", ")),
+        &p.after_backup,
+    );
+    out
 }

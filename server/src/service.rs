@@ -85,6 +85,16 @@ fn stall_guarded<T: Send + 'static>(
     ReceiverStream::new(rx)
 }
 
+/// At most 1 KiB of peer-supplied text, on one line, for logs and status.
+pub fn clip(text: &str) -> String {
+    const MAX: usize = 1024;
+    let line = text.split_whitespace().collect::<Vec<_>>().join(" ");
+    match line.char_indices().nth(MAX) {
+        Some((i, _)) => format!("{}…", &line[..i]),
+        None => line,
+    }
+}
+
 fn out_of_order(what: &str) -> Status {
     Status::invalid_argument(format!("push frames out of order: {what}"))
 }
@@ -167,9 +177,9 @@ impl Backy for Service {
         // The outcome is recorded by the writer: this handler is dropped
         // when the client's connection goes away.
         let writer = tokio::task::spawn_blocking(move || {
-            let job = begin.job.clone();
+            let (job, rev) = (begin.job.clone(), begin.rev_id.clone());
             let result = crate::push::run(server.clone(), begin, rx);
-            server.record_push_outcome(&job, &result);
+            server.record_push_outcome(&job, &rev, &result);
             result
         });
         let mut protocol_error: Option<Status> = None;
@@ -368,7 +378,7 @@ impl Backy for Service {
         let req = req.into_inner();
         blocking(move || {
             let job = server.job(&req.job)?;
-            crate::revisions::distrust(&server, &job, &req.revisions)
+            crate::revisions::distrust(&server, &job, &req.revisions, apply(req.dry_run))
         })
         .await
         .map(revisions_reply)
@@ -392,7 +402,15 @@ impl Backy for Service {
         };
         blocking(move || {
             let job = server.job(&req.job)?;
-            crate::revisions::tags(&server, &job, &req.revisions, action, &req.tags)
+            crate::revisions::tags(
+                &server,
+                &job,
+                &req.revisions,
+                action,
+                &req.tags,
+                req.allow_unscheduled,
+                apply(req.dry_run),
+            )
         })
         .await
         .map(revisions_reply)
@@ -407,10 +425,23 @@ impl Backy for Service {
         let req = req.into_inner();
         blocking(move || {
             let job = server.job(&req.job)?;
-            crate::revisions::forget(&server, &job, &req.revisions)
+            crate::revisions::forget(&server, &job, &req.revisions, apply(req.dry_run))
         })
         .await
         .map(revisions_reply)
+    }
+
+    async fn report_failure(
+        &self,
+        req: Request<FailureReport>,
+    ) -> std::result::Result<Response<FailureReply>, Status> {
+        self.check(&req, &req.get_ref().job, Action::Operate)?;
+        let req = req.into_inner();
+        let job = self.server.job(&req.job).map_err(to_status)?;
+        let rev: Option<backy_common::RevisionId> = req.rev_id.parse().ok();
+        let failures = self.server.record_client_failure(job.name(), rev, &req.error);
+        tracing::warn!(job = %job.name(), failures, "push failed on the client: {}", clip(&req.error));
+        Ok(Response::new(FailureReply { failures }))
     }
 
     type AgentStream = BoxStream<AgentOrder>;
@@ -428,6 +459,14 @@ impl Backy for Service {
             crate::agent::serve(server, caller, req.into_inner(), tx).await
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+fn apply(dry_run: bool) -> crate::revisions::Apply {
+    if dry_run {
+        crate::revisions::Apply::DryRun
+    } else {
+        crate::revisions::Apply::Yes
     }
 }
 

@@ -22,6 +22,9 @@ pub struct JobRuntime {
     /// When a push outcome was last recorded (success or failure).
     pub last_outcome: Option<DateTime<Utc>>,
     pub last_error: String,
+    /// The revision id of the last failed push the server saw, so a
+    /// client's report of the same attempt is not counted twice.
+    pub last_failed_rev: Option<RevisionId>,
 }
 
 pub struct Server {
@@ -122,7 +125,7 @@ impl Server {
 
     /// Records how a push of `job` (as the client named it) ended, for
     /// configured jobs only: a peer cannot grow this table with made-up names.
-    pub fn record_push_outcome<T>(&self, job: &str, result: &Result<T>) {
+    pub fn record_push_outcome<T>(&self, job: &str, rev: &str, result: &Result<T>) {
         let Ok(name) = JobName::new(job) else { return };
         if !self.config().jobs.contains_key(&name) {
             return;
@@ -132,6 +135,30 @@ impl Server {
             Err(e) => Err(e.message.clone()),
         };
         self.record_outcome(&name, &outcome);
+        if result.is_err() {
+            if let Some(r) = self.runtime().get_mut(&name) {
+                r.last_failed_rev = rev.parse().ok();
+            }
+        }
+    }
+
+    /// A push that failed on the client: counted, unless the server already
+    /// counted the same attempt (`rev`), whose reason the client's then
+    /// replaces (it knows better why its stream broke). Returns the
+    /// consecutive failures now.
+    pub fn record_client_failure(&self, job: &JobName, rev: Option<RevisionId>, error: &str) -> u32 {
+        let error = crate::service::clip(error);
+        let mut rt = self.runtime();
+        let r = rt.entry(job.clone()).or_default();
+        let now = Utc::now();
+        if rev.is_none() || r.last_failed_rev != rev || r.failures == 0 {
+            r.failures = r.failures.saturating_add(1);
+        }
+        r.last_failure = Some(now);
+        r.last_outcome = Some(now);
+        r.last_error = error;
+        r.last_failed_rev = rev;
+        r.failures
     }
 
     pub fn record_outcome(&self, job: &JobName, result: &std::result::Result<(), String>) {
@@ -146,7 +173,7 @@ impl Server {
             Err(e) => {
                 r.failures = r.failures.saturating_add(1);
                 r.last_failure = Some(Utc::now());
-                r.last_error = e.clone();
+                r.last_error = crate::service::clip(e);
             }
         }
     }

@@ -19,7 +19,7 @@ pub fn status(server: &Server, req: &StatusRequest) -> Result<StatusReply> {
         let storage = revs.last().map(|r| r.storage).unwrap_or(server.storage_mode);
         let job_cfg = config.job(job.name())?;
         let sched = config.schedule_of(job_cfg).map(|s| {
-            let sla = backy_common::schedule::sla(s, &revs, chrono::Utc::now());
+            let sla = backy_common::schedule::sla(s, &revs, chrono::Utc::now(), job.since());
             (sla, crate::schedule::due_state(server, &job, s, &revs))
         });
         jobs.push(JobStatus {
@@ -40,7 +40,10 @@ pub fn status(server: &Server, req: &StatusRequest) -> Result<StatusReply> {
                 .map(|(_, due)| due.next_tags.iter().cloned().collect())
                 .unwrap_or_default(),
             failures: rt.failures,
-            schedule: job_cfg.schedule.clone().unwrap_or_default(),
+            schedule: job_cfg
+                .schedule
+                .clone()
+                .unwrap_or_else(|| backy_common::config::NO_SCHEDULE.to_string()),
             last_error: rt.last_error,
         });
     }

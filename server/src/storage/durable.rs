@@ -5,7 +5,7 @@ use backy_common::{Error, Result};
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 /// Default mode of every file the server creates.
 pub const FILE_MODE: u32 = 0o600;
@@ -35,20 +35,45 @@ fn dir_mode() -> u32 {
 /// Writes `bytes` to `path`: temp file in the same directory, fsync,
 /// rename over the target, fsync the directory.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let dir = parent_of(path)?;
-    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("file");
-    let tmp = dir.join(format!(".tmp.{name}.{}", uuid::Uuid::new_v4().simple()));
+    write_atomic_all(&[(path, bytes)])
+}
+
+/// Writes several files so that a failure leaves all of them as they were
+/// (except a failing rename, which the kernel all but never refuses once
+/// the data is on disk): every temp file is written and synced first, then
+/// all are renamed into place, then the directories are synced.
+pub fn write_atomic_all(files: &[(&Path, &[u8])]) -> Result<()> {
+    let mut staged: Vec<(PathBuf, &Path)> = Vec::with_capacity(files.len());
     let result = (|| {
-        let mut f = create_new(&tmp)?;
-        f.write_all(bytes)
-            .map_err(|e| Error::io(format!("writing {}", tmp.display()), e))?;
-        f.sync_all()
-            .map_err(|e| Error::io(format!("syncing {}", tmp.display()), e))?;
-        std::fs::rename(&tmp, path)
-            .map_err(|e| Error::io(format!("renaming {} to {}", tmp.display(), path.display()), e))?;
-        fsync_dir(dir)
+        for (path, bytes) in files {
+            let dir = parent_of(path)?;
+            let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("file");
+            let tmp = dir.join(format!(".tmp.{name}.{}", uuid::Uuid::new_v4().simple()));
+            let mut f = create_new(&tmp)?;
+            staged.push((tmp.clone(), path));
+            f.write_all(bytes)
+                .map_err(|e| Error::io(format!("writing {}", tmp.display()), e))?;
+            f.sync_all()
+                .map_err(|e| Error::io(format!("syncing {}", tmp.display()), e))?;
+        }
+        backy_common::fault::fail("durable.staged")?;
+        while let Some((tmp, path)) = staged.pop() {
+            if let Err(e) = std::fs::rename(&tmp, path) {
+                staged.push((tmp.clone(), path));
+                return Err(Error::io(
+                    format!("renaming {} to {}", tmp.display(), path.display()),
+                    e,
+                ));
+            }
+        }
+        let mut dirs: Vec<&Path> = files.iter().filter_map(|(p, _)| p.parent()).collect();
+        dirs.dedup();
+        for d in dirs {
+            fsync_dir(d)?;
+        }
+        Ok(())
     })();
-    if result.is_err() {
+    for (tmp, _) in staged {
         let _ = std::fs::remove_file(&tmp);
     }
     result

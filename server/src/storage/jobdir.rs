@@ -11,6 +11,9 @@ use std::path::{Path, PathBuf};
 pub const PARTIAL_DIR: &str = ".partial";
 pub const LOCK_FILE: &str = ".lock";
 pub const LATEST_LINK: &str = "latest";
+/// When the server first knew the job (RFC 3339): a job that never had a
+/// backup gets one SLA window from then.
+pub const SINCE_FILE: &str = ".since";
 /// How long a request waits for the job lock held by short maintenance.
 const LOCK_PATIENCE: std::time::Duration = std::time::Duration::from_secs(30);
 
@@ -53,9 +56,24 @@ impl JobDir {
         self.dir.join(PARTIAL_DIR)
     }
 
-    /// Creates the job's directories if missing.
+    /// Creates the job's directories if missing, and records when the job
+    /// was first seen.
     pub fn ensure(&self) -> Result<()> {
-        durable::create_dir(&self.partial_dir())
+        durable::create_dir(&self.partial_dir())?;
+        let since = self.dir.join(SINCE_FILE);
+        if !since.exists() {
+            let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+            durable::write_atomic(&since, format!("{now}\n").as_bytes())?;
+        }
+        Ok(())
+    }
+
+    /// When the server first knew the job; `None` if unrecorded or unreadable.
+    pub fn since(&self) -> Option<chrono::DateTime<chrono::Utc>> {
+        let text = std::fs::read_to_string(self.dir.join(SINCE_FILE)).ok()?;
+        chrono::DateTime::parse_from_rfc3339(text.trim())
+            .ok()
+            .map(|t| t.with_timezone(&chrono::Utc))
     }
 
     /// Takes the job's lock, waiting a little for short maintenance (expiry,

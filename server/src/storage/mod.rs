@@ -1,4 +1,4 @@
-//! Revision storage on the server's filesystem (DESIGN.md section 3).
+//! Revision storage on the server's filesystem (docs/DESIGN.md, "Storage").
 //! Knows nothing of gRPC: the service decodes and validates requests and
 //! calls in here.
 
