@@ -84,6 +84,8 @@ async fn run_order(mut client: Client, order: &AgentOrder) -> AgentOutcome {
             source: None,
             force: true,
             tags: order.tags.clone(),
+            allow_unscheduled: false,
+            allow_shrink: false,
             changed_ranges: None,
         };
         push(&mut client, &args, false).await

@@ -1,5 +1,6 @@
 //! `check`: a monitoring probe with Nagios plugin exit codes.
 
+use backy_common::config::NO_SCHEDULE;
 use backy_proto::StatusReply;
 
 /// Nagios plugin states, in increasing severity.
@@ -23,12 +24,24 @@ impl State {
 }
 
 /// The state and one-line summary of a status reply: CRITICAL when a job
-/// is past its SLA; WARNING for distrusted revisions or failing pushes.
+/// is past its SLA (a job never backed up gets one SLA window from when the
+/// server first knew it); WARNING for distrusted revisions, failing pushes,
+/// and a job without schedule that was never backed up. Jobs without a
+/// schedule have no SLA: they are counted apart.
 pub fn evaluate(reply: &StatusReply) -> (State, String) {
     let mut state = State::Ok;
     let mut problems = Vec::new();
+    let mut manual = 0;
     for job in &reply.jobs {
-        if !job.schedule.is_empty() && !job.sla_ok {
+        // Older servers send an empty name for "no schedule".
+        if job.schedule == NO_SCHEDULE || job.schedule.is_empty() {
+            if job.revisions.is_empty() {
+                state = state.max(State::Warning);
+                problems.push(format!("{}: no schedule and never backed up", job.job));
+            } else {
+                manual += 1;
+            }
+        } else if !job.sla_ok {
             state = state.max(State::Critical);
             if job.revisions.is_empty() {
                 problems.push(format!("{}: no backup yet", job.job));
@@ -50,7 +63,16 @@ pub fn evaluate(reply: &StatusReply) -> (State, String) {
         }
     }
     let summary = if problems.is_empty() {
-        format!("{} jobs, all within SLA", reply.jobs.len())
+        let scheduled = reply.jobs.len() - manual;
+        let manual_jobs = format!(
+            "{manual} job{} without schedule (manual pushes only)",
+            if manual == 1 { "" } else { "s" }
+        );
+        match (scheduled, manual) {
+            (_, 0) => format!("{scheduled} jobs, all within SLA"),
+            (0, _) => manual_jobs,
+            _ => format!("{scheduled} jobs, all within SLA; {manual_jobs}"),
+        }
     } else {
         problems.join("; ")
     };

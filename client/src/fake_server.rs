@@ -306,6 +306,10 @@ impl Backy for Fake {
         Err(Status::unimplemented("fake"))
     }
 
+    async fn report_failure(&self, _: Request<FailureReport>) -> Result<Response<FailureReply>, Status> {
+        Ok(Response::new(FailureReply { failures: 1 }))
+    }
+
     type AgentStream = Stream<AgentOrder>;
 
     async fn agent(&self, _: Request<Streaming<AgentReport>>) -> Result<Response<Self::AgentStream>, Status> {

@@ -19,6 +19,8 @@ fn push_args(source: Option<&Path>) -> PushArgs {
         source: source.map(|p| p.display().to_string()),
         force: false,
         tags: Vec::new(),
+        allow_unscheduled: false,
+        allow_shrink: false,
         changed_ranges: None,
     }
 }

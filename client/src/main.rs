@@ -166,6 +166,8 @@ struct VerifyCmd {
 #[command(after_help = "\
 Examples:
   backy-client distrust vm1 -r latest     never use it as a parent again
+  backy-client forget vm1 -r 3xKq9v --dry-run
+                                          what would be deleted
   backy-client forget vm1 -r 3xKq9v       delete it from the server")]
 struct RevisionsCmd {
     /// Job name
@@ -175,14 +177,20 @@ struct RevisionsCmd {
     /// Revisions (a spec, or all)
     #[arg(short, long, value_name = "SPEC")]
     revision: String,
+
+    /// Show what would change; change nothing
+    #[arg(long)]
+    dry_run: bool,
 }
 
 /// Change the tags of revisions. Tags starting with manual: never expire.
+/// On a scheduled job, tags must be in its schedule or manual:, and no
+/// revision may be left without tags (use forget to delete one).
 #[derive(Args, Debug)]
 #[command(after_help = "\
 Examples:
   backy-client tags vm1 -r latest add manual:before-upgrade
-  backy-client tags vm1 -r 2 set daily,weekly
+  backy-client tags vm1 -r 2 set daily,weekly --dry-run
   backy-client tags vm1 -r all remove manual:before-upgrade")]
 struct TagsCmd {
     /// Job name
@@ -200,6 +208,15 @@ struct TagsCmd {
     /// Comma-separated tags
     #[arg(value_name = "TAGS", value_delimiter = ',')]
     tags: Vec<String>,
+
+    /// Accept tags outside the job's schedule: the expiry after the next
+    /// backup removes them (and deletes a revision left without tags)
+    #[arg(long)]
+    allow_unscheduled: bool,
+
+    /// Show the revisions as they would be; change nothing
+    #[arg(long)]
+    dry_run: bool,
 }
 
 /// Monitoring probe: exit 0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN (Nagios).
@@ -256,9 +273,20 @@ struct PushCmd {
     #[arg(long)]
     force: bool,
 
-    /// Tags of the new revision instead of the due ones (with --force)
+    /// Tags of the new revision instead of the due ones (with --force);
+    /// each in the job's schedule or manual:NAME
     #[arg(long, value_name = "TAGS", value_delimiter = ',', requires = "force")]
     tags: Vec<String>,
+
+    /// Accept --tags outside the job's schedule: the expiry after the next
+    /// backup removes them (and deletes the revision if none are left)
+    #[arg(long, requires = "tags")]
+    allow_unscheduled: bool,
+
+    /// Accept a source smaller than the last revision (refused otherwise:
+    /// a shrunken disk is more often the wrong disk or a failed snapshot)
+    #[arg(long)]
+    allow_shrink: bool,
 
     /// Read only these byte ranges, changed since the parent revision: one
     /// `OFFSET LENGTH` per line, decimal (from a dirty-block tracker)
@@ -271,7 +299,10 @@ struct PushCmd {
 #[command(after_help = "\
 A file target is written sparse under a temporary name and renamed when
 complete; an existing non-empty file is replaced only with --force. A block
-device is written in place.
+device is written in place (every byte, zeros too), opened exclusively (a
+mounted or otherwise used device is refused), and overwritten only with
+--force when it holds data. A path under /dev that does not exist is an
+error, never a new file.
 
 Revision specs: latest (default), N (0 = newest), a tag (newest with it),
 a revision id or a unique prefix of one.
@@ -279,7 +310,7 @@ a revision id or a unique prefix of one.
 Examples:
   backy-client restore vm1 /var/tmp/vm1.img
   backy-client restore vm1 -r 1 /var/tmp/vm1-yesterday.img
-  backy-client restore vm1 -r weekly /dev/vg/vm1")]
+  backy-client restore vm1 -r weekly /dev/vg/vm1 --force")]
 struct RestoreCmd {
     /// Job name
     #[arg(value_name = "JOB", value_parser = parse_job)]
@@ -293,7 +324,8 @@ struct RestoreCmd {
     #[arg(value_name = "TARGET")]
     target: PathBuf,
 
-    /// Replace an existing non-empty file or RBD image
+    /// Replace an existing non-empty file or RBD image, or overwrite a
+    /// block device that holds data
     #[arg(long)]
     force: bool,
 }
@@ -415,6 +447,8 @@ async fn dispatch(cli: &Cli, url: &str, creds: &connect::Credentials) -> anyhow:
                 source: cmd.source.clone(),
                 force: cmd.force,
                 tags: cmd.tags.clone(),
+                allow_unscheduled: cmd.allow_unscheduled,
+                allow_shrink: cmd.allow_shrink,
                 changed_ranges: cmd.changed_ranges.clone(),
             };
             // Not due: nothing to say (DESIGN: exit silently).
@@ -466,16 +500,27 @@ async fn dispatch(cli: &Cli, url: &str, creds: &connect::Credentials) -> anyhow:
             }
         }
         Command::Distrust(cmd) => {
-            let changed = revisions::distrust(&mut client, &cmd.job, &cmd.revision).await?;
+            let changed = revisions::distrust(&mut client, &cmd.job, &cmd.revision, cmd.dry_run).await?;
             print_result(cli.json, &changed)?;
         }
         Command::Forget(cmd) => {
-            let changed = revisions::forget(&mut client, &cmd.job, &cmd.revision).await?;
+            let changed = revisions::forget(&mut client, &cmd.job, &cmd.revision, cmd.dry_run).await?;
             print_result(cli.json, &changed)?;
         }
         Command::Tags(cmd) => {
-            let changed =
-                revisions::tags(&mut client, &cmd.job, &cmd.revision, cmd.action, &cmd.tags).await?;
+            let options = revisions::ChangeOptions {
+                dry_run: cmd.dry_run,
+                allow_unscheduled: cmd.allow_unscheduled,
+            };
+            let changed = revisions::tags(
+                &mut client,
+                &cmd.job,
+                &cmd.revision,
+                cmd.action,
+                &cmd.tags,
+                options,
+            )
+            .await?;
             print_result(cli.json, &changed)?;
         }
         Command::Check(cmd) => {

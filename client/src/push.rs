@@ -40,6 +40,11 @@ pub struct PushArgs {
     pub source: Option<String>,
     pub force: bool,
     pub tags: Vec<String>,
+    /// Accept tags outside the job's schedule (they go with the expiry
+    /// after the next backup).
+    pub allow_unscheduled: bool,
+    /// Accept a source smaller than the last revision.
+    pub allow_shrink: bool,
     /// A file of byte ranges changed since the parent revision: only the
     /// blocks they touch are read (see [`crate::changed_ranges`]).
     pub changed_ranges: Option<std::path::PathBuf>,
@@ -92,6 +97,7 @@ pub async fn push(client: &mut Client, args: &PushArgs, show_progress: bool) -> 
             job: job.to_string(),
             force: args.force,
             tags: args.tags.clone(),
+            allow_unscheduled: args.allow_unscheduled,
         })
         .await
         .map_err(status_error)?
@@ -103,12 +109,47 @@ pub async fn push(client: &mut Client, args: &PushArgs, show_progress: bool) -> 
     tracing::info!(job, reason = %plan.reason, tags = ?plan.tags, parent = %plan.parent_id, "due");
     check_plan(&plan)?;
     fault::point("client.planned");
+    match push_planned(client, args, &plan, show_progress, started).await {
+        Ok(pushed) => Ok(Some(pushed)),
+        Err(e) => {
+            report_failure(client, job, &plan.new_id, &e).await;
+            Err(e)
+        }
+    }
+}
+
+/// Tells the server that a planned push failed, so its status, check and
+/// backoff count every failed attempt, also those that never reached it
+/// (missing source, hook or rbd failure). Best effort: the push's own
+/// error is what the caller reports.
+async fn report_failure(client: &mut Client, job: &str, rev_id: &str, error: &Error) {
+    let report = backy_proto::FailureReport {
+        job: job.to_string(),
+        rev_id: rev_id.to_string(),
+        error: error.message.clone(),
+    };
+    if let Err(status) = client.report_failure(report).await {
+        tracing::warn!(
+            job,
+            "could not report the failure to the server: {}",
+            status.message()
+        );
+    }
+}
+
+/// The push after a due plan: read the source, stream, check the reply.
+async fn push_planned(
+    client: &mut Client,
+    args: &PushArgs,
+    plan: &PlanReply,
+    show_progress: bool,
+    started: Instant,
+) -> Result<Pushed> {
+    let job = args.job.as_str();
 
     let spec = source_spec(job, args.source.as_deref(), &plan.source_json)?;
     if let SourceSpec::CephRbd { .. } = spec {
-        return crate::rbd_push::push(client, args, &plan, &spec, show_progress, started)
-            .await
-            .map(Some);
+        return crate::rbd_push::push(client, args, plan, &spec, show_progress, started).await;
     }
     let mut source = source::open(&spec, job, &plan.new_id)?;
     let size = source.size();
@@ -139,7 +180,7 @@ pub async fn push(client: &mut Client, args: &PushArgs, show_progress: bool) -> 
         let (_, partial) = crate::manifest::fetch_resume(client, job, &plan.new_id).await?;
         rebase(partial, plan.block_size, size)?
     } else {
-        baseline(client, job, &plan, size).await?
+        baseline(client, job, plan, size).await?
     };
     fault::point("client.manifest");
 
@@ -155,6 +196,8 @@ pub async fn push(client: &mut Client, args: &PushArgs, show_progress: bool) -> 
         force: args.force,
         resume,
         resumable: true,
+        allow_unscheduled: args.allow_unscheduled,
+        allow_shrink: args.allow_shrink,
     };
     let (tx, rx) = mpsc::channel(FRAMES_IN_FLIGHT);
     tx.send(PushFrame {
@@ -197,7 +240,7 @@ pub async fn push(client: &mut Client, args: &PushArgs, show_progress: bool) -> 
         .revision
         .ok_or_else(|| Error::internal("server reply names no revision"))?;
     check_committed(&revision, &scanned)?;
-    Ok(Some(Pushed {
+    Ok(Pushed {
         job: job.to_string(),
         revision: RevisionView::from(&revision),
         bytes_read: scanned.bytes_read,
@@ -205,7 +248,7 @@ pub async fn push(client: &mut Client, args: &PushArgs, show_progress: bool) -> 
         duration_secs: started.elapsed().as_secs_f64(),
         expired: reply.expired,
         resumed_at: resume.then_some(plan.resume_checkpoint),
-    }))
+    })
 }
 
 /// Waits for both sides of a push and decides whose error to report.

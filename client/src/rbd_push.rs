@@ -182,6 +182,8 @@ async fn push_snapshot(
         // removed with it, so there is nothing to resume from.
         resume: false,
         resumable: false,
+        allow_unscheduled: args.allow_unscheduled,
+        allow_shrink: args.allow_shrink,
     };
     let (tx, rx) = mpsc::channel(FRAMES_IN_FLIGHT);
     tx.send(PushFrame {

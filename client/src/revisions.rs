@@ -25,11 +25,23 @@ pub enum TagAction {
 pub struct Changed {
     pub job: String,
     pub action: &'static str,
+    /// Nothing was changed: `revisions` are as they would be.
+    pub dry_run: bool,
     pub revisions: Vec<RevisionView>,
 }
 
 impl fmt::Display for Changed {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let action = match (self.dry_run, self.action) {
+            (false, a) => a,
+            (true, "tagged") => "would tag",
+            (true, "forgot") => "would forget",
+            (true, "distrusted") => "would distrust",
+            (true, _) => "would change",
+        };
+        if self.revisions.is_empty() {
+            write!(f, "{}: no revisions selected", self.job)?;
+        }
         for (i, r) in self.revisions.iter().enumerate() {
             if i > 0 {
                 writeln!(f)?;
@@ -38,22 +50,38 @@ impl fmt::Display for Changed {
                 f,
                 "{}: {} {} (tags: {}, {})",
                 self.job,
-                self.action,
+                action,
                 r.short_id,
                 r.tags.join(","),
                 r.trust
             )?;
         }
+        if self.dry_run {
+            write!(f, "\n(dry run: nothing changed)")?;
+        }
         Ok(())
     }
 }
 
-fn changed(job: &JobName, action: &'static str, reply: backy_proto::RevisionsReply) -> Changed {
+fn changed(
+    job: &JobName,
+    action: &'static str,
+    dry_run: bool,
+    reply: backy_proto::RevisionsReply,
+) -> Changed {
     Changed {
         job: job.to_string(),
         action,
+        dry_run,
         revisions: reply.revisions.iter().map(RevisionView::from).collect(),
     }
+}
+
+/// How a change to revisions is asked for.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ChangeOptions {
+    pub dry_run: bool,
+    pub allow_unscheduled: bool,
 }
 
 pub async fn tags(
@@ -62,6 +90,7 @@ pub async fn tags(
     spec: &str,
     action: TagAction,
     tags: &[String],
+    options: ChangeOptions,
 ) -> Result<Changed> {
     let action = match action {
         TagAction::Set => tags_request::Action::Set,
@@ -74,35 +103,39 @@ pub async fn tags(
             revisions: spec.to_string(),
             action: action as i32,
             tags: tags.to_vec(),
+            dry_run: options.dry_run,
+            allow_unscheduled: options.allow_unscheduled,
         })
         .await
         .map_err(status_error)?
         .into_inner();
-    Ok(changed(job, "tagged", reply))
+    Ok(changed(job, "tagged", options.dry_run, reply))
 }
 
-pub async fn forget(client: &mut Client, job: &JobName, spec: &str) -> Result<Changed> {
+pub async fn forget(client: &mut Client, job: &JobName, spec: &str, dry_run: bool) -> Result<Changed> {
     let reply = client
         .forget(RevisionsRequest {
             job: job.to_string(),
             revisions: spec.to_string(),
+            dry_run,
         })
         .await
         .map_err(status_error)?
         .into_inner();
-    Ok(changed(job, "forgot", reply))
+    Ok(changed(job, "forgot", dry_run, reply))
 }
 
-pub async fn distrust(client: &mut Client, job: &JobName, spec: &str) -> Result<Changed> {
+pub async fn distrust(client: &mut Client, job: &JobName, spec: &str, dry_run: bool) -> Result<Changed> {
     let reply = client
         .distrust(RevisionsRequest {
             job: job.to_string(),
             revisions: spec.to_string(),
+            dry_run,
         })
         .await
         .map_err(status_error)?
         .into_inner();
-    Ok(changed(job, "distrusted", reply))
+    Ok(changed(job, "distrusted", dry_run, reply))
 }
 
 /// One revision's verify outcome.
@@ -169,6 +202,7 @@ pub async fn job_source(client: &mut Client, job: &JobName) -> Result<String> {
             job: job.to_string(),
             force: false,
             tags: Vec::new(),
+            allow_unscheduled: false,
         })
         .await
         .map_err(status_error)?

@@ -3,6 +3,7 @@
 
 use crate::connect::{status_error, Client};
 use crate::view::{non_empty, RevisionView};
+use backy_common::config::NO_SCHEDULE;
 use backy_common::units::format_bytes;
 use backy_common::{JobName, Result};
 use backy_proto::{JobStatus, RevisionInfo, StatusReply, StatusRequest};
@@ -55,7 +56,9 @@ fn format_job(out: &mut String, job: &JobStatus) {
     if job.running {
         out.push_str("a push is running\n");
     }
-    if !job.schedule.is_empty() {
+    if job.schedule == NO_SCHEDULE {
+        out.push_str("schedule: none (manual pushes only: nothing expires, no SLA)\n");
+    } else if has_schedule(job) {
         let _ = writeln!(out, "schedule: {}", job.schedule);
         if job.sla_ok {
             out.push_str("SLA: OK\n");
@@ -194,6 +197,12 @@ pub struct JobView {
     pub revisions: Vec<RevisionView>,
 }
 
+/// Whether the job has a schedule (and so an SLA and next due time).
+/// Older servers send an empty name for "no schedule".
+fn has_schedule(j: &JobStatus) -> bool {
+    !j.schedule.is_empty() && j.schedule != NO_SCHEDULE
+}
+
 impl From<&StatusReply> for StatusView {
     fn from(reply: &StatusReply) -> Self {
         StatusView {
@@ -204,7 +213,7 @@ impl From<&StatusReply> for StatusView {
 
 impl From<&JobStatus> for JobView {
     fn from(j: &JobStatus) -> Self {
-        let scheduled = !j.schedule.is_empty();
+        let scheduled = has_schedule(j);
         JobView {
             job: j.job.clone(),
             storage: j.storage.clone(),

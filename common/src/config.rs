@@ -597,7 +597,10 @@ jobs:
     #[test]
     fn reload_takes_jobs_and_schedules_but_not_what_is_fixed_at_start() {
         let old = ServerConfig::from_yaml(GOOD, "old").unwrap();
-        let more_jobs = GOOD.replace("  vm2: {schedule: none}", "  vm2: {schedule: none}\n  vm3: {schedule: default}");
+        let more_jobs = GOOD.replace(
+            "  vm2: {schedule: none}",
+            "  vm2: {schedule: none}\n  vm3: {schedule: default}",
+        );
         let new = ServerConfig::from_yaml(&more_jobs, "new").unwrap();
         assert_eq!(old.reload_refusal(&new), None);
         for (from, to, named) in [
@@ -646,11 +649,18 @@ jobs:
             ),
             (GOOD.replace("keep: 9", "keep: 0"), "keep must be at least 1"),
             (GOOD.replace("interval: 1d", "interval: 0d"), "longer than zero"),
-            (GOOD.replace("vm2: {schedule", "../x: {schedule"), "invalid job name"),
-            (GOOD.replace("vm2: {schedule", "vm1: {schedule"), "duplicate"),
-            (GOOD.replace("vm2: {schedule: none}", "vm2: {}"), "schedule: none` for manual pushes only"),
             (
-                GOOD.replace("  default:\n", "  none:\n").replace("schedule: default", "schedule: none"),
+                GOOD.replace("vm2: {schedule", "../x: {schedule"),
+                "invalid job name",
+            ),
+            (GOOD.replace("vm2: {schedule", "vm1: {schedule"), "duplicate"),
+            (
+                GOOD.replace("vm2: {schedule: none}", "vm2: {}"),
+                "schedule: none` for manual pushes only",
+            ),
+            (
+                GOOD.replace("  default:\n", "  none:\n")
+                    .replace("schedule: default", "schedule: none"),
                 "\"none\" is reserved",
             ),
             (GOOD.replace("base-dir: /srv/backy", "base-dir: rel"), "absolute"),

@@ -35,7 +35,8 @@ fn configured() -> Option<&'static Fault> {
 /// A named error point: `Err` when `BACKY_FAULT=error:name` selects it.
 pub fn fail(name: &str) -> crate::Result<()> {
     if let Some(f) = configured() {
-        if f.point.strip_prefix("error:") == Some(name) && f.hits.fetch_add(1, Ordering::SeqCst) + 1 == f.nth {
+        if f.point.strip_prefix("error:") == Some(name) && f.hits.fetch_add(1, Ordering::SeqCst) + 1 == f.nth
+        {
             eprintln!("BACKY_FAULT: failing at {name}@{}", f.nth);
             return Err(crate::Error::internal(format!("injected fault at {name}")));
         }

@@ -479,10 +479,10 @@ pub struct Sla {
 
 /// SLA (docs/DESIGN.md, "Schedules"): violated when the newest trusted
 /// revision is older than 1.5 × the shortest interval of the schedule
-/// (exactly at the deadline is still ok). A job without any trusted
-/// revision has one such window from `since` (when the server first knew
-/// the job) to make its first backup; without `since` it violates the SLA
-/// at once. An empty schedule sets no expectation: ok.
+/// (exactly at the deadline is still ok). A job without any revision has
+/// one such window from `since` (when the server first knew the job) to
+/// make its first backup; without `since`, or with only distrusted
+/// revisions, it violates the SLA at once. An empty schedule sets no expectation: ok.
 pub fn sla(
     schedule: &Schedule,
     revisions: &[RevisionMeta],
@@ -502,7 +502,10 @@ pub fn sla(
             overdue: Duration::ZERO,
         };
     };
-    let Some(start) = newest_trusted.or(since) else {
+    // The grace window is for a job's first backup, not for one whose
+    // revisions are all distrusted.
+    let first_window = if revisions.is_empty() { since } else { None };
+    let Some(start) = newest_trusted.or(first_window) else {
         return Sla {
             ok: false,
             newest_trusted,
@@ -1066,7 +1069,13 @@ mod tests {
         assert!(plan.is_noop() && plan.held[&untagged.id] == Held::NewestTrusted);
 
         let pre = rev("2026-05-10 10:00", &["pre-upgrade"]);
-        let plan = expire(&s, &[good.clone(), pre.clone()], now, &none, ExpiryRun::AfterCommit(pre.id));
+        let plan = expire(
+            &s,
+            &[good.clone(), pre.clone()],
+            now,
+            &none,
+            ExpiryRun::AfterCommit(pre.id),
+        );
         assert_eq!(plan.kept[&pre.id], set(&["pre-upgrade"]));
         assert_eq!(plan.kept[&good.id], set(&["daily"]));
     }
@@ -1294,8 +1303,11 @@ mod tests {
         let r = sla(&s, &[], now, Some(t("2026-05-08 10:00")));
         assert!(!r.ok);
         assert_eq!(r.overdue, Duration::from_secs(12 * 3600));
-        // A revision, even an old one, is measured from, not `since`.
+        // A revision, even an old one, is measured from, not `since`; only
+        // distrusted ones: no grace.
         let r = sla(&s, &[rev("2026-05-01 10:00", &["daily"])], now, Some(now));
+        assert!(!r.ok);
+        let r = sla(&s, &[distrusted("2026-05-10 09:00", &["daily"])], now, Some(now));
         assert!(!r.ok);
     }
 

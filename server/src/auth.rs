@@ -220,7 +220,7 @@ mod tests {
         let text = format!(
             "listen: 127.0.0.1:1\ninsecure-plaintext: true\nbase-dir: /srv\n\
              clients:\n  hv01: {{token-hash: '{}'}}\n  mon: {{role: read-only, token-hash: '{}'}}\n\
-             jobs:\n  vm1: {{client: hv01}}\n  vm2: {{}}\n",
+             jobs:\n  vm1: {{schedule: none, client: hv01}}\n  vm2: {{schedule: none}}\n",
             hash_token(hv_token).unwrap(),
             hash_token(ro_token).unwrap()
         );

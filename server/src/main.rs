@@ -34,7 +34,9 @@ enum Command {
     CheckConfig,
     /// Show what expiry would delete, and why, without changing anything:
     /// the next periodic run, and the run after each job's next backup.
-    #[command(after_help = "Examples:\n  backy-server expire --dry-run\n  backy-server expire --dry-run vm1")]
+    #[command(
+        after_help = "Examples:\n  backy-server expire --dry-run\n  backy-server expire --dry-run vm1"
+    )]
     Expire {
         /// Required: expiry itself runs inside the server.
         #[arg(long, required = true)]

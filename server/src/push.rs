@@ -131,7 +131,7 @@ pub fn run(
         }
         Some(meta)
     };
-    let _running = server.start_push(job.name(), id, parent.map(|p| p.id));
+    let running = server.start_push(job.name(), id, parent.map(|p| p.id));
     let parent = match parent {
         Some(meta) => Some((meta, job.manifest(meta)?)),
         None => None,
@@ -181,6 +181,9 @@ pub fn run(
         }
     };
     fault::point("push.committed");
+    // The parent is no longer read: it expires like any other revision now
+    // (the job lock still keeps other changes out).
+    drop(running);
     // The revision is committed: what follows is housekeeping, whose
     // failure is logged and retried by the periodic run, never a failed
     // push (the client would retry and back off for a backup it has).

@@ -4,8 +4,8 @@
 
 use crate::state::Server;
 use crate::storage::{durable, JobDir};
-use backy_common::manifest::digest;
 use backy_common::config::Schedule;
+use backy_common::manifest::digest;
 use backy_common::revision::{check_tag, is_manual_tag, RevisionMeta, Trust};
 use backy_common::spec::Spec;
 use backy_common::{fault, Error, Result, RevisionId};

@@ -177,7 +177,7 @@ fn fuzz_push_frame_handler() {
     let base = dir.path().join("store");
     std::fs::create_dir(&base).unwrap();
     let text = format!(
-        "listen: 127.0.0.1:0\ninsecure-plaintext: true\nbase-dir: {}\njobs:\n  vm1: {{max-size: 8M}}\n  vm2: {{}}\n",
+        "listen: 127.0.0.1:0\ninsecure-plaintext: true\nbase-dir: {}\njobs:\n  vm1: {{schedule: none, max-size: 8M}}\n  vm2: {{schedule: none}}\n",
         base.display()
     );
     let config = ServerConfig::from_yaml(&text, "fuzz.yaml").unwrap();

@@ -85,7 +85,7 @@ fn loop_device_with_snapshot_hooks() {
     let link = w.join("vm1-snap");
     let log = w.join("hooks.log");
     let job = format!(
-        "  vm1:\n    source:\n      type: block\n      path: {link}\n      hooks:\n        \
+        "  vm1:\n    schedule: none\n    source:\n      type: block\n      path: {link}\n      hooks:\n        \
          pre-snapshot: 'test ! -e {log}.fail && sync && dd if={origin} of={snap} bs=1M conv=sparse status=none && \
          ln -s $(losetup -f --show {snap}) {link} && echo pre $BACKY_JOB >> {log}'\n        \
          post-snapshot: 'echo post >> {log}'\n        \

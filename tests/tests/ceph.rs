@@ -161,7 +161,7 @@ fn push_args(server: &Server, env: &[(&str, &str)], args: &[&str]) -> (String, u
 
 fn job_yaml(img: &Image, extra: &str) -> String {
     format!(
-        "  vm1:\n    source: {{type: ceph-rbd, pool: rbd, image: {}, conf: {}{extra}}}\n",
+        "  vm1:\n    schedule: none\n    source: {{type: ceph-rbd, pool: rbd, image: {}, conf: {}{extra}}}\n",
         img.name,
         img.conf.display()
     )

@@ -21,7 +21,7 @@ async fn a_running_push_blocks_only_what_it_must() {
     make_image(&img, 96 * MIB, &[(0, 64 * MIB)]);
     let server = {
         let base = base.clone();
-        tokio::task::spawn_blocking(move || Server::start(&base, "  vm1: {}\n"))
+        tokio::task::spawn_blocking(move || Server::start(&base, "  vm1: {schedule: none}\n"))
             .await
             .unwrap()
     };
@@ -171,7 +171,7 @@ fn full_disk_fails_the_push_cleanly() {
     let big = work.path().join("big.img");
     make_image(&small, 64 * MIB, &[(0, 16 * MIB)]);
     make_image(&big, 1 << 30, &[(0, 900 * MIB)]);
-    let server = Server::start(&base, "  vm1: {}\n  vm2: {}\n");
+    let server = Server::start(&base, "  vm1: {schedule: none}\n  vm2: {schedule: none}\n");
     server.client_ok(&["push", "vm1", "--source", small.to_str().unwrap()]);
     let before = server.snapshot_tree();
 

@@ -24,6 +24,7 @@ fn begin(job: &str, size: u64) -> Frame {
         force: false,
         resume: false,
         resumable: false,
+        ..Default::default()
     })
 }
 
@@ -71,7 +72,7 @@ async fn hostile_pushes_are_refused_and_change_nothing() {
     let base = dir.path().join("store");
     let server = tokio::task::spawn_blocking({
         let base = base.clone();
-        move || Server::start(&base, "  vm1: {max-size: 1G}\n")
+        move || Server::start(&base, "  vm1: {schedule: none, max-size: 1G}\n")
     })
     .await
     .unwrap();

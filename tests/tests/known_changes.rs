@@ -38,7 +38,7 @@ fn only_the_named_bytes_travel_and_a_short_list_commits_nothing() {
     std::fs::create_dir_all(&work).unwrap();
     let src = work.join("vm1.img");
     make_image(&src, 256 * MIB + 4096, &[(0, 40 * MIB), (100 * MIB, 60 * MIB)]);
-    let server = Server::start(&base, "  vm1: {}\n");
+    let server = Server::start(&base, "  vm1: {schedule: none}\n");
     server.client_ok(&["push", "vm1", "--source", src.to_str().unwrap()]);
 
     // Writes inside data, across a block boundary, into a hole, and the

@@ -116,7 +116,7 @@ async fn sighup_reloads_without_dropping_a_running_push() {
         assert!(s.revisions("vm2").is_empty(), "vm2 is still known");
 
         // What is fixed at start cannot change by reload.
-        let moved = grown.replace("base-dir: BASE", "base-dir: /elsewhere") + "  vm3: {}\n";
+        let moved = grown.replace("base-dir: BASE", "base-dir: /elsewhere") + "  vm3: {schedule: none}\n";
         let line = reload(&s, &moved);
         assert!(
             line.contains("base-dir cannot change without a restart"),

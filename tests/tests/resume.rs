@@ -24,7 +24,8 @@ impl World {
         std::fs::create_dir_all(&work).unwrap();
         let src = work.join("vm1.img");
         make_image(&src, 256 * MIB, &[(0, 200 * MIB)]);
-        let config = format!("listen: 127.0.0.1:0\nbase-dir: BASE\njobs:\n  vm1: {{}}\n{config_extra}");
+        let config =
+            format!("listen: 127.0.0.1:0\nbase-dir: BASE\njobs:\n  vm1: {{schedule: none}}\n{config_extra}");
         let server = Server::start_config(&base, &config);
         World {
             server,

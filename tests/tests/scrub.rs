@@ -18,7 +18,7 @@ fn scrub_finds_a_flipped_byte_and_verifies_the_rest() {
     // Due two seconds after commit; 8 MiB/s, so 32 MiB take 4 s.
     let server = Server::start_config(
         &base,
-        "listen: 127.0.0.1:0\nbase-dir: BASE\nscrub: {interval: 2s, rate: 8M}\njobs:\n  vm1: {}\n  vm2: {}\n",
+        "listen: 127.0.0.1:0\nbase-dir: BASE\nscrub: {interval: 2s, rate: 8M}\njobs:\n  vm1: {schedule: none}\n  vm2: {schedule: none}\n",
     );
     server.client_ok(&["push", "vm1", "--source", img.to_str().unwrap()]);
     server.client_ok(&["push", "vm2", "--source", img2.to_str().unwrap()]);
@@ -63,7 +63,7 @@ fn verify_source_compares_a_revision_with_its_source() {
     let dir = tempfile::tempdir().unwrap();
     let img = dir.path().join("vm1.img");
     make_image(&img, 40 * MIB + 512, &[(0, 30 * MIB)]);
-    let server = Server::start(&dir.path().join("store"), "  vm1: {}\n");
+    let server = Server::start(&dir.path().join("store"), "  vm1: {schedule: none}\n");
     server.client_ok(&["push", "vm1", "--source", img.to_str().unwrap()]);
     let src = img.to_str().unwrap();
 

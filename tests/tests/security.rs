@@ -111,7 +111,7 @@ impl Setup {
              clients:\n  hv01: {{token-hash: '{}'}}\n  hv02: {{token-hash: '{}'}}\n  \
              mon: {{role: read-only, token-hash: '{}'}}\n  admin: {{role: admin, token-hash: '{}'}}\n\
              limits: {{streams-per-client: 2, idle-timeout: 3s}}\n\
-             jobs:\n  vm1: {{client: hv01}}\n  vm2: {{client: hv02}}\n",
+             jobs:\n  vm1: {{schedule: none, client: hv01}}\n  vm2: {{schedule: none, client: hv02}}\n",
             h(0),
             h(1),
             h(2),
@@ -378,8 +378,8 @@ fn certificates_are_verified_and_map_to_identities() {
             &format!("  hv01c: {{cert-fingerprint: '{fp}'}}\n  mon: {{"),
         )
         .replace(
-            "vm1: {client: hv01}",
-            "vm1: {client: hv01}\n  vm3: {client: hv01c}",
+            "vm1: {schedule: none, client: hv01}",
+            "vm1: {schedule: none, client: hv01}\n  vm3: {schedule: none, client: hv01c}",
         );
     let base = d.join("store");
     let server = Server::start_config(&base, &config);
@@ -488,12 +488,26 @@ fn certificates_are_verified_and_map_to_identities() {
 }
 
 /// Runs `backy-server` on a config that must be refused; returns stderr.
+/// `check-config` must refuse it too, for the same reason: it runs every
+/// check start-up runs.
 fn server_refuses(dir: &Path, config: &str, config_mode: u32) -> String {
     let base = dir.join("store");
     std::fs::create_dir_all(&base).unwrap();
     let path = dir.join("bad.yaml");
     std::fs::write(&path, config.replace("BASE", base.to_str().unwrap())).unwrap();
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(config_mode)).unwrap();
+    let check = Command::new(bin("backy-server"))
+        .arg("--config")
+        .arg(&path)
+        .arg("check-config")
+        .output()
+        .unwrap();
+    assert_eq!(
+        check.status.code(),
+        Some(1),
+        "check-config accepted it: {}",
+        stderr(&check)
+    );
     let mut child = Command::new(bin("backy-server"))
         .arg("--config")
         .arg(&path)
@@ -508,7 +522,10 @@ fn server_refuses(dir: &Path, config: &str, config_mode: u32) -> String {
     });
     let out = child.wait_with_output().unwrap();
     assert_eq!(status.and_then(|s| s.code()), Some(1));
-    stderr(&out)
+    let (serve, check) = (stderr(&out), stderr(&check));
+    let reason = |text: &str| text.lines().last().unwrap_or_default().to_string();
+    assert_eq!(reason(&serve), reason(&check), "serve and check-config disagree");
+    serve
 }
 
 #[test]
@@ -528,6 +545,36 @@ fn insecure_configurations_are_refused() {
     let e = server_refuses(d, &s.config(""), 0o600);
     assert!(e.contains("TLS key") && e.contains("world-readable"), "{e}");
     std::fs::set_permissions(d.join("server.key"), std::fs::Permissions::from_mode(0o600)).unwrap();
+    // A missing certificate, and a key that is not the certificate's.
+    let missing = s.config("").replace("server.pem", "missing.pem");
+    let e = server_refuses(d, &missing, 0o600);
+    assert!(e.contains("missing.pem") && e.contains("No such file"), "{e}");
+    let other = Ca::new("other");
+    let (_, other_key, _) = other.sign(&["localhost"], false, false);
+    write_secret(&d.join("other.key"), &other_key);
+    let mismatched = s.config("").replace("server.key", "other.key");
+    let e = server_refuses(d, &mismatched, 0o600);
+    assert!(e.contains("TLS"), "{e}");
+    // A good config passes check-config, naming the storage it found.
+    let good = d.join("good.yaml");
+    std::fs::write(
+        &good,
+        s.config("").replace("BASE", d.join("store").to_str().unwrap()),
+    )
+    .unwrap();
+    std::fs::set_permissions(&good, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let out = Command::new(bin("backy-server"))
+        .arg("--config")
+        .arg(&good)
+        .arg("check-config")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && text.contains(": OK (") && text.contains("storage"),
+        "{text}{}",
+        stderr(&out)
+    );
     // And no token appears in any log line or error.
     for (t, _) in &s.tokens {
         assert!(!e.contains(t.as_str()));

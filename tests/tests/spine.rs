@@ -54,7 +54,7 @@ struct Flow {
 /// The shared scenario; `base` is where the server stores, `work` holds
 /// the source images and restores.
 fn push_change_push_restore(base: &Path, work: &Path, size: u64) -> (Server, Flow) {
-    let server = Server::start(base, "  vm1: {}\n");
+    let server = Server::start(base, "  vm1: {schedule: none}\n");
     let src = work.join("vm1.img");
     let gib = 1u64 << 30;
     let extents = [

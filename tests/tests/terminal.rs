@@ -42,7 +42,7 @@ fn bars_on_a_terminal_one_line_otherwise() {
     let img = dir.path().join("vm1.img");
     // Enough data that the transfer lasts several redraws.
     make_image(&img, 512 * MIB, &[(0, 400 * MIB)]);
-    let server = Server::start(&base, "  vm1: {}\n");
+    let server = Server::start(&base, "  vm1: {schedule: none}\n");
     let src = img.to_str().unwrap();
 
     let out = on_terminal(&server, &["push", "vm1", "--source", src]);

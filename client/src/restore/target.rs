@@ -9,6 +9,30 @@ use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use tempfile::NamedTempFile;
 
+/// Whether a device holds anything but zeros where data usually is: its
+/// first 4 MiB (partition tables, superblocks, LVM labels), its last MiB
+/// (GPT backup, RAID superblocks) and 64 samples of 64 KiB spread over the
+/// rest. Empty devices read as zeros everywhere, so this asks no `--force`
+/// for a new volume and catches one in use.
+fn holds_data(file: &File, size: u64) -> std::io::Result<bool> {
+    const HEAD: u64 = 4 << 20;
+    const TAIL: u64 = 1 << 20;
+    const SAMPLE: u64 = 64 << 10;
+    const SAMPLES: u64 = 64;
+    let mut ranges = vec![(0, HEAD.min(size)), (size.saturating_sub(TAIL), TAIL.min(size))];
+    let stride = size / (SAMPLES + 1);
+    ranges.extend((1..=SAMPLES).map(|i| (i * stride, SAMPLE.min(size - i * stride))));
+    let mut buf = vec![0u8; HEAD as usize];
+    for (offset, len) in ranges {
+        let buf = &mut buf[..len as usize];
+        file.read_exact_at(buf, offset)?;
+        if !is_all_zero(buf) {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
 /// Zeros written per call when a device cannot zero a range by itself.
 const ZERO_CHUNK: usize = 1 << 20;
 
@@ -51,7 +75,7 @@ impl Target {
             Err(e) => return Err(Error::io(format!("examining {}", path.display()), e)),
         };
         match meta {
-            Some(m) if m.file_type().is_block_device() => Self::device(path, size),
+            Some(m) if m.file_type().is_block_device() => Self::device(path, size, force),
             Some(m) if m.is_file() => {
                 if m.len() > 0 && !force {
                     return Err(Error::exists(format!(
@@ -68,14 +92,20 @@ impl Target {
                 "{} is neither a regular file nor a block device",
                 path.display()
             ))),
+            // A mistyped device path must not become a file in /dev.
+            None if path.starts_with("/dev") => Err(Error::not_found(format!(
+                "{} does not exist (a path under /dev is restored only onto an existing block device)",
+                path.display()
+            ))),
             None => Self::file(path, size, None),
         }
     }
 
-    fn device(path: &Path, size: u64) -> Result<Target> {
+    fn device(path: &Path, size: u64, force: bool) -> Result<Target> {
         // O_EXCL on a block device fails while it is mounted or held by
         // another device (LVM, RAID): never overwrite a disk in use.
         let mut file = OpenOptions::new()
+            .read(true)
             .write(true)
             .custom_flags(rustix::fs::OFlags::EXCL.bits() as i32)
             .open(path)
@@ -90,6 +120,15 @@ impl Target {
         if device_size < size {
             return Err(Error::invalid(format!(
                 "{} holds {device_size} bytes, the image needs {size}",
+                path.display()
+            )));
+        }
+        if !force
+            && holds_data(&file, device_size)
+                .map_err(|e| Error::io(format!("reading {}", path.display()), e))?
+        {
+            return Err(Error::exists(format!(
+                "{} holds data: give --force to overwrite it",
                 path.display()
             )));
         }
