@@ -223,8 +223,11 @@ struct TagsCmd {
 #[derive(Args, Debug)]
 #[command(after_help = "\
 CRITICAL when a job's newest trusted revision is older than 1.5 x its
-shortest interval; WARNING for distrusted revisions or failing pushes;
-UNKNOWN when the server cannot be asked.
+shortest interval, or when a job never backed up is past that window since
+the server first knew it; WARNING for distrusted revisions, failing pushes
+(wherever they failed) and a job without schedule that has no revision;
+UNKNOWN when the server cannot be asked. Jobs with schedule: none have no
+SLA and are counted apart.
 
 Examples:
   backy-client check
@@ -451,7 +454,7 @@ async fn dispatch(cli: &Cli, url: &str, creds: &connect::Credentials) -> anyhow:
                 allow_shrink: cmd.allow_shrink,
                 changed_ranges: cmd.changed_ranges.clone(),
             };
-            // Not due: nothing to say (DESIGN: exit silently).
+            // Not due: nothing to say (exit silently, as the original did).
             if let Some(pushed) = push::push(&mut client, &args, show_progress).await? {
                 print_result(cli.json, &pushed)?;
             }

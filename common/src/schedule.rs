@@ -977,7 +977,7 @@ mod tests {
     }
     const PINNED_VM1_OFFSET: u64 = 152_224;
 
-    /// docs/DESIGN.md's worked example.
+    /// The expiry rule's worked example: six daily revisions, keep 5.
     #[test]
     fn expiry_worked_example() {
         let s = schedule(&[("daily", DAY, 5)]);
@@ -1065,7 +1065,13 @@ mod tests {
         }
 
         let untagged = rev("2026-05-10 09:00", &[]);
-        let plan = expire(&s, &[untagged.clone()], now, &none, ExpiryRun::Periodic);
+        let plan = expire(
+            &s,
+            std::slice::from_ref(&untagged),
+            now,
+            &none,
+            ExpiryRun::Periodic,
+        );
         assert!(plan.is_noop() && plan.held[&untagged.id] == Held::NewestTrusted);
 
         let pre = rev("2026-05-10 10:00", &["pre-upgrade"]);

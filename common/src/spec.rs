@@ -1,4 +1,4 @@
-//! Revision specs (DESIGN.md section 6): how operators name revisions.
+//! Revision specs (docs/DESIGN.md, "Revision specs"): how operators name revisions.
 
 use crate::error::{Error, Result};
 use crate::id::RevisionId;
