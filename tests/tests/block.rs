@@ -123,8 +123,18 @@ fn loop_device_with_snapshot_hooks() {
     let target_img = w.join("target.img");
     std::fs::File::create(&target_img).unwrap().set_len(size).unwrap();
     let target = LoopDev::attach(&target_img);
-    for (id, want) in [(&id1, &v1), (&id2, &v2)] {
-        server.client_ok(&["restore", "vm1", "-r", id, target.dev.to_str().unwrap()]);
+    for (i, (id, want)) in [(&id1, &v1), (&id2, &v2)].into_iter().enumerate() {
+        let dev = target.dev.to_str().unwrap();
+        // The blank device takes the first restore as it is; once it holds
+        // data, overwriting it needs --force.
+        if i == 0 {
+            server.client_ok(&["restore", "vm1", "-r", id, dev]);
+        } else {
+            let out = server.client(&["restore", "vm1", "-r", id, dev]);
+            assert_eq!(out.status.code(), Some(1));
+            assert!(String::from_utf8_lossy(&out.stderr).contains("holds data: give --force"));
+            server.client_ok(&["restore", "vm1", "-r", id, dev, "--force"]);
+        }
         let back = w.join(format!("back-{id}"));
         copy_device(&target.dev, &back);
         assert_eq!(

@@ -263,7 +263,11 @@ fn full_incremental_resize_lost_snapshot_and_restores() {
     // Shrink into the middle of a written object.
     let shrunk = 5 * BLOCK + 4096;
     img.resize(shrunk);
-    let (id4, _, sent4) = push_json(&server, &[], "vm1");
+    let (id4, _, sent4) = push_args(
+        &server,
+        &[],
+        &["push", "vm1", "--force", "--allow-shrink", "--json"],
+    );
     assert!(sent4 <= 64 * 1024, "shrink sent {sent4}");
     record(&mut revisions, &id4);
 

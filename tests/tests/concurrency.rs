@@ -52,6 +52,8 @@ async fn a_running_push_blocks_only_what_it_must() {
             size: 32 * MIB,
             block_size: 4 << 20,
             source_type: "file".into(),
+            // Smaller than its parent, on purpose.
+            allow_shrink: true,
             ..Default::default()
         })),
     })

@@ -121,11 +121,19 @@ impl World {
     /// Makes the next expiry retag the newest revision and delete the
     /// oldest, so expiry crash points are reached.
     fn prepare_expiry(&self) {
+        let unscheduled = "--allow-unscheduled";
         self.server
-            .client_ok(&["tags", "vm1", "-r", "latest", "add", "obsolete"]);
+            .client_ok(&["tags", "vm1", "-r", "latest", "add", "obsolete", unscheduled]);
         let n = self.server.revisions("vm1").len();
-        self.server
-            .client_ok(&["tags", "vm1", "-r", &(n - 1).to_string(), "set", "obsolete"]);
+        self.server.client_ok(&[
+            "tags",
+            "vm1",
+            "-r",
+            &(n - 1).to_string(),
+            "set",
+            "obsolete",
+            unscheduled,
+        ]);
     }
 
     fn newest(&self) -> Option<String> {
