@@ -148,10 +148,13 @@ fn spawn_expiry(server: Arc<Server>) {
 /// refused with a log line and the old configuration stays.
 fn spawn_reload_on_hup(server: Arc<Server>, path: PathBuf) {
     use tokio::signal::unix::{signal, SignalKind};
+    // Installed before the caller logs "listening": a SIGHUP right after
+    // start reloads instead of killing the process (its default action).
+    let Ok(mut hup) = signal(SignalKind::hangup()) else {
+        tracing::error!("cannot handle SIGHUP: reloads are not possible");
+        return;
+    };
     tokio::spawn(async move {
-        let Ok(mut hup) = signal(SignalKind::hangup()) else {
-            return;
-        };
         while hup.recv().await.is_some() {
             let text = match std::fs::read_to_string(&path) {
                 Ok(t) => t,
