@@ -47,7 +47,7 @@ export BACKY_TEST_CEPH_CONF
 echo "ceph cluster up: $BACKY_TEST_CEPH_CONF"
 echo "== cargo test"
 # Release builds: the end-to-end tests move GiB-sized sparse images.
-cargo build --release --workspace --bins --quiet
+cargo build --release --workspace --bins --examples --quiet
 set +e
 cargo test --release --workspace --no-fail-fast "$@" 2>&1 | tee target/test-output.txt
 status=${PIPESTATUS[0]}
@@ -64,3 +64,6 @@ echo "== bench smoke (scripts/bench.sh --smoke: every step on a tiny image, no t
 command -v rsync >/dev/null && command -v restic >/dev/null && command -v borg >/dev/null ||
   { export DEBIAN_FRONTEND=noninteractive; apt-get update -qq; apt-get install -y -qq --no-install-recommends rsync restic borgbackup >/dev/null; }
 python3 scripts/bench.py --smoke --json target/bench-smoke.json
+
+echo "== bench-scale smoke (scripts/bench-scale.sh at a small size: every step checked, no timing asserts)"
+scripts/bench-scale.sh --jobs 200 --revisions 5 --agents 10 --idle 2 --json target/bench-scale-smoke.json

@@ -1,7 +1,7 @@
 //! `check`: a monitoring probe with Nagios plugin exit codes.
 
 use backy_common::config::NO_SCHEDULE;
-use backy_proto::StatusReply;
+use backy_proto::{JobStatus, JobSummary};
 
 /// Nagios plugin states, in increasing severity.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -23,19 +23,59 @@ impl State {
     }
 }
 
-/// The state and one-line summary of a status reply: CRITICAL when a job
-/// is past its SLA (a job never backed up gets one SLA window from when the
+/// What `check` needs of a job, from a job's status or a host's summaries.
+#[derive(Clone, Debug)]
+pub struct JobHealth<'a> {
+    pub job: &'a str,
+    pub schedule: &'a str,
+    pub revisions: usize,
+    pub distrusted: usize,
+    pub sla_ok: bool,
+    pub sla_overdue_secs: i64,
+    pub failures: u32,
+}
+
+impl<'a> From<&'a JobStatus> for JobHealth<'a> {
+    fn from(j: &'a JobStatus) -> Self {
+        JobHealth {
+            job: &j.job,
+            schedule: &j.schedule,
+            revisions: j.revisions.len(),
+            distrusted: j.revisions.iter().filter(|r| r.trust == "distrusted").count(),
+            sla_ok: j.sla_ok,
+            sla_overdue_secs: j.sla_overdue_secs,
+            failures: j.failures,
+        }
+    }
+}
+
+impl<'a> From<&'a JobSummary> for JobHealth<'a> {
+    fn from(j: &'a JobSummary) -> Self {
+        JobHealth {
+            job: &j.job,
+            schedule: &j.schedule,
+            revisions: j.revisions as usize,
+            distrusted: j.distrusted as usize,
+            sla_ok: j.sla_ok,
+            sla_overdue_secs: j.sla_overdue_secs,
+            failures: j.failures,
+        }
+    }
+}
+
+/// The state and one-line summary of some jobs: CRITICAL when a job is
+/// past its SLA (a job never backed up gets one SLA window from when the
 /// server first knew it); WARNING for distrusted revisions, failing pushes,
 /// and a job without schedule that was never backed up. Jobs without a
 /// schedule have no SLA: they are counted apart.
-pub fn evaluate(reply: &StatusReply) -> (State, String) {
+pub fn evaluate(jobs: &[JobHealth]) -> (State, String) {
     let mut state = State::Ok;
     let mut problems = Vec::new();
     let mut manual = 0;
-    for job in &reply.jobs {
+    for job in jobs {
         // Older servers send an empty name for "no schedule".
         if job.schedule == NO_SCHEDULE || job.schedule.is_empty() {
-            if job.revisions.is_empty() {
+            if job.revisions == 0 {
                 state = state.max(State::Warning);
                 problems.push(format!("{}: no schedule and never backed up", job.job));
             } else {
@@ -43,7 +83,7 @@ pub fn evaluate(reply: &StatusReply) -> (State, String) {
             }
         } else if !job.sla_ok {
             state = state.max(State::Critical);
-            if job.revisions.is_empty() {
+            if job.revisions == 0 {
                 problems.push(format!("{}: no backup yet", job.job));
             } else {
                 problems.push(format!(
@@ -52,10 +92,9 @@ pub fn evaluate(reply: &StatusReply) -> (State, String) {
                 ));
             }
         }
-        let distrusted = job.revisions.iter().filter(|r| r.trust == "distrusted").count();
-        if distrusted > 0 {
+        if job.distrusted > 0 {
             state = state.max(State::Warning);
-            problems.push(format!("{}: {distrusted} distrusted revisions", job.job));
+            problems.push(format!("{}: {} distrusted revisions", job.job, job.distrusted));
         }
         if job.failures > 0 {
             state = state.max(State::Warning);
@@ -63,7 +102,7 @@ pub fn evaluate(reply: &StatusReply) -> (State, String) {
         }
     }
     let summary = if problems.is_empty() {
-        let scheduled = reply.jobs.len() - manual;
+        let scheduled = jobs.len() - manual;
         let manual_jobs = format!(
             "{manual} job{} without schedule (manual pushes only)",
             if manual == 1 { "" } else { "s" }
@@ -82,7 +121,7 @@ pub fn evaluate(reply: &StatusReply) -> (State, String) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use backy_proto::{JobStatus, RevisionInfo};
+    use backy_proto::RevisionInfo;
 
     fn job(name: &str, sla_ok: bool, failures: u32, trust: &str) -> JobStatus {
         JobStatus {
@@ -123,7 +162,8 @@ mod tests {
             ),
         ];
         for (jobs, want, text) in cases {
-            let (state, line) = evaluate(&StatusReply { jobs });
+            let health: Vec<JobHealth> = jobs.iter().map(JobHealth::from).collect();
+            let (state, line) = evaluate(&health);
             assert_eq!(state, want, "{line}");
             assert!(line.contains(text), "{line}");
         }

@@ -306,6 +306,12 @@ impl Backy for Fake {
         Err(Status::unimplemented("fake"))
     }
 
+    type JobsStream = Stream<JobSummary>;
+
+    async fn jobs(&self, _: Request<JobsRequest>) -> Result<Response<Self::JobsStream>, Status> {
+        Err(Status::unimplemented("fake"))
+    }
+
     async fn report_failure(&self, _: Request<FailureReport>) -> Result<Response<FailureReply>, Status> {
         Ok(Response::new(FailureReply { failures: 1 }))
     }

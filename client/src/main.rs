@@ -22,6 +22,7 @@ mod settings;
 mod source;
 mod source_check;
 mod status;
+mod summary;
 mod view;
 
 use anyhow::Context;
@@ -333,9 +334,12 @@ struct RestoreCmd {
     force: bool,
 }
 
-/// Show the revisions and health of one job or of all jobs.
+/// Show the revisions and health of one job, or one line per job.
 #[derive(Args, Debug)]
 #[command(after_help = "\
+Without JOB, one summary line per job the caller may see (streamed: any
+number of jobs); with JOB, its revisions.
+
 Examples:
   backy-client status
   backy-client status vm1 --json")]
@@ -469,12 +473,20 @@ async fn dispatch(cli: &Cli, url: &str, creds: &connect::Credentials) -> anyhow:
             let restored = restore::restore(&mut client, &args, show_progress).await?;
             print_result(cli.json, &restored)?;
         }
-        Command::Status(cmd) => {
-            let reply = status::fetch(&mut client, cmd.job.as_ref()).await?;
+        Command::Status(StatusCmd { job: Some(job) }) => {
+            let reply = status::fetch(&mut client, Some(job)).await?;
             if cli.json {
                 print_json(&status::StatusView::from(&reply))?;
             } else {
                 print_out(&status::format_status(&reply))?;
+            }
+        }
+        Command::Status(StatusCmd { job: None }) => {
+            let jobs = summary::fetch_all(&mut client).await?;
+            if cli.json {
+                print_json(&summary::SummariesView::from(&jobs[..]))?;
+            } else {
+                print_out(&summary::format_summaries(&jobs))?;
             }
         }
         Command::Verify(VerifyCmd {
@@ -526,9 +538,17 @@ async fn dispatch(cli: &Cli, url: &str, creds: &connect::Credentials) -> anyhow:
             .await?;
             print_result(cli.json, &changed)?;
         }
-        Command::Check(cmd) => {
-            let reply = status::fetch(&mut client, cmd.job.as_ref()).await?;
-            let (state, line) = check::evaluate(&reply);
+        Command::Check(CheckCmd { job: Some(job) }) => {
+            let reply = status::fetch(&mut client, Some(job)).await?;
+            let health: Vec<check::JobHealth> = reply.jobs.iter().map(check::JobHealth::from).collect();
+            let (state, line) = check::evaluate(&health);
+            print_out(&format!("{line}\n"))?;
+            return Ok(state as u8);
+        }
+        Command::Check(CheckCmd { job: None }) => {
+            let jobs = summary::fetch_all(&mut client).await?;
+            let health: Vec<check::JobHealth> = jobs.iter().map(check::JobHealth::from).collect();
+            let (state, line) = check::evaluate(&health);
             print_out(&format!("{line}\n"))?;
             return Ok(state as u8);
         }

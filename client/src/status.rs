@@ -58,7 +58,7 @@ fn format_job(out: &mut String, job: &JobStatus) {
     }
     if job.schedule == NO_SCHEDULE {
         out.push_str("schedule: none (manual pushes only: nothing expires, no SLA)\n");
-    } else if has_schedule(job) {
+    } else if has_schedule(&job.schedule) {
         let _ = writeln!(out, "schedule: {}", job.schedule);
         if job.sla_ok {
             out.push_str("SLA: OK\n");
@@ -102,7 +102,7 @@ fn row(r: &RevisionInfo) -> [String; 7] {
 }
 
 /// Left-aligned columns two spaces apart, the last one unpadded.
-fn table<const N: usize>(out: &mut String, header: &[&str; N], rows: &[[String; N]]) {
+pub(crate) fn table<const N: usize>(out: &mut String, header: &[&str; N], rows: &[[String; N]]) {
     let mut widths = header.map(|h| h.chars().count());
     for r in rows {
         for (w, cell) in widths.iter_mut().zip(r) {
@@ -128,7 +128,7 @@ fn table<const N: usize>(out: &mut String, header: &[&str; N], rows: &[[String; 
 }
 
 /// `2026-11-28 10:07:51` from RFC 3339; unparsable text as it came.
-fn utc_time(rfc3339: &str) -> String {
+pub(crate) fn utc_time(rfc3339: &str) -> String {
     DateTime::parse_from_rfc3339(rfc3339)
         .map(|t| t.with_timezone(&Utc).format("%Y-%m-%d %H:%M:%S").to_string())
         .unwrap_or_else(|_| rfc3339.to_string())
@@ -197,10 +197,10 @@ pub struct JobView {
     pub revisions: Vec<RevisionView>,
 }
 
-/// Whether the job has a schedule (and so an SLA and next due time).
-/// Older servers send an empty name for "no schedule".
-fn has_schedule(j: &JobStatus) -> bool {
-    !j.schedule.is_empty() && j.schedule != NO_SCHEDULE
+/// Whether a job with this schedule name has a schedule (and so an SLA
+/// and a next due time). Older servers send an empty name for "none".
+pub(crate) fn has_schedule(schedule: &str) -> bool {
+    !schedule.is_empty() && schedule != NO_SCHEDULE
 }
 
 impl From<&StatusReply> for StatusView {
@@ -213,7 +213,7 @@ impl From<&StatusReply> for StatusView {
 
 impl From<&JobStatus> for JobView {
     fn from(j: &JobStatus) -> Self {
-        let scheduled = has_schedule(j);
+        let scheduled = has_schedule(&j.schedule);
         JobView {
             job: j.job.clone(),
             storage: j.storage.clone(),

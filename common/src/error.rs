@@ -89,14 +89,16 @@ impl Error {
     /// [`ErrorKind::ResourceExhausted`] so that a full disk says so.
     pub fn io(context: impl fmt::Display, err: std::io::Error) -> Self {
         let kind = match err.raw_os_error() {
-            Some(28) | Some(122) => ErrorKind::ResourceExhausted, // ENOSPC, EDQUOT
+            Some(28) | Some(122) | Some(27) => ErrorKind::ResourceExhausted, // ENOSPC, EDQUOT, EFBIG
             _ => match err.kind() {
                 std::io::ErrorKind::NotFound => ErrorKind::NotFound,
                 std::io::ErrorKind::PermissionDenied => ErrorKind::PermissionDenied,
                 _ => ErrorKind::Internal,
             },
         };
-        let msg = if kind == ErrorKind::ResourceExhausted {
+        let msg = if err.raw_os_error() == Some(27) {
+            format!("{context}: larger than the filesystem allows for one file ({err})")
+        } else if kind == ErrorKind::ResourceExhausted {
             format!("{context}: no space left on device ({err})")
         } else {
             format!("{context}: {err}")

@@ -134,8 +134,11 @@ pub fn check_tag(tag: &str) -> Result<()> {
     if ok {
         Ok(())
     } else {
+        // Echo at most the start of what a peer sent.
+        let shown: String = tag.chars().take(70).collect();
+        let more = if shown.len() < tag.len() { "..." } else { "" };
         Err(Error::invalid(format!(
-            "invalid tag {tag:?}: 1-64 printable characters, no ',', '/' or spaces"
+            "invalid tag {shown:?}{more}: 1-64 printable characters, no ',', '/' or spaces"
         )))
     }
 }

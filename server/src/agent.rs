@@ -12,8 +12,10 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use tonic::{Status, Streaming};
 
-/// How often the server looks for due jobs of each connected agent.
-pub const TICK: Duration = Duration::from_secs(1);
+/// The longest an agent's planning sleeps without an event.
+pub const REPLAN: Duration = Duration::from_secs(60);
+/// The shortest: planning at most this often per agent.
+pub const MIN_REPLAN: Duration = Duration::from_secs(1);
 
 /// Serves one agent connection until it goes away.
 pub async fn serve(
@@ -42,7 +44,11 @@ pub async fn serve(
     let workers = hello.workers.clamp(1, 64) as usize;
     tracing::info!(agent, workers, "agent connected");
     let mut outstanding: BTreeMap<JobName, chrono::DateTime<chrono::Utc>> = BTreeMap::new();
-    let mut tick = tokio::time::interval(TICK);
+    // Planning wakes at the earliest next due time of the agent's jobs, or
+    // when anything changes (a commit, expiry, an outcome, a reload): an
+    // idle site costs nothing per second, however many jobs and agents.
+    let mut changes = server.index.subscribe();
+    let mut wake = tokio::time::Instant::now();
     loop {
         tokio::select! {
             msg = reports.message() => match msg {
@@ -55,6 +61,7 @@ pub async fn serve(
                             server.record_agent_failure(&job, ordered_at, &o.error);
                         }
                         tracing::info!(agent, job = %job, ok = o.ok, rev = o.rev_id, error = o.error, "agent outcome");
+                        wake = tokio::time::Instant::now(); // a worker is free
                     }
                 }
                 Ok(Some(_)) => {
@@ -63,60 +70,89 @@ pub async fn serve(
                 }
                 Ok(None) | Err(_) => break,
             },
-            _ = tick.tick() => {
-                let due = {
+            changed = changes.changed() => {
+                if changed.is_err() {
+                    break; // the server is going away
+                }
+                wake = tokio::time::Instant::now();
+            }
+            _ = tokio::time::sleep_until(wake) => {
+                let planned = {
                     let s = server.clone();
                     let agent = agent.clone();
                     let busy: BTreeSet<JobName> = outstanding.keys().cloned().collect();
                     let room = workers.saturating_sub(outstanding.len());
                     tokio::task::spawn_blocking(move || due_orders(&s, &agent, &busy, room)).await
                 };
-                match due {
-                    Ok(Ok(list)) => {
-                        for (job, order) in list {
-                            tracing::info!(agent, job = %job, tags = ?order.tags, "ordering push");
-                            if orders.send(Ok(order)).await.is_err() {
-                                return;
-                            }
-                            outstanding.insert(job, chrono::Utc::now());
-                        }
+                let planned = match planned {
+                    Ok(Ok(p)) => p,
+                    Ok(Err(e)) => {
+                        tracing::error!(agent, "planning orders failed: {e}");
+                        Planned { orders: Vec::new(), next: None }
                     }
-                    Ok(Err(e)) => tracing::error!(agent, "planning orders failed: {e}"),
-                    Err(e) => tracing::error!(agent, "planning orders failed: {e}"),
+                    Err(e) => {
+                        tracing::error!(agent, "planning orders failed: {e}");
+                        Planned { orders: Vec::new(), next: None }
+                    }
+                };
+                for (job, order) in planned.orders {
+                    tracing::info!(agent, job = %job, tags = ?order.tags, "ordering push");
+                    if orders.send(Ok(order)).await.is_err() {
+                        return;
+                    }
+                    outstanding.insert(job, chrono::Utc::now());
                 }
+                wake = next_wake(planned.next);
             }
         }
     }
     tracing::info!(agent, "agent disconnected");
 }
 
-/// Orders for the agent's due jobs that are not already ordered or running.
-fn due_orders(
-    server: &Server,
-    agent: &str,
-    outstanding: &BTreeSet<JobName>,
-    room: usize,
-) -> Result<Vec<(JobName, AgentOrder)>> {
+/// What one planning round found.
+struct Planned {
+    orders: Vec<(JobName, AgentOrder)>,
+    /// The earliest time a job of the agent that was not ordered now becomes
+    /// due (failure backoff included).
+    next: Option<chrono::DateTime<chrono::Utc>>,
+}
+
+/// When to plan again: at `next`, but at least every [`REPLAN`] (clock
+/// jumps, a due time computed before a change that sent no event) and at
+/// most every [`MIN_REPLAN`] (a job due now that could not be ordered, for
+/// lack of a free worker, waits for an outcome or the next round).
+fn next_wake(next: Option<chrono::DateTime<chrono::Utc>>) -> tokio::time::Instant {
+    let now = chrono::Utc::now();
+    let wait = next
+        .and_then(|t| (t - now).to_std().ok())
+        .unwrap_or(REPLAN)
+        .clamp(MIN_REPLAN, REPLAN);
+    tokio::time::Instant::now() + wait
+}
+
+/// Orders for the agent's due jobs that are not already ordered or running,
+/// and when the next of the others is due.
+fn due_orders(server: &Server, agent: &str, outstanding: &BTreeSet<JobName>, room: usize) -> Result<Planned> {
     let config = server.config();
-    let mut out = Vec::new();
-    for (name, job_cfg) in &config.jobs {
-        if out.len() >= room {
-            break;
-        }
-        if job_cfg.client.as_deref() != Some(agent) || outstanding.contains(name) {
-            continue;
-        }
-        let Some(schedule) = config.schedule_of(job_cfg) else {
+    let mut planned = Planned {
+        orders: Vec::new(),
+        next: None,
+    };
+    for name in server.jobs_of(agent).iter() {
+        let Some(job_cfg) = config.jobs.get(name) else {
             continue;
         };
-        if server.job_runtime(name).push.is_some() {
-            continue;
+        let Some(schedule) = config.schedule_of(job_cfg) else {
+            continue; // schedule: none: never ordered
+        };
+        if outstanding.contains(name) || server.job_runtime(name).push.is_some() {
+            continue; // its outcome wakes planning again
         }
         let job = server.job(name.as_str())?;
-        let revs = job.revisions()?;
-        let state = crate::schedule::due_state(server, &job, schedule, &revs);
-        if state.due_now {
-            out.push((
+        let entry = server.indexed(&job)?;
+        let state = crate::schedule::due_state(server, &job, schedule, &entry.revisions);
+        if state.due_now && planned.orders.len() < room {
+            planned.orders.push((
                 name.clone(),
                 AgentOrder {
                     job: name.to_string(),
@@ -124,7 +160,9 @@ fn due_orders(
                     source_json: job_cfg.source.as_ref().map(|s| s.to_json()).unwrap_or_default(),
                 },
             ));
+        } else if let Some(at) = state.next_due {
+            planned.next = Some(planned.next.map_or(at, |n| n.min(at)));
         }
     }
-    Ok(out)
+    Ok(planned)
 }

@@ -18,6 +18,10 @@ use tonic::{Request, Status};
 pub struct Caller {
     pub name: String,
     pub role: Role,
+    /// Whose stream budget a request spends: the identity's, or in open
+    /// mode (no identities) the connection's, so a site of many agents on
+    /// one host is not capped at one budget.
+    pub limit_key: String,
 }
 
 /// What a request does to a job.
@@ -35,9 +39,14 @@ pub enum Action {
 /// with every right, as on a single host.
 pub fn authenticate<T>(config: &ServerConfig, req: &Request<T>) -> Result<Caller, Status> {
     if config.clients.is_empty() {
+        let peer = req
+            .remote_addr()
+            .map(|a| a.to_string())
+            .unwrap_or_else(|| "unknown".into());
         return Ok(Caller {
             name: "local".into(),
             role: Role::Admin,
+            limit_key: format!("connection {peer}"),
         });
     }
     let peer = req.remote_addr();
@@ -101,6 +110,7 @@ pub fn authenticate<T>(config: &ServerConfig, req: &Request<T>) -> Result<Caller
     Ok(Caller {
         name: name.clone(),
         role,
+        limit_key: format!("identity {name}"),
     })
 }
 
@@ -172,18 +182,18 @@ pub struct StreamPermit {
 impl StreamLimiter {
     pub fn acquire(self: &Arc<Self>, caller: &Caller, limit: u32) -> Result<StreamPermit, Status> {
         let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
-        let n = open.entry(caller.name.clone()).or_insert(0);
+        let n = open.entry(caller.limit_key.clone()).or_insert(0);
         if *n >= limit {
-            tracing::warn!(identity = caller.name, limit, "stream limit reached");
+            tracing::warn!(who = caller.limit_key, limit, "stream limit reached");
             return Err(Status::resource_exhausted(format!(
-                "identity {} has {limit} streams open already (limits: streams-per-client)",
-                caller.name
+                "{} has {limit} streams open already (limits: streams-per-client)",
+                caller.limit_key
             )));
         }
         *n += 1;
         Ok(StreamPermit {
             limiter: self.clone(),
-            name: caller.name.clone(),
+            name: caller.limit_key.clone(),
         })
     }
 }
@@ -291,10 +301,12 @@ mod tests {
         let a = Caller {
             name: "a".into(),
             role: Role::Hypervisor,
+            limit_key: "identity a".into(),
         };
         let b = Caller {
             name: "b".into(),
             role: Role::Hypervisor,
+            limit_key: "identity b".into(),
         };
         let p1 = limiter.acquire(&a, 2).unwrap();
         let _p2 = limiter.acquire(&a, 2).unwrap();

@@ -3,6 +3,7 @@
 
 pub mod agent;
 pub mod auth;
+pub mod index;
 pub mod plan;
 pub mod push;
 pub mod restore;
@@ -60,20 +61,18 @@ pub async fn serve(config: ServerConfig, preflight: Preflight, config_path: Path
              so every revision costs its full data size; use btrfs, XFS (reflink=1) or ZFS"
         );
     }
-    for name in config.jobs.keys() {
-        let job = storage::JobDir::new(&config.base_dir, name.clone());
-        job.ensure()?;
-        let resumable = job.resumable(config.resume.window.as_duration(), chrono::Utc::now());
-        if let Some(r) = &resumable {
-            tracing::info!(job = %name, rev = %r.id, checkpoint = r.checkpoint, "keeping an interrupted push for resuming");
-        }
-        for p in job.clean_leftovers(resumable.map(|r| r.id))? {
-            tracing::info!(job = %name, "removed leftover {}", p.display());
-        }
-        job.update_latest()?;
-    }
     let addr: std::net::SocketAddr = config.listen.parse().context("listen address")?;
+    let started = std::time::Instant::now();
     let server = Arc::new(Server::new(config, mode));
+    let s = server.clone();
+    let jobs = tokio::task::spawn_blocking(move || open_jobs(&s))
+        .await
+        .context("opening the jobs")??;
+    tracing::info!(
+        jobs,
+        "indexed the store in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
     let service = BackyServer::new(service::Service::new(server.clone()))
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
@@ -120,6 +119,47 @@ pub async fn serve(config: ServerConfig, preflight: Preflight, config_path: Path
         .await
         .context("serving")?;
     tracing::info!("stopped");
+    Ok(())
+}
+
+/// At start: each job's directories, leftovers of interrupted pushes, its
+/// revisions in the index, and `latest`, on every core (thousands of jobs
+/// mean hundreds of thousands of small files). Returns the number of jobs.
+fn open_jobs(server: &Server) -> anyhow::Result<usize> {
+    let config = server.config();
+    let names: Vec<&backy_common::JobName> = config.jobs.keys().collect();
+    let threads = std::thread::available_parallelism()
+        .map_or(2, |n| n.get())
+        .clamp(1, 8);
+    let chunk = names.len().div_ceil(threads).max(1);
+    let config = &config;
+    std::thread::scope(|scope| {
+        let workers: Vec<_> = names
+            .chunks(chunk)
+            .map(|part| scope.spawn(move || open_some(server, config, part)))
+            .collect();
+        workers.into_iter().try_for_each(|w| {
+            w.join()
+                .map_err(|_| anyhow::anyhow!("opening jobs: a worker panicked"))?
+        })
+    })?;
+    Ok(names.len())
+}
+
+fn open_some(server: &Server, config: &ServerConfig, names: &[&backy_common::JobName]) -> anyhow::Result<()> {
+    for &name in names {
+        let job = storage::JobDir::new(&config.base_dir, name.clone());
+        job.ensure()?;
+        let resumable = job.resumable(config.resume.window.as_duration(), chrono::Utc::now());
+        if let Some(r) = &resumable {
+            tracing::info!(job = %name, rev = %r.id, checkpoint = r.checkpoint, "keeping an interrupted push for resuming");
+        }
+        for p in job.clean_leftovers(resumable.map(|r| r.id))? {
+            tracing::info!(job = %name, "removed leftover {}", p.display());
+        }
+        let entry = server.indexed(&job)?;
+        job.point_latest(entry.revisions.last().map(|r| &r.id))?;
+    }
     Ok(())
 }
 

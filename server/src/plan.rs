@@ -18,7 +18,8 @@ pub fn plan(server: &Server, req: &PlanRequest) -> Result<PlanReply> {
     let config = server.config();
     let job_cfg = config.job(job.name())?;
     crate::revisions::check_tags(&req.tags, config.schedule_of(job_cfg), req.allow_unscheduled)?;
-    let revs = job.revisions()?;
+    let entry = server.indexed(&job)?;
+    let revs = &entry.revisions;
     let (due, tags, reason) = match config.schedule_of(job_cfg) {
         None => (
             true,
@@ -26,7 +27,7 @@ pub fn plan(server: &Server, req: &PlanRequest) -> Result<PlanReply> {
             "job has no schedule: every push runs".to_string(),
         ),
         Some(schedule) => {
-            let state = crate::schedule::due_state(server, &job, schedule, &revs);
+            let state = crate::schedule::due_state(server, &job, schedule, revs);
             if req.force {
                 // Forced: the given tags, else those of the next slot, so a
                 // forced revision is never born without tags (expiry would
@@ -51,7 +52,7 @@ pub fn plan(server: &Server, req: &PlanRequest) -> Result<PlanReply> {
             }
         }
     };
-    let parent = choose_parent(&revs);
+    let parent = choose_parent(revs);
     // An interrupted push on the same parent continues under its own id.
     let resume = job
         .resumable(config.resume.window.as_duration(), chrono::Utc::now())

@@ -11,6 +11,9 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 use tokio::sync::mpsc;
 
+/// The largest image of a job without `max-size` (16 TiB).
+pub const DEFAULT_MAX_SIZE: u64 = 16 << 40;
+
 /// Most tags one revision may carry.
 pub const MAX_TAGS: usize = 32;
 
@@ -46,14 +49,13 @@ pub fn run(
             begin.block_size
         )));
     }
-    if let Some(max) = job_cfg.max_size {
-        if begin.size > max {
-            return Err(Error::exhausted(format!(
-                "image size {} exceeds job {}'s limit of {max} bytes",
-                begin.size,
-                job.name()
-            )));
-        }
+    let max = job_cfg.max_size.unwrap_or(DEFAULT_MAX_SIZE);
+    if begin.size > max {
+        return Err(Error::exhausted(format!(
+            "image size {} exceeds job {}'s limit of {max} bytes (max-size)",
+            begin.size,
+            job.name()
+        )));
     }
     if begin.size > backy_common::manifest::MAX_IMAGE_SIZE {
         return Err(Error::invalid(format!("image size {} is too large", begin.size)));
@@ -90,7 +92,10 @@ pub fn run(
         tracing::info!(job = %job.name(), "removed leftover {}", p.display());
     }
     fault::point("push.locked");
-    let revs = job.revisions()?;
+    // Whatever happens from here, the job's index entry is read again.
+    let _changed = server.index.guard(job.name());
+    let entry = server.indexed(&job)?;
+    let revs = &entry.revisions;
     if revs.iter().any(|r| r.id == id) {
         return Err(Error::exists(format!(
             "job {}: revision {id} exists already",
@@ -99,7 +104,7 @@ pub fn run(
     }
     // Compared with the revision a push would build on, whatever parent the
     // client names: a full backup of a shrunken disk is refused too.
-    if let Some(newest) = crate::plan::choose_parent(&revs) {
+    if let Some(newest) = crate::plan::choose_parent(revs) {
         if begin.size < newest.size && !begin.allow_shrink {
             return Err(Error::precondition(format!(
                 "job {}: the source has {} but revision {} has {}: a disk shrinks \
@@ -181,6 +186,7 @@ pub fn run(
         }
     };
     fault::point("push.committed");
+    server.index.invalidate(job.name());
     // The parent is no longer read: it expires like any other revision now
     // (the job lock still keeps other changes out).
     drop(running);

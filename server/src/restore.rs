@@ -7,20 +7,79 @@ use backy_common::revision::RevisionMeta;
 use backy_common::spec::Spec;
 use backy_common::{Error, Result, MAX_FRAME_DATA};
 use backy_proto::restore_frame::Frame;
-use backy_proto::{DataRange, RestoreEnd, RestoreFrame, RevisionInfo, ZeroRange};
+use backy_proto::{DataRange, ManifestChunk, RestoreEnd, RestoreFrame, RevisionInfo, ZeroRange};
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 use tokio::sync::mpsc;
 
 /// The one revision `spec` names.
-pub fn resolve(job: &JobDir, spec: &str) -> Result<RevisionMeta> {
+pub fn resolve(server: &Server, job: &JobDir, spec: &str) -> Result<RevisionMeta> {
     let spec = Spec::parse(if spec.is_empty() { "latest" } else { spec })?;
-    let mut revs = job.revisions()?;
+    let entry = server.indexed(job)?;
     let i = spec
-        .resolve_one(&revs)
+        .resolve_one(&entry.revisions)
         .map_err(|e| e.context(format!("job {}", job.name())))?;
-    Ok(revs.swap_remove(i))
+    entry
+        .revisions
+        .get(i)
+        .cloned()
+        .ok_or_else(|| Error::internal("spec resolved outside the revision list"))
+}
+
+/// Bytes of a manifest per message.
+pub const MANIFEST_CHUNK: usize = 256 << 10;
+
+/// Streams the stored manifest of `meta` from disk, chunk by chunk (memory
+/// stays at one chunk however large the image); a manifest that does not
+/// match the revision's digest ends the stream with `DATA_LOSS`.
+pub fn stream_manifest(
+    server: &Arc<Server>,
+    job: &JobDir,
+    meta: &RevisionMeta,
+    tx: &mpsc::Sender<std::result::Result<ManifestChunk, tonic::Status>>,
+) {
+    use std::io::Read;
+    let _reading = server.start_read(job.name(), meta.id);
+    let path = job.digests_path(&meta.id);
+    let fail = |e: Error| {
+        let _ = tx.blocking_send(Err(crate::wire::to_status(e)));
+    };
+    let mut file = match File::open(&path) {
+        Ok(f) => f,
+        Err(e) => return fail(Error::io(format!("opening the manifest of {}", meta.id), e)),
+    };
+    let mut hasher = blake3::Hasher::new();
+    let mut revision = Some(RevisionInfo::from(meta));
+    let mut buf = vec![0u8; MANIFEST_CHUNK];
+    loop {
+        let mut filled = 0;
+        while filled < buf.len() {
+            match file.read(&mut buf[filled..]) {
+                Ok(0) => break,
+                Ok(n) => filled += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return fail(Error::io(format!("reading the manifest of {}", meta.id), e)),
+            }
+        }
+        if filled == 0 {
+            break;
+        }
+        hasher.update(&buf[..filled]);
+        let chunk = ManifestChunk {
+            revision: revision.take(),
+            data: buf[..filled].to_vec(),
+        };
+        if tx.blocking_send(Ok(chunk)).is_err() {
+            return; // the caller went away
+        }
+    }
+    if hasher.finalize().to_hex().as_str() != meta.manifest_digest {
+        fail(Error::data_loss(format!(
+            "the stored manifest of revision {} does not match its digest",
+            meta.id
+        )));
+    }
 }
 
 /// Streams the image of `meta`: zero blocks (per the manifest) as zero

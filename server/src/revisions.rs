@@ -14,11 +14,12 @@ use std::fs::File;
 use std::os::unix::fs::FileExt;
 
 /// The revisions `spec` names (newest first); `all` allowed.
-pub fn select(job: &JobDir, spec: &str) -> Result<Vec<RevisionMeta>> {
+pub fn select(server: &Server, job: &JobDir, spec: &str) -> Result<Vec<RevisionMeta>> {
     let spec = Spec::parse(spec)?;
-    let revs = job.revisions()?;
+    let entry = server.indexed(job)?;
+    let revs = &entry.revisions;
     let idx = spec
-        .resolve(&revs)
+        .resolve(revs)
         .map_err(|e| e.context(format!("job {}", job.name())))?;
     Ok(idx.into_iter().map(|i| revs[i].clone()).collect())
 }
@@ -31,6 +32,7 @@ pub fn update_meta(
     f: impl FnOnce(&mut RevisionMeta),
 ) -> Result<RevisionMeta> {
     let _serial = server.meta_lock();
+    let _changed = server.index.guard(job.name());
     let mut meta = job.meta(id)?;
     f(&mut meta);
     durable::write_atomic(&job.rev_path(id), meta.to_yaml()?.as_bytes())?;
@@ -117,7 +119,7 @@ pub fn tags(
     let _lock = lock_unless_pushing(server, job)?;
     let tags: BTreeSet<String> = tags.iter().cloned().collect();
     let mut changed = Vec::new();
-    for mut meta in select(job, spec)? {
+    for mut meta in select(server, job, spec)? {
         match action {
             TagAction::Set => meta.tags = tags.clone(),
             TagAction::Add => meta.tags.extend(tags.iter().cloned()),
@@ -155,7 +157,7 @@ pub fn tags(
 /// (what a failure there leaves is removed as leftovers).
 pub fn forget(server: &Server, job: &JobDir, spec: &str, apply: Apply) -> Result<Vec<RevisionMeta>> {
     let _lock = lock_unless_pushing(server, job)?;
-    let selected = select(job, spec)?;
+    let selected = select(server, job, spec)?;
     let protected = server.protected(job.name());
     if let Some(busy) = selected.iter().find(|m| protected.contains(&m.id)) {
         return Err(Error::precondition(format!(
@@ -166,6 +168,7 @@ pub fn forget(server: &Server, job: &JobDir, spec: &str, apply: Apply) -> Result
     if apply == Apply::DryRun {
         return Ok(selected);
     }
+    let _changed = server.index.guard(job.name());
     for meta in &selected {
         let rev = job.rev_path(&meta.id);
         if let Err(e) = std::fs::remove_file(&rev) {
@@ -194,7 +197,7 @@ pub fn forget(server: &Server, job: &JobDir, spec: &str, apply: Apply) -> Result
 
 /// Marks the selected revisions distrusted; all of them or none.
 pub fn distrust(server: &Server, job: &JobDir, spec: &str, apply: Apply) -> Result<Vec<RevisionMeta>> {
-    let mut selected = select(job, spec)?;
+    let mut selected = select(server, job, spec)?;
     for m in &mut selected {
         m.trust = Trust::Distrusted;
     }
@@ -211,6 +214,7 @@ pub fn distrust(server: &Server, job: &JobDir, spec: &str, apply: Apply) -> Resu
 /// Writes the `.rev` files of `metas` together (all or none).
 fn write_metas(server: &Server, job: &JobDir, metas: &[RevisionMeta]) -> Result<()> {
     let _serial = server.meta_lock();
+    let _changed = server.index.guard(job.name());
     let texts: Vec<(std::path::PathBuf, String)> = metas
         .iter()
         .map(|m| Ok((job.rev_path(&m.id), m.to_yaml()?)))
@@ -238,12 +242,14 @@ pub struct Verified {
 
 /// Re-reads every block of a revision and compares it with the manifest;
 /// marks the revision `verified` (with the time) or `distrusted`.
-/// `on_block` is called with the bytes read so far (progress, throttling).
+/// `on_block` is called with the bytes read so far (progress, throttling)
+/// and answers whether to go on: a verify whose caller went away stops at
+/// the next block, changes no trust, and fails as cancelled.
 pub fn verify(
     server: &std::sync::Arc<Server>,
     job: &JobDir,
     meta: &RevisionMeta,
-    mut on_block: impl FnMut(u64),
+    mut on_block: impl FnMut(u64) -> bool,
 ) -> Result<Verified> {
     let _reading = server.start_read(job.name(), meta.id);
     let manifest = job.manifest(meta)?;
@@ -268,7 +274,12 @@ pub fn verify(
                 bad.push(off);
             }
             checked += n as u64;
-            on_block(checked);
+            if !on_block(checked) {
+                return Err(Error::unavailable(format!(
+                    "verify of revision {} cancelled after {checked} bytes: nothing changed",
+                    meta.id
+                )));
+            }
         }
     }
     let now = chrono::Utc::now();

@@ -32,17 +32,19 @@ pub fn expire_locked(
     schedule: &Schedule,
     run: ExpiryRun,
 ) -> Result<Vec<RevisionId>> {
-    let revs = job.revisions()?;
+    let entry = server.indexed(job)?;
+    let revs = &entry.revisions;
     let protected = server.protected(job.name());
-    let plan = schedule::expire(schedule, &revs, Utc::now(), &protected, run);
+    let plan = schedule::expire(schedule, revs, Utc::now(), &protected, run);
     if plan.is_noop() {
         // A commit just before still needs `latest` to point at it.
         if matches!(run, ExpiryRun::AfterCommit(_)) {
-            job.update_latest()?;
+            job.point_latest(revs.last().map(|r| &r.id))?;
         }
         return Ok(Vec::new());
     }
-    for meta in &revs {
+    let _changed = server.index.guard(job.name());
+    for meta in revs {
         if plan.retagged.contains(&meta.id) && !plan.deleted.contains(&meta.id) {
             if let Some(tags) = plan.kept.get(&meta.id) {
                 let m = crate::revisions::update_meta(server, job, &meta.id, |m| m.tags = tags.clone())?;

@@ -39,8 +39,8 @@ fn scrub_one(server: &Arc<Server>) -> Result<bool> {
     let mut candidates = Vec::new();
     for name in config.jobs.keys() {
         let job = JobDir::new(&config.base_dir, name.clone());
-        match job.revisions() {
-            Ok(revs) => candidates.extend(revs.into_iter().map(|m| (job.clone(), m))),
+        match server.indexed(&job) {
+            Ok(entry) => candidates.extend(entry.revisions.iter().map(|m| (job.clone(), m.clone()))),
             Err(e) => tracing::error!(job = %name, "scrub: listing revisions: {e}"),
         }
     }
@@ -62,6 +62,7 @@ fn scrub_one(server: &Arc<Server>) -> Result<bool> {
         if !pause.is_zero() {
             std::thread::sleep(pause);
         }
+        true
     })?;
     let secs = started.elapsed().as_secs_f64();
     if verified.bad_blocks.is_empty() {

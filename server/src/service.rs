@@ -71,7 +71,15 @@ fn stall_guarded<T: Send + 'static>(
 ) -> ReceiverStream<std::result::Result<T, Status>> {
     let (tx, rx) = mpsc::channel(1);
     tokio::spawn(async move {
-        while let Some(item) = from.recv().await {
+        loop {
+            // A caller that goes away while the producer works (a long
+            // verify) is noticed now, not at the next message: dropping
+            // `from` then tells the producer to stop.
+            let item = tokio::select! {
+                item = from.recv() => item,
+                _ = tx.closed() => break,
+            };
+            let Some(item) = item else { break };
             match tokio::time::timeout(idle, tx.send(item)).await {
                 Ok(Ok(())) => {}
                 Ok(Err(_)) => break, // the client went away
@@ -116,29 +124,46 @@ impl Backy for Service {
         &self,
         req: Request<ManifestRequest>,
     ) -> std::result::Result<Response<Self::ManifestStream>, Status> {
-        self.check(&req, &req.get_ref().job, Action::Operate)?;
+        let caller = self.check(&req, &req.get_ref().job, Action::Operate)?;
+        let permit = self.permit(&caller)?;
         let server = self.server.clone();
         let req = req.into_inner();
-        let (info, bytes) = blocking(move || {
-            let job = server.job(&req.job)?;
-            if req.resume {
-                return crate::plan::resume_manifest(&server, &job, &req.revision);
-            }
-            let meta = crate::restore::resolve(&job, &req.revision)?;
-            let bytes = job.manifest_bytes(&meta)?;
-            Ok((RevisionInfo::from(&meta), bytes))
-        })
-        .await?;
-        const CHUNK: usize = 256 << 10;
-        let mut chunks: Vec<std::result::Result<ManifestChunk, Status>> = Vec::new();
-        let mut revision = Some(info);
-        for piece in bytes.chunks(CHUNK) {
-            chunks.push(Ok(ManifestChunk {
-                revision: revision.take(),
-                data: piece.to_vec(),
-            }));
+        let (tx, rx) = mpsc::channel(4);
+        if req.resume {
+            // A partial revision's manifest is computed, not stored.
+            let (info, bytes) = blocking(move || {
+                let job = server.job(&req.job)?;
+                crate::plan::resume_manifest(&server, &job, &req.revision)
+            })
+            .await?;
+            tokio::spawn(async move {
+                let _permit = permit;
+                let mut revision = Some(info);
+                for piece in bytes.chunks(crate::restore::MANIFEST_CHUNK) {
+                    let chunk = ManifestChunk {
+                        revision: revision.take(),
+                        data: piece.to_vec(),
+                    };
+                    if tx.send(Ok(chunk)).await.is_err() {
+                        break;
+                    }
+                }
+            });
+        } else {
+            let (job, meta) = blocking(move || {
+                let job = server.job(&req.job)?;
+                let meta = crate::restore::resolve(&server, &job, &req.revision)?;
+                Ok((job, meta))
+            })
+            .await?;
+            let server = self.server.clone();
+            tokio::task::spawn_blocking(move || {
+                let _permit = permit;
+                crate::restore::stream_manifest(&server, &job, &meta, &tx)
+            });
         }
-        Ok(Response::new(Box::pin(tokio_stream::iter(chunks))))
+        let idle = self.server.config().limits.idle_timeout.as_duration();
+        Ok(Response::new(Box::pin(stall_guarded(rx, idle))))
     }
 
     async fn push(
@@ -184,7 +209,13 @@ impl Backy for Service {
         });
         let mut protocol_error: Option<Status> = None;
         loop {
-            let Ok(message) = tokio::time::timeout(idle, stream.message()).await else {
+            let message = tokio::select! {
+                m = tokio::time::timeout(idle, stream.message()) => m,
+                // The writer stopped (it refused the begin frame, or failed):
+                // its result says why, now, not after the client's silence.
+                _ = tx.closed() => break,
+            };
+            let Ok(message) = message else {
                 protocol_error = Some(idle_error());
                 break;
             };
@@ -292,6 +323,33 @@ impl Backy for Service {
         Ok(Response::new(reply))
     }
 
+    type JobsStream = BoxStream<JobSummary>;
+
+    async fn jobs(
+        &self,
+        req: Request<JobsRequest>,
+    ) -> std::result::Result<Response<Self::JobsStream>, Status> {
+        let caller = auth::caller(&req)?;
+        let permit = self.permit(&caller)?;
+        let server = self.server.clone();
+        let (tx, rx) = mpsc::channel(64);
+        tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            let config = server.config();
+            for name in config.jobs.keys() {
+                if !auth::may_see(&config, &caller, name, Action::Read) {
+                    continue;
+                }
+                let item = crate::status::summary(&server, &config, name).map_err(to_status);
+                if tx.blocking_send(item).is_err() {
+                    break; // the caller went away
+                }
+            }
+        });
+        let idle = self.server.config().limits.idle_timeout.as_duration();
+        Ok(Response::new(Box::pin(stall_guarded(rx, idle))))
+    }
+
     type RestoreStream = BoxStream<RestoreFrame>;
 
     async fn restore(
@@ -304,7 +362,7 @@ impl Backy for Service {
         let req = req.into_inner();
         let (job, meta) = blocking(move || {
             let job = server.job(&req.job)?;
-            let meta = crate::restore::resolve(&job, &req.revision)?;
+            let meta = crate::restore::resolve(&server, &job, &req.revision)?;
             Ok((job, meta))
         })
         .await?;
@@ -335,7 +393,7 @@ impl Backy for Service {
             } else {
                 &req.revisions
             };
-            let selected = crate::revisions::select(&job, spec)?;
+            let selected = crate::revisions::select(&server, &job, spec)?;
             Ok((job, selected))
         })
         .await?;
@@ -344,7 +402,7 @@ impl Backy for Service {
         tokio::task::spawn_blocking(move || {
             let _permit = permit;
             for meta in selected {
-                let report = match crate::revisions::verify(&server, &job, &meta, |_| {}) {
+                let report = match crate::revisions::verify(&server, &job, &meta, |_| !tx.is_closed()) {
                     Ok(v) => VerifyReport {
                         ok: v.bad_blocks.is_empty(),
                         revision: Some(RevisionInfo::from(&v.meta)),

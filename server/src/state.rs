@@ -29,6 +29,10 @@ pub struct JobRuntime {
 
 pub struct Server {
     config: RwLock<Arc<ServerConfig>>,
+    /// Committed revisions per job, kept true by invalidation.
+    pub index: crate::index::Index,
+    /// The jobs of each client identity, from the current config.
+    by_client: RwLock<Arc<JobsByClient>>,
     pub storage_mode: StorageMode,
     runtime: Mutex<HashMap<JobName, JobRuntime>>,
     /// Serialises `.rev` read-modify-write cycles.
@@ -37,8 +41,11 @@ pub struct Server {
 
 impl Server {
     pub fn new(config: ServerConfig, storage_mode: StorageMode) -> Self {
+        let by_client = jobs_by_client(&config);
         Server {
             config: RwLock::new(Arc::new(config)),
+            index: Default::default(),
+            by_client: RwLock::new(Arc::new(by_client)),
             storage_mode,
             runtime: Mutex::new(HashMap::new()),
             meta: Mutex::new(()),
@@ -53,10 +60,33 @@ impl Server {
     }
 
     pub fn replace_config(&self, config: ServerConfig) {
+        let by_client = Arc::new(jobs_by_client(&config));
+        match self.by_client.write() {
+            Ok(mut b) => *b = by_client,
+            Err(p) => *p.into_inner() = by_client,
+        }
         match self.config.write() {
             Ok(mut c) => *c = Arc::new(config),
             Err(p) => *p.into_inner() = Arc::new(config),
         }
+        // Jobs and schedules may have changed: agents plan again.
+        self.index.clear();
+    }
+
+    /// The jobs whose `client` is `name`.
+    pub fn jobs_of(&self, name: &str) -> Arc<Vec<JobName>> {
+        let map = self
+            .by_client
+            .read()
+            .map(|b| b.clone())
+            .unwrap_or_else(|p| p.into_inner().clone());
+        map.get(name).cloned().unwrap_or_default()
+    }
+
+    /// The committed revisions (and allocation, first-seen time) of a job,
+    /// from the index.
+    pub fn indexed(&self, job: &JobDir) -> Result<Arc<crate::index::JobEntry>> {
+        self.index.get(job)
     }
 
     pub fn meta_lock(&self) -> MutexGuard<'_, ()> {
@@ -147,6 +177,12 @@ impl Server {
     /// replaces (it knows better why its stream broke). Returns the
     /// consecutive failures now.
     pub fn record_client_failure(&self, job: &JobName, rev: Option<RevisionId>, error: &str) -> u32 {
+        let failures = self.count_client_failure(job, rev, error);
+        self.index.notify();
+        failures
+    }
+
+    fn count_client_failure(&self, job: &JobName, rev: Option<RevisionId>, error: &str) -> u32 {
         let error = crate::service::clip(error);
         let mut rt = self.runtime();
         let r = rt.entry(job.clone()).or_default();
@@ -162,20 +198,24 @@ impl Server {
     }
 
     pub fn record_outcome(&self, job: &JobName, result: &std::result::Result<(), String>) {
-        let mut rt = self.runtime();
-        let r = rt.entry(job.clone()).or_default();
-        r.last_outcome = Some(Utc::now());
-        match result {
-            Ok(()) => {
-                r.failures = 0;
-                r.last_error.clear();
-            }
-            Err(e) => {
-                r.failures = r.failures.saturating_add(1);
-                r.last_failure = Some(Utc::now());
-                r.last_error = crate::service::clip(e);
+        {
+            let mut rt = self.runtime();
+            let r = rt.entry(job.clone()).or_default();
+            r.last_outcome = Some(Utc::now());
+            match result {
+                Ok(()) => {
+                    r.failures = 0;
+                    r.last_error.clear();
+                }
+                Err(e) => {
+                    r.failures = r.failures.saturating_add(1);
+                    r.last_failure = Some(Utc::now());
+                    r.last_error = crate::service::clip(e);
+                }
             }
         }
+        // After the update: agents woken by it plan with the new counts.
+        self.index.notify();
     }
 }
 
@@ -192,6 +232,18 @@ impl Server {
             self.record_outcome(job, &Err(error.to_string()));
         }
     }
+}
+
+type JobsByClient = HashMap<String, Arc<Vec<JobName>>>;
+
+fn jobs_by_client(config: &ServerConfig) -> JobsByClient {
+    let mut map: HashMap<String, Vec<JobName>> = HashMap::new();
+    for (name, job) in &config.jobs {
+        if let Some(client) = &job.client {
+            map.entry(client.clone()).or_default().push(name.clone());
+        }
+    }
+    map.into_iter().map(|(k, v)| (k, Arc::new(v))).collect()
 }
 
 pub struct PushGuard {

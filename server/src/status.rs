@@ -1,9 +1,57 @@
-//! Building `status` replies.
+//! Building `status` replies: one job with its revisions, or a summary per
+//! job for a whole host. Both read the index, never the disk.
 
-use crate::state::Server;
-use backy_common::Result;
-use backy_proto::{JobStatus, RevisionInfo, StatusReply, StatusRequest};
+use crate::index::JobEntry;
+use crate::state::{JobRuntime, Server};
+use crate::storage::JobDir;
+use backy_common::config::{ServerConfig, NO_SCHEDULE};
+use backy_common::revision::Trust;
+use backy_common::{JobName, Result};
+use backy_proto::{JobStatus, JobSummary, RevisionInfo, StatusReply, StatusRequest};
+use chrono::SecondsFormat;
 
+/// What status says about a job besides its revisions.
+struct Health {
+    schedule: String,
+    storage: String,
+    sla_ok: bool,
+    sla_overdue_secs: i64,
+    next_due: String,
+    next_tags: Vec<String>,
+    runtime: JobRuntime,
+}
+
+fn health(server: &Server, config: &ServerConfig, job: &JobDir, entry: &JobEntry) -> Result<Health> {
+    let revs = &entry.revisions;
+    let job_cfg = config.job(job.name())?;
+    let sched = config.schedule_of(job_cfg).map(|s| {
+        let sla = backy_common::schedule::sla(s, revs, chrono::Utc::now(), entry.since);
+        (sla, crate::schedule::due_state(server, job, s, revs))
+    });
+    let storage = revs.last().map(|r| r.storage).unwrap_or(server.storage_mode);
+    Ok(Health {
+        schedule: job_cfg
+            .schedule
+            .clone()
+            .unwrap_or_else(|| NO_SCHEDULE.to_string()),
+        storage: storage.as_str().to_string(),
+        sla_ok: sched.as_ref().is_none_or(|(sla, _)| sla.ok),
+        sla_overdue_secs: sched.as_ref().map_or(0, |(sla, _)| sla.overdue.as_secs() as i64),
+        next_due: sched
+            .as_ref()
+            .and_then(|(_, due)| due.next_due)
+            .map(|t| t.to_rfc3339_opts(SecondsFormat::Secs, true))
+            .unwrap_or_default(),
+        next_tags: sched
+            .as_ref()
+            .map(|(_, due)| due.next_tags.iter().cloned().collect())
+            .unwrap_or_default(),
+        runtime: server.job_runtime(job.name()),
+    })
+}
+
+/// One job with every revision (`req.job`), or every job (old clients; a
+/// large host should use [`summaries`]).
 pub fn status(server: &Server, req: &StatusRequest) -> Result<StatusReply> {
     let config = server.config();
     let names: Vec<String> = if req.job.is_empty() {
@@ -14,38 +62,55 @@ pub fn status(server: &Server, req: &StatusRequest) -> Result<StatusReply> {
     let mut jobs = Vec::with_capacity(names.len());
     for name in names {
         let job = server.job(&name)?;
-        let revs = job.revisions()?;
-        let rt = server.job_runtime(job.name());
-        let storage = revs.last().map(|r| r.storage).unwrap_or(server.storage_mode);
-        let job_cfg = config.job(job.name())?;
-        let sched = config.schedule_of(job_cfg).map(|s| {
-            let sla = backy_common::schedule::sla(s, &revs, chrono::Utc::now(), job.since());
-            (sla, crate::schedule::due_state(server, &job, s, &revs))
-        });
+        let entry = server.indexed(&job)?;
+        let h = health(server, &config, &job, &entry)?;
         jobs.push(JobStatus {
             job: name,
-            revisions: revs.iter().map(RevisionInfo::from).collect(),
-            storage: storage.as_str().to_string(),
-            allocated_bytes: job.allocated_bytes(),
-            running: rt.push.is_some(),
-            sla_ok: sched.as_ref().is_none_or(|(sla, _)| sla.ok),
-            sla_overdue_secs: sched.as_ref().map_or(0, |(sla, _)| sla.overdue.as_secs() as i64),
-            next_due: sched
-                .as_ref()
-                .and_then(|(_, due)| due.next_due)
-                .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
-                .unwrap_or_default(),
-            next_tags: sched
-                .as_ref()
-                .map(|(_, due)| due.next_tags.iter().cloned().collect())
-                .unwrap_or_default(),
-            failures: rt.failures,
-            schedule: job_cfg
-                .schedule
-                .clone()
-                .unwrap_or_else(|| backy_common::config::NO_SCHEDULE.to_string()),
-            last_error: rt.last_error,
+            revisions: entry.revisions.iter().map(RevisionInfo::from).collect(),
+            storage: h.storage,
+            allocated_bytes: entry.allocated_bytes,
+            running: h.runtime.push.is_some(),
+            sla_ok: h.sla_ok,
+            sla_overdue_secs: h.sla_overdue_secs,
+            next_due: h.next_due,
+            next_tags: h.next_tags,
+            failures: h.runtime.failures,
+            schedule: h.schedule,
+            last_error: h.runtime.last_error,
         });
     }
     Ok(StatusReply { jobs })
+}
+
+/// The summary of one job.
+pub fn summary(server: &Server, config: &ServerConfig, name: &JobName) -> Result<JobSummary> {
+    let job = JobDir::new(&config.base_dir, name.clone());
+    let entry = server.indexed(&job)?;
+    let h = health(server, config, &job, &entry)?;
+    let revs = &entry.revisions;
+    let newest_trusted = revs
+        .iter()
+        .rev()
+        .find(|r| r.trust != Trust::Distrusted)
+        .map(|r| r.timestamp.to_rfc3339_opts(SecondsFormat::Secs, true))
+        .unwrap_or_default();
+    Ok(JobSummary {
+        job: name.to_string(),
+        schedule: h.schedule,
+        revisions: u32::try_from(revs.len()).unwrap_or(u32::MAX),
+        distrusted: u32::try_from(revs.iter().filter(|r| r.trust == Trust::Distrusted).count())
+            .unwrap_or(u32::MAX),
+        newest: revs.last().map(RevisionInfo::from),
+        newest_trusted,
+        data_bytes: revs.iter().map(|r| r.stats.bytes_written).sum(),
+        allocated_bytes: entry.allocated_bytes,
+        storage: h.storage,
+        running: h.runtime.push.is_some(),
+        sla_ok: h.sla_ok,
+        sla_overdue_secs: h.sla_overdue_secs,
+        next_due: h.next_due,
+        next_tags: h.next_tags,
+        failures: h.runtime.failures,
+        last_error: h.runtime.last_error,
+    })
 }

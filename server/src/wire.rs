@@ -19,8 +19,10 @@ pub fn code_of(kind: ErrorKind) -> Code {
     }
 }
 
+/// The status a peer gets; its message is one line of at most 1 KiB,
+/// whatever the error quoted (a peer's input is echoed only in part).
 pub fn to_status(e: Error) -> Status {
-    Status::new(code_of(e.kind), e.message)
+    Status::new(code_of(e.kind), crate::service::clip(&e.message))
 }
 
 #[cfg(test)]

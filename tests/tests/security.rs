@@ -710,18 +710,60 @@ async fn stalled_and_excess_streams_do_not_block_others() {
         assert_eq!(got, code, "{what}");
     }
 
-    // hv01 holds two stalled pushes: its limit. A third stream is refused.
+    // hv01 holds a stalled push and an agent stream: its limit. A second
+    // push of the same job is refused at once as busy (not after the idle
+    // timeout, and without holding a stream); a third stream is refused.
     let mut stalled = Vec::new();
     let mut senders = Vec::new();
-    for _ in 0..2 {
-        let (tx, rx) = tokio::sync::mpsc::channel(4);
-        tx.send(begin("vm1", 64 * MIB)).await.unwrap();
-        senders.push(tx);
-        let mut c = raw(&s, &url, 0).await;
-        stalled.push(tokio::spawn(async move {
-            c.push(tokio_stream::wrappers::ReceiverStream::new(rx)).await
-        }));
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tx.send(begin("vm1", 64 * MIB)).await.unwrap();
+    senders.push(tx);
+    let mut c = raw(&s, &url, 0).await;
+    stalled.push(tokio::spawn(async move {
+        c.push(tokio_stream::wrappers::ReceiverStream::new(rx)).await
+    }));
+    let mut c = raw(&s, &url, 0).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let status = c
+            .status(StatusRequest { job: "vm1".into() })
+            .await
+            .unwrap()
+            .into_inner();
+        if status.jobs[0].running {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the stalled push never ran");
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tx.send(begin("vm1", 64 * MIB)).await.unwrap();
+    // Kept open: the refusal must not wait for the client to go quiet.
+    let busy = tokio::time::timeout(
+        Duration::from_secs(2),
+        c.push(tokio_stream::wrappers::ReceiverStream::new(rx)),
+    )
+    .await
+    .expect("a busy push is refused at once")
+    .unwrap_err();
+    drop(tx);
+    assert_eq!(busy.code(), Code::Aborted, "{busy:?}");
+    assert!(busy.message().contains("busy"), "{busy:?}");
+    let (agent_tx, agent_rx) = tokio::sync::mpsc::channel(4);
+    agent_tx
+        .send(AgentReport {
+            report: Some(agent_report::Report::Hello(AgentHello {
+                agent: "hv01".into(),
+                workers: 1,
+            })),
+        })
+        .await
+        .unwrap();
+    let mut c = raw(&s, &url, 0).await;
+    let agent = c
+        .agent(tokio_stream::wrappers::ReceiverStream::new(agent_rx))
+        .await
+        .expect("agent stream opens");
     let mut c = raw(&s, &url, 0).await;
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     loop {
@@ -769,7 +811,9 @@ async fn stalled_and_excess_streams_do_not_block_others() {
         stderr(&out)
     );
 
-    // The stalled pushes are dropped after the idle timeout (3 s).
+    // The stalled push is dropped after the idle timeout (3 s); the agent
+    // stream ends when the agent goes.
+    drop((agent, agent_tx));
     for h in stalled {
         let e = tokio::time::timeout(Duration::from_secs(30), h)
             .await

@@ -228,9 +228,18 @@ impl JobDir {
     /// Points `latest` at the newest committed revision (or removes it).
     /// For people only: the code derives "latest" from metadata.
     pub fn update_latest(&self) -> Result<()> {
+        self.point_latest(self.revisions()?.last().map(|r| &r.id))
+    }
+
+    /// Points `latest` at `newest` (or removes it), unless it already does:
+    /// a store of thousands of jobs is not rewritten and synced for nothing.
+    pub fn point_latest(&self, newest: Option<&RevisionId>) -> Result<()> {
         let link = self.dir.join(LATEST_LINK);
-        match self.revisions()?.last() {
-            Some(newest) => durable::replace_symlink(&link, &newest.id.short()),
+        let now = std::fs::read_link(&link).ok();
+        match newest {
+            Some(id) if now.as_deref() == Some(Path::new(&id.short())) => Ok(()),
+            Some(id) => durable::replace_symlink(&link, &id.short()),
+            None if now.is_none() => Ok(()),
             None => remove_path(&link),
         }
     }

@@ -11,10 +11,11 @@ use std::time::{Duration, Instant};
 pub const MIB: u64 = 1 << 20;
 pub const BLOCK: u64 = 4 * MIB;
 
-/// Path of a freshly built workspace binary (`backy-server`, `backy-client`).
+/// Path of a freshly built workspace binary (`backy-server`, `backy-client`,
+/// or an example as `examples/NAME`).
 /// `cargo test` does not build other packages' binaries, so each test
 /// process builds them once, with exactly the command `scripts/test.sh`
-/// uses first (`--workspace --bins`): the same features, so nothing is
+/// uses first (`--workspace --bins --examples`): the same features, so nothing is
 /// rebuilt (building `-p NAME` alone unifies features differently and
 /// recompiles shared dependencies every time).
 pub fn bin(name: &'static str) -> PathBuf {
@@ -29,7 +30,7 @@ pub fn bin(name: &'static str) -> PathBuf {
     BUILT.get_or_init(|| {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let mut cmd = Command::new(cargo);
-        cmd.args(["build", "--quiet", "--workspace", "--bins"]);
+        cmd.args(["build", "--quiet", "--workspace", "--bins", "--examples"]);
         // The variables cargo sets for this test process (CARGO_PKG_NAME,
         // CARGO_MANIFEST_DIR, ...) would reach build scripts that watch
         // them (ring's) and make cargo rebuild half the tree.
@@ -433,6 +434,12 @@ impl Server {
     /// [`Server::wait_log`]).
     pub fn log_mark(&self) -> usize {
         self.log.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
+    /// The lines logged after `mark`.
+    pub fn log_lines(&self, mark: usize) -> Vec<String> {
+        let log = self.log.lock().unwrap_or_else(|p| p.into_inner());
+        log.iter().skip(mark).cloned().collect()
     }
 
     /// Waits until a line logged after `mark` contains `needle`; returns it.

@@ -1,0 +1,239 @@
+//! `status` and `check` of a whole host: one summary per job, streamed by
+//! the server (`Jobs`), so thousands of jobs never meet a message limit.
+//! Formatting is pure: summaries in, text out.
+
+use crate::connect::{status_error, Client};
+use crate::status::{has_schedule, human_secs, table, utc_time};
+use crate::view::{non_empty, RevisionView};
+use backy_common::config::NO_SCHEDULE;
+use backy_common::units::format_bytes;
+use backy_common::Result;
+use backy_proto::{JobSummary, JobsRequest};
+use serde::Serialize;
+
+/// Every job the caller may see, in name order.
+pub async fn fetch_all(client: &mut Client) -> Result<Vec<JobSummary>> {
+    let mut stream = client
+        .jobs(JobsRequest {})
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    let mut out = Vec::new();
+    while let Some(summary) = stream.message().await.map_err(status_error)? {
+        out.push(summary);
+    }
+    Ok(out)
+}
+
+/// One line per job.
+pub fn format_summaries(jobs: &[JobSummary]) -> String {
+    if jobs.is_empty() {
+        return "no jobs\n".to_string();
+    }
+    let header = [
+        "Job",
+        "Schedule",
+        "Revs",
+        "Last (UTC)",
+        "Size",
+        "SLA",
+        "Next (UTC)",
+        "Failures",
+    ];
+    let rows: Vec<[String; 8]> = jobs.iter().map(row).collect();
+    let mut out = String::new();
+    table(&mut out, &header, &rows);
+    let revisions: u64 = jobs.iter().map(|j| u64::from(j.revisions)).sum();
+    let allocated: u64 = jobs.iter().map(|j| j.allocated_bytes).sum();
+    let late = jobs
+        .iter()
+        .filter(|j| sla_state(j) != "OK" && sla_state(j) != "-")
+        .count();
+    out.push_str(&format!(
+        "{} jobs, {revisions} revisions, {} allocated; {late} past their SLA\n",
+        jobs.len(),
+        format_bytes(allocated)
+    ));
+    out
+}
+
+fn row(j: &JobSummary) -> [String; 8] {
+    let last = j
+        .newest
+        .as_ref()
+        .map(|r| utc_time(&r.timestamp))
+        .unwrap_or_else(|| "-".into());
+    let size = j
+        .newest
+        .as_ref()
+        .map(|r| format_bytes(r.size))
+        .unwrap_or_else(|| "-".into());
+    let next = if j.next_due.is_empty() {
+        "-".into()
+    } else {
+        format!("{} ({})", utc_time(&j.next_due), j.next_tags.join(","))
+    };
+    let mut failures = j.failures.to_string();
+    if j.running {
+        failures.push_str(" (running)");
+    }
+    [
+        j.job.clone(),
+        if j.schedule.is_empty() {
+            NO_SCHEDULE.into()
+        } else {
+            j.schedule.clone()
+        },
+        j.revisions.to_string(),
+        last,
+        size,
+        sla_state(j),
+        next,
+        failures,
+    ]
+}
+
+/// `OK`, `TOO OLD 3h 5m`, `NO BACKUP` or `-` (no schedule).
+fn sla_state(j: &JobSummary) -> String {
+    if !has_schedule(&j.schedule) {
+        "-".into()
+    } else if j.sla_ok {
+        "OK".into()
+    } else if j.revisions == 0 {
+        "NO BACKUP".into()
+    } else {
+        format!(
+            "TOO OLD {}",
+            human_secs(u64::try_from(j.sla_overdue_secs).unwrap_or(0))
+        )
+    }
+}
+
+/// `status --json` of a whole host.
+#[derive(Debug, Serialize)]
+pub struct SummariesView {
+    pub jobs: Vec<SummaryView>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct SummaryView {
+    pub job: String,
+    pub schedule: String,
+    pub revisions: u32,
+    pub distrusted: u32,
+    pub newest: Option<RevisionView>,
+    pub newest_trusted: Option<String>,
+    pub data_bytes: u64,
+    pub allocated_bytes: u64,
+    pub storage: String,
+    pub running: bool,
+    /// `null` (like the next fields) when the job has no schedule.
+    pub sla_ok: Option<bool>,
+    pub sla_overdue_secs: Option<i64>,
+    pub next_due: Option<String>,
+    pub next_tags: Vec<String>,
+    pub failures: u32,
+    pub last_error: Option<String>,
+}
+
+impl From<&[JobSummary]> for SummariesView {
+    fn from(jobs: &[JobSummary]) -> Self {
+        SummariesView {
+            jobs: jobs.iter().map(SummaryView::from).collect(),
+        }
+    }
+}
+
+impl From<&JobSummary> for SummaryView {
+    fn from(j: &JobSummary) -> Self {
+        let scheduled = has_schedule(&j.schedule);
+        SummaryView {
+            job: j.job.clone(),
+            schedule: j.schedule.clone(),
+            revisions: j.revisions,
+            distrusted: j.distrusted,
+            newest: j.newest.as_ref().map(RevisionView::from),
+            newest_trusted: non_empty(&j.newest_trusted),
+            data_bytes: j.data_bytes,
+            allocated_bytes: j.allocated_bytes,
+            storage: j.storage.clone(),
+            running: j.running,
+            sla_ok: scheduled.then_some(j.sla_ok),
+            sla_overdue_secs: scheduled.then_some(j.sla_overdue_secs),
+            next_due: non_empty(&j.next_due),
+            next_tags: j.next_tags.clone(),
+            failures: j.failures,
+            last_error: non_empty(&j.last_error),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use backy_proto::RevisionInfo;
+
+    fn summary(job: &str, schedule: &str, revisions: u32, sla_ok: bool) -> JobSummary {
+        JobSummary {
+            job: job.into(),
+            schedule: schedule.into(),
+            revisions,
+            sla_ok,
+            sla_overdue_secs: if sla_ok { 0 } else { 3 * 3600 + 300 },
+            newest: (revisions > 0).then(|| RevisionInfo {
+                timestamp: "2026-12-01T10:00:00Z".into(),
+                size: 10 << 30,
+                ..Default::default()
+            }),
+            allocated_bytes: 1 << 30,
+            next_due: if schedule == "none" {
+                String::new()
+            } else {
+                "2026-12-02T10:00:00Z".into()
+            },
+            next_tags: vec!["daily".into()],
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn one_line_per_job_and_a_total() {
+        let jobs = [
+            summary("vm1", "default", 18, true),
+            summary("vm2", "default", 3, false),
+            summary("vm3", "default", 0, false),
+            summary("vm4", "none", 2, true),
+        ];
+        let text = format_summaries(&jobs);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 6, "{text}");
+        assert!(
+            lines[0].starts_with("Job") && lines[0].contains("Failures"),
+            "{text}"
+        );
+        assert!(
+            lines[1].contains("vm1")
+                && lines[1].contains("2026-12-01 10:00:00")
+                && lines[1].contains("10.00 GiB")
+                && lines[1].contains("OK")
+                && lines[1].contains("2026-12-02 10:00:00 (daily)"),
+            "{text}"
+        );
+        assert!(lines[2].contains("TOO OLD 3h 5m"), "{text}");
+        assert!(lines[3].contains("NO BACKUP"), "{text}");
+        assert!(lines[4].contains("none") && !lines[4].contains("OK"), "{text}");
+        assert_eq!(
+            lines[5],
+            "4 jobs, 23 revisions, 4.00 GiB allocated; 2 past their SLA"
+        );
+        assert_eq!(format_summaries(&[]), "no jobs\n");
+    }
+
+    #[test]
+    fn json_has_nulls_for_what_is_not_there() {
+        let v = serde_json::to_value(SummariesView::from(&[summary("vm4", "none", 0, true)][..])).unwrap();
+        let j = &v["jobs"][0];
+        assert_eq!(j["job"], "vm4");
+        assert!(j["sla_ok"].is_null() && j["newest"].is_null() && j["last_error"].is_null());
+    }
+}

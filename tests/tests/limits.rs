@@ -1,0 +1,191 @@
+//! What a busy host and a hostile peer meet: status and check of more
+//! revisions than one message holds, many agents in open mode, tag and
+//! message bounds, refusals that come at once (issue "A storage host for
+//! thousands of VMs, and no peer can take it down").
+
+mod support;
+
+use backy_proto::backy_client::BackyClient;
+use backy_proto::push_frame::Frame;
+use backy_proto::*;
+use std::process::Command;
+use std::time::Duration;
+use support::*;
+use tonic::Code;
+
+/// 300 jobs x 20 revisions: 6,000 revisions, more than the old one-message
+/// status could carry (~207 B each against a 1 MiB message limit).
+#[test]
+fn status_and_check_of_more_revisions_than_one_message_holds() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("store");
+    let (jobs, revisions) = (300, 20);
+    let out = Command::new(bin("examples/scale_fixture"))
+        .arg(&base)
+        .args([jobs.to_string(), revisions.to_string()])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let mut config = format!(
+        "listen: 127.0.0.1:0\nbase-dir: BASE\nscrub: {{enabled: false}}\n\
+         schedules:\n  s: {{daily: {{interval: 1d, keep: {revisions}}}}}\njobs:\n"
+    );
+    for j in 0..jobs {
+        config.push_str(&format!("  job{j:05}: {{schedule: s}}\n"));
+    }
+    let server = Server::start_config(&base, &config);
+
+    let text = server.client_ok(&["status"]);
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), jobs + 2, "a header, a line per job, a total");
+    assert!(
+        lines[1].starts_with("job00000") && lines[1].contains(" OK "),
+        "{}",
+        lines[1]
+    );
+    let total = lines.last().unwrap();
+    assert!(
+        total.starts_with(&format!("{jobs} jobs, {} revisions, ", jobs * revisions))
+            && total.ends_with(" allocated; 0 past their SLA"),
+        "{total}"
+    );
+    let all: serde_json::Value = serde_json::from_str(&server.client_ok(&["status", "--json"])).unwrap();
+    let all = all["jobs"].as_array().unwrap();
+    assert_eq!(all.len(), jobs);
+    assert!(all
+        .iter()
+        .all(|j| j["revisions"] == revisions && j["sla_ok"] == true));
+    assert_eq!(server.revisions("job00299").len(), revisions);
+    let check = server.client(&["check"]);
+    assert_eq!(check.status.code(), Some(0));
+    assert_eq!(
+        String::from_utf8_lossy(&check.stdout).trim(),
+        format!("BACKY OK: {jobs} jobs, all within SLA")
+    );
+}
+
+/// In open mode (no identities) stream limits are per connection: twenty
+/// agents on one host all connect, and a push still runs beside them.
+#[test]
+fn twenty_agents_in_open_mode() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("vm.img");
+    make_image(&img, 8 * MIB, &[(0, MIB)]);
+    let mut jobs = String::new();
+    for a in 0..20 {
+        jobs.push_str(&format!("  vm{a}: {{schedule: none, client: hv{a}}}\n"));
+    }
+    // streams-per-client 2 is far below 20: with a budget per identity
+    // (all are "local" in open mode) most agents would be refused.
+    let config =
+        format!("listen: 127.0.0.1:0\nbase-dir: BASE\nlimits: {{streams-per-client: 2}}\njobs:\n{jobs}");
+    let server = Server::start_config(&dir.path().join("store"), &config);
+    let mark = server.log_mark();
+    let _agents: Vec<Agent> = (0..20)
+        .map(|a| Agent::start(&server.url, &["agent", "--name", &format!("hv{a}")]))
+        .collect();
+    let mut connected = 0;
+    wait_for("twenty agents connected", Duration::from_secs(30), || {
+        connected = server_log_count(&server, mark, "agent connected");
+        connected >= 20
+    });
+    server.client_ok(&["push", "vm0", "--source", img.to_str().unwrap()]);
+    assert_eq!(server.revisions("vm0").len(), 1);
+}
+
+fn server_log_count(server: &Server, mark: usize, needle: &str) -> usize {
+    server
+        .log_lines(mark)
+        .iter()
+        .filter(|l| l.contains(needle))
+        .count()
+}
+
+/// Tags and echoed input are bounded; refusals of a bad begin come at once
+/// with their real reason, also while the client keeps the stream open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bounds_and_prompt_refusals() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("vm1.img");
+    make_image(&img, 8 * MIB, &[(0, MIB)]);
+    let base = dir.path().join("store");
+    let server = tokio::task::spawn_blocking(move || Server::start(&base, "  vm1: {schedule: none}\n"))
+        .await
+        .unwrap();
+    let srv = std::sync::Arc::new(server);
+    let run = |args: Vec<String>| {
+        let srv = srv.clone();
+        tokio::task::spawn_blocking(move || srv.client(&args.iter().map(String::as_str).collect::<Vec<_>>()))
+    };
+    let out = run(vec![
+        "push".into(),
+        "vm1".into(),
+        "--source".into(),
+        img.display().to_string(),
+    ])
+    .await
+    .unwrap();
+    assert!(out.status.success());
+
+    let mut c = BackyClient::connect(srv.url.clone()).await.unwrap();
+    // 15,000 tags in one call: refused, nothing stored.
+    let many: Vec<String> = (0..15_000).map(|i| format!("manual:t{i}")).collect();
+    let e = c
+        .tags(TagsRequest {
+            job: "vm1".into(),
+            revisions: "latest".into(),
+            action: tags_request::Action::Add as i32,
+            tags: many,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(e.message().contains("more than 32 tags"), "{}", e.message());
+    // A 1 MB tag is refused with a short message.
+    let e = c
+        .tags(TagsRequest {
+            job: "vm1".into(),
+            revisions: "latest".into(),
+            action: tags_request::Action::Add as i32,
+            tags: vec!["x".repeat(1 << 20)],
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(e.message().len() < 1100, "{} bytes echoed", e.message().len());
+    assert_eq!(srv.revisions("vm1")[0]["tags"], serde_json::json!([]));
+
+    // A bad begin, then silence: INVALID_ARGUMENT at once, not the idle
+    // timeout's DEADLINE_EXCEEDED. Likewise a 1 PiB image without max-size.
+    for (size, block_size, code, needle) in [
+        (8 * MIB, 12345, Code::InvalidArgument, "block size"),
+        (1 << 50, 4 << 20, Code::ResourceExhausted, "max-size"),
+    ] {
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        tx.send(PushFrame {
+            frame: Some(Frame::Begin(PushBegin {
+                job: "vm1".into(),
+                rev_id: uuid::Uuid::new_v4().to_string(),
+                size,
+                block_size,
+                source_type: "file".into(),
+                ..Default::default()
+            })),
+        })
+        .await
+        .unwrap();
+        let e = tokio::time::timeout(
+            Duration::from_secs(5),
+            c.push(tokio_stream::wrappers::ReceiverStream::new(rx)),
+        )
+        .await
+        .expect("refused at once")
+        .unwrap_err();
+        drop(tx);
+        assert_eq!(e.code(), code, "{e:?}");
+        assert!(e.message().contains(needle), "{e:?}");
+    }
+    assert_eq!(srv.revisions("vm1").len(), 1);
+}
