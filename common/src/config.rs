@@ -131,6 +131,23 @@ pub struct Limits {
     /// keepalive frames while scanning unchanged data).
     #[serde(default = "default_idle")]
     pub idle_timeout: Interval,
+    /// Connections open at once (further ones first displace connections
+    /// that have made no request yet, else wait). Also at most half the
+    /// server's descriptor limit.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: u32,
+    /// Time a new connection has to complete its TLS handshake, HTTP/2
+    /// preface and first authenticated request; closed otherwise.
+    #[serde(default = "default_first_request")]
+    pub first_request_timeout: Interval,
+}
+
+fn default_max_connections() -> u32 {
+    4096
+}
+
+fn default_first_request() -> Interval {
+    Interval::from_secs(10)
 }
 
 fn default_streams() -> u32 {
@@ -146,6 +163,8 @@ impl Default for Limits {
         Limits {
             streams_per_client: default_streams(),
             idle_timeout: default_idle(),
+            max_connections: default_max_connections(),
+            first_request_timeout: default_first_request(),
         }
     }
 }
@@ -383,6 +402,9 @@ impl ServerConfig {
         }
         if self.limits.streams_per_client == 0 {
             return Err(Error::invalid("limits: streams-per-client must be at least 1"));
+        }
+        if self.limits.max_connections == 0 {
+            return Err(Error::invalid("limits: max-connections must be at least 1"));
         }
         Ok(())
     }

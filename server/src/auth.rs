@@ -216,6 +216,9 @@ pub fn interceptor(
 ) -> impl FnMut(Request<()>) -> Result<Request<()>, Status> + Clone {
     move |mut req: Request<()>| {
         let caller = authenticate(&server.config(), &req)?;
+        if let Some(peer) = req.remote_addr() {
+            server.connections.prove(peer);
+        }
         req.extensions_mut().insert(caller);
         Ok(req)
     }

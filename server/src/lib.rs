@@ -4,6 +4,7 @@
 pub mod agent;
 pub mod auth;
 pub mod index;
+pub mod listener;
 pub mod plan;
 pub mod push;
 pub mod restore;
@@ -110,10 +111,22 @@ pub async fn serve(config: ServerConfig, preflight: Preflight, config_path: Path
              configure tls before clients on other hosts connect"
         ),
     }
+    let nofile = listener::raise_nofile_limit();
+    let config = server.config();
+    let limits = listener::AcceptLimits {
+        // Half the descriptors stay for revision files and the like.
+        max_connections: (config.limits.max_connections as usize).min((nofile / 2).max(1) as usize),
+        first_request: config.limits.first_request_timeout.as_duration(),
+    };
+    tracing::info!(
+        max_connections = limits.max_connections,
+        first_request_secs = limits.first_request.as_secs(),
+        "connection limits"
+    );
     builder
         .add_service(service)
         .serve_with_incoming_shutdown(
-            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            listener::incoming(listener, limits, server.connections.clone()),
             shutdown(),
         )
         .await

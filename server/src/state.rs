@@ -31,6 +31,8 @@ pub struct Server {
     config: RwLock<Arc<ServerConfig>>,
     /// Committed revisions per job, kept true by invalidation.
     pub index: crate::index::Index,
+    /// Open connections (before and after authentication).
+    pub connections: Arc<crate::listener::Connections>,
     /// The jobs of each client identity, from the current config.
     by_client: RwLock<Arc<JobsByClient>>,
     pub storage_mode: StorageMode,
@@ -45,6 +47,7 @@ impl Server {
         Server {
             config: RwLock::new(Arc::new(config)),
             index: Default::default(),
+            connections: Default::default(),
             by_client: RwLock::new(Arc::new(by_client)),
             storage_mode,
             runtime: Mutex::new(HashMap::new()),

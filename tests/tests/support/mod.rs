@@ -120,7 +120,26 @@ pub type ServerLog = std::sync::Arc<std::sync::Mutex<Vec<String>>>;
 
 /// Starts `backy-server` and waits until it listens; returns its URL.
 fn spawn_server(config_path: &Path, env: &[(&str, &str)], log: ServerLog) -> (Child, String) {
-    let mut child = Command::new(bin("backy-server"))
+    spawn_server_wrapped(config_path, env, &[], log)
+}
+
+/// Like [`spawn_server`], run through `wrapper` (e.g. `prlimit ... --`).
+fn spawn_server_wrapped(
+    config_path: &Path,
+    env: &[(&str, &str)],
+    wrapper: &[&str],
+    log: ServerLog,
+) -> (Child, String) {
+    let server = bin("backy-server");
+    let mut cmd = match wrapper.split_first() {
+        Some((program, args)) => {
+            let mut c = Command::new(program);
+            c.args(args).arg(&server);
+            c
+        }
+        None => Command::new(&server),
+    };
+    let mut child = cmd
         .envs(env.iter().copied())
         .arg("--config")
         .arg(config_path)
@@ -409,6 +428,32 @@ impl Server {
         std::fs::set_permissions(&config_path, std::os::unix::fs::PermissionsExt::from_mode(0o600))
             .expect("chmod config");
         Self::start_with_config(config_path, base, dir)
+    }
+
+    /// Like [`Server::start_config`], the server run through `wrapper`.
+    pub fn start_config_wrapped(base: &Path, config: &str, wrapper: &[&str]) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config_path = dir.path().join("server.yaml");
+        let text = format!(
+            "{}\ninsecure-plaintext: true\n",
+            config.replace("BASE", &base.display().to_string())
+        );
+        std::fs::write(&config_path, text).expect("write config");
+        let log = ServerLog::default();
+        let (child, url) = spawn_server_wrapped(&config_path, &[], wrapper, log.clone());
+        Server {
+            child,
+            log,
+            url,
+            base: base.to_path_buf(),
+            config_path,
+            _dir: dir,
+        }
+    }
+
+    /// The server's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     /// Starts the server again (after [`Server::kill`]) with the same config.
