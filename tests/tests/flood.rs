@@ -42,8 +42,7 @@ fn silent_connections_do_not_lock_clients_out() {
         took < Duration::from_secs(2),
         "status took {took:?} during the flood"
     );
-    // Still answering while the flood holds (a second client), and not
-    // spinning on accept errors meanwhile.
+    // Still answering while the flood holds (a second client).
     let out = server.client(&["check", "vm1"]);
     assert_eq!(
         out.status.code(),
@@ -51,13 +50,6 @@ fn silent_connections_do_not_lock_clients_out() {
         "{}",
         String::from_utf8_lossy(&out.stdout)
     );
-    let busy = cpu_secs(server.pid()) - before;
-    let wall = started.elapsed().as_secs_f64();
-    assert!(
-        busy < 0.5 * wall + 0.2,
-        "server used {busy:.2} s of CPU in {wall:.2} s"
-    );
-    eprintln!("during a flood of 400 silent connections: status answered in {took:?}; server CPU {busy:.2} s in {wall:.2} s");
 
     // The newest silent connection is closed by the server after the
     // first-request timeout (3 s), not kept forever.
@@ -83,6 +75,15 @@ fn silent_connections_do_not_lock_clients_out() {
         }
     }
     assert!(waited.elapsed() < Duration::from_secs(15));
+    // All that time (the flood held until its connections timed out) the
+    // server did not spin on accept errors.
+    let busy = cpu_secs(server.pid()) - before;
+    let wall = started.elapsed().as_secs_f64();
+    assert!(
+        busy < 0.25 * wall,
+        "server used {busy:.2} s of CPU in {wall:.2} s"
+    );
+    eprintln!("400 silent connections: status answered in {took:?}; server CPU {busy:.2} s in {wall:.2} s");
     drop(flood);
     server.client_ok(&["status"]);
 }

@@ -29,14 +29,6 @@ fn refused(out: &Output, code: &str, needle: &str) -> String {
     err
 }
 
-fn short_ids(server: &Server, job: &str) -> Vec<String> {
-    server
-        .revisions(job)
-        .iter()
-        .map(|r| r["short_id"].as_str().unwrap().to_string())
-        .collect()
-}
-
 fn tags(rev: &serde_json::Value) -> Vec<String> {
     rev["tags"]
         .as_array()
@@ -116,7 +108,7 @@ fn unscheduled_tags_are_refused_and_nothing_committed_is_expired() {
     let pushed: serde_json::Value = serde_json::from_str(&text).unwrap();
     assert_eq!(pushed["expired"], serde_json::json!([]), "{pushed}");
     let pre = pushed["revision"]["short_id"].as_str().unwrap().to_string();
-    assert_eq!(short_ids(&server, "vm1").last(), Some(&pre));
+    assert_eq!(server.short_ids("vm1").last(), Some(&pre));
     assert_eq!(
         restored_hash(&server, &fs.mount, "vm1", "pre-upgrade"),
         file_hash(&img)
@@ -157,7 +149,7 @@ fn unscheduled_tags_are_refused_and_nothing_committed_is_expired() {
     // tag alone: only the expiry after a commit strips it.
     let mut server = server;
     server.restart();
-    assert_eq!(short_ids(&server, "vm1").len(), 2);
+    assert_eq!(server.short_ids("vm1").len(), 2);
     assert_eq!(tags(&server.revisions("vm1")[1]), ["pre-upgrade"]);
 
     // The next backup's expiry removes it, says why, and keeps the new one.
@@ -167,7 +159,7 @@ fn unscheduled_tags_are_refused_and_nothing_committed_is_expired() {
     assert_eq!(pushed["expired"].as_array().unwrap().len(), 1, "{pushed}");
     let line = server.wait_log(mark, "expiry: deleted revision");
     assert!(line.contains("pre-upgrade is not in the schedule"), "{line}");
-    assert!(!short_ids(&server, "vm1").contains(&pre));
+    assert!(!server.short_ids("vm1").contains(&pre));
 }
 
 /// Item 3: a schedule whose tag is renamed, plus a restart and a reload,
@@ -185,7 +177,7 @@ fn a_renamed_schedule_deletes_nothing_before_a_new_backup() {
         write_at(&img, i * 4096, &pattern(i + 10, 4096));
         server.client_ok(&["push", "vm1", "--force"]);
     }
-    let before = short_ids(&server, "vm1");
+    let before = server.short_ids("vm1");
     assert_eq!(before.len(), 3);
     let hashes: Vec<String> = before
         .iter()
@@ -202,7 +194,7 @@ fn a_renamed_schedule_deletes_nothing_before_a_new_backup() {
     server.hup();
     server.wait_log(mark, "reloaded");
     assert_eq!(
-        short_ids(&server, "vm1"),
+        server.short_ids("vm1"),
         before,
         "nothing deleted by a config change"
     );
@@ -283,7 +275,7 @@ fn every_job_has_a_schedule_or_says_none() {
     // A push of a job without schedule always runs; nothing expires.
     server.client_ok(&["push", "manual"]);
     server.client_ok(&["push", "manual"]);
-    assert_eq!(short_ids(&server, "manual").len(), 2);
+    assert_eq!(server.short_ids("manual").len(), 2);
     let (code, text) = check("manual");
     assert_eq!(code, Some(0), "{text}");
     assert!(
@@ -471,7 +463,7 @@ fn late_failures_never_fail_what_was_done() {
     assert!(server
         .wait_log(mark, "after the commit")
         .contains("injected fault"));
-    assert_eq!(short_ids(&server, "vm1").len(), 3, "committed and kept");
+    assert_eq!(server.short_ids("vm1").len(), 3, "committed and kept");
     assert_eq!(server.status_json("vm1")["jobs"][0]["failures"], 0);
 
     server.restart_with_env(&[("BACKY_FAULT", "error:tags.applied")]);
@@ -483,9 +475,9 @@ fn late_failures_never_fail_what_was_done() {
     assert_eq!(server.revisions("vm1")[1]["trust"], "distrusted");
 
     server.restart_with_env(&[("BACKY_FAULT", "error:forget.applied")]);
-    let victim = short_ids(&server, "vm1")[0].clone();
+    let victim = server.short_ids("vm1")[0].clone();
     server.client_ok(&["forget", "vm1", "-r", &victim]);
-    assert!(!short_ids(&server, "vm1").contains(&victim));
+    assert!(!server.short_ids("vm1").contains(&victim));
 
     // Failing before the rename: nothing changes, the error says so.
     server.restart_with_env(&[("BACKY_FAULT", "error:durable.staged")]);

@@ -93,11 +93,7 @@ fn assert_expiry_kept(
 }
 
 fn ids(server: &Server, job: &str) -> Vec<String> {
-    server
-        .revisions(job)
-        .iter()
-        .map(|r| r["short_id"].as_str().unwrap().to_string())
-        .collect()
+    server.short_ids(job)
 }
 
 /// Every listed revision has its image, manifest and metadata, and no file

@@ -195,8 +195,17 @@ impl Server {
     }
 
     fn start_with_config(config_path: PathBuf, base: &Path, dir: tempfile::TempDir) -> Self {
+        Self::start_with_config_wrapped(config_path, base, dir, &[])
+    }
+
+    fn start_with_config_wrapped(
+        config_path: PathBuf,
+        base: &Path,
+        dir: tempfile::TempDir,
+        wrapper: &[&str],
+    ) -> Self {
         let log = ServerLog::default();
-        let (child, url) = spawn_server(&config_path, &[], log.clone());
+        let (child, url) = spawn_server_wrapped(&config_path, &[], wrapper, log.clone());
         Server {
             child,
             log,
@@ -240,6 +249,14 @@ impl Server {
             String::from_utf8_lossy(&out.stderr)
         );
         String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Short ids of a job's committed revisions, oldest first.
+    pub fn short_ids(&self, job: &str) -> Vec<String> {
+        self.revisions(job)
+            .iter()
+            .map(|r| r["short_id"].as_str().expect("short_id").to_string())
+            .collect()
     }
 
     /// `status --json` for one job, parsed.
@@ -430,7 +447,8 @@ impl Server {
         Self::start_with_config(config_path, base, dir)
     }
 
-    /// Like [`Server::start_config`], the server run through `wrapper`.
+    /// Like [`Server::start_config`], the server run through `wrapper`
+    /// (e.g. `prlimit ... --`).
     pub fn start_config_wrapped(base: &Path, config: &str, wrapper: &[&str]) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let config_path = dir.path().join("server.yaml");
@@ -439,16 +457,7 @@ impl Server {
             config.replace("BASE", &base.display().to_string())
         );
         std::fs::write(&config_path, text).expect("write config");
-        let log = ServerLog::default();
-        let (child, url) = spawn_server_wrapped(&config_path, &[], wrapper, log.clone());
-        Server {
-            child,
-            log,
-            url,
-            base: base.to_path_buf(),
-            config_path,
-            _dir: dir,
-        }
+        Self::start_with_config_wrapped(config_path, base, dir, wrapper)
     }
 
     /// The server's process id.
