@@ -410,6 +410,10 @@ impl Backy for Service {
                         bad_blocks: v.bad_blocks,
                         error: String::new(),
                     },
+                    Err(e) if tx.is_closed() => {
+                        tracing::info!(job = %job.name(), rev = %meta.id, "{e}");
+                        break;
+                    }
                     Err(e) => VerifyReport {
                         ok: false,
                         revision: Some(RevisionInfo::from(&meta)),

@@ -189,3 +189,70 @@ async fn bounds_and_prompt_refusals() {
     }
     assert_eq!(srv.revisions("vm1").len(), 1);
 }
+
+/// A verify whose caller goes away stops at once: its stream permit comes
+/// back and it changes no trust.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_verify_stops_and_releases_its_stream() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("vm1.img");
+    // Data everywhere: a verify has 1 GiB to read back.
+    let data = pattern(3, (64 * MIB) as usize);
+    {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&img).unwrap();
+        for _ in 0..16 {
+            f.write_all(&data).unwrap();
+        }
+    }
+    let base = dir.path().join("store");
+    let config = "listen: 127.0.0.1:0\nbase-dir: BASE\nscrub: {enabled: false}\n\
+                  limits: {streams-per-client: 1}\njobs:\n  vm1: {schedule: none}\n";
+    let server = tokio::task::spawn_blocking(move || Server::start_config(&base, config))
+        .await
+        .unwrap();
+    let srv = std::sync::Arc::new(server);
+    let out = {
+        let (srv, img) = (srv.clone(), img.clone());
+        tokio::task::spawn_blocking(move || srv.client(&["push", "vm1", "--source", img.to_str().unwrap()]))
+            .await
+            .unwrap()
+    };
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // Open mode: limits per connection, so one connection does it all.
+    let mut c = BackyClient::connect(srv.url.clone()).await.unwrap();
+    let mark = srv.log_mark();
+    let verify = c
+        .verify(VerifyRequest {
+            job: "vm1".into(),
+            revisions: "latest".into(),
+        })
+        .await
+        .unwrap();
+    // The one permit is taken: another stream on this connection is refused.
+    let probe = |c: &mut BackyClient<tonic::transport::Channel>| {
+        let mut c = c.clone();
+        async move {
+            c.restore(RestoreRequest {
+                job: "vm1".into(),
+                revision: "nope".into(),
+            })
+            .await
+            .unwrap_err()
+            .code()
+        }
+    };
+    assert_eq!(probe(&mut c).await, Code::ResourceExhausted);
+    drop(verify);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while probe(&mut c).await != Code::NotFound {
+        assert!(std::time::Instant::now() < deadline, "the verify kept its stream");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let srv2 = srv.clone();
+    let line = tokio::task::spawn_blocking(move || srv2.wait_log(mark, "cancelled after"))
+        .await
+        .unwrap();
+    assert!(line.contains("nothing changed"), "{line}");
+    assert_eq!(srv.revisions("vm1")[0]["trust"], "trusted");
+}
