@@ -8,39 +8,11 @@
 mod support;
 
 use serde_json::Value;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use support::*;
 
 /// A loop device over a file; detached on drop.
-struct LoopDev {
-    dev: PathBuf,
-}
-
-impl LoopDev {
-    fn attach(file: &Path) -> LoopDev {
-        let out = Command::new("losetup")
-            .args(["-f", "--show"])
-            .arg(file)
-            .output()
-            .expect("losetup");
-        assert!(
-            out.status.success(),
-            "losetup: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        LoopDev {
-            dev: PathBuf::from(String::from_utf8(out.stdout).unwrap().trim()),
-        }
-    }
-}
-
-impl Drop for LoopDev {
-    fn drop(&mut self) {
-        let _ = Command::new("losetup").arg("-d").arg(&self.dev).status();
-    }
-}
-
 /// Loop devices attached to `file`.
 fn attached(file: &Path) -> String {
     let out = Command::new("losetup").arg("-j").arg(file).output().unwrap();

@@ -29,15 +29,6 @@ fn refused(out: &Output, code: &str, needle: &str) -> String {
     err
 }
 
-fn tags(rev: &serde_json::Value) -> Vec<String> {
-    rev["tags"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|t| t.as_str().unwrap().to_string())
-        .collect()
-}
-
 /// Restores `spec` of `job` to a new file and returns its hash.
 fn restored_hash(server: &Server, dir: &Path, job: &str, spec: &str) -> String {
     let target = dir.join(format!("restored-{}.img", uuid::Uuid::new_v4().simple()));
@@ -150,7 +141,10 @@ fn unscheduled_tags_are_refused_and_nothing_committed_is_expired() {
     let mut server = server;
     server.restart();
     assert_eq!(server.short_ids("vm1").len(), 2);
-    assert_eq!(tags(&server.revisions("vm1")[1]), ["pre-upgrade"]);
+    assert_eq!(
+        Vec::from_iter(tags_of(&server.revisions("vm1")[1])),
+        ["pre-upgrade"]
+    );
 
     // The next backup's expiry removes it, says why, and keeps the new one.
     let mark = server.log_mark();
@@ -226,7 +220,7 @@ fn a_renamed_schedule_deletes_nothing_before_a_new_backup() {
     assert_eq!(pushed["expired"].as_array().unwrap().len(), 3, "{pushed}");
     let after = server.revisions("vm1");
     assert_eq!(after.len(), 1);
-    assert_eq!(tags(&after[0]), ["nightly"]);
+    assert_eq!(Vec::from_iter(tags_of(&after[0])), ["nightly"]);
     assert_eq!(
         restored_hash(&server, &fs.mount, "vm1", "latest"),
         file_hash(&img)
@@ -348,31 +342,6 @@ fn a_shrunken_source_is_refused() {
     assert_eq!(server.status_json("vm1")["jobs"][0]["failures"], 0);
 }
 
-/// A loop device over a file; detached on drop.
-struct Loop {
-    dev: String,
-}
-
-impl Loop {
-    fn attach(file: &Path) -> Self {
-        let out = Command::new("losetup")
-            .args(["-f", "--show"])
-            .arg(file)
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "losetup: {}", stderr(&out));
-        Loop {
-            dev: stdout(&out).trim().to_string(),
-        }
-    }
-}
-
-impl Drop for Loop {
-    fn drop(&mut self) {
-        let _ = Command::new("losetup").args(["-d", &self.dev]).status();
-    }
-}
-
 /// Items 6 and 7: a device that holds data needs --force; one in use is
 /// refused; a mistyped /dev path is never created as a file; README's dd
 /// recipe for devices restores exactly (no conv=sparse leaving old data).
@@ -388,18 +357,18 @@ fn restores_onto_devices_need_force_and_never_create_files_in_dev() {
     let disk = fs.mount.join("disk.raw");
     std::fs::write(&disk, pattern(7, (16 * MIB) as usize)).unwrap();
     let old = file_hash(&disk);
-    let dev = Loop::attach(&disk);
-    let out = server.client(&["restore", "vm1", &dev.dev]);
-    refused(&out, &dev.dev, "holds data: give --force");
+    let dev = LoopDev::attach(&disk);
+    let out = server.client(&["restore", "vm1", dev.path()]);
+    refused(&out, dev.path(), "holds data: give --force");
     assert_eq!(file_hash(&disk), old, "refused: the device is untouched");
-    server.client_ok(&["restore", "vm1", &dev.dev, "--force"]);
+    server.client_ok(&["restore", "vm1", dev.path(), "--force"]);
     assert_eq!(file_hash(&disk), file_hash(&img));
 
     // An all-zero device needs no --force.
     let blank = fs.mount.join("blank.raw");
     std::fs::File::create(&blank).unwrap().set_len(16 * MIB).unwrap();
-    let blank_dev = Loop::attach(&blank);
-    server.client_ok(&["restore", "vm1", &blank_dev.dev]);
+    let blank_dev = LoopDev::attach(&blank);
+    server.client_ok(&["restore", "vm1", blank_dev.path()]);
     assert_eq!(file_hash(&blank), file_hash(&img));
 
     // A mounted device is refused even with --force.
@@ -432,7 +401,7 @@ fn restores_onto_devices_need_force_and_never_create_files_in_dev() {
         .split_whitespace()
         .find_map(|w| w.strip_prefix("of="))
         .unwrap();
-    let cmd = recipe.replace(target, &dev.dev);
+    let cmd = recipe.replace(target, dev.path());
     let out = Command::new("sh")
         .arg("-c")
         .arg(&cmd)
@@ -468,7 +437,10 @@ fn late_failures_never_fail_what_was_done() {
 
     server.restart_with_env(&[("BACKY_FAULT", "error:tags.applied")]);
     server.client_ok(&["tags", "vm1", "-r", "0", "add", "manual:a"]);
-    assert_eq!(tags(&server.revisions("vm1")[2]), ["daily", "manual:a"]);
+    assert_eq!(
+        Vec::from_iter(tags_of(&server.revisions("vm1")[2])),
+        ["daily", "manual:a"]
+    );
 
     server.restart_with_env(&[("BACKY_FAULT", "error:distrust.applied")]);
     server.client_ok(&["distrust", "vm1", "-r", "1"]);

@@ -26,15 +26,6 @@ jobs:
 /// A revision as first listed: its timestamp and tags then.
 type Sighting = (chrono::DateTime<chrono::Utc>, BTreeSet<String>);
 
-fn tags_of(r: &serde_json::Value) -> BTreeSet<String> {
-    r["tags"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|t| t.as_str().unwrap().to_string())
-        .collect()
-}
-
 /// Records every revision of `job` listed now that was not seen before;
 /// returns the listing when it was stable (the same twice in a row: no
 /// commit or expiry ran while it was read).

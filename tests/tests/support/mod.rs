@@ -557,3 +557,47 @@ impl Drop for Agent {
         let _ = self.child.wait();
     }
 }
+
+/// A loop device over a file (a real block device); detached on drop.
+pub struct LoopDev {
+    pub dev: PathBuf,
+}
+
+impl LoopDev {
+    pub fn attach(file: &Path) -> LoopDev {
+        let out = Command::new("losetup")
+            .args(["-f", "--show"])
+            .arg(file)
+            .output()
+            .expect("losetup");
+        assert!(
+            out.status.success(),
+            "losetup: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        LoopDev {
+            dev: PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()),
+        }
+    }
+
+    /// The device path as text (for command lines).
+    pub fn path(&self) -> &str {
+        self.dev.to_str().expect("loop device paths are ASCII")
+    }
+}
+
+impl Drop for LoopDev {
+    fn drop(&mut self) {
+        let _ = Command::new("losetup").arg("-d").arg(&self.dev).status();
+    }
+}
+
+/// The tags of a revision from `status --json`.
+pub fn tags_of(r: &serde_json::Value) -> std::collections::BTreeSet<String> {
+    r["tags"]
+        .as_array()
+        .expect("tags array")
+        .iter()
+        .map(|t| t.as_str().expect("tag").to_string())
+        .collect()
+}
