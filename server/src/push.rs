@@ -219,9 +219,6 @@ fn check_tags(
     schedule: Option<&backy_common::config::Schedule>,
     allow_unscheduled: bool,
 ) -> Result<BTreeSet<String>> {
-    if tags.len() > MAX_TAGS {
-        return Err(Error::invalid(format!("more than {MAX_TAGS} tags")));
-    }
     crate::revisions::check_tags(tags, schedule, allow_unscheduled)?;
     if schedule.is_some() && tags.is_empty() {
         return Err(Error::invalid(

@@ -65,10 +65,16 @@ pub enum Apply {
     DryRun,
 }
 
-/// Checks tags an operator gives (push, tags): each well-formed; with a
+/// Checks tags an operator gives (plan, push, tags): at most [`crate::push::MAX_TAGS`], each well-formed; with a
 /// schedule, each in it or `manual:`, unless `allow_unscheduled` (such tags
 /// keep a revision only until the expiry after the next commit).
 pub fn check_tags(tags: &[String], schedule: Option<&Schedule>, allow_unscheduled: bool) -> Result<()> {
+    if tags.len() > crate::push::MAX_TAGS {
+        return Err(Error::invalid(format!(
+            "more than {} tags",
+            crate::push::MAX_TAGS
+        )));
+    }
     for t in tags {
         check_tag(t)?;
     }
@@ -112,9 +118,7 @@ pub fn tags(
     if action != TagAction::Remove {
         check_tags(tags, schedule, allow_unscheduled)?;
     } else {
-        for t in tags {
-            check_tag(t)?;
-        }
+        check_tags(tags, None, true)?;
     }
     let _lock = lock_unless_pushing(server, job)?;
     let tags: BTreeSet<String> = tags.iter().cloned().collect();
