@@ -17,6 +17,7 @@ pub mod status;
 pub mod storage;
 pub mod tls;
 pub mod wire;
+pub mod work;
 
 use anyhow::Context;
 use backy_common::config::ServerConfig;

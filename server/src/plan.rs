@@ -79,7 +79,7 @@ pub fn plan(server: &Server, req: &PlanRequest) -> Result<PlanReply> {
 
 /// The manifest of the interrupted push `id` as a resumed push will find
 /// its partial image: what the client compares its source with.
-pub fn resume_manifest(server: &Server, job: &JobDir, id: &str) -> Result<(RevisionInfo, Vec<u8>)> {
+pub fn resume_manifest(server: &Server, job: &JobDir, id: &str) -> Result<(RevisionInfo, Manifest)> {
     let id: RevisionId = id.parse().map_err(|e: Error| e.context("resume manifest"))?;
     let config = server.config();
     let record = job
@@ -99,15 +99,15 @@ pub fn resume_manifest(server: &Server, job: &JobDir, id: &str) -> Result<(Revis
         None => Manifest::zeroed(0, record.block_size)?,
     };
     baseline.resize(record.size)?;
-    let bytes = job.resume_manifest(&record, &baseline)?.encode();
+    let manifest = job.resume_manifest(&record, &baseline)?;
     let info = RevisionInfo {
         id: id.uuid().to_string(),
         short_id: id.short(),
         parent_id: record.parent.map(|p| p.uuid().to_string()).unwrap_or_default(),
         size: record.size,
         block_size: record.block_size,
-        manifest_digest: blake3::hash(&bytes).to_hex().to_string(),
+        manifest_digest: hex::encode(manifest.file_digest()),
         ..RevisionInfo::default()
     };
-    Ok((info, bytes))
+    Ok((info, manifest))
 }

@@ -3,6 +3,7 @@
 
 use crate::state::Server;
 use crate::storage::{NewRevision, NewRevisionSpec, PushEnd};
+use crate::work::Gate;
 use backy_common::revision::{RevisionMeta, SourceInfo};
 use backy_common::schedule::ExpiryRun;
 use backy_common::{fault, Error, Result, RevisionId, DEFAULT_BLOCK_SIZE};
@@ -35,6 +36,7 @@ pub fn run(
     server: Arc<Server>,
     begin: PushBegin,
     mut rx: mpsc::Receiver<Step>,
+    gate: Gate,
 ) -> Result<(RevisionMeta, Vec<RevisionId>)> {
     let job = server.job(&begin.job)?;
     let config = server.config();
@@ -155,9 +157,9 @@ pub fn run(
     let mut rev = match &resuming {
         Some(record) => {
             tracing::info!(job = %job.name(), rev = %id, checkpoint = record.checkpoint, "resuming push");
-            NewRevision::resume(&job, spec, record, parent, checkpoint_every)?
+            NewRevision::resume(&job, spec, record, parent, checkpoint_every, gate)?
         }
-        None => NewRevision::create(&job, spec, parent, server.storage_mode, checkpoint_every)?,
+        None => NewRevision::create(&job, spec, parent, server.storage_mode, checkpoint_every, gate)?,
     };
     fault::point("push.cloned");
     let meta = loop {

@@ -2,6 +2,7 @@
 
 use crate::state::Server;
 use crate::storage::JobDir;
+use backy_common::manifest::Manifest;
 use backy_common::ranges::zero_runs;
 use backy_common::revision::RevisionMeta;
 use backy_common::spec::Spec;
@@ -80,6 +81,44 @@ pub fn stream_manifest(
             meta.id
         )));
     }
+}
+
+/// Streams a manifest computed in memory (a partial revision's) in
+/// [`MANIFEST_CHUNK`] messages, encoding as it goes; `info` rides on the
+/// first. Stops when the receiver goes away.
+pub fn send_manifest(
+    info: RevisionInfo,
+    manifest: &Manifest,
+    tx: &mpsc::Sender<std::result::Result<ManifestChunk, tonic::Status>>,
+) {
+    struct Sender<'a> {
+        tx: &'a mpsc::Sender<std::result::Result<ManifestChunk, tonic::Status>>,
+        revision: Option<RevisionInfo>,
+    }
+    impl std::io::Write for Sender<'_> {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            let chunk = ManifestChunk {
+                revision: self.revision.take(),
+                data: buf.to_vec(),
+            };
+            self.tx
+                .blocking_send(Ok(chunk))
+                .map_err(|_| std::io::Error::new(std::io::ErrorKind::BrokenPipe, "the caller went away"))?;
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let sender = Sender {
+        tx,
+        revision: Some(info),
+    };
+    let mut w = std::io::BufWriter::with_capacity(MANIFEST_CHUNK, sender);
+    // A failed send means the caller left: nothing more to do.
+    let _ = manifest
+        .write_to(&mut w)
+        .and_then(|_| std::io::Write::flush(&mut w));
 }
 
 /// Streams the image of `meta`: zero blocks (per the manifest) as zero

@@ -4,6 +4,7 @@
 
 use crate::state::Server;
 use crate::storage::{durable, JobDir};
+use crate::work::Gate;
 use backy_common::config::Schedule;
 use backy_common::manifest::digest;
 use backy_common::revision::{check_tag, is_manual_tag, RevisionMeta, Trust};
@@ -237,6 +238,16 @@ fn after_change(job: &JobDir, point: &str) {
     }
 }
 
+/// Where the next data at or after `offset` starts: the file's size when
+/// only a hole follows, `offset` itself when the filesystem cannot tell.
+fn next_data_at(file: &File, offset: u64) -> u64 {
+    match rustix::fs::seek(file, rustix::fs::SeekFrom::Data(offset)) {
+        Ok(at) => at,
+        Err(rustix::io::Errno::NXIO) => u64::MAX,
+        Err(_) => offset,
+    }
+}
+
 /// Outcome of verifying one revision.
 pub struct Verified {
     pub meta: RevisionMeta,
@@ -245,14 +256,18 @@ pub struct Verified {
 }
 
 /// Re-reads every block of a revision and compares it with the manifest;
-/// marks the revision `verified` (with the time) or `distrusted`.
-/// `on_block` is called with the bytes read so far (progress, throttling)
-/// and answers whether to go on: a verify whose caller went away stops at
-/// the next block, changes no trust, and fails as cancelled.
+/// marks the revision `verified` (with the time) or `distrusted`. Holes
+/// (found with `SEEK_DATA`) are zeros without reading them, so a sparse
+/// image costs what its data costs; each block read takes a slot of the
+/// server's work pool through `gate`. `on_block` is called with the bytes
+/// read so far (throttling) and answers whether to go on: a verify whose
+/// caller went away stops at the next block, changes no trust, and fails
+/// as cancelled.
 pub fn verify(
     server: &std::sync::Arc<Server>,
     job: &JobDir,
     meta: &RevisionMeta,
+    gate: &Gate,
     mut on_block: impl FnMut(u64) -> bool,
 ) -> Result<Verified> {
     let _reading = server.start_read(job.name(), meta.id);
@@ -265,25 +280,42 @@ pub fn verify(
         .len();
     let mut bad = Vec::new();
     let mut checked = 0u64;
+    let mut read = 0u64;
+    let cancelled = |checked: u64| {
+        Error::unavailable(format!(
+            "verify of revision {} cancelled after {checked} bytes: nothing changed",
+            meta.id
+        ))
+    };
     if len != meta.size {
         bad.push(len.min(meta.size));
     } else {
         let mut buf = vec![0u8; manifest.block_size() as usize];
+        // No data lies in [checked, next_data).
+        let mut next_data = 0u64;
         for block in 0..manifest.block_count() {
             let n = manifest.block_len(block) as usize;
             let off = manifest.block_offset(block);
-            file.read_exact_at(&mut buf[..n], off)
-                .map_err(|e| Error::io(format!("reading {}", path.display()), e))?;
-            if Some(&digest(&buf[..n])) != manifest.get(block) {
-                bad.push(off);
+            if next_data <= off {
+                next_data = next_data_at(&file, off);
+            }
+            if next_data >= off + n as u64 {
+                if !manifest.is_zero(block) {
+                    bad.push(off);
+                }
+            } else {
+                let _slot = gate.slot().map_err(|_| cancelled(checked))?;
+                file.read_exact_at(&mut buf[..n], off)
+                    .map_err(|e| Error::io(format!("reading {}", path.display()), e))?;
+                if Some(&digest(&buf[..n])) != manifest.get(block) {
+                    bad.push(off);
+                }
+                read += n as u64;
+                if !on_block(read) {
+                    return Err(cancelled(checked));
+                }
             }
             checked += n as u64;
-            if !on_block(checked) {
-                return Err(Error::unavailable(format!(
-                    "verify of revision {} cancelled after {checked} bytes: nothing changed",
-                    meta.id
-                )));
-            }
         }
     }
     let now = chrono::Utc::now();

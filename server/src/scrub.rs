@@ -57,7 +57,8 @@ fn scrub_one(server: &Arc<Server>) -> Result<bool> {
     };
     let throttle = Throttle::new(config.scrub.rate);
     let started = Instant::now();
-    let verified = crate::revisions::verify(server, job, meta, |done| {
+    let gate = crate::work::Gate::new(server.work.clone(), "scrub", std::sync::Arc::new(|| false));
+    let verified = crate::revisions::verify(server, job, meta, &gate, |done| {
         let pause = throttle.pause(done, started.elapsed());
         if !pause.is_zero() {
             std::thread::sleep(pause);
@@ -68,7 +69,7 @@ fn scrub_one(server: &Arc<Server>) -> Result<bool> {
     if verified.bad_blocks.is_empty() {
         tracing::info!(
             job = %job.name(), rev = %meta.id,
-            "scrub: clean, {} read in {secs:.1} s ({}/s)",
+            "scrub: clean, {} checked in {secs:.1} s ({}/s)",
             format_bytes(verified.bytes_checked),
             format_bytes((verified.bytes_checked as f64 / secs.max(1e-3)) as u64)
         );

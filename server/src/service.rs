@@ -6,11 +6,13 @@ use crate::push::Step;
 use crate::state::Server;
 use crate::storage::PushEnd;
 use crate::wire::to_status;
+use crate::work::Gate;
 use backy_common::Result;
 use backy_proto::backy_server::Backy;
 use backy_proto::push_frame::Frame;
 use backy_proto::*;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -21,6 +23,16 @@ type BoxStream<T> = Pin<Box<dyn Stream<Item = std::result::Result<T, Status>> + 
 
 /// How many decoded frames may wait between network and disk.
 const FRAMES_IN_FLIGHT: usize = 8;
+
+/// Set when dropped: a handler tonic drops because its client left.
+#[derive(Default)]
+struct SetOnDrop(Arc<AtomicBool>);
+
+impl Drop for SetOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+}
 /// How long a client may take to close its stream after the end frame.
 const END_GRACE: std::time::Duration = std::time::Duration::from_secs(30);
 
@@ -131,23 +143,14 @@ impl Backy for Service {
         let (tx, rx) = mpsc::channel(4);
         if req.resume {
             // A partial revision's manifest is computed, not stored.
-            let (info, bytes) = blocking(move || {
+            let (info, manifest) = blocking(move || {
                 let job = server.job(&req.job)?;
                 crate::plan::resume_manifest(&server, &job, &req.revision)
             })
             .await?;
-            tokio::spawn(async move {
+            tokio::task::spawn_blocking(move || {
                 let _permit = permit;
-                let mut revision = Some(info);
-                for piece in bytes.chunks(crate::restore::MANIFEST_CHUNK) {
-                    let chunk = ManifestChunk {
-                        revision: revision.take(),
-                        data: piece.to_vec(),
-                    };
-                    if tx.send(Ok(chunk)).await.is_err() {
-                        break;
-                    }
-                }
+                crate::restore::send_manifest(info, &manifest, &tx)
             });
         } else {
             let (job, meta) = blocking(move || {
@@ -200,10 +203,18 @@ impl Backy for Service {
         let server = self.server.clone();
         let (tx, rx) = mpsc::channel(FRAMES_IN_FLIGHT);
         // The outcome is recorded by the writer: this handler is dropped
-        // when the client's connection goes away.
+        // when the client's connection goes away, which stops the writer's
+        // block work (a commit's read-back) at the next block.
+        let gone = SetOnDrop::default();
+        let flag = gone.0.clone();
+        let gate = Gate::new(
+            server.work.clone(),
+            caller.limit_key.clone(),
+            Arc::new(move || flag.load(Ordering::Relaxed)),
+        );
         let writer = tokio::task::spawn_blocking(move || {
             let (job, rev) = (begin.job.clone(), begin.rev_id.clone());
-            let result = crate::push::run(server.clone(), begin, rx);
+            let result = crate::push::run(server.clone(), begin, rx, gate);
             server.record_push_outcome(&job, &rev, &result);
             result
         });
@@ -399,10 +410,17 @@ impl Backy for Service {
         .await?;
         let (tx, rx) = mpsc::channel(4);
         let server = self.server.clone();
+        let closed = tx.clone();
+        let gate = Gate::new(
+            server.work.clone(),
+            caller.limit_key.clone(),
+            Arc::new(move || closed.is_closed()),
+        );
         tokio::task::spawn_blocking(move || {
             let _permit = permit;
             for meta in selected {
-                let report = match crate::revisions::verify(&server, &job, &meta, |_| !tx.is_closed()) {
+                let report = match crate::revisions::verify(&server, &job, &meta, &gate, |_| !tx.is_closed())
+                {
                     Ok(v) => VerifyReport {
                         ok: v.bad_blocks.is_empty(),
                         revision: Some(RevisionInfo::from(&v.meta)),

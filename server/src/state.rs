@@ -39,6 +39,8 @@ pub struct Server {
     runtime: Mutex<HashMap<JobName, JobRuntime>>,
     /// Serialises `.rev` read-modify-write cycles.
     meta: Mutex<()>,
+    /// Bounds re-digest and verify work, shared fairly between callers.
+    pub work: Arc<crate::work::WorkPool>,
 }
 
 impl Server {
@@ -52,6 +54,7 @@ impl Server {
             storage_mode,
             runtime: Mutex::new(HashMap::new()),
             meta: Mutex::new(()),
+            work: Arc::new(crate::work::WorkPool::for_this_host()),
         }
     }
 

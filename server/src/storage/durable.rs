@@ -38,6 +38,36 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     write_atomic_all(&[(path, bytes)])
 }
 
+/// Writes a manifest to `path` like [`write_atomic`], streaming it (memory
+/// stays at one buffer however large the image); returns its BLAKE3.
+pub fn write_manifest(
+    path: &Path,
+    manifest: &backy_common::manifest::Manifest,
+) -> Result<backy_common::manifest::Digest> {
+    let dir = parent_of(path)?;
+    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("file");
+    let tmp = dir.join(format!(".tmp.{name}.{}", uuid::Uuid::new_v4().simple()));
+    let result = (|| {
+        let f = create_new(&tmp)?;
+        let mut w = std::io::BufWriter::with_capacity(1 << 20, &f);
+        let digest = manifest
+            .write_to(&mut w)
+            .and_then(|d| w.flush().map(|()| d))
+            .map_err(|e| Error::io(format!("writing {}", tmp.display()), e))?;
+        drop(w);
+        f.sync_all()
+            .map_err(|e| Error::io(format!("syncing {}", tmp.display()), e))?;
+        std::fs::rename(&tmp, path)
+            .map_err(|e| Error::io(format!("renaming {} to {}", tmp.display(), path.display()), e))?;
+        fsync_dir(dir)?;
+        Ok(digest)
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}
+
 /// Writes several files so that a failure leaves all of them as they were
 /// (except a failing rename, which the kernel all but never refuses once
 /// the data is on disk): every temp file is written and synced first, then

@@ -133,11 +133,17 @@ impl JobDir {
         self.read_meta(&path)
     }
 
-    /// The raw `.digests` bytes of a revision, checked against its `.rev`.
-    pub fn manifest_bytes(&self, meta: &RevisionMeta) -> Result<Vec<u8>> {
+    /// A revision's manifest, read piece by piece and checked against its
+    /// `.rev` (digest, size, block size).
+    pub fn manifest(&self, meta: &RevisionMeta) -> Result<Manifest> {
         let path = self.digests_path(&meta.id);
-        let bytes = std::fs::read(&path).map_err(|e| Error::io(format!("reading {}", path.display()), e))?;
-        let got = hex::encode(blake3::hash(&bytes).as_bytes());
+        let file =
+            std::fs::File::open(&path).map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
+        let (m, digest) = Manifest::read_from(
+            std::io::BufReader::with_capacity(1 << 20, file),
+            &path.display().to_string(),
+        )?;
+        let got = hex::encode(digest);
         if got != meta.manifest_digest {
             return Err(Error::data_loss(format!(
                 "{}: manifest digest {got} does not match the revision's {}",
@@ -145,13 +151,6 @@ impl JobDir {
                 meta.manifest_digest
             )));
         }
-        Ok(bytes)
-    }
-
-    /// A revision's manifest, decoded and checked.
-    pub fn manifest(&self, meta: &RevisionMeta) -> Result<Manifest> {
-        let bytes = self.manifest_bytes(meta)?;
-        let m = Manifest::decode(&bytes, &self.digests_path(&meta.id).display().to_string())?;
         if m.image_size() != meta.size || m.block_size() != meta.block_size {
             return Err(Error::data_loss(format!(
                 "job {}: manifest of {} does not match its size or block size",

@@ -95,8 +95,9 @@ impl JobDir {
     /// manifest at the new size, or zeros) above it.
     pub fn resume_manifest(&self, record: &ResumeRecord, baseline: &Manifest) -> Result<Manifest> {
         let path = self.resume_digests_path(&record.id);
-        let bytes = std::fs::read(&path).map_err(|e| Error::io(format!("reading {}", path.display()), e))?;
-        let recorded = Manifest::decode(&bytes, &path.display().to_string())?;
+        let file =
+            std::fs::File::open(&path).map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
+        let (recorded, _) = Manifest::read_from(std::io::BufReader::new(file), &path.display().to_string())?;
         if recorded.image_size() != record.size
             || recorded.block_size() != record.block_size
             || baseline.image_size() != record.size
@@ -121,7 +122,7 @@ impl JobDir {
     /// Writes the checkpoint files of a push: its manifest, then the
     /// record that makes them count. The image must be synced before.
     pub fn write_checkpoint(&self, record: &ResumeRecord, manifest: &Manifest) -> Result<()> {
-        durable::write_atomic(&self.resume_digests_path(&record.id), &manifest.encode())?;
+        durable::write_manifest(&self.resume_digests_path(&record.id), manifest)?;
         durable::write_atomic(&self.resume_record_path(&record.id), record.to_yaml()?.as_bytes())
     }
 

@@ -7,15 +7,17 @@
 //! touches a block (a partial range, a gap, an overlap, a later frame)
 //! forgets it, and the commit reads it back as before.
 
-use backy_common::manifest::{zero_digest, Digest, Manifest};
+use backy_common::blockset::BlockSet;
+use backy_common::manifest::{Digest, Manifest};
 use backy_common::ranges::{blocks_of, Extent};
 use backy_common::Result;
 
 pub struct Streamed {
     block_size: u64,
-    /// Digests of known blocks (others hold stale values).
+    /// Digests of known blocks (others hold stale values); shares its
+    /// unwritten chunks with the manifest it started from.
     digests: Manifest,
-    known: Vec<u64>,
+    known: BlockSet,
     /// The block being hashed and the offset its next byte must come from.
     current: Option<(u64, u64, blake3::Hasher)>,
 }
@@ -26,7 +28,7 @@ impl Streamed {
     pub fn new(manifest: Manifest) -> Self {
         Streamed {
             block_size: manifest.block_size() as u64,
-            known: vec![0; manifest.block_count().div_ceil(64) as usize],
+            known: BlockSet::new(),
             digests: manifest,
             current: None,
         }
@@ -62,7 +64,7 @@ impl Streamed {
                     let d = *hasher.finalize().as_bytes();
                     self.current = None;
                     self.digests.set(block, d)?;
-                    self.known[(block / 64) as usize] |= 1 << (block % 64);
+                    self.known.insert(block..block + 1);
                 }
             }
             pos += n as u64;
@@ -72,41 +74,49 @@ impl Streamed {
     }
 
     /// A zero range (already validated): whole blocks become known zeros,
-    /// partly covered ones unknown.
+    /// partly covered ones unknown. Time follows the blocks with data in
+    /// the range, not its length.
     pub fn zero(&mut self, e: Extent) -> Result<()> {
-        for block in blocks_of(e, self.block_size as u32) {
-            if matches!(&self.current, Some((b, _, _)) if *b == block) {
-                self.current = None;
-            }
-            let start = self.digests.block_offset(block);
-            let len = self.digests.block_len(block);
-            if e.offset <= start && start + len <= e.end() {
-                self.digests.set(block, zero_digest(len))?;
-                self.known[(block / 64) as usize] |= 1 << (block % 64);
-            } else {
-                self.forget(block);
-            }
+        let blocks = blocks_of(e, self.block_size as u32);
+        if blocks.is_empty() {
+            return Ok(());
+        }
+        if matches!(&self.current, Some((b, _, _)) if blocks.contains(b)) {
+            self.current = None;
+        }
+        let covered = |m: &Manifest, b: u64| {
+            let start = m.block_offset(b);
+            e.offset <= start && start + m.block_len(b) <= e.end()
+        };
+        let mut whole = blocks.clone();
+        if !covered(&self.digests, whole.start) {
+            self.forget(whole.start);
+            whole.start += 1;
+        }
+        if whole.start < whole.end && !covered(&self.digests, whole.end - 1) {
+            self.forget(whole.end - 1);
+            whole.end -= 1;
+        }
+        if whole.start < whole.end {
+            self.digests.set_zero(whole.start, whole.end);
+            self.known.insert(whole);
         }
         Ok(())
     }
 
     fn is_known(&self, block: u64) -> bool {
-        self.known
-            .get((block / 64) as usize)
-            .is_some_and(|w| w & (1 << (block % 64)) != 0)
+        self.known.contains(block)
     }
 
     fn forget(&mut self, block: u64) {
-        if let Some(w) = self.known.get_mut((block / 64) as usize) {
-            *w &= !(1 << (block % 64));
-        }
+        self.known.remove(block..block + 1);
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use backy_common::manifest::digest;
+    use backy_common::manifest::{digest, zero_digest};
 
     const BS: u32 = 64 << 10;
     const B: u64 = BS as u64;

@@ -5,6 +5,8 @@ use super::clone::clone_or_copy;
 use super::durable;
 use super::jobdir::JobDir;
 use super::streamed::Streamed;
+use crate::work::Gate;
+use backy_common::blockset::BlockSet;
 use backy_common::checksum::StreamChecksum;
 use backy_common::manifest::{digest, Digest, Manifest};
 use backy_common::ranges::{blocks_of, Extent};
@@ -53,7 +55,7 @@ pub struct NewRevision {
     file: File,
     path: PathBuf,
     /// Blocks written since their digest in `current` was taken.
-    touched: Bitmap,
+    touched: BlockSet,
     /// Digests of blocks that arrived whole: not re-read at commit.
     streamed: Streamed,
     flusher: Flusher,
@@ -73,6 +75,8 @@ pub struct NewRevision {
     started: Instant,
     committed: bool,
     kept: bool,
+    /// Reading blocks back goes through the server's work pool.
+    gate: Gate,
 }
 
 impl NewRevision {
@@ -85,6 +89,7 @@ impl NewRevision {
         parent: Option<(&RevisionMeta, Manifest)>,
         fs_mode: StorageMode,
         checkpoint_every: Option<u64>,
+        gate: Gate,
     ) -> Result<Self> {
         let path = job.partial_image_path(&spec.id);
         let file = durable::create_new(&path)?;
@@ -108,9 +113,9 @@ impl NewRevision {
         baseline.resize(spec.size)?;
         file.set_len(spec.size)
             .map_err(|e| Error::io(format!("sizing {}", path.display()), e))?;
-        let mut touched = Bitmap::new(baseline.block_count());
+        let mut touched = BlockSet::new();
         for b in baseline.resize_touched(old_size) {
-            touched.set(b);
+            touched.insert(b..b + 1);
         }
         guard.0 = None;
         let now = Utc::now();
@@ -140,6 +145,7 @@ impl NewRevision {
             started: Instant::now(),
             committed: false,
             kept: false,
+            gate,
         })
     }
 
@@ -152,6 +158,7 @@ impl NewRevision {
         record: &ResumeRecord,
         parent: Option<(&RevisionMeta, Manifest)>,
         checkpoint_every: Option<u64>,
+        gate: Gate,
     ) -> Result<Self> {
         if spec.id != record.id || spec.size != record.size || spec.block_size != record.block_size {
             return Err(Error::precondition(format!(
@@ -182,11 +189,11 @@ impl NewRevision {
             spec.size,
         )?;
         let current = job.resume_manifest(record, &baseline)?;
-        let mut touched = Bitmap::new(baseline.block_count());
+        let mut touched = BlockSet::new();
         let done = record.checkpoint / u64::from(spec.block_size);
         for b in baseline.resize_touched(old_size) {
             if b >= done {
-                touched.set(b);
+                touched.insert(b..b + 1);
             }
         }
         let now = Utc::now();
@@ -216,6 +223,7 @@ impl NewRevision {
             started: Instant::now(),
             committed: false,
             kept: false,
+            gate,
         })
     }
 
@@ -277,27 +285,30 @@ impl NewRevision {
     /// Digests the blocks below `upto` written since their last digest.
     fn digest_touched_below(&mut self, upto: u64) -> Result<()> {
         let limit = upto / u64::from(self.spec.block_size);
-        let blocks: Vec<u64> = self.touched.iter().take_while(|&b| b < limit).collect();
-        let mut buf = vec![0u8; self.spec.block_size as usize];
-        for block in blocks {
-            // Blocks that arrived whole were digested as they came.
-            let d: Digest = match self.streamed.get(block) {
-                Some(d) => *d,
-                None => {
-                    let len = self.current.block_len(block) as usize;
-                    let offset = self.current.block_offset(block);
-                    self.file
-                        .read_exact_at(&mut buf[..len], offset)
-                        .map_err(|e| Error::io(format!("reading back {}", self.path.display()), e))?;
-                    digest(&buf[..len])
+        let mut buf = Vec::new();
+        for range in self.touched.ranges_below(limit) {
+            for block in range {
+                // Blocks that arrived whole were digested as they came.
+                let d: Digest = match self.streamed.get(block) {
+                    Some(d) => *d,
+                    None => {
+                        let _slot = self.gate.slot()?;
+                        let len = self.current.block_len(block) as usize;
+                        let offset = self.current.block_offset(block);
+                        buf.resize(len, 0);
+                        self.file
+                            .read_exact_at(&mut buf, offset)
+                            .map_err(|e| Error::io(format!("reading back {}", self.path.display()), e))?;
+                        digest(&buf)
+                    }
+                };
+                if Some(&d) != self.baseline.get(block) && Some(&d) != self.current.get(block) {
+                    self.stats.changed_blocks += 1;
                 }
-            };
-            if Some(&d) != self.baseline.get(block) && Some(&d) != self.current.get(block) {
-                self.stats.changed_blocks += 1;
+                self.current.set(block, d)?;
             }
-            self.current.set(block, d)?;
-            self.touched.clear(block);
         }
+        self.touched.remove(0..limit);
         Ok(())
     }
 
@@ -390,9 +401,7 @@ impl NewRevision {
     }
 
     fn touch(&mut self, e: Extent) {
-        for b in blocks_of(e, self.spec.block_size) {
-            self.touched.set(b);
-        }
+        self.touched.insert(blocks_of(e, self.spec.block_size));
     }
 
     /// Checks the client's end-to-end checksums, takes the digests of every
@@ -406,10 +415,8 @@ impl NewRevision {
             ));
         }
         self.digest_touched_below(u64::MAX)?;
-        let manifest = self.current.clone();
         fault::point("commit.digested");
-        let manifest_bytes = manifest.encode();
-        let manifest_digest = *blake3::hash(&manifest_bytes).as_bytes();
+        let manifest_digest = self.current.file_digest();
         if !end.manifest_digest.is_empty() && end.manifest_digest.as_slice() != manifest_digest {
             return Err(Error::data_loss(
                 "end-to-end check failed: the stored image's manifest differs from the client's",
@@ -426,7 +433,12 @@ impl NewRevision {
         let partial_digests = self.job.partial_dir().join(format!("{}.digests", id.short()));
         // From here on the push is no longer resumable.
         self.job.discard_resume(&id);
-        durable::write_atomic(&partial_digests, &manifest_bytes)?;
+        let written = durable::write_manifest(&partial_digests, &self.current)?;
+        if written != manifest_digest {
+            return Err(Error::internal(
+                "the manifest written differs from the one checked",
+            ));
+        }
         fault::point("commit.digests-written");
         rename(&self.path, &self.job.image_path(&id))?;
         fault::point("commit.image-moved");
@@ -483,35 +495,4 @@ impl Drop for RemoveOnError {
 fn rename(from: &std::path::Path, to: &std::path::Path) -> Result<()> {
     std::fs::rename(from, to)
         .map_err(|e| Error::io(format!("moving {} to {}", from.display(), to.display()), e))
-}
-
-/// One bit per block: which blocks a push touched.
-struct Bitmap {
-    words: Vec<u64>,
-    len: u64,
-}
-
-impl Bitmap {
-    fn new(len: u64) -> Self {
-        Bitmap {
-            words: vec![0; len.div_ceil(64) as usize],
-            len,
-        }
-    }
-
-    fn set(&mut self, i: u64) {
-        if i < self.len {
-            self.words[(i / 64) as usize] |= 1 << (i % 64);
-        }
-    }
-
-    fn clear(&mut self, i: u64) {
-        if i < self.len {
-            self.words[(i / 64) as usize] &= !(1 << (i % 64));
-        }
-    }
-
-    fn iter(&self) -> impl Iterator<Item = u64> + '_ {
-        (0..self.len).filter(|&i| self.words[(i / 64) as usize] & (1 << (i % 64)) != 0)
-    }
 }
