@@ -20,6 +20,11 @@ impl BlockSet {
         self.ranges.is_empty()
     }
 
+    /// How many blocks the set holds.
+    pub fn len(&self) -> u64 {
+        self.ranges.iter().map(|(s, e)| e - s).sum()
+    }
+
     pub fn contains(&self, block: u64) -> bool {
         self.ranges
             .range(..=block)
@@ -101,6 +106,7 @@ mod tests {
         s.insert(20..25);
         s.insert(0..3);
         assert_eq!(s.ranges().collect::<Vec<_>>(), [0..3, 10..25]);
+        assert_eq!(s.len(), 18);
         s.remove(12..14);
         assert_eq!(s.ranges().collect::<Vec<_>>(), [0..3, 10..12, 14..25]);
         assert!(s.contains(11) && !s.contains(12) && s.contains(14) && !s.contains(25));

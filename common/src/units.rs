@@ -34,6 +34,7 @@ pub fn parse_bytes(s: &str) -> Result<u64> {
         "M" | "m" => 1 << 20,
         "G" | "g" => 1 << 30,
         "T" | "t" => 1 << 40,
+        "P" | "p" => 1 << 50,
         _ => return Err(Error::invalid(format!("bad size unit in {s:?}"))),
     };
     n.checked_mul(mult)
@@ -151,6 +152,7 @@ mod tests {
         assert_eq!(parse_bytes("4G").unwrap(), 4 << 30);
         assert_eq!(parse_bytes("512MiB").unwrap(), 512 << 20);
         assert_eq!(parse_bytes("100").unwrap(), 100);
+        assert_eq!(parse_bytes("1 PiB").unwrap(), 1 << 50);
         assert!(parse_bytes("1X").is_err());
         assert_eq!(format_bytes(20 * (1 << 30)), "20.00 GiB");
         assert_eq!(format_bytes(512), "512 B");

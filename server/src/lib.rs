@@ -55,6 +55,7 @@ pub fn preflight(config: &ServerConfig, config_path: &std::path::Path) -> anyhow
 /// Cleans leftovers of every job, then serves until SIGINT/SIGTERM.
 pub async fn serve(config: ServerConfig, preflight: Preflight, config_path: PathBuf) -> anyhow::Result<()> {
     storage::durable::set_modes(config.file_mode, config.dir_mode());
+    wire::hide_store_path(&config.base_dir);
     let Preflight { tls, mode } = preflight;
     if mode == StorageMode::Copy {
         tracing::warn!(

@@ -215,6 +215,9 @@ impl Backy for Service {
         let writer = tokio::task::spawn_blocking(move || {
             let (job, rev) = (begin.job.clone(), begin.rev_id.clone());
             let result = crate::push::run(server.clone(), begin, rx, gate);
+            if let Err(e) = &result {
+                tracing::warn!(job, "push failed: {e}");
+            }
             server.record_push_outcome(&job, &rev, &result);
             result
         });
@@ -303,10 +306,7 @@ impl Backy for Service {
         if let Some(p) = protocol_error {
             return Err(p);
         }
-        let (meta, expired) = result.map_err(|e| {
-            tracing::warn!(job, "push failed: {e}");
-            to_status(e)
-        })?;
+        let (meta, expired) = result.map_err(to_status)?;
         Ok(Response::new(PushReply {
             revision: Some(RevisionInfo::from(&meta)),
             expired: expired.iter().map(|id| id.uuid().to_string()).collect(),

@@ -1,7 +1,20 @@
 //! The one place where model errors become gRPC statuses.
 
 use backy_common::{Error, ErrorKind};
+use std::sync::OnceLock;
 use tonic::{Code, Status};
+
+/// The store's directory, kept out of what peers read: the server's
+/// layout is not theirs to know; its log keeps the full paths.
+static STORE: OnceLock<String> = OnceLock::new();
+
+/// Called once at start with the config's `base-dir`.
+pub fn hide_store_path(base_dir: &std::path::Path) {
+    let _ = STORE.set(format!(
+        "{}/",
+        base_dir.display().to_string().trim_end_matches('/')
+    ));
+}
 
 pub fn code_of(kind: ErrorKind) -> Code {
     match kind {
@@ -22,7 +35,11 @@ pub fn code_of(kind: ErrorKind) -> Code {
 /// The status a peer gets; its message is one line of at most 1 KiB,
 /// whatever the error quoted (a peer's input is echoed only in part).
 pub fn to_status(e: Error) -> Status {
-    Status::new(code_of(e.kind), crate::service::clip(&e.message))
+    let message = match STORE.get() {
+        Some(store) => e.message.replace(store.as_str(), ""),
+        None => e.message,
+    };
+    Status::new(code_of(e.kind), crate::service::clip(&message))
 }
 
 #[cfg(test)]

@@ -256,3 +256,189 @@ async fn a_cancelled_verify_stops_and_releases_its_stream() {
     assert!(line.contains("nothing changed"), "{line}");
     assert_eq!(srv.revisions("vm1")[0]["trust"], "trusted");
 }
+
+/// The server's peak resident memory (VmHWM) in bytes.
+fn peak_rss(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmHWM");
+    kib << 10
+}
+
+/// Sends a raw push: `begin`, then `data` frames, then the end frame, and
+/// waits for the answer.
+async fn raw_push(
+    c: &mut BackyClient<tonic::transport::Channel>,
+    begin: PushBegin,
+    data: &[(u64, Vec<u8>)],
+) -> Result<PushReply, tonic::Status> {
+    let mut checksum = backy_common::checksum::StreamChecksum::new();
+    let mut frames = vec![PushFrame {
+        frame: Some(Frame::Begin(begin)),
+    }];
+    for (offset, bytes) in data {
+        checksum.data(*offset, bytes);
+        frames.push(PushFrame {
+            frame: Some(Frame::Data(DataRange {
+                offset: *offset,
+                data: bytes.clone(),
+            })),
+        });
+    }
+    frames.push(PushFrame {
+        frame: Some(Frame::End(PushEnd {
+            stream_checksum: checksum.finish().to_vec(),
+            ..Default::default()
+        })),
+    });
+    c.push(tokio_stream::iter(frames)).await.map(|r| r.into_inner())
+}
+
+const TIB: u64 = 1 << 40;
+
+/// An 8 TiB image with a few MiB of data, pushed full and then
+/// incrementally: the server's memory follows the data, not the announced
+/// size (the old dense manifests took 32 B per 4 MiB block four times over:
+/// 256 MiB here), and verify reads the data, not 8 TiB of holes. A 1 PiB
+/// image on a filesystem that cannot hold it is refused with the reason
+/// and no server path, and costs no memory either.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_huge_sparse_image_costs_memory_for_its_data_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("store");
+    let config = "listen: 127.0.0.1:0\nbase-dir: BASE\nscrub: {enabled: false}\n\
+                  jobs:\n  vm1: {schedule: none, max-size: 1 PiB}\n";
+    let server = tokio::task::spawn_blocking(move || Server::start_config(&base, config))
+        .await
+        .unwrap();
+    let mut c = BackyClient::connect(server.url.clone()).await.unwrap();
+    let size = 8 * TIB;
+    let begin = |parent_id: String| PushBegin {
+        job: "vm1".into(),
+        rev_id: uuid::Uuid::new_v4().to_string(),
+        parent_id,
+        size,
+        block_size: 4 << 20,
+        source_type: "file".into(),
+        ..Default::default()
+    };
+    let before = peak_rss(server.pid());
+    let first = raw_push(
+        &mut c,
+        begin(String::new()),
+        &[
+            (0, pattern(1, MIB as usize)),
+            (5 * TIB + 17, pattern(2, MIB as usize)),
+        ],
+    )
+    .await
+    .unwrap();
+    let parent = first.revision.unwrap().id;
+    let whole_block: Vec<(u64, Vec<u8>)> = (0..4)
+        .map(|i| (3 * TIB + i * MIB, pattern(3 + i, MIB as usize)))
+        .collect();
+    let second = raw_push(&mut c, begin(parent), &whole_block).await.unwrap();
+    let grown = peak_rss(server.pid()).saturating_sub(before);
+    assert!(
+        grown < 64 * MIB,
+        "peak RSS grew by {} MiB for 8 TiB images",
+        grown / MIB
+    );
+    let rev = second.revision.unwrap();
+    assert_eq!(rev.size, size);
+
+    // Verify reads only the blocks with data (it would take hours to read
+    // 8 TiB): bounded by the test's timeout, and clean.
+    let mut reports = c
+        .verify(VerifyRequest {
+            job: "vm1".into(),
+            revisions: "all".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut n = 0;
+    while let Some(r) = tokio::time::timeout(Duration::from_secs(60), reports.message())
+        .await
+        .expect("verify of sparse revisions is quick")
+        .unwrap()
+    {
+        assert!(r.ok, "{r:?}");
+        assert_eq!(r.bytes_checked, size);
+        n += 1;
+    }
+    assert_eq!(n, 2);
+
+    // 1 PiB: more than this filesystem holds in one file.
+    let before = peak_rss(server.pid());
+    let mut huge = begin(String::new());
+    huge.size = 1 << 50;
+    let e = raw_push(&mut c, huge, &[]).await.unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+    assert!(
+        e.message().contains("larger than the server's filesystem allows"),
+        "{e:?}"
+    );
+    assert!(!e.message().contains(&server.base.display().to_string()), "{e:?}");
+    assert!(peak_rss(server.pid()) - before < 16 * MIB);
+    assert_eq!(server.revisions("vm1").len(), 2);
+}
+
+/// One byte per 4 MiB block makes a commit read back and hash every block.
+/// That work stops when the client goes away (nothing is committed, the
+/// partial revision is removed) instead of running to its end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_whose_client_left_stops_its_read_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("store");
+    let config = "listen: 127.0.0.1:0\nbase-dir: BASE\nscrub: {enabled: false}\n\
+                  jobs:\n  vm1: {schedule: none}\n";
+    let server = tokio::task::spawn_blocking(move || Server::start_config(&base, config))
+        .await
+        .unwrap();
+    let mut c = BackyClient::connect(server.url.clone()).await.unwrap();
+    // 64 GiB: 16,384 blocks to read back and hash, minutes of CPU here.
+    let size = 64u64 << 30;
+    let data: Vec<(u64, Vec<u8>)> = (0..size / (4 * MIB))
+        .map(|b| (b * 4 * MIB + 100, vec![1u8]))
+        .collect();
+    let mark = server.log_mark();
+    let mut pusher = c.clone();
+    let push = tokio::spawn(async move {
+        raw_push(
+            &mut pusher,
+            PushBegin {
+                job: "vm1".into(),
+                rev_id: uuid::Uuid::new_v4().to_string(),
+                size,
+                block_size: 4 << 20,
+                source_type: "file".into(),
+                ..Default::default()
+            },
+            &data,
+        )
+        .await
+    });
+    // The client gives up once the commit has begun.
+    let server = std::sync::Arc::new(server);
+    let srv = server.clone();
+    tokio::task::spawn_blocking(move || srv.wait_log(mark, "commit: digesting"))
+        .await
+        .unwrap();
+    assert!(!push.is_finished(), "the commit finished before the client left");
+    push.abort();
+    let srv = server.clone();
+    let line = tokio::task::spawn_blocking(move || srv.wait_log(mark, "push failed"))
+        .await
+        .unwrap();
+    assert!(line.contains("went away"), "{line}");
+    assert!(server.revisions("vm1").is_empty());
+    let partial = server.base.join("vm1/.partial");
+    let left: Vec<_> = std::fs::read_dir(&partial)
+        .map(|d| d.flatten().collect())
+        .unwrap_or_default();
+    assert!(left.is_empty(), "{left:?}");
+}

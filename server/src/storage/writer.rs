@@ -111,8 +111,16 @@ impl NewRevision {
         }
         let old_size = baseline.image_size();
         baseline.resize(spec.size)?;
-        file.set_len(spec.size)
-            .map_err(|e| Error::io(format!("sizing {}", path.display()), e))?;
+        file.set_len(spec.size).map_err(|e| {
+            if e.raw_os_error() == Some(rustix::io::Errno::FBIG.raw_os_error()) {
+                Error::exhausted(format!(
+                    "an image of {} is larger than the server's filesystem allows for one file",
+                    backy_common::units::format_bytes(spec.size)
+                ))
+            } else {
+                Error::io(format!("sizing {}", path.display()), e)
+            }
+        })?;
         let mut touched = BlockSet::new();
         for b in baseline.resize_touched(old_size) {
             touched.insert(b..b + 1);
@@ -414,6 +422,10 @@ impl NewRevision {
                 "end-to-end check failed: the data received does not match the client's stream checksum",
             ));
         }
+        tracing::info!(
+            job = %self.job.name(), rev = %self.spec.id, blocks = self.touched.len(),
+            "commit: digesting the blocks written since the last checkpoint"
+        );
         self.digest_touched_below(u64::MAX)?;
         fault::point("commit.digested");
         let manifest_digest = self.current.file_digest();
