@@ -399,7 +399,7 @@ async fn a_commit_whose_client_left_stops_its_read_back() {
     let server = tokio::task::spawn_blocking(move || Server::start_config(&base, config))
         .await
         .unwrap();
-    let mut c = BackyClient::connect(server.url.clone()).await.unwrap();
+    let c = BackyClient::connect(server.url.clone()).await.unwrap();
     // 64 GiB: 16,384 blocks to read back and hash, minutes of CPU here.
     let size = 64u64 << 30;
     let data: Vec<(u64, Vec<u8>)> = (0..size / (4 * MIB))
