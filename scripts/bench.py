@@ -295,8 +295,7 @@ def main():
             # that none of the peers pays either).
             f.write(f"listen: 127.0.0.1:0\ninsecure-plaintext: true\nbase-dir: {store}\n"
                     "schedules:\n  default:\n    daily: {interval: 1d, keep: 9}\n"
-                    "jobs:\n  bench:\n    schedule: default\n"
-                    f"    source: {{type: file, path: {img}}}\n")
+                    "jobs:\n  bench:\n    schedule: default\n")
         server = Server(server_bin, cfg, os.path.join(work, "server.log"))
         benv = dict(os.environ, BACKY_SERVER=server.url)
         client = [client_bin, "--json"]
@@ -318,7 +317,7 @@ def main():
         results["seq_read"] = timed("seq_read", f"cat {img} > /dev/null", size)
         results["sparse_copy"] = timed("sparse_copy", f"cp --reflink=never --sparse=always {img} {mnt}/copy.img && sync", size)
         results["sparse_copy"]["bytes_written"] = allocated(f"{mnt}/copy.img")
-        backy("backy_full", ["push", "bench", "--force"])
+        backy("backy_full", ["push", "bench", "--source", img, "--force"])
 
         peer_full = {}
         if "rsync" in peers:
@@ -360,9 +359,9 @@ def main():
             ["bash", "-c", f"cp --reflink=always {mnt}/copy.img {mnt}/copy2.img && "
                            f"{sys.executable} -c \"$1\" {img} {mnt}/copy2.img {ranges_file} && sync",
              "bash", apply_script], size)
-        backy("backy_incr_scan", ["push", "bench", "--force"])
+        backy("backy_incr_scan", ["push", "bench", "--source", img, "--force"])
         run(client + ["forget", "bench", "-r", "latest"], env=benv)
-        backy("backy_incr_ranges", ["push", "bench", "--force", "--changed-ranges", ranges_file])
+        backy("backy_incr_ranges", ["push", "bench", "--source", img, "--force", "--changed-ranges", ranges_file])
 
         if "rsync" in peers:
             results["rsync_incr"] = timed(

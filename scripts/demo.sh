@@ -24,6 +24,13 @@ schedules:
 jobs:
   demo-vm:
     schedule: default
+YAML
+
+# What the job reads (and any hooks) is the hypervisor's to say, in its
+# own client.yaml: the server never sends a path or a command.
+cat > "$work/client.yaml" <<YAML
+jobs:
+  demo-vm:
     source: {type: file, path: $work/disk.img}
 YAML
 
@@ -43,14 +50,14 @@ echo "== a 1 GiB sparse disk with 96 MiB of data"
 truncate -s 1G "$work/disk.img"
 dd if=/dev/urandom of="$work/disk.img" bs=1M count=64 seek=10 conv=notrunc status=none
 dd if=/dev/urandom of="$work/disk.img" bs=1M count=32 seek=700 conv=notrunc status=none
-"$bin/backy-client" push demo-vm --force
+"$bin/backy-client" --config "$work/client.yaml" push demo-vm --force
 
 echo "== change 3 scattered ranges, back up again"
 dd if=/dev/urandom of="$work/disk.img" bs=4k count=3 seek=5000 conv=notrunc status=none
 dd if=/dev/urandom of="$work/disk.img" bs=1k count=100 seek=300000 conv=notrunc status=none
 dd if=/dev/urandom of="$work/disk.img" bs=1M count=1 seek=1000 conv=notrunc status=none
 cp --sparse=always "$work/disk.img" "$work/disk-v2.img"
-"$bin/backy-client" push demo-vm --force
+"$bin/backy-client" --config "$work/client.yaml" push demo-vm --force
 
 echo "== status"
 "$bin/backy-client" status demo-vm

@@ -1,11 +1,15 @@
 //! `agent`: a long-running process on a hypervisor. It holds a stream to
 //! the server, runs the pushes the server orders (at most `workers` at a
 //! time) and reports each outcome; when the server goes away it reconnects
-//! with exponential backoff.
+//! with exponential backoff. The server decides when a job runs, never
+//! what it reads or runs: an order for a job this hypervisor's client
+//! config does not list is reported as failed and nothing runs.
 
 use crate::connect::{connect_with, status_error, Client, Credentials};
 use crate::push::{push, PushArgs};
+use backy_common::config::ClientConfig;
 use backy_common::{Error, JobName, Result};
+use std::path::PathBuf;
 use backy_proto::agent_report::Report;
 use backy_proto::{AgentHello, AgentOrder, AgentOutcome, AgentReport};
 use std::sync::Arc;
@@ -15,11 +19,40 @@ use tokio_stream::wrappers::ReceiverStream;
 
 const MAX_BACKOFF: Duration = Duration::from_secs(60);
 
+/// Where the agent learns its jobs: the client config, read again for
+/// each order so an edit takes effect without a restart.
+#[derive(Clone)]
+pub struct JobsConfig {
+    path: Option<PathBuf>,
+    loaded: ClientConfig,
+    name: String,
+}
+
+impl JobsConfig {
+    /// `path`: the `--config` given (else the default file, if present);
+    /// `loaded`: what it held at start.
+    pub fn new(path: Option<PathBuf>, loaded: ClientConfig, name: String) -> Self {
+        JobsConfig { path, loaded, name }
+    }
+
+    /// The client config as it is now; at start's copy if it cannot be
+    /// read (an order then runs under the config the agent started with).
+    fn current(&self) -> ClientConfig {
+        match crate::settings::load(self.path.as_deref()) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!("{e}; using the config read at start");
+                self.loaded.clone()
+            }
+        }
+    }
+}
+
 /// Runs until interrupted.
-pub async fn run(url: &str, creds: &Credentials, name: &str, workers: u32) -> Result<()> {
+pub async fn run(url: &str, creds: &Credentials, name: &str, workers: u32, jobs: JobsConfig) -> Result<()> {
     let mut backoff = Duration::from_secs(1);
     loop {
-        match session(url, creds, name, workers, &mut backoff).await {
+        match session(url, creds, name, workers, &jobs, &mut backoff).await {
             Ok(()) => tracing::warn!("server closed the agent stream; reconnecting"),
             Err(e) => tracing::warn!("agent session ended: {e}; reconnecting in {}s", backoff.as_secs()),
         }
@@ -33,6 +66,7 @@ async fn session(
     creds: &Credentials,
     name: &str,
     workers: u32,
+    jobs: &JobsConfig,
     backoff: &mut Duration,
 ) -> Result<()> {
     let mut client = connect_with(url, creds).await?;
@@ -62,8 +96,9 @@ async fn session(
             .map_err(|_| Error::internal("worker pool closed"))?;
         let reports = reports.clone();
         let client = client.clone();
+        let jobs = jobs.clone();
         tokio::spawn(async move {
-            let outcome = run_order(client, &order).await;
+            let outcome = run_order(client, &order, &jobs).await;
             drop(permit);
             let _ = reports
                 .send(AgentReport {
@@ -75,11 +110,21 @@ async fn session(
     Ok(())
 }
 
-async fn run_order(mut client: Client, order: &AgentOrder) -> AgentOutcome {
+async fn run_order(mut client: Client, order: &AgentOrder, jobs: &JobsConfig) -> AgentOutcome {
     tracing::info!(job = order.job, tags = ?order.tags, "running ordered push");
     let result = async {
         let job = JobName::new(&order.job)?;
+        let config = jobs.current();
+        let Some(configured) = config.source_of(&job).cloned() else {
+            return Err(Error::precondition(format!(
+                "job {job} is not listed in {} (jobs:): this agent runs only the jobs its \
+                 client config lists; nothing was run",
+                jobs.name
+            )));
+        };
         let args = PushArgs {
+            configured: Some(configured),
+            config_name: jobs.name.clone(),
             job,
             source: None,
             force: true,

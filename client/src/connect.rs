@@ -23,6 +23,8 @@ pub struct Credentials {
     ca: Option<Vec<u8>>,
     /// Client certificate and key (PEM) for mutual TLS.
     identity: Option<(Vec<u8>, Vec<u8>)>,
+    /// The name the server's certificate must carry, if not the URL's host.
+    server_name: Option<String>,
 }
 
 /// Where the credentials come from (flags, env or client.yaml).
@@ -32,6 +34,7 @@ pub struct CredentialFiles<'a> {
     pub ca: Option<&'a Path>,
     pub cert: Option<&'a Path>,
     pub key: Option<&'a Path>,
+    pub tls_server_name: Option<&'a str>,
 }
 
 fn read_secret(path: &Path, what: &str) -> Result<Vec<u8>> {
@@ -77,7 +80,12 @@ impl Credentials {
                 ))
             }
         };
-        Ok(Credentials { token, ca, identity })
+        Ok(Credentials {
+            token,
+            ca,
+            identity,
+            server_name: files.tls_server_name.map(str::to_string),
+        })
     }
 }
 
@@ -101,15 +109,35 @@ pub async fn connect(url: &str) -> Result<Client> {
     connect_with(url, &Credentials::default()).await
 }
 
+/// Checks a server URL before anything else happens: `http://` or
+/// `https://`, a host, an optional port, nothing more. Returns whether it
+/// is https.
+pub fn check_url(url: &str) -> Result<bool> {
+    let bad = |why: &str| Error::invalid(format!("bad server URL {url:?}: {why}; give a URL like https://backup01:6023"));
+    let uri: tonic::codegen::http::Uri = url.parse().map_err(|_| bad("not a URL"))?;
+    let https = match uri.scheme_str() {
+        Some("https") => true,
+        Some("http") => false,
+        Some(other) => return Err(bad(&format!("scheme {other:?} is neither http nor https"))),
+        None => return Err(bad("no scheme")),
+    };
+    let host = uri.host().unwrap_or("");
+    if host.is_empty() {
+        return Err(bad("no host"));
+    }
+    if uri.authority().is_some_and(|a| a.as_str().contains('@')) {
+        return Err(bad("credentials do not go in the URL (use --token-file)"));
+    }
+    if !matches!(uri.path(), "" | "/") || uri.query().is_some() {
+        return Err(bad("a server URL has no path or query"));
+    }
+    Ok(https)
+}
+
 /// Connects eagerly, so an unreachable server (or a certificate that does
 /// not verify) is reported as such before any work starts.
 pub async fn connect_with(url: &str, creds: &Credentials) -> Result<Client> {
-    if !url.contains("://") {
-        return Err(Error::invalid(format!(
-            "bad server URL {url:?}: give a URL like https://backup01:6023"
-        )));
-    }
-    let https = url.starts_with("https://");
+    let https = check_url(url)?;
     let mut endpoint = Endpoint::from_shared(url.to_string())
         .map_err(|e| Error::invalid(format!("bad server URL {url:?}: {}", chain(&e))))?
         .connect_timeout(Duration::from_secs(10))
@@ -123,21 +151,26 @@ pub async fn connect_with(url: &str, creds: &Credentials) -> Result<Client> {
         .http2_keep_alive_interval(Duration::from_secs(30))
         .keep_alive_while_idle(true);
     match (https, &creds.ca) {
-        (true, Some(ca)) => {
-            let mut tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(ca));
+        (true, ca) => {
+            // Without --ca: the system's trust store (rustls-native-certs:
+            // what the host's other tools trust, including a site CA the
+            // operator installed; SSL_CERT_FILE/SSL_CERT_DIR override it),
+            // never a list compiled into the binary.
+            let mut tls = match ca {
+                Some(ca) => ClientTlsConfig::new().ca_certificate(Certificate::from_pem(ca)),
+                None => ClientTlsConfig::new().with_native_roots(),
+            };
             if let Some((cert, key)) = &creds.identity {
                 tls = tls.identity(Identity::from_pem(cert, key));
+            }
+            if let Some(name) = &creds.server_name {
+                tls = tls.domain_name(name.clone());
             }
             endpoint = endpoint
                 .tls_config(tls)
                 .map_err(|e| Error::invalid(format!("TLS settings: {}", chain(&e))))?;
         }
-        (true, None) => {
-            return Err(Error::invalid(format!(
-                "{url}: https needs the CA certificate that signed the server's (--ca FILE)"
-            )))
-        }
-        (false, _) if creds.ca.is_some() || creds.identity.is_some() => {
+        (false, _) if creds.ca.is_some() || creds.identity.is_some() || creds.server_name.is_some() => {
             return Err(Error::invalid(format!(
                 "{url}: TLS settings given for a plaintext URL; use https://"
             )))

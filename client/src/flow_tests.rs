@@ -17,6 +17,8 @@ fn push_args(source: Option<&Path>) -> PushArgs {
     PushArgs {
         job: JobName::new("vm1").unwrap(),
         source: source.map(|p| p.display().to_string()),
+        configured: None,
+        config_name: "client.yaml".into(),
         force: false,
         tags: Vec::new(),
         allow_unscheduled: false,

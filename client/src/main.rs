@@ -74,7 +74,12 @@ struct Cli {
     )]
     token_file: Option<PathBuf>,
 
+    /// Name the server's certificate must carry, when it is not the URL's host (https://)
+    #[arg(long, value_name = "NAME", global = true, help_heading = "Global options")]
+    tls_server_name: Option<String>,
+
     /// CA certificate (PEM) the server's certificate must chain to (https://)
+    /// [default: ca in the config, else the system's trust store]
     #[arg(
         long,
         env = "BACKY_CA",
@@ -153,7 +158,7 @@ struct VerifyCmd {
     revision: String,
 
     /// Compare with the source (a path, rbd:POOL/IMAGE@SNAP; without a
-    /// value the job's source from the server config)
+    /// value the job's source in this client config)
     #[arg(long, value_name = "SOURCE", num_args = 0..=1, default_missing_value = "")]
     source: Option<String>,
 
@@ -259,7 +264,7 @@ struct AgentCmd {
 #[derive(Args, Debug)]
 #[command(after_help = "\
 Examples:
-  backy-client push vm1                                  source from the server config
+  backy-client push vm1                                  source from this client config (jobs:)
   backy-client push vm1 --source /var/lib/vms/vm1.img    an image file (stop the VM first)
   backy-client push vm1 --source rbd:rbd/vm1.root        a Ceph RBD image (snapshotted by backy)
   backy-client push vm1 --source /dev/vg/vm1-snap --force --tags manual:pre-upgrade
@@ -269,7 +274,7 @@ struct PushCmd {
     #[arg(value_name = "JOB", value_parser = parse_job)]
     job: JobName,
 
-    /// Image file, block device or rbd:POOL/IMAGE to read [default: the job's source in the server config]
+    /// Image file, block device or rbd:POOL/IMAGE to read [default: the job's source in this client config]
     #[arg(long, value_name = "PATH")]
     source: Option<String>,
 
@@ -408,11 +413,13 @@ fn init_logging(verbose: u8) {
 fn run(cli: Cli) -> anyhow::Result<u8> {
     let config = settings::load(cli.config.as_deref())?;
     let url = settings::server_url(cli.server.as_deref(), &config);
+    connect::check_url(&url)?;
     let creds = connect::Credentials::load(&connect::CredentialFiles {
         token_file: cli.token_file.as_deref().or(config.token_file.as_deref()),
         ca: cli.ca.as_deref().or(config.ca.as_deref()),
         cert: cli.cert.as_deref().or(config.cert.as_deref()),
         key: cli.key.as_deref().or(config.key.as_deref()),
+        tls_server_name: cli.tls_server_name.as_deref().or(config.tls_server_name.as_deref()),
     })?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -420,7 +427,7 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
         .context("starting the async runtime")?;
     let result = runtime.block_on(async {
         tokio::select! {
-            result = dispatch(&cli, &url, &creds) => result,
+            result = dispatch(&cli, &url, &creds, &config) => result,
             signal = interrupted() => Err(anyhow::anyhow!("interrupted by {signal}")),
         }
     });
@@ -431,7 +438,13 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
 }
 
 /// Runs the command; returns the exit status.
-async fn dispatch(cli: &Cli, url: &str, creds: &connect::Credentials) -> anyhow::Result<u8> {
+async fn dispatch(
+    cli: &Cli,
+    url: &str,
+    creds: &connect::Credentials,
+    config: &backy_common::config::ClientConfig,
+) -> anyhow::Result<u8> {
+    let config_name = settings::config_name(cli.config.as_deref());
     if let Command::Agent(cmd) = &cli.command {
         // The agent connects (and reconnects) by itself: the server may be
         // down when it starts.
@@ -442,7 +455,8 @@ async fn dispatch(cli: &Cli, url: &str, creds: &connect::Credentials) -> anyhow:
                 .trim()
                 .to_string(),
         };
-        agent::run(url, creds, &name, cmd.workers).await?;
+        let jobs = agent::JobsConfig::new(cli.config.clone(), config.clone(), config_name);
+        agent::run(url, creds, &name, cmd.workers, jobs).await?;
         return Ok(0);
     }
     let show_progress = progress::wanted(cli.json);
@@ -452,6 +466,8 @@ async fn dispatch(cli: &Cli, url: &str, creds: &connect::Credentials) -> anyhow:
             let args = push::PushArgs {
                 job: cmd.job.clone(),
                 source: cmd.source.clone(),
+                configured: config.source_of(&cmd.job).cloned(),
+                config_name,
                 force: cmd.force,
                 tags: cmd.tags.clone(),
                 allow_unscheduled: cmd.allow_unscheduled,
@@ -495,12 +511,8 @@ async fn dispatch(cli: &Cli, url: &str, creds: &connect::Credentials) -> anyhow:
             source: Some(source),
             sample,
         }) => {
-            let spec = if source.is_empty() {
-                let json = revisions::job_source(&mut client, job).await?;
-                push::source_spec(job.as_str(), None, &json)?
-            } else {
-                push::source_spec(job.as_str(), Some(source), "")?
-            };
+            let cli_source = (!source.is_empty()).then_some(source.as_str());
+            let spec = push::source_spec(job.as_str(), cli_source, config.source_of(job), &config_name)?;
             let compared = source_check::compare(&mut client, job, revision, spec, *sample).await?;
             print_result(cli.json, &compared)?;
             if !compared.equal() {

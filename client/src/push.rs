@@ -35,9 +35,14 @@ pub(crate) const STREAM_CLOSED: &str = "push stream closed";
 #[derive(Debug, Clone)]
 pub struct PushArgs {
     pub job: JobName,
-    /// A path (file or block device) or `rbd:POOL/IMAGE`; default: the
-    /// job's source from the server config.
+    /// A path (file or block device) or `rbd:POOL/IMAGE`; default:
+    /// `configured`.
     pub source: Option<String>,
+    /// The job's source (with its hooks) in this hypervisor's client
+    /// config, if it lists the job; never anything the server sent.
+    pub configured: Option<SourceSpec>,
+    /// The client config's name, for the error when neither is given.
+    pub config_name: String,
     pub force: bool,
     pub tags: Vec<String>,
     /// Accept tags outside the job's schedule (they go with the expiry
@@ -147,7 +152,7 @@ async fn push_planned(
 ) -> Result<Pushed> {
     let job = args.job.as_str();
 
-    let spec = source_spec(job, args.source.as_deref(), &plan.source_json)?;
+    let spec = source_spec(job, args.source.as_deref(), args.configured.as_ref(), &args.config_name)?;
     if let SourceSpec::CephRbd { .. } = spec {
         return crate::rbd_push::push(client, args, plan, &spec, show_progress, started).await;
     }
@@ -341,14 +346,22 @@ fn check_plan(plan: &PlanReply) -> Result<()> {
     check_block_size(plan.block_size).map_err(|e| bad(e.message))
 }
 
-/// The source to read: the command line's, else the server config's.
-pub fn source_spec(job: &str, cli: Option<&str>, server_json: &str) -> Result<SourceSpec> {
-    match cli {
-        Some(s) => SourceSpec::from_cli(s, source::is_block_device),
-        None if !server_json.trim().is_empty() => {
-            SourceSpec::from_json(server_json).map_err(|e| e.context(format!("job {job}")))
-        }
-        None => Err(Error::invalid(format!("job {job} has no source: give --source"))),
+/// The source to read: the command line's, else the one this hypervisor's
+/// client config lists for the job. Nothing else: the server never says
+/// what a hypervisor reads or runs.
+pub fn source_spec(
+    job: &str,
+    cli: Option<&str>,
+    configured: Option<&SourceSpec>,
+    config_name: &str,
+) -> Result<SourceSpec> {
+    match (cli, configured) {
+        (Some(s), _) => SourceSpec::from_cli(s, source::is_block_device),
+        (None, Some(spec)) => Ok(spec.clone()),
+        (None, None) => Err(Error::invalid(format!(
+            "job {job} is not listed in {config_name} (jobs: {job}: source: ...) and no --source \
+             was given: this hypervisor does not back it up"
+        ))),
     }
 }
 
@@ -408,15 +421,21 @@ mod tests {
     use backy_common::ErrorKind;
 
     #[test]
-    fn source_from_cli_or_server() {
-        let s = source_spec("vm1", Some("disk.img"), r#"{"type":"block","path":"/dev/x"}"#).unwrap();
+    fn source_from_cli_or_client_config() {
+        let block = SourceSpec::Block {
+            path: "/dev/x".into(),
+            hooks: Default::default(),
+        };
+        let s = source_spec("vm1", Some("disk.img"), Some(&block), "client.yaml").unwrap();
         assert_eq!(s.kind(), "file");
-        let s = source_spec("vm1", None, r#"{"type":"block","path":"/dev/x"}"#).unwrap();
-        assert_eq!(s.kind(), "block");
-        let e = source_spec("vm1", None, "").unwrap_err();
-        assert_eq!(e.message, "job vm1 has no source: give --source");
-        let e = source_spec("vm1", None, "{").unwrap_err();
-        assert!(e.message.starts_with("job vm1: bad source spec"), "{}", e.message);
+        let s = source_spec("vm1", None, Some(&block), "client.yaml").unwrap();
+        assert_eq!(s, block);
+        let e = source_spec("vm1", None, None, "/etc/backy/client.yaml").unwrap_err();
+        assert!(
+            e.message.starts_with("job vm1 is not listed in /etc/backy/client.yaml"),
+            "{}",
+            e.message
+        );
     }
 
     #[test]

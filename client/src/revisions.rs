@@ -194,22 +194,6 @@ impl fmt::Display for Verified {
 
 /// Asks the server to re-read revisions and compare them with their
 /// manifests; a verify that could not finish says so (never a silent pass).
-/// The job's source spec (JSON) from the server config, via its plan
-/// (which reserves nothing).
-pub async fn job_source(client: &mut Client, job: &JobName) -> Result<String> {
-    let plan = client
-        .plan(backy_proto::PlanRequest {
-            job: job.to_string(),
-            force: false,
-            tags: Vec::new(),
-            allow_unscheduled: false,
-        })
-        .await
-        .map_err(status_error)?
-        .into_inner();
-    Ok(plan.source_json)
-}
-
 pub async fn verify(client: &mut Client, job: &JobName, spec: &str) -> Result<Verified> {
     let mut stream = client
         .verify(VerifyRequest {

@@ -18,6 +18,16 @@ pub fn load(explicit: Option<&Path>) -> Result<ClientConfig> {
     ClientConfig::from_yaml(&text, &path.display().to_string())
 }
 
+/// How to name the client config in messages: the file given, else the
+/// default path (said to be absent when it is).
+pub fn config_name(explicit: Option<&Path>) -> String {
+    match explicit {
+        Some(p) => p.display().to_string(),
+        None if Path::new(DEFAULT_CLIENT_CONFIG).exists() => DEFAULT_CLIENT_CONFIG.to_string(),
+        None => format!("{DEFAULT_CLIENT_CONFIG} (absent)"),
+    }
+}
+
 /// The server URL to use.
 pub fn server_url(flag: Option<&str>, config: &ClientConfig) -> String {
     flag.or(config.server.as_deref())

@@ -35,9 +35,14 @@ pub struct JobConfig {
     /// Client identity that may push and restore this job.
     #[serde(default)]
     pub client: Option<String>,
-    /// What to back up (handed to the client in the plan).
-    #[serde(default)]
-    pub source: Option<SourceSpec>,
+    /// Refused: what a job reads and runs (its source and hooks) is the
+    /// hypervisor's to decide, in its `client.yaml`. Kept only to say so
+    /// and for `backy-server migrate-sources`.
+    #[serde(default, rename = "source", skip_serializing)]
+    pub moved_source: Option<serde_yaml::Value>,
+    /// Refused like `source` (hooks belong with the source).
+    #[serde(default, rename = "hooks", skip_serializing)]
+    pub moved_hooks: Option<serde_yaml::Value>,
     /// Largest image accepted for this job (bytes, or with K/M/G/T).
     #[serde(default, with = "opt_size")]
     pub max_size: Option<u64>,
@@ -76,6 +81,11 @@ pub struct ServerConfig {
     /// 0700 or 0750).
     #[serde(default = "default_file_mode", with = "file_mode")]
     pub file_mode: u32,
+    /// The group that may read the secrets (this config when it holds
+    /// token hashes, the TLS key): such files must be 0600, or 0640 owned
+    /// by this group. Unset: 0600 only.
+    #[serde(default)]
+    pub secrets_group: Option<String>,
 }
 
 /// Server certificate and key (PEM files); `client-ca` turns on mutual TLS:
@@ -303,6 +313,12 @@ impl ServerConfig {
             )));
         }
         for (job, cfg) in &self.jobs {
+            if cfg.moved_source.is_some() || cfg.moved_hooks.is_some() {
+                return Err(Error::invalid(format!(
+                    "job {job}: `source:` and `hooks:` moved to the hypervisor's client.yaml \
+                     (jobs: {job}: source: ...); `backy-server migrate-sources` prints that part"
+                )));
+            }
             if let Some(s) = &cfg.schedule {
                 if !self.schedules.contains_key(s) {
                     return Err(Error::invalid(format!("job {job}: unknown schedule {s:?}")));
@@ -400,6 +416,20 @@ impl ServerConfig {
                 )));
             }
         }
+        let mut seen: BTreeMap<String, &str> = BTreeMap::new();
+        for (name, id) in &self.clients {
+            let credentials = [("token-hash", &id.token_hash), ("cert-fingerprint", &id.cert_fingerprint)];
+            for (kind, value) in credentials {
+                let Some(value) = value else { continue };
+                let key = format!("{kind} {}", value.to_ascii_lowercase());
+                if let Some(other) = seen.insert(key, name) {
+                    return Err(Error::invalid(format!(
+                        "clients: {other} and {name} have the same {kind}: \
+                         each identity needs its own (one of them would get the other's rights)"
+                    )));
+                }
+            }
+        }
         if self.limits.streams_per_client == 0 {
             return Err(Error::invalid("limits: streams-per-client must be at least 1"));
         }
@@ -448,12 +478,86 @@ pub struct ClientConfig {
     pub cert: Option<PathBuf>,
     #[serde(default)]
     pub key: Option<PathBuf>,
+    /// Name the server's certificate must carry, when it differs from the
+    /// URL's host (e.g. connecting by address).
+    #[serde(default)]
+    pub tls_server_name: Option<String>,
+    /// The jobs this hypervisor backs up: what each reads and runs. Only
+    /// these are ever pushed here; the server decides when, not what.
+    #[serde(default, deserialize_with = "unique_keys::deserialize")]
+    pub jobs: BTreeMap<JobName, ClientJob>,
+}
+
+/// One job as the hypervisor knows it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct ClientJob {
+    /// What to back up, with the hooks around its snapshot.
+    pub source: SourceSpec,
 }
 
 impl ClientConfig {
     pub fn from_yaml(text: &str, what: &str) -> Result<Self> {
         serde_yaml::from_str(text).map_err(|e| Error::invalid(format!("{what}: {e}")))
     }
+
+    /// The configured source of `job`, if this hypervisor lists it.
+    pub fn source_of(&self, job: &JobName) -> Option<&SourceSpec> {
+        self.jobs.get(job).map(|j| &j.source)
+    }
+}
+
+/// The `client.yaml` fragments that carry the `source:`/`hooks:` a server
+/// config still holds (`jobs` empty: every job), one per client identity,
+/// for `backy-server migrate-sources`. Reads the raw YAML: such a config
+/// no longer loads.
+pub fn migrate_sources(text: &str, what: &str, jobs: &[String]) -> Result<String> {
+    let raw: serde_yaml::Value = serde_yaml::from_str(text).map_err(|e| Error::invalid(format!("{what}: {e}")))?;
+    let all = raw
+        .get("jobs")
+        .and_then(|j| j.as_mapping())
+        .ok_or_else(|| Error::invalid(format!("{what}: no jobs")))?;
+    for want in jobs {
+        if all.get(want.as_str()).is_none() {
+            return Err(Error::not_found(format!("{what}: no job {want}")));
+        }
+    }
+    // client identity -> job -> its client.yaml entry
+    let mut by_client: BTreeMap<String, serde_yaml::Mapping> = BTreeMap::new();
+    for (name, job) in all {
+        let Some(name) = name.as_str() else { continue };
+        if !jobs.is_empty() && !jobs.iter().any(|j| j == name) {
+            continue;
+        }
+        let Some(mut source) = job.get("source").cloned() else {
+            continue;
+        };
+        if let (Some(hooks), Some(map)) = (job.get("hooks"), source.as_mapping_mut()) {
+            map.insert("hooks".into(), hooks.clone());
+        }
+        // Checked like the client will check it.
+        serde_yaml::from_value::<SourceSpec>(source.clone())
+            .map_err(|e| Error::invalid(format!("{what}: job {name}: source: {e}")))?;
+        let client = job
+            .get("client")
+            .and_then(|c| c.as_str())
+            .unwrap_or("(no client: any hypervisor)")
+            .to_string();
+        let mut entry = serde_yaml::Mapping::new();
+        entry.insert("source".into(), source);
+        by_client
+            .entry(client)
+            .or_default()
+            .insert(name.into(), serde_yaml::Value::Mapping(entry));
+    }
+    let mut out = String::new();
+    for (client, jobs) in by_client {
+        let mut doc = serde_yaml::Mapping::new();
+        doc.insert("jobs".into(), serde_yaml::Value::Mapping(jobs));
+        let yaml = serde_yaml::to_string(&doc).map_err(|e| Error::internal(format!("writing YAML: {e}")))?;
+        out.push_str(&format!("# /etc/backy/client.yaml on the hypervisor of {client}\n{yaml}\n"));
+    }
+    Ok(out)
 }
 
 /// YAML maps where a repeated key is an error, not "last one wins".
@@ -600,7 +704,6 @@ jobs:
   vm1:
     schedule: default
     client: hv01
-    source: {type: ceph-rbd, pool: rbd, image: vm1.root}
     max-size: 100G
   vm2: {schedule: none}
 "#;
@@ -726,11 +829,66 @@ jobs:
             ),
             (format!("{GOOD}file-mode: 0644\n"), "use 0600 or 0640"),
             (format!("{GOOD}limits: {{streams-per-client: 0}}\n"), "at least 1"),
+            (
+                GOOD.replace("max-size: 100G", "max-size: 100G\n    source: {type: file, path: /etc/shadow}"),
+                "job vm1: `source:` and `hooks:` moved to the hypervisor's client.yaml",
+            ),
+            (
+                GOOD.replace("vm2: {schedule: none}", "vm2: {schedule: none, hooks: {pre-snapshot: 'curl x|sh'}}"),
+                "migrate-sources",
+            ),
+            (
+                format!("{GOOD}clients:\n  hv01: {{token-hash: {HASH}}}\n  ops: {{role: admin, token-hash: {HASH}}}\n"),
+                "clients: hv01 and ops have the same token-hash",
+            ),
         ];
         for (text, want) in cases {
             let e = ServerConfig::from_yaml(&text, "server.yaml").unwrap_err();
             assert!(e.message.contains(want), "want {want:?} in {:?}", e.message);
             assert!(e.message.starts_with("server.yaml"), "{}", e.message);
         }
+    }
+
+    #[test]
+    fn client_config_lists_its_jobs() {
+        let text = "server: https://backup01:6023\ntls-server-name: backup01.example\njobs:\n  \
+                    vm1:\n    source: {type: file, path: /var/lib/vm1.img, hooks: {pre-snapshot: 'sync'}}\n  \
+                    vm2:\n    source: {type: ceph-rbd, pool: rbd, image: vm2}\n";
+        let cfg = ClientConfig::from_yaml(text, "client.yaml").unwrap();
+        let vm1 = cfg.source_of(&JobName::new("vm1").unwrap()).unwrap();
+        assert_eq!(vm1.kind(), "file");
+        assert_eq!(vm1.hooks().pre_snapshot.as_deref(), Some("sync"));
+        assert!(cfg.source_of(&JobName::new("vm3").unwrap()).is_none());
+        assert_eq!(cfg.tls_server_name.as_deref(), Some("backup01.example"));
+        for (bad, want) in [
+            (text.replace("  vm2:", "  vm1:"), "duplicate"),
+            (text.replace("type: file", "type: nfs"), "unknown variant"),
+            (format!("{text}    schedule: daily\n"), "unknown field"),
+        ] {
+            let e = ClientConfig::from_yaml(&bad, "client.yaml").unwrap_err();
+            assert!(e.message.contains(want), "want {want:?} in {}", e.message);
+        }
+    }
+
+    #[test]
+    fn migrate_sources_prints_a_client_fragment_per_identity() {
+        let old = GOOD.replace(
+            "max-size: 100G",
+            "max-size: 100G\n    source: {type: ceph-rbd, pool: rbd, image: vm1.root}\n    \
+             hooks: {pre-snapshot: 'virsh domfsfreeze vm1'}",
+        )
+        .replace("vm2: {schedule: none}", "vm2: {schedule: none, source: {type: file, path: /img/vm2}}");
+        assert!(ServerConfig::from_yaml(&old, "server.yaml").is_err());
+        let out = migrate_sources(&old, "server.yaml", &[]).unwrap();
+        let hv01 = out.find("of hv01").unwrap();
+        let any = out.find("(no client").unwrap();
+        assert!(any < hv01, "sorted by identity: {out}");
+        let fragment: ClientConfig = ClientConfig::from_yaml(&out[hv01..], "fragment").unwrap();
+        let vm1 = fragment.source_of(&JobName::new("vm1").unwrap()).unwrap();
+        assert_eq!(vm1.hooks().pre_snapshot.as_deref(), Some("virsh domfsfreeze vm1"));
+        assert!(fragment.source_of(&JobName::new("vm2").unwrap()).is_none());
+        let only = migrate_sources(&old, "server.yaml", &["vm2".into()]).unwrap();
+        assert!(only.contains("/img/vm2") && !only.contains("vm1"), "{only}");
+        assert!(migrate_sources(&old, "server.yaml", &["vm9".into()]).is_err());
     }
 }

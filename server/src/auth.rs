@@ -22,6 +22,8 @@ pub struct Caller {
     /// mode (no identities) the connection's, so a site of many agents on
     /// one host is not capped at one budget.
     pub limit_key: String,
+    /// The peer's address, for the audit trail.
+    pub peer: String,
 }
 
 /// What a request does to a job.
@@ -47,6 +49,7 @@ pub fn authenticate<T>(config: &ServerConfig, req: &Request<T>) -> Result<Caller
             name: "local".into(),
             role: Role::Admin,
             limit_key: format!("connection {peer}"),
+            peer,
         });
     }
     let peer = req.remote_addr();
@@ -111,6 +114,7 @@ pub fn authenticate<T>(config: &ServerConfig, req: &Request<T>) -> Result<Caller
         name: name.clone(),
         role,
         limit_key: format!("identity {name}"),
+        peer: peer.map(|a| a.to_string()).unwrap_or_else(|| "unknown".into()),
     })
 }
 
@@ -305,11 +309,13 @@ mod tests {
             name: "a".into(),
             role: Role::Hypervisor,
             limit_key: "identity a".into(),
+            peer: "127.0.0.1:1".into(),
         };
         let b = Caller {
             name: "b".into(),
             role: Role::Hypervisor,
             limit_key: "identity b".into(),
+            peer: "127.0.0.1:2".into(),
         };
         let p1 = limiter.acquire(&a, 2).unwrap();
         let _p2 = limiter.acquire(&a, 2).unwrap();

@@ -2,6 +2,7 @@
 //! the binary stays a thin edge and tests can reach the parts.
 
 pub mod agent;
+pub mod audit;
 pub mod auth;
 pub mod index;
 pub mod listener;
@@ -251,7 +252,7 @@ fn reload_refusal(old: &ServerConfig, new: &ServerConfig, path: &std::path::Path
         return Some(why);
     }
     if new.clients.values().any(|c| c.token_hash.is_some()) {
-        if let Err(e) = tls::refuse_world_readable(path, "config file with token hashes") {
+        if let Err(e) = tls::check_secret_mode(path, "config file with token hashes", new.secrets_group.as_deref()) {
             return Some(format!("{e:#}"));
         }
     }

@@ -57,6 +57,18 @@ enum Command {
         #[arg(long, value_name = "FILE")]
         generate: Option<PathBuf>,
     },
+    /// Print the `client.yaml` part for jobs whose `source:`/`hooks:` are
+    /// still in this server config (from older versions; the server no
+    /// longer starts with them): one fragment per client identity, to put
+    /// on that hypervisor; then remove them here.
+    #[command(
+        after_help = "Examples:\n  backy-server migrate-sources\n  backy-server migrate-sources vm1 vm2"
+    )]
+    MigrateSources {
+        /// Only these jobs [default: every job with a source]
+        #[arg(value_name = "JOB")]
+        jobs: Vec<String>,
+    },
     /// Print the fingerprint of a client certificate (PEM) for
     /// `clients: NAME: cert-fingerprint:` (mutual TLS).
     CertFingerprint {
@@ -155,6 +167,16 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     match &cli.command {
         Some(Command::HashToken { generate }) => return hash_token(generate.as_ref()),
         Some(Command::CertFingerprint { cert }) => return cert_fingerprint(cert),
+        Some(Command::MigrateSources { jobs }) => {
+            let text = std::fs::read_to_string(&cli.config)
+                .with_context(|| format!("reading {}", cli.config.display()))?;
+            let out = backy_common::config::migrate_sources(&text, &cli.config.display().to_string(), jobs)?;
+            if out.is_empty() {
+                eprintln!("{}: no job has a source: nothing to move", cli.config.display());
+            }
+            print!("{out}");
+            return Ok(());
+        }
         _ => {}
     }
     let config = load(&cli.config)?;

@@ -68,7 +68,6 @@ pub fn plan(server: &Server, req: &PlanRequest) -> Result<PlanReply> {
         parent_snapshot: parent.map(|p| p.source.snapshot.clone()).unwrap_or_default(),
         parent_size: parent.map(|p| p.size).unwrap_or(0),
         block_size: DEFAULT_BLOCK_SIZE,
-        source_json: job_cfg.source.as_ref().map(|s| s.to_json()).unwrap_or_default(),
         new_id: new_id.uuid().to_string(),
         reason,
         resume: resume.is_some(),

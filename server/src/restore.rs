@@ -123,13 +123,15 @@ pub fn send_manifest(
 
 /// Streams the image of `meta`: zero blocks (per the manifest) as zero
 /// ranges, others as data frames of at most [`MAX_FRAME_DATA`]. Runs on a
-/// blocking thread; stops early when the receiver goes away.
+/// blocking thread; stops early when the receiver goes away. Returns
+/// whether the whole image went out (false: the receiver left); an error
+/// has been sent to the receiver too.
 pub fn stream_image(
     server: Arc<Server>,
     job: JobDir,
     meta: RevisionMeta,
     tx: mpsc::Sender<std::result::Result<RestoreFrame, tonic::Status>>,
-) {
+) -> Result<bool> {
     let _reading = server.start_read(job.name(), meta.id);
     let send = |frame: Frame| tx.blocking_send(Ok(RestoreFrame { frame: Some(frame) })).is_ok();
     let result = (|| -> Result<bool> {
@@ -176,10 +178,11 @@ pub fn stream_image(
         }
         Ok(out.end())
     })();
-    if let Err(e) = result {
+    if let Err(e) = &result {
         tracing::error!(job = %job.name(), rev = %meta.id, "restore failed: {e}");
-        let _ = tx.blocking_send(Err(crate::wire::to_status(e)));
+        let _ = tx.blocking_send(Err(crate::wire::to_status(e.clone())));
     }
+    result
 }
 
 /// Smallest all-zero piece of a data block sent as a zero range: the

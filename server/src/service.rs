@@ -1,6 +1,7 @@
 //! The gRPC service: thin handlers that decode, validate frame order, and
 //! hand the work to blocking code that knows nothing of gRPC.
 
+use crate::audit;
 use crate::auth::{self, Action, Caller, StreamLimiter};
 use crate::push::Step;
 use crate::state::Server;
@@ -54,7 +55,11 @@ impl Service {
     /// The authenticated caller, if it may do `action` to `job`.
     fn check<T>(&self, req: &Request<T>, job: &str, action: Action) -> std::result::Result<Caller, Status> {
         let caller = auth::caller(req)?;
-        auth::authorize(&self.server.config(), &caller, job, action)?;
+        if let Err(status) = auth::authorize(&self.server.config(), &caller, job, action) {
+            let what = std::any::type_name::<T>().rsplit("::").next().unwrap_or("request");
+            audit::record(&caller, what, job, "", audit::Outcome::Failed(&status.message()));
+            return Err(status);
+        }
         Ok(caller)
     }
 
@@ -153,12 +158,15 @@ impl Backy for Service {
                 crate::restore::send_manifest(info, &manifest, &tx)
             });
         } else {
-            let (job, meta) = blocking(move || {
+            let (job_name, spec) = (req.job.clone(), req.revision.clone());
+            let resolved = blocking(move || {
                 let job = server.job(&req.job)?;
                 let meta = crate::restore::resolve(&server, &job, &req.revision)?;
                 Ok((job, meta))
             })
-            .await?;
+            .await;
+            audit::result(&caller, "manifest", &job_name, &spec, &resolved);
+            let (job, meta) = resolved?;
             let server = self.server.clone();
             tokio::task::spawn_blocking(move || {
                 let _permit = permit;
@@ -212,12 +220,14 @@ impl Backy for Service {
             caller.limit_key.clone(),
             Arc::new(move || flag.load(Ordering::Relaxed)),
         );
+        let who = caller.clone();
         let writer = tokio::task::spawn_blocking(move || {
             let (job, rev) = (begin.job.clone(), begin.rev_id.clone());
             let result = crate::push::run(server.clone(), begin, rx, gate);
             if let Err(e) = &result {
                 tracing::warn!(job, "push failed: {e}");
             }
+            audit::result(&who, "push", &job, &rev, &result);
             server.record_push_outcome(&job, &rev, &result);
             result
         });
@@ -371,17 +381,25 @@ impl Backy for Service {
         let permit = self.permit(&caller)?;
         let server = self.server.clone();
         let req = req.into_inner();
-        let (job, meta) = blocking(move || {
+        let (job_name, spec) = (req.job.clone(), req.revision.clone());
+        let resolved = blocking(move || {
             let job = server.job(&req.job)?;
             let meta = crate::restore::resolve(&server, &job, &req.revision)?;
             Ok((job, meta))
         })
-        .await?;
+        .await;
+        let (job, meta) = resolved.inspect_err(|e| audit::record(&caller, "restore", &job_name, &spec, audit::Outcome::Failed(&e.message())))?;
         let (tx, rx) = mpsc::channel(FRAMES_IN_FLIGHT);
         let server = self.server.clone();
         tokio::task::spawn_blocking(move || {
             let _permit = permit;
-            crate::restore::stream_image(server, job, meta, tx)
+            let (name, rev) = (job.name().to_string(), meta.id.to_string());
+            let streamed = crate::restore::stream_image(server, job, meta, tx);
+            match streamed {
+                Ok(true) => audit::record(&caller, "restore", &name, &rev, audit::Outcome::Ok),
+                Ok(false) => audit::record(&caller, "restore", &name, &rev, audit::Outcome::Done("cancelled by the client")),
+                Err(e) => audit::record(&caller, "restore", &name, &rev, audit::Outcome::Failed(&e)),
+            }
         });
         let idle = self.server.config().limits.idle_timeout.as_duration();
         Ok(Response::new(Box::pin(stall_guarded(rx, idle))))
@@ -397,6 +415,7 @@ impl Backy for Service {
         let permit = self.permit(&caller)?;
         let server = self.server.clone();
         let req = req.into_inner();
+        let (job_name, spec) = (req.job.clone(), req.revisions.clone());
         let (job, selected) = blocking(move || {
             let job = server.job(&req.job)?;
             let spec = if req.revisions.is_empty() {
@@ -407,7 +426,8 @@ impl Backy for Service {
             let selected = crate::revisions::select(&server, &job, spec)?;
             Ok((job, selected))
         })
-        .await?;
+        .await
+        .inspect_err(|e| audit::record(&caller, "verify", &job_name, &spec, audit::Outcome::Failed(&e.message())))?;
         let (tx, rx) = mpsc::channel(4);
         let server = self.server.clone();
         let closed = tx.clone();
@@ -419,8 +439,17 @@ impl Backy for Service {
         tokio::task::spawn_blocking(move || {
             let _permit = permit;
             for meta in selected {
-                let report = match crate::revisions::verify(&server, &job, &meta, &gate, |_| !tx.is_closed())
-                {
+                let verified = crate::revisions::verify(&server, &job, &meta, &gate, |_| !tx.is_closed());
+                let rev = meta.id.to_string();
+                match &verified {
+                    Ok(v) if v.bad_blocks.is_empty() => audit::record(&caller, "verify", &job_name, &rev, audit::Outcome::Ok),
+                    Ok(v) => audit::record(
+                        &caller, "verify", &job_name, &rev,
+                        audit::Outcome::Done(&format!("distrusted: {} blocks differ", v.bad_blocks.len())),
+                    ),
+                    Err(e) => audit::record(&caller, "verify", &job_name, &rev, audit::Outcome::Failed(e)),
+                }
+                let report = match verified {
                     Ok(v) => VerifyReport {
                         ok: v.bad_blocks.is_empty(),
                         revision: Some(RevisionInfo::from(&v.meta)),
@@ -453,20 +482,23 @@ impl Backy for Service {
         &self,
         req: Request<RevisionsRequest>,
     ) -> std::result::Result<Response<RevisionsReply>, Status> {
-        self.check(&req, &req.get_ref().job, Action::Operate)?;
+        let caller = self.check(&req, &req.get_ref().job, Action::Operate)?;
         let server = self.server.clone();
         let req = req.into_inner();
-        blocking(move || {
+        let (job, spec) = (req.job.clone(), req.revisions.clone());
+        let action = if req.dry_run { "distrust --dry-run" } else { "distrust" };
+        let result = blocking(move || {
             let job = server.job(&req.job)?;
             crate::revisions::distrust(&server, &job, &req.revisions, apply(req.dry_run))
         })
-        .await
-        .map(revisions_reply)
+        .await;
+        audit_changed(&caller, action, &job, &spec, &result);
+        result.map(revisions_reply)
     }
 
     async fn tags(&self, req: Request<TagsRequest>) -> std::result::Result<Response<RevisionsReply>, Status> {
         use crate::revisions::TagAction;
-        self.check(&req, &req.get_ref().job, Action::Operate)?;
+        let caller = self.check(&req, &req.get_ref().job, Action::Operate)?;
         let server = self.server.clone();
         let req = req.into_inner();
         let action = match tags_request::Action::try_from(req.action) {
@@ -480,7 +512,14 @@ impl Backy for Service {
                 )))
             }
         };
-        blocking(move || {
+        let (job, spec) = (req.job.clone(), req.revisions.clone());
+        let what = format!(
+            "tags {}{} {}",
+            ["set", "add", "remove"][req.action.clamp(0, 2) as usize],
+            if req.dry_run { " --dry-run" } else { "" },
+            clip(&req.tags.join(","))
+        );
+        let result = blocking(move || {
             let job = server.job(&req.job)?;
             crate::revisions::tags(
                 &server,
@@ -492,32 +531,37 @@ impl Backy for Service {
                 apply(req.dry_run),
             )
         })
-        .await
-        .map(revisions_reply)
+        .await;
+        audit_changed(&caller, &what, &job, &spec, &result);
+        result.map(revisions_reply)
     }
 
     async fn forget(
         &self,
         req: Request<RevisionsRequest>,
     ) -> std::result::Result<Response<RevisionsReply>, Status> {
-        self.check(&req, &req.get_ref().job, Action::Operate)?;
+        let caller = self.check(&req, &req.get_ref().job, Action::Operate)?;
         let server = self.server.clone();
         let req = req.into_inner();
-        blocking(move || {
+        let (job, spec) = (req.job.clone(), req.revisions.clone());
+        let action = if req.dry_run { "forget --dry-run" } else { "forget" };
+        let result = blocking(move || {
             let job = server.job(&req.job)?;
             crate::revisions::forget(&server, &job, &req.revisions, apply(req.dry_run))
         })
-        .await
-        .map(revisions_reply)
+        .await;
+        audit_changed(&caller, action, &job, &spec, &result);
+        result.map(revisions_reply)
     }
 
     async fn report_failure(
         &self,
         req: Request<FailureReport>,
     ) -> std::result::Result<Response<FailureReply>, Status> {
-        self.check(&req, &req.get_ref().job, Action::Operate)?;
+        let caller = self.check(&req, &req.get_ref().job, Action::Operate)?;
         let req = req.into_inner();
         let job = self.server.job(&req.job).map_err(to_status)?;
+        audit::record(&caller, "report-failure", &req.job, &req.rev_id, audit::Outcome::Done(&clip(&req.error)));
         let rev: Option<backy_common::RevisionId> = req.rev_id.parse().ok();
         let failures = self.server.record_client_failure(job.name(), rev, &req.error);
         tracing::warn!(job = %job.name(), failures, "push failed on the client: {}", clip(&req.error));
@@ -547,6 +591,24 @@ fn apply(dry_run: bool) -> crate::revisions::Apply {
         crate::revisions::Apply::DryRun
     } else {
         crate::revisions::Apply::Yes
+    }
+}
+
+/// Audits a request that changed (or, dry, would change) revisions: the
+/// short ids it touched, or why it failed.
+fn audit_changed(
+    caller: &Caller,
+    action: &str,
+    job: &str,
+    spec: &str,
+    result: &std::result::Result<Vec<backy_common::revision::RevisionMeta>, Status>,
+) {
+    match result {
+        Ok(metas) => {
+            let ids: Vec<String> = metas.iter().map(|m| m.id.short()).collect();
+            audit::record(caller, action, job, spec, audit::Outcome::Done(&format!("ok: {}", ids.join(","))));
+        }
+        Err(status) => audit::record(caller, action, job, spec, audit::Outcome::Failed(&status.message())),
     }
 }
 

@@ -6,32 +6,71 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use tonic::transport::{Certificate, Identity, ServerTlsConfig};
 
-/// Refuses a secret file others may read (mode o+r).
-pub fn refuse_world_readable(path: &Path, what: &str) -> anyhow::Result<()> {
-    let mode = std::fs::metadata(path)
-        .with_context(|| format!("reading {what} {}", path.display()))?
-        .permissions()
-        .mode();
-    if mode & 0o004 != 0 {
+/// Refuses a secret file that anyone but its owner may read, except by
+/// the operator's `secrets-group`: mode 0600, or 0640 with that group.
+pub fn check_secret_mode(path: &Path, what: &str, secrets_group: Option<&str>) -> anyhow::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(path).with_context(|| format!("reading {what} {}", path.display()))?;
+    let mode = meta.permissions().mode() & 0o7777;
+    if mode & 0o007 != 0 {
         bail!(
-            "{what} {} is world-readable (mode {:04o}): run chmod o-rwx on it",
+            "{what} {} is world-readable (mode {mode:04o}): run chmod o-rwx on it",
+            path.display()
+        );
+    }
+    if mode & 0o070 == 0 {
+        return Ok(());
+    }
+    let allowed = match secrets_group {
+        Some(name) if mode & 0o070 == 0o040 => group_id(name)? == meta.gid(),
+        _ => false,
+    };
+    if !allowed {
+        bail!(
+            "{what} {} is open to its group (mode {mode:04o}, gid {}): make it 0600, or 0640 \
+             owned by the group named in secrets-group:",
             path.display(),
-            mode & 0o7777
+            meta.gid()
         );
     }
     Ok(())
 }
 
+/// The gid of group `name`, through NSS (`/etc/group`, LDAP, ...).
+fn group_id(name: &str) -> anyhow::Result<u32> {
+    let cname = std::ffi::CString::new(name).context("secrets-group: a group name has no NUL byte")?;
+    let mut size = 4096;
+    loop {
+        let mut buf = vec![0 as libc::c_char; size];
+        // SAFETY: zeroed is a valid `group` (plain pointers and ints),
+        // which getgrnam_r fills in.
+        let mut group: libc::group = unsafe { std::mem::zeroed() };
+        let mut found: *mut libc::group = std::ptr::null_mut();
+        // SAFETY: every pointer is valid for the call, `buf.len()` is its
+        // size, and `group` is read only while `buf` lives.
+        let rc = unsafe { libc::getgrnam_r(cname.as_ptr(), &mut group, buf.as_mut_ptr(), buf.len(), &mut found) };
+        if rc == libc::ERANGE && size < 1 << 20 {
+            size *= 4;
+            continue;
+        }
+        if rc != 0 || found.is_null() {
+            bail!("secrets-group: no group named {name:?} on this host");
+        }
+        return Ok(group.gr_gid);
+    }
+}
+
 /// The TLS acceptor settings, or `None` for (validated) loopback plaintext.
-/// Also refuses a world-readable config holding token hashes.
+/// Also refuses a config holding token hashes that others may read.
 pub fn server_tls(config: &ServerConfig, config_path: &Path) -> anyhow::Result<Option<ServerTlsConfig>> {
+    let group = config.secrets_group.as_deref();
     if config.clients.values().any(|c| c.token_hash.is_some()) {
-        refuse_world_readable(config_path, "config file with token hashes")?;
+        check_secret_mode(config_path, "config file with token hashes", group)?;
     }
     let Some(tls) = &config.tls else {
         return Ok(None);
     };
-    refuse_world_readable(&tls.key, "TLS key")?;
+    check_secret_mode(&tls.key, "TLS key", group)?;
     let read = |p: &Path, what: &str| {
         std::fs::read(p).with_context(|| format!("reading TLS {what} {}", p.display()))
     };

@@ -82,7 +82,7 @@ fn twenty_agents_in_open_mode() {
     let server = Server::start_config(&dir.path().join("store"), &config);
     let mark = server.log_mark();
     let _agents: Vec<Agent> = (0..20)
-        .map(|a| Agent::start(&server.url, &["agent", "--name", &format!("hv{a}")]))
+        .map(|a| server.agent(&["agent", "--name", &format!("hv{a}")]))
         .collect();
     let mut connected = 0;
     wait_for("twenty agents connected", Duration::from_secs(30), || {

@@ -119,8 +119,8 @@ fn agents_back_up_when_due_and_expiry_keeps_what_the_schedule_says() {
         .replace("IMG2", img2.to_str().unwrap());
     let mut server = Server::start_config(&base, &config);
 
-    let _a1 = Agent::start(&server.url, &["agent", "--name", "hv01", "-vv"]);
-    let _a2 = Agent::start(&server.url, &["agent", "--name", "hv02", "--workers", "1"]);
+    let _a1 = server.agent(&["agent", "--name", "hv01", "-vv"]);
+    let _a2 = server.agent(&["agent", "--name", "hv02", "--workers", "1"]);
 
     // Collect every revision id ever listed while the agents work, and
     // check expiry against the schedule at every sighting.
@@ -353,4 +353,45 @@ jobs:
     assert_files_match_listing(&base, "vm1", &ids(&server, "vm1"));
     let listed = ids(&server, "vm1");
     assert_eq!(latest(), std::path::PathBuf::from(listed.last().unwrap()));
+}
+
+/// The server decides when, the hypervisor what: an agent runs only the
+/// jobs its own client.yaml lists. An order for any other job of its
+/// identity runs nothing and comes back as a failure that `status` and
+/// `check` show.
+#[test]
+fn an_agent_runs_only_the_jobs_its_client_config_lists() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("store");
+    let img = dir.path().join("vm1.img");
+    make_image(&img, 8 * MIB, &[(0, MIB)]);
+    // vm9 names hv01 as its client on the server, but hv01's client.yaml
+    // (made from the jobs' `source:` entries) does not list it.
+    let config = "
+listen: 127.0.0.1:0
+base-dir: BASE
+schedules:
+  fast: {often: {interval: 2s, keep: 2}}
+jobs:
+  vm1: {schedule: fast, client: hv01, source: {type: file, path: IMG}}
+  vm9: {schedule: fast, client: hv01}
+"
+    .replace("IMG", img.to_str().unwrap());
+    let server = Server::start_config(&base, &config);
+    let client_yaml = std::fs::read_to_string(&server.client_config).unwrap();
+    assert!(client_yaml.contains("vm1") && !client_yaml.contains("vm9"), "{client_yaml}");
+    let _agent = server.agent(&["agent", "--name", "hv01"]);
+    let mut last_error = String::new();
+    wait_for("vm1 backed up and vm9 refused", Duration::from_secs(60), || {
+        let vm9 = server.status_json("vm9");
+        last_error = vm9["jobs"][0]["last_error"].as_str().unwrap_or_default().to_string();
+        !ids(&server, "vm1").is_empty() && !last_error.is_empty()
+    });
+    assert!(
+        last_error.contains("job vm9 is not listed in") && last_error.contains("nothing was run"),
+        "{last_error}"
+    );
+    assert!(ids(&server, "vm9").is_empty());
+    let human = server.client_ok(&["status", "vm9"]);
+    assert!(human.contains("not listed"), "{human}");
 }

