@@ -113,7 +113,11 @@ pub async fn connect(url: &str) -> Result<Client> {
 /// `https://`, a host, an optional port, nothing more. Returns whether it
 /// is https.
 pub fn check_url(url: &str) -> Result<bool> {
-    let bad = |why: &str| Error::invalid(format!("bad server URL {url:?}: {why}; give a URL like https://backup01:6023"));
+    let bad = |why: &str| {
+        Error::invalid(format!(
+            "bad server URL {url:?}: {why}; give a URL like https://backup01:6023"
+        ))
+    };
     let uri: tonic::codegen::http::Uri = url.parse().map_err(|_| bad("not a URL"))?;
     let https = match uri.scheme_str() {
         Some("https") => true,
@@ -177,10 +181,15 @@ pub async fn connect_with(url: &str, creds: &Credentials) -> Result<Client> {
         }
         (false, _) => {}
     }
-    let channel = endpoint
-        .connect()
-        .await
-        .map_err(|e| Error::unavailable(format!("cannot connect to {url}: {}", chain(&e))))?;
+    let channel = endpoint.connect().await.map_err(|e| {
+        let why = chain(&e);
+        let hint = if https && creds.ca.is_none() && why.contains("certificate") {
+            " (without --ca the system's trust store decides: give --ca FILE for a private CA)"
+        } else {
+            ""
+        };
+        Error::unavailable(format!("cannot connect to {url}: {why}{hint}"))
+    })?;
     Ok(
         BackyClient::with_interceptor(channel, TokenInterceptor(creds.token.clone()))
             .max_decoding_message_size(MAX_MESSAGE_BYTES)

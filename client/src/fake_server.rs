@@ -22,7 +22,6 @@ pub struct Rev {
 pub struct State {
     pub due: bool,
     pub block_size: u32,
-    pub source_json: String,
     /// Returned to the next push after its begin frame.
     pub fail_push: Option<Status>,
     /// Flip a byte in the first data frame of restores.
@@ -45,7 +44,6 @@ impl Fake {
         let fake = Fake(Arc::new(Mutex::new(State {
             due: true,
             block_size,
-            source_json: String::new(),
             fail_push: None,
             corrupt_restore: false,
             truncate_restore: false,
@@ -113,7 +111,6 @@ impl Backy for Fake {
             parent_snapshot: String::new(),
             parent_size: parent.map(|p| p.size).unwrap_or(0),
             block_size: st.block_size,
-            source_json: st.source_json.clone(),
             new_id: RevisionId::new_random().uuid().to_string(),
             reason: "test".into(),
             ..PlanReply::default()

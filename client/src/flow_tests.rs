@@ -160,9 +160,17 @@ async fn not_due_does_nothing_and_source_comes_from_the_server() {
 
     fake.state().due = true;
     let e = push(&mut client, &push_args(None), false).await.unwrap_err();
-    assert_eq!(e.message, "job vm1 has no source: give --source");
-    fake.state().source_json = format!(r#"{{"type":"file","path":"{}"}}"#, src.display());
-    let pushed = push(&mut client, &push_args(None), false).await.unwrap().unwrap();
+    assert!(
+        e.message.starts_with("job vm1 is not listed in client.yaml"),
+        "{}",
+        e.message
+    );
+    let mut args = push_args(None);
+    args.configured = Some(backy_common::source::SourceSpec::File {
+        path: src.clone(),
+        hooks: Default::default(),
+    });
+    let pushed = push(&mut client, &args, false).await.unwrap().unwrap();
     assert_eq!(pushed.bytes_sent, B);
 }
 

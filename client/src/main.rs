@@ -419,7 +419,10 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
         ca: cli.ca.as_deref().or(config.ca.as_deref()),
         cert: cli.cert.as_deref().or(config.cert.as_deref()),
         key: cli.key.as_deref().or(config.key.as_deref()),
-        tls_server_name: cli.tls_server_name.as_deref().or(config.tls_server_name.as_deref()),
+        tls_server_name: cli
+            .tls_server_name
+            .as_deref()
+            .or(config.tls_server_name.as_deref()),
     })?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

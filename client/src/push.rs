@@ -152,7 +152,12 @@ async fn push_planned(
 ) -> Result<Pushed> {
     let job = args.job.as_str();
 
-    let spec = source_spec(job, args.source.as_deref(), args.configured.as_ref(), &args.config_name)?;
+    let spec = source_spec(
+        job,
+        args.source.as_deref(),
+        args.configured.as_ref(),
+        &args.config_name,
+    )?;
     if let SourceSpec::CephRbd { .. } = spec {
         return crate::rbd_push::push(client, args, plan, &spec, show_progress, started).await;
     }
@@ -432,7 +437,8 @@ mod tests {
         assert_eq!(s, block);
         let e = source_spec("vm1", None, None, "/etc/backy/client.yaml").unwrap_err();
         assert!(
-            e.message.starts_with("job vm1 is not listed in /etc/backy/client.yaml"),
+            e.message
+                .starts_with("job vm1 is not listed in /etc/backy/client.yaml"),
             "{}",
             e.message
         );

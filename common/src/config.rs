@@ -418,7 +418,10 @@ impl ServerConfig {
         }
         let mut seen: BTreeMap<String, &str> = BTreeMap::new();
         for (name, id) in &self.clients {
-            let credentials = [("token-hash", &id.token_hash), ("cert-fingerprint", &id.cert_fingerprint)];
+            let credentials = [
+                ("token-hash", &id.token_hash),
+                ("cert-fingerprint", &id.cert_fingerprint),
+            ];
             for (kind, value) in credentials {
                 let Some(value) = value else { continue };
                 let key = format!("{kind} {}", value.to_ascii_lowercase());
@@ -512,7 +515,8 @@ impl ClientConfig {
 /// for `backy-server migrate-sources`. Reads the raw YAML: such a config
 /// no longer loads.
 pub fn migrate_sources(text: &str, what: &str, jobs: &[String]) -> Result<String> {
-    let raw: serde_yaml::Value = serde_yaml::from_str(text).map_err(|e| Error::invalid(format!("{what}: {e}")))?;
+    let raw: serde_yaml::Value =
+        serde_yaml::from_str(text).map_err(|e| Error::invalid(format!("{what}: {e}")))?;
     let all = raw
         .get("jobs")
         .and_then(|j| j.as_mapping())
@@ -555,7 +559,9 @@ pub fn migrate_sources(text: &str, what: &str, jobs: &[String]) -> Result<String
         let mut doc = serde_yaml::Mapping::new();
         doc.insert("jobs".into(), serde_yaml::Value::Mapping(jobs));
         let yaml = serde_yaml::to_string(&doc).map_err(|e| Error::internal(format!("writing YAML: {e}")))?;
-        out.push_str(&format!("# /etc/backy/client.yaml on the hypervisor of {client}\n{yaml}\n"));
+        out.push_str(&format!(
+            "# /etc/backy/client.yaml on the hypervisor of {client}\n{yaml}\n"
+        ));
     }
     Ok(out)
 }
@@ -872,18 +878,23 @@ jobs:
 
     #[test]
     fn migrate_sources_prints_a_client_fragment_per_identity() {
-        let old = GOOD.replace(
-            "max-size: 100G",
-            "max-size: 100G\n    source: {type: ceph-rbd, pool: rbd, image: vm1.root}\n    \
+        let old = GOOD
+            .replace(
+                "max-size: 100G",
+                "max-size: 100G\n    source: {type: ceph-rbd, pool: rbd, image: vm1.root}\n    \
              hooks: {pre-snapshot: 'virsh domfsfreeze vm1'}",
-        )
-        .replace("vm2: {schedule: none}", "vm2: {schedule: none, source: {type: file, path: /img/vm2}}");
+            )
+            .replace(
+                "vm2: {schedule: none}",
+                "vm2: {schedule: none, source: {type: file, path: /img/vm2}}",
+            );
         assert!(ServerConfig::from_yaml(&old, "server.yaml").is_err());
         let out = migrate_sources(&old, "server.yaml", &[]).unwrap();
         let hv01 = out.find("of hv01").unwrap();
         let any = out.find("(no client").unwrap();
         assert!(any < hv01, "sorted by identity: {out}");
-        let fragment: ClientConfig = ClientConfig::from_yaml(&out[hv01..], "fragment").unwrap();
+        let body = hv01 + out[hv01..].find('\n').unwrap();
+        let fragment: ClientConfig = ClientConfig::from_yaml(&out[body..], "fragment").unwrap();
         let vm1 = fragment.source_of(&JobName::new("vm1").unwrap()).unwrap();
         assert_eq!(vm1.hooks().pre_snapshot.as_deref(), Some("virsh domfsfreeze vm1"));
         assert!(fragment.source_of(&JobName::new("vm2").unwrap()).is_none());

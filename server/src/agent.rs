@@ -39,13 +39,25 @@ pub async fn serve(
     let agent_name = crate::service::clip(&hello.agent);
     if let Err(status) = crate::auth::authorize_agent(&caller, &hello.agent) {
         let action = format!("agent connect {agent_name}");
-        crate::audit::record(&caller, &action, "", "", crate::audit::Outcome::Failed(&status.message()));
+        crate::audit::record(
+            &caller,
+            &action,
+            "",
+            "",
+            crate::audit::Outcome::Failed(&status.message()),
+        );
         let _ = orders.send(Err(status)).await;
         return;
     }
     let agent = hello.agent.clone();
     let workers = hello.workers.clamp(1, 64) as usize;
-    crate::audit::record(&caller, &format!("agent connect {agent_name}"), "", "", crate::audit::Outcome::Ok);
+    crate::audit::record(
+        &caller,
+        &format!("agent connect {agent_name}"),
+        "",
+        "",
+        crate::audit::Outcome::Ok,
+    );
     tracing::info!(agent, workers, "agent connected");
     let mut outstanding: BTreeMap<JobName, chrono::DateTime<chrono::Utc>> = BTreeMap::new();
     // Planning wakes at the earliest next due time of the agent's jobs, or

@@ -252,7 +252,11 @@ fn reload_refusal(old: &ServerConfig, new: &ServerConfig, path: &std::path::Path
         return Some(why);
     }
     if new.clients.values().any(|c| c.token_hash.is_some()) {
-        if let Err(e) = tls::check_secret_mode(path, "config file with token hashes", new.secrets_group.as_deref()) {
+        if let Err(e) = tls::check_secret_mode(
+            path,
+            "config file with token hashes",
+            new.secrets_group.as_deref(),
+        ) {
             return Some(format!("{e:#}"));
         }
     }

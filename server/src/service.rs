@@ -53,10 +53,16 @@ impl Service {
     }
 
     /// The authenticated caller, if it may do `action` to `job`.
-    fn check<T>(&self, req: &Request<T>, job: &str, action: Action) -> std::result::Result<Caller, Status> {
+    /// `what` names the request in the audit line of a refusal.
+    fn check<T>(
+        &self,
+        req: &Request<T>,
+        job: &str,
+        action: Action,
+        what: &str,
+    ) -> std::result::Result<Caller, Status> {
         let caller = auth::caller(req)?;
         if let Err(status) = auth::authorize(&self.server.config(), &caller, job, action) {
-            let what = std::any::type_name::<T>().rsplit("::").next().unwrap_or("request");
             audit::record(&caller, what, job, "", audit::Outcome::Failed(&status.message()));
             return Err(status);
         }
@@ -127,7 +133,7 @@ fn out_of_order(what: &str) -> Status {
 #[tonic::async_trait]
 impl Backy for Service {
     async fn plan(&self, req: Request<PlanRequest>) -> std::result::Result<Response<PlanReply>, Status> {
-        self.check(&req, &req.get_ref().job, Action::Operate)?;
+        self.check(&req, &req.get_ref().job, Action::Operate, "plan")?;
         let server = self.server.clone();
         let req = req.into_inner();
         blocking(move || crate::plan::plan(&server, &req))
@@ -141,7 +147,7 @@ impl Backy for Service {
         &self,
         req: Request<ManifestRequest>,
     ) -> std::result::Result<Response<Self::ManifestStream>, Status> {
-        let caller = self.check(&req, &req.get_ref().job, Action::Operate)?;
+        let caller = self.check(&req, &req.get_ref().job, Action::Operate, "manifest")?;
         let permit = self.permit(&caller)?;
         let server = self.server.clone();
         let req = req.into_inner();
@@ -207,7 +213,16 @@ impl Backy for Service {
             None => return Err(Status::invalid_argument("empty push stream")),
         };
         let job = begin.job.clone();
-        auth::authorize(&self.server.config(), &caller, &job, Action::Operate)?;
+        if let Err(status) = auth::authorize(&self.server.config(), &caller, &job, Action::Operate) {
+            audit::record(
+                &caller,
+                "push",
+                &job,
+                &begin.rev_id,
+                audit::Outcome::Failed(&status.message()),
+            );
+            return Err(status);
+        }
         let server = self.server.clone();
         let (tx, rx) = mpsc::channel(FRAMES_IN_FLIGHT);
         // The outcome is recorded by the writer: this handler is dropped
@@ -330,7 +345,7 @@ impl Backy for Service {
         let caller = if req.get_ref().job.is_empty() {
             auth::caller(&req)?
         } else {
-            self.check(&req, &req.get_ref().job, Action::Read)?
+            self.check(&req, &req.get_ref().job, Action::Read, "status")?
         };
         let server = self.server.clone();
         let req = req.into_inner();
@@ -377,7 +392,7 @@ impl Backy for Service {
         &self,
         req: Request<RestoreRequest>,
     ) -> std::result::Result<Response<Self::RestoreStream>, Status> {
-        let caller = self.check(&req, &req.get_ref().job, Action::Operate)?;
+        let caller = self.check(&req, &req.get_ref().job, Action::Operate, "restore")?;
         let permit = self.permit(&caller)?;
         let server = self.server.clone();
         let req = req.into_inner();
@@ -388,7 +403,15 @@ impl Backy for Service {
             Ok((job, meta))
         })
         .await;
-        let (job, meta) = resolved.inspect_err(|e| audit::record(&caller, "restore", &job_name, &spec, audit::Outcome::Failed(&e.message())))?;
+        let (job, meta) = resolved.inspect_err(|e| {
+            audit::record(
+                &caller,
+                "restore",
+                &job_name,
+                &spec,
+                audit::Outcome::Failed(&e.message()),
+            )
+        })?;
         let (tx, rx) = mpsc::channel(FRAMES_IN_FLIGHT);
         let server = self.server.clone();
         tokio::task::spawn_blocking(move || {
@@ -397,7 +420,13 @@ impl Backy for Service {
             let streamed = crate::restore::stream_image(server, job, meta, tx);
             match streamed {
                 Ok(true) => audit::record(&caller, "restore", &name, &rev, audit::Outcome::Ok),
-                Ok(false) => audit::record(&caller, "restore", &name, &rev, audit::Outcome::Done("cancelled by the client")),
+                Ok(false) => audit::record(
+                    &caller,
+                    "restore",
+                    &name,
+                    &rev,
+                    audit::Outcome::Done("cancelled by the client"),
+                ),
                 Err(e) => audit::record(&caller, "restore", &name, &rev, audit::Outcome::Failed(&e)),
             }
         });
@@ -411,7 +440,7 @@ impl Backy for Service {
         &self,
         req: Request<VerifyRequest>,
     ) -> std::result::Result<Response<Self::VerifyStream>, Status> {
-        let caller = self.check(&req, &req.get_ref().job, Action::Operate)?;
+        let caller = self.check(&req, &req.get_ref().job, Action::Operate, "verify")?;
         let permit = self.permit(&caller)?;
         let server = self.server.clone();
         let req = req.into_inner();
@@ -427,7 +456,15 @@ impl Backy for Service {
             Ok((job, selected))
         })
         .await
-        .inspect_err(|e| audit::record(&caller, "verify", &job_name, &spec, audit::Outcome::Failed(&e.message())))?;
+        .inspect_err(|e| {
+            audit::record(
+                &caller,
+                "verify",
+                &job_name,
+                &spec,
+                audit::Outcome::Failed(&e.message()),
+            )
+        })?;
         let (tx, rx) = mpsc::channel(4);
         let server = self.server.clone();
         let closed = tx.clone();
@@ -442,9 +479,14 @@ impl Backy for Service {
                 let verified = crate::revisions::verify(&server, &job, &meta, &gate, |_| !tx.is_closed());
                 let rev = meta.id.to_string();
                 match &verified {
-                    Ok(v) if v.bad_blocks.is_empty() => audit::record(&caller, "verify", &job_name, &rev, audit::Outcome::Ok),
+                    Ok(v) if v.bad_blocks.is_empty() => {
+                        audit::record(&caller, "verify", &job_name, &rev, audit::Outcome::Ok)
+                    }
                     Ok(v) => audit::record(
-                        &caller, "verify", &job_name, &rev,
+                        &caller,
+                        "verify",
+                        &job_name,
+                        &rev,
                         audit::Outcome::Done(&format!("distrusted: {} blocks differ", v.bad_blocks.len())),
                     ),
                     Err(e) => audit::record(&caller, "verify", &job_name, &rev, audit::Outcome::Failed(e)),
@@ -482,11 +524,15 @@ impl Backy for Service {
         &self,
         req: Request<RevisionsRequest>,
     ) -> std::result::Result<Response<RevisionsReply>, Status> {
-        let caller = self.check(&req, &req.get_ref().job, Action::Operate)?;
+        let caller = self.check(&req, &req.get_ref().job, Action::Operate, "distrust")?;
         let server = self.server.clone();
         let req = req.into_inner();
         let (job, spec) = (req.job.clone(), req.revisions.clone());
-        let action = if req.dry_run { "distrust --dry-run" } else { "distrust" };
+        let action = if req.dry_run {
+            "distrust --dry-run"
+        } else {
+            "distrust"
+        };
         let result = blocking(move || {
             let job = server.job(&req.job)?;
             crate::revisions::distrust(&server, &job, &req.revisions, apply(req.dry_run))
@@ -498,7 +544,7 @@ impl Backy for Service {
 
     async fn tags(&self, req: Request<TagsRequest>) -> std::result::Result<Response<RevisionsReply>, Status> {
         use crate::revisions::TagAction;
-        let caller = self.check(&req, &req.get_ref().job, Action::Operate)?;
+        let caller = self.check(&req, &req.get_ref().job, Action::Operate, "tags")?;
         let server = self.server.clone();
         let req = req.into_inner();
         let action = match tags_request::Action::try_from(req.action) {
@@ -540,7 +586,7 @@ impl Backy for Service {
         &self,
         req: Request<RevisionsRequest>,
     ) -> std::result::Result<Response<RevisionsReply>, Status> {
-        let caller = self.check(&req, &req.get_ref().job, Action::Operate)?;
+        let caller = self.check(&req, &req.get_ref().job, Action::Operate, "forget")?;
         let server = self.server.clone();
         let req = req.into_inner();
         let (job, spec) = (req.job.clone(), req.revisions.clone());
@@ -558,10 +604,16 @@ impl Backy for Service {
         &self,
         req: Request<FailureReport>,
     ) -> std::result::Result<Response<FailureReply>, Status> {
-        let caller = self.check(&req, &req.get_ref().job, Action::Operate)?;
+        let caller = self.check(&req, &req.get_ref().job, Action::Operate, "report-failure")?;
         let req = req.into_inner();
         let job = self.server.job(&req.job).map_err(to_status)?;
-        audit::record(&caller, "report-failure", &req.job, &req.rev_id, audit::Outcome::Done(&clip(&req.error)));
+        audit::record(
+            &caller,
+            "report-failure",
+            &req.job,
+            &req.rev_id,
+            audit::Outcome::Done(&clip(&req.error)),
+        );
         let rev: Option<backy_common::RevisionId> = req.rev_id.parse().ok();
         let failures = self.server.record_client_failure(job.name(), rev, &req.error);
         tracing::warn!(job = %job.name(), failures, "push failed on the client: {}", clip(&req.error));
@@ -606,9 +658,21 @@ fn audit_changed(
     match result {
         Ok(metas) => {
             let ids: Vec<String> = metas.iter().map(|m| m.id.short()).collect();
-            audit::record(caller, action, job, spec, audit::Outcome::Done(&format!("ok: {}", ids.join(","))));
+            audit::record(
+                caller,
+                action,
+                job,
+                spec,
+                audit::Outcome::Done(&format!("ok: {}", ids.join(","))),
+            );
         }
-        Err(status) => audit::record(caller, action, job, spec, audit::Outcome::Failed(&status.message())),
+        Err(status) => audit::record(
+            caller,
+            action,
+            job,
+            spec,
+            audit::Outcome::Failed(&status.message()),
+        ),
     }
 }
 

@@ -48,7 +48,15 @@ fn group_id(name: &str) -> anyhow::Result<u32> {
         let mut found: *mut libc::group = std::ptr::null_mut();
         // SAFETY: every pointer is valid for the call, `buf.len()` is its
         // size, and `group` is read only while `buf` lives.
-        let rc = unsafe { libc::getgrnam_r(cname.as_ptr(), &mut group, buf.as_mut_ptr(), buf.len(), &mut found) };
+        let rc = unsafe {
+            libc::getgrnam_r(
+                cname.as_ptr(),
+                &mut group,
+                buf.as_mut_ptr(),
+                buf.len(),
+                &mut found,
+            )
+        };
         if rc == libc::ERANGE && size < 1 << 20 {
             size *= 4;
             continue;

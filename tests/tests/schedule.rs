@@ -379,12 +379,18 @@ jobs:
     .replace("IMG", img.to_str().unwrap());
     let server = Server::start_config(&base, &config);
     let client_yaml = std::fs::read_to_string(&server.client_config).unwrap();
-    assert!(client_yaml.contains("vm1") && !client_yaml.contains("vm9"), "{client_yaml}");
+    assert!(
+        client_yaml.contains("vm1") && !client_yaml.contains("vm9"),
+        "{client_yaml}"
+    );
     let _agent = server.agent(&["agent", "--name", "hv01"]);
     let mut last_error = String::new();
     wait_for("vm1 backed up and vm9 refused", Duration::from_secs(60), || {
         let vm9 = server.status_json("vm9");
-        last_error = vm9["jobs"][0]["last_error"].as_str().unwrap_or_default().to_string();
+        last_error = vm9["jobs"][0]["last_error"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
         !ids(&server, "vm1").is_empty() && !last_error.is_empty()
     });
     assert!(

