@@ -1,7 +1,7 @@
 //! The connection to `backy-server`, and turning gRPC statuses into the
 //! model's one-line errors.
 
-use backy_common::{Error, ErrorKind, Result, MAX_MESSAGE_BYTES};
+use backy_common::{Error, ErrorKind, Reason, Result, MAX_MESSAGE_BYTES};
 use backy_proto::backy_client::BackyClient;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
@@ -95,6 +95,13 @@ pub struct TokenInterceptor(Option<MetadataValue<Ascii>>);
 
 impl tonic::service::Interceptor for TokenInterceptor {
     fn call(&mut self, mut req: tonic::Request<()>) -> std::result::Result<tonic::Request<()>, Status> {
+        // Every request says which protocol it speaks, so a server can
+        // refuse an incompatible client with a clear message.
+        req.metadata_mut()
+            .insert(backy_proto::PROTOCOL_HEADER, MetadataValue::from(backy_proto::PROTOCOL));
+        if let Ok(v) = backy_proto::VERSION.parse() {
+            req.metadata_mut().insert(backy_proto::VERSION_HEADER, v);
+        }
         if let Some(t) = &self.0 {
             req.metadata_mut()
                 .insert(backy_common::token::AUTH_HEADER, t.clone());
@@ -190,11 +197,45 @@ pub async fn connect_with(url: &str, creds: &Credentials) -> Result<Client> {
         };
         Error::unavailable(format!("cannot connect to {url}: {why}{hint}"))
     })?;
-    Ok(
-        BackyClient::with_interceptor(channel, TokenInterceptor(creds.token.clone()))
-            .max_decoding_message_size(MAX_MESSAGE_BYTES)
-            .max_encoding_message_size(MAX_MESSAGE_BYTES),
-    )
+    let mut client = BackyClient::with_interceptor(channel, TokenInterceptor(creds.token.clone()))
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    hello(&mut client).await?;
+    Ok(client)
+}
+
+/// Exchanges protocol versions: a server too old for this client, or one
+/// that refuses it, fails here with one line naming both versions.
+async fn hello(client: &mut Client) -> Result<()> {
+    let ours = format!("this backy-client {} speaks protocol {}", backy_proto::VERSION, backy_proto::PROTOCOL);
+    let reply = match client
+        .hello(backy_proto::HelloRequest {
+            protocol: backy_proto::PROTOCOL,
+            version: backy_proto::VERSION.to_string(),
+        })
+        .await
+    {
+        Ok(r) => r.into_inner(),
+        Err(s) if s.code() == Code::Unimplemented => {
+            return Err(Error::precondition(format!(
+                "the server predates protocol versioning (protocol 0); {ours} and needs {} or newer: \
+                 upgrade backy-server",
+                backy_proto::MIN_SERVER_PROTOCOL
+            ))
+            .with_reason(Reason::IncompatibleVersion))
+        }
+        Err(s) => return Err(status_error(s)),
+    };
+    if reply.protocol < backy_proto::MIN_SERVER_PROTOCOL {
+        return Err(Error::precondition(format!(
+            "backy-server {} speaks protocol {}; {ours} and needs {} or newer: upgrade backy-server",
+            one_line(&reply.version),
+            reply.protocol,
+            backy_proto::MIN_SERVER_PROTOCOL
+        ))
+        .with_reason(Reason::IncompatibleVersion));
+    }
+    Ok(())
 }
 
 /// How long a push stream may go without a frame before a keepalive is
@@ -237,9 +278,14 @@ pub fn status_error(status: Status) -> Error {
     } else {
         message
     };
+    // The server's details say what happened; the code is the fallback
+    // for errors without them (the transport's own).
+    let (kind, reason) =
+        backy_proto::error_of_detail(status.details()).unwrap_or((kind_of(status.code()), Reason::Unspecified));
     Error {
-        kind: kind_of(status.code()),
+        kind,
         message: format!("{} ({})", one_line(message), code_name(status.code())),
+        reason,
     }
 }
 

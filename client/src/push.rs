@@ -30,7 +30,11 @@ pub(crate) const FRAMES_IN_FLIGHT: usize = 16;
 
 /// The reader's error when the request stream is gone; the server's status
 /// then says why.
-pub(crate) const STREAM_CLOSED: &str = "push stream closed";
+/// The sender's error when the push stream closed under it: the RPC's
+/// own outcome then says why.
+pub(crate) fn stream_closed() -> Error {
+    Error::unavailable("push stream closed").with_reason(backy_common::Reason::StreamClosed)
+}
 
 #[derive(Debug, Clone)]
 pub struct PushArgs {
@@ -214,7 +218,7 @@ async fn push_planned(
         frame: Some(Frame::Begin(begin)),
     })
     .await
-    .map_err(|_| Error::internal(STREAM_CLOSED))?;
+    .map_err(|_| stream_closed())?;
 
     let bar = progress::bar(size, job, show_progress);
     let reader_bar = bar.clone();
@@ -231,7 +235,7 @@ async fn push_planned(
     let (scanned, reply) = joined.map_err(|e| match (&args.changed_ranges, e.kind) {
         // With a complete range list the server's digests of the blocks it
         // patched equal the ones read here; otherwise the list missed writes.
-        (Some(path), backy_common::ErrorKind::DataLoss) if e.message.contains("manifest differs") => e.context(
+        (Some(path), backy_common::ErrorKind::DataLoss) if e.reason == backy_common::Reason::ManifestMismatch => e.context(
             format!(
                 "{} does not name every byte written since the parent revision (push without --changed-ranges to scan everything)",
                 path.display()
@@ -272,7 +276,7 @@ where
         joined = &mut reader => match flatten(joined) {
             Ok(scanned) => Ok((scanned, rpc.await.map_err(status_error)?.into_inner())),
             // The server ended the stream: its status says why.
-            Err(e) if e.message == STREAM_CLOSED => Err(match rpc.await {
+            Err(e) if e.reason == backy_common::Reason::StreamClosed => Err(match rpc.await {
                 Err(status) => status_error(status),
                 Ok(_) => early_reply(),
             }),
@@ -284,7 +288,7 @@ where
             // Committed: the reader has sent the end marker and is returning.
             Ok(reply) => match flatten(reader.await) {
                 Ok(scanned) => Ok((scanned, reply.into_inner())),
-                Err(e) if e.message == STREAM_CLOSED => Err(early_reply()),
+                Err(e) if e.reason == backy_common::Reason::StreamClosed => Err(early_reply()),
                 Err(e) => Err(e),
             },
             // The server failed the push, possibly because the reader failed
@@ -293,7 +297,7 @@ where
             // its next send; it is not waited for long.
             Err(status) => match tokio::time::timeout(Duration::from_secs(1), reader).await {
                 Ok(joined) => match flatten(joined) {
-                    Err(e) if e.message != STREAM_CLOSED => Err(e),
+                    Err(e) if e.reason != backy_common::Reason::StreamClosed => Err(e),
                     _ => Err(status_error(status)),
                 },
                 Err(_) => Err(status_error(status)),
@@ -317,7 +321,7 @@ fn read_source(
     let send = |frame| {
         let sent = tx
             .blocking_send(PushFrame { frame: Some(frame) })
-            .map_err(|_| Error::unavailable(STREAM_CLOSED));
+            .map_err(|_| stream_closed());
         fault::point("client.frame");
         sent
     };
@@ -333,7 +337,6 @@ fn read_source(
     send(Frame::End(PushEnd {
         stream_checksum: scanned.checksum.to_vec(),
         manifest_digest: scanned.manifest.file_digest().to_vec(),
-        bytes_read: scanned.bytes_read,
     }))?;
     Ok(scanned)
 }
@@ -514,7 +517,7 @@ mod tests {
 
     #[tokio::test]
     async fn join_reports_the_error_that_explains() {
-        let closed = || Err(Error::unavailable(STREAM_CLOSED));
+        let closed = || Err(stream_closed());
         let full = || Err(tonic::Status::resource_exhausted("disk full"));
         type RpcResult = std::result::Result<(), tonic::Status>;
         type Case = (u64, Result<()>, u64, RpcResult, Option<&'static str>);

@@ -18,7 +18,7 @@
 use crate::connect::Client;
 use crate::frames::PushFrames;
 use crate::progress;
-use crate::push::{self, PushArgs, Pushed, FRAMES_IN_FLIGHT, STREAM_CLOSED};
+use crate::push::{self, PushArgs, Pushed, FRAMES_IN_FLIGHT};
 use crate::scan::{Scanned, Scanner};
 use crate::source::hooks::HookRunner;
 use crate::source::process::{describe, Running};
@@ -190,7 +190,7 @@ async fn push_snapshot(
         frame: Some(Frame::Begin(begin)),
     })
     .await
-    .map_err(|_| Error::internal(STREAM_CLOSED))?;
+    .map_err(|_| push::stream_closed())?;
 
     let bar = progress::bar(size, job, show_progress);
     let reader_bar = bar.clone();
@@ -199,7 +199,7 @@ async fn push_snapshot(
         let send = |frame| {
             let sent = tx
                 .blocking_send(PushFrame { frame: Some(frame) })
-                .map_err(|_| Error::unavailable(STREAM_CLOSED));
+                .map_err(|_| push::stream_closed());
             fault::point("client.frame");
             sent
         };
@@ -280,7 +280,7 @@ pub fn export(
     drop(diff);
     let status = running.wait(EXIT_TIMEOUT)?;
     let (streamed, checksum) = match parsed {
-        Err(e) if e.message == STREAM_CLOSED => return Err(e),
+        Err(e) if e.reason == backy_common::Reason::StreamClosed => return Err(e),
         Err(e) => return Err(explain(&mut running, status, e)),
         Ok(done) => done,
     };
@@ -300,7 +300,6 @@ pub fn export(
     send(Frame::End(PushEnd {
         stream_checksum: checksum.to_vec(),
         manifest_digest,
-        bytes_read: streamed.bytes_read,
     }))?;
     Ok(streamed)
 }
@@ -325,8 +324,8 @@ fn explain(running: &mut Running, status: Option<std::process::ExitStatus>, stre
             "{what} did not exit after its stream ended and was killed{stderr}; nothing was committed"
         )),
         Some(_) => Error {
-            kind: stream.kind,
             message: format!("{what}: {}; nothing was committed", stream.message),
+            ..stream
         },
     }
 }

@@ -42,11 +42,33 @@ impl ErrorKind {
     }
 }
 
-/// An error of the model: a kind plus a one-line, human message.
+/// What exactly went wrong, for programs: code branches on this and on
+/// the kind, never on the message, which is for people and may change. It
+/// crosses the wire in each error status's details (`ErrorDetail`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum Reason {
+    /// Nothing more specific than the kind.
+    #[default]
+    Unspecified,
+    /// The stored image's manifest differs from the one the client computed
+    /// (with a range list: the list missed a write).
+    ManifestMismatch,
+    /// The data received does not match the client's stream checksum.
+    StreamChecksumMismatch,
+    /// The client's push stream closed while it was still sending: the
+    /// RPC's own outcome says why.
+    StreamClosed,
+    /// Client and server speak protocol versions that do not overlap.
+    IncompatibleVersion,
+}
+
+/// An error of the model: a kind, a one-line human message, and for the
+/// cases programs tell apart, a [`Reason`].
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub struct Error {
     pub kind: ErrorKind,
     pub message: String,
+    pub reason: Reason,
 }
 
 impl fmt::Display for Error {
@@ -63,7 +85,7 @@ macro_rules! ctor {
             $(
                 #[doc = concat!("An error of kind [`ErrorKind::", stringify!($kind), "`].")]
                 pub fn $name(message: impl Into<String>) -> Self {
-                    Error { kind: ErrorKind::$kind, message: message.into() }
+                    Error { kind: ErrorKind::$kind, message: message.into(), reason: Reason::Unspecified }
                 }
             )*
         }
@@ -103,7 +125,17 @@ impl Error {
         } else {
             format!("{context}: {err}")
         };
-        Error { kind, message: msg }
+        Error {
+            kind,
+            message: msg,
+            reason: Reason::Unspecified,
+        }
+    }
+
+    /// The same error, marked with `reason` for programs.
+    pub fn with_reason(mut self, reason: Reason) -> Self {
+        self.reason = reason;
+        self
     }
 
     /// Prefixes the message with more context, keeping the kind.

@@ -44,6 +44,11 @@ pub fn fail(name: &str) -> crate::Result<()> {
     Ok(())
 }
 
+/// A behaviour tests switch on with `BACKY_FAULT=mode:name`.
+pub fn mode(name: &str) -> bool {
+    configured().is_some_and(|f| f.point.strip_prefix("mode:") == Some(name))
+}
+
 /// A named crash point.
 pub fn point(name: &str) {
     if let Some(f) = configured() {

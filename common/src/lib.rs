@@ -24,7 +24,7 @@ pub mod token;
 pub mod units;
 pub mod writeback;
 
-pub use error::{Error, ErrorKind, Result};
+pub use error::{Error, ErrorKind, Reason, Result};
 pub use id::RevisionId;
 pub use job::JobName;
 

@@ -79,6 +79,84 @@ impl TryFrom<&RevisionInfo> for RevisionMeta {
     }
 }
 
+use crate::v1::{ErrorDetail, ErrorKind as WireKind, ErrorReason};
+use backy_common::{ErrorKind, Reason};
+
+fn wire_kind(k: ErrorKind) -> WireKind {
+    match k {
+        ErrorKind::InvalidArgument => WireKind::InvalidArgument,
+        ErrorKind::NotFound => WireKind::NotFound,
+        ErrorKind::AlreadyExists => WireKind::AlreadyExists,
+        ErrorKind::FailedPrecondition => WireKind::FailedPrecondition,
+        ErrorKind::Busy => WireKind::Busy,
+        ErrorKind::ResourceExhausted => WireKind::ResourceExhausted,
+        ErrorKind::DataLoss => WireKind::DataLoss,
+        ErrorKind::Unauthenticated => WireKind::Unauthenticated,
+        ErrorKind::PermissionDenied => WireKind::PermissionDenied,
+        ErrorKind::Unavailable => WireKind::Unavailable,
+        ErrorKind::Internal => WireKind::Internal,
+    }
+}
+
+fn model_kind(k: WireKind) -> Option<ErrorKind> {
+    Some(match k {
+        WireKind::Unspecified => return None,
+        WireKind::InvalidArgument => ErrorKind::InvalidArgument,
+        WireKind::NotFound => ErrorKind::NotFound,
+        WireKind::AlreadyExists => ErrorKind::AlreadyExists,
+        WireKind::FailedPrecondition => ErrorKind::FailedPrecondition,
+        WireKind::Busy => ErrorKind::Busy,
+        WireKind::ResourceExhausted => ErrorKind::ResourceExhausted,
+        WireKind::DataLoss => ErrorKind::DataLoss,
+        WireKind::Unauthenticated => ErrorKind::Unauthenticated,
+        WireKind::PermissionDenied => ErrorKind::PermissionDenied,
+        WireKind::Unavailable => ErrorKind::Unavailable,
+        WireKind::Internal => ErrorKind::Internal,
+    })
+}
+
+fn wire_reason(r: Reason) -> ErrorReason {
+    match r {
+        Reason::Unspecified => ErrorReason::Unspecified,
+        Reason::ManifestMismatch => ErrorReason::ManifestMismatch,
+        Reason::StreamChecksumMismatch => ErrorReason::StreamChecksumMismatch,
+        Reason::StreamClosed => ErrorReason::StreamClosed,
+        Reason::IncompatibleVersion => ErrorReason::IncompatibleVersion,
+    }
+}
+
+fn model_reason(r: ErrorReason) -> Reason {
+    match r {
+        ErrorReason::Unspecified => Reason::Unspecified,
+        ErrorReason::ManifestMismatch => Reason::ManifestMismatch,
+        ErrorReason::StreamChecksumMismatch => Reason::StreamChecksumMismatch,
+        ErrorReason::StreamClosed => Reason::StreamClosed,
+        ErrorReason::IncompatibleVersion => Reason::IncompatibleVersion,
+    }
+}
+
+/// The encoded details of an error status: kind, reason, retryable.
+pub fn error_detail(kind: ErrorKind, reason: Reason) -> Vec<u8> {
+    prost::Message::encode_to_vec(&ErrorDetail {
+        kind: wire_kind(kind) as i32,
+        reason: wire_reason(reason) as i32,
+        retryable: kind.is_retryable(),
+    })
+}
+
+/// Kind and reason from an error status's details; `None` when there are
+/// none (an older server, or an error made by the transport).
+pub fn error_of_detail(details: &[u8]) -> Option<(ErrorKind, Reason)> {
+    if details.is_empty() {
+        return None;
+    }
+    let d: ErrorDetail = prost::Message::decode(details).ok()?;
+    let kind = model_kind(WireKind::try_from(d.kind).ok()?)?;
+    // A reason this build does not know is no reason it can act on.
+    let reason = ErrorReason::try_from(d.reason).map_or(Reason::Unspecified, model_reason);
+    Some((kind, reason))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -110,5 +188,20 @@ mod tests {
         let info = RevisionInfo::from(&m);
         assert_eq!(info.short_id.len(), 22);
         assert_eq!(RevisionMeta::try_from(&info).unwrap(), m);
+    }
+
+    #[test]
+    fn error_details_round_trip_and_tolerate_the_unknown() {
+        let bytes = error_detail(ErrorKind::DataLoss, Reason::ManifestMismatch);
+        assert_eq!(error_of_detail(&bytes), Some((ErrorKind::DataLoss, Reason::ManifestMismatch)));
+        assert_eq!(error_of_detail(&[]), None);
+        assert_eq!(error_of_detail(&[0xff, 0xff]), None);
+        // A newer server's reason this build does not know.
+        let newer = prost::Message::encode_to_vec(&ErrorDetail {
+            kind: WireKind::Busy as i32,
+            reason: 999,
+            retryable: true,
+        });
+        assert_eq!(error_of_detail(&newer), Some((ErrorKind::Busy, Reason::Unspecified)));
     }
 }

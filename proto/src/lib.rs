@@ -9,4 +9,19 @@ pub mod v1 {
 
 mod convert;
 
+pub use convert::{error_detail, error_of_detail};
 pub use v1::*;
+
+/// This build's protocol version. Bumped when a change is not compatible.
+pub const PROTOCOL: u32 = 1;
+/// The oldest client protocol a server of this build accepts from a
+/// client that declares one.
+pub const MIN_CLIENT_PROTOCOL: u32 = 1;
+/// The oldest server protocol a client of this build works with.
+pub const MIN_SERVER_PROTOCOL: u32 = 1;
+/// Request metadata carrying the client's protocol version.
+pub const PROTOCOL_HEADER: &str = "backy-protocol";
+/// Request metadata carrying the client's software version.
+pub const VERSION_HEADER: &str = "backy-version";
+/// This build's software version.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -214,11 +214,40 @@ impl Drop for StreamPermit {
     }
 }
 
-/// The interceptor: authenticates and stores the caller.
+/// Refuses a client that declares a protocol this server no longer
+/// speaks, naming both versions. A request without the header (a raw gRPC
+/// tool, a client from before versioning) is served: its fields say what
+/// it means, and every field it can send is still checked.
+pub fn check_protocol<T>(req: &Request<T>) -> Result<(), Status> {
+    let header = |name: &str| req.metadata().get(name).and_then(|v| v.to_str().ok());
+    let Some(declared) = header(backy_proto::PROTOCOL_HEADER) else {
+        return Ok(());
+    };
+    let protocol: u32 = declared.trim().parse().unwrap_or(0);
+    if protocol >= backy_proto::MIN_CLIENT_PROTOCOL {
+        return Ok(());
+    }
+    let client = header(backy_proto::VERSION_HEADER).map_or_else(
+        || "backy-client".to_string(),
+        |v| format!("backy-client {}", crate::service::clip(v)),
+    );
+    let e = backy_common::Error::precondition(format!(
+        "{client} speaks protocol {protocol}; this backy-server {} speaks {} and accepts {} or newer: \
+         upgrade backy-client",
+        backy_proto::VERSION,
+        backy_proto::PROTOCOL,
+        backy_proto::MIN_CLIENT_PROTOCOL
+    ))
+    .with_reason(backy_common::Reason::IncompatibleVersion);
+    Err(crate::wire::to_status(e))
+}
+
+/// The interceptor: checks the protocol, authenticates, stores the caller.
 pub fn interceptor(
     server: Arc<crate::state::Server>,
 ) -> impl FnMut(Request<()>) -> Result<Request<()>, Status> + Clone {
     move |mut req: Request<()>| {
+        check_protocol(&req)?;
         let caller = authenticate(&server.config(), &req)?;
         if let Some(peer) = req.remote_addr() {
             server.connections.prove(peer);

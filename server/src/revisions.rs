@@ -59,6 +59,16 @@ pub enum TagAction {
     Remove,
 }
 
+impl TagAction {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TagAction::Set => "set",
+            TagAction::Add => "add",
+            TagAction::Remove => "remove",
+        }
+    }
+}
+
 /// Whether a change applies or only answers what it would do.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Apply {

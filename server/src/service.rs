@@ -132,6 +132,20 @@ fn out_of_order(what: &str) -> Status {
 
 #[tonic::async_trait]
 impl Backy for Service {
+    async fn hello(&self, req: Request<HelloRequest>) -> std::result::Result<Response<HelloReply>, Status> {
+        let req = req.into_inner();
+        tracing::debug!(client_protocol = req.protocol, client_version = %clip(&req.version), "hello");
+        Ok(Response::new(HelloReply {
+            protocol: if backy_common::fault::mode("protocol-0") {
+                0
+            } else {
+                backy_proto::PROTOCOL
+            },
+            min_client_protocol: backy_proto::MIN_CLIENT_PROTOCOL,
+            version: backy_proto::VERSION.to_string(),
+        }))
+    }
+
     async fn plan(&self, req: Request<PlanRequest>) -> std::result::Result<Response<PlanReply>, Status> {
         self.check(&req, &req.get_ref().job, Action::Operate, "plan")?;
         let server = self.server.clone();
@@ -551,9 +565,9 @@ impl Backy for Service {
             Ok(tags_request::Action::Set) => TagAction::Set,
             Ok(tags_request::Action::Add) => TagAction::Add,
             Ok(tags_request::Action::Remove) => TagAction::Remove,
-            Err(_) => {
+            Ok(tags_request::Action::Unspecified) | Err(_) => {
                 return Err(Status::invalid_argument(format!(
-                    "unknown tag action {}",
+                    "tag action {} is not one of set, add, remove",
                     req.action
                 )))
             }
@@ -561,7 +575,7 @@ impl Backy for Service {
         let (job, spec) = (req.job.clone(), req.revisions.clone());
         let what = format!(
             "tags {}{} {}",
-            ["set", "add", "remove"][req.action.clamp(0, 2) as usize],
+            action.as_str(),
             if req.dry_run { " --dry-run" } else { "" },
             clip(&req.tags.join(","))
         );

@@ -39,7 +39,17 @@ pub fn to_status(e: Error) -> Status {
         Some(store) => e.message.replace(store.as_str(), ""),
         None => e.message,
     };
-    Status::new(code_of(e.kind), crate::service::clip(&message))
+    let message = if backy_common::fault::mode("reword-errors") {
+        // Tests: clients must not depend on the wording.
+        format!("reworded for a test ({:?})", e.kind)
+    } else {
+        message
+    };
+    Status::with_details(
+        code_of(e.kind),
+        crate::service::clip(&message),
+        backy_proto::error_detail(e.kind, e.reason).into(),
+    )
 }
 
 #[cfg(test)]

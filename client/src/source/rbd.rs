@@ -4,7 +4,7 @@
 
 use super::process::{self, Running};
 use backy_common::source::SourceSpec;
-use backy_common::{Error, ErrorKind, Result};
+use backy_common::{Error, Result};
 use serde::Deserialize;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
@@ -109,12 +109,23 @@ impl Rbd {
         Ok(info.size)
     }
 
-    /// Whether the image exists (other failures are errors).
+    /// Whether the image exists (other failures are errors). `rbd` exits
+    /// with the errno it failed with: ENOENT (2) for a missing image or pool.
     pub fn exists(&self) -> Result<bool> {
-        match self.size(None) {
-            Ok(_) => Ok(true),
-            Err(e) if e.message.contains("No such file or directory") => Ok(false),
-            Err(e) => Err(e),
+        let spec = self.image_spec();
+        let mut cmd = self.command(&["info", "--format", "json", &spec]);
+        cmd.stdin(std::process::Stdio::null()).stdout(std::process::Stdio::null());
+        let mut running = process::spawn(cmd, format!("`rbd info {spec}`"))?;
+        match running.wait(COMMAND_TIMEOUT)? {
+            Some(s) if s.success() => Ok(true),
+            Some(s) if s.code() == Some(ENOENT) => Ok(false),
+            status => {
+                let tail = running.stderr_tail();
+                Err(Error::unavailable(match status {
+                    Some(s) => format!("`rbd info {spec}` failed ({}){tail}", process::describe(s)),
+                    None => format!("`rbd info {spec}` did not finish in time{tail}"),
+                }))
+            }
         }
     }
 
@@ -169,6 +180,9 @@ impl Rbd {
     }
 }
 
+/// The exit status `rbd` gives for "no such image or pool".
+const ENOENT: i32 = 2;
+
 /// Pool, namespace and image names go on a command line: no option-like or
 /// path-like names.
 fn check_name(what: &str, name: &str) -> Result<()> {
@@ -177,10 +191,7 @@ fn check_name(what: &str, name: &str) -> Result<()> {
     if ok {
         Ok(())
     } else {
-        Err(Error {
-            kind: ErrorKind::InvalidArgument,
-            message: format!("bad rbd {what} name {name:?}"),
-        })
+        Err(Error::invalid(format!("bad rbd {what} name {name:?}")))
     }
 }
 

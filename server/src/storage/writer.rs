@@ -420,7 +420,8 @@ impl NewRevision {
         if end.stream_checksum.as_slice() != self.checksum.finish() {
             return Err(Error::data_loss(
                 "end-to-end check failed: the data received does not match the client's stream checksum",
-            ));
+            )
+            .with_reason(backy_common::Reason::StreamChecksumMismatch));
         }
         tracing::info!(
             job = %self.job.name(), rev = %self.spec.id, blocks = self.touched.len(),
@@ -432,7 +433,8 @@ impl NewRevision {
         if !end.manifest_digest.is_empty() && end.manifest_digest.as_slice() != manifest_digest {
             return Err(Error::data_loss(
                 "end-to-end check failed: the stored image's manifest differs from the client's",
-            ));
+            )
+            .with_reason(backy_common::Reason::ManifestMismatch));
         }
         self.flusher.finish();
         self.file
