@@ -97,8 +97,10 @@ impl tonic::service::Interceptor for TokenInterceptor {
     fn call(&mut self, mut req: tonic::Request<()>) -> std::result::Result<tonic::Request<()>, Status> {
         // Every request says which protocol it speaks, so a server can
         // refuse an incompatible client with a clear message.
-        req.metadata_mut()
-            .insert(backy_proto::PROTOCOL_HEADER, MetadataValue::from(backy_proto::PROTOCOL));
+        req.metadata_mut().insert(
+            backy_proto::PROTOCOL_HEADER,
+            MetadataValue::from(backy_proto::PROTOCOL),
+        );
         if let Ok(v) = backy_proto::VERSION.parse() {
             req.metadata_mut().insert(backy_proto::VERSION_HEADER, v);
         }
@@ -207,7 +209,11 @@ pub async fn connect_with(url: &str, creds: &Credentials) -> Result<Client> {
 /// Exchanges protocol versions: a server too old for this client, or one
 /// that refuses it, fails here with one line naming both versions.
 async fn hello(client: &mut Client) -> Result<()> {
-    let ours = format!("this backy-client {} speaks protocol {}", backy_proto::VERSION, backy_proto::PROTOCOL);
+    let ours = format!(
+        "this backy-client {} speaks protocol {}",
+        backy_proto::VERSION,
+        backy_proto::PROTOCOL
+    );
     let reply = match client
         .hello(backy_proto::HelloRequest {
             protocol: backy_proto::PROTOCOL,
@@ -280,8 +286,8 @@ pub fn status_error(status: Status) -> Error {
     };
     // The server's details say what happened; the code is the fallback
     // for errors without them (the transport's own).
-    let (kind, reason) =
-        backy_proto::error_of_detail(status.details()).unwrap_or((kind_of(status.code()), Reason::Unspecified));
+    let (kind, reason) = backy_proto::error_of_detail(status.details())
+        .unwrap_or((kind_of(status.code()), Reason::Unspecified));
     Error {
         kind,
         message: format!("{} ({})", one_line(message), code_name(status.code())),

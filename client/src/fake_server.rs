@@ -93,6 +93,14 @@ fn manifest_of(image: &[u8], bs: u32) -> Manifest {
 
 #[tonic::async_trait]
 impl Backy for Fake {
+    async fn hello(&self, _: Request<HelloRequest>) -> Result<Response<HelloReply>, Status> {
+        Ok(Response::new(HelloReply {
+            protocol: backy_proto::PROTOCOL,
+            min_client_protocol: backy_proto::MIN_CLIENT_PROTOCOL,
+            version: backy_proto::VERSION.into(),
+        }))
+    }
+
     async fn plan(&self, request: Request<PlanRequest>) -> Result<Response<PlanReply>, Status> {
         let req = request.into_inner();
         if req.job != "vm1" {

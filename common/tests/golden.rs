@@ -9,7 +9,9 @@ use backy_common::revision::{RevisionMeta, SourceInfo, Stats, StorageMode, Trust
 use std::path::PathBuf;
 
 fn golden(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/golden").join(name)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/golden")
+        .join(name)
 }
 
 fn check(name: &str, bytes: &[u8]) {
@@ -18,7 +20,11 @@ fn check(name: &str, bytes: &[u8]) {
         std::fs::write(&path, bytes).unwrap();
     }
     let want = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    assert!(want == bytes, "{name} differs from {}: the on-disk format changed", path.display());
+    assert!(
+        want == bytes,
+        "{name} differs from {}: the on-disk format changed",
+        path.display()
+    );
 }
 
 /// 3 blocks of 64 KiB and a short one: data, zeros, data, short zeros.

@@ -193,7 +193,10 @@ mod tests {
     #[test]
     fn error_details_round_trip_and_tolerate_the_unknown() {
         let bytes = error_detail(ErrorKind::DataLoss, Reason::ManifestMismatch);
-        assert_eq!(error_of_detail(&bytes), Some((ErrorKind::DataLoss, Reason::ManifestMismatch)));
+        assert_eq!(
+            error_of_detail(&bytes),
+            Some((ErrorKind::DataLoss, Reason::ManifestMismatch))
+        );
         assert_eq!(error_of_detail(&[]), None);
         assert_eq!(error_of_detail(&[0xff, 0xff]), None);
         // A newer server's reason this build does not know.
@@ -202,6 +205,9 @@ mod tests {
             reason: 999,
             retryable: true,
         });
-        assert_eq!(error_of_detail(&newer), Some((ErrorKind::Busy, Reason::Unspecified)));
+        assert_eq!(
+            error_of_detail(&newer),
+            Some((ErrorKind::Busy, Reason::Unspecified))
+        );
     }
 }

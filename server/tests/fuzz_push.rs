@@ -153,7 +153,6 @@ fn encode(frames: &[F]) -> Vec<PushFrame> {
                     Some(Frame::End(PushEnd {
                         stream_checksum: c,
                         manifest_digest: vec![],
-                        bytes_read: 0,
                     }))
                 }
                 F::Keepalive => Some(Frame::Keepalive(PushKeepalive {})),

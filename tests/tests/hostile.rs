@@ -39,7 +39,6 @@ fn end(checksum: [u8; 32]) -> Frame {
     Frame::End(PushEnd {
         stream_checksum: checksum.to_vec(),
         manifest_digest: vec![],
-        bytes_read: 0,
     })
 }
 

@@ -26,7 +26,8 @@ async fn incompatible_versions_fail_with_one_line_naming_both() {
     let mut c = BackyClient::connect(server.url.clone()).await.unwrap();
     let mut req = tonic::Request::new(StatusRequest { job: "vm1".into() });
     req.metadata_mut().insert(PROTOCOL_HEADER, "0".parse().unwrap());
-    req.metadata_mut().insert(VERSION_HEADER, "0.0.1".parse().unwrap());
+    req.metadata_mut()
+        .insert(VERSION_HEADER, "0.0.1".parse().unwrap());
     let e = c.status(req).await.unwrap_err();
     assert_eq!(e.code(), Code::FailedPrecondition);
     assert_eq!(
@@ -38,7 +39,10 @@ async fn incompatible_versions_fail_with_one_line_naming_both() {
     );
     assert_eq!(
         error_of_detail(e.details()),
-        Some((backy_common::ErrorKind::FailedPrecondition, backy_common::Reason::IncompatibleVersion))
+        Some((
+            backy_common::ErrorKind::FailedPrecondition,
+            backy_common::Reason::IncompatibleVersion
+        ))
     );
     // The same request declaring this build's protocol is served.
     let mut req = tonic::Request::new(StatusRequest { job: "vm1".into() });
@@ -95,7 +99,14 @@ fn clients_act_on_error_details_not_on_wording() {
     let list = dir.path().join("ranges");
     write_ranges(&list, &[(MIB, 4096)]);
     let push = |server: &Server| {
-        server.client(&["push", "vm1", "--source", img, "--changed-ranges", list.to_str().unwrap()])
+        server.client(&[
+            "push",
+            "vm1",
+            "--source",
+            img,
+            "--changed-ranges",
+            list.to_str().unwrap(),
+        ])
     };
     for reworded in [false, true] {
         if reworded {
@@ -105,7 +116,8 @@ fn clients_act_on_error_details_not_on_wording() {
         assert_eq!(out.status.code(), Some(1));
         let err = stderr(&out);
         assert!(
-            err.contains("does not name every byte written since the parent revision") && err.contains("DATA_LOSS"),
+            err.contains("does not name every byte written since the parent revision")
+                && err.contains("DATA_LOSS"),
             "reworded {reworded}: {err}"
         );
         assert_eq!(err.contains("reworded for a test"), reworded, "{err}");

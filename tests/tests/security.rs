@@ -707,7 +707,6 @@ async fn stalled_and_excess_streams_do_not_block_others() {
         frame: Some(Frame::End(PushEnd {
             stream_checksum: sum.finish().to_vec(),
             manifest_digest: vec![],
-            bytes_read: 0,
         })),
     };
     let cases: Vec<(&str, usize, Vec<PushFrame>, Code)> = vec![

@@ -114,7 +114,8 @@ impl Rbd {
     pub fn exists(&self) -> Result<bool> {
         let spec = self.image_spec();
         let mut cmd = self.command(&["info", "--format", "json", &spec]);
-        cmd.stdin(std::process::Stdio::null()).stdout(std::process::Stdio::null());
+        cmd.stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null());
         let mut running = process::spawn(cmd, format!("`rbd info {spec}`"))?;
         match running.wait(COMMAND_TIMEOUT)? {
             Some(s) if s.success() => Ok(true),
