@@ -16,9 +16,8 @@ use backy_common::{Error, Result};
 use std::io::BufRead;
 use std::path::Path;
 
-/// Resolution of the kept ranges: the smallest block size a job can have,
-/// so rounding never makes a push read a block it would otherwise skip.
-const GRANULE: u64 = backy_common::manifest::MIN_BLOCK_SIZE as u64;
+/// Resolution of the kept ranges.
+const GRANULE: u64 = backy_common::ranges::GRANULE;
 
 /// Longest line accepted; real lines are two numbers.
 const MAX_LINE: usize = 256;

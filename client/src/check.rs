@@ -41,7 +41,7 @@ impl<'a> From<&'a JobStatus> for JobHealth<'a> {
             job: &j.job,
             schedule: &j.schedule,
             revisions: j.revisions.len(),
-            distrusted: j.revisions.iter().filter(|r| r.trust == "distrusted").count(),
+            distrusted: j.revisions.iter().filter(|r| crate::view::distrusted(r)).count(),
             sla_ok: j.sla_ok,
             sla_overdue_secs: j.sla_overdue_secs,
             failures: j.failures,
@@ -124,13 +124,18 @@ mod tests {
     use backy_proto::RevisionInfo;
 
     fn job(name: &str, sla_ok: bool, failures: u32, trust: &str) -> JobStatus {
+        let trust = match trust {
+            "distrusted" => backy_proto::Trust::Distrusted,
+            "verified" => backy_proto::Trust::Verified,
+            _ => backy_proto::Trust::Trusted,
+        };
         JobStatus {
             job: name.into(),
             schedule: "default".into(),
             sla_ok,
             failures,
             revisions: vec![RevisionInfo {
-                trust: trust.into(),
+                trust: trust as i32,
                 ..Default::default()
             }],
             ..Default::default()

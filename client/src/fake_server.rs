@@ -210,16 +210,19 @@ impl Backy for Fake {
         let info = RevisionInfo {
             id: begin.rev_id.clone(),
             short_id: id.short(),
-            timestamp: "2026-05-10T10:00:00Z".into(),
+            timestamp: Some(backy_proto::prost_types::Timestamp {
+                seconds: 1_778_407_200,
+                nanos: 0,
+            }),
             parent_id: begin.parent_id,
             size: begin.size,
             block_size: begin.block_size,
             tags: begin.tags,
-            trust: "trusted".into(),
-            source_type: begin.source_type,
+            trust: backy_proto::Trust::Trusted as i32,
+            source_kind: begin.source_kind,
             bytes_received: data_frames.iter().map(|f| f.1 as u64).sum(),
             manifest_digest: hex::encode(manifest.file_digest()),
-            storage: "reflink".into(),
+            storage: backy_proto::StorageMode::Reflink as i32,
             ..RevisionInfo::default()
         };
         let mut st = self.state();

@@ -205,7 +205,7 @@ async fn push_planned(
         size,
         block_size: plan.block_size,
         tags: plan.tags.clone(),
-        source_type: source.kind().to_string(),
+        source_kind: backy_proto::source_kind(source.kind()) as i32,
         source_snapshot: source.snapshot().to_string(),
         force: args.force,
         resume,

@@ -33,7 +33,6 @@ use backy_proto::{PlanReply, PushBegin, PushEnd, PushFrame};
 use std::io::BufReader;
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
 
 /// How long `rbd export-diff` may take to exit once its stream ended.
 const EXIT_TIMEOUT: Duration = Duration::from_secs(60);
@@ -175,7 +174,7 @@ async fn push_snapshot(
         size,
         block_size: plan.block_size,
         tags: plan.tags.clone(),
-        source_type: "ceph-rbd".to_string(),
+        source_kind: backy_proto::SourceKind::CephRbd as i32,
         source_snapshot: snap.to_string(),
         force: args.force,
         // rbd pushes start afresh: the snapshot of a broken attempt is
@@ -208,7 +207,7 @@ async fn push_snapshot(
         })?;
         Ok(streamed)
     });
-    let rpc = client.push(ReceiverStream::new(rx));
+    let rpc = client.push(crate::connect::with_keepalive(rx));
     let joined = push::join(reader, rpc).await;
     fault::point("client.replied");
     bar.finish_and_clear();

@@ -214,7 +214,7 @@ pub async fn verify(client: &mut Client, job: &JobName, spec: &str) -> Result<Ve
             ok: report.ok,
             bytes_checked: report.bytes_checked,
             bad_blocks: report.bad_blocks,
-            trust: info.trust.clone(),
+            trust: crate::view::trust_name(info.trust).to_string(),
             error: (!report.error.is_empty()).then_some(report.error),
         });
     }

@@ -263,7 +263,7 @@ pub fn scan<E: FnMut(Frame) -> Result<()>>(
 }
 
 /// Smallest all-zero piece of a changed block sent as a zero range.
-const ZERO_GRANULE: u64 = backy_common::manifest::MIN_BLOCK_SIZE as u64;
+const ZERO_GRANULE: u64 = backy_common::ranges::GRANULE;
 
 /// Blocks read ahead of the digesting and sending.
 const READ_AHEAD: usize = 4;

@@ -2,12 +2,11 @@
 //! JSON for scripts. Formatting is pure: a reply in, text out.
 
 use crate::connect::{status_error, Client};
-use crate::view::{non_empty, RevisionView};
+use crate::view::{non_empty, rfc3339, storage_name, trust_name, RevisionView};
 use backy_common::config::NO_SCHEDULE;
 use backy_common::units::format_bytes;
 use backy_common::{JobName, Result};
 use backy_proto::{JobStatus, RevisionInfo, StatusReply, StatusRequest};
-use chrono::{DateTime, Utc};
 use serde::Serialize;
 use std::fmt::Write;
 
@@ -34,8 +33,8 @@ pub fn format_status(reply: &StatusReply) -> String {
 }
 
 fn format_job(out: &mut String, job: &JobStatus) {
-    let _ = writeln!(out, "== {} (storage: {})", job.job, or_unknown(&job.storage));
-    if job.storage == "copy" {
+    let _ = writeln!(out, "== {} (storage: {})", job.job, storage_name(job.storage));
+    if job.storage() == backy_proto::StorageMode::Copy {
         out.push_str("storage: copy, not CoW (filesystem without reflink)\n");
     }
     let header = ["Date (UTC)", "ID", "Size", "Sent", "Duration", "Tags", "Trust"];
@@ -68,7 +67,7 @@ fn format_job(out: &mut String, job: &JobStatus) {
             let overdue = u64::try_from(job.sla_overdue_secs).unwrap_or(0);
             let _ = writeln!(out, "SLA: TOO OLD (overdue {})", human_secs(overdue));
         }
-        if !job.next_due.is_empty() {
+        if job.next_due.is_some() {
             let _ = writeln!(
                 out,
                 "next: {} ({})",
@@ -97,7 +96,7 @@ fn row(r: &RevisionInfo) -> [String; 7] {
         format_bytes(r.bytes_received),
         format!("{:.0}s", r.duration_secs),
         r.tags.join(","),
-        r.trust.clone(),
+        trust_name(r.trust).to_string(),
     ]
 }
 
@@ -128,10 +127,12 @@ pub(crate) fn table<const N: usize>(out: &mut String, header: &[&str; N], rows: 
 }
 
 /// `2026-11-28 10:07:51` from RFC 3339; unparsable text as it came.
-pub(crate) fn utc_time(rfc3339: &str) -> String {
-    DateTime::parse_from_rfc3339(rfc3339)
-        .map(|t| t.with_timezone(&Utc).format("%Y-%m-%d %H:%M:%S").to_string())
-        .unwrap_or_else(|_| rfc3339.to_string())
+/// A wire time as status shows it, UTC; `unknown` when absent.
+pub(crate) fn utc_time(t: &Option<backy_proto::prost_types::Timestamp>) -> String {
+    t.as_ref()
+        .and_then(backy_proto::datetime)
+        .map(|t| t.format("%Y-%m-%d %H:%M:%S").to_string())
+        .unwrap_or_else(|| "unknown".to_string())
 }
 
 /// `45s`, `12m`, `3h`, `2d 4h`: the two largest units.
@@ -155,14 +156,6 @@ pub fn human_secs(secs: u64) -> String {
         "0s".to_string()
     } else {
         parts.join(" ")
-    }
-}
-
-fn or_unknown(s: &str) -> &str {
-    if s.is_empty() {
-        "unknown"
-    } else {
-        s
     }
 }
 
@@ -216,14 +209,14 @@ impl From<&JobStatus> for JobView {
         let scheduled = has_schedule(&j.schedule);
         JobView {
             job: j.job.clone(),
-            storage: j.storage.clone(),
+            storage: storage_name(j.storage).to_string(),
             allocated_bytes: j.allocated_bytes,
             data_bytes: data_bytes(j),
             running: j.running,
             schedule: non_empty(&j.schedule),
             sla_ok: scheduled.then_some(j.sla_ok),
             sla_overdue_secs: scheduled.then_some(j.sla_overdue_secs),
-            next_due: non_empty(&j.next_due),
+            next_due: rfc3339(&j.next_due),
             next_tags: j.next_tags.clone(),
             failures: j.failures,
             last_error: non_empty(&j.last_error),
@@ -236,18 +229,22 @@ impl From<&JobStatus> for JobView {
 mod tests {
     use super::*;
 
+    fn ts(rfc3339: &str) -> backy_proto::prost_types::Timestamp {
+        backy_proto::timestamp(&chrono::DateTime::parse_from_rfc3339(rfc3339).unwrap().with_timezone(&chrono::Utc))
+    }
+
     fn rev(short: &str, time: &str, size: u64, sent: u64, secs: f64, tags: &[&str]) -> RevisionInfo {
         RevisionInfo {
             id: format!("uuid-{short}"),
             short_id: short.into(),
-            timestamp: time.into(),
+            timestamp: Some(ts(time)),
             size,
             bytes_received: sent,
             bytes_written: sent,
             duration_secs: secs,
             tags: tags.iter().map(|t| t.to_string()).collect(),
-            trust: "trusted".into(),
-            storage: "reflink".into(),
+            trust: backy_proto::Trust::Trusted as i32,
+            storage: backy_proto::StorageMode::Reflink as i32,
             ..RevisionInfo::default()
         }
     }
@@ -275,17 +272,17 @@ mod tests {
                             &["daily"],
                         ),
                     ],
-                    storage: "reflink".into(),
+                    storage: backy_proto::StorageMode::Reflink as i32,
                     allocated_bytes: 21 << 30,
                     ..JobStatus::default()
                 },
                 JobStatus {
                     job: "vm2".into(),
-                    storage: "copy".into(),
+                    storage: backy_proto::StorageMode::Copy as i32,
                     schedule: "default".into(),
                     sla_ok: false,
                     sla_overdue_secs: 3 * 3600 + 5,
-                    next_due: "2026-11-30T00:00:00Z".into(),
+                    next_due: Some(ts("2026-11-30T00:00:00Z")),
                     next_tags: vec!["daily".into(), "weekly".into()],
                     failures: 2,
                     last_error: "cannot open /dev/x".into(),

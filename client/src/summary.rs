@@ -4,7 +4,7 @@
 
 use crate::connect::{status_error, Client};
 use crate::status::{has_schedule, human_secs, table, utc_time};
-use crate::view::{non_empty, RevisionView};
+use crate::view::{non_empty, rfc3339, storage_name, RevisionView};
 use backy_common::config::NO_SCHEDULE;
 use backy_common::units::format_bytes;
 use backy_common::Result;
@@ -68,7 +68,7 @@ fn row(j: &JobSummary) -> [String; 8] {
         .as_ref()
         .map(|r| format_bytes(r.size))
         .unwrap_or_else(|| "-".into());
-    let next = if j.next_due.is_empty() {
+    let next = if j.next_due.is_none() {
         "-".into()
     } else {
         format!("{} ({})", utc_time(&j.next_due), j.next_tags.join(","))
@@ -153,14 +153,14 @@ impl From<&JobSummary> for SummaryView {
             revisions: j.revisions,
             distrusted: j.distrusted,
             newest: j.newest.as_ref().map(RevisionView::from),
-            newest_trusted: non_empty(&j.newest_trusted),
+            newest_trusted: rfc3339(&j.newest_trusted),
             data_bytes: j.data_bytes,
             allocated_bytes: j.allocated_bytes,
-            storage: j.storage.clone(),
+            storage: storage_name(j.storage).to_string(),
             running: j.running,
             sla_ok: scheduled.then_some(j.sla_ok),
             sla_overdue_secs: scheduled.then_some(j.sla_overdue_secs),
-            next_due: non_empty(&j.next_due),
+            next_due: rfc3339(&j.next_due),
             next_tags: j.next_tags.clone(),
             failures: j.failures,
             last_error: non_empty(&j.last_error),
@@ -173,6 +173,10 @@ mod tests {
     use super::*;
     use backy_proto::RevisionInfo;
 
+    fn ts(rfc3339: &str) -> backy_proto::prost_types::Timestamp {
+        backy_proto::timestamp(&chrono::DateTime::parse_from_rfc3339(rfc3339).unwrap().with_timezone(&chrono::Utc))
+    }
+
     fn summary(job: &str, schedule: &str, revisions: u32, sla_ok: bool) -> JobSummary {
         JobSummary {
             job: job.into(),
@@ -181,16 +185,12 @@ mod tests {
             sla_ok,
             sla_overdue_secs: if sla_ok { 0 } else { 3 * 3600 + 300 },
             newest: (revisions > 0).then(|| RevisionInfo {
-                timestamp: "2026-12-01T10:00:00Z".into(),
+                timestamp: Some(ts("2026-12-01T10:00:00Z")),
                 size: 10 << 30,
                 ..Default::default()
             }),
             allocated_bytes: 1 << 30,
-            next_due: if schedule == "none" {
-                String::new()
-            } else {
-                "2026-12-02T10:00:00Z".into()
-            },
+            next_due: (schedule != "none").then(|| ts("2026-12-02T10:00:00Z")),
             next_tags: vec!["daily".into()],
             ..Default::default()
         }

@@ -1,8 +1,45 @@
 //! JSON views of what the server reports, for `--json`: stable snake_case
 //! keys, `null` where the wire has an empty string for "none".
 
-use backy_proto::RevisionInfo;
+use backy_proto::prost_types::Timestamp;
+use backy_proto::{RevisionInfo, SourceKind, StorageMode, Trust};
 use serde::Serialize;
+
+/// RFC 3339 (UTC, whole seconds) of a wire time; `None` when absent.
+pub fn rfc3339(t: &Option<Timestamp>) -> Option<String> {
+    t.as_ref()
+        .and_then(backy_proto::datetime)
+        .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
+}
+
+/// The name `.rev` files and `--json` use for a trust state.
+pub fn trust_name(trust: i32) -> &'static str {
+    match Trust::try_from(trust) {
+        Ok(Trust::Trusted) => "trusted",
+        Ok(Trust::Distrusted) => "distrusted",
+        Ok(Trust::Verified) => "verified",
+        Ok(Trust::Unspecified) | Err(_) => "unknown",
+    }
+}
+
+/// Whether a revision is distrusted.
+pub fn distrusted(r: &RevisionInfo) -> bool {
+    r.trust() == Trust::Distrusted
+}
+
+/// The name of a storage mode.
+pub fn storage_name(mode: i32) -> &'static str {
+    match StorageMode::try_from(mode) {
+        Ok(StorageMode::Reflink) => "reflink",
+        Ok(StorageMode::Copy) => "copy",
+        Ok(StorageMode::Unspecified) | Err(_) => "unknown",
+    }
+}
+
+/// The name of a source kind, as `client.yaml` writes its `type`.
+pub fn source_name(kind: i32) -> &'static str {
+    backy_proto::source_kind_name(SourceKind::try_from(kind).unwrap_or(SourceKind::Unspecified))
+}
 
 /// One revision as `--json` shows it.
 #[derive(Debug, Serialize, PartialEq)]
@@ -36,21 +73,21 @@ impl From<&RevisionInfo> for RevisionView {
         RevisionView {
             id: r.id.clone(),
             short_id: r.short_id.clone(),
-            timestamp: r.timestamp.clone(),
+            timestamp: rfc3339(&r.timestamp).unwrap_or_default(),
             parent_id: non_empty(&r.parent_id),
             size: r.size,
             block_size: r.block_size,
             tags: r.tags.clone(),
-            trust: r.trust.clone(),
-            source_type: r.source_type.clone(),
+            trust: trust_name(r.trust).to_string(),
+            source_type: source_name(r.source_kind).to_string(),
             source_snapshot: non_empty(&r.source_snapshot),
             bytes_received: r.bytes_received,
             bytes_written: r.bytes_written,
             changed_blocks: r.changed_blocks,
             duration_secs: r.duration_secs,
             manifest_digest: r.manifest_digest.clone(),
-            storage: r.storage.clone(),
-            verified_at: non_empty(&r.verified_at),
+            storage: storage_name(r.storage).to_string(),
+            verified_at: rfc3339(&r.verified_at),
         }
     }
 }

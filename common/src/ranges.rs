@@ -1,7 +1,13 @@
 //! Change detection on in-memory blocks: what to send for a block, given
 //! the parent's digest of it.
 
-use crate::manifest::{digest, zero_digest, Digest};
+use crate::manifest::{digest, zero_digest, Digest, MIN_BLOCK_SIZE};
+
+/// The smallest piece of a block handled on its own: all-zero pieces of a
+/// data block travel as zero ranges (and stay holes), changed-range lists
+/// are rounded to it. The smallest block size a job can have, so rounding
+/// never makes a push read a block it would otherwise skip.
+pub const GRANULE: u64 = MIN_BLOCK_SIZE as u64;
 
 /// What a block needs on the wire.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

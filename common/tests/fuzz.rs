@@ -1,8 +1,11 @@
 //! Fuzz harnesses (proptest-driven) for the parsers that read bytes from
 //! outside: the rbd diff stream parser, the digest manifest reader and
-//! config loading. Each runs for a time budget: 2 s per target in
-//! `cargo test`, `BACKY_FUZZ_SECS=600 cargo test --release -p backy-common
-//! --test fuzz -- --nocapture` for longer runs. Every input must give a
+//! config loading. `cargo test` runs each over a fixed list of seeds
+//! (`backy_common::fuzz_plan`); `BACKY_FUZZ_SECS=600 cargo test --release
+//! -p backy-common --test fuzz -- --nocapture` runs longer from a random
+//! seed it prints (`BACKY_FUZZ_SEED=N` repeats a run). Failing cases are
+//! saved under `tests/fuzz-regressions/` and replayed first by every
+//! later run. Every input must give a
 //! result or an error: no panic, no hang (step bounds), and no allocation
 //! over [`ALLOC_CAP`] (a counting global allocator).
 
@@ -10,7 +13,8 @@ use backy_common::config::{ClientConfig, ServerConfig};
 use backy_common::manifest::{Manifest, HEADER_LEN, MAGIC};
 use backy_common::rbd_diff::{DiffReader, Record};
 use proptest::prelude::*;
-use proptest::test_runner::{Config, TestRunner};
+use backy_common::fuzz_plan::FuzzPlan;
+use proptest::test_runner::{Config, FileFailurePersistence, RngAlgorithm, TestRng, TestRunner};
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -39,16 +43,9 @@ unsafe impl GlobalAlloc for Capped {
 #[global_allocator]
 static ALLOC: Capped = Capped;
 
-fn budget() -> Duration {
-    let secs = std::env::var("BACKY_FUZZ_SECS")
-        .ok()
-        .and_then(|s| s.parse::<f64>().ok())
-        .unwrap_or(2.0);
-    Duration::from_secs_f64(secs)
-}
-
-/// Runs `check` on inputs from `strategy` until the time budget is spent;
-/// a failing input is shrunk and reported. Prints the execution count.
+/// Runs `check` on inputs from `strategy`, one round of cases per seed of
+/// the plan; a failing input is shrunk, reported and its seed saved.
+/// Prints the first seed and the execution count.
 fn fuzz<S: Strategy>(name: &str, strategy: S, check: impl Fn(S::Value) -> Result<(), TestCaseError>)
 where
     S::Value: std::fmt::Debug,
@@ -60,16 +57,22 @@ where
         executions.fetch_add(1, Ordering::Relaxed);
         check(v)
     };
-    while start.elapsed() < budget() || executions.load(Ordering::Relaxed) == 0 {
-        // A fresh runner per round: a new random seed.
-        let mut runner = TestRunner::new(Config {
+    let plan = FuzzPlan::from_env();
+    eprintln!("fuzz {name}: seeds from {} (BACKY_FUZZ_SEED={0} repeats this run)", plan.first);
+    let regressions: &'static str =
+        Box::leak(format!("{}/tests/fuzz-regressions/{name}.txt", env!("CARGO_MANIFEST_DIR")).into_boxed_str());
+    let mut round = 0;
+    while plan.runs(round, start.elapsed()) {
+        let rng = TestRng::from_seed(RngAlgorithm::ChaCha, &plan.seed_bytes(round));
+        let config = Config {
             cases: ROUND,
-            failure_persistence: None,
+            failure_persistence: Some(Box::new(FileFailurePersistence::Direct(regressions))),
             ..Config::default()
-        });
-        if let Err(e) = runner.run(&strategy, counted) {
-            panic!("fuzz {name}: {e}");
+        };
+        if let Err(e) = TestRunner::new_with_rng(config, rng).run(&strategy, counted) {
+            panic!("fuzz {name}: {e} (round seed {})", plan.first.wrapping_add(round));
         }
+        round += 1;
     }
     let executions = executions.load(Ordering::Relaxed);
     eprintln!(

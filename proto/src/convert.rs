@@ -1,12 +1,76 @@
 //! Wire ⇄ domain conversions.
 
-use crate::v1::RevisionInfo;
+use crate::v1::{self as wire, RevisionInfo};
 use backy_common::revision::{RevisionMeta, SourceInfo, Stats, StorageMode, Trust};
 use backy_common::{Error, Result, RevisionId};
-use chrono::{DateTime, SecondsFormat, Utc};
+use chrono::{DateTime, Utc};
 
-fn rfc3339(t: &DateTime<Utc>) -> String {
-    t.to_rfc3339_opts(SecondsFormat::Secs, true)
+/// A time on the wire.
+pub fn timestamp(t: &DateTime<Utc>) -> prost_types::Timestamp {
+    prost_types::Timestamp {
+        seconds: t.timestamp(),
+        nanos: t.timestamp_subsec_nanos() as i32,
+    }
+}
+
+/// A time from the wire; `None` when out of range.
+pub fn datetime(t: &prost_types::Timestamp) -> Option<DateTime<Utc>> {
+    DateTime::from_timestamp(t.seconds, u32::try_from(t.nanos).ok()?)
+}
+
+fn wire_trust(t: Trust) -> wire::Trust {
+    match t {
+        Trust::Trusted => wire::Trust::Trusted,
+        Trust::Distrusted => wire::Trust::Distrusted,
+        Trust::Verified => wire::Trust::Verified,
+    }
+}
+
+fn model_trust(t: wire::Trust) -> Result<Trust> {
+    match t {
+        wire::Trust::Trusted => Ok(Trust::Trusted),
+        wire::Trust::Distrusted => Ok(Trust::Distrusted),
+        wire::Trust::Verified => Ok(Trust::Verified),
+        wire::Trust::Unspecified => Err(Error::invalid("revision without a trust state")),
+    }
+}
+
+/// A storage mode on the wire.
+pub fn wire_storage(m: StorageMode) -> wire::StorageMode {
+    match m {
+        StorageMode::Reflink => wire::StorageMode::Reflink,
+        StorageMode::Copy => wire::StorageMode::Copy,
+    }
+}
+
+/// A storage mode from the wire; `None` when unspecified.
+pub fn model_storage(m: wire::StorageMode) -> Option<StorageMode> {
+    match m {
+        wire::StorageMode::Reflink => Some(StorageMode::Reflink),
+        wire::StorageMode::Copy => Some(StorageMode::Copy),
+        wire::StorageMode::Unspecified => None,
+    }
+}
+
+/// The wire kind of a source type as `.rev` files name it (`file`,
+/// `block`, `ceph-rbd`).
+pub fn source_kind(name: &str) -> wire::SourceKind {
+    match name {
+        "file" => wire::SourceKind::File,
+        "block" => wire::SourceKind::Block,
+        "ceph-rbd" => wire::SourceKind::CephRbd,
+        _ => wire::SourceKind::Unspecified,
+    }
+}
+
+/// The name `.rev` files use for a wire source kind.
+pub fn source_kind_name(kind: wire::SourceKind) -> &'static str {
+    match kind {
+        wire::SourceKind::File => "file",
+        wire::SourceKind::Block => "block",
+        wire::SourceKind::CephRbd => "ceph-rbd",
+        wire::SourceKind::Unspecified => "unknown",
+    }
 }
 
 impl From<&RevisionMeta> for RevisionInfo {
@@ -14,37 +78,39 @@ impl From<&RevisionMeta> for RevisionInfo {
         RevisionInfo {
             id: m.id.uuid().to_string(),
             short_id: m.id.short(),
-            timestamp: rfc3339(&m.timestamp),
+            timestamp: Some(timestamp(&m.timestamp)),
             parent_id: m.parent.map(|p| p.uuid().to_string()).unwrap_or_default(),
             size: m.size,
             block_size: m.block_size,
             tags: m.tags.iter().cloned().collect(),
-            trust: m.trust.as_str().to_string(),
-            source_type: m.source.kind.clone(),
+            trust: wire_trust(m.trust) as i32,
+            source_kind: source_kind(&m.source.kind) as i32,
             source_snapshot: m.source.snapshot.clone(),
             bytes_received: m.stats.bytes_received,
             bytes_written: m.stats.bytes_written,
             changed_blocks: m.stats.changed_blocks,
             duration_secs: m.stats.duration,
             manifest_digest: m.manifest_digest.clone(),
-            storage: m.storage.as_str().to_string(),
-            verified_at: m.verified_at.as_ref().map(rfc3339).unwrap_or_default(),
+            storage: wire_storage(m.storage) as i32,
+            verified_at: m.verified_at.as_ref().map(timestamp),
         }
     }
 }
 
+/// A revision as the server sent it, checked: what the client works with.
 impl TryFrom<&RevisionInfo> for RevisionMeta {
     type Error = Error;
 
     fn try_from(r: &RevisionInfo) -> Result<Self> {
-        let time = |s: &str| {
-            DateTime::parse_from_rfc3339(s)
-                .map(|t| t.with_timezone(&Utc))
-                .map_err(|e| Error::invalid(format!("bad timestamp {s:?}: {e}")))
+        let time = |t: &Option<prost_types::Timestamp>| -> Result<Option<DateTime<Utc>>> {
+            t.as_ref()
+                .map(|t| datetime(t).ok_or_else(|| Error::invalid(format!("revision {}: bad time {t:?}", r.short_id))))
+                .transpose()
         };
         Ok(RevisionMeta {
             id: r.id.parse::<RevisionId>()?,
-            timestamp: time(&r.timestamp)?,
+            timestamp: time(&r.timestamp)?
+                .ok_or_else(|| Error::invalid(format!("revision {} without a time", r.short_id)))?,
             parent: if r.parent_id.is_empty() {
                 None
             } else {
@@ -53,14 +119,10 @@ impl TryFrom<&RevisionInfo> for RevisionMeta {
             size: r.size,
             block_size: r.block_size,
             tags: r.tags.iter().cloned().collect(),
-            trust: Trust::parse(&r.trust)?,
-            verified_at: if r.verified_at.is_empty() {
-                None
-            } else {
-                Some(time(&r.verified_at)?)
-            },
+            trust: model_trust(r.trust())?,
+            verified_at: time(&r.verified_at)?,
             source: SourceInfo {
-                kind: r.source_type.clone(),
+                kind: source_kind_name(r.source_kind()).to_string(),
                 snapshot: r.source_snapshot.clone(),
             },
             stats: Stats {
@@ -70,11 +132,7 @@ impl TryFrom<&RevisionInfo> for RevisionMeta {
                 duration: r.duration_secs,
             },
             manifest_digest: r.manifest_digest.clone(),
-            storage: if r.storage == "copy" {
-                StorageMode::Copy
-            } else {
-                StorageMode::Reflink
-            },
+            storage: model_storage(r.storage()).unwrap_or_default(),
         })
     }
 }

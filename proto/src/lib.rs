@@ -9,7 +9,10 @@ pub mod v1 {
 
 mod convert;
 
-pub use convert::{error_detail, error_of_detail};
+pub use convert::{
+    datetime, error_detail, error_of_detail, model_storage, source_kind, source_kind_name, timestamp, wire_storage,
+};
+pub use prost_types;
 pub use v1::*;
 
 /// This build's protocol version. Bumped when a change is not compatible.

@@ -149,7 +149,7 @@ pub fn run(
         block_size: begin.block_size,
         tags,
         source: SourceInfo {
-            kind: begin.source_type.clone(),
+            kind: backy_proto::source_kind_name(begin.source_kind()).to_string(),
             snapshot: begin.source_snapshot.clone(),
         },
     };

@@ -187,7 +187,7 @@ pub fn stream_image(
 
 /// Smallest all-zero piece of a data block sent as a zero range: the
 /// client writes nothing for it (a hole) and it costs no bandwidth.
-const ZERO_GRANULE: u64 = backy_common::manifest::MIN_BLOCK_SIZE as u64;
+const ZERO_GRANULE: u64 = backy_common::ranges::GRANULE;
 
 /// The frames of a restore stream, with neighbouring zero ranges merged.
 /// Each method returns whether the receiver is still there.

@@ -8,15 +8,14 @@ use backy_common::config::{ServerConfig, NO_SCHEDULE};
 use backy_common::revision::Trust;
 use backy_common::{JobName, Result};
 use backy_proto::{JobStatus, JobSummary, RevisionInfo, StatusReply, StatusRequest};
-use chrono::SecondsFormat;
 
 /// What status says about a job besides its revisions.
 struct Health {
     schedule: String,
-    storage: String,
+    storage: i32,
     sla_ok: bool,
     sla_overdue_secs: i64,
-    next_due: String,
+    next_due: Option<backy_proto::prost_types::Timestamp>,
     next_tags: Vec<String>,
     runtime: JobRuntime,
 }
@@ -34,14 +33,13 @@ fn health(server: &Server, config: &ServerConfig, job: &JobDir, entry: &JobEntry
             .schedule
             .clone()
             .unwrap_or_else(|| NO_SCHEDULE.to_string()),
-        storage: storage.as_str().to_string(),
+        storage: backy_proto::wire_storage(storage) as i32,
         sla_ok: sched.as_ref().is_none_or(|(sla, _)| sla.ok),
         sla_overdue_secs: sched.as_ref().map_or(0, |(sla, _)| sla.overdue.as_secs() as i64),
         next_due: sched
             .as_ref()
             .and_then(|(_, due)| due.next_due)
-            .map(|t| t.to_rfc3339_opts(SecondsFormat::Secs, true))
-            .unwrap_or_default(),
+            .map(|t| backy_proto::timestamp(&t)),
         next_tags: sched
             .as_ref()
             .map(|(_, due)| due.next_tags.iter().cloned().collect())
@@ -92,8 +90,7 @@ pub fn summary(server: &Server, config: &ServerConfig, name: &JobName) -> Result
         .iter()
         .rev()
         .find(|r| r.trust != Trust::Distrusted)
-        .map(|r| r.timestamp.to_rfc3339_opts(SecondsFormat::Secs, true))
-        .unwrap_or_default();
+        .map(|r| backy_proto::timestamp(&r.timestamp));
     Ok(JobSummary {
         job: name.to_string(),
         schedule: h.schedule,

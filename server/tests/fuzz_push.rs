@@ -4,8 +4,10 @@
 //! frames, frames out of order — sent over a real socket to the real
 //! service. Every sequence must be answered (no hang), with OK or a precise
 //! code (never INTERNAL/UNKNOWN), leave no partial revision behind, and
-//! leave the server serving. Time budget: 3 s in `cargo test`,
-//! `BACKY_FUZZ_SECS=600` for longer.
+//! leave the server serving. `cargo test` runs a fixed list of seeds;
+//! `BACKY_FUZZ_SECS=600` runs longer from a random seed it prints
+//! (`backy_common::fuzz_plan`); failing seeds are saved under
+//! `tests/fuzz-regressions/` and replayed first.
 
 use ::backy_server::{auth, service::Service, state::Server, storage::JobDir};
 use backy_common::checksum::StreamChecksum;
@@ -14,9 +16,10 @@ use backy_common::revision::StorageMode;
 use backy_proto::backy_client::BackyClient;
 use backy_proto::backy_server::BackyServer;
 use backy_proto::push_frame::Frame;
-use backy_proto::{DataRange, PushBegin, PushEnd, PushFrame, PushKeepalive, StatusRequest, ZeroRange};
+use backy_proto::{DataRange, PushBegin, PushEnd, PushFrame, PushKeepalive, SourceKind, StatusRequest, ZeroRange};
 use proptest::prelude::*;
-use proptest::test_runner::{Config, TestRunner};
+use backy_common::fuzz_plan::FuzzPlan;
+use proptest::test_runner::{Config, FileFailurePersistence, RngAlgorithm, TestRng, TestRunner};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -125,7 +128,7 @@ fn encode(frames: &[F]) -> Vec<PushFrame> {
                     size: *size,
                     block_size: if *block_ok { 4 << 20 } else { 4096 },
                     tags: vec![],
-                    source_type: "file".into(),
+                    source_kind: SourceKind::File as i32,
                     source_snapshot: String::new(),
                     force: true,
                     ..PushBegin::default()
@@ -160,14 +163,6 @@ fn encode(frames: &[F]) -> Vec<PushFrame> {
             },
         })
         .collect()
-}
-
-fn budget() -> Duration {
-    let secs = std::env::var("BACKY_FUZZ_SECS")
-        .ok()
-        .and_then(|s| s.parse::<f64>().ok())
-        .unwrap_or(3.0);
-    Duration::from_secs_f64(secs)
 }
 
 #[test]
@@ -240,15 +235,23 @@ fn fuzz_push_frame_handler() {
         Ok(())
     };
     let start = Instant::now();
-    while start.elapsed() < budget() || executions.load(Ordering::Relaxed) == 0 {
-        let mut runner = TestRunner::new(Config {
+    let plan = FuzzPlan::from_env();
+    eprintln!("fuzz push: seeds from {} (BACKY_FUZZ_SEED={0} repeats this run)", plan.first);
+    let mut round = 0;
+    while plan.runs(round, start.elapsed()) {
+        let rng = TestRng::from_seed(RngAlgorithm::ChaCha, &plan.seed_bytes(round));
+        let config = Config {
             cases: 64,
-            failure_persistence: None,
+            failure_persistence: Some(Box::new(FileFailurePersistence::Direct(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/tests/fuzz-regressions/push.txt"
+            )))),
             ..Config::default()
-        });
-        if let Err(e) = runner.run(&sequence(), check) {
-            panic!("fuzz push: {e}");
+        };
+        if let Err(e) = TestRunner::new_with_rng(config, rng).run(&sequence(), check) {
+            panic!("fuzz push: {e} (round seed {})", plan.first.wrapping_add(round));
         }
+        round += 1;
     }
     // Still serving.
     let mut c = client.clone();

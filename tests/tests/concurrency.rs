@@ -51,7 +51,7 @@ async fn a_running_push_blocks_only_what_it_must() {
             parent_id: parent.clone(),
             size: 32 * MIB,
             block_size: 4 << 20,
-            source_type: "file".into(),
+            source_kind: SourceKind::File as i32,
             // Smaller than its parent, on purpose.
             allow_shrink: true,
             ..Default::default()

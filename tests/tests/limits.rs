@@ -170,7 +170,7 @@ async fn bounds_and_prompt_refusals() {
                 rev_id: uuid::Uuid::new_v4().to_string(),
                 size,
                 block_size,
-                source_type: "file".into(),
+                source_kind: SourceKind::File as i32,
                 ..Default::default()
             })),
         })
@@ -322,7 +322,7 @@ async fn a_huge_sparse_image_costs_memory_for_its_data_only() {
         parent_id,
         size,
         block_size: 4 << 20,
-        source_type: "file".into(),
+        source_kind: SourceKind::File as i32,
         ..Default::default()
     };
     let before = peak_rss(server.pid());
@@ -415,7 +415,7 @@ async fn a_commit_whose_client_left_stops_its_read_back() {
                 rev_id: uuid::Uuid::new_v4().to_string(),
                 size,
                 block_size: 4 << 20,
-                source_type: "file".into(),
+                source_kind: SourceKind::File as i32,
                 ..Default::default()
             },
             &data,

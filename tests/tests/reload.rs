@@ -73,7 +73,7 @@ async fn sighup_reloads_without_dropping_a_running_push() {
             size: 24 * MIB,
             block_size: 4 << 20,
             tags: vec!["daily".into()],
-            source_type: "file".into(),
+            source_kind: SourceKind::File as i32,
             ..Default::default()
         }),
         Frame::Data(DataRange {

@@ -673,7 +673,7 @@ fn begin(job: &str, size: u64) -> PushFrame {
             size,
             block_size: 4 << 20,
             tags: vec![],
-            source_type: "file".into(),
+            source_kind: SourceKind::File as i32,
             source_snapshot: String::new(),
             force: true,
             ..PushBegin::default()

@@ -1,5 +1,5 @@
 //! The spine end to end: push a sparse image, change scattered ranges, push
-//! again, restore both revisions, on btrfs (reflinks) and on a plain ext4
+//! again, restore both revisions, on btrfs and XFS (reflinks) and on a plain ext4
 //! directory (the copy fallback). Real server and client processes.
 
 mod support;
@@ -200,4 +200,46 @@ fn plain_directory_falls_back_to_sparse_copies() {
         human.contains("copy, not CoW"),
         "status says the storage is not CoW:\n{human}"
     );
+}
+
+/// Bytes of `path` in extents the filesystem reports as shared (FIEMAP
+/// through `filefrag -v`).
+fn shared_bytes(path: &Path) -> u64 {
+    let out = std::process::Command::new("filefrag").arg("-v").arg(path).output().unwrap();
+    assert!(out.status.success(), "filefrag: {}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8_lossy(&out.stdout);
+    let block: u64 = text
+        .split(" blocks of ")
+        .nth(1)
+        .and_then(|s| s.split(' ').next())
+        .and_then(|s| s.parse().ok())
+        .expect("filefrag block size");
+    text.lines()
+        .filter(|l| l.contains("shared"))
+        .filter_map(|l| l.split(':').nth(3)?.trim().parse::<u64>().ok())
+        .sum::<u64>()
+        * block
+}
+
+/// The spine on XFS with `reflink=1`, the other filesystem README
+/// recommends: the second revision shares its unchanged extents too.
+#[test]
+fn xfs_push_change_push_restore_shares_extents() {
+    let fs = LoopFs::new("xfs", 6 << 30);
+    let base = fs.mount.join("backy");
+    let work = fs.mount.join("work");
+    std::fs::create_dir_all(&work).unwrap();
+    let size = (3u64 << 30) + MIB + 4096 + 17;
+    let (server, flow) = push_change_push_restore(&base, &work, size);
+    assert_sent(&flow);
+    let revs = server.revisions("vm1");
+    let rev2 = base.join("vm1").join(revs[1]["short_id"].as_str().unwrap());
+    let shared = shared_bytes(&rev2);
+    eprintln!("xfs rev2: {shared} bytes in shared extents; data {} sent {}", flow.data_bytes, flow.rev2_sent);
+    assert!(
+        shared >= flow.data_bytes - flow.rev2_sent - 8 * MIB,
+        "rev2 shares its unchanged extents: {shared} of {}",
+        flow.data_bytes
+    );
+    assert_eq!(server.status_json("vm1")["jobs"][0]["storage"], "reflink");
 }

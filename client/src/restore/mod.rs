@@ -112,7 +112,7 @@ pub async fn restore(client: &mut Client, args: &RestoreArgs, show_progress: boo
     // A distrusted revision (a verify found damage) is still restored block
     // by block, with a warning, rather than refused: it may be the best copy
     // there is.
-    let check = if info.trust == "distrusted" {
+    let check = if crate::view::distrusted(&info) {
         eprintln!(
             "backy-client: warning: revision {short} is distrusted; restoring it anyway and reporting damaged blocks"
         );

@@ -120,6 +120,10 @@ impl Source for Hooked {
         self.inner.next_data(offset)
     }
 
+    fn will_need(&mut self, offset: u64, len: u64) {
+        self.inner.will_need(offset, len)
+    }
+
     fn changed_extents(&mut self) -> Result<Option<Vec<Extent>>> {
         self.inner.changed_extents()
     }
@@ -289,5 +293,35 @@ mod tests {
         let e = open_path(Path::new("/nonexistent/disk.img")).err().unwrap();
         assert_eq!(e.kind, ErrorKind::NotFound);
         assert!(!is_block_device("/nonexistent"));
+    }
+
+    /// A source that records the hints it gets.
+    struct Recorder(std::sync::Arc<std::sync::Mutex<Vec<(u64, u64)>>>);
+
+    impl Source for Recorder {
+        fn kind(&self) -> &'static str {
+            "file"
+        }
+        fn size(&self) -> u64 {
+            1 << 20
+        }
+        fn read_at(&mut self, _: u64, buf: &mut [u8]) -> Result<()> {
+            buf.fill(0);
+            Ok(())
+        }
+        fn will_need(&mut self, offset: u64, len: u64) {
+            self.0.lock().unwrap().push((offset, len));
+        }
+    }
+
+    #[test]
+    fn hooked_sources_pass_read_ahead_hints_on() {
+        let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let mut hooked = Hooked {
+            inner: Box::new(Recorder(seen.clone())),
+            _hooks: hooks::HookRunner::new(&Hooks::default(), Vec::new()),
+        };
+        hooked.will_need(4096, 8192);
+        assert_eq!(*seen.lock().unwrap(), [(4096, 8192)]);
     }
 }

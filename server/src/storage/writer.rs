@@ -510,3 +510,140 @@ fn rename(from: &std::path::Path, to: &std::path::Path) -> Result<()> {
     std::fs::rename(from, to)
         .map_err(|e| Error::io(format!("moving {} to {}", from.display(), to.display()), e))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::work::WorkPool;
+    use backy_common::{ErrorKind, JobName, Reason};
+    use std::sync::Arc;
+
+    const BS: u32 = 64 << 10;
+    const B: u64 = BS as u64;
+
+    fn gate() -> Gate {
+        Gate::new(Arc::new(WorkPool::new(1)), "test", Arc::new(|| false))
+    }
+
+    fn job(dir: &std::path::Path) -> JobDir {
+        let job = JobDir::new(dir, JobName::new("vm1").unwrap());
+        job.ensure().unwrap();
+        job
+    }
+
+    fn spec(size: u64) -> NewRevisionSpec {
+        NewRevisionSpec {
+            id: RevisionId::new_random(),
+            size,
+            block_size: BS,
+            tags: BTreeSet::new(),
+            source: SourceInfo {
+                kind: "file".into(),
+                snapshot: String::new(),
+            },
+        }
+    }
+
+    fn full(job: &JobDir, size: u64) -> NewRevision {
+        NewRevision::create(job, spec(size), None, StorageMode::Copy, None, gate()).unwrap()
+    }
+
+    fn end(checksum: &StreamChecksum, manifest: Option<&Manifest>) -> PushEnd {
+        PushEnd {
+            stream_checksum: checksum.finish().to_vec(),
+            manifest_digest: manifest.map(|m| m.file_digest().to_vec()).unwrap_or_default(),
+        }
+    }
+
+    fn partial_files(job: &JobDir) -> usize {
+        std::fs::read_dir(job.partial_dir()).unwrap().count()
+    }
+
+    #[test]
+    fn a_commit_digests_what_is_on_disk_whole_or_in_part() {
+        let dir = tempfile::tempdir().unwrap();
+        let job = job(dir.path());
+        let mut rev = full(&job, 3 * B + 10);
+        let mut sum = StreamChecksum::new();
+        let whole = vec![7u8; B as usize];
+        rev.data(0, &whole).unwrap();
+        sum.data(0, &whole);
+        // A few bytes inside block 2: read back at the commit.
+        rev.data(2 * B + 5, b"abc").unwrap();
+        sum.data(2 * B + 5, b"abc");
+        let mut image = vec![0u8; (3 * B + 10) as usize];
+        image[..B as usize].copy_from_slice(&whole);
+        image[(2 * B + 5) as usize..(2 * B + 8) as usize].copy_from_slice(b"abc");
+        let mut want = Manifest::zeroed(3 * B + 10, BS).unwrap();
+        for b in 0..4 {
+            let (s, e) = (b * B, ((b + 1) * B).min(3 * B + 10));
+            want.set(b, digest(&image[s as usize..e as usize])).unwrap();
+        }
+        let meta = rev.commit(&end(&sum, Some(&want))).unwrap();
+        assert_eq!(meta.manifest_digest, hex::encode(want.file_digest()));
+        assert_eq!(std::fs::read(job.image_path(&meta.id)).unwrap(), image);
+        assert_eq!(job.manifest(&meta).unwrap(), want);
+        assert_eq!(meta.stats.changed_blocks, 2);
+        assert!(job.rev_path(&meta.id).exists());
+    }
+
+    #[test]
+    fn a_failed_end_to_end_check_commits_nothing_and_says_which() {
+        let dir = tempfile::tempdir().unwrap();
+        let job = job(dir.path());
+        for wrong in ["checksum", "manifest"] {
+            let mut rev = full(&job, 2 * B);
+            let id = rev.spec.id;
+            let mut sum = StreamChecksum::new();
+            rev.data(0, b"data").unwrap();
+            sum.data(0, b"data");
+            let mut end = end(&sum, None);
+            if wrong == "checksum" {
+                end.stream_checksum[0] ^= 1;
+            } else {
+                end.manifest_digest = vec![0; 32];
+            }
+            let e = rev.commit(&end).unwrap_err();
+            assert_eq!(e.kind, ErrorKind::DataLoss);
+            let reason = if wrong == "checksum" {
+                Reason::StreamChecksumMismatch
+            } else {
+                Reason::ManifestMismatch
+            };
+            assert_eq!(e.reason, reason, "{wrong}");
+            assert!(!job.rev_path(&id).exists() && !job.image_path(&id).exists());
+            assert_eq!(partial_files(&job), 0, "{wrong}: the partial revision is gone");
+        }
+    }
+
+    #[test]
+    fn frames_must_ascend_and_stay_inside_the_image() {
+        let dir = tempfile::tempdir().unwrap();
+        let job = job(dir.path());
+        let mut rev = full(&job, 2 * B);
+        rev.data(B, b"x").unwrap();
+        let e = rev.data(10, b"y").unwrap_err();
+        assert!(e.message.contains("out of order"), "{}", e.message);
+        let e = rev.zero(2 * B - 1, 2).unwrap_err();
+        assert!(e.message.contains("beyond the announced image size"), "{}", e.message);
+        assert_eq!(rev.data(2 * B, b"").unwrap_err().kind, ErrorKind::InvalidArgument);
+        drop(rev);
+        assert_eq!(partial_files(&job), 0, "dropped uncommitted: removed");
+    }
+
+    #[test]
+    fn a_commit_whose_caller_left_stops_before_reading_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let job = job(dir.path());
+        let gone = Gate::new(Arc::new(WorkPool::new(1)), "test", Arc::new(|| true));
+        let mut rev = NewRevision::create(&job, spec(2 * B), None, StorageMode::Copy, None, gone).unwrap();
+        let mut sum = StreamChecksum::new();
+        rev.data(5, b"partial").unwrap();
+        sum.data(5, b"partial");
+        let id = rev.spec.id;
+        let e = rev.commit(&end(&sum, None)).unwrap_err();
+        assert_eq!(e.kind, ErrorKind::Unavailable);
+        assert!(!job.rev_path(&id).exists());
+        assert_eq!(partial_files(&job), 0);
+    }
+}
