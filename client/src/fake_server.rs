@@ -243,7 +243,7 @@ impl Backy for Fake {
             jobs: vec![JobStatus {
                 job: "vm1".into(),
                 revisions: st.revisions.iter().map(|r| r.info.clone()).collect(),
-                storage: "reflink".into(),
+                storage: backy_proto::StorageMode::Reflink as i32,
                 ..JobStatus::default()
             }],
         }))

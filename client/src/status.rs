@@ -230,7 +230,11 @@ mod tests {
     use super::*;
 
     fn ts(rfc3339: &str) -> backy_proto::prost_types::Timestamp {
-        backy_proto::timestamp(&chrono::DateTime::parse_from_rfc3339(rfc3339).unwrap().with_timezone(&chrono::Utc))
+        backy_proto::timestamp(
+            &chrono::DateTime::parse_from_rfc3339(rfc3339)
+                .unwrap()
+                .with_timezone(&chrono::Utc),
+        )
     }
 
     fn rev(short: &str, time: &str, size: u64, sent: u64, secs: f64, tags: &[&str]) -> RevisionInfo {

@@ -174,7 +174,11 @@ mod tests {
     use backy_proto::RevisionInfo;
 
     fn ts(rfc3339: &str) -> backy_proto::prost_types::Timestamp {
-        backy_proto::timestamp(&chrono::DateTime::parse_from_rfc3339(rfc3339).unwrap().with_timezone(&chrono::Utc))
+        backy_proto::timestamp(
+            &chrono::DateTime::parse_from_rfc3339(rfc3339)
+                .unwrap()
+                .with_timezone(&chrono::Utc),
+        )
     }
 
     fn summary(job: &str, schedule: &str, revisions: u32, sla_ok: bool) -> JobSummary {

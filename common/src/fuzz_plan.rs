@@ -73,7 +73,9 @@ mod tests {
     fn ci_runs_a_fixed_list_and_local_runs_are_repeatable() {
         let ci = FuzzPlan::new(None, None, || unreachable!());
         assert_eq!((ci.first, ci.rounds), (0, Some(FIXED_ROUNDS)));
-        assert!(ci.runs(FIXED_ROUNDS - 1, Duration::from_secs(999)) && !ci.runs(FIXED_ROUNDS, Duration::ZERO));
+        assert!(
+            ci.runs(FIXED_ROUNDS - 1, Duration::from_secs(999)) && !ci.runs(FIXED_ROUNDS, Duration::ZERO)
+        );
         let local = FuzzPlan::new(Some(60.0), None, || 42);
         assert_eq!((local.first, local.rounds), (42, None));
         assert!(local.runs(5, Duration::from_secs(59)) && !local.runs(5, Duration::from_secs(61)));

@@ -10,10 +10,10 @@
 //! over [`ALLOC_CAP`] (a counting global allocator).
 
 use backy_common::config::{ClientConfig, ServerConfig};
+use backy_common::fuzz_plan::FuzzPlan;
 use backy_common::manifest::{Manifest, HEADER_LEN, MAGIC};
 use backy_common::rbd_diff::{DiffReader, Record};
 use proptest::prelude::*;
-use backy_common::fuzz_plan::FuzzPlan;
 use proptest::test_runner::{Config, FileFailurePersistence, RngAlgorithm, TestRng, TestRunner};
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -58,9 +58,13 @@ where
         check(v)
     };
     let plan = FuzzPlan::from_env();
-    eprintln!("fuzz {name}: seeds from {} (BACKY_FUZZ_SEED={0} repeats this run)", plan.first);
-    let regressions: &'static str =
-        Box::leak(format!("{}/tests/fuzz-regressions/{name}.txt", env!("CARGO_MANIFEST_DIR")).into_boxed_str());
+    eprintln!(
+        "fuzz {name}: seeds from {} (BACKY_FUZZ_SEED={0} repeats this run)",
+        plan.first
+    );
+    let regressions: &'static str = Box::leak(
+        format!("{}/tests/fuzz-regressions/{name}.txt", env!("CARGO_MANIFEST_DIR")).into_boxed_str(),
+    );
     let mut round = 0;
     while plan.runs(round, start.elapsed()) {
         let rng = TestRng::from_seed(RngAlgorithm::ChaCha, &plan.seed_bytes(round));

@@ -104,7 +104,10 @@ impl TryFrom<&RevisionInfo> for RevisionMeta {
     fn try_from(r: &RevisionInfo) -> Result<Self> {
         let time = |t: &Option<prost_types::Timestamp>| -> Result<Option<DateTime<Utc>>> {
             t.as_ref()
-                .map(|t| datetime(t).ok_or_else(|| Error::invalid(format!("revision {}: bad time {t:?}", r.short_id))))
+                .map(|t| {
+                    datetime(t)
+                        .ok_or_else(|| Error::invalid(format!("revision {}: bad time {t:?}", r.short_id)))
+                })
                 .transpose()
         };
         Ok(RevisionMeta {

@@ -10,7 +10,8 @@ pub mod v1 {
 mod convert;
 
 pub use convert::{
-    datetime, error_detail, error_of_detail, model_storage, source_kind, source_kind_name, timestamp, wire_storage,
+    datetime, error_detail, error_of_detail, model_storage, source_kind, source_kind_name, timestamp,
+    wire_storage,
 };
 pub use prost_types;
 pub use v1::*;

@@ -12,13 +12,15 @@
 use ::backy_server::{auth, service::Service, state::Server, storage::JobDir};
 use backy_common::checksum::StreamChecksum;
 use backy_common::config::ServerConfig;
+use backy_common::fuzz_plan::FuzzPlan;
 use backy_common::revision::StorageMode;
 use backy_proto::backy_client::BackyClient;
 use backy_proto::backy_server::BackyServer;
 use backy_proto::push_frame::Frame;
-use backy_proto::{DataRange, PushBegin, PushEnd, PushFrame, PushKeepalive, SourceKind, StatusRequest, ZeroRange};
+use backy_proto::{
+    DataRange, PushBegin, PushEnd, PushFrame, PushKeepalive, SourceKind, StatusRequest, ZeroRange,
+};
 use proptest::prelude::*;
-use backy_common::fuzz_plan::FuzzPlan;
 use proptest::test_runner::{Config, FileFailurePersistence, RngAlgorithm, TestRng, TestRunner};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -236,7 +238,10 @@ fn fuzz_push_frame_handler() {
     };
     let start = Instant::now();
     let plan = FuzzPlan::from_env();
-    eprintln!("fuzz push: seeds from {} (BACKY_FUZZ_SEED={0} repeats this run)", plan.first);
+    eprintln!(
+        "fuzz push: seeds from {} (BACKY_FUZZ_SEED={0} repeats this run)",
+        plan.first
+    );
     let mut round = 0;
     while plan.runs(round, start.elapsed()) {
         let rng = TestRng::from_seed(RngAlgorithm::ChaCha, &plan.seed_bytes(round));

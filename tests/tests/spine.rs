@@ -205,8 +205,16 @@ fn plain_directory_falls_back_to_sparse_copies() {
 /// Bytes of `path` in extents the filesystem reports as shared (FIEMAP
 /// through `filefrag -v`).
 fn shared_bytes(path: &Path) -> u64 {
-    let out = std::process::Command::new("filefrag").arg("-v").arg(path).output().unwrap();
-    assert!(out.status.success(), "filefrag: {}", String::from_utf8_lossy(&out.stderr));
+    let out = std::process::Command::new("filefrag")
+        .arg("-v")
+        .arg(path)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "filefrag: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let text = String::from_utf8_lossy(&out.stdout);
     let block: u64 = text
         .split(" blocks of ")
@@ -235,7 +243,10 @@ fn xfs_push_change_push_restore_shares_extents() {
     let revs = server.revisions("vm1");
     let rev2 = base.join("vm1").join(revs[1]["short_id"].as_str().unwrap());
     let shared = shared_bytes(&rev2);
-    eprintln!("xfs rev2: {shared} bytes in shared extents; data {} sent {}", flow.data_bytes, flow.rev2_sent);
+    eprintln!(
+        "xfs rev2: {shared} bytes in shared extents; data {} sent {}",
+        flow.data_bytes, flow.rev2_sent
+    );
     assert!(
         shared >= flow.data_bytes - flow.rev2_sent - 8 * MIB,
         "rev2 shares its unchanged extents: {shared} of {}",

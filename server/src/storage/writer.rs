@@ -625,7 +625,11 @@ mod tests {
         let e = rev.data(10, b"y").unwrap_err();
         assert!(e.message.contains("out of order"), "{}", e.message);
         let e = rev.zero(2 * B - 1, 2).unwrap_err();
-        assert!(e.message.contains("beyond the announced image size"), "{}", e.message);
+        assert!(
+            e.message.contains("beyond the announced image size"),
+            "{}",
+            e.message
+        );
         assert_eq!(rev.data(2 * B, b"").unwrap_err().kind, ErrorKind::InvalidArgument);
         drop(rev);
         assert_eq!(partial_files(&job), 0, "dropped uncommitted: removed");
