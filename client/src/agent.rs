@@ -133,7 +133,7 @@ async fn run_order(mut client: Client, order: &AgentOrder, jobs: &JobsConfig) ->
             allow_shrink: false,
             changed_ranges: None,
         };
-        push(&mut client, &args, false).await
+        push(&mut client, &args, &crate::progress::Silent).await
     }
     .await;
     match result {

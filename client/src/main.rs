@@ -2,28 +2,9 @@
 //! the runtime, runs one command, and turns its outcome into output and an
 //! exit status (0 success, 1 error with a one-line reason on stderr).
 
-mod agent;
-mod changed_ranges;
-mod check;
-mod connect;
-#[cfg(test)]
-mod fake_server;
-#[cfg(test)]
-mod flow_tests;
-mod frames;
-mod manifest;
-mod progress;
-mod push;
-mod rbd_push;
-mod restore;
-mod revisions;
-mod scan;
-mod settings;
-mod source;
-mod source_check;
-mod status;
-mod summary;
-mod view;
+use backy_client::{
+    agent, check, connect, progress, push, restore, revisions, settings, source_check, status, summary,
+};
 
 use anyhow::Context;
 use backy_common::JobName;
@@ -462,7 +443,7 @@ async fn dispatch(
         agent::run(url, creds, &name, cmd.workers, jobs).await?;
         return Ok(0);
     }
-    let show_progress = progress::wanted(cli.json);
+    let progress = progress::Terminal::if_wanted(cli.json);
     let mut client = connect::connect_with(url, creds).await?;
     match &cli.command {
         Command::Push(cmd) => {
@@ -478,7 +459,7 @@ async fn dispatch(
                 changed_ranges: cmd.changed_ranges.clone(),
             };
             // Not due: nothing to say (exit silently, as the original did).
-            if let Some(pushed) = push::push(&mut client, &args, show_progress).await? {
+            if let Some(pushed) = push::push(&mut client, &args, &*progress).await? {
                 print_result(cli.json, &pushed)?;
             }
         }
@@ -489,7 +470,7 @@ async fn dispatch(
                 target: cmd.target.clone(),
                 force: cmd.force,
             };
-            let restored = restore::restore(&mut client, &args, show_progress).await?;
+            let restored = restore::restore(&mut client, &args, &*progress).await?;
             print_result(cli.json, &restored)?;
         }
         Command::Status(StatusCmd { job: Some(job) }) => {

@@ -6,7 +6,7 @@
 //! the reading down instead of filling memory.
 
 use crate::connect::{status_error, Client};
-use crate::progress;
+use crate::progress::Progress;
 use crate::scan::{self, Scanned};
 use crate::source::{self, Source};
 use crate::view::{short_id, RevisionView};
@@ -95,7 +95,7 @@ impl fmt::Display for Pushed {
 }
 
 /// Runs a push; `None` when the job is not due (and nothing was done).
-pub async fn push(client: &mut Client, args: &PushArgs, show_progress: bool) -> Result<Option<Pushed>> {
+pub async fn push(client: &mut Client, args: &PushArgs, progress: &dyn Progress) -> Result<Option<Pushed>> {
     let started = Instant::now();
     let job = args.job.as_str();
     for tag in &args.tags {
@@ -118,7 +118,7 @@ pub async fn push(client: &mut Client, args: &PushArgs, show_progress: bool) -> 
     tracing::info!(job, reason = %plan.reason, tags = ?plan.tags, parent = %plan.parent_id, "due");
     check_plan(&plan)?;
     fault::point("client.planned");
-    match push_planned(client, args, &plan, show_progress, started).await {
+    match push_planned(client, args, &plan, progress, started).await {
         Ok(pushed) => Ok(Some(pushed)),
         Err(e) => {
             report_failure(client, job, &plan.new_id, &e).await;
@@ -151,7 +151,7 @@ async fn push_planned(
     client: &mut Client,
     args: &PushArgs,
     plan: &PlanReply,
-    show_progress: bool,
+    progress: &dyn Progress,
     started: Instant,
 ) -> Result<Pushed> {
     let job = args.job.as_str();
@@ -163,7 +163,7 @@ async fn push_planned(
         &args.config_name,
     )?;
     if let SourceSpec::CephRbd { .. } = spec {
-        return crate::rbd_push::push(client, args, plan, &spec, show_progress, started).await;
+        return crate::rbd_push::push(client, args, plan, &spec, progress, started).await;
     }
     let mut source = source::open(&spec, job, &plan.new_id)?;
     let size = source.size();
@@ -220,18 +220,18 @@ async fn push_planned(
     .await
     .map_err(|_| stream_closed())?;
 
-    let bar = progress::bar(size, job, show_progress);
+    let bar = progress.start(job, size);
     let reader_bar = bar.clone();
     let has_parent = !plan.parent_id.is_empty();
     let reader = tokio::task::spawn_blocking(move || {
         read_source(&mut *source, baseline, has_parent, &tx, |pos| {
-            reader_bar.set_position(pos)
+            reader_bar.set(pos)
         })
     });
     let rpc = client.push(crate::connect::with_keepalive(rx));
     let joined = join(reader, rpc).await;
     fault::point("client.replied");
-    bar.finish_and_clear();
+    bar.finish();
     let (scanned, reply) = joined.map_err(|e| match (&args.changed_ranges, e.kind) {
         // With a complete range list the server's digests of the blocks it
         // patched equal the ones read here; otherwise the list missed writes.

@@ -17,7 +17,7 @@
 
 use crate::connect::Client;
 use crate::frames::PushFrames;
-use crate::progress;
+use crate::progress::Progress;
 use crate::push::{self, PushArgs, Pushed, FRAMES_IN_FLIGHT};
 use crate::scan::{Scanned, Scanner};
 use crate::source::hooks::HookRunner;
@@ -54,7 +54,7 @@ pub async fn push(
     args: &PushArgs,
     plan: &PlanReply,
     spec: &SourceSpec,
-    show_progress: bool,
+    progress: &dyn Progress,
     started: Instant,
 ) -> Result<Pushed> {
     let job = args.job.as_str();
@@ -79,7 +79,7 @@ pub async fn push(
     taken?;
     fault::point("client.snapshot");
 
-    let result = push_snapshot(client, job, args, plan, &rbd, &snap, show_progress, started).await;
+    let result = push_snapshot(client, job, args, plan, &rbd, &snap, progress, started).await;
     let (rbd2, snap2) = (rbd.clone(), snap.clone());
     let after = blocking(move || {
         let tidy = match &result {
@@ -144,7 +144,7 @@ async fn push_snapshot(
     plan: &PlanReply,
     rbd: &Rbd,
     snap: &str,
-    show_progress: bool,
+    progress: &dyn Progress,
     started: Instant,
 ) -> Result<Pushed> {
     let (size, from) = blocking({
@@ -191,7 +191,7 @@ async fn push_snapshot(
     .await
     .map_err(|_| push::stream_closed())?;
 
-    let bar = progress::bar(size, job, show_progress);
+    let bar = progress.start(job, size);
     let reader_bar = bar.clone();
     let (rbd, snap) = (rbd.clone(), snap.to_string());
     let reader = tokio::task::spawn_blocking(move || {
@@ -203,14 +203,14 @@ async fn push_snapshot(
             sent
         };
         let streamed = export(&rbd, from.as_deref(), &snap, size, baseline, send, |pos| {
-            reader_bar.set_position(pos)
+            reader_bar.set(pos)
         })?;
         Ok(streamed)
     });
     let rpc = client.push(crate::connect::with_keepalive(rx));
     let joined = push::join(reader, rpc).await;
     fault::point("client.replied");
-    bar.finish_and_clear();
+    bar.finish();
     let (streamed, reply) = joined?;
     tracing::info!(
         job,

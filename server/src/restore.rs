@@ -173,6 +173,7 @@ pub fn stream_image(
                 if !out.data(pos, data) {
                     return Ok(false);
                 }
+                backy_common::fault::point("restore.data-sent");
                 pos += n as u64;
             }
         }

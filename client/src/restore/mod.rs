@@ -11,7 +11,7 @@ mod rbd;
 mod target;
 
 use crate::connect::{status_error, Client};
-use crate::progress;
+use crate::progress::Progress;
 use crate::view::{short_id, RevisionView};
 use backy_common::spec::Spec;
 use backy_common::units::format_bytes;
@@ -75,7 +75,7 @@ impl fmt::Display for Restored {
     }
 }
 
-pub async fn restore(client: &mut Client, args: &RestoreArgs, show_progress: bool) -> Result<Restored> {
+pub async fn restore(client: &mut Client, args: &RestoreArgs, progress: &dyn Progress) -> Result<Restored> {
     let started = Instant::now();
     let job = args.job.as_str();
     if Spec::parse(&args.revision)? == Spec::All {
@@ -106,7 +106,7 @@ pub async fn restore(client: &mut Client, args: &RestoreArgs, show_progress: boo
         None => return Err(Error::data_loss("restore stream ended early")),
     }
 
-    let bar = progress::bar(info.size, job, show_progress);
+    let bar = progress.start(job, info.size);
     let writer_bar = bar.clone();
     let (tx, rx) = mpsc::channel(FRAMES_IN_FLIGHT);
     // A distrusted revision (a verify found damage) is still restored block
@@ -121,14 +121,14 @@ pub async fn restore(client: &mut Client, args: &RestoreArgs, show_progress: boo
         StreamCheck::new(manifest, &short)
     };
     let writer = tokio::task::spawn_blocking(move || {
-        write_stream(rx, check, target, |pos| writer_bar.set_position(pos))
+        write_stream(rx, check, target, |pos| writer_bar.set(pos))
     });
     let received = forward(&mut stream, &tx).await;
     drop(tx);
     let written = writer
         .await
         .map_err(|e| Error::internal(format!("restore writer failed: {e}")));
-    bar.finish_and_clear();
+    bar.finish();
     // A server error explains why the writer saw the stream end early.
     received?;
     let (data_bytes, damaged_blocks) = written??;

@@ -1,0 +1,24 @@
+//! backy's client library: the flows `backy-client` runs (push, restore,
+//! status, verify, agent) over a connection to `backy-server`, for the
+//! binary, which adds argument parsing, output and exit codes, and for
+//! tests that drive them against a real server. Progress goes through the
+//! [`progress::Progress`] the caller injects.
+
+pub mod agent;
+pub mod changed_ranges;
+pub mod check;
+pub mod connect;
+pub mod frames;
+pub mod manifest;
+pub mod progress;
+pub mod push;
+pub mod rbd_push;
+pub mod restore;
+pub mod revisions;
+pub mod scan;
+pub mod settings;
+pub mod source;
+pub mod source_check;
+pub mod status;
+pub mod summary;
+pub mod view;
