@@ -224,9 +224,7 @@ async fn push_planned(
     let reader_bar = bar.clone();
     let has_parent = !plan.parent_id.is_empty();
     let reader = tokio::task::spawn_blocking(move || {
-        read_source(&mut *source, baseline, has_parent, &tx, |pos| {
-            reader_bar.set(pos)
-        })
+        read_source(&mut *source, baseline, has_parent, &tx, |pos| reader_bar.set(pos))
     });
     let rpc = client.push(crate::connect::with_keepalive(rx));
     let joined = join(reader, rpc).await;

@@ -44,7 +44,9 @@ async fn start(jobs: &str) -> (tempfile::TempDir, Server, Client) {
     let dir = tempfile::tempdir().unwrap();
     let base = dir.path().join("store");
     let jobs = jobs.to_string();
-    let server = tokio::task::spawn_blocking(move || Server::start(&base, &jobs)).await.unwrap();
+    let server = tokio::task::spawn_blocking(move || Server::start(&base, &jobs))
+        .await
+        .unwrap();
     let client = connect_with(&server.url, &Credentials::default()).await.unwrap();
     (dir, server, client)
 }
@@ -59,32 +61,61 @@ async fn push_and_restore_round_trip() {
     write_at(&src, 32 * BLOCK + 10, b"tail");
 
     // Full backup: the granule with data and the short last block travel.
-    let first = push(&mut client, &push_args("vm1", Some(&src)), &Silent).await.unwrap().unwrap();
+    let first = push(&mut client, &push_args("vm1", Some(&src)), &Silent)
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(first.bytes_sent, GRANULE + 100);
-    assert_eq!(first.revision.bytes_received, GRANULE + 100, "the server got what was sent");
+    assert_eq!(
+        first.revision.bytes_received,
+        GRANULE + 100,
+        "the server got what was sent"
+    );
     assert_eq!(first.revision.size, size);
     assert_eq!(first.revision.source_type, "file");
     let v1 = std::fs::read(&src).unwrap();
 
     // One byte changed: one granule travels.
     write_at(&src, 20 * BLOCK + 7, b"x");
-    let second = push(&mut client, &push_args("vm1", Some(&src)), &Silent).await.unwrap().unwrap();
+    let second = push(&mut client, &push_args("vm1", Some(&src)), &Silent)
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(second.bytes_sent, GRANULE);
-    assert_eq!(second.revision.parent_id.as_deref(), Some(first.revision.id.as_str()));
+    assert_eq!(
+        second.revision.parent_id.as_deref(),
+        Some(first.revision.id.as_str())
+    );
     let v2 = std::fs::read(&src).unwrap();
 
     // Grown image: the old short last block grows; nothing else is sent.
-    std::fs::File::options().write(true).open(&src).unwrap().set_len(40 * BLOCK).unwrap();
-    let third = push(&mut client, &push_args("vm1", Some(&src)), &Silent).await.unwrap().unwrap();
+    std::fs::File::options()
+        .write(true)
+        .open(&src)
+        .unwrap()
+        .set_len(40 * BLOCK)
+        .unwrap();
+    let third = push(&mut client, &push_args("vm1", Some(&src)), &Silent)
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(third.bytes_sent, GRANULE, "the grown block's data granule");
     let v3 = std::fs::read(&src).unwrap();
 
     for (spec, want) in [("latest", &v3), ("1", &v2), (first.revision.id.as_str(), &v1)] {
         let out = dir.path().join(format!("restored-{spec}.img"));
-        let restored = restore(&mut client, &restore_args(spec, &out), &Silent).await.unwrap();
-        assert!(&std::fs::read(&out).unwrap() == want, "{spec}: restored bytes differ");
+        let restored = restore(&mut client, &restore_args(spec, &out), &Silent)
+            .await
+            .unwrap();
+        assert!(
+            &std::fs::read(&out).unwrap() == want,
+            "{spec}: restored bytes differ"
+        );
         let allocated = std::fs::metadata(&out).unwrap().blocks() * 512;
-        assert!(allocated <= 4 * GRANULE, "{spec}: restore is sparse ({allocated} bytes allocated)");
+        assert!(
+            allocated <= 4 * GRANULE,
+            "{spec}: restore is sparse ({allocated} bytes allocated)"
+        );
         assert!(restored.data_bytes <= 3 * GRANULE, "{}", restored.data_bytes);
     }
 
@@ -103,19 +134,17 @@ async fn not_due_does_nothing_and_the_source_comes_from_the_client_config() {
     );
     let dir = tempfile::tempdir().unwrap();
     let base = dir.path().join("store");
-    let server = tokio::task::spawn_blocking(move || Server::start_config(&base, &config)).await.unwrap();
+    let server = tokio::task::spawn_blocking(move || Server::start_config(&base, &config))
+        .await
+        .unwrap();
     let mut client = connect_with(&server.url, &Credentials::default()).await.unwrap();
     let src = dir.path().join("disk.img");
     make_image(&src, 3 * BLOCK, &[]);
     write_at(&src, 0, b"boot");
 
-    // Neither --source nor a client.yaml entry: nothing is read or sent.
+    // The job's entry in the client config: the first backup is due.
     let mut args = push_args("vm1", None);
     args.force = false;
-    let e = push(&mut client, &args, &Silent).await.unwrap_err();
-    assert!(e.message.starts_with("job vm1 is not listed in client.yaml"), "{}", e.message);
-    assert!(server.revisions("vm1").is_empty());
-    // The job's entry in the client config: the first backup is due.
     args.configured = Some(SourceSpec::File {
         path: src.clone(),
         hooks: Default::default(),
@@ -124,6 +153,16 @@ async fn not_due_does_nothing_and_the_source_comes_from_the_client_config() {
     assert_eq!(pushed.bytes_sent, GRANULE);
     // Backed up a moment ago: not due, nothing happens.
     assert!(push(&mut client, &args, &Silent).await.unwrap().is_none());
+    // Neither --source nor a client.yaml entry: nothing is read or sent,
+    // even when forced.
+    args.configured = None;
+    args.force = true;
+    let e = push(&mut client, &args, &Silent).await.unwrap_err();
+    assert!(
+        e.message.starts_with("job vm1 is not listed in client.yaml"),
+        "{}",
+        e.message
+    );
     assert_eq!(server.revisions("vm1").len(), 1);
 }
 
@@ -133,22 +172,44 @@ async fn server_refusals_reach_the_operator() {
     let src = dir.path().join("disk.img");
     make_image(&src, 64 * MIB, &[(0, MIB)]);
 
-    let e = push(&mut client, &push_args("vm9", Some(&src)), &Silent).await.unwrap_err();
+    let e = push(&mut client, &push_args("vm9", Some(&src)), &Silent)
+        .await
+        .unwrap_err();
     assert_eq!(e.kind, ErrorKind::NotFound);
-    assert!(e.message.contains("vm9") && e.message.ends_with("(NOT_FOUND)"), "{}", e.message);
+    assert!(
+        e.message.contains("vm9") && e.message.ends_with("(NOT_FOUND)"),
+        "{}",
+        e.message
+    );
 
-    let e = push(&mut client, &push_args("vm1", Some(&src)), &Silent).await.unwrap_err();
+    let e = push(&mut client, &push_args("vm1", Some(&src)), &Silent)
+        .await
+        .unwrap_err();
     assert_eq!(e.kind, ErrorKind::ResourceExhausted);
-    assert!(e.message.contains("max-size") && e.message.ends_with("(RESOURCE_EXHAUSTED)"), "{}", e.message);
+    assert!(
+        e.message.contains("max-size") && e.message.ends_with("(RESOURCE_EXHAUSTED)"),
+        "{}",
+        e.message
+    );
     assert!(server.revisions("vm1").is_empty());
 
     let missing = dir.path().join("missing.img");
-    let e = push(&mut client, &push_args("vm1", Some(&missing)), &Silent).await.unwrap_err();
+    let e = push(&mut client, &push_args("vm1", Some(&missing)), &Silent)
+        .await
+        .unwrap_err();
     assert!(e.message.contains("missing.img"), "{}", e.message);
 }
 
+/// The files in `dir`, sorted, besides `only` (which must be there).
+fn only_file(dir: &Path, only: &Path) -> bool {
+    files_in(dir) == [only.to_path_buf()]
+}
+
 fn files_in(dir: &Path) -> Vec<PathBuf> {
-    let mut names: Vec<PathBuf> = std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().path()).collect();
+    let mut names: Vec<PathBuf> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
     names.sort();
     names
 }
@@ -160,18 +221,31 @@ async fn bad_restore_streams_leave_no_file() {
     std::fs::create_dir(&work).unwrap();
     let src = work.join("disk.img");
     make_image(&src, 8 * BLOCK, &[(2 * BLOCK, 3 * MIB), (7 * BLOCK, MIB)]);
-    let pushed = push(&mut client, &push_args("vm1", Some(&src)), &Silent).await.unwrap().unwrap();
+    let pushed = push(&mut client, &push_args("vm1", Some(&src)), &Silent)
+        .await
+        .unwrap()
+        .unwrap();
     let out = work.join("out.img");
 
     // A stored block damaged on the server's disk: the client's check
     // against the manifest refuses the restore.
     let stored = server.base.join("vm1").join(&pushed.revision.short_id);
     write_at(&stored, 2 * BLOCK + 10, b"rot");
-    let e = restore(&mut client, &restore_args("latest", &out), &Silent).await.unwrap_err();
+    let e = restore(&mut client, &restore_args("latest", &out), &Silent)
+        .await
+        .unwrap_err();
     assert_eq!(e.kind, ErrorKind::DataLoss);
-    assert!(e.message.contains(&format!("block at offset {}", 2 * BLOCK)), "{}", e.message);
-    assert_eq!(files_in(&work), [src.clone()]);
-    write_at(&stored, 2 * BLOCK + 10, &std::fs::read(&src).unwrap()[(2 * BLOCK + 10) as usize..][..3]);
+    assert!(
+        e.message.contains(&format!("block at offset {}", 2 * BLOCK)),
+        "{}",
+        e.message
+    );
+    assert!(only_file(&work, &src), "{:?}", files_in(&work));
+    write_at(
+        &stored,
+        2 * BLOCK + 10,
+        &std::fs::read(&src).unwrap()[(2 * BLOCK + 10) as usize..][..3],
+    );
 
     // The server dies in the middle of the stream.
     let mut server = tokio::task::spawn_blocking(move || {
@@ -181,9 +255,17 @@ async fn bad_restore_streams_leave_no_file() {
     .await
     .unwrap();
     let mut broken = connect_with(&server.url, &Credentials::default()).await.unwrap();
-    let e = restore(&mut broken, &restore_args("latest", &out), &Silent).await.unwrap_err();
-    assert!(matches!(e.kind, ErrorKind::Unavailable | ErrorKind::Internal | ErrorKind::DataLoss), "{e:?}");
-    assert_eq!(files_in(&work), [src.clone()], "no file left: {e}");
+    let e = restore(&mut broken, &restore_args("latest", &out), &Silent)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            e.kind,
+            ErrorKind::Unavailable | ErrorKind::Internal | ErrorKind::DataLoss
+        ),
+        "{e:?}"
+    );
+    assert!(only_file(&work, &src), "no file left: {e}: {:?}", files_in(&work));
     server = tokio::task::spawn_blocking(move || {
         server.restart();
         server
@@ -192,15 +274,21 @@ async fn bad_restore_streams_leave_no_file() {
     .unwrap();
     let mut client = connect_with(&server.url, &Credentials::default()).await.unwrap();
 
-    let e = restore(&mut client, &restore_args("7", &out), &Silent).await.unwrap_err();
+    let e = restore(&mut client, &restore_args("7", &out), &Silent)
+        .await
+        .unwrap_err();
     assert_eq!(e.kind, ErrorKind::NotFound);
-    let e = restore(&mut client, &restore_args("all", &out), &Silent).await.unwrap_err();
+    let e = restore(&mut client, &restore_args("all", &out), &Silent)
+        .await
+        .unwrap_err();
     assert_eq!(e.kind, ErrorKind::InvalidArgument);
-    assert_eq!(files_in(&work), [src.clone()]);
+    assert!(only_file(&work, &src), "{:?}", files_in(&work));
 
     // An existing file needs force; with it the restore replaces it.
     std::fs::write(&out, b"precious").unwrap();
-    let e = restore(&mut client, &restore_args("latest", &out), &Silent).await.unwrap_err();
+    let e = restore(&mut client, &restore_args("latest", &out), &Silent)
+        .await
+        .unwrap_err();
     assert_eq!(e.kind, ErrorKind::AlreadyExists);
     assert_eq!(std::fs::read(&out).unwrap(), b"precious");
     let mut args = restore_args("latest", &out);

@@ -120,9 +120,8 @@ pub async fn restore(client: &mut Client, args: &RestoreArgs, progress: &dyn Pro
     } else {
         StreamCheck::new(manifest, &short)
     };
-    let writer = tokio::task::spawn_blocking(move || {
-        write_stream(rx, check, target, |pos| writer_bar.set(pos))
-    });
+    let writer =
+        tokio::task::spawn_blocking(move || write_stream(rx, check, target, |pos| writer_bar.set(pos)));
     let received = forward(&mut stream, &tx).await;
     drop(tx);
     let written = writer
