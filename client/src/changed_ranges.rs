@@ -7,10 +7,12 @@
 //! blank lines and lines starting with `#` are ignored. Every line is
 //! checked: a range that is malformed, empty or beyond the source's end
 //! refuses the push, since trusting a bad range list silently loses data.
-//! Ranges may come in any order and overlap. They are kept as a bitmap of
-//! [`GRANULE`]-sized pieces, so memory stays small however many there are.
+//! Ranges may come in any order and overlap. They are kept as a set of
+//! [`GRANULE`] ranges, merged as they come, so memory follows the distinct
+//! ranges, not their number or the source's size.
 
 use crate::source::Source;
+use backy_common::blockset::BlockSet;
 use backy_common::ranges::Extent;
 use backy_common::{Error, Result};
 use std::io::BufRead;
@@ -31,7 +33,7 @@ pub fn read(path: &Path, size: u64) -> Result<Vec<Extent>> {
 
 /// Parses range lines into coalesced, granule-aligned extents within `size`.
 pub fn parse(input: impl BufRead, name: &str, size: u64) -> Result<Vec<Extent>> {
-    let mut map = vec![0u64; size.div_ceil(GRANULE).div_ceil(64) as usize];
+    let mut granules = BlockSet::new();
     let mut line = String::new();
     let mut input = input.take(u64::MAX);
     let mut number = 0u64;
@@ -78,30 +80,23 @@ pub fn parse(input: impl BufRead, name: &str, size: u64) -> Result<Vec<Extent>> 
                     "range {offset}+{len} ends beyond the source's {size} bytes"
                 ))
             })?;
-        for g in offset / GRANULE..end.div_ceil(GRANULE) {
-            map[(g / 64) as usize] |= 1 << (g % 64);
-        }
+        granules.insert(offset / GRANULE..end.div_ceil(GRANULE));
     }
-    Ok(extents_of(&map, size))
+    Ok(extents_of(&granules, size))
 }
 
 /// The set granules as coalesced extents, the last one cut at `size`.
-fn extents_of(map: &[u64], size: u64) -> Vec<Extent> {
-    let mut out: Vec<Extent> = Vec::new();
-    for (w, &word) in map.iter().enumerate() {
-        let mut bits = word;
-        while bits != 0 {
-            let g = w as u64 * 64 + bits.trailing_zeros() as u64;
-            bits &= bits - 1;
-            let offset = g * GRANULE;
-            let len = GRANULE.min(size - offset);
-            match out.last_mut() {
-                Some(last) if last.end() == offset => last.len += len,
-                _ => out.push(Extent { offset, len }),
+fn extents_of(granules: &BlockSet, size: u64) -> Vec<Extent> {
+    granules
+        .ranges()
+        .map(|r| {
+            let offset = r.start * GRANULE;
+            Extent {
+                offset,
+                len: (r.end * GRANULE).min(size) - offset,
             }
-        }
-    }
-    out
+        })
+        .collect()
 }
 
 /// A source whose changes since the parent are known from a range file.

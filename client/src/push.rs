@@ -165,7 +165,13 @@ async fn push_planned(
     if let SourceSpec::CephRbd { .. } = spec {
         return crate::rbd_push::push(client, args, plan, &spec, progress, started).await;
     }
-    let mut source = source::open(&spec, job, &plan.new_id)?;
+    // Hooks run here (pre-snapshot may take long): off the async workers.
+    let mut source = {
+        let (spec, job, id) = (spec.clone(), job.to_string(), plan.new_id.clone());
+        tokio::task::spawn_blocking(move || source::open(&spec, &job, &id))
+            .await
+            .map_err(|e| Error::internal(format!("opening the source: {e}")))??
+    };
     let size = source.size();
     if let Some(path) = &args.changed_ranges {
         let changed = crate::changed_ranges::read(path, size)?;

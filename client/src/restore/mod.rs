@@ -84,7 +84,14 @@ pub async fn restore(client: &mut Client, args: &RestoreArgs, progress: &dyn Pro
     let (info, manifest) = crate::manifest::fetch(client, job, &args.revision).await?;
     let short = short_id(&info).to_string();
     // Before the stream starts: a refused target costs no transfer.
-    let target = Target::open(&args.target, info.size, args.force)?;
+    // Opening an rbd target runs `rbd info`/`rbd create`: off the async
+    // workers.
+    let target = {
+        let (path, size, force) = (args.target.clone(), info.size, args.force);
+        tokio::task::spawn_blocking(move || Target::open(&path, size, force))
+            .await
+            .map_err(|e| Error::internal(format!("opening the restore target: {e}")))??
+    };
     tracing::info!(job, revision = %short, size = info.size, target = %args.target.display(), "restoring");
 
     // The full id, so both calls name the same revision even if a new one
