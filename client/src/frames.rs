@@ -2,93 +2,49 @@
 //! the stream checksum kept over exactly what is emitted. Shared by the
 //! block scanner and the Ceph diff reader.
 
-use backy_common::checksum::StreamChecksum;
-use backy_common::ranges::{zero_runs, Extent};
-use backy_common::{Result, MAX_FRAME_DATA};
+use backy_common::framer::{Framer, RangeSink};
+use backy_common::Result;
 use backy_proto::push_frame::Frame;
 use backy_proto::{DataRange, ZeroRange};
 
-/// Emits frames in offset order; touching zero ranges are merged into one.
-pub struct PushFrames<E> {
-    emit: E,
-    checksum: StreamChecksum,
-    /// Zeros not yet emitted, grown while the next range touches them.
-    zero_run: Option<Extent>,
-    /// Payload bytes of the data frames.
-    bytes_sent: u64,
+/// Emits push frames in offset order through the shared framer, keeping
+/// the stream checksum the end frame carries.
+pub struct PushFrames<E>(Framer<Emit<E>>);
+
+/// Push frames out of the framer's ranges.
+pub struct Emit<E>(E);
+
+impl<E: FnMut(Frame) -> Result<()>> RangeSink for Emit<E> {
+    fn data(&mut self, offset: u64, data: Vec<u8>) -> Result<()> {
+        (self.0)(Frame::Data(DataRange { offset, data }))
+    }
+
+    fn zero(&mut self, offset: u64, length: u64) -> Result<()> {
+        (self.0)(Frame::Zero(ZeroRange { offset, length }))
+    }
 }
 
 impl<E: FnMut(Frame) -> Result<()>> PushFrames<E> {
     pub fn new(emit: E) -> Self {
-        PushFrames {
-            emit,
-            checksum: StreamChecksum::new(),
-            zero_run: None,
-            bytes_sent: 0,
-        }
+        PushFrames(Framer::with_checksum(Emit(emit)))
     }
 
     /// Bytes at `offset`: runs of all-zero `granule`s (aligned in the
-    /// image) go as zero ranges, the rest as data frames of at most
-    /// [`MAX_FRAME_DATA`].
+    /// image) go as zero ranges, the rest as data frames.
     pub fn data(&mut self, offset: u64, data: &[u8], granule: u64) -> Result<()> {
-        for (start, end, zero) in zero_runs(offset, data, granule) {
-            let at = offset + start as u64;
-            if zero {
-                self.zero(at, (end - start) as u64)?;
-            } else {
-                self.nonzero(at, &data[start..end])?;
-            }
-        }
-        Ok(())
+        self.0.data(offset, data, granule)
     }
 
     /// A range that is zero in the new image.
     pub fn zero(&mut self, offset: u64, len: u64) -> Result<()> {
-        if len == 0 {
-            return Ok(());
-        }
-        match &mut self.zero_run {
-            Some(run) if run.end() == offset => run.len += len,
-            _ => {
-                self.flush_zeros()?;
-                self.zero_run = Some(Extent { offset, len });
-            }
-        }
-        Ok(())
+        self.0.zero(offset, len)
     }
 
     /// Emits what is pending; returns the stream checksum and the data
     /// bytes sent.
-    pub fn finish(mut self) -> Result<([u8; 32], u64)> {
-        self.flush_zeros()?;
-        Ok((self.checksum.finish(), self.bytes_sent))
-    }
-
-    fn nonzero(&mut self, offset: u64, data: &[u8]) -> Result<()> {
-        self.flush_zeros()?;
-        let mut at = offset;
-        for chunk in data.chunks(MAX_FRAME_DATA) {
-            self.checksum.data(at, chunk);
-            self.bytes_sent += chunk.len() as u64;
-            (self.emit)(Frame::Data(DataRange {
-                offset: at,
-                data: chunk.to_vec(),
-            }))?;
-            at += chunk.len() as u64;
-        }
-        Ok(())
-    }
-
-    fn flush_zeros(&mut self) -> Result<()> {
-        if let Some(run) = self.zero_run.take() {
-            self.checksum.zero(run.offset, run.len);
-            (self.emit)(Frame::Zero(ZeroRange {
-                offset: run.offset,
-                length: run.len,
-            }))?;
-        }
-        Ok(())
+    pub fn finish(self) -> Result<([u8; 32], u64)> {
+        let done = self.0.finish()?;
+        Ok((done.checksum.unwrap_or_default(), done.data_bytes))
     }
 }
 
@@ -109,6 +65,8 @@ pub fn summary(frames: &[Frame]) -> Vec<(char, u64, u64)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use backy_common::checksum::StreamChecksum;
+    use backy_common::MAX_FRAME_DATA;
 
     #[test]
     fn zeros_merge_data_splits_and_the_checksum_covers_what_went() {

@@ -9,6 +9,7 @@ pub mod checksum;
 pub mod config;
 pub mod error;
 pub mod fault;
+pub mod framer;
 pub mod fuzz_plan;
 pub mod id;
 pub mod job;

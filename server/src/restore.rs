@@ -3,7 +3,7 @@
 use crate::state::Server;
 use crate::storage::JobDir;
 use backy_common::manifest::Manifest;
-use backy_common::ranges::zero_runs;
+use backy_common::framer::{Framer, RangeSink};
 use backy_common::revision::RevisionMeta;
 use backy_common::spec::Spec;
 use backy_common::{Error, Result, MAX_FRAME_DATA};
@@ -190,75 +190,57 @@ pub fn stream_image(
 /// client writes nothing for it (a hole) and it costs no bandwidth.
 const ZERO_GRANULE: u64 = backy_common::ranges::GRANULE;
 
-/// The frames of a restore stream, with neighbouring zero ranges merged.
-/// Each method returns whether the receiver is still there.
-struct Frames<S> {
-    send: S,
-    zero_run: Option<(u64, u64)>,
-    /// Data payload bytes, for the end marker.
-    sent: u64,
+/// The frames of a restore stream, through the shared framer (neighbouring
+/// zero ranges merged, all-zero granules as zeros). Each method returns
+/// whether the receiver is still there.
+struct Frames<S>(Framer<Sender<S>>);
+
+/// Restore frames out of the framer's ranges; `send` answers whether the
+/// receiver took the frame.
+struct Sender<S>(S);
+
+impl<S: FnMut(Frame) -> bool> RangeSink for Sender<S> {
+    fn data(&mut self, offset: u64, data: Vec<u8>) -> Result<()> {
+        self.send(Frame::Data(DataRange { offset, data }))
+    }
+
+    fn zero(&mut self, offset: u64, length: u64) -> Result<()> {
+        self.send(Frame::Zero(ZeroRange { offset, length }))
+    }
+}
+
+impl<S: FnMut(Frame) -> bool> Sender<S> {
+    fn send(&mut self, frame: Frame) -> Result<()> {
+        if (self.0)(frame) {
+            Ok(())
+        } else {
+            Err(Error::unavailable("the restore's receiver went away"))
+        }
+    }
 }
 
 impl<S: FnMut(Frame) -> bool> Frames<S> {
     fn new(send: S) -> Self {
-        Frames {
-            send,
-            zero_run: None,
-            sent: 0,
-        }
+        Frames(Framer::new(Sender(send)))
     }
 
     fn zero(&mut self, offset: u64, len: u64) -> bool {
-        match &mut self.zero_run {
-            Some((start, l)) if *start + *l == offset => {
-                *l += len;
-                true
-            }
-            _ => {
-                let flushed = self.flush_zeros();
-                self.zero_run = Some((offset, len));
-                flushed
-            }
-        }
+        self.0.zero(offset, len).is_ok()
     }
 
     /// Data read at `offset`; its all-zero granules go as zero ranges.
     fn data(&mut self, offset: u64, data: Vec<u8>) -> bool {
-        let runs: Vec<_> = zero_runs(offset, &data, ZERO_GRANULE).collect();
-        if let [(_, _, false)] = runs[..] {
-            // All data: the buffer itself goes.
-            return self.nonzero(offset, data);
-        }
-        runs.into_iter().all(|(start, end, zero)| {
-            let at = offset + start as u64;
-            if zero {
-                self.zero(at, (end - start) as u64)
-            } else {
-                self.nonzero(at, data[start..end].to_vec())
-            }
-        })
+        self.0.data_owned(offset, data, ZERO_GRANULE).is_ok()
     }
 
-    fn nonzero(&mut self, offset: u64, data: Vec<u8>) -> bool {
-        if !self.flush_zeros() {
-            return false;
-        }
-        self.sent += data.len() as u64;
-        (self.send)(Frame::Data(DataRange { offset, data }))
-    }
-
-    fn flush_zeros(&mut self) -> bool {
-        match self.zero_run.take() {
-            Some((offset, length)) => (self.send)(Frame::Zero(ZeroRange { offset, length })),
-            None => true,
-        }
-    }
-
-    fn end(mut self) -> bool {
-        self.flush_zeros()
-            && (self.send)(Frame::End(RestoreEnd {
-                bytes_sent: self.sent,
+    fn end(self) -> bool {
+        match self.0.finish() {
+            Ok(mut done) => done.sink.send(Frame::End(RestoreEnd {
+                bytes_sent: done.data_bytes,
             }))
+            .is_ok(),
+            Err(_) => false,
+        }
     }
 }
 
