@@ -74,7 +74,10 @@ impl<S: RangeSink> Framer<S> {
     /// is all data and fits a frame goes as it is, uncopied.
     pub fn data_owned(&mut self, offset: u64, data: Vec<u8>, granule: u64) -> Result<()> {
         let whole = data.len() <= MAX_FRAME_DATA
-            && matches!(zero_runs(offset, &data, granule).collect::<Vec<_>>()[..], [(_, _, false)]);
+            && matches!(
+                zero_runs(offset, &data, granule).collect::<Vec<_>>()[..],
+                [(_, _, false)]
+            );
         if whole {
             self.emit_data(offset, data)
         } else {
@@ -176,7 +179,10 @@ mod tests {
         out.data_owned(40, vec![2; MAX_FRAME_DATA + 1], 10).unwrap();
         let done = out.finish().unwrap();
         let m = MAX_FRAME_DATA as u64;
-        assert_eq!(done.sink.frames, [('Z', 0, 30), ('D', 30, 10), ('D', 40, m), ('D', 40 + m, 1)]);
+        assert_eq!(
+            done.sink.frames,
+            [('Z', 0, 30), ('D', 30, 10), ('D', 40, m), ('D', 40 + m, 1)]
+        );
         assert_eq!(done.data_bytes, 11 + m);
         let mut want = StreamChecksum::new();
         want.zero(0, 30);

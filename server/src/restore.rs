@@ -2,8 +2,8 @@
 
 use crate::state::Server;
 use crate::storage::JobDir;
-use backy_common::manifest::Manifest;
 use backy_common::framer::{Framer, RangeSink};
+use backy_common::manifest::Manifest;
 use backy_common::revision::RevisionMeta;
 use backy_common::spec::Spec;
 use backy_common::{Error, Result, MAX_FRAME_DATA};
@@ -235,10 +235,12 @@ impl<S: FnMut(Frame) -> bool> Frames<S> {
 
     fn end(self) -> bool {
         match self.0.finish() {
-            Ok(mut done) => done.sink.send(Frame::End(RestoreEnd {
-                bytes_sent: done.data_bytes,
-            }))
-            .is_ok(),
+            Ok(mut done) => done
+                .sink
+                .send(Frame::End(RestoreEnd {
+                    bytes_sent: done.data_bytes,
+                }))
+                .is_ok(),
             Err(_) => false,
         }
     }
