@@ -192,7 +192,7 @@ pub async fn connect_with(url: &str, creds: &Credentials) -> Result<Client> {
     }
     let channel = endpoint.connect().await.map_err(|e| {
         let why = chain(&e);
-        let hint = if https && creds.ca.is_none() && why.contains("certificate") {
+        let hint = if https && creds.ca.is_none() && tls_rejected(&e) {
             " (without --ca the system's trust store decides: give --ca FILE for a private CA)"
         } else {
             ""
@@ -336,6 +336,22 @@ pub fn code_name(code: Code) -> &'static str {
 
 /// An error and its sources joined on one line: tonic's transport errors
 /// say only "transport error" at the top.
+/// Whether the TLS handshake failed on the data the server sent (its
+/// certificate): rustls reports that as an I/O error of kind
+/// `InvalidData` somewhere in the error's chain.
+fn tls_rejected(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut source = Some(e);
+    while let Some(s) = source {
+        if s.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::InvalidData)
+        {
+            return true;
+        }
+        source = s.source();
+    }
+    false
+}
+
 fn chain(e: &dyn std::error::Error) -> String {
     let mut out = e.to_string();
     let mut source = e.source();

@@ -82,6 +82,8 @@ pub async fn restore(client: &mut Client, args: &RestoreArgs, progress: &dyn Pro
         return Err(Error::invalid("'all' is not allowed here: name one revision"));
     }
     let (info, manifest) = crate::manifest::fetch(client, job, &args.revision).await?;
+    // The server's account of the revision, checked as the model reads it.
+    let meta = backy_common::revision::RevisionMeta::try_from(&info)?;
     let short = short_id(&info).to_string();
     // Before the stream starts: a refused target costs no transfer.
     // Opening an rbd target runs `rbd info`/`rbd create`: off the async
@@ -119,7 +121,7 @@ pub async fn restore(client: &mut Client, args: &RestoreArgs, progress: &dyn Pro
     // A distrusted revision (a verify found damage) is still restored block
     // by block, with a warning, rather than refused: it may be the best copy
     // there is.
-    let check = if crate::view::distrusted(&info) {
+    let check = if meta.trust == backy_common::revision::Trust::Distrusted {
         eprintln!(
             "backy-client: warning: revision {short} is distrusted; restoring it anyway and reporting damaged blocks"
         );
