@@ -412,7 +412,13 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
     let result = runtime.block_on(async {
         tokio::select! {
             result = dispatch(&cli, &url, &creds, &config) => result,
-            signal = interrupted() => Err(anyhow::anyhow!("interrupted by {signal}")),
+            // Stopping is how an agent ends (systemd, ^C): not an error.
+            signal = interrupted() => if matches!(cli.command, Command::Agent(_)) {
+                tracing::info!("agent stopping on {signal}");
+                Ok(0)
+            } else {
+                Err(anyhow::anyhow!("interrupted by {signal}"))
+            },
         }
     });
     // Dropping the runtime waits for the reader/writer threads to stop, so an

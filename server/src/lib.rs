@@ -126,17 +126,37 @@ pub async fn serve(config: ServerConfig, preflight: Preflight, config_path: Path
         first_request_secs = limits.first_request.as_secs(),
         "connection limits"
     );
-    builder
-        .add_service(service)
-        .serve_with_incoming_shutdown(
-            listener::incoming(listener, limits, server.connections.clone()),
-            shutdown(),
-        )
-        .await
-        .context("serving")?;
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let serving = builder.add_service(service).serve_with_incoming_shutdown(
+        listener::incoming(listener, limits, server.connections.clone()),
+        async {
+            let _ = stopped.await;
+        },
+    );
+    tokio::pin!(serving);
+    tokio::select! {
+        result = &mut serving => result.context("serving")?,
+        () = shutdown() => {
+            // No new requests; streams in flight get a grace period. Agents
+            // never end theirs, so the wait is bounded: what is still open
+            // then is closed (an interrupted push stays resumable).
+            tracing::info!("stopping: open streams get {} s to end", SHUTDOWN_GRACE.as_secs());
+            let _ = stop.send(());
+            match tokio::time::timeout(SHUTDOWN_GRACE, &mut serving).await {
+                Ok(result) => result.context("serving")?,
+                Err(_) => tracing::warn!(
+                    "stopping: streams still open after {} s (agents, pushes) are closed",
+                    SHUTDOWN_GRACE.as_secs()
+                ),
+            }
+        }
+    }
     tracing::info!("stopped");
     Ok(())
 }
+
+/// How long open streams may take to end once SIGTERM or SIGINT came.
+pub const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// At start: each job's directories, leftovers of interrupted pushes, its
 /// revisions in the index, and `latest`, on every core (thousands of jobs

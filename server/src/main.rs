@@ -195,5 +195,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         return Ok(());
     }
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
-    runtime.block_on(serve(config, preflight, cli.config))
+    let result = runtime.block_on(serve(config, preflight, cli.config));
+    // Connections still open are dropped here; blocking work sees its
+    // caller gone and stops (a push keeps what it has for resuming).
+    runtime.shutdown_timeout(std::time::Duration::from_secs(5));
+    result
 }

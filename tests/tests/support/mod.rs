@@ -589,6 +589,20 @@ impl Agent {
     }
 }
 
+impl Agent {
+    /// Sends SIGTERM and waits (at most 30 s) for the exit status.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let pid = rustix::process::Pid::from_raw(self.child.id() as i32).expect("agent pid");
+        rustix::process::kill_process(pid, rustix::process::Signal::TERM).expect("SIGTERM to the agent");
+        let mut status = None;
+        wait_for("the agent to exit", Duration::from_secs(30), || {
+            status = self.child.try_wait().expect("waiting for the agent");
+            status.is_some()
+        });
+        status.expect("exit status")
+    }
+}
+
 impl Drop for Agent {
     fn drop(&mut self) {
         let _ = self.child.kill();
