@@ -66,6 +66,8 @@ pub async fn serve(config: ServerConfig, preflight: Preflight, config_path: Path
         );
     }
     let addr: std::net::SocketAddr = config.listen.parse().context("listen address")?;
+    // For the whole life of this process.
+    let _store = storage::lock::StoreLock::acquire(&config.base_dir)?;
     let started = std::time::Instant::now();
     let server = Arc::new(Server::new(config, mode));
     let s = server.clone();

@@ -1,5 +1,6 @@
 //! The per-job lock (`<job>/.lock`, flock): one writer per job at a time,
-//! across threads and processes alike.
+//! across threads and processes alike; and the store's lock: one server
+//! per base directory.
 
 use backy_common::{Error, ErrorKind, Result};
 use rustix::fs::FlockOperation;
@@ -47,5 +48,68 @@ impl JobLock {
             ))),
             Err(e) => Err(Error::io(format!("locking {}", path.display()), e.into())),
         }
+    }
+}
+
+/// Held by the serving process for its whole life: one server per store
+/// (`<base-dir>/.backy-server.lock`). Two servers on one store would each
+/// trust their own index and expire each other's revisions.
+#[derive(Debug)]
+pub struct StoreLock {
+    _file: File,
+}
+
+impl StoreLock {
+    /// Takes the store's lock and writes this process's id into it, or
+    /// fails at once naming the holder.
+    pub fn acquire(base: &Path) -> Result<Self> {
+        let path = base.join(".backy-server.lock");
+        let mut file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(super::durable::file_mode())
+            .open(&path)
+            .map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
+        match rustix::fs::flock(&file, FlockOperation::NonBlockingLockExclusive) {
+            Ok(()) => {
+                use std::io::Write;
+                let written = file
+                    .set_len(0)
+                    .and_then(|()| writeln!(file, "{}", std::process::id()));
+                written.map_err(|e| Error::io(format!("writing {}", path.display()), e))?;
+                Ok(StoreLock { _file: file })
+            }
+            Err(rustix::io::Errno::WOULDBLOCK) => {
+                let holder = std::fs::read_to_string(&path).unwrap_or_default();
+                Err(Error::busy(format!(
+                    "base-dir {} is in use by another backy-server (pid {}): one server per store",
+                    base.display(),
+                    holder.trim()
+                )))
+            }
+            Err(e) => Err(Error::io(format!("locking {}", path.display()), e.into())),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_server_per_store() {
+        let dir = tempfile::tempdir().unwrap();
+        let held = StoreLock::acquire(dir.path()).unwrap();
+        let e = StoreLock::acquire(dir.path()).unwrap_err();
+        assert_eq!(e.kind, ErrorKind::Busy);
+        assert!(
+            e.message.contains(&format!("in use by another backy-server (pid {})", std::process::id())),
+            "{}",
+            e.message
+        );
+        drop(held);
+        StoreLock::acquire(dir.path()).unwrap();
     }
 }
