@@ -105,7 +105,10 @@ mod tests {
         let e = StoreLock::acquire(dir.path()).unwrap_err();
         assert_eq!(e.kind, ErrorKind::Busy);
         assert!(
-            e.message.contains(&format!("in use by another backy-server (pid {})", std::process::id())),
+            e.message.contains(&format!(
+                "in use by another backy-server (pid {})",
+                std::process::id()
+            )),
             "{}",
             e.message
         );
