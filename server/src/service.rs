@@ -179,12 +179,7 @@ impl Backy for Service {
             });
         } else {
             let (job_name, spec) = (req.job.clone(), req.revision.clone());
-            let resolved = blocking(move || {
-                let job = server.job(&req.job)?;
-                let meta = crate::restore::resolve(&server, &job, &req.revision)?;
-                Ok((job, meta))
-            })
-            .await;
+            let resolved = resolve_one(server, req.job, req.revision).await;
             audit::result(&caller, "manifest", &job_name, &spec, &resolved);
             let (job, meta) = resolved?;
             let server = self.server.clone();
@@ -411,12 +406,7 @@ impl Backy for Service {
         let server = self.server.clone();
         let req = req.into_inner();
         let (job_name, spec) = (req.job.clone(), req.revision.clone());
-        let resolved = blocking(move || {
-            let job = server.job(&req.job)?;
-            let meta = crate::restore::resolve(&server, &job, &req.revision)?;
-            Ok((job, meta))
-        })
-        .await;
+        let resolved = resolve_one(server, req.job, req.revision).await;
         let (job, meta) = resolved.inspect_err(|e| {
             audit::record(
                 &caller,
@@ -658,6 +648,21 @@ fn apply(dry_run: bool) -> crate::revisions::Apply {
     } else {
         crate::revisions::Apply::Yes
     }
+}
+
+/// The job and the one revision `spec` names, resolved off the async
+/// workers (manifest and restore both start here).
+async fn resolve_one(
+    server: Arc<Server>,
+    job: String,
+    spec: String,
+) -> std::result::Result<(crate::storage::JobDir, backy_common::revision::RevisionMeta), Status> {
+    blocking(move || {
+        let job = server.job(&job)?;
+        let meta = crate::restore::resolve(&server, &job, &spec)?;
+        Ok((job, meta))
+    })
+    .await
 }
 
 /// Audits a request that changed (or, dry, would change) revisions: the

@@ -147,15 +147,23 @@ fn assert_sent(flow: &Flow) {
     assert!(flow.rev1_sent >= flow.data_bytes);
 }
 
-#[test]
-fn btrfs_push_change_push_restore_shares_extents() {
-    let fs = LoopFs::new("btrfs", 6 << 30);
+/// The spine on a fresh loop-mounted filesystem of `kind`: a 3 GiB image
+/// (plus an unaligned tail) with the store and the work files on it.
+fn spine_on(kind: &str) -> (LoopFs, Server, Flow) {
+    let fs = LoopFs::new(kind, 6 << 30);
     let base = fs.mount.join("backy");
     let work = fs.mount.join("work");
     std::fs::create_dir_all(&work).unwrap();
     let size = (3u64 << 30) + MIB + 4096 + 17;
     let (server, flow) = push_change_push_restore(&base, &work, size);
     assert_sent(&flow);
+    (fs, server, flow)
+}
+
+#[test]
+fn btrfs_push_change_push_restore_shares_extents() {
+    let (fs, server, flow) = spine_on("btrfs");
+    let base = fs.mount.join("backy");
 
     let revs = server.revisions("vm1");
     let rev1 = base.join("vm1").join(revs[0]["short_id"].as_str().unwrap());
@@ -233,13 +241,8 @@ fn shared_bytes(path: &Path) -> u64 {
 /// recommends: the second revision shares its unchanged extents too.
 #[test]
 fn xfs_push_change_push_restore_shares_extents() {
-    let fs = LoopFs::new("xfs", 6 << 30);
+    let (fs, server, flow) = spine_on("xfs");
     let base = fs.mount.join("backy");
-    let work = fs.mount.join("work");
-    std::fs::create_dir_all(&work).unwrap();
-    let size = (3u64 << 30) + MIB + 4096 + 17;
-    let (server, flow) = push_change_push_restore(&base, &work, size);
-    assert_sent(&flow);
     let revs = server.revisions("vm1");
     let rev2 = base.join("vm1").join(revs[1]["short_id"].as_str().unwrap());
     let shared = shared_bytes(&rev2);
