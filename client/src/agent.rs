@@ -111,7 +111,7 @@ async fn session(
 }
 
 async fn run_order(mut client: Client, order: &AgentOrder, jobs: &JobsConfig) -> AgentOutcome {
-    tracing::info!(job = order.job, tags = ?order.tags, "running ordered push");
+    tracing::info!(job = order.job, tags = %order.tags.join(","), "running ordered push");
     let result = async {
         let job = JobName::new(&order.job)?;
         let config = jobs.current();
@@ -138,7 +138,7 @@ async fn run_order(mut client: Client, order: &AgentOrder, jobs: &JobsConfig) ->
     .await;
     match result {
         Ok(Some(pushed)) => {
-            tracing::info!(job = order.job, rev = pushed.revision.short_id, "push committed");
+            tracing::info!(job = order.job, "push committed: {pushed}");
             AgentOutcome {
                 job: order.job.clone(),
                 ok: true,
@@ -146,12 +146,15 @@ async fn run_order(mut client: Client, order: &AgentOrder, jobs: &JobsConfig) ->
                 rev_id: pushed.revision.id,
             }
         }
-        Ok(None) => AgentOutcome {
-            job: order.job.clone(),
-            ok: true,
-            error: String::new(),
-            rev_id: String::new(),
-        },
+        Ok(None) => {
+            tracing::info!(job = order.job, "nothing to push: the job is not due");
+            AgentOutcome {
+                job: order.job.clone(),
+                ok: true,
+                error: String::new(),
+                rev_id: String::new(),
+            }
+        }
         Err(e) => {
             tracing::error!(job = order.job, "ordered push failed: {e}");
             AgentOutcome {

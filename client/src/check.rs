@@ -1,10 +1,15 @@
 //! `check`: a monitoring probe with Nagios plugin exit codes.
 
+use crate::status::human_secs;
 use backy_common::config::NO_SCHEDULE;
+use backy_common::units::count;
 use backy_proto::{JobStatus, JobSummary};
+use chrono::{DateTime, Utc};
+use serde::Serialize;
 
 /// Nagios plugin states, in increasing severity.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "UPPERCASE")]
 pub enum State {
     Ok = 0,
     Warning = 1,
@@ -32,6 +37,9 @@ pub struct JobHealth<'a> {
     pub distrusted: usize,
     pub sla_ok: bool,
     pub sla_overdue_secs: i64,
+    /// How old the newest trusted revision may get; 0 without a schedule.
+    pub sla_window_secs: u64,
+    pub newest_trusted: Option<DateTime<Utc>>,
     pub failures: u32,
 }
 
@@ -44,6 +52,13 @@ impl<'a> From<&'a JobStatus> for JobHealth<'a> {
             distrusted: j.revisions.iter().filter(|r| crate::view::distrusted(r)).count(),
             sla_ok: j.sla_ok,
             sla_overdue_secs: j.sla_overdue_secs,
+            sla_window_secs: j.sla_window_secs,
+            newest_trusted: j
+                .revisions
+                .iter()
+                .filter(|r| !crate::view::distrusted(r))
+                .filter_map(|r| r.timestamp.as_ref().and_then(backy_proto::datetime))
+                .max(),
             failures: j.failures,
         }
     }
@@ -58,64 +73,194 @@ impl<'a> From<&'a JobSummary> for JobHealth<'a> {
             distrusted: j.distrusted as usize,
             sla_ok: j.sla_ok,
             sla_overdue_secs: j.sla_overdue_secs,
+            sla_window_secs: j.sla_window_secs,
+            newest_trusted: j.newest_trusted.as_ref().and_then(backy_proto::datetime),
             failures: j.failures,
         }
     }
 }
 
-/// The state and one-line summary of some jobs: CRITICAL when a job is
-/// past its SLA (a job never backed up gets one SLA window from when the
-/// server first knew it); WARNING for distrusted revisions, failing pushes,
-/// and a job without schedule that was never backed up. Jobs without a
-/// schedule have no SLA: they are counted apart.
-pub fn evaluate(jobs: &[JobHealth]) -> (State, String) {
-    let mut state = State::Ok;
-    let mut problems = Vec::new();
-    let mut manual = 0;
-    for job in jobs {
-        // Older servers send an empty name for "no schedule".
-        if job.schedule == NO_SCHEDULE || job.schedule.is_empty() {
-            if job.revisions == 0 {
-                state = state.max(State::Warning);
-                problems.push(format!("{}: no schedule and never backed up", job.job));
-            } else {
-                manual += 1;
-            }
-        } else if !job.sla_ok {
-            state = state.max(State::Critical);
-            if job.revisions == 0 {
-                problems.push(format!("{}: no backup yet", job.job));
-            } else {
-                problems.push(format!(
-                    "{}: SLA violated, {}s overdue",
-                    job.job, job.sla_overdue_secs
-                ));
-            }
-        }
-        if job.distrusted > 0 {
-            state = state.max(State::Warning);
-            problems.push(format!("{}: {} distrusted revisions", job.job, job.distrusted));
-        }
-        if job.failures > 0 {
-            state = state.max(State::Warning);
-            problems.push(format!("{}: {} failed pushes in a row", job.job, job.failures));
-        }
-    }
+/// One job's verdict.
+#[derive(Debug, Serialize)]
+pub struct JobCheck {
+    pub job: String,
+    pub state: State,
+    /// Why the state is not OK, one reason per entry.
+    pub problems: Vec<String>,
+    /// Age of the newest trusted revision; `null` without one.
+    pub age_secs: Option<u64>,
+    /// The age at which the job turns CRITICAL; `null` without a schedule.
+    pub sla_window_secs: Option<u64>,
+    pub revisions: usize,
+    pub distrusted: usize,
+    pub failures: u32,
+}
+
+/// The verdict on some jobs: the worst state, a one-line summary, and each
+/// job's own verdict.
+#[derive(Debug, Serialize)]
+pub struct Report {
+    pub state: State,
+    /// The process exit status (Nagios plugin convention).
+    pub exit_code: u8,
+    pub summary: String,
+    pub jobs: Vec<JobCheck>,
+    /// Checked every job of a host (performance data as counts), not one.
+    #[serde(skip)]
+    pub host: bool,
+}
+
+/// CRITICAL when a job is past its SLA (a job never backed up gets one SLA
+/// window from when the server first knew it); WARNING for distrusted
+/// revisions, failing pushes, and a job without schedule that was never
+/// backed up. Jobs without a schedule have no SLA: they are counted apart.
+pub fn evaluate(jobs: &[JobHealth], now: DateTime<Utc>) -> Report {
+    let checks: Vec<JobCheck> = jobs.iter().map(|j| check_job(j, now)).collect();
+    let state = checks.iter().map(|c| c.state).max().unwrap_or(State::Ok);
+    let problems: Vec<&str> = checks
+        .iter()
+        .flat_map(|c| c.problems.iter().map(String::as_str))
+        .collect();
     let summary = if problems.is_empty() {
-        let scheduled = jobs.len() - manual;
-        let manual_jobs = format!(
-            "{manual} job{} without schedule (manual pushes only)",
-            if manual == 1 { "" } else { "s" }
-        );
+        let manual = checks.iter().filter(|c| c.sla_window_secs.is_none()).count() as u64;
+        let scheduled = checks.len() as u64 - manual;
+        let manual_jobs = format!("{} without schedule (manual pushes only)", count(manual, "job"));
         match (scheduled, manual) {
-            (_, 0) => format!("{scheduled} jobs, all within SLA"),
+            (_, 0) => format!("{}, all within SLA", count(scheduled, "job")),
             (0, _) => manual_jobs,
-            _ => format!("{scheduled} jobs, all within SLA; {manual_jobs}"),
+            _ => format!("{}, all within SLA; {manual_jobs}", count(scheduled, "job")),
         }
     } else {
         problems.join("; ")
     };
-    (state, format!("BACKY {}: {summary}", state.label()))
+    Report {
+        state,
+        exit_code: state as u8,
+        summary,
+        jobs: checks,
+        host: false,
+    }
+}
+
+/// [`evaluate`] of every job of a host: the performance data are counts
+/// whatever the number of jobs, so a graph keeps its labels.
+pub fn evaluate_host(jobs: &[JobHealth], now: DateTime<Utc>) -> Report {
+    Report {
+        host: true,
+        ..evaluate(jobs, now)
+    }
+}
+
+fn check_job(job: &JobHealth, now: DateTime<Utc>) -> JobCheck {
+    let mut state = State::Ok;
+    let mut problems = Vec::new();
+    // Older servers send an empty name for "no schedule".
+    let scheduled = !(job.schedule == NO_SCHEDULE || job.schedule.is_empty());
+    if !scheduled {
+        if job.revisions == 0 {
+            state = state.max(State::Warning);
+            problems.push(format!("{}: no schedule and never backed up", job.job));
+        }
+    } else if !job.sla_ok {
+        state = state.max(State::Critical);
+        if job.revisions == 0 {
+            problems.push(format!("{}: no backup yet", job.job));
+        } else if job.sla_overdue_secs > 0 {
+            problems.push(format!(
+                "{}: SLA violated, overdue {}",
+                job.job,
+                human_secs(job.sla_overdue_secs.unsigned_abs())
+            ));
+        } else {
+            problems.push(format!("{}: SLA violated, no trusted revision", job.job));
+        }
+    }
+    if job.distrusted > 0 {
+        state = state.max(State::Warning);
+        problems.push(format!(
+            "{}: {}",
+            job.job,
+            count(job.distrusted as u64, "distrusted revision")
+        ));
+    }
+    if job.failures > 0 {
+        state = state.max(State::Warning);
+        problems.push(format!(
+            "{}: {} in a row",
+            job.job,
+            count(u64::from(job.failures), "failed push")
+        ));
+    }
+    JobCheck {
+        job: job.job.to_string(),
+        state,
+        problems,
+        age_secs: job
+            .newest_trusted
+            .map(|t| (now - t).num_seconds().max(0).unsigned_abs()),
+        sla_window_secs: (scheduled && job.sla_window_secs > 0).then_some(job.sla_window_secs),
+        revisions: job.revisions,
+        distrusted: job.distrusted,
+        failures: job.failures,
+    }
+}
+
+impl Report {
+    /// The plugin's output line: `BACKY STATE: summary | perfdata`.
+    pub fn line(&self) -> String {
+        format!(
+            "BACKY {}: {} | {}",
+            self.state.label(),
+            self.summary,
+            self.perfdata()
+        )
+    }
+
+    /// Nagios performance data. One job: the age of its newest trusted
+    /// revision with the SLA window as the critical threshold (`U` when
+    /// there is none), its revisions and failures. Several: counts by
+    /// state, and the oldest newest-trusted-revision among them.
+    pub fn perfdata(&self) -> String {
+        let age = |c: &JobCheck| match c.age_secs {
+            Some(a) => format!("{a}s"),
+            None => "U".to_string(),
+        };
+        if let (false, [one]) = (self.host, &self.jobs[..]) {
+            let crit = one.sla_window_secs.map(|w| w.to_string()).unwrap_or_default();
+            return format!(
+                "age={};;{crit};0; revisions={};;;0; failures={};;;0;",
+                age(one),
+                one.revisions,
+                one.failures
+            );
+        }
+        let by = |s: State| self.jobs.iter().filter(|c| c.state == s).count();
+        let oldest = self
+            .jobs
+            .iter()
+            .filter(|c| c.sla_window_secs.is_some())
+            .filter_map(|c| c.age_secs)
+            .max()
+            .map_or("U".to_string(), |a| format!("{a}s"));
+        format!(
+            "jobs={} ok={} warning={} critical={} oldest_age={oldest};;;0;",
+            self.jobs.len(),
+            by(State::Ok),
+            by(State::Warning),
+            by(State::Critical)
+        )
+    }
+}
+
+/// `check --json` when the server could not be asked.
+pub fn unknown(reason: &str) -> Report {
+    Report {
+        state: State::Unknown,
+        exit_code: State::Unknown as u8,
+        summary: reason.to_string(),
+        jobs: Vec::new(),
+        host: false,
+    }
 }
 
 #[cfg(test)]
@@ -133,13 +278,22 @@ mod tests {
             job: name.into(),
             schedule: "default".into(),
             sla_ok,
+            sla_overdue_secs: if sla_ok { 0 } else { 3600 },
+            sla_window_secs: 129600,
             failures,
             revisions: vec![RevisionInfo {
                 trust: trust as i32,
+                timestamp: Some(backy_proto::timestamp(&(now() - chrono::Duration::hours(2)))),
                 ..Default::default()
             }],
             ..Default::default()
         }
+    }
+
+    fn now() -> DateTime<Utc> {
+        DateTime::parse_from_rfc3339("2026-12-02T12:00:00Z")
+            .unwrap()
+            .with_timezone(&Utc)
     }
 
     #[test]
@@ -148,29 +302,69 @@ mod tests {
             (
                 vec![job("a", true, 0, "trusted")],
                 State::Ok,
-                "1 jobs, all within SLA",
+                "1 job, all within SLA",
+            ),
+            (
+                vec![job("a", true, 0, "trusted"), job("b", true, 0, "trusted")],
+                State::Ok,
+                "2 jobs, all within SLA",
             ),
             (
                 vec![job("a", true, 2, "verified")],
                 State::Warning,
-                "a: 2 failed pushes",
+                "a: 2 failed pushes in a row",
+            ),
+            (
+                vec![job("a", true, 1, "verified")],
+                State::Warning,
+                "a: 1 failed push in a row",
             ),
             (
                 vec![job("a", true, 0, "distrusted")],
                 State::Warning,
-                "a: 1 distrusted",
+                "a: 1 distrusted revision",
             ),
             (
                 vec![job("a", true, 1, "trusted"), job("b", false, 0, "trusted")],
                 State::Critical,
-                "b: SLA violated",
+                "b: SLA violated, overdue 1h",
             ),
         ];
         for (jobs, want, text) in cases {
             let health: Vec<JobHealth> = jobs.iter().map(JobHealth::from).collect();
-            let (state, line) = evaluate(&health);
-            assert_eq!(state, want, "{line}");
-            assert!(line.contains(text), "{line}");
+            let report = evaluate(&health, now());
+            assert_eq!(report.state, want, "{}", report.line());
+            assert_eq!(report.exit_code, want as u8);
+            assert!(report.line().contains(text), "{}", report.line());
         }
+    }
+
+    #[test]
+    fn perfdata_of_one_job_and_of_many() {
+        let one = [job("a", true, 0, "trusted")];
+        let health: Vec<JobHealth> = one.iter().map(JobHealth::from).collect();
+        assert_eq!(
+            evaluate(&health, now()).line(),
+            "BACKY OK: 1 job, all within SLA | age=7200s;;129600;0; revisions=1;;;0; failures=0;;;0;"
+        );
+        assert!(evaluate_host(&health, now())
+            .line()
+            .ends_with("| jobs=1 ok=1 warning=0 critical=0 oldest_age=7200s;;;0;"));
+        let two = [job("a", true, 0, "trusted"), job("b", false, 1, "distrusted")];
+        let health: Vec<JobHealth> = two.iter().map(JobHealth::from).collect();
+        let report = evaluate_host(&health, now());
+        assert!(
+            report
+                .line()
+                .ends_with("| jobs=2 ok=1 warning=0 critical=1 oldest_age=7200s;;;0;"),
+            "{}",
+            report.line()
+        );
+        let v = serde_json::to_value(&report).unwrap();
+        assert_eq!(v["state"], "CRITICAL");
+        assert_eq!(v["exit_code"], 2);
+        assert_eq!(v["jobs"][1]["state"], "CRITICAL");
+        assert!(v["jobs"][1]["age_secs"].is_null(), "{v}");
+        assert_eq!(v["jobs"][0]["sla_window_secs"], 129600);
     }
 }

@@ -147,13 +147,39 @@ pub fn check_url(url: &str) -> Result<bool> {
     Ok(https)
 }
 
+/// How long connecting may take, TCP and TLS handshakes and the version
+/// exchange together, unless `--timeout` says otherwise.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(15);
+
 /// Connects eagerly, so an unreachable server (or a certificate that does
-/// not verify) is reported as such before any work starts.
+/// not verify) is reported as such before any work starts; within
+/// [`DEFAULT_TIMEOUT`].
 pub async fn connect_with(url: &str, creds: &Credentials) -> Result<Client> {
+    connect_within(url, creds, DEFAULT_TIMEOUT).await
+}
+
+/// [`connect_with`] within `timeout`: a host that accepts the connection
+/// but never answers (a hung server, a wrong port) fails after `timeout`
+/// with the URL named, instead of waiting for HTTP/2 keepalives to give up.
+/// Streams that follow are not bounded by it (a restore may take hours);
+/// keepalives notice a peer that dies during one.
+pub async fn connect_within(url: &str, creds: &Credentials, timeout: Duration) -> Result<Client> {
+    tokio::time::timeout(timeout, connect_now(url, creds, timeout))
+        .await
+        .map_err(|_| {
+            Error::unavailable(format!(
+                "no answer from {url} within {} s: is backy-server running and listening there? \
+                 (--timeout SECS waits longer)",
+                timeout.as_secs_f64()
+            ))
+        })?
+}
+
+async fn connect_now(url: &str, creds: &Credentials, timeout: Duration) -> Result<Client> {
     let https = check_url(url)?;
     let mut endpoint = Endpoint::from_shared(url.to_string())
         .map_err(|e| Error::invalid(format!("bad server URL {url:?}: {}", chain(&e))))?
-        .connect_timeout(Duration::from_secs(10))
+        .connect_timeout(timeout)
         .tcp_nodelay(true)
         // Windows of several 1 MiB frames, so a stream never waits for the
         // peer's window update between two frames; larger HTTP/2 frames

@@ -1,7 +1,10 @@
 //! `backy-client`: the command line. Parses arguments, sets up logging and
 //! the runtime, runs one command, and turns its outcome into output and an
-//! exit status (0 success, 1 error with a one-line reason on stderr).
+//! exit status: 0 success, 1 error with a one-line reason on stderr (a JSON
+//! document with --json), 2 bad arguments; `check` exits with Nagios
+//! states (3 UNKNOWN for bad arguments or a server it cannot ask).
 
+use backy_client::output::{self, Failure};
 use backy_client::{
     agent, check, connect, progress, push, restore, revisions, settings, source_check, status, summary,
 };
@@ -10,7 +13,7 @@ use anyhow::Context;
 use backy_common::JobName;
 use clap::{Args, Parser, Subcommand};
 use serde::Serialize;
-use std::io::{IsTerminal, Write};
+use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -90,11 +93,34 @@ struct Cli {
     )]
     key: Option<PathBuf>,
 
-    /// Print results as JSON
+    /// Print results as JSON (docs/json.md; failures as JSON on stderr)
     #[arg(long, global = true, help_heading = "Global options")]
     json: bool,
 
-    /// Log more to stderr (-v info, -vv debug, -vvv everything)
+    /// Print nothing on success, warnings neither: only errors, on stderr
+    /// (for cron, which mails any output)
+    #[arg(
+        short,
+        long,
+        global = true,
+        conflicts_with = "verbose",
+        help_heading = "Global options"
+    )]
+    quiet: bool,
+
+    /// Seconds to wait for the server to answer when connecting
+    #[arg(
+        long,
+        value_name = "SECS",
+        global = true,
+        default_value_t = connect::DEFAULT_TIMEOUT.as_secs(),
+        value_parser = clap::value_parser!(u64).range(1..=3600),
+        help_heading = "Global options"
+    )]
+    timeout: u64,
+
+    /// Log more to stderr, one level per v (warnings, then info, debug,
+    /// trace; the agent starts at info); RUST_LOG overrides
     #[arg(short, long, action = clap::ArgAction::Count, global = true, help_heading = "Global options")]
     verbose: u8,
 
@@ -110,9 +136,20 @@ enum Command {
     Verify(VerifyCmd),
     /// Mark revisions distrusted by hand: never a parent again (the next
     /// push is a full one) until a clean verify restores trust
+    #[command(after_help = "\
+Examples:
+  backy-client distrust vm1 -r latest     never use it as a parent again
+  backy-client distrust vm1 -r all --dry-run
+                                          what would be marked
+  backy-client verify vm1 -r latest       a clean verify trusts it again")]
     Distrust(RevisionsCmd),
     Tags(TagsCmd),
     /// Remove revisions and all their files from the server
+    #[command(after_help = "\
+Examples:
+  backy-client forget vm1 -r 3xKq9v --dry-run
+                                          what would be deleted
+  backy-client forget vm1 -r 3xKq9v       delete it from the server")]
     Forget(RevisionsCmd),
     Check(CheckCmd),
     Agent(AgentCmd),
@@ -150,12 +187,6 @@ struct VerifyCmd {
 
 /// Name revisions of a job (distrust, forget).
 #[derive(Args, Debug)]
-#[command(after_help = "\
-Examples:
-  backy-client distrust vm1 -r latest     never use it as a parent again
-  backy-client forget vm1 -r 3xKq9v --dry-run
-                                          what would be deleted
-  backy-client forget vm1 -r 3xKq9v       delete it from the server")]
 struct RevisionsCmd {
     /// Job name
     #[arg(value_name = "JOB", value_parser = parse_job)]
@@ -214,11 +245,17 @@ shortest interval, or when a job never backed up is past that window since
 the server first knew it; WARNING for distrusted revisions, failing pushes
 (wherever they failed) and a job without schedule that has no revision;
 UNKNOWN when the server cannot be asked. Jobs with schedule: none have no
-SLA and are counted apart.
+SLA and are counted apart. Bad arguments are UNKNOWN too.
+
+The line ends in performance data: for one job `age` (of its newest trusted
+revision, with the SLA window as critical threshold), `revisions` and
+`failures`; for several, counts by state and `oldest_age`. --json prints the
+verdict per job instead (docs/json.md).
 
 Examples:
   backy-client check
-  backy-client check vm1")]
+  backy-client check vm1
+  backy-client check --json")]
 struct CheckCmd {
     /// Job name [default: all jobs]
     #[arg(value_name = "JOB", value_parser = parse_job)]
@@ -284,7 +321,8 @@ struct PushCmd {
     changed_ranges: Option<PathBuf>,
 }
 
-/// Restore a revision to a file or block device, verified as it streams.
+/// Restore a revision to a file, block device, RBD image or standard
+/// output, verified as it streams.
 #[derive(Args, Debug)]
 #[command(after_help = "\
 A file target is written sparse under a temporary name and renamed when
@@ -292,7 +330,10 @@ complete; an existing non-empty file is replaced only with --force. A block
 device is written in place (every byte, zeros too), opened exclusively (a
 mounted or otherwise used device is refused), and overwritten only with
 --force when it holds data. A path under /dev that does not exist is an
-error, never a new file.
+error, never a new file. A replaced file keeps its owner, group and mode.
+With - the image goes to standard output, every byte in order (never to a
+terminal); the result line goes to stderr. A failure there leaves the
+output short and exits 1: check the exit status (set -o pipefail).
 
 Revision specs: latest (default), N (0 = newest), a tag (newest with it),
 a revision id or a unique prefix of one.
@@ -300,7 +341,9 @@ a revision id or a unique prefix of one.
 Examples:
   backy-client restore vm1 /var/tmp/vm1.img
   backy-client restore vm1 -r 1 /var/tmp/vm1-yesterday.img
-  backy-client restore vm1 -r weekly /dev/vg/vm1 --force")]
+  backy-client restore vm1 -r weekly /dev/vg/vm1 --force
+  backy-client restore vm1 - | ssh hv02 'dd of=/var/lib/vms/vm1.img bs=4M'
+  backy-client restore vm1 - | qemu-img convert -O qcow2 /dev/stdin vm1.qcow2")]
 struct RestoreCmd {
     /// Job name
     #[arg(value_name = "JOB", value_parser = parse_job)]
@@ -310,7 +353,7 @@ struct RestoreCmd {
     #[arg(short, long, value_name = "SPEC", default_value = "latest")]
     revision: String,
 
-    /// File, block device or rbd:POOL/IMAGE to write
+    /// File, block device, rbd:POOL/IMAGE, or - for standard output
     #[arg(value_name = "TARGET")]
     target: PathBuf,
 
@@ -342,53 +385,99 @@ fn parse_job(s: &str) -> Result<JobName, String> {
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
-        Err(e) => {
-            // --help and --version are not errors; usage errors exit 1 like
-            // every other error.
-            let _ = e.print();
-            return if e.use_stderr() {
-                ExitCode::FAILURE
-            } else {
-                ExitCode::SUCCESS
-            };
-        }
+        Err(e) => return usage_error(&e),
     };
-    init_logging(cli.verbose);
-    let is_check = matches!(cli.command, Command::Check(_));
+    backy_common::logging::init(backy_common::logging::Verbosity {
+        // The agent is a service: what it does is worth a line each.
+        default: if matches!(cli.command, Command::Agent(_)) {
+            tracing::Level::INFO
+        } else {
+            tracing::Level::WARN
+        },
+        verbose: cli.verbose,
+        quiet: cli.quiet,
+    });
+    let (is_check, json) = (matches!(cli.command, Command::Check(_)), cli.json);
     match run(cli) {
         Ok(code) => ExitCode::from(code),
-        Err(e) if is_check => {
-            // A monitoring probe that cannot ask is UNKNOWN, not an error.
-            let reason = format!("{e:#}");
-            println!(
-                "BACKY UNKNOWN: {}",
-                reason.split_whitespace().collect::<Vec<_>>().join(" ")
-            );
-            ExitCode::from(check::State::Unknown as u8)
-        }
         Err(e) => {
-            let reason = format!("{e:#}");
-            eprintln!(
-                "backy-client: error: {}",
-                reason.split_whitespace().collect::<Vec<_>>().join(" ")
-            );
+            let message = output::one_line(&format!("{e:#}"));
+            let error = e.chain().find_map(|c| c.downcast_ref::<backy_common::Error>());
+            if is_check {
+                // A monitoring probe that cannot ask is UNKNOWN, not an error.
+                let report = check::unknown(&message);
+                let _ = if json {
+                    print_json(&report)
+                } else {
+                    print_out(&format!("BACKY UNKNOWN: {message}\n"))
+                };
+                return ExitCode::from(check::State::Unknown as u8);
+            }
+            if json {
+                eprintln!("{}", Failure::new(error, message).to_json());
+            } else {
+                eprintln!("backy-client: error: {message}");
+            }
             ExitCode::FAILURE
         }
     }
 }
 
-fn init_logging(verbose: u8) {
-    let filter = match verbose {
-        0 => "warn",
-        1 => "warn,backy_client=info",
-        2 => "info,backy_client=debug",
-        _ => "trace",
+/// Bad arguments: clap's message (or a JSON failure with --json) and exit
+/// 2, or 3 (UNKNOWN) for `check`, whose callers read exit codes as states.
+/// --help and --version are not errors.
+fn usage_error(e: &clap::Error) -> ExitCode {
+    if !e.use_stderr() {
+        let _ = e.print();
+        return ExitCode::SUCCESS;
+    }
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.iter().any(|a| a == "--json") {
+        // clap's reason comes first (sometimes over several lines), then a
+        // blank line, usage and hints.
+        let text = e.to_string();
+        let reason: Vec<&str> = text
+            .lines()
+            .take_while(|l| !l.trim().is_empty() && !l.starts_with("Usage:"))
+            .collect();
+        let message = output::one_line(reason.join(" ").trim_start_matches("error: "));
+        eprintln!("{}", Failure::usage(message).to_json());
+    } else {
+        let _ = e.print();
+    }
+    if subcommand_of(&args).as_deref() == Some("check") {
+        ExitCode::from(check::State::Unknown as u8)
+    } else {
+        ExitCode::from(2)
+    }
+}
+
+/// The subcommand named on a command line that did not parse: the first
+/// word that is neither an option nor the value of a global option.
+fn subcommand_of(args: &[String]) -> Option<String> {
+    use clap::CommandFactory;
+    let command = Cli::command();
+    let takes_value = |name: &str| {
+        command.get_arguments().any(|a| {
+            a.get_action().takes_values()
+                && (a.get_long() == Some(name) || name.len() == 1 && a.get_short() == name.chars().next())
+        })
     };
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
+    let mut words = args.iter();
+    while let Some(word) = words.next() {
+        if let Some(long) = word.strip_prefix("--") {
+            if !long.contains('=') && takes_value(long) {
+                words.next();
+            }
+        } else if let Some(short) = word.strip_prefix('-').filter(|s| s.len() == 1) {
+            if takes_value(short) {
+                words.next();
+            }
+        } else if !word.starts_with('-') {
+            return Some(word.clone());
+        }
+    }
+    None
 }
 
 fn run(cli: Cli) -> anyhow::Result<u8> {
@@ -449,8 +538,11 @@ async fn dispatch(
         agent::run(url, creds, &name, cmd.workers, jobs).await?;
         return Ok(0);
     }
-    let progress = progress::Terminal::if_wanted(cli.json);
-    let mut client = connect::connect_with(url, creds).await?;
+    let progress = progress::Terminal::if_wanted(cli.json || cli.quiet);
+    let timeout = std::time::Duration::from_secs(cli.timeout);
+    let mut client = connect::connect_within(url, creds, timeout).await?;
+    // A command's result, unless --quiet.
+    let result = |value: &dyn Reported| if cli.quiet { Ok(()) } else { value.print(cli.json) };
     match &cli.command {
         Command::Push(cmd) => {
             let args = push::PushArgs {
@@ -466,7 +558,7 @@ async fn dispatch(
             };
             // Not due: nothing to say (exit silently, as the original did).
             if let Some(pushed) = push::push(&mut client, &args, &*progress).await? {
-                print_result(cli.json, &pushed)?;
+                result(&pushed)?;
             }
         }
         Command::Restore(cmd) => {
@@ -477,14 +569,26 @@ async fn dispatch(
                 force: cmd.force,
             };
             let restored = restore::restore(&mut client, &args, &*progress).await?;
-            print_result(cli.json, &restored)?;
+            if args.target.as_os_str() == restore::STDOUT {
+                // Stdout carries the image: the report goes to stderr.
+                if !cli.quiet {
+                    let text = if cli.json {
+                        output::document(&restored).context("encoding JSON")?
+                    } else {
+                        format!("{restored}\n")
+                    };
+                    eprint!("{text}");
+                }
+            } else {
+                result(&restored)?;
+            }
         }
         Command::Status(StatusCmd { job: Some(job) }) => {
             let reply = status::fetch(&mut client, Some(job)).await?;
             if cli.json {
                 print_json(&status::StatusView::from(&reply))?;
             } else {
-                print_out(&status::format_status(&reply))?;
+                print_out(&status::format_status(&reply, chrono::Utc::now()))?;
             }
         }
         Command::Status(StatusCmd { job: None }) => {
@@ -492,7 +596,7 @@ async fn dispatch(
             if cli.json {
                 print_json(&summary::SummariesView::from(&jobs[..]))?;
             } else {
-                print_out(&summary::format_summaries(&jobs))?;
+                print_out(&summary::format_summaries(&jobs, chrono::Utc::now()))?;
             }
         }
         Command::Verify(VerifyCmd {
@@ -504,25 +608,25 @@ async fn dispatch(
             let cli_source = (!source.is_empty()).then_some(source.as_str());
             let spec = push::source_spec(job.as_str(), cli_source, config.source_of(job), &config_name)?;
             let compared = source_check::compare(&mut client, job, revision, spec, *sample).await?;
-            print_result(cli.json, &compared)?;
+            result(&compared)?;
             if !compared.equal() {
                 return Ok(1);
             }
         }
         Command::Verify(cmd) => {
             let verified = revisions::verify(&mut client, &cmd.job, &cmd.revision).await?;
-            print_result(cli.json, &verified)?;
+            result(&verified)?;
             if !verified.all_ok() {
                 return Ok(1);
             }
         }
         Command::Distrust(cmd) => {
             let changed = revisions::distrust(&mut client, &cmd.job, &cmd.revision, cmd.dry_run).await?;
-            print_result(cli.json, &changed)?;
+            result(&changed)?;
         }
         Command::Forget(cmd) => {
             let changed = revisions::forget(&mut client, &cmd.job, &cmd.revision, cmd.dry_run).await?;
-            print_result(cli.json, &changed)?;
+            result(&changed)?;
         }
         Command::Tags(cmd) => {
             let options = revisions::ChangeOptions {
@@ -538,40 +642,51 @@ async fn dispatch(
                 options,
             )
             .await?;
-            print_result(cli.json, &changed)?;
+            result(&changed)?;
         }
         Command::Check(CheckCmd { job: Some(job) }) => {
             let reply = status::fetch(&mut client, Some(job)).await?;
             let health: Vec<check::JobHealth> = reply.jobs.iter().map(check::JobHealth::from).collect();
-            let (state, line) = check::evaluate(&health);
-            print_out(&format!("{line}\n"))?;
-            return Ok(state as u8);
+            return print_check(cli.json, &check::evaluate(&health, chrono::Utc::now()));
         }
         Command::Check(CheckCmd { job: None }) => {
             let jobs = summary::fetch_all(&mut client).await?;
             let health: Vec<check::JobHealth> = jobs.iter().map(check::JobHealth::from).collect();
-            let (state, line) = check::evaluate(&health);
-            print_out(&format!("{line}\n"))?;
-            return Ok(state as u8);
+            return print_check(cli.json, &check::evaluate_host(&health, chrono::Utc::now()));
         }
         Command::Agent(_) => anyhow::bail!("internal error: the agent is not run over a shared connection"),
     }
     Ok(0)
 }
 
-/// A command's one-line result, or its JSON.
-fn print_result<T: Serialize + std::fmt::Display>(json: bool, value: &T) -> anyhow::Result<()> {
-    if json {
-        print_json(value)
-    } else {
-        print_out(&format!("{value}\n"))
+/// A command's result: one line (or a few) for people, a JSON document
+/// for programs.
+trait Reported {
+    fn print(&self, json: bool) -> anyhow::Result<()>;
+}
+
+impl<T: Serialize + std::fmt::Display> Reported for T {
+    fn print(&self, json: bool) -> anyhow::Result<()> {
+        if json {
+            print_json(self)
+        } else {
+            print_out(&format!("{self}\n"))
+        }
     }
 }
 
+/// The check's line or document; its state is the exit status.
+fn print_check(json: bool, report: &check::Report) -> anyhow::Result<u8> {
+    if json {
+        print_json(report)?;
+    } else {
+        print_out(&format!("{}\n", report.line()))?;
+    }
+    Ok(report.exit_code)
+}
+
 fn print_json<T: Serialize>(value: &T) -> anyhow::Result<()> {
-    let mut text = serde_json::to_string_pretty(value).context("encoding JSON")?;
-    text.push('\n');
-    print_out(&text)
+    print_out(&output::document(value).context("encoding JSON")?)
 }
 
 /// Writes to stdout; a reader that went away (`| head`) is not an error.

@@ -78,7 +78,7 @@ impl fmt::Display for Pushed {
             f,
             "{}: revision {} committed, {} image, {} sent in {:.1} s",
             self.job,
-            self.revision.short_id,
+            self.revision.id,
             format_bytes(self.revision.size),
             format_bytes(self.bytes_sent),
             self.duration_secs
@@ -88,8 +88,11 @@ impl fmt::Display for Pushed {
         }
         match self.expired.len() {
             0 => Ok(()),
-            1 => write!(f, ", 1 old revision expired"),
-            n => write!(f, ", {n} old revisions expired"),
+            n => write!(
+                f,
+                ", {} expired",
+                backy_common::units::count(n as u64, "old revision")
+            ),
         }
     }
 }
@@ -264,7 +267,11 @@ async fn push_planned(
         bytes_read: scanned.bytes_read,
         bytes_sent: scanned.bytes_sent,
         duration_secs: started.elapsed().as_secs_f64(),
-        expired: reply.expired,
+        expired: reply
+            .expired
+            .iter()
+            .map(|id| crate::view::revision_id(id))
+            .collect(),
         resumed_at: resume.then_some(plan.resume_checkpoint),
     })
 }

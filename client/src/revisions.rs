@@ -51,7 +51,7 @@ impl fmt::Display for Changed {
                 "{}: {} {} (tags: {}, {})",
                 self.job,
                 action,
-                r.short_id,
+                r.id,
                 r.tags.join(","),
                 r.trust
             )?;
@@ -179,10 +179,10 @@ impl fmt::Display for Verified {
                 )?,
                 (None, false) => write!(
                     f,
-                    "{}: {}: DAMAGED: {} blocks do not match the manifest (offsets {:?}), now {}",
+                    "{}: {}: DAMAGED: {} do not match the manifest (offsets {:?}), now {}",
                     self.job,
                     r.revision,
-                    r.bad_blocks.len(),
+                    backy_common::units::count(r.bad_blocks.len() as u64, "block"),
                     r.bad_blocks,
                     r.trust
                 )?,

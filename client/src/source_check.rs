@@ -35,11 +35,12 @@ impl SourceCompared {
 impl fmt::Display for SourceCompared {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let of = if self.blocks_compared == self.blocks_total {
-            format!("all {} blocks", self.blocks_total)
+            format!("all {}", backy_common::units::count(self.blocks_total, "block"))
         } else {
             format!(
-                "{} of {} blocks (sampled)",
-                self.blocks_compared, self.blocks_total
+                "{} of {} (sampled)",
+                self.blocks_compared,
+                backy_common::units::count(self.blocks_total, "block")
             )
         };
         if self.equal() {

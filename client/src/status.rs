@@ -7,6 +7,7 @@ use backy_common::config::NO_SCHEDULE;
 use backy_common::units::format_bytes;
 use backy_common::{JobName, Result};
 use backy_proto::{JobStatus, RevisionInfo, StatusReply, StatusRequest};
+use chrono::{DateTime, Utc};
 use serde::Serialize;
 use std::fmt::Write;
 
@@ -17,14 +18,14 @@ pub async fn fetch(client: &mut Client, job: Option<&JobName>) -> Result<StatusR
     Ok(client.status(request).await.map_err(status_error)?.into_inner())
 }
 
-/// The table, per job.
-pub fn format_status(reply: &StatusReply) -> String {
+/// The table, per job; ages relative to `now`.
+pub fn format_status(reply: &StatusReply, now: DateTime<Utc>) -> String {
     let mut out = String::new();
     for (i, job) in reply.jobs.iter().enumerate() {
         if i > 0 {
             out.push('\n');
         }
-        format_job(&mut out, job);
+        format_job(&mut out, job, now);
     }
     if reply.jobs.is_empty() {
         out.push_str("no jobs\n");
@@ -32,13 +33,13 @@ pub fn format_status(reply: &StatusReply) -> String {
     out
 }
 
-fn format_job(out: &mut String, job: &JobStatus) {
+fn format_job(out: &mut String, job: &JobStatus, now: DateTime<Utc>) {
     let _ = writeln!(out, "== {} (storage: {})", job.job, storage_name(job.storage));
     if job.storage() == backy_proto::StorageMode::Copy {
         out.push_str("storage: copy, not CoW (filesystem without reflink)\n");
     }
     let header = ["Date (UTC)", "ID", "Size", "Sent", "Duration", "Tags", "Trust"];
-    let rows: Vec<[String; 7]> = job.revisions.iter().map(row).collect();
+    let rows: Vec<[String; 7]> = job.revisions.iter().map(|r| row(r, now)).collect();
     table(out, &header, &rows);
     if rows.is_empty() {
         out.push_str("(no revisions)\n");
@@ -46,9 +47,8 @@ fn format_job(out: &mut String, job: &JobStatus) {
     out.push_str("== Summary\n");
     let _ = writeln!(
         out,
-        "{} revision{}, {} data (estimated: bytes written), {} allocated",
-        rows.len(),
-        if rows.len() == 1 { "" } else { "s" },
+        "{}, {} data (estimated: bytes written), {} allocated",
+        backy_common::units::count(rows.len() as u64, "revision"),
         format_bytes(data_bytes(job)),
         format_bytes(job.allocated_bytes)
     );
@@ -63,35 +63,37 @@ fn format_job(out: &mut String, job: &JobStatus) {
             out.push_str("SLA: OK\n");
         } else if job.revisions.is_empty() {
             out.push_str("SLA: TOO OLD (no revisions yet)\n");
+        } else if job.sla_overdue_secs <= 0 {
+            out.push_str("SLA: TOO OLD (no trusted revision)\n");
         } else {
-            let overdue = u64::try_from(job.sla_overdue_secs).unwrap_or(0);
+            let overdue = job.sla_overdue_secs.unsigned_abs();
             let _ = writeln!(out, "SLA: TOO OLD (overdue {})", human_secs(overdue));
         }
         if job.next_due.is_some() {
             let _ = writeln!(
                 out,
                 "next: {} ({})",
-                utc_time(&job.next_due),
+                utc_time(&job.next_due, now),
                 job.next_tags.join(",")
             );
         }
     }
     if job.failures > 0 {
-        let _ = writeln!(out, "failures: {} in a row", job.failures);
+        let _ = writeln!(
+            out,
+            "{} in a row",
+            backy_common::units::count(u64::from(job.failures), "failure")
+        );
     }
     if !job.last_error.is_empty() {
         let _ = writeln!(out, "last error: {}", job.last_error);
     }
 }
 
-fn row(r: &RevisionInfo) -> [String; 7] {
+fn row(r: &RevisionInfo, now: DateTime<Utc>) -> [String; 7] {
     [
-        utc_time(&r.timestamp),
-        if r.short_id.is_empty() {
-            r.id.clone()
-        } else {
-            r.short_id.clone()
-        },
+        utc_time(&r.timestamp, now),
+        crate::view::short_id(r).into_owned(),
         format_bytes(r.size),
         format_bytes(r.bytes_received),
         format!("{:.0}s", r.duration_secs),
@@ -126,13 +128,32 @@ pub(crate) fn table<const N: usize>(out: &mut String, header: &[&str; N], rows: 
     }
 }
 
-/// `2026-11-28 10:07:51` from RFC 3339; unparsable text as it came.
-/// A wire time as status shows it, UTC; `unknown` when absent.
-pub(crate) fn utc_time(t: &Option<backy_proto::prost_types::Timestamp>) -> String {
-    t.as_ref()
-        .and_then(backy_proto::datetime)
-        .map(|t| t.format("%Y-%m-%d %H:%M:%S").to_string())
-        .unwrap_or_else(|| "unknown".to_string())
+/// A wire time as status shows it, UTC, with how long ago it was (or how
+/// soon it will be) beside it: `2026-11-28 10:07:51 (2d 4h ago)`;
+/// `unknown` when absent.
+pub(crate) fn utc_time(t: &Option<backy_proto::prost_types::Timestamp>, now: DateTime<Utc>) -> String {
+    let Some(t) = t.as_ref().and_then(backy_proto::datetime) else {
+        return "unknown".to_string();
+    };
+    let date = t.format("%Y-%m-%d %H:%M:%S");
+    let secs = (now - t).num_seconds();
+    if secs >= 0 {
+        format!("{date} ({} ago)", human_secs(secs.unsigned_abs()))
+    } else {
+        format!("{date} (in {})", human_secs(secs.unsigned_abs()))
+    }
+}
+
+/// Seconds overdue as `--json` shows them: 0 within the SLA, `null` for a
+/// job without schedule and for a broken SLA with no deadline to count
+/// from (no trusted revision yet), so a positive number always goes with
+/// `sla_ok: false` and 0 with `true`.
+pub(crate) fn overdue_json(scheduled: bool, sla_ok: bool, overdue: i64) -> Option<i64> {
+    match (scheduled, sla_ok) {
+        (false, _) => None,
+        (true, true) => Some(0),
+        (true, false) => (overdue > 0).then_some(overdue),
+    }
 }
 
 /// `45s`, `12m`, `3h`, `2d 4h`: the two largest units.
@@ -182,6 +203,8 @@ pub struct JobView {
     pub schedule: Option<String>,
     pub sla_ok: Option<bool>,
     pub sla_overdue_secs: Option<i64>,
+    /// How old the newest trusted revision may get before the SLA breaks.
+    pub sla_window_secs: Option<u64>,
     pub next_due: Option<String>,
     pub next_tags: Vec<String>,
     pub failures: u32,
@@ -215,7 +238,8 @@ impl From<&JobStatus> for JobView {
             running: j.running,
             schedule: non_empty(&j.schedule),
             sla_ok: scheduled.then_some(j.sla_ok),
-            sla_overdue_secs: scheduled.then_some(j.sla_overdue_secs),
+            sla_overdue_secs: overdue_json(scheduled, j.sla_ok, j.sla_overdue_secs),
+            sla_window_secs: (scheduled && j.sla_window_secs > 0).then_some(j.sla_window_secs),
             next_due: rfc3339(&j.next_due),
             next_tags: j.next_tags.clone(),
             failures: j.failures,
@@ -297,13 +321,19 @@ mod tests {
         }
     }
 
+    fn now() -> DateTime<Utc> {
+        DateTime::parse_from_rfc3339("2026-11-29T12:00:00Z")
+            .unwrap()
+            .with_timezone(&Utc)
+    }
+
     #[test]
     fn table_text() {
         let want = "\
 == vm1 (storage: reflink)
-Date (UTC)           ID     Size       Sent       Duration  Tags          Trust
-2026-11-28 10:07:51  3xkM1  20.00 GiB  20.00 GiB  252s      daily,weekly  trusted
-2026-11-29 10:07:51  4abc2  20.00 GiB  20.00 MiB  3s        daily         trusted
+Date (UTC)                        ID     Size       Sent       Duration  Tags          Trust
+2026-11-28 10:07:51 (1d 1h ago)   3xkM1  20.00 GiB  20.00 GiB  252s      daily,weekly  trusted
+2026-11-29 10:07:51 (1h 52m ago)  4abc2  20.00 GiB  20.00 MiB  3s        daily         trusted
 == Summary
 2 revisions, 20.02 GiB data (estimated: bytes written), 21.00 GiB allocated
 
@@ -316,12 +346,12 @@ Date (UTC)  ID  Size  Sent  Duration  Tags  Trust
 a push is running
 schedule: default
 SLA: TOO OLD (no revisions yet)
-next: 2026-11-30 00:00:00 (daily,weekly)
-failures: 2 in a row
+next: 2026-11-30 00:00:00 (in 12h) (daily,weekly)
+2 failures in a row
 last error: cannot open /dev/x
 ";
-        assert_eq!(format_status(&sample()), want);
-        assert_eq!(format_status(&StatusReply::default()), "no jobs\n");
+        assert_eq!(format_status(&sample(), now()), want);
+        assert_eq!(format_status(&StatusReply::default(), now()), "no jobs\n");
     }
 
     #[test]
@@ -335,7 +365,7 @@ last error: cannot open /dev/x
                 ..JobStatus::default()
             }],
         };
-        let text = format_status(&reply);
+        let text = format_status(&reply, now());
         assert!(text.contains("\nSLA: TOO OLD (overdue 2d 5h)\n"), "{text}");
         assert!(!text.contains("next:"), "{text}");
     }
@@ -347,7 +377,7 @@ last error: cannot open /dev/x
         assert_eq!(vm1["job"], "vm1");
         assert_eq!(vm1["data_bytes"], (20u64 << 30) + (20 << 20));
         assert!(vm1["schedule"].is_null() && vm1["sla_ok"].is_null());
-        assert_eq!(vm1["revisions"][0]["short_id"], "3xkM1");
+        assert_eq!(vm1["revisions"][0]["id"], "3xkM1");
         assert_eq!(
             vm1["revisions"][0]["tags"],
             serde_json::json!(["daily", "weekly"])
@@ -357,6 +387,14 @@ last error: cannot open /dev/x
         assert_eq!(vm2["sla_ok"], false);
         assert_eq!(vm2["sla_overdue_secs"], 3 * 3600 + 5);
         assert_eq!(vm2["last_error"], "cannot open /dev/x");
+    }
+
+    #[test]
+    fn overdue_agrees_with_the_sla() {
+        assert_eq!(overdue_json(false, false, 0), None, "no schedule: no SLA");
+        assert_eq!(overdue_json(true, true, 0), Some(0));
+        assert_eq!(overdue_json(true, false, 3600), Some(3600));
+        assert_eq!(overdue_json(true, false, 0), None, "broken, no deadline to count from");
     }
 
     #[test]

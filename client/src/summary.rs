@@ -3,12 +3,13 @@
 //! Formatting is pure: summaries in, text out.
 
 use crate::connect::{status_error, Client};
-use crate::status::{has_schedule, human_secs, table, utc_time};
+use crate::status::{has_schedule, human_secs, overdue_json, table, utc_time};
 use crate::view::{non_empty, rfc3339, storage_name, RevisionView};
 use backy_common::config::NO_SCHEDULE;
-use backy_common::units::format_bytes;
+use backy_common::units::{count, format_bytes};
 use backy_common::Result;
 use backy_proto::{JobSummary, JobsRequest};
+use chrono::{DateTime, Utc};
 use serde::Serialize;
 
 /// Every job the caller may see, in name order.
@@ -25,53 +26,51 @@ pub async fn fetch_all(client: &mut Client) -> Result<Vec<JobSummary>> {
     Ok(out)
 }
 
-/// One line per job.
-pub fn format_summaries(jobs: &[JobSummary]) -> String {
+/// One line per job: its SLA, newest backup and its age, when it is next
+/// due, how many revisions and how much disk it has, and failures; ages
+/// relative to `now`. Then a total.
+pub fn format_summaries(jobs: &[JobSummary], now: DateTime<Utc>) -> String {
     if jobs.is_empty() {
         return "no jobs\n".to_string();
     }
     let header = [
         "Job",
         "Schedule",
-        "Revs",
-        "Last (UTC)",
-        "Size",
         "SLA",
-        "Next (UTC)",
+        "Last backup (UTC)",
+        "Next due (UTC)",
+        "Revs",
+        "Allocated",
         "Failures",
     ];
-    let rows: Vec<[String; 8]> = jobs.iter().map(row).collect();
+    let rows: Vec<[String; 8]> = jobs.iter().map(|j| row(j, now)).collect();
     let mut out = String::new();
     table(&mut out, &header, &rows);
     let revisions: u64 = jobs.iter().map(|j| u64::from(j.revisions)).sum();
     let allocated: u64 = jobs.iter().map(|j| j.allocated_bytes).sum();
     let late = jobs
         .iter()
-        .filter(|j| sla_state(j) != "OK" && sla_state(j) != "-")
+        .filter(|j| has_schedule(&j.schedule) && !j.sla_ok)
         .count();
     out.push_str(&format!(
-        "{} jobs, {revisions} revisions, {} allocated; {late} past their SLA\n",
-        jobs.len(),
+        "{}, {}, {} allocated; {late} past their SLA\n",
+        count(jobs.len() as u64, "job"),
+        count(revisions, "revision"),
         format_bytes(allocated)
     ));
     out
 }
 
-fn row(j: &JobSummary) -> [String; 8] {
+fn row(j: &JobSummary, now: DateTime<Utc>) -> [String; 8] {
     let last = j
         .newest
         .as_ref()
-        .map(|r| utc_time(&r.timestamp))
-        .unwrap_or_else(|| "-".into());
-    let size = j
-        .newest
-        .as_ref()
-        .map(|r| format_bytes(r.size))
+        .map(|r| utc_time(&r.timestamp, now))
         .unwrap_or_else(|| "-".into());
     let next = if j.next_due.is_none() {
         "-".into()
     } else {
-        format!("{} ({})", utc_time(&j.next_due), j.next_tags.join(","))
+        format!("{} {}", utc_time(&j.next_due, now), j.next_tags.join(","))
     };
     let mut failures = j.failures.to_string();
     if j.running {
@@ -84,16 +83,16 @@ fn row(j: &JobSummary) -> [String; 8] {
         } else {
             j.schedule.clone()
         },
-        j.revisions.to_string(),
-        last,
-        size,
         sla_state(j),
+        last,
         next,
+        j.revisions.to_string(),
+        format_bytes(j.allocated_bytes),
         failures,
     ]
 }
 
-/// `OK`, `TOO OLD 3h 5m`, `NO BACKUP` or `-` (no schedule).
+/// `OK`, `TOO OLD 3h 5m`, `NO BACKUP`, `NO TRUSTED` or `-` (no schedule).
 fn sla_state(j: &JobSummary) -> String {
     if !has_schedule(&j.schedule) {
         "-".into()
@@ -101,11 +100,10 @@ fn sla_state(j: &JobSummary) -> String {
         "OK".into()
     } else if j.revisions == 0 {
         "NO BACKUP".into()
+    } else if j.sla_overdue_secs <= 0 {
+        "NO TRUSTED".into()
     } else {
-        format!(
-            "TOO OLD {}",
-            human_secs(u64::try_from(j.sla_overdue_secs).unwrap_or(0))
-        )
+        format!("TOO OLD {}", human_secs(j.sla_overdue_secs.unsigned_abs()))
     }
 }
 
@@ -130,6 +128,8 @@ pub struct SummaryView {
     /// `null` (like the next fields) when the job has no schedule.
     pub sla_ok: Option<bool>,
     pub sla_overdue_secs: Option<i64>,
+    /// How old the newest trusted revision may get before the SLA breaks.
+    pub sla_window_secs: Option<u64>,
     pub next_due: Option<String>,
     pub next_tags: Vec<String>,
     pub failures: u32,
@@ -159,7 +159,8 @@ impl From<&JobSummary> for SummaryView {
             storage: storage_name(j.storage).to_string(),
             running: j.running,
             sla_ok: scheduled.then_some(j.sla_ok),
-            sla_overdue_secs: scheduled.then_some(j.sla_overdue_secs),
+            sla_overdue_secs: overdue_json(scheduled, j.sla_ok, j.sla_overdue_secs),
+            sla_window_secs: (scheduled && j.sla_window_secs > 0).then_some(j.sla_window_secs),
             next_due: rfc3339(&j.next_due),
             next_tags: j.next_tags.clone(),
             failures: j.failures,
@@ -208,7 +209,10 @@ mod tests {
             summary("vm3", "default", 0, false),
             summary("vm4", "none", 2, true),
         ];
-        let text = format_summaries(&jobs);
+        let now = chrono::DateTime::parse_from_rfc3339("2026-12-01T12:00:00Z")
+            .unwrap()
+            .with_timezone(&chrono::Utc);
+        let text = format_summaries(&jobs, now);
         let lines: Vec<&str> = text.lines().collect();
         assert_eq!(lines.len(), 6, "{text}");
         assert!(
@@ -217,10 +221,10 @@ mod tests {
         );
         assert!(
             lines[1].contains("vm1")
-                && lines[1].contains("2026-12-01 10:00:00")
-                && lines[1].contains("10.00 GiB")
+                && lines[1].contains("2026-12-01 10:00:00 (2h ago)")
+                && lines[1].contains("1.00 GiB")
                 && lines[1].contains("OK")
-                && lines[1].contains("2026-12-02 10:00:00 (daily)"),
+                && lines[1].contains("2026-12-02 10:00:00 (in 22h) daily"),
             "{text}"
         );
         assert!(lines[2].contains("TOO OLD 3h 5m"), "{text}");
@@ -230,7 +234,11 @@ mod tests {
             lines[5],
             "4 jobs, 23 revisions, 4.00 GiB allocated; 2 past their SLA"
         );
-        assert_eq!(format_summaries(&[]), "no jobs\n");
+        assert_eq!(
+            format_summaries(&jobs[..1], now).lines().last(),
+            Some("1 job, 18 revisions, 1.00 GiB allocated; 0 past their SLA")
+        );
+        assert_eq!(format_summaries(&[], now), "no jobs\n");
     }
 
     #[test]

@@ -41,11 +41,18 @@ pub fn source_name(kind: i32) -> &'static str {
     backy_proto::source_kind_name(SourceKind::try_from(kind).unwrap_or(SourceKind::Unspecified))
 }
 
+/// A revision id as backy shows it everywhere (text, JSON, file names,
+/// specs): the 22-character form, whichever form the wire carried.
+pub fn revision_id(wire: &str) -> String {
+    wire.parse::<backy_common::id::RevisionId>()
+        .map(|id| id.short())
+        .unwrap_or_else(|_| wire.to_string())
+}
+
 /// One revision as `--json` shows it.
 #[derive(Debug, Serialize, PartialEq)]
 pub struct RevisionView {
     pub id: String,
-    pub short_id: String,
     pub timestamp: String,
     pub parent_id: Option<String>,
     pub size: u64,
@@ -71,10 +78,9 @@ pub fn non_empty(s: &str) -> Option<String> {
 impl From<&RevisionInfo> for RevisionView {
     fn from(r: &RevisionInfo) -> Self {
         RevisionView {
-            id: r.id.clone(),
-            short_id: r.short_id.clone(),
+            id: short_id(r).to_string(),
             timestamp: rfc3339(&r.timestamp).unwrap_or_default(),
-            parent_id: non_empty(&r.parent_id),
+            parent_id: non_empty(&r.parent_id).map(|p| revision_id(&p)),
             size: r.size,
             block_size: r.block_size,
             tags: r.tags.clone(),
@@ -92,11 +98,12 @@ impl From<&RevisionInfo> for RevisionView {
     }
 }
 
-/// The short id when the server sent one, else the full id.
-pub fn short_id(r: &RevisionInfo) -> &str {
+/// The revision's id as shown: the server's short form, else the wire id
+/// converted.
+pub fn short_id(r: &RevisionInfo) -> std::borrow::Cow<'_, str> {
     if r.short_id.is_empty() {
-        &r.id
+        revision_id(&r.id).into()
     } else {
-        &r.short_id
+        r.short_id.as_str().into()
     }
 }

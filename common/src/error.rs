@@ -33,6 +33,23 @@ pub enum ErrorKind {
 }
 
 impl ErrorKind {
+    /// The name programs see (`--json` errors): snake_case, stable.
+    pub fn name(self) -> &'static str {
+        match self {
+            ErrorKind::InvalidArgument => "invalid_argument",
+            ErrorKind::NotFound => "not_found",
+            ErrorKind::AlreadyExists => "already_exists",
+            ErrorKind::FailedPrecondition => "failed_precondition",
+            ErrorKind::Busy => "busy",
+            ErrorKind::ResourceExhausted => "resource_exhausted",
+            ErrorKind::DataLoss => "data_loss",
+            ErrorKind::Unauthenticated => "unauthenticated",
+            ErrorKind::PermissionDenied => "permission_denied",
+            ErrorKind::Unavailable => "unavailable",
+            ErrorKind::Internal => "internal",
+        }
+    }
+
     /// Whether running the same operation again later can succeed.
     pub fn is_retryable(self) -> bool {
         matches!(
@@ -60,6 +77,19 @@ pub enum Reason {
     StreamClosed,
     /// Client and server speak protocol versions that do not overlap.
     IncompatibleVersion,
+}
+
+impl Reason {
+    /// The name programs see (`--json` errors); `None` when unspecified.
+    pub fn name(self) -> Option<&'static str> {
+        match self {
+            Reason::Unspecified => None,
+            Reason::ManifestMismatch => Some("manifest_mismatch"),
+            Reason::StreamChecksumMismatch => Some("stream_checksum_mismatch"),
+            Reason::StreamClosed => Some("stream_closed"),
+            Reason::IncompatibleVersion => Some("incompatible_version"),
+        }
+    }
 }
 
 /// An error of the model: a kind, a one-line human message, and for the

@@ -13,6 +13,7 @@ pub mod framer;
 pub mod fuzz_plan;
 pub mod id;
 pub mod job;
+pub mod logging;
 pub mod manifest;
 pub mod ranges;
 pub mod rbd_diff;

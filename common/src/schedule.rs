@@ -477,6 +477,16 @@ pub struct Sla {
     pub overdue: Duration,
 }
 
+/// How old the newest trusted revision may get: 1.5 × the shortest
+/// interval. `None` for an empty schedule, which sets no expectation.
+pub fn sla_window(schedule: &Schedule) -> Option<Duration> {
+    let shortest = schedule.values().map(|r| r.interval.secs()).min()?;
+    // 1.5 × in milliseconds, so odd second counts stay exact.
+    u64::try_from(u128::from(shortest) * 1500)
+        .ok()
+        .map(Duration::from_millis)
+}
+
 /// SLA (docs/DESIGN.md, "Schedules"): violated when the newest trusted
 /// revision is older than 1.5 × the shortest interval of the schedule
 /// (exactly at the deadline is still ok). A job without any revision has
@@ -494,7 +504,7 @@ pub fn sla(
         .filter(|r| r.trust != Trust::Distrusted)
         .map(|r| r.timestamp)
         .max();
-    let Some(shortest) = schedule.values().map(|r| r.interval.secs()).min() else {
+    let Some(limit) = sla_window(schedule) else {
         return Sla {
             ok: true,
             newest_trusted,
@@ -513,9 +523,7 @@ pub fn sla(
             overdue: Duration::ZERO,
         };
     };
-    // 1.5 × in milliseconds, so odd second counts stay exact.
-    let limit = u64::try_from(u128::from(shortest) * 1500).map(Duration::from_millis);
-    let deadline = limit.ok().and_then(|l| add(start, l));
+    let deadline = add(start, limit);
     let overdue = deadline
         .and_then(|d| (now - d).to_std().ok())
         .unwrap_or(Duration::ZERO);

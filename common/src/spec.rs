@@ -61,8 +61,11 @@ impl Spec {
                 .ok_or_else(|| Error::not_found("no revisions")),
             Spec::Nth(n) => newest_first().nth(*n).map(|i| vec![i]).ok_or_else(|| {
                 Error::not_found(format!(
-                    "no revision number {n}: there are {} revisions",
-                    revs.len()
+                    "no revision number {n}: there {}",
+                    match revs.len() {
+                        1 => "is 1 revision".to_string(),
+                        n => format!("are {n} revisions"),
+                    }
                 ))
             }),
             Spec::Id(id) => revs

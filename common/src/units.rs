@@ -20,6 +20,19 @@ pub fn format_bytes(n: u64) -> String {
     }
 }
 
+/// A count with its noun: `1 job`, `2 jobs`, `0 jobs`, `2 failed
+/// pushes`. `noun` is the singular; the plural adds `es` after a hissing
+/// end, else `s` (enough for the nouns backy counts).
+pub fn count(n: u64, noun: &str) -> String {
+    if n == 1 {
+        format!("1 {noun}")
+    } else if ["s", "sh", "ch", "x", "z"].iter().any(|end| noun.ends_with(end)) {
+        format!("{n} {noun}es")
+    } else {
+        format!("{n} {noun}s")
+    }
+}
+
 /// Parses a size like `4G`, `512M`, `1048576`, `4GiB`.
 pub fn parse_bytes(s: &str) -> Result<u64> {
     let t = s.trim();
@@ -127,6 +140,14 @@ impl<'de> serde::Deserialize<'de> for Interval {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn counts_agree_with_their_number() {
+        assert_eq!(count(0, "job"), "0 jobs");
+        assert_eq!(count(1, "job"), "1 job");
+        assert_eq!(count(2, "revision"), "2 revisions");
+        assert_eq!(count(3, "failed push"), "3 failed pushes");
+    }
 
     #[test]
     fn intervals() {

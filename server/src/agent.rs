@@ -112,7 +112,7 @@ pub async fn serve(
                     }
                 };
                 for (job, order) in planned.orders {
-                    tracing::info!(agent, job = %job, tags = ?order.tags, "ordering push");
+                    tracing::info!(agent, job = %job, tags = %order.tags.join(","), "ordering push");
                     if orders.send(Ok(order)).await.is_err() {
                         return;
                     }

@@ -54,8 +54,11 @@ pub fn authenticate<T>(config: &ServerConfig, req: &Request<T>) -> Result<Caller
     }
     let peer = req.remote_addr();
     let fail = |reason: &str| {
-        // Never log the token itself.
-        tracing::warn!(peer = ?peer, "authentication failed: {reason}");
+        // Never log the token itself. The address as an address, not `Some(..)`.
+        match peer {
+            Some(peer) => tracing::warn!(%peer, "authentication failed: {reason}"),
+            None => tracing::warn!("authentication failed: {reason}"),
+        }
         Status::unauthenticated(reason.to_string())
     };
     let by_token = match req.metadata().get(AUTH_HEADER) {

@@ -97,7 +97,9 @@ pub async fn serve(config: ServerConfig, preflight: Preflight, config_path: Path
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .with_context(|| format!("listening on {addr}"))?;
-    tracing::info!("listening on {}", listener.local_addr()?);
+    // The bound address: with port 0 in the config, the port the kernel chose.
+    let bound = listener.local_addr()?;
+    tracing::info!("listening on {bound}");
     let mut builder = tonic::transport::Server::builder()
         // As the client: windows of several 1 MiB frames, large frames.
         .tcp_nodelay(true)
@@ -112,7 +114,7 @@ pub async fn serve(config: ServerConfig, preflight: Preflight, config_path: Path
     match tls {
         Some(t) => builder = builder.tls_config(t).context("TLS configuration")?,
         None => tracing::warn!(
-            "insecure-plaintext: serving WITHOUT TLS on loopback address {addr}; \
+            "insecure-plaintext: serving WITHOUT TLS on loopback address {bound}; \
              configure tls before clients on other hosts connect"
         ),
     }

@@ -2,6 +2,7 @@
 
 use anyhow::Context;
 use backy_common::config::{ServerConfig, DEFAULT_SERVER_CONFIG};
+use backy_common::units::count;
 use backy_common::JobName;
 use backy_server::{preflight, serve};
 use clap::{Parser, Subcommand};
@@ -16,9 +17,15 @@ use std::path::PathBuf;
 )]
 struct Cli {
     /// Server configuration (YAML).
-    #[arg(long, short, env = "BACKY_SERVER_CONFIG", default_value = DEFAULT_SERVER_CONFIG)]
+    #[arg(
+        long,
+        short,
+        env = "BACKY_SERVER_CONFIG",
+        default_value = DEFAULT_SERVER_CONFIG,
+        global = true
+    )]
     config: PathBuf,
-    /// Log more (-v: debug, -vv: trace). RUST_LOG overrides.
+    /// Log more: one level per v (info, then debug, then trace); RUST_LOG overrides.
     #[arg(long, short, action = clap::ArgAction::Count, global = true)]
     verbose: u8,
     #[command(subcommand)]
@@ -142,24 +149,21 @@ fn load(path: &PathBuf) -> anyhow::Result<ServerConfig> {
     Ok(ServerConfig::from_yaml(&text, &path.display().to_string())?)
 }
 
-fn main() {
+fn main() -> std::process::ExitCode {
+    // Usage errors exit 2 (clap's convention, as for backy-client); --help
+    // and --version exit 0.
     let cli = Cli::parse();
-    let level = match cli.verbose {
-        0 => "info",
-        1 => "debug",
-        _ => "trace",
-    };
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level)),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
-    if let Err(e) = run(cli) {
-        eprintln!("backy-server: error: {e:#}");
-        std::process::exit(1);
+    backy_common::logging::init(backy_common::logging::Verbosity {
+        default: tracing::Level::INFO,
+        verbose: cli.verbose,
+        quiet: false,
+    });
+    match run(cli) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("backy-server: error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
     }
 }
 
@@ -186,10 +190,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     let preflight = preflight(&config, &cli.config)?;
     if let Some(Command::CheckConfig) = cli.command {
         println!(
-            "{}: OK ({} jobs, {} schedules, storage {})",
+            "{}: OK ({}, {}, storage {})",
             cli.config.display(),
-            config.jobs.len(),
-            config.schedules.len(),
+            count(config.jobs.len() as u64, "job"),
+            count(config.schedules.len() as u64, "schedule"),
             preflight.mode.as_str()
         );
         return Ok(());

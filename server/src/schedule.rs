@@ -164,11 +164,12 @@ fn placeholder(now: DateTime<Utc>) -> RevisionMeta {
 /// The dry-run report of one job, as `backy-server expire --dry-run`
 /// prints it.
 pub fn format_preview(job: &backy_common::JobName, preview: Option<&Preview>) -> String {
+    use backy_common::units::count;
     use std::fmt::Write as _;
     let Some(p) = preview else {
         return format!("{job}: no schedule: nothing expires\n");
     };
-    let mut out = format!("{job}: {} revisions\n", p.revisions.len());
+    let mut out = format!("{job}: {}\n", count(p.revisions.len() as u64, "revision"));
     let list = |out: &mut String, what: &str, plan: &ExpiryPlan| {
         if plan.deleted.is_empty() {
             let _ = writeln!(out, "  {what}: deletes nothing");
@@ -191,9 +192,9 @@ pub fn format_preview(job: &backy_common::JobName, preview: Option<&Preview>) ->
         let tags: Vec<&str> = tags.into_iter().map(String::as_str).collect();
         let _ = writeln!(
             out,
-            "  tags outside the schedule ({}) on {} revisions: kept until a backup under the current schedule commits",
+            "  tags outside the schedule ({}) on {}: kept until a backup under the current schedule commits",
             tags.join(", "),
-            p.periodic.pending.len()
+            count(p.periodic.pending.len() as u64, "revision")
         );
     }
     let next: Vec<&str> = p.next_tags.iter().map(String::as_str).collect();

@@ -491,7 +491,10 @@ impl Backy for Service {
                         "verify",
                         &job_name,
                         &rev,
-                        audit::Outcome::Done(&format!("distrusted: {} blocks differ", v.bad_blocks.len())),
+                        audit::Outcome::Done(&format!(
+                            "distrusted: {} differ",
+                            backy_common::units::count(v.bad_blocks.len() as u64, "block")
+                        )),
                     ),
                     Err(e) => audit::record(&caller, "verify", &job_name, &rev, audit::Outcome::Failed(e)),
                 }

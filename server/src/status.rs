@@ -15,6 +15,7 @@ struct Health {
     storage: i32,
     sla_ok: bool,
     sla_overdue_secs: i64,
+    sla_window_secs: u64,
     next_due: Option<backy_proto::prost_types::Timestamp>,
     next_tags: Vec<String>,
     runtime: JobRuntime,
@@ -36,6 +37,10 @@ fn health(server: &Server, config: &ServerConfig, job: &JobDir, entry: &JobEntry
         storage: backy_proto::wire_storage(storage) as i32,
         sla_ok: sched.as_ref().is_none_or(|(sla, _)| sla.ok),
         sla_overdue_secs: sched.as_ref().map_or(0, |(sla, _)| sla.overdue.as_secs() as i64),
+        sla_window_secs: config
+            .schedule_of(job_cfg)
+            .and_then(backy_common::schedule::sla_window)
+            .map_or(0, |w| w.as_secs()),
         next_due: sched
             .as_ref()
             .and_then(|(_, due)| due.next_due)
@@ -70,6 +75,7 @@ pub fn status(server: &Server, req: &StatusRequest) -> Result<StatusReply> {
             running: h.runtime.push.is_some(),
             sla_ok: h.sla_ok,
             sla_overdue_secs: h.sla_overdue_secs,
+            sla_window_secs: h.sla_window_secs,
             next_due: h.next_due,
             next_tags: h.next_tags,
             failures: h.runtime.failures,
@@ -105,6 +111,7 @@ pub fn summary(server: &Server, config: &ServerConfig, name: &JobName) -> Result
         running: h.runtime.push.is_some(),
         sla_ok: h.sla_ok,
         sla_overdue_secs: h.sla_overdue_secs,
+        sla_window_secs: h.sla_window_secs,
         next_due: h.next_due,
         next_tags: h.next_tags,
         failures: h.runtime.failures,

@@ -34,7 +34,7 @@ fn push_json(server: &Server) -> (String, u64) {
     let out = server.client_ok(&["push", "vm1", "--force", "--json"]);
     let v: Value = serde_json::from_str(&out).expect("push --json");
     (
-        v["revision"]["short_id"].as_str().unwrap().to_string(),
+        v["revision"]["id"].as_str().unwrap().to_string(),
         v["bytes_sent"].as_u64().unwrap(),
     )
 }

@@ -153,7 +153,7 @@ fn push_args(server: &Server, env: &[(&str, &str)], args: &[&str]) -> (String, u
     );
     let v: Value = serde_json::from_slice(&out.stdout).expect("push --json");
     (
-        v["revision"]["short_id"].as_str().unwrap().to_string(),
+        v["revision"]["id"].as_str().unwrap().to_string(),
         v["bytes_read"].as_u64().unwrap(),
         v["bytes_sent"].as_u64().unwrap(),
     )

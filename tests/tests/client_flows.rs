@@ -120,9 +120,9 @@ async fn push_and_restore_round_trip() {
     }
 
     let reply = backy_client::status::fetch(&mut client, None).await.unwrap();
-    let text = backy_client::status::format_status(&reply);
+    let text = backy_client::status::format_status(&reply, chrono::Utc::now());
     assert!(text.contains("3 revisions"), "{text}");
-    assert!(text.contains(&second.revision.short_id), "{text}");
+    assert!(text.contains(&second.revision.id), "{text}");
     drop(server);
 }
 
@@ -229,7 +229,7 @@ async fn bad_restore_streams_leave_no_file() {
 
     // A stored block damaged on the server's disk: the client's check
     // against the manifest refuses the restore.
-    let stored = server.base.join("vm1").join(&pushed.revision.short_id);
+    let stored = server.base.join("vm1").join(&pushed.revision.id);
     write_at(&stored, 2 * BLOCK + 10, b"rot");
     let e = restore(&mut client, &restore_args("latest", &out), &Silent)
         .await

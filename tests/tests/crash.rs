@@ -140,7 +140,7 @@ impl World {
         self.server
             .revisions("vm1")
             .last()
-            .map(|r| r["short_id"].as_str().unwrap().to_string())
+            .map(|r| r["id"].as_str().unwrap().to_string())
     }
 
     fn assert_partial_empty(&self, point: &str) {
@@ -176,7 +176,7 @@ impl World {
         assert!(!revs.is_empty(), "{what}: committed revisions are never lost");
         let mut want = BTreeSet::new();
         for r in &revs {
-            let id = r["short_id"].as_str().unwrap().to_string();
+            let id = r["id"].as_str().unwrap().to_string();
             let stored = job.join(&id);
             assert!(
                 self.states.contains(&file_hash(&stored)),
@@ -208,7 +208,7 @@ impl World {
             target.to_str().unwrap(),
             "--force",
         ]);
-        let newest = job.join(revs.last().unwrap()["short_id"].as_str().unwrap());
+        let newest = job.join(revs.last().unwrap()["id"].as_str().unwrap());
         assert_eq!(
             file_hash(&target),
             file_hash(&newest),

@@ -68,7 +68,7 @@ fn only_the_named_bytes_travel_and_a_short_list_commits_nothing() {
     assert_eq!(pushed["bytes_read"].as_u64(), Some(5 * BLOCK + 4096));
     let revs = server.revisions("vm1");
     assert_eq!(revs.len(), 2);
-    let stored = base.join("vm1").join(revs[1]["short_id"].as_str().unwrap());
+    let stored = base.join("vm1").join(revs[1]["id"].as_str().unwrap());
     assert_eq!(file_hash(&stored), file_hash(&src), "the revision is the source");
     server.client_ok(&["verify", "vm1", "-r", "all"]);
 
@@ -109,6 +109,6 @@ fn only_the_named_bytes_travel_and_a_short_list_commits_nothing() {
     // Without the list the push scans everything and catches up.
     server.client_ok(&["push", "vm1", "--source", src.to_str().unwrap()]);
     let revs = server.revisions("vm1");
-    let stored = base.join("vm1").join(revs[2]["short_id"].as_str().unwrap());
+    let stored = base.join("vm1").join(revs[2]["id"].as_str().unwrap());
     assert_eq!(file_hash(&stored), file_hash(&src));
 }

@@ -98,7 +98,7 @@ fn unscheduled_tags_are_refused_and_nothing_committed_is_expired() {
     ]);
     let pushed: serde_json::Value = serde_json::from_str(&text).unwrap();
     assert_eq!(pushed["expired"], serde_json::json!([]), "{pushed}");
-    let pre = pushed["revision"]["short_id"].as_str().unwrap().to_string();
+    let pre = pushed["revision"]["id"].as_str().unwrap().to_string();
     assert_eq!(server.short_ids("vm1").last(), Some(&pre));
     assert_eq!(
         restored_hash(&server, &fs.mount, "vm1", "pre-upgrade"),
@@ -499,7 +499,7 @@ fn client_side_failures_reach_the_server() {
     let check = server.client(&["check"]);
     assert_eq!(check.status.code(), Some(1), "{}", stdout(&check));
     assert!(
-        stdout(&check).contains("vm2: 1 failed pushes in a row"),
+        stdout(&check).contains("vm2: 1 failed push in a row"),
         "{}",
         stdout(&check)
     );

@@ -154,7 +154,7 @@ async fn sighup_reloads_without_dropping_a_running_push() {
     blocking(move || {
         let revs = s.revisions("vm1");
         assert_eq!(revs.len(), 2);
-        let stored = s.base.join("vm1").join(revs[1]["short_id"].as_str().unwrap());
+        let stored = s.base.join("vm1").join(revs[1]["id"].as_str().unwrap());
         write_at(&img, 0, &[1; 4096]);
         assert_eq!(
             file_hash(&stored),

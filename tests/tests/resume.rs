@@ -129,7 +129,7 @@ fn a_dropped_connection_resumes_and_sends_only_the_remainder() {
 
     let pushed = w.push_ok();
     let at = pushed["resumed_at"].as_u64().expect("the push was resumed");
-    assert_eq!(pushed["revision"]["short_id"].as_str().unwrap(), id);
+    assert_eq!(pushed["revision"]["id"].as_str().unwrap(), id);
     // Frames in flight when the client died (its 16-frame queue and the
     // 32 MiB HTTP/2 window) may or may not have arrived.
     assert!((64 * MIB..=120 * MIB).contains(&at), "resumed at {at}");
@@ -171,7 +171,7 @@ fn a_server_crash_resumes_from_the_last_durable_checkpoint() {
     );
 
     let pushed = w.push_ok();
-    assert_eq!(pushed["revision"]["short_id"].as_str().unwrap(), id);
+    assert_eq!(pushed["revision"]["id"].as_str().unwrap(), id);
     assert_eq!(pushed["resumed_at"].as_u64(), Some(104 * MIB));
     // 104..108 and 116..136 MiB.
     assert_eq!(sent(&pushed), 24 * MIB, "only the remainder is sent");
@@ -219,7 +219,7 @@ fn a_fresh_push_discards_what_cannot_be_resumed() {
     std::thread::sleep(std::time::Duration::from_millis(1500));
     let pushed = w.push_ok();
     assert!(pushed["resumed_at"].is_null(), "not resumed after the window");
-    assert_ne!(pushed["revision"]["short_id"].as_str().unwrap(), stale);
+    assert_ne!(pushed["revision"]["id"].as_str().unwrap(), stale);
     assert_eq!(sent(&pushed), 200 * MIB);
     w.check_latest();
 }

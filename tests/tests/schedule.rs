@@ -40,12 +40,12 @@ fn sight(
         let at = chrono::DateTime::parse_from_rfc3339(r["timestamp"].as_str().unwrap())
             .unwrap()
             .with_timezone(&chrono::Utc);
-        seen.entry(r["short_id"].as_str().unwrap().to_string())
+        seen.entry(r["id"].as_str().unwrap().to_string())
             .or_insert_with(|| (at, tags_of(r)));
     }
     let key = |l: &[serde_json::Value]| -> Vec<(String, BTreeSet<String>)> {
         l.iter()
-            .map(|r| (r["short_id"].as_str().unwrap().to_string(), tags_of(r)))
+            .map(|r| (r["id"].as_str().unwrap().to_string(), tags_of(r)))
             .collect()
     };
     (key(&first) == key(&listed)).then_some(listed)
@@ -62,7 +62,7 @@ fn assert_expiry_kept(
 ) {
     let listed: std::collections::BTreeMap<String, BTreeSet<String>> = listed
         .iter()
-        .map(|r| (r["short_id"].as_str().unwrap().to_string(), tags_of(r)))
+        .map(|r| (r["id"].as_str().unwrap().to_string(), tags_of(r)))
         .collect();
     for &(tag, interval_secs, keep) in rules {
         let mut with: Vec<(&chrono::DateTime<chrono::Utc>, &String)> = seen
@@ -306,7 +306,7 @@ jobs:
     );
 
     // Verify finds a flipped byte, marks the revision distrusted, exits 1.
-    let newest = revs[2]["short_id"].as_str().unwrap().to_string();
+    let newest = revs[2]["id"].as_str().unwrap().to_string();
     let stored = base.join("vm1").join(&newest);
     let mut byte = [0u8; 1];
     std::os::unix::fs::FileExt::read_exact_at(&std::fs::File::open(&stored).unwrap(), &mut byte, 5 * MIB + 7)

@@ -23,7 +23,7 @@ fn scrub_finds_a_flipped_byte_and_verifies_the_rest() {
     server.client_ok(&["push", "vm1", "--source", img.to_str().unwrap()]);
     server.client_ok(&["push", "vm2", "--source", img2.to_str().unwrap()]);
     let bad = &server.revisions("vm1")[0];
-    let id = bad["short_id"].as_str().unwrap().to_string();
+    let id = bad["id"].as_str().unwrap().to_string();
     let stored = std::fs::OpenOptions::new()
         .read(true)
         .write(true)

@@ -96,8 +96,8 @@ fn push_change_push_restore(base: &Path, work: &Path, size: u64) -> (Server, Flo
 
     // Restores by several spec forms equal the sources byte for byte, and
     // the server's revision files are themselves the images (`dd` restores).
-    let short1 = revs[0]["short_id"].as_str().unwrap().to_string();
-    let short2 = revs[1]["short_id"].as_str().unwrap().to_string();
+    let short1 = revs[0]["id"].as_str().unwrap().to_string();
+    let short2 = revs[1]["id"].as_str().unwrap().to_string();
     for (spec, want, short) in [
         ("1", &v1, &short1),
         ("latest", &v2, &short2),
@@ -166,8 +166,8 @@ fn btrfs_push_change_push_restore_shares_extents() {
     let base = fs.mount.join("backy");
 
     let revs = server.revisions("vm1");
-    let rev1 = base.join("vm1").join(revs[0]["short_id"].as_str().unwrap());
-    let rev2 = base.join("vm1").join(revs[1]["short_id"].as_str().unwrap());
+    let rev1 = base.join("vm1").join(revs[0]["id"].as_str().unwrap());
+    let rev2 = base.join("vm1").join(revs[1]["id"].as_str().unwrap());
     let (total1, excl1) = btrfs_du(&rev1);
     let (total2, excl2) = btrfs_du(&rev2);
     eprintln!(
@@ -244,7 +244,7 @@ fn xfs_push_change_push_restore_shares_extents() {
     let (fs, server, flow) = spine_on("xfs");
     let base = fs.mount.join("backy");
     let revs = server.revisions("vm1");
-    let rev2 = base.join("vm1").join(revs[1]["short_id"].as_str().unwrap());
+    let rev2 = base.join("vm1").join(revs[1]["id"].as_str().unwrap());
     let shared = shared_bytes(&rev2);
     eprintln!(
         "xfs rev2: {shared} bytes in shared extents; data {} sent {}",

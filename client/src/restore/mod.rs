@@ -24,6 +24,7 @@ use std::fmt;
 use std::path::PathBuf;
 use std::time::Instant;
 use target::Target;
+pub use target::STDOUT;
 use tokio::sync::mpsc;
 
 /// Frames buffered between the network and the disk (at most 1 MiB each).
@@ -57,17 +58,21 @@ impl fmt::Display for Restored {
             f,
             "{}: restored revision {} ({}, {} data) to {} in {:.1} s",
             self.job,
-            self.revision.short_id,
+            self.revision.id,
             format_bytes(self.revision.size),
             format_bytes(self.data_bytes),
-            self.target.display(),
+            if self.target.as_os_str() == STDOUT {
+                "standard output".into()
+            } else {
+                self.target.display().to_string()
+            },
             self.duration_secs
         )?;
         if !self.damaged_blocks.is_empty() {
             write!(
                 f,
-                "\nwarning: {} blocks do not match the manifest (offsets {:?}): the revision is damaged there",
-                self.damaged_blocks.len(),
+                "\nwarning: {} do not match the manifest (offsets {:?}): the revision is damaged there",
+                backy_common::units::count(self.damaged_blocks.len() as u64, "block"),
                 self.damaged_blocks
             )?;
         }

@@ -33,6 +33,9 @@ fn holds_data(file: &File, size: u64) -> std::io::Result<bool> {
     Ok(false)
 }
 
+/// The target name for standard output.
+pub const STDOUT: &str = "-";
+
 /// Zeros written per call when a device cannot zero a range by itself.
 const ZERO_CHUNK: usize = 1 << 20;
 
@@ -52,6 +55,14 @@ pub enum Target {
         path: PathBuf,
         writeback: Flusher,
     },
+    /// Standard output (`-`), written in order, zeros too: for a pipe into
+    /// `ssh` or `qemu-img convert`. Never a terminal.
+    Stdout {
+        out: std::io::BufWriter<File>,
+        path: PathBuf,
+        position: u64,
+        zeros: Vec<u8>,
+    },
     /// A Ceph RBD image (`rbd:POOL/IMAGE`), written by `rbd import-diff`.
     Rbd {
         target: Box<super::rbd::RbdTarget>,
@@ -63,6 +74,9 @@ impl Target {
     /// Opens the target for an image of `size` bytes. An existing non-empty
     /// file is replaced only with `force`.
     pub fn open(path: &Path, size: u64, force: bool) -> Result<Target> {
+        if path.as_os_str() == STDOUT {
+            return Self::stdout();
+        }
         if let Some(spec) = path.to_str().and_then(|p| p.strip_prefix("rbd:")) {
             return Ok(Target::Rbd {
                 target: Box::new(super::rbd::RbdTarget::open(spec, size, force)?),
@@ -86,7 +100,7 @@ impl Target {
                 // Replace what a symlink points to, as `dd of=` would.
                 let real = std::fs::canonicalize(path)
                     .map_err(|e| Error::io(format!("resolving {}", path.display()), e))?;
-                Self::file(&real, size, Some(m.permissions()))
+                Self::file(&real, size, Some(&m))
             }
             Some(_) => Err(Error::invalid(format!(
                 "{} is neither a regular file nor a block device",
@@ -139,7 +153,31 @@ impl Target {
         })
     }
 
-    fn file(path: &Path, size: u64, permissions: Option<Permissions>) -> Result<Target> {
+    fn stdout() -> Result<Target> {
+        use std::io::IsTerminal;
+        use std::os::fd::AsFd;
+        let stdout = std::io::stdout();
+        if stdout.is_terminal() {
+            return Err(Error::invalid(
+                "not writing a disk image to a terminal: redirect or pipe standard output, or name a file",
+            ));
+        }
+        let fd = stdout
+            .as_fd()
+            .try_clone_to_owned()
+            .map_err(|e| Error::io("duplicating standard output", e))?;
+        Ok(Target::Stdout {
+            out: std::io::BufWriter::with_capacity(ZERO_CHUNK, File::from(fd)),
+            path: PathBuf::from(STDOUT),
+            position: 0,
+            zeros: Vec::new(),
+        })
+    }
+
+    /// A file replacing `replaced` (when there is one) gets its owner,
+    /// group and mode before any data is fetched, so a restore that cannot
+    /// keep them fails at once.
+    fn file(path: &Path, size: u64, replaced: Option<&std::fs::Metadata>) -> Result<Target> {
         let name = path
             .file_name()
             .ok_or_else(|| Error::invalid(format!("{} names no file", path.display())))?;
@@ -153,10 +191,30 @@ impl Target {
             .tempfile_in(dir)
             .map_err(|e| Error::io(format!("creating a temporary file in {}", dir.display()), e))?;
         // Disk images are private by default (the temporary file is 0600);
-        // a replaced file keeps its mode.
-        if let Some(p) = permissions {
+        // a replaced file keeps its owner, group and mode (a VM's image is
+        // often owned by the hypervisor's user).
+        if let Some(old) = replaced {
+            use std::os::unix::fs::MetadataExt;
+            let ours = tmp
+                .as_file()
+                .metadata()
+                .map_err(|e| Error::io(format!("examining {}", tmp.path().display()), e))?;
+            if (ours.uid(), ours.gid()) != (old.uid(), old.gid()) {
+                std::os::unix::fs::fchown(tmp.as_file(), Some(old.uid()), Some(old.gid())).map_err(|e| {
+                    Error::io(
+                        format!(
+                            "giving the restored file the owner {}:{} of {} (restore as root, or remove the file first)",
+                            old.uid(),
+                            old.gid(),
+                            path.display()
+                        ),
+                        e,
+                    )
+                })?;
+            }
+            // After chown, which may clear set-id bits.
             tmp.as_file()
-                .set_permissions(Permissions::from_mode(p.mode()))
+                .set_permissions(Permissions::from_mode(old.mode() & 0o7777))
                 .map_err(|e| Error::io(format!("setting permissions of {}", tmp.path().display()), e))?;
         }
         // All holes until data arrives: zeros cost no space.
@@ -173,7 +231,10 @@ impl Target {
 
     pub fn path(&self) -> &Path {
         match self {
-            Target::Device { path, .. } | Target::File { path, .. } | Target::Rbd { path, .. } => path,
+            Target::Device { path, .. }
+            | Target::File { path, .. }
+            | Target::Stdout { path, .. }
+            | Target::Rbd { path, .. } => path,
         }
     }
 
@@ -188,6 +249,12 @@ impl Target {
                 Ok(())
             }
             Target::Rbd { target, .. } => target.write_data(offset, data),
+            Target::Stdout {
+                out, position, zeros, ..
+            } => {
+                stdout_advance(out, position, zeros, offset)?;
+                stdout_write(out, position, data)
+            }
         }
     }
 
@@ -198,6 +265,12 @@ impl Target {
             Target::Device { file, path, zeros } => (file, path, zeros),
             Target::Rbd { target, .. } => return target.write_zero(offset, len),
             Target::File { .. } => return Ok(()),
+            Target::Stdout {
+                out, position, zeros, ..
+            } => {
+                stdout_advance(out, position, zeros, offset)?;
+                return stdout_advance(out, position, zeros, offset + len);
+            }
         };
         let flags = rustix::fs::FallocateFlags::ZERO_RANGE | rustix::fs::FallocateFlags::KEEP_SIZE;
         if rustix::fs::fallocate(&*file, flags, offset, len).is_ok() {
@@ -221,6 +294,11 @@ impl Target {
     pub fn commit(self) -> Result<()> {
         match self {
             Target::Rbd { target, .. } => target.commit(),
+            Target::Stdout { mut out, .. } => {
+                use std::io::Write;
+                out.flush()
+                    .map_err(|e| Error::io("writing to standard output", e))
+            }
             Target::Device { file, path, .. } => file
                 .sync_all()
                 .map_err(|e| Error::io(format!("flushing {}", path.display()), e)),
@@ -245,6 +323,37 @@ impl Target {
             }
         }
     }
+}
+
+/// Writes zeros on standard output up to `offset`. The stream comes in
+/// order, so going back is an error (a pipe cannot seek).
+fn stdout_advance(
+    out: &mut std::io::BufWriter<File>,
+    position: &mut u64,
+    zeros: &mut Vec<u8>,
+    offset: u64,
+) -> Result<()> {
+    if offset < *position {
+        return Err(Error::data_loss(format!(
+            "restore stream went back to offset {offset} (at {position}): standard output cannot seek"
+        )));
+    }
+    if offset > *position && zeros.is_empty() {
+        zeros.resize(ZERO_CHUNK, 0);
+    }
+    while *position < offset {
+        let n = (offset - *position).min(ZERO_CHUNK as u64) as usize;
+        stdout_write(out, position, &zeros[..n])?;
+    }
+    Ok(())
+}
+
+fn stdout_write(out: &mut std::io::BufWriter<File>, position: &mut u64, data: &[u8]) -> Result<()> {
+    use std::io::Write;
+    out.write_all(data)
+        .map_err(|e| Error::io("writing to standard output", e))?;
+    *position += data.len() as u64;
+    Ok(())
 }
 
 fn write_at(file: &File, path: &Path, offset: u64, data: &[u8]) -> Result<()> {

@@ -281,7 +281,7 @@ impl Server {
     pub fn short_ids(&self, job: &str) -> Vec<String> {
         self.revisions(job)
             .iter()
-            .map(|r| r["short_id"].as_str().expect("short_id").to_string())
+            .map(|r| r["id"].as_str().expect("id").to_string())
             .collect()
     }
 
@@ -556,6 +556,8 @@ impl Server {
 /// A background `backy-client` process (e.g. an agent); killed on drop.
 pub struct Agent {
     child: Child,
+    /// Everything it logged so far.
+    log: ServerLog,
 }
 
 impl Server {
@@ -580,12 +582,20 @@ impl Agent {
             .spawn()
             .expect("starting backy-client agent");
         let stderr = child.stderr.take().expect("stderr");
+        let log = ServerLog::default();
+        let lines = log.clone();
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
                 eprintln!("[agent] {line}");
+                lines.lock().unwrap_or_else(|p| p.into_inner()).push(line);
             }
         });
-        Agent { child }
+        Agent { child, log }
+    }
+
+    /// What it logged so far, one line each.
+    pub fn log(&self) -> String {
+        self.log.lock().unwrap_or_else(|p| p.into_inner()).join("\n")
     }
 }
 
