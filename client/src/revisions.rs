@@ -179,10 +179,10 @@ impl fmt::Display for Verified {
                 )?,
                 (None, false) => write!(
                     f,
-                    "{}: {}: DAMAGED: {} do not match the manifest (offsets {:?}), now {}",
+                    "{}: {}: DAMAGED: {} the manifest (offsets {:?}), now {}",
                     self.job,
                     r.revision,
-                    backy_common::units::count(r.bad_blocks.len() as u64, "block"),
+                    backy_common::units::blocks_not_matching(r.bad_blocks.len() as u64),
                     r.bad_blocks,
                     r.trust
                 )?,

@@ -33,6 +33,16 @@ pub fn count(n: u64, noun: &str) -> String {
     }
 }
 
+/// A count of blocks with its verb agreeing: `1 block does not match`,
+/// `3 blocks do not match`.
+pub fn blocks_not_matching(n: u64) -> String {
+    if n == 1 {
+        "1 block does not match".to_string()
+    } else {
+        format!("{n} blocks do not match")
+    }
+}
+
 /// Parses a size like `4G`, `512M`, `1048576`, `4GiB`.
 pub fn parse_bytes(s: &str) -> Result<u64> {
     let t = s.trim();
@@ -147,6 +157,8 @@ mod tests {
         assert_eq!(count(1, "job"), "1 job");
         assert_eq!(count(2, "revision"), "2 revisions");
         assert_eq!(count(3, "failed push"), "3 failed pushes");
+        assert_eq!(blocks_not_matching(1), "1 block does not match");
+        assert_eq!(blocks_not_matching(0), "0 blocks do not match");
     }
 
     #[test]

@@ -338,7 +338,7 @@ pub fn verify(
         }
     })?;
     if !bad.is_empty() {
-        tracing::error!(job = %job.name(), rev = %meta.id, "verify: {} do not match the manifest: {bad:?}", backy_common::units::count(bad.len() as u64, "block"));
+        tracing::error!(job = %job.name(), rev = %meta.id, "verify: {} the manifest: {bad:?}", backy_common::units::blocks_not_matching(bad.len() as u64));
     }
     Ok(Verified {
         meta,

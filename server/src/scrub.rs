@@ -76,8 +76,8 @@ fn scrub_one(server: &Arc<Server>) -> Result<bool> {
     } else {
         tracing::error!(
             job = %job.name(), rev = %meta.id,
-            "scrub: revision distrusted: {} differ from the manifest, at offsets {:?}",
-            backy_common::units::count(verified.bad_blocks.len() as u64, "block"), verified.bad_blocks
+            "scrub: revision distrusted: {} the manifest, at offsets {:?}",
+            backy_common::units::blocks_not_matching(verified.bad_blocks.len() as u64), verified.bad_blocks
         );
     }
     Ok(true)

@@ -492,8 +492,8 @@ impl Backy for Service {
                         &job_name,
                         &rev,
                         audit::Outcome::Done(&format!(
-                            "distrusted: {} differ",
-                            backy_common::units::count(v.bad_blocks.len() as u64, "block")
+                            "distrusted: {} the manifest",
+                            backy_common::units::blocks_not_matching(v.bad_blocks.len() as u64)
                         )),
                     ),
                     Err(e) => audit::record(&caller, "verify", &job_name, &rev, audit::Outcome::Failed(e)),

@@ -98,8 +98,10 @@ fn only_the_named_bytes_travel_and_a_short_list_commits_nothing() {
     std::fs::write(&list, "0 4096\n12 x\n").unwrap();
     let out = push_ranges(&server, &src, &list);
     assert_eq!(out.status.code(), Some(1));
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("line 2") && err.contains("\"x\""), "{err}");
+    // Pushed with --json: the failure is a JSON document on stderr.
+    let err: serde_json::Value = serde_json::from_slice(&out.stderr).expect("a JSON failure");
+    let message = err["error"]["message"].as_str().unwrap_or_default();
+    assert!(message.contains("line 2") && message.contains("\"x\""), "{err}");
     assert_eq!(
         server.snapshot_tree(),
         before,

@@ -332,7 +332,7 @@ jobs:
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
-        text.contains("warning: 1 blocks do not match") && text.contains(&(4 * MIB).to_string()),
+        text.contains("warning: 1 block does not match") && text.contains(&(4 * MIB).to_string()),
         "{text}"
     );
     assert!(String::from_utf8_lossy(&out.stderr).contains("distrusted"));

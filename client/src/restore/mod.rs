@@ -71,8 +71,8 @@ impl fmt::Display for Restored {
         if !self.damaged_blocks.is_empty() {
             write!(
                 f,
-                "\nwarning: {} do not match the manifest (offsets {:?}): the revision is damaged there",
-                backy_common::units::count(self.damaged_blocks.len() as u64, "block"),
+                "\nwarning: {} the manifest (offsets {:?}): the revision is damaged there",
+                backy_common::units::blocks_not_matching(self.damaged_blocks.len() as u64),
                 self.damaged_blocks
             )?;
         }
