@@ -116,6 +116,9 @@ enum Command {
     Forget(RevisionsCmd),
     Check(CheckCmd),
     Agent(AgentCmd),
+    /// `completions SHELL`, and the hidden `generate-assets` (packaging).
+    #[command(flatten)]
+    Assets(backy_cli_assets::AssetsCommand),
 }
 
 /// Re-read stored revisions on the server and compare every block with
@@ -392,6 +395,11 @@ fn init_logging(verbose: u8) {
 }
 
 fn run(cli: Cli) -> anyhow::Result<u8> {
+    // Needs no config and no server.
+    if let Command::Assets(a) = &cli.command {
+        a.run(<Cli as clap::CommandFactory>::command())?;
+        return Ok(0);
+    }
     let config = settings::load(cli.config.as_deref())?;
     let url = settings::server_url(cli.server.as_deref(), &config);
     connect::check_url(&url)?;
@@ -555,6 +563,7 @@ async fn dispatch(
             return Ok(state as u8);
         }
         Command::Agent(_) => anyhow::bail!("internal error: the agent is not run over a shared connection"),
+        Command::Assets(_) => anyhow::bail!("internal error: assets are written before connecting"),
     }
     Ok(0)
 }

@@ -2,7 +2,9 @@
 //! `Type=notify` unit the server says `READY=1` only once it accepts
 //! connections, `RELOADING=1` … `READY=1` around a SIGHUP reload (also one
 //! it refuses), and `STOPPING=1` on SIGTERM, then exits 0; a notify socket
-//! that is gone does not stop it serving.
+//! that is gone does not stop it serving. The hidden `generate-assets`
+//! writes the man pages and completions the packages ship, without a
+//! config or a server.
 
 mod support;
 
@@ -210,4 +212,72 @@ fn a_notify_socket_that_is_gone_does_not_stop_the_server() {
     });
     server.signal(rustix::process::Signal::TERM);
     assert_eq!(server.wait(Duration::from_secs(30)).code(), Some(0));
+}
+
+#[test]
+fn generate_assets_writes_man_pages_and_completions_without_config_or_server() {
+    let dir = tempfile::tempdir().unwrap();
+    for binary in ["backy-server", "backy-client"] {
+        let out = Command::new(bin(binary))
+            // Neither is read: nothing here needs a config or a server.
+            .args(["--config", "/nonexistent/backy.yaml", "generate-assets", "--out"])
+            .arg(dir.path())
+            .env("BACKY_SERVER", "http://127.0.0.1:1")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{binary} generate-assets: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let help = Command::new(bin(binary)).arg("--help").output().unwrap();
+        let help = String::from_utf8_lossy(&help.stdout);
+        assert!(!help.contains("generate-assets"), "hidden from --help: {help}");
+        assert!(help.contains("completions"), "{help}");
+
+        let bash = Command::new(bin(binary))
+            .args(["completions", "bash"])
+            .output()
+            .unwrap();
+        assert!(bash.status.success());
+        let shipped = std::fs::read_to_string(dir.path().join("completions/bash").join(binary)).unwrap();
+        assert!(
+            String::from_utf8_lossy(&bash.stdout) == shipped,
+            "completions bash prints what is shipped"
+        );
+        for file in [format!("zsh/_{binary}"), format!("fish/{binary}.fish")] {
+            let text = std::fs::read_to_string(dir.path().join("completions").join(&file)).unwrap();
+            assert!(text.contains(binary), "{file}");
+        }
+    }
+    let man = dir.path().join("man");
+    let mut pages: Vec<String> = std::fs::read_dir(&man)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    pages.sort();
+    for want in [
+        "backy-client.1",
+        "backy-client-push.1",
+        "backy-client-restore.1",
+        "backy-client-agent.1",
+        "backy-client-check.1",
+        "backy-server.1",
+        "backy-server-check-config.1",
+        "backy-server-hash-token.1",
+    ] {
+        assert!(pages.iter().any(|p| p == want), "{want} in {pages:?}");
+    }
+    assert!(
+        !pages
+            .iter()
+            .any(|p| p.contains("generate-assets") || p.contains("-help")),
+        "{pages:?}"
+    );
+    let push = std::fs::read_to_string(man.join("backy-client-push.1")).unwrap();
+    assert!(push.contains(".TH backy-client-push 1"), "{push}");
+    assert!(
+        push.contains("\\-\\-changed\\-ranges"),
+        "options are documented: {push}"
+    );
 }
