@@ -60,6 +60,9 @@ if [ "$status" != 0 ]; then
   exit "$status"
 fi
 
+echo "== Debian packages (scripts/test-packages.sh: build, install, run the installed binaries, purge)"
+scripts/test-packages.sh
+
 echo "== bench smoke (scripts/bench.sh --smoke: every step on a tiny image, no timing asserts)"
 command -v rsync >/dev/null && command -v restic >/dev/null && command -v borg >/dev/null ||
   { export DEBIAN_FRONTEND=noninteractive; apt-get update -qq; apt-get install -y -qq --no-install-recommends rsync restic borgbackup >/dev/null; }

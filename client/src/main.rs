@@ -153,6 +153,9 @@ Examples:
     Forget(RevisionsCmd),
     Check(CheckCmd),
     Agent(AgentCmd),
+    /// `completions SHELL`, and the hidden `generate-assets` (packaging).
+    #[command(flatten)]
+    Assets(backy_cli_assets::AssetsCommand),
 }
 
 /// Re-read stored revisions on the server and compare every block with
@@ -481,6 +484,11 @@ fn subcommand_of(args: &[String]) -> Option<String> {
 }
 
 fn run(cli: Cli) -> anyhow::Result<u8> {
+    // Needs no config and no server.
+    if let Command::Assets(a) = &cli.command {
+        a.run(<Cli as clap::CommandFactory>::command())?;
+        return Ok(0);
+    }
     let config = settings::load(cli.config.as_deref())?;
     let url = settings::server_url(cli.server.as_deref(), &config);
     connect::check_url(&url)?;
@@ -655,6 +663,7 @@ async fn dispatch(
             return print_check(cli.json, &check::evaluate_host(&health, chrono::Utc::now()));
         }
         Command::Agent(_) => anyhow::bail!("internal error: the agent is not run over a shared connection"),
+        Command::Assets(_) => anyhow::bail!("internal error: assets are written before connecting"),
     }
     Ok(0)
 }

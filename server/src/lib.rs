@@ -6,6 +6,7 @@ pub mod audit;
 pub mod auth;
 pub mod index;
 pub mod listener;
+pub mod notify;
 pub mod plan;
 pub mod push;
 pub mod restore;
@@ -138,6 +139,11 @@ pub async fn serve(config: ServerConfig, preflight: Preflight, config_path: Path
         },
     );
     tokio::pin!(serving);
+    // Bound, configured and about to accept: a Type=notify unit is up now.
+    notify::ready(&format!(
+        "listening on {bound}, {}",
+        backy_common::units::count(jobs as u64, "job")
+    ));
     tokio::select! {
         result = &mut serving => result.context("serving")?,
         () = shutdown() => {
@@ -145,6 +151,7 @@ pub async fn serve(config: ServerConfig, preflight: Preflight, config_path: Path
             // never end theirs, so the wait is bounded: what is still open
             // then is closed (an interrupted push stays resumable).
             tracing::info!("stopping: open streams get {} s to end", SHUTDOWN_GRACE.as_secs());
+            notify::stopping(&format!("stopping: open streams get {} s to end", SHUTDOWN_GRACE.as_secs()));
             let _ = stop.send(());
             match tokio::time::timeout(SHUTDOWN_GRACE, &mut serving).await {
                 Ok(result) => result.context("serving")?,
@@ -236,37 +243,43 @@ fn spawn_reload_on_hup(server: Arc<Server>, path: PathBuf) {
     };
     tokio::spawn(async move {
         while hup.recv().await.is_some() {
-            let text = match std::fs::read_to_string(&path) {
-                Ok(t) => t,
-                Err(e) => {
-                    tracing::error!(
-                        "reload: reading {}: {e}; keeping the old configuration",
-                        path.display()
-                    );
-                    continue;
+            notify::reloading();
+            let status = match reload(&server, &path) {
+                Ok(jobs) => {
+                    tracing::info!(jobs, "reloaded {}", path.display());
+                    format!(
+                        "reloaded {}: {}",
+                        path.display(),
+                        backy_common::units::count(jobs as u64, "job")
+                    )
+                }
+                Err(why) => {
+                    tracing::error!("reload: {why}; keeping the old configuration");
+                    format!("reload refused, old configuration kept: {why}")
                 }
             };
-            let new = match ServerConfig::from_yaml(&text, &path.display().to_string()) {
-                Ok(new) => new,
-                Err(e) => {
-                    tracing::error!("reload: {e}; keeping the old configuration");
-                    continue;
-                }
-            };
-            match reload_refusal(&server.config(), &new, &path) {
-                Some(why) => tracing::error!("reload: {why}; keeping the old configuration"),
-                None => {
-                    for name in new.jobs.keys() {
-                        if let Err(e) = storage::JobDir::new(&new.base_dir, name.clone()).ensure() {
-                            tracing::error!(job = %name, "reload: {e}");
-                        }
-                    }
-                    tracing::info!(jobs = new.jobs.len(), "reloaded {}", path.display());
-                    server.replace_config(new);
-                }
-            }
+            // Whatever the outcome, the server serves: systemd's reload ends.
+            notify::ready(&status);
         }
     });
+}
+
+/// Reads `path` and, unless it is refused (the reason returned), makes it
+/// the running configuration; returns its number of jobs.
+fn reload(server: &Server, path: &std::path::Path) -> Result<usize, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("reading {}: {e}", path.display()))?;
+    let new = ServerConfig::from_yaml(&text, &path.display().to_string()).map_err(|e| e.to_string())?;
+    if let Some(why) = reload_refusal(&server.config(), &new, path) {
+        return Err(why);
+    }
+    for name in new.jobs.keys() {
+        if let Err(e) = storage::JobDir::new(&new.base_dir, name.clone()).ensure() {
+            tracing::error!(job = %name, "reload: {e}");
+        }
+    }
+    let jobs = new.jobs.len();
+    server.replace_config(new);
+    Ok(jobs)
 }
 
 /// Why `new` (read from `path`) cannot replace the running `old`; the same

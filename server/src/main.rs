@@ -82,6 +82,9 @@ enum Command {
         #[arg(value_name = "CERT.pem")]
         cert: PathBuf,
     },
+    /// `completions SHELL`, and the hidden `generate-assets` (packaging).
+    #[command(flatten)]
+    Assets(backy_cli_assets::AssetsCommand),
 }
 
 fn hash_token(generate: Option<&PathBuf>) -> anyhow::Result<()> {
@@ -171,6 +174,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     match &cli.command {
         Some(Command::HashToken { generate }) => return hash_token(generate.as_ref()),
         Some(Command::CertFingerprint { cert }) => return cert_fingerprint(cert),
+        Some(Command::Assets(a)) => return Ok(a.run(<Cli as clap::CommandFactory>::command())?),
         Some(Command::MigrateSources { jobs }) => {
             let text = std::fs::read_to_string(&cli.config)
                 .with_context(|| format!("reading {}", cli.config.display()))?;

@@ -1,0 +1,234 @@
+//! The example configurations the Debian packages ship
+//! (`packaging/examples/`, installed under /usr/share/doc) parse as they
+//! are, show the defaults they claim, and name every key the parsers
+//! accept: a new config field without its example fails here.
+
+use backy_common::config::*;
+use backy_common::source::{Hooks, SourceSpec};
+use backy_common::units::Interval;
+use backy_common::JobName;
+use std::collections::{BTreeMap, BTreeSet};
+
+const SERVER: &str = include_str!("../../packaging/examples/server.yaml");
+const CLIENT: &str = include_str!("../../packaging/examples/client.yaml");
+
+/// Names an operator chooses (jobs, schedules, tags, identities): map keys
+/// that are not config keys.
+const CHOSEN: [&str; 4] = ["somejob", "someschedule", "sometag", "someclient"];
+
+#[test]
+fn the_server_example_parses_and_shows_the_defaults() {
+    let cfg = ServerConfig::from_yaml(SERVER, "server.yaml").unwrap();
+    // "Defaults shown" in the example's comments.
+    assert_eq!(cfg.resume, ResumeConfig::default());
+    assert_eq!(cfg.scrub, ScrubConfig::default());
+    assert_eq!(cfg.limits, Limits::default());
+    assert_eq!(cfg.file_mode, DEFAULT_FILE_MODE);
+    assert!(!cfg.insecure_plaintext);
+    // What the packaged unit (ReadWritePaths=) and README assume.
+    assert_eq!(cfg.base_dir, std::path::Path::new("/srv/backy"));
+    assert_eq!(cfg.secrets_group.as_deref(), Some("backy"));
+    for role in [Role::Hypervisor, Role::ReadOnly, Role::Admin] {
+        assert!(
+            cfg.clients.values().any(|c| c.role == role),
+            "an identity with role {role:?}"
+        );
+    }
+    let job = |n: &str| cfg.job(&JobName::new(n).unwrap()).unwrap().clone();
+    assert_eq!(job("vm2").client.as_deref(), Some("hv01"));
+    assert_eq!(job("scratch").schedule, None);
+}
+
+#[test]
+fn the_client_example_parses_with_every_kind_of_source() {
+    let cfg = ClientConfig::from_yaml(CLIENT, "client.yaml").unwrap();
+    let kinds: BTreeSet<&str> = cfg.jobs.values().map(|j| j.source.kind()).collect();
+    assert_eq!(kinds, BTreeSet::from(["block", "ceph-rbd", "file"]));
+    // The server example's jobs for this hypervisor's identity.
+    let server = ServerConfig::from_yaml(SERVER, "server.yaml").unwrap();
+    for name in cfg.jobs.keys() {
+        assert_eq!(
+            server.job(name).unwrap().client.as_deref(),
+            Some("hv01"),
+            "{name}"
+        );
+    }
+}
+
+#[test]
+fn the_server_example_names_every_key() {
+    let everything = ServerConfig {
+        listen: DEFAULT_LISTEN.into(),
+        base_dir: "/b".into(),
+        schedules: BTreeMap::from([(
+            "someschedule".into(),
+            BTreeMap::from([(
+                "sometag".into(),
+                TagRule {
+                    interval: Interval::from_secs(1),
+                    keep: 1,
+                },
+            )]),
+        )]),
+        jobs: BTreeMap::from([(
+            JobName::new("somejob").unwrap(),
+            JobConfig {
+                schedule: Some("someschedule".into()),
+                client: Some("someclient".into()),
+                moved_source: None,
+                moved_hooks: None,
+                max_size: Some(1),
+            },
+        )]),
+        resume: ResumeConfig {
+            enabled: true,
+            window: Interval::from_secs(1),
+            checkpoint: 1,
+        },
+        scrub: ScrubConfig {
+            enabled: true,
+            interval: Interval::from_secs(1),
+            rate: 1,
+        },
+        tls: Some(TlsConfig {
+            cert: "/c".into(),
+            key: "/k".into(),
+            client_ca: Some("/ca".into()),
+        }),
+        insecure_plaintext: false,
+        clients: BTreeMap::from([(
+            "someclient".into(),
+            ClientIdentity {
+                role: Role::Admin,
+                token_hash: Some("h".into()),
+                cert_fingerprint: Some("f".into()),
+            },
+        )]),
+        limits: Limits {
+            streams_per_client: 1,
+            idle_timeout: Interval::from_secs(1),
+            max_connections: 1,
+            first_request_timeout: Interval::from_secs(1),
+        },
+        file_mode: DEFAULT_FILE_MODE,
+        secrets_group: Some("g".into()),
+    };
+    let keys = keys_of(&serde_yaml::to_value(&everything).unwrap());
+    assert!(keys.len() > 25, "{keys:?}");
+    let missing: Vec<&String> = keys.iter().filter(|k| !mentions_key(SERVER, k)).collect();
+    assert!(missing.is_empty(), "server.yaml example lacks {missing:?}");
+    for role in [Role::Hypervisor, Role::ReadOnly, Role::Admin] {
+        let name = serde_yaml::to_value(role).unwrap();
+        let name = name.as_str().unwrap();
+        assert!(SERVER.contains(&format!("role: {name}")), "role {name}");
+    }
+}
+
+#[test]
+fn the_client_example_names_every_key() {
+    let hooks = Hooks {
+        pre_snapshot: Some("p".into()),
+        post_snapshot: Some("q".into()),
+        cleanup: Some("c".into()),
+        hook_timeout: Some(1),
+    };
+    let sources = [
+        SourceSpec::File {
+            path: "/f".into(),
+            hooks: hooks.clone(),
+        },
+        SourceSpec::Block {
+            path: "/b".into(),
+            hooks: hooks.clone(),
+        },
+        SourceSpec::CephRbd {
+            pool: "p".into(),
+            image: "i".into(),
+            namespace: Some("n".into()),
+            conf: Some("/c".into()),
+            id: Some("i".into()),
+            keyring: Some("/k".into()),
+            hooks,
+        },
+    ];
+    // A new kind of source fails to compile here: add it above.
+    for s in &sources {
+        match s {
+            SourceSpec::File { .. } | SourceSpec::Block { .. } | SourceSpec::CephRbd { .. } => {}
+        }
+        assert!(
+            CLIENT.contains(&format!("type: {}", s.kind())),
+            "client.yaml example lacks a {} source",
+            s.kind()
+        );
+    }
+    let jobs = sources
+        .into_iter()
+        .enumerate()
+        .map(|(i, source)| {
+            (
+                JobName::new(&format!("somejob{i}")).unwrap(),
+                ClientJob { source },
+            )
+        })
+        .collect();
+    let everything = ClientConfig {
+        server: Some("s".into()),
+        token_file: Some("/t".into()),
+        ca: Some("/ca".into()),
+        cert: Some("/c".into()),
+        key: Some("/k".into()),
+        tls_server_name: Some("n".into()),
+        jobs,
+    };
+    let keys = keys_of(&serde_yaml::to_value(&everything).unwrap());
+    let keys: BTreeSet<String> = keys.into_iter().filter(|k| !k.starts_with("somejob")).collect();
+    assert!(keys.len() > 15, "{keys:?}");
+    let missing: Vec<&String> = keys.iter().filter(|k| !mentions_key(CLIENT, k)).collect();
+    assert!(missing.is_empty(), "client.yaml example lacks {missing:?}");
+}
+
+/// Every mapping key in `v`, at any depth, but names an operator chooses.
+fn keys_of(v: &serde_yaml::Value) -> BTreeSet<String> {
+    let mut out = BTreeSet::new();
+    collect(v, &mut out);
+    out.retain(|k| !CHOSEN.contains(&k.as_str()));
+    out
+}
+
+fn collect(v: &serde_yaml::Value, out: &mut BTreeSet<String>) {
+    match v {
+        serde_yaml::Value::Mapping(m) => {
+            for (k, v) in m {
+                if let Some(k) = k.as_str() {
+                    out.insert(k.to_string());
+                }
+                collect(v, out);
+            }
+        }
+        serde_yaml::Value::Sequence(s) => s.iter().for_each(|v| collect(v, out)),
+        serde_yaml::Value::Tagged(t) => collect(&t.value, out),
+        _ => {}
+    }
+}
+
+/// Whether `text` has `key:` as a YAML key: at the start of a line (also
+/// commented out, for alternatives such as insecure-plaintext) or inside a
+/// flow mapping (`{key: ...}`, `, key: ...`); not merely in prose.
+fn mentions_key(text: &str, key: &str) -> bool {
+    let k = format!("{key}:");
+    text.lines().any(|line| {
+        let l = line.trim_start();
+        let l = l.strip_prefix('#').map_or(l, str::trim_start);
+        l.starts_with(&k) || line.contains(&format!("{{{k}")) || line.contains(&format!(", {k}"))
+    })
+}
+
+#[test]
+fn mentions_key_ignores_prose() {
+    assert!(mentions_key("a:\n  b: 1\n", "b"));
+    assert!(mentions_key("# insecure-plaintext: true\n", "insecure-plaintext"));
+    assert!(mentions_key("x: {y: 1, z: 2}\n", "z"));
+    assert!(!mentions_key("# needs tls: client-ca\n", "client-ca"));
+    assert!(!mentions_key("token-key: 1\n", "key"));
+}
