@@ -296,6 +296,16 @@ fn identities_reach_only_their_jobs() {
         "wrong token",
         "UNAUTHENTICATED",
     );
+    // The server's log names the peer as an address (not `Some(..)`).
+    let failed = server
+        .log_lines(0)
+        .into_iter()
+        .find(|l| l.contains("authentication failed"))
+        .expect("a log line for the failed authentication");
+    assert!(
+        failed.contains("peer=127.0.0.1:") && !failed.contains("Some("),
+        "{failed}"
+    );
     // A world-readable token file is refused by the client itself.
     std::fs::set_permissions(&wrong, std::fs::Permissions::from_mode(0o644)).unwrap();
     let out = client(
