@@ -297,11 +297,7 @@ fn identities_reach_only_their_jobs() {
         "UNAUTHENTICATED",
     );
     // The server's log names the peer as an address (not `Some(..)`).
-    let failed = server
-        .log_lines(0)
-        .into_iter()
-        .find(|l| l.contains("authentication failed"))
-        .expect("a log line for the failed authentication");
+    let failed = server.wait_log(0, "authentication failed");
     assert!(
         failed.contains("peer=127.0.0.1:") && !failed.contains("Some("),
         "{failed}"
