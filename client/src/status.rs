@@ -394,7 +394,11 @@ last error: cannot open /dev/x
         assert_eq!(overdue_json(false, false, 0), None, "no schedule: no SLA");
         assert_eq!(overdue_json(true, true, 0), Some(0));
         assert_eq!(overdue_json(true, false, 3600), Some(3600));
-        assert_eq!(overdue_json(true, false, 0), None, "broken, no deadline to count from");
+        assert_eq!(
+            overdue_json(true, false, 0),
+            None,
+            "broken, no deadline to count from"
+        );
     }
 
     #[test]
