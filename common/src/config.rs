@@ -395,9 +395,9 @@ impl ServerConfig {
             _ => {}
         }
         if let Some(http) = &self.http_listen {
-            let addr: std::net::SocketAddr = http.parse().map_err(|_| {
-                Error::invalid(format!("http-listen: {http:?} is not an address:port"))
-            })?;
+            let addr: std::net::SocketAddr = http
+                .parse()
+                .map_err(|_| Error::invalid(format!("http-listen: {http:?} is not an address:port")))?;
             // As for `listen`: status and metrics leave the host only over
             // TLS, and then (tls needs clients) only to a client's token.
             if self.tls.is_none() && !addr.ip().is_loopback() {
@@ -790,7 +790,6 @@ jobs:
             + &format!("clients:\n  hv01: {{token-hash: {HASH}}}\nhttp-listen: '[::]:9623'\n");
         ServerConfig::from_yaml(&tls, "t").unwrap();
     }
-
 
     #[test]
     fn loads_security_settings() {

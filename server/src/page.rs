@@ -79,7 +79,8 @@ fn fmt_span(secs: i64) -> String {
 /// When a job is next due: "now" once the time has come (the agent orders
 /// it, or a push by hand runs it).
 fn due(t: DateTime<Utc>, now: DateTime<Utc>) -> String {
-    if t <= now {
+    // Summaries compute due times a moment after the page took `now`.
+    if (t - now).num_seconds() <= 0 {
         "now".into()
     } else {
         age(t, now)

@@ -546,3 +546,69 @@ fn base64_encode(text: &str) -> String {
     }
     out
 }
+
+/// With `tls:` the HTTP listener speaks HTTPS with the server's
+/// certificate (plain HTTP gets nothing), and asks for a client's token.
+#[test]
+fn the_http_listener_serves_https_with_the_tls_certificate() {
+    use backy_common::token::{generate_token, hash_token};
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+    let dir = tempfile::tempdir().unwrap();
+    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca.distinguished_name.push(DnType::CommonName, "backy test CA");
+    let ca_key = KeyPair::generate().unwrap();
+    let ca_file = dir.path().join("ca.pem");
+    std::fs::write(&ca_file, ca.self_signed(&ca_key).unwrap().pem()).unwrap();
+    let issuer = Issuer::new(ca, ca_key);
+    let key = KeyPair::generate().unwrap();
+    let cert = CertificateParams::new(vec!["127.0.0.1".to_string()])
+        .unwrap()
+        .signed_by(&key, &issuer)
+        .unwrap();
+    std::fs::write(dir.path().join("server.pem"), cert.pem()).unwrap();
+    let key_file = dir.path().join("server.key");
+    std::fs::write(&key_file, key.serialize_pem()).unwrap();
+    std::fs::set_permissions(&key_file, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let token = generate_token();
+    let server = Server::start_config(
+        &dir.path().join("store"),
+        &format!(
+            "listen: 127.0.0.1:0\nhttp-listen: 127.0.0.1:0\nbase-dir: BASE\n\
+             tls: {{cert: {d}/server.pem, key: {d}/server.key}}\n\
+             clients:\n  mon: {{role: read-only, token-hash: '{}'}}\n\
+             jobs:\n  vm1: {{schedule: none}}\n",
+            hash_token(&token).unwrap(),
+            d = dir.path().display()
+        ),
+    );
+    let addr = http_addr(&server);
+    assert!(server.wait_log(0, "http listener on ").contains("https://"));
+    let curl = |scheme: &str, path: &str, auth: Option<&str>| {
+        let mut cmd = Command::new("curl");
+        cmd.args(["-sS", "--max-time", "30", "-w", "\n%{http_code}", "--cacert"])
+            .arg(&ca_file)
+            .arg(format!("{scheme}://{addr}{path}"));
+        if let Some(a) = auth {
+            cmd.args(["-H", &format!("Authorization: {a}")]);
+        }
+        cmd.output().expect("curl")
+    };
+    let out = curl("https", "/metrics", Some(&format!("Bearer {token}")));
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8(out.stdout).unwrap();
+    let (body, code) = text.rsplit_once('\n').unwrap();
+    assert_eq!(code, "200", "{body}");
+    let m = parse_metrics(body);
+    assert_eq!(value(&m, "backy_job_revisions", &[("job", "vm1")]), Some(0.0));
+    let out = curl("https", "/", None);
+    assert!(String::from_utf8_lossy(&out.stdout).ends_with("\n401"), "{out:?}");
+    let out = curl("https", "/healthz", None);
+    assert!(
+        String::from_utf8_lossy(&out.stdout).ends_with("ok\n\n200"),
+        "{out:?}"
+    );
+    // Plain HTTP to the TLS port: no answer.
+    let out = curl("http", "/healthz", None);
+    assert!(!String::from_utf8_lossy(&out.stdout).ends_with("200"), "{out:?}");
+}
