@@ -40,6 +40,9 @@ pub enum HttpError {
 const MAX_CONNECTIONS: usize = 64;
 /// Time for a TLS handshake and for a request's headers.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// A connection's whole life: pages and scrapes take milliseconds, so this
+/// only ends idle keep-alive connections that would hold a slot.
+const CONNECTION_LIFETIME: Duration = Duration::from_secs(60);
 
 /// A bound listener, not yet serving.
 pub struct HttpListener {
@@ -155,10 +158,11 @@ where
     let served = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
         .header_read_timeout(HANDSHAKE_TIMEOUT)
-        .serve_connection(TokioIo::new(stream), service)
-        .await;
-    if let Err(e) = served {
-        tracing::debug!(%peer, "http: {e}");
+        .serve_connection(TokioIo::new(stream), service);
+    match tokio::time::timeout(CONNECTION_LIFETIME, served).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::debug!(%peer, "http: {e}"),
+        Err(_) => tracing::debug!(%peer, "http: connection closed after {} s", CONNECTION_LIFETIME.as_secs()),
     }
 }
 
