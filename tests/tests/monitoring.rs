@@ -445,7 +445,8 @@ fn grpc_health(url: &str, service: &str) -> i32 {
 }
 
 /// `/readyz` says 503 once SIGTERM came, while open streams (an agent's)
-/// drain; `/healthz` stays 200 (the process lives).
+/// drain, and a gRPC health watch hears NOT_SERVING; `/healthz` stays 200
+/// (the process lives).
 #[test]
 fn readyz_fails_while_the_server_stops() {
     let dir = tempfile::tempdir().unwrap();
@@ -458,6 +459,32 @@ fn readyz_fails_while_the_server_stops() {
     let mark = server.log_mark();
     let _agent = server.agent(&["agent", "--name", "hv01"]);
     server.wait_log(mark, "agent connected");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let mut watch = rt.block_on(async {
+        let channel = tonic::transport::Endpoint::from_shared(server.url.clone())
+            .unwrap()
+            .connect()
+            .await
+            .expect("connect");
+        tonic_health::pb::health_client::HealthClient::new(channel)
+            .watch(tonic_health::pb::HealthCheckRequest {
+                service: "backy.v1.Backy".into(),
+            })
+            .await
+            .expect("watch")
+            .into_inner()
+    });
+    let mut next = || {
+        rt.block_on(async { tokio::time::timeout(Duration::from_secs(20), watch.message()).await })
+            .expect("a health update in time")
+            .expect("the watch stream")
+            .expect("a message")
+            .status
+    };
+    assert_eq!(next(), 1, "SERVING");
     let mark = server.log_mark();
     let pid = rustix::process::Pid::from_raw(server.pid() as i32).unwrap();
     rustix::process::kill_process(pid, rustix::process::Signal::TERM).unwrap();
@@ -468,6 +495,7 @@ fn readyz_fails_while_the_server_stops() {
         (503, "not ready: shutting down\n".to_string())
     );
     assert_eq!(get(&addr, "/healthz").0, 200);
+    assert_eq!(next(), 2, "NOT_SERVING");
     assert!(!server.wait_exit(), "exits by itself");
 }
 
@@ -611,4 +639,56 @@ fn the_http_listener_serves_https_with_the_tls_certificate() {
     // Plain HTTP to the TLS port: no answer.
     let out = curl("http", "/healthz", None);
     assert!(!String::from_utf8_lossy(&out.stdout).ends_with("200"), "{out:?}");
+}
+
+/// The background scrub's work shows in the metrics: a revision with a
+/// flipped byte is a mismatch (and distrusted), a clean one is counted
+/// clean, and the last scrub's time is recent.
+#[test]
+fn scrub_outcomes_show_in_the_metrics() {
+    use std::os::unix::fs::FileExt;
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("store");
+    let img = dir.path().join("vm1.img");
+    make_image(&img, 8 * MIB, &[(0, 6 * MIB)]);
+    let server = Server::start_config(
+        &base,
+        "listen: 127.0.0.1:0\nhttp-listen: 127.0.0.1:0\nbase-dir: BASE\nscrub: {interval: 2s, rate: 0}\n\
+         jobs:\n  vm1: {schedule: none}\n  vm2: {schedule: none}\n",
+    );
+    let addr = http_addr(&server);
+    server.client_ok(&["push", "vm1", "--source", img.to_str().unwrap()]);
+    server.client_ok(&["push", "vm2", "--source", img.to_str().unwrap()]);
+    let id = server.short_ids("vm1")[0].clone();
+    let stored = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(base.join("vm1").join(&id))
+        .unwrap();
+    let mut byte = [0u8; 1];
+    stored.read_exact_at(&mut byte, 5 * MIB + 7).unwrap();
+    stored.write_all_at(&[byte[0] ^ 0x20], 5 * MIB + 7).unwrap();
+    stored.sync_all().unwrap();
+    let trust = |job: &str| server.revisions(job)[0]["trust"].as_str().unwrap().to_string();
+    wait_for("the scrub to check both jobs", Duration::from_secs(60), || {
+        trust("vm1") == "distrusted" && trust("vm2") == "verified"
+    });
+    let (status, text) = get(&addr, "/metrics");
+    assert_eq!(status, 200);
+    let m = parse_metrics(&text);
+    assert!(must(&m, "backy_scrub_revisions_total", &[("outcome", "mismatch")]) >= 1.0);
+    assert!(must(&m, "backy_scrub_revisions_total", &[("outcome", "clean")]) >= 1.0);
+    assert!(must(&m, "backy_scrub_mismatched_blocks_total", &[]) >= 1.0);
+    assert!(must(&m, "backy_scrub_checked_bytes_total", &[]) >= (6 * MIB) as f64);
+    let last = must(&m, "backy_scrub_last_timestamp_seconds", &[]);
+    assert!(
+        (chrono::Utc::now().timestamp() as f64 - last).abs() < 60.0,
+        "{last}"
+    );
+    assert_eq!(
+        value(&m, "backy_job_distrusted_revisions", &[("job", "vm1")]),
+        Some(1.0)
+    );
+    let (_, page) = get(&addr, "/job/vm1");
+    assert_eq!(page.matches("<g class=\"rev distrusted\"").count(), 1, "{page}");
 }
