@@ -14,6 +14,10 @@ command -v nbdinfo >/dev/null || need+=(libnbd-bin)
 command -v ceph-mon >/dev/null || need+=(ceph-mon)
 command -v ceph-osd >/dev/null || need+=(ceph-osd)
 command -v rbd >/dev/null || need+=(ceph-common)
+# tests/tests/monitoring.rs: /metrics through the official Prometheus parser,
+# the status page rendered by headless Chromium.
+/usr/bin/python3 -c 'import prometheus_client.parser' 2>/dev/null || need+=(python3-prometheus-client)
+command -v chromium >/dev/null || need+=(chromium fonts-dejavu-core)
 if ((${#need[@]})); then
   if [ "$(id -u)" != 0 ]; then
     echo "test.sh: missing packages ${need[*]} and not root to install them" >&2

@@ -54,6 +54,12 @@ pub struct JobConfig {
 pub struct ServerConfig {
     #[serde(default = "default_listen")]
     pub listen: String,
+    /// Address of the HTTP listener for the status page, `/metrics`,
+    /// `/healthz` and `/readyz`; unset: none. HTTPS with the `tls:`
+    /// certificate when that is configured, which any address other than
+    /// loopback requires (as `listen` does).
+    #[serde(default)]
+    pub http_listen: Option<String>,
     pub base_dir: PathBuf,
     #[serde(default, deserialize_with = "unique_keys::deserialize")]
     pub schedules: BTreeMap<String, Schedule>,
@@ -341,8 +347,9 @@ impl ServerConfig {
     /// would, say, list TLS identities while still serving plaintext.
     /// `None`: `new` may take over.
     pub fn reload_refusal(&self, new: &ServerConfig) -> Option<String> {
-        let fixed: [(&str, bool); 5] = [
+        let fixed: [(&str, bool); 6] = [
             ("listen", self.listen != new.listen),
+            ("http-listen", self.http_listen != new.http_listen),
             ("base-dir", self.base_dir != new.base_dir),
             ("tls", self.tls != new.tls),
             (
@@ -386,6 +393,20 @@ impl ServerConfig {
                 ))
             }
             _ => {}
+        }
+        if let Some(http) = &self.http_listen {
+            let addr: std::net::SocketAddr = http
+                .parse()
+                .map_err(|_| Error::invalid(format!("http-listen: {http:?} is not an address:port")))?;
+            // As for `listen`: status and metrics leave the host only over
+            // TLS, and then (tls needs clients) only to a client's token.
+            if self.tls.is_none() && !addr.ip().is_loopback() {
+                return Err(Error::invalid(format!(
+                    "http-listen is allowed without tls only on a loopback address, not {http}: \
+                     configure tls (the HTTP listener then serves HTTPS with its certificate \
+                     and asks for a client's token)"
+                )));
+            }
         }
         let mtls = self.tls.as_ref().is_some_and(|t| t.client_ca.is_some());
         for (name, id) in &self.clients {
@@ -750,6 +771,25 @@ jobs:
     }
 
     const HASH: &str = "blake3:0000000000000000000000000000000000000000000000000000000000000000";
+
+    #[test]
+    fn http_listen_leaves_loopback_only_with_tls_and_is_fixed_at_start() {
+        let old = ServerConfig::from_yaml(GOOD, "old").unwrap();
+        assert_eq!(old.http_listen, None, "off unless configured");
+        let local = ServerConfig::from_yaml(&format!("{GOOD}http-listen: 127.0.0.1:9623\n"), "new").unwrap();
+        assert_eq!(local.http_listen.as_deref(), Some("127.0.0.1:9623"));
+        assert_eq!(
+            old.reload_refusal(&local).as_deref(),
+            Some("http-listen cannot change without a restart")
+        );
+        let e = ServerConfig::from_yaml(&format!("{GOOD}http-listen: 0.0.0.0:9623\n"), "t").unwrap_err();
+        assert!(e.message.contains("only on a loopback address"), "{}", e.message);
+        let e = ServerConfig::from_yaml(&format!("{GOOD}http-listen: localhost\n"), "t").unwrap_err();
+        assert!(e.message.contains("not an address:port"), "{}", e.message);
+        let tls = GOOD.replace("insecure-plaintext: true", "tls: {cert: /c.pem, key: /k.pem}")
+            + &format!("clients:\n  hv01: {{token-hash: {HASH}}}\nhttp-listen: '[::]:9623'\n");
+        ServerConfig::from_yaml(&tls, "t").unwrap();
+    }
 
     #[test]
     fn loads_security_settings() {

@@ -59,6 +59,7 @@ fn the_client_example_parses_with_every_kind_of_source() {
 fn the_server_example_names_every_key() {
     let everything = ServerConfig {
         listen: DEFAULT_LISTEN.into(),
+        http_listen: Some("127.0.0.1:9623".into()),
         base_dir: "/b".into(),
         schedules: BTreeMap::from([(
             "someschedule".into(),

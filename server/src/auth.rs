@@ -71,18 +71,7 @@ pub fn authenticate<T>(config: &ServerConfig, req: &Request<T>) -> Result<Caller
                 .strip_prefix("Bearer ")
                 .ok_or_else(|| fail("authorization header must be 'Bearer TOKEN'"))?;
             let token = check_token(token).map_err(|e| fail(&e.message))?;
-            // Compare with every identity (each in constant time) so the
-            // time taken does not depend on which one matched.
-            let mut found = None;
-            for (name, id) in &config.clients {
-                let Some(hash) = id.token_hash.as_deref().and_then(|h| TokenHash::parse(h).ok()) else {
-                    continue;
-                };
-                if hash.matches(token) {
-                    found = Some(name);
-                }
-            }
-            Some(found.ok_or_else(|| fail("invalid token"))?)
+            Some(identity_of_token(config, token).ok_or_else(|| fail("invalid token"))?)
         }
     };
     let by_cert = match req.peer_certs() {
@@ -119,6 +108,22 @@ pub fn authenticate<T>(config: &ServerConfig, req: &Request<T>) -> Result<Caller
         limit_key: format!("identity {name}"),
         peer: peer.map(|a| a.to_string()).unwrap_or_else(|| "unknown".into()),
     })
+}
+
+/// The identity a (well-formed) token belongs to. Compares with every
+/// identity, each in constant time, so the time taken does not depend on
+/// which one matched.
+pub fn identity_of_token<'a>(config: &'a ServerConfig, token: &str) -> Option<&'a String> {
+    let mut found = None;
+    for (name, id) in &config.clients {
+        let Some(hash) = id.token_hash.as_deref().and_then(|h| TokenHash::parse(h).ok()) else {
+            continue;
+        };
+        if hash.matches(token) {
+            found = Some(name);
+        }
+    }
+    found
 }
 
 /// The caller the interceptor stored with the request.

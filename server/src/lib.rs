@@ -4,9 +4,12 @@
 pub mod agent;
 pub mod audit;
 pub mod auth;
+pub mod http;
 pub mod index;
 pub mod listener;
+pub mod metrics;
 pub mod notify;
+pub mod page;
 pub mod plan;
 pub mod push;
 pub mod restore;
@@ -95,6 +98,18 @@ pub async fn serve(config: ServerConfig, preflight: Preflight, config_path: Path
     spawn_expiry(server.clone());
     scrub::spawn(server.clone());
     spawn_reload_on_hup(server.clone(), config_path);
+    // Health: SERVING from here until shutdown begins.
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_serving::<BackyServer<service::Service>>().await;
+    if let Some(http) = http::HttpListener::bind(&server.config()).await? {
+        tracing::info!(
+            "http listener on {} ({}://{}/ status page, /metrics, /healthz, /readyz)",
+            http.addr,
+            http.scheme(),
+            http.addr
+        );
+        http.spawn(server.clone());
+    }
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .with_context(|| format!("listening on {addr}"))?;
@@ -132,12 +147,15 @@ pub async fn serve(config: ServerConfig, preflight: Preflight, config_path: Path
         "connection limits"
     );
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let serving = builder.add_service(service).serve_with_incoming_shutdown(
-        listener::incoming(listener, limits, server.connections.clone()),
-        async {
-            let _ = stopped.await;
-        },
-    );
+    let serving = builder
+        .add_service(service)
+        .add_service(health_service)
+        .serve_with_incoming_shutdown(
+            listener::incoming(listener, limits, server.connections.clone()),
+            async {
+                let _ = stopped.await;
+            },
+        );
     tokio::pin!(serving);
     // Bound, configured and about to accept: a Type=notify unit is up now.
     notify::ready(&format!(
@@ -150,6 +168,9 @@ pub async fn serve(config: ServerConfig, preflight: Preflight, config_path: Path
             // No new requests; streams in flight get a grace period. Agents
             // never end theirs, so the wait is bounded: what is still open
             // then is closed (an interrupted push stays resumable).
+            server.stopping.store(true, std::sync::atomic::Ordering::Relaxed);
+            health.set_not_serving::<BackyServer<service::Service>>().await;
+            health.set_service_status("", tonic_health::ServingStatus::NotServing).await;
             tracing::info!("stopping: open streams get {} s to end", SHUTDOWN_GRACE.as_secs());
             notify::stopping(&format!("stopping: open streams get {} s to end", SHUTDOWN_GRACE.as_secs()));
             let _ = stop.send(());

@@ -133,7 +133,17 @@ pub fn stream_image(
     tx: mpsc::Sender<std::result::Result<RestoreFrame, tonic::Status>>,
 ) -> Result<bool> {
     let _reading = server.start_read(job.name(), meta.id);
-    let send = |frame: Frame| tx.blocking_send(Ok(RestoreFrame { frame: Some(frame) })).is_ok();
+    let send = |frame: Frame| {
+        let data = match &frame {
+            Frame::Data(d) => d.data.len(),
+            _ => 0,
+        };
+        let sent = tx.blocking_send(Ok(RestoreFrame { frame: Some(frame) })).is_ok();
+        if sent {
+            server.metrics.sent(data);
+        }
+        sent
+    };
     let result = (|| -> Result<bool> {
         let manifest = job.manifest(&meta)?;
         let path = job.image_path(&meta.id);

@@ -56,6 +56,7 @@ pub fn expire_locked(
     let mut deleted = Vec::new();
     for id in &plan.deleted {
         job.delete(id)?;
+        server.metrics.expired(plan.removals.get(id));
         tracing::info!(job = %job.name(), rev = %id, reason = %plan.reason(id), "expiry: deleted revision");
         deleted.push(*id);
         fault::point("expiry.deleted");

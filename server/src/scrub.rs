@@ -64,7 +64,11 @@ fn scrub_one(server: &Arc<Server>) -> Result<bool> {
             std::thread::sleep(pause);
         }
         true
-    })?;
+    })
+    .inspect_err(|_| server.metrics.scrub_done(None, 0))?;
+    server
+        .metrics
+        .scrub_done(Some(verified.bad_blocks.len()), verified.bytes_checked);
     let secs = started.elapsed().as_secs_f64();
     if verified.bad_blocks.is_empty() {
         tracing::info!(

@@ -69,10 +69,20 @@ impl Service {
         Ok(caller)
     }
 
-    fn permit(&self, caller: &Caller) -> std::result::Result<auth::StreamPermit, Status> {
+    /// A stream permit of `caller`, counted as an open stream of `kind`.
+    fn permit(&self, caller: &Caller, kind: &'static str) -> std::result::Result<Permit, Status> {
         let limit = self.server.config().limits.streams_per_client;
-        self.streams.acquire(caller, limit)
+        Ok(Permit {
+            _limit: self.streams.acquire(caller, limit)?,
+            _active: self.server.metrics.stream(kind),
+        })
     }
+}
+
+/// One open stream: its caller's permit and its place in the metrics.
+struct Permit {
+    _limit: auth::StreamPermit,
+    _active: crate::metrics::ActiveStream,
 }
 
 /// Runs blocking work off the async threads and maps its error.
@@ -162,7 +172,7 @@ impl Backy for Service {
         req: Request<ManifestRequest>,
     ) -> std::result::Result<Response<Self::ManifestStream>, Status> {
         let caller = self.check(&req, &req.get_ref().job, Action::Operate, "manifest")?;
-        let permit = self.permit(&caller)?;
+        let permit = self.permit(&caller, "manifest")?;
         let server = self.server.clone();
         let req = req.into_inner();
         let (tx, rx) = mpsc::channel(4);
@@ -197,7 +207,7 @@ impl Backy for Service {
         req: Request<Streaming<PushFrame>>,
     ) -> std::result::Result<Response<PushReply>, Status> {
         let caller = auth::caller(&req)?;
-        let _permit = self.permit(&caller)?;
+        let _permit = self.permit(&caller, "push")?;
         let idle = self.server.config().limits.idle_timeout.as_duration();
         let idle_error = || {
             tracing::warn!(
@@ -247,7 +257,9 @@ impl Backy for Service {
         let who = caller.clone();
         let writer = tokio::task::spawn_blocking(move || {
             let (job, rev) = (begin.job.clone(), begin.rev_id.clone());
+            let started = std::time::Instant::now();
             let result = crate::push::run(server.clone(), begin, rx, gate);
+            server.metrics.push_done(result.is_ok(), started.elapsed());
             if let Err(e) = &result {
                 tracing::warn!(job, "push failed: {e}");
             }
@@ -273,7 +285,10 @@ impl Backy for Service {
                 })) => continue,
                 Ok(Some(PushFrame {
                     frame: Some(Frame::Data(d)),
-                })) => Step::Data(d.offset, d.data),
+                })) => {
+                    self.server.metrics.received(d.data.len());
+                    Step::Data(d.offset, d.data)
+                }
                 Ok(Some(PushFrame {
                     frame: Some(Frame::Zero(z)),
                 })) => Step::Zero(z.offset, z.length),
@@ -375,7 +390,7 @@ impl Backy for Service {
         req: Request<JobsRequest>,
     ) -> std::result::Result<Response<Self::JobsStream>, Status> {
         let caller = auth::caller(&req)?;
-        let permit = self.permit(&caller)?;
+        let permit = self.permit(&caller, "jobs")?;
         let server = self.server.clone();
         let (tx, rx) = mpsc::channel(64);
         tokio::task::spawn_blocking(move || {
@@ -402,7 +417,7 @@ impl Backy for Service {
         req: Request<RestoreRequest>,
     ) -> std::result::Result<Response<Self::RestoreStream>, Status> {
         let caller = self.check(&req, &req.get_ref().job, Action::Operate, "restore")?;
-        let permit = self.permit(&caller)?;
+        let permit = self.permit(&caller, "restore")?;
         let server = self.server.clone();
         let req = req.into_inner();
         let (job_name, spec) = (req.job.clone(), req.revision.clone());
@@ -421,7 +436,15 @@ impl Backy for Service {
         tokio::task::spawn_blocking(move || {
             let _permit = permit;
             let (name, rev) = (job.name().to_string(), meta.id.to_string());
+            let started = std::time::Instant::now();
+            let metrics = server.clone();
             let streamed = crate::restore::stream_image(server, job, meta, tx);
+            let outcome = match &streamed {
+                Ok(true) => "completed",
+                Ok(false) => "cancelled",
+                Err(_) => "failed",
+            };
+            metrics.metrics.restore_done(outcome, started.elapsed());
             match streamed {
                 Ok(true) => audit::record(&caller, "restore", &name, &rev, audit::Outcome::Ok),
                 Ok(false) => audit::record(
@@ -445,7 +468,7 @@ impl Backy for Service {
         req: Request<VerifyRequest>,
     ) -> std::result::Result<Response<Self::VerifyStream>, Status> {
         let caller = self.check(&req, &req.get_ref().job, Action::Operate, "verify")?;
-        let permit = self.permit(&caller)?;
+        let permit = self.permit(&caller, "verify")?;
         let server = self.server.clone();
         let req = req.into_inner();
         let (job_name, spec) = (req.job.clone(), req.revisions.clone());
@@ -480,7 +503,17 @@ impl Backy for Service {
         tokio::task::spawn_blocking(move || {
             let _permit = permit;
             for meta in selected {
+                let started = std::time::Instant::now();
                 let verified = crate::revisions::verify(&server, &job, &meta, &gate, |_| !tx.is_closed());
+                match &verified {
+                    Ok(v) => server.metrics.verify_done(
+                        Some(v.bad_blocks.len()),
+                        v.bytes_checked,
+                        started.elapsed(),
+                    ),
+                    Err(_) if tx.is_closed() => {}
+                    Err(_) => server.metrics.verify_done(None, 0, started.elapsed()),
+                }
                 let rev = meta.id.to_string();
                 match &verified {
                     Ok(v) if v.bad_blocks.is_empty() => {
@@ -634,7 +667,7 @@ impl Backy for Service {
         req: Request<Streaming<AgentReport>>,
     ) -> std::result::Result<Response<Self::AgentStream>, Status> {
         let caller = auth::caller(&req)?;
-        let permit = self.permit(&caller)?;
+        let permit = self.permit(&caller, "agent")?;
         let (tx, rx) = mpsc::channel(16);
         let server = self.server.clone();
         tokio::spawn(async move {

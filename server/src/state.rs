@@ -41,6 +41,10 @@ pub struct Server {
     meta: Mutex<()>,
     /// Bounds re-digest and verify work, shared fairly between callers.
     pub work: Arc<crate::work::WorkPool>,
+    /// Counters and histograms for `/metrics`.
+    pub metrics: crate::metrics::Metrics,
+    /// Set once SIGTERM/SIGINT came: `/readyz` answers 503 from then on.
+    pub stopping: std::sync::atomic::AtomicBool,
 }
 
 impl Server {
@@ -55,6 +59,8 @@ impl Server {
             runtime: Mutex::new(HashMap::new()),
             meta: Mutex::new(()),
             work: Arc::new(crate::work::WorkPool::for_this_host()),
+            metrics: Default::default(),
+            stopping: Default::default(),
         }
     }
 
@@ -184,6 +190,7 @@ impl Server {
     /// consecutive failures now.
     pub fn record_client_failure(&self, job: &JobName, rev: Option<RevisionId>, error: &str) -> u32 {
         let failures = self.count_client_failure(job, rev, error);
+        self.metrics.push_failed_on_client();
         self.index.notify();
         failures
     }
@@ -235,6 +242,7 @@ impl Server {
             .and_then(|r| r.last_outcome)
             .is_some_and(|t| t >= ordered_at);
         if !already {
+            self.metrics.push_failed_on_client();
             self.record_outcome(job, &Err(error.to_string()));
         }
     }
