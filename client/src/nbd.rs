@@ -346,7 +346,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> NbdClient<S> {
         let mut out = VecDeque::new();
         for e in extents {
             let end = e.offset.checked_add(e.len).filter(|&end| end <= size);
-            let aligned = |x: u64| x % align == 0 || x == size;
+            let aligned = |x: u64| x.is_multiple_of(align) || x == size;
             let Some(end) = end.filter(|&end| aligned(e.offset) && aligned(end)) else {
                 return Err(NbdError::InvalidRequest(format!(
                     "read of {} bytes at {} is outside the export of {size} bytes or not aligned to {align}",

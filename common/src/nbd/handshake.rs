@@ -334,7 +334,7 @@ impl GoReplies {
                     && min <= 65536
                     && min <= preferred
                     && min <= max
-                    && max % min == 0)
+                    && max.is_multiple_of(min))
                 {
                     return Err(NbdError::Negotiation(format!(
                         "inconsistent block sizes: min {min}, preferred {preferred}, max {max}"

@@ -237,7 +237,7 @@ pub fn parse_chunk(kind: u16, payload: &[u8]) -> Result<Chunk<'_>> {
             })
         }
         CHUNK_BLOCK_STATUS => {
-            if n < 12 || (n - 4) % 8 != 0 {
+            if n < 12 || !(n - 4).is_multiple_of(8) {
                 return Err(NbdError::BadLength {
                     what: "NBD_REPLY_TYPE_BLOCK_STATUS",
                     expected: "4 + 8 per descriptor, at least one".into(),
