@@ -16,6 +16,7 @@ pub mod job;
 pub mod logging;
 pub mod manifest;
 pub mod nbd;
+pub mod qemu;
 pub mod ranges;
 pub mod rbd_diff;
 pub mod resume;
