@@ -150,11 +150,15 @@ fn the_client_example_names_every_key() {
             keyring: Some("/k".into()),
             hooks,
         },
+        SourceSpec::Qemu { image: "/q".into() },
     ];
     // A new kind of source fails to compile here: add it above.
     for s in &sources {
         match s {
-            SourceSpec::File { .. } | SourceSpec::Block { .. } | SourceSpec::CephRbd { .. } => {}
+            SourceSpec::File { .. }
+            | SourceSpec::Block { .. }
+            | SourceSpec::CephRbd { .. }
+            | SourceSpec::Qemu { .. } => {}
         }
         assert!(
             CLIENT.contains(&format!("type: {}", s.kind())),

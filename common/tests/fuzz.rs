@@ -220,11 +220,8 @@ fn nbd_replies_like() -> impl Strategy<Value = Vec<u8>> {
     let chunk = (any::<u16>(), 0u64..4, 0u8..5, part, any::<u32>()).prop_map(
         |(flags, cookie, kind, (num, den), x)| {
             let (req_offset, req_len) = REQUESTS.get(cookie as usize).copied().unwrap_or((0, 4096));
-            let len = if den == 0 {
-                1 + u64::from(x % 8192)
-            } else {
-                req_len / den
-            };
+            // (_, 0): a random length.
+            let len = req_len.checked_div(den).unwrap_or(1 + u64::from(x % 8192));
             let offset = req_offset + req_len * num / den.max(1);
             let data = vec![0x5a; len.clamp(1, 65536) as usize];
             let chunk = match kind {

@@ -466,7 +466,7 @@ mod tests {
         assert_eq!(client_flags(Greeting { no_zeroes: false }), [0, 0, 0, 1]);
         assert_eq!(parse_greeting(&greeting(0)), Err(NbdError::NotFixedNewstyle));
         let mut old = greeting(1);
-        old[8..16].copy_from_slice(&0x0042_0281_8612_53u64.to_be_bytes());
+        old[8..16].copy_from_slice(&0x0000_4202_8186_1253_u64.to_be_bytes());
         assert!(matches!(parse_greeting(&old), Err(NbdError::BadMagic { .. })));
         let mut http = greeting(1);
         http[..8].copy_from_slice(b"HTTP/1.1");
