@@ -14,8 +14,9 @@
 //!    (`qemu:dirty-bitmap:backy-<parent id>`), which become the source's
 //!    changed extents;
 //! 4. after the push, qemu-nbd is killed, then on commit the parent's
-//!    bitmap is removed ([`QemuSession::commit`]), on failure the new one
-//!    (dropping the session).
+//!    bitmap (and any other `backy-*` one, left by a crashed push) is
+//!    removed ([`QemuSession::commit`]), on failure the new one (dropping
+//!    the session).
 //!
 //! Without a usable parent bitmap the push reads everything and compares
 //! with the parent's digests, and says why. A running guest (QMP, backup
@@ -27,7 +28,7 @@ use crate::nbd::{NbdClient, NbdClientError, READ_DEPTH, STATUS_LEN};
 use backy_common::nbd::reply::select;
 use backy_common::nbd::{CONTEXT_BASE_ALLOCATION, CONTEXT_DIRTY_BITMAP_PREFIX, STATE_DIRTY, STATE_HOLE};
 use backy_common::qemu::{bitmap_name, ImageInfo};
-use backy_common::ranges::Extent;
+use backy_common::ranges::{round_out, Extent, GRANULE};
 use backy_common::{Error, Result};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -73,7 +74,6 @@ fn bitmap(image: &Path, op: &str, name: &str) -> Result<()> {
 pub struct QemuSession {
     image: PathBuf,
     new_bitmap: String,
-    parent_bitmap: String,
     nbd: Option<Child>,
     committed: bool,
     _dir: tempfile::TempDir,
@@ -92,9 +92,12 @@ impl QemuSession {
     pub fn commit(mut self) -> Result<()> {
         self.stop_nbd();
         self.committed = true;
+        // The parent's bitmap, and any left by pushes that crashed before
+        // they could remove theirs: only the new one is ever needed again.
         let info = image_info(&self.image)?;
-        if info.bitmap(&self.parent_bitmap).is_some() {
-            bitmap(&self.image, "--remove", &self.parent_bitmap)?;
+        let keep = [self.new_bitmap.clone()];
+        for old in info.stray_backy_bitmaps(&keep) {
+            bitmap(&self.image, "--remove", &old.name)?;
         }
         Ok(())
     }
@@ -143,7 +146,6 @@ pub fn open(image: &Path, rev_id: &str, parent_id: &str) -> Result<Opened> {
             info.format
         )));
     }
-    let parent_bitmap = bitmap_name(parent_id);
     let parent = info.parent_bitmap(parent_id).map(|b| b.name.clone());
     let new_bitmap = bitmap_name(rev_id);
     if info.bitmap(&new_bitmap).is_some() {
@@ -158,7 +160,6 @@ pub fn open(image: &Path, rev_id: &str, parent_id: &str) -> Result<Opened> {
     let mut session = QemuSession {
         image: image.to_path_buf(),
         new_bitmap: new_bitmap.clone(),
-        parent_bitmap,
         nbd: None,
         committed: false,
         _dir: dir,
@@ -206,7 +207,11 @@ pub fn open(image: &Path, rev_id: &str, parent_id: &str) -> Result<Opened> {
         .first()
         .map(|s| select(s, |f| f & STATE_HOLE == 0))
         .unwrap_or_default();
-    let changed = status.get(1).map(|s| select(s, |f| f & STATE_DIRTY != 0));
+    // Whole 64 KiB granules whatever the bitmap's granularity: blocks are
+    // split no finer than for range lists (README: How it works).
+    let changed = status
+        .get(1)
+        .map(|s| round_out(&select(s, |f| f & STATE_DIRTY != 0), GRANULE, size));
     let full_read_reason = match (&parent, parent_id.is_empty()) {
         (Err(why), false) => Some(why.clone()),
         _ => None,
