@@ -39,7 +39,7 @@ pub(crate) fn stream_closed() -> Error {
 #[derive(Debug, Clone)]
 pub struct PushArgs {
     pub job: JobName,
-    /// A path (file or block device) or `rbd:POOL/IMAGE`; default:
+    /// A path (file or block device), `rbd:POOL/IMAGE` or `qemu:IMAGE`; default:
     /// `configured`.
     pub source: Option<String>,
     /// The job's source (with its hooks) in this hypervisor's client
