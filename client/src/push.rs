@@ -186,6 +186,8 @@ async fn push_planned(
             tracing::info!(job, "reading the whole image: {why}");
             full_read = opened.full_read_reason.clone();
         }
+        // Dropped on any error below: that removes the new bitmap, in this
+        // thread on purpose (the process may exit right after the error).
         qemu = Some(opened.session);
         Box::new(opened.source) as Box<dyn source::Source>
     } else {
