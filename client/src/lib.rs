@@ -10,6 +10,7 @@ pub mod check;
 pub mod connect;
 pub mod frames;
 pub mod manifest;
+pub mod nbd;
 pub mod output;
 pub mod progress;
 pub mod push;

@@ -295,7 +295,7 @@ struct PushCmd {
     #[arg(value_name = "JOB", value_parser = parse_job)]
     job: JobName,
 
-    /// Image file, block device or rbd:POOL/IMAGE to read [default: the job's source in this client config]
+    /// Image file, block device, rbd:POOL/IMAGE or qemu:IMAGE.qcow2 to read [default: the job's source in this client config]
     #[arg(long, value_name = "PATH")]
     source: Option<String>,
 

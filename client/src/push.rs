@@ -39,7 +39,7 @@ pub(crate) fn stream_closed() -> Error {
 #[derive(Debug, Clone)]
 pub struct PushArgs {
     pub job: JobName,
-    /// A path (file or block device) or `rbd:POOL/IMAGE`; default:
+    /// A path (file or block device), `rbd:POOL/IMAGE` or `qemu:IMAGE`; default:
     /// `configured`.
     pub source: Option<String>,
     /// The job's source (with its hooks) in this hypervisor's client
@@ -70,6 +70,9 @@ pub struct Pushed {
     pub expired: Vec<String>,
     /// Where an interrupted push of this revision was resumed.
     pub resumed_at: Option<u64>,
+    /// Why a source that tracks its changes was read whole.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub full_read: Option<String>,
 }
 
 impl fmt::Display for Pushed {
@@ -85,6 +88,9 @@ impl fmt::Display for Pushed {
         )?;
         if let Some(at) = self.resumed_at {
             write!(f, " (resumed at {})", format_bytes(at))?;
+        }
+        if let Some(why) = &self.full_read {
+            write!(f, " (read whole: {why})")?;
         }
         match self.expired.len() {
             0 => Ok(()),
@@ -169,7 +175,22 @@ async fn push_planned(
         return crate::rbd_push::push(client, args, plan, &spec, progress, started).await;
     }
     // Hooks run here (pre-snapshot may take long): off the async workers.
-    let mut source = {
+    let mut qemu = None;
+    let mut full_read = None;
+    let mut source = if let SourceSpec::Qemu { image } = &spec {
+        let (image, id, parent) = (image.clone(), plan.new_id.clone(), plan.parent_id.clone());
+        let opened = tokio::task::spawn_blocking(move || source::qemu::open(&image, &id, &parent))
+            .await
+            .map_err(|e| Error::internal(format!("opening the source: {e}")))??;
+        if let Some(why) = &opened.full_read_reason {
+            tracing::info!(job, "reading the whole image: {why}");
+            full_read = opened.full_read_reason.clone();
+        }
+        // Dropped on any error below: that removes the new bitmap, in this
+        // thread on purpose (the process may exit right after the error).
+        qemu = Some(opened.session);
+        Box::new(opened.source) as Box<dyn source::Source>
+    } else {
         let (spec, job, id) = (spec.clone(), job.to_string(), plan.new_id.clone());
         tokio::task::spawn_blocking(move || source::open(&spec, &job, &id))
             .await
@@ -260,6 +281,18 @@ async fn push_planned(
     let revision = reply
         .revision
         .ok_or_else(|| Error::internal("server reply names no revision"))?;
+    if let Some(session) = qemu {
+        // Committed on the server: the parent's bitmap has served. Failing
+        // to drop it only leaves a bitmap behind.
+        let done = tokio::task::spawn_blocking(move || session.commit()).await;
+        if let Ok(Err(e)) = done {
+            tracing::warn!(
+                job,
+                "could not remove the parent revision's bitmap: {}",
+                e.message
+            );
+        }
+    }
     check_committed(&revision, &scanned)?;
     Ok(Pushed {
         job: job.to_string(),
@@ -273,6 +306,7 @@ async fn push_planned(
             .map(|id| crate::view::revision_id(id))
             .collect(),
         resumed_at: resume.then_some(plan.resume_checkpoint),
+        full_read,
     })
 }
 
@@ -584,6 +618,7 @@ mod tests {
             duration_secs: 2.34,
             expired: vec!["a".into(), "b".into()],
             resumed_at: None,
+            full_read: None,
         };
         assert_eq!(
             pushed.to_string(),

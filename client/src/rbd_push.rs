@@ -232,6 +232,7 @@ async fn push_snapshot(
         duration_secs: started.elapsed().as_secs_f64(),
         expired: reply.expired,
         resumed_at: None,
+        full_read: None,
     })
 }
 

@@ -15,6 +15,8 @@ pub mod id;
 pub mod job;
 pub mod logging;
 pub mod manifest;
+pub mod nbd;
+pub mod qemu;
 pub mod ranges;
 pub mod rbd_diff;
 pub mod resume;

@@ -110,6 +110,31 @@ pub fn coalesce(mut extents: Vec<Extent>) -> Vec<Extent> {
     out
 }
 
+/// Extents widened to whole `granule`s (aligned in the image), cut at
+/// `size`, merged: change lists from outside (QEMU bitmaps of any
+/// granularity) then split blocks no finer than range lists do.
+pub fn round_out(extents: &[Extent], granule: u64, size: u64) -> Vec<Extent> {
+    let g = granule.max(1);
+    let widened = extents
+        .iter()
+        .filter(|e| e.len > 0 && e.offset < size)
+        .map(|e| {
+            let start = e.offset / g * g;
+            let end = e
+                .offset
+                .saturating_add(e.len)
+                .div_ceil(g)
+                .saturating_mul(g)
+                .min(size);
+            Extent {
+                offset: start,
+                len: end - start,
+            }
+        })
+        .collect();
+    coalesce(widened)
+}
+
 /// Block indexes an extent touches.
 pub fn blocks_of(e: Extent, block_size: u32) -> std::ops::Range<u64> {
     let bs = block_size as u64;
@@ -123,6 +148,27 @@ pub fn blocks_of(e: Extent, block_size: u32) -> std::ops::Range<u64> {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn round_out_widens_to_granules() {
+        let e = |offset, len| Extent { offset, len };
+        let got = round_out(
+            &[
+                e(4096, 10),
+                e(65536 + 4096, 4096),
+                e(200_000, 1),
+                e(0, 0),
+                e(1000, 1),
+            ],
+            65536,
+            200_001,
+        );
+        assert_eq!(got, [e(0, 131072), e(196608, 3393)]);
+        assert_eq!(
+            round_out(&[e(u64::MAX - 1, 1)], 65536, u64::MAX),
+            [e(u64::MAX / 65536 * 65536, u64::MAX % 65536)]
+        );
+    }
 
     #[test]
     fn classify_table() {

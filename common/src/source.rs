@@ -60,7 +60,19 @@ pub enum SourceSpec {
         #[serde(default, skip_serializing_if = "Hooks::is_empty")]
         hooks: Hooks,
     },
+    /// A QEMU disk image (qcow2) of a stopped guest: read through
+    /// `qemu-nbd`, with a persistent dirty bitmap per revision so that an
+    /// incremental push reads only what changed since its parent.
+    Qemu { image: PathBuf },
 }
+
+/// No hooks (sources that take no snapshot of their own).
+const NO_HOOKS: Hooks = Hooks {
+    pre_snapshot: None,
+    post_snapshot: None,
+    cleanup: None,
+    hook_timeout: None,
+};
 
 impl Hooks {
     pub fn is_empty(&self) -> bool {
@@ -75,6 +87,7 @@ impl SourceSpec {
             SourceSpec::File { .. } => "file",
             SourceSpec::Block { .. } => "block",
             SourceSpec::CephRbd { .. } => "ceph-rbd",
+            SourceSpec::Qemu { .. } => "qemu",
         }
     }
 
@@ -83,6 +96,7 @@ impl SourceSpec {
             SourceSpec::File { hooks, .. }
             | SourceSpec::Block { hooks, .. }
             | SourceSpec::CephRbd { hooks, .. } => hooks,
+            SourceSpec::Qemu { .. } => &NO_HOOKS,
         }
     }
 
@@ -95,8 +109,14 @@ impl SourceSpec {
     }
 
     /// Parses a command-line source: a path (file or block device, decided
-    /// by the caller's `is_block` probe) or `rbd:POOL/IMAGE`.
+    /// by the caller's `is_block` probe), `rbd:POOL/IMAGE` or `qemu:IMAGE`.
     pub fn from_cli(s: &str, is_block: impl Fn(&str) -> bool) -> Result<Self> {
+        if let Some(image) = s.strip_prefix("qemu:") {
+            if image.is_empty() {
+                return Err(Error::invalid(format!("bad qemu source {s:?}: use qemu:IMAGE")));
+            }
+            return Ok(SourceSpec::Qemu { image: image.into() });
+        }
         if let Some(rest) = s.strip_prefix("rbd:") {
             let (pool, image) = rest
                 .split_once('/')
@@ -166,5 +186,17 @@ mod tests {
             "file"
         );
         assert!(SourceSpec::from_cli("rbd:nopool", |_| false).is_err());
+        let q = SourceSpec::from_cli("qemu:/vm/disk.qcow2", |_| false).unwrap();
+        assert_eq!(
+            q,
+            SourceSpec::Qemu {
+                image: "/vm/disk.qcow2".into()
+            }
+        );
+        assert!(q.hooks().is_empty());
+        assert!(SourceSpec::from_cli("qemu:", |_| false).is_err());
+        let y: SourceSpec = serde_yaml::from_str("{type: qemu, image: /vm/disk.qcow2}").unwrap();
+        assert_eq!(y, q);
+        assert!(serde_yaml::from_str::<SourceSpec>("{type: qemu, image: x, hooks: {}}").is_err());
     }
 }

@@ -43,7 +43,7 @@ fn the_server_example_parses_and_shows_the_defaults() {
 fn the_client_example_parses_with_every_kind_of_source() {
     let cfg = ClientConfig::from_yaml(CLIENT, "client.yaml").unwrap();
     let kinds: BTreeSet<&str> = cfg.jobs.values().map(|j| j.source.kind()).collect();
-    assert_eq!(kinds, BTreeSet::from(["block", "ceph-rbd", "file"]));
+    assert_eq!(kinds, BTreeSet::from(["block", "ceph-rbd", "file", "qemu"]));
     // The server example's jobs for this hypervisor's identity.
     let server = ServerConfig::from_yaml(SERVER, "server.yaml").unwrap();
     for name in cfg.jobs.keys() {
@@ -151,11 +151,15 @@ fn the_client_example_names_every_key() {
             keyring: Some("/k".into()),
             hooks,
         },
+        SourceSpec::Qemu { image: "/q".into() },
     ];
     // A new kind of source fails to compile here: add it above.
     for s in &sources {
         match s {
-            SourceSpec::File { .. } | SourceSpec::Block { .. } | SourceSpec::CephRbd { .. } => {}
+            SourceSpec::File { .. }
+            | SourceSpec::Block { .. }
+            | SourceSpec::CephRbd { .. }
+            | SourceSpec::Qemu { .. } => {}
         }
         assert!(
             CLIENT.contains(&format!("type: {}", s.kind())),

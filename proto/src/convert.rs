@@ -59,6 +59,7 @@ pub fn source_kind(name: &str) -> wire::SourceKind {
         "file" => wire::SourceKind::File,
         "block" => wire::SourceKind::Block,
         "ceph-rbd" => wire::SourceKind::CephRbd,
+        "qemu" => wire::SourceKind::Qemu,
         _ => wire::SourceKind::Unspecified,
     }
 }
@@ -69,6 +70,7 @@ pub fn source_kind_name(kind: wire::SourceKind) -> &'static str {
         wire::SourceKind::File => "file",
         wire::SourceKind::Block => "block",
         wire::SourceKind::CephRbd => "ceph-rbd",
+        wire::SourceKind::Qemu => "qemu",
         wire::SourceKind::Unspecified => "unknown",
     }
 }

@@ -11,6 +11,7 @@ pub mod block;
 pub mod file;
 pub mod hooks;
 pub mod process;
+pub mod qemu;
 pub mod rbd;
 
 use backy_common::ranges::Extent;
@@ -71,6 +72,12 @@ pub fn open(spec: &SourceSpec, job: &str, rev_id: &str) -> Result<Box<dyn Source
             // Pushes read them as diffs (rbd_push); there is no block access.
             return Err(Error::invalid(
                 "a ceph-rbd source cannot be read block by block (only files and block devices can)",
+            ));
+        }
+        SourceSpec::Qemu { .. } => {
+            // Pushes read them through qemu-nbd with their bitmaps (qemu::open).
+            return Err(Error::invalid(
+                "a qemu source is read by push only (through qemu-nbd); compare a restored image instead",
             ));
         }
     };
