@@ -5,7 +5,7 @@
 //! what it reads or runs: an order for a job this hypervisor's client
 //! config does not list is reported as failed and nothing runs.
 
-use crate::connect::{connect_with, status_error, Client, Credentials};
+use crate::connect::{connect_within, status_error, Client, Credentials};
 use crate::push::{push, PushArgs};
 use backy_common::config::ClientConfig;
 use backy_common::{Error, JobName, Result};
@@ -48,11 +48,22 @@ impl JobsConfig {
     }
 }
 
+/// How the agent connects and runs.
+#[derive(Debug, Clone)]
+pub struct AgentOptions {
+    /// The client identity whose jobs it runs.
+    pub name: String,
+    /// Pushes at the same time.
+    pub workers: u32,
+    /// How long each connection attempt may take (`--timeout`).
+    pub connect_timeout: Duration,
+}
+
 /// Runs until interrupted.
-pub async fn run(url: &str, creds: &Credentials, name: &str, workers: u32, jobs: JobsConfig) -> Result<()> {
+pub async fn run(url: &str, creds: &Credentials, options: &AgentOptions, jobs: JobsConfig) -> Result<()> {
     let mut backoff = Duration::from_secs(1);
     loop {
-        match session(url, creds, name, workers, &jobs, &mut backoff).await {
+        match session(url, creds, options, &jobs, &mut backoff).await {
             Ok(()) => tracing::warn!("server closed the agent stream; reconnecting"),
             Err(e) => tracing::warn!("agent session ended: {e}; reconnecting in {}s", backoff.as_secs()),
         }
@@ -64,12 +75,12 @@ pub async fn run(url: &str, creds: &Credentials, name: &str, workers: u32, jobs:
 async fn session(
     url: &str,
     creds: &Credentials,
-    name: &str,
-    workers: u32,
+    options: &AgentOptions,
     jobs: &JobsConfig,
     backoff: &mut Duration,
 ) -> Result<()> {
-    let mut client = connect_with(url, creds).await?;
+    let (name, workers) = (options.name.as_str(), options.workers);
+    let mut client = connect_within(url, creds, options.connect_timeout).await?;
     let (reports, rx) = mpsc::channel(16);
     reports
         .send(AgentReport {

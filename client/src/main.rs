@@ -543,7 +543,12 @@ async fn dispatch(
                 .to_string(),
         };
         let jobs = agent::JobsConfig::new(cli.config.clone(), config.clone(), config_name);
-        agent::run(url, creds, &name, cmd.workers, jobs).await?;
+        let options = agent::AgentOptions {
+            name,
+            workers: cmd.workers,
+            connect_timeout: std::time::Duration::from_secs(cli.timeout),
+        };
+        agent::run(url, creds, &options, jobs).await?;
         return Ok(0);
     }
     let progress = progress::Terminal::if_wanted(cli.json || cli.quiet);
