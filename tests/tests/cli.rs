@@ -33,6 +33,21 @@ fn one_job(dir: &Path) -> (Server, PathBuf) {
     (Server::start_config(&dir.join("store"), &config), img)
 }
 
+/// A server config (plaintext on a loopback port 0, base-dir `DIR/store`)
+/// with `rest` (schedules, jobs) for servers the test starts itself;
+/// returns its path.
+fn plaintext_config(dir: &Path, rest: &str) -> PathBuf {
+    let base = dir.join("store");
+    std::fs::create_dir(&base).unwrap();
+    let config = dir.join("server.yaml");
+    let text = format!(
+        "listen: 127.0.0.1:0\nbase-dir: {}\ninsecure-plaintext: true\n{rest}",
+        base.display()
+    );
+    std::fs::write(&config, text).unwrap();
+    config
+}
+
 fn client_bare(args: &[&str]) -> Output {
     Command::new(bin("backy-client"))
         .args(args)
@@ -95,17 +110,10 @@ fn bad_arguments_exit_2_and_3_for_check() {
 #[test]
 fn check_config_takes_config_on_either_side_and_counts_right() {
     let dir = tempfile::tempdir().unwrap();
-    let base = dir.path().join("store");
-    std::fs::create_dir(&base).unwrap();
-    let config = dir.path().join("server.yaml");
-    std::fs::write(
-        &config,
-        format!(
-            "listen: 127.0.0.1:0\nbase-dir: {}\ninsecure-plaintext: true\nschedules:\n  s: {{daily: {{interval: 1d, keep: 3}}}}\njobs:\n  vm1: {{schedule: s}}\n",
-            base.display()
-        ),
-    )
-    .unwrap();
+    let config = plaintext_config(
+        dir.path(),
+        "schedules:\n  s: {daily: {interval: 1d, keep: 3}}\njobs:\n  vm1: {schedule: s}\n",
+    );
     let path = config.to_str().unwrap();
     for args in [
         ["check-config", "--config", path],
@@ -359,17 +367,7 @@ fn status_lines_show_ages_and_what_an_operator_looks_for() {
 #[test]
 fn journald_lines_carry_priorities() {
     let dir = tempfile::tempdir().unwrap();
-    let base = dir.path().join("store");
-    std::fs::create_dir(&base).unwrap();
-    let config = dir.path().join("server.yaml");
-    std::fs::write(
-        &config,
-        format!(
-            "listen: 127.0.0.1:0\nbase-dir: {}\ninsecure-plaintext: true\njobs:\n  vm1: {{schedule: none}}\n",
-            base.display()
-        ),
-    )
-    .unwrap();
+    let config = plaintext_config(dir.path(), "jobs:\n  vm1: {schedule: none}\n");
     let log = dir.path().join("journal.log");
     let file = std::fs::File::create(&log).unwrap();
     let meta = file.metadata().unwrap();
