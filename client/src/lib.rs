@@ -14,6 +14,7 @@ pub mod nbd;
 pub mod output;
 pub mod progress;
 pub mod push;
+pub mod qmp;
 pub mod rbd_push;
 pub mod restore;
 pub mod revisions;

@@ -177,13 +177,18 @@ async fn push_planned(
     // Hooks run here (pre-snapshot may take long): off the async workers.
     let mut qemu = None;
     let mut full_read = None;
-    let mut source = if let SourceSpec::Qemu { image } = &spec {
-        let (image, id, parent) = (image.clone(), plan.new_id.clone(), plan.parent_id.clone());
-        let opened = tokio::task::spawn_blocking(move || source::qemu::open(&image, &id, &parent))
+    let mut source = if let SourceSpec::Qemu(qemu_spec) = &spec {
+        let (qemu_spec, job, id, parent) = (
+            qemu_spec.clone(),
+            job.to_string(),
+            plan.new_id.clone(),
+            plan.parent_id.clone(),
+        );
+        let opened = tokio::task::spawn_blocking(move || source::qemu::open(&qemu_spec, &job, &id, &parent))
             .await
             .map_err(|e| Error::internal(format!("opening the source: {e}")))??;
         if let Some(why) = &opened.full_read_reason {
-            tracing::info!(job, "reading the whole image: {why}");
+            tracing::info!(job = args.job.as_str(), "reading the whole disk: {why}");
             full_read = opened.full_read_reason.clone();
         }
         // Dropped on any error below: that removes the new bitmap, in this
@@ -207,13 +212,24 @@ async fn push_planned(
         }
         source = Box::new(crate::changed_ranges::KnownChanges::new(source, changed));
     }
-    let resume = plan.resume && plan.resume_size == size;
+    // A qemu source's instant is taken anew by each attempt (the fleecing
+    // view or bitmap of the last one is gone): blocks from an earlier
+    // attempt would mix two instants.
+    let resumable = qemu.is_none();
+    let resume = plan.resume && plan.resume_size == size && resumable;
     if plan.resume && !resume {
-        tracing::info!(
-            job,
-            "not resuming the interrupted push: it had {} bytes, the source now {size}",
-            plan.resume_size
-        );
+        if resumable {
+            tracing::info!(
+                job,
+                "not resuming the interrupted push: it had {} bytes, the source now {size}",
+                plan.resume_size
+            );
+        } else {
+            tracing::info!(
+                job,
+                "not resuming the interrupted push: a qemu source is read from a new instant"
+            );
+        }
     }
     let baseline = if resume {
         tracing::info!(
@@ -239,7 +255,7 @@ async fn push_planned(
         source_snapshot: source.snapshot().to_string(),
         force: args.force,
         resume,
-        resumable: true,
+        resumable,
         allow_unscheduled: args.allow_unscheduled,
         allow_shrink: args.allow_shrink,
     };

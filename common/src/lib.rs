@@ -17,6 +17,7 @@ pub mod logging;
 pub mod manifest;
 pub mod nbd;
 pub mod qemu;
+pub mod qmp;
 pub mod ranges;
 pub mod rbd_diff;
 pub mod resume;

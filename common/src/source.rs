@@ -60,19 +60,132 @@ pub enum SourceSpec {
         #[serde(default, skip_serializing_if = "Hooks::is_empty")]
         hooks: Hooks,
     },
-    /// A QEMU disk image (qcow2) of a stopped guest: read through
-    /// `qemu-nbd`, with a persistent dirty bitmap per revision so that an
-    /// incremental push reads only what changed since its parent.
-    Qemu { image: PathBuf },
+    /// A QEMU disk: a qcow2 image of a stopped guest, or a running
+    /// guest's disk node through QMP; persistent dirty bitmaps make an
+    /// incremental push read only what changed since its parent.
+    Qemu(QemuSpec),
 }
 
-/// No hooks (sources that take no snapshot of their own).
-const NO_HOOKS: Hooks = Hooks {
-    pre_snapshot: None,
-    post_snapshot: None,
-    cleanup: None,
-    hook_timeout: None,
-};
+/// A `type: qemu` source: exactly one of `image:` or `qmp:` (with `node:`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "RawQemuSpec", into = "RawQemuSpec")]
+pub struct QemuSpec {
+    pub disk: QemuDisk,
+    pub hooks: Hooks,
+}
+
+/// Where a qemu source's disk is.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum QemuDisk {
+    /// A qcow2 file no QEMU has open, read through `qemu-nbd`.
+    Image(PathBuf),
+    /// A disk of a running QEMU, read through its QMP socket and NBD
+    /// server from a point-in-time (fleecing) view.
+    Running {
+        qmp: PathBuf,
+        /// The block node, or the drive id (`query-block` device) or guest
+        /// device whose medium it is.
+        node: String,
+        /// Where the fleecing overlay lives (default: /var/tmp); it holds
+        /// the old data of what the guest overwrites during the backup.
+        scratch_dir: Option<PathBuf>,
+    },
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+struct RawQemuSpec {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    image: Option<PathBuf>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    qmp: Option<PathBuf>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    node: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    scratch_dir: Option<PathBuf>,
+    #[serde(default, skip_serializing_if = "Hooks::is_empty")]
+    hooks: Hooks,
+}
+
+impl TryFrom<RawQemuSpec> for QemuSpec {
+    type Error = String;
+
+    fn try_from(raw: RawQemuSpec) -> std::result::Result<Self, String> {
+        let disk = match (raw.image, raw.qmp, raw.node) {
+            (Some(image), None, None) => {
+                if raw.scratch_dir.is_some() {
+                    return Err("scratch-dir is for a running guest (qmp:), not an image".into());
+                }
+                QemuDisk::Image(image)
+            }
+            (None, Some(qmp), Some(node)) if !node.is_empty() => QemuDisk::Running {
+                qmp,
+                node,
+                scratch_dir: raw.scratch_dir,
+            },
+            (None, Some(_), _) => {
+                return Err("a qmp: source needs node: (the disk's block node or drive id)".into())
+            }
+            (Some(_), Some(_), _) => {
+                return Err("give either image: (a stopped guest) or qmp: (a running one), not both".into())
+            }
+            (Some(_), None, Some(_)) => return Err("node: goes with qmp:, not image:".into()),
+            (None, None, _) => return Err(
+                "a qemu source needs image: (a stopped guest's qcow2) or qmp: and node: (a running guest)"
+                    .into(),
+            ),
+        };
+        Ok(QemuSpec {
+            disk,
+            hooks: raw.hooks,
+        })
+    }
+}
+
+impl From<QemuSpec> for RawQemuSpec {
+    fn from(spec: QemuSpec) -> Self {
+        let mut raw = RawQemuSpec {
+            image: None,
+            qmp: None,
+            node: None,
+            scratch_dir: None,
+            hooks: spec.hooks,
+        };
+        match spec.disk {
+            QemuDisk::Image(image) => raw.image = Some(image),
+            QemuDisk::Running {
+                qmp,
+                node,
+                scratch_dir,
+            } => {
+                raw.qmp = Some(qmp);
+                raw.node = Some(node);
+                raw.scratch_dir = scratch_dir;
+            }
+        }
+        raw
+    }
+}
+
+impl QemuSpec {
+    pub fn image(image: impl Into<PathBuf>) -> Self {
+        QemuSpec {
+            disk: QemuDisk::Image(image.into()),
+            hooks: Hooks::default(),
+        }
+    }
+
+    pub fn running(qmp: impl Into<PathBuf>, node: impl Into<String>) -> Self {
+        QemuSpec {
+            disk: QemuDisk::Running {
+                qmp: qmp.into(),
+                node: node.into(),
+                scratch_dir: None,
+            },
+            hooks: Hooks::default(),
+        }
+    }
+}
 
 impl Hooks {
     pub fn is_empty(&self) -> bool {
@@ -87,7 +200,7 @@ impl SourceSpec {
             SourceSpec::File { .. } => "file",
             SourceSpec::Block { .. } => "block",
             SourceSpec::CephRbd { .. } => "ceph-rbd",
-            SourceSpec::Qemu { .. } => "qemu",
+            SourceSpec::Qemu(_) => "qemu",
         }
     }
 
@@ -96,7 +209,7 @@ impl SourceSpec {
             SourceSpec::File { hooks, .. }
             | SourceSpec::Block { hooks, .. }
             | SourceSpec::CephRbd { hooks, .. } => hooks,
-            SourceSpec::Qemu { .. } => &NO_HOOKS,
+            SourceSpec::Qemu(q) => &q.hooks,
         }
     }
 
@@ -109,13 +222,24 @@ impl SourceSpec {
     }
 
     /// Parses a command-line source: a path (file or block device, decided
-    /// by the caller's `is_block` probe), `rbd:POOL/IMAGE` or `qemu:IMAGE`.
+    /// by the caller's `is_block` probe), `rbd:POOL/IMAGE`, `qemu:IMAGE` or
+    /// `qmp:SOCKET:NODE` (a running guest's disk).
     pub fn from_cli(s: &str, is_block: impl Fn(&str) -> bool) -> Result<Self> {
         if let Some(image) = s.strip_prefix("qemu:") {
             if image.is_empty() {
                 return Err(Error::invalid(format!("bad qemu source {s:?}: use qemu:IMAGE")));
             }
-            return Ok(SourceSpec::Qemu { image: image.into() });
+            return Ok(SourceSpec::Qemu(QemuSpec::image(image)));
+        }
+        if let Some(rest) = s.strip_prefix("qmp:") {
+            return match rest.rsplit_once(':') {
+                Some((socket, node)) if !socket.is_empty() && !node.is_empty() => {
+                    Ok(SourceSpec::Qemu(QemuSpec::running(socket, node)))
+                }
+                _ => Err(Error::invalid(format!(
+                    "bad qmp source {s:?}: use qmp:SOCKET:NODE (the QMP socket, the disk's node or drive id)"
+                ))),
+            };
         }
         if let Some(rest) = s.strip_prefix("rbd:") {
             let (pool, image) = rest
@@ -187,16 +311,55 @@ mod tests {
         );
         assert!(SourceSpec::from_cli("rbd:nopool", |_| false).is_err());
         let q = SourceSpec::from_cli("qemu:/vm/disk.qcow2", |_| false).unwrap();
-        assert_eq!(
-            q,
-            SourceSpec::Qemu {
-                image: "/vm/disk.qcow2".into()
-            }
-        );
+        assert_eq!(q, SourceSpec::Qemu(QemuSpec::image("/vm/disk.qcow2")));
         assert!(q.hooks().is_empty());
         assert!(SourceSpec::from_cli("qemu:", |_| false).is_err());
         let y: SourceSpec = serde_yaml::from_str("{type: qemu, image: /vm/disk.qcow2}").unwrap();
         assert_eq!(y, q);
-        assert!(serde_yaml::from_str::<SourceSpec>("{type: qemu, image: x, hooks: {}}").is_err());
+        let r = SourceSpec::from_cli("qmp:/run/vm1.qmp:drive-virtio-disk0", |_| false).unwrap();
+        assert_eq!(
+            r,
+            SourceSpec::Qemu(QemuSpec::running("/run/vm1.qmp", "drive-virtio-disk0"))
+        );
+        for bad in ["qmp:", "qmp:/run/vm1.qmp", "qmp::disk0", "qmp:/run/vm1.qmp:"] {
+            let e = SourceSpec::from_cli(bad, |_| false).unwrap_err();
+            assert!(e.message.contains("use qmp:SOCKET:NODE"), "{bad}: {}", e.message);
+        }
+    }
+
+    #[test]
+    fn qemu_yaml_forms() {
+        let yaml = "{type: qemu, qmp: /run/vm1.qmp, node: disk0, scratch-dir: /srv/tmp, \
+                    hooks: {pre-snapshot: 'virsh domfsfreeze vm1'}}";
+        let s: SourceSpec = serde_yaml::from_str(yaml).unwrap();
+        let SourceSpec::Qemu(q) = &s else { panic!("{s:?}") };
+        assert_eq!(
+            q.disk,
+            QemuDisk::Running {
+                qmp: "/run/vm1.qmp".into(),
+                node: "disk0".into(),
+                scratch_dir: Some("/srv/tmp".into())
+            }
+        );
+        assert_eq!(s.hooks().pre_snapshot.as_deref(), Some("virsh domfsfreeze vm1"));
+        assert_eq!(SourceSpec::from_json(&s.to_json()).unwrap(), s);
+        let img: SourceSpec =
+            serde_yaml::from_str("{type: qemu, image: x, hooks: {cleanup: 'true'}}").unwrap();
+        assert_eq!(SourceSpec::from_json(&img.to_json()).unwrap(), img);
+        for (bad, want) in [
+            ("{type: qemu}", "needs image:"),
+            ("{type: qemu, qmp: /q}", "needs node:"),
+            ("{type: qemu, qmp: /q, node: ''}", "needs node:"),
+            ("{type: qemu, image: x, qmp: /q, node: d}", "not both"),
+            ("{type: qemu, image: x, node: d}", "node: goes with qmp:"),
+            (
+                "{type: qemu, image: x, scratch-dir: /t}",
+                "scratch-dir is for a running guest",
+            ),
+            ("{type: qemu, image: x, colour: red}", "unknown field `colour`"),
+        ] {
+            let e = serde_yaml::from_str::<SourceSpec>(bad).unwrap_err().to_string();
+            assert!(e.contains(want), "{bad}: {e}");
+        }
     }
 }

@@ -4,7 +4,7 @@
 //! accept: a new config field without its example fails here.
 
 use backy_common::config::*;
-use backy_common::source::{Hooks, SourceSpec};
+use backy_common::source::{Hooks, QemuDisk, QemuSpec, SourceSpec};
 use backy_common::units::Interval;
 use backy_common::JobName;
 use std::collections::{BTreeMap, BTreeSet};
@@ -151,7 +151,15 @@ fn the_client_example_names_every_key() {
             keyring: Some("/k".into()),
             hooks,
         },
-        SourceSpec::Qemu { image: "/q".into() },
+        SourceSpec::Qemu(QemuSpec::image("/q")),
+        SourceSpec::Qemu(QemuSpec {
+            disk: QemuDisk::Running {
+                qmp: "/q".into(),
+                node: "n".into(),
+                scratch_dir: Some("/s".into()),
+            },
+            hooks: Hooks::default(),
+        }),
     ];
     // A new kind of source fails to compile here: add it above.
     for s in &sources {
@@ -159,7 +167,7 @@ fn the_client_example_names_every_key() {
             SourceSpec::File { .. }
             | SourceSpec::Block { .. }
             | SourceSpec::CephRbd { .. }
-            | SourceSpec::Qemu { .. } => {}
+            | SourceSpec::Qemu(_) => {}
         }
         assert!(
             CLIENT.contains(&format!("type: {}", s.kind())),

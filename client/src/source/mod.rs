@@ -74,10 +74,10 @@ pub fn open(spec: &SourceSpec, job: &str, rev_id: &str) -> Result<Box<dyn Source
                 "a ceph-rbd source cannot be read block by block (only files and block devices can)",
             ));
         }
-        SourceSpec::Qemu { .. } => {
-            // Pushes read them through qemu-nbd with their bitmaps (qemu::open).
+        SourceSpec::Qemu(_) => {
+            // Pushes read them over NBD with their bitmaps (qemu::open).
             return Err(Error::invalid(
-                "a qemu source is read by push only (through qemu-nbd); compare a restored image instead",
+                "a qemu source is read by push only (over NBD, from a point-in-time view); compare a restored image instead",
             ));
         }
     };
