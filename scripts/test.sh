@@ -28,6 +28,38 @@ if ((${#need[@]})); then
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
 fi
+# tests/tests/qemu_running.rs: a QEMU without a guest stands in for a VM.
+# Its version must match qemu-utils': Debian 12's qemu-system-x86 (7.2)
+# conflicts with bookworm-backports' qemu-utils (10.0) and apt would
+# remove the latter, so it comes from where qemu-utils came from (a
+# private sources list, /etc/apt untouched; --no-remove either way).
+if ! command -v qemu-system-x86_64 >/dev/null; then
+  [ "$(id -u)" = 0 ] || { echo "test.sh: qemu-system-x86 missing and not root to install it" >&2; exit 1; }
+  qver=$(dpkg-query -W -f '${Version}' qemu-utils)
+  echo "test.sh: installing qemu-system-x86 $qver"
+  export DEBIAN_FRONTEND=noninteractive
+  apt_dir=$(mktemp -d /tmp/backy-apt.XXXXXX)
+  mkdir -p "$apt_dir/lists/partial" "$apt_dir/archives/partial"
+  cat > "$apt_dir/sources.list" <<'SOURCES'
+deb http://deb.debian.org/debian bookworm main
+deb http://deb.debian.org/debian bookworm-updates main
+deb http://deb.debian.org/debian-security bookworm-security main
+deb http://deb.debian.org/debian bookworm-backports main
+SOURCES
+  apt_opts=(-o "Dir::Etc::sourcelist=$apt_dir/sources.list" -o "Dir::Etc::sourceparts=-"
+            -o "Dir::State::lists=$apt_dir/lists" -o "Dir::Cache::archives=$apt_dir/archives"
+            -o APT::Sandbox::User=root)
+  apt-get "${apt_opts[@]}" update -qq
+  if [[ $qver == *bpo* ]]; then
+    apt-get "${apt_opts[@]}" install -y -qq --no-install-recommends --no-remove \
+      "qemu-system-x86/bookworm-backports" "qemu-system-common/bookworm-backports" \
+      "qemu-system-data/bookworm-backports" >/dev/null
+  else
+    apt-get "${apt_opts[@]}" install -y -qq --no-install-recommends --no-remove qemu-system-x86 >/dev/null
+  fi
+  rm -rf "$apt_dir"
+  qemu-system-x86_64 --version | head -1
+fi
 if [ "$(id -u)" != 0 ]; then
   echo "test.sh: the end-to-end tests mount loop filesystems and need root" >&2
   exit 1
