@@ -104,9 +104,15 @@ fn pushes_read_the_dirty_granules_and_keep_one_bitmap() {
     qemu_write(&img, 0x22, 40 * MIB, 4 * MIB);
     let base = dir.path().join("backy");
     std::fs::create_dir_all(&base).unwrap();
+    let log = dir.path().join("hooks.log");
+    let fail = dir.path().join("fail-pre");
     let jobs = format!(
-        "  vm1: {{schedule: none, source: {{type: qemu, image: {}}}}}\n",
-        img.display()
+        "  vm1: {{schedule: none, source: {{type: qemu, image: {}, hooks: {{\
+         pre-snapshot: 'echo pre $BACKY_SOURCE >> {l}; test ! -e {f}', \
+         post-snapshot: 'echo post >> {l}', cleanup: 'echo cleanup >> {l}'}}}}}}\n",
+        img.display(),
+        l = log.display(),
+        f = fail.display()
     );
     let server = Server::start(&base, &jobs);
 
@@ -124,6 +130,24 @@ fn pushes_read_the_dirty_granules_and_keep_one_bitmap() {
         .map(|r| r["id"].as_str().unwrap().to_string())
         .collect();
     assert_eq!(names(&img), [format!("backy-{}", ids[0])]);
+    assert_eq!(
+        std::fs::read_to_string(&log).unwrap(),
+        format!("pre {}\npost\ncleanup\n", img.display())
+    );
+    // A failing pre-snapshot hook: no push, no new bitmap, and the guest
+    // is still thawed.
+    std::fs::write(&fail, "").unwrap();
+    let out = push(&server, &[]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("pre-snapshot hook"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(names(&img), [format!("backy-{}", ids[0])]);
+    let hooks_ran = format!("pre {}\npost\ncleanup\n", img.display());
+    assert_eq!(std::fs::read_to_string(&log).unwrap(), hooks_ran.repeat(2));
+    std::fs::remove_file(&fail).unwrap();
     let raw1 = dir.path().join("at1.raw");
     raw_copy(&img, &raw1);
 
