@@ -220,9 +220,19 @@ pub fn resolve_node<'a>(
     if let Some(node) = by_name(name) {
         return Ok(node);
     }
+    // A guest device shows as its id, or as the QOM path of its backend
+    // (`/machine/peripheral/virtio-disk0/virtio-backend`).
+    let peripheral = format!("/machine/peripheral/{name}");
+    let is_device = |qdev: &str| {
+        qdev == name
+            || qdev == peripheral
+            || qdev
+                .strip_prefix(peripheral.as_str())
+                .is_some_and(|r| r.starts_with('/'))
+    };
     let via_device = devices
         .iter()
-        .filter(|d| d.device == name || d.qdev == name)
+        .filter(|d| d.device == name || is_device(&d.qdev))
         .find_map(|d| d.inserted.as_ref())
         .and_then(|i| by_name(&i.node_name));
     via_device.ok_or_else(|| {
@@ -542,6 +552,11 @@ mod tests {
             resolve_node(&nodes, &devices, "drive0").unwrap().node_name,
             "disk0"
         );
+        assert_eq!(
+            resolve_node(&nodes, &devices, "virtio-disk0").unwrap().node_name,
+            "disk0"
+        );
+        assert!(resolve_node(&nodes, &devices, "virtio-disk").is_err());
         assert_eq!(
             resolve_node(&nodes, &devices, "virtio-disk1").unwrap().node_name,
             "backy-fleece"
