@@ -19,6 +19,7 @@ command -v python3 >/dev/null || need+=(python3)
 command -v rsync >/dev/null || need+=(rsync)
 command -v restic >/dev/null || need+=(restic)
 command -v borg >/dev/null || need+=(borgbackup)
+command -v qemu-img >/dev/null || need+=(qemu-utils)
 if ((${#need[@]})); then
   echo "bench.sh: installing ${need[*]}"
   export DEBIAN_FRONTEND=noninteractive
