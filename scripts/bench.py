@@ -266,9 +266,10 @@ def main():
     os.mkdir(mnt)
     fs_img = os.path.join(work, "fs.img")
     data_bytes = int(args.size * args.data)
-    # Image, sparse copy, restore, backy store, rsync target, restic and borg
-    # repos each hold up to the data once; metadata and slack on top.
-    fs_size = max(512 * MIB, int(data_bytes * (4 + len(peers)) * 1.3) + GIB)
+    # Image, sparse copy, restore, backy store, the qcow2 copy and its
+    # store, rsync target, restic and borg repos each hold up to the data
+    # once; metadata and slack on top.
+    fs_size = max(512 * MIB, int(data_bytes * (6 + len(peers)) * 1.3) + GIB)
     with open(fs_img, "wb") as f:
         f.truncate(fs_size)
     run(["mkfs.btrfs", "-q", fs_img])

@@ -3,7 +3,7 @@
 //! about a disk's dirty bitmaps, and the commands of one backup (pure: the
 //! client's `qmp` module does the socket I/O).
 //!
-//! One backup of a running disk node `N` (docs/DESIGN.md, "QEMU sources"):
+//! One backup of a running disk node `N` (docs/DESIGN.md, "Push"):
 //!
 //! 1. a qcow2 overlay [`FLEECE_NODE`] backed by `N` (image fleecing);
 //! 2. one `transaction` ([`begin_transaction`]): `blockdev-backup

@@ -257,3 +257,31 @@ fn pushes_read_the_dirty_granules_and_keep_one_bitmap() {
         .collect();
     assert_eq!(names(&img), [format!("backy-{}", ids[4])]);
 }
+
+#[test]
+fn a_raw_image_is_read_whole_and_says_why() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("vm1.raw");
+    make_image(&img, 16 * MIB, &[(0, 4 * MIB)]);
+    let base = dir.path().join("backy");
+    std::fs::create_dir_all(&base).unwrap();
+    let jobs = format!(
+        "  vm1: {{schedule: none, source: {{type: qemu, image: {}}}}}\n",
+        img.display()
+    );
+    let server = Server::start(&base, &jobs);
+    let first = pushed(&server);
+    assert!(first.get("full_read").is_none(), "{first}");
+    assert_eq!(first["bytes_sent"].as_u64(), Some(4 * MIB));
+    write_at(&img, 9 * MIB, b"changed");
+    let second = pushed(&server);
+    let why = second["full_read"].as_str().unwrap_or_default();
+    assert!(
+        why.ends_with("vm1.raw is a raw image: dirty bitmaps persist only in qcow2"),
+        "{second}"
+    );
+    // The changed block, found by comparing digests.
+    assert_eq!(second["bytes_sent"].as_u64(), Some(G));
+    let id = server.revisions("vm1")[1]["id"].as_str().unwrap().to_string();
+    check_restore(&server, dir.path(), &id, &img);
+}

@@ -65,7 +65,8 @@ fn bitmap(image: &Path, op: &str, name: &str) -> Result<()> {
 /// The image and its bitmaps around one push; see the module docs.
 pub struct ImageSession {
     image: PathBuf,
-    new_bitmap: String,
+    /// None for formats without bitmaps.
+    new_bitmap: Option<String>,
     nbd: Option<Child>,
     committed: bool,
     _dir: tempfile::TempDir,
@@ -86,10 +87,13 @@ impl ImageSession {
     pub fn commit(mut self) -> Result<()> {
         self.stop_nbd();
         self.committed = true;
+        let Some(new_bitmap) = self.new_bitmap.clone() else {
+            return Ok(());
+        };
         // The parent's bitmap, and any left by pushes that crashed before
         // they could remove theirs: only the new one is ever needed again.
         let info = image_info(&self.image)?;
-        let keep = [self.new_bitmap.clone()];
+        let keep = [new_bitmap];
         for old in info.stray_backy_bitmaps(&keep) {
             bitmap(&self.image, "--remove", &old.name)?;
         }
@@ -100,10 +104,10 @@ impl ImageSession {
 impl Drop for ImageSession {
     fn drop(&mut self) {
         self.stop_nbd();
-        if !self.committed {
+        if let Some(name) = self.new_bitmap.as_deref().filter(|_| !self.committed) {
             // The push failed: its bitmap marks an instant no revision has.
-            if let Err(e) = bitmap(&self.image, "--remove", &self.new_bitmap) {
-                tracing::warn!("could not remove bitmap {}: {}", self.new_bitmap, e.message);
+            if let Err(e) = bitmap(&self.image, "--remove", name) {
+                tracing::warn!("could not remove bitmap {name}: {}", e.message);
             }
         }
     }
@@ -113,21 +117,27 @@ impl Drop for ImageSession {
 /// none) from `image`. Blocking: run it off the async workers.
 pub fn open(image: &Path, mut hooks: HookRunner, rev_id: &str, parent_id: &str) -> Result<Opened> {
     let info = image_info(image)?;
-    if info.format != "qcow2" {
-        return Err(Error::invalid(format!(
-            "{}: a qemu source must be a qcow2 image (persistent dirty bitmaps need it), not {}",
+    // Other formats (raw, vmdk, ...) are read whole and compared with the
+    // parent's digests every time: only qcow2 stores bitmaps.
+    let qcow2 = info.format == "qcow2";
+    let parent = if qcow2 {
+        info.parent_bitmap(parent_id).map(|b| b.name.clone())
+    } else {
+        Err(format!(
+            "{} is a {} image: dirty bitmaps persist only in qcow2",
             image.display(),
             info.format
-        )));
-    }
-    let parent = info.parent_bitmap(parent_id).map(|b| b.name.clone());
-    let new_bitmap = bitmap_name(rev_id);
-    if info.bitmap(&new_bitmap).is_some() {
+        ))
+    };
+    let new_bitmap = qcow2.then(|| bitmap_name(rev_id));
+    if let Some(name) = new_bitmap.as_deref().filter(|n| info.bitmap(n).is_some()) {
         // Left by an earlier attempt at this revision: this one's instant is now.
-        bitmap(image, "--remove", &new_bitmap)?;
+        bitmap(image, "--remove", name)?;
     }
     hooks.pre_snapshot()?;
-    bitmap(image, "--add", &new_bitmap)?;
+    if let Some(name) = &new_bitmap {
+        bitmap(image, "--add", name)?;
+    }
     let dir = tempfile::Builder::new()
         .prefix("backy-qemu-")
         .tempdir()
@@ -144,7 +154,7 @@ pub fn open(image: &Path, mut hooks: HookRunner, rev_id: &str, parent_id: &str) 
     session.hooks.post_snapshot()?;
     let socket = session._dir.path().join("nbd.sock");
     let mut cmd = Command::new("qemu-nbd");
-    cmd.args(["--read-only", "-f", "qcow2"])
+    cmd.args(["--read-only", "-f", &info.format])
         .arg(format!("--socket={}", socket.display()));
     if let Ok(name) = &parent {
         cmd.arg("-B").arg(name);
@@ -158,7 +168,8 @@ pub fn open(image: &Path, mut hooks: HookRunner, rev_id: &str, parent_id: &str) 
     session.nbd = Some(child);
     wait_for_socket(&mut session, &socket)?;
 
-    let source = QemuSource::connect(&socket, "", parent.as_deref().ok(), &new_bitmap)?;
+    let label = new_bitmap.as_deref().unwrap_or_default();
+    let source = QemuSource::connect(&socket, "", parent.as_deref().ok(), label)?;
     if source.size != info.virtual_size {
         return Err(Error::internal(format!(
             "qemu-nbd exports {} bytes of {}, qemu-img says {}",
