@@ -258,6 +258,8 @@ pub fn resolve_node<'a>(
 
 /// The parent revision's bitmap on `node` when an incremental push can
 /// trust it, else why not (the push then reads everything and compares).
+/// A non-persistent one (a raw disk's) is as good while it exists: it has
+/// recorded since the parent's instant in this same QEMU run.
 pub fn parent_bitmap<'a>(
     node: &'a BlockNode,
     parent_id: &str,
@@ -274,7 +276,6 @@ pub fn parent_bitmap<'a>(
         Some(b) if b.inconsistent => Err(format!(
             "bitmap {name} is inconsistent (QEMU did not close the image cleanly)"
         )),
-        Some(b) if !b.persistent => Err(format!("bitmap {name} is not persistent")),
         Some(b) if !b.recording => Err(format!("bitmap {name} is disabled")),
         Some(b) if b.busy => Err(format!("bitmap {name} is in use by another operation")),
         Some(b) => Ok(b),

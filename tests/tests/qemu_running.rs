@@ -30,13 +30,19 @@ const SIZE: u64 = 64 * MIB;
 /// QMP socket for backy and one for the test.
 struct Vm {
     dir: PathBuf,
+    /// The disk file's name and format.
+    disk: (&'static str, &'static str),
     child: Option<Child>,
     test: Option<(UnixStream, BufReader<UnixStream>)>,
 }
 
 impl Vm {
     fn start(dir: &Path) -> Vm {
-        let img = dir.join("disk.qcow2");
+        Vm::start_with(dir, ("disk.qcow2", "qcow2"))
+    }
+
+    fn start_with(dir: &Path, disk: (&'static str, &'static str)) -> Vm {
+        let img = dir.join(disk.0);
         let (backy, test) = (dir.join("backy.qmp"), dir.join("test.qmp"));
         let _ = std::fs::remove_file(&backy);
         let _ = std::fs::remove_file(&test);
@@ -52,7 +58,8 @@ impl Vm {
             ])
             .arg("-drive")
             .arg(format!(
-                "if=none,id=drive0,node-name=disk0,format=qcow2,file={}",
+                "if=none,id=drive0,node-name=disk0,format={},file={}",
+                disk.1,
                 img.display()
             ))
             .arg("-qmp")
@@ -65,6 +72,7 @@ impl Vm {
             .expect("qemu-system-x86_64 (apt install qemu-system-x86)");
         let mut vm = Vm {
             dir: dir.to_path_buf(),
+            disk,
             child: Some(child),
             test: None,
         };
@@ -159,7 +167,7 @@ impl Vm {
     }
 
     fn restart(&mut self) {
-        let mut vm = Vm::start(&self.dir);
+        let mut vm = Vm::start_with(&self.dir, self.disk);
         self.child = vm.child.take();
         self.test = vm.test.take();
     }
@@ -397,5 +405,45 @@ fn a_running_guest_names_what_is_wrong() {
         assert!(server.revisions(job).is_empty());
     }
     assert_eq!(vm.state(), (vec![], vec![]));
+    vm.quit();
+}
+
+#[test]
+fn a_raw_disk_is_incremental_while_qemu_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let mut model = vec![0u8; 16 * MIB as usize];
+    let img = d.join("disk.raw");
+    std::fs::File::create(&img)
+        .unwrap()
+        .set_len(model.len() as u64)
+        .unwrap();
+    let mut vm = Vm::start_with(d, ("disk.raw", "raw"));
+    vm.write(&mut model, 0x11, 0, 2 * MIB);
+    let base = d.join("backy");
+    std::fs::create_dir_all(&base).unwrap();
+    let jobs = format!(
+        "  vm1: {{schedule: none, source: {{type: qemu, qmp: {}, node: disk0, scratch-dir: {}}}}}\n",
+        d.join("backy.qmp").display(),
+        d.display()
+    );
+    let server = Server::start(&base, &jobs);
+    let push = || pushed(server.client(&["--json", "push", "vm1", "--force"]));
+    push();
+    // The bitmap lives in QEMU's memory: incremental while it runs...
+    vm.write(&mut model, 0x22, 5 * MIB, 100);
+    let second = push();
+    assert!(second.get("full_read").is_none(), "{second}");
+    assert_eq!(second["bytes_sent"].as_u64(), Some(G));
+    check_restore(&server, d, &newest_id(&server), &model);
+    // ...and gone with a restart.
+    let id2 = newest_id(&server);
+    vm.quit();
+    vm.restart();
+    vm.write(&mut model, 0x33, 9 * MIB, 100);
+    let third = push();
+    let why = third["full_read"].as_str().unwrap_or_default();
+    assert!(why.contains(&format!("has no bitmap backy-{id2}")), "{third}");
+    check_restore(&server, d, &newest_id(&server), &model);
     vm.quit();
 }
