@@ -20,6 +20,7 @@ pub mod qemu;
 pub mod qmp;
 pub mod ranges;
 pub mod rbd_diff;
+pub mod replicate;
 pub mod resume;
 pub mod revision;
 pub mod schedule;

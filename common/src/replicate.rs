@@ -1,0 +1,272 @@
+//! Pull replication: a second server keeping a copy of another's
+//! revisions. What one round fetches and from which base, what the replica
+//! removes when it mirrors the source's expiry, and how far behind it is.
+//! Pure: the replica's worker does the I/O.
+//!
+//! Rules (docs/DESIGN.md, "Replication"):
+//! - revisions are copied oldest first, under the same id, so "the same
+//!   revision" means the same id on both servers;
+//! - a revision distrusted on the source is not copied (partial ones are
+//!   never listed);
+//! - each copy is based on the newest revision both servers hold that is
+//!   older than it and that the replica trusts; only blocks whose digests
+//!   differ from that base travel; without one, everything does;
+//! - mirroring the source's expiry removes a copy only once the source has
+//!   a newer revision, never the replica's newest and never one tagged
+//!   `manual:`: a source that lost everything (or answers with an empty
+//!   list) costs the replica nothing.
+
+use crate::id::RevisionId;
+use crate::revision::{is_manual_tag, Trust};
+use chrono::{DateTime, Utc};
+use std::collections::{BTreeSet, HashMap};
+use std::time::Duration;
+
+/// A revision as one side lists it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Listed {
+    pub id: RevisionId,
+    pub timestamp: DateTime<Utc>,
+    pub trust: Trust,
+    pub tags: BTreeSet<String>,
+}
+
+/// One revision to fetch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Transfer {
+    pub id: RevisionId,
+    /// The revision both sides hold that the transfer is relative to;
+    /// `None`: a full transfer.
+    pub base: Option<RevisionId>,
+}
+
+fn oldest_first(revs: &[Listed]) -> Vec<&Listed> {
+    let mut sorted: Vec<&Listed> = revs.iter().collect();
+    sorted.sort_by_key(|r| (r.timestamp, r.id));
+    sorted
+}
+
+/// The transfers of one round, in order: every revision the source has
+/// and the replica lacks, but distrusted ones, oldest first, each based on
+/// the newest older revision both hold (counting the ones fetched before
+/// it in this round) that the replica trusts.
+pub fn plan(source: &[Listed], replica: &[Listed]) -> Vec<Transfer> {
+    let on_source: HashMap<RevisionId, &Listed> = source.iter().map(|r| (r.id, r)).collect();
+    // Candidate bases: held by both, trusted here.
+    let mut bases: Vec<(DateTime<Utc>, RevisionId)> = replica
+        .iter()
+        .filter(|r| r.trust.usable_as_parent() && on_source.contains_key(&r.id))
+        .map(|r| (r.timestamp, r.id))
+        .collect();
+    let held: BTreeSet<RevisionId> = replica.iter().map(|r| r.id).collect();
+    let mut out = Vec::new();
+    for rev in oldest_first(source) {
+        if held.contains(&rev.id) || !rev.trust.usable_as_parent() {
+            continue;
+        }
+        let base = bases
+            .iter()
+            .filter(|(t, id)| (*t, *id) < (rev.timestamp, rev.id))
+            .max()
+            .map(|(_, id)| *id);
+        out.push(Transfer { id: rev.id, base });
+        bases.push((rev.timestamp, rev.id));
+    }
+    out
+}
+
+/// What the replica removes to mirror the source's expiry: copies the
+/// source no longer lists, once the source has a newer revision than
+/// them; never the replica's newest, never one with a `manual:` tag.
+pub fn mirror_expiry(source: &[Listed], replica: &[Listed]) -> Vec<RevisionId> {
+    let Some(source_newest) = source.iter().map(|r| r.timestamp).max() else {
+        return Vec::new();
+    };
+    let listed: BTreeSet<RevisionId> = source.iter().map(|r| r.id).collect();
+    let newest_here = oldest_first(replica).last().map(|r| r.id);
+    oldest_first(replica)
+        .into_iter()
+        .filter(|r| !listed.contains(&r.id))
+        .filter(|r| r.timestamp < source_newest)
+        .filter(|r| Some(r.id) != newest_here)
+        .filter(|r| !r.tags.iter().any(|t| is_manual_tag(t)))
+        .map(|r| r.id)
+        .collect()
+}
+
+/// How far a replica is behind its source.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Lag {
+    /// Copyable source revisions the replica does not have.
+    pub missing: usize,
+    /// Age of the oldest of them: how long the replica has been incomplete
+    /// (zero when nothing is missing).
+    pub behind: Duration,
+    /// The newest revision the replica holds that the source also has or
+    /// had (by timestamp), if any.
+    pub newest_replicated: Option<DateTime<Utc>>,
+}
+
+pub fn lag(source: &[Listed], replica: &[Listed], now: DateTime<Utc>) -> Lag {
+    let held: BTreeSet<RevisionId> = replica.iter().map(|r| r.id).collect();
+    let missing: Vec<&Listed> = oldest_first(source)
+        .into_iter()
+        .filter(|r| r.trust.usable_as_parent() && !held.contains(&r.id))
+        .collect();
+    let behind = missing
+        .first()
+        .map(|r| (now - r.timestamp).to_std().unwrap_or_default())
+        .unwrap_or_default();
+    Lag {
+        missing: missing.len(),
+        behind,
+        newest_replicated: replica.iter().map(|r| r.timestamp).max(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(s: &str) -> DateTime<Utc> {
+        chrono::NaiveDateTime::parse_from_str(s, "%Y-%m-%d %H:%M")
+            .unwrap()
+            .and_utc()
+    }
+
+    /// Revisions named by a letter; the same letter is the same id on both sides.
+    fn id(c: char) -> RevisionId {
+        let mut bytes = [0u8; 16];
+        bytes[15] = c as u8;
+        RevisionId::from(uuid::Uuid::from_bytes(bytes))
+    }
+
+    fn rev(c: char, when: &str, trust: Trust, tags: &[&str]) -> Listed {
+        Listed {
+            id: id(c),
+            timestamp: at(when),
+            trust,
+            tags: tags.iter().map(|t| t.to_string()).collect(),
+        }
+    }
+
+    fn ok(c: char, when: &str) -> Listed {
+        rev(c, when, Trust::Trusted, &["daily"])
+    }
+
+    fn t(c: char, base: Option<char>) -> Transfer {
+        Transfer {
+            id: id(c),
+            base: base.map(id),
+        }
+    }
+
+    #[test]
+    fn plans() {
+        let a = ok('a', "2026-12-01 01:00");
+        let b = ok('b', "2026-12-02 01:00");
+        let c = ok('c', "2026-12-03 01:00");
+        let d = ok('d', "2026-12-04 01:00");
+        let bad = |r: &Listed| Listed {
+            trust: Trust::Distrusted,
+            ..r.clone()
+        };
+        let cases: Vec<(&str, Vec<Listed>, Vec<Listed>, Vec<Transfer>)> = vec![
+            ("empty source: nothing", vec![], vec![a.clone()], vec![]),
+            (
+                "first round: full, then each on the one before, oldest first",
+                vec![c.clone(), a.clone(), b.clone()],
+                vec![],
+                vec![t('a', None), t('b', Some('a')), t('c', Some('b'))],
+            ),
+            (
+                "up to date: nothing",
+                vec![a.clone(), b.clone()],
+                vec![a.clone(), b.clone()],
+                vec![],
+            ),
+            (
+                "the newest common base",
+                vec![a.clone(), b.clone(), c.clone(), d.clone()],
+                vec![a.clone(), b.clone()],
+                vec![t('c', Some('b')), t('d', Some('c'))],
+            ),
+            (
+                "a base the source expired is no base",
+                vec![c.clone(), d.clone()],
+                vec![a.clone(), b.clone()],
+                vec![t('c', None), t('d', Some('c'))],
+            ),
+            (
+                "distrusted on the source: not copied, not a base",
+                vec![a.clone(), bad(&b), c.clone()],
+                vec![a.clone()],
+                vec![t('c', Some('a'))],
+            ),
+            (
+                "distrusted here: not a base (and not fetched again)",
+                vec![a.clone(), b.clone(), c.clone()],
+                vec![a.clone(), bad(&b)],
+                vec![t('c', Some('a'))],
+            ),
+            (
+                "an older gap is filled from the base before it",
+                vec![a.clone(), b.clone(), c.clone()],
+                vec![a.clone(), c.clone()],
+                vec![t('b', Some('a'))],
+            ),
+        ];
+        for (name, source, replica, want) in cases {
+            assert_eq!(plan(&source, &replica), want, "{name}");
+        }
+    }
+
+    #[test]
+    fn mirroring_expiry() {
+        let a = ok('a', "2026-12-01 01:00");
+        let b = ok('b', "2026-12-02 01:00");
+        let c = ok('c', "2026-12-03 01:00");
+        let m = rev('m', "2026-11-01 01:00", Trust::Trusted, &["manual:keep"]);
+        let ids = |v: Vec<RevisionId>| -> Vec<RevisionId> { v };
+        // The source expired a: it goes, b stays (listed), m stays (manual).
+        assert_eq!(
+            mirror_expiry(
+                &[b.clone(), c.clone()],
+                &[m.clone(), a.clone(), b.clone(), c.clone()]
+            ),
+            ids(vec![id('a')])
+        );
+        // A source that lists nothing (wiped, or a cut listing) removes nothing.
+        assert!(mirror_expiry(&[], &[a.clone(), b.clone()]).is_empty());
+        // Not before the source has something newer.
+        assert!(mirror_expiry(&[a.clone()], &[b.clone()]).is_empty());
+        // Never the replica's newest, even when the source has newer ones.
+        let e = ok('e', "2026-12-05 01:00");
+        assert!(mirror_expiry(&[e.clone()], &[c.clone()]).is_empty());
+        assert_eq!(
+            mirror_expiry(&[e.clone()], &[b.clone(), c.clone()]),
+            ids(vec![id('b')])
+        );
+    }
+
+    #[test]
+    fn lag_is_the_age_of_the_oldest_missing_revision() {
+        let a = ok('a', "2026-12-01 01:00");
+        let b = ok('b', "2026-12-02 01:00");
+        let c = ok('c', "2026-12-03 01:00");
+        let now = at("2026-12-03 07:00");
+        let l = lag(&[a.clone(), b.clone(), c.clone()], &[a.clone()], now);
+        assert_eq!(l.missing, 2);
+        assert_eq!(l.behind, Duration::from_secs(30 * 3600));
+        assert_eq!(l.newest_replicated, Some(a.timestamp));
+        let l = lag(&[a.clone(), b.clone()], &[a.clone(), b.clone()], now);
+        assert_eq!((l.missing, l.behind), (0, Duration::ZERO));
+        // Distrusted revisions are not owed.
+        let bad = Listed {
+            trust: Trust::Distrusted,
+            ..c.clone()
+        };
+        assert_eq!(lag(&[a.clone(), bad], &[a], now).missing, 0);
+        assert_eq!(lag(&[], &[], now).newest_replicated, None);
+    }
+}
