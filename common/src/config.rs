@@ -117,6 +117,9 @@ pub enum Role {
     ReadOnly,
     /// Everything on every job (operators).
     Admin,
+    /// A second server copying revisions: status, manifests and revision
+    /// data of its `jobs` (all when unset); it changes nothing.
+    Replica,
 }
 
 /// One client identity: a bearer token (stored hashed), a client
@@ -133,6 +136,9 @@ pub struct ClientIdentity {
     /// `backy-server cert-fingerprint FILE`.
     #[serde(default)]
     pub cert_fingerprint: Option<String>,
+    /// For a `replica`: the jobs it may copy (default: every job).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jobs: Option<Vec<JobName>>,
 }
 
 /// Bounds on what one client may hold open.
@@ -433,6 +439,12 @@ impl ServerConfig {
             if id.token_hash.is_none() && id.cert_fingerprint.is_none() {
                 return Err(Error::invalid(format!(
                     "{}: give token-hash or cert-fingerprint",
+                    what()
+                )));
+            }
+            if id.jobs.is_some() && id.role != Role::Replica {
+                return Err(Error::invalid(format!(
+                    "{}: jobs: is for a replica identity (role: replica); a hypervisor's jobs name it as their client",
                     what()
                 )));
             }
@@ -865,6 +877,14 @@ jobs:
                 "clients: hv01: token hash must start",
             ),
             (format!("{GOOD}clients:\n  hv01: {{}}\n"), "give token-hash"),
+            (
+                format!("{GOOD}clients:\n  hv01: {{token-hash: {HASH}, jobs: [vm1]}}\n"),
+                "clients: hv01: jobs: is for a replica identity",
+            ),
+            (
+                format!("{GOOD}clients:\n  hv01: {{token-hash: {HASH}}}\n  r: {{role: replica, token-hash: {HASH}, jobs: [../x]}}\n"),
+                "clients",
+            ),
             (
                 format!("{GOOD}clients:\n  hv01: {{cert-fingerprint: {HASH}}}\n"),
                 "needs tls.client-ca",

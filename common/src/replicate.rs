@@ -17,6 +17,7 @@
 //!   list) costs the replica nothing.
 
 use crate::id::RevisionId;
+use crate::manifest::Manifest;
 use crate::revision::{is_manual_tag, Trust};
 use chrono::{DateTime, Utc};
 use std::collections::{BTreeSet, HashMap};
@@ -92,6 +93,16 @@ pub fn mirror_expiry(source: &[Listed], replica: &[Listed]) -> Vec<RevisionId> {
         .filter(|r| !r.tags.iter().any(|t| is_manual_tag(t)))
         .map(|r| r.id)
         .collect()
+}
+
+/// Whether `block` of `target` holds what the same block of `base` does,
+/// so a receiver that starts from its copy of `base` needs nothing for it.
+pub fn same_block(base: &Manifest, target: &Manifest, block: u64) -> bool {
+    base.block_size() == target.block_size()
+        && base.block_offset(block) < base.image_size()
+        && base.block_len(block) == target.block_len(block)
+        && base.get(block).is_some()
+        && base.get(block) == target.get(block)
 }
 
 /// How far a replica is behind its source.
@@ -247,6 +258,23 @@ mod tests {
             mirror_expiry(&[e.clone()], &[b.clone(), c.clone()]),
             ids(vec![id('b')])
         );
+    }
+
+    #[test]
+    fn blocks_the_base_already_has() {
+        let bs = 4096u32;
+        let mut base = Manifest::new(3 * 4096 + 100, bs);
+        let mut target = Manifest::new(4 * 4096, bs);
+        for b in 0..3 {
+            base.set(b, crate::manifest::digest(&[b as u8; 4096])).unwrap();
+            target.set(b, crate::manifest::digest(&[b as u8; 4096])).unwrap();
+        }
+        target.set(1, crate::manifest::digest(b"changed")).unwrap();
+        let same: Vec<bool> = (0..4).map(|b| same_block(&base, &target, b)).collect();
+        // Block 3: base's short tail of 100 bytes, the target's full block.
+        assert_eq!(same, [true, false, true, false]);
+        let other = Manifest::new(4 * 4096, 8192);
+        assert!(!same_block(&other, &target, 0), "block sizes differ");
     }
 
     #[test]

@@ -31,8 +31,9 @@ pub struct Caller {
 pub enum Action {
     /// Status and check.
     Read,
-    /// Everything else: plan, push, manifest, restore, verify, distrust,
-    /// tags, forget.
+    /// Reading stored data: manifests and restore streams.
+    Fetch,
+    /// Everything else: plan, push, verify, distrust, tags, forget.
     Operate,
 }
 
@@ -147,6 +148,10 @@ pub fn authorize(config: &ServerConfig, caller: &Caller, job: &str, action: Acti
             "identity {} is read-only: it may only read status",
             caller.name
         )),
+        Role::Replica if action == Action::Operate => Status::permission_denied(format!(
+            "identity {} is a replica: it may read status and revisions, not change them",
+            caller.name
+        )),
         _ => Status::permission_denied(format!("identity {} may not access job {job}", caller.name)),
     })
 }
@@ -160,6 +165,15 @@ pub fn may_see(config: &ServerConfig, caller: &Caller, job: &JobName, action: Ac
             .jobs
             .get(job)
             .is_some_and(|j| j.client.as_deref() == Some(caller.name.as_str())),
+        Role::Replica => {
+            action != Action::Operate
+                && config.jobs.contains_key(job)
+                && config
+                    .clients
+                    .get(&caller.name)
+                    .and_then(|c| c.jobs.as_ref())
+                    .is_none_or(|jobs| jobs.contains(job))
+        }
     }
 }
 
@@ -337,6 +351,44 @@ mod tests {
         assert!(authorize_agent(&hv, "hv01").is_ok());
         assert!(authorize_agent(&hv, "hv02").is_err());
         assert!(authorize_agent(&ro, "mon").is_err());
+    }
+
+    #[test]
+    fn replicas_read_their_jobs_and_change_nothing() {
+        let (one, all) = (generate_token(), generate_token());
+        let text = format!(
+            "listen: 127.0.0.1:1\ninsecure-plaintext: true\nbase-dir: /srv\n\
+             clients:\n  one: {{role: replica, token-hash: '{}', jobs: [vm1]}}\n  \
+             all: {{role: replica, token-hash: '{}'}}\n\
+             jobs:\n  vm1: {{schedule: none}}\n  vm2: {{schedule: none}}\n",
+            hash_token(&one).unwrap(),
+            hash_token(&all).unwrap()
+        );
+        let cfg = ServerConfig::from_yaml(&text, "t").unwrap();
+        let one = authenticate(&cfg, &req(Some(&one))).unwrap();
+        let all = authenticate(&cfg, &req(Some(&all))).unwrap();
+        let code = |r: Result<(), Status>| r.err().map(|s| s.code());
+        let denied = Some(tonic::Code::PermissionDenied);
+        for (who, job, action, want) in [
+            (&one, "vm1", Action::Read, None),
+            (&one, "vm1", Action::Fetch, None),
+            (&one, "vm1", Action::Operate, denied),
+            (&one, "vm2", Action::Read, denied),
+            (&one, "vm2", Action::Fetch, denied),
+            (&all, "vm2", Action::Fetch, None),
+            (&all, "vm2", Action::Operate, denied),
+            (&all, "vm9", Action::Fetch, denied),
+        ] {
+            assert_eq!(
+                code(authorize(&cfg, who, job, action)),
+                want,
+                "{} {job} {action:?}",
+                who.name
+            );
+        }
+        let e = authorize(&cfg, &all, "vm1", Action::Operate).unwrap_err();
+        assert!(e.message().contains("is a replica"), "{}", e.message());
+        assert!(authorize_agent(&all, "all").is_err());
     }
 
     #[test]

@@ -4,6 +4,7 @@ use crate::state::Server;
 use crate::storage::JobDir;
 use backy_common::framer::{Framer, RangeSink};
 use backy_common::manifest::Manifest;
+use backy_common::replicate::same_block;
 use backy_common::revision::RevisionMeta;
 use backy_common::spec::Spec;
 use backy_common::{Error, Result, MAX_FRAME_DATA};
@@ -126,10 +127,14 @@ pub fn send_manifest(
 /// blocking thread; stops early when the receiver goes away. Returns
 /// whether the whole image went out (false: the receiver left); an error
 /// has been sent to the receiver too.
+/// With `base` (a revision of the same job the receiver holds), blocks
+/// whose digest equals the base's are skipped: the receiver starts from
+/// its copy of the base.
 pub fn stream_image(
     server: Arc<Server>,
     job: JobDir,
     meta: RevisionMeta,
+    base: Option<RevisionMeta>,
     tx: mpsc::Sender<std::result::Result<RestoreFrame, tonic::Status>>,
 ) -> Result<bool> {
     let _reading = server.start_read(job.name(), meta.id);
@@ -146,6 +151,10 @@ pub fn stream_image(
     };
     let result = (|| -> Result<bool> {
         let manifest = job.manifest(&meta)?;
+        let base = match &base {
+            Some(b) => Some(job.manifest(b)?),
+            None => None,
+        };
         let path = job.image_path(&meta.id);
         let file = File::open(&path).map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
         let len = file
@@ -167,6 +176,9 @@ pub fn stream_image(
         for block in 0..manifest.block_count() {
             let offset = manifest.block_offset(block);
             let len = manifest.block_len(block);
+            if base.as_ref().is_some_and(|b| same_block(b, &manifest, block)) {
+                continue;
+            }
             if manifest.is_zero(block) {
                 if !out.zero(offset, len) {
                     return Ok(false);

@@ -8,7 +8,7 @@ use crate::state::Server;
 use crate::storage::PushEnd;
 use crate::wire::to_status;
 use crate::work::Gate;
-use backy_common::Result;
+use backy_common::{Error, Result};
 use backy_proto::backy_server::Backy;
 use backy_proto::push_frame::Frame;
 use backy_proto::*;
@@ -171,7 +171,7 @@ impl Backy for Service {
         &self,
         req: Request<ManifestRequest>,
     ) -> std::result::Result<Response<Self::ManifestStream>, Status> {
-        let caller = self.check(&req, &req.get_ref().job, Action::Operate, "manifest")?;
+        let caller = self.check(&req, &req.get_ref().job, Action::Fetch, "manifest")?;
         let permit = self.permit(&caller, "manifest")?;
         let server = self.server.clone();
         let req = req.into_inner();
@@ -416,13 +416,13 @@ impl Backy for Service {
         &self,
         req: Request<RestoreRequest>,
     ) -> std::result::Result<Response<Self::RestoreStream>, Status> {
-        let caller = self.check(&req, &req.get_ref().job, Action::Operate, "restore")?;
+        let caller = self.check(&req, &req.get_ref().job, Action::Fetch, "restore")?;
         let permit = self.permit(&caller, "restore")?;
         let server = self.server.clone();
         let req = req.into_inner();
         let (job_name, spec) = (req.job.clone(), req.revision.clone());
-        let resolved = resolve_one(server, req.job, req.revision).await;
-        let (job, meta) = resolved.inspect_err(|e| {
+        let resolved = resolve_with_base(server, req.job, req.revision, req.base).await;
+        let (job, meta, base) = resolved.inspect_err(|e| {
             audit::record(
                 &caller,
                 "restore",
@@ -438,7 +438,7 @@ impl Backy for Service {
             let (name, rev) = (job.name().to_string(), meta.id.to_string());
             let started = std::time::Instant::now();
             let metrics = server.clone();
-            let streamed = crate::restore::stream_image(server, job, meta, tx);
+            let streamed = crate::restore::stream_image(server, job, meta, base, tx);
             let outcome = match &streamed {
                 Ok(true) => "completed",
                 Ok(false) => "cancelled",
@@ -697,6 +697,44 @@ async fn resolve_one(
         let job = server.job(&job)?;
         let meta = crate::restore::resolve(&server, &job, &spec)?;
         Ok((job, meta))
+    })
+    .await
+}
+
+/// [`resolve_one`], and the base revision a replica holds, by full id.
+async fn resolve_with_base(
+    server: Arc<Server>,
+    job: String,
+    spec: String,
+    base: String,
+) -> std::result::Result<
+    (
+        crate::storage::JobDir,
+        backy_common::revision::RevisionMeta,
+        Option<backy_common::revision::RevisionMeta>,
+    ),
+    Status,
+> {
+    blocking(move || {
+        let job = server.job(&job)?;
+        let meta = crate::restore::resolve(&server, &job, &spec)?;
+        if base.is_empty() {
+            return Ok((job, meta, None));
+        }
+        let id: backy_common::RevisionId = base.parse().map_err(|e: Error| e.context("base"))?;
+        let entry = server.indexed(&job)?;
+        let base = entry
+            .revisions
+            .iter()
+            .find(|r| r.id == id)
+            .cloned()
+            .ok_or_else(|| {
+                Error::not_found(format!(
+                    "job {}: base revision {id} no longer exists (ask without a base)",
+                    job.name()
+                ))
+            })?;
+        Ok((job, meta, Some(base)))
     })
     .await
 }

@@ -133,6 +133,7 @@ async fn a_running_push_blocks_only_what_it_must() {
         .restore(RestoreRequest {
             job: "vm1".into(),
             revision: "0".into(),
+            ..Default::default()
         })
         .await
         .unwrap()

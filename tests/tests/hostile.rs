@@ -281,6 +281,7 @@ async fn hostile_pushes_are_refused_and_change_nothing() {
         .restore(RestoreRequest {
             job: "../etc".into(),
             revision: "latest".into(),
+            ..Default::default()
         })
         .await
         .unwrap_err();
@@ -289,6 +290,7 @@ async fn hostile_pushes_are_refused_and_change_nothing() {
         .restore(RestoreRequest {
             job: "vm1".into(),
             revision: "nope".into(),
+            ..Default::default()
         })
         .await
         .unwrap_err();

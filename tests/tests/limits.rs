@@ -241,6 +241,7 @@ async fn a_cancelled_verify_stops_and_releases_its_stream() {
             c.restore(RestoreRequest {
                 job: "vm1".into(),
                 revision: "nope".into(),
+                ..Default::default()
             })
             .await
             .unwrap_err()

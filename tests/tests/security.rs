@@ -837,6 +837,7 @@ async fn stalled_and_excess_streams_do_not_block_others() {
             .restore(RestoreRequest {
                 job: "vm1".into(),
                 revision: "nope".into(),
+                ..Default::default()
             })
             .await
             .unwrap_err();
@@ -893,6 +894,7 @@ async fn stalled_and_excess_streams_do_not_block_others() {
         .restore(RestoreRequest {
             job: "vm1".into(),
             revision: "nope".into(),
+            ..Default::default()
         })
         .await
         .unwrap_err();
@@ -907,6 +909,7 @@ async fn stalled_and_excess_streams_do_not_block_others() {
             c2.restore(RestoreRequest {
                 job: "vm2".into(),
                 revision: "latest".into(),
+                ..Default::default()
             })
             .await
             .expect("restore starts"),
@@ -918,6 +921,7 @@ async fn stalled_and_excess_streams_do_not_block_others() {
             c.restore(RestoreRequest {
                 job: "vm2".into(),
                 revision: "nope".into(),
+                ..Default::default()
             })
             .await
             .unwrap_err()

@@ -106,6 +106,7 @@ pub async fn restore(client: &mut Client, args: &RestoreArgs, progress: &dyn Pro
     let request = RestoreRequest {
         job: job.to_string(),
         revision: info.id.clone(),
+        ..Default::default()
     };
     let mut stream = client.restore(request).await.map_err(status_error)?.into_inner();
     match stream.message().await.map_err(status_error)? {
