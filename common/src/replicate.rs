@@ -182,7 +182,8 @@ mod tests {
             trust: Trust::Distrusted,
             ..r.clone()
         };
-        let cases: Vec<(&str, Vec<Listed>, Vec<Listed>, Vec<Transfer>)> = vec![
+        type Case = (&'static str, Vec<Listed>, Vec<Listed>, Vec<Transfer>);
+        let cases: Vec<Case> = vec![
             ("empty source: nothing", vec![], vec![a.clone()], vec![]),
             (
                 "first round: full, then each on the one before, oldest first",
@@ -250,30 +251,34 @@ mod tests {
         // A source that lists nothing (wiped, or a cut listing) removes nothing.
         assert!(mirror_expiry(&[], &[a.clone(), b.clone()]).is_empty());
         // Not before the source has something newer.
-        assert!(mirror_expiry(&[a.clone()], &[b.clone()]).is_empty());
+        assert!(mirror_expiry(std::slice::from_ref(&a), std::slice::from_ref(&b)).is_empty());
         // Never the replica's newest, even when the source has newer ones.
         let e = ok('e', "2026-12-05 01:00");
-        assert!(mirror_expiry(&[e.clone()], &[c.clone()]).is_empty());
+        assert!(mirror_expiry(std::slice::from_ref(&e), std::slice::from_ref(&c)).is_empty());
         assert_eq!(
-            mirror_expiry(&[e.clone()], &[b.clone(), c.clone()]),
+            mirror_expiry(std::slice::from_ref(&e), &[b.clone(), c.clone()]),
             ids(vec![id('b')])
         );
     }
 
     #[test]
     fn blocks_the_base_already_has() {
-        let bs = 4096u32;
-        let mut base = Manifest::new(3 * 4096 + 100, bs);
-        let mut target = Manifest::new(4 * 4096, bs);
+        let bs = 64 << 10;
+        let n = bs as usize;
+        let mut base = Manifest::zeroed(3 * bs as u64 + 100, bs).unwrap();
+        let mut target = Manifest::zeroed(4 * bs as u64, bs).unwrap();
         for b in 0..3 {
-            base.set(b, crate::manifest::digest(&[b as u8; 4096])).unwrap();
-            target.set(b, crate::manifest::digest(&[b as u8; 4096])).unwrap();
+            base.set(b, crate::manifest::digest(&vec![b as u8 + 1; n]))
+                .unwrap();
+            target
+                .set(b, crate::manifest::digest(&vec![b as u8 + 1; n]))
+                .unwrap();
         }
         target.set(1, crate::manifest::digest(b"changed")).unwrap();
         let same: Vec<bool> = (0..4).map(|b| same_block(&base, &target, b)).collect();
         // Block 3: base's short tail of 100 bytes, the target's full block.
         assert_eq!(same, [true, false, true, false]);
-        let other = Manifest::new(4 * 4096, 8192);
+        let other = Manifest::zeroed(4 * bs as u64, 2 * bs).unwrap();
         assert!(!same_block(&other, &target, 0), "block sizes differ");
     }
 
@@ -283,7 +288,7 @@ mod tests {
         let b = ok('b', "2026-12-02 01:00");
         let c = ok('c', "2026-12-03 01:00");
         let now = at("2026-12-03 07:00");
-        let l = lag(&[a.clone(), b.clone(), c.clone()], &[a.clone()], now);
+        let l = lag(&[a.clone(), b.clone(), c.clone()], std::slice::from_ref(&a), now);
         assert_eq!(l.missing, 2);
         assert_eq!(l.behind, Duration::from_secs(30 * 3600));
         assert_eq!(l.newest_replicated, Some(a.timestamp));
