@@ -193,7 +193,6 @@ impl Service {
                             Some(out_of_order("granule digests belong in PushExchange, not Push"));
                         break;
                     }
-                    self.server.metrics.received(g.digests.len());
                     Step::Granules(g.block, g.digests)
                 }
                 Ok(Some(PushFrame {

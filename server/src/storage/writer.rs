@@ -298,15 +298,19 @@ impl NewRevision {
         self.checksum.data(offset, data);
         self.stats.bytes_received += data.len() as u64;
         self.stats.bytes_written += written;
-        // A checkpoint reads back the blocks touched in part, so those
-        // count whole towards the next one: its work stays bounded when
-        // granules arrive scattered over many blocks.
-        let bs = u64::from(self.spec.block_size);
-        let fresh = blocks_of(extent, self.spec.block_size)
-            .filter(|&b| !self.touched.contains(b))
+        // A checkpoint reads back the blocks that did not arrive whole, so
+        // a block this range starts to touch other than as a full first
+        // frame counts whole towards the next one: the read-back stays
+        // bounded when granules arrive scattered over many blocks.
+        let partial = blocks_of(extent, self.spec.block_size)
+            .filter(|&b| {
+                let (start, len) = (self.current.block_offset(b), self.current.block_len(b));
+                let first_frame = offset == start && data.len() as u64 >= len.min(MAX_FRAME_DATA as u64);
+                !self.touched.contains(b) && !first_frame
+            })
             .count() as u64;
         self.touch(extent);
-        self.since_checkpoint += (data.len() as u64).max(fresh * bs);
+        self.since_checkpoint += data.len() as u64 + partial * u64::from(self.spec.block_size);
         if self
             .checkpoint_every
             .is_some_and(|every| self.since_checkpoint >= every)
