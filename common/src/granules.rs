@@ -121,7 +121,8 @@ mod tests {
         let ranges = wanted_ranges(&bitmap, block.len() as u64).unwrap();
         assert_eq!(ranges, [G..2 * G, 4 * G..4 * G + 100]);
         // Neighbours merge; nothing differing asks for nothing.
-        assert_eq!(wanted_ranges(&[0b110], 3 * G as u64).unwrap(), [G..3 * G]);
+        let merged = wanted_ranges(&[0b110], 3 * G as u64).unwrap();
+        assert_eq!((merged.len(), merged[0].clone()), (1, G..3 * G));
         assert!(wanted_ranges(&differing(&ours, &ours), block.len() as u64)
             .unwrap()
             .is_empty());

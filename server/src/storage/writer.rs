@@ -332,7 +332,7 @@ impl NewRevision {
         while at < end {
             let granule_end = ((at / GRANULE + 1) * GRANULE).min(self.spec.size);
             let to = granule_end.min(end);
-            let whole = at % GRANULE == 0 && to == granule_end;
+            let whole = at.is_multiple_of(GRANULE) && to == granule_end;
             let block = at / u64::from(self.spec.block_size);
             let compare = whole
                 && self.parent.is_some()
