@@ -256,12 +256,14 @@ async fn push_planned(
     let bar = progress.start(job, size);
     let reader_bar = bar.clone();
     let has_parent = !plan.parent_id.is_empty();
-    // The granule exchange needs a server that speaks it; the fault mode
-    // poses as an older client (tests of the whole-block push).
-    let exchange = crate::connect::server_protocol(client).await? >= backy_proto::GRANULE_PROTOCOL
-        && !fault::mode("whole-blocks");
+    // The granule exchange compares with a parent and needs a server that
+    // speaks it; the fault mode poses as an older client (tests of the
+    // whole-block push). A full push goes through Push as always.
+    let exchange = has_parent
+        && !fault::mode("whole-blocks")
+        && crate::connect::server_protocol(client).await? >= backy_proto::GRANULE_PROTOCOL;
     let (answers_tx, answers_rx) = mpsc::channel(scan::EXCHANGE_WINDOW + 1);
-    let answers = (exchange && has_parent).then(|| answers_from(answers_rx));
+    let answers = exchange.then(|| answers_from(answers_rx));
     let reader = tokio::task::spawn_blocking(move || {
         read_source(&mut *source, baseline, has_parent, answers, &tx, |pos| {
             reader_bar.set(pos)

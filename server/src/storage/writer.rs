@@ -326,6 +326,13 @@ impl NewRevision {
     /// baseline's block is zero, or when the exchange said it differs;
     /// skipping needs the stored bytes read and equal.
     fn write_changed(&mut self, offset: u64, data: &[u8]) -> Result<u64> {
+        if self.parent.is_none() {
+            // A full push: nothing to share, nothing to compare.
+            self.file
+                .write_all_at(data, offset)
+                .map_err(|e| Error::io(format!("writing {}", self.path.display()), e))?;
+            return Ok(data.len() as u64);
+        }
         let end = offset + data.len() as u64;
         let mut pieces = Vec::new();
         let mut at = offset;
@@ -334,10 +341,7 @@ impl NewRevision {
             let to = granule_end.min(end);
             let whole = at.is_multiple_of(GRANULE) && to == granule_end;
             let block = at / u64::from(self.spec.block_size);
-            let compare = whole
-                && self.parent.is_some()
-                && !self.baseline.is_zero(block)
-                && !self.exchanged.contains(&block);
+            let compare = whole && !self.baseline.is_zero(block) && !self.exchanged.contains(&block);
             pieces.push((at, to, compare));
             at = to;
         }
