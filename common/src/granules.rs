@@ -21,11 +21,6 @@ pub fn granule_count(len: u64) -> usize {
     len.div_ceil(GRANULE) as usize
 }
 
-/// Bytes of the bitmap answering for a block of `len` bytes.
-pub fn bitmap_len(len: u64) -> usize {
-    granule_count(len).div_ceil(8)
-}
-
 /// The short digest of one granule; all-zero granules are not hashed.
 fn granule_digest(data: &[u8]) -> [u8; GRANULE_DIGEST_LEN] {
     let full: Digest = if is_all_zero(data) {
@@ -142,6 +137,5 @@ mod tests {
         // Wrong length, and a bit beyond the block's 3 granules.
         assert!(wanted_ranges(&[0, 0], 3 * G as u64).is_err());
         assert!(wanted_ranges(&[0b1000], 3 * G as u64).is_err());
-        assert_eq!(bitmap_len(64 * G as u64), 8);
     }
 }
