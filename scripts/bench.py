@@ -57,6 +57,28 @@ def allocated(path):
     return os.stat(path).st_blocks * 512
 
 
+def exclusive(path):
+    """Bytes of `path` (a file or a directory tree) in extents no other
+    file shares, from `btrfs filesystem du`: what keeping it costs."""
+    out = run(["btrfs", "filesystem", "du", "-s", "--raw", path])
+    return int(out.splitlines()[1].split()[1])
+
+
+def fs_used(path):
+    """Bytes in use on the filesystem holding `path`."""
+    st = os.statvfs(path)
+    return (st.f_blocks - st.f_bfree) * st.f_frsize
+
+
+def tree_allocated(path):
+    """Bytes allocated by the files under `path` (a peer's repository)."""
+    total = 0
+    for root, _, files in os.walk(path):
+        for name in files:
+            total += allocated(os.path.join(root, name))
+    return total
+
+
 # ---------------------------------------------------------------- workload
 
 
@@ -310,6 +332,10 @@ def main():
                 r["bytes_read"] = out.get("bytes_read")
                 rev = out.get("revision") or {}
                 r["bytes_written"] = rev.get("bytes_written")
+                image = os.path.join(store, "bench", rev.get("id", ""))
+                if name != "backy_restore" and rev.get("id") and os.path.isfile(image):
+                    os.sync()
+                    r["bytes_added"] = exclusive(image)
             results[name] = r
             log(f"{name}: {r['wall_s']:.2f} s")
             return r
@@ -360,21 +386,33 @@ def main():
             ["bash", "-c", f"cp --reflink=always {mnt}/copy.img {mnt}/copy2.img && "
                            f"{sys.executable} -c \"$1\" {img} {mnt}/copy2.img {ranges_file} && sync",
              "bash", apply_script], size)
+        results["reflink_changes"]["bytes_added"] = exclusive(f"{mnt}/copy2.img")
         backy("backy_incr_scan", ["push", "bench", "--source", img, "--force"])
+        # The same change again, as the known-ranges push of it.
         run(client + ["forget", "bench", "-r", "latest"], env=benv)
         backy("backy_incr_ranges", ["push", "bench", "--source", img, "--force", "--changed-ranges", ranges_file])
 
         if "rsync" in peers:
+            os.sync()
+            before = fs_used(mnt)
             results["rsync_incr"] = timed(
                 "rsync_incr",
                 f"rsync --inplace --no-whole-file {img} {mnt}/rsync/disk.img && "
                 f"btrfs -q subvolume snapshot -r {mnt}/rsync {mnt}/rsync-snaps/2 && sync", size)
+            # Extents stay whole while any snapshot refers to a part of
+            # them, so no file's exclusive bytes tell: the filesystem's
+            # growth does (metadata included).
+            results["rsync_incr"]["bytes_added"] = fs_used(mnt) - before
         if "restic" in peers:
+            before = tree_allocated(f"{mnt}/restic")
             results["restic_incr"] = timed("restic_incr", f"restic backup -q {img} && sync", size, env=restic_env)
+            results["restic_incr"]["bytes_added"] = tree_allocated(f"{mnt}/restic") - before
         if "borg" in peers:
+            before = tree_allocated(f"{mnt}/borg")
             results["borg_incr"] = timed("borg_incr",
                                          f"borg create --chunker-params fixed,4194304 ::v2 {img} && sync",
                                          size, env=borg_env)
+            results["borg_incr"]["bytes_added"] = tree_allocated(f"{mnt}/borg") - before
 
         # ---- restore of the newest revision
         restored = f"{mnt}/restored.img"
@@ -396,6 +434,11 @@ def main():
             assert ranged["bytes_sent"] <= min(scan["bytes_sent"], len(granules) * granule), \
                 (scan["bytes_sent"], ranged["bytes_sent"], len(granules))
             assert ranged["bytes_read"] <= scan["bytes_read"]
+            # The exchange sends the changed granules and their blocks'
+            # digests; the revision adds about what the known ranges add.
+            assert scan["bytes_sent"] <= len(granules) * granule + 1024 * len(granules), scan["bytes_sent"]
+            assert scan["bytes_added"] <= 2 * ranged["bytes_added"] + 2 * granule, \
+                (scan["bytes_added"], ranged["bytes_added"])
 
         # ---- qemu: the same change set in a qcow2, found by its dirty
         # bitmap, then (bitmap gone) by a full scan against the same parent
@@ -429,7 +472,7 @@ def main():
         subprocess.run(["umount", mnt])
         shutil.rmtree(work, ignore_errors=True)
 
-    report(args, results, changed_bytes, len(writes), load_at_start)
+    report(args, results, changed_bytes, writes, load_at_start)
 
 
 def machine(load_at_start):
@@ -455,7 +498,8 @@ def fmt_bytes(n):
     return f"{n} B"
 
 
-def report(args, results, changed_bytes, n_writes, load_at_start):
+def report(args, results, changed_bytes, writes, load_at_start):
+    n_writes = len(writes)
     for r in results.values():
         r.pop("stdout", None)
     t = {k: r["wall_s"] for k, r in results.items()}
@@ -476,6 +520,22 @@ def report(args, results, changed_bytes, n_writes, load_at_start):
         limit = 0.05 * t["backy_full"] + 0.5
         checks.append({"check": "known-ranges push <= 5% of full + 0.5 s", "ratio": t["backy_incr_ranges"],
                        "target": limit, "met": t["backy_incr_ranges"] <= limit})
+    added = {k: r.get("bytes_added") for k, r in results.items()}
+    if added.get("backy_incr_scan") is not None and added.get("backy_incr_ranges"):
+        v = added["backy_incr_scan"] / added["backy_incr_ranges"]
+        checks.append({"check": "scan incr bytes added / known-ranges added", "ratio": v,
+                       "target": 2.0, "met": v <= 2.0})
+    if "backy_incr_scan" in results:
+        # The changed bytes rounded out to granules, doubled, plus the
+        # granule digests (1 KiB per changed 4 MiB block).
+        granule = 64 << 10
+        granules = {off // granule + i for off, length in writes
+                    for i in range((off + length - 1) // granule - off // granule + 1)}
+        blocks = {g * granule // BLOCK for g in granules}
+        limit = 2 * len(granules) * granule + len(blocks) * (BLOCK // granule) * 16
+        sent = results["backy_incr_scan"].get("bytes_sent") or 0
+        checks.append({"check": "scan incr bytes sent / (2 x changed granules + digests)",
+                       "ratio": sent / limit, "target": 1.0, "met": sent <= limit})
     for peer in ("rsync", "restic", "borg"):
         for phase, mine in (("full", "backy_full"), ("incr", "backy_incr_scan")):
             key = f"{peer}_{phase}"
@@ -496,7 +556,7 @@ def report(args, results, changed_bytes, n_writes, load_at_start):
     print(f"machine: {m['cpu']}, {m['cores']} cores, {m['mem_gib']} GiB, kernel {m['kernel']}, "
           f"load {' '.join(m['loadavg_at_start'])} at start, {' '.join(m['loadavg_at_end'])} at end, {m['date']}")
     head = f"{'step':<22}{'wall s':>8}{'MB/s':>9}{'CPU s':>8}{'RSS MiB':>9}{'srv CPU':>9}{'srv RSS':>9}" \
-           f"{'sent':>11}{'written':>11}"
+           f"{'sent':>11}{'written':>11}{'added':>11}"
     print(head)
     print("-" * len(head))
     for k, r in results.items():
@@ -505,7 +565,8 @@ def report(args, results, changed_bytes, n_writes, load_at_start):
             return "-" if v is None else f.format(v / div)
         print(f"{k:<22}{r['wall_s']:>8.2f}{r['mb_per_s'] or 0:>9.0f}{num('cpu_s'):>8}"
               f"{num('peak_rss', MIB, '{:.0f}'):>9}{num('server_cpu_s'):>9}{num('server_peak_rss', MIB, '{:.0f}'):>9}"
-              f"{fmt_bytes(r.get('bytes_sent')):>11}{fmt_bytes(r.get('bytes_written')):>11}")
+              f"{fmt_bytes(r.get('bytes_sent')):>11}{fmt_bytes(r.get('bytes_written')):>11}"
+              f"{fmt_bytes(r.get('bytes_added')):>11}")
     print()
     for c in checks:
         met = {True: "met", False: "MISSED", None: ""}[c["met"]]

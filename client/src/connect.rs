@@ -270,6 +270,19 @@ async fn hello(client: &mut Client) -> Result<()> {
     Ok(())
 }
 
+/// The protocol of the server `client` talks to (asked again per push:
+/// one short round trip, and a client holds no state per connection).
+pub async fn server_protocol(client: &mut Client) -> Result<u32> {
+    let reply = client
+        .hello(backy_proto::HelloRequest {
+            protocol: backy_proto::PROTOCOL,
+            version: backy_proto::VERSION.to_string(),
+        })
+        .await
+        .map_err(status_error)?;
+    Ok(reply.into_inner().protocol)
+}
+
 /// How long a push stream may go without a frame before a keepalive is
 /// sent: well under the server's default idle timeout (120 s).
 pub const KEEPALIVE_EVERY: Duration = Duration::from_secs(15);

@@ -35,6 +35,12 @@ impl<E: FnMut(Frame) -> Result<()>> PushFrames<E> {
         self.0.data(offset, data, granule)
     }
 
+    /// A frame that is not a range (granule digests): sent as it is,
+    /// outside the stream checksum.
+    pub fn other(&mut self, frame: Frame) -> Result<()> {
+        (self.0.sink_mut().0)(frame)
+    }
+
     /// A range that is zero in the new image.
     pub fn zero(&mut self, offset: u64, len: u64) -> Result<()> {
         self.0.zero(offset, len)

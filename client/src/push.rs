@@ -15,8 +15,11 @@ use backy_common::revision::check_tag;
 use backy_common::source::SourceSpec;
 use backy_common::units::format_bytes;
 use backy_common::{fault, Error, JobName, Result, RevisionId};
+use backy_proto::push_event::Event;
 use backy_proto::push_frame::Frame;
-use backy_proto::{PlanReply, PlanRequest, PushBegin, PushEnd, PushFrame, PushReply, RevisionInfo};
+use backy_proto::{
+    GranulesWanted, PlanReply, PlanRequest, PushBegin, PushEnd, PushFrame, PushReply, RevisionInfo,
+};
 use serde::Serialize;
 use std::fmt;
 use std::future::Future;
@@ -269,11 +272,25 @@ async fn push_planned(
     let bar = progress.start(job, size);
     let reader_bar = bar.clone();
     let has_parent = !plan.parent_id.is_empty();
+    // The granule exchange compares with a parent and needs a server that
+    // speaks it; the fault mode poses as an older client (tests of the
+    // whole-block push). A full push goes through Push as always.
+    let exchange = has_parent
+        && !fault::mode("whole-blocks")
+        && crate::connect::server_protocol(client).await? >= backy_proto::GRANULE_PROTOCOL;
+    let (answers_tx, answers_rx) = mpsc::channel(scan::EXCHANGE_WINDOW + 1);
+    let answers = exchange.then(|| answers_from(answers_rx));
     let reader = tokio::task::spawn_blocking(move || {
-        read_source(&mut *source, baseline, has_parent, &tx, |pos| reader_bar.set(pos))
+        read_source(&mut *source, baseline, has_parent, answers, &tx, |pos| {
+            reader_bar.set(pos)
+        })
     });
-    let rpc = client.push(crate::connect::with_keepalive(rx));
-    let joined = join(reader, rpc).await;
+    let frames = crate::connect::with_keepalive(rx);
+    let joined = if exchange {
+        join(reader, push_exchange(client, frames, answers_tx)).await
+    } else {
+        join(reader, client.push(frames)).await
+    };
     fault::point("client.replied");
     bar.finish();
     let (scanned, reply) = joined.map_err(|e| match (&args.changed_ranges, e.kind) {
@@ -291,6 +308,7 @@ async fn push_planned(
         job,
         bytes_read = scanned.bytes_read,
         bytes_sent = scanned.bytes_sent,
+        digest_bytes = scanned.digest_bytes,
         changed_blocks = scanned.changed_blocks,
         "pushed"
     );
@@ -367,6 +385,44 @@ where
     }
 }
 
+/// The `PushExchange` call: relays the server's granule answers to the
+/// scanner and resolves to its final reply, like `Push`.
+async fn push_exchange(
+    client: &mut Client,
+    frames: impl tokio_stream::Stream<Item = PushFrame> + Send + 'static,
+    answers: mpsc::Sender<GranulesWanted>,
+) -> std::result::Result<tonic::Response<PushReply>, tonic::Status> {
+    let mut events = client.push_exchange(frames).await?.into_inner();
+    while let Some(event) = events.message().await? {
+        match event.event {
+            // A scanner that has finished or failed takes no more answers;
+            // the stream's end or status still decides the outcome.
+            Some(Event::Wanted(wanted)) => {
+                let _ = answers.send(wanted).await;
+            }
+            Some(Event::Done(reply)) => return Ok(tonic::Response::new(reply)),
+            None => return Err(tonic::Status::internal("the server sent an empty push event")),
+        }
+    }
+    Err(tonic::Status::internal(
+        "the server ended the push without a reply",
+    ))
+}
+
+/// The scanner's side of the answers channel.
+fn answers_from(mut rx: mpsc::Receiver<GranulesWanted>) -> scan::Answers {
+    Box::new(move |wait| {
+        if wait {
+            return rx.blocking_recv().map(Some).ok_or_else(stream_closed);
+        }
+        match rx.try_recv() {
+            Ok(answer) => Ok(Some(answer)),
+            Err(mpsc::error::TryRecvError::Empty) => Ok(None),
+            Err(mpsc::error::TryRecvError::Disconnected) => Err(stream_closed()),
+        }
+    })
+}
+
 fn flatten<T>(joined: std::result::Result<Result<T>, JoinError>) -> Result<T> {
     joined.map_err(|e| Error::internal(format!("source reader failed: {e}")))?
 }
@@ -376,6 +432,7 @@ fn read_source(
     source: &mut dyn Source,
     baseline: Manifest,
     has_parent: bool,
+    answers: Option<scan::Answers>,
     tx: &mpsc::Sender<PushFrame>,
     progress: impl FnMut(u64),
 ) -> Result<Scanned> {
@@ -393,7 +450,7 @@ fn read_source(
     } else {
         None
     };
-    let scanned = scan::scan(source, baseline, changed, send, progress)?;
+    let scanned = scan::scan(source, baseline, changed, answers, send, progress)?;
     fault::point("client.before-end");
     send(Frame::End(PushEnd {
         stream_checksum: scanned.checksum.to_vec(),
@@ -553,6 +610,7 @@ mod tests {
             checksum: [0; 32],
             bytes_read: 0,
             bytes_sent: 0,
+            digest_bytes: 0,
             changed_blocks: 0,
         }
     }

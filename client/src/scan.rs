@@ -5,14 +5,19 @@
 //! into push frames, the new manifest and the stream checksum. [`scan`]
 //! drives it over a [`Source`], skipping holes and, for sources that know
 //! their changes, untouched blocks; of a changed block it then sends only
-//! the known changed bytes.
+//! the known changed bytes. With the granule exchange (protocol 2) a
+//! changed block first sends its granule digests and, once the server has
+//! answered, only the granules it asked for; blocks behind it wait in a
+//! bounded queue, so the answers of several blocks are awaited at once.
 
 use crate::frames::PushFrames;
 use crate::source::Source;
+use backy_common::granules;
 use backy_common::manifest::{zero_digest, Digest, Manifest};
 use backy_common::ranges::{blocks_of, coalesce, is_all_zero, Change, Extent};
 use backy_common::{Error, Result};
 use backy_proto::push_frame::Frame;
+use backy_proto::{GranuleDigests, GranulesWanted};
 use std::collections::VecDeque;
 use std::sync::mpsc::{channel, sync_channel, Receiver, SyncSender};
 
@@ -25,8 +30,10 @@ pub struct Scanned {
     pub checksum: [u8; 32],
     /// Bytes read from the source (holes are not read).
     pub bytes_read: u64,
-    /// Payload bytes of the data frames.
+    /// Payload bytes of the data frames and granule digests.
     pub bytes_sent: u64,
+    /// Of `bytes_sent`, the granule digests.
+    pub digest_bytes: u64,
     /// Blocks sent as data or zeros.
     pub changed_blocks: u64,
 }
@@ -47,6 +54,32 @@ pub struct Scanner<E> {
     known: Option<Vec<Extent>>,
     /// The first of `known` that may still overlap the next block.
     known_next: usize,
+    /// The granule exchange, when the server speaks it and there is a
+    /// parent to compare with.
+    exchange: Option<Exchange>,
+}
+
+/// The server's answers to granule digests, in the order asked: with
+/// `true` it waits for the next, else returns `None` when none is there.
+/// An error means the push stream ended.
+pub type Answers = Box<dyn FnMut(bool) -> Result<Option<GranulesWanted>> + Send>;
+
+/// Changed blocks whose granule digests may await an answer at once: the
+/// pipeline's depth, and (times the block size) the data held meanwhile.
+pub const EXCHANGE_WINDOW: usize = 8;
+
+struct Exchange {
+    answers: Answers,
+    /// Ranges waiting behind the first block that awaits its answer.
+    queue: VecDeque<Queued>,
+    /// Blocks in `queue`.
+    asked: usize,
+    digest_bytes: u64,
+}
+
+enum Queued {
+    Block { index: u64, offset: u64, data: Vec<u8> },
+    Zero(u64, u64),
 }
 
 impl<E: FnMut(Frame) -> Result<()>> Scanner<E> {
@@ -63,7 +96,20 @@ impl<E: FnMut(Frame) -> Result<()>> Scanner<E> {
             changed_blocks: 0,
             known: None,
             known_next: 0,
+            exchange: None,
         }
+    }
+
+    /// Sends changed blocks through the granule exchange (ignored for
+    /// known changes, which send only their granules anyway).
+    pub fn with_exchange(mut self, answers: Answers) -> Self {
+        self.exchange = Some(Exchange {
+            answers,
+            queue: VecDeque::new(),
+            asked: 0,
+            digest_bytes: 0,
+        });
+        self
     }
 
     /// Sends of changed blocks only their bytes inside `changed` (which
@@ -73,6 +119,7 @@ impl<E: FnMut(Frame) -> Result<()>> Scanner<E> {
     /// digests of the blocks then differ from this scan's manifest.
     pub fn with_known_changes(mut self, changed: Vec<Extent>) -> Self {
         self.known = Some(coalesce(changed));
+        self.exchange = None;
         self
     }
 
@@ -88,6 +135,7 @@ impl<E: FnMut(Frame) -> Result<()>> Scanner<E> {
     /// A block read from the source with its digest (from
     /// [`block_digest`], computed by the reader thread).
     pub fn block_digested(&mut self, index: u64, data: &[u8], digest: Digest) -> Result<()> {
+        self.settle(false)?;
         let (offset, len) = self.visit(index)?;
         if data.len() as u64 != len {
             return Err(Error::internal(format!(
@@ -109,6 +157,10 @@ impl<E: FnMut(Frame) -> Result<()>> Scanner<E> {
             Change::Zero => {
                 self.changed_blocks += 1;
                 self.zero(offset, len)
+            }
+            Change::Data if self.exchange.is_some() => {
+                self.changed_blocks += 1;
+                self.ask(index, offset, data)
             }
             Change::Data => {
                 self.changed_blocks += 1;
@@ -150,6 +202,7 @@ impl<E: FnMut(Frame) -> Result<()>> Scanner<E> {
 
     /// A block the source knows to be all zeros (a hole), not read.
     pub fn hole(&mut self, index: u64) -> Result<()> {
+        self.settle(false)?;
         let (offset, len) = self.visit(index)?;
         let digest = self.zero_digest(len);
         if self.manifest.get(index) == Some(&digest) {
@@ -160,16 +213,80 @@ impl<E: FnMut(Frame) -> Result<()>> Scanner<E> {
         self.zero(offset, len)
     }
 
-    /// Emits what is pending and returns the results.
-    pub fn finish(self) -> Result<Scanned> {
-        let (checksum, bytes_sent) = self.frames.finish()?;
+    /// Emits what is pending (waiting for the last answers) and returns
+    /// the results.
+    pub fn finish(mut self) -> Result<Scanned> {
+        self.settle(true)?;
+        let digest_bytes = self.exchange.as_ref().map_or(0, |x| x.digest_bytes);
+        let (checksum, data_bytes) = self.frames.finish()?;
         Ok(Scanned {
             manifest: self.manifest,
             checksum,
             bytes_read: self.bytes_read,
-            bytes_sent,
+            bytes_sent: data_bytes + digest_bytes,
+            digest_bytes,
             changed_blocks: self.changed_blocks,
         })
+    }
+
+    /// A changed block in the exchange: its granule digests go now, its
+    /// data waits for the answer.
+    fn ask(&mut self, index: u64, offset: u64, data: &[u8]) -> Result<()> {
+        let digests = granules::digests(data);
+        let n = digests.len() as u64;
+        self.frames.other(Frame::Granules(GranuleDigests {
+            block: index,
+            digests,
+        }))?;
+        if let Some(x) = &mut self.exchange {
+            x.digest_bytes += n;
+            x.asked += 1;
+            x.queue.push_back(Queued::Block {
+                index,
+                offset,
+                data: data.to_vec(),
+            });
+        }
+        self.settle(false)
+    }
+
+    /// Sends what the queue holds up to the first block still without an
+    /// answer; waits for answers while the window is full, or for all of
+    /// them with `all`. A server's answer is checked against the block
+    /// asked about, never trusted beyond it.
+    fn settle(&mut self, all: bool) -> Result<()> {
+        let Some(x) = &mut self.exchange else {
+            return Ok(());
+        };
+        while let Some(front) = x.queue.front() {
+            if let Queued::Zero(offset, len) = *front {
+                self.frames.zero(offset, len)?;
+                x.queue.pop_front();
+                continue;
+            }
+            let wait = all || x.asked >= EXCHANGE_WINDOW;
+            let Some(answer) = (x.answers)(wait)? else {
+                if wait {
+                    return Err(Error::internal("no granule answer while waiting for one"));
+                }
+                break;
+            };
+            let Some(Queued::Block { index, offset, data }) = x.queue.pop_front() else {
+                break;
+            };
+            x.asked -= 1;
+            let bad = |why: String| Error::internal(format!("server sent a bad granule answer: {why}"));
+            if answer.block != index {
+                return Err(bad(format!("for block {}, asked about {index}", answer.block)));
+            }
+            let wanted =
+                granules::wanted_ranges(&answer.bitmap, data.len() as u64).map_err(|e| bad(e.message))?;
+            for r in wanted {
+                self.frames
+                    .data(offset + r.start as u64, &data[r], ZERO_GRANULE)?;
+            }
+        }
+        Ok(())
     }
 
     /// Checks the block comes after the previous one (frames must be in
@@ -195,7 +312,14 @@ impl<E: FnMut(Frame) -> Result<()>> Scanner<E> {
     }
 
     fn zero(&mut self, offset: u64, len: u64) -> Result<()> {
-        self.frames.zero(offset, len)
+        match &mut self.exchange {
+            // Behind a block awaiting its answer: ranges go in order.
+            Some(x) if !x.queue.is_empty() => {
+                x.queue.push_back(Queued::Zero(offset, len));
+                Ok(())
+            }
+            _ => self.frames.zero(offset, len),
+        }
     }
 
     /// Changed bytes at `offset`: all-zero granules travel as zero ranges
@@ -209,11 +333,13 @@ impl<E: FnMut(Frame) -> Result<()>> Scanner<E> {
 
 /// Scans a source against `baseline` (which must have the source's size).
 /// `changed`: extents known to differ from the baseline; blocks outside them
-/// keep the baseline's digest unread. `progress` gets the offset scanned to.
+/// keep the baseline's digest unread. `exchange`: the server's answers in
+/// the granule exchange. `progress` gets the offset scanned to.
 pub fn scan<E: FnMut(Frame) -> Result<()>>(
     source: &mut dyn Source,
     baseline: Manifest,
     changed: Option<Vec<Extent>>,
+    exchange: Option<Answers>,
     emit: E,
     mut progress: impl FnMut(u64),
 ) -> Result<Scanned> {
@@ -227,6 +353,9 @@ pub fn scan<E: FnMut(Frame) -> Result<()>>(
     let block_size = baseline.block_size();
     let count = baseline.block_count();
     let mut scanner = Scanner::new(baseline, emit);
+    if let Some(answers) = exchange {
+        scanner = scanner.with_exchange(answers);
+    }
     let blocks: Box<dyn Iterator<Item = u64> + Send> = match changed {
         None => Box::new(0..count),
         Some(extents) => {
@@ -381,6 +510,7 @@ mod tests {
             src,
             baseline,
             changed,
+            None,
             |f| {
                 frames.push(f);
                 Ok(())
@@ -623,6 +753,7 @@ mod tests {
             &mut src,
             baseline,
             None,
+            None,
             |_| {
                 sent += 1;
                 Err(Error::unavailable("closed"))
@@ -643,6 +774,120 @@ mod tests {
         assert!(s.hole(1).is_err());
         assert!(s.hole(3).is_err());
         assert!(s.block(2, &[1, 2]).is_err());
+    }
+
+    /// A scan through the granule exchange, answered as the server would
+    /// from `parent` (or by `answer` when given).
+    fn run_exchange(
+        src: &mut MemSource,
+        parent: &[u8],
+        bs: u32,
+        answer: Option<fn(u64, Vec<u8>) -> GranulesWanted>,
+    ) -> Result<(Vec<Frame>, Scanned)> {
+        use std::sync::{Arc, Mutex};
+        let pending = Arc::new(Mutex::new(VecDeque::new()));
+        let asked = pending.clone();
+        let answers: Answers = Box::new(move |_wait| Ok(pending.lock().unwrap().pop_front()));
+        let mut frames = Vec::new();
+        let mut baseline = manifest_of(parent, bs);
+        baseline.resize(src.size()).unwrap();
+        let parent = parent.to_vec();
+        let scanned = scan(
+            src,
+            baseline,
+            None,
+            Some(answers),
+            |f| {
+                if let Frame::Granules(g) = &f {
+                    let start = g.block as usize * bs as usize;
+                    let theirs = granules::digests(&parent[start..(start + bs as usize).min(parent.len())]);
+                    let bitmap = granules::differing(&theirs, &g.digests);
+                    let a = match answer {
+                        Some(make) => make(g.block, bitmap),
+                        None => GranulesWanted {
+                            block: g.block,
+                            bitmap,
+                        },
+                    };
+                    asked.lock().unwrap().push_back(a);
+                }
+                frames.push(f);
+                Ok(())
+            },
+            |_| {},
+        )?;
+        Ok((frames, scanned))
+    }
+
+    #[test]
+    fn the_exchange_sends_only_differing_granules_in_order() {
+        // 256 KiB blocks of four granules. Block 0: granule 1 changed,
+        // granule 3 zeroed; block 1 unchanged; block 2 now zero; block 3
+        // changed in every granule.
+        let bs = 4 * ZERO_GRANULE as u32;
+        let (b, g) = (bs as usize, ZERO_GRANULE as usize);
+        let parent = pattern(4 * b, 1);
+        let mut image = parent.clone();
+        image[g + 7] ^= 0xff;
+        image[3 * g..4 * g].fill(0);
+        image[2 * b..3 * b].fill(0);
+        image[3 * b..4 * b].copy_from_slice(&pattern(b, 9));
+        let mut src = MemSource::new(image.clone());
+        let (frames, scanned) = run_exchange(&mut src, &parent, bs, None).unwrap();
+        let asked: Vec<u64> = frames
+            .iter()
+            .filter_map(|f| match f {
+                Frame::Granules(x) => Some(x.block),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(asked, [0, 3]);
+        let ranges: Vec<Frame> = frames
+            .into_iter()
+            .filter(|f| !matches!(f, Frame::Granules(_)))
+            .collect();
+        let (b, g) = (b as u64, g as u64);
+        assert_eq!(
+            crate::frames::summary(&ranges),
+            [('D', g, g), ('Z', 3 * g, g), ('Z', 2 * b, b), ('D', 3 * b, b)]
+        );
+        let digests = 2 * 4 * granules::GRANULE_DIGEST_LEN as u64;
+        assert_eq!(scanned.digest_bytes, digests);
+        assert_eq!(scanned.bytes_sent, g + b + digests);
+        assert_eq!(apply(&parent, image.len(), &ranges), image);
+        assert_eq!(scanned.checksum, recompute_checksum(&ranges));
+        assert_eq!(scanned.manifest, manifest_of(&image, bs));
+    }
+
+    #[test]
+    fn a_bad_granule_answer_stops_the_scan() {
+        let bs = 4 * ZERO_GRANULE as u32;
+        let parent = pattern(2 * bs as usize, 1);
+        let mut image = parent.clone();
+        image[5] ^= 1;
+        let answers: [fn(u64, Vec<u8>) -> GranulesWanted; 3] = [
+            |block, bitmap| GranulesWanted {
+                block: block + 1,
+                bitmap,
+            },
+            |block, _| GranulesWanted {
+                block,
+                bitmap: vec![0b1_0000],
+            },
+            |block, _| GranulesWanted {
+                block,
+                bitmap: vec![1, 0],
+            },
+        ];
+        for answer in answers {
+            let mut src = MemSource::new(image.clone());
+            let e = run_exchange(&mut src, &parent, bs, Some(answer)).unwrap_err();
+            assert!(
+                e.message.starts_with("server sent a bad granule answer"),
+                "{}",
+                e.message
+            );
+        }
     }
 
     /// A block of a generated image: zero, equal to the parent's, or new.

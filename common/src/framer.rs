@@ -100,6 +100,12 @@ impl<S: RangeSink> Framer<S> {
         Ok(())
     }
 
+    /// The sink, for messages that are not ranges (they bypass the
+    /// checksum and any pending zeros).
+    pub fn sink_mut(&mut self) -> &mut S {
+        &mut self.sink
+    }
+
     /// Emits what is pending and hands back the sink with the totals.
     pub fn finish(mut self) -> Result<Framed<S>> {
         self.flush_zeros()?;

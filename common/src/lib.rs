@@ -11,6 +11,7 @@ pub mod error;
 pub mod fault;
 pub mod framer;
 pub mod fuzz_plan;
+pub mod granules;
 pub mod id;
 pub mod job;
 pub mod logging;

@@ -17,7 +17,12 @@ pub use prost_types;
 pub use v1::*;
 
 /// This build's protocol version. Bumped when a change is not compatible.
-pub const PROTOCOL: u32 = 1;
+/// 2: `PushExchange`, the granule exchange of changed blocks.
+pub const PROTOCOL: u32 = 2;
+/// The first protocol whose servers take `PushExchange`; a client uses it
+/// only with such a server, and pushes whole blocks through `Push` to older
+/// ones.
+pub const GRANULE_PROTOCOL: u32 = 2;
 /// The oldest client protocol a server of this build accepts from a
 /// client that declares one.
 pub const MIN_CLIENT_PROTOCOL: u32 = 1;

@@ -22,6 +22,8 @@ pub const MAX_TAGS: usize = 32;
 pub enum Step {
     Data(u64, Vec<u8>),
     Zero(u64, u64),
+    /// Granule digests of a block (`PushExchange` only).
+    Granules(u64, Vec<u8>),
     End(PushEnd),
     /// The client broke the protocol: discard, failing with this reason.
     /// (A channel that closes without `End` or `Abort` means the client
@@ -29,14 +31,20 @@ pub enum Step {
     Abort(String),
 }
 
+/// Where the answers of the granule exchange go (block, bitmap); an error
+/// means the client went away.
+pub type Answer = Box<dyn FnMut(u64, Vec<u8>) -> Result<()> + Send>;
+
 /// Runs a whole push on a blocking thread and returns the new revision and
 /// the ids expiry removed after it; `rx` ends without `End` when the
-/// client went away, and then nothing is committed.
+/// client went away, and then nothing is committed. `answer` is `None` for
+/// pushes without the granule exchange.
 pub fn run(
     server: Arc<Server>,
     begin: PushBegin,
     mut rx: mpsc::Receiver<Step>,
     gate: Gate,
+    mut answer: Option<Answer>,
 ) -> Result<(RevisionMeta, Vec<RevisionId>)> {
     let job = server.job(&begin.job)?;
     let config = server.config();
@@ -163,7 +171,10 @@ pub fn run(
     };
     fault::point("push.cloned");
     let meta = loop {
-        match rx.blocking_recv() {
+        let step = rx.blocking_recv();
+        // The client went away (its answers undeliverable, too).
+        let mut gone = step.is_none();
+        match step {
             Some(Step::Data(offset, data)) => {
                 rev.data(offset, &data)?;
                 fault::point("push.frame");
@@ -172,19 +183,28 @@ pub fn run(
                 rev.zero(offset, len)?;
                 fault::point("push.frame");
             }
+            Some(Step::Granules(block, digests)) => {
+                let Some(answer) = answer.as_mut() else {
+                    return Err(Error::invalid("granule digests outside the granule exchange"));
+                };
+                let wanted = rev.granules(block, &digests)?;
+                fault::point("push.granules");
+                gone = answer(block, wanted).is_err();
+            }
             Some(Step::End(end)) => break rev.commit(&end)?,
             Some(Step::Abort(why)) => return Err(Error::invalid(why)),
-            None => {
-                let why = "push stream ended before its end frame";
-                return Err(match rev.suspend()? {
-                    Some(at) => Error::unavailable(format!(
-                        "{why}; {} kept for resuming within {}: run the push again",
-                        backy_common::units::format_bytes(at),
-                        config.resume.window
-                    )),
-                    None => Error::unavailable(format!("{why}; nothing was committed")),
-                });
-            }
+            None => {}
+        }
+        if gone {
+            let why = "push stream ended before its end frame";
+            return Err(match rev.suspend()? {
+                Some(at) => Error::unavailable(format!(
+                    "{why}; {} kept for resuming within {}: run the push again",
+                    backy_common::units::format_bytes(at),
+                    config.resume.window
+                )),
+                None => Error::unavailable(format!("{why}; nothing was committed")),
+            });
         }
     };
     fault::point("push.committed");

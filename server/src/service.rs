@@ -24,6 +24,8 @@ type BoxStream<T> = Pin<Box<dyn Stream<Item = std::result::Result<T, Status>> + 
 
 /// How many decoded frames may wait between network and disk.
 const FRAMES_IN_FLIGHT: usize = 8;
+/// Granule answers (and the final reply) waiting for the client.
+const ANSWERS_IN_FLIGHT: usize = 16;
 
 /// Set when dropped: a handler tonic drops because its client left.
 #[derive(Default)]
@@ -75,6 +77,191 @@ impl Service {
         Ok(Permit {
             _limit: self.streams.acquire(caller, limit)?,
             _active: self.server.metrics.stream(kind),
+        })
+    }
+
+    /// A push stream (`Push`, or `PushExchange` when `answers` is given:
+    /// then granule digests are answered there), written by a blocking
+    /// writer, up to the committed revision's reply.
+    async fn receive_push(
+        &self,
+        req: Request<Streaming<PushFrame>>,
+        answers: Option<mpsc::Sender<std::result::Result<PushEvent, Status>>>,
+    ) -> std::result::Result<PushReply, Status> {
+        let caller = auth::caller(&req)?;
+        let _permit = self.permit(&caller, "push")?;
+        let idle = self.server.config().limits.idle_timeout.as_duration();
+        let idle_error = || {
+            tracing::warn!(
+                identity = caller.name,
+                "push stream idle for {}s: dropped",
+                idle.as_secs()
+            );
+            Status::deadline_exceeded(format!(
+                "push stream idle for {}s (limits: idle-timeout): dropped",
+                idle.as_secs()
+            ))
+        };
+        let mut stream = req.into_inner();
+        let first = tokio::time::timeout(idle, stream.message())
+            .await
+            .map_err(|_| idle_error())?;
+        let begin = match first? {
+            Some(PushFrame {
+                frame: Some(Frame::Begin(b)),
+            }) => b,
+            Some(_) => return Err(out_of_order("a push must start with a begin frame")),
+            None => return Err(Status::invalid_argument("empty push stream")),
+        };
+        let job = begin.job.clone();
+        if let Err(status) = auth::authorize(&self.server.config(), &caller, &job, Action::Operate) {
+            audit::record(
+                &caller,
+                "push",
+                &job,
+                &begin.rev_id,
+                audit::Outcome::Failed(&status.message()),
+            );
+            return Err(status);
+        }
+        let server = self.server.clone();
+        let (tx, rx) = mpsc::channel(FRAMES_IN_FLIGHT);
+        // The outcome is recorded by the writer: this handler is dropped
+        // when the client's connection goes away, which stops the writer's
+        // block work (a commit's read-back) at the next block.
+        let gone = SetOnDrop::default();
+        let flag = gone.0.clone();
+        let gate = Gate::new(
+            server.work.clone(),
+            caller.limit_key.clone(),
+            Arc::new(move || flag.load(Ordering::Relaxed)),
+        );
+        let who = caller.clone();
+        let exchange = answers.is_some();
+        let answer = answers.map(|events| -> crate::push::Answer {
+            Box::new(move |block, bitmap| {
+                let wanted = GranulesWanted { block, bitmap };
+                events
+                    .blocking_send(Ok(PushEvent {
+                        event: Some(push_event::Event::Wanted(wanted)),
+                    }))
+                    .map_err(|_| backy_common::Error::unavailable("the client stopped reading answers"))
+            })
+        });
+        let writer = tokio::task::spawn_blocking(move || {
+            let (job, rev) = (begin.job.clone(), begin.rev_id.clone());
+            let started = std::time::Instant::now();
+            let result = crate::push::run(server.clone(), begin, rx, gate, answer);
+            server.metrics.push_done(result.is_ok(), started.elapsed());
+            if let Err(e) = &result {
+                tracing::warn!(job, "push failed: {e}");
+            }
+            audit::result(&who, "push", &job, &rev, &result);
+            server.record_push_outcome(&job, &rev, &result);
+            result
+        });
+        let mut protocol_error: Option<Status> = None;
+        loop {
+            let message = tokio::select! {
+                m = tokio::time::timeout(idle, stream.message()) => m,
+                // The writer stopped (it refused the begin frame, or failed):
+                // its result says why, now, not after the client's silence.
+                _ = tx.closed() => break,
+            };
+            let Ok(message) = message else {
+                protocol_error = Some(idle_error());
+                break;
+            };
+            let step = match message {
+                Ok(Some(PushFrame {
+                    frame: Some(Frame::Keepalive(_)),
+                })) => continue,
+                Ok(Some(PushFrame {
+                    frame: Some(Frame::Data(d)),
+                })) => {
+                    self.server.metrics.received(d.data.len());
+                    Step::Data(d.offset, d.data)
+                }
+                Ok(Some(PushFrame {
+                    frame: Some(Frame::Zero(z)),
+                })) => Step::Zero(z.offset, z.length),
+                Ok(Some(PushFrame {
+                    frame: Some(Frame::Granules(g)),
+                })) => {
+                    if !exchange {
+                        protocol_error =
+                            Some(out_of_order("granule digests belong in PushExchange, not Push"));
+                        break;
+                    }
+                    Step::Granules(g.block, g.digests)
+                }
+                Ok(Some(PushFrame {
+                    frame: Some(Frame::End(e)),
+                })) => {
+                    // The end frame must end the stream: check that before
+                    // letting the writer commit.
+                    match tokio::time::timeout(END_GRACE, stream.message()).await {
+                        Ok(Ok(None)) => {}
+                        Ok(Ok(Some(_))) => protocol_error = Some(out_of_order("frames after the end frame")),
+                        Ok(Err(_)) | Err(_) => {
+                            protocol_error = Some(Status::invalid_argument(
+                                "push stream not closed after its end frame",
+                            ))
+                        }
+                    }
+                    if protocol_error.is_some() {
+                        break;
+                    }
+                    Step::End(PushEnd {
+                        stream_checksum: e.stream_checksum,
+                        manifest_digest: e.manifest_digest,
+                    })
+                }
+                Ok(Some(PushFrame {
+                    frame: Some(Frame::Begin(_)),
+                })) => {
+                    protocol_error = Some(out_of_order("a second begin frame"));
+                    break;
+                }
+                Ok(Some(PushFrame { frame: None })) => {
+                    protocol_error = Some(Status::invalid_argument("empty push frame"));
+                    break;
+                }
+                Ok(None) => break,
+                Err(status) => {
+                    tracing::warn!(job, "push stream broke: {status}");
+                    // Transport-level refusals (e.g. a message over the size
+                    // cap) keep their code; a vanished client gets nothing.
+                    if matches!(
+                        status.code(),
+                        Code::OutOfRange | Code::ResourceExhausted | Code::InvalidArgument
+                    ) {
+                        protocol_error = Some(status);
+                    }
+                    break;
+                }
+            };
+            let is_end = matches!(step, Step::End(_));
+            if tx.send(step).await.is_err() || is_end {
+                break; // the writer stopped (error) or has everything
+            }
+        }
+        // Without an end step the writer keeps the partial revision for
+        // resuming (the client went away) or discards it (abort).
+        if let Some(p) = &protocol_error {
+            let _ = tx.send(Step::Abort(p.message().to_string())).await;
+        }
+        drop(tx);
+        let result = writer
+            .await
+            .map_err(|e| Status::internal(format!("push worker failed: {e}")))?;
+        if let Some(p) = protocol_error {
+            return Err(p);
+        }
+        let (meta, expired) = result.map_err(to_status)?;
+        Ok(PushReply {
+            revision: Some(RevisionInfo::from(&meta)),
+            expired: expired.iter().map(|id| id.uuid().to_string()).collect(),
         })
     }
 }
@@ -146,8 +333,11 @@ impl Backy for Service {
         let req = req.into_inner();
         tracing::debug!(client_protocol = req.protocol, client_version = %clip(&req.version), "hello");
         Ok(Response::new(HelloReply {
+            // Tests pose as older servers with these modes.
             protocol: if backy_common::fault::mode("protocol-0") {
                 0
+            } else if backy_common::fault::mode("protocol-1") {
+                1
             } else {
                 backy_proto::PROTOCOL
             },
@@ -206,160 +396,34 @@ impl Backy for Service {
         &self,
         req: Request<Streaming<PushFrame>>,
     ) -> std::result::Result<Response<PushReply>, Status> {
-        let caller = auth::caller(&req)?;
-        let _permit = self.permit(&caller, "push")?;
-        let idle = self.server.config().limits.idle_timeout.as_duration();
-        let idle_error = || {
-            tracing::warn!(
-                identity = caller.name,
-                "push stream idle for {}s: dropped",
-                idle.as_secs()
-            );
-            Status::deadline_exceeded(format!(
-                "push stream idle for {}s (limits: idle-timeout): dropped",
-                idle.as_secs()
-            ))
-        };
-        let mut stream = req.into_inner();
-        let first = tokio::time::timeout(idle, stream.message())
-            .await
-            .map_err(|_| idle_error())?;
-        let begin = match first? {
-            Some(PushFrame {
-                frame: Some(Frame::Begin(b)),
-            }) => b,
-            Some(_) => return Err(out_of_order("a push must start with a begin frame")),
-            None => return Err(Status::invalid_argument("empty push stream")),
-        };
-        let job = begin.job.clone();
-        if let Err(status) = auth::authorize(&self.server.config(), &caller, &job, Action::Operate) {
-            audit::record(
-                &caller,
-                "push",
-                &job,
-                &begin.rev_id,
-                audit::Outcome::Failed(&status.message()),
-            );
-            return Err(status);
-        }
-        let server = self.server.clone();
-        let (tx, rx) = mpsc::channel(FRAMES_IN_FLIGHT);
-        // The outcome is recorded by the writer: this handler is dropped
-        // when the client's connection goes away, which stops the writer's
-        // block work (a commit's read-back) at the next block.
-        let gone = SetOnDrop::default();
-        let flag = gone.0.clone();
-        let gate = Gate::new(
-            server.work.clone(),
-            caller.limit_key.clone(),
-            Arc::new(move || flag.load(Ordering::Relaxed)),
-        );
-        let who = caller.clone();
-        let writer = tokio::task::spawn_blocking(move || {
-            let (job, rev) = (begin.job.clone(), begin.rev_id.clone());
-            let started = std::time::Instant::now();
-            let result = crate::push::run(server.clone(), begin, rx, gate);
-            server.metrics.push_done(result.is_ok(), started.elapsed());
-            if let Err(e) = &result {
-                tracing::warn!(job, "push failed: {e}");
+        self.receive_push(req, None).await.map(Response::new)
+    }
+
+    type PushExchangeStream = BoxStream<PushEvent>;
+
+    async fn push_exchange(
+        &self,
+        req: Request<Streaming<PushFrame>>,
+    ) -> std::result::Result<Response<Self::PushExchangeStream>, Status> {
+        // Answers wait here at most as many as a client asks ahead.
+        let (tx, rx) = mpsc::channel(ANSWERS_IN_FLIGHT);
+        let this = self.clone();
+        tokio::spawn(async move {
+            let answers = tx.clone();
+            tokio::select! {
+                result = this.receive_push(req, Some(answers)) => {
+                    let event = result.map(|reply| PushEvent {
+                        event: Some(push_event::Event::Done(reply)),
+                    });
+                    let _ = tx.send(event).await;
+                }
+                // The client went away: dropping the push stops its work
+                // as a dropped `push` handler would.
+                _ = tx.closed() => {}
             }
-            audit::result(&who, "push", &job, &rev, &result);
-            server.record_push_outcome(&job, &rev, &result);
-            result
         });
-        let mut protocol_error: Option<Status> = None;
-        loop {
-            let message = tokio::select! {
-                m = tokio::time::timeout(idle, stream.message()) => m,
-                // The writer stopped (it refused the begin frame, or failed):
-                // its result says why, now, not after the client's silence.
-                _ = tx.closed() => break,
-            };
-            let Ok(message) = message else {
-                protocol_error = Some(idle_error());
-                break;
-            };
-            let step = match message {
-                Ok(Some(PushFrame {
-                    frame: Some(Frame::Keepalive(_)),
-                })) => continue,
-                Ok(Some(PushFrame {
-                    frame: Some(Frame::Data(d)),
-                })) => {
-                    self.server.metrics.received(d.data.len());
-                    Step::Data(d.offset, d.data)
-                }
-                Ok(Some(PushFrame {
-                    frame: Some(Frame::Zero(z)),
-                })) => Step::Zero(z.offset, z.length),
-                Ok(Some(PushFrame {
-                    frame: Some(Frame::End(e)),
-                })) => {
-                    // The end frame must end the stream: check that before
-                    // letting the writer commit.
-                    match tokio::time::timeout(END_GRACE, stream.message()).await {
-                        Ok(Ok(None)) => {}
-                        Ok(Ok(Some(_))) => protocol_error = Some(out_of_order("frames after the end frame")),
-                        Ok(Err(_)) | Err(_) => {
-                            protocol_error = Some(Status::invalid_argument(
-                                "push stream not closed after its end frame",
-                            ))
-                        }
-                    }
-                    if protocol_error.is_some() {
-                        break;
-                    }
-                    Step::End(PushEnd {
-                        stream_checksum: e.stream_checksum,
-                        manifest_digest: e.manifest_digest,
-                    })
-                }
-                Ok(Some(PushFrame {
-                    frame: Some(Frame::Begin(_)),
-                })) => {
-                    protocol_error = Some(out_of_order("a second begin frame"));
-                    break;
-                }
-                Ok(Some(PushFrame { frame: None })) => {
-                    protocol_error = Some(Status::invalid_argument("empty push frame"));
-                    break;
-                }
-                Ok(None) => break,
-                Err(status) => {
-                    tracing::warn!(job, "push stream broke: {status}");
-                    // Transport-level refusals (e.g. a message over the size
-                    // cap) keep their code; a vanished client gets nothing.
-                    if matches!(
-                        status.code(),
-                        Code::OutOfRange | Code::ResourceExhausted | Code::InvalidArgument
-                    ) {
-                        protocol_error = Some(status);
-                    }
-                    break;
-                }
-            };
-            let is_end = matches!(step, Step::End(_));
-            if tx.send(step).await.is_err() || is_end {
-                break; // the writer stopped (error) or has everything
-            }
-        }
-        // Without an end step the writer keeps the partial revision for
-        // resuming (the client went away) or discards it (abort).
-        if let Some(p) = &protocol_error {
-            let _ = tx.send(Step::Abort(p.message().to_string())).await;
-        }
-        drop(tx);
-        let result = writer
-            .await
-            .map_err(|e| Status::internal(format!("push worker failed: {e}")))?;
-        if let Some(p) = protocol_error {
-            return Err(p);
-        }
-        let (meta, expired) = result.map_err(to_status)?;
-        Ok(Response::new(PushReply {
-            revision: Some(RevisionInfo::from(&meta)),
-            expired: expired.iter().map(|id| id.uuid().to_string()).collect(),
-        }))
+        let idle = self.server.config().limits.idle_timeout.as_duration();
+        Ok(Response::new(Box::pin(stall_guarded(rx, idle))))
     }
 
     async fn status(

@@ -169,6 +169,12 @@ impl Gate {
         }
         self.pool.acquire(&self.caller, &*self.gone)
     }
+
+    /// A slot for work that keeps what a caller sent before it went away
+    /// (a broken push's last checkpoint): waits its turn, never cancelled.
+    pub fn slot_to_keep(&self) -> Result<Slot<'_>> {
+        self.pool.acquire(&self.caller, &|| false)
+    }
 }
 
 #[cfg(test)]

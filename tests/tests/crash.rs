@@ -33,6 +33,9 @@ const SERVER_POINTS: &[&str] = &[
     "push.frame@5",
     "push.frame@7",
     "push.frame@9",
+    // Answering the granule exchange (before the answer goes out).
+    "push.granules@1",
+    "push.granules@3",
     "commit.digested",
     "commit.synced",
     "commit.digests-written",

@@ -65,6 +65,27 @@ async fn push(url: &str, frames: Vec<Frame>) -> Result<PushReply, tonic::Status>
     client.push(stream).await.map(|r| r.into_inner())
 }
 
+fn granules(block: u64, len: usize) -> Frame {
+    Frame::Granules(GranuleDigests {
+        block,
+        digests: vec![1u8; len],
+    })
+}
+
+/// A `PushExchange` of `frames` sent without waiting for answers; its
+/// final reply or error.
+async fn push_exchange(url: &str, frames: Vec<Frame>) -> Result<PushReply, tonic::Status> {
+    let mut client = BackyClient::connect(url.to_string()).await.expect("connect");
+    let stream = tokio_stream::iter(frames.into_iter().map(|f| PushFrame { frame: Some(f) }));
+    let mut events = client.push_exchange(stream).await?.into_inner();
+    while let Some(event) = events.message().await? {
+        if let Some(push_event::Event::Done(reply)) = event.event {
+            return Ok(reply);
+        }
+    }
+    Err(tonic::Status::unknown("the exchange ended without a reply"))
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hostile_pushes_are_refused_and_change_nothing() {
     let dir = tempfile::tempdir().unwrap();
@@ -203,6 +224,12 @@ async fn hostile_pushes_are_refused_and_change_nothing() {
             "no longer exists",
         ),
         (
+            "granule digests outside the exchange",
+            vec![begin("vm1", SIZE), granules(0, 1024), ok_end(&[])],
+            Code::InvalidArgument,
+            "belong in PushExchange",
+        ),
+        (
             "keepalive before begin",
             vec![Frame::Keepalive(PushKeepalive {}), begin("vm1", SIZE)],
             Code::InvalidArgument,
@@ -252,6 +279,44 @@ async fn hostile_pushes_are_refused_and_change_nothing() {
         assert!(
             err.message().contains(msg),
             "{what}: message {:?} lacks {msg:?}",
+            err.message()
+        );
+        assert_eq!(server.snapshot_tree(), before, "{what}: stored state changed");
+    }
+
+    // The granule exchange: digests the server cannot answer for are
+    // refused before it reads anything.
+    let exchange_cases: Vec<(&str, Vec<Frame>, &str)> = vec![
+        (
+            "block beyond the image",
+            vec![granules(SIZE / (4 << 20), 1024)],
+            "beyond the image",
+        ),
+        (
+            "digests of the wrong length",
+            vec![granules(0, 100)],
+            "granule digests of 100 bytes",
+        ),
+        (
+            "a block asked twice",
+            vec![granules(1, 1024), granules(1, 1024)],
+            "out of order",
+        ),
+        (
+            "a block below the ranges sent",
+            vec![data(8 << 20, 10), granules(1, 1024)],
+            "out of order",
+        ),
+    ];
+    for (what, middle, msg) in exchange_cases {
+        let mut frames = vec![begin("vm1", SIZE)];
+        frames.extend(middle);
+        frames.push(ok_end(&[]));
+        let err = push_exchange(&url, frames).await.expect_err(what);
+        assert_eq!(err.code(), Code::InvalidArgument, "{what}: {err:?}");
+        assert!(
+            err.message().contains(msg),
+            "{what}: {:?} lacks {msg:?}",
             err.message()
         );
         assert_eq!(server.snapshot_tree(), before, "{what}: stored state changed");

@@ -11,8 +11,9 @@ use support::*;
 /// granules of this size.
 const GRANULE: u64 = 64 << 10;
 
-/// What an incremental push must send: of the blocks whose content differs
-/// between two images, the granules that are not all zero in `new`.
+/// What a push must send: of the blocks whose content differs between two
+/// images, the granules that differ (the granule exchange) and are not all
+/// zero in `new` (those travel as zero ranges).
 fn changed_data_bytes(old: Option<&Path>, new: &Path) -> u64 {
     let size = std::fs::metadata(new).unwrap().len();
     let read = |p: &Path, off: u64, len: u64| {
@@ -32,10 +33,15 @@ fn changed_data_bytes(old: Option<&Path>, new: &Path) -> u64 {
         let n = read(new, off, len);
         let o = old.map(|o| read(o, off, len));
         if o.as_deref() != Some(&n[..]) {
+            let g = GRANULE as usize;
             total += n
-                .chunks(GRANULE as usize)
-                .filter(|g| g.iter().any(|&b| b != 0))
-                .map(|g| g.len() as u64)
+                .chunks(g)
+                .enumerate()
+                .filter(|(i, new)| {
+                    let old = o.as_ref().map(|o| &o[i * g..i * g + new.len()]);
+                    old != Some(*new) && new.iter().any(|&b| b != 0)
+                })
+                .map(|(_, new)| new.len() as u64)
                 .sum::<u64>();
         }
         off += len;

@@ -8,8 +8,9 @@ use super::streamed::Streamed;
 use crate::work::Gate;
 use backy_common::blockset::BlockSet;
 use backy_common::checksum::StreamChecksum;
+use backy_common::granules;
 use backy_common::manifest::{digest, Digest, Manifest};
-use backy_common::ranges::{blocks_of, Extent};
+use backy_common::ranges::{blocks_of, Extent, GRANULE};
 use backy_common::resume::{checkpoint_at, ResumeRecord};
 use backy_common::revision::{RevisionMeta, SourceInfo, Stats, StorageMode, Trust};
 use backy_common::writeback::Flusher;
@@ -77,7 +78,18 @@ pub struct NewRevision {
     kept: bool,
     /// Reading blocks back goes through the server's work pool.
     gate: Gate,
+    /// Blocks answered in the granule exchange and not yet passed: their
+    /// granules arrive because they differ, so they are written unread.
+    exchanged: BTreeSet<u64>,
+    /// The last block answered: each is asked about once, ascending.
+    last_exchanged: Option<u64>,
+    /// Scratch for the stored bytes a range is compared with.
+    stored: Vec<u8>,
 }
+
+/// Blocks a client may have answered ahead of the ranges it sent: bounds
+/// what a push makes the server remember (a client keeps far fewer).
+pub const MAX_EXCHANGED_AHEAD: usize = 64;
 
 impl NewRevision {
     /// Creates `.partial/<id>` as a clone of `parent` (or an empty sparse
@@ -154,6 +166,9 @@ impl NewRevision {
             committed: false,
             kept: false,
             gate,
+            exchanged: BTreeSet::new(),
+            last_exchanged: None,
+            stored: Vec::new(),
         })
     }
 
@@ -232,6 +247,9 @@ impl NewRevision {
             committed: false,
             kept: false,
             gate,
+            exchanged: BTreeSet::new(),
+            last_exchanged: None,
+            stored: Vec::new(),
         })
     }
 
@@ -262,7 +280,10 @@ impl NewRevision {
         })
     }
 
-    /// Writes one data range.
+    /// Writes one data range: of its whole granules only those that
+    /// differ from what the image holds (the parent's data, cloned), so
+    /// unchanged granules keep sharing the parent's extents and new ones are
+    /// written in pieces of at least a granule.
     pub fn data(&mut self, offset: u64, data: &[u8]) -> Result<()> {
         if data.is_empty() || data.len() > MAX_FRAME_DATA {
             return Err(Error::invalid(format!(
@@ -271,16 +292,25 @@ impl NewRevision {
             )));
         }
         let extent = self.check_extent(offset, data.len() as u64)?;
-        self.file
-            .write_all_at(data, offset)
-            .map_err(|e| Error::io(format!("writing {}", self.path.display()), e))?;
-        self.flusher.wrote(data.len() as u64);
+        let written = self.write_changed(offset, data)?;
+        self.flusher.wrote(written);
         self.streamed.data(offset, data)?;
         self.checksum.data(offset, data);
         self.stats.bytes_received += data.len() as u64;
-        self.stats.bytes_written += data.len() as u64;
+        self.stats.bytes_written += written;
+        // A checkpoint reads back the blocks that did not arrive whole, so
+        // a block this range starts to touch other than as a full first
+        // frame counts whole towards the next one: the read-back stays
+        // bounded when granules arrive scattered over many blocks.
+        let partial = blocks_of(extent, self.spec.block_size)
+            .filter(|&b| {
+                let (start, len) = (self.current.block_offset(b), self.current.block_len(b));
+                let first_frame = offset == start && data.len() as u64 >= len.min(MAX_FRAME_DATA as u64);
+                !self.touched.contains(b) && !first_frame
+            })
+            .count() as u64;
         self.touch(extent);
-        self.since_checkpoint += data.len() as u64;
+        self.since_checkpoint += data.len() as u64 + partial * u64::from(self.spec.block_size);
         if self
             .checkpoint_every
             .is_some_and(|every| self.since_checkpoint >= every)
@@ -290,8 +320,104 @@ impl NewRevision {
         Ok(())
     }
 
+    /// Writes the pieces of `data` (split at granule boundaries of the
+    /// image) that differ from the image's bytes; returns the bytes written.
+    /// A piece is written unread when it is not a whole granule, when the
+    /// baseline's block is zero, or when the exchange said it differs;
+    /// skipping needs the stored bytes read and equal.
+    fn write_changed(&mut self, offset: u64, data: &[u8]) -> Result<u64> {
+        if self.parent.is_none() {
+            // A full push: nothing to share, nothing to compare.
+            self.file
+                .write_all_at(data, offset)
+                .map_err(|e| Error::io(format!("writing {}", self.path.display()), e))?;
+            return Ok(data.len() as u64);
+        }
+        let end = offset + data.len() as u64;
+        let mut pieces = Vec::new();
+        let mut at = offset;
+        while at < end {
+            let granule_end = ((at / GRANULE + 1) * GRANULE).min(self.spec.size);
+            let to = granule_end.min(end);
+            let whole = at.is_multiple_of(GRANULE) && to == granule_end;
+            let block = at / u64::from(self.spec.block_size);
+            let compare = whole && !self.baseline.is_zero(block) && !self.exchanged.contains(&block);
+            pieces.push((at, to, compare));
+            at = to;
+        }
+        let len = data.len();
+        let compared = pieces.iter().any(|p| p.2);
+        if compared {
+            self.stored.resize(len, 0);
+            self.file
+                .read_exact_at(&mut self.stored[..len], offset)
+                .map_err(|e| Error::io(format!("reading {}", self.path.display()), e))?;
+        }
+        // Runs of pieces to write, merged.
+        let mut runs: Vec<(u64, u64)> = Vec::new();
+        for (from, to, compare) in pieces {
+            let (i, j) = ((from - offset) as usize, (to - offset) as usize);
+            if compare && self.stored[i..j] == data[i..j] {
+                continue;
+            }
+            match runs.last_mut() {
+                Some(last) if last.1 == from => last.1 = to,
+                _ => runs.push((from, to)),
+            }
+        }
+        let mut written = 0;
+        for (from, to) in runs {
+            let piece = &data[(from - offset) as usize..(to - offset) as usize];
+            self.file
+                .write_all_at(piece, from)
+                .map_err(|e| Error::io(format!("writing {}", self.path.display()), e))?;
+            written += piece.len() as u64;
+        }
+        Ok(written)
+    }
+
+    /// The granule exchange: which granules of `block` differ from the
+    /// client's `digests`, as a bitmap, compared with what the image holds
+    /// there now (the parent's data: blocks are asked about in ascending
+    /// order, at or above the ranges sent so far). Each block is read once.
+    pub fn granules(&mut self, block: u64, digests: &[u8]) -> Result<Vec<u8>> {
+        if block >= self.current.block_count() {
+            return Err(Error::invalid(format!(
+                "granule digests for block {block} beyond the image's {} blocks",
+                self.current.block_count()
+            )));
+        }
+        let offset = self.current.block_offset(block);
+        let len = self.current.block_len(block);
+        if offset < self.position || self.last_exchanged.is_some_and(|last| block <= last) {
+            return Err(Error::invalid(format!(
+                "granule digests out of order: block {block} after ranges up to {} and block {:?}",
+                self.position, self.last_exchanged
+            )));
+        }
+        granules::check_digests(digests, len)?;
+        let passed = self.position / u64::from(self.spec.block_size);
+        self.exchanged.retain(|&b| b >= passed);
+        if self.exchanged.len() >= MAX_EXCHANGED_AHEAD {
+            return Err(Error::exhausted(format!(
+                "more than {MAX_EXCHANGED_AHEAD} blocks asked about ahead of the ranges sent"
+            )));
+        }
+        // Read like pushed data is written: outside the block work pool,
+        // whose slots a departed client no longer gets (this answer then
+        // goes nowhere, but what was received before stays for resuming).
+        self.stored.resize(len as usize, 0);
+        self.file
+            .read_exact_at(&mut self.stored[..len as usize], offset)
+            .map_err(|e| Error::io(format!("reading {}", self.path.display()), e))?;
+        let ours = granules::digests(&self.stored[..len as usize]);
+        self.last_exchanged = Some(block);
+        self.exchanged.insert(block);
+        Ok(granules::differing(&ours, digests))
+    }
+
     /// Digests the blocks below `upto` written since their last digest.
-    fn digest_touched_below(&mut self, upto: u64) -> Result<()> {
+    fn digest_touched_below(&mut self, upto: u64, keep: bool) -> Result<()> {
         let limit = upto / u64::from(self.spec.block_size);
         let mut buf = Vec::new();
         for range in self.touched.ranges_below(limit) {
@@ -300,7 +426,11 @@ impl NewRevision {
                 let d: Digest = match self.streamed.get(block) {
                     Some(d) => *d,
                     None => {
-                        let _slot = self.gate.slot()?;
+                        let _slot = if keep {
+                            self.gate.slot_to_keep()?
+                        } else {
+                            self.gate.slot()?
+                        };
                         let len = self.current.block_len(block) as usize;
                         let offset = self.current.block_offset(block);
                         buf.resize(len, 0);
@@ -323,8 +453,14 @@ impl NewRevision {
     /// Makes the progress so far durable: the image synced, the digests of
     /// every block below the checkpoint recorded, then the record.
     pub fn checkpoint(&mut self) -> Result<()> {
+        self.checkpoint_as(false)
+    }
+
+    /// A checkpoint; with `keep`, the one of a push whose client went
+    /// away, whose read-back is not cancelled by that.
+    fn checkpoint_as(&mut self, keep: bool) -> Result<()> {
         let checkpoint = checkpoint_at(self.position, self.spec.block_size);
-        self.digest_touched_below(checkpoint)?;
+        self.digest_touched_below(checkpoint, keep)?;
         self.file
             .sync_data()
             .map_err(|e| Error::io(format!("syncing {}", self.path.display()), e))?;
@@ -355,7 +491,7 @@ impl NewRevision {
         if self.checkpoint_every.is_none() || checkpoint == 0 {
             return Ok(None);
         }
-        self.checkpoint()?;
+        self.checkpoint_as(true)?;
         self.kept = true;
         Ok(Some(checkpoint))
     }
@@ -427,7 +563,7 @@ impl NewRevision {
             job = %self.job.name(), rev = %self.spec.id, blocks = self.touched.len(),
             "commit: digesting the blocks written since the last checkpoint"
         );
-        self.digest_touched_below(u64::MAX)?;
+        self.digest_touched_below(u64::MAX, false)?;
         fault::point("commit.digested");
         let manifest_digest = self.current.file_digest();
         if !end.manifest_digest.is_empty() && end.manifest_digest.as_slice() != manifest_digest {
@@ -633,6 +769,118 @@ mod tests {
         assert_eq!(rev.data(2 * B, b"").unwrap_err().kind, ErrorKind::InvalidArgument);
         drop(rev);
         assert_eq!(partial_files(&job), 0, "dropped uncommitted: removed");
+    }
+
+    /// A committed parent of `image` (blocks of four granules) and a new
+    /// revision on it.
+    fn on_parent(job: &JobDir, image: &[u8]) -> (RevisionMeta, NewRevision) {
+        let bs = 4 * GRANULE as u32;
+        let size = image.len() as u64;
+        let mut parent_spec = spec(size);
+        parent_spec.block_size = bs;
+        let mut rev = NewRevision::create(job, parent_spec, None, StorageMode::Copy, None, gate()).unwrap();
+        let mut sum = StreamChecksum::new();
+        for (i, chunk) in image.chunks(MAX_FRAME_DATA).enumerate() {
+            let at = (i * MAX_FRAME_DATA) as u64;
+            rev.data(at, chunk).unwrap();
+            sum.data(at, chunk);
+        }
+        let meta = rev.commit(&end(&sum, None)).unwrap();
+        let manifest = job.manifest(&meta).unwrap();
+        let mut child_spec = spec(size);
+        child_spec.block_size = bs;
+        let child = NewRevision::create(
+            job,
+            child_spec,
+            Some((&meta, manifest)),
+            StorageMode::Copy,
+            None,
+            gate(),
+        )
+        .unwrap();
+        (meta, child)
+    }
+
+    fn pattern(len: usize, seed: u8) -> Vec<u8> {
+        (0..len)
+            .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed) | 1)
+            .collect()
+    }
+
+    #[test]
+    fn a_whole_block_writes_only_the_granules_that_differ() {
+        let dir = tempfile::tempdir().unwrap();
+        let job = job(dir.path());
+        let g = GRANULE as usize;
+        let parent = pattern(8 * g, 1);
+        let (_, mut rev) = on_parent(&job, &parent);
+        // Block 1 arrives whole, changed in granules 5 and 6 only.
+        let mut image = parent.clone();
+        image[5 * g + 1] ^= 1;
+        image[7 * g - 1] ^= 1;
+        let mut sum = StreamChecksum::new();
+        rev.data(4 * GRANULE, &image[4 * g..8 * g]).unwrap();
+        sum.data(4 * GRANULE, &image[4 * g..8 * g]);
+        let meta = rev.commit(&end(&sum, None)).unwrap();
+        assert_eq!(meta.stats.bytes_received, 4 * GRANULE);
+        assert_eq!(meta.stats.bytes_written, 2 * GRANULE);
+        assert_eq!(meta.stats.changed_blocks, 1);
+        assert_eq!(std::fs::read(job.image_path(&meta.id)).unwrap(), image);
+    }
+
+    #[test]
+    fn granule_answers_name_what_differs_and_refuse_disorder() {
+        let dir = tempfile::tempdir().unwrap();
+        let job = job(dir.path());
+        let g = GRANULE as usize;
+        let parent = pattern(12 * g + 100, 2);
+        let (_, mut rev) = on_parent(&job, &parent);
+        let mut block = parent[4 * g..8 * g].to_vec();
+        block[2 * g] ^= 1;
+        let digests = granules::digests(&block);
+        // Wrong length, beyond the image.
+        let e = rev.granules(1, &digests[..16]).unwrap_err();
+        assert_eq!(e.kind, ErrorKind::InvalidArgument);
+        assert_eq!(
+            rev.granules(4, &digests).unwrap_err().kind,
+            ErrorKind::InvalidArgument
+        );
+        assert_eq!(rev.granules(1, &digests).unwrap(), [0b0100]);
+        // Asked once, ascending; never below the ranges sent.
+        assert!(rev.granules(1, &digests).is_err());
+        assert!(rev.granules(0, &digests).is_err());
+        let mut sum = StreamChecksum::new();
+        rev.data(4 * GRANULE + 2 * GRANULE, &block[2 * g..3 * g]).unwrap();
+        sum.data(6 * GRANULE, &block[2 * g..3 * g]);
+        // The short last block: one granule and 100 bytes.
+        let tail = granules::digests(&parent[12 * g..]);
+        assert_eq!(rev.granules(3, &tail).unwrap(), [0]);
+        let meta = rev.commit(&end(&sum, None)).unwrap();
+        assert_eq!(
+            meta.stats.bytes_written, GRANULE,
+            "asked-for granules are written unread"
+        );
+        let mut image = parent.clone();
+        image[6 * g] ^= 1;
+        assert_eq!(std::fs::read(job.image_path(&meta.id)).unwrap(), image);
+    }
+
+    #[test]
+    fn a_client_cannot_make_the_server_remember_unbounded_blocks() {
+        let dir = tempfile::tempdir().unwrap();
+        let job = job(dir.path());
+        let g = GRANULE as usize;
+        let parent = pattern(4 * g * (MAX_EXCHANGED_AHEAD + 1), 3);
+        let (_, mut rev) = on_parent(&job, &parent);
+        for b in 0..=MAX_EXCHANGED_AHEAD {
+            let d = granules::digests(&parent[b * 4 * g..(b + 1) * 4 * g]);
+            let r = rev.granules(b as u64, &d);
+            if b < MAX_EXCHANGED_AHEAD {
+                r.unwrap();
+            } else {
+                assert_eq!(r.unwrap_err().kind, ErrorKind::ResourceExhausted);
+            }
+        }
     }
 
     #[test]
