@@ -68,6 +68,8 @@ impl Vm {
             .arg(format!("unix:{},server=on,wait=off", test.display()))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
+            // Kept for the failure message should QEMU die.
+            .stderr(std::fs::File::create(dir.join("qemu.err")).unwrap())
             .spawn()
             .expect("qemu-system-x86_64 (apt install qemu-system-x86)");
         let mut vm = Vm {
@@ -90,10 +92,21 @@ impl Vm {
         vm
     }
 
+    /// Why QEMU is gone, if it is: its exit status and stderr.
+    fn death(&mut self) -> Option<String> {
+        let status = self.child.as_mut()?.try_wait().ok()??;
+        let err = std::fs::read_to_string(self.dir.join("qemu.err")).unwrap_or_default();
+        Some(format!("QEMU exited ({status}): {err}"))
+    }
+
     /// Runs a command on the test's socket; its `return`.
     fn qmp(&mut self, cmd: &str, args: Value) -> Value {
-        let (stream, reader) = self.test.as_mut().unwrap();
-        writeln!(stream, "{}", json!({"execute": cmd, "arguments": args})).unwrap();
+        let (stream, _) = self.test.as_mut().unwrap();
+        let sent = writeln!(stream, "{}", json!({"execute": cmd, "arguments": args}));
+        if let Err(e) = sent {
+            panic!("QMP {cmd}: {e}; {:?}", self.death());
+        }
+        let (_, reader) = self.test.as_mut().unwrap();
         loop {
             let mut line = String::new();
             reader.read_line(&mut line).unwrap();
@@ -200,6 +213,11 @@ fn pushed(out: std::process::Output) -> Value {
     serde_json::from_slice(&out.stdout).unwrap()
 }
 
+/// QEMU survived what backy did to it.
+fn alive(vm: &mut Vm) {
+    assert_eq!(vm.death(), None, "the guest's QEMU must survive a push");
+}
+
 fn newest_id(server: &Server) -> String {
     let revs = server.revisions("vm1");
     revs.last().unwrap()["id"].as_str().unwrap().to_string()
@@ -256,6 +274,7 @@ fn a_running_guest_is_backed_up_from_one_instant_with_persistent_bitmaps() {
 
     // 1. Full: the allocated data, read from the fleecing view.
     let first = pushed(push(&[]));
+    alive(&mut vm);
     eprintln!(
         "full push: read {} sent {}",
         first["bytes_read"], first["bytes_sent"]
@@ -288,6 +307,7 @@ fn a_running_guest_is_backed_up_from_one_instant_with_persistent_bitmaps() {
         std::fs::remove_file(&at).unwrap();
         pushed(client.join().unwrap())
     });
+    alive(&mut vm);
     eprintln!(
         "incremental push: read {} sent {}",
         second["bytes_read"], second["bytes_sent"]
@@ -303,6 +323,7 @@ fn a_running_guest_is_backed_up_from_one_instant_with_persistent_bitmaps() {
     vm.quit();
     vm.restart();
     let third = pushed(push(&[]));
+    alive(&mut vm);
     assert!(third.get("full_read").is_none(), "{third}");
     assert_eq!(third["bytes_sent"].as_u64(), Some(2 * G));
     let id3 = newest_id(&server);
@@ -319,6 +340,7 @@ fn a_running_guest_is_backed_up_from_one_instant_with_persistent_bitmaps() {
     let (bitmaps, left) = vm.state();
     assert!(!left.is_empty(), "a killed client leaves its export: {bitmaps:?}");
     let fourth = pushed(push(&[]));
+    alive(&mut vm);
     assert!(fourth.get("full_read").is_none(), "{fourth}");
     assert_eq!(fourth["bytes_sent"].as_u64(), Some(G));
     let id4 = newest_id(&server);
@@ -337,6 +359,7 @@ fn a_running_guest_is_backed_up_from_one_instant_with_persistent_bitmaps() {
     vm.kill();
     vm.restart();
     let fifth = pushed(push(&[]));
+    alive(&mut vm);
     let why = fifth["full_read"].as_str().unwrap_or_default();
     assert!(why.contains(&format!("has no bitmap backy-{id4}")), "{fifth}");
     // Without known ranges the changed block goes through the granule
@@ -356,6 +379,7 @@ fn a_running_guest_is_backed_up_from_one_instant_with_persistent_bitmaps() {
     vm.kill();
     vm.restart();
     let sixth = pushed(push(&[]));
+    alive(&mut vm);
     let why = sixth["full_read"].as_str().unwrap_or_default();
     assert!(
         why.contains(&format!("bitmap backy-{id5} is inconsistent")),
@@ -431,9 +455,11 @@ fn a_raw_disk_is_incremental_while_qemu_runs() {
     let server = Server::start(&base, &jobs);
     let push = || pushed(server.client(&["--json", "push", "vm1", "--force"]));
     push();
+    alive(&mut vm);
     // The bitmap lives in QEMU's memory: incremental while it runs...
     vm.write(&mut model, 0x22, 5 * MIB, 100);
     let second = push();
+    alive(&mut vm);
     assert!(second.get("full_read").is_none(), "{second}");
     assert_eq!(second["bytes_sent"].as_u64(), Some(G));
     check_restore(&server, d, &newest_id(&server), &model);
@@ -443,6 +469,7 @@ fn a_raw_disk_is_incremental_while_qemu_runs() {
     vm.restart();
     vm.write(&mut model, 0x33, 9 * MIB, 100);
     let third = push();
+    alive(&mut vm);
     let why = third["full_read"].as_str().unwrap_or_default();
     assert!(why.contains(&format!("has no bitmap backy-{id2}")), "{third}");
     check_restore(&server, d, &newest_id(&server), &model);
