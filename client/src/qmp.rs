@@ -112,17 +112,24 @@ impl Qmp {
         // QEMU serves one monitor client at a time: a second one is
         // accepted by the kernel but never greeted.
         let deadline = Instant::now() + timeout;
-        match qmp.read_message(
-            deadline,
-            "greeting",
-            " (is another client connected to this QMP socket?)",
-        )? {
-            Message::Greeting { version } => qmp.version = version,
-            other => {
-                return Err(QmpError::Protocol(
-                    shown,
-                    Error::unavailable(format!("expected the QMP greeting, got {other:?}")),
-                ))
+        loop {
+            match qmp.read_message(
+                deadline,
+                "greeting",
+                " (is another client connected to this QMP socket?)",
+            )? {
+                Message::Greeting { version } => {
+                    qmp.version = version;
+                    break;
+                }
+                // A QEMU that is starting may send one (RESUME) first.
+                Message::Event { name, data } => qmp.events.push((name, data)),
+                other => {
+                    return Err(QmpError::Protocol(
+                        shown,
+                        Error::unavailable(format!("expected the QMP greeting, got {other:?}")),
+                    ))
+                }
             }
         }
         qmp.execute("qmp_capabilities", None)?;
