@@ -757,15 +757,11 @@ async fn resolve_one(
     job: String,
     spec: String,
 ) -> std::result::Result<(crate::storage::JobDir, backy_common::revision::RevisionMeta), Status> {
-    blocking(move || {
-        let job = server.job(&job)?;
-        let meta = crate::restore::resolve(&server, &job, &spec)?;
-        Ok((job, meta))
-    })
-    .await
+    let (job, meta, _) = resolve_with_base(server, job, spec, String::new()).await?;
+    Ok((job, meta))
 }
 
-/// [`resolve_one`], and the base revision a replica holds, by full id.
+/// [`resolve_one`], and the base revision a replica holds (either id form).
 async fn resolve_with_base(
     server: Arc<Server>,
     job: String,

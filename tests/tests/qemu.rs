@@ -82,6 +82,15 @@ fn pushed(server: &Server) -> serde_json::Value {
     serde_json::from_slice(&out.stdout).unwrap()
 }
 
+/// The job's revision ids, oldest first.
+fn revision_ids(server: &Server) -> Vec<String> {
+    server
+        .revisions("vm1")
+        .iter()
+        .map(|r| r["id"].as_str().unwrap().to_string())
+        .collect()
+}
+
 fn check_restore(server: &Server, dir: &Path, id: &str, want: &Path) {
     let out = dir.join(format!("restored-{id}"));
     server.client_ok(&["restore", "vm1", "-r", id, out.to_str().unwrap()]);
@@ -124,11 +133,7 @@ fn pushes_read_the_dirty_granules_and_keep_one_bitmap() {
     );
     assert_eq!(first["bytes_sent"].as_u64(), Some(12 * MIB));
     assert!(first.get("full_read").is_none(), "{first}");
-    let ids: Vec<String> = server
-        .revisions("vm1")
-        .iter()
-        .map(|r| r["id"].as_str().unwrap().to_string())
-        .collect();
+    let ids = revision_ids(&server);
     assert_eq!(names(&img), [format!("backy-{}", ids[0])]);
     assert_eq!(
         std::fs::read_to_string(&log).unwrap(),
@@ -166,11 +171,7 @@ fn pushes_read_the_dirty_granules_and_keep_one_bitmap() {
     assert_eq!(second["bytes_sent"].as_u64(), Some(5 * G));
     // Only the three 4 MiB blocks holding them were read.
     assert_eq!(second["bytes_read"].as_u64(), Some(3 * BLOCK));
-    let ids: Vec<String> = server
-        .revisions("vm1")
-        .iter()
-        .map(|r| r["id"].as_str().unwrap().to_string())
-        .collect();
+    let ids = revision_ids(&server);
     assert_eq!(ids.len(), 2);
     assert_eq!(
         names(&img),
@@ -197,11 +198,7 @@ fn pushes_read_the_dirty_granules_and_keep_one_bitmap() {
     raw_copy(&img, &raw3);
     let third = pushed(&server);
     assert_eq!(third["bytes_sent"].as_u64(), Some(G));
-    let ids: Vec<String> = server
-        .revisions("vm1")
-        .iter()
-        .map(|r| r["id"].as_str().unwrap().to_string())
-        .collect();
+    let ids = revision_ids(&server);
     assert_eq!(names(&img), [format!("backy-{}", ids[2])]);
     check_restore(&server, dir.path(), &ids[2], &raw3);
 
@@ -228,11 +225,7 @@ fn pushes_read_the_dirty_granules_and_keep_one_bitmap() {
     // exchange: its digests, then the changed granule (README: How it works).
     assert_eq!(fourth["bytes_sent"].as_u64(), Some(G + 1024));
     assert!(fourth["bytes_read"].as_u64().unwrap() >= 12 * MIB);
-    let ids: Vec<String> = server
-        .revisions("vm1")
-        .iter()
-        .map(|r| r["id"].as_str().unwrap().to_string())
-        .collect();
+    let ids = revision_ids(&server);
     assert_eq!(names(&img), [format!("backy-{}", ids[3])]);
     check_restore(&server, dir.path(), &ids[3], &raw4);
 
@@ -251,11 +244,7 @@ fn pushes_read_the_dirty_granules_and_keep_one_bitmap() {
         line.contains(&format!("(read whole: the image has no bitmap backy-{})", ids[3])),
         "{line}"
     );
-    let ids: Vec<String> = server
-        .revisions("vm1")
-        .iter()
-        .map(|r| r["id"].as_str().unwrap().to_string())
-        .collect();
+    let ids = revision_ids(&server);
     assert_eq!(names(&img), [format!("backy-{}", ids[4])]);
 }
 
