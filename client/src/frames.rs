@@ -6,6 +6,7 @@ use backy_common::framer::{Framer, RangeSink};
 use backy_common::Result;
 use backy_proto::push_frame::Frame;
 use backy_proto::{DataRange, ZeroRange};
+use std::time::Duration;
 
 /// Emits push frames in offset order through the shared framer, keeping
 /// the stream checksum the end frame carries.
@@ -56,6 +57,37 @@ impl<E: FnMut(Frame) -> Result<()>> PushFrames<E> {
 
 /// Frames as (kind, offset, length) for test assertions: `D` data, `Z`
 /// zeros.
+/// How long a push stream may go without a frame before a keepalive is
+/// sent: well under the server's default idle timeout (120 s).
+pub const KEEPALIVE_EVERY: Duration = Duration::from_secs(15);
+
+/// The push frames from `rx`, with a keepalive frame whenever none came for
+/// [`KEEPALIVE_EVERY`] (scanning unchanged data sends nothing for long
+/// stretches); none after the end frame, which must end the stream.
+pub fn with_keepalive(
+    rx: tokio::sync::mpsc::Receiver<backy_proto::PushFrame>,
+) -> impl tokio_stream::Stream<Item = backy_proto::PushFrame> {
+    use backy_proto::push_frame::Frame;
+    futures::stream::unfold((rx, false), |(mut rx, ended)| async move {
+        if ended {
+            return rx.recv().await.map(|f| (f, (rx, true)));
+        }
+        match tokio::time::timeout(KEEPALIVE_EVERY, rx.recv()).await {
+            Ok(Some(f)) => {
+                let end = matches!(f.frame, Some(Frame::End(_)));
+                Some((f, (rx, end)))
+            }
+            Ok(None) => None,
+            Err(_) => Some((
+                backy_proto::PushFrame {
+                    frame: Some(Frame::Keepalive(backy_proto::PushKeepalive {})),
+                },
+                (rx, false),
+            )),
+        }
+    })
+}
+
 #[cfg(test)]
 pub fn summary(frames: &[Frame]) -> Vec<(char, u64, u64)> {
     frames

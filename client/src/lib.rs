@@ -7,7 +7,6 @@
 pub mod agent;
 pub mod changed_ranges;
 pub mod check;
-pub mod connect;
 pub mod frames;
 pub mod manifest;
 pub mod nbd;
@@ -25,3 +24,5 @@ pub mod source_check;
 pub mod status;
 pub mod summary;
 pub mod view;
+
+pub use backy_proto::connect;

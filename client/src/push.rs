@@ -285,7 +285,7 @@ async fn push_planned(
             reader_bar.set(pos)
         })
     });
-    let frames = crate::connect::with_keepalive(rx);
+    let frames = crate::frames::with_keepalive(rx);
     let joined = if exchange {
         join(reader, push_exchange(client, frames, answers_tx)).await
     } else {

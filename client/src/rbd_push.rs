@@ -207,7 +207,7 @@ async fn push_snapshot(
         })?;
         Ok(streamed)
     });
-    let rpc = client.push(crate::connect::with_keepalive(rx));
+    let rpc = client.push(crate::frames::with_keepalive(rx));
     let joined = push::join(reader, rpc).await;
     fault::point("client.replied");
     bar.finish();

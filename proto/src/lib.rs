@@ -7,6 +7,7 @@ pub mod v1 {
     tonic::include_proto!("backy.v1");
 }
 
+pub mod connect;
 mod convert;
 
 pub use convert::{

@@ -1,8 +1,9 @@
-//! The connection to `backy-server`, and turning gRPC statuses into the
+//! The connection to a `backy-server` (from `backy-client`, or from a
+//! replica server to its source), and turning gRPC statuses into the
 //! model's one-line errors.
 
+use crate::backy_client::BackyClient;
 use backy_common::{Error, ErrorKind, Reason, Result, MAX_MESSAGE_BYTES};
-use backy_proto::backy_client::BackyClient;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::time::Duration;
@@ -97,12 +98,10 @@ impl tonic::service::Interceptor for TokenInterceptor {
     fn call(&mut self, mut req: tonic::Request<()>) -> std::result::Result<tonic::Request<()>, Status> {
         // Every request says which protocol it speaks, so a server can
         // refuse an incompatible client with a clear message.
-        req.metadata_mut().insert(
-            backy_proto::PROTOCOL_HEADER,
-            MetadataValue::from(backy_proto::PROTOCOL),
-        );
-        if let Ok(v) = backy_proto::VERSION.parse() {
-            req.metadata_mut().insert(backy_proto::VERSION_HEADER, v);
+        req.metadata_mut()
+            .insert(crate::PROTOCOL_HEADER, MetadataValue::from(crate::PROTOCOL));
+        if let Ok(v) = crate::VERSION.parse() {
+            req.metadata_mut().insert(crate::VERSION_HEADER, v);
         }
         if let Some(t) = &self.0 {
             req.metadata_mut()
@@ -114,7 +113,7 @@ impl tonic::service::Interceptor for TokenInterceptor {
 
 /// Connects without credentials (loopback plaintext servers, tests).
 #[cfg(test)]
-pub async fn connect(url: &str) -> Result<Client> {
+async fn connect(url: &str) -> Result<Client> {
     connect_with(url, &Credentials::default()).await
 }
 
@@ -236,14 +235,14 @@ async fn connect_now(url: &str, creds: &Credentials, timeout: Duration) -> Resul
 /// that refuses it, fails here with one line naming both versions.
 async fn hello(client: &mut Client) -> Result<()> {
     let ours = format!(
-        "this backy-client {} speaks protocol {}",
-        backy_proto::VERSION,
-        backy_proto::PROTOCOL
+        "this backy {} speaks protocol {}",
+        crate::VERSION,
+        crate::PROTOCOL
     );
     let reply = match client
-        .hello(backy_proto::HelloRequest {
-            protocol: backy_proto::PROTOCOL,
-            version: backy_proto::VERSION.to_string(),
+        .hello(crate::HelloRequest {
+            protocol: crate::PROTOCOL,
+            version: crate::VERSION.to_string(),
         })
         .await
     {
@@ -252,18 +251,18 @@ async fn hello(client: &mut Client) -> Result<()> {
             return Err(Error::precondition(format!(
                 "the server predates protocol versioning (protocol 0); {ours} and needs {} or newer: \
                  upgrade backy-server",
-                backy_proto::MIN_SERVER_PROTOCOL
+                crate::MIN_SERVER_PROTOCOL
             ))
             .with_reason(Reason::IncompatibleVersion))
         }
         Err(s) => return Err(status_error(s)),
     };
-    if reply.protocol < backy_proto::MIN_SERVER_PROTOCOL {
+    if reply.protocol < crate::MIN_SERVER_PROTOCOL {
         return Err(Error::precondition(format!(
             "backy-server {} speaks protocol {}; {ours} and needs {} or newer: upgrade backy-server",
             one_line(&reply.version),
             reply.protocol,
-            backy_proto::MIN_SERVER_PROTOCOL
+            crate::MIN_SERVER_PROTOCOL
         ))
         .with_reason(Reason::IncompatibleVersion));
     }
@@ -274,44 +273,13 @@ async fn hello(client: &mut Client) -> Result<()> {
 /// one short round trip, and a client holds no state per connection).
 pub async fn server_protocol(client: &mut Client) -> Result<u32> {
     let reply = client
-        .hello(backy_proto::HelloRequest {
-            protocol: backy_proto::PROTOCOL,
-            version: backy_proto::VERSION.to_string(),
+        .hello(crate::HelloRequest {
+            protocol: crate::PROTOCOL,
+            version: crate::VERSION.to_string(),
         })
         .await
         .map_err(status_error)?;
     Ok(reply.into_inner().protocol)
-}
-
-/// How long a push stream may go without a frame before a keepalive is
-/// sent: well under the server's default idle timeout (120 s).
-pub const KEEPALIVE_EVERY: Duration = Duration::from_secs(15);
-
-/// The push frames from `rx`, with a keepalive frame whenever none came for
-/// [`KEEPALIVE_EVERY`] (scanning unchanged data sends nothing for long
-/// stretches); none after the end frame, which must end the stream.
-pub fn with_keepalive(
-    rx: tokio::sync::mpsc::Receiver<backy_proto::PushFrame>,
-) -> impl tokio_stream::Stream<Item = backy_proto::PushFrame> {
-    use backy_proto::push_frame::Frame;
-    futures::stream::unfold((rx, false), |(mut rx, ended)| async move {
-        if ended {
-            return rx.recv().await.map(|f| (f, (rx, true)));
-        }
-        match tokio::time::timeout(KEEPALIVE_EVERY, rx.recv()).await {
-            Ok(Some(f)) => {
-                let end = matches!(f.frame, Some(Frame::End(_)));
-                Some((f, (rx, end)))
-            }
-            Ok(None) => None,
-            Err(_) => Some((
-                backy_proto::PushFrame {
-                    frame: Some(Frame::Keepalive(backy_proto::PushKeepalive {})),
-                },
-                (rx, false),
-            )),
-        }
-    })
 }
 
 /// A server's answer as a one-line error: its message plus the code name,
@@ -325,8 +293,8 @@ pub fn status_error(status: Status) -> Error {
     };
     // The server's details say what happened; the code is the fallback
     // for errors without them (the transport's own).
-    let (kind, reason) = backy_proto::error_of_detail(status.details())
-        .unwrap_or((kind_of(status.code()), Reason::Unspecified));
+    let (kind, reason) =
+        crate::error_of_detail(status.details()).unwrap_or((kind_of(status.code()), Reason::Unspecified));
     Error {
         kind,
         message: format!("{} ({})", one_line(message), code_name(status.code())),
