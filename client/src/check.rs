@@ -3,7 +3,7 @@
 use crate::status::human_secs;
 use backy_common::config::NO_SCHEDULE;
 use backy_common::units::count;
-use backy_proto::{JobStatus, JobSummary};
+use backy_proto::{JobStatus, JobSummary, ReplicaState};
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 
@@ -41,6 +41,8 @@ pub struct JobHealth<'a> {
     pub sla_window_secs: u64,
     pub newest_trusted: Option<DateTime<Utc>>,
     pub failures: u32,
+    /// On a replica: how its copy stands (its lag replaces the SLA).
+    pub replica: Option<&'a ReplicaState>,
 }
 
 impl<'a> From<&'a JobStatus> for JobHealth<'a> {
@@ -60,6 +62,7 @@ impl<'a> From<&'a JobStatus> for JobHealth<'a> {
                 .filter_map(|r| r.timestamp.as_ref().and_then(backy_proto::datetime))
                 .max(),
             failures: j.failures,
+            replica: j.replica.as_ref(),
         }
     }
 }
@@ -76,6 +79,7 @@ impl<'a> From<&'a JobSummary> for JobHealth<'a> {
             sla_window_secs: j.sla_window_secs,
             newest_trusted: j.newest_trusted.as_ref().and_then(backy_proto::datetime),
             failures: j.failures,
+            replica: j.replica.as_ref(),
         }
     }
 }
@@ -94,6 +98,9 @@ pub struct JobCheck {
     pub revisions: usize,
     pub distrusted: usize,
     pub failures: u32,
+    /// On a replica: how far behind the source its copy is; `null`
+    /// elsewhere.
+    pub lag_secs: Option<u64>,
 }
 
 /// The verdict on some jobs: the worst state, a one-line summary, and each
@@ -122,14 +129,29 @@ pub fn evaluate(jobs: &[JobHealth], now: DateTime<Utc>) -> Report {
         .flat_map(|c| c.problems.iter().map(String::as_str))
         .collect();
     let summary = if problems.is_empty() {
-        let manual = checks.iter().filter(|c| c.sla_window_secs.is_none()).count() as u64;
-        let scheduled = checks.len() as u64 - manual;
-        let manual_jobs = format!("{} without schedule (manual pushes only)", count(manual, "job"));
-        match (scheduled, manual) {
-            (_, 0) => format!("{}, all within SLA", count(scheduled, "job")),
-            (0, _) => manual_jobs,
-            _ => format!("{}, all within SLA; {manual_jobs}", count(scheduled, "job")),
+        let copies = checks.iter().filter(|c| c.lag_secs.is_some()).count() as u64;
+        let manual = checks
+            .iter()
+            .filter(|c| c.sla_window_secs.is_none() && c.lag_secs.is_none())
+            .count() as u64;
+        let scheduled = checks.len() as u64 - manual - copies;
+        let mut parts = Vec::new();
+        if scheduled > 0 || checks.is_empty() {
+            parts.push(format!("{}, all within SLA", count(scheduled, "job")));
         }
+        if copies > 0 {
+            parts.push(format!(
+                "{} from another server, within their lag",
+                count(copies, "copied job")
+            ));
+        }
+        if manual > 0 {
+            parts.push(format!(
+                "{} without schedule (manual pushes only)",
+                count(manual, "job")
+            ));
+        }
+        parts.join("; ")
     } else {
         problems.join("; ")
     };
@@ -155,8 +177,35 @@ fn check_job(job: &JobHealth, now: DateTime<Utc>) -> JobCheck {
     let mut state = State::Ok;
     let mut problems = Vec::new();
     // Older servers send an empty name for "no schedule".
-    let scheduled = !(job.schedule == NO_SCHEDULE || job.schedule.is_empty());
-    if !scheduled {
+    let scheduled = !(job.schedule == NO_SCHEDULE || job.schedule.is_empty()) && job.replica.is_none();
+    if let Some(r) = job.replica {
+        let (warn, crit) = (r.lag_warning_secs, r.lag_critical_secs);
+        let lag = human_secs(r.lag_secs);
+        let behind = if r.missing > 0 {
+            format!("{} not copied yet", count(u64::from(r.missing), "revision"))
+        } else {
+            "source not read".to_string()
+        };
+        if crit > 0 && r.lag_secs >= crit {
+            state = state.max(State::Critical);
+            problems.push(format!(
+                "{}: copy {lag} behind ({behind}; critical from {})",
+                job.job,
+                human_secs(crit)
+            ));
+        } else if warn > 0 && r.lag_secs >= warn {
+            state = state.max(State::Warning);
+            problems.push(format!(
+                "{}: copy {lag} behind ({behind}; warning from {})",
+                job.job,
+                human_secs(warn)
+            ));
+        }
+        if !r.last_error.is_empty() {
+            state = state.max(State::Warning);
+            problems.push(format!("{}: replication failing: {}", job.job, r.last_error));
+        }
+    } else if !scheduled {
         if job.revisions == 0 {
             state = state.max(State::Warning);
             problems.push(format!("{}: no schedule and never backed up", job.job));
@@ -202,6 +251,7 @@ fn check_job(job: &JobHealth, now: DateTime<Utc>) -> JobCheck {
         revisions: job.revisions,
         distrusted: job.distrusted,
         failures: job.failures,
+        lag_secs: job.replica.map(|r| r.lag_secs),
     }
 }
 

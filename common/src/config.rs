@@ -92,6 +92,135 @@ pub struct ServerConfig {
     /// by this group. Unset: 0600 only.
     #[serde(default)]
     pub secrets_group: Option<String>,
+    /// Copy another server's revisions here (this server is then its
+    /// replica for those jobs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replicate: Option<ReplicateConfig>,
+}
+
+/// Pull replication from a source server (docs/DESIGN.md, "Replication").
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct ReplicateConfig {
+    /// The source server's URL (`https://host:port`; `http://` only to a
+    /// loopback address).
+    pub source: String,
+    /// CA certificate the source's certificate must chain to (default:
+    /// the system's trust store).
+    #[serde(default)]
+    pub ca: Option<PathBuf>,
+    /// The token of this server's `replica` identity on the source.
+    #[serde(default)]
+    pub token_file: Option<PathBuf>,
+    /// Client certificate and key for a source that uses mutual TLS.
+    #[serde(default)]
+    pub cert: Option<PathBuf>,
+    #[serde(default)]
+    pub key: Option<PathBuf>,
+    /// The name the source's certificate carries, if not the URL's host.
+    #[serde(default)]
+    pub tls_server_name: Option<String>,
+    /// The jobs to copy; unset: every job the source shows this identity.
+    #[serde(default)]
+    pub jobs: Option<Vec<JobName>>,
+    /// How often to look for new revisions.
+    #[serde(default = "default_replicate_interval")]
+    pub interval: Interval,
+    /// `check` warns when the oldest revision not yet copied is older.
+    #[serde(default = "default_lag_warning")]
+    pub lag_warning: Interval,
+    /// ... and is critical from this age on.
+    #[serde(default = "default_lag_critical")]
+    pub lag_critical: Interval,
+}
+
+fn default_replicate_interval() -> Interval {
+    Interval::from_secs(300)
+}
+
+fn default_lag_warning() -> Interval {
+    Interval::from_secs(6 * 3600)
+}
+
+fn default_lag_critical() -> Interval {
+    Interval::from_secs(86400)
+}
+
+impl ReplicateConfig {
+    fn validate(&self) -> Result<()> {
+        let bad = |why: String| Error::invalid(format!("replicate: {why}"));
+        let not_url = || {
+            bad(format!(
+                "source {:?} is not a URL like https://backup01:6023",
+                self.source
+            ))
+        };
+        let (scheme, authority) = self.source.split_once("://").ok_or_else(not_url)?;
+        let authority = authority.strip_suffix('/').unwrap_or(authority);
+        if authority.is_empty() || authority.contains(['/', '?', '@', ' ']) {
+            return Err(not_url());
+        }
+        let host = match authority.rsplit_once(':') {
+            Some((h, port)) if !h.is_empty() && port.parse::<u16>().is_ok() => h,
+            _ if authority.starts_with('[') || !authority.contains(':') => authority,
+            _ => return Err(not_url()),
+        };
+        match Some(scheme) {
+            Some("https") => {}
+            Some("http") if is_loopback_host(host) => {
+                if self.ca.is_some() || self.cert.is_some() || self.tls_server_name.is_some() {
+                    return Err(bad(format!(
+                        "TLS settings given for the plaintext source {}",
+                        self.source
+                    )));
+                }
+            }
+            Some("http") => {
+                return Err(bad(format!(
+                    "source {} is plaintext: only a loopback source may be; use https://",
+                    self.source
+                )))
+            }
+            _ => {
+                return Err(bad(format!(
+                    "source {:?} is not a URL like https://backup01:6023",
+                    self.source
+                )))
+            }
+        }
+        if self.cert.is_some() != self.key.is_some() {
+            return Err(bad("give both cert and key for a client certificate".into()));
+        }
+        if self.interval.secs() < 10 {
+            return Err(bad(format!(
+                "interval {} is below the minimum of 10s",
+                self.interval
+            )));
+        }
+        if self.lag_warning >= self.lag_critical {
+            return Err(bad(format!(
+                "lag-warning {} must be shorter than lag-critical {}",
+                self.lag_warning, self.lag_critical
+            )));
+        }
+        if let Some(jobs) = &self.jobs {
+            if jobs.is_empty() {
+                return Err(bad(
+                    "jobs: is empty (leave it out to copy every job the source shows)".into(),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+fn is_loopback_host(host: &str) -> bool {
+    host == "localhost"
+        || host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
 }
 
 /// Server certificate and key (PEM files); `client-ca` turns on mutual TLS:
@@ -343,6 +472,9 @@ impl ServerConfig {
                     )));
                 }
             }
+        }
+        if let Some(r) = &self.replicate {
+            r.validate()?;
         }
         self.validate_security()
     }

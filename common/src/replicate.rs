@@ -18,9 +18,11 @@
 
 use crate::id::RevisionId;
 use crate::manifest::Manifest;
+use crate::ranges::GRANULE;
 use crate::revision::{is_manual_tag, Trust};
 use chrono::{DateTime, Utc};
 use std::collections::{BTreeSet, HashMap};
+use std::ops::Range;
 use std::time::Duration;
 
 /// A revision as one side lists it.
@@ -47,11 +49,23 @@ fn oldest_first(revs: &[Listed]) -> Vec<&Listed> {
     sorted
 }
 
+/// Which of the source's revisions a replica owes itself.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Owed {
+    /// Every one it lacks (it mirrors the source's expiry, so a copy it
+    /// lacks was lost or forgotten here, and is fetched again).
+    All,
+    /// Only those newer than its newest (its own schedule expires copies
+    /// the source may still have: those must not come back).
+    Newer,
+}
+
 /// The transfers of one round, in order: every revision the source has
-/// and the replica lacks, but distrusted ones, oldest first, each based on
-/// the newest older revision both hold (counting the ones fetched before
-/// it in this round) that the replica trusts.
-pub fn plan(source: &[Listed], replica: &[Listed]) -> Vec<Transfer> {
+/// and the replica lacks and owes (see [`Owed`]), but distrusted ones,
+/// oldest first, each based on the newest older revision both hold
+/// (counting the ones fetched before it in this round) that the replica
+/// trusts.
+pub fn plan(source: &[Listed], replica: &[Listed], owed: Owed) -> Vec<Transfer> {
     let on_source: HashMap<RevisionId, &Listed> = source.iter().map(|r| (r.id, r)).collect();
     // Candidate bases: held by both, trusted here.
     let mut bases: Vec<(DateTime<Utc>, RevisionId)> = replica
@@ -60,9 +74,13 @@ pub fn plan(source: &[Listed], replica: &[Listed]) -> Vec<Transfer> {
         .map(|r| (r.timestamp, r.id))
         .collect();
     let held: BTreeSet<RevisionId> = replica.iter().map(|r| r.id).collect();
+    let newest_held = replica.iter().map(|r| (r.timestamp, r.id)).max();
     let mut out = Vec::new();
     for rev in oldest_first(source) {
         if held.contains(&rev.id) || !rev.trust.usable_as_parent() {
+            continue;
+        }
+        if owed == Owed::Newer && newest_held.is_some_and(|n| (rev.timestamp, rev.id) <= n) {
             continue;
         }
         let base = bases
@@ -105,6 +123,24 @@ pub fn same_block(base: &Manifest, target: &Manifest, block: u64) -> bool {
         && base.get(block) == target.get(block)
 }
 
+/// The byte ranges, in runs of whole granules (the last may be short),
+/// where `target` differs from `base` (two versions of one block).
+pub fn differing_granules(base: &[u8], target: &[u8]) -> Vec<Range<usize>> {
+    let mut runs: Vec<Range<usize>> = Vec::new();
+    let g = GRANULE as usize;
+    for start in (0..target.len()).step_by(g) {
+        let end = (start + g).min(target.len());
+        if base.get(start..end) == Some(&target[start..end]) {
+            continue;
+        }
+        match runs.last_mut() {
+            Some(last) if last.end == start => last.end = end,
+            _ => runs.push(start..end),
+        }
+    }
+    runs
+}
+
 /// How far a replica is behind its source.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Lag {
@@ -118,11 +154,11 @@ pub struct Lag {
     pub newest_replicated: Option<DateTime<Utc>>,
 }
 
-pub fn lag(source: &[Listed], replica: &[Listed], now: DateTime<Utc>) -> Lag {
-    let held: BTreeSet<RevisionId> = replica.iter().map(|r| r.id).collect();
+pub fn lag(source: &[Listed], replica: &[Listed], owed: Owed, now: DateTime<Utc>) -> Lag {
+    let missing: BTreeSet<RevisionId> = plan(source, replica, owed).iter().map(|t| t.id).collect();
     let missing: Vec<&Listed> = oldest_first(source)
         .into_iter()
-        .filter(|r| r.trust.usable_as_parent() && !held.contains(&r.id))
+        .filter(|r| missing.contains(&r.id))
         .collect();
     let behind = missing
         .first()
@@ -229,8 +265,26 @@ mod tests {
             ),
         ];
         for (name, source, replica, want) in cases {
-            assert_eq!(plan(&source, &replica), want, "{name}");
+            assert_eq!(plan(&source, &replica, Owed::All), want, "{name}");
         }
+        // With its own schedule, what the replica expired stays expired;
+        // newer ones still come, on the newest common base.
+        let own = |s: &[Listed], r: &[Listed]| plan(s, r, Owed::Newer);
+        assert_eq!(
+            own(&[a.clone(), b.clone(), c.clone()], &[a.clone(), c.clone()]),
+            vec![]
+        );
+        assert_eq!(
+            own(
+                &[a.clone(), b.clone(), c.clone(), d.clone()],
+                std::slice::from_ref(&b)
+            ),
+            vec![t('c', Some('b')), t('d', Some('c'))]
+        );
+        assert_eq!(
+            own(&[a.clone(), b.clone()], &[]),
+            vec![t('a', None), t('b', Some('a'))]
+        );
     }
 
     #[test]
@@ -283,23 +337,60 @@ mod tests {
     }
 
     #[test]
+    fn only_differing_granules_travel() {
+        let g = GRANULE as usize;
+        let base = vec![1u8; 4 * g + 10];
+        let mut target = base.clone();
+        assert!(differing_granules(&base, &target).is_empty());
+        target[g + 5] = 9;
+        target[2 * g] = 9;
+        target[4 * g + 9] = 9;
+        assert_eq!(
+            differing_granules(&base, &target),
+            vec![g..3 * g, 4 * g..4 * g + 10]
+        );
+        // A shorter base: what it lacks differs.
+        assert_eq!(differing_granules(&base[..g], &base[..2 * g]), vec![g..2 * g]);
+    }
+
+    #[test]
     fn lag_is_the_age_of_the_oldest_missing_revision() {
         let a = ok('a', "2026-12-01 01:00");
         let b = ok('b', "2026-12-02 01:00");
         let c = ok('c', "2026-12-03 01:00");
         let now = at("2026-12-03 07:00");
-        let l = lag(&[a.clone(), b.clone(), c.clone()], std::slice::from_ref(&a), now);
+        let l = lag(
+            &[a.clone(), b.clone(), c.clone()],
+            std::slice::from_ref(&a),
+            Owed::All,
+            now,
+        );
         assert_eq!(l.missing, 2);
         assert_eq!(l.behind, Duration::from_secs(30 * 3600));
         assert_eq!(l.newest_replicated, Some(a.timestamp));
-        let l = lag(&[a.clone(), b.clone()], &[a.clone(), b.clone()], now);
+        let l = lag(&[a.clone(), b.clone()], &[a.clone(), b.clone()], Owed::All, now);
         assert_eq!((l.missing, l.behind), (0, Duration::ZERO));
         // Distrusted revisions are not owed.
         let bad = Listed {
             trust: Trust::Distrusted,
             ..c.clone()
         };
-        assert_eq!(lag(&[a.clone(), bad], &[a], now).missing, 0);
-        assert_eq!(lag(&[], &[], now).newest_replicated, None);
+        assert_eq!(
+            lag(&[a.clone(), bad], std::slice::from_ref(&a), Owed::All, now).missing,
+            0
+        );
+        assert_eq!(lag(&[], &[], Owed::All, now).newest_replicated, None);
+        // A copy expired here under its own schedule is not owed.
+        assert_eq!(
+            lag(
+                &[a.clone(), b.clone()],
+                std::slice::from_ref(&b),
+                Owed::Newer,
+                now
+            )
+            .missing,
+            0
+        );
+        assert_eq!(lag(&[a, b.clone()], &[b], Owed::All, now).missing, 1);
     }
 }

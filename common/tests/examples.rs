@@ -114,6 +114,7 @@ fn the_server_example_names_every_key() {
         },
         file_mode: DEFAULT_FILE_MODE,
         secrets_group: Some("g".into()),
+        replicate: None,
     };
     let keys = keys_of(&serde_yaml::to_value(&everything).unwrap());
     assert!(keys.len() > 25, "{keys:?}");

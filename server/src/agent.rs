@@ -161,6 +161,9 @@ fn due_orders(server: &Server, agent: &str, outstanding: &BTreeSet<JobName>, roo
         let Some(schedule) = config.schedule_of(job_cfg) else {
             continue; // schedule: none: never ordered
         };
+        if server.is_copy(name) {
+            continue; // its revisions come from the source
+        }
         if outstanding.contains(name) || server.job_runtime(name).push.is_some() {
             continue; // its outcome wakes planning again
         }

@@ -12,6 +12,7 @@ pub mod notify;
 pub mod page;
 pub mod plan;
 pub mod push;
+pub mod replica;
 pub mod restore;
 pub mod revisions;
 pub mod schedule;
@@ -97,6 +98,7 @@ pub async fn serve(config: ServerConfig, preflight: Preflight, config_path: Path
         .context("expiry at start")?;
     spawn_expiry(server.clone());
     scrub::spawn(server.clone());
+    replica::spawn(server.clone());
     spawn_reload_on_hup(server.clone(), config_path);
     // Health: SERVING from here until shutdown begins.
     let (health, health_service) = tonic_health::server::health_reporter();
@@ -293,14 +295,16 @@ fn reload(server: &Server, path: &std::path::Path) -> Result<usize, String> {
     if let Some(why) = reload_refusal(&server.config(), &new, path) {
         return Err(why);
     }
-    for name in new.jobs.keys() {
+    let copies = server.replication.copied(&new);
+    for name in new.jobs.keys().chain(&copies) {
         if let Err(e) = storage::JobDir::new(&new.base_dir, name.clone()).ensure() {
             tracing::error!(job = %name, "reload: {e}");
         }
     }
-    let jobs = new.jobs.len();
     server.replace_config(new);
-    Ok(jobs)
+    // A replica looks at its source again at once.
+    server.replication.wake.notify_one();
+    Ok(server.config().jobs.len())
 }
 
 /// Why `new` (read from `path`) cannot replace the running `old`; the same

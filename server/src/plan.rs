@@ -17,6 +17,7 @@ pub fn plan(server: &Server, req: &PlanRequest) -> Result<PlanReply> {
     let job = server.job(&req.job)?;
     let config = server.config();
     let job_cfg = config.job(job.name())?;
+    crate::push::refuse_copies(server, &job)?;
     crate::revisions::check_tags(&req.tags, config.schedule_of(job_cfg), req.allow_unscheduled)?;
     let entry = server.indexed(&job)?;
     let revs = &entry.revisions;

@@ -49,6 +49,7 @@ pub fn run(
     let job = server.job(&begin.job)?;
     let config = server.config();
     let job_cfg = config.job(job.name())?;
+    refuse_copies(&server, &job)?;
     let id: RevisionId = begin
         .rev_id
         .parse()
@@ -233,6 +234,23 @@ pub fn run(
         changed_blocks = meta.stats.changed_blocks, storage = meta.storage.as_str(), "committed revision"
     );
     Ok((meta, expired))
+}
+
+/// A job copied from another server takes no pushes: its revisions are
+/// that server's, under the same ids.
+pub fn refuse_copies(server: &Server, job: &crate::storage::JobDir) -> Result<()> {
+    if !server.is_copy(job.name()) {
+        return Ok(());
+    }
+    let config = server.config();
+    Err(Error::precondition(format!(
+        "job {} here is a copy of {}'s: push to that server",
+        job.name(),
+        config
+            .replicate
+            .as_ref()
+            .map_or("another server", |r| r.source.as_str())
+    )))
 }
 
 /// Validates a new revision's tags: see [`crate::revisions::check_tags`].

@@ -4,7 +4,7 @@ use crate::state::Server;
 use crate::storage::JobDir;
 use backy_common::framer::{Framer, RangeSink};
 use backy_common::manifest::Manifest;
-use backy_common::replicate::same_block;
+use backy_common::replicate::{differing_granules, same_block};
 use backy_common::revision::RevisionMeta;
 use backy_common::spec::Spec;
 use backy_common::{Error, Result, MAX_FRAME_DATA};
@@ -130,11 +130,15 @@ pub fn send_manifest(
 /// With `base` (a revision of the same job the receiver holds), blocks
 /// whose digest equals the base's are skipped: the receiver starts from
 /// its copy of the base.
+/// Of a block that differs, only the granules that differ from the base's
+/// bytes go. From `from` (a multiple of the block size: a copy resuming)
+/// on, blocks below it are not sent.
 pub fn stream_image(
     server: Arc<Server>,
     job: JobDir,
     meta: RevisionMeta,
     base: Option<RevisionMeta>,
+    from: u64,
     tx: mpsc::Sender<std::result::Result<RestoreFrame, tonic::Status>>,
 ) -> Result<bool> {
     let _reading = server.start_read(job.name(), meta.id);
@@ -151,10 +155,16 @@ pub fn stream_image(
     };
     let result = (|| -> Result<bool> {
         let manifest = job.manifest(&meta)?;
-        let base = match &base {
-            Some(b) => Some(job.manifest(b)?),
+        let mut base = match &base {
+            Some(b) => Some(Base::open(&job, b)?),
             None => None,
         };
+        if !from.is_multiple_of(u64::from(meta.block_size)) || from > meta.size {
+            return Err(Error::invalid(format!(
+                "resume offset {from}: must be a multiple of the block size {} within the image's {} bytes",
+                meta.block_size, meta.size
+            )));
+        }
         let path = job.image_path(&meta.id);
         let file = File::open(&path).map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
         let len = file
@@ -173,10 +183,14 @@ pub fn stream_image(
         }
         let _ = rustix::fs::fadvise(&file, 0, None, rustix::fs::Advice::Sequential);
         let mut out = Frames::new(send);
-        for block in 0..manifest.block_count() {
+        let first = from / u64::from(meta.block_size);
+        for block in first..manifest.block_count() {
             let offset = manifest.block_offset(block);
             let len = manifest.block_len(block);
-            if base.as_ref().is_some_and(|b| same_block(b, &manifest, block)) {
+            if base
+                .as_ref()
+                .is_some_and(|b| same_block(&b.manifest, &manifest, block))
+            {
                 continue;
             }
             if manifest.is_zero(block) {
@@ -185,18 +199,25 @@ pub fn stream_image(
                 }
                 continue;
             }
-            let mut pos = offset;
-            while pos < offset + len {
-                let n = (offset + len - pos).min(MAX_FRAME_DATA as u64) as usize;
-                // A buffer per frame: it moves into the message uncopied.
-                let mut data = vec![0u8; n];
-                file.read_exact_at(&mut data, pos)
-                    .map_err(|e| Error::io(format!("reading {}", path.display()), e))?;
-                if !out.data(pos, data) {
-                    return Ok(false);
+            let runs = match &mut base {
+                Some(b) => b.differing(&file, &manifest, block)?,
+                None => std::iter::once(0..len as usize).collect(),
+            };
+            for run in runs {
+                let mut pos = offset + run.start as u64;
+                let end = offset + run.end as u64;
+                while pos < end {
+                    let n = (end - pos).min(MAX_FRAME_DATA as u64) as usize;
+                    // A buffer per frame: it moves into the message uncopied.
+                    let mut data = vec![0u8; n];
+                    file.read_exact_at(&mut data, pos)
+                        .map_err(|e| Error::io(format!("reading {}", path.display()), e))?;
+                    if !out.data(pos, data) {
+                        return Ok(false);
+                    }
+                    backy_common::fault::point("restore.data-sent");
+                    pos += n as u64;
                 }
-                backy_common::fault::point("restore.data-sent");
-                pos += n as u64;
             }
         }
         Ok(out.end())
@@ -206,6 +227,52 @@ pub fn stream_image(
         let _ = tx.blocking_send(Err(crate::wire::to_status(e.clone())));
     }
     result
+}
+
+/// The revision a receiver holds, which a stream is relative to.
+struct Base {
+    manifest: Manifest,
+    file: File,
+    /// Scratch for a block of the base and of the revision.
+    bytes: (Vec<u8>, Vec<u8>),
+}
+
+impl Base {
+    fn open(job: &JobDir, meta: &RevisionMeta) -> Result<Self> {
+        let path = job.image_path(&meta.id);
+        Ok(Base {
+            manifest: job.manifest(meta)?,
+            file: File::open(&path).map_err(|e| Error::io(format!("opening {}", path.display()), e))?,
+            bytes: Default::default(),
+        })
+    }
+
+    /// The byte ranges of `block` (within it) whose granules differ from
+    /// the base's: the whole block when the base has nothing to compare.
+    fn differing(
+        &mut self,
+        file: &File,
+        manifest: &Manifest,
+        block: u64,
+    ) -> Result<Vec<std::ops::Range<usize>>> {
+        let (offset, len) = (manifest.block_offset(block), manifest.block_len(block));
+        let comparable = self.manifest.block_size() == manifest.block_size()
+            && offset < self.manifest.image_size()
+            && self.manifest.block_len(block) == len
+            && !self.manifest.is_zero(block);
+        if !comparable {
+            return Ok(std::iter::once(0..len as usize).collect());
+        }
+        let (ours, theirs) = &mut self.bytes;
+        ours.resize(len as usize, 0);
+        theirs.resize(len as usize, 0);
+        self.file
+            .read_exact_at(ours, offset)
+            .map_err(|e| Error::io("reading the base revision", e))?;
+        file.read_exact_at(theirs, offset)
+            .map_err(|e| Error::io("reading the revision", e))?;
+        Ok(differing_granules(ours, theirs))
+    }
 }
 
 /// Smallest all-zero piece of a data block sent as a zero range: the

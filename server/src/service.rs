@@ -484,7 +484,7 @@ impl Backy for Service {
         let permit = self.permit(&caller, "restore")?;
         let server = self.server.clone();
         let req = req.into_inner();
-        let (job_name, spec) = (req.job.clone(), req.revision.clone());
+        let (job_name, spec, from) = (req.job.clone(), req.revision.clone(), req.from);
         let resolved = resolve_with_base(server, req.job, req.revision, req.base).await;
         let (job, meta, base) = resolved.inspect_err(|e| {
             audit::record(
@@ -502,7 +502,12 @@ impl Backy for Service {
             let (name, rev) = (job.name().to_string(), meta.id.to_string());
             let started = std::time::Instant::now();
             let metrics = server.clone();
-            let streamed = crate::restore::stream_image(server, job, meta, base, tx);
+            let copy =
+                (caller.role == backy_common::config::Role::Replica).then(|| (job.name().clone(), meta.id));
+            let streamed = crate::restore::stream_image(server, job, meta, base, from, tx);
+            if let (Ok(true), Some((job, id))) = (&streamed, copy) {
+                metrics.fetched.record(&job, &caller.name, id);
+            }
             let outcome = match &streamed {
                 Ok(true) => "completed",
                 Ok(false) => "cancelled",

@@ -45,10 +45,17 @@ pub struct Server {
     pub metrics: crate::metrics::Metrics,
     /// Set once SIGTERM/SIGINT came: `/readyz` answers 503 from then on.
     pub stopping: std::sync::atomic::AtomicBool,
+    /// As a replica: the jobs it copies and how they stand.
+    pub replication: crate::replica::Replication,
+    /// As a source: what each replica fetched.
+    pub fetched: crate::replica::FetchLog,
 }
 
 impl Server {
     pub fn new(config: ServerConfig, storage_mode: StorageMode) -> Self {
+        let replication = crate::replica::Replication::load(&config.base_dir);
+        let fetched = crate::replica::FetchLog::load(&config.base_dir);
+        let config = replication.effective(config);
         let by_client = jobs_by_client(&config);
         Server {
             config: RwLock::new(Arc::new(config)),
@@ -61,6 +68,8 @@ impl Server {
             work: Arc::new(crate::work::WorkPool::for_this_host()),
             metrics: Default::default(),
             stopping: Default::default(),
+            replication,
+            fetched,
         }
     }
 
@@ -71,7 +80,10 @@ impl Server {
             .unwrap_or_else(|p| p.into_inner().clone())
     }
 
+    /// Takes `config` (with the jobs this server copies from a source
+    /// added, see [`crate::replica::Replication::effective`]).
     pub fn replace_config(&self, config: ServerConfig) {
+        let config = self.replication.effective(config);
         let by_client = Arc::new(jobs_by_client(&config));
         match self.by_client.write() {
             Ok(mut b) => *b = by_client,
@@ -107,6 +119,11 @@ impl Server {
 
     fn runtime(&self) -> MutexGuard<'_, HashMap<JobName, JobRuntime>> {
         self.runtime.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Whether `job` is a copy of another server's (it takes no pushes).
+    pub fn is_copy(&self, job: &JobName) -> bool {
+        self.replication.copied(&self.config()).contains(job)
     }
 
     /// A configured job's directory; unknown jobs are `NotFound`.

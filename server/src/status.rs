@@ -7,7 +7,9 @@ use crate::storage::JobDir;
 use backy_common::config::{ServerConfig, NO_SCHEDULE};
 use backy_common::revision::Trust;
 use backy_common::{JobName, Result};
-use backy_proto::{JobStatus, JobSummary, RevisionInfo, StatusReply, StatusRequest};
+use backy_proto::{
+    JobStatus, JobSummary, ReplicaFetch, ReplicaState, RevisionInfo, StatusReply, StatusRequest,
+};
 
 /// What status says about a job besides its revisions.
 struct Health {
@@ -81,9 +83,44 @@ pub fn status(server: &Server, req: &StatusRequest) -> Result<StatusReply> {
             failures: h.runtime.failures,
             schedule: h.schedule,
             last_error: h.runtime.last_error,
+            replica: replica_state(server, &config, job.name()),
+            fetched_by: server
+                .fetched
+                .of(job.name())
+                .into_iter()
+                .map(|(replica, f)| ReplicaFetch {
+                    replica,
+                    revision: f.revision.to_string(),
+                    at: Some(backy_proto::timestamp(&f.at)),
+                })
+                .collect(),
         });
     }
     Ok(StatusReply { jobs })
+}
+
+/// On a replica, how its copy of `job` stands.
+fn replica_state(server: &Server, config: &ServerConfig, job: &JobName) -> Option<ReplicaState> {
+    let r = config.replicate.as_ref()?;
+    if !server.replication.copied(config).contains(job) {
+        return None;
+    }
+    let now = chrono::Utc::now();
+    let s = server.replication.get(job);
+    let entry = server.indexed(&JobDir::new(&config.base_dir, job.clone())).ok();
+    Some(ReplicaState {
+        source: r.source.clone(),
+        newest: entry
+            .and_then(|e| e.revisions.iter().map(|r| r.timestamp).max())
+            .map(|t| backy_proto::timestamp(&t)),
+        missing: s.missing,
+        lag_secs: server.replication.lag(job, now).as_secs(),
+        last_round: s.last_round.map(|t| backy_proto::timestamp(&t)),
+        last_error: s.last_error,
+        lag_warning_secs: r.lag_warning.secs(),
+        lag_critical_secs: r.lag_critical.secs(),
+        own_retention: config.job(job).is_ok_and(|j| j.schedule.is_some()),
+    })
 }
 
 /// The summary of one job.
@@ -116,5 +153,6 @@ pub fn summary(server: &Server, config: &ServerConfig, name: &JobName) -> Result
         next_tags: h.next_tags,
         failures: h.runtime.failures,
         last_error: h.runtime.last_error,
+        replica: replica_state(server, config, name),
     })
 }

@@ -110,6 +110,7 @@ fn a_replica_reads_and_fetches_only_what_changed_and_changes_nothing() {
                 job: "vm1".into(),
                 revision: b.clone(),
                 base: bogus.clone(),
+                from: 0,
             })
             .await
             .err()
@@ -125,6 +126,7 @@ fn a_replica_reads_and_fetches_only_what_changed_and_changes_nothing() {
                 job: "vm1".into(),
                 revision: b.clone(),
                 base: a.clone(),
+                from: 0,
             })
             .await
             .unwrap()
@@ -143,9 +145,10 @@ fn a_replica_reads_and_fetches_only_what_changed_and_changes_nothing() {
         }
         (sent, patched)
     });
-    // Whole changed blocks, less their all-zero 64 KiB granules: the block
-    // of data at 4 MiB, and one granule of the block in the hole.
-    assert_eq!(sent, BLOCK + (64 << 10), "only the changed blocks travel");
+    // Only the changed 64 KiB granules: the one at 5 MiB (compared with
+    // the base's block) and the one in the hole (the rest of that block
+    // is zeros, sent as a zero range).
+    assert_eq!(sent, 2 * (64 << 10), "only the changed granules travel");
     assert_eq!(
         file_hash(&patched),
         file_hash(&img),

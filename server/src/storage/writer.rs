@@ -552,13 +552,28 @@ impl NewRevision {
     /// touched block (from the data as it arrived when a block came whole,
     /// else read back from the file), and commits: image and manifest
     /// moved into the job directory, then the `.rev` written last.
-    pub fn commit(mut self, end: &PushEnd) -> Result<RevisionMeta> {
+    pub fn commit(self, end: &PushEnd) -> Result<RevisionMeta> {
         if end.stream_checksum.as_slice() != self.checksum.finish() {
             return Err(Error::data_loss(
                 "end-to-end check failed: the data received does not match the client's stream checksum",
             )
             .with_reason(backy_common::Reason::StreamChecksumMismatch));
         }
+        self.finish(&end.manifest_digest)
+    }
+
+    /// Commits a copy of another server's revision: under its timestamp,
+    /// and only if the image's manifest is the one the source holds (a
+    /// copy has no stream checksum: every block is checked by digest).
+    pub fn commit_copy(mut self, timestamp: DateTime<Utc>, manifest_digest: &[u8]) -> Result<RevisionMeta> {
+        if manifest_digest.is_empty() {
+            return Err(Error::invalid("a copy needs the source's manifest digest"));
+        }
+        self.timestamp = timestamp;
+        self.finish(manifest_digest)
+    }
+
+    fn finish(mut self, expected_manifest: &[u8]) -> Result<RevisionMeta> {
         tracing::info!(
             job = %self.job.name(), rev = %self.spec.id, blocks = self.touched.len(),
             "commit: digesting the blocks written since the last checkpoint"
@@ -566,7 +581,7 @@ impl NewRevision {
         self.digest_touched_below(u64::MAX, false)?;
         fault::point("commit.digested");
         let manifest_digest = self.current.file_digest();
-        if !end.manifest_digest.is_empty() && end.manifest_digest.as_slice() != manifest_digest {
+        if !expected_manifest.is_empty() && expected_manifest != manifest_digest {
             return Err(Error::data_loss(
                 "end-to-end check failed: the stored image's manifest differs from the client's",
             )

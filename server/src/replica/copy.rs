@@ -1,0 +1,173 @@
+//! One transfer: a source revision copied here under its own id, as a
+//! reflink clone of the base with the source's differing granules written
+//! in, every touched block re-digested, committed only if the manifest is
+//! the source's. An interrupted transfer keeps its last checkpoint and
+//! resumes from there (the push resume machinery).
+
+use crate::state::Server;
+use crate::storage::{JobDir, NewRevision, NewRevisionSpec};
+use crate::work::Gate;
+use backy_common::replicate::Transfer;
+use backy_common::revision::RevisionMeta;
+use backy_common::schedule::ExpiryRun;
+use backy_common::{fault, Error, Result};
+use backy_proto::connect::{status_error, Client};
+use backy_proto::restore_frame::Frame;
+use backy_proto::{RestoreRequest, RevisionInfo};
+use std::sync::Arc;
+
+/// What one transfer did.
+pub struct Copied {
+    pub meta: RevisionMeta,
+    /// Data bytes received in this session (a resumed one: only the rest).
+    pub received: u64,
+    /// Where this session started (non-zero: it resumed).
+    pub resumed_at: u64,
+}
+
+/// Copies `info` (the source's listing of `transfer.id`) into `job`. Runs
+/// on a blocking thread; the stream is read through `handle`.
+pub fn copy(
+    server: &Arc<Server>,
+    mut client: Client,
+    handle: &tokio::runtime::Handle,
+    job: &JobDir,
+    transfer: Transfer,
+    info: &RevisionInfo,
+) -> Result<Copied> {
+    let config = server.config();
+    let target = RevisionMeta::try_from(info)?;
+    let expected = hex::decode(&info.manifest_digest)
+        .map_err(|_| Error::invalid(format!("revision {}: bad manifest digest", target.id)))?;
+    let _lock = job.lock()?;
+    let _changed = server.index.guard(job.name());
+    let entry = server.indexed(job)?;
+    if entry.revisions.iter().any(|r| r.id == target.id) {
+        return Err(Error::exists(format!("revision {} is here already", target.id)));
+    }
+    let base = match transfer.base {
+        None => None,
+        Some(id) => Some(entry.revisions.iter().find(|r| r.id == id).ok_or_else(|| {
+            Error::precondition(format!(
+                "base revision {id} is no longer here; the next round plans again"
+            ))
+        })?),
+    };
+    let window = config.resume.window.as_duration();
+    let resumable = job
+        .resumable(window, chrono::Utc::now())
+        .filter(|r| r.id == target.id && r.parent == transfer.base && r.size == target.size);
+    for p in job.clean_leftovers(resumable.as_ref().map(|r| r.id))? {
+        tracing::info!(job = %job.name(), "removed leftover {}", p.display());
+    }
+    let running = server.start_push(job.name(), target.id, transfer.base);
+    let parent = match base {
+        Some(meta) => Some((meta, job.manifest(meta)?)),
+        None => None,
+    };
+    let spec = NewRevisionSpec {
+        id: target.id,
+        size: target.size,
+        block_size: target.block_size,
+        tags: target.tags.clone(),
+        source: target.source.clone(),
+    };
+    let stopping = server.clone();
+    let gate = Gate::new(
+        server.work.clone(),
+        "replication",
+        Arc::new(move || stopping.stopping.load(std::sync::atomic::Ordering::Relaxed)),
+    );
+    let checkpoint_every = config.resume.enabled.then_some(config.resume.checkpoint);
+    let (mut rev, from) = match &resumable {
+        Some(record) => {
+            tracing::info!(job = %job.name(), rev = %target.id, checkpoint = record.checkpoint, "resuming a copy");
+            let rev = NewRevision::resume(job, spec, record, parent, checkpoint_every, gate)?;
+            (rev, record.checkpoint)
+        }
+        None => (
+            NewRevision::create(job, spec, parent, server.storage_mode, checkpoint_every, gate)?,
+            0,
+        ),
+    };
+    let request = RestoreRequest {
+        job: job.name().to_string(),
+        revision: target.id.to_string(),
+        base: transfer.base.map(|b| b.to_string()).unwrap_or_default(),
+        from,
+    };
+    // A source that stops sending is given up on like a silent pusher.
+    let idle = config.limits.idle_timeout.as_duration();
+    let next = |stream: &mut tonic::Streaming<backy_proto::RestoreFrame>| {
+        handle.block_on(async {
+            match tokio::time::timeout(idle, stream.message()).await {
+                Ok(m) => m.map_err(status_error),
+                Err(_) => Err(Error::unavailable(format!(
+                    "the source sent nothing for {} s",
+                    idle.as_secs()
+                ))),
+            }
+        })
+    };
+    let mut received = 0u64;
+    let outcome = (|| -> Result<()> {
+        let mut stream = handle
+            .block_on(client.restore(request))
+            .map_err(status_error)?
+            .into_inner();
+        loop {
+            let frame = next(&mut stream)?
+                .ok_or_else(|| Error::unavailable("the source's stream ended before its end frame"))?
+                .frame
+                .ok_or_else(|| Error::invalid("an empty frame from the source"))?;
+            match frame {
+                Frame::Begin(b) if b.id != info.id || b.manifest_digest != info.manifest_digest => {
+                    return Err(Error::precondition(format!(
+                        "the source sent revision {} ({}) for {} ({})",
+                        b.id, b.manifest_digest, info.id, info.manifest_digest
+                    )))
+                }
+                Frame::Begin(_) => {}
+                Frame::Data(d) => {
+                    received += d.data.len() as u64;
+                    rev.data(d.offset, &d.data)?;
+                    fault::point("replica.frame");
+                }
+                Frame::Zero(z) => rev.zero(z.offset, z.length)?,
+                Frame::End(_) => return Ok(()),
+            }
+        }
+    })();
+    if let Err(e) = outcome {
+        // A broken connection or a source gone: keep what arrived for the
+        // next round. Anything else (a bad frame): nothing is kept.
+        if e.kind.is_retryable() {
+            if let Some(at) = rev.suspend()? {
+                let kept = backy_common::units::format_bytes(at);
+                return Err(Error {
+                    message: format!("{}; {kept} kept for resuming", e.message),
+                    ..e
+                });
+            }
+        }
+        return Err(e);
+    }
+    let meta = rev.commit_copy(target.timestamp, &expected)?;
+    server.index.invalidate(job.name());
+    drop(running);
+    server.metrics.received(received as usize);
+    let after_commit = || match config.job(job.name()).ok().and_then(|j| config.schedule_of(j)) {
+        Some(schedule) => {
+            crate::schedule::expire_locked(server, job, schedule, ExpiryRun::AfterCommit(meta.id)).map(|_| ())
+        }
+        None => job.update_latest(),
+    };
+    if let Err(e) = after_commit() {
+        tracing::error!(job = %job.name(), rev = %meta.id, "after the copy: {e}; expiry retries within a minute");
+    }
+    Ok(Copied {
+        meta,
+        received,
+        resumed_at: from,
+    })
+}

@@ -1,0 +1,256 @@
+//! The replica's worker: every `interval` (and on a reload) it reads the
+//! source's list of each copied job, fetches what it owes oldest first,
+//! mirrors the source's expiry where the job has no schedule here, and
+//! records how far behind each copy is.
+
+use super::copy::{copy, Copied};
+use crate::state::Server;
+use crate::storage::JobDir;
+use backy_common::config::ReplicateConfig;
+use backy_common::replicate::{self, Listed, Owed};
+use backy_common::revision::RevisionMeta;
+use backy_common::{Error, JobName, Result, RevisionId};
+use backy_proto::connect::{connect_within, status_error, Client, CredentialFiles, Credentials};
+use backy_proto::{JobsRequest, RevisionInfo, StatusRequest};
+use chrono::Utc;
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Starts the worker; it idles while the configuration has no
+/// `replicate:` and follows reloads.
+pub fn spawn(server: Arc<Server>) {
+    tokio::spawn(async move {
+        loop {
+            let config = server.config();
+            let wait = match &config.replicate {
+                Some(r) => {
+                    round(&server, r).await;
+                    r.interval.as_duration()
+                }
+                None => Duration::from_secs(3600),
+            };
+            tokio::select! {
+                () = tokio::time::sleep(wait) => {}
+                () = server.replication.wake.notified() => {}
+            }
+        }
+    });
+}
+
+/// What one round did, for its log line.
+#[derive(Default)]
+struct Tally {
+    jobs: usize,
+    copied: usize,
+    received: u64,
+    failed: usize,
+    expired: usize,
+}
+
+async fn round(server: &Arc<Server>, r: &ReplicateConfig) {
+    let started = Instant::now();
+    let mut tally = Tally::default();
+    match connect(r).await {
+        Err(e) => {
+            tracing::error!(source = %r.source, "replication: {e}");
+            for job in server.replication.copied(&server.config()) {
+                server
+                    .replication
+                    .update(&job, |s| s.last_error = e.message.clone());
+            }
+            tally.failed = 1;
+        }
+        Ok(mut client) => match names(&mut client, r).await {
+            Err(e) => {
+                tracing::error!(source = %r.source, "replication: listing the source's jobs: {e}");
+                tally.failed = 1;
+            }
+            Ok(names) => {
+                if r.jobs.is_none() && server.replication.found(&names) {
+                    // New jobs: they become jobs here (directories, status).
+                    let config = server.config();
+                    server.replace_config((*config).clone());
+                    for name in &names {
+                        if let Err(e) = JobDir::new(&config.base_dir, name.clone()).ensure() {
+                            tracing::error!(job = %name, "replication: {e}");
+                        }
+                    }
+                }
+                for name in names {
+                    tally.jobs += 1;
+                    if let Err(e) = job_round(server, &client, &name, &mut tally).await {
+                        tracing::error!(job = %name, source = %r.source, "replication: {e}");
+                        server
+                            .replication
+                            .update(&name, |s| s.last_error = e.message.clone());
+                        tally.failed += 1;
+                    }
+                }
+            }
+        },
+    }
+    if let Err(e) = server.replication.save() {
+        tracing::error!("replication: saving its state: {e}");
+    }
+    tracing::info!(
+        source = %r.source,
+        jobs = tally.jobs,
+        copied = tally.copied,
+        received = tally.received,
+        expired = tally.expired,
+        failed = tally.failed,
+        "replication round done in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+}
+
+async fn connect(r: &ReplicateConfig) -> Result<Client> {
+    let creds = Credentials::load(&CredentialFiles {
+        token_file: r.token_file.as_deref(),
+        ca: r.ca.as_deref(),
+        cert: r.cert.as_deref(),
+        key: r.key.as_deref(),
+        tls_server_name: r.tls_server_name.as_deref(),
+    })?;
+    connect_within(&r.source, &creds, Duration::from_secs(30)).await
+}
+
+/// The jobs to copy: the configured list, or all the source shows us.
+async fn names(client: &mut Client, r: &ReplicateConfig) -> Result<Vec<JobName>> {
+    if let Some(jobs) = &r.jobs {
+        return Ok(jobs.clone());
+    }
+    let mut stream = client
+        .jobs(JobsRequest {})
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    let mut names = Vec::new();
+    while let Some(summary) = stream.message().await.map_err(status_error)? {
+        names.push(JobName::new(&summary.job)?);
+    }
+    Ok(names)
+}
+
+fn listed(m: &RevisionMeta) -> Listed {
+    Listed {
+        id: m.id,
+        timestamp: m.timestamp,
+        trust: m.trust,
+        tags: m.tags.clone(),
+    }
+}
+
+/// One job: what the source lists, the copies it owes, its expiry.
+async fn job_round(server: &Arc<Server>, client: &Client, name: &JobName, tally: &mut Tally) -> Result<()> {
+    let reply = client
+        .clone()
+        .status(StatusRequest {
+            job: name.to_string(),
+        })
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    let at = Utc::now();
+    let infos: Vec<RevisionInfo> = reply
+        .jobs
+        .into_iter()
+        .find(|j| j.job == name.as_str())
+        .ok_or_else(|| Error::not_found(format!("the source did not list job {name}")))?
+        .revisions;
+    let metas: Vec<RevisionMeta> = infos.iter().map(RevisionMeta::try_from).collect::<Result<_>>()?;
+    let source: Vec<Listed> = metas.iter().map(listed).collect();
+    let by_id: HashMap<RevisionId, RevisionInfo> = metas.iter().map(|m| m.id).zip(infos).collect();
+    let job = server.job(name.as_str())?;
+    let config = server.config();
+    let owed = match config.job(name).ok().and_then(|j| j.schedule.as_ref()) {
+        Some(_) => Owed::Newer,
+        None => Owed::All,
+    };
+    let here = held(server, &job).await?;
+    let transfers = replicate::plan(&source, &here, owed);
+    let handle = tokio::runtime::Handle::current();
+    let mut failure = None;
+    for transfer in transfers {
+        let Some(info) = by_id.get(&transfer.id).cloned() else {
+            continue;
+        };
+        let (s, c, j, h) = (server.clone(), client.clone(), job.clone(), handle.clone());
+        let copied = tokio::task::spawn_blocking(move || copy(&s, c, &h, &j, transfer, &info))
+            .await
+            .map_err(|e| Error::internal(format!("a copy panicked: {e}")))?;
+        match copied {
+            Ok(Copied {
+                meta,
+                received,
+                resumed_at,
+            }) => {
+                tracing::info!(
+                    job = %name, rev = %meta.id, base = ?transfer.base.map(|b| b.short()),
+                    received, resumed_at, "copied revision"
+                );
+                tally.copied += 1;
+                tally.received += received;
+            }
+            Err(e) => {
+                // Later revisions wait: they would be copied on a base this
+                // one should have been, and the order is the guarantee.
+                failure = Some(e.context(format!("copying revision {}", transfer.id)));
+                break;
+            }
+        }
+    }
+    let here = held(server, &job).await?;
+    if owed == Owed::All && failure.is_none() {
+        tally.expired += mirror_expiry(server, &job, &source, &here).await?;
+    }
+    let here = held(server, &job).await?;
+    let lag = replicate::lag(&source, &here, owed, at);
+    server.replication.listed(name, at, &lag);
+    match failure {
+        Some(e) => Err(e),
+        None => {
+            server.replication.update(name, |s| s.last_error.clear());
+            Ok(())
+        }
+    }
+}
+
+/// The revisions this server holds of `job`.
+async fn held(server: &Arc<Server>, job: &JobDir) -> Result<Vec<Listed>> {
+    let (s, j) = (server.clone(), job.clone());
+    tokio::task::spawn_blocking(move || Ok(s.indexed(&j)?.revisions.iter().map(listed).collect()))
+        .await
+        .map_err(|e| Error::internal(format!("reading the index panicked: {e}")))?
+}
+
+/// Removes the copies the source expired (see
+/// [`replicate::mirror_expiry`]), but none in use; returns how many.
+async fn mirror_expiry(
+    server: &Arc<Server>,
+    job: &JobDir,
+    source: &[Listed],
+    here: &[Listed],
+) -> Result<usize> {
+    let doomed = replicate::mirror_expiry(source, here);
+    if doomed.is_empty() {
+        return Ok(0);
+    }
+    let (s, j) = (server.clone(), job.clone());
+    tokio::task::spawn_blocking(move || -> Result<usize> {
+        let _lock = j.lock()?;
+        let _changed = s.index.guard(j.name());
+        let protected = s.protected(j.name());
+        let mut deleted = 0;
+        for id in doomed.iter().filter(|id| !protected.contains(id)) {
+            j.delete(id)?;
+            tracing::info!(job = %j.name(), rev = %id, "replication: deleted revision (expired on the source)");
+            deleted += 1;
+        }
+        j.update_latest()?;
+        Ok(deleted)
+    })
+    .await
+    .map_err(|e| Error::internal(format!("mirrored expiry panicked: {e}")))?
+}
