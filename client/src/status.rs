@@ -85,8 +85,48 @@ fn format_job(out: &mut String, job: &JobStatus, now: DateTime<Utc>) {
             backy_common::units::count(u64::from(job.failures), "failure")
         );
     }
+    if let Some(r) = &job.replica {
+        format_replica(out, r, now);
+    }
+    for f in &job.fetched_by {
+        let short = f.revision.get(..8).unwrap_or(&f.revision);
+        let _ = writeln!(
+            out,
+            "fetched by replica {}: {short} at {}",
+            f.replica,
+            utc_time(&f.at, now)
+        );
+    }
     if !job.last_error.is_empty() {
         let _ = writeln!(out, "last error: {}", job.last_error);
+    }
+}
+
+fn format_replica(out: &mut String, r: &backy_proto::ReplicaState, now: DateTime<Utc>) {
+    let retention = if r.own_retention {
+        "its own schedule"
+    } else {
+        "mirrors the source's expiry"
+    };
+    let _ = writeln!(out, "copy of {} ({retention})", r.source);
+    let behind = if r.missing == 0 {
+        "nothing to copy".to_string()
+    } else {
+        format!(
+            "{} not copied yet",
+            backy_common::units::count(u64::from(r.missing), "revision")
+        )
+    };
+    let _ = writeln!(
+        out,
+        "lag: {} ({behind}; warning from {}, critical from {}); source last read: {}",
+        human_secs(r.lag_secs),
+        human_secs(r.lag_warning_secs),
+        human_secs(r.lag_critical_secs),
+        utc_time(&r.last_round, now)
+    );
+    if !r.last_error.is_empty() {
+        let _ = writeln!(out, "replication failing: {}", r.last_error);
     }
 }
 
@@ -209,8 +249,50 @@ pub struct JobView {
     pub next_tags: Vec<String>,
     pub failures: u32,
     pub last_error: Option<String>,
+    /// On a replica: how its copy of the job stands; `null` elsewhere.
+    pub replica: Option<ReplicaView>,
+    /// On a source: what each replica last fetched.
+    pub fetched_by: Vec<FetchView>,
     /// Oldest first.
     pub revisions: Vec<RevisionView>,
+}
+
+/// A replica's copy of a job (`status --json`, `replica`).
+#[derive(Debug, Serialize, PartialEq)]
+pub struct ReplicaView {
+    pub source: String,
+    pub newest: Option<String>,
+    pub missing: u32,
+    pub lag_secs: u64,
+    pub lag_warning_secs: u64,
+    pub lag_critical_secs: u64,
+    pub last_round: Option<String>,
+    pub last_error: Option<String>,
+    pub own_retention: bool,
+}
+
+impl From<&backy_proto::ReplicaState> for ReplicaView {
+    fn from(r: &backy_proto::ReplicaState) -> Self {
+        ReplicaView {
+            source: r.source.clone(),
+            newest: rfc3339(&r.newest),
+            missing: r.missing,
+            lag_secs: r.lag_secs,
+            lag_warning_secs: r.lag_warning_secs,
+            lag_critical_secs: r.lag_critical_secs,
+            last_round: rfc3339(&r.last_round),
+            last_error: non_empty(&r.last_error),
+            own_retention: r.own_retention,
+        }
+    }
+}
+
+/// What a replica fetched from this server (`status --json`, `fetched_by`).
+#[derive(Debug, Serialize, PartialEq)]
+pub struct FetchView {
+    pub replica: String,
+    pub revision: String,
+    pub at: Option<String>,
 }
 
 /// Whether a job with this schedule name has a schedule (and so an SLA
@@ -244,6 +326,16 @@ impl From<&JobStatus> for JobView {
             next_tags: j.next_tags.clone(),
             failures: j.failures,
             last_error: non_empty(&j.last_error),
+            replica: j.replica.as_ref().map(ReplicaView::from),
+            fetched_by: j
+                .fetched_by
+                .iter()
+                .map(|f| FetchView {
+                    replica: f.replica.clone(),
+                    revision: f.revision.clone(),
+                    at: rfc3339(&f.at),
+                })
+                .collect(),
             revisions: j.revisions.iter().map(RevisionView::from).collect(),
         }
     }

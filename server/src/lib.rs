@@ -98,7 +98,6 @@ pub async fn serve(config: ServerConfig, preflight: Preflight, config_path: Path
         .context("expiry at start")?;
     spawn_expiry(server.clone());
     scrub::spawn(server.clone());
-    replica::spawn(server.clone());
     spawn_reload_on_hup(server.clone(), config_path);
     // Health: SERVING from here until shutdown begins.
     let (health, health_service) = tonic_health::server::health_reporter();
@@ -159,6 +158,8 @@ pub async fn serve(config: ServerConfig, preflight: Preflight, config_path: Path
             },
         );
     tokio::pin!(serving);
+    // Copies start once this server answers for them.
+    replica::spawn(server.clone());
     // Bound, configured and about to accept: a Type=notify unit is up now.
     notify::ready(&format!(
         "listening on {bound}, {}",

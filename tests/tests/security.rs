@@ -9,10 +9,6 @@ use backy_common::token::{cert_fingerprint, generate_token, hash_token};
 use backy_proto::backy_client::BackyClient;
 use backy_proto::push_frame::Frame;
 use backy_proto::*;
-use rcgen::{
-    date_time_ymd, BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer,
-    KeyPair,
-};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -20,44 +16,6 @@ use std::time::Duration;
 use support::*;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 use tonic::Code;
-
-/// A certificate authority that signs server and client certificates.
-struct Ca {
-    issuer: Issuer<'static, KeyPair>,
-    pem: String,
-}
-
-impl Ca {
-    fn new(name: &str) -> Self {
-        let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
-        p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        p.distinguished_name.push(DnType::CommonName, name);
-        let key = KeyPair::generate().unwrap();
-        let pem = p.self_signed(&key).unwrap().pem();
-        Ca {
-            issuer: Issuer::new(p, key),
-            pem,
-        }
-    }
-
-    /// (certificate PEM, key PEM, certificate DER).
-    fn sign(&self, names: &[&str], client: bool, expired: bool) -> (String, String, Vec<u8>) {
-        let mut p = CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>()).unwrap();
-        p.distinguished_name.push(DnType::CommonName, names[0]);
-        p.extended_key_usages = vec![if client {
-            ExtendedKeyUsagePurpose::ClientAuth
-        } else {
-            ExtendedKeyUsagePurpose::ServerAuth
-        }];
-        if expired {
-            p.not_before = date_time_ymd(2020, 1, 1);
-            p.not_after = date_time_ymd(2021, 1, 1);
-        }
-        let key = KeyPair::generate().unwrap();
-        let cert = p.signed_by(&key, &self.issuer).unwrap();
-        (cert.pem(), key.serialize_pem(), cert.der().to_vec())
-    }
-}
 
 fn write_secret(path: &Path, text: &str) -> PathBuf {
     std::fs::write(path, text).unwrap();

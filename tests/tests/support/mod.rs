@@ -412,7 +412,7 @@ pub fn sparse_copy(from: &Path, to: &Path) {
 pub fn btrfs_du(path: &Path) -> (u64, u64) {
     let out = run_ok(
         Command::new("btrfs")
-            .args(["filesystem", "du", "--raw"])
+            .args(["filesystem", "du", "-s", "--raw"])
             .arg(path),
     );
     let text = String::from_utf8_lossy(&out.stdout);
@@ -662,4 +662,43 @@ pub fn tags_of(r: &serde_json::Value) -> std::collections::BTreeSet<String> {
         .iter()
         .map(|t| t.as_str().expect("tag").to_string())
         .collect()
+}
+
+/// A certificate authority that signs server and client certificates.
+pub struct Ca {
+    issuer: rcgen::Issuer<'static, rcgen::KeyPair>,
+    pub pem: String,
+}
+
+impl Ca {
+    pub fn new(name: &str) -> Self {
+        let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        p.distinguished_name.push(rcgen::DnType::CommonName, name);
+        let key = rcgen::KeyPair::generate().unwrap();
+        let pem = p.self_signed(&key).unwrap().pem();
+        Ca {
+            issuer: rcgen::Issuer::new(p, key),
+            pem,
+        }
+    }
+
+    /// (certificate PEM, key PEM, certificate DER).
+    pub fn sign(&self, names: &[&str], client: bool, expired: bool) -> (String, String, Vec<u8>) {
+        let mut p =
+            rcgen::CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>()).unwrap();
+        p.distinguished_name.push(rcgen::DnType::CommonName, names[0]);
+        p.extended_key_usages = vec![if client {
+            rcgen::ExtendedKeyUsagePurpose::ClientAuth
+        } else {
+            rcgen::ExtendedKeyUsagePurpose::ServerAuth
+        }];
+        if expired {
+            p.not_before = rcgen::date_time_ymd(2020, 1, 1);
+            p.not_after = rcgen::date_time_ymd(2021, 1, 1);
+        }
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = p.signed_by(&key, &self.issuer).unwrap();
+        (cert.pem(), key.serialize_pem(), cert.der().to_vec())
+    }
 }
