@@ -113,7 +113,12 @@ impl Vm {
     /// Runs a command on the test's socket; its `return`.
     fn qmp(&mut self, cmd: &str, args: Value) -> Value {
         let (stream, _) = self.test.as_mut().unwrap();
-        let sent = writeln!(stream, "{}", json!({"execute": cmd, "arguments": args}));
+        // One write of the whole line: `writeln!` with a `Value` sends each
+        // JSON token on its own, QEMU runs a command as soon as its object
+        // is complete, and after a `quit` it may be gone before the newline
+        // (a broken pipe that looked like QEMU dying).
+        let line = format!("{}\n", json!({"execute": cmd, "arguments": args}));
+        let sent = stream.write_all(line.as_bytes());
         if let Err(e) = sent {
             // A QEMU on its way out may not have exited yet.
             let deadline = std::time::Instant::now() + Duration::from_secs(5);
