@@ -11,7 +11,9 @@
 //! quit and restarted (bitmap persisted: still incremental); QEMU killed
 //! (bitmap lost, or inconsistent: full read that says why); a failed push
 //! and a client killed mid-push leave nothing behind in QEMU and the
-//! parent's bitmap in place.
+//! parent's bitmap in place. A raw disk: its bitmap lives in QEMU's
+//! memory, incremental while QEMU runs, a full read (saying why) after a
+//! restart. QEMU is alive after every push.
 
 mod support;
 
@@ -26,8 +28,8 @@ use support::*;
 const G: u64 = 64 << 10;
 const SIZE: u64 = 64 * MIB;
 
-/// A QEMU holding `disk.qcow2` as node `disk0` (drive `drive0`), with one
-/// QMP socket for backy and one for the test.
+/// A QEMU holding `disk.qcow2` (or a raw disk) as node `disk0` (drive
+/// `drive0`), with one QMP socket for backy and one for the test.
 struct Vm {
     dir: PathBuf,
     /// The disk file's name and format.
@@ -458,12 +460,17 @@ fn a_running_guest_names_what_is_wrong() {
 }
 
 #[test]
-fn a_raw_disk_of_a_running_guest_is_refused() {
+fn a_raw_disk_is_incremental_while_qemu_runs() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
+    let mut model = vec![0u8; 16 * MIB as usize];
     let img = d.join("disk.raw");
-    std::fs::File::create(&img).unwrap().set_len(16 * MIB).unwrap();
+    std::fs::File::create(&img)
+        .unwrap()
+        .set_len(model.len() as u64)
+        .unwrap();
     let mut vm = Vm::start_with(d, ("disk.raw", "raw"));
+    vm.write(&mut model, 0x11, 0, 2 * MIB);
     let base = d.join("backy");
     std::fs::create_dir_all(&base).unwrap();
     let jobs = format!(
@@ -472,15 +479,68 @@ fn a_raw_disk_of_a_running_guest_is_refused() {
         d.display()
     );
     let server = Server::start(&base, &jobs);
-    let out = server.client(&["push", "vm1"]);
-    assert_eq!(out.status.code(), Some(1));
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        err.contains("node disk0 is a raw disk: running guests are backed up from qcow2 disks only"),
-        "{err}"
-    );
-    assert!(server.revisions("vm1").is_empty());
-    assert_eq!(vm.state(), (vec![], vec![]));
+    let push = || pushed(server.client(&["--json", "push", "vm1", "--force"]));
+    let show = |what: &str, v: &Value| {
+        eprintln!(
+            "raw, {what}: read {} sent {} full_read {}",
+            v["bytes_read"], v["bytes_sent"], v["full_read"]
+        )
+    };
+
+    // 1. Full: the written 2 MiB (the rest of the file is a hole).
+    let first = push();
     alive(&mut vm);
+    show("full", &first);
+    assert!(first.get("full_read").is_none(), "{first}");
+    assert_eq!(first["bytes_sent"].as_u64(), Some(2 * MIB), "{first}");
+    assert_eq!(first["bytes_read"].as_u64(), Some(BLOCK), "{first}");
+    let id1 = newest_id(&server);
+    assert_eq!(vm.state(), (vec![format!("backy-{id1}")], vec![]));
+    check_restore(&server, d, &id1, &model);
+
+    // 2. The bitmap lives in QEMU's memory: incremental while it runs.
+    // Four granules in two blocks.
+    vm.write(&mut model, 0x22, 5 * MIB, 100);
+    vm.write(&mut model, 0x23, 6 * MIB - 1, 2);
+    vm.write(&mut model, 0x24, 13 * MIB, 10);
+    let second = push();
+    alive(&mut vm);
+    show("incremental", &second);
+    assert!(second.get("full_read").is_none(), "{second}");
+    assert_eq!(second["bytes_sent"].as_u64(), Some(4 * G), "{second}");
+    assert_eq!(second["bytes_read"].as_u64(), Some(2 * BLOCK), "{second}");
+    let id2 = newest_id(&server);
+    assert_eq!(vm.state(), (vec![format!("backy-{id2}")], vec![]));
+    check_restore(&server, d, &id2, &model);
+
+    // 3. Gone with a restart: a full read compared with the parent's
+    // digests, which says why; only the changed granule is sent (after
+    // its block's granule digests).
+    vm.quit();
+    vm.restart();
+    assert_eq!(vm.state(), (vec![], vec![]));
+    vm.write(&mut model, 0x33, 9 * MIB, 100);
+    let third = push();
+    alive(&mut vm);
+    show("after a restart", &third);
+    let why = third["full_read"].as_str().unwrap_or_default();
+    assert!(why.contains(&format!("has no bitmap backy-{id2}")), "{third}");
+    assert_eq!(third["bytes_sent"].as_u64(), Some(G + 1024), "{third}");
+    // Every block holding data: by now all four.
+    assert_eq!(third["bytes_read"].as_u64(), Some(model.len() as u64), "{third}");
+    let id3 = newest_id(&server);
+    assert_eq!(vm.state(), (vec![format!("backy-{id3}")], vec![]));
+    check_restore(&server, d, &id3, &model);
+
+    // 4. The new bitmap serves the next push again.
+    vm.write(&mut model, 0x44, 15 * MIB, G);
+    let fourth = push();
+    alive(&mut vm);
+    show("incremental again", &fourth);
+    assert!(fourth.get("full_read").is_none(), "{fourth}");
+    assert_eq!(fourth["bytes_sent"].as_u64(), Some(G), "{fourth}");
+    assert_eq!(fourth["bytes_read"].as_u64(), Some(BLOCK), "{fourth}");
+    check_restore(&server, d, &newest_id(&server), &model);
+    assert_eq!(server.revisions("vm1").len(), 4);
     vm.quit();
 }
