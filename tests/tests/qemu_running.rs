@@ -29,7 +29,7 @@ const G: u64 = 64 << 10;
 const SIZE: u64 = 64 * MIB;
 
 /// A QEMU holding `disk.qcow2` (or a raw disk) as node `disk0` (drive
-/// `drive0`), with one QMP socket for backy and one for the test.
+/// `drive0`), with a QMP socket for backy and a monitor for the test.
 struct Vm {
     dir: PathBuf,
     /// The disk file's name and format.
@@ -45,9 +45,15 @@ impl Vm {
 
     fn start_with(dir: &Path, disk: (&'static str, &'static str)) -> Vm {
         let img = dir.join(disk.0);
-        let (backy, test) = (dir.join("backy.qmp"), dir.join("test.qmp"));
+        let backy = dir.join("backy.qmp");
         let _ = std::fs::remove_file(&backy);
-        let _ = std::fs::remove_file(&test);
+        // The test's monitor is a socket connected before QEMU starts (its
+        // stdin). A client connecting while QEMU sets its monitors up races
+        // QEMU's monitor I/O thread: under load, QEMU 10.0 greeted such a
+        // client twice, the second greeting resetting the capabilities
+        // negotiation (upstream: "monitor/qmp: cleanup SocketChardev
+        // listener sources early to avoid fd handling race", 2025-11).
+        let (stream, theirs) = UnixStream::pair().unwrap();
         let child = Command::new("qemu-system-x86_64")
             .args([
                 "-machine",
@@ -66,9 +72,13 @@ impl Vm {
             ))
             .arg("-qmp")
             .arg(format!("unix:{},server=on,wait=off", backy.display()))
-            .arg("-qmp")
-            .arg(format!("unix:{},server=on,wait=off", test.display()))
-            .stdin(Stdio::null())
+            .args([
+                "-chardev",
+                "socket,id=test,fd=0",
+                "-mon",
+                "chardev=test,mode=control",
+            ])
+            .stdin(Stdio::from(std::os::fd::OwnedFd::from(theirs)))
             .stdout(Stdio::null())
             // Kept for the failure message should QEMU die.
             .stderr(std::fs::File::create(dir.join("qemu.err")).unwrap())
@@ -80,28 +90,19 @@ impl Vm {
             child: Some(child),
             test: None,
         };
-        // The socket file appears at bind(), before QEMU listens on it.
-        let mut stream = None;
-        wait_for("QEMU's QMP sockets", Duration::from_secs(30), || {
-            backy.exists() && {
-                stream = UnixStream::connect(&test).ok();
-                stream.is_some()
-            }
-        });
-        let stream = stream.unwrap();
         stream.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
         let mut reader = BufReader::new(stream.try_clone().unwrap());
-        // An event (RESUME, at start) can come before the greeting.
-        loop {
-            let mut line = String::new();
-            reader.read_line(&mut line).unwrap();
-            if line.contains("\"QMP\"") {
-                break;
-            }
-            assert!(line.contains("\"event\""), "{line}");
-        }
+        let mut line = String::new();
+        reader.read_line(&mut line).unwrap();
+        assert!(line.contains("\"QMP\""), "{line}; {:?}", vm.death());
         vm.test = Some((stream, reader));
         vm.qmp("qmp_capabilities", json!({}));
+        // backy's monitor set up before backy connects: it has greeted a
+        // client of ours (the same race; the socket file appears at bind(),
+        // before QEMU listens on it).
+        wait_for("QEMU's QMP socket for backy", Duration::from_secs(30), || {
+            greets(&backy)
+        });
         vm
     }
 
@@ -140,8 +141,10 @@ impl Vm {
             if v.get("event").is_some() {
                 continue;
             }
-            assert!(v.get("error").is_none(), "{cmd}: {v}");
-            return v["return"].clone();
+            match v.get("return") {
+                Some(r) => return r.clone(),
+                None => panic!("{cmd}: {v}"),
+            }
         }
     }
 
@@ -160,7 +163,7 @@ impl Vm {
         let nodes = self.qmp("query-named-block-nodes", json!({"flat": true}));
         let disk = nodes
             .as_array()
-            .unwrap()
+            .unwrap_or_else(|| panic!("query-named-block-nodes: {nodes}"))
             .iter()
             .find(|n| n["node-name"] == "disk0")
             .unwrap()
@@ -217,6 +220,24 @@ impl Drop for Vm {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
             let _ = child.wait();
+        }
+    }
+}
+
+/// A client of the QMP socket at `path` is greeted (then leaves).
+fn greets(path: &Path) -> bool {
+    let Ok(stream) = UnixStream::connect(path) else {
+        return false;
+    };
+    stream.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let mut reader = BufReader::new(stream);
+    loop {
+        let mut line = String::new();
+        match reader.read_line(&mut line) {
+            Ok(0) | Err(_) => return false,
+            // An event (RESUME, at start) can come first.
+            Ok(_) if line.contains("\"QMP\"") => return true,
+            Ok(_) => {}
         }
     }
 }
