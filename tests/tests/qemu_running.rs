@@ -1,6 +1,6 @@
 //! `type: qemu` with `qmp:`: a disk of a running QEMU pushed by real
 //! server and client processes. A QEMU without a guest (`-machine none`)
-//! stands in for the VM; "guest writes" go through its second QMP socket
+//! stands in for the VM; "guest writes" go through its second QMP monitor
 //! (`human-monitor-command` with `qemu-io`), each followed by a flush as a
 //! guest's would be. A model of the disk, updated with every write, is
 //! what each revision must restore to, byte for byte.
