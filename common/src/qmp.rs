@@ -9,9 +9,10 @@
 //! 2. one `transaction` ([`begin_transaction`]): `blockdev-backup
 //!    sync=none` from `N` into the overlay (a copy-before-write filter
 //!    copies old data there before each guest write, so the overlay reads
-//!    as `N` at this instant), the persistent bitmap `backy-<new id>`
-//!    recording writes from this instant on, and [`FROZEN_BITMAP`], a
-//!    disabled copy of the parent's bitmap: the changes up to this instant;
+//!    as `N` at this instant), the bitmap `backy-<new id>` (persistent
+//!    on qcow2, in QEMU's memory only on raw) recording writes from this
+//!    instant on, and [`FROZEN_BITMAP`], a disabled copy of the parent's
+//!    bitmap: the changes up to this instant;
 //! 3. an NBD export of the overlay carrying the frozen bitmap;
 //! 4. teardown (export, NBD server, job, overlay), then on commit the
 //!    parent's bitmap goes ([`commit_transaction`]), on failure the new one
@@ -349,13 +350,20 @@ pub fn overlay_args(fdset: u64, disk_node: &str) -> Value {
 
 /// The backup instant: fleecing starts, the new bitmap starts recording,
 /// and (with a usable parent bitmap) its frozen copy is taken, atomically.
-pub fn begin_transaction(disk_node: &str, new_bitmap: &str, parent_bitmap: Option<&str>) -> Value {
+/// `persistent`: whether the node's format can keep the bitmap across a
+/// restart of QEMU (qcow2 only); otherwise it lives in QEMU's memory.
+pub fn begin_transaction(
+    disk_node: &str,
+    new_bitmap: &str,
+    parent_bitmap: Option<&str>,
+    persistent: bool,
+) -> Value {
     let mut actions = vec![
         json!({"type": "blockdev-backup", "data": {
             "job-id": JOB_ID, "device": disk_node, "target": FLEECE_NODE,
             "sync": "none", "filter-node-name": FILTER_NODE, "auto-dismiss": true}}),
         json!({"type": "block-dirty-bitmap-add", "data": {
-            "node": disk_node, "name": new_bitmap, "persistent": true}}),
+            "node": disk_node, "name": new_bitmap, "persistent": persistent}}),
     ];
     if let Some(parent) = parent_bitmap {
         actions.push(json!({"type": "block-dirty-bitmap-add", "data": {
@@ -406,7 +414,7 @@ pub fn abort_transaction(disk_node: &str, new_bitmap: &str, frozen: bool) -> Val
     }
 }
 
-/// Persistent `backy-*` bitmaps on the node other than `keep`: left by
+/// The `backy-*` bitmaps on the node other than `keep`: left by
 /// crashed pushes or a crashed QEMU (inconsistent); never needed again.
 pub fn stray_bitmaps<'a>(node: &'a BlockNode, keep: &'a str) -> impl Iterator<Item = &'a str> {
     node.bitmaps
@@ -594,7 +602,7 @@ mod tests {
 
     #[test]
     fn backup_commands() {
-        let begin = begin_transaction("disk0", "backy-N", Some("backy-P"));
+        let begin = begin_transaction("disk0", "backy-N", Some("backy-P"), true);
         let actions = begin["actions"].as_array().unwrap();
         let types: Vec<&str> = actions.iter().map(|a| a["type"].as_str().unwrap()).collect();
         assert_eq!(
@@ -611,11 +619,16 @@ mod tests {
         assert_eq!(actions[2]["data"]["disabled"], true);
         assert_eq!(actions[3]["data"]["bitmaps"], json!(["backy-P"]));
         assert_eq!(
-            begin_transaction("disk0", "backy-N", None)["actions"]
+            begin_transaction("disk0", "backy-N", None, true)["actions"]
                 .as_array()
                 .unwrap()
                 .len(),
             2
+        );
+        // A raw node's bitmap lives in QEMU's memory.
+        assert_eq!(
+            begin_transaction("disk0", "backy-N", None, false)["actions"][1]["data"]["persistent"],
+            false
         );
         assert_eq!(
             export_args("disk0", true)["bitmaps"],

@@ -86,16 +86,16 @@ pub fn open(
     let disk = q::resolve_node(&nodes, &devices, node)?.clone();
     let parent = q::parent_bitmap(&disk, parent_id).map(|b| b.name.clone().unwrap_or_default());
     let new_bitmap = backy_common::qemu::bitmap_name(rev_id);
-    // Only qcow2 nodes, for now: with a raw node, the test QEMU sometimes
-    // exited (status 0, silently) around a push that read everything after
-    // a restart (docs/DESIGN.md, "Push"). A guest's life is worth more
-    // than the convenience.
-    if disk.drv != "qcow2" {
-        return Err(Error::precondition(format!(
-            "node {} is a {} disk: running guests are backed up from qcow2 disks only; \
-             back this one up stopped (image:) or as a file with snapshot hooks",
-            disk.node_name, disk.drv
-        )));
+    // Bitmaps persist in qcow2 only; elsewhere (raw) they live in QEMU's
+    // memory: incremental while QEMU runs, a full read after a restart
+    // (the missing parent bitmap is the reason the push gives).
+    let persistent = disk.drv == "qcow2";
+    if !persistent {
+        tracing::warn!(
+            node = disk.node_name,
+            drv = disk.drv,
+            "not a qcow2 node: its bitmaps do not survive a restart of QEMU (then a push reads everything)"
+        );
     }
     if disk.bitmaps.iter().any(|b| b.named(&new_bitmap)) {
         // Left by an earlier attempt at this revision: this one's instant is now.
@@ -120,7 +120,7 @@ pub fn open(
         _lock: lock,
         hooks,
     };
-    session.build(&overlay, &disk)?;
+    session.build(&overlay, &disk, persistent)?;
     drop(overlay);
 
     let socket = session._dir.path().join("nbd.sock");
@@ -145,7 +145,7 @@ pub fn open(
 
 impl RunningSession {
     /// Steps 2 to 4 of the module docs.
-    fn build(&mut self, overlay: &File, disk: &BlockNode) -> Result<()> {
+    fn build(&mut self, overlay: &File, disk: &BlockNode, persistent: bool) -> Result<()> {
         let fdset =
             self.qmp
                 .execute_with_fd("add-fd", json!({"opaque": q::FDSET_OPAQUE}), overlay.as_fd())?;
@@ -158,7 +158,12 @@ impl RunningSession {
         self.built.overlay = true;
 
         self.hooks.pre_snapshot()?;
-        let instant = q::begin_transaction(&self.node, &self.new_bitmap, self.parent_bitmap.as_deref());
+        let instant = q::begin_transaction(
+            &self.node,
+            &self.new_bitmap,
+            self.parent_bitmap.as_deref(),
+            persistent,
+        );
         self.qmp.execute("transaction", Some(instant))?;
         self.built.instant = true;
         self.hooks.post_snapshot()?;
