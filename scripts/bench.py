@@ -14,6 +14,7 @@ import platform
 import random
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -256,6 +257,46 @@ def rusage_of(argv):
     sys.exit(code)
 
 
+def log_text(path):
+    with open(path) as f:
+        return re.sub(r"\x1b\[[0-9;]*m", "", f.read())
+
+
+def wait_round(logfile, mark, timeout=1200):
+    """Waits for a replication round logged after character `mark`;
+    returns the log text after the mark."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        text = log_text(logfile)[mark:]
+        if "replication round done" in text:
+            return text
+        time.sleep(0.02)
+    raise SystemExit(f"bench: no replication round in {logfile}")
+
+
+def replica_round(name, replica, logfile, store, size, results):
+    """One replication round (SIGHUP to the replica), timed until it logs
+    its end: wall time, what it received, what its copy added."""
+    mark = len(log_text(logfile))
+    drop_caches()
+    replica.reset()
+    t0 = time.monotonic()
+    os.kill(replica.proc.pid, signal.SIGHUP)
+    text = wait_round(logfile, mark)
+    wall = time.monotonic() - t0
+    copied = re.findall(r"copied revision .*?rev=(\S+) .*?received=(\d+)", text)
+    if not copied or "failed=0" not in text:
+        raise SystemExit(f"bench: {name} copied nothing:\n{text[-2000:]}")
+    os.sync()
+    results[name] = {
+        "name": name, "wall_s": wall, "mb_per_s": size / MIB / wall if wall > 0 else None,
+        "server_cpu_s": replica.cpu() - replica.cpu0, "server_peak_rss": replica.peak_rss(),
+        "bytes_sent": sum(int(n) for _, n in copied),
+        "bytes_added": exclusive(os.path.join(store, "bench", copied[-1][0])),
+    }
+    log(f"{name}: {wall:.2f} s")
+
+
 # ---------------------------------------------------------------- the run
 
 
@@ -297,6 +338,7 @@ def main():
     run(["mkfs.btrfs", "-q", fs_img])
     run(["mount", "-o", "loop", fs_img, mnt])
     server = None
+    replica = None
     results = {}
     with open("/proc/loadavg") as f:
         load_at_start = f.read().split()[:3]
@@ -321,6 +363,17 @@ def main():
                     "jobs:\n  bench:\n    schedule: default\n  benchq:\n    schedule: default\n")
         server = Server(server_bin, cfg, os.path.join(work, "server.log"))
         benv = dict(os.environ, BACKY_SERVER=server.url)
+        # A second server copying the bench job (pull replication), on the
+        # same filesystem; each of its rounds runs on SIGHUP.
+        rstore = os.path.join(mnt, "replica")
+        os.mkdir(rstore)
+        rcfg = os.path.join(work, "replica.yaml")
+        with open(rcfg, "w") as f:
+            f.write(f"listen: 127.0.0.1:0\ninsecure-plaintext: true\nbase-dir: {rstore}\n"
+                    f"replicate: {{source: '{server.url}', jobs: [bench], interval: 1h}}\n")
+        rlog = os.path.join(work, "replica.log")
+        replica = Server(server_bin, rcfg, rlog)
+        wait_round(rlog, 0)
         client = [client_bin, "--json"]
         size = args.size
 
@@ -345,6 +398,7 @@ def main():
         results["sparse_copy"] = timed("sparse_copy", f"cp --reflink=never --sparse=always {img} {mnt}/copy.img && sync", size)
         results["sparse_copy"]["bytes_written"] = allocated(f"{mnt}/copy.img")
         backy("backy_full", ["push", "bench", "--source", img, "--force"])
+        replica_round("replica_full", replica, rlog, rstore, size, results)
 
         peer_full = {}
         if "rsync" in peers:
@@ -391,6 +445,7 @@ def main():
         # The same change again, as the known-ranges push of it.
         run(client + ["forget", "bench", "-r", "latest"], env=benv)
         backy("backy_incr_ranges", ["push", "bench", "--source", img, "--force", "--changed-ranges", ranges_file])
+        replica_round("replica_incr", replica, rlog, rstore, size, results)
 
         if "rsync" in peers:
             os.sync()
@@ -439,6 +494,12 @@ def main():
             assert scan["bytes_sent"] <= len(granules) * granule + 1024 * len(granules), scan["bytes_sent"]
             assert scan["bytes_added"] <= 2 * ranged["bytes_added"] + 2 * granule, \
                 (scan["bytes_added"], ranged["bytes_added"])
+            # The replica fetches the changed granules, relative to the
+            # revision it has, and adds what the push added.
+            rep = results["replica_incr"]
+            assert rep["bytes_sent"] <= len(granules) * granule, (rep["bytes_sent"], len(granules))
+            assert rep["bytes_added"] <= 2 * ranged["bytes_added"] + 2 * granule, \
+                (rep["bytes_added"], ranged["bytes_added"])
 
         # ---- qemu: the same change set in a qcow2, found by its dirty
         # bitmap, then (bitmap gone) by a full scan against the same parent
@@ -467,6 +528,8 @@ def main():
         else:
             log("qemu rows skipped: qemu-img/qemu-io not installed")
     finally:
+        if replica:
+            replica.stop()
         if server:
             server.stop()
         subprocess.run(["umount", mnt])
@@ -536,6 +599,13 @@ def report(args, results, changed_bytes, writes, load_at_start):
         sent = results["backy_incr_scan"].get("bytes_sent") or 0
         checks.append({"check": "scan incr bytes sent / (2 x changed granules + digests)",
                        "ratio": sent / limit, "target": 1.0, "met": sent <= limit})
+    if "replica_incr" in results:
+        granule = 64 << 10
+        granules = {off // granule + i for off, length in writes
+                    for i in range((off + length - 1) // granule - off // granule + 1)}
+        sent = results["replica_incr"].get("bytes_sent") or 0
+        checks.append({"check": "replication incr bytes / changed granules", "ratio": sent / (len(granules) * granule),
+                       "target": 1.0, "met": sent <= len(granules) * granule})
     for peer in ("rsync", "restic", "borg"):
         for phase, mine in (("full", "backy_full"), ("incr", "backy_incr_scan")):
             key = f"{peer}_{phase}"

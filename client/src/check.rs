@@ -390,6 +390,50 @@ mod tests {
     }
 
     #[test]
+    fn a_copy_is_judged_by_its_lag() {
+        let copy = |lag_secs: u64, last_error: &str| JobStatus {
+            schedule: "none".into(),
+            replica: Some(ReplicaState {
+                source: "https://b:1".into(),
+                lag_secs,
+                missing: 2,
+                lag_warning_secs: 3600,
+                lag_critical_secs: 7200,
+                last_error: last_error.into(),
+                ..Default::default()
+            }),
+            ..job("vm1", false, 0, "trusted")
+        };
+        let cases = [
+            (
+                copy(60, ""),
+                State::Ok,
+                "1 copied job from another server, within their lag",
+            ),
+            (
+                copy(3600, ""),
+                State::Warning,
+                "vm1: copy 1h behind (2 revisions not copied yet; warning from 1h)",
+            ),
+            (
+                copy(9000, ""),
+                State::Critical,
+                "vm1: copy 2h 30m behind (2 revisions not copied yet; critical from 2h)",
+            ),
+            (
+                copy(60, "cannot connect"),
+                State::Warning,
+                "vm1: replication failing: cannot connect",
+            ),
+        ];
+        for (status, state, summary) in cases {
+            let r = evaluate(&[JobHealth::from(&status)], now());
+            assert_eq!((r.state, r.summary.as_str()), (state, summary));
+            assert_eq!(r.jobs[0].lag_secs, status.replica.as_ref().map(|r| r.lag_secs));
+        }
+    }
+
+    #[test]
     fn perfdata_of_one_job_and_of_many() {
         let one = [job("a", true, 0, "trusted")];
         let health: Vec<JobHealth> = one.iter().map(JobHealth::from).collect();

@@ -92,9 +92,20 @@ fn row(j: &JobSummary, now: DateTime<Utc>) -> [String; 8] {
     ]
 }
 
-/// `OK`, `TOO OLD 3h 5m`, `NO BACKUP`, `NO TRUSTED` or `-` (no schedule).
+/// `OK`, `TOO OLD 3h 5m`, `NO BACKUP`, `NO TRUSTED`, `-` (no schedule) or,
+/// for a replica's copy, `COPY lag 4m`.
 fn sla_state(j: &JobSummary) -> String {
-    if !has_schedule(&j.schedule) {
+    if let Some(r) = &j.replica {
+        // A copy: its lag behind the source stands for the SLA.
+        let state = if r.lag_secs >= r.lag_critical_secs {
+            " (CRITICAL)"
+        } else if r.lag_secs >= r.lag_warning_secs || !r.last_error.is_empty() {
+            " (WARNING)"
+        } else {
+            ""
+        };
+        format!("COPY lag {}{state}", human_secs(r.lag_secs))
+    } else if !has_schedule(&j.schedule) {
         "-".into()
     } else if j.sla_ok {
         "OK".into()
@@ -134,6 +145,8 @@ pub struct SummaryView {
     pub next_tags: Vec<String>,
     pub failures: u32,
     pub last_error: Option<String>,
+    /// On a replica: how its copy stands; `null` elsewhere.
+    pub replica: Option<crate::status::ReplicaView>,
 }
 
 impl From<&[JobSummary]> for SummariesView {
@@ -165,6 +178,7 @@ impl From<&JobSummary> for SummaryView {
             next_tags: j.next_tags.clone(),
             failures: j.failures,
             last_error: non_empty(&j.last_error),
+            replica: j.replica.as_ref().map(crate::status::ReplicaView::from),
         }
     }
 }

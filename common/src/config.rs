@@ -917,6 +917,54 @@ jobs:
     const HASH: &str = "blake3:0000000000000000000000000000000000000000000000000000000000000000";
 
     #[test]
+    fn replicate_takes_a_source_and_refuses_what_cannot_work() {
+        let with = |r: &str| ServerConfig::from_yaml(&format!("{GOOD}replicate: {r}\n"), "server.yaml");
+        let cfg = with("{source: 'https://backup01:6023', token-file: /t}").unwrap();
+        let r = cfg.replicate.unwrap();
+        assert_eq!(
+            (r.interval.secs(), r.lag_warning.secs(), r.lag_critical.secs()),
+            (300, 6 * 3600, 86400)
+        );
+        assert_eq!(r.jobs, None);
+        with("{source: 'http://127.0.0.1:6023'}").unwrap();
+        with("{source: 'http://[::1]:6023/'}").unwrap();
+        with("{source: 'https://backup01'}").unwrap();
+        for (bad, why) in [
+            (
+                "{source: 'http://backup01:6023'}",
+                "plaintext: only a loopback source may be",
+            ),
+            ("{source: 'backup01:6023'}", "is not a URL like https://"),
+            (
+                "{source: 'https://backup01:6023/path'}",
+                "is not a URL like https://",
+            ),
+            ("{source: 'https://user@backup01'}", "is not a URL like https://"),
+            ("{source: 'ftp://backup01'}", "is not a URL like https://"),
+            ("{source: 'https://backup01:port'}", "is not a URL like https://"),
+            (
+                "{source: 'http://127.0.0.1:1', ca: /ca}",
+                "TLS settings given for the plaintext source",
+            ),
+            ("{source: 'https://b', cert: /c}", "give both cert and key"),
+            (
+                "{source: 'https://b', interval: 5s}",
+                "interval 5s is below the minimum of 10s",
+            ),
+            (
+                "{source: 'https://b', lag-warning: 2d}",
+                "lag-warning 2d must be shorter than lag-critical 1d",
+            ),
+            ("{source: 'https://b', jobs: []}", "jobs: is empty"),
+            ("{source: 'https://b', jobs: [../x]}", "replicate"),
+            ("{source: 'https://b', sources: []}", "unknown field `sources`"),
+        ] {
+            let e = with(bad).unwrap_err();
+            assert!(e.message.contains(why), "{bad}: {}", e.message);
+        }
+    }
+
+    #[test]
     fn http_listen_leaves_loopback_only_with_tls_and_is_fixed_at_start() {
         let old = ServerConfig::from_yaml(GOOD, "old").unwrap();
         assert_eq!(old.http_listen, None, "off unless configured");

@@ -114,7 +114,18 @@ fn the_server_example_names_every_key() {
         },
         file_mode: DEFAULT_FILE_MODE,
         secrets_group: Some("g".into()),
-        replicate: None,
+        replicate: Some(ReplicateConfig {
+            source: "https://s:1".into(),
+            ca: Some("/ca".into()),
+            token_file: Some("/t".into()),
+            cert: Some("/c".into()),
+            key: Some("/k".into()),
+            tls_server_name: Some("s".into()),
+            jobs: Some(vec![JobName::new("vm1").unwrap()]),
+            interval: Interval::from_secs(1),
+            lag_warning: Interval::from_secs(1),
+            lag_critical: Interval::from_secs(2),
+        }),
     };
     let keys = keys_of(&serde_yaml::to_value(&everything).unwrap());
     assert!(keys.len() > 25, "{keys:?}");

@@ -87,7 +87,17 @@ fn a_replica_reads_and_fetches_only_what_changed_and_changes_nothing() {
             "{args:?}: {err}"
         );
     }
-    assert_eq!(server.snapshot_tree(), before, "the replica changed nothing");
+    // Nothing of the jobs changed; the source only noted the fetch.
+    let mut after = server.snapshot_tree();
+    after.retain(|(path, _, _)| path != ".replicas-fetched.yaml");
+    assert_eq!(after, before, "the replica changed nothing");
+    let status: serde_json::Value = serde_json::from_str(&as_hv(&["--json", "status", "vm1"])).unwrap();
+    let fetched = &status["jobs"][0]["fetched_by"];
+    assert_eq!(
+        (&fetched[0]["replica"], &fetched[0]["revision"]),
+        (&"offsite".into(), &a.clone().into()),
+        "{status}"
+    );
 
     // B relative to A: only the two changed blocks travel.
     let rt = tokio::runtime::Runtime::new().unwrap();

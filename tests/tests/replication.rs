@@ -368,3 +368,51 @@ fn distrusted_revisions_stay_behind_and_retention_is_mirrored_or_the_replicas_ow
     assert_eq!(state["own_retention"], true, "{state}");
     assert_eq!(state["missing"], 0, "{state}");
 }
+
+#[test]
+fn a_copy_that_does_not_verify_on_arrival_commits_nothing_and_is_retried() {
+    let p = Pair::new("");
+    let a = p.push("vm1");
+    let ra = p.keep_image("a.img");
+    // A byte of the stored revision flipped on the source, behind its back:
+    // its manifest still says what was pushed.
+    let stored = p._source_fs.mount.join("vm1").join(&a);
+    let flip = |path: &Path| {
+        let mut byte = [0u8; 1];
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+            .unwrap();
+        std::os::unix::fs::FileExt::read_exact_at(&f, &mut byte, 5 * MIB).unwrap();
+        std::os::unix::fs::FileExt::write_all_at(&f, &[!byte[0]], 5 * MIB).unwrap();
+    };
+    flip(&stored);
+    let replica = p.replica("");
+    let line = replica.wait_log(0, "replication round done");
+    assert!(line.contains("copied=0") && !line.contains("failed=0"), "{line}");
+    assert!(replica.revisions("vm1").is_empty(), "nothing committed");
+    let partial = replica.base.join("vm1/.partial");
+    assert_eq!(
+        std::fs::read_dir(&partial).unwrap().count(),
+        0,
+        "nothing kept of it"
+    );
+    let status = replica.status_json("vm1");
+    let error = status["jobs"][0]["replica"]["last_error"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        error.contains("the stored image's manifest differs from the source server's"),
+        "{error}"
+    );
+    assert_eq!(replica.client(&["check", "vm1"]).status.code(), Some(1));
+
+    // Repaired on the source: the next round copies it.
+    flip(&stored);
+    let mark = replica.log_mark();
+    replica.hup();
+    assert_eq!(round(&replica, mark).len(), 1);
+    restore_equals(&replica, "vm1", &a, &ra, p.dir.path());
+}

@@ -16,6 +16,47 @@ use backy_proto::restore_frame::Frame;
 use backy_proto::{RestoreRequest, RevisionInfo};
 use std::sync::Arc;
 
+/// What the source says of a revision, held to what a push of it would
+/// have to satisfy: a hostile or broken source gets no further than a
+/// hostile client.
+fn check_listing(
+    config: &backy_common::config::ServerConfig,
+    job: &JobDir,
+    target: &RevisionMeta,
+) -> Result<()> {
+    let max = config
+        .job(job.name())
+        .ok()
+        .and_then(|j| j.max_size)
+        .unwrap_or(crate::push::DEFAULT_MAX_SIZE)
+        .min(backy_common::manifest::MAX_IMAGE_SIZE);
+    if target.block_size != backy_common::DEFAULT_BLOCK_SIZE {
+        return Err(Error::invalid(format!(
+            "revision {}: block size {} is not this server's {}",
+            target.id,
+            target.block_size,
+            backy_common::DEFAULT_BLOCK_SIZE
+        )));
+    }
+    if target.size == 0 || target.size > max {
+        return Err(Error::exhausted(format!(
+            "revision {}: image size {} is outside 1..={max} bytes (max-size)",
+            target.id, target.size
+        )));
+    }
+    if target.tags.len() > crate::push::MAX_TAGS {
+        return Err(Error::invalid(format!(
+            "revision {}: more than {} tags",
+            target.id,
+            crate::push::MAX_TAGS
+        )));
+    }
+    for tag in &target.tags {
+        backy_common::revision::check_tag(tag).map_err(|e| e.context(format!("revision {}", target.id)))?;
+    }
+    Ok(())
+}
+
 /// What one transfer did.
 pub struct Copied {
     pub meta: RevisionMeta,
@@ -37,6 +78,7 @@ pub fn copy(
 ) -> Result<Copied> {
     let config = server.config();
     let target = RevisionMeta::try_from(info)?;
+    check_listing(&config, job, &target)?;
     let expected = hex::decode(&info.manifest_digest)
         .map_err(|_| Error::invalid(format!("revision {}: bad manifest digest", target.id)))?;
     let _lock = job.lock()?;

@@ -559,7 +559,7 @@ impl NewRevision {
             )
             .with_reason(backy_common::Reason::StreamChecksumMismatch));
         }
-        self.finish(&end.manifest_digest)
+        self.finish(&end.manifest_digest, "the client's")
     }
 
     /// Commits a copy of another server's revision: under its timestamp,
@@ -570,10 +570,11 @@ impl NewRevision {
             return Err(Error::invalid("a copy needs the source's manifest digest"));
         }
         self.timestamp = timestamp;
-        self.finish(manifest_digest)
+        self.finish(manifest_digest, "the source server's")
     }
 
-    fn finish(mut self, expected_manifest: &[u8]) -> Result<RevisionMeta> {
+    /// `whose`: whose manifest `expected_manifest` is, for the error.
+    fn finish(mut self, expected_manifest: &[u8], whose: &str) -> Result<RevisionMeta> {
         tracing::info!(
             job = %self.job.name(), rev = %self.spec.id, blocks = self.touched.len(),
             "commit: digesting the blocks written since the last checkpoint"
@@ -582,9 +583,9 @@ impl NewRevision {
         fault::point("commit.digested");
         let manifest_digest = self.current.file_digest();
         if !expected_manifest.is_empty() && expected_manifest != manifest_digest {
-            return Err(Error::data_loss(
-                "end-to-end check failed: the stored image's manifest differs from the client's",
-            )
+            return Err(Error::data_loss(format!(
+                "end-to-end check failed: the stored image's manifest differs from {whose}"
+            ))
             .with_reason(backy_common::Reason::ManifestMismatch));
         }
         self.flusher.finish();
