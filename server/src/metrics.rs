@@ -443,6 +443,21 @@ impl Collector for JobCollector {
                 vec![],
             ),
             ("backy_job_running", "1 while a push of the job runs", vec![]),
+            (
+                "backy_job_replica_lag_seconds",
+                "On a replica: how far its copy of the job is behind the source (absent elsewhere)",
+                vec![],
+            ),
+            (
+                "backy_job_replica_missing_revisions",
+                "On a replica: source revisions not copied yet, as of the last round (absent elsewhere)",
+                vec![],
+            ),
+            (
+                "backy_job_replica_failing",
+                "On a replica: 1 while rounds fail for the job (absent elsewhere)",
+                vec![],
+            ),
         ];
         for s in &summaries {
             let newest = s.newest.as_ref();
@@ -459,6 +474,11 @@ impl Collector for JobCollector {
                 newest.map(|n| n.bytes_received as f64),
                 ts(&s.next_due),
                 Some(f64::from(u8::from(s.running))),
+                s.replica.as_ref().map(|r| r.lag_secs as f64),
+                s.replica.as_ref().map(|r| f64::from(r.missing)),
+                s.replica
+                    .as_ref()
+                    .map(|r| f64::from(u8::from(!r.last_error.is_empty()))),
             ];
             for (family, value) in families.iter_mut().zip(values) {
                 if let Some(v) = value {

@@ -156,6 +156,28 @@ fn scatter(img: &Path, seed: u8, count: u64, stride: u64) {
     }
 }
 
+/// The replica's `/metrics` (plain HTTP on loopback, open mode).
+fn metrics(server: &Server) -> String {
+    use std::io::{Read, Write};
+    let line = server.wait_log(0, "http listener on ");
+    let addr = line
+        .split("http listener on ")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .unwrap();
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(std::time::Duration::from_secs(30)))
+        .unwrap();
+    write!(
+        s,
+        "GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    text
+}
+
 fn restore_equals(server: &Server, job: &str, id: &str, want: &Path, dir: &Path) {
     let out = dir.join(format!("restored-{id}.img"));
     let _ = std::fs::remove_file(&out);
@@ -184,7 +206,7 @@ fn a_chain_is_copied_incrementally_and_restores_from_the_replica_alone() {
     let on_source = p.source_revisions("vm1");
     assert_eq!(on_source.len(), 3);
 
-    let replica = p.replica("");
+    let replica = p.replica("http-listen: 127.0.0.1:0\n");
     let copied = round(&replica, 0);
     // vm1 and vm2 (all the source shows; vm2 has nothing yet).
     assert_eq!(copied.len(), 3, "{copied:?}");
@@ -230,6 +252,14 @@ fn a_chain_is_copied_incrementally_and_restores_from_the_replica_alone() {
         "{}",
         String::from_utf8_lossy(&check.stdout)
     );
+    let metrics_now = metrics(&replica);
+    for line in [
+        "backy_job_replica_missing_revisions{job=\"vm1\"} 0",
+        "backy_job_replica_failing{job=\"vm1\"} 0",
+        "backy_job_replica_lag_seconds{job=\"vm1\"} ",
+    ] {
+        assert!(metrics_now.contains(line), "{line} in\n{metrics_now}");
+    }
 
     // A copied job takes no pushes.
     let out = replica.client(&["push", "vm1", "--force", "--source", p.img.to_str().unwrap()]);
@@ -237,11 +267,21 @@ fn a_chain_is_copied_incrementally_and_restores_from_the_replica_alone() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("is a copy of https://127.0.0.1:"), "{err}");
 
-    // The source gone: every revision restores from the replica alone.
+    // The source gone: every revision restores from the replica alone,
+    // and verifies there.
     p.source.kill();
     for (id, want) in ids(&on_source).iter().zip(&kept) {
         restore_equals(&replica, "vm1", id, want, p.dir.path());
     }
+    let verified: Value =
+        serde_json::from_str(&replica.client_ok(&["verify", "vm1", "-r", "all", "--json"])).unwrap();
+    let clean: Vec<&Value> = verified["revisions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["ok"] == true)
+        .collect();
+    assert_eq!(clean.len(), 3, "{verified}");
     // And the replica says it cannot reach the source.
     let mark = replica.log_mark();
     replica.hup();
@@ -253,6 +293,7 @@ fn a_chain_is_copied_incrementally_and_restores_from_the_replica_alone() {
         line.contains("vm1: replication failing: cannot connect to https://127.0.0.1:"),
         "{line}"
     );
+    assert!(metrics(&replica).contains("backy_job_replica_failing{job=\"vm1\"} 1"));
 }
 
 #[test]
