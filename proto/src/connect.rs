@@ -231,11 +231,22 @@ async fn connect_now(url: &str, creds: &Credentials, timeout: Duration) -> Resul
     Ok(client)
 }
 
+/// This program's name as operators know it (`backy-client`, or
+/// `backy-server` as a replica), for messages about versions.
+fn program() -> String {
+    std::env::current_exe()
+        .ok()
+        .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+        .filter(|n| n.starts_with("backy"))
+        .unwrap_or_else(|| "backy".to_string())
+}
+
 /// Exchanges protocol versions: a server too old for this client, or one
 /// that refuses it, fails here with one line naming both versions.
 async fn hello(client: &mut Client) -> Result<()> {
     let ours = format!(
-        "this backy {} speaks protocol {}",
+        "this {} {} speaks protocol {}",
+        program(),
         crate::VERSION,
         crate::PROTOCOL
     );
