@@ -123,7 +123,7 @@ impl Server {
 
     /// Whether `job` is a copy of another server's (it takes no pushes).
     pub fn is_copy(&self, job: &JobName) -> bool {
-        self.replication.copied(&self.config()).contains(job)
+        self.replication.copies(&self.config(), job)
     }
 
     /// A configured job's directory; unknown jobs are `NotFound`.

@@ -102,7 +102,7 @@ pub fn status(server: &Server, req: &StatusRequest) -> Result<StatusReply> {
 /// On a replica, how its copy of `job` stands.
 fn replica_state(server: &Server, config: &ServerConfig, job: &JobName) -> Option<ReplicaState> {
     let r = config.replicate.as_ref()?;
-    if !server.replication.copied(config).contains(job) {
+    if !server.replication.copies(config, job) {
         return None;
     }
     let now = chrono::Utc::now();

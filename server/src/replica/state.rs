@@ -99,6 +99,16 @@ impl Replication {
         }
     }
 
+    /// Whether `config` copies `job` (what [`Replication::copied`] holds,
+    /// without building the set: asked per job on hosts of thousands).
+    pub fn copies(&self, config: &ServerConfig, job: &JobName) -> bool {
+        match &config.replicate {
+            None => false,
+            Some(ReplicateConfig { jobs: Some(list), .. }) => list.contains(job),
+            Some(_) => self.lock().contains_key(job),
+        }
+    }
+
     /// `config` with every copied job it does not list added as a job of
     /// its own: no schedule (the source's expiry is mirrored), no client.
     pub fn effective(&self, mut config: ServerConfig) -> ServerConfig {
