@@ -501,19 +501,19 @@ impl Backy for Service {
             let _permit = permit;
             let (name, rev) = (job.name().to_string(), meta.id.to_string());
             let started = std::time::Instant::now();
-            let metrics = server.clone();
+            let shared = server.clone();
             let copy =
                 (caller.role == backy_common::config::Role::Replica).then(|| (job.name().clone(), meta.id));
             let streamed = crate::restore::stream_image(server, job, meta, base, from, tx);
             if let (Ok(true), Some((job, id))) = (&streamed, copy) {
-                metrics.fetched.record(&job, &caller.name, id);
+                shared.fetched.record(&job, &caller.name, id);
             }
             let outcome = match &streamed {
                 Ok(true) => "completed",
                 Ok(false) => "cancelled",
                 Err(_) => "failed",
             };
-            metrics.metrics.restore_done(outcome, started.elapsed());
+            shared.metrics.restore_done(outcome, started.elapsed());
             match streamed {
                 Ok(true) => audit::record(&caller, "restore", &name, &rev, audit::Outcome::Ok),
                 Ok(false) => audit::record(

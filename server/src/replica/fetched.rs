@@ -3,7 +3,6 @@
 //! `status`), so an operator sees from the source whether its second copy
 //! keeps up.
 
-use crate::storage::durable;
 use backy_common::{JobName, RevisionId};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -30,14 +29,7 @@ const LOG_FILE: &str = ".replicas-fetched.yaml";
 impl FetchLog {
     pub fn load(base_dir: &Path) -> Self {
         let path = base_dir.join(LOG_FILE);
-        let fetches = std::fs::read_to_string(&path)
-            .ok()
-            .and_then(|t| {
-                serde_yaml::from_str(&t)
-                    .map_err(|e| tracing::warn!("{}: {e}; starting afresh", path.display()))
-                    .ok()
-            })
-            .unwrap_or_default();
+        let fetches = super::load_yaml(&path);
         FetchLog {
             path,
             fetches: Mutex::new(fetches),
@@ -51,21 +43,15 @@ impl FetchLog {
     /// `replica` received the whole of `revision` of `job`. A failure to
     /// save is logged: the record is a report, not a part of any backup.
     pub fn record(&self, job: &JobName, replica: &str, revision: RevisionId) {
-        let text = {
-            let mut all = self.lock();
-            all.entry(job.clone()).or_default().insert(
-                replica.to_string(),
-                Fetch {
-                    revision,
-                    at: Utc::now(),
-                },
-            );
-            serde_yaml::to_string(&*all)
+        let mut all = self.lock();
+        let fetch = Fetch {
+            revision,
+            at: Utc::now(),
         };
-        let saved = text
-            .map_err(|e| e.to_string())
-            .and_then(|t| durable::write_atomic(&self.path, t.as_bytes()).map_err(|e| e.to_string()));
-        if let Err(e) = saved {
+        all.entry(job.clone())
+            .or_default()
+            .insert(replica.to_string(), fetch);
+        if let Err(e) = super::save_yaml(&self.path, &*all) {
             tracing::warn!("recording a replica's fetch in {}: {e}", self.path.display());
         }
     }

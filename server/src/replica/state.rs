@@ -3,7 +3,6 @@
 //! it (kept in `<base-dir>/.replication.yaml`, so the lag stays honest
 //! across restarts).
 
-use crate::storage::durable;
 use backy_common::config::{ReplicateConfig, ServerConfig};
 use backy_common::replicate::Lag;
 use backy_common::{JobName, Result};
@@ -58,14 +57,7 @@ impl Replication {
     /// or unreadable: a lost file costs only the lag's history).
     pub fn load(base_dir: &Path) -> Self {
         let path = base_dir.join(STATE_FILE);
-        let saved: Saved = std::fs::read_to_string(&path)
-            .ok()
-            .and_then(|t| {
-                serde_yaml::from_str(&t)
-                    .map_err(|e| tracing::warn!("{}: {e}; starting afresh", path.display()))
-                    .ok()
-            })
-            .unwrap_or_default();
+        let saved: Saved = super::load_yaml(&path);
         let jobs = saved
             .jobs
             .into_iter()
@@ -175,8 +167,6 @@ impl Replication {
                 })
                 .collect(),
         };
-        let text = serde_yaml::to_string(&saved)
-            .map_err(|e| backy_common::Error::internal(format!("encoding {}: {e}", self.path.display())))?;
-        durable::write_atomic(&self.path, text.as_bytes())
+        super::save_yaml(&self.path, &saved)
     }
 }
