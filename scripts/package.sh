@@ -2,8 +2,9 @@
 # Builds the Debian packages backy-server and backy-client: the release
 # binaries (cargo build is a no-op when they are up to date), their man
 # pages and shell completions (target/assets, from the binaries' own
-# `generate-assets`), then `cargo deb --no-build` for each; installs
-# cargo-deb first when it is missing. Prints the paths of the two .debs.
+# `generate-assets`), then `cargo deb --no-build --dbgsym` for each
+# (stripped binaries; debug info in PKG-dbgsym .ddeb packages); installs
+# cargo-deb first when it is missing. Prints the paths of what it wrote.
 # Usage: scripts/package.sh [CARGO-DEB OPTIONS]   (e.g. --fast: lighter
 # compression, 9 s instead of 40 s a package; scripts/test-packages.sh)
 set -euo pipefail
@@ -30,8 +31,13 @@ for bin in backy-server backy-client; do
 done
 
 for pkg in backy-server backy-client; do
-  # cargo deb prints the path of the package it wrote on stdout.
-  deb=$(cargo deb -p "$pkg" --no-build --quiet "$@")
-  [ -f "$deb" ] || { echo "package.sh: cargo deb -p $pkg wrote no package (got: $deb)" >&2; exit 1; }
-  echo "$deb"
+  # Stripped binaries in the package; their debug info (line tables, for
+  # backtraces) in a separate PKG-dbgsym .ddeb beside it. cargo deb prints
+  # the paths of what it wrote on stdout.
+  debs=$(cargo deb -p "$pkg" --no-build --quiet --dbgsym "$@")
+  for deb in $debs; do
+    [ -f "$deb" ] || { echo "package.sh: cargo deb -p $pkg wrote no package (got: $debs)" >&2; exit 1; }
+    echo "$deb"
+  done
+  grep -q "/${pkg}_[^/]*\.deb$" <<<"$debs" || { echo "package.sh: no $pkg .deb in: $debs" >&2; exit 1; }
 done

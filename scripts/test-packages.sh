@@ -26,17 +26,8 @@ for p in backy-server backy-client; do
   fi
 done
 
-need=()
-command -v man >/dev/null || need+=(man-db)
-command -v systemd-analyze >/dev/null || need+=(systemd)
-command -v adduser >/dev/null || need+=(adduser)
-command -v python3 >/dev/null || need+=(python3)
-if ((${#need[@]})); then
-  step "installing ${need[*]}"
-  export DEBIAN_FRONTEND=noninteractive
-  apt-get update -qq
-  apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
-fi
+command -v man >/dev/null && command -v systemd-analyze >/dev/null && command -v adduser >/dev/null &&
+  command -v strip >/dev/null || scripts/test-deps.sh packages
 
 step "building (scripts/package.sh --fast)"
 started=$SECONDS
@@ -71,12 +62,25 @@ cleanup() {
 }
 trap cleanup EXIT
 
+step "stripped binaries, debug info in -dbgsym packages"
+for pkg in backy-server backy-client; do
+  dbg=$(grep "/${pkg}-dbgsym_[^/]*\.ddeb$" <<<"$debs") || fail "no $pkg-dbgsym package in: $debs"
+  dpkg-deb -c "$dbg" | grep -q '/usr/lib/debug/' || fail "$dbg holds no debug file"
+done
+ls -l $debs | awk '{ printf "%10d  %s\n", $5, $NF }'
+
 step "dpkg -i (twice: install, then the upgrade path)"
 # Some container images exclude man pages from installation; these are
 # under test.
 include=(--path-include='/usr/share/man/man1/backy-*')
 dpkg "${include[@]}" -i "$server_deb" "$client_deb" >/dev/null
 dpkg "${include[@]}" -i "$server_deb" "$client_deb" >/dev/null
+
+for bin in /usr/bin/backy-server /usr/bin/backy-client; do
+  sections=$(readelf -S --wide "$bin" | grep -c ' \.debug_' || true)
+  [ "$sections" = 0 ] || fail "$bin carries $sections debug sections: not stripped"
+  echo "$bin: $(stat -c %s "$bin") bytes, stripped"
+done
 
 step "user backy and /etc/backy"
 getent passwd backy >/dev/null || fail "no user backy after installing backy-server"

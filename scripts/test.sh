@@ -1,68 +1,22 @@
 #!/usr/bin/env bash
 # The whole test suite: installs what the tests need when it is missing
-# (as root), then runs every unit, property and end-to-end test and the
-# lints. Usage: scripts/test.sh [extra cargo test args]
+# (as root; scripts/test-deps.sh, which also checks on every run that the
+# install sets still resolve), then runs every unit, property and
+# end-to-end test, the lints, the package test and the bench smokes.
+# Usage: scripts/test.sh [extra cargo test args]
+#        scripts/test.sh --install-only   (install and check, then exit)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-need=()
-command -v mkfs.btrfs >/dev/null || need+=(btrfs-progs)
-command -v mkfs.xfs >/dev/null || need+=(xfsprogs)
-command -v losetup >/dev/null || need+=(mount)
-command -v qemu-img >/dev/null || need+=(qemu-utils)
-command -v nbdinfo >/dev/null || need+=(libnbd-bin)
-command -v ceph-mon >/dev/null || need+=(ceph-mon)
-command -v ceph-osd >/dev/null || need+=(ceph-osd)
-command -v rbd >/dev/null || need+=(ceph-common)
-# tests/tests/monitoring.rs: /metrics through the official Prometheus parser,
-# the status page rendered by headless Chromium.
-/usr/bin/python3 -c 'import prometheus_client.parser' 2>/dev/null || need+=(python3-prometheus-client)
-command -v chromium >/dev/null || need+=(chromium fonts-dejavu-core)
-if ((${#need[@]})); then
-  if [ "$(id -u)" != 0 ]; then
-    echo "test.sh: missing packages ${need[*]} and not root to install them" >&2
-    exit 1
-  fi
-  echo "test.sh: installing ${need[*]}"
-  export DEBIAN_FRONTEND=noninteractive
-  apt-get update -qq
-  apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
-fi
-# tests/tests/qemu_running.rs: a QEMU without a guest stands in for a VM.
-# Its version must match qemu-utils': Debian 12's qemu-system-x86 (7.2)
-# conflicts with bookworm-backports' qemu-utils (10.0) and apt would
-# remove the latter, so it comes from where qemu-utils came from (a
-# private sources list, /etc/apt untouched; --no-remove either way).
-if ! command -v qemu-system-x86_64 >/dev/null; then
-  [ "$(id -u)" = 0 ] || { echo "test.sh: qemu-system-x86 missing and not root to install it" >&2; exit 1; }
-  qver=$(dpkg-query -W -f '${Version}' qemu-utils)
-  echo "test.sh: installing qemu-system-x86 $qver"
-  export DEBIAN_FRONTEND=noninteractive
-  apt_dir=$(mktemp -d /tmp/backy-apt.XXXXXX)
-  mkdir -p "$apt_dir/lists/partial" "$apt_dir/archives/partial"
-  cat > "$apt_dir/sources.list" <<'SOURCES'
-deb http://deb.debian.org/debian bookworm main
-deb http://deb.debian.org/debian bookworm-updates main
-deb http://deb.debian.org/debian-security bookworm-security main
-deb http://deb.debian.org/debian bookworm-backports main
-SOURCES
-  apt_opts=(-o "Dir::Etc::sourcelist=$apt_dir/sources.list" -o "Dir::Etc::sourceparts=-"
-            -o "Dir::State::lists=$apt_dir/lists" -o "Dir::Cache::archives=$apt_dir/archives"
-            -o APT::Sandbox::User=root)
-  apt-get "${apt_opts[@]}" update -qq
-  if [[ $qver == *bpo* ]]; then
-    apt-get "${apt_opts[@]}" install -y -qq --no-install-recommends --no-remove \
-      "qemu-system-x86/bookworm-backports" "qemu-system-common/bookworm-backports" \
-      "qemu-system-data/bookworm-backports" >/dev/null
-  else
-    apt-get "${apt_opts[@]}" install -y -qq --no-install-recommends --no-remove qemu-system-x86 >/dev/null
-  fi
-  rm -rf "$apt_dir"
-  qemu-system-x86_64 --version | head -1
-fi
 if [ "$(id -u)" != 0 ]; then
-  echo "test.sh: the end-to-end tests mount loop filesystems and need root" >&2
+  echo "test.sh: the end-to-end tests mount loop filesystems and install what they need: run as root" >&2
   exit 1
+fi
+# Every run: resolve every package line against the archives (a broken
+# dependency chain fails here on any machine), then install what is missing.
+scripts/test-deps.sh
+if [ "${1:-}" = --install-only ]; then
+  exit 0
 fi
 
 echo "== cargo fmt --check"
@@ -100,8 +54,6 @@ echo "== Debian packages (scripts/test-packages.sh: build, install, run the inst
 scripts/test-packages.sh
 
 echo "== bench smoke (scripts/bench.sh --smoke: every step on a tiny image, no timing asserts)"
-command -v rsync >/dev/null && command -v restic >/dev/null && command -v borg >/dev/null ||
-  { export DEBIAN_FRONTEND=noninteractive; apt-get update -qq; apt-get install -y -qq --no-install-recommends rsync restic borgbackup >/dev/null; }
 python3 scripts/bench.py --smoke --json target/bench-smoke.json
 
 echo "== bench-scale smoke (scripts/bench-scale.sh at a small size: every step checked, no timing asserts)"
