@@ -1,11 +1,11 @@
 //! The in-memory index of committed revisions, per job: what status, plans,
 //! agents, expiry and scrub read instead of re-parsing every `.rev` file.
 //!
-//! The server is the only writer of its store, so the index stays true by
-//! invalidation: every path that changes a job's revisions holds an
-//! [`Invalidate`] guard, which drops the job's entry when it ends (also on
-//! errors and panics, so a half-done change is re-read, never assumed).
-//! Each invalidation also bumps a change counter that agents wait on.
+//! A read cache, never the ground for a change: every change to a job's
+//! revisions is a [`crate::job::Txn`], which reads the job from disk under
+//! its lock and invalidates the job's entry when it ends (also on errors
+//! and panics, so a half-done change is re-read, never assumed). Each
+//! invalidation also wakes the agents waiting for changes.
 
 use crate::storage::JobDir;
 use backy_common::revision::RevisionMeta;
@@ -26,15 +26,24 @@ pub struct JobEntry {
     pub since: Option<DateTime<Utc>>,
 }
 
+/// The entries and the change counter, moved together under one lock: a
+/// reader that read the disk before a change finished can never insert
+/// what it read after that change's invalidation.
+#[derive(Default)]
+struct Entries {
+    jobs: HashMap<JobName, Arc<JobEntry>>,
+    generation: u64,
+}
+
 pub struct Index {
-    jobs: Mutex<HashMap<JobName, Arc<JobEntry>>>,
+    entries: Mutex<Entries>,
     changes: watch::Sender<u64>,
 }
 
 impl Default for Index {
     fn default() -> Self {
         Index {
-            jobs: Mutex::new(HashMap::new()),
+            entries: Mutex::new(Entries::default()),
             changes: watch::channel(0).0,
         }
     }
@@ -43,33 +52,57 @@ impl Default for Index {
 impl Index {
     /// The job's entry, read from disk if not indexed.
     pub fn get(&self, job: &JobDir) -> Result<Arc<JobEntry>> {
-        if let Some(e) = self.lock().get(job.name()) {
-            return Ok(e.clone());
-        }
-        // Read outside the lock: other jobs' lookups do not wait on disk. A
-        // change finishing meanwhile invalidates again after we insert
-        // (its guard drops after its write), so nothing stale stays.
-        let generation = *self.changes.borrow();
-        let entry = Arc::new(JobEntry {
-            revisions: job.revisions()?,
-            allocated_bytes: job.allocated_bytes(),
-            since: job.since(),
-        });
-        if *self.changes.borrow() == generation {
-            self.lock().insert(job.name().clone(), entry.clone());
+        self.get_with(job, |job| {
+            Ok(JobEntry {
+                revisions: job.revisions()?,
+                allocated_bytes: job.allocated_bytes(),
+                since: job.since(),
+            })
+        })
+    }
+
+    /// [`Index::get`] with the disk read given (tests put a change between
+    /// the read and the insert).
+    fn get_with(
+        &self,
+        job: &JobDir,
+        read: impl FnOnce(&JobDir) -> Result<JobEntry>,
+    ) -> Result<Arc<JobEntry>> {
+        let generation = {
+            let entries = self.lock();
+            if let Some(e) = entries.jobs.get(job.name()) {
+                return Ok(e.clone());
+            }
+            entries.generation
+        };
+        // Read outside the lock: other jobs' lookups do not wait on disk.
+        let entry = Arc::new(read(job)?);
+        let mut entries = self.lock();
+        // Any invalidation since (of any job: they are rare) makes what was
+        // read suspect: answer it, but do not keep it.
+        if entries.generation == generation {
+            entries.jobs.insert(job.name().clone(), entry.clone());
         }
         Ok(entry)
     }
 
     /// Forgets the job's entry and wakes whoever waits for changes.
     pub fn invalidate(&self, job: &JobName) {
-        self.lock().remove(job);
+        {
+            let mut entries = self.lock();
+            entries.jobs.remove(job);
+            entries.generation = entries.generation.wrapping_add(1);
+        }
         self.notify();
     }
 
     /// Forgets every entry (a new configuration).
     pub fn clear(&self) {
-        self.lock().clear();
+        {
+            let mut entries = self.lock();
+            entries.jobs.clear();
+            entries.generation = entries.generation.wrapping_add(1);
+        }
         self.notify();
     }
 
@@ -84,28 +117,40 @@ impl Index {
         self.changes.subscribe()
     }
 
-    /// A guard that invalidates `job` when it drops.
-    pub fn guard<'a>(&'a self, job: &JobName) -> Invalidate<'a> {
-        Invalidate {
-            index: self,
-            job: job.clone(),
+    fn lock(&self) -> std::sync::MutexGuard<'_, Entries> {
+        self.entries.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(n: usize) -> JobEntry {
+        JobEntry {
+            revisions: Vec::with_capacity(n),
+            allocated_bytes: n as u64,
+            since: None,
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<JobName, Arc<JobEntry>>> {
-        self.jobs.lock().unwrap_or_else(|p| p.into_inner())
-    }
-}
-
-/// Invalidates a job's entry when dropped: hold it across any change to the
-/// job's committed revisions.
-pub struct Invalidate<'a> {
-    index: &'a Index,
-    job: JobName,
-}
-
-impl Drop for Invalidate<'_> {
-    fn drop(&mut self) {
-        self.index.invalidate(&self.job);
+    #[test]
+    fn an_entry_read_before_an_invalidation_is_not_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let job = JobDir::new(dir.path(), JobName::new("vm1").unwrap());
+        let index = Index::default();
+        // A change lands between the disk read and the insert.
+        let stale = index
+            .get_with(&job, |_| {
+                index.invalidate(job.name());
+                Ok(entry(1))
+            })
+            .unwrap();
+        assert_eq!(stale.allocated_bytes, 1);
+        let fresh = index.get_with(&job, |_| Ok(entry(2))).unwrap();
+        assert_eq!(fresh.allocated_bytes, 2, "the stale read was kept");
+        // An undisturbed read is kept.
+        let kept = index.get_with(&job, |_| Ok(entry(3))).unwrap();
+        assert_eq!(kept.allocated_bytes, 2);
     }
 }

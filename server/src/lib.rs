@@ -6,6 +6,7 @@ pub mod audit;
 pub mod auth;
 pub mod http;
 pub mod index;
+pub mod job;
 pub mod listener;
 pub mod metrics;
 pub mod notify;
@@ -225,11 +226,11 @@ fn open_some(server: &Server, config: &ServerConfig, names: &[&backy_common::Job
         if let Some(r) = &resumable {
             tracing::info!(job = %name, rev = %r.id, checkpoint = r.checkpoint, "keeping an interrupted push for resuming");
         }
-        for p in job.clean_leftovers(resumable.map(|r| r.id))? {
-            tracing::info!(job = %name, "removed leftover {}", p.display());
-        }
-        let entry = server.indexed(&job)?;
-        job.point_latest(entry.revisions.last().map(|r| &r.id))?;
+        // A transaction completes an interrupted deletion and removes what
+        // no revision owns.
+        let txn = job::Txn::begin(server, &job)?;
+        txn.clean_leftovers(resumable.map(|r| r.id))?;
+        job.point_latest(txn.revisions().last().map(|r| &r.id))?;
     }
     Ok(())
 }

@@ -1,6 +1,7 @@
 //! Receiving a push: validate the begin frame, lock the job, write the new
 //! revision from the ranges as they arrive, commit, expire.
 
+use crate::job::Txn;
 use crate::state::Server;
 use crate::storage::{NewRevision, NewRevisionSpec, PushEnd};
 use crate::work::Gate;
@@ -79,15 +80,12 @@ pub fn run(
     }
     let tags = check_tags(&begin.tags, config.schedule_of(job_cfg), begin.allow_unscheduled)?;
 
-    if server.job_runtime(job.name()).push.is_some() {
-        return Err(Error::busy(format!(
-            "job {} is busy: another push is running",
-            job.name()
-        )));
-    }
-    let _lock = job.lock()?;
+    // The push slot for the whole push; the job's lock only for the
+    // transactions that begin and commit it.
+    let running = server.try_start_push(job.name(), id)?;
     let now = chrono::Utc::now();
     let window = config.resume.window.as_duration();
+    let txn = Txn::begin(&server, &job)?;
     let resuming = if begin.resume {
         let record = job.resumable(window, now).filter(|r| r.id == id).ok_or_else(|| {
             Error::precondition(format!(
@@ -99,14 +97,9 @@ pub fn run(
     } else {
         None
     };
-    for p in job.clean_leftovers(resuming.as_ref().map(|r| r.id))? {
-        tracing::info!(job = %job.name(), "removed leftover {}", p.display());
-    }
+    txn.clean_leftovers(resuming.as_ref().map(|r| r.id))?;
     fault::point("push.locked");
-    // Whatever happens from here, the job's index entry is read again.
-    let _changed = server.index.guard(job.name());
-    let entry = server.indexed(&job)?;
-    let revs = &entry.revisions;
+    let revs = txn.revisions();
     if revs.iter().any(|r| r.id == id) {
         return Err(Error::exists(format!(
             "job {}: revision {id} exists already",
@@ -145,10 +138,13 @@ pub fn run(
                 "parent revision {pid} is distrusted; run the push again for a full backup"
             )));
         }
-        Some(meta)
+        Some(meta.clone())
     };
-    let running = server.start_push(job.name(), id, parent.map(|p| p.id));
-    let parent = match parent {
+    // Registered under the lock: from here on expiry and forget keep the
+    // parent, and leftover cleanup keeps this push's files.
+    running.set_parent(parent.as_ref().map(|p| p.id));
+    drop(txn);
+    let parent = match &parent {
         Some(meta) => Some((meta, job.manifest(meta)?)),
         None => None,
     };
@@ -171,7 +167,7 @@ pub fn run(
         None => NewRevision::create(&job, spec, parent, server.storage_mode, checkpoint_every, gate)?,
     };
     fault::point("push.cloned");
-    let meta = loop {
+    let sealed = loop {
         let step = rx.blocking_recv();
         // The client went away (its answers undeliverable, too).
         let mut gone = step.is_none();
@@ -208,31 +204,42 @@ pub fn run(
             });
         }
     };
+    let (meta, expired) = publish_and_expire(&server, &job, sealed, "push.after-commit")?;
     fault::point("push.committed");
-    server.index.invalidate(job.name());
-    // The parent is no longer read: it expires like any other revision now
-    // (the job lock still keeps other changes out).
+    // The parent is no longer read: it expires like any other revision now.
     drop(running);
-    // The revision is committed: what follows is housekeeping, whose
-    // failure is logged and retried by the periodic run, never a failed
-    // push (the client would retry and back off for a backup it has).
-    let after_commit = || {
-        fault::fail("push.after-commit")?;
-        match config.schedule_of(job_cfg) {
-            Some(schedule) => {
-                crate::schedule::expire_locked(&server, &job, schedule, ExpiryRun::AfterCommit(meta.id))
-            }
-            None => job.update_latest().map(|()| Vec::new()),
-        }
-    };
-    let expired = after_commit().unwrap_or_else(|e| {
-        tracing::error!(job = %job.name(), rev = %meta.id, "after the commit: {e}; the revision is kept, expiry retries within a minute");
-        Vec::new()
-    });
     tracing::info!(
         job = %job.name(), rev = %meta.id, size = meta.size, received = meta.stats.bytes_received,
         changed_blocks = meta.stats.changed_blocks, storage = meta.storage.as_str(), "committed revision"
     );
+    Ok((meta, expired))
+}
+
+/// Publishes a sealed revision and runs the expiry after it, in one
+/// transaction. What follows the publication is housekeeping: its failure
+/// is logged and retried by the periodic run, never a failed push (the
+/// client would retry and back off for a backup it has). `point` names the
+/// error point tests use for such a failure.
+pub fn publish_and_expire(
+    server: &Server,
+    job: &crate::storage::JobDir,
+    sealed: crate::storage::Sealed,
+    point: &str,
+) -> Result<(RevisionMeta, Vec<RevisionId>)> {
+    let mut txn = Txn::begin(server, job)?;
+    let meta = sealed.publish(&mut txn)?;
+    let config = server.config();
+    let schedule = config.job(job.name()).ok().and_then(|j| config.schedule_of(j));
+    let expired = fault::fail(point)
+        .and_then(|()| match schedule {
+            Some(schedule) => crate::schedule::expire_in(&mut txn, schedule, ExpiryRun::AfterCommit(meta.id)),
+            None => Ok(Vec::new()),
+        })
+        .unwrap_or_else(|e| {
+            tracing::error!(job = %job.name(), rev = %meta.id, "after the commit: {e}; the revision is kept, expiry retries within a minute");
+            Vec::new()
+        });
+    txn.point_latest("latest");
     Ok((meta, expired))
 }
 

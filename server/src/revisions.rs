@@ -1,20 +1,22 @@
-//! Operations on committed revisions: tags, forget, distrust, verify.
-//! Metadata rewrites go through one read-modify-write helper, serialised
-//! per server, so a verify and an expiry never lose each other's update.
+//! Operations on committed revisions: tags, forget, distrust, verify. Each
+//! change is one job transaction ([`crate::job::Txn`]): read from disk
+//! under the job's lock, written all or none.
 
+use crate::job::Txn;
 use crate::state::Server;
-use crate::storage::{durable, JobDir};
+use crate::storage::JobDir;
 use crate::work::Gate;
 use backy_common::config::Schedule;
 use backy_common::manifest::digest;
 use backy_common::revision::{check_tag, is_manual_tag, RevisionMeta, Trust};
 use backy_common::spec::Spec;
-use backy_common::{fault, Error, Result, RevisionId};
+use backy_common::{Error, Result, RevisionId};
 use std::collections::BTreeSet;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 
-/// The revisions `spec` names (newest first); `all` allowed.
+/// The revisions `spec` names (newest first), from the index (reads only:
+/// changes select in their transaction); `all` allowed.
 pub fn select(server: &Server, job: &JobDir, spec: &str) -> Result<Vec<RevisionMeta>> {
     let spec = Spec::parse(spec)?;
     let entry = server.indexed(job)?;
@@ -23,33 +25,6 @@ pub fn select(server: &Server, job: &JobDir, spec: &str) -> Result<Vec<RevisionM
         .resolve(revs)
         .map_err(|e| e.context(format!("job {}", job.name())))?;
     Ok(idx.into_iter().map(|i| revs[i].clone()).collect())
-}
-
-/// Re-reads a revision's `.rev`, applies `f`, writes it back atomically.
-pub fn update_meta(
-    server: &Server,
-    job: &JobDir,
-    id: &RevisionId,
-    f: impl FnOnce(&mut RevisionMeta),
-) -> Result<RevisionMeta> {
-    let _serial = server.meta_lock();
-    let _changed = server.index.guard(job.name());
-    let mut meta = job.meta(id)?;
-    f(&mut meta);
-    durable::write_atomic(&job.rev_path(id), meta.to_yaml()?.as_bytes())?;
-    Ok(meta)
-}
-
-/// The job lock for a change to stored revisions; refused at once while a
-/// push runs (it may take hours), waited for behind short maintenance.
-fn lock_unless_pushing(server: &Server, job: &JobDir) -> Result<crate::storage::lock::JobLock> {
-    if server.job_runtime(job.name()).push.is_some() {
-        return Err(Error::busy(format!(
-            "job {} is busy: a push is running; try again later",
-            job.name()
-        )));
-    }
-    job.lock()
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -131,10 +106,10 @@ pub fn tags(
     } else {
         check_tags(tags, None, true)?;
     }
-    let _lock = lock_unless_pushing(server, job)?;
+    let mut txn = Txn::begin(server, job)?;
     let tags: BTreeSet<String> = tags.iter().cloned().collect();
     let mut changed = Vec::new();
-    for mut meta in select(server, job, spec)? {
+    for mut meta in txn.select(spec)? {
         match action {
             TagAction::Set => meta.tags = tags.clone(),
             TagAction::Add => meta.tags.extend(tags.iter().cloned()),
@@ -157,23 +132,21 @@ pub fn tags(
         changed.push(meta);
     }
     if apply == Apply::Yes {
-        write_metas(server, job, &changed)?;
+        txn.write(&changed)?;
         for m in &changed {
             tracing::info!(job = %job.name(), rev = %m.id, "tags now {:?}", m.tags);
         }
-        after_change(job, "tags.applied");
+        txn.point_latest("tags.applied");
     }
     Ok(changed)
 }
 
-/// Deletes the selected revisions, under the job lock; refuses revisions
-/// in use by a restore or as the base of a push. Their `.rev` files go
-/// first, together: that is the commit point; the data files after it
-/// (what a failure there leaves is removed as leftovers).
+/// Deletes the selected revisions, all or none, in one transaction;
+/// refuses revisions in use by a restore or as the base of a push.
 pub fn forget(server: &Server, job: &JobDir, spec: &str, apply: Apply) -> Result<Vec<RevisionMeta>> {
-    let _lock = lock_unless_pushing(server, job)?;
-    let selected = select(server, job, spec)?;
-    let protected = server.protected(job.name());
+    let mut txn = Txn::begin(server, job)?;
+    let selected = txn.select(spec)?;
+    let protected = txn.protected();
     if let Some(busy) = selected.iter().find(|m| protected.contains(&m.id)) {
         return Err(Error::precondition(format!(
             "revision {} is in use by a restore or a push; try again later",
@@ -183,69 +156,32 @@ pub fn forget(server: &Server, job: &JobDir, spec: &str, apply: Apply) -> Result
     if apply == Apply::DryRun {
         return Ok(selected);
     }
-    let _changed = server.index.guard(job.name());
-    for meta in &selected {
-        let rev = job.rev_path(&meta.id);
-        if let Err(e) = std::fs::remove_file(&rev) {
-            if e.kind() != std::io::ErrorKind::NotFound {
-                return Err(Error::io(format!("removing {}", rev.display()), e));
-            }
-        }
-    }
-    durable::fsync_dir(job.path())?;
+    let ids: Vec<RevisionId> = selected.iter().map(|m| m.id).collect();
+    txn.delete(&ids)?;
     for meta in &selected {
         tracing::info!(job = %job.name(), rev = %meta.id, "forgot revision (by request)");
     }
-    let remove_data = || -> Result<()> {
-        fault::fail("forget.applied")?;
-        for meta in &selected {
-            job.delete(&meta.id)?;
-        }
-        Ok(())
-    };
-    if let Err(e) = remove_data() {
-        tracing::error!(job = %job.name(), "forget: removing data files: {e}; removed as leftovers later");
-    }
-    after_change(job, "forget.latest");
+    txn.point_latest("forget.latest");
     Ok(selected)
 }
 
-/// Marks the selected revisions distrusted; all of them or none.
+/// Marks the selected revisions distrusted, all of them or none, in one
+/// transaction (a revision forgotten meanwhile is not found, never
+/// written back).
 pub fn distrust(server: &Server, job: &JobDir, spec: &str, apply: Apply) -> Result<Vec<RevisionMeta>> {
-    let mut selected = select(server, job, spec)?;
+    let mut txn = Txn::begin(server, job)?;
+    let mut selected = txn.select(spec)?;
     for m in &mut selected {
         m.trust = Trust::Distrusted;
     }
     if apply == Apply::Yes {
-        write_metas(server, job, &selected)?;
+        txn.write(&selected)?;
         for m in &selected {
             tracing::info!(job = %job.name(), rev = %m.id, "distrusted (by request)");
         }
-        after_change(job, "distrust.applied");
+        txn.point_latest("distrust.applied");
     }
     Ok(selected)
-}
-
-/// Writes the `.rev` files of `metas` together (all or none).
-fn write_metas(server: &Server, job: &JobDir, metas: &[RevisionMeta]) -> Result<()> {
-    let _serial = server.meta_lock();
-    let _changed = server.index.guard(job.name());
-    let texts: Vec<(std::path::PathBuf, String)> = metas
-        .iter()
-        .map(|m| Ok((job.rev_path(&m.id), m.to_yaml()?)))
-        .collect::<Result<_>>()?;
-    let files: Vec<(&std::path::Path, &[u8])> =
-        texts.iter().map(|(p, t)| (p.as_path(), t.as_bytes())).collect();
-    durable::write_atomic_all(&files)
-}
-
-/// Housekeeping after a change has applied: its failure is logged, never
-/// answered as an error (the caller would retry a change that happened).
-/// `point` names the error point tests use to force such a late failure.
-fn after_change(job: &JobDir, point: &str) {
-    if let Err(e) = fault::fail(point).and_then(|()| job.update_latest()) {
-        tracing::error!(job = %job.name(), "updating latest: {e}; fixed by the next expiry run");
-    }
 }
 
 /// Where the next data at or after `offset` starts: the file's size when
@@ -281,6 +217,10 @@ pub fn verify(
     mut on_block: impl FnMut(u64) -> bool,
 ) -> Result<Verified> {
     let _reading = server.start_read(job.name(), meta.id);
+    // What the outcome is compared with when it is written: the record as
+    // on disk now, not as the caller (or the index) saw it.
+    let seen = job.rev_version(&meta.id)?;
+    let meta = &job.meta(&meta.id)?;
     let manifest = job.manifest(meta)?;
     let path = job.image_path(&meta.id);
     let file = File::open(&path).map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
@@ -329,14 +269,16 @@ pub fn verify(
         }
     }
     let now = chrono::Utc::now();
-    let meta = update_meta(server, job, &meta.id, |m| {
-        if bad.is_empty() {
-            m.trust = Trust::Verified;
-            m.verified_at = Some(now);
-        } else {
-            m.trust = Trust::Distrusted;
-        }
-    })?;
+    let (to, at) = if bad.is_empty() {
+        (Trust::Verified, Some(now))
+    } else {
+        (Trust::Distrusted, None)
+    };
+    let (meta, moved) = Txn::begin(server, job)?.move_trust(&meta.id, seen, to, at)?;
+    if !moved {
+        tracing::warn!(job = %job.name(), rev = %meta.id, trust = %meta.trust.as_str(),
+            "verify: clean, but the revision's record changed while it ran (a distrust, tags); left as it is now");
+    }
     if !bad.is_empty() {
         tracing::error!(job = %job.name(), rev = %meta.id, "verify: {} the manifest: {bad:?}", backy_common::units::blocks_not_matching(bad.len() as u64));
     }

@@ -2,6 +2,7 @@
 //! due decisions for plans and agents, expiry after commits and on a timer,
 //! and expiry previews (dry runs).
 
+use crate::job::Txn;
 use crate::state::Server;
 use crate::storage::JobDir;
 use backy_common::config::{Schedule, ServerConfig};
@@ -22,50 +23,45 @@ pub fn due_state(server: &Server, job: &JobDir, schedule: &Schedule, revs: &[Rev
     schedule::due(schedule, offset, revs, &failures, Utc::now())
 }
 
-/// Applies expiry to a job whose lock the caller holds; returns the ids of
-/// deleted revisions. Tags are rewritten atomically; deletion removes the
-/// `.rev` first, so a crash never leaves a listed revision without data.
-/// Every deletion is logged with its reason.
-pub fn expire_locked(
-    server: &Server,
-    job: &JobDir,
-    schedule: &Schedule,
-    run: ExpiryRun,
-) -> Result<Vec<RevisionId>> {
-    let entry = server.indexed(job)?;
-    let revs = &entry.revisions;
-    let protected = server.protected(job.name());
-    let plan = schedule::expire(schedule, revs, Utc::now(), &protected, run);
+/// Applies expiry to a job in `txn` (its revisions as read from disk);
+/// returns the ids of deleted revisions. Tags are rewritten atomically;
+/// deletions are journaled, so none is half done. Every deletion is logged
+/// with its reason. Revisions in use are kept.
+pub fn expire_in(txn: &mut Txn<'_>, schedule: &Schedule, run: ExpiryRun) -> Result<Vec<RevisionId>> {
+    let protected = txn.protected();
+    let plan = schedule::expire(schedule, txn.revisions(), Utc::now(), &protected, run);
     if plan.is_noop() {
-        // A commit just before still needs `latest` to point at it.
-        if matches!(run, ExpiryRun::AfterCommit(_)) {
-            job.point_latest(revs.last().map(|r| &r.id))?;
-        }
         return Ok(Vec::new());
     }
-    let _changed = server.index.guard(job.name());
-    for meta in revs {
-        if plan.retagged.contains(&meta.id) && !plan.deleted.contains(&meta.id) {
-            if let Some(tags) = plan.kept.get(&meta.id) {
-                let m = crate::revisions::update_meta(server, job, &meta.id, |m| m.tags = tags.clone())?;
-                tracing::info!(job = %job.name(), rev = %m.id, "expiry: tags now {:?} ({})", m.tags, plan.reason(&m.id));
-                fault::point("expiry.retagged");
-            }
-        }
+    let job = txn.job().name().clone();
+    let retagged: Vec<RevisionMeta> = txn
+        .revisions()
+        .iter()
+        .filter(|m| plan.retagged.contains(&m.id) && !plan.deleted.contains(&m.id))
+        .filter_map(|m| {
+            plan.kept.get(&m.id).map(|tags| RevisionMeta {
+                tags: tags.clone(),
+                ..m.clone()
+            })
+        })
+        .collect();
+    for m in retagged {
+        txn.write(std::slice::from_ref(&m))?;
+        tracing::info!(job = %job, rev = %m.id, "expiry: tags now {:?} ({})", m.tags, plan.reason(&m.id));
+        fault::point("expiry.retagged");
     }
-    let mut deleted = Vec::new();
-    for id in &plan.deleted {
-        job.delete(id)?;
-        server.metrics.expired(plan.removals.get(id));
-        tracing::info!(job = %job.name(), rev = %id, reason = %plan.reason(id), "expiry: deleted revision");
-        deleted.push(*id);
-        fault::point("expiry.deleted");
+    let deleted: Vec<RevisionId> = plan.deleted.iter().copied().collect();
+    txn.delete(&deleted)?;
+    for id in &deleted {
+        txn.server().metrics.expired(plan.removals.get(id));
+        tracing::info!(job = %job, rev = %id, reason = %plan.reason(id), "expiry: deleted revision");
     }
-    job.update_latest()?;
+    fault::point("expiry.deleted");
     Ok(deleted)
 }
 
-/// Expires every scheduled job that is not busy (periodic background work).
+/// Expires every scheduled job whose lock is free now, and removes
+/// leftovers (periodic background work).
 pub fn expire_all(server: &Server) {
     let config = server.config();
     let window = config.resume.window.as_duration();
@@ -74,18 +70,36 @@ pub fn expire_all(server: &Server) {
         if server.job_runtime(name).push.is_some() {
             continue; // expiry runs after the push's commit anyway
         }
-        let result = job.try_lock().and_then(|_lock| {
+        // The index says which jobs may have work (a hint: the transaction
+        // decides from disk), so a quiet store is not read every minute.
+        let schedule = config.schedule_of(job_cfg);
+        let may_expire = schedule.is_some_and(|schedule| {
+            server.indexed(&job).map_or(true, |entry| {
+                let protected = server.protected(name);
+                !schedule::expire(
+                    schedule,
+                    &entry.revisions,
+                    Utc::now(),
+                    &protected,
+                    ExpiryRun::Periodic,
+                )
+                .is_noop()
+            })
+        });
+        if !may_expire && !job.has_leftovers() {
+            continue;
+        }
+        let result = Txn::try_begin(server, &job).and_then(|mut txn| {
             let keep = job.resumable(window, chrono::Utc::now()).map(|r| r.id);
-            for p in job.clean_leftovers(keep)? {
-                tracing::info!(job = %name, "removed leftover {}", p.display());
+            txn.clean_leftovers(keep)?;
+            if let Some(schedule) = schedule {
+                expire_in(&mut txn, schedule, ExpiryRun::Periodic)?;
             }
-            match config.schedule_of(job_cfg) {
-                Some(schedule) => expire_locked(server, &job, schedule, ExpiryRun::Periodic).map(|_| ()),
-                None => Ok(()),
-            }
+            txn.point_latest("latest");
+            Ok(())
         });
         match result {
-            Ok(_) => {}
+            Ok(()) => {}
             Err(e) if e.kind == backy_common::ErrorKind::Busy => {} // next round
             Err(e) => tracing::error!(job = %name, "expiry failed: {e}"),
         }

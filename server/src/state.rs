@@ -37,8 +37,6 @@ pub struct Server {
     by_client: RwLock<Arc<JobsByClient>>,
     pub storage_mode: StorageMode,
     runtime: Mutex<HashMap<JobName, JobRuntime>>,
-    /// Serialises `.rev` read-modify-write cycles.
-    meta: Mutex<()>,
     /// Bounds re-digest and verify work, shared fairly between callers.
     pub work: Arc<crate::work::WorkPool>,
     /// Counters and histograms for `/metrics`.
@@ -64,7 +62,6 @@ impl Server {
             by_client: RwLock::new(Arc::new(by_client)),
             storage_mode,
             runtime: Mutex::new(HashMap::new()),
-            meta: Mutex::new(()),
             work: Arc::new(crate::work::WorkPool::for_this_host()),
             metrics: Default::default(),
             stopping: Default::default(),
@@ -113,10 +110,6 @@ impl Server {
         self.index.get(job)
     }
 
-    pub fn meta_lock(&self) -> MutexGuard<'_, ()> {
-        self.meta.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
     fn runtime(&self) -> MutexGuard<'_, HashMap<JobName, JobRuntime>> {
         self.runtime.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -152,18 +145,22 @@ impl Server {
             .collect()
     }
 
-    /// Registers a push; cleared when the guard drops.
-    pub fn start_push(
-        self: &Arc<Self>,
-        job: &JobName,
-        id: RevisionId,
-        parent: Option<RevisionId>,
-    ) -> PushGuard {
-        self.runtime().entry(job.clone()).or_default().push = Some((id, parent));
-        PushGuard {
+    /// Takes the job's push slot (one push or copy per job at a time), or
+    /// fails with `Busy`; cleared when the guard drops. Its base is named
+    /// with [`PushGuard::set_parent`] inside the transaction that chose it.
+    pub fn try_start_push(self: &Arc<Self>, job: &JobName, id: RevisionId) -> Result<PushGuard> {
+        let mut rt = self.runtime();
+        let r = rt.entry(job.clone()).or_default();
+        if r.push.is_some() {
+            return Err(backy_common::Error::busy(format!(
+                "job {job} is busy: another push is running"
+            )));
+        }
+        r.push = Some((id, None));
+        Ok(PushGuard {
             server: self.clone(),
             job: job.clone(),
-        }
+        })
     }
 
     /// Registers a reader of a revision; cleared when the guard drops.
@@ -280,6 +277,18 @@ fn jobs_by_client(config: &ServerConfig) -> JobsByClient {
 pub struct PushGuard {
     server: Arc<Server>,
     job: JobName,
+}
+
+impl PushGuard {
+    /// Names the revision the push builds on: protected from expiry and
+    /// forget until the guard drops. Call inside the job's transaction.
+    pub fn set_parent(&self, parent: Option<RevisionId>) {
+        if let Some(r) = self.server.runtime().get_mut(&self.job) {
+            if let Some(p) = r.push.as_mut() {
+                p.1 = parent;
+            }
+        }
+    }
 }
 
 impl Drop for PushGuard {

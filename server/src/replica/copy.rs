@@ -4,12 +4,12 @@
 //! the source's. An interrupted transfer keeps its last checkpoint and
 //! resumes from there (the push resume machinery).
 
+use crate::job::Txn;
 use crate::state::Server;
 use crate::storage::{JobDir, NewRevision, NewRevisionSpec};
 use crate::work::Gate;
 use backy_common::replicate::Transfer;
 use backy_common::revision::RevisionMeta;
-use backy_common::schedule::ExpiryRun;
 use backy_common::{fault, Error, Result};
 use backy_proto::connect::{status_error, Client};
 use backy_proto::restore_frame::Frame;
@@ -81,15 +81,14 @@ pub fn copy(
     check_listing(&config, job, &target)?;
     let expected = hex::decode(&info.manifest_digest)
         .map_err(|_| Error::invalid(format!("revision {}: bad manifest digest", target.id)))?;
-    let _lock = job.lock()?;
-    let _changed = server.index.guard(job.name());
-    let entry = server.indexed(job)?;
-    if entry.revisions.iter().any(|r| r.id == target.id) {
+    let running = server.try_start_push(job.name(), target.id)?;
+    let txn = Txn::begin(server, job)?;
+    if txn.get(&target.id).is_some() {
         return Err(Error::exists(format!("revision {} is here already", target.id)));
     }
     let base = match transfer.base {
         None => None,
-        Some(id) => Some(entry.revisions.iter().find(|r| r.id == id).ok_or_else(|| {
+        Some(id) => Some(txn.get(&id).cloned().ok_or_else(|| {
             Error::precondition(format!(
                 "base revision {id} is no longer here; the next round plans again"
             ))
@@ -99,11 +98,11 @@ pub fn copy(
     let resumable = job
         .resumable(window, chrono::Utc::now())
         .filter(|r| r.id == target.id && r.parent == transfer.base && r.size == target.size);
-    for p in job.clean_leftovers(resumable.as_ref().map(|r| r.id))? {
-        tracing::info!(job = %job.name(), "removed leftover {}", p.display());
-    }
-    let running = server.start_push(job.name(), target.id, transfer.base);
-    let parent = match base {
+    txn.clean_leftovers(resumable.as_ref().map(|r| r.id))?;
+    // Under the lock: expiry and mirroring keep the base from here on.
+    running.set_parent(transfer.base);
+    drop(txn);
+    let parent = match &base {
         Some(meta) => Some((meta, job.manifest(meta)?)),
         None => None,
     };
@@ -194,19 +193,10 @@ pub fn copy(
         }
         return Err(e);
     }
-    let meta = rev.commit_copy(target.timestamp, &expected)?;
-    server.index.invalidate(job.name());
+    let sealed = rev.commit_copy(target.timestamp, &expected)?;
+    let (meta, _) = crate::push::publish_and_expire(server, job, sealed, "replica.after-commit")?;
     drop(running);
     server.metrics.received(received as usize);
-    let after_commit = || match config.job(job.name()).ok().and_then(|j| config.schedule_of(j)) {
-        Some(schedule) => {
-            crate::schedule::expire_locked(server, job, schedule, ExpiryRun::AfterCommit(meta.id)).map(|_| ())
-        }
-        None => job.update_latest(),
-    };
-    if let Err(e) = after_commit() {
-        tracing::error!(job = %job.name(), rev = %meta.id, "after the copy: {e}; expiry retries within a minute");
-    }
     Ok(Copied {
         meta,
         received,

@@ -4,6 +4,7 @@
 //! records how far behind each copy is.
 
 use super::copy::{copy, Copied};
+use crate::job::Txn;
 use crate::state::Server;
 use crate::storage::JobDir;
 use backy_common::config::ReplicateConfig;
@@ -237,19 +238,23 @@ async fn mirror_expiry(
     if doomed.is_empty() {
         return Ok(0);
     }
-    let (s, j) = (server.clone(), job.clone());
+    let (s, j, source) = (server.clone(), job.clone(), source.to_vec());
     tokio::task::spawn_blocking(move || -> Result<usize> {
-        let _lock = j.lock()?;
-        let _changed = s.index.guard(j.name());
-        let protected = s.protected(j.name());
-        let mut deleted = 0;
-        for id in doomed.iter().filter(|id| !protected.contains(id)) {
-            j.delete(id)?;
+        let mut txn = Txn::begin(&s, &j)?;
+        let protected = txn.protected();
+        // Decided again from what is on disk now, not from the listing the
+        // round began with.
+        let here: Vec<Listed> = txn.revisions().iter().map(listed).collect();
+        let doomed: Vec<RevisionId> = replicate::mirror_expiry(&source, &here)
+            .into_iter()
+            .filter(|id| !protected.contains(id))
+            .collect();
+        txn.delete(&doomed)?;
+        for id in &doomed {
             tracing::info!(job = %j.name(), rev = %id, "replication: deleted revision (expired on the source)");
-            deleted += 1;
         }
-        j.update_latest()?;
-        Ok(deleted)
+        txn.point_latest("latest");
+        Ok(doomed.len())
     })
     .await
     .map_err(|e| Error::internal(format!("mirrored expiry panicked: {e}")))?

@@ -9,6 +9,9 @@ use backy_common::{fault, Error, JobName, Result, RevisionId};
 use std::path::{Path, PathBuf};
 
 pub const PARTIAL_DIR: &str = ".partial";
+/// Revisions being deleted (one id a line): written durably before any of
+/// their files goes, so a deletion of several is all or none, crash or not.
+pub const DELETIONS_FILE: &str = ".deleting";
 pub const LOCK_FILE: &str = ".lock";
 pub const LATEST_LINK: &str = "latest";
 /// When the server first knew the job (RFC 3339): a job that never had a
@@ -16,6 +19,10 @@ pub const LATEST_LINK: &str = "latest";
 pub const SINCE_FILE: &str = ".since";
 /// How long a request waits for the job lock held by short maintenance.
 const LOCK_PATIENCE: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// One write of a `.rev` file (see [`JobDir::rev_version`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RecordVersion(u64, i64, i64);
 
 /// Paths and committed state of one job.
 #[derive(Clone, Debug)]
@@ -92,6 +99,7 @@ impl JobDir {
     /// Committed revisions, oldest first. A `.rev` that cannot be read is
     /// logged and left out rather than hiding every other revision.
     pub fn revisions(&self) -> Result<Vec<RevisionMeta>> {
+        let deleting = self.deleting()?;
         let entries = match std::fs::read_dir(&self.dir) {
             Ok(e) => e,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
@@ -104,8 +112,9 @@ impl JobDir {
             let Some(stem) = name.to_str().and_then(|n| n.strip_suffix(".rev")) else {
                 continue;
             };
-            if RevisionId::from_short(stem).is_err() {
-                continue;
+            match RevisionId::from_short(stem) {
+                Ok(id) if !deleting.contains(&id) => {}
+                _ => continue,
             }
             match self.read_meta(&entry.path()) {
                 Ok(meta) if meta.id.short() == stem => revs.push(meta),
@@ -122,6 +131,16 @@ impl JobDir {
         let text =
             std::fs::read_to_string(path).map_err(|e| Error::io(format!("reading {}", path.display()), e))?;
         RevisionMeta::from_yaml(&text, &path.display().to_string())
+    }
+
+    /// Which write of a revision's `.rev` is on disk: every write makes a
+    /// new file (see [`durable::write_atomic`]), so inode and change time
+    /// tell one write from the next.
+    pub fn rev_version(&self, id: &RevisionId) -> Result<RecordVersion> {
+        use std::os::unix::fs::MetadataExt;
+        let path = self.rev_path(id);
+        let m = std::fs::metadata(&path).map_err(|e| Error::io(format!("reading {}", path.display()), e))?;
+        Ok(RecordVersion(m.ino(), m.ctime(), m.ctime_nsec()))
     }
 
     /// One committed revision's metadata.
@@ -161,10 +180,9 @@ impl JobDir {
     }
 
     /// Removes what no committed revision owns: everything in `.partial/`
-    /// except the files of the interrupted push `keep`, temp files, and
-    /// image/manifest files without a `.rev`. Call with the job locked (or
-    /// at start, before serving).
-    pub fn clean_leftovers(&self, keep: Option<RevisionId>) -> Result<Vec<PathBuf>> {
+    /// except the files of the pushes `keep` (running or resumable), temp
+    /// files, and image/manifest files without a `.rev`.
+    pub fn clean_leftovers(&self, _held: &JobLock, keep: &[RevisionId]) -> Result<Vec<PathBuf>> {
         let mut removed = Vec::new();
         let partial = self.partial_dir();
         let kept: Vec<PathBuf> = keep
@@ -211,16 +229,69 @@ impl JobDir {
         Ok(removed)
     }
 
-    /// Deletes a committed revision: `.rev` first (durably), so a crash
-    /// half-way leaves orphan files that [`JobDir::clean_leftovers`] removes,
-    /// never a listed revision with missing data.
-    pub fn delete(&self, id: &RevisionId) -> Result<()> {
-        remove_path(&self.rev_path(id))?;
+    /// Whether anything lies in `.partial/` or an unfinished deletion waits
+    /// (cheap: one directory read).
+    pub fn has_leftovers(&self) -> bool {
+        self.dir.join(DELETIONS_FILE).exists()
+            || std::fs::read_dir(self.partial_dir()).is_ok_and(|mut d| d.next().is_some())
+    }
+
+    /// Removes the image and manifest of `id` if no `.rev` owns them.
+    pub fn remove_orphan(&self, _held: &JobLock, id: &RevisionId) -> Result<()> {
+        if self.rev_path(id).exists() {
+            return Ok(());
+        }
+        remove_path(&self.image_path(id))?;
+        remove_path(&self.digests_path(id))
+    }
+
+    /// The revisions of an unfinished deletion (see [`DELETIONS_FILE`]).
+    fn deleting(&self) -> Result<Vec<RevisionId>> {
+        let path = self.dir.join(DELETIONS_FILE);
+        let text = match std::fs::read_to_string(&path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(Error::io(format!("reading {}", path.display()), e)),
+        };
+        text.lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(|l| {
+                l.trim()
+                    .parse()
+                    .map_err(|e: Error| e.context(format!("{}", path.display())))
+            })
+            .collect()
+    }
+
+    /// Records `ids` as deleted: the commit point of a deletion. From here
+    /// on they are not listed; [`JobDir::finish_deletions`] removes their
+    /// files (now, or after a crash at the next change or start-up).
+    pub fn journal_deletions(&self, held: &JobLock, ids: &[RevisionId]) -> Result<()> {
+        // An unfinished one first: the journal holds one deletion at a time.
+        self.finish_deletions(held)?;
+        let text: String = ids.iter().map(|id| format!("{id}\n")).collect();
+        durable::write_atomic(&self.dir.join(DELETIONS_FILE), text.as_bytes())
+    }
+
+    /// Removes the files of journaled deletions, `.rev` first (durably),
+    /// then the journal.
+    pub fn finish_deletions(&self, _held: &JobLock) -> Result<()> {
+        let ids = self.deleting()?;
+        if ids.is_empty() {
+            return Ok(());
+        }
+        for id in &ids {
+            remove_path(&self.rev_path(id))?;
+        }
         durable::fsync_dir(&self.dir)?;
         fault::point("delete.rev-removed");
-        remove_path(&self.image_path(id))?;
-        fault::point("delete.image-removed");
-        remove_path(&self.digests_path(id))?;
+        for id in &ids {
+            remove_path(&self.image_path(id))?;
+            fault::point("delete.image-removed");
+            remove_path(&self.digests_path(id))?;
+        }
+        durable::fsync_dir(&self.dir)?;
+        remove_path(&self.dir.join(DELETIONS_FILE))?;
         durable::fsync_dir(&self.dir)
     }
 

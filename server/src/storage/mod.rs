@@ -11,7 +11,7 @@ pub mod streamed;
 pub mod writer;
 
 pub use jobdir::JobDir;
-pub use writer::{NewRevision, NewRevisionSpec, PushEnd};
+pub use writer::{NewRevision, NewRevisionSpec, PushEnd, Sealed};
 
 use backy_common::revision::StorageMode;
 use backy_common::Result;

@@ -552,29 +552,32 @@ impl NewRevision {
     /// touched block (from the data as it arrived when a block came whole,
     /// else read back from the file), and commits: image and manifest
     /// moved into the job directory, then the `.rev` written last.
-    pub fn commit(self, end: &PushEnd) -> Result<RevisionMeta> {
+    pub fn commit(self, end: &PushEnd) -> Result<Sealed> {
         if end.stream_checksum.as_slice() != self.checksum.finish() {
             return Err(Error::data_loss(
                 "end-to-end check failed: the data received does not match the client's stream checksum",
             )
             .with_reason(backy_common::Reason::StreamChecksumMismatch));
         }
-        self.finish(&end.manifest_digest, "the client's")
+        self.seal(&end.manifest_digest, "the client's")
     }
 
     /// Commits a copy of another server's revision: under its timestamp,
     /// and only if the image's manifest is the one the source holds (a
     /// copy has no stream checksum: every block is checked by digest).
-    pub fn commit_copy(mut self, timestamp: DateTime<Utc>, manifest_digest: &[u8]) -> Result<RevisionMeta> {
+    pub fn commit_copy(mut self, timestamp: DateTime<Utc>, manifest_digest: &[u8]) -> Result<Sealed> {
         if manifest_digest.is_empty() {
             return Err(Error::invalid("a copy needs the source's manifest digest"));
         }
         self.timestamp = timestamp;
-        self.finish(manifest_digest, "the source server's")
+        self.seal(manifest_digest, "the source server's")
     }
 
-    /// `whose`: whose manifest `expected_manifest` is, for the error.
-    fn finish(mut self, expected_manifest: &[u8], whose: &str) -> Result<RevisionMeta> {
+    /// Everything of a commit that needs no lock: the touched blocks
+    /// digested, the end-to-end check, the image synced, the manifest
+    /// written beside it. `whose`: whose manifest `expected_manifest` is,
+    /// for the error.
+    fn seal(mut self, expected_manifest: &[u8], whose: &str) -> Result<Sealed> {
         tracing::info!(
             job = %self.job.name(), rev = %self.spec.id, blocks = self.touched.len(),
             "commit: digesting the blocks written since the last checkpoint"
@@ -606,13 +609,6 @@ impl NewRevision {
             ));
         }
         fault::point("commit.digests-written");
-        rename(&self.path, &self.job.image_path(&id))?;
-        fault::point("commit.image-moved");
-        rename(&partial_digests, &self.job.digests_path(&id))?;
-        fault::point("commit.digests-moved");
-        durable::fsync_dir(self.job.path())?;
-        durable::fsync_dir(&self.job.partial_dir())?;
-
         let meta = RevisionMeta {
             id,
             timestamp: self.timestamp,
@@ -627,10 +623,87 @@ impl NewRevision {
             manifest_digest: hex::encode(manifest_digest),
             storage: self.storage,
         };
-        durable::write_atomic(&self.job.rev_path(&id), meta.to_yaml()?.as_bytes())?;
-        self.committed = true;
+        Ok(Sealed {
+            rev: self,
+            meta,
+            partial_digests: RemoveOnError(Some(partial_digests)),
+        })
+    }
+}
+
+/// A revision whose data and manifest are complete and synced under
+/// `.partial/`: what is left of its commit is to publish it, in a job
+/// transaction. Dropped unpublished, its files are removed.
+pub struct Sealed {
+    rev: NewRevision,
+    meta: RevisionMeta,
+    partial_digests: RemoveOnError,
+}
+
+impl std::fmt::Debug for Sealed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sealed")
+            .field("meta", &self.meta)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Sealed {
+    pub fn meta(&self) -> &RevisionMeta {
+        &self.meta
+    }
+
+    /// Makes the revision visible: checks in `txn` (read from disk under
+    /// the job's lock) that its id is new and that its parent still exists
+    /// and may still be built on (a distrust during the push wins), moves
+    /// the image and the manifest into place without replacing anything,
+    /// and writes the `.rev` last.
+    pub fn publish(mut self, txn: &mut crate::job::Txn<'_>) -> Result<RevisionMeta> {
+        let job = txn.job().clone();
+        let id = self.meta.id;
+        if txn.get(&id).is_some() {
+            return Err(Error::exists(format!(
+                "job {}: revision {id} exists already",
+                job.name()
+            )));
+        }
+        if let Some(pid) = self.meta.parent {
+            match txn.get(&pid) {
+                None => {
+                    return Err(Error::precondition(format!(
+                        "parent revision {pid} was removed during the push; nothing was committed, run the push again"
+                    )))
+                }
+                Some(p) if !p.trust.usable_as_parent() => {
+                    return Err(Error::precondition(format!(
+                        "parent revision {pid} was distrusted during the push; nothing was committed, \
+                         run the push again for a full backup"
+                    )))
+                }
+                Some(_) => {}
+            }
+        }
+        // Files of this id without a `.rev` are leftovers of an earlier
+        // attempt (no revision owns them): they must not block the rename,
+        // and nothing else may be replaced by it.
+        txn.clean_orphans_of(&id)?;
+        let partial_digests = self
+            .partial_digests
+            .0
+            .clone()
+            .ok_or_else(|| Error::internal("sealed revision without its manifest"))?;
+        rename_new(&self.rev.path, &job.image_path(&id))?;
+        fault::point("commit.image-moved");
+        rename_new(&partial_digests, &job.digests_path(&id))?;
+        self.partial_digests.0 = None;
+        fault::point("commit.digests-moved");
+        durable::fsync_dir(job.path())?;
+        durable::fsync_dir(&job.partial_dir())?;
+        durable::write_atomic(&job.rev_path(&id), self.meta.to_yaml()?.as_bytes())?;
+        self.rev.committed = true;
         fault::point("commit.rev-written");
-        Ok(meta)
+        txn.committed(self.meta.clone());
+        Ok(self.meta)
     }
 }
 
@@ -658,9 +731,12 @@ impl Drop for RemoveOnError {
     }
 }
 
-fn rename(from: &std::path::Path, to: &std::path::Path) -> Result<()> {
-    std::fs::rename(from, to)
-        .map_err(|e| Error::io(format!("moving {} to {}", from.display(), to.display()), e))
+/// Renames `from` to `to`, failing if `to` exists (a commit never
+/// replaces a file silently).
+fn rename_new(from: &std::path::Path, to: &std::path::Path) -> Result<()> {
+    use rustix::fs::{renameat_with, RenameFlags, CWD};
+    renameat_with(CWD, from, CWD, to, RenameFlags::NOREPLACE)
+        .map_err(|e| Error::io(format!("moving {} to {}", from.display(), to.display()), e.into()))
 }
 
 #[cfg(test)]
@@ -707,6 +783,14 @@ mod tests {
         }
     }
 
+    /// Publishes a sealed revision as the server does: in a transaction.
+    fn publish(job: &JobDir, sealed: Sealed) -> RevisionMeta {
+        let base = job.path().parent().unwrap();
+        let server = crate::job::test_server(base, &format!("  {}: {{schedule: none}}\n", job.name()));
+        let mut txn = crate::job::Txn::begin(&server, job).unwrap();
+        sealed.publish(&mut txn).unwrap()
+    }
+
     fn partial_files(job: &JobDir) -> usize {
         std::fs::read_dir(job.partial_dir()).unwrap().count()
     }
@@ -731,7 +815,7 @@ mod tests {
             let (s, e) = (b * B, ((b + 1) * B).min(3 * B + 10));
             want.set(b, digest(&image[s as usize..e as usize])).unwrap();
         }
-        let meta = rev.commit(&end(&sum, Some(&want))).unwrap();
+        let meta = publish(&job, rev.commit(&end(&sum, Some(&want))).unwrap());
         assert_eq!(meta.manifest_digest, hex::encode(want.file_digest()));
         assert_eq!(std::fs::read(job.image_path(&meta.id)).unwrap(), image);
         assert_eq!(job.manifest(&meta).unwrap(), want);
@@ -801,7 +885,7 @@ mod tests {
             rev.data(at, chunk).unwrap();
             sum.data(at, chunk);
         }
-        let meta = rev.commit(&end(&sum, None)).unwrap();
+        let meta = publish(job, rev.commit(&end(&sum, None)).unwrap());
         let manifest = job.manifest(&meta).unwrap();
         let mut child_spec = spec(size);
         child_spec.block_size = bs;
@@ -837,7 +921,7 @@ mod tests {
         let mut sum = StreamChecksum::new();
         rev.data(4 * GRANULE, &image[4 * g..8 * g]).unwrap();
         sum.data(4 * GRANULE, &image[4 * g..8 * g]);
-        let meta = rev.commit(&end(&sum, None)).unwrap();
+        let meta = publish(&job, rev.commit(&end(&sum, None)).unwrap());
         assert_eq!(meta.stats.bytes_received, 4 * GRANULE);
         assert_eq!(meta.stats.bytes_written, 2 * GRANULE);
         assert_eq!(meta.stats.changed_blocks, 1);
@@ -871,7 +955,7 @@ mod tests {
         // The short last block: one granule and 100 bytes.
         let tail = granules::digests(&parent[12 * g..]);
         assert_eq!(rev.granules(3, &tail).unwrap(), [0]);
-        let meta = rev.commit(&end(&sum, None)).unwrap();
+        let meta = publish(&job, rev.commit(&end(&sum, None)).unwrap());
         assert_eq!(
             meta.stats.bytes_written, GRANULE,
             "asked-for granules are written unread"

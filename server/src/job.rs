@@ -1,0 +1,830 @@
+//! The one way to change a job: a transaction ([`Txn`]) that only the
+//! job's lock gives, and that reads the job's revisions from disk when it
+//! begins. Commits, tag and trust changes, forget, expiry, the replica's
+//! copies and mirrored deletions, and leftover cleanup all go through one.
+//!
+//! Locking: the job's lock (`<job>/.lock`, flock) is held only for the
+//! length of a transaction (renames, `.rev` writes, deletions: short); a
+//! push or a copy holds the job's push slot (see
+//! [`crate::state::Server::try_start_push`]) while data streams in and
+//! takes a transaction only to begin and to commit. The in-memory index is
+//! a read cache, invalidated when a transaction ends; nothing is decided
+//! from it.
+
+use crate::state::Server;
+use crate::storage::jobdir::RecordVersion;
+use crate::storage::lock::JobLock;
+use crate::storage::{durable, JobDir};
+use backy_common::revision::{RevisionMeta, Trust};
+use backy_common::spec::Spec;
+use backy_common::{fault, Error, Result, RevisionId};
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+
+/// A change to one job, under its lock; the index entry of the job is
+/// dropped when it ends, whatever happened.
+pub struct Txn<'a> {
+    server: &'a Server,
+    job: &'a JobDir,
+    lock: JobLock,
+    revisions: Vec<RevisionMeta>,
+}
+
+impl<'a> Txn<'a> {
+    /// Takes the job's lock, waiting a little for another transaction to
+    /// end, and reads the job from disk (completing an interrupted forget).
+    pub fn begin(server: &'a Server, job: &'a JobDir) -> Result<Self> {
+        let lock = job.lock()?;
+        Self::read(server, job, lock)
+    }
+
+    /// Like [`Txn::begin`], but fails with `Busy` at once when the lock is
+    /// held (background work comes back later).
+    pub fn try_begin(server: &'a Server, job: &'a JobDir) -> Result<Self> {
+        let lock = job.try_lock()?;
+        Self::read(server, job, lock)
+    }
+
+    fn read(server: &'a Server, job: &'a JobDir, lock: JobLock) -> Result<Self> {
+        job.finish_deletions(&lock)?;
+        let revisions = job.revisions()?;
+        Ok(Txn {
+            server,
+            job,
+            lock,
+            revisions,
+        })
+    }
+
+    pub fn job(&self) -> &JobDir {
+        self.job
+    }
+
+    pub fn server(&self) -> &Server {
+        self.server
+    }
+
+    /// The job's lock, for the storage calls that require it.
+    pub fn lock(&self) -> &JobLock {
+        &self.lock
+    }
+
+    /// The committed revisions as on disk, oldest first.
+    pub fn revisions(&self) -> &[RevisionMeta] {
+        &self.revisions
+    }
+
+    pub fn get(&self, id: &RevisionId) -> Option<&RevisionMeta> {
+        self.revisions.iter().find(|r| r.id == *id)
+    }
+
+    /// The revisions `spec` names (newest first); `all` allowed.
+    pub fn select(&self, spec: &str) -> Result<Vec<RevisionMeta>> {
+        let spec = Spec::parse(spec)?;
+        let idx = spec
+            .resolve(&self.revisions)
+            .map_err(|e| e.context(format!("job {}", self.job.name())))?;
+        Ok(idx.into_iter().map(|i| self.revisions[i].clone()).collect())
+    }
+
+    /// Revisions in use now (the base of a running push, revisions being
+    /// read). Registrations happen under this lock too, so the answer holds
+    /// until the transaction ends.
+    pub fn protected(&self) -> BTreeSet<RevisionId> {
+        self.server.protected(self.job.name())
+    }
+
+    /// Writes the `.rev` records of `metas` together (all or none). Each
+    /// must be a revision this transaction read: a revision deleted
+    /// meanwhile is never written back.
+    pub fn write(&mut self, metas: &[RevisionMeta]) -> Result<()> {
+        for m in metas {
+            if self.get(&m.id).is_none() {
+                return Err(Error::not_found(format!(
+                    "job {}: no revision {}",
+                    self.job.name(),
+                    m.id
+                )));
+            }
+        }
+        let texts: Vec<(PathBuf, String)> = metas
+            .iter()
+            .map(|m| Ok((self.job.rev_path(&m.id), m.to_yaml()?)))
+            .collect::<Result<_>>()?;
+        let files: Vec<(&std::path::Path, &[u8])> =
+            texts.iter().map(|(p, t)| (p.as_path(), t.as_bytes())).collect();
+        durable::write_atomic_all(&files)?;
+        for m in metas {
+            if let Some(r) = self.revisions.iter_mut().find(|r| r.id == m.id) {
+                *r = m.clone();
+            }
+        }
+        Ok(())
+    }
+
+    /// Changes one revision's record as read from disk now.
+    pub fn update(&mut self, id: &RevisionId, f: impl FnOnce(&mut RevisionMeta)) -> Result<RevisionMeta> {
+        let mut meta = self
+            .get(id)
+            .cloned()
+            .ok_or_else(|| Error::not_found(format!("job {}: no revision {id}", self.job.name())))?;
+        f(&mut meta);
+        self.write(std::slice::from_ref(&meta))?;
+        Ok(meta)
+    }
+
+    /// Moves a revision's trust to `to` (with `verified_at`), only if its
+    /// record is still the version the caller read (`seen`, see
+    /// [`JobDir::rev_version`]): a verify that started before a distrust,
+    /// or before any other change of the record, cannot mark the revision
+    /// verified. Distrusting always applies (it only ever makes a revision
+    /// safer). Returns the record as it stands afterwards and whether it
+    /// changed.
+    pub fn move_trust(
+        &mut self,
+        id: &RevisionId,
+        seen: RecordVersion,
+        to: Trust,
+        verified_at: Option<chrono::DateTime<chrono::Utc>>,
+    ) -> Result<(RevisionMeta, bool)> {
+        let now = self
+            .get(id)
+            .cloned()
+            .ok_or_else(|| Error::not_found(format!("job {}: no revision {id}", self.job.name())))?;
+        if to != Trust::Distrusted && self.job.rev_version(id)? != seen {
+            return Ok((now, false));
+        }
+        let meta = self.update(id, |m| {
+            m.trust = to;
+            if verified_at.is_some() {
+                m.verified_at = verified_at;
+            }
+        })?;
+        Ok((meta, true))
+    }
+
+    /// Deletes revisions, all or none: their ids are first written to the
+    /// job's deletion journal (the commit point: from then on they are not
+    /// listed, and a crash or an error later is completed by the next
+    /// transaction or start-up), then their files go. Revisions in use are
+    /// refused.
+    pub fn delete(&mut self, ids: &[RevisionId]) -> Result<()> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let protected = self.protected();
+        if let Some(busy) = ids.iter().find(|id| protected.contains(id)) {
+            return Err(Error::precondition(format!(
+                "revision {busy} is in use by a restore or a push; try again later"
+            )));
+        }
+        for id in ids {
+            if self.get(id).is_none() {
+                return Err(Error::not_found(format!(
+                    "job {}: no revision {id}",
+                    self.job.name()
+                )));
+            }
+        }
+        self.job.journal_deletions(&self.lock, ids)?;
+        self.revisions.retain(|r| !ids.contains(&r.id));
+        fault::point("delete.journaled");
+        // `forget.applied`: tests fail the removal after the commit point.
+        let removed = fault::fail("forget.applied").and_then(|()| self.job.finish_deletions(&self.lock));
+        if let Err(e) = removed {
+            tracing::error!(job = %self.job.name(), "removing deleted revisions' files: {e}; completed by the next change or start-up");
+        }
+        Ok(())
+    }
+
+    /// Removes what no committed revision owns (see
+    /// [`JobDir::clean_leftovers`]), keeping the files of a running push
+    /// and of the resumable one, `resumable`.
+    pub fn clean_leftovers(&self, resumable: Option<RevisionId>) -> Result<Vec<PathBuf>> {
+        let mut keep: Vec<RevisionId> = resumable.into_iter().collect();
+        keep.extend(self.server.job_runtime(self.job.name()).push.map(|(id, _)| id));
+        let removed = self.job.clean_leftovers(&self.lock, &keep)?;
+        for p in &removed {
+            tracing::info!(job = %self.job.name(), "removed leftover {}", p.display());
+        }
+        Ok(removed)
+    }
+
+    /// Removes the files of `id` that no `.rev` owns (an earlier attempt's).
+    pub(crate) fn clean_orphans_of(&self, id: &RevisionId) -> Result<()> {
+        self.job.remove_orphan(&self.lock, id)
+    }
+
+    /// Adds a revision just committed (by [`crate::storage::Sealed::publish`]).
+    pub(crate) fn committed(&mut self, meta: RevisionMeta) {
+        self.revisions.push(meta);
+        self.revisions
+            .sort_by(|a, b| a.timestamp.cmp(&b.timestamp).then(a.id.cmp(&b.id)));
+    }
+
+    /// Points `latest` at the newest revision (people read it, never the
+    /// code); its failure is logged, never the change's (the caller would
+    /// retry a change that happened). `point` names the error point tests
+    /// use to force such a late failure.
+    pub fn point_latest(&self, point: &str) {
+        let newest = self.revisions.last().map(|r| &r.id);
+        if let Err(e) = fault::fail(point).and_then(|()| self.job.point_latest(newest)) {
+            tracing::error!(job = %self.job.name(), "updating latest: {e}; fixed by the next change");
+        }
+    }
+}
+
+impl Drop for Txn<'_> {
+    fn drop(&mut self) {
+        self.server.index.invalidate(self.job.name());
+    }
+}
+
+/// A server on a store of its own, for the server's unit tests.
+#[cfg(test)]
+pub(crate) fn test_server(base: &std::path::Path, jobs: &str) -> std::sync::Arc<Server> {
+    let text = format!(
+        "listen: 127.0.0.1:1\ninsecure-plaintext: true\nbase-dir: {}\n\
+         schedules:\n  daily: {{daily: {{interval: 1d, keep: 3}}}}\njobs:\n{jobs}",
+        base.display()
+    );
+    let config = backy_common::config::ServerConfig::from_yaml(&text, "test").expect("test config");
+    std::sync::Arc::new(Server::new(config, backy_common::revision::StorageMode::Copy))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::revisions::{self, Apply, TagAction};
+    use crate::storage::{NewRevision, NewRevisionSpec, PushEnd};
+    use crate::work::{Gate, WorkPool};
+    use backy_common::checksum::StreamChecksum;
+    use backy_common::manifest::{digest, Manifest};
+    use backy_common::revision::{SourceInfo, StorageMode};
+    use backy_common::{ErrorKind, DEFAULT_BLOCK_SIZE};
+    use std::sync::Arc;
+
+    const SIZE: u64 = 1 << 20;
+
+    struct Fixture {
+        _dir: tempfile::TempDir,
+        server: Arc<Server>,
+        job: JobDir,
+    }
+
+    fn fixture() -> Fixture {
+        let dir = tempfile::tempdir().unwrap();
+        let server = test_server(dir.path(), "  vm1: {schedule: none}\n");
+        let job = server.job("vm1").unwrap();
+        job.ensure().unwrap();
+        Fixture {
+            _dir: dir,
+            server,
+            job,
+        }
+    }
+
+    fn gate() -> Gate {
+        Gate::new(Arc::new(WorkPool::new(1)), "test", Arc::new(|| false))
+    }
+
+    /// Commits a revision of `SIZE` bytes of `byte`, as a push does.
+    fn commit(f: &Fixture, byte: u8, tags: &[&str]) -> RevisionMeta {
+        let spec = NewRevisionSpec {
+            id: RevisionId::new_random(),
+            size: SIZE,
+            block_size: DEFAULT_BLOCK_SIZE,
+            tags: tags.iter().map(|t| t.to_string()).collect(),
+            source: SourceInfo::default(),
+        };
+        let mut rev = NewRevision::create(&f.job, spec, None, StorageMode::Copy, None, gate()).unwrap();
+        let data = vec![byte; SIZE as usize];
+        let mut sum = StreamChecksum::new();
+        rev.data(0, &data).unwrap();
+        sum.data(0, &data);
+        let mut manifest = Manifest::zeroed(SIZE, DEFAULT_BLOCK_SIZE).unwrap();
+        manifest.set(0, digest(&data)).unwrap();
+        let end = PushEnd {
+            stream_checksum: sum.finish().to_vec(),
+            manifest_digest: manifest.file_digest().to_vec(),
+        };
+        let sealed = rev.commit(&end).unwrap();
+        let mut txn = Txn::begin(&f.server, &f.job).unwrap();
+        sealed.publish(&mut txn).unwrap()
+    }
+
+    fn on_disk(f: &Fixture, id: &RevisionId) -> RevisionMeta {
+        f.job.meta(id).unwrap()
+    }
+
+    /// Writes a revision's record behind the server's back: what another
+    /// change did between an old-style read of the index and its write.
+    fn write_behind(f: &Fixture, meta: &RevisionMeta) {
+        durable::write_atomic(&f.job.rev_path(&meta.id), meta.to_yaml().unwrap().as_bytes()).unwrap();
+    }
+
+    /// Issue 27, item 1: a distrust while a verify (or scrub) of the same
+    /// revision runs is not overwritten by the verify's clean result.
+    #[test]
+    fn a_verify_that_started_before_a_distrust_does_not_mark_it_verified() {
+        let f = fixture();
+        let meta = commit(&f, 7, &["manual:a"]);
+        let mut distrusted = false;
+        let verified = revisions::verify(&f.server, &f.job, &meta, &gate(), |_| {
+            if !distrusted {
+                revisions::distrust(&f.server, &f.job, &meta.id.to_string(), Apply::Yes).unwrap();
+                distrusted = true;
+            }
+            true
+        })
+        .unwrap();
+        assert!(distrusted);
+        assert!(verified.bad_blocks.is_empty());
+        assert_eq!(on_disk(&f, &meta.id).trust, Trust::Distrusted);
+        assert_eq!(verified.meta.trust, Trust::Distrusted);
+        // A verify that starts after the distrust may trust it again.
+        revisions::verify(&f.server, &f.job, &meta, &gate(), |_| true).unwrap();
+        assert_eq!(on_disk(&f, &meta.id).trust, Trust::Verified);
+    }
+
+    /// Issue 27, item 2: `tags` and `distrust` change only their field of
+    /// the record as on disk, not a copy the index held.
+    #[test]
+    fn tags_and_distrust_keep_what_another_change_wrote() {
+        let f = fixture();
+        let meta = commit(&f, 7, &["manual:a"]);
+        f.server.indexed(&f.job).unwrap();
+        write_behind(
+            &f,
+            &RevisionMeta {
+                trust: Trust::Distrusted,
+                ..meta.clone()
+            },
+        );
+        revisions::tags(
+            &f.server,
+            &f.job,
+            "0",
+            TagAction::Add,
+            &["manual:b".into()],
+            false,
+            Apply::Yes,
+        )
+        .unwrap();
+        let now = on_disk(&f, &meta.id);
+        assert_eq!(now.trust, Trust::Distrusted, "tags wrote back a stale trust");
+        assert_eq!(
+            Vec::from_iter(now.tags.iter().map(String::as_str)),
+            ["manual:a", "manual:b"]
+        );
+
+        let other = commit(&f, 8, &["manual:c"]);
+        f.server.indexed(&f.job).unwrap();
+        write_behind(
+            &f,
+            &RevisionMeta {
+                tags: ["manual:d".to_string()].into(),
+                ..other.clone()
+            },
+        );
+        revisions::distrust(&f.server, &f.job, &other.id.to_string(), Apply::Yes).unwrap();
+        let now = on_disk(&f, &other.id);
+        assert_eq!(now.trust, Trust::Distrusted);
+        assert_eq!(
+            Vec::from_iter(now.tags.iter().map(String::as_str)),
+            ["manual:d"],
+            "distrust wrote back stale tags"
+        );
+    }
+
+    /// Issue 27, item 3: a distrust of a revision that a forget (or
+    /// expiry) deleted meanwhile does not bring its `.rev` back.
+    #[test]
+    fn a_distrust_after_a_forget_does_not_bring_the_revision_back() {
+        let f = fixture();
+        let meta = commit(&f, 7, &["manual:a"]);
+        f.server.indexed(&f.job).unwrap();
+        // What a forget between the old distrust's read and write did.
+        for p in [
+            f.job.rev_path(&meta.id),
+            f.job.image_path(&meta.id),
+            f.job.digests_path(&meta.id),
+        ] {
+            std::fs::remove_file(p).unwrap();
+        }
+        let e = revisions::distrust(&f.server, &f.job, &meta.id.to_string(), Apply::Yes).unwrap_err();
+        assert_eq!(e.kind, ErrorKind::NotFound, "{}", e.message);
+        assert!(
+            !f.job.rev_path(&meta.id).exists(),
+            "a revision without data is listed again"
+        );
+    }
+
+    /// Issue 27, item 5: a deletion of several is journaled first: once
+    /// the journal is written, none of them is listed, and what a failure
+    /// left is completed by the next transaction.
+    #[test]
+    fn a_deletion_of_several_is_all_or_none() {
+        let f = fixture();
+        let revs: Vec<RevisionMeta> = (0..3).map(|i| commit(&f, i, &["manual:a"])).collect();
+        let ids: Vec<RevisionId> = revs.iter().map(|m| m.id).collect();
+        {
+            let txn = Txn::begin(&f.server, &f.job).unwrap();
+            // Journaled, but the files not yet removed (a crash or an error
+            // right after the commit point).
+            f.job.journal_deletions(txn.lock(), &ids).unwrap();
+        }
+        assert!(
+            f.job.revisions().unwrap().is_empty(),
+            "journaled revisions are listed"
+        );
+        assert!(f.job.rev_path(&ids[1]).exists());
+        let txn = Txn::begin(&f.server, &f.job).unwrap();
+        assert!(txn.revisions().is_empty());
+        for id in &ids {
+            assert!(!f.job.rev_path(id).exists() && !f.job.image_path(id).exists());
+        }
+        assert!(!f.job.has_leftovers());
+    }
+
+    /// A revision in use is refused by a deletion, which then changes
+    /// nothing.
+    #[test]
+    fn a_deletion_refuses_revisions_in_use_and_changes_nothing() {
+        let f = fixture();
+        let a = commit(&f, 1, &["manual:a"]);
+        let b = commit(&f, 2, &["manual:a"]);
+        let _reading = f.server.start_read(f.job.name(), b.id);
+        let mut txn = Txn::begin(&f.server, &f.job).unwrap();
+        let e = txn.delete(&[a.id, b.id]).unwrap_err();
+        assert_eq!(e.kind, ErrorKind::FailedPrecondition, "{}", e.message);
+        drop(txn);
+        assert_eq!(f.job.revisions().unwrap().len(), 2);
+    }
+
+    /// A commit never replaces a revision of the same id, and a push whose
+    /// parent was distrusted meanwhile commits nothing.
+    #[test]
+    fn a_commit_checks_its_id_and_parent_on_disk() {
+        let f = fixture();
+        let parent = commit(&f, 1, &["manual:a"]);
+        let manifest = f.job.manifest(&parent).unwrap();
+        let spec = NewRevisionSpec {
+            id: RevisionId::new_random(),
+            size: SIZE,
+            block_size: DEFAULT_BLOCK_SIZE,
+            tags: ["manual:a".to_string()].into(),
+            source: SourceInfo::default(),
+        };
+        let rev = NewRevision::create(
+            &f.job,
+            spec,
+            Some((&parent, manifest)),
+            StorageMode::Copy,
+            None,
+            gate(),
+        )
+        .unwrap();
+        let end = PushEnd {
+            stream_checksum: StreamChecksum::new().finish().to_vec(),
+            manifest_digest: f.job.manifest(&parent).unwrap().file_digest().to_vec(),
+        };
+        let sealed = rev.commit(&end).unwrap();
+        revisions::distrust(&f.server, &f.job, &parent.id.to_string(), Apply::Yes).unwrap();
+        let mut txn = Txn::begin(&f.server, &f.job).unwrap();
+        let e = sealed.publish(&mut txn).unwrap_err();
+        assert_eq!(e.kind, ErrorKind::FailedPrecondition, "{}", e.message);
+        assert!(e.message.contains("distrusted during the push"), "{}", e.message);
+        drop(txn);
+        assert_eq!(f.job.revisions().unwrap().len(), 1);
+        assert!(!f.job.has_leftovers(), "an unpublished revision left files");
+    }
+
+    /// One change to the job, for the model test.
+    #[derive(Clone, Debug)]
+    enum Op {
+        Commit(u8),
+        Tag(usize, u8),
+        Distrust(usize),
+        /// A verify of revision k; `true`: a distrust of it lands while
+        /// the verify runs.
+        Verify(usize, bool),
+        Forget(Vec<usize>),
+    }
+
+    fn op() -> impl proptest::strategy::Strategy<Value = Op> {
+        use proptest::prelude::*;
+        prop_oneof![
+            3 => any::<u8>().prop_map(Op::Commit),
+            2 => (0..8usize, 0..4u8).prop_map(|(k, t)| Op::Tag(k, t)),
+            1 => (0..8usize).prop_map(Op::Distrust),
+            2 => (0..8usize, any::<bool>()).prop_map(|(k, d)| Op::Verify(k, d)),
+            1 => proptest::collection::vec(0..8usize, 1..4).prop_map(Op::Forget),
+        ]
+    }
+
+    /// What the job should hold: (id, tags, trust), oldest first.
+    type Model = Vec<(RevisionId, BTreeSet<String>, Trust)>;
+
+    fn pick(model: &Model, k: usize) -> Option<RevisionId> {
+        (!model.is_empty()).then(|| model[k % model.len()].0)
+    }
+
+    fn apply(f: &Fixture, model: &mut Model, op: &Op) {
+        let spec_of = |id: &RevisionId| id.to_string();
+        match op {
+            Op::Commit(b) => {
+                // Never all zeros: a hole is not read by a verify, and the
+                // interleaved distrust rides on its reads.
+                let m = commit(f, (*b).max(1), &["manual:a"]);
+                model.push((m.id, m.tags, Trust::Trusted));
+            }
+            Op::Tag(k, t) => {
+                let Some(id) = pick(model, *k) else { return };
+                let tag = format!("manual:t{t}");
+                revisions::tags(
+                    &f.server,
+                    &f.job,
+                    &spec_of(&id),
+                    TagAction::Add,
+                    std::slice::from_ref(&tag),
+                    false,
+                    Apply::Yes,
+                )
+                .unwrap();
+                model.iter_mut().find(|r| r.0 == id).unwrap().1.insert(tag);
+            }
+            Op::Distrust(k) => {
+                let Some(id) = pick(model, *k) else { return };
+                revisions::distrust(&f.server, &f.job, &spec_of(&id), Apply::Yes).unwrap();
+                model.iter_mut().find(|r| r.0 == id).unwrap().2 = Trust::Distrusted;
+            }
+            Op::Verify(k, interleave) => {
+                let Some(id) = pick(model, *k) else { return };
+                let meta = f.job.meta(&id).unwrap();
+                let mut pending = *interleave;
+                revisions::verify(&f.server, &f.job, &meta, &gate(), |_| {
+                    if std::mem::take(&mut pending) {
+                        revisions::distrust(&f.server, &f.job, &spec_of(&id), Apply::Yes).unwrap();
+                    }
+                    true
+                })
+                .unwrap();
+                let r = model.iter_mut().find(|r| r.0 == id).unwrap();
+                // Clean data: verified, unless a distrust landed meanwhile.
+                r.2 = if *interleave {
+                    Trust::Distrusted
+                } else {
+                    Trust::Verified
+                };
+            }
+            Op::Forget(ks) => {
+                let ids: BTreeSet<RevisionId> = ks.iter().filter_map(|k| pick(model, *k)).collect();
+                if ids.is_empty() {
+                    return;
+                }
+                let mut txn = Txn::begin(&f.server, &f.job).unwrap();
+                txn.delete(&ids.iter().copied().collect::<Vec<_>>()).unwrap();
+                model.retain(|r| !ids.contains(&r.0));
+            }
+        }
+    }
+
+    fn check(f: &Fixture, model: &Model) {
+        let disk = f.job.revisions().unwrap();
+        let got: Model = disk.iter().map(|m| (m.id, m.tags.clone(), m.trust)).collect();
+        let mut want = model.clone();
+        want.sort_by_key(|r| disk.iter().position(|m| m.id == r.0));
+        assert_eq!(got, want, "disk differs from the model");
+        let indexed = f.server.indexed(&f.job).unwrap();
+        assert_eq!(indexed.revisions, disk, "the index differs from the disk");
+        for m in &disk {
+            assert!(
+                f.job.image_path(&m.id).exists() && f.job.manifest(m).is_ok(),
+                "{} lost its data",
+                m.id
+            );
+        }
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig { cases: 24, ..Default::default() })]
+        /// The job's transactions against a plain in-memory model: after
+        /// every change the disk holds what the model says, the index
+        /// equals the disk, and every listed revision has its data.
+        #[test]
+        fn transactions_agree_with_a_model(ops in proptest::collection::vec(op(), 1..24)) {
+            let f = fixture();
+            let mut model = Model::new();
+            for op in &ops {
+                apply(&f, &mut model, op);
+                check(&f, &model);
+            }
+        }
+    }
+
+    /// A tiny deterministic generator for the stress threads.
+    struct Rng(u64);
+
+    impl Rng {
+        fn below(&mut self, n: usize) -> usize {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            (self.0 % n.max(1) as u64) as usize
+        }
+    }
+
+    /// Issue 27: threads on one job push (full and incremental), copy,
+    /// tag, distrust, verify, forget and expire at random for
+    /// `BACKY_STRESS_SECS` (default 20). Afterwards every listed revision
+    /// has its data and verifies, no revision stands verified by a verify
+    /// that started before its last distrust, the index equals the disk.
+    #[test]
+    fn concurrent_changes_to_one_job_keep_it_consistent() {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        use std::sync::Mutex;
+        let secs: u64 = std::env::var("BACKY_STRESS_SECS")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(20);
+        let dir = tempfile::tempdir().unwrap();
+        let server = test_server(dir.path(), "  vm1: {schedule: daily}\n");
+        let job = server.job("vm1").unwrap();
+        job.ensure().unwrap();
+        let f = Fixture {
+            _dir: dir,
+            server: server.clone(),
+            job: job.clone(),
+        };
+        let seq = AtomicU64::new(0);
+        // Per revision: when its last distrust began; verifies that wrote
+        // `verified`, with when they began.
+        let distrusts: Mutex<std::collections::HashMap<RevisionId, u64>> = Default::default();
+        let verified: Mutex<Vec<(RevisionId, u64)>> = Default::default();
+        let counts: Mutex<std::collections::BTreeMap<&'static str, (u64, u64)>> = Default::default();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+        let daily = ["daily"];
+        std::thread::scope(|scope| {
+            for t in 0..4u64 {
+                let (f, seq, distrusts, verified, counts) = (&f, &seq, &distrusts, &verified, &counts);
+                scope.spawn(move || {
+                    let mut rng = Rng(0x9e37_79b9_7f4a_7c15 ^ (t + 1));
+                    while std::time::Instant::now() < deadline {
+                        let listed = f.job.revisions().unwrap();
+                        let some = (!listed.is_empty()).then(|| listed[rng.below(listed.len())].clone());
+                        let (name, result): (&str, Result<()>) = match rng.below(9) {
+                            0 | 1 => ("push", stress_push(f, &mut rng, false, &daily)),
+                            2 => ("copy", stress_push(f, &mut rng, true, &daily)),
+                            3 => match &some {
+                                Some(m) => ("tags", {
+                                    let tag = format!("manual:t{}", rng.below(3));
+                                    let action = if rng.below(2) == 0 {
+                                        TagAction::Add
+                                    } else {
+                                        TagAction::Remove
+                                    };
+                                    revisions::tags(
+                                        &f.server,
+                                        &f.job,
+                                        &m.id.to_string(),
+                                        action,
+                                        &[tag],
+                                        false,
+                                        Apply::Yes,
+                                    )
+                                    .map(|_| ())
+                                }),
+                                None => continue,
+                            },
+                            4 => match &some {
+                                Some(m) => ("distrust", {
+                                    let began = seq.fetch_add(1, Ordering::SeqCst);
+                                    let r =
+                                        revisions::distrust(&f.server, &f.job, &m.id.to_string(), Apply::Yes);
+                                    if r.is_ok() {
+                                        distrusts.lock().unwrap().insert(m.id, began);
+                                    }
+                                    r.map(|_| ())
+                                }),
+                                None => continue,
+                            },
+                            5 | 6 => match &some {
+                                Some(m) => ("verify", {
+                                    let began = seq.fetch_add(1, Ordering::SeqCst);
+                                    revisions::verify(&f.server, &f.job, m, &gate(), |_| true).map(|v| {
+                                        if v.meta.trust == Trust::Verified && v.bad_blocks.is_empty() {
+                                            verified.lock().unwrap().push((m.id, began));
+                                        }
+                                    })
+                                }),
+                                None => continue,
+                            },
+                            7 => match &some {
+                                Some(m) => (
+                                    "forget",
+                                    revisions::forget(&f.server, &f.job, &m.id.to_string(), Apply::Yes)
+                                        .map(|_| ()),
+                                ),
+                                None => continue,
+                            },
+                            _ => ("expiry", {
+                                crate::schedule::expire_all(&f.server);
+                                Ok(())
+                            }),
+                        };
+                        let mut c = counts.lock().unwrap();
+                        let e = c.entry(name).or_default();
+                        match result {
+                            Ok(()) => e.0 += 1,
+                            // What concurrency may answer: the slot or the
+                            // revision was taken meanwhile.
+                            Err(err)
+                                if matches!(
+                                    err.kind,
+                                    ErrorKind::Busy | ErrorKind::NotFound | ErrorKind::FailedPrecondition
+                                ) =>
+                            {
+                                e.1 += 1
+                            }
+                            Err(err) => panic!("{name}: {err:?}"),
+                        }
+                    }
+                });
+            }
+        });
+        eprintln!(
+            "stress ({secs} s): op: (done, refused) {:?}",
+            counts.lock().unwrap()
+        );
+        let disk = f.job.revisions().unwrap();
+        assert_eq!(
+            f.server.indexed(&f.job).unwrap().revisions,
+            disk,
+            "index differs from disk"
+        );
+        let distrusts = distrusts.lock().unwrap();
+        let verified = verified.lock().unwrap();
+        for m in &disk {
+            if m.trust == Trust::Verified {
+                if let Some(d) = distrusts.get(&m.id) {
+                    assert!(
+                        verified.iter().any(|(id, began)| *id == m.id && began > d),
+                        "{} stands verified though no verify began after its distrust",
+                        m.id
+                    );
+                }
+            }
+            let v = revisions::verify(&f.server, &f.job, m, &gate(), |_| true).unwrap();
+            assert!(v.bad_blocks.is_empty(), "{} does not verify", m.id);
+        }
+        assert!(!f.job.has_leftovers() || f.server.job_runtime(f.job.name()).push.is_none());
+        let total: u64 = counts.lock().unwrap().values().map(|c| c.0).sum();
+        assert!(total > 20, "the stress did almost nothing: {total} changes");
+    }
+
+    /// A push (or a replica's copy) of one block, full or on the newest
+    /// usable revision, through the slot and the two transactions.
+    fn stress_push(f: &Fixture, rng: &mut Rng, copy: bool, tags: &[&str]) -> Result<()> {
+        let id = RevisionId::new_random();
+        let running = f.server.try_start_push(f.job.name(), id)?;
+        let txn = Txn::begin(&f.server, &f.job)?;
+        txn.clean_leftovers(None)?;
+        let parent = if rng.below(3) == 0 {
+            None
+        } else {
+            crate::plan::choose_parent(txn.revisions()).cloned()
+        };
+        running.set_parent(parent.as_ref().map(|p| p.id));
+        drop(txn);
+        let parent = match &parent {
+            Some(m) => Some((m, f.job.manifest(m)?)),
+            None => None,
+        };
+        let spec = NewRevisionSpec {
+            id,
+            size: SIZE,
+            block_size: DEFAULT_BLOCK_SIZE,
+            tags: tags.iter().map(|t| t.to_string()).collect(),
+            source: SourceInfo::default(),
+        };
+        let mut rev = NewRevision::create(&f.job, spec, parent, StorageMode::Copy, None, gate())?;
+        let data = vec![1 + rng.below(255) as u8; SIZE as usize];
+        let mut sum = StreamChecksum::new();
+        rev.data(0, &data)?;
+        sum.data(0, &data);
+        let mut manifest = Manifest::zeroed(SIZE, DEFAULT_BLOCK_SIZE)?;
+        manifest.set(0, digest(&data))?;
+        let sealed = if copy {
+            rev.commit_copy(chrono::Utc::now(), &manifest.file_digest())?
+        } else {
+            rev.commit(&PushEnd {
+                stream_checksum: sum.finish().to_vec(),
+                manifest_digest: manifest.file_digest().to_vec(),
+            })?
+        };
+        crate::push::publish_and_expire(&f.server, &f.job, sealed, "stress.after-commit")?;
+        drop(running);
+        Ok(())
+    }
+}
