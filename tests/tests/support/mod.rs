@@ -15,9 +15,11 @@ pub const BLOCK: u64 = 4 * MIB;
 /// or an example as `examples/NAME`).
 /// `cargo test` does not build other packages' binaries, so each test
 /// process builds them once, with exactly the command `scripts/test.sh`
-/// uses first (`--workspace --bins --examples`): the same features, so nothing is
-/// rebuilt (building `-p NAME` alone unifies features differently and
-/// recompiles shared dependencies every time).
+/// uses first (`--workspace --bins --examples`, with fault injection): the
+/// same features, so nothing is rebuilt (building `-p NAME` alone unifies
+/// features differently and recompiles shared dependencies every time).
+/// Binaries from a build without fault injection (scripts/package.sh's)
+/// are replaced, or tests setting `BACKY_FAULT` would see it ignored.
 pub fn bin(name: &'static str) -> PathBuf {
     static BUILT: std::sync::OnceLock<()> = std::sync::OnceLock::new();
     let exe = std::env::current_exe().expect("test executable path");
@@ -31,6 +33,7 @@ pub fn bin(name: &'static str) -> PathBuf {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let mut cmd = Command::new(cargo);
         cmd.args(["build", "--quiet", "--workspace", "--bins", "--examples"]);
+        cmd.args(["--features", "backy-common/fault-injection"]);
         // The variables cargo sets for this test process (CARGO_PKG_NAME,
         // CARGO_MANIFEST_DIR, ...) would reach build scripts that watch
         // them (ring's) and make cargo rebuild half the tree.
