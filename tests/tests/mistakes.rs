@@ -507,3 +507,42 @@ fn client_side_failures_reach_the_server() {
     server.client_ok(&["push", "vm1", "--source", img.to_str().unwrap()]);
     assert_eq!(server.status_json("vm1")["jobs"][0]["failures"], 0);
 }
+
+/// Issue 27 item 10: the device guard looks at the target's canonical
+/// path: a relative name typed in /dev (or reached through a symlink to
+/// /dev) that does not exist is refused, and nothing is created.
+#[test]
+fn a_relative_target_in_dev_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("vm1.img");
+    make_image(&img, 8 * MIB, &[(0, MIB)]);
+    let server = Server::start(&dir.path().join("store"), "  vm1: {schedule: none}\n");
+    server.client_ok(&["push", "vm1", "--source", img.to_str().unwrap()]);
+    std::os::unix::fs::symlink("/dev", dir.path().join("devlink")).unwrap();
+
+    let name = format!("backy-test-{}", uuid::Uuid::new_v4().simple());
+    let via_link = format!("devlink/{name}");
+    for (cwd, target) in [
+        (Path::new("/dev"), name.as_str()),
+        (dir.path(), via_link.as_str()),
+    ] {
+        let out = Command::new(bin("backy-client"))
+            .current_dir(cwd)
+            .arg("--server")
+            .arg(&server.url)
+            .arg("--config")
+            .arg(&server.client_config)
+            .args(["restore", "vm1", target])
+            .stdin(std::process::Stdio::null())
+            .output()
+            .unwrap();
+        refused(&out, &format!("/dev/{name}"), "does not exist");
+        let leftovers: Vec<_> = std::fs::read_dir("/dev")
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.contains(&name))
+            .collect();
+        assert_eq!(leftovers, Vec::<String>::new(), "in {}: {target}", cwd.display());
+    }
+}
