@@ -18,7 +18,9 @@ if ! cargo deb --version >/dev/null 2>&1; then
   cargo install cargo-deb --locked --version "$cargo_deb_version" --quiet
 fi
 
-# The same command as scripts/test.sh, so nothing is rebuilt after it.
+# As scripts/test.sh builds, but without its fault-injection feature: only
+# backy-common and the crates above it are rebuilt, and the packaged
+# binaries ignore BACKY_FAULT.
 cargo build --release --workspace --bins --examples --quiet
 target=$(cargo metadata --no-deps --format-version 1 |
   python3 -c 'import json, sys; print(json.load(sys.stdin)["target_directory"])')

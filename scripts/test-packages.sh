@@ -168,8 +168,10 @@ chmod 0640 "$etc/server.yaml"
 as_backy=(setpriv --reuid=backy --regid=backy --init-groups)
 "${as_backy[@]}" /usr/bin/backy-server --config "$etc/server.yaml" check-config ||
   fail "check-config of the adapted example: $(cat "$etc/server.yaml")"
-# setpriv execs: $! is the server.
-"${as_backy[@]}" /usr/bin/backy-server --config "$etc/server.yaml" 2>"$tmp/server.log" &
+# setpriv execs: $! is the server. Packaged binaries have no fault
+# injection: a test build would announce protocol 0 here, and every client
+# command below would fail.
+BACKY_FAULT=mode:protocol-0 "${as_backy[@]}" /usr/bin/backy-server --config "$etc/server.yaml" 2>"$tmp/server.log" &
 server_pid=$!
 addr=
 for _ in $(seq 300); do
@@ -193,7 +195,9 @@ truncate -s 64M "$tmp/vm2.raw"
 dd if=/dev/urandom of="$tmp/vm2.raw" bs=1M count=3 seek=5 conv=notrunc status=none
 dd if=/dev/urandom of="$tmp/vm2.raw" bs=4k count=5 seek=10000 conv=notrunc status=none
 client=(/usr/bin/backy-client --config "$etc/client.yaml")
-"${client[@]}" push vm2 --force || fail "push vm2: $(tail -20 "$tmp/server.log")"
+# A test build would abort at this crash point once the server replied.
+BACKY_FAULT=client.replied "${client[@]}" push vm2 --force || fail "push vm2: $(tail -20 "$tmp/server.log")"
+! grep -q BACKY_FAULT "$tmp/server.log" || fail "the installed server acted on BACKY_FAULT: $(grep BACKY_FAULT "$tmp/server.log")"
 "${client[@]}" status vm2
 "${client[@]}" restore vm2 "$tmp/restored.raw" || fail "restore vm2: $(tail -20 "$tmp/server.log")"
 cmp "$tmp/vm2.raw" "$tmp/restored.raw" || fail "the restored image differs from the source"

@@ -36,10 +36,13 @@ BACKY_TEST_CEPH_CONF=$(scripts/ceph-up.sh "$ceph_dir" "$port")
 export BACKY_TEST_CEPH_CONF
 echo "ceph cluster up: $BACKY_TEST_CEPH_CONF"
 echo "== cargo test"
-# Release builds: the end-to-end tests move GiB-sized sparse images.
-cargo build --release --workspace --bins --examples --quiet
+# Release builds: the end-to-end tests move GiB-sized sparse images. With
+# fault injection (BACKY_FAULT), which packaged builds lack: both commands
+# name it, or cargo test would rebuild the binaries without it.
+features=(--features backy-common/fault-injection)
+cargo build --release --workspace --bins --examples --quiet "${features[@]}"
 set +e
-cargo test --release --workspace --no-fail-fast "$@" 2>&1 | tee target/test-output.txt
+cargo test --release --workspace --no-fail-fast "${features[@]}" "$@" 2>&1 | tee target/test-output.txt
 status=${PIPESTATUS[0]}
 set -e
 grep -E "^test result:" target/test-output.txt | awk '

@@ -1,22 +1,29 @@
 //! `push` of a Ceph RBD image: snapshot it (between the job's hooks), let
 //! Ceph say what changed since the parent's snapshot, and send exactly that.
+//! Every push ends with the new image's manifest (the end-to-end check):
+//! the parent's manifest from the server with the digests of the blocks
+//! that changed.
 //!
-//! * Incremental: `rbd export-diff --from-snap backy-<parent>` is parsed as
-//!   it arrives; its data records become data ranges, its zero records zero
-//!   ranges. Only changed bytes are read and sent. The server recomputes
-//!   the digests of the touched blocks itself.
-//! * Full (no parent, or its snapshot is gone): `rbd export-diff` of the
-//!   whole snapshot, which carries only the extents that exist in Ceph.
-//!   The extents are assembled into blocks, digested and compared with the
-//!   parent's manifest when there is one, so unchanged blocks stay shared
-//!   on the server and the client knows the whole new manifest.
+//! * Incremental: `rbd diff --from-snap backy-<parent>` (metadata only)
+//!   names the changed ranges; `rbd export-diff --from-snap … --whole-object`
+//!   brings every RADOS object that changed whole, so each block in it is
+//!   digested; of a changed block only the changed ranges are sent. Costs
+//!   over a plain diff: the parent's manifest (32 bytes a block) and
+//!   reading changed objects whole (at most one object per changed range
+//!   more than the changed bytes).
+//! * Full (no parent, or its snapshot is gone, or blocks that span RADOS
+//!   objects, or a resize whose edge blocks no changed object covers):
+//!   `rbd export-diff` of the whole snapshot, which carries only the
+//!   extents that exist in Ceph. The extents are assembled into blocks,
+//!   digested and compared with the parent's manifest when there is one,
+//!   so unchanged blocks stay shared on the server; with a parent
+//!   snapshot only its changed ranges are sent.
 //!
 //! Nothing is committed unless the diff stream ended with its end marker
 //! and `rbd` exited 0. After a commit the older `backy-*` snapshots go; a
 //! failed push removes the snapshot it made.
 
 use crate::connect::Client;
-use crate::frames::PushFrames;
 use crate::progress::Progress;
 use crate::push::{self, PushArgs, Pushed, FRAMES_IN_FLIGHT};
 use crate::scan::{Scanned, Scanner};
@@ -25,9 +32,10 @@ use crate::source::process::{describe, Running};
 use crate::source::rbd::{Rbd, SNAP_PREFIX};
 use crate::view::RevisionView;
 use backy_common::manifest::Manifest;
+use backy_common::ranges::Extent;
 use backy_common::rbd_diff::{DiffReader, Record};
 use backy_common::source::SourceSpec;
-use backy_common::{fault, Error, Result, RevisionId, MAX_FRAME_DATA};
+use backy_common::{fault, Error, Result, RevisionId};
 use backy_proto::push_frame::Frame;
 use backy_proto::{PlanReply, PushBegin, PushEnd, PushFrame};
 use std::io::BufReader;
@@ -44,8 +52,19 @@ const PIPE_BUFFER: usize = 1 << 20;
 pub struct Streamed {
     pub bytes_read: u64,
     pub bytes_sent: u64,
-    /// The full scan's results (full backups only).
-    pub scanned: Option<Scanned>,
+    /// The new manifest and the stream checksum.
+    pub scanned: Scanned,
+}
+
+/// Which diff a push reads.
+#[derive(Debug)]
+pub enum Diff {
+    /// Every extent of the snapshot, each block compared with the
+    /// baseline; `known`: Ceph's changes since the parent's snapshot, the
+    /// only bytes of a changed block that need to go.
+    Full { known: Option<Vec<Extent>> },
+    /// The objects changed since snapshot `from`, whole; `known` as above.
+    Incremental { from: String, known: Vec<Extent> },
 }
 
 /// Runs a push of a ceph-rbd source for a due plan.
@@ -155,14 +174,22 @@ async fn push_snapshot(
         }
     })
     .await?;
-    let baseline = match &from {
-        Some(_) => None,
-        None => Some(push::baseline(client, job, plan, size).await?),
-    };
+    let baseline = push::baseline(client, job, plan, size).await?;
+    let (baseline, diff) = blocking({
+        let (rbd, snap) = (rbd.clone(), snap.to_string());
+        move || {
+            let diff = choose_diff(&rbd, from, &snap, &baseline)?;
+            Ok((baseline, diff))
+        }
+    })
+    .await?;
     tracing::info!(
         job,
         snapshot = %rbd.snap_spec(snap),
-        from = from.as_deref().unwrap_or("(full)"),
+        from = match &diff {
+            Diff::Incremental { from, .. } => from.as_str(),
+            Diff::Full { .. } => "(full)",
+        },
         size,
         "reading rbd snapshot"
     );
@@ -202,9 +229,7 @@ async fn push_snapshot(
             fault::point("client.frame");
             sent
         };
-        let streamed = export(&rbd, from.as_deref(), &snap, size, baseline, send, |pos| {
-            reader_bar.set(pos)
-        })?;
+        let streamed = export(&rbd, &diff, &snap, baseline, send, |pos| reader_bar.set(pos))?;
         Ok(streamed)
     });
     let rpc = client.push(crate::frames::with_keepalive(rx));
@@ -221,9 +246,7 @@ async fn push_snapshot(
     let revision = reply
         .revision
         .ok_or_else(|| Error::internal("server reply names no revision"))?;
-    if let Some(scanned) = &streamed.scanned {
-        push::check_committed(&revision, scanned)?;
-    }
+    push::check_committed(&revision, &streamed.scanned)?;
     Ok(Pushed {
         job: job.to_string(),
         revision: RevisionView::from(&revision),
@@ -253,31 +276,74 @@ fn parent_snapshot(rbd: &Rbd, plan: &PlanReply) -> Result<Option<String>> {
     }
 }
 
+/// The diff to read for snapshot `snap`: from the parent's snapshot
+/// `from` when the whole objects it brings hold every block whose digest
+/// changes. `baseline` is the parent's manifest resized to the snapshot.
+fn choose_diff(rbd: &Rbd, from: Option<String>, snap: &str, baseline: &Manifest) -> Result<Diff> {
+    let Some(from) = from else {
+        return Ok(Diff::Full { known: None });
+    };
+    let known = rbd.changed_extents(&from, snap)?;
+    let bs = baseline.block_size() as u64;
+    if !rbd.objects_hold_whole_blocks(snap, bs)? {
+        tracing::warn!(
+            snapshot = %rbd.snap_spec(snap),
+            "blocks of {bs} bytes span RADOS objects (larger blocks than objects, or striping): reading the whole snapshot"
+        );
+        return Ok(Diff::Full { known: Some(known) });
+    }
+    // A resize changes the length of the old last block (and makes a new
+    // partial one): unless it was zeros, its digest needs bytes that only a
+    // changed object there would bring.
+    let parent_size = rbd.size(Some(&from))?;
+    let edge = baseline
+        .resize_touched(parent_size)
+        .into_iter()
+        .find(|&b| !baseline.is_zero(b) && !known.iter().any(|e| touches(e, b, bs)));
+    if let Some(b) = edge {
+        tracing::info!(
+            snapshot = %rbd.snap_spec(snap),
+            "resized from {parent_size} bytes and block {b} unchanged in Ceph: reading the whole snapshot"
+        );
+        return Ok(Diff::Full { known: Some(known) });
+    }
+    Ok(Diff::Incremental { from, known })
+}
+
+/// Whether extent `e` touches block `b` of `bs` bytes.
+fn touches(e: &Extent, b: u64, bs: u64) -> bool {
+    e.len > 0 && e.offset / bs <= b && b <= (e.end() - 1) / bs
+}
+
 /// Runs `rbd export-diff`, streams its records as frames, checks that the
 /// stream was complete and `rbd` exited 0, then sends the end frame.
-/// `baseline` given: a full backup compared block by block against it.
+/// `baseline`: the parent's manifest resized to the snapshot (zeros
+/// without a parent), which the blocks read are compared with.
 pub fn export(
     rbd: &Rbd,
-    from: Option<&str>,
+    diff: &Diff,
     snap: &str,
-    size: u64,
-    baseline: Option<Manifest>,
+    baseline: Manifest,
     mut send: impl FnMut(Frame) -> Result<()>,
     progress: impl FnMut(u64),
 ) -> Result<Streamed> {
+    let (from, size) = match diff {
+        Diff::Incremental { from, .. } => (Some(from.as_str()), baseline.image_size()),
+        Diff::Full { .. } => (None, baseline.image_size()),
+    };
     let mut running = rbd.export_diff(from, snap)?;
     let stdout = running
         .child
         .stdout
         .take()
         .ok_or_else(|| Error::internal("rbd export-diff has no stdout"))?;
-    let mut diff = DiffReader::new(BufReader::with_capacity(PIPE_BUFFER, stdout));
-    let parsed = read_header(&mut diff, from, snap, size).and_then(|()| match baseline {
-        None => incremental(&mut diff, &mut send, progress),
-        Some(baseline) => full(&mut diff, baseline, &mut send, progress),
+    let mut reader = DiffReader::new(BufReader::with_capacity(PIPE_BUFFER, stdout));
+    let parsed = read_header(&mut reader, from, snap, size).and_then(|()| match diff {
+        Diff::Full { known } => full(&mut reader, baseline, known.clone(), &mut send, progress),
+        Diff::Incremental { known, .. } => incremental(&mut reader, baseline, known, &mut send, progress),
     });
     // Closing the pipe stops an `rbd` we no longer listen to.
-    drop(diff);
+    drop(reader);
     let status = running.wait(EXIT_TIMEOUT)?;
     let (streamed, checksum) = match parsed {
         Err(e) if e.reason == backy_common::Reason::StreamClosed => return Err(e),
@@ -292,14 +358,9 @@ pub fn export(
         }
     }
     fault::point("client.before-end");
-    let manifest_digest = streamed
-        .scanned
-        .as_ref()
-        .map(|s| s.manifest.file_digest().to_vec())
-        .unwrap_or_default();
     send(Frame::End(PushEnd {
         stream_checksum: checksum.to_vec(),
-        manifest_digest,
+        manifest_digest: streamed.scanned.manifest.file_digest().to_vec(),
     }))?;
     Ok(streamed)
 }
@@ -367,56 +428,118 @@ fn read_header<R: std::io::Read>(
     Ok(())
 }
 
-/// Incremental: records straight to frames. Ceph reports an object new
-/// since the parent snapshot from its start to its last written byte, so
-/// all-zero pages inside data records go as zero ranges, not as data.
+/// Incremental: whole changed objects (ascending, as `rbd` sends them)
+/// assembled into blocks, each digested and compared with `baseline`; the
+/// blocks no record touches keep the parent's digests. Every block `known`
+/// touches must have come whole, or the manifest would be the parent's
+/// where Ceph says the image changed.
 fn incremental<R: std::io::Read>(
     diff: &mut DiffReader<R>,
+    baseline: Manifest,
+    known: &[Extent],
     send: &mut impl FnMut(Frame) -> Result<()>,
     mut progress: impl FnMut(u64),
 ) -> Result<(Streamed, [u8; 32])> {
-    let mut out = PushFrames::new(send);
+    let size = baseline.image_size();
+    let bs = baseline.block_size() as u64;
+    let mut scanner = Scanner::new(baseline, send)
+        .with_known_changes(known.to_vec())
+        .with_zero_granule(PAGE as u64);
+    let mut buf = vec![0u8; bs as usize];
+    // The block being assembled and how many of its bytes have come.
+    let mut open: Option<(u64, u64)> = None;
+    let mut visited: Vec<u64> = Vec::new();
     let mut bytes_read = 0u64;
-    let mut buf = vec![0u8; MAX_FRAME_DATA];
     loop {
-        match diff.next_record()? {
-            Some(Record::Data { offset, .. }) => {
-                let mut at = offset;
-                loop {
-                    let n = diff.read_data(&mut buf)?;
-                    if n == 0 {
-                        break;
-                    }
-                    bytes_read += n as u64;
-                    out.data(at, &buf[..n], PAGE as u64)?;
-                    at += n as u64;
-                    progress(at);
-                }
-            }
-            Some(Record::Zero { offset, len }) => {
-                out.zero(offset, len)?;
-                progress(offset + len);
-            }
-            Some(Record::End) => {
-                let (checksum, bytes_sent) = out.finish()?;
-                let streamed = Streamed {
-                    bytes_read,
-                    bytes_sent,
-                    scanned: None,
-                };
-                return Ok((streamed, checksum));
-            }
+        let (offset, len, data) = match diff.next_record()? {
+            Some(Record::Data { offset, len }) => (offset, len, true),
+            Some(Record::Zero { offset, len }) => (offset, len, false),
+            Some(Record::End) => break,
             Some(other) => {
                 return Err(Error::data_loss(format!(
                     "rbd diff: unexpected {other:?} record among the extents"
                 )))
             }
             None => return Err(Error::data_loss("rbd diff: stream ended without end marker")),
+        };
+        let end = offset.checked_add(len).filter(|&e| e <= size).ok_or_else(|| {
+            Error::data_loss(format!(
+                "rbd diff: extent at {offset} of {len} bytes beyond the image"
+            ))
+        })?;
+        let mut at = offset;
+        while at < end {
+            let index = at / bs;
+            let within = at - index * bs;
+            let block_len = scanner.manifest().block_len(index);
+            let n = (end - at).min(block_len - within);
+            if open.is_none() && visited.last().is_some_and(|&v| v >= index) {
+                return Err(Error::data_loss(format!(
+                    "rbd diff: the extent at {at} comes after later ones (records out of order)"
+                )));
+            }
+            match open {
+                Some((i, filled)) if i == index && filled == within => {}
+                None if within == 0 => {}
+                _ => {
+                    return Err(Error::data_loss(format!(
+                        "rbd diff: whole-object records leave block {} partly covered",
+                        open.map_or(index, |(i, _)| i)
+                    )))
+                }
+            }
+            if !data && within == 0 && n == block_len {
+                scanner.hole(index)?;
+                open = None;
+            } else {
+                let part = &mut buf[within as usize..(within + n) as usize];
+                if data {
+                    let got = diff.read_data(part)?;
+                    if got as u64 != n {
+                        return Err(Error::internal(format!("rbd diff: read {got} of {n} bytes")));
+                    }
+                    bytes_read += n;
+                } else {
+                    part.fill(0);
+                }
+                if within + n < block_len {
+                    open = Some((index, within + n));
+                } else {
+                    scanner.block(index, &buf[..block_len as usize])?;
+                    open = None;
+                }
+            }
+            if open.is_none() {
+                visited.push(index);
+                progress(index * bs + block_len);
+            }
+            at += n;
         }
     }
+    if let Some((i, _)) = open {
+        return Err(Error::data_loss(format!(
+            "rbd diff: whole-object records leave block {i} partly covered"
+        )));
+    }
+    for e in known.iter().filter(|e| e.len > 0 && e.offset < size) {
+        let last = (e.end().min(size) - 1) / bs;
+        if let Some(b) = (e.offset / bs..=last).find(|b| visited.binary_search(b).is_err()) {
+            return Err(Error::data_loss(format!(
+                "rbd diff: block {b} changed, but the whole-object diff does not carry it"
+            )));
+        }
+    }
+    let scanned = scanner.finish()?;
+    let checksum = scanned.checksum;
+    let streamed = Streamed {
+        bytes_read,
+        bytes_sent: scanned.bytes_sent,
+        scanned,
+    };
+    Ok((streamed, checksum))
 }
 
-/// Granularity of zero detection in incremental diffs.
+/// Granularity of zero detection in the changed ranges sent.
 const PAGE: usize = 4096;
 
 /// Full: the extents that exist, assembled into blocks (everything else
@@ -424,16 +547,24 @@ const PAGE: usize = 4096;
 fn full<R: std::io::Read>(
     diff: &mut DiffReader<R>,
     baseline: Manifest,
+    known: Option<Vec<Extent>>,
     send: &mut impl FnMut(Frame) -> Result<()>,
     progress: impl FnMut(u64),
 ) -> Result<(Streamed, [u8; 32])> {
+    let (block_size, count) = (baseline.block_size() as u64, baseline.block_count());
+    let scanner = match known {
+        Some(known) => Scanner::new(baseline, send)
+            .with_known_changes(known)
+            .with_zero_granule(PAGE as u64),
+        None => Scanner::new(baseline, send),
+    };
     let mut blocks = Blocks {
-        block_size: baseline.block_size() as u64,
-        count: baseline.block_count(),
-        buf: vec![0u8; baseline.block_size() as usize],
+        block_size,
+        count,
+        buf: vec![0u8; block_size as usize],
         current: 0,
         filled: false,
-        scanner: Scanner::new(baseline, send),
+        scanner,
         progress,
     };
     let mut bytes_read = 0u64;
@@ -471,7 +602,7 @@ fn full<R: std::io::Read>(
                 let streamed = Streamed {
                     bytes_read,
                     bytes_sent: scanned.bytes_sent,
-                    scanned: Some(scanned),
+                    scanned,
                 };
                 return Ok((streamed, checksum));
             }
@@ -577,39 +708,104 @@ mod tests {
         assert_eq!(c.finish(), checksum);
     }
 
-    #[test]
-    fn incremental_sends_data_and_zero_ranges() {
-        let size = 4 * BS as u64;
-        let mut data = vec![0u8; 3 * PAGE];
-        data[PAGE + 5] = 9; // only the middle page holds data
-        let writes = vec![(1000, data.clone()), (size - 3, vec![1, 2, 3])];
-        let zeros = vec![(2 * BS as u64, BS as u64)];
-        let raw = stream(size, &writes, &zeros);
-        let mut diff = DiffReader::new(&raw[..]);
-        read_header(&mut diff, Some("backy-a"), "backy-b", size).unwrap();
+    /// The manifest of a whole image.
+    fn manifest_of(image: &[u8]) -> Manifest {
+        let mut m = Manifest::zeroed(image.len() as u64, BS).unwrap();
+        for (b, block) in image.chunks(BS as usize).enumerate() {
+            m.set(b as u64, digest(block)).unwrap();
+        }
+        m
+    }
+
+    fn run_incremental(
+        raw: &[u8],
+        parent: Manifest,
+        known: &[Extent],
+    ) -> Result<(Streamed, [u8; 32], Vec<Frame>)> {
+        let size = parent.image_size();
+        let mut diff = DiffReader::new(raw);
+        read_header(&mut diff, Some("backy-a"), "backy-b", size)?;
         let mut frames = Vec::new();
         let (streamed, checksum) = incremental(
             &mut diff,
+            parent,
+            known,
             &mut |f| {
                 frames.push(f);
                 Ok(())
             },
             |_| {},
-        )
-        .unwrap();
-        assert_eq!(streamed.bytes_read, 3 * PAGE as u64 + 3);
-        assert_eq!(
-            streamed.bytes_sent,
-            PAGE as u64 + 3,
-            "zero pages are not sent as data"
+        )?;
+        Ok((streamed, checksum, frames))
+    }
+
+    #[test]
+    fn incremental_digests_whole_objects_and_sends_the_changes() {
+        let bs = BS as usize;
+        let size = 4 * BS as u64 + 100;
+        let parent = vec![7u8; size as usize];
+        let mut now = parent.clone();
+        now[bs + 1000..bs + 1010].fill(9);
+        now[2 * bs + 5..2 * bs + 8].copy_from_slice(&[1, 2, 3]);
+        now[4 * bs..].fill(0);
+        // Objects of one block: 1 and 2 changed, the last (100 bytes)
+        // discarded.
+        let raw = stream(
+            size,
+            &[
+                (BS as u64, now[bs..2 * bs].to_vec()),
+                (2 * BS as u64, now[2 * bs..3 * bs].to_vec()),
+            ],
+            &[(4 * BS as u64, 100)],
         );
-        let mut image = vec![7u8; size as usize];
-        let mut want = image.clone();
+        let known = [
+            Extent {
+                offset: BS as u64 + 1000,
+                len: 10,
+            },
+            Extent {
+                offset: 2 * BS as u64 + 5,
+                len: 3,
+            },
+            Extent {
+                offset: 4 * BS as u64,
+                len: 10,
+            },
+        ];
+        let (streamed, checksum, frames) = run_incremental(&raw, manifest_of(&parent), &known).unwrap();
+        assert_eq!(streamed.bytes_read, 2 * BS as u64);
+        assert_eq!(streamed.bytes_sent, 13, "only the changed bytes go");
+        assert_eq!(streamed.scanned.manifest, manifest_of(&now));
+        let mut image = parent.clone();
         apply(&mut image, &frames, checksum);
-        want[1000..1000 + data.len()].copy_from_slice(&data);
-        want[size as usize - 3..].copy_from_slice(&[1, 2, 3]);
-        want[2 * BS as usize..3 * BS as usize].fill(0);
-        assert!(image == want);
+        assert!(image == now);
+
+        // A changed block the whole-object diff does not bring, or brings
+        // in part, is refused: its digest would be the parent's.
+        let mut more = known.to_vec();
+        more.push(Extent {
+            offset: 3 * BS as u64 + 5,
+            len: 1,
+        });
+        let e = run_incremental(&raw, manifest_of(&parent), &more).err().unwrap();
+        assert_eq!(e.kind, ErrorKind::DataLoss);
+        assert!(e.message.contains("block 3 changed"), "{}", e.message);
+        // Records out of order are refused too.
+        let disorder = stream(
+            size,
+            &[(2 * BS as u64, now[2 * bs..3 * bs].to_vec())],
+            &[(0, BS as u64)],
+        );
+        let e = run_incremental(&disorder, manifest_of(&parent), &[])
+            .err()
+            .unwrap();
+        assert_eq!(e.kind, ErrorKind::DataLoss);
+        assert!(e.message.contains("out of order"), "{}", e.message);
+        let partial = stream(size, &[(BS as u64, vec![9u8; 100])], &[]);
+        let e = run_incremental(&partial, manifest_of(&parent), &[])
+            .err()
+            .unwrap();
+        assert!(e.message.contains("block 1 partly covered"), "{}", e.message);
     }
 
     #[test]
@@ -632,6 +828,7 @@ mod tests {
         let (streamed, checksum) = full(
             &mut diff,
             parent,
+            None,
             &mut |f| {
                 frames.push(f);
                 Ok(())
@@ -651,7 +848,7 @@ mod tests {
         want[3 * BS as usize - 10..3 * BS as usize + 10].fill(8);
         want[size as usize - 1] = 1;
         assert!(image == want);
-        let scanned = streamed.scanned.unwrap();
+        let scanned = streamed.scanned;
         for b in 0..5 {
             let o = b * BS as usize;
             let end = (o + BS as usize).min(size as usize);
@@ -676,10 +873,11 @@ mod tests {
                         frames += 1;
                         Ok(())
                     };
+                    let zeros = Manifest::zeroed(size, BS).unwrap();
                     if is_full {
-                        full(&mut diff, Manifest::zeroed(size, BS).unwrap(), send, |_| {}).map(drop)
+                        full(&mut diff, zeros, None, send, |_| {}).map(drop)
                     } else {
-                        incremental(&mut diff, send, |_| {}).map(drop)
+                        incremental(&mut diff, zeros, &[], send, |_| {}).map(drop)
                     }
                 });
                 let e = r.unwrap_err();

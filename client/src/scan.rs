@@ -57,6 +57,8 @@ pub struct Scanner<E> {
     /// The granule exchange, when the server speaks it and there is a
     /// parent to compare with.
     exchange: Option<Exchange>,
+    /// Aligned all-zero runs of this size in sent data go as zero ranges.
+    zero_granule: u64,
 }
 
 /// The server's answers to granule digests, in the order asked: with
@@ -97,7 +99,15 @@ impl<E: FnMut(Frame) -> Result<()>> Scanner<E> {
             known: None,
             known_next: 0,
             exchange: None,
+            zero_granule: ZERO_GRANULE,
         }
+    }
+
+    /// Detects zeros in sent data at `granule` bytes (a power of two)
+    /// instead of [`ZERO_GRANULE`]: finer for small scattered changes.
+    pub fn with_zero_granule(mut self, granule: u64) -> Self {
+        self.zero_granule = granule;
+        self
     }
 
     /// Sends changed blocks through the granule exchange (ignored for
@@ -327,7 +337,7 @@ impl<E: FnMut(Frame) -> Result<()>> Scanner<E> {
     /// keep the server's writes and holes in pieces of at least 64 KiB, so
     /// revisions do not fragment into page-sized extents.
     fn data(&mut self, offset: u64, data: &[u8]) -> Result<()> {
-        self.frames.data(offset, data, ZERO_GRANULE)
+        self.frames.data(offset, data, self.zero_granule)
     }
 }
 

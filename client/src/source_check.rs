@@ -183,10 +183,9 @@ fn compare_rbd_snapshot(
     // the blocks that differ from it.
     let streamed = crate::rbd_push::export(
         &rbd,
-        None,
+        &crate::rbd_push::Diff::Full { known: None },
         &snap,
-        size,
-        Some(manifest.clone()),
+        manifest.clone(),
         |frame| {
             match frame {
                 Frame::Data(d) => note(d.offset, d.data.len() as u64),

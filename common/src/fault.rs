@@ -4,16 +4,24 @@
 //! `BACKY_FAULT=error:name[@N]` makes the error point `name` fail instead
 //! (an I/O error that late in an operation). Unset, each point costs one
 //! relaxed atomic load.
+//!
+//! Only with the cargo feature `fault-injection` (the test build of
+//! scripts/test.sh turns it on): without it every point is empty and the
+//! environment is never read, so a packaged binary ignores `BACKY_FAULT`.
 
+#[cfg(feature = "fault-injection")]
 use std::sync::atomic::{AtomicU64, Ordering};
+#[cfg(feature = "fault-injection")]
 use std::sync::OnceLock;
 
+#[cfg(feature = "fault-injection")]
 struct Fault {
     point: String,
     nth: u64,
     hits: AtomicU64,
 }
 
+#[cfg(feature = "fault-injection")]
 fn configured() -> Option<&'static Fault> {
     static FAULT: OnceLock<Option<Fault>> = OnceLock::new();
     FAULT
@@ -33,6 +41,7 @@ fn configured() -> Option<&'static Fault> {
 }
 
 /// A named error point: `Err` when `BACKY_FAULT=error:name` selects it.
+#[cfg(feature = "fault-injection")]
 pub fn fail(name: &str) -> crate::Result<()> {
     if let Some(f) = configured() {
         if f.point.strip_prefix("error:") == Some(name) && f.hits.fetch_add(1, Ordering::SeqCst) + 1 == f.nth
@@ -45,11 +54,13 @@ pub fn fail(name: &str) -> crate::Result<()> {
 }
 
 /// A behaviour tests switch on with `BACKY_FAULT=mode:name`.
+#[cfg(feature = "fault-injection")]
 pub fn mode(name: &str) -> bool {
     configured().is_some_and(|f| f.point.strip_prefix("mode:") == Some(name))
 }
 
 /// A named crash point.
+#[cfg(feature = "fault-injection")]
 pub fn point(name: &str) {
     if let Some(f) = configured() {
         if f.point == name && f.hits.fetch_add(1, Ordering::SeqCst) + 1 == f.nth {
@@ -58,3 +69,19 @@ pub fn point(name: &str) {
         }
     }
 }
+
+#[cfg(not(feature = "fault-injection"))]
+#[inline(always)]
+pub fn fail(_name: &str) -> crate::Result<()> {
+    Ok(())
+}
+
+#[cfg(not(feature = "fault-injection"))]
+#[inline(always)]
+pub fn mode(_name: &str) -> bool {
+    false
+}
+
+#[cfg(not(feature = "fault-injection"))]
+#[inline(always)]
+pub fn point(_name: &str) {}

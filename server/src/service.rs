@@ -259,6 +259,12 @@ impl Service {
             return Err(p);
         }
         let (meta, expired) = result.map_err(to_status)?;
+        // Tests: the reply lost after the commit, as a broken connection would.
+        if backy_common::fault::mode("lose-reply") {
+            return Err(Status::unavailable(
+                "BACKY_FAULT: the reply to a committed push is lost",
+            ));
+        }
         Ok(PushReply {
             revision: Some(RevisionInfo::from(&meta)),
             expired: expired.iter().map(|id| id.uuid().to_string()).collect(),
@@ -724,6 +730,18 @@ impl Backy for Service {
             audit::Outcome::Done(&clip(&req.error)),
         );
         let rev: Option<backy_common::RevisionId> = req.rev_id.parse().ok();
+        // The client failed after the commit (its reply was lost): the
+        // backup exists, and counting it would warn and back off for nothing.
+        if let Some(id) = rev.filter(|id| job.rev_path(id).exists()) {
+            tracing::info!(
+                job = %job.name(), rev = %id,
+                "ignoring the client's failure report: revision {} is committed ({})",
+                id.short(),
+                clip(&req.error)
+            );
+            let failures = self.server.job_runtime(job.name()).failures;
+            return Ok(Response::new(FailureReply { failures }));
+        }
         let failures = self.server.record_client_failure(job.name(), rev, &req.error);
         tracing::warn!(job = %job.name(), failures, "push failed on the client: {}", clip(&req.error));
         Ok(Response::new(FailureReply { failures }))

@@ -107,8 +107,56 @@ fn sequence() -> impl Strategy<Value = Vec<F>> {
         })
 }
 
+/// A range written since the last begin frame: data (0x5a) or zeros.
+struct Written {
+    offset: u64,
+    len: u64,
+    data: bool,
+}
+
+/// The manifest digest of an image of `size` bytes that was zeros before
+/// `written`, so that sequences the server accepts commit (a wrong one
+/// where no manifest of that size exists: refused anyway).
+fn manifest_digest(size: u64, written: &[Written]) -> Vec<u8> {
+    use backy_common::manifest::{digest, Manifest};
+    let Ok(mut m) = Manifest::zeroed(size, 4 << 20) else {
+        return vec![1; 32];
+    };
+    let bs = 4u64 << 20;
+    let end_of = |w: &Written| w.offset.saturating_add(w.len).min(size);
+    // Blocks inside a zero range and untouched by data stay zeros.
+    let mut blocks: Vec<u64> = written
+        .iter()
+        .filter(|w| w.offset < size && w.len > 0)
+        .flat_map(|w| {
+            let (first, last) = (w.offset / bs, (end_of(w) - 1) / bs);
+            if w.data {
+                (first..=last).collect::<Vec<_>>()
+            } else {
+                vec![first, last]
+            }
+        })
+        .collect();
+    blocks.sort_unstable();
+    blocks.dedup();
+    for b in blocks {
+        let (start, len) = (m.block_offset(b), m.block_len(b));
+        let mut buf = vec![0u8; len as usize];
+        for w in written.iter().filter(|w| w.offset < size) {
+            let (from, to) = (w.offset.max(start), end_of(w).min(start + len));
+            if from < to {
+                buf[(from - start) as usize..(to - start) as usize].fill(if w.data { 0x5a } else { 0 });
+            }
+        }
+        m.set(b, digest(&buf)).unwrap();
+    }
+    m.file_digest().to_vec()
+}
+
 fn encode(frames: &[F]) -> Vec<PushFrame> {
     let mut sum = StreamChecksum::new();
+    let mut image_size = 0;
+    let mut written = Vec::new();
     let jobs = ["vm1", "vm2", "../vm1", "nope"];
     frames
         .iter()
@@ -119,25 +167,34 @@ fn encode(frames: &[F]) -> Vec<PushFrame> {
                     size,
                     block_ok,
                     parent,
-                } => Some(Frame::Begin(PushBegin {
-                    job: jobs[*job as usize % jobs.len()].into(),
-                    rev_id: uuid::Uuid::new_v4().to_string(),
-                    parent_id: if *parent {
-                        uuid::Uuid::new_v4().to_string()
-                    } else {
-                        String::new()
-                    },
-                    size: *size,
-                    block_size: if *block_ok { 4 << 20 } else { 4096 },
-                    tags: vec![],
-                    source_kind: SourceKind::File as i32,
-                    source_snapshot: String::new(),
-                    force: true,
-                    ..PushBegin::default()
+                } => Some(Frame::Begin({
+                    image_size = *size;
+                    written.clear();
+                    PushBegin {
+                        job: jobs[*job as usize % jobs.len()].into(),
+                        rev_id: uuid::Uuid::new_v4().to_string(),
+                        parent_id: if *parent {
+                            uuid::Uuid::new_v4().to_string()
+                        } else {
+                            String::new()
+                        },
+                        size: *size,
+                        block_size: if *block_ok { 4 << 20 } else { 4096 },
+                        tags: vec![],
+                        source_kind: SourceKind::File as i32,
+                        source_snapshot: String::new(),
+                        force: true,
+                        ..PushBegin::default()
+                    }
                 })),
                 F::Data { offset, len } => {
                     let data = vec![0x5a; *len];
                     sum.data(*offset, &data);
+                    written.push(Written {
+                        offset: *offset,
+                        len: *len as u64,
+                        data: true,
+                    });
                     Some(Frame::Data(DataRange {
                         offset: *offset,
                         data,
@@ -145,6 +202,11 @@ fn encode(frames: &[F]) -> Vec<PushFrame> {
                 }
                 F::Zero { offset, len } => {
                     sum.zero(*offset, *len);
+                    written.push(Written {
+                        offset: *offset,
+                        len: *len,
+                        data: false,
+                    });
                     Some(Frame::Zero(ZeroRange {
                         offset: *offset,
                         length: *len,
@@ -157,7 +219,7 @@ fn encode(frames: &[F]) -> Vec<PushFrame> {
                     }
                     Some(Frame::End(PushEnd {
                         stream_checksum: c,
-                        manifest_digest: vec![],
+                        manifest_digest: manifest_digest(image_size, &written),
                     }))
                 }
                 F::Keepalive => Some(Frame::Keepalive(PushKeepalive {})),

@@ -35,10 +35,10 @@ fn data(offset: u64, len: usize) -> Frame {
     })
 }
 
-fn end(checksum: [u8; 32]) -> Frame {
+fn end(checksum: [u8; 32], manifest_digest: Vec<u8>) -> Frame {
     Frame::End(PushEnd {
         stream_checksum: checksum.to_vec(),
-        manifest_digest: vec![],
+        manifest_digest,
     })
 }
 
@@ -100,13 +100,15 @@ async fn hostile_pushes_are_refused_and_change_nothing() {
 
     // One good revision first, so "nothing changed" covers committed data.
     let good = vec![data(0, 1 << 20)];
+    let good_manifest = manifest_digest_after(None, SIZE, 4 << 20, &[(0, &vec![7u8; 1 << 20][..])]);
     let mut frames = vec![begin("vm1", SIZE)];
     frames.extend(good.clone());
-    frames.push(end(checksum_of(&good)));
+    frames.push(end(checksum_of(&good), good_manifest));
     push(&url, frames).await.expect("a well-formed push succeeds");
     let before = server.snapshot_tree();
 
-    let ok_end = |fs: &[Frame]| end(checksum_of(fs));
+    // Refused before the commit: any manifest digest will do.
+    let ok_end = |fs: &[Frame]| end(checksum_of(fs), vec![1; 32]);
     let cases: Vec<(&str, Vec<Frame>, Code, &str)> = vec![
         (
             "job escaping base-dir",
@@ -283,6 +285,23 @@ async fn hostile_pushes_are_refused_and_change_nothing() {
         );
         assert_eq!(server.snapshot_tree(), before, "{what}: stored state changed");
     }
+
+    // Issue 27 item 11: a push whose end frame lacks the manifest digest
+    // (no end-to-end check possible) commits nothing.
+    let mut frames = vec![begin("vm1", SIZE)];
+    frames.extend(good.clone());
+    frames.push(end(checksum_of(&good), vec![]));
+    let err = push(&url, frames).await.expect_err("no manifest digest");
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert_eq!(
+        err.message(),
+        "the push's end frame has no manifest digest: the server commits only what it can check end to end (upgrade backy-client)"
+    );
+    assert_eq!(
+        server.snapshot_tree(),
+        before,
+        "no manifest digest: stored state changed"
+    );
 
     // The granule exchange: digests the server cannot answer for are
     // refused before it reads anything.

@@ -280,6 +280,7 @@ async fn raw_push(
     c: &mut BackyClient<tonic::transport::Channel>,
     begin: PushBegin,
     data: &[(u64, Vec<u8>)],
+    manifest_digest: Vec<u8>,
 ) -> Result<PushReply, tonic::Status> {
     let mut checksum = backy_common::checksum::StreamChecksum::new();
     let mut frames = vec![PushFrame {
@@ -297,13 +298,17 @@ async fn raw_push(
     frames.push(PushFrame {
         frame: Some(Frame::End(PushEnd {
             stream_checksum: checksum.finish().to_vec(),
-            ..Default::default()
+            manifest_digest,
         })),
     });
     c.push(tokio_stream::iter(frames)).await.map(|r| r.into_inner())
 }
 
 const TIB: u64 = 1 << 40;
+
+fn borrowed(writes: &[(u64, Vec<u8>)]) -> Vec<(u64, &[u8])> {
+    writes.iter().map(|(o, d)| (*o, d.as_slice())).collect()
+}
 
 /// An 8 TiB image with a few MiB of data, pushed full and then
 /// incrementally: the server's memory follows the data, not the announced
@@ -332,21 +337,29 @@ async fn a_huge_sparse_image_costs_memory_for_its_data_only() {
         ..Default::default()
     };
     let before = peak_rss(server.pid());
-    let first = raw_push(
-        &mut c,
-        begin(String::new()),
-        &[
-            (0, pattern(1, MIB as usize)),
-            (5 * TIB + 17, pattern(2, MIB as usize)),
-        ],
-    )
-    .await
-    .unwrap();
+    let writes = [
+        (0, pattern(1, MIB as usize)),
+        (5 * TIB + 17, pattern(2, MIB as usize)),
+    ];
+    let manifest = manifest_digest_after(None, size, 4 << 20, &borrowed(&writes));
+    let first = raw_push(&mut c, begin(String::new()), &writes, manifest)
+        .await
+        .unwrap();
     let parent = first.revision.unwrap().id;
     let whole_block: Vec<(u64, Vec<u8>)> = (0..4)
         .map(|i| (3 * TIB + i * MIB, pattern(3 + i, MIB as usize)))
         .collect();
-    let second = raw_push(&mut c, begin(parent), &whole_block).await.unwrap();
+    let short = parent.parse::<backy_common::RevisionId>().unwrap().short();
+    let job_dir = server.base.join("vm1");
+    let manifest = manifest_digest_after(
+        Some((&job_dir.join(&short), &job_dir.join(format!("{short}.digests")))),
+        size,
+        4 << 20,
+        &borrowed(&whole_block),
+    );
+    let second = raw_push(&mut c, begin(parent), &whole_block, manifest)
+        .await
+        .unwrap();
     let grown = peak_rss(server.pid()).saturating_sub(before);
     assert!(
         grown < 64 * MIB,
@@ -382,7 +395,8 @@ async fn a_huge_sparse_image_costs_memory_for_its_data_only() {
     let before = peak_rss(server.pid());
     let mut huge = begin(String::new());
     huge.size = 1 << 50;
-    let e = raw_push(&mut c, huge, &[]).await.unwrap_err();
+    // Refused at the begin frame: any manifest digest will do.
+    let e = raw_push(&mut c, huge, &[], vec![1; 32]).await.unwrap_err();
     assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
     assert!(
         e.message().contains("larger than the server's filesystem allows"),
@@ -425,6 +439,8 @@ async fn a_commit_whose_client_left_stops_its_read_back() {
                 ..Default::default()
             },
             &data,
+            // The client leaves before the commit compares it.
+            vec![1; 32],
         )
         .await
     });

@@ -507,3 +507,81 @@ fn client_side_failures_reach_the_server() {
     server.client_ok(&["push", "vm1", "--source", img.to_str().unwrap()]);
     assert_eq!(server.status_json("vm1")["jobs"][0]["failures"], 0);
 }
+
+/// Issue 27 item 8: a push whose reply is lost after the commit fails on
+/// the client, which reports the failure; the server, which committed the
+/// revision, ignores the report (and logs why): no failure counted, `check`
+/// clean, no backoff.
+#[test]
+fn a_failure_report_for_a_committed_revision_is_ignored() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("vm1.img");
+    make_image(&img, 8 * MIB, &[(0, MIB)]);
+    let mut server = Server::start(&dir.path().join("store"), "  vm1: {schedule: none}\n");
+    server.client_ok(&["push", "vm1", "--source", img.to_str().unwrap()]);
+
+    server.restart_with_env(&[("BACKY_FAULT", "mode:lose-reply")]);
+    let mark = server.log_mark();
+    let out = server.client(&["push", "vm1", "--force", "--source", img.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("reply to a committed push is lost"),
+        "{}",
+        stderr(&out)
+    );
+    let ids = server.short_ids("vm1");
+    assert_eq!(ids.len(), 2, "the second push committed");
+    // The client reported before it exited.
+    let job = &server.status_json("vm1")["jobs"][0];
+    assert_eq!(job["failures"], 0, "{job}");
+    assert!(job["last_error"].is_null(), "{job}");
+    let line = server.wait_log(mark, "failure report");
+    assert!(line.contains(&ids[1]) && line.contains("committed"), "{line}");
+    let check = server.client(&["check", "vm1"]);
+    assert_eq!(check.status.code(), Some(0), "{}", stdout(&check));
+
+    // A report for a revision that never committed still counts.
+    server.restart();
+    let out = server.client(&["push", "vm1", "--force", "--source", "/nonexistent/vm1.img"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(server.status_json("vm1")["jobs"][0]["failures"], 1);
+}
+
+/// Issue 27 item 10: the device guard looks at the target's canonical
+/// path: a relative name typed in /dev (or reached through a symlink to
+/// /dev) that does not exist is refused, and nothing is created.
+#[test]
+fn a_relative_target_in_dev_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("vm1.img");
+    make_image(&img, 8 * MIB, &[(0, MIB)]);
+    let server = Server::start(&dir.path().join("store"), "  vm1: {schedule: none}\n");
+    server.client_ok(&["push", "vm1", "--source", img.to_str().unwrap()]);
+    std::os::unix::fs::symlink("/dev", dir.path().join("devlink")).unwrap();
+
+    let name = format!("backy-test-{}", uuid::Uuid::new_v4().simple());
+    let via_link = format!("devlink/{name}");
+    for (cwd, target) in [
+        (Path::new("/dev"), name.as_str()),
+        (dir.path(), via_link.as_str()),
+    ] {
+        let out = Command::new(bin("backy-client"))
+            .current_dir(cwd)
+            .arg("--server")
+            .arg(&server.url)
+            .arg("--config")
+            .arg(&server.client_config)
+            .args(["restore", "vm1", target])
+            .stdin(std::process::Stdio::null())
+            .output()
+            .unwrap();
+        refused(&out, &format!("/dev/{name}"), "does not exist");
+        let leftovers: Vec<_> = std::fs::read_dir("/dev")
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.contains(&name))
+            .collect();
+        assert_eq!(leftovers, Vec::<String>::new(), "in {}: {target}", cwd.display());
+    }
+}

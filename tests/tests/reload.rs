@@ -69,7 +69,7 @@ async fn sighup_reloads_without_dropping_a_running_push() {
         Frame::Begin(PushBegin {
             job: "vm1".into(),
             rev_id: new_id.clone(),
-            parent_id: parent,
+            parent_id: parent.clone(),
             size: 24 * MIB,
             block_size: 4 << 20,
             tags: vec!["daily".into()],
@@ -141,9 +141,15 @@ async fn sighup_reloads_without_dropping_a_running_push() {
     // The held push, begun before every reload, ends and commits.
     let mut sum = backy_common::checksum::StreamChecksum::new();
     sum.data(0, &[1; 4096]);
+    let job_dir = srv.base.join("vm1");
     let end = Frame::End(PushEnd {
         stream_checksum: sum.finish().to_vec(),
-        ..Default::default()
+        manifest_digest: manifest_digest_after(
+            Some((&job_dir.join(&parent), &job_dir.join(format!("{parent}.digests")))),
+            24 * MIB,
+            4 << 20,
+            &[(0, &[1u8; 4096][..])],
+        ),
     });
     tx.send(PushFrame { frame: Some(end) }).await.unwrap();
     drop(tx);

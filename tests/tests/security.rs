@@ -670,7 +670,7 @@ async fn stalled_and_excess_streams_do_not_block_others() {
     let end = PushFrame {
         frame: Some(Frame::End(PushEnd {
             stream_checksum: sum.finish().to_vec(),
-            manifest_digest: vec![],
+            manifest_digest: manifest_digest_after(None, MIB, 4 << 20, &[(0, &[1u8; 4096][..])]),
         })),
     };
     let cases: Vec<(&str, usize, Vec<PushFrame>, Code)> = vec![

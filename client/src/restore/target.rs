@@ -39,6 +39,20 @@ pub const STDOUT: &str = "-";
 /// Zeros written per call when a device cannot zero a range by itself.
 const ZERO_CHUNK: usize = 1 << 20;
 
+/// The canonical absolute path a new file `path` would get: its directory
+/// resolved (it must exist), its name kept.
+fn resolve_new(path: &Path) -> Result<PathBuf> {
+    let name = path
+        .file_name()
+        .ok_or_else(|| Error::invalid(format!("{} names no file", path.display())))?;
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let dir = std::fs::canonicalize(dir).map_err(|e| Error::io(format!("resolving {}", dir.display()), e))?;
+    Ok(dir.join(name))
+}
+
 pub enum Target {
     /// Written in place; every byte of the image is written (zero ranges
     /// too), nothing beyond it is touched.
@@ -106,12 +120,18 @@ impl Target {
                 "{} is neither a regular file nor a block device",
                 path.display()
             ))),
-            // A mistyped device path must not become a file in /dev.
-            None if path.starts_with("/dev") => Err(Error::not_found(format!(
-                "{} does not exist (a path under /dev is restored only onto an existing block device)",
-                path.display()
-            ))),
-            None => Self::file(path, size, None),
+            None => {
+                // A mistyped device path must not become a file in /dev, also
+                // when typed relative to it or through a symlink.
+                let real = resolve_new(path)?;
+                if real.starts_with("/dev") {
+                    return Err(Error::not_found(format!(
+                        "{} does not exist (a path under /dev is restored only onto an existing block device)",
+                        real.display()
+                    )));
+                }
+                Self::file(&real, size, None)
+            }
         }
     }
 
@@ -443,6 +463,6 @@ mod tests {
         let e = Target::open(Path::new("/nonexistent/dir/x.img"), 1, false)
             .err()
             .unwrap();
-        assert!(e.message.contains("temporary file"), "{}", e.message);
+        assert!(e.message.contains("resolving /nonexistent/dir"), "{}", e.message);
     }
 }

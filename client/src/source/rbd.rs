@@ -30,6 +30,16 @@ pub struct Rbd {
 #[derive(Deserialize)]
 struct Info {
     size: u64,
+    object_size: u64,
+    /// Given only with the striping feature.
+    stripe_unit: Option<u64>,
+    stripe_count: Option<u64>,
+}
+
+#[derive(Deserialize)]
+struct DiffExtent {
+    offset: u64,
+    length: u64,
 }
 
 #[derive(Deserialize)]
@@ -109,6 +119,34 @@ impl Rbd {
         Ok(info.size)
     }
 
+    /// Whether every block of `block_size` bytes lies in one RADOS object
+    /// (objects a whole number of blocks, no fancy striping): then a
+    /// whole-object diff covers every block it touches whole.
+    pub fn objects_hold_whole_blocks(&self, snap: &str, block_size: u64) -> Result<bool> {
+        let spec = self.snap_spec(snap);
+        let out = self.run(&["info", "--format", "json", &spec])?;
+        let info: Info = serde_json::from_slice(&out)
+            .map_err(|e| Error::internal(format!("`rbd info {spec}` printed unexpected JSON: {e}")))?;
+        let plain = info.stripe_count.unwrap_or(1) <= 1 || info.stripe_unit == Some(info.object_size);
+        Ok(plain && block_size > 0 && info.object_size.is_multiple_of(block_size))
+    }
+
+    /// The ranges changed between snapshot `from` and `snap` (`rbd diff`:
+    /// metadata only, no data read).
+    pub fn changed_extents(&self, from: &str, snap: &str) -> Result<Vec<backy_common::ranges::Extent>> {
+        let spec = self.snap_spec(snap);
+        let out = self.run(&["diff", "--from-snap", from, "--format", "json", &spec])?;
+        let extents: Vec<DiffExtent> = serde_json::from_slice(&out)
+            .map_err(|e| Error::internal(format!("`rbd diff {spec}` printed unexpected JSON: {e}")))?;
+        Ok(extents
+            .into_iter()
+            .map(|e| backy_common::ranges::Extent {
+                offset: e.offset,
+                len: e.length,
+            })
+            .collect())
+    }
+
     /// Whether the image exists (other failures are errors). `rbd` exits
     /// with the errno it failed with: ENOENT (2) for a missing image or pool.
     pub fn exists(&self) -> Result<bool> {
@@ -157,13 +195,14 @@ impl Rbd {
             .map(drop)
     }
 
-    /// Starts `rbd export-diff [--from-snap FROM] IMAGE@SNAP -`; read the
-    /// diff from the child's stdout.
+    /// Starts `rbd export-diff [--from-snap FROM --whole-object] IMAGE@SNAP
+    /// -`; read the diff from the child's stdout. From a snapshot, every
+    /// object changed since comes whole (its digests need all its bytes).
     pub fn export_diff(&self, from: Option<&str>, snap: &str) -> Result<Running> {
         let to = self.snap_spec(snap);
         let mut args = vec!["export-diff", "--no-progress"];
         if let Some(f) = from {
-            args.extend(["--from-snap", f]);
+            args.extend(["--from-snap", f, "--whole-object"]);
         }
         args.extend([to.as_str(), "-"]);
         let mut cmd = self.command(&args);

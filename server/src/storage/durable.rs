@@ -120,21 +120,48 @@ pub fn create_new(path: &Path) -> Result<File> {
         .map_err(|e| Error::io(format!("creating {}", path.display()), e))
 }
 
+#[cfg(test)]
+thread_local! {
+    /// The directories this thread synced, for tests that a change made it.
+    static SYNCED: std::cell::RefCell<Vec<PathBuf>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
 /// Makes a directory entry change (create, rename, unlink) durable.
 pub fn fsync_dir(dir: &Path) -> Result<()> {
+    #[cfg(test)]
+    SYNCED.with(|s| s.borrow_mut().push(dir.to_path_buf()));
     File::open(dir)
         .and_then(|d| d.sync_all())
         .map_err(|e| Error::io(format!("syncing directory {}", dir.display()), e))
 }
 
-/// Creates a directory (and parents) with the server's directory mode.
+/// Creates a directory (and parents) with the server's directory mode;
+/// each new one is synced into its parent, or a crash could lose its entry
+/// (and everything later written below it).
 pub fn create_dir(dir: &Path) -> Result<()> {
     use std::os::unix::fs::DirBuilderExt;
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(dir_mode())
-        .create(dir)
-        .map_err(|e| Error::io(format!("creating directory {}", dir.display()), e))
+    let mut missing = Vec::new();
+    let mut at = Some(dir);
+    while let Some(d) = at {
+        if d.as_os_str().is_empty() || d.is_dir() {
+            break;
+        }
+        missing.push(d);
+        at = d.parent();
+    }
+    for d in missing.into_iter().rev() {
+        match std::fs::DirBuilder::new().mode(dir_mode()).create(d) {
+            Ok(()) => {}
+            // Made meanwhile by another request: synced below all the same.
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && d.is_dir() => {}
+            Err(e) => return Err(Error::io(format!("creating directory {}", d.display()), e)),
+        }
+        match d.parent() {
+            Some(p) if !p.as_os_str().is_empty() => fsync_dir(p)?,
+            _ => fsync_dir(Path::new("."))?,
+        }
+    }
+    Ok(())
 }
 
 /// Points `link` at `target` atomically (new link under a temp name, then
@@ -183,5 +210,28 @@ mod tests {
             std::fs::read_link(dir.path().join("latest")).unwrap(),
             Path::new("y")
         );
+    }
+
+    /// Issue 27 item 12: every directory created (the job's and its
+    /// `.partial/`, below a base that is new too) is synced into its parent.
+    #[test]
+    fn new_directories_are_synced_into_their_parents() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = dir.path().join("base");
+        let job = crate::storage::jobdir::JobDir::new(&base, backy_common::JobName::new("vm1").unwrap());
+        SYNCED.with(|s| s.borrow_mut().clear());
+        job.ensure().unwrap();
+        let synced = SYNCED.with(|s| s.borrow().clone());
+        for parent in [dir.path().to_path_buf(), base.clone(), base.join("vm1")] {
+            assert!(
+                synced.contains(&parent),
+                "{} not synced: {synced:?}",
+                parent.display()
+            );
+        }
+        // Existing directories: nothing to sync for them.
+        SYNCED.with(|s| s.borrow_mut().clear());
+        create_dir(&job.partial_dir()).unwrap();
+        assert_eq!(SYNCED.with(|s| s.borrow().clone()), Vec::<PathBuf>::new());
     }
 }

@@ -548,7 +548,7 @@ impl NewRevision {
         self.touched.insert(blocks_of(e, self.spec.block_size));
     }
 
-    /// Checks the client's end-to-end checksums, takes the digests of every
+    /// Checks the client's end-to-end checksums (both required), takes the digests of every
     /// touched block (from the data as it arrived when a block came whole,
     /// else read back from the file), and commits: image and manifest
     /// moved into the job directory, then the `.rev` written last.
@@ -558,6 +558,11 @@ impl NewRevision {
                 "end-to-end check failed: the data received does not match the client's stream checksum",
             )
             .with_reason(backy_common::Reason::StreamChecksumMismatch));
+        }
+        if end.manifest_digest.is_empty() {
+            return Err(Error::invalid(
+                "the push's end frame has no manifest digest: the server commits only what it can check end to end (upgrade backy-client)",
+            ));
         }
         self.seal(&end.manifest_digest, "the client's")
     }
@@ -585,7 +590,7 @@ impl NewRevision {
         self.digest_touched_below(u64::MAX, false)?;
         fault::point("commit.digested");
         let manifest_digest = self.current.file_digest();
-        if !expected_manifest.is_empty() && expected_manifest != manifest_digest {
+        if expected_manifest != manifest_digest {
             return Err(Error::data_loss(format!(
                 "end-to-end check failed: the stored image's manifest differs from {whose}"
             ))
@@ -776,10 +781,10 @@ mod tests {
         NewRevision::create(job, spec(size), None, StorageMode::Copy, None, gate()).unwrap()
     }
 
-    fn end(checksum: &StreamChecksum, manifest: Option<&Manifest>) -> PushEnd {
+    fn end(checksum: &StreamChecksum, manifest: &Manifest) -> PushEnd {
         PushEnd {
             stream_checksum: checksum.finish().to_vec(),
-            manifest_digest: manifest.map(|m| m.file_digest().to_vec()).unwrap_or_default(),
+            manifest_digest: manifest.file_digest().to_vec(),
         }
     }
 
@@ -789,6 +794,15 @@ mod tests {
         let server = crate::job::test_server(base, &format!("  {}: {{schedule: none}}\n", job.name()));
         let mut txn = crate::job::Txn::begin(&server, job).unwrap();
         sealed.publish(&mut txn).unwrap()
+    }
+
+    /// The manifest of a whole image in blocks of `bs` bytes.
+    fn manifest_of(image: &[u8], bs: u32) -> Manifest {
+        let mut m = Manifest::zeroed(image.len() as u64, bs).unwrap();
+        for (i, block) in image.chunks(bs as usize).enumerate() {
+            m.set(i as u64, digest(block)).unwrap();
+        }
+        m
     }
 
     fn partial_files(job: &JobDir) -> usize {
@@ -815,7 +829,7 @@ mod tests {
             let (s, e) = (b * B, ((b + 1) * B).min(3 * B + 10));
             want.set(b, digest(&image[s as usize..e as usize])).unwrap();
         }
-        let meta = publish(&job, rev.commit(&end(&sum, Some(&want))).unwrap());
+        let meta = publish(&job, rev.commit(&end(&sum, &want)).unwrap());
         assert_eq!(meta.manifest_digest, hex::encode(want.file_digest()));
         assert_eq!(std::fs::read(job.image_path(&meta.id)).unwrap(), image);
         assert_eq!(job.manifest(&meta).unwrap(), want);
@@ -833,7 +847,9 @@ mod tests {
             let mut sum = StreamChecksum::new();
             rev.data(0, b"data").unwrap();
             sum.data(0, b"data");
-            let mut end = end(&sum, None);
+            let mut image = vec![0u8; 2 * B as usize];
+            image[..4].copy_from_slice(b"data");
+            let mut end = end(&sum, &manifest_of(&image, BS));
             if wrong == "checksum" {
                 end.stream_checksum[0] ^= 1;
             } else {
@@ -885,7 +901,7 @@ mod tests {
             rev.data(at, chunk).unwrap();
             sum.data(at, chunk);
         }
-        let meta = publish(job, rev.commit(&end(&sum, None)).unwrap());
+        let meta = publish(job, rev.commit(&end(&sum, &manifest_of(image, bs))).unwrap());
         let manifest = job.manifest(&meta).unwrap();
         let mut child_spec = spec(size);
         child_spec.block_size = bs;
@@ -921,7 +937,11 @@ mod tests {
         let mut sum = StreamChecksum::new();
         rev.data(4 * GRANULE, &image[4 * g..8 * g]).unwrap();
         sum.data(4 * GRANULE, &image[4 * g..8 * g]);
-        let meta = publish(&job, rev.commit(&end(&sum, None)).unwrap());
+        let meta = publish(
+            &job,
+            rev.commit(&end(&sum, &manifest_of(&image, 4 * GRANULE as u32)))
+                .unwrap(),
+        );
         assert_eq!(meta.stats.bytes_received, 4 * GRANULE);
         assert_eq!(meta.stats.bytes_written, 2 * GRANULE);
         assert_eq!(meta.stats.changed_blocks, 1);
@@ -955,13 +975,17 @@ mod tests {
         // The short last block: one granule and 100 bytes.
         let tail = granules::digests(&parent[12 * g..]);
         assert_eq!(rev.granules(3, &tail).unwrap(), [0]);
-        let meta = publish(&job, rev.commit(&end(&sum, None)).unwrap());
+        let mut image = parent.clone();
+        image[6 * g] ^= 1;
+        let meta = publish(
+            &job,
+            rev.commit(&end(&sum, &manifest_of(&image, 4 * GRANULE as u32)))
+                .unwrap(),
+        );
         assert_eq!(
             meta.stats.bytes_written, GRANULE,
             "asked-for granules are written unread"
         );
-        let mut image = parent.clone();
-        image[6 * g] ^= 1;
         assert_eq!(std::fs::read(job.image_path(&meta.id)).unwrap(), image);
     }
 
@@ -993,7 +1017,9 @@ mod tests {
         rev.data(5, b"partial").unwrap();
         sum.data(5, b"partial");
         let id = rev.spec.id;
-        let e = rev.commit(&end(&sum, None)).unwrap_err();
+        let mut image = vec![0u8; 2 * B as usize];
+        image[5..12].copy_from_slice(b"partial");
+        let e = rev.commit(&end(&sum, &manifest_of(&image, BS))).unwrap_err();
         assert_eq!(e.kind, ErrorKind::Unavailable);
         assert!(!job.rev_path(&id).exists());
         assert_eq!(partial_files(&job), 0);

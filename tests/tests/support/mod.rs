@@ -15,9 +15,11 @@ pub const BLOCK: u64 = 4 * MIB;
 /// or an example as `examples/NAME`).
 /// `cargo test` does not build other packages' binaries, so each test
 /// process builds them once, with exactly the command `scripts/test.sh`
-/// uses first (`--workspace --bins --examples`): the same features, so nothing is
-/// rebuilt (building `-p NAME` alone unifies features differently and
-/// recompiles shared dependencies every time).
+/// uses first (`--workspace --bins --examples`, with fault injection): the
+/// same features, so nothing is rebuilt (building `-p NAME` alone unifies
+/// features differently and recompiles shared dependencies every time).
+/// Binaries from a build without fault injection (scripts/package.sh's)
+/// are replaced, or tests setting `BACKY_FAULT` would see it ignored.
 pub fn bin(name: &'static str) -> PathBuf {
     static BUILT: std::sync::OnceLock<()> = std::sync::OnceLock::new();
     let exe = std::env::current_exe().expect("test executable path");
@@ -31,6 +33,7 @@ pub fn bin(name: &'static str) -> PathBuf {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let mut cmd = Command::new(cargo);
         cmd.args(["build", "--quiet", "--workspace", "--bins", "--examples"]);
+        cmd.args(["--features", "backy-common/fault-injection"]);
         // The variables cargo sets for this test process (CARGO_PKG_NAME,
         // CARGO_MANIFEST_DIR, ...) would reach build scripts that watch
         // them (ring's) and make cargo rebuild half the tree.
@@ -701,4 +704,53 @@ impl Ca {
         let cert = p.signed_by(&key, &self.issuer).unwrap();
         (cert.pem(), key.serialize_pem(), cert.der().to_vec())
     }
+}
+
+/// The manifest digest a push of `writes` must end with (`PushEnd`): the
+/// image of `size` bytes is `parent` (its stored image and `.digests`) or
+/// zeros, with `writes` applied. Reads only the blocks the writes touch.
+pub fn manifest_digest_after(
+    parent: Option<(&Path, &Path)>,
+    size: u64,
+    block_size: u32,
+    writes: &[(u64, &[u8])],
+) -> Vec<u8> {
+    use backy_common::manifest::{digest, Manifest};
+    let mut manifest = match parent {
+        Some((_, digests)) => {
+            let file = std::fs::File::open(digests).unwrap();
+            Manifest::read_from(BufReader::new(file), "parent").unwrap().0
+        }
+        None => Manifest::zeroed(size, block_size).unwrap(),
+    };
+    assert_eq!(manifest.image_size(), size, "same size as the parent");
+    let image = parent.map(|(image, _)| std::fs::File::open(image).unwrap());
+    let bs = block_size as u64;
+    let mut touched: Vec<u64> = writes
+        .iter()
+        .filter(|(_, data)| !data.is_empty())
+        .flat_map(|(offset, data)| offset / bs..=(offset + data.len() as u64 - 1) / bs)
+        .collect();
+    touched.sort_unstable();
+    touched.dedup();
+    for block in touched {
+        let (start, len) = (manifest.block_offset(block), manifest.block_len(block));
+        let mut buf = vec![0u8; len as usize];
+        if let Some(f) = &image {
+            let n = f.read_at(&mut buf, start).unwrap();
+            assert_eq!(n as u64, len, "a block of the parent image");
+        }
+        for (offset, data) in writes {
+            let (from, to) = (
+                (*offset).max(start),
+                (offset + data.len() as u64).min(start + len),
+            );
+            if from < to {
+                buf[(from - start) as usize..(to - start) as usize]
+                    .copy_from_slice(&data[(from - offset) as usize..(to - offset) as usize]);
+            }
+        }
+        manifest.set(block, digest(&buf)).unwrap();
+    }
+    manifest.file_digest().to_vec()
 }
