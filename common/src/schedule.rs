@@ -122,7 +122,8 @@ pub struct DueState {
 ///
 /// * No revisions at all: due now with every tag of the schedule.
 /// * A tag's slot is the first grid point after the newest revision (of
-///   any trust) carrying that tag, or after `now` if none carries it. A tag
+///   any trust) carrying that tag, or, if none carries it, after
+///   `now - CATCH_UP_GRACE` (a fixed point to wait for: see below). A tag
 ///   whose slot is `<= now` has passed without a backup and is due now;
 ///   all of them go together, joined by the missed tags.
 /// * Otherwise the job's next slot is the earliest slot over its tags, and
@@ -185,7 +186,15 @@ fn ideal(
     for (tag, rule) in schedule {
         let carriers = || revisions.iter().filter(|r| r.tags.contains(tag));
         let newest = carriers().map(|r| r.timestamp).max();
-        if let Some(slot) = next_slot(rule.interval, offset, newest.unwrap_or(now)) {
+        // A tag no revision carries has no slot of its own yet. Counted
+        // from `now`, its slot would move with every look and, for
+        // intervals of 5 minutes or less, stay within the grace forever.
+        // So a grid point less than [`CATCH_UP_GRACE`] ago counts as its
+        // passed slot: the original waited for a slot that close and ran
+        // at it; with no record of that decision, the point just passed
+        // stands for it (issue 27, item 7).
+        let reference = newest.or_else(|| sub(now, CATCH_UP_GRACE)).unwrap_or(now);
+        if let Some(slot) = next_slot(rule.interval, offset, reference) {
             slots.insert(tag, slot);
         }
         let young = |r: &&RevisionMeta| {
@@ -923,6 +932,66 @@ mod tests {
         }
     }
 
+    /// Issue 27, item 7: a minutely tag added to a job with daily
+    /// revisions falls due at once, and then every minute. Before, no
+    /// revision carried it, so its slot was the next grid point after
+    /// `now`, always less than 5 minutes away: "missed minutely join the
+    /// slot ..." at every look, forever.
+    #[test]
+    fn a_short_tag_added_to_a_job_falls_due() {
+        let s = schedule(&[("daily", DAY, 9), ("minutely", 60, 5)]);
+        let mut revs = regular_history();
+        let mut now = t("2026-05-10 02:30:20");
+        let d = due(&s, TEN_AM, &revs, &no_failures(), now);
+        assert!(d.due_now, "{d:?}");
+        assert_eq!(d.tags, set(&["minutely"]), "{d:?}");
+        // Then on its own interval, walking the clock in 10 s steps.
+        revs.push(rev("2026-05-10 02:30:20", &["minutely"]));
+        let mut pushed = Vec::new();
+        while now < t("2026-05-10 02:35") {
+            now += TimeDelta::seconds(10);
+            let d = due(&s, TEN_AM, &revs, &no_failures(), now);
+            if d.due_now {
+                assert_eq!(d.tags, set(&["minutely"]), "{now}: {d:?}");
+                revs.push(meta(RevisionId::new_random(), now, &["minutely"], Trust::Trusted));
+                pushed.push(now.format("%H:%M:%S").to_string());
+            }
+        }
+        assert_eq!(
+            pushed,
+            ["02:31:00", "02:32:00", "02:33:00", "02:34:00", "02:35:00"]
+        );
+        // Intervals of more than 5 minutes keep the original's rule: a new
+        // tag whose grid point is less than 5 minutes away waits for it.
+        let s = schedule(&[("daily", DAY, 9), ("hourly", 3600, 5)]);
+        let d = due(
+            &s,
+            TEN_AM,
+            &regular_history(),
+            &no_failures(),
+            t("2026-05-10 02:57"),
+        );
+        assert!(!d.due_now, "{d:?}");
+        assert_eq!(d.next_due, Some(t("2026-05-10 03:00")), "{d:?}");
+        assert_eq!(d.next_tags, set(&["hourly"]), "{d:?}");
+        let d = due(
+            &s,
+            TEN_AM,
+            &regular_history(),
+            &no_failures(),
+            t("2026-05-10 03:00:01"),
+        );
+        assert!(d.due_now && d.tags == set(&["hourly"]), "{d:?}");
+        let d = due(
+            &s,
+            TEN_AM,
+            &regular_history(),
+            &no_failures(),
+            t("2026-05-10 02:50"),
+        );
+        assert!(d.due_now && d.reason.contains("catch-up: missed hourly"), "{d:?}");
+    }
+
     #[test]
     fn backoff_steps() {
         let minutes: Vec<u64> = [0, 1, 2, 3, 8, 9, 10, 64, u32::MAX]
@@ -1551,6 +1620,129 @@ mod tests {
             prop_assert_eq!(d.next_due, plain.next_due.map(|p| if d.due_now { p } else { p.max(retry) }));
         }
 
+    }
+
+    /// A tag pool for schedules that change: intervals from a minute to
+    /// months.
+    fn arb_pool() -> impl Strategy<Value = Vec<(String, TagRule)>> {
+        const SECS: [u64; 12] = [
+            60,
+            120,
+            180,
+            300,
+            420,
+            600,
+            3600,
+            90 * 60,
+            6 * 3600,
+            DAY,
+            7 * DAY,
+            30 * DAY,
+        ];
+        proptest::collection::vec((proptest::sample::select(SECS.to_vec()), 1u32..4), 2..6).prop_map(
+            |rules| {
+                rules
+                    .into_iter()
+                    .enumerate()
+                    .map(|(i, (secs, keep))| {
+                        let rule = TagRule {
+                            interval: Interval::from_secs(secs),
+                            keep,
+                        };
+                        (format!("t{i}"), rule)
+                    })
+                    .collect()
+            },
+        )
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+
+        /// Issue 27, item 7. A scheduler that pushes the due tags (with up
+        /// to `latency` of delay after each due time) while tags are added
+        /// to and removed from the schedule at random times: no tag of the
+        /// current schedule goes without a revision for more than its
+        /// interval (plus the latency), counted from its newest revision or
+        /// from when it was added, whichever is later.
+        #[test]
+        fn no_tag_is_deferred_past_its_interval(
+            pool in arb_pool(),
+            first in proptest::collection::vec(any::<bool>(), 6),
+            changes in proptest::collection::vec((1i64..4 * DAY as i64, any::<proptest::sample::Index>()), 0..12),
+            start in arb_time(),
+            job in "[a-z]{1,8}",
+            latency in 0i64..20,
+        ) {
+            let latency = TimeDelta::seconds(latency);
+            let mut added: BTreeMap<String, DateTime<Utc>> = pool
+                .iter()
+                .zip(&first)
+                .filter(|(_, &on)| on)
+                .map(|((tag, _), _)| (tag.clone(), start))
+                .collect();
+            if added.is_empty() {
+                added.insert(pool[0].0.clone(), start);
+            }
+            let mut change_at = start;
+            let mut changes: Vec<(DateTime<Utc>, usize)> = changes
+                .iter()
+                .map(|(gap, which)| {
+                    change_at += TimeDelta::seconds(*gap);
+                    (change_at, which.index(pool.len()))
+                })
+                .collect();
+            changes.reverse();
+            let mut revs: Vec<RevisionMeta> = Vec::new();
+            let mut now = start;
+            for _ in 0..300 {
+                let s: Schedule = pool
+                    .iter()
+                    .filter(|(tag, _)| added.contains_key(tag))
+                    .map(|(tag, rule)| (tag.clone(), *rule))
+                    .collect();
+                let offset = spread_offset(&job, &s);
+                for (tag, rule) in &s {
+                    let newest = revs
+                        .iter()
+                        .filter(|r| r.tags.contains(tag))
+                        .map(|r| r.timestamp)
+                        .max();
+                    let since = newest.map_or(added[tag], |n| n.max(added[tag]));
+                    let limit = TimeDelta::seconds(rule.interval.secs() as i64) + latency;
+                    prop_assert!(
+                        now - since <= limit,
+                        "{} ({}) without a revision from {} to {}: {:?}",
+                        tag, rule.interval, since, now, due(&s, offset, &revs, &FailureState::default(), now)
+                    );
+                }
+                let d = due(&s, offset, &revs, &FailureState::default(), now);
+                if d.due_now {
+                    let tags: Vec<&str> = d.tags.iter().map(String::as_str).collect();
+                    let new = meta(RevisionId::new_random(), now, &tags, Trust::Trusted);
+                    let id = new.id;
+                    revs.push(new);
+                    let plan = expire(&s, &revs, now, &BTreeSet::new(), ExpiryRun::AfterCommit(id));
+                    revs = apply(&revs, &plan);
+                }
+                let d = due(&s, offset, &revs, &FailureState::default(), now);
+                prop_assert!(!d.due_now, "due again after the push: {:?}", d);
+                let next = d.next_due.unwrap() + latency;
+                match changes.last() {
+                    Some(&(at, which)) if at <= next => {
+                        changes.pop();
+                        now = at.max(now);
+                        let tag = &pool[which].0;
+                        // Added, or removed (but never the last one:
+                        // that one is added again at once).
+                        if added.remove(tag).is_none() || added.is_empty() {
+                            added.insert(tag.clone(), now);
+                        }
+                    }
+                    _ => now = next,
+                }
+            }
+        }
     }
 
     proptest! {
