@@ -51,8 +51,11 @@ fn check_listing(
             crate::push::MAX_TAGS
         )));
     }
+    // The form only: a copy keeps the source's tags, even one that revision
+    // specs misread (`check-config` names those on both servers).
     for tag in &target.tags {
-        backy_common::revision::check_tag(tag).map_err(|e| e.context(format!("revision {}", target.id)))?;
+        backy_common::revision::check_tag_format(tag)
+            .map_err(|e| e.context(format!("revision {}", target.id)))?;
     }
     Ok(())
 }
