@@ -13,6 +13,7 @@ use crate::id::RevisionId;
 use crate::revision::{is_manual_tag, RevisionMeta, Trust};
 use crate::units::Interval;
 use chrono::{DateTime, TimeDelta, Utc};
+use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::{self, Write as _};
 use std::time::Duration;
@@ -469,6 +470,84 @@ pub fn expire(
         plan.kept.insert(rev.id, tags);
     }
     plan
+}
+
+/// Revisions dated after the server's clock, and when the server found
+/// each (docs/DESIGN.md, "Schedules"). Such a revision (the clock jumped
+/// forward while it was made, then came back; or a copy from a server
+/// whose clock runs ahead) would put its tags' next slots and the SLA
+/// deadline after its date: no backup and no alarm until then. Scheduling
+/// and SLA count it as dated when it was found (at start-up or after the
+/// clock stepped back) until its date is reached; `status` and `check`
+/// name it.
+///
+/// Found times live in memory: after a restart they are found again, at
+/// start-up. Pure: `now` is given by the caller.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct FutureDated {
+    found: BTreeMap<RevisionId, DateTime<Utc>>,
+}
+
+/// A job's revisions as scheduling and SLA see them at one instant.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Dated<'a> {
+    /// Every revision, those dated after `now` re-dated to when they were
+    /// found (never after `now`); in the order given.
+    pub revisions: Cow<'a, [RevisionMeta]>,
+    /// The revisions dated after `now`, in the order given.
+    pub future: Vec<RevisionId>,
+    /// Those of them found by this call (to warn about once).
+    pub found: Vec<RevisionId>,
+}
+
+impl FutureDated {
+    /// Dates `revisions` at `now`: remembers those dated after `now` not
+    /// seen before as found at `now`, forgets those no longer in the
+    /// future (or gone).
+    pub fn date<'a>(&mut self, revisions: &'a [RevisionMeta], now: DateTime<Utc>) -> Dated<'a> {
+        let future: Vec<RevisionId> = revisions
+            .iter()
+            .filter(|r| r.timestamp > now)
+            .map(|r| r.id)
+            .collect();
+        self.found.retain(|id, _| future.contains(id));
+        if future.is_empty() {
+            return Dated {
+                revisions: Cow::Borrowed(revisions),
+                future,
+                found: Vec::new(),
+            };
+        }
+        let mut found = Vec::new();
+        for id in &future {
+            self.found.entry(*id).or_insert_with(|| {
+                found.push(*id);
+                now
+            });
+        }
+        let redated = revisions
+            .iter()
+            .map(|r| match self.found.get(&r.id) {
+                // A clock that stepped back again may be before the time
+                // found: never date a revision after `now`.
+                Some(&at) if r.timestamp > now => RevisionMeta {
+                    timestamp: at.min(now),
+                    ..r.clone()
+                },
+                _ => r.clone(),
+            })
+            .collect();
+        Dated {
+            revisions: Cow::Owned(redated),
+            future,
+            found,
+        }
+    }
+
+    /// Whether nothing is remembered (the job has no future-dated revision).
+    pub fn is_empty(&self) -> bool {
+        self.found.is_empty()
+    }
 }
 
 /// Whether a job meets its service level.
@@ -990,6 +1069,75 @@ mod tests {
             t("2026-05-10 02:50"),
         );
         assert!(d.due_now && d.reason.contains("catch-up: missed hourly"), "{d:?}");
+    }
+
+    /// Issue 27, item 6, with a fake clock: it jumps an hour forward, a
+    /// push commits (stamped by that clock), it comes back. The revision
+    /// counts as dated when found until its date is reached, so the hourly
+    /// rhythm and the SLA go on; before, the next slot and the SLA deadline
+    /// were after its date (the job stopped for an hour, `check` said OK).
+    #[test]
+    fn a_clock_step_forward_and_back_does_not_stop_the_job() {
+        let s = schedule(&[("hourly", 3600, 5)]);
+        let mut found = FutureDated::default();
+        let mut revs = vec![rev("2026-05-10 09:00:05", &["hourly"])];
+        // 09:30: the clock jumps to 10:30; the 10:00 slot has passed.
+        let now = t("2026-05-10 10:30");
+        let dated = found.date(&revs, now);
+        assert!(dated.future.is_empty() && dated.found.is_empty());
+        assert!(due(&s, 0, &dated.revisions, &no_failures(), now).due_now);
+        let ahead = rev("2026-05-10 10:30", &["hourly"]);
+        revs.push(ahead.clone());
+        // The clock comes back: 09:31.
+        let now = t("2026-05-10 09:31");
+        let dated = found.date(&revs, now);
+        assert_eq!(dated.future, [ahead.id]);
+        assert_eq!(dated.found, [ahead.id], "found now: warn once");
+        let d = due(&s, 0, &dated.revisions, &no_failures(), now);
+        assert_eq!(d.next_due, Some(t("2026-05-10 10:00")), "{d:?}");
+        let sla_now = sla(&s, &dated.revisions, now, None);
+        assert_eq!(sla_now.deadline, Some(t("2026-05-10 11:01")), "{sla_now:?}");
+        assert_eq!(dated.revisions[1].timestamp, now);
+        assert_eq!(dated.revisions[0], revs[0]);
+        // 10:00:05: still in the future, still dated when found: due.
+        let now = t("2026-05-10 10:00:05");
+        let dated = found.date(&revs, now);
+        assert_eq!(
+            (dated.future.as_slice(), dated.found.as_slice()),
+            ([ahead.id].as_slice(), [].as_slice())
+        );
+        assert_eq!(dated.revisions[1].timestamp, t("2026-05-10 09:31"));
+        let d = due(&s, 0, &dated.revisions, &no_failures(), now);
+        assert!(d.due_now && d.tags == set(&["hourly"]), "{d:?}");
+        // Two hours without a push: the SLA breaks at 11:01, not 12:00.
+        let now = t("2026-05-10 10:20");
+        let dated = found.date(&revs, now);
+        assert!(sla(&s, &dated.revisions, now, None).ok);
+        let later = t("2026-05-10 11:01:01");
+        let dated_later = FutureDated {
+            found: found.found.clone(),
+        }
+        .date(&revs, t("2026-05-10 10:29"));
+        assert!(!sla(&s, &dated_later.revisions, later, None).ok);
+        revs.push(rev("2026-05-10 10:20", &["hourly"]));
+        // Its date reached: an ordinary revision again, forgotten.
+        let now = t("2026-05-10 10:45");
+        let dated = found.date(&revs, now);
+        assert!(dated.future.is_empty() && found.is_empty());
+        assert_eq!(dated.revisions, revs.as_slice());
+        assert_eq!(
+            due(&s, 0, &dated.revisions, &no_failures(), now).next_due,
+            Some(t("2026-05-10 11:00"))
+        );
+        // A second step back, before the time it was found: never dated
+        // after `now`.
+        let mut found = FutureDated::default();
+        found.date(&revs, t("2026-05-10 09:31"));
+        let now = t("2026-05-10 08:00");
+        let dated = found.date(&revs, now);
+        assert_eq!(dated.future.len(), 3);
+        assert_eq!(dated.found.len(), 1, "the 09:00:05 one is new");
+        assert!(dated.revisions.iter().all(|r| r.timestamp <= now));
     }
 
     #[test]
@@ -1604,6 +1752,42 @@ mod tests {
                     prop_assert!(d.next_tags.contains(tag), "{} missed but not planned: {:?}", tag, d);
                     prop_assert!(d.next_due.unwrap() <= now + TimeDelta::minutes(5));
                 }
+            }
+        }
+
+        /// Issue 27, item 6: whatever revisions are dated ahead of the
+        /// clock (up to a year) when they are found, the job is due again
+        /// within its shortest interval (plus the catch-up grace, for a tag
+        /// no revision carries) and the SLA deadline is at most its window
+        /// away.
+        #[test]
+        fn future_dated_revisions_do_not_stop_the_job(
+            (s, now, revs, offset) in arb_job(),
+            ahead in proptest::collection::vec((any::<bool>(), 1i64..366 * DAY as i64), 40),
+        ) {
+            let shortest = s.values().map(|r| r.interval.secs()).min().unwrap();
+            // Still ahead one shortest interval later.
+            let revs: Vec<RevisionMeta> = revs
+                .into_iter()
+                .zip(&ahead)
+                .map(|(r, &(moved, by))| if moved {
+                    RevisionMeta { timestamp: now + TimeDelta::seconds(shortest as i64 + by), ..r }
+                } else {
+                    r
+                })
+                .collect();
+            let mut found = FutureDated::default();
+            let dated = found.date(&revs, now);
+            prop_assert!(dated.revisions.iter().all(|r| r.timestamp <= now));
+            let then = now + TimeDelta::seconds(shortest as i64);
+            let later = found.date(&revs, then);
+            prop_assert!(later.found.is_empty());
+            let d = due(&s, offset, &later.revisions, &FailureState::default(), then);
+            let grace = TimeDelta::from_std(CATCH_UP_GRACE).unwrap();
+            prop_assert!(d.next_due.is_some_and(|t| t <= then + grace), "{:?}", d);
+            let window = TimeDelta::from_std(sla_window(&s).unwrap()).unwrap();
+            if let Some(deadline) = sla(&s, &dated.revisions, now, None).deadline {
+                prop_assert!(deadline <= now + window);
             }
         }
 

@@ -57,6 +57,15 @@ fn check_listing(
         backy_common::revision::check_tag_format(tag)
             .map_err(|e| e.context(format!("revision {}", target.id)))?;
     }
+    // This server never commits a revision dated after its clock: refused
+    // before anything travels, copied in a later round.
+    let now = chrono::Utc::now();
+    if target.timestamp > now {
+        return Err(Error::precondition(format!(
+            "revision {} is dated {}, after this server's clock ({now}): not copied before then",
+            target.id, target.timestamp
+        )));
+    }
     Ok(())
 }
 

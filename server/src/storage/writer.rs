@@ -575,6 +575,16 @@ impl NewRevision {
 
     /// `whose`: whose manifest `expected_manifest` is, for the error.
     fn finish(mut self, expected_manifest: &[u8], whose: &str) -> Result<RevisionMeta> {
+        // Never a revision dated after this server's clock (a clock that
+        // stepped back during the push, a source whose clock runs ahead):
+        // its tags' next slots and the SLA deadline would follow its date.
+        let now = Utc::now();
+        if self.timestamp > now {
+            return Err(Error::precondition(format!(
+                "revision {} would be dated {}, after this server's clock ({now}): not committed",
+                self.spec.id, self.timestamp
+            )));
+        }
         tracing::info!(
             job = %self.job.name(), rev = %self.spec.id, blocks = self.touched.len(),
             "commit: digesting the blocks written since the last checkpoint"
