@@ -230,6 +230,8 @@ fn open_some(server: &Server, config: &ServerConfig, names: &[&backy_common::Job
         }
         let entry = server.indexed(&job)?;
         job.point_latest(entry.revisions.last().map(|r| &r.id))?;
+        // Revisions dated after the clock are found (and warned about) here.
+        server.dated(name, &entry.revisions, chrono::Utc::now());
     }
     Ok(())
 }
