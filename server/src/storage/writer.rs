@@ -924,4 +924,29 @@ mod tests {
         assert!(!job.rev_path(&id).exists());
         assert_eq!(partial_files(&job), 0);
     }
+
+    /// Issue 27, item 6: a revision dated after the server's clock (a push
+    /// whose clock stepped back while it ran, a copy from a source whose
+    /// clock runs ahead) is not committed.
+    #[test]
+    fn a_timestamp_after_the_clock_is_not_committed() {
+        let dir = tempfile::tempdir().unwrap();
+        let job = job(dir.path());
+        let ahead = Utc::now() + chrono::Duration::hours(1);
+        let mut rev = full(&job, B);
+        let id = rev.spec.id;
+        rev.timestamp = ahead;
+        let e = rev.commit(&end(&StreamChecksum::new(), None)).unwrap_err();
+        assert_eq!(e.kind, ErrorKind::FailedPrecondition, "{e}");
+        assert!(e.message.contains("after this server's clock"), "{e}");
+        let rev = full(&job, B);
+        let copy = rev.spec.id;
+        let manifest = Manifest::zeroed(B, BS).unwrap();
+        let e = rev.commit_copy(ahead, &manifest.file_digest()).unwrap_err();
+        assert_eq!(e.kind, ErrorKind::FailedPrecondition, "{e}");
+        for id in [id, copy] {
+            assert!(!job.rev_path(&id).exists() && !job.image_path(&id).exists());
+        }
+        assert_eq!(partial_files(&job), 0);
+    }
 }
