@@ -43,6 +43,8 @@ pub struct JobHealth<'a> {
     pub failures: u32,
     /// On a replica: how its copy stands (its lag replaces the SLA).
     pub replica: Option<&'a ReplicaState>,
+    /// Ids of revisions dated after the server's clock.
+    pub future: &'a [String],
 }
 
 impl<'a> From<&'a JobStatus> for JobHealth<'a> {
@@ -63,6 +65,7 @@ impl<'a> From<&'a JobStatus> for JobHealth<'a> {
                 .max(),
             failures: j.failures,
             replica: j.replica.as_ref(),
+            future: &j.future_revisions,
         }
     }
 }
@@ -80,6 +83,7 @@ impl<'a> From<&'a JobSummary> for JobHealth<'a> {
             newest_trusted: j.newest_trusted.as_ref().and_then(backy_proto::datetime),
             failures: j.failures,
             replica: j.replica.as_ref(),
+            future: &j.future_revisions,
         }
     }
 }
@@ -119,8 +123,8 @@ pub struct Report {
 
 /// CRITICAL when a job is past its SLA (a job never backed up gets one SLA
 /// window from when the server first knew it); WARNING for distrusted
-/// revisions, failing pushes, and a job without schedule that was never
-/// backed up. Jobs without a schedule have no SLA: they are counted apart.
+/// revisions, revisions dated after the server's clock, failing pushes,
+/// and a job without schedule that was never backed up. Jobs without a schedule have no SLA: they are counted apart.
 pub fn evaluate(jobs: &[JobHealth], now: DateTime<Utc>) -> Report {
     let checks: Vec<JobCheck> = jobs.iter().map(|j| check_job(j, now)).collect();
     let state = checks.iter().map(|c| c.state).max().unwrap_or(State::Ok);
@@ -230,6 +234,15 @@ fn check_job(job: &JobHealth, now: DateTime<Utc>) -> JobCheck {
             "{}: {}",
             job.job,
             count(job.distrusted as u64, "distrusted revision")
+        ));
+    }
+    if !job.future.is_empty() {
+        state = state.max(State::Warning);
+        problems.push(format!(
+            "{}: {} dated after the server's clock ({}), counted as dated when found",
+            job.job,
+            count(job.future.len() as u64, "revision"),
+            job.future.join(", ")
         ));
     }
     if job.failures > 0 {
@@ -431,6 +444,34 @@ mod tests {
             assert_eq!((r.state, r.summary.as_str()), (state, summary));
             assert_eq!(r.jobs[0].lag_secs, status.replica.as_ref().map(|r| r.lag_secs));
         }
+    }
+
+    /// Issue 27, item 6: revisions dated after the server's clock are a
+    /// warning naming them, even with the SLA met.
+    #[test]
+    fn future_dated_revisions_are_named() {
+        let status = JobStatus {
+            future_revisions: vec!["3jT8kq2".into(), "9xYz".into()],
+            ..job("vm1", true, 0, "trusted")
+        };
+        let r = evaluate(&[JobHealth::from(&status)], now());
+        assert_eq!(
+            (r.state, r.summary.as_str()),
+            (
+                State::Warning,
+                "vm1: 2 revisions dated after the server's clock (3jT8kq2, 9xYz), counted as dated when found"
+            )
+        );
+        let summary = JobSummary {
+            job: "vm1".into(),
+            schedule: "default".into(),
+            sla_ok: true,
+            future_revisions: vec!["3jT8kq2".into()],
+            ..Default::default()
+        };
+        let r = evaluate(&[JobHealth::from(&summary)], now());
+        assert_eq!(r.state, State::Warning, "{}", r.line());
+        assert!(r.summary.contains("(3jT8kq2)"), "{}", r.line());
     }
 
     #[test]

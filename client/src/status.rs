@@ -78,6 +78,13 @@ fn format_job(out: &mut String, job: &JobStatus, now: DateTime<Utc>) {
             );
         }
     }
+    if !job.future_revisions.is_empty() {
+        let _ = writeln!(
+            out,
+            "warning: dated after the server's clock: {} (scheduling and SLA count them as dated when found)",
+            job.future_revisions.join(", ")
+        );
+    }
     if job.failures > 0 {
         let _ = writeln!(
             out,
@@ -253,6 +260,9 @@ pub struct JobView {
     pub replica: Option<ReplicaView>,
     /// On a source: what each replica last fetched.
     pub fetched_by: Vec<FetchView>,
+    /// Ids of revisions dated after the server's clock (scheduling and SLA
+    /// count them as dated when the server found them).
+    pub future_revisions: Vec<String>,
     /// Oldest first.
     pub revisions: Vec<RevisionView>,
 }
@@ -336,6 +346,7 @@ impl From<&JobStatus> for JobView {
                     at: rfc3339(&f.at),
                 })
                 .collect(),
+            future_revisions: j.future_revisions.clone(),
             revisions: j.revisions.iter().map(RevisionView::from).collect(),
         }
     }

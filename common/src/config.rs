@@ -890,6 +890,28 @@ jobs:
         assert_eq!((vm2.schedule.as_deref(), cfg.schedule_of(vm2)), (None, None));
     }
 
+    /// Issue 27, item 9: a schedule tag a revision spec reads as
+    /// something else is refused at load.
+    #[test]
+    fn schedule_tags_that_specs_misread_are_refused() {
+        for (tag, read_as) in [
+            ("all", "every revision"),
+            ("'7'", "revision number 7"),
+            ("7", "revision number 7"),
+            ("last", "the newest revision"),
+        ] {
+            let text = GOOD.replace("weekly:  {", &format!("{tag}:  {{"));
+            let e = ServerConfig::from_yaml(&text, "server.yaml").unwrap_err();
+            assert!(
+                e.message
+                    .contains(&format!("revision specs read it as {read_as}")),
+                "{tag}: {}",
+                e.message
+            );
+            assert!(e.message.contains("schedule \"default\""), "{tag}: {}", e.message);
+        }
+    }
+
     #[test]
     fn reload_takes_jobs_and_schedules_but_not_what_is_fixed_at_start() {
         let old = ServerConfig::from_yaml(GOOD, "old").unwrap();

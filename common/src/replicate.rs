@@ -65,7 +65,12 @@ pub enum Owed {
 /// oldest first, each based on the newest older revision both hold
 /// (counting the ones fetched before it in this round) that the replica
 /// trusts.
-pub fn plan(source: &[Listed], replica: &[Listed], owed: Owed) -> Vec<Transfer> {
+///
+/// With [`Owed::Newer`], "newer" is measured against the replica's newest
+/// revision not dated after `now`: a copy dated in the future (a source
+/// whose clock had jumped ahead) would otherwise hide every revision the
+/// source makes before that date, and the lag would say 0.
+pub fn plan(source: &[Listed], replica: &[Listed], owed: Owed, now: DateTime<Utc>) -> Vec<Transfer> {
     let on_source: HashMap<RevisionId, &Listed> = source.iter().map(|r| (r.id, r)).collect();
     // Candidate bases: held by both, trusted here.
     let mut bases: Vec<(DateTime<Utc>, RevisionId)> = replica
@@ -74,7 +79,11 @@ pub fn plan(source: &[Listed], replica: &[Listed], owed: Owed) -> Vec<Transfer> 
         .map(|r| (r.timestamp, r.id))
         .collect();
     let held: BTreeSet<RevisionId> = replica.iter().map(|r| r.id).collect();
-    let newest_held = replica.iter().map(|r| (r.timestamp, r.id)).max();
+    let newest_held = replica
+        .iter()
+        .filter(|r| r.timestamp <= now)
+        .map(|r| (r.timestamp, r.id))
+        .max();
     let mut out = Vec::new();
     for rev in oldest_first(source) {
         if held.contains(&rev.id) || !rev.trust.usable_as_parent() {
@@ -155,7 +164,7 @@ pub struct Lag {
 }
 
 pub fn lag(source: &[Listed], replica: &[Listed], owed: Owed, now: DateTime<Utc>) -> Lag {
-    let missing: BTreeSet<RevisionId> = plan(source, replica, owed).iter().map(|t| t.id).collect();
+    let missing: BTreeSet<RevisionId> = plan(source, replica, owed, now).iter().map(|t| t.id).collect();
     let missing: Vec<&Listed> = oldest_first(source)
         .into_iter()
         .filter(|r| missing.contains(&r.id))
@@ -265,11 +274,15 @@ mod tests {
             ),
         ];
         for (name, source, replica, want) in cases {
-            assert_eq!(plan(&source, &replica, Owed::All), want, "{name}");
+            assert_eq!(
+                plan(&source, &replica, Owed::All, at("2026-12-05 01:00")),
+                want,
+                "{name}"
+            );
         }
         // With its own schedule, what the replica expired stays expired;
         // newer ones still come, on the newest common base.
-        let own = |s: &[Listed], r: &[Listed]| plan(s, r, Owed::Newer);
+        let own = |s: &[Listed], r: &[Listed]| plan(s, r, Owed::Newer, at("2026-12-05 01:00"));
         assert_eq!(
             own(&[a.clone(), b.clone(), c.clone()], &[a.clone(), c.clone()]),
             vec![]
@@ -392,5 +405,25 @@ mod tests {
             0
         );
         assert_eq!(lag(&[a, b.clone()], &[b], Owed::All, now).missing, 1);
+    }
+
+    /// Issue 27, item 6: a replica with its own schedule copied a revision
+    /// dated in the future (the source's clock had jumped ahead). The
+    /// source's later revisions are older than it: before, none was owed,
+    /// nothing was copied, and the lag said 0.
+    #[test]
+    fn a_future_dated_copy_does_not_hide_what_is_owed() {
+        let a = ok('a', "2026-12-03 01:00");
+        let ahead = ok('f', "2026-12-03 09:00");
+        let b = ok('b', "2026-12-03 05:00");
+        let now = at("2026-12-03 07:00");
+        let source = [a.clone(), ahead.clone(), b.clone()];
+        let here = [a.clone(), ahead.clone()];
+        let l = lag(&source, &here, Owed::Newer, now);
+        assert_eq!((l.missing, l.behind), (1, Duration::from_secs(2 * 3600)), "{l:?}");
+        // Once its date is reached it is an ordinary copy again: what the
+        // replica's schedule expired before it stays expired.
+        let l = lag(&source, &here, Owed::Newer, at("2026-12-03 09:00"));
+        assert_eq!(l.missing, 0, "{l:?}");
     }
 }

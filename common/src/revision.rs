@@ -3,6 +3,7 @@
 
 use crate::error::{Error, Result};
 use crate::id::RevisionId;
+use crate::spec::Spec;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeSet;
@@ -125,9 +126,31 @@ impl RevisionMeta {
     }
 }
 
-/// Checks a tag: 1..=64 printable characters without whitespace, commas or
-/// slashes; `manual:` tags are the operator's and never expire.
+/// Checks a new tag: its form ([`check_tag_format`]), and that a revision
+/// spec reads it as a tag (docs/DESIGN.md, "Revision specs"): `all`,
+/// `latest`, `last`, numbers of up to 9 digits and full ids mean something
+/// else there, so `forget -r 1` would never reach a tag `1`. Exactly the
+/// words [`Spec::parse`] reads as [`Spec::Word`] pass. `manual:` tags are
+/// the operator's and never expire.
 pub fn check_tag(tag: &str) -> Result<()> {
+    check_tag_format(tag)?;
+    let read_as = match Spec::parse(tag) {
+        Ok(Spec::Word(w)) if w == tag => return Ok(()),
+        Ok(Spec::All) => "every revision".to_string(),
+        Ok(Spec::Latest) => "the newest revision".to_string(),
+        Ok(Spec::Nth(n)) => format!("revision number {n}"),
+        Ok(Spec::Id(id)) => format!("the revision id {id}"),
+        Ok(Spec::Word(_)) | Err(_) => "something else".to_string(),
+    };
+    Err(Error::invalid(format!(
+        "tag {tag:?} cannot be used: revision specs read it as {read_as}"
+    )))
+}
+
+/// The form of a tag: 1..=64 printable characters without whitespace,
+/// commas or slashes. Enough for tags already stored (and copies of
+/// them), which may predate [`check_tag`]'s rule.
+pub fn check_tag_format(tag: &str) -> Result<()> {
     let ok = !tag.is_empty()
         && tag.len() <= 64
         && tag.bytes().all(|c| c.is_ascii_graphic() && !b",/\\".contains(&c));
@@ -193,5 +216,26 @@ mod tests {
             assert!(check_tag(bad).is_err(), "{bad}");
         }
         assert!(is_manual_tag("manual:x") && !is_manual_tag("daily"));
+    }
+
+    /// Issue 27, item 9: a tag a revision spec reads as something else
+    /// (a keyword, a position, a full id) is refused: `forget -r 1` meant
+    /// for the tag `1` forgot the second-newest revision.
+    #[test]
+    fn tags_that_specs_misread_are_refused() {
+        let uuid = "0191c3a2-5b6e-7c1d-8e2f-3a4b5c6d7e8f";
+        for bad in ["all", "latest", "last", "0", "1", "007", "123456789", uuid] {
+            let e = check_tag(bad).unwrap_err();
+            assert_eq!(e.kind, crate::error::ErrorKind::InvalidArgument, "{bad}");
+            assert!(
+                e.message.contains("revision specs read it as"),
+                "{bad}: {}",
+                e.message
+            );
+            assert!(check_tag_format(bad).is_ok(), "{bad}: stored ones still load");
+        }
+        for ok in ["All", "latest2", "manual:1", "1234567890", "daily-1", "x7"] {
+            assert!(check_tag(ok).is_ok(), "{ok}");
+        }
     }
 }

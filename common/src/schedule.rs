@@ -13,6 +13,7 @@ use crate::id::RevisionId;
 use crate::revision::{is_manual_tag, RevisionMeta, Trust};
 use crate::units::Interval;
 use chrono::{DateTime, TimeDelta, Utc};
+use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::{self, Write as _};
 use std::time::Duration;
@@ -122,7 +123,8 @@ pub struct DueState {
 ///
 /// * No revisions at all: due now with every tag of the schedule.
 /// * A tag's slot is the first grid point after the newest revision (of
-///   any trust) carrying that tag, or after `now` if none carries it. A tag
+///   any trust) carrying that tag, or, if none carries it, after
+///   `now - CATCH_UP_GRACE` (a fixed point to wait for: see below). A tag
 ///   whose slot is `<= now` has passed without a backup and is due now;
 ///   all of them go together, joined by the missed tags.
 /// * Otherwise the job's next slot is the earliest slot over its tags, and
@@ -185,7 +187,15 @@ fn ideal(
     for (tag, rule) in schedule {
         let carriers = || revisions.iter().filter(|r| r.tags.contains(tag));
         let newest = carriers().map(|r| r.timestamp).max();
-        if let Some(slot) = next_slot(rule.interval, offset, newest.unwrap_or(now)) {
+        // A tag no revision carries has no slot of its own yet. Counted
+        // from `now`, its slot would move with every look and, for
+        // intervals of 5 minutes or less, stay within the grace forever.
+        // So a grid point less than [`CATCH_UP_GRACE`] ago counts as its
+        // passed slot: the original waited for a slot that close and ran
+        // at it; with no record of that decision, the point just passed
+        // stands for it (issue 27, item 7).
+        let reference = newest.or_else(|| sub(now, CATCH_UP_GRACE)).unwrap_or(now);
+        if let Some(slot) = next_slot(rule.interval, offset, reference) {
             slots.insert(tag, slot);
         }
         let young = |r: &&RevisionMeta| {
@@ -460,6 +470,84 @@ pub fn expire(
         plan.kept.insert(rev.id, tags);
     }
     plan
+}
+
+/// Revisions dated after the server's clock, and when the server found
+/// each (docs/DESIGN.md, "Schedules"). Such a revision (the clock jumped
+/// forward while it was made, then came back; or a copy from a server
+/// whose clock runs ahead) would put its tags' next slots and the SLA
+/// deadline after its date: no backup and no alarm until then. Scheduling
+/// and SLA count it as dated when it was found (at start-up or after the
+/// clock stepped back) until its date is reached; `status` and `check`
+/// name it.
+///
+/// Found times live in memory: after a restart they are found again, at
+/// start-up. Pure: `now` is given by the caller.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct FutureDated {
+    found: BTreeMap<RevisionId, DateTime<Utc>>,
+}
+
+/// A job's revisions as scheduling and SLA see them at one instant.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Dated<'a> {
+    /// Every revision, those dated after `now` re-dated to when they were
+    /// found (never after `now`); in the order given.
+    pub revisions: Cow<'a, [RevisionMeta]>,
+    /// The revisions dated after `now`, in the order given.
+    pub future: Vec<RevisionId>,
+    /// Those of them found by this call (to warn about once).
+    pub found: Vec<RevisionId>,
+}
+
+impl FutureDated {
+    /// Dates `revisions` at `now`: remembers those dated after `now` not
+    /// seen before as found at `now`, forgets those no longer in the
+    /// future (or gone).
+    pub fn date<'a>(&mut self, revisions: &'a [RevisionMeta], now: DateTime<Utc>) -> Dated<'a> {
+        let future: Vec<RevisionId> = revisions
+            .iter()
+            .filter(|r| r.timestamp > now)
+            .map(|r| r.id)
+            .collect();
+        self.found.retain(|id, _| future.contains(id));
+        if future.is_empty() {
+            return Dated {
+                revisions: Cow::Borrowed(revisions),
+                future,
+                found: Vec::new(),
+            };
+        }
+        let mut found = Vec::new();
+        for id in &future {
+            self.found.entry(*id).or_insert_with(|| {
+                found.push(*id);
+                now
+            });
+        }
+        let redated = revisions
+            .iter()
+            .map(|r| match self.found.get(&r.id) {
+                // A clock that stepped back again may be before the time
+                // found: never date a revision after `now`.
+                Some(&at) if r.timestamp > now => RevisionMeta {
+                    timestamp: at.min(now),
+                    ..r.clone()
+                },
+                _ => r.clone(),
+            })
+            .collect();
+        Dated {
+            revisions: Cow::Owned(redated),
+            future,
+            found,
+        }
+    }
+
+    /// Whether nothing is remembered (the job has no future-dated revision).
+    pub fn is_empty(&self) -> bool {
+        self.found.is_empty()
+    }
 }
 
 /// Whether a job meets its service level.
@@ -921,6 +1009,135 @@ mod tests {
             assert_eq!(d.next_due, c.next_due.map(t), "{name}: {d:?}");
             assert!(d.reason.contains(c.reason), "{name}: reason {:?}", d.reason);
         }
+    }
+
+    /// Issue 27, item 7: a minutely tag added to a job with daily
+    /// revisions falls due at once, and then every minute. Before, no
+    /// revision carried it, so its slot was the next grid point after
+    /// `now`, always less than 5 minutes away: "missed minutely join the
+    /// slot ..." at every look, forever.
+    #[test]
+    fn a_short_tag_added_to_a_job_falls_due() {
+        let s = schedule(&[("daily", DAY, 9), ("minutely", 60, 5)]);
+        let mut revs = regular_history();
+        let mut now = t("2026-05-10 02:30:20");
+        let d = due(&s, TEN_AM, &revs, &no_failures(), now);
+        assert!(d.due_now, "{d:?}");
+        assert_eq!(d.tags, set(&["minutely"]), "{d:?}");
+        // Then on its own interval, walking the clock in 10 s steps.
+        revs.push(rev("2026-05-10 02:30:20", &["minutely"]));
+        let mut pushed = Vec::new();
+        while now < t("2026-05-10 02:35") {
+            now += TimeDelta::seconds(10);
+            let d = due(&s, TEN_AM, &revs, &no_failures(), now);
+            if d.due_now {
+                assert_eq!(d.tags, set(&["minutely"]), "{now}: {d:?}");
+                revs.push(meta(RevisionId::new_random(), now, &["minutely"], Trust::Trusted));
+                pushed.push(now.format("%H:%M:%S").to_string());
+            }
+        }
+        assert_eq!(
+            pushed,
+            ["02:31:00", "02:32:00", "02:33:00", "02:34:00", "02:35:00"]
+        );
+        // Intervals of more than 5 minutes keep the original's rule: a new
+        // tag whose grid point is less than 5 minutes away waits for it.
+        let s = schedule(&[("daily", DAY, 9), ("hourly", 3600, 5)]);
+        let d = due(
+            &s,
+            TEN_AM,
+            &regular_history(),
+            &no_failures(),
+            t("2026-05-10 02:57"),
+        );
+        assert!(!d.due_now, "{d:?}");
+        assert_eq!(d.next_due, Some(t("2026-05-10 03:00")), "{d:?}");
+        assert_eq!(d.next_tags, set(&["hourly"]), "{d:?}");
+        let d = due(
+            &s,
+            TEN_AM,
+            &regular_history(),
+            &no_failures(),
+            t("2026-05-10 03:00:01"),
+        );
+        assert!(d.due_now && d.tags == set(&["hourly"]), "{d:?}");
+        let d = due(
+            &s,
+            TEN_AM,
+            &regular_history(),
+            &no_failures(),
+            t("2026-05-10 02:50"),
+        );
+        assert!(d.due_now && d.reason.contains("catch-up: missed hourly"), "{d:?}");
+    }
+
+    /// Issue 27, item 6, with a fake clock: it jumps an hour forward, a
+    /// push commits (stamped by that clock), it comes back. The revision
+    /// counts as dated when found until its date is reached, so the hourly
+    /// rhythm and the SLA go on; before, the next slot and the SLA deadline
+    /// were after its date (the job stopped for an hour, `check` said OK).
+    #[test]
+    fn a_clock_step_forward_and_back_does_not_stop_the_job() {
+        let s = schedule(&[("hourly", 3600, 5)]);
+        let mut found = FutureDated::default();
+        let mut revs = vec![rev("2026-05-10 09:00:05", &["hourly"])];
+        // 09:30: the clock jumps to 10:30; the 10:00 slot has passed.
+        let now = t("2026-05-10 10:30");
+        let dated = found.date(&revs, now);
+        assert!(dated.future.is_empty() && dated.found.is_empty());
+        assert!(due(&s, 0, &dated.revisions, &no_failures(), now).due_now);
+        let ahead = rev("2026-05-10 10:30", &["hourly"]);
+        revs.push(ahead.clone());
+        // The clock comes back: 09:31.
+        let now = t("2026-05-10 09:31");
+        let dated = found.date(&revs, now);
+        assert_eq!(dated.future, [ahead.id]);
+        assert_eq!(dated.found, [ahead.id], "found now: warn once");
+        let d = due(&s, 0, &dated.revisions, &no_failures(), now);
+        assert_eq!(d.next_due, Some(t("2026-05-10 10:00")), "{d:?}");
+        let sla_now = sla(&s, &dated.revisions, now, None);
+        assert_eq!(sla_now.deadline, Some(t("2026-05-10 11:01")), "{sla_now:?}");
+        assert_eq!(dated.revisions[1].timestamp, now);
+        assert_eq!(dated.revisions[0], revs[0]);
+        // 10:00:05: still in the future, still dated when found: due.
+        let now = t("2026-05-10 10:00:05");
+        let dated = found.date(&revs, now);
+        assert_eq!(
+            (dated.future.as_slice(), dated.found.as_slice()),
+            ([ahead.id].as_slice(), [].as_slice())
+        );
+        assert_eq!(dated.revisions[1].timestamp, t("2026-05-10 09:31"));
+        let d = due(&s, 0, &dated.revisions, &no_failures(), now);
+        assert!(d.due_now && d.tags == set(&["hourly"]), "{d:?}");
+        // Two hours without a push: the SLA breaks at 11:01, not 12:00.
+        let now = t("2026-05-10 10:20");
+        let dated = found.date(&revs, now);
+        assert!(sla(&s, &dated.revisions, now, None).ok);
+        let later = t("2026-05-10 11:01:01");
+        let dated_later = FutureDated {
+            found: found.found.clone(),
+        }
+        .date(&revs, t("2026-05-10 10:29"));
+        assert!(!sla(&s, &dated_later.revisions, later, None).ok);
+        revs.push(rev("2026-05-10 10:20", &["hourly"]));
+        // Its date reached: an ordinary revision again, forgotten.
+        let now = t("2026-05-10 10:45");
+        let dated = found.date(&revs, now);
+        assert!(dated.future.is_empty() && found.is_empty());
+        assert_eq!(dated.revisions, revs.as_slice());
+        assert_eq!(
+            due(&s, 0, &dated.revisions, &no_failures(), now).next_due,
+            Some(t("2026-05-10 11:00"))
+        );
+        // A second step back, before the time it was found: never dated
+        // after `now`.
+        let mut found = FutureDated::default();
+        found.date(&revs, t("2026-05-10 09:31"));
+        let now = t("2026-05-10 08:00");
+        let dated = found.date(&revs, now);
+        assert_eq!(dated.future.len(), 3);
+        assert_eq!(dated.found.len(), 1, "the 09:00:05 one is new");
+        assert!(dated.revisions.iter().all(|r| r.timestamp <= now));
     }
 
     #[test]
@@ -1538,6 +1755,42 @@ mod tests {
             }
         }
 
+        /// Issue 27, item 6: whatever revisions are dated ahead of the
+        /// clock (up to a year) when they are found, the job is due again
+        /// within its shortest interval (plus the catch-up grace, for a tag
+        /// no revision carries) and the SLA deadline is at most its window
+        /// away.
+        #[test]
+        fn future_dated_revisions_do_not_stop_the_job(
+            (s, now, revs, offset) in arb_job(),
+            ahead in proptest::collection::vec((any::<bool>(), 1i64..366 * DAY as i64), 40),
+        ) {
+            let shortest = s.values().map(|r| r.interval.secs()).min().unwrap();
+            // Still ahead one shortest interval later.
+            let revs: Vec<RevisionMeta> = revs
+                .into_iter()
+                .zip(&ahead)
+                .map(|(r, &(moved, by))| if moved {
+                    RevisionMeta { timestamp: now + TimeDelta::seconds(shortest as i64 + by), ..r }
+                } else {
+                    r
+                })
+                .collect();
+            let mut found = FutureDated::default();
+            let dated = found.date(&revs, now);
+            prop_assert!(dated.revisions.iter().all(|r| r.timestamp <= now));
+            let then = now + TimeDelta::seconds(shortest as i64);
+            let later = found.date(&revs, then);
+            prop_assert!(later.found.is_empty());
+            let d = due(&s, offset, &later.revisions, &FailureState::default(), then);
+            let grace = TimeDelta::from_std(CATCH_UP_GRACE).unwrap();
+            prop_assert!(d.next_due.is_some_and(|t| t <= then + grace), "{:?}", d);
+            let window = TimeDelta::from_std(sla_window(&s).unwrap()).unwrap();
+            if let Some(deadline) = sla(&s, &dated.revisions, now, None).deadline {
+                prop_assert!(deadline <= now + window);
+            }
+        }
+
         /// Backoff never lets a push start before `last_failure + backoff`.
         #[test]
         fn backoff_holds((s, now, revs, offset) in arb_job(), n in 0u32..20, ago in 0i64..8 * 3600) {
@@ -1551,6 +1804,129 @@ mod tests {
             prop_assert_eq!(d.next_due, plain.next_due.map(|p| if d.due_now { p } else { p.max(retry) }));
         }
 
+    }
+
+    /// A tag pool for schedules that change: intervals from a minute to
+    /// months.
+    fn arb_pool() -> impl Strategy<Value = Vec<(String, TagRule)>> {
+        const SECS: [u64; 12] = [
+            60,
+            120,
+            180,
+            300,
+            420,
+            600,
+            3600,
+            90 * 60,
+            6 * 3600,
+            DAY,
+            7 * DAY,
+            30 * DAY,
+        ];
+        proptest::collection::vec((proptest::sample::select(SECS.to_vec()), 1u32..4), 2..6).prop_map(
+            |rules| {
+                rules
+                    .into_iter()
+                    .enumerate()
+                    .map(|(i, (secs, keep))| {
+                        let rule = TagRule {
+                            interval: Interval::from_secs(secs),
+                            keep,
+                        };
+                        (format!("t{i}"), rule)
+                    })
+                    .collect()
+            },
+        )
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+
+        /// Issue 27, item 7. A scheduler that pushes the due tags (with up
+        /// to `latency` of delay after each due time) while tags are added
+        /// to and removed from the schedule at random times: no tag of the
+        /// current schedule goes without a revision for more than its
+        /// interval (plus the latency), counted from its newest revision or
+        /// from when it was added, whichever is later.
+        #[test]
+        fn no_tag_is_deferred_past_its_interval(
+            pool in arb_pool(),
+            first in proptest::collection::vec(any::<bool>(), 6),
+            changes in proptest::collection::vec((1i64..4 * DAY as i64, any::<proptest::sample::Index>()), 0..12),
+            start in arb_time(),
+            job in "[a-z]{1,8}",
+            latency in 0i64..20,
+        ) {
+            let latency = TimeDelta::seconds(latency);
+            let mut added: BTreeMap<String, DateTime<Utc>> = pool
+                .iter()
+                .zip(&first)
+                .filter(|(_, &on)| on)
+                .map(|((tag, _), _)| (tag.clone(), start))
+                .collect();
+            if added.is_empty() {
+                added.insert(pool[0].0.clone(), start);
+            }
+            let mut change_at = start;
+            let mut changes: Vec<(DateTime<Utc>, usize)> = changes
+                .iter()
+                .map(|(gap, which)| {
+                    change_at += TimeDelta::seconds(*gap);
+                    (change_at, which.index(pool.len()))
+                })
+                .collect();
+            changes.reverse();
+            let mut revs: Vec<RevisionMeta> = Vec::new();
+            let mut now = start;
+            for _ in 0..300 {
+                let s: Schedule = pool
+                    .iter()
+                    .filter(|(tag, _)| added.contains_key(tag))
+                    .map(|(tag, rule)| (tag.clone(), *rule))
+                    .collect();
+                let offset = spread_offset(&job, &s);
+                for (tag, rule) in &s {
+                    let newest = revs
+                        .iter()
+                        .filter(|r| r.tags.contains(tag))
+                        .map(|r| r.timestamp)
+                        .max();
+                    let since = newest.map_or(added[tag], |n| n.max(added[tag]));
+                    let limit = TimeDelta::seconds(rule.interval.secs() as i64) + latency;
+                    prop_assert!(
+                        now - since <= limit,
+                        "{} ({}) without a revision from {} to {}: {:?}",
+                        tag, rule.interval, since, now, due(&s, offset, &revs, &FailureState::default(), now)
+                    );
+                }
+                let d = due(&s, offset, &revs, &FailureState::default(), now);
+                if d.due_now {
+                    let tags: Vec<&str> = d.tags.iter().map(String::as_str).collect();
+                    let new = meta(RevisionId::new_random(), now, &tags, Trust::Trusted);
+                    let id = new.id;
+                    revs.push(new);
+                    let plan = expire(&s, &revs, now, &BTreeSet::new(), ExpiryRun::AfterCommit(id));
+                    revs = apply(&revs, &plan);
+                }
+                let d = due(&s, offset, &revs, &FailureState::default(), now);
+                prop_assert!(!d.due_now, "due again after the push: {:?}", d);
+                let next = d.next_due.unwrap() + latency;
+                match changes.last() {
+                    Some(&(at, which)) if at <= next => {
+                        changes.pop();
+                        now = at.max(now);
+                        let tag = &pool[which].0;
+                        // Added, or removed (but never the last one:
+                        // that one is added again at once).
+                        if added.remove(tag).is_none() || added.is_empty() {
+                            added.insert(tag.clone(), now);
+                        }
+                    }
+                    _ => now = next,
+                }
+            }
+        }
     }
 
     proptest! {

@@ -186,4 +186,16 @@ mod tests {
         );
         assert_eq!(Spec::parse("").unwrap_err().kind, ErrorKind::InvalidArgument);
     }
+
+    proptest::proptest! {
+        /// Issue 27, item 9: every tag `check_tag` accepts is read by
+        /// `Spec::parse` as a word (a tag), and every one it refuses for
+        /// that reason is not.
+        #[test]
+        fn accepted_tags_are_read_as_tags(tag in "([0-9]{1,12}|all|latest|last|[ -~]{1,70}|[0-9a-f-]{36})") {
+            let word = matches!(Spec::parse(&tag), Ok(Spec::Word(w)) if w == tag);
+            let format_ok = check_tag_format(&tag).is_ok();
+            proptest::prop_assert_eq!(check_tag(&tag).is_ok(), format_ok && word, "{:?}", tag);
+        }
+    }
 }

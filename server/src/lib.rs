@@ -231,6 +231,8 @@ fn open_some(server: &Server, config: &ServerConfig, names: &[&backy_common::Job
         let txn = job::Txn::begin(server, &job)?;
         txn.clean_leftovers(resumable.map(|r| r.id))?;
         job.point_latest(txn.revisions().last().map(|r| &r.id))?;
+        // Revisions dated after the clock are found (and warned about) here.
+        server.dated(name, txn.revisions(), chrono::Utc::now());
     }
     Ok(())
 }

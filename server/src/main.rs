@@ -193,6 +193,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     }
     let preflight = preflight(&config, &cli.config)?;
     if let Some(Command::CheckConfig) = cli.command {
+        // Warnings, not errors: the revisions stay usable by id.
+        let misread = backy_server::revisions::misread_tags(&config).context("reading the store")?;
+        for line in &misread {
+            eprintln!("warning: {line}; rename it: `backy-client tags JOB -r ID add NEW`, then `remove TAG`");
+        }
         println!(
             "{}: OK ({}, {}, storage {})",
             cli.config.display(),

@@ -12,15 +12,33 @@ use backy_common::{fault, Result, RevisionId};
 use chrono::{DateTime, Utc};
 use std::collections::BTreeSet;
 
-/// The due state of a scheduled job now.
+/// The due state of a scheduled job now. Revisions dated after the
+/// server's clock count as dated when found, and the reason says so.
 pub fn due_state(server: &Server, job: &JobDir, schedule: &Schedule, revs: &[RevisionMeta]) -> DueState {
+    let now = Utc::now();
     let rt = server.job_runtime(job.name());
     let failures = FailureState {
         consecutive: rt.failures,
         last_failure: rt.last_failure,
     };
     let offset = schedule::spread_offset(job.name().as_str(), schedule);
-    schedule::due(schedule, offset, revs, &failures, Utc::now())
+    let dated = server.dated(job.name(), revs, now);
+    let mut state = schedule::due(schedule, offset, &dated.revisions, &failures, now);
+    if !dated.future.is_empty() {
+        state.reason.push_str(&future_note(&dated.future));
+    }
+    state
+}
+
+/// The warning appended to reasons while a job has revisions dated after
+/// the server's clock.
+pub fn future_note(ids: &[RevisionId]) -> String {
+    let ids: Vec<String> = ids.iter().map(ToString::to_string).collect();
+    format!(
+        "; warning: {} dated after the server's clock ({}) counted as dated when found",
+        backy_common::units::count(ids.len() as u64, "revision"),
+        ids.join(", ")
+    )
 }
 
 /// Applies expiry to a job in `txn` (its revisions as read from disk);

@@ -4,7 +4,8 @@
 
 use crate::storage::JobDir;
 use backy_common::config::ServerConfig;
-use backy_common::revision::StorageMode;
+use backy_common::revision::{RevisionMeta, StorageMode};
+use backy_common::schedule::{Dated, FutureDated};
 use backy_common::{JobName, Result, RevisionId};
 use chrono::{DateTime, Utc};
 use std::collections::{BTreeSet, HashMap};
@@ -47,6 +48,8 @@ pub struct Server {
     pub replication: crate::replica::Replication,
     /// As a source: what each replica fetched.
     pub fetched: crate::replica::FetchLog,
+    /// Per job with revisions dated after the clock: when each was found.
+    future: Mutex<HashMap<JobName, FutureDated>>,
 }
 
 impl Server {
@@ -67,6 +70,7 @@ impl Server {
             stopping: Default::default(),
             replication,
             fetched,
+            future: Mutex::new(HashMap::new()),
         }
     }
 
@@ -125,6 +129,29 @@ impl Server {
         let config = self.config();
         config.job(&name)?;
         Ok(JobDir::new(&config.base_dir, name))
+    }
+
+    /// `revs` of `job` as scheduling and SLA see them at `now`: revisions
+    /// dated after `now` count as dated when first found (see
+    /// [`FutureDated`]). Each is logged once, as a warning, when found.
+    pub fn dated<'a>(&self, job: &JobName, revs: &'a [RevisionMeta], now: DateTime<Utc>) -> Dated<'a> {
+        let mut all = self.future.lock().unwrap_or_else(|p| p.into_inner());
+        // Most jobs have none: nothing is kept for them.
+        let mut mine = all.remove(job).unwrap_or_default();
+        let dated = mine.date(revs, now);
+        if !mine.is_empty() {
+            all.insert(job.clone(), mine);
+        }
+        drop(all);
+        for id in &dated.found {
+            let at = revs.iter().find(|r| r.id == *id).map(|r| r.timestamp);
+            tracing::warn!(
+                job = %job, rev = %id, timestamp = ?at, now = %now,
+                "revision dated after the server's clock (the clock stepped back?): \
+                 scheduling and SLA count it as dated now until its date is reached"
+            );
+        }
+        dated
     }
 
     pub fn job_runtime(&self, job: &JobName) -> JobRuntime {

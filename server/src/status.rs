@@ -21,13 +21,17 @@ struct Health {
     next_due: Option<backy_proto::prost_types::Timestamp>,
     next_tags: Vec<String>,
     runtime: JobRuntime,
+    /// Revisions dated after the server's clock.
+    future: Vec<String>,
 }
 
 fn health(server: &Server, config: &ServerConfig, job: &JobDir, entry: &JobEntry) -> Result<Health> {
     let revs = &entry.revisions;
     let job_cfg = config.job(job.name())?;
+    let now = chrono::Utc::now();
+    let dated = server.dated(job.name(), revs, now);
     let sched = config.schedule_of(job_cfg).map(|s| {
-        let sla = backy_common::schedule::sla(s, revs, chrono::Utc::now(), entry.since);
+        let sla = backy_common::schedule::sla(s, &dated.revisions, now, entry.since);
         (sla, crate::schedule::due_state(server, job, s, revs))
     });
     let storage = revs.last().map(|r| r.storage).unwrap_or(server.storage_mode);
@@ -52,6 +56,7 @@ fn health(server: &Server, config: &ServerConfig, job: &JobDir, entry: &JobEntry
             .map(|(_, due)| due.next_tags.iter().cloned().collect())
             .unwrap_or_default(),
         runtime: server.job_runtime(job.name()),
+        future: dated.future.iter().map(ToString::to_string).collect(),
     })
 }
 
@@ -94,6 +99,7 @@ pub fn status(server: &Server, req: &StatusRequest) -> Result<StatusReply> {
                     at: Some(backy_proto::timestamp(&f.at)),
                 })
                 .collect(),
+            future_revisions: h.future,
         });
     }
     Ok(StatusReply { jobs })
@@ -154,5 +160,6 @@ pub fn summary(server: &Server, config: &ServerConfig, name: &JobName) -> Result
         failures: h.runtime.failures,
         last_error: h.runtime.last_error,
         replica: replica_state(server, config, name),
+        future_revisions: h.future,
     })
 }

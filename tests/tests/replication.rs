@@ -457,3 +457,66 @@ fn a_copy_that_does_not_verify_on_arrival_commits_nothing_and_is_retried() {
     assert_eq!(round(&replica, mark).len(), 1);
     restore_equals(&replica, "vm1", &a, &ra, p.dir.path());
 }
+
+/// Issue 27, item 6: a source revision dated after the replica's clock
+/// (the source's clock had jumped ahead) is not copied before its date:
+/// the replica never commits one. The round fails naming it, `check` warns,
+/// and it stays owed; the source names it in its own status.
+#[test]
+fn a_source_revision_dated_after_the_replicas_clock_waits_and_is_named() {
+    let mut p = Pair::new("");
+    let a = p.push("vm1");
+    let b = p.push("vm1");
+    p.source.kill();
+    let rev = p._source_fs.mount.join("vm1").join(format!("{b}.rev"));
+    let ahead = (chrono::Utc::now() + chrono::Duration::hours(1)).to_rfc3339();
+    let text: String = std::fs::read_to_string(&rev)
+        .unwrap()
+        .lines()
+        .map(|l| {
+            if l.starts_with("timestamp:") {
+                format!("timestamp: {ahead}\n")
+            } else {
+                format!("{l}\n")
+            }
+        })
+        .collect();
+    std::fs::write(&rev, text).unwrap();
+    p.source.restart();
+    p.source.url = p.source.url.replace("http://", "https://");
+    let status: Value = serde_json::from_str(&p.hv(&["--json", "status", "vm1"])).unwrap();
+    assert_eq!(
+        status["jobs"][0]["future_revisions"],
+        serde_json::json!([b]),
+        "{status}"
+    );
+
+    let replica = p.replica("");
+    let line = replica.wait_log(0, "replication round done");
+    assert!(line.contains("copied=1") && !line.contains("failed=0"), "{line}");
+    assert_eq!(ids(&replica.revisions("vm1")), vec![a]);
+    let state = &replica.status_json("vm1")["jobs"][0]["replica"];
+    assert_eq!(state["missing"], 1, "{state}");
+    let error = state["last_error"].as_str().unwrap();
+    assert!(
+        error.contains(&format!("revision {b} is dated")) && error.contains("after this server's clock"),
+        "{error}"
+    );
+    let check = replica.client(&["check", "vm1"]);
+    assert_eq!(
+        check.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&check.stdout)
+    );
+    assert!(
+        replica
+            .base
+            .join("vm1/.partial")
+            .read_dir()
+            .unwrap()
+            .next()
+            .is_none(),
+        "nothing fetched of it"
+    );
+}

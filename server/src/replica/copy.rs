@@ -51,8 +51,20 @@ fn check_listing(
             crate::push::MAX_TAGS
         )));
     }
+    // The form only: a copy keeps the source's tags, even one that revision
+    // specs misread (`check-config` names those on both servers).
     for tag in &target.tags {
-        backy_common::revision::check_tag(tag).map_err(|e| e.context(format!("revision {}", target.id)))?;
+        backy_common::revision::check_tag_format(tag)
+            .map_err(|e| e.context(format!("revision {}", target.id)))?;
+    }
+    // This server never commits a revision dated after its clock: refused
+    // before anything travels, copied in a later round.
+    let now = chrono::Utc::now();
+    if target.timestamp > now {
+        return Err(Error::precondition(format!(
+            "revision {} is dated {}, after this server's clock ({now}): not copied before then",
+            target.id, target.timestamp
+        )));
     }
     Ok(())
 }

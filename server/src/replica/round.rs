@@ -170,7 +170,7 @@ async fn job_round(server: &Arc<Server>, client: &Client, name: &JobName, tally:
         None => Owed::All,
     };
     let here = held(server, &job).await?;
-    let transfers = replicate::plan(&source, &here, owed);
+    let transfers = replicate::plan(&source, &here, owed, at);
     let handle = tokio::runtime::Handle::current();
     let mut failure = None;
     for transfer in transfers {

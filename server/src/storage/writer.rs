@@ -583,6 +583,16 @@ impl NewRevision {
     /// written beside it. `whose`: whose manifest `expected_manifest` is,
     /// for the error.
     fn seal(mut self, expected_manifest: &[u8], whose: &str) -> Result<Sealed> {
+        // Never a revision dated after this server's clock (a clock that
+        // stepped back during the push, a source whose clock runs ahead):
+        // its tags' next slots and the SLA deadline would follow its date.
+        let now = Utc::now();
+        if self.timestamp > now {
+            return Err(Error::precondition(format!(
+                "revision {} would be dated {}, after this server's clock ({now}): not committed",
+                self.spec.id, self.timestamp
+            )));
+        }
         tracing::info!(
             job = %self.job.name(), rev = %self.spec.id, blocks = self.touched.len(),
             "commit: digesting the blocks written since the last checkpoint"
@@ -1022,6 +1032,33 @@ mod tests {
         let e = rev.commit(&end(&sum, &manifest_of(&image, BS))).unwrap_err();
         assert_eq!(e.kind, ErrorKind::Unavailable);
         assert!(!job.rev_path(&id).exists());
+        assert_eq!(partial_files(&job), 0);
+    }
+
+    /// Issue 27, item 6: a revision dated after the server's clock (a push
+    /// whose clock stepped back while it ran, a copy from a source whose
+    /// clock runs ahead) is not committed.
+    #[test]
+    fn a_timestamp_after_the_clock_is_not_committed() {
+        let dir = tempfile::tempdir().unwrap();
+        let job = job(dir.path());
+        let ahead = Utc::now() + chrono::Duration::hours(1);
+        let mut rev = full(&job, B);
+        let id = rev.spec.id;
+        rev.timestamp = ahead;
+        let e = rev
+            .commit(&end(&StreamChecksum::new(), &Manifest::zeroed(B, BS).unwrap()))
+            .unwrap_err();
+        assert_eq!(e.kind, ErrorKind::FailedPrecondition, "{e}");
+        assert!(e.message.contains("after this server's clock"), "{e}");
+        let rev = full(&job, B);
+        let copy = rev.spec.id;
+        let manifest = Manifest::zeroed(B, BS).unwrap();
+        let e = rev.commit_copy(ahead, &manifest.file_digest()).unwrap_err();
+        assert_eq!(e.kind, ErrorKind::FailedPrecondition, "{e}");
+        for id in [id, copy] {
+            assert!(!job.rev_path(&id).exists() && !job.image_path(&id).exists());
+        }
         assert_eq!(partial_files(&job), 0);
     }
 }
