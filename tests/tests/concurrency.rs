@@ -100,7 +100,7 @@ async fn a_running_push_blocks_only_what_it_must() {
         "verify during a push: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    // The base of the running push cannot be forgotten (the job is locked).
+    // The base of the running push cannot be forgotten (it is in use).
     let out = run(vec!["forget".into(), "vm1".into(), "-r".into(), "latest".into()])
         .await
         .unwrap();
