@@ -44,6 +44,9 @@ const SERVER_POINTS: &[&str] = &[
     "commit.rev-written",
     "push.committed",
     "expiry.retagged",
+    // The deletion journaled, no file removed yet: the deletion completes
+    // at the restart.
+    "delete.journaled",
     "delete.rev-removed",
     "delete.image-removed",
     "expiry.deleted",
