@@ -36,7 +36,7 @@ pub async fn serve(
         }
         Err(_) => return,
     };
-    let agent_name = crate::service::clip(&hello.agent);
+    let agent_name = crate::text::clip(&hello.agent);
     if let Err(status) = crate::auth::authorize_agent(&caller, &hello.agent) {
         let action = format!("agent connect {agent_name}");
         crate::audit::record(

@@ -19,7 +19,7 @@ impl Outcome<'_> {
         match self {
             Outcome::Ok => "ok".into(),
             Outcome::Done(s) => s.to_string(),
-            Outcome::Failed(e) => format!("failed: {}", crate::service::clip(&e.to_string())),
+            Outcome::Failed(e) => format!("failed: {}", crate::text::clip(&e.to_string())),
         }
     }
 }
@@ -27,8 +27,8 @@ impl Outcome<'_> {
 /// Records one request.
 pub fn record(caller: &Caller, action: &str, job: &str, revision: &str, outcome: Outcome<'_>) {
     let outcome = outcome.text();
-    let job = crate::service::clip(job);
-    let revision = crate::service::clip(revision);
+    let job = crate::text::clip(job);
+    let revision = crate::text::clip(revision);
     tracing::info!(
         target: "backy::audit",
         identity = %caller.name,

@@ -251,7 +251,7 @@ pub fn check_protocol<T>(req: &Request<T>) -> Result<(), Status> {
     }
     let client = header(backy_proto::VERSION_HEADER).map_or_else(
         || "backy-client".to_string(),
-        |v| format!("backy-client {}", crate::service::clip(v)),
+        |v| format!("backy-client {}", crate::text::clip(v)),
     );
     let e = backy_common::Error::precondition(format!(
         "{client} speaks protocol {protocol}; this backy-server {} speaks {} and accepts {} or newer: \

@@ -14,7 +14,7 @@
 use crate::state::Server;
 use crate::storage::jobdir::RecordVersion;
 use crate::storage::lock::JobLock;
-use crate::storage::{durable, JobDir};
+use crate::storage::{durable, JobDir, Sealed};
 use backy_common::revision::{RevisionMeta, Trust};
 use backy_common::spec::Spec;
 use backy_common::{fault, Error, Result, RevisionId};
@@ -210,16 +210,39 @@ impl<'a> Txn<'a> {
         Ok(removed)
     }
 
-    /// Removes the files of `id` that no `.rev` owns (an earlier attempt's).
-    pub(crate) fn clean_orphans_of(&self, id: &RevisionId) -> Result<()> {
-        self.job.remove_orphan(&self.lock, id)
-    }
-
-    /// Adds a revision just committed (by [`crate::storage::Sealed::publish`]).
-    pub(crate) fn committed(&mut self, meta: RevisionMeta) {
-        self.revisions.push(meta);
+    /// Publishes a sealed revision: checks, as on disk now, that its id is
+    /// new and that its parent still exists and may still be built on (a
+    /// distrust or a forget during the push wins), then installs it.
+    pub fn publish(&mut self, sealed: Sealed) -> Result<RevisionMeta> {
+        let id = sealed.meta().id;
+        if self.get(&id).is_some() {
+            return Err(Error::exists(format!(
+                "job {}: revision {id} exists already",
+                self.job.name()
+            )));
+        }
+        if let Some(pid) = sealed.meta().parent {
+            match self.get(&pid) {
+                None => {
+                    return Err(Error::precondition(format!(
+                        "parent revision {pid} was removed during the push; nothing was committed, \
+                         run the push again"
+                    )))
+                }
+                Some(p) if !p.trust.usable_as_parent() => {
+                    return Err(Error::precondition(format!(
+                        "parent revision {pid} was distrusted during the push; nothing was committed, \
+                         run the push again for a full backup"
+                    )))
+                }
+                Some(_) => {}
+            }
+        }
+        let meta = sealed.install(&self.lock)?;
+        self.revisions.push(meta.clone());
         self.revisions
             .sort_by(|a, b| a.timestamp.cmp(&b.timestamp).then(a.id.cmp(&b.id)));
+        Ok(meta)
     }
 
     /// Points `latest` at the newest revision (people read it, never the
@@ -310,7 +333,7 @@ mod tests {
         };
         let sealed = rev.commit(&end).unwrap();
         let mut txn = Txn::begin(&f.server, &f.job).unwrap();
-        sealed.publish(&mut txn).unwrap()
+        txn.publish(sealed).unwrap()
     }
 
     fn on_disk(f: &Fixture, id: &RevisionId) -> RevisionMeta {
@@ -492,7 +515,7 @@ mod tests {
         let sealed = rev.commit(&end).unwrap();
         revisions::distrust(&f.server, &f.job, &parent.id.to_string(), Apply::Yes).unwrap();
         let mut txn = Txn::begin(&f.server, &f.job).unwrap();
-        let e = sealed.publish(&mut txn).unwrap_err();
+        let e = txn.publish(sealed).unwrap_err();
         assert_eq!(e.kind, ErrorKind::FailedPrecondition, "{}", e.message);
         assert!(e.message.contains("distrusted during the push"), "{}", e.message);
         drop(txn);

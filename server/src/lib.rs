@@ -22,6 +22,7 @@ pub mod service;
 pub mod state;
 pub mod status;
 pub mod storage;
+pub mod text;
 pub mod tls;
 pub mod wire;
 pub mod work;

@@ -227,7 +227,7 @@ pub fn publish_and_expire(
     point: &str,
 ) -> Result<(RevisionMeta, Vec<RevisionId>)> {
     let mut txn = Txn::begin(server, job)?;
-    let meta = sealed.publish(&mut txn)?;
+    let meta = txn.publish(sealed)?;
     let config = server.config();
     let schedule = config.job(job.name()).ok().and_then(|j| config.schedule_of(j));
     let expired = fault::fail(point)

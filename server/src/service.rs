@@ -6,6 +6,7 @@ use crate::auth::{self, Action, Caller, StreamLimiter};
 use crate::push::Step;
 use crate::state::Server;
 use crate::storage::PushEnd;
+use crate::text::clip;
 use crate::wire::to_status;
 use crate::work::Gate;
 use backy_common::{Error, Result};
@@ -317,16 +318,6 @@ fn stall_guarded<T: Send + 'static>(
         }
     });
     ReceiverStream::new(rx)
-}
-
-/// At most 1 KiB of peer-supplied text, on one line, for logs and status.
-pub fn clip(text: &str) -> String {
-    const MAX: usize = 1024;
-    let line = text.split_whitespace().collect::<Vec<_>>().join(" ");
-    match line.char_indices().nth(MAX) {
-        Some((i, _)) => format!("{}…", &line[..i]),
-        None => line,
-    }
 }
 
 fn out_of_order(what: &str) -> Status {

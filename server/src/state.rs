@@ -237,7 +237,7 @@ impl Server {
     }
 
     fn count_client_failure(&self, job: &JobName, rev: Option<RevisionId>, error: &str) -> u32 {
-        let error = crate::service::clip(error);
+        let error = crate::text::clip(error);
         let mut rt = self.runtime();
         let r = rt.entry(job.clone()).or_default();
         let now = Utc::now();
@@ -264,7 +264,7 @@ impl Server {
                 Err(e) => {
                     r.failures = r.failures.saturating_add(1);
                     r.last_failure = Some(Utc::now());
-                    r.last_error = crate::service::clip(e);
+                    r.last_error = crate::text::clip(e);
                 }
             }
         }

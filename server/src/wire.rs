@@ -47,7 +47,7 @@ pub fn to_status(e: Error) -> Status {
     };
     Status::with_details(
         code_of(e.kind),
-        crate::service::clip(&message),
+        crate::text::clip(&message),
         backy_proto::error_detail(e.kind, e.reason).into(),
     )
 }

@@ -668,40 +668,18 @@ impl Sealed {
         &self.meta
     }
 
-    /// Makes the revision visible: checks in `txn` (read from disk under
-    /// the job's lock) that its id is new and that its parent still exists
-    /// and may still be built on (a distrust during the push wins), moves
-    /// the image and the manifest into place without replacing anything,
-    /// and writes the `.rev` last.
-    pub fn publish(mut self, txn: &mut crate::job::Txn<'_>) -> Result<RevisionMeta> {
-        let job = txn.job().clone();
+    /// Makes the revision visible: moves the image and the manifest into
+    /// place without replacing anything, and writes the `.rev` last. Only
+    /// the job's transaction calls this (see `crate::job::Txn::publish`),
+    /// after checking the id and the parent on disk: it takes the job's
+    /// lock as proof.
+    pub fn install(mut self, held: &super::lock::JobLock) -> Result<RevisionMeta> {
+        let job = self.rev.job.clone();
         let id = self.meta.id;
-        if txn.get(&id).is_some() {
-            return Err(Error::exists(format!(
-                "job {}: revision {id} exists already",
-                job.name()
-            )));
-        }
-        if let Some(pid) = self.meta.parent {
-            match txn.get(&pid) {
-                None => {
-                    return Err(Error::precondition(format!(
-                        "parent revision {pid} was removed during the push; nothing was committed, run the push again"
-                    )))
-                }
-                Some(p) if !p.trust.usable_as_parent() => {
-                    return Err(Error::precondition(format!(
-                        "parent revision {pid} was distrusted during the push; nothing was committed, \
-                         run the push again for a full backup"
-                    )))
-                }
-                Some(_) => {}
-            }
-        }
         // Files of this id without a `.rev` are leftovers of an earlier
         // attempt (no revision owns them): they must not block the rename,
         // and nothing else may be replaced by it.
-        txn.clean_orphans_of(&id)?;
+        job.remove_orphan(held, &id)?;
         let partial_digests = self
             .partial_digests
             .0
@@ -717,7 +695,6 @@ impl Sealed {
         durable::write_atomic(&job.rev_path(&id), self.meta.to_yaml()?.as_bytes())?;
         self.rev.committed = true;
         fault::point("commit.rev-written");
-        txn.committed(self.meta.clone());
         Ok(self.meta)
     }
 }
@@ -803,7 +780,7 @@ mod tests {
         let base = job.path().parent().unwrap();
         let server = crate::job::test_server(base, &format!("  {}: {{schedule: none}}\n", job.name()));
         let mut txn = crate::job::Txn::begin(&server, job).unwrap();
-        sealed.publish(&mut txn).unwrap()
+        txn.publish(sealed).unwrap()
     }
 
     /// The manifest of a whole image in blocks of `bs` bytes.
