@@ -197,6 +197,18 @@ impl<'a> Txn<'a> {
         Ok(())
     }
 
+    /// Leftover cleanup at the start of this job's own push or copy (which
+    /// holds the push slot): keeps only `resumable`, so stale files under
+    /// the id of this push are removed too.
+    pub fn clean_leftovers_for_push(&self, resumable: Option<RevisionId>) -> Result<Vec<PathBuf>> {
+        let keep: Vec<RevisionId> = resumable.into_iter().collect();
+        let removed = self.job.clean_leftovers(&self.lock, &keep)?;
+        for p in &removed {
+            tracing::info!(job = %self.job.name(), "removed leftover {}", p.display());
+        }
+        Ok(removed)
+    }
+
     /// Removes what no committed revision owns (see
     /// [`JobDir::clean_leftovers`]), keeping the files of a running push
     /// and of the resumable one, `resumable`.
@@ -812,7 +824,7 @@ mod tests {
         let id = RevisionId::new_random();
         let running = f.server.try_start_push(f.job.name(), id)?;
         let txn = Txn::begin(&f.server, &f.job)?;
-        txn.clean_leftovers(None)?;
+        txn.clean_leftovers_for_push(None)?;
         let parent = if rng.below(3) == 0 {
             None
         } else {
@@ -846,7 +858,7 @@ mod tests {
                 manifest_digest: manifest.file_digest().to_vec(),
             })?
         };
-        crate::push::publish_and_expire(&f.server, &f.job, sealed, "stress.after-commit")?;
+        crate::push::publish_and_expire(&f.server, &f.job, sealed, &running, "stress.after-commit")?;
         drop(running);
         Ok(())
     }

@@ -97,7 +97,7 @@ pub fn run(
     } else {
         None
     };
-    txn.clean_leftovers(resuming.as_ref().map(|r| r.id))?;
+    txn.clean_leftovers_for_push(resuming.as_ref().map(|r| r.id))?;
     fault::point("push.locked");
     let revs = txn.revisions();
     if revs.iter().any(|r| r.id == id) {
@@ -204,7 +204,7 @@ pub fn run(
             });
         }
     };
-    let (meta, expired) = publish_and_expire(&server, &job, sealed, "push.after-commit")?;
+    let (meta, expired) = publish_and_expire(&server, &job, sealed, &running, "push.after-commit")?;
     fault::point("push.committed");
     // The parent is no longer read: it expires like any other revision now.
     drop(running);
@@ -224,10 +224,14 @@ pub fn publish_and_expire(
     server: &Server,
     job: &crate::storage::JobDir,
     sealed: crate::storage::Sealed,
+    slot: &crate::state::PushGuard,
     point: &str,
 ) -> Result<(RevisionMeta, Vec<RevisionId>)> {
     let mut txn = Txn::begin(server, job)?;
     let meta = txn.publish(sealed)?;
+    // Published: the parent is no longer read, and expires like any other
+    // revision from here on.
+    slot.set_parent(None);
     let config = server.config();
     let schedule = config.job(job.name()).ok().and_then(|j| config.schedule_of(j));
     let expired = fault::fail(point)

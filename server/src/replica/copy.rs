@@ -110,7 +110,7 @@ pub fn copy(
     let resumable = job
         .resumable(window, chrono::Utc::now())
         .filter(|r| r.id == target.id && r.parent == transfer.base && r.size == target.size);
-    txn.clean_leftovers(resumable.as_ref().map(|r| r.id))?;
+    txn.clean_leftovers_for_push(resumable.as_ref().map(|r| r.id))?;
     // Under the lock: expiry and mirroring keep the base from here on.
     running.set_parent(transfer.base);
     drop(txn);
@@ -206,7 +206,7 @@ pub fn copy(
         return Err(e);
     }
     let sealed = rev.commit_copy(target.timestamp, &expected)?;
-    let (meta, _) = crate::push::publish_and_expire(server, job, sealed, "replica.after-commit")?;
+    let (meta, _) = crate::push::publish_and_expire(server, job, sealed, &running, "replica.after-commit")?;
     drop(running);
     server.metrics.received(received as usize);
     Ok(Copied {
