@@ -40,7 +40,7 @@ echo "== cargo test"
 # fault injection (BACKY_FAULT), which packaged builds lack: both commands
 # name it, or cargo test would rebuild the binaries without it.
 features=(--features backy-common/fault-injection)
-# The job transaction's stress test (server/src/job.rs) runs a minute here.
+# The job transaction's stress test (server/src/job/txn.rs) runs a minute here.
 export BACKY_STRESS_SECS=${BACKY_STRESS_SECS:-60}
 cargo build --release --workspace --bins --examples --quiet "${features[@]}"
 set +e

@@ -63,7 +63,7 @@ pub async fn serve(
     // Planning wakes at the earliest next due time of the agent's jobs, or
     // when anything changes (a commit, expiry, an outcome, a reload): an
     // idle site costs nothing per second, however many jobs and agents.
-    let mut changes = server.index.subscribe();
+    let mut changes = server.jobs.index.subscribe();
     let mut wake = tokio::time::Instant::now();
     loop {
         tokio::select! {
@@ -164,11 +164,11 @@ fn due_orders(server: &Server, agent: &str, outstanding: &BTreeSet<JobName>, roo
         if server.is_copy(name) {
             continue; // its revisions come from the source
         }
-        if outstanding.contains(name) || server.job_runtime(name).push.is_some() {
+        if outstanding.contains(name) || server.jobs.activity.job_runtime(name).push.is_some() {
             continue; // its outcome wakes planning again
         }
         let job = server.job(name.as_str())?;
-        let entry = server.indexed(&job)?;
+        let entry = server.jobs.indexed(&job)?;
         let state = crate::schedule::due_state(server, &job, schedule, &entry.revisions);
         if state.due_now && planned.orders.len() < room {
             planned.orders.push((

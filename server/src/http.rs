@@ -84,7 +84,7 @@ impl HttpListener {
     /// can say 503 while streams drain).
     pub fn spawn(self, server: Arc<Server>) {
         let app = Arc::new(App {
-            host: crate::metrics::registry(&server),
+            host: crate::scrape::registry(&server),
             server,
         });
         let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
@@ -214,7 +214,7 @@ async fn handle(app: Arc<App>, req: Request<Incoming>, peer: SocketAddr) -> Repl
 fn route(app: &App, path: &str, caller: &Caller) -> Reply {
     let server = &app.server;
     if path == "/metrics" {
-        return match crate::metrics::render(&app.host, server, caller) {
+        return match crate::scrape::render(&app.host, server, caller) {
             Ok(body) => reply(
                 StatusCode::OK,
                 prometheus_client::encoding::prometheus_text::CONTENT_TYPE,

@@ -5,7 +5,6 @@ pub mod agent;
 pub mod audit;
 pub mod auth;
 pub mod http;
-pub mod index;
 pub mod job;
 pub mod listener;
 pub mod metrics;
@@ -14,9 +13,11 @@ pub mod page;
 pub mod plan;
 pub mod push;
 pub mod replica;
+pub mod replication;
 pub mod restore;
 pub mod revisions;
 pub mod schedule;
+pub mod scrape;
 pub mod scrub;
 pub mod service;
 pub mod state;
@@ -229,11 +230,14 @@ fn open_some(server: &Server, config: &ServerConfig, names: &[&backy_common::Job
         }
         // A transaction completes an interrupted deletion and removes what
         // no revision owns.
-        let txn = job::Txn::begin(server, &job)?;
+        let txn = job::Txn::begin(&server.jobs, &job)?;
         txn.clean_leftovers(resumable.map(|r| r.id))?;
         job.point_latest(txn.revisions().last().map(|r| &r.id))?;
         // Revisions dated after the clock are found (and warned about) here.
-        server.dated(name, txn.revisions(), chrono::Utc::now());
+        server
+            .jobs
+            .activity
+            .dated(name, txn.revisions(), chrono::Utc::now());
     }
     Ok(())
 }

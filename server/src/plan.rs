@@ -17,9 +17,9 @@ pub fn plan(server: &Server, req: &PlanRequest) -> Result<PlanReply> {
     let job = server.job(&req.job)?;
     let config = server.config();
     let job_cfg = config.job(job.name())?;
-    crate::push::refuse_copies(server, &job)?;
+    refuse_copies(server, &job)?;
     crate::revisions::check_tags(&req.tags, config.schedule_of(job_cfg), req.allow_unscheduled)?;
-    let entry = server.indexed(&job)?;
+    let entry = server.jobs.indexed(&job)?;
     let revs = &entry.revisions;
     let (due, tags, reason) = match config.schedule_of(job_cfg) {
         None => (
@@ -110,4 +110,21 @@ pub fn resume_manifest(server: &Server, job: &JobDir, id: &str) -> Result<(Revis
         ..RevisionInfo::default()
     };
     Ok((info, manifest))
+}
+
+/// A job copied from another server takes no pushes: its revisions are
+/// that server's, under the same ids.
+pub fn refuse_copies(server: &Server, job: &JobDir) -> Result<()> {
+    if !server.is_copy(job.name()) {
+        return Ok(());
+    }
+    let config = server.config();
+    Err(Error::precondition(format!(
+        "job {} here is a copy of {}'s: push to that server",
+        job.name(),
+        config
+            .replicate
+            .as_ref()
+            .map_or("another server", |r| r.source.as_str())
+    )))
 }

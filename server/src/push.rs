@@ -16,9 +16,6 @@ use tokio::sync::mpsc;
 /// The largest image of a job without `max-size` (16 TiB).
 pub const DEFAULT_MAX_SIZE: u64 = 16 << 40;
 
-/// Most tags one revision may carry.
-pub const MAX_TAGS: usize = 32;
-
 /// One decoded frame after the begin frame.
 pub enum Step {
     Data(u64, Vec<u8>),
@@ -50,7 +47,7 @@ pub fn run(
     let job = server.job(&begin.job)?;
     let config = server.config();
     let job_cfg = config.job(job.name())?;
-    refuse_copies(&server, &job)?;
+    crate::plan::refuse_copies(&server, &job)?;
     let id: RevisionId = begin
         .rev_id
         .parse()
@@ -82,10 +79,10 @@ pub fn run(
 
     // The push slot for the whole push; the job's lock only for the
     // transactions that begin and commit it.
-    let running = server.try_start_push(job.name(), id)?;
+    let running = server.jobs.activity.try_start_push(job.name(), id)?;
     let now = chrono::Utc::now();
     let window = config.resume.window.as_duration();
-    let txn = Txn::begin(&server, &job)?;
+    let txn = Txn::begin(&server.jobs, &job)?;
     let resuming = if begin.resume {
         let record = job.resumable(window, now).filter(|r| r.id == id).ok_or_else(|| {
             Error::precondition(format!(
@@ -224,10 +221,10 @@ pub fn publish_and_expire(
     server: &Server,
     job: &crate::storage::JobDir,
     sealed: crate::storage::Sealed,
-    slot: &crate::state::PushGuard,
+    slot: &crate::job::PushGuard,
     point: &str,
 ) -> Result<(RevisionMeta, Vec<RevisionId>)> {
-    let mut txn = Txn::begin(server, job)?;
+    let mut txn = Txn::begin(&server.jobs, job)?;
     let meta = txn.publish(sealed)?;
     // Published: the parent is no longer read, and expires like any other
     // revision from here on.
@@ -236,7 +233,7 @@ pub fn publish_and_expire(
     let schedule = config.job(job.name()).ok().and_then(|j| config.schedule_of(j));
     let expired = fault::fail(point)
         .and_then(|()| match schedule {
-            Some(schedule) => crate::schedule::expire_in(&mut txn, schedule, ExpiryRun::AfterCommit(meta.id)),
+            Some(schedule) => crate::schedule::expire_in(&mut txn, schedule, ExpiryRun::AfterCommit(meta.id), &server.metrics),
             None => Ok(Vec::new()),
         })
         .unwrap_or_else(|e| {
@@ -245,23 +242,6 @@ pub fn publish_and_expire(
         });
     txn.point_latest("latest");
     Ok((meta, expired))
-}
-
-/// A job copied from another server takes no pushes: its revisions are
-/// that server's, under the same ids.
-pub fn refuse_copies(server: &Server, job: &crate::storage::JobDir) -> Result<()> {
-    if !server.is_copy(job.name()) {
-        return Ok(());
-    }
-    let config = server.config();
-    Err(Error::precondition(format!(
-        "job {} here is a copy of {}'s: push to that server",
-        job.name(),
-        config
-            .replicate
-            .as_ref()
-            .map_or("another server", |r| r.source.as_str())
-    )))
 }
 
 /// Validates a new revision's tags: see [`crate::revisions::check_tags`].

@@ -18,7 +18,7 @@ use tokio::sync::mpsc;
 /// The one revision `spec` names.
 pub fn resolve(server: &Server, job: &JobDir, spec: &str) -> Result<RevisionMeta> {
     let spec = Spec::parse(if spec.is_empty() { "latest" } else { spec })?;
-    let entry = server.indexed(job)?;
+    let entry = server.jobs.indexed(job)?;
     let i = spec
         .resolve_one(&entry.revisions)
         .map_err(|e| e.context(format!("job {}", job.name())))?;
@@ -42,7 +42,7 @@ pub fn stream_manifest(
     tx: &mpsc::Sender<std::result::Result<ManifestChunk, tonic::Status>>,
 ) {
     use std::io::Read;
-    let _reading = server.start_read(job.name(), meta.id);
+    let _reading = server.jobs.activity.start_read(job.name(), meta.id);
     let path = job.digests_path(&meta.id);
     let fail = |e: Error| {
         let _ = tx.blocking_send(Err(crate::wire::to_status(e)));
@@ -141,7 +141,7 @@ pub fn stream_image(
     from: u64,
     tx: mpsc::Sender<std::result::Result<RestoreFrame, tonic::Status>>,
 ) -> Result<bool> {
-    let _reading = server.start_read(job.name(), meta.id);
+    let _reading = server.jobs.activity.start_read(job.name(), meta.id);
     let send = |frame: Frame| {
         let data = match &frame {
             Frame::Data(d) => d.data.len(),

@@ -19,7 +19,7 @@ use std::os::unix::fs::FileExt;
 /// changes select in their transaction); `all` allowed.
 pub fn select(server: &Server, job: &JobDir, spec: &str) -> Result<Vec<RevisionMeta>> {
     let spec = Spec::parse(spec)?;
-    let entry = server.indexed(job)?;
+    let entry = server.jobs.indexed(job)?;
     let revs = &entry.revisions;
     let idx = spec
         .resolve(revs)
@@ -51,15 +51,15 @@ pub enum Apply {
     DryRun,
 }
 
-/// Checks tags an operator gives (plan, push, tags): at most [`crate::push::MAX_TAGS`], each well-formed; with a
+/// Most tags one revision may carry.
+pub const MAX_TAGS: usize = 32;
+
+/// Checks tags an operator gives (plan, push, tags): at most [`MAX_TAGS`], each well-formed; with a
 /// schedule, each in it or `manual:`, unless `allow_unscheduled` (such tags
 /// keep a revision only until the expiry after the next commit).
 pub fn check_tags(tags: &[String], schedule: Option<&Schedule>, allow_unscheduled: bool) -> Result<()> {
-    if tags.len() > crate::push::MAX_TAGS {
-        return Err(Error::invalid(format!(
-            "more than {} tags",
-            crate::push::MAX_TAGS
-        )));
+    if tags.len() > MAX_TAGS {
+        return Err(Error::invalid(format!("more than {} tags", MAX_TAGS)));
     }
     for t in tags {
         check_tag(t)?;
@@ -127,17 +127,14 @@ pub fn tags(
     } else {
         // Removing a tag specs misread (stored before they were refused)
         // must stay possible: the form only.
-        if tags.len() > crate::push::MAX_TAGS {
-            return Err(Error::invalid(format!(
-                "more than {} tags",
-                crate::push::MAX_TAGS
-            )));
+        if tags.len() > MAX_TAGS {
+            return Err(Error::invalid(format!("more than {} tags", MAX_TAGS)));
         }
         for t in tags {
             check_tag_format(t)?;
         }
     }
-    let mut txn = Txn::begin(server, job)?;
+    let mut txn = Txn::begin(&server.jobs, job)?;
     let tags: BTreeSet<String> = tags.iter().cloned().collect();
     let mut changed = Vec::new();
     for mut meta in txn.select(spec)? {
@@ -146,11 +143,10 @@ pub fn tags(
             TagAction::Add => meta.tags.extend(tags.iter().cloned()),
             TagAction::Remove => meta.tags.retain(|t| !tags.contains(t)),
         }
-        if meta.tags.len() > crate::push::MAX_TAGS {
+        if meta.tags.len() > MAX_TAGS {
             return Err(Error::invalid(format!(
                 "revision {} would have more than {} tags",
-                meta.id,
-                crate::push::MAX_TAGS
+                meta.id, MAX_TAGS
             )));
         }
         if schedule.is_some() && meta.tags.is_empty() {
@@ -175,7 +171,7 @@ pub fn tags(
 /// Deletes the selected revisions, all or none, in one transaction;
 /// refuses revisions in use by a restore or as the base of a push.
 pub fn forget(server: &Server, job: &JobDir, spec: &str, apply: Apply) -> Result<Vec<RevisionMeta>> {
-    let mut txn = Txn::begin(server, job)?;
+    let mut txn = Txn::begin(&server.jobs, job)?;
     let selected = txn.select(spec)?;
     let protected = txn.protected();
     if let Some(busy) = selected.iter().find(|m| protected.contains(&m.id)) {
@@ -200,7 +196,7 @@ pub fn forget(server: &Server, job: &JobDir, spec: &str, apply: Apply) -> Result
 /// transaction (a revision forgotten meanwhile is not found, never
 /// written back).
 pub fn distrust(server: &Server, job: &JobDir, spec: &str, apply: Apply) -> Result<Vec<RevisionMeta>> {
-    let mut txn = Txn::begin(server, job)?;
+    let mut txn = Txn::begin(&server.jobs, job)?;
     let mut selected = txn.select(spec)?;
     for m in &mut selected {
         m.trust = Trust::Distrusted;
@@ -247,7 +243,7 @@ pub fn verify(
     gate: &Gate,
     mut on_block: impl FnMut(u64) -> bool,
 ) -> Result<Verified> {
-    let _reading = server.start_read(job.name(), meta.id);
+    let _reading = server.jobs.activity.start_read(job.name(), meta.id);
     // What the outcome is compared with when it is written: the record as
     // on disk now, not as the caller (or the index) saw it.
     let seen = job.rev_version(&meta.id)?;
@@ -305,7 +301,7 @@ pub fn verify(
     } else {
         (Trust::Distrusted, None)
     };
-    let (meta, moved) = Txn::begin(server, job)?.move_trust(&meta.id, seen, to, at)?;
+    let (meta, moved) = Txn::begin(&server.jobs, job)?.move_trust(&meta.id, seen, to, at)?;
     if !moved {
         tracing::warn!(job = %job.name(), rev = %meta.id, trust = %meta.trust.as_str(),
             "verify: clean, but the revision's record changed while it ran (a distrust, tags); left as it is now");

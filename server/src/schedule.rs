@@ -16,13 +16,13 @@ use std::collections::BTreeSet;
 /// server's clock count as dated when found, and the reason says so.
 pub fn due_state(server: &Server, job: &JobDir, schedule: &Schedule, revs: &[RevisionMeta]) -> DueState {
     let now = Utc::now();
-    let rt = server.job_runtime(job.name());
+    let rt = server.jobs.activity.job_runtime(job.name());
     let failures = FailureState {
         consecutive: rt.failures,
         last_failure: rt.last_failure,
     };
     let offset = schedule::spread_offset(job.name().as_str(), schedule);
-    let dated = server.dated(job.name(), revs, now);
+    let dated = server.jobs.activity.dated(job.name(), revs, now);
     let mut state = schedule::due(schedule, offset, &dated.revisions, &failures, now);
     if !dated.future.is_empty() {
         state.reason.push_str(&future_note(&dated.future));
@@ -45,7 +45,12 @@ pub fn future_note(ids: &[RevisionId]) -> String {
 /// returns the ids of deleted revisions. Tags are rewritten atomically;
 /// deletions are journaled, so none is half done. Every deletion is logged
 /// with its reason. Revisions in use are kept.
-pub fn expire_in(txn: &mut Txn<'_>, schedule: &Schedule, run: ExpiryRun) -> Result<Vec<RevisionId>> {
+pub fn expire_in(
+    txn: &mut Txn<'_>,
+    schedule: &Schedule,
+    run: ExpiryRun,
+    metrics: &crate::metrics::Metrics,
+) -> Result<Vec<RevisionId>> {
     let protected = txn.protected();
     let plan = schedule::expire(schedule, txn.revisions(), Utc::now(), &protected, run);
     if plan.is_noop() {
@@ -71,7 +76,7 @@ pub fn expire_in(txn: &mut Txn<'_>, schedule: &Schedule, run: ExpiryRun) -> Resu
     let deleted: Vec<RevisionId> = plan.deleted.iter().copied().collect();
     txn.delete(&deleted)?;
     for id in &deleted {
-        txn.server().metrics.expired(plan.removals.get(id));
+        metrics.expired(plan.removals.get(id));
         tracing::info!(job = %job, rev = %id, reason = %plan.reason(id), "expiry: deleted revision");
     }
     fault::point("expiry.deleted");
@@ -85,15 +90,15 @@ pub fn expire_all(server: &Server) {
     let window = config.resume.window.as_duration();
     for (name, job_cfg) in &config.jobs {
         let job = JobDir::new(&config.base_dir, name.clone());
-        if server.job_runtime(name).push.is_some() {
+        if server.jobs.activity.job_runtime(name).push.is_some() {
             continue; // expiry runs after the push's commit anyway
         }
         // The index says which jobs may have work (a hint: the transaction
         // decides from disk), so a quiet store is not read every minute.
         let schedule = config.schedule_of(job_cfg);
         let may_expire = schedule.is_some_and(|schedule| {
-            server.indexed(&job).map_or(true, |entry| {
-                let protected = server.protected(name);
+            server.jobs.indexed(&job).map_or(true, |entry| {
+                let protected = server.jobs.activity.protected(name);
                 !schedule::expire(
                     schedule,
                     &entry.revisions,
@@ -107,11 +112,11 @@ pub fn expire_all(server: &Server) {
         if !may_expire && !job.has_leftovers() {
             continue;
         }
-        let result = Txn::try_begin(server, &job).and_then(|mut txn| {
+        let result = Txn::try_begin(&server.jobs, &job).and_then(|mut txn| {
             let keep = job.resumable(window, chrono::Utc::now()).map(|r| r.id);
             txn.clean_leftovers(keep)?;
             if let Some(schedule) = schedule {
-                expire_in(&mut txn, schedule, ExpiryRun::Periodic)?;
+                expire_in(&mut txn, schedule, ExpiryRun::Periodic, &server.metrics)?;
             }
             txn.point_latest("latest");
             Ok(())

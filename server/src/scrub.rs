@@ -39,7 +39,7 @@ fn scrub_one(server: &Arc<Server>) -> Result<bool> {
     let mut candidates = Vec::new();
     for name in config.jobs.keys() {
         let job = JobDir::new(&config.base_dir, name.clone());
-        match server.indexed(&job) {
+        match server.jobs.indexed(&job) {
             Ok(entry) => candidates.extend(entry.revisions.iter().map(|m| (job.clone(), m.clone()))),
             Err(e) => tracing::error!(job = %name, "scrub: listing revisions: {e}"),
         }

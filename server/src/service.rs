@@ -730,7 +730,7 @@ impl Backy for Service {
                 id.short(),
                 clip(&req.error)
             );
-            let failures = self.server.job_runtime(job.name()).failures;
+            let failures = self.server.jobs.activity.job_runtime(job.name()).failures;
             return Ok(Response::new(FailureReply { failures }));
         }
         let failures = self.server.record_client_failure(job.name(), rev, &req.error);
@@ -796,7 +796,7 @@ async fn resolve_with_base(
             return Ok((job, meta, None));
         }
         let id: backy_common::RevisionId = base.parse().map_err(|e: Error| e.context("base"))?;
-        let entry = server.indexed(&job)?;
+        let entry = server.jobs.indexed(&job)?;
         let base = entry
             .revisions
             .iter()

@@ -1,8 +1,8 @@
 //! Building `status` replies: one job with its revisions, or a summary per
 //! job for a whole host. Both read the index, never the disk.
 
-use crate::index::JobEntry;
-use crate::state::{JobRuntime, Server};
+use crate::job::{JobEntry, JobRuntime};
+use crate::state::Server;
 use crate::storage::JobDir;
 use backy_common::config::{ServerConfig, NO_SCHEDULE};
 use backy_common::revision::Trust;
@@ -29,7 +29,7 @@ fn health(server: &Server, config: &ServerConfig, job: &JobDir, entry: &JobEntry
     let revs = &entry.revisions;
     let job_cfg = config.job(job.name())?;
     let now = chrono::Utc::now();
-    let dated = server.dated(job.name(), revs, now);
+    let dated = server.jobs.activity.dated(job.name(), revs, now);
     let sched = config.schedule_of(job_cfg).map(|s| {
         let sla = backy_common::schedule::sla(s, &dated.revisions, now, entry.since);
         (sla, crate::schedule::due_state(server, job, s, revs))
@@ -55,7 +55,7 @@ fn health(server: &Server, config: &ServerConfig, job: &JobDir, entry: &JobEntry
             .as_ref()
             .map(|(_, due)| due.next_tags.iter().cloned().collect())
             .unwrap_or_default(),
-        runtime: server.job_runtime(job.name()),
+        runtime: server.jobs.activity.job_runtime(job.name()),
         future: dated.future.iter().map(ToString::to_string).collect(),
     })
 }
@@ -72,7 +72,7 @@ pub fn status(server: &Server, req: &StatusRequest) -> Result<StatusReply> {
     let mut jobs = Vec::with_capacity(names.len());
     for name in names {
         let job = server.job(&name)?;
-        let entry = server.indexed(&job)?;
+        let entry = server.jobs.indexed(&job)?;
         let h = health(server, &config, &job, &entry)?;
         jobs.push(JobStatus {
             job: name,
@@ -113,7 +113,10 @@ fn replica_state(server: &Server, config: &ServerConfig, job: &JobName) -> Optio
     }
     let now = chrono::Utc::now();
     let s = server.replication.get(job);
-    let entry = server.indexed(&JobDir::new(&config.base_dir, job.clone())).ok();
+    let entry = server
+        .jobs
+        .indexed(&JobDir::new(&config.base_dir, job.clone()))
+        .ok();
     Some(ReplicaState {
         source: r.source.clone(),
         newest: entry
@@ -132,7 +135,7 @@ fn replica_state(server: &Server, config: &ServerConfig, job: &JobName) -> Optio
 /// The summary of one job.
 pub fn summary(server: &Server, config: &ServerConfig, name: &JobName) -> Result<JobSummary> {
     let job = JobDir::new(&config.base_dir, name.clone());
-    let entry = server.indexed(&job)?;
+    let entry = server.jobs.indexed(&job)?;
     let h = health(server, config, &job, &entry)?;
     let revs = &entry.revisions;
     let newest_trusted = revs

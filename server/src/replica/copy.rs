@@ -44,11 +44,11 @@ fn check_listing(
             target.id, target.size
         )));
     }
-    if target.tags.len() > crate::push::MAX_TAGS {
+    if target.tags.len() > crate::revisions::MAX_TAGS {
         return Err(Error::invalid(format!(
             "revision {}: more than {} tags",
             target.id,
-            crate::push::MAX_TAGS
+            crate::revisions::MAX_TAGS
         )));
     }
     // The form only: a copy keeps the source's tags, even one that revision
@@ -93,8 +93,8 @@ pub fn copy(
     check_listing(&config, job, &target)?;
     let expected = hex::decode(&info.manifest_digest)
         .map_err(|_| Error::invalid(format!("revision {}: bad manifest digest", target.id)))?;
-    let running = server.try_start_push(job.name(), target.id)?;
-    let txn = Txn::begin(server, job)?;
+    let running = server.jobs.activity.try_start_push(job.name(), target.id)?;
+    let txn = Txn::begin(&server.jobs, job)?;
     if txn.get(&target.id).is_some() {
         return Err(Error::exists(format!("revision {} is here already", target.id)));
     }

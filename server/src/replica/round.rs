@@ -221,7 +221,7 @@ async fn job_round(server: &Arc<Server>, client: &Client, name: &JobName, tally:
 /// The revisions this server holds of `job`.
 async fn held(server: &Arc<Server>, job: &JobDir) -> Result<Vec<Listed>> {
     let (s, j) = (server.clone(), job.clone());
-    tokio::task::spawn_blocking(move || Ok(s.indexed(&j)?.revisions.iter().map(listed).collect()))
+    tokio::task::spawn_blocking(move || Ok(s.jobs.indexed(&j)?.revisions.iter().map(listed).collect()))
         .await
         .map_err(|e| Error::internal(format!("reading the index panicked: {e}")))?
 }
@@ -240,7 +240,7 @@ async fn mirror_expiry(
     }
     let (s, j, source) = (server.clone(), job.clone(), source.to_vec());
     tokio::task::spawn_blocking(move || -> Result<usize> {
-        let mut txn = Txn::begin(&s, &j)?;
+        let mut txn = Txn::begin(&s.jobs, &j)?;
         let protected = txn.protected();
         // Decided again from what is on disk now, not from the listing the
         // round began with.

@@ -778,8 +778,8 @@ mod tests {
     /// Publishes a sealed revision as the server does: in a transaction.
     fn publish(job: &JobDir, sealed: Sealed) -> RevisionMeta {
         let base = job.path().parent().unwrap();
-        let server = crate::job::test_server(base, &format!("  {}: {{schedule: none}}\n", job.name()));
-        let mut txn = crate::job::Txn::begin(&server, job).unwrap();
+        let server = crate::state::test_server(base, &format!("  {}: {{schedule: none}}\n", job.name()));
+        let mut txn = crate::job::Txn::begin(&server.jobs, job).unwrap();
         txn.publish(sealed).unwrap()
     }
 

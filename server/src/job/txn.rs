@@ -6,12 +6,12 @@
 //! Locking: the job's lock (`<job>/.lock`, flock) is held only for the
 //! length of a transaction (renames, `.rev` writes, deletions: short); a
 //! push or a copy holds the job's push slot (see
-//! [`crate::state::Server::try_start_push`]) while data streams in and
+//! [`super::Activity::try_start_push`]) while data streams in and
 //! takes a transaction only to begin and to commit. The in-memory index is
 //! a read cache, invalidated when a transaction ends; nothing is decided
 //! from it.
 
-use crate::state::Server;
+use super::Jobs;
 use crate::storage::jobdir::RecordVersion;
 use crate::storage::lock::JobLock;
 use crate::storage::{durable, JobDir, Sealed};
@@ -24,7 +24,7 @@ use std::path::PathBuf;
 /// A change to one job, under its lock; the index entry of the job is
 /// dropped when it ends, whatever happened.
 pub struct Txn<'a> {
-    server: &'a Server,
+    jobs: &'a Jobs,
     job: &'a JobDir,
     lock: JobLock,
     revisions: Vec<RevisionMeta>,
@@ -33,23 +33,23 @@ pub struct Txn<'a> {
 impl<'a> Txn<'a> {
     /// Takes the job's lock, waiting a little for another transaction to
     /// end, and reads the job from disk (completing an interrupted forget).
-    pub fn begin(server: &'a Server, job: &'a JobDir) -> Result<Self> {
+    pub fn begin(jobs: &'a Jobs, job: &'a JobDir) -> Result<Self> {
         let lock = job.lock()?;
-        Self::read(server, job, lock)
+        Self::read(jobs, job, lock)
     }
 
     /// Like [`Txn::begin`], but fails with `Busy` at once when the lock is
     /// held (background work comes back later).
-    pub fn try_begin(server: &'a Server, job: &'a JobDir) -> Result<Self> {
+    pub fn try_begin(jobs: &'a Jobs, job: &'a JobDir) -> Result<Self> {
         let lock = job.try_lock()?;
-        Self::read(server, job, lock)
+        Self::read(jobs, job, lock)
     }
 
-    fn read(server: &'a Server, job: &'a JobDir, lock: JobLock) -> Result<Self> {
+    fn read(jobs: &'a Jobs, job: &'a JobDir, lock: JobLock) -> Result<Self> {
         job.finish_deletions(&lock)?;
         let revisions = job.revisions()?;
         Ok(Txn {
-            server,
+            jobs,
             job,
             lock,
             revisions,
@@ -58,10 +58,6 @@ impl<'a> Txn<'a> {
 
     pub fn job(&self) -> &JobDir {
         self.job
-    }
-
-    pub fn server(&self) -> &Server {
-        self.server
     }
 
     /// The job's lock, for the storage calls that require it.
@@ -91,7 +87,7 @@ impl<'a> Txn<'a> {
     /// read). Registrations happen under this lock too, so the answer holds
     /// until the transaction ends.
     pub fn protected(&self) -> BTreeSet<RevisionId> {
-        self.server.protected(self.job.name())
+        self.jobs.activity.protected(self.job.name())
     }
 
     /// Writes the `.rev` records of `metas` together (all or none). Each
@@ -214,7 +210,13 @@ impl<'a> Txn<'a> {
     /// and of the resumable one, `resumable`.
     pub fn clean_leftovers(&self, resumable: Option<RevisionId>) -> Result<Vec<PathBuf>> {
         let mut keep: Vec<RevisionId> = resumable.into_iter().collect();
-        keep.extend(self.server.job_runtime(self.job.name()).push.map(|(id, _)| id));
+        keep.extend(
+            self.jobs
+                .activity
+                .job_runtime(self.job.name())
+                .push
+                .map(|(id, _)| id),
+        );
         let removed = self.job.clean_leftovers(&self.lock, &keep)?;
         for p in &removed {
             tracing::info!(job = %self.job.name(), "removed leftover {}", p.display());
@@ -271,26 +273,15 @@ impl<'a> Txn<'a> {
 
 impl Drop for Txn<'_> {
     fn drop(&mut self) {
-        self.server.index.invalidate(self.job.name());
+        self.jobs.index.invalidate(self.job.name());
     }
-}
-
-/// A server on a store of its own, for the server's unit tests.
-#[cfg(test)]
-pub(crate) fn test_server(base: &std::path::Path, jobs: &str) -> std::sync::Arc<Server> {
-    let text = format!(
-        "listen: 127.0.0.1:1\ninsecure-plaintext: true\nbase-dir: {}\n\
-         schedules:\n  daily: {{daily: {{interval: 1d, keep: 3}}}}\njobs:\n{jobs}",
-        base.display()
-    );
-    let config = backy_common::config::ServerConfig::from_yaml(&text, "test").expect("test config");
-    std::sync::Arc::new(Server::new(config, backy_common::revision::StorageMode::Copy))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::revisions::{self, Apply, TagAction};
+    use crate::state::{test_server, Server};
     use crate::storage::{NewRevision, NewRevisionSpec, PushEnd};
     use crate::work::{Gate, WorkPool};
     use backy_common::checksum::StreamChecksum;
@@ -344,7 +335,7 @@ mod tests {
             manifest_digest: manifest.file_digest().to_vec(),
         };
         let sealed = rev.commit(&end).unwrap();
-        let mut txn = Txn::begin(&f.server, &f.job).unwrap();
+        let mut txn = Txn::begin(&f.server.jobs, &f.job).unwrap();
         txn.publish(sealed).unwrap()
     }
 
@@ -388,7 +379,7 @@ mod tests {
     fn tags_and_distrust_keep_what_another_change_wrote() {
         let f = fixture();
         let meta = commit(&f, 7, &["manual:a"]);
-        f.server.indexed(&f.job).unwrap();
+        f.server.jobs.indexed(&f.job).unwrap();
         write_behind(
             &f,
             &RevisionMeta {
@@ -414,7 +405,7 @@ mod tests {
         );
 
         let other = commit(&f, 8, &["manual:c"]);
-        f.server.indexed(&f.job).unwrap();
+        f.server.jobs.indexed(&f.job).unwrap();
         write_behind(
             &f,
             &RevisionMeta {
@@ -438,7 +429,7 @@ mod tests {
     fn a_distrust_after_a_forget_does_not_bring_the_revision_back() {
         let f = fixture();
         let meta = commit(&f, 7, &["manual:a"]);
-        f.server.indexed(&f.job).unwrap();
+        f.server.jobs.indexed(&f.job).unwrap();
         // What a forget between the old distrust's read and write did.
         for p in [
             f.job.rev_path(&meta.id),
@@ -464,7 +455,7 @@ mod tests {
         let revs: Vec<RevisionMeta> = (0..3).map(|i| commit(&f, i, &["manual:a"])).collect();
         let ids: Vec<RevisionId> = revs.iter().map(|m| m.id).collect();
         {
-            let txn = Txn::begin(&f.server, &f.job).unwrap();
+            let txn = Txn::begin(&f.server.jobs, &f.job).unwrap();
             // Journaled, but the files not yet removed (a crash or an error
             // right after the commit point).
             f.job.journal_deletions(txn.lock(), &ids).unwrap();
@@ -474,7 +465,7 @@ mod tests {
             "journaled revisions are listed"
         );
         assert!(f.job.rev_path(&ids[1]).exists());
-        let txn = Txn::begin(&f.server, &f.job).unwrap();
+        let txn = Txn::begin(&f.server.jobs, &f.job).unwrap();
         assert!(txn.revisions().is_empty());
         for id in &ids {
             assert!(!f.job.rev_path(id).exists() && !f.job.image_path(id).exists());
@@ -489,8 +480,8 @@ mod tests {
         let f = fixture();
         let a = commit(&f, 1, &["manual:a"]);
         let b = commit(&f, 2, &["manual:a"]);
-        let _reading = f.server.start_read(f.job.name(), b.id);
-        let mut txn = Txn::begin(&f.server, &f.job).unwrap();
+        let _reading = f.server.jobs.activity.start_read(f.job.name(), b.id);
+        let mut txn = Txn::begin(&f.server.jobs, &f.job).unwrap();
         let e = txn.delete(&[a.id, b.id]).unwrap_err();
         assert_eq!(e.kind, ErrorKind::FailedPrecondition, "{}", e.message);
         drop(txn);
@@ -526,7 +517,7 @@ mod tests {
         };
         let sealed = rev.commit(&end).unwrap();
         revisions::distrust(&f.server, &f.job, &parent.id.to_string(), Apply::Yes).unwrap();
-        let mut txn = Txn::begin(&f.server, &f.job).unwrap();
+        let mut txn = Txn::begin(&f.server.jobs, &f.job).unwrap();
         let e = txn.publish(sealed).unwrap_err();
         assert_eq!(e.kind, ErrorKind::FailedPrecondition, "{}", e.message);
         assert!(e.message.contains("distrusted during the push"), "{}", e.message);
@@ -618,7 +609,7 @@ mod tests {
                 if ids.is_empty() {
                     return;
                 }
-                let mut txn = Txn::begin(&f.server, &f.job).unwrap();
+                let mut txn = Txn::begin(&f.server.jobs, &f.job).unwrap();
                 txn.delete(&ids.iter().copied().collect::<Vec<_>>()).unwrap();
                 model.retain(|r| !ids.contains(&r.0));
             }
@@ -631,7 +622,7 @@ mod tests {
         let mut want = model.clone();
         want.sort_by_key(|r| disk.iter().position(|m| m.id == r.0));
         assert_eq!(got, want, "disk differs from the model");
-        let indexed = f.server.indexed(&f.job).unwrap();
+        let indexed = f.server.jobs.indexed(&f.job).unwrap();
         assert_eq!(indexed.revisions, disk, "the index differs from the disk");
         for m in &disk {
             assert!(
@@ -794,7 +785,7 @@ mod tests {
         );
         let disk = f.job.revisions().unwrap();
         assert_eq!(
-            f.server.indexed(&f.job).unwrap().revisions,
+            f.server.jobs.indexed(&f.job).unwrap().revisions,
             disk,
             "index differs from disk"
         );
@@ -813,7 +804,7 @@ mod tests {
             let v = revisions::verify(&f.server, &f.job, m, &gate(), |_| true).unwrap();
             assert!(v.bad_blocks.is_empty(), "{} does not verify", m.id);
         }
-        assert!(!f.job.has_leftovers() || f.server.job_runtime(f.job.name()).push.is_none());
+        assert!(!f.job.has_leftovers() || f.server.jobs.activity.job_runtime(f.job.name()).push.is_none());
         let total: u64 = counts.lock().unwrap().values().map(|c| c.0).sum();
         assert!(total > 20, "the stress did almost nothing: {total} changes");
     }
@@ -822,8 +813,8 @@ mod tests {
     /// usable revision, through the slot and the two transactions.
     fn stress_push(f: &Fixture, rng: &mut Rng, copy: bool, tags: &[&str]) -> Result<()> {
         let id = RevisionId::new_random();
-        let running = f.server.try_start_push(f.job.name(), id)?;
-        let txn = Txn::begin(&f.server, &f.job)?;
+        let running = f.server.jobs.activity.try_start_push(f.job.name(), id)?;
+        let txn = Txn::begin(&f.server.jobs, &f.job)?;
         txn.clean_leftovers_for_push(None)?;
         let parent = if rng.below(3) == 0 {
             None

@@ -1,0 +1,41 @@
+//! A job's revisions and every change to them.
+//!
+//! - [`Txn`] (`txn.rs`): the one way to change a job, under its lock, read
+//!   from disk when it begins.
+//! - [`Index`] (`index.rs`): the read cache of committed revisions per job
+//!   that status, plans and agents read; a transaction invalidates it.
+//! - [`Activity`] (`activity.rs`): what runs now (pushes, readers, recent
+//!   outcomes), which deletions consult.
+//!
+//! Locking, in short (docs/DESIGN.md, "One way to change a job"): a change
+//! holds the job's flock for one short transaction; a push or copy holds
+//! the job's push slot in [`Activity`] while data streams in, taking a
+//! transaction only to begin and to publish; the index and the activity
+//! each have their own mutex, held only to copy or swap an entry.
+
+pub mod activity;
+pub mod index;
+pub mod txn;
+
+pub use activity::{Activity, JobRuntime, PushGuard, ReadGuard};
+pub use index::{Index, JobEntry};
+pub use txn::Txn;
+
+use crate::storage::JobDir;
+use backy_common::Result;
+use std::sync::Arc;
+
+/// The jobs' state in memory: the read cache and the activity.
+#[derive(Default)]
+pub struct Jobs {
+    pub index: Index,
+    pub activity: Arc<Activity>,
+}
+
+impl Jobs {
+    /// The committed revisions (and allocation, first-seen time) of a job,
+    /// from the index.
+    pub fn indexed(&self, job: &JobDir) -> Result<Arc<JobEntry>> {
+        self.index.get(job)
+    }
+}
