@@ -7,7 +7,7 @@ use crate::storage::{NewRevision, NewRevisionSpec, PushEnd};
 use crate::work::Gate;
 use backy_common::revision::{RevisionMeta, SourceInfo};
 use backy_common::schedule::ExpiryRun;
-use backy_common::{fault, Error, Result, RevisionId, DEFAULT_BLOCK_SIZE};
+use backy_common::{fault, Error, ErrorKind, Result, RevisionId, DEFAULT_BLOCK_SIZE};
 use backy_proto::PushBegin;
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -181,9 +181,15 @@ pub fn run(
                 let Some(answer) = answer.as_mut() else {
                     return Err(Error::invalid("granule digests outside the granule exchange"));
                 };
-                let wanted = rev.granules(block, &digests)?;
-                fault::point("push.granules");
-                gone = answer(block, wanted).is_err();
+                match rev.granules(block, &digests) {
+                    Ok(wanted) => {
+                        fault::point("push.granules");
+                        gone = answer(block, wanted).is_err();
+                    }
+                    // The work pool gives a departed client no slot.
+                    Err(e) if e.kind == ErrorKind::Unavailable => gone = true,
+                    Err(e) => return Err(e),
+                }
             }
             Some(Step::End(end)) => break rev.commit(&end)?,
             Some(Step::Abort(why)) => return Err(Error::invalid(why)),

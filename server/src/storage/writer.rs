@@ -403,9 +403,11 @@ impl NewRevision {
                 "more than {MAX_EXCHANGED_AHEAD} blocks asked about ahead of the ranges sent"
             )));
         }
-        // Read like pushed data is written: outside the block work pool,
-        // whose slots a departed client no longer gets (this answer then
-        // goes nowhere, but what was received before stays for resuming).
+        // A 1 KiB frame asks for a whole block read and hashed: work of the
+        // fair pool, so a few pushes cannot starve everyone else's. A
+        // caller that left gets no slot (the push keeps what it received
+        // for resuming, see `crate::push`).
+        let _slot = self.gate.slot()?;
         self.stored.resize(len as usize, 0);
         self.file
             .read_exact_at(&mut self.stored[..len as usize], offset)
@@ -877,6 +879,10 @@ mod tests {
     /// A committed parent of `image` (blocks of four granules) and a new
     /// revision on it.
     fn on_parent(job: &JobDir, image: &[u8]) -> (RevisionMeta, NewRevision) {
+        on_parent_with(job, image, gate())
+    }
+
+    fn on_parent_with(job: &JobDir, image: &[u8], child_gate: Gate) -> (RevisionMeta, NewRevision) {
         let bs = 4 * GRANULE as u32;
         let size = image.len() as u64;
         let mut parent_spec = spec(size);
@@ -898,7 +904,7 @@ mod tests {
             Some((&meta, manifest)),
             StorageMode::Copy,
             None,
-            gate(),
+            child_gate,
         )
         .unwrap();
         (meta, child)
@@ -933,6 +939,30 @@ mod tests {
         assert_eq!(meta.stats.bytes_written, 2 * GRANULE);
         assert_eq!(meta.stats.changed_blocks, 1);
         assert_eq!(std::fs::read(job.image_path(&meta.id)).unwrap(), image);
+    }
+
+    /// Issue 28, item 9: the block a granule-digest frame makes the server
+    /// read and hash is work of the fair pool, like a read-back: a caller
+    /// that left gets no slot, and the read is not done.
+    #[test]
+    fn granule_answers_take_a_slot_of_the_work_pool() {
+        let dir = tempfile::tempdir().unwrap();
+        let job = job(dir.path());
+        let g = GRANULE as usize;
+        let parent = pattern(8 * g, 3);
+        let left = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = left.clone();
+        let child_gate = Gate::new(
+            Arc::new(WorkPool::new(1)),
+            "test",
+            Arc::new(move || flag.load(std::sync::atomic::Ordering::SeqCst)),
+        );
+        let (_, mut rev) = on_parent_with(&job, &parent, child_gate);
+        let digests = granules::digests(&parent[..4 * g]);
+        assert_eq!(rev.granules(0, &digests).unwrap(), [0]);
+        left.store(true, std::sync::atomic::Ordering::SeqCst);
+        let e = rev.granules(1, &granules::digests(&parent[4 * g..])).unwrap_err();
+        assert_eq!(e.kind, ErrorKind::Unavailable, "{}", e.message);
     }
 
     #[test]
