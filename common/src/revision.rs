@@ -166,6 +166,25 @@ pub fn check_tag_format(tag: &str) -> Result<()> {
     }
 }
 
+/// Longest source snapshot name a revision records, in bytes.
+pub const MAX_SNAPSHOT_LEN: usize = 1024;
+
+/// A source snapshot name as a peer sends it (a push's begin frame, a
+/// replication source's listing): stored in the `.rev` and shown by
+/// status, so bounded and free of control characters.
+pub fn check_source_snapshot(name: &str) -> Result<()> {
+    if name.len() > MAX_SNAPSHOT_LEN {
+        return Err(Error::invalid(format!(
+            "source snapshot name longer than {MAX_SNAPSHOT_LEN} bytes ({} bytes)",
+            name.len()
+        )));
+    }
+    if name.chars().any(char::is_control) {
+        return Err(Error::invalid("source snapshot name with a control character"));
+    }
+    Ok(())
+}
+
 pub const MANUAL_PREFIX: &str = "manual:";
 
 pub fn is_manual_tag(tag: &str) -> bool {
@@ -175,6 +194,23 @@ pub fn is_manual_tag(tag: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn source_snapshot_names_are_bounded_and_printable() {
+        check_source_snapshot("").unwrap();
+        check_source_snapshot("backy-0d9f/rbd pool/image@snap name").unwrap();
+        check_source_snapshot(&"s".repeat(MAX_SNAPSHOT_LEN)).unwrap();
+        let long = check_source_snapshot(&"s".repeat(MAX_SNAPSHOT_LEN + 1)).unwrap_err();
+        assert!(
+            long.message.contains("longer than 1024 bytes"),
+            "{}",
+            long.message
+        );
+        for bad in ["a\nb", "a\rb", "\u{1b}[2J", "a\u{7f}", "a\u{85}b"] {
+            let e = check_source_snapshot(bad).unwrap_err();
+            assert_eq!(e.kind, crate::ErrorKind::InvalidArgument, "{bad:?}");
+        }
+    }
 
     #[test]
     fn yaml_round_trip() {

@@ -58,6 +58,7 @@ pub fn run(
             begin.block_size
         )));
     }
+    backy_common::revision::check_source_snapshot(&begin.source_snapshot)?;
     let max = job_cfg.max_size.unwrap_or(DEFAULT_MAX_SIZE);
     if begin.size > max {
         return Err(Error::exhausted(format!(

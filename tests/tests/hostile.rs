@@ -28,6 +28,17 @@ fn begin(job: &str, size: u64) -> Frame {
     })
 }
 
+/// A begin frame naming `snapshot` as its source's snapshot.
+fn begin_snapshot(snapshot: &str) -> Frame {
+    match begin("vm1", SIZE) {
+        Frame::Begin(b) => Frame::Begin(PushBegin {
+            source_snapshot: snapshot.into(),
+            ..b
+        }),
+        other => other,
+    }
+}
+
 fn data(offset: u64, len: usize) -> Frame {
     Frame::Data(DataRange {
         offset,
@@ -164,6 +175,19 @@ async fn hostile_pushes_are_refused_and_change_nothing() {
             ],
             Code::InvalidArgument,
             "beyond the announced image size",
+        ),
+        // Issue 28, item 8: every peer string the server stores is bounded.
+        (
+            "source snapshot over 1 KiB",
+            vec![begin_snapshot(&"s".repeat(1025)), ok_end(&[])],
+            Code::InvalidArgument,
+            "source snapshot name longer than 1024 bytes",
+        ),
+        (
+            "source snapshot with a control character",
+            vec![begin_snapshot("snap\n[backy] audit forged=1"), ok_end(&[])],
+            Code::InvalidArgument,
+            "source snapshot name with a control character",
         ),
         (
             "data frame larger than 1 MiB",

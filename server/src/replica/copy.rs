@@ -57,6 +57,8 @@ fn check_listing(
         backy_common::revision::check_tag_format(tag)
             .map_err(|e| e.context(format!("revision {}", target.id)))?;
     }
+    backy_common::revision::check_source_snapshot(&target.source.snapshot)
+        .map_err(|e| e.context(format!("revision {}", target.id)))?;
     // This server never commits a revision dated after its clock: refused
     // before anything travels, copied in a later round.
     let now = chrono::Utc::now();
