@@ -267,7 +267,7 @@ impl Collector for JobCollector {
             let mut m =
                 e.encode_descriptor(name, help, None, prometheus_client::metrics::MetricType::Gauge)?;
             for (job, v) in samples {
-                ConstGauge::new(v).encode(m.encode_family(&[("job", job)])?)?;
+                ConstGauge::new(v).encode(m.encode_family(&[("backy_job", job)])?)?;
             }
         }
         Ok(())

@@ -224,7 +224,12 @@ fn metrics_health_and_the_status_page_show_the_store() {
     assert_eq!(status, 200, "{text}");
     assert!(head.contains("text/plain; version=0.0.4"), "{head}");
     let m = parse_metrics(&text);
-    let job = |name: &str, j: &str| value(&m, name, &[("job", j)]);
+    // Issue 29, item 3: the job's label is backy's own; `job` is the label
+    // Prometheus gives every target (a sample's `job` would become
+    // `exported_job` under default scrape settings).
+    let with_job_label: Vec<_> = m.keys().filter(|(_, labels)| labels.contains_key("job")).collect();
+    assert!(with_job_label.is_empty(), "samples labelled job: {with_job_label:?}");
+    let job = |name: &str, j: &str| value(&m, name, &[("backy_job", j)]);
     assert_eq!(job("backy_job_revisions", "vm1"), Some(2.0));
     assert_eq!(job("backy_job_revisions", "vm3"), Some(1.0));
     assert_eq!(job("backy_job_revisions", "vm4"), Some(0.0));
@@ -537,7 +542,7 @@ fn page_and_metrics_follow_the_status_access_rules() {
         let mut jobs: Vec<String> = m
             .keys()
             .filter(|(n, _)| n == "backy_job_revisions")
-            .filter_map(|(_, l)| l.get("job").cloned())
+            .filter_map(|(_, l)| l.get("backy_job").cloned())
             .collect();
         jobs.sort();
         jobs
@@ -628,7 +633,7 @@ fn the_http_listener_serves_https_with_the_tls_certificate() {
     let (body, code) = text.rsplit_once('\n').unwrap();
     assert_eq!(code, "200", "{body}");
     let m = parse_metrics(body);
-    assert_eq!(value(&m, "backy_job_revisions", &[("job", "vm1")]), Some(0.0));
+    assert_eq!(value(&m, "backy_job_revisions", &[("backy_job", "vm1")]), Some(0.0));
     let out = curl("https", "/", None);
     assert!(String::from_utf8_lossy(&out.stdout).ends_with("\n401"), "{out:?}");
     let out = curl("https", "/healthz", None);
@@ -686,7 +691,7 @@ fn scrub_outcomes_show_in_the_metrics() {
         "{last}"
     );
     assert_eq!(
-        value(&m, "backy_job_distrusted_revisions", &[("job", "vm1")]),
+        value(&m, "backy_job_distrusted_revisions", &[("backy_job", "vm1")]),
         Some(1.0)
     );
     let (_, page) = get(&addr, "/job/vm1");

@@ -254,9 +254,9 @@ fn a_chain_is_copied_incrementally_and_restores_from_the_replica_alone() {
     );
     let metrics_now = metrics(&replica);
     for line in [
-        "backy_job_replica_missing_revisions{job=\"vm1\"} 0",
-        "backy_job_replica_failing{job=\"vm1\"} 0",
-        "backy_job_replica_lag_seconds{job=\"vm1\"} ",
+        "backy_job_replica_missing_revisions{backy_job=\"vm1\"} 0",
+        "backy_job_replica_failing{backy_job=\"vm1\"} 0",
+        "backy_job_replica_lag_seconds{backy_job=\"vm1\"} ",
     ] {
         assert!(metrics_now.contains(line), "{line} in\n{metrics_now}");
     }
@@ -293,7 +293,7 @@ fn a_chain_is_copied_incrementally_and_restores_from_the_replica_alone() {
         line.contains("vm1: replication failing: cannot connect to https://127.0.0.1:"),
         "{line}"
     );
-    assert!(metrics(&replica).contains("backy_job_replica_failing{job=\"vm1\"} 1"));
+    assert!(metrics(&replica).contains("backy_job_replica_failing{backy_job=\"vm1\"} 1"));
 }
 
 #[test]
