@@ -49,9 +49,12 @@ impl AssetsCommand {
     pub fn run(&self, cmd: clap::Command) -> Result<(), AssetsError> {
         match self {
             AssetsCommand::Completions { shell } => {
+                // Made whole first: clap_complete panics on a write error,
+                // and a reader may go away (`| head`), which is no error.
+                let mut text = Vec::new();
+                completions(cmd, *shell, &mut text);
                 let mut out = std::io::stdout().lock();
-                completions(cmd, *shell, &mut out);
-                match out.flush() {
+                match out.write_all(&text).and_then(|()| out.flush()) {
                     Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(AssetsError::Stdout(e)),
                     _ => Ok(()),
                 }
@@ -74,10 +77,31 @@ pub const PACKAGED_SHELLS: [(Shell, &str); 3] = [
     (Shell::Fish, "fish/{}.fish"),
 ];
 
-/// Writes the completion script of `cmd` for `shell`.
-pub fn completions(mut cmd: clap::Command, shell: Shell, out: &mut dyn Write) {
+/// Writes the completion script of `cmd` for `shell` into `out`.
+pub fn completions(mut cmd: clap::Command, shell: Shell, out: &mut Vec<u8>) {
     let name = cmd.get_name().to_string();
-    clap_complete::generate(shell, &mut cmd, name, out);
+    let mut text = Vec::new();
+    clap_complete::generate(shell, &mut cmd, name.clone(), &mut text);
+    if shell == Shell::Bash {
+        text = fix_bash_names(&text, &name);
+    }
+    out.extend_from_slice(&text);
+}
+
+/// clap_complete's bash script for a hyphenated binary (`backy-client`)
+/// dispatches to `backy__client__subcmd__push` but names the case arm
+/// `backy__subcmd__client__subcmd__push`, so nothing after a subcommand
+/// completes: the arms get the dispatcher's names.
+fn fix_bash_names(script: &[u8], name: &str) -> Vec<u8> {
+    let text = String::from_utf8_lossy(script);
+    let arm = name.replace('-', "__subcmd__");
+    let dispatched = name.replace('-', "__");
+    if arm == dispatched {
+        return script.to_vec();
+    }
+    text.replace(&format!("{arm}__subcmd__"), &format!("{dispatched}__subcmd__"))
+        .replace(&format!("        {arm})"), &format!("        {dispatched})"))
+        .into_bytes()
 }
 
 /// Writes `out/man/NAME.1` for the binary and `NAME-SUB.1` for each of its

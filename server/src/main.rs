@@ -111,16 +111,14 @@ fn hash_token(generate: Option<&PathBuf>) -> anyhow::Result<()> {
             t
         }
     };
-    println!("{}", token::hash_token(&text)?);
-    Ok(())
+    print_out(&format!("{}\n", token::hash_token(&text)?))
 }
 
 fn cert_fingerprint(path: &PathBuf) -> anyhow::Result<()> {
     use rustls_pki_types::pem::PemObject;
     let der = rustls_pki_types::CertificateDer::from_pem_file(path)
         .map_err(|e| anyhow::anyhow!("{} is not a PEM certificate: {e}", path.display()))?;
-    println!("{}", backy_common::token::cert_fingerprint(&der));
-    Ok(())
+    print_out(&format!("{}\n", backy_common::token::cert_fingerprint(&der)))
 }
 
 fn parse_job(s: &str) -> Result<JobName, String> {
@@ -143,8 +141,17 @@ fn expire_dry_run(config: &ServerConfig, job: Option<&JobName>) -> anyhow::Resul
         let preview = backy_server::schedule::preview(config, &dir, now)?;
         out.push_str(&backy_server::schedule::format_preview(&name, preview.as_ref()));
     }
-    print!("{out}");
-    Ok(())
+    print_out(&out)
+}
+
+/// Writes to stdout; a reader that went away (`| head`) is not an error.
+fn print_out(text: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e).context("writing to stdout"),
+        _ => Ok(()),
+    }
 }
 
 fn load(path: &PathBuf) -> anyhow::Result<ServerConfig> {
@@ -182,8 +189,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             if out.is_empty() {
                 eprintln!("{}: no job has a source: nothing to move", cli.config.display());
             }
-            print!("{out}");
-            return Ok(());
+            return print_out(&out);
         }
         _ => {}
     }
@@ -198,14 +204,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         for line in &misread {
             eprintln!("warning: {line}; rename it: `backy-client tags JOB -r ID add NEW`, then `remove TAG`");
         }
-        println!(
-            "{}: OK ({}, {}, storage {})",
+        return print_out(&format!(
+            "{}: OK ({}, {}, storage {})\n",
             cli.config.display(),
             count(config.jobs.len() as u64, "job"),
             count(config.schedules.len() as u64, "schedule"),
             preflight.mode.as_str()
-        );
-        return Ok(());
+        ));
     }
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     let result = runtime.block_on(serve(config, preflight, cli.config));

@@ -440,3 +440,70 @@ fn the_agent_logs_connections_orders_and_outcomes() {
     );
     assert!(log.contains("INFO"), "{log}");
 }
+
+/// Issue 29, item 8: bash completes options after a subcommand, for both
+/// binaries (clap_complete names the case arms of a hyphenated binary
+/// differently from its dispatcher; the scripts are fixed up).
+#[test]
+fn bash_completes_options_after_a_subcommand() {
+    for (binary, words, wanted) in [
+        ("backy-client", "push --so", "--source"),
+        ("backy-client", "restore --fo", "--force"),
+        ("backy-server", "expire --dr", "--dry-run"),
+    ] {
+        let script = Command::new(bin(binary))
+            .args(["completions", "bash"])
+            .output()
+            .unwrap();
+        assert!(script.status.success(), "{}", stderr(&script));
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("completion.bash");
+        std::fs::write(&path, &script.stdout).unwrap();
+        // As bash calls a completion function: COMP_WORDS, COMP_CWORD, and
+        // the arguments (command, word being completed, word before it).
+        let words: Vec<&str> = std::iter::once(binary).chain(words.split(' ')).collect();
+        let program = format!(
+            "source {path}; f=$(complete -p {binary} | sed -E 's/.*-F ([^ ]+).*/\\1/'); \
+             COMP_WORDS=({words}); COMP_CWORD={cword}; COMP_LINE='{line}'; COMP_POINT=${{#COMP_LINE}}; \
+             $f {binary} '{cur}' '{prev}'; printf '%s\\n' \"${{COMPREPLY[@]}}\"",
+            path = path.display(),
+            words = words.join(" "),
+            cword = words.len() - 1,
+            line = words.join(" "),
+            cur = words[words.len() - 1],
+            prev = words[words.len() - 2],
+        );
+        let out = Command::new("bash").args(["-c", &program]).output().unwrap();
+        assert!(out.status.success(), "{binary}: {}", stderr(&out));
+        let offered: Vec<&str> = std::str::from_utf8(&out.stdout).unwrap().lines().collect();
+        assert!(
+            offered.contains(&wanted),
+            "{binary} {words:?}<TAB> offers {offered:?}, not {wanted}"
+        );
+    }
+}
+
+/// Issue 29, item 9: a reader that goes away (`| head -c 10`) ends every
+/// output quietly: no panic, no message, exit 0.
+#[test]
+fn output_into_a_closed_pipe_ends_quietly() {
+    for (binary, args) in [
+        ("backy-client", "completions fish"),
+        ("backy-client", "completions bash"),
+        ("backy-server", "completions zsh"),
+        ("backy-client", "--help"),
+        ("backy-server", "hash-token --help"),
+    ] {
+        let program = format!(
+            "set -o pipefail; {} {args} | head -c 10 > /dev/null",
+            bin(binary).display()
+        );
+        let out = Command::new("bash").args(["-c", &program]).output().unwrap();
+        assert!(
+            out.status.success() && out.stderr.is_empty(),
+            "{binary} {args} | head -c 10: {:?}\n{}",
+            out.status,
+            stderr(&out)
+        );
+    }
+}

@@ -227,8 +227,14 @@ fn metrics_health_and_the_status_page_show_the_store() {
     // Issue 29, item 3: the job's label is backy's own; `job` is the label
     // Prometheus gives every target (a sample's `job` would become
     // `exported_job` under default scrape settings).
-    let with_job_label: Vec<_> = m.keys().filter(|(_, labels)| labels.contains_key("job")).collect();
-    assert!(with_job_label.is_empty(), "samples labelled job: {with_job_label:?}");
+    let with_job_label: Vec<_> = m
+        .keys()
+        .filter(|(_, labels)| labels.contains_key("job"))
+        .collect();
+    assert!(
+        with_job_label.is_empty(),
+        "samples labelled job: {with_job_label:?}"
+    );
     let job = |name: &str, j: &str| value(&m, name, &[("backy_job", j)]);
     assert_eq!(job("backy_job_revisions", "vm1"), Some(2.0));
     assert_eq!(job("backy_job_revisions", "vm3"), Some(1.0));
@@ -633,7 +639,10 @@ fn the_http_listener_serves_https_with_the_tls_certificate() {
     let (body, code) = text.rsplit_once('\n').unwrap();
     assert_eq!(code, "200", "{body}");
     let m = parse_metrics(body);
-    assert_eq!(value(&m, "backy_job_revisions", &[("backy_job", "vm1")]), Some(0.0));
+    assert_eq!(
+        value(&m, "backy_job_revisions", &[("backy_job", "vm1")]),
+        Some(0.0)
+    );
     let out = curl("https", "/", None);
     assert!(String::from_utf8_lossy(&out.stdout).ends_with("\n401"), "{out:?}");
     let out = curl("https", "/healthz", None);
