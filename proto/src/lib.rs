@@ -35,3 +35,20 @@ pub const PROTOCOL_HEADER: &str = "backy-protocol";
 pub const VERSION_HEADER: &str = "backy-version";
 /// This build's software version.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+#[cfg(test)]
+mod tests {
+    /// README names the protocol this build speaks and the oldest peers it
+    /// works with (issue 29, item 11: it said 1 while servers reported 2).
+    #[test]
+    fn readme_names_this_protocol() {
+        let readme = include_str!("../../README.md").split_whitespace().collect::<Vec<_>>().join(" ");
+        let said = format!(
+            "This build speaks protocol {} (protocol 1 plus `PushExchange`, the granule exchange) \
+             and works with peers of protocol {} and newer",
+            super::PROTOCOL,
+            super::MIN_CLIENT_PROTOCOL.min(super::MIN_SERVER_PROTOCOL)
+        );
+        assert!(readme.contains(&said), "README lacks: {said}");
+    }
+}
