@@ -127,7 +127,8 @@ pub async fn push(client: &mut Client, args: &PushArgs, progress: &dyn Progress)
         tracing::info!(job, reason = %plan.reason, "not due");
         return Ok(None);
     }
-    tracing::info!(job, reason = %plan.reason, tags = ?plan.tags, parent = %plan.parent_id, "due");
+    let parent = crate::view::revision_id(&plan.parent_id);
+    tracing::info!(job, reason = %plan.reason, tags = ?plan.tags, %parent, "due");
     check_plan(&plan)?;
     fault::point("client.planned");
     match push_planned(client, args, &plan, progress, started).await {

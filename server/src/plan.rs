@@ -29,7 +29,9 @@ pub fn plan(server: &Server, req: &PlanRequest) -> Result<PlanReply> {
         ),
         Some(schedule) => {
             let state = crate::schedule::due_state(server, &job, schedule, revs);
-            if req.force {
+            // An agent's order is forced (the order, not a second look,
+            // decides), but a push that is due anyway says why it is due.
+            if req.force && !state.due_now {
                 // Forced: the given tags, else those of the next slot, so a
                 // forced revision is never born without tags (expiry would
                 // delete it at once).

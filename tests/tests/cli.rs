@@ -424,9 +424,12 @@ fn the_agent_logs_connections_orders_and_outcomes() {
         img.display()
     );
     let server = Server::start_config(&dir.path().join("store"), &config);
+    // A manual revision first: the ordered push builds on it (its parent
+    // appears in the log) and is due (no daily revision yet).
+    server.client_ok(&["push", "vm1", "--force", "--tags", "manual:first"]);
     let mut agent = server.agent(&["agent", "--name", "hv01"]);
     wait_for("the ordered push to commit", Duration::from_secs(60), || {
-        server.revisions("vm1").len() == 1
+        server.revisions("vm1").len() == 2
     });
     wait_for("the agent to log the outcome", Duration::from_secs(10), || {
         agent.log().contains("push committed")
@@ -439,6 +442,21 @@ fn the_agent_logs_connections_orders_and_outcomes() {
         "{log}"
     );
     assert!(log.contains("INFO"), "{log}");
+    // Issue 29, item 12: a scheduled order is not called forced, and ids
+    // are short, as status shows them.
+    assert!(!log.contains("forced"), "{log}");
+    assert!(log.contains("reason="), "{log}");
+    assert!(!has_uuid(&log), "a full UUID in the agent's log:\n{log}");
+}
+
+/// Whether `text` holds a UUID in its hyphenated form.
+fn has_uuid(text: &str) -> bool {
+    text.as_bytes().windows(36).any(|w| {
+        w.iter().enumerate().all(|(i, c)| match i {
+            8 | 13 | 18 | 23 => *c == b'-',
+            _ => c.is_ascii_hexdigit(),
+        })
+    })
 }
 
 /// Issue 29, item 8: bash completes options after a subcommand, for both
