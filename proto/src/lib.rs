@@ -42,7 +42,10 @@ mod tests {
     /// works with (issue 29, item 11: it said 1 while servers reported 2).
     #[test]
     fn readme_names_this_protocol() {
-        let readme = include_str!("../../README.md").split_whitespace().collect::<Vec<_>>().join(" ");
+        let readme = include_str!("../../README.md")
+            .split_whitespace()
+            .collect::<Vec<_>>()
+            .join(" ");
         let said = format!(
             "This build speaks protocol {} (protocol 1 plus `PushExchange`, the granule exchange) \
              and works with peers of protocol {} and newer",

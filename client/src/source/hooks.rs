@@ -96,6 +96,36 @@ impl Drop for HookRunner {
 mod tests {
     use super::*;
 
+    /// Issue 29, item 13: the example client.yaml names every variable a
+    /// hook gets, for every source kind (it left out QEMU's).
+    #[test]
+    fn the_example_config_names_every_hook_variable() {
+        let example = include_str!("../../../packaging/examples/client.yaml")
+            .lines()
+            .filter_map(|l| l.trim_start().strip_prefix('#'))
+            .collect::<Vec<_>>()
+            .join(" ");
+        let sources: Vec<&str> = [
+            include_str!("mod.rs"),
+            include_str!("qemu/mod.rs"),
+            include_str!("../rbd_push.rs"),
+        ]
+        .to_vec();
+        for source in sources {
+            for var in source.split('"').filter(|w| {
+                w.starts_with("BACKY_")
+                    && w.len() > 6
+                    && w[6..].bytes().all(|c| c.is_ascii_uppercase() || c == b'_')
+            }) {
+                assert!(
+                    example.contains(var),
+                    "the example client.yaml does not name {var}"
+                );
+            }
+        }
+        assert!(example.contains("qemu: the path"), "{example}");
+    }
+
     fn hooks(dir: &std::path::Path, pre: &str) -> Hooks {
         let log = dir.join("log");
         let log = log.display();
