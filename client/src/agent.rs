@@ -17,7 +17,14 @@ use std::time::Duration;
 use tokio::sync::{mpsc, Semaphore};
 use tokio_stream::wrappers::ReceiverStream;
 
+/// Waits between attempts grow ×2 up to this while they fail at once.
 const MAX_BACKOFF: Duration = Duration::from_secs(60);
+/// The cap for refusals that only an operator can lift (a wrong name or
+/// role, bad credentials): the server is asked rarely, not every second.
+const MAX_REFUSED_BACKOFF: Duration = Duration::from_secs(300);
+/// A session that lasted this long was a working one: the next attempt
+/// starts again at one second.
+const STABLE_SESSION: Duration = Duration::from_secs(30);
 
 /// Where the agent learns its jobs: the client config, read again for
 /// each order so an edit takes effect without a restart.
@@ -51,25 +58,57 @@ impl JobsConfig {
 /// How the agent connects and runs.
 #[derive(Debug, Clone)]
 pub struct AgentOptions {
-    /// The client identity whose jobs it runs.
-    pub name: String,
+    /// The client identity whose jobs it runs; `None`: the one its
+    /// credentials prove (the server says which).
+    pub name: Option<String>,
+    /// This host's name, the server's choice when `name` is `None` and the
+    /// credentials may run any client's agent.
+    pub host: String,
     /// Pushes at the same time.
     pub workers: u32,
     /// How long each connection attempt may take (`--timeout`).
     pub connect_timeout: Duration,
 }
 
-/// Runs until interrupted.
+/// Runs until interrupted. A session that fails at once is retried after
+/// a wait that doubles each time (capped); its reason is logged when it
+/// changes, not at every attempt.
 pub async fn run(url: &str, creds: &Credentials, options: &AgentOptions, jobs: JobsConfig) -> Result<()> {
     let mut backoff = Duration::from_secs(1);
+    let mut last_reason = String::new();
     loop {
-        match session(url, creds, options, &jobs, &mut backoff).await {
-            Ok(()) => tracing::warn!("server closed the agent stream; reconnecting"),
-            Err(e) => tracing::warn!("agent session ended: {e}; reconnecting in {}s", backoff.as_secs()),
+        let started = tokio::time::Instant::now();
+        let ended = session(url, creds, options, &jobs, &mut last_reason).await;
+        if started.elapsed() >= STABLE_SESSION {
+            backoff = Duration::from_secs(1);
+        }
+        let cap = match &ended {
+            Err(e) if refused(e) => MAX_REFUSED_BACKOFF,
+            _ => MAX_BACKOFF,
+        };
+        backoff = backoff.min(cap);
+        let reason = match &ended {
+            Ok(()) => "server closed the agent stream".to_string(),
+            Err(e) => format!("agent session ended: {e}"),
+        };
+        if reason == last_reason {
+            tracing::info!("reconnecting in {} s", backoff.as_secs());
+        } else {
+            tracing::warn!("{reason}; reconnecting in {} s", backoff.as_secs());
+            last_reason = reason;
         }
         tokio::time::sleep(backoff).await;
-        backoff = (backoff * 2).min(MAX_BACKOFF);
+        backoff = (backoff * 2).min(cap);
     }
+}
+
+/// A refusal that retrying cannot lift: only an operator can.
+fn refused(e: &Error) -> bool {
+    use backy_common::ErrorKind::*;
+    matches!(
+        e.kind,
+        PermissionDenied | Unauthenticated | InvalidArgument | NotFound
+    )
 }
 
 async fn session(
@@ -77,27 +116,37 @@ async fn session(
     creds: &Credentials,
     options: &AgentOptions,
     jobs: &JobsConfig,
-    backoff: &mut Duration,
+    last_reason: &mut String,
 ) -> Result<()> {
-    let (name, workers) = (options.name.as_str(), options.workers);
+    let workers = options.workers;
     let mut client = connect_within(url, creds, options.connect_timeout).await?;
     let (reports, rx) = mpsc::channel(16);
     reports
         .send(AgentReport {
             report: Some(Report::Hello(AgentHello {
-                agent: name.into(),
+                agent: options.name.clone().unwrap_or_default(),
                 workers,
+                host: options.host.clone(),
             })),
         })
         .await
         .map_err(|_| Error::internal("agent report channel closed"))?;
-    let mut orders = client
+    let response = client
         .agent(ReceiverStream::new(rx))
         .await
-        .map_err(status_error)?
-        .into_inner();
-    tracing::info!(agent = name, workers, "connected to {url}");
-    *backoff = Duration::from_secs(1);
+        .map_err(status_error)?;
+    // Servers before the name was optional do not say it.
+    let name = response
+        .metadata()
+        .get(backy_proto::AGENT_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string)
+        .or_else(|| options.name.clone())
+        .unwrap_or_default();
+    let mut orders = response.into_inner();
+    tracing::info!(workers, "connected to {url} as {name}");
+    // Connected: a later failure is news again.
+    last_reason.clear();
     let slots = Arc::new(Semaphore::new(workers.max(1) as usize));
     while let Some(order) = orders.message().await.map_err(status_error)? {
         let permit = slots

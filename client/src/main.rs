@@ -272,7 +272,8 @@ struct CheckCmd {
 Examples:
   backy-client agent --name hv01 --workers 2")]
 struct AgentCmd {
-    /// The client identity whose jobs this agent runs [default: the host name]
+    /// The client identity whose jobs this agent runs [default: the identity the
+    /// credentials prove; the host name for an admin or without identities]
     #[arg(long, value_name = "NAME")]
     name: Option<String>,
 
@@ -535,16 +536,13 @@ async fn dispatch(
     if let Command::Agent(cmd) = &cli.command {
         // The agent connects (and reconnects) by itself: the server may be
         // down when it starts.
-        let name = match &cmd.name {
-            Some(n) => n.clone(),
-            None => std::fs::read_to_string("/proc/sys/kernel/hostname")
-                .context("reading the host name; give --name")?
-                .trim()
-                .to_string(),
-        };
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_string())
+            .unwrap_or_default();
         let jobs = agent::JobsConfig::new(cli.config.clone(), config.clone(), config_name);
         let options = agent::AgentOptions {
-            name,
+            name: cmd.name.clone(),
+            host,
             workers: cmd.workers,
             connect_timeout: std::time::Duration::from_secs(cli.timeout),
         };

@@ -31,6 +31,9 @@ pub const MIN_CLIENT_PROTOCOL: u32 = 1;
 pub const MIN_SERVER_PROTOCOL: u32 = 1;
 /// Request metadata carrying the client's protocol version.
 pub const PROTOCOL_HEADER: &str = "backy-protocol";
+/// Agent response metadata naming the client identity the server took the
+/// agent's session for (an agent may leave its name to the server).
+pub const AGENT_HEADER: &str = "backy-agent";
 /// Request metadata carrying the client's software version.
 pub const VERSION_HEADER: &str = "backy-version";
 /// This build's software version.

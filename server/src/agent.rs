@@ -17,47 +17,65 @@ pub const REPLAN: Duration = Duration::from_secs(60);
 /// The shortest: planning at most this often per agent.
 pub const MIN_REPLAN: Duration = Duration::from_secs(1);
 
-/// Serves one agent connection until it goes away.
-pub async fn serve(
-    server: Arc<Server>,
-    caller: crate::auth::Caller,
-    mut reports: Streaming<AgentReport>,
-    orders: mpsc::Sender<std::result::Result<AgentOrder, Status>>,
-) {
+/// What an agent's hello establishes.
+pub struct Hello {
+    /// The client identity whose jobs it runs.
+    pub agent: String,
+    pub workers: usize,
+}
+
+/// Reads an agent's hello and decides its name: the one it gives, else the
+/// identity its credentials prove (an identity that may run any client's
+/// agent, admin, takes the host name it sends). Refusals are audited.
+pub async fn hello(
+    caller: &crate::auth::Caller,
+    reports: &mut Streaming<AgentReport>,
+) -> std::result::Result<Hello, Status> {
     let hello = match reports.message().await {
         Ok(Some(AgentReport {
             report: Some(Report::Hello(h)),
         })) => h,
-        Ok(_) => {
-            let _ = orders
-                .send(Err(Status::invalid_argument("an agent must start with hello")))
-                .await;
-            return;
-        }
-        Err(_) => return,
+        Ok(_) => return Err(Status::invalid_argument("an agent must start with hello")),
+        Err(e) => return Err(e),
     };
-    let agent_name = crate::text::clip(&hello.agent);
-    if let Err(status) = crate::auth::authorize_agent(&caller, &hello.agent) {
-        let action = format!("agent connect {agent_name}");
+    let agent = if !hello.agent.is_empty() {
+        hello.agent
+    } else if caller.role == backy_common::config::Role::Admin {
+        hello.host
+    } else {
+        caller.name.clone()
+    };
+    let action = format!("agent connect {}", crate::text::clip(&agent));
+    let named = if agent.is_empty() {
+        Err(Status::invalid_argument("the agent has no name: give --name"))
+    } else {
+        crate::auth::authorize_agent(caller, &agent)
+    };
+    if let Err(status) = named {
         crate::audit::record(
-            &caller,
+            caller,
             &action,
             "",
             "",
             crate::audit::Outcome::Failed(&status.message()),
         );
-        let _ = orders.send(Err(status)).await;
-        return;
+        return Err(status);
     }
-    let agent = hello.agent.clone();
-    let workers = hello.workers.clamp(1, 64) as usize;
-    crate::audit::record(
-        &caller,
-        &format!("agent connect {agent_name}"),
-        "",
-        "",
-        crate::audit::Outcome::Ok,
-    );
+    crate::audit::record(caller, &action, "", "", crate::audit::Outcome::Ok);
+    Ok(Hello {
+        agent,
+        workers: hello.workers.clamp(1, 64) as usize,
+    })
+}
+
+/// Serves one agent connection, after its [`hello`], until it goes away.
+pub async fn serve(
+    server: Arc<Server>,
+    hello: Hello,
+    mut reports: Streaming<AgentReport>,
+    orders: mpsc::Sender<std::result::Result<AgentOrder, Status>>,
+) {
+    let Hello { agent, workers } = hello;
     tracing::info!(agent, workers, "agent connected");
     let mut outstanding: BTreeMap<JobName, chrono::DateTime<chrono::Utc>> = BTreeMap::new();
     // Planning wakes at the earliest next due time of the agent's jobs, or

@@ -746,13 +746,22 @@ impl Backy for Service {
     ) -> std::result::Result<Response<Self::AgentStream>, Status> {
         let caller = auth::caller(&req)?;
         let permit = self.permit(&caller, "agent")?;
+        let mut reports = req.into_inner();
+        // Refused before the stream opens: the agent sees the refusal as
+        // the call's status and backs off.
+        let hello = crate::agent::hello(&caller, &mut reports).await?;
+        let name = tonic::metadata::MetadataValue::try_from(hello.agent.as_str()).ok();
         let (tx, rx) = mpsc::channel(16);
         let server = self.server.clone();
         tokio::spawn(async move {
             let _permit = permit;
-            crate::agent::serve(server, caller, req.into_inner(), tx).await
+            crate::agent::serve(server, hello, reports, tx).await
         });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        let mut response = Response::new(Box::pin(ReceiverStream::new(rx)) as Self::AgentStream);
+        if let Some(name) = name {
+            response.metadata_mut().insert(backy_proto::AGENT_HEADER, name);
+        }
+        Ok(response)
     }
 }
 
