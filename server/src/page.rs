@@ -498,7 +498,9 @@ fn timeline(j: &JobStatus, schedule: Option<&Schedule>, now: DateTime<Utc>) -> S
         y1 = TOP - 4.0,
         ty = TOP - 8.0,
     );
-    // The marks, oldest first (newer ones drawn on top).
+    // The marks, oldest first (newer ones drawn on top), and where they
+    // fall per lane, for the counts of marks drawn on one spot.
+    let mut spots: Vec<Vec<f64>> = vec![Vec::new(); lanes.len()];
     for r in revs {
         let Some(ts) = r.timestamp.as_ref() else {
             continue;
@@ -537,6 +539,9 @@ fn timeline(j: &JobStatus, schedule: Option<&Schedule>, now: DateTime<Utc>) -> S
             }
         }
         for &row in &rows {
+            if let Some(spot) = spots.get_mut(row) {
+                spot.push(rx);
+            }
             let cy = lane_y(row);
             if distrusted {
                 let _ = write!(
@@ -555,6 +560,19 @@ fn timeline(j: &JobStatus, schedule: Option<&Schedule>, now: DateTime<Utc>) -> S
             }
         }
         svg.push_str("</g>");
+    }
+    for (row, xs) in spots.iter_mut().enumerate() {
+        for (cx, n) in crowded(xs) {
+            let _ = write!(
+                svg,
+                "<g class=\"cluster\" data-count=\"{n}\"><title>{n} revisions on this spot</title>\
+                 <circle cx=\"{bx:.1}\" cy=\"{by:.1}\" r=\"7\" fill=\"#1d2330\"/>\
+                 <text x=\"{bx:.1}\" y=\"{ty:.1}\" text-anchor=\"middle\" fill=\"#fff\" font-size=\"9\">{n}</text></g>",
+                bx = cx + 7.0,
+                by = lane_y(row) - 8.0,
+                ty = lane_y(row) - 5.0,
+            );
+        }
     }
     // Legend.
     let ly = axis_y + 36.0;
@@ -585,6 +603,22 @@ fn timeline(j: &JobStatus, schedule: Option<&Schedule>, now: DateTime<Utc>) -> S
     svg
 }
 
+/// Marks closer than a dot's width fall on one spot: the spots holding
+/// more than one mark, as (x of the first, how many).
+fn crowded(xs: &mut [f64]) -> Vec<(f64, usize)> {
+    const DOT: f64 = 12.0;
+    xs.sort_by(f64::total_cmp);
+    let mut spots: Vec<(f64, usize)> = Vec::new();
+    for &x in xs.iter() {
+        match spots.last_mut() {
+            Some((start, n)) if x - *start < DOT => *n += 1,
+            _ => spots.push((x, 1)),
+        }
+    }
+    spots.retain(|&(_, n)| n > 1);
+    spots
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -607,6 +641,55 @@ mod tests {
         assert_eq!(s("daily", true, 0, false, 0), ("no backup yet", 1));
         assert_eq!(s("daily", true, 3, true, 0), ("OK", 2));
         assert_eq!(s(NO_SCHEDULE, true, 3, true, 0), ("no schedule", 3));
+    }
+
+    /// Issue 29, item 14: revisions a minute apart on a scale a daily tag
+    /// sets fall on one spot; the spot says how many it holds.
+    #[test]
+    fn close_revisions_are_counted_on_the_timeline() {
+        let now = Utc::now();
+        let rev = |i: i64, tags: &[&str]| RevisionInfo {
+            id: format!("id{i}"),
+            short_id: format!("r{i}"),
+            timestamp: Some(backy_proto::prost_types::Timestamp {
+                seconds: (now - chrono::Duration::minutes(60 - i)).timestamp(),
+                nanos: 0,
+            }),
+            tags: tags.iter().map(|t| t.to_string()).collect(),
+            ..Default::default()
+        };
+        let mut revisions: Vec<RevisionInfo> = (0..5).map(|i| rev(i, &["daily"])).collect();
+        revisions.insert(
+            0,
+            RevisionInfo {
+                timestamp: Some(backy_proto::prost_types::Timestamp {
+                    seconds: (now - chrono::Duration::days(5)).timestamp(),
+                    nanos: 0,
+                }),
+                ..rev(9, &["daily"])
+            },
+        );
+        let job = JobStatus {
+            job: "vm1".into(),
+            revisions,
+            ..Default::default()
+        };
+        let schedule: Schedule = [(
+            "daily".to_string(),
+            backy_common::config::TagRule {
+                interval: backy_common::units::Interval::from_secs(86400),
+                keep: 7,
+            },
+        )]
+        .into();
+        let svg = timeline(&job, Some(&schedule), now);
+        assert_eq!(svg.matches("<g class=\"rev").count(), 6, "{svg}");
+        assert_eq!(
+            svg.matches("class=\"cluster\" data-count=\"5\"").count(),
+            1,
+            "{svg}"
+        );
+        assert!(!svg.contains("data-count=\"1\""), "{svg}");
     }
 
     #[test]
