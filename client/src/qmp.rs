@@ -17,6 +17,10 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+/// QEMU greets a client as it accepts it: a longer silence means another
+/// client holds the socket.
+const GREETING_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// Longest line read from QEMU (a `query-named-block-nodes` of a VM
 /// with many disks is tens of KiB).
 const MAX_LINE: u64 = 16 << 20;
@@ -36,6 +40,10 @@ pub enum QmpError {
         secs: f64,
         hint: &'static str,
     },
+    /// QEMU serves one monitor client at a time; a second is accepted by
+    /// the kernel and never greeted.
+    #[error("QMP socket {path} busy (another client is connected): no greeting within {secs} s")]
+    Busy { path: String, secs: f64 },
     /// QEMU refused a command; `desc` is its reason.
     #[error("QEMU refused {command}: {desc}")]
     Refused {
@@ -111,13 +119,17 @@ impl Qmp {
         };
         // QEMU serves one monitor client at a time: a second one is
         // accepted by the kernel but never greeted.
-        let deadline = Instant::now() + timeout;
+        let wait = GREETING_TIMEOUT.min(timeout);
+        let deadline = Instant::now() + wait;
         loop {
-            match qmp.read_message(
-                deadline,
-                "greeting",
-                " (is another client connected to this QMP socket?)",
-            )? {
+            let greeting = qmp.read_message(deadline, "greeting", "").map_err(|e| match e {
+                QmpError::Timeout { path, .. } => QmpError::Busy {
+                    path,
+                    secs: wait.as_secs_f64(),
+                },
+                e => e,
+            })?;
+            match greeting {
                 Message::Greeting { version } => {
                     qmp.version = version;
                     break;
@@ -380,7 +392,7 @@ mod tests {
         let e = Qmp::connect(&path, Duration::from_millis(200)).err().unwrap();
         assert!(
             e.to_string()
-                .contains("no greeting within 0.2 s (is another client connected"),
+                .contains("busy (another client is connected): no greeting within 0.2 s"),
             "{e}"
         );
         let e: Error = Qmp::connect(&dir.path().join("none"), Duration::from_secs(1))

@@ -777,6 +777,7 @@ async fn stalled_and_excess_streams_do_not_block_others() {
             report: Some(agent_report::Report::Hello(AgentHello {
                 agent: "hv01".into(),
                 workers: 1,
+                ..Default::default()
             })),
         })
         .await
