@@ -5,6 +5,8 @@
 //! request stream through a bounded channel: a slow network or server slows
 //! the reading down instead of filling memory.
 
+pub mod rbd;
+
 use crate::connect::{status_error, Client};
 use crate::progress::Progress;
 use crate::scan::{self, Scanned};
@@ -176,7 +178,7 @@ async fn push_planned(
         &args.config_name,
     )?;
     if let SourceSpec::CephRbd { .. } = spec {
-        return crate::rbd_push::push(client, args, plan, &spec, progress, started).await;
+        return rbd::push(client, args, plan, &spec, progress, started).await;
     }
     // Hooks run here (pre-snapshot may take long): off the async workers.
     let mut qemu = None;
