@@ -14,7 +14,6 @@ pub mod output;
 pub mod progress;
 pub mod push;
 pub mod qmp;
-pub mod rbd_push;
 pub mod restore;
 pub mod revisions;
 pub mod scan;

@@ -181,9 +181,9 @@ fn compare_rbd_snapshot(
     };
     // A full export compared with the manifest emits frames exactly for
     // the blocks that differ from it.
-    let streamed = crate::rbd_push::export(
+    let streamed = crate::push::rbd::export(
         &rbd,
-        &crate::rbd_push::Diff::Full { known: None },
+        &crate::push::rbd::Diff::Full { known: None },
         &snap,
         manifest.clone(),
         |frame| {

@@ -69,7 +69,7 @@ pub fn open(spec: &SourceSpec, job: &str, rev_id: &str) -> Result<Box<dyn Source
     let path = match spec {
         SourceSpec::File { path, .. } | SourceSpec::Block { path, .. } => path,
         SourceSpec::CephRbd { .. } => {
-            // Pushes read them as diffs (rbd_push); there is no block access.
+            // Pushes read them as diffs (push::rbd); there is no block access.
             return Err(Error::invalid(
                 "a ceph-rbd source cannot be read block by block (only files and block devices can)",
             ));

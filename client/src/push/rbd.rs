@@ -23,9 +23,9 @@
 //! and `rbd` exited 0. After a commit the older `backy-*` snapshots go; a
 //! failed push removes the snapshot it made.
 
+use super::shared::{self, PushArgs, Pushed, FRAMES_IN_FLIGHT};
 use crate::connect::Client;
 use crate::progress::Progress;
-use crate::push::{self, PushArgs, Pushed, FRAMES_IN_FLIGHT};
 use crate::scan::{Scanned, Scanner};
 use crate::source::hooks::HookRunner;
 use crate::source::process::{describe, Running};
@@ -174,7 +174,7 @@ async fn push_snapshot(
         }
     })
     .await?;
-    let baseline = push::baseline(client, job, plan, size).await?;
+    let baseline = shared::baseline(client, job, plan, size).await?;
     let (baseline, diff) = blocking({
         let (rbd, snap) = (rbd.clone(), snap.to_string());
         move || {
@@ -216,7 +216,7 @@ async fn push_snapshot(
         frame: Some(Frame::Begin(begin)),
     })
     .await
-    .map_err(|_| push::stream_closed())?;
+    .map_err(|_| shared::stream_closed())?;
 
     let bar = progress.start(job, size);
     let reader_bar = bar.clone();
@@ -225,7 +225,7 @@ async fn push_snapshot(
         let send = |frame| {
             let sent = tx
                 .blocking_send(PushFrame { frame: Some(frame) })
-                .map_err(|_| push::stream_closed());
+                .map_err(|_| shared::stream_closed());
             fault::point("client.frame");
             sent
         };
@@ -233,7 +233,7 @@ async fn push_snapshot(
         Ok(streamed)
     });
     let rpc = client.push(crate::frames::with_keepalive(rx));
-    let joined = push::join(reader, rpc).await;
+    let joined = shared::join(reader, rpc).await;
     fault::point("client.replied");
     bar.finish();
     let (streamed, reply) = joined?;
@@ -246,7 +246,7 @@ async fn push_snapshot(
     let revision = reply
         .revision
         .ok_or_else(|| Error::internal("server reply names no revision"))?;
-    push::check_committed(&revision, &streamed.scanned)?;
+    shared::check_committed(&revision, &streamed.scanned)?;
     Ok(Pushed {
         job: job.to_string(),
         revision: RevisionView::from(&revision),

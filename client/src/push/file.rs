@@ -1,0 +1,271 @@
+//! Push of a source read through [`Source`] (a file, a block device, or a
+//! qemu disk over NBD): scan it against the baseline and stream the changed
+//! ranges.
+//!
+//! The source is read in a blocking thread that hands frames to the gRPC
+//! request stream through a bounded channel: a slow network or server slows
+//! the reading down instead of filling memory.
+
+use super::shared::{
+    baseline, check_committed, join, rebase, stream_closed, PushArgs, Pushed, FRAMES_IN_FLIGHT,
+};
+use crate::connect::Client;
+use crate::progress::Progress;
+use crate::scan::{self, Scanned};
+use crate::source::{self, Source};
+use crate::view::RevisionView;
+use backy_common::manifest::Manifest;
+use backy_common::source::SourceSpec;
+use backy_common::{fault, Error, Result};
+use backy_proto::push_event::Event;
+use backy_proto::push_frame::Frame;
+use backy_proto::{GranulesWanted, PlanReply, PushBegin, PushEnd, PushFrame, PushReply};
+use std::time::Instant;
+use tokio::sync::mpsc;
+
+/// Runs a push of a file, block device or qemu source for a due plan.
+pub(super) async fn push(
+    client: &mut Client,
+    args: &PushArgs,
+    plan: &PlanReply,
+    spec: &SourceSpec,
+    progress: &dyn Progress,
+    started: Instant,
+) -> Result<Pushed> {
+    let job = args.job.as_str();
+    // Hooks run here (pre-snapshot may take long): off the async workers.
+    let mut qemu = None;
+    let mut full_read = None;
+    let mut source = if let SourceSpec::Qemu(qemu_spec) = spec {
+        let (qemu_spec, job, id, parent) = (
+            qemu_spec.clone(),
+            job.to_string(),
+            plan.new_id.clone(),
+            plan.parent_id.clone(),
+        );
+        let opened = tokio::task::spawn_blocking(move || source::qemu::open(&qemu_spec, &job, &id, &parent))
+            .await
+            .map_err(|e| Error::internal(format!("opening the source: {e}")))??;
+        if let Some(why) = &opened.full_read_reason {
+            tracing::info!(job = args.job.as_str(), "reading the whole disk: {why}");
+            full_read = opened.full_read_reason.clone();
+        }
+        // Dropped on any error below: that removes the new bitmap, in this
+        // thread on purpose (the process may exit right after the error).
+        qemu = Some(opened.session);
+        Box::new(opened.source) as Box<dyn source::Source>
+    } else {
+        let (spec, job, id) = (spec.clone(), job.to_string(), plan.new_id.clone());
+        tokio::task::spawn_blocking(move || source::open(&spec, &job, &id))
+            .await
+            .map_err(|e| Error::internal(format!("opening the source: {e}")))??
+    };
+    let size = source.size();
+    if let Some(path) = &args.changed_ranges {
+        let changed = crate::changed_ranges::read(path, size)?;
+        if plan.parent_id.is_empty() {
+            tracing::info!(
+                job,
+                "no parent revision: a full backup reads everything, not just the changed ranges"
+            );
+        }
+        source = Box::new(crate::changed_ranges::KnownChanges::new(source, changed));
+    }
+    // A qemu source's instant is taken anew by each attempt (the fleecing
+    // view or bitmap of the last one is gone): blocks from an earlier
+    // attempt would mix two instants.
+    let resumable = qemu.is_none();
+    let resume = plan.resume && plan.resume_size == size && resumable;
+    if plan.resume && !resume {
+        if resumable {
+            tracing::info!(
+                job,
+                "not resuming the interrupted push: it had {} bytes, the source now {size}",
+                plan.resume_size
+            );
+        } else {
+            tracing::info!(
+                job,
+                "not resuming the interrupted push: a qemu source is read from a new instant"
+            );
+        }
+    }
+    let baseline = if resume {
+        tracing::info!(
+            job,
+            checkpoint = plan.resume_checkpoint,
+            "resuming interrupted push"
+        );
+        let (_, partial) = crate::manifest::fetch_resume(client, job, &plan.new_id).await?;
+        rebase(partial, plan.block_size, size)?
+    } else {
+        baseline(client, job, plan, size).await?
+    };
+    fault::point("client.manifest");
+
+    let begin = PushBegin {
+        job: job.to_string(),
+        rev_id: plan.new_id.clone(),
+        parent_id: plan.parent_id.clone(),
+        size,
+        block_size: plan.block_size,
+        tags: plan.tags.clone(),
+        source_kind: backy_proto::source_kind(source.kind()) as i32,
+        source_snapshot: source.snapshot().to_string(),
+        force: args.force,
+        resume,
+        resumable,
+        allow_unscheduled: args.allow_unscheduled,
+        allow_shrink: args.allow_shrink,
+    };
+    let (tx, rx) = mpsc::channel(FRAMES_IN_FLIGHT);
+    tx.send(PushFrame {
+        frame: Some(Frame::Begin(begin)),
+    })
+    .await
+    .map_err(|_| stream_closed())?;
+
+    let bar = progress.start(job, size);
+    let reader_bar = bar.clone();
+    let has_parent = !plan.parent_id.is_empty();
+    // The granule exchange compares with a parent and needs a server that
+    // speaks it; the fault mode poses as an older client (tests of the
+    // whole-block push). A full push goes through Push as always.
+    let exchange = has_parent
+        && !fault::mode("whole-blocks")
+        && crate::connect::server_protocol(client).await? >= backy_proto::GRANULE_PROTOCOL;
+    let (answers_tx, answers_rx) = mpsc::channel(scan::EXCHANGE_WINDOW + 1);
+    let answers = exchange.then(|| answers_from(answers_rx));
+    let reader = tokio::task::spawn_blocking(move || {
+        read_source(&mut *source, baseline, has_parent, answers, &tx, |pos| {
+            reader_bar.set(pos)
+        })
+    });
+    let frames = crate::frames::with_keepalive(rx);
+    let joined = if exchange {
+        join(reader, push_exchange(client, frames, answers_tx)).await
+    } else {
+        join(reader, client.push(frames)).await
+    };
+    fault::point("client.replied");
+    bar.finish();
+    let (scanned, reply) = joined.map_err(|e| match (&args.changed_ranges, e.kind) {
+        // With a complete range list the server's digests of the blocks it
+        // patched equal the ones read here; otherwise the list missed writes.
+        (Some(path), backy_common::ErrorKind::DataLoss) if e.reason == backy_common::Reason::ManifestMismatch => e.context(
+            format!(
+                "{} does not name every byte written since the parent revision (push without --changed-ranges to scan everything)",
+                path.display()
+            ),
+        ),
+        _ => e,
+    })?;
+    tracing::info!(
+        job,
+        bytes_read = scanned.bytes_read,
+        bytes_sent = scanned.bytes_sent,
+        digest_bytes = scanned.digest_bytes,
+        changed_blocks = scanned.changed_blocks,
+        "pushed"
+    );
+    let revision = reply
+        .revision
+        .ok_or_else(|| Error::internal("server reply names no revision"))?;
+    if let Some(session) = qemu {
+        // Committed on the server: the parent's bitmap has served. Failing
+        // to drop it only leaves a bitmap behind.
+        let done = tokio::task::spawn_blocking(move || session.commit()).await;
+        if let Ok(Err(e)) = done {
+            tracing::warn!(
+                job,
+                "could not remove the parent revision's bitmap: {}",
+                e.message
+            );
+        }
+    }
+    check_committed(&revision, &scanned)?;
+    Ok(Pushed {
+        job: job.to_string(),
+        revision: RevisionView::from(&revision),
+        bytes_read: scanned.bytes_read,
+        bytes_sent: scanned.bytes_sent,
+        duration_secs: started.elapsed().as_secs_f64(),
+        expired: reply
+            .expired
+            .iter()
+            .map(|id| crate::view::revision_id(id))
+            .collect(),
+        resumed_at: resume.then_some(plan.resume_checkpoint),
+        full_read,
+    })
+}
+
+/// The `PushExchange` call: relays the server's granule answers to the
+/// scanner and resolves to its final reply, like `Push`.
+async fn push_exchange(
+    client: &mut Client,
+    frames: impl tokio_stream::Stream<Item = PushFrame> + Send + 'static,
+    answers: mpsc::Sender<GranulesWanted>,
+) -> std::result::Result<tonic::Response<PushReply>, tonic::Status> {
+    let mut events = client.push_exchange(frames).await?.into_inner();
+    while let Some(event) = events.message().await? {
+        match event.event {
+            // A scanner that has finished or failed takes no more answers;
+            // the stream's end or status still decides the outcome.
+            Some(Event::Wanted(wanted)) => {
+                let _ = answers.send(wanted).await;
+            }
+            Some(Event::Done(reply)) => return Ok(tonic::Response::new(reply)),
+            None => return Err(tonic::Status::internal("the server sent an empty push event")),
+        }
+    }
+    Err(tonic::Status::internal(
+        "the server ended the push without a reply",
+    ))
+}
+
+/// The scanner's side of the answers channel.
+fn answers_from(mut rx: mpsc::Receiver<GranulesWanted>) -> scan::Answers {
+    Box::new(move |wait| {
+        if wait {
+            return rx.blocking_recv().map(Some).ok_or_else(stream_closed);
+        }
+        match rx.try_recv() {
+            Ok(answer) => Ok(Some(answer)),
+            Err(mpsc::error::TryRecvError::Empty) => Ok(None),
+            Err(mpsc::error::TryRecvError::Disconnected) => Err(stream_closed()),
+        }
+    })
+}
+
+/// The blocking side: scan, then the end marker.
+fn read_source(
+    source: &mut dyn Source,
+    baseline: Manifest,
+    has_parent: bool,
+    answers: Option<scan::Answers>,
+    tx: &mpsc::Sender<PushFrame>,
+    progress: impl FnMut(u64),
+) -> Result<Scanned> {
+    let send = |frame| {
+        let sent = tx
+            .blocking_send(PushFrame { frame: Some(frame) })
+            .map_err(|_| stream_closed());
+        fault::point("client.frame");
+        sent
+    };
+    // Known changes are relative to the parent's snapshot: without a parent
+    // everything is compared with zeros.
+    let changed = if has_parent {
+        source.changed_extents()?
+    } else {
+        None
+    };
+    let scanned = scan::scan(source, baseline, changed, answers, send, progress)?;
+    fault::point("client.before-end");
+    send(Frame::End(PushEnd {
+        stream_checksum: scanned.checksum.to_vec(),
+        manifest_digest: scanned.manifest.file_digest().to_vec(),
+    }))?;
+    Ok(scanned)
+}

@@ -1,0 +1,304 @@
+//! What every push kind shares: its arguments and outcome, the baseline
+//! the source is compared with, the request stream's plumbing and the
+//! commit check. It imports no push kind, so the kinds never import each
+//! other.
+
+use crate::connect::{status_error, Client};
+use crate::scan::Scanned;
+use crate::view::{short_id, RevisionView};
+use backy_common::manifest::Manifest;
+use backy_common::source::SourceSpec;
+use backy_common::units::format_bytes;
+use backy_common::{Error, JobName, Result, RevisionId};
+use backy_proto::{PlanReply, PushReply, RevisionInfo};
+use serde::Serialize;
+use std::fmt;
+use std::future::Future;
+use std::time::Duration;
+use tokio::task::{JoinError, JoinHandle};
+
+/// Frames in flight between the reader and the network: at most this many
+/// MiB of data wait in memory.
+pub(crate) const FRAMES_IN_FLIGHT: usize = 16;
+
+/// The sender's error when the push stream closed under it: the RPC's
+/// own outcome then says why.
+pub(crate) fn stream_closed() -> Error {
+    Error::unavailable("push stream closed").with_reason(backy_common::Reason::StreamClosed)
+}
+
+#[derive(Debug, Clone)]
+pub struct PushArgs {
+    pub job: JobName,
+    /// A path (file or block device), `rbd:POOL/IMAGE` or `qemu:IMAGE`; default:
+    /// `configured`.
+    pub source: Option<String>,
+    /// The job's source (with its hooks) in this hypervisor's client
+    /// config, if it lists the job; never anything the server sent.
+    pub configured: Option<SourceSpec>,
+    /// The client config's name, for the error when neither is given.
+    pub config_name: String,
+    pub force: bool,
+    pub tags: Vec<String>,
+    /// Accept tags outside the job's schedule (they go with the expiry
+    /// after the next backup).
+    pub allow_unscheduled: bool,
+    /// Accept a source smaller than the last revision.
+    pub allow_shrink: bool,
+    /// A file of byte ranges changed since the parent revision: only the
+    /// blocks they touch are read (see [`crate::changed_ranges`]).
+    pub changed_ranges: Option<std::path::PathBuf>,
+}
+
+/// A committed push.
+#[derive(Debug, Serialize)]
+pub struct Pushed {
+    pub job: String,
+    pub revision: RevisionView,
+    pub bytes_read: u64,
+    pub bytes_sent: u64,
+    pub duration_secs: f64,
+    pub expired: Vec<String>,
+    /// Where an interrupted push of this revision was resumed.
+    pub resumed_at: Option<u64>,
+    /// Why a source that tracks its changes was read whole.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub full_read: Option<String>,
+}
+
+impl fmt::Display for Pushed {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}: revision {} committed, {} image, {} sent in {:.1} s",
+            self.job,
+            self.revision.id,
+            format_bytes(self.revision.size),
+            format_bytes(self.bytes_sent),
+            self.duration_secs
+        )?;
+        if let Some(at) = self.resumed_at {
+            write!(f, " (resumed at {})", format_bytes(at))?;
+        }
+        if let Some(why) = &self.full_read {
+            write!(f, " (read whole: {why})")?;
+        }
+        match self.expired.len() {
+            0 => Ok(()),
+            n => write!(
+                f,
+                ", {} expired",
+                backy_common::units::count(n as u64, "old revision")
+            ),
+        }
+    }
+}
+
+/// Waits for both sides of a push and decides whose error to report.
+pub(crate) async fn join<T, F>(mut reader: JoinHandle<Result<T>>, rpc: F) -> Result<(T, PushReply)>
+where
+    F: Future<Output = std::result::Result<tonic::Response<PushReply>, tonic::Status>>,
+{
+    let early_reply = || Error::internal("server replied before the push ended");
+    tokio::pin!(rpc);
+    tokio::select! {
+        joined = &mut reader => match flatten(joined) {
+            Ok(scanned) => Ok((scanned, rpc.await.map_err(status_error)?.into_inner())),
+            // The server ended the stream: its status says why.
+            Err(e) if e.reason == backy_common::Reason::StreamClosed => Err(match rpc.await {
+                Err(status) => status_error(status),
+                Ok(_) => early_reply(),
+            }),
+            // A read error. Returning drops the request, which resets the
+            // stream, so the server discards the partial revision.
+            Err(e) => Err(e),
+        },
+        reply = &mut rpc => match reply {
+            // Committed: the reader has sent the end marker and is returning.
+            Ok(reply) => match flatten(reader.await) {
+                Ok(scanned) => Ok((scanned, reply.into_inner())),
+                Err(e) if e.reason == backy_common::Reason::StreamClosed => Err(early_reply()),
+                Err(e) => Err(e),
+            },
+            // The server failed the push, possibly because the reader failed
+            // and the stream ended without its end marker: then the reader's
+            // error is the one that explains. A reader still busy stops at
+            // its next send; it is not waited for long.
+            Err(status) => match tokio::time::timeout(Duration::from_secs(1), reader).await {
+                Ok(joined) => match flatten(joined) {
+                    Err(e) if e.reason != backy_common::Reason::StreamClosed => Err(e),
+                    _ => Err(status_error(status)),
+                },
+                Err(_) => Err(status_error(status)),
+            },
+        },
+    }
+}
+
+fn flatten<T>(joined: std::result::Result<Result<T>, JoinError>) -> Result<T> {
+    joined.map_err(|e| Error::internal(format!("source reader failed: {e}")))?
+}
+
+/// What the source is compared with: the parent's manifest at the source's
+/// size, or all zeros for a full backup (the server starts it from an empty
+/// sparse file).
+pub(crate) async fn baseline(
+    client: &mut Client,
+    job: &str,
+    plan: &PlanReply,
+    size: u64,
+) -> Result<Manifest> {
+    if plan.parent_id.is_empty() {
+        return Manifest::zeroed(size, plan.block_size);
+    }
+    let (info, parent) = crate::manifest::fetch(client, job, &plan.parent_id).await?;
+    if info.id.parse::<RevisionId>().ok() != plan.parent_id.parse::<RevisionId>().ok() {
+        return Err(Error::internal(format!(
+            "asked for parent {}, the server sent revision {}",
+            plan.parent_id, info.id
+        )));
+    }
+    rebase(parent, plan.block_size, size).map_err(|e| e.context(format!("parent {}", short_id(&info))))
+}
+
+/// The parent's manifest resized to the source. Blocks whose length
+/// changes keep the old digest, so they never match and are sent.
+pub fn rebase(mut parent: Manifest, block_size: u32, size: u64) -> Result<Manifest> {
+    if parent.block_size() != block_size {
+        return Err(Error::precondition(format!(
+            "manifest block size {} differs from the job's {block_size}",
+            parent.block_size()
+        )));
+    }
+    parent.resize(size)?;
+    Ok(parent)
+}
+
+/// The server's manifest must be the one we computed: otherwise the stored
+/// image is not the one we read.
+pub(crate) fn check_committed(revision: &RevisionInfo, scanned: &Scanned) -> Result<()> {
+    let ours = hex::encode(scanned.manifest.file_digest());
+    if !revision.manifest_digest.is_empty() && !revision.manifest_digest.eq_ignore_ascii_case(&ours) {
+        return Err(Error::data_loss(format!(
+            "revision {} was committed with manifest digest {}, but the client computed {ours}",
+            short_id(revision),
+            revision.manifest_digest
+        )));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use backy_common::manifest::digest;
+    use backy_common::ErrorKind;
+
+    #[test]
+    fn rebase_resizes_and_checks_block_size() {
+        let bs = 64 << 10;
+        let mut parent = Manifest::zeroed(3 * bs as u64, bs).unwrap();
+        parent.set(0, digest(b"a")).unwrap();
+        let m = rebase(parent.clone(), bs, 5 * bs as u64 + 1).unwrap();
+        assert_eq!(m.block_count(), 6);
+        assert_eq!(m.get(0), Some(&digest(b"a")));
+        let e = rebase(parent, bs * 2, 1).unwrap_err();
+        assert_eq!(e.kind, ErrorKind::FailedPrecondition);
+    }
+
+    fn scanned() -> Scanned {
+        Scanned {
+            manifest: Manifest::zeroed(0, 64 << 10).unwrap(),
+            checksum: [0; 32],
+            bytes_read: 0,
+            bytes_sent: 0,
+            digest_bytes: 0,
+            changed_blocks: 0,
+        }
+    }
+
+    /// Runs `join` with a reader that ends after `reader_ms` and an RPC that
+    /// ends after `rpc_ms`.
+    async fn race(
+        reader_ms: u64,
+        reader: Result<()>,
+        rpc_ms: u64,
+        rpc: std::result::Result<(), tonic::Status>,
+    ) -> Result<(Scanned, PushReply)> {
+        let reader = tokio::task::spawn_blocking(move || {
+            std::thread::sleep(Duration::from_millis(reader_ms));
+            reader.map(|()| scanned())
+        });
+        let rpc = async move {
+            tokio::time::sleep(Duration::from_millis(rpc_ms)).await;
+            rpc.map(|()| tonic::Response::new(PushReply::default()))
+        };
+        join(reader, rpc).await
+    }
+
+    #[tokio::test]
+    async fn join_reports_the_error_that_explains() {
+        let closed = || Err(stream_closed());
+        let full = || Err(tonic::Status::resource_exhausted("disk full"));
+        type RpcResult = std::result::Result<(), tonic::Status>;
+        type Case = (u64, Result<()>, u64, RpcResult, Option<&'static str>);
+        let cases: Vec<Case> = vec![
+            (0, Ok(()), 10, Ok(()), None),
+            (10, Ok(()), 0, Ok(()), None),
+            (0, closed(), 10, full(), Some("disk full (RESOURCE_EXHAUSTED)")),
+            (10, closed(), 0, full(), Some("disk full (RESOURCE_EXHAUSTED)")),
+            (
+                0,
+                Err(Error::io("reading x", std::io::ErrorKind::Other.into())),
+                10,
+                full(),
+                Some("reading x"),
+            ),
+            (
+                10,
+                Err(Error::io("reading x", std::io::ErrorKind::Other.into())),
+                0,
+                full(),
+                Some("reading x"),
+            ),
+            (
+                10,
+                closed(),
+                0,
+                Ok(()),
+                Some("server replied before the push ended"),
+            ),
+            (0, Ok(()), 10, full(), Some("disk full")),
+        ];
+        for (reader_ms, reader, rpc_ms, rpc, want) in cases {
+            let got = race(reader_ms, reader, rpc_ms, rpc).await;
+            match (want, got) {
+                (None, Ok(_)) => {}
+                (Some(w), Err(e)) => assert!(e.message.starts_with(w), "want {w:?}, got {:?}", e.message),
+                (want, got) => panic!("want {want:?}, got {got:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn line_names_revision_sizes_and_expiry() {
+        let pushed = Pushed {
+            job: "vm1".into(),
+            revision: RevisionView::from(&RevisionInfo {
+                short_id: "3xKabc".into(),
+                size: 4 << 30,
+                ..RevisionInfo::default()
+            }),
+            bytes_read: 0,
+            bytes_sent: 42 << 20,
+            duration_secs: 2.34,
+            expired: vec!["a".into(), "b".into()],
+            resumed_at: None,
+            full_read: None,
+        };
+        assert_eq!(
+            pushed.to_string(),
+            "vm1: revision 3xKabc committed, 4.00 GiB image, 42.00 MiB sent in 2.3 s, 2 old revisions expired"
+        );
+    }
+}
