@@ -32,7 +32,9 @@ pub struct Txn<'a> {
 
 impl<'a> Txn<'a> {
     /// Takes the job's lock, waiting a little for another transaction to
-    /// end, and reads the job from disk (completing an interrupted forget).
+    /// end, and reads the job from disk (completing an interrupted forget
+    /// if it can: a file that cannot be removed yet is logged, its revision
+    /// stays unlisted and journaled, and the change goes on).
     pub fn begin(jobs: &'a Jobs, job: &'a JobDir) -> Result<Self> {
         let lock = job.lock()?;
         Self::read(jobs, job, lock)
@@ -46,7 +48,9 @@ impl<'a> Txn<'a> {
     }
 
     fn read(jobs: &'a Jobs, job: &'a JobDir, lock: JobLock) -> Result<Self> {
-        job.finish_deletions(&lock)?;
+        if let Err(e) = job.finish_deletions(&lock) {
+            tracing::error!(job = %job.name(), "completing a deletion: {e}; retried by every change of the job");
+        }
         let revisions = job.revisions()?;
         Ok(Txn {
             jobs,
@@ -235,6 +239,14 @@ impl<'a> Txn<'a> {
                 self.job.name()
             )));
         }
+        // One still journaled as deleted would be hidden by the journal,
+        // and its files removed with the deletion's.
+        if self.job.deleting()?.contains(&id) {
+            return Err(Error::precondition(format!(
+                "job {}: revision {id} is still being deleted; nothing was committed",
+                self.job.name()
+            )));
+        }
         if let Some(pid) = sealed.meta().parent {
             match self.get(&pid) {
                 None => {
@@ -316,8 +328,16 @@ mod tests {
 
     /// Commits a revision of `SIZE` bytes of `byte`, as a push does.
     fn commit(f: &Fixture, byte: u8, tags: &[&str]) -> RevisionMeta {
+        let sealed = seal(f, RevisionId::new_random(), byte, tags);
+        let mut txn = Txn::begin(&f.server.jobs, &f.job).unwrap();
+        txn.publish(sealed).unwrap()
+    }
+
+    /// A revision `id` of `SIZE` bytes of `byte`, received and sealed, not
+    /// yet published.
+    fn seal(f: &Fixture, id: RevisionId, byte: u8, tags: &[&str]) -> Sealed {
         let spec = NewRevisionSpec {
-            id: RevisionId::new_random(),
+            id,
             size: SIZE,
             block_size: DEFAULT_BLOCK_SIZE,
             tags: tags.iter().map(|t| t.to_string()).collect(),
@@ -334,9 +354,7 @@ mod tests {
             stream_checksum: sum.finish().to_vec(),
             manifest_digest: manifest.file_digest().to_vec(),
         };
-        let sealed = rev.commit(&end).unwrap();
-        let mut txn = Txn::begin(&f.server.jobs, &f.job).unwrap();
-        txn.publish(sealed).unwrap()
+        rev.commit(&end).unwrap()
     }
 
     fn on_disk(f: &Fixture, id: &RevisionId) -> RevisionMeta {
@@ -471,6 +489,163 @@ mod tests {
             assert!(!f.job.rev_path(id).exists() && !f.job.image_path(id).exists());
         }
         assert!(!f.job.has_leftovers());
+    }
+
+    /// A file made immutable (`chattr +i`) until dropped, also when the
+    /// test panics: a removal of it fails for real (`EPERM`), as an
+    /// operator's flag or a failing disk makes it fail.
+    struct Immutable(PathBuf);
+
+    impl Immutable {
+        /// `None`, with the reason printed, where `chattr +i` cannot work
+        /// (not root, no `chattr`, a filesystem without the flag).
+        fn set(path: &std::path::Path) -> Option<Immutable> {
+            if !rustix::process::geteuid().is_root() {
+                println!("SKIPPED: not root (chattr +i needs CAP_LINUX_IMMUTABLE)");
+                return None;
+            }
+            match std::process::Command::new("chattr").arg("+i").arg(path).output() {
+                Ok(out) if out.status.success() => Some(Immutable(path.to_owned())),
+                Ok(out) => {
+                    println!(
+                        "SKIPPED: chattr +i {} failed: {}",
+                        path.display(),
+                        String::from_utf8_lossy(&out.stderr).trim()
+                    );
+                    None
+                }
+                Err(e) => {
+                    println!("SKIPPED: cannot run chattr: {e}");
+                    None
+                }
+            }
+        }
+    }
+
+    impl Drop for Immutable {
+        fn drop(&mut self) {
+            let ok = std::process::Command::new("chattr")
+                .arg("-i")
+                .arg(&self.0)
+                .status()
+                .is_ok_and(|s| s.success());
+            if !ok {
+                eprintln!("chattr -i {} failed: remove it by hand", self.0.display());
+            }
+        }
+    }
+
+    /// Issue 27, item 5, with a real failure: the second of three
+    /// forgotten revisions cannot be removed (its `.rev` is immutable).
+    /// The forget is all or none (none of the three is listed after it);
+    /// the job's other changes go on meanwhile (a commit, tags, another
+    /// forget, which joins the journal); a revision under the stuck id is
+    /// not published; once the file may go, the next transaction removes
+    /// everything. Skipped, saying why, where `chattr +i` is unavailable.
+    #[test]
+    fn a_forget_whose_removal_fails_is_all_or_none_and_blocks_no_other_change() {
+        let f = fixture();
+        let ids: Vec<RevisionId> = (1..=3).map(|b| commit(&f, b, &["manual:a"]).id).collect();
+        let files = |id: &RevisionId| [f.job.rev_path(id), f.job.image_path(id), f.job.digests_path(id)];
+        let Some(stuck) = Immutable::set(&f.job.rev_path(&ids[1])) else {
+            return;
+        };
+
+        let result = revisions::forget(&f.server, &f.job, "all", Apply::Yes);
+        let listed: Vec<RevisionId> = f.job.revisions().unwrap().iter().map(|m| m.id).collect();
+        let kept = ids.iter().filter(|id| listed.contains(id)).count();
+        assert!(
+            kept == 0 || kept == 3,
+            "a forget of three left {kept} of them listed: {result:?}"
+        );
+        // The journal is the commit point: the forget happened, and says so.
+        assert_eq!(result.unwrap().len(), 3);
+        assert!(listed.is_empty(), "journaled revisions are listed");
+        assert!(f.server.jobs.indexed(&f.job).unwrap().revisions.is_empty());
+        // What could go went; the stuck revision stays journaled.
+        for id in [ids[0], ids[2]] {
+            for p in files(&id) {
+                assert!(!p.exists(), "{} was left", p.display());
+            }
+        }
+        assert!(f.job.rev_path(&ids[1]).exists());
+        assert_eq!(f.job.deleting().unwrap(), [ids[1]]);
+        assert!(f.job.has_leftovers());
+
+        // The job's other changes go on while the file stays.
+        let other = commit(&f, 4, &["manual:a"]);
+        revisions::tags(
+            &f.server,
+            &f.job,
+            &other.id.to_string(),
+            TagAction::Add,
+            &["manual:b".into()],
+            false,
+            Apply::Yes,
+        )
+        .unwrap();
+        let another = commit(&f, 5, &["manual:a"]);
+        revisions::forget(&f.server, &f.job, &another.id.to_string(), Apply::Yes).unwrap();
+        for p in files(&another.id) {
+            assert!(!p.exists(), "{} was left", p.display());
+        }
+        assert_eq!(
+            f.job.deleting().unwrap(),
+            [ids[1]],
+            "the unfinished deletion was lost"
+        );
+        let listed = f.job.revisions().unwrap();
+        assert_eq!(Vec::from_iter(listed.iter().map(|m| m.id)), [other.id]);
+        assert_eq!(
+            Vec::from_iter(listed[0].tags.iter().map(String::as_str)),
+            ["manual:a", "manual:b"]
+        );
+        // A revision under the stuck id (a replica's copy of it) would be
+        // hidden and removed by the journal: refused.
+        let mut txn = Txn::begin(&f.server.jobs, &f.job).unwrap();
+        let e = txn.publish(seal(&f, ids[1], 6, &["manual:a"])).unwrap_err();
+        assert_eq!(e.kind, ErrorKind::FailedPrecondition, "{}", e.message);
+        drop(txn);
+
+        drop(stuck);
+        drop(Txn::begin(&f.server.jobs, &f.job).unwrap());
+        for id in &ids {
+            for p in files(id) {
+                assert!(!p.exists(), "{} was left", p.display());
+            }
+        }
+        assert!(f.job.deleting().unwrap().is_empty());
+        assert!(!f.job.has_leftovers());
+        let disk = f.job.revisions().unwrap();
+        assert_eq!(Vec::from_iter(disk.iter().map(|m| m.id)), [other.id]);
+        assert_eq!(f.server.jobs.indexed(&f.job).unwrap().revisions, disk);
+    }
+
+    /// As above with a forgotten revision's image stuck: the leftover
+    /// cleanup that begins every push leaves a journaled deletion's files
+    /// to it and fails no push.
+    #[test]
+    fn a_deleted_image_that_cannot_go_fails_no_push() {
+        let f = fixture();
+        let gone = commit(&f, 1, &["manual:a"]);
+        let Some(stuck) = Immutable::set(&f.job.image_path(&gone.id)) else {
+            return;
+        };
+        revisions::forget(&f.server, &f.job, &gone.id.to_string(), Apply::Yes).unwrap();
+        assert!(f.job.revisions().unwrap().is_empty());
+        assert_eq!(f.job.deleting().unwrap(), [gone.id]);
+        let txn = Txn::begin(&f.server.jobs, &f.job).unwrap();
+        txn.clean_leftovers_for_push(None).unwrap();
+        txn.clean_leftovers(None).unwrap();
+        drop(txn);
+        let pushed = commit(&f, 2, &["manual:a"]);
+
+        drop(stuck);
+        drop(Txn::begin(&f.server.jobs, &f.job).unwrap());
+        assert!(!f.job.image_path(&gone.id).exists());
+        assert!(!f.job.has_leftovers());
+        let disk = f.job.revisions().unwrap();
+        assert_eq!(Vec::from_iter(disk.iter().map(|m| m.id)), [pushed.id]);
     }
 
     /// A revision in use is refused by a deletion, which then changes

@@ -181,8 +181,11 @@ impl JobDir {
 
     /// Removes what no committed revision owns: everything in `.partial/`
     /// except the files of the pushes `keep` (running or resumable), temp
-    /// files, and image/manifest files without a `.rev`.
+    /// files, and image/manifest files without a `.rev`, except those of a
+    /// journaled deletion ([`JobDir::finish_deletions`] retries them; one
+    /// that cannot go fails no push).
     pub fn clean_leftovers(&self, _held: &JobLock, keep: &[RevisionId]) -> Result<Vec<PathBuf>> {
+        let deleting = self.deleting()?;
         let mut removed = Vec::new();
         let partial = self.partial_dir();
         let kept: Vec<PathBuf> = keep
@@ -216,7 +219,8 @@ impl JobDir {
                 true
             } else {
                 let stem = name.strip_suffix(".digests").unwrap_or(name);
-                RevisionId::from_short(stem).is_ok_and(|id| !self.rev_path(&id).exists())
+                RevisionId::from_short(stem)
+                    .is_ok_and(|id| !self.rev_path(&id).exists() && !deleting.contains(&id))
             };
             if orphan {
                 remove_path(&e.path())?;
@@ -245,8 +249,9 @@ impl JobDir {
         remove_path(&self.digests_path(id))
     }
 
-    /// The revisions of an unfinished deletion (see [`DELETIONS_FILE`]).
-    fn deleting(&self) -> Result<Vec<RevisionId>> {
+    /// The revisions of an unfinished deletion (see [`DELETIONS_FILE`]):
+    /// not listed, whatever files of theirs are left.
+    pub fn deleting(&self) -> Result<Vec<RevisionId>> {
         let path = self.dir.join(DELETIONS_FILE);
         let text = match std::fs::read_to_string(&path) {
             Ok(t) => t,
@@ -265,34 +270,83 @@ impl JobDir {
 
     /// Records `ids` as deleted: the commit point of a deletion. From here
     /// on they are not listed; [`JobDir::finish_deletions`] removes their
-    /// files (now, or after a crash at the next change or start-up).
+    /// files (now, or after a crash at the next change or start-up). An
+    /// unfinished deletion is completed first if it can be; what it cannot
+    /// remove yet stays journaled together with `ids`, never dropped.
     pub fn journal_deletions(&self, held: &JobLock, ids: &[RevisionId]) -> Result<()> {
-        // An unfinished one first: the journal holds one deletion at a time.
-        self.finish_deletions(held)?;
+        if let Err(e) = self.finish_deletions(held) {
+            tracing::error!(job = %self.name, "{e}");
+        }
+        let mut all = self.deleting()?;
+        for id in ids {
+            if !all.contains(id) {
+                all.push(*id);
+            }
+        }
+        self.write_deletions(&all)
+    }
+
+    fn write_deletions(&self, ids: &[RevisionId]) -> Result<()> {
         let text: String = ids.iter().map(|id| format!("{id}\n")).collect();
         durable::write_atomic(&self.dir.join(DELETIONS_FILE), text.as_bytes())
     }
 
     /// Removes the files of journaled deletions, `.rev` first (durably),
-    /// then the journal.
+    /// then the journal. A file that cannot be removed (a read-only or
+    /// immutable file, an I/O error) does not stop the others: the journal
+    /// then keeps exactly the revisions with a file left (they stay
+    /// unlisted), and the first error is returned.
     pub fn finish_deletions(&self, _held: &JobLock) -> Result<()> {
         let ids = self.deleting()?;
         if ids.is_empty() {
             return Ok(());
         }
+        let mut first: Option<Error> = None;
         for id in &ids {
-            remove_path(&self.rev_path(id))?;
+            if let Err(e) = remove_path(&self.rev_path(id)) {
+                first.get_or_insert(e);
+            }
         }
         durable::fsync_dir(&self.dir)?;
         fault::point("delete.rev-removed");
         for id in &ids {
-            remove_path(&self.image_path(id))?;
+            if let Err(e) = remove_path(&self.image_path(id)) {
+                first.get_or_insert(e);
+            }
             fault::point("delete.image-removed");
-            remove_path(&self.digests_path(id))?;
+            if let Err(e) = remove_path(&self.digests_path(id)) {
+                first.get_or_insert(e);
+            }
         }
         durable::fsync_dir(&self.dir)?;
-        remove_path(&self.dir.join(DELETIONS_FILE))?;
-        durable::fsync_dir(&self.dir)
+        let left: Vec<RevisionId> = if first.is_none() {
+            Vec::new()
+        } else {
+            ids.iter()
+                .filter(|id| {
+                    [self.rev_path(id), self.image_path(id), self.digests_path(id)]
+                        .iter()
+                        .any(|p| p.symlink_metadata().is_ok())
+                })
+                .copied()
+                .collect()
+        };
+        let first = match first {
+            Some(e) if !left.is_empty() => e,
+            _ => {
+                remove_path(&self.dir.join(DELETIONS_FILE))?;
+                return durable::fsync_dir(&self.dir);
+            }
+        };
+        if left.len() < ids.len() {
+            self.write_deletions(&left)?;
+        }
+        let short: Vec<String> = left.iter().map(|id| id.short()).collect();
+        Err(first.context(format!(
+            "job {}: deleted revisions {} keep files and stay in {DELETIONS_FILE} until they can be removed",
+            self.name,
+            short.join(", ")
+        )))
     }
 
     /// Points `latest` at the newest committed revision (or removes it).
