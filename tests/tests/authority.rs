@@ -130,14 +130,7 @@ fn destructive<'a>(job: &'a str, img: &'a str) -> Vec<Vec<&'a str>> {
         vec!["tags", job, "-r", "all", "set", "daily"],
         vec!["tags", job, "-r", "all", "set", "junk", "--allow-unscheduled"],
         vec!["tags", job, "-r", "latest", "add", "junk", "--allow-unscheduled"],
-        vec![
-            "push",
-            job,
-            "--force",
-            "--tags",
-            "junk",
-            "--allow-unscheduled",
-        ],
+        vec!["push", job, "--force", "--tags", "junk", "--allow-unscheduled"],
         vec![
             "push",
             job,
@@ -285,7 +278,11 @@ fn a_hypervisor_cannot_remove_anything() {
             status.message()
         );
     }
-    assert_eq!(server.snapshot_tree(), before_all, "no refused call changed the store");
+    assert_eq!(
+        server.snapshot_tree(),
+        before_all,
+        "no refused call changed the store"
+    );
     // Each refusal is an audit line naming identity, action and reason.
     let audit: Vec<String> = server
         .log_lines(mark)
@@ -318,7 +315,15 @@ fn a_hypervisor_cannot_remove_anything() {
     let admin_ok = |args: &[&str]| site.ok("admin", args);
     admin_ok(&["tags", "vm1", "-r", "latest", "remove", "manual:keep"]);
     admin_ok(&["tags", "vm1", "-r", &ids[0], "set", "manual:x"]);
-    admin_ok(&["tags", "vm1", "-r", "latest", "add", "junk", "--allow-unscheduled"]);
+    admin_ok(&[
+        "tags",
+        "vm1",
+        "-r",
+        "latest",
+        "add",
+        "junk",
+        "--allow-unscheduled",
+    ]);
     admin_ok(&["distrust", "vm1", "-r", "latest", "--dry-run"]);
     admin_ok(&["distrust", "vm1", "-r", "latest"]);
     admin_ok(&["forget", "vm1", "-r", &ids[0]]);
@@ -374,10 +379,25 @@ fn operators_remove_within_their_jobs_and_hypervisors_may_opt_in() {
     let ops_ok = |args: &[&str]| site.ok("ops", args);
     ops_ok(&["distrust", "vm1", "-r", "all", "--dry-run"]);
     ops_ok(&["distrust", "vm1", "-r", "latest"]);
-    ops_ok(&["push", "vm1", "--force", "--tags", "junk,daily", "--allow-unscheduled"]);
-    ops_ok(&["tags", "vm1", "-r", "latest", "add", "junk", "--allow-unscheduled"]);
+    ops_ok(&[
+        "push",
+        "vm1",
+        "--force",
+        "--tags",
+        "junk,daily",
+        "--allow-unscheduled",
+    ]);
+    ops_ok(&[
+        "tags",
+        "vm1",
+        "-r",
+        "latest",
+        "add",
+        "junk",
+        "--allow-unscheduled",
+    ]);
     ops_ok(&["tags", "vm1", "-r", "latest", "set", "manual:x"]);
-    ops_ok(&["tags", "vm1", "-r", "latest", "remove", "manual:x", "--dry-run"]);
+    ops_ok(&["tags", "vm1", "-r", "all", "remove", "junk", "--dry-run"]);
     ops_ok(&["tags", "vm1", "-r", "2", "set", "daily,manual:y"]);
     ops_ok(&["tags", "vm1", "-r", "2", "remove", "manual:y"]);
     ops_ok(&["forget", "vm1", "-r", "latest"]);
