@@ -234,21 +234,40 @@ pub struct TlsConfig {
     pub client_ca: Option<PathBuf>,
 }
 
-/// What an identity may do.
+/// What an identity may do (README, "Security", has the table).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Role {
-    /// Push, restore, verify, distrust, tag and forget the jobs whose
-    /// `client` it is; see their status; run an agent under its name.
+    /// Adds backups, never removes them: plan, push, restore, verify, add
+    /// tags and see the status of the jobs whose `client` it is; run an
+    /// agent under its name. Removing revisions or tags (forget, distrust,
+    /// tags set/remove, `--allow-unscheduled`) only with `may-remove: true`,
+    /// so a stolen hypervisor token cannot wipe its history.
     #[default]
     Hypervisor,
     /// Status and check of every job; nothing else.
     ReadOnly,
-    /// Everything on every job (operators).
+    /// Everything on every job, agents under any name.
     Admin,
     /// A second server copying revisions: status, manifests and revision
     /// data of its `jobs` (all when unset); it changes nothing.
     Replica,
+    /// A person looking after backups: everything on its `jobs` (every
+    /// job when unset), removing included; runs no agent.
+    Operator,
+}
+
+impl Role {
+    /// The name `role:` takes in the config.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Hypervisor => "hypervisor",
+            Role::ReadOnly => "read-only",
+            Role::Admin => "admin",
+            Role::Replica => "replica",
+            Role::Operator => "operator",
+        }
+    }
 }
 
 /// One client identity: a bearer token (stored hashed), a client
@@ -265,9 +284,14 @@ pub struct ClientIdentity {
     /// `backy-server cert-fingerprint FILE`.
     #[serde(default)]
     pub cert_fingerprint: Option<String>,
-    /// For a `replica`: the jobs it may copy (default: every job).
+    /// For a `replica`: the jobs it may copy; for an `operator`: the jobs
+    /// it looks after (default: every job).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub jobs: Option<Vec<JobName>>,
+    /// For a `hypervisor`: may also remove revisions and tags of its jobs
+    /// (the rights every hypervisor had before roles were split).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub may_remove: bool,
 }
 
 /// Bounds on what one client may hold open.
@@ -574,10 +598,22 @@ impl ServerConfig {
                     what()
                 )));
             }
-            if id.jobs.is_some() && id.role != Role::Replica {
+            if id.jobs.is_some() && !matches!(id.role, Role::Replica | Role::Operator) {
                 return Err(Error::invalid(format!(
-                    "{}: jobs: is for a replica identity (role: replica); a hypervisor's jobs name it as their client",
+                    "{}: jobs: is for a replica or operator identity; a hypervisor's jobs name it as their client",
                     what()
+                )));
+            }
+            if id.may_remove && id.role != Role::Hypervisor {
+                return Err(Error::invalid(format!(
+                    "{}: may-remove: is for a hypervisor identity (role {} {})",
+                    what(),
+                    id.role.as_str(),
+                    if matches!(id.role, Role::Admin | Role::Operator) {
+                        "may remove anyway"
+                    } else {
+                        "never removes"
+                    }
                 )));
             }
         }
@@ -937,6 +973,8 @@ jobs:
     }
 
     const HASH: &str = "blake3:0000000000000000000000000000000000000000000000000000000000000000";
+    const HASH2: &str = "blake3:2222222222222222222222222222222222222222222222222222222222222222";
+    const HASH3: &str = "blake3:3333333333333333333333333333333333333333333333333333333333333333";
 
     #[test]
     fn replicate_takes_a_source_and_refuses_what_cannot_work() {
@@ -1011,12 +1049,17 @@ jobs:
             "insecure-plaintext: true",
             "tls: {cert: /etc/backy/cert.pem, key: /etc/backy/key.pem, client-ca: /etc/backy/ca.pem}",
         ) + &format!(
-            "clients:\n  hv01: {{token-hash: {HASH}}}\n  mon: {{role: read-only, cert-fingerprint: {HASH}}}\n\
+            "clients:\n  hv01: {{token-hash: {HASH}}}\n  mon: {{role: read-only, cert-fingerprint: {HASH}}}\n  \
+             ops: {{role: operator, jobs: [vm1], token-hash: {HASH2}}}\n  hv02: {{may-remove: true, token-hash: {HASH3}}}\n\
              file-mode: 0640\nlimits: {{streams-per-client: 3, idle-timeout: 30s}}\n"
         );
         let cfg = ServerConfig::from_yaml(&text, "server.yaml").unwrap();
         assert_eq!(cfg.clients["hv01"].role, Role::Hypervisor);
+        assert!(!cfg.clients["hv01"].may_remove, "hypervisors only add by default");
         assert_eq!(cfg.clients["mon"].role, Role::ReadOnly);
+        assert_eq!(cfg.clients["ops"].role, Role::Operator);
+        assert_eq!(cfg.clients["ops"].jobs.as_ref().map(Vec::len), Some(1));
+        assert!(cfg.clients["hv02"].may_remove);
         assert_eq!((cfg.file_mode, cfg.dir_mode()), (0o640, 0o750));
         assert_eq!(cfg.limits.streams_per_client, 3);
         assert_eq!(cfg.limits.idle_timeout.secs(), 30);
@@ -1081,7 +1124,15 @@ jobs:
             (format!("{GOOD}clients:\n  hv01: {{}}\n"), "give token-hash"),
             (
                 format!("{GOOD}clients:\n  hv01: {{token-hash: {HASH}, jobs: [vm1]}}\n"),
-                "clients: hv01: jobs: is for a replica identity",
+                "clients: hv01: jobs: is for a replica or operator identity",
+            ),
+            (
+                format!("{GOOD}clients:\n  hv01: {{token-hash: {HASH}}}\n  ops: {{role: admin, may-remove: true, token-hash: {HASH}}}\n"),
+                "clients: ops: may-remove: is for a hypervisor identity (role admin may remove anyway)",
+            ),
+            (
+                format!("{GOOD}clients:\n  hv01: {{token-hash: {HASH}}}\n  mon: {{role: read-only, may-remove: true, token-hash: {HASH}}}\n"),
+                "(role read-only never removes)",
             ),
             (
                 format!("{GOOD}clients:\n  hv01: {{token-hash: {HASH}}}\n  r: {{role: replica, token-hash: {HASH}, jobs: [../x]}}\n"),

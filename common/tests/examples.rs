@@ -28,7 +28,13 @@ fn the_server_example_parses_and_shows_the_defaults() {
     // What the packaged unit (ReadWritePaths=) and README assume.
     assert_eq!(cfg.base_dir, std::path::Path::new("/srv/backy"));
     assert_eq!(cfg.secrets_group.as_deref(), Some("backy"));
-    for role in [Role::Hypervisor, Role::ReadOnly, Role::Admin, Role::Replica] {
+    for role in [
+        Role::Hypervisor,
+        Role::ReadOnly,
+        Role::Admin,
+        Role::Replica,
+        Role::Operator,
+    ] {
         assert!(
             cfg.clients.values().any(|c| c.role == role),
             "an identity with role {role:?}"
@@ -104,6 +110,7 @@ fn the_server_example_names_every_key() {
                 token_hash: Some("h".into()),
                 cert_fingerprint: Some("f".into()),
                 jobs: Some(vec![JobName::new("vm1").unwrap()]),
+                may_remove: true,
             },
         )]),
         limits: Limits {
@@ -131,7 +138,13 @@ fn the_server_example_names_every_key() {
     assert!(keys.len() > 25, "{keys:?}");
     let missing: Vec<&String> = keys.iter().filter(|k| !mentions_key(SERVER, k)).collect();
     assert!(missing.is_empty(), "server.yaml example lacks {missing:?}");
-    for role in [Role::Hypervisor, Role::ReadOnly, Role::Admin, Role::Replica] {
+    for role in [
+        Role::Hypervisor,
+        Role::ReadOnly,
+        Role::Admin,
+        Role::Replica,
+        Role::Operator,
+    ] {
         let name = serde_yaml::to_value(role).unwrap();
         let name = name.as_str().unwrap();
         assert!(SERVER.contains(&format!("role: {name}")), "role {name}");

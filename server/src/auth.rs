@@ -33,8 +33,14 @@ pub enum Action {
     Read,
     /// Reading stored data: manifests and restore streams.
     Fetch,
-    /// Everything else: plan, push, verify, distrust, tags, forget.
-    Operate,
+    /// Adding: plan, push, verify, adding schedule or `manual:` tags, a
+    /// client's failure report. Nothing stored is deleted, and no tag a
+    /// revision holds is taken away.
+    Append,
+    /// Removing revisions or tags, or making expiry remove them: forget,
+    /// distrust, tags set/remove, `--allow-unscheduled` on plan, push and
+    /// tags; their dry runs too (a dry run answers as the request would).
+    Remove,
 }
 
 /// The identity of a request, or UNAUTHENTICATED. With no clients
@@ -136,44 +142,60 @@ pub fn caller<T>(req: &Request<T>) -> Result<Caller, Status> {
 }
 
 /// Whether `caller` may do `action` to `job`: INVALID_ARGUMENT for a bad
-/// name, PERMISSION_DENIED outside its jobs.
-pub fn authorize(config: &ServerConfig, caller: &Caller, job: &str, action: Action) -> Result<(), Status> {
+/// name, PERMISSION_DENIED outside its jobs, and PERMISSION_DENIED naming
+/// the role needed when it may reach the job but not remove from it.
+/// `what` names the request in that reason (e.g. `forget --dry-run`).
+pub fn authorize(
+    config: &ServerConfig,
+    caller: &Caller,
+    job: &str,
+    action: Action,
+    what: &str,
+) -> Result<(), Status> {
     let name = JobName::new(job).map_err(|e| Status::invalid_argument(e.message))?;
     if may_see(config, caller, &name, action) {
         return Ok(());
     }
     tracing::warn!(identity = caller.name, job, ?action, "permission denied");
-    Err(match caller.role {
-        Role::ReadOnly => Status::permission_denied(format!(
-            "identity {} is read-only: it may only read status",
-            caller.name
-        )),
-        Role::Replica if action == Action::Operate => Status::permission_denied(format!(
-            "identity {} is a replica: it may read status and revisions, not change them",
-            caller.name
-        )),
-        _ => Status::permission_denied(format!("identity {} may not access job {job}", caller.name)),
-    })
+    let name_of = &caller.name;
+    Err(Status::permission_denied(match caller.role {
+        Role::ReadOnly => format!("identity {name_of} is read-only: it may only read status"),
+        Role::Replica if matches!(action, Action::Append | Action::Remove) => {
+            format!("identity {name_of} is a replica: it may read status and revisions, not change them")
+        }
+        // Its own job (else it is told nothing of it, as below).
+        Role::Hypervisor if action == Action::Remove && may_see(config, caller, &name, Action::Append) => {
+            format!(
+                "identity {name_of} is a hypervisor, which only adds backups: {} needs role operator or admin",
+                crate::text::clip(what)
+            )
+        }
+        _ => format!("identity {name_of} may not access job {job}"),
+    }))
 }
 
 /// The rule itself, without logging (also filters `status` of all jobs).
 pub fn may_see(config: &ServerConfig, caller: &Caller, job: &JobName, action: Action) -> bool {
+    let identity = config.clients.get(&caller.name);
+    // A replica's or operator's `jobs:` list; every job when unset.
+    let listed = || {
+        config.jobs.contains_key(job)
+            && identity
+                .and_then(|c| c.jobs.as_ref())
+                .is_none_or(|jobs| jobs.contains(job))
+    };
     match caller.role {
         Role::Admin => true,
+        Role::Operator => listed(),
         Role::ReadOnly => action == Action::Read,
-        Role::Hypervisor => config
-            .jobs
-            .get(job)
-            .is_some_and(|j| j.client.as_deref() == Some(caller.name.as_str())),
-        Role::Replica => {
-            action != Action::Operate
-                && config.jobs.contains_key(job)
-                && config
-                    .clients
-                    .get(&caller.name)
-                    .and_then(|c| c.jobs.as_ref())
-                    .is_none_or(|jobs| jobs.contains(job))
+        Role::Hypervisor => {
+            let own = config
+                .jobs
+                .get(job)
+                .is_some_and(|j| j.client.as_deref() == Some(caller.name.as_str()));
+            own && (action != Action::Remove || identity.is_some_and(|c| c.may_remove))
         }
+        Role::Replica => matches!(action, Action::Read | Action::Fetch) && listed(),
     }
 }
 
@@ -325,27 +347,27 @@ mod tests {
         let cfg = config(&hv, &ro);
         let hv = authenticate(&cfg, &req(Some(&hv))).unwrap();
         let ro = authenticate(&cfg, &req(Some(&ro))).unwrap();
-        assert!(authorize(&cfg, &hv, "vm1", Action::Operate).is_ok());
+        assert!(authorize(&cfg, &hv, "vm1", Action::Append, "t").is_ok());
         let code = |r: Result<(), Status>| r.unwrap_err().code();
         assert_eq!(
-            code(authorize(&cfg, &hv, "vm2", Action::Operate)),
+            code(authorize(&cfg, &hv, "vm2", Action::Append, "t")),
             tonic::Code::PermissionDenied
         );
         assert_eq!(
-            code(authorize(&cfg, &hv, "vm2", Action::Read)),
+            code(authorize(&cfg, &hv, "vm2", Action::Read, "t")),
             tonic::Code::PermissionDenied
         );
         assert_eq!(
-            code(authorize(&cfg, &hv, "nope", Action::Read)),
+            code(authorize(&cfg, &hv, "nope", Action::Read, "t")),
             tonic::Code::PermissionDenied
         );
         assert_eq!(
-            code(authorize(&cfg, &hv, "../x", Action::Read)),
+            code(authorize(&cfg, &hv, "../x", Action::Read, "t")),
             tonic::Code::InvalidArgument
         );
-        assert!(authorize(&cfg, &ro, "vm2", Action::Read).is_ok());
+        assert!(authorize(&cfg, &ro, "vm2", Action::Read, "t").is_ok());
         assert_eq!(
-            code(authorize(&cfg, &ro, "vm1", Action::Operate)),
+            code(authorize(&cfg, &ro, "vm1", Action::Append, "t")),
             tonic::Code::PermissionDenied
         );
         assert!(authorize_agent(&hv, "hv01").is_ok());
@@ -372,23 +394,79 @@ mod tests {
         for (who, job, action, want) in [
             (&one, "vm1", Action::Read, None),
             (&one, "vm1", Action::Fetch, None),
-            (&one, "vm1", Action::Operate, denied),
+            (&one, "vm1", Action::Append, denied),
             (&one, "vm2", Action::Read, denied),
             (&one, "vm2", Action::Fetch, denied),
             (&all, "vm2", Action::Fetch, None),
-            (&all, "vm2", Action::Operate, denied),
+            (&all, "vm2", Action::Append, denied),
+            (&all, "vm2", Action::Remove, denied),
             (&all, "vm9", Action::Fetch, denied),
         ] {
             assert_eq!(
-                code(authorize(&cfg, who, job, action)),
+                code(authorize(&cfg, who, job, action, "t")),
                 want,
                 "{} {job} {action:?}",
                 who.name
             );
         }
-        let e = authorize(&cfg, &all, "vm1", Action::Operate).unwrap_err();
+        let e = authorize(&cfg, &all, "vm1", Action::Append, "t").unwrap_err();
         assert!(e.message().contains("is a replica"), "{}", e.message());
         assert!(authorize_agent(&all, "all").is_err());
+    }
+
+    #[test]
+    fn hypervisors_add_and_operators_remove() {
+        let tokens: Vec<String> = (0..5).map(|_| generate_token()).collect();
+        let text = format!(
+            "listen: 127.0.0.1:1\ninsecure-plaintext: true\nbase-dir: /srv\n\
+             clients:\n  hv01: {{token-hash: '{}'}}\n  old: {{may-remove: true, token-hash: '{}'}}\n  \
+             ops: {{role: operator, token-hash: '{}'}}\n  ops1: {{role: operator, jobs: [vm1], token-hash: '{}'}}\n  \
+             root: {{role: admin, token-hash: '{}'}}\n\
+             jobs:\n  vm1: {{schedule: none, client: hv01}}\n  vm2: {{schedule: none, client: old}}\n",
+            hash_token(&tokens[0]).unwrap(),
+            hash_token(&tokens[1]).unwrap(),
+            hash_token(&tokens[2]).unwrap(),
+            hash_token(&tokens[3]).unwrap(),
+            hash_token(&tokens[4]).unwrap(),
+        );
+        let cfg = ServerConfig::from_yaml(&text, "t").unwrap();
+        let who = |i: usize| authenticate(&cfg, &req(Some(&tokens[i]))).unwrap();
+        let (hv, old, ops, ops1, root) = (who(0), who(1), who(2), who(3), who(4));
+        assert_eq!(ops.role, Role::Operator);
+        let code = |r: Result<(), Status>| r.err().map(|s| s.code());
+        let denied = Some(tonic::Code::PermissionDenied);
+        for (who, job, action, want) in [
+            (&hv, "vm1", Action::Append, None),
+            (&hv, "vm1", Action::Fetch, None),
+            (&hv, "vm1", Action::Remove, denied),
+            (&hv, "vm2", Action::Remove, denied),
+            (&old, "vm2", Action::Remove, None),
+            (&old, "vm1", Action::Remove, denied),
+            (&ops, "vm1", Action::Remove, None),
+            (&ops, "vm2", Action::Remove, None),
+            (&ops, "vm9", Action::Read, denied),
+            (&ops1, "vm1", Action::Remove, None),
+            (&ops1, "vm2", Action::Read, denied),
+            (&root, "vm9", Action::Remove, None),
+        ] {
+            assert_eq!(
+                code(authorize(&cfg, who, job, action, "forget")),
+                want,
+                "{} {job} {action:?}",
+                who.name
+            );
+        }
+        // The reason names the role needed on its own job, and nothing of
+        // a job that is not its own.
+        let own = authorize(&cfg, &hv, "vm1", Action::Remove, "forget --dry-run").unwrap_err();
+        assert_eq!(
+            own.message(),
+            "identity hv01 is a hypervisor, which only adds backups: forget --dry-run needs role operator or admin"
+        );
+        let other = authorize(&cfg, &hv, "vm2", Action::Remove, "forget").unwrap_err();
+        assert_eq!(other.message(), "identity hv01 may not access job vm2");
+        assert!(authorize_agent(&ops, "ops").is_err(), "operators run no agent");
+        assert!(authorize_agent(&old, "old").is_ok());
     }
 
     #[test]

@@ -65,7 +65,7 @@ impl Service {
         what: &str,
     ) -> std::result::Result<Caller, Status> {
         let caller = auth::caller(req)?;
-        if let Err(status) = auth::authorize(&self.server.config(), &caller, job, action) {
+        if let Err(status) = auth::authorize(&self.server.config(), &caller, job, action, what) {
             audit::record(&caller, what, job, "", audit::Outcome::Failed(&status.message()));
             return Err(status);
         }
@@ -115,10 +115,11 @@ impl Service {
             None => return Err(Status::invalid_argument("empty push stream")),
         };
         let job = begin.job.clone();
-        if let Err(status) = auth::authorize(&self.server.config(), &caller, &job, Action::Operate) {
+        let (action, what) = unscheduled_needs_remove(begin.allow_unscheduled, "push");
+        if let Err(status) = auth::authorize(&self.server.config(), &caller, &job, action, what) {
             audit::record(
                 &caller,
-                "push",
+                what,
                 &job,
                 &begin.rev_id,
                 audit::Outcome::Failed(&status.message()),
@@ -344,7 +345,8 @@ impl Backy for Service {
     }
 
     async fn plan(&self, req: Request<PlanRequest>) -> std::result::Result<Response<PlanReply>, Status> {
-        self.check(&req, &req.get_ref().job, Action::Operate, "plan")?;
+        let (action, what) = unscheduled_needs_remove(req.get_ref().allow_unscheduled, "plan");
+        self.check(&req, &req.get_ref().job, action, what)?;
         let server = self.server.clone();
         let req = req.into_inner();
         blocking(move || crate::plan::plan(&server, &req))
@@ -533,7 +535,7 @@ impl Backy for Service {
         &self,
         req: Request<VerifyRequest>,
     ) -> std::result::Result<Response<Self::VerifyStream>, Status> {
-        let caller = self.check(&req, &req.get_ref().job, Action::Operate, "verify")?;
+        let caller = self.check(&req, &req.get_ref().job, Action::Append, "verify")?;
         let permit = self.permit(&caller, "verify")?;
         let server = self.server.clone();
         let req = req.into_inner();
@@ -630,15 +632,18 @@ impl Backy for Service {
         &self,
         req: Request<RevisionsRequest>,
     ) -> std::result::Result<Response<RevisionsReply>, Status> {
-        let caller = self.check(&req, &req.get_ref().job, Action::Operate, "distrust")?;
-        let server = self.server.clone();
-        let req = req.into_inner();
-        let (job, spec) = (req.job.clone(), req.revisions.clone());
-        let action = if req.dry_run {
+        // A distrusted revision is no parent and no longer held as the
+        // newest trusted one, so expiry may delete it: an operator's call.
+        // Hypervisors report damage by `verify`, where the server checks.
+        let action = if req.get_ref().dry_run {
             "distrust --dry-run"
         } else {
             "distrust"
         };
+        let caller = self.check(&req, &req.get_ref().job, Action::Remove, action)?;
+        let server = self.server.clone();
+        let req = req.into_inner();
+        let (job, spec) = (req.job.clone(), req.revisions.clone());
         let result = blocking(move || {
             let job = server.job(&req.job)?;
             crate::revisions::distrust(&server, &job, &req.revisions, apply(req.dry_run))
@@ -650,7 +655,12 @@ impl Backy for Service {
 
     async fn tags(&self, req: Request<TagsRequest>) -> std::result::Result<Response<RevisionsReply>, Status> {
         use crate::revisions::TagAction;
-        let caller = self.check(&req, &req.get_ref().job, Action::Operate, "tags")?;
+        let caller = self.check(
+            &req,
+            &req.get_ref().job,
+            tags_right(req.get_ref()),
+            &tags_what(req.get_ref()),
+        )?;
         let server = self.server.clone();
         let req = req.into_inner();
         let action = match tags_request::Action::try_from(req.action) {
@@ -692,11 +702,15 @@ impl Backy for Service {
         &self,
         req: Request<RevisionsRequest>,
     ) -> std::result::Result<Response<RevisionsReply>, Status> {
-        let caller = self.check(&req, &req.get_ref().job, Action::Operate, "forget")?;
+        let action = if req.get_ref().dry_run {
+            "forget --dry-run"
+        } else {
+            "forget"
+        };
+        let caller = self.check(&req, &req.get_ref().job, Action::Remove, action)?;
         let server = self.server.clone();
         let req = req.into_inner();
         let (job, spec) = (req.job.clone(), req.revisions.clone());
-        let action = if req.dry_run { "forget --dry-run" } else { "forget" };
         let result = blocking(move || {
             let job = server.job(&req.job)?;
             crate::revisions::forget(&server, &job, &req.revisions, apply(req.dry_run))
@@ -710,7 +724,7 @@ impl Backy for Service {
         &self,
         req: Request<FailureReport>,
     ) -> std::result::Result<Response<FailureReply>, Status> {
-        let caller = self.check(&req, &req.get_ref().job, Action::Operate, "report-failure")?;
+        let caller = self.check(&req, &req.get_ref().job, Action::Append, "report-failure")?;
         let req = req.into_inner();
         let job = self.server.job(&req.job).map_err(to_status)?;
         audit::record(
@@ -763,6 +777,48 @@ impl Backy for Service {
         }
         Ok(response)
     }
+}
+
+/// `--allow-unscheduled` lets a revision carry tags that the expiry after
+/// the next commit removes, deleting a revision left without any: so it
+/// needs the right to remove. The right and the request's name.
+fn unscheduled_needs_remove(allow_unscheduled: bool, request: &'static str) -> (Action, &'static str) {
+    match (allow_unscheduled, request) {
+        (false, _) => (Action::Append, request),
+        (true, "plan") => (Action::Remove, "plan --allow-unscheduled"),
+        (true, _) => (Action::Remove, "push --allow-unscheduled"),
+    }
+}
+
+/// Adding tags only adds; set (which replaces), remove and
+/// `--allow-unscheduled` take tags away now or at the next expiry. Dry runs
+/// need the same right, so they foretell the refusal too.
+fn tags_right(req: &TagsRequest) -> Action {
+    let adds = tags_request::Action::try_from(req.action) == Ok(tags_request::Action::Add);
+    if adds && !req.allow_unscheduled {
+        Action::Append
+    } else {
+        Action::Remove
+    }
+}
+
+/// The request's name in a refusal and its audit line: `tags set --dry-run`.
+fn tags_what(req: &TagsRequest) -> String {
+    let action = match tags_request::Action::try_from(req.action) {
+        Ok(tags_request::Action::Set) => "set",
+        Ok(tags_request::Action::Add) => "add",
+        Ok(tags_request::Action::Remove) => "remove",
+        Ok(tags_request::Action::Unspecified) | Err(_) => "(unknown action)",
+    };
+    format!(
+        "tags {action}{}{}",
+        if req.allow_unscheduled {
+            " --allow-unscheduled"
+        } else {
+            ""
+        },
+        if req.dry_run { " --dry-run" } else { "" }
+    )
 }
 
 fn apply(dry_run: bool) -> crate::revisions::Apply {

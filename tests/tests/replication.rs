@@ -25,7 +25,8 @@ struct Pair {
     source: Server,
     _source_fs: LoopFs,
     replica_fs: LoopFs,
-    /// `--ca ... --token-file ...` of the hypervisor on the source.
+    /// `--ca ... --token-file ...` of the hypervisor on the source (with
+    /// `may-remove: true`: the tests forget and distrust there).
     hv: Vec<String>,
     replicate: String,
     img: PathBuf,
@@ -54,7 +55,7 @@ impl Pair {
         let config = format!(
             "listen: 127.0.0.1:{port}\nbase-dir: BASE\n\
              tls: {{cert: {d}/server.pem, key: {d}/server.key}}\n\
-             clients:\n  hv01: {{token-hash: '{}'}}\n  offsite: {{role: replica, token-hash: '{}'}}\n\
+             clients:\n  hv01: {{token-hash: '{}', may-remove: true}}\n  offsite: {{role: replica, token-hash: '{}'}}\n\
              schedules:\n  s: {{daily: {{interval: 1d, keep: 20}}}}\n\
              jobs:\n  vm1: {{schedule: s, client: hv01, source: {{type: file, path: {img}}}}}\n  \
              vm2: {{schedule: s, client: hv01, source: {{type: file, path: {img}}}}}\n{source_extra}",

@@ -1016,15 +1016,23 @@ fn every_request_kind_is_audited() {
         ),
         "tags",
     );
+    // Removing is an admin's (or operator's) request; a hypervisor's is
+    // refused, and audited as such.
+    let admin = as_who(&s, 3);
     ok(
         client(
             &server,
-            &args(&hv01, &["distrust", "vm1", "-r", "latest", "--dry-run"]),
+            &args(&admin, &["distrust", "vm1", "-r", "latest", "--dry-run"]),
         ),
         "distrust",
     );
-    ok(
+    refused(
         client(&server, &args(&hv01, &["forget", "vm1", "-r", "1"])),
+        "hv01 forget",
+        "PERMISSION_DENIED",
+    );
+    ok(
+        client(&server, &args(&admin, &["forget", "vm1", "-r", "1"])),
         "forget",
     );
     refused(
@@ -1067,8 +1075,13 @@ fn every_request_kind_is_audited() {
     find("hv01", "restore", "ok");
     find("hv01", "verify", "ok");
     find("hv01", "tags add manual:keep", "ok");
-    find("hv01", "distrust --dry-run", "ok");
-    find("hv01", "forget", "ok");
+    find("admin", "distrust --dry-run", "ok");
+    let refused_forget = find("hv01", "forget", "failed");
+    assert!(
+        refused_forget.contains("needs role operator or admin"),
+        "{refused_forget}"
+    );
+    find("admin", "forget", "ok");
     find("hv01", "agent connect hv01", "ok");
     // The restore's first request, for the manifest, is refused.
     let denied = find("hv02", "manifest", "failed");
