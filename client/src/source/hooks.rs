@@ -108,7 +108,7 @@ mod tests {
         let sources: Vec<&str> = [
             include_str!("mod.rs"),
             include_str!("qemu/mod.rs"),
-            include_str!("../rbd_push.rs"),
+            include_str!("../push/rbd.rs"),
         ]
         .to_vec();
         for source in sources {
