@@ -52,6 +52,7 @@ fn format_job(out: &mut String, job: &JobStatus, now: DateTime<Utc>) {
         format_bytes(data_bytes(job)),
         format_bytes(job.allocated_bytes)
     );
+    format_locks(out, &job.revisions, now);
     if job.running {
         out.push_str("a push is running\n");
     }
@@ -107,6 +108,31 @@ fn format_job(out: &mut String, job: &JobStatus, now: DateTime<Utc>) {
     if !job.last_error.is_empty() {
         let _ = writeln!(out, "last error: {}", job.last_error);
     }
+}
+
+/// The revisions still under their retention lock at `now`: how many,
+/// until when the last is locked, and when the next unlocks.
+fn format_locks(out: &mut String, revisions: &[RevisionInfo], now: DateTime<Utc>) {
+    let mut locked: Vec<DateTime<Utc>> = revisions
+        .iter()
+        .filter_map(|r| r.locked_until.as_ref().and_then(backy_proto::datetime))
+        .filter(|until| *until > now)
+        .collect();
+    locked.sort();
+    let (Some(next), Some(last)) = (locked.first(), locked.last()) else {
+        return;
+    };
+    let at = |t: &DateTime<Utc>| utc_time(&Some(backy_proto::timestamp(t)), now);
+    let _ = write!(
+        out,
+        "retention lock: {} locked until {} at the latest",
+        backy_common::units::count(locked.len() as u64, "revision"),
+        at(last)
+    );
+    if locked.len() > 1 {
+        let _ = write!(out, "; the next unlocks {}", at(next));
+    }
+    out.push('\n');
 }
 
 fn format_replica(out: &mut String, r: &backy_proto::ReplicaState, now: DateTime<Utc>) {
