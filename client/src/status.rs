@@ -456,6 +456,32 @@ mod tests {
             .with_timezone(&Utc)
     }
 
+    /// Issue 28: the revisions still locked at `now`, until when the last
+    /// is, and when the next unlocks; a passed lock is not shown.
+    #[test]
+    fn locks_still_holding_are_summed_up() {
+        let locked = |short: &str, until: &str| RevisionInfo {
+            locked_until: Some(ts(until)),
+            ..rev(short, "2026-11-28T10:00:00Z", 1, 1, 1.0, &["daily"])
+        };
+        let revs = [
+            locked("a", "2026-11-29T11:00:00Z"),
+            locked("b", "2026-11-29T14:00:00Z"),
+            locked("c", "2026-11-29T13:00:00Z"),
+            rev("d", "2026-11-29T10:00:00Z", 1, 1, 1.0, &[]),
+        ];
+        let mut out = String::new();
+        format_locks(&mut out, &revs, now());
+        assert_eq!(
+            out,
+            "retention lock: 2 revisions locked until 2026-11-29 14:00:00 (in 2h) at the latest; \
+             the next unlocks 2026-11-29 13:00:00 (in 1h)\n"
+        );
+        let mut out = String::new();
+        format_locks(&mut out, &revs[..1], now());
+        assert_eq!(out, "", "a lock that has passed");
+    }
+
     #[test]
     fn table_text() {
         let want = "\

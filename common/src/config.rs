@@ -971,7 +971,10 @@ jobs:
             ("    retention-lock: 0s\n", "retention-lock: interval"),
             ("    retention-lock: soon\n", "retention-lock: bad interval"),
             // A tag's own mistakes still name it.
-            ("    hourly: {interval: 1h}\n", "tag \"hourly\": missing field `keep`"),
+            (
+                "    hourly: {interval: 1h}\n",
+                "tag \"hourly\": missing field `keep`",
+            ),
         ] {
             let text = GOOD.replace(
                 "    weekly:  {interval: 7d, keep: 5}\n",
