@@ -52,6 +52,7 @@ fn format_job(out: &mut String, job: &JobStatus, now: DateTime<Utc>) {
         format_bytes(data_bytes(job)),
         format_bytes(job.allocated_bytes)
     );
+    format_locks(out, &job.revisions, now);
     if job.running {
         out.push_str("a push is running\n");
     }
@@ -107,6 +108,31 @@ fn format_job(out: &mut String, job: &JobStatus, now: DateTime<Utc>) {
     if !job.last_error.is_empty() {
         let _ = writeln!(out, "last error: {}", job.last_error);
     }
+}
+
+/// The revisions still under their retention lock at `now`: how many,
+/// until when the last is locked, and when the next unlocks.
+fn format_locks(out: &mut String, revisions: &[RevisionInfo], now: DateTime<Utc>) {
+    let mut locked: Vec<DateTime<Utc>> = revisions
+        .iter()
+        .filter_map(|r| r.locked_until.as_ref().and_then(backy_proto::datetime))
+        .filter(|until| *until > now)
+        .collect();
+    locked.sort();
+    let (Some(next), Some(last)) = (locked.first(), locked.last()) else {
+        return;
+    };
+    let at = |t: &DateTime<Utc>| utc_time(&Some(backy_proto::timestamp(t)), now);
+    let _ = write!(
+        out,
+        "retention lock: {} locked until {} at the latest",
+        backy_common::units::count(locked.len() as u64, "revision"),
+        at(last)
+    );
+    if locked.len() > 1 {
+        let _ = write!(out, "; the next unlocks {}", at(next));
+    }
+    out.push('\n');
 }
 
 fn format_replica(out: &mut String, r: &backy_proto::ReplicaState, now: DateTime<Utc>) {
@@ -428,6 +454,32 @@ mod tests {
         DateTime::parse_from_rfc3339("2026-11-29T12:00:00Z")
             .unwrap()
             .with_timezone(&Utc)
+    }
+
+    /// Issue 28: the revisions still locked at `now`, until when the last
+    /// is, and when the next unlocks; a passed lock is not shown.
+    #[test]
+    fn locks_still_holding_are_summed_up() {
+        let locked = |short: &str, until: &str| RevisionInfo {
+            locked_until: Some(ts(until)),
+            ..rev(short, "2026-11-28T10:00:00Z", 1, 1, 1.0, &["daily"])
+        };
+        let revs = [
+            locked("a", "2026-11-29T11:00:00Z"),
+            locked("b", "2026-11-29T14:00:00Z"),
+            locked("c", "2026-11-29T13:00:00Z"),
+            rev("d", "2026-11-29T10:00:00Z", 1, 1, 1.0, &[]),
+        ];
+        let mut out = String::new();
+        format_locks(&mut out, &revs, now());
+        assert_eq!(
+            out,
+            "retention lock: 2 revisions locked until 2026-11-29 14:00:00 (in 2h) at the latest; \
+             the next unlocks 2026-11-29 13:00:00 (in 1h)\n"
+        );
+        let mut out = String::new();
+        format_locks(&mut out, &revs[..1], now());
+        assert_eq!(out, "", "a lock that has passed");
     }
 
     #[test]

@@ -23,6 +23,55 @@ pub struct TagRule {
 /// A schedule: tag name → rule.
 pub type Schedule = BTreeMap<String, TagRule>;
 
+/// The key of a schedule (or job) that is not a tag: how long each
+/// revision is kept from any deletion after it was taken (docs/DESIGN.md,
+/// "Retention lock").
+pub const RETENTION_LOCK: &str = "retention-lock";
+
+/// A schedule as `schedules:` writes it: its tags, and optionally
+/// `retention-lock: DURATION` for the revisions of its jobs.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ScheduleConfig {
+    pub tags: Schedule,
+    pub retention_lock: Option<Interval>,
+}
+
+impl Serialize for ScheduleConfig {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut map = s.serialize_map(None)?;
+        for (tag, rule) in &self.tags {
+            map.serialize_entry(tag, rule)?;
+        }
+        if let Some(lock) = &self.retention_lock {
+            map.serialize_entry(RETENTION_LOCK, lock)?;
+        }
+        map.end()
+    }
+}
+
+/// Each key is a tag, but `retention-lock`. Keys are read as the text they
+/// are (`7:` is the tag "7", which validation then refuses by name).
+impl<'de> Deserialize<'de> for ScheduleConfig {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        use serde::de::Error as _;
+        let raw = BTreeMap::<String, serde_yaml::Value>::deserialize(d)?;
+        let mut out = ScheduleConfig::default();
+        for (key, value) in raw {
+            if key == RETENTION_LOCK {
+                let lock = serde_yaml::from_value(value)
+                    .map_err(|e| D::Error::custom(format!("{RETENTION_LOCK}: {e}")))?;
+                out.retention_lock = Some(lock);
+            } else {
+                let rule = serde_yaml::from_value(value)
+                    .map_err(|e| D::Error::custom(format!("tag {key:?}: {e}")))?;
+                out.tags.insert(key, rule);
+            }
+        }
+        Ok(out)
+    }
+}
+
 /// One job as the server knows it.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case", deny_unknown_fields)]
@@ -46,6 +95,9 @@ pub struct JobConfig {
     /// Largest image accepted for this job (bytes, or with K/M/G/T).
     #[serde(default, with = "opt_size")]
     pub max_size: Option<u64>,
+    /// Replaces the schedule's `retention-lock` for this job.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retention_lock: Option<Interval>,
 }
 
 /// `backy-server`'s configuration.
@@ -62,7 +114,7 @@ pub struct ServerConfig {
     pub http_listen: Option<String>,
     pub base_dir: PathBuf,
     #[serde(default, deserialize_with = "unique_keys::deserialize")]
-    pub schedules: BTreeMap<String, Schedule>,
+    pub schedules: BTreeMap<String, ScheduleConfig>,
     #[serde(default, deserialize_with = "unique_keys::deserialize")]
     pub jobs: BTreeMap<JobName, JobConfig>,
     /// Resuming interrupted pushes.
@@ -454,10 +506,10 @@ impl ServerConfig {
                     "schedules: {NO_SCHEDULE:?} is reserved (a job's `schedule: {NO_SCHEDULE}` means no schedule)"
                 )));
             }
-            if schedule.is_empty() {
+            if schedule.tags.is_empty() {
                 return Err(Error::invalid(format!("schedule {name:?} has no tags")));
             }
-            for (tag, rule) in schedule {
+            for (tag, rule) in &schedule.tags {
                 crate::revision::check_tag(tag).map_err(|e| e.context(format!("schedule {name:?}")))?;
                 if crate::revision::is_manual_tag(tag) {
                     return Err(Error::invalid(format!(
@@ -660,7 +712,21 @@ impl ServerConfig {
 
     /// The schedule of a job, if it has one.
     pub fn schedule_of(&self, job: &JobConfig) -> Option<&Schedule> {
-        job.schedule.as_ref().and_then(|s| self.schedules.get(s))
+        job.schedule
+            .as_ref()
+            .and_then(|s| self.schedules.get(s))
+            .map(|s| &s.tags)
+    }
+
+    /// The retention lock a revision of `job` committed now gets: the
+    /// job's own, else its schedule's.
+    pub fn retention_lock_of(&self, job: &JobConfig) -> Option<Interval> {
+        job.retention_lock.or_else(|| {
+            job.schedule
+                .as_ref()
+                .and_then(|s| self.schedules.get(s))
+                .and_then(|s| s.retention_lock)
+        })
     }
 }
 
@@ -914,6 +980,46 @@ jobs:
     max-size: 100G
   vm2: {schedule: none}
 "#;
+
+    #[test]
+    fn retention_lock_of_a_schedule_or_its_job() {
+        let text = GOOD
+            .replace(
+                "    weekly:  {interval: 7d, keep: 5}\n",
+                "    weekly:  {interval: 7d, keep: 5}\n    retention-lock: 14d\n",
+            )
+            .replace(
+                "    max-size: 100G\n",
+                "    max-size: 100G\n  vm3: {schedule: default, retention-lock: 2h}\n",
+            );
+        let cfg = ServerConfig::from_yaml(&text, "server.yaml").unwrap();
+        let job = |n: &str| cfg.job(&JobName::new(n).unwrap()).unwrap();
+        let lock = |n: &str| cfg.retention_lock_of(job(n)).map(Interval::secs);
+        assert_eq!(lock("vm1"), Some(14 * 86400), "the schedule's");
+        assert_eq!(lock("vm3"), Some(2 * 3600), "the job's replaces it");
+        assert_eq!(lock("vm2"), None);
+        // Not a tag of the schedule.
+        assert_eq!(cfg.schedule_of(job("vm1")).unwrap().len(), 2);
+        // Written back as it was read.
+        let again = ServerConfig::from_yaml(&serde_yaml::to_string(&cfg).unwrap(), "again").unwrap();
+        assert_eq!(again, cfg);
+        for (bad, why) in [
+            ("    retention-lock: 0s\n", "retention-lock: interval"),
+            ("    retention-lock: soon\n", "retention-lock: bad interval"),
+            // A tag's own mistakes still name it.
+            (
+                "    hourly: {interval: 1h}\n",
+                "tag \"hourly\": missing field `keep`",
+            ),
+        ] {
+            let text = GOOD.replace(
+                "    weekly:  {interval: 7d, keep: 5}\n",
+                &format!("    weekly:  {{interval: 7d, keep: 5}}\n{bad}"),
+            );
+            let e = ServerConfig::from_yaml(&text, "server.yaml").unwrap_err();
+            assert!(e.message.contains(why), "{bad}: {}", e.message);
+        }
+    }
 
     #[test]
     fn loads_good_config() {

@@ -69,13 +69,16 @@ fn the_server_example_names_every_key() {
         base_dir: "/b".into(),
         schedules: BTreeMap::from([(
             "someschedule".into(),
-            BTreeMap::from([(
-                "sometag".into(),
-                TagRule {
-                    interval: Interval::from_secs(1),
-                    keep: 1,
-                },
-            )]),
+            ScheduleConfig {
+                tags: BTreeMap::from([(
+                    "sometag".into(),
+                    TagRule {
+                        interval: Interval::from_secs(1),
+                        keep: 1,
+                    },
+                )]),
+                retention_lock: Some(Interval::from_secs(1)),
+            },
         )]),
         jobs: BTreeMap::from([(
             JobName::new("somejob").unwrap(),
@@ -85,6 +88,7 @@ fn the_server_example_names_every_key() {
                 moved_source: None,
                 moved_hooks: None,
                 max_size: Some(1),
+                retention_lock: Some(Interval::from_secs(1)),
             },
         )]),
         resume: ResumeConfig {

@@ -245,9 +245,13 @@ async fn mirror_expiry(
         // Decided again from what is on disk now, not from the listing the
         // round began with.
         let here: Vec<Listed> = txn.revisions().iter().map(listed).collect();
+        // Copies under this server's retention lock stay (Txn::delete would
+        // refuse them, and with them the rest).
+        let now = Utc::now();
         let doomed: Vec<RevisionId> = replicate::mirror_expiry(&source, &here)
             .into_iter()
             .filter(|id| !protected.contains(id))
+            .filter(|id| txn.get(id).and_then(|m| m.locked_at(now)).is_none())
             .collect();
         txn.delete(&doomed)?;
         for id in &doomed {
