@@ -172,9 +172,15 @@ pub struct ReplicateConfig {
     /// The name the source's certificate carries, if not the URL's host.
     #[serde(default)]
     pub tls_server_name: Option<String>,
-    /// The jobs to copy; unset: every job the source shows this identity.
+    /// The jobs to copy (required): names, or prefixes written `web-*`
+    /// (`*` alone: every job the source shows this identity). A source can
+    /// make this server copy nothing it does not list (issue 28).
     #[serde(default)]
-    pub jobs: Option<Vec<JobName>>,
+    pub jobs: Vec<String>,
+    /// The most jobs the prefixes may bring in, names included; what a
+    /// source lists beyond it is not copied, and reported.
+    #[serde(default = "default_max_jobs")]
+    pub max_jobs: usize,
     /// How often to look for new revisions.
     #[serde(default = "default_replicate_interval")]
     pub interval: Interval,
@@ -184,6 +190,10 @@ pub struct ReplicateConfig {
     /// ... and is critical from this age on.
     #[serde(default = "default_lag_critical")]
     pub lag_critical: Interval,
+}
+
+fn default_max_jobs() -> usize {
+    1000
 }
 
 fn default_replicate_interval() -> Interval {
@@ -255,14 +265,36 @@ impl ReplicateConfig {
                 self.lag_warning, self.lag_critical
             )));
         }
-        if let Some(jobs) = &self.jobs {
-            if jobs.is_empty() {
-                return Err(bad(
-                    "jobs: is empty (leave it out to copy every job the source shows)".into(),
-                ));
-            }
+        if self.jobs.is_empty() {
+            return Err(bad(
+                "jobs: is missing or empty: list the jobs to copy (names, or a prefix like web-*; \
+                 \"*\" copies every job the source shows, up to max-jobs)"
+                    .into(),
+            ));
+        }
+        let patterns = self.patterns()?;
+        let names = patterns
+            .iter()
+            .filter(|p| matches!(p, crate::replicate::JobPattern::Name(_)))
+            .count();
+        if self.max_jobs == 0 || names > self.max_jobs {
+            return Err(bad(format!(
+                "max-jobs {} is below the {names} job names listed",
+                self.max_jobs
+            )));
         }
         Ok(())
+    }
+
+    /// The `jobs:` list, parsed.
+    pub fn patterns(&self) -> Result<Vec<crate::replicate::JobPattern>> {
+        self.jobs
+            .iter()
+            .map(|j| {
+                crate::replicate::JobPattern::parse(j)
+                    .map_err(|e| Error::invalid(format!("replicate: jobs: {}", e.message)))
+            })
+            .collect()
     }
 }
 
@@ -1085,16 +1117,21 @@ jobs:
     #[test]
     fn replicate_takes_a_source_and_refuses_what_cannot_work() {
         let with = |r: &str| ServerConfig::from_yaml(&format!("{GOOD}replicate: {r}\n"), "server.yaml");
-        let cfg = with("{source: 'https://backup01:6023', token-file: /t}").unwrap();
+        let cfg = with("{source: 'https://backup01:6023', token-file: /t, jobs: [vm1, 'web-*']}").unwrap();
         let r = cfg.replicate.unwrap();
         assert_eq!(
-            (r.interval.secs(), r.lag_warning.secs(), r.lag_critical.secs()),
-            (300, 6 * 3600, 86400)
+            (
+                r.interval.secs(),
+                r.lag_warning.secs(),
+                r.lag_critical.secs(),
+                r.max_jobs
+            ),
+            (300, 6 * 3600, 86400, 1000)
         );
-        assert_eq!(r.jobs, None);
-        with("{source: 'http://127.0.0.1:6023'}").unwrap();
-        with("{source: 'http://[::1]:6023/'}").unwrap();
-        with("{source: 'https://backup01'}").unwrap();
+        assert_eq!(r.jobs, ["vm1", "web-*"]);
+        with("{source: 'http://127.0.0.1:6023', jobs: ['*'], max-jobs: 10}").unwrap();
+        with("{source: 'http://[::1]:6023/', jobs: [vm1]}").unwrap();
+        with("{source: 'https://backup01', jobs: [vm1]}").unwrap();
         for (bad, why) in [
             (
                 "{source: 'http://backup01:6023'}",
@@ -1121,8 +1158,22 @@ jobs:
                 "{source: 'https://b', lag-warning: 2d}",
                 "lag-warning 2d must be shorter than lag-critical 1d",
             ),
-            ("{source: 'https://b', jobs: []}", "jobs: is empty"),
-            ("{source: 'https://b', jobs: [../x]}", "replicate"),
+            ("{source: 'https://b', jobs: []}", "jobs: is missing or empty"),
+            // Issue 28, item 2: no all-jobs default.
+            (
+                "{source: 'https://b'}",
+                "jobs: is missing or empty: list the jobs to copy",
+            ),
+            ("{source: 'https://b', jobs: [../x]}", "replicate: jobs:"),
+            ("{source: 'https://b', jobs: ['a*b']}", "replicate: jobs:"),
+            (
+                "{source: 'https://b', jobs: ['*'], max-jobs: 0}",
+                "max-jobs 0 is below",
+            ),
+            (
+                "{source: 'https://b', jobs: [a, b], max-jobs: 1}",
+                "max-jobs 1 is below the 2 job names",
+            ),
             ("{source: 'https://b', sources: []}", "unknown field `sources`"),
         ] {
             let e = with(bad).unwrap_err();

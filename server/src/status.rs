@@ -108,11 +108,16 @@ pub fn status(server: &Server, req: &StatusRequest) -> Result<StatusReply> {
 /// On a replica, how its copy of `job` stands.
 fn replica_state(server: &Server, config: &ServerConfig, job: &JobName) -> Option<ReplicaState> {
     let r = config.replicate.as_ref()?;
-    if !server.replication.copies(config, job) {
+    // A listed job of this server's own is not a copy; its state says why.
+    let refused = server.replication.refused(config, job);
+    if refused.is_none() && !server.replication.copies(config, job) {
         return None;
     }
     let now = chrono::Utc::now();
-    let s = server.replication.get(job);
+    let mut s = server.replication.get(job);
+    if let Some(why) = refused {
+        s.last_error = why;
+    }
     let entry = server
         .jobs
         .indexed(&JobDir::new(&config.base_dir, job.clone()))

@@ -282,7 +282,7 @@ fn a_replica_keeps_locked_copies_the_source_expired() {
 
     let replica_config = format!(
         "listen: 127.0.0.1:0\nbase-dir: BASE\n\
-         replicate: {{source: 'http://127.0.0.1:{port}', token-file: {rep_file}, interval: 1h}}\n\
+         replicate: {{source: 'http://127.0.0.1:{port}', token-file: {rep_file}, interval: 1h, jobs: [vm1]}}\n\
          jobs:\n  vm1: {{schedule: none, retention-lock: 1h}}\n"
     );
     let replica = Server::start_config(&d.join("replica"), &replica_config);
