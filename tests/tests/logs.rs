@@ -25,8 +25,8 @@ const HOSTILE: &str = "disk gone\n2026-01-01T00:00:00Z  INFO backy::audit: audit
      \x1b[2J\x1b[32mBACKY OK\x1b[0m \u{202e}kO\u{2066}";
 
 /// The `key="value"` pairs after an audit line's message, each value
-/// quoted with backslash escapes; `None` when the rest is not exactly
-/// such pairs.
+/// quoted with backslash escapes, decoded; `None` when the rest is not
+/// exactly such pairs.
 fn audit_fields(line: &str) -> Option<Vec<(String, String)>> {
     let mut rest = line.split_once("backy::audit: audit ")?.1;
     let mut fields = Vec::new();
@@ -35,15 +35,17 @@ fn audit_fields(line: &str) -> Option<Vec<(String, String)>> {
         if key.is_empty() || !key.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
             return None;
         }
-        let mut value = String::new();
         let mut chars = after.char_indices();
         let end = loop {
             match chars.next()? {
-                (_, '\\') => value.push(chars.next()?.1),
+                (_, '\\') => {
+                    chars.next()?;
+                }
                 (i, '"') => break i,
-                (_, c) => value.push(c),
+                _ => {}
             }
         };
+        let value = backy_common::escape::unquote(&format!("\"{}\"", &after[..end]))?;
         fields.push((key.to_string(), value));
         rest = after[end + 1..].strip_prefix(' ').unwrap_or(&after[end + 1..]);
     }
@@ -98,13 +100,15 @@ async fn failure_report_is_logged_and_printed_escaped() {
         "{}",
         audit[0]
     );
-    let outcome = &fields[5].1;
+    // The report's text, whole, in the outcome: escaped on the line,
+    // the same text once decoded.
+    assert_eq!(fields[5].1, HOSTILE, "{}", audit[0]);
     for escaped in [
         "\\n2026-01-01",
         "\\u{1b}[2J\\u{1b}[32mBACKY OK",
         "\\u{202e}kO\\u{2066}",
     ] {
-        assert!(outcome.contains(escaped), "{escaped} not in outcome {outcome:?}");
+        assert!(audit[0].contains(escaped), "{escaped} not in {}", audit[0]);
     }
     let warning = lines
         .iter()
