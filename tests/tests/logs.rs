@@ -315,3 +315,41 @@ fn readyz_names_no_path_without_credentials() {
     assert_eq!(status, 503, "{body}");
     assert!(body.contains(&base.display().to_string()), "{body}");
 }
+
+/// The HTTP listener's refusals share the per-peer limit.
+#[test]
+fn http_refusals_are_rate_limited_too() {
+    const REQUESTS: usize = 200;
+    let dir = tempfile::tempdir().unwrap();
+    let (server, _token) = server_with_identities(&dir.path().join("store"), true);
+    let line = server.wait_log(0, "http listener on ");
+    let addr = line
+        .split("http listener on ")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .expect("address")
+        .to_string();
+    let mark = server.log_mark();
+    let bad = format!("Bearer {}", generate_token());
+    for _ in 0..REQUESTS {
+        assert_eq!(http_get(&addr, "/metrics", Some(&bad)).0, 401);
+    }
+    let summary = server.wait_log(mark, "suppressed");
+    let lines = server.log_lines(mark);
+    let refusals: Vec<&String> = lines
+        .iter()
+        .filter(|l| l.contains("action=\"http authenticate\""))
+        .collect();
+    assert!(
+        !refusals.is_empty() && refusals.len() <= 5,
+        "{} refusal lines for {REQUESTS} requests",
+        refusals.len()
+    );
+    assert!(
+        refusals[0].contains("outcome=\"refused: invalid token\""),
+        "{}",
+        refusals[0]
+    );
+    let want = format!("suppressed {} refusals from 127.0.0.1", REQUESTS - refusals.len());
+    assert!(summary.contains(&want), "{summary}");
+}
