@@ -4,6 +4,7 @@
 use crate::connect::{status_error, Client};
 use crate::view::{non_empty, rfc3339, storage_name, trust_name, RevisionView};
 use backy_common::config::NO_SCHEDULE;
+use backy_common::escape::escape;
 use backy_common::units::format_bytes;
 use backy_common::{JobName, Result};
 use backy_proto::{JobStatus, RevisionInfo, StatusReply, StatusRequest};
@@ -106,7 +107,7 @@ fn format_job(out: &mut String, job: &JobStatus, now: DateTime<Utc>) {
         );
     }
     if !job.last_error.is_empty() {
-        let _ = writeln!(out, "last error: {}", job.last_error);
+        let _ = writeln!(out, "last error: {}", escape(&job.last_error));
     }
 }
 
@@ -159,7 +160,7 @@ fn format_replica(out: &mut String, r: &backy_proto::ReplicaState, now: DateTime
         utc_time(&r.last_round, now)
     );
     if !r.last_error.is_empty() {
-        let _ = writeln!(out, "replication failing: {}", r.last_error);
+        let _ = writeln!(out, "replication failing: {}", escape(&r.last_error));
     }
 }
 
@@ -170,7 +171,7 @@ fn row(r: &RevisionInfo, now: DateTime<Utc>) -> [String; 7] {
         format_bytes(r.size),
         format_bytes(r.bytes_received),
         format!("{:.0}s", r.duration_secs),
-        r.tags.join(","),
+        escape(&r.tags.join(",")),
         trust_name(r.trust).to_string(),
     ]
 }

@@ -91,7 +91,7 @@ pub async fn serve(config: ServerConfig, preflight: Preflight, config_path: Path
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
     let service =
-        tonic::service::interceptor::InterceptedService::new(service, auth::interceptor(server.clone()));
+        tonic::service::interceptor::InterceptedService::new(service, service::interceptor(server.clone()));
     // Expire once before serving, so what clients first see is settled
     // (revisions a stopped server should have expired are gone), then on
     // a timer.
@@ -100,6 +100,7 @@ pub async fn serve(config: ServerConfig, preflight: Preflight, config_path: Path
         .await
         .context("expiry at start")?;
     spawn_expiry(server.clone());
+    spawn_refusal_summaries(server.clone());
     scrub::spawn(server.clone());
     spawn_reload_on_hup(server.clone(), config_path);
     // Health: SERVING from here until shutdown begins.
@@ -191,6 +192,18 @@ pub async fn serve(config: ServerConfig, preflight: Preflight, config_path: Path
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Logs how many refusal lines each peer had suppressed, within a second
+/// of its interval's end (see `audit::refused`).
+fn spawn_refusal_summaries(server: Arc<Server>) {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+        loop {
+            tick.tick().await;
+            audit::flush_refusals(&server);
+        }
+    });
 }
 
 /// How long open streams may take to end once SIGTERM or SIGINT came.

@@ -40,6 +40,33 @@ impl Drop for SetOnDrop {
 /// How long a client may take to close its stream after the end frame.
 const END_GRACE: std::time::Duration = std::time::Duration::from_secs(30);
 
+/// The interceptor: checks the protocol, authenticates, stores the
+/// caller; a failed authentication is a (rate-limited) audit line.
+pub fn interceptor(
+    server: Arc<Server>,
+) -> impl FnMut(Request<()>) -> std::result::Result<Request<()>, Status> + Clone {
+    move |mut req: Request<()>| {
+        auth::check_protocol(&req)?;
+        let caller = auth::authenticate(&server.config(), &req).inspect_err(|status| {
+            let peer = req
+                .remote_addr()
+                .map_or_else(|| "unknown".to_string(), |a| a.to_string());
+            let who = audit::Refused {
+                identity: "",
+                peer: &peer,
+                action: "authenticate",
+                job: "",
+            };
+            audit::refused(&server, who, audit::Refusal::Authentication, &status.message());
+        })?;
+        if let Some(peer) = req.remote_addr() {
+            server.connections.prove(peer);
+        }
+        req.extensions_mut().insert(caller);
+        Ok(req)
+    }
+}
+
 #[derive(Clone)]
 pub struct Service {
     pub server: Arc<Server>,
@@ -72,11 +99,21 @@ impl Service {
         Ok(caller)
     }
 
-    /// A stream permit of `caller`, counted as an open stream of `kind`.
+    /// A stream permit of `caller`, counted as an open stream of `kind`;
+    /// a refusal is audited.
     fn permit(&self, caller: &Caller, kind: &'static str) -> std::result::Result<Permit, Status> {
         let limit = self.server.config().limits.streams_per_client;
+        let limit = self.streams.acquire(caller, limit).inspect_err(|status| {
+            let who = audit::Refused {
+                identity: &caller.name,
+                peer: &caller.peer,
+                action: kind,
+                job: "",
+            };
+            audit::refused(&self.server, who, audit::Refusal::Permit, &status.message());
+        })?;
         Ok(Permit {
-            _limit: self.streams.acquire(caller, limit)?,
+            _limit: limit,
             _active: self.server.metrics.stream(kind),
         })
     }
@@ -329,7 +366,7 @@ fn out_of_order(what: &str) -> Status {
 impl Backy for Service {
     async fn hello(&self, req: Request<HelloRequest>) -> std::result::Result<Response<HelloReply>, Status> {
         let req = req.into_inner();
-        tracing::debug!(client_protocol = req.protocol, client_version = %clip(&req.version), "hello");
+        tracing::debug!(client_protocol = req.protocol, client_version = %crate::text::quoted(&req.version), "hello");
         Ok(Response::new(HelloReply {
             // Tests pose as older servers with these modes.
             protocol: if backy_common::fault::mode("protocol-0") {
@@ -732,23 +769,25 @@ impl Backy for Service {
             "report-failure",
             &req.job,
             &req.rev_id,
-            audit::Outcome::Done(&clip(&req.error)),
+            audit::Outcome::Done(&req.error),
         );
         let rev: Option<backy_common::RevisionId> = req.rev_id.parse().ok();
         // The client failed after the commit (its reply was lost): the
         // backup exists, and counting it would warn and back off for nothing.
         if let Some(id) = rev.filter(|id| job.rev_path(id).exists()) {
             tracing::info!(
-                job = %job.name(), rev = %id,
-                "ignoring the client's failure report: revision {} is committed ({})",
-                id.short(),
-                clip(&req.error)
+                job = %job.name(), rev = %id, error = %crate::text::quoted(&req.error),
+                "ignoring the client's failure report: revision {} is committed",
+                id.short()
             );
             let failures = self.server.jobs.activity.job_runtime(job.name()).failures;
             return Ok(Response::new(FailureReply { failures }));
         }
         let failures = self.server.record_client_failure(job.name(), rev, &req.error);
-        tracing::warn!(job = %job.name(), failures, "push failed on the client: {}", clip(&req.error));
+        tracing::warn!(
+            job = %job.name(), failures, error = %crate::text::quoted(&req.error),
+            "push failed on the client"
+        );
         Ok(Response::new(FailureReply { failures }))
     }
 

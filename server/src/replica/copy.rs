@@ -90,7 +90,10 @@ fn replace_distrusted(
         None => {}
     }
     let config = server.config();
-    let lock = config.job(job.name()).ok().and_then(|j| config.retention_lock_of(j));
+    let lock = config
+        .job(job.name())
+        .ok()
+        .and_then(|j| config.retention_lock_of(j));
     let meta = txn.publish(sealed, lock)?;
     slot.set_parent(None);
     tracing::info!(job = %job.name(), rev = %id, "replication: replaced a distrusted copy with a fresh, verified one");
