@@ -272,7 +272,14 @@ pub fn interceptor(
         check_protocol(&req)?;
         let caller = authenticate(&server.config(), &req)?;
         if let Some(peer) = req.remote_addr() {
-            server.connections.prove(peer);
+            let config = server.config();
+            // Open mode (no identities): one local user, no per-identity cap.
+            let identity = (!config.clients.is_empty()).then_some(caller.name.as_str());
+            let cap = config.limits.connections_per_client as usize;
+            server
+                .connections
+                .prove(peer, identity, cap)
+                .map_err(|e| Status::resource_exhausted(e.to_string()))?;
         }
         req.extensions_mut().insert(caller);
         Ok(req)
