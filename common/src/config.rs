@@ -390,11 +390,21 @@ pub struct Limits {
     /// keepalive frames while scanning unchanged data).
     #[serde(default = "default_idle")]
     pub idle_timeout: Interval,
-    /// Connections open at once (further ones first displace connections
-    /// that have made no request yet, else wait). Also at most half the
-    /// server's descriptor limit.
+    /// Connections open at once (a further one first displaces a
+    /// connection that has made no request yet, else the least recently
+    /// used idle one, else waits). Also at most half the server's
+    /// descriptor limit.
     #[serde(default = "default_max_connections")]
     pub max_connections: u32,
+    /// Authenticated connections one identity may hold: one more closes its
+    /// least recently used idle one, or is refused with RESOURCE_EXHAUSTED
+    /// when all are busy. Not applied without identities (loopback).
+    #[serde(default = "default_connections_per_client")]
+    pub connections_per_client: u32,
+    /// An authenticated connection with no request in flight for this long
+    /// is closed (clients reconnect when they next need one).
+    #[serde(default = "default_idle_connection")]
+    pub idle_connection_timeout: Interval,
     /// Time a new connection has to complete its TLS handshake, HTTP/2
     /// preface and first authenticated request; closed otherwise.
     #[serde(default = "default_first_request")]
@@ -403,6 +413,14 @@ pub struct Limits {
 
 fn default_max_connections() -> u32 {
     4096
+}
+
+fn default_connections_per_client() -> u32 {
+    32
+}
+
+fn default_idle_connection() -> Interval {
+    Interval::from_secs(300)
 }
 
 fn default_first_request() -> Interval {
@@ -423,6 +441,8 @@ impl Default for Limits {
             streams_per_client: default_streams(),
             idle_timeout: default_idle(),
             max_connections: default_max_connections(),
+            connections_per_client: default_connections_per_client(),
+            idle_connection_timeout: default_idle_connection(),
             first_request_timeout: default_first_request(),
         }
     }
@@ -723,6 +743,11 @@ impl ServerConfig {
         }
         if self.limits.max_connections == 0 {
             return Err(Error::invalid("limits: max-connections must be at least 1"));
+        }
+        if self.limits.connections_per_client == 0 {
+            return Err(Error::invalid(
+                "limits: connections-per-client must be at least 1",
+            ));
         }
         Ok(())
     }
@@ -1208,7 +1233,8 @@ jobs:
         ) + &format!(
             "clients:\n  hv01: {{token-hash: {HASH}}}\n  mon: {{role: read-only, cert-fingerprint: {HASH}}}\n  \
              ops: {{role: operator, jobs: [vm1], token-hash: {HASH2}}}\n  hv02: {{may-remove: true, token-hash: {HASH3}}}\n\
-             file-mode: 0640\nlimits: {{streams-per-client: 3, idle-timeout: 30s}}\n"
+             file-mode: 0640\nlimits: {{streams-per-client: 3, idle-timeout: 30s, connections-per-client: 4, \
+             idle-connection-timeout: 10m}}\n"
         );
         let cfg = ServerConfig::from_yaml(&text, "server.yaml").unwrap();
         assert_eq!(cfg.clients["hv01"].role, Role::Hypervisor);
@@ -1220,6 +1246,8 @@ jobs:
         assert_eq!((cfg.file_mode, cfg.dir_mode()), (0o640, 0o750));
         assert_eq!(cfg.limits.streams_per_client, 3);
         assert_eq!(cfg.limits.idle_timeout.secs(), 30);
+        assert_eq!(cfg.limits.connections_per_client, 4);
+        assert_eq!(cfg.limits.idle_connection_timeout.secs(), 600);
         let plain = ServerConfig::from_yaml(GOOD, "server.yaml").unwrap();
         assert_eq!((plain.file_mode, plain.dir_mode()), (0o600, 0o700));
         assert_eq!(plain.limits, Limits::default());
@@ -1305,6 +1333,14 @@ jobs:
             ),
             (format!("{GOOD}file-mode: 0644\n"), "use 0600 or 0640"),
             (format!("{GOOD}limits: {{streams-per-client: 0}}\n"), "at least 1"),
+            (
+                format!("{GOOD}limits: {{connections-per-client: 0}}\n"),
+                "connections-per-client must be at least 1",
+            ),
+            (
+                format!("{GOOD}limits: {{idle-connection-timeout: 0s}}\n"),
+                "must be longer than zero",
+            ),
             (
                 GOOD.replace("max-size: 100G", "max-size: 100G\n    source: {type: file, path: /etc/shadow}"),
                 "job vm1: `source:` and `hooks:` moved to the hypervisor's client.yaml",

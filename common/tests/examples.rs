@@ -121,6 +121,8 @@ fn the_server_example_names_every_key() {
             streams_per_client: 1,
             idle_timeout: Interval::from_secs(1),
             max_connections: 1,
+            connections_per_client: 1,
+            idle_connection_timeout: Interval::from_secs(1),
             first_request_timeout: Interval::from_secs(1),
         },
         file_mode: DEFAULT_FILE_MODE,

@@ -37,10 +37,12 @@ pub enum HttpError {
     Tls(String),
 }
 
-/// Connections served at once; more wait in the kernel's backlog.
+/// Connections open at once; a further one displaces the oldest that is
+/// not answering a request (crate::http_slots).
 const MAX_CONNECTIONS: usize = 64;
-/// Time for a TLS handshake and for a request's headers.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Time for a TLS handshake and for a request's head (hyper's clock starts
+/// when it waits for one, so it also ends silent and idle connections).
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 /// A connection's whole life: pages and scrapes take milliseconds, so this
 /// only ends idle keep-alive connections that would hold a slot.
 const CONNECTION_LIFETIME: Duration = Duration::from_secs(60);
@@ -88,12 +90,9 @@ impl HttpListener {
             host: crate::scrape::registry(&server),
             server,
         });
-        let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+        let slots = crate::http_slots::Slots::new(MAX_CONNECTIONS);
         tokio::spawn(async move {
             loop {
-                let Ok(slot) = slots.clone().acquire_owned().await else {
-                    return;
-                };
                 let (stream, peer) = match self.listener.accept().await {
                     Ok(c) => c,
                     Err(e) => {
@@ -102,18 +101,27 @@ impl HttpListener {
                         continue;
                     }
                 };
+                let slot = slots.take().await;
                 let app = app.clone();
                 let tls = self.tls.clone();
                 tokio::spawn(async move {
-                    let _slot = slot;
-                    match tls {
-                        None => serve_connection(app, stream, peer).await,
-                        Some(tls) => {
-                            match tokio::time::timeout(HANDSHAKE_TIMEOUT, tls.accept(stream)).await {
-                                Ok(Ok(s)) => serve_connection(app, s, peer).await,
-                                Ok(Err(e)) => tracing::debug!(%peer, "http: TLS handshake: {e}"),
-                                Err(_) => tracing::debug!(%peer, "http: TLS handshake timed out"),
+                    let busy = slot.busy_flag();
+                    let serve = async move {
+                        match tls {
+                            None => serve_connection(app, stream, peer, busy).await,
+                            Some(tls) => {
+                                match tokio::time::timeout(HANDSHAKE_TIMEOUT, tls.accept(stream)).await {
+                                    Ok(Ok(s)) => serve_connection(app, s, peer, busy).await,
+                                    Ok(Err(e)) => tracing::debug!(%peer, "http: TLS handshake: {e}"),
+                                    Err(_) => tracing::debug!(%peer, "http: TLS handshake timed out"),
+                                }
                             }
+                        }
+                    };
+                    tokio::select! {
+                        () = serve => {}
+                        () = slot.evicted() => {
+                            tracing::debug!(%peer, "http: closed, waiting for a request, to make room");
                         }
                     }
                 });
@@ -148,13 +156,18 @@ struct App {
     host: prometheus_client::registry::Registry,
 }
 
-async fn serve_connection<S>(app: Arc<App>, stream: S, peer: SocketAddr)
+async fn serve_connection<S>(app: Arc<App>, stream: S, peer: SocketAddr, busy: crate::http_slots::BusyFlag)
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let service = hyper::service::service_fn(move |req| {
         let app = app.clone();
-        async move { Ok::<_, std::convert::Infallible>(handle(app, req, peer).await) }
+        let answering = busy.answering();
+        async move {
+            let reply = handle(app, req, peer).await;
+            drop(answering);
+            Ok::<_, std::convert::Infallible>(reply)
+        }
     });
     let served = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())

@@ -5,6 +5,8 @@ pub mod agent;
 pub mod audit;
 pub mod auth;
 pub mod http;
+pub mod http_slots;
+pub mod in_flight;
 pub mod job;
 pub mod listener;
 pub mod metrics;
@@ -145,14 +147,18 @@ pub async fn serve(config: ServerConfig, preflight: Preflight, config_path: Path
         // Half the descriptors stay for revision files and the like.
         max_connections: (config.limits.max_connections as usize).min((nofile / 2).max(1) as usize),
         first_request: config.limits.first_request_timeout.as_duration(),
+        idle: config.limits.idle_connection_timeout.as_duration(),
     };
     tracing::info!(
         max_connections = limits.max_connections,
         first_request_secs = limits.first_request.as_secs(),
+        idle_secs = limits.idle.as_secs(),
+        per_client = config.limits.connections_per_client,
         "connection limits"
     );
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let serving = builder
+        .layer(in_flight::CountInFlight::new(server.connections.clone()))
         .add_service(service)
         .add_service(health_service)
         .serve_with_incoming_shutdown(

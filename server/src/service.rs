@@ -60,7 +60,22 @@ pub fn interceptor(
             audit::refused(&server, who, audit::Refusal::Authentication, &status.message());
         })?;
         if let Some(peer) = req.remote_addr() {
-            server.connections.prove(peer);
+            let config = server.config();
+            // Open mode (no identities): one local user, no per-identity cap.
+            let identity = (!config.clients.is_empty()).then_some(caller.name.as_str());
+            let cap = config.limits.connections_per_client as usize;
+            if let Err(e) = server.connections.prove(peer, identity, cap) {
+                let status = Status::resource_exhausted(e.to_string());
+                let peer = peer.to_string();
+                let who = audit::Refused {
+                    identity: &caller.name,
+                    peer: &peer,
+                    action: "connect",
+                    job: "",
+                };
+                audit::refused(&server, who, audit::Refusal::Permit, &status.message());
+                return Err(status);
+            }
         }
         req.extensions_mut().insert(caller);
         Ok(req)
