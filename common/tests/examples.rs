@@ -111,6 +111,7 @@ fn the_server_example_names_every_key() {
             idle_timeout: Interval::from_secs(1),
             max_connections: 1,
             first_request_timeout: Interval::from_secs(1),
+            max_streams: 1,
         },
         file_mode: DEFAULT_FILE_MODE,
         secrets_group: Some("g".into()),

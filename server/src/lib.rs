@@ -4,6 +4,7 @@
 pub mod agent;
 pub mod audit;
 pub mod auth;
+pub mod executor;
 pub mod http;
 pub mod job;
 pub mod listener;
