@@ -1,22 +1,22 @@
 //! `status`: the revisions and health of jobs, as a table for people or
 //! JSON for scripts. Formatting is pure: a reply in, text out.
 
-use crate::connect::{status_error, Client};
+use crate::connect::Client;
 use crate::view::{non_empty, rfc3339, storage_name, trust_name, RevisionView};
 use backy_common::config::NO_SCHEDULE;
 use backy_common::escape::escape;
 use backy_common::units::format_bytes;
 use backy_common::{JobName, Result};
-use backy_proto::{JobStatus, RevisionInfo, StatusReply, StatusRequest};
+use backy_proto::{JobStatus, RevisionInfo, StatusReply};
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 use std::fmt::Write;
 
-pub async fn fetch(client: &mut Client, job: Option<&JobName>) -> Result<StatusReply> {
-    let request = StatusRequest {
-        job: job.map(|j| j.to_string()).unwrap_or_default(),
-    };
-    Ok(client.status(request).await.map_err(status_error)?.into_inner())
+/// One job with every revision, streamed (no message limit; see
+/// proto/src/listing.rs for servers that predate the stream).
+pub async fn fetch(client: &mut Client, job: &JobName) -> Result<StatusReply> {
+    let job = backy_proto::listing::job_status(client, job.as_str()).await?;
+    Ok(StatusReply { jobs: vec![job] })
 }
 
 /// The table, per job; ages relative to `now`.

@@ -409,6 +409,16 @@ pub struct Limits {
     /// preface and first authenticated request; closed otherwise.
     #[serde(default = "default_first_request")]
     pub first_request_timeout: Interval,
+    /// Push, restore, verify, manifest and listing streams the server runs
+    /// at once, all callers together: each holds a thread of the stream
+    /// executor (never one of the threads unary calls use); more are
+    /// refused with RESOURCE_EXHAUSTED.
+    #[serde(default = "default_max_streams")]
+    pub max_streams: u32,
+}
+
+fn default_max_streams() -> u32 {
+    256
 }
 
 fn default_max_connections() -> u32 {
@@ -444,6 +454,7 @@ impl Default for Limits {
             connections_per_client: default_connections_per_client(),
             idle_connection_timeout: default_idle_connection(),
             first_request_timeout: default_first_request(),
+            max_streams: default_max_streams(),
         }
     }
 }
@@ -748,6 +759,9 @@ impl ServerConfig {
             return Err(Error::invalid(
                 "limits: connections-per-client must be at least 1",
             ));
+        }
+        if self.limits.max_streams == 0 {
+            return Err(Error::invalid("limits: max-streams must be at least 1"));
         }
         Ok(())
     }

@@ -243,8 +243,7 @@ pub fn mirror_expiry(source: &[Listed], replica: &[Listed], now: DateTime<Utc>) 
     let listed: BTreeSet<RevisionId> = source.iter().map(|r| r.id).collect();
     let newest_trusted_here = oldest_first(replica)
         .into_iter()
-        .filter(|r| r.trust.usable_as_parent() && r.timestamp <= now)
-        .next_back()
+        .rfind(|r| r.trust.usable_as_parent() && r.timestamp <= now)
         .map(|r| r.id);
     oldest_first(replica)
         .into_iter()

@@ -124,6 +124,7 @@ fn the_server_example_names_every_key() {
             connections_per_client: 1,
             idle_connection_timeout: Interval::from_secs(1),
             first_request_timeout: Interval::from_secs(1),
+            max_streams: 1,
         },
         file_mode: DEFAULT_FILE_MODE,
         secrets_group: Some("g".into()),

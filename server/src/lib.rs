@@ -4,6 +4,7 @@
 pub mod agent;
 pub mod audit;
 pub mod auth;
+pub mod executor;
 pub mod http;
 pub mod http_slots;
 pub mod in_flight;

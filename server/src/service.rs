@@ -3,6 +3,7 @@
 
 use crate::audit;
 use crate::auth::{self, Action, Caller, StreamLimiter};
+use crate::executor::{Reserved, StreamExecutor};
 use crate::push::Step;
 use crate::state::Server;
 use crate::storage::PushEnd;
@@ -87,6 +88,8 @@ pub struct Service {
     pub server: Arc<Server>,
     /// Open streams per identity (limits: streams-per-client).
     pub streams: Arc<StreamLimiter>,
+    /// The threads long streams run on (limits: max-streams).
+    pub executor: Arc<StreamExecutor>,
 }
 
 impl Service {
@@ -94,6 +97,7 @@ impl Service {
         Service {
             server,
             streams: Arc::default(),
+            executor: Arc::default(),
         }
     }
 
@@ -133,6 +137,28 @@ impl Service {
         })
     }
 
+    /// `job`, or with none every job `caller` may see, decided before
+    /// anything is read.
+    fn visible(&self, caller: &Caller, job: String) -> Vec<String> {
+        if !job.is_empty() {
+            return vec![job];
+        }
+        let config = self.server.config();
+        config
+            .jobs
+            .keys()
+            .filter(|name| auth::may_see(&config, caller, name, Action::Read))
+            .map(ToString::to_string)
+            .collect()
+    }
+
+    /// A thread of the stream executor for a long stream, reserved before
+    /// the stream opens: refused with RESOURCE_EXHAUSTED at the bound.
+    fn reserve(&self) -> std::result::Result<Reserved, Status> {
+        let limit = self.server.config().limits.max_streams as usize;
+        self.executor.reserve(limit).map_err(to_status)
+    }
+
     /// A push stream (`Push`, or `PushExchange` when `answers` is given:
     /// then granule digests are answered there), written by a blocking
     /// writer, up to the committed revision's reply.
@@ -143,6 +169,7 @@ impl Service {
     ) -> std::result::Result<PushReply, Status> {
         let caller = auth::caller(&req)?;
         let _permit = self.permit(&caller, "push")?;
+        let thread = self.reserve()?;
         let idle = self.server.config().limits.idle_timeout.as_duration();
         let idle_error = || {
             tracing::warn!(
@@ -202,7 +229,7 @@ impl Service {
                     .map_err(|_| backy_common::Error::unavailable("the client stopped reading answers"))
             })
         });
-        let writer = tokio::task::spawn_blocking(move || {
+        let writer = run(thread, move || {
             let (job, rev) = (begin.job.clone(), begin.rev_id.clone());
             let started = std::time::Instant::now();
             let result = crate::push::run(server.clone(), begin, rx, gate, answer);
@@ -213,7 +240,7 @@ impl Service {
             audit::result(&who, "push", &job, &rev, &result);
             server.record_push_outcome(&job, &rev, &result);
             result
-        });
+        })?;
         let mut protocol_error: Option<Status> = None;
         loop {
             let message = tokio::select! {
@@ -306,9 +333,7 @@ impl Service {
             let _ = tx.send(Step::Abort(p.message().to_string())).await;
         }
         drop(tx);
-        let result = writer
-            .await
-            .map_err(|e| Status::internal(format!("push worker failed: {e}")))?;
+        let result = writer.await.map_err(|_| Status::internal("push worker failed"))?;
         if let Some(p) = protocol_error {
             return Err(p);
         }
@@ -330,6 +355,14 @@ impl Service {
 struct Permit {
     _limit: auth::StreamPermit,
     _active: crate::metrics::ActiveStream,
+}
+
+/// Runs a long stream's blocking work on its reserved executor thread.
+fn run<T: Send + 'static>(
+    thread: Reserved,
+    work: impl FnOnce() -> T + Send + 'static,
+) -> std::result::Result<crate::executor::Joined<T>, Status> {
+    thread.spawn(work).map_err(to_status)
 }
 
 /// Runs blocking work off the async threads and maps its error.
@@ -388,6 +421,8 @@ impl Backy for Service {
                 0
             } else if backy_common::fault::mode("protocol-1") {
                 1
+            } else if backy_common::fault::mode("protocol-2") {
+                2
             } else {
                 backy_proto::PROTOCOL
             },
@@ -414,6 +449,7 @@ impl Backy for Service {
     ) -> std::result::Result<Response<Self::ManifestStream>, Status> {
         let caller = self.check(&req, &req.get_ref().job, Action::Fetch, "manifest")?;
         let permit = self.permit(&caller, "manifest")?;
+        let thread = self.reserve()?;
         let server = self.server.clone();
         let req = req.into_inner();
         let (tx, rx) = mpsc::channel(4);
@@ -424,20 +460,20 @@ impl Backy for Service {
                 crate::plan::resume_manifest(&server, &job, &req.revision)
             })
             .await?;
-            tokio::task::spawn_blocking(move || {
+            run(thread, move || {
                 let _permit = permit;
                 crate::restore::send_manifest(info, &manifest, &tx)
-            });
+            })?;
         } else {
             let (job_name, spec) = (req.job.clone(), req.revision.clone());
             let resolved = resolve_one(server, req.job, req.revision).await;
             audit::result(&caller, "manifest", &job_name, &spec, &resolved);
             let (job, meta) = resolved?;
             let server = self.server.clone();
-            tokio::task::spawn_blocking(move || {
+            run(thread, move || {
                 let _permit = permit;
                 crate::restore::stream_manifest(&server, &job, &meta, &tx)
-            });
+            })?;
         }
         let idle = self.server.config().limits.idle_timeout.as_duration();
         Ok(Response::new(Box::pin(stall_guarded(rx, idle))))
@@ -481,21 +517,63 @@ impl Backy for Service {
         &self,
         req: Request<StatusRequest>,
     ) -> std::result::Result<Response<StatusReply>, Status> {
+        let all = req.get_ref().job.is_empty();
+        let caller = if all {
+            auth::caller(&req)?
+        } else {
+            self.check(&req, &req.get_ref().job, Action::Read, "status")?
+        };
+        // All jobs (clients of protocol 1): as costly as a stream.
+        let _permit = all.then(|| self.permit(&caller, "status")).transpose()?;
+        let names = self.visible(&caller, req.into_inner().job);
+        let server = self.server.clone();
+        blocking(move || crate::status::of_jobs(&server, &names))
+            .await
+            .map(Response::new)
+    }
+
+    type StatusStreamStream = BoxStream<JobStatusPart>;
+
+    async fn status_stream(
+        &self,
+        req: Request<StatusRequest>,
+    ) -> std::result::Result<Response<Self::StatusStreamStream>, Status> {
+        // Tests pose as a server of protocol 2, which lacks this call.
+        if backy_common::fault::mode("protocol-2") {
+            return Err(Status::unimplemented("BACKY_FAULT: no StatusStream (protocol 2)"));
+        }
         let caller = if req.get_ref().job.is_empty() {
             auth::caller(&req)?
         } else {
             self.check(&req, &req.get_ref().job, Action::Read, "status")?
         };
+        let permit = self.permit(&caller, "status")?;
+        let thread = self.reserve()?;
+        let names = self.visible(&caller, req.into_inner().job);
         let server = self.server.clone();
-        let req = req.into_inner();
-        let mut reply = blocking(move || crate::status::status(&server, &req)).await?;
-        // All jobs: only those the caller may see.
-        let config = self.server.config();
-        reply.jobs.retain(|j| {
-            backy_common::JobName::new(&j.job)
-                .is_ok_and(|n| auth::may_see(&config, &caller, &n, Action::Read))
-        });
-        Ok(Response::new(reply))
+        let (tx, rx) = mpsc::channel(4);
+        run(thread, move || {
+            let _permit = permit;
+            let config = server.config();
+            for name in names {
+                let (header, entry) = match crate::status::header(&server, &config, &name) {
+                    Ok(built) => built,
+                    Err(e) => {
+                        let _ = tx.blocking_send(Err(to_status(e)));
+                        return;
+                    }
+                };
+                let parts = std::iter::once(job_status_part::Part::Header(header))
+                    .chain(crate::status::chunks(&entry.revisions).map(job_status_part::Part::Revisions));
+                for part in parts {
+                    if tx.blocking_send(Ok(JobStatusPart { part: Some(part) })).is_err() {
+                        return; // the caller went away
+                    }
+                }
+            }
+        })?;
+        let idle = self.server.config().limits.idle_timeout.as_duration();
+        Ok(Response::new(Box::pin(stall_guarded(rx, idle))))
     }
 
     type JobsStream = BoxStream<JobSummary>;
@@ -506,9 +584,10 @@ impl Backy for Service {
     ) -> std::result::Result<Response<Self::JobsStream>, Status> {
         let caller = auth::caller(&req)?;
         let permit = self.permit(&caller, "jobs")?;
+        let thread = self.reserve()?;
         let server = self.server.clone();
         let (tx, rx) = mpsc::channel(64);
-        tokio::task::spawn_blocking(move || {
+        run(thread, move || {
             let _permit = permit;
             let config = server.config();
             for name in config.jobs.keys() {
@@ -520,7 +599,7 @@ impl Backy for Service {
                     break; // the caller went away
                 }
             }
-        });
+        })?;
         let idle = self.server.config().limits.idle_timeout.as_duration();
         Ok(Response::new(Box::pin(stall_guarded(rx, idle))))
     }
@@ -533,6 +612,7 @@ impl Backy for Service {
     ) -> std::result::Result<Response<Self::RestoreStream>, Status> {
         let caller = self.check(&req, &req.get_ref().job, Action::Fetch, "restore")?;
         let permit = self.permit(&caller, "restore")?;
+        let thread = self.reserve()?;
         let server = self.server.clone();
         let req = req.into_inner();
         let (job_name, spec, from) = (req.job.clone(), req.revision.clone(), req.from);
@@ -548,7 +628,7 @@ impl Backy for Service {
         })?;
         let (tx, rx) = mpsc::channel(FRAMES_IN_FLIGHT);
         let server = self.server.clone();
-        tokio::task::spawn_blocking(move || {
+        run(thread, move || {
             let _permit = permit;
             let (name, rev) = (job.name().to_string(), meta.id.to_string());
             let started = std::time::Instant::now();
@@ -576,7 +656,7 @@ impl Backy for Service {
                 ),
                 Err(e) => audit::record(&caller, "restore", &name, &rev, audit::Outcome::Failed(&e)),
             }
-        });
+        })?;
         let idle = self.server.config().limits.idle_timeout.as_duration();
         Ok(Response::new(Box::pin(stall_guarded(rx, idle))))
     }
@@ -589,6 +669,7 @@ impl Backy for Service {
     ) -> std::result::Result<Response<Self::VerifyStream>, Status> {
         let caller = self.check(&req, &req.get_ref().job, Action::Append, "verify")?;
         let permit = self.permit(&caller, "verify")?;
+        let thread = self.reserve()?;
         let server = self.server.clone();
         let req = req.into_inner();
         let (job_name, spec) = (req.job.clone(), req.revisions.clone());
@@ -620,7 +701,7 @@ impl Backy for Service {
             caller.limit_key.clone(),
             Arc::new(move || closed.is_closed()),
         );
-        tokio::task::spawn_blocking(move || {
+        run(thread, move || {
             let _permit = permit;
             for meta in selected {
                 let started = std::time::Instant::now();
@@ -675,7 +756,7 @@ impl Backy for Service {
                     break; // the caller went away; stop reading
                 }
             }
-        });
+        })?;
         let idle = self.server.config().limits.idle_timeout.as_duration();
         Ok(Response::new(Box::pin(stall_guarded(rx, idle))))
     }

@@ -126,6 +126,35 @@ impl Backy for Liar {
             }],
         }))
     }
+    type StatusStreamStream = BoxStream<JobStatusPart>;
+    /// The same listing as `status`, in parts (header, then revisions in
+    /// chunks of two), as a protocol 3 source sends it.
+    async fn status_stream(
+        &self,
+        req: Request<StatusRequest>,
+    ) -> Result<Response<Self::StatusStreamStream>, Status> {
+        let job = req.into_inner().job;
+        let listing = self.0.lock().unwrap();
+        let revs = listing
+            .jobs
+            .get(&job)
+            .ok_or_else(|| Status::not_found(format!("no job {job}")))?;
+        let header = JobStatus {
+            job,
+            ..Default::default()
+        };
+        let mut parts = vec![Ok(JobStatusPart {
+            part: Some(job_status_part::Part::Header(header)),
+        })];
+        for chunk in revs.chunks(2) {
+            parts.push(Ok(JobStatusPart {
+                part: Some(job_status_part::Part::Revisions(RevisionChunk {
+                    revisions: chunk.iter().map(|r| r.info.clone()).collect(),
+                })),
+            }));
+        }
+        Ok(Response::new(Box::pin(tokio_stream::iter(parts))))
+    }
     type JobsStream = BoxStream<JobSummary>;
     async fn jobs(&self, _: Request<JobsRequest>) -> Result<Response<Self::JobsStream>, Status> {
         let names: Vec<Result<JobSummary, Status>> = self

@@ -12,7 +12,7 @@ use backy_common::replicate::{self, JobPattern, Listed, Owed};
 use backy_common::revision::RevisionMeta;
 use backy_common::{Error, JobName, Result, RevisionId};
 use backy_proto::connect::{connect_within, status_error, Client, CredentialFiles, Credentials};
-use backy_proto::{JobsRequest, RevisionInfo, StatusRequest};
+use backy_proto::{JobsRequest, RevisionInfo};
 use chrono::Utc;
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
@@ -207,21 +207,11 @@ fn listed(m: &RevisionMeta) -> Listed {
 
 /// One job: what the source lists, the copies it owes, its expiry.
 async fn job_round(server: &Arc<Server>, client: &Client, name: &JobName, tally: &mut Tally) -> Result<()> {
-    let reply = client
-        .clone()
-        .status(StatusRequest {
-            job: name.to_string(),
-        })
-        .await
-        .map_err(status_error)?
-        .into_inner();
-    let at = Utc::now();
-    let infos: Vec<RevisionInfo> = reply
-        .jobs
-        .into_iter()
-        .find(|j| j.job == name.as_str())
-        .ok_or_else(|| Error::not_found(format!("the source did not list job {name}")))?
+    // Streamed: no message limit (proto/src/listing.rs).
+    let infos: Vec<RevisionInfo> = backy_proto::listing::job_status(&mut client.clone(), name.as_str())
+        .await?
         .revisions;
+    let at = Utc::now();
     let metas: Vec<RevisionMeta> = infos.iter().map(RevisionMeta::try_from).collect::<Result<_>>()?;
     let source: Vec<Listed> = metas.iter().map(listed).collect();
     let by_id: HashMap<RevisionId, RevisionInfo> = metas.iter().map(|m| m.id).zip(infos).collect();
