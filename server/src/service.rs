@@ -152,11 +152,23 @@ impl Service {
             .collect()
     }
 
-    /// A thread of the stream executor for a long stream, reserved before
-    /// the stream opens: refused with RESOURCE_EXHAUSTED at the bound.
-    fn reserve(&self) -> std::result::Result<Reserved, Status> {
+    /// A thread of the stream executor for a long stream of `kind`,
+    /// reserved before the stream opens: refused with RESOURCE_EXHAUSTED at
+    /// the bound, and the refusal audited like a refused permit.
+    fn reserve(&self, caller: &Caller, kind: &'static str) -> std::result::Result<Reserved, Status> {
         let limit = self.server.config().limits.max_streams as usize;
-        self.executor.reserve(limit).map_err(to_status)
+        self.executor
+            .reserve(limit)
+            .map_err(to_status)
+            .inspect_err(|status| {
+                let who = audit::Refused {
+                    identity: &caller.name,
+                    peer: &caller.peer,
+                    action: kind,
+                    job: "",
+                };
+                audit::refused(&self.server, who, audit::Refusal::Permit, &status.message());
+            })
     }
 
     /// A push stream (`Push`, or `PushExchange` when `answers` is given:
@@ -169,7 +181,7 @@ impl Service {
     ) -> std::result::Result<PushReply, Status> {
         let caller = auth::caller(&req)?;
         let _permit = self.permit(&caller, "push")?;
-        let thread = self.reserve()?;
+        let thread = self.reserve(&caller, "push")?;
         let idle = self.server.config().limits.idle_timeout.as_duration();
         let idle_error = || {
             tracing::warn!(
@@ -449,7 +461,7 @@ impl Backy for Service {
     ) -> std::result::Result<Response<Self::ManifestStream>, Status> {
         let caller = self.check(&req, &req.get_ref().job, Action::Fetch, "manifest")?;
         let permit = self.permit(&caller, "manifest")?;
-        let thread = self.reserve()?;
+        let thread = self.reserve(&caller, "manifest")?;
         let server = self.server.clone();
         let req = req.into_inner();
         let (tx, rx) = mpsc::channel(4);
@@ -548,7 +560,7 @@ impl Backy for Service {
             self.check(&req, &req.get_ref().job, Action::Read, "status")?
         };
         let permit = self.permit(&caller, "status")?;
-        let thread = self.reserve()?;
+        let thread = self.reserve(&caller, "status")?;
         let names = self.visible(&caller, req.into_inner().job);
         let server = self.server.clone();
         let (tx, rx) = mpsc::channel(4);
@@ -584,7 +596,7 @@ impl Backy for Service {
     ) -> std::result::Result<Response<Self::JobsStream>, Status> {
         let caller = auth::caller(&req)?;
         let permit = self.permit(&caller, "jobs")?;
-        let thread = self.reserve()?;
+        let thread = self.reserve(&caller, "jobs")?;
         let server = self.server.clone();
         let (tx, rx) = mpsc::channel(64);
         run(thread, move || {
@@ -612,7 +624,7 @@ impl Backy for Service {
     ) -> std::result::Result<Response<Self::RestoreStream>, Status> {
         let caller = self.check(&req, &req.get_ref().job, Action::Fetch, "restore")?;
         let permit = self.permit(&caller, "restore")?;
-        let thread = self.reserve()?;
+        let thread = self.reserve(&caller, "restore")?;
         let server = self.server.clone();
         let req = req.into_inner();
         let (job_name, spec, from) = (req.job.clone(), req.revision.clone(), req.from);
@@ -669,7 +681,7 @@ impl Backy for Service {
     ) -> std::result::Result<Response<Self::VerifyStream>, Status> {
         let caller = self.check(&req, &req.get_ref().job, Action::Append, "verify")?;
         let permit = self.permit(&caller, "verify")?;
-        let thread = self.reserve()?;
+        let thread = self.reserve(&caller, "verify")?;
         let server = self.server.clone();
         let req = req.into_inner();
         let (job_name, spec) = (req.job.clone(), req.revisions.clone());

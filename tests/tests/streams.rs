@@ -107,6 +107,9 @@ fn a_replica_lists_a_source_job_with_6000_revisions() {
     // The replica's own revision is made after the source's: newer.
     let replica_base = dir.path().join("replica");
     fixture(&replica_base, 1);
+    // A copy of an earlier round (its directory marked as one), not a job
+    // of the replica's own, which a replica never copies into.
+    std::fs::write(replica_base.join("job00000/.copy"), format!("{}\n", source.url)).unwrap();
     let config = format!(
         "listen: 127.0.0.1:0\nbase-dir: BASE\nscrub: {{enabled: false}}\n\
          replicate: {{source: '{}', interval: 1h, jobs: [job00000]}}\n\
@@ -254,6 +257,12 @@ async fn unary_calls_answer_while_long_streams_fill_the_server() {
             "{e:?}"
         );
     }
+    // Each refusal is a (rate-limited) audit line naming the bound.
+    let audit = server.wait_log(0, "limits: max-streams");
+    assert!(
+        audit.contains("audit") && audit.contains("action=\"push\""),
+        "{audit}"
+    );
     // The held pushes end when their clients go away.
     drop(held);
     let mut ended = refused.len();
