@@ -10,7 +10,6 @@ mod support;
 use backy_common::token::{generate_token, hash_token, AUTH_HEADER};
 use backy_proto::backy_client::BackyClient;
 use backy_proto::*;
-use std::io::{Read, Write};
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -241,24 +240,8 @@ async fn a_flood_of_refusals_is_rate_limited_and_counted() {
 
 /// Plain HTTP/1.1 GET: (status, body).
 fn http_get(addr: &str, path: &str, authorization: Option<&str>) -> (u16, String) {
-    let mut s = std::net::TcpStream::connect(addr).expect("connect to the HTTP listener");
-    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-    let auth = authorization.map_or(String::new(), |a| format!("Authorization: {a}\r\n"));
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Connection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut raw = Vec::new();
-    s.read_to_end(&mut raw).expect("read the response");
-    let text = String::from_utf8(raw).expect("UTF-8 response");
-    let (head, body) = text.split_once("\r\n\r\n").expect("headers end");
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .expect("status code");
-    (status, body.to_string())
+    let (status, _, body) = http_get_with(addr, path, authorization);
+    (status, body)
 }
 
 /// A read-only bind mount over a directory, undone on drop.
