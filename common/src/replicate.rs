@@ -154,8 +154,15 @@ pub enum Owed {
 /// does not hold: a revision the replica lacks dated before its newest
 /// copy of the job (a source inserting history), or one both hold that the
 /// source lists under another date (a source re-dating history). Copies
-/// dated after `now` do not count as the newest (see [`plan`]).
-pub fn out_of_order(source: &[Listed], replica: &[Listed], now: DateTime<Utc>) -> Vec<RevisionId> {
+/// dated after `now` do not count as the newest (see [`plan`]). With
+/// [`Owed::Newer`] a lacked older revision is one the replica's own
+/// schedule expired (or never owed), not inserted history.
+pub fn out_of_order(
+    source: &[Listed],
+    replica: &[Listed],
+    owed: Owed,
+    now: DateTime<Utc>,
+) -> Vec<RevisionId> {
     let here: HashMap<RevisionId, &Listed> = replica.iter().map(|r| (r.id, r)).collect();
     let newest_held = replica
         .iter()
@@ -166,7 +173,7 @@ pub fn out_of_order(source: &[Listed], replica: &[Listed], now: DateTime<Utc>) -
         .into_iter()
         .filter(|r| match here.get(&r.id) {
             Some(h) => h.timestamp != r.timestamp,
-            None => newest_held.is_some_and(|n| (r.timestamp, r.id) < n),
+            None => owed == Owed::All && newest_held.is_some_and(|n| (r.timestamp, r.id) < n),
         })
         .map(|r| r.id)
         .collect()
@@ -192,7 +199,7 @@ pub fn plan(source: &[Listed], replica: &[Listed], owed: Owed, now: DateTime<Utc
         .map(|r| (r.timestamp, r.id))
         .collect();
     let held: HashMap<RevisionId, &Listed> = replica.iter().map(|r| (r.id, r)).collect();
-    let refused: BTreeSet<RevisionId> = out_of_order(source, replica, now).into_iter().collect();
+    let refused: BTreeSet<RevisionId> = out_of_order(source, replica, owed, now).into_iter().collect();
     let newest_held = replica
         .iter()
         .filter(|r| r.timestamp <= now)
@@ -453,6 +460,13 @@ mod tests {
             own(&[a.clone(), b.clone(), c.clone()], &[a.clone(), c.clone()]),
             vec![]
         );
+        // ... and is not out of order either: the replica's own expiry
+        // deleted it (with its mirror, the same gap is inserted history).
+        let now = at("2026-12-05 01:00");
+        let lacked = [a.clone(), b.clone(), c.clone()];
+        let kept = [a.clone(), c.clone()];
+        assert_eq!(out_of_order(&lacked, &kept, Owed::Newer, now), vec![]);
+        assert_eq!(out_of_order(&lacked, &kept, Owed::All, now), vec![id('b')]);
         assert_eq!(
             own(
                 &[a.clone(), b.clone(), c.clone(), d.clone()],

@@ -140,11 +140,13 @@ fn with_token<T>(msg: T, token: &str) -> tonic::Request<T> {
     req
 }
 
-/// `status` of all jobs on `channel`: the names it lists.
+/// `status vm1` on `channel` (unary, so it takes no stream permit: the
+/// floods here test connection limits, not `streams-per-client`): the
+/// names it lists.
 async fn status(channel: Channel, token: &str) -> Result<Vec<String>, tonic::Status> {
     let reply = BackyClient::new(channel)
         .status(with_token(
-            backy_proto::StatusRequest { job: String::new() },
+            backy_proto::StatusRequest { job: "vm1".into() },
             token,
         ))
         .await?;

@@ -226,7 +226,7 @@ async fn job_round(server: &Arc<Server>, client: &Client, name: &JobName, tally:
     // `crate::replication::jobs::own_job`).
     let source_url = config.replicate.as_ref().map_or("", |r| r.source.as_str());
     crate::replication::jobs::mark_copy(job.path(), source_url)?;
-    let disordered = replicate::out_of_order(&source, &here, at);
+    let disordered = replicate::out_of_order(&source, &here, owed, at);
     let transfers = replicate::plan(&source, &here, owed, at);
     let handle = tokio::runtime::Handle::current();
     let mut failure = None;
@@ -264,10 +264,16 @@ async fn job_round(server: &Arc<Server>, client: &Client, name: &JobName, tally:
         tally.expired += mirror_expiry(server, &job, &source, &here, at).await?;
     }
     if failure.is_none() && !disordered.is_empty() {
-        let list: Vec<String> = disordered.iter().map(|id| id.to_string()).collect();
+        // Named, but bounded: a source may list thousands.
+        const NAMED: usize = 5;
+        let mut list: Vec<String> = disordered.iter().take(NAMED).map(|id| id.to_string()).collect();
+        if disordered.len() > NAMED {
+            list.push(format!("and {} more", disordered.len() - NAMED));
+        }
         failure = Some(Error::precondition(format!(
-            "not copied, out of the source's order (dated before this replica's newest copy, \
-             or held here under another date): {}",
+            "{} revisions not copied, out of the source's order (dated before this replica's \
+             newest copy, or held here under another date): {}",
+            disordered.len(),
             list.join(", ")
         )));
     }
