@@ -1,6 +1,7 @@
 //! backy-server as a library: storage, schedules and the gRPC service, so
 //! the binary stays a thin edge and tests can reach the parts.
 
+pub mod access;
 pub mod agent;
 pub mod audit;
 pub mod auth;

@@ -129,8 +129,10 @@ fn check_config_reads_every_file_as_the_service_user() {
     let line = failed(&check_as_user(&config));
     let p = private.display();
     assert!(
-        line.contains(&format!("replica token file {}: user {USER} cannot enter {p}", moved.display()))
-            && line.contains(&format!("chmod o+x {p}")),
+        line.contains(&format!(
+            "replica token file {}: user {USER} cannot enter {p}",
+            moved.display()
+        )) && line.contains(&format!("chmod o+x {p}")),
         "{line}"
     );
     chmod(&private, 0o755);
@@ -359,7 +361,9 @@ fn a_locked_qcow2_points_at_qmp() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    wait_for("qemu-nbd to hold the image", Duration::from_secs(20), || sock.exists());
+    wait_for("qemu-nbd to hold the image", Duration::from_secs(20), || {
+        sock.exists()
+    });
     let server = Server::start(&d.join("store"), "  vm5: {schedule: none}\n");
     let source = format!("qemu:{}", img.display());
     let out = server.client(&["push", "vm5", "--force", "--source", &source]);
