@@ -198,6 +198,26 @@ impl Tls {
     }
 }
 
+/// `backy-server --config CONFIG` as `nobody`, which must refuse to start.
+fn serve_as_user(config: &Path) -> Output {
+    let mut child = Command::new(bin("backy-server"))
+        .arg("--config")
+        .arg(config)
+        .uid(UID)
+        .gid(GID)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut exited = false;
+    wait_for("backy-server to refuse", Duration::from_secs(20), || {
+        exited = child.try_wait().unwrap().is_some();
+        exited
+    });
+    child.wait_with_output().unwrap()
+}
+
 /// Item 7: the service's user cannot read the TLS key: start-up (run as
 /// that user) and `check-config --as-user` say which file, which user,
 /// and the group and mode that fix it.
@@ -212,22 +232,7 @@ fn an_unreadable_tls_key_names_the_group_and_mode_it_needs() {
     chown(&config, None, Some(GID));
     chmod(&config, 0o640);
 
-    let mut child = Command::new(bin("backy-server"))
-        .arg("--config")
-        .arg(&config)
-        .uid(UID)
-        .gid(GID)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut status = None;
-    wait_for("backy-server to refuse", Duration::from_secs(20), || {
-        status = child.try_wait().unwrap();
-        status.is_some()
-    });
-    let out = child.wait_with_output().unwrap();
+    let out = serve_as_user(&config);
     let k = tls.key.display();
     let names_the_fix = |line: String| {
         assert!(
@@ -239,6 +244,18 @@ fn an_unreadable_tls_key_names_the_group_and_mode_it_needs() {
     };
     names_the_fix(failed(&out));
     names_the_fix(failed(&check_as_user(&config)));
+
+    // Done as told; now a store the service's user may not write.
+    chown(&tls.key, None, Some(GID));
+    chmod(&tls.key, 0o640);
+    chown(&base, Some(0), Some(0));
+    let line = failed(&serve_as_user(&config));
+    let b = base.display();
+    assert!(
+        line.contains(&format!("base-dir {b}: user {USER} cannot write it (root:root 0755)"))
+            && line.contains(&format!("chown {USER}:{GROUP} {b}")),
+        "{line}"
+    );
 }
 
 /// Item 7: `--ca` with a file that holds no certificate is named before
