@@ -419,14 +419,20 @@ pub fn io_error(
     secrets_group: Option<&str>,
 ) -> anyhow::Error {
     if err.kind() == std::io::ErrorKind::PermissionDenied {
-        let wanted = [Wanted {
-            what: what.to_string(),
-            path: std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf()),
-            need,
-        }];
-        if let Ok(Some(line)) = problems(None, &wanted, secrets_group).map(|p| p.into_iter().next()) {
+        if let Some(line) = denied(what, path, need, secrets_group) {
             return anyhow::anyhow!(line);
         }
     }
     anyhow::Error::new(err).context(format!("reading {what} {}", path.display()))
+}
+
+/// Why this process may not use `path` as `need` says, with the fix; `None`
+/// when it may (or the check itself failed).
+pub fn denied(what: &str, path: &Path, need: Need, secrets_group: Option<&str>) -> Option<String> {
+    let wanted = [Wanted {
+        what: what.to_string(),
+        path: std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf()),
+        need,
+    }];
+    problems(None, &wanted, secrets_group).ok()?.into_iter().next()
 }

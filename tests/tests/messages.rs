@@ -252,8 +252,9 @@ fn an_unreadable_tls_key_names_the_group_and_mode_it_needs() {
     let line = failed(&serve_as_user(&config));
     let b = base.display();
     assert!(
-        line.contains(&format!("base-dir {b}: user {USER} cannot write it (root:root 0755)"))
-            && line.contains(&format!("chown {USER}:{GROUP} {b}")),
+        line.contains(&format!(
+            "base-dir {b}: user {USER} cannot write it (root:root 0755)"
+        )) && line.contains(&format!("chown {USER}:{GROUP} {b}")),
         "{line}"
     );
 }
