@@ -4,7 +4,7 @@
 //! stopped it, and words the fix here (docs/DESIGN.md, "Packaging and
 //! service units").
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 /// What the server does with a path, which decides the fix.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -117,28 +117,127 @@ pub fn ancestors(path: &Path) -> Vec<&Path> {
     out
 }
 
-/// The user a systemd unit runs its service as: the last `User=` of its
-/// `[Service]` section, reading `texts` (the unit file, then its drop-ins)
-/// in the order systemd does. `None`: root (no `User=`, or one reset by an
-/// empty `User=`).
-pub fn unit_user<'a>(texts: impl IntoIterator<Item = &'a str>) -> Option<String> {
-    let mut user = None;
+/// The `[Service]` settings of a unit, reading `texts` (the unit file,
+/// then its drop-ins) in the order systemd does: later ones win.
+fn service_settings<'a>(texts: impl IntoIterator<Item = &'a str>) -> Vec<(&'a str, &'a str)> {
+    let mut out = Vec::new();
     for text in texts {
         let mut in_service = false;
         for line in text.lines().map(str::trim) {
             if line.starts_with('[') {
                 in_service = line == "[Service]";
-            } else if in_service {
+            } else if in_service && !line.starts_with(['#', ';']) {
                 if let Some((key, value)) = line.split_once('=') {
-                    if key.trim() == "User" {
-                        let value = value.trim();
-                        user = (!value.is_empty() && value != "root").then(|| value.to_string());
-                    }
+                    out.push((key.trim(), value.trim()));
                 }
             }
         }
     }
+    out
+}
+
+/// The user a systemd unit runs its service as: the last `User=`. `None`:
+/// root (no `User=`, or one reset by an empty `User=`).
+pub fn unit_user<'a>(texts: impl IntoIterator<Item = &'a str>) -> Option<String> {
+    let mut user = None;
+    for (key, value) in service_settings(texts) {
+        if key == "User" {
+            user = (!value.is_empty() && value != "root").then(|| value.to_string());
+        }
+    }
     user
+}
+
+/// What a unit's sandbox does to the files its service sees.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Sandbox {
+    /// `ProtectSystem=strict`: everything read-only but `read_write`.
+    pub strict: bool,
+    pub read_write: Vec<PathBuf>,
+    /// `ProtectHome=`: `yes`/`tmpfs` hide /home, /root and /run/user,
+    /// `read-only` keeps them from being written.
+    pub home: Option<String>,
+    /// `PrivateTmp=yes`: /tmp and /var/tmp are the unit's own, empty.
+    pub private_tmp: bool,
+}
+
+fn yes(value: &str) -> bool {
+    matches!(value, "yes" | "true" | "on" | "1")
+}
+
+/// The sandbox settings of a unit (`texts` as for [`unit_user`]).
+pub fn unit_sandbox<'a>(texts: impl IntoIterator<Item = &'a str>) -> Sandbox {
+    let mut sandbox = Sandbox::default();
+    for (key, value) in service_settings(texts) {
+        match key {
+            "ProtectSystem" => sandbox.strict = value == "strict",
+            // An empty assignment resets the list; "-" and "+" are flags.
+            "ReadWritePaths" if value.is_empty() => sandbox.read_write.clear(),
+            "ReadWritePaths" => sandbox.read_write.extend(
+                value
+                    .split_whitespace()
+                    .map(|p| PathBuf::from(p.trim_start_matches(['-', '+']))),
+            ),
+            "ProtectHome" => {
+                sandbox.home = match value {
+                    "read-only" | "tmpfs" => Some(value.to_string()),
+                    v if yes(v) => Some("yes".to_string()),
+                    _ => None,
+                }
+            }
+            "PrivateTmp" => sandbox.private_tmp = yes(value),
+            _ => {}
+        }
+    }
+    sandbox
+}
+
+/// Why the unit's sandbox keeps the server from using `path` as `need`
+/// says, with the fix; `None` when it does not.
+pub fn sandbox_refusal(sandbox: &Sandbox, what: &str, path: &Path, need: Need) -> Option<String> {
+    let p = path.display();
+    let under = |dirs: &[&str]| dirs.iter().find(|d| path.starts_with(d)).map(|d| d.to_string());
+    if let Some(home) = &sandbox.home {
+        if let Some(dir) = under(&["/home", "/root", "/run/user"]) {
+            if home != "read-only" || need == Need::Store {
+                return Some(format!(
+                    "{what} {p}: the unit hides {dir} (ProtectHome={home}): move it, e.g. to {}",
+                    if need == Need::Store {
+                        "/srv/backy"
+                    } else {
+                        "/etc/backy"
+                    }
+                ));
+            }
+        }
+    }
+    if sandbox.private_tmp && under(&["/tmp", "/var/tmp"]).is_some() {
+        return Some(format!(
+            "{what} {p}: the unit gives the server a /tmp of its own (PrivateTmp=yes): move it, e.g. to {}",
+            if need == Need::Store {
+                "/srv/backy"
+            } else {
+                "/etc/backy"
+            }
+        ));
+    }
+    if need == Need::Store && sandbox.strict && !sandbox.read_write.iter().any(|d| path.starts_with(d)) {
+        let allowed: Vec<String> = sandbox
+            .read_write
+            .iter()
+            .map(|d| d.display().to_string())
+            .collect();
+        let allowed = if allowed.is_empty() {
+            "nowhere".to_string()
+        } else {
+            format!("only in {}", allowed.join(", "))
+        };
+        return Some(format!(
+            "{what} {p}: the unit lets the server write {allowed} (ProtectSystem=strict): run \
+             `systemctl edit backy-server` and add ReadWritePaths={p} and RequiresMountsFor={p}"
+        ));
+    }
+    None
 }
 
 #[cfg(test)]
@@ -247,6 +346,80 @@ mod tests {
         assert_eq!(unit_user([unit, "[Install]\nUser=x\n"]).as_deref(), Some("backy"));
         assert_eq!(unit_user(["[Service]\nUser=root\n"]), None);
         assert_eq!(unit_user(["[Service]\nExecStart=/bin/true\n"]), None);
+    }
+
+    #[test]
+    fn the_units_sandbox_keeps_files_from_the_server() {
+        let unit = "[Service]\nUser=backy\nProtectSystem=strict\nReadWritePaths=-/srv/backy\n\
+                    ProtectHome=yes\nPrivateTmp=yes\n";
+        let sandbox = unit_sandbox([unit]);
+        let refusal = |what, path: &str, need| sandbox_refusal(&sandbox, what, Path::new(path), need);
+        assert_eq!(refusal("base-dir", "/srv/backy", Need::Store), None);
+        assert_eq!(refusal("base-dir", "/srv/backy/store", Need::Store), None);
+        assert_eq!(
+            refusal("TLS key", "/etc/backy/server.key", Need::CheckedSecret),
+            None
+        );
+        assert_eq!(
+            refusal("base-dir", "/data/backy", Need::Store).as_deref(),
+            Some(
+                "base-dir /data/backy: the unit lets the server write only in /srv/backy \
+                 (ProtectSystem=strict): run `systemctl edit backy-server` and add \
+                 ReadWritePaths=/data/backy and RequiresMountsFor=/data/backy"
+            )
+        );
+        // Not a prefix of a path component.
+        assert!(refusal("base-dir", "/srv/backy2", Need::Store).is_some());
+        assert_eq!(
+            refusal("replica token file", "/root/offsite.token", Need::Secret).as_deref(),
+            Some(
+                "replica token file /root/offsite.token: the unit hides /root (ProtectHome=yes): \
+                 move it, e.g. to /etc/backy"
+            )
+        );
+        assert!(refusal("TLS key", "/home/ops/server.key", Need::CheckedSecret).is_some());
+        assert_eq!(
+            refusal("TLS key", "/tmp/server.key", Need::CheckedSecret).as_deref(),
+            Some(
+                "TLS key /tmp/server.key: the unit gives the server a /tmp of its own \
+                 (PrivateTmp=yes): move it, e.g. to /etc/backy"
+            )
+        );
+        // A drop-in that lifts the sandbox, or adds a path.
+        let lifted = unit_sandbox([
+            unit,
+            "[Service]\nProtectHome=no\nPrivateTmp=no\nReadWritePaths=/data/backy\n",
+        ]);
+        assert_eq!(
+            sandbox_refusal(&lifted, "k", Path::new("/root/k"), Need::Secret),
+            None
+        );
+        assert_eq!(
+            sandbox_refusal(&lifted, "k", Path::new("/tmp/k"), Need::Secret),
+            None
+        );
+        assert_eq!(
+            sandbox_refusal(&lifted, "b", Path::new("/data/backy"), Need::Store),
+            None
+        );
+        assert_eq!(
+            sandbox_refusal(&lifted, "b", Path::new("/srv/backy"), Need::Store),
+            None
+        );
+        // An empty ReadWritePaths= resets the list; read-only homes stay readable.
+        let reset = unit_sandbox([unit, "[Service]\nReadWritePaths=\nProtectHome=read-only\n"]);
+        assert!(sandbox_refusal(&reset, "b", Path::new("/srv/backy"), Need::Store).is_some());
+        assert_eq!(
+            sandbox_refusal(&reset, "k", Path::new("/root/k"), Need::Secret),
+            None
+        );
+        assert!(sandbox_refusal(&reset, "b", Path::new("/home/b"), Need::Store).is_some());
+        // No sandbox: nothing to say.
+        let none = unit_sandbox(["[Service]\nUser=backy\n"]);
+        assert_eq!(
+            sandbox_refusal(&none, "b", Path::new("/data/b"), Need::Store),
+            None
+        );
     }
 
     #[test]

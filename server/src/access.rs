@@ -24,30 +24,57 @@ const UNIT_DIRS: [&str; 4] = [
     "/lib/systemd/system",
 ];
 
-/// The `User=` of the installed unit (`Some(None)`: it runs as root), or
-/// `None` when no unit is installed.
-pub fn unit_user() -> Option<Option<String>> {
-    let main = UNIT_DIRS
-        .iter()
-        .find_map(|d| std::fs::read_to_string(Path::new(d).join(UNIT)).ok())?;
-    // Drop-ins by file name; a name in a more important directory wins.
-    let mut dropins = std::collections::BTreeMap::new();
-    for dir in UNIT_DIRS.iter().rev() {
-        let Ok(entries) = std::fs::read_dir(Path::new(dir).join(format!("{UNIT}.d"))) else {
-            continue;
-        };
-        for entry in entries.flatten() {
-            let name = entry.file_name();
-            if name.to_string_lossy().ends_with(".conf") {
-                if let Ok(text) = std::fs::read_to_string(entry.path()) {
-                    dropins.insert(name, text);
+/// The installed unit: its file and drop-ins, in the order systemd reads
+/// them.
+pub struct Unit {
+    texts: Vec<String>,
+}
+
+impl Unit {
+    /// `None` when no `backy-server.service` is installed.
+    pub fn installed() -> Option<Unit> {
+        let main = UNIT_DIRS
+            .iter()
+            .find_map(|d| std::fs::read_to_string(Path::new(d).join(UNIT)).ok())?;
+        // Drop-ins by file name; a name in a more important directory wins.
+        let mut dropins = std::collections::BTreeMap::new();
+        for dir in UNIT_DIRS.iter().rev() {
+            let Ok(entries) = std::fs::read_dir(Path::new(dir).join(format!("{UNIT}.d"))) else {
+                continue;
+            };
+            for entry in entries.flatten() {
+                let name = entry.file_name();
+                if name.to_string_lossy().ends_with(".conf") {
+                    if let Ok(text) = std::fs::read_to_string(entry.path()) {
+                        dropins.insert(name, text);
+                    }
                 }
             }
         }
+        Some(Unit {
+            texts: std::iter::once(main).chain(dropins.into_values()).collect(),
+        })
     }
-    Some(backy_common::access::unit_user(
-        std::iter::once(main.as_str()).chain(dropins.values().map(String::as_str)),
-    ))
+
+    fn texts(&self) -> impl Iterator<Item = &str> {
+        self.texts.iter().map(String::as_str)
+    }
+
+    /// Its `User=`; `None`: root.
+    pub fn user(&self) -> Option<String> {
+        backy_common::access::unit_user(self.texts())
+    }
+
+    /// One line per path its sandbox keeps from the server
+    /// (`ProtectSystem=strict` without the store in `ReadWritePaths=`,
+    /// `ProtectHome=`, `PrivateTmp=`).
+    pub fn sandbox_problems(&self, wanted: &[Wanted]) -> Vec<String> {
+        let sandbox = backy_common::access::unit_sandbox(self.texts());
+        wanted
+            .iter()
+            .filter_map(|w| backy_common::access::sandbox_refusal(&sandbox, &w.what, &w.path, w.need))
+            .collect()
+    }
 }
 
 /// A user account, resolved through NSS (`/etc/passwd`, LDAP, ...).

@@ -169,43 +169,47 @@ fn load(path: &PathBuf) -> anyhow::Result<ServerConfig> {
     Ok(ServerConfig::from_yaml(&text, &path.display().to_string())?)
 }
 
-/// Whether the server's user can open every file it needs (item 4 of
-/// issue 29: root reads everything, the service does not). Returns the user
-/// checked as, or `None` when checked as nobody but root (no unit, no
+/// Whether the server's user can open every file it needs (issue 29,
+/// item 4: root reads everything, the service does not), and, checking as
+/// the installed unit's user, whether its sandbox lets it. Returns the
+/// user checked as, or `None` when only root checked (no unit, no
 /// `--as-user`).
 fn check_access(
     config: &ServerConfig,
     path: &std::path::Path,
     as_user: Option<&str>,
 ) -> anyhow::Result<Option<String>> {
-    use backy_server::access::{problems, unit_user, wanted, Account};
+    use backy_server::access::{problems, wanted, Account, Unit};
     // SAFETY: no arguments, cannot fail.
     let root = unsafe { libc::geteuid() } == 0;
     let me = Account::current();
+    let unit = Unit::installed();
+    let unit_user = unit.as_ref().and_then(Unit::user);
     let name = match (as_user, root) {
         (Some(u), _) => Some(u.to_string()),
-        (None, true) => unit_user().flatten(),
+        (None, true) => unit_user.clone(),
         (None, false) => None,
     };
-    let account = match name {
-        Some(n) if n == me.who.name => None,
+    let account = match &name {
+        Some(n) if *n == me.who.name => None,
         Some(n) if !root => anyhow::bail!("checking as user {n} needs root (run check-config as root)"),
         Some(n) => Some(
-            Account::named(&n)?
+            Account::named(n)?
                 .ok_or_else(|| anyhow::anyhow!("no user {n} on this host (check-config --as-user USER)"))?,
         ),
         None if root => return Ok(None),
         None => None,
     };
-    let found = problems(
-        account.as_ref(),
-        &wanted(config, path),
-        config.secrets_group.as_deref(),
-    )?;
+    let files = wanted(config, path);
+    let mut found = problems(account.as_ref(), &files, config.secrets_group.as_deref())?;
+    let checked = account.map_or(me.who.name, |a| a.who.name);
+    if let Some(unit) = unit.filter(|_| unit_user.as_ref() == Some(&checked)) {
+        found.extend(unit.sandbox_problems(&files));
+    }
     if !found.is_empty() {
         anyhow::bail!("{}", found.join("; "));
     }
-    Ok(Some(account.map_or(me.who.name, |a| a.who.name)))
+    Ok(Some(checked))
 }
 
 fn main() -> std::process::ExitCode {

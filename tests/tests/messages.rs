@@ -394,3 +394,93 @@ fn a_locked_qcow2_points_at_qmp() {
         "{line}"
     );
 }
+
+/// Runs `backy-server --config CONFIG check-config` as root in a mount
+/// namespace of its own where `/etc/systemd/system` holds the packaged
+/// unit with `User=nobody` and `dropin` (nothing outside the namespace
+/// sees them).
+fn check_with_unit(config: &Path, dropin: &str) -> Output {
+    let unit = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../packaging/systemd/backy-server.service"),
+    )
+    .unwrap()
+    .replace("User=backy", &format!("User={USER}"))
+    .replace("Group=backy", &format!("Group={GROUP}"));
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("unit"), unit).unwrap();
+    std::fs::write(dir.path().join("dropin"), dropin).unwrap();
+    let script = "mount -t tmpfs none /etc/systemd/system && \
+                  cp \"$1/unit\" /etc/systemd/system/backy-server.service && \
+                  mkdir /etc/systemd/system/backy-server.service.d && \
+                  cp \"$1/dropin\" /etc/systemd/system/backy-server.service.d/test.conf && \
+                  exec \"$2\" --config \"$3\" check-config";
+    Command::new("unshare")
+        .args(["--mount", "--propagation", "private", "sh", "-c", script, "sh"])
+        .arg(dir.path())
+        .arg(bin("backy-server"))
+        .arg(config)
+        .stdin(Stdio::null())
+        .output()
+        .expect("running unshare")
+}
+
+/// Item 4: as root without `--as-user`, `check-config` checks as the
+/// installed unit's `User=` (with its drop-ins), and names what the
+/// unit's sandbox keeps from the server (here `PrivateTmp=yes` hiding
+/// /tmp, `ProtectSystem=strict` with the store outside `ReadWritePaths=`).
+#[test]
+fn check_config_as_root_checks_as_the_installed_units_user_and_sandbox() {
+    must_be_root();
+    let dir = open_dir();
+    let d = dir.path();
+    let base = store(d);
+    let token = d.join("replica.token");
+    std::fs::write(&token, format!("{}\n", generate_token())).unwrap();
+    chmod(&token, 0o600);
+    let config = d.join("server.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "listen: 127.0.0.1:0\nbase-dir: {}\ninsecure-plaintext: true\n\
+             replicate: {{source: 'http://127.0.0.1:1', token-file: {}}}\njobs: {{}}\n",
+            base.display(),
+            token.display()
+        ),
+    )
+    .unwrap();
+    chmod(&config, 0o644);
+    // The test's files are under /tmp: a drop-in lets the unit see them.
+    let lifted = format!("[Service]\nPrivateTmp=no\nReadWritePaths={}\n", base.display());
+    let line = failed(&check_with_unit(&config, &lifted));
+    let t = token.display();
+    assert!(
+        line.contains(&format!("replica token file {t}: user {USER} cannot read it"))
+            && line.contains(&format!("chgrp {GROUP} {t}; chmod 640 {t}")),
+        "{line}"
+    );
+    chown(&token, None, Some(GID));
+    chmod(&token, 0o640);
+    let out = check_with_unit(&config, &lifted);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(String::from_utf8_lossy(&out.stdout).contains(&format!("files readable by {USER}")));
+
+    // The packaged sandbox as it is: /tmp is the unit's own.
+    let line = failed(&check_with_unit(&config, "[Service]\n"));
+    assert!(
+        line.contains(&format!(
+            "base-dir {}: the unit gives the server a /tmp of its own (PrivateTmp=yes)",
+            base.display()
+        )),
+        "{line}"
+    );
+    // The store outside ReadWritePaths=.
+    let line = failed(&check_with_unit(&config, "[Service]\nPrivateTmp=no\n"));
+    let b = base.display();
+    assert!(
+        line.contains(&format!(
+            "base-dir {b}: the unit lets the server write only in /srv/backy (ProtectSystem=strict): \
+             run `systemctl edit backy-server` and add ReadWritePaths={b}"
+        )),
+        "{line}"
+    );
+}
