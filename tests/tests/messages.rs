@@ -400,6 +400,12 @@ fn a_locked_qcow2_points_at_qmp() {
 /// unit with `User=nobody` and `dropin` (nothing outside the namespace
 /// sees them).
 fn check_with_unit(config: &Path, dropin: &str) -> Output {
+    check_with_unit_as(config, dropin, &[])
+}
+
+/// [`check_with_unit`], `check-config` run through `wrapper` (e.g.
+/// `setpriv` to become the unit's user).
+fn check_with_unit_as(config: &Path, dropin: &str, wrapper: &[&str]) -> Output {
     let unit = std::fs::read_to_string(
         Path::new(env!("CARGO_MANIFEST_DIR")).join("../packaging/systemd/backy-server.service"),
     )
@@ -410,15 +416,17 @@ fn check_with_unit(config: &Path, dropin: &str) -> Output {
     std::fs::write(dir.path().join("unit"), unit).unwrap();
     std::fs::write(dir.path().join("dropin"), dropin).unwrap();
     let script = "mount -t tmpfs none /etc/systemd/system && \
-                  cp \"$1/unit\" /etc/systemd/system/backy-server.service && \
+                  C=$2 && cp \"$1/unit\" /etc/systemd/system/backy-server.service && \
                   mkdir /etc/systemd/system/backy-server.service.d && \
                   cp \"$1/dropin\" /etc/systemd/system/backy-server.service.d/test.conf && \
-                  exec \"$2\" --config \"$3\" check-config";
+                  shift 3 && exec \"$@\" --config \"$C\" check-config";
     Command::new("unshare")
         .args(["--mount", "--propagation", "private", "sh", "-c", script, "sh"])
         .arg(dir.path())
-        .arg(bin("backy-server"))
         .arg(config)
+        .arg("-")
+        .args(wrapper)
+        .arg(bin("backy-server"))
         .stdin(Stdio::null())
         .output()
         .expect("running unshare")
@@ -473,6 +481,11 @@ fn check_config_as_root_checks_as_the_installed_units_user_and_sandbox() {
         )),
         "{line}"
     );
+    // The unit's user running it by hand asks for itself, outside the
+    // unit (as scripts/test-packages.sh does): no sandbox verdict.
+    let by_hand = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"];
+    let out = check_with_unit_as(&config, "[Service]\n", &by_hand);
+    assert!(out.status.success(), "{}", stderr(&out));
     // The store outside ReadWritePaths=.
     let line = failed(&check_with_unit(&config, "[Service]\nPrivateTmp=no\n"));
     let b = base.display();
