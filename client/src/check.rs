@@ -207,7 +207,11 @@ fn check_job(job: &JobHealth, now: DateTime<Utc>) -> JobCheck {
         }
         if !r.last_error.is_empty() {
             state = state.max(State::Warning);
-            problems.push(format!("{}: replication failing: {}", job.job, r.last_error));
+            problems.push(format!(
+                "{}: replication failing: {}",
+                job.job,
+                backy_common::escape::escape(&r.last_error)
+            ));
         }
     } else if !scheduled {
         if job.revisions == 0 {

@@ -598,7 +598,7 @@ async fn dispatch(
             }
         }
         Command::Status(StatusCmd { job: Some(job) }) => {
-            let reply = status::fetch(&mut client, Some(job)).await?;
+            let reply = status::fetch(&mut client, job).await?;
             if cli.json {
                 print_json(&status::StatusView::from(&reply))?;
             } else {
@@ -659,7 +659,7 @@ async fn dispatch(
             result(&changed)?;
         }
         Command::Check(CheckCmd { job: Some(job) }) => {
-            let reply = status::fetch(&mut client, Some(job)).await?;
+            let reply = status::fetch(&mut client, job).await?;
             let health: Vec<check::JobHealth> = reply.jobs.iter().map(check::JobHealth::from).collect();
             return print_check(cli.json, &check::evaluate(&health, chrono::Utc::now()));
         }

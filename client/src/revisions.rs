@@ -52,7 +52,7 @@ impl fmt::Display for Changed {
                 self.job,
                 action,
                 r.id,
-                r.tags.join(","),
+                backy_common::escape::escape(&r.tags.join(",")),
                 r.trust
             )?;
         }

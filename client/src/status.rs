@@ -1,21 +1,22 @@
 //! `status`: the revisions and health of jobs, as a table for people or
 //! JSON for scripts. Formatting is pure: a reply in, text out.
 
-use crate::connect::{status_error, Client};
+use crate::connect::Client;
 use crate::view::{non_empty, rfc3339, storage_name, trust_name, RevisionView};
 use backy_common::config::NO_SCHEDULE;
+use backy_common::escape::escape;
 use backy_common::units::format_bytes;
 use backy_common::{JobName, Result};
-use backy_proto::{JobStatus, RevisionInfo, StatusReply, StatusRequest};
+use backy_proto::{JobStatus, RevisionInfo, StatusReply};
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 use std::fmt::Write;
 
-pub async fn fetch(client: &mut Client, job: Option<&JobName>) -> Result<StatusReply> {
-    let request = StatusRequest {
-        job: job.map(|j| j.to_string()).unwrap_or_default(),
-    };
-    Ok(client.status(request).await.map_err(status_error)?.into_inner())
+/// One job with every revision, streamed (no message limit; see
+/// proto/src/listing.rs for servers that predate the stream).
+pub async fn fetch(client: &mut Client, job: &JobName) -> Result<StatusReply> {
+    let job = backy_proto::listing::job_status(client, job.as_str()).await?;
+    Ok(StatusReply { jobs: vec![job] })
 }
 
 /// The table, per job; ages relative to `now`.
@@ -52,6 +53,7 @@ fn format_job(out: &mut String, job: &JobStatus, now: DateTime<Utc>) {
         format_bytes(data_bytes(job)),
         format_bytes(job.allocated_bytes)
     );
+    format_locks(out, &job.revisions, now);
     if job.running {
         out.push_str("a push is running\n");
     }
@@ -105,8 +107,33 @@ fn format_job(out: &mut String, job: &JobStatus, now: DateTime<Utc>) {
         );
     }
     if !job.last_error.is_empty() {
-        let _ = writeln!(out, "last error: {}", job.last_error);
+        let _ = writeln!(out, "last error: {}", escape(&job.last_error));
     }
+}
+
+/// The revisions still under their retention lock at `now`: how many,
+/// until when the last is locked, and when the next unlocks.
+fn format_locks(out: &mut String, revisions: &[RevisionInfo], now: DateTime<Utc>) {
+    let mut locked: Vec<DateTime<Utc>> = revisions
+        .iter()
+        .filter_map(|r| r.locked_until.as_ref().and_then(backy_proto::datetime))
+        .filter(|until| *until > now)
+        .collect();
+    locked.sort();
+    let (Some(next), Some(last)) = (locked.first(), locked.last()) else {
+        return;
+    };
+    let at = |t: &DateTime<Utc>| utc_time(&Some(backy_proto::timestamp(t)), now);
+    let _ = write!(
+        out,
+        "retention lock: {} locked until {} at the latest",
+        backy_common::units::count(locked.len() as u64, "revision"),
+        at(last)
+    );
+    if locked.len() > 1 {
+        let _ = write!(out, "; the next unlocks {}", at(next));
+    }
+    out.push('\n');
 }
 
 fn format_replica(out: &mut String, r: &backy_proto::ReplicaState, now: DateTime<Utc>) {
@@ -133,7 +160,7 @@ fn format_replica(out: &mut String, r: &backy_proto::ReplicaState, now: DateTime
         utc_time(&r.last_round, now)
     );
     if !r.last_error.is_empty() {
-        let _ = writeln!(out, "replication failing: {}", r.last_error);
+        let _ = writeln!(out, "replication failing: {}", escape(&r.last_error));
     }
 }
 
@@ -144,7 +171,7 @@ fn row(r: &RevisionInfo, now: DateTime<Utc>) -> [String; 7] {
         format_bytes(r.size),
         format_bytes(r.bytes_received),
         format!("{:.0}s", r.duration_secs),
-        r.tags.join(","),
+        escape(&r.tags.join(",")),
         trust_name(r.trust).to_string(),
     ]
 }
@@ -428,6 +455,32 @@ mod tests {
         DateTime::parse_from_rfc3339("2026-11-29T12:00:00Z")
             .unwrap()
             .with_timezone(&Utc)
+    }
+
+    /// Issue 28: the revisions still locked at `now`, until when the last
+    /// is, and when the next unlocks; a passed lock is not shown.
+    #[test]
+    fn locks_still_holding_are_summed_up() {
+        let locked = |short: &str, until: &str| RevisionInfo {
+            locked_until: Some(ts(until)),
+            ..rev(short, "2026-11-28T10:00:00Z", 1, 1, 1.0, &["daily"])
+        };
+        let revs = [
+            locked("a", "2026-11-29T11:00:00Z"),
+            locked("b", "2026-11-29T14:00:00Z"),
+            locked("c", "2026-11-29T13:00:00Z"),
+            rev("d", "2026-11-29T10:00:00Z", 1, 1, 1.0, &[]),
+        ];
+        let mut out = String::new();
+        format_locks(&mut out, &revs, now());
+        assert_eq!(
+            out,
+            "retention lock: 2 revisions locked until 2026-11-29 14:00:00 (in 2h) at the latest; \
+             the next unlocks 2026-11-29 13:00:00 (in 1h)\n"
+        );
+        let mut out = String::new();
+        format_locks(&mut out, &revs[..1], now());
+        assert_eq!(out, "", "a lock that has passed");
     }
 
     #[test]

@@ -68,6 +68,8 @@ pub struct RevisionView {
     pub manifest_digest: String,
     pub storage: String,
     pub verified_at: Option<String>,
+    /// Until when the server refuses to delete it (retention lock).
+    pub locked_until: Option<String>,
 }
 
 /// `None` for the wire's empty string.
@@ -94,6 +96,7 @@ impl From<&RevisionInfo> for RevisionView {
             manifest_digest: r.manifest_digest.clone(),
             storage: storage_name(r.storage).to_string(),
             verified_at: rfc3339(&r.verified_at),
+            locked_until: rfc3339(&r.locked_until),
         }
     }
 }

@@ -23,6 +23,55 @@ pub struct TagRule {
 /// A schedule: tag name → rule.
 pub type Schedule = BTreeMap<String, TagRule>;
 
+/// The key of a schedule (or job) that is not a tag: how long each
+/// revision is kept from any deletion after it was taken (docs/DESIGN.md,
+/// "Retention lock").
+pub const RETENTION_LOCK: &str = "retention-lock";
+
+/// A schedule as `schedules:` writes it: its tags, and optionally
+/// `retention-lock: DURATION` for the revisions of its jobs.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ScheduleConfig {
+    pub tags: Schedule,
+    pub retention_lock: Option<Interval>,
+}
+
+impl Serialize for ScheduleConfig {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut map = s.serialize_map(None)?;
+        for (tag, rule) in &self.tags {
+            map.serialize_entry(tag, rule)?;
+        }
+        if let Some(lock) = &self.retention_lock {
+            map.serialize_entry(RETENTION_LOCK, lock)?;
+        }
+        map.end()
+    }
+}
+
+/// Each key is a tag, but `retention-lock`. Keys are read as the text they
+/// are (`7:` is the tag "7", which validation then refuses by name).
+impl<'de> Deserialize<'de> for ScheduleConfig {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        use serde::de::Error as _;
+        let raw = BTreeMap::<String, serde_yaml::Value>::deserialize(d)?;
+        let mut out = ScheduleConfig::default();
+        for (key, value) in raw {
+            if key == RETENTION_LOCK {
+                let lock = serde_yaml::from_value(value)
+                    .map_err(|e| D::Error::custom(format!("{RETENTION_LOCK}: {e}")))?;
+                out.retention_lock = Some(lock);
+            } else {
+                let rule = serde_yaml::from_value(value)
+                    .map_err(|e| D::Error::custom(format!("tag {key:?}: {e}")))?;
+                out.tags.insert(key, rule);
+            }
+        }
+        Ok(out)
+    }
+}
+
 /// One job as the server knows it.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case", deny_unknown_fields)]
@@ -46,6 +95,9 @@ pub struct JobConfig {
     /// Largest image accepted for this job (bytes, or with K/M/G/T).
     #[serde(default, with = "opt_size")]
     pub max_size: Option<u64>,
+    /// Replaces the schedule's `retention-lock` for this job.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retention_lock: Option<Interval>,
 }
 
 /// `backy-server`'s configuration.
@@ -62,7 +114,7 @@ pub struct ServerConfig {
     pub http_listen: Option<String>,
     pub base_dir: PathBuf,
     #[serde(default, deserialize_with = "unique_keys::deserialize")]
-    pub schedules: BTreeMap<String, Schedule>,
+    pub schedules: BTreeMap<String, ScheduleConfig>,
     #[serde(default, deserialize_with = "unique_keys::deserialize")]
     pub jobs: BTreeMap<JobName, JobConfig>,
     /// Resuming interrupted pushes.
@@ -120,9 +172,15 @@ pub struct ReplicateConfig {
     /// The name the source's certificate carries, if not the URL's host.
     #[serde(default)]
     pub tls_server_name: Option<String>,
-    /// The jobs to copy; unset: every job the source shows this identity.
+    /// The jobs to copy (required): names, or prefixes written `web-*`
+    /// (`*` alone: every job the source shows this identity). A source can
+    /// make this server copy nothing it does not list (issue 28).
     #[serde(default)]
-    pub jobs: Option<Vec<JobName>>,
+    pub jobs: Vec<String>,
+    /// The most jobs the prefixes may bring in, names included; what a
+    /// source lists beyond it is not copied, and reported.
+    #[serde(default = "default_max_jobs")]
+    pub max_jobs: usize,
     /// How often to look for new revisions.
     #[serde(default = "default_replicate_interval")]
     pub interval: Interval,
@@ -132,6 +190,10 @@ pub struct ReplicateConfig {
     /// ... and is critical from this age on.
     #[serde(default = "default_lag_critical")]
     pub lag_critical: Interval,
+}
+
+fn default_max_jobs() -> usize {
+    1000
 }
 
 fn default_replicate_interval() -> Interval {
@@ -203,14 +265,36 @@ impl ReplicateConfig {
                 self.lag_warning, self.lag_critical
             )));
         }
-        if let Some(jobs) = &self.jobs {
-            if jobs.is_empty() {
-                return Err(bad(
-                    "jobs: is empty (leave it out to copy every job the source shows)".into(),
-                ));
-            }
+        if self.jobs.is_empty() {
+            return Err(bad(
+                "jobs: is missing or empty: list the jobs to copy (names, or a prefix like web-*; \
+                 \"*\" copies every job the source shows, up to max-jobs)"
+                    .into(),
+            ));
+        }
+        let patterns = self.patterns()?;
+        let names = patterns
+            .iter()
+            .filter(|p| matches!(p, crate::replicate::JobPattern::Name(_)))
+            .count();
+        if self.max_jobs == 0 || names > self.max_jobs {
+            return Err(bad(format!(
+                "max-jobs {} is below the {names} job names listed",
+                self.max_jobs
+            )));
         }
         Ok(())
+    }
+
+    /// The `jobs:` list, parsed.
+    pub fn patterns(&self) -> Result<Vec<crate::replicate::JobPattern>> {
+        self.jobs
+            .iter()
+            .map(|j| {
+                crate::replicate::JobPattern::parse(j)
+                    .map_err(|e| Error::invalid(format!("replicate: jobs: {}", e.message)))
+            })
+            .collect()
     }
 }
 
@@ -306,19 +390,47 @@ pub struct Limits {
     /// keepalive frames while scanning unchanged data).
     #[serde(default = "default_idle")]
     pub idle_timeout: Interval,
-    /// Connections open at once (further ones first displace connections
-    /// that have made no request yet, else wait). Also at most half the
-    /// server's descriptor limit.
+    /// Connections open at once (a further one first displaces a
+    /// connection that has made no request yet, else the least recently
+    /// used idle one, else waits). Also at most half the server's
+    /// descriptor limit.
     #[serde(default = "default_max_connections")]
     pub max_connections: u32,
+    /// Authenticated connections one identity may hold: one more closes its
+    /// least recently used idle one, or is refused with RESOURCE_EXHAUSTED
+    /// when all are busy. Not applied without identities (loopback).
+    #[serde(default = "default_connections_per_client")]
+    pub connections_per_client: u32,
+    /// An authenticated connection with no request in flight for this long
+    /// is closed (clients reconnect when they next need one).
+    #[serde(default = "default_idle_connection")]
+    pub idle_connection_timeout: Interval,
     /// Time a new connection has to complete its TLS handshake, HTTP/2
     /// preface and first authenticated request; closed otherwise.
     #[serde(default = "default_first_request")]
     pub first_request_timeout: Interval,
+    /// Push, restore, verify, manifest and listing streams the server runs
+    /// at once, all callers together: each holds a thread of the stream
+    /// executor (never one of the threads unary calls use); more are
+    /// refused with RESOURCE_EXHAUSTED.
+    #[serde(default = "default_max_streams")]
+    pub max_streams: u32,
+}
+
+fn default_max_streams() -> u32 {
+    256
 }
 
 fn default_max_connections() -> u32 {
     4096
+}
+
+fn default_connections_per_client() -> u32 {
+    32
+}
+
+fn default_idle_connection() -> Interval {
+    Interval::from_secs(300)
 }
 
 fn default_first_request() -> Interval {
@@ -339,7 +451,10 @@ impl Default for Limits {
             streams_per_client: default_streams(),
             idle_timeout: default_idle(),
             max_connections: default_max_connections(),
+            connections_per_client: default_connections_per_client(),
+            idle_connection_timeout: default_idle_connection(),
             first_request_timeout: default_first_request(),
+            max_streams: default_max_streams(),
         }
     }
 }
@@ -454,10 +569,10 @@ impl ServerConfig {
                     "schedules: {NO_SCHEDULE:?} is reserved (a job's `schedule: {NO_SCHEDULE}` means no schedule)"
                 )));
             }
-            if schedule.is_empty() {
+            if schedule.tags.is_empty() {
                 return Err(Error::invalid(format!("schedule {name:?} has no tags")));
             }
-            for (tag, rule) in schedule {
+            for (tag, rule) in &schedule.tags {
                 crate::revision::check_tag(tag).map_err(|e| e.context(format!("schedule {name:?}")))?;
                 if crate::revision::is_manual_tag(tag) {
                     return Err(Error::invalid(format!(
@@ -640,6 +755,14 @@ impl ServerConfig {
         if self.limits.max_connections == 0 {
             return Err(Error::invalid("limits: max-connections must be at least 1"));
         }
+        if self.limits.connections_per_client == 0 {
+            return Err(Error::invalid(
+                "limits: connections-per-client must be at least 1",
+            ));
+        }
+        if self.limits.max_streams == 0 {
+            return Err(Error::invalid("limits: max-streams must be at least 1"));
+        }
         Ok(())
     }
 
@@ -660,7 +783,21 @@ impl ServerConfig {
 
     /// The schedule of a job, if it has one.
     pub fn schedule_of(&self, job: &JobConfig) -> Option<&Schedule> {
-        job.schedule.as_ref().and_then(|s| self.schedules.get(s))
+        job.schedule
+            .as_ref()
+            .and_then(|s| self.schedules.get(s))
+            .map(|s| &s.tags)
+    }
+
+    /// The retention lock a revision of `job` committed now gets: the
+    /// job's own, else its schedule's.
+    pub fn retention_lock_of(&self, job: &JobConfig) -> Option<Interval> {
+        job.retention_lock.or_else(|| {
+            job.schedule
+                .as_ref()
+                .and_then(|s| self.schedules.get(s))
+                .and_then(|s| s.retention_lock)
+        })
     }
 }
 
@@ -916,6 +1053,46 @@ jobs:
 "#;
 
     #[test]
+    fn retention_lock_of_a_schedule_or_its_job() {
+        let text = GOOD
+            .replace(
+                "    weekly:  {interval: 7d, keep: 5}\n",
+                "    weekly:  {interval: 7d, keep: 5}\n    retention-lock: 14d\n",
+            )
+            .replace(
+                "    max-size: 100G\n",
+                "    max-size: 100G\n  vm3: {schedule: default, retention-lock: 2h}\n",
+            );
+        let cfg = ServerConfig::from_yaml(&text, "server.yaml").unwrap();
+        let job = |n: &str| cfg.job(&JobName::new(n).unwrap()).unwrap();
+        let lock = |n: &str| cfg.retention_lock_of(job(n)).map(Interval::secs);
+        assert_eq!(lock("vm1"), Some(14 * 86400), "the schedule's");
+        assert_eq!(lock("vm3"), Some(2 * 3600), "the job's replaces it");
+        assert_eq!(lock("vm2"), None);
+        // Not a tag of the schedule.
+        assert_eq!(cfg.schedule_of(job("vm1")).unwrap().len(), 2);
+        // Written back as it was read.
+        let again = ServerConfig::from_yaml(&serde_yaml::to_string(&cfg).unwrap(), "again").unwrap();
+        assert_eq!(again, cfg);
+        for (bad, why) in [
+            ("    retention-lock: 0s\n", "retention-lock: interval"),
+            ("    retention-lock: soon\n", "retention-lock: bad interval"),
+            // A tag's own mistakes still name it.
+            (
+                "    hourly: {interval: 1h}\n",
+                "tag \"hourly\": missing field `keep`",
+            ),
+        ] {
+            let text = GOOD.replace(
+                "    weekly:  {interval: 7d, keep: 5}\n",
+                &format!("    weekly:  {{interval: 7d, keep: 5}}\n{bad}"),
+            );
+            let e = ServerConfig::from_yaml(&text, "server.yaml").unwrap_err();
+            assert!(e.message.contains(why), "{bad}: {}", e.message);
+        }
+    }
+
+    #[test]
     fn loads_good_config() {
         let cfg = ServerConfig::from_yaml(GOOD, "server.yaml").unwrap();
         let vm1 = cfg.job(&JobName::new("vm1").unwrap()).unwrap();
@@ -979,16 +1156,21 @@ jobs:
     #[test]
     fn replicate_takes_a_source_and_refuses_what_cannot_work() {
         let with = |r: &str| ServerConfig::from_yaml(&format!("{GOOD}replicate: {r}\n"), "server.yaml");
-        let cfg = with("{source: 'https://backup01:6023', token-file: /t}").unwrap();
+        let cfg = with("{source: 'https://backup01:6023', token-file: /t, jobs: [vm1, 'web-*']}").unwrap();
         let r = cfg.replicate.unwrap();
         assert_eq!(
-            (r.interval.secs(), r.lag_warning.secs(), r.lag_critical.secs()),
-            (300, 6 * 3600, 86400)
+            (
+                r.interval.secs(),
+                r.lag_warning.secs(),
+                r.lag_critical.secs(),
+                r.max_jobs
+            ),
+            (300, 6 * 3600, 86400, 1000)
         );
-        assert_eq!(r.jobs, None);
-        with("{source: 'http://127.0.0.1:6023'}").unwrap();
-        with("{source: 'http://[::1]:6023/'}").unwrap();
-        with("{source: 'https://backup01'}").unwrap();
+        assert_eq!(r.jobs, ["vm1", "web-*"]);
+        with("{source: 'http://127.0.0.1:6023', jobs: ['*'], max-jobs: 10}").unwrap();
+        with("{source: 'http://[::1]:6023/', jobs: [vm1]}").unwrap();
+        with("{source: 'https://backup01', jobs: [vm1]}").unwrap();
         for (bad, why) in [
             (
                 "{source: 'http://backup01:6023'}",
@@ -1015,8 +1197,22 @@ jobs:
                 "{source: 'https://b', lag-warning: 2d}",
                 "lag-warning 2d must be shorter than lag-critical 1d",
             ),
-            ("{source: 'https://b', jobs: []}", "jobs: is empty"),
-            ("{source: 'https://b', jobs: [../x]}", "replicate"),
+            ("{source: 'https://b', jobs: []}", "jobs: is missing or empty"),
+            // Issue 28, item 2: no all-jobs default.
+            (
+                "{source: 'https://b'}",
+                "jobs: is missing or empty: list the jobs to copy",
+            ),
+            ("{source: 'https://b', jobs: [../x]}", "replicate: jobs:"),
+            ("{source: 'https://b', jobs: ['a*b']}", "replicate: jobs:"),
+            (
+                "{source: 'https://b', jobs: ['*'], max-jobs: 0}",
+                "max-jobs 0 is below",
+            ),
+            (
+                "{source: 'https://b', jobs: [a, b], max-jobs: 1}",
+                "max-jobs 1 is below the 2 job names",
+            ),
             ("{source: 'https://b', sources: []}", "unknown field `sources`"),
         ] {
             let e = with(bad).unwrap_err();
@@ -1051,7 +1247,8 @@ jobs:
         ) + &format!(
             "clients:\n  hv01: {{token-hash: {HASH}}}\n  mon: {{role: read-only, cert-fingerprint: {HASH}}}\n  \
              ops: {{role: operator, jobs: [vm1], token-hash: {HASH2}}}\n  hv02: {{may-remove: true, token-hash: {HASH3}}}\n\
-             file-mode: 0640\nlimits: {{streams-per-client: 3, idle-timeout: 30s}}\n"
+             file-mode: 0640\nlimits: {{streams-per-client: 3, idle-timeout: 30s, connections-per-client: 4, \
+             idle-connection-timeout: 10m}}\n"
         );
         let cfg = ServerConfig::from_yaml(&text, "server.yaml").unwrap();
         assert_eq!(cfg.clients["hv01"].role, Role::Hypervisor);
@@ -1063,6 +1260,8 @@ jobs:
         assert_eq!((cfg.file_mode, cfg.dir_mode()), (0o640, 0o750));
         assert_eq!(cfg.limits.streams_per_client, 3);
         assert_eq!(cfg.limits.idle_timeout.secs(), 30);
+        assert_eq!(cfg.limits.connections_per_client, 4);
+        assert_eq!(cfg.limits.idle_connection_timeout.secs(), 600);
         let plain = ServerConfig::from_yaml(GOOD, "server.yaml").unwrap();
         assert_eq!((plain.file_mode, plain.dir_mode()), (0o600, 0o700));
         assert_eq!(plain.limits, Limits::default());
@@ -1148,6 +1347,14 @@ jobs:
             ),
             (format!("{GOOD}file-mode: 0644\n"), "use 0600 or 0640"),
             (format!("{GOOD}limits: {{streams-per-client: 0}}\n"), "at least 1"),
+            (
+                format!("{GOOD}limits: {{connections-per-client: 0}}\n"),
+                "connections-per-client must be at least 1",
+            ),
+            (
+                format!("{GOOD}limits: {{idle-connection-timeout: 0s}}\n"),
+                "must be longer than zero",
+            ),
             (
                 GOOD.replace("max-size: 100G", "max-size: 100G\n    source: {type: file, path: /etc/shadow}"),
                 "job vm1: `source:` and `hooks:` moved to the hypervisor's client.yaml",

@@ -12,11 +12,22 @@
 //!   older than it and that the replica trusts; only blocks whose digests
 //!   differ from that base travel; without one, everything does;
 //! - mirroring the source's expiry removes a copy only once the source has
-//!   a newer revision, never the replica's newest and never one tagged
-//!   `manual:`: a source that lost everything (or answers with an empty
-//!   list) costs the replica nothing.
+//!   a newer trusted revision not dated after the replica's clock, never
+//!   the replica's newest trusted copy, never one dated after its clock
+//!   and never one tagged `manual:`: a source that lost everything (or
+//!   answers with an empty list, or lists only decoys) costs the replica
+//!   nothing;
+//! - the source's order must increase: a revision the replica lacks that
+//!   is dated before its newest copy of the job, or one it holds that the
+//!   source lists under another date, is not copied ([`out_of_order`]);
+//! - a copy the replica distrusted (a scrub found it damaged) is fetched
+//!   again when the source lists it trusted under the same date
+//!   ([`Transfer::replace`]);
+//! - a replica copies only the jobs it lists, by name or prefix, and no
+//!   more than its bound of them ([`select`]).
 
 use crate::id::RevisionId;
+use crate::job::JobName;
 use crate::manifest::Manifest;
 use crate::ranges::GRANULE;
 use crate::revision::{is_manual_tag, Trust};
@@ -41,6 +52,85 @@ pub struct Transfer {
     /// The revision both sides hold that the transfer is relative to;
     /// `None`: a full transfer.
     pub base: Option<RevisionId>,
+    /// The replica holds this id distrusted: the fresh copy replaces it.
+    pub replace: bool,
+}
+
+/// One entry of a replica's `jobs:` list: a job's name, or every job whose
+/// name starts with a prefix (written `web-*`; `*` alone: every job).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum JobPattern {
+    Name(JobName),
+    Prefix(String),
+}
+
+impl JobPattern {
+    pub fn parse(text: &str) -> crate::Result<Self> {
+        match text.strip_suffix('*') {
+            Some(prefix) => {
+                // What a prefix may hold is what a name may: checked with a
+                // letter appended (an empty prefix is `*`, every job).
+                if !prefix.is_empty() {
+                    JobName::new(&format!("{prefix}x"))
+                        .map_err(|e| e.context(format!("job prefix {text:?}")))?;
+                }
+                Ok(JobPattern::Prefix(prefix.to_string()))
+            }
+            None => Ok(JobPattern::Name(JobName::new(text)?)),
+        }
+    }
+
+    pub fn matches(&self, job: &JobName) -> bool {
+        match self {
+            JobPattern::Name(n) => n == job,
+            JobPattern::Prefix(p) => job.as_str().starts_with(p.as_str()),
+        }
+    }
+}
+
+/// Whether any of `patterns` lists `job`.
+pub fn listed_by(patterns: &[JobPattern], job: &JobName) -> bool {
+    patterns.iter().any(|p| p.matches(job))
+}
+
+/// The jobs of one round.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Selection {
+    /// Named jobs (whether the source lists them or not), then the
+    /// source's jobs a prefix matches, in name order, up to the bound.
+    pub jobs: Vec<JobName>,
+    /// Jobs a prefix matched beyond the bound: not copied.
+    pub excess: usize,
+}
+
+/// Which jobs a replica copies: every name it lists, and the source's
+/// jobs its prefixes match, at most `max_jobs` in all (jobs it already
+/// copies, `known`, first: a new name never pushes an old copy out).
+pub fn select(
+    patterns: &[JobPattern],
+    max_jobs: usize,
+    on_source: &[JobName],
+    known: &BTreeSet<JobName>,
+) -> Selection {
+    let mut jobs: Vec<JobName> = patterns
+        .iter()
+        .filter_map(|p| match p {
+            JobPattern::Name(n) => Some(n.clone()),
+            JobPattern::Prefix(_) => None,
+        })
+        .collect();
+    let mut matched: Vec<&JobName> = on_source
+        .iter()
+        .filter(|n| !jobs.contains(n) && listed_by(patterns, n))
+        .collect();
+    matched.sort_by_key(|n| (!known.contains(*n), *n));
+    matched.dedup();
+    let room = max_jobs.saturating_sub(jobs.len());
+    let excess = matched.len().saturating_sub(room);
+    jobs.extend(matched.into_iter().take(room).cloned());
+    jobs.sort();
+    jobs.dedup();
+    Selection { jobs, excess }
 }
 
 fn oldest_first(revs: &[Listed]) -> Vec<&Listed> {
@@ -60,9 +150,32 @@ pub enum Owed {
     Newer,
 }
 
+/// Source revisions a round does not copy because the source's order
+/// does not hold: a revision the replica lacks dated before its newest
+/// copy of the job (a source inserting history), or one both hold that the
+/// source lists under another date (a source re-dating history). Copies
+/// dated after `now` do not count as the newest (see [`plan`]).
+pub fn out_of_order(source: &[Listed], replica: &[Listed], now: DateTime<Utc>) -> Vec<RevisionId> {
+    let here: HashMap<RevisionId, &Listed> = replica.iter().map(|r| (r.id, r)).collect();
+    let newest_held = replica
+        .iter()
+        .filter(|r| r.timestamp <= now)
+        .map(|r| (r.timestamp, r.id))
+        .max();
+    oldest_first(source)
+        .into_iter()
+        .filter(|r| match here.get(&r.id) {
+            Some(h) => h.timestamp != r.timestamp,
+            None => newest_held.is_some_and(|n| (r.timestamp, r.id) < n),
+        })
+        .map(|r| r.id)
+        .collect()
+}
+
 /// The transfers of one round, in order: every revision the source has
-/// and the replica lacks and owes (see [`Owed`]), but distrusted ones,
-/// oldest first, each based on the newest older revision both hold
+/// and the replica lacks and owes (see [`Owed`]), or holds distrusted
+/// (fetched again, see [`Transfer::replace`]), but distrusted ones and
+/// those [`out_of_order`], oldest first, each based on the newest older revision both hold
 /// (counting the ones fetched before it in this round) that the replica
 /// trusts.
 ///
@@ -78,7 +191,8 @@ pub fn plan(source: &[Listed], replica: &[Listed], owed: Owed, now: DateTime<Utc
         .filter(|r| r.trust.usable_as_parent() && on_source.contains_key(&r.id))
         .map(|r| (r.timestamp, r.id))
         .collect();
-    let held: BTreeSet<RevisionId> = replica.iter().map(|r| r.id).collect();
+    let held: HashMap<RevisionId, &Listed> = replica.iter().map(|r| (r.id, r)).collect();
+    let refused: BTreeSet<RevisionId> = out_of_order(source, replica, now).into_iter().collect();
     let newest_held = replica
         .iter()
         .filter(|r| r.timestamp <= now)
@@ -86,10 +200,15 @@ pub fn plan(source: &[Listed], replica: &[Listed], owed: Owed, now: DateTime<Utc
         .max();
     let mut out = Vec::new();
     for rev in oldest_first(source) {
-        if held.contains(&rev.id) || !rev.trust.usable_as_parent() {
+        if !rev.trust.usable_as_parent() || refused.contains(&rev.id) {
             continue;
         }
-        if owed == Owed::Newer && newest_held.is_some_and(|n| (rev.timestamp, rev.id) <= n) {
+        let replace = match held.get(&rev.id) {
+            Some(h) if h.trust == Trust::Distrusted => true,
+            Some(_) => continue,
+            None => false,
+        };
+        if !replace && owed == Owed::Newer && newest_held.is_some_and(|n| (rev.timestamp, rev.id) <= n) {
             continue;
         }
         let base = bases
@@ -97,26 +216,40 @@ pub fn plan(source: &[Listed], replica: &[Listed], owed: Owed, now: DateTime<Utc
             .filter(|(t, id)| (*t, *id) < (rev.timestamp, rev.id))
             .max()
             .map(|(_, id)| *id);
-        out.push(Transfer { id: rev.id, base });
+        out.push(Transfer {
+            id: rev.id,
+            base,
+            replace,
+        });
         bases.push((rev.timestamp, rev.id));
     }
     out
 }
 
 /// What the replica removes to mirror the source's expiry: copies the
-/// source no longer lists, once the source has a newer revision than
-/// them; never the replica's newest, never one with a `manual:` tag.
-pub fn mirror_expiry(source: &[Listed], replica: &[Listed]) -> Vec<RevisionId> {
-    let Some(source_newest) = source.iter().map(|r| r.timestamp).max() else {
+/// source no longer lists, once the source has a newer trusted revision
+/// than them (not dated after `now`: a date the replica cannot reach yet
+/// proves nothing); never the replica's newest trusted copy, never one
+/// dated after `now`, never one with a `manual:` tag.
+pub fn mirror_expiry(source: &[Listed], replica: &[Listed], now: DateTime<Utc>) -> Vec<RevisionId> {
+    let Some(source_newest) = source
+        .iter()
+        .filter(|r| r.trust.usable_as_parent() && r.timestamp <= now)
+        .map(|r| r.timestamp)
+        .max()
+    else {
         return Vec::new();
     };
     let listed: BTreeSet<RevisionId> = source.iter().map(|r| r.id).collect();
-    let newest_here = oldest_first(replica).last().map(|r| r.id);
+    let newest_trusted_here = oldest_first(replica)
+        .into_iter()
+        .rfind(|r| r.trust.usable_as_parent() && r.timestamp <= now)
+        .map(|r| r.id);
     oldest_first(replica)
         .into_iter()
         .filter(|r| !listed.contains(&r.id))
-        .filter(|r| r.timestamp < source_newest)
-        .filter(|r| Some(r.id) != newest_here)
+        .filter(|r| r.timestamp < source_newest && r.timestamp <= now)
+        .filter(|r| Some(r.id) != newest_trusted_here)
         .filter(|r| !r.tags.iter().any(|t| is_manual_tag(t)))
         .map(|r| r.id)
         .collect()
@@ -214,6 +347,15 @@ mod tests {
         Transfer {
             id: id(c),
             base: base.map(id),
+            replace: false,
+        }
+    }
+
+    /// A transfer that replaces the replica's distrusted copy.
+    fn again(c: char, base: Option<char>) -> Transfer {
+        Transfer {
+            replace: true,
+            ..t(c, base)
         }
     }
 
@@ -261,16 +403,40 @@ mod tests {
                 vec![t('c', Some('a'))],
             ),
             (
-                "distrusted here: not a base (and not fetched again)",
+                "distrusted here: not a base, fetched again in order",
                 vec![a.clone(), b.clone(), c.clone()],
                 vec![a.clone(), bad(&b)],
-                vec![t('c', Some('a'))],
+                vec![again('b', Some('a')), t('c', Some('b'))],
             ),
             (
-                "an older gap is filled from the base before it",
+                "distrusted here and on the source: not fetched again",
+                vec![a.clone(), bad(&b)],
+                vec![a.clone(), bad(&b)],
+                vec![],
+            ),
+            (
+                "an older gap is not filled: the source's order must increase",
                 vec![a.clone(), b.clone(), c.clone()],
                 vec![a.clone(), c.clone()],
-                vec![t('b', Some('a'))],
+                vec![],
+            ),
+            (
+                "a revision inserted before the newest copy: refused",
+                vec![a.clone(), b.clone(), ok('x', "2026-12-01 12:00")],
+                vec![a.clone(), b.clone()],
+                vec![],
+            ),
+            (
+                "a held revision re-dated by the source: not replaced, not a reason to copy",
+                vec![a.clone(), ok('b', "2026-12-04 09:00")],
+                vec![a.clone(), bad(&b)],
+                vec![],
+            ),
+            (
+                "dated after the replica's clock: planned (the copy refuses it, naming it)",
+                vec![a.clone(), ok('y', "9000-01-01 00:00")],
+                vec![a.clone()],
+                vec![t('y', Some('a'))],
             ),
         ];
         for (name, source, replica, want) in cases {
@@ -307,6 +473,8 @@ mod tests {
         let c = ok('c', "2026-12-03 01:00");
         let m = rev('m', "2026-11-01 01:00", Trust::Trusted, &["manual:keep"]);
         let ids = |v: Vec<RevisionId>| -> Vec<RevisionId> { v };
+        let now = at("2026-12-06 01:00");
+        let mirror_expiry = |s: &[Listed], r: &[Listed]| mirror_expiry(s, r, now);
         // The source expired a: it goes, b stays (listed), m stays (manual).
         assert_eq!(
             mirror_expiry(
@@ -326,6 +494,118 @@ mod tests {
             mirror_expiry(std::slice::from_ref(&e), &[b.clone(), c.clone()]),
             ids(vec![id('b')])
         );
+        // Issue 28: what the source says may not steer the replica's retention.
+        let bad = |r: &Listed| Listed {
+            trust: Trust::Distrusted,
+            ..r.clone()
+        };
+        let future = ok('y', "9000-01-01 00:00");
+        type Case = (&'static str, Vec<Listed>, Vec<Listed>, Vec<RevisionId>);
+        let cases: Vec<Case> = vec![
+            (
+                "a distrusted decoy dated later is not newer",
+                vec![bad(&e)],
+                vec![a.clone(), b.clone(), c.clone()],
+                vec![],
+            ),
+            (
+                "a revision dated after the replica's clock is not newer",
+                vec![future.clone()],
+                vec![a.clone(), b.clone(), c.clone()],
+                vec![],
+            ),
+            (
+                "never the newest trusted copy, though a distrusted one is newer",
+                vec![e.clone()],
+                vec![a.clone(), b.clone(), bad(&c)],
+                vec![id('a'), id('c')],
+            ),
+            (
+                "never a copy dated after the replica's clock",
+                vec![e.clone()],
+                vec![b.clone(), future.clone()],
+                vec![],
+            ),
+            (
+                "the source's trusted newer revision still expires the rest",
+                vec![bad(&e), c.clone()],
+                vec![a.clone(), b.clone(), c.clone()],
+                vec![id('a'), id('b')],
+            ),
+        ];
+        for (name, source, here, want) in cases {
+            assert_eq!(mirror_expiry(&source, &here), want, "{name}");
+        }
+    }
+
+    #[test]
+    fn only_listed_jobs_and_no_more_than_the_bound() {
+        let n = |s: &str| JobName::new(s).unwrap();
+        let pats =
+            |l: &[&str]| -> Vec<JobPattern> { l.iter().map(|p| JobPattern::parse(p).unwrap()).collect() };
+        let source: Vec<JobName> = ["vm1", "web-1", "web-2", "web-3", "db"]
+            .iter()
+            .map(|s| n(s))
+            .collect();
+        let none = BTreeSet::new();
+        type Case = (
+            &'static str,
+            Vec<&'static str>,
+            usize,
+            BTreeSet<JobName>,
+            Vec<&'static str>,
+            usize,
+        );
+        let cases: Vec<Case> = vec![
+            (
+                "names only: just those, listed or not",
+                vec!["vm1", "gone"],
+                1000,
+                none.clone(),
+                vec!["gone", "vm1"],
+                0,
+            ),
+            (
+                "a prefix",
+                vec!["web-*"],
+                1000,
+                none.clone(),
+                vec!["web-1", "web-2", "web-3"],
+                0,
+            ),
+            (
+                "the bound, excess counted",
+                vec!["*"],
+                2,
+                none.clone(),
+                vec!["db", "vm1"],
+                3,
+            ),
+            (
+                "names count against the bound but always stay",
+                vec!["vm1", "web-*"],
+                2,
+                none.clone(),
+                vec!["vm1", "web-1"],
+                2,
+            ),
+            (
+                "jobs copied before keep their place",
+                vec!["web-*"],
+                1,
+                [n("web-3")].into(),
+                vec!["web-3"],
+                2,
+            ),
+        ];
+        for (name, p, max, known, want, excess) in cases {
+            let got = select(&pats(&p), max, &source, &known);
+            let want: Vec<JobName> = want.iter().map(|s| n(s)).collect();
+            assert_eq!((got.jobs, got.excess), (want, excess), "{name}");
+        }
+        assert!(JobPattern::parse("../x*").is_err());
+        assert!(JobPattern::parse("a*b").is_err());
+        assert_eq!(JobPattern::parse("*").unwrap(), JobPattern::Prefix(String::new()));
     }
 
     #[test]
@@ -404,7 +684,8 @@ mod tests {
             .missing,
             0
         );
-        assert_eq!(lag(&[a, b.clone()], &[b], Owed::All, now).missing, 1);
+        // An older revision the replica lacks is out of order: not owed.
+        assert_eq!(lag(&[a, b.clone()], &[b], Owed::All, now).missing, 0);
     }
 
     /// Issue 27, item 6: a replica with its own schedule copied a revision

@@ -112,11 +112,21 @@ pub struct RevisionMeta {
     pub manifest_digest: String,
     #[serde(default)]
     pub storage: StorageMode,
+    /// Until when no deletion may remove it (docs/DESIGN.md, "Retention
+    /// lock"): its timestamp plus the job's `retention-lock` when it was
+    /// committed here. Absent (older revisions, no lock): unlocked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub locked_until: Option<DateTime<Utc>>,
 }
 
 impl RevisionMeta {
     pub fn to_yaml(&self) -> Result<String> {
         serde_yaml::to_string(self).map_err(|e| Error::internal(format!("encoding revision: {e}")))
+    }
+
+    /// Until when the revision is locked, if it still is at `now`.
+    pub fn locked_at(&self, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
+        self.locked_until.filter(|until| *until > now)
     }
 
     /// Parses a `.rev` file; `what` names it in errors.
@@ -235,9 +245,11 @@ mod tests {
             },
             manifest_digest: "ab".repeat(32),
             storage: StorageMode::Copy,
+            locked_until: Some("2026-06-10T10:00:00Z".parse().unwrap()),
         };
         let text = meta.to_yaml().unwrap();
         assert!(text.contains("trust: verified"), "{text}");
+        assert!(text.contains("locked_until: 2026-06-10T10:00:00Z"), "{text}");
         assert_eq!(RevisionMeta::from_yaml(&text, "x.rev").unwrap(), meta);
         let e = RevisionMeta::from_yaml("id: [", "vm1/x.rev").unwrap_err();
         assert!(e.message.starts_with("vm1/x.rev: bad revision metadata"));

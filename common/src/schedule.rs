@@ -314,6 +314,23 @@ pub enum Held {
     NewestTrusted,
     /// In use by a push (as its parent) or a restore.
     InUse,
+    /// Under its retention lock until then (docs/DESIGN.md, "Retention
+    /// lock").
+    Locked { until: DateTime<Utc> },
+}
+
+impl fmt::Display for Held {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Held::NewestTrusted => write!(f, "the newest revision that is not distrusted"),
+            Held::InUse => write!(f, "in use by a push or a restore"),
+            Held::Locked { until } => write!(
+                f,
+                "locked until {} (retention-lock)",
+                until.format("%Y-%m-%d %H:%M:%S UTC")
+            ),
+        }
+    }
 }
 
 /// What expiry does to a job's revisions.
@@ -363,8 +380,9 @@ impl ExpiryPlan {
 /// run after that stops being true): the job's newest revision that is not
 /// distrusted (a job always keeps its last good backup, whatever the
 /// config says), and `protected` revisions (the parent of a push in flight,
-/// a revision being restored). Their tags expire like any other's, which
-/// keeps tags a function of time and schedule alone.
+/// a revision being restored), and revisions under their retention lock
+/// at `now` (`locked_until`, whatever their tags). Their tags expire like
+/// any other's, which keeps tags a function of time and schedule alone.
 ///
 /// An empty schedule expires nothing (like a job without a schedule): a
 /// schedule without tags is a configuration error, never a reason to delete.
@@ -450,7 +468,7 @@ pub fn expire(
             } else if protected.contains(&rev.id) {
                 Some(Held::InUse)
             } else {
-                None
+                rev.locked_at(now).map(|until| Held::Locked { until })
             };
             match held {
                 Some(h) => {
@@ -677,6 +695,7 @@ mod tests {
             stats: Default::default(),
             manifest_digest: String::new(),
             storage: Default::default(),
+            locked_until: None,
         }
     }
 
@@ -1309,6 +1328,44 @@ mod tests {
         );
         assert_eq!(plan.kept[&pre.id], set(&["pre-upgrade"]));
         assert_eq!(plan.kept[&good.id], set(&["daily"]));
+    }
+
+    /// Issue 28: a revision under its retention lock is never deleted by
+    /// expiry, whatever its tags (aged out under a shortened schedule,
+    /// stripped as outside the schedule); its tags expire as always, and
+    /// once the lock has passed it goes.
+    #[test]
+    fn a_locked_revision_is_kept_whatever_its_tags() {
+        let s = schedule(&[("daily", DAY, 1)]);
+        let now = t("2026-05-10 10:00");
+        let until = t("2026-05-10 10:01");
+        let none = BTreeSet::new();
+        let locked = |ts: &str, tags: &[&str], until: DateTime<Utc>| RevisionMeta {
+            locked_until: Some(until),
+            ..rev(ts, tags)
+        };
+        let aged = locked("2026-05-01 10:00", &["daily"], until);
+        let stray = locked("2026-05-02 10:00", &["junk"], until);
+        let passed = locked("2026-05-03 10:00", &["daily"], now);
+        let newest = rev("2026-05-10 09:00", &["daily"]);
+        let revs = vec![aged.clone(), stray.clone(), passed.clone(), newest.clone()];
+        for run in [ExpiryRun::Periodic, ExpiryRun::AfterCommit(newest.id)] {
+            let plan = expire(&s, &revs, now, &none, run);
+            assert_eq!(plan.deleted, [passed.id].into(), "{run:?}");
+            assert_eq!(plan.held[&aged.id], Held::Locked { until }, "{run:?}");
+            assert_eq!(plan.kept[&aged.id], set(&[]), "its tag expired: {run:?}");
+            assert!(plan.retagged.contains(&aged.id));
+        }
+        let plan = expire(&s, &revs, now, &none, ExpiryRun::AfterCommit(newest.id));
+        assert_eq!(plan.held[&stray.id], Held::Locked { until });
+        assert_eq!(
+            plan.held[&stray.id].to_string(),
+            "locked until 2026-05-10 10:01:00 UTC (retention-lock)"
+        );
+        // The lock ends at `until`: from then on they expire as usual.
+        let plan = expire(&s, &revs, until, &none, ExpiryRun::AfterCommit(newest.id));
+        assert_eq!(plan.deleted, [aged.id, stray.id, passed.id].into());
+        assert!(plan.held.is_empty(), "{plan:?}");
     }
 
     #[test]

@@ -74,6 +74,7 @@ mod tests {
             stats: Stats::default(),
             manifest_digest: String::new(),
             storage: StorageMode::Reflink,
+            locked_until: None,
         }
     }
 

@@ -131,6 +131,7 @@ mod tests {
             stats: Stats::default(),
             manifest_digest: String::new(),
             storage: StorageMode::Reflink,
+            locked_until: None,
         }
     }
 

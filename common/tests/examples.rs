@@ -69,13 +69,16 @@ fn the_server_example_names_every_key() {
         base_dir: "/b".into(),
         schedules: BTreeMap::from([(
             "someschedule".into(),
-            BTreeMap::from([(
-                "sometag".into(),
-                TagRule {
-                    interval: Interval::from_secs(1),
-                    keep: 1,
-                },
-            )]),
+            ScheduleConfig {
+                tags: BTreeMap::from([(
+                    "sometag".into(),
+                    TagRule {
+                        interval: Interval::from_secs(1),
+                        keep: 1,
+                    },
+                )]),
+                retention_lock: Some(Interval::from_secs(1)),
+            },
         )]),
         jobs: BTreeMap::from([(
             JobName::new("somejob").unwrap(),
@@ -85,6 +88,7 @@ fn the_server_example_names_every_key() {
                 moved_source: None,
                 moved_hooks: None,
                 max_size: Some(1),
+                retention_lock: Some(Interval::from_secs(1)),
             },
         )]),
         resume: ResumeConfig {
@@ -117,7 +121,10 @@ fn the_server_example_names_every_key() {
             streams_per_client: 1,
             idle_timeout: Interval::from_secs(1),
             max_connections: 1,
+            connections_per_client: 1,
+            idle_connection_timeout: Interval::from_secs(1),
             first_request_timeout: Interval::from_secs(1),
+            max_streams: 1,
         },
         file_mode: DEFAULT_FILE_MODE,
         secrets_group: Some("g".into()),
@@ -128,7 +135,8 @@ fn the_server_example_names_every_key() {
             cert: Some("/c".into()),
             key: Some("/k".into()),
             tls_server_name: Some("s".into()),
-            jobs: Some(vec![JobName::new("vm1").unwrap()]),
+            jobs: vec!["vm1".into()],
+            max_jobs: 1,
             interval: Interval::from_secs(1),
             lag_warning: Interval::from_secs(1),
             lag_critical: Interval::from_secs(2),

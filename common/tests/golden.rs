@@ -45,9 +45,8 @@ fn digests_file_format() {
     assert_eq!(Manifest::decode(&bytes, "golden").unwrap(), m);
 }
 
-#[test]
-fn rev_file_format() {
-    let meta = RevisionMeta {
+fn golden_meta() -> RevisionMeta {
+    RevisionMeta {
         id: "8e1cd8a4-5c1c-4b6e-9a43-0b2f6f1d3c7e".parse().unwrap(),
         timestamp: "2026-12-01T10:00:00Z".parse().unwrap(),
         parent: Some("1f0e2d3c-4b5a-4978-8695-a4b3c2d1e0f9".parse().unwrap()),
@@ -68,8 +67,37 @@ fn rev_file_format() {
         },
         manifest_digest: hex::encode(manifest().file_digest()),
         storage: StorageMode::Reflink,
-    };
+        locked_until: None,
+    }
+}
+
+#[test]
+fn rev_file_format() {
+    let meta = golden_meta();
     let text = meta.to_yaml().unwrap();
     check("v1.rev", text.as_bytes());
     assert_eq!(RevisionMeta::from_yaml(&text, "golden").unwrap(), meta);
+}
+
+/// Issue 28: a revision under a retention lock carries `locked_until`
+/// (one more line, at the end); a `.rev` without it (every older one)
+/// still loads, unlocked, and one without a lock is written as before.
+#[test]
+fn rev_file_format_with_a_retention_lock() {
+    let meta = RevisionMeta {
+        locked_until: Some("2026-12-08T10:00:00Z".parse().unwrap()),
+        ..golden_meta()
+    };
+    let text = meta.to_yaml().unwrap();
+    check("v1-locked.rev", text.as_bytes());
+    assert_eq!(RevisionMeta::from_yaml(&text, "golden").unwrap(), meta);
+    let old = std::fs::read_to_string(golden("v1.rev")).unwrap();
+    assert_eq!(
+        text,
+        format!("{old}locked_until: 2026-12-08T10:00:00Z\n"),
+        "only the new line differs"
+    );
+    let loaded = RevisionMeta::from_yaml(&old, "v1.rev").unwrap();
+    assert_eq!(loaded.locked_until, None);
+    assert_eq!(loaded, golden_meta());
 }

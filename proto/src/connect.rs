@@ -328,7 +328,13 @@ pub fn status_error(status: Status) -> Error {
         crate::error_of_detail(status.details()).unwrap_or((kind_of(status.code()), Reason::Unspecified));
     Error {
         kind,
-        message: format!("{} ({})", one_line(message), code_name(status.code())),
+        // The server's text may carry a peer's (a failure report, a
+        // source's error): escaped, so it cannot drive the terminal.
+        message: format!(
+            "{} ({})",
+            backy_common::escape::escape(&one_line(message)),
+            code_name(status.code())
+        ),
         reason,
     }
 }
@@ -417,6 +423,8 @@ mod tests {
         let e = status_error(Status::not_found("unknown job vm9"));
         assert_eq!(e.kind, ErrorKind::NotFound);
         assert_eq!(e.message, "unknown job vm9 (NOT_FOUND)");
+        let e = status_error(Status::internal("a\nb \x1b[2J\u{202e}x"));
+        assert_eq!(e.message, "a b \\u{1b}[2J\\u{202e}x (INTERNAL)");
         let e = status_error(Status::data_loss("checksum\nmismatch"));
         assert_eq!(e.message, "checksum mismatch (DATA_LOSS)");
         assert_eq!(e.kind, ErrorKind::DataLoss);

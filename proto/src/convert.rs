@@ -95,6 +95,7 @@ impl From<&RevisionMeta> for RevisionInfo {
             manifest_digest: m.manifest_digest.clone(),
             storage: wire_storage(m.storage) as i32,
             verified_at: m.verified_at.as_ref().map(timestamp),
+            locked_until: m.locked_until.as_ref().map(timestamp),
         }
     }
 }
@@ -138,6 +139,7 @@ impl TryFrom<&RevisionInfo> for RevisionMeta {
             },
             manifest_digest: r.manifest_digest.clone(),
             storage: model_storage(r.storage()).unwrap_or_default(),
+            locked_until: time(&r.locked_until)?,
         })
     }
 }
@@ -247,6 +249,7 @@ mod tests {
             },
             manifest_digest: "00".repeat(32),
             storage: StorageMode::Copy,
+            locked_until: Some("2026-05-17T10:00:00Z".parse().unwrap()),
         };
         let info = RevisionInfo::from(&m);
         assert_eq!(info.short_id.len(), 22);

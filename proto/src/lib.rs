@@ -9,6 +9,7 @@ pub mod v1 {
 
 pub mod connect;
 mod convert;
+pub mod listing;
 
 pub use convert::{
     datetime, error_detail, error_of_detail, model_storage, source_kind, source_kind_name, timestamp,
@@ -17,13 +18,18 @@ pub use convert::{
 pub use prost_types;
 pub use v1::*;
 
-/// This build's protocol version. Bumped when a change is not compatible.
+/// This build's protocol version, raised with each extension (a client
+/// uses what the server's allows).
 /// 2: `PushExchange`, the granule exchange of changed blocks.
-pub const PROTOCOL: u32 = 2;
+/// 3: `StatusStream`, status without a message limit.
+pub const PROTOCOL: u32 = 3;
 /// The first protocol whose servers take `PushExchange`; a client uses it
 /// only with such a server, and pushes whole blocks through `Push` to older
 /// ones.
 pub const GRANULE_PROTOCOL: u32 = 2;
+/// The first protocol whose servers take `StatusStream`; with older ones
+/// a client asks `Status` (one message, which a large job outgrows).
+pub const STATUS_STREAM_PROTOCOL: u32 = 3;
 /// The oldest client protocol a server of this build accepts from a
 /// client that declares one.
 pub const MIN_CLIENT_PROTOCOL: u32 = 1;
@@ -50,7 +56,8 @@ mod tests {
             .collect::<Vec<_>>()
             .join(" ");
         let said = format!(
-            "This build speaks protocol {} (protocol 1 plus `PushExchange`, the granule exchange) \
+            "This build speaks protocol {} (protocol 1 plus `PushExchange`, the granule exchange, \
+             and `StatusStream`, status without a message limit) \
              and works with peers of protocol {} and newer",
             super::PROTOCOL,
             super::MIN_CLIENT_PROTOCOL.min(super::MIN_SERVER_PROTOCOL)

@@ -57,6 +57,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 },
                 manifest_digest: manifest_digest.clone(),
                 storage: StorageMode::Reflink,
+                locked_until: None,
             };
             std::fs::File::create(dir.join(id.short()))?.set_len(IMAGE_SIZE)?;
             std::fs::write(dir.join(format!("{}.digests", id.short())), &manifest)?;

@@ -76,7 +76,9 @@ pub async fn serve(
     orders: mpsc::Sender<std::result::Result<AgentOrder, Status>>,
 ) {
     let Hello { agent, workers } = hello;
-    tracing::info!(agent, workers, "agent connected");
+    // The name as logs show it (an admin may run an agent of any name).
+    let shown = crate::text::quoted(&agent);
+    tracing::info!(agent = %shown, workers, "agent connected");
     let mut outstanding: BTreeMap<JobName, chrono::DateTime<chrono::Utc>> = BTreeMap::new();
     // Planning wakes at the earliest next due time of the agent's jobs, or
     // when anything changes (a commit, expiry, an outcome, a reload): an
@@ -94,7 +96,11 @@ pub async fn serve(
                             // (source unreadable, ...) count for backoff too.
                             server.record_agent_failure(&job, ordered_at, &o.error);
                         }
-                        tracing::info!(agent, job = %job, ok = o.ok, rev = o.rev_id, error = o.error, "agent outcome");
+                        tracing::info!(
+                            agent = %shown, job = %job, ok = o.ok,
+                            rev = %crate::text::quoted(&o.rev_id), error = %crate::text::quoted(&o.error),
+                            "agent outcome"
+                        );
                         wake = tokio::time::Instant::now(); // a worker is free
                     }
                 }
@@ -121,16 +127,16 @@ pub async fn serve(
                 let planned = match planned {
                     Ok(Ok(p)) => p,
                     Ok(Err(e)) => {
-                        tracing::error!(agent, "planning orders failed: {e}");
+                        tracing::error!(agent = %shown, "planning orders failed: {e}");
                         Planned { orders: Vec::new(), next: None }
                     }
                     Err(e) => {
-                        tracing::error!(agent, "planning orders failed: {e}");
+                        tracing::error!(agent = %shown, "planning orders failed: {e}");
                         Planned { orders: Vec::new(), next: None }
                     }
                 };
                 for (job, order) in planned.orders {
-                    tracing::info!(agent, job = %job, tags = %order.tags.join(","), "ordering push");
+                    tracing::info!(agent = %shown, job = %job, tags = %order.tags.join(","), "ordering push");
                     if orders.send(Ok(order)).await.is_err() {
                         return;
                     }
@@ -140,7 +146,7 @@ pub async fn serve(
             }
         }
     }
-    tracing::info!(agent, "agent disconnected");
+    tracing::info!(agent = %shown, "agent disconnected");
 }
 
 /// What one planning round found.

@@ -60,14 +60,8 @@ pub fn authenticate<T>(config: &ServerConfig, req: &Request<T>) -> Result<Caller
         });
     }
     let peer = req.remote_addr();
-    let fail = |reason: &str| {
-        // Never log the token itself. The address as an address, not `Some(..)`.
-        match peer {
-            Some(peer) => tracing::warn!(%peer, "authentication failed: {reason}"),
-            None => tracing::warn!("authentication failed: {reason}"),
-        }
-        Status::unauthenticated(reason.to_string())
-    };
+    // The service logs the refusal (as a rate-limited audit line).
+    let fail = |reason: &str| Status::unauthenticated(reason.to_string());
     let by_token = match req.metadata().get(AUTH_HEADER) {
         None => None,
         Some(value) => {
@@ -156,7 +150,6 @@ pub fn authorize(
     if may_see(config, caller, &name, action) {
         return Ok(());
     }
-    tracing::warn!(identity = caller.name, job, ?action, "permission denied");
     let name_of = &caller.name;
     Err(Status::permission_denied(match caller.role {
         Role::ReadOnly => format!("identity {name_of} is read-only: it may only read status"),
@@ -204,13 +197,11 @@ pub fn authorize_agent(caller: &Caller, agent: &str) -> Result<(), Status> {
     match caller.role {
         Role::Admin => Ok(()),
         Role::Hypervisor if caller.name == agent => Ok(()),
-        _ => {
-            tracing::warn!(identity = caller.name, agent, "agent permission denied");
-            Err(Status::permission_denied(format!(
-                "identity {} may not run an agent named {agent}",
-                caller.name
-            )))
-        }
+        _ => Err(Status::permission_denied(format!(
+            "identity {} may not run an agent named {}",
+            caller.name,
+            crate::text::clip(agent)
+        ))),
     }
 }
 
@@ -232,7 +223,6 @@ impl StreamLimiter {
         let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
         let n = open.entry(caller.limit_key.clone()).or_insert(0);
         if *n >= limit {
-            tracing::warn!(who = caller.limit_key, limit, "stream limit reached");
             return Err(Status::resource_exhausted(format!(
                 "{} has {limit} streams open already (limits: streams-per-client)",
                 caller.limit_key
@@ -284,21 +274,6 @@ pub fn check_protocol<T>(req: &Request<T>) -> Result<(), Status> {
     ))
     .with_reason(backy_common::Reason::IncompatibleVersion);
     Err(crate::wire::to_status(e))
-}
-
-/// The interceptor: checks the protocol, authenticates, stores the caller.
-pub fn interceptor(
-    server: Arc<crate::state::Server>,
-) -> impl FnMut(Request<()>) -> Result<Request<()>, Status> + Clone {
-    move |mut req: Request<()>| {
-        check_protocol(&req)?;
-        let caller = authenticate(&server.config(), &req)?;
-        if let Some(peer) = req.remote_addr() {
-            server.connections.prove(peer);
-        }
-        req.extensions_mut().insert(caller);
-        Ok(req)
-    }
 }
 
 #[cfg(test)]

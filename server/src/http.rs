@@ -7,6 +7,7 @@
 //! or as the password of HTTP basic auth, so a browser can ask for it), and
 //! a hypervisor sees only its own jobs. Health answers anyone.
 
+use crate::audit;
 use crate::auth::{self, Action, Caller};
 use crate::state::Server;
 use backy_common::config::{Role, ServerConfig};
@@ -36,10 +37,12 @@ pub enum HttpError {
     Tls(String),
 }
 
-/// Connections served at once; more wait in the kernel's backlog.
+/// Connections open at once; a further one displaces the oldest that is
+/// not answering a request (crate::http_slots).
 const MAX_CONNECTIONS: usize = 64;
-/// Time for a TLS handshake and for a request's headers.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Time for a TLS handshake and for a request's head (hyper's clock starts
+/// when it waits for one, so it also ends silent and idle connections).
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 /// A connection's whole life: pages and scrapes take milliseconds, so this
 /// only ends idle keep-alive connections that would hold a slot.
 const CONNECTION_LIFETIME: Duration = Duration::from_secs(60);
@@ -87,12 +90,9 @@ impl HttpListener {
             host: crate::scrape::registry(&server),
             server,
         });
-        let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+        let slots = crate::http_slots::Slots::new(MAX_CONNECTIONS);
         tokio::spawn(async move {
             loop {
-                let Ok(slot) = slots.clone().acquire_owned().await else {
-                    return;
-                };
                 let (stream, peer) = match self.listener.accept().await {
                     Ok(c) => c,
                     Err(e) => {
@@ -101,18 +101,27 @@ impl HttpListener {
                         continue;
                     }
                 };
+                let slot = slots.take().await;
                 let app = app.clone();
                 let tls = self.tls.clone();
                 tokio::spawn(async move {
-                    let _slot = slot;
-                    match tls {
-                        None => serve_connection(app, stream, peer).await,
-                        Some(tls) => {
-                            match tokio::time::timeout(HANDSHAKE_TIMEOUT, tls.accept(stream)).await {
-                                Ok(Ok(s)) => serve_connection(app, s, peer).await,
-                                Ok(Err(e)) => tracing::debug!(%peer, "http: TLS handshake: {e}"),
-                                Err(_) => tracing::debug!(%peer, "http: TLS handshake timed out"),
+                    let busy = slot.busy_flag();
+                    let serve = async move {
+                        match tls {
+                            None => serve_connection(app, stream, peer, busy).await,
+                            Some(tls) => {
+                                match tokio::time::timeout(HANDSHAKE_TIMEOUT, tls.accept(stream)).await {
+                                    Ok(Ok(s)) => serve_connection(app, s, peer, busy).await,
+                                    Ok(Err(e)) => tracing::debug!(%peer, "http: TLS handshake: {e}"),
+                                    Err(_) => tracing::debug!(%peer, "http: TLS handshake timed out"),
+                                }
                             }
+                        }
+                    };
+                    tokio::select! {
+                        () = serve => {}
+                        () = slot.evicted() => {
+                            tracing::debug!(%peer, "http: closed, waiting for a request, to make room");
                         }
                     }
                 });
@@ -147,13 +156,18 @@ struct App {
     host: prometheus_client::registry::Registry,
 }
 
-async fn serve_connection<S>(app: Arc<App>, stream: S, peer: SocketAddr)
+async fn serve_connection<S>(app: Arc<App>, stream: S, peer: SocketAddr, busy: crate::http_slots::BusyFlag)
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let service = hyper::service::service_fn(move |req| {
         let app = app.clone();
-        async move { Ok::<_, std::convert::Infallible>(handle(app, req, peer).await) }
+        let answering = busy.answering();
+        async move {
+            let reply = handle(app, req, peer).await;
+            drop(answering);
+            Ok::<_, std::convert::Infallible>(reply)
+        }
     });
     let served = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
@@ -192,9 +206,17 @@ async fn handle(app: Arc<App>, req: Request<Incoming>, peer: SocketAddr) -> Repl
         "/healthz" => text(StatusCode::OK, "ok\n"),
         "/readyz" => match not_ready(&app.server) {
             None => text(StatusCode::OK, "ready\n"),
-            Some(why) => text(StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {why}\n")),
+            // The base dir's path and the OS error only for a client with
+            // credentials (a probe without them gets the gist).
+            Some(why) => {
+                let detailed = (app.server.config().clients.is_empty()
+                    || req.headers().contains_key(AUTHORIZATION))
+                    && caller(&app.server, &req, peer).is_ok();
+                let why = if detailed { why.detail() } else { why.gist() };
+                text(StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {why}\n"))
+            }
         },
-        _ => match caller(&app.server.config(), &req, peer) {
+        _ => match caller(&app.server, &req, peer) {
             Err(r) => *r,
             Ok(caller) => {
                 let app2 = app.clone();
@@ -247,23 +269,54 @@ fn route(app: &App, path: &str, caller: &Caller) -> Reply {
     text(StatusCode::NOT_FOUND, "not found\n")
 }
 
+/// Why the server should not get traffic now.
+enum NotReady {
+    Stopping,
+    BaseDir {
+        path: std::path::PathBuf,
+        error: rustix::io::Errno,
+    },
+}
+
+impl NotReady {
+    /// For anyone: no path, no OS error.
+    fn gist(&self) -> String {
+        match self {
+            NotReady::Stopping => "shutting down".into(),
+            NotReady::BaseDir { .. } => "base-dir is not writable".into(),
+        }
+    }
+
+    /// For a client with credentials.
+    fn detail(&self) -> String {
+        match self {
+            NotReady::Stopping => self.gist(),
+            NotReady::BaseDir { path, error } => {
+                format!("base-dir {} is not writable: {error}", path.display())
+            }
+        }
+    }
+}
+
 /// Why the server should not get traffic now; `None`: ready.
-fn not_ready(server: &Server) -> Option<String> {
+fn not_ready(server: &Server) -> Option<NotReady> {
     if server.stopping.load(Ordering::Relaxed) {
-        return Some("shutting down".into());
+        return Some(NotReady::Stopping);
     }
     let base = server.config().base_dir.clone();
     // A read-only mount answers EROFS even to root.
     match rustix::fs::access(&base, rustix::fs::Access::WRITE_OK) {
         Ok(()) => None,
-        Err(e) => Some(format!("base-dir {} is not writable: {e}", base.display())),
+        Err(error) => Some(NotReady::BaseDir { path: base, error }),
     }
 }
 
 /// The caller of an HTTP request, as the gRPC interceptor decides it: with
 /// no identities configured (loopback only) everyone is `local`; otherwise
 /// a client's token, as `Bearer TOKEN` or the password of basic auth.
-fn caller(config: &ServerConfig, req: &Request<Incoming>, peer: SocketAddr) -> Result<Caller, Box<Reply>> {
+fn caller(server: &Server, req: &Request<Incoming>, peer: SocketAddr) -> Result<Caller, Box<Reply>> {
+    let config = server.config();
+    let config = &*config;
     if config.clients.is_empty() {
         return Ok(Caller {
             name: "local".into(),
@@ -273,7 +326,14 @@ fn caller(config: &ServerConfig, req: &Request<Incoming>, peer: SocketAddr) -> R
         });
     }
     let refuse = |why: &str| {
-        tracing::warn!(%peer, "http: authentication failed: {why}");
+        let peer = peer.to_string();
+        let who = audit::Refused {
+            identity: "",
+            peer: &peer,
+            action: "http authenticate",
+            job: "",
+        };
+        audit::refused(server, who, audit::Refusal::Authentication, &why);
         let mut r = text(StatusCode::UNAUTHORIZED, format!("{why}\n"));
         r.headers_mut().insert(
             WWW_AUTHENTICATE,

@@ -5,7 +5,10 @@ pub mod access;
 pub mod agent;
 pub mod audit;
 pub mod auth;
+pub mod executor;
 pub mod http;
+pub mod http_slots;
+pub mod in_flight;
 pub mod job;
 pub mod listener;
 pub mod metrics;
@@ -101,7 +104,7 @@ pub async fn serve(config: ServerConfig, preflight: Preflight, config_path: Path
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
     let service =
-        tonic::service::interceptor::InterceptedService::new(service, auth::interceptor(server.clone()));
+        tonic::service::interceptor::InterceptedService::new(service, service::interceptor(server.clone()));
     // Expire once before serving, so what clients first see is settled
     // (revisions a stopped server should have expired are gone), then on
     // a timer.
@@ -110,6 +113,7 @@ pub async fn serve(config: ServerConfig, preflight: Preflight, config_path: Path
         .await
         .context("expiry at start")?;
     spawn_expiry(server.clone());
+    spawn_refusal_summaries(server.clone());
     scrub::spawn(server.clone());
     spawn_reload_on_hup(server.clone(), config_path);
     // Health: SERVING from here until shutdown begins.
@@ -154,14 +158,18 @@ pub async fn serve(config: ServerConfig, preflight: Preflight, config_path: Path
         // Half the descriptors stay for revision files and the like.
         max_connections: (config.limits.max_connections as usize).min((nofile / 2).max(1) as usize),
         first_request: config.limits.first_request_timeout.as_duration(),
+        idle: config.limits.idle_connection_timeout.as_duration(),
     };
     tracing::info!(
         max_connections = limits.max_connections,
         first_request_secs = limits.first_request.as_secs(),
+        idle_secs = limits.idle.as_secs(),
+        per_client = config.limits.connections_per_client,
         "connection limits"
     );
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let serving = builder
+        .layer(in_flight::CountInFlight::new(server.connections.clone()))
         .add_service(service)
         .add_service(health_service)
         .serve_with_incoming_shutdown(
@@ -201,6 +209,18 @@ pub async fn serve(config: ServerConfig, preflight: Preflight, config_path: Path
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Logs how many refusal lines each peer had suppressed, within a second
+/// of its interval's end (see `audit::refused`).
+fn spawn_refusal_summaries(server: Arc<Server>) {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+        loop {
+            tick.tick().await;
+            audit::flush_refusals(&server);
+        }
+    });
 }
 
 /// How long open streams may take to end once SIGTERM or SIGINT came.

@@ -322,6 +322,7 @@ fn revision_table(j: &JobStatus, now: DateTime<Utc>) -> String {
             ),
             _ => "<span class=\"badge none\">trusted</span>".to_string(),
         };
+        let trust = trust + &lock_badge(r, now);
         let _ = writeln!(
             out,
             "<tr data-rev=\"{id}\"><td class=\"num\">{n}</td><td><code>{id}</code></td><td>{time}</td>\
@@ -619,9 +620,38 @@ fn crowded(xs: &mut [f64]) -> Vec<(f64, usize)> {
     spots
 }
 
+/// The revision's retention lock while it holds at `now`: until when,
+/// and how long from now; empty otherwise.
+fn lock_badge(r: &backy_proto::RevisionInfo, now: DateTime<Utc>) -> String {
+    match time_of(r.locked_until.as_ref()) {
+        Some(until) if until > now => format!(
+            " <span class=\"badge none\" title=\"retention-lock: no deletion before then\">\
+             locked until {}</span> <span class=\"muted\">{}</span>",
+            fmt_time(until),
+            age(until, now)
+        ),
+        _ => String::new(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_lock_shows_while_it_holds() {
+        let now: DateTime<Utc> = "2026-12-01T10:00:00Z".parse().unwrap();
+        let until: DateTime<Utc> = "2026-12-01T12:00:00Z".parse().unwrap();
+        let r = backy_proto::RevisionInfo {
+            locked_until: Some(backy_proto::timestamp(&until)),
+            ..Default::default()
+        };
+        let badge = lock_badge(&r, now);
+        assert!(badge.contains("locked until 2026-12-01 12:00:00 UTC"), "{badge}");
+        assert!(badge.contains("in 2 h"), "{badge}");
+        assert_eq!(lock_badge(&r, until), "", "passed");
+        assert_eq!(lock_badge(&backy_proto::RevisionInfo::default(), now), "");
+    }
 
     #[test]
     fn escapes_markup_and_quotes() {

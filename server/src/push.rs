@@ -231,13 +231,17 @@ pub fn publish_and_expire(
     slot: &crate::job::PushGuard,
     point: &str,
 ) -> Result<(RevisionMeta, Vec<RevisionId>)> {
+    let config = server.config();
+    let job_cfg = config.job(job.name()).ok();
+    // This server's lock for the job, also for a replica's copy (never the
+    // source's: each site decides what it keeps).
+    let lock = job_cfg.and_then(|j| config.retention_lock_of(j));
     let mut txn = Txn::begin(&server.jobs, job)?;
-    let meta = txn.publish(sealed)?;
+    let meta = txn.publish(sealed, lock)?;
     // Published: the parent is no longer read, and expires like any other
     // revision from here on.
     slot.set_parent(None);
-    let config = server.config();
-    let schedule = config.job(job.name()).ok().and_then(|j| config.schedule_of(j));
+    let schedule = job_cfg.and_then(|j| config.schedule_of(j));
     let expired = fault::fail(point)
         .and_then(|()| match schedule {
             Some(schedule) => crate::schedule::expire_in(&mut txn, schedule, ExpiryRun::AfterCommit(meta.id), &server.metrics),

@@ -180,6 +180,12 @@ pub fn forget(server: &Server, job: &JobDir, spec: &str, apply: Apply) -> Result
             busy.id
         )));
     }
+    // Refused whole, dry run included, while any is locked (the
+    // transaction's delete would refuse it too).
+    let now = chrono::Utc::now();
+    if let Some((m, until)) = selected.iter().find_map(|m| m.locked_at(now).map(|u| (m, u))) {
+        return Err(crate::job::txn::locked(job.name(), &m.id, until));
+    }
     if apply == Apply::DryRun {
         return Ok(selected);
     }

@@ -7,7 +7,7 @@ use crate::state::Server;
 use crate::storage::JobDir;
 use backy_common::config::{Schedule, ServerConfig};
 use backy_common::revision::RevisionMeta;
-use backy_common::schedule::{self, DueState, ExpiryPlan, ExpiryRun, FailureState};
+use backy_common::schedule::{self, DueState, ExpiryPlan, ExpiryRun, FailureState, Held};
 use backy_common::{fault, Result, RevisionId};
 use chrono::{DateTime, Utc};
 use std::collections::BTreeSet;
@@ -164,6 +164,7 @@ pub fn preview(config: &ServerConfig, job: &JobDir, now: DateTime<Utc>) -> Resul
         timestamp: now,
         tags: next_tags.clone(),
         trust: backy_common::revision::Trust::Trusted,
+        locked_until: None,
         ..revisions.last().cloned().unwrap_or_else(|| placeholder(now))
     };
     let new_id = new.id;
@@ -196,6 +197,7 @@ fn placeholder(now: DateTime<Utc>) -> RevisionMeta {
         stats: Default::default(),
         manifest_digest: String::new(),
         storage: Default::default(),
+        locked_until: None,
     }
 }
 
@@ -211,9 +213,9 @@ pub fn format_preview(job: &backy_common::JobName, preview: Option<&Preview>) ->
     let list = |out: &mut String, what: &str, plan: &ExpiryPlan| {
         if plan.deleted.is_empty() {
             let _ = writeln!(out, "  {what}: deletes nothing");
-            return;
+        } else {
+            let _ = writeln!(out, "  {what}: deletes {}", plan.deleted.len());
         }
-        let _ = writeln!(out, "  {what}: deletes {}", plan.deleted.len());
         for r in p.revisions.iter().filter(|r| plan.deleted.contains(&r.id)) {
             let _ = writeln!(
                 out,
@@ -222,6 +224,17 @@ pub fn format_preview(job: &backy_common::JobName, preview: Option<&Preview>) ->
                 r.timestamp.format("%Y-%m-%d %H:%M:%S"),
                 plan.reason(&r.id)
             );
+        }
+        // Those it would delete but for their retention lock.
+        for r in &p.revisions {
+            if let Some(held @ Held::Locked { .. }) = plan.held.get(&r.id) {
+                let _ = writeln!(
+                    out,
+                    "    {}  {}  kept: {held}",
+                    r.id.short(),
+                    r.timestamp.format("%Y-%m-%d %H:%M:%S")
+                );
+            }
         }
     };
     list(&mut out, "next periodic expiry", &p.periodic);

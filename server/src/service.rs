@@ -3,6 +3,7 @@
 
 use crate::audit;
 use crate::auth::{self, Action, Caller, StreamLimiter};
+use crate::executor::{Reserved, StreamExecutor};
 use crate::push::Step;
 use crate::state::Server;
 use crate::storage::PushEnd;
@@ -40,11 +41,55 @@ impl Drop for SetOnDrop {
 /// How long a client may take to close its stream after the end frame.
 const END_GRACE: std::time::Duration = std::time::Duration::from_secs(30);
 
+/// The interceptor: checks the protocol, authenticates, stores the
+/// caller; a failed authentication is a (rate-limited) audit line.
+pub fn interceptor(
+    server: Arc<Server>,
+) -> impl FnMut(Request<()>) -> std::result::Result<Request<()>, Status> + Clone {
+    move |mut req: Request<()>| {
+        auth::check_protocol(&req)?;
+        let caller = auth::authenticate(&server.config(), &req).inspect_err(|status| {
+            let peer = req
+                .remote_addr()
+                .map_or_else(|| "unknown".to_string(), |a| a.to_string());
+            let who = audit::Refused {
+                identity: "",
+                peer: &peer,
+                action: "authenticate",
+                job: "",
+            };
+            audit::refused(&server, who, audit::Refusal::Authentication, &status.message());
+        })?;
+        if let Some(peer) = req.remote_addr() {
+            let config = server.config();
+            // Open mode (no identities): one local user, no per-identity cap.
+            let identity = (!config.clients.is_empty()).then_some(caller.name.as_str());
+            let cap = config.limits.connections_per_client as usize;
+            if let Err(e) = server.connections.prove(peer, identity, cap) {
+                let status = Status::resource_exhausted(e.to_string());
+                let peer = peer.to_string();
+                let who = audit::Refused {
+                    identity: &caller.name,
+                    peer: &peer,
+                    action: "connect",
+                    job: "",
+                };
+                audit::refused(&server, who, audit::Refusal::Permit, &status.message());
+                return Err(status);
+            }
+        }
+        req.extensions_mut().insert(caller);
+        Ok(req)
+    }
+}
+
 #[derive(Clone)]
 pub struct Service {
     pub server: Arc<Server>,
     /// Open streams per identity (limits: streams-per-client).
     pub streams: Arc<StreamLimiter>,
+    /// The threads long streams run on (limits: max-streams).
+    pub executor: Arc<StreamExecutor>,
 }
 
 impl Service {
@@ -52,6 +97,7 @@ impl Service {
         Service {
             server,
             streams: Arc::default(),
+            executor: Arc::default(),
         }
     }
 
@@ -72,13 +118,57 @@ impl Service {
         Ok(caller)
     }
 
-    /// A stream permit of `caller`, counted as an open stream of `kind`.
+    /// A stream permit of `caller`, counted as an open stream of `kind`;
+    /// a refusal is audited.
     fn permit(&self, caller: &Caller, kind: &'static str) -> std::result::Result<Permit, Status> {
         let limit = self.server.config().limits.streams_per_client;
+        let limit = self.streams.acquire(caller, limit).inspect_err(|status| {
+            let who = audit::Refused {
+                identity: &caller.name,
+                peer: &caller.peer,
+                action: kind,
+                job: "",
+            };
+            audit::refused(&self.server, who, audit::Refusal::Permit, &status.message());
+        })?;
         Ok(Permit {
-            _limit: self.streams.acquire(caller, limit)?,
+            _limit: limit,
             _active: self.server.metrics.stream(kind),
         })
+    }
+
+    /// `job`, or with none every job `caller` may see, decided before
+    /// anything is read.
+    fn visible(&self, caller: &Caller, job: String) -> Vec<String> {
+        if !job.is_empty() {
+            return vec![job];
+        }
+        let config = self.server.config();
+        config
+            .jobs
+            .keys()
+            .filter(|name| auth::may_see(&config, caller, name, Action::Read))
+            .map(ToString::to_string)
+            .collect()
+    }
+
+    /// A thread of the stream executor for a long stream of `kind`,
+    /// reserved before the stream opens: refused with RESOURCE_EXHAUSTED at
+    /// the bound, and the refusal audited like a refused permit.
+    fn reserve(&self, caller: &Caller, kind: &'static str) -> std::result::Result<Reserved, Status> {
+        let limit = self.server.config().limits.max_streams as usize;
+        self.executor
+            .reserve(limit)
+            .map_err(to_status)
+            .inspect_err(|status| {
+                let who = audit::Refused {
+                    identity: &caller.name,
+                    peer: &caller.peer,
+                    action: kind,
+                    job: "",
+                };
+                audit::refused(&self.server, who, audit::Refusal::Permit, &status.message());
+            })
     }
 
     /// A push stream (`Push`, or `PushExchange` when `answers` is given:
@@ -91,6 +181,7 @@ impl Service {
     ) -> std::result::Result<PushReply, Status> {
         let caller = auth::caller(&req)?;
         let _permit = self.permit(&caller, "push")?;
+        let thread = self.reserve(&caller, "push")?;
         let idle = self.server.config().limits.idle_timeout.as_duration();
         let idle_error = || {
             tracing::warn!(
@@ -150,7 +241,7 @@ impl Service {
                     .map_err(|_| backy_common::Error::unavailable("the client stopped reading answers"))
             })
         });
-        let writer = tokio::task::spawn_blocking(move || {
+        let writer = run(thread, move || {
             let (job, rev) = (begin.job.clone(), begin.rev_id.clone());
             let started = std::time::Instant::now();
             let result = crate::push::run(server.clone(), begin, rx, gate, answer);
@@ -161,7 +252,7 @@ impl Service {
             audit::result(&who, "push", &job, &rev, &result);
             server.record_push_outcome(&job, &rev, &result);
             result
-        });
+        })?;
         let mut protocol_error: Option<Status> = None;
         loop {
             let message = tokio::select! {
@@ -254,9 +345,7 @@ impl Service {
             let _ = tx.send(Step::Abort(p.message().to_string())).await;
         }
         drop(tx);
-        let result = writer
-            .await
-            .map_err(|e| Status::internal(format!("push worker failed: {e}")))?;
+        let result = writer.await.map_err(|_| Status::internal("push worker failed"))?;
         if let Some(p) = protocol_error {
             return Err(p);
         }
@@ -278,6 +367,14 @@ impl Service {
 struct Permit {
     _limit: auth::StreamPermit,
     _active: crate::metrics::ActiveStream,
+}
+
+/// Runs a long stream's blocking work on its reserved executor thread.
+fn run<T: Send + 'static>(
+    thread: Reserved,
+    work: impl FnOnce() -> T + Send + 'static,
+) -> std::result::Result<crate::executor::Joined<T>, Status> {
+    thread.spawn(work).map_err(to_status)
 }
 
 /// Runs blocking work off the async threads and maps its error.
@@ -329,13 +426,15 @@ fn out_of_order(what: &str) -> Status {
 impl Backy for Service {
     async fn hello(&self, req: Request<HelloRequest>) -> std::result::Result<Response<HelloReply>, Status> {
         let req = req.into_inner();
-        tracing::debug!(client_protocol = req.protocol, client_version = %clip(&req.version), "hello");
+        tracing::debug!(client_protocol = req.protocol, client_version = %crate::text::quoted(&req.version), "hello");
         Ok(Response::new(HelloReply {
             // Tests pose as older servers with these modes.
             protocol: if backy_common::fault::mode("protocol-0") {
                 0
             } else if backy_common::fault::mode("protocol-1") {
                 1
+            } else if backy_common::fault::mode("protocol-2") {
+                2
             } else {
                 backy_proto::PROTOCOL
             },
@@ -362,6 +461,7 @@ impl Backy for Service {
     ) -> std::result::Result<Response<Self::ManifestStream>, Status> {
         let caller = self.check(&req, &req.get_ref().job, Action::Fetch, "manifest")?;
         let permit = self.permit(&caller, "manifest")?;
+        let thread = self.reserve(&caller, "manifest")?;
         let server = self.server.clone();
         let req = req.into_inner();
         let (tx, rx) = mpsc::channel(4);
@@ -372,20 +472,20 @@ impl Backy for Service {
                 crate::plan::resume_manifest(&server, &job, &req.revision)
             })
             .await?;
-            tokio::task::spawn_blocking(move || {
+            run(thread, move || {
                 let _permit = permit;
                 crate::restore::send_manifest(info, &manifest, &tx)
-            });
+            })?;
         } else {
             let (job_name, spec) = (req.job.clone(), req.revision.clone());
             let resolved = resolve_one(server, req.job, req.revision).await;
             audit::result(&caller, "manifest", &job_name, &spec, &resolved);
             let (job, meta) = resolved?;
             let server = self.server.clone();
-            tokio::task::spawn_blocking(move || {
+            run(thread, move || {
                 let _permit = permit;
                 crate::restore::stream_manifest(&server, &job, &meta, &tx)
-            });
+            })?;
         }
         let idle = self.server.config().limits.idle_timeout.as_duration();
         Ok(Response::new(Box::pin(stall_guarded(rx, idle))))
@@ -429,21 +529,63 @@ impl Backy for Service {
         &self,
         req: Request<StatusRequest>,
     ) -> std::result::Result<Response<StatusReply>, Status> {
+        let all = req.get_ref().job.is_empty();
+        let caller = if all {
+            auth::caller(&req)?
+        } else {
+            self.check(&req, &req.get_ref().job, Action::Read, "status")?
+        };
+        // All jobs (clients of protocol 1): as costly as a stream.
+        let _permit = all.then(|| self.permit(&caller, "status")).transpose()?;
+        let names = self.visible(&caller, req.into_inner().job);
+        let server = self.server.clone();
+        blocking(move || crate::status::of_jobs(&server, &names))
+            .await
+            .map(Response::new)
+    }
+
+    type StatusStreamStream = BoxStream<JobStatusPart>;
+
+    async fn status_stream(
+        &self,
+        req: Request<StatusRequest>,
+    ) -> std::result::Result<Response<Self::StatusStreamStream>, Status> {
+        // Tests pose as a server of protocol 2, which lacks this call.
+        if backy_common::fault::mode("protocol-2") {
+            return Err(Status::unimplemented("BACKY_FAULT: no StatusStream (protocol 2)"));
+        }
         let caller = if req.get_ref().job.is_empty() {
             auth::caller(&req)?
         } else {
             self.check(&req, &req.get_ref().job, Action::Read, "status")?
         };
+        let permit = self.permit(&caller, "status")?;
+        let thread = self.reserve(&caller, "status")?;
+        let names = self.visible(&caller, req.into_inner().job);
         let server = self.server.clone();
-        let req = req.into_inner();
-        let mut reply = blocking(move || crate::status::status(&server, &req)).await?;
-        // All jobs: only those the caller may see.
-        let config = self.server.config();
-        reply.jobs.retain(|j| {
-            backy_common::JobName::new(&j.job)
-                .is_ok_and(|n| auth::may_see(&config, &caller, &n, Action::Read))
-        });
-        Ok(Response::new(reply))
+        let (tx, rx) = mpsc::channel(4);
+        run(thread, move || {
+            let _permit = permit;
+            let config = server.config();
+            for name in names {
+                let (header, entry) = match crate::status::header(&server, &config, &name) {
+                    Ok(built) => built,
+                    Err(e) => {
+                        let _ = tx.blocking_send(Err(to_status(e)));
+                        return;
+                    }
+                };
+                let parts = std::iter::once(job_status_part::Part::Header(header))
+                    .chain(crate::status::chunks(&entry.revisions).map(job_status_part::Part::Revisions));
+                for part in parts {
+                    if tx.blocking_send(Ok(JobStatusPart { part: Some(part) })).is_err() {
+                        return; // the caller went away
+                    }
+                }
+            }
+        })?;
+        let idle = self.server.config().limits.idle_timeout.as_duration();
+        Ok(Response::new(Box::pin(stall_guarded(rx, idle))))
     }
 
     type JobsStream = BoxStream<JobSummary>;
@@ -454,9 +596,10 @@ impl Backy for Service {
     ) -> std::result::Result<Response<Self::JobsStream>, Status> {
         let caller = auth::caller(&req)?;
         let permit = self.permit(&caller, "jobs")?;
+        let thread = self.reserve(&caller, "jobs")?;
         let server = self.server.clone();
         let (tx, rx) = mpsc::channel(64);
-        tokio::task::spawn_blocking(move || {
+        run(thread, move || {
             let _permit = permit;
             let config = server.config();
             for name in config.jobs.keys() {
@@ -468,7 +611,7 @@ impl Backy for Service {
                     break; // the caller went away
                 }
             }
-        });
+        })?;
         let idle = self.server.config().limits.idle_timeout.as_duration();
         Ok(Response::new(Box::pin(stall_guarded(rx, idle))))
     }
@@ -481,6 +624,7 @@ impl Backy for Service {
     ) -> std::result::Result<Response<Self::RestoreStream>, Status> {
         let caller = self.check(&req, &req.get_ref().job, Action::Fetch, "restore")?;
         let permit = self.permit(&caller, "restore")?;
+        let thread = self.reserve(&caller, "restore")?;
         let server = self.server.clone();
         let req = req.into_inner();
         let (job_name, spec, from) = (req.job.clone(), req.revision.clone(), req.from);
@@ -496,7 +640,7 @@ impl Backy for Service {
         })?;
         let (tx, rx) = mpsc::channel(FRAMES_IN_FLIGHT);
         let server = self.server.clone();
-        tokio::task::spawn_blocking(move || {
+        run(thread, move || {
             let _permit = permit;
             let (name, rev) = (job.name().to_string(), meta.id.to_string());
             let started = std::time::Instant::now();
@@ -524,7 +668,7 @@ impl Backy for Service {
                 ),
                 Err(e) => audit::record(&caller, "restore", &name, &rev, audit::Outcome::Failed(&e)),
             }
-        });
+        })?;
         let idle = self.server.config().limits.idle_timeout.as_duration();
         Ok(Response::new(Box::pin(stall_guarded(rx, idle))))
     }
@@ -537,6 +681,7 @@ impl Backy for Service {
     ) -> std::result::Result<Response<Self::VerifyStream>, Status> {
         let caller = self.check(&req, &req.get_ref().job, Action::Append, "verify")?;
         let permit = self.permit(&caller, "verify")?;
+        let thread = self.reserve(&caller, "verify")?;
         let server = self.server.clone();
         let req = req.into_inner();
         let (job_name, spec) = (req.job.clone(), req.revisions.clone());
@@ -568,7 +713,7 @@ impl Backy for Service {
             caller.limit_key.clone(),
             Arc::new(move || closed.is_closed()),
         );
-        tokio::task::spawn_blocking(move || {
+        run(thread, move || {
             let _permit = permit;
             for meta in selected {
                 let started = std::time::Instant::now();
@@ -623,7 +768,7 @@ impl Backy for Service {
                     break; // the caller went away; stop reading
                 }
             }
-        });
+        })?;
         let idle = self.server.config().limits.idle_timeout.as_duration();
         Ok(Response::new(Box::pin(stall_guarded(rx, idle))))
     }
@@ -732,23 +877,25 @@ impl Backy for Service {
             "report-failure",
             &req.job,
             &req.rev_id,
-            audit::Outcome::Done(&clip(&req.error)),
+            audit::Outcome::Done(&req.error),
         );
         let rev: Option<backy_common::RevisionId> = req.rev_id.parse().ok();
         // The client failed after the commit (its reply was lost): the
         // backup exists, and counting it would warn and back off for nothing.
         if let Some(id) = rev.filter(|id| job.rev_path(id).exists()) {
             tracing::info!(
-                job = %job.name(), rev = %id,
-                "ignoring the client's failure report: revision {} is committed ({})",
-                id.short(),
-                clip(&req.error)
+                job = %job.name(), rev = %id, error = %crate::text::quoted(&req.error),
+                "ignoring the client's failure report: revision {} is committed",
+                id.short()
             );
             let failures = self.server.jobs.activity.job_runtime(job.name()).failures;
             return Ok(Response::new(FailureReply { failures }));
         }
         let failures = self.server.record_client_failure(job.name(), rev, &req.error);
-        tracing::warn!(job = %job.name(), failures, "push failed on the client: {}", clip(&req.error));
+        tracing::warn!(
+            job = %job.name(), failures, error = %crate::text::quoted(&req.error),
+            "push failed on the client"
+        );
         Ok(Response::new(FailureReply { failures }))
     }
 

@@ -30,6 +30,8 @@ pub struct Server {
     pub replication: crate::replication::Replication,
     /// As a source: what each replica fetched.
     pub fetched: crate::replication::FetchLog,
+    /// Log lines of refused requests per peer address (see `audit::refused`).
+    pub refusals: std::sync::Mutex<backy_common::throttle::Throttle<String>>,
 }
 
 impl Server {
@@ -49,6 +51,9 @@ impl Server {
             stopping: Default::default(),
             replication,
             fetched,
+            refusals: std::sync::Mutex::new(backy_common::throttle::Throttle::new(
+                backy_common::throttle::Limits::REFUSALS,
+            )),
         }
     }
 

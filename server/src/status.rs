@@ -5,11 +5,14 @@ use crate::job::{JobEntry, JobRuntime};
 use crate::state::Server;
 use crate::storage::JobDir;
 use backy_common::config::{ServerConfig, NO_SCHEDULE};
-use backy_common::revision::Trust;
+use backy_common::revision::{RevisionMeta, Trust};
 use backy_common::{JobName, Result};
 use backy_proto::{
-    JobStatus, JobSummary, ReplicaFetch, ReplicaState, RevisionInfo, StatusReply, StatusRequest,
+    JobStatus, JobSummary, ReplicaFetch, ReplicaState, RevisionChunk, RevisionInfo, StatusReply,
+    StatusRequest,
 };
+use prost::Message;
+use std::sync::Arc;
 
 /// What status says about a job besides its revisions.
 struct Health {
@@ -60,59 +63,99 @@ fn health(server: &Server, config: &ServerConfig, job: &JobDir, entry: &JobEntry
     })
 }
 
-/// One job with every revision (`req.job`), or every job (old clients; a
-/// large host should use [`summaries`]).
+/// One job with every revision (`req.job`), or every job (the status
+/// page; old clients get only the jobs they may see, see [`of_jobs`]).
 pub fn status(server: &Server, req: &StatusRequest) -> Result<StatusReply> {
-    let config = server.config();
     let names: Vec<String> = if req.job.is_empty() {
-        config.jobs.keys().map(|j| j.to_string()).collect()
+        server.config().jobs.keys().map(|j| j.to_string()).collect()
     } else {
         vec![req.job.clone()]
     };
+    of_jobs(server, &names)
+}
+
+/// The named jobs, each with every revision, in one reply.
+pub fn of_jobs(server: &Server, names: &[String]) -> Result<StatusReply> {
+    let config = server.config();
     let mut jobs = Vec::with_capacity(names.len());
     for name in names {
-        let job = server.job(&name)?;
-        let entry = server.jobs.indexed(&job)?;
-        let h = health(server, &config, &job, &entry)?;
-        jobs.push(JobStatus {
-            job: name,
-            revisions: entry.revisions.iter().map(RevisionInfo::from).collect(),
-            storage: h.storage,
-            allocated_bytes: entry.allocated_bytes,
-            running: h.runtime.push.is_some(),
-            sla_ok: h.sla_ok,
-            sla_overdue_secs: h.sla_overdue_secs,
-            sla_window_secs: h.sla_window_secs,
-            next_due: h.next_due,
-            next_tags: h.next_tags,
-            failures: h.runtime.failures,
-            schedule: h.schedule,
-            last_error: h.runtime.last_error,
-            replica: replica_state(server, &config, job.name()),
-            fetched_by: server
-                .fetched
-                .of(job.name())
-                .into_iter()
-                .map(|(replica, f)| ReplicaFetch {
-                    replica,
-                    revision: f.revision.to_string(),
-                    at: Some(backy_proto::timestamp(&f.at)),
-                })
-                .collect(),
-            future_revisions: h.future,
-        });
+        let (mut job, entry) = header(server, &config, name)?;
+        job.revisions = entry.revisions.iter().map(RevisionInfo::from).collect();
+        jobs.push(job);
     }
     Ok(StatusReply { jobs })
+}
+
+/// Revisions per message of a status stream, by encoded size: far below
+/// the message limit, whatever a revision's tags and snapshot name hold.
+const CHUNK_BYTES: usize = 256 << 10;
+
+/// A job's revisions, oldest first, in chunks of at most [`CHUNK_BYTES`]
+/// (a revision alone may be larger: it is bounded by its fields' limits).
+pub fn chunks(revisions: &[RevisionMeta]) -> impl Iterator<Item = RevisionChunk> + '_ {
+    let mut rest = revisions.iter().peekable();
+    std::iter::from_fn(move || {
+        rest.peek()?;
+        let mut chunk = RevisionChunk::default();
+        let mut bytes = 0;
+        while let Some(meta) = rest.next_if(|_| chunk.revisions.is_empty() || bytes < CHUNK_BYTES) {
+            let info = RevisionInfo::from(meta);
+            bytes += info.encoded_len() + 4;
+            chunk.revisions.push(info);
+        }
+        Some(chunk)
+    })
+}
+
+/// One job's status without its revisions, and the index entry they come
+/// from (oldest first).
+pub fn header(server: &Server, config: &ServerConfig, name: &str) -> Result<(JobStatus, Arc<JobEntry>)> {
+    let job = server.job(name)?;
+    let entry = server.jobs.indexed(&job)?;
+    let h = health(server, config, &job, &entry)?;
+    let status = JobStatus {
+        job: name.to_string(),
+        revisions: Vec::new(),
+        storage: h.storage,
+        allocated_bytes: entry.allocated_bytes,
+        running: h.runtime.push.is_some(),
+        sla_ok: h.sla_ok,
+        sla_overdue_secs: h.sla_overdue_secs,
+        sla_window_secs: h.sla_window_secs,
+        next_due: h.next_due,
+        next_tags: h.next_tags,
+        failures: h.runtime.failures,
+        schedule: h.schedule,
+        last_error: h.runtime.last_error,
+        replica: replica_state(server, config, job.name()),
+        fetched_by: server
+            .fetched
+            .of(job.name())
+            .into_iter()
+            .map(|(replica, f)| ReplicaFetch {
+                replica,
+                revision: f.revision.to_string(),
+                at: Some(backy_proto::timestamp(&f.at)),
+            })
+            .collect(),
+        future_revisions: h.future,
+    };
+    Ok((status, entry))
 }
 
 /// On a replica, how its copy of `job` stands.
 fn replica_state(server: &Server, config: &ServerConfig, job: &JobName) -> Option<ReplicaState> {
     let r = config.replicate.as_ref()?;
-    if !server.replication.copies(config, job) {
+    // A listed job of this server's own is not a copy; its state says why.
+    let refused = server.replication.refused(config, job);
+    if refused.is_none() && !server.replication.copies(config, job) {
         return None;
     }
     let now = chrono::Utc::now();
-    let s = server.replication.get(job);
+    let mut s = server.replication.get(job);
+    if let Some(why) = refused {
+        s.last_error = why;
+    }
     let entry = server
         .jobs
         .indexed(&JobDir::new(&config.base_dir, job.clone()))

@@ -9,7 +9,7 @@
 //! (`backy_common::fuzz_plan`); failing seeds are saved under
 //! `tests/fuzz-regressions/` and replayed first.
 
-use ::backy_server::{auth, service::Service, state::Server, storage::JobDir};
+use ::backy_server::{service, service::Service, state::Server, storage::JobDir};
 use backy_common::checksum::StreamChecksum;
 use backy_common::config::ServerConfig;
 use backy_common::fuzz_plan::FuzzPlan;
@@ -255,7 +255,7 @@ fn fuzz_push_frame_handler() {
             .max_decoding_message_size(backy_common::MAX_MESSAGE_BYTES)
             .max_encoding_message_size(backy_common::MAX_MESSAGE_BYTES);
         let svc =
-            tonic::service::interceptor::InterceptedService::new(svc, auth::interceptor(server.clone()));
+            tonic::service::interceptor::InterceptedService::new(svc, service::interceptor(server.clone()));
         tokio::spawn(
             tonic::transport::Server::builder()
                 .add_service(svc)

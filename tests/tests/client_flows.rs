@@ -127,7 +127,9 @@ async fn push_and_restore_round_trip() {
         assert!(restored.data_bytes <= 3 * GRANULE, "{}", restored.data_bytes);
     }
 
-    let reply = backy_client::status::fetch(&mut client, None).await.unwrap();
+    let reply = backy_client::status::fetch(&mut client, &JobName::new("vm1").unwrap())
+        .await
+        .unwrap();
     let text = backy_client::status::format_status(&reply, chrono::Utc::now());
     assert!(text.contains("3 revisions"), "{text}");
     assert!(text.contains(&second.revision.id), "{text}");

@@ -7,7 +7,7 @@
 mod support;
 
 use std::collections::BTreeMap;
-use std::io::{Read, Write};
+use std::io::Write;
 use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
@@ -23,30 +23,8 @@ fn http_addr(server: &Server) -> String {
         .to_string()
 }
 
-/// A plain HTTP/1.1 GET: (status, headers, body).
-fn get_with(addr: &str, path: &str, authorization: Option<&str>) -> (u16, String, String) {
-    let mut s = std::net::TcpStream::connect(addr).expect("connect to the HTTP listener");
-    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-    let auth = authorization.map_or(String::new(), |a| format!("Authorization: {a}\r\n"));
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Connection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut raw = Vec::new();
-    s.read_to_end(&mut raw).expect("read the response");
-    let text = String::from_utf8(raw).expect("UTF-8 response");
-    let (head, body) = text.split_once("\r\n\r\n").expect("headers end");
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .expect("status code");
-    (status, head.to_string(), body.to_string())
-}
-
 fn get(addr: &str, path: &str) -> (u16, String) {
-    let (status, _, body) = get_with(addr, path, None);
+    let (status, _, body) = http_get_with(addr, path, None);
     (status, body)
 }
 
@@ -220,7 +198,7 @@ fn metrics_health_and_the_status_page_show_the_store() {
     server.client_ok(&["distrust", "job00000", "-r", "2"]);
 
     // /metrics: valid exposition format, and the values are the store's.
-    let (status, head, text) = get_with(&addr, "/metrics", None);
+    let (status, head, text) = http_get_with(&addr, "/metrics", None);
     assert_eq!(status, 200, "{text}");
     assert!(head.contains("text/plain; version=0.0.4"), "{head}");
     let m = parse_metrics(&text);
@@ -529,20 +507,20 @@ fn page_and_metrics_follow_the_status_access_rules() {
     );
     let addr = http_addr(&server);
     for path in ["/", "/metrics", "/job/vm1"] {
-        let (status, head, _) = get_with(&addr, path, None);
+        let (status, head, _) = http_get_with(&addr, path, None);
         assert_eq!(status, 401, "{path}");
         assert!(
             head.contains("WWW-Authenticate: Basic") || head.contains("www-authenticate: Basic"),
             "{head}"
         );
         let bad = format!("Bearer {}", generate_token());
-        assert_eq!(get_with(&addr, path, Some(&bad)).0, 401, "{path}");
+        assert_eq!(http_get_with(&addr, path, Some(&bad)).0, 401, "{path}");
     }
     assert_eq!(get(&addr, "/healthz").0, 200);
     assert_eq!(get(&addr, "/readyz").0, 200);
 
     let jobs_in = |auth: &str| {
-        let (status, _, text) = get_with(&addr, "/metrics", Some(auth));
+        let (status, _, text) = http_get_with(&addr, "/metrics", Some(auth));
         assert_eq!(status, 200, "{text}");
         let m = parse_metrics(&text);
         let mut jobs: Vec<String> = m
@@ -559,14 +537,14 @@ fn page_and_metrics_follow_the_status_access_rules() {
     let basic = format!("Basic {}", base64_encode(&format!("prometheus:{ro}")));
     assert_eq!(jobs_in(&basic), ["vm1", "vm2"]);
     let hv_auth = format!("Bearer {hv}");
-    let (status, _, page) = get_with(&addr, "/", Some(&hv_auth));
+    let (status, _, page) = http_get_with(&addr, "/", Some(&hv_auth));
     assert_eq!(status, 200);
     assert!(
         page.contains("data-job=\"vm1\"") && !page.contains("data-job=\"vm2\""),
         "{page}"
     );
-    assert_eq!(get_with(&addr, "/job/vm2", Some(&hv_auth)).0, 404);
-    assert_eq!(get_with(&addr, "/job/vm1", Some(&hv_auth)).0, 200);
+    assert_eq!(http_get_with(&addr, "/job/vm2", Some(&hv_auth)).0, 404);
+    assert_eq!(http_get_with(&addr, "/job/vm1", Some(&hv_auth)).0, 200);
 }
 
 fn base64_encode(text: &str) -> String {

@@ -67,7 +67,7 @@ impl Pair {
         let mut source = Server::start_config(&source_fs.mount, &config);
         source.url = source.url.replace("http://", "https://");
         let replicate = format!(
-            "replicate: {{source: 'https://127.0.0.1:{port}', ca: {}, token-file: {rep_file}, interval: 1h}}\n",
+            "replicate: {{source: 'https://127.0.0.1:{port}', ca: {}, token-file: {rep_file}, interval: 1h, jobs: [vm1, vm2]}}\n",
             ca_file.display()
         );
         Pair {
@@ -209,7 +209,7 @@ fn a_chain_is_copied_incrementally_and_restores_from_the_replica_alone() {
 
     let replica = p.replica("http-listen: 127.0.0.1:0\n");
     let copied = round(&replica, 0);
-    // vm1 and vm2 (all the source shows; vm2 has nothing yet).
+    // vm1 and vm2 (both listed; vm2 has nothing yet).
     assert_eq!(copied.len(), 3, "{copied:?}");
     let received: Vec<u64> = copied.iter().map(|l| field(l, "received")).collect();
     assert_eq!(received[0], 32 * MIB, "the full copy: the data, not the holes");

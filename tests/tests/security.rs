@@ -255,9 +255,9 @@ fn identities_reach_only_their_jobs() {
         "UNAUTHENTICATED",
     );
     // The server's log names the peer as an address (not `Some(..)`).
-    let failed = server.wait_log(0, "authentication failed");
+    let failed = server.wait_log(0, "action=\"authenticate\"");
     assert!(
-        failed.contains("peer=127.0.0.1:") && !failed.contains("Some("),
+        failed.contains("peer=\"127.0.0.1:") && !failed.contains("Some("),
         "{failed}"
     );
     // A world-readable token file is refused by the client itself.
@@ -1056,10 +1056,10 @@ fn every_request_kind_is_audited() {
         lines
             .iter()
             .find(|l| {
-                l.contains(&format!("identity={identity} "))
-                    && l.contains(&format!("action={action}"))
-                    && l.contains(&format!("outcome={outcome}"))
-                    && l.contains("peer=127.0.0.1:")
+                l.contains(&format!("identity=\"{identity}\" "))
+                    && l.contains(&format!("action=\"{action}\""))
+                    && l.contains(&format!("outcome=\"{outcome}"))
+                    && l.contains("peer=\"127.0.0.1:")
             })
             .unwrap_or_else(|| {
                 panic!(
@@ -1070,7 +1070,7 @@ fn every_request_kind_is_audited() {
             .clone()
     };
     let push = find("hv01", "push", "ok");
-    assert!(push.contains("job=vm1") && push.contains("rev="), "{push}");
+    assert!(push.contains("job=\"vm1\"") && push.contains("rev=\""), "{push}");
     find("hv01", "manifest", "ok");
     find("hv01", "restore", "ok");
     find("hv01", "verify", "ok");

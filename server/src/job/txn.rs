@@ -17,7 +17,9 @@ use crate::storage::lock::JobLock;
 use crate::storage::{durable, JobDir, Sealed};
 use backy_common::revision::{RevisionMeta, Trust};
 use backy_common::spec::Spec;
-use backy_common::{fault, Error, Result, RevisionId};
+use backy_common::units::Interval;
+use backy_common::{fault, Error, JobName, Result, RevisionId};
+use chrono::{DateTime, Utc};
 use std::collections::BTreeSet;
 use std::path::PathBuf;
 
@@ -166,8 +168,9 @@ impl<'a> Txn<'a> {
     /// Deletes revisions, all or none: their ids are first written to the
     /// job's deletion journal (the commit point: from then on they are not
     /// listed, and a crash or an error later is completed by the next
-    /// transaction or start-up), then their files go. Revisions in use are
-    /// refused.
+    /// transaction or start-up), then their files go. Revisions in use, and
+    /// revisions under their retention lock (every deletion passes here,
+    /// whoever asked: docs/DESIGN.md, "Retention lock"), are refused.
     pub fn delete(&mut self, ids: &[RevisionId]) -> Result<()> {
         if ids.is_empty() {
             return Ok(());
@@ -178,12 +181,13 @@ impl<'a> Txn<'a> {
                 "revision {busy} is in use by a restore or a push; try again later"
             )));
         }
+        let now = chrono::Utc::now();
         for id in ids {
-            if self.get(id).is_none() {
-                return Err(Error::not_found(format!(
-                    "job {}: no revision {id}",
-                    self.job.name()
-                )));
+            let meta = self
+                .get(id)
+                .ok_or_else(|| Error::not_found(format!("job {}: no revision {id}", self.job.name())))?;
+            if let Some(until) = meta.locked_at(now) {
+                return Err(locked(self.job.name(), id, until));
             }
         }
         self.job.journal_deletions(&self.lock, ids)?;
@@ -230,8 +234,11 @@ impl<'a> Txn<'a> {
 
     /// Publishes a sealed revision: checks, as on disk now, that its id is
     /// new and that its parent still exists and may still be built on (a
-    /// distrust or a forget during the push wins), then installs it.
-    pub fn publish(&mut self, sealed: Sealed) -> Result<RevisionMeta> {
+    /// distrust or a forget during the push wins), then installs it, under
+    /// `retention_lock` (this server's config for the job: for a copy, never
+    /// the source's) from its timestamp on.
+    pub fn publish(&mut self, mut sealed: Sealed, retention_lock: Option<Interval>) -> Result<RevisionMeta> {
+        sealed.lock_for(retention_lock)?;
         let id = sealed.meta().id;
         if self.get(&id).is_some() {
             return Err(Error::exists(format!(
@@ -283,6 +290,15 @@ impl<'a> Txn<'a> {
     }
 }
 
+/// The refusal to delete a revision under its retention lock: one line
+/// naming the revision and until when.
+pub fn locked(job: &JobName, id: &RevisionId, until: DateTime<Utc>) -> Error {
+    Error::precondition(format!(
+        "job {job}: revision {id} is locked until {} (retention-lock); nothing was deleted",
+        until.format("%Y-%m-%d %H:%M:%S UTC")
+    ))
+}
+
 impl Drop for Txn<'_> {
     fn drop(&mut self) {
         self.jobs.index.invalidate(self.job.name());
@@ -328,9 +344,14 @@ mod tests {
 
     /// Commits a revision of `SIZE` bytes of `byte`, as a push does.
     fn commit(f: &Fixture, byte: u8, tags: &[&str]) -> RevisionMeta {
+        commit_with(f, byte, tags, None)
+    }
+
+    /// [`commit`] under a retention lock.
+    fn commit_with(f: &Fixture, byte: u8, tags: &[&str], lock: Option<Interval>) -> RevisionMeta {
         let sealed = seal(f, RevisionId::new_random(), byte, tags);
         let mut txn = Txn::begin(&f.server.jobs, &f.job).unwrap();
-        txn.publish(sealed).unwrap()
+        txn.publish(sealed, lock).unwrap()
     }
 
     /// A revision `id` of `SIZE` bytes of `byte`, received and sealed, not
@@ -603,7 +624,7 @@ mod tests {
         // A revision under the stuck id (a replica's copy of it) would be
         // hidden and removed by the journal: refused.
         let mut txn = Txn::begin(&f.server.jobs, &f.job).unwrap();
-        let e = txn.publish(seal(&f, ids[1], 6, &["manual:a"])).unwrap_err();
+        let e = txn.publish(seal(&f, ids[1], 6, &["manual:a"]), None).unwrap_err();
         assert_eq!(e.kind, ErrorKind::FailedPrecondition, "{}", e.message);
         drop(txn);
 
@@ -663,6 +684,60 @@ mod tests {
         assert_eq!(f.job.revisions().unwrap().len(), 2);
     }
 
+    /// Issue 28: a revision is locked from its timestamp for the lock it
+    /// was published with; a deletion that names it is refused whoever
+    /// asks (forget, dry run included), naming it and until when, and
+    /// changes nothing; once the lock has passed it goes like any other.
+    #[test]
+    fn a_deletion_refuses_locked_revisions_and_changes_nothing() {
+        let f = fixture();
+        let a = commit(&f, 1, &["manual:a"]);
+        let b = commit_with(&f, 2, &["manual:a"], Some(Interval::from_secs(3600)));
+        assert_eq!(a.locked_until, None);
+        let until = b.locked_until.unwrap();
+        // The timestamp plus the lock, rounded up to a whole second.
+        let exact = b.timestamp + chrono::TimeDelta::seconds(3600);
+        assert!(
+            until >= exact && until - exact < chrono::TimeDelta::seconds(1),
+            "{until} {exact}"
+        );
+        assert_eq!(until.timestamp_subsec_nanos(), 0);
+        assert_eq!(on_disk(&f, &b.id).locked_until, Some(until));
+        let before = f.job.revisions().unwrap();
+        let mut txn = Txn::begin(&f.server.jobs, &f.job).unwrap();
+        let e = txn.delete(&[a.id, b.id]).unwrap_err();
+        assert_eq!(e.kind, ErrorKind::FailedPrecondition, "{}", e.message);
+        let want = format!(
+            "job vm1: revision {} is locked until {} (retention-lock); nothing was deleted",
+            b.id,
+            until.format("%Y-%m-%d %H:%M:%S UTC")
+        );
+        assert_eq!(e.message, want);
+        drop(txn);
+        for apply in [Apply::DryRun, Apply::Yes] {
+            let e = revisions::forget(&f.server, &f.job, "all", apply).unwrap_err();
+            assert_eq!(
+                (e.kind, e.message.as_str()),
+                (ErrorKind::FailedPrecondition, want.as_str())
+            );
+        }
+        assert_eq!(f.job.revisions().unwrap(), before, "nothing deleted");
+        assert!(f.job.image_path(&a.id).exists() && f.job.image_path(&b.id).exists());
+
+        // The lock has passed (as the clock sees it): it holds nothing.
+        write_behind(
+            &f,
+            &RevisionMeta {
+                locked_until: Some(chrono::Utc::now() - chrono::TimeDelta::seconds(1)),
+                ..b.clone()
+            },
+        );
+        let mut txn = Txn::begin(&f.server.jobs, &f.job).unwrap();
+        txn.delete(&[a.id, b.id]).unwrap();
+        drop(txn);
+        assert!(f.job.revisions().unwrap().is_empty());
+    }
+
     /// A commit never replaces a revision of the same id, and a push whose
     /// parent was distrusted meanwhile commits nothing.
     #[test]
@@ -693,7 +768,7 @@ mod tests {
         let sealed = rev.commit(&end).unwrap();
         revisions::distrust(&f.server, &f.job, &parent.id.to_string(), Apply::Yes).unwrap();
         let mut txn = Txn::begin(&f.server.jobs, &f.job).unwrap();
-        let e = txn.publish(sealed).unwrap_err();
+        let e = txn.publish(sealed, None).unwrap_err();
         assert_eq!(e.kind, ErrorKind::FailedPrecondition, "{}", e.message);
         assert!(e.message.contains("distrusted during the push"), "{}", e.message);
         drop(txn);

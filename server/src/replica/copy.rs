@@ -9,7 +9,7 @@ use crate::state::Server;
 use crate::storage::{JobDir, NewRevision, NewRevisionSpec};
 use crate::work::Gate;
 use backy_common::replicate::Transfer;
-use backy_common::revision::RevisionMeta;
+use backy_common::revision::{RevisionMeta, Trust};
 use backy_common::{fault, Error, Result};
 use backy_proto::connect::{status_error, Client};
 use backy_proto::restore_frame::Frame;
@@ -71,6 +71,36 @@ fn check_listing(
     Ok(())
 }
 
+/// Publishes a fresh copy (verified on arrival: its manifest is the
+/// source's) in place of the distrusted copy of the same id, in one
+/// transaction: the distrusted copy goes through [`Txn::delete`] (so every
+/// rule that guards a deletion holds), the fresh one is published. The job
+/// is never without a trusted copy it had: the one replaced was not.
+fn replace_distrusted(
+    server: &Server,
+    job: &JobDir,
+    sealed: crate::storage::Sealed,
+    slot: &crate::job::PushGuard,
+) -> Result<RevisionMeta> {
+    let id = sealed.meta().id;
+    let mut txn = Txn::begin(&server.jobs, job)?;
+    match txn.get(&id) {
+        Some(held) if held.trust == Trust::Distrusted => txn.delete(&[id])?,
+        Some(_) => return Err(Error::exists(format!("revision {id} is here already, trusted"))),
+        None => {}
+    }
+    let config = server.config();
+    let lock = config
+        .job(job.name())
+        .ok()
+        .and_then(|j| config.retention_lock_of(j));
+    let meta = txn.publish(sealed, lock)?;
+    slot.set_parent(None);
+    tracing::info!(job = %job.name(), rev = %id, "replication: replaced a distrusted copy with a fresh, verified one");
+    txn.point_latest("latest");
+    Ok(meta)
+}
+
 /// What one transfer did.
 pub struct Copied {
     pub meta: RevisionMeta,
@@ -97,8 +127,12 @@ pub fn copy(
         .map_err(|_| Error::invalid(format!("revision {}: bad manifest digest", target.id)))?;
     let running = server.jobs.activity.try_start_push(job.name(), target.id)?;
     let txn = Txn::begin(&server.jobs, job)?;
-    if txn.get(&target.id).is_some() {
-        return Err(Error::exists(format!("revision {} is here already", target.id)));
+    match txn.get(&target.id) {
+        // A copy this server distrusted: a fresh one replaces it (see
+        // `replace_distrusted`).
+        Some(held) if transfer.replace && held.trust == Trust::Distrusted => {}
+        Some(_) => return Err(Error::exists(format!("revision {} is here already", target.id))),
+        None => {}
     }
     let base = match transfer.base {
         None => None,
@@ -208,7 +242,11 @@ pub fn copy(
         return Err(e);
     }
     let sealed = rev.commit_copy(target.timestamp, &expected)?;
-    let (meta, _) = crate::push::publish_and_expire(server, job, sealed, &running, "replica.after-commit")?;
+    let meta = if transfer.replace {
+        replace_distrusted(server, job, sealed, &running)?
+    } else {
+        crate::push::publish_and_expire(server, job, sealed, &running, "replica.after-commit")?.0
+    };
     drop(running);
     server.metrics.received(received as usize);
     Ok(Copied {

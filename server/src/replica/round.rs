@@ -8,13 +8,13 @@ use crate::job::Txn;
 use crate::state::Server;
 use crate::storage::JobDir;
 use backy_common::config::ReplicateConfig;
-use backy_common::replicate::{self, Listed, Owed};
+use backy_common::replicate::{self, JobPattern, Listed, Owed};
 use backy_common::revision::RevisionMeta;
 use backy_common::{Error, JobName, Result, RevisionId};
 use backy_proto::connect::{connect_within, status_error, Client, CredentialFiles, Credentials};
-use backy_proto::{JobsRequest, RevisionInfo, StatusRequest};
+use backy_proto::{JobsRequest, RevisionInfo};
 use chrono::Utc;
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -62,24 +62,21 @@ async fn round(server: &Arc<Server>, r: &ReplicateConfig) {
             }
             tally.failed = 1;
         }
-        Ok(mut client) => match names(&mut client, r).await {
+        Ok(mut client) => match names(server, &mut client, r).await {
             Err(e) => {
                 tracing::error!(source = %r.source, "replication: listing the source's jobs: {e}");
                 tally.failed = 1;
             }
             Ok(names) => {
-                if r.jobs.is_none() && server.replication.found(&names) {
-                    // New jobs: they become jobs here (directories, status).
-                    let config = server.config();
-                    server.replace_config((*config).clone());
-                    for name in &names {
-                        if let Err(e) = JobDir::new(&config.base_dir, name.clone()).ensure() {
-                            tracing::error!(job = %name, "replication: {e}");
-                        }
-                    }
-                }
                 for name in names {
                     tally.jobs += 1;
+                    if let Some(why) = server.replication.refused(&server.config(), &name) {
+                        // A job of this server's own: never converted.
+                        tracing::error!(job = %name, source = %r.source, "replication: {why}");
+                        server.replication.update(&name, |s| s.last_error = why.clone());
+                        tally.failed += 1;
+                        continue;
+                    }
                     if let Err(e) = job_round(server, &client, &name, &mut tally).await {
                         tracing::error!(job = %name, source = %r.source, "replication: {e}");
                         server
@@ -117,21 +114,86 @@ async fn connect(r: &ReplicateConfig) -> Result<Client> {
     connect_within(&r.source, &creds, Duration::from_secs(30)).await
 }
 
-/// The jobs to copy: the configured list, or all the source shows us.
-async fn names(client: &mut Client, r: &ReplicateConfig) -> Result<Vec<JobName>> {
-    if let Some(jobs) = &r.jobs {
-        return Ok(jobs.clone());
+/// The jobs of this round: the names `r` lists, and the source's jobs its
+/// prefixes match, no more than `max-jobs` (the excess is reported). Jobs
+/// found in earlier rounds that the source no longer lists stay copies
+/// while they hold revisions here (their copies are kept; the round says
+/// the source no longer lists them) and are forgotten otherwise.
+async fn names(server: &Arc<Server>, client: &mut Client, r: &ReplicateConfig) -> Result<Vec<JobName>> {
+    let patterns = r.patterns()?;
+    if patterns.iter().all(|p| matches!(p, JobPattern::Name(_))) {
+        return Ok(replicate::select(&patterns, r.max_jobs, &[], &BTreeSet::new()).jobs);
     }
     let mut stream = client
         .jobs(JobsRequest {})
         .await
         .map_err(status_error)?
         .into_inner();
-    let mut names = Vec::new();
+    let mut on_source = Vec::new();
+    let mut seen = 0usize;
     while let Some(summary) = stream.message().await.map_err(status_error)? {
-        names.push(JobName::new(&summary.job)?);
+        seen += 1;
+        // Names are checked only when a prefix matches them: a source's
+        // other jobs are none of this server's business.
+        if let Ok(name) = JobName::new(&summary.job) {
+            if replicate::listed_by(&patterns, &name) {
+                on_source.push(name);
+            }
+        }
     }
-    Ok(names)
+    let known = server.replication.known();
+    let selection = replicate::select(&patterns, r.max_jobs, &on_source, &known);
+    if selection.excess > 0 {
+        tracing::warn!(
+            source = %r.source, listed = seen, excess = selection.excess,
+            "replication: the source lists more than max-jobs ({}) jobs to copy: {} not copied",
+            r.max_jobs, selection.excess
+        );
+    }
+    let config = server.config();
+    let mut jobs = selection.jobs;
+    // Jobs of this server's own that a prefix matches are recorded too:
+    // the records say they are refused (see `Replication::refused`).
+    let new: Vec<JobName> = jobs.iter().filter(|n| !known.contains(*n)).cloned().collect();
+    let changed = server.replication.found(&new);
+    let mut forgotten = Vec::new();
+    for name in &known {
+        if jobs.contains(name) || !replicate::listed_by(&patterns, name) {
+            continue;
+        }
+        let dir = JobDir::new(&config.base_dir, name.clone());
+        let held = dir.revisions().map(|r| r.len()).unwrap_or(0);
+        if held == 0 {
+            server.replication.forget(name);
+            forgotten.push(name.clone());
+        } else {
+            server.replication.update(name, |s| {
+                s.last_error =
+                    format!("the source no longer lists job {name}; the {held} copies here are kept")
+            });
+        }
+    }
+    if changed || !forgotten.is_empty() {
+        // New or forgotten jobs: the configuration follows (directories,
+        // status).
+        let mut next = (*config).clone();
+        next.jobs
+            .retain(|n, j| !(forgotten.contains(n) && *j == Default::default()));
+        server.replace_config(next);
+        for name in new
+            .iter()
+            .filter(|n| server.replication.copies(&server.config(), n))
+        {
+            if let Err(e) = JobDir::new(&config.base_dir, name.clone()).ensure() {
+                tracing::error!(job = %name, "replication: {e}");
+            }
+        }
+    }
+    let config = server.config();
+    jobs.retain(|n| {
+        server.replication.copies(&config, n) || server.replication.refused(&config, n).is_some()
+    });
+    Ok(jobs)
 }
 
 fn listed(m: &RevisionMeta) -> Listed {
@@ -145,21 +207,11 @@ fn listed(m: &RevisionMeta) -> Listed {
 
 /// One job: what the source lists, the copies it owes, its expiry.
 async fn job_round(server: &Arc<Server>, client: &Client, name: &JobName, tally: &mut Tally) -> Result<()> {
-    let reply = client
-        .clone()
-        .status(StatusRequest {
-            job: name.to_string(),
-        })
-        .await
-        .map_err(status_error)?
-        .into_inner();
-    let at = Utc::now();
-    let infos: Vec<RevisionInfo> = reply
-        .jobs
-        .into_iter()
-        .find(|j| j.job == name.as_str())
-        .ok_or_else(|| Error::not_found(format!("the source did not list job {name}")))?
+    // Streamed: no message limit (proto/src/listing.rs).
+    let infos: Vec<RevisionInfo> = backy_proto::listing::job_status(&mut client.clone(), name.as_str())
+        .await?
         .revisions;
+    let at = Utc::now();
     let metas: Vec<RevisionMeta> = infos.iter().map(RevisionMeta::try_from).collect::<Result<_>>()?;
     let source: Vec<Listed> = metas.iter().map(listed).collect();
     let by_id: HashMap<RevisionId, RevisionInfo> = metas.iter().map(|m| m.id).zip(infos).collect();
@@ -170,6 +222,11 @@ async fn job_round(server: &Arc<Server>, client: &Client, name: &JobName, tally:
         None => Owed::All,
     };
     let here = held(server, &job).await?;
+    // Before anything lands: this directory holds a copy (see
+    // `crate::replication::jobs::own_job`).
+    let source_url = config.replicate.as_ref().map_or("", |r| r.source.as_str());
+    crate::replication::jobs::mark_copy(job.path(), source_url)?;
+    let disordered = replicate::out_of_order(&source, &here, at);
     let transfers = replicate::plan(&source, &here, owed, at);
     let handle = tokio::runtime::Handle::current();
     let mut failure = None;
@@ -204,7 +261,15 @@ async fn job_round(server: &Arc<Server>, client: &Client, name: &JobName, tally:
     }
     let here = held(server, &job).await?;
     if owed == Owed::All && failure.is_none() {
-        tally.expired += mirror_expiry(server, &job, &source, &here).await?;
+        tally.expired += mirror_expiry(server, &job, &source, &here, at).await?;
+    }
+    if failure.is_none() && !disordered.is_empty() {
+        let list: Vec<String> = disordered.iter().map(|id| id.to_string()).collect();
+        failure = Some(Error::precondition(format!(
+            "not copied, out of the source's order (dated before this replica's newest copy, \
+             or held here under another date): {}",
+            list.join(", ")
+        )));
     }
     let here = held(server, &job).await?;
     let lag = replicate::lag(&source, &here, owed, at);
@@ -233,8 +298,9 @@ async fn mirror_expiry(
     job: &JobDir,
     source: &[Listed],
     here: &[Listed],
+    now: chrono::DateTime<Utc>,
 ) -> Result<usize> {
-    let doomed = replicate::mirror_expiry(source, here);
+    let doomed = replicate::mirror_expiry(source, here, now);
     if doomed.is_empty() {
         return Ok(0);
     }
@@ -245,9 +311,12 @@ async fn mirror_expiry(
         // Decided again from what is on disk now, not from the listing the
         // round began with.
         let here: Vec<Listed> = txn.revisions().iter().map(listed).collect();
-        let doomed: Vec<RevisionId> = replicate::mirror_expiry(&source, &here)
+        // Copies under this server's retention lock stay (Txn::delete would
+        // refuse them, and with them the rest).
+        let doomed: Vec<RevisionId> = replicate::mirror_expiry(&source, &here, now)
             .into_iter()
             .filter(|id| !protected.contains(id))
+            .filter(|id| txn.get(id).and_then(|m| m.locked_at(now)).is_none())
             .collect();
         txn.delete(&doomed)?;
         for id in &doomed {

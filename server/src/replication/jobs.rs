@@ -3,8 +3,8 @@
 //! it (kept in `<base-dir>/.replication.yaml`, so the lag stays honest
 //! across restarts).
 
-use backy_common::config::{ReplicateConfig, ServerConfig};
-use backy_common::replicate::Lag;
+use backy_common::config::ServerConfig;
+use backy_common::replicate::{listed_by, JobPattern, Lag};
 use backy_common::{JobName, Result};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -30,6 +30,10 @@ pub struct JobState {
 struct Saved {
     #[serde(default)]
     jobs: BTreeMap<JobName, SavedJob>,
+    /// The copies' directories carry [`COPY_MARKER`]; false in files of
+    /// versions before it, whose copies are marked once at load.
+    #[serde(default)]
+    marked: bool,
 }
 
 #[derive(Debug, Default, Serialize, Deserialize)]
@@ -43,6 +47,9 @@ pub struct Replication {
     path: PathBuf,
     /// Per copied job (every job seen in a round, and those saved).
     jobs: Mutex<BTreeMap<JobName, JobState>>,
+    /// What the configuration makes of its `jobs:` list now: the copies,
+    /// and the listed names refused as jobs of this server's own (why).
+    current: Mutex<Current>,
     /// Since when this process runs: the lag of a job never read counts
     /// from here.
     started: DateTime<Utc>,
@@ -50,7 +57,49 @@ pub struct Replication {
     pub wake: tokio::sync::Notify,
 }
 
+#[derive(Default)]
+struct Current {
+    copies: BTreeSet<JobName>,
+    refused: BTreeMap<JobName, String>,
+}
+
 const STATE_FILE: &str = ".replication.yaml";
+
+/// Marks a job directory as a copy of another server's (written before
+/// the first copy lands): a job with revisions and without it is one of
+/// this server's own, which no source may take over.
+const COPY_MARKER: &str = ".copy";
+
+/// Why `job` cannot be a copy: it is a job of this server's own (it has a
+/// client, or revisions that were not copied here). `None`: it may be.
+pub fn own_job(config: &ServerConfig, job: &JobName) -> Option<String> {
+    let own =
+        || format!("job {job} is a job of this server's own: not copied (remove it from replicate: jobs:)");
+    if config.jobs.get(job).is_some_and(|j| j.client.is_some()) {
+        return Some(own());
+    }
+    let dir = config.base_dir.join(job.as_str());
+    if dir.join(COPY_MARKER).exists() {
+        return None;
+    }
+    let has_revisions = std::fs::read_dir(&dir)
+        .map(|entries| {
+            entries
+                .flatten()
+                .any(|e| e.file_name().to_str().is_some_and(|n| n.ends_with(".rev")))
+        })
+        .unwrap_or(false);
+    has_revisions.then(own)
+}
+
+/// Marks `dir` (a job's directory) as a copy (see [`COPY_MARKER`]).
+pub fn mark_copy(dir: &Path, source: &str) -> Result<()> {
+    let marker = dir.join(COPY_MARKER);
+    if marker.exists() {
+        return Ok(());
+    }
+    crate::storage::durable::write_atomic(&marker, format!("{source}\n").as_bytes())
+}
 
 impl Replication {
     /// Loads what earlier runs saved under `base_dir` (nothing if absent
@@ -58,6 +107,16 @@ impl Replication {
     pub fn load(base_dir: &Path) -> Self {
         let path = base_dir.join(STATE_FILE);
         let saved: Saved = super::load_yaml(&path);
+        if !saved.marked {
+            for name in saved.jobs.keys() {
+                let dir = base_dir.join(name.as_str());
+                if dir.is_dir() {
+                    if let Err(e) = mark_copy(&dir, "(copied before copy markers)") {
+                        tracing::warn!(job = %name, "marking an earlier copy: {e}");
+                    }
+                }
+            }
+        }
         let jobs = saved
             .jobs
             .into_iter()
@@ -72,6 +131,7 @@ impl Replication {
         Replication {
             path,
             jobs: Mutex::new(jobs),
+            current: Mutex::default(),
             started: Utc::now(),
             wake: tokio::sync::Notify::new(),
         }
@@ -81,29 +141,61 @@ impl Replication {
         self.jobs.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// The jobs `config` copies: its `replicate.jobs`, or every job a
-    /// round has found on the source.
-    pub fn copied(&self, config: &ServerConfig) -> BTreeSet<JobName> {
-        match &config.replicate {
-            None => BTreeSet::new(),
-            Some(ReplicateConfig { jobs: Some(list), .. }) => list.iter().cloned().collect(),
-            Some(_) => self.lock().keys().cloned().collect(),
-        }
+    fn current(&self) -> std::sync::MutexGuard<'_, Current> {
+        self.current.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Whether `config` copies `job` (what [`Replication::copied`] holds,
-    /// without building the set: asked per job on hosts of thousands).
-    pub fn copies(&self, config: &ServerConfig, job: &JobName) -> bool {
-        match &config.replicate {
-            None => false,
-            Some(ReplicateConfig { jobs: Some(list), .. }) => list.contains(job),
-            Some(_) => self.lock().contains_key(job),
+    /// Decides again which jobs `config` copies: the names its `jobs:`
+    /// lists and the jobs found on the source that its list still matches,
+    /// less the jobs of this server's own (refused, with the reason).
+    fn refresh(&self, config: &ServerConfig) {
+        let mut now = Current::default();
+        if let Some(r) = &config.replicate {
+            let patterns = r.patterns().unwrap_or_default();
+            let known: BTreeSet<JobName> = self.lock().keys().cloned().collect();
+            let named = patterns.iter().filter_map(|p| match p {
+                JobPattern::Name(n) => Some(n.clone()),
+                JobPattern::Prefix(_) => None,
+            });
+            let found = known.iter().filter(|n| listed_by(&patterns, n)).cloned();
+            for name in named.chain(found).collect::<BTreeSet<_>>() {
+                match own_job(config, &name) {
+                    Some(why) => {
+                        now.refused.insert(name, why);
+                    }
+                    None => {
+                        now.copies.insert(name);
+                    }
+                }
+            }
         }
+        *self.current() = now;
+    }
+
+    /// The jobs `config` copies (see [`Replication::refresh`]).
+    pub fn copied(&self, config: &ServerConfig) -> BTreeSet<JobName> {
+        if config.replicate.is_none() {
+            return BTreeSet::new();
+        }
+        self.current().copies.clone()
+    }
+
+    /// Whether `config` copies `job` (asked per job on hosts of thousands).
+    pub fn copies(&self, config: &ServerConfig, job: &JobName) -> bool {
+        config.replicate.is_some() && self.current().copies.contains(job)
+    }
+
+    /// Why a job the replica lists is not copied (a job of its own).
+    pub fn refused(&self, config: &ServerConfig, job: &JobName) -> Option<String> {
+        // Without replication nothing is refused (a stale record aside).
+        config.replicate.as_ref()?;
+        self.current().refused.get(job).cloned()
     }
 
     /// `config` with every copied job it does not list added as a job of
     /// its own: no schedule (the source's expiry is mirrored), no client.
     pub fn effective(&self, mut config: ServerConfig) -> ServerConfig {
+        self.refresh(&config);
         for name in self.copied(&config) {
             config.jobs.entry(name).or_default();
         }
@@ -121,6 +213,17 @@ impl Replication {
             }
         }
         new
+    }
+
+    /// Forgets a job found on the source that it no longer lists and of
+    /// which nothing was copied: it is no longer listed here.
+    pub fn forget(&self, job: &JobName) {
+        self.lock().remove(job);
+    }
+
+    /// The jobs found on the source so far.
+    pub fn known(&self) -> BTreeSet<JobName> {
+        self.lock().keys().cloned().collect()
     }
 
     pub fn update(&self, job: &JobName, f: impl FnOnce(&mut JobState)) {
@@ -166,7 +269,64 @@ impl Replication {
                     )
                 })
                 .collect(),
+            marked: true,
         };
         super::save_yaml(&self.path, &saved)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(base: &Path, jobs: &str) -> ServerConfig {
+        let text = format!(
+            "listen: 127.0.0.1:0\nbase-dir: {}\ninsecure-plaintext: true\n\
+             clients:\n  hv01: {{token-hash: 'blake3:{}'}}\n  rep: {{role: replica, token-hash: 'blake3:{}'}}\n\
+             jobs:\n{jobs}\nreplicate: {{source: 'http://127.0.0.1:1', jobs: [mine, fresh, 'web-*']}}\n",
+            base.display(),
+            "0".repeat(64),
+            "1".repeat(64),
+        );
+        ServerConfig::from_yaml(&text, "server.yaml").unwrap()
+    }
+
+    /// Issue 28, item 2: a listed job of the replica's own (a client, or
+    /// revisions not copied here) is refused, never a copy; a marked copy
+    /// and a job with nothing yet are copies.
+    #[test]
+    fn own_jobs_are_refused_copies_are_marked() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = dir.path();
+        let cfg = config(
+            base,
+            "  mine: {schedule: none, client: hv01}\n  web-1: {schedule: none}",
+        );
+        let n = |s: &str| JobName::new(s).unwrap();
+        std::fs::create_dir_all(base.join("web-1")).unwrap();
+        std::fs::write(base.join("web-1/AAAAAAAAAAAAAAAAAAAAAA.rev"), "x").unwrap();
+        let r = Replication::load(base);
+        r.found(&[n("web-1"), n("web-2")]);
+        let cfg = r.effective(cfg);
+        assert!(r
+            .refused(&cfg, &n("mine"))
+            .unwrap()
+            .contains("is a job of this server's own"));
+        assert!(
+            r.refused(&cfg, &n("web-1")).is_some(),
+            "revisions without the marker"
+        );
+        assert!(!r.copies(&cfg, &n("mine")) && !r.copies(&cfg, &n("web-1")));
+        assert!(r.copies(&cfg, &n("fresh")) && r.copies(&cfg, &n("web-2")));
+        mark_copy(&base.join("web-1"), "http://127.0.0.1:1").unwrap();
+        let cfg = r.effective(cfg);
+        assert!(r.copies(&cfg, &n("web-1")), "a marked copy");
+        // A job the list no longer matches is no copy.
+        let mut other = cfg.clone();
+        if let Some(rc) = other.replicate.as_mut() {
+            rc.jobs = vec!["fresh".into()];
+        }
+        let other = r.effective(other);
+        assert!(!r.copies(&other, &n("web-2")));
     }
 }

@@ -639,6 +639,7 @@ impl NewRevision {
             stats,
             manifest_digest: hex::encode(manifest_digest),
             storage: self.storage,
+            locked_until: None,
         };
         Ok(Sealed {
             rev: self,
@@ -668,6 +669,30 @@ impl std::fmt::Debug for Sealed {
 impl Sealed {
     pub fn meta(&self) -> &RevisionMeta {
         &self.meta
+    }
+
+    /// Locks the revision for `lock` from its timestamp on (none: not
+    /// locked), as written into its `.rev` when it is installed. Rounded
+    /// up to a whole second, as status shows times: the lock shown is the
+    /// lock enforced.
+    pub fn lock_for(&mut self, lock: Option<backy_common::units::Interval>) -> Result<()> {
+        self.meta.locked_until = match lock {
+            None => None,
+            Some(lock) => {
+                let too_long =
+                    || Error::invalid(format!("retention-lock {lock} reaches past the end of time"));
+                let secs = i64::try_from(lock.secs()).map_err(|_| too_long())?;
+                let whole = self.meta.timestamp.timestamp();
+                let up = i64::from(self.meta.timestamp.timestamp_subsec_nanos() > 0);
+                let until = whole
+                    .checked_add(secs)
+                    .and_then(|t| t.checked_add(up))
+                    .and_then(|t| DateTime::from_timestamp(t, 0))
+                    .ok_or_else(too_long)?;
+                Some(until)
+            }
+        };
+        Ok(())
     }
 
     /// Makes the revision visible: moves the image and the manifest into
@@ -782,7 +807,7 @@ mod tests {
         let base = job.path().parent().unwrap();
         let server = crate::state::test_server(base, &format!("  {}: {{schedule: none}}\n", job.name()));
         let mut txn = crate::job::Txn::begin(&server.jobs, job).unwrap();
-        txn.publish(sealed).unwrap()
+        txn.publish(sealed, None).unwrap()
     }
 
     /// The manifest of a whole image in blocks of `bs` bytes.

@@ -2,7 +2,7 @@
 //! `backy-client` processes, real loop-mounted filesystems, sample images.
 #![allow(dead_code)]
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -753,4 +753,26 @@ pub fn manifest_digest_after(
         manifest.set(block, digest(&buf)).unwrap();
     }
     manifest.file_digest().to_vec()
+}
+
+/// A plain HTTP/1.1 GET: (status, headers, body).
+pub fn http_get_with(addr: &str, path: &str, authorization: Option<&str>) -> (u16, String, String) {
+    let mut s = std::net::TcpStream::connect(addr).expect("connect to the HTTP listener");
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let auth = authorization.map_or(String::new(), |a| format!("Authorization: {a}\r\n"));
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Connection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).expect("read the response");
+    let text = String::from_utf8(raw).expect("UTF-8 response");
+    let (head, body) = text.split_once("\r\n\r\n").expect("headers end");
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .expect("status code");
+    (status, head.to_string(), body.to_string())
 }
