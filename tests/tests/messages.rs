@@ -92,7 +92,7 @@ fn check_config_reads_every_file_as_the_service_user() {
             &config,
             format!(
                 "listen: 127.0.0.1:0\nbase-dir: {}\ninsecure-plaintext: true\n\
-                 replicate: {{source: 'http://127.0.0.1:1', token-file: {}}}\njobs: {{}}\n",
+                 replicate: {{source: 'http://127.0.0.1:1', token-file: {}, jobs: [vm1]}}\njobs: {{}}\n",
                 base.display(),
                 token.display()
             ),
@@ -450,7 +450,7 @@ fn check_config_as_root_checks_as_the_installed_units_user_and_sandbox() {
         &config,
         format!(
             "listen: 127.0.0.1:0\nbase-dir: {}\ninsecure-plaintext: true\n\
-             replicate: {{source: 'http://127.0.0.1:1', token-file: {}}}\njobs: {{}}\n",
+             replicate: {{source: 'http://127.0.0.1:1', token-file: {}, jobs: [vm1]}}\njobs: {{}}\n",
             base.display(),
             token.display()
         ),
