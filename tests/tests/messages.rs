@@ -497,3 +497,65 @@ fn check_config_as_root_checks_as_the_installed_units_user_and_sandbox() {
         "{line}"
     );
 }
+
+/// Item 4: a replica started as the service's user that cannot read its
+/// token file logs (and shows in status and check) which file, which
+/// user, and what to run, not a bare "Permission denied".
+#[test]
+fn a_replica_that_cannot_read_its_token_says_what_to_run() {
+    must_be_root();
+    let dir = open_dir();
+    let d = dir.path();
+    let base = store(d);
+    let token = d.join("replica.token");
+    std::fs::write(&token, format!("{}\n", generate_token())).unwrap();
+    chmod(&token, 0o600);
+    let config = d.join("server.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "listen: 127.0.0.1:0\nbase-dir: {}\ninsecure-plaintext: true\n\
+             replicate: {{source: 'http://127.0.0.1:1', token-file: {}, jobs: [vm1]}}\njobs: {{}}\n",
+            base.display(),
+            token.display()
+        ),
+    )
+    .unwrap();
+    chmod(&config, 0o644);
+    let mut child = Command::new(bin("backy-server"))
+        .arg("--config")
+        .arg(&config)
+        .uid(UID)
+        .gid(GID)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let stderr = child.stderr.take().unwrap();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let mut found = None;
+    while found.is_none() && std::time::Instant::now() < deadline {
+        match rx.recv_timeout(Duration::from_millis(200)) {
+            Ok(line) if line.contains("replication:") => found = Some(line),
+            _ => {}
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    let line = found.expect("a replication error logged within 30 s");
+    let t = token.display();
+    assert!(
+        line.contains(&format!(
+            "replica token file {t}: user {USER} cannot read it (root:root 0600)"
+        )) && line.contains(&format!("chgrp {GROUP} {t}; chmod 640 {t}")),
+        "{line}"
+    );
+}
