@@ -198,9 +198,20 @@ impl Tls {
     }
 }
 
+/// A copy of `backy-server` in `dir` (one of [`open_dir`]'s), which
+/// `nobody` may run wherever the build lives (a checkout under /root).
+fn server_bin_for_user(dir: &Path) -> PathBuf {
+    let to = dir.join("backy-server");
+    if !to.exists() {
+        std::fs::copy(bin("backy-server"), &to).unwrap();
+        chmod(&to, 0o755);
+    }
+    to
+}
+
 /// `backy-server --config CONFIG` as `nobody`, which must refuse to start.
 fn serve_as_user(config: &Path) -> Output {
-    let mut child = Command::new(bin("backy-server"))
+    let mut child = Command::new(server_bin_for_user(config.parent().unwrap()))
         .arg("--config")
         .arg(config)
         .uid(UID)
@@ -426,7 +437,7 @@ fn check_with_unit_as(config: &Path, dropin: &str, wrapper: &[&str]) -> Output {
         .arg(config)
         .arg("-")
         .args(wrapper)
-        .arg(bin("backy-server"))
+        .arg(server_bin_for_user(config.parent().unwrap()))
         .stdin(Stdio::null())
         .output()
         .expect("running unshare")
@@ -522,7 +533,7 @@ fn a_replica_that_cannot_read_its_token_says_what_to_run() {
     )
     .unwrap();
     chmod(&config, 0o644);
-    let mut child = Command::new(bin("backy-server"))
+    let mut child = Command::new(server_bin_for_user(d))
         .arg("--config")
         .arg(&config)
         .uid(UID)
