@@ -549,6 +549,9 @@ async fn dispatch(
         agent::run(url, creds, &options, jobs).await?;
         return Ok(0);
     }
+    if let Command::Push(cmd) = &cli.command {
+        push::check_listed(&cmd.job, cmd.source.as_deref(), config, &config_name)?;
+    }
     let progress = progress::Terminal::if_wanted(cli.json || cli.quiet);
     let timeout = std::time::Duration::from_secs(cli.timeout);
     let mut client = connect::connect_within(url, creds, timeout).await?;

@@ -4,6 +4,7 @@
 //! except [`writeback`], a writeback hint for files the caller opened,
 //! which both edges use.
 
+pub mod access;
 pub mod blockset;
 pub mod checksum;
 pub mod config;
