@@ -13,7 +13,7 @@ use anyhow::Context;
 use backy_common::JobName;
 use clap::{Args, Parser, Subcommand};
 use serde::Serialize;
-use std::io::Write;
+use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -567,9 +567,20 @@ async fn dispatch(
                 allow_shrink: cmd.allow_shrink,
                 changed_ranges: cmd.changed_ranges.clone(),
             };
-            // Not due: nothing to say (exit silently, as the original did).
             if let Some(pushed) = push::push(&mut client, &args, &*progress).await? {
                 result(&pushed)?;
+            } else if !cli.quiet && (cli.verbose > 0 || (!cli.json && std::io::stdout().is_terminal())) {
+                // Not due: silent for cron and timers; a person is told
+                // when, on stdout (stderr under --json, which keeps stdout
+                // for documents).
+                let status = status::fetch(&mut client, &cmd.job).await.ok();
+                let status = status.as_ref().and_then(|s| s.jobs.first());
+                let line = push::not_due_line(cmd.job.as_str(), status, chrono::Utc::now());
+                if cli.json {
+                    eprintln!("{line}");
+                } else {
+                    print_out(&format!("{line}\n"))?;
+                }
             }
         }
         Command::Restore(cmd) => {
