@@ -44,7 +44,8 @@ struct Cli {
     )]
     server: Option<String>,
 
-    /// Client config file [default: /etc/backy/client.yaml when present]
+    /// Client config file (every key in man 5 backy-client.yaml)
+    /// [default: /etc/backy/client.yaml when present]
     #[arg(long, value_name = "FILE", global = true, help_heading = "Global options")]
     config: Option<PathBuf>,
 
@@ -93,7 +94,8 @@ struct Cli {
     )]
     key: Option<PathBuf>,
 
-    /// Print results as JSON (docs/json.md; failures as JSON on stderr)
+    /// Print results as JSON (/usr/share/doc/backy-client/docs/json.md, docs/json.md
+    /// in the source; failures as JSON on stderr)
     #[arg(long, global = true, help_heading = "Global options")]
     json: bool,
 
@@ -253,7 +255,8 @@ SLA and are counted apart. Bad arguments are UNKNOWN too.
 The line ends in performance data: for one job `age` (of its newest trusted
 revision, with the SLA window as critical threshold), `revisions` and
 `failures`; for several, counts by state and `oldest_age`. --json prints the
-verdict per job instead (docs/json.md).
+verdict per job instead (/usr/share/doc/backy-client/docs/json.md, docs/json.md
+in the source).
 
 Examples:
   backy-client check
@@ -487,7 +490,10 @@ fn subcommand_of(args: &[String]) -> Option<String> {
 fn run(cli: Cli) -> anyhow::Result<u8> {
     // Needs no config and no server.
     if let Command::Assets(a) = &cli.command {
-        a.run(<Cli as clap::CommandFactory>::command())?;
+        a.run(
+            <Cli as clap::CommandFactory>::command(),
+            &backy_common::config_reference::CLIENT,
+        )?;
         return Ok(0);
     }
     let config = settings::load(cli.config.as_deref())?;

@@ -7,6 +7,7 @@
 pub mod blockset;
 pub mod checksum;
 pub mod config;
+pub mod config_reference;
 pub mod error;
 pub mod escape;
 pub mod fault;
