@@ -8,6 +8,7 @@ pub mod access;
 pub mod blockset;
 pub mod checksum;
 pub mod config;
+pub mod config_reference;
 pub mod error;
 pub mod escape;
 pub mod fault;

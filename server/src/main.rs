@@ -16,7 +16,7 @@ use std::path::PathBuf;
     after_help = "Examples:\n  backy-server --config /etc/backy/server.yaml\n  backy-server --config server.yaml check-config"
 )]
 struct Cli {
-    /// Server configuration (YAML).
+    /// Server configuration (YAML; every key in man 5 backy-server.yaml).
     #[arg(
         long,
         short,
@@ -236,7 +236,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     match &cli.command {
         Some(Command::HashToken { generate }) => return hash_token(generate.as_ref()),
         Some(Command::CertFingerprint { cert }) => return cert_fingerprint(cert),
-        Some(Command::Assets(a)) => return Ok(a.run(<Cli as clap::CommandFactory>::command())?),
+        Some(Command::Assets(a)) => {
+            return Ok(a.run(
+                <Cli as clap::CommandFactory>::command(),
+                &backy_common::config_reference::SERVER,
+            )?)
+        }
         Some(Command::MigrateSources { jobs }) => {
             let text = std::fs::read_to_string(&cli.config)
                 .with_context(|| format!("reading {}", cli.config.display()))?;

@@ -7,9 +7,11 @@
 //! `shared` imports neither.
 
 mod file;
+mod not_due;
 pub mod rbd;
 mod shared;
 
+pub use not_due::not_due_line;
 pub use shared::{rebase, PushArgs, Pushed};
 
 use crate::connect::{status_error, Client};
@@ -41,7 +43,8 @@ pub async fn push(client: &mut Client, args: &PushArgs, progress: &dyn Progress)
         .map_err(status_error)?
         .into_inner();
     if !plan.due {
-        tracing::info!(job, reason = %plan.reason, "not due");
+        // The caller tells a person (not_due_line); cron wants silence.
+        tracing::debug!(job, reason = %plan.reason, "not due");
         return Ok(None);
     }
     let parent = crate::view::revision_id(&plan.parent_id);
