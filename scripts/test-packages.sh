@@ -2,7 +2,8 @@
 # The Debian packages as an operator gets them. Builds them
 # (scripts/package.sh), installs both with dpkg (twice: the upgrade path of
 # the maintainer scripts too), checks the user, /etc/backy, the installed
-# units (systemd-analyze verify), man pages (man -l) and completions, then
+# units (systemd-analyze verify), the docs, man pages (man -l; section 5
+# for the config files) and completions, then
 # runs the INSTALLED binaries from the shipped example configs, adjusted:
 # paths into a temp dir, a free loopback port with plaintext (as the
 # example allows), a fresh token for hv01. The server runs as user backy
@@ -72,7 +73,8 @@ ls -l $debs | awk '{ printf "%10d  %s\n", $5, $NF }'
 step "dpkg -i (twice: install, then the upgrade path)"
 # Some container images exclude man pages from installation; these are
 # under test.
-include=(--path-include='/usr/share/man/man1/backy-*')
+include=(--path-include='/usr/share/man/man1/backy-*' --path-include='/usr/share/man/man5/backy-*'
+  --path-include='/usr/share/doc/backy-*')
 dpkg "${include[@]}" -i "$server_deb" "$client_deb" >/dev/null
 dpkg "${include[@]}" -i "$server_deb" "$client_deb" >/dev/null
 
@@ -95,9 +97,21 @@ etc_mode=$(stat -c '%a %U:%G' /etc/backy)
 step "files"
 for f in /usr/bin/backy-server /usr/bin/backy-client \
   /usr/share/doc/backy-server/examples/server.yaml /usr/share/doc/backy-client/examples/client.yaml \
+  /usr/share/doc/backy-server/README.md /usr/share/doc/backy-client/README.md \
+  /usr/share/doc/backy-server/docs/json.md /usr/share/doc/backy-client/docs/json.md \
+  /usr/share/doc/backy-server/docs/DESIGN.md /usr/share/doc/backy-client/docs/DESIGN.md \
   /usr/share/zsh/vendor-completions/_backy-server /usr/share/zsh/vendor-completions/_backy-client \
   /usr/share/fish/vendor_completions.d/backy-server.fish /usr/share/fish/vendor_completions.d/backy-client.fish; do
   [ -s "$f" ] || fail "$f is missing or empty"
+done
+# What --help points at is installed there; README's links to docs/ resolve.
+json=$(/usr/bin/backy-client --help | grep -o '/usr/share/doc/[^ ,;)]*json.md') ||
+  fail "backy-client --help names no installed json.md"
+[ -s "$json" ] || fail "backy-client --help points at $json, which is not installed"
+for pkg in backy-server backy-client; do
+  for link in $(grep -o '](docs/[^)]*)' "/usr/share/doc/$pkg/README.md" | sed 's/^](\(.*\))$/\1/' | sort -u); do
+    [ -s "/usr/share/doc/$pkg/$link" ] || fail "$pkg's README links $link, which is not installed"
+  done
 done
 
 step "systemd-analyze verify on the installed units"
@@ -124,6 +138,24 @@ for page in "${pages[@]}"; do
   [ "$(man -w "$name")" = "$page" ] || fail "man -w $name does not find $page"
 done
 echo "${#pages[@]} pages render"
+# The configuration files' pages, from the key reference the examples are
+# checked against (common/tests/examples.rs): each key an example gives a
+# plain value (not a mapping: those are names chosen) is on the page.
+for pkg in backy-server backy-client; do
+  page=/usr/share/man/man5/$pkg.yaml.5.gz
+  [ -s "$page" ] || fail "$page is not installed"
+  text=$(MANWIDTH=200 man --warnings -l "$page" 2>"$tmp/man.err") || fail "man -l $page: $(cat "$tmp/man.err")"
+  [ ! -s "$tmp/man.err" ] || fail "man -l $page warned: $(cat "$tmp/man.err")"
+  grep -q "^KEYS" <<<"$text" || fail "man -l $page has no KEYS section"
+  [ "$(man -w 5 "$pkg.yaml")" = "$page" ] || fail "man -w 5 $pkg.yaml does not find $page"
+  example=/usr/share/doc/$pkg/examples/${pkg#backy-}.yaml
+  keys=$(sed -n 's/^ *\([a-z][a-z-]*\): *[^ {#].*/\1/p' "$example" | sort -u)
+  [ "$(wc -l <<<"$keys")" -ge 10 ] || fail "only these keys found in $example: $keys"
+  for k in $keys; do
+    grep -qE "(^|[ .])$k \(" <<<"$text" || fail "man 5 $pkg.yaml lacks the example's key $k"
+  done
+done
+echo "backy-server.yaml(5) and backy-client.yaml(5) render and name every key of the examples"
 
 step "shell completions"
 for bin in backy-server backy-client; do

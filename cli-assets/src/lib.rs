@@ -2,8 +2,13 @@
 //! definition, so they always match the options it accepts. Each binary
 //! flattens [`AssetsCommand`] into its subcommands: a visible
 //! `completions SHELL`, and a hidden `generate-assets --out DIR` that
-//! `scripts/package.sh` runs to fill the Debian packages.
+//! `scripts/package.sh` runs to fill the Debian packages. With the man
+//! pages of the command line goes the section-5 page of the binary's
+//! configuration file ([`config_page`]).
 
+pub mod config_page;
+
+use backy_common::config_reference::ConfigReference;
 use clap_complete::Shell;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -45,8 +50,9 @@ The Debian packages install these for bash, zsh and fish already.")]
 }
 
 impl AssetsCommand {
-    /// Runs the subcommand for the binary whose full definition is `cmd`.
-    pub fn run(&self, cmd: clap::Command) -> Result<(), AssetsError> {
+    /// Runs the subcommand for the binary whose full definition is `cmd`
+    /// and whose configuration file `config` describes.
+    pub fn run(&self, cmd: clap::Command, config: &ConfigReference) -> Result<(), AssetsError> {
         match self {
             AssetsCommand::Completions { shell } => {
                 // Made whole first: clap_complete panics on a write error,
@@ -60,7 +66,7 @@ impl AssetsCommand {
                 }
             }
             AssetsCommand::GenerateAssets { out } => {
-                for path in generate(cmd, out)? {
+                for path in generate(cmd, config, out)? {
                     println!("{}", path.display());
                 }
                 Ok(())
@@ -105,9 +111,13 @@ fn fix_bash_names(script: &[u8], name: &str) -> Vec<u8> {
 }
 
 /// Writes `out/man/NAME.1` for the binary and `NAME-SUB.1` for each of its
-/// visible subcommands, and `out/completions/{bash,zsh,fish}/...`; returns
-/// the files written.
-pub fn generate(cmd: clap::Command, out: &Path) -> Result<Vec<PathBuf>, AssetsError> {
+/// visible subcommands, `out/man/PAGE.5` for its configuration file, and
+/// `out/completions/{bash,zsh,fish}/...`; returns the files written.
+pub fn generate(
+    cmd: clap::Command,
+    config: &ConfigReference,
+    out: &Path,
+) -> Result<Vec<PathBuf>, AssetsError> {
     let name = cmd.get_name().to_string();
     let mut written = Vec::new();
     let man = out.join("man");
@@ -117,6 +127,10 @@ pub fn generate(cmd: clap::Command, out: &Path) -> Result<Vec<PathBuf>, AssetsEr
     let mut pages = cmd.clone().disable_help_subcommand(true);
     pages.build();
     man_pages(&pages, &man, &mut written)?;
+    let version = cmd.get_version().unwrap_or_default();
+    let path = man.join(format!("{}.5", config.page));
+    write(&path, config_page::render(config, version).as_bytes())?;
+    written.push(path);
     for (shell, pattern) in PACKAGED_SHELLS {
         let path = out.join("completions").join(pattern.replace("{}", &name));
         if let Some(dir) = path.parent() {
@@ -166,6 +180,7 @@ fn write(path: &Path, bytes: &[u8]) -> Result<(), AssetsError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use backy_common::config_reference::CLIENT;
     use clap::{CommandFactory, Parser, Subcommand};
 
     /// A binary shaped like backy's: global options, subcommands, and
@@ -194,7 +209,7 @@ mod tests {
     #[test]
     fn writes_a_page_per_visible_command_and_three_completions() {
         let dir = tempfile::tempdir().unwrap();
-        let written = generate(Cli::command(), dir.path()).unwrap();
+        let written = generate(Cli::command(), &CLIENT, dir.path()).unwrap();
         let mut names: Vec<String> = written
             .iter()
             .map(|p| p.strip_prefix(dir.path()).unwrap().display().to_string())
@@ -206,6 +221,7 @@ mod tests {
                 "completions/bash/demo",
                 "completions/fish/demo.fish",
                 "completions/zsh/_demo",
+                "man/backy-client.yaml.5",
                 "man/demo-completions.1",
                 "man/demo-push.1",
                 "man/demo.1",

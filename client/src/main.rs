@@ -13,7 +13,7 @@ use anyhow::Context;
 use backy_common::JobName;
 use clap::{Args, Parser, Subcommand};
 use serde::Serialize;
-use std::io::Write;
+use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -44,7 +44,8 @@ struct Cli {
     )]
     server: Option<String>,
 
-    /// Client config file [default: /etc/backy/client.yaml when present]
+    /// Client config file (every key in man 5 backy-client.yaml)
+    /// [default: /etc/backy/client.yaml when present]
     #[arg(long, value_name = "FILE", global = true, help_heading = "Global options")]
     config: Option<PathBuf>,
 
@@ -93,7 +94,8 @@ struct Cli {
     )]
     key: Option<PathBuf>,
 
-    /// Print results as JSON (docs/json.md; failures as JSON on stderr)
+    /// Print results as JSON (/usr/share/doc/backy-client/docs/json.md, docs/json.md
+    /// in the source; failures as JSON on stderr)
     #[arg(long, global = true, help_heading = "Global options")]
     json: bool,
 
@@ -253,7 +255,8 @@ SLA and are counted apart. Bad arguments are UNKNOWN too.
 The line ends in performance data: for one job `age` (of its newest trusted
 revision, with the SLA window as critical threshold), `revisions` and
 `failures`; for several, counts by state and `oldest_age`. --json prints the
-verdict per job instead (docs/json.md).
+verdict per job instead (/usr/share/doc/backy-client/docs/json.md, docs/json.md
+in the source).
 
 Examples:
   backy-client check
@@ -487,7 +490,10 @@ fn subcommand_of(args: &[String]) -> Option<String> {
 fn run(cli: Cli) -> anyhow::Result<u8> {
     // Needs no config and no server.
     if let Command::Assets(a) = &cli.command {
-        a.run(<Cli as clap::CommandFactory>::command())?;
+        a.run(
+            <Cli as clap::CommandFactory>::command(),
+            &backy_common::config_reference::CLIENT,
+        )?;
         return Ok(0);
     }
     let config = settings::load(cli.config.as_deref())?;
@@ -549,6 +555,9 @@ async fn dispatch(
         agent::run(url, creds, &options, jobs).await?;
         return Ok(0);
     }
+    if let Command::Push(cmd) = &cli.command {
+        push::check_listed(&cmd.job, cmd.source.as_deref(), config, &config_name)?;
+    }
     let progress = progress::Terminal::if_wanted(cli.json || cli.quiet);
     let timeout = std::time::Duration::from_secs(cli.timeout);
     let mut client = connect::connect_within(url, creds, timeout).await?;
@@ -567,9 +576,20 @@ async fn dispatch(
                 allow_shrink: cmd.allow_shrink,
                 changed_ranges: cmd.changed_ranges.clone(),
             };
-            // Not due: nothing to say (exit silently, as the original did).
             if let Some(pushed) = push::push(&mut client, &args, &*progress).await? {
                 result(&pushed)?;
+            } else if !cli.quiet && (cli.verbose > 0 || (!cli.json && std::io::stdout().is_terminal())) {
+                // Not due: silent for cron and timers; a person is told
+                // when, on stdout (stderr under --json, which keeps stdout
+                // for documents).
+                let status = status::fetch(&mut client, &cmd.job).await.ok();
+                let status = status.as_ref().and_then(|s| s.jobs.first());
+                let line = push::not_due_line(cmd.job.as_str(), status, chrono::Utc::now());
+                if cli.json {
+                    eprintln!("{line}");
+                } else {
+                    print_out(&format!("{line}\n"))?;
+                }
             }
         }
         Command::Restore(cmd) => {

@@ -4,9 +4,11 @@
 //! except [`writeback`], a writeback hint for files the caller opened,
 //! which both edges use.
 
+pub mod access;
 pub mod blockset;
 pub mod checksum;
 pub mod config;
+pub mod config_reference;
 pub mod error;
 pub mod escape;
 pub mod fault;

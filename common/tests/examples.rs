@@ -1,9 +1,13 @@
 //! The example configurations the Debian packages ship
 //! (`packaging/examples/`, installed under /usr/share/doc) parse as they
 //! are, show the defaults they claim, and name every key the parsers
-//! accept: a new config field without its example fails here.
+//! accept: a new config field without its example fails here. The key
+//! reference the section-5 man pages are made from
+//! (`backy_common::config_reference`) is held to the same configs with
+//! every key set, to the examples, and to the parsers' defaults.
 
 use backy_common::config::*;
+use backy_common::config_reference::{self, ConfigReference, KeyDefault};
 use backy_common::source::{Hooks, QemuDisk, QemuSpec, SourceSpec};
 use backy_common::units::Interval;
 use backy_common::JobName;
@@ -61,9 +65,10 @@ fn the_client_example_parses_with_every_kind_of_source() {
     }
 }
 
-#[test]
-fn the_server_example_names_every_key() {
-    let everything = ServerConfig {
+/// A server config with every key set: what the example and the key
+/// reference (backy_common::config_reference) are held to.
+fn server_everything() -> ServerConfig {
+    ServerConfig {
         listen: DEFAULT_LISTEN.into(),
         http_listen: Some("127.0.0.1:9623".into()),
         base_dir: "/b".into(),
@@ -141,7 +146,12 @@ fn the_server_example_names_every_key() {
             lag_warning: Interval::from_secs(1),
             lag_critical: Interval::from_secs(2),
         }),
-    };
+    }
+}
+
+#[test]
+fn the_server_example_names_every_key() {
+    let everything = server_everything();
     let keys = keys_of(&serde_yaml::to_value(&everything).unwrap());
     assert!(keys.len() > 25, "{keys:?}");
     let missing: Vec<&String> = keys.iter().filter(|k| !mentions_key(SERVER, k)).collect();
@@ -159,8 +169,8 @@ fn the_server_example_names_every_key() {
     }
 }
 
-#[test]
-fn the_client_example_names_every_key() {
+/// A client config with every key set, each kind of source once.
+fn client_everything() -> ClientConfig {
     let hooks = Hooks {
         pre_snapshot: Some("p".into()),
         post_snapshot: Some("q".into()),
@@ -219,7 +229,7 @@ fn the_client_example_names_every_key() {
             )
         })
         .collect();
-    let everything = ClientConfig {
+    ClientConfig {
         server: Some("s".into()),
         token_file: Some("/t".into()),
         ca: Some("/ca".into()),
@@ -227,7 +237,12 @@ fn the_client_example_names_every_key() {
         key: Some("/k".into()),
         tls_server_name: Some("n".into()),
         jobs,
-    };
+    }
+}
+
+#[test]
+fn the_client_example_names_every_key() {
+    let everything = client_everything();
     let keys = keys_of(&serde_yaml::to_value(&everything).unwrap());
     let keys: BTreeSet<String> = keys.into_iter().filter(|k| !k.starts_with("somejob")).collect();
     assert!(keys.len() > 15, "{keys:?}");
@@ -278,4 +293,210 @@ fn mentions_key_ignores_prose() {
     assert!(mentions_key("x: {y: 1, z: 2}\n", "z"));
     assert!(!mentions_key("# needs tls: client-ca\n", "client-ca"));
     assert!(!mentions_key("token-key: 1\n", "key"));
+}
+
+/// The names [`CHOSEN`] stand for in the key reference's paths.
+fn placeholder(segment: &str) -> Option<&'static str> {
+    match segment {
+        "someschedule" => Some("SCHEDULE"),
+        "sometag" => Some("TAG"),
+        "someclient" => Some("IDENTITY"),
+        s if s.starts_with("somejob") && s["somejob".len()..].bytes().all(|b| b.is_ascii_digit()) => {
+            Some("JOB")
+        }
+        _ => None,
+    }
+}
+
+/// Every key path in `v` (`tls.cert`, `jobs.vm1.schedule`), dotted.
+fn paths_of(v: &serde_yaml::Value, prefix: &str, out: &mut BTreeSet<String>) {
+    match v {
+        serde_yaml::Value::Mapping(m) => {
+            for (k, v) in m {
+                let k = k.as_str().expect("string keys");
+                let path = if prefix.is_empty() {
+                    k.to_string()
+                } else {
+                    format!("{prefix}.{k}")
+                };
+                out.insert(path.clone());
+                paths_of(v, &path, out);
+            }
+        }
+        serde_yaml::Value::Sequence(s) => s.iter().for_each(|v| paths_of(v, prefix, out)),
+        serde_yaml::Value::Tagged(t) => paths_of(&t.value, prefix, out),
+        _ => {}
+    }
+}
+
+/// The key paths of a config with chosen names as the reference writes
+/// them (`jobs.JOB.schedule`).
+fn reference_paths_of(v: &serde_yaml::Value) -> BTreeSet<String> {
+    let mut paths = BTreeSet::new();
+    paths_of(v, "", &mut paths);
+    paths
+        .iter()
+        .map(|p| {
+            p.split('.')
+                .map(|s| placeholder(s).unwrap_or(s))
+                .collect::<Vec<_>>()
+                .join(".")
+        })
+        .collect()
+}
+
+/// Whether the concrete `path` is `documented` (upper-case segments stand
+/// for any name).
+fn documented_as(path: &str, documented: &str) -> bool {
+    let (p, d): (Vec<&str>, Vec<&str>) = (path.split('.').collect(), documented.split('.').collect());
+    p.len() == d.len()
+        && p.iter()
+            .zip(&d)
+            .all(|(p, d)| p == d || (d.bytes().all(|b| b.is_ascii_uppercase())))
+}
+
+fn documented(reference: &ConfigReference) -> BTreeSet<String> {
+    let paths: BTreeSet<String> = reference.keys.iter().map(|k| k.path.to_string()).collect();
+    assert_eq!(
+        paths.len(),
+        reference.keys.len(),
+        "{}: a key documented twice",
+        reference.page
+    );
+    for k in reference.keys {
+        assert!(
+            !k.doc.trim().is_empty() && !k.kind.is_empty(),
+            "{}: {} undocumented",
+            reference.page,
+            k.path
+        );
+    }
+    paths
+}
+
+/// The reference documents exactly the keys the structs have: a new field
+/// without its entry (or an entry for a field that went) fails here.
+#[test]
+fn the_key_reference_has_every_key_and_no_other() {
+    for (reference, everything) in [
+        (
+            &config_reference::SERVER,
+            serde_yaml::to_value(server_everything()).unwrap(),
+        ),
+        (
+            &config_reference::CLIENT,
+            serde_yaml::to_value(client_everything()).unwrap(),
+        ),
+    ] {
+        let keys = reference_paths_of(&everything);
+        let documented = documented(reference);
+        let undocumented: Vec<&String> = keys.difference(&documented).collect();
+        let gone: Vec<&String> = documented.difference(&keys).collect();
+        assert!(
+            undocumented.is_empty(),
+            "{} lacks {undocumented:?}",
+            reference.page
+        );
+        assert!(
+            gone.is_empty(),
+            "{} documents keys the config has not: {gone:?}",
+            reference.page
+        );
+    }
+}
+
+/// Every key the example configs use is in the reference, at its place.
+#[test]
+fn every_key_of_the_examples_is_in_the_reference() {
+    for (reference, example) in [
+        (&config_reference::SERVER, SERVER),
+        (&config_reference::CLIENT, CLIENT),
+    ] {
+        let documented = documented(reference);
+        let mut paths = BTreeSet::new();
+        paths_of(&serde_yaml::from_str(example).unwrap(), "", &mut paths);
+        assert!(paths.len() > 20, "{paths:?}");
+        let missing: Vec<&String> = paths
+            .iter()
+            .filter(|p| !documented.iter().any(|d| documented_as(p, d)))
+            .collect();
+        assert!(
+            missing.is_empty(),
+            "{} lacks the example's {missing:?}",
+            reference.page
+        );
+    }
+    assert!(documented_as("jobs.vm1.schedule", "jobs.JOB.schedule"));
+    assert!(!documented_as("jobs.vm1.schedule", "jobs.JOB"));
+    assert!(!documented_as("tls.cert", "tls.key"));
+}
+
+/// A default the reference gives as a value, written into a config that
+/// leaves the key out, changes nothing the parser makes of it.
+#[test]
+fn the_reference_defaults_are_the_parsers_defaults() {
+    let server = "base-dir: /b\nschedules: {someschedule: {sometag: {interval: 1d, keep: 1}}}\n\
+                  jobs: {somejob: {schedule: someschedule}}\nclients: {someclient: {token-hash: h}}\n\
+                  replicate: {source: 'https://s:1'}\n";
+    let client = "jobs: {somejob: {source: {type: file, path: /f}}}\n";
+    let mut checked = 0;
+    for (reference, minimal) in [
+        (&config_reference::SERVER, server),
+        (&config_reference::CLIENT, client),
+    ] {
+        let minimal: serde_yaml::Value = serde_yaml::from_str(minimal).unwrap();
+        for k in reference.keys {
+            let KeyDefault::Is(value) = k.default else {
+                continue;
+            };
+            let mut given = minimal.clone();
+            set(&mut given, k.path, serde_yaml::from_str(value).unwrap());
+            let same = if reference.page == config_reference::SERVER.page {
+                parse::<ServerConfig>(&given) == parse::<ServerConfig>(&minimal)
+            } else {
+                parse::<ClientConfig>(&given) == parse::<ClientConfig>(&minimal)
+            };
+            assert!(
+                same,
+                "{}: {} is not {value} when left out",
+                reference.page, k.path
+            );
+            checked += 1;
+        }
+    }
+    assert!(checked > 15, "{checked}");
+    // The check can fail: a value that is not the default.
+    let mut given: serde_yaml::Value = serde_yaml::from_str(server).unwrap();
+    set(&mut given, "scrub.rate", serde_yaml::from_str("49M").unwrap());
+    assert_ne!(
+        parse::<ServerConfig>(&given),
+        parse::<ServerConfig>(&serde_yaml::from_str(server).unwrap())
+    );
+}
+
+fn parse<T: serde::de::DeserializeOwned>(v: &serde_yaml::Value) -> T {
+    serde_yaml::from_value(v.clone()).unwrap_or_else(|e| panic!("{e}: {v:?}"))
+}
+
+/// Sets the reference's `path` in `config` (its placeholders as the
+/// chosen names), making the mappings on the way.
+fn set(config: &mut serde_yaml::Value, path: &str, value: serde_yaml::Value) {
+    let names = [
+        ("SCHEDULE", "someschedule"),
+        ("TAG", "sometag"),
+        ("IDENTITY", "someclient"),
+        ("JOB", "somejob"),
+    ];
+    let mut at = config;
+    for segment in path.split('.') {
+        let segment = names
+            .iter()
+            .find(|(p, _)| *p == segment)
+            .map_or(segment, |(_, n)| n);
+        let map = at.as_mapping_mut().expect("a mapping on the way");
+        at = map
+            .entry(segment.into())
+            .or_insert_with(|| serde_yaml::Value::Mapping(Default::default()));
+    }
+    *at = value;
 }

@@ -22,6 +22,8 @@ pub struct Credentials {
     token: Option<MetadataValue<Ascii>>,
     /// CA certificate (PEM) the server's certificate must chain to.
     ca: Option<Vec<u8>>,
+    /// Its file, named when the server's certificate does not chain to it.
+    ca_path: Option<std::path::PathBuf>,
     /// Client certificate and key (PEM) for mutual TLS.
     identity: Option<(Vec<u8>, Vec<u8>)>,
     /// The name the server's certificate must carry, if not the URL's host.
@@ -54,6 +56,19 @@ fn read(path: &Path, what: &str) -> Result<Vec<u8>> {
     std::fs::read(path).map_err(|e| Error::io(format!("reading {what} {}", path.display()), e))
 }
 
+/// A CA file must hold a certificate: anything else (a key, a token, DER)
+/// would only fail later as an untrusted server.
+fn read_ca(path: &Path) -> Result<Vec<u8>> {
+    let bytes = read(path, "CA certificate")?;
+    if !String::from_utf8_lossy(&bytes).contains("-----BEGIN CERTIFICATE-----") {
+        return Err(Error::invalid(format!(
+            "--ca/ca: {} holds no PEM certificate (-----BEGIN CERTIFICATE-----)",
+            path.display()
+        )));
+    }
+    Ok(bytes)
+}
+
 impl Credentials {
     pub fn load(files: &CredentialFiles<'_>) -> Result<Self> {
         let token = match files.token_file {
@@ -71,7 +86,7 @@ impl Credentials {
                 )
             }
         };
-        let ca = files.ca.map(|p| read(p, "CA certificate")).transpose()?;
+        let ca = files.ca.map(read_ca).transpose()?;
         let identity = match (files.cert, files.key) {
             (None, None) => None,
             (Some(c), Some(k)) => Some((read(c, "client certificate")?, read_secret(k, "client key")?)),
@@ -84,6 +99,7 @@ impl Credentials {
         Ok(Credentials {
             token,
             ca,
+            ca_path: files.ca.map(Path::to_path_buf),
             identity,
             server_name: files.tls_server_name.map(str::to_string),
         })
@@ -217,10 +233,14 @@ async fn connect_now(url: &str, creds: &Credentials, timeout: Duration) -> Resul
     }
     let channel = endpoint.connect().await.map_err(|e| {
         let why = chain(&e);
-        let hint = if https && creds.ca.is_none() && tls_rejected(&e) {
-            " (without --ca the system's trust store decides: give --ca FILE for a private CA)"
-        } else {
-            ""
+        let hint = match &creds.ca_path {
+            _ if !https || !tls_rejected(&e) => String::new(),
+            None => " (without --ca the system's trust store decides: give --ca FILE for a private CA)".into(),
+            Some(ca) if why.contains("UnknownIssuer") => format!(
+                " (the server's certificate is not signed by the CA in {}: give --ca/ca: the CA that signed it)",
+                ca.display()
+            ),
+            Some(_) => String::new(),
         };
         Error::unavailable(format!("cannot connect to {url}: {why}{hint}"))
     })?;

@@ -1,6 +1,7 @@
 //! backy-server as a library: storage, schedules and the gRPC service, so
 //! the binary stays a thin edge and tests can reach the parts.
 
+pub mod access;
 pub mod agent;
 pub mod audit;
 pub mod auth;
@@ -32,6 +33,7 @@ pub mod wire;
 pub mod work;
 
 use anyhow::Context;
+use backy_common::access::Need;
 use backy_common::config::ServerConfig;
 use backy_common::revision::StorageMode;
 use backy_common::MAX_MESSAGE_BYTES;
@@ -59,8 +61,16 @@ pub fn preflight(config: &ServerConfig, config_path: &std::path::Path) -> anyhow
             .tls_config(t.clone())
             .context("TLS configuration")?;
     }
-    let mode = storage::probe_storage(&config.base_dir)
-        .with_context(|| format!("base-dir {}", config.base_dir.display()))?;
+    let mode = storage::probe_storage(&config.base_dir).map_err(|e| {
+        // Start-up runs as the service's user: say what it needs.
+        let denied = (e.kind == backy_common::ErrorKind::PermissionDenied)
+            .then(|| access::denied("base-dir", &config.base_dir, Need::Store, None))
+            .flatten();
+        match denied {
+            Some(line) => anyhow::anyhow!(line),
+            None => anyhow::Error::new(e).context(format!("base-dir {}", config.base_dir.display())),
+        }
+    })?;
     Ok(Preflight { tls, mode })
 }
 

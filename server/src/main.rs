@@ -16,7 +16,7 @@ use std::path::PathBuf;
     after_help = "Examples:\n  backy-server --config /etc/backy/server.yaml\n  backy-server --config server.yaml check-config"
 )]
 struct Cli {
-    /// Server configuration (YAML).
+    /// Server configuration (YAML; every key in man 5 backy-server.yaml).
     #[arg(
         long,
         short,
@@ -37,8 +37,18 @@ enum Command {
     /// Serve (the default).
     Serve,
     /// Run every check start-up runs (config, TLS files and their modes,
-    /// base-dir writable) and exit.
-    CheckConfig,
+    /// base-dir writable) and exit; as root, also whether the service's
+    /// user can open every file the server will (config, TLS files, the
+    /// replica's token, CA and key, base-dir).
+    #[command(
+        after_help = "Examples:\n  backy-server check-config\n  backy-server check-config --as-user backy"
+    )]
+    CheckConfig {
+        /// Check the files as this user [default: as root, the User= of the
+        /// installed backy-server.service; else the user running this]
+        #[arg(long, value_name = "USER")]
+        as_user: Option<String>,
+    },
     /// Show what expiry would delete, and why, without changing anything:
     /// the next periodic run, and the run after each job's next backup.
     #[command(
@@ -159,6 +169,51 @@ fn load(path: &PathBuf) -> anyhow::Result<ServerConfig> {
     Ok(ServerConfig::from_yaml(&text, &path.display().to_string())?)
 }
 
+/// Whether the server's user can open every file it needs (issue 29,
+/// item 4: root reads everything, the service does not), and, run as root
+/// checking as the installed unit's user, whether its sandbox lets it. Returns the
+/// user checked as, or `None` when only root checked (no unit, no
+/// `--as-user`).
+fn check_access(
+    config: &ServerConfig,
+    path: &std::path::Path,
+    as_user: Option<&str>,
+) -> anyhow::Result<Option<String>> {
+    use backy_server::access::{problems, wanted, Account, Unit};
+    // SAFETY: no arguments, cannot fail.
+    let root = unsafe { libc::geteuid() } == 0;
+    let me = Account::current();
+    let unit = Unit::installed();
+    let unit_user = unit.as_ref().and_then(Unit::user);
+    let name = match (as_user, root) {
+        (Some(u), _) => Some(u.to_string()),
+        (None, true) => unit_user.clone(),
+        (None, false) => None,
+    };
+    let account = match &name {
+        Some(n) if *n == me.who.name => None,
+        Some(n) if !root => anyhow::bail!("checking as user {n} needs root (run check-config as root)"),
+        Some(n) => Some(
+            Account::named(n)?
+                .ok_or_else(|| anyhow::anyhow!("no user {n} on this host (check-config --as-user USER)"))?,
+        ),
+        None if root => return Ok(None),
+        None => None,
+    };
+    let files = wanted(config, path);
+    let mut found = problems(account.as_ref(), &files, config.secrets_group.as_deref())?;
+    let checked = account.map_or(me.who.name, |a| a.who.name);
+    // Root asks for the service; its user running this by hand asks for
+    // itself, outside the unit (as the package test does).
+    if let Some(unit) = unit.filter(|_| root && unit_user.as_ref() == Some(&checked)) {
+        found.extend(unit.sandbox_problems(&files));
+    }
+    if !found.is_empty() {
+        anyhow::bail!("{}", found.join("; "));
+    }
+    Ok(Some(checked))
+}
+
 fn main() -> std::process::ExitCode {
     // Usage errors exit 2 (clap's convention, as for backy-client); --help
     // and --version exit 0.
@@ -181,7 +236,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     match &cli.command {
         Some(Command::HashToken { generate }) => return hash_token(generate.as_ref()),
         Some(Command::CertFingerprint { cert }) => return cert_fingerprint(cert),
-        Some(Command::Assets(a)) => return Ok(a.run(<Cli as clap::CommandFactory>::command())?),
+        Some(Command::Assets(a)) => {
+            return Ok(a.run(
+                <Cli as clap::CommandFactory>::command(),
+                &backy_common::config_reference::SERVER,
+            )?)
+        }
         Some(Command::MigrateSources { jobs }) => {
             let text = std::fs::read_to_string(&cli.config)
                 .with_context(|| format!("reading {}", cli.config.display()))?;
@@ -198,18 +258,22 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         return expire_dry_run(&config, job.as_ref());
     }
     let preflight = preflight(&config, &cli.config)?;
-    if let Some(Command::CheckConfig) = cli.command {
+    if let Some(Command::CheckConfig { as_user }) = &cli.command {
+        let checked_as = check_access(&config, &cli.config, as_user.as_deref())?;
         // Warnings, not errors: the revisions stay usable by id.
         let misread = backy_server::revisions::misread_tags(&config).context("reading the store")?;
         for line in &misread {
             eprintln!("warning: {line}; rename it: `backy-client tags JOB -r ID add NEW`, then `remove TAG`");
         }
         return print_out(&format!(
-            "{}: OK ({}, {}, storage {})\n",
+            "{}: OK ({}, {}, storage {}{})\n",
             cli.config.display(),
             count(config.jobs.len() as u64, "job"),
             count(config.schedules.len() as u64, "schedule"),
-            preflight.mode.as_str()
+            preflight.mode.as_str(),
+            checked_as
+                .map(|u| format!("; files readable by {u}"))
+                .unwrap_or_default()
         ));
     }
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;

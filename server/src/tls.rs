@@ -1,6 +1,7 @@
 //! TLS settings of the server, and the start-up checks on secret files.
 
 use anyhow::{bail, Context};
+use backy_common::access::Need;
 use backy_common::config::ServerConfig;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
@@ -10,7 +11,8 @@ use tonic::transport::{Certificate, Identity, ServerTlsConfig};
 /// the operator's `secrets-group`: mode 0600, or 0640 with that group.
 pub fn check_secret_mode(path: &Path, what: &str, secrets_group: Option<&str>) -> anyhow::Result<()> {
     use std::os::unix::fs::MetadataExt;
-    let meta = std::fs::metadata(path).with_context(|| format!("reading {what} {}", path.display()))?;
+    let meta = std::fs::metadata(path)
+        .map_err(|e| crate::access::io_error(e, what, path, Need::CheckedSecret, secrets_group))?;
     let mode = meta.permissions().mode() & 0o7777;
     if mode & 0o007 != 0 {
         bail!(
@@ -79,11 +81,13 @@ pub fn server_tls(config: &ServerConfig, config_path: &Path) -> anyhow::Result<O
         return Ok(None);
     };
     check_secret_mode(&tls.key, "TLS key", group)?;
-    let read = |p: &Path, what: &str| {
-        std::fs::read(p).with_context(|| format!("reading TLS {what} {}", p.display()))
+    // A refusal names the user, the file and what to run (start-up runs
+    // as the service's user, which root's check-config cannot see).
+    let read = |p: &Path, what: &str, need| {
+        std::fs::read(p).map_err(|e| crate::access::io_error(e, &format!("TLS {what}"), p, need, group))
     };
-    let cert = read(&tls.cert, "certificate")?;
-    let key = read(&tls.key, "key")?;
+    let cert = read(&tls.cert, "certificate", Need::Public)?;
+    let key = read(&tls.key, "key", Need::CheckedSecret)?;
     for (bytes, what, path) in [(&cert, "CERTIFICATE", &tls.cert), (&key, "PRIVATE KEY", &tls.key)] {
         if !String::from_utf8_lossy(bytes).contains(&format!("{what}-----")) {
             bail!("{} is not a PEM file with a {what}", path.display());
@@ -91,7 +95,7 @@ pub fn server_tls(config: &ServerConfig, config_path: &Path) -> anyhow::Result<O
     }
     let mut out = ServerTlsConfig::new().identity(Identity::from_pem(cert, key));
     if let Some(ca) = &tls.client_ca {
-        out = out.client_ca_root(Certificate::from_pem(read(ca, "client CA")?));
+        out = out.client_ca_root(Certificate::from_pem(read(ca, "client CA", Need::Public)?));
     }
     Ok(Some(out))
 }

@@ -166,6 +166,63 @@ fn quiet_push_is_silent_unless_it_fails() {
     assert!(err.contains("/nonexistent/disk.img"), "{err}");
 }
 
+/// A push that is not due: silent for cron (no terminal, no -v), one line
+/// saying when it is due and that --force pushes now with -v or on a
+/// terminal (a pty from `script`); exit 0 either way, nothing pushed.
+#[test]
+fn a_push_not_due_says_when_on_a_terminal_or_with_v() {
+    let dir = tempfile::tempdir().unwrap();
+    let (server, _img) = one_job(dir.path());
+    server.client_ok(&["push", "vm1"]);
+    assert_eq!(server.revisions("vm1").len(), 1, "the first push is due");
+
+    let out = server.client(&["push", "vm1"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!((stdout(&out), stderr(&out)), (String::new(), String::new()));
+
+    let out = server.client(&["push", "vm1", "-v"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let said = stdout(&out);
+    assert_eq!(said.lines().count(), 1, "{said:?} {}", stderr(&out));
+    assert_not_due_line(&said);
+    assert!(stderr(&out).is_empty(), "{}", stderr(&out));
+
+    let out = server.client(&["push", "vm1", "-v", "--quiet"]);
+    assert!(out.status.code() == Some(2), "-q and -v conflict");
+
+    let line = format!(
+        "{} --server {} --config {} push vm1",
+        bin("backy-client").display(),
+        server.url,
+        server.client_config.display()
+    );
+    let out = Command::new("script")
+        .args(["--quiet", "--return", "--command", &line, "/dev/null"])
+        .stdin(Stdio::null())
+        .output()
+        .expect("running script (util-linux)");
+    assert_eq!(out.status.code(), Some(0), "{}", stdout(&out));
+    let drawn = stdout(&out);
+    assert_eq!(drawn.trim_end().lines().count(), 1, "{drawn:?}");
+    assert_not_due_line(&drawn);
+    assert_eq!(server.revisions("vm1").len(), 1, "nothing was pushed");
+}
+
+/// `vm1 is not due until 2026-12-07 00:00:00 UTC (in 5h 54m; daily);
+/// --force pushes now`
+fn assert_not_due_line(said: &str) {
+    let tomorrow = (chrono::Utc::now() + chrono::Duration::days(1)).format("%Y-%m-%d");
+    let today = chrono::Utc::now().format("%Y-%m-%d");
+    assert!(said.starts_with("vm1 is not due until "), "{said:?}");
+    assert!(
+        said.contains(&format!("until {tomorrow} ")) || said.contains(&format!("until {today} ")),
+        "{said:?}"
+    );
+    assert!(said.contains("UTC (in "), "{said:?}");
+    assert!(said.contains("daily"), "{said:?}");
+    assert!(said.trim_end().ends_with("; --force pushes now"), "{said:?}");
+}
+
 /// A host that accepts connections but never answers: the client gives up
 /// after --timeout, naming the URL, instead of waiting for HTTP/2 to give
 /// up after most of a minute.

@@ -278,3 +278,103 @@ fn generate_assets_writes_man_pages_and_completions_without_config_or_server() {
         "options are documented: {push}"
     );
 }
+
+/// The packages ship `backy-server.yaml(5)` and `backy-client.yaml(5)`,
+/// generated from the key reference the example configs are checked
+/// against; they render without a warning (where man is installed) and
+/// name every key of the examples. `--help` points at the JSON reference
+/// where the package installs it, not only at the source tree.
+#[test]
+fn config_man_pages_render_and_help_points_at_the_installed_docs() {
+    let dir = tempfile::tempdir().unwrap();
+    for (binary, page, example, keys) in [
+        (
+            "backy-server",
+            "backy-server.yaml.5",
+            "server.yaml",
+            &[
+                "listen",
+                "base-dir",
+                "tls.client-ca",
+                "limits.first-request-timeout",
+                "replicate.lag-critical",
+            ][..],
+        ),
+        (
+            "backy-client",
+            "backy-client.yaml.5",
+            "client.yaml",
+            &[
+                "token-file",
+                "jobs.JOB.source.scratch-dir",
+                "jobs.JOB.source.hooks.hook-timeout",
+            ][..],
+        ),
+    ] {
+        let out = Command::new(bin(binary))
+            .args(["generate-assets", "--out"])
+            .arg(dir.path())
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let path = dir.path().join("man").join(page);
+        let roff = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        assert!(
+            roff.contains(&format!(
+                ".TH {} 5 ",
+                page.trim_end_matches(".5").replace('-', "\\-")
+            )),
+            "{roff}"
+        );
+        for key in keys {
+            assert!(
+                roff.contains(&format!("\\fB{}\\fR (", key.replace('-', "\\-"))),
+                "{page} lacks {key}"
+            );
+        }
+        assert!(roff.contains(&format!("/usr/share/doc/{binary}/examples/{example}").replace('-', "\\-")));
+        let man = Command::new("man")
+            .args(["--warnings", "-l"])
+            .arg(&path)
+            .env("MANWIDTH", "80")
+            .output();
+        match man {
+            Ok(man) => {
+                let text = String::from_utf8_lossy(&man.stdout);
+                assert!(
+                    man.status.success(),
+                    "man -l {page}: {}",
+                    String::from_utf8_lossy(&man.stderr)
+                );
+                assert!(
+                    man.stderr.is_empty(),
+                    "man -l {page} warns: {}",
+                    String::from_utf8_lossy(&man.stderr)
+                );
+                assert!(text.contains("KEYS") && text.contains(keys[1]), "{text}");
+            }
+            Err(e) => eprintln!("man not run ({e}): the roff checks above stand"),
+        }
+    }
+    let help = Command::new(bin("backy-client")).arg("--help").output().unwrap();
+    let help = String::from_utf8_lossy(&help.stdout);
+    assert!(
+        help.contains("/usr/share/doc/backy-client/docs/json.md"),
+        "{help}"
+    );
+    let check = Command::new(bin("backy-client"))
+        .args(["check", "--help"])
+        .output()
+        .unwrap();
+    let check = String::from_utf8_lossy(&check.stdout);
+    assert!(
+        check.contains("/usr/share/doc/backy-client/docs/json.md"),
+        "{check}"
+    );
+    let manifest =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../client/Cargo.toml")).unwrap();
+    assert!(
+        manifest.contains(r#"["../docs/*.md", "usr/share/doc/backy-client/docs/", "644"]"#),
+        "the client package ships json.md where --help says"
+    );
+}

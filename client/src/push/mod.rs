@@ -7,18 +7,21 @@
 //! `shared` imports neither.
 
 mod file;
+mod not_due;
 pub mod rbd;
 mod shared;
 
+pub use not_due::not_due_line;
 pub use shared::{rebase, PushArgs, Pushed};
 
 use crate::connect::{status_error, Client};
 use crate::progress::Progress;
 use crate::source;
+use backy_common::config::ClientConfig;
 use backy_common::manifest::check_block_size;
 use backy_common::revision::check_tag;
 use backy_common::source::SourceSpec;
-use backy_common::{fault, Error, Result, RevisionId};
+use backy_common::{fault, Error, JobName, Result, RevisionId};
 use backy_proto::{PlanReply, PlanRequest};
 use std::time::Instant;
 
@@ -40,7 +43,8 @@ pub async fn push(client: &mut Client, args: &PushArgs, progress: &dyn Progress)
         .map_err(status_error)?
         .into_inner();
     if !plan.due {
-        tracing::info!(job, reason = %plan.reason, "not due");
+        // The caller tells a person (not_due_line); cron wants silence.
+        tracing::debug!(job, reason = %plan.reason, "not due");
         return Ok(None);
     }
     let parent = crate::view::revision_id(&plan.parent_id);
@@ -127,6 +131,29 @@ pub fn source_spec(
              was given: this hypervisor does not back it up"
         ))),
     }
+}
+
+/// Refuses, before asking the server anything, a push without `--source`
+/// of a job this hypervisor's config does not list (a mistyped name
+/// would otherwise meet the server's refusal for another client's job).
+pub fn check_listed(
+    job: &JobName,
+    source: Option<&str>,
+    config: &ClientConfig,
+    config_name: &str,
+) -> Result<()> {
+    if source.is_some() || config.source_of(job).is_some() {
+        return Ok(());
+    }
+    let jobs: Vec<&str> = config.jobs.keys().map(JobName::as_str).collect();
+    let listed = if jobs.is_empty() {
+        "it lists no jobs".to_string()
+    } else {
+        format!("jobs: {}", jobs.join(", "))
+    };
+    Err(Error::invalid(format!(
+        "no job {job} in {config_name}; {listed} (or give --source)"
+    )))
 }
 
 #[cfg(test)]

@@ -7,6 +7,7 @@ use super::copy::{copy, Copied};
 use crate::job::Txn;
 use crate::state::Server;
 use crate::storage::JobDir;
+use backy_common::access::Need;
 use backy_common::config::ReplicateConfig;
 use backy_common::replicate::{self, JobPattern, Listed, Owed};
 use backy_common::revision::RevisionMeta;
@@ -110,8 +111,30 @@ async fn connect(r: &ReplicateConfig) -> Result<Client> {
         cert: r.cert.as_deref(),
         key: r.key.as_deref(),
         tls_server_name: r.tls_server_name.as_deref(),
-    })?;
+    })
+    .map_err(|e| with_fix(e, r))?;
     connect_within(&r.source, &creds, Duration::from_secs(30)).await
+}
+
+/// A credential file this server's user may not read: the log line, status
+/// and check then say which, and what to run (as `check-config` does).
+fn with_fix(e: Error, r: &ReplicateConfig) -> Error {
+    if e.kind != backy_common::ErrorKind::PermissionDenied {
+        return e;
+    }
+    let files = [
+        ("replica token file", &r.token_file, Need::Secret),
+        ("replica CA certificate", &r.ca, Need::Public),
+        ("replica client certificate", &r.cert, Need::Public),
+        ("replica client key", &r.key, Need::Secret),
+    ];
+    let fix = files
+        .into_iter()
+        .find_map(|(what, path, need)| crate::access::denied(what, path.as_deref()?, need, None));
+    match fix {
+        Some(message) => Error { message, ..e },
+        None => e,
+    }
 }
 
 /// The jobs of this round: the names `r` lists, and the source's jobs its

@@ -37,8 +37,15 @@ fn run(cmd: &str, args: &[&std::ffi::OsStr]) -> Result<String> {
         .map_err(|e| Error::io(format!("running {cmd} (is qemu-utils installed?)"), e))?;
     if !out.status.success() {
         let stderr = String::from_utf8_lossy(&out.stderr);
+        // Another process holds the image: most often the guest runs.
+        let hint = if stderr.contains("lock") {
+            "; if the guest is running, back it up through QMP: qmp: SOCKET and node: NODE \
+             in client.yaml, or --source qmp:SOCKET:NODE"
+        } else {
+            ""
+        };
         return Err(Error::unavailable(format!(
-            "{cmd} {}: {}",
+            "{cmd} {}: {}{hint}",
             args.first().map(|a| a.to_string_lossy()).unwrap_or_default(),
             stderr.trim()
         )));
