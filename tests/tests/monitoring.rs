@@ -245,7 +245,17 @@ fn metrics_health_and_the_status_page_show_the_store() {
     assert_eq!(job("backy_job_consecutive_failures", "vm2"), Some(1.0));
     assert_eq!(job("backy_job_consecutive_failures", "vm1"), Some(0.0));
     assert_eq!(job("backy_job_logical_bytes", "vm1"), Some((16 * MIB) as f64));
-    assert!(job("backy_job_allocated_bytes", "vm1").unwrap() >= (3 * MIB) as f64);
+    // Issue 29, item 6: what the job really takes (shared extents once).
+    let used = job("backy_job_used_bytes", "vm1").unwrap();
+    assert!(used >= (3 * MIB) as f64, "{used}");
+    assert_eq!(
+        Some(used),
+        job("backy_job_exclusive_bytes", "vm1")
+            .zip(job("backy_job_shared_bytes", "vm1"))
+            .map(|(e, s)| e + s)
+    );
+    assert!(job("backy_job_total_bytes", "vm1").unwrap() >= used);
+    assert!(must(&m, "backy_base_dir_used_bytes", &[]) >= used);
     for (j, ok) in [
         ("vm1", 1.0),
         ("vm3", 1.0),
