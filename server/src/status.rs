@@ -234,7 +234,11 @@ pub fn summary(server: &Server, config: &ServerConfig, name: &JobName) -> Result
         newest_trusted,
         data_bytes: revs.iter().map(|r| r.stats.bytes_written).sum(),
         allocated_bytes: entry.allocated_bytes,
-        space: server.jobs.space(&job, &entry).job.as_ref().map(wire_space),
+        // The last count: a host's summaries never wait for FIEMAP.
+        space: server
+            .jobs
+            .last_space(&job, &entry)
+            .and_then(|s| s.job.as_ref().map(wire_space)),
         store: store_space(config),
         storage: h.storage,
         running: h.runtime.push.is_some(),

@@ -219,6 +219,13 @@ fn metrics_health_and_the_status_page_show_the_store() {
     server.client_ok(&["verify", "vm1"]);
     server.client_ok(&["distrust", "job00000", "-r", "2"]);
 
+    // A scrape never waits for FIEMAP: the jobs' space comes from a count
+    // the first scrape queued for the background.
+    wait_for("vm1's space in /metrics", Duration::from_secs(60), || {
+        get(&addr, "/metrics")
+            .1
+            .contains("backy_job_used_bytes{backy_job=\"vm1\"}")
+    });
     // /metrics: valid exposition format, and the values are the store's.
     let (status, head, text) = get_with(&addr, "/metrics", None);
     assert_eq!(status, 200, "{text}");

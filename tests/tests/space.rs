@@ -126,6 +126,19 @@ fn btrfs_status_reports_shared_extents_once_as_btrfs_du_does() {
         "store used {store_used} vs statvfs {fs_used}"
     );
 
+    // The host's summary says the same once its background count (queued
+    // by the first summary) is in.
+    let mut host = serde_json::Value::Null;
+    wait_for(
+        "the job's space in the host summary",
+        std::time::Duration::from_secs(60),
+        || {
+            host = serde_json::from_str(&server.client_ok(&["status", "--json"])).unwrap();
+            host["jobs"][0]["space"] == *space
+        },
+    );
+    assert_eq!(host["store"]["size_bytes"], store["size_bytes"]);
+
     // People read the same numbers.
     let text = server.client_ok(&["status", "vm1"]);
     assert!(

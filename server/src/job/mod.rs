@@ -43,8 +43,14 @@ impl Jobs {
         self.index.get(job)
     }
 
-    /// What the job's committed revisions (`entry`'s) take on disk.
+    /// What the job's committed revisions (`entry`'s) take on disk,
+    /// counted now if need be.
     pub fn space(&self, job: &JobDir, entry: &JobEntry) -> Arc<JobSpace> {
         self.space.get(job, &entry.revisions)
+    }
+
+    /// The job's last counted space at once (see [`SpaceCache::last`]).
+    pub fn last_space(&self, job: &JobDir, entry: &JobEntry) -> Option<Arc<JobSpace>> {
+        self.space.last(job, &entry.revisions)
     }
 }
