@@ -2,7 +2,9 @@
 //! JSON for scripts. Formatting is pure: a reply in, text out.
 
 use crate::connect::Client;
-use crate::view::{non_empty, rfc3339, storage_name, trust_name, RevisionView};
+use crate::view::{
+    non_empty, rfc3339, storage_name, store_line, trust_name, used_bytes, RevisionView, SpaceView, StoreView,
+};
 use backy_common::config::NO_SCHEDULE;
 use backy_common::escape::escape;
 use backy_common::units::format_bytes;
@@ -16,7 +18,11 @@ use std::fmt::Write;
 /// proto/src/listing.rs for servers that predate the stream).
 pub async fn fetch(client: &mut Client, job: &JobName) -> Result<StatusReply> {
     let job = backy_proto::listing::job_status(client, job.as_str()).await?;
-    Ok(StatusReply { jobs: vec![job] })
+    // A stream has no reply of its own: each job's header carries the store.
+    Ok(StatusReply {
+        store: job.store,
+        jobs: vec![job],
+    })
 }
 
 /// The table, per job; ages relative to `now`.
@@ -31,6 +37,9 @@ pub fn format_status(reply: &StatusReply, now: DateTime<Utc>) -> String {
     if reply.jobs.is_empty() {
         out.push_str("no jobs\n");
     }
+    if let Some(store) = &reply.store {
+        out.push_str(&store_line(store));
+    }
     out
 }
 
@@ -39,8 +48,17 @@ fn format_job(out: &mut String, job: &JobStatus, now: DateTime<Utc>) {
     if job.storage() == backy_proto::StorageMode::Copy {
         out.push_str("storage: copy, not CoW (filesystem without reflink)\n");
     }
-    let header = ["Date (UTC)", "ID", "Size", "Sent", "Duration", "Tags", "Trust"];
-    let rows: Vec<[String; 7]> = job.revisions.iter().map(|r| row(r, now)).collect();
+    let header = [
+        "Date (UTC)",
+        "ID",
+        "Size",
+        "Sent",
+        "Exclusive",
+        "Duration",
+        "Tags",
+        "Trust",
+    ];
+    let rows: Vec<[String; 8]> = job.revisions.iter().map(|r| row(r, now)).collect();
     table(out, &header, &rows);
     if rows.is_empty() {
         out.push_str("(no revisions)\n");
@@ -48,11 +66,11 @@ fn format_job(out: &mut String, job: &JobStatus, now: DateTime<Utc>) {
     out.push_str("== Summary\n");
     let _ = writeln!(
         out,
-        "{}, {} data (estimated: bytes written), {} allocated",
+        "{}, {} data (estimated: bytes written)",
         backy_common::units::count(rows.len() as u64, "revision"),
         format_bytes(data_bytes(job)),
-        format_bytes(job.allocated_bytes)
     );
+    out.push_str(&space_line(job));
     format_locks(out, &job.revisions, now);
     if job.running {
         out.push_str("a push is running\n");
@@ -164,12 +182,16 @@ fn format_replica(out: &mut String, r: &backy_proto::ReplicaState, now: DateTime
     }
 }
 
-fn row(r: &RevisionInfo, now: DateTime<Utc>) -> [String; 7] {
+fn row(r: &RevisionInfo, now: DateTime<Utc>) -> [String; 8] {
     [
         utc_time(&r.timestamp, now),
         crate::view::short_id(r).into_owned(),
         format_bytes(r.size),
         format_bytes(r.bytes_received),
+        // What deleting the revision alone would free; `?`: unknown.
+        r.space
+            .as_ref()
+            .map_or_else(|| "?".to_string(), |s| format_bytes(s.exclusive_bytes)),
         format!("{:.0}s", r.duration_secs),
         escape(&r.tags.join(",")),
         trust_name(r.trust).to_string(),
@@ -254,6 +276,22 @@ pub fn human_secs(secs: u64) -> String {
     }
 }
 
+/// What the job takes on disk, shared extents once (as `btrfs filesystem
+/// du -s` of its revisions), or that the filesystem cannot tell.
+fn space_line(job: &JobStatus) -> String {
+    match &job.space {
+        Some(s) => format!(
+            "space: {} used ({} exclusive, {} shared; {} counted per file)\n",
+            format_bytes(used_bytes(s)),
+            format_bytes(s.exclusive_bytes),
+            format_bytes(s.shared_bytes),
+            format_bytes(s.total_bytes)
+        ),
+        None if job.revisions.is_empty() => String::new(),
+        None => "space unknown (the filesystem does not map extents)\n".to_string(),
+    }
+}
+
 /// Estimated data of a job: what each revision wrote.
 fn data_bytes(job: &JobStatus) -> u64 {
     job.revisions.iter().map(|r| r.bytes_written).sum()
@@ -263,13 +301,19 @@ fn data_bytes(job: &JobStatus) -> u64 {
 #[derive(Debug, Serialize, PartialEq)]
 pub struct StatusView {
     pub jobs: Vec<JobView>,
+    /// The store's filesystem; `null` when the server did not say.
+    pub store: Option<StoreView>,
 }
 
 #[derive(Debug, Serialize, PartialEq)]
 pub struct JobView {
     pub job: String,
     pub storage: String,
+    /// Shared extents counted per file: an upper bound (see `space`).
     pub allocated_bytes: u64,
+    /// The job's revisions as `btrfs filesystem du -s` counts them; `null`
+    /// when the filesystem cannot tell.
+    pub space: Option<SpaceView>,
     /// Sum of the revisions' bytes written.
     pub data_bytes: u64,
     pub running: bool,
@@ -342,6 +386,7 @@ impl From<&StatusReply> for StatusView {
     fn from(reply: &StatusReply) -> Self {
         StatusView {
             jobs: reply.jobs.iter().map(JobView::from).collect(),
+            store: reply.store.as_ref().map(StoreView::from),
         }
     }
 }
@@ -353,6 +398,7 @@ impl From<&JobStatus> for JobView {
             job: j.job.clone(),
             storage: storage_name(j.storage).to_string(),
             allocated_bytes: j.allocated_bytes,
+            space: j.space.as_ref().map(SpaceView::from),
             data_bytes: data_bytes(j),
             running: j.running,
             schedule: non_empty(&j.schedule),
@@ -403,7 +449,16 @@ mod tests {
             tags: tags.iter().map(|t| t.to_string()).collect(),
             trust: backy_proto::Trust::Trusted as i32,
             storage: backy_proto::StorageMode::Reflink as i32,
+            space: Some(space(size, size.min(1 << 30), size.saturating_sub(1 << 30))),
             ..RevisionInfo::default()
+        }
+    }
+
+    fn space(total: u64, exclusive: u64, shared: u64) -> backy_proto::Space {
+        backy_proto::Space {
+            total_bytes: total,
+            exclusive_bytes: exclusive,
+            shared_bytes: shared,
         }
     }
 
@@ -431,7 +486,8 @@ mod tests {
                         ),
                     ],
                     storage: backy_proto::StorageMode::Reflink as i32,
-                    allocated_bytes: 21 << 30,
+                    allocated_bytes: 40 << 30,
+                    space: Some(space(40 << 30, 2 << 30, 19 << 30)),
                     ..JobStatus::default()
                 },
                 JobStatus {
@@ -448,6 +504,10 @@ mod tests {
                     ..JobStatus::default()
                 },
             ],
+            store: Some(backy_proto::StoreSpace {
+                size_bytes: 100 << 30,
+                used_bytes: 30 << 30,
+            }),
         }
     }
 
@@ -487,24 +547,26 @@ mod tests {
     fn table_text() {
         let want = "\
 == vm1 (storage: reflink)
-Date (UTC)                        ID     Size       Sent       Duration  Tags          Trust
-2026-11-28 10:07:51 (1d 1h ago)   3xkM1  20.00 GiB  20.00 GiB  252s      daily,weekly  trusted
-2026-11-29 10:07:51 (1h 52m ago)  4abc2  20.00 GiB  20.00 MiB  3s        daily         trusted
+Date (UTC)                        ID     Size       Sent       Exclusive  Duration  Tags          Trust
+2026-11-28 10:07:51 (1d 1h ago)   3xkM1  20.00 GiB  20.00 GiB  1.00 GiB   252s      daily,weekly  trusted
+2026-11-29 10:07:51 (1h 52m ago)  4abc2  20.00 GiB  20.00 MiB  1.00 GiB   3s        daily         trusted
 == Summary
-2 revisions, 20.02 GiB data (estimated: bytes written), 21.00 GiB allocated
+2 revisions, 20.02 GiB data (estimated: bytes written)
+space: 21.00 GiB used (2.00 GiB exclusive, 19.00 GiB shared; 40.00 GiB counted per file)
 
 == vm2 (storage: copy)
 storage: copy, not CoW (filesystem without reflink)
-Date (UTC)  ID  Size  Sent  Duration  Tags  Trust
+Date (UTC)  ID  Size  Sent  Exclusive  Duration  Tags  Trust
 (no revisions)
 == Summary
-0 revisions, 0 B data (estimated: bytes written), 0 B allocated
+0 revisions, 0 B data (estimated: bytes written)
 a push is running
 schedule: default
 SLA: TOO OLD (no revisions yet)
 next: 2026-11-30 00:00:00 (in 12h) (daily,weekly)
 2 failures in a row
 last error: cannot open /dev/x
+store: 30.00 GiB of 100.00 GiB used (the whole filesystem)
 ";
         assert_eq!(format_status(&sample(), now()), want);
         assert_eq!(format_status(&StatusReply::default(), now()), "no jobs\n");
@@ -520,6 +582,7 @@ last error: cannot open /dev/x
                 sla_overdue_secs: 2 * 86400 + 5 * 3600,
                 ..JobStatus::default()
             }],
+            ..StatusReply::default()
         };
         let text = format_status(&reply, now());
         assert!(text.contains("\nSLA: TOO OLD (overdue 2d 5h)\n"), "{text}");
@@ -539,10 +602,35 @@ last error: cannot open /dev/x
             serde_json::json!(["daily", "weekly"])
         );
         assert!(vm1["revisions"][0]["parent_id"].is_null());
+        assert_eq!(
+            vm1["space"],
+            serde_json::json!({
+                "total_bytes": 40u64 << 30,
+                "exclusive_bytes": 2u64 << 30,
+                "shared_bytes": 19u64 << 30,
+                "used_bytes": 21u64 << 30,
+            })
+        );
+        assert_eq!(vm1["revisions"][1]["space"]["exclusive_bytes"], 1u64 << 30);
+        assert_eq!(v["store"]["used_bytes"], 30u64 << 30);
         let vm2 = &v["jobs"][1];
         assert_eq!(vm2["sla_ok"], false);
         assert_eq!(vm2["sla_overdue_secs"], 3 * 3600 + 5);
         assert_eq!(vm2["last_error"], "cannot open /dev/x");
+        assert!(vm2["space"].is_null(), "no revisions, nothing counted");
+    }
+
+    #[test]
+    fn unknown_space_is_said_not_invented() {
+        let mut reply = sample();
+        reply.jobs.truncate(1);
+        reply.jobs[0].space = None;
+        reply.jobs[0].revisions[0].space = None;
+        reply.store = None;
+        let text = format_status(&reply, now());
+        assert!(text.contains("\nspace unknown ("), "{text}");
+        assert!(text.contains("  ?  "), "{text}");
+        assert!(!text.contains("store:"), "{text}");
     }
 
     #[test]

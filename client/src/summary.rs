@@ -4,7 +4,9 @@
 
 use crate::connect::{status_error, Client};
 use crate::status::{has_schedule, human_secs, overdue_json, table, utc_time};
-use crate::view::{non_empty, rfc3339, storage_name, RevisionView};
+use crate::view::{
+    non_empty, rfc3339, storage_name, store_line, used_bytes, RevisionView, SpaceView, StoreView,
+};
 use backy_common::config::NO_SCHEDULE;
 use backy_common::units::{count, format_bytes};
 use backy_common::Result;
@@ -40,25 +42,50 @@ pub fn format_summaries(jobs: &[JobSummary], now: DateTime<Utc>) -> String {
         "Last backup (UTC)",
         "Next due (UTC)",
         "Revs",
-        "Allocated",
+        "Used",
         "Failures",
     ];
     let rows: Vec<[String; 8]> = jobs.iter().map(|j| row(j, now)).collect();
     let mut out = String::new();
     table(&mut out, &header, &rows);
     let revisions: u64 = jobs.iter().map(|j| u64::from(j.revisions)).sum();
-    let allocated: u64 = jobs.iter().map(|j| j.allocated_bytes).sum();
+    // backy clones only within a job, so the jobs' uses add up (extents an
+    // outside deduplication shares between jobs would count per job).
+    let used: Option<u64> = jobs
+        .iter()
+        .map(|j| match &j.space {
+            Some(s) => Some(used_bytes(s)),
+            None if j.revisions == 0 => Some(0),
+            None => None,
+        })
+        .sum();
     let late = jobs
         .iter()
         .filter(|j| has_schedule(&j.schedule) && !j.sla_ok)
         .count();
     out.push_str(&format!(
-        "{}, {}, {} allocated; {late} past their SLA\n",
+        "{}, {}, {}; {late} past their SLA\n",
         count(jobs.len() as u64, "job"),
         count(revisions, "revision"),
-        format_bytes(allocated)
+        used.map_or_else(
+            || "space unknown".to_string(),
+            |u| format!("{} used", format_bytes(u))
+        )
     ));
+    if let Some(store) = jobs.iter().find_map(|j| j.store.as_ref()) {
+        out.push_str(&store_line(store));
+    }
     out
+}
+
+/// A job's real use, `-` without revisions, `unknown` where the
+/// filesystem cannot tell.
+fn used_cell(j: &JobSummary) -> String {
+    match &j.space {
+        Some(s) => format_bytes(used_bytes(s)),
+        None if j.revisions == 0 => "-".into(),
+        None => "unknown".into(),
+    }
 }
 
 fn row(j: &JobSummary, now: DateTime<Utc>) -> [String; 8] {
@@ -87,7 +114,7 @@ fn row(j: &JobSummary, now: DateTime<Utc>) -> [String; 8] {
         last,
         next,
         j.revisions.to_string(),
-        format_bytes(j.allocated_bytes),
+        used_cell(j),
         failures,
     ]
 }
@@ -122,6 +149,8 @@ fn sla_state(j: &JobSummary) -> String {
 #[derive(Debug, Serialize)]
 pub struct SummariesView {
     pub jobs: Vec<SummaryView>,
+    /// The store's filesystem; `null` when the server did not say.
+    pub store: Option<StoreView>,
 }
 
 #[derive(Debug, Serialize)]
@@ -133,7 +162,10 @@ pub struct SummaryView {
     pub newest: Option<RevisionView>,
     pub newest_trusted: Option<String>,
     pub data_bytes: u64,
+    /// Shared extents counted per file: an upper bound (see `space`).
     pub allocated_bytes: u64,
+    /// As in `status JOB --json`.
+    pub space: Option<SpaceView>,
     pub storage: String,
     pub running: bool,
     /// `null` (like the next fields) when the job has no schedule.
@@ -153,6 +185,7 @@ impl From<&[JobSummary]> for SummariesView {
     fn from(jobs: &[JobSummary]) -> Self {
         SummariesView {
             jobs: jobs.iter().map(SummaryView::from).collect(),
+            store: jobs.iter().find_map(|j| j.store.as_ref()).map(StoreView::from),
         }
     }
 }
@@ -169,6 +202,7 @@ impl From<&JobSummary> for SummaryView {
             newest_trusted: rfc3339(&j.newest_trusted),
             data_bytes: j.data_bytes,
             allocated_bytes: j.allocated_bytes,
+            space: j.space.as_ref().map(SpaceView::from),
             storage: storage_name(j.storage).to_string(),
             running: j.running,
             sla_ok: scheduled.then_some(j.sla_ok),
@@ -208,7 +242,16 @@ mod tests {
                 size: 10 << 30,
                 ..Default::default()
             }),
-            allocated_bytes: 1 << 30,
+            allocated_bytes: 3 << 30,
+            space: (revisions > 0).then_some(backy_proto::Space {
+                total_bytes: 3 << 30,
+                exclusive_bytes: 1 << 29,
+                shared_bytes: 1 << 29,
+            }),
+            store: Some(backy_proto::StoreSpace {
+                size_bytes: 10 << 30,
+                used_bytes: 5 << 30,
+            }),
             next_due: (schedule != "none").then(|| ts("2026-12-02T10:00:00Z")),
             next_tags: vec!["daily".into()],
             ..Default::default()
@@ -228,7 +271,7 @@ mod tests {
             .with_timezone(&chrono::Utc);
         let text = format_summaries(&jobs, now);
         let lines: Vec<&str> = text.lines().collect();
-        assert_eq!(lines.len(), 6, "{text}");
+        assert_eq!(lines.len(), 7, "{text}");
         assert!(
             lines[0].starts_with("Job") && lines[0].contains("Failures"),
             "{text}"
@@ -244,13 +287,15 @@ mod tests {
         assert!(lines[2].contains("TOO OLD 3h 5m"), "{text}");
         assert!(lines[3].contains("NO BACKUP"), "{text}");
         assert!(lines[4].contains("none") && !lines[4].contains("OK"), "{text}");
+        assert_eq!(lines[5], "4 jobs, 23 revisions, 3.00 GiB used; 2 past their SLA");
         assert_eq!(
-            lines[5],
-            "4 jobs, 23 revisions, 4.00 GiB allocated; 2 past their SLA"
+            lines[6],
+            "store: 5.00 GiB of 10.00 GiB used (the whole filesystem)"
         );
+        assert!(lines[3].contains(" - "), "no revisions, no use: {text}");
         assert_eq!(
-            format_summaries(&jobs[..1], now).lines().last(),
-            Some("1 job, 18 revisions, 1.00 GiB allocated; 0 past their SLA")
+            format_summaries(&jobs[..1], now).lines().nth(2),
+            Some("1 job, 18 revisions, 1.00 GiB used; 0 past their SLA")
         );
         assert_eq!(format_summaries(&[], now), "no jobs\n");
     }

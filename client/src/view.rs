@@ -1,8 +1,9 @@
 //! JSON views of what the server reports, for `--json`: stable snake_case
 //! keys, `null` where the wire has an empty string for "none".
 
+use backy_common::units::format_bytes;
 use backy_proto::prost_types::Timestamp;
-use backy_proto::{RevisionInfo, SourceKind, StorageMode, Trust};
+use backy_proto::{RevisionInfo, SourceKind, Space, StorageMode, StoreSpace, Trust};
 use serde::Serialize;
 
 /// RFC 3339 (UTC, whole seconds) of a wire time; `None` when absent.
@@ -70,6 +71,60 @@ pub struct RevisionView {
     pub verified_at: Option<String>,
     /// Until when the server refuses to delete it (retention lock).
     pub locked_until: Option<String>,
+    /// What its files take on disk (`status` only); `null` when the server
+    /// did not count it.
+    pub space: Option<SpaceView>,
+}
+
+/// Disk space as `btrfs filesystem du` counts it (docs/json.md).
+#[derive(Debug, Serialize, PartialEq)]
+pub struct SpaceView {
+    pub total_bytes: u64,
+    pub exclusive_bytes: u64,
+    pub shared_bytes: u64,
+    /// exclusive + shared: what the files really take.
+    pub used_bytes: u64,
+}
+
+impl From<&Space> for SpaceView {
+    fn from(s: &Space) -> Self {
+        SpaceView {
+            total_bytes: s.total_bytes,
+            exclusive_bytes: s.exclusive_bytes,
+            shared_bytes: s.shared_bytes,
+            used_bytes: used_bytes(s),
+        }
+    }
+}
+
+/// What a job's or revision's files really take: exclusive + shared.
+pub fn used_bytes(s: &Space) -> u64 {
+    s.exclusive_bytes.saturating_add(s.shared_bytes)
+}
+
+/// The store's filesystem (`df`).
+#[derive(Debug, Serialize, PartialEq)]
+pub struct StoreView {
+    pub size_bytes: u64,
+    pub used_bytes: u64,
+}
+
+impl From<&StoreSpace> for StoreView {
+    fn from(s: &StoreSpace) -> Self {
+        StoreView {
+            size_bytes: s.size_bytes,
+            used_bytes: s.used_bytes,
+        }
+    }
+}
+
+/// `store: 1.20 GiB of 2.00 GiB used (the filesystem)`.
+pub fn store_line(s: &StoreSpace) -> String {
+    format!(
+        "store: {} of {} used (the whole filesystem)\n",
+        format_bytes(s.used_bytes),
+        format_bytes(s.size_bytes)
+    )
 }
 
 /// `None` for the wire's empty string.
@@ -97,6 +152,7 @@ impl From<&RevisionInfo> for RevisionView {
             storage: storage_name(r.storage).to_string(),
             verified_at: rfc3339(&r.verified_at),
             locked_until: rfc3339(&r.locked_until),
+            space: r.space.as_ref().map(SpaceView::from),
         }
     }
 }

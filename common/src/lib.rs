@@ -30,6 +30,7 @@ pub mod revision;
 pub mod schedule;
 pub mod scrub;
 pub mod source;
+pub mod space;
 pub mod spec;
 pub mod throttle;
 pub mod token;

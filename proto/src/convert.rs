@@ -96,6 +96,8 @@ impl From<&RevisionMeta> for RevisionInfo {
             storage: wire_storage(m.storage) as i32,
             verified_at: m.verified_at.as_ref().map(timestamp),
             locked_until: m.locked_until.as_ref().map(timestamp),
+            // Not metadata: the server's status adds it.
+            space: None,
         }
     }
 }

@@ -10,7 +10,7 @@ use backy_common::config::{Schedule, NO_SCHEDULE};
 use backy_common::units::format_bytes;
 use backy_common::{JobName, Result};
 use backy_proto::prost_types::Timestamp;
-use backy_proto::{JobStatus, JobSummary, RevisionInfo, StatusRequest, Trust};
+use backy_proto::{JobStatus, JobSummary, RevisionInfo, Space, StatusRequest, Trust};
 use chrono::{DateTime, Utc};
 use std::fmt::Write;
 
@@ -173,7 +173,8 @@ pub fn overview(server: &Server, caller: &Caller) -> Result<String> {
         let frsize = fs.f_frsize.max(1);
         let _ = write!(
             body,
-            "<span>base dir: {} free of {}</span>",
+            "<span>base dir: {} used, {} free of {}</span>",
+            format_bytes(fs.f_blocks.saturating_sub(fs.f_bfree).saturating_mul(frsize)),
             format_bytes(fs.f_bavail.saturating_mul(frsize)),
             format_bytes(fs.f_blocks.saturating_mul(frsize))
         );
@@ -182,7 +183,7 @@ pub fn overview(server: &Server, caller: &Caller) -> Result<String> {
     body.push_str(
         "<table><thead><tr><th>Job</th><th>State</th><th>Last backup</th><th>Age</th>\
          <th>Next due</th><th class=\"num\">Revisions</th><th class=\"num\">Size</th>\
-         <th class=\"num\">Allocated</th><th class=\"num\">Failures</th></tr></thead><tbody>\n",
+         <th class=\"num\">Disk used</th><th class=\"num\">Failures</th></tr></thead><tbody>\n",
     );
     for (st, s) in &rows {
         let newest = s.newest.as_ref();
@@ -216,7 +217,7 @@ pub fn overview(server: &Server, caller: &Caller) -> Result<String> {
                 String::new()
             },
             size = newest.map_or("–".into(), |n| format_bytes(n.size)),
-            alloc = format_bytes(s.allocated_bytes),
+            alloc = used_cell(s.space.as_ref(), s.revisions > 0),
             failures = s.failures,
             error = if s.last_error.is_empty() {
                 String::new()
@@ -227,6 +228,32 @@ pub fn overview(server: &Server, caller: &Caller) -> Result<String> {
     }
     body.push_str("</tbody></table>");
     Ok(page("backy status", &body))
+}
+
+/// A job's real use (shared extents once) for the overview table.
+fn used_cell(space: Option<&Space>, has_revisions: bool) -> String {
+    match space {
+        Some(s) => format_bytes(s.exclusive_bytes.saturating_add(s.shared_bytes)),
+        None if has_revisions => "unknown".into(),
+        None => "–".into(),
+    }
+}
+
+/// The job page's disk facts, the way `btrfs filesystem du -s` counts.
+fn disk_facts(space: Option<&Space>, has_revisions: bool) -> String {
+    match space {
+        Some(s) => format!(
+            "{} used <span class=\"muted\">({} exclusive, {} shared; {} counted per file)</span>",
+            format_bytes(s.exclusive_bytes.saturating_add(s.shared_bytes)),
+            format_bytes(s.exclusive_bytes),
+            format_bytes(s.shared_bytes),
+            format_bytes(s.total_bytes)
+        ),
+        None if has_revisions => {
+            "unknown <span class=\"muted\">(the filesystem does not map extents)</span>".into()
+        }
+        None => "–".into(),
+    }
 }
 
 /// `/job/NAME`: facts, the revision timeline and the revision table.
@@ -267,7 +294,7 @@ pub fn job(server: &Server, name: &JobName) -> Result<String> {
         body,
         "<dl><dt>State</dt><dd>{badge}{sla}</dd><dt>Schedule</dt><dd>{sched}: {rules}</dd>\
          <dt>Last backup</dt><dd>{last}</dd><dt>Next due</dt><dd>{next}</dd>\
-         <dt>Revisions</dt><dd>{revs}</dd><dt>Size</dt><dd>{size}, {alloc} allocated</dd>\
+         <dt>Revisions</dt><dd>{revs}</dd><dt>Size</dt><dd>{size}</dd><dt>Disk</dt><dd>{alloc}</dd>\
          <dt>Failures</dt><dd>{failures}{error}</dd><dt>Running</dt><dd>{running}</dd></dl>",
         badge = badge(&st),
         sla = if j.sla_window_secs > 0 {
@@ -291,7 +318,7 @@ pub fn job(server: &Server, name: &JobName) -> Result<String> {
         },
         revs = j.revisions.len(),
         size = newest.map_or("–".into(), |n| format_bytes(n.size)),
-        alloc = format_bytes(j.allocated_bytes),
+        alloc = disk_facts(j.space.as_ref(), !j.revisions.is_empty()),
         failures = j.failures,
         error = if j.last_error.is_empty() {
             String::new()
@@ -310,7 +337,8 @@ fn revision_table(j: &JobStatus, now: DateTime<Utc>) -> String {
     let mut out = String::from(
         "<h2>Revisions</h2><table><thead><tr><th class=\"num\">#</th><th>Id</th><th>Time</th><th>Age</th>\
          <th>Tags</th><th>Trust</th><th class=\"num\">Size</th><th class=\"num\">Received</th>\
-         <th class=\"num\">Push took</th></tr></thead><tbody>\n",
+         <th class=\"num\">Push took</th><th class=\"num\">Exclusive</th><th class=\"num\">Shared</th>\
+         </tr></thead><tbody>\n",
     );
     for (n, r) in j.revisions.iter().rev().enumerate() {
         let t = time_of(r.timestamp.as_ref());
@@ -327,7 +355,8 @@ fn revision_table(j: &JobStatus, now: DateTime<Utc>) -> String {
             out,
             "<tr data-rev=\"{id}\"><td class=\"num\">{n}</td><td><code>{id}</code></td><td>{time}</td>\
              <td>{age}</td><td>{tags}</td><td>{trust}</td><td class=\"num\">{size}</td>\
-             <td class=\"num\">{recv}</td><td class=\"num\">{took:.1} s</td></tr>",
+             <td class=\"num\">{recv}</td><td class=\"num\">{took:.1} s</td>\
+             <td class=\"num\">{excl}</td><td class=\"num\">{shared}</td></tr>",
             id = esc(&r.short_id),
             time = t.map_or("?".into(), fmt_time),
             age = t.map_or("?".into(), |t| age(t, now)),
@@ -339,10 +368,18 @@ fn revision_table(j: &JobStatus, now: DateTime<Utc>) -> String {
             size = format_bytes(r.size),
             recv = format_bytes(r.bytes_received),
             took = r.duration_secs,
+            excl = r
+                .space
+                .as_ref()
+                .map_or("?".into(), |s| format_bytes(s.exclusive_bytes)),
+            shared = r
+                .space
+                .as_ref()
+                .map_or("?".into(), |s| format_bytes(s.shared_bytes)),
         );
     }
     if j.revisions.is_empty() {
-        out.push_str("<tr><td colspan=\"9\" class=\"muted\">no revisions yet</td></tr>");
+        out.push_str("<tr><td colspan=\"11\" class=\"muted\">no revisions yet</td></tr>");
     }
     out.push_str("</tbody></table>");
     out

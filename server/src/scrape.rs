@@ -87,6 +87,12 @@ impl Collector for HostCollector {
                 "Size of the base dir's filesystem",
                 fs.f_blocks.saturating_mul(frsize),
             )?;
+            gauge(
+                &mut e,
+                "backy_base_dir_used_bytes",
+                "Bytes used on the base dir's filesystem (as df counts them)",
+                fs.f_blocks.saturating_sub(fs.f_bfree).saturating_mul(frsize),
+            )?;
         }
         gauge(&mut e, "backy_jobs", "Configured jobs", config.jobs.len() as u64)?;
         // Scrub progress: revisions whose last check (a verify, or the
@@ -195,8 +201,23 @@ impl Collector for JobCollector {
                 vec![],
             ),
             (
-                "backy_job_allocated_bytes",
-                "Bytes allocated on disk by the job's files (shared extents counted per file)",
+                "backy_job_used_bytes",
+                "Disk the job's revisions take, each shared extent once: exclusive + shared (absent when the filesystem cannot tell)",
+                vec![],
+            ),
+            (
+                "backy_job_exclusive_bytes",
+                "Bytes in extents of the job's files that no other file references (absent when unknown)",
+                vec![],
+            ),
+            (
+                "backy_job_shared_bytes",
+                "Bytes in shared extents of the job's files, each physical extent once (absent when unknown)",
+                vec![],
+            ),
+            (
+                "backy_job_total_bytes",
+                "Bytes in extents of the job's files, shared ones counted per file (absent when unknown)",
                 vec![],
             ),
             (
@@ -245,7 +266,12 @@ impl Collector for JobCollector {
                 Some(f64::from(s.revisions)),
                 Some(f64::from(s.distrusted)),
                 newest.map(|n| n.size as f64),
-                Some(s.allocated_bytes as f64),
+                s.space
+                    .as_ref()
+                    .map(|u| u.exclusive_bytes.saturating_add(u.shared_bytes) as f64),
+                s.space.as_ref().map(|u| u.exclusive_bytes as f64),
+                s.space.as_ref().map(|u| u.shared_bytes as f64),
+                s.space.as_ref().map(|u| u.total_bytes as f64),
                 Some(f64::from(s.failures)),
                 newest.map(|n| n.duration_secs),
                 newest.map(|n| n.bytes_received as f64),

@@ -79,6 +79,8 @@ impl Server {
         }
         // Jobs and schedules may have changed: agents plan again.
         self.jobs.index.clear();
+        let current = self.config();
+        self.jobs.space.retain(|j| current.jobs.contains_key(j));
     }
 
     /// The jobs whose `client` is `name`.

@@ -5,14 +5,14 @@ use crate::job::{JobEntry, JobRuntime};
 use crate::state::Server;
 use crate::storage::JobDir;
 use backy_common::config::{ServerConfig, NO_SCHEDULE};
-use backy_common::revision::{RevisionMeta, Trust};
+use backy_common::revision::Trust;
+use backy_common::space::Usage;
 use backy_common::{JobName, Result};
 use backy_proto::{
-    JobStatus, JobSummary, ReplicaFetch, ReplicaState, RevisionChunk, RevisionInfo, StatusReply,
-    StatusRequest,
+    JobStatus, JobSummary, ReplicaFetch, ReplicaState, RevisionChunk, RevisionInfo, Space, StatusReply,
+    StatusRequest, StoreSpace,
 };
 use prost::Message;
-use std::sync::Arc;
 
 /// What status says about a job besides its revisions.
 struct Health {
@@ -79,11 +79,33 @@ pub fn of_jobs(server: &Server, names: &[String]) -> Result<StatusReply> {
     let config = server.config();
     let mut jobs = Vec::with_capacity(names.len());
     for name in names {
-        let (mut job, entry) = header(server, &config, name)?;
-        job.revisions = entry.revisions.iter().map(RevisionInfo::from).collect();
+        let (mut job, revs) = header(server, &config, name)?;
+        job.revisions = revs.revisions;
         jobs.push(job);
     }
-    Ok(StatusReply { jobs })
+    Ok(StatusReply {
+        jobs,
+        store: store_space(&config),
+    })
+}
+
+fn wire_space(u: &Usage) -> Space {
+    Space {
+        total_bytes: u.total,
+        exclusive_bytes: u.exclusive,
+        shared_bytes: u.shared,
+    }
+}
+
+/// The store's filesystem; `None` (and logged) when statvfs fails.
+fn store_space(config: &ServerConfig) -> Option<StoreSpace> {
+    crate::storage::space::store_space(&config.base_dir)
+        .inspect_err(|e| tracing::warn!("store space unknown: {e}"))
+        .ok()
+        .map(|s| StoreSpace {
+            size_bytes: s.size,
+            used_bytes: s.used,
+        })
 }
 
 /// Revisions per message of a status stream, by encoded size: far below
@@ -92,14 +114,14 @@ const CHUNK_BYTES: usize = 256 << 10;
 
 /// A job's revisions, oldest first, in chunks of at most [`CHUNK_BYTES`]
 /// (a revision alone may be larger: it is bounded by its fields' limits).
-pub fn chunks(revisions: &[RevisionMeta]) -> impl Iterator<Item = RevisionChunk> + '_ {
+pub fn chunks(revisions: &[RevisionInfo]) -> impl Iterator<Item = RevisionChunk> + '_ {
     let mut rest = revisions.iter().peekable();
     std::iter::from_fn(move || {
         rest.peek()?;
         let mut chunk = RevisionChunk::default();
         let mut bytes = 0;
-        while let Some(meta) = rest.next_if(|_| chunk.revisions.is_empty() || bytes < CHUNK_BYTES) {
-            let info = RevisionInfo::from(meta);
+        while let Some(info) = rest.next_if(|_| chunk.revisions.is_empty() || bytes < CHUNK_BYTES) {
+            let info = info.clone();
             bytes += info.encoded_len() + 4;
             chunk.revisions.push(info);
         }
@@ -107,15 +129,31 @@ pub fn chunks(revisions: &[RevisionMeta]) -> impl Iterator<Item = RevisionChunk>
     })
 }
 
-/// One job's status without its revisions, and the index entry they come
-/// from (oldest first).
-pub fn header(server: &Server, config: &ServerConfig, name: &str) -> Result<(JobStatus, Arc<JobEntry>)> {
+/// A job's revisions as status sends them, oldest first: their metadata
+/// and what each takes on disk.
+pub struct Revisions {
+    pub revisions: Vec<RevisionInfo>,
+}
+
+/// One job's status without its revisions, and its revisions.
+pub fn header(server: &Server, config: &ServerConfig, name: &str) -> Result<(JobStatus, Revisions)> {
     let job = server.job(name)?;
     let entry = server.jobs.indexed(&job)?;
     let h = health(server, config, &job, &entry)?;
+    let space = server.jobs.space(&job, &entry);
+    let revisions = entry
+        .revisions
+        .iter()
+        .map(|r| RevisionInfo {
+            space: space.revisions.get(&r.id).map(wire_space),
+            ..RevisionInfo::from(r)
+        })
+        .collect();
     let status = JobStatus {
         job: name.to_string(),
         revisions: Vec::new(),
+        space: space.job.as_ref().map(wire_space),
+        store: store_space(config),
         storage: h.storage,
         allocated_bytes: entry.allocated_bytes,
         running: h.runtime.push.is_some(),
@@ -140,7 +178,7 @@ pub fn header(server: &Server, config: &ServerConfig, name: &str) -> Result<(Job
             .collect(),
         future_revisions: h.future,
     };
-    Ok((status, entry))
+    Ok((status, Revisions { revisions }))
 }
 
 /// On a replica, how its copy of `job` stands.
@@ -196,6 +234,12 @@ pub fn summary(server: &Server, config: &ServerConfig, name: &JobName) -> Result
         newest_trusted,
         data_bytes: revs.iter().map(|r| r.stats.bytes_written).sum(),
         allocated_bytes: entry.allocated_bytes,
+        // The last count: a host's summaries never wait for FIEMAP.
+        space: server
+            .jobs
+            .last_space(&job, &entry)
+            .and_then(|s| s.job.as_ref().map(wire_space)),
+        store: store_space(config),
         storage: h.storage,
         running: h.runtime.push.is_some(),
         sla_ok: h.sla_ok,

@@ -386,8 +386,9 @@ fn check_perfdata_json_documents_and_one_id_form() {
 }
 
 /// `status` without a job: one line per job with the SLA, the last backup
-/// and its age, when it is next due, revisions, allocated size and
-/// failures; `status JOB` shows ages beside the UTC dates.
+/// and its age, when it is next due, revisions, disk used (shared extents
+/// once) and failures, then the store's use; `status JOB` shows ages
+/// beside the UTC dates.
 #[test]
 fn status_lines_show_ages_and_what_an_operator_looks_for() {
     let dir = tempfile::tempdir().unwrap();
@@ -395,13 +396,13 @@ fn status_lines_show_ages_and_what_an_operator_looks_for() {
     server.client_ok(&["push", "vm1"]);
     let text = server.client_ok(&["status"]);
     let lines: Vec<&str> = text.lines().collect();
-    assert_eq!(lines.len(), 3, "{text}");
+    assert_eq!(lines.len(), 4, "{text}");
     for column in [
         "SLA",
         "Last backup (UTC)",
         "Next due (UTC)",
         "Revs",
-        "Allocated",
+        "Used",
         "Failures",
     ] {
         assert!(lines[0].contains(column), "{column}: {text}");
@@ -412,6 +413,7 @@ fn status_lines_show_ages_and_what_an_operator_looks_for() {
     );
     assert!(lines[1].contains("s ago)") && lines[1].contains("(in "), "{text}");
     assert!(lines[2].starts_with("1 job, 1 revision, "), "{text}");
+    assert!(lines[3].starts_with("store: "), "{text}");
 
     let one = server.client_ok(&["status", "vm1"]);
     assert!(one.contains(" ago)  "), "{one}");

@@ -124,6 +124,7 @@ impl Backy for Liar {
                 revisions: revs.iter().map(|r| r.info.clone()).collect(),
                 ..Default::default()
             }],
+            ..Default::default()
         }))
     }
     type StatusStreamStream = BoxStream<JobStatusPart>;

@@ -15,21 +15,25 @@
 
 pub mod activity;
 pub mod index;
+pub mod space;
 pub mod txn;
 
 pub use activity::{Activity, JobRuntime, PushGuard, ReadGuard};
 pub use index::{Index, JobEntry};
+pub use space::{JobSpace, SpaceCache};
 pub use txn::Txn;
 
 use crate::storage::JobDir;
 use backy_common::Result;
 use std::sync::Arc;
 
-/// The jobs' state in memory: the read cache and the activity.
+/// The jobs' state in memory: the read caches and the activity.
 #[derive(Default)]
 pub struct Jobs {
     pub index: Index,
     pub activity: Arc<Activity>,
+    /// What each job's revisions take on disk (counted on demand).
+    pub space: SpaceCache,
 }
 
 impl Jobs {
@@ -37,5 +41,16 @@ impl Jobs {
     /// from the index.
     pub fn indexed(&self, job: &JobDir) -> Result<Arc<JobEntry>> {
         self.index.get(job)
+    }
+
+    /// What the job's committed revisions (`entry`'s) take on disk,
+    /// counted now if need be.
+    pub fn space(&self, job: &JobDir, entry: &JobEntry) -> Arc<JobSpace> {
+        self.space.get(job, &entry.revisions)
+    }
+
+    /// The job's last counted space at once (see [`SpaceCache::last`]).
+    pub fn last_space(&self, job: &JobDir, entry: &JobEntry) -> Option<Arc<JobSpace>> {
+        self.space.last(job, &entry.revisions)
     }
 }

@@ -7,6 +7,7 @@ pub mod durable;
 pub mod jobdir;
 pub mod lock;
 pub mod resume;
+pub mod space;
 pub mod streamed;
 pub mod writer;
 
