@@ -111,7 +111,9 @@ def main():
 
         status_all, out = timed(client + ["status"])
         lines = out.stdout.splitlines()
-        if len(lines) != args.jobs + 2 or "past their SLA" not in lines[-1]:
+        # A header, a line per job, the summary, the store's use.
+        if (len(lines) != args.jobs + 3 or "past their SLA" not in lines[-2]
+                or not lines[-1].startswith("store: ")):
             sys.exit(f"status of all jobs printed {len(lines)} lines: {out.stdout[-500:]}")
         status_json, out = timed(client + ["status", "--json"])
         if len(json.loads(out.stdout)["jobs"]) != args.jobs:
