@@ -89,6 +89,8 @@ fn the_server_example_names_every_key() {
                 moved_hooks: None,
                 max_size: Some(1),
                 retention_lock: Some(Interval::from_secs(1)),
+                // Not configuration (set on a replica from its records).
+                copy_owner: None,
             },
         )]),
         resume: ResumeConfig {

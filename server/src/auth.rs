@@ -156,6 +156,12 @@ pub fn authorize(
         Role::Replica if matches!(action, Action::Append | Action::Remove) => {
             format!("identity {name_of} is a replica: it may read status and revisions, not change them")
         }
+        // Its copy on a replica: read and restore only.
+        Role::Hypervisor if copy_owned(config, caller, &name) => format!(
+            "job {job} is a copy of another server's here: identity {name_of} may read and restore it; \
+             {} goes to the source",
+            crate::text::clip(what)
+        ),
         // Its own job (else it is told nothing of it, as below).
         Role::Hypervisor if action == Action::Remove && may_see(config, caller, &name, Action::Append) => {
             format!(
@@ -186,10 +192,20 @@ pub fn may_see(config: &ServerConfig, caller: &Caller, job: &JobName, action: Ac
                 .jobs
                 .get(job)
                 .is_some_and(|j| j.client.as_deref() == Some(caller.name.as_str()));
-            own && (action != Action::Remove || identity.is_some_and(|c| c.may_remove))
+            (own && (action != Action::Remove || identity.is_some_and(|c| c.may_remove)))
+                || (matches!(action, Action::Read | Action::Fetch) && copy_owned(config, caller, job))
         }
         Role::Replica => matches!(action, Action::Read | Action::Fetch) && listed(),
     }
+}
+
+/// Whether `job` is a copy (on a replica) whose source named `caller` as
+/// its client: that identity may read and restore it, nothing more.
+fn copy_owned(config: &ServerConfig, caller: &Caller, job: &JobName) -> bool {
+    config
+        .jobs
+        .get(job)
+        .is_some_and(|j| j.client.is_none() && j.copy_owner.as_deref() == Some(caller.name.as_str()))
 }
 
 /// An agent may run only under its own name (admins under any).
