@@ -332,6 +332,48 @@ mod tests {
         assert!(authenticate(&cfg, &r).unwrap_err().message().contains("Bearer"));
     }
 
+    /// Issue 29, item 5: the owner a replica's copy recorded may read and
+    /// fetch it, nothing else; nobody else may; a `client:` (an own job)
+    /// is not overridden by an owner.
+    #[test]
+    fn a_copys_owner_may_read_and_restore_it_only() {
+        let (hv, ro) = (generate_token(), generate_token());
+        let mut cfg = config(&hv, &ro);
+        let hv = authenticate(&cfg, &req(Some(&hv))).unwrap();
+        let other = Caller {
+            name: "hv02".into(),
+            ..hv.clone()
+        };
+        let vm2 = JobName::new("vm2").unwrap();
+        assert!(!may_see(&cfg, &hv, &vm2, Action::Read), "no owner yet");
+        if let Some(j) = cfg.jobs.get_mut(&vm2) {
+            j.copy_owner = Some("hv01".into());
+        }
+        for (action, allowed) in [
+            (Action::Read, true),
+            (Action::Fetch, true),
+            (Action::Append, false),
+            (Action::Remove, false),
+        ] {
+            assert_eq!(may_see(&cfg, &hv, &vm2, action), allowed, "{action:?}");
+            assert!(!may_see(&cfg, &other, &vm2, action), "{action:?} by another");
+        }
+        let e = authorize(&cfg, &hv, "vm2", Action::Append, "push").unwrap_err();
+        assert_eq!(e.code(), tonic::Code::PermissionDenied);
+        assert!(
+            e.message().contains("is a copy of another server's here"),
+            "{}",
+            e.message()
+        );
+        // An own job's client decides, whatever an owner says.
+        let vm1 = JobName::new("vm1").unwrap();
+        if let Some(j) = cfg.jobs.get_mut(&vm1) {
+            j.copy_owner = Some("hv02".into());
+        }
+        assert!(!may_see(&cfg, &other, &vm1, Action::Read));
+        assert!(may_see(&cfg, &hv, &vm1, Action::Append));
+    }
+
     #[test]
     fn jobs_belong_to_their_client() {
         let (hv, ro) = (generate_token(), generate_token());

@@ -335,6 +335,38 @@ mod tests {
         ServerConfig::from_yaml(&text, "server.yaml").unwrap()
     }
 
+    /// Issue 29, item 5: the owner a source names is kept per copy across
+    /// a restart (a file of an older version has none), set on the copy as
+    /// `copy_owner` (never `client`), and a name no identity could have
+    /// names nobody.
+    #[test]
+    fn a_copy_keeps_its_owner() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = dir.path();
+        let n = |s: &str| JobName::new(s).unwrap();
+        std::fs::write(
+            base.join(STATE_FILE),
+            "jobs:\n  fresh: {last-round: 2026-12-01T00:00:00Z}\nmarked: true\n",
+        )
+        .unwrap();
+        let r = Replication::load(base);
+        assert_eq!(r.get(&n("fresh")).owner, None, "an older file");
+        assert!(r.owned(&n("fresh"), owner_of("hv01")));
+        assert!(!r.owned(&n("fresh"), owner_of("hv01")), "unchanged");
+        r.save().unwrap();
+        let r = Replication::load(base);
+        let cfg = r.effective(config(base, "  mine: {schedule: none, client: hv01}"));
+        let fresh = cfg.jobs.get(&n("fresh")).unwrap();
+        assert_eq!(
+            (fresh.copy_owner.as_deref(), fresh.client.as_deref()),
+            (Some("hv01"), None)
+        );
+        assert_eq!(cfg.jobs.get(&n("mine")).unwrap().copy_owner, None);
+        assert_eq!(owner_of("../etc"), None);
+        assert_eq!(owner_of(&"x".repeat(10_000)), None);
+        assert_eq!(owner_of(""), None);
+    }
+
     /// Issue 28, item 2: a listed job of the replica's own (a client, or
     /// revisions not copied here) is refused, never a copy; a marked copy
     /// and a job with nothing yet are copies.
