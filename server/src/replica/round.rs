@@ -47,6 +47,9 @@ struct Tally {
     received: u64,
     failed: usize,
     expired: usize,
+    /// A source named another owner for a job: the configuration follows
+    /// once, at the round's end.
+    owners_changed: bool,
 }
 
 async fn round(server: &Arc<Server>, r: &ReplicateConfig) {
@@ -87,6 +90,9 @@ async fn round(server: &Arc<Server>, r: &ReplicateConfig) {
                 }
             }
         },
+    }
+    if tally.owners_changed {
+        server.replace_config((*server.config()).clone());
     }
     if let Err(e) = server.replication.save() {
         tracing::error!("replication: saving its state: {e}");
@@ -218,9 +224,7 @@ async fn job_round(server: &Arc<Server>, client: &Client, name: &JobName, tally:
     let status = backy_proto::listing::job_status(&mut client.clone(), name.as_str()).await?;
     // Who pushes the job there may read and restore its copy here.
     let owner = crate::replication::jobs::owner_of(&status.client);
-    if server.replication.owned(name, owner) {
-        server.replace_config((*server.config()).clone());
-    }
+    tally.owners_changed |= server.replication.owned(name, owner);
     let infos: Vec<RevisionInfo> = status.revisions;
     let at = Utc::now();
     let metas: Vec<RevisionMeta> = infos.iter().map(RevisionMeta::try_from).collect::<Result<_>>()?;
