@@ -75,10 +75,17 @@ fn format_job(out: &mut String, job: &JobStatus, now: DateTime<Utc>) {
     if job.running {
         out.push_str("a push is running\n");
     }
-    if job.schedule == NO_SCHEDULE {
+    // A replica's copy takes no pushes: its schedule, if any, only keeps
+    // copies here (see `format_replica`), and nothing is ever due.
+    let copy = job.replica.as_ref().is_some_and(|r| !r.own_job);
+    if job.schedule == NO_SCHEDULE && !copy {
         out.push_str("schedule: none (manual pushes only: nothing expires, no SLA)\n");
     } else if has_schedule(&job.schedule) {
-        let _ = writeln!(out, "schedule: {}", job.schedule);
+        if copy {
+            let _ = writeln!(out, "schedule: {} (keeps the copies here)", job.schedule);
+        } else {
+            let _ = writeln!(out, "schedule: {}", job.schedule);
+        }
         if job.sla_ok {
             out.push_str("SLA: OK\n");
         } else if job.revisions.is_empty() {
@@ -89,7 +96,7 @@ fn format_job(out: &mut String, job: &JobStatus, now: DateTime<Utc>) {
             let overdue = job.sla_overdue_secs.unsigned_abs();
             let _ = writeln!(out, "SLA: TOO OLD (overdue {})", human_secs(overdue));
         }
-        if job.next_due.is_some() {
+        if job.next_due.is_some() && !copy {
             let _ = writeln!(
                 out,
                 "next: {} ({})",
@@ -155,12 +162,28 @@ fn format_locks(out: &mut String, revisions: &[RevisionInfo], now: DateTime<Utc>
 }
 
 fn format_replica(out: &mut String, r: &backy_proto::ReplicaState, now: DateTime<Utc>) {
-    let retention = if r.own_retention {
-        "its own schedule"
+    if r.own_job {
+        // Listed for copying, but this server's own: it says why below.
+        let _ = writeln!(out, "not a copy of {} (a job of this server's own)", r.source);
     } else {
-        "mirrors the source's expiry"
-    };
-    let _ = writeln!(out, "copy of {} ({retention})", r.source);
+        let retention = if r.own_retention {
+            "its own schedule keeps the copies"
+        } else {
+            "mirrors the source's expiry"
+        };
+        let _ = writeln!(
+            out,
+            "copy of {} ({retention}; takes no pushes: they go to the source)",
+            r.source
+        );
+        if !r.owner.is_empty() {
+            let _ = writeln!(
+                out,
+                "owner: {} (may read and restore it here, as the source recorded)",
+                escape(&r.owner)
+            );
+        }
+    }
     let behind = if r.missing == 0 {
         "nothing to copy".to_string()
     } else {
@@ -350,6 +373,11 @@ pub struct ReplicaView {
     pub last_round: Option<String>,
     pub last_error: Option<String>,
     pub own_retention: bool,
+    /// The identity the source named as the job's client: it may read
+    /// and restore the copies here; `null`: none.
+    pub owner: Option<String>,
+    /// Listed for copying but a job of this server's own: not a copy.
+    pub own_job: bool,
 }
 
 impl From<&backy_proto::ReplicaState> for ReplicaView {
@@ -364,6 +392,8 @@ impl From<&backy_proto::ReplicaState> for ReplicaView {
             last_round: rfc3339(&r.last_round),
             last_error: non_empty(&r.last_error),
             own_retention: r.own_retention,
+            owner: non_empty(&r.owner),
+            own_job: r.own_job,
         }
     }
 }
@@ -570,6 +600,54 @@ store: 30.00 GiB of 100.00 GiB used (the whole filesystem)
 ";
         assert_eq!(format_status(&sample(), now()), want);
         assert_eq!(format_status(&StatusReply::default(), now()), "no jobs\n");
+    }
+
+    /// Issue 29, item 5: a replica's copy takes no pushes: no next due
+    /// time (a copy with its own schedule had "next: ... (0s ago)"), no
+    /// "manual pushes only" (a copy without one); it says it is a copy,
+    /// how it keeps revisions, and that pushes go to the source.
+    #[test]
+    fn a_copy_is_no_job_to_push() {
+        let copy = |schedule: &str, own_retention: bool| JobStatus {
+            job: "vm5".into(),
+            revisions: vec![rev("5xyz", "2026-11-29T11:00:00Z", 1, 1, 1.0, &["weekly"])],
+            schedule: schedule.into(),
+            sla_ok: true,
+            next_due: Some(ts("2026-11-29T12:00:00Z")),
+            next_tags: vec!["weekly".into()],
+            replica: Some(backy_proto::ReplicaState {
+                source: "https://backup1:7807".into(),
+                own_retention,
+                ..Default::default()
+            }),
+            ..JobStatus::default()
+        };
+        let text = |j: JobStatus| {
+            format_status(
+                &StatusReply {
+                    jobs: vec![j],
+                    ..Default::default()
+                },
+                now(),
+            )
+        };
+        let own = text(copy("weekly", true));
+        assert!(!own.contains("next:"), "{own}");
+        assert!(
+            own.contains("\nschedule: weekly (keeps the copies here)\n"),
+            "{own}"
+        );
+        assert!(
+            own.contains("\ncopy of https://backup1:7807 (its own schedule keeps the copies; takes no pushes: they go to the source)\n"),
+            "{own}"
+        );
+        let mirrored = text(copy(NO_SCHEDULE, false));
+        assert!(!mirrored.contains("manual pushes only"), "{mirrored}");
+        assert!(!mirrored.contains("schedule:"), "{mirrored}");
+        assert!(
+            mirrored.contains("\ncopy of https://backup1:7807 (mirrors the source's expiry; takes no pushes: they go to the source)\n"),
+            "{mirrored}"
+        );
     }
 
     #[test]

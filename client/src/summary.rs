@@ -94,7 +94,11 @@ fn row(j: &JobSummary, now: DateTime<Utc>) -> [String; 8] {
         .as_ref()
         .map(|r| utc_time(&r.timestamp, now))
         .unwrap_or_else(|| "-".into());
-    let next = if j.next_due.is_none() {
+    // A copy takes no pushes: its schedule, if any, only keeps copies.
+    let copy = j.replica.as_ref().is_some_and(|r| !r.own_job);
+    let next = if copy {
+        "never (a copy)".into()
+    } else if j.next_due.is_none() {
         "-".into()
     } else {
         format!("{} {}", utc_time(&j.next_due, now), j.next_tags.join(","))
@@ -105,7 +109,9 @@ fn row(j: &JobSummary, now: DateTime<Utc>) -> [String; 8] {
     }
     [
         j.job.clone(),
-        if j.schedule.is_empty() {
+        if copy && !has_schedule(&j.schedule) {
+            "copy".into()
+        } else if j.schedule.is_empty() {
             NO_SCHEDULE.into()
         } else {
             j.schedule.clone()
@@ -298,6 +304,33 @@ mod tests {
             Some("1 job, 18 revisions, 1.00 GiB used; 0 past their SLA")
         );
         assert_eq!(format_summaries(&[], now), "no jobs\n");
+    }
+
+    /// Issue 29, item 5: a copy was listed `Next due ... (0s ago) weekly`
+    /// although nothing is pushed to it (the due time of the schedule that
+    /// keeps its copies): a copy is due never, and says it is a copy.
+    #[test]
+    fn a_copy_is_never_due() {
+        let now = chrono::DateTime::parse_from_rfc3339("2026-12-02T10:00:00Z")
+            .unwrap()
+            .with_timezone(&chrono::Utc);
+        let copy = |schedule: &str| JobSummary {
+            replica: Some(backy_proto::ReplicaState {
+                source: "https://backup1:7807".into(),
+                lag_warning_secs: 3600,
+                lag_critical_secs: 86400,
+                ..Default::default()
+            }),
+            next_tags: vec!["weekly".into()],
+            ..summary("vm5", schedule, 2, true)
+        };
+        let text = format_summaries(&[copy("weekly"), copy("none")], now);
+        let lines: Vec<&str> = text.lines().collect();
+        for line in &lines[1..3] {
+            assert!(!line.contains("(0s ago)") && !line.ends_with("weekly"), "{text}");
+            assert!(line.contains("COPY lag 0s"), "{text}");
+        }
+        assert!(lines[2].contains(" copy "), "a mirrored copy's schedule: {text}");
     }
 
     #[test]

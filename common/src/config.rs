@@ -98,6 +98,12 @@ pub struct JobConfig {
     /// Replaces the schedule's `retention-lock` for this job.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retention_lock: Option<Interval>,
+    /// On a replica, of a copied job: the identity the source named as its
+    /// client, which may read and restore the copies here (never push).
+    /// Not configuration: set from the replication records, and not a
+    /// `client` (that would make the job one of the replica's own).
+    #[serde(skip)]
+    pub copy_owner: Option<String>,
 }
 
 /// `backy-server`'s configuration.

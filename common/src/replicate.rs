@@ -26,11 +26,13 @@
 //! - a replica copies only the jobs it lists, by name or prefix, and no
 //!   more than its bound of them ([`select`]).
 
+use crate::config::Schedule;
 use crate::id::RevisionId;
 use crate::job::JobName;
 use crate::manifest::Manifest;
 use crate::ranges::GRANULE;
-use crate::revision::{is_manual_tag, Trust};
+use crate::revision::{is_manual_tag, RevisionMeta, Trust};
+use crate::schedule::ExpiryRun;
 use chrono::{DateTime, Utc};
 use std::collections::{BTreeSet, HashMap};
 use std::ops::Range;
@@ -141,13 +143,72 @@ fn oldest_first(revs: &[Listed]) -> Vec<&Listed> {
 
 /// Which of the source's revisions a replica owes itself.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Owed {
+pub enum Owed<'a> {
     /// Every one it lacks (it mirrors the source's expiry, so a copy it
     /// lacks was lost or forgotten here, and is fetched again).
     All,
     /// Only those newer than its newest (its own schedule expires copies
-    /// the source may still have: those must not come back).
-    Newer,
+    /// the source may still have: those must not come back), and of
+    /// those, none its own expiry would delete at once ([`short_lived`]).
+    Newer {
+        /// The job's schedule here.
+        schedule: &'a Schedule,
+        /// Its retention lock here, if any.
+        lock: Option<Duration>,
+    },
+}
+
+/// Of `candidates` (revisions one round would copy, oldest first), those
+/// that with its own retention the replica would delete at once: at the
+/// expiry after a later commit of the same round, none of its tags is
+/// left (tags outside the schedule go then, schedule tags with `keep`
+/// newer carriers that are older than `keep × interval` too) and no
+/// retention lock holds it. The round's newest candidate is always copied:
+/// it is the replica's newest copy until the next round, whatever its
+/// tags. The replica's own expiry decides ([`crate::schedule::expire`]),
+/// over what it holds and the candidates.
+pub fn short_lived(
+    candidates: &[&Listed],
+    replica: &[Listed],
+    schedule: &Schedule,
+    lock: Option<Duration>,
+    now: DateTime<Utc>,
+) -> BTreeSet<RevisionId> {
+    let Some(newest) = candidates.iter().max_by_key(|r| (r.timestamp, r.id)) else {
+        return BTreeSet::new();
+    };
+    let meta = |r: &Listed| RevisionMeta {
+        id: r.id,
+        timestamp: r.timestamp,
+        parent: None,
+        size: 0,
+        block_size: 0,
+        tags: r.tags.clone(),
+        trust: r.trust,
+        verified_at: None,
+        source: Default::default(),
+        stats: Default::default(),
+        manifest_digest: String::new(),
+        storage: Default::default(),
+        locked_until: lock.and_then(|l| crate::schedule::add(r.timestamp, l)),
+    };
+    let all: Vec<RevisionMeta> = replica
+        .iter()
+        .chain(candidates.iter().copied())
+        .map(meta)
+        .collect();
+    let plan = crate::schedule::expire(
+        schedule,
+        &all,
+        now,
+        &BTreeSet::new(),
+        ExpiryRun::AfterCommit(newest.id),
+    );
+    candidates
+        .iter()
+        .filter(|r| r.id != newest.id && plan.deleted.contains(&r.id))
+        .map(|r| r.id)
+        .collect()
 }
 
 /// Source revisions a round does not copy because the source's order
@@ -155,8 +216,9 @@ pub enum Owed {
 /// copy of the job (a source inserting history), or one both hold that the
 /// source lists under another date (a source re-dating history). Copies
 /// dated after `now` do not count as the newest (see [`plan`]). With
-/// [`Owed::Newer`] a lacked older revision is one the replica's own
-/// schedule expired (or never owed), not inserted history.
+/// [`Owed::Newer`] a revision lacked here and older than the newest copy
+/// is not owed at all (this replica's expiry removed it, or left it out as
+/// [`short_lived`]): only re-dated ones count.
 pub fn out_of_order(
     source: &[Listed],
     replica: &[Listed],
@@ -205,7 +267,8 @@ pub fn plan(source: &[Listed], replica: &[Listed], owed: Owed, now: DateTime<Utc
         .filter(|r| r.timestamp <= now)
         .map(|r| (r.timestamp, r.id))
         .max();
-    let mut out = Vec::new();
+    // What the round would fetch: (revision, replacing a distrusted copy).
+    let mut wanted: Vec<(&Listed, bool)> = Vec::new();
     for rev in oldest_first(source) {
         if !rev.trust.usable_as_parent() || refused.contains(&rev.id) {
             continue;
@@ -215,7 +278,28 @@ pub fn plan(source: &[Listed], replica: &[Listed], owed: Owed, now: DateTime<Utc
             Some(_) => continue,
             None => false,
         };
-        if !replace && owed == Owed::Newer && newest_held.is_some_and(|n| (rev.timestamp, rev.id) <= n) {
+        if !replace
+            && matches!(owed, Owed::Newer { .. })
+            && newest_held.is_some_and(|n| (rev.timestamp, rev.id) <= n)
+        {
+            continue;
+        }
+        wanted.push((rev, replace));
+    }
+    let skipped = match owed {
+        Owed::Newer { schedule, lock } => {
+            let fresh: Vec<&Listed> = wanted
+                .iter()
+                .filter(|(_, again)| !again)
+                .map(|(r, _)| *r)
+                .collect();
+            short_lived(&fresh, replica, schedule, lock, now)
+        }
+        Owed::All => BTreeSet::new(),
+    };
+    let mut out = Vec::new();
+    for (rev, replace) in wanted {
+        if skipped.contains(&rev.id) {
             continue;
         }
         let base = bases
@@ -346,6 +430,15 @@ mod tests {
         }
     }
 
+    /// With a schedule here that expires nothing (an empty one).
+    fn newer() -> Owed<'static> {
+        static NONE: Schedule = Schedule::new();
+        Owed::Newer {
+            schedule: &NONE,
+            lock: None,
+        }
+    }
+
     fn ok(c: char, when: &str) -> Listed {
         rev(c, when, Trust::Trusted, &["daily"])
     }
@@ -455,7 +548,7 @@ mod tests {
         }
         // With its own schedule, what the replica expired stays expired;
         // newer ones still come, on the newest common base.
-        let own = |s: &[Listed], r: &[Listed]| plan(s, r, Owed::Newer, at("2026-12-05 01:00"));
+        let own = |s: &[Listed], r: &[Listed]| plan(s, r, newer(), at("2026-12-05 01:00"));
         assert_eq!(
             own(&[a.clone(), b.clone(), c.clone()], &[a.clone(), c.clone()]),
             vec![]
@@ -465,7 +558,7 @@ mod tests {
         let now = at("2026-12-05 01:00");
         let lacked = [a.clone(), b.clone(), c.clone()];
         let kept = [a.clone(), c.clone()];
-        assert_eq!(out_of_order(&lacked, &kept, Owed::Newer, now), vec![]);
+        assert_eq!(out_of_order(&lacked, &kept, newer(), now), vec![]);
         assert_eq!(out_of_order(&lacked, &kept, Owed::All, now), vec![id('b')]);
         assert_eq!(
             own(
@@ -476,6 +569,125 @@ mod tests {
         );
         assert_eq!(
             own(&[a.clone(), b.clone()], &[]),
+            vec![t('a', None), t('b', Some('a'))]
+        );
+    }
+
+    /// Issue 29, item 5: with its own schedule a replica copied revisions
+    /// its expiry deleted at the next commit of the same round (tags it
+    /// does not keep, or schedule tags already aged out). Those are left
+    /// out; the round's newest always comes (it is the newest copy until
+    /// the next round); what the source's order allows is unchanged.
+    #[test]
+    fn short_lived_revisions_are_not_copied_to_be_deleted() {
+        let rule = |days: u64, keep: u32| crate::config::TagRule {
+            interval: crate::units::Interval::from_secs(days * 86400),
+            keep,
+        };
+        let daily: Schedule = [("daily".to_string(), rule(1, 2))].into();
+        let now = at("2026-12-10 12:00");
+        let d = |c: char, when: &str| rev(c, when, Trust::Trusted, &["daily"]);
+        let h = |c: char, when: &str| rev(c, when, Trust::Trusted, &["hourly"]);
+        let m = rev(
+            'm',
+            "2026-12-10 09:30",
+            Trust::Trusted,
+            &["hourly", "manual:keep"],
+        );
+        type Case = (
+            &'static str,
+            Vec<Listed>,
+            Vec<Listed>,
+            Option<Duration>,
+            Vec<Transfer>,
+        );
+        let cases: Vec<Case> = vec![
+            (
+                "tags the replica does not keep: only the newest comes",
+                vec![
+                    h('a', "2026-12-10 09:00"),
+                    h('b', "2026-12-10 10:00"),
+                    h('c', "2026-12-10 11:00"),
+                ],
+                vec![],
+                None,
+                vec![t('c', None)],
+            ),
+            (
+                "kept tags come, unkept ones between them do not",
+                vec![
+                    d('a', "2026-12-10 01:00"),
+                    h('b', "2026-12-10 09:00"),
+                    h('c', "2026-12-10 10:00"),
+                ],
+                vec![],
+                None,
+                vec![t('a', None), t('c', Some('a'))],
+            ),
+            (
+                "a manual: tag never expires",
+                vec![m.clone(), h('c', "2026-12-10 10:00")],
+                vec![],
+                None,
+                vec![t('m', None), t('c', Some('m'))],
+            ),
+            (
+                "a schedule tag aged out behind keep newer carriers",
+                vec![
+                    d('a', "2026-12-01 01:00"),
+                    d('b', "2026-12-09 01:00"),
+                    d('c', "2026-12-10 01:00"),
+                ],
+                vec![],
+                None,
+                vec![t('b', None), t('c', Some('b'))],
+            ),
+            (
+                "inside keep × interval a schedule tag stays, however many carry it",
+                vec![
+                    d('a', "2026-12-09 13:00"),
+                    d('b', "2026-12-09 18:00"),
+                    d('c', "2026-12-10 01:00"),
+                ],
+                vec![d('x', "2026-12-09 12:30")],
+                None,
+                vec![t('a', None), t('b', Some('a')), t('c', Some('b'))],
+            ),
+            (
+                "a retention lock here holds them: copied",
+                vec![h('a', "2026-12-10 09:00"), h('b', "2026-12-10 10:00")],
+                vec![],
+                Some(Duration::from_secs(86400)),
+                vec![t('a', None), t('b', Some('a'))],
+            ),
+        ];
+        for (name, source, replica, lock, want) in cases {
+            let owed = Owed::Newer {
+                schedule: &daily,
+                lock,
+            };
+            assert_eq!(plan(&source, &replica, owed, now), want, "{name}");
+            let l = lag(&source, &replica, owed, now);
+            assert_eq!(l.missing, want.len(), "{name}: only those are owed");
+            // Once the round is done, what was left out is neither owed
+            // nor out of order.
+            let done: Vec<Listed> = source
+                .iter()
+                .filter(|r| want.iter().any(|t| t.id == r.id))
+                .cloned()
+                .collect();
+            let here: Vec<Listed> = replica.iter().chain(&done).cloned().collect();
+            assert_eq!(plan(&source, &here, owed, now), vec![], "{name}: next round");
+            assert_eq!(
+                out_of_order(&source, &here, owed, now),
+                vec![],
+                "{name}: next round"
+            );
+        }
+        // Mirroring copies what the source lists, whatever its tags.
+        let hs = [h('a', "2026-12-10 09:00"), h('b', "2026-12-10 10:00")];
+        assert_eq!(
+            plan(&hs, &[], Owed::All, now),
             vec![t('a', None), t('b', Some('a'))]
         );
     }
@@ -689,13 +901,7 @@ mod tests {
         assert_eq!(lag(&[], &[], Owed::All, now).newest_replicated, None);
         // A copy expired here under its own schedule is not owed.
         assert_eq!(
-            lag(
-                &[a.clone(), b.clone()],
-                std::slice::from_ref(&b),
-                Owed::Newer,
-                now
-            )
-            .missing,
+            lag(&[a.clone(), b.clone()], std::slice::from_ref(&b), newer(), now).missing,
             0
         );
         // An older revision the replica lacks is out of order: not owed.
@@ -714,11 +920,11 @@ mod tests {
         let now = at("2026-12-03 07:00");
         let source = [a.clone(), ahead.clone(), b.clone()];
         let here = [a.clone(), ahead.clone()];
-        let l = lag(&source, &here, Owed::Newer, now);
+        let l = lag(&source, &here, newer(), now);
         assert_eq!((l.missing, l.behind), (1, Duration::from_secs(2 * 3600)), "{l:?}");
         // Once its date is reached it is an ordinary copy again: what the
         // replica's schedule expired before it stays expired.
-        let l = lag(&source, &here, Owed::Newer, at("2026-12-03 09:00"));
+        let l = lag(&source, &here, newer(), at("2026-12-03 09:00"));
         assert_eq!(l.missing, 0, "{l:?}");
     }
 }

@@ -260,7 +260,7 @@ fn join(tags: &BTreeSet<String>) -> String {
 }
 
 /// `t + d`, `None` beyond chrono's range.
-fn add(t: DateTime<Utc>, d: Duration) -> Option<DateTime<Utc>> {
+pub(crate) fn add(t: DateTime<Utc>, d: Duration) -> Option<DateTime<Utc>> {
     t.checked_add_signed(TimeDelta::from_std(d).ok()?)
 }
 

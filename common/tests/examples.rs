@@ -94,6 +94,8 @@ fn server_everything() -> ServerConfig {
                 moved_hooks: None,
                 max_size: Some(1),
                 retention_lock: Some(Interval::from_secs(1)),
+                // Not configuration (set on a replica from its records).
+                copy_owner: None,
             },
         )]),
         resume: ResumeConfig {

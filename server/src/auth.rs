@@ -156,6 +156,12 @@ pub fn authorize(
         Role::Replica if matches!(action, Action::Append | Action::Remove) => {
             format!("identity {name_of} is a replica: it may read status and revisions, not change them")
         }
+        // Its copy on a replica: read and restore only.
+        Role::Hypervisor if copy_owned(config, caller, &name) => format!(
+            "job {job} is a copy of another server's here: identity {name_of} may read and restore it; \
+             {} goes to the source",
+            crate::text::clip(what)
+        ),
         // Its own job (else it is told nothing of it, as below).
         Role::Hypervisor if action == Action::Remove && may_see(config, caller, &name, Action::Append) => {
             format!(
@@ -186,10 +192,20 @@ pub fn may_see(config: &ServerConfig, caller: &Caller, job: &JobName, action: Ac
                 .jobs
                 .get(job)
                 .is_some_and(|j| j.client.as_deref() == Some(caller.name.as_str()));
-            own && (action != Action::Remove || identity.is_some_and(|c| c.may_remove))
+            (own && (action != Action::Remove || identity.is_some_and(|c| c.may_remove)))
+                || (matches!(action, Action::Read | Action::Fetch) && copy_owned(config, caller, job))
         }
         Role::Replica => matches!(action, Action::Read | Action::Fetch) && listed(),
     }
+}
+
+/// Whether `job` is a copy (on a replica) whose source named `caller` as
+/// its client: that identity may read and restore it, nothing more.
+fn copy_owned(config: &ServerConfig, caller: &Caller, job: &JobName) -> bool {
+    config
+        .jobs
+        .get(job)
+        .is_some_and(|j| j.client.is_none() && j.copy_owner.as_deref() == Some(caller.name.as_str()))
 }
 
 /// An agent may run only under its own name (admins under any).
@@ -314,6 +330,48 @@ mod tests {
         let mut r = Request::new(());
         r.metadata_mut().insert(AUTH_HEADER, hv.parse().unwrap());
         assert!(authenticate(&cfg, &r).unwrap_err().message().contains("Bearer"));
+    }
+
+    /// Issue 29, item 5: the owner a replica's copy recorded may read and
+    /// fetch it, nothing else; nobody else may; a `client:` (an own job)
+    /// is not overridden by an owner.
+    #[test]
+    fn a_copys_owner_may_read_and_restore_it_only() {
+        let (hv, ro) = (generate_token(), generate_token());
+        let mut cfg = config(&hv, &ro);
+        let hv = authenticate(&cfg, &req(Some(&hv))).unwrap();
+        let other = Caller {
+            name: "hv02".into(),
+            ..hv.clone()
+        };
+        let vm2 = JobName::new("vm2").unwrap();
+        assert!(!may_see(&cfg, &hv, &vm2, Action::Read), "no owner yet");
+        if let Some(j) = cfg.jobs.get_mut(&vm2) {
+            j.copy_owner = Some("hv01".into());
+        }
+        for (action, allowed) in [
+            (Action::Read, true),
+            (Action::Fetch, true),
+            (Action::Append, false),
+            (Action::Remove, false),
+        ] {
+            assert_eq!(may_see(&cfg, &hv, &vm2, action), allowed, "{action:?}");
+            assert!(!may_see(&cfg, &other, &vm2, action), "{action:?} by another");
+        }
+        let e = authorize(&cfg, &hv, "vm2", Action::Append, "push").unwrap_err();
+        assert_eq!(e.code(), tonic::Code::PermissionDenied);
+        assert!(
+            e.message().contains("is a copy of another server's here"),
+            "{}",
+            e.message()
+        );
+        // An own job's client decides, whatever an owner says.
+        let vm1 = JobName::new("vm1").unwrap();
+        if let Some(j) = cfg.jobs.get_mut(&vm1) {
+            j.copy_owner = Some("hv02".into());
+        }
+        assert!(!may_see(&cfg, &other, &vm1, Action::Read));
+        assert!(may_see(&cfg, &hv, &vm1, Action::Append));
     }
 
     #[test]

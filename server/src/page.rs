@@ -10,7 +10,7 @@ use backy_common::config::{Schedule, NO_SCHEDULE};
 use backy_common::units::format_bytes;
 use backy_common::{JobName, Result};
 use backy_proto::prost_types::Timestamp;
-use backy_proto::{JobStatus, JobSummary, RevisionInfo, Space, StatusRequest, Trust};
+use backy_proto::{JobStatus, JobSummary, ReplicaState, RevisionInfo, Space, StatusRequest, Trust};
 use chrono::{DateTime, Utc};
 use std::fmt::Write;
 
@@ -146,14 +146,7 @@ pub fn overview(server: &Server, caller: &Caller) -> Result<String> {
             continue;
         }
         let s = crate::status::summary(server, &config, name)?;
-        let st = state(
-            &s.schedule,
-            s.sla_ok,
-            s.revisions,
-            s.newest_trusted.is_some(),
-            s.failures,
-        );
-        rows.push((st, s));
+        rows.push((summary_state(&s), s));
     }
     rows.sort_by(|a, b| (a.0.rank, &a.1.job).cmp(&(b.0.rank, &b.1.job)));
     let mut body = String::new();
@@ -186,45 +179,7 @@ pub fn overview(server: &Server, caller: &Caller) -> Result<String> {
          <th class=\"num\">Disk used</th><th class=\"num\">Failures</th></tr></thead><tbody>\n",
     );
     for (st, s) in &rows {
-        let newest = s.newest.as_ref();
-        let last = time_of(newest.and_then(|n| n.timestamp.as_ref()));
-        let next = time_of(s.next_due.as_ref());
-        let _ = writeln!(
-            body,
-            "<tr data-job=\"{job}\" data-state=\"{word}\"><td><a href=\"/job/{job}\">{job}</a>\
-             <div class=\"muted\">{sched}</div></td><td>{badge}</td><td>{last}</td><td>{age}</td>\
-             <td>{next}</td><td class=\"num\">{revs}{distrusted}</td><td class=\"num\">{size}</td>\
-             <td class=\"num\">{alloc}</td><td class=\"num\">{failures}{error}</td></tr>",
-            job = esc(&s.job),
-            word = st.word,
-            sched = esc(&s.schedule),
-            badge = badge(st),
-            last = last.map_or("never".into(), fmt_time),
-            age = last.map_or("–".into(), |t| age(t, now)),
-            next = match next {
-                Some(t) if s.next_tags.is_empty() => due(t, now),
-                Some(t) => format!(
-                    "{} <span class=\"muted\">{}</span>",
-                    due(t, now),
-                    esc(&s.next_tags.join(", "))
-                ),
-                None => "–".into(),
-            },
-            revs = s.revisions,
-            distrusted = if s.distrusted > 0 {
-                format!(" <span class=\"badge bad\">{} distrusted</span>", s.distrusted)
-            } else {
-                String::new()
-            },
-            size = newest.map_or("–".into(), |n| format_bytes(n.size)),
-            alloc = used_cell(s.space.as_ref(), s.revisions > 0),
-            failures = s.failures,
-            error = if s.last_error.is_empty() {
-                String::new()
-            } else {
-                format!("<div class=\"err\">{}</div>", esc(&s.last_error))
-            },
-        );
+        body.push_str(&overview_row(st, s, now));
     }
     body.push_str("</tbody></table>");
     Ok(page("backy status", &body))
@@ -256,6 +211,167 @@ fn disk_facts(space: Option<&Space>, has_revisions: bool) -> String {
     }
 }
 
+/// A replica's copy of a job (not a listed job of its own).
+fn copy_of(replica: Option<&ReplicaState>) -> Option<&ReplicaState> {
+    replica.filter(|r| !r.own_job)
+}
+
+/// How a copy stands: by its lag and its last round (it takes no pushes,
+/// so its source's SLA is not its to keep).
+fn copy_state(r: &ReplicaState) -> State {
+    let (word, class, rank) = if r.lag_secs >= r.lag_critical_secs {
+        ("copy too far behind", "bad", 0)
+    } else if r.lag_secs >= r.lag_warning_secs {
+        ("copy lagging", "warn", 1)
+    } else if !r.last_error.is_empty() {
+        ("copy failing", "warn", 1)
+    } else {
+        ("copy OK", "ok", 2)
+    };
+    State { word, class, rank }
+}
+
+/// A copy's lag and what is missing, for the overview's "Next due" cell
+/// (nothing is ever due: pushes go to the source).
+fn copy_cell(r: &ReplicaState) -> String {
+    let mut cell = format!(
+        "copy, lag {} <span class=\"muted\">{} missing</span>",
+        fmt_span(i64::try_from(r.lag_secs).unwrap_or(i64::MAX)),
+        r.missing
+    );
+    if !r.last_error.is_empty() {
+        let _ = write!(
+            cell,
+            "<div class=\"err\">replication: {}</div>",
+            esc(&r.last_error)
+        );
+    }
+    cell
+}
+
+/// The job page's replication facts: what the copy is, its lag, what is
+/// missing, the last round and why it failed, and who owns it.
+fn replication_facts(r: &ReplicaState, now: DateTime<Utc>) -> String {
+    let span = |secs: u64| fmt_span(i64::try_from(secs).unwrap_or(i64::MAX));
+    if r.own_job {
+        return format!(
+            "listed for copying from {}, but a job of this server's own: not copied \
+             <span class=\"err\">{}</span>",
+            esc(&r.source),
+            esc(&r.last_error)
+        );
+    }
+    let retention = if r.own_retention {
+        "its own schedule keeps the copies"
+    } else {
+        "mirrors the source's expiry"
+    };
+    let mut out = format!(
+        "copy of {} ({retention}; takes no pushes: they go to the source)<br>lag {} \
+         <span class=\"muted\">(warning from {}, critical from {})</span>, {}",
+        esc(&r.source),
+        span(r.lag_secs),
+        span(r.lag_warning_secs),
+        span(r.lag_critical_secs),
+        if r.missing == 0 {
+            "nothing to copy".to_string()
+        } else {
+            format!(
+                "{} not copied yet",
+                backy_common::units::count(u64::from(r.missing), "revision")
+            )
+        },
+    );
+    let _ = write!(
+        out,
+        "; source last read: {}",
+        time_of(r.last_round.as_ref()).map_or("never since start".into(), |t| format!(
+            "{} ({})",
+            fmt_time(t),
+            age(t, now)
+        ))
+    );
+    if !r.last_error.is_empty() {
+        let _ = write!(
+            out,
+            "<br><span class=\"err\">failing: {}</span>",
+            esc(&r.last_error)
+        );
+    }
+    if !r.owner.is_empty() {
+        let _ = write!(
+            out,
+            "<br>owner: {} <span class=\"muted\">(may read and restore it here)</span>",
+            esc(&r.owner)
+        );
+    }
+    out
+}
+
+/// How a job of the overview stands.
+fn summary_state(s: &JobSummary) -> State {
+    if let Some(r) = copy_of(s.replica.as_ref()) {
+        return copy_state(r);
+    }
+    state(
+        &s.schedule,
+        s.sla_ok,
+        s.revisions,
+        s.newest_trusted.is_some(),
+        s.failures,
+    )
+}
+
+/// One row of the overview.
+fn overview_row(st: &State, s: &JobSummary, now: DateTime<Utc>) -> String {
+    let newest = s.newest.as_ref();
+    let last = time_of(newest.and_then(|n| n.timestamp.as_ref()));
+    let next = time_of(s.next_due.as_ref());
+    let copy = copy_of(s.replica.as_ref());
+    let mut row = String::new();
+    let _ = writeln!(
+        row,
+        "<tr data-job=\"{job}\" data-state=\"{word}\"><td><a href=\"/job/{job}\">{job}</a>\
+         <div class=\"muted\">{sched}</div></td><td>{badge}</td><td>{last}</td><td>{age}</td>\
+         <td>{next}</td><td class=\"num\">{revs}{distrusted}</td><td class=\"num\">{size}</td>\
+         <td class=\"num\">{alloc}</td><td class=\"num\">{failures}{error}</td></tr>",
+        job = esc(&s.job),
+        word = st.word,
+        sched = match copy {
+            Some(_) if s.schedule == NO_SCHEDULE => "copy".to_string(),
+            _ => esc(&s.schedule),
+        },
+        badge = badge(st),
+        last = last.map_or("never".into(), fmt_time),
+        age = last.map_or("–".into(), |t| age(t, now)),
+        next = match next {
+            _ if copy.is_some() => copy.map(copy_cell).unwrap_or_default(),
+            Some(t) if s.next_tags.is_empty() => due(t, now),
+            Some(t) => format!(
+                "{} <span class=\"muted\">{}</span>",
+                due(t, now),
+                esc(&s.next_tags.join(", "))
+            ),
+            None => "–".into(),
+        },
+        revs = s.revisions,
+        distrusted = if s.distrusted > 0 {
+            format!(" <span class=\"badge bad\">{} distrusted</span>", s.distrusted)
+        } else {
+            String::new()
+        },
+        size = newest.map_or("–".into(), |n| format_bytes(n.size)),
+        alloc = used_cell(s.space.as_ref(), s.revisions > 0),
+        failures = s.failures,
+        error = if s.last_error.is_empty() {
+            String::new()
+        } else {
+            format!("<div class=\"err\">{}</div>", esc(&s.last_error))
+        },
+    );
+    row
+}
+
 /// `/job/NAME`: facts, the revision timeline and the revision table.
 pub fn job(server: &Server, name: &JobName) -> Result<String> {
     let config = server.config();
@@ -270,32 +386,52 @@ pub fn job(server: &Server, name: &JobName) -> Result<String> {
     };
     let schedule = config.job(name).ok().and_then(|c| config.schedule_of(c));
     let now = Utc::now();
+    let mut body = facts(&j, schedule, now);
+    body.push_str("<h2>Revision timeline</h2>");
+    body.push_str(&timeline(&j, schedule, now));
+    body.push_str(&revision_table(&j, now));
+    Ok(page(&format!("backy: {}", j.job), &body))
+}
+
+/// The job page's facts: state, schedule, backups, failures.
+fn facts(j: &JobStatus, schedule: Option<&Schedule>, now: DateTime<Utc>) -> String {
     let any_trusted = j.revisions.iter().any(|r| r.trust() != Trust::Distrusted);
-    let st = state(
-        &j.schedule,
-        j.sla_ok,
-        u32::try_from(j.revisions.len()).unwrap_or(u32::MAX),
-        any_trusted,
-        j.failures,
-    );
+    let copy = copy_of(j.replica.as_ref());
+    let st = match copy {
+        Some(r) => copy_state(r),
+        None => state(
+            &j.schedule,
+            j.sla_ok,
+            u32::try_from(j.revisions.len()).unwrap_or(u32::MAX),
+            any_trusted,
+            j.failures,
+        ),
+    };
     let mut body = String::new();
     let newest = j.revisions.last();
     let last = time_of(newest.and_then(|n| n.timestamp.as_ref()));
-    let rules = schedule.map_or_else(
-        || "none: pushed by hand, nothing expires, no SLA".to_string(),
-        |s| {
-            s.iter()
+    let rules = match (schedule, copy) {
+        (None, Some(_)) => "none: mirrors the source's expiry".to_string(),
+        (None, None) => "none: pushed by hand, nothing expires, no SLA".to_string(),
+        (Some(s), _) => {
+            let rules = s
+                .iter()
                 .map(|(tag, r)| format!("{} every {}, keep {}", esc(tag), r.interval, r.keep))
                 .collect::<Vec<_>>()
-                .join("; ")
-        },
-    );
+                .join("; ");
+            if copy.is_some() {
+                format!("{rules} (keeps the copies here)")
+            } else {
+                rules
+            }
+        }
+    };
     let _ = write!(
         body,
         "<dl><dt>State</dt><dd>{badge}{sla}</dd><dt>Schedule</dt><dd>{sched}: {rules}</dd>\
          <dt>Last backup</dt><dd>{last}</dd><dt>Next due</dt><dd>{next}</dd>\
          <dt>Revisions</dt><dd>{revs}</dd><dt>Size</dt><dd>{size}</dd><dt>Disk</dt><dd>{alloc}</dd>\
-         <dt>Failures</dt><dd>{failures}{error}</dd><dt>Running</dt><dd>{running}</dd></dl>",
+         <dt>Failures</dt><dd>{failures}{error}</dd><dt>Running</dt><dd>{running}</dd>{replication}</dl>",
         badge = badge(&st),
         sla = if j.sla_window_secs > 0 {
             format!(
@@ -308,6 +444,8 @@ pub fn job(server: &Server, name: &JobName) -> Result<String> {
         sched = esc(&j.schedule),
         last = last.map_or("never".into(), |t| format!("{} ({})", fmt_time(t), age(t, now))),
         next = match time_of(j.next_due.as_ref()) {
+            _ if copy.is_some() =>
+                "– <span class=\"muted\">(a copy takes no pushes: they go to the source)</span>".into(),
             Some(t) => format!(
                 "{} ({}) {}",
                 fmt_time(t),
@@ -326,11 +464,12 @@ pub fn job(server: &Server, name: &JobName) -> Result<String> {
             format!(" <span class=\"err\">{}</span>", esc(&j.last_error))
         },
         running = if j.running { "a push is running" } else { "no" },
+        replication = j.replica.as_ref().map_or(String::new(), |r| format!(
+            "<dt>Replication</dt><dd>{}</dd>",
+            replication_facts(r, now)
+        )),
     );
-    body.push_str("<h2>Revision timeline</h2>");
-    body.push_str(&timeline(&j, schedule, now));
-    body.push_str(&revision_table(&j, now));
-    Ok(page(&format!("backy: {}", j.job), &body))
+    body
 }
 
 fn revision_table(j: &JobStatus, now: DateTime<Utc>) -> String {
@@ -757,6 +896,81 @@ mod tests {
             "{svg}"
         );
         assert!(!svg.contains("data-count=\"1\""), "{svg}");
+    }
+
+    /// Issue 29, item 5: a replica's copy takes no pushes: the page said
+    /// "now weekly" for one with its own schedule and "pushed by hand" for
+    /// one without, and showed nothing of its replication. Now: no due
+    /// time, what keeps its revisions, its lag, what is missing and why
+    /// the last round failed, and a state from its lag.
+    #[test]
+    fn a_copy_shows_its_replication_not_a_due_time() {
+        let now: DateTime<Utc> = "2026-12-01T10:00:00Z".parse().unwrap();
+        let replica = |own_retention: bool| backy_proto::ReplicaState {
+            source: "https://backup1:7807".into(),
+            missing: 2,
+            lag_secs: 3 * 3600,
+            lag_warning_secs: 2 * 3600,
+            lag_critical_secs: 86400,
+            last_round: Some(backy_proto::timestamp(&(now - chrono::Duration::minutes(5)))),
+            last_error: "cannot connect to https://backup1:7807".into(),
+            own_retention,
+            ..Default::default()
+        };
+        let due_now = Some(backy_proto::timestamp(&now));
+        let summary = JobSummary {
+            job: "vm5".into(),
+            schedule: "weekly".into(),
+            sla_ok: true,
+            revisions: 1,
+            next_due: due_now,
+            next_tags: vec!["weekly".into()],
+            replica: Some(replica(true)),
+            ..Default::default()
+        };
+        let st = summary_state(&summary);
+        assert_eq!((st.word, st.class), ("copy lagging", "warn"));
+        let row = overview_row(&st, &summary, now);
+        for want in [
+            "lag 3 h 0 min",
+            "2 missing",
+            "cannot connect to https://backup1:7807",
+        ] {
+            assert!(row.contains(want), "{want} in {row}");
+        }
+        assert!(!row.contains("now"), "{row}");
+
+        let schedule: Schedule = [(
+            "weekly".to_string(),
+            backy_common::config::TagRule {
+                interval: backy_common::units::Interval::from_secs(7 * 86400),
+                keep: 4,
+            },
+        )]
+        .into();
+        let job = |schedule: &str, own_retention: bool| JobStatus {
+            job: "vm5".into(),
+            schedule: schedule.into(),
+            sla_ok: true,
+            next_due: due_now,
+            next_tags: vec!["weekly".into()],
+            replica: Some(replica(own_retention)),
+            ..Default::default()
+        };
+        let own = facts(&job("weekly", true), Some(&schedule), now);
+        for want in [
+            "copy of https://backup1:7807",
+            "lag 3 h 0 min",
+            "2 revisions not copied yet",
+            "cannot connect to https://backup1:7807",
+            "takes no pushes",
+        ] {
+            assert!(own.contains(want), "{want} in {own}");
+        }
+        assert!(!own.contains("(now)"), "{own}");
+        let mirrored = facts(&job(NO_SCHEDULE, false), None, now);
+        assert!(!mirrored.contains("pushed by hand"), "{mirrored}");
+        assert!(mirrored.contains("mirrors the source"), "{mirrored}");
     }
 
     #[test]

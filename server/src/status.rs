@@ -33,9 +33,13 @@ fn health(server: &Server, config: &ServerConfig, job: &JobDir, entry: &JobEntry
     let job_cfg = config.job(job.name())?;
     let now = chrono::Utc::now();
     let dated = server.jobs.activity.dated(job.name(), revs, now);
+    // A copy takes no pushes: its schedule only keeps copies, nothing is
+    // ever due.
+    let copy = server.is_copy(job.name());
     let sched = config.schedule_of(job_cfg).map(|s| {
         let sla = backy_common::schedule::sla(s, &dated.revisions, now, entry.since);
-        (sla, crate::schedule::due_state(server, job, s, revs))
+        let due = (!copy).then(|| crate::schedule::due_state(server, job, s, revs));
+        (sla, due)
     });
     let storage = revs.last().map(|r| r.storage).unwrap_or(server.storage_mode);
     Ok(Health {
@@ -52,11 +56,12 @@ fn health(server: &Server, config: &ServerConfig, job: &JobDir, entry: &JobEntry
             .map_or(0, |w| w.as_secs()),
         next_due: sched
             .as_ref()
-            .and_then(|(_, due)| due.next_due)
+            .and_then(|(_, due)| due.as_ref()?.next_due)
             .map(|t| backy_proto::timestamp(&t)),
         next_tags: sched
             .as_ref()
-            .map(|(_, due)| due.next_tags.iter().cloned().collect())
+            .and_then(|(_, due)| due.as_ref())
+            .map(|due| due.next_tags.iter().cloned().collect())
             .unwrap_or_default(),
         runtime: server.jobs.activity.job_runtime(job.name()),
         future: dated.future.iter().map(ToString::to_string).collect(),
@@ -177,6 +182,12 @@ pub fn header(server: &Server, config: &ServerConfig, name: &str) -> Result<(Job
             })
             .collect(),
         future_revisions: h.future,
+        // Its owner, for a replica of this server (see proto/backy.proto).
+        client: config
+            .job(job.name())
+            .ok()
+            .and_then(|j| j.client.clone().or_else(|| j.copy_owner.clone()))
+            .unwrap_or_default(),
     };
     Ok((status, Revisions { revisions }))
 }
@@ -186,6 +197,7 @@ fn replica_state(server: &Server, config: &ServerConfig, job: &JobName) -> Optio
     let r = config.replicate.as_ref()?;
     // A listed job of this server's own is not a copy; its state says why.
     let refused = server.replication.refused(config, job);
+    let refused_here = refused.is_some();
     if refused.is_none() && !server.replication.copies(config, job) {
         return None;
     }
@@ -210,6 +222,12 @@ fn replica_state(server: &Server, config: &ServerConfig, job: &JobName) -> Optio
         lag_warning_secs: r.lag_warning.secs(),
         lag_critical_secs: r.lag_critical.secs(),
         own_retention: config.job(job).is_ok_and(|j| j.schedule.is_some()),
+        owner: config
+            .job(job)
+            .ok()
+            .and_then(|j| j.copy_owner.clone())
+            .unwrap_or_default(),
+        own_job: refused_here,
     })
 }
 

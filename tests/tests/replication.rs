@@ -409,6 +409,9 @@ fn distrusted_revisions_stay_behind_and_retention_is_mirrored_or_the_replicas_ow
     let state = &replica.status_json("vm2")["jobs"][0]["replica"];
     assert_eq!(state["own_retention"], true, "{state}");
     assert_eq!(state["missing"], 0, "{state}");
+    // a2, expired here and still on the source, is not owed: no error
+    // calls it out of order (issue 29, item 5).
+    assert!(state["last_error"].is_null(), "{state}");
 }
 
 #[test]
@@ -520,4 +523,86 @@ fn a_source_revision_dated_after_the_replicas_clock_waits_and_is_named() {
             .is_none(),
         "nothing fetched of it"
     );
+}
+
+/// Issue 29, item 5: the source lost, the hypervisor restores its job from
+/// the replica under its own identity there (same name, its own token) and
+/// with no job mapping in the replica's config: a copy keeps the owner the
+/// source recorded, across a restart of the replica. The owner may read
+/// and restore its copies, nothing else; another identity gets nothing.
+#[test]
+fn the_hypervisor_restores_its_copy_from_the_replica_without_a_mapping() {
+    let mut p = Pair::new("");
+    let a = p.push("vm1");
+    let want = p.keep_image("a.img");
+    let d = p.dir.path().to_path_buf();
+    let (hv, other) = (generate_token(), generate_token());
+    let hv_file = secret(&d.join("hv-at-replica.token"), &hv);
+    let other_file = secret(&d.join("hv02-at-replica.token"), &other);
+    let mut replica = p.replica(&format!(
+        "clients:\n  hv01: {{token-hash: '{}', may-remove: true}}\n  hv02: {{token-hash: '{}'}}\n",
+        hash_token(&hv).unwrap(),
+        hash_token(&other).unwrap()
+    ));
+    let copied = round(&replica, 0);
+    assert_eq!(copied.len(), 1, "{copied:?}");
+    p.source.kill();
+    // The owner is remembered, not asked for again.
+    let mark = replica.log_mark();
+    replica.restart();
+    replica.wait_log(mark, "replication round done");
+
+    let run = |token: &str, args: &[&str]| {
+        let mut all = vec!["--token-file", token];
+        all.extend_from_slice(args);
+        replica.client(&all)
+    };
+    let text = |out: &std::process::Output| {
+        format!(
+            "exit {:?}\nstdout: {}\nstderr: {}",
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    };
+    let out = run(&hv_file, &["--json", "status", "vm1"]);
+    assert_eq!(out.status.code(), Some(0), "status as hv01: {}", text(&out));
+    let status: Value = serde_json::from_str(&String::from_utf8_lossy(&out.stdout)).unwrap();
+    let revs = status["jobs"][0]["revisions"].as_array().unwrap();
+    assert_eq!(ids(revs), vec![a.clone()], "{status}");
+    assert_eq!(status["jobs"][0]["replica"]["owner"], "hv01", "{status}");
+
+    let target = d.join("restored-by-hv01.img");
+    let out = run(&hv_file, &["restore", "vm1", "-r", &a, target.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(0), "restore as hv01: {}", text(&out));
+    assert_eq!(file_hash(&target), file_hash(&want), "restores byte-identical");
+
+    // Read and restore only: no push, no forget (though hv01 may remove
+    // on its own jobs), and the copy is untouched.
+    let img = p.img.to_str().unwrap().to_string();
+    for args in [
+        vec!["push", "vm1", "--force", "--source", img.as_str()],
+        vec!["forget", "vm1", "-r", a.as_str()],
+        vec!["tags", "vm1", "-r", a.as_str(), "add", "manual:x"],
+    ] {
+        let out = run(&hv_file, &args);
+        let all = text(&out);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {all}");
+        assert!(
+            all.contains("PERMISSION_DENIED") && all.contains("copy"),
+            "{args:?}: {all}"
+        );
+    }
+    let out = run(&hv_file, &["--json", "status", "vm1"]);
+    let status: Value = serde_json::from_str(&String::from_utf8_lossy(&out.stdout)).unwrap();
+    assert_eq!(
+        ids(status["jobs"][0]["revisions"].as_array().unwrap()),
+        vec![a.clone()]
+    );
+
+    // Another hypervisor is told nothing of it.
+    let out = run(&other_file, &["status", "vm1"]);
+    let all = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{all}");
+    assert!(all.contains("may not access job vm1"), "{all}");
 }

@@ -48,6 +48,9 @@ struct Tally {
     received: u64,
     failed: usize,
     expired: usize,
+    /// A source named another owner for a job: the configuration follows
+    /// once, at the round's end.
+    owners_changed: bool,
 }
 
 async fn round(server: &Arc<Server>, r: &ReplicateConfig) {
@@ -88,6 +91,9 @@ async fn round(server: &Arc<Server>, r: &ReplicateConfig) {
                 }
             }
         },
+    }
+    if tally.owners_changed {
+        server.replace_config((*server.config()).clone());
     }
     if let Err(e) = server.replication.save() {
         tracing::error!("replication: saving its state: {e}");
@@ -200,8 +206,15 @@ async fn names(server: &Arc<Server>, client: &mut Client, r: &ReplicateConfig) -
         // New or forgotten jobs: the configuration follows (directories,
         // status).
         let mut next = (*config).clone();
-        next.jobs
-            .retain(|n, j| !(forgotten.contains(n) && *j == Default::default()));
+        // Only those the configuration does not list (its owner is no
+        // configuration).
+        next.jobs.retain(|n, j| {
+            let listed = backy_common::config::JobConfig {
+                copy_owner: None,
+                ..j.clone()
+            } != Default::default();
+            !forgotten.contains(n) || listed
+        });
         server.replace_config(next);
         for name in new
             .iter()
@@ -231,17 +244,25 @@ fn listed(m: &RevisionMeta) -> Listed {
 /// One job: what the source lists, the copies it owes, its expiry.
 async fn job_round(server: &Arc<Server>, client: &Client, name: &JobName, tally: &mut Tally) -> Result<()> {
     // Streamed: no message limit (proto/src/listing.rs).
-    let infos: Vec<RevisionInfo> = backy_proto::listing::job_status(&mut client.clone(), name.as_str())
-        .await?
-        .revisions;
+    let status = backy_proto::listing::job_status(&mut client.clone(), name.as_str()).await?;
+    // Who pushes the job there may read and restore its copy here.
+    let owner = crate::replication::jobs::owner_of(&status.client);
+    tally.owners_changed |= server.replication.owned(name, owner);
+    let infos: Vec<RevisionInfo> = status.revisions;
     let at = Utc::now();
     let metas: Vec<RevisionMeta> = infos.iter().map(RevisionMeta::try_from).collect::<Result<_>>()?;
     let source: Vec<Listed> = metas.iter().map(listed).collect();
     let by_id: HashMap<RevisionId, RevisionInfo> = metas.iter().map(|m| m.id).zip(infos).collect();
     let job = server.job(name.as_str())?;
     let config = server.config();
-    let owed = match config.job(name).ok().and_then(|j| j.schedule.as_ref()) {
-        Some(_) => Owed::Newer,
+    let job_config = config.job(name).ok();
+    let owed = match job_config.and_then(|j| config.schedule_of(j)) {
+        Some(schedule) => Owed::Newer {
+            schedule,
+            lock: job_config
+                .and_then(|j| config.retention_lock_of(j))
+                .map(|l| l.as_duration()),
+        },
         None => Owed::All,
     };
     let here = held(server, &job).await?;

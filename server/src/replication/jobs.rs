@@ -23,6 +23,9 @@ pub struct JobState {
     pub last_round: Option<DateTime<Utc>>,
     /// Why the last round failed for this job; empty when it did not.
     pub last_error: String,
+    /// The identity the source last named as the job's client: it may
+    /// read and restore the copies here (see [`owner_of`]).
+    pub owner: Option<String>,
 }
 
 #[derive(Debug, Default, Serialize, Deserialize)]
@@ -41,6 +44,9 @@ struct Saved {
 struct SavedJob {
     #[serde(default)]
     last_round: Option<DateTime<Utc>>,
+    /// Absent in files of versions before it, and for jobs without one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    owner: Option<String>,
 }
 
 pub struct Replication {
@@ -92,6 +98,25 @@ pub fn own_job(config: &ServerConfig, job: &JobName) -> Option<String> {
     has_revisions.then(own)
 }
 
+/// The owner a source names for its job (`JobStatus.client`), if it is
+/// one: a name an identity could have here (like a job name, bounded);
+/// anything else names nobody. Empty: none.
+pub fn owner_of(client: &str) -> Option<String> {
+    if client.is_empty() {
+        return None;
+    }
+    match JobName::new(client) {
+        Ok(_) => Some(client.to_string()),
+        Err(_) => {
+            tracing::warn!(
+                "replication: the source names {:?} as a job's client, which is no identity name: no owner",
+                crate::text::clip(client)
+            );
+            None
+        }
+    }
+}
+
 /// Marks `dir` (a job's directory) as a copy (see [`COPY_MARKER`]).
 pub fn mark_copy(dir: &Path, source: &str) -> Result<()> {
     let marker = dir.join(COPY_MARKER);
@@ -123,6 +148,7 @@ impl Replication {
             .map(|(name, s)| {
                 let state = JobState {
                     last_round: s.last_round,
+                    owner: s.owner.and_then(|o| owner_of(&o)),
                     ..Default::default()
                 };
                 (name, state)
@@ -193,13 +219,30 @@ impl Replication {
     }
 
     /// `config` with every copied job it does not list added as a job of
-    /// its own: no schedule (the source's expiry is mirrored), no client.
+    /// its own: no schedule (the source's expiry is mirrored), no client;
+    /// each copy with the owner its source named (`copy_owner`).
     pub fn effective(&self, mut config: ServerConfig) -> ServerConfig {
         self.refresh(&config);
-        for name in self.copied(&config) {
-            config.jobs.entry(name).or_default();
+        for job in config.jobs.values_mut() {
+            job.copy_owner = None;
+        }
+        let copied = self.copied(&config);
+        let jobs = self.lock();
+        for name in copied {
+            let owner = jobs.get(&name).and_then(|s| s.owner.clone());
+            config.jobs.entry(name).or_default().copy_owner = owner;
         }
         config
+    }
+
+    /// Records the owner the source names for `job` now; true if it
+    /// changed (the configuration then follows, see [`Self::effective`]).
+    pub fn owned(&self, job: &JobName, owner: Option<String>) -> bool {
+        let mut jobs = self.lock();
+        let state = jobs.entry(job.clone()).or_default();
+        let changed = state.owner != owner;
+        state.owner = owner;
+        changed
     }
 
     /// Records jobs found on the source; true if any was new.
@@ -265,6 +308,7 @@ impl Replication {
                         n.clone(),
                         SavedJob {
                             last_round: s.last_round,
+                            owner: s.owner.clone(),
                         },
                     )
                 })
@@ -289,6 +333,38 @@ mod tests {
             "1".repeat(64),
         );
         ServerConfig::from_yaml(&text, "server.yaml").unwrap()
+    }
+
+    /// Issue 29, item 5: the owner a source names is kept per copy across
+    /// a restart (a file of an older version has none), set on the copy as
+    /// `copy_owner` (never `client`), and a name no identity could have
+    /// names nobody.
+    #[test]
+    fn a_copy_keeps_its_owner() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = dir.path();
+        let n = |s: &str| JobName::new(s).unwrap();
+        std::fs::write(
+            base.join(STATE_FILE),
+            "jobs:\n  fresh: {last-round: 2026-12-01T00:00:00Z}\nmarked: true\n",
+        )
+        .unwrap();
+        let r = Replication::load(base);
+        assert_eq!(r.get(&n("fresh")).owner, None, "an older file");
+        assert!(r.owned(&n("fresh"), owner_of("hv01")));
+        assert!(!r.owned(&n("fresh"), owner_of("hv01")), "unchanged");
+        r.save().unwrap();
+        let r = Replication::load(base);
+        let cfg = r.effective(config(base, "  mine: {schedule: none, client: hv01}"));
+        let fresh = cfg.jobs.get(&n("fresh")).unwrap();
+        assert_eq!(
+            (fresh.copy_owner.as_deref(), fresh.client.as_deref()),
+            (Some("hv01"), None)
+        );
+        assert_eq!(cfg.jobs.get(&n("mine")).unwrap().copy_owner, None);
+        assert_eq!(owner_of("../etc"), None);
+        assert_eq!(owner_of(&"x".repeat(10_000)), None);
+        assert_eq!(owner_of(""), None);
     }
 
     /// Issue 28, item 2: a listed job of the replica's own (a client, or
