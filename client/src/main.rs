@@ -336,7 +336,11 @@ A file target is written sparse under a temporary name and renamed when
 complete; an existing non-empty file is replaced only with --force. A block
 device is written in place (every byte, zeros too), opened exclusively (a
 mounted or otherwise used device is refused), and overwritten only with
---force when it holds data. A path under /dev that does not exist is an
+--force when it holds data. With --force, an existing file or block
+device of the revision's size is rolled back: read locally, compared with
+the revision's digests, and only the granules that differ are fetched and
+written in place (--full restores everything; a target of another size
+needs --full). A path under /dev that does not exist is an
 error, never a new file. A replaced file keeps its owner, group and mode.
 With - the image goes to standard output, every byte in order (never to a
 terminal); the result line goes to stderr. A failure there leaves the
@@ -368,6 +372,12 @@ struct RestoreCmd {
     /// block device that holds data
     #[arg(long)]
     force: bool,
+
+    /// Restore every block even onto a file or block device of the
+    /// revision's size (which is otherwise rolled back: only what differs
+    /// is fetched and written); a target of another size needs it
+    #[arg(long)]
+    full: bool,
 }
 
 /// Show the revisions and health of one job, or one line per job.
@@ -598,6 +608,8 @@ async fn dispatch(
                 revision: cmd.revision.clone(),
                 target: cmd.target.clone(),
                 force: cmd.force,
+                full: cmd.full,
+                quiet: cli.quiet || cli.json,
             };
             let restored = restore::restore(&mut client, &args, &*progress).await?;
             if args.target.as_os_str() == restore::STDOUT {

@@ -27,6 +27,7 @@ pub mod rbd_diff;
 pub mod replicate;
 pub mod resume;
 pub mod revision;
+pub mod rollback;
 pub mod schedule;
 pub mod scrub;
 pub mod source;

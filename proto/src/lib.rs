@@ -22,7 +22,8 @@ pub use v1::*;
 /// uses what the server's allows).
 /// 2: `PushExchange`, the granule exchange of changed blocks.
 /// 3: `StatusStream`, status without a message limit.
-pub const PROTOCOL: u32 = 3;
+/// 4: `RestoreRequest.granules`, rollback (delta restore).
+pub const PROTOCOL: u32 = 4;
 /// The first protocol whose servers take `PushExchange`; a client uses it
 /// only with such a server, and pushes whole blocks through `Push` to older
 /// ones.
@@ -30,6 +31,9 @@ pub const GRANULE_PROTOCOL: u32 = 2;
 /// The first protocol whose servers take `StatusStream`; with older ones
 /// a client asks `Status` (one message, which a large job outgrows).
 pub const STATUS_STREAM_PROTOCOL: u32 = 3;
+/// The first protocol whose servers honour `RestoreRequest.granules`; an
+/// older server would send the whole image, so a client restores in full.
+pub const ROLLBACK_PROTOCOL: u32 = 4;
 /// The oldest client protocol a server of this build accepts from a
 /// client that declares one.
 pub const MIN_CLIENT_PROTOCOL: u32 = 1;
@@ -57,7 +61,7 @@ mod tests {
             .join(" ");
         let said = format!(
             "This build speaks protocol {} (protocol 1 plus `PushExchange`, the granule exchange, \
-             and `StatusStream`, status without a message limit) \
+             `StatusStream`, status without a message limit, and `RestoreRequest.granules`, rollback) \
              and works with peers of protocol {} and newer",
             super::PROTOCOL,
             super::MIN_CLIENT_PROTOCOL.min(super::MIN_SERVER_PROTOCOL)

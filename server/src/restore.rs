@@ -6,10 +6,13 @@ use backy_common::framer::{Framer, RangeSink};
 use backy_common::manifest::Manifest;
 use backy_common::replicate::{differing_granules, same_block};
 use backy_common::revision::RevisionMeta;
+use backy_common::rollback;
 use backy_common::spec::Spec;
 use backy_common::{Error, Result, MAX_FRAME_DATA};
 use backy_proto::restore_frame::Frame;
-use backy_proto::{DataRange, ManifestChunk, RestoreEnd, RestoreFrame, RevisionInfo, ZeroRange};
+use backy_proto::{
+    DataRange, GranuleDigests, ManifestChunk, RestoreEnd, RestoreFrame, RevisionInfo, ZeroRange,
+};
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::sync::Arc;
@@ -133,12 +136,16 @@ pub fn send_manifest(
 /// Of a block that differs, only the granules that differ from the base's
 /// bytes go. From `from` (a multiple of the block size: a copy resuming)
 /// on, blocks below it are not sent.
+/// With `granules` (a rollback: the receiver's digests of its differing
+/// blocks), only those blocks go, and of each only the granules whose
+/// digests differ from the revision's.
 pub fn stream_image(
     server: Arc<Server>,
     job: JobDir,
     meta: RevisionMeta,
     base: Option<RevisionMeta>,
     from: u64,
+    granules: Vec<GranuleDigests>,
     tx: mpsc::Sender<std::result::Result<RestoreFrame, tonic::Status>>,
 ) -> Result<bool> {
     let _reading = server.jobs.activity.start_read(job.name(), meta.id);
@@ -165,6 +172,17 @@ pub fn stream_image(
                 meta.block_size, meta.size
             )));
         }
+        if !granules.is_empty() {
+            if base.is_some() || from != 0 {
+                return Err(Error::invalid(
+                    "a rollback (granules) cannot be combined with base or from",
+                ));
+            }
+            rollback::check_request(
+                &manifest,
+                granules.iter().map(|g| (g.block, g.digests.as_slice())),
+            )?;
+        }
         let path = job.image_path(&meta.id);
         let file = File::open(&path).map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
         let len = file
@@ -180,6 +198,9 @@ pub fn stream_image(
         }
         if !send(Frame::Begin(RevisionInfo::from(&meta))) {
             return Ok(false);
+        }
+        if !granules.is_empty() {
+            return send_granules(&file, &path, &manifest, &granules, Frames::new(send));
         }
         let _ = rustix::fs::fadvise(&file, 0, None, rustix::fs::Advice::Sequential);
         let mut out = Frames::new(send);
@@ -227,6 +248,42 @@ pub fn stream_image(
         let _ = tx.blocking_send(Err(crate::wire::to_status(e.clone())));
     }
     result
+}
+
+/// The rest of a rollback's stream: of each block the receiver named, the
+/// granules where the revision differs from the receiver's digests.
+fn send_granules<S: FnMut(Frame) -> bool>(
+    file: &File,
+    path: &std::path::Path,
+    manifest: &Manifest,
+    granules: &[GranuleDigests],
+    mut out: Frames<S>,
+) -> Result<bool> {
+    let mut block_bytes = Vec::new();
+    for wanted in granules {
+        let (offset, len) = (
+            manifest.block_offset(wanted.block),
+            manifest.block_len(wanted.block),
+        );
+        block_bytes.resize(len as usize, 0);
+        if manifest.is_zero(wanted.block) {
+            block_bytes.fill(0);
+        } else {
+            file.read_exact_at(&mut block_bytes, offset)
+                .map_err(|e| Error::io(format!("reading {}", path.display()), e))?;
+        }
+        for run in rollback::ranges_to_send(&wanted.digests, &block_bytes)? {
+            let mut pos = run.start;
+            while pos < run.end {
+                let n = (run.end - pos).min(MAX_FRAME_DATA);
+                if !out.data(offset + pos as u64, block_bytes[pos..pos + n].to_vec()) {
+                    return Ok(false);
+                }
+                pos += n;
+            }
+        }
+    }
+    Ok(out.end())
 }
 
 /// The revision a receiver holds, which a stream is relative to.

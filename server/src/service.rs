@@ -628,6 +628,7 @@ impl Backy for Service {
         let server = self.server.clone();
         let req = req.into_inner();
         let (job_name, spec, from) = (req.job.clone(), req.revision.clone(), req.from);
+        let granules = req.granules;
         let resolved = resolve_with_base(server, req.job, req.revision, req.base).await;
         let (job, meta, base) = resolved.inspect_err(|e| {
             audit::record(
@@ -647,7 +648,7 @@ impl Backy for Service {
             let shared = server.clone();
             let copy =
                 (caller.role == backy_common::config::Role::Replica).then(|| (job.name().clone(), meta.id));
-            let streamed = crate::restore::stream_image(server, job, meta, base, from, tx);
+            let streamed = crate::restore::stream_image(server, job, meta, base, from, granules, tx);
             if let (Ok(true), Some((job, id))) = (&streamed, copy) {
                 shared.fetched.record(&job, &caller.name, id);
             }

@@ -37,6 +37,8 @@ fn restore_args(revision: &str, target: &Path) -> RestoreArgs {
         revision: revision.into(),
         target: target.to_path_buf(),
         force: false,
+        full: false,
+        quiet: true,
     }
 }
 

@@ -121,6 +121,7 @@ fn a_replica_reads_and_fetches_only_what_changed_and_changes_nothing() {
                 revision: b.clone(),
                 base: bogus.clone(),
                 from: 0,
+                ..Default::default()
             })
             .await
             .err()
@@ -137,6 +138,7 @@ fn a_replica_reads_and_fetches_only_what_changed_and_changes_nothing() {
                 revision: b.clone(),
                 base: a.clone(),
                 from: 0,
+                ..Default::default()
             })
             .await
             .unwrap()

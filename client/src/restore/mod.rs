@@ -8,6 +8,7 @@
 
 mod check;
 mod rbd;
+mod rollback;
 mod target;
 
 use crate::connect::{status_error, Client};
@@ -37,6 +38,21 @@ pub struct RestoreArgs {
     pub revision: String,
     pub target: PathBuf,
     pub force: bool,
+    /// Restore every block even onto a target of the revision's size
+    /// (no rollback); replaces a target of another size.
+    pub full: bool,
+    /// No note on standard error when rolling back.
+    pub quiet: bool,
+}
+
+/// How a restore went about it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// Every block from the server.
+    Full,
+    /// Only what differs in a target of the revision's size.
+    Rollback,
 }
 
 /// A completed restore.
@@ -46,6 +62,14 @@ pub struct Restored {
     pub revision: RevisionView,
     pub target: PathBuf,
     pub data_bytes: u64,
+    pub mode: Mode,
+    /// Bytes of the target read locally (a rollback reads all of it).
+    pub read_bytes: u64,
+    /// Data bytes that came from the server.
+    pub fetched_bytes: u64,
+    /// Bytes of the target written or zeroed (a full restore: its data
+    /// bytes; zeros there become holes or zeroed ranges).
+    pub written_bytes: u64,
     pub duration_secs: f64,
     /// Offsets of blocks that did not match the manifest (only when a
     /// distrusted revision was restored anyway).
@@ -54,6 +78,20 @@ pub struct Restored {
 
 impl fmt::Display for Restored {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.mode == Mode::Rollback {
+            return write!(
+                f,
+                "{}: rolled back {} to revision {} ({}): read {} locally, fetched {}, wrote {} in {:.1} s",
+                self.job,
+                self.target.display(),
+                self.revision.id,
+                format_bytes(self.revision.size),
+                format_bytes(self.read_bytes),
+                format_bytes(self.fetched_bytes),
+                format_bytes(self.written_bytes),
+                self.duration_secs
+            );
+        }
         write!(
             f,
             "{}: restored revision {} ({}, {} data) to {} in {:.1} s",
@@ -90,6 +128,45 @@ pub async fn restore(client: &mut Client, args: &RestoreArgs, progress: &dyn Pro
     // The server's account of the revision, checked as the model reads it.
     let meta = backy_common::revision::RevisionMeta::try_from(&info)?;
     let short = short_id(&info).to_string();
+    // A target of the revision's size that exists: roll it back (a target
+    // of another size is refused here unless --full).
+    let in_place = {
+        let (path, size, force, full) = (args.target.clone(), info.size, args.force, args.full);
+        tokio::task::spawn_blocking(move || rollback::plan(&path, size, force, full))
+            .await
+            .map_err(|e| Error::internal(format!("examining the restore target: {e}")))??
+    };
+    if let Some(in_place) = in_place {
+        let distrusted = meta.trust == backy_common::revision::Trust::Distrusted;
+        let server_can = crate::connect::server_protocol(client).await? >= backy_proto::ROLLBACK_PROTOCOL;
+        if !distrusted && server_can {
+            if !args.quiet {
+                eprintln!(
+                    "backy-client: {} has the revision's size: rolling it back (reading it, fetching only what differs; --full restores everything)",
+                    args.target.display()
+                );
+            }
+            let bar = progress.start(job, info.size);
+            let moved = rollback::run(client, job, &info, manifest, in_place, bar.clone()).await;
+            bar.finish();
+            let moved = moved?;
+            return Ok(Restored {
+                job: job.to_string(),
+                revision: RevisionView::from(&info),
+                target: args.target.clone(),
+                data_bytes: moved.fetched,
+                mode: Mode::Rollback,
+                read_bytes: moved.read,
+                fetched_bytes: moved.fetched,
+                written_bytes: moved.written,
+                duration_secs: started.elapsed().as_secs_f64(),
+                damaged_blocks: Vec::new(),
+            });
+        }
+        // A distrusted revision is restored in full (damage is reported
+        // block by block there); an older server would send everything.
+        drop(in_place);
+    }
     // Before the stream starts: a refused target costs no transfer.
     // Opening an rbd target runs `rbd info`/`rbd create`: off the async
     // workers.
@@ -151,6 +228,10 @@ pub async fn restore(client: &mut Client, args: &RestoreArgs, progress: &dyn Pro
         revision: RevisionView::from(&info),
         target: args.target.clone(),
         data_bytes,
+        mode: Mode::Full,
+        read_bytes: 0,
+        fetched_bytes: data_bytes,
+        written_bytes: data_bytes,
         duration_secs: started.elapsed().as_secs_f64(),
         damaged_blocks,
     })
@@ -301,6 +382,10 @@ mod tests {
             }),
             target: "/tmp/vm1.img".into(),
             data_bytes: 2 << 30,
+            mode: Mode::Full,
+            read_bytes: 0,
+            fetched_bytes: 2 << 30,
+            written_bytes: 2 << 30,
             duration_secs: 1.23,
             damaged_blocks: Vec::new(),
         };

@@ -33,6 +33,24 @@ fn holds_data(file: &File, size: u64) -> std::io::Result<bool> {
     Ok(false)
 }
 
+/// Opens a block device for reading and writing, exclusively: O_EXCL on a
+/// block device fails while it is mounted or held by another device (LVM,
+/// RAID), so a disk in use is never overwritten.
+pub fn open_device(path: &Path) -> Result<File> {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(rustix::fs::OFlags::EXCL.bits() as i32)
+        .open(path)
+        .map_err(|e| match e.raw_os_error() {
+            Some(16) => Error::busy(format!(
+                "{} is in use (mounted or held by another device): not restoring onto it",
+                path.display()
+            )),
+            _ => Error::io(format!("opening {}", path.display()), e),
+        })
+}
+
 /// The target name for standard output.
 pub const STDOUT: &str = "-";
 
@@ -136,20 +154,7 @@ impl Target {
     }
 
     fn device(path: &Path, size: u64, force: bool) -> Result<Target> {
-        // O_EXCL on a block device fails while it is mounted or held by
-        // another device (LVM, RAID): never overwrite a disk in use.
-        let mut file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .custom_flags(rustix::fs::OFlags::EXCL.bits() as i32)
-            .open(path)
-            .map_err(|e| match e.raw_os_error() {
-                Some(16) => Error::busy(format!(
-                    "{} is in use (mounted or held by another device): not restoring onto it",
-                    path.display()
-                )),
-                _ => Error::io(format!("opening {}", path.display()), e),
-            })?;
+        let mut file = open_device(path)?;
         let device_size = crate::source::block::device_size(&mut file, path)?;
         if device_size < size {
             return Err(Error::invalid(format!(

@@ -184,6 +184,7 @@ pub fn copy(
         revision: target.id.to_string(),
         base: transfer.base.map(|b| b.to_string()).unwrap_or_default(),
         from,
+        granules: Vec::new(),
     };
     // A source that stops sending is given up on like a silent pusher.
     let idle = config.limits.idle_timeout.as_duration();
