@@ -385,8 +385,14 @@ def main():
                 r["bytes_read"] = out.get("bytes_read")
                 rev = out.get("revision") or {}
                 r["bytes_written"] = rev.get("bytes_written")
+                if "fetched_bytes" in out:
+                    # A restore: what it read locally, fetched and wrote.
+                    r["bytes_sent"] = out["fetched_bytes"]
+                    r["bytes_read"] = out["read_bytes"]
+                    r["bytes_written"] = out["written_bytes"]
+                    r["mode"] = out.get("mode")
                 image = os.path.join(store, "bench", rev.get("id", ""))
-                if name != "backy_restore" and rev.get("id") and os.path.isfile(image):
+                if "fetched_bytes" not in out and rev.get("id") and os.path.isfile(image):
                     os.sync()
                     r["bytes_added"] = exclusive(image)
             results[name] = r
@@ -478,6 +484,22 @@ def main():
         results["backy_restore"]["holes_kept"] = allocated(restored) <= src_alloc + 64 * MIB
         if not same:
             raise SystemExit("bench: the restored image differs from the source")
+
+        # ---- rollback: the restored image (version 2) back to version 1
+        # (the revision before the change), beside a sequential read of it
+        results["seq_read_target"] = timed("seq_read_target", f"cat {restored} > /dev/null", size)
+        backy("backy_rollback", ["restore", "bench", "-r", "1", restored, "--force"])
+        if results["backy_rollback"].get("mode") != "rollback":
+            raise SystemExit("bench: the restore onto the same-size image was not a rollback")
+        if subprocess.run(["cmp", "-s", f"{mnt}/copy.img", restored]).returncode != 0:
+            raise SystemExit("bench: the rolled-back image differs from version 1")
+        if args.smoke:
+            granule = 64 << 10
+            granules = {off // granule + i for off, length in writes
+                        for i in range((off + length - 1) // granule - off // granule + 1)}
+            fetched = results["backy_rollback"]["bytes_sent"]
+            assert fetched <= 2 * len(granules) * granule, (fetched, len(granules))
+            assert results["backy_rollback"]["bytes_read"] == size
         if args.smoke:
             scan = results["backy_incr_scan"]
             ranged = results["backy_incr_ranges"]
@@ -578,6 +600,17 @@ def report(args, results, changed_bytes, writes, load_at_start):
     ratio("full push vs sparse copy", "backy_full", "sparse_copy", 0.70)
     ratio("incremental scan vs sequential read", "backy_incr_scan", "seq_read_v2", 0.60)
     ratio("restore vs sparse copy", "backy_restore", "sparse_copy", 0.70)
+    if "backy_rollback" in t and "seq_read_target" in t:
+        v = t["backy_rollback"] / t["seq_read_target"]
+        checks.append({"check": "rollback time / sequential read of target", "ratio": v,
+                       "target": 1.5, "met": v <= 1.5})
+        granule = 64 << 10
+        granules = {off // granule + i for off, length in writes
+                    for i in range((off + length - 1) // granule - off // granule + 1)}
+        fetched = results["backy_rollback"].get("bytes_sent") or 0
+        v = fetched / (len(granules) * granule)
+        checks.append({"check": "rollback bytes fetched / changed granules", "ratio": v,
+                       "target": 2.0, "met": v <= 2.0})
     ratio("incremental ranges vs reflink+changes", "backy_incr_ranges", "reflink_changes", None)
     if "backy_incr_ranges" in t and "backy_full" in t:
         limit = 0.05 * t["backy_full"] + 0.5

@@ -296,7 +296,8 @@ async fn bad_restore_streams_leave_no_file() {
     assert_eq!(e.kind, ErrorKind::InvalidArgument);
     assert!(only_file(&work, &src), "{:?}", files_in(&work));
 
-    // An existing file needs force; with it the restore replaces it.
+    // An existing file needs force; with it (and --full: it has another
+    // size) the restore replaces it.
     std::fs::write(&out, b"precious").unwrap();
     let e = restore(&mut client, &restore_args("latest", &out), &Silent)
         .await
@@ -305,6 +306,10 @@ async fn bad_restore_streams_leave_no_file() {
     assert_eq!(std::fs::read(&out).unwrap(), b"precious");
     let mut args = restore_args("latest", &out);
     args.force = true;
+    let e = restore(&mut client, &args, &Silent).await.unwrap_err();
+    assert!(e.message.contains("give --full"), "{}", e.message);
+    assert_eq!(std::fs::read(&out).unwrap(), b"precious");
+    args.full = true;
     restore(&mut client, &args, &Silent).await.unwrap();
     assert!(std::fs::read(&out).unwrap() == std::fs::read(&src).unwrap());
 }
