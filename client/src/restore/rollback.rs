@@ -394,3 +394,94 @@ impl<'a> Patcher<'a> {
         Ok((self.fetched, self.written))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use backy_proto::{DataRange, RestoreEnd, ZeroRange};
+
+    const BS: u32 = 4 * GRANULE as u32;
+    const B: usize = BS as usize;
+    const G: usize = GRANULE as usize;
+
+    fn manifest_of(img: &[u8]) -> Manifest {
+        let mut m = Manifest::zeroed(img.len() as u64, BS).unwrap();
+        for (i, b) in img.chunks(B).enumerate() {
+            m.set(i as u64, digest(b)).unwrap();
+        }
+        m
+    }
+
+    fn target(dir: &Path, bytes: &[u8]) -> InPlace {
+        let path = dir.join("t.img");
+        std::fs::write(&path, bytes).unwrap();
+        plan(&path, bytes.len() as u64, true, false).unwrap().unwrap()
+    }
+
+    fn data(offset: usize, bytes: &[u8]) -> Frame {
+        Frame::Data(DataRange {
+            offset: offset as u64,
+            data: bytes.to_vec(),
+        })
+    }
+
+    #[test]
+    fn patches_checked_blocks_and_refuses_what_was_not_asked() {
+        let dir = tempfile::tempdir().unwrap();
+        let revision: Vec<u8> = (0..3 * B).map(|i| (i % 253) as u8).collect();
+        let m = manifest_of(&revision);
+        let mut ours = revision.clone();
+        ours[G + 3] ^= 1; // block 0, granule 1
+        ours[2 * B + 3 * G] ^= 1; // block 2, granule 3
+        let t = target(dir.path(), &ours);
+        let mut p = Patcher::new(&t, &m, vec![0, 2]);
+        p.frame(data(G, &revision[G..2 * G])).unwrap();
+        p.frame(data(2 * B + 3 * G, &revision[2 * B + 3 * G..3 * B]))
+            .unwrap();
+        p.frame(Frame::End(RestoreEnd {
+            bytes_sent: 2 * G as u64,
+        }))
+        .unwrap();
+        assert_eq!(p.finish().unwrap(), (2 * G as u64, 2 * G as u64));
+        assert_eq!(std::fs::read(&t.path).unwrap(), revision);
+
+        // A block not asked for, and a patch that does not give the
+        // revision's block: errors, nothing of the block written.
+        let t = target(dir.path(), &ours);
+        let mut p = Patcher::new(&t, &m, vec![0]);
+        let e = p.frame(data(B, &revision[B..B + G])).unwrap_err();
+        assert!(e.message.contains("not asked for"), "{}", e.message);
+        let mut p = Patcher::new(&t, &m, vec![0]);
+        p.frame(Frame::Zero(ZeroRange {
+            offset: G as u64,
+            length: G as u64,
+        }))
+        .unwrap();
+        let e = p.frame(Frame::End(RestoreEnd { bytes_sent: 0 })).unwrap_err();
+        assert!(e.message.contains("does not match"), "{}", e.message);
+        assert_eq!(std::fs::read(&t.path).unwrap(), ours);
+        // A stream that stops before its end.
+        let p = Patcher::new(&t, &m, vec![0]);
+        assert!(p.finish().unwrap_err().message.contains("ended early"));
+    }
+
+    #[test]
+    fn plan_chooses_rollback_only_for_a_same_size_target() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.img");
+        assert!(plan(&path, 10, true, false).unwrap().is_none(), "missing: full");
+        std::fs::write(&path, [1u8; 10]).unwrap();
+        assert!(plan(&path, 10, false, false).unwrap().is_none(), "no --force");
+        assert!(plan(&path, 10, true, true).unwrap().is_none(), "--full");
+        assert!(plan(&path, 10, true, false).unwrap().is_some());
+        let e = plan(&path, 11, true, false).err().unwrap();
+        assert!(
+            e.message.contains("holds 10 bytes, the revision 11"),
+            "{}",
+            e.message
+        );
+        assert!(plan(Path::new("rbd:pool/img"), 10, true, false)
+            .unwrap()
+            .is_none());
+    }
+}
