@@ -49,9 +49,10 @@ pub struct Batch {
 }
 
 impl Batch {
-    /// Whether a block with `digests` still fits.
-    pub fn fits(&self, digests: &[u8]) -> bool {
-        self.blocks.len() < MAX_BLOCKS && self.digest_bytes + digests.len() <= MAX_DIGEST_BYTES
+    /// Whether a block of `len` bytes (its granule digests) still fits.
+    pub fn fits(&self, len: u64) -> bool {
+        let digests = crate::granules::granule_count(len) * GRANULE_DIGEST_LEN;
+        self.blocks.len() < MAX_BLOCKS && self.digest_bytes + digests <= MAX_DIGEST_BYTES
     }
 
     pub fn push(&mut self, block: u64, digests: Vec<u8>) {
@@ -167,13 +168,19 @@ mod tests {
         let e = check_request(&m, many.into_iter()).unwrap_err();
         assert!(e.message.contains("at most"), "{}", e.message);
         let mut batch = Batch::default();
-        let big = vec![0u8; MAX_DIGEST_BYTES / 2];
-        assert!(batch.fits(&big));
-        batch.push(0, big.clone());
-        batch.push(1, big.clone());
-        assert!(!batch.fits(&[0; 16]));
-        assert_eq!(batch.take().len(), 2);
-        assert!(batch.is_empty() && batch.fits(&big));
+        // Blocks of 32 MiB: 8 KiB of digests each, 128 fill the bound.
+        let big = 32 << 20;
+        for b in 0..128 {
+            assert!(batch.fits(big));
+            batch.push(b, vec![0; 8 << 10]);
+        }
+        assert!(!batch.fits(GRANULE));
+        assert_eq!(batch.take().len(), 128);
+        assert!(batch.is_empty() && batch.fits(big));
+        for b in 0..MAX_BLOCKS as u64 {
+            batch.push(b, vec![0; 16]);
+        }
+        assert!(!batch.fits(GRANULE), "at most {MAX_BLOCKS} blocks");
     }
 
     proptest! {

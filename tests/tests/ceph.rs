@@ -327,13 +327,80 @@ fn full_incremental_resize_lost_snapshot_and_restores() {
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("exists") && err.contains("--force"), "{err}");
+    // The image has revision 2's size, not revision 0's: a rollback is
+    // refused in one line, --full replaces it (issue 30).
     let out = server.client_env(
         &env,
         &["restore", "vm1", "-r", &revisions[0].0, &rbd_target, "--force"],
     );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("give --full") && err.lines().count() == 1, "{err}");
+    let out = server.client_env(
+        &env,
+        &[
+            "restore",
+            "vm1",
+            "-r",
+            &revisions[0].0,
+            &rbd_target,
+            "--force",
+            "--full",
+        ],
+    );
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     target.export(None, &back);
     assert_eq!(file_hash(&back), file_hash(&revisions[0].1));
+}
+
+/// Rollback onto an RBD image of the revision's size (issue 30, item 4):
+/// the image is read (`rbd export`), only the changed granules are fetched
+/// and written (`rbd import-diff`), and it ends equal to the revision.
+#[test]
+fn rollback_of_an_rbd_image_fetches_only_changed_granules() {
+    must_be_root();
+    let Some(conf) = ceph_conf() else { return };
+    let fs = LoopFs::new("btrfs", 1 << 30);
+    let work = tempfile::tempdir().unwrap();
+    let size = 8 * BLOCK;
+    let img = Image::new(&conf, "rbsrc", size);
+    img.apply(size, &[(0, pattern(1, 5 * BLOCK as usize))], &[]);
+    let server = Server::start(&fs.mount.join("base"), &job_yaml(&img, ""));
+    let (id, _, _) = push_json(&server, &[], "vm1");
+    let want = work.path().join("want.img");
+    server.client_ok(&["restore", "vm1", "-r", &id, want.to_str().unwrap()]);
+
+    // A copy of the revision in another image, then changed: 4 KiB in each
+    // of 5 granules of data, and a write where the revision has zeros.
+    let target = Image::new(&conf, "rbtarget", size);
+    let rbd_target = format!("rbd:{}", target.spec());
+    let env = [("CEPH_CONF", conf.to_str().unwrap())];
+    let out = server.client_env(
+        &env,
+        &["restore", "vm1", "-r", &id, &rbd_target, "--force", "--full"],
+    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let changes: Vec<(u64, Vec<u8>)> = (0..5u64)
+        .map(|i| (i * BLOCK + 3 * 65536 + 4096, pattern(100 + i, 4096)))
+        .chain([(6 * BLOCK + 8192, pattern(7, 4096))])
+        .collect();
+    target.apply(size, &changes, &[]);
+    let back = work.path().join("back.img");
+    target.export(None, &back);
+    assert_ne!(file_hash(&back), file_hash(&want));
+
+    let out = server.client_env(
+        &env,
+        &["--json", "restore", "vm1", "-r", &id, &rbd_target, "--force"],
+    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: Value = serde_json::from_slice(&out.stdout).expect("restore --json");
+    assert_eq!(v["mode"], "rollback", "{v}");
+    assert_eq!(v["fetched_bytes"].as_u64(), Some(5 * 65536), "{v}");
+    assert_eq!(v["read_bytes"].as_u64(), Some(size), "{v}");
+    assert_eq!(v["written_bytes"].as_u64(), Some(6 * 65536), "{v}");
+    target.export(None, &back);
+    assert_eq!(file_hash(&back), file_hash(&want), "the image holds the revision");
 }
 
 /// A fault injector standing in for `rbd`: `export-diff` runs the real

@@ -1,33 +1,64 @@
-//! Rollback (delta restore) onto a file or block device of the revision's
-//! size: the target is read block by block and compared with the
-//! manifest's digests; a block the revision has as zeros is zeroed locally;
-//! for the other differing blocks the granule digests go to the server
-//! (`RestoreRequest.granules`, in bounded batches) and only the granules
-//! that differ come back. Each patched block is checked against the
-//! manifest before anything of it is written: the target never gets bytes
-//! the revision does not have.
+//! Rollback (delta restore) onto a file, block device or RBD image of the
+//! revision's size: the target is read block by block and compared with
+//! the manifest's digests; a block the revision has as zeros is zeroed
+//! locally; for the other differing blocks the granule digests go to the
+//! server (`RestoreRequest.granules`, in bounded batches) and only the
+//! granules that differ come back. Each patched block is checked against
+//! the manifest before anything of it is written: the target never gets
+//! bytes the revision does not have.
 
+use super::rbd::RbdTarget;
 use super::target::open_device;
 use crate::connect::{status_error, Client};
 use crate::progress::Meter;
+use crate::source::process::Running;
+use crate::source::rbd::Rbd;
 use backy_common::manifest::{digest, Manifest};
 use backy_common::ranges::{is_all_zero, GRANULE};
 use backy_common::rollback::{compare, Batch, Verdict};
+use backy_common::source::SourceSpec;
 use backy_common::{Error, Result};
 use backy_proto::restore_frame::Frame;
 use backy_proto::{GranuleDigests, RestoreFrame, RestoreRequest, RevisionInfo};
 use std::fs::{File, OpenOptions};
+use std::io::{BufReader, Read};
 use std::os::unix::fs::{FileExt, FileTypeExt};
-use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::path::Path;
+use std::process::ChildStdout;
 use tokio::sync::mpsc;
 
-/// A target rolled back in place.
+/// Bytes of differing blocks a batch holds in memory until their granules
+/// come (at least one block).
+const HELD_BYTES: u64 = 64 << 20;
+
+/// A target rolled back in place: read in order, written anywhere behind.
+pub trait Local: Send {
+    /// Reads `buf.len()` bytes at `offset`; offsets ascend.
+    fn read(&mut self, buf: &mut [u8], offset: u64) -> Result<()>;
+    fn write(&mut self, data: &[u8], offset: u64) -> Result<()>;
+    /// Makes a range zero.
+    fn zero(&mut self, offset: u64, len: u64) -> Result<()>;
+    /// Makes everything durable.
+    fn finish(self: Box<Self>) -> Result<()>;
+}
+
+/// A file or block device.
 pub struct InPlace {
-    file: Arc<File>,
-    path: PathBuf,
+    file: File,
+    path: std::path::PathBuf,
     /// A block device (zeroed with ZERO_RANGE) rather than a file (holes).
     device: bool,
+}
+
+/// An RBD image: read by `rbd export`, written by `rbd import-diff` (both
+/// streams, no kernel mapping).
+pub struct RbdLocal {
+    export: Option<Running>,
+    reader: BufReader<ChildStdout>,
+    position: u64,
+    /// `None` once committed.
+    writer: Option<RbdTarget>,
+    spec: String,
 }
 
 /// What a rollback read, fetched and wrote.
@@ -38,14 +69,24 @@ pub struct Moved {
     pub written: u64,
 }
 
+fn other_size(what: &str, len: u64, size: u64) -> Error {
+    Error::invalid(format!(
+        "{what} holds {len} bytes, the revision {size}: a rollback needs a target of the same size; give --full to restore the whole revision onto it"
+    ))
+}
+
 /// Whether a restore of `size` bytes onto `path` is a rollback: the target
-/// is an existing non-empty file or a block device, `force` was given (as
-/// for any restore over data) and `--full` was not. A target of another
-/// size is refused then, in one line. `None`: a full restore, whose own
-/// checks apply (a file that exists without `--force` is refused there).
-pub fn plan(path: &Path, size: u64, force: bool, full: bool) -> Result<Option<InPlace>> {
-    if full || !force || path.as_os_str() == super::STDOUT || path.to_string_lossy().starts_with("rbd:") {
+/// is an existing non-empty file, a block device or an existing RBD image,
+/// `force` was given (as for any restore over data) and `--full` was not.
+/// A target of another size is refused then, in one line. `None`: a full
+/// restore, whose own checks apply (a file that exists without `--force`
+/// is refused there).
+pub fn plan(path: &Path, size: u64, force: bool, full: bool) -> Result<Option<Box<dyn Local>>> {
+    if full || !force || path.as_os_str() == super::STDOUT {
         return Ok(None);
+    }
+    if let Some(spec) = path.to_str().and_then(|p| p.strip_prefix("rbd:")) {
+        return RbdLocal::plan(spec, size);
     }
     let meta = match std::fs::metadata(path) {
         Ok(m) => m,
@@ -68,16 +109,103 @@ pub fn plan(path: &Path, size: u64, force: bool, full: bool) -> Result<Option<In
         return Ok(None);
     };
     if len != size {
-        return Err(Error::invalid(format!(
-            "{} holds {len} bytes, the revision {size}: a rollback needs a target of the same size; give --full to restore the whole revision onto it",
-            path.display()
-        )));
+        return Err(other_size(&path.display().to_string(), len, size));
     }
-    Ok(Some(InPlace {
-        file: Arc::new(file),
+    let _ = rustix::fs::fadvise(&file, 0, None, rustix::fs::Advice::Sequential);
+    Ok(Some(Box::new(InPlace {
+        file,
         path: path.to_path_buf(),
         device,
-    }))
+    })))
+}
+
+impl RbdLocal {
+    fn plan(spec: &str, size: u64) -> Result<Option<Box<dyn Local>>> {
+        let rbd = Rbd::from_spec(&SourceSpec::from_cli(&format!("rbd:{spec}"), |_| false)?)?;
+        if !rbd.exists()? {
+            return Ok(None);
+        }
+        let image = rbd.image_spec();
+        let len = rbd.size(None)?;
+        if len != size {
+            return Err(other_size(&format!("rbd image {image}"), len, size));
+        }
+        let mut export = rbd.export()?;
+        let stdout = export
+            .child
+            .stdout
+            .take()
+            .ok_or_else(|| Error::internal("rbd export has no stdout"))?;
+        let writer = RbdTarget::open(spec, size, true)?;
+        Ok(Some(Box::new(RbdLocal {
+            export: Some(export),
+            reader: BufReader::with_capacity(1 << 20, stdout),
+            position: 0,
+            writer: Some(writer),
+            spec: image,
+        })))
+    }
+}
+
+impl Local for RbdLocal {
+    fn read(&mut self, buf: &mut [u8], offset: u64) -> Result<()> {
+        if offset != self.position {
+            return Err(Error::internal(format!(
+                "rbd export of {} read out of order (at {}, asked {offset})",
+                self.spec, self.position
+            )));
+        }
+        if let Err(e) = self.reader.read_exact(buf) {
+            let why = match self.export.take() {
+                Some(running) => running
+                    .finish(std::time::Duration::from_secs(10))
+                    .err()
+                    .map_or_else(|| e.to_string(), |f| f.message),
+                None => e.to_string(),
+            };
+            return Err(Error::unavailable(format!(
+                "reading rbd image {}: {why}",
+                self.spec
+            )));
+        }
+        self.position += buf.len() as u64;
+        Ok(())
+    }
+
+    fn write(&mut self, data: &[u8], offset: u64) -> Result<()> {
+        self.writer()?.write_data(offset, data)
+    }
+
+    fn zero(&mut self, offset: u64, len: u64) -> Result<()> {
+        self.writer()?.write_zero(offset, len)
+    }
+
+    fn finish(mut self: Box<Self>) -> Result<()> {
+        if let Some(mut export) = self.export.take() {
+            // What is left of the export is not needed.
+            export.kill();
+        }
+        self.writer
+            .take()
+            .ok_or_else(|| Error::internal("rbd rollback committed twice"))?
+            .commit()
+    }
+}
+
+impl RbdLocal {
+    fn writer(&mut self) -> Result<&mut RbdTarget> {
+        self.writer
+            .as_mut()
+            .ok_or_else(|| Error::internal("rbd rollback already committed"))
+    }
+}
+
+impl Drop for RbdLocal {
+    fn drop(&mut self) {
+        if let Some(mut export) = self.export.take() {
+            export.kill();
+        }
+    }
 }
 
 /// Rolls `target` back to the revision `info` with `manifest`.
@@ -86,38 +214,37 @@ pub async fn run(
     job: &str,
     info: &RevisionInfo,
     manifest: Manifest,
-    target: InPlace,
-    bar: Arc<dyn Meter>,
+    mut target: Box<dyn Local>,
+    bar: std::sync::Arc<dyn Meter>,
 ) -> Result<Moved> {
-    let manifest = Arc::new(manifest);
-    let target = Arc::new(target);
+    let manifest = std::sync::Arc::new(manifest);
     let mut moved = Moved::default();
     let mut next = 0;
     while next < manifest.block_count() {
-        let scan = {
-            let (manifest, target, bar) = (manifest.clone(), target.clone(), bar.clone());
-            tokio::task::spawn_blocking(move || scan(&target, &manifest, next, &*bar))
-                .await
-                .map_err(|e| Error::internal(format!("reading the rollback target: {e}")))??
+        let (back, scanned) = {
+            let (manifest, bar) = (manifest.clone(), bar.clone());
+            tokio::task::spawn_blocking(move || {
+                let scanned = scan(&mut *target, &manifest, next, &*bar);
+                (target, scanned)
+            })
+            .await
+            .map_err(|e| Error::internal(format!("reading the rollback target: {e}")))?
         };
-        moved.read += scan.read;
-        moved.written += scan.written;
-        next = scan.next;
-        if !scan.blocks.is_empty() {
-            let (fetched, written) = fetch(client, job, info, &manifest, &target, scan.blocks).await?;
+        target = back;
+        let scanned = scanned?;
+        moved.read += scanned.read;
+        moved.written += scanned.written;
+        next = scanned.next;
+        if !scanned.blocks.is_empty() {
+            let (back, fetched, written) = fetch(client, job, info, &manifest, target, scanned).await?;
+            target = back;
             moved.fetched += fetched;
             moved.written += written;
         }
     }
-    let target = target.clone();
-    tokio::task::spawn_blocking(move || {
-        target
-            .file
-            .sync_all()
-            .map_err(|e| Error::io(format!("flushing {}", target.path.display()), e))
-    })
-    .await
-    .map_err(|e| Error::internal(format!("flushing the rollback target: {e}")))??;
+    tokio::task::spawn_blocking(move || target.finish())
+        .await
+        .map_err(|e| Error::internal(format!("finishing the rollback: {e}")))??;
     Ok(moved)
 }
 
@@ -125,6 +252,8 @@ pub async fn run(
 struct Scan {
     /// Differing blocks with the target's granule digests.
     blocks: Vec<(u64, Vec<u8>)>,
+    /// Their bytes on the target, in the same order.
+    held: Vec<Vec<u8>>,
     /// The block the next scan starts at.
     next: u64,
     read: u64,
@@ -133,14 +262,24 @@ struct Scan {
 
 /// Reads the target from block `first` on until a request's worth of
 /// differing blocks is collected; zeroes locally what the revision has as
-/// zeros.
-fn scan(target: &InPlace, manifest: &Manifest, first: u64, bar: &dyn Meter) -> Result<Scan> {
+/// zeros. Stops before reading a block that might not fit.
+fn scan(target: &mut dyn Local, manifest: &Manifest, first: u64, bar: &dyn Meter) -> Result<Scan> {
     let mut batch = Batch::default();
+    let mut held: Vec<Vec<u8>> = Vec::new();
+    let mut held_bytes = 0;
     let (mut read, mut written) = (0, 0);
     let mut buf = vec![0u8; manifest.block_size() as usize];
-    let _ = rustix::fs::fadvise(&*target.file, 0, None, rustix::fs::Advice::Sequential);
     for block in first..manifest.block_count() {
         let (offset, len) = (manifest.block_offset(block), manifest.block_len(block));
+        if !batch.is_empty() && (!batch.fits(len) || held_bytes + len > HELD_BYTES) {
+            return Ok(Scan {
+                blocks: batch.take(),
+                held,
+                next: block,
+                read,
+                written,
+            });
+        }
         let ours = &mut buf[..len as usize];
         target.read(ours, offset)?;
         match compare(manifest, block, ours) {
@@ -148,22 +287,15 @@ fn scan(target: &InPlace, manifest: &Manifest, first: u64, bar: &dyn Meter) -> R
             Verdict::Zero => {
                 for (i, granule) in ours.chunks(GRANULE as usize).enumerate() {
                     if !is_all_zero(granule) {
-                        let at = offset + i as u64 * GRANULE;
-                        target.zero(at, granule.len() as u64)?;
+                        target.zero(offset + i as u64 * GRANULE, granule.len() as u64)?;
                         written += granule.len() as u64;
                     }
                 }
             }
             Verdict::Differs(digests) => {
-                if !batch.fits(&digests) {
-                    return Ok(Scan {
-                        blocks: batch.take(),
-                        next: block,
-                        read,
-                        written,
-                    });
-                }
                 batch.push(block, digests);
+                held.push(ours.to_vec());
+                held_bytes += len;
             }
         }
         read += len;
@@ -171,27 +303,29 @@ fn scan(target: &InPlace, manifest: &Manifest, first: u64, bar: &dyn Meter) -> R
     }
     Ok(Scan {
         blocks: batch.take(),
+        held,
         next: manifest.block_count(),
         read,
         written,
     })
 }
 
-/// Asks the server for the differing granules of `blocks` and writes them;
-/// returns (data bytes fetched, bytes written).
+/// Asks the server for the differing granules of the scanned blocks and
+/// writes them; returns the target and (data bytes fetched, bytes written).
 async fn fetch(
     client: &mut Client,
     job: &str,
     info: &RevisionInfo,
-    manifest: &Arc<Manifest>,
-    target: &Arc<InPlace>,
-    blocks: Vec<(u64, Vec<u8>)>,
-) -> Result<(u64, u64)> {
-    let wanted: Vec<u64> = blocks.iter().map(|(b, _)| *b).collect();
+    manifest: &std::sync::Arc<Manifest>,
+    mut target: Box<dyn Local>,
+    scanned: Scan,
+) -> Result<(Box<dyn Local>, u64, u64)> {
+    let wanted: Vec<u64> = scanned.blocks.iter().map(|(b, _)| *b).collect();
     let request = RestoreRequest {
         job: job.to_string(),
         revision: info.id.clone(),
-        granules: blocks
+        granules: scanned
+            .blocks
             .into_iter()
             .map(|(block, digests)| GranuleDigests { block, digests })
             .collect(),
@@ -210,59 +344,72 @@ async fn fetch(
         None => return Err(Error::data_loss("rollback stream ended early")),
     }
     let (tx, mut rx) = mpsc::channel::<Frame>(super::FRAMES_IN_FLIGHT);
-    let (manifest, target) = (manifest.clone(), target.clone());
+    let manifest = manifest.clone();
+    let held = scanned.held;
     let writer = tokio::task::spawn_blocking(move || {
-        let mut patch = Patcher::new(&target, &manifest, wanted);
-        while let Some(frame) = rx.blocking_recv() {
-            patch.frame(frame)?;
-        }
-        patch.finish()
+        let result = (|| {
+            let mut patch = Patcher::new(&mut *target, &manifest, wanted, held);
+            while let Some(frame) = rx.blocking_recv() {
+                patch.frame(frame)?;
+            }
+            patch.finish()
+        })();
+        (target, result)
     });
     let received = super::forward(&mut stream, &tx).await;
     drop(tx);
-    let written = writer
+    let (target, written) = writer
         .await
         .map_err(|e| Error::internal(format!("rollback writer failed: {e}")))?;
     received?;
-    written
+    let (fetched, written) = written?;
+    Ok((target, fetched, written))
 }
 
-impl InPlace {
-    fn read(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+impl Local for InPlace {
+    fn read(&mut self, buf: &mut [u8], offset: u64) -> Result<()> {
         self.file
             .read_exact_at(buf, offset)
             .map_err(|e| Error::io(format!("reading {} at offset {offset}", self.path.display()), e))
     }
 
-    fn write(&self, data: &[u8], offset: u64) -> Result<()> {
+    fn write(&mut self, data: &[u8], offset: u64) -> Result<()> {
         self.file
             .write_all_at(data, offset)
             .map_err(|e| Error::io(format!("writing {} at offset {offset}", self.path.display()), e))
     }
 
-    /// Makes a range zero: a hole in a file, zeroed on a device.
-    fn zero(&self, offset: u64, len: u64) -> Result<()> {
+    /// A hole in a file, zeroed on a device.
+    fn zero(&mut self, offset: u64, len: u64) -> Result<()> {
         use rustix::fs::FallocateFlags as F;
         let flags = if self.device {
             F::ZERO_RANGE | F::KEEP_SIZE
         } else {
             F::PUNCH_HOLE | F::KEEP_SIZE
         };
-        if rustix::fs::fallocate(&*self.file, flags, offset, len).is_ok() {
+        if rustix::fs::fallocate(&self.file, flags, offset, len).is_ok() {
             return Ok(());
         }
         self.write(&vec![0u8; len as usize], offset)
     }
+
+    fn finish(self: Box<Self>) -> Result<()> {
+        self.file
+            .sync_all()
+            .map_err(|e| Error::io(format!("flushing {}", self.path.display()), e))
+    }
 }
 
 /// Applies a rollback stream: its ranges must lie in the blocks asked for,
-/// in order; each block is patched in memory and written only when its
-/// digest matches the manifest.
+/// in order; each block is patched in memory (over the target's bytes the
+/// scan held) and written only when its digest matches the manifest.
 struct Patcher<'a> {
-    target: &'a InPlace,
+    target: &'a mut dyn Local,
     manifest: &'a Manifest,
-    /// Blocks asked for, ascending; `at` indexes the one being received.
+    /// Blocks asked for, ascending, with the target's bytes of each; `at`
+    /// indexes the one being received.
     wanted: Vec<u64>,
+    held: Vec<Vec<u8>>,
     at: usize,
     /// Ranges of the current block: (offset, data or None for zeros, length).
     pieces: Vec<(u64, Option<Vec<u8>>, u64)>,
@@ -270,22 +417,21 @@ struct Patcher<'a> {
     fetched: u64,
     written: u64,
     ended: bool,
-    buf: Vec<u8>,
 }
 
 impl<'a> Patcher<'a> {
-    fn new(target: &'a InPlace, manifest: &'a Manifest, wanted: Vec<u64>) -> Self {
+    fn new(target: &'a mut dyn Local, manifest: &'a Manifest, wanted: Vec<u64>, held: Vec<Vec<u8>>) -> Self {
         Patcher {
             target,
             manifest,
             wanted,
+            held,
             at: 0,
             pieces: Vec::new(),
             next: 0,
             fetched: 0,
             written: 0,
             ended: false,
-            buf: Vec::new(),
         }
     }
 
@@ -358,20 +504,21 @@ impl<'a> Patcher<'a> {
         let Some(&block) = self.wanted.get(self.at) else {
             return Err(Error::internal("rollback pieces without a block"));
         };
-        let (offset, len) = (self.manifest.block_offset(block), self.manifest.block_len(block));
-        self.buf.resize(len as usize, 0);
-        self.target.read(&mut self.buf, offset)?;
+        let offset = self.manifest.block_offset(block);
+        let buf = self
+            .held
+            .get_mut(self.at)
+            .ok_or_else(|| Error::internal("rollback block without its bytes"))?;
         for (at, data, n) in &self.pieces {
             let range = (at - offset) as usize..(at - offset + n) as usize;
             match data {
-                Some(d) => self.buf[range].copy_from_slice(d),
-                None => self.buf[range].fill(0),
+                Some(d) => buf[range].copy_from_slice(d),
+                None => buf[range].fill(0),
             }
         }
-        if self.manifest.get(block) != Some(&digest(&self.buf)) {
+        if self.manifest.get(block) != Some(&digest(buf)) {
             return Err(Error::data_loss(format!(
-                "block at offset {offset} does not match the revision's manifest after patching: not written ({} is rolled back up to there)",
-                self.target.path.display()
+                "block at offset {offset} does not match the revision's manifest after patching: not written (the target is rolled back up to there)"
             )));
         }
         for (at, data, n) in std::mem::take(&mut self.pieces) {
@@ -412,10 +559,11 @@ mod tests {
         m
     }
 
-    fn target(dir: &Path, bytes: &[u8]) -> InPlace {
+    fn target(dir: &Path, bytes: &[u8]) -> (std::path::PathBuf, Box<dyn Local>) {
         let path = dir.join("t.img");
         std::fs::write(&path, bytes).unwrap();
-        plan(&path, bytes.len() as u64, true, false).unwrap().unwrap()
+        let t = plan(&path, bytes.len() as u64, true, false).unwrap().unwrap();
+        (path, t)
     }
 
     fn data(offset: usize, bytes: &[u8]) -> Frame {
@@ -433,8 +581,9 @@ mod tests {
         let mut ours = revision.clone();
         ours[G + 3] ^= 1; // block 0, granule 1
         ours[2 * B + 3 * G] ^= 1; // block 2, granule 3
-        let t = target(dir.path(), &ours);
-        let mut p = Patcher::new(&t, &m, vec![0, 2]);
+        let (path, mut t) = target(dir.path(), &ours);
+        let held = vec![ours[..B].to_vec(), ours[2 * B..].to_vec()];
+        let mut p = Patcher::new(&mut *t, &m, vec![0, 2], held);
         p.frame(data(G, &revision[G..2 * G])).unwrap();
         p.frame(data(2 * B + 3 * G, &revision[2 * B + 3 * G..3 * B]))
             .unwrap();
@@ -443,15 +592,16 @@ mod tests {
         }))
         .unwrap();
         assert_eq!(p.finish().unwrap(), (2 * G as u64, 2 * G as u64));
-        assert_eq!(std::fs::read(&t.path).unwrap(), revision);
+        assert_eq!(std::fs::read(&path).unwrap(), revision);
 
         // A block not asked for, and a patch that does not give the
         // revision's block: errors, nothing of the block written.
-        let t = target(dir.path(), &ours);
-        let mut p = Patcher::new(&t, &m, vec![0]);
+        let (path, mut t) = target(dir.path(), &ours);
+        let held = || vec![ours[..B].to_vec()];
+        let mut p = Patcher::new(&mut *t, &m, vec![0], held());
         let e = p.frame(data(B, &revision[B..B + G])).unwrap_err();
         assert!(e.message.contains("not asked for"), "{}", e.message);
-        let mut p = Patcher::new(&t, &m, vec![0]);
+        let mut p = Patcher::new(&mut *t, &m, vec![0], held());
         p.frame(Frame::Zero(ZeroRange {
             offset: G as u64,
             length: G as u64,
@@ -459,9 +609,9 @@ mod tests {
         .unwrap();
         let e = p.frame(Frame::End(RestoreEnd { bytes_sent: 0 })).unwrap_err();
         assert!(e.message.contains("does not match"), "{}", e.message);
-        assert_eq!(std::fs::read(&t.path).unwrap(), ours);
+        assert_eq!(std::fs::read(&path).unwrap(), ours);
         // A stream that stops before its end.
-        let p = Patcher::new(&t, &m, vec![0]);
+        let p = Patcher::new(&mut *t, &m, vec![0], held());
         assert!(p.finish().unwrap_err().message.contains("ended early"));
     }
 

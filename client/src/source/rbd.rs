@@ -210,6 +210,16 @@ impl Rbd {
         process::spawn(cmd, format!("`rbd {}`", args.join(" ")))
     }
 
+    /// Starts `rbd export IMAGE -` (the image as it is now); read it from
+    /// the child's stdout.
+    pub fn export(&self) -> Result<Running> {
+        let spec = self.image_spec();
+        let args = ["export", "--no-progress", spec.as_str(), "-"];
+        let mut cmd = self.command(&args);
+        cmd.stdin(Stdio::null()).stdout(Stdio::piped());
+        process::spawn(cmd, format!("`rbd {}`", args.join(" ")))
+    }
+
     /// Starts `rbd import-diff - IMAGE`; write the diff to the child's stdin.
     pub fn import_diff(&self) -> Result<Running> {
         let spec = self.image_spec();
