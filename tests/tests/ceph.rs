@@ -401,6 +401,29 @@ fn rollback_of_an_rbd_image_fetches_only_changed_granules() {
     assert_eq!(v["written_bytes"].as_u64(), Some(6 * 65536), "{v}");
     target.export(None, &back);
     assert_eq!(file_hash(&back), file_hash(&want), "the image holds the revision");
+
+    // The source image itself still has the revision's snapshot: Ceph's
+    // diff from it names the changed objects, and only those are read.
+    assert_eq!(img.backy_snapshots(), [format!("backy-{id}")]);
+    img.apply(size, &changes, &[]);
+    let source = format!("rbd:{}", img.spec());
+    let out = server.client_env(&env, &["--json", "restore", "vm1", "-r", &id, &source, "--force"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: Value = serde_json::from_slice(&out.stdout).expect("restore --json");
+    assert_eq!(v["mode"], "rollback", "{v}");
+    assert_eq!(
+        v["read_bytes"].as_u64(),
+        Some(6 * BLOCK),
+        "the 6 changed objects: {v}"
+    );
+    assert_eq!(v["fetched_bytes"].as_u64(), Some(5 * 65536), "{v}");
+    assert_eq!(v["written_bytes"].as_u64(), Some(6 * 65536), "{v}");
+    img.export(None, &back);
+    assert_eq!(
+        file_hash(&back),
+        file_hash(&want),
+        "the source holds the revision again"
+    );
 }
 
 /// A fault injector standing in for `rbd`: `export-diff` runs the real

@@ -132,9 +132,12 @@ pub async fn restore(client: &mut Client, args: &RestoreArgs, progress: &dyn Pro
     // of another size is refused here unless --full).
     let in_place = {
         let (path, size, force, full) = (args.target.clone(), info.size, args.force, args.full);
-        tokio::task::spawn_blocking(move || rollback::plan(&path, size, force, full))
-            .await
-            .map_err(|e| Error::internal(format!("examining the restore target: {e}")))??
+        let (snapshot, block_size) = (info.source_snapshot.clone(), info.block_size);
+        tokio::task::spawn_blocking(move || {
+            rollback::plan(&path, size, force, full, Some((snapshot.as_str(), block_size)))
+        })
+        .await
+        .map_err(|e| Error::internal(format!("examining the restore target: {e}")))??
     };
     if let Some(in_place) = in_place {
         let distrusted = meta.trust == backy_common::revision::Trust::Distrusted;

@@ -15,6 +15,7 @@ use crate::source::process::Running;
 use crate::source::rbd::Rbd;
 use backy_common::manifest::{digest, Manifest};
 use backy_common::ranges::{is_all_zero, GRANULE};
+use backy_common::rbd_diff::{DiffReader, Record};
 use backy_common::rollback::{compare, Batch, Verdict};
 use backy_common::source::SourceSpec;
 use backy_common::{Error, Result};
@@ -33,7 +34,13 @@ const HELD_BYTES: u64 = 64 << 20;
 
 /// A target rolled back in place: read in order, written anywhere behind.
 pub trait Local: Send {
-    /// Reads `buf.len()` bytes at `offset`; offsets ascend.
+    /// The first block from `block` on that may differ from the revision:
+    /// every block, unless the target knows what changed.
+    fn candidate(&mut self, block: u64, manifest: &Manifest) -> Result<Option<u64>> {
+        Ok((block < manifest.block_count()).then_some(block))
+    }
+    /// Reads `buf.len()` bytes at `offset` (a candidate block); offsets
+    /// ascend.
     fn read(&mut self, buf: &mut [u8], offset: u64) -> Result<()>;
     fn write(&mut self, data: &[u8], offset: u64) -> Result<()>;
     /// Makes a range zero.
@@ -54,11 +61,26 @@ pub struct InPlace {
 /// streams, no kernel mapping).
 pub struct RbdLocal {
     export: Option<Running>,
-    reader: BufReader<ChildStdout>,
-    position: u64,
+    read: RbdRead,
     /// `None` once committed.
     writer: Option<RbdTarget>,
     spec: String,
+}
+
+/// How an RBD image is read.
+enum RbdRead {
+    /// All of it, in order (`rbd export`).
+    Whole {
+        reader: BufReader<ChildStdout>,
+        position: u64,
+    },
+    /// Only the objects changed since the revision's own snapshot (`rbd
+    /// export-diff --whole-object`): the rest still holds the revision.
+    Changed {
+        diff: DiffReader<BufReader<ChildStdout>>,
+        /// The current record's rest: (offset, length, data or zeros).
+        pending: Option<(u64, u64, bool)>,
+    },
 }
 
 /// What a rollback read, fetched and wrote.
@@ -81,12 +103,21 @@ fn other_size(what: &str, len: u64, size: u64) -> Error {
 /// A target of another size is refused then, in one line. `None`: a full
 /// restore, whose own checks apply (a file that exists without `--force`
 /// is refused there).
-pub fn plan(path: &Path, size: u64, force: bool, full: bool) -> Result<Option<Box<dyn Local>>> {
+/// `snapshot`: the source snapshot the revision was taken from and the
+/// block size (an RBD image that still has it is read only where it
+/// changed since).
+pub fn plan(
+    path: &Path,
+    size: u64,
+    force: bool,
+    full: bool,
+    snapshot: Option<(&str, u32)>,
+) -> Result<Option<Box<dyn Local>>> {
     if full || !force || path.as_os_str() == super::STDOUT {
         return Ok(None);
     }
     if let Some(spec) = path.to_str().and_then(|p| p.strip_prefix("rbd:")) {
-        return RbdLocal::plan(spec, size);
+        return RbdLocal::plan(spec, size, snapshot);
     }
     let meta = match std::fs::metadata(path) {
         Ok(m) => m,
@@ -120,7 +151,7 @@ pub fn plan(path: &Path, size: u64, force: bool, full: bool) -> Result<Option<Bo
 }
 
 impl RbdLocal {
-    fn plan(spec: &str, size: u64) -> Result<Option<Box<dyn Local>>> {
+    fn plan(spec: &str, size: u64, snapshot: Option<(&str, u32)>) -> Result<Option<Box<dyn Local>>> {
         let rbd = Rbd::from_spec(&SourceSpec::from_cli(&format!("rbd:{spec}"), |_| false)?)?;
         if !rbd.exists()? {
             return Ok(None);
@@ -130,45 +161,142 @@ impl RbdLocal {
         if len != size {
             return Err(other_size(&format!("rbd image {image}"), len, size));
         }
-        let mut export = rbd.export()?;
+        // The revision's own snapshot, of its size, in objects that hold
+        // whole blocks: its diff to now names every block that may differ.
+        let from = match snapshot {
+            Some((snap, block_size)) if !snap.is_empty() && rbd.snapshots()?.iter().any(|s| s == snap) => {
+                (rbd.size(Some(snap))? == size
+                    && rbd.objects_hold_whole_blocks(snap, u64::from(block_size))?)
+                .then_some(snap)
+            }
+            _ => None,
+        };
+        let mut export = match from {
+            Some(snap) => rbd.export_diff_to_head(snap)?,
+            None => rbd.export()?,
+        };
         let stdout = export
             .child
             .stdout
             .take()
             .ok_or_else(|| Error::internal("rbd export has no stdout"))?;
+        let reader = BufReader::with_capacity(1 << 20, stdout);
+        let read = match from {
+            Some(snap) => {
+                tracing::info!(image = %image, snapshot = snap, "reading only what changed since the revision's snapshot");
+                RbdRead::Changed {
+                    diff: DiffReader::new(reader),
+                    pending: None,
+                }
+            }
+            None => RbdRead::Whole { reader, position: 0 },
+        };
         let writer = RbdTarget::open(spec, size, true)?;
         Ok(Some(Box::new(RbdLocal {
             export: Some(export),
-            reader: BufReader::with_capacity(1 << 20, stdout),
-            position: 0,
+            read,
             writer: Some(writer),
             spec: image,
         })))
     }
 }
 
-impl Local for RbdLocal {
-    fn read(&mut self, buf: &mut [u8], offset: u64) -> Result<()> {
-        if offset != self.position {
-            return Err(Error::internal(format!(
-                "rbd export of {} read out of order (at {}, asked {offset})",
-                self.spec, self.position
-            )));
-        }
-        if let Err(e) = self.reader.read_exact(buf) {
-            let why = match self.export.take() {
-                Some(running) => running
-                    .finish(std::time::Duration::from_secs(10))
-                    .err()
-                    .map_or_else(|| e.to_string(), |f| f.message),
-                None => e.to_string(),
+impl RbdLocal {
+    /// A failed read, with what `rbd` said.
+    fn failed(&mut self, e: impl std::fmt::Display) -> Error {
+        let why = match self.export.take() {
+            Some(running) => running
+                .finish(std::time::Duration::from_secs(10))
+                .err()
+                .map_or_else(|| e.to_string(), |f| f.message),
+            None => e.to_string(),
+        };
+        Error::unavailable(format!("reading rbd image {}: {why}", self.spec))
+    }
+
+    /// The current data or zero record of the diff (None at its end).
+    fn record(&mut self) -> Result<Option<(u64, u64, bool)>> {
+        loop {
+            let RbdRead::Changed { diff, pending } = &mut self.read else {
+                return Ok(None);
             };
-            return Err(Error::unavailable(format!(
-                "reading rbd image {}: {why}",
-                self.spec
-            )));
+            if pending.is_some() {
+                return Ok(*pending);
+            }
+            let record = match diff.next_record() {
+                Ok(r) => r,
+                Err(e) => return Err(self.failed(e.message)),
+            };
+            let next = match record {
+                Some(Record::Data { offset, len }) if len > 0 => (offset, len, true),
+                Some(Record::Zero { offset, len }) if len > 0 => (offset, len, false),
+                Some(Record::End) | None => return Ok(None),
+                Some(_) => continue,
+            };
+            *pending = Some(next);
         }
-        self.position += buf.len() as u64;
+    }
+}
+
+impl Local for RbdLocal {
+    fn candidate(&mut self, block: u64, manifest: &Manifest) -> Result<Option<u64>> {
+        if let RbdRead::Whole { .. } = self.read {
+            return Ok((block < manifest.block_count()).then_some(block));
+        }
+        let bs = u64::from(manifest.block_size());
+        Ok(self
+            .record()?
+            .map(|(offset, _, _)| (offset / bs).max(block))
+            .filter(|&b| b < manifest.block_count()))
+    }
+
+    fn read(&mut self, buf: &mut [u8], offset: u64) -> Result<()> {
+        if let RbdRead::Whole { reader, position } = &mut self.read {
+            if offset != *position {
+                return Err(Error::internal(format!(
+                    "rbd export of {} read out of order (at {position}, asked {offset})",
+                    self.spec
+                )));
+            }
+            let read = reader.read_exact(buf);
+            *position += buf.len() as u64;
+            return read.map_err(|e| self.failed(e));
+        }
+        // From the diff: its records must cover the block whole (objects
+        // changed since the snapshot come whole).
+        let mut covered = 0usize;
+        while covered < buf.len() {
+            let at = offset + covered as u64;
+            let Some((start, len, data)) = self.record()? else {
+                return Err(self.failed(format!("rbd export-diff ended inside the block at {offset}")));
+            };
+            if start != at {
+                return Err(self.failed(format!(
+                    "rbd export-diff did not cover the block at {offset} whole (next range at {start}): restore with --full"
+                )));
+            }
+            let n = len.min((buf.len() - covered) as u64) as usize;
+            let RbdRead::Changed { diff, pending } = &mut self.read else {
+                return Err(Error::internal("rbd read mode changed"));
+            };
+            if data {
+                let mut got = 0;
+                while got < n {
+                    match diff.read_data(&mut buf[covered + got..covered + n]) {
+                        Ok(0) => break,
+                        Ok(k) => got += k,
+                        Err(e) => return Err(self.failed(e.message)),
+                    }
+                }
+                if got < n {
+                    return Err(self.failed("rbd export-diff data record ended early"));
+                }
+            } else {
+                buf[covered..covered + n].fill(0);
+            }
+            *pending = (len > n as u64).then_some((start + n as u64, len - n as u64, data));
+            covered += n;
+        }
         Ok(())
     }
 
@@ -269,7 +397,9 @@ fn scan(target: &mut dyn Local, manifest: &Manifest, first: u64, bar: &dyn Meter
     let mut held_bytes = 0;
     let (mut read, mut written) = (0, 0);
     let mut buf = vec![0u8; manifest.block_size() as usize];
-    for block in first..manifest.block_count() {
+    let mut from = first;
+    while let Some(block) = target.candidate(from, manifest)? {
+        from = block + 1;
         let (offset, len) = (manifest.block_offset(block), manifest.block_len(block));
         if !batch.is_empty() && (!batch.fits(len) || held_bytes + len > HELD_BYTES) {
             return Ok(Scan {
@@ -562,7 +692,9 @@ mod tests {
     fn target(dir: &Path, bytes: &[u8]) -> (std::path::PathBuf, Box<dyn Local>) {
         let path = dir.join("t.img");
         std::fs::write(&path, bytes).unwrap();
-        let t = plan(&path, bytes.len() as u64, true, false).unwrap().unwrap();
+        let t = plan(&path, bytes.len() as u64, true, false, None)
+            .unwrap()
+            .unwrap();
         (path, t)
     }
 
@@ -619,19 +751,22 @@ mod tests {
     fn plan_chooses_rollback_only_for_a_same_size_target() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("t.img");
-        assert!(plan(&path, 10, true, false).unwrap().is_none(), "missing: full");
+        assert!(
+            plan(&path, 10, true, false, None).unwrap().is_none(),
+            "missing: full"
+        );
         std::fs::write(&path, [1u8; 10]).unwrap();
-        assert!(plan(&path, 10, false, false).unwrap().is_none(), "no --force");
-        assert!(plan(&path, 10, true, true).unwrap().is_none(), "--full");
-        assert!(plan(&path, 10, true, false).unwrap().is_some());
-        let e = plan(&path, 11, true, false).err().unwrap();
+        assert!(
+            plan(&path, 10, false, false, None).unwrap().is_none(),
+            "no --force"
+        );
+        assert!(plan(&path, 10, true, true, None).unwrap().is_none(), "--full");
+        assert!(plan(&path, 10, true, false, None).unwrap().is_some());
+        let e = plan(&path, 11, true, false, None).err().unwrap();
         assert!(
             e.message.contains("holds 10 bytes, the revision 11"),
             "{}",
             e.message
         );
-        assert!(plan(Path::new("rbd:pool/img"), 10, true, false)
-            .unwrap()
-            .is_none());
     }
 }

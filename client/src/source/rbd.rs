@@ -210,6 +210,25 @@ impl Rbd {
         process::spawn(cmd, format!("`rbd {}`", args.join(" ")))
     }
 
+    /// Starts `rbd export-diff --from-snap FROM --whole-object IMAGE -`:
+    /// every object changed since `from` up to the image as it is now,
+    /// whole.
+    pub fn export_diff_to_head(&self, from: &str) -> Result<Running> {
+        let spec = self.image_spec();
+        let args = [
+            "export-diff",
+            "--no-progress",
+            "--from-snap",
+            from,
+            "--whole-object",
+            spec.as_str(),
+            "-",
+        ];
+        let mut cmd = self.command(&args);
+        cmd.stdin(Stdio::null()).stdout(Stdio::piped());
+        process::spawn(cmd, format!("`rbd {}`", args.join(" ")))
+    }
+
     /// Starts `rbd export IMAGE -` (the image as it is now); read it from
     /// the child's stdout.
     pub fn export(&self) -> Result<Running> {
