@@ -8,6 +8,7 @@
 
 use crate::granules::{check_digests, differing, wanted_ranges, GRANULE_DIGEST_LEN};
 use crate::manifest::{digest, Manifest};
+use crate::ranges::is_all_zero;
 use crate::{Error, Result};
 use std::ops::Range;
 
@@ -31,11 +32,16 @@ pub enum Verdict {
 }
 
 /// Compares the target's bytes of `block` with the revision's manifest.
+/// Zeros on either side are settled without hashing the block (half a
+/// typical image is holes).
 pub fn compare(manifest: &Manifest, block: u64, ours: &[u8]) -> Verdict {
-    if manifest.get(block) == Some(&digest(ours)) {
+    let theirs_zero = manifest.is_zero(block);
+    let ours_zero = is_all_zero(ours);
+    if theirs_zero {
+        return if ours_zero { Verdict::Same } else { Verdict::Zero };
+    }
+    if !ours_zero && manifest.get(block) == Some(&digest(ours)) {
         Verdict::Same
-    } else if manifest.is_zero(block) {
-        Verdict::Zero
     } else {
         Verdict::Differs(crate::granules::digests(ours))
     }
@@ -149,6 +155,9 @@ mod tests {
         assert_eq!(compare(&m, 0, &img[..bs]), Verdict::Same);
         let other = vec![6u8; bs];
         assert_eq!(compare(&m, 2, &other), Verdict::Differs(digests(&other)));
+        // Zeros where the revision has data.
+        let zeros = vec![0u8; bs];
+        assert_eq!(compare(&m, 2, &zeros), Verdict::Differs(digests(&zeros)));
     }
 
     #[test]

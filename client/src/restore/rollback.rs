@@ -496,11 +496,23 @@ async fn fetch(
     Ok((target, fetched, written))
 }
 
+/// How far ahead of the block being compared the kernel is asked to read,
+/// so the disk works while the CPU hashes.
+const READ_AHEAD: u64 = 16 << 20;
+
 impl Local for InPlace {
     fn read(&mut self, buf: &mut [u8], offset: u64) -> Result<()> {
         self.file
             .read_exact_at(buf, offset)
-            .map_err(|e| Error::io(format!("reading {} at offset {offset}", self.path.display()), e))
+            .map_err(|e| Error::io(format!("reading {} at offset {offset}", self.path.display()), e))?;
+        let next = offset + buf.len() as u64;
+        let _ = rustix::fs::fadvise(
+            &self.file,
+            next,
+            std::num::NonZeroU64::new(READ_AHEAD),
+            rustix::fs::Advice::WillNeed,
+        );
+        Ok(())
     }
 
     fn write(&mut self, data: &[u8], offset: u64) -> Result<()> {
