@@ -203,8 +203,16 @@ impl Tls {
 fn server_bin_for_user(dir: &Path) -> PathBuf {
     let to = dir.join("backy-server");
     if !to.exists() {
-        std::fs::copy(bin("backy-server"), &to).unwrap();
-        chmod(&to, 0o755);
+        // Copied by another process: a write descriptor of ours, inherited
+        // by a child another test thread forks meanwhile, would make this
+        // exec fail with ETXTBSY ("Text file busy").
+        let out = Command::new("install")
+            .args(["-m", "0755"])
+            .arg(bin("backy-server"))
+            .arg(&to)
+            .output()
+            .expect("running install");
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     }
     to
 }
@@ -524,7 +532,7 @@ fn a_replica_that_cannot_read_its_token_says_what_to_run() {
     must_be_root();
     let dir = open_dir();
     let d = dir.path();
-    let (base, token, config) = replica_with_a_root_token(d);
+    let (_store, token, config) = replica_with_a_root_token(d);
     let mut child = Command::new(server_bin_for_user(d))
         .arg("--config")
         .arg(&config)
