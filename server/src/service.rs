@@ -171,6 +171,37 @@ impl Service {
             })
     }
 
+    /// `forget` or `distrust` (`name`): both need the right to remove,
+    /// run `change` on the job's transaction, and audit what they did.
+    async fn remove_or_distrust(
+        &self,
+        req: Request<RevisionsRequest>,
+        name: &str,
+        change: fn(
+            &Server,
+            &crate::storage::JobDir,
+            &str,
+            crate::revisions::Apply,
+        ) -> Result<Vec<backy_common::revision::RevisionMeta>>,
+    ) -> std::result::Result<Response<RevisionsReply>, Status> {
+        let action = if req.get_ref().dry_run {
+            format!("{name} --dry-run")
+        } else {
+            name.to_string()
+        };
+        let caller = self.check(&req, &req.get_ref().job, Action::Remove, &action)?;
+        let server = self.server.clone();
+        let req = req.into_inner();
+        let (job, spec) = (req.job.clone(), req.revisions.clone());
+        let result = blocking(move || {
+            let job = server.job(&req.job)?;
+            change(&server, &job, &req.revisions, apply(req.dry_run))
+        })
+        .await;
+        audit_changed(&caller, &action, &job, &spec, &result);
+        result.map(revisions_reply)
+    }
+
     /// A push stream (`Push`, or `PushExchange` when `answers` is given:
     /// then granule digests are answered there), written by a blocking
     /// writer, up to the committed revision's reply.
@@ -781,22 +812,8 @@ impl Backy for Service {
         // A distrusted revision is no parent and no longer held as the
         // newest trusted one, so expiry may delete it: an operator's call.
         // Hypervisors report damage by `verify`, where the server checks.
-        let action = if req.get_ref().dry_run {
-            "distrust --dry-run"
-        } else {
-            "distrust"
-        };
-        let caller = self.check(&req, &req.get_ref().job, Action::Remove, action)?;
-        let server = self.server.clone();
-        let req = req.into_inner();
-        let (job, spec) = (req.job.clone(), req.revisions.clone());
-        let result = blocking(move || {
-            let job = server.job(&req.job)?;
-            crate::revisions::distrust(&server, &job, &req.revisions, apply(req.dry_run))
-        })
-        .await;
-        audit_changed(&caller, action, &job, &spec, &result);
-        result.map(revisions_reply)
+        self.remove_or_distrust(req, "distrust", crate::revisions::distrust)
+            .await
     }
 
     async fn tags(&self, req: Request<TagsRequest>) -> std::result::Result<Response<RevisionsReply>, Status> {
@@ -848,22 +865,8 @@ impl Backy for Service {
         &self,
         req: Request<RevisionsRequest>,
     ) -> std::result::Result<Response<RevisionsReply>, Status> {
-        let action = if req.get_ref().dry_run {
-            "forget --dry-run"
-        } else {
-            "forget"
-        };
-        let caller = self.check(&req, &req.get_ref().job, Action::Remove, action)?;
-        let server = self.server.clone();
-        let req = req.into_inner();
-        let (job, spec) = (req.job.clone(), req.revisions.clone());
-        let result = blocking(move || {
-            let job = server.job(&req.job)?;
-            crate::revisions::forget(&server, &job, &req.revisions, apply(req.dry_run))
-        })
-        .await;
-        audit_changed(&caller, action, &job, &spec, &result);
-        result.map(revisions_reply)
+        self.remove_or_distrust(req, "forget", crate::revisions::forget)
+            .await
     }
 
     async fn report_failure(

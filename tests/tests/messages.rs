@@ -203,8 +203,16 @@ impl Tls {
 fn server_bin_for_user(dir: &Path) -> PathBuf {
     let to = dir.join("backy-server");
     if !to.exists() {
-        std::fs::copy(bin("backy-server"), &to).unwrap();
-        chmod(&to, 0o755);
+        // Copied by another process: a write descriptor of ours, inherited
+        // by a child another test thread forks meanwhile, would make this
+        // exec fail with ETXTBSY ("Text file busy").
+        let out = Command::new("install")
+            .args(["-m", "0755"])
+            .arg(bin("backy-server"))
+            .arg(&to)
+            .output()
+            .expect("running install");
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     }
     to
 }
@@ -443,15 +451,9 @@ fn check_with_unit_as(config: &Path, dropin: &str, wrapper: &[&str]) -> Output {
         .expect("running unshare")
 }
 
-/// Item 4: as root without `--as-user`, `check-config` checks as the
-/// installed unit's `User=` (with its drop-ins), and names what the
-/// unit's sandbox keeps from the server (here `PrivateTmp=yes` hiding
-/// /tmp, `ProtectSystem=strict` with the store outside `ReadWritePaths=`).
-#[test]
-fn check_config_as_root_checks_as_the_installed_units_user_and_sandbox() {
-    must_be_root();
-    let dir = open_dir();
-    let d = dir.path();
+/// A replica's config under `d` (0644) whose token file is root's, 0600:
+/// (store, token file, config file).
+fn replica_with_a_root_token(d: &Path) -> (PathBuf, PathBuf, PathBuf) {
     let base = store(d);
     let token = d.join("replica.token");
     std::fs::write(&token, format!("{}\n", generate_token())).unwrap();
@@ -468,6 +470,19 @@ fn check_config_as_root_checks_as_the_installed_units_user_and_sandbox() {
     )
     .unwrap();
     chmod(&config, 0o644);
+    (base, token, config)
+}
+
+/// Item 4: as root without `--as-user`, `check-config` checks as the
+/// installed unit's `User=` (with its drop-ins), and names what the
+/// unit's sandbox keeps from the server (here `PrivateTmp=yes` hiding
+/// /tmp, `ProtectSystem=strict` with the store outside `ReadWritePaths=`).
+#[test]
+fn check_config_as_root_checks_as_the_installed_units_user_and_sandbox() {
+    must_be_root();
+    let dir = open_dir();
+    let d = dir.path();
+    let (base, token, config) = replica_with_a_root_token(d);
     // The test's files are under /tmp: a drop-in lets the unit see them.
     let lifted = format!("[Service]\nPrivateTmp=no\nReadWritePaths={}\n", base.display());
     let line = failed(&check_with_unit(&config, &lifted));
@@ -517,22 +532,7 @@ fn a_replica_that_cannot_read_its_token_says_what_to_run() {
     must_be_root();
     let dir = open_dir();
     let d = dir.path();
-    let base = store(d);
-    let token = d.join("replica.token");
-    std::fs::write(&token, format!("{}\n", generate_token())).unwrap();
-    chmod(&token, 0o600);
-    let config = d.join("server.yaml");
-    std::fs::write(
-        &config,
-        format!(
-            "listen: 127.0.0.1:0\nbase-dir: {}\ninsecure-plaintext: true\n\
-             replicate: {{source: 'http://127.0.0.1:1', token-file: {}, jobs: [vm1]}}\njobs: {{}}\n",
-            base.display(),
-            token.display()
-        ),
-    )
-    .unwrap();
-    chmod(&config, 0o644);
+    let (_store, token, config) = replica_with_a_root_token(d);
     let mut child = Command::new(server_bin_for_user(d))
         .arg("--config")
         .arg(&config)

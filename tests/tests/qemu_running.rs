@@ -458,7 +458,8 @@ fn a_running_guest_names_what_is_wrong() {
     std::fs::create_dir_all(&base).unwrap();
     let jobs = format!(
         "  vm1: {{schedule: none, source: {{type: qemu, qmp: {q}, node: disk9}}}}\n  \
-         vm2: {{schedule: none, source: {{type: qemu, qmp: {d}/none.qmp, node: disk0}}}}\n",
+         vm2: {{schedule: none, source: {{type: qemu, qmp: {d}/none.qmp, node: disk0}}}}\n  \
+         vm3: {{schedule: none, source: {{type: qemu, qmp: {q}, node: disk0}}}}\n",
         q = d.join("backy.qmp").display(),
         d = d.display()
     );
@@ -477,6 +478,38 @@ fn a_running_guest_names_what_is_wrong() {
         assert!(server.revisions(job).is_empty());
     }
     assert_eq!(vm.state(), (vec![], vec![]));
+
+    // Issue 29, item 2: another client holds backy's QMP socket (QEMU
+    // serves one at a time and greets the next only when it leaves). The
+    // push gives up within its bound and says why, instead of waiting
+    // forever; `timeout` ends the client should it hang (exit 124).
+    let held = UnixStream::connect(d.join("backy.qmp")).unwrap();
+    held.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let mut greeting = String::new();
+    BufReader::new(held.try_clone().unwrap())
+        .read_line(&mut greeting)
+        .unwrap();
+    assert!(greeting.contains("\"QMP\""), "{greeting}");
+    let started = std::time::Instant::now();
+    let out = Command::new("timeout")
+        .arg("60")
+        .arg(bin("backy-client"))
+        .args(["--server", &server.url, "--config"])
+        .arg(&server.client_config)
+        .args(["push", "vm3", "--force"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let took = started.elapsed();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("busy (another client is connected)") && err.lines().count() == 1,
+        "{err}"
+    );
+    assert!(took < Duration::from_secs(30), "gave up after {took:?}");
+    assert!(server.revisions("vm3").is_empty());
+    drop(held);
     vm.quit();
 }
 

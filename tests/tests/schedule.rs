@@ -88,20 +88,37 @@ fn ids(server: &Server, job: &str) -> Vec<String> {
 }
 
 /// Every listed revision has its image, manifest and metadata, and no file
-/// in the job directory belongs to anything unlisted.
-fn assert_files_match_listing(base: &Path, job: &str, listed: &[String]) {
-    let mut want: BTreeSet<String> = BTreeSet::new();
-    for id in listed {
-        want.insert(id.clone());
-        want.insert(format!("{id}.digests"));
-        want.insert(format!("{id}.rev"));
-    }
-    let have: BTreeSet<String> = std::fs::read_dir(base.join(job))
-        .unwrap()
-        .map(|e| e.unwrap().file_name().into_string().unwrap())
-        .filter(|n| !n.starts_with('.') && n != "latest")
-        .collect();
-    assert_eq!(have, want, "{job}: files on disk vs listed revisions");
+/// in the job directory belongs to anything unlisted. Agents may commit
+/// (or expiry delete) meanwhile: a revision's files appear just before the
+/// listing names it, so the check takes a listing that did not change
+/// while the directory was read, retried until one agrees.
+fn assert_files_match_listing(server: &Server, base: &Path, job: &str) {
+    let files = || -> BTreeSet<String> {
+        std::fs::read_dir(base.join(job))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .filter(|n| !n.starts_with('.') && n != "latest")
+            .collect()
+    };
+    let want_of = |listed: &[String]| -> BTreeSet<String> {
+        listed
+            .iter()
+            .flat_map(|id| [id.clone(), format!("{id}.digests"), format!("{id}.rev")])
+            .collect()
+    };
+    let mut last = (BTreeSet::new(), BTreeSet::new());
+    let agreed = (0..200).any(|_| {
+        let before = ids(server, job);
+        let have = files();
+        let after = ids(server, job);
+        last = (have, want_of(&after));
+        before == after && last.0 == last.1
+    });
+    assert!(
+        agreed,
+        "{job}: files on disk vs listed revisions: {:?} vs {:?}",
+        last.0, last.1
+    );
 }
 
 #[test]
@@ -167,7 +184,7 @@ fn agents_back_up_when_due_and_expiry_keeps_what_the_schedule_says() {
             "only schedule tags: {tags:?}"
         );
     }
-    assert_files_match_listing(&base, "vm1", &listed);
+    assert_files_match_listing(&server, &base, "vm1");
     // vm3 belongs to no connected agent: never backed up.
     assert!(ids(&server, "vm3").is_empty(), "vm3 has no agent");
 
@@ -191,8 +208,7 @@ fn agents_back_up_when_due_and_expiry_keeps_what_the_schedule_says() {
         after.difference(&before_kill).count() >= 2
     });
     for job in ["vm1", "vm2"] {
-        let listed = ids(&server, job);
-        assert_files_match_listing(&base, job, &listed);
+        assert_files_match_listing(&server, &base, job);
         let partial: Vec<_> = std::fs::read_dir(base.join(job).join(".partial"))
             .unwrap()
             .collect();
@@ -350,7 +366,7 @@ jobs:
     server.client_ok(&["forget", "vm1", "-r", &newest]);
     assert_eq!(server.revisions("vm1").len(), 2);
     assert!(!stored.exists());
-    assert_files_match_listing(&base, "vm1", &ids(&server, "vm1"));
+    assert_files_match_listing(&server, &base, "vm1");
     let listed = ids(&server, "vm1");
     assert_eq!(latest(), std::path::PathBuf::from(listed.last().unwrap()));
 }
