@@ -6,7 +6,8 @@
 
 use backy_client::output::{self, Failure};
 use backy_client::{
-    agent, check, connect, progress, push, restore, revisions, settings, source_check, status, summary,
+    agent, check, connect, export, progress, push, restore, revisions, settings, source_check, status,
+    summary,
 };
 
 use anyhow::Context;
@@ -134,6 +135,7 @@ struct Cli {
 enum Command {
     Push(PushCmd),
     Restore(RestoreCmd),
+    Export(ExportCmd),
     Status(StatusCmd),
     Verify(VerifyCmd),
     /// Mark revisions distrusted by hand: never a parent again (the next
@@ -380,6 +382,62 @@ struct RestoreCmd {
     full: bool,
 }
 
+/// Serve a revision over NBD on this host, checked block by block against
+/// its manifest: read-only, or writable through a local overlay (boot a VM
+/// from a backup now). Nothing is ever written to the server.
+#[derive(Args, Debug)]
+#[command(after_help = "\
+Prints the NBD URI once it accepts connections, then serves until SIGINT or
+SIGTERM (or, with --once, until the last client has gone). Data comes from
+the server in 64 KiB granules, each checked against the manifest's digest
+of its block before it is served: a damaged block is an I/O error, never
+wrong bytes. Holes of the revision are reported as holes (base:allocation).
+The Unix socket is mode 0600 and takes connections from this user and root
+only; a TCP port listens on loopback only (any local user may connect).
+With --overlay FILE, writes go to FILE (sparse, the image's size) and its
+map FILE.map; reopening the same overlay for the same revision carries on.
+
+Examples:
+  backy-client export vm1 --socket /run/backy/vm1.nbd
+  nbdinfo --map 'nbd+unix:///vm1?socket=/run/backy/vm1.nbd'
+  qemu-img convert -O raw 'nbd+unix:///vm1?socket=/run/backy/vm1.nbd' vm1.img
+  backy-client export vm1 -r daily --socket /run/backy/vm1.nbd --overlay /var/tmp/vm1.overlay
+  qemu-system-x86_64 -m 2G -blockdev driver=nbd,server.type=unix,server.path=/run/backy/vm1.nbd,export=vm1,node-name=disk0 -device virtio-blk-pci,drive=disk0")]
+struct ExportCmd {
+    /// Job name
+    #[arg(value_name = "JOB", value_parser = parse_job)]
+    job: JobName,
+
+    /// Revision to serve
+    #[arg(short, long, value_name = "SPEC", default_value = "latest")]
+    revision: String,
+
+    /// Listen on this Unix socket
+    #[arg(
+        long,
+        value_name = "PATH",
+        required_unless_present = "listen",
+        conflicts_with = "listen"
+    )]
+    socket: Option<PathBuf>,
+
+    /// Listen on this loopback address instead (e.g. 127.0.0.1:10809)
+    #[arg(long, value_name = "ADDR:PORT")]
+    listen: Option<std::net::SocketAddr>,
+
+    /// Writable: writes go to this local overlay file (and FILE.map)
+    #[arg(long, value_name = "FILE")]
+    overlay: Option<PathBuf>,
+
+    /// Fetched data kept in memory, in MiB
+    #[arg(long, value_name = "MIB", default_value_t = 256, value_parser = clap::value_parser!(u64).range(16..=65536))]
+    cache_mib: u64,
+
+    /// End when the last client has disconnected
+    #[arg(long)]
+    once: bool,
+}
+
 /// Show the revisions and health of one job, or one line per job.
 #[derive(Args, Debug)]
 #[command(after_help = "\
@@ -524,10 +582,12 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
         .build()
         .context("starting the async runtime")?;
     let result = runtime.block_on(async {
+        // An export stops on a signal by itself, and says what it served.
+        let exporting = matches!(cli.command, Command::Export(_));
         tokio::select! {
             result = dispatch(&cli, &url, &creds, &config) => result,
             // Stopping is how an agent ends (systemd, ^C): not an error.
-            signal = interrupted() => if matches!(cli.command, Command::Agent(_)) {
+            signal = interrupted(), if !exporting => if matches!(cli.command, Command::Agent(_)) {
                 tracing::info!("agent stopping on {signal}");
                 Ok(0)
             } else {
@@ -601,6 +661,35 @@ async fn dispatch(
                     print_out(&format!("{line}\n"))?;
                 }
             }
+        }
+        Command::Export(cmd) => {
+            let args = export::ExportArgs {
+                job: cmd.job.clone(),
+                revision: cmd.revision.clone(),
+                listen: match (&cmd.socket, cmd.listen) {
+                    (Some(path), _) => export::Listen::Unix(path.clone()),
+                    (None, Some(addr)) => export::Listen::Tcp(addr),
+                    (None, None) => anyhow::bail!("--socket or --listen is required"),
+                },
+                overlay: cmd.overlay.clone(),
+                cache_bytes: (cmd.cache_mib << 20) as usize,
+                once: cmd.once,
+            };
+            let exported = export::Export::open(&mut client, &args).await?;
+            // Said even under --quiet, on one line (JSON too): it is how a
+            // script learns the URI and that the socket accepts.
+            if cli.json {
+                print_out(&format!("{}\n", serde_json::to_string(&exported.ready)?))?;
+            } else {
+                exported.ready.print(false)?;
+            }
+            let served = exported
+                .serve(async {
+                    let signal = interrupted().await;
+                    tracing::info!("export stopping on {signal}");
+                })
+                .await?;
+            result(&served)?;
         }
         Command::Restore(cmd) => {
             let args = restore::RestoreArgs {

@@ -51,7 +51,7 @@ pub fn revision_id(wire: &str) -> String {
 }
 
 /// One revision as `--json` shows it.
-#[derive(Debug, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct RevisionView {
     pub id: String,
     pub timestamp: String,
@@ -77,7 +77,7 @@ pub struct RevisionView {
 }
 
 /// Disk space as `btrfs filesystem du` counts it (docs/json.md).
-#[derive(Debug, Serialize, PartialEq)]
+#[derive(Clone, Debug, Serialize, PartialEq)]
 pub struct SpaceView {
     pub total_bytes: u64,
     pub exclusive_bytes: u64,

@@ -22,7 +22,8 @@ pub use v1::*;
 /// uses what the server's allows).
 /// 2: `PushExchange`, the granule exchange of changed blocks.
 /// 3: `StatusStream`, status without a message limit.
-/// 4: `RestoreRequest.granules`, rollback (delta restore).
+/// 4: `RestoreRequest.granules`, rollback (delta restore); `ReadGranules`,
+///    the NBD export's ranged reads.
 pub const PROTOCOL: u32 = 4;
 /// The first protocol whose servers take `PushExchange`; a client uses it
 /// only with such a server, and pushes whole blocks through `Push` to older
@@ -34,6 +35,9 @@ pub const STATUS_STREAM_PROTOCOL: u32 = 3;
 /// The first protocol whose servers honour `RestoreRequest.granules`; an
 /// older server would send the whole image, so a client restores in full.
 pub const ROLLBACK_PROTOCOL: u32 = 4;
+/// The first protocol whose servers answer `ReadGranules` (the NBD export
+/// needs it; there is no fallback).
+pub const EXPORT_PROTOCOL: u32 = 4;
 /// The oldest client protocol a server of this build accepts from a
 /// client that declares one.
 pub const MIN_CLIENT_PROTOCOL: u32 = 1;

@@ -6,6 +6,7 @@ pub mod agent;
 pub mod audit;
 pub mod auth;
 pub mod executor;
+pub mod granule_read;
 pub mod http;
 pub mod http_slots;
 pub mod in_flight;

@@ -705,6 +705,18 @@ impl Backy for Service {
         Ok(Response::new(Box::pin(stall_guarded(rx, idle))))
     }
 
+    async fn read_granules(
+        &self,
+        req: Request<ReadGranulesRequest>,
+    ) -> std::result::Result<Response<ReadGranulesReply>, Status> {
+        // Refusals are audited; reads are not (an export makes thousands).
+        self.check(&req, &req.get_ref().job, Action::Fetch, "read")?;
+        let server = self.server.clone();
+        let req = req.into_inner();
+        let reply = blocking(move || crate::granule_read::read(&server, &req)).await?;
+        Ok(Response::new(reply))
+    }
+
     type VerifyStream = BoxStream<VerifyReport>;
 
     async fn verify(

@@ -17,6 +17,7 @@
 
 pub mod handshake;
 pub mod reply;
+pub mod serve;
 pub mod wire;
 
 /// `NBDMAGIC`: first 8 bytes of the server's greeting.

@@ -1,0 +1,343 @@
+//! The NBD export end to end, with real tools on real sockets: a real
+//! server on btrfs, `backy-client export` as its own process, and
+//! `qemu-img`, `qemu-io`, `nbdinfo`, `nbdfuse` and QEMU as the readers.
+//! What must hold: the bytes served are the revision's, holes are
+//! reported as holes, a damaged stored block is an I/O error and never
+//! other bytes, writes through the overlay never reach the server, and a
+//! server that goes away and comes back costs errors, not wrong data.
+
+mod support;
+
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::Duration;
+use support::*;
+
+const MIB: u64 = 1 << 20;
+/// The image: 48 MiB, data in 0..20 MiB and 28..36 MiB, holes elsewhere.
+const SIZE: u64 = 48 * MIB;
+const EXTENTS: [(u64, u64); 2] = [(0, 20 * MIB), (28 * MIB, 8 * MIB)];
+
+struct World {
+    server: Server,
+    work: PathBuf,
+    /// The image of the first revision, kept as it was pushed.
+    frozen: PathBuf,
+    /// The first revision's short id (a second one exists after it).
+    rev: String,
+    _fs: LoopFs,
+}
+
+/// A server with two revisions of vm1 (the second with changes), on a
+/// fixed port so that it can come back on the same address.
+fn world() -> World {
+    let fs = LoopFs::new("btrfs", 1 << 30);
+    let work = fs.mount.join("work");
+    std::fs::create_dir_all(&work).unwrap();
+    let src = work.join("vm1.img");
+    make_image(&src, SIZE, &EXTENTS);
+    let config = format!(
+        "listen: 127.0.0.1:{}\nbase-dir: BASE\njobs:\n  vm1: {{schedule: none}}\n",
+        free_port()
+    );
+    let server = Server::start_config(&fs.mount.join("base"), &config);
+    server.client_ok(&["push", "vm1", "--source", src.to_str().unwrap()]);
+    let frozen = work.join("rev1.img");
+    sparse_copy(&src, &frozen);
+    write_at(&src, 3 * MIB, &pattern(99, 8192));
+    server.client_ok(&["push", "vm1", "--source", src.to_str().unwrap(), "--force"]);
+    let rev = server.short_ids("vm1")[0].clone();
+    World {
+        server,
+        work,
+        frozen,
+        rev,
+        _fs: fs,
+    }
+}
+
+/// A running `backy-client export`.
+struct Export {
+    child: Child,
+    uri: String,
+    stdout: BufReader<std::process::ChildStdout>,
+}
+
+impl Export {
+    fn start(w: &World, rev: &str, extra: &[&str]) -> Export {
+        let socket = w.work.join(format!("export-{}.sock", rand_suffix()));
+        let mut child = Command::new(bin("backy-client"))
+            .args(["--server", &w.server.url, "--config"])
+            .arg(&w.server.client_config)
+            .args(["--json", "export", "vm1", "-r", rev, "--socket"])
+            .arg(&socket)
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("starting backy-client export");
+        let stdout = BufReader::new(child.stdout.take().expect("stdout"));
+        let mut export = Export {
+            stdout,
+            child,
+            uri: String::new(),
+        };
+        // The ready line is printed once the socket accepts (a dead export
+        // closes stdout: no hang).
+        let mut line = String::new();
+        export
+            .stdout
+            .read_line(&mut line)
+            .expect("reading the ready line");
+        let ready: serde_json::Value =
+            serde_json::from_str(&line).unwrap_or_else(|e| panic!("ready line {line:?}: {e}"));
+        export.uri = ready["uri"].as_str().expect("uri").to_string();
+        assert_eq!(export.uri, format!("nbd+unix:///vm1?socket={}", socket.display()));
+        export
+    }
+
+    /// SIGTERM, and the summary it printed.
+    fn stop(mut self) -> serde_json::Value {
+        let pid = rustix::process::Pid::from_raw(self.child.id() as i32).expect("pid");
+        rustix::process::kill_process(pid, rustix::process::Signal::TERM).expect("SIGTERM");
+        let status = self.child.wait().expect("wait");
+        let mut rest = String::new();
+        self.stdout.read_to_string(&mut rest).unwrap();
+        assert!(status.success(), "export exited {status:?}: {rest}");
+        serde_json::from_str(rest.trim()).unwrap_or_else(|e| panic!("summary {rest:?}: {e}"))
+    }
+}
+
+impl Drop for Export {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn rand_suffix() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    N.fetch_add(1, Ordering::Relaxed)
+}
+
+fn tool(cmd: &str, args: &[&str]) -> Output {
+    Command::new(cmd)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("{cmd}: {e} (scripts/test-deps.sh installs it)"))
+}
+
+fn tool_ok(cmd: &str, args: &[&str]) -> String {
+    let out = tool(cmd, args);
+    assert!(
+        out.status.success(),
+        "{cmd} {args:?}: {:?}\n{}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// `len` bytes at `offset` read through the export with `qemu-img dd`
+/// (64 KiB blocks).
+fn read_range(uri: &str, dir: &Path, offset: u64, len: u64) -> Result<Vec<u8>, String> {
+    let out_path = dir.join(format!("range-{}.bin", rand_suffix()));
+    let bs = 64 << 10;
+    let out = tool(
+        "qemu-img",
+        &[
+            "dd",
+            "-f",
+            "raw",
+            "-O",
+            "raw",
+            &format!("bs={bs}"),
+            &format!("skip={}", offset / bs),
+            // qemu-img dd counts the skipped blocks too.
+            &format!("count={}", (offset + len) / bs),
+            &format!("if={uri}"),
+            &format!("of={}", out_path.display()),
+        ],
+    );
+    if !out.status.success() {
+        return Err(String::from_utf8_lossy(&out.stderr).into_owned());
+    }
+    let data = std::fs::read(&out_path).unwrap();
+    std::fs::remove_file(&out_path).unwrap();
+    Ok(data)
+}
+
+/// The error of a read that must fail (its bytes are never printed).
+fn read_fails(uri: &str, dir: &Path, offset: u64, len: u64) -> String {
+    match read_range(uri, dir, offset, len) {
+        Ok(_) => panic!("the read of {len} bytes at {offset} returned data"),
+        Err(e) => e,
+    }
+}
+
+fn bytes_of(path: &Path, offset: u64, len: u64) -> Vec<u8> {
+    use std::os::unix::fs::FileExt;
+    let mut b = vec![0u8; len as usize];
+    std::fs::File::open(path)
+        .unwrap()
+        .read_exact_at(&mut b, offset)
+        .unwrap();
+    b
+}
+
+#[test]
+fn qemu_img_reads_the_revision_and_nbdinfo_sees_its_holes() {
+    must_be_root();
+    let w = world();
+    let export = Export::start(&w, &w.rev, &[]);
+
+    let copy = w.work.join("copy.img");
+    tool_ok(
+        "qemu-img",
+        &[
+            "convert",
+            "-f",
+            "raw",
+            "-O",
+            "raw",
+            &export.uri,
+            copy.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(
+        file_hash(&copy),
+        file_hash(&w.frozen),
+        "the first revision, byte for byte"
+    );
+    tool_ok(
+        "qemu-img",
+        &[
+            "compare",
+            "-f",
+            "raw",
+            "-F",
+            "raw",
+            &export.uri,
+            w.frozen.to_str().unwrap(),
+        ],
+    );
+
+    // base:allocation: the revision's zero blocks (4 MiB) are holes.
+    let map = tool_ok("nbdinfo", &["--map", "--json", &export.uri]);
+    let map: serde_json::Value = serde_json::from_str(&map).unwrap();
+    let mut holes = Vec::new();
+    let mut data = Vec::new();
+    for e in map.as_array().expect("extents") {
+        let (offset, len, kind) = (
+            e["offset"].as_u64().unwrap(),
+            e["length"].as_u64().unwrap(),
+            e["type"].as_u64().unwrap(),
+        );
+        if kind == 3 {
+            holes.push((offset, len));
+        } else {
+            assert_eq!(kind, 0, "data or hole+zero only: {e}");
+            data.push((offset, len));
+        }
+    }
+    assert_eq!(holes, vec![(20 * MIB, 8 * MIB), (36 * MIB, 12 * MIB)], "{map}");
+    assert_eq!(data, vec![(0, 20 * MIB), (28 * MIB, 8 * MIB)], "{map}");
+
+    // Not writable: a write is refused, nothing changes.
+    let out = tool("qemu-io", &["-f", "raw", "-c", "write -P 0xab 0 4k", &export.uri]);
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        !out.status.success() || text.contains("read-only") || text.contains("Operation not permitted"),
+        "{text}"
+    );
+
+    let served = export.stop();
+    // qemu-img convert skipped the holes: only data was fetched.
+    assert_eq!(served["fetched_bytes"].as_u64(), Some(28 * MIB), "{served}");
+    assert_eq!(served["failed_fetches"].as_u64(), Some(0), "{served}");
+}
+
+#[test]
+fn a_damaged_stored_block_is_an_io_error_never_other_bytes() {
+    must_be_root();
+    let w = world();
+    // One byte flipped in the stored image, inside block 2 (8..12 MiB).
+    let stored = w.server.base.join("vm1").join(&w.rev);
+    let mut b = bytes_of(&stored, 10 * MIB + 12345, 1);
+    b[0] ^= 0x40;
+    write_at(&stored, 10 * MIB + 12345, &b);
+    let export = Export::start(&w, &w.rev, &[]);
+
+    // The damaged granule, another granule of the same block (its
+    // chaining values now prove nothing), and the whole image: errors.
+    for (offset, len) in [(10 * MIB, 64 << 10), (8 * MIB, 64 << 10)] {
+        let err = read_fails(&export.uri, &w.work, offset, len);
+        assert!(err.contains("Input/output error"), "{err}");
+    }
+    let copy = w.work.join("copy.img");
+    let out = tool(
+        "qemu-img",
+        &[
+            "convert",
+            "-f",
+            "raw",
+            "-O",
+            "raw",
+            &export.uri,
+            copy.to_str().unwrap(),
+        ],
+    );
+    assert!(!out.status.success(), "a copy through a damaged block must fail");
+    // Undamaged blocks read right, before and after the damaged one.
+    for (offset, len) in [(0, MIB), (12 * MIB, MIB), (30 * MIB, 256 << 10)] {
+        let got = read_range(&export.uri, &w.work, offset, len).expect("an intact block reads");
+        assert!(got == bytes_of(&w.frozen, offset, len), "bytes at {offset}");
+    }
+    let served = export.stop();
+    assert!(served["failed_fetches"].as_u64().unwrap() >= 2, "{served}");
+}
+
+#[test]
+fn the_export_recovers_when_the_server_comes_back() {
+    must_be_root();
+    let mut w = world();
+    let export = Export::start(&w, &w.rev, &["--cache-mib", "16"]);
+    assert_eq!(
+        read_range(&export.uri, &w.work, 0, MIB).unwrap(),
+        bytes_of(&w.frozen, 0, MIB)
+    );
+
+    w.server.kill();
+    // Not cached (beyond the read-ahead of the first read), server gone:
+    // an error, not zeros or stale bytes.
+    let err = read_fails(&export.uri, &w.work, 32 * MIB, MIB);
+    assert!(err.contains("Input/output error"), "{err}");
+
+    w.server.restart();
+    let got = read_range(&export.uri, &w.work, 32 * MIB, MIB).expect("the server is back");
+    assert!(got == bytes_of(&w.frozen, 32 * MIB, MIB));
+    let copy = w.work.join("copy.img");
+    tool_ok(
+        "qemu-img",
+        &[
+            "convert",
+            "-f",
+            "raw",
+            "-O",
+            "raw",
+            &export.uri,
+            copy.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(file_hash(&copy), file_hash(&w.frozen));
+    export.stop();
+}
