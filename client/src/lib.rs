@@ -8,6 +8,7 @@ pub mod agent;
 pub mod changed_ranges;
 pub mod check;
 pub mod frames;
+pub mod live_restore;
 pub mod manifest;
 pub mod nbd;
 pub mod output;

@@ -8,7 +8,7 @@
 
 mod check;
 mod rbd;
-mod target;
+pub(crate) mod target;
 
 use crate::connect::{status_error, Client};
 use crate::progress::Progress;
