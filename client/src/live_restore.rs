@@ -344,7 +344,9 @@ impl Run<'_> {
         let ours = |d: &serde_json::Value| d["device"] == name.as_str();
         let mut last = (u64::MAX, Instant::now());
         loop {
-            if self.opts.stop.as_ref().is_some_and(|s| s.load(Ordering::Relaxed)) {
+            // Once job-complete is sent the switch is QEMU's: let it finish.
+            let stop = self.opts.stop.as_ref().is_some_and(|s| s.load(Ordering::Relaxed));
+            if phase == Phase::Ready && stop {
                 return Err(Error::unavailable("stopped: the guest stays on its source"));
             }
             let jobs = self.qmp.execute("query-block-jobs", None)?;
