@@ -9,6 +9,7 @@ pub mod changed_ranges;
 pub mod check;
 pub mod export;
 pub mod frames;
+pub mod live_restore;
 pub mod manifest;
 pub mod nbd;
 pub mod output;

@@ -6,7 +6,8 @@
 
 use backy_client::output::{self, Failure};
 use backy_client::{
-    agent, check, connect, export, progress, push, restore, revisions, settings, source_check, status,
+    agent, check, connect, export, live_restore, progress, push, restore, revisions, settings, source_check,
+    status,
     summary,
 };
 
@@ -136,6 +137,7 @@ enum Command {
     Push(PushCmd),
     Restore(RestoreCmd),
     Export(ExportCmd),
+    LiveRestore(LiveRestoreCmd),
     Status(StatusCmd),
     Verify(VerifyCmd),
     /// Mark revisions distrusted by hand: never a parent again (the next
@@ -438,6 +440,54 @@ struct ExportCmd {
     once: bool,
 }
 
+/// Move a running guest off a backup onto a local disk: QEMU copies the
+/// node the guest reads (served from a backup) into TARGET while the guest
+/// runs, then switches the guest to it and closes the source node.
+#[derive(Args, Debug)]
+#[command(after_help = "\
+The source node is what the guest's device reads: an NBD client node (or a
+raw node over one) that reads a backy export of the revision. Guest writes
+during the copy go to both sides, so the copy converges however busy the
+guest is. TARGET is a block device or a file of exactly the node's size, or
+a path that does not exist yet (created at that size); one holding data
+needs --force; one another process has open (locked) is refused. backy
+opens TARGET and hands QEMU the descriptor. On failure or interruption the
+guest stays on its source and nothing of the run is left in QEMU.
+
+Examples:
+  backy-client live-restore --qmp /run/vm1.qmp --node backup0 --target /dev/vg/vm1
+  backy-client live-restore --qmp /run/vm1.qmp --node backup0 --target /var/lib/vms/vm1.img --speed 200M")]
+struct LiveRestoreCmd {
+    /// QEMU's QMP socket (no other client may be connected to it)
+    #[arg(long, value_name = "SOCKET")]
+    qmp: PathBuf,
+
+    /// The block node (or drive) the guest reads, served from the backup
+    #[arg(long, value_name = "NODE")]
+    node: String,
+
+    /// Block device or raw image file to restore into
+    #[arg(long, value_name = "PATH")]
+    target: PathBuf,
+
+    /// Bytes per second for the background copy (K, M, G suffixes;
+    /// guest writes are not limited) [default: no limit]
+    #[arg(long, value_name = "BYTES", value_parser = parse_speed)]
+    speed: Option<u64>,
+
+    /// Overwrite a target that holds data
+    #[arg(long)]
+    force: bool,
+}
+
+fn parse_speed(s: &str) -> Result<u64, String> {
+    match backy_common::units::parse_bytes(s) {
+        Ok(0) => Err("must be more than 0".into()),
+        Ok(n) => Ok(n),
+        Err(e) => Err(e.message),
+    }
+}
+
 /// Show the revisions and health of one job, or one line per job.
 #[derive(Args, Debug)]
 #[command(after_help = "\
@@ -563,6 +613,10 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
             &backy_common::config_reference::CLIENT,
         )?;
         return Ok(0);
+    }
+    // Talks to QEMU only (what serves the source node is the caller's).
+    if let Command::LiveRestore(cmd) = &cli.command {
+        return run_live_restore(&cli, cmd);
     }
     let config = settings::load(cli.config.as_deref())?;
     let url = settings::server_url(cli.server.as_deref(), &config);
@@ -787,10 +841,63 @@ async fn dispatch(
             return print_check(cli.json, &check::evaluate_host(&health, chrono::Utc::now()));
         }
         Command::Agent(_) => anyhow::bail!("internal error: the agent is not run over a shared connection"),
+        Command::LiveRestore(_) => anyhow::bail!("internal error: a live restore needs no server connection"),
         Command::Assets(_) => anyhow::bail!("internal error: assets are written before connecting"),
     }
     Ok(0)
 }
+
+/// `live-restore`: the copy runs on a blocking thread; a signal stops it,
+/// and the guest stays on its source (the thread undoes its steps first).
+fn run_live_restore(cli: &Cli, cmd: &LiveRestoreCmd) -> anyhow::Result<u8> {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    let stop = Arc::new(AtomicBool::new(false));
+    let opts = live_restore::MirrorOptions {
+        speed: cmd.speed,
+        force: cmd.force,
+        stop: Some(stop.clone()),
+        ..Default::default()
+    };
+    let (qmp_path, node, target) = (cmd.qmp.clone(), cmd.node.clone(), cmd.target.clone());
+    let progress = progress::Terminal::if_wanted(cli.json || cli.quiet);
+    let copy = move || -> backy_common::Result<live_restore::MirrorReport> {
+        let mut qmp = backy_client::qmp::Qmp::connect(&qmp_path, LIVE_RESTORE_QMP_TIMEOUT)?;
+        let mut meter: Option<std::sync::Arc<dyn progress::Meter>> = None;
+        let report = live_restore::mirror_into(&mut qmp, &node, &target, &opts, |done, total| {
+            let meter = meter.get_or_insert_with(|| progress.start("live restore", total));
+            meter.set(done.min(total));
+        });
+        if let Some(meter) = meter {
+            meter.finish();
+        }
+        report
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    let report = runtime.block_on(async {
+        let mut task = tokio::task::spawn_blocking(copy);
+        tokio::select! {
+            joined = &mut task => joined,
+            signal = interrupted() => {
+                stop.store(true, Ordering::Relaxed);
+                let _ = task.await;
+                return Err(anyhow::anyhow!("interrupted by {signal}: the guest stays on its source"));
+            }
+        }
+        .context("the live restore thread failed")?
+        .map_err(anyhow::Error::from)
+    })?;
+    if !cli.quiet {
+        report.print(cli.json)?;
+    }
+    Ok(0)
+}
+
+/// Bound on each QMP reply during a live restore.
+const LIVE_RESTORE_QMP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// A command's result: one line (or a few) for people, a JSON document
 /// for programs.
@@ -870,6 +977,39 @@ mod tests {
         };
         assert_eq!(r.revision, "latest");
         assert_eq!(r.target, PathBuf::from("/tmp/x"));
+
+        let cli = Cli::try_parse_from([
+            "backy-client",
+            "live-restore",
+            "--qmp",
+            "/run/vm1.qmp",
+            "--node",
+            "backup0",
+            "--target",
+            "/dev/vg/vm1",
+            "--speed",
+            "8M",
+        ])
+        .unwrap();
+        let Command::LiveRestore(l) = cli.command else {
+            panic!()
+        };
+        assert_eq!(
+            (l.node.as_str(), l.speed, l.force),
+            ("backup0", Some(8 << 20), false)
+        );
+        let live = [
+            "backy-client",
+            "live-restore",
+            "--qmp",
+            "q",
+            "--node",
+            "n",
+            "--target",
+            "t",
+        ];
+        assert!(Cli::try_parse_from(live.iter().chain(&["--speed", "0"])).is_err());
+        assert!(Cli::try_parse_from(&live[..6]).is_err(), "--target is required");
 
         let cli = Cli::try_parse_from(["backy-client", "status", "--server", "http://h:1"]).unwrap();
         assert_eq!(cli.server.as_deref(), Some("http://h:1"));

@@ -179,6 +179,13 @@ impl Qmp {
         }
     }
 
+    /// Takes event `name` whose data `matches` if it has already arrived
+    /// (events come in with the replies to other commands); never waits.
+    pub fn take_event(&mut self, name: &str, matches: impl Fn(&Value) -> bool) -> Option<Value> {
+        let i = self.events.iter().position(|(n, d)| n == name && matches(d))?;
+        Some(self.events.remove(i).1)
+    }
+
     fn execute_inner(
         &mut self,
         command: &str,

@@ -19,6 +19,8 @@
 //!    ([`abort_transaction`]): the parent's keeps recording and covers
 //!    every write since the parent.
 
+pub mod mirror;
+
 use crate::error::{Error, Result};
 use serde::Deserialize;
 use serde_json::{json, Value};

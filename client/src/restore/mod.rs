@@ -9,7 +9,7 @@
 mod check;
 mod rbd;
 mod rollback;
-mod target;
+pub(crate) mod target;
 
 use crate::connect::{status_error, Client};
 use crate::progress::Progress;

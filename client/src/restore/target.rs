@@ -14,7 +14,7 @@ use tempfile::NamedTempFile;
 /// (GPT backup, RAID superblocks) and 64 samples of 64 KiB spread over the
 /// rest. Empty devices read as zeros everywhere, so this asks no `--force`
 /// for a new volume and catches one in use.
-fn holds_data(file: &File, size: u64) -> std::io::Result<bool> {
+pub(crate) fn holds_data(file: &File, size: u64) -> std::io::Result<bool> {
     const HEAD: u64 = 4 << 20;
     const TAIL: u64 = 1 << 20;
     const SAMPLE: u64 = 64 << 10;
