@@ -7,8 +7,7 @@
 use backy_client::output::{self, Failure};
 use backy_client::{
     agent, check, connect, export, live_restore, progress, push, restore, revisions, settings, source_check,
-    status,
-    summary,
+    status, summary,
 };
 
 use anyhow::Context;

@@ -97,13 +97,14 @@ struct Vm {
 }
 
 impl Vm {
-    fn start(dir: &Path, nbd: &NbdSource, layout: Layout) -> Vm {
+    /// A QEMU whose disk reads the NBD server on `socket`.
+    fn start(dir: &Path, socket: &Path, layout: Layout) -> Vm {
         let qmp = dir.join("backy.qmp");
         let _ = std::fs::remove_file(&qmp);
         // The test's monitor is a socket connected before QEMU starts (see
         // tests/tests/qemu_running.rs for why).
         let (stream, theirs) = UnixStream::pair().unwrap();
-        let server = format!("server.type=unix,server.path={}", nbd.socket.display());
+        let server = format!("server.type=unix,server.path={}", socket.display());
         let mut cmd = Command::new("qemu-system-x86_64");
         cmd.args([
             "-machine",
@@ -341,7 +342,7 @@ fn moves_the_guest_while_it_writes(layout: Layout) {
     let d = dir.path();
     let (src, mut model) = source_image(d);
     let mut nbd = NbdSource::start(d, &src);
-    let mut vm = Vm::start(d, &nbd, layout);
+    let mut vm = Vm::start(d, &nbd.socket, layout);
     let target = d.join("restored.raw");
 
     let child = live_restore(&vm, &target, &["--speed", SPEED]).spawn().unwrap();
@@ -413,7 +414,7 @@ fn wrong_targets_are_refused_changing_nothing() {
     let d = dir.path();
     let (src, _) = source_image(d);
     let mut nbd = NbdSource::start(d, &src);
-    let mut vm = Vm::start(d, &nbd, Layout::Drive);
+    let mut vm = Vm::start(d, &nbd.socket, Layout::Drive);
     let before = vm.state();
     let src_hash = file_hash(&src);
 
@@ -484,7 +485,7 @@ fn a_stopped_copy_leaves_the_guest_on_its_source() {
     let d = dir.path();
     let (src, mut model) = source_image(d);
     let mut nbd = NbdSource::start(d, &src);
-    let mut vm = Vm::start(d, &nbd, Layout::Drive);
+    let mut vm = Vm::start(d, &nbd.socket, Layout::Drive);
     let before = vm.state();
     let target = d.join("restored.raw");
 
@@ -526,4 +527,119 @@ fn a_stopped_copy_leaves_the_guest_on_its_source() {
     assert!(std::fs::read(&src).unwrap() == model);
     assert!(nbd.exited().is_none());
     assert_eq!(vm.death(), None);
+}
+
+/// The whole path with backy's own export: a guest boots from a revision
+/// (`export --overlay --once`), writes into the overlay, is moved onto a
+/// local file while it writes, and the export ends when QEMU lets go. The
+/// target is the revision plus every write; the overlay holds the writes
+/// made before the switch; the revision on the server is untouched.
+#[test]
+fn a_guest_booted_from_a_backy_export_moves_onto_its_disk() {
+    must_be_root();
+    let fs = LoopFs::new("btrfs", 1 << 30);
+    let d = fs.mount.join("work");
+    std::fs::create_dir_all(&d).unwrap();
+    let (src, mut model) = source_image(&d);
+    let revision_bytes = model.clone();
+    let server = Server::start(&fs.mount.join("base"), "  vm1: {schedule: none}\n");
+    server.client_ok(&["push", "vm1", "--source", src.to_str().unwrap()]);
+    let rev = server.short_ids("vm1")[0].clone();
+
+    let socket = d.join("vm1.nbd");
+    let overlay = d.join("vm1.overlay");
+    let export_cmd = |once: bool| {
+        let mut cmd = Command::new(bin("backy-client"));
+        cmd.args(["--server", &server.url, "--config"])
+            .arg(&server.client_config)
+            .args(["--json", "export", "vm1", "-r", &rev, "--socket"])
+            .arg(&socket)
+            .arg("--overlay")
+            .arg(&overlay)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        if once {
+            cmd.arg("--once");
+        }
+        cmd
+    };
+    let mut export = KillOnDrop(export_cmd(true).spawn().unwrap());
+    let mut out = BufReader::new(export.0.stdout.take().unwrap());
+    let mut ready = String::new();
+    out.read_line(&mut ready).unwrap();
+    let ready: Value = serde_json::from_str(&ready).unwrap_or_else(|e| panic!("{e}: {ready:?}"));
+    assert_eq!(ready["writable"], json!(true), "{ready}");
+
+    let mut vm = Vm::start(&d, &socket, Layout::Drive);
+    // Booted from the backup: a write before the restore goes to the overlay.
+    vm.write(&mut model, 0xb0, 5 * MIB, 64 << 10);
+
+    let target = d.join("restored.raw");
+    let child = live_restore(&vm, &target, &["--speed", SPEED]).spawn().unwrap();
+    vm.copying_past(0);
+    vm.write(&mut model, 0xb1, 4096, 64 << 10);
+    vm.write(&mut model, 0xb2, SIZE - MIB, MIB);
+    assert!(vm.job().is_some(), "the writes fell inside the copy");
+    let done = finished(child);
+    assert!(done.status.success(), "live-restore failed: {}", stderr_of(&done));
+    let at_switch = model.clone();
+    vm.write(&mut model, 0xb3, 10 * MIB, MIB);
+    assert!(
+        std::fs::read(&target).unwrap() == model,
+        "the target holds the revision plus every write"
+    );
+
+    // QEMU let go of the export: it ends by itself and says what it did.
+    wait_for(
+        "the export to end with its client",
+        Duration::from_secs(30),
+        || export.0.try_wait().unwrap().is_some(),
+    );
+    assert!(export.0.wait().unwrap().success());
+    let mut summary = String::new();
+    std::io::Read::read_to_string(&mut out, &mut summary).unwrap();
+    let summary: Value = serde_json::from_str(summary.trim()).unwrap_or_else(|e| panic!("{e}: {summary}"));
+    assert_eq!(summary["failed_fetches"], json!(0), "{summary}");
+    assert!(
+        summary["written_bytes"].as_u64().unwrap() >= MIB + (128 << 10),
+        "{summary}"
+    );
+
+    // The overlay kept the writes made through the export; reopened, it
+    // serves the revision plus those (and not the one after the switch).
+    let mut again = KillOnDrop(export_cmd(false).spawn().unwrap());
+    let mut out = BufReader::new(again.0.stdout.take().unwrap());
+    let mut ready = String::new();
+    out.read_line(&mut ready).unwrap();
+    let uri = format!("nbd+unix:///vm1?socket={}", socket.display());
+    let copy = d.join("overlay-view.raw");
+    let status = Command::new("qemu-img")
+        .args(["convert", "-f", "raw", "-O", "raw", &uri])
+        .arg(&copy)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    assert!(
+        std::fs::read(&copy).unwrap() == at_switch,
+        "the overlay holds the writes up to the switch"
+    );
+
+    // Nothing was written to the server: its revision restores as pushed.
+    let restored = d.join("revision.raw");
+    server.client_ok(&["restore", "vm1", "-r", &rev, restored.to_str().unwrap()]);
+    assert!(
+        std::fs::read(&restored).unwrap() == revision_bytes,
+        "the revision is unchanged"
+    );
+    drop(vm);
+}
+
+struct KillOnDrop(Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
