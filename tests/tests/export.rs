@@ -341,3 +341,88 @@ fn the_export_recovers_when_the_server_comes_back() {
     assert_eq!(file_hash(&copy), file_hash(&w.frozen));
     export.stop();
 }
+
+/// Single files out of a revision: `nbdfuse` shows the export as a file,
+/// which mounts read-only through a loop device (this machine has no
+/// kernel NBD device; `/dev/fuse` is enough).
+#[test]
+fn files_come_out_of_a_revision_through_nbdfuse() {
+    must_be_root();
+    let fs = LoopFs::new("btrfs", 1 << 30);
+    let work = fs.mount.join("work");
+    let tree = work.join("tree");
+    std::fs::create_dir_all(tree.join("etc")).unwrap();
+    std::fs::write(tree.join("etc/hostname"), "vm1\n").unwrap();
+    let big = pattern(42, 3 << 20);
+    std::fs::write(tree.join("data.bin"), &big).unwrap();
+    let img = work.join("vm1.img");
+    tool_ok(
+        "mke2fs",
+        &[
+            "-q",
+            "-t",
+            "ext4",
+            "-d",
+            tree.to_str().unwrap(),
+            img.to_str().unwrap(),
+            "64M",
+        ],
+    );
+    let server = Server::start(&fs.mount.join("base"), "  vm1: {schedule: none}\n");
+    server.client_ok(&["push", "vm1", "--source", img.to_str().unwrap()]);
+    let w = World {
+        rev: server.short_ids("vm1")[0].clone(),
+        server,
+        frozen: img,
+        work: work.clone(),
+        _fs: fs,
+    };
+    let export = Export::start(&w, &w.rev, &[]);
+
+    let fuse = work.join("fuse");
+    let files = work.join("files");
+    std::fs::create_dir_all(&fuse).unwrap();
+    std::fs::create_dir_all(&files).unwrap();
+    let pidfile = work.join("nbdfuse.pid");
+    let nbdfuse = Command::new("nbdfuse")
+        .args(["-r", "-P"])
+        .arg(&pidfile)
+        .arg(&fuse)
+        .arg(&export.uri)
+        .stdin(Stdio::null())
+        .spawn()
+        .expect("nbdfuse (libnbd-bin)");
+    struct Unmount(PathBuf, PathBuf, Child);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg(&self.1).status();
+            let _ = Command::new("umount").arg(&self.0).status();
+            let _ = self.2.wait();
+        }
+    }
+    let mounted = Unmount(fuse.clone(), files.clone(), nbdfuse);
+    // nbdfuse writes its pid file once the file is there to be read.
+    wait_for("nbdfuse to serve", Duration::from_secs(30), || pidfile.exists());
+    let image = fuse.join("nbd");
+    assert_eq!(std::fs::metadata(&image).unwrap().len(), 64 << 20);
+    tool_ok(
+        "mount",
+        &[
+            "-o",
+            "ro,loop,noload",
+            image.to_str().unwrap(),
+            files.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(
+        std::fs::read_to_string(files.join("etc/hostname")).unwrap(),
+        "vm1\n"
+    );
+    assert!(
+        std::fs::read(files.join("data.bin")).unwrap() == big,
+        "data.bin as stored"
+    );
+    drop(mounted);
+    let served = export.stop();
+    assert_eq!(served["failed_fetches"].as_u64(), Some(0), "{served}");
+}
