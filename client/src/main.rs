@@ -732,7 +732,7 @@ async fn dispatch(
             // Said even under --quiet, on one line (JSON too): it is how a
             // script learns the URI and that the socket accepts.
             if cli.json {
-                print_out(&format!("{}\n", serde_json::to_string(&exported.ready)?))?;
+                print_out(&output::line(&exported.ready).context("encoding JSON")?)?;
             } else {
                 exported.ready.print(false)?;
             }

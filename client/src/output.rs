@@ -26,6 +26,17 @@ pub fn document<T: Serialize>(value: &T) -> serde_json::Result<String> {
     Ok(text)
 }
 
+/// `value` as a JSON document on one line (for a line a script waits
+/// for, such as an export's ready line), ending in a newline.
+pub fn line<T: Serialize>(value: &T) -> serde_json::Result<String> {
+    let mut text = serde_json::to_string(&Document {
+        schema: SCHEMA,
+        body: value,
+    })?;
+    text.push('\n');
+    Ok(text)
+}
+
 /// A failure as `--json` reports it on stderr.
 #[derive(Debug, Serialize, PartialEq)]
 pub struct Failure {

@@ -426,3 +426,82 @@ fn files_come_out_of_a_revision_through_nbdfuse() {
     let served = export.stop();
     assert_eq!(served["failed_fetches"].as_u64(), Some(0), "{served}");
 }
+
+/// `ReadGranules` checks every field before it reads: blocks beyond the
+/// revision, empty or oversized runs, runs past the block, chaining values
+/// of a one-granule block, unknown revisions and jobs.
+#[test]
+fn hostile_range_requests_are_refused_before_anything_is_read() {
+    must_be_root();
+    let w = world();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let id = w.rev.clone();
+    rt.block_on(async {
+        use backy_proto::backy_client::BackyClient;
+        use backy_proto::ReadGranulesRequest;
+        let mut c = BackyClient::connect(w.server.url.clone())
+            .await
+            .unwrap()
+            .max_decoding_message_size(4 << 20);
+        let req = |block: u64, first: u32, n: u32, cvs: bool| ReadGranulesRequest {
+            job: "vm1".into(),
+            revision: id.clone(),
+            block,
+            first_granule: first,
+            granules: n,
+            chaining_values: cvs,
+        };
+        let ok = c
+            .read_granules(req(1, 3, 2, true))
+            .await
+            .expect("a good request")
+            .into_inner();
+        assert_eq!(ok.data.len(), 128 << 10);
+        assert_eq!(ok.chaining_values.len(), 64 * 32);
+        assert!(ok.data == bytes_of(&w.frozen, 4 * MIB + 3 * (64 << 10), 128 << 10));
+        let cases = [
+            (
+                req(12, 0, 1, false),
+                tonic::Code::InvalidArgument,
+                "beyond the revision",
+            ),
+            (req(0, 0, 0, false), tonic::Code::InvalidArgument, "granules 0..0"),
+            (
+                req(0, 0, 17, false),
+                tonic::Code::InvalidArgument,
+                "at most 16 per call",
+            ),
+            (
+                req(0, 60, 5, false),
+                tonic::Code::InvalidArgument,
+                "granules 60..65 of a block of 64",
+            ),
+            (
+                req(0, u32::MAX, 2, false),
+                tonic::Code::InvalidArgument,
+                "of a block of 64",
+            ),
+            (
+                ReadGranulesRequest {
+                    revision: "nope".into(),
+                    ..req(0, 0, 1, false)
+                },
+                tonic::Code::InvalidArgument,
+                "revision",
+            ),
+            (
+                ReadGranulesRequest {
+                    job: "vm9".into(),
+                    ..req(0, 0, 1, false)
+                },
+                tonic::Code::NotFound,
+                "vm9",
+            ),
+        ];
+        for (request, code, want) in cases {
+            let status = c.read_granules(request).await.expect_err(want);
+            assert_eq!(status.code(), code, "{want}: {status:?}");
+            assert!(status.message().contains(want), "{want}: {}", status.message());
+        }
+    });
+}

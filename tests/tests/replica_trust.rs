@@ -173,6 +173,12 @@ impl Backy for Liar {
             .collect();
         Ok(Response::new(Box::pin(tokio_stream::iter(names))))
     }
+    async fn read_granules(
+        &self,
+        _: Request<ReadGranulesRequest>,
+    ) -> Result<Response<ReadGranulesReply>, Status> {
+        Err(Status::unimplemented("a replica never reads ranges"))
+    }
     type RestoreStream = BoxStream<RestoreFrame>;
     async fn restore(&self, req: Request<RestoreRequest>) -> Result<Response<Self::RestoreStream>, Status> {
         let req = req.into_inner();

@@ -18,10 +18,10 @@ use tokio::sync::{mpsc, Semaphore};
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Requests of one connection served at once.
 const IN_FLIGHT: usize = 64;
-/// Bytes of request and reply data one connection may hold at once, in
-/// 64 KiB permits (256 MiB): a client cannot make the export allocate
-/// more by sending requests faster than they are served.
-const BUFFER_PERMITS: u32 = 4096;
+/// Bytes of request and reply data all connections of an export may hold
+/// at once, in 64 KiB permits (256 MiB): clients cannot make the export
+/// allocate more by sending requests faster than they are served.
+pub const BUFFER_PERMITS: usize = 4096;
 const PERMIT_BYTES: u32 = 64 << 10;
 
 /// Why a connection ended.
@@ -34,7 +34,8 @@ pub enum End {
 }
 
 /// Serves one client until it leaves.
-pub async fn serve<S>(stream: S, image: Arc<Image>, spec: ExportSpec) -> End
+/// `buffers` holds [`BUFFER_PERMITS`], shared by the export's connections.
+pub async fn serve<S>(stream: S, image: Arc<Image>, spec: ExportSpec, buffers: Arc<Semaphore>) -> End
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -47,7 +48,7 @@ where
         Ok(Ok(None)) => return End::Closed,
         Ok(Ok(Some(n))) => n,
     };
-    transmission(rd, wr, image, negotiation).await
+    transmission(rd, wr, image, negotiation, buffers).await
 }
 
 async fn handshake<R, W>(rd: &mut R, wr: &mut W, spec: ExportSpec) -> Result<Option<Negotiation>, End>
@@ -99,7 +100,13 @@ fn permits_for(len: u32) -> u32 {
     len.div_ceil(PERMIT_BYTES).max(1)
 }
 
-async fn transmission<R, W>(mut rd: R, wr: BufWriter<W>, image: Arc<Image>, n: Negotiation) -> End
+async fn transmission<R, W>(
+    mut rd: R,
+    wr: BufWriter<W>,
+    image: Arc<Image>,
+    n: Negotiation,
+    buffers: Arc<Semaphore>,
+) -> End
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin + Send + 'static,
@@ -107,7 +114,6 @@ where
     let (tx, rx) = mpsc::channel::<Reply>(IN_FLIGHT);
     let writer = tokio::spawn(write_replies(wr, rx));
     let requests = Arc::new(Semaphore::new(IN_FLIGHT));
-    let buffers = Arc::new(Semaphore::new(BUFFER_PERMITS as usize));
     let structured = n.structured;
     let spec = n.export().clone();
     let end = loop {
