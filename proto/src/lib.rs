@@ -65,8 +65,8 @@ mod tests {
             .join(" ");
         let said = format!(
             "This build speaks protocol {} (protocol 1 plus `PushExchange`, the granule exchange, \
-             `StatusStream`, status without a message limit, and `RestoreRequest.granules`, rollback) \
-             and works with peers of protocol {} and newer",
+             `StatusStream`, status without a message limit, `RestoreRequest.granules`, rollback, \
+             and `ReadGranules`, the export's ranged reads) and works with peers of protocol {} and newer",
             super::PROTOCOL,
             super::MIN_CLIENT_PROTOCOL.min(super::MIN_SERVER_PROTOCOL)
         );

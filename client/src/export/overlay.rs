@@ -48,6 +48,7 @@ pub struct Overlay {
     size: u64,
     revision: String,
     map: Mutex<Map>,
+    flushing: Mutex<()>,
 }
 
 /// One run of a read: from the overlay or from the revision.
@@ -125,6 +126,7 @@ impl Overlay {
             size,
             revision: revision.to_string(),
             map: Mutex::new(map),
+            flushing: Mutex::new(()),
         };
         overlay.flush()?;
         Ok(overlay)
@@ -215,21 +217,29 @@ impl Overlay {
         Ok(())
     }
 
-    /// Makes every completed write durable: the data, then the map.
+    /// Makes every completed write durable: the data, then the map. The map
+    /// is taken before the data is synced, so it never names a page whose
+    /// data the sync did not cover; flushes run one at a time, so an older
+    /// map never replaces a newer one.
     pub fn flush(&self) -> Result<()> {
-        self.file
-            .sync_data()
-            .map_err(|e| Error::io(format!("syncing the overlay {}", self.path.display()), e))?;
+        let _one = self.flushing.lock().unwrap_or_else(|p| p.into_inner());
         let bytes = {
             let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
-            if !map.dirty {
-                return Ok(());
-            }
+            let bytes = map
+                .dirty
+                .then(|| encode_map(&self.revision, self.size, &map.bits));
             map.dirty = false;
-            encode_map(&self.revision, self.size, &map.bits)
+            bytes
         };
-        let result = write_durably(&self.map_path, &bytes);
-        if result.is_err() {
+        let synced = self
+            .file
+            .sync_data()
+            .map_err(|e| Error::io(format!("syncing the overlay {}", self.path.display()), e));
+        let result = synced.and_then(|()| match &bytes {
+            Some(bytes) => write_durably(&self.map_path, bytes),
+            None => Ok(()),
+        });
+        if result.is_err() && bytes.is_some() {
             self.map.lock().unwrap_or_else(|p| p.into_inner()).dirty = true;
         }
         result
