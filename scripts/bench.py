@@ -391,6 +391,13 @@ class Export:
     def cpu(self):
         return proc_cpu(self.proc.pid)
 
+    def peak_rss(self):
+        with open(f"/proc/{self.proc.pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+        return 0
+
     def stop(self):
         """SIGTERM; returns the summary the export printed."""
         self.proc.terminate()
@@ -502,6 +509,7 @@ def export_steps(client, env, work, mnt, img, size, server, results, smoke, seed
         r = timed("export_convert", ["bash", "-c", 'qemu-img convert -f raw -O raw "$1" "$2" && sync',
                                      "bash", ex.uri, out], size, server=server)
         r["export_cpu_s"] = ex.cpu() - cpu0
+        r["export_peak_rss"] = ex.peak_rss()
         summary = stopped(ex)
         r["bytes_sent"] = summary["fetched_bytes"]
         r["bytes_written"] = allocated(out)
@@ -981,7 +989,7 @@ def report(args, results, changed_bytes, writes, load_at_start):
         conv, rest = results.get("export_convert"), results.get("backy_restore")
         if conv and rest:
             print(f"  qemu-img convert {conv['mb_per_s']:.0f} MB/s of the image, {conv['data_mb_per_s']:.0f} MB/s "
-                  f"of its data (export CPU {conv['export_cpu_s']:.2f} s); plain restore {rest['mb_per_s']:.0f} "
+                  f"of its data (export CPU {conv['export_cpu_s']:.2f} s, peak RSS {conv['export_peak_rss'] / MIB:.0f} MiB); plain restore {rest['mb_per_s']:.0f} "
                   f"and {rest['data_mb_per_s']:.0f} MB/s")
         for key, what in (("export_rand_data", "in data extents"), ("export_rand_holes", "in holes")):
             r = results.get(key)
