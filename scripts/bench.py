@@ -15,6 +15,8 @@ import random
 import re
 import shutil
 import signal
+import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -148,6 +150,13 @@ def write_ranges_file(path, writes):
 # ---------------------------------------------------------------- measuring
 
 
+def proc_cpu(pid):
+    """User + system CPU seconds a running process has used so far."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 class Server:
     """A backy-server process whose RSS peak and CPU time are read per phase."""
 
@@ -175,9 +184,7 @@ class Server:
         self.cpu0 = self.cpu()
 
     def cpu(self):
-        with open(f"/proc/{self.proc.pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return proc_cpu(self.proc.pid)
 
     def peak_rss(self):
         with open(f"/proc/{self.proc.pid}/status") as f:
@@ -297,6 +304,293 @@ def replica_round(name, replica, logfile, store, size, results):
     log(f"{name}: {wall:.2f} s")
 
 
+# ---------------------------------------------------------------- NBD export
+
+
+class Nbd:
+    """A minimal NBD client (standard library only): fixed-newstyle
+    handshake, NBD_OPT_GO without structured replies, then one
+    NBD_CMD_READ at a time with simple replies."""
+
+    NBDMAGIC = 0x4E42444D41474943
+    IHAVEOPT = 0x49484156454F5054
+    OPT_REPLY_MAGIC = 0x0003E889045565A9
+    REQUEST_MAGIC = 0x25609513
+    SIMPLE_REPLY_MAGIC = 0x67446698
+    OPT_GO, REP_ACK, REP_INFO, INFO_EXPORT = 7, 1, 3, 0
+    CMD_READ, CMD_DISC = 0, 2
+
+    def __init__(self, socket_path, name):
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(60)
+        self.sock.connect(socket_path)
+        self.cookie = 0
+        magic, opt, flags = struct.unpack(">QQH", self.recv(18))
+        if magic != self.NBDMAGIC or opt != self.IHAVEOPT or not flags & 1:
+            raise SystemExit(f"bench: not a fixed-newstyle NBD server ({magic:#x} {opt:#x} {flags:#x})")
+        no_zeroes = flags & 2
+        self.sock.sendall(struct.pack(">I", 1 | no_zeroes))
+        data = struct.pack(">I", len(name)) + name.encode() + struct.pack(">H", 0)
+        self.sock.sendall(struct.pack(">QII", self.IHAVEOPT, self.OPT_GO, len(data)) + data)
+        self.size = None
+        while True:
+            magic, _, rtype, rlen = struct.unpack(">QIII", self.recv(20))
+            body = self.recv(rlen)
+            if magic != self.OPT_REPLY_MAGIC:
+                raise SystemExit(f"bench: bad NBD option reply magic {magic:#x}")
+            if rtype & (1 << 31):
+                raise SystemExit(f"bench: NBD_OPT_GO refused ({rtype:#x}): {body!r}")
+            if rtype == self.REP_INFO and struct.unpack(">H", body[:2])[0] == self.INFO_EXPORT:
+                self.size = struct.unpack(">Q", body[2:10])[0]
+            elif rtype == self.REP_ACK:
+                break
+
+    def recv(self, n):
+        buf = bytearray()
+        while len(buf) < n:
+            chunk = self.sock.recv(n - len(buf))
+            if not chunk:
+                raise SystemExit("bench: the NBD server closed the connection")
+            buf += chunk
+        return bytes(buf)
+
+    def read(self, offset, length):
+        self.cookie += 1
+        self.sock.sendall(struct.pack(">IHHQQI", self.REQUEST_MAGIC, 0, self.CMD_READ, self.cookie, offset, length))
+        magic, error, cookie = struct.unpack(">IIQ", self.recv(16))
+        if magic != self.SIMPLE_REPLY_MAGIC or cookie != self.cookie:
+            raise SystemExit(f"bench: bad NBD reply ({magic:#x}, cookie {cookie})")
+        if error:
+            raise SystemExit(f"bench: NBD read at {offset} failed with error {error}")
+        return self.recv(length)
+
+    def close(self):
+        self.sock.sendall(struct.pack(">IHHQQI", self.REQUEST_MAGIC, 0, self.CMD_DISC, 0, 0, 0))
+        self.sock.close()
+
+
+class Export:
+    """A running `backy-client --json export`, timed from its spawn to the
+    ready line (printed once the socket accepts)."""
+
+    def __init__(self, cmd, env, logfile):
+        self.log = open(logfile, "a")
+        self.t0 = time.monotonic()
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                     stderr=self.log, env=env, text=True)
+        line = self.proc.stdout.readline()
+        self.ready_s = time.monotonic() - self.t0
+        if not line.strip():
+            self.proc.wait()
+            self.log.close()
+            raise SystemExit(f"bench: backy-client export did not start:\n{log_text(logfile)[-2000:]}")
+        self.ready = json.loads(line)
+        self.uri = self.ready["uri"]
+        self.socket = self.uri.split("socket=", 1)[1]
+
+    def cpu(self):
+        return proc_cpu(self.proc.pid)
+
+    def peak_rss(self):
+        with open(f"/proc/{self.proc.pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+        return 0
+
+    def stop(self):
+        """SIGTERM; returns the summary the export printed."""
+        self.proc.terminate()
+        out, _ = self.proc.communicate(timeout=30)
+        self.log.close()
+        if self.proc.returncode != 0:
+            raise SystemExit(f"bench: backy-client export exited {self.proc.returncode}: {out}")
+        return json.loads(out)
+
+    def kill(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def data_extents(path):
+    """The file's data extents (SEEK_DATA/SEEK_HOLE), as (offset, length)."""
+    out = []
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        size = os.fstat(fd).st_size
+        pos = 0
+        while pos < size:
+            try:
+                start = os.lseek(fd, pos, os.SEEK_DATA)
+            except OSError:
+                break
+            end = os.lseek(fd, start, os.SEEK_HOLE)
+            out.append((start, end - start))
+            pos = end
+    finally:
+        os.close(fd)
+    return out
+
+
+def read_offsets(extents, size, n, rng):
+    """`n` random 4 KiB-aligned offsets of 4 KiB reads inside `extents`."""
+    starts = [(off + 4095) // 4096 * 4096 for off, _ in extents]
+    slots = [max(0, (min(off + length, size) - s) // 4096) for (off, length), s in zip(extents, starts)]
+    total = sum(slots)
+    if total == 0:
+        return []
+    out = []
+    for _ in range(n):
+        k = rng.randrange(total)
+        for s, c in zip(starts, slots):
+            if k < c:
+                out.append(s + k * 4096)
+                break
+            k -= c
+    return out
+
+
+def hole_blocks(extents, size):
+    """The 4 MiB blocks holding no data: the manifest's zero blocks."""
+    busy = set()
+    for off, length in extents:
+        busy.update(range(off // BLOCK, (off + length - 1) // BLOCK + 1))
+    return [(b * BLOCK, BLOCK) for b in range(size // BLOCK) if b not in busy]
+
+
+def percentile(values, p):
+    v = sorted(values)
+    return v[min(len(v) - 1, int(round(p / 100 * (len(v) - 1))))]
+
+
+def export_steps(client, env, work, mnt, img, size, server, results, smoke, seed, exports):
+    """backy-client export of the newest revision (the one backy_restore
+    restored): spawn to ready and to the first 4 KiB read served,
+    `qemu-img convert` from it, and random 4 KiB reads over a fresh one."""
+    cmd = client + ["export", "bench", "-r", "latest", "--socket"]
+    logfile = os.path.join(work, "export.log")
+    extents = data_extents(img)
+    data_bytes = sum(length for _, length in extents)
+    rng = random.Random(seed)
+    expected = {}
+
+    def start(n):
+        ex = Export(cmd + [os.path.join(work, f"export-{n}.sock")], env, logfile)
+        exports.append(ex)
+        return ex
+
+    def stopped(ex):
+        summary = ex.stop()
+        exports.remove(ex)
+        if summary.get("failed_fetches"):
+            raise SystemExit(f"bench: the export failed {summary['failed_fetches']} fetches")
+        return summary
+
+    # ---- 1: spawn -> ready line, spawn -> first 4 KiB of data served
+    first_off = read_offsets(extents, size, 1, rng)[0]
+    drop_caches()
+    ex = start(1)
+    nbd = Nbd(ex.socket, "bench")
+    got = nbd.read(first_off, 4096)
+    first_s = time.monotonic() - ex.t0
+    nbd.close()
+    expected[first_off] = got
+    stopped(ex)
+    results["export_ready"] = {"name": "export_ready", "wall_s": ex.ready_s, "mb_per_s": None}
+    results["export_first_read"] = {"name": "export_first_read", "wall_s": first_s, "mb_per_s": None}
+    log(f"export: ready after {ex.ready_s:.3f} s, first 4 KiB read after {first_s:.3f} s")
+
+    # ---- 2: qemu-img convert from the export, beside the plain restore
+    if shutil.which("qemu-img"):
+        ex = start(2)
+        out = os.path.join(mnt, "exported.img")
+        cpu0 = ex.cpu()
+        r = timed("export_convert", ["bash", "-c", 'qemu-img convert -f raw -O raw "$1" "$2" && sync',
+                                     "bash", ex.uri, out], size, server=server)
+        r["export_cpu_s"] = ex.cpu() - cpu0
+        r["export_peak_rss"] = ex.peak_rss()
+        summary = stopped(ex)
+        r["bytes_sent"] = summary["fetched_bytes"]
+        r["bytes_written"] = allocated(out)
+        r["data_mb_per_s"] = data_bytes / MIB / r["wall_s"]
+        r.pop("stdout", None)
+        results["export_convert"] = r
+        # QEMU's block layer counts in 512-byte sectors: an image whose
+        # size is not a multiple of 512 (the smoke's) comes out rounded up,
+        # zeros at the end.
+        diff = subprocess.run(["cmp", "-n", str(size), img, out], capture_output=True, text=True)
+        with open(out, "rb") as f:
+            f.seek(size)
+            tail = f.read()
+        if diff.returncode != 0 or len(tail) >= 512 or tail.strip(b"\0"):
+            raise SystemExit(f"bench: qemu-img convert from the export differs from the image "
+                             f"({os.path.getsize(img)} and {os.path.getsize(out)} bytes): {diff.stdout}{diff.stderr}")
+        os.remove(out)
+        if smoke:
+            # qemu-img skips the holes the export reports (zero 4 MiB
+            # blocks) and reads the rest once.
+            busy = size - len(hole_blocks(extents, size)) * BLOCK
+            assert data_bytes <= r["bytes_sent"] <= busy, (r["bytes_sent"], data_bytes, busy)
+        log(f"export_convert: {r['wall_s']:.2f} s")
+    else:
+        log("export_convert skipped: qemu-img not installed")
+
+    # ---- 3: random 4 KiB reads over a fresh export (empty cache), data
+    # then holes (4 MiB blocks without data: served without a fetch)
+    n_data, n_holes = (40, 10) if smoke else (300, 30)
+    data_offs = read_offsets(extents, size, n_data, rng)
+    holes = hole_blocks(extents, size)
+    hole_kind = "zero 4 MiB blocks"
+    if not holes:
+        holes = [(off + length, nxt - off - length) for (off, length), (nxt, _)
+                 in zip(extents, extents[1:] + [(size, 0)]) if nxt > off + length]
+        hole_kind = "holes inside data blocks"
+    hole_offs = read_offsets(holes, size, n_holes, rng)
+    drop_caches()
+    ex = start(3)
+    nbd = Nbd(ex.socket, "bench")
+    if nbd.size != size:
+        raise SystemExit(f"bench: the export says {nbd.size} bytes, the image has {size}")
+    server.reset()
+    cpu0 = ex.cpu()
+    for kind, offs in (("data", data_offs), ("holes", hole_offs)):
+        lat = []
+        t_all = time.monotonic()
+        for off in offs:
+            t0 = time.monotonic()
+            expected[off] = nbd.read(off, 4096)
+            lat.append(time.monotonic() - t0)
+        wall = time.monotonic() - t_all
+        if not lat:
+            continue
+        name = f"export_rand_{kind}"
+        results[name] = {
+            "name": name, "wall_s": wall, "mb_per_s": None, "reads": len(lat),
+            "median_ms": percentile(lat, 50) * 1000, "p90_ms": percentile(lat, 90) * 1000,
+            "max_ms": max(lat) * 1000,
+            "server_cpu_s": server.cpu() - server.cpu0, "cpu_s": ex.cpu() - cpu0,
+        }
+        if kind == "holes":
+            results[name]["holes"] = hole_kind
+        server.reset()
+        cpu0 = ex.cpu()
+        log(f"{name}: {len(lat)} reads, median {results[name]['median_ms']:.2f} ms, "
+            f"p90 {results[name]['p90_ms']:.2f} ms")
+    nbd.close()
+    summary = stopped(ex)
+    if "export_rand_data" in results:
+        results["export_rand_data"]["bytes_sent"] = summary["fetched_bytes"]
+    if smoke:
+        assert results["export_rand_data"]["reads"] == n_data
+    with open(img, "rb") as f:
+        for off, got in expected.items():
+            f.seek(off)
+            if f.read(4096) != got:
+                raise SystemExit(f"bench: the export served other bytes at {off} than the image holds")
+    return data_bytes
+
+
 # ---------------------------------------------------------------- the run
 
 
@@ -330,15 +624,16 @@ def main():
     fs_img = os.path.join(work, "fs.img")
     data_bytes = int(args.size * args.data)
     # Image, sparse copy, restore, backy store, the qcow2 copy and its
-    # store, rsync target, restic and borg repos each hold up to the data
-    # once; metadata and slack on top.
-    fs_size = max(512 * MIB, int(data_bytes * (6 + len(peers)) * 1.3) + GIB)
+    # store, the copy from the export, rsync target, restic and borg repos
+    # each hold up to the data once; metadata and slack on top.
+    fs_size = max(512 * MIB, int(data_bytes * (7 + len(peers)) * 1.3) + GIB)
     with open(fs_img, "wb") as f:
         f.truncate(fs_size)
     run(["mkfs.btrfs", "-q", fs_img])
     run(["mount", "-o", "loop", fs_img, mnt])
     server = None
     replica = None
+    exports = []
     results = {}
     with open("/proc/loadavg") as f:
         load_at_start = f.read().split()[:3]
@@ -523,6 +818,11 @@ def main():
             assert rep["bytes_added"] <= 2 * ranged["bytes_added"] + 2 * granule, \
                 (rep["bytes_added"], ranged["bytes_added"])
 
+        # ---- export: the newest revision over NBD (the one restored above)
+        data_v2 = export_steps(client, benv, work, mnt, img, size, server, results, args.smoke,
+                               args.seed + 4, exports)
+        results["backy_restore"]["data_mb_per_s"] = data_v2 / MIB / results["backy_restore"]["wall_s"]
+
         # ---- qemu: the same change set in a qcow2, found by its dirty
         # bitmap, then (bitmap gone) by a full scan against the same parent
         if shutil.which("qemu-img") and shutil.which("qemu-io"):
@@ -550,6 +850,8 @@ def main():
         else:
             log("qemu rows skipped: qemu-img/qemu-io not installed")
     finally:
+        for ex in exports:
+            ex.kill()
         if replica:
             replica.stop()
         if server:
@@ -647,6 +949,18 @@ def report(args, results, changed_bytes, writes, load_at_start):
                 checks.append({"check": f"{peer} {phase} time / backy {phase} time", "ratio": v,
                                "target": 1.0 if phase == "incr" else None,
                                "met": v > 1.0 if phase == "incr" else None})
+    for key, what in (("export_ready", "export: spawn -> ready line, s"),
+                      ("export_first_read", "export: spawn -> first 4 KiB read, s")):
+        if key in t:
+            checks.append({"check": what, "ratio": t[key], "target": 1.0, "met": t[key] < 1.0})
+    ratio("export qemu-img convert vs restore", "export_convert", "backy_restore", 0.80)
+    for key, what, target in (("export_rand_data", "export random 4 KiB data reads", 5.0),
+                              ("export_rand_holes", "export random 4 KiB hole reads", None)):
+        if key in results:
+            r = results[key]
+            checks.append({"check": f"{what}: median ms", "ratio": r["median_ms"], "target": target,
+                           "met": r["median_ms"] < target if target is not None else None})
+            checks.append({"check": f"{what}: p90 ms", "ratio": r["p90_ms"], "target": None, "met": None})
     rss = [r.get(k) for r in results.values() for k in ("peak_rss", "server_peak_rss")
            if k in r and r["name"].startswith("backy")]
     if rss:
@@ -666,10 +980,23 @@ def report(args, results, changed_bytes, writes, load_at_start):
         def num(key, div=1, f="{:.2f}"):
             v = r.get(key)
             return "-" if v is None else f.format(v / div)
-        print(f"{k:<22}{r['wall_s']:>8.2f}{r['mb_per_s'] or 0:>9.0f}{num('cpu_s'):>8}"
+        print(f"{k:<22}{r['wall_s']:>8.2f}{num('mb_per_s', 1, '{:.0f}'):>9}{num('cpu_s'):>8}"
               f"{num('peak_rss', MIB, '{:.0f}'):>9}{num('server_cpu_s'):>9}{num('server_peak_rss', MIB, '{:.0f}'):>9}"
               f"{fmt_bytes(r.get('bytes_sent')):>11}{fmt_bytes(r.get('bytes_written')):>11}"
               f"{fmt_bytes(r.get('bytes_added')):>11}")
+    if "export_ready" in results:
+        print("\nexport (backy-client export of the newest revision, NBD on a Unix socket, one connection):")
+        conv, rest = results.get("export_convert"), results.get("backy_restore")
+        if conv and rest:
+            print(f"  qemu-img convert {conv['mb_per_s']:.0f} MB/s of the image, {conv['data_mb_per_s']:.0f} MB/s "
+                  f"of its data (export CPU {conv['export_cpu_s']:.2f} s, peak RSS {conv['export_peak_rss'] / MIB:.0f} MiB); plain restore {rest['mb_per_s']:.0f} "
+                  f"and {rest['data_mb_per_s']:.0f} MB/s")
+        for key, what in (("export_rand_data", "in data extents"), ("export_rand_holes", "in holes")):
+            r = results.get(key)
+            if r:
+                where = f" ({r['holes']})" if "holes" in r else ""
+                print(f"  {r['reads']} random 4 KiB reads {what}{where}, one at a time on a fresh export: "
+                      f"median {r['median_ms']:.2f} ms, p90 {r['p90_ms']:.2f} ms, max {r['max_ms']:.1f} ms")
     print()
     for c in checks:
         met = {True: "met", False: "MISSED", None: ""}[c["met"]]

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Benchmark backy against rsync, restic and borg and the physical reference
-# points (sequential read, sparse copy, reflink + changed bytes) on a btrfs
+# points (sequential read, sparse copy, reflink + changed bytes), and serves
+# the newest revision over NBD (backy-client export), on a btrfs
 # loop filesystem it creates. Installs the peers when missing (as root),
 # builds backy, then runs scripts/bench.py, which prints one table and
 # writes JSON (default target/bench.json).
