@@ -431,7 +431,7 @@ struct ExportCmd {
     overlay: Option<PathBuf>,
 
     /// Fetched data kept in memory, in MiB
-    #[arg(long, value_name = "MIB", default_value_t = 256, value_parser = clap::value_parser!(u64).range(16..=65536))]
+    #[arg(long, value_name = "MIB", default_value_t = (export::DEFAULT_CACHE >> 20) as u64, value_parser = clap::value_parser!(u64).range(16..=65536))]
     cache_mib: u64,
 
     /// End when the last client has disconnected

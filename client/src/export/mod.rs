@@ -34,7 +34,7 @@ use tokio::net::{TcpListener, UnixListener};
 /// Connections served at once; more are closed as they arrive.
 pub const MAX_CONNECTIONS: usize = 16;
 /// Default bytes of fetched data kept.
-pub const DEFAULT_CACHE: usize = 256 << 20;
+pub const DEFAULT_CACHE: usize = 64 << 20;
 
 /// Where the export listens.
 #[derive(Debug, Clone)]

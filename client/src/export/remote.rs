@@ -30,9 +30,9 @@ use tokio::sync::OnceCell;
 pub const UNIT_GRANULES: u64 = 16;
 /// How far ahead of a sequential reader runs are fetched.
 pub const READ_AHEAD: u64 = 16 << 20;
-/// A request this close to where the last one ended counts as sequential
-/// (readers such as `qemu-img convert` keep several requests in flight,
-/// which arrive slightly out of order).
+/// A request this close to where the last one ended is near it (readers
+/// such as `qemu-img convert` keep several requests in flight, which arrive
+/// slightly out of order); two near ones in a row make a sequential reader.
 const NEAR: u64 = 8 << 20;
 /// One fetch may take this long before it fails (the reader gets EIO, the
 /// next read tries again).
@@ -95,6 +95,8 @@ pub struct RemoteRevision {
     cache: Mutex<Cache>,
     proven: Mutex<ProvenCvs>,
     last_end: AtomicU64,
+    /// Requests in a row that began near the previous one's end.
+    near_streak: AtomicU64,
     pub counters: Counters,
 }
 
@@ -119,6 +121,7 @@ impl RemoteRevision {
             }),
             proven: Mutex::new(ProvenCvs::default()),
             last_end: AtomicU64::new(u64::MAX),
+            near_streak: AtomicU64::new(0),
             counters: Counters::default(),
         })
     }
@@ -140,7 +143,13 @@ impl RemoteRevision {
     /// checked against the manifest.
     pub async fn read(self: &Arc<Self>, offset: u64, len: usize) -> Result<Vec<u8>> {
         let end = offset + len as u64;
-        let sequential = self.last_end.swap(end, Ordering::Relaxed).abs_diff(offset) <= NEAR;
+        let near = self.last_end.swap(end, Ordering::Relaxed).abs_diff(offset) <= NEAR;
+        let sequential = if near {
+            self.near_streak.fetch_add(1, Ordering::Relaxed) >= 1
+        } else {
+            self.near_streak.store(0, Ordering::Relaxed);
+            false
+        };
         let mut out = vec![0u8; len];
         let mut waits = Vec::new();
         for (key, fetch) in self.granules(offset..end, sequential) {

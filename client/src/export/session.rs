@@ -207,6 +207,8 @@ async fn answer(
         }
     };
     match command {
+        // Nothing to send (a data chunk must carry at least one byte).
+        Command::Read { len: 0, .. } => ok(),
         Command::Read { offset, len } => match image.read(offset, len).await {
             Ok(data) if structured => vec![data_chunk_header(true, cookie, offset, len).to_vec(), data],
             Ok(data) => vec![simple_reply(0, cookie).to_vec(), data],
