@@ -402,8 +402,9 @@ Examples:
   backy-client export vm1 --socket /run/backy/vm1.nbd
   nbdinfo --map 'nbd+unix:///vm1?socket=/run/backy/vm1.nbd'
   qemu-img convert -O raw 'nbd+unix:///vm1?socket=/run/backy/vm1.nbd' vm1.img
-  backy-client export vm1 -r daily --socket /run/backy/vm1.nbd --overlay /var/tmp/vm1.overlay
-  qemu-system-x86_64 -m 2G -blockdev driver=nbd,server.type=unix,server.path=/run/backy/vm1.nbd,export=vm1,node-name=disk0 -device virtio-blk-pci,drive=disk0")]
+  backy-client export vm1 -r daily --socket /run/vm1.nbd --overlay /var/tmp/vm1.overlay
+  qemu-system-x86_64 -m 2G -drive \\
+    file=nbd+unix:///vm1?socket=/run/vm1.nbd,format=raw,if=virtio")]
 struct ExportCmd {
     /// Job name
     #[arg(value_name = "JOB", value_parser = parse_job)]
