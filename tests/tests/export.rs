@@ -505,3 +505,99 @@ fn hostile_range_requests_are_refused_before_anything_is_read() {
         }
     });
 }
+
+/// Spawns `backy-client --json export vm1 ARGS` and returns it with its
+/// ready document, or its output if it ended instead.
+fn spawn_export(w: &World, args: &[&str]) -> Result<(Export, serde_json::Value), Output> {
+    let mut child = Command::new(bin("backy-client"))
+        .args(["--server", &w.server.url, "--config"])
+        .arg(&w.server.client_config)
+        .args(["--json", "export", "vm1"])
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("starting backy-client export");
+    let stdout = BufReader::new(child.stdout.take().expect("stdout"));
+    let mut export = Export {
+        child,
+        uri: String::new(),
+        stdout,
+    };
+    let mut line = String::new();
+    export
+        .stdout
+        .read_line(&mut line)
+        .expect("reading the ready line");
+    if line.is_empty() {
+        let child = std::mem::replace(&mut export.child, Command::new("true").spawn().unwrap());
+        return Err(child.wait_with_output().unwrap());
+    }
+    let ready: serde_json::Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("{line:?}: {e}"));
+    export.uri = ready["uri"].as_str().expect("uri").to_string();
+    Ok((export, ready))
+}
+
+/// The export has no authentication of its own: TCP only on loopback, and
+/// its Unix socket only for its own user (mode 0600, and the peer's uid
+/// checked should the mode be widened).
+#[test]
+fn the_export_listens_on_loopback_only_and_its_socket_serves_its_user_only() {
+    must_be_root();
+    let w = world();
+    let Err(out) = spawn_export(&w, &["-r", &w.rev, "--listen", "0.0.0.0:10809"]) else {
+        panic!("an export on 0.0.0.0 must be refused")
+    };
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("loopback only"), "{err}");
+
+    let port = free_port();
+    let (export, ready) = spawn_export(&w, &["-r", &w.rev, "--listen", &format!("127.0.0.1:{port}")])
+        .unwrap_or_else(|o| panic!("{}", String::from_utf8_lossy(&o.stderr)));
+    assert_eq!(ready["uri"], format!("nbd://127.0.0.1:{port}/vm1"));
+    let copy = w.work.join("tcp.img");
+    tool_ok(
+        "qemu-img",
+        &[
+            "convert",
+            "-f",
+            "raw",
+            "-O",
+            "raw",
+            &export.uri,
+            copy.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(file_hash(&copy), file_hash(&w.frozen));
+    export.stop();
+
+    // A socket where another user could reach it (/tmp), its mode widened.
+    let socket = std::env::temp_dir().join(format!("backy-export-test-{}.sock", std::process::id()));
+    let (export, _) = spawn_export(&w, &["-r", &w.rev, "--socket", socket.to_str().unwrap()])
+        .unwrap_or_else(|o| panic!("{}", String::from_utf8_lossy(&o.stderr)));
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&socket).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "the socket is private");
+    std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o666)).unwrap();
+    let out = tool(
+        "setpriv",
+        &[
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "nbdinfo",
+            "--size",
+            &export.uri,
+        ],
+    );
+    assert!(!out.status.success(), "another user must not be served");
+    // Root is.
+    assert_eq!(
+        tool_ok("nbdinfo", &["--size", &export.uri]).trim(),
+        SIZE.to_string()
+    );
+    export.stop();
+    assert!(!socket.exists(), "the socket is removed when the export ends");
+}
