@@ -217,7 +217,11 @@ impl RemoteRevision {
                 // A new run: from here to the first granule already known,
                 // within the unit (sequential: the whole unit).
                 let unit_end = ((g / UNIT_GRANULES + 1) * UNIT_GRANULES).min(count);
-                let (start, stop) = if sequential {
+                let (start, stop) = if sequential && g == 0 {
+                    // A sequential reader at a block's start gets the whole
+                    // block, checked by its digest: no chaining values needed.
+                    (g, count)
+                } else if sequential {
                     (g, unit_end)
                 } else {
                     (g, last.min(unit_end))
@@ -225,6 +229,11 @@ impl RemoteRevision {
                 let mut stop_at = start + 1;
                 while stop_at < stop && !cache.slots.contains_key(&(block, stop_at)) {
                     stop_at += 1;
+                }
+                if (start, stop_at) != (0, count) {
+                    // Not the whole block after all (part of it is known):
+                    // one call's worth, checked with chaining values.
+                    stop_at = stop_at.min(unit_end);
                 }
                 let fetch = self.start_fetch(block, start..stop_at);
                 for k in start..stop_at {
@@ -308,6 +317,16 @@ impl RemoteRevision {
             }
             return Ok(Run { offset, data });
         }
+        let count = block_proof::granule_count(block_len) as u64;
+        if granules == (0..count) {
+            return self.fetch_whole(block, block_len, &expected).await.map_err(|e| {
+                if e.kind == backy_common::ErrorKind::DataLoss {
+                    mismatch()
+                } else {
+                    e
+                }
+            });
+        }
         let first = granules.start as usize;
         if let Some(cvs) = self.proven(block) {
             if let Some(cvs) = cvs.get() {
@@ -340,6 +359,37 @@ impl RemoteRevision {
             }
         };
         Ok(Run { offset, data })
+    }
+
+    /// A whole block in calls of at most [`UNIT_GRANULES`] at once, checked
+    /// by one pass that yields its granules' chaining values, whose root
+    /// must be the manifest's digest; they are kept as proven.
+    async fn fetch_whole(
+        &self,
+        block: u64,
+        block_len: u64,
+        expected: &backy_common::manifest::Digest,
+    ) -> Result<Run> {
+        let count = block_proof::granule_count(block_len) as u64;
+        let calls = (0..count).step_by(UNIT_GRANULES as usize).map(|first| {
+            let end = (first + UNIT_GRANULES).min(count);
+            let want = ((end * GRANULE).min(block_len) - first * GRANULE) as usize;
+            self.call(block, first..end, false, want)
+        });
+        let mut data = Vec::with_capacity(block_len as usize);
+        for part in futures::future::try_join_all(calls).await? {
+            data.extend_from_slice(&part.0);
+        }
+        let cvs = block_proof::parse_cvs(&block_proof::chaining_values(&data), block_len)?;
+        if &block_proof::root(&cvs, block_len) != expected {
+            return Err(Error::data_loss("the block does not match the manifest"));
+        }
+        let cell = self.proven_cell(block);
+        let _ = cell.set(Arc::new(cvs));
+        Ok(Run {
+            offset: self.manifest.block_offset(block),
+            data,
+        })
     }
 
     fn proven(&self, block: u64) -> Option<Arc<OnceCell<Arc<Vec<ChainingValue>>>>> {
