@@ -197,7 +197,6 @@ impl Export {
         let started = Instant::now();
         let mut sessions = tokio::task::JoinSet::new();
         let mut connections = 0u64;
-        let buffers = Arc::new(tokio::sync::Semaphore::new(session::BUFFER_PERMITS));
         tokio::pin!(stop);
         loop {
             let accepted = tokio::select! {
@@ -222,11 +221,11 @@ impl Export {
                 continue;
             }
             connections += 1;
-            let (image, spec, buffers) = (self.image.clone(), self.spec.clone(), buffers.clone());
+            let (image, spec) = (self.image.clone(), self.spec.clone());
             sessions.spawn(async move {
                 let end = match stream {
-                    Stream::Unix(s) => session::serve(s, image, spec, buffers).await,
-                    Stream::Tcp(s) => session::serve(s, image, spec, buffers).await,
+                    Stream::Unix(s) => session::serve(s, image, spec).await,
+                    Stream::Tcp(s) => session::serve(s, image, spec).await,
                 };
                 match end {
                     session::End::Closed => tracing::info!("export: a client disconnected"),

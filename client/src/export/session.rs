@@ -18,10 +18,12 @@ use tokio::sync::{mpsc, Semaphore};
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Requests of one connection served at once.
 const IN_FLIGHT: usize = 64;
-/// Bytes of request and reply data all connections of an export may hold
-/// at once, in 64 KiB permits (256 MiB): clients cannot make the export
-/// allocate more by sending requests faster than they are served.
-pub const BUFFER_PERMITS: usize = 4096;
+/// Bytes of request and reply data one connection may hold at once, in
+/// 64 KiB permits (32 MiB, one largest request): a client that sends
+/// requests faster than it reads the replies stalls itself, not the
+/// export's other clients, and the export allocates at most this per
+/// connection.
+pub const BUFFER_PERMITS: usize = 512;
 const PERMIT_BYTES: u32 = 64 << 10;
 
 /// Why a connection ended.
@@ -34,8 +36,7 @@ pub enum End {
 }
 
 /// Serves one client until it leaves.
-/// `buffers` holds [`BUFFER_PERMITS`], shared by the export's connections.
-pub async fn serve<S>(stream: S, image: Arc<Image>, spec: ExportSpec, buffers: Arc<Semaphore>) -> End
+pub async fn serve<S>(stream: S, image: Arc<Image>, spec: ExportSpec) -> End
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -48,7 +49,7 @@ where
         Ok(Ok(None)) => return End::Closed,
         Ok(Ok(Some(n))) => n,
     };
-    transmission(rd, wr, image, negotiation, buffers).await
+    transmission(rd, wr, image, negotiation).await
 }
 
 async fn handshake<R, W>(rd: &mut R, wr: &mut W, spec: ExportSpec) -> Result<Option<Negotiation>, End>
@@ -100,13 +101,7 @@ fn permits_for(len: u32) -> u32 {
     len.div_ceil(PERMIT_BYTES).max(1)
 }
 
-async fn transmission<R, W>(
-    mut rd: R,
-    wr: BufWriter<W>,
-    image: Arc<Image>,
-    n: Negotiation,
-    buffers: Arc<Semaphore>,
-) -> End
+async fn transmission<R, W>(mut rd: R, wr: BufWriter<W>, image: Arc<Image>, n: Negotiation) -> End
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin + Send + 'static,
@@ -114,6 +109,7 @@ where
     let (tx, rx) = mpsc::channel::<Reply>(IN_FLIGHT);
     let writer = tokio::spawn(write_replies(wr, rx));
     let requests = Arc::new(Semaphore::new(IN_FLIGHT));
+    let buffers = Arc::new(Semaphore::new(BUFFER_PERMITS));
     let structured = n.structured;
     let spec = n.export().clone();
     let end = loop {
