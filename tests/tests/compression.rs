@@ -54,6 +54,45 @@ fn compsize_disk(paths: &[&Path]) -> u64 {
         .unwrap_or_else(|| panic!("compsize TOTAL line {line:?}"))
 }
 
+/// A server of one job `vm1` with the page and metrics; and their address.
+fn start(base: &Path) -> (Server, String) {
+    let server = Server::start_config(
+        base,
+        "listen: 127.0.0.1:0\nhttp-listen: 127.0.0.1:0\nbase-dir: BASE\njobs:\n  vm1: {schedule: none}\n",
+    );
+    let line = server.wait_log(0, "http listener on ");
+    let addr = line
+        .split("http listener on ")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no address in {line:?}"))
+        .to_string();
+    (server, addr)
+}
+
+/// The value of `name{backy_job="vm1"}` in /metrics, once the server's
+/// background count has the job's space (`backy_job_used_bytes`).
+fn vm1_metric(addr: &str, name: &str) -> Option<f64> {
+    let sample = |text: &str, name: &str| {
+        let prefix = format!("{name}{{backy_job=\"vm1\"}} ");
+        text.lines()
+            .find_map(|l| l.strip_prefix(prefix.as_str()))
+            .map(|v| v.trim().parse::<f64>().unwrap_or_else(|_| panic!("{name} {v:?}")))
+    };
+    let mut text = String::new();
+    wait_for(
+        "vm1's space in /metrics",
+        std::time::Duration::from_secs(60),
+        || {
+            let (status, _, body) = http_get_with(addr, "/metrics", None);
+            assert_eq!(status, 200, "{body}");
+            text = body;
+            sample(&text, "backy_job_used_bytes").is_some()
+        },
+    );
+    sample(&text, name)
+}
+
 fn field(v: &serde_json::Value, name: &str) -> u64 {
     v[name]
         .as_u64()
@@ -71,7 +110,7 @@ fn a_zstd_compressed_store_shares_extents_restores_and_reports_disk_bytes() {
         .and_then(|f| f.set_len(32 * BLOCK))
         .unwrap();
     write_at(&src, 0, &text(1, DATA as usize));
-    let server = Server::start(&base, "  vm1: {schedule: none}\n");
+    let (server, addr) = start(&base);
     let push = || server.client_ok(&["push", "vm1", "--source", src.to_str().unwrap()]);
     push();
     let first = work.join("first.img");
@@ -140,6 +179,11 @@ fn a_zstd_compressed_store_shares_extents_restores_and_reports_disk_bytes() {
         text.contains("on disk after compression"),
         "status does not say the compressed size:\n{text}"
     );
+    // The page and the metrics say the same.
+    let (status, _, page) = http_get_with(&addr, "/job/vm1", None);
+    assert_eq!(status, 200, "{page}");
+    assert!(page.contains("on disk after compression"), "{page}");
+    assert_eq!(vm1_metric(&addr, "backy_job_disk_bytes"), Some(disk as f64));
 }
 
 #[test]
@@ -148,7 +192,7 @@ fn an_uncompressed_store_shows_no_disk_bytes() {
     let base = fs.mount.join("backy");
     let src = fs.mount.join("vm1.img");
     make_image(&src, 8 * BLOCK, &[(0, 2 * BLOCK)]);
-    let server = Server::start(&base, "  vm1: {schedule: none}\n");
+    let (server, addr) = start(&base);
     server.client_ok(&["push", "vm1", "--source", src.to_str().unwrap()]);
     let status = server.status_json("vm1");
     let job = &status["jobs"][0];
@@ -157,4 +201,5 @@ fn an_uncompressed_store_shows_no_disk_bytes() {
     assert!(job["revisions"][0]["space"].get("disk_bytes").is_none(), "{job}");
     let text = server.client_ok(&["status", "vm1"]);
     assert!(!text.contains("compression"), "{text}");
+    assert_eq!(vm1_metric(&addr, "backy_job_disk_bytes"), None);
 }
