@@ -300,15 +300,20 @@ pub fn human_secs(secs: u64) -> String {
 }
 
 /// What the job takes on disk, shared extents once (as `btrfs filesystem
-/// du -s` of its revisions), or that the filesystem cannot tell.
+/// du -s` of its revisions), and after compression where btrfs compressed
+/// some of it; or that the filesystem cannot tell.
 fn space_line(job: &JobStatus) -> String {
     match &job.space {
         Some(s) => format!(
-            "space: {} used ({} exclusive, {} shared; {} counted per file)\n",
+            "space: {} used ({} exclusive, {} shared; {} counted per file{})\n",
             format_bytes(used_bytes(s)),
             format_bytes(s.exclusive_bytes),
             format_bytes(s.shared_bytes),
-            format_bytes(s.total_bytes)
+            format_bytes(s.total_bytes),
+            match s.disk_bytes {
+                0 => String::new(),
+                d => format!("; {} on disk after compression", format_bytes(d)),
+            }
         ),
         None if job.revisions.is_empty() => String::new(),
         None => "space unknown (the filesystem does not map extents)\n".to_string(),
@@ -489,6 +494,7 @@ mod tests {
             total_bytes: total,
             exclusive_bytes: exclusive,
             shared_bytes: shared,
+            disk_bytes: 0,
         }
     }
 
@@ -709,6 +715,31 @@ store: 30.00 GiB of 100.00 GiB used (the whole filesystem)
         assert!(text.contains("\nspace unknown ("), "{text}");
         assert!(text.contains("  ?  "), "{text}");
         assert!(!text.contains("store:"), "{text}");
+    }
+
+    /// Issue 31, item 6: a compressed store shows what the job takes on
+    /// disk after compression, in the space line and in JSON; otherwise
+    /// neither says anything about compression.
+    #[test]
+    fn compressed_bytes_are_shown_only_when_there_are_some() {
+        let mut reply = sample();
+        reply.jobs.truncate(1);
+        let text = format_status(&reply, now());
+        assert!(!text.contains("compression"), "{text}");
+        let json = serde_json::to_value(JobView::from(&reply.jobs[0])).unwrap();
+        assert!(json["space"].get("disk_bytes").is_none(), "{json}");
+
+        reply.jobs[0].space.as_mut().unwrap().disk_bytes = 3 << 29;
+        let text = format_status(&reply, now());
+        assert!(
+            text.contains(
+                "space: 21.00 GiB used (2.00 GiB exclusive, 19.00 GiB shared; \
+                 40.00 GiB counted per file; 1.50 GiB on disk after compression)\n"
+            ),
+            "{text}"
+        );
+        let json = serde_json::to_value(JobView::from(&reply.jobs[0])).unwrap();
+        assert_eq!(json["space"]["disk_bytes"], 3u64 << 29, "{json}");
     }
 
     #[test]

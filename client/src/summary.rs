@@ -253,6 +253,7 @@ mod tests {
                 total_bytes: 3 << 30,
                 exclusive_bytes: 1 << 29,
                 shared_bytes: 1 << 29,
+                disk_bytes: 0,
             }),
             store: Some(backy_proto::StoreSpace {
                 size_bytes: 10 << 30,

@@ -84,6 +84,10 @@ pub struct SpaceView {
     pub shared_bytes: u64,
     /// exclusive + shared: what the files really take.
     pub used_bytes: u64,
+    /// Bytes on disk after compression; absent when nothing is compressed
+    /// or the filesystem cannot tell.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub disk_bytes: Option<u64>,
 }
 
 impl From<&Space> for SpaceView {
@@ -93,6 +97,7 @@ impl From<&Space> for SpaceView {
             exclusive_bytes: s.exclusive_bytes,
             shared_bytes: s.shared_bytes,
             used_bytes: used_bytes(s),
+            disk_bytes: (s.disk_bytes > 0).then_some(s.disk_bytes),
         }
     }
 }

@@ -21,6 +21,7 @@ pub mod job;
 pub mod logging;
 pub mod manifest;
 pub mod nbd;
+pub mod ondisk;
 pub mod qemu;
 pub mod qmp;
 pub mod ranges;

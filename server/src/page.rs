@@ -198,11 +198,16 @@ fn used_cell(space: Option<&Space>, has_revisions: bool) -> String {
 fn disk_facts(space: Option<&Space>, has_revisions: bool) -> String {
     match space {
         Some(s) => format!(
-            "{} used <span class=\"muted\">({} exclusive, {} shared; {} counted per file)</span>",
+            "{} used <span class=\"muted\">({} exclusive, {} shared; {} counted per file{})</span>",
             format_bytes(s.exclusive_bytes.saturating_add(s.shared_bytes)),
             format_bytes(s.exclusive_bytes),
             format_bytes(s.shared_bytes),
-            format_bytes(s.total_bytes)
+            format_bytes(s.total_bytes),
+            // 0: nothing compressed, or the filesystem cannot tell.
+            match s.disk_bytes {
+                0 => String::new(),
+                d => format!("; {} on disk after compression", format_bytes(d)),
+            }
         ),
         None if has_revisions => {
             "unknown <span class=\"muted\">(the filesystem does not map extents)</span>".into()

@@ -221,6 +221,11 @@ impl Collector for JobCollector {
                 vec![],
             ),
             (
+                "backy_job_disk_bytes",
+                "Bytes the job's revisions take on disk after compression, each extent once (absent when nothing is compressed or the filesystem cannot tell)",
+                vec![],
+            ),
+            (
                 "backy_job_consecutive_failures",
                 "Push failures since the job's last success",
                 vec![],
@@ -272,6 +277,9 @@ impl Collector for JobCollector {
                 s.space.as_ref().map(|u| u.exclusive_bytes as f64),
                 s.space.as_ref().map(|u| u.shared_bytes as f64),
                 s.space.as_ref().map(|u| u.total_bytes as f64),
+                s.space
+                    .as_ref()
+                    .and_then(|u| (u.disk_bytes > 0).then_some(u.disk_bytes as f64)),
                 Some(f64::from(s.failures)),
                 newest.map(|n| n.duration_secs),
                 newest.map(|n| n.bytes_received as f64),

@@ -94,11 +94,12 @@ pub fn of_jobs(server: &Server, names: &[String]) -> Result<StatusReply> {
     })
 }
 
-fn wire_space(u: &Usage) -> Space {
+fn wire_space(u: &Usage, on_disk: Option<u64>) -> Space {
     Space {
         total_bytes: u.total,
         exclusive_bytes: u.exclusive,
         shared_bytes: u.shared,
+        disk_bytes: on_disk.unwrap_or(0),
     }
 }
 
@@ -150,14 +151,17 @@ pub fn header(server: &Server, config: &ServerConfig, name: &str) -> Result<(Job
         .revisions
         .iter()
         .map(|r| RevisionInfo {
-            space: space.revisions.get(&r.id).map(wire_space),
+            space: space
+                .revisions
+                .get(&r.id)
+                .map(|u| wire_space(u, space.revisions_on_disk.get(&r.id).copied())),
             ..RevisionInfo::from(r)
         })
         .collect();
     let status = JobStatus {
         job: name.to_string(),
         revisions: Vec::new(),
-        space: space.job.as_ref().map(wire_space),
+        space: space.job.as_ref().map(|u| wire_space(u, space.job_on_disk)),
         store: store_space(config),
         storage: h.storage,
         allocated_bytes: entry.allocated_bytes,
@@ -256,7 +260,7 @@ pub fn summary(server: &Server, config: &ServerConfig, name: &JobName) -> Result
         space: server
             .jobs
             .last_space(&job, &entry)
-            .and_then(|s| s.job.as_ref().map(wire_space)),
+            .and_then(|s| s.job.as_ref().map(|u| wire_space(u, s.job_on_disk))),
         store: store_space(config),
         storage: h.storage,
         running: h.runtime.push.is_some(),

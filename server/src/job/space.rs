@@ -12,8 +12,10 @@
 //! and queue stale jobs for one background thread ([`SpaceCache::last`]),
 //! so they never wait for the extent trees of a whole store.
 
+use crate::storage::ondisk::revision_on_disk;
 use crate::storage::space::revision_space;
 use crate::storage::JobDir;
+use backy_common::ondisk::{set_bytes, OnDisk};
 use backy_common::revision::RevisionMeta;
 use backy_common::space::{set_usage, FilesSpace, Usage};
 use backy_common::{JobName, RevisionId};
@@ -35,6 +37,12 @@ pub struct JobSpace {
     /// The job (`btrfs filesystem du -s` of its revisions); `None` when
     /// any revision's space is unknown.
     pub job: Option<Usage>,
+    /// Bytes on disk after compression, per revision: only those with
+    /// compressed data, and only where the filesystem tells.
+    pub revisions_on_disk: HashMap<RevisionId, u64>,
+    /// The job's, each extent once; `None` when nothing is compressed or
+    /// any revision's is unknown.
+    pub job_on_disk: Option<u64>,
 }
 
 impl JobSpace {
@@ -165,13 +173,45 @@ fn count(job: &JobDir, ids: Vec<RevisionId>) -> JobSpace {
             }
         }
     }
+    let (revisions_on_disk, job_on_disk) = count_on_disk(job, &ids);
     JobSpace {
+        revisions_on_disk,
+        job_on_disk,
         // Without revisions there is nothing to count (not "0 B").
         job: (complete && !ids.is_empty()).then(|| set_usage(files.values())),
         revisions: files.iter().map(|(id, s)| (*id, s.usage())).collect(),
         counted: ids,
         at: Instant::now(),
     }
+}
+
+/// The bytes on disk after compression (btrfs only; see
+/// `crate::storage::ondisk`). Unknown for one revision, unknown for the job.
+fn count_on_disk(job: &JobDir, ids: &[RevisionId]) -> (HashMap<RevisionId, u64>, Option<u64>) {
+    let mut sets: HashMap<RevisionId, OnDisk> = HashMap::new();
+    let mut complete = true;
+    for id in ids {
+        match revision_on_disk(job, id) {
+            Ok(Some(s)) => {
+                sets.insert(*id, s);
+            }
+            Ok(None) => complete = false,
+            Err(e) => {
+                tracing::warn!(job = %job.name(), rev = %id.short(), "bytes on disk of the revision unknown: {e}");
+                complete = false;
+            }
+        }
+    }
+    let job_bytes = if complete && !ids.is_empty() {
+        set_bytes(sets.values())
+    } else {
+        None
+    };
+    let revisions = sets
+        .iter()
+        .filter_map(|(id, s)| s.bytes().map(|b| (*id, b)))
+        .collect();
+    (revisions, job_bytes)
 }
 
 #[cfg(test)]

@@ -6,6 +6,7 @@ pub mod clone;
 pub mod durable;
 pub mod jobdir;
 pub mod lock;
+pub mod ondisk;
 pub mod resume;
 pub mod space;
 pub mod streamed;

@@ -90,6 +90,12 @@ pub struct LoopFs {
 
 impl LoopFs {
     pub fn new(kind: &str, size: u64) -> Self {
+        Self::with_options(kind, size, "loop")
+    }
+
+    /// Mounted with `options` (`mount -o`, which must include `loop`), e.g.
+    /// `loop,compress-force=zstd`.
+    pub fn with_options(kind: &str, size: u64, options: &str) -> Self {
         must_be_root();
         let dir = tempfile::tempdir().expect("tempdir");
         let image = dir.path().join("fs.img");
@@ -107,7 +113,12 @@ impl LoopFs {
             ),
             other => panic!("unknown filesystem {other}"),
         };
-        run_ok(Command::new("mount").args(["-o", "loop"]).arg(&image).arg(&mount));
+        run_ok(
+            Command::new("mount")
+                .args(["-o", options])
+                .arg(&image)
+                .arg(&mount),
+        );
         LoopFs { mount, _dir: dir }
     }
 }
