@@ -67,33 +67,10 @@ struct Export {
 impl Export {
     fn start(w: &World, rev: &str, extra: &[&str]) -> Export {
         let socket = w.work.join(format!("export-{}.sock", rand_suffix()));
-        let mut child = Command::new(bin("backy-client"))
-            .args(["--server", &w.server.url, "--config"])
-            .arg(&w.server.client_config)
-            .args(["--json", "export", "vm1", "-r", rev, "--socket"])
-            .arg(&socket)
-            .args(extra)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("starting backy-client export");
-        let stdout = BufReader::new(child.stdout.take().expect("stdout"));
-        let mut export = Export {
-            stdout,
-            child,
-            uri: String::new(),
-        };
-        // The ready line is printed once the socket accepts (a dead export
-        // closes stdout: no hang).
-        let mut line = String::new();
-        export
-            .stdout
-            .read_line(&mut line)
-            .expect("reading the ready line");
-        let ready: serde_json::Value =
-            serde_json::from_str(&line).unwrap_or_else(|e| panic!("ready line {line:?}: {e}"));
-        export.uri = ready["uri"].as_str().expect("uri").to_string();
+        let mut args = vec!["-r", rev, "--socket", socket.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        let (export, _) = spawn_export(w, &args)
+            .unwrap_or_else(|o| panic!("export: {}", String::from_utf8_lossy(&o.stderr)));
         assert_eq!(export.uri, format!("nbd+unix:///vm1?socket={}", socket.display()));
         export
     }
@@ -141,6 +118,14 @@ fn tool_ok(cmd: &str, args: &[&str]) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// `qemu-img convert` of the export into `out`, which must succeed.
+fn convert(uri: &str, out: &Path) {
+    tool_ok(
+        "qemu-img",
+        &["convert", "-f", "raw", "-O", "raw", uri, out.to_str().unwrap()],
+    );
 }
 
 /// `len` bytes at `offset` read through the export with `qemu-img dd`
@@ -197,18 +182,7 @@ fn qemu_img_reads_the_revision_and_nbdinfo_sees_its_holes() {
     let export = Export::start(&w, &w.rev, &[]);
 
     let copy = w.work.join("copy.img");
-    tool_ok(
-        "qemu-img",
-        &[
-            "convert",
-            "-f",
-            "raw",
-            "-O",
-            "raw",
-            &export.uri,
-            copy.to_str().unwrap(),
-        ],
-    );
+    convert(&export.uri, &copy);
     assert_eq!(
         file_hash(&copy),
         file_hash(&w.frozen),
@@ -326,18 +300,7 @@ fn the_export_recovers_when_the_server_comes_back() {
     let got = read_range(&export.uri, &w.work, 32 * MIB, MIB).expect("the server is back");
     assert!(got == bytes_of(&w.frozen, 32 * MIB, MIB));
     let copy = w.work.join("copy.img");
-    tool_ok(
-        "qemu-img",
-        &[
-            "convert",
-            "-f",
-            "raw",
-            "-O",
-            "raw",
-            &export.uri,
-            copy.to_str().unwrap(),
-        ],
-    );
+    convert(&export.uri, &copy);
     assert_eq!(file_hash(&copy), file_hash(&w.frozen));
     export.stop();
 }
@@ -558,18 +521,7 @@ fn the_export_listens_on_loopback_only_and_its_socket_serves_its_user_only() {
         .unwrap_or_else(|o| panic!("{}", String::from_utf8_lossy(&o.stderr)));
     assert_eq!(ready["uri"], format!("nbd://127.0.0.1:{port}/vm1"));
     let copy = w.work.join("tcp.img");
-    tool_ok(
-        "qemu-img",
-        &[
-            "convert",
-            "-f",
-            "raw",
-            "-O",
-            "raw",
-            &export.uri,
-            copy.to_str().unwrap(),
-        ],
-    );
+    convert(&export.uri, &copy);
     assert_eq!(file_hash(&copy), file_hash(&w.frozen));
     export.stop();
 

@@ -170,7 +170,7 @@ impl Vm {
         }
         let qmp = vm.qmp.clone();
         wait_for("QEMU's QMP socket for backy", Duration::from_secs(30), || {
-            greets(&qmp)
+            qmp_greets(&qmp)
         });
         vm
     }
@@ -287,23 +287,6 @@ impl Drop for Vm {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-    }
-}
-
-/// A client of the QMP socket at `path` is greeted (then leaves).
-fn greets(path: &Path) -> bool {
-    let Ok(stream) = UnixStream::connect(path) else {
-        return false;
-    };
-    stream.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-    let mut reader = BufReader::new(stream);
-    loop {
-        let mut line = String::new();
-        match reader.read_line(&mut line) {
-            Ok(0) | Err(_) => return false,
-            Ok(_) if line.contains("\"QMP\"") => return true,
-            Ok(_) => {}
-        }
     }
 }
 

@@ -787,3 +787,21 @@ pub fn http_get_with(addr: &str, path: &str, authorization: Option<&str>) -> (u1
         .expect("status code");
     (status, head.to_string(), body.to_string())
 }
+
+/// A client of the QMP socket at `path` is greeted (then leaves); an event
+/// (RESUME, at start) may come before the greeting.
+pub fn qmp_greets(path: &Path) -> bool {
+    let Ok(stream) = std::os::unix::net::UnixStream::connect(path) else {
+        return false;
+    };
+    stream.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let mut reader = BufReader::new(stream);
+    loop {
+        let mut line = String::new();
+        match reader.read_line(&mut line) {
+            Ok(0) | Err(_) => return false,
+            Ok(_) if line.contains("\"QMP\"") => return true,
+            Ok(_) => {}
+        }
+    }
+}
