@@ -5,7 +5,7 @@
 set -uo pipefail
 dir=${1:?usage: ceph-down.sh DIR}
 
-ours() { [ -r "/proc/$1/cmdline" ] && tr '\0' ' ' <"/proc/$1/cmdline" | grep -qF -- "-c $dir/ceph.conf"; }
+ours() { [ -r "/proc/$1/cmdline" ] && [[ "$(tr '\0' ' ' <"/proc/$1/cmdline")" == *"-c $dir/ceph.conf"* ]]; }
 
 # OSD first, monitor last; SIGKILL after 10 s.
 for name in osd.0 mon.a; do

@@ -124,8 +124,10 @@ for l in "${lines[@]}"; do
   missing=()
   if [ "$l" = qemu ]; then
     # Installed, and at the backports version: apt would change nothing.
-    if apt-get "${apt_opts[@]}" install -s --no-install-recommends --allow-downgrades \
-      "${args[@]}" 2>/dev/null | grep -q '^Inst '; then
+    # Read whole: grep -q leaving early could SIGPIPE apt-get under pipefail.
+    plan=$(apt-get "${apt_opts[@]}" install -s --no-install-recommends --allow-downgrades \
+      "${args[@]}" 2>/dev/null) || true
+    if grep -q '^Inst ' <<<"$plan"; then
       missing=("${args[@]}")
     fi
   else

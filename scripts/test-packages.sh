@@ -22,7 +22,7 @@ step() { echo "== packages: $*"; }
 
 [ "$(id -u)" = 0 ] || fail "needs root (dpkg -i, a server running as user backy)"
 for p in backy-server backy-client; do
-  if dpkg-query -W -f '${Status}' "$p" 2>/dev/null | grep -q 'ok installed'; then
+  if [[ "$(dpkg-query -W -f '${Status}' "$p" 2>/dev/null)" == *"ok installed"* ]]; then
     fail "$p is installed on this machine; this test installs and purges it, so remove it first"
   fi
 done
@@ -51,7 +51,7 @@ cleanup() {
   if [ -n "$server_pid" ] && kill -0 "$server_pid" 2>/dev/null; then
     kill -KILL "$server_pid" 2>/dev/null || true
   fi
-  if dpkg-query -W -f '${Status}' backy-server backy-client 2>/dev/null | grep -q installed; then
+  if [[ "$(dpkg-query -W -f '${Status}' backy-server backy-client 2>/dev/null)" == *installed* ]]; then
     dpkg --purge backy-client backy-server >/dev/null || echo "test-packages.sh: purging the packages failed" >&2
   fi
   if ! $had_user && getent passwd backy >/dev/null; then
@@ -66,7 +66,10 @@ trap cleanup EXIT
 step "stripped binaries, debug info in -dbgsym packages"
 for pkg in backy-server backy-client; do
   dbg=$(grep "/${pkg}-dbgsym_[^/]*\.ddeb$" <<<"$debs") || fail "no $pkg-dbgsym package in: $debs"
-  dpkg-deb -c "$dbg" | grep -q '/usr/lib/debug/' || fail "$dbg holds no debug file"
+  # The listing is read whole: with pipefail, grep -q leaving early would
+  # kill dpkg-deb's tar with SIGPIPE and fail a good package.
+  listing=$(dpkg-deb -c "$dbg") || fail "dpkg-deb cannot list $dbg"
+  grep -q '/usr/lib/debug/' <<<"$listing" || fail "$dbg holds no debug file"
 done
 ls -l $debs | awk '{ printf "%10d  %s\n", $5, $NF }'
 
