@@ -36,6 +36,9 @@ pub struct Scanned {
     pub digest_bytes: u64,
     /// Blocks sent as data or zeros.
     pub changed_blocks: u64,
+    /// Bytes of changed blocks the server held already (deduplicated
+    /// transfer): not sent.
+    pub bytes_held: u64,
 }
 
 /// Classifies blocks against the baseline and emits the frames for them.
@@ -72,6 +75,10 @@ pub const EXCHANGE_WINDOW: usize = 8;
 
 struct Exchange {
     answers: Answers,
+    /// Ask with each block's digest whether the server holds it (protocol
+    /// 5), also for blocks with no parent data to compare granules with.
+    dedup: bool,
+    bytes_held: u64,
     /// Ranges waiting behind the first block that awaits its answer.
     queue: VecDeque<Queued>,
     /// Blocks in `queue`.
@@ -115,10 +122,23 @@ impl<E: FnMut(Frame) -> Result<()>> Scanner<E> {
     pub fn with_exchange(mut self, answers: Answers) -> Self {
         self.exchange = Some(Exchange {
             answers,
+            dedup: false,
+            bytes_held: 0,
             queue: VecDeque::new(),
             asked: 0,
             digest_bytes: 0,
         });
+        self
+    }
+
+    /// Asks the server, with each changed block's digest, whether it holds
+    /// the block already (it then clones it and nothing is sent); blocks
+    /// whose parent data is zeros send no granule digests. Needs
+    /// [`Self::with_exchange`] first.
+    pub fn with_dedup(mut self) -> Self {
+        if let Some(x) = &mut self.exchange {
+            x.dedup = true;
+        }
         self
     }
 
@@ -154,6 +174,7 @@ impl<E: FnMut(Frame) -> Result<()>> Scanner<E> {
             )));
         }
         self.bytes_read += len;
+        let parent_zero = self.manifest.get(index) == Some(&self.zero_digest(len));
         let change = if self.manifest.get(index) == Some(&digest) {
             Change::Unchanged
         } else if digest == self.zero_digest(len) {
@@ -170,7 +191,7 @@ impl<E: FnMut(Frame) -> Result<()>> Scanner<E> {
             }
             Change::Data if self.exchange.is_some() => {
                 self.changed_blocks += 1;
-                self.ask(index, offset, data)
+                self.ask(index, offset, data, digest, parent_zero)
             }
             Change::Data => {
                 self.changed_blocks += 1;
@@ -228,6 +249,7 @@ impl<E: FnMut(Frame) -> Result<()>> Scanner<E> {
     pub fn finish(mut self) -> Result<Scanned> {
         self.settle(true)?;
         let digest_bytes = self.exchange.as_ref().map_or(0, |x| x.digest_bytes);
+        let bytes_held = self.exchange.as_ref().map_or(0, |x| x.bytes_held);
         let (checksum, data_bytes) = self.frames.finish()?;
         Ok(Scanned {
             manifest: self.manifest,
@@ -236,17 +258,27 @@ impl<E: FnMut(Frame) -> Result<()>> Scanner<E> {
             bytes_sent: data_bytes + digest_bytes,
             digest_bytes,
             changed_blocks: self.changed_blocks,
+            bytes_held,
         })
     }
 
     /// A changed block in the exchange: its granule digests go now, its
     /// data waits for the answer.
-    fn ask(&mut self, index: u64, offset: u64, data: &[u8]) -> Result<()> {
-        let digests = granules::digests(data);
-        let n = digests.len() as u64;
+    fn ask(&mut self, index: u64, offset: u64, data: &[u8], digest: Digest, parent_zero: bool) -> Result<()> {
+        let dedup = self.exchange.as_ref().is_some_and(|x| x.dedup);
+        // Granules compared with zeros would all differ: the block's digest
+        // alone asks whether the server holds it.
+        let digests = if dedup && parent_zero {
+            Vec::new()
+        } else {
+            granules::digests(data)
+        };
+        let block_digest = if dedup { digest.to_vec() } else { Vec::new() };
+        let n = (digests.len() + block_digest.len()) as u64;
         self.frames.other(Frame::Granules(GranuleDigests {
             block: index,
             digests,
+            block_digest,
         }))?;
         if let Some(x) = &mut self.exchange {
             x.digest_bytes += n;
@@ -288,6 +320,13 @@ impl<E: FnMut(Frame) -> Result<()>> Scanner<E> {
             let bad = |why: String| Error::internal(format!("server sent a bad granule answer: {why}"));
             if answer.block != index {
                 return Err(bad(format!("for block {}, asked about {index}", answer.block)));
+            }
+            if answer.held {
+                if !x.dedup {
+                    return Err(bad(format!("block {index} held, but not asked whether it is")));
+                }
+                x.bytes_held += data.len() as u64;
+                continue;
             }
             let wanted =
                 granules::wanted_ranges(&answer.bitmap, data.len() as u64).map_err(|e| bad(e.message))?;
@@ -349,7 +388,7 @@ pub fn scan<E: FnMut(Frame) -> Result<()>>(
     source: &mut dyn Source,
     baseline: Manifest,
     changed: Option<Vec<Extent>>,
-    exchange: Option<Answers>,
+    exchange: Option<(Answers, bool)>,
     emit: E,
     mut progress: impl FnMut(u64),
 ) -> Result<Scanned> {
@@ -363,8 +402,11 @@ pub fn scan<E: FnMut(Frame) -> Result<()>>(
     let block_size = baseline.block_size();
     let count = baseline.block_count();
     let mut scanner = Scanner::new(baseline, emit);
-    if let Some(answers) = exchange {
+    if let Some((answers, dedup)) = exchange {
         scanner = scanner.with_exchange(answers);
+        if dedup {
+            scanner = scanner.with_dedup();
+        }
     }
     let blocks: Box<dyn Iterator<Item = u64> + Send> = match changed {
         None => Box::new(0..count),

@@ -65,6 +65,9 @@ pub struct RevisionView {
     pub bytes_received: u64,
     pub bytes_written: u64,
     pub changed_blocks: u64,
+    /// Bytes shared with other stored revisions instead of received or
+    /// written (deduplication).
+    pub bytes_deduplicated: u64,
     pub duration_secs: f64,
     pub manifest_digest: String,
     pub storage: String,
@@ -152,6 +155,7 @@ impl From<&RevisionInfo> for RevisionView {
             bytes_received: r.bytes_received,
             bytes_written: r.bytes_written,
             changed_blocks: r.changed_blocks,
+            bytes_deduplicated: r.bytes_deduplicated,
             duration_secs: r.duration_secs,
             manifest_digest: r.manifest_digest.clone(),
             storage: storage_name(r.storage).to_string(),

@@ -141,6 +141,10 @@ pub struct ServerConfig {
     pub clients: BTreeMap<String, ClientIdentity>,
     #[serde(default)]
     pub limits: Limits,
+    /// Which stored blocks may spare a push sending a block (docs/DESIGN.md,
+    /// "Deduplication").
+    #[serde(default)]
+    pub dedup: DedupScope,
     /// Mode of revision files: 0600 (default) or 0640 (directories follow:
     /// 0700 or 0750).
     #[serde(default = "default_file_mode", with = "file_mode")]
@@ -154,6 +158,23 @@ pub struct ServerConfig {
     /// replica for those jobs).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub replicate: Option<ReplicateConfig>,
+}
+
+/// Whose stored blocks a push may be told about. Writes are deduplicated
+/// across the whole store whatever this says: the client never learns of
+/// those.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DedupScope {
+    /// Nothing is skipped in transfer: every changed block is sent.
+    Off,
+    /// Blocks held by jobs of the same client identity (the pushing one
+    /// may reach them anyway): nobody learns what another client stores.
+    #[default]
+    Client,
+    /// Blocks held by any job of this server: more saved, but a client
+    /// learns whether a block it names exists somewhere on the host.
+    Host,
 }
 
 /// Pull replication from a source server (docs/DESIGN.md, "Replication").

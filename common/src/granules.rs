@@ -66,6 +66,23 @@ pub fn differing(ours: &[u8], theirs: &[u8]) -> Vec<u8> {
     bitmap
 }
 
+/// The bitmap asking for every granule of a block of `len` bytes.
+pub fn all_wanted(len: u64) -> Vec<u8> {
+    let count = granule_count(len);
+    let mut bitmap = vec![0xffu8; count.div_ceil(8)];
+    if !count.is_multiple_of(8) {
+        if let Some(last) = bitmap.last_mut() {
+            *last = (1u8 << (count % 8)) - 1;
+        }
+    }
+    bitmap
+}
+
+/// The bitmap asking for nothing of a block of `len` bytes.
+pub fn none_wanted(len: u64) -> Vec<u8> {
+    vec![0u8; granule_count(len).div_ceil(8)]
+}
+
 /// The byte ranges inside a block of `len` bytes that a bitmap asks for,
 /// neighbouring granules merged; refuses a bitmap of the wrong length or
 /// naming granules beyond the block (a server's answer is validated, not
@@ -137,5 +154,26 @@ mod tests {
         // Wrong length, and a bit beyond the block's 3 granules.
         assert!(wanted_ranges(&[0, 0], 3 * G as u64).is_err());
         assert!(wanted_ranges(&[0b1000], 3 * G as u64).is_err());
+    }
+
+    #[test]
+    fn all_and_none_wanted_cover_exactly_the_block() {
+        for len in [
+            1,
+            GRANULE - 1,
+            GRANULE,
+            GRANULE + 1,
+            7 * GRANULE,
+            8 * GRANULE,
+            9 * GRANULE + 3,
+            64 * GRANULE,
+        ] {
+            let all = wanted_ranges(&all_wanted(len), len).unwrap();
+            assert_eq!(all, vec![0..len as usize], "len {len}");
+            assert!(
+                wanted_ranges(&none_wanted(len), len).unwrap().is_empty(),
+                "len {len}"
+            );
+        }
     }
 }

@@ -87,6 +87,14 @@ pub struct Stats {
     pub changed_blocks: u64,
     /// Wall time of the push, seconds.
     pub duration: f64,
+    /// Bytes of blocks stored by sharing another revision's extents
+    /// (deduplicated: cloned instead of received, or shared after writing).
+    #[serde(default, skip_serializing_if = "crate::revision::is_zero")]
+    pub bytes_deduplicated: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// The contents of a `.rev` file.

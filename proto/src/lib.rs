@@ -24,7 +24,9 @@ pub use v1::*;
 /// 3: `StatusStream`, status without a message limit.
 /// 4: `RestoreRequest.granules`, rollback (delta restore); `ReadGranules`,
 ///    the NBD export's ranged reads.
-pub const PROTOCOL: u32 = 4;
+/// 5: deduplicated transfer: `GranuleDigests.block_digest`,
+///    `GranulesWanted.held`, `PlanReply.dedup`.
+pub const PROTOCOL: u32 = 5;
 /// The first protocol whose servers take `PushExchange`; a client uses it
 /// only with such a server, and pushes whole blocks through `Push` to older
 /// ones.
@@ -38,6 +40,9 @@ pub const ROLLBACK_PROTOCOL: u32 = 4;
 /// The first protocol whose servers answer `ReadGranules` (the NBD export
 /// needs it; there is no fallback).
 pub const EXPORT_PROTOCOL: u32 = 4;
+/// The first protocol whose servers answer `GranuleDigests.block_digest`
+/// (deduplicated transfer); older ones would ignore it.
+pub const DEDUP_PROTOCOL: u32 = 5;
 /// The oldest client protocol a server of this build accepts from a
 /// client that declares one.
 pub const MIN_CLIENT_PROTOCOL: u32 = 1;
@@ -66,7 +71,8 @@ mod tests {
         let said = format!(
             "This build speaks protocol {} (protocol 1 plus `PushExchange`, the granule exchange, \
              `StatusStream`, status without a message limit, `RestoreRequest.granules`, rollback, \
-             and `ReadGranules`, the export's ranged reads) and works with peers of protocol {} and newer",
+             `ReadGranules`, the export's ranged reads, and `GranuleDigests.block_digest`, \
+             deduplicated transfer) and works with peers of protocol {} and newer",
             super::PROTOCOL,
             super::MIN_CLIENT_PROTOCOL.min(super::MIN_SERVER_PROTOCOL)
         );

@@ -54,6 +54,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                     bytes_written: 4096,
                     changed_blocks: 1,
                     duration: 0.1,
+                    bytes_deduplicated: 0,
                 },
                 manifest_digest: manifest_digest.clone(),
                 storage: StorageMode::Reflink,

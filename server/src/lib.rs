@@ -5,6 +5,7 @@ pub mod access;
 pub mod agent;
 pub mod audit;
 pub mod auth;
+pub mod dedup;
 pub mod executor;
 pub mod granule_read;
 pub mod http;
@@ -92,6 +93,7 @@ pub async fn serve(config: ServerConfig, preflight: Preflight, config_path: Path
     let _store = storage::lock::StoreLock::acquire(&config.base_dir)?;
     let started = std::time::Instant::now();
     let server = Arc::new(Server::new(config, mode));
+    dedup::attach(&server);
     let s = server.clone();
     let jobs = tokio::task::spawn_blocking(move || open_jobs(&s))
         .await

@@ -76,6 +76,12 @@ pub fn plan(server: &Server, req: &PlanRequest) -> Result<PlanReply> {
         resume: resume.is_some(),
         resume_size: resume.as_ref().map(|r| r.size).unwrap_or(0),
         resume_checkpoint: resume.as_ref().map(|r| r.checkpoint).unwrap_or(0),
+        dedup: crate::dedup::source::transfer_offered(
+            &config,
+            server.storage_mode,
+            &server.jobs.hints,
+            job.name(),
+        ),
     })
 }
 

@@ -5,6 +5,8 @@ use crate::job::Txn;
 use crate::state::Server;
 use crate::storage::{NewRevision, NewRevisionSpec, PushEnd};
 use crate::work::Gate;
+use backy_common::granules;
+use backy_common::manifest::Digest;
 use backy_common::revision::{RevisionMeta, SourceInfo};
 use backy_common::schedule::ExpiryRun;
 use backy_common::{fault, Error, ErrorKind, Result, RevisionId, DEFAULT_BLOCK_SIZE};
@@ -20,8 +22,9 @@ pub const DEFAULT_MAX_SIZE: u64 = 16 << 40;
 pub enum Step {
     Data(u64, Vec<u8>),
     Zero(u64, u64),
-    /// Granule digests of a block (`PushExchange` only).
-    Granules(u64, Vec<u8>),
+    /// Granule digests of a block (`PushExchange` only), and its digest
+    /// when the client asks whether the server holds it (protocol 5).
+    Granules(u64, Vec<u8>, Option<Digest>),
     End(PushEnd),
     /// The client broke the protocol: discard, failing with this reason.
     /// (A channel that closes without `End` or `Abort` means the client
@@ -29,9 +32,9 @@ pub enum Step {
     Abort(String),
 }
 
-/// Where the answers of the granule exchange go (block, bitmap); an error
-/// means the client went away.
-pub type Answer = Box<dyn FnMut(u64, Vec<u8>) -> Result<()> + Send>;
+/// Where the answers of the granule exchange go (block, bitmap, held); an
+/// error means the client went away.
+pub type Answer = Box<dyn FnMut(u64, Vec<u8>, bool) -> Result<()> + Send>;
 
 /// Runs a whole push on a blocking thread and returns the new revision and
 /// the ids expiry removed after it; `rx` ends without `End` when the
@@ -164,6 +167,16 @@ pub fn run(
         }
         None => NewRevision::create(&job, spec, parent, server.storage_mode, checkpoint_every, gate)?,
     };
+    let sources = crate::dedup::source::StoredBlocks::for_push(
+        &config,
+        server.storage_mode,
+        &server.jobs.hints,
+        job.name(),
+        begin.block_size,
+    );
+    if let Some(sources) = sources {
+        rev = rev.with_sources(Box::new(sources));
+    }
     fault::point("push.cloned");
     let sealed = loop {
         let step = rx.blocking_recv();
@@ -178,14 +191,14 @@ pub fn run(
                 rev.zero(offset, len)?;
                 fault::point("push.frame");
             }
-            Some(Step::Granules(block, digests)) => {
+            Some(Step::Granules(block, digests, block_digest)) => {
                 let Some(answer) = answer.as_mut() else {
                     return Err(Error::invalid("granule digests outside the granule exchange"));
                 };
-                match rev.granules(block, &digests) {
-                    Ok(wanted) => {
+                match exchange(&mut rev, block, &digests, block_digest.as_ref()) {
+                    Ok((wanted, held)) => {
                         fault::point("push.granules");
-                        gone = answer(block, wanted).is_err();
+                        gone = answer(block, wanted, held).is_err();
                     }
                     // The work pool gives a departed client no slot.
                     Err(e) if e.kind == ErrorKind::Unavailable => gone = true,
@@ -217,6 +230,26 @@ pub fn run(
         changed_blocks = meta.stats.changed_blocks, storage = meta.storage.as_str(), "committed revision"
     );
     Ok((meta, expired))
+}
+
+/// Answers one block of the granule exchange: held (cloned from a stored
+/// copy, nothing wanted), else the granules that differ, or all of them
+/// when the client sent only the block's digest.
+fn exchange(
+    rev: &mut NewRevision,
+    block: u64,
+    digests: &[u8],
+    block_digest: Option<&Digest>,
+) -> Result<(Vec<u8>, bool)> {
+    if let Some(d) = block_digest {
+        if rev.held(block, d)? {
+            return Ok((granules::none_wanted(rev.block_len(block)), true));
+        }
+        if digests.is_empty() {
+            return Ok((rev.wanted_whole(block)?, false));
+        }
+    }
+    Ok((rev.granules(block, digests)?, false))
 }
 
 /// Publishes a sealed revision and runs the expiry after it, in one

@@ -10,6 +10,7 @@ use crate::storage::PushEnd;
 use crate::text::clip;
 use crate::wire::to_status;
 use crate::work::Gate;
+use backy_common::manifest::Digest;
 use backy_common::{Error, Result};
 use backy_proto::backy_server::Backy;
 use backy_proto::push_frame::Frame;
@@ -263,8 +264,8 @@ impl Service {
         let who = caller.clone();
         let exchange = answers.is_some();
         let answer = answers.map(|events| -> crate::push::Answer {
-            Box::new(move |block, bitmap| {
-                let wanted = GranulesWanted { block, bitmap };
+            Box::new(move |block, bitmap, held| {
+                let wanted = GranulesWanted { block, bitmap, held };
                 events
                     .blocking_send(Ok(PushEvent {
                         event: Some(push_event::Event::Wanted(wanted)),
@@ -317,7 +318,18 @@ impl Service {
                             Some(out_of_order("granule digests belong in PushExchange, not Push"));
                         break;
                     }
-                    Step::Granules(g.block, g.digests)
+                    let block_digest = match <Digest>::try_from(g.block_digest.as_slice()) {
+                        Ok(d) => Some(d),
+                        Err(_) if g.block_digest.is_empty() => None,
+                        Err(_) => {
+                            protocol_error = Some(Status::invalid_argument(format!(
+                                "block digest of {} bytes: must be 32",
+                                g.block_digest.len()
+                            )));
+                            break;
+                        }
+                    };
+                    Step::Granules(g.block, g.digests, block_digest)
                 }
                 Ok(Some(PushFrame {
                     frame: Some(Frame::End(e)),

@@ -131,11 +131,14 @@ pub(super) async fn push(
     // The granule exchange compares with a parent and needs a server that
     // speaks it; the fault mode poses as an older client (tests of the
     // whole-block push). A full push goes through Push as always.
-    let exchange = has_parent
-        && !fault::mode("whole-blocks")
-        && crate::connect::server_protocol(client).await? >= backy_proto::GRANULE_PROTOCOL;
+    let protocol = crate::connect::server_protocol(client).await?;
+    // Blocks the server holds already (deduplication, protocol 5) are not
+    // sent: it says so per block in the exchange, a full push's too.
+    let dedup = plan.dedup && protocol >= backy_proto::DEDUP_PROTOCOL;
+    let exchange =
+        (has_parent || dedup) && !fault::mode("whole-blocks") && protocol >= backy_proto::GRANULE_PROTOCOL;
     let (answers_tx, answers_rx) = mpsc::channel(scan::EXCHANGE_WINDOW + 1);
-    let answers = exchange.then(|| answers_from(answers_rx));
+    let answers = exchange.then(|| (answers_from(answers_rx), dedup));
     let reader = tokio::task::spawn_blocking(move || {
         read_source(&mut *source, baseline, has_parent, answers, &tx, |pos| {
             reader_bar.set(pos)
@@ -243,7 +246,7 @@ fn read_source(
     source: &mut dyn Source,
     baseline: Manifest,
     has_parent: bool,
-    answers: Option<scan::Answers>,
+    answers: Option<(scan::Answers, bool)>,
     tx: &mpsc::Sender<PushFrame>,
     progress: impl FnMut(u64),
 ) -> Result<Scanned> {

@@ -77,6 +77,13 @@ impl fmt::Display for Pushed {
             format_bytes(self.bytes_sent),
             self.duration_secs
         )?;
+        if self.revision.bytes_deduplicated > 0 {
+            write!(
+                f,
+                " ({} held by the server already)",
+                format_bytes(self.revision.bytes_deduplicated)
+            )?;
+        }
         if let Some(at) = self.resumed_at {
             write!(f, " (resumed at {})", format_bytes(at))?;
         }

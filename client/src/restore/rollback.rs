@@ -457,7 +457,11 @@ async fn fetch(
         granules: scanned
             .blocks
             .into_iter()
-            .map(|(block, digests)| GranuleDigests { block, digests })
+            .map(|(block, digests)| GranuleDigests {
+                block,
+                digests,
+                ..Default::default()
+            })
             .collect(),
         ..Default::default()
     };

@@ -34,6 +34,8 @@ pub struct Jobs {
     pub activity: Arc<Activity>,
     /// What each job's revisions take on disk (counted on demand).
     pub space: SpaceCache,
+    /// The store's digest index, kept current by every commit and deletion.
+    pub hints: crate::dedup::hints::Hints,
 }
 
 impl Jobs {

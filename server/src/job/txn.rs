@@ -190,8 +190,16 @@ impl<'a> Txn<'a> {
                 return Err(locked(self.job.name(), id, until));
             }
         }
+        let deleted: Vec<RevisionMeta> = self
+            .revisions
+            .iter()
+            .filter(|r| ids.contains(&r.id))
+            .cloned()
+            .collect();
         self.job.journal_deletions(&self.lock, ids)?;
         self.revisions.retain(|r| !ids.contains(&r.id));
+        // Before the files go: the index's entries naming them move on.
+        self.jobs.hints.deleting(self.job, &deleted, &self.revisions);
         fault::point("delete.journaled");
         // `forget.applied`: tests fail the removal after the commit point.
         let removed = fault::fail("forget.applied").and_then(|()| self.job.finish_deletions(&self.lock));
@@ -271,7 +279,9 @@ impl<'a> Txn<'a> {
                 Some(_) => {}
             }
         }
+        let new_blocks = sealed.new_blocks();
         let meta = sealed.install(&self.lock)?;
+        self.jobs.hints.published(self.job, meta.id, &new_blocks);
         self.revisions.push(meta.clone());
         self.revisions
             .sort_by(|a, b| a.timestamp.cmp(&b.timestamp).then(a.id.cmp(&b.id)));

@@ -104,6 +104,17 @@ impl Streamed {
         Ok(())
     }
 
+    /// A block written whole by other means (cloned from a stored copy
+    /// whose digest was checked): known as `digest`.
+    pub fn known(&mut self, block: u64, digest: Digest) -> Result<()> {
+        if matches!(&self.current, Some((b, _, _)) if *b == block) {
+            self.current = None;
+        }
+        self.digests.set(block, digest)?;
+        self.known.insert(block..block + 1);
+        Ok(())
+    }
+
     fn is_known(&self, block: u64) -> bool {
         self.known.contains(block)
     }

@@ -85,6 +85,24 @@ pub struct NewRevision {
     last_exchanged: Option<u64>,
     /// Scratch for the stored bytes a range is compared with.
     stored: Vec<u8>,
+    /// Deduplication against other revisions; `None`: off.
+    sources: Option<Box<dyn BlockSource>>,
+    /// Blocks cloned from another revision: shared already.
+    cloned: BlockSet,
+}
+
+/// Where a push finds blocks that other stored revisions hold (the
+/// implementation, `crate::dedup::source`, knows the index and the scope).
+pub trait BlockSource: Send {
+    /// Makes `dst`'s `len` bytes at `offset`, which hold a block of
+    /// `digest`, share the extents of another revision's copy if the
+    /// filesystem finds the bytes equal; returns the bytes now shared.
+    fn dedupe(&self, digest: &Digest, dst: &File, offset: u64, len: u64) -> Result<u64>;
+    /// Writes a block of `digest` into `dst` at `offset` by cloning a
+    /// stored copy the pushing client may be spared sending (in the job's
+    /// dedup scope), read and checked against `digest` first; `false`:
+    /// none found.
+    fn clone_held(&self, digest: &Digest, dst: &File, offset: u64, len: u64) -> Result<bool>;
 }
 
 /// Blocks a client may have answered ahead of the ranges it sent: bounds
@@ -169,6 +187,8 @@ impl NewRevision {
             exchanged: BTreeSet::new(),
             last_exchanged: None,
             stored: Vec::new(),
+            sources: None,
+            cloned: BlockSet::new(),
         })
     }
 
@@ -250,11 +270,26 @@ impl NewRevision {
             exchanged: BTreeSet::new(),
             last_exchanged: None,
             stored: Vec::new(),
+            sources: None,
+            cloned: BlockSet::new(),
         })
     }
 
     pub fn storage(&self) -> StorageMode {
         self.storage
+    }
+
+    /// The length of `block` (the last one may be short).
+    pub fn block_len(&self, block: u64) -> u64 {
+        self.current.block_len(block)
+    }
+
+    /// Deduplicates this revision's blocks against other stored revisions:
+    /// held blocks are cloned (see [`Self::held`]), written ones shared at
+    /// the commit where the filesystem finds them equal.
+    pub fn with_sources(mut self, sources: Box<dyn BlockSource>) -> Self {
+        self.sources = Some(sources);
+        self
     }
 
     fn check_extent(&mut self, offset: u64, len: u64) -> Result<Extent> {
@@ -387,22 +422,9 @@ impl NewRevision {
                 self.current.block_count()
             )));
         }
-        let offset = self.current.block_offset(block);
-        let len = self.current.block_len(block);
-        if offset < self.position || self.last_exchanged.is_some_and(|last| block <= last) {
-            return Err(Error::invalid(format!(
-                "granule digests out of order: block {block} after ranges up to {} and block {:?}",
-                self.position, self.last_exchanged
-            )));
-        }
+        let (offset, len) = self.asked_in_order(block)?;
         granules::check_digests(digests, len)?;
-        let passed = self.position / u64::from(self.spec.block_size);
-        self.exchanged.retain(|&b| b >= passed);
-        if self.exchanged.len() >= MAX_EXCHANGED_AHEAD {
-            return Err(Error::exhausted(format!(
-                "more than {MAX_EXCHANGED_AHEAD} blocks asked about ahead of the ranges sent"
-            )));
-        }
+        self.bound_exchanged()?;
         // A 1 KiB frame asks for a whole block read and hashed: work of the
         // fair pool, so a few pushes cannot starve everyone else's. A
         // caller that left gets no slot (the push keeps what it received
@@ -416,6 +438,101 @@ impl NewRevision {
         self.last_exchanged = Some(block);
         self.exchanged.insert(block);
         Ok(granules::differing(&ours, digests))
+    }
+
+    /// Checks a block asked about comes after the ranges sent and the
+    /// blocks asked before; returns its offset and length.
+    fn asked_in_order(&self, block: u64) -> Result<(u64, u64)> {
+        if block >= self.current.block_count() {
+            return Err(Error::invalid(format!(
+                "granule digests for block {block} beyond the image's {} blocks",
+                self.current.block_count()
+            )));
+        }
+        let offset = self.current.block_offset(block);
+        if offset < self.position || self.last_exchanged.is_some_and(|last| block <= last) {
+            return Err(Error::invalid(format!(
+                "granule digests out of order: block {block} after ranges up to {} and block {:?}",
+                self.position, self.last_exchanged
+            )));
+        }
+        Ok((offset, self.current.block_len(block)))
+    }
+
+    /// Forgets the answered blocks the ranges have passed, and refuses a
+    /// client that asks too far ahead.
+    fn bound_exchanged(&mut self) -> Result<()> {
+        let passed = self.position / u64::from(self.spec.block_size);
+        self.exchanged.retain(|&b| b >= passed);
+        if self.exchanged.len() >= MAX_EXCHANGED_AHEAD {
+            return Err(Error::exhausted(format!(
+                "more than {MAX_EXCHANGED_AHEAD} blocks asked about ahead of the ranges sent"
+            )));
+        }
+        Ok(())
+    }
+
+    /// A block of `digest` the client offers to spare sending (protocol 5):
+    /// cloned from a stored copy in the job's dedup scope, checked by its
+    /// digest; `false` when there is none and the client must send it.
+    /// Must come in the order of the granule exchange.
+    pub fn held(&mut self, block: u64, digest: &Digest) -> Result<bool> {
+        let (offset, len) = self.asked_in_order(block)?;
+        let Some(sources) = &self.sources else {
+            return Ok(false);
+        };
+        if self.baseline.is_zero(block) && *digest == backy_common::manifest::zero_digest(len) {
+            return Ok(false);
+        }
+        // Reading and hashing a stored block: work of the fair pool.
+        let slot = self.gate.slot()?;
+        let held = sources.clone_held(digest, &self.file, offset, len)?;
+        drop(slot);
+        if !held {
+            return Ok(false);
+        }
+        self.last_exchanged = Some(block);
+        self.streamed.known(block, *digest)?;
+        self.touch(Extent { offset, len });
+        self.cloned.insert(block..block + 1);
+        self.stats.bytes_deduplicated += len;
+        Ok(true)
+    }
+
+    /// A block the client will send whole (protocol 5: it asked whether the
+    /// server holds it, with no granule digests to compare): every granule
+    /// is wanted, and written unread.
+    pub fn wanted_whole(&mut self, block: u64) -> Result<Vec<u8>> {
+        let (_, len) = self.asked_in_order(block)?;
+        self.bound_exchanged()?;
+        self.last_exchanged = Some(block);
+        self.exchanged.insert(block);
+        Ok(granules::all_wanted(len))
+    }
+
+    /// Shares the extents of written blocks that another stored revision
+    /// holds too (the kernel compares the bytes, so a stale hint only
+    /// costs a read); returns the bytes shared.
+    fn dedupe_written(&mut self) -> Result<u64> {
+        let Some(sources) = &self.sources else {
+            return Ok(0);
+        };
+        let mut shared = 0;
+        for block in 0..self.current.block_count() {
+            let Some(d) = self.current.get(block) else {
+                continue;
+            };
+            if self.current.is_zero(block)
+                || Some(d) == self.baseline.get(block)
+                || self.cloned.contains(block)
+            {
+                continue;
+            }
+            let _slot = self.gate.slot()?;
+            let (offset, len) = (self.current.block_offset(block), self.current.block_len(block));
+            shared += sources.dedupe(d, &self.file, offset, len)?;
+        }
+        Ok(shared)
     }
 
     /// Digests the blocks below `upto` written since their last digest.
@@ -503,6 +620,7 @@ impl NewRevision {
             bytes_received: self.earlier.bytes_received + self.stats.bytes_received,
             bytes_written: self.earlier.bytes_written + self.stats.bytes_written,
             changed_blocks: self.earlier.changed_blocks + self.stats.changed_blocks,
+            bytes_deduplicated: self.earlier.bytes_deduplicated + self.stats.bytes_deduplicated,
             duration: self.earlier.duration + self.started.elapsed().as_secs_f64(),
         }
     }
@@ -608,6 +726,9 @@ impl NewRevision {
             ))
             .with_reason(backy_common::Reason::ManifestMismatch));
         }
+        // Checked whole: now its new blocks may share another revision's
+        // extents (before the sync, which then writes less).
+        self.stats.bytes_deduplicated += self.dedupe_written()?;
         self.flusher.finish();
         self.file
             .sync_all()
@@ -669,6 +790,16 @@ impl std::fmt::Debug for Sealed {
 impl Sealed {
     pub fn meta(&self) -> &RevisionMeta {
         &self.meta
+    }
+
+    /// The blocks whose data this revision brought (not its parent's, not
+    /// zeros): what the digest index learns when it is published.
+    pub fn new_blocks(&self) -> Vec<(u64, Digest)> {
+        let (current, baseline) = (&self.rev.current, &self.rev.baseline);
+        (0..current.block_count())
+            .filter(|&b| !current.is_zero(b) && current.get(b) != baseline.get(b))
+            .filter_map(|b| current.get(b).map(|d| (b, *d)))
+            .collect()
     }
 
     /// Locks the revision for `lock` from its timestamp on (none: not
