@@ -848,7 +848,7 @@ mod tests {
             src,
             baseline,
             None,
-            Some(answers),
+            Some((answers, false)),
             |f| {
                 if let Frame::Granules(g) = &f {
                     let start = g.block as usize * bs as usize;
@@ -859,6 +859,7 @@ mod tests {
                         None => GranulesWanted {
                             block: g.block,
                             bitmap,
+                            held: false,
                         },
                     };
                     asked.lock().unwrap().push_back(a);
@@ -869,6 +870,69 @@ mod tests {
             |_| {},
         )?;
         Ok((frames, scanned))
+    }
+
+    /// Protocol 5: a full push asks about each data block with its digest
+    /// alone (no parent granules to compare); a block the server holds is
+    /// not sent, the others go whole.
+    #[test]
+    fn dedup_asks_with_block_digests_and_sends_no_held_block() {
+        use std::sync::{Arc, Mutex};
+        let bs = 4 * ZERO_GRANULE as u32;
+        let b = bs as usize;
+        let image = [pattern(b, 1), vec![0; b], pattern(b, 2), pattern(b, 3)].concat();
+        let held = digest(&image[2 * b..3 * b]);
+        let pending = Arc::new(Mutex::new(VecDeque::new()));
+        let asked = pending.clone();
+        let answers: Answers = Box::new(move |_wait| Ok(pending.lock().unwrap().pop_front()));
+        let mut frames = Vec::new();
+        let mut src = MemSource::new(image.clone());
+        let baseline = Manifest::zeroed(image.len() as u64, bs).unwrap();
+        let scanned = scan(
+            &mut src,
+            baseline,
+            None,
+            Some((answers, true)),
+            |f| {
+                if let Frame::Granules(g) = &f {
+                    assert!(g.digests.is_empty(), "no granules compared with zeros");
+                    let start = g.block as usize * b;
+                    assert_eq!(g.block_digest, digest(&image[start..start + b]).to_vec());
+                    let is_held = g.block_digest == held.to_vec();
+                    asked.lock().unwrap().push_back(GranulesWanted {
+                        block: g.block,
+                        bitmap: if is_held {
+                            granules::none_wanted(b as u64)
+                        } else {
+                            granules::all_wanted(b as u64)
+                        },
+                        held: is_held,
+                    });
+                }
+                frames.push(f);
+                Ok(())
+            },
+            |_| {},
+        )
+        .unwrap();
+        let asked: Vec<u64> = frames
+            .iter()
+            .filter_map(|f| match f {
+                Frame::Granules(x) => Some(x.block),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(asked, [0, 2, 3], "data blocks only");
+        let ranges: Vec<Frame> = frames
+            .into_iter()
+            .filter(|f| !matches!(f, Frame::Granules(_)))
+            .collect();
+        let sent = apply(&[], image.len(), &ranges);
+        let mut expected = image.clone();
+        expected[2 * b..3 * b].fill(0);
+        assert_eq!(sent, expected, "everything but the held block");
+        assert_eq!(scanned.bytes_held, b as u64);
+        assert_eq!(scanned.manifest, manifest_of(&image, bs));
     }
 
     #[test]
@@ -917,18 +981,27 @@ mod tests {
         let parent = pattern(2 * bs as usize, 1);
         let mut image = parent.clone();
         image[5] ^= 1;
-        let answers: [fn(u64, Vec<u8>) -> GranulesWanted; 3] = [
+        let answers: [fn(u64, Vec<u8>) -> GranulesWanted; 4] = [
             |block, bitmap| GranulesWanted {
                 block: block + 1,
                 bitmap,
+                held: false,
             },
             |block, _| GranulesWanted {
                 block,
                 bitmap: vec![0b1_0000],
+                held: false,
             },
             |block, _| GranulesWanted {
                 block,
                 bitmap: vec![1, 0],
+                held: false,
+            },
+            // Held, though the client did not ask whether it is.
+            |block, bitmap| GranulesWanted {
+                block,
+                bitmap,
+                held: true,
             },
         ];
         for answer in answers {

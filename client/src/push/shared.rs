@@ -221,6 +221,7 @@ mod tests {
             bytes_sent: 0,
             digest_bytes: 0,
             changed_blocks: 0,
+            bytes_held: 0,
         }
     }
 

@@ -1097,6 +1097,77 @@ mod tests {
         assert_eq!(std::fs::read(job.image_path(&meta.id)).unwrap(), image);
     }
 
+    /// A stand-in for the stored blocks of other revisions: holds blocks by
+    /// digest, "clones" by writing (the unit test's filesystem may have no
+    /// reflinks), and records what the commit asked to share.
+    struct FakeSource {
+        held: Vec<Vec<u8>>,
+        asked: Arc<std::sync::Mutex<Vec<Digest>>>,
+    }
+
+    impl BlockSource for FakeSource {
+        fn dedupe(&self, digest: &Digest, _dst: &File, _offset: u64, len: u64) -> Result<u64> {
+            self.asked.lock().unwrap().push(*digest);
+            Ok(len)
+        }
+
+        fn clone_held(&self, wanted: &Digest, dst: &File, offset: u64, _len: u64) -> Result<bool> {
+            match self.held.iter().find(|b| digest(b) == *wanted) {
+                Some(b) => {
+                    dst.write_all_at(b, offset).unwrap();
+                    Ok(true)
+                }
+                None => Ok(false),
+            }
+        }
+    }
+
+    /// Protocol 5: a block the server holds is cloned, not sent; the commit
+    /// checks it with the rest and shares only the blocks that were written.
+    #[test]
+    fn held_blocks_are_cloned_and_written_ones_shared_at_the_commit() {
+        let dir = tempfile::tempdir().unwrap();
+        let job = job(dir.path());
+        let image = [
+            pattern(B as usize, 9),
+            pattern(B as usize, 10),
+            pattern(B as usize, 11),
+        ]
+        .concat();
+        let block = |b: u64| &image[(b * B) as usize..((b + 1) * B) as usize];
+        let asked = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let source = FakeSource {
+            held: vec![block(1).to_vec()],
+            asked: asked.clone(),
+        };
+        let mut rev = full(&job, 3 * B).with_sources(Box::new(source));
+        let mut sum = StreamChecksum::new();
+        // Block 0: not held, sent whole.
+        assert!(!rev.held(0, &digest(block(0))).unwrap());
+        assert_eq!(rev.wanted_whole(0).unwrap(), granules::all_wanted(B));
+        rev.data(0, block(0)).unwrap();
+        sum.data(0, block(0));
+        // Block 1: held, nothing sent.
+        assert!(rev.held(1, &digest(block(1))).unwrap());
+        // Asked again, or behind the ranges: refused.
+        assert_eq!(
+            rev.held(1, &digest(block(1))).unwrap_err().kind,
+            ErrorKind::InvalidArgument
+        );
+        assert_eq!(
+            rev.held(0, &digest(block(0))).unwrap_err().kind,
+            ErrorKind::InvalidArgument
+        );
+        rev.data(2 * B, block(2)).unwrap();
+        sum.data(2 * B, block(2));
+        let meta = publish(&job, rev.commit(&end(&sum, &manifest_of(&image, BS))).unwrap());
+        assert_eq!(std::fs::read(job.image_path(&meta.id)).unwrap(), image);
+        assert_eq!(meta.stats.bytes_received, 2 * B);
+        // B cloned, and the two written blocks "shared" by the fake.
+        assert_eq!(meta.stats.bytes_deduplicated, 3 * B);
+        assert_eq!(*asked.lock().unwrap(), vec![digest(block(0)), digest(block(2))]);
+    }
+
     /// Issue 28, item 9: the block a granule-digest frame makes the server
     /// read and hash is work of the fair pool, like a read-back: a caller
     /// that left gets no slot, and the read is not done.
