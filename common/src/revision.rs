@@ -250,6 +250,7 @@ mod tests {
                 bytes_written: 6,
                 changed_blocks: 1,
                 duration: 1.5,
+                bytes_deduplicated: 0,
             },
             manifest_digest: "ab".repeat(32),
             storage: StorageMode::Copy,

@@ -133,6 +133,7 @@ fn server_everything() -> ServerConfig {
             first_request_timeout: Interval::from_secs(1),
             max_streams: 1,
         },
+        dedup: DedupScope::Host,
         file_mode: DEFAULT_FILE_MODE,
         secrets_group: Some("g".into()),
         replicate: Some(ReplicateConfig {

@@ -64,6 +64,7 @@ fn golden_meta() -> RevisionMeta {
             bytes_written: 131072,
             changed_blocks: 2,
             duration: 1.5,
+            bytes_deduplicated: 0,
         },
         manifest_digest: hex::encode(manifest().file_digest()),
         storage: StorageMode::Reflink,

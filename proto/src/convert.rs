@@ -250,6 +250,7 @@ mod tests {
                 bytes_written: 2,
                 changed_blocks: 3,
                 duration: 0.5,
+                bytes_deduplicated: 4,
             },
             manifest_digest: "00".repeat(32),
             storage: StorageMode::Copy,

@@ -80,6 +80,17 @@ fn granules(block: u64, len: usize) -> Frame {
     Frame::Granules(GranuleDigests {
         block,
         digests: vec![1u8; len],
+        block_digest: Vec::new(),
+    })
+}
+
+/// Asks whether the server holds block `block` with a block digest of
+/// `len` bytes and no granule digests (protocol 5).
+fn held_ask(block: u64, len: usize) -> Frame {
+    Frame::Granules(GranuleDigests {
+        block,
+        digests: Vec::new(),
+        block_digest: vec![7u8; len],
     })
 }
 
@@ -349,6 +360,27 @@ async fn hostile_pushes_are_refused_and_change_nothing() {
             "a block below the ranges sent",
             vec![data(8 << 20, 10), granules(1, 1024)],
             "out of order",
+        ),
+        // Protocol 5: asking whether the server holds a block.
+        (
+            "a block digest of the wrong length",
+            vec![held_ask(0, 31)],
+            "block digest of 31 bytes: must be 32",
+        ),
+        (
+            "a held-block ask beyond the image",
+            vec![held_ask(SIZE / (4 << 20), 32)],
+            "beyond the image",
+        ),
+        (
+            "a held-block ask below the ranges sent",
+            vec![data(8 << 20, 10), held_ask(1, 32)],
+            "out of order",
+        ),
+        (
+            "neither granule nor block digests",
+            vec![held_ask(0, 0)],
+            "granule digests of 0 bytes",
         ),
     ];
     for (what, middle, msg) in exchange_cases {

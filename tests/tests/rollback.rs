@@ -198,6 +198,7 @@ fn hostile_rollback_requests_are_refused() {
             .map(|&block| GranuleDigests {
                 block,
                 digests: digests.clone(),
+                ..Default::default()
             })
             .collect()
     };
@@ -211,6 +212,7 @@ fn hostile_rollback_requests_are_refused() {
             vec![GranuleDigests {
                 block: 0,
                 digests: vec![0; 15],
+                ..Default::default()
             }],
             String::new(),
             "granule digests of 15 bytes",
