@@ -10,6 +10,7 @@ pub mod blockset;
 pub mod checksum;
 pub mod config;
 pub mod config_reference;
+pub mod dedup_index;
 pub mod error;
 pub mod escape;
 pub mod fault;

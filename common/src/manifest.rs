@@ -194,6 +194,17 @@ impl Manifest {
         (self.image_size - start.min(self.image_size)).min(self.block_size as u64)
     }
 
+    /// The blocks that are not all zeros, with their digests, in order;
+    /// memory and time follow the data, not the image's size.
+    pub fn data_blocks(&self) -> impl Iterator<Item = (u64, &Digest)> + '_ {
+        self.chunks.iter().flat_map(move |(key, chunk)| {
+            let first = key * CHUNK;
+            (first..(first + CHUNK).min(self.block_count))
+                .map(move |b| (b, &chunk[(b - first) as usize]))
+                .filter(move |(b, d)| *d != self.zero_of(*b))
+        })
+    }
+
     /// Whether the block is known to be all zeros.
     pub fn is_zero(&self, block: u64) -> bool {
         self.get(block).is_some_and(|d| d == self.zero_of(block))
@@ -651,6 +662,11 @@ mod tests {
                 }
                 prop_assert_eq!(&dense(&m), &model);
             }
+            let data: Vec<(u64, Digest)> = m.data_blocks().map(|(b, d)| (b, *d)).collect();
+            let want: Vec<(u64, Digest)> = model.iter().enumerate()
+                .filter(|(b, d)| **d != zero_at(m.image_size(), *b as u64))
+                .map(|(b, d)| (b as u64, *d)).collect();
+            prop_assert_eq!(data, want, "data_blocks: the non-zero blocks, in order");
             let bytes = m.encode();
             prop_assert_eq!(bytes.len(), HEADER_LEN + model.len() * DIGEST_LEN);
             prop_assert!(bytes[HEADER_LEN..].chunks(DIGEST_LEN).zip(&model).all(|(a, b)| a == b));

@@ -1,6 +1,9 @@
 //! Deduplication across revisions and jobs by reflink (docs/DESIGN.md,
-//! "Deduplication"): the digest index of stored blocks, the ioctls, and
-//! what pushes and `backy-server dedup` do with them.
+//! "Deduplication"): the digest index of stored blocks (`index`), the
+//! ioctls that share a range of one file with another (`reflink`), keeping
+//! the index current (`hints`) and the stored blocks a push may use
+//! (`source`). Above `storage` (it reads job directories and manifests),
+//! below `job`, except `attach`, which the server calls at start.
 
 pub mod hints;
 pub mod index;
@@ -8,8 +11,33 @@ pub mod reflink;
 pub mod source;
 
 use crate::state::Server;
+use crate::storage::JobDir;
 use backy_common::revision::StorageMode;
+use backy_common::{Error, JobName, Result};
+use std::path::Path;
 use std::sync::Arc;
+
+/// Every job directory below `store` (directories named like a job; the
+/// store's own entries start with a dot), sorted by name.
+pub fn job_dirs(store: &Path) -> Result<Vec<JobDir>> {
+    let entries = match std::fs::read_dir(store) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(Error::io(format!("listing {}", store.display()), e)),
+    };
+    let mut names = Vec::new();
+    for entry in entries {
+        let entry = entry.map_err(|e| Error::io(format!("listing {}", store.display()), e))?;
+        let Some(name) = entry.file_name().to_str().and_then(|n| JobName::new(n).ok()) else {
+            continue;
+        };
+        if entry.file_type().is_ok_and(|t| t.is_dir()) {
+            names.push(name);
+        }
+    }
+    names.sort();
+    Ok(names.into_iter().map(|n| JobDir::new(store, n)).collect())
+}
 
 /// Opens the store's digest index for the server's pushes and commits
 /// (on a filesystem that shares extents: elsewhere nothing can be shared),

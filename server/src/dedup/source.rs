@@ -152,7 +152,7 @@ impl BlockSource for StoredBlocks {
             // Unaligned (a short last block) or no reflinks here after all:
             // the client sends it.
             Err(e) if reflink::unsupported(&e) => Ok(false),
-            Err(e) => Err(e),
+            Err(e) => Err(Error::io("cloning a stored block into the new revision", e)),
         }
     }
 }
