@@ -157,6 +157,8 @@ fn exclusive(rev: &serde_json::Value) -> u64 {
 /// client's job sends its data, which is then shared on disk all the same.
 fn one_client_transfer_and_store_wide_writes(kind: &str) {
     let w = World::new(kind, "");
+    // XFS allocates a few filesystem blocks past the data (8 KiB seen).
+    let slack = if kind == "xfs" { 64 << 10 } else { 0 };
     let a1 = w.clone_of_template("a1", &[]);
     let first = w.push("hv01", "a1", &a1);
     assert!(sent(&first) >= DATA, "the first copy is sent: {first}");
@@ -173,9 +175,8 @@ fn one_client_transfer_and_store_wide_writes(kind: &str) {
     assert_eq!(deduplicated(&second), DATA - BLOCK, "{second}");
     w.restores_to("a2", &a2);
     let rev = w.newest("a2");
-    // XFS allocates a few filesystem blocks beyond the data.
     assert!(
-        exclusive(&rev) <= BLOCK + 64 * 1024,
+        exclusive(&rev) <= BLOCK + slack,
         "a2's revision shares the template's blocks: {rev}"
     );
 
@@ -190,7 +191,10 @@ fn one_client_transfer_and_store_wide_writes(kind: &str) {
     assert_eq!(deduplicated(&third), DATA, "written, then shared: {third}");
     w.restores_to("b1", &b1);
     let rev = w.newest("b1");
-    assert_eq!(exclusive(&rev), 0, "b1's revision shares every block: {rev}");
+    assert!(
+        exclusive(&rev) <= slack,
+        "b1's revision shares every block: {rev}"
+    );
     if kind == "btrfs" {
         // backy's figures are the filesystem's.
         let (total, excl) = btrfs_du(&w.image("b1"));
@@ -264,4 +268,23 @@ fn a_changed_or_deleted_candidate_is_never_used() {
     w.restores_to("a3", &a3);
     w.server
         .client_ok(&["--token-file", w.token("admin"), "verify", "a3"]);
+}
+
+/// A store without an index (an upgrade, or the index removed) gets one
+/// rebuilt from its manifests at start, and pushes use it.
+#[test]
+fn a_missing_index_is_rebuilt_from_the_manifests_at_start() {
+    let mut w = World::new("btrfs", "");
+    let a1 = w.clone_of_template("a1", &[]);
+    w.push("hv01", "a1", &a1);
+    w.server.kill();
+    std::fs::remove_dir_all(w.server.base.join(".dedup")).unwrap();
+    let mark = w.server.log_mark();
+    w.server.restart();
+    w.server.wait_log(mark, "digest index rebuilt");
+    let a2 = w.clone_of_template("a2", &[]);
+    let pushed = w.push("hv01", "a2", &a2);
+    assert_eq!(deduplicated(&pushed), DATA, "{pushed}");
+    assert!(sent(&pushed) < MIB, "{pushed}");
+    w.restores_to("a2", &a2);
 }
