@@ -95,6 +95,21 @@ impl Collector for HostCollector {
             )?;
         }
         gauge(&mut e, "backy_jobs", "Configured jobs", config.jobs.len() as u64)?;
+        // The digest index (deduplication): 64 shard headers read.
+        if let Some(Ok(stats)) = server.jobs.hints.index().map(|i| i.stats()) {
+            gauge(
+                &mut e,
+                "backy_dedup_index_entries",
+                "Block digests in the store's deduplication index",
+                stats.live,
+            )?;
+            gauge(
+                &mut e,
+                "backy_dedup_index_bytes",
+                "Bytes of the deduplication index's files (read a bucket at a time, never held in memory)",
+                stats.bytes,
+            )?;
+        }
         // Scrub progress: revisions whose last check (a verify, or the
         // commit) is older than scrub.interval.
         let interval =

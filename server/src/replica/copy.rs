@@ -179,6 +179,16 @@ pub fn copy(
             0,
         ),
     };
+    // Blocks other revisions here hold already are shared once written.
+    if let Some(sources) = crate::dedup::source::StoredBlocks::for_push(
+        &config,
+        server.storage_mode,
+        &server.jobs.hints,
+        job.name(),
+        target.block_size,
+    ) {
+        rev = rev.with_sources(Box::new(sources));
+    }
     let request = RestoreRequest {
         job: job.name().to_string(),
         revision: target.id.to_string(),
