@@ -1,14 +1,20 @@
 //! Deduplication across jobs (docs/DESIGN.md, "Deduplication"): the
 //! digest index of stored blocks (`index`) and the ioctls that share a
-//! range of one file with another (`reflink`). Above `storage` (it reads
+//! range of one file with another (`reflink`), and the walk over a store
+//! that shares what is stored twice (`store`). Above `storage` (it reads
 //! job directories and manifests), below `job`.
 
 pub mod index;
 pub mod reflink;
+pub mod store;
 
 use crate::storage::JobDir;
 use backy_common::{Error, JobName, Result};
 use std::path::Path;
+
+/// Below the index's directory: per job, the revisions `backy-server
+/// dedup` has walked.
+pub const DIR_DONE: &str = "done";
 
 /// Every job directory below `store` (directories named like a job; the
 /// store's own entries start with a dot), sorted by name.
