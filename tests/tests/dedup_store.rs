@@ -263,3 +263,42 @@ fn dedup_refuses_a_store_without_reflinks_and_unknown_jobs() {
         assert!(err.contains("cannot share extents"), "{err}");
     }
 }
+
+/// Run as root on a store the service's user owns, the run acts as that
+/// user: every file it makes is one the server (as that user) can open
+/// and replace.
+#[test]
+fn dedup_as_root_makes_files_the_store_owner_can_use() {
+    use std::os::unix::fs::MetadataExt;
+    let fs = LoopFs::new("btrfs", 1 << 30);
+    let base = fs.mount.join("backy");
+    let src = fs.mount.join("vm1.img");
+    make_image(&src, 2 * BLOCK, &[(0, 2 * BLOCK)]);
+    let server = Server::start(&base, "  vm1: {schedule: none}\n  vm2: {schedule: none}\n");
+    server.client_ok(&["push", "vm1", "--source", src.to_str().unwrap()]);
+    server.client_ok(&["push", "vm2", "--source", src.to_str().unwrap()]);
+    let nobody = 65534;
+    let chown = Command::new("chown")
+        .args(["-R", &format!("{nobody}:{nobody}")])
+        .arg(&base)
+        .status()
+        .unwrap();
+    assert!(chown.success());
+    let out = dedup(&server, &[]);
+    assert_eq!(after(&out, "deduplicated"), 2, "{out}");
+    let mut seen = 0;
+    let mut dirs = vec![base.join(".dedup")];
+    while let Some(dir) = dirs.pop() {
+        let m = std::fs::metadata(&dir).unwrap();
+        assert_eq!((m.uid(), m.gid()), (nobody, nobody), "{}", dir.display());
+        for e in std::fs::read_dir(&dir).unwrap().flatten() {
+            let m = e.metadata().unwrap();
+            assert_eq!((m.uid(), m.gid()), (nobody, nobody), "{}", e.path().display());
+            if m.is_dir() {
+                dirs.push(e.path());
+            }
+            seen += 1;
+        }
+    }
+    assert!(seen > 64, "the index's shards, lock and records: {seen} files");
+}
