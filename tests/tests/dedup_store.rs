@@ -302,3 +302,54 @@ fn dedup_as_root_makes_files_the_store_owner_can_use() {
     }
     assert!(seen > 64, "the index's shards, lock and records: {seen} files");
 }
+
+/// A run killed in a rebuild of the index or between a revision's walk
+/// and its record: the next run starts, rebuilds or resumes, and ends with
+/// the store deduplicated.
+#[test]
+fn dedup_killed_midway_resumes() {
+    let fs = LoopFs::new("btrfs", 1 << 30);
+    let base = fs.mount.join("backy");
+    let src = fs.mount.join("vm.img");
+    make_image(&src, 4 * BLOCK, &[(0, 4 * BLOCK)]);
+    let server = Server::start(&base, "  vm1: {schedule: none}\n  vm2: {schedule: none}\n");
+    server.client_ok(&["push", "vm1", "--source", src.to_str().unwrap()]);
+    server.client_ok(&["push", "vm2", "--source", src.to_str().unwrap()]);
+    let killed = |fault: &str| {
+        let out = Command::new(bin("backy-server"))
+            .arg("--config")
+            .arg(&server.config_path)
+            .arg("dedup")
+            .env("BACKY_FAULT", fault)
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{fault}: {out:?}");
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("BACKY_FAULT: aborting"),
+            "{out:?}"
+        );
+    };
+    // In the rebuild, before its shards replace the index's.
+    killed("dedup.rebuild-written");
+    // After vm2's revision was deduplicated, before it was recorded.
+    killed("dedup.revision-walked@2");
+    let out = dedup(&server, &[]);
+    assert!(
+        !out.contains("digest index rebuilt"),
+        "the second run's rebuild holds: {out}"
+    );
+    assert!(
+        out.contains("1 revision (1 done before)"),
+        "vm1 was recorded: {out}"
+    );
+    assert!(out.contains("vm2: 1 revision walked"), "{out}");
+    assert!(out.contains("4 shared already"), "done before the kill: {out}");
+    let (a, b) = (
+        images(&server, "vm1")[0].clone(),
+        images(&server, "vm2")[0].clone(),
+    );
+    assert_eq!(common_bytes(&b, &a), 4 * BLOCK);
+    let work = fs.mount.join("work");
+    std::fs::create_dir_all(&work).unwrap();
+    restores_equal(&server, "vm2", &src, &work);
+}

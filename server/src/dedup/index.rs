@@ -563,6 +563,7 @@ pub fn rebuild(store: &Path) -> Result<IndexStats> {
             .mode(durable::file_mode())
             .open(&lock_path)
             .map_err(|e| Error::io(format!("opening {}", lock_path.display()), e))?;
+        backy_common::fault::point("dedup.rebuild-written");
         let _all = RangeLock::take(&lock, 0, 0, true)
             .map_err(|e| Error::io(format!("locking {}", lock_path.display()), e))?;
         for (n, (tmp, _, _)) in shards.iter().enumerate() {

@@ -240,6 +240,7 @@ pub fn run(store: &Path, jobs: &[JobDir], opts: Options, progress: &mut dyn FnMu
                     continue;
                 }
             }
+            backy_common::fault::point("dedup.revision-walked");
             done.insert(meta.id);
             write_done(store, job, &done)?;
         }
