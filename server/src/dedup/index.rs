@@ -75,6 +75,12 @@ pub struct DigestIndex {
     shards: Vec<Mutex<Shard>>,
 }
 
+// One handle serves every thread of a process.
+const _: fn() = || {
+    fn shared<T: Send + Sync>() {}
+    shared::<DigestIndex>();
+};
+
 /// One shard as this handle has it open.
 struct Shard {
     path: PathBuf,
