@@ -280,22 +280,31 @@ impl Bucket {
         )
     }
 
+    /// The job key of slot `i` (0: free), read without decoding the rest.
+    fn key_of(&self, i: usize) -> u64 {
+        let e = self.entry(i);
+        u64::from_le_bytes([e[32], e[33], e[34], e[35], e[36], e[37], e[38], e[39]])
+    }
+
     /// The slot holding `digest`, and where it points.
     pub fn find(&self, digest: &Digest) -> Option<(usize, Location)> {
-        (0..SLOTS).find_map(|i| match self.slot(i) {
-            Slot::Live(d, loc) if d == *digest => Some((i, loc)),
-            _ => None,
-        })
+        // Raw bytes first: a probe compares up to 64 digests per bucket.
+        (0..SLOTS)
+            .filter(|&i| self.entry(i)[..32] == digest[..] && self.key_of(i) != 0)
+            .find_map(|i| match self.slot(i) {
+                Slot::Live(_, loc) => Some((i, loc)),
+                _ => None,
+            })
     }
 
     /// Whether a slot was never used: a probe for a digest ends here.
     pub fn has_empty(&self) -> bool {
-        (0..SLOTS).any(|i| self.slot(i) == Slot::Empty)
+        (0..SLOTS).any(|i| self.key_of(i) == 0 && self.slot(i) == Slot::Empty)
     }
 
     /// The first slot an entry can go into (empty or dead).
     pub fn free_slot(&self) -> Option<usize> {
-        (0..SLOTS).find(|&i| !matches!(self.slot(i), Slot::Live(..)))
+        (0..SLOTS).find(|&i| self.key_of(i) == 0)
     }
 
     pub fn set(&mut self, i: usize, digest: &Digest, loc: &Location) {

@@ -62,6 +62,28 @@ enum Command {
         #[arg(value_name = "JOB", value_parser = parse_job)]
         job: Option<JobName>,
     },
+    /// Make equal blocks stored apart share one copy on disk.
+    ///
+    /// Where blocks of revisions (of any job) are equal but stored apart,
+    /// shares their extents (reflinks; the kernel compares the bytes
+    /// first). Safe while the server runs and pushes arrive. Resumable:
+    /// revisions walked by an earlier run are skipped. Says what it saved
+    /// at the end.
+    #[command(
+        after_help = "Examples:\n  backy-server dedup\n  backy-server dedup vm1 vm2\n  backy-server dedup --restart --rebuild-index"
+    )]
+    Dedup {
+        /// Only these jobs [default: every job directory in base-dir]
+        #[arg(value_name = "JOB", value_parser = parse_job)]
+        jobs: Vec<JobName>,
+        /// Walk every revision again, also those an earlier run finished.
+        #[arg(long)]
+        restart: bool,
+        /// Rebuild the digest index from every manifest first (done anyway
+        /// when the index is missing or damaged).
+        #[arg(long)]
+        rebuild_index: bool,
+    },
     /// Print the hash of a client token for `clients: NAME: token-hash:`.
     /// Reads the token from stdin (so it stays out of shell history and
     /// `ps`), or makes a new one with --generate.
@@ -152,6 +174,77 @@ fn expire_dry_run(config: &ServerConfig, job: Option<&JobName>) -> anyhow::Resul
         out.push_str(&backy_server::schedule::format_preview(&name, preview.as_ref()));
     }
     print_out(&out)
+}
+
+/// Deduplicates `jobs` (or every job directory) of the store.
+fn dedup(config: &ServerConfig, jobs: &[JobName], restart: bool, rebuild_index: bool) -> anyhow::Result<()> {
+    use backy_common::units::format_bytes;
+    use backy_server::dedup;
+    let base = &config.base_dir;
+    become_store_owner(base)?;
+    backy_server::storage::durable::set_modes(config.file_mode, config.dir_mode());
+    let dirs = if jobs.is_empty() {
+        dedup::job_dirs(base)?
+    } else {
+        let mut dirs = Vec::new();
+        for name in jobs {
+            let dir = backy_server::storage::JobDir::new(base, name.clone());
+            if !dir.path().is_dir() {
+                anyhow::bail!("job {name}: no directory {} in base-dir", dir.path().display());
+            }
+            dirs.push(dir);
+        }
+        dirs
+    };
+    let opts = dedup::store::Options {
+        restart,
+        rebuild_index,
+    };
+    let report = dedup::store::run(base, &dirs, opts, &mut |line| {
+        let _ = print_out(&format!("{line}\n"));
+    })?;
+    let t = report.totals;
+    let (before, after) = (report.used_before, report.used_after);
+    let change = if after <= before {
+        format!("{} less", format_bytes(before - after))
+    } else {
+        format!("{} more: other writes meanwhile", format_bytes(after - before))
+    };
+    print_out(&format!(
+        "deduplicated {} of {} blocks ({}) in {}, {} ({} done before); \
+         store used {} before, {} after ({change})\n",
+        t.deduped,
+        t.blocks,
+        format_bytes(t.deduped_bytes),
+        count(report.jobs, "job"),
+        count(t.revisions, "revision"),
+        t.skipped,
+        format_bytes(before),
+        format_bytes(after),
+    ))
+}
+
+/// Run as root on a store the service's user owns: becomes that user, so
+/// every file the run makes (the digest index, its records) is the
+/// server's to open and replace, as if the server had made it.
+fn become_store_owner(base: &std::path::Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let owner = std::fs::metadata(base).with_context(|| format!("reading base-dir {}", base.display()))?;
+    // SAFETY: no arguments, cannot fail.
+    if unsafe { libc::geteuid() } != 0 || owner.uid() == 0 {
+        return Ok(());
+    }
+    // SAFETY: plain system calls on ids; each result is checked.
+    let failed = unsafe {
+        libc::setgroups(0, std::ptr::null()) != 0
+            || libc::setgid(owner.gid()) != 0
+            || libc::setuid(owner.uid()) != 0
+    };
+    if failed {
+        return Err(std::io::Error::last_os_error())
+            .with_context(|| format!("becoming uid {}, the owner of {}", owner.uid(), base.display()));
+    }
+    Ok(())
 }
 
 /// Writes to stdout; a reader that went away (`| head`) is not an error.
@@ -256,6 +349,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     let config = load(&cli.config)?;
     if let Some(Command::Expire { dry_run: _, job }) = &cli.command {
         return expire_dry_run(&config, job.as_ref());
+    }
+    if let Some(Command::Dedup {
+        jobs,
+        restart,
+        rebuild_index,
+    }) = &cli.command
+    {
+        return dedup(&config, jobs, *restart, *rebuild_index);
     }
     let preflight = preflight(&config, &cli.config)?;
     if let Some(Command::CheckConfig { as_user }) = &cli.command {

@@ -42,6 +42,8 @@ const LOCK_FILE: &str = "lock";
 pub const SHARDS: usize = 64;
 /// Buckets of a new shard (log2): 4 KiB, 64 entries.
 const NEW_LOG2: u8 = 0;
+/// Age after which a temp file in the index's directory is a crash's.
+const STALE_TEMP: std::time::Duration = std::time::Duration::from_secs(3600);
 
 fn shard_of(digest: &Digest) -> usize {
     digest[0] as usize & (SHARDS - 1)
@@ -72,6 +74,12 @@ pub struct DigestIndex {
     lock: File,
     shards: Vec<Mutex<Shard>>,
 }
+
+// One handle serves every thread of a process.
+const _: fn() = || {
+    fn shared<T: Send + Sync>() {}
+    shared::<DigestIndex>();
+};
 
 /// One shard as this handle has it open.
 struct Shard {
@@ -265,6 +273,11 @@ fn insert_growing(
     )))
 }
 
+/// Flocks a rebuild's temp file, so no opener takes it for a crash's.
+fn hold(file: &File) -> std::io::Result<()> {
+    rustix::fs::flock(file, rustix::fs::FlockOperation::NonBlockingLockExclusive).map_err(Into::into)
+}
+
 fn inode(file: &File, path: &Path) -> Result<u64> {
     Ok(file
         .metadata()
@@ -304,7 +317,33 @@ impl DigestIndex {
             // Starts missing and damaged shards anew, once, here.
             index.with_shard(n, true, |_| Ok(()))?;
         }
+        index.remove_stale_temps();
         Ok(index)
+    }
+
+    /// Removes temp files a crash left (a growth or rebuild that never
+    /// renamed them): those untouched for [`STALE_TEMP`] (a growth takes
+    /// far less) and not flocked (a running rebuild holds its own).
+    fn remove_stale_temps(&self) {
+        let Ok(entries) = std::fs::read_dir(&self.dir) else {
+            return;
+        };
+        for e in entries.flatten() {
+            let stale = e.file_name().to_string_lossy().starts_with(".tmp.")
+                && e.metadata()
+                    .and_then(|m| m.modified())
+                    .is_ok_and(|t| t.elapsed().is_ok_and(|age| age > STALE_TEMP))
+                && File::open(e.path()).is_ok_and(|f| hold(&f).is_ok());
+            if stale {
+                match std::fs::remove_file(e.path()) {
+                    Ok(()) => tracing::info!(
+                        "removed {}, left by an interrupted index change",
+                        e.path().display()
+                    ),
+                    Err(err) => tracing::warn!("removing {}: {err}", e.path().display()),
+                }
+            }
+        }
     }
 
     /// Runs `f` on shard `n` under its lock (exclusive or shared), opened
@@ -485,6 +524,7 @@ pub fn rebuild(store: &Path) -> Result<IndexStats> {
             let header = Header::new(NEW_LOG2, random_salt());
             let tmp = temp_path(&dir, "rebuild");
             let file = create_shard(&tmp, &header)?;
+            hold(&file).map_err(|e| Error::io(format!("locking {}", tmp.display()), e))?;
             shards.push((tmp, file, header));
         }
         for job in job_dirs(store)? {
@@ -504,7 +544,9 @@ pub fn rebuild(store: &Path) -> Result<IndexStats> {
                         rev: meta.id,
                         block,
                     };
-                    insert_growing(&dir, tmp, file, header, digest, &loc)?;
+                    if insert_growing(&dir, tmp, file, header, digest, &loc)?.1 {
+                        hold(file).map_err(|e| Error::io(format!("locking {}", tmp.display()), e))?;
+                    }
                 }
             }
         }
@@ -527,6 +569,7 @@ pub fn rebuild(store: &Path) -> Result<IndexStats> {
             .mode(durable::file_mode())
             .open(&lock_path)
             .map_err(|e| Error::io(format!("opening {}", lock_path.display()), e))?;
+        backy_common::fault::point("dedup.rebuild-written");
         let _all = RangeLock::take(&lock, 0, 0, true)
             .map_err(|e| Error::io(format!("locking {}", lock_path.display()), e))?;
         for (n, (tmp, _, _)) in shards.iter().enumerate() {
@@ -660,6 +703,33 @@ mod tests {
         let index = DigestIndex::open(store.path()).unwrap();
         assert!(index.needs_rebuild());
         assert_eq!(index.lookup(&d).unwrap(), None);
+    }
+
+    #[test]
+    fn temp_files_a_crash_left_go_and_fresh_ones_stay() {
+        let store = tempfile::tempdir().unwrap();
+        let dir = store.path().join(DIR);
+        std::fs::create_dir(&dir).unwrap();
+        let (old, fresh) = (dir.join(".tmp.grow.old"), dir.join(".tmp.rebuild.fresh"));
+        std::fs::write(&old, b"x").unwrap();
+        std::fs::write(&fresh, b"x").unwrap();
+        let long_ago = std::time::SystemTime::now() - 2 * STALE_TEMP;
+        std::fs::File::options()
+            .write(true)
+            .open(&old)
+            .unwrap()
+            .set_modified(long_ago)
+            .unwrap();
+        DigestIndex::open(store.path()).unwrap();
+        assert!(!old.exists(), "left by a crash: removed");
+        assert!(fresh.exists(), "maybe being written: kept");
+        // An old one a rebuild holds stays.
+        std::fs::write(&old, b"x").unwrap();
+        let held = std::fs::File::options().write(true).open(&old).unwrap();
+        held.set_modified(long_ago).unwrap();
+        hold(&held).unwrap();
+        DigestIndex::open(store.path()).unwrap();
+        assert!(old.exists(), "held by a rebuild: kept");
     }
 
     #[test]

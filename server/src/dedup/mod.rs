@@ -1,14 +1,17 @@
 //! Deduplication across revisions and jobs by reflink (docs/DESIGN.md,
 //! "Deduplication"): the digest index of stored blocks (`index`), the
 //! ioctls that share a range of one file with another (`reflink`), keeping
-//! the index current (`hints`) and the stored blocks a push may use
-//! (`source`). Above `storage` (it reads job directories and manifests),
-//! below `job`, except `attach`, which the server calls at start.
+//! the index current (`hints`), the stored blocks a push may use
+//! (`source`), and the walk over a store that shares what is stored twice
+//! (`store`, `backy-server dedup`). Above `storage` (it reads job
+//! directories and manifests), below `job`, except `attach`, which the
+//! server calls at start.
 
 pub mod hints;
 pub mod index;
 pub mod reflink;
 pub mod source;
+pub mod store;
 
 use crate::state::Server;
 use crate::storage::JobDir;
@@ -16,6 +19,10 @@ use backy_common::revision::StorageMode;
 use backy_common::{Error, JobName, Result};
 use std::path::Path;
 use std::sync::Arc;
+
+/// Below the index's directory: per job, the revisions `backy-server
+/// dedup` has walked.
+pub const DIR_DONE: &str = "done";
 
 /// Every job directory below `store` (directories named like a job; the
 /// store's own entries start with a dot), sorted by name.

@@ -86,6 +86,62 @@ pub fn file_extents(path: &Path) -> Result<Option<Vec<Extent>>> {
     }
 }
 
+/// One extent of a file as FIEMAP maps it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Mapped {
+    pub logical: u64,
+    pub physical: u64,
+    pub length: u64,
+    pub flags: u32,
+}
+
+/// The extents of `file` over `start..start+len`, clipped to that range
+/// and given relative to `start` (so two files' ranges compare directly);
+/// `None` without FIEMAP. Bounded: one batch of extents, which is plenty
+/// for the ranges of one block that callers ask for; more reads as
+/// "unknown" (`None`).
+pub fn range_extents(file: &std::fs::File, start: u64, len: u64) -> Result<Option<Vec<Mapped>>> {
+    let mut map = Box::new(Fiemap {
+        start,
+        length: len,
+        flags: 0,
+        mapped_extents: 0,
+        extent_count: BATCH as u32,
+        reserved: 0,
+        extents: [FiemapExtent::default(); BATCH],
+    });
+    // SAFETY: as in `file_extents`.
+    let rc = unsafe { libc::ioctl(file.as_raw_fd(), FS_IOC_FIEMAP as _, &mut *map as *mut Fiemap) };
+    if rc < 0 {
+        let e = std::io::Error::last_os_error();
+        return match e.raw_os_error() {
+            Some(libc::EOPNOTSUPP | libc::ENOTTY) => Ok(None),
+            _ => Err(Error::io("mapping the extents of a block", e)),
+        };
+    }
+    let mapped = (map.mapped_extents as usize).min(BATCH);
+    if mapped == BATCH {
+        return Ok(None);
+    }
+    let end = start.saturating_add(len);
+    Ok(Some(
+        map.extents[..mapped]
+            .iter()
+            .filter(|e| e.logical < end && e.logical.saturating_add(e.length) > start)
+            .map(|e| {
+                let from = e.logical.max(start);
+                let to = e.logical.saturating_add(e.length).min(end);
+                Mapped {
+                    logical: from - start,
+                    physical: e.physical.saturating_add(from - e.logical),
+                    length: to - from,
+                    flags: e.flags & !flags::LAST,
+                }
+            })
+            .collect(),
+    ))
+}
+
 /// The space of one revision's files (image, manifest, metadata); `None`
 /// when the filesystem cannot tell.
 pub fn revision_space(job: &JobDir, id: &RevisionId) -> Result<Option<FilesSpace>> {
