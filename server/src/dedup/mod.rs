@@ -63,8 +63,20 @@ pub fn attach(server: &Arc<Server>) {
         }
     };
     let rebuild = index.needs_rebuild();
+    // A store without revisions is indexed at once (nothing to read): a
+    // rebuild running beside the first pushes would drop their entries.
+    let empty = job_dirs(&base).is_ok_and(|jobs| {
+        jobs.iter()
+            .all(|j| j.revisions().is_ok_and(|revs| revs.is_empty()))
+    });
+    if rebuild && empty {
+        if let Err(e) = index::rebuild(&base) {
+            tracing::warn!("starting the digest index: {e}; pushes are not deduplicated");
+            return;
+        }
+    }
     server.jobs.hints.attach(index);
-    if rebuild {
+    if rebuild && !empty {
         std::thread::spawn(move || {
             tracing::info!("digest index: rebuilding from the stored manifests");
             match index::rebuild(&base) {

@@ -315,9 +315,12 @@ impl Server {
 
     /// Every file and directory below the base dir with its size and hash,
     /// to prove a bad request changed nothing.
+    /// Leaves out `.dedup/`, the digest index: hints the server keeps (and
+    /// rebuilds in the background at start), not stored backups.
     pub fn snapshot_tree(&self) -> Vec<(String, u64, String)> {
         let mut out = Vec::new();
         walk(&self.base, &self.base, &mut out);
+        out.retain(|(p, _, _)| !p.starts_with(".dedup/"));
         out.sort();
         out
     }
