@@ -113,6 +113,12 @@ fn restores_equal(server: &Server, job: &str, expected: &Path, work: &Path) {
     std::fs::remove_file(&out).unwrap();
 }
 
+/// The store of a server from before deduplication: its pushes store
+/// equal blocks apart, as `backy-server dedup` finds them.
+fn older_server(server: &mut Server) {
+    server.restart_with_env(&[("BACKY_FAULT", "mode:no-dedup")]);
+}
+
 fn store_is_deduplicated(kind: &str) {
     let fs = LoopFs::new(kind, 4 << 30);
     let base = fs.mount.join("backy");
@@ -120,10 +126,11 @@ fn store_is_deduplicated(kind: &str) {
     std::fs::create_dir_all(&work).unwrap();
     let src = work.join("template.img");
     make_image(&src, DATA, &[(0, DATA)]);
-    let server = Server::start(
+    let mut server = Server::start(
         &base,
         "  vm1: {schedule: none}\n  vm2: {schedule: none}\n  vm3: {schedule: none}\n",
     );
+    older_server(&mut server);
     for job in ["vm1", "vm2"] {
         server.client_ok(&["push", job, "--source", src.to_str().unwrap()]);
     }
@@ -274,7 +281,8 @@ fn dedup_as_root_makes_files_the_store_owner_can_use() {
     let base = fs.mount.join("backy");
     let src = fs.mount.join("vm1.img");
     make_image(&src, 2 * BLOCK, &[(0, 2 * BLOCK)]);
-    let server = Server::start(&base, "  vm1: {schedule: none}\n  vm2: {schedule: none}\n");
+    let mut server = Server::start(&base, "  vm1: {schedule: none}\n  vm2: {schedule: none}\n");
+    older_server(&mut server);
     server.client_ok(&["push", "vm1", "--source", src.to_str().unwrap()]);
     server.client_ok(&["push", "vm2", "--source", src.to_str().unwrap()]);
     let nobody = 65534;
@@ -312,14 +320,16 @@ fn dedup_killed_midway_resumes() {
     let base = fs.mount.join("backy");
     let src = fs.mount.join("vm.img");
     make_image(&src, 4 * BLOCK, &[(0, 4 * BLOCK)]);
-    let server = Server::start(&base, "  vm1: {schedule: none}\n  vm2: {schedule: none}\n");
+    let mut server = Server::start(&base, "  vm1: {schedule: none}\n  vm2: {schedule: none}\n");
+    older_server(&mut server);
     server.client_ok(&["push", "vm1", "--source", src.to_str().unwrap()]);
     server.client_ok(&["push", "vm2", "--source", src.to_str().unwrap()]);
-    let killed = |fault: &str| {
+    let killed = |fault: &str, args: &[&str]| {
         let out = Command::new(bin("backy-server"))
             .arg("--config")
             .arg(&server.config_path)
             .arg("dedup")
+            .args(args)
             .env("BACKY_FAULT", fault)
             .output()
             .unwrap();
@@ -329,10 +339,12 @@ fn dedup_killed_midway_resumes() {
             "{out:?}"
         );
     };
-    // In the rebuild, before its shards replace the index's.
-    killed("dedup.rebuild-written");
+    // In a rebuild (the server made the index complete when it started on
+    // the empty store), before its shards replace the index's: the old
+    // index holds.
+    killed("dedup.rebuild-written", &["--rebuild-index"]);
     // After vm2's revision was deduplicated, before it was recorded.
-    killed("dedup.revision-walked@2");
+    killed("dedup.revision-walked@2", &[]);
     let out = dedup(&server, &[]);
     assert!(
         !out.contains("digest index rebuilt"),

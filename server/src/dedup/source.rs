@@ -35,10 +35,17 @@ pub struct StoredBlocks {
 /// Whether pushes of `job` may be spared sending blocks stored elsewhere:
 /// what `PlanReply.dedup` tells the client.
 pub fn transfer_offered(config: &ServerConfig, mode: StorageMode, hints: &Hints, job: &JobName) -> bool {
-    mode == StorageMode::Reflink
+    !posing_as_older()
+        && mode == StorageMode::Reflink
         && hints.index().is_some()
         && config.dedup != DedupScope::Off
         && config.jobs.contains_key(job)
+}
+
+/// Tests: the server poses as one from before deduplication, to make the
+/// stores `backy-server dedup` is for.
+fn posing_as_older() -> bool {
+    backy_common::fault::mode("no-dedup")
 }
 
 impl StoredBlocks {
@@ -51,7 +58,7 @@ impl StoredBlocks {
         job: &JobName,
         block_size: u32,
     ) -> Option<Self> {
-        if mode != StorageMode::Reflink {
+        if mode != StorageMode::Reflink || posing_as_older() {
             return None;
         }
         let index = hints.index()?.clone();
