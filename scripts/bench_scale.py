@@ -5,7 +5,9 @@ Builds N jobs x R revisions with server/examples/scale_fixture.rs (real
 .rev/.digests files, tiny sparse images), starts backy-server on them and
 measures: start-up until listening, `status` of all jobs (one line per job),
 `status JOB`, `check` of all jobs, server CPU while A agents are connected
-and nothing is due, and server RSS. Every step's output is checked, so a
+and nothing is due, and server RSS; then the deduplication index of the
+same store rebuilt from its manifests (server/examples/index_scale.rs: its
+entries, bytes on disk, rebuild time, lookup time and peak RSS). Every step's output is checked, so a
 broken run fails instead of printing fast numbers.
 """
 
@@ -76,7 +78,7 @@ def main():
     try:
         start = time.monotonic()
         subprocess.run([os.path.join(BIN, "examples", "scale_fixture"), base, str(args.jobs),
-                        str(args.revisions)], check=True)
+                        str(args.revisions), "--data"], check=True)
         fixture_secs = time.monotonic() - start
 
         config = os.path.join(work, "server.yaml")
@@ -157,13 +159,32 @@ def main():
         print("== bench-scale (client times include process start)")
         for name, value, note in rows:
             print(f"{name:<{width}}  {value:<22} {note}")
+        server.kill()
+        server.wait()
+        server = None
+        # The digest index of this store: every revision's data blocks.
+        out = subprocess.run([os.path.join(BIN, "examples", "index_scale"), base],
+                             capture_output=True, text=True, check=True)
+        index = json.loads(out.stdout)
+        expected = args.jobs * (4 + args.revisions - 1)
+        if index["entries"] != expected:
+            sys.exit(f"the index holds {index['entries']} digests, expected {expected}: {out.stdout}")
+        index_rows = [
+            ("dedup index: digests", f"{index['entries']}", "every revision's data blocks"),
+            ("dedup index: files", f"{index['bytes'] / 2**20:.1f} MiB", "on disk, read a bucket at a time"),
+            ("dedup index: rebuild", f"{index['rebuild_secs']:.1f} s", "from every manifest"),
+            ("dedup index: lookup", f"{index['lookup_us']:.1f} us", "median, warm page cache"),
+            ("dedup index: peak RSS", f"{index['peak_rss_mib']:.0f} MiB", "of the process rebuilding and looking up"),
+        ]
+        for name, value, note in index_rows:
+            print(f"{name:<{width}}  {value:<22} {note}")
         os.makedirs(os.path.dirname(args.json), exist_ok=True)
         with open(args.json, "w") as f:
             json.dump({"jobs": args.jobs, "revisions": args.revisions, "agents": args.agents,
                        "startup_secs": startup_secs, "index_secs": index_secs, "status_all_secs": status_all,
                        "status_json_secs": status_json, "status_job_secs": status_one,
                        "check_all_secs": check_all, "idle_cpu_fraction": idle_cpu, "orders": orders,
-                       "rss_start_mib": rss_start, "rss_end_mib": rss_end}, f, indent=2)
+                       "rss_start_mib": rss_start, "rss_end_mib": rss_end, "dedup_index": index}, f, indent=2)
     finally:
         for a in agents:
             a.kill()

@@ -160,13 +160,13 @@ pub struct ServerConfig {
     pub replicate: Option<ReplicateConfig>,
 }
 
-/// Whose stored blocks a push may be told about. Writes are deduplicated
-/// across the whole store whatever this says: the client never learns of
-/// those.
+/// Whose stored blocks a push may be told about. Unless `off`, written
+/// blocks are deduplicated across the whole store: the client never learns
+/// of those.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum DedupScope {
-    /// Nothing is skipped in transfer: every changed block is sent.
+    /// No deduplication: every changed block is sent and written.
     Off,
     /// Blocks held by jobs of the same client identity (the pushing one
     /// may reach them anyway): nobody learns what another client stores.

@@ -132,7 +132,7 @@ pub const SERVER: ConfigReference = ConfigReference {
         key("limits.idle-connection-timeout", "interval", Is("5m"), "An authenticated connection with no request in flight for this long is closed (clients reconnect when they next need one)."),
         key("limits.first-request-timeout", "interval", Is("10s"), "Time a new connection has for its TLS handshake and first authenticated request."),
         key("limits.max-streams", "integer", Is("256"), "Long streams (push, restore, verify, manifest, status listings) the server runs at once, all callers together; more are refused with RESOURCE_EXHAUSTED (clients retry). Short calls (plan, status, tags) never wait for them."),
-        key("dedup", "client, host or off", Is("client"), "Whose stored blocks spare a push sending them (the server clones a block it holds instead of receiving it): client, those of jobs of the same client identity; host, of any job here (a client then learns whether a block exists on the host); off, none. Writes are deduplicated store-wide regardless: a client learns nothing from those."),
+        key("dedup", "client, host or off", Is("client"), "Whose stored blocks spare a push sending them (the server clones a block it holds instead of receiving it): client, those of jobs of the same client identity; host, of any job here (a client then learns whether a block exists on the host); off, none, and written blocks are not shared either. Otherwise written blocks are shared store-wide: a client learns nothing from those."),
         key("file-mode", "mode", Is("\"0600\""), "Mode of revision files: \"0600\" (directories 0700) or \"0640\" to let the server's group read them (directories 0750)."),
     ],
 };

@@ -229,14 +229,17 @@ fn dedup_host_spares_every_client_sending_what_the_host_holds() {
 }
 
 #[test]
-fn dedup_off_sends_everything() {
+fn dedup_off_sends_and_writes_everything() {
     let w = World::new("btrfs", "dedup: off\n");
     let a1 = w.clone_of_template("a1", &[]);
     w.push("hv01", "a1", &a1);
     let a2 = w.clone_of_template("a2", &[]);
     let pushed = w.push("hv01", "a2", &a2);
     assert!(sent(&pushed) >= DATA, "{pushed}");
+    assert_eq!(deduplicated(&pushed), 0, "{pushed}");
     w.restores_to("a2", &a2);
+    let rev = w.newest("a2");
+    assert_eq!(exclusive(&rev), DATA, "nothing shared: {rev}");
 }
 
 #[test]

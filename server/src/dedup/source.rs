@@ -58,7 +58,7 @@ impl StoredBlocks {
         job: &JobName,
         block_size: u32,
     ) -> Option<Self> {
-        if mode != StorageMode::Reflink || posing_as_older() {
+        if mode != StorageMode::Reflink || config.dedup == DedupScope::Off || posing_as_older() {
             return None;
         }
         let index = hints.index()?.clone();
@@ -70,9 +70,9 @@ impl StoredBlocks {
             let dir = JobDir::new(base, name.clone());
             let key = job_key(name.as_str());
             let share = match config.dedup {
-                DedupScope::Off => false,
                 DedupScope::Client => owner.as_ref() == Some(&cfg.client),
                 DedupScope::Host => true,
+                DedupScope::Off => false,
             };
             if share {
                 shareable.insert(key, dir.clone());
