@@ -60,11 +60,18 @@ def allocated(path):
     return os.stat(path).st_blocks * 512
 
 
-def exclusive(path):
-    """Bytes of `path` (a file or a directory tree) in extents no other
-    file shares, from `btrfs filesystem du`: what keeping it costs."""
+def btrfs_du(path):
+    """`btrfs filesystem du -s` of `path` (a file or a directory tree):
+    total, exclusive and set-shared bytes."""
     out = run(["btrfs", "filesystem", "du", "-s", "--raw", path])
-    return int(out.splitlines()[1].split()[1])
+    total, excl, shared = out.splitlines()[1].split()[:3]
+    return {"total_bytes": int(total), "exclusive_bytes": int(excl), "shared_bytes": int(shared)}
+
+
+def exclusive(path):
+    """Bytes of `path` in extents no other file shares, from `btrfs
+    filesystem du`: what keeping it costs."""
+    return btrfs_du(path)["exclusive_bytes"]
 
 
 def fs_used(path):
