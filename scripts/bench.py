@@ -613,7 +613,7 @@ def rewrite_blocks(path, size, fraction, seed):
     one) with data of its own; returns the bytes rewritten."""
     rng = random.Random(seed)
     gen = random.Random(seed + 1)
-    blocks = size // BLOCK  # whole blocks only: a short last one is not cloned
+    blocks = size // BLOCK  # whole ones: each change is 4 MiB of new data
     changed = 0
     fd = os.open(path, os.O_WRONLY)
     try:
