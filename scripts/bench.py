@@ -60,11 +60,25 @@ def allocated(path):
     return os.stat(path).st_blocks * 512
 
 
-def exclusive(path):
-    """Bytes of `path` (a file or a directory tree) in extents no other
-    file shares, from `btrfs filesystem du`: what keeping it costs."""
+def btrfs_du(path):
+    """`btrfs filesystem du -s` of `path` (a file or a directory tree):
+    total, exclusive and set-shared bytes."""
     out = run(["btrfs", "filesystem", "du", "-s", "--raw", path])
-    return int(out.splitlines()[1].split()[1])
+    total, excl, shared = out.splitlines()[1].split()[:3]
+    return {"total_bytes": int(total), "exclusive_bytes": int(excl), "shared_bytes": int(shared)}
+
+
+def exclusive(path):
+    """Bytes of `path` in extents no other file shares, from `btrfs
+    filesystem du`: what keeping it costs."""
+    return btrfs_du(path)["exclusive_bytes"]
+
+
+def trim(path):
+    """Hands the free space of the loop filesystem at `path` back to the
+    file holding it (deleted files' blocks stay allocated there otherwise,
+    and the disk under it may be small). Best effort, not measured."""
+    subprocess.run(["fstrim", path], capture_output=True)
 
 
 def fs_used(path):
@@ -591,6 +605,181 @@ def export_steps(client, env, work, mnt, img, size, server, results, smoke, seed
     return data_bytes
 
 
+# ---------------------------------------------------------------- dedup
+
+
+def rewrite_blocks(path, size, fraction, seed):
+    """Rewrites `fraction` of the whole 4 MiB blocks of `path` (at least
+    one) with data of its own; returns the bytes rewritten."""
+    rng = random.Random(seed)
+    gen = random.Random(seed + 1)
+    blocks = size // BLOCK  # whole ones: each change is 4 MiB of new data
+    changed = 0
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        for b in sorted(rng.sample(range(blocks), max(1, round(blocks * fraction)))):
+            os.pwrite(fd, gen.randbytes(BLOCK), b * BLOCK)
+            changed += BLOCK
+    finally:
+        os.close(fd)
+    return changed
+
+
+def dedup_steps(args, server_bin, client_bin, work, mnt, results, servers):
+    """Jobs cloned from one template (issue 31), on a server of their own:
+    the template pushed as job t1, then `--dedup-jobs` jobs, each a reflink
+    copy of it with its own `--dedup-change` of the 4 MiB blocks rewritten,
+    each a first push (no parent); then job `clone`, an exact copy, all of
+    whose blocks the store holds. All jobs are of one client identity with
+    `dedup: client`: the case where a push is spared sending what another
+    job stores. Measures the store's growth, what each push sent, the
+    held-blocks push against the template's, restores every revision and
+    compares backy's space figures with `btrfs filesystem du`. Removes what
+    it made, so the steps after it have the filesystem to themselves."""
+    size = args.size
+    dwork = os.path.join(mnt, "dedup")
+    dstore = os.path.join(dwork, "store")
+    os.makedirs(dstore)
+    template = os.path.join(dwork, "template.img")
+    log(f"dedup: generating a {size / GIB:.2f} GiB template, {args.data:.0%} data")
+    make_image(template, size, args.data, args.seed + 10)
+    template_data = allocated(template)
+
+    token = os.path.join(work, "dedup.token")
+    token_hash = run([server_bin, "hash-token", "--generate", token]).strip()
+    jobs = ["t1"] + [f"j{i:02}" for i in range(1, args.dedup_jobs + 1)]
+    cfg = os.path.join(work, "dedup.yaml")
+    with open(cfg, "w") as f:
+        f.write(f"listen: 127.0.0.1:0\ninsecure-plaintext: true\nbase-dir: {dstore}\ndedup: client\n"
+                f"clients:\n  tenant: {{role: hypervisor, token-hash: '{token_hash}'}}\njobs:\n")
+        for job in jobs + ["clone"]:
+            f.write(f"  {job}: {{schedule: none, client: tenant}}\n")
+    os.chmod(cfg, 0o600)  # token hashes: the server refuses a readable config
+    dserver = Server(server_bin, cfg, os.path.join(work, "dedup-server.log"))
+    servers.append(dserver)
+    denv = dict(os.environ, BACKY_SERVER=dserver.url)
+    client = [client_bin, "--token-file", token, "--json"]
+
+    # Each job's disk: a reflink copy of the template (as a clone from a
+    # template image is), its own blocks rewritten.
+    sources = {"t1": template}
+    changes = {}
+    for i, job in enumerate(jobs[1:]):
+        src = os.path.join(dwork, f"{job}.img")
+        run(["cp", "--reflink=always", template, src])
+        changes[job] = rewrite_blocks(src, size, args.dedup_change, args.seed + 20 + 2 * i)
+        sources[job] = src
+    sources["clone"] = os.path.join(dwork, "clone.img")
+    run(["cp", "--reflink=always", template, sources["clone"]])
+
+    def push(name, job):
+        r = timed(name, client + ["push", job, "--source", sources[job]], size, server=dserver, env=denv)
+        out = json.loads(r.pop("stdout"))
+        rev = out["revision"]
+        r.update(job=job, revision=rev["id"], bytes_sent=out["bytes_sent"], bytes_read=out["bytes_read"],
+                 bytes_written=rev["bytes_written"], bytes_received=rev["bytes_received"],
+                 bytes_deduplicated=rev.get("bytes_deduplicated", 0))
+        log(f"{name}: {r['wall_s']:.2f} s, sent {fmt_bytes(r['bytes_sent'])}, "
+            f"deduplicated {fmt_bytes(r['bytes_deduplicated'])}")
+        return r
+
+    # What each push added is what the filesystem grew by (a revision's
+    # exclusive bytes say nothing once other jobs share its blocks).
+    os.sync()
+    used = [fs_used(mnt)]
+    first = push("dedup_template_full", "t1")
+    os.sync()
+    used.append(fs_used(mnt))
+    pushed = [push(f"dedup_{job}", job) for job in jobs[1:]]
+    os.sync()
+    used.append(fs_used(mnt))
+    growth = used[2] - used[0]
+    du_store = btrfs_du(dstore)
+    held = push("dedup_clone_full", "clone")
+    os.sync()
+    used.append(fs_used(mnt))
+    first["bytes_added"] = used[1] - used[0]
+    held["bytes_added"] = used[3] - used[2]
+
+    # backy's space figures for each job beside btrfs du of its directory.
+    space = {}
+    for job in jobs + ["clone"]:
+        out = json.loads(run(client + ["status", job], env=denv))
+        mine = out["jobs"][0]["space"] or {}
+        du = btrfs_du(os.path.join(dstore, job))
+        space[job] = {"backy": {k: mine.get(k) for k in du}, "btrfs_du": du}
+    space_diff = max(abs((s["backy"][k] or 0) - s["btrfs_du"][k]) for s in space.values() for k in s["btrfs_du"])
+
+    # Every revision restored whole into a new file and compared; with
+    # --dedup-restores N the template, the exact clone and N-2 of the jobs
+    # spread over them.
+    rest = jobs[1:]
+    n = len(rest) + 2 if args.dedup_restores is None else max(0, min(args.dedup_restores, len(rest) + 2))
+    k = max(0, n - 2)
+    restore_jobs = (["t1", "clone"] + [rest[round(i * (len(rest) - 1) / max(1, k - 1))] for i in range(k)])[:n]
+    restored = os.path.join(dwork, "restored.img")
+    restore_s = 0.0
+    identical = 0
+    for job in restore_jobs:
+        t0 = time.monotonic()
+        run(client + ["restore", job, "-r", "latest", restored], env=denv)
+        if subprocess.run(["cmp", "-s", sources[job], restored]).returncode != 0:
+            raise SystemExit(f"bench: dedup job {job} restored differs from its source")
+        identical += 1
+        os.remove(restored)
+        restore_s += time.monotonic() - t0
+        trim(mnt)
+    log(f"dedup: {identical} revisions restored byte-identical in {restore_s:.1f} s")
+
+    total_changes = sum(changes.values())
+    limit = template_data + 2 * total_changes
+    per_job = []
+    for r in pushed:
+        per_job.append({k: r[k] for k in ("job", "revision", "wall_s", "bytes_sent", "bytes_written",
+                                          "bytes_received", "bytes_deduplicated")}
+                       | {"changed_bytes": changes[r["job"]],
+                          "sent_per_2x_changes": r["bytes_sent"] / (2 * changes[r["job"]])})
+    # One table row for the ten pushes together.
+    wall = sum(r["wall_s"] for r in pushed)
+    results["dedup_template_full"] = first
+    results[f"dedup_{len(pushed)}_jobs"] = {
+        "name": f"dedup_{len(pushed)}_jobs", "wall_s": wall,
+        "mb_per_s": len(pushed) * size / MIB / wall if wall > 0 else None,
+        "cpu_s": sum(r["cpu_s"] for r in pushed), "peak_rss": max(r["peak_rss"] for r in pushed),
+        "server_cpu_s": sum(r["server_cpu_s"] for r in pushed),
+        "server_peak_rss": max(r["server_peak_rss"] for r in pushed),
+        "bytes_sent": sum(r["bytes_sent"] for r in pushed),
+        "bytes_written": sum(r["bytes_written"] for r in pushed),
+        "bytes_added": used[2] - used[1],
+    }
+    results["dedup_clone_full"] = held
+    dedup = {
+        "jobs": len(pushed), "template_data_bytes": template_data, "change_fraction": args.dedup_change,
+        "changed_bytes": total_changes, "target_bytes": limit,
+        "fs_growth_bytes": growth, "fs_used_bytes": used, "store_btrfs_du": du_store,
+        "store_physical_bytes": du_store["exclusive_bytes"] + du_store["shared_bytes"],
+        "pushes": per_job, "space": space, "space_max_diff_bytes": space_diff,
+        "restored": restore_jobs, "restored_identical": identical, "restore_s": restore_s,
+        "template_push_s": first["wall_s"], "held_push_s": held["wall_s"],
+    }
+    dserver.stop()
+    servers.remove(dserver)
+    shutil.rmtree(dwork)
+    os.sync()
+    trim(mnt)
+
+    if args.smoke:
+        for j in per_job:
+            assert j["bytes_sent"] <= 2 * j["changed_bytes"], j
+            assert j["bytes_deduplicated"] > 0, j
+        assert growth <= limit, (growth, limit)
+        assert dedup["store_physical_bytes"] <= limit, (du_store, limit)
+        assert held["bytes_sent"] < BLOCK, held
+        assert identical == len(jobs) + 1
+        assert space_diff == 0, space
+    return dedup
+
+
 # ---------------------------------------------------------------- the run
 
 
@@ -607,6 +796,13 @@ def main():
     ap.add_argument("--bin", default="target/release", help="directory of backy-server and backy-client")
     ap.add_argument("--workdir", default=None, help="where the loop filesystem lives (default: a temp dir)")
     ap.add_argument("--smoke", action="store_true", help="tiny image, every step, seconds; checks results")
+    ap.add_argument("--no-dedup", dest="dedup", action="store_false",
+                    help="skip the dedup step (jobs cloned from one template image)")
+    ap.add_argument("--dedup-jobs", type=int, default=10, help="jobs cloned from the template (default 10)")
+    ap.add_argument("--dedup-change", type=float, default=0.01,
+                    help="fraction of 4 MiB blocks each clone rewrites (default 0.01)")
+    ap.add_argument("--dedup-restores", type=int, default=None,
+                    help="restore only this many of the dedup step's revisions (default: all)")
     args = ap.parse_args()
     if args.smoke:
         args.size = 64 * MIB + 12345
@@ -627,6 +823,11 @@ def main():
     # store, the copy from the export, rsync target, restic and borg repos
     # each hold up to the data once; metadata and slack on top.
     fs_size = max(512 * MIB, int(data_bytes * (7 + len(peers)) * 1.3) + GIB)
+    if args.dedup:
+        # The dedup step runs first and removes what it made: the template,
+        # its store (one template, or one per job where nothing is shared)
+        # and a restore, beside the clones' changes.
+        fs_size = max(fs_size, int(data_bytes * (args.dedup_jobs + 5) * 1.3) + GIB)
     with open(fs_img, "wb") as f:
         f.truncate(fs_size)
     run(["mkfs.btrfs", "-q", fs_img])
@@ -634,10 +835,14 @@ def main():
     server = None
     replica = None
     exports = []
+    servers = []
     results = {}
+    dedup = None
     with open("/proc/loadavg") as f:
         load_at_start = f.read().split()[:3]
     try:
+        if args.dedup:
+            dedup = dedup_steps(args, server_bin, client_bin, work, mnt, results, servers)
         img = os.path.join(mnt, "disk.img")
         log(f"generating a {args.size / GIB:.2f} GiB image, {args.data:.0%} data")
         make_image(img, args.size, args.data, args.seed)
@@ -852,6 +1057,8 @@ def main():
     finally:
         for ex in exports:
             ex.kill()
+        for srv in servers:
+            srv.stop()
         if replica:
             replica.stop()
         if server:
@@ -859,7 +1066,7 @@ def main():
         subprocess.run(["umount", mnt])
         shutil.rmtree(work, ignore_errors=True)
 
-    report(args, results, changed_bytes, writes, load_at_start)
+    report(args, results, changed_bytes, writes, load_at_start, dedup)
 
 
 def machine(load_at_start):
@@ -885,8 +1092,43 @@ def fmt_bytes(n):
     return f"{n} B"
 
 
-def report(args, results, changed_bytes, writes, load_at_start):
+def print_dedup(args, d, results):
+    """The dedup step's figures, under the table."""
+    n = d["jobs"]
+    print(f"\ndedup ({n} jobs and the template of one client identity, dedup: client; each job a reflink copy "
+          f"of the template with {d['change_fraction']:.0%} of its 4 MiB blocks rewritten, pushed first):")
+    print(f"  template {fmt_bytes(d['template_data_bytes'])} of data; the jobs' changes "
+          f"{fmt_bytes(d['changed_bytes'])} together; target: store growth <= template + 2 x changes "
+          f"= {fmt_bytes(d['target_bytes'])} (without sharing: {n + 1} templates, "
+          f"{fmt_bytes((n + 1) * d['template_data_bytes'])})")
+    du = d["store_btrfs_du"]
+    print(f"  store growth: filesystem used +{fmt_bytes(d['fs_growth_bytes'])}; btrfs du of the store "
+          f"{fmt_bytes(d['store_physical_bytes'])} (exclusive {fmt_bytes(du['exclusive_bytes'])}, "
+          f"set shared {fmt_bytes(du['shared_bytes'])}, total {fmt_bytes(du['total_bytes'])})")
+    print(f"  {'job':<6}{'changes':>11}{'sent':>11}{'dedup':>11}{'written':>11}{'sent/2xchg':>12}{'wall s':>8}")
+    for j in d["pushes"]:
+        print(f"  {j['job']:<6}{fmt_bytes(j['changed_bytes']):>11}{fmt_bytes(j['bytes_sent']):>11}"
+              f"{fmt_bytes(j['bytes_deduplicated']):>11}{fmt_bytes(j['bytes_written']):>11}"
+              f"{j['sent_per_2x_changes']:>12.2f}{j['wall_s']:>8.2f}")
+    t, h = results["dedup_template_full"], results["dedup_clone_full"]
+    print(f"  full push of an exact copy (every block held): {h['wall_s']:.2f} s, {h['mb_per_s']:.0f} MB/s, "
+          f"sent {fmt_bytes(h['bytes_sent'])}; the template's first full push {t['wall_s']:.2f} s, "
+          f"{t['mb_per_s']:.0f} MB/s: {t['wall_s'] / h['wall_s']:.2f}x its throughput")
+    if "backy_full" in results:
+        b = results["backy_full"]
+        print(f"  (backy_full, the other server's first push of an image of the same size and data: "
+              f"{b['wall_s']:.2f} s, {b['mb_per_s']:.0f} MB/s: {b['wall_s'] / h['wall_s']:.2f}x)")
+    which = "every revision" if len(d["restored"]) == n + 2 else f"{len(d['restored'])} of {n + 2} revisions ({', '.join(d['restored'])})"
+    print(f"  restored {which}: {d['restored_identical']} byte-identical ({d['restore_s']:.1f} s)")
+    print(f"  backy's job space vs btrfs du -s of the job's directory: largest difference "
+          f"{d['space_max_diff_bytes']} bytes over {len(d['space'])} jobs")
+
+
+def report(args, results, changed_bytes, writes, load_at_start, dedup=None):
     n_writes = len(writes)
+    # The dedup step runs first (on the fresh filesystem) but reads best
+    # after the rest.
+    results = {k: results[k] for k in sorted(results, key=lambda k: k.startswith("dedup_"))}
     for r in results.values():
         r.pop("stdout", None)
     t = {k: r["wall_s"] for k, r in results.items()}
@@ -961,8 +1203,25 @@ def report(args, results, changed_bytes, writes, load_at_start):
             checks.append({"check": f"{what}: median ms", "ratio": r["median_ms"], "target": target,
                            "met": r["median_ms"] < target if target is not None else None})
             checks.append({"check": f"{what}: p90 ms", "ratio": r["p90_ms"], "target": None, "met": None})
+    if dedup:
+        checks.append({"check": "dedup: store growth / (template + 2 x changes)",
+                       "ratio": dedup["fs_growth_bytes"] / dedup["target_bytes"], "target": 1.0,
+                       "met": dedup["fs_growth_bytes"] <= dedup["target_bytes"]})
+        checks.append({"check": "dedup: store btrfs du / (template + 2 x changes)",
+                       "ratio": dedup["store_physical_bytes"] / dedup["target_bytes"], "target": 1.0,
+                       "met": dedup["store_physical_bytes"] <= dedup["target_bytes"]})
+        worst = max(j["sent_per_2x_changes"] for j in dedup["pushes"])
+        checks.append({"check": "dedup: first push sent / 2 x own changes, worst", "ratio": worst,
+                       "target": 1.0, "met": worst <= 1.0})
+        checks.append({"check": "dedup: revisions restored byte-identical", "ratio": dedup["restored_identical"],
+                       "target": len(dedup["restored"]), "met": dedup["restored_identical"] == len(dedup["restored"])})
+        checks.append({"check": "dedup: backy space - btrfs du, max MiB", "ratio": dedup["space_max_diff_bytes"] / MIB,
+                       "target": 0.0, "met": dedup["space_max_diff_bytes"] == 0})
+        v = dedup["template_push_s"] / dedup["held_push_s"]
+        checks.append({"check": "dedup: push of held blocks vs template push", "ratio": v,
+                       "target": 1.0, "met": v >= 1.0})
     rss = [r.get(k) for r in results.values() for k in ("peak_rss", "server_peak_rss")
-           if k in r and r["name"].startswith("backy")]
+           if k in r and r["name"].startswith(("backy", "dedup"))]
     if rss:
         checks.append({"check": "backy peak RSS (client and server) < 200 MiB", "ratio": max(rss) / MIB,
                        "target": 200, "met": max(rss) < 200 * MIB})
@@ -997,6 +1256,8 @@ def report(args, results, changed_bytes, writes, load_at_start):
                 where = f" ({r['holes']})" if "holes" in r else ""
                 print(f"  {r['reads']} random 4 KiB reads {what}{where}, one at a time on a fresh export: "
                       f"median {r['median_ms']:.2f} ms, p90 {r['p90_ms']:.2f} ms, max {r['max_ms']:.1f} ms")
+    if dedup:
+        print_dedup(args, dedup, results)
     print()
     for c in checks:
         met = {True: "met", False: "MISSED", None: ""}[c["met"]]
@@ -1004,7 +1265,7 @@ def report(args, results, changed_bytes, writes, load_at_start):
         print(f"{c['check']:<48}{c['ratio']:>8.2f} {target:<16}{met}")
     out = {"size": args.size, "data_fraction": args.data, "change_fraction": args.change,
            "changed_ranges": n_writes, "changed_bytes": changed_bytes, "machine": m,
-           "results": results, "checks": checks}
+           "results": results, "dedup": dedup, "checks": checks}
     os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
     with open(args.json, "w") as f:
         json.dump(out, f, indent=2)

@@ -6,6 +6,7 @@
 # builds backy, then runs scripts/bench.py, which prints one table and
 # writes JSON (default target/bench.json).
 # Usage: scripts/bench.sh [--size 4G] [--data 0.5] [--change 0.01] [--peers rsync,restic,borg]
+#                         [--no-dedup] [--dedup-jobs 10] [--dedup-change 0.01] [--dedup-restores N]
 #                         [--json FILE] [--smoke]
 set -euo pipefail
 cd "$(dirname "$0")/.."
