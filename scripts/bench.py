@@ -857,8 +857,11 @@ def main():
         cfg = os.path.join(work, "server.yaml")
         with open(cfg, "w") as f:
             # Loopback only, so plain TCP (TLS would cost both sides CPU
-            # that none of the peers pays either).
-            f.write(f"listen: 127.0.0.1:0\ninsecure-plaintext: true\nbase-dir: {store}\n"
+            # that none of the peers pays either). No deduplication: bench
+            # and benchq hold the same data, and the qcow2 push would clone
+            # the raw job's blocks instead of measuring a full push (the
+            # dedup step measures deduplication on its own store).
+            f.write(f"listen: 127.0.0.1:0\ninsecure-plaintext: true\nbase-dir: {store}\ndedup: off\n"
                     "schedules:\n  default:\n    daily: {interval: 1d, keep: 9}\n"
                     "jobs:\n  bench:\n    schedule: default\n  benchq:\n    schedule: default\n")
         server = Server(server_bin, cfg, os.path.join(work, "server.log"))
