@@ -186,6 +186,7 @@ fn compare_rbd_snapshot(
         &crate::push::rbd::Diff::Full { known: None },
         &snap,
         manifest.clone(),
+        None,
         |frame| {
             match frame {
                 Frame::Data(d) => note(d.offset, d.data.len() as u64),

@@ -537,3 +537,57 @@ fn broken_diff_streams_and_failing_rbd_commit_nothing() {
     server.client_ok(&["restore", "vm1", restored.to_str().unwrap()]);
     assert_eq!(file_hash(&restored), file_hash(&export));
 }
+
+/// Deduplicated transfer from Ceph (issue 31): an RBD image with the same
+/// data as one another job of the same client stored (a clone of one
+/// template) sends, in its first push, the digests of its blocks and none
+/// of their data; the server clones the stored copies, checked by digest,
+/// and the revision restores to the image's export.
+#[test]
+fn a_first_push_of_a_template_clone_sends_no_block_the_server_holds() {
+    must_be_root();
+    let Some(conf) = ceph_conf() else { return };
+    let fs = LoopFs::new("btrfs", 1 << 30);
+    let work = tempfile::tempdir().unwrap();
+    let size = 6 * BLOCK;
+    let writes: Vec<(u64, Vec<u8>)> = (0..4u64)
+        .map(|b| (b * BLOCK, pattern(40 + b, BLOCK as usize)))
+        .collect();
+    let template = Image::new(&conf, "tmpl", size);
+    template.apply(size, &writes, &[]);
+    let clone = Image::new(&conf, "clone", size);
+    clone.apply(size, &writes, &[]);
+    let source = |img: &Image| {
+        format!(
+            "source: {{type: ceph-rbd, pool: rbd, image: {}, conf: {}}}",
+            img.name,
+            img.conf.display()
+        )
+    };
+    let server = Server::start(
+        &fs.mount.join("base"),
+        &format!(
+            "  vm1:\n    schedule: none\n    {}\n  vm2:\n    schedule: none\n    {}\n",
+            source(&template),
+            source(&clone)
+        ),
+    );
+    let (_, _, sent1) = push_json(&server, &[], "vm1");
+    assert!(sent1 >= 4 * BLOCK, "the template is sent: {sent1}");
+    let out = server.client(&["push", "vm2", "--force", "--json"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    // Four data blocks, each asked about with its 32-byte digest.
+    assert_eq!(v["bytes_sent"].as_u64(), Some(4 * 32), "{v}");
+    assert_eq!(
+        v["revision"]["bytes_deduplicated"].as_u64(),
+        Some(4 * BLOCK),
+        "{v}"
+    );
+    let id = v["revision"]["id"].as_str().unwrap().to_string();
+    let want = work.path().join("clone.img");
+    clone.export(Some(&format!("backy-{id}")), &want);
+    let got = work.path().join("restored.img");
+    server.client_ok(&["restore", "vm2", got.to_str().unwrap()]);
+    assert_eq!(file_hash(&got), file_hash(&want));
+}

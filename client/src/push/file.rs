@@ -7,7 +7,8 @@
 //! the reading down instead of filling memory.
 
 use super::shared::{
-    baseline, check_committed, join, rebase, stream_closed, PushArgs, Pushed, FRAMES_IN_FLIGHT,
+    answers_from, baseline, check_committed, join, push_exchange, rebase, stream_closed, PushArgs, Pushed,
+    FRAMES_IN_FLIGHT,
 };
 use crate::connect::Client;
 use crate::progress::Progress;
@@ -17,9 +18,8 @@ use crate::view::RevisionView;
 use backy_common::manifest::Manifest;
 use backy_common::source::SourceSpec;
 use backy_common::{fault, Error, Result};
-use backy_proto::push_event::Event;
 use backy_proto::push_frame::Frame;
-use backy_proto::{GranulesWanted, PlanReply, PushBegin, PushEnd, PushFrame, PushReply};
+use backy_proto::{PlanReply, PushBegin, PushEnd, PushFrame};
 use std::time::Instant;
 use tokio::sync::mpsc;
 
@@ -200,44 +200,6 @@ pub(super) async fn push(
             .collect(),
         resumed_at: resume.then_some(plan.resume_checkpoint),
         full_read,
-    })
-}
-
-/// The `PushExchange` call: relays the server's granule answers to the
-/// scanner and resolves to its final reply, like `Push`.
-async fn push_exchange(
-    client: &mut Client,
-    frames: impl tokio_stream::Stream<Item = PushFrame> + Send + 'static,
-    answers: mpsc::Sender<GranulesWanted>,
-) -> std::result::Result<tonic::Response<PushReply>, tonic::Status> {
-    let mut events = client.push_exchange(frames).await?.into_inner();
-    while let Some(event) = events.message().await? {
-        match event.event {
-            // A scanner that has finished or failed takes no more answers;
-            // the stream's end or status still decides the outcome.
-            Some(Event::Wanted(wanted)) => {
-                let _ = answers.send(wanted).await;
-            }
-            Some(Event::Done(reply)) => return Ok(tonic::Response::new(reply)),
-            None => return Err(tonic::Status::internal("the server sent an empty push event")),
-        }
-    }
-    Err(tonic::Status::internal(
-        "the server ended the push without a reply",
-    ))
-}
-
-/// The scanner's side of the answers channel.
-fn answers_from(mut rx: mpsc::Receiver<GranulesWanted>) -> scan::Answers {
-    Box::new(move |wait| {
-        if wait {
-            return rx.blocking_recv().map(Some).ok_or_else(stream_closed);
-        }
-        match rx.try_recv() {
-            Ok(answer) => Ok(Some(answer)),
-            Err(mpsc::error::TryRecvError::Empty) => Ok(None),
-            Err(mpsc::error::TryRecvError::Disconnected) => Err(stream_closed()),
-        }
     })
 }
 

@@ -26,7 +26,7 @@
 use super::shared::{self, PushArgs, Pushed, FRAMES_IN_FLIGHT};
 use crate::connect::Client;
 use crate::progress::Progress;
-use crate::scan::{Scanned, Scanner};
+use crate::scan::{self, Scanned, Scanner};
 use crate::source::hooks::HookRunner;
 use crate::source::process::{describe, Running};
 use crate::source::rbd::{Rbd, SNAP_PREFIX};
@@ -218,6 +218,19 @@ async fn push_snapshot(
     .await
     .map_err(|_| shared::stream_closed())?;
 
+    // A full read goes through the granule exchange when the server speaks
+    // it: against a parent whose snapshot is gone only differing granules
+    // travel, and blocks the server holds already (deduplication,
+    // protocol 5) not at all. A diff from the parent's snapshot sends
+    // Ceph's changed objects as always.
+    let protocol = crate::connect::server_protocol(client).await?;
+    let dedup = plan.dedup && protocol >= backy_proto::DEDUP_PROTOCOL;
+    let exchange = matches!(diff, Diff::Full { known: None })
+        && (dedup || !plan.parent_id.is_empty())
+        && !fault::mode("whole-blocks")
+        && protocol >= backy_proto::GRANULE_PROTOCOL;
+    let (answers_tx, answers_rx) = mpsc::channel(scan::EXCHANGE_WINDOW + 1);
+    let answers = exchange.then(|| (shared::answers_from(answers_rx), dedup));
     let bar = progress.start(job, size);
     let reader_bar = bar.clone();
     let (rbd, snap) = (rbd.clone(), snap.to_string());
@@ -229,11 +242,17 @@ async fn push_snapshot(
             fault::point("client.frame");
             sent
         };
-        let streamed = export(&rbd, &diff, &snap, baseline, send, |pos| reader_bar.set(pos))?;
+        let streamed = export(&rbd, &diff, &snap, baseline, answers, send, |pos| {
+            reader_bar.set(pos)
+        })?;
         Ok(streamed)
     });
-    let rpc = client.push(crate::frames::with_keepalive(rx));
-    let joined = shared::join(reader, rpc).await;
+    let frames = crate::frames::with_keepalive(rx);
+    let joined = if exchange {
+        shared::join(reader, shared::push_exchange(client, frames, answers_tx)).await
+    } else {
+        shared::join(reader, client.push(frames)).await
+    };
     fault::point("client.replied");
     bar.finish();
     let (streamed, reply) = joined?;
@@ -324,6 +343,7 @@ pub fn export(
     diff: &Diff,
     snap: &str,
     baseline: Manifest,
+    exchange: Option<(scan::Answers, bool)>,
     mut send: impl FnMut(Frame) -> Result<()>,
     progress: impl FnMut(u64),
 ) -> Result<Streamed> {
@@ -339,7 +359,14 @@ pub fn export(
         .ok_or_else(|| Error::internal("rbd export-diff has no stdout"))?;
     let mut reader = DiffReader::new(BufReader::with_capacity(PIPE_BUFFER, stdout));
     let parsed = read_header(&mut reader, from, snap, size).and_then(|()| match diff {
-        Diff::Full { known } => full(&mut reader, baseline, known.clone(), &mut send, progress),
+        Diff::Full { known } => full(
+            &mut reader,
+            baseline,
+            known.clone(),
+            exchange,
+            &mut send,
+            progress,
+        ),
         Diff::Incremental { known, .. } => incremental(&mut reader, baseline, known, &mut send, progress),
     });
     // Closing the pipe stops an `rbd` we no longer listen to.
@@ -548,15 +575,27 @@ fn full<R: std::io::Read>(
     diff: &mut DiffReader<R>,
     baseline: Manifest,
     known: Option<Vec<Extent>>,
+    exchange: Option<(scan::Answers, bool)>,
     send: &mut impl FnMut(Frame) -> Result<()>,
     progress: impl FnMut(u64),
 ) -> Result<(Streamed, [u8; 32])> {
     let (block_size, count) = (baseline.block_size() as u64, baseline.block_count());
-    let scanner = match known {
-        Some(known) => Scanner::new(baseline, send)
+    let scanner = match (known, exchange) {
+        (Some(known), _) => Scanner::new(baseline, send)
             .with_known_changes(known)
             .with_zero_granule(PAGE as u64),
-        None => Scanner::new(baseline, send),
+        // Through the granule exchange: with a parent only the granules
+        // that differ travel, and with deduplication (protocol 5) no
+        // block the server holds already.
+        (None, Some((answers, dedup))) => {
+            let scanner = Scanner::new(baseline, send).with_exchange(answers);
+            if dedup {
+                scanner.with_dedup()
+            } else {
+                scanner
+            }
+        }
+        (None, None) => Scanner::new(baseline, send),
     };
     let mut blocks = Blocks {
         block_size,
@@ -829,6 +868,7 @@ mod tests {
             &mut diff,
             parent,
             None,
+            None,
             &mut |f| {
                 frames.push(f);
                 Ok(())
@@ -875,7 +915,7 @@ mod tests {
                     };
                     let zeros = Manifest::zeroed(size, BS).unwrap();
                     if is_full {
-                        full(&mut diff, zeros, None, send, |_| {}).map(drop)
+                        full(&mut diff, zeros, None, None, send, |_| {}).map(drop)
                     } else {
                         incremental(&mut diff, zeros, &[], send, |_| {}).map(drop)
                     }

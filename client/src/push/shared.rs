@@ -4,17 +4,19 @@
 //! other.
 
 use crate::connect::{status_error, Client};
-use crate::scan::Scanned;
+use crate::scan::{self, Scanned};
 use crate::view::{short_id, RevisionView};
 use backy_common::manifest::Manifest;
 use backy_common::source::SourceSpec;
 use backy_common::units::format_bytes;
 use backy_common::{Error, JobName, Result, RevisionId};
-use backy_proto::{PlanReply, PushReply, RevisionInfo};
+use backy_proto::push_event::Event;
+use backy_proto::{GranulesWanted, PlanReply, PushFrame, PushReply, RevisionInfo};
 use serde::Serialize;
 use std::fmt;
 use std::future::Future;
 use std::time::Duration;
+use tokio::sync::mpsc;
 use tokio::task::{JoinError, JoinHandle};
 
 /// Frames in flight between the reader and the network: at most this many
@@ -99,6 +101,44 @@ impl fmt::Display for Pushed {
             ),
         }
     }
+}
+
+/// The `PushExchange` call: relays the server's granule answers to the
+/// scanner and resolves to its final reply, like `Push`.
+pub(crate) async fn push_exchange(
+    client: &mut Client,
+    frames: impl tokio_stream::Stream<Item = PushFrame> + Send + 'static,
+    answers: mpsc::Sender<GranulesWanted>,
+) -> std::result::Result<tonic::Response<PushReply>, tonic::Status> {
+    let mut events = client.push_exchange(frames).await?.into_inner();
+    while let Some(event) = events.message().await? {
+        match event.event {
+            // A scanner that has finished or failed takes no more answers;
+            // the stream's end or status still decides the outcome.
+            Some(Event::Wanted(wanted)) => {
+                let _ = answers.send(wanted).await;
+            }
+            Some(Event::Done(reply)) => return Ok(tonic::Response::new(reply)),
+            None => return Err(tonic::Status::internal("the server sent an empty push event")),
+        }
+    }
+    Err(tonic::Status::internal(
+        "the server ended the push without a reply",
+    ))
+}
+
+/// The scanner's side of the answers channel.
+pub(crate) fn answers_from(mut rx: mpsc::Receiver<GranulesWanted>) -> scan::Answers {
+    Box::new(move |wait| {
+        if wait {
+            return rx.blocking_recv().map(Some).ok_or_else(stream_closed);
+        }
+        match rx.try_recv() {
+            Ok(answer) => Ok(Some(answer)),
+            Err(mpsc::error::TryRecvError::Empty) => Ok(None),
+            Err(mpsc::error::TryRecvError::Disconnected) => Err(stream_closed()),
+        }
+    })
 }
 
 /// Waits for both sides of a push and decides whose error to report.
