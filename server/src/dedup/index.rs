@@ -29,7 +29,7 @@ use backy_common::manifest::Digest;
 use backy_common::{Error, Result};
 use std::fs::{File, OpenOptions};
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
@@ -293,14 +293,7 @@ impl DigestIndex {
         let dir = store.join(DIR);
         durable::create_dir(&dir)?;
         let lock_path = dir.join(LOCK_FILE);
-        let lock = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .mode(durable::file_mode())
-            .open(&lock_path)
-            .map_err(|e| Error::io(format!("opening {}", lock_path.display()), e))?;
+        let lock = durable::open_lock_file(&lock_path)?;
         let index = DigestIndex {
             shards: (0..SHARDS)
                 .map(|n| {
@@ -561,14 +554,7 @@ pub fn rebuild(store: &Path) -> Result<IndexStats> {
             stats.bytes += header.file_len();
         }
         let lock_path = dir.join(LOCK_FILE);
-        let lock = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .mode(durable::file_mode())
-            .open(&lock_path)
-            .map_err(|e| Error::io(format!("opening {}", lock_path.display()), e))?;
+        let lock = durable::open_lock_file(&lock_path)?;
         backy_common::fault::point("dedup.rebuild-written");
         let _all = RangeLock::take(&lock, 0, 0, true)
             .map_err(|e| Error::io(format!("locking {}", lock_path.display()), e))?;

@@ -10,6 +10,7 @@ use super::index::{job_key, DigestIndex, Location};
 use super::reflink::{self, DedupeOutcome};
 use crate::storage::writer::BlockSource;
 use crate::storage::JobDir;
+use crate::work::Gate;
 use backy_common::config::{DedupScope, ServerConfig};
 use backy_common::manifest::{self, Digest};
 use backy_common::revision::StorageMode;
@@ -127,10 +128,11 @@ impl StoredBlocks {
 }
 
 impl BlockSource for StoredBlocks {
-    fn dedupe(&self, digest: &Digest, dst: &File, offset: u64, len: u64) -> Result<u64> {
+    fn dedupe(&self, digest: &Digest, dst: &File, offset: u64, len: u64, gate: &Gate) -> Result<u64> {
         let Some((loc, src, src_offset)) = self.candidate(digest, &self.store)? else {
             return Ok(0);
         };
+        let _slot = gate.slot()?;
         match reflink::dedupe_range(&src, src_offset, len, dst, offset)? {
             DedupeOutcome::Deduped(n) => Ok(n),
             DedupeOutcome::Differs => {
@@ -141,10 +143,11 @@ impl BlockSource for StoredBlocks {
         }
     }
 
-    fn clone_held(&self, digest: &Digest, dst: &File, offset: u64, len: u64) -> Result<bool> {
+    fn clone_held(&self, digest: &Digest, dst: &File, offset: u64, len: u64, gate: &Gate) -> Result<bool> {
         let Some((loc, src, src_offset)) = self.candidate(digest, &self.shareable)? else {
             return Ok(false);
         };
+        let _slot = gate.slot()?;
         // Read from the descriptor that is then cloned: committed images
         // are never written again, so the bytes checked are the bytes
         // shared, even if the revision is deleted meanwhile.

@@ -167,16 +167,8 @@ fn used_bytes(store: &Path) -> Result<u64> {
 
 /// Holds `.dedup/run.lock`: one run per store at a time.
 fn run_lock(store: &Path) -> Result<File> {
-    use std::os::unix::fs::OpenOptionsExt;
     let path = store.join(index::DIR).join("run.lock");
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .mode(durable::file_mode())
-        .open(&path)
-        .map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
+    let file = durable::open_lock_file(&path)?;
     match rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
         Ok(()) => Ok(file),
         Err(rustix::io::Errno::WOULDBLOCK) => Err(Error::busy(format!(

@@ -109,6 +109,19 @@ pub fn write_atomic_all(files: &[(&Path, &[u8])]) -> Result<()> {
     result
 }
 
+/// Opens a lock file for reading and writing, creating it with the
+/// server's file mode if missing (never truncating what it holds).
+pub fn open_lock_file(path: &Path) -> Result<File> {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(file_mode())
+        .open(path)
+        .map_err(|e| Error::io(format!("opening {}", path.display()), e))
+}
+
 /// Creates a new file with the server's file mode; fails if it exists.
 pub fn create_new(path: &Path) -> Result<File> {
     OpenOptions::new()

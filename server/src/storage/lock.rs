@@ -4,8 +4,7 @@
 
 use backy_common::{Error, ErrorKind, Result};
 use rustix::fs::FlockOperation;
-use std::fs::{File, OpenOptions};
-use std::os::unix::fs::OpenOptionsExt;
+use std::fs::File;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -33,14 +32,7 @@ impl JobLock {
 
     /// Takes the lock or fails at once with [`backy_common::ErrorKind::Busy`].
     pub fn try_acquire(path: &Path, job: &str) -> Result<Self> {
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .mode(super::durable::file_mode())
-            .open(path)
-            .map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
+        let file = super::durable::open_lock_file(path)?;
         match rustix::fs::flock(&file, FlockOperation::NonBlockingLockExclusive) {
             Ok(()) => Ok(JobLock { _file: file }),
             Err(rustix::io::Errno::WOULDBLOCK) => Err(Error::busy(format!(
@@ -64,14 +56,7 @@ impl StoreLock {
     /// fails at once naming the holder.
     pub fn acquire(base: &Path) -> Result<Self> {
         let path = base.join(".backy-server.lock");
-        let mut file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .mode(super::durable::file_mode())
-            .open(&path)
-            .map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
+        let mut file = super::durable::open_lock_file(&path)?;
         match rustix::fs::flock(&file, FlockOperation::NonBlockingLockExclusive) {
             Ok(()) => {
                 use std::io::Write;

@@ -97,12 +97,15 @@ pub trait BlockSource: Send {
     /// Makes `dst`'s `len` bytes at `offset`, which hold a block of
     /// `digest`, share the extents of another revision's copy if the
     /// filesystem finds the bytes equal; returns the bytes now shared.
-    fn dedupe(&self, digest: &Digest, dst: &File, offset: u64, len: u64) -> Result<u64>;
+    /// The kernel's comparison is work of the fair pool: a slot of `gate`
+    /// is taken once a candidate is found.
+    fn dedupe(&self, digest: &Digest, dst: &File, offset: u64, len: u64, gate: &Gate) -> Result<u64>;
     /// Writes a block of `digest` into `dst` at `offset` by cloning a
     /// stored copy the pushing client may be spared sending (in the job's
     /// dedup scope), read and checked against `digest` first; `false`:
-    /// none found.
-    fn clone_held(&self, digest: &Digest, dst: &File, offset: u64, len: u64) -> Result<bool>;
+    /// none found. Reading and hashing the candidate takes a slot of
+    /// `gate`.
+    fn clone_held(&self, digest: &Digest, dst: &File, offset: u64, len: u64, gate: &Gate) -> Result<bool>;
 }
 
 /// Blocks a client may have answered ahead of the ranges it sent: bounds
@@ -484,11 +487,7 @@ impl NewRevision {
         if self.baseline.is_zero(block) && *digest == backy_common::manifest::zero_digest(len) {
             return Ok(false);
         }
-        // Reading and hashing a stored block: work of the fair pool.
-        let slot = self.gate.slot()?;
-        let held = sources.clone_held(digest, &self.file, offset, len)?;
-        drop(slot);
-        if !held {
+        if !sources.clone_held(digest, &self.file, offset, len, &self.gate)? {
             return Ok(false);
         }
         self.last_exchanged = Some(block);
@@ -528,9 +527,8 @@ impl NewRevision {
             {
                 continue;
             }
-            let _slot = self.gate.slot()?;
             let (offset, len) = (self.current.block_offset(block), self.current.block_len(block));
-            shared += sources.dedupe(d, &self.file, offset, len)?;
+            shared += sources.dedupe(d, &self.file, offset, len, &self.gate)?;
         }
         Ok(shared)
     }
@@ -1106,12 +1104,19 @@ mod tests {
     }
 
     impl BlockSource for FakeSource {
-        fn dedupe(&self, digest: &Digest, _dst: &File, _offset: u64, len: u64) -> Result<u64> {
+        fn dedupe(&self, digest: &Digest, _dst: &File, _offset: u64, len: u64, _gate: &Gate) -> Result<u64> {
             self.asked.lock().unwrap().push(*digest);
             Ok(len)
         }
 
-        fn clone_held(&self, wanted: &Digest, dst: &File, offset: u64, _len: u64) -> Result<bool> {
+        fn clone_held(
+            &self,
+            wanted: &Digest,
+            dst: &File,
+            offset: u64,
+            _len: u64,
+            _gate: &Gate,
+        ) -> Result<bool> {
             match self.held.iter().find(|b| digest(b) == *wanted) {
                 Some(b) => {
                     dst.write_all_at(b, offset).unwrap();
