@@ -1,7 +1,8 @@
 //! Block devices (LVM snapshots, loop devices, ...): read whole; a device
 //! has no holes to skip.
 
-use super::{forget_cached, pread_exact, prefetch, Source};
+use super::page_cache::PageCache;
+use super::{pread_exact, Source};
 use backy_common::{Error, Result};
 use std::fs::File;
 use std::io::{Seek, SeekFrom};
@@ -11,6 +12,7 @@ pub struct BlockSource {
     file: File,
     path: PathBuf,
     size: u64,
+    cache: PageCache,
 }
 
 impl BlockSource {
@@ -21,6 +23,7 @@ impl BlockSource {
             file,
             path: path.to_path_buf(),
             size,
+            cache: PageCache::default(),
         })
     }
 }
@@ -42,11 +45,11 @@ impl Source for BlockSource {
 
     fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> Result<()> {
         pread_exact(&self.file, &self.path, offset, buf)?;
-        forget_cached(&self.file, offset, buf.len());
+        self.cache.read_done(&self.file, offset, buf.len() as u64);
         Ok(())
     }
 
     fn will_need(&mut self, offset: u64, len: u64) {
-        prefetch(&self.file, offset, len);
+        self.cache.will_need(&self.file, offset, len);
     }
 }

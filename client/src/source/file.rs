@@ -1,7 +1,8 @@
 //! Raw image files: read with positioned reads, holes found with
 //! `SEEK_DATA`/`SEEK_HOLE` so sparse images cost only their data.
 
-use super::{forget_cached, pread_exact, prefetch, Source};
+use super::page_cache::PageCache;
+use super::{pread_exact, Source};
 use backy_common::ranges::Extent;
 use backy_common::{Error, Result};
 use rustix::fs::SeekFrom;
@@ -13,6 +14,7 @@ pub struct FileSource {
     file: File,
     path: PathBuf,
     size: u64,
+    cache: PageCache,
     /// Cleared when the filesystem does not support `SEEK_DATA`.
     seek_data: bool,
 }
@@ -25,6 +27,7 @@ impl FileSource {
             file,
             path: path.to_path_buf(),
             size,
+            cache: PageCache::default(),
             seek_data: true,
         }
     }
@@ -41,12 +44,12 @@ impl Source for FileSource {
 
     fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> Result<()> {
         pread_exact(&self.file, &self.path, offset, buf)?;
-        forget_cached(&self.file, offset, buf.len());
+        self.cache.read_done(&self.file, offset, buf.len() as u64);
         Ok(())
     }
 
     fn will_need(&mut self, offset: u64, len: u64) {
-        prefetch(&self.file, offset, len);
+        self.cache.will_need(&self.file, offset, len);
     }
 
     fn next_data(&mut self, offset: u64) -> Result<Option<Extent>> {

@@ -10,6 +10,7 @@
 pub mod block;
 pub mod file;
 pub mod hooks;
+pub mod page_cache;
 pub mod process;
 pub mod qemu;
 pub mod rbd;
@@ -175,24 +176,6 @@ fn pread_exact(file: &File, path: &Path, offset: u64, buf: &mut [u8]) -> Result<
             Error::io(format!("reading source {} at offset {offset}", path.display()), e)
         }
     })
-}
-
-/// Starts reading a range into the page cache in the background, beyond
-/// the kernel's readahead window, so several MiB are in flight.
-fn prefetch(file: &File, offset: u64, len: u64) {
-    if let Some(len) = std::num::NonZeroU64::new(len) {
-        // Advice only.
-        let _ = rustix::fs::fadvise(file, offset, Some(len), rustix::fs::Advice::WillNeed);
-    }
-}
-
-/// Drops pages we have read from the page cache: a backup reads every
-/// disk once and should not evict what the VMs on this host use.
-fn forget_cached(file: &File, offset: u64, len: usize) {
-    if let Some(len) = std::num::NonZeroU64::new(len as u64) {
-        // Advice only; a failure changes nothing about correctness.
-        let _ = rustix::fs::fadvise(file, offset, Some(len), rustix::fs::Advice::DontNeed);
-    }
 }
 
 /// An in-memory source with holes and known changes, for tests of
