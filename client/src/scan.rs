@@ -416,12 +416,15 @@ pub fn scan<E: FnMut(Frame) -> Result<()>>(
         }
     };
     let geometry = Manifest::zeroed(size, block_size)?;
-    // A reader thread keeps a few blocks read ahead while this one digests
-    // and sends: reading, hashing and the network overlap.
+    // A reader thread keeps a few blocks read ahead, a digest thread hashes
+    // them, and this one compares and sends: reading, hashing and the
+    // network overlap, and a warm source is read as fast as it is copied.
     std::thread::scope(|threads| {
+        let (fetch_tx, fetch_rx) = sync_channel::<Result<Fetched>>(READ_AHEAD);
         let (read_tx, read_rx) = sync_channel::<Result<Read>>(READ_AHEAD);
         let (free_tx, free_rx) = channel::<Vec<u8>>();
-        threads.spawn(move || read_blocks(source, &geometry, blocks, read_tx, free_rx));
+        threads.spawn(move || read_blocks(source, &geometry, blocks, fetch_tx, free_rx));
+        threads.spawn(move || digest_blocks(fetch_rx, read_tx));
         for read in read_rx {
             match read? {
                 Read::Hole(index) => {
@@ -453,6 +456,14 @@ const READ_AHEAD: usize = 4;
 const PREFETCH: usize = 4;
 
 /// What the reader thread hands over, in block order.
+enum Fetched {
+    /// A block in a hole: all zeros, not read.
+    Hole(u64),
+    /// A block's bytes: the first `len` of the buffer.
+    Block(u64, Vec<u8>, usize),
+}
+
+/// What the digest thread hands over, in block order.
 enum Read {
     /// A block in a hole: all zeros, not read.
     Hole(u64),
@@ -460,8 +471,26 @@ enum Read {
     Block(u64, Vec<u8>, Digest),
 }
 
+/// The digest thread: each block read gets its digest, in order; stops at
+/// the first error (passed on) or when either side is gone.
+fn digest_blocks(fetched: Receiver<Result<Fetched>>, out: SyncSender<Result<Read>>) {
+    for f in fetched {
+        let read = f.map(|f| match f {
+            Fetched::Hole(index) => Read::Hole(index),
+            Fetched::Block(index, buf, len) => {
+                let digest = block_digest(&buf[..len]);
+                Read::Block(index, buf, digest)
+            }
+        });
+        let failed = read.is_err();
+        if out.send(read).is_err() || failed {
+            return;
+        }
+    }
+}
+
 /// A block's digest: zero blocks get the known zero digest unhashed. One
-/// BLAKE3 thread (SIMD) per block: the pipeline's threads (reading and
+/// BLAKE3 thread (SIMD) per block: the pipeline's threads (reading,
 /// digesting, checksumming and framing, sending) keep the cores busy, where
 /// splitting single blocks across cores costs more in coordination than it
 /// saves on a small, shared machine.
@@ -469,7 +498,7 @@ fn block_digest(data: &[u8]) -> Digest {
     if is_all_zero(data) {
         zero_digest(data.len() as u64)
     } else {
-        *blake3::hash(data).as_bytes()
+        backy_common::manifest::digest(data)
     }
 }
 
@@ -480,7 +509,7 @@ fn read_blocks(
     source: &mut dyn Source,
     geometry: &Manifest,
     mut blocks: Box<dyn Iterator<Item = u64> + Send + '_>,
-    out: SyncSender<Result<Read>>,
+    out: SyncSender<Result<Fetched>>,
     free: Receiver<Vec<u8>>,
 ) {
     let mut region = None;
@@ -511,15 +540,14 @@ fn read_blocks(
                 first = false;
             }
             if region.is_none_or(|r| r.offset >= offset + len) {
-                return Ok(Read::Hole(index));
+                return Ok(Fetched::Hole(index));
             }
             let mut buf = free
                 .try_recv()
                 .unwrap_or_else(|_| vec![0u8; geometry.block_size() as usize]);
             let block = &mut buf[..len as usize];
             source.read_at(offset, block)?;
-            let digest = block_digest(block);
-            Ok(Read::Block(index, buf, digest))
+            Ok(Fetched::Block(index, buf, len as usize))
         })();
         let failed = read.is_err();
         if out.send(read).is_err() || failed {
