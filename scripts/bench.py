@@ -803,6 +803,11 @@ def main():
                     help="fraction of 4 MiB blocks each clone rewrites (default 0.01)")
     ap.add_argument("--dedup-restores", type=int, default=None,
                     help="restore only this many of the dedup step's revisions (default: all)")
+    ap.add_argument("--no-speed", dest="speed", action="store_false",
+                    help="skip the speed step (warm page cache: full push, scan, restore, 4 concurrent pushes "
+                         "against cp and a sequential read)")
+    ap.add_argument("--speed-only", action="store_true",
+                    help="run only the speed step (e.g. --size 64G --data 0.125 for the large image)")
     args = ap.parse_args()
     if args.smoke:
         args.size = 64 * MIB + 12345
@@ -823,7 +828,10 @@ def main():
     # store, the copy from the export, rsync target, restic and borg repos
     # each hold up to the data once; metadata and slack on top.
     fs_size = max(512 * MIB, int(data_bytes * (7 + len(peers)) * 1.3) + GIB)
-    if args.dedup:
+    if args.speed_only:
+        # The image, its copy or the restore, and the store.
+        fs_size = int(data_bytes * 3 * 1.3) + GIB
+    elif args.dedup:
         # The dedup step runs first and removes what it made: the template,
         # its store (one template, or one per job where nothing is shared)
         # and a restore, beside the clones' changes.
@@ -838,9 +846,15 @@ def main():
     servers = []
     results = {}
     dedup = None
+    speed = None
     with open("/proc/loadavg") as f:
         load_at_start = f.read().split()[:3]
     try:
+        if args.speed or args.speed_only:
+            import bench_speed
+            speed = bench_speed.speed_steps(args, server_bin, client_bin, work, mnt, results, servers)
+        if args.speed_only:
+            return report(args, results, 0, [], load_at_start, None, speed)
         if args.dedup:
             dedup = dedup_steps(args, server_bin, client_bin, work, mnt, results, servers)
         img = os.path.join(mnt, "disk.img")
@@ -1069,7 +1083,7 @@ def main():
         subprocess.run(["umount", mnt])
         shutil.rmtree(work, ignore_errors=True)
 
-    report(args, results, changed_bytes, writes, load_at_start, dedup)
+    report(args, results, changed_bytes, writes, load_at_start, dedup, speed)
 
 
 def machine(load_at_start):
@@ -1127,7 +1141,7 @@ def print_dedup(args, d, results):
           f"{d['space_max_diff_bytes']} bytes over {len(d['space'])} jobs")
 
 
-def report(args, results, changed_bytes, writes, load_at_start, dedup=None):
+def report(args, results, changed_bytes, writes, load_at_start, dedup=None, speed=None):
     n_writes = len(writes)
     # The dedup step runs first (on the fresh filesystem) but reads best
     # after the rest.
@@ -1223,8 +1237,12 @@ def report(args, results, changed_bytes, writes, load_at_start, dedup=None):
         v = dedup["template_push_s"] / dedup["held_push_s"]
         checks.append({"check": "dedup: push of held blocks vs template push", "ratio": v,
                        "target": 1.0, "met": v >= 1.0})
+    if speed:
+        import bench_speed
+        bench_speed.checks(results, speed, lambda name, v, target, met: checks.append(
+            {"check": name, "ratio": v, "target": target, "met": met}))
     rss = [r.get(k) for r in results.values() for k in ("peak_rss", "server_peak_rss")
-           if k in r and r["name"].startswith(("backy", "dedup"))]
+           if k in r and r["name"].startswith(("backy", "dedup", "speed"))]
     if rss:
         checks.append({"check": "backy peak RSS (client and server) < 200 MiB", "ratio": max(rss) / MIB,
                        "target": 200, "met": max(rss) < 200 * MIB})
@@ -1261,6 +1279,9 @@ def report(args, results, changed_bytes, writes, load_at_start, dedup=None):
                       f"median {r['median_ms']:.2f} ms, p90 {r['p90_ms']:.2f} ms, max {r['max_ms']:.1f} ms")
     if dedup:
         print_dedup(args, dedup, results)
+    if speed:
+        import bench_speed
+        bench_speed.describe(speed)
     print()
     for c in checks:
         met = {True: "met", False: "MISSED", None: ""}[c["met"]]
@@ -1268,7 +1289,7 @@ def report(args, results, changed_bytes, writes, load_at_start, dedup=None):
         print(f"{c['check']:<48}{c['ratio']:>8.2f} {target:<16}{met}")
     out = {"size": args.size, "data_fraction": args.data, "change_fraction": args.change,
            "changed_ranges": n_writes, "changed_bytes": changed_bytes, "machine": m,
-           "results": results, "dedup": dedup, "checks": checks}
+           "results": results, "dedup": dedup, "speed": speed, "checks": checks}
     os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
     with open(args.json, "w") as f:
         json.dump(out, f, indent=2)
