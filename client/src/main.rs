@@ -508,6 +508,7 @@ fn parse_job(s: &str) -> Result<JobName, String> {
 }
 
 fn main() -> ExitCode {
+    backy_common::allocator::keep_buffers_on_heap();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => return usage_error(&e),

@@ -5,6 +5,7 @@
 //! which both edges use.
 
 pub mod access;
+pub mod allocator;
 pub mod block_proof;
 pub mod blockset;
 pub mod checksum;

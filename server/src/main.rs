@@ -308,6 +308,7 @@ fn check_access(
 }
 
 fn main() -> std::process::ExitCode {
+    backy_common::allocator::keep_buffers_on_heap();
     // Usage errors exit 2 (clap's convention, as for backy-client); --help
     // and --version exit 0.
     let cli = Cli::parse();
