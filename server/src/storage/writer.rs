@@ -330,10 +330,32 @@ impl NewRevision {
             )));
         }
         let extent = self.check_extent(offset, data.len() as u64)?;
-        let written = self.write_changed(offset, data)?;
+        let written = if self.parent.is_none() {
+            // A full push: the write and the two digests of the same bytes
+            // (the block's, the stream's) run at once, on the hashing
+            // pool's threads; the bulk of a full push is this.
+            let (file, path) = (&self.file, &self.path);
+            let (streamed, checksum) = (&mut self.streamed, &mut self.checksum);
+            let (write, digest) = rayon_core::join(
+                || {
+                    file.write_all_at(data, offset)
+                        .map_err(|e| Error::io(format!("writing {}", path.display()), e))
+                },
+                || {
+                    checksum.data(offset, data);
+                    streamed.data(offset, data)
+                },
+            );
+            write?;
+            digest?;
+            data.len() as u64
+        } else {
+            let written = self.write_changed(offset, data)?;
+            self.streamed.data(offset, data)?;
+            self.checksum.data(offset, data);
+            written
+        };
         self.flusher.wrote(written);
-        self.streamed.data(offset, data)?;
-        self.checksum.data(offset, data);
         self.stats.bytes_received += data.len() as u64;
         self.stats.bytes_written += written;
         // A checkpoint reads back the blocks that did not arrive whole, so
@@ -364,13 +386,6 @@ impl NewRevision {
     /// baseline's block is zero, or when the exchange said it differs;
     /// skipping needs the stored bytes read and equal.
     fn write_changed(&mut self, offset: u64, data: &[u8]) -> Result<u64> {
-        if self.parent.is_none() {
-            // A full push: nothing to share, nothing to compare.
-            self.file
-                .write_all_at(data, offset)
-                .map_err(|e| Error::io(format!("writing {}", self.path.display()), e))?;
-            return Ok(data.len() as u64);
-        }
         let end = offset + data.len() as u64;
         let mut pieces = Vec::new();
         let mut at = offset;
