@@ -806,6 +806,10 @@ def main():
     ap.add_argument("--no-speed", dest="speed", action="store_false",
                     help="skip the speed step (warm page cache: full push, scan, restore, 4 concurrent pushes "
                          "against cp and a sequential read)")
+    ap.add_argument("--no-concurrent", dest="concurrent", action="store_false",
+                    help="skip the speed step's four concurrent pushes (they need the data twice more on disk)")
+    ap.add_argument("--speed-runs", type=int, default=3,
+                    help="rounds of the speed step; each row is the median round (default 3)")
     ap.add_argument("--speed-only", action="store_true",
                     help="run only the speed step (e.g. --size 64G --data 0.125 for the large image)")
     args = ap.parse_args()
@@ -829,8 +833,8 @@ def main():
     # each hold up to the data once; metadata and slack on top.
     fs_size = max(512 * MIB, int(data_bytes * (7 + len(peers)) * 1.3) + GIB)
     if args.speed_only:
-        # The image, its copy or the restore, and the store.
-        fs_size = int(data_bytes * 3 * 1.3) + GIB
+        # The image, its copy or the restore, and a job's two revisions.
+        fs_size = int(data_bytes * 4 * 1.3) + GIB
     elif args.dedup:
         # The dedup step runs first and removes what it made: the template,
         # its store (one template, or one per job where nothing is shared)

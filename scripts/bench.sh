@@ -7,7 +7,7 @@
 # writes JSON (default target/bench.json).
 # Usage: scripts/bench.sh [--size 4G] [--data 0.5] [--change 0.01] [--peers rsync,restic,borg]
 #                         [--no-dedup] [--dedup-jobs 10] [--dedup-change 0.01] [--dedup-restores N]
-#                         [--json FILE] [--smoke]
+#                         [--no-speed] [--speed-runs 3] [--speed-only] [--no-concurrent] [--json FILE] [--smoke]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ "$(id -u)" != 0 ]; then

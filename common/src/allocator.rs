@@ -14,7 +14,7 @@
 /// largest allowed threshold on 64-bit targets).
 pub const MMAP_THRESHOLD: i32 = 32 << 20;
 /// Free memory at the heap's top kept for reuse before it is returned.
-pub const TRIM_THRESHOLD: i32 = 64 << 20;
+pub const TRIM_THRESHOLD: i32 = 16 << 20;
 
 /// Sets glibc's limits (see the module); elsewhere, nothing. Called first
 /// thing in each binary's `main`, before any thread starts.
