@@ -29,7 +29,11 @@ pub struct Reserved {
 
 impl Drop for Reserved {
     fn drop(&mut self) {
-        self.executor.running.fetch_sub(1, Ordering::AcqRel);
+        if self.executor.running.fetch_sub(1, Ordering::AcqRel) == 1 {
+            // The last stream ended: the buffers it left free go back to
+            // the kernel (the allocator keeps them while streams run).
+            backy_common::allocator::release_free();
+        }
     }
 }
 
