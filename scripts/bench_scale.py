@@ -113,6 +113,9 @@ def main():
                         str(args.revisions), "--data", "--first-start",
                         "--quiet-hours", str(args.quiet_hours), "--names", names_file], check=True)
         fixture_secs = time.monotonic() - start
+        # The fixture's own writes reach the disk before the first start
+        # (as a store's files have), not within its sync of what it made.
+        os.sync()
         names = open(names_file).read().split()
         if len(names) != args.jobs:
             sys.exit(f"the fixture named {len(names)} jobs, not {args.jobs}")

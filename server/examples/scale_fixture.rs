@@ -110,11 +110,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             let manifest = digests.encode();
             let manifest_digest = blake3::hash(&manifest).to_hex().to_string();
             let id = RevisionId::new_random();
-            let age = if k == 0 {
-                newest_age
-            } else {
-                TimeDelta::days(k)
-            };
+            let age = if k == 0 { newest_age } else { TimeDelta::days(k) };
             let meta = RevisionMeta {
                 id,
                 timestamp: now - age,
