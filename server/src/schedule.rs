@@ -101,7 +101,7 @@ pub fn expire_all(server: &Server) {
         let schedule = config.schedule_of(job_cfg);
         let entry = server.jobs.indexed(&job).ok();
         let may_expire = schedule.is_some_and(|schedule| {
-            entry.as_ref().map_or(true, |entry| {
+            entry.as_ref().is_none_or(|entry| {
                 let protected = server.jobs.activity.protected(name);
                 !schedule::expire(
                     schedule,

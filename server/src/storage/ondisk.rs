@@ -142,6 +142,8 @@ pub fn on_btrfs(path: &Path) -> bool {
     rustix::fs::statfs(path).is_ok_and(|fs| is_btrfs(&fs))
 }
 
+// `f_type` is i64 here, narrower on other targets.
+#[allow(clippy::unnecessary_cast)]
 fn is_btrfs(fs: &rustix::fs::StatFs) -> bool {
     fs.f_type as i64 == BTRFS_SUPER_MAGIC
 }
