@@ -62,4 +62,4 @@ echo "== bench smoke (scripts/bench.sh --smoke: every step on a tiny image, no t
 python3 scripts/bench.py --smoke --json target/bench-smoke.json
 
 echo "== bench-scale smoke (scripts/bench-scale.sh at a small size: every step checked, no timing asserts)"
-scripts/bench-scale.sh --jobs 200 --revisions 5 --agents 10 --idle 2 --json target/bench-scale-smoke.json
+scripts/bench-scale.sh --jobs 200 --revisions 5 --agents 0,10 --idle 2 --json target/bench-scale-smoke.json

@@ -31,6 +31,7 @@ pub mod rbd_diff;
 pub mod replicate;
 pub mod resume;
 pub mod revision;
+mod revision_fast;
 pub mod rollback;
 pub mod schedule;
 pub mod scrub;

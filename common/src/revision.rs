@@ -137,8 +137,19 @@ impl RevisionMeta {
         self.locked_until.filter(|until| *until > now)
     }
 
-    /// Parses a `.rev` file; `what` names it in errors.
+    /// Parses a `.rev` file; `what` names it in errors. A file in the
+    /// form [`RevisionMeta::to_yaml`] writes is read the fast way (checked
+    /// to give the same: `crate::revision_fast`), anything else by the
+    /// YAML parser.
     pub fn from_yaml(text: &str, what: &str) -> Result<Self> {
+        if let Some(meta) = crate::revision_fast::parse(text) {
+            return Ok(meta);
+        }
+        Self::from_yaml_full(text, what)
+    }
+
+    /// [`RevisionMeta::from_yaml`] by the YAML parser alone.
+    pub fn from_yaml_full(text: &str, what: &str) -> Result<Self> {
         serde_yaml::from_str(text)
             .map_err(|e| Error::data_loss(format!("{what}: bad revision metadata: {e}")))
     }

@@ -231,7 +231,10 @@ pub const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(1
 
 /// At start: each job's directories, leftovers of interrupted pushes, its
 /// revisions in the index, and `latest`, on every core (thousands of jobs
-/// mean hundreds of thousands of small files). Returns the number of jobs.
+/// mean hundreds of thousands of small files). What it makes (a first
+/// start makes every job's `.since`, `.partial/` and `latest`) is synced
+/// by one sync of the filesystem before anything is served, not by one
+/// fsync per file and directory. Returns the number of jobs.
 fn open_jobs(server: &Server) -> anyhow::Result<usize> {
     let config = server.config();
     let names: Vec<&backy_common::JobName> = config.jobs.keys().collect();
@@ -240,39 +243,57 @@ fn open_jobs(server: &Server) -> anyhow::Result<usize> {
         .clamp(1, 8);
     let chunk = names.len().div_ceil(threads).max(1);
     let config = &config;
-    std::thread::scope(|scope| {
+    let made = std::thread::scope(|scope| {
         let workers: Vec<_> = names
             .chunks(chunk)
             .map(|part| scope.spawn(move || open_some(server, config, part)))
             .collect();
-        workers.into_iter().try_for_each(|w| {
-            w.join()
-                .map_err(|_| anyhow::anyhow!("opening jobs: a worker panicked"))?
+        workers.into_iter().try_fold(false, |made, w| {
+            let part = w
+                .join()
+                .map_err(|_| anyhow::anyhow!("opening jobs: a worker panicked"))??;
+            anyhow::Ok(made || part)
         })
     })?;
+    if made {
+        storage::durable::sync_filesystem(&config.base_dir)?;
+    }
     Ok(names.len())
 }
 
-fn open_some(server: &Server, config: &ServerConfig, names: &[&backy_common::JobName]) -> anyhow::Result<()> {
+/// Opens `names` (see [`open_jobs`]); `true` when it made or changed a
+/// file that is not synced yet.
+fn open_some(
+    server: &Server,
+    config: &ServerConfig,
+    names: &[&backy_common::JobName],
+) -> anyhow::Result<bool> {
+    let mut unsynced = false;
     for &name in names {
         let job = storage::JobDir::new(&config.base_dir, name.clone());
-        job.ensure()?;
+        let (made, since) = job.ensure_at_start()?;
+        unsynced |= made;
         let resumable = job.resumable(config.resume.window.as_duration(), chrono::Utc::now());
         if let Some(r) = &resumable {
             tracing::info!(job = %name, rev = %r.id, checkpoint = r.checkpoint, "keeping an interrupted push for resuming");
+            // Removed by the periodic round once its window has passed.
+            server.jobs.activity.mark_leftovers(name);
         }
         // A transaction completes an interrupted deletion and removes what
         // no revision owns.
         let txn = job::Txn::begin(&server.jobs, &job)?;
         txn.clean_leftovers(resumable.map(|r| r.id))?;
-        job.point_latest(txn.revisions().last().map(|r| &r.id))?;
+        unsynced |= job.point_latest_unsynced(txn.revisions().last().map(|r| &r.id))?;
         // Revisions dated after the clock are found (and warned about) here.
         server
             .jobs
             .activity
             .dated(name, txn.revisions(), chrono::Utc::now());
+        // What the transaction read is the index's entry: nothing reads
+        // the store again before serving.
+        txn.keep_index(Some(since));
     }
-    Ok(())
+    Ok(unsynced)
 }
 
 /// How often expiry (and removal of interrupted pushes whose resume window
@@ -376,5 +397,68 @@ async fn shutdown() {
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::schedule::tests::daily_revisions;
+
+    /// Issue 32: the first start on a store makes each job's `.since`,
+    /// `.partial/` and `latest`, removes what no revision owns, and leaves
+    /// the index holding what is on disk (nothing read twice); its
+    /// allocation, counted when asked for, is the job's.
+    #[test]
+    fn the_first_start_makes_each_jobs_files_and_indexes_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let server = state::test_server(dir.path(), "  vm1: {schedule: daily}\n  vm2: {schedule: daily}\n");
+        let vm1 = server.job("vm1").unwrap();
+        let ids = daily_revisions(&vm1, 3);
+        // As a store without the server's own files (made by another tool,
+        // or restored from elsewhere).
+        for f in [".since", ".partial", "latest", ".lock"] {
+            let p = vm1.path().join(f);
+            if p.is_dir() {
+                std::fs::remove_dir(&p).unwrap();
+            } else {
+                let _ = std::fs::remove_file(&p);
+            }
+        }
+        let orphan = vm1.path().join(format!(
+            "{}.digests",
+            backy_common::RevisionId::new_random().short()
+        ));
+        std::fs::write(&orphan, b"x").unwrap();
+        std::fs::write(vm1.image_path(&ids[0]), vec![1u8; 8192]).unwrap();
+
+        assert_eq!(open_jobs(&server).unwrap(), 2);
+        for job in [&vm1, &server.job("vm2").unwrap()] {
+            assert!(job.partial_dir().is_dir(), "{}: .partial/", job.name());
+            assert!(job.since().is_some(), "{}: .since", job.name());
+        }
+        assert_eq!(
+            std::fs::read_link(vm1.path().join("latest")).unwrap(),
+            std::path::Path::new(&ids[2].short())
+        );
+        assert!(!orphan.exists(), "a manifest without a .rev is removed");
+        let entry = server.jobs.indexed(&vm1).unwrap();
+        assert_eq!(entry.revisions, vm1.revisions().unwrap());
+        assert_eq!(entry.since, vm1.since());
+        assert!(entry.allocated_bytes(&vm1) >= 8192);
+        assert_eq!(entry.allocated_bytes(&vm1), vm1.allocated_bytes());
+
+        // A later start keeps the first-seen time; an unreadable one (a
+        // crash before the first start's sync) is written again.
+        let since = vm1.since().unwrap();
+        std::fs::write(server.job("vm2").unwrap().path().join(".since"), b"").unwrap();
+        server.jobs.index.clear();
+        open_jobs(&server).unwrap();
+        assert_eq!(vm1.since(), Some(since));
+        assert!(server.job("vm2").unwrap().since().is_some());
+        assert_eq!(
+            server.jobs.indexed(&vm1).unwrap().revisions,
+            vm1.revisions().unwrap()
+        );
     }
 }

@@ -84,7 +84,10 @@ pub fn expire_in(
 }
 
 /// Expires every scheduled job whose lock is free now, and removes
-/// leftovers (periodic background work).
+/// leftovers (periodic background work). Only jobs the index says may
+/// expire, and jobs marked as maybe holding leftovers (a push or copy
+/// ended, a deletion left files: [`crate::job::Activity::mark_leftovers`]),
+/// are read from disk: a quiet store costs no I/O per round.
 pub fn expire_all(server: &Server) {
     let config = server.config();
     let window = config.resume.window.as_duration();
@@ -96,8 +99,9 @@ pub fn expire_all(server: &Server) {
         // The index says which jobs may have work (a hint: the transaction
         // decides from disk), so a quiet store is not read every minute.
         let schedule = config.schedule_of(job_cfg);
+        let entry = server.jobs.indexed(&job).ok();
         let may_expire = schedule.is_some_and(|schedule| {
-            server.jobs.indexed(&job).map_or(true, |entry| {
+            entry.as_ref().is_none_or(|entry| {
                 let protected = server.jobs.activity.protected(name);
                 !schedule::expire(
                     schedule,
@@ -109,22 +113,40 @@ pub fn expire_all(server: &Server) {
                 .is_noop()
             })
         });
-        if !may_expire && !job.has_leftovers() {
+        // Taken before the disk is read: a push ending meanwhile marks
+        // the job again.
+        let marked = server.jobs.activity.take_leftovers(name);
+        let leftovers = marked && job.has_leftovers();
+        if !may_expire && !leftovers {
             continue;
         }
         let result = Txn::try_begin(&server.jobs, &job).and_then(|mut txn| {
-            let keep = job.resumable(window, chrono::Utc::now()).map(|r| r.id);
-            txn.clean_leftovers(keep)?;
+            let resumable = job.resumable(window, chrono::Utc::now()).map(|r| r.id);
+            txn.clean_leftovers(resumable)?;
+            if resumable.is_some() {
+                // Kept for resuming: looked at again next round, removed
+                // once its window has passed.
+                server.jobs.activity.mark_leftovers(name);
+            }
             if let Some(schedule) = schedule {
                 expire_in(&mut txn, schedule, ExpiryRun::Periodic, &server.metrics)?;
             }
             txn.point_latest("latest");
+            // Nothing expired: the index keeps what was read, agents sleep on.
+            txn.keep_index(entry.as_ref().and_then(|e| e.since).or_else(|| job.since()));
             Ok(())
         });
         match result {
             Ok(()) => {}
-            Err(e) if e.kind == backy_common::ErrorKind::Busy => {} // next round
-            Err(e) => tracing::error!(job = %name, "expiry failed: {e}"),
+            Err(e) => {
+                // Looked at again next round.
+                if leftovers {
+                    server.jobs.activity.mark_leftovers(name);
+                }
+                if e.kind != backy_common::ErrorKind::Busy {
+                    tracing::error!(job = %name, "expiry failed: {e}");
+                }
+            }
         }
     }
 }
@@ -255,4 +277,124 @@ pub fn format_preview(job: &backy_common::JobName, preview: Option<&Preview>) ->
         &p.after_backup,
     );
     out
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::state::test_server;
+    use crate::storage::durable;
+    use chrono::TimeDelta;
+    use std::sync::Arc;
+
+    /// Writes `n` daily revisions of `job` (the newest an hour old), as
+    /// committed ones look on disk to the index and expiry.
+    pub(crate) fn daily_revisions(job: &JobDir, n: i64) -> Vec<RevisionId> {
+        job.ensure().unwrap();
+        let now = Utc::now();
+        (0..n)
+            .rev()
+            .map(|k| {
+                let meta = RevisionMeta {
+                    tags: ["daily".to_string()].into(),
+                    ..placeholder(now - TimeDelta::hours(1) - TimeDelta::days(k))
+                };
+                std::fs::write(job.image_path(&meta.id), b"").unwrap();
+                durable::write_atomic(&job.rev_path(&meta.id), meta.to_yaml().unwrap().as_bytes()).unwrap();
+                meta.id
+            })
+            .collect()
+    }
+
+    fn partial_files(job: &JobDir) -> usize {
+        std::fs::read_dir(job.partial_dir()).unwrap().count()
+    }
+
+    /// Issue 32: the round reads only jobs the index says may expire, and
+    /// those it expires as before.
+    #[test]
+    fn the_periodic_round_expires_what_the_index_says_may_expire() {
+        let dir = tempfile::tempdir().unwrap();
+        let server = test_server(dir.path(), "  vm1: {schedule: daily}\n  vm2: {schedule: daily}\n");
+        let (vm1, vm2) = (server.job("vm1").unwrap(), server.job("vm2").unwrap());
+        let ids = daily_revisions(&vm1, 5); // keep: 3
+        daily_revisions(&vm2, 3);
+        let quiet = server.jobs.indexed(&vm2).unwrap();
+        expire_all(&server);
+        let left: Vec<RevisionId> = vm1.revisions().unwrap().iter().map(|r| r.id).collect();
+        assert_eq!(left, ids[2..], "the two oldest expire");
+        let indexed: Vec<RevisionId> = server
+            .jobs
+            .indexed(&vm1)
+            .unwrap()
+            .revisions
+            .iter()
+            .map(|r| r.id)
+            .collect();
+        assert_eq!(indexed, left, "the index follows the deletion");
+        // The quiet job was not taken: its entry is the same one.
+        assert!(Arc::ptr_eq(&quiet, &server.jobs.indexed(&vm2).unwrap()));
+        assert_eq!(vm2.revisions().unwrap().len(), 3);
+    }
+
+    /// Issue 32: the files of a push that ended without its commit are
+    /// removed by the next round; a quiet job's directory is not looked at
+    /// (leftovers nobody marked, which only a crash leaves, are start-up's).
+    #[test]
+    fn the_periodic_round_removes_leftovers_of_a_push_that_ended_and_reads_no_quiet_job() {
+        let dir = tempfile::tempdir().unwrap();
+        let server = test_server(dir.path(), "  vm1: {schedule: daily}\n  vm2: {schedule: daily}\n");
+        let (vm1, vm2) = (server.job("vm1").unwrap(), server.job("vm2").unwrap());
+        daily_revisions(&vm1, 2);
+        daily_revisions(&vm2, 2);
+        let push = server
+            .jobs
+            .activity
+            .try_start_push(vm1.name(), RevisionId::new_random())
+            .unwrap();
+        std::fs::write(vm1.partial_dir().join("left.img"), b"x").unwrap();
+        std::fs::write(vm2.partial_dir().join("planted.img"), b"x").unwrap();
+        expire_all(&server);
+        assert_eq!(partial_files(&vm1), 1, "a running push's files stay");
+        drop(push); // the push failed
+        let agents = server.jobs.index.subscribe();
+        expire_all(&server);
+        assert_eq!(partial_files(&vm1), 0, "the failed push's files are removed");
+        assert!(
+            !server.jobs.activity.job_runtime(vm1.name()).leftovers,
+            "nothing left to look at"
+        );
+        assert!(
+            !agents.has_changed().unwrap(),
+            "a cleanup that changed no revision wakes no agent"
+        );
+        assert_eq!(
+            server.jobs.indexed(&vm1).unwrap().revisions,
+            vm1.revisions().unwrap()
+        );
+        assert_eq!(partial_files(&vm2), 1, "the quiet job's directory was not read");
+        assert_eq!(vm1.revisions().unwrap().len(), 2);
+    }
+
+    /// A deletion whose files could not all go is completed by a later
+    /// round (the job is marked), not only at the next change or start.
+    #[test]
+    fn an_unfinished_deletion_is_completed_by_the_periodic_round() {
+        let dir = tempfile::tempdir().unwrap();
+        let server = test_server(dir.path(), "  vm1: {schedule: daily}\n");
+        let vm1 = server.job("vm1").unwrap();
+        let ids = daily_revisions(&vm1, 2);
+        // What a deletion that failed after its commit point leaves: the
+        // journal, the files, and the mark its transaction set.
+        std::fs::write(
+            vm1.path().join(crate::storage::jobdir::DELETIONS_FILE),
+            format!("{}\n", ids[0]),
+        )
+        .unwrap();
+        server.jobs.activity.mark_leftovers(vm1.name());
+        expire_all(&server);
+        assert!(!vm1.path().join(crate::storage::jobdir::DELETIONS_FILE).exists());
+        assert!(!vm1.rev_path(&ids[0]).exists() && !vm1.image_path(&ids[0]).exists());
+        assert_eq!(vm1.revisions().unwrap().len(), 1);
+    }
 }

@@ -164,7 +164,7 @@ pub fn header(server: &Server, config: &ServerConfig, name: &str) -> Result<(Job
         space: space.job.as_ref().map(|u| wire_space(u, space.job_on_disk)),
         store: store_space(config),
         storage: h.storage,
-        allocated_bytes: entry.allocated_bytes,
+        allocated_bytes: entry.allocated_bytes(&job),
         running: h.runtime.push.is_some(),
         sla_ok: h.sla_ok,
         sla_overdue_secs: h.sla_overdue_secs,
@@ -255,7 +255,7 @@ pub fn summary(server: &Server, config: &ServerConfig, name: &JobName) -> Result
         newest: revs.last().map(RevisionInfo::from),
         newest_trusted,
         data_bytes: revs.iter().map(|r| r.stats.bytes_written).sum(),
-        allocated_bytes: entry.allocated_bytes,
+        allocated_bytes: entry.allocated_bytes(&job),
         // The last count: a host's summaries never wait for FIEMAP.
         space: server
             .jobs

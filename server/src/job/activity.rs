@@ -25,6 +25,10 @@ pub struct JobRuntime {
     /// The revision id of the last failed push the server saw, so a
     /// client's report of the same attempt is not counted twice.
     pub last_failed_rev: Option<RevisionId>,
+    /// The job may hold leftovers (files of a push that ended, an
+    /// unfinished deletion): the periodic round looks at its disk. Jobs
+    /// without the mark are not read every minute; start-up cleans all.
+    pub leftovers: bool,
 }
 
 /// The activity of every job, behind its own lock (held only to copy or
@@ -57,6 +61,20 @@ impl Activity {
             .copied()
             .chain(r.push.iter().filter_map(|(_, parent)| *parent))
             .collect()
+    }
+
+    /// Marks the job as one that may hold leftovers (see
+    /// [`JobRuntime::leftovers`]).
+    pub fn mark_leftovers(&self, job: &JobName) {
+        self.runtime().entry(job.clone()).or_default().leftovers = true;
+    }
+
+    /// Clears the job's leftovers mark and says whether it was set. Taken
+    /// before the disk is looked at, so a mark set meanwhile stays.
+    pub fn take_leftovers(&self, job: &JobName) -> bool {
+        self.runtime()
+            .get_mut(job)
+            .is_some_and(|r| std::mem::take(&mut r.leftovers))
     }
 
     /// Takes the job's push slot (one push or copy per job at a time), or
@@ -183,6 +201,9 @@ impl Drop for PushGuard {
     fn drop(&mut self) {
         if let Some(r) = self.activity.runtime().get_mut(&self.job) {
             r.push = None;
+            // However it ended (a failure, a crash of the handler, a
+            // commit), the periodic round looks once.
+            r.leftovers = true;
         }
     }
 }

@@ -12,7 +12,7 @@ use backy_common::revision::RevisionMeta;
 use backy_common::{JobName, Result};
 use chrono::{DateTime, Utc};
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use tokio::sync::watch;
 
 /// What the index holds of one job.
@@ -20,10 +20,27 @@ use tokio::sync::watch;
 pub struct JobEntry {
     /// Committed revisions, oldest first.
     pub revisions: Vec<RevisionMeta>,
-    /// Bytes allocated by the job's files.
-    pub allocated_bytes: u64,
+    /// Bytes allocated by the job's files, counted when first asked for
+    /// (a stat of every file: start-up does not pay it for 10,000 jobs;
+    /// the entry is dropped with every change, so it counts after the last).
+    allocated: OnceLock<u64>,
     /// When the server first knew the job.
     pub since: Option<DateTime<Utc>>,
+}
+
+impl JobEntry {
+    pub fn new(revisions: Vec<RevisionMeta>, since: Option<DateTime<Utc>>) -> Self {
+        JobEntry {
+            revisions,
+            allocated: OnceLock::new(),
+            since,
+        }
+    }
+
+    /// Bytes allocated by the files of `job` (this entry's job).
+    pub fn allocated_bytes(&self, job: &JobDir) -> u64 {
+        *self.allocated.get_or_init(|| job.allocated_bytes())
+    }
 }
 
 /// The entries and the change counter, moved together under one lock: a
@@ -52,13 +69,7 @@ impl Default for Index {
 impl Index {
     /// The job's entry, read from disk if not indexed.
     pub fn get(&self, job: &JobDir) -> Result<Arc<JobEntry>> {
-        self.get_with(job, |job| {
-            Ok(JobEntry {
-                revisions: job.revisions()?,
-                allocated_bytes: job.allocated_bytes(),
-                since: job.since(),
-            })
-        })
+        self.get_with(job, |job| Ok(JobEntry::new(job.revisions()?, job.since())))
     }
 
     /// [`Index::get`] with the disk read given (tests put a change between
@@ -84,6 +95,16 @@ impl Index {
             entries.jobs.insert(job.name().clone(), entry.clone());
         }
         Ok(entry)
+    }
+
+    /// Sets the job's entry to `entry`, read from disk under the job's lock
+    /// by a transaction that changed nothing (its lock still held): the
+    /// next reader need not read the disk again, and nobody is woken.
+    pub fn put(&self, job: &JobName, entry: JobEntry) {
+        let mut entries = self.lock();
+        entries.jobs.insert(job.clone(), Arc::new(entry));
+        // Reads begun before are not kept: they may be older than this.
+        entries.generation = entries.generation.wrapping_add(1);
     }
 
     /// Forgets the job's entry and wakes whoever waits for changes.
@@ -126,12 +147,13 @@ impl Index {
 mod tests {
     use super::*;
 
-    fn entry(n: usize) -> JobEntry {
-        JobEntry {
-            revisions: Vec::with_capacity(n),
-            allocated_bytes: n as u64,
-            since: None,
-        }
+    /// An entry told apart by its `since`.
+    fn entry(n: i64) -> JobEntry {
+        JobEntry::new(Vec::new(), DateTime::from_timestamp(n, 0))
+    }
+
+    fn mark(e: &JobEntry) -> i64 {
+        e.since.map_or(-1, |t| t.timestamp())
     }
 
     #[test]
@@ -146,11 +168,11 @@ mod tests {
                 Ok(entry(1))
             })
             .unwrap();
-        assert_eq!(stale.allocated_bytes, 1);
+        assert_eq!(mark(&stale), 1);
         let fresh = index.get_with(&job, |_| Ok(entry(2))).unwrap();
-        assert_eq!(fresh.allocated_bytes, 2, "the stale read was kept");
+        assert_eq!(mark(&fresh), 2, "the stale read was kept");
         // An undisturbed read is kept.
         let kept = index.get_with(&job, |_| Ok(entry(3))).unwrap();
-        assert_eq!(kept.allocated_bytes, 2);
+        assert_eq!(mark(&kept), 2);
     }
 }

@@ -30,7 +30,7 @@ use std::sync::Arc;
 /// The jobs' state in memory: the read caches and the activity.
 #[derive(Default)]
 pub struct Jobs {
-    pub index: Index,
+    pub index: Arc<Index>,
     pub activity: Arc<Activity>,
     /// What each job's revisions take on disk (counted on demand).
     pub space: SpaceCache,
@@ -53,6 +53,6 @@ impl Jobs {
 
     /// The job's last counted space at once (see [`SpaceCache::last`]).
     pub fn last_space(&self, job: &JobDir, entry: &JobEntry) -> Option<Arc<JobSpace>> {
-        self.space.last(job, &entry.revisions)
+        self.space.last(job, &entry.revisions, &self.index)
     }
 }

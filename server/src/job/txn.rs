@@ -30,6 +30,10 @@ pub struct Txn<'a> {
     job: &'a JobDir,
     lock: JobLock,
     revisions: Vec<RevisionMeta>,
+    /// Whether this transaction changed (or began to change) a revision.
+    changed: bool,
+    /// Set by [`Txn::keep_index`]: the index holds what was read.
+    indexed: bool,
 }
 
 impl<'a> Txn<'a> {
@@ -51,6 +55,7 @@ impl<'a> Txn<'a> {
 
     fn read(jobs: &'a Jobs, job: &'a JobDir, lock: JobLock) -> Result<Self> {
         if let Err(e) = job.finish_deletions(&lock) {
+            jobs.activity.mark_leftovers(job.name());
             tracing::error!(job = %job.name(), "completing a deletion: {e}; retried by every change of the job");
         }
         let revisions = job.revisions()?;
@@ -59,6 +64,8 @@ impl<'a> Txn<'a> {
             job,
             lock,
             revisions,
+            changed: false,
+            indexed: false,
         })
     }
 
@@ -100,6 +107,7 @@ impl<'a> Txn<'a> {
     /// must be a revision this transaction read: a revision deleted
     /// meanwhile is never written back.
     pub fn write(&mut self, metas: &[RevisionMeta]) -> Result<()> {
+        self.changed = true;
         for m in metas {
             if self.get(&m.id).is_none() {
                 return Err(Error::not_found(format!(
@@ -196,6 +204,7 @@ impl<'a> Txn<'a> {
             .filter(|r| ids.contains(&r.id))
             .cloned()
             .collect();
+        self.changed = true;
         self.job.journal_deletions(&self.lock, ids)?;
         self.revisions.retain(|r| !ids.contains(&r.id));
         // Before the files go: the index's entries naming them move on.
@@ -204,6 +213,7 @@ impl<'a> Txn<'a> {
         // `forget.applied`: tests fail the removal after the commit point.
         let removed = fault::fail("forget.applied").and_then(|()| self.job.finish_deletions(&self.lock));
         if let Err(e) = removed {
+            self.jobs.activity.mark_leftovers(self.job.name());
             tracing::error!(job = %self.job.name(), "removing deleted revisions' files: {e}; completed by the next change or start-up");
         }
         Ok(())
@@ -280,6 +290,7 @@ impl<'a> Txn<'a> {
             }
         }
         let new_blocks = sealed.new_blocks();
+        self.changed = true;
         let meta = sealed.install(&self.lock)?;
         self.jobs.hints.published(self.job, meta.id, &new_blocks);
         self.revisions.push(meta.clone());
@@ -298,6 +309,22 @@ impl<'a> Txn<'a> {
             tracing::error!(job = %self.job.name(), "updating latest: {e}; fixed by the next change");
         }
     }
+
+    /// Ends a transaction that changed no revision, leaving in the index
+    /// what it read from disk (with `since`, the job's first-seen time)
+    /// instead of dropping the job's entry: the next reader does not read
+    /// the disk again and nobody is woken (start-up indexes every job this
+    /// way). A transaction that changed something ends as always.
+    pub fn keep_index(mut self, since: Option<DateTime<Utc>>) {
+        if !self.changed {
+            let revisions = std::mem::take(&mut self.revisions);
+            // Under the job's lock still: no change can come between.
+            self.jobs
+                .index
+                .put(self.job.name(), super::JobEntry::new(revisions, since));
+            self.indexed = true;
+        }
+    }
 }
 
 /// The refusal to delete a revision under its retention lock: one line
@@ -311,7 +338,9 @@ pub fn locked(job: &JobName, id: &RevisionId, until: DateTime<Utc>) -> Error {
 
 impl Drop for Txn<'_> {
     fn drop(&mut self) {
-        self.jobs.index.invalidate(self.job.name());
+        if !self.indexed {
+            self.jobs.index.invalidate(self.job.name());
+        }
     }
 }
 

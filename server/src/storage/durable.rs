@@ -180,6 +180,14 @@ pub fn create_dir(dir: &Path) -> Result<()> {
 /// Points `link` at `target` atomically (new link under a temp name, then
 /// rename), so people reading `latest` never see it missing or half-made.
 pub fn replace_symlink(link: &Path, target: &str) -> Result<()> {
+    replace_symlink_unsynced(link, target)?;
+    fsync_dir(parent_of(link)?)
+}
+
+/// [`replace_symlink`] without syncing the directory: for start-up, which
+/// makes every job's links and then syncs the filesystem once
+/// ([`sync_filesystem`]).
+pub fn replace_symlink_unsynced(link: &Path, target: &str) -> Result<()> {
     let dir = parent_of(link)?;
     let tmp = dir.join(format!(".tmp.link.{}", uuid::Uuid::new_v4().simple()));
     std::os::unix::fs::symlink(target, &tmp)
@@ -188,7 +196,59 @@ pub fn replace_symlink(link: &Path, target: &str) -> Result<()> {
         let _ = std::fs::remove_file(&tmp);
         return Err(Error::io(format!("replacing {}", link.display()), e));
     }
-    fsync_dir(dir)
+    Ok(())
+}
+
+/// Writes `bytes` to `path` through a temp file and a rename like
+/// [`write_atomic`], without any fsync: for start-up's many small files,
+/// made durable together by one [`sync_filesystem`] before serving. A
+/// crash before that may leave the file missing or empty; its readers
+/// take both as not written (start-up writes it again).
+pub fn write_unsynced(path: &Path, bytes: &[u8]) -> Result<()> {
+    let dir = parent_of(path)?;
+    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("file");
+    let tmp = dir.join(format!(".tmp.{name}.{}", uuid::Uuid::new_v4().simple()));
+    let result = create_new(&tmp)
+        .and_then(|mut f| {
+            f.write_all(bytes)
+                .map_err(|e| Error::io(format!("writing {}", tmp.display()), e))
+        })
+        .and_then(|()| {
+            std::fs::rename(&tmp, path)
+                .map_err(|e| Error::io(format!("renaming {} to {}", tmp.display(), path.display()), e))
+        });
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}
+
+/// Creates one directory (its parent exists) with the server's directory
+/// mode, without syncing its parent (see [`write_unsynced`]); an existing
+/// one is left as it is.
+pub fn create_dir_unsynced(dir: &Path) -> Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    match std::fs::DirBuilder::new().mode(dir_mode()).create(dir) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && dir.is_dir() => Ok(()),
+        Err(e) => Err(Error::io(format!("creating directory {}", dir.display()), e)),
+    }
+}
+
+/// Makes everything written to the filesystem holding `path` durable (one
+/// `syncfs`: what start-up made for thousands of jobs, at the cost of one
+/// sync instead of one per file and directory).
+pub fn sync_filesystem(path: &Path) -> Result<()> {
+    use std::os::fd::AsRawFd;
+    let dir = File::open(path).map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
+    // SAFETY: syncfs only reads the descriptor, which `dir` keeps open.
+    if unsafe { libc::syncfs(dir.as_raw_fd()) } != 0 {
+        return Err(Error::io(
+            format!("syncing the filesystem of {}", path.display()),
+            std::io::Error::last_os_error(),
+        ));
+    }
+    Ok(())
 }
 
 fn parent_of(path: &Path) -> Result<&Path> {

@@ -136,6 +136,14 @@ pub fn data_items(path: &Path) -> Result<Option<Vec<DataItem>>> {
 }
 
 #[allow(clippy::unnecessary_cast)] // f_type's width differs by target.
+/// Whether `path` lies on btrfs (`false` when that cannot be told: its
+/// files' data then cannot be read either).
+pub fn on_btrfs(path: &Path) -> bool {
+    rustix::fs::statfs(path).is_ok_and(|fs| is_btrfs(&fs))
+}
+
+// `f_type` is i64 here, narrower on other targets.
+#[allow(clippy::unnecessary_cast)]
 fn is_btrfs(fs: &rustix::fs::StatFs) -> bool {
     fs.f_type as i64 == BTRFS_SUPER_MAGIC
 }
