@@ -416,16 +416,31 @@ pub fn scan<E: FnMut(Frame) -> Result<()>>(
         }
     };
     let geometry = Manifest::zeroed(size, block_size)?;
-    // A reader thread keeps a few blocks read ahead, a digest thread hashes
-    // them, and this one compares and sends: reading, hashing and the
-    // network overlap, and a warm source is read as fast as it is copied.
+    // A reader thread keeps a few blocks read ahead, digest threads hash
+    // them (block k on thread k mod n, so each hashes whole blocks with
+    // SIMD and nothing waits on a split), and this one takes them back in
+    // order, compares and sends: reading, hashing and the network overlap,
+    // and a warm source is read about as fast as it is copied.
     std::thread::scope(|threads| {
-        let (fetch_tx, fetch_rx) = sync_channel::<Result<Fetched>>(READ_AHEAD);
-        let (read_tx, read_rx) = sync_channel::<Result<Read>>(READ_AHEAD);
+        let digesters = std::thread::available_parallelism()
+            .map_or(2, |n| n.get())
+            .clamp(1, 4);
         let (free_tx, free_rx) = channel::<Vec<u8>>();
-        threads.spawn(move || read_blocks(source, &geometry, blocks, fetch_tx, free_rx));
-        threads.spawn(move || digest_blocks(fetch_rx, read_tx));
-        for read in read_rx {
+        let mut fetch_txs = Vec::with_capacity(digesters);
+        let mut read_rxs = Vec::with_capacity(digesters);
+        // The blocks in flight stay as many whatever the thread count.
+        let ahead = READ_AHEAD.div_ceil(digesters);
+        for _ in 0..digesters {
+            let (fetch_tx, fetch_rx) = sync_channel::<Result<Fetched>>(ahead);
+            let (read_tx, read_rx) = sync_channel::<Result<Read>>(ahead);
+            threads.spawn(move || digest_blocks(fetch_rx, read_tx));
+            fetch_txs.push(fetch_tx);
+            read_rxs.push(read_rx);
+        }
+        threads.spawn(move || read_blocks(source, &geometry, blocks, fetch_txs, free_rx));
+        // The reader's end closes every digest thread's input, so the
+        // first missing block's channel ends the loop.
+        for read in (0..).map_while(|k: usize| read_rxs[k % digesters].recv().ok()) {
             match read? {
                 Read::Hole(index) => {
                     scanner.hole(index)?;
@@ -471,8 +486,8 @@ enum Read {
     Block(u64, Vec<u8>, Digest),
 }
 
-/// The digest thread: each block read gets its digest, in order; stops at
-/// the first error (passed on) or when either side is gone.
+/// A digest thread: each block it is handed gets its digest, in order;
+/// stops at the first error (passed on) or when either side is gone.
 fn digest_blocks(fetched: Receiver<Result<Fetched>>, out: SyncSender<Result<Read>>) {
     for f in fetched {
         let read = f.map(|f| match f {
@@ -490,28 +505,28 @@ fn digest_blocks(fetched: Receiver<Result<Fetched>>, out: SyncSender<Result<Read
 }
 
 /// A block's digest: zero blocks get the known zero digest unhashed. One
-/// BLAKE3 thread (SIMD) per block: the pipeline's threads (reading,
-/// digesting, checksumming and framing, sending) keep the cores busy, where
-/// splitting single blocks across cores costs more in coordination than it
-/// saves on a small, shared machine.
+/// thread (SIMD) per block: the digest threads share the cores by blocks,
+/// where splitting each block (rayon) cost more in idle spinning than it
+/// saved on a small, shared machine.
 fn block_digest(data: &[u8]) -> Digest {
     if is_all_zero(data) {
         zero_digest(data.len() as u64)
     } else {
-        backy_common::manifest::digest(data)
+        *blake3::hash(data).as_bytes()
     }
 }
 
-/// The reader thread: reads `blocks` in order (skipping holes), reusing
-/// buffers that come back through `free`. Stops at the first error (sent
-/// on) or when the receiver is gone.
+/// The reader thread: reads `blocks` in order (skipping holes), handing
+/// the k-th to `outs[k mod n]` and reusing buffers that come back through
+/// `free`. Stops at the first error (sent on) or when a receiver is gone.
 fn read_blocks(
     source: &mut dyn Source,
     geometry: &Manifest,
     mut blocks: Box<dyn Iterator<Item = u64> + Send + '_>,
-    out: SyncSender<Result<Fetched>>,
+    outs: Vec<SyncSender<Result<Fetched>>>,
     free: Receiver<Vec<u8>>,
 ) {
+    let mut sent = 0usize;
     let mut region = None;
     let mut first = true;
     // The next blocks to read; each is prefetched as it joins, PREFETCH
@@ -550,9 +565,10 @@ fn read_blocks(
             Ok(Fetched::Block(index, buf, len as usize))
         })();
         let failed = read.is_err();
-        if out.send(read).is_err() || failed {
+        if outs[sent % outs.len()].send(read).is_err() || failed {
             return;
         }
+        sent += 1;
     }
 }
 
