@@ -23,7 +23,12 @@ pub struct AuditPlan {
 /// Reads the sample of the blocks `changed` leaves out and compares each
 /// block's digest with `baseline` (the parent's manifest at the source's
 /// size).
-pub fn run(source: &mut dyn Source, baseline: &Manifest, changed: &[Extent], plan: &AuditPlan) -> Result<AuditOutcome> {
+pub fn run(
+    source: &mut dyn Source,
+    baseline: &Manifest,
+    changed: &[Extent],
+    plan: &AuditPlan,
+) -> Result<AuditOutcome> {
     let count = baseline.block_count();
     let bs = baseline.block_size();
     let touched = changed_block_ranges(changed, bs);
@@ -34,9 +39,7 @@ pub fn run(source: &mut dyn Source, baseline: &Manifest, changed: &[Extent], pla
         let offset = baseline.block_offset(b);
         let len = baseline.block_len(b);
         // Holes the source reports read as zeros without reading them.
-        let data = source
-            .next_data(offset)?
-            .is_some_and(|r| r.offset < offset + len);
+        let data = source.next_data(offset)?.is_some_and(|r| r.offset < offset + len);
         let digest = if data {
             let block = &mut buf[..len as usize];
             source.read_at(offset, block)?;
@@ -112,10 +115,13 @@ mod tests {
         // Block 1 (changed) was never read.
         assert!(!src.reads.contains(&(BS as u64)), "{:?}", src.reads);
         // An honest list: nothing differs.
-        let honest = [changed[0], Extent {
-            offset: 5 * BS as u64,
-            len: 8,
-        }];
+        let honest = [
+            changed[0],
+            Extent {
+                offset: 5 * BS as u64,
+                len: 8,
+            },
+        ];
         let got = run(&mut MemSource::new(now), &manifest_of(&parent), &honest, &plan).unwrap();
         assert_eq!((got.sampled, got.mismatched), (6, 0));
     }

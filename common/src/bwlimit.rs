@@ -18,8 +18,11 @@ use std::time::{Duration, Instant};
 pub fn parse_rate(s: &str) -> Result<u64> {
     let t = s.trim();
     let size = t.strip_suffix("/s").unwrap_or(t);
-    let rate = crate::units::parse_bytes(size)
-        .map_err(|_| Error::invalid(format!("bad bandwidth limit {s:?}: bytes a second like 10M or 512K")))?;
+    let rate = crate::units::parse_bytes(size).map_err(|_| {
+        Error::invalid(format!(
+            "bad bandwidth limit {s:?}: bytes a second like 10M or 512K"
+        ))
+    })?;
     if rate == 0 {
         return Err(Error::invalid(format!(
             "bandwidth limit {s:?} is 0: leave it out for no limit"
@@ -147,7 +150,10 @@ mod tests {
         assert_eq!(parse_rate("1000").unwrap(), 1000);
         for bad in ["", "fast", "10X", "-1M"] {
             assert!(
-                parse_rate(bad).unwrap_err().message.contains("bad bandwidth limit"),
+                parse_rate(bad)
+                    .unwrap_err()
+                    .message
+                    .contains("bad bandwidth limit"),
                 "{bad}"
             );
         }
@@ -190,10 +196,7 @@ mod tests {
         }
         let secs = 30.0;
         let got = sent as f64 / secs;
-        assert!(
-            (got - rate as f64).abs() <= rate as f64 * 0.02,
-            "{got} vs {rate}"
-        );
+        assert!((got - rate as f64).abs() <= rate as f64 * 0.02, "{got} vs {rate}");
     }
 
     #[test]

@@ -186,7 +186,9 @@ impl AuditOutcome {
         let t = &self.tracker;
         if t.is_empty()
             || t.len() > 32
-            || !t.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+            || !t
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
         {
             return Err(Error::invalid(format!(
                 "tracker audit: bad tracker name {:?}",
@@ -289,10 +291,7 @@ mod tests {
             }
             assert_eq!(s, sample(50, &changed, pct(10.0), seed));
         }
-        assert_ne!(
-            sample(1000, &[], pct(1.0), 1),
-            sample(1000, &[], pct(1.0), 2)
-        );
+        assert_ne!(sample(1000, &[], pct(1.0), 1), sample(1000, &[], pct(1.0), 2));
     }
 
     #[test]
@@ -300,7 +299,10 @@ mod tests {
         let changed = [0..1, 3..4, 9..12];
         assert_eq!(sample(10, &changed, pct(100.0), 7), [1, 2, 4, 5, 6, 7, 8]);
         assert_eq!(sample(10, &changed, SamplePercent::OFF, 7), Vec::<u64>::new());
-        assert_eq!(sample(4, &[0..4], pct(100.0), 7), Vec::<u64>::new());
+        assert_eq!(
+            sample(4, std::slice::from_ref(&(0..4)), pct(100.0), 7),
+            Vec::<u64>::new()
+        );
         // One block at least, even of a tiny share.
         assert_eq!(sample(3, &[], pct(0.001), 7).len(), 1);
     }
@@ -367,7 +369,10 @@ mod tests {
                 ..good.clone()
             },
         ] {
-            assert!(bad.check().unwrap_err().message.starts_with("tracker audit: "), "{bad:?}");
+            assert!(
+                bad.check().unwrap_err().message.starts_with("tracker audit: "),
+                "{bad:?}"
+            );
         }
     }
 
@@ -378,7 +383,10 @@ mod tests {
             sampled: 82,
             mismatched: 0,
         };
-        assert_eq!(ok.to_string(), "QEMU dirty bitmap audit: 82 unchanged blocks re-read, 0 differ");
+        assert_eq!(
+            ok.to_string(),
+            "QEMU dirty bitmap audit: 82 unchanged blocks re-read, 0 differ"
+        );
         assert_eq!(ok.warning("abc"), None);
         let bad = AuditOutcome {
             mismatched: 1,

@@ -30,7 +30,11 @@ fn image(path: &Path, size: u64, seed: u64) {
 
 fn within_10_percent(what: &str, rate: f64) {
     let limit = LIMIT as f64;
-    eprintln!("{what}: {:.2} MiB/s (limit {:.2} MiB/s)", rate / MIB as f64, limit / MIB as f64);
+    eprintln!(
+        "{what}: {:.2} MiB/s (limit {:.2} MiB/s)",
+        rate / MIB as f64,
+        limit / MIB as f64
+    );
     assert!(
         (rate - limit).abs() <= limit * 0.10,
         "{what}: {:.2} MiB/s is not within 10 % of {:.2} MiB/s",
@@ -52,7 +56,10 @@ fn a_push_is_held_at_its_limit() {
     let (a, b) = (work.join("a.img"), work.join("b.img"));
     image(&a, 60 * MIB, 1);
     image(&b, 60 * MIB, 2);
-    let server = Server::start(&fs.mount.join("backy"), "  vm1: {schedule: none}\n  vm2: {schedule: none}\n");
+    let server = Server::start(
+        &fs.mount.join("backy"),
+        "  vm1: {schedule: none}\n  vm2: {schedule: none}\n",
+    );
 
     // Without a limit: faster than the limit.
     let started = Instant::now();
@@ -85,7 +92,14 @@ fn a_push_is_held_at_its_limit() {
     assert_eq!(file_hash(&stored), file_hash(&a));
 
     // A bad rate is refused before anything is asked.
-    let out = server.client(&["push", "vm1", "--source", a.to_str().unwrap(), "--bwlimit", "fast"]);
+    let out = server.client(&[
+        "push",
+        "vm1",
+        "--source",
+        a.to_str().unwrap(),
+        "--bwlimit",
+        "fast",
+    ]);
     assert_eq!(out.status.code(), Some(2));
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("bad bandwidth limit \"fast\""),
@@ -212,6 +226,9 @@ fn a_replicas_copies_are_held_at_its_limit() {
     let secs = got.as_ref().unwrap()["duration_secs"].as_f64().unwrap();
     assert!(secs <= waited, "{secs} {waited}");
     within_10_percent("replicate.bwlimit 6M", n as f64 / secs);
-    let stored = replica_fs.mount.join("held/vm1").join(got.unwrap()["id"].as_str().unwrap());
+    let stored = replica_fs
+        .mount
+        .join("held/vm1")
+        .join(got.unwrap()["id"].as_str().unwrap());
     assert_eq!(file_hash(&stored), file_hash(&img));
 }

@@ -189,7 +189,11 @@ fn the_audit_catches_a_list_that_misses_a_write() {
     let pushed: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(pushed["audit"]["sampled"].as_u64(), Some(1), "{pushed}");
     assert_eq!(pushed["audit"]["mismatched"].as_u64(), Some(0), "{pushed}");
-    assert_eq!(pushed["bytes_read"].as_u64(), Some(BLOCK), "only the named block: {pushed}");
+    assert_eq!(
+        pushed["bytes_read"].as_u64(),
+        Some(BLOCK),
+        "only the named block: {pushed}"
+    );
     let revs = server.revisions("vm1");
     let stored = base.join("vm1").join(revs[2]["id"].as_str().unwrap());
     assert_eq!(file_hash(&stored), file_hash(&src));
@@ -215,7 +219,19 @@ fn the_audit_catches_a_list_that_misses_a_write() {
     assert!(pushed.get("audit").is_none(), "{pushed}");
     assert!(server.revisions("vm1")[3].get("audit").is_none());
     // A bad sample is refused before anything is asked.
-    let out = server.client(&["push", "vm1", "--source", src.to_str().unwrap(), "--audit-sample", "150%"]);
-    assert_eq!(out.status.code(), Some(2), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = server.client(&[
+        "push",
+        "vm1",
+        "--source",
+        src.to_str().unwrap(),
+        "--audit-sample",
+        "150%",
+    ]);
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(String::from_utf8_lossy(&out.stderr).contains("outside 0% to 100%"));
 }

@@ -638,7 +638,9 @@ fn the_audit_catches_a_bitmap_cleared_by_hand() {
     let line = String::from_utf8_lossy(&check.stdout);
     assert_eq!(check.status.code(), Some(1), "{line}");
     assert!(
-        line.contains("vm1: change tracker QEMU dirty bitmap missed writes: 1 of 15 sampled unchanged blocks differ"),
+        line.contains(
+            "vm1: change tracker QEMU dirty bitmap missed writes: 1 of 15 sampled unchanged blocks differ"
+        ),
         "{line}"
     );
     assert_eq!(vm.state(), (vec![format!("backy-{id2}")], vec![]));

@@ -11,7 +11,6 @@ use super::shared::{
     Pushed, FRAMES_IN_FLIGHT,
 };
 use crate::audit::AuditPlan;
-use backy_common::tracker_audit;
 use crate::connect::Client;
 use crate::progress::Progress;
 use crate::scan::{self, Scanned};
@@ -19,6 +18,7 @@ use crate::source::{self, Source};
 use crate::view::RevisionView;
 use backy_common::manifest::Manifest;
 use backy_common::source::SourceSpec;
+use backy_common::tracker_audit;
 use backy_common::{fault, Error, Result};
 use backy_proto::push_frame::Frame;
 use backy_proto::{PlanReply, PushBegin, PushEnd, PushFrame};
@@ -138,11 +138,13 @@ pub(super) async fn push(
     } else {
         None
     };
-    let audit = tracker.filter(|_| has_parent && !args.audit_sample.is_off()).map(|tracker| AuditPlan {
-        tracker,
-        percent: args.audit_sample,
-        seed: tracker_audit::seed_of(plan.new_id.as_bytes()),
-    });
+    let audit = tracker
+        .filter(|_| has_parent && !args.audit_sample.is_off())
+        .map(|tracker| AuditPlan {
+            tracker,
+            percent: args.audit_sample,
+            seed: tracker_audit::seed_of(plan.new_id.as_bytes()),
+        });
     let limiter = args.bwlimit.clone();
     // The granule exchange compares with a parent and needs a server that
     // speaks it; the fault mode poses as an older client (tests of the
@@ -161,7 +163,9 @@ pub(super) async fn push(
             audit,
             limiter,
         };
-        read_source(&mut *source, baseline, reading, answers, &tx, |pos| reader_bar.set(pos))
+        read_source(&mut *source, baseline, reading, answers, &tx, |pos| {
+            reader_bar.set(pos)
+        })
     });
     let frames = crate::frames::with_keepalive(rx);
     let joined = if exchange {
