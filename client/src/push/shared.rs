@@ -371,5 +371,31 @@ mod tests {
             pushed.to_string(),
             "vm1: revision 3xKabc committed, 4.00 GiB image, 42.00 MiB sent in 2.3 s, 2 old revisions expired"
         );
+        let audited = |mismatched| Pushed {
+            job: "vm1".into(),
+            revision: pushed.revision.clone(),
+            bytes_read: 0,
+            bytes_sent: 42 << 20,
+            duration_secs: 2.34,
+            expired: Vec::new(),
+            resumed_at: None,
+            full_read: None,
+            audit: Some(Audited {
+                outcome: backy_common::tracker_audit::AuditOutcome {
+                    tracker: "qemu-bitmap".into(),
+                    sampled: 82,
+                    mismatched,
+                },
+                secs: 0.42,
+            }),
+        };
+        assert_eq!(
+            audited(0).to_string(),
+            "vm1: revision 3xKabc committed, 4.00 GiB image, 42.00 MiB sent in 2.3 s; QEMU dirty bitmap \
+             audit: 82 unchanged blocks re-read, 0 differ in 0.4 s"
+        );
+        assert!(audited(1)
+            .to_string()
+            .ends_with("1 differ in 0.4 s: the tracker missed writes, so the whole source was read"));
     }
 }
