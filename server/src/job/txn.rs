@@ -413,6 +413,7 @@ mod tests {
         let end = PushEnd {
             stream_checksum: sum.finish().to_vec(),
             manifest_digest: manifest.file_digest().to_vec(),
+            audit: None,
         };
         rev.commit(&end).unwrap()
     }
@@ -803,6 +804,7 @@ mod tests {
         let end = PushEnd {
             stream_checksum: StreamChecksum::new().finish().to_vec(),
             manifest_digest: f.job.manifest(&parent).unwrap().file_digest().to_vec(),
+            audit: None,
         };
         let sealed = rev.commit(&end).unwrap();
         revisions::distrust(&f.server, &f.job, &parent.id.to_string(), Apply::Yes).unwrap();
@@ -1136,6 +1138,7 @@ mod tests {
             rev.commit(&PushEnd {
                 stream_checksum: sum.finish().to_vec(),
                 manifest_digest: manifest.file_digest().to_vec(),
+                audit: None,
             })?
         };
         crate::push::publish_and_expire(&f.server, &f.job, sealed, &running, "stress.after-commit")?;

@@ -210,6 +210,9 @@ pub fn copy(
         })
     };
     let mut received = 0u64;
+    // One limit for every copy from the source (they run one at a time).
+    let limit = server.replica_bwlimit.clone();
+    limit.set_rate(config.replicate.as_ref().and_then(|r| r.bwlimit));
     let outcome = (|| -> Result<()> {
         let mut stream = handle
             .block_on(client.restore(request))
@@ -229,6 +232,9 @@ pub fn copy(
                 }
                 Frame::Begin(_) => {}
                 Frame::Data(d) => {
+                    // Reading no faster than the limit holds the source
+                    // back too (the stream's flow control).
+                    limit.wait(d.data.len() as u64);
                     received += d.data.len() as u64;
                     rev.data(d.offset, &d.data)?;
                     fault::point("replica.frame");

@@ -39,6 +39,9 @@ pub struct PushEnd {
     pub stream_checksum: Vec<u8>,
     /// Empty when the client does not know every block's digest.
     pub manifest_digest: Vec<u8>,
+    /// The audit of the change tracker the push relied on, recorded with
+    /// the revision.
+    pub audit: Option<backy_common::tracker_audit::AuditOutcome>,
 }
 
 /// A revision under construction. Dropping it uncommitted removes its
@@ -635,6 +638,7 @@ impl NewRevision {
             changed_blocks: self.earlier.changed_blocks + self.stats.changed_blocks,
             bytes_deduplicated: self.earlier.bytes_deduplicated + self.stats.bytes_deduplicated,
             duration: self.earlier.duration + self.started.elapsed().as_secs_f64(),
+            audit: None,
         }
     }
 
@@ -697,7 +701,9 @@ impl NewRevision {
                 "the push's end frame has no manifest digest: the server commits only what it can check end to end (upgrade backy-client)",
             ));
         }
-        self.seal(&end.manifest_digest, "the client's")
+        let mut sealed = self.seal(&end.manifest_digest, "the client's")?;
+        sealed.meta.stats.audit = end.audit.clone();
+        Ok(sealed)
     }
 
     /// Commits a copy of another server's revision: under its timestamp,
@@ -943,6 +949,7 @@ mod tests {
         PushEnd {
             stream_checksum: checksum.finish().to_vec(),
             manifest_digest: manifest.file_digest().to_vec(),
+            audit: None,
         }
     }
 
