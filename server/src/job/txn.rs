@@ -1133,7 +1133,7 @@ mod tests {
         let mut manifest = Manifest::zeroed(SIZE, DEFAULT_BLOCK_SIZE)?;
         manifest.set(0, digest(&data))?;
         let sealed = if copy {
-            rev.commit_copy(chrono::Utc::now(), &manifest.file_digest())?
+            rev.commit_copy(chrono::Utc::now(), &manifest.file_digest(), None)?
         } else {
             rev.commit(&PushEnd {
                 stream_checksum: sum.finish().to_vec(),

@@ -123,6 +123,11 @@ pub fn copy(
     let config = server.config();
     let target = RevisionMeta::try_from(info)?;
     check_listing(&config, job, &target)?;
+    // As a client's would be: a lying source could otherwise put any text
+    // into `status`.
+    if let Some(audit) = &target.stats.audit {
+        audit.check()?;
+    }
     let expected = hex::decode(&info.manifest_digest)
         .map_err(|_| Error::invalid(format!("revision {}: bad manifest digest", target.id)))?;
     let running = server.jobs.activity.try_start_push(job.name(), target.id)?;
@@ -258,7 +263,7 @@ pub fn copy(
         }
         return Err(e);
     }
-    let sealed = rev.commit_copy(target.timestamp, &expected)?;
+    let sealed = rev.commit_copy(target.timestamp, &expected, target.stats.audit.clone())?;
     let meta = if transfer.replace {
         replace_distrusted(server, job, sealed, &running)?
     } else {

@@ -709,12 +709,21 @@ impl NewRevision {
     /// Commits a copy of another server's revision: under its timestamp,
     /// and only if the image's manifest is the one the source holds (a
     /// copy has no stream checksum: every block is checked by digest).
-    pub fn commit_copy(mut self, timestamp: DateTime<Utc>, manifest_digest: &[u8]) -> Result<Sealed> {
+    /// `audit`: the source's audit of the change tracker its push relied
+    /// on, kept so the replica's `check` warns as the source's does.
+    pub fn commit_copy(
+        mut self,
+        timestamp: DateTime<Utc>,
+        manifest_digest: &[u8],
+        audit: Option<backy_common::tracker_audit::AuditOutcome>,
+    ) -> Result<Sealed> {
         if manifest_digest.is_empty() {
             return Err(Error::invalid("a copy needs the source's manifest digest"));
         }
         self.timestamp = timestamp;
-        self.seal(manifest_digest, "the source server's")
+        let mut sealed = self.seal(manifest_digest, "the source server's")?;
+        sealed.meta.stats.audit = audit;
+        Ok(sealed)
     }
 
     /// Everything of a commit that needs no lock: the touched blocks
@@ -1315,7 +1324,7 @@ mod tests {
         let rev = full(&job, B);
         let copy = rev.spec.id;
         let manifest = Manifest::zeroed(B, BS).unwrap();
-        let e = rev.commit_copy(ahead, &manifest.file_digest()).unwrap_err();
+        let e = rev.commit_copy(ahead, &manifest.file_digest(), None).unwrap_err();
         assert_eq!(e.kind, ErrorKind::FailedPrecondition, "{e}");
         for id in [id, copy] {
             assert!(!job.rev_path(&id).exists() && !job.image_path(&id).exists());
