@@ -192,6 +192,7 @@ async fn run_order(mut client: Client, order: &AgentOrder, jobs: &JobsConfig) ->
             allow_unscheduled: false,
             allow_shrink: false,
             changed_ranges: None,
+            group: None,
         };
         push(&mut client, &args, &crate::progress::Silent).await
     }

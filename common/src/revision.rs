@@ -74,6 +74,46 @@ pub struct SourceInfo {
     /// Source-side snapshot name (e.g. `backy-<id>`), empty if none.
     #[serde(default)]
     pub snapshot: String,
+    /// The group push it was taken in: one disk of a VM whose disks were
+    /// all taken at this instant.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<GroupInstant>,
+}
+
+/// The group push a revision was taken in (docs/DESIGN.md, "Groups").
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GroupInstant {
+    /// The group's name in the client's config.
+    pub name: String,
+    /// The instant's id, shared by the revisions of all its disks.
+    pub instant: String,
+    /// How many disks the group push took: the instant is complete when
+    /// this many revisions carry it.
+    pub disks: u32,
+}
+
+/// Most disks one group push takes.
+pub const MAX_GROUP_DISKS: u32 = 64;
+
+impl GroupInstant {
+    /// As a peer sends it (a push's begin frame, a replication source's
+    /// listing): a job name's form for the group, an id's for the instant.
+    pub fn check(&self) -> Result<()> {
+        crate::JobName::new(&self.name).map_err(|e| e.context("group name"))?;
+        if crate::id::RevisionId::from_short(&self.instant).is_err() {
+            return Err(Error::invalid(format!(
+                "group instant {:?} is not an id (22 base-58 characters)",
+                self.instant
+            )));
+        }
+        if self.disks == 0 || self.disks > MAX_GROUP_DISKS {
+            return Err(Error::invalid(format!(
+                "a group push of {} disks (1 to {MAX_GROUP_DISKS})",
+                self.disks
+            )));
+        }
+        Ok(())
+    }
 }
 
 /// Counters of the push that made the revision.
@@ -255,6 +295,7 @@ mod tests {
             source: SourceInfo {
                 kind: "file".into(),
                 snapshot: String::new(),
+                group: None,
             },
             stats: Stats {
                 bytes_received: 5,

@@ -28,6 +28,7 @@ fn push_args(job: &str, source: Option<&Path>) -> PushArgs {
         allow_unscheduled: false,
         allow_shrink: false,
         changed_ranges: None,
+        group: None,
     }
 }
 

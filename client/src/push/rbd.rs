@@ -210,6 +210,7 @@ async fn push_snapshot(
         resumable: false,
         allow_unscheduled: args.allow_unscheduled,
         allow_shrink: args.allow_shrink,
+        group: args.group.clone(),
     };
     let (tx, rx) = mpsc::channel(FRAMES_IN_FLIGHT);
     tx.send(PushFrame {

@@ -50,6 +50,9 @@ pub struct PushArgs {
     /// A file of byte ranges changed since the parent revision: only the
     /// blocks they touch are read (see [`crate::changed_ranges`]).
     pub changed_ranges: Option<std::path::PathBuf>,
+    /// The group push this disk's revision is part of (set by the group
+    /// push, recorded in the revision).
+    pub group: Option<backy_proto::GroupInstant>,
 }
 
 /// A committed push.
