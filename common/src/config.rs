@@ -856,7 +856,11 @@ pub struct ClientConfig {
     pub jobs: BTreeMap<JobName, ClientJob>,
     /// Jobs backed up as one unit (docs/DESIGN.md, "Groups"): the disks of
     /// one VM, taken at one instant by `push GROUP`.
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty", deserialize_with = "unique_keys::deserialize")]
+    #[serde(
+        default,
+        skip_serializing_if = "BTreeMap::is_empty",
+        deserialize_with = "unique_keys::deserialize"
+    )]
     pub groups: BTreeMap<JobName, ClientGroup>,
 }
 
@@ -1512,10 +1516,19 @@ jobs:
         assert_eq!(vm1.jobs.len(), 2);
         assert_eq!(vm1.hooks.pre_snapshot.as_deref(), Some("true"));
         for (groups, want) in [
-            ("  vm1: {jobs: [a, x]}\n", "group vm1: job x is not listed under jobs:"),
-            ("  vm1: {jobs: [a]}\n  vm2: {jobs: [a]}\n", "group vm2: job a is in group vm1 already"),
+            (
+                "  vm1: {jobs: [a, x]}\n",
+                "group vm1: job x is not listed under jobs:",
+            ),
+            (
+                "  vm1: {jobs: [a]}\n  vm2: {jobs: [a]}\n",
+                "group vm2: job a is in group vm1 already",
+            ),
             ("  a: {jobs: [b]}\n", "group a: a job has this name too"),
-            ("  vm1: {jobs: [a, c]}\n", "job c is on QMP socket /run/vm2.qmp, the group's first disk on /run/vm1.qmp"),
+            (
+                "  vm1: {jobs: [a, c]}\n",
+                "job c is on QMP socket /run/vm2.qmp, the group's first disk on /run/vm1.qmp",
+            ),
             ("  vm1: {jobs: [d]}\n", "job d is not a running QEMU disk"),
             ("  vm1: {jobs: []}\n", "group vm1: no jobs"),
             ("  vm1: {jobs: [a], schedule: daily}\n", "unknown field"),

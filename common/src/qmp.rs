@@ -727,18 +727,9 @@ mod tests {
         assert_eq!(actions[1]["data"]["persistent"], true);
         assert_eq!(actions[2]["data"]["disabled"], true);
         assert_eq!(actions[3]["data"]["bitmaps"], json!(["backy-P"]));
-        assert_eq!(
-            one(None, true)["actions"]
-                .as_array()
-                .unwrap()
-                .len(),
-            2
-        );
+        assert_eq!(one(None, true)["actions"].as_array().unwrap().len(), 2);
         // A raw node's bitmap lives in QEMU's memory.
-        assert_eq!(
-            one(None, false)["actions"][1]["data"]["persistent"],
-            false
-        );
+        assert_eq!(one(None, false)["actions"][1]["data"]["persistent"], false);
         assert_eq!(
             export_args(&n0, "disk0", true)["bitmaps"],
             json!([{"node": "disk0", "name": FROZEN_BITMAP}])
@@ -780,9 +771,15 @@ mod tests {
                           "type": "write", "error": "No space left on device"});
         let why = scratch_failure(&n0, &full).unwrap();
         assert_eq!(scratch_failure(&n1, &full), None);
-        assert!(why.starts_with("the fleecing scratch could not take 1.00 MiB of old data"), "{why}");
+        assert!(
+            why.starts_with("the fleecing scratch could not take 1.00 MiB of old data"),
+            "{why}"
+        );
         assert!(why.contains("(No space left on device)"), "{why}");
-        assert_eq!(scratch_failure(&n0, &json!({"node-name": "theirs", "type": "write"})), None);
+        assert_eq!(
+            scratch_failure(&n0, &json!({"node-name": "theirs", "type": "write"})),
+            None
+        );
         let names = |v: Value| -> Vec<String> {
             v["actions"]
                 .as_array()

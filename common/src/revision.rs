@@ -314,6 +314,68 @@ mod tests {
         assert_eq!(RevisionMeta::from_yaml(&text, "x.rev").unwrap(), meta);
         let e = RevisionMeta::from_yaml("id: [", "vm1/x.rev").unwrap_err();
         assert!(e.message.starts_with("vm1/x.rev: bad revision metadata"));
+        assert!(!text.contains("group"), "absent unless a group push: {text}");
+
+        // One disk of a group push: the fast reader leaves it to the full one.
+        let instant = RevisionId::new_random().short();
+        let grouped = RevisionMeta {
+            source: SourceInfo {
+                kind: "qemu".into(),
+                snapshot: "backy-x".into(),
+                group: Some(GroupInstant {
+                    name: "vm1".into(),
+                    instant: instant.clone(),
+                    disks: 2,
+                }),
+            },
+            ..meta
+        };
+        let text = grouped.to_yaml().unwrap();
+        assert!(text.contains(&format!("instant: {instant}")), "{text}");
+        assert_eq!(RevisionMeta::from_yaml(&text, "x.rev").unwrap(), grouped);
+    }
+
+    #[test]
+    fn group_instants_as_peers_send_them() {
+        let good = GroupInstant {
+            name: "vm1".into(),
+            instant: RevisionId::new_random().short(),
+            disks: 2,
+        };
+        good.check().unwrap();
+        for (bad, want) in [
+            (
+                GroupInstant {
+                    name: "../x".into(),
+                    ..good.clone()
+                },
+                "group name",
+            ),
+            (
+                GroupInstant {
+                    instant: "short".into(),
+                    ..good.clone()
+                },
+                "is not an id",
+            ),
+            (
+                GroupInstant {
+                    disks: 0,
+                    ..good.clone()
+                },
+                "a group push of 0 disks",
+            ),
+            (
+                GroupInstant {
+                    disks: MAX_GROUP_DISKS + 1,
+                    ..good.clone()
+                },
+                "a group push of 65 disks",
+            ),
+        ] {
+            let e = bad.check().unwrap_err();
+            assert!(e.message.contains(want), "want {want:?} in {}", e.message);
+        }
     }
 
     #[test]

@@ -443,7 +443,11 @@ mod tests {
                     tags,
                     trust: [Trust::Trusted, Trust::Distrusted, Trust::Verified][trust as usize],
                     verified_at,
-                    source: SourceInfo { kind, snapshot, group: None },
+                    source: SourceInfo {
+                        kind,
+                        snapshot,
+                        group: None,
+                    },
                     stats: Stats {
                         bytes_received: received,
                         bytes_written: written,

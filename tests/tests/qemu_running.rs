@@ -782,7 +782,14 @@ fn a_group_takes_every_disk_of_a_guest_at_one_instant() {
     for disk in ["disk0.qcow2", "disk1.qcow2"] {
         run(
             "qemu-img",
-            &["create", "-q", "-f", "qcow2", d.join(disk).to_str().unwrap(), "64M"],
+            &[
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                d.join(disk).to_str().unwrap(),
+                "64M",
+            ],
         );
     }
     let scratch1 = Tmpfs::mount(&d.join("scratch1"), "16M");
@@ -830,14 +837,23 @@ fn a_group_takes_every_disk_of_a_guest_at_one_instant() {
             let disk = &doc["disks"][i];
             assert_eq!(disk["job"], *job, "{doc}");
             let group = &disk["pushed"]["revision"]["group"];
-            assert_eq!(*group, json!({"name": "vm1", "instant": instant, "disks": 2}), "{doc}");
+            assert_eq!(
+                *group,
+                json!({"name": "vm1", "instant": instant, "disks": 2}),
+                "{doc}"
+            );
             let stored = newest(job);
             assert_eq!(stored["group"], *group, "{job} keeps the instant: {stored}");
             assert_eq!(stored["id"], disk["pushed"]["revision"]["id"]);
         }
         (doc, instant)
     };
-    let id = |doc: &Value, i: usize| doc["disks"][i]["pushed"]["revision"]["id"].as_str().unwrap().to_string();
+    let id = |doc: &Value, i: usize| {
+        doc["disks"][i]["pushed"]["revision"]["id"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
     let sent = |doc: &Value, i: usize| doc["disks"][i]["pushed"]["bytes_sent"].as_u64().unwrap();
 
     // 1. Full. While the instant is held, both disks are written (disk1
@@ -859,8 +875,14 @@ fn a_group_takes_every_disk_of_a_guest_at_one_instant() {
         "pre vm1 drive0 drive1\npost\ncleanup\n",
         "the group's hooks once around the one instant, the members' not at all"
     );
-    assert_eq!(vm.state_of("disk0"), (vec![format!("backy-{}", id(&first, 0))], vec![]));
-    assert_eq!(vm.state_of("disk1"), (vec![format!("backy-{}", id(&first, 1))], vec![]));
+    assert_eq!(
+        vm.state_of("disk0"),
+        (vec![format!("backy-{}", id(&first, 0))], vec![])
+    );
+    assert_eq!(
+        vm.state_of("disk1"),
+        (vec![format!("backy-{}", id(&first, 1))], vec![])
+    );
 
     // 2. Incremental: writes before the instant on both disks, and again
     // after it. Each disk sends the granules its bitmap marks: those
@@ -893,16 +915,25 @@ fn a_group_takes_every_disk_of_a_guest_at_one_instant() {
     let third: Value = serde_json::from_slice(&out.stdout).unwrap();
     alive(&mut vm);
     assert_eq!(third["complete"], false, "{third}");
-    assert_eq!(third["disks"][0]["pushed"]["revision"]["group"]["disks"], 2, "{third}");
+    assert_eq!(
+        third["disks"][0]["pushed"]["revision"]["group"]["disks"], 2,
+        "{third}"
+    );
     assert_eq!(sent(&third, 0), G, "{third}");
     let error = third["disks"][1]["error"].as_str().unwrap();
-    assert!(error.contains("node disk1: the fleecing scratch could not take"), "{error}");
+    assert!(
+        error.contains("node disk1: the fleecing scratch could not take"),
+        "{error}"
+    );
     assert!(third["disks"][1].get("pushed").is_none(), "{third}");
     assert_eq!(server.revisions("vm1-a").len(), 3);
     assert_eq!(server.revisions("vm1-b").len(), 2, "nothing committed for disk1");
     let (_, failed) = guest_writes(d);
     assert!(failed.is_empty(), "no guest write failed: {failed:?}");
-    assert_eq!(vm.state_of("disk0"), (vec![format!("backy-{}", id(&third, 0))], vec![]));
+    assert_eq!(
+        vm.state_of("disk0"),
+        (vec![format!("backy-{}", id(&third, 0))], vec![])
+    );
     assert_eq!(
         vm.state_of("disk1"),
         (vec![format!("backy-{parent_b}")], vec![]),
@@ -915,10 +946,7 @@ fn a_group_takes_every_disk_of_a_guest_at_one_instant() {
     alive(&mut vm);
     assert_eq!(sent(&fourth, 0), G, "{fourth}");
     assert_eq!(sent(&fourth, 1), 24 * MIB, "{fourth}");
-    assert_eq!(
-        newest("vm1-b")["parent_id"].as_str(),
-        Some(parent_b.as_str())
-    );
+    assert_eq!(newest("vm1-b")["parent_id"].as_str(), Some(parent_b.as_str()));
     check_restore_of(&server, d, "vm1-a", &id(&fourth, 0), &m0);
     check_restore_of(&server, d, "vm1-b", &id(&fourth, 1), &m1);
     // `status` names the group instant beside each revision.

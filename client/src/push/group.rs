@@ -85,7 +85,11 @@ impl fmt::Display for GroupPushed {
 }
 
 /// Runs a group push; `None` when none of its jobs is due.
-pub async fn push_group(client: &mut Client, args: &GroupArgs, progress: &dyn Progress) -> Result<Option<GroupPushed>> {
+pub async fn push_group(
+    client: &mut Client,
+    args: &GroupArgs,
+    progress: &dyn Progress,
+) -> Result<Option<GroupPushed>> {
     let started = Instant::now();
     for tag in &args.tags {
         check_tag(tag)?;
@@ -151,7 +155,9 @@ async fn group_planned(
     let mut disks = Vec::new();
     for ((job, spec), plan) in args.members.iter().zip(plans) {
         let SourceSpec::Qemu(q) = spec else {
-            return Err(Error::invalid(format!("group {group}: job {job} is not a running QEMU disk")));
+            return Err(Error::invalid(format!(
+                "group {group}: job {job} is not a running QEMU disk"
+            )));
         };
         let QemuDisk::Running {
             qmp,
@@ -159,7 +165,9 @@ async fn group_planned(
             scratch_dir,
         } = &q.disk
         else {
-            return Err(Error::invalid(format!("group {group}: job {job} is not a running QEMU disk")));
+            return Err(Error::invalid(format!(
+                "group {group}: job {job} is not a running QEMU disk"
+            )));
         };
         socket.get_or_insert(qmp.clone());
         disks.push(DiskRequest {
@@ -236,7 +244,11 @@ async fn group_planned(
     let flags = committed.clone();
     let done = tokio::task::spawn_blocking(move || shared.finish(&flags)).await;
     if let Ok(Err(e)) = done {
-        tracing::warn!(group, "could not remove every bitmap the push left: {}", e.message);
+        tracing::warn!(
+            group,
+            "could not remove every bitmap the push left: {}",
+            e.message
+        );
     }
     Ok(GroupPushed {
         group: group.to_string(),

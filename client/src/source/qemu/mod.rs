@@ -165,7 +165,11 @@ pub fn open_group(
         ("BACKY_SOURCE".to_string(), qmp.display().to_string()),
         (
             "BACKY_NODE".to_string(),
-            disks.iter().map(|d| d.node.as_str()).collect::<Vec<_>>().join(" "),
+            disks
+                .iter()
+                .map(|d| d.node.as_str())
+                .collect::<Vec<_>>()
+                .join(" "),
         ),
     ];
     running::open(qmp, disks, super::hooks::HookRunner::new(hooks, env))

@@ -196,9 +196,9 @@ impl RunningSession {
     /// Steps 2 to 4 of the module docs.
     fn build(&mut self, overlays: &[File]) -> Result<()> {
         for (overlay, disk) in overlays.iter().zip(&self.disks) {
-            let fdset = self
-                .qmp
-                .execute_with_fd("add-fd", json!({"opaque": q::FDSET_OPAQUE}), overlay.as_fd())?;
+            let fdset =
+                self.qmp
+                    .execute_with_fd("add-fd", json!({"opaque": q::FDSET_OPAQUE}), overlay.as_fd())?;
             let fdset = fdset["fdset-id"]
                 .as_u64()
                 .ok_or_else(|| Error::unavailable(format!("QEMU's add-fd returned no fdset-id: {fdset}")))?;
@@ -259,7 +259,11 @@ impl RunningSession {
         for disk in &self.disks {
             self.qmp.execute(
                 "block-export-add",
-                Some(q::export_args(&disk.names, &disk.node, disk.parent_bitmap.is_some())),
+                Some(q::export_args(
+                    &disk.names,
+                    &disk.node,
+                    disk.parent_bitmap.is_some(),
+                )),
             )?;
             self.built.exports += 1;
             tracing::debug!(node = disk.node, "fleecing export ready");
@@ -276,11 +280,9 @@ impl RunningSession {
             return Err(Error::internal(format!("no disk {index} in this push")));
         };
         let jobs = self.qmp.execute("query-block-jobs", None)?;
-        let failed = self
-            .qmp
-            .take_event(q::SCRATCH_FAILURE_EVENT, |d| {
-                q::scratch_failure(&disk.names, d).is_some()
-            });
+        let failed = self.qmp.take_event(q::SCRATCH_FAILURE_EVENT, |d| {
+            q::scratch_failure(&disk.names, d).is_some()
+        });
         if let Some(why) = failed.and_then(|d| q::scratch_failure(&disk.names, &d)) {
             tracing::error!(node = disk.node, "{why}");
             return Err(Error::exhausted(format!("node {}: {why}", disk.node)));
