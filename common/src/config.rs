@@ -913,6 +913,7 @@ impl ClientConfig {
                 return bad(format!("more than {} jobs", crate::revision::MAX_GROUP_DISKS));
             }
             let mut socket = None;
+            let mut rbd = 0;
             for job in &group.jobs {
                 if let Some(other) = seen.insert(job, name) {
                     return bad(format!("job {job} is in group {other} already"));
@@ -925,12 +926,16 @@ impl ClientConfig {
                         crate::source::QemuDisk::Running { qmp, .. } => Some(qmp),
                         crate::source::QemuDisk::Image(_) => None,
                     },
+                    SourceSpec::CephRbd { .. } => {
+                        rbd += 1;
+                        continue;
+                    }
                     _ => None,
                 };
                 let Some(qmp) = qmp else {
                     return bad(format!(
-                        "job {job} is not a running QEMU disk (type: qemu with qmp:); groups take those only \
-                         so far (Ceph RBD groups are not supported yet)"
+                        "job {job} is neither a running QEMU disk (type: qemu with qmp:) nor a Ceph RBD image: \
+                         a group takes only those"
                     ));
                 };
                 match socket {
@@ -944,6 +949,16 @@ impl ClientConfig {
                     }
                     Some(_) => {}
                 }
+            }
+            if rbd > 0 && socket.is_some() {
+                return bad("mixes Ceph RBD images and QEMU disks: one instant needs one kind".into());
+            }
+            if rbd > 0 && group.hooks.pre_snapshot.is_none() {
+                return bad(
+                    "Ceph RBD images are snapshotted one after another: the group needs a pre-snapshot hook \
+                     that stops the guest's writes (e.g. virsh domfsfreeze) for one instant"
+                        .into(),
+                );
             }
         }
         Ok(())
@@ -1514,6 +1529,8 @@ jobs:
         let cfg = ClientConfig::from_yaml(&good, "client.yaml").unwrap();
         let vm1 = &cfg.groups[&JobName::new("vm1").unwrap()];
         assert_eq!(vm1.jobs.len(), 2);
+        let ceph = format!("{jobs}groups:\n  db: {{jobs: [d], hooks: {{pre-snapshot: 'fsfreeze'}}}}\n");
+        assert!(ClientConfig::from_yaml(&ceph, "client.yaml").is_ok());
         assert_eq!(vm1.hooks.pre_snapshot.as_deref(), Some("true"));
         for (groups, want) in [
             (
@@ -1529,7 +1546,11 @@ jobs:
                 "  vm1: {jobs: [a, c]}\n",
                 "job c is on QMP socket /run/vm2.qmp, the group's first disk on /run/vm1.qmp",
             ),
-            ("  vm1: {jobs: [d]}\n", "job d is not a running QEMU disk"),
+            ("  vm1: {jobs: [d]}\n", "the group needs a pre-snapshot hook"),
+            (
+                "  vm1: {jobs: [a, d], hooks: {pre-snapshot: f}}\n",
+                "mixes Ceph RBD images and QEMU disks",
+            ),
             ("  vm1: {jobs: []}\n", "group vm1: no jobs"),
             ("  vm1: {jobs: [a], schedule: daily}\n", "unknown field"),
         ] {

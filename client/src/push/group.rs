@@ -3,24 +3,29 @@
 //!
 //! 1. a plan per member; none due: nothing happens; any due: the others
 //!    are planned forced (the group is one instant, so all or none);
-//! 2. the instant: one QMP transaction over every disk, the group's hooks
-//!    around it;
+//! 2. the instant, the group's hooks around it: for running QEMU disks one
+//!    QMP transaction over every disk; for Ceph RBD images every `rbd snap
+//!    create` inside the one freeze window the hooks make;
 //! 3. each disk pushed in turn from its view, its revision recording the
 //!    group, the instant and how many disks it has; a disk that fails is
 //!    reported as a failed push of its job, the others go on;
-//! 4. the bitmaps: a committed disk's parent bitmap goes, a failed disk's
-//!    new one (its parent's still covers everything since its parent).
+//! 4. tidying: a committed QEMU disk's parent bitmap goes, a failed disk's
+//!    new one (its parent's still covers everything since its parent); a
+//!    committed RBD snapshot replaces the older ones, a failed one goes.
 //!
 //! The instant is complete when every disk committed; otherwise the
 //! revisions that did stay valid (each is its disk at the instant) and
 //! the push fails, saying which disks are missing.
 
 use super::file::{push_source, Hold};
+use super::rbd;
 use super::shared::{PushArgs, Pushed};
 use super::{check_plan, report_failure};
 use crate::connect::{status_error, Client};
 use crate::progress::Progress;
+use crate::source::hooks::HookRunner;
 use crate::source::qemu::{self, running::DiskRequest, Shared};
+use crate::source::rbd::{Rbd, SNAP_PREFIX};
 use backy_common::config::ClientGroup;
 use backy_common::revision::check_tag;
 use backy_common::source::{QemuDisk, SourceSpec};
@@ -140,9 +145,152 @@ async fn plan(client: &mut Client, args: &GroupArgs, job: &JobName, force: bool)
         .into_inner())
 }
 
-/// Steps 2 to 4 of the module docs; an error here means no disk was
-/// pushed.
+/// Steps 2 to 4 of the module docs, for the kind of the group's disks;
+/// an error here means no disk was pushed.
 async fn group_planned(
+    client: &mut Client,
+    args: &GroupArgs,
+    plans: &[PlanReply],
+    instant: &str,
+    progress: &dyn Progress,
+    started: Instant,
+) -> Result<GroupPushed> {
+    match args.members.first() {
+        Some((_, SourceSpec::CephRbd { .. })) => {
+            group_rbd(client, args, plans, instant, progress, started).await
+        }
+        _ => group_qemu(client, args, plans, instant, progress, started).await,
+    }
+}
+
+/// A member's push arguments: its job, the plan's tags, the instant.
+fn member_args(args: &GroupArgs, job: &JobName, plan: &PlanReply, wire: &GroupInstant) -> PushArgs {
+    PushArgs {
+        job: job.clone(),
+        source: None,
+        configured: None,
+        config_name: args.config_name.clone(),
+        force: true,
+        tags: plan.tags.clone(),
+        allow_unscheduled: args.allow_unscheduled,
+        allow_shrink: args.allow_shrink,
+        changed_ranges: None,
+        group: Some(wire.clone()),
+    }
+}
+
+fn wire_instant(args: &GroupArgs, instant: &str) -> GroupInstant {
+    GroupInstant {
+        name: args.group.to_string(),
+        instant: instant.to_string(),
+        disks: args.members.len() as u32,
+    }
+}
+
+/// Records a member's outcome; a failure is reported to the server as a
+/// failed push of its job.
+async fn outcome(
+    client: &mut Client,
+    group: &str,
+    job: &JobName,
+    plan: &PlanReply,
+    pushed: Result<Pushed>,
+) -> DiskOutcome {
+    match pushed {
+        Ok(pushed) => DiskOutcome {
+            job: job.to_string(),
+            pushed: Some(pushed),
+            error: None,
+        },
+        Err(e) => {
+            tracing::error!(group, job = job.as_str(), "{}", e.message);
+            report_failure(client, job.as_str(), &plan.new_id, &e).await;
+            DiskOutcome {
+                job: job.to_string(),
+                pushed: None,
+                error: Some(e.message),
+            }
+        }
+    }
+}
+
+/// Ceph RBD images: their snapshots inside one freeze window (the group's
+/// hooks), then each pushed from its snapshot.
+async fn group_rbd(
+    client: &mut Client,
+    args: &GroupArgs,
+    plans: &[PlanReply],
+    instant: &str,
+    progress: &dyn Progress,
+    started: Instant,
+) -> Result<GroupPushed> {
+    let group = args.group.as_str();
+    let mut images = Vec::new();
+    for ((_, spec), plan) in args.members.iter().zip(plans) {
+        let rbd = Rbd::from_spec(spec)?;
+        let id: RevisionId = plan.new_id.parse()?;
+        images.push((rbd, format!("{SNAP_PREFIX}{}", id.short())));
+    }
+    let snaps: Vec<String> = images.iter().map(|(r, s)| r.snap_spec(s)).collect();
+    let env = vec![
+        ("BACKY_JOB".to_string(), group.to_string()),
+        ("BACKY_REVISION".to_string(), instant.to_string()),
+        ("BACKY_SNAPSHOT".to_string(), snaps.join(" ")),
+    ];
+    let hooks = HookRunner::new(&args.config.hooks, env);
+    let taking = images.clone();
+    let (mut hooks, taken) = rbd::blocking(move || {
+        let mut hooks = hooks;
+        let taken = rbd::take_snapshots(&mut hooks, &taking);
+        Ok((hooks, taken))
+    })
+    .await?;
+    taken?;
+    let wire = wire_instant(args, instant);
+    let mut outcomes = Vec::new();
+    for (((job, _), plan), (image, snap)) in args.members.iter().zip(plans).zip(&images) {
+        let member = member_args(args, job, plan, &wire);
+        let pushed = rbd::push_snapshot(
+            client,
+            job.as_str(),
+            &member,
+            plan,
+            image,
+            snap,
+            progress,
+            started,
+        )
+        .await;
+        let (image2, snap2, ok) = (image.clone(), snap.clone(), pushed.is_ok());
+        let tidy = rbd::blocking(move || {
+            // A committed snapshot is its disk's next parent; a failed
+            // one's is no use.
+            if ok {
+                rbd::rotate(&image2, &snap2)
+            } else {
+                image2.snap_remove(&snap2)
+            }
+        })
+        .await;
+        if let Err(e) = tidy {
+            tracing::warn!(group, job = job.as_str(), "{}", e.message);
+        }
+        outcomes.push(outcome(client, group, job, plan, pushed).await);
+    }
+    let cleaned = rbd::blocking(move || hooks.cleanup()).await;
+    if let Err(e) = cleaned {
+        tracing::warn!(group, "cleanup hook: {}", e.message);
+    }
+    Ok(GroupPushed {
+        group: group.to_string(),
+        instant: instant.to_string(),
+        complete: outcomes.iter().all(|o| o.pushed.is_some()),
+        disks: outcomes,
+    })
+}
+
+/// Running QEMU disks: one transaction, then each read from its view.
+async fn group_qemu(
     client: &mut Client,
     args: &GroupArgs,
     plans: &[PlanReply],
@@ -184,26 +332,11 @@ async fn group_planned(
             .await
             .map_err(|e| Error::internal(format!("opening the group's disks: {e}")))??;
     let shared = Shared::new(session);
-    let wire = GroupInstant {
-        name: group.to_string(),
-        instant: instant.to_string(),
-        disks: args.members.len() as u32,
-    };
+    let wire = wire_instant(args, instant);
     let mut outcomes = Vec::new();
     let mut committed = Vec::new();
     for (index, (((job, _), plan), disk)) in args.members.iter().zip(plans).zip(opened).enumerate() {
-        let member = PushArgs {
-            job: job.clone(),
-            source: None,
-            configured: None,
-            config_name: args.config_name.clone(),
-            force: true,
-            tags: plan.tags.clone(),
-            allow_unscheduled: args.allow_unscheduled,
-            allow_shrink: args.allow_shrink,
-            changed_ranges: None,
-            group: Some(wire.clone()),
-        };
+        let member = member_args(args, job, plan, &wire);
         let hold = Hold {
             shared: shared.clone(),
             index,
@@ -220,26 +353,8 @@ async fn group_planned(
             started,
         )
         .await;
-        match pushed {
-            Ok(pushed) => {
-                committed.push(true);
-                outcomes.push(DiskOutcome {
-                    job: job.to_string(),
-                    pushed: Some(pushed),
-                    error: None,
-                });
-            }
-            Err(e) => {
-                tracing::error!(group, job = job.as_str(), "{}", e.message);
-                report_failure(client, job.as_str(), &plan.new_id, &e).await;
-                committed.push(false);
-                outcomes.push(DiskOutcome {
-                    job: job.to_string(),
-                    pushed: None,
-                    error: Some(e.message),
-                });
-            }
-        }
+        committed.push(pushed.is_ok());
+        outcomes.push(outcome(client, group, job, plan, pushed).await);
     }
     let flags = committed.clone();
     let done = tokio::task::spawn_blocking(move || shared.finish(&flags)).await;
