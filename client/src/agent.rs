@@ -205,6 +205,7 @@ async fn run_order(mut client: Client, order: &AgentOrder, jobs: &JobsConfig) ->
             changed_ranges: None,
             audit_sample,
             bwlimit: Some(jobs.limiter.clone()),
+            group: None,
         };
         push(&mut client, &args, &crate::progress::Silent).await
     }

@@ -299,7 +299,7 @@ Examples:
   backy-client push vm1 --source /dev/vg/vm1-snap --force --tags manual:pre-upgrade
   backy-client push vm1 --source /dev/vg/vm1-snap --changed-ranges /run/vm1.dirty")]
 struct PushCmd {
-    /// Job name
+    /// Job name, or a group's (client.yaml groups:): its disks from one instant
     #[arg(value_name = "JOB", value_parser = parse_job)]
     job: JobName,
 
@@ -702,7 +702,17 @@ async fn dispatch(
         return Ok(0);
     }
     if let Command::Push(cmd) = &cli.command {
-        push::check_listed(&cmd.job, cmd.source.as_deref(), config, &config_name)?;
+        if config.groups.contains_key(&cmd.job) {
+            if cmd.source.is_some() || cmd.changed_ranges.is_some() {
+                anyhow::bail!(
+                    "{} is a group in {config_name} (groups:): --source and --changed-ranges name one disk; \
+                     push a member job for that",
+                    cmd.job
+                );
+            }
+        } else {
+            push::check_listed(&cmd.job, cmd.source.as_deref(), config, &config_name)?;
+        }
     }
     let progress = progress::Terminal::if_wanted(cli.json || cli.quiet);
     let timeout = std::time::Duration::from_secs(cli.timeout);
@@ -710,6 +720,52 @@ async fn dispatch(
     // A command's result, unless --quiet.
     let result = |value: &dyn Reported| if cli.quiet { Ok(()) } else { value.print(cli.json) };
     match &cli.command {
+        Command::Push(cmd) if config.groups.contains_key(&cmd.job) => {
+            let group = &config.groups[&cmd.job];
+            let members = group
+                .jobs
+                .iter()
+                .map(|j| (j.clone(), config.source_of(j).cloned()))
+                .map(|(j, s)| s.map(|s| (j, s)))
+                .collect::<Option<Vec<_>>>()
+                .ok_or_else(|| anyhow::anyhow!("group {}: a member is not listed under jobs:", cmd.job))?;
+            let args = push::GroupArgs {
+                group: cmd.job.clone(),
+                config: group.clone(),
+                members,
+                config_name,
+                force: cmd.force,
+                tags: cmd.tags.clone(),
+                allow_unscheduled: cmd.allow_unscheduled,
+                allow_shrink: cmd.allow_shrink,
+                audit_samples: group
+                    .jobs
+                    .iter()
+                    .map(|j| {
+                        (
+                            j.clone(),
+                            cmd.audit_sample.unwrap_or_else(|| config.audit_sample_of(j)),
+                        )
+                    })
+                    .collect(),
+                bwlimit: cmd
+                    .bwlimit
+                    .or(config.bwlimit)
+                    .map(|rate| backy_client::bwlimit::Limiter::new(Some(rate))),
+            };
+            match push::push_group(&mut client, &args, &*progress).await? {
+                Some(pushed) => {
+                    result(&pushed)?;
+                    if !pushed.complete {
+                        return Ok(1);
+                    }
+                }
+                None if !cli.quiet && !cli.json && std::io::stdout().is_terminal() => {
+                    print_out(&format!("group {}: none of its jobs is due\n", cmd.job))?;
+                }
+                None => {}
+            }
+        }
         Command::Push(cmd) => {
             let args = push::PushArgs {
                 job: cmd.job.clone(),
@@ -728,6 +784,7 @@ async fn dispatch(
                     .bwlimit
                     .or(config.bwlimit)
                     .map(|rate| backy_client::bwlimit::Limiter::new(Some(rate))),
+                group: None,
             };
             if let Some(pushed) = push::push(&mut client, &args, &*progress).await? {
                 result(&pushed)?;

@@ -220,7 +220,15 @@ fn row(r: &RevisionInfo, now: DateTime<Utc>) -> [String; 8] {
             .map_or_else(|| "?".to_string(), |s| format_bytes(s.exclusive_bytes)),
         format!("{:.0}s", r.duration_secs),
         escape(&r.tags.join(",")),
-        trust_name(r.trust).to_string(),
+        match &r.group {
+            // Taken with the other disks of its VM (a group push).
+            Some(g) => format!(
+                "{} ({})",
+                trust_name(r.trust),
+                escape(&crate::view::GroupView::from(g).line())
+            ),
+            None => trust_name(r.trust).to_string(),
+        },
     ]
 }
 

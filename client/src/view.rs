@@ -62,6 +62,9 @@ pub struct RevisionView {
     pub trust: String,
     pub source_type: String,
     pub source_snapshot: Option<String>,
+    /// The group push it was taken in (one disk of a VM's instant).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub group: Option<GroupView>,
     pub bytes_received: u64,
     pub bytes_written: u64,
     pub changed_blocks: u64,
@@ -80,6 +83,38 @@ pub struct RevisionView {
     /// The audit of the change tracker its push relied on; absent: none.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub audit: Option<backy_common::tracker_audit::AuditOutcome>,
+}
+
+/// The group push a revision was taken in: every disk's revision of the
+/// instant carries the same `name` and `instant`; `disks` of them make it
+/// complete.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct GroupView {
+    pub name: String,
+    pub instant: String,
+    pub disks: u32,
+}
+
+impl From<&backy_proto::GroupInstant> for GroupView {
+    fn from(g: &backy_proto::GroupInstant) -> Self {
+        GroupView {
+            name: g.name.clone(),
+            instant: g.instant.clone(),
+            disks: g.disks,
+        }
+    }
+}
+
+impl GroupView {
+    /// `group vm1, instant 5Hq…, 2 disks`, as `status` shows it.
+    pub fn line(&self) -> String {
+        format!(
+            "group {}, instant {}, {}",
+            self.name,
+            self.instant,
+            backy_common::units::count(u64::from(self.disks), "disk")
+        )
+    }
 }
 
 /// Disk space as `btrfs filesystem du` counts it (docs/json.md).
@@ -155,6 +190,7 @@ impl From<&RevisionInfo> for RevisionView {
             trust: trust_name(r.trust).to_string(),
             source_type: source_name(r.source_kind).to_string(),
             source_snapshot: non_empty(&r.source_snapshot),
+            group: r.group.as_ref().map(GroupView::from),
             bytes_received: r.bytes_received,
             bytes_written: r.bytes_written,
             changed_blocks: r.changed_blocks,

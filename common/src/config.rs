@@ -868,6 +868,28 @@ pub struct ClientConfig {
     /// incremental push reads again (default 0.5 %; 0 turns it off).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub audit_sample: Option<SamplePercent>,
+    /// Jobs backed up as one unit (docs/DESIGN.md, "Groups"): the disks of
+    /// one VM, taken at one instant by `push GROUP`.
+    #[serde(
+        default,
+        skip_serializing_if = "BTreeMap::is_empty",
+        deserialize_with = "unique_keys::deserialize"
+    )]
+    pub groups: BTreeMap<JobName, ClientGroup>,
+}
+
+/// A group of jobs whose sources are taken at one instant: each stays its
+/// own job on the server, each revision records the instant.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct ClientGroup {
+    /// The member jobs (each listed under `jobs:`, in one group at most):
+    /// disks of one running QEMU (`qmp:` on the same socket).
+    pub jobs: Vec<JobName>,
+    /// Run once around the group's instant; the members' own hooks do not
+    /// run in a group push.
+    #[serde(default)]
+    pub hooks: crate::source::Hooks,
 }
 
 /// One job as the hypervisor knows it.
@@ -883,7 +905,80 @@ pub struct ClientJob {
 
 impl ClientConfig {
     pub fn from_yaml(text: &str, what: &str) -> Result<Self> {
-        serde_yaml::from_str(text).map_err(|e| Error::invalid(format!("{what}: {e}")))
+        let config: ClientConfig =
+            serde_yaml::from_str(text).map_err(|e| Error::invalid(format!("{what}: {e}")))?;
+        config
+            .check_groups()
+            .map_err(|e| Error::invalid(format!("{what}: {}", e.message)))?;
+        Ok(config)
+    }
+
+    /// A group names listed jobs, each in one group at most, not its own
+    /// name (`push NAME` must mean one thing), and disks that can share
+    /// one instant: running QEMU disks on one QMP socket (one transaction).
+    fn check_groups(&self) -> Result<()> {
+        let mut seen: BTreeMap<&JobName, &JobName> = BTreeMap::new();
+        for (name, group) in &self.groups {
+            let bad = |why: String| Err(Error::invalid(format!("group {name}: {why}")));
+            if self.jobs.contains_key(name) {
+                return bad("a job has this name too; `push NAME` must mean one of them".into());
+            }
+            if group.jobs.is_empty() {
+                return bad("no jobs".into());
+            }
+            if group.jobs.len() > crate::revision::MAX_GROUP_DISKS as usize {
+                return bad(format!("more than {} jobs", crate::revision::MAX_GROUP_DISKS));
+            }
+            let mut socket = None;
+            let mut rbd = 0;
+            for job in &group.jobs {
+                if let Some(other) = seen.insert(job, name) {
+                    return bad(format!("job {job} is in group {other} already"));
+                }
+                let Some(listed) = self.jobs.get(job) else {
+                    return bad(format!("job {job} is not listed under jobs:"));
+                };
+                let qmp = match &listed.source {
+                    SourceSpec::Qemu(q) => match &q.disk {
+                        crate::source::QemuDisk::Running { qmp, .. } => Some(qmp),
+                        crate::source::QemuDisk::Image(_) => None,
+                    },
+                    SourceSpec::CephRbd { .. } => {
+                        rbd += 1;
+                        continue;
+                    }
+                    _ => None,
+                };
+                let Some(qmp) = qmp else {
+                    return bad(format!(
+                        "job {job} is neither a running QEMU disk (type: qemu with qmp:) nor a Ceph RBD image: \
+                         a group takes only those"
+                    ));
+                };
+                match socket {
+                    None => socket = Some(qmp),
+                    Some(first) if first != qmp => {
+                        return bad(format!(
+                            "job {job} is on QMP socket {}, the group's first disk on {}: one instant needs one QEMU",
+                            qmp.display(),
+                            first.display()
+                        ))
+                    }
+                    Some(_) => {}
+                }
+            }
+            if rbd > 0 && socket.is_some() {
+                return bad("mixes Ceph RBD images and QEMU disks: one instant needs one kind".into());
+            }
+            if rbd > 0 && group.hooks.pre_snapshot.is_none() {
+                return bad(
+                    "Ceph RBD images are snapshotted one after another: the group needs a pre-snapshot hook \
+                     that stops the guest's writes (e.g. virsh domfsfreeze) for one instant"
+                        .into(),
+                );
+            }
+        }
+        Ok(())
     }
 
     /// The configured source of `job`, if this hypervisor lists it.
@@ -1474,6 +1569,48 @@ jobs:
         ] {
             let e = ClientConfig::from_yaml(&bad, "client.yaml").unwrap_err();
             assert!(e.message.contains(want), "want {want:?} in {}", e.message);
+        }
+    }
+
+    #[test]
+    fn client_groups_name_running_disks_of_one_qemu() {
+        let jobs = "jobs:\n  \
+                    a: {source: {type: qemu, qmp: /run/vm1.qmp, node: disk0}}\n  \
+                    b: {source: {type: qemu, qmp: /run/vm1.qmp, node: disk1}}\n  \
+                    c: {source: {type: qemu, qmp: /run/vm2.qmp, node: disk0}}\n  \
+                    d: {source: {type: ceph-rbd, pool: rbd, image: d}}\n";
+        let good = format!("{jobs}groups:\n  vm1: {{jobs: [a, b], hooks: {{pre-snapshot: 'true'}}}}\n");
+        let cfg = ClientConfig::from_yaml(&good, "client.yaml").unwrap();
+        let vm1 = &cfg.groups[&JobName::new("vm1").unwrap()];
+        assert_eq!(vm1.jobs.len(), 2);
+        let ceph = format!("{jobs}groups:\n  db: {{jobs: [d], hooks: {{pre-snapshot: 'fsfreeze'}}}}\n");
+        assert!(ClientConfig::from_yaml(&ceph, "client.yaml").is_ok());
+        assert_eq!(vm1.hooks.pre_snapshot.as_deref(), Some("true"));
+        for (groups, want) in [
+            (
+                "  vm1: {jobs: [a, x]}\n",
+                "group vm1: job x is not listed under jobs:",
+            ),
+            (
+                "  vm1: {jobs: [a]}\n  vm2: {jobs: [a]}\n",
+                "group vm2: job a is in group vm1 already",
+            ),
+            ("  a: {jobs: [b]}\n", "group a: a job has this name too"),
+            (
+                "  vm1: {jobs: [a, c]}\n",
+                "job c is on QMP socket /run/vm2.qmp, the group's first disk on /run/vm1.qmp",
+            ),
+            ("  vm1: {jobs: [d]}\n", "the group needs a pre-snapshot hook"),
+            (
+                "  vm1: {jobs: [a, d], hooks: {pre-snapshot: f}}\n",
+                "mixes Ceph RBD images and QEMU disks",
+            ),
+            ("  vm1: {jobs: []}\n", "group vm1: no jobs"),
+            ("  vm1: {jobs: [a], schedule: daily}\n", "unknown field"),
+        ] {
+            let e = ClientConfig::from_yaml(&format!("{jobs}groups:\n{groups}"), "client.yaml").unwrap_err();
+            assert!(e.message.contains(want), "want {want:?} in {}", e.message);
+            assert!(e.message.starts_with("client.yaml: "), "{}", e.message);
         }
     }
 

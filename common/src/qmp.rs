@@ -29,6 +29,16 @@ use serde_json::{json, Value};
 pub const FLEECE_NODE: &str = "backy-fleece";
 /// The overlay's protocol (file) node.
 pub const FLEECE_FILE_NODE: &str = "backy-fleece-file";
+/// The guard between the overlay and its file: a `quorum` of the file and
+/// a `null-co` node that needs one success, so a write the scratch cannot
+/// take (full, failing) still succeeds and the guest's write goes on; the
+/// failure comes as a `QUORUM_REPORT_BAD` event naming the file node,
+/// which fails the push ([`scratch_failure`]).
+pub const FLEECE_GUARD_NODE: &str = "backy-fleece-guard";
+/// The guard's second child, which takes every write and holds nothing.
+pub const FLEECE_NULL_NODE: &str = "backy-fleece-null";
+/// The event that says a write into the scratch failed.
+pub const SCRATCH_FAILURE_EVENT: &str = "QUORUM_REPORT_BAD";
 /// The copy-before-write filter `blockdev-backup` inserts above the disk.
 pub const FILTER_NODE: &str = "backy-cbw";
 /// The `blockdev-backup` job that keeps the overlay point-in-time.
@@ -47,6 +57,51 @@ pub const NBD_LISTENER_FD: &str = "backy-nbd";
 /// The oldest QEMU this mode was run against (everything it uses exists
 /// there: bitmaps named by node in `block-export-add`, fleecing).
 pub const MIN_QEMU: (u64, u64) = (7, 2);
+
+/// The names of one disk's objects in a push: the `index`th disk of a
+/// group push (docs/DESIGN.md, "Groups"), 0 for a single disk, which has
+/// the plain names of the constants above (what older versions left).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Names {
+    pub index: usize,
+    pub fleece: String,
+    pub fleece_file: String,
+    pub guard: String,
+    pub null: String,
+    pub filter: String,
+    pub job: String,
+    pub export_id: String,
+    pub export_name: String,
+}
+
+impl Names {
+    pub fn of(index: usize) -> Names {
+        let n = |base: &str| match index {
+            0 => base.to_string(),
+            i => format!("{base}-{i}"),
+        };
+        Names {
+            index,
+            fleece: n(FLEECE_NODE),
+            fleece_file: n(FLEECE_FILE_NODE),
+            guard: n(FLEECE_GUARD_NODE),
+            null: n(FLEECE_NULL_NODE),
+            filter: n(FILTER_NODE),
+            job: n(JOB_ID),
+            export_id: n(EXPORT_ID),
+            export_name: n(EXPORT_NAME),
+        }
+    }
+}
+
+/// Whether `id` is `base` or `base-N`: one of ours, of some disk.
+fn numbered(id: &str, base: &str) -> bool {
+    id == base
+        || id
+            .strip_prefix(base)
+            .and_then(|rest| rest.strip_prefix('-'))
+            .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+}
 
 /// One message from QEMU.
 #[derive(Debug, Clone, PartialEq)]
@@ -309,7 +364,7 @@ impl Leftovers {
                 .into_iter()
                 .flatten()
                 .filter_map(|e| e[key].as_str())
-                .filter(|id| *id == EXPORT_ID || *id == JOB_ID)
+                .filter(|id| numbered(id, EXPORT_ID) || numbered(id, JOB_ID))
                 .map(str::to_string)
                 .collect()
         };
@@ -319,7 +374,7 @@ impl Leftovers {
             // The overlay only: its file node and the filter go with it.
             nodes: nodes
                 .iter()
-                .filter(|n| n.node_name == FLEECE_NODE)
+                .filter(|n| numbered(&n.node_name, FLEECE_NODE))
                 .map(|n| n.node_name.clone())
                 .collect(),
             bitmaps: nodes
@@ -335,53 +390,93 @@ impl Leftovers {
     }
 }
 
-/// `blockdev-add` of the fleecing overlay: the qcow2 in `fdset`, backed
-/// by the disk node.
-pub fn overlay_args(fdset: u64, disk_node: &str) -> Value {
+/// `blockdev-add` of the fleecing overlay: the qcow2 in `fdset` (whose
+/// file has `file_size` bytes now), backed by the disk node, over the
+/// guard ([`FLEECE_GUARD_NODE`]). QEMU's `blockdev-backup` hands an error
+/// writing the old data to the guest's write (before QEMU 10.1 nothing
+/// else can be asked for, and from 10.1 `break-snapshot` would leave this
+/// overlay reading the disk's new data without a word): the guard keeps
+/// the guest's writes going and reports the failure.
+pub fn overlay_args(names: &Names, fdset: u64, disk_node: &str, file_size: u64) -> Value {
     json!({
         "driver": "qcow2",
-        "node-name": FLEECE_NODE,
+        "node-name": names.fleece,
         "file": {
-            "driver": "file",
-            "node-name": FLEECE_FILE_NODE,
-            "filename": format!("/dev/fdset/{fdset}"),
+            "driver": "quorum",
+            "node-name": names.guard,
+            "vote-threshold": 1,
+            // Reads from the file only (the null node holds nothing).
+            "read-pattern": "fifo",
+            "children": [
+                {
+                    "driver": "file",
+                    "node-name": names.fleece_file,
+                    "filename": format!("/dev/fdset/{fdset}"),
+                },
+                // quorum wants children of one length at open.
+                {"driver": "null-co", "node-name": names.null, "size": file_size, "read-zeroes": true},
+            ],
         },
         "backing": disk_node,
     })
 }
 
-/// The backup instant: fleecing starts, the new bitmap starts recording,
-/// and (with a usable parent bitmap) its frozen copy is taken, atomically.
-/// `persistent`: whether the node's format can keep the bitmap across a
-/// restart of QEMU (qcow2 only); otherwise it lives in QEMU's memory.
-pub fn begin_transaction(
-    disk_node: &str,
-    new_bitmap: &str,
-    parent_bitmap: Option<&str>,
-    persistent: bool,
-) -> Value {
-    let mut actions = vec![
-        json!({"type": "blockdev-backup", "data": {
-            "job-id": JOB_ID, "device": disk_node, "target": FLEECE_NODE,
-            "sync": "none", "filter-node-name": FILTER_NODE, "auto-dismiss": true}}),
-        json!({"type": "block-dirty-bitmap-add", "data": {
-            "node": disk_node, "name": new_bitmap, "persistent": persistent}}),
-    ];
-    if let Some(parent) = parent_bitmap {
+/// Why the fleecing view is broken, from a [`SCRATCH_FAILURE_EVENT`]'s
+/// data: `None` for an event about another node (someone else's quorum).
+pub fn scratch_failure(names: &Names, data: &Value) -> Option<String> {
+    if data["node-name"] != names.fleece_file.as_str() || data["type"] == "read" {
+        return None;
+    }
+    let why = data["error"].as_str().unwrap_or("write failed");
+    let sectors = data["sectors-count"].as_u64().unwrap_or(0);
+    Some(format!(
+        "the fleecing scratch could not take {} of old data the guest overwrote during the backup ({why}): \
+         this push no longer has one instant and is abandoned; the guest's writes went on unharmed \
+         (give scratch-dir more room, or push when the guest writes less)",
+        crate::units::format_bytes(sectors * 512)
+    ))
+}
+
+/// One disk at the backup instant.
+#[derive(Debug, Clone)]
+pub struct InstantDisk<'a> {
+    pub names: &'a Names,
+    pub node: &'a str,
+    pub new_bitmap: &'a str,
+    /// The parent revision's bitmap, when usable.
+    pub parent_bitmap: Option<&'a str>,
+    /// Whether the node's format can keep the bitmap across a restart of
+    /// QEMU (qcow2 only); otherwise it lives in QEMU's memory.
+    pub persistent: bool,
+}
+
+/// The backup instant of every disk at once (a group's disks share it):
+/// fleecing starts, the new bitmaps start recording, and (with a usable
+/// parent bitmap) their frozen copies are taken, atomically.
+pub fn begin_transaction(disks: &[InstantDisk<'_>]) -> Value {
+    let mut actions = Vec::new();
+    for d in disks {
+        actions.push(json!({"type": "blockdev-backup", "data": {
+            "job-id": d.names.job, "device": d.node, "target": d.names.fleece,
+            "sync": "none", "filter-node-name": d.names.filter, "auto-dismiss": true}}));
         actions.push(json!({"type": "block-dirty-bitmap-add", "data": {
-            "node": disk_node, "name": FROZEN_BITMAP, "persistent": false, "disabled": true}}));
-        actions.push(json!({"type": "block-dirty-bitmap-merge", "data": {
-            "node": disk_node, "target": FROZEN_BITMAP, "bitmaps": [parent]}}));
+            "node": d.node, "name": d.new_bitmap, "persistent": d.persistent}}));
+        if let Some(parent) = d.parent_bitmap {
+            actions.push(json!({"type": "block-dirty-bitmap-add", "data": {
+                "node": d.node, "name": FROZEN_BITMAP, "persistent": false, "disabled": true}}));
+            actions.push(json!({"type": "block-dirty-bitmap-merge", "data": {
+                "node": d.node, "target": FROZEN_BITMAP, "bitmaps": [parent]}}));
+        }
     }
     json!({ "actions": actions })
 }
 
 /// `block-export-add` of the overlay, read-only, with the frozen bitmap
 /// (named with its node: it lives on the disk node, not the overlay).
-pub fn export_args(disk_node: &str, with_bitmap: bool) -> Value {
+pub fn export_args(names: &Names, disk_node: &str, with_bitmap: bool) -> Value {
     let mut args = json!({
-        "type": "nbd", "id": EXPORT_ID, "node-name": FLEECE_NODE,
-        "name": EXPORT_NAME, "writable": false,
+        "type": "nbd", "id": names.export_id, "node-name": names.fleece,
+        "name": names.export_name, "writable": false,
     });
     if with_bitmap {
         args["bitmaps"] = json!([{ "node": disk_node, "name": FROZEN_BITMAP }]);
@@ -585,12 +680,14 @@ mod tests {
     fn leftovers_of_a_dead_push() {
         let nodes = nodes();
         let left = Leftovers::find(
-            &json!([{"id": "backy-export", "node-name": "backy-fleece"}, {"id": "theirs"}]),
-            &json!([{"device": "backy-fleece", "type": "backup"}, {"device": "mirror0"}]),
+            &json!([{"id": "backy-export", "node-name": "backy-fleece"}, {"id": "theirs"},
+                     {"id": "backy-export-1"}, {"id": "backy-export-x"}]),
+            &json!([{"device": "backy-fleece", "type": "backup"}, {"device": "mirror0"},
+                     {"device": "backy-fleece-2"}, {"device": "backy-fleece-file"}]),
             &nodes,
         );
-        assert_eq!(left.exports, ["backy-export"]);
-        assert_eq!(left.jobs, ["backy-fleece"]);
+        assert_eq!(left.exports, ["backy-export", "backy-export-1"]);
+        assert_eq!(left.jobs, ["backy-fleece", "backy-fleece-2"]);
         assert_eq!(left.nodes, ["backy-fleece"]);
         assert_eq!(left.bitmaps, [("disk0".to_string(), FROZEN_BITMAP.to_string())]);
         assert!(Leftovers::find(&json!([]), &json!([]), &[]).is_empty());
@@ -604,7 +701,17 @@ mod tests {
 
     #[test]
     fn backup_commands() {
-        let begin = begin_transaction("disk0", "backy-N", Some("backy-P"), true);
+        let n0 = Names::of(0);
+        let one = |parent: Option<&'static str>, persistent: bool| {
+            begin_transaction(&[InstantDisk {
+                names: &n0,
+                node: "disk0",
+                new_bitmap: "backy-N",
+                parent_bitmap: parent,
+                persistent,
+            }])
+        };
+        let begin = one(Some("backy-P"), true);
         let actions = begin["actions"].as_array().unwrap();
         let types: Vec<&str> = actions.iter().map(|a| a["type"].as_str().unwrap()).collect();
         assert_eq!(
@@ -620,24 +727,59 @@ mod tests {
         assert_eq!(actions[1]["data"]["persistent"], true);
         assert_eq!(actions[2]["data"]["disabled"], true);
         assert_eq!(actions[3]["data"]["bitmaps"], json!(["backy-P"]));
-        assert_eq!(
-            begin_transaction("disk0", "backy-N", None, true)["actions"]
-                .as_array()
-                .unwrap()
-                .len(),
-            2
-        );
+        assert_eq!(one(None, true)["actions"].as_array().unwrap().len(), 2);
         // A raw node's bitmap lives in QEMU's memory.
+        assert_eq!(one(None, false)["actions"][1]["data"]["persistent"], false);
         assert_eq!(
-            begin_transaction("disk0", "backy-N", None, false)["actions"][1]["data"]["persistent"],
-            false
-        );
-        assert_eq!(
-            export_args("disk0", true)["bitmaps"],
+            export_args(&n0, "disk0", true)["bitmaps"],
             json!([{"node": "disk0", "name": FROZEN_BITMAP}])
         );
-        assert!(export_args("disk0", false).get("bitmaps").is_none());
-        assert_eq!(overlay_args(3, "disk0")["file"]["filename"], "/dev/fdset/3");
+        assert!(export_args(&n0, "disk0", false).get("bitmaps").is_none());
+        // Two disks: one transaction, each with its own job, filter and overlay.
+        let n1 = Names::of(1);
+        let both = begin_transaction(&[
+            InstantDisk {
+                names: &n0,
+                node: "disk0",
+                new_bitmap: "backy-N",
+                parent_bitmap: None,
+                persistent: true,
+            },
+            InstantDisk {
+                names: &n1,
+                node: "disk1",
+                new_bitmap: "backy-M",
+                parent_bitmap: Some("backy-Q"),
+                persistent: true,
+            },
+        ]);
+        let actions = both["actions"].as_array().unwrap();
+        assert_eq!(actions.len(), 6);
+        assert_eq!(actions[2]["data"]["job-id"], "backy-fleece-1");
+        assert_eq!(actions[2]["data"]["target"], "backy-fleece-1");
+        assert_eq!(actions[2]["data"]["filter-node-name"], "backy-cbw-1");
+        assert_eq!(actions[5]["data"]["node"], "disk1");
+        assert_eq!(export_args(&n1, "disk1", false)["name"], "backy-1");
+        let overlay = overlay_args(&n0, 3, "disk0", 196_608);
+        let guard = &overlay["file"];
+        assert_eq!(guard["driver"], "quorum");
+        assert_eq!(guard["vote-threshold"], 1);
+        assert_eq!(guard["children"][0]["filename"], "/dev/fdset/3");
+        assert_eq!(guard["children"][1]["size"], 196_608);
+        // Trimmed from QEMU 10.0 with the overlay on a full tmpfs.
+        let full = json!({"node-name": "backy-fleece-file", "sectors-count": 2048, "sector-num": 4736,
+                          "type": "write", "error": "No space left on device"});
+        let why = scratch_failure(&n0, &full).unwrap();
+        assert_eq!(scratch_failure(&n1, &full), None);
+        assert!(
+            why.starts_with("the fleecing scratch could not take 1.00 MiB of old data"),
+            "{why}"
+        );
+        assert!(why.contains("(No space left on device)"), "{why}");
+        assert_eq!(
+            scratch_failure(&n0, &json!({"node-name": "theirs", "type": "write"})),
+            None
+        );
         let names = |v: Value| -> Vec<String> {
             v["actions"]
                 .as_array()

@@ -74,6 +74,46 @@ pub struct SourceInfo {
     /// Source-side snapshot name (e.g. `backy-<id>`), empty if none.
     #[serde(default)]
     pub snapshot: String,
+    /// The group push it was taken in: one disk of a VM whose disks were
+    /// all taken at this instant.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<GroupInstant>,
+}
+
+/// The group push a revision was taken in (docs/DESIGN.md, "Groups").
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GroupInstant {
+    /// The group's name in the client's config.
+    pub name: String,
+    /// The instant's id, shared by the revisions of all its disks.
+    pub instant: String,
+    /// How many disks the group push took: the instant is complete when
+    /// this many revisions carry it.
+    pub disks: u32,
+}
+
+/// Most disks one group push takes.
+pub const MAX_GROUP_DISKS: u32 = 64;
+
+impl GroupInstant {
+    /// As a peer sends it (a push's begin frame, a replication source's
+    /// listing): a job name's form for the group, an id's for the instant.
+    pub fn check(&self) -> Result<()> {
+        crate::JobName::new(&self.name).map_err(|e| e.context("group name"))?;
+        if crate::id::RevisionId::from_short(&self.instant).is_err() {
+            return Err(Error::invalid(format!(
+                "group instant {:?} is not an id (22 base-58 characters)",
+                self.instant
+            )));
+        }
+        if self.disks == 0 || self.disks > MAX_GROUP_DISKS {
+            return Err(Error::invalid(format!(
+                "a group push of {} disks (1 to {MAX_GROUP_DISKS})",
+                self.disks
+            )));
+        }
+        Ok(())
+    }
 }
 
 /// Counters of the push that made the revision.
@@ -259,6 +299,7 @@ mod tests {
             source: SourceInfo {
                 kind: "file".into(),
                 snapshot: String::new(),
+                group: None,
             },
             stats: Stats {
                 bytes_received: 5,
@@ -278,6 +319,68 @@ mod tests {
         assert_eq!(RevisionMeta::from_yaml(&text, "x.rev").unwrap(), meta);
         let e = RevisionMeta::from_yaml("id: [", "vm1/x.rev").unwrap_err();
         assert!(e.message.starts_with("vm1/x.rev: bad revision metadata"));
+        assert!(!text.contains("group"), "absent unless a group push: {text}");
+
+        // One disk of a group push: the fast reader leaves it to the full one.
+        let instant = RevisionId::new_random().short();
+        let grouped = RevisionMeta {
+            source: SourceInfo {
+                kind: "qemu".into(),
+                snapshot: "backy-x".into(),
+                group: Some(GroupInstant {
+                    name: "vm1".into(),
+                    instant: instant.clone(),
+                    disks: 2,
+                }),
+            },
+            ..meta
+        };
+        let text = grouped.to_yaml().unwrap();
+        assert!(text.contains(&format!("instant: {instant}")), "{text}");
+        assert_eq!(RevisionMeta::from_yaml(&text, "x.rev").unwrap(), grouped);
+    }
+
+    #[test]
+    fn group_instants_as_peers_send_them() {
+        let good = GroupInstant {
+            name: "vm1".into(),
+            instant: RevisionId::new_random().short(),
+            disks: 2,
+        };
+        good.check().unwrap();
+        for (bad, want) in [
+            (
+                GroupInstant {
+                    name: "../x".into(),
+                    ..good.clone()
+                },
+                "group name",
+            ),
+            (
+                GroupInstant {
+                    instant: "short".into(),
+                    ..good.clone()
+                },
+                "is not an id",
+            ),
+            (
+                GroupInstant {
+                    disks: 0,
+                    ..good.clone()
+                },
+                "a group push of 0 disks",
+            ),
+            (
+                GroupInstant {
+                    disks: MAX_GROUP_DISKS + 1,
+                    ..good.clone()
+                },
+                "a group push of 65 disks",
+            ),
+        ] {
+            let e = bad.check().unwrap_err();
+            assert!(e.message.contains(want), "want {want:?} in {}", e.message);
+        }
     }
 
     #[test]

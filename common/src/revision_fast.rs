@@ -192,6 +192,9 @@ fn read(text: &str) -> Option<RevisionMeta> {
     let source = SourceInfo {
         kind: string(l.value("  type")?)?,
         snapshot: string(l.value("  snapshot")?)?,
+        // A revision of a group push has more under `source:`: the full
+        // parser reads it (the next line is then not `stats:`).
+        group: None,
     };
     l.exactly("stats:")?;
     let stats = Stats {
@@ -311,6 +314,7 @@ mod tests {
                 source: SourceInfo {
                     kind: "file".into(),
                     snapshot: String::new(),
+                    group: None,
                 },
                 ..base.clone()
             },
@@ -471,7 +475,11 @@ mod tests {
                     tags,
                     trust: [Trust::Trusted, Trust::Distrusted, Trust::Verified][trust as usize],
                     verified_at,
-                    source: SourceInfo { kind, snapshot },
+                    source: SourceInfo {
+                        kind,
+                        snapshot,
+                        group: None,
+                    },
                     stats: Stats {
                         bytes_received: received,
                         bytes_written: written,
@@ -509,7 +517,7 @@ mod tests {
         fn strings_are_plain_only_where_serde_yaml_writes_them_plain(s in text_value()) {
             let m = RevisionMeta {
                 tags: [s.clone()].into(),
-                source: SourceInfo { kind: s.clone(), snapshot: s.clone() },
+                source: SourceInfo { kind: s.clone(), snapshot: s.clone(), group: None },
                 manifest_digest: s.clone(),
                 ..RevisionMeta::from_yaml_full(&golden("v1.rev"), "v1.rev").unwrap()
             };

@@ -19,7 +19,7 @@ const CLIENT: &str = include_str!("../../packaging/examples/client.yaml");
 
 /// Names an operator chooses (jobs, schedules, tags, identities): map keys
 /// that are not config keys.
-const CHOSEN: [&str; 4] = ["somejob", "someschedule", "sometag", "someclient"];
+const CHOSEN: [&str; 5] = ["somejob", "someschedule", "sometag", "someclient", "somegroup"];
 
 #[test]
 fn the_server_example_parses_and_shows_the_defaults() {
@@ -247,6 +247,18 @@ fn client_everything() -> ClientConfig {
         jobs,
         bwlimit: Some(1),
         audit_sample: Some(SamplePercent::new(1.0).unwrap()),
+        groups: BTreeMap::from([(
+            JobName::new("somegroup").unwrap(),
+            ClientGroup {
+                jobs: vec![JobName::new("somejob4").unwrap()],
+                hooks: Hooks {
+                    pre_snapshot: Some("p".into()),
+                    post_snapshot: Some("q".into()),
+                    cleanup: Some("c".into()),
+                    hook_timeout: Some(1),
+                },
+            },
+        )]),
     }
 }
 
@@ -311,6 +323,7 @@ fn placeholder(segment: &str) -> Option<&'static str> {
         "someschedule" => Some("SCHEDULE"),
         "sometag" => Some("TAG"),
         "someclient" => Some("IDENTITY"),
+        "somegroup" => Some("GROUP"),
         s if s.starts_with("somejob") && s["somejob".len()..].bytes().all(|b| b.is_ascii_digit()) => {
             Some("JOB")
         }
@@ -496,6 +509,7 @@ fn set(config: &mut serde_yaml::Value, path: &str, value: serde_yaml::Value) {
         ("TAG", "sometag"),
         ("IDENTITY", "someclient"),
         ("JOB", "somejob"),
+        ("GROUP", "somegroup"),
     ];
     let mut at = config;
     for segment in path.split('.') {

@@ -58,6 +58,7 @@ fn golden_meta() -> RevisionMeta {
         source: SourceInfo {
             kind: "ceph-rbd".into(),
             snapshot: "backy-8e1cd8a4-5c1c-4b6e-9a43-0b2f6f1d3c7e".into(),
+            group: None,
         },
         stats: Stats {
             bytes_received: 131072,

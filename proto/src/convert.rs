@@ -1,7 +1,7 @@
 //! Wire ⇄ domain conversions.
 
 use crate::v1::{self as wire, RevisionInfo};
-use backy_common::revision::{RevisionMeta, SourceInfo, Stats, StorageMode, Trust};
+use backy_common::revision::{GroupInstant, RevisionMeta, SourceInfo, Stats, StorageMode, Trust};
 use backy_common::tracker_audit::AuditOutcome;
 use backy_common::{Error, Result, RevisionId};
 use chrono::{DateTime, Utc};
@@ -94,6 +94,25 @@ pub fn model_audit(a: &wire::TrackerAudit) -> AuditOutcome {
     }
 }
 
+/// A group instant as a peer sent it, checked.
+pub fn group_instant(g: &wire::GroupInstant) -> Result<GroupInstant> {
+    let model = GroupInstant {
+        name: g.name.clone(),
+        instant: g.instant.clone(),
+        disks: g.disks,
+    };
+    model.check()?;
+    Ok(model)
+}
+
+pub fn wire_group(g: &GroupInstant) -> wire::GroupInstant {
+    wire::GroupInstant {
+        name: g.name.clone(),
+        instant: g.instant.clone(),
+        disks: g.disks,
+    }
+}
+
 impl From<&RevisionMeta> for RevisionInfo {
     fn from(m: &RevisionMeta) -> Self {
         RevisionInfo {
@@ -107,6 +126,7 @@ impl From<&RevisionMeta> for RevisionInfo {
             trust: wire_trust(m.trust) as i32,
             source_kind: source_kind(&m.source.kind) as i32,
             source_snapshot: m.source.snapshot.clone(),
+            group: m.source.group.as_ref().map(wire_group),
             bytes_received: m.stats.bytes_received,
             bytes_written: m.stats.bytes_written,
             changed_blocks: m.stats.changed_blocks,
@@ -153,6 +173,7 @@ impl TryFrom<&RevisionInfo> for RevisionMeta {
             source: SourceInfo {
                 kind: source_kind_name(r.source_kind()).to_string(),
                 snapshot: r.source_snapshot.clone(),
+                group: r.group.as_ref().map(group_instant).transpose()?,
             },
             stats: Stats {
                 bytes_received: r.bytes_received,
@@ -265,6 +286,11 @@ mod tests {
             source: SourceInfo {
                 kind: "file".into(),
                 snapshot: "s".into(),
+                group: Some(backy_common::revision::GroupInstant {
+                    name: "vm1".into(),
+                    instant: "A".repeat(22),
+                    disks: 2,
+                }),
             },
             stats: Stats {
                 bytes_received: 1,

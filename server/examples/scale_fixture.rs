@@ -123,6 +123,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 source: SourceInfo {
                     kind: "file".into(),
                     snapshot: String::new(),
+                    group: None,
                 },
                 stats: Stats {
                     bytes_received: 4096,

@@ -62,6 +62,7 @@ pub fn run(
         )));
     }
     backy_common::revision::check_source_snapshot(&begin.source_snapshot)?;
+    let group = begin.group.as_ref().map(backy_proto::group_instant).transpose()?;
     let max = job_cfg.max_size.unwrap_or(DEFAULT_MAX_SIZE);
     if begin.size > max {
         return Err(Error::exhausted(format!(
@@ -157,6 +158,7 @@ pub fn run(
         source: SourceInfo {
             kind: backy_proto::source_kind_name(begin.source_kind()).to_string(),
             snapshot: begin.source_snapshot.clone(),
+            group,
         },
     };
     let checkpoint_every = (config.resume.enabled && begin.resumable).then_some(config.resume.checkpoint);

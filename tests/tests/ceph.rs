@@ -591,3 +591,144 @@ fn a_first_push_of_a_template_clone_sends_no_block_the_server_holds() {
     server.client_ok(&["restore", "vm2", got.to_str().unwrap()]);
     assert_eq!(file_hash(&got), file_hash(&want));
 }
+
+/// Issue 34, item 1, for Ceph: a group of two RBD images (the disks of
+/// one VM) pushed by `push GROUP`: both snapshots are taken inside the one
+/// freeze window the group's hooks make (the pre-snapshot hook sees
+/// neither new snapshot, the post-snapshot hook both), writes to both
+/// images straddle it, and each revision restores to its image's model
+/// at the instant and records the same group instant.
+#[test]
+fn a_group_of_rbd_images_is_snapshotted_in_one_freeze_window() {
+    must_be_root();
+    let Some(conf) = ceph_conf() else { return };
+    let fs = LoopFs::new("btrfs", 2 << 30);
+    let work = tempfile::tempdir().unwrap();
+    let w = work.path();
+    let size = 4 * BLOCK;
+    let images = [Image::new(&conf, "g0", size), Image::new(&conf, "g1", size)];
+    let mut models = [vec![0u8; size as usize], vec![0u8; size as usize]];
+    let write = |models: &mut [Vec<u8>; 2], i: usize, off: u64, data: Vec<u8>| {
+        images[i].apply(size, &[(off, data.clone())], &[]);
+        models[i][off as usize..off as usize + data.len()].copy_from_slice(&data);
+    };
+    let jobs: String = images
+        .iter()
+        .enumerate()
+        .map(|(i, img)| {
+            format!(
+                "  vm1-{i}:\n    schedule: none\n    source: {{type: ceph-rbd, pool: rbd, image: {}, conf: {}}}\n",
+                img.name,
+                conf.display()
+            )
+        })
+        .collect();
+    let server = Server::start(&fs.mount.join("base"), &jobs);
+    // Each hook logs how many backy snapshots each image has.
+    let (log, pause, at) = (w.join("hooks.log"), w.join("pause"), w.join("at-instant"));
+    let count = images
+        .iter()
+        .map(|img| {
+            format!(
+                "rbd --conf {} snap ls {} | grep -c backy- ; ",
+                conf.display(),
+                img.spec()
+            )
+        })
+        .collect::<String>();
+    let hook = |what: &str| {
+        format!(
+            "({count}echo {what}) | tr \"\\n\" \" \" >> {l}; echo >> {l}",
+            l = log.display()
+        )
+    };
+    let hold = format!(
+        "if [ -e {p} ]; then touch {a}; while [ -e {a} ]; do sleep 0.05; done; fi",
+        p = pause.display(),
+        a = at.display()
+    );
+    let mut client_yaml = std::fs::read_to_string(&server.client_config).unwrap();
+    client_yaml.push_str(&format!(
+        "groups:\n  vm1:\n    jobs: [vm1-0, vm1-1]\n    hooks:\n      pre-snapshot: '{}'\n      \
+         post-snapshot: '{}; {hold}'\n      hook-timeout: 60\n",
+        hook("pre"),
+        hook("post"),
+    ));
+    std::fs::write(&server.client_config, client_yaml).unwrap();
+
+    // A group push with the instant held: `during` writes after it.
+    let push = |models: &mut [Vec<u8>; 2], during: &dyn Fn(&mut [Vec<u8>; 2])| -> (Value, [Vec<u8>; 2]) {
+        std::fs::write(&pause, "").unwrap();
+        let (out, at_instant) = std::thread::scope(|s| {
+            let client = s.spawn(|| server.client(&["--json", "push", "vm1"]));
+            wait_for("the group's instant", std::time::Duration::from_secs(60), || {
+                at.exists() || client.is_finished()
+            });
+            assert!(at.exists(), "the push ended before its instant");
+            let at_instant = models.clone();
+            during(models);
+            std::fs::remove_file(&pause).unwrap();
+            std::fs::remove_file(&at).unwrap();
+            (client.join().unwrap(), at_instant)
+        });
+        assert!(
+            out.status.success(),
+            "group push failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let doc: Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(doc["complete"], true, "{doc}");
+        (doc, at_instant)
+    };
+    let check = |doc: &Value, at_instant: &[Vec<u8>; 2]| {
+        let instant = doc["instant"].as_str().unwrap();
+        for (i, model) in at_instant.iter().enumerate() {
+            let job = format!("vm1-{i}");
+            let rev = &doc["disks"][i]["pushed"]["revision"];
+            assert_eq!(
+                rev["group"],
+                serde_json::json!({"name": "vm1", "instant": instant, "disks": 2}),
+                "{doc}"
+            );
+            let id = rev["id"].as_str().unwrap();
+            assert_eq!(images[i].backy_snapshots(), [format!("backy-{id}")]);
+            let stored = server.revisions(&job);
+            assert_eq!(stored.last().unwrap()["group"], rev["group"]);
+            let out = w.join(format!("restored-{id}"));
+            server.client_ok(&["restore", &job, "-r", id, out.to_str().unwrap()]);
+            assert!(
+                std::fs::read(&out).unwrap() == *model,
+                "{job} revision {id} is its image at the instant"
+            );
+        }
+    };
+    let straddle = |m: &mut [Vec<u8>; 2]| {
+        // The guest thawed: its writes are after the instant, on both.
+        let data = pattern(9, 70_000);
+        for i in [1, 0] {
+            images[i].apply(size, &[(BLOCK + 5, data.clone())], &[]);
+            m[i][BLOCK as usize + 5..BLOCK as usize + 5 + data.len()].copy_from_slice(&data);
+        }
+    };
+
+    // 1. Full: data on both, then the writes after the instant.
+    write(&mut models, 0, 0, pattern(1, 100_000));
+    write(&mut models, 1, 3 * BLOCK - 10, pattern(2, 5_000));
+    let (first, at1) = push(&mut models, &straddle);
+    check(&first, &at1);
+    // 2. Incremental, the same again.
+    write(&mut models, 0, 2 * BLOCK, pattern(3, 4096));
+    write(&mut models, 1, 0, pattern(4, 10));
+    let (second, at2) = push(&mut models, &straddle);
+    check(&second, &at2);
+    assert_ne!(first["instant"], second["instant"]);
+    assert_eq!(
+        second["disks"][0]["pushed"]["revision"]["parent_id"],
+        first["disks"][0]["pushed"]["revision"]["id"]
+    );
+    assert_eq!(
+        std::fs::read_to_string(&log).unwrap(),
+        "0 0 pre \n1 1 post \n1 1 pre \n2 2 post \n",
+        "both snapshots inside each freeze window"
+    );
+}

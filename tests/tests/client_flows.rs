@@ -30,6 +30,7 @@ fn push_args(job: &str, source: Option<&Path>) -> PushArgs {
         changed_ranges: None,
         audit_sample: Default::default(),
         bwlimit: None,
+        group: None,
     }
 }
 

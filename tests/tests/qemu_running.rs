@@ -29,11 +29,12 @@ const G: u64 = 64 << 10;
 const SIZE: u64 = 64 * MIB;
 
 /// A QEMU holding `disk.qcow2` (or a raw disk) as node `disk0` (drive
-/// `drive0`), with a QMP socket for backy and a monitor for the test.
+/// `drive0`), and further disks as `disk1`, ... (`drive1`, ...), with a QMP
+/// socket for backy and a monitor for the test.
 struct Vm {
     dir: PathBuf,
-    /// The disk file's name and format.
-    disk: (&'static str, &'static str),
+    /// The disk files' names and formats.
+    disks: Vec<(&'static str, &'static str)>,
     child: Option<Child>,
     test: Option<(UnixStream, BufReader<UnixStream>)>,
 }
@@ -44,7 +45,10 @@ impl Vm {
     }
 
     fn start_with(dir: &Path, disk: (&'static str, &'static str)) -> Vm {
-        let img = dir.join(disk.0);
+        Vm::start_disks(dir, vec![disk])
+    }
+
+    fn start_disks(dir: &Path, disks: Vec<(&'static str, &'static str)>) -> Vm {
         let backy = dir.join("backy.qmp");
         let _ = std::fs::remove_file(&backy);
         // The test's monitor is a socket connected before QEMU starts (its
@@ -54,22 +58,24 @@ impl Vm {
         // negotiation (upstream: "monitor/qmp: cleanup SocketChardev
         // listener sources early to avoid fd handling race", 2025-11).
         let (stream, theirs) = UnixStream::pair().unwrap();
-        let child = Command::new("qemu-system-x86_64")
-            .args([
-                "-machine",
-                "none",
-                "-nodefaults",
-                "-display",
-                "none",
-                "-accel",
-                "tcg",
-            ])
-            .arg("-drive")
-            .arg(format!(
-                "if=none,id=drive0,node-name=disk0,format={},file={}",
+        let mut qemu = Command::new("qemu-system-x86_64");
+        qemu.args([
+            "-machine",
+            "none",
+            "-nodefaults",
+            "-display",
+            "none",
+            "-accel",
+            "tcg",
+        ]);
+        for (i, disk) in disks.iter().enumerate() {
+            qemu.arg("-drive").arg(format!(
+                "if=none,id=drive{i},node-name=disk{i},format={},file={}",
                 disk.1,
-                img.display()
-            ))
+                dir.join(disk.0).display()
+            ));
+        }
+        let child = qemu
             .arg("-qmp")
             .arg(format!("unix:{},server=on,wait=off", backy.display()))
             .args([
@@ -79,14 +85,16 @@ impl Vm {
                 "chardev=test,mode=control",
             ])
             .stdin(Stdio::from(std::os::fd::OwnedFd::from(theirs)))
-            .stdout(Stdio::null())
+            // What HMP's qemu-io says of each guest write ("wrote ..." or
+            // "write failed: ...") goes there, not into the QMP reply.
+            .stdout(std::fs::File::create(dir.join("qemu.out")).unwrap())
             // Kept for the failure message should QEMU die.
             .stderr(std::fs::File::create(dir.join("qemu.err")).unwrap())
             .spawn()
             .expect("qemu-system-x86_64 (apt install qemu-system-x86)");
         let mut vm = Vm {
             dir: dir.to_path_buf(),
-            disk,
+            disks,
             child: Some(child),
             test: None,
         };
@@ -150,8 +158,13 @@ impl Vm {
 
     /// A guest write of `len` bytes of `pattern` at `offset`, flushed.
     fn write(&mut self, model: &mut [u8], pattern: u8, offset: u64, len: u64) {
+        self.write_on(0, model, pattern, offset, len)
+    }
+
+    /// A guest write to drive `drive`.
+    fn write_on(&mut self, drive: usize, model: &mut [u8], pattern: u8, offset: u64, len: u64) {
         for io in [format!("write -P 0x{pattern:02x} {offset} {len}"), "flush".into()] {
-            let line = format!("qemu-io drive0 \"{io}\"");
+            let line = format!("qemu-io drive{drive} \"{io}\"");
             self.qmp("human-monitor-command", json!({"command-line": line}));
         }
         model[offset as usize..(offset + len) as usize].fill(pattern);
@@ -160,12 +173,16 @@ impl Vm {
     /// The disk node's bitmaps by name, and whether anything of a push
     /// (overlay, job, export, fd set) is left in QEMU.
     fn state(&mut self) -> (Vec<String>, Vec<String>) {
+        self.state_of("disk0")
+    }
+
+    fn state_of(&mut self, node: &str) -> (Vec<String>, Vec<String>) {
         let nodes = self.qmp("query-named-block-nodes", json!({"flat": true}));
         let disk = nodes
             .as_array()
             .unwrap_or_else(|| panic!("query-named-block-nodes: {nodes}"))
             .iter()
-            .find(|n| n["node-name"] == "disk0")
+            .find(|n| n["node-name"] == node)
             .unwrap()
             .clone();
         // No key at all without bitmaps.
@@ -209,7 +226,7 @@ impl Vm {
     }
 
     fn restart(&mut self) {
-        let mut vm = Vm::start_with(&self.dir, self.disk);
+        let mut vm = Vm::start_disks(&self.dir, self.disks.clone());
         self.child = vm.child.take();
         self.test = vm.test.take();
     }
@@ -254,8 +271,12 @@ fn newest_id(server: &Server) -> String {
 
 /// The revision restores to exactly `model`.
 fn check_restore(server: &Server, dir: &Path, id: &str, model: &[u8]) {
+    check_restore_of(server, dir, "vm1", id, model)
+}
+
+fn check_restore_of(server: &Server, dir: &Path, job: &str, id: &str, model: &[u8]) {
     let out = dir.join(format!("restored-{id}"));
-    server.client_ok(&["restore", "vm1", "-r", id, out.to_str().unwrap()]);
+    server.client_ok(&["restore", job, "-r", id, out.to_str().unwrap()]);
     let restored = std::fs::read(&out).unwrap();
     assert!(
         restored == model,
@@ -579,6 +600,364 @@ fn a_raw_disk_is_incremental_while_qemu_runs() {
     check_restore(&server, d, &newest_id(&server), &model);
     assert_eq!(server.revisions("vm1").len(), 4);
     vm.quit();
+}
+
+/// A tmpfs of `size` at `path`, unmounted when dropped: a scratch-dir
+/// that fills up.
+struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    fn mount(path: &Path, size: &str) -> Tmpfs {
+        std::fs::create_dir_all(path).unwrap();
+        let size = format!("size={size}");
+        run(
+            "mount",
+            &["-t", "tmpfs", "-o", &size, "tmpfs", path.to_str().unwrap()],
+        );
+        Tmpfs(path.to_path_buf())
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+    }
+}
+
+/// What HMP's qemu-io said of the guest's writes so far: how many were
+/// written, and the lines of those that failed.
+fn guest_writes(dir: &Path) -> (usize, Vec<String>) {
+    let out = std::fs::read_to_string(dir.join("qemu.out")).unwrap_or_default();
+    let wrote = out.lines().filter(|l| l.starts_with("wrote ")).count();
+    let failed = out
+        .lines()
+        .filter(|l| l.contains("failed"))
+        .map(str::to_string)
+        .collect();
+    (wrote, failed)
+}
+
+/// The disk image, read with qemu-img once QEMU has quit, is `model`.
+fn check_image(dir: &Path, image: &str, model: &[u8]) {
+    let raw = dir.join(format!("{image}.raw"));
+    run(
+        "qemu-img",
+        &[
+            "convert",
+            "-O",
+            "raw",
+            dir.join(image).to_str().unwrap(),
+            raw.to_str().unwrap(),
+        ],
+    );
+    assert!(
+        std::fs::read(&raw).unwrap() == model,
+        "{image} holds every guest write"
+    );
+}
+
+/// A `post-snapshot` hook that, while `pause` exists, marks the instant
+/// (`at`) and waits there until the test removes `at`.
+fn pausing_hook(pause: &Path, at: &Path) -> String {
+    format!(
+        "if [ -e {p} ]; then touch {a}; while [ -e {a} ]; do sleep 0.05; done; fi",
+        p = pause.display(),
+        a = at.display()
+    )
+}
+
+/// Runs `push` with the instant held by [`pausing_hook`]; `during` runs
+/// while it is held (the guest writing after the instant).
+fn push_holding_the_instant<T: Send>(
+    pause: &Path,
+    at: &Path,
+    push: impl FnOnce() -> T + Send,
+    during: impl FnOnce(),
+) -> T {
+    std::fs::write(pause, "").unwrap();
+    std::thread::scope(|s| {
+        let client = s.spawn(push);
+        wait_for("the push's backup instant", Duration::from_secs(60), || {
+            at.exists() || client.is_finished()
+        });
+        assert!(at.exists(), "the push ended before its instant");
+        during();
+        std::fs::remove_file(pause).unwrap();
+        std::fs::remove_file(at).unwrap();
+        client.join().unwrap()
+    })
+}
+
+/// Issue 34, item 3: the old data of what the guest overwrites during a
+/// push goes to the fleecing scratch; when that is full, the push fails
+/// with a clear message and commits nothing, and the guest's writes all
+/// succeed (before, they failed with ENOSPC). QEMU stays clean, and the
+/// next push with room works.
+#[test]
+fn a_full_fleecing_scratch_fails_the_push_and_never_the_guest() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let img = d.join("disk.qcow2");
+    run(
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", img.to_str().unwrap(), "64M"],
+    );
+    let scratch = Tmpfs::mount(&d.join("scratch"), "16M");
+    let mut model = vec![0u8; SIZE as usize];
+    let mut vm = Vm::start(d);
+    // Data the guest will overwrite: its old bytes must go to the scratch.
+    vm.write(&mut model, 0x11, 0, 48 * MIB);
+    let (pause, at) = (d.join("pause"), d.join("at-instant"));
+    let jobs = format!(
+        "  vm1:\n    schedule: none\n    source:\n      type: qemu\n      qmp: {}\n      node: drive0\n      \
+         scratch-dir: {}\n      hooks:\n        post-snapshot: '{}'\n        hook-timeout: 120\n",
+        d.join("backy.qmp").display(),
+        scratch.0.display(),
+        pausing_hook(&pause, &at)
+    );
+    let base = d.join("backy");
+    std::fs::create_dir_all(&base).unwrap();
+    let server = Server::start(&base, &jobs);
+
+    // 32 MiB rewritten while the push holds its instant: twice the scratch.
+    let out = push_holding_the_instant(
+        &pause,
+        &at,
+        || server.client(&["push", "vm1", "--force"]),
+        || {
+            for i in 0..32 {
+                vm.write(&mut model, 0x22, i * MIB, MIB);
+            }
+        },
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("node disk0: the fleecing scratch could not take")
+            && stderr.contains("(No space left on device)")
+            && stderr.contains("the guest's writes went on unharmed"),
+        "{stderr}"
+    );
+    assert!(server.revisions("vm1").is_empty(), "no revision committed");
+    let status = server.status_json("vm1");
+    let last_error = status["jobs"][0]["last_error"].as_str().unwrap_or_default();
+    assert!(
+        last_error.contains("fleecing scratch"),
+        "the server counted the failure: {status}"
+    );
+    alive(&mut vm);
+    let (wrote, failed) = guest_writes(d);
+    assert_eq!(wrote, 33, "every guest write was written");
+    assert!(failed.is_empty(), "no guest write failed: {failed:?}");
+    assert_eq!(
+        vm.state(),
+        (vec![], vec![]),
+        "the failed push left nothing in QEMU (its new bitmap removed)"
+    );
+
+    // The scratch is empty again (the overlay was unlinked, QEMU let go):
+    // a push with no writes during it fits.
+    let pushed = pushed(server.client(&["--json", "push", "vm1", "--force"]));
+    alive(&mut vm);
+    let id = newest_id(&server);
+    assert_eq!(pushed["revision"]["id"].as_str(), Some(id.as_str()));
+    check_restore(&server, d, &id, &model);
+    vm.quit();
+    check_image(d, "disk.qcow2", &model);
+}
+
+/// Issue 34, item 1: a group of two jobs, the two disks of one guest,
+/// pushed by `push GROUP` from one instant (one QMP transaction, the
+/// group's hooks once around it). Guest writes straddle each instant; a
+/// model per disk records them and where the instant fell, and each
+/// revision restores to its disk's model at that point. Every revision
+/// records the group, the instant and the disk count. A disk that fails
+/// (its scratch full) leaves the other's revision committed, the instant
+/// incomplete (exit 1) and its own parent bitmap in place, so the next
+/// group push is still incremental and right.
+#[test]
+fn a_group_takes_every_disk_of_a_guest_at_one_instant() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    for disk in ["disk0.qcow2", "disk1.qcow2"] {
+        run(
+            "qemu-img",
+            &[
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                d.join(disk).to_str().unwrap(),
+                "64M",
+            ],
+        );
+    }
+    let scratch1 = Tmpfs::mount(&d.join("scratch1"), "16M");
+    let mut vm = Vm::start_disks(d, vec![("disk0.qcow2", "qcow2"), ("disk1.qcow2", "qcow2")]);
+    let mut m0 = vec![0u8; SIZE as usize];
+    let mut m1 = vec![0u8; SIZE as usize];
+    vm.write_on(0, &mut m0, 0x11, 0, 4 * MIB);
+    vm.write_on(1, &mut m1, 0x21, 0, 32 * MIB);
+
+    let (log, pause, at) = (d.join("hooks.log"), d.join("pause"), d.join("at-instant"));
+    let qmp = d.join("backy.qmp");
+    let jobs = format!(
+        "  vm1-a: {{schedule: none, source: {{type: qemu, qmp: {q}, node: drive0, scratch-dir: {d}, \
+         hooks: {{pre-snapshot: 'echo member >> {l}'}}}}}}\n  \
+         vm1-b: {{schedule: none, source: {{type: qemu, qmp: {q}, node: drive1, scratch-dir: {s}}}}}\n",
+        q = qmp.display(),
+        d = d.display(),
+        s = scratch1.0.display(),
+        l = log.display()
+    );
+    let base = d.join("backy");
+    std::fs::create_dir_all(&base).unwrap();
+    let server = Server::start(&base, &jobs);
+    let mut client_yaml = std::fs::read_to_string(&server.client_config).unwrap();
+    client_yaml.push_str(&format!(
+        "groups:\n  vm1:\n    jobs: [vm1-a, vm1-b]\n    hooks:\n      \
+         pre-snapshot: 'echo pre $BACKY_JOB $BACKY_NODE >> {l}'\n      post-snapshot: '{post}; echo post >> {l}'\n      \
+         cleanup: 'echo cleanup >> {l}'\n      hook-timeout: 120\n",
+        l = log.display(),
+        post = pausing_hook(&pause, &at)
+    ));
+    std::fs::write(&server.client_config, client_yaml).unwrap();
+    let push = || server.client(&["--json", "push", "vm1"]);
+    let newest = |job: &str| {
+        let revs = server.revisions(job);
+        revs.last().unwrap().clone()
+    };
+    // The group's document, the instant it names, and checks common to
+    // every complete push: both revisions carry the instant.
+    let complete = |out: std::process::Output| -> (Value, String) {
+        let doc = pushed(out);
+        assert_eq!(doc["complete"], true, "{doc}");
+        let instant = doc["instant"].as_str().unwrap().to_string();
+        for (i, job) in ["vm1-a", "vm1-b"].iter().enumerate() {
+            let disk = &doc["disks"][i];
+            assert_eq!(disk["job"], *job, "{doc}");
+            let group = &disk["pushed"]["revision"]["group"];
+            assert_eq!(
+                *group,
+                json!({"name": "vm1", "instant": instant, "disks": 2}),
+                "{doc}"
+            );
+            let stored = newest(job);
+            assert_eq!(stored["group"], *group, "{job} keeps the instant: {stored}");
+            assert_eq!(stored["id"], disk["pushed"]["revision"]["id"]);
+        }
+        (doc, instant)
+    };
+    let id = |doc: &Value, i: usize| {
+        doc["disks"][i]["pushed"]["revision"]["id"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    let sent = |doc: &Value, i: usize| doc["disks"][i]["pushed"]["bytes_sent"].as_u64().unwrap();
+
+    // 1. Full. While the instant is held, both disks are written (disk1
+    // first): neither write is in the instant, on either disk.
+    let mut at_instant = (Vec::new(), Vec::new());
+    let out = push_holding_the_instant(&pause, &at, push, || {
+        at_instant = (m0.clone(), m1.clone());
+        vm.write_on(1, &mut m1, 0x31, 20 * MIB, G);
+        vm.write_on(0, &mut m0, 0x32, 50 * MIB, G);
+    });
+    let (first, instant1) = complete(out);
+    alive(&mut vm);
+    assert_eq!(sent(&first, 0), 4 * MIB, "{first}");
+    assert_eq!(sent(&first, 1), 32 * MIB, "{first}");
+    check_restore_of(&server, d, "vm1-a", &id(&first, 0), &at_instant.0);
+    check_restore_of(&server, d, "vm1-b", &id(&first, 1), &at_instant.1);
+    assert_eq!(
+        std::fs::read_to_string(&log).unwrap(),
+        "pre vm1 drive0 drive1\npost\ncleanup\n",
+        "the group's hooks once around the one instant, the members' not at all"
+    );
+    assert_eq!(
+        vm.state_of("disk0"),
+        (vec![format!("backy-{}", id(&first, 0))], vec![])
+    );
+    assert_eq!(
+        vm.state_of("disk1"),
+        (vec![format!("backy-{}", id(&first, 1))], vec![])
+    );
+
+    // 2. Incremental: writes before the instant on both disks, and again
+    // after it. Each disk sends the granules its bitmap marks: those
+    // written during push 1 and before this instant.
+    vm.write_on(0, &mut m0, 0x41, 3 * MIB + 100, 10);
+    vm.write_on(1, &mut m1, 0x42, 41 * MIB - 1, 2);
+    let out = push_holding_the_instant(&pause, &at, push, || {
+        at_instant = (m0.clone(), m1.clone());
+        vm.write_on(0, &mut m0, 0x51, 60 * MIB, G);
+        vm.write_on(1, &mut m1, 0x52, 0, G);
+    });
+    let (second, instant2) = complete(out);
+    alive(&mut vm);
+    assert_ne!(instant1, instant2);
+    assert_eq!(sent(&second, 0), 2 * G, "{second}");
+    assert_eq!(sent(&second, 1), 3 * G, "{second}");
+    check_restore_of(&server, d, "vm1-a", &id(&second, 0), &at_instant.0);
+    check_restore_of(&server, d, "vm1-b", &id(&second, 1), &at_instant.1);
+    let parent_b = id(&second, 1);
+
+    // 3. disk1's scratch (16 MiB) cannot take 24 MiB of old data: its
+    // push fails, disk0's commits, the instant is incomplete.
+    let out = push_holding_the_instant(&pause, &at, push, || {
+        vm.write_on(0, &mut m0, 0x61, 10 * MIB, G);
+        for i in 0..24 {
+            vm.write_on(1, &mut m1, 0x62, i * MIB, MIB);
+        }
+    });
+    assert_eq!(out.status.code(), Some(1), "an incomplete instant fails the push");
+    let third: Value = serde_json::from_slice(&out.stdout).unwrap();
+    alive(&mut vm);
+    assert_eq!(third["complete"], false, "{third}");
+    assert_eq!(
+        third["disks"][0]["pushed"]["revision"]["group"]["disks"], 2,
+        "{third}"
+    );
+    assert_eq!(sent(&third, 0), G, "{third}");
+    let error = third["disks"][1]["error"].as_str().unwrap();
+    assert!(
+        error.contains("node disk1: the fleecing scratch could not take"),
+        "{error}"
+    );
+    assert!(third["disks"][1].get("pushed").is_none(), "{third}");
+    assert_eq!(server.revisions("vm1-a").len(), 3);
+    assert_eq!(server.revisions("vm1-b").len(), 2, "nothing committed for disk1");
+    let (_, failed) = guest_writes(d);
+    assert!(failed.is_empty(), "no guest write failed: {failed:?}");
+    assert_eq!(
+        vm.state_of("disk0"),
+        (vec![format!("backy-{}", id(&third, 0))], vec![])
+    );
+    assert_eq!(
+        vm.state_of("disk1"),
+        (vec![format!("backy-{parent_b}")], vec![]),
+        "disk1 keeps its parent's bitmap, which covers every write since"
+    );
+
+    // 4. The next group push: disk1 incremental from its parent (the
+    // 24 MiB and the granule written during push 2), both right.
+    let (fourth, _) = complete(push());
+    alive(&mut vm);
+    assert_eq!(sent(&fourth, 0), G, "{fourth}");
+    assert_eq!(sent(&fourth, 1), 24 * MIB, "{fourth}");
+    assert_eq!(newest("vm1-b")["parent_id"].as_str(), Some(parent_b.as_str()));
+    check_restore_of(&server, d, "vm1-a", &id(&fourth, 0), &m0);
+    check_restore_of(&server, d, "vm1-b", &id(&fourth, 1), &m1);
+    // `status` names the group instant beside each revision.
+    let text = server.client_ok(&["status", "vm1-b"]);
+    assert!(
+        text.contains(&format!("trusted (group vm1, instant {instant1}, 2 disks)")),
+        "{text}"
+    );
+    vm.quit();
+    check_image(d, "disk0.qcow2", &m0);
+    check_image(d, "disk1.qcow2", &m1);
 }
 
 /// Issue 34: a dirty bitmap that lies. A write is made, the parent's

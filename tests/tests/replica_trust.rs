@@ -54,6 +54,7 @@ fn rev(at: DateTime<Utc>, trust: Trust, fill: u8) -> Rev {
         source: SourceInfo {
             kind: "file".into(),
             snapshot: String::new(),
+            group: None,
         },
         stats: Stats::default(),
         manifest_digest: hex::encode(digest),

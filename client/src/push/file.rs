@@ -14,6 +14,7 @@ use crate::audit::AuditPlan;
 use crate::connect::Client;
 use crate::progress::Progress;
 use crate::scan::{self, Scanned};
+use crate::source::qemu::Shared;
 use crate::source::{self, Source};
 use crate::view::RevisionView;
 use backy_common::manifest::Manifest;
@@ -36,9 +37,7 @@ pub(super) async fn push(
 ) -> Result<Pushed> {
     let job = args.job.as_str();
     // Hooks run here (pre-snapshot may take long): off the async workers.
-    let mut qemu = None;
-    let mut full_read = None;
-    let mut source = if let SourceSpec::Qemu(qemu_spec) = spec {
+    if let SourceSpec::Qemu(qemu_spec) = spec {
         let (qemu_spec, job, id, parent) = (
             qemu_spec.clone(),
             job.to_string(),
@@ -48,20 +47,61 @@ pub(super) async fn push(
         let opened = tokio::task::spawn_blocking(move || source::qemu::open(&qemu_spec, &job, &id, &parent))
             .await
             .map_err(|e| Error::internal(format!("opening the source: {e}")))??;
-        if let Some(why) = &opened.full_read_reason {
-            tracing::info!(job = args.job.as_str(), "reading the whole disk: {why}");
-            full_read = opened.full_read_reason.clone();
-        }
-        // Dropped on any error below: that removes the new bitmap, in this
-        // thread on purpose (the process may exit right after the error).
-        qemu = Some(opened.session);
-        Box::new(opened.source) as Box<dyn source::Source>
-    } else {
-        let (spec, job, id) = (spec.clone(), job.to_string(), plan.new_id.clone());
-        tokio::task::spawn_blocking(move || source::open(&spec, &job, &id))
-            .await
-            .map_err(|e| Error::internal(format!("opening the source: {e}")))??
-    };
+        let shared = Shared::new(opened.session);
+        let hold = Hold {
+            shared: shared.clone(),
+            index: 0,
+            finish: true,
+        };
+        let pushed = push_source(
+            client,
+            args,
+            plan,
+            Box::new(opened.source),
+            Some(hold),
+            opened.full_read_reason,
+            progress,
+            started,
+        )
+        .await;
+        // A failure removes the new bitmap, in this thread on purpose (the
+        // process may exit right after the error).
+        shared.abort();
+        return pushed;
+    }
+    let (spec, job, id) = (spec.clone(), job.to_string(), plan.new_id.clone());
+    let source = tokio::task::spawn_blocking(move || source::open(&spec, &job, &id))
+        .await
+        .map_err(|e| Error::internal(format!("opening the source: {e}")))??;
+    push_source(client, args, plan, source, None, None, progress, started).await
+}
+
+/// A disk's share of a qemu session: asked whether its view is intact
+/// before its revision is committed; `finish`: this push alone uses the
+/// session, and finishes it once its revision is committed (a group's
+/// caller finishes it after all its disks).
+pub(crate) struct Hold {
+    pub shared: Shared,
+    pub index: usize,
+    pub finish: bool,
+}
+
+/// Pushes an opened source for a due plan.
+#[allow(clippy::too_many_arguments)]
+pub(crate) async fn push_source(
+    client: &mut Client,
+    args: &PushArgs,
+    plan: &PlanReply,
+    mut source: Box<dyn Source>,
+    qemu: Option<Hold>,
+    full_read: Option<String>,
+    progress: &dyn Progress,
+    started: Instant,
+) -> Result<Pushed> {
+    let job = args.job.as_str();
+    if let Some(why) = &full_read {
+        tracing::info!(job, "reading the whole disk: {why}");
+    }
     let size = source.size();
     if let Some(path) = &args.changed_ranges {
         let changed = crate::changed_ranges::read(path, size)?;
@@ -119,6 +159,7 @@ pub(super) async fn push(
         resumable,
         allow_unscheduled: args.allow_unscheduled,
         allow_shrink: args.allow_shrink,
+        group: args.group.clone(),
     };
     let (tx, rx) = mpsc::channel(FRAMES_IN_FLIGHT);
     tx.send(PushFrame {
@@ -157,13 +198,18 @@ pub(super) async fn push(
         (has_parent || dedup) && !fault::mode("whole-blocks") && protocol >= backy_proto::GRANULE_PROTOCOL;
     let (answers_tx, answers_rx) = mpsc::channel(scan::EXCHANGE_WINDOW + 1);
     let answers = exchange.then(|| (answers_from(answers_rx), dedup));
+    let intact = qemu.as_ref().map(|h| (h.shared.clone(), h.index));
     let reader = tokio::task::spawn_blocking(move || {
+        let intact = || match &intact {
+            Some((shared, index)) => shared.check_intact(*index),
+            None => Ok(()),
+        };
         let reading = Reading {
             has_parent,
             audit,
             limiter,
         };
-        read_source(&mut *source, baseline, reading, answers, &tx, |pos| {
+        read_source(&mut *source, baseline, reading, answers, &tx, intact, |pos| {
             reader_bar.set(pos)
         })
     });
@@ -197,10 +243,10 @@ pub(super) async fn push(
     let revision = reply
         .revision
         .ok_or_else(|| Error::internal("server reply names no revision"))?;
-    if let Some(session) = qemu {
+    if let Some(hold) = qemu.filter(|h| h.finish) {
         // Committed on the server: the parent's bitmap has served. Failing
         // to drop it only leaves a bitmap behind.
-        let done = tokio::task::spawn_blocking(move || session.commit()).await;
+        let done = tokio::task::spawn_blocking(move || hold.shared.finish(&[true])).await;
         if let Ok(Err(e)) = done {
             tracing::warn!(
                 job,
@@ -242,6 +288,7 @@ fn read_source(
     reading: Reading,
     answers: Option<(scan::Answers, bool)>,
     tx: &mpsc::Sender<PushFrame>,
+    intact: impl FnOnce() -> Result<()>,
     progress: impl FnMut(u64),
 ) -> Result<(Scanned, Option<Audited>)> {
     let send = |frame| {
@@ -286,6 +333,9 @@ fn read_source(
         audited = Some(Audited { outcome, secs });
     }
     let scanned = scan::scan(source, baseline, changed, answers, send, progress)?;
+    // Everything is read: a view that stopped being its instant on the way
+    // (a qemu guest's fleecing scratch full) must not become a revision.
+    intact()?;
     fault::point("client.before-end");
     send(Frame::End(PushEnd {
         stream_checksum: scanned.checksum.to_vec(),

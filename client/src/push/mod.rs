@@ -7,10 +7,12 @@
 //! `shared` imports neither.
 
 mod file;
+mod group;
 mod not_due;
 pub mod rbd;
 mod shared;
 
+pub use group::{push_group, GroupArgs, GroupPushed};
 pub use not_due::not_due_line;
 pub use shared::{rebase, PushArgs, Pushed};
 

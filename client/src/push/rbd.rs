@@ -144,8 +144,39 @@ fn take_snapshot(hooks: &mut HookRunner, rbd: &Rbd, snap: &str) -> Result<()> {
     }
 }
 
+/// A group's snapshots inside one freeze window: its pre-snapshot hook,
+/// `rbd snap create` of every image, post-snapshot hook. All or none:
+/// a failure removes those taken.
+pub(super) fn take_snapshots(hooks: &mut HookRunner, images: &[(Rbd, String)]) -> Result<()> {
+    for (rbd, snap) in images {
+        if rbd.snapshots()?.iter().any(|s| s == snap) {
+            tracing::info!(snapshot = %rbd.snap_spec(snap), "removing the stale snapshot of an interrupted push");
+            rbd.snap_remove(snap)?;
+        }
+    }
+    let mut taken = Vec::new();
+    let mut created = hooks.pre_snapshot();
+    if created.is_ok() {
+        for (rbd, snap) in images {
+            created = rbd.snap_create(snap);
+            if created.is_err() {
+                break;
+            }
+            taken.push((rbd, snap));
+        }
+    }
+    let post = hooks.post_snapshot();
+    let result = created.and(post);
+    if result.is_err() {
+        for (rbd, snap) in taken {
+            let _ = rbd.snap_remove(snap);
+        }
+    }
+    result
+}
+
 /// Removes every `backy-*` snapshot of the image but `keep`.
-fn rotate(rbd: &Rbd, keep: &str) -> Result<()> {
+pub(super) fn rotate(rbd: &Rbd, keep: &str) -> Result<()> {
     for old in rbd.snapshots()? {
         if old.starts_with(SNAP_PREFIX) && old != keep {
             tracing::info!(snapshot = %rbd.snap_spec(&old), "removing old snapshot");
@@ -156,7 +187,7 @@ fn rotate(rbd: &Rbd, keep: &str) -> Result<()> {
 }
 
 #[allow(clippy::too_many_arguments)]
-async fn push_snapshot(
+pub(super) async fn push_snapshot(
     client: &mut Client,
     job: &str,
     args: &PushArgs,
@@ -210,6 +241,7 @@ async fn push_snapshot(
         resumable: false,
         allow_unscheduled: args.allow_unscheduled,
         allow_shrink: args.allow_shrink,
+        group: args.group.clone(),
     };
     let (tx, rx) = mpsc::channel(FRAMES_IN_FLIGHT);
     tx.send(PushFrame {
@@ -696,7 +728,7 @@ impl<E: FnMut(Frame) -> Result<()>, P: FnMut(u64)> Blocks<E, P> {
 }
 
 /// Runs blocking work (the `rbd` tool, hooks) off the async threads.
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
+pub(super) async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
     tokio::task::spawn_blocking(f)
         .await
         .map_err(|e| Error::internal(format!("blocking task failed: {e}")))?

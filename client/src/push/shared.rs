@@ -55,6 +55,9 @@ pub struct PushArgs {
     pub audit_sample: backy_common::tracker_audit::SamplePercent,
     /// The process's bandwidth limit, shared by its pushes.
     pub bwlimit: Option<std::sync::Arc<crate::bwlimit::Limiter>>,
+    /// The group push this disk's revision is part of (set by the group
+    /// push, recorded in the revision).
+    pub group: Option<backy_proto::GroupInstant>,
 }
 
 /// A committed push.

@@ -946,6 +946,7 @@ mod tests {
             source: SourceInfo {
                 kind: "file".into(),
                 snapshot: String::new(),
+                group: None,
             },
         }
     }

@@ -25,11 +25,13 @@ use crate::nbd::{NbdClient, NbdClientError, READ_DEPTH, STATUS_LEN};
 use backy_common::nbd::reply::select;
 use backy_common::nbd::{CONTEXT_BASE_ALLOCATION, CONTEXT_DIRTY_BITMAP_PREFIX, STATE_DIRTY, STATE_HOLE};
 use backy_common::ranges::{round_out, Extent, GRANULE};
-use backy_common::source::{QemuDisk, QemuSpec};
+use backy_common::source::{Hooks, QemuDisk, QemuSpec};
 use backy_common::{Error, Result};
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
-/// A push's hold on the disk: undoes on drop what a failed push set up.
+/// A push's hold on the disk (or, for a group, the disks): undoes on
+/// drop what a failed push set up.
 pub enum Session {
     Image(image::ImageSession),
     Running(running::RunningSession),
@@ -39,10 +41,62 @@ impl Session {
     /// The revision is committed: the parent's bitmap is no longer needed
     /// (the new one records from this push's instant on).
     pub fn commit(self) -> Result<()> {
+        self.finish(&[true])
+    }
+
+    /// The pushes are over; `committed[i]`: disk `i`'s revision was.
+    pub fn finish(self, committed: &[bool]) -> Result<()> {
         match self {
-            Session::Image(s) => s.commit(),
-            Session::Running(s) => s.commit(),
+            Session::Image(s) if committed.first() == Some(&true) => s.commit(),
+            Session::Image(s) => {
+                drop(s);
+                Ok(())
+            }
+            Session::Running(s) => s.finish(committed),
         }
+    }
+
+    /// Whether disk `index`'s view is still its instant (asked after it
+    /// was read, before its revision is committed).
+    pub fn check_intact(&mut self, index: usize) -> Result<()> {
+        match self {
+            // qemu-nbd reads a bitmap-marked image nobody writes.
+            Session::Image(_) => Ok(()),
+            Session::Running(s) => s.check_intact(index),
+        }
+    }
+}
+
+/// A session the pushes of its disks share: each asks it whether its
+/// view is intact before committing, the caller finishes it. Dropping
+/// the last handle undoes the push (as a failed one).
+#[derive(Clone)]
+pub struct Shared(Arc<Mutex<Option<Session>>>);
+
+impl Shared {
+    pub fn new(session: Session) -> Self {
+        Shared(Arc::new(Mutex::new(Some(session))))
+    }
+
+    fn take(&self) -> Option<Session> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).take()
+    }
+
+    pub fn check_intact(&self, index: usize) -> Result<()> {
+        match self.0.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
+            Some(session) => session.check_intact(index),
+            None => Err(Error::internal("the push's hold on QEMU is gone")),
+        }
+    }
+
+    /// See [`Session::finish`]; a second call does nothing.
+    pub fn finish(&self, committed: &[bool]) -> Result<()> {
+        self.take().map_or(Ok(()), |s| s.finish(committed))
+    }
+
+    /// Undoes the push now, in this thread (the process may exit next).
+    pub fn abort(&self) {
+        drop(self.take());
     }
 }
 
@@ -58,13 +112,9 @@ pub struct Opened {
 /// none) of `job`, running the source's hooks around the backup instant.
 /// Blocking: run it off the async workers.
 pub fn open(spec: &QemuSpec, job: &str, rev_id: &str, parent_id: &str) -> Result<Opened> {
-    let short = rev_id
-        .parse::<backy_common::RevisionId>()
-        .map(|id| id.short())
-        .unwrap_or_else(|_| rev_id.to_string());
     let mut env = vec![
         ("BACKY_JOB".to_string(), job.to_string()),
-        ("BACKY_REVISION".to_string(), short),
+        ("BACKY_REVISION".to_string(), short_id(rev_id)),
     ];
     match &spec.disk {
         QemuDisk::Image(image) => {
@@ -80,12 +130,63 @@ pub fn open(spec: &QemuSpec, job: &str, rev_id: &str, parent_id: &str) -> Result
             env.push(("BACKY_SOURCE".into(), qmp.display().to_string()));
             env.push(("BACKY_NODE".into(), node.clone()));
             let hooks = super::hooks::HookRunner::new(&spec.hooks, env);
-            let scratch = scratch_dir
-                .as_deref()
-                .unwrap_or(Path::new(running::DEFAULT_SCRATCH_DIR));
-            running::open(qmp, node, scratch, hooks, rev_id, parent_id)
+            let disk = running::DiskRequest {
+                node: node.clone(),
+                scratch_dir: scratch_dir_of(scratch_dir.as_deref()),
+                rev_id: rev_id.to_string(),
+                parent_id: parent_id.to_string(),
+            };
+            let (session, mut opened) = running::open(qmp, &[disk], hooks)?;
+            let one = opened
+                .pop()
+                .ok_or_else(|| Error::internal("QEMU opened no disk"))?;
+            Ok(Opened {
+                session,
+                source: one.source,
+                full_read_reason: one.full_read_reason,
+            })
         }
     }
+}
+
+/// Prepares the push of a group's disks of the QEMU at `qmp` from one
+/// instant: one transaction, the group's `hooks` around it (with
+/// `BACKY_JOB` the group, `BACKY_REVISION` the instant). Blocking.
+pub fn open_group(
+    qmp: &Path,
+    disks: &[running::DiskRequest],
+    hooks: &Hooks,
+    group: &str,
+    instant: &str,
+) -> Result<(Session, Vec<running::OpenedDisk>)> {
+    let env = vec![
+        ("BACKY_JOB".to_string(), group.to_string()),
+        ("BACKY_REVISION".to_string(), instant.to_string()),
+        ("BACKY_SOURCE".to_string(), qmp.display().to_string()),
+        (
+            "BACKY_NODE".to_string(),
+            disks
+                .iter()
+                .map(|d| d.node.as_str())
+                .collect::<Vec<_>>()
+                .join(" "),
+        ),
+    ];
+    running::open(qmp, disks, super::hooks::HookRunner::new(hooks, env))
+}
+
+/// Where a running disk's fleecing overlay goes.
+pub fn scratch_dir_of(configured: Option<&Path>) -> PathBuf {
+    configured
+        .unwrap_or(Path::new(running::DEFAULT_SCRATCH_DIR))
+        .to_path_buf()
+}
+
+fn short_id(rev_id: &str) -> String {
+    rev_id
+        .parse::<backy_common::RevisionId>()
+        .map(|id| id.short())
+        .unwrap_or_else(|_| rev_id.to_string())
 }
 
 /// A point-in-time view of the disk, read over NBD.
