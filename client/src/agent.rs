@@ -182,6 +182,7 @@ async fn run_order(mut client: Client, order: &AgentOrder, jobs: &JobsConfig) ->
                 jobs.name
             )));
         };
+        let key = crate::encryption::job_key(config.encryption_of(&job))?;
         let args = PushArgs {
             configured: Some(configured),
             config_name: jobs.name.clone(),
@@ -192,6 +193,8 @@ async fn run_order(mut client: Client, order: &AgentOrder, jobs: &JobsConfig) ->
             allow_unscheduled: false,
             allow_shrink: false,
             changed_ranges: None,
+            key,
+            new_key: false,
         };
         push(&mut client, &args, &crate::progress::Silent).await
     }

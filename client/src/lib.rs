@@ -7,6 +7,7 @@
 pub mod agent;
 pub mod changed_ranges;
 pub mod check;
+pub mod encryption;
 pub mod export;
 pub mod frames;
 pub mod live_restore;

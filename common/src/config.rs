@@ -862,6 +862,18 @@ pub struct ClientConfig {
 pub struct ClientJob {
     /// What to back up, with the hooks around its snapshot.
     pub source: SourceSpec,
+    /// Client-side encryption of the job's images (docs/encryption.md);
+    /// absent: stored in the clear.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encryption: Option<Encryption>,
+}
+
+/// A job's encryption: the key stays on the hypervisor.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct Encryption {
+    /// File of 64 random bytes (`backy-client keygen`), mode 0600.
+    pub key_file: PathBuf,
 }
 
 impl ClientConfig {
@@ -872,6 +884,12 @@ impl ClientConfig {
     /// The configured source of `job`, if this hypervisor lists it.
     pub fn source_of(&self, job: &JobName) -> Option<&SourceSpec> {
         self.jobs.get(job).map(|j| &j.source)
+    }
+
+    /// The configured encryption of `job`, if this hypervisor lists it
+    /// with a key.
+    pub fn encryption_of(&self, job: &JobName) -> Option<&Encryption> {
+        self.jobs.get(job).and_then(|j| j.encryption.as_ref())
     }
 }
 

@@ -228,7 +228,7 @@ fn client_everything() -> ClientConfig {
         .map(|(i, source)| {
             (
                 JobName::new(&format!("somejob{i}")).unwrap(),
-                ClientJob { source },
+                ClientJob { source, encryption: None },
             )
         })
         .collect();

@@ -97,6 +97,11 @@ impl From<&RevisionMeta> for RevisionInfo {
             storage: wire_storage(m.storage) as i32,
             verified_at: m.verified_at.as_ref().map(timestamp),
             locked_until: m.locked_until.as_ref().map(timestamp),
+            key_check: m
+                .key_check
+                .as_deref()
+                .and_then(|k| hex::decode(k).ok())
+                .unwrap_or_default(),
             // Not metadata: the server's status adds it.
             space: None,
         }
@@ -144,6 +149,9 @@ impl TryFrom<&RevisionInfo> for RevisionMeta {
             manifest_digest: r.manifest_digest.clone(),
             storage: model_storage(r.storage()).unwrap_or_default(),
             locked_until: time(&r.locked_until)?,
+            key_check: backy_common::encryption::parse_key_check(&r.key_check)
+                .map_err(|e| e.context(format!("revision {}", r.short_id)))?
+                .map(hex::encode),
         })
     }
 }

@@ -61,6 +61,9 @@ pub(super) async fn push(
             .map_err(|e| Error::internal(format!("opening the source: {e}")))??
     };
     let size = source.size();
+    if args.key.is_some() {
+        backy_common::encryption::check_size(size).map_err(|e| e.context(format!("job {job}")))?;
+    }
     if let Some(path) = &args.changed_ranges {
         let changed = crate::changed_ranges::read(path, size)?;
         if plan.parent_id.is_empty() {
@@ -117,6 +120,7 @@ pub(super) async fn push(
         resumable,
         allow_unscheduled: args.allow_unscheduled,
         allow_shrink: args.allow_shrink,
+        key_check: args.key.as_ref().map(|k| k.check().to_vec()).unwrap_or_default(),
     };
     let (tx, rx) = mpsc::channel(FRAMES_IN_FLIGHT);
     tx.send(PushFrame {
@@ -139,8 +143,9 @@ pub(super) async fn push(
         (has_parent || dedup) && !fault::mode("whole-blocks") && protocol >= backy_proto::GRANULE_PROTOCOL;
     let (answers_tx, answers_rx) = mpsc::channel(scan::EXCHANGE_WINDOW + 1);
     let answers = exchange.then(|| (answers_from(answers_rx), dedup));
+    let key = args.key.clone();
     let reader = tokio::task::spawn_blocking(move || {
-        read_source(&mut *source, baseline, has_parent, answers, &tx, |pos| {
+        read_source(&mut *source, baseline, has_parent, answers, key.as_deref(), &tx, |pos| {
             reader_bar.set(pos)
         })
     });
@@ -209,6 +214,7 @@ fn read_source(
     baseline: Manifest,
     has_parent: bool,
     answers: Option<(scan::Answers, bool)>,
+    key: Option<&backy_common::encryption::Key>,
     tx: &mpsc::Sender<PushFrame>,
     progress: impl FnMut(u64),
 ) -> Result<Scanned> {
@@ -226,7 +232,7 @@ fn read_source(
     } else {
         None
     };
-    let scanned = scan::scan(source, baseline, changed, answers, send, progress)?;
+    let scanned = scan::scan(source, baseline, changed, answers, key, send, progress)?;
     fault::point("client.before-end");
     send(Frame::End(PushEnd {
         stream_checksum: scanned.checksum.to_vec(),

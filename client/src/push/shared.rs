@@ -50,6 +50,11 @@ pub struct PushArgs {
     /// A file of byte ranges changed since the parent revision: only the
     /// blocks they touch are read (see [`crate::changed_ranges`]).
     pub changed_ranges: Option<std::path::PathBuf>,
+    /// The job's encryption key (client.yaml `encryption:`); `None`: the
+    /// image is stored in the clear.
+    pub key: Option<std::sync::Arc<backy_common::encryption::Key>>,
+    /// Start a new key chain: a full push whatever the parent's key.
+    pub new_key: bool,
 }
 
 /// A committed push.
