@@ -14,7 +14,9 @@ use std::sync::Arc;
 
 /// The key a job's `encryption:` names, if it has one.
 pub fn job_key(encryption: Option<&Encryption>) -> Result<Option<Arc<Key>>> {
-    encryption.map(|e| read_key(&e.key_file).map(Arc::new)).transpose()
+    encryption
+        .map(|e| read_key(&e.key_file).map(Arc::new))
+        .transpose()
 }
 
 /// Reads a key file: exactly 64 bytes, readable by nobody but its owner
@@ -41,7 +43,12 @@ pub fn read_key(path: &Path) -> Result<Key> {
 /// The key to decrypt the revision with: `None` for a revision stored in
 /// the clear (a configured key is not needed then); refused when the
 /// revision is encrypted and the key is missing or another one.
-pub fn revision_key(job: &str, short: &str, key_check: &[u8], key: Option<&Arc<Key>>) -> Result<Option<Arc<Key>>> {
+pub fn revision_key(
+    job: &str,
+    short: &str,
+    key_check: &[u8],
+    key: Option<&Arc<Key>>,
+) -> Result<Option<Arc<Key>>> {
     let stored = backy_common::encryption::parse_key_check(key_check)
         .map_err(|e| Error::data_loss(format!("revision {short}: {}", e.message)))?;
     match (stored, key) {
@@ -145,7 +152,11 @@ mod tests {
         assert_eq!(read_key(&path).unwrap().check(), key.check());
         let e = keygen(&path).unwrap_err();
         assert!(e.message.contains("not replaced"), "{}", e.message);
-        assert_eq!(read_key(&path).unwrap().check(), key.check(), "the key is unchanged");
+        assert_eq!(
+            read_key(&path).unwrap().check(),
+            key.check(),
+            "the key is unchanged"
+        );
         std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
         let e = read_key(&path).unwrap_err();
         assert!(e.message.contains("open to other users"), "{}", e.message);
@@ -164,7 +175,10 @@ mod tests {
         key.encrypt(0, &mut stored).unwrap();
         assert!(stored[..g].iter().all(|&b| b == 0), "a zero granule stays a hole");
         let mut out = Vec::new();
-        assert_eq!(decrypt_image(&key, &mut &stored[..], &mut out).unwrap(), plain.len() as u64);
+        assert_eq!(
+            decrypt_image(&key, &mut &stored[..], &mut out).unwrap(),
+            plain.len() as u64
+        );
         assert_eq!(out, plain);
     }
 }

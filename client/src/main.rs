@@ -662,7 +662,8 @@ fn subcommand_of(args: &[String]) -> Option<String> {
 /// target under a temporary name, renamed when complete).
 fn run_decrypt(cmd: &DecryptCmd) -> anyhow::Result<()> {
     let key = backy_client::encryption::read_key(&cmd.key_file)?;
-    let mut input = std::fs::File::open(&cmd.input).with_context(|| format!("opening {}", cmd.input.display()))?;
+    let mut input =
+        std::fs::File::open(&cmd.input).with_context(|| format!("opening {}", cmd.input.display()))?;
     if cmd.output.as_os_str() == "-" {
         let stdout = std::io::stdout();
         let mut out = std::io::BufWriter::new(stdout.lock());
@@ -677,8 +678,13 @@ fn run_decrypt(cmd: &DecryptCmd) -> anyhow::Result<()> {
         Some(d) if !d.as_os_str().is_empty() => d,
         _ => std::path::Path::new("."),
     };
-    let mut tmp = tempfile::NamedTempFile::new_in(dir).with_context(|| format!("creating a file in {}", dir.display()))?;
-    backy_client::encryption::decrypt_image(&key, &mut input, &mut std::io::BufWriter::new(tmp.as_file_mut()))?;
+    let mut tmp = tempfile::NamedTempFile::new_in(dir)
+        .with_context(|| format!("creating a file in {}", dir.display()))?;
+    backy_client::encryption::decrypt_image(
+        &key,
+        &mut input,
+        &mut std::io::BufWriter::new(tmp.as_file_mut()),
+    )?;
     tmp.as_file().sync_all().context("syncing the output")?;
     tmp.persist_noclobber(&cmd.output)
         .map_err(|e| anyhow::anyhow!("writing {}: {}", cmd.output.display(), e.error))?;

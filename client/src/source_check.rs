@@ -7,11 +7,11 @@
 use crate::connect::Client;
 use crate::source;
 use crate::view::short_id;
+use backy_common::encryption::Key;
 use backy_common::manifest::{digest, Manifest};
 use backy_common::source::SourceSpec;
 use backy_common::units::format_bytes;
 use backy_common::{Error, JobName, Result};
-use backy_common::encryption::Key;
 use serde::Serialize;
 use std::fmt;
 use std::sync::Arc;

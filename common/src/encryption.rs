@@ -63,8 +63,7 @@ pub fn parse_key_check(bytes: &[u8]) -> Result<Option<KeyCheck>> {
 /// Reads a key check value as a `.rev` file holds it (hex; absent: plaintext).
 pub fn stored_key_check(hex: Option<&str>) -> Result<Option<KeyCheck>> {
     let Some(text) = hex else { return Ok(None) };
-    let bytes =
-        hex::decode(text).map_err(|_| Error::data_loss(format!("key_check {text:?} is not hex")))?;
+    let bytes = hex::decode(text).map_err(|_| Error::data_loss(format!("key_check {text:?} is not hex")))?;
     if bytes.is_empty() {
         return Err(Error::data_loss("an empty key_check"));
     }
@@ -245,8 +244,12 @@ mod tests {
         // 512 bytes of 00 01 .. ff 00 01 ..; first and last ciphertext bytes
         // (the last as OpenSSL computes them).
         let mut key = Vec::new();
-        key.extend_from_slice(&hex::decode("2718281828459045235360287471352662497757247093699959574966967627").unwrap());
-        key.extend_from_slice(&hex::decode("3141592653589793238462643383279502884197169399375105820974944592").unwrap());
+        key.extend_from_slice(
+            &hex::decode("2718281828459045235360287471352662497757247093699959574966967627").unwrap(),
+        );
+        key.extend_from_slice(
+            &hex::decode("3141592653589793238462643383279502884197169399375105820974944592").unwrap(),
+        );
         let k = Key::from_bytes(&key).unwrap();
         let mut unit: Vec<u8> = (0..512).map(|i| i as u8).collect();
         k.crypt_unit(0xff, &mut unit, true);
@@ -266,7 +269,14 @@ mod tests {
         assert_ne!(&buf[g..2 * g], &plain[g..2 * g]);
         // The zeros of a granule with data are encrypted too.
         assert!(buf[g..2 * g].chunks(UNIT as usize).all(|u| !is_all_zero(u)));
-        assert_eq!(buf, reference(&key_bytes(), GRANULE * 10, &plain).iter().enumerate().map(|(i, &b)| if (g..2 * g).contains(&i) { b } else { 0 }).collect::<Vec<_>>());
+        assert_eq!(
+            buf,
+            reference(&key_bytes(), GRANULE * 10, &plain)
+                .iter()
+                .enumerate()
+                .map(|(i, &b)| if (g..2 * g).contains(&i) { b } else { 0 })
+                .collect::<Vec<_>>()
+        );
         k.decrypt(GRANULE * 10, &mut buf).unwrap();
         assert_eq!(buf, plain);
     }
@@ -280,16 +290,26 @@ mod tests {
         assert_ne!(a.check(), b.check());
         assert_eq!(a.check(), &key_check(&key_bytes()));
         assert!(!format!("{a:?}").contains(&hex::encode(&key_bytes()[..8])));
-        assert!(Key::from_bytes(&[7u8; 64]).unwrap_err().message.contains("halves are equal"));
-        assert!(Key::from_bytes(&[7u8; 63]).unwrap_err().message.contains("exactly 64 bytes"));
+        assert!(Key::from_bytes(&[7u8; 64])
+            .unwrap_err()
+            .message
+            .contains("halves are equal"));
+        assert!(Key::from_bytes(&[7u8; 63])
+            .unwrap_err()
+            .message
+            .contains("exactly 64 bytes"));
         assert_eq!(parse_key_check(&[]).unwrap(), None);
         assert_eq!(parse_key_check(a.check()).unwrap(), Some(*a.check()));
         assert!(parse_key_check(&[1, 2]).is_err());
         assert_eq!(key_change(None, None), None);
         assert_eq!(key_change(Some(a.check()), Some(a.check())), None);
-        assert!(key_change(Some(a.check()), Some(b.check())).unwrap().contains("another key"));
+        assert!(key_change(Some(a.check()), Some(b.check()))
+            .unwrap()
+            .contains("another key"));
         assert!(key_change(Some(a.check()), None).unwrap().contains("no key"));
-        assert!(key_change(None, Some(a.check())).unwrap().contains("not encrypted"));
+        assert!(key_change(None, Some(a.check()))
+            .unwrap()
+            .contains("not encrypted"));
         assert!(check_size(1 << 20).is_ok() && check_size(512 * 3).is_ok());
         assert!(check_size(1000).unwrap_err().message.contains("multiple of 512"));
     }

@@ -228,7 +228,10 @@ fn client_everything() -> ClientConfig {
         .map(|(i, source)| {
             (
                 JobName::new(&format!("somejob{i}")).unwrap(),
-                ClientJob { source, encryption: None },
+                ClientJob {
+                    source,
+                    encryption: None,
+                },
             )
         })
         .collect();

@@ -143,8 +143,8 @@ pub fn run(
     };
     // An incremental push on a parent of another key would mix two keys in
     // one image (docs/encryption.md): refused before anything is written.
-    let key_check = backy_common::encryption::parse_key_check(&begin.key_check)
-        .map_err(|e| e.context("push"))?;
+    let key_check =
+        backy_common::encryption::parse_key_check(&begin.key_check).map_err(|e| e.context("push"))?;
     if key_check.is_some() {
         backy_common::encryption::check_size(begin.size)?;
     }

@@ -145,9 +145,15 @@ pub(super) async fn push(
     let answers = exchange.then(|| (answers_from(answers_rx), dedup));
     let key = args.key.clone();
     let reader = tokio::task::spawn_blocking(move || {
-        read_source(&mut *source, baseline, has_parent, answers, key.as_deref(), &tx, |pos| {
-            reader_bar.set(pos)
-        })
+        read_source(
+            &mut *source,
+            baseline,
+            has_parent,
+            answers,
+            key.as_deref(),
+            &tx,
+            |pos| reader_bar.set(pos),
+        )
     });
     let frames = crate::frames::with_keepalive(rx);
     let joined = if exchange {

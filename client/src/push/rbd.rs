@@ -375,7 +375,9 @@ pub fn export(
             &mut send,
             progress,
         ),
-        Diff::Incremental { known, .. } => incremental(&mut reader, baseline, known, key, &mut send, progress),
+        Diff::Incremental { known, .. } => {
+            incremental(&mut reader, baseline, known, key, &mut send, progress)
+        }
     });
     // Closing the pipe stops an `rbd` we no longer listen to.
     drop(reader);

@@ -14,6 +14,7 @@ pub(crate) mod target;
 use crate::connect::{status_error, Client};
 use crate::progress::Progress;
 use crate::view::{short_id, RevisionView};
+use backy_common::encryption::Key;
 use backy_common::spec::Spec;
 use backy_common::units::format_bytes;
 use backy_common::{Error, JobName, Result};
@@ -22,7 +23,6 @@ use backy_proto::{RestoreFrame, RestoreRequest};
 use check::StreamCheck;
 use serde::Serialize;
 use std::fmt;
-use backy_common::encryption::Key;
 use std::path::PathBuf;
 use std::time::Instant;
 use target::Target;
@@ -285,9 +285,8 @@ fn write_stream(
             Frame::Data(mut d) => {
                 check.data(d.offset, &d.data)?;
                 if let Some(key) = key {
-                    key.decrypt(d.offset, &mut d.data).map_err(|e| {
-                        Error::data_loss(format!("restore stream: {}", e.message))
-                    })?;
+                    key.decrypt(d.offset, &mut d.data)
+                        .map_err(|e| Error::data_loss(format!("restore stream: {}", e.message)))?;
                 }
                 target.write_data(d.offset, &d.data)?;
             }
