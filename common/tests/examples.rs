@@ -230,7 +230,9 @@ fn client_everything() -> ClientConfig {
                 JobName::new(&format!("somejob{i}")).unwrap(),
                 ClientJob {
                     source,
-                    encryption: None,
+                    encryption: (i == 0).then(|| backy_common::config::Encryption {
+                        key_file: "/k".into(),
+                    }),
                 },
             )
         })

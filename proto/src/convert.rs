@@ -263,10 +263,23 @@ mod tests {
             manifest_digest: "00".repeat(32),
             storage: StorageMode::Copy,
             locked_until: Some("2026-05-17T10:00:00Z".parse().unwrap()),
+            key_check: Some("00112233445566778899aabbccddeeff".into()),
         };
         let info = RevisionInfo::from(&m);
         assert_eq!(info.short_id.len(), 22);
+        assert_eq!(info.key_check.len(), 16);
         assert_eq!(RevisionMeta::try_from(&info).unwrap(), m);
+        // A key check of another length is refused, none is plaintext.
+        let bad = RevisionInfo {
+            key_check: vec![1, 2, 3],
+            ..info.clone()
+        };
+        assert!(RevisionMeta::try_from(&bad).is_err());
+        let plain = RevisionInfo {
+            key_check: Vec::new(),
+            ..info
+        };
+        assert_eq!(RevisionMeta::try_from(&plain).unwrap().key_check, None);
     }
 
     #[test]
