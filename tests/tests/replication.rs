@@ -644,14 +644,29 @@ fn an_encrypted_job_is_copied_incrementally_and_restores_with_its_key() {
         assert_eq!(r["key_check"].as_str(), Some(check.as_str()), "{r}");
     }
     let (_, exclusive) = btrfs_du(&replica.base.join("vm1").join(here[1]["id"].as_str().unwrap()));
-    assert!(exclusive <= 12 * G, "the copy shares its parent's extents: {exclusive}");
+    assert!(
+        exclusive <= 12 * G,
+        "the copy shares its parent's extents: {exclusive}"
+    );
     p.source.kill();
     for (id, want) in ids(&on_source).iter().zip(&kept) {
         let stored = replica.base.join("vm1").join(id);
         assert_ne!(file_hash(&stored), file_hash(want), "ciphertext on the replica");
         let out = p.dir.path().join(format!("replica-{id}.img"));
-        replica.client_ok(&["restore", "vm1", "-r", id, "--key-file", key.to_str().unwrap(), out.to_str().unwrap()]);
-        assert_eq!(file_hash(&out), file_hash(want), "revision {id} restores from the replica");
+        replica.client_ok(&[
+            "restore",
+            "vm1",
+            "-r",
+            id,
+            "--key-file",
+            key.to_str().unwrap(),
+            out.to_str().unwrap(),
+        ]);
+        assert_eq!(
+            file_hash(&out),
+            file_hash(want),
+            "revision {id} restores from the replica"
+        );
     }
     replica.client_ok(&["verify", "vm1", "-r", "all"]);
 }
