@@ -28,6 +28,8 @@ fn push_args(job: &str, source: Option<&Path>) -> PushArgs {
         allow_unscheduled: false,
         allow_shrink: false,
         changed_ranges: None,
+        key: None,
+        new_key: false,
     }
 }
 
@@ -39,6 +41,7 @@ fn restore_args(revision: &str, target: &Path) -> RestoreArgs {
         force: false,
         full: false,
         quiet: true,
+        key: None,
     }
 }
 

@@ -343,7 +343,9 @@ fn touches(e: &Extent, b: u64, bs: u64) -> bool {
 /// Runs `rbd export-diff`, streams its records as frames, checks that the
 /// stream was complete and `rbd` exited 0, then sends the end frame.
 /// `baseline`: the parent's manifest resized to the snapshot (zeros
-/// without a parent), which the blocks read are compared with.
+/// without a parent), which the blocks read are compared with. `key`:
+/// the job's encryption key (blocks are encrypted before that).
+#[allow(clippy::too_many_arguments)]
 pub fn export(
     rbd: &Rbd,
     diff: &Diff,
