@@ -246,6 +246,24 @@ fn encrypted_pushes_restore_share_extents_and_refuse_other_keys() {
         || w.server.revisions("vm1").iter().all(|r| r["trust"] == "verified"),
     );
 
+    // No rollback of an encrypted revision: onto a target of its size it
+    // restores in full; the export refuses it.
+    let same = w.work.join("same.img");
+    sparse_copy(&w.src, &same);
+    write_at(&same, 7, b"changed");
+    let out = w
+        .server
+        .client_ok(&["--json", "restore", "vm1", same.to_str().unwrap(), "--force"]);
+    let restored: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(restored["mode"], "full", "{restored}");
+    assert_eq!(file_hash(&same), file_hash(&w.src));
+    let socket = w.work.join("vm1.nbd");
+    refused(
+        &w.server
+            .client(&["export", "vm1", "--socket", socket.to_str().unwrap()]),
+        "the export cannot serve it",
+    );
+
     // Another key, and no key: refused before anything is written.
     let other = w.keygen("other.key");
     w.use_key(Some(&other));
