@@ -33,13 +33,22 @@ pub struct JobsConfig {
     path: Option<PathBuf>,
     loaded: ClientConfig,
     name: String,
+    /// The one bandwidth limit of this process: every order's push takes
+    /// from it, at the rate the config says when the order comes.
+    limiter: Arc<crate::bwlimit::Limiter>,
 }
 
 impl JobsConfig {
     /// `path`: the `--config` given (else the default file, if present);
     /// `loaded`: what it held at start.
     pub fn new(path: Option<PathBuf>, loaded: ClientConfig, name: String) -> Self {
-        JobsConfig { path, loaded, name }
+        let limiter = crate::bwlimit::Limiter::new(loaded.bwlimit);
+        JobsConfig {
+            path,
+            loaded,
+            name,
+            limiter,
+        }
     }
 
     /// The client config as it is now; at start's copy if it cannot be
@@ -182,6 +191,8 @@ async fn run_order(mut client: Client, order: &AgentOrder, jobs: &JobsConfig) ->
                 jobs.name
             )));
         };
+        let audit_sample = config.audit_sample_of(&job);
+        jobs.limiter.set_rate(config.bwlimit);
         let key = crate::encryption::job_key(config.encryption_of(&job))?;
         let args = PushArgs {
             configured: Some(configured),
@@ -193,6 +204,8 @@ async fn run_order(mut client: Client, order: &AgentOrder, jobs: &JobsConfig) ->
             allow_unscheduled: false,
             allow_shrink: false,
             changed_ranges: None,
+            audit_sample,
+            bwlimit: Some(jobs.limiter.clone()),
             key,
             new_key: false,
         };

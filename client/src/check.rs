@@ -45,6 +45,8 @@ pub struct JobHealth<'a> {
     pub replica: Option<&'a ReplicaState>,
     /// Ids of revisions dated after the server's clock.
     pub future: &'a [String],
+    /// The newest revision's change tracker missed writes (its audit).
+    pub tracker: Option<String>,
 }
 
 impl<'a> From<&'a JobStatus> for JobHealth<'a> {
@@ -66,6 +68,7 @@ impl<'a> From<&'a JobStatus> for JobHealth<'a> {
             failures: j.failures,
             replica: j.replica.as_ref(),
             future: &j.future_revisions,
+            tracker: crate::view::audit_warning(j.revisions.last()),
         }
     }
 }
@@ -84,6 +87,7 @@ impl<'a> From<&'a JobSummary> for JobHealth<'a> {
             failures: j.failures,
             replica: j.replica.as_ref(),
             future: &j.future_revisions,
+            tracker: crate::view::audit_warning(j.newest.as_ref()),
         }
     }
 }
@@ -123,7 +127,8 @@ pub struct Report {
 
 /// CRITICAL when a job is past its SLA (a job never backed up gets one SLA
 /// window from when the server first knew it); WARNING for distrusted
-/// revisions, revisions dated after the server's clock, failing pushes,
+/// revisions, revisions dated after the server's clock, a newest revision
+/// whose change tracker missed writes (its audit), failing pushes,
 /// and a job without schedule that was never backed up. Jobs without a schedule have no SLA: they are counted apart.
 pub fn evaluate(jobs: &[JobHealth], now: DateTime<Utc>) -> Report {
     let checks: Vec<JobCheck> = jobs.iter().map(|j| check_job(j, now)).collect();
@@ -248,6 +253,10 @@ fn check_job(job: &JobHealth, now: DateTime<Utc>) -> JobCheck {
             count(job.future.len() as u64, "revision"),
             job.future.join(", ")
         ));
+    }
+    if let Some(warning) = &job.tracker {
+        state = state.max(State::Warning);
+        problems.push(format!("{}: {warning}", job.job));
     }
     if job.failures > 0 {
         state = state.max(State::Warning);
@@ -404,6 +413,44 @@ mod tests {
             assert_eq!(report.exit_code, want as u8);
             assert!(report.line().contains(text), "{}", report.line());
         }
+    }
+
+    #[test]
+    fn a_tracker_that_missed_writes_warns_until_a_clean_audit() {
+        let audited = |mismatched: u64| {
+            let mut j = job("vm1", true, 0, "trusted");
+            j.revisions[0].short_id = "r2".into();
+            j.revisions[0].audit = Some(backy_proto::TrackerAudit {
+                tracker: "qemu-bitmap".into(),
+                sampled: 10,
+                mismatched,
+            });
+            j
+        };
+        let bad = audited(2);
+        let report = evaluate(&[JobHealth::from(&bad)], now());
+        assert_eq!(report.state, State::Warning);
+        assert_eq!(
+            report.summary,
+            "vm1: change tracker QEMU dirty bitmap missed writes: 2 of 10 sampled unchanged blocks \
+             differ (revision r2 read the whole source)"
+        );
+        // The host's summaries carry the newest revision: the same verdict.
+        let summary = JobSummary {
+            job: "vm1".into(),
+            schedule: "default".into(),
+            sla_ok: true,
+            revisions: 1,
+            newest: bad.revisions.last().cloned(),
+            ..Default::default()
+        };
+        let report = evaluate(&[JobHealth::from(&summary)], now());
+        assert_eq!(report.state, State::Warning, "{}", report.line());
+        // A later push whose audit was clean: no warning.
+        let mut good = bad.clone();
+        good.revisions.push(audited(0).revisions[0].clone());
+        let report = evaluate(&[JobHealth::from(&good)], now());
+        assert_eq!(report.state, State::Ok, "{}", report.line());
     }
 
     #[test]

@@ -5,6 +5,8 @@
 //! [`progress::Progress`] the caller injects.
 
 pub mod agent;
+pub mod audit;
+pub mod bwlimit;
 pub mod changed_ranges;
 pub mod check;
 pub mod encryption;

@@ -11,6 +11,7 @@ use backy_client::{
 };
 
 use anyhow::Context;
+use backy_common::tracker_audit::SamplePercent;
 use backy_common::JobName;
 use clap::{Args, Parser, Subcommand};
 use serde::Serialize;
@@ -376,6 +377,26 @@ struct PushCmd {
     /// after the job's key changed (or encryption was turned on or off)
     #[arg(long)]
     new_key: bool,
+
+    /// Bytes a second this push may send (10M: 10 MiB/s) [default: bwlimit
+    /// in the client config, else no limit]
+    #[arg(long, value_name = "RATE", value_parser = parse_rate)]
+    bwlimit: Option<u64>,
+
+    /// Share of the blocks a change tracker (--changed-ranges, a QEMU
+    /// bitmap) calls unchanged to read again and compare with the parent,
+    /// like 0.5% (0: off) [default: audit-sample in the client config, else
+    /// 0.5%]
+    #[arg(long, value_name = "PERCENT", value_parser = parse_audit_sample)]
+    audit_sample: Option<SamplePercent>,
+}
+
+fn parse_rate(s: &str) -> Result<u64, String> {
+    backy_common::bwlimit::parse_rate(s).map_err(|e| e.message)
+}
+
+fn parse_audit_sample(s: &str) -> Result<SamplePercent, String> {
+    SamplePercent::parse(s).map_err(|e| e.message)
 }
 
 /// Restore a revision to a file, block device, RBD image or standard
@@ -806,6 +827,13 @@ async fn dispatch(
                 changed_ranges: cmd.changed_ranges.clone(),
                 key: backy_client::encryption::job_key(config.encryption_of(&cmd.job))?,
                 new_key: cmd.new_key,
+                audit_sample: cmd
+                    .audit_sample
+                    .unwrap_or_else(|| config.audit_sample_of(&cmd.job)),
+                bwlimit: cmd
+                    .bwlimit
+                    .or(config.bwlimit)
+                    .map(|rate| backy_client::bwlimit::Limiter::new(Some(rate))),
             };
             if let Some(pushed) = push::push(&mut client, &args, &*progress).await? {
                 result(&pushed)?;

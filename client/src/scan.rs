@@ -559,7 +559,7 @@ fn digest_blocks(
 /// thread (SIMD) per block: the digest threads share the cores by blocks,
 /// where splitting each block (rayon) cost more in idle spinning than it
 /// saved on a small, shared machine.
-fn block_digest(data: &[u8]) -> Digest {
+pub(crate) fn block_digest(data: &[u8]) -> Digest {
     if is_all_zero(data) {
         zero_digest(data.len() as u64)
     } else {

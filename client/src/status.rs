@@ -112,6 +112,9 @@ fn format_job(out: &mut String, job: &JobStatus, now: DateTime<Utc>) {
             job.future_revisions.join(", ")
         );
     }
+    if let Some(warning) = crate::view::audit_warning(job.revisions.last()) {
+        let _ = writeln!(out, "warning: {warning}");
+    }
     if job.failures > 0 {
         let _ = writeln!(
             out,

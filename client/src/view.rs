@@ -80,6 +80,9 @@ pub struct RevisionView {
     /// What its files take on disk (`status` only); `null` when the server
     /// did not count it.
     pub space: Option<SpaceView>,
+    /// The audit of the change tracker its push relied on; absent: none.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub audit: Option<backy_common::tracker_audit::AuditOutcome>,
 }
 
 /// Disk space as `btrfs filesystem du` counts it (docs/json.md).
@@ -166,8 +169,16 @@ impl From<&RevisionInfo> for RevisionView {
             locked_until: rfc3339(&r.locked_until),
             key_check: (!r.key_check.is_empty()).then(|| hex::encode(&r.key_check)),
             space: r.space.as_ref().map(SpaceView::from),
+            audit: r.audit.as_ref().map(backy_proto::model_audit),
         }
     }
+}
+
+/// The warning a job's newest revision carries when the audit of the
+/// change tracker its push relied on caught missed writes.
+pub fn audit_warning(newest: Option<&RevisionInfo>) -> Option<String> {
+    let r = newest?;
+    backy_proto::model_audit(r.audit.as_ref()?).warning(&short_id(r))
 }
 
 /// The revision's id as shown: the server's short form, else the wire id

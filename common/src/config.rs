@@ -3,6 +3,7 @@
 use crate::error::{Error, Result};
 use crate::job::JobName;
 use crate::source::SourceSpec;
+use crate::tracker_audit::SamplePercent;
 use crate::units::Interval;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -217,6 +218,10 @@ pub struct ReplicateConfig {
     /// ... and is critical from this age on.
     #[serde(default = "default_lag_critical")]
     pub lag_critical: Interval,
+    /// Bytes a second the copies from the source may take (issue 34);
+    /// unset: no limit.
+    #[serde(default, with = "opt_rate", skip_serializing_if = "Option::is_none")]
+    pub bwlimit: Option<u64>,
 }
 
 fn default_max_jobs() -> usize {
@@ -854,6 +859,15 @@ pub struct ClientConfig {
     /// these are ever pushed here; the server decides when, not what.
     #[serde(default, deserialize_with = "unique_keys::deserialize")]
     pub jobs: BTreeMap<JobName, ClientJob>,
+    /// Bytes a second this client's pushes may send together (one limit
+    /// per process: the agent's concurrent pushes share it); unset: no
+    /// limit.
+    #[serde(default, with = "opt_rate", skip_serializing_if = "Option::is_none")]
+    pub bwlimit: Option<u64>,
+    /// Share of the blocks a change tracker calls unchanged that each
+    /// incremental push reads again (default 0.5 %; 0 turns it off).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub audit_sample: Option<SamplePercent>,
 }
 
 /// One job as the hypervisor knows it.
@@ -862,6 +876,9 @@ pub struct ClientConfig {
 pub struct ClientJob {
     /// What to back up, with the hooks around its snapshot.
     pub source: SourceSpec,
+    /// Replaces the global `audit-sample` for this job.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub audit_sample: Option<SamplePercent>,
     /// Client-side encryption of the job's images (docs/encryption.md);
     /// absent: stored in the clear.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -884,6 +901,16 @@ impl ClientConfig {
     /// The configured source of `job`, if this hypervisor lists it.
     pub fn source_of(&self, job: &JobName) -> Option<&SourceSpec> {
         self.jobs.get(job).map(|j| &j.source)
+    }
+
+    /// The audit sample of `job`: its own, else the global one, else the
+    /// default.
+    pub fn audit_sample_of(&self, job: &JobName) -> SamplePercent {
+        self.jobs
+            .get(job)
+            .and_then(|j| j.audit_sample)
+            .or(self.audit_sample)
+            .unwrap_or_default()
     }
 
     /// The configured encryption of `job`, if this hypervisor lists it
@@ -1074,6 +1101,33 @@ mod opt_size {
                 .map(Some)
                 .map_err(serde::de::Error::custom),
         }
+    }
+}
+
+/// A bandwidth limit: bytes a second, written as a size (`10M`, `10M/s`).
+mod opt_rate {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &Option<u64>, s: S) -> Result<S::Ok, S::Error> {
+        match v {
+            Some(n) => s.serialize_u64(*n),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            N(u64),
+            S(String),
+        }
+        let rate = match Option::<Raw>::deserialize(d)? {
+            None => return Ok(None),
+            Some(Raw::N(n)) => crate::bwlimit::parse_rate(&n.to_string()),
+            Some(Raw::S(s)) => crate::bwlimit::parse_rate(&s),
+        };
+        rate.map(Some).map_err(|e| serde::de::Error::custom(e.message))
     }
 }
 

@@ -8,6 +8,7 @@ pub mod access;
 pub mod allocator;
 pub mod block_proof;
 pub mod blockset;
+pub mod bwlimit;
 pub mod checksum;
 pub mod config;
 pub mod config_reference;
@@ -41,6 +42,7 @@ pub mod space;
 pub mod spec;
 pub mod throttle;
 pub mod token;
+pub mod tracker_audit;
 pub mod units;
 pub mod writeback;
 

@@ -91,6 +91,10 @@ pub struct Stats {
     /// (deduplicated: cloned instead of received, or shared after writing).
     #[serde(default, skip_serializing_if = "crate::revision::is_zero")]
     pub bytes_deduplicated: u64,
+    /// The audit of the change tracker the push relied on (issue 34);
+    /// absent when it relied on none, or the audit was off.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub audit: Option<crate::tracker_audit::AuditOutcome>,
 }
 
 fn is_zero(n: &u64) -> bool {
@@ -266,6 +270,7 @@ mod tests {
                 changed_blocks: 1,
                 duration: 1.5,
                 bytes_deduplicated: 0,
+                audit: None,
             },
             manifest_digest: "ab".repeat(32),
             storage: StorageMode::Copy,

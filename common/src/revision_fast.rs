@@ -76,6 +76,15 @@ fn emit(meta: &RevisionMeta) -> Option<String> {
     if s.bytes_deduplicated != 0 {
         let _ = writeln!(out, "  bytes_deduplicated: {}", s.bytes_deduplicated);
     }
+    if let Some(a) = &s.audit {
+        let _ = writeln!(
+            out,
+            "  audit:\n    tracker: {}\n    sampled: {}\n    mismatched: {}",
+            plain(&a.tracker)?,
+            a.sampled,
+            a.mismatched
+        );
+    }
     let _ = writeln!(out, "manifest_digest: {}", plain(&meta.manifest_digest)?);
     let _ = writeln!(out, "storage: {}", meta.storage.as_str());
     if let Some(t) = &meta.locked_until {
@@ -197,6 +206,17 @@ fn read(text: &str) -> Option<RevisionMeta> {
             Some(v) => v.parse().ok()?,
             None => 0,
         },
+        audit: match l.lines.peek() {
+            Some(&"  audit:") => {
+                l.lines.next();
+                Some(crate::tracker_audit::AuditOutcome {
+                    tracker: string(l.value("    tracker")?)?,
+                    sampled: l.value("    sampled")?.parse().ok()?,
+                    mismatched: l.value("    mismatched")?.parse().ok()?,
+                })
+            }
+            _ => None,
+        },
     };
     let manifest_digest = string(l.value("manifest_digest")?)?;
     let storage = match l.value("storage")? {
@@ -310,6 +330,18 @@ mod tests {
                 stats: Stats {
                     bytes_deduplicated: 4 << 20,
                     duration: 0.1,
+                    ..base.stats.clone()
+                },
+                ..base.clone()
+            },
+            // A push that audited its change tracker.
+            RevisionMeta {
+                stats: Stats {
+                    audit: Some(crate::tracker_audit::AuditOutcome {
+                        tracker: "qemu-bitmap".into(),
+                        sampled: 82,
+                        mismatched: 1,
+                    }),
                     ..base.stats.clone()
                 },
                 ..base.clone()
@@ -454,6 +486,7 @@ mod tests {
                         changed_blocks: changed,
                         duration,
                         bytes_deduplicated: dedup,
+                        audit: None,
                     },
                     manifest_digest,
                     storage: if copy {

@@ -9,6 +9,7 @@
 use backy_common::config::*;
 use backy_common::config_reference::{self, ConfigReference, KeyDefault};
 use backy_common::source::{Hooks, QemuDisk, QemuSpec, SourceSpec};
+use backy_common::tracker_audit::SamplePercent;
 use backy_common::units::Interval;
 use backy_common::JobName;
 use std::collections::{BTreeMap, BTreeSet};
@@ -148,6 +149,7 @@ fn server_everything() -> ServerConfig {
             interval: Interval::from_secs(1),
             lag_warning: Interval::from_secs(1),
             lag_critical: Interval::from_secs(2),
+            bwlimit: Some(1),
         }),
     }
 }
@@ -230,6 +232,7 @@ fn client_everything() -> ClientConfig {
                 JobName::new(&format!("somejob{i}")).unwrap(),
                 ClientJob {
                     source,
+                    audit_sample: Some(SamplePercent::new(1.0).unwrap()),
                     encryption: (i == 0).then(|| backy_common::config::Encryption {
                         key_file: "/k".into(),
                     }),
@@ -245,6 +248,8 @@ fn client_everything() -> ClientConfig {
         key: Some("/k".into()),
         tls_server_name: Some("n".into()),
         jobs,
+        bwlimit: Some(1),
+        audit_sample: Some(SamplePercent::new(1.0).unwrap()),
     }
 }
 

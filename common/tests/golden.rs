@@ -65,6 +65,7 @@ fn golden_meta() -> RevisionMeta {
             changed_blocks: 2,
             duration: 1.5,
             bytes_deduplicated: 0,
+            audit: None,
         },
         manifest_digest: hex::encode(manifest().file_digest()),
         storage: StorageMode::Reflink,

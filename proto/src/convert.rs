@@ -2,6 +2,7 @@
 
 use crate::v1::{self as wire, RevisionInfo};
 use backy_common::revision::{RevisionMeta, SourceInfo, Stats, StorageMode, Trust};
+use backy_common::tracker_audit::AuditOutcome;
 use backy_common::{Error, Result, RevisionId};
 use chrono::{DateTime, Utc};
 
@@ -75,6 +76,24 @@ pub fn source_kind_name(kind: wire::SourceKind) -> &'static str {
     }
 }
 
+/// A change tracker's audit on the wire.
+pub fn wire_audit(a: &AuditOutcome) -> wire::TrackerAudit {
+    wire::TrackerAudit {
+        tracker: a.tracker.clone(),
+        sampled: a.sampled,
+        mismatched: a.mismatched,
+    }
+}
+
+/// A change tracker's audit from the wire.
+pub fn model_audit(a: &wire::TrackerAudit) -> AuditOutcome {
+    AuditOutcome {
+        tracker: a.tracker.clone(),
+        sampled: a.sampled,
+        mismatched: a.mismatched,
+    }
+}
+
 impl From<&RevisionMeta> for RevisionInfo {
     fn from(m: &RevisionMeta) -> Self {
         RevisionInfo {
@@ -92,6 +111,7 @@ impl From<&RevisionMeta> for RevisionInfo {
             bytes_written: m.stats.bytes_written,
             changed_blocks: m.stats.changed_blocks,
             bytes_deduplicated: m.stats.bytes_deduplicated,
+            audit: m.stats.audit.as_ref().map(wire_audit),
             duration_secs: m.stats.duration,
             manifest_digest: m.manifest_digest.clone(),
             storage: wire_storage(m.storage) as i32,
@@ -145,6 +165,7 @@ impl TryFrom<&RevisionInfo> for RevisionMeta {
                 changed_blocks: r.changed_blocks,
                 duration: r.duration_secs,
                 bytes_deduplicated: r.bytes_deduplicated,
+                audit: r.audit.as_ref().map(model_audit),
             },
             manifest_digest: r.manifest_digest.clone(),
             storage: model_storage(r.storage()).unwrap_or_default(),
@@ -259,6 +280,11 @@ mod tests {
                 changed_blocks: 3,
                 duration: 0.5,
                 bytes_deduplicated: 4,
+                audit: Some(AuditOutcome {
+                    tracker: "qemu-bitmap".into(),
+                    sampled: 5,
+                    mismatched: 1,
+                }),
             },
             manifest_digest: "00".repeat(32),
             storage: StorageMode::Copy,

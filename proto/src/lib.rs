@@ -12,8 +12,8 @@ mod convert;
 pub mod listing;
 
 pub use convert::{
-    datetime, error_detail, error_of_detail, model_storage, source_kind, source_kind_name, timestamp,
-    wire_storage,
+    datetime, error_detail, error_of_detail, model_audit, model_storage, source_kind, source_kind_name,
+    timestamp, wire_audit, wire_storage,
 };
 pub use prost_types;
 pub use v1::*;

@@ -130,6 +130,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                     changed_blocks: 1,
                     duration: 0.1,
                     bytes_deduplicated: 0,
+                    audit: None,
                 },
                 manifest_digest,
                 storage: StorageMode::Reflink,

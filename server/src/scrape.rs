@@ -276,6 +276,11 @@ impl Collector for JobCollector {
                 "On a replica: 1 while rounds fail for the job (absent elsewhere)",
                 vec![],
             ),
+            (
+                "backy_job_tracker_missed_blocks",
+                "Sampled blocks the change tracker of the newest revision's push called unchanged that differed (absent when it audited none)",
+                vec![],
+            ),
         ];
         for s in &summaries {
             let newest = s.newest.as_ref();
@@ -305,6 +310,7 @@ impl Collector for JobCollector {
                 s.replica
                     .as_ref()
                     .map(|r| f64::from(u8::from(!r.last_error.is_empty()))),
+                newest.and_then(|n| n.audit.as_ref()).map(|a| a.mismatched as f64),
             ];
             for (family, value) in families.iter_mut().zip(values) {
                 if let Some(v) = value {

@@ -348,9 +348,15 @@ impl Service {
                     if protocol_error.is_some() {
                         break;
                     }
+                    let audit = e.audit.as_ref().map(backy_proto::model_audit);
+                    if let Some(why) = audit.as_ref().and_then(|a| a.check().err()) {
+                        protocol_error = Some(Status::invalid_argument(why.message));
+                        break;
+                    }
                     Step::End(PushEnd {
                         stream_checksum: e.stream_checksum,
                         manifest_digest: e.manifest_digest,
+                        audit,
                     })
                 }
                 Ok(Some(PushFrame {

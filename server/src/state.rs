@@ -32,6 +32,9 @@ pub struct Server {
     pub fetched: crate::replication::FetchLog,
     /// Log lines of refused requests per peer address (see `audit::refused`).
     pub refusals: std::sync::Mutex<backy_common::throttle::Throttle<String>>,
+    /// As a replica: the bandwidth limit of the copies from the source
+    /// (`replicate.bwlimit`, set anew by each copy).
+    pub replica_bwlimit: Arc<backy_common::bwlimit::Limiter>,
 }
 
 impl Server {
@@ -51,6 +54,7 @@ impl Server {
             stopping: Default::default(),
             replication,
             fetched,
+            replica_bwlimit: Default::default(),
             refusals: std::sync::Mutex::new(backy_common::throttle::Throttle::new(
                 backy_common::throttle::Limits::REFUSALS,
             )),

@@ -220,6 +220,7 @@ fn encode(frames: &[F]) -> Vec<PushFrame> {
                     Some(Frame::End(PushEnd {
                         stream_checksum: c,
                         manifest_digest: manifest_digest(image_size, &written),
+                        audit: None,
                     }))
                 }
                 F::Keepalive => Some(Frame::Keepalive(PushKeepalive {})),

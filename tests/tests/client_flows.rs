@@ -28,6 +28,8 @@ fn push_args(job: &str, source: Option<&Path>) -> PushArgs {
         allow_unscheduled: false,
         allow_shrink: false,
         changed_ranges: None,
+        audit_sample: Default::default(),
+        bwlimit: None,
         key: None,
         new_key: false,
     }

@@ -50,6 +50,7 @@ fn end(checksum: [u8; 32], manifest_digest: Vec<u8>) -> Frame {
     Frame::End(PushEnd {
         stream_checksum: checksum.to_vec(),
         manifest_digest,
+        audit: None,
     })
 }
 

@@ -305,6 +305,7 @@ async fn raw_push(
         frame: Some(Frame::End(PushEnd {
             stream_checksum: checksum.finish().to_vec(),
             manifest_digest,
+            audit: None,
         })),
     });
     c.push(tokio_stream::iter(frames)).await.map(|r| r.into_inner())

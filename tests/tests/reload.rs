@@ -150,6 +150,7 @@ async fn sighup_reloads_without_dropping_a_running_push() {
             4 << 20,
             &[(0, &[1u8; 4096][..])],
         ),
+        audit: None,
     });
     tx.send(PushFrame { frame: Some(end) }).await.unwrap();
     drop(tx);

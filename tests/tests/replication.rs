@@ -607,6 +607,49 @@ fn the_hypervisor_restores_its_copy_from_the_replica_without_a_mapping() {
     assert!(all.contains("may not access job vm1"), "{all}");
 }
 
+/// A change tracker caught missing writes on the source stays visible on
+/// the replica: its copy carries the audit, and the replica's `check` warns.
+#[test]
+fn a_replica_keeps_the_sources_audit_of_a_lying_tracker() {
+    let p = Pair::new("");
+    p.push("vm1");
+    // Named: the write at 1 MiB. Missed: the one at 20 MiB.
+    write_at(&p.img, MIB, &[7u8; 4096]);
+    write_at(&p.img, 20 * MIB, &[8u8; 4096]);
+    let list = p.dir.path().join("ranges");
+    std::fs::write(&list, format!("{} 4096\n", MIB)).unwrap();
+    let list = list.display().to_string();
+    let out = p.hv(&[
+        "--json",
+        "push",
+        "vm1",
+        "--force",
+        "--changed-ranges",
+        &list,
+        "--audit-sample",
+        "100%",
+    ]);
+    let pushed: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(pushed["audit"]["mismatched"].as_u64(), Some(1), "{pushed}");
+
+    let replica = p.replica("");
+    let copied = round(&replica, 0);
+    assert_eq!(copied.len(), 2, "{copied:?}");
+    let here = replica.revisions("vm1");
+    for key in ["tracker", "sampled", "mismatched"] {
+        assert_eq!(here[1]["audit"][key], pushed["audit"][key], "{key}: {}", here[1]);
+    }
+    assert_eq!(
+        here[0]["audit"],
+        Value::Null,
+        "the full push relied on no tracker"
+    );
+    let check = replica.client(&["check", "vm1"]);
+    let line = String::from_utf8_lossy(&check.stdout);
+    assert_eq!(check.status.code(), Some(1), "{line}");
+    assert!(line.contains("missed writes: 1 of"), "{line}");
+}
+
 /// An encrypted job (docs/encryption.md) is copied like any other, without
 /// the key: only the changed granules travel, the copies keep the key
 /// check, and they restore on the replica with the key alone.

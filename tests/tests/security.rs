@@ -671,6 +671,7 @@ async fn stalled_and_excess_streams_do_not_block_others() {
         frame: Some(Frame::End(PushEnd {
             stream_checksum: sum.finish().to_vec(),
             manifest_digest: manifest_digest_after(None, MIB, 4 << 20, &[(0, &[1u8; 4096][..])]),
+            audit: None,
         })),
     };
     let cases: Vec<(&str, usize, Vec<PushFrame>, Code)> = vec![

@@ -7,9 +7,10 @@
 //! the reading down instead of filling memory.
 
 use super::shared::{
-    answers_from, baseline, check_committed, join, push_exchange, rebase, stream_closed, PushArgs, Pushed,
-    FRAMES_IN_FLIGHT,
+    answers_from, baseline, check_committed, join, push_exchange, rebase, stream_closed, Audited, PushArgs,
+    Pushed, FRAMES_IN_FLIGHT,
 };
+use crate::audit::AuditPlan;
 use crate::connect::Client;
 use crate::progress::Progress;
 use crate::scan::{self, Scanned};
@@ -17,6 +18,7 @@ use crate::source::{self, Source};
 use crate::view::RevisionView;
 use backy_common::manifest::Manifest;
 use backy_common::source::SourceSpec;
+use backy_common::tracker_audit;
 use backy_common::{fault, Error, Result};
 use backy_proto::push_frame::Frame;
 use backy_proto::{PlanReply, PushBegin, PushEnd, PushFrame};
@@ -132,6 +134,22 @@ pub(super) async fn push(
     let bar = progress.start(job, size);
     let reader_bar = bar.clone();
     let has_parent = !plan.parent_id.is_empty();
+    // The tracker whose list of changes the push trusts, if any: audited.
+    let tracker = if args.changed_ranges.is_some() {
+        Some(tracker_audit::CHANGED_RANGES)
+    } else if qemu.is_some() && full_read.is_none() {
+        Some(tracker_audit::QEMU_BITMAP)
+    } else {
+        None
+    };
+    let audit = tracker
+        .filter(|_| has_parent && !args.audit_sample.is_off())
+        .map(|tracker| AuditPlan {
+            tracker,
+            percent: args.audit_sample,
+            seed: tracker_audit::seed_of(plan.new_id.as_bytes()),
+        });
+    let limiter = args.bwlimit.clone();
     // The granule exchange compares with a parent and needs a server that
     // speaks it; the fault mode poses as an older client (tests of the
     // whole-block push). A full push goes through Push as always.
@@ -145,10 +163,15 @@ pub(super) async fn push(
     let answers = exchange.then(|| (answers_from(answers_rx), dedup));
     let key = args.key.clone();
     let reader = tokio::task::spawn_blocking(move || {
+        let reading = Reading {
+            has_parent,
+            audit,
+            limiter,
+        };
         read_source(
             &mut *source,
             baseline,
-            has_parent,
+            reading,
             answers,
             key.as_deref(),
             &tx,
@@ -163,7 +186,7 @@ pub(super) async fn push(
     };
     fault::point("client.replied");
     bar.finish();
-    let (scanned, reply) = joined.map_err(|e| match (&args.changed_ranges, e.kind) {
+    let ((scanned, audited), reply) = joined.map_err(|e| match (&args.changed_ranges, e.kind) {
         // With a complete range list the server's digests of the blocks it
         // patched equal the ones read here; otherwise the list missed writes.
         (Some(path), backy_common::ErrorKind::DataLoss) if e.reason == backy_common::Reason::ManifestMismatch => e.context(
@@ -211,20 +234,32 @@ pub(super) async fn push(
             .collect(),
         resumed_at: resume.then_some(plan.resume_checkpoint),
         full_read,
+        audit: audited,
     })
 }
 
-/// The blocking side: scan, then the end marker.
+/// How the blocking side reads.
+struct Reading {
+    has_parent: bool,
+    /// The tracker to audit before its changes are trusted.
+    audit: Option<AuditPlan>,
+    limiter: Option<std::sync::Arc<crate::bwlimit::Limiter>>,
+}
+
+/// The blocking side: the tracker's audit, the scan, then the end marker.
 fn read_source(
     source: &mut dyn Source,
     baseline: Manifest,
-    has_parent: bool,
+    reading: Reading,
     answers: Option<(scan::Answers, bool)>,
     key: Option<&backy_common::encryption::Key>,
     tx: &mpsc::Sender<PushFrame>,
     progress: impl FnMut(u64),
-) -> Result<Scanned> {
+) -> Result<(Scanned, Option<Audited>)> {
     let send = |frame| {
+        if let Some(limiter) = &reading.limiter {
+            limiter.wait(crate::bwlimit::frame_bytes(&frame));
+        }
         let sent = tx
             .blocking_send(PushFrame { frame: Some(frame) })
             .map_err(|_| stream_closed());
@@ -233,16 +268,41 @@ fn read_source(
     };
     // Known changes are relative to the parent's snapshot: without a parent
     // everything is compared with zeros.
-    let changed = if has_parent {
+    let mut changed = if reading.has_parent {
         source.changed_extents()?
     } else {
         None
     };
+    let mut audited = None;
+    if let (Some(extents), Some(plan)) = (&changed, &reading.audit) {
+        let started = Instant::now();
+        let outcome = crate::audit::run(source, &baseline, extents, plan, key)?;
+        let secs = started.elapsed().as_secs_f64();
+        if outcome.failed() {
+            tracing::warn!(
+                tracker = plan.tracker,
+                sampled = outcome.sampled,
+                mismatched = outcome.mismatched,
+                "{outcome}: the change tracker missed writes; reading the whole source"
+            );
+            changed = None;
+        } else {
+            tracing::info!(
+                tracker = plan.tracker,
+                sampled = outcome.sampled,
+                mismatched = outcome.mismatched,
+                secs,
+                "{outcome}"
+            );
+        }
+        audited = Some(Audited { outcome, secs });
+    }
     let scanned = scan::scan(source, baseline, changed, answers, key, send, progress)?;
     fault::point("client.before-end");
     send(Frame::End(PushEnd {
         stream_checksum: scanned.checksum.to_vec(),
         manifest_digest: scanned.manifest.file_digest().to_vec(),
+        audit: audited.as_ref().map(|a| backy_proto::wire_audit(&a.outcome)),
     }))?;
-    Ok(scanned)
+    Ok((scanned, audited))
 }

@@ -50,6 +50,11 @@ pub struct PushArgs {
     /// A file of byte ranges changed since the parent revision: only the
     /// blocks they touch are read (see [`crate::changed_ranges`]).
     pub changed_ranges: Option<std::path::PathBuf>,
+    /// Share of the blocks a change tracker calls unchanged that are read
+    /// again and compared with the parent (issue 34); 0 turns it off.
+    pub audit_sample: backy_common::tracker_audit::SamplePercent,
+    /// The process's bandwidth limit, shared by its pushes.
+    pub bwlimit: Option<std::sync::Arc<crate::bwlimit::Limiter>>,
     /// The job's encryption key (client.yaml `encryption:`); `None`: the
     /// image is stored in the clear.
     pub key: Option<std::sync::Arc<backy_common::encryption::Key>>,
@@ -71,6 +76,17 @@ pub struct Pushed {
     /// Why a source that tracks its changes was read whole.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub full_read: Option<String>,
+    /// The audit of the change tracker the push relied on; absent: none.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub audit: Option<Audited>,
+}
+
+/// A change tracker's audit and what it cost.
+#[derive(Debug, Serialize)]
+pub struct Audited {
+    #[serde(flatten)]
+    pub outcome: backy_common::tracker_audit::AuditOutcome,
+    pub secs: f64,
 }
 
 impl fmt::Display for Pushed {
@@ -96,6 +112,12 @@ impl fmt::Display for Pushed {
         }
         if let Some(why) = &self.full_read {
             write!(f, " (read whole: {why})")?;
+        }
+        if let Some(a) = &self.audit {
+            write!(f, "; {} in {:.1} s", a.outcome, a.secs)?;
+            if a.outcome.failed() {
+                write!(f, ": the tracker missed writes, so the whole source was read")?;
+            }
         }
         match self.expired.len() {
             0 => Ok(()),
@@ -348,10 +370,37 @@ mod tests {
             expired: vec!["a".into(), "b".into()],
             resumed_at: None,
             full_read: None,
+            audit: None,
         };
         assert_eq!(
             pushed.to_string(),
             "vm1: revision 3xKabc committed, 4.00 GiB image, 42.00 MiB sent in 2.3 s, 2 old revisions expired"
         );
+        let audited = |mismatched| Pushed {
+            job: "vm1".into(),
+            revision: pushed.revision.clone(),
+            bytes_read: 0,
+            bytes_sent: 42 << 20,
+            duration_secs: 2.34,
+            expired: Vec::new(),
+            resumed_at: None,
+            full_read: None,
+            audit: Some(Audited {
+                outcome: backy_common::tracker_audit::AuditOutcome {
+                    tracker: "qemu-bitmap".into(),
+                    sampled: 82,
+                    mismatched,
+                },
+                secs: 0.42,
+            }),
+        };
+        assert_eq!(
+            audited(0).to_string(),
+            "vm1: revision 3xKabc committed, 4.00 GiB image, 42.00 MiB sent in 2.3 s; QEMU dirty bitmap \
+             audit: 82 unchanged blocks re-read, 0 differ in 0.4 s"
+        );
+        assert!(audited(1)
+            .to_string()
+            .ends_with("1 differ in 0.4 s: the tracker missed writes, so the whole source was read"));
     }
 }

@@ -414,6 +414,7 @@ mod tests {
         let end = PushEnd {
             stream_checksum: sum.finish().to_vec(),
             manifest_digest: manifest.file_digest().to_vec(),
+            audit: None,
         };
         rev.commit(&end).unwrap()
     }
@@ -805,6 +806,7 @@ mod tests {
         let end = PushEnd {
             stream_checksum: StreamChecksum::new().finish().to_vec(),
             manifest_digest: f.job.manifest(&parent).unwrap().file_digest().to_vec(),
+            audit: None,
         };
         let sealed = rev.commit(&end).unwrap();
         revisions::distrust(&f.server, &f.job, &parent.id.to_string(), Apply::Yes).unwrap();
@@ -1134,11 +1136,12 @@ mod tests {
         let mut manifest = Manifest::zeroed(SIZE, DEFAULT_BLOCK_SIZE)?;
         manifest.set(0, digest(&data))?;
         let sealed = if copy {
-            rev.commit_copy(chrono::Utc::now(), &manifest.file_digest())?
+            rev.commit_copy(chrono::Utc::now(), &manifest.file_digest(), None)?
         } else {
             rev.commit(&PushEnd {
                 stream_checksum: sum.finish().to_vec(),
                 manifest_digest: manifest.file_digest().to_vec(),
+                audit: None,
             })?
         };
         crate::push::publish_and_expire(&f.server, &f.job, sealed, &running, "stress.after-commit")?;

@@ -123,6 +123,11 @@ pub fn copy(
     let config = server.config();
     let target = RevisionMeta::try_from(info)?;
     check_listing(&config, job, &target)?;
+    // As a client's would be: a lying source could otherwise put any text
+    // into `status`.
+    if let Some(audit) = &target.stats.audit {
+        audit.check()?;
+    }
     let expected = hex::decode(&info.manifest_digest)
         .map_err(|_| Error::invalid(format!("revision {}: bad manifest digest", target.id)))?;
     let running = server.jobs.activity.try_start_push(job.name(), target.id)?;
@@ -211,6 +216,9 @@ pub fn copy(
         })
     };
     let mut received = 0u64;
+    // One limit for every copy from the source (they run one at a time).
+    let limit = server.replica_bwlimit.clone();
+    limit.set_rate(config.replicate.as_ref().and_then(|r| r.bwlimit));
     let outcome = (|| -> Result<()> {
         let mut stream = handle
             .block_on(client.restore(request))
@@ -230,6 +238,9 @@ pub fn copy(
                 }
                 Frame::Begin(_) => {}
                 Frame::Data(d) => {
+                    // Reading no faster than the limit holds the source
+                    // back too (the stream's flow control).
+                    limit.wait(d.data.len() as u64);
                     received += d.data.len() as u64;
                     rev.data(d.offset, &d.data)?;
                     fault::point("replica.frame");
@@ -253,7 +264,7 @@ pub fn copy(
         }
         return Err(e);
     }
-    let sealed = rev.commit_copy(target.timestamp, &expected)?;
+    let sealed = rev.commit_copy(target.timestamp, &expected, target.stats.audit.clone())?;
     let meta = if transfer.replace {
         replace_distrusted(server, job, sealed, &running)?
     } else {

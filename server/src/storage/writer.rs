@@ -41,6 +41,9 @@ pub struct PushEnd {
     pub stream_checksum: Vec<u8>,
     /// Empty when the client does not know every block's digest.
     pub manifest_digest: Vec<u8>,
+    /// The audit of the change tracker the push relied on, recorded with
+    /// the revision.
+    pub audit: Option<backy_common::tracker_audit::AuditOutcome>,
 }
 
 /// A revision under construction. Dropping it uncommitted removes its
@@ -637,6 +640,7 @@ impl NewRevision {
             changed_blocks: self.earlier.changed_blocks + self.stats.changed_blocks,
             bytes_deduplicated: self.earlier.bytes_deduplicated + self.stats.bytes_deduplicated,
             duration: self.earlier.duration + self.started.elapsed().as_secs_f64(),
+            audit: None,
         }
     }
 
@@ -699,18 +703,29 @@ impl NewRevision {
                 "the push's end frame has no manifest digest: the server commits only what it can check end to end (upgrade backy-client)",
             ));
         }
-        self.seal(&end.manifest_digest, "the client's")
+        let mut sealed = self.seal(&end.manifest_digest, "the client's")?;
+        sealed.meta.stats.audit = end.audit.clone();
+        Ok(sealed)
     }
 
     /// Commits a copy of another server's revision: under its timestamp,
     /// and only if the image's manifest is the one the source holds (a
     /// copy has no stream checksum: every block is checked by digest).
-    pub fn commit_copy(mut self, timestamp: DateTime<Utc>, manifest_digest: &[u8]) -> Result<Sealed> {
+    /// `audit`: the source's audit of the change tracker its push relied
+    /// on, kept so the replica's `check` warns as the source's does.
+    pub fn commit_copy(
+        mut self,
+        timestamp: DateTime<Utc>,
+        manifest_digest: &[u8],
+        audit: Option<backy_common::tracker_audit::AuditOutcome>,
+    ) -> Result<Sealed> {
         if manifest_digest.is_empty() {
             return Err(Error::invalid("a copy needs the source's manifest digest"));
         }
         self.timestamp = timestamp;
-        self.seal(manifest_digest, "the source server's")
+        let mut sealed = self.seal(manifest_digest, "the source server's")?;
+        sealed.meta.stats.audit = audit;
+        Ok(sealed)
     }
 
     /// Everything of a commit that needs no lock: the touched blocks
@@ -947,6 +962,7 @@ mod tests {
         PushEnd {
             stream_checksum: checksum.finish().to_vec(),
             manifest_digest: manifest.file_digest().to_vec(),
+            audit: None,
         }
     }
 
@@ -1312,7 +1328,7 @@ mod tests {
         let rev = full(&job, B);
         let copy = rev.spec.id;
         let manifest = Manifest::zeroed(B, BS).unwrap();
-        let e = rev.commit_copy(ahead, &manifest.file_digest()).unwrap_err();
+        let e = rev.commit_copy(ahead, &manifest.file_digest(), None).unwrap_err();
         assert_eq!(e.kind, ErrorKind::FailedPrecondition, "{e}");
         for id in [id, copy] {
             assert!(!job.rev_path(&id).exists() && !job.image_path(&id).exists());
