@@ -30,7 +30,7 @@ fail() {
 [ "$(id -u)" = 0 ] || fail "needs root to install and check packages (apt-get)"
 
 declare -A line_packages=(
-  [tests]="btrfs-progs btrfs-compsize xfsprogs mount util-linux e2fsprogs bsdutils curl libnbd-bin ceph-mon ceph-osd ceph-common python3 python3-prometheus-client chromium fonts-dejavu-core"
+  [tests]="btrfs-progs btrfs-compsize xfsprogs mount util-linux e2fsprogs bsdutils curl libnbd-bin ceph-mon ceph-osd ceph-common python3 python3-prometheus-client python3-cryptography chromium fonts-dejavu-core"
   [qemu]="qemu-utils qemu-system-x86 qemu-system-common qemu-system-data seabios"
   [packages]="man-db systemd adduser binutils"
   [bench]="rsync restic borgbackup"

@@ -193,6 +193,7 @@ async fn run_order(mut client: Client, order: &AgentOrder, jobs: &JobsConfig) ->
         };
         let audit_sample = config.audit_sample_of(&job);
         jobs.limiter.set_rate(config.bwlimit);
+        let key = crate::encryption::job_key(config.encryption_of(&job))?;
         let args = PushArgs {
             configured: Some(configured),
             config_name: jobs.name.clone(),
@@ -206,6 +207,8 @@ async fn run_order(mut client: Client, order: &AgentOrder, jobs: &JobsConfig) ->
             audit_sample,
             bwlimit: Some(jobs.limiter.clone()),
             group: None,
+            key,
+            new_key: false,
         };
         push(&mut client, &args, &crate::progress::Silent).await
     }

@@ -28,6 +28,7 @@ pub fn run(
     baseline: &Manifest,
     changed: &[Extent],
     plan: &AuditPlan,
+    key: Option<&backy_common::encryption::Key>,
 ) -> Result<AuditOutcome> {
     let count = baseline.block_count();
     let bs = baseline.block_size();
@@ -43,6 +44,10 @@ pub fn run(
         let digest = if data {
             let block = &mut buf[..len as usize];
             source.read_at(offset, block)?;
+            // An encrypted job's manifest holds digests of ciphertext.
+            if let Some(key) = key {
+                key.encrypt(offset, block)?;
+            }
             crate::scan::block_digest(block)
         } else {
             zero_digest(len)
@@ -110,7 +115,7 @@ mod tests {
             seed: 1,
         };
         let mut src = MemSource::new(now.clone());
-        let got = run(&mut src, &manifest_of(&parent), &changed, &plan).unwrap();
+        let got = run(&mut src, &manifest_of(&parent), &changed, &plan, None).unwrap();
         assert_eq!((got.sampled, got.mismatched), (7, 1));
         // Block 1 (changed) was never read.
         assert!(!src.reads.contains(&(BS as u64)), "{:?}", src.reads);
@@ -122,7 +127,14 @@ mod tests {
                 len: 8,
             },
         ];
-        let got = run(&mut MemSource::new(now), &manifest_of(&parent), &honest, &plan).unwrap();
+        let got = run(
+            &mut MemSource::new(now),
+            &manifest_of(&parent),
+            &honest,
+            &plan,
+            None,
+        )
+        .unwrap();
         assert_eq!((got.sampled, got.mismatched), (6, 0));
     }
 
@@ -137,7 +149,7 @@ mod tests {
             seed: 9,
         };
         let zeros = Manifest::zeroed(4 * BS as u64, BS).unwrap();
-        let got = run(&mut src, &zeros, &[], &plan).unwrap();
+        let got = run(&mut src, &zeros, &[], &plan, None).unwrap();
         assert_eq!((got.sampled, got.mismatched), (4, 0));
         assert!(src.reads.is_empty());
     }

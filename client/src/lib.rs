@@ -9,6 +9,7 @@ pub mod audit;
 pub mod bwlimit;
 pub mod changed_ranges;
 pub mod check;
+pub mod encryption;
 pub mod export;
 pub mod frames;
 pub mod live_restore;

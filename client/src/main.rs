@@ -159,9 +159,51 @@ Examples:
     Forget(RevisionsCmd),
     Check(CheckCmd),
     Agent(AgentCmd),
+    Keygen(KeygenCmd),
+    Decrypt(DecryptCmd),
     /// `completions SHELL`, and the hidden `generate-assets` (packaging).
     #[command(flatten)]
     Assets(backy_cli_assets::AssetsCommand),
+}
+
+/// Write a new encryption key file (64 random bytes, mode 0600) for a
+/// job's `encryption: key-file:`; never replaces an existing file
+#[derive(Args, Debug)]
+#[command(after_help = "\
+Keep a copy of the key away from the hypervisor: without it the job's
+backups cannot be read by anyone, backy included (docs/encryption.md).
+
+Examples:
+  backy-client keygen /etc/backy/keys/vm1.key")]
+struct KeygenCmd {
+    /// The key file to create
+    #[arg(value_name = "FILE")]
+    path: PathBuf,
+}
+
+/// Decrypt a revision image file copied off the storage host, with the
+/// key alone (no server, no config)
+#[derive(Args, Debug)]
+#[command(after_help = "\
+The input is the revision's raw image as the server stores it
+(<base-dir>/<job>/<revision-id>); the output is the disk image. With - the
+image goes to standard output.
+
+Examples:
+  backy-client decrypt --key-file /etc/backy/keys/vm1.key /mnt/copy/vm1/3f2c... vm1.img
+  backy-client decrypt --key-file vm1.key REV - | dd of=/dev/vg/vm1 bs=4M")]
+struct DecryptCmd {
+    /// The job's key file
+    #[arg(long, value_name = "FILE")]
+    key_file: PathBuf,
+
+    /// The stored revision image
+    #[arg(value_name = "REV")]
+    input: PathBuf,
+
+    /// Where the plaintext goes (a new file), or - for standard output
+    #[arg(value_name = "OUT")]
+    output: PathBuf,
 }
 
 /// Re-read stored revisions on the server and compare every block with
@@ -331,6 +373,11 @@ struct PushCmd {
     #[arg(long, value_name = "FILE")]
     changed_ranges: Option<PathBuf>,
 
+    /// Push in full, not relative to the parent revision: needed once
+    /// after the job's key changed (or encryption was turned on or off)
+    #[arg(long)]
+    new_key: bool,
+
     /// Bytes a second this push may send (10M: 10 MiB/s) [default: bwlimit
     /// in the client config, else no limit]
     #[arg(long, value_name = "RATE", value_parser = parse_rate)]
@@ -402,6 +449,11 @@ struct RestoreCmd {
     /// is fetched and written); a target of another size needs it
     #[arg(long)]
     full: bool,
+
+    /// The key of an encrypted revision [default: the job's
+    /// encryption: key-file: in this client config]
+    #[arg(long, value_name = "FILE")]
+    key_file: Option<PathBuf>,
 }
 
 /// Serve a revision over NBD on this host, checked block by block against
@@ -627,6 +679,39 @@ fn subcommand_of(args: &[String]) -> Option<String> {
     None
 }
 
+/// `decrypt`: a stored revision file to plaintext, written whole (a file
+/// target under a temporary name, renamed when complete).
+fn run_decrypt(cmd: &DecryptCmd) -> anyhow::Result<()> {
+    let key = backy_client::encryption::read_key(&cmd.key_file)?;
+    let mut input =
+        std::fs::File::open(&cmd.input).with_context(|| format!("opening {}", cmd.input.display()))?;
+    if cmd.output.as_os_str() == "-" {
+        let stdout = std::io::stdout();
+        let mut out = std::io::BufWriter::new(stdout.lock());
+        backy_client::encryption::decrypt_image(&key, &mut input, &mut out)?;
+        out.flush().context("writing standard output")?;
+        return Ok(());
+    }
+    if cmd.output.exists() {
+        anyhow::bail!("{} exists: not replaced", cmd.output.display());
+    }
+    let dir = match cmd.output.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => std::path::Path::new("."),
+    };
+    let mut tmp = tempfile::NamedTempFile::new_in(dir)
+        .with_context(|| format!("creating a file in {}", dir.display()))?;
+    backy_client::encryption::decrypt_image(
+        &key,
+        &mut input,
+        &mut std::io::BufWriter::new(tmp.as_file_mut()),
+    )?;
+    tmp.as_file().sync_all().context("syncing the output")?;
+    tmp.persist_noclobber(&cmd.output)
+        .map_err(|e| anyhow::anyhow!("writing {}: {}", cmd.output.display(), e.error))?;
+    Ok(())
+}
+
 fn run(cli: Cli) -> anyhow::Result<u8> {
     // Needs no config and no server.
     if let Command::Assets(a) = &cli.command {
@@ -635,6 +720,25 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
             &backy_common::config_reference::CLIENT,
         )?;
         return Ok(0);
+    }
+    // The key alone.
+    match &cli.command {
+        Command::Keygen(cmd) => {
+            let key = backy_client::encryption::keygen(&cmd.path)?;
+            if !cli.quiet {
+                println!(
+                    "wrote {} (key check {}); keep a copy away from this host",
+                    cmd.path.display(),
+                    hex::encode(key.check())
+                );
+            }
+            return Ok(0);
+        }
+        Command::Decrypt(cmd) => {
+            run_decrypt(cmd)?;
+            return Ok(0);
+        }
+        _ => {}
     }
     // Talks to QEMU only (what serves the source node is the caller's).
     if let Command::LiveRestore(cmd) = &cli.command {
@@ -752,6 +856,16 @@ async fn dispatch(
                     .bwlimit
                     .or(config.bwlimit)
                     .map(|rate| backy_client::bwlimit::Limiter::new(Some(rate))),
+                keys: group
+                    .jobs
+                    .iter()
+                    .filter_map(|j| {
+                        backy_client::encryption::job_key(config.encryption_of(j))
+                            .transpose()
+                            .map(|k| k.map(|k| (j.clone(), k)))
+                    })
+                    .collect::<Result<_, _>>()?,
+                new_key: cmd.new_key,
             };
             match push::push_group(&mut client, &args, &*progress).await? {
                 Some(pushed) => {
@@ -777,6 +891,8 @@ async fn dispatch(
                 allow_unscheduled: cmd.allow_unscheduled,
                 allow_shrink: cmd.allow_shrink,
                 changed_ranges: cmd.changed_ranges.clone(),
+                key: backy_client::encryption::job_key(config.encryption_of(&cmd.job))?,
+                new_key: cmd.new_key,
                 audit_sample: cmd
                     .audit_sample
                     .unwrap_or_else(|| config.audit_sample_of(&cmd.job)),
@@ -839,6 +955,10 @@ async fn dispatch(
                 force: cmd.force,
                 full: cmd.full,
                 quiet: cli.quiet || cli.json,
+                key: match &cmd.key_file {
+                    Some(path) => Some(std::sync::Arc::new(backy_client::encryption::read_key(path)?)),
+                    None => backy_client::encryption::job_key(config.encryption_of(&cmd.job))?,
+                },
             };
             let restored = restore::restore(&mut client, &args, &*progress).await?;
             if args.target.as_os_str() == restore::STDOUT {
@@ -879,7 +999,15 @@ async fn dispatch(
         }) => {
             let cli_source = (!source.is_empty()).then_some(source.as_str());
             let spec = push::source_spec(job.as_str(), cli_source, config.source_of(job), &config_name)?;
-            let compared = source_check::compare(&mut client, job, revision, spec, *sample).await?;
+            let compared = source_check::compare(
+                &mut client,
+                job,
+                revision,
+                spec,
+                *sample,
+                backy_client::encryption::job_key(config.encryption_of(job))?,
+            )
+            .await?;
             result(&compared)?;
             if !compared.equal() {
                 return Ok(1);
@@ -929,6 +1057,9 @@ async fn dispatch(
         Command::Agent(_) => anyhow::bail!("internal error: the agent is not run over a shared connection"),
         Command::LiveRestore(_) => anyhow::bail!("internal error: a live restore needs no server connection"),
         Command::Assets(_) => anyhow::bail!("internal error: assets are written before connecting"),
+        Command::Keygen(_) | Command::Decrypt(_) => {
+            anyhow::bail!("internal error: keygen and decrypt need no server connection")
+        }
     }
     Ok(0)
 }

@@ -12,9 +12,10 @@
 
 use crate::frames::PushFrames;
 use crate::source::Source;
+use backy_common::encryption::Key;
 use backy_common::granules;
 use backy_common::manifest::{zero_digest, Digest, Manifest};
-use backy_common::ranges::{blocks_of, coalesce, is_all_zero, Change, Extent};
+use backy_common::ranges::{blocks_of, coalesce, is_all_zero, Change, Extent, GRANULE};
 use backy_common::{Error, Result};
 use backy_proto::push_frame::Frame;
 use backy_proto::{GranuleDigests, GranulesWanted};
@@ -62,6 +63,8 @@ pub struct Scanner<E> {
     exchange: Option<Exchange>,
     /// Aligned all-zero runs of this size in sent data go as zero ranges.
     zero_granule: u64,
+    /// The job's key: [`Scanner::block`] encrypts what it is handed.
+    key: Option<std::sync::Arc<Key>>,
 }
 
 /// The server's answers to granule digests, in the order asked: with
@@ -107,6 +110,25 @@ impl<E: FnMut(Frame) -> Result<()>> Scanner<E> {
             known_next: 0,
             exchange: None,
             zero_granule: ZERO_GRANULE,
+            key: None,
+        }
+    }
+
+    /// Encrypts each block [`Scanner::block`] is handed (zero granules
+    /// stay zeros) before anything else sees it, and widens the known
+    /// changes (set before or after) to whole granules: a granule's
+    /// ciphertext depends on all of its bytes.
+    pub fn with_key(mut self, key: Option<std::sync::Arc<Key>>) -> Self {
+        self.key = key;
+        self.widen_known();
+        self
+    }
+
+    fn widen_known(&mut self) {
+        if self.key.is_some() {
+            if let Some(known) = self.known.take() {
+                self.known = Some(widen(known, GRANULE, self.manifest.image_size()));
+            }
         }
     }
 
@@ -150,6 +172,7 @@ impl<E: FnMut(Frame) -> Result<()>> Scanner<E> {
     pub fn with_known_changes(mut self, changed: Vec<Extent>) -> Self {
         self.known = Some(coalesce(changed));
         self.exchange = None;
+        self.widen_known();
         self
     }
 
@@ -157,8 +180,14 @@ impl<E: FnMut(Frame) -> Result<()>> Scanner<E> {
         &self.manifest
     }
 
-    /// A block read from the source; `data` is the whole block.
+    /// A block read from the source; `data` is the whole block (as read:
+    /// with a key it is encrypted here).
     pub fn block(&mut self, index: u64, data: &[u8]) -> Result<()> {
+        if let Some(key) = self.key.clone() {
+            let mut sealed = data.to_vec();
+            key.encrypt(self.manifest.block_offset(index), &mut sealed)?;
+            return self.block_digested(index, &sealed, block_digest(&sealed));
+        }
         self.block_digested(index, data, block_digest(data))
     }
 
@@ -384,11 +413,19 @@ impl<E: FnMut(Frame) -> Result<()>> Scanner<E> {
 /// `changed`: extents known to differ from the baseline; blocks outside them
 /// keep the baseline's digest unread. `exchange`: the server's answers in
 /// the granule exchange. `progress` gets the offset scanned to.
+///
+/// `key`: the job's encryption key: each block read is encrypted in place
+/// (zero granules stay zeros) before it is digested, compared and sent,
+/// so everything after the read, and the server, sees only ciphertext;
+/// known changes are widened to whole granules, since a granule's
+/// ciphertext (or its being a hole) depends on all of its bytes.
+#[allow(clippy::too_many_arguments)]
 pub fn scan<E: FnMut(Frame) -> Result<()>>(
     source: &mut dyn Source,
     baseline: Manifest,
     changed: Option<Vec<Extent>>,
     exchange: Option<(Answers, bool)>,
+    key: Option<&Key>,
     emit: E,
     mut progress: impl FnMut(u64),
 ) -> Result<Scanned> {
@@ -408,6 +445,10 @@ pub fn scan<E: FnMut(Frame) -> Result<()>>(
             scanner = scanner.with_dedup();
         }
     }
+    let changed = match (changed, key) {
+        (Some(extents), Some(_)) => Some(widen(extents, GRANULE, size)),
+        (changed, _) => changed,
+    };
     let blocks: Box<dyn Iterator<Item = u64> + Send> = match changed {
         None => Box::new(0..count),
         Some(extents) => {
@@ -433,7 +474,7 @@ pub fn scan<E: FnMut(Frame) -> Result<()>>(
         for _ in 0..digesters {
             let (fetch_tx, fetch_rx) = sync_channel::<Result<Fetched>>(ahead);
             let (read_tx, read_rx) = sync_channel::<Result<Read>>(ahead);
-            threads.spawn(move || digest_blocks(fetch_rx, read_tx));
+            threads.spawn(move || digest_blocks(fetch_rx, read_tx, key, block_size));
             fetch_txs.push(fetch_tx);
             read_rxs.push(read_rx);
         }
@@ -488,13 +529,23 @@ enum Read {
 
 /// A digest thread: each block it is handed gets its digest, in order;
 /// stops at the first error (passed on) or when either side is gone.
-fn digest_blocks(fetched: Receiver<Result<Fetched>>, out: SyncSender<Result<Read>>) {
+/// With a key, each block is encrypted first (on these threads, so the
+/// cores share the encryption as they share the hashing).
+fn digest_blocks(
+    fetched: Receiver<Result<Fetched>>,
+    out: SyncSender<Result<Read>>,
+    key: Option<&Key>,
+    block_size: u32,
+) {
     for f in fetched {
-        let read = f.map(|f| match f {
-            Fetched::Hole(index) => Read::Hole(index),
-            Fetched::Block(index, buf, len) => {
+        let read = f.and_then(|f| match f {
+            Fetched::Hole(index) => Ok(Read::Hole(index)),
+            Fetched::Block(index, mut buf, len) => {
+                if let Some(key) = key {
+                    key.encrypt(index * block_size as u64, &mut buf[..len])?;
+                }
                 let digest = block_digest(&buf[..len]);
-                Read::Block(index, buf, digest)
+                Ok(Read::Block(index, buf, digest))
             }
         });
         let failed = read.is_err();
@@ -572,6 +623,24 @@ fn read_blocks(
     }
 }
 
+/// Extents grown to whole `unit`s (within `size`), coalesced.
+fn widen(extents: Vec<Extent>, unit: u64, size: u64) -> Vec<Extent> {
+    let grown = extents
+        .into_iter()
+        .filter(|e| e.len > 0)
+        .map(|e| {
+            let start = e.offset / unit * unit;
+            let end = e.end().div_ceil(unit).saturating_mul(unit).min(size);
+            Extent {
+                offset: start,
+                len: end.saturating_sub(start),
+            }
+        })
+        .filter(|e| e.len > 0)
+        .collect();
+    coalesce(grown)
+}
+
 /// Blocks touched by a set of extents, ascending and each once.
 fn changed_blocks(extents: Vec<Extent>, block_size: u32, count: u64) -> impl Iterator<Item = u64> {
     let mut last = None;
@@ -606,6 +675,7 @@ mod tests {
             src,
             baseline,
             changed,
+            None,
             None,
             |f| {
                 frames.push(f);
@@ -850,6 +920,7 @@ mod tests {
             baseline,
             None,
             None,
+            None,
             |_| {
                 sent += 1;
                 Err(Error::unavailable("closed"))
@@ -893,6 +964,7 @@ mod tests {
             baseline,
             None,
             Some((answers, false)),
+            None,
             |f| {
                 if let Frame::Granules(g) = &f {
                     let start = g.block as usize * bs as usize;
@@ -937,6 +1009,7 @@ mod tests {
             baseline,
             None,
             Some((answers, true)),
+            None,
             |f| {
                 if let Frame::Granules(g) = &f {
                     assert!(g.digests.is_empty(), "no granules compared with zeros");

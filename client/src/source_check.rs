@@ -7,12 +7,14 @@
 use crate::connect::Client;
 use crate::source;
 use crate::view::short_id;
+use backy_common::encryption::Key;
 use backy_common::manifest::{digest, Manifest};
 use backy_common::source::SourceSpec;
 use backy_common::units::format_bytes;
 use backy_common::{Error, JobName, Result};
 use serde::Serialize;
 use std::fmt;
+use std::sync::Arc;
 
 /// The outcome of one comparison.
 #[derive(Debug, Serialize)]
@@ -99,6 +101,7 @@ pub async fn compare(
     spec: &str,
     source: SourceSpec,
     percent: f64,
+    key: Option<Arc<Key>>,
 ) -> Result<SourceCompared> {
     if !(percent > 0.0 && percent <= 100.0) {
         return Err(Error::invalid(format!(
@@ -107,6 +110,9 @@ pub async fn compare(
     }
     let (info, manifest) = crate::manifest::fetch(client, job.as_str(), spec).await?;
     let revision = short_id(&info).to_string();
+    // An encrypted revision's digests are of ciphertext: the source is
+    // encrypted with its key before it is digested.
+    let key = crate::encryption::revision_key(job.as_str(), &revision, &info.key_check, key.as_ref())?;
     let seed = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_nanos() as u64)
@@ -116,7 +122,7 @@ pub async fn compare(
     let rev_id = info.id.clone();
     tokio::task::spawn_blocking(move || {
         if let SourceSpec::CephRbd { .. } = source {
-            return compare_rbd_snapshot(&source, job_name, revision, &manifest);
+            return compare_rbd_snapshot(&source, job_name, revision, &manifest, key);
         }
         let mut src = source::open(&source, &job_name, &rev_id)?;
         if src.size() != manifest.image_size() {
@@ -126,7 +132,7 @@ pub async fn compare(
                 manifest.image_size()
             )));
         }
-        let (bytes_read, differing) = compare_blocks(&mut *src, &manifest, &blocks)?;
+        let (bytes_read, differing) = compare_blocks(&mut *src, &manifest, &blocks, key.as_deref())?;
         Ok(SourceCompared {
             job: job_name,
             revision,
@@ -149,6 +155,7 @@ fn compare_rbd_snapshot(
     job: String,
     revision: String,
     manifest: &Manifest,
+    key: Option<Arc<Key>>,
 ) -> Result<SourceCompared> {
     use crate::source::rbd::{Rbd, SNAP_PREFIX};
     use backy_proto::push_frame::Frame;
@@ -187,6 +194,7 @@ fn compare_rbd_snapshot(
         &snap,
         manifest.clone(),
         None,
+        key,
         |frame| {
             match frame {
                 Frame::Data(d) => note(d.offset, d.data.len() as u64),
@@ -213,6 +221,7 @@ pub fn compare_blocks(
     src: &mut dyn source::Source,
     manifest: &Manifest,
     blocks: &[u64],
+    key: Option<&Key>,
 ) -> Result<(u64, Vec<u64>)> {
     let mut buf = vec![0u8; manifest.block_size() as usize];
     let mut read = 0u64;
@@ -222,6 +231,9 @@ pub fn compare_blocks(
         let off = manifest.block_offset(b);
         src.read_at(off, &mut buf[..len])?;
         read += len as u64;
+        if let Some(key) = key {
+            key.encrypt(off, &mut buf[..len])?;
+        }
         if Some(&digest(&buf[..len])) != manifest.get(b) {
             differing.push(off);
         }
@@ -265,10 +277,10 @@ mod tests {
         data[2 * bs as usize + 5] ^= 1;
         data[3 * bs as usize + 99] ^= 1;
         let mut src = MemSource::new(data);
-        let (read, diff) = compare_blocks(&mut src, &manifest, &[0, 1, 2, 3]).unwrap();
+        let (read, diff) = compare_blocks(&mut src, &manifest, &[0, 1, 2, 3], None).unwrap();
         assert_eq!(read, 3 * bs as u64 + 100);
         assert_eq!(diff, vec![2 * bs as u64, 3 * bs as u64]);
-        let (_, diff) = compare_blocks(&mut src, &manifest, &[0, 1]).unwrap();
+        let (_, diff) = compare_blocks(&mut src, &manifest, &[0, 1], None).unwrap();
         assert!(diff.is_empty());
     }
 }

@@ -77,6 +77,9 @@ pub struct RevisionView {
     pub verified_at: Option<String>,
     /// Until when the server refuses to delete it (retention lock).
     pub locked_until: Option<String>,
+    /// Hex key check value of the key it was encrypted with on the client
+    /// (docs/encryption.md); `null`: stored in the clear.
+    pub key_check: Option<String>,
     /// What its files take on disk (`status` only); `null` when the server
     /// did not count it.
     pub space: Option<SpaceView>,
@@ -200,6 +203,7 @@ impl From<&RevisionInfo> for RevisionView {
             storage: storage_name(r.storage).to_string(),
             verified_at: rfc3339(&r.verified_at),
             locked_until: rfc3339(&r.locked_until),
+            key_check: (!r.key_check.is_empty()).then(|| hex::encode(&r.key_check)),
             space: r.space.as_ref().map(SpaceView::from),
             audit: r.audit.as_ref().map(backy_proto::model_audit),
         }

@@ -901,6 +901,18 @@ pub struct ClientJob {
     /// Replaces the global `audit-sample` for this job.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub audit_sample: Option<SamplePercent>,
+    /// Client-side encryption of the job's images (docs/encryption.md);
+    /// absent: stored in the clear.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encryption: Option<Encryption>,
+}
+
+/// A job's encryption: the key stays on the hypervisor.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct Encryption {
+    /// File of 64 random bytes (`backy-client keygen`), mode 0600.
+    pub key_file: PathBuf,
 }
 
 impl ClientConfig {
@@ -994,6 +1006,12 @@ impl ClientConfig {
             .and_then(|j| j.audit_sample)
             .or(self.audit_sample)
             .unwrap_or_default()
+    }
+
+    /// The configured encryption of `job`, if this hypervisor lists it
+    /// with a key.
+    pub fn encryption_of(&self, job: &JobName) -> Option<&Encryption> {
+        self.jobs.get(job).and_then(|j| j.encryption.as_ref())
     }
 }
 

@@ -189,5 +189,7 @@ pub const CLIENT: ConfigReference = ConfigReference {
         key("groups.GROUP.hooks.post-snapshot", "command", Unset, "Run right after the instant whenever pre-snapshot ran (a thaw)."),
         key("groups.GROUP.hooks.cleanup", "command", Unset, "Run once every disk has been read, whenever pre-snapshot ran."),
         key("groups.GROUP.hooks.hook-timeout", "integer (seconds)", Means("60"), "Seconds each hook may take."),
+        key("jobs.JOB.encryption", "mapping", Means("stored in the clear"), "Encrypts the job's images on this hypervisor before they leave it (AES-256-XTS, docs/encryption.md); the server never sees the key. Losing the key loses the backups."),
+        key("jobs.JOB.encryption.key-file", "path", Required, "The job's key: 64 random bytes written by backy-client keygen, mode 0600. Another key makes the next push refused until it is given --new-key (a full push)."),
     ],
 };

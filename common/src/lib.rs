@@ -13,6 +13,7 @@ pub mod checksum;
 pub mod config;
 pub mod config_reference;
 pub mod dedup_index;
+pub mod encryption;
 pub mod error;
 pub mod escape;
 pub mod fault;

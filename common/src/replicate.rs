@@ -191,6 +191,7 @@ pub fn short_lived(
         manifest_digest: String::new(),
         storage: Default::default(),
         locked_until: lock.and_then(|l| crate::schedule::add(r.timestamp, l)),
+        key_check: None,
     };
     let all: Vec<RevisionMeta> = replica
         .iter()

@@ -169,6 +169,10 @@ pub struct RevisionMeta {
     /// committed here. Absent (older revisions, no lock): unlocked.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub locked_until: Option<DateTime<Utc>>,
+    /// Hex key check value of the key its image was encrypted with on the
+    /// client (docs/encryption.md); absent: stored in the clear.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_check: Option<String>,
 }
 
 impl RevisionMeta {
@@ -312,6 +316,7 @@ mod tests {
             manifest_digest: "ab".repeat(32),
             storage: StorageMode::Copy,
             locked_until: Some("2026-06-10T10:00:00Z".parse().unwrap()),
+            key_check: None,
         };
         let text = meta.to_yaml().unwrap();
         assert!(text.contains("trust: verified"), "{text}");

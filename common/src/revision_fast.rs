@@ -90,6 +90,9 @@ fn emit(meta: &RevisionMeta) -> Option<String> {
     if let Some(t) = &meta.locked_until {
         let _ = writeln!(out, "locked_until: {}", time(t));
     }
+    if let Some(k) = &meta.key_check {
+        let _ = writeln!(out, "key_check: {}", plain(k)?);
+    }
     Some(out)
 }
 
@@ -228,6 +231,10 @@ fn read(text: &str) -> Option<RevisionMeta> {
         Some(v) => Some(time(v)?),
         None => None,
     };
+    let key_check = match l.optional("key_check") {
+        Some(v) => Some(string(v)?),
+        None => None,
+    };
     if l.lines.next().is_some() {
         return None;
     }
@@ -245,6 +252,7 @@ fn read(text: &str) -> Option<RevisionMeta> {
         manifest_digest,
         storage,
         locked_until,
+        key_check,
     })
 }
 
@@ -493,6 +501,12 @@ mod tests {
                         StorageMode::Copy
                     } else {
                         StorageMode::Reflink
+                    },
+                    // Hex with letters, and all digits (which YAML quotes).
+                    key_check: match (copy, locked_until.is_some()) {
+                        (true, true) => Some("00112233445566778899aabbccddeeff".into()),
+                        (false, true) => Some("00112233445566778899001122334455".into()),
+                        _ => None,
                     },
                     locked_until,
                 },

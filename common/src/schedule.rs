@@ -696,6 +696,7 @@ mod tests {
             manifest_digest: String::new(),
             storage: Default::default(),
             locked_until: None,
+            key_check: None,
         }
     }
 

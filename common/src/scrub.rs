@@ -75,6 +75,7 @@ mod tests {
             manifest_digest: String::new(),
             storage: StorageMode::Reflink,
             locked_until: None,
+            key_check: None,
         }
     }
 

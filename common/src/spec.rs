@@ -132,6 +132,7 @@ mod tests {
             manifest_digest: String::new(),
             storage: StorageMode::Reflink,
             locked_until: None,
+            key_check: None,
         }
     }
 

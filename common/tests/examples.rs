@@ -233,6 +233,9 @@ fn client_everything() -> ClientConfig {
                 ClientJob {
                     source,
                     audit_sample: Some(SamplePercent::new(1.0).unwrap()),
+                    encryption: (i == 0).then(|| backy_common::config::Encryption {
+                        key_file: "/k".into(),
+                    }),
                 },
             )
         })

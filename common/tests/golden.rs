@@ -71,6 +71,7 @@ fn golden_meta() -> RevisionMeta {
         manifest_digest: hex::encode(manifest().file_digest()),
         storage: StorageMode::Reflink,
         locked_until: None,
+        key_check: None,
     }
 }
 

@@ -137,6 +137,11 @@ impl From<&RevisionMeta> for RevisionInfo {
             storage: wire_storage(m.storage) as i32,
             verified_at: m.verified_at.as_ref().map(timestamp),
             locked_until: m.locked_until.as_ref().map(timestamp),
+            key_check: m
+                .key_check
+                .as_deref()
+                .and_then(|k| hex::decode(k).ok())
+                .unwrap_or_default(),
             // Not metadata: the server's status adds it.
             space: None,
         }
@@ -186,6 +191,9 @@ impl TryFrom<&RevisionInfo> for RevisionMeta {
             manifest_digest: r.manifest_digest.clone(),
             storage: model_storage(r.storage()).unwrap_or_default(),
             locked_until: time(&r.locked_until)?,
+            key_check: backy_common::encryption::parse_key_check(&r.key_check)
+                .map_err(|e| e.context(format!("revision {}", r.short_id)))?
+                .map(hex::encode),
         })
     }
 }
@@ -307,10 +315,23 @@ mod tests {
             manifest_digest: "00".repeat(32),
             storage: StorageMode::Copy,
             locked_until: Some("2026-05-17T10:00:00Z".parse().unwrap()),
+            key_check: Some("00112233445566778899aabbccddeeff".into()),
         };
         let info = RevisionInfo::from(&m);
         assert_eq!(info.short_id.len(), 22);
+        assert_eq!(info.key_check.len(), 16);
         assert_eq!(RevisionMeta::try_from(&info).unwrap(), m);
+        // A key check of another length is refused, none is plaintext.
+        let bad = RevisionInfo {
+            key_check: vec![1, 2, 3],
+            ..info.clone()
+        };
+        assert!(RevisionMeta::try_from(&bad).is_err());
+        let plain = RevisionInfo {
+            key_check: Vec::new(),
+            ..info
+        };
+        assert_eq!(RevisionMeta::try_from(&plain).unwrap().key_check, None);
     }
 
     #[test]

@@ -26,7 +26,12 @@ pub use v1::*;
 ///    the NBD export's ranged reads.
 /// 5: deduplicated transfer: `GranuleDigests.block_digest`,
 ///    `GranulesWanted.held`, `PlanReply.dedup`.
-pub const PROTOCOL: u32 = 5;
+/// 6: client-side encryption's key check values: `PushBegin.key_check`,
+///    `PlanReply.parent_key_check`, `RevisionInfo.key_check`; the change
+///    tracker's audit (`PushEnd.audit`, `RevisionInfo.audit`) and group
+///    instants (`PushBegin.group`, `RevisionInfo.group`), which an older
+///    server drops (the revision is still right; only the record is lost).
+pub const PROTOCOL: u32 = 6;
 /// The first protocol whose servers take `PushExchange`; a client uses it
 /// only with such a server, and pushes whole blocks through `Push` to older
 /// ones.
@@ -43,6 +48,10 @@ pub const EXPORT_PROTOCOL: u32 = 4;
 /// The first protocol whose servers answer `GranuleDigests.block_digest`
 /// (deduplicated transfer); older ones would ignore it.
 pub const DEDUP_PROTOCOL: u32 = 5;
+/// The first protocol whose servers record `PushBegin.key_check`: an older
+/// one would drop it and take an incremental push of another key, so an
+/// encrypted push needs at least this.
+pub const ENCRYPTION_PROTOCOL: u32 = 6;
 /// The oldest client protocol a server of this build accepts from a
 /// client that declares one.
 pub const MIN_CLIENT_PROTOCOL: u32 = 1;
@@ -71,8 +80,8 @@ mod tests {
         let said = format!(
             "This build speaks protocol {} (protocol 1 plus `PushExchange`, the granule exchange, \
              `StatusStream`, status without a message limit, `RestoreRequest.granules`, rollback, \
-             `ReadGranules`, the export's ranged reads, and `GranuleDigests.block_digest`, \
-             deduplicated transfer) and works with peers of protocol {} and newer",
+             `ReadGranules`, the export's ranged reads, `GranuleDigests.block_digest`, \
+             deduplicated transfer, and `PushBegin.key_check`, client-side encryption) and works with peers of protocol {} and newer",
             super::PROTOCOL,
             super::MIN_CLIENT_PROTOCOL.min(super::MIN_SERVER_PROTOCOL)
         );

@@ -136,6 +136,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 manifest_digest,
                 storage: StorageMode::Reflink,
                 locked_until: None,
+                key_check: None,
             };
             std::fs::File::create(dir.join(id.short()))?.set_len(IMAGE_SIZE)?;
             std::fs::write(dir.join(format!("{}.digests", id.short())), &manifest)?;

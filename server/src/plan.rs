@@ -70,6 +70,10 @@ pub fn plan(server: &Server, req: &PlanRequest) -> Result<PlanReply> {
         parent_id: parent.map(|p| p.id.uuid().to_string()).unwrap_or_default(),
         parent_snapshot: parent.map(|p| p.source.snapshot.clone()).unwrap_or_default(),
         parent_size: parent.map(|p| p.size).unwrap_or(0),
+        parent_key_check: parent
+            .and_then(|p| p.key_check.as_deref())
+            .and_then(|k| hex::decode(k).ok())
+            .unwrap_or_default(),
         block_size: DEFAULT_BLOCK_SIZE,
         new_id: new_id.uuid().to_string(),
         reason,

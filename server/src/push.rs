@@ -142,6 +142,23 @@ pub fn run(
         }
         Some(meta.clone())
     };
+    // An incremental push on a parent of another key would mix two keys in
+    // one image (docs/encryption.md): refused before anything is written.
+    let key_check =
+        backy_common::encryption::parse_key_check(&begin.key_check).map_err(|e| e.context("push"))?;
+    if key_check.is_some() {
+        backy_common::encryption::check_size(begin.size)?;
+    }
+    if let Some(meta) = &parent {
+        let stored = backy_common::encryption::stored_key_check(meta.key_check.as_deref())
+            .map_err(|e| e.context(format!("revision {}", meta.id)))?;
+        if let Some(why) = backy_common::encryption::key_change(stored.as_ref(), key_check.as_ref()) {
+            return Err(Error::precondition(format!(
+                "job {}: {why}: push with --new-key for a full backup (docs/encryption.md)",
+                job.name()
+            )));
+        }
+    }
     // Registered under the lock: from here on expiry and forget keep the
     // parent, and leftover cleanup keeps this push's files.
     running.set_parent(parent.as_ref().map(|p| p.id));
@@ -160,6 +177,7 @@ pub fn run(
             snapshot: begin.source_snapshot.clone(),
             group,
         },
+        key_check: key_check.map(hex::encode),
     };
     let checkpoint_every = (config.resume.enabled && begin.resumable).then_some(config.resume.checkpoint);
     let mut rev = match &resuming {

@@ -187,6 +187,7 @@ pub fn preview(config: &ServerConfig, job: &JobDir, now: DateTime<Utc>) -> Resul
         tags: next_tags.clone(),
         trust: backy_common::revision::Trust::Trusted,
         locked_until: None,
+        key_check: None,
         ..revisions.last().cloned().unwrap_or_else(|| placeholder(now))
     };
     let new_id = new.id;
@@ -220,6 +221,7 @@ fn placeholder(now: DateTime<Utc>) -> RevisionMeta {
         manifest_digest: String::new(),
         storage: Default::default(),
         locked_until: None,
+        key_check: None,
     }
 }
 

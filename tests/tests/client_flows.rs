@@ -31,6 +31,8 @@ fn push_args(job: &str, source: Option<&Path>) -> PushArgs {
         audit_sample: Default::default(),
         bwlimit: None,
         group: None,
+        key: None,
+        new_key: false,
     }
 }
 
@@ -42,6 +44,7 @@ fn restore_args(revision: &str, target: &Path) -> RestoreArgs {
         force: false,
         full: false,
         quiet: true,
+        key: None,
     }
 }
 

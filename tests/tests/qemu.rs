@@ -276,3 +276,50 @@ fn a_raw_image_is_read_whole_and_says_why() {
     let id = server.revisions("vm1")[1]["id"].as_str().unwrap().to_string();
     check_restore(&server, dir.path(), &id, &img);
 }
+
+/// An encrypted job (docs/encryption.md) with a qcow2 source: the bitmap
+/// names the dirty granules, each goes encrypted whole, and every
+/// revision restores (with the key) to the image at its push, while the
+/// stored one is ciphertext.
+#[test]
+fn an_encrypted_qemu_job_sends_the_dirty_granules_and_restores() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("vm1.qcow2");
+    run(
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", img.to_str().unwrap(), "64M"],
+    );
+    qemu_write(&img, 0x11, 0, 8 * MIB);
+    let base = dir.path().join("backy");
+    std::fs::create_dir_all(&base).unwrap();
+    let server = Server::start(&base, "  vm1: {schedule: none}\n");
+    let key = dir.path().join("vm1.key");
+    server.client_ok(&["keygen", key.to_str().unwrap()]);
+    std::fs::write(
+        &server.client_config,
+        format!(
+            "jobs:\n  vm1:\n    source: {{type: qemu, image: {}}}\n    encryption: {{key-file: {}}}\n",
+            img.display(),
+            key.display()
+        ),
+    )
+    .unwrap();
+    let first = pushed(&server);
+    assert_eq!(first["bytes_sent"].as_u64(), Some(8 * MIB));
+    let v1 = dir.path().join("v1.raw");
+    raw_copy(&img, &v1);
+    // 4 KiB writes: each sends its whole granule (its ciphertext depends on
+    // all of it), one into a hole too.
+    qemu_write(&img, 0x33, 3 * MIB + 4096, 4096);
+    qemu_write(&img, 0x44, 30 * MIB, 4096);
+    let second = pushed(&server);
+    assert_eq!(second["bytes_sent"].as_u64(), Some(2 * G), "{second}");
+    assert!(second.get("full_read").is_none(), "{second}");
+    let v2 = dir.path().join("v2.raw");
+    raw_copy(&img, &v2);
+    let ids = revision_ids(&server);
+    let stored = base.join("vm1").join(&ids[1]);
+    assert_ne!(file_hash(&stored), file_hash(&v2), "ciphertext on the server");
+    check_restore(&server, dir.path(), &ids[0], &v1);
+    check_restore(&server, dir.path(), &ids[1], &v2);
+}

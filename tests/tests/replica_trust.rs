@@ -60,6 +60,7 @@ fn rev(at: DateTime<Utc>, trust: Trust, fill: u8) -> Rev {
         manifest_digest: hex::encode(digest),
         storage: StorageMode::default(),
         locked_until: None,
+        key_check: None,
     };
     Rev {
         info: RevisionInfo::from(&meta),

@@ -649,3 +649,67 @@ fn a_replica_keeps_the_sources_audit_of_a_lying_tracker() {
     assert_eq!(check.status.code(), Some(1), "{line}");
     assert!(line.contains("missed writes: 1 of"), "{line}");
 }
+
+/// An encrypted job (docs/encryption.md) is copied like any other, without
+/// the key: only the changed granules travel, the copies keep the key
+/// check, and they restore on the replica with the key alone.
+#[test]
+fn an_encrypted_job_is_copied_incrementally_and_restores_with_its_key() {
+    let mut p = Pair::new("");
+    let key = p.dir.path().join("vm1.key");
+    p.source.client_ok(&["keygen", key.to_str().unwrap()]);
+    std::fs::write(
+        &p.source.client_config,
+        format!(
+            "jobs:\n  vm1:\n    source: {{type: file, path: {}}}\n    encryption: {{key-file: {}}}\n",
+            p.img.display(),
+            key.display()
+        ),
+    )
+    .unwrap();
+    let mut kept = vec![];
+    p.push("vm1");
+    kept.push(p.keep_image("e1.img"));
+    scatter(&p.img, 3, 12, 3 * MIB + 4096);
+    p.push("vm1");
+    kept.push(p.keep_image("e2.img"));
+    let on_source = p.source_revisions("vm1");
+    let check = on_source[0]["key_check"].as_str().unwrap().to_string();
+
+    let replica = p.replica("");
+    let copied = round(&replica, 0);
+    assert_eq!(copied.len(), 2, "{copied:?}");
+    assert_eq!(field(&copied[0], "received"), 32 * MIB, "data, not holes");
+    assert_eq!(field(&copied[1], "received"), 12 * G, "only the changed granules");
+    let here = replica.revisions("vm1");
+    assert_eq!(ids(&here), ids(&on_source));
+    for r in &here {
+        assert_eq!(r["key_check"].as_str(), Some(check.as_str()), "{r}");
+    }
+    let (_, exclusive) = btrfs_du(&replica.base.join("vm1").join(here[1]["id"].as_str().unwrap()));
+    assert!(
+        exclusive <= 12 * G,
+        "the copy shares its parent's extents: {exclusive}"
+    );
+    p.source.kill();
+    for (id, want) in ids(&on_source).iter().zip(&kept) {
+        let stored = replica.base.join("vm1").join(id);
+        assert_ne!(file_hash(&stored), file_hash(want), "ciphertext on the replica");
+        let out = p.dir.path().join(format!("replica-{id}.img"));
+        replica.client_ok(&[
+            "restore",
+            "vm1",
+            "-r",
+            id,
+            "--key-file",
+            key.to_str().unwrap(),
+            out.to_str().unwrap(),
+        ]);
+        assert_eq!(
+            file_hash(&out),
+            file_hash(want),
+            "revision {id} restores from the replica"
+        );
+    }
+    replica.client_ok(&["verify", "vm1", "-r", "all"]);
+}

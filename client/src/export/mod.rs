@@ -156,6 +156,14 @@ impl Export {
             )));
         }
         let (info, manifest) = crate::manifest::fetch(client, job, &args.revision).await?;
+        if !info.key_check.is_empty() {
+            // Not built: the export serves stored bytes as they are, and an
+            // encrypted revision's are ciphertext (docs/encryption.md).
+            return Err(Error::precondition(format!(
+                "revision {} of job {job} is encrypted: the export cannot serve it; restore it instead",
+                info.short_id
+            )));
+        }
         let overlay = match &args.overlay {
             None => None,
             Some(path) => {

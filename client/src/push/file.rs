@@ -103,6 +103,9 @@ pub(crate) async fn push_source(
         tracing::info!(job, "reading the whole disk: {why}");
     }
     let size = source.size();
+    if args.key.is_some() {
+        backy_common::encryption::check_size(size).map_err(|e| e.context(format!("job {job}")))?;
+    }
     if let Some(path) = &args.changed_ranges {
         let changed = crate::changed_ranges::read(path, size)?;
         if plan.parent_id.is_empty() {
@@ -160,6 +163,7 @@ pub(crate) async fn push_source(
         allow_unscheduled: args.allow_unscheduled,
         allow_shrink: args.allow_shrink,
         group: args.group.clone(),
+        key_check: args.key.as_ref().map(|k| k.check().to_vec()).unwrap_or_default(),
     };
     let (tx, rx) = mpsc::channel(FRAMES_IN_FLIGHT);
     tx.send(PushFrame {
@@ -199,6 +203,7 @@ pub(crate) async fn push_source(
     let (answers_tx, answers_rx) = mpsc::channel(scan::EXCHANGE_WINDOW + 1);
     let answers = exchange.then(|| (answers_from(answers_rx), dedup));
     let intact = qemu.as_ref().map(|h| (h.shared.clone(), h.index));
+    let key = args.key.clone();
     let reader = tokio::task::spawn_blocking(move || {
         let intact = || match &intact {
             Some((shared, index)) => shared.check_intact(*index),
@@ -209,9 +214,16 @@ pub(crate) async fn push_source(
             audit,
             limiter,
         };
-        read_source(&mut *source, baseline, reading, answers, &tx, intact, |pos| {
-            reader_bar.set(pos)
-        })
+        read_source(
+            &mut *source,
+            baseline,
+            reading,
+            answers,
+            key.as_deref(),
+            &tx,
+            intact,
+            |pos| reader_bar.set(pos),
+        )
     });
     let frames = crate::frames::with_keepalive(rx);
     let joined = if exchange {
@@ -287,6 +299,7 @@ fn read_source(
     baseline: Manifest,
     reading: Reading,
     answers: Option<(scan::Answers, bool)>,
+    key: Option<&backy_common::encryption::Key>,
     tx: &mpsc::Sender<PushFrame>,
     intact: impl FnOnce() -> Result<()>,
     progress: impl FnMut(u64),
@@ -311,7 +324,7 @@ fn read_source(
     let mut audited = None;
     if let (Some(extents), Some(plan)) = (&changed, &reading.audit) {
         let started = Instant::now();
-        let outcome = crate::audit::run(source, &baseline, extents, plan)?;
+        let outcome = crate::audit::run(source, &baseline, extents, plan, key)?;
         let secs = started.elapsed().as_secs_f64();
         if outcome.failed() {
             tracing::warn!(
@@ -332,7 +345,7 @@ fn read_source(
         }
         audited = Some(Audited { outcome, secs });
     }
-    let scanned = scan::scan(source, baseline, changed, answers, send, progress)?;
+    let scanned = scan::scan(source, baseline, changed, answers, key, send, progress)?;
     // Everything is read: a view that stopped being its instant on the way
     // (a qemu guest's fleecing scratch full) must not become a revision.
     intact()?;

@@ -52,6 +52,10 @@ pub struct GroupArgs {
     pub audit_samples: std::collections::BTreeMap<JobName, backy_common::tracker_audit::SamplePercent>,
     /// The process's bandwidth limit, shared by the members' pushes.
     pub bwlimit: Option<std::sync::Arc<crate::bwlimit::Limiter>>,
+    /// Each encrypted member's key (client.yaml `encryption:`).
+    pub keys: std::collections::BTreeMap<JobName, std::sync::Arc<backy_common::encryption::Key>>,
+    /// Start new key chains: full pushes whatever the parents' keys.
+    pub new_key: bool,
 }
 
 /// What a group push did.
@@ -182,6 +186,8 @@ fn member_args(args: &GroupArgs, job: &JobName, plan: &PlanReply, wire: &GroupIn
         changed_ranges: None,
         audit_sample: args.audit_samples.get(job).copied().unwrap_or_default(),
         bwlimit: args.bwlimit.clone(),
+        key: args.keys.get(job).cloned(),
+        new_key: args.new_key,
         group: Some(wire.clone()),
     }
 }

@@ -50,9 +50,17 @@ pub async fn push(client: &mut Client, args: &PushArgs, progress: &dyn Progress)
         return Ok(None);
     }
     let parent = crate::view::revision_id(&plan.parent_id);
+    let plan_id = plan.new_id.clone();
     tracing::info!(job, reason = %plan.reason, tags = ?plan.tags, %parent, "due");
     check_plan(&plan)?;
     fault::point("client.planned");
+    let plan = match check_keys(client, args, plan).await {
+        Ok(plan) => plan,
+        Err(e) => {
+            report_failure(client, job, &plan_id, &e).await;
+            return Err(e);
+        }
+    };
     match push_planned(client, args, &plan, progress, started).await {
         Ok(pushed) => Ok(Some(pushed)),
         Err(e) => {
@@ -101,6 +109,45 @@ async fn push_planned(
         SourceSpec::CephRbd { .. } => rbd::push(client, args, plan, &spec, progress, started).await,
         _ => file::push(client, args, plan, &spec, progress, started).await,
     }
+}
+
+/// Refuses, before anything is read or sent, a push whose key does not
+/// continue the parent's (docs/encryption.md): incremental on a parent of
+/// another key would mix two keys in one image. With `--new-key` the push
+/// is a full one (no parent, no resume), which starts the new chain.
+async fn check_keys(client: &mut Client, args: &PushArgs, mut plan: PlanReply) -> Result<PlanReply> {
+    let job = args.job.as_str();
+    let ours = args.key.as_ref().map(|k| *k.check());
+    if ours.is_some() {
+        let protocol = crate::connect::server_protocol(client).await?;
+        if protocol < backy_proto::ENCRYPTION_PROTOCOL {
+            return Err(Error::precondition(format!(
+                "job {job} is encrypted, and the server speaks protocol {protocol}: it would not record \
+                 the key check; upgrade backy-server (protocol {} or newer)",
+                backy_proto::ENCRYPTION_PROTOCOL
+            )));
+        }
+    }
+    let parent = backy_common::encryption::parse_key_check(&plan.parent_key_check)
+        .map_err(|e| Error::internal(format!("server sent a bad plan: {}", e.message)))?;
+    if plan.parent_id.is_empty() {
+        return Ok(plan);
+    }
+    if args.new_key {
+        tracing::info!(job, "--new-key: a full push, not relative to the parent revision");
+        plan.parent_id.clear();
+        plan.parent_snapshot.clear();
+        plan.parent_key_check.clear();
+        plan.resume = false;
+        return Ok(plan);
+    }
+    if let Some(why) = backy_common::encryption::key_change(parent.as_ref(), ours.as_ref()) {
+        return Err(Error::precondition(format!(
+            "job {job}: {why}: push --new-key to start a full backup with {} (docs/encryption.md)",
+            if ours.is_some() { "this key" } else { "no key" }
+        )));
+    }
+    Ok(plan)
 }
 
 fn check_plan(plan: &PlanReply) -> Result<()> {

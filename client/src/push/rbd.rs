@@ -31,6 +31,7 @@ use crate::source::hooks::HookRunner;
 use crate::source::process::{describe, Running};
 use crate::source::rbd::{Rbd, SNAP_PREFIX};
 use crate::view::RevisionView;
+use backy_common::encryption::Key;
 use backy_common::manifest::Manifest;
 use backy_common::ranges::Extent;
 use backy_common::rbd_diff::{DiffReader, Record};
@@ -205,6 +206,9 @@ pub(super) async fn push_snapshot(
         }
     })
     .await?;
+    if args.key.is_some() {
+        backy_common::encryption::check_size(size).map_err(|e| e.context(format!("job {job}")))?;
+    }
     let baseline = shared::baseline(client, job, plan, size).await?;
     let (baseline, diff) = blocking({
         let (rbd, snap) = (rbd.clone(), snap.to_string());
@@ -242,6 +246,7 @@ pub(super) async fn push_snapshot(
         allow_unscheduled: args.allow_unscheduled,
         allow_shrink: args.allow_shrink,
         group: args.group.clone(),
+        key_check: args.key.as_ref().map(|k| k.check().to_vec()).unwrap_or_default(),
     };
     let (tx, rx) = mpsc::channel(FRAMES_IN_FLIGHT);
     tx.send(PushFrame {
@@ -266,6 +271,7 @@ pub(super) async fn push_snapshot(
     let bar = progress.start(job, size);
     let reader_bar = bar.clone();
     let (rbd, snap) = (rbd.clone(), snap.to_string());
+    let key = args.key.clone();
     let limiter = args.bwlimit.clone();
     let reader = tokio::task::spawn_blocking(move || {
         let send = |frame| {
@@ -278,7 +284,7 @@ pub(super) async fn push_snapshot(
             fault::point("client.frame");
             sent
         };
-        let streamed = export(&rbd, &diff, &snap, baseline, answers, send, |pos| {
+        let streamed = export(&rbd, &diff, &snap, baseline, answers, key, send, |pos| {
             reader_bar.set(pos)
         })?;
         Ok(streamed)
@@ -374,13 +380,16 @@ fn touches(e: &Extent, b: u64, bs: u64) -> bool {
 /// Runs `rbd export-diff`, streams its records as frames, checks that the
 /// stream was complete and `rbd` exited 0, then sends the end frame.
 /// `baseline`: the parent's manifest resized to the snapshot (zeros
-/// without a parent), which the blocks read are compared with.
+/// without a parent), which the blocks read are compared with. `key`:
+/// the job's encryption key (blocks are encrypted before that).
+#[allow(clippy::too_many_arguments)]
 pub fn export(
     rbd: &Rbd,
     diff: &Diff,
     snap: &str,
     baseline: Manifest,
     exchange: Option<(scan::Answers, bool)>,
+    key: Option<std::sync::Arc<Key>>,
     mut send: impl FnMut(Frame) -> Result<()>,
     progress: impl FnMut(u64),
 ) -> Result<Streamed> {
@@ -401,10 +410,13 @@ pub fn export(
             baseline,
             known.clone(),
             exchange,
+            key,
             &mut send,
             progress,
         ),
-        Diff::Incremental { known, .. } => incremental(&mut reader, baseline, known, &mut send, progress),
+        Diff::Incremental { known, .. } => {
+            incremental(&mut reader, baseline, known, key, &mut send, progress)
+        }
     });
     // Closing the pipe stops an `rbd` we no longer listen to.
     drop(reader);
@@ -504,6 +516,7 @@ fn incremental<R: std::io::Read>(
     diff: &mut DiffReader<R>,
     baseline: Manifest,
     known: &[Extent],
+    key: Option<std::sync::Arc<Key>>,
     send: &mut impl FnMut(Frame) -> Result<()>,
     mut progress: impl FnMut(u64),
 ) -> Result<(Streamed, [u8; 32])> {
@@ -511,7 +524,8 @@ fn incremental<R: std::io::Read>(
     let bs = baseline.block_size() as u64;
     let mut scanner = Scanner::new(baseline, send)
         .with_known_changes(known.to_vec())
-        .with_zero_granule(PAGE as u64);
+        .with_zero_granule(PAGE as u64)
+        .with_key(key);
     let mut buf = vec![0u8; bs as usize];
     // The block being assembled and how many of its bytes have come.
     let mut open: Option<(u64, u64)> = None;
@@ -616,6 +630,7 @@ fn full<R: std::io::Read>(
     baseline: Manifest,
     known: Option<Vec<Extent>>,
     exchange: Option<(scan::Answers, bool)>,
+    key: Option<std::sync::Arc<Key>>,
     send: &mut impl FnMut(Frame) -> Result<()>,
     progress: impl FnMut(u64),
 ) -> Result<(Streamed, [u8; 32])> {
@@ -636,7 +651,8 @@ fn full<R: std::io::Read>(
             }
         }
         (None, None) => Scanner::new(baseline, send),
-    };
+    }
+    .with_key(key);
     let mut blocks = Blocks {
         block_size,
         count,
@@ -809,6 +825,7 @@ mod tests {
             &mut diff,
             parent,
             known,
+            None,
             &mut |f| {
                 frames.push(f);
                 Ok(())
@@ -909,6 +926,7 @@ mod tests {
             parent,
             None,
             None,
+            None,
             &mut |f| {
                 frames.push(f);
                 Ok(())
@@ -955,9 +973,9 @@ mod tests {
                     };
                     let zeros = Manifest::zeroed(size, BS).unwrap();
                     if is_full {
-                        full(&mut diff, zeros, None, None, send, |_| {}).map(drop)
+                        full(&mut diff, zeros, None, None, None, send, |_| {}).map(drop)
                     } else {
-                        incremental(&mut diff, zeros, &[], send, |_| {}).map(drop)
+                        incremental(&mut diff, zeros, &[], None, send, |_| {}).map(drop)
                     }
                 });
                 let e = r.unwrap_err();

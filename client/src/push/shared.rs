@@ -58,6 +58,11 @@ pub struct PushArgs {
     /// The group push this disk's revision is part of (set by the group
     /// push, recorded in the revision).
     pub group: Option<backy_proto::GroupInstant>,
+    /// The job's encryption key (client.yaml `encryption:`); `None`: the
+    /// image is stored in the clear.
+    pub key: Option<std::sync::Arc<backy_common::encryption::Key>>,
+    /// Start a new key chain: a full push whatever the parent's key.
+    pub new_key: bool,
 }
 
 /// A committed push.

@@ -14,6 +14,7 @@ pub(crate) mod target;
 use crate::connect::{status_error, Client};
 use crate::progress::Progress;
 use crate::view::{short_id, RevisionView};
+use backy_common::encryption::Key;
 use backy_common::spec::Spec;
 use backy_common::units::format_bytes;
 use backy_common::{Error, JobName, Result};
@@ -43,6 +44,9 @@ pub struct RestoreArgs {
     pub full: bool,
     /// No note on standard error when rolling back.
     pub quiet: bool,
+    /// The job's encryption key: an encrypted revision is decrypted with
+    /// it, and refused without it or with another.
+    pub key: Option<std::sync::Arc<backy_common::encryption::Key>>,
 }
 
 /// How a restore went about it.
@@ -128,9 +132,14 @@ pub async fn restore(client: &mut Client, args: &RestoreArgs, progress: &dyn Pro
     // The server's account of the revision, checked as the model reads it.
     let meta = backy_common::revision::RevisionMeta::try_from(&info)?;
     let short = short_id(&info).to_string();
+    // Before the target is looked at: the right key, or no restore.
+    let key = crate::encryption::revision_key(job, &short, &info.key_check, args.key.as_ref())?;
     // A target of the revision's size that exists: roll it back (a target
-    // of another size is refused here unless --full).
-    let in_place = {
+    // of another size is refused here unless --full). Not an encrypted
+    // revision: its digests are of ciphertext, the target's of plaintext.
+    let in_place = if key.is_some() {
+        None
+    } else {
         let (path, size, force, full) = (args.target.clone(), info.size, args.force, args.full);
         let (snapshot, block_size) = (info.source_snapshot.clone(), info.block_size);
         tokio::task::spawn_blocking(move || {
@@ -215,8 +224,9 @@ pub async fn restore(client: &mut Client, args: &RestoreArgs, progress: &dyn Pro
     } else {
         StreamCheck::new(manifest, &short)
     };
-    let writer =
-        tokio::task::spawn_blocking(move || write_stream(rx, check, target, |pos| writer_bar.set(pos)));
+    let writer = tokio::task::spawn_blocking(move || {
+        write_stream(rx, check, target, key.as_deref(), |pos| writer_bar.set(pos))
+    });
     let received = forward(&mut stream, &tx).await;
     drop(tx);
     let written = writer
@@ -262,16 +272,22 @@ async fn forward(stream: &mut tonic::Streaming<RestoreFrame>, tx: &mpsc::Sender<
 
 /// The blocking side: check each frame, write it, and commit at the end
 /// marker. Returns the data bytes received.
+/// With `key`, data is checked as stored (ciphertext), then decrypted.
 fn write_stream(
     mut rx: mpsc::Receiver<Frame>,
     mut check: StreamCheck,
     mut target: Target,
+    key: Option<&Key>,
     mut progress: impl FnMut(u64),
 ) -> Result<(u64, Vec<u64>)> {
     while let Some(frame) = rx.blocking_recv() {
         match frame {
-            Frame::Data(d) => {
+            Frame::Data(mut d) => {
                 check.data(d.offset, &d.data)?;
+                if let Some(key) = key {
+                    key.decrypt(d.offset, &mut d.data)
+                        .map_err(|e| Error::data_loss(format!("restore stream: {}", e.message)))?;
+                }
                 target.write_data(d.offset, &d.data)?;
             }
             Frame::Zero(z) => {
@@ -337,7 +353,7 @@ mod tests {
         }
         drop(tx);
         let target = Target::open(path, img.len() as u64, false)?;
-        write_stream(rx, StreamCheck::new(manifest_of(img), "r"), target, |_| {}).map(|(n, _)| n)
+        write_stream(rx, StreamCheck::new(manifest_of(img), "r"), target, None, |_| {}).map(|(n, _)| n)
     }
 
     #[test]

@@ -776,6 +776,7 @@ mod tests {
                 manifest_digest: hex::encode(md),
                 storage: Default::default(),
                 locked_until: None,
+                key_check: None,
             };
             durable::write_atomic(&dir.rev_path(&id), meta.to_yaml().unwrap().as_bytes()).unwrap();
             ids.push(id);

@@ -402,6 +402,7 @@ mod tests {
             block_size: DEFAULT_BLOCK_SIZE,
             tags: tags.iter().map(|t| t.to_string()).collect(),
             source: SourceInfo::default(),
+            key_check: None,
         };
         let mut rev = NewRevision::create(&f.job, spec, None, StorageMode::Copy, None, gate()).unwrap();
         let data = vec![byte; SIZE as usize];
@@ -791,6 +792,7 @@ mod tests {
             block_size: DEFAULT_BLOCK_SIZE,
             tags: ["manual:a".to_string()].into(),
             source: SourceInfo::default(),
+            key_check: None,
         };
         let rev = NewRevision::create(
             &f.job,
@@ -1124,6 +1126,7 @@ mod tests {
             block_size: DEFAULT_BLOCK_SIZE,
             tags: tags.iter().map(|t| t.to_string()).collect(),
             source: SourceInfo::default(),
+            key_check: None,
         };
         let mut rev = NewRevision::create(&f.job, spec, parent, StorageMode::Copy, None, gate())?;
         let data = vec![1 + rng.below(255) as u8; SIZE as usize];

@@ -165,6 +165,7 @@ pub fn copy(
         block_size: target.block_size,
         tags: target.tags.clone(),
         source: target.source.clone(),
+        key_check: target.key_check.clone(),
     };
     let stopping = server.clone();
     let gate = Gate::new(

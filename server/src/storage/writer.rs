@@ -31,6 +31,8 @@ pub struct NewRevisionSpec {
     pub block_size: u32,
     pub tags: BTreeSet<String>,
     pub source: SourceInfo,
+    /// Hex key check value of a client-encrypted image (docs/encryption.md).
+    pub key_check: Option<String>,
 }
 
 /// What the client announced in its `PushEnd`.
@@ -789,6 +791,7 @@ impl NewRevision {
             manifest_digest: hex::encode(manifest_digest),
             storage: self.storage,
             locked_until: None,
+            key_check: self.spec.key_check.clone(),
         };
         Ok(Sealed {
             rev: self,
@@ -948,6 +951,7 @@ mod tests {
                 snapshot: String::new(),
                 group: None,
             },
+            key_check: None,
         }
     }
 
