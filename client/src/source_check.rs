@@ -187,6 +187,7 @@ fn compare_rbd_snapshot(
         &snap,
         manifest.clone(),
         None,
+        None,
         |frame| {
             match frame {
                 Frame::Data(d) => note(d.offset, d.data.len() as u64),

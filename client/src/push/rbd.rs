@@ -18,24 +18,31 @@
 //!   digested and compared with the parent's manifest when there is one,
 //!   so unchanged blocks stay shared on the server; with a parent
 //!   snapshot only its changed ranges are sent.
+//! * Audit (issue 34): before Ceph's changes are trusted, a sample of the
+//!   blocks they leave out is read from the new snapshot through qemu-nbd
+//!   and compared with the parent's manifest; a block that differs makes
+//!   the push a full one (without `--from-snap`) against that manifest.
 //!
 //! Nothing is committed unless the diff stream ended with its end marker
 //! and `rbd` exited 0. After a commit the older `backy-*` snapshots go; a
 //! failed push removes the snapshot it made.
 
-use super::shared::{self, PushArgs, Pushed, FRAMES_IN_FLIGHT};
+use super::shared::{self, Audited, PushArgs, Pushed, FRAMES_IN_FLIGHT};
+use crate::audit::AuditPlan;
 use crate::connect::Client;
 use crate::progress::Progress;
 use crate::scan::{self, Scanned, Scanner};
 use crate::source::hooks::HookRunner;
 use crate::source::process::{describe, Running};
 use crate::source::rbd::{Rbd, SNAP_PREFIX};
+use crate::source::rbd_nbd::RbdSnapshot;
+use crate::source::Source;
 use crate::view::RevisionView;
 use backy_common::manifest::Manifest;
 use backy_common::ranges::Extent;
 use backy_common::rbd_diff::{DiffReader, Record};
 use backy_common::source::SourceSpec;
-use backy_common::{fault, Error, Result, RevisionId};
+use backy_common::{fault, tracker_audit, Error, Result, RevisionId};
 use backy_proto::push_frame::Frame;
 use backy_proto::{PlanReply, PushBegin, PushEnd, PushFrame};
 use std::io::BufReader;
@@ -175,11 +182,17 @@ async fn push_snapshot(
     })
     .await?;
     let baseline = shared::baseline(client, job, plan, size).await?;
-    let (baseline, diff) = blocking({
+    let audit = (!args.audit_sample.is_off()).then(|| AuditPlan {
+        tracker: tracker_audit::CEPH_RBD_DIFF,
+        percent: args.audit_sample,
+        seed: tracker_audit::seed_of(plan.new_id.as_bytes()),
+    });
+    let (baseline, diff, audited) = blocking({
         let (rbd, snap) = (rbd.clone(), snap.to_string());
         move || {
             let diff = choose_diff(&rbd, from, &snap, &baseline)?;
-            Ok((baseline, diff))
+            let (diff, audited) = audit_diff(&rbd, &snap, &baseline, diff, audit.as_ref())?;
+            Ok((baseline, diff, audited))
         }
     })
     .await?;
@@ -235,6 +248,7 @@ async fn push_snapshot(
     let reader_bar = bar.clone();
     let (rbd, snap) = (rbd.clone(), snap.to_string());
     let limiter = args.bwlimit.clone();
+    let wire = audited.as_ref().map(|a| backy_proto::wire_audit(&a.outcome));
     let reader = tokio::task::spawn_blocking(move || {
         let send = |frame| {
             if let Some(limiter) = &limiter {
@@ -246,7 +260,7 @@ async fn push_snapshot(
             fault::point("client.frame");
             sent
         };
-        let streamed = export(&rbd, &diff, &snap, baseline, answers, send, |pos| {
+        let streamed = export(&rbd, &diff, &snap, baseline, answers, wire, send, |pos| {
             reader_bar.set(pos)
         })?;
         Ok(streamed)
@@ -279,7 +293,7 @@ async fn push_snapshot(
         expired: reply.expired,
         resumed_at: None,
         full_read: None,
-        audit: None,
+        audit: audited,
     })
 }
 
@@ -334,6 +348,56 @@ fn choose_diff(rbd: &Rbd, from: Option<String>, snap: &str, baseline: &Manifest)
     Ok(Diff::Incremental { from, known })
 }
 
+/// The audit of Ceph's diff (issue 34): a sample of the blocks it calls
+/// unchanged is read from the new snapshot (through qemu-nbd, see
+/// `source::rbd_nbd`) and compared with the parent's digests. One that
+/// differs is a write the diff missed: the push then reads the whole
+/// snapshot and compares every block with the parent instead.
+fn audit_diff(
+    rbd: &Rbd,
+    snap: &str,
+    baseline: &Manifest,
+    diff: Diff,
+    plan: Option<&AuditPlan>,
+) -> Result<(Diff, Option<Audited>)> {
+    let (Some(plan), Diff::Incremental { known, .. } | Diff::Full { known: Some(known) }) = (plan, &diff)
+    else {
+        return Ok((diff, None));
+    };
+    let started = Instant::now();
+    let mut reader = RbdSnapshot::open(rbd, snap)?;
+    if reader.size() != baseline.image_size() {
+        return Err(Error::internal(format!(
+            "qemu-nbd exports {} bytes of {}, rbd says {}",
+            reader.size(),
+            rbd.snap_spec(snap),
+            baseline.image_size()
+        )));
+    }
+    let outcome = crate::audit::run(&mut reader, baseline, known, plan)?;
+    drop(reader);
+    let secs = started.elapsed().as_secs_f64();
+    let diff = if outcome.failed() {
+        tracing::warn!(
+            tracker = plan.tracker,
+            sampled = outcome.sampled,
+            mismatched = outcome.mismatched,
+            "{outcome}: the change tracker missed writes; reading the whole snapshot"
+        );
+        Diff::Full { known: None }
+    } else {
+        tracing::info!(
+            tracker = plan.tracker,
+            sampled = outcome.sampled,
+            mismatched = outcome.mismatched,
+            secs,
+            "{outcome}"
+        );
+        diff
+    };
+    Ok((diff, Some(Audited { outcome, secs })))
+}
+
 /// Whether extent `e` touches block `b` of `bs` bytes.
 fn touches(e: &Extent, b: u64, bs: u64) -> bool {
     e.len > 0 && e.offset / bs <= b && b <= (e.end() - 1) / bs
@@ -349,6 +413,7 @@ pub fn export(
     snap: &str,
     baseline: Manifest,
     exchange: Option<(scan::Answers, bool)>,
+    audit: Option<backy_proto::TrackerAudit>,
     mut send: impl FnMut(Frame) -> Result<()>,
     progress: impl FnMut(u64),
 ) -> Result<Streamed> {
@@ -393,9 +458,7 @@ pub fn export(
     send(Frame::End(PushEnd {
         stream_checksum: checksum.to_vec(),
         manifest_digest: streamed.scanned.manifest.file_digest().to_vec(),
-        // Ceph's diff is not audited yet (issue 34 covers the trackers
-        // read through `Source`).
-        audit: None,
+        audit,
     }))?;
     Ok(streamed)
 }
