@@ -631,6 +631,7 @@ fn the_audit_catches_an_rbd_diff_that_misses_a_write() {
     img.rbd_ok(&["snap", "create", "--no-progress", &parent_snap]);
     img.apply(size, &[(BLOCK, pattern(4, 4096))], &[]);
     let caught = push_value(&server, &[], &["--audit-sample", "100%"]);
+    println!("audit at 100 %: {}", caught["audit"]);
     assert_eq!(caught["audit"]["tracker"], "ceph-rbd-diff", "{caught}");
     assert_eq!(caught["audit"]["sampled"].as_u64(), Some(7), "{caught}");
     assert_eq!(caught["audit"]["mismatched"].as_u64(), Some(1), "{caught}");
@@ -659,6 +660,7 @@ fn the_audit_catches_an_rbd_diff_that_misses_a_write() {
     // An honest diff at the default sample (0.5 %: one block of 7).
     img.apply(size, &[(3 * BLOCK + 7, pattern(5, 100))], &[]);
     let clean = push_value(&server, &[], &[]);
+    println!("audit at the default: {}", clean["audit"]);
     assert_eq!(clean["audit"]["sampled"].as_u64(), Some(1), "{clean}");
     assert_eq!(clean["audit"]["mismatched"].as_u64(), Some(0), "{clean}");
     assert_eq!(

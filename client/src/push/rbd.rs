@@ -407,6 +407,8 @@ fn touches(e: &Extent, b: u64, bs: u64) -> bool {
 /// stream was complete and `rbd` exited 0, then sends the end frame.
 /// `baseline`: the parent's manifest resized to the snapshot (zeros
 /// without a parent), which the blocks read are compared with.
+/// `audit`: the outcome of the audit of the diff, for the end frame.
+#[allow(clippy::too_many_arguments)]
 pub fn export(
     rbd: &Rbd,
     diff: &Diff,
