@@ -192,7 +192,7 @@ mod tests {
     #[test]
     fn image_opts_name_the_snapshot_and_escape_commas() {
         let spec: SourceSpec = serde_yaml::from_str(
-            "{type: ceph-rbd, pool: p, namespace: ns, image: 'a,b', id: backup, conf: /etc/ceph/x,y.conf}",
+            "{type: ceph-rbd, pool: p, namespace: ns, image: 'a,b', id: backup, conf: '/etc/ceph/x,y.conf'}",
         )
         .unwrap();
         let r = Rbd::from_spec(&spec).unwrap();
