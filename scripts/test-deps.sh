@@ -31,7 +31,7 @@ fail() {
 
 declare -A line_packages=(
   [tests]="btrfs-progs btrfs-compsize xfsprogs mount util-linux e2fsprogs bsdutils curl libnbd-bin ceph-mon ceph-osd ceph-common python3 python3-prometheus-client python3-cryptography chromium fonts-dejavu-core"
-  [qemu]="qemu-utils qemu-system-x86 qemu-system-common qemu-system-data seabios"
+  [qemu]="qemu-utils qemu-block-extra qemu-system-x86 qemu-system-common qemu-system-data seabios"
   [packages]="man-db systemd adduser binutils"
   [bench]="rsync restic borgbackup"
 )

@@ -195,6 +195,7 @@ fn compare_rbd_snapshot(
         manifest.clone(),
         None,
         key,
+        None,
         |frame| {
             match frame {
                 Frame::Data(d) => note(d.offset, d.data.len() as u64),

@@ -160,7 +160,7 @@ pub const CLIENT: ConfigReference = ConfigReference {
         key("cert", "path", Unset, "A client certificate (PEM), for a server with mutual TLS; with key."),
         key("key", "path", Unset, "Its private key (PEM, 0600)."),
         key("bwlimit", "size per second", Unset, "Bytes a second this client's pushes may send (10M: 10 MiB/s), all of a process's pushes together: the agent's concurrent pushes share it. push --bwlimit replaces it for one push. Unset: no limit."),
-        key("audit-sample", "percentage", Means("0.5%"), "Share of the blocks a change tracker (a --changed-ranges file, a QEMU dirty bitmap) calls unchanged that each incremental push reads again and compares with the parent revision (at least one block); a mismatch makes the push read the whole source and check warn. 0 turns the audit off; push --audit-sample replaces it for one push."),
+        key("audit-sample", "percentage", Means("0.5%"), "Share of the blocks a change tracker (a --changed-ranges file, a QEMU dirty bitmap, Ceph's rbd diff: read through qemu-nbd with the rbd driver, package qemu-block-extra) calls unchanged that each incremental push reads again and compares with the parent revision (at least one block); a mismatch makes the push read the whole source and check warn. 0 turns the audit off; push --audit-sample replaces it for one push."),
         key("jobs", "mapping", Unset, "What this hypervisor backs up, and how: the server decides when and what is kept, never what is read or run here. The agent runs only the jobs listed here."),
         key("jobs.JOB", "mapping", Required, "One job, named as on the server."),
         key("jobs.JOB.source", "mapping", Required, "What to back up, with the hooks around its snapshot."),

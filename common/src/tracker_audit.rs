@@ -1,5 +1,6 @@
 //! Auditing a change tracker (issue 34): an incremental push that trusts
-//! a tracker (a `--changed-ranges` file, a QEMU dirty bitmap) to name every
+//! a tracker (a `--changed-ranges` file, a QEMU dirty bitmap, Ceph's
+//! `rbd diff`) to name every
 //! block written since the parent re-reads a random sample of the blocks
 //! it calls unchanged and compares their digests with the parent's
 //! manifest. A tracker that missed a write would otherwise make every
@@ -169,7 +170,7 @@ impl SplitMix64 {
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub struct AuditOutcome {
-    /// The tracker audited: `changed-ranges`, `qemu-bitmap`.
+    /// The tracker audited: `changed-ranges`, `qemu-bitmap`, `ceph-rbd-diff`.
     pub tracker: String,
     /// Unchanged blocks by the tracker's word that were re-read.
     pub sampled: u64,
@@ -241,6 +242,7 @@ pub fn tracker_label(tracker: &str) -> &str {
     match tracker {
         CHANGED_RANGES => "--changed-ranges file",
         QEMU_BITMAP => "QEMU dirty bitmap",
+        CEPH_RBD_DIFF => "Ceph rbd diff",
         other => other,
     }
 }
@@ -248,6 +250,7 @@ pub fn tracker_label(tracker: &str) -> &str {
 /// The trackers' names as recorded.
 pub const CHANGED_RANGES: &str = "changed-ranges";
 pub const QEMU_BITMAP: &str = "qemu-bitmap";
+pub const CEPH_RBD_DIFF: &str = "ceph-rbd-diff";
 
 /// A seed from bytes (a revision id): each push samples other blocks, and
 /// the same push the same ones.
@@ -397,6 +400,15 @@ mod tests {
             bad.warning("abc").unwrap(),
             "change tracker --changed-ranges file missed writes: 1 of 82 sampled unchanged blocks \
              differ (revision abc read the whole source)"
+        );
+        let ceph = AuditOutcome {
+            tracker: CEPH_RBD_DIFF.into(),
+            ..ok
+        };
+        assert!(ceph.check().is_ok());
+        assert_eq!(
+            ceph.to_string(),
+            "Ceph rbd diff audit: 82 unchanged blocks re-read, 0 differ"
         );
     }
 }

@@ -814,3 +814,117 @@ fn an_encrypted_rbd_job_pushes_incrementally_and_restores() {
     assert_eq!(file_hash(&back), file_hash(&snap));
     let _ = id1;
 }
+
+/// A push of `vm1` with `--json` and extra arguments; the parsed output.
+fn push_value(server: &Server, env: &[(&str, &str)], extra: &[&str]) -> Value {
+    let mut args = vec!["push", "vm1", "--force", "--json"];
+    args.extend_from_slice(extra);
+    let out = server.client_env(env, &args);
+    assert!(
+        out.status.success(),
+        "push failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("push --json")
+}
+
+/// Issue 34: Ceph's `rbd diff` is audited like the other change trackers.
+/// The lie is made real by hand: a write after the parent revision's
+/// snapshot, then that snapshot removed and taken again under its name, so
+/// `rbd diff --from-snap` no longer names the write.
+#[test]
+fn the_audit_catches_an_rbd_diff_that_misses_a_write() {
+    must_be_root();
+    let Some(conf) = ceph_conf() else { return };
+    let fs = LoopFs::new("btrfs", 1 << 30);
+    let work = tempfile::tempdir().unwrap();
+    let size = 8 * BLOCK;
+    let img = Image::new(&conf, "audit", size);
+    let server = Server::start(&fs.mount.join("base"), &job_yaml(&img, ""));
+    img.apply(size, &[(0, pattern(1, 4096)), (5 * BLOCK, pattern(2, 8192))], &[]);
+    let full = push_value(&server, &[], &[]);
+    assert!(full.get("audit").is_none(), "no parent, nothing to audit: {full}");
+    let id1 = full["revision"]["id"].as_str().unwrap().to_string();
+
+    // Block 5 written "before" the parent snapshot as Ceph now sees it;
+    // block 1 after it (the only change `rbd diff` names).
+    let parent_snap = format!("{}@backy-{id1}", img.spec());
+    img.apply(size, &[(5 * BLOCK + 100, pattern(3, 4096))], &[]);
+    img.rbd_ok(&["snap", "rm", "--no-progress", &parent_snap]);
+    img.rbd_ok(&["snap", "create", "--no-progress", &parent_snap]);
+    img.apply(size, &[(BLOCK, pattern(4, 4096))], &[]);
+    let caught = push_value(&server, &[], &["--audit-sample", "100%"]);
+    println!("audit at 100 %: {}", caught["audit"]);
+    assert_eq!(caught["audit"]["tracker"], "ceph-rbd-diff", "{caught}");
+    assert_eq!(caught["audit"]["sampled"].as_u64(), Some(7), "{caught}");
+    assert_eq!(caught["audit"]["mismatched"].as_u64(), Some(1), "{caught}");
+    let id2 = caught["revision"]["id"].as_str().unwrap().to_string();
+    let revs = server.revisions("vm1");
+    assert_eq!(revs[1]["audit"]["mismatched"].as_u64(), Some(1), "{}", revs[1]);
+    // The whole snapshot was compared: the revision holds the missed write.
+    let want = work.path().join("want2");
+    img.export(Some(&format!("backy-{id2}")), &want);
+    let got = work.path().join("got2");
+    server.client_ok(&["restore", "vm1", "-r", &id2, got.to_str().unwrap()]);
+    assert_eq!(file_hash(&got), file_hash(&want), "the revision is the snapshot");
+    let check = server.client(&["check", "vm1"]);
+    let line = String::from_utf8_lossy(&check.stdout);
+    assert_eq!(check.status.code(), Some(1), "{line}");
+    assert!(
+        line.starts_with("BACKY WARNING: vm1: change tracker Ceph rbd diff missed writes: 1 of 7 sampled unchanged blocks differ"),
+        "{line}"
+    );
+    let status = server.client_ok(&["status", "vm1"]);
+    assert!(
+        status.contains("warning: change tracker Ceph rbd diff missed writes"),
+        "{status}"
+    );
+
+    // An honest diff at the default sample (0.5 %: one block of 7).
+    img.apply(size, &[(3 * BLOCK + 7, pattern(5, 100))], &[]);
+    let clean = push_value(&server, &[], &[]);
+    println!("audit at the default: {}", clean["audit"]);
+    assert_eq!(clean["audit"]["sampled"].as_u64(), Some(1), "{clean}");
+    assert_eq!(clean["audit"]["mismatched"].as_u64(), Some(0), "{clean}");
+    assert_eq!(
+        clean["bytes_read"].as_u64(),
+        Some(BLOCK),
+        "one changed object: {clean}"
+    );
+    let id3 = clean["revision"]["id"].as_str().unwrap().to_string();
+    let (want, got) = (work.path().join("want3"), work.path().join("got3"));
+    img.export(Some(&format!("backy-{id3}")), &want);
+    server.client_ok(&["restore", "vm1", "-r", &id3, got.to_str().unwrap()]);
+    assert_eq!(file_hash(&got), file_hash(&want));
+    let check = server.client(&["check", "vm1"]);
+    assert_eq!(
+        check.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&check.stdout)
+    );
+
+    // Without qemu-nbd (a PATH with `rbd` only) the audit cannot read:
+    // a one-line error naming the remedy, nothing committed; with the
+    // audit off the same push goes through.
+    let bin = work.path().join("bin");
+    std::fs::create_dir(&bin).unwrap();
+    std::os::unix::fs::symlink("/usr/bin/rbd", bin.join("rbd")).unwrap();
+    let path = bin.to_str().unwrap();
+    img.apply(size, &[(6 * BLOCK, pattern(6, 100))], &[]);
+    let out = server.client_env(&[("PATH", path)], &["push", "vm1", "--force"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(
+        err.contains("cannot start qemu-nbd")
+            && err.contains("qemu-block-extra")
+            && err.contains("audit-sample 0"),
+        "{err}"
+    );
+    assert_eq!(server.revisions("vm1").len(), 3);
+    assert_eq!(img.backy_snapshots(), [format!("backy-{id3}")]);
+    let off = push_value(&server, &[("PATH", path)], &["--audit-sample", "0"]);
+    assert!(off.get("audit").is_none(), "{off}");
+    assert_eq!(server.revisions("vm1").len(), 4);
+}

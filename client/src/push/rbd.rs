@@ -18,25 +18,32 @@
 //!   digested and compared with the parent's manifest when there is one,
 //!   so unchanged blocks stay shared on the server; with a parent
 //!   snapshot only its changed ranges are sent.
+//! * Audit (issue 34): before Ceph's changes are trusted, a sample of the
+//!   blocks they leave out is read from the new snapshot through qemu-nbd
+//!   and compared with the parent's manifest; a block that differs makes
+//!   the push a full one (without `--from-snap`) against that manifest.
 //!
 //! Nothing is committed unless the diff stream ended with its end marker
 //! and `rbd` exited 0. After a commit the older `backy-*` snapshots go; a
 //! failed push removes the snapshot it made.
 
-use super::shared::{self, PushArgs, Pushed, FRAMES_IN_FLIGHT};
+use super::shared::{self, Audited, PushArgs, Pushed, FRAMES_IN_FLIGHT};
+use crate::audit::AuditPlan;
 use crate::connect::Client;
 use crate::progress::Progress;
 use crate::scan::{self, Scanned, Scanner};
 use crate::source::hooks::HookRunner;
 use crate::source::process::{describe, Running};
 use crate::source::rbd::{Rbd, SNAP_PREFIX};
+use crate::source::rbd_nbd::RbdSnapshot;
+use crate::source::Source;
 use crate::view::RevisionView;
 use backy_common::encryption::Key;
 use backy_common::manifest::Manifest;
 use backy_common::ranges::Extent;
 use backy_common::rbd_diff::{DiffReader, Record};
 use backy_common::source::SourceSpec;
-use backy_common::{fault, Error, Result, RevisionId};
+use backy_common::{fault, tracker_audit, Error, Result, RevisionId};
 use backy_proto::push_frame::Frame;
 use backy_proto::{PlanReply, PushBegin, PushEnd, PushFrame};
 use std::io::BufReader;
@@ -210,11 +217,17 @@ pub(super) async fn push_snapshot(
         backy_common::encryption::check_size(size).map_err(|e| e.context(format!("job {job}")))?;
     }
     let baseline = shared::baseline(client, job, plan, size).await?;
-    let (baseline, diff) = blocking({
-        let (rbd, snap) = (rbd.clone(), snap.to_string());
+    let audit = (!args.audit_sample.is_off()).then(|| AuditPlan {
+        tracker: tracker_audit::CEPH_RBD_DIFF,
+        percent: args.audit_sample,
+        seed: tracker_audit::seed_of(plan.new_id.as_bytes()),
+    });
+    let (baseline, diff, audited) = blocking({
+        let (rbd, snap, key) = (rbd.clone(), snap.to_string(), args.key.clone());
         move || {
             let diff = choose_diff(&rbd, from, &snap, &baseline)?;
-            Ok((baseline, diff))
+            let (diff, audited) = audit_diff(&rbd, &snap, &baseline, diff, audit.as_ref(), key.as_deref())?;
+            Ok((baseline, diff, audited))
         }
     })
     .await?;
@@ -273,6 +286,7 @@ pub(super) async fn push_snapshot(
     let (rbd, snap) = (rbd.clone(), snap.to_string());
     let key = args.key.clone();
     let limiter = args.bwlimit.clone();
+    let wire = audited.as_ref().map(|a| backy_proto::wire_audit(&a.outcome));
     let reader = tokio::task::spawn_blocking(move || {
         let send = |frame| {
             if let Some(limiter) = &limiter {
@@ -284,7 +298,7 @@ pub(super) async fn push_snapshot(
             fault::point("client.frame");
             sent
         };
-        let streamed = export(&rbd, &diff, &snap, baseline, answers, key, send, |pos| {
+        let streamed = export(&rbd, &diff, &snap, baseline, answers, key, wire, send, |pos| {
             reader_bar.set(pos)
         })?;
         Ok(streamed)
@@ -317,7 +331,7 @@ pub(super) async fn push_snapshot(
         expired: reply.expired,
         resumed_at: None,
         full_read: None,
-        audit: None,
+        audit: audited,
     })
 }
 
@@ -372,6 +386,57 @@ fn choose_diff(rbd: &Rbd, from: Option<String>, snap: &str, baseline: &Manifest)
     Ok(Diff::Incremental { from, known })
 }
 
+/// The audit of Ceph's diff (issue 34): a sample of the blocks it calls
+/// unchanged is read from the new snapshot (through qemu-nbd, see
+/// `source::rbd_nbd`) and compared with the parent's digests. One that
+/// differs is a write the diff missed: the push then reads the whole
+/// snapshot and compares every block with the parent instead.
+fn audit_diff(
+    rbd: &Rbd,
+    snap: &str,
+    baseline: &Manifest,
+    diff: Diff,
+    plan: Option<&AuditPlan>,
+    key: Option<&Key>,
+) -> Result<(Diff, Option<Audited>)> {
+    let (Some(plan), Diff::Incremental { known, .. } | Diff::Full { known: Some(known) }) = (plan, &diff)
+    else {
+        return Ok((diff, None));
+    };
+    let started = Instant::now();
+    let mut reader = RbdSnapshot::open(rbd, snap)?;
+    if reader.size() != baseline.image_size() {
+        return Err(Error::internal(format!(
+            "qemu-nbd exports {} bytes of {}, rbd says {}",
+            reader.size(),
+            rbd.snap_spec(snap),
+            baseline.image_size()
+        )));
+    }
+    let outcome = crate::audit::run(&mut reader, baseline, known, plan, key)?;
+    drop(reader);
+    let secs = started.elapsed().as_secs_f64();
+    let diff = if outcome.failed() {
+        tracing::warn!(
+            tracker = plan.tracker,
+            sampled = outcome.sampled,
+            mismatched = outcome.mismatched,
+            "{outcome}: the change tracker missed writes; reading the whole snapshot"
+        );
+        Diff::Full { known: None }
+    } else {
+        tracing::info!(
+            tracker = plan.tracker,
+            sampled = outcome.sampled,
+            mismatched = outcome.mismatched,
+            secs,
+            "{outcome}"
+        );
+        diff
+    };
+    Ok((diff, Some(Audited { outcome, secs })))
+}
+
 /// Whether extent `e` touches block `b` of `bs` bytes.
 fn touches(e: &Extent, b: u64, bs: u64) -> bool {
     e.len > 0 && e.offset / bs <= b && b <= (e.end() - 1) / bs
@@ -382,6 +447,7 @@ fn touches(e: &Extent, b: u64, bs: u64) -> bool {
 /// `baseline`: the parent's manifest resized to the snapshot (zeros
 /// without a parent), which the blocks read are compared with. `key`:
 /// the job's encryption key (blocks are encrypted before that).
+/// `audit`: the outcome of the audit of the diff, for the end frame.
 #[allow(clippy::too_many_arguments)]
 pub fn export(
     rbd: &Rbd,
@@ -390,6 +456,7 @@ pub fn export(
     baseline: Manifest,
     exchange: Option<(scan::Answers, bool)>,
     key: Option<std::sync::Arc<Key>>,
+    audit: Option<backy_proto::TrackerAudit>,
     mut send: impl FnMut(Frame) -> Result<()>,
     progress: impl FnMut(u64),
 ) -> Result<Streamed> {
@@ -437,9 +504,7 @@ pub fn export(
     send(Frame::End(PushEnd {
         stream_checksum: checksum.to_vec(),
         manifest_digest: streamed.scanned.manifest.file_digest().to_vec(),
-        // Ceph's diff is not audited yet (issue 34 covers the trackers
-        // read through `Source`).
-        audit: None,
+        audit,
     }))?;
     Ok(streamed)
 }

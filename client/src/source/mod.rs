@@ -14,6 +14,7 @@ pub mod page_cache;
 pub mod process;
 pub mod qemu;
 pub mod rbd;
+pub mod rbd_nbd;
 
 use backy_common::ranges::Extent;
 use backy_common::source::SourceSpec;

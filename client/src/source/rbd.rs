@@ -77,6 +77,30 @@ impl Rbd {
         })
     }
 
+    pub fn pool(&self) -> &str {
+        &self.pool
+    }
+
+    pub fn namespace(&self) -> Option<&str> {
+        self.namespace.as_deref()
+    }
+
+    pub fn image(&self) -> &str {
+        &self.image
+    }
+
+    pub fn conf(&self) -> Option<&std::path::Path> {
+        self.conf.as_deref()
+    }
+
+    pub fn id(&self) -> Option<&str> {
+        self.id.as_deref()
+    }
+
+    pub fn keyring(&self) -> Option<&std::path::Path> {
+        self.keyring.as_deref()
+    }
+
     /// `pool/[namespace/]image`.
     pub fn image_spec(&self) -> String {
         match &self.namespace {
