@@ -213,17 +213,11 @@ pub(crate) async fn push_source(
             has_parent,
             audit,
             limiter,
+            key,
         };
-        read_source(
-            &mut *source,
-            baseline,
-            reading,
-            answers,
-            key.as_deref(),
-            &tx,
-            intact,
-            |pos| reader_bar.set(pos),
-        )
+        read_source(&mut *source, baseline, reading, answers, &tx, intact, |pos| {
+            reader_bar.set(pos)
+        })
     });
     let frames = crate::frames::with_keepalive(rx);
     let joined = if exchange {
@@ -291,6 +285,8 @@ struct Reading {
     /// The tracker to audit before its changes are trusted.
     audit: Option<AuditPlan>,
     limiter: Option<std::sync::Arc<crate::bwlimit::Limiter>>,
+    /// The job's encryption key: blocks are digested (and sent) encrypted.
+    key: Option<std::sync::Arc<backy_common::encryption::Key>>,
 }
 
 /// The blocking side: the tracker's audit, the scan, then the end marker.
@@ -299,7 +295,6 @@ fn read_source(
     baseline: Manifest,
     reading: Reading,
     answers: Option<(scan::Answers, bool)>,
-    key: Option<&backy_common::encryption::Key>,
     tx: &mpsc::Sender<PushFrame>,
     intact: impl FnOnce() -> Result<()>,
     progress: impl FnMut(u64),
@@ -324,7 +319,7 @@ fn read_source(
     let mut audited = None;
     if let (Some(extents), Some(plan)) = (&changed, &reading.audit) {
         let started = Instant::now();
-        let outcome = crate::audit::run(source, &baseline, extents, plan, key)?;
+        let outcome = crate::audit::run(source, &baseline, extents, plan, reading.key.as_deref())?;
         let secs = started.elapsed().as_secs_f64();
         if outcome.failed() {
             tracing::warn!(
@@ -345,7 +340,15 @@ fn read_source(
         }
         audited = Some(Audited { outcome, secs });
     }
-    let scanned = scan::scan(source, baseline, changed, answers, key, send, progress)?;
+    let scanned = scan::scan(
+        source,
+        baseline,
+        changed,
+        answers,
+        reading.key.as_deref(),
+        send,
+        progress,
+    )?;
     // Everything is read: a view that stopped being its instant on the way
     // (a qemu guest's fleecing scratch full) must not become a revision.
     intact()?;
