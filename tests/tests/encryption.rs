@@ -10,6 +10,7 @@
 mod support;
 
 use std::os::unix::fs::{FileExt, PermissionsExt};
+use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use support::*;
@@ -351,4 +352,53 @@ fn an_image_not_a_multiple_of_512_is_refused() {
     // A key file others may read is not used.
     std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
     refused(&w.server.client(&["push", "vm1"]), "open to other users");
+}
+
+/// An encrypted push broken off (the client killed mid-stream) resumes
+/// from what the server kept and sends only the remainder, encrypted as a
+/// push in one go would have been; the revision restores onto a block
+/// device (a loop device over a file) equal to the source.
+#[test]
+fn an_encrypted_push_resumes_and_restores_onto_a_device() {
+    let w = World::new("listen: 127.0.0.1:0\nbase-dir: BASE\njobs:\n  vm1: {schedule: none}\n");
+    // 29 MiB of data in all, in 1 MiB frames.
+    write_at(&w.src, 24 * MIB, &pattern(11, 16 * MIB as usize));
+    let key = w.keygen("vm1.key");
+    w.use_key(Some(&key));
+    let out = w
+        .server
+        .client_env(&[("BACKY_FAULT", "client.frame@20")], &["--json", "push", "vm1"]);
+    assert_eq!(
+        out.status.signal(),
+        Some(6),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    wait_for(
+        "the broken push to fail on the server",
+        std::time::Duration::from_secs(30),
+        || {
+            let job = &w.server.status_json("vm1")["jobs"][0];
+            job["running"] == false && job["failures"].as_u64() > Some(0)
+        },
+    );
+    assert!(w.server.revisions("vm1").is_empty(), "nothing committed");
+
+    let pushed = w.push(&[]);
+    let at = pushed["resumed_at"].as_u64().expect("the push was resumed");
+    assert!(at > 0, "resumed at {at}");
+    let sent = pushed["bytes_sent"].as_u64().unwrap();
+    assert!(sent < 29 * MIB, "only the remainder is sent: {sent}");
+    w.check_newest(&key);
+    w.server.client_ok(&["verify", "vm1"]);
+
+    // Onto a block device of the image's size.
+    let blank = w.work.join("device.img");
+    std::fs::File::create(&blank)
+        .unwrap()
+        .set_len(std::fs::metadata(&w.src).unwrap().len())
+        .unwrap();
+    let dev = LoopDev::attach(&blank);
+    w.server.client_ok(&["restore", "vm1", dev.path(), "--force"]);
+    assert_eq!(file_hash(&dev.dev), file_hash(&w.src), "restored onto the device");
 }
