@@ -224,8 +224,12 @@ sed -e "s|^server: .*|server: http://$addr|" \
   -e "s|^token-file: .*|token-file: $etc/hv01.token|" \
   -e "/^ca:/d" -e "/^tls-server-name:/d" -e "/^cert:/d" -e "/^key:/d" \
   -e "s|/var/lib/libvirt/images/vm2.raw|$tmp/vm2.raw|" \
+  -e "s|/etc/backy/keys/vm2.key|$tmp/vm2.key|" \
   /usr/share/doc/backy-client/examples/client.yaml >"$etc/client.yaml"
 grep -q "$tmp/vm2.raw" "$etc/client.yaml" || fail "the client example no longer has job vm2's image file"
+# The example encrypts vm2: its key is made as an operator would.
+grep -q "key-file: $tmp/vm2.key" "$etc/client.yaml" || fail "the client example no longer encrypts job vm2"
+/usr/bin/backy-client keygen "$tmp/vm2.key" >/dev/null || fail "keygen"
 chmod 0600 "$etc/client.yaml"
 truncate -s 64M "$tmp/vm2.raw"
 dd if=/dev/urandom of="$tmp/vm2.raw" bs=1M count=3 seek=5 conv=notrunc status=none
@@ -240,7 +244,10 @@ cmp "$tmp/vm2.raw" "$tmp/restored.raw" || fail "the restored image differs from 
 stored=$(readlink -f "$tmp/store/vm2/latest")
 owner=$(stat -c '%a %U' "$stored")
 [ "$owner" = "600 backy" ] || fail "the stored revision is $owner, want 600 backy"
-echo "restored image is identical; the revision is stored 0600 by backy"
+! cmp -s "$tmp/vm2.raw" "$stored" || fail "the encrypted job's revision is stored in the clear"
+/usr/bin/backy-client decrypt --key-file "$tmp/vm2.key" "$stored" "$tmp/decrypted.raw" || fail "decrypt"
+cmp "$tmp/vm2.raw" "$tmp/decrypted.raw" || fail "the decrypted revision differs from the source"
+echo "restored image is identical; the revision is stored 0600 by backy, encrypted, and decrypts offline"
 
 step "SIGTERM"
 kill -TERM "$server_pid"
