@@ -277,6 +277,26 @@ impl<S: AsyncRead + AsyncWrite + Unpin> NbdClient<S> {
         Ok(out)
     }
 
+    /// Reads `buf.len()` bytes at `offset` into `buf` (the sources' random
+    /// reads), with up to [`READ_DEPTH`] requests in flight.
+    pub async fn read_into(&mut self, offset: u64, buf: &mut [u8]) -> backy_common::Result<()> {
+        let want = Extent {
+            offset,
+            len: buf.len() as u64,
+        };
+        self.read_extents(&[want], READ_DEPTH, |at, data| {
+            let start = (at - offset) as usize;
+            match buf.get_mut(start..start + data.len()) {
+                Some(dst) => {
+                    dst.copy_from_slice(&data);
+                    Ok(())
+                }
+                None => Err(backy_common::Error::internal("NBD read outside the buffer")),
+            }
+        })
+        .await
+    }
+
     /// Reads `extents`, split into requests of at most the read size with
     /// up to `depth` of them in flight, calling `sink(offset, data)` for
     /// each piece as it completes (not necessarily in order). Offsets and

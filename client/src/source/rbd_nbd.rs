@@ -8,8 +8,7 @@
 
 use super::rbd::Rbd;
 use super::Source;
-use crate::nbd::{NbdClient, READ_DEPTH};
-use backy_common::ranges::Extent;
+use crate::nbd::NbdClient;
 use backy_common::{Error, Result};
 use std::io::Read;
 use std::process::{Child, Command, Stdio};
@@ -162,25 +161,11 @@ impl Source for RbdSnapshot {
     }
 
     fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> Result<()> {
-        let want = Extent {
-            offset,
-            len: buf.len() as u64,
-        };
         let client = self
             .client
             .as_mut()
             .ok_or_else(|| Error::internal("the qemu-nbd connection is closed"))?;
-        self.rt
-            .block_on(client.read_extents(&[want], READ_DEPTH, |at, data| {
-                let start = (at - offset) as usize;
-                match buf.get_mut(start..start + data.len()) {
-                    Some(dst) => {
-                        dst.copy_from_slice(&data);
-                        Ok(())
-                    }
-                    None => Err(Error::internal("NBD read outside the buffer")),
-                }
-            }))
+        self.rt.block_on(client.read_into(offset, buf))
     }
 }
 

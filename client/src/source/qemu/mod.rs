@@ -21,7 +21,7 @@ pub mod image;
 pub mod running;
 
 use super::Source;
-use crate::nbd::{NbdClient, NbdClientError, READ_DEPTH, STATUS_LEN};
+use crate::nbd::{NbdClient, NbdClientError, STATUS_LEN};
 use backy_common::nbd::reply::select;
 use backy_common::nbd::{CONTEXT_BASE_ALLOCATION, CONTEXT_DIRTY_BITMAP_PREFIX, STATE_DIRTY, STATE_HOLE};
 use backy_common::ranges::{round_out, Extent, GRANULE};
@@ -255,22 +255,7 @@ impl Source for QemuSource {
 
     fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> Result<()> {
         backy_common::fault::fail("client.qemu-read")?;
-        let want = Extent {
-            offset,
-            len: buf.len() as u64,
-        };
-        let client = &mut self.client;
-        self.rt
-            .block_on(client.read_extents(&[want], READ_DEPTH, |at, data| {
-                let start = (at - offset) as usize;
-                match buf.get_mut(start..start + data.len()) {
-                    Some(dst) => {
-                        dst.copy_from_slice(&data);
-                        Ok(())
-                    }
-                    None => Err(Error::internal("NBD read outside the buffer")),
-                }
-            }))
+        self.rt.block_on(self.client.read_into(offset, buf))
     }
 
     fn next_data(&mut self, offset: u64) -> Result<Option<Extent>> {
