@@ -20,6 +20,7 @@ pub mod fault;
 pub mod framer;
 pub mod fuzz_plan;
 pub mod granules;
+pub mod group_commit;
 pub mod id;
 pub mod job;
 pub mod logging;

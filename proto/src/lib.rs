@@ -31,7 +31,9 @@ pub use v1::*;
 ///    tracker's audit (`PushEnd.audit`, `RevisionInfo.audit`) and group
 ///    instants (`PushBegin.group`, `RevisionInfo.group`), which an older
 ///    server drops (the revision is still right; only the record is lost).
-pub const PROTOCOL: u32 = 6;
+/// 7: group commits: `PushBegin.hold` and `CommitGroup` (a group push
+///    commits every disk or none).
+pub const PROTOCOL: u32 = 7;
 /// The first protocol whose servers take `PushExchange`; a client uses it
 /// only with such a server, and pushes whole blocks through `Push` to older
 /// ones.
@@ -52,6 +54,10 @@ pub const DEDUP_PROTOCOL: u32 = 5;
 /// one would drop it and take an incremental push of another key, so an
 /// encrypted push needs at least this.
 pub const ENCRYPTION_PROTOCOL: u32 = 6;
+/// The first protocol whose servers hold a group's revisions until
+/// `CommitGroup`; a group push needs it (older ones would commit each disk
+/// as it arrives).
+pub const GROUP_COMMIT_PROTOCOL: u32 = 7;
 /// The oldest client protocol a server of this build accepts from a
 /// client that declares one.
 pub const MIN_CLIENT_PROTOCOL: u32 = 1;

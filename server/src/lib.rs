@@ -8,6 +8,7 @@ pub mod auth;
 pub mod dedup;
 pub mod executor;
 pub mod granule_read;
+pub mod group;
 pub mod http;
 pub mod http_slots;
 pub mod in_flight;
@@ -95,9 +96,16 @@ pub async fn serve(config: ServerConfig, preflight: Preflight, config_path: Path
     let server = Arc::new(Server::new(config, mode));
     dedup::attach(&server);
     let s = server.clone();
-    let jobs = tokio::task::spawn_blocking(move || open_jobs(&s))
-        .await
-        .context("opening the jobs")??;
+    let jobs = tokio::task::spawn_blocking(move || {
+        // Before the jobs' cleanup, which would remove the sealed files.
+        let finished = group::recover(&s).context("finishing interrupted group commits")?;
+        if finished > 0 {
+            tracing::warn!(disks = finished, "finished interrupted group commits");
+        }
+        open_jobs(&s)
+    })
+    .await
+    .context("opening the jobs")??;
     tracing::info!(
         jobs,
         "indexed the store in {:.1} s",

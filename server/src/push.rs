@@ -36,17 +36,29 @@ pub enum Step {
 /// error means the client went away.
 pub type Answer = Box<dyn FnMut(u64, Vec<u8>, bool) -> Result<()> + Send>;
 
+/// What a push ended with.
+pub struct Received {
+    pub meta: RevisionMeta,
+    /// What expiry removed after the commit.
+    pub expired: Vec<RevisionId>,
+    /// Sealed and held for its group's commit (`PushBegin.hold`), not
+    /// committed yet.
+    pub held: bool,
+}
+
 /// Runs a whole push on a blocking thread and returns the new revision and
 /// the ids expiry removed after it; `rx` ends without `End` when the
 /// client went away, and then nothing is committed. `answer` is `None` for
-/// pushes without the granule exchange.
+/// pushes without the granule exchange. `identity`: the client's, which
+/// alone may commit a group instant it holds disks of.
 pub fn run(
     server: Arc<Server>,
     begin: PushBegin,
     mut rx: mpsc::Receiver<Step>,
     gate: Gate,
     mut answer: Option<Answer>,
-) -> Result<(RevisionMeta, Vec<RevisionId>)> {
+    identity: &str,
+) -> Result<Received> {
     let job = server.job(&begin.job)?;
     let config = server.config();
     let job_cfg = config.job(job.name())?;
@@ -81,6 +93,13 @@ pub fn run(
         )));
     }
     let tags = check_tags(&begin.tags, config.schedule_of(job_cfg), begin.allow_unscheduled)?;
+    // A disk of a group push: sealed here, committed with the others by
+    // the client's `CommitGroup` (crate::group).
+    let joined = match (&group, begin.hold) {
+        (Some(g), true) => Some(server.groups.join(g, identity)?),
+        (None, true) => return Err(Error::invalid("a held push needs its group instant")),
+        (_, false) => None,
+    };
 
     // The push slot for the whole push; the job's lock only for the
     // transactions that begin and commit it.
@@ -241,6 +260,16 @@ pub fn run(
             });
         }
     };
+    if let Some(joined) = joined {
+        let meta = sealed.meta().clone();
+        joined.hold(sealed, running)?;
+        tracing::info!(job = %job.name(), rev = %meta.id, "sealed; held for its group's commit");
+        return Ok(Received {
+            meta,
+            expired: Vec::new(),
+            held: true,
+        });
+    }
     let (meta, expired) = publish_and_expire(&server, &job, sealed, &running, "push.after-commit")?;
     fault::point("push.committed");
     // The parent is no longer read: it expires like any other revision now.
@@ -249,7 +278,11 @@ pub fn run(
         job = %job.name(), rev = %meta.id, size = meta.size, received = meta.stats.bytes_received,
         changed_blocks = meta.stats.changed_blocks, storage = meta.storage.as_str(), "committed revision"
     );
-    Ok((meta, expired))
+    Ok(Received {
+        meta,
+        expired,
+        held: false,
+    })
 }
 
 /// Answers one block of the granule exchange: held (cloned from a stored

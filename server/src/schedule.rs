@@ -89,6 +89,9 @@ pub fn expire_in(
 /// ended, a deletion left files: [`crate::job::Activity::mark_leftovers`]),
 /// are read from disk: a quiet store costs no I/O per round.
 pub fn expire_all(server: &Server) {
+    // Group pushes whose client never came back for the commit free their
+    // jobs' push slots here too.
+    server.groups.sweep();
     let config = server.config();
     let window = config.resume.window.as_duration();
     for (name, job_cfg) in &config.jobs {

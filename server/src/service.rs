@@ -276,13 +276,16 @@ impl Service {
         let writer = run(thread, move || {
             let (job, rev) = (begin.job.clone(), begin.rev_id.clone());
             let started = std::time::Instant::now();
-            let result = crate::push::run(server.clone(), begin, rx, gate, answer);
+            let result = crate::push::run(server.clone(), begin, rx, gate, answer, &who.name);
             server.metrics.push_done(result.is_ok(), started.elapsed());
             if let Err(e) = &result {
                 tracing::warn!(job, "push failed: {e}");
             }
             audit::result(&who, "push", &job, &rev, &result);
-            server.record_push_outcome(&job, &rev, &result);
+            // A held disk's outcome is its group commit's.
+            if !result.as_ref().is_ok_and(|r| r.held) {
+                server.record_push_outcome(&job, &rev, &result);
+            }
             result
         })?;
         let mut protocol_error: Option<Status> = None;
@@ -398,7 +401,7 @@ impl Service {
         if let Some(p) = protocol_error {
             return Err(p);
         }
-        let (meta, expired) = result.map_err(to_status)?;
+        let crate::push::Received { meta, expired, .. } = result.map_err(to_status)?;
         // Tests: the reply lost after the commit, as a broken connection would.
         if backy_common::fault::mode("lose-reply") {
             return Err(Status::unavailable(
@@ -931,6 +934,64 @@ impl Backy for Service {
             "push failed on the client"
         );
         Ok(Response::new(FailureReply { failures }))
+    }
+
+    async fn commit_group(
+        &self,
+        req: Request<GroupCommit>,
+    ) -> std::result::Result<Response<GroupCommitted>, Status> {
+        let what = if req.get_ref().abort {
+            "commit-group --abort"
+        } else {
+            "commit-group"
+        };
+        let caller = auth::caller(&req)?;
+        let config = self.server.config();
+        for m in &req.get_ref().members {
+            if let Err(status) = auth::authorize(&config, &caller, &m.job, Action::Append, what) {
+                audit::record(
+                    &caller,
+                    what,
+                    &m.job,
+                    &m.rev_id,
+                    audit::Outcome::Failed(&status.message()),
+                );
+                return Err(status);
+            }
+        }
+        let req = req.into_inner();
+        let group = req
+            .group
+            .as_ref()
+            .ok_or_else(|| Status::invalid_argument("a group commit needs its group instant"))?;
+        let group = backy_proto::group_instant(group).map_err(to_status)?;
+        let members = req
+            .members
+            .iter()
+            .map(|m| {
+                let id = m
+                    .rev_id
+                    .parse()
+                    .map_err(|e: Error| e.context(format!("job {}", m.job)))?;
+                Ok((m.job.clone(), id))
+            })
+            .collect::<Result<Vec<_>>>()
+            .map_err(to_status)?;
+        let commit = crate::group::CommitRequest {
+            group,
+            members,
+            abort: req.abort,
+        };
+        let (server, who) = (self.server.clone(), caller.name.clone());
+        let result = blocking(move || crate::group::commit(&server, &commit, &who)).await;
+        for m in &req.members {
+            audit::result(&caller, what, &m.job, &m.rev_id, &result);
+        }
+        let (metas, expired) = result?;
+        Ok(Response::new(GroupCommitted {
+            revisions: metas.iter().map(RevisionInfo::from).collect(),
+            expired: expired.iter().map(|id| id.uuid().to_string()).collect(),
+        }))
     }
 
     type AgentStream = BoxStream<AgentOrder>;

@@ -35,6 +35,8 @@ pub struct Server {
     /// As a replica: the bandwidth limit of the copies from the source
     /// (`replicate.bwlimit`, set anew by each copy).
     pub replica_bwlimit: Arc<backy_common::bwlimit::Limiter>,
+    /// The disks of group pushes waiting for their group's commit.
+    pub groups: Arc<crate::group::HeldGroups>,
 }
 
 impl Server {
@@ -55,6 +57,7 @@ impl Server {
             replication,
             fetched,
             replica_bwlimit: Default::default(),
+            groups: Default::default(),
             refusals: std::sync::Mutex::new(backy_common::throttle::Throttle::new(
                 backy_common::throttle::Limits::REFUSALS,
             )),

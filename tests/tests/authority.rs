@@ -415,3 +415,206 @@ fn operators_remove_within_their_jobs_and_hypervisors_may_opt_in() {
     site.ok("hvold", &["forget", "vm3", "-r", "all"]);
     assert!(site.ids("ops", "vm3").is_empty());
 }
+
+/// A push of `job` held for `group` (protocol 7), sent raw: 64 KiB of
+/// `seed` at the start of a 24 MiB image.
+async fn held_push(
+    url: &str,
+    token: &str,
+    job: &str,
+    group: &GroupInstant,
+    seed: u64,
+) -> Result<PushReply, tonic::Status> {
+    let (size, bs) = (24 * MIB, 4u32 << 20);
+    let data = pattern(seed, 64 << 10);
+    let mut sum = backy_common::checksum::StreamChecksum::new();
+    sum.data(0, &data);
+    let frames = vec![
+        Frame::Begin(PushBegin {
+            job: job.into(),
+            rev_id: uuid::Uuid::new_v4().to_string(),
+            size,
+            block_size: bs,
+            tags: vec!["daily".into()],
+            source_kind: SourceKind::File as i32,
+            force: true,
+            group: Some(group.clone()),
+            hold: true,
+            ..PushBegin::default()
+        }),
+        Frame::Data(DataRange {
+            offset: 0,
+            data: data.clone(),
+        }),
+        Frame::End(PushEnd {
+            stream_checksum: sum.finish().to_vec(),
+            manifest_digest: manifest_digest_after(None, size, bs, &[(0, &data)]),
+            audit: None,
+        }),
+    ];
+    let stream = tokio_stream::iter(frames.into_iter().map(|f| PushFrame { frame: Some(f) }));
+    raw(url, token).await.push(stream).await.map(|r| r.into_inner())
+}
+
+async fn commit_group(url: &str, token: &str, request: GroupCommit) -> Result<GroupCommitted, tonic::Status> {
+    raw(url, token)
+        .await
+        .commit_group(request)
+        .await
+        .map(|r| r.into_inner())
+}
+
+/// Issue 34 with issue 28's rules: the disks of a group instant are held
+/// unlisted until their pusher commits them all. Another identity can
+/// neither commit, abort nor join the instant; a commit that names too few
+/// disks, or a disk not held, is refused and changes nothing (the instant
+/// stays held, and the right commit still works); the commit lists every
+/// disk under one revision time; an abort drops the held disks and frees
+/// their jobs at once.
+#[test]
+fn a_group_instant_is_committed_whole_and_only_by_its_pusher() {
+    let site = Site::new(
+        &[("hv01", ""), ("hv02", "")],
+        "  vm3: {schedule: s, client: hv02, source: {type: file, path: IMG}}\n",
+    );
+    let url = site.server.url.clone();
+    let (t1, t2) = (site.token("hv01"), site.token("hv02"));
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let group = GroupInstant {
+        name: "vm".into(),
+        instant: backy_common::RevisionId::new_random().short(),
+        disks: 2,
+    };
+    let commit = |members: &[(&str, &str)], abort: bool| GroupCommit {
+        group: Some(group.clone()),
+        members: members
+            .iter()
+            .map(|(job, rev)| GroupMember {
+                job: job.to_string(),
+                rev_id: rev.to_string(),
+            })
+            .collect(),
+        abort,
+    };
+    let r1 = rt.block_on(held_push(&url, &t1, "vm1", &group, 1)).unwrap();
+    let id1 = r1.revision.unwrap().id;
+    assert!(site.ids("hv01", "vm1").is_empty(), "a held disk is not listed");
+
+    // Another identity: not on hv01's jobs, not on its own with hv01's instant.
+    let e = rt
+        .block_on(commit_group(
+            &url,
+            &t2,
+            commit(&[("vm1", &id1), ("vm3", &id1)], true),
+        ))
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
+    let e = rt
+        .block_on(commit_group(
+            &url,
+            &t2,
+            commit(&[("vm3", &id1), ("vm3", &id1)], true),
+        ))
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
+    assert!(e.message().contains("another client identity"), "{e:?}");
+    let e = rt.block_on(held_push(&url, &t2, "vm3", &group, 3)).unwrap_err();
+    assert_eq!(
+        e.code(),
+        tonic::Code::PermissionDenied,
+        "joining another's instant: {e:?}"
+    );
+    assert!(site.ids("hv02", "vm3").is_empty());
+
+    // hv01's own mistakes: refused, nothing changed, still held.
+    let e = rt
+        .block_on(commit_group(&url, &t1, commit(&[("vm1", &id1)], false)))
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
+    let fake = uuid::Uuid::new_v4().to_string();
+    let e = rt
+        .block_on(commit_group(
+            &url,
+            &t1,
+            commit(&[("vm1", &id1), ("vm2", &fake)], false),
+        ))
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e:?}");
+    assert!(
+        e.message()
+            .contains("job vm2: no revision of this instant is held"),
+        "{e:?}"
+    );
+    assert!(site.ids("hv01", "vm1").is_empty() && site.ids("hv01", "vm2").is_empty());
+
+    // The second disk, then the commit: both listed at one time.
+    let r2 = rt.block_on(held_push(&url, &t1, "vm2", &group, 2)).unwrap();
+    let id2 = r2.revision.unwrap().id;
+    let done = rt
+        .block_on(commit_group(
+            &url,
+            &t1,
+            commit(&[("vm1", &id1), ("vm2", &id2)], false),
+        ))
+        .unwrap();
+    assert_eq!(done.revisions.len(), 2);
+    assert_eq!(
+        done.revisions[0].timestamp, done.revisions[1].timestamp,
+        "one revision time"
+    );
+    let short = |id: &str| id.parse::<backy_common::RevisionId>().unwrap().short();
+    assert_eq!(site.ids("hv01", "vm1"), [short(&id1)]);
+    assert_eq!(site.ids("hv01", "vm2"), [short(&id2)]);
+    let e = rt
+        .block_on(commit_group(
+            &url,
+            &t1,
+            commit(&[("vm1", &id1), ("vm2", &id2)], false),
+        ))
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::FailedPrecondition, "committed once: {e:?}");
+
+    // An abort: the held disk goes, its job takes a push at once.
+    let group = GroupInstant {
+        instant: backy_common::RevisionId::new_random().short(),
+        ..group
+    };
+    let r = rt.block_on(held_push(&url, &t1, "vm1", &group, 4)).unwrap();
+    let id = r.revision.unwrap().id;
+    let partial = site.server.base.join("vm1").join(".partial");
+    assert_eq!(
+        std::fs::read_dir(&partial).unwrap().count(),
+        2,
+        "image and manifest held"
+    );
+    let members = [("vm1", id.as_str()), ("vm2", id.as_str())];
+    let request = GroupCommit {
+        group: Some(group.clone()),
+        members: members
+            .iter()
+            .map(|(job, rev)| GroupMember {
+                job: job.to_string(),
+                rev_id: rev.to_string(),
+            })
+            .collect(),
+        abort: true,
+    };
+    let aborted = rt.block_on(commit_group(&url, &t1, request)).unwrap();
+    assert!(aborted.revisions.is_empty());
+    assert_eq!(
+        std::fs::read_dir(&partial).unwrap().count(),
+        0,
+        "the held files went"
+    );
+    assert_eq!(site.ids("hv01", "vm1"), [short(&id1)]);
+    site.push("vm1", 5);
+    assert_eq!(site.ids("hv01", "vm1").len(), 2, "the job's push slot is free");
+
+    // A held push needs its instant.
+    let bare = GroupInstant::default();
+    let e = rt.block_on(held_push(&url, &t1, "vm1", &bare, 6)).unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
+}

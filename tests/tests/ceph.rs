@@ -597,7 +597,8 @@ fn a_first_push_of_a_template_clone_sends_no_block_the_server_holds() {
 /// freeze window the group's hooks make (the pre-snapshot hook sees
 /// neither new snapshot, the post-snapshot hook both), writes to both
 /// images straddle it, and each revision restores to its image's model
-/// at the instant and records the same group instant.
+/// at the instant and records the same group instant. A disk the server
+/// refuses fails the whole instant: none of it is committed.
 #[test]
 fn a_group_of_rbd_images_is_snapshotted_in_one_freeze_window() {
     must_be_root();
@@ -731,6 +732,55 @@ fn a_group_of_rbd_images_is_snapshotted_in_one_freeze_window() {
         "0 0 pre \n1 1 post \n1 1 pre \n2 2 post \n",
         "both snapshots inside each freeze window"
     );
+    // 3. One disk refused (its image shrank: the server refuses it after
+    // the other disk was pushed and held): nothing of the instant is
+    // committed, and each image keeps the snapshot of its last revision.
+    let kept: Vec<Vec<String>> = images.iter().map(|i| i.backy_snapshots()).collect();
+    let shrink = std::process::Command::new("rbd")
+        .args([
+            "--conf",
+            conf.to_str().unwrap(),
+            "resize",
+            "--allow-shrink",
+            "--size",
+        ])
+        .arg(format!("{}B", 3 * BLOCK))
+        .arg(images[1].spec())
+        .output()
+        .unwrap();
+    assert!(
+        shrink.status.success(),
+        "{}",
+        String::from_utf8_lossy(&shrink.stderr)
+    );
+    let out = server.client(&["--json", "push", "vm1"]);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let third: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(third["complete"], false, "{third}");
+    assert_eq!(
+        third["disks"][0]["error"], "not committed: vm1-1 of the group failed",
+        "{third}"
+    );
+    assert!(
+        third["disks"][1]["error"]
+            .as_str()
+            .unwrap()
+            .contains("the source has"),
+        "{third}"
+    );
+    for (i, img) in images.iter().enumerate() {
+        assert_eq!(
+            server.revisions(&format!("vm1-{i}")).len(),
+            2,
+            "vm1-{i}: nothing committed"
+        );
+        assert_eq!(img.backy_snapshots(), kept[i], "vm1-{i}: the new snapshot went");
+    }
 }
 
 /// An encrypted job (docs/encryption.md) with a Ceph RBD source: a full

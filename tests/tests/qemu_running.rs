@@ -771,10 +771,11 @@ fn a_full_fleecing_scratch_fails_the_push_and_never_the_guest() {
 /// group's hooks once around it). Guest writes straddle each instant; a
 /// model per disk records them and where the instant fell, and each
 /// revision restores to its disk's model at that point. Every revision
-/// records the group, the instant and the disk count. A disk that fails
-/// (its scratch full) leaves the other's revision committed, the instant
-/// incomplete (exit 1) and its own parent bitmap in place, so the next
-/// group push is still incremental and right.
+/// records the group, the instant and the disk count, and both share one
+/// revision time. A disk that fails (its scratch full) commits none of
+/// the instant (exit 1): the other disk's revision, pushed and held, is
+/// dropped, and both disks keep their parents' bitmaps, so the next group
+/// push is still incremental and right.
 #[test]
 fn a_group_takes_every_disk_of_a_guest_at_one_instant() {
     let dir = tempfile::tempdir().unwrap();
@@ -845,7 +846,16 @@ fn a_group_takes_every_disk_of_a_guest_at_one_instant() {
             let stored = newest(job);
             assert_eq!(stored["group"], *group, "{job} keeps the instant: {stored}");
             assert_eq!(stored["id"], disk["pushed"]["revision"]["id"]);
+            assert_eq!(
+                stored["timestamp"], disk["pushed"]["revision"]["timestamp"],
+                "{job}: the push reports the group's revision time"
+            );
         }
+        assert_eq!(
+            newest("vm1-a")["timestamp"],
+            newest("vm1-b")["timestamp"],
+            "one revision time for the instant"
+        );
         (doc, instant)
     };
     let id = |doc: &Value, i: usize| {
@@ -903,36 +913,55 @@ fn a_group_takes_every_disk_of_a_guest_at_one_instant() {
     check_restore_of(&server, d, "vm1-b", &id(&second, 1), &at_instant.1);
     let parent_b = id(&second, 1);
 
+    let parent_a = id(&second, 0);
+
     // 3. disk1's scratch (16 MiB) cannot take 24 MiB of old data: its
-    // push fails, disk0's commits, the instant is incomplete.
+    // push fails; disk0's, pushed first and held, is dropped with it.
     let out = push_holding_the_instant(&pause, &at, push, || {
         vm.write_on(0, &mut m0, 0x61, 10 * MIB, G);
         for i in 0..24 {
             vm.write_on(1, &mut m1, 0x62, i * MIB, MIB);
         }
     });
-    assert_eq!(out.status.code(), Some(1), "an incomplete instant fails the push");
+    assert_eq!(out.status.code(), Some(1), "a failed disk fails the group push");
     let third: Value = serde_json::from_slice(&out.stdout).unwrap();
     alive(&mut vm);
     assert_eq!(third["complete"], false, "{third}");
-    assert_eq!(
-        third["disks"][0]["pushed"]["revision"]["group"]["disks"], 2,
-        "{third}"
-    );
-    assert_eq!(sent(&third, 0), G, "{third}");
     let error = third["disks"][1]["error"].as_str().unwrap();
     assert!(
         error.contains("node disk1: the fleecing scratch could not take"),
         "{error}"
     );
-    assert!(third["disks"][1].get("pushed").is_none(), "{third}");
-    assert_eq!(server.revisions("vm1-a").len(), 3);
+    assert_eq!(
+        third["disks"][0]["error"], "not committed: vm1-b of the group failed",
+        "{third}"
+    );
+    for i in 0..2 {
+        assert!(third["disks"][i].get("pushed").is_none(), "{third}");
+    }
+    assert_eq!(server.revisions("vm1-a").len(), 2, "nothing committed for disk0");
     assert_eq!(server.revisions("vm1-b").len(), 2, "nothing committed for disk1");
+    // The held disk's files went with the abort, before its reply.
+    let partial = base.join("vm1-a").join(".partial");
+    let left: Vec<_> = std::fs::read_dir(&partial)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    assert!(left.is_empty(), "the dropped disk's files are gone: {left:?}");
+    for job in ["vm1-a", "vm1-b"] {
+        let status = server.status_json(job);
+        assert_eq!(
+            status["jobs"][0]["failures"], 1,
+            "{job}: the failure is counted: {status}"
+        );
+    }
     let (_, failed) = guest_writes(d);
     assert!(failed.is_empty(), "no guest write failed: {failed:?}");
     assert_eq!(
         vm.state_of("disk0"),
-        (vec![format!("backy-{}", id(&third, 0))], vec![])
+        (vec![format!("backy-{parent_a}")], vec![]),
+        "disk0 keeps its parent's bitmap"
     );
     assert_eq!(
         vm.state_of("disk1"),
@@ -940,12 +969,14 @@ fn a_group_takes_every_disk_of_a_guest_at_one_instant() {
         "disk1 keeps its parent's bitmap, which covers every write since"
     );
 
-    // 4. The next group push: disk1 incremental from its parent (the
-    // 24 MiB and the granule written during push 2), both right.
+    // 4. The next group push: both incremental from their parents (disk0:
+    // the granules written during pushes 2 and 3; disk1: the 24 MiB and
+    // the granule written during push 2), both right.
     let (fourth, _) = complete(push());
     alive(&mut vm);
-    assert_eq!(sent(&fourth, 0), G, "{fourth}");
+    assert_eq!(sent(&fourth, 0), 2 * G, "{fourth}");
     assert_eq!(sent(&fourth, 1), 24 * MIB, "{fourth}");
+    assert_eq!(newest("vm1-a")["parent_id"].as_str(), Some(parent_a.as_str()));
     assert_eq!(newest("vm1-b")["parent_id"].as_str(), Some(parent_b.as_str()));
     check_restore_of(&server, d, "vm1-a", &id(&fourth, 0), &m0);
     check_restore_of(&server, d, "vm1-b", &id(&fourth, 1), &m1);
@@ -958,6 +989,89 @@ fn a_group_takes_every_disk_of_a_guest_at_one_instant() {
     vm.quit();
     check_image(d, "disk0.qcow2", &m0);
     check_image(d, "disk1.qcow2", &m1);
+}
+
+/// Issue 34: a group's commit is one step even across a crash. The server
+/// dies (fault point) after publishing the first disk of a two-disk
+/// instant; at its next start it finishes the recorded commit before it
+/// cleans leftovers, so both disks are committed under one revision time
+/// and restore to the disks at the instant, and no record is left. The
+/// client saw the commit fail and dropped its new bitmaps; the next group
+/// push notices the missing bitmaps, reads both disks whole, and is right.
+#[test]
+fn a_crash_inside_a_group_commit_is_finished_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    for disk in ["disk0.qcow2", "disk1.qcow2"] {
+        run(
+            "qemu-img",
+            &[
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                d.join(disk).to_str().unwrap(),
+                "64M",
+            ],
+        );
+    }
+    let mut vm = Vm::start_disks(d, vec![("disk0.qcow2", "qcow2"), ("disk1.qcow2", "qcow2")]);
+    let mut m0 = vec![0u8; SIZE as usize];
+    let mut m1 = vec![0u8; SIZE as usize];
+    vm.write_on(0, &mut m0, 0x13, MIB, 3 * MIB);
+    vm.write_on(1, &mut m1, 0x23, 7 * MIB, 2 * MIB);
+    let qmp = d.join("backy.qmp");
+    let jobs = format!(
+        "  vm1-a: {{schedule: none, source: {{type: qemu, qmp: {q}, node: drive0, scratch-dir: {d}}}}}\n  \
+         vm1-b: {{schedule: none, source: {{type: qemu, qmp: {q}, node: drive1, scratch-dir: {d}}}}}\n",
+        q = qmp.display(),
+        d = d.display(),
+    );
+    let base = d.join("backy");
+    std::fs::create_dir_all(&base).unwrap();
+    let mut server = Server::start(&base, &jobs);
+    let mut client_yaml = std::fs::read_to_string(&server.client_config).unwrap();
+    client_yaml.push_str("groups:\n  vm1:\n    jobs: [vm1-a, vm1-b]\n");
+    std::fs::write(&server.client_config, client_yaml).unwrap();
+
+    server.restart_with_env(&[("BACKY_FAULT", "group.published@1")]);
+    let out = server.client(&["--json", "push", "vm1"]);
+    assert_eq!(out.status.code(), Some(1), "the commit's reply never came");
+    assert!(server.wait_exit(), "the server aborted at the fault point");
+    let record_dir = base.join(".groups");
+    let records = std::fs::read_dir(&record_dir).unwrap().count();
+    assert_eq!(
+        records, 1,
+        "the commit was recorded before the first disk was published"
+    );
+    let mark = server.log_mark();
+    server.restart();
+    server.wait_log(mark, "finished a group commit interrupted by a crash");
+    let (a, b) = (server.revisions("vm1-a"), server.revisions("vm1-b"));
+    assert_eq!((a.len(), b.len()), (1, 1), "both disks committed: {a:?} {b:?}");
+    assert_eq!(a[0]["timestamp"], b[0]["timestamp"], "one revision time");
+    assert_eq!(a[0]["group"]["instant"], b[0]["group"]["instant"]);
+    assert_eq!(
+        std::fs::read_dir(&record_dir).unwrap().count(),
+        0,
+        "the record is gone"
+    );
+    check_restore_of(&server, d, "vm1-a", a[0]["id"].as_str().unwrap(), &m0);
+    check_restore_of(&server, d, "vm1-b", b[0]["id"].as_str().unwrap(), &m1);
+
+    vm.write_on(0, &mut m0, 0x33, 30 * MIB, G);
+    let doc = pushed(server.client(&["--json", "push", "vm1"]));
+    assert_eq!(doc["complete"], true, "{doc}");
+    for (i, (job, model)) in [("vm1-a", &m0), ("vm1-b", &m1)].into_iter().enumerate() {
+        let disk = &doc["disks"][i]["pushed"];
+        assert!(
+            disk["full_read"].as_str().is_some_and(|r| !r.is_empty()),
+            "{job}: its bitmap went with the failed commit, so it is read whole: {doc}"
+        );
+        check_restore_of(&server, d, job, disk["revision"]["id"].as_str().unwrap(), model);
+    }
+    alive(&mut vm);
+    vm.quit();
 }
 
 /// Issue 34: a dirty bitmap that lies. A write is made, the parent's

@@ -235,6 +235,9 @@ impl Backy for Liar {
     async fn report_failure(&self, _: Request<FailureReport>) -> Result<Response<FailureReply>, Status> {
         no()
     }
+    async fn commit_group(&self, _: Request<GroupCommit>) -> Result<Response<GroupCommitted>, Status> {
+        no()
+    }
 }
 
 /// Serves `liar` on a loopback port on its own runtime; returns its URL.

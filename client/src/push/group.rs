@@ -1,21 +1,20 @@
-//! `push GROUP`: the disks of one VM taken at one instant, then each
-//! pushed as its own job (docs/DESIGN.md, "Groups").
+//! `push GROUP`: the disks of one VM taken at one instant, each pushed
+//! as its own job, committed together (docs/DESIGN.md, "Groups").
 //!
 //! 1. a plan per member; none due: nothing happens; any due: the others
 //!    are planned forced (the group is one instant, so all or none);
 //! 2. the instant, the group's hooks around it: for running QEMU disks one
 //!    QMP transaction over every disk; for Ceph RBD images every `rbd snap
 //!    create` inside the one freeze window the hooks make;
-//! 3. each disk pushed in turn from its view, its revision recording the
-//!    group, the instant and how many disks it has; a disk that fails is
-//!    reported as a failed push of its job, the others go on;
-//! 4. tidying: a committed QEMU disk's parent bitmap goes, a failed disk's
-//!    new one (its parent's still covers everything since its parent); a
-//!    committed RBD snapshot replaces the older ones, a failed one goes.
-//!
-//! The instant is complete when every disk committed; otherwise the
-//! revisions that did stay valid (each is its disk at the instant) and
-//! the push fails, saying which disks are missing.
+//! 3. each disk pushed in turn from its view with `hold`: the server
+//!    checks and seals its revision but does not publish it;
+//! 4. `CommitGroup`: every disk pushed, the server publishes all of them
+//!    under one revision time; a disk failed, the client aborts and the
+//!    server drops every held one: none is committed, and each member's
+//!    failure is reported;
+//! 5. tidying: committed, the QEMU disks' parent bitmaps go and the RBD
+//!    snapshots replace the older ones; not committed, the new bitmaps
+//!    and snapshots go (the parents' still cover everything since).
 
 use super::file::{push_source, Hold};
 use super::rbd;
@@ -30,7 +29,7 @@ use backy_common::config::ClientGroup;
 use backy_common::revision::check_tag;
 use backy_common::source::{QemuDisk, SourceSpec};
 use backy_common::{Error, JobName, Result, RevisionId};
-use backy_proto::{GroupInstant, PlanReply, PlanRequest};
+use backy_proto::{GroupCommit, GroupInstant, GroupMember, PlanReply, PlanRequest};
 use serde::Serialize;
 use std::fmt;
 use std::time::Instant;
@@ -63,7 +62,7 @@ pub struct GroupArgs {
 pub struct GroupPushed {
     pub group: String,
     pub instant: String,
-    /// Every disk's revision committed.
+    /// Every disk's revision committed (otherwise none was).
     pub complete: bool,
     pub disks: Vec<DiskOutcome>,
 }
@@ -87,14 +86,19 @@ impl fmt::Display for GroupPushed {
                 (None, None) => writeln!(f, "{}: not pushed", d.job)?,
             }
         }
-        let state = if self.complete { "complete" } else { "INCOMPLETE" };
-        write!(
-            f,
-            "group {}: instant {} {state} ({done} of {} disks)",
-            self.group,
-            self.instant,
-            self.disks.len()
-        )
+        if self.complete {
+            write!(
+                f,
+                "group {}: instant {} committed ({done} disks)",
+                self.group, self.instant
+            )
+        } else {
+            write!(
+                f,
+                "group {}: instant {} NOT COMMITTED: no disk of it was kept",
+                self.group, self.instant
+            )
+        }
     }
 }
 
@@ -109,6 +113,14 @@ pub async fn push_group(
         check_tag(tag)?;
     }
     let group = args.group.as_str();
+    let protocol = crate::connect::server_protocol(client).await?;
+    if protocol < backy_proto::GROUP_COMMIT_PROTOCOL {
+        return Err(Error::precondition(format!(
+            "group {group}: the server speaks protocol {protocol}; a group push needs {} \
+             (it commits every disk or none): upgrade backy-server",
+            backy_proto::GROUP_COMMIT_PROTOCOL
+        )));
+    }
     let mut plans = Vec::new();
     for (job, _) in &args.members {
         plans.push(plan(client, args, job, args.force).await?);
@@ -200,29 +212,86 @@ fn wire_instant(args: &GroupArgs, instant: &str) -> GroupInstant {
     }
 }
 
-/// Records a member's outcome; a failure is reported to the server as a
-/// failed push of its job.
-async fn outcome(
+/// Step 4 of the module docs: commits the instant when every disk was
+/// pushed and held, else aborts it; every member not committed is
+/// reported as a failed push of its job. Returns whether it committed.
+async fn finish(
     client: &mut Client,
-    group: &str,
-    job: &JobName,
-    plan: &PlanReply,
-    pushed: Result<Pushed>,
-) -> DiskOutcome {
-    match pushed {
-        Ok(pushed) => DiskOutcome {
+    args: &GroupArgs,
+    wire: &GroupInstant,
+    plans: &[PlanReply],
+    pushed: Vec<Result<Pushed>>,
+) -> (bool, Vec<DiskOutcome>) {
+    let group = args.group.as_str();
+    let failed: Vec<String> = args
+        .members
+        .iter()
+        .zip(&pushed)
+        .filter(|(_, p)| p.is_err())
+        .map(|((job, _), _)| job.to_string())
+        .collect();
+    let members = args
+        .members
+        .iter()
+        .zip(plans)
+        .map(|((job, _), plan)| GroupMember {
             job: job.to_string(),
-            pushed: Some(pushed),
-            error: None,
-        },
-        Err(e) => {
-            tracing::error!(group, job = job.as_str(), "{}", e.message);
-            report_failure(client, job.as_str(), &plan.new_id, &e).await;
-            DiskOutcome {
-                job: job.to_string(),
-                pushed: None,
-                error: Some(e.message),
+            rev_id: plan.new_id.clone(),
+        })
+        .collect();
+    let request = GroupCommit {
+        group: Some(wire.clone()),
+        members,
+        abort: !failed.is_empty(),
+    };
+    let committed = match client.commit_group(request).await {
+        Ok(reply) if failed.is_empty() => Ok(reply.into_inner()),
+        Ok(_) => Err(Error::precondition(format!(
+            "not committed: {} of the group failed",
+            failed.join(", ")
+        ))),
+        Err(status) if failed.is_empty() => Err(status_error(status).context("committing the group")),
+        Err(status) => {
+            tracing::warn!(group, "aborting the group push: {}", status.message());
+            Err(Error::precondition(format!(
+                "not committed: {} of the group failed",
+                failed.join(", ")
+            )))
+        }
+    };
+    let mut outcomes = Vec::new();
+    match committed {
+        Ok(reply) => {
+            let expired: Vec<String> = reply.expired;
+            for (pushed, info) in pushed.into_iter().zip(reply.revisions) {
+                if let Ok(mut pushed) = pushed {
+                    // The revision time is the group's now.
+                    pushed.revision = crate::view::RevisionView::from(&info);
+                    pushed.expired = expired.clone();
+                    outcomes.push(DiskOutcome {
+                        job: pushed.job.clone(),
+                        pushed: Some(pushed),
+                        error: None,
+                    });
+                }
             }
+            (true, outcomes)
+        }
+        Err(why) => {
+            for (((job, _), plan), pushed) in args.members.iter().zip(plans).zip(pushed) {
+                let error = match pushed {
+                    Err(e) => e,
+                    Ok(_) => why.clone(),
+                };
+                tracing::error!(group, job = job.as_str(), "{}", error.message);
+                report_failure(client, job.as_str(), &plan.new_id, &error).await;
+                outcomes.push(DiskOutcome {
+                    job: job.to_string(),
+                    pushed: None,
+                    error: Some(error.message),
+                });
+            }
+            (false, outcomes)
         }
     }
 }
@@ -260,35 +329,38 @@ async fn group_rbd(
     .await?;
     taken?;
     let wire = wire_instant(args, instant);
-    let mut outcomes = Vec::new();
+    let mut pushed = Vec::new();
     for (((job, _), plan), (image, snap)) in args.members.iter().zip(plans).zip(&images) {
         let member = member_args(args, job, plan, &wire);
-        let pushed = rbd::push_snapshot(
-            client,
-            job.as_str(),
-            &member,
-            plan,
-            image,
-            snap,
-            progress,
-            started,
-        )
-        .await;
-        let (image2, snap2, ok) = (image.clone(), snap.clone(), pushed.is_ok());
+        pushed.push(
+            rbd::push_snapshot(
+                client,
+                job.as_str(),
+                &member,
+                plan,
+                image,
+                snap,
+                progress,
+                started,
+            )
+            .await,
+        );
+    }
+    let (complete, outcomes) = finish(client, args, &wire, plans, pushed).await;
+    for (image, snap) in images {
         let tidy = rbd::blocking(move || {
-            // A committed snapshot is its disk's next parent; a failed
-            // one's is no use.
-            if ok {
-                rbd::rotate(&image2, &snap2)
+            // A committed snapshot is its disk's next parent; one of an
+            // instant not committed is no use.
+            if complete {
+                rbd::rotate(&image, &snap)
             } else {
-                image2.snap_remove(&snap2)
+                image.snap_remove(&snap)
             }
         })
         .await;
         if let Err(e) = tidy {
-            tracing::warn!(group, job = job.as_str(), "{}", e.message);
+            tracing::warn!(group, "{}", e.message);
         }
-        outcomes.push(outcome(client, group, job, plan, pushed).await);
     }
     let cleaned = rbd::blocking(move || hooks.cleanup()).await;
     if let Err(e) = cleaned {
@@ -297,7 +369,7 @@ async fn group_rbd(
     Ok(GroupPushed {
         group: group.to_string(),
         instant: instant.to_string(),
-        complete: outcomes.iter().all(|o| o.pushed.is_some()),
+        complete,
         disks: outcomes,
     })
 }
@@ -346,8 +418,7 @@ async fn group_qemu(
             .map_err(|e| Error::internal(format!("opening the group's disks: {e}")))??;
     let shared = Shared::new(session);
     let wire = wire_instant(args, instant);
-    let mut outcomes = Vec::new();
-    let mut committed = Vec::new();
+    let mut pushed = Vec::new();
     for (index, (((job, _), plan), disk)) in args.members.iter().zip(plans).zip(opened).enumerate() {
         let member = member_args(args, job, plan, &wire);
         let hold = Hold {
@@ -355,21 +426,22 @@ async fn group_qemu(
             index,
             finish: false,
         };
-        let pushed = push_source(
-            client,
-            &member,
-            plan,
-            Box::new(disk.source),
-            Some(hold),
-            disk.full_read_reason,
-            progress,
-            started,
-        )
-        .await;
-        committed.push(pushed.is_ok());
-        outcomes.push(outcome(client, group, job, plan, pushed).await);
+        pushed.push(
+            push_source(
+                client,
+                &member,
+                plan,
+                Box::new(disk.source),
+                Some(hold),
+                disk.full_read_reason,
+                progress,
+                started,
+            )
+            .await,
+        );
     }
-    let flags = committed.clone();
+    let (complete, outcomes) = finish(client, args, &wire, plans, pushed).await;
+    let flags = vec![complete; outcomes.len()];
     let done = tokio::task::spawn_blocking(move || shared.finish(&flags)).await;
     if let Ok(Err(e)) = done {
         tracing::warn!(
@@ -381,7 +453,7 @@ async fn group_qemu(
     Ok(GroupPushed {
         group: group.to_string(),
         instant: instant.to_string(),
-        complete: committed.iter().all(|c| *c),
+        complete,
         disks: outcomes,
     })
 }

@@ -259,6 +259,7 @@ pub(super) async fn push_snapshot(
         allow_unscheduled: args.allow_unscheduled,
         allow_shrink: args.allow_shrink,
         group: args.group.clone(),
+        hold: args.group.is_some(),
         key_check: args.key.as_ref().map(|k| k.check().to_vec()).unwrap_or_default(),
     };
     let (tx, rx) = mpsc::channel(FRAMES_IN_FLIGHT);

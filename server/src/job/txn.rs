@@ -257,7 +257,19 @@ impl<'a> Txn<'a> {
     /// the source's) from its timestamp on.
     pub fn publish(&mut self, mut sealed: Sealed, retention_lock: Option<Interval>) -> Result<RevisionMeta> {
         sealed.lock_for(retention_lock)?;
-        let id = sealed.meta().id;
+        self.check_publishable(sealed.meta())?;
+        let new_blocks = sealed.new_blocks();
+        self.changed = true;
+        let meta = sealed.install(&self.lock)?;
+        self.jobs.hints.published(self.job, meta.id, &new_blocks);
+        self.add(meta.clone());
+        Ok(meta)
+    }
+
+    /// The checks of [`Txn::publish`], for a group commit that checks every
+    /// disk before it publishes any.
+    pub fn check_publishable(&self, meta: &RevisionMeta) -> Result<()> {
+        let id = meta.id;
         if self.get(&id).is_some() {
             return Err(Error::exists(format!(
                 "job {}: revision {id} exists already",
@@ -272,7 +284,7 @@ impl<'a> Txn<'a> {
                 self.job.name()
             )));
         }
-        if let Some(pid) = sealed.meta().parent {
+        if let Some(pid) = meta.parent {
             match self.get(&pid) {
                 None => {
                     return Err(Error::precondition(format!(
@@ -289,14 +301,28 @@ impl<'a> Txn<'a> {
                 Some(_) => {}
             }
         }
-        let new_blocks = sealed.new_blocks();
-        self.changed = true;
-        let meta = sealed.install(&self.lock)?;
-        self.jobs.hints.published(self.job, meta.id, &new_blocks);
-        self.revisions.push(meta.clone());
+        Ok(())
+    }
+
+    /// Completes a group commit recorded before a crash (see
+    /// `crate::group::recover`): the sealed revision's files are moved into
+    /// place and its `.rev` written as recorded. `false`: it was committed.
+    pub fn install_recorded(&mut self, meta: &RevisionMeta) -> Result<bool> {
+        if self.get(&meta.id).is_some() {
+            return Ok(false);
+        }
+        let installed = self.job.install_recorded(&self.lock, meta)?;
+        if installed {
+            self.changed = true;
+            self.add(meta.clone());
+        }
+        Ok(installed)
+    }
+
+    fn add(&mut self, meta: RevisionMeta) {
+        self.revisions.push(meta);
         self.revisions
             .sort_by(|a, b| a.timestamp.cmp(&b.timestamp).then(a.id.cmp(&b.id)));
-        Ok(meta)
     }
 
     /// Points `latest` at the newest revision (people read it, never the
@@ -681,6 +707,62 @@ mod tests {
         let disk = f.job.revisions().unwrap();
         assert_eq!(Vec::from_iter(disk.iter().map(|m| m.id)), [other.id]);
         assert_eq!(f.server.jobs.indexed(&f.job).unwrap().revisions, disk);
+    }
+
+    /// The periodic leftover cleanup keeps every file of the job's running
+    /// push, its sealed manifest included: a revision sealed and waiting
+    /// for its commit (a group's disk waits minutes) must still commit.
+    #[test]
+    fn the_periodic_cleanup_keeps_a_sealed_revision_waiting_for_its_commit() {
+        let f = fixture();
+        let id = RevisionId::new_random();
+        let slot = f.server.jobs.activity.try_start_push(f.job.name(), id).unwrap();
+        let sealed = seal(&f, id, 7, &["manual:a"]);
+        assert!(f.job.sealed_digests_path(&id).exists());
+        let txn = Txn::begin(&f.server.jobs, &f.job).unwrap();
+        let removed = txn.clean_leftovers(None).unwrap();
+        assert!(
+            removed.is_empty(),
+            "the sealed revision's files were removed: {removed:?}"
+        );
+        drop(txn);
+        let mut txn = Txn::begin(&f.server.jobs, &f.job).unwrap();
+        let meta = txn.publish(sealed, None).unwrap();
+        drop(txn);
+        drop(slot);
+        assert_eq!(on_disk(&f, &id), meta);
+        assert!(f.job.manifest(&meta).is_ok());
+    }
+
+    /// A group commit recorded before a crash is finished from the sealed
+    /// files as recorded; finishing it again changes nothing; without its
+    /// files it fails with DataLoss instead of writing a `.rev`.
+    #[test]
+    fn a_recorded_commit_is_installed_from_its_sealed_files() {
+        let f = fixture();
+        let id = RevisionId::new_random();
+        let mut sealed = seal(&f, id, 9, &["manual:a"]);
+        sealed.lock_for(None).unwrap();
+        let meta = sealed.meta().clone();
+        // The crash: the sealed files stay, the process state is gone.
+        std::mem::forget(sealed);
+        let mut txn = Txn::begin(&f.server.jobs, &f.job).unwrap();
+        assert!(txn.install_recorded(&meta).unwrap());
+        assert!(!txn.install_recorded(&meta).unwrap(), "installed once");
+        drop(txn);
+        assert_eq!(on_disk(&f, &id), meta);
+        assert_eq!(f.job.revisions().unwrap(), std::slice::from_ref(&meta));
+        assert!(f.job.manifest(&meta).is_ok());
+        assert!(!f.job.partial_image_path(&id).exists());
+
+        let lost = RevisionMeta {
+            id: RevisionId::new_random(),
+            ..meta
+        };
+        let mut txn = Txn::begin(&f.server.jobs, &f.job).unwrap();
+        let e = txn.install_recorded(&lost).unwrap_err();
+        assert_eq!(e.kind, ErrorKind::DataLoss, "{}", e.message);
+        assert!(!f.job.rev_path(&lost.id).exists());
     }
 
     /// As above with a forgotten revision's image stuck: the leftover

@@ -232,6 +232,9 @@ impl JobDir {
                     self.partial_image_path(id),
                     self.resume_record_path(id),
                     self.resume_digests_path(id),
+                    // Sealed, its commit pending (a group's disk waits
+                    // for the group's commit).
+                    self.sealed_digests_path(id),
                 ]
             })
             .collect();
@@ -282,6 +285,36 @@ impl JobDir {
     pub fn has_leftovers(&self) -> bool {
         self.dir.join(DELETIONS_FILE).exists()
             || std::fs::read_dir(self.partial_dir()).is_ok_and(|mut d| d.next().is_some())
+    }
+
+    /// Finishes the commit of a sealed revision whose group commit was
+    /// recorded before a crash (see `crate::group`): moves what is still
+    /// in `.partial/` into place and writes the `.rev` as recorded.
+    /// `false`: it was committed already.
+    pub fn install_recorded(&self, _held: &JobLock, meta: &RevisionMeta) -> Result<bool> {
+        let id = meta.id;
+        if self.rev_path(&id).exists() {
+            return Ok(false);
+        }
+        for (from, to) in [
+            (self.partial_image_path(&id), self.image_path(&id)),
+            (self.sealed_digests_path(&id), self.digests_path(&id)),
+        ] {
+            if from.exists() {
+                std::fs::rename(&from, &to)
+                    .map_err(|e| Error::io(format!("moving {} to {}", from.display(), to.display()), e))?;
+            } else if !to.exists() {
+                return Err(Error::data_loss(format!(
+                    "job {}: revision {id} of a recorded group commit has no {}",
+                    self.name,
+                    to.display()
+                )));
+            }
+        }
+        durable::fsync_dir(&self.dir)?;
+        durable::fsync_dir(&self.partial_dir())?;
+        durable::write_atomic(&self.rev_path(&id), meta.to_yaml()?.as_bytes())?;
+        Ok(true)
     }
 
     /// Removes the image and manifest of `id` if no `.rev` owns them.

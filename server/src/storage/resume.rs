@@ -28,6 +28,13 @@ impl JobDir {
         self.partial_dir().join(format!("{}.resume.digests", id.short()))
     }
 
+    /// The manifest of a sealed revision, complete and synced, until its
+    /// commit moves it beside the image (a group's disks wait there for
+    /// the group's commit).
+    pub fn sealed_digests_path(&self, id: &RevisionId) -> PathBuf {
+        self.partial_dir().join(format!("{}.digests", id.short()))
+    }
+
     /// The newest interrupted push that can still be resumed at `now`:
     /// its record sane and inside `window`, its files present, not
     /// committed since, its parent still there. Others are ignored here

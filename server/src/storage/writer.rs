@@ -767,7 +767,7 @@ impl NewRevision {
         let stats = self.total_stats();
 
         let id = self.spec.id;
-        let partial_digests = self.job.partial_dir().join(format!("{}.digests", id.short()));
+        let partial_digests = self.job.sealed_digests_path(&id);
         // From here on the push is no longer resumable.
         self.job.discard_resume(&id);
         let written = durable::write_manifest(&partial_digests, &self.current)?;
@@ -821,6 +821,16 @@ impl std::fmt::Debug for Sealed {
 impl Sealed {
     pub fn meta(&self) -> &RevisionMeta {
         &self.meta
+    }
+
+    pub fn job(&self) -> &JobDir {
+        &self.rev.job
+    }
+
+    /// Dates the revision `at` (a group's disks share one revision time);
+    /// never later than its own push's start, so never after the clock.
+    pub fn date(&mut self, at: DateTime<Utc>) {
+        self.meta.timestamp = self.meta.timestamp.min(at);
     }
 
     /// The blocks whose data this revision brought (not its parent's, not
