@@ -87,7 +87,8 @@ mod tests {
             "This build speaks protocol {} (protocol 1 plus `PushExchange`, the granule exchange, \
              `StatusStream`, status without a message limit, `RestoreRequest.granules`, rollback, \
              `ReadGranules`, the export's ranged reads, `GranuleDigests.block_digest`, \
-             deduplicated transfer, and `PushBegin.key_check`, client-side encryption) and works with peers of protocol {} and newer",
+             deduplicated transfer, `PushBegin.key_check`, client-side encryption, `PushBegin.hold` and \
+             `CommitGroup`, group pushes that commit every disk or none) and works with peers of protocol {} and newer",
             super::PROTOCOL,
             super::MIN_CLIENT_PROTOCOL.min(super::MIN_SERVER_PROTOCOL)
         );
