@@ -22,6 +22,7 @@ pub mod fuzz_plan;
 pub mod granules;
 pub mod id;
 pub mod job;
+pub mod lease;
 pub mod logging;
 pub mod manifest;
 pub mod nbd;
