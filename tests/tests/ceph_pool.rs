@@ -12,6 +12,9 @@
 //! - `rados lock` with a duration is exclusive and free once it expired,
 //!   and a second process cannot renew it (renewal needs one long-lived
 //!   client);
+//! - a writer of the image, found by its watch, is fenced by a blocklist
+//!   entry the identity may add: the rest of its stream lands nowhere and
+//!   makes no snapshot;
 //! - the identity cannot read or write outside its namespace.
 
 use backy_common::rbd_diff::{DiffHeader, DiffWriter};
@@ -524,5 +527,95 @@ fn the_store_identity_cannot_touch_the_vms_images() {
     ok(
         pool.rados(&["lock", "get", "j.lease", "lease", "--lock-duration", "1"]),
         "lock get",
+    );
+}
+
+/// Removes a blocklist entry on drop (the confined identity may add
+/// entries, not remove them: only the admin lifts a fence).
+struct Unblock<'a>(&'a Confined, String);
+
+impl Drop for Unblock<'_> {
+    fn drop(&mut self) {
+        let _ = self.0.admin("ceph", &["osd", "blocklist", "rm", &self.1]);
+    }
+}
+
+#[test]
+fn a_writer_blocklisted_by_its_watch_cannot_finish_its_revision() {
+    let Some(conf) = ceph_conf() else { return };
+    let pool = Confined::new(&conf, "fence");
+    let image = "job-vm4";
+    let size = 2 * OBJECT;
+    ok(
+        pool.tool(
+            "rbd",
+            &["create", "--size", &format!("{size}B"), &pool.spec(image)],
+            b"",
+        ),
+        "rbd create",
+    );
+    // A stale holder's `rbd import-diff`, mid-stream.
+    let mut child = Command::new("rbd")
+        .args(["--conf", conf.to_str().unwrap(), "--id", &pool.id])
+        .args(["--keyring", pool.keyring.to_str().unwrap()])
+        .args(["import-diff", "--no-progress", "-", &pool.spec(image)])
+        .stdin(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let header = DiffHeader {
+        from_snap: None,
+        to_snap: Some("stale".into()),
+        size,
+    };
+    let mut w = DiffWriter::start(child.stdin.take().unwrap(), &header).unwrap();
+    w.data(0, &pattern(1, 4096)).unwrap();
+
+    // The taker finds every writer of the image by its watch and fences it.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let address = loop {
+        let status = ok(
+            pool.tool("rbd", &["status", "--format", "json", &pool.spec(image)], b""),
+            "rbd status",
+        );
+        let v: serde_json::Value = serde_json::from_slice(&status).unwrap();
+        if let Some(a) = v["watchers"][0]["address"].as_str() {
+            break a.to_string();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the writer never opened the image: {v}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let _unblock = Unblock(&pool, address.clone());
+    ok(
+        pool.tool("ceph", &["osd", "blocklist", "add", &address, "120"], b""),
+        "ceph osd blocklist add (as the confined identity)",
+    );
+
+    // The rest of the stream reaches a fenced client: nothing more lands.
+    let late = OBJECT + 8192;
+    let rest = w
+        .data(late, &pattern(2, 4096))
+        .and_then(|()| w.finish().map(drop));
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        !out.status.success(),
+        "a fenced writer must fail (stream: {rest:?})"
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("Cannot send after transport endpoint shutdown"),
+        "{stderr}"
+    );
+    assert!(
+        pool.snapshots(image).is_empty(),
+        "no snapshot from a fenced writer"
+    );
+    let head = pool.export(image, None);
+    assert!(
+        head[late as usize..late as usize + 4096].iter().all(|&b| b == 0),
+        "a write after the fence landed"
     );
 }
