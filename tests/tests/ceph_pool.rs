@@ -306,6 +306,28 @@ fn import_diff_of_a_written_stream_gives_the_model_and_its_end_snapshot() {
     );
     assert_eq!(pool.snapshots(image), ["r1", "r2"]);
     assert_eq!(pool.export(image, None), model.0, "the head is untouched");
+
+    // But the from-snapshot is only checked to exist, not to be the newest:
+    // a stream from r1 applies onto a head that is at r2. The store must
+    // check that its parent is the image's newest snapshot itself.
+    let mut stale = Model(model.0.clone());
+    let from_r1 = stream(
+        &mut stale,
+        Some("r1"),
+        "r3",
+        grown,
+        &[Change::Data(0, vec![7; 10])],
+    );
+    ok(
+        pool.import_diff(image, &from_r1),
+        "import-diff from an older snapshot",
+    );
+    assert_eq!(pool.snapshots(image), ["r1", "r2", "r3"]);
+    assert_eq!(
+        pool.export(image, Some("r3")),
+        stale.0,
+        "r2's bytes plus the stream"
+    );
 }
 
 #[test]
