@@ -640,4 +640,9 @@ fn a_writer_blocklisted_by_its_watch_cannot_finish_its_revision() {
         head[late as usize..late as usize + 4096].iter().all(|&b| b == 0),
         "a write after the fence landed"
     );
+    // Only the admin lifts a fence.
+    let lift = pool.tool("ceph", &["osd", "blocklist", "rm", &address], b"");
+    assert!(!lift.status.success(), "the confined identity lifted a fence");
+    let stderr = String::from_utf8_lossy(&lift.stderr);
+    assert!(stderr.contains("access denied"), "{stderr}");
 }
