@@ -15,7 +15,13 @@
 //! - a writer of the image, found by its watch, is fenced by a blocklist
 //!   entry the identity may add: the rest of its stream lands nowhere and
 //!   makes no snapshot;
+//! - through librados (`librados/mod.rs`), one client instance renews its
+//!   lock past the first duration; a write conditioned on the epoch xattr
+//!   is refused once a taker bumped the epoch; blocklisting the address in
+//!   the lock record fences the old holder's instance;
 //! - the identity cannot read or write outside its namespace.
+
+mod librados;
 
 use backy_common::rbd_diff::{DiffHeader, DiffWriter};
 use std::io::Write;
@@ -645,4 +651,102 @@ fn a_writer_blocklisted_by_its_watch_cannot_finish_its_revision() {
     assert!(!lift.status.success(), "the confined identity lifted a fence");
     let stderr = String::from_utf8_lossy(&lift.stderr);
     assert!(stderr.contains("access denied"), "{stderr}");
+}
+
+const EBUSY: i32 = -16;
+const EEXIST: i32 = -17;
+const ESHUTDOWN: i32 = -108;
+const ECANCELED: i32 = -125;
+
+/// The omap keys of a job object, as the `rados` tool lists them.
+fn omap_keys(pool: &Confined, oid: &str) -> Vec<String> {
+    let out = ok(pool.rados(&["listomapkeys", oid]), "rados listomapkeys");
+    String::from_utf8_lossy(&out).lines().map(String::from).collect()
+}
+
+#[test]
+fn librados_renews_in_one_instance_and_the_epoch_fences_a_lost_holder() {
+    let Some(conf) = ceph_conf() else { return };
+    let pool = Confined::new(&conf, "librados");
+    let connect = || librados::Cluster::connect(&conf, &pool.id, &pool.keyring).expect("connect");
+    let (a, b) = (connect(), connect());
+    let (io_a, io_b) = (
+        a.ioctx("rbd", &pool.namespace).unwrap(),
+        b.ioctx("rbd", &pool.namespace).unwrap(),
+    );
+    let job = "backy.job.vm5";
+    let lease = Duration::from_secs(2);
+
+    // A takes the lease and sets the epoch.
+    io_a.lock_exclusive(job, "lease", "a", lease, false)
+        .expect("A takes the free lease");
+    io_a.write_if(job, "epoch", None, Some("1"), &[]).unwrap();
+    assert_eq!(io_a.lock_exclusive(job, "lease", "a", lease, false), Err(EEXIST));
+
+    // The lock record names A's instance: what a taker blocklists.
+    let info = ok(pool.rados(&["lock", "info", job, "lease"]), "rados lock info");
+    let info: serde_json::Value = serde_json::from_slice(&info).unwrap();
+    let recorded = info["lockers"][0]["addr"].as_str().unwrap().to_string();
+    let own = a.address().unwrap();
+    assert!(own.contains(&recorded), "A is {own}, the record says {recorded}");
+
+    // A renews every half second, past twice the duration: B never gets it.
+    let taken = Instant::now();
+    while taken.elapsed() < 2 * lease {
+        io_a.lock_exclusive(job, "lease", "a", lease, true)
+            .expect("A renews");
+        assert_eq!(io_b.lock_exclusive(job, "lease", "b", lease, false), Err(EBUSY));
+        std::thread::sleep(Duration::from_millis(500));
+    }
+
+    // A stops renewing (it stalled); B polls with a deadline and takes it.
+    let stalled = Instant::now();
+    let deadline = stalled + lease + Duration::from_secs(20);
+    loop {
+        match io_b.lock_exclusive(job, "lease", "b", lease, false) {
+            Ok(()) => break,
+            Err(e) => {
+                assert_eq!(e, EBUSY);
+                assert!(Instant::now() < deadline, "A's lease never expired");
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+    }
+    assert!(
+        stalled.elapsed() >= lease - Duration::from_millis(600),
+        "taken early"
+    );
+    io_b.write_if(job, "epoch", Some("1"), Some("2"), &[])
+        .expect("B bumps the epoch");
+
+    // A comes back: its commit with epoch 1 is refused, nothing of it lands.
+    assert_eq!(
+        io_a.write_if(job, "epoch", Some("1"), None, &[("rev.a", "from A")]),
+        Err(ECANCELED)
+    );
+    io_b.write_if(job, "epoch", Some("2"), None, &[("rev.b", "from B")])
+        .expect("B commits");
+    assert_eq!(omap_keys(&pool, job), ["rev.b"]);
+
+    // B fences A's instance by the address from the lock record: once the
+    // OSDs have the new map, every op of A's fails, and stays failing.
+    let _unblock = Unblock(&pool, recorded.clone());
+    ok(
+        pool.tool("ceph", &["osd", "blocklist", "add", &recorded, "120"], b""),
+        "ceph osd blocklist add",
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match io_a.write_if(job, "probe", None, Some("A"), &[]) {
+            Err(ESHUTDOWN) => break,
+            other => {
+                assert!(Instant::now() < deadline, "A was never fenced: {other:?}");
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+    }
+    assert_eq!(io_a.write_if(job, "probe", None, Some("A"), &[]), Err(ESHUTDOWN));
+    io_b.write_if(job, "epoch", Some("2"), None, &[("rev.c", "from B")])
+        .expect("B goes on");
+    assert_eq!(omap_keys(&pool, job), ["rev.b", "rev.c"]);
 }
