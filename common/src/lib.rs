@@ -23,6 +23,7 @@ pub mod granules;
 pub mod group_commit;
 pub mod id;
 pub mod job;
+pub mod lease;
 pub mod logging;
 pub mod manifest;
 pub mod nbd;

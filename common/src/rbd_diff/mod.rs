@@ -1,4 +1,5 @@
-//! Parser for Ceph's `rbd export-diff` stream (formats v1 and v2).
+//! Ceph's `rbd export-diff` stream (formats v1 and v2): the parser here,
+//! the writer (v1, what `rbd import-diff` reads) in [`writer`].
 //!
 //! The format is specified in Ceph's `doc/dev/rbd-diff.rst`. A stream is a
 //! 12-byte banner, `"rbd diff v1\n"` or `"rbd diff v2\n"`, then records, each
@@ -69,6 +70,9 @@
 use std::io::{self, Read};
 
 use crate::error::{Error, Result};
+
+pub mod writer;
+pub use writer::{DiffHeader, DiffWriteError, DiffWriter};
 
 /// Longest snapshot name accepted (the limit `rbd import-diff` uses).
 pub const MAX_SNAP_NAME_LEN: u32 = 4096;
@@ -1269,10 +1273,10 @@ mod tests {
     // 64 MiB, s1 = writes at 0+1024, 5000+300, 4 MiB+2048; s2 = writes at
     // 512+1024, 8 MiB+100 and a discard of 4 MiB+512; then a shrink to
     // 32 MiB and s3 (s2 protected).
-    const FULL_S1: &[u8] = include_bytes!("../tests/data/rbd-full-s1.diff1");
-    const S1_S2: &[u8] = include_bytes!("../tests/data/rbd-s1-s2.diff1");
-    const S2_S3: &[u8] = include_bytes!("../tests/data/rbd-s2-s3-shrink.diff1");
-    const EXPORT_V2: &[u8] = include_bytes!("../tests/data/rbd-export-v2.rbdexport");
+    const FULL_S1: &[u8] = include_bytes!("../../tests/data/rbd-full-s1.diff1");
+    const S1_S2: &[u8] = include_bytes!("../../tests/data/rbd-s1-s2.diff1");
+    const S2_S3: &[u8] = include_bytes!("../../tests/data/rbd-s2-s3-shrink.diff1");
+    const EXPORT_V2: &[u8] = include_bytes!("../../tests/data/rbd-export-v2.rbdexport");
 
     fn records_of(p: &Parsed) -> Vec<Record> {
         p.iter().map(|(r, _)| r.clone()).collect()
