@@ -22,6 +22,7 @@ pub mod fuzz_plan;
 pub mod granules;
 pub mod group_commit;
 pub mod id;
+pub mod instants;
 pub mod job;
 pub mod lease;
 pub mod logging;
