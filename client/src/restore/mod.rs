@@ -123,6 +123,42 @@ impl fmt::Display for Restored {
 }
 
 pub async fn restore(client: &mut Client, args: &RestoreArgs, progress: &dyn Progress) -> Result<Restored> {
+    prepare(client, args).await?.run(client, progress).await
+}
+
+/// A restore checked and ready to write: the revision found, its manifest
+/// and key checked, the target examined and opened (a new file only under
+/// a temporary name, a device opened exclusively, nothing written yet).
+/// Dropping it writes nothing (a temporary file or an RBD image made for
+/// it goes): a group restore prepares every disk before it writes any.
+pub struct Prepared {
+    args: RestoreArgs,
+    started: Instant,
+    info: backy_proto::RevisionInfo,
+    manifest: backy_common::manifest::Manifest,
+    meta: backy_common::revision::RevisionMeta,
+    short: String,
+    key: Option<std::sync::Arc<Key>>,
+    way: Way,
+}
+
+/// How the target is brought to the revision.
+enum Way {
+    /// A target of the revision's size: only what differs is fetched.
+    Rollback(Box<dyn rollback::Local>),
+    /// Everything streamed into the opened target.
+    Full(Target),
+}
+
+impl Prepared {
+    /// The revision it restores.
+    pub fn revision(&self) -> &backy_proto::RevisionInfo {
+        &self.info
+    }
+}
+
+/// Every check of a restore, and the target opened; nothing written.
+pub async fn prepare(client: &mut Client, args: &RestoreArgs) -> Result<Prepared> {
     let started = Instant::now();
     let job = args.job.as_str();
     if Spec::parse(&args.revision)? == Spec::All {
@@ -148,106 +184,145 @@ pub async fn restore(client: &mut Client, args: &RestoreArgs, progress: &dyn Pro
         .await
         .map_err(|e| Error::internal(format!("examining the restore target: {e}")))??
     };
+    let mut rollback = None;
     if let Some(in_place) = in_place {
         let distrusted = meta.trust == backy_common::revision::Trust::Distrusted;
         let server_can = crate::connect::server_protocol(client).await? >= backy_proto::ROLLBACK_PROTOCOL;
         if !distrusted && server_can {
-            if !args.quiet {
-                eprintln!(
-                    "backy-client: {} has the revision's size: rolling it back (reading it, fetching only what differs; --full restores everything)",
-                    args.target.display()
-                );
+            rollback = Some(in_place);
+        }
+        // Otherwise dropped: a distrusted revision is restored in full
+        // (damage is reported block by block there); an older server
+        // would send everything.
+    }
+    let way = match rollback {
+        Some(in_place) => Way::Rollback(in_place),
+        // Before the stream starts: a refused target costs no transfer.
+        // Opening an rbd target runs `rbd info`/`rbd create`: off the
+        // async workers.
+        None => {
+            let (path, size, force) = (args.target.clone(), info.size, args.force);
+            Way::Full(
+                tokio::task::spawn_blocking(move || Target::open(&path, size, force))
+                    .await
+                    .map_err(|e| Error::internal(format!("opening the restore target: {e}")))??,
+            )
+        }
+    };
+    Ok(Prepared {
+        args: args.clone(),
+        started,
+        info,
+        manifest,
+        meta,
+        short,
+        key,
+        way,
+    })
+}
+
+impl Prepared {
+    /// Writes the target: rolls it back, or streams the revision into it.
+    pub async fn run(self, client: &mut Client, progress: &dyn Progress) -> Result<Restored> {
+        let Prepared {
+            args,
+            started,
+            info,
+            manifest,
+            meta,
+            short,
+            key,
+            way,
+        } = self;
+        let job = args.job.as_str();
+        let target = match way {
+            Way::Rollback(in_place) => {
+                if !args.quiet {
+                    eprintln!(
+                        "backy-client: {} has the revision's size: rolling it back (reading it, fetching only what differs; --full restores everything)",
+                        args.target.display()
+                    );
+                }
+                let bar = progress.start(job, info.size);
+                let moved = rollback::run(client, job, &info, manifest, in_place, bar.clone()).await;
+                bar.finish();
+                let moved = moved?;
+                return Ok(Restored {
+                    job: job.to_string(),
+                    revision: RevisionView::from(&info),
+                    target: args.target.clone(),
+                    data_bytes: moved.fetched,
+                    mode: Mode::Rollback,
+                    read_bytes: moved.read,
+                    fetched_bytes: moved.fetched,
+                    written_bytes: moved.written,
+                    duration_secs: started.elapsed().as_secs_f64(),
+                    damaged_blocks: Vec::new(),
+                });
             }
-            let bar = progress.start(job, info.size);
-            let moved = rollback::run(client, job, &info, manifest, in_place, bar.clone()).await;
-            bar.finish();
-            let moved = moved?;
-            return Ok(Restored {
-                job: job.to_string(),
-                revision: RevisionView::from(&info),
-                target: args.target.clone(),
-                data_bytes: moved.fetched,
-                mode: Mode::Rollback,
-                read_bytes: moved.read,
-                fetched_bytes: moved.fetched,
-                written_bytes: moved.written,
-                duration_secs: started.elapsed().as_secs_f64(),
-                damaged_blocks: Vec::new(),
-            });
-        }
-        // A distrusted revision is restored in full (damage is reported
-        // block by block there); an older server would send everything.
-        drop(in_place);
-    }
-    // Before the stream starts: a refused target costs no transfer.
-    // Opening an rbd target runs `rbd info`/`rbd create`: off the async
-    // workers.
-    let target = {
-        let (path, size, force) = (args.target.clone(), info.size, args.force);
-        tokio::task::spawn_blocking(move || Target::open(&path, size, force))
-            .await
-            .map_err(|e| Error::internal(format!("opening the restore target: {e}")))??
-    };
-    tracing::info!(job, revision = %short, size = info.size, target = %args.target.display(), "restoring");
+            Way::Full(target) => target,
+        };
+        tracing::info!(job, revision = %short, size = info.size, target = %args.target.display(), "restoring");
 
-    // The full id, so both calls name the same revision even if a new one
-    // was committed in between.
-    let request = RestoreRequest {
-        job: job.to_string(),
-        revision: info.id.clone(),
-        ..Default::default()
-    };
-    let mut stream = client.restore(request).await.map_err(status_error)?.into_inner();
-    match stream.message().await.map_err(status_error)? {
-        Some(RestoreFrame {
-            frame: Some(Frame::Begin(begin)),
-        }) if begin.id == info.id && begin.size == info.size => {}
-        Some(_) => {
-            return Err(Error::data_loss(format!(
-                "restore stream did not start with revision {short}"
-            )))
+        // The full id, so both calls name the same revision even if a new one
+        // was committed in between.
+        let request = RestoreRequest {
+            job: job.to_string(),
+            revision: info.id.clone(),
+            ..Default::default()
+        };
+        let mut stream = client.restore(request).await.map_err(status_error)?.into_inner();
+        match stream.message().await.map_err(status_error)? {
+            Some(RestoreFrame {
+                frame: Some(Frame::Begin(begin)),
+            }) if begin.id == info.id && begin.size == info.size => {}
+            Some(_) => {
+                return Err(Error::data_loss(format!(
+                    "restore stream did not start with revision {short}"
+                )))
+            }
+            None => return Err(Error::data_loss("restore stream ended early")),
         }
-        None => return Err(Error::data_loss("restore stream ended early")),
-    }
 
-    let bar = progress.start(job, info.size);
-    let writer_bar = bar.clone();
-    let (tx, rx) = mpsc::channel(FRAMES_IN_FLIGHT);
-    // A distrusted revision (a verify found damage) is still restored block
-    // by block, with a warning, rather than refused: it may be the best copy
-    // there is.
-    let check = if meta.trust == backy_common::revision::Trust::Distrusted {
-        eprintln!(
+        let bar = progress.start(job, info.size);
+        let writer_bar = bar.clone();
+        let (tx, rx) = mpsc::channel(FRAMES_IN_FLIGHT);
+        // A distrusted revision (a verify found damage) is still restored block
+        // by block, with a warning, rather than refused: it may be the best copy
+        // there is.
+        let check = if meta.trust == backy_common::revision::Trust::Distrusted {
+            eprintln!(
             "backy-client: warning: revision {short} is distrusted; restoring it anyway and reporting damaged blocks"
         );
-        StreamCheck::tolerant(manifest, &short)
-    } else {
-        StreamCheck::new(manifest, &short)
-    };
-    let writer = tokio::task::spawn_blocking(move || {
-        write_stream(rx, check, target, key.as_deref(), |pos| writer_bar.set(pos))
-    });
-    let received = forward(&mut stream, &tx).await;
-    drop(tx);
-    let written = writer
-        .await
-        .map_err(|e| Error::internal(format!("restore writer failed: {e}")));
-    bar.finish();
-    // A server error explains why the writer saw the stream end early.
-    received?;
-    let (data_bytes, damaged_blocks) = written??;
-    Ok(Restored {
-        job: job.to_string(),
-        revision: RevisionView::from(&info),
-        target: args.target.clone(),
-        data_bytes,
-        mode: Mode::Full,
-        read_bytes: 0,
-        fetched_bytes: data_bytes,
-        written_bytes: data_bytes,
-        duration_secs: started.elapsed().as_secs_f64(),
-        damaged_blocks,
-    })
+            StreamCheck::tolerant(manifest, &short)
+        } else {
+            StreamCheck::new(manifest, &short)
+        };
+        let writer = tokio::task::spawn_blocking(move || {
+            write_stream(rx, check, target, key.as_deref(), |pos| writer_bar.set(pos))
+        });
+        let received = forward(&mut stream, &tx).await;
+        drop(tx);
+        let written = writer
+            .await
+            .map_err(|e| Error::internal(format!("restore writer failed: {e}")));
+        bar.finish();
+        // A server error explains why the writer saw the stream end early.
+        received?;
+        let (data_bytes, damaged_blocks) = written??;
+        Ok(Restored {
+            job: job.to_string(),
+            revision: RevisionView::from(&info),
+            target: args.target.clone(),
+            data_bytes,
+            mode: Mode::Full,
+            read_bytes: 0,
+            fetched_bytes: data_bytes,
+            written_bytes: data_bytes,
+            duration_secs: started.elapsed().as_secs_f64(),
+            damaged_blocks,
+        })
+    }
 }
 
 /// Hands frames to the writer until the stream ends or the writer stops
