@@ -12,6 +12,7 @@ pub mod check;
 pub mod encryption;
 pub mod export;
 pub mod frames;
+pub mod group;
 pub mod live_restore;
 pub mod manifest;
 pub mod nbd;

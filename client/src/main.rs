@@ -6,8 +6,8 @@
 
 use backy_client::output::{self, Failure};
 use backy_client::{
-    agent, check, connect, export, live_restore, progress, push, restore, revisions, settings, source_check,
-    status, summary,
+    agent, check, connect, export, group, live_restore, progress, push, restore, revisions, settings,
+    source_check, status, summary,
 };
 
 use anyhow::Context;
@@ -212,17 +212,24 @@ struct DecryptCmd {
 /// instead (reported only; trust is left alone).
 #[derive(Args, Debug)]
 #[command(after_help = "\
+For a group (client.yaml groups:), -r names instants: latest (default) the
+newest complete one, all, or an instant id (or a unique prefix of one);
+every member's revision of each is verified, and an incomplete instant
+fails the verify too (exit 1).
+
 Examples:
   backy-client verify vm1                 the newest revision
   backy-client verify vm1 -r all          every revision
   backy-client verify vm1 --source /dev/vg/vm1-snap --sample 5
-                                          5% of the blocks against the source")]
+                                          5% of the blocks against the source
+  backy-client verify db-vm               every disk of the group's newest complete instant")]
 struct VerifyCmd {
-    /// Job name
+    /// Job name, or a group's (client.yaml groups:)
     #[arg(value_name = "JOB", value_parser = parse_job)]
     job: JobName,
 
-    /// Revisions to verify (a spec, or all; one revision with --source)
+    /// Revisions to verify (a spec, or all; one revision with --source);
+    /// for a group, instants
     #[arg(short, long, value_name = "SPEC", default_value = "latest")]
     revision: String,
 
@@ -309,7 +316,8 @@ Examples:
   backy-client check vm1
   backy-client check --json")]
 struct CheckCmd {
-    /// Job name [default: all jobs]
+    /// Job name, or a group's (client.yaml groups:: WARNING when its newest
+    /// instant is incomplete) [default: all jobs]
     #[arg(value_name = "JOB", value_parser = parse_job)]
     job: Option<JobName>,
 }
@@ -420,24 +428,43 @@ output short and exits 1: check the exit status (set -o pipefail).
 Revision specs: latest (default), N (0 = newest), a tag (newest with it),
 a revision id or a unique prefix of one.
 
+A group (client.yaml groups:) restores every disk of one instant, each to
+its own target: --to DIR writes DIR/JOB for each member, --target JOB=PATH
+names one member's target (a file, block device or rbd:POOL/IMAGE);
+every member needs one. -r names the instant: latest (default) the newest
+complete one, or an instant id (or a unique prefix of one), as status
+GROUP lists them. Every disk is checked first (the instant complete, each
+revision, key and target as a single restore checks them): a refusal of
+any writes nothing.
+
 Examples:
   backy-client restore vm1 /var/tmp/vm1.img
   backy-client restore vm1 -r 1 /var/tmp/vm1-yesterday.img
   backy-client restore vm1 -r weekly /dev/vg/vm1 --force
   backy-client restore vm1 - | ssh hv02 'dd of=/var/lib/vms/vm1.img bs=4M'
-  backy-client restore vm1 - | qemu-img convert -O qcow2 /dev/stdin vm1.qcow2")]
+  backy-client restore vm1 - | qemu-img convert -O qcow2 /dev/stdin vm1.qcow2
+  backy-client restore db-vm --to /var/tmp/db-vm
+  backy-client restore db-vm -r 5Hq --target db-vm-root=/dev/vg/root --target db-vm-data=/dev/vg/data")]
 struct RestoreCmd {
-    /// Job name
+    /// Job name, or a group's (client.yaml groups:)
     #[arg(value_name = "JOB", value_parser = parse_job)]
     job: JobName,
 
-    /// Revision to restore
+    /// Revision to restore (for a group: its instant)
     #[arg(short, long, value_name = "SPEC", default_value = "latest")]
     revision: String,
 
     /// File, block device, rbd:POOL/IMAGE, or - for standard output
-    #[arg(value_name = "TARGET")]
-    target: PathBuf,
+    #[arg(value_name = "TARGET", required_unless_present_any = ["to", "member_targets"])]
+    target: Option<PathBuf>,
+
+    /// A group: each member's disk to DIR/JOB (DIR must exist)
+    #[arg(long, value_name = "DIR", conflicts_with = "target")]
+    to: Option<PathBuf>,
+
+    /// A group: this member's target (repeat for each; overrides --to)
+    #[arg(long = "target", value_name = "JOB=PATH", value_parser = parse_member_target, conflicts_with = "target")]
+    member_targets: Vec<(JobName, PathBuf)>,
 
     /// Replace an existing non-empty file or RBD image, or overwrite a
     /// block device that holds data
@@ -571,13 +598,24 @@ Examples:
   backy-client status
   backy-client status vm1 --json")]
 struct StatusCmd {
-    /// Job name [default: all jobs]
+    /// Job name, or a group's (client.yaml groups:: its instants across its
+    /// members) [default: all jobs]
     #[arg(value_name = "JOB", value_parser = parse_job)]
     job: Option<JobName>,
 }
 
 fn parse_job(s: &str) -> Result<JobName, String> {
     JobName::new(s).map_err(|e| e.message)
+}
+
+fn parse_member_target(s: &str) -> Result<(JobName, PathBuf), String> {
+    let (job, path) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s}: expected JOB=PATH"))?;
+    if path.is_empty() {
+        return Err(format!("{s}: no PATH after ="));
+    }
+    Ok((parse_job(job)?, PathBuf::from(path)))
 }
 
 fn main() -> ExitCode {
@@ -825,48 +863,19 @@ async fn dispatch(
     let result = |value: &dyn Reported| if cli.quiet { Ok(()) } else { value.print(cli.json) };
     match &cli.command {
         Command::Push(cmd) if config.groups.contains_key(&cmd.job) => {
-            let group = &config.groups[&cmd.job];
-            let members = group
-                .jobs
-                .iter()
-                .map(|j| (j.clone(), config.source_of(j).cloned()))
-                .map(|(j, s)| s.map(|s| (j, s)))
-                .collect::<Option<Vec<_>>>()
-                .ok_or_else(|| anyhow::anyhow!("group {}: a member is not listed under jobs:", cmd.job))?;
-            let args = push::GroupArgs {
-                group: cmd.job.clone(),
-                config: group.clone(),
-                members,
-                config_name,
+            let options = group::PushOptions {
                 force: cmd.force,
                 tags: cmd.tags.clone(),
                 allow_unscheduled: cmd.allow_unscheduled,
                 allow_shrink: cmd.allow_shrink,
-                audit_samples: group
-                    .jobs
-                    .iter()
-                    .map(|j| {
-                        (
-                            j.clone(),
-                            cmd.audit_sample.unwrap_or_else(|| config.audit_sample_of(j)),
-                        )
-                    })
-                    .collect(),
+                audit_sample: cmd.audit_sample,
                 bwlimit: cmd
                     .bwlimit
                     .or(config.bwlimit)
                     .map(|rate| backy_client::bwlimit::Limiter::new(Some(rate))),
-                keys: group
-                    .jobs
-                    .iter()
-                    .filter_map(|j| {
-                        backy_client::encryption::job_key(config.encryption_of(j))
-                            .transpose()
-                            .map(|k| k.map(|k| (j.clone(), k)))
-                    })
-                    .collect::<Result<_, _>>()?,
                 new_key: cmd.new_key,
             };
+            let args = group::push_args(config, &cmd.job, &config_name, options)?;
             match push::push_group(&mut client, &args, &*progress).await? {
                 Some(pushed) => {
                     result(&pushed)?;
@@ -947,11 +956,49 @@ async fn dispatch(
                 .await?;
             result(&served)?;
         }
+        Command::Restore(cmd) if config.groups.contains_key(&cmd.job) => {
+            if cmd.target.is_some() || cmd.key_file.is_some() {
+                anyhow::bail!(
+                    "{} is a group in {config_name} (groups:): each disk goes to its own target (--to DIR or \
+                     --target JOB=PATH) and each member's key comes from its job's encryption:",
+                    cmd.job
+                );
+            }
+            let members = group::Members::fetch(&mut client, &cmd.job, &config.groups[&cmd.job]).await?;
+            let mut keys = std::collections::BTreeMap::new();
+            for job in &members.jobs {
+                if let Some(key) = backy_client::encryption::job_key(config.encryption_of(job))? {
+                    keys.insert(job.clone(), key);
+                }
+            }
+            let args = group::restore::GroupRestoreArgs {
+                instant: cmd.revision.clone(),
+                targets: group::restore::targets(
+                    &members.jobs,
+                    &cmd.job,
+                    cmd.to.as_deref(),
+                    &cmd.member_targets,
+                )?,
+                force: cmd.force,
+                full: cmd.full,
+                quiet: cli.quiet || cli.json,
+                keys,
+            };
+            let restored = group::restore::restore(&mut client, &members, &args, &*progress).await?;
+            result(&restored)?;
+        }
         Command::Restore(cmd) => {
+            let target = match (&cmd.target, cmd.to.is_some() || !cmd.member_targets.is_empty()) {
+                (Some(target), false) => target.clone(),
+                _ => anyhow::bail!(
+                    "{} is a job, not a group in {config_name} (groups:): give one TARGET, not --to or --target",
+                    cmd.job
+                ),
+            };
             let args = restore::RestoreArgs {
                 job: cmd.job.clone(),
                 revision: cmd.revision.clone(),
-                target: cmd.target.clone(),
+                target,
                 force: cmd.force,
                 full: cmd.full,
                 quiet: cli.quiet || cli.json,
@@ -973,6 +1020,14 @@ async fn dispatch(
                 }
             } else {
                 result(&restored)?;
+            }
+        }
+        Command::Status(StatusCmd { job: Some(name) }) if config.groups.contains_key(name) => {
+            let members = group::Members::fetch(&mut client, name, &config.groups[name]).await?;
+            if cli.json {
+                print_json(&group::status::GroupStatusView::from(&members))?;
+            } else {
+                print_out(&group::status::format(&members, chrono::Utc::now()))?;
             }
         }
         Command::Status(StatusCmd { job: Some(job) }) => {
@@ -997,6 +1052,9 @@ async fn dispatch(
             source: Some(source),
             sample,
         }) => {
+            if config.groups.contains_key(job) {
+                anyhow::bail!("{job} is a group in {config_name} (groups:): --source compares one disk; name a member job");
+            }
             let cli_source = (!source.is_empty()).then_some(source.as_str());
             let spec = push::source_spec(job.as_str(), cli_source, config.source_of(job), &config_name)?;
             let compared = source_check::compare(
@@ -1010,6 +1068,14 @@ async fn dispatch(
             .await?;
             result(&compared)?;
             if !compared.equal() {
+                return Ok(1);
+            }
+        }
+        Command::Verify(cmd) if config.groups.contains_key(&cmd.job) => {
+            let members = group::Members::fetch(&mut client, &cmd.job, &config.groups[&cmd.job]).await?;
+            let verified = group::verify::verify(&mut client, &members, &cmd.revision).await?;
+            result(&verified)?;
+            if !verified.all_ok() {
                 return Ok(1);
             }
         }
@@ -1043,6 +1109,10 @@ async fn dispatch(
             )
             .await?;
             result(&changed)?;
+        }
+        Command::Check(CheckCmd { job: Some(name) }) if config.groups.contains_key(name) => {
+            let members = group::Members::fetch(&mut client, name, &config.groups[name]).await?;
+            return print_check(cli.json, &group::status::evaluate(&members, chrono::Utc::now()));
         }
         Command::Check(CheckCmd { job: Some(job) }) => {
             let reply = status::fetch(&mut client, job).await?;
@@ -1193,7 +1263,33 @@ mod tests {
             panic!()
         };
         assert_eq!(r.revision, "latest");
-        assert_eq!(r.target, PathBuf::from("/tmp/x"));
+        assert_eq!(r.target, Some(PathBuf::from("/tmp/x")));
+        assert!(
+            Cli::try_parse_from(["backy-client", "restore", "vm1"]).is_err(),
+            "a target is required"
+        );
+        let cli = Cli::try_parse_from([
+            "backy-client",
+            "restore",
+            "g",
+            "--to",
+            "/r",
+            "--target",
+            "a=/dev/x",
+            "--target",
+            "b=rbd:p/i",
+        ])
+        .unwrap();
+        let Command::Restore(r) = cli.command else {
+            panic!()
+        };
+        assert_eq!((r.target, r.to), (None, Some(PathBuf::from("/r"))));
+        assert_eq!(
+            r.member_targets[1],
+            (JobName::new("b").unwrap(), PathBuf::from("rbd:p/i"))
+        );
+        assert!(Cli::try_parse_from(["backy-client", "restore", "g", "--target", "a"]).is_err());
+        assert!(Cli::try_parse_from(["backy-client", "restore", "g", "/x", "--to", "/r"]).is_err());
 
         let cli = Cli::try_parse_from([
             "backy-client",
