@@ -4,17 +4,23 @@
 //! with exponential backoff. The server decides when a job runs, never
 //! what it reads or runs: an order for a job this hypervisor's client
 //! config does not list is reported as failed and nothing runs.
+//!
+//! An order for a member of a group (client.yaml `groups:`) runs the
+//! group's push (every disk at one instant), once: orders for other
+//! members that come while it runs wait for it and report its outcome for
+//! their disk (docs/DESIGN.md, "Groups").
 
 use crate::connect::{connect_within, status_error, Client, Credentials};
-use crate::push::{push, PushArgs};
+use crate::push::{push, push_group, GroupPushed, PushArgs};
 use backy_common::config::ClientConfig;
 use backy_common::{Error, JobName, Result};
 use backy_proto::agent_report::Report;
 use backy_proto::{AgentHello, AgentOrder, AgentOutcome, AgentReport};
+use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::sync::{mpsc, Semaphore};
+use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 use tokio_stream::wrappers::ReceiverStream;
 
 /// Waits between attempts grow ×2 up to this while they fail at once.
@@ -36,6 +42,43 @@ pub struct JobsConfig {
     /// The one bandwidth limit of this process: every order's push takes
     /// from it, at the rate the config says when the order comes.
     limiter: Arc<crate::bwlimit::Limiter>,
+    /// The group pushes running, by group (one at a time per group).
+    groups: GroupFlights,
+}
+
+/// How a group push ended, shared by every order that waited for it.
+type GroupDone = Arc<Result<Option<GroupPushed>>>;
+
+/// The group pushes in flight: an order for a member of one joins it.
+#[derive(Clone, Default)]
+struct GroupFlights(Arc<Mutex<HashMap<JobName, watch::Receiver<Option<GroupDone>>>>>);
+
+/// What an order for a group member does: run the group's push, or wait
+/// for the one running.
+enum Flight {
+    Run(watch::Sender<Option<GroupDone>>),
+    Join(watch::Receiver<Option<GroupDone>>),
+}
+
+impl GroupFlights {
+    fn join_or_start(&self, group: &JobName) -> Flight {
+        let mut running = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(rx) = running.get(group) {
+            return Flight::Join(rx.clone());
+        }
+        let (tx, rx) = watch::channel(None);
+        running.insert(group.clone(), rx);
+        Flight::Run(tx)
+    }
+
+    /// Ends the flight: removed under the lock before the outcome goes
+    /// out, so a later order starts a push of its own (which plans again:
+    /// nothing is due right after this one).
+    fn finish(&self, group: &JobName, tx: watch::Sender<Option<GroupDone>>, done: GroupDone) {
+        let mut running = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        running.remove(group);
+        let _ = tx.send(Some(done));
+    }
 }
 
 impl JobsConfig {
@@ -48,6 +91,7 @@ impl JobsConfig {
             loaded,
             name,
             limiter,
+            groups: GroupFlights::default(),
         }
     }
 
@@ -167,8 +211,7 @@ async fn session(
         let client = client.clone();
         let jobs = jobs.clone();
         tokio::spawn(async move {
-            let outcome = run_order(client, &order, &jobs).await;
-            drop(permit);
+            let outcome = run_order(client, &order, &jobs, permit).await;
             let _ = reports
                 .send(AgentReport {
                     report: Some(Report::Outcome(outcome)),
@@ -179,11 +222,139 @@ async fn session(
     Ok(())
 }
 
-async fn run_order(mut client: Client, order: &AgentOrder, jobs: &JobsConfig) -> AgentOutcome {
+/// Runs one order and says how it went; `permit` is the worker slot it
+/// holds while it pushes.
+async fn run_order(
+    client: Client,
+    order: &AgentOrder,
+    jobs: &JobsConfig,
+    permit: OwnedSemaphorePermit,
+) -> AgentOutcome {
+    let config = jobs.current();
+    let member = JobName::new(&order.job)
+        .ok()
+        .and_then(|job| crate::group::containing(&config, &job).map(|(g, _)| (g.clone(), job)));
+    if let Some((group, job)) = member {
+        return run_group_order(client, order, jobs, &config, &group, &job, permit).await;
+    }
+    let outcome = run_job_order(client, order, jobs, config).await;
+    drop(permit);
+    outcome
+}
+
+/// An ordered member of a group: the group's push, run here or joined.
+async fn run_group_order(
+    mut client: Client,
+    order: &AgentOrder,
+    jobs: &JobsConfig,
+    config: &ClientConfig,
+    group: &JobName,
+    job: &JobName,
+    permit: OwnedSemaphorePermit,
+) -> AgentOutcome {
+    let done = match jobs.groups.join_or_start(group) {
+        Flight::Join(mut rx) => {
+            // Its worker slot is free for other orders while it waits.
+            drop(permit);
+            tracing::info!(
+                job = order.job,
+                group = group.as_str(),
+                "ordered member: joining its group's running push"
+            );
+            match rx.wait_for(Option::is_some).await {
+                Ok(done) => done
+                    .clone()
+                    .unwrap_or_else(|| Arc::new(Err(Error::internal("no outcome")))),
+                Err(_) => Arc::new(Err(Error::internal(format!(
+                    "the push of group {group} ended without an outcome"
+                )))),
+            }
+        }
+        Flight::Run(tx) => {
+            tracing::info!(
+                job = order.job,
+                group = group.as_str(),
+                "ordered member: pushing its group (every disk at one instant)"
+            );
+            jobs.limiter.set_rate(config.bwlimit);
+            let options = crate::group::PushOptions {
+                bwlimit: Some(jobs.limiter.clone()),
+                ..Default::default()
+            };
+            let result = match crate::group::push_args(config, group, &jobs.name, options) {
+                Ok(args) => push_group(&mut client, &args, &crate::progress::Silent).await,
+                Err(e) => Err(e),
+            };
+            drop(permit);
+            if let Ok(Some(pushed)) = &result {
+                tracing::info!(
+                    group = group.as_str(),
+                    "group push: {}",
+                    pushed.to_string().replace('\n', "; ")
+                );
+            }
+            let done = Arc::new(result);
+            jobs.groups.finish(group, tx, done.clone());
+            done
+        }
+    };
+    group_outcome(job, &done)
+}
+
+/// The outcome of the group push for one ordered member.
+fn group_outcome(job: &JobName, done: &Result<Option<GroupPushed>>) -> AgentOutcome {
+    let outcome = |ok: bool, error: String, rev_id: String| AgentOutcome {
+        job: job.to_string(),
+        ok,
+        error,
+        rev_id,
+    };
+    match done {
+        Ok(None) => {
+            tracing::info!(job = job.as_str(), "nothing to push: no job of its group is due");
+            outcome(true, String::new(), String::new())
+        }
+        Err(e) => {
+            tracing::error!(job = job.as_str(), "ordered group push failed: {e}");
+            outcome(false, e.message.clone(), String::new())
+        }
+        Ok(Some(pushed)) => match pushed.disks.iter().find(|d| d.job == job.as_str()) {
+            Some(disk) => match (&disk.pushed, &disk.error) {
+                (Some(p), _) => outcome(true, String::new(), p.revision.id.clone()),
+                (None, error) => {
+                    let error = error.clone().unwrap_or_else(|| "not pushed".to_string());
+                    tracing::error!(
+                        job = job.as_str(),
+                        "ordered push failed in its group's push: {error}"
+                    );
+                    outcome(
+                        false,
+                        format!("group {} instant {}: {error}", pushed.group, pushed.instant),
+                        String::new(),
+                    )
+                }
+            },
+            None => outcome(
+                false,
+                format!(
+                    "group {}: its push did not take {job} (the config changed?)",
+                    pushed.group
+                ),
+                String::new(),
+            ),
+        },
+    }
+}
+
+async fn run_job_order(
+    mut client: Client,
+    order: &AgentOrder,
+    jobs: &JobsConfig,
+    config: ClientConfig,
+) -> AgentOutcome {
     tracing::info!(job = order.job, tags = %order.tags.join(","), "running ordered push");
     let result = async {
         let job = JobName::new(&order.job)?;
-        let config = jobs.current();
         let Some(configured) = config.source_of(&job).cloned() else {
             return Err(Error::precondition(format!(
                 "job {job} is not listed in {} (jobs:): this agent runs only the jobs its \
