@@ -1156,3 +1156,357 @@ fn the_audit_catches_a_bitmap_cleared_by_hand() {
     );
     vm.quit();
 }
+
+/// Two qcow2 disks in a `-machine none` QEMU, jobs `vm1-a` (drive0) and
+/// `vm1-b` (drive1) with `schedule` (a name, or `none`) for client hv01,
+/// group `vm1` of both in client.yaml. Returns the server (storing under
+/// `d/backy`) and the guest.
+fn two_disk_group(d: &Path, schedule: &str) -> (Server, Vm) {
+    for disk in ["disk0.qcow2", "disk1.qcow2"] {
+        run(
+            "qemu-img",
+            &[
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                d.join(disk).to_str().unwrap(),
+                "64M",
+            ],
+        );
+    }
+    let vm = Vm::start_disks(d, vec![("disk0.qcow2", "qcow2"), ("disk1.qcow2", "qcow2")]);
+    let qmp = d.join("backy.qmp");
+    let job = |name: &str, node: &str| {
+        format!(
+            "  {name}: {{schedule: {schedule}, client: hv01, source: {{type: qemu, qmp: {q}, node: {node}, \
+             scratch-dir: {d}}}}}\n",
+            q = qmp.display(),
+            d = d.display()
+        )
+    };
+    let config = format!(
+        "listen: 127.0.0.1:0\nbase-dir: BASE\nschedules:\n  s: {{daily: {{interval: 1d, keep: 3}}}}\njobs:\n{}{}",
+        job("vm1-a", "drive0"),
+        job("vm1-b", "drive1")
+    );
+    let base = d.join("backy");
+    std::fs::create_dir_all(&base).unwrap();
+    let server = Server::start_config(&base, &config);
+    let mut client_yaml = std::fs::read_to_string(&server.client_config).unwrap();
+    client_yaml.push_str("groups:\n  vm1: {jobs: [vm1-a, vm1-b]}\n");
+    std::fs::write(&server.client_config, client_yaml).unwrap();
+    (server, vm)
+}
+
+/// The files in `dir`, by name.
+fn listing(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
+
+/// Issue 34, item 1, on the client: what the hypervisor's client.yaml
+/// calls a group is treated as one unit. `status GROUP` lists its
+/// instants across the members (complete or not, each member's
+/// revision); `check GROUP` warns when the newest is incomplete;
+/// `restore GROUP` writes every disk of one instant, each to its own
+/// target, byte for byte the disk at the instant, and refuses (writing
+/// nothing) an incomplete instant or a target a single restore refuses;
+/// `verify GROUP` verifies every member's revision of the instant.
+#[test]
+fn a_group_is_listed_restored_and_verified_as_one_instant() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (server, mut vm) = two_disk_group(d, "none");
+    let (mut m0, mut m1) = (vec![0u8; SIZE as usize], vec![0u8; SIZE as usize]);
+    vm.write_on(0, &mut m0, 0x11, 0, 4 * MIB);
+    vm.write_on(1, &mut m1, 0x21, 8 * MIB, 2 * MIB);
+    let push = || {
+        let doc = pushed(server.client(&["--json", "push", "vm1"]));
+        assert_eq!(doc["complete"], true, "{doc}");
+        let id = |i: usize| {
+            doc["disks"][i]["pushed"]["revision"]["id"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        };
+        (doc["instant"].as_str().unwrap().to_string(), id(0), id(1))
+    };
+    let (instant1, a1, b1) = push();
+    let at1 = (m0.clone(), m1.clone());
+    vm.write_on(0, &mut m0, 0x12, 30 * MIB, G);
+    vm.write_on(1, &mut m1, 0x22, 0, 3 * G);
+    let (instant2, a2, b2) = push();
+    alive(&mut vm);
+
+    // status: both instants, newest first, complete, with both revisions.
+    let status: Value = serde_json::from_str(&server.client_ok(&["--json", "status", "vm1"])).unwrap();
+    assert_eq!(status["group"], "vm1", "{status}");
+    assert_eq!(status["jobs"], json!(["vm1-a", "vm1-b"]), "{status}");
+    let instants = status["instants"].as_array().unwrap();
+    assert_eq!(instants.len(), 2, "{status}");
+    for (i, (instant, a, b)) in [(&instant2, &a2, &b2), (&instant1, &a1, &b1)].iter().enumerate() {
+        assert_eq!(instants[i]["instant"], **instant, "{status}");
+        assert_eq!(instants[i]["complete"], true, "{status}");
+        assert_eq!(
+            instants[i]["revisions"],
+            json!({"vm1-a": a, "vm1-b": b}),
+            "{status}"
+        );
+        assert_eq!(instants[i]["disks"], json!([2]), "{status}");
+    }
+    assert_eq!(status["members"][0]["job"], "vm1-a", "{status}");
+    assert_eq!(status["members"][1]["newest"], *b2, "{status}");
+    let text = server.client_ok(&["status", "vm1"]);
+    assert!(text.starts_with("== group vm1 (vm1-a, vm1-b)\n"), "{text}");
+    for (instant, a, b) in [(&instant2, &a2, &b2), (&instant1, &a1, &b1)] {
+        assert!(
+            text.lines().any(|l| l.contains(instant.as_str())
+                && l.contains("complete")
+                && l.contains(a.as_str())
+                && l.contains(b.as_str())),
+            "{text}"
+        );
+    }
+    assert!(text.contains("vm1-a: 2 revisions"), "{text}");
+    let check = server.client(&["check", "vm1"]);
+    let line = String::from_utf8_lossy(&check.stdout);
+    assert_eq!(check.status.code(), Some(0), "{line}");
+    assert!(
+        line.contains(&format!("group vm1: newest instant {instant2} complete")),
+        "{line}"
+    );
+
+    // restore: an older instant into a directory (DIR/JOB), the newest
+    // (the default) to named targets; each disk as it was at its instant.
+    let to = d.join("restored1");
+    std::fs::create_dir(&to).unwrap();
+    let out = server.client_ok(&[
+        "restore",
+        "vm1",
+        "-r",
+        &instant1[..8],
+        "--to",
+        to.to_str().unwrap(),
+    ]);
+    assert!(
+        out.contains(&format!("group vm1: restored instant {instant1} (2 disks)")),
+        "{out}"
+    );
+    assert!(
+        std::fs::read(to.join("vm1-a")).unwrap() == at1.0,
+        "vm1-a at instant 1"
+    );
+    assert!(
+        std::fs::read(to.join("vm1-b")).unwrap() == at1.1,
+        "vm1-b at instant 1"
+    );
+    let (ta, tb) = (d.join("a.img"), d.join("b.img"));
+    let restored: Value = serde_json::from_str(&server.client_ok(&[
+        "--json",
+        "restore",
+        "vm1",
+        "--target",
+        &format!("vm1-a={}", ta.display()),
+        "--target",
+        &format!("vm1-b={}", tb.display()),
+    ]))
+    .unwrap();
+    assert_eq!(restored["instant"], *instant2, "{restored}");
+    assert_eq!(restored["disks"][1]["revision"]["id"], *b2, "{restored}");
+    assert!(std::fs::read(&ta).unwrap() == m0, "vm1-a at instant 2");
+    assert!(std::fs::read(&tb).unwrap() == m1, "vm1-b at instant 2");
+
+    // A target a single restore refuses (vm1-b's file exists, no
+    // --force): refused before anything is written, vm1-a's new file too.
+    let refused = d.join("refused");
+    std::fs::create_dir(&refused).unwrap();
+    std::fs::write(refused.join("vm1-b"), b"keep me").unwrap();
+    let out = server.client(&["restore", "vm1", "--to", refused.to_str().unwrap()]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("group vm1: vm1-b (revision")
+            && stderr.contains("nothing restored")
+            && stderr.contains("--force"),
+        "{stderr}"
+    );
+    assert_eq!(
+        listing(&refused),
+        ["vm1-b"],
+        "no file for vm1-a, no temporary left"
+    );
+    assert_eq!(std::fs::read(refused.join("vm1-b")).unwrap(), b"keep me");
+    // A member without a target: a usage error naming it.
+    let out = server.client(&["restore", "vm1", "--target", &format!("vm1-a={}", ta.display())]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no target for vm1-b"));
+
+    // verify: the newest complete instant, then all.
+    let out = server.client(&["verify", "vm1"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{text}");
+    assert!(
+        text.contains(&format!("vm1-a: {a2}: OK")) && text.contains(&format!("vm1-b: {b2}: OK")),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!("group vm1: instant {instant2} OK")),
+        "{text}"
+    );
+    let all: Value =
+        serde_json::from_str(&server.client_ok(&["--json", "verify", "vm1", "-r", "all"])).unwrap();
+    assert_eq!(all["instants"].as_array().unwrap().len(), 2, "{all}");
+
+    // Incomplete: vm1-b's revision of the newest instant forgotten.
+    server.client_ok(&["forget", "vm1-b", "-r", &b2]);
+    let status: Value = serde_json::from_str(&server.client_ok(&["--json", "status", "vm1"])).unwrap();
+    assert_eq!(status["instants"][0]["instant"], *instant2, "{status}");
+    assert_eq!(status["instants"][0]["complete"], false, "{status}");
+    assert_eq!(status["instants"][0]["missing"], json!(["vm1-b"]), "{status}");
+    assert_eq!(
+        status["instants"][0]["revisions"],
+        json!({"vm1-a": a2}),
+        "{status}"
+    );
+    let check = server.client(&["check", "vm1"]);
+    let line = String::from_utf8_lossy(&check.stdout);
+    assert_eq!(check.status.code(), Some(1), "{line}");
+    assert!(
+        line.starts_with(&format!(
+            "BACKY WARNING: group vm1: newest instant {instant2} incomplete (vm1-b has no revision of it)"
+        )),
+        "{line}"
+    );
+    let none = d.join("incomplete");
+    std::fs::create_dir(&none).unwrap();
+    let out = server.client(&["restore", "vm1", "-r", &instant2, "--to", none.to_str().unwrap()]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "instant {instant2} is incomplete (vm1-b has no revision of it): nothing restored"
+        )),
+        "{stderr}"
+    );
+    assert!(listing(&none).is_empty(), "nothing written");
+    let out = server.client(&["verify", "vm1", "-r", &instant2]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(
+        text.contains(&format!(
+            "instant {instant2} INCOMPLETE: vm1-b has no revision of it"
+        )),
+        "{text}"
+    );
+    // The default is the newest complete instant: instant 1 now.
+    let out = server.client_ok(&["restore", "vm1", "--to", none.to_str().unwrap()]);
+    assert!(out.contains(&format!("restored instant {instant1}")), "{out}");
+    assert!(std::fs::read(none.join("vm1-b")).unwrap() == at1.1);
+
+    // A damaged revision of the instant: verify GROUP exits 1.
+    let stored = d.join("backy").join("vm1-a").join(&a1);
+    let mut byte = [0u8; 1];
+    std::os::unix::fs::FileExt::read_exact_at(&std::fs::File::open(&stored).unwrap(), &mut byte, 7).unwrap();
+    write_at(&stored, 7, &[byte[0] ^ 0xff]);
+    let out = server.client(&["verify", "vm1", "-r", &instant1]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(text.contains(&format!("vm1-a: {a1}: DAMAGED")), "{text}");
+    assert!(
+        text.contains(&format!("group vm1: instant {instant1} DAMAGED")),
+        "{text}"
+    );
+    vm.quit();
+}
+
+/// Issue 34, item 1, in the agent: an order for a member of a group runs
+/// the group's push (every disk at one instant), once when both members
+/// are ordered in one round; when only one member is due, the other is
+/// taken along, so both revisions carry one instant.
+#[test]
+fn the_agent_pushes_a_whole_group_for_an_ordered_member() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (server, mut vm) = two_disk_group(d, "s");
+    let (mut m0, mut m1) = (vec![0u8; SIZE as usize], vec![0u8; SIZE as usize]);
+    vm.write_on(0, &mut m0, 0x11, 0, 2 * MIB);
+    vm.write_on(1, &mut m1, 0x21, 0, 2 * MIB);
+    let group_of = |r: &Value| r["group"]["instant"].as_str().map(str::to_string);
+    let mark = server.log_mark();
+    let mut agent = server.agent(&["agent", "--name", "hv01", "--workers", "2"]);
+
+    // 1. Both due: both ordered in one round, one group push.
+    wait_for("both members' revisions", Duration::from_secs(90), || {
+        server.revisions("vm1-a").len() == 1 && server.revisions("vm1-b").len() == 1
+    });
+    let (a, b) = (server.revisions("vm1-a"), server.revisions("vm1-b"));
+    let instant = group_of(&a[0]).expect("vm1-a's revision is of a group push");
+    assert_eq!(
+        group_of(&b[0]).as_deref(),
+        Some(instant.as_str()),
+        "one instant: {a:?} {b:?}"
+    );
+    wait_for("both outcomes", Duration::from_secs(30), || {
+        server
+            .log_lines(mark)
+            .iter()
+            .filter(|l| l.contains("agent outcome"))
+            .count()
+            == 2
+    });
+    let log = server.log_lines(mark);
+    for job in ["vm1-a", "vm1-b"] {
+        assert!(
+            log.iter()
+                .any(|l| l.contains("ordering push") && l.contains(&format!("job={job}"))),
+            "{job} ordered: {log:?}"
+        );
+        assert!(
+            log.iter().any(|l| l.contains("agent outcome")
+                && l.contains(&format!("job={job}"))
+                && l.contains("ok=true")),
+            "{job}'s outcome reported ok: {log:?}"
+        );
+    }
+    let agent_log = agent.log();
+    assert_eq!(agent_log.matches("pushing its group").count(), 1, "{agent_log}");
+    assert_eq!(
+        agent_log.matches("joining its group's running push").count(),
+        1,
+        "{agent_log}"
+    );
+
+    // 2. Only vm1-a due (its revision forgotten): vm1-b taken along.
+    vm.write_on(0, &mut m0, 0x12, 10 * MIB, G);
+    vm.write_on(1, &mut m1, 0x22, 20 * MIB, G);
+    let mark = server.log_mark();
+    server.client_ok(&["forget", "vm1-a", "-r", "all"]);
+    wait_for("the group pushed again", Duration::from_secs(120), || {
+        server.revisions("vm1-a").len() == 1 && server.revisions("vm1-b").len() == 2
+    });
+    let (a, b) = (server.revisions("vm1-a"), server.revisions("vm1-b"));
+    let second = group_of(&a[0]).expect("a group push");
+    assert_ne!(second, instant);
+    assert_eq!(
+        group_of(&b[1]).as_deref(),
+        Some(second.as_str()),
+        "vm1-b taken along at the instant"
+    );
+    let log = server.log_lines(mark);
+    assert!(
+        !log.iter()
+            .any(|l| l.contains("ordering push") && l.contains("job=vm1-b")),
+        "vm1-b was not ordered: {log:?}"
+    );
+    agent.terminate();
+    alive(&mut vm);
+    // Both revisions of the second instant are the disks as they were.
+    check_restore_of(&server, d, "vm1-a", a[0]["id"].as_str().unwrap(), &m0);
+    check_restore_of(&server, d, "vm1-b", b[1]["id"].as_str().unwrap(), &m1);
+    vm.quit();
+}
