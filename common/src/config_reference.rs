@@ -181,7 +181,7 @@ pub const CLIENT: ConfigReference = ConfigReference {
         key("jobs.JOB.source.hooks.post-snapshot", "command", Unset, "Run right after the snapshot whenever pre-snapshot ran (a thaw)."),
         key("jobs.JOB.source.hooks.cleanup", "command", Unset, "Run once the source has been read, whether the push succeeded or not, whenever pre-snapshot ran (lvremove of its snapshot)."),
         key("jobs.JOB.source.hooks.hook-timeout", "integer (seconds)", Means("60"), "Seconds each hook may take."),
-        key("groups", "mapping", Unset, "Jobs backed up as one unit by push GROUP: the disks of one VM, all taken at one instant. Each member stays its own job on the server; each revision records the group and the instant."),
+        key("groups", "mapping", Unset, "Jobs backed up as one unit by push GROUP: the disks of one VM, all taken at one instant. Each member stays its own job on the server; each revision records the group and the instant. status, check, restore and verify given the group's name act on its instants across the members; the agent pushes the whole group when the server orders a member."),
         key("groups.GROUP", "mapping", Unset, "One group, by the name push takes (not also a job's name)."),
         key("groups.GROUP.jobs", "list of job names", Required, "The member jobs, each listed under jobs and in one group at most, all of one kind: running QEMU disks (qmp) on one QMP socket, taken in one QMP transaction, or Ceph RBD images, snapshotted inside the one window of the group's hooks (which then needs a pre-snapshot hook)."),
         key("groups.GROUP.hooks", "mapping", Unset, "Run once around the group's instant (BACKY_JOB is the group, BACKY_REVISION the instant); the members' own hooks do not run in a group push."),
