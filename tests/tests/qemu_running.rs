@@ -1159,9 +1159,10 @@ fn the_audit_catches_a_bitmap_cleared_by_hand() {
 
 /// Two qcow2 disks in a `-machine none` QEMU, jobs `vm1-a` (drive0) and
 /// `vm1-b` (drive1) with `schedule` (a name, or `none`) for client hv01,
-/// group `vm1` of both in client.yaml. Returns the server (storing under
+/// group `vm1` of both in client.yaml; with `key`, vm1-b is encrypted
+/// with that key file (made here). Returns the server (storing under
 /// `d/backy`) and the guest.
-fn two_disk_group(d: &Path, schedule: &str) -> (Server, Vm) {
+fn two_disk_group(d: &Path, schedule: &str, key: Option<&Path>) -> (Server, Vm) {
     for disk in ["disk0.qcow2", "disk1.qcow2"] {
         run(
             "qemu-img",
@@ -1193,9 +1194,19 @@ fn two_disk_group(d: &Path, schedule: &str) -> (Server, Vm) {
     let base = d.join("backy");
     std::fs::create_dir_all(&base).unwrap();
     let server = Server::start_config(&base, &config);
-    let mut client_yaml = std::fs::read_to_string(&server.client_config).unwrap();
-    client_yaml.push_str("groups:\n  vm1: {jobs: [vm1-a, vm1-b]}\n");
-    std::fs::write(&server.client_config, client_yaml).unwrap();
+    let mut client_yaml: serde_yaml::Value =
+        serde_yaml::from_str(&std::fs::read_to_string(&server.client_config).unwrap()).unwrap();
+    if let Some(key) = key {
+        server.client_ok(&["keygen", key.to_str().unwrap()]);
+        client_yaml["jobs"]["vm1-b"]["encryption"] =
+            serde_yaml::from_str(&format!("{{key-file: {}}}", key.display())).unwrap();
+    }
+    client_yaml["groups"] = serde_yaml::from_str("{vm1: {jobs: [vm1-a, vm1-b]}}").unwrap();
+    std::fs::write(
+        &server.client_config,
+        serde_yaml::to_string(&client_yaml).unwrap(),
+    )
+    .unwrap();
     (server, vm)
 }
 
@@ -1216,12 +1227,15 @@ fn listing(dir: &Path) -> Vec<String> {
 /// `restore GROUP` writes every disk of one instant, each to its own
 /// target, byte for byte the disk at the instant, and refuses (writing
 /// nothing) an incomplete instant or a target a single restore refuses;
-/// `verify GROUP` verifies every member's revision of the instant.
+/// `verify GROUP` verifies every member's revision of the instant. A disk
+/// that fails mid-way (its target's filesystem full) is named, with the
+/// disks restored before it. vm1-b is encrypted: its job's key decrypts it.
 #[test]
 fn a_group_is_listed_restored_and_verified_as_one_instant() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let (server, mut vm) = two_disk_group(d, "none");
+    // vm1-b encrypted: the group restore decrypts it with its job's key.
+    let (server, mut vm) = two_disk_group(d, "none", Some(&d.join("vm1-b.key")));
     let (mut m0, mut m1) = (vec![0u8; SIZE as usize], vec![0u8; SIZE as usize]);
     vm.write_on(0, &mut m0, 0x11, 0, 4 * MIB);
     vm.write_on(1, &mut m1, 0x21, 8 * MIB, 2 * MIB);
@@ -1319,7 +1333,46 @@ fn a_group_is_listed_restored_and_verified_as_one_instant() {
     assert_eq!(restored["instant"], *instant2, "{restored}");
     assert_eq!(restored["disks"][1]["revision"]["id"], *b2, "{restored}");
     assert!(std::fs::read(&ta).unwrap() == m0, "vm1-a at instant 2");
-    assert!(std::fs::read(&tb).unwrap() == m1, "vm1-b at instant 2");
+    assert!(
+        std::fs::read(&tb).unwrap() == m1,
+        "vm1-b at instant 2 (decrypted)"
+    );
+    assert!(
+        server.revisions("vm1-b")[1]["key_check"].is_string()
+            && server.revisions("vm1-a")[1]["key_check"].is_null(),
+        "vm1-b is stored encrypted, vm1-a in the clear"
+    );
+
+    // vm1-b's target fills up mid-way (2 MiB of data, 1 MiB of room):
+    // the error names it and vm1-a, restored before it; no temporary left.
+    let full = Tmpfs::mount(&d.join("full"), "1M");
+    let tc = d.join("c.img");
+    let out = server.client(&[
+        "restore",
+        "vm1",
+        "-r",
+        &instant1,
+        "--target",
+        &format!("vm1-a={}", tc.display()),
+        "--target",
+        &format!("vm1-b={}/vm1-b", full.0.display()),
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "group vm1: restoring vm1-b (revision {b1}) failed; restored before it: vm1-a to {}",
+            tc.display()
+        )) && stderr.contains("No space left on device"),
+        "{stderr}"
+    );
+    assert!(std::fs::read(&tc).unwrap() == at1.0, "vm1-a was restored");
+    assert!(
+        listing(&full.0).is_empty(),
+        "no temporary left: {:?}",
+        listing(&full.0)
+    );
+    drop(full);
 
     // A target a single restore refuses (vm1-b's file exists, no
     // --force): refused before anything is written, vm1-a's new file too.
@@ -1432,7 +1485,7 @@ fn a_group_is_listed_restored_and_verified_as_one_instant() {
 fn the_agent_pushes_a_whole_group_for_an_ordered_member() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let (server, mut vm) = two_disk_group(d, "s");
+    let (server, mut vm) = two_disk_group(d, "s", None);
     let (mut m0, mut m1) = (vec![0u8; SIZE as usize], vec![0u8; SIZE as usize]);
     vm.write_on(0, &mut m0, 0x11, 0, 2 * MIB);
     vm.write_on(1, &mut m1, 0x21, 0, 2 * MIB);
