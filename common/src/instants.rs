@@ -110,13 +110,14 @@ pub fn select<'a>(
             .find(|i| i.complete)
             .map(|i| vec![i])
             .ok_or_else(|| match instants.first() {
-                None => Error::not_found(format!("group {name} has no instant yet (push {name} takes one)")),
+                None => no_instant(name),
                 Some(_) => Error::not_found(format!(
                     "group {name} has no complete instant ({} incomplete): name one with -r to act on its \
                      disks anyway",
                     instants.len()
                 )),
             }),
+        "all" if instants.is_empty() => Err(no_instant(name)),
         "all" => Ok(instants.iter().collect()),
         prefix => {
             let found: Vec<&GroupInstantView> = instants
@@ -132,6 +133,10 @@ pub fn select<'a>(
             }
         }
     }
+}
+
+fn no_instant(name: &str) -> Error {
+    Error::not_found(format!("group {name} has no instant yet (push {name} takes one)"))
 }
 
 #[cfg(test)]
@@ -213,9 +218,11 @@ mod tests {
             .unwrap_err()
             .message
             .contains("no complete instant (2 incomplete)"));
-        assert!(select("g", &[], "latest")
-            .unwrap_err()
-            .message
-            .contains("no instant yet"));
+        for spec in ["latest", "all"] {
+            assert!(select("g", &[], spec)
+                .unwrap_err()
+                .message
+                .contains("no instant yet"));
+        }
     }
 }
