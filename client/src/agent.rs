@@ -63,7 +63,9 @@ enum Flight {
 impl GroupFlights {
     fn join_or_start(&self, group: &JobName) -> Flight {
         let mut running = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(rx) = running.get(group) {
+        // A flight whose runner went away without finishing (its task
+        // panicked) is stale: joining it would fail every later order.
+        if let Some(rx) = running.get(group).filter(|rx| rx.has_changed().is_ok()) {
             return Flight::Join(rx.clone());
         }
         let (tx, rx) = watch::channel(None);
@@ -412,5 +414,35 @@ async fn run_job_order(
                 rev_id: String::new(),
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// One flight per group: a second order joins it and sees its outcome;
+    /// after it finished, or when its runner vanished without finishing, the
+    /// next order starts a push of its own.
+    #[test]
+    fn group_flights_run_once_and_never_stay_stale() {
+        let flights = GroupFlights::default();
+        let g = JobName::new("vm6").expect("a name");
+        let Flight::Run(tx) = flights.join_or_start(&g) else {
+            panic!("the first order runs the push")
+        };
+        let Flight::Join(mut rx) = flights.join_or_start(&g) else {
+            panic!("a second order joins it")
+        };
+        flights.finish(&g, tx, Arc::new(Ok(None)));
+        assert!(matches!(rx.borrow_and_update().as_deref(), Some(Ok(None))));
+        let Flight::Run(tx) = flights.join_or_start(&g) else {
+            panic!("a finished flight is not joined")
+        };
+        drop(tx);
+        assert!(
+            matches!(flights.join_or_start(&g), Flight::Run(_)),
+            "a runner that vanished leaves no flight to join"
+        );
     }
 }
