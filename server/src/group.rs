@@ -158,9 +158,9 @@ impl HeldGroups {
         }
     }
 
-    /// How many disks wait for their group's commit (for tests and status).
-    pub fn held_disks(&self) -> usize {
-        self.lock().values().map(|h| h.disks.len()).sum()
+    /// How many instants are kept (held disks or pushes running).
+    pub fn instants(&self) -> usize {
+        self.lock().len()
     }
 }
 
@@ -201,9 +201,15 @@ impl Joined {
 
 impl Drop for Joined {
     fn drop(&mut self) {
-        if let Some(held) = self.groups.lock().get_mut(&self.instant) {
+        let mut all = self.groups.lock();
+        if let Some(held) = all.get_mut(&self.instant) {
             held.pushing = held.pushing.saturating_sub(1);
             held.idle_since = Instant::now();
+            // Nothing held and nothing pushing (its pushes failed): not kept,
+            // so failing pushes under made-up instants leave nothing behind.
+            if held.pushing == 0 && held.disks.is_empty() {
+                all.remove(&self.instant);
+            }
         }
     }
 }
@@ -281,12 +287,34 @@ pub fn commit(
     let path = record_path(&config.base_dir, &req.group.instant)?;
     write_record(&path, &record)?;
     fault::point("group.recorded");
+    // Every disk is published even if one fails (an I/O error this late):
+    // the more of the instant is committed, the less is lost.
     let mut metas = Vec::new();
-    for ((s, txn), lock) in sealed.into_iter().zip(txns.iter_mut()).zip(locks) {
-        metas.push(txn.publish(s, lock)?);
+    let mut failed = Vec::new();
+    for (((s, txn), lock), job) in sealed.into_iter().zip(txns.iter_mut()).zip(locks).zip(&jobs) {
+        match txn.publish(s, lock) {
+            Ok(meta) => metas.push(meta),
+            Err(e) => failed.push(format!("job {}: {e}", job.name())),
+        }
         fault::point("group.published");
     }
     remove_record(&path)?;
+    if !failed.is_empty() {
+        tracing::error!(
+            group = req.group.name,
+            instant = req.group.instant,
+            "group commit: {} disks committed, failed: {}",
+            metas.len(),
+            failed.join("; ")
+        );
+        return Err(Error::internal(format!(
+            "group instant {} is incomplete: {} of {} disks committed; {}",
+            req.group.instant,
+            metas.len(),
+            jobs.len(),
+            failed.join("; ")
+        )));
+    }
     tracing::info!(
         group = req.group.name,
         instant = req.group.instant,
@@ -395,18 +423,75 @@ pub fn recover(server: &Server) -> Result<usize> {
         let record: Record = serde_yaml::from_str(&text)
             .map_err(|e| Error::data_loss(format!("{}: not a group commit record: {e}", path.display())))?;
         for disk in &record.disks {
-            let meta = RevisionMeta::from_yaml_full(&disk.revision, &disk.job)?;
-            let job = server.job(&disk.job)?;
-            let mut txn = Txn::begin(&server.jobs, &job)?;
-            if txn.install_recorded(&meta)? {
-                installed += 1;
-                tracing::warn!(
-                    group = record.group, instant = record.instant, job = disk.job, rev = %meta.id,
-                    "finished a group commit interrupted by a crash"
-                );
+            // A disk that cannot be finished (its job gone from the config,
+            // its files lost) is logged; it never keeps the server down.
+            let finished = RevisionMeta::from_yaml_full(&disk.revision, &disk.job).and_then(|meta| {
+                let job = server.job(&disk.job)?;
+                let mut txn = Txn::begin(&server.jobs, &job)?;
+                Ok((txn.install_recorded(&meta)?, meta.id))
+            });
+            match finished {
+                Ok((true, id)) => {
+                    installed += 1;
+                    tracing::warn!(
+                        group = record.group, instant = record.instant, job = disk.job, rev = %id,
+                        "finished a group commit interrupted by a crash"
+                    );
+                }
+                Ok((false, _)) => {}
+                Err(e) => {
+                    tracing::error!(
+                    group = record.group, instant = record.instant, job = disk.job,
+                    "could not finish a group commit interrupted by a crash: {e}; the instant is incomplete"
+                )
+                }
             }
         }
         remove_record(&path)?;
     }
     Ok(installed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn instant(disks: u32) -> GroupInstant {
+        GroupInstant {
+            name: "vm6".into(),
+            instant: RevisionId::new_random().short(),
+            disks,
+        }
+    }
+
+    /// An instant is one identity's and one shape's; one whose pushes all
+    /// ended with nothing held is not kept (failing pushes under made-up
+    /// instants cannot grow the table).
+    #[test]
+    fn instants_belong_to_their_pusher_and_vanish_when_empty() {
+        let groups = Arc::new(HeldGroups::default());
+        let g = instant(2);
+        let first = groups.join(&g, "hv01").expect("joined");
+        let second = groups.join(&g, "hv01").expect("a second disk");
+        let e = groups.join(&g, "hv02").err().expect("another identity");
+        assert_eq!(e.kind, backy_common::ErrorKind::PermissionDenied, "{}", e.message);
+        let other_shape = GroupInstant {
+            disks: 3,
+            ..g.clone()
+        };
+        let e = groups
+            .join(&other_shape, "hv01")
+            .err()
+            .expect("another disk count");
+        assert_eq!(e.kind, backy_common::ErrorKind::InvalidArgument, "{}", e.message);
+        assert_eq!(groups.instants(), 1);
+        drop(first);
+        assert_eq!(groups.instants(), 1, "a disk is still being pushed");
+        drop(second);
+        assert_eq!(groups.instants(), 0, "nothing held, nothing pushing: gone");
+        for _ in 0..100 {
+            drop(groups.join(&instant(1), "hv01").expect("joined"));
+        }
+        assert_eq!(groups.instants(), 0);
+    }
 }
