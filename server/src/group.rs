@@ -325,12 +325,15 @@ pub fn commit(
     for slot in &slots {
         slot.set_parent(None);
     }
+    // One time for every member's expiry: revisions of one time and tags
+    // go or stay together.
+    let now = chrono::Utc::now();
     let mut expired = Vec::new();
     for ((txn, job), meta) in txns.iter_mut().zip(&jobs).zip(&metas) {
         let schedule = config.job(job.name()).ok().and_then(|j| config.schedule_of(j));
         if let Some(schedule) = schedule {
-            match crate::schedule::expire_in(txn, schedule, ExpiryRun::AfterCommit(meta.id), &server.metrics)
-            {
+            let run = ExpiryRun::AfterCommit(meta.id);
+            match crate::schedule::expire_at(txn, schedule, run, &server.metrics, now) {
                 Ok(ids) => expired.extend(ids),
                 Err(e) => {
                     tracing::error!(job = %job.name(), "after the group commit: {e}; expiry retries within a minute")

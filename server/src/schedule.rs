@@ -51,8 +51,20 @@ pub fn expire_in(
     run: ExpiryRun,
     metrics: &crate::metrics::Metrics,
 ) -> Result<Vec<RevisionId>> {
+    expire_at(txn, schedule, run, metrics, Utc::now())
+}
+
+/// [`expire_in`] as of `now`: a group commit expires every member's job
+/// as of one time, so revisions of one time and tags go or stay together.
+pub fn expire_at(
+    txn: &mut Txn<'_>,
+    schedule: &Schedule,
+    run: ExpiryRun,
+    metrics: &crate::metrics::Metrics,
+    now: chrono::DateTime<Utc>,
+) -> Result<Vec<RevisionId>> {
     let protected = txn.protected();
-    let plan = schedule::expire(schedule, txn.revisions(), Utc::now(), &protected, run);
+    let plan = schedule::expire(schedule, txn.revisions(), now, &protected, run);
     if plan.is_noop() {
         return Ok(Vec::new());
     }

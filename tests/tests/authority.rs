@@ -425,6 +425,17 @@ async fn held_push(
     group: &GroupInstant,
     seed: u64,
 ) -> Result<PushReply, tonic::Status> {
+    held_push_tagged(url, token, job, group, seed, "daily").await
+}
+
+async fn held_push_tagged(
+    url: &str,
+    token: &str,
+    job: &str,
+    group: &GroupInstant,
+    seed: u64,
+    tag: &str,
+) -> Result<PushReply, tonic::Status> {
     let (size, bs) = (24 * MIB, 4u32 << 20);
     let data = pattern(seed, 64 << 10);
     let mut sum = backy_common::checksum::StreamChecksum::new();
@@ -435,7 +446,7 @@ async fn held_push(
             rev_id: uuid::Uuid::new_v4().to_string(),
             size,
             block_size: bs,
-            tags: vec!["daily".into()],
+            tags: vec![tag.into()],
             source_kind: SourceKind::File as i32,
             force: true,
             group: Some(group.clone()),
@@ -617,4 +628,85 @@ fn a_group_instant_is_committed_whole_and_only_by_its_pusher() {
     let bare = GroupInstant::default();
     let e = rt.block_on(held_push(&url, &t1, "vm1", &bare, 6)).unwrap_err();
     assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
+}
+
+/// Issue 34: expiry treats a group's instants as one. Two jobs on one
+/// schedule (`often`: every second, keep 2) get instant after instant by
+/// group commits; after every commit both list exactly the same instants,
+/// until the first instant has expired from both.
+#[test]
+fn group_instants_expire_together() {
+    let dir = tempfile::tempdir().unwrap();
+    let token = generate_token();
+    let config = format!(
+        "listen: 127.0.0.1:0\nbase-dir: BASE\nclients:\n  hv01: {{token-hash: '{}'}}\n\
+         schedules:\n  fast: {{often: {{interval: 1s, keep: 2}}}}\n\
+         jobs:\n  vm1: {{schedule: fast, client: hv01}}\n  vm2: {{schedule: fast, client: hv01}}\n",
+        hash_token(&token).unwrap()
+    );
+    let base = dir.path().join("backy");
+    std::fs::create_dir_all(&base).unwrap();
+    let server = Server::start_config(&base, &config);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let file = token_file(dir.path(), "hv01.token", &token);
+    let instants = |job: &str| -> std::collections::BTreeSet<String> {
+        let out = server.client(&["--token-file", file.to_str().unwrap(), "--json", "status", job]);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        v["jobs"][0]["revisions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["group"]["instant"].as_str().unwrap().to_string())
+            .collect()
+    };
+    let mut first = None;
+    let mut commits = 0;
+    wait_for(
+        "the first instant to expire",
+        std::time::Duration::from_secs(60),
+        || {
+            commits += 1;
+            let group = GroupInstant {
+                name: "vm".into(),
+                instant: backy_common::RevisionId::new_random().short(),
+                disks: 2,
+            };
+            let mut members = Vec::new();
+            for job in ["vm1", "vm2"] {
+                let reply = rt
+                    .block_on(held_push_tagged(
+                        &server.url,
+                        &token,
+                        job,
+                        &group,
+                        commits,
+                        "often",
+                    ))
+                    .unwrap();
+                members.push(GroupMember {
+                    job: job.into(),
+                    rev_id: reply.revision.unwrap().id,
+                });
+            }
+            let request = GroupCommit {
+                group: Some(group.clone()),
+                members,
+                abort: false,
+            };
+            rt.block_on(commit_group(&server.url, &token, request)).unwrap();
+            let first = first.get_or_insert(group.instant);
+            let (a, b) = (instants("vm1"), instants("vm2"));
+            assert_eq!(
+                a, b,
+                "after commit {commits}: every instant kept or expired on both disks"
+            );
+            assert!(a.len() >= (commits as usize).min(2), "the newest two stay: {a:?}");
+            !a.contains(first.as_str())
+        },
+    );
+    assert!(commits >= 3, "{commits} commits");
 }
