@@ -135,6 +135,10 @@ impl Source for KnownChanges {
         self.inner.next_data(offset)
     }
 
+    fn reads_data_only(&self) -> bool {
+        self.inner.reads_data_only()
+    }
+
     fn will_need(&mut self, offset: u64, len: u64) {
         self.inner.will_need(offset, len)
     }

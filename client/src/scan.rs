@@ -578,48 +578,129 @@ fn read_blocks(
     free: Receiver<Vec<u8>>,
 ) {
     let mut sent = 0usize;
-    let mut region = None;
-    let mut first = true;
-    // The next blocks to read; each is prefetched as it joins, PREFETCH
-    // blocks before it is read.
+    let mut map = DataMap::default();
+    // The next blocks to read with their data pieces; each is prefetched
+    // as it joins, PREFETCH blocks before it is read.
     let mut upcoming = VecDeque::with_capacity(PREFETCH + 1);
     loop {
         while upcoming.len() <= PREFETCH {
             let Some(next) = blocks.next() else { break };
-            upcoming.push_back(next);
-            let start = geometry.block_offset(next);
-            let end = start + geometry.block_len(next);
+            let pieces = map.pieces(source, geometry.block_offset(next), geometry.block_len(next));
             // Only its data: prefetching holes would fill the cache with zeros.
-            if let Ok(Some(r)) = source.next_data(start) {
-                let (from, to) = (r.offset.max(start), r.end().min(end));
-                if from < to {
-                    source.will_need(from, to - from);
-                }
+            for p in pieces.iter().flatten() {
+                source.will_need(p.offset, p.len);
             }
+            upcoming.push_back((next, pieces));
         }
-        let Some(index) = upcoming.pop_front() else { break };
-        let offset = geometry.block_offset(index);
-        let len = geometry.block_len(index);
-        let read = (|| {
-            if first || region.is_some_and(|r: Extent| r.end() <= offset) {
-                region = source.next_data(offset)?;
-                first = false;
-            }
-            if region.is_none_or(|r| r.offset >= offset + len) {
+        let Some((index, pieces)) = upcoming.pop_front() else {
+            break;
+        };
+        let read = pieces.and_then(|pieces| {
+            if pieces.is_empty() {
                 return Ok(Fetched::Hole(index));
             }
+            let offset = geometry.block_offset(index);
+            let len = geometry.block_len(index) as usize;
             let mut buf = free
                 .try_recv()
                 .unwrap_or_else(|_| vec![0u8; geometry.block_size() as usize]);
-            let block = &mut buf[..len as usize];
-            source.read_at(offset, block)?;
-            Ok(Fetched::Block(index, buf, len as usize))
-        })();
+            read_pieces(source, offset, &mut buf[..len], &pieces)?;
+            Ok(Fetched::Block(index, buf, len))
+        });
         let failed = read.is_err();
         if outs[sent % outs.len()].send(read).is_err() || failed {
             return;
         }
         sent += 1;
+    }
+}
+
+/// Fills `block` (the bytes at `offset`, in a reused buffer) from the
+/// source's `pieces` of it (ascending, inside it) and zeros between them:
+/// the same bytes as one read of the whole block, holes reading as zeros.
+fn read_pieces(source: &mut dyn Source, offset: u64, block: &mut [u8], pieces: &[Extent]) -> Result<()> {
+    let mut at = 0;
+    for p in pieces {
+        let from = (p.offset - offset) as usize;
+        let to = from + p.len as usize;
+        block[at..from].fill(0);
+        source.read_at(p.offset, &mut block[from..to])?;
+        at = to;
+    }
+    block[at..].fill(0);
+    Ok(())
+}
+
+/// Data regions read one by one in a block at most; a block more
+/// fragmented reads the rest whole (each region costs a seek and a read,
+/// and the page cache bookkeeping remembers a few blocks' pieces).
+const MAX_PIECES: usize = 8;
+
+/// Where the data of ascending blocks is, with one [`Source::next_data`]
+/// per data region: the last answer holds for every offset up to the end
+/// of the region it found (a region may span many blocks, a hole too).
+#[derive(Default)]
+struct DataMap {
+    /// The offset last asked about and the answer.
+    last: Option<(u64, Option<Extent>)>,
+}
+
+impl DataMap {
+    /// The first data at or after `at`, clipped to start there.
+    fn next_data(&mut self, source: &mut dyn Source, at: u64) -> Result<Option<Extent>> {
+        let known = self
+            .last
+            .is_some_and(|(asked, found)| asked <= at && found.is_none_or(|r| at < r.end()));
+        if !known {
+            let found = source.next_data(at)?;
+            if found.is_some_and(|r| r.end() <= at) {
+                return Err(Error::internal(format!(
+                    "the source reported data ending before offset {at}, asked from there"
+                )));
+            }
+            self.last = Some((at, found));
+        }
+        Ok(self.last.and_then(|(_, found)| found).map(|r| {
+            let from = r.offset.max(at);
+            Extent {
+                offset: from,
+                len: r.end() - from,
+            }
+        }))
+    }
+
+    /// What to read of the `len` bytes at `offset`, ascending: nothing for
+    /// a hole; the whole block where any data is, unless the source reads
+    /// data only ([`Source::reads_data_only`]): then its data regions.
+    fn pieces(&mut self, source: &mut dyn Source, offset: u64, len: u64) -> Result<Vec<Extent>> {
+        let end = offset + len;
+        let mut pieces = Vec::new();
+        let mut at = offset;
+        while at < end {
+            let Some(r) = self.next_data(source, at)? else {
+                break;
+            };
+            if r.offset >= end {
+                break;
+            }
+            if !source.reads_data_only() {
+                return Ok(vec![Extent { offset, len }]);
+            }
+            if pieces.len() + 1 == MAX_PIECES {
+                pieces.push(Extent {
+                    offset: r.offset,
+                    len: end - r.offset,
+                });
+                break;
+            }
+            let to = r.end().min(end);
+            pieces.push(Extent {
+                offset: r.offset,
+                len: to - r.offset,
+            });
+            at = to;
+        }
+        Ok(pieces)
     }
 }
 
@@ -829,6 +910,160 @@ mod tests {
         assert_eq!(scanned.changed_blocks, 4);
         assert_eq!(scanned.manifest, manifest_of(&image, BS));
         assert_eq!(apply(&parent, image.len(), &frames), image);
+    }
+
+    /// An image of 8 blocks and a short ninth with data regions inside
+    /// blocks (one spanning two, one of zeros), and its regions.
+    fn holey_image() -> (Vec<u8>, Vec<Extent>) {
+        const K: usize = 4096;
+        let regions = [
+            (0, B),         // block 0 whole
+            (B + K, 2 * K), // block 1: two pieces
+            (B + 10 * K, K),
+            (4 * B + 15 * K, 3 * K), // blocks 4-5: one region across
+            (6 * B + 5 * K, 2 * K),  // block 6: data that is zeros
+            (8 * B, K),              // the short last block
+        ];
+        let mut image = vec![0u8; 8 * B + 2 * K];
+        for (i, &(at, len)) in regions.iter().enumerate() {
+            if at != 6 * B + 5 * K {
+                image[at..at + len].copy_from_slice(&pattern(len, i as u8));
+            }
+        }
+        let regions = regions
+            .iter()
+            .map(|&(at, len)| Extent {
+                offset: at as u64,
+                len: len as u64,
+            })
+            .collect();
+        (image, regions)
+    }
+
+    /// A scan of the image read whole (every byte) and of the same image
+    /// read by its data regions only.
+    fn whole_and_data_only(image: &[u8], regions: Vec<Extent>) -> ((Vec<Frame>, Scanned), MemSource) {
+        let baseline = || Manifest::zeroed(image.len() as u64, BS).unwrap();
+        let whole = run(&mut MemSource::new(image.to_vec()), baseline(), None);
+        let mut src = MemSource::new(image.to_vec());
+        src.regions = Some(regions);
+        src.data_only = true;
+        let (frames, scanned) = run(&mut src, baseline(), None);
+        assert_eq!(frames, whole.0);
+        assert_eq!(scanned.checksum, whole.1.checksum);
+        assert_eq!(scanned.manifest, whole.1.manifest);
+        assert_eq!(scanned.manifest, manifest_of(image, BS));
+        ((frames, scanned), src)
+    }
+
+    #[test]
+    fn data_only_sources_read_the_data_and_zero_the_holes() {
+        let (image, regions) = holey_image();
+        let (_, src) = whole_and_data_only(&image, regions);
+        let k = 4096;
+        let b = B as u64;
+        assert_eq!(
+            src.reads,
+            [0, b + k, b + 10 * k, 4 * b + 15 * k, 5 * b, 6 * b + 5 * k, 8 * b],
+            "each block's data regions only, the one across two blocks in two reads"
+        );
+    }
+
+    #[test]
+    fn a_block_of_many_regions_reads_the_rest_whole() {
+        // Block 1 has 12 regions of 1 KiB with holes between them.
+        let k = 1024;
+        let mut image = vec![0u8; 3 * B];
+        image[..B].copy_from_slice(&pattern(B, 1));
+        let mut regions = vec![Extent {
+            offset: 0,
+            len: B as u64,
+        }];
+        for i in 0..12 {
+            let at = B + (2 * i + 1) * k;
+            image[at..at + k].copy_from_slice(&pattern(k, i as u8));
+            regions.push(Extent {
+                offset: at as u64,
+                len: k as u64,
+            });
+        }
+        let (_, src) = whole_and_data_only(&image, regions);
+        let mut expected = vec![0];
+        expected.extend((0..MAX_PIECES as u64).map(|i| B as u64 + (2 * i + 1) * k as u64));
+        assert_eq!(
+            src.reads, expected,
+            "{MAX_PIECES} reads, the last to the block's end"
+        );
+    }
+
+    /// A real sparse file: each block the reader hands over (in buffers
+    /// full of old bytes) holds exactly the file's bytes, and the scan's
+    /// frames, checksum and digests are those of the file read whole.
+    #[test]
+    fn a_sparse_file_reads_as_if_read_whole() {
+        use std::io::{Seek, SeekFrom, Write};
+        let (image, regions) = holey_image();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("disk.img");
+        let mut f = std::fs::File::create(&path).unwrap();
+        f.set_len(image.len() as u64).unwrap();
+        for r in &regions {
+            f.seek(SeekFrom::Start(r.offset)).unwrap();
+            f.write_all(&image[r.offset as usize..r.end() as usize]).unwrap();
+        }
+        f.sync_all().unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), image);
+        let mut src = crate::source::open_path(&path).unwrap();
+        assert!(src.reads_data_only(), "this filesystem reports holes");
+        let holes = src.next_data(2 * B as u64).unwrap().unwrap();
+        assert!(holes.offset >= 4 * B as u64, "blocks 2-3 are a hole: {holes:?}");
+
+        let geometry = Manifest::zeroed(image.len() as u64, BS).unwrap();
+        let count = geometry.block_count();
+        let (free_tx, free_rx) = channel();
+        for _ in 0..count {
+            free_tx.send(vec![0xa5; B]).unwrap();
+        }
+        let (tx, rx) = sync_channel(count as usize);
+        read_blocks(&mut *src, &geometry, Box::new(0..count), vec![tx], free_rx);
+        let mut seen = Vec::new();
+        for fetched in rx.try_iter() {
+            match fetched.unwrap() {
+                Fetched::Hole(i) => {
+                    let range = geometry.block_offset(i) as usize
+                        ..(geometry.block_offset(i) + geometry.block_len(i)) as usize;
+                    assert!(is_all_zero(&image[range]), "block {i} is no hole");
+                    seen.push((i, false));
+                }
+                Fetched::Block(i, buf, len) => {
+                    let at = geometry.block_offset(i) as usize;
+                    assert_eq!(&buf[..len], &image[at..at + len], "block {i}");
+                    seen.push((i, true));
+                }
+            }
+        }
+        let read: Vec<_> = seen.iter().map(|&(_, data)| data).collect();
+        assert_eq!(read, [true, true, false, false, true, true, true, false, true]);
+
+        let baseline = Manifest::zeroed(image.len() as u64, BS).unwrap();
+        let whole = run(&mut MemSource::new(image.clone()), baseline.clone(), None);
+        let mut frames = Vec::new();
+        let scanned = scan(
+            &mut *src,
+            baseline,
+            None,
+            None,
+            None,
+            |f| {
+                frames.push(f);
+                Ok(())
+            },
+            |_| {},
+        )
+        .unwrap();
+        assert_eq!(frames, whole.0);
+        assert_eq!(scanned.checksum, whole.1.checksum);
+        assert_eq!(scanned.manifest, manifest_of(&image, BS));
     }
 
     #[test]

@@ -50,6 +50,15 @@ pub trait Source: Send {
         }))
     }
 
+    /// Whether a block that is partly hole is read region by region, its
+    /// holes zero-filled in memory instead of read: for sources whose
+    /// [`Source::next_data`] is exact and cheap to ask, and whose holes
+    /// cost something to read (a file's: the kernel fills a page of zeros
+    /// for each). Others (devices, NBD) read such a block whole.
+    fn reads_data_only(&self) -> bool {
+        false
+    }
+
     /// A hint that `len` bytes at `offset` are read soon: sources that can
     /// start fetching them in the background do (the default does nothing).
     fn will_need(&mut self, _offset: u64, _len: u64) {}
@@ -129,6 +138,10 @@ impl Source for Hooked {
         self.inner.next_data(offset)
     }
 
+    fn reads_data_only(&self) -> bool {
+        self.inner.reads_data_only()
+    }
+
     fn will_need(&mut self, offset: u64, len: u64) {
         self.inner.will_need(offset, len)
     }
@@ -191,6 +204,8 @@ pub mod mem {
         /// `None`: all data.
         pub regions: Option<Vec<Extent>>,
         pub changed: Option<Vec<Extent>>,
+        /// [`Source::reads_data_only`].
+        pub data_only: bool,
         /// Offsets read, to check holes are skipped.
         pub reads: Vec<u64>,
     }
@@ -201,6 +216,7 @@ pub mod mem {
                 data,
                 regions: None,
                 changed: None,
+                data_only: false,
                 reads: Vec::new(),
             }
         }
@@ -241,6 +257,10 @@ pub mod mem {
                     len: r.end() - start,
                 }
             }))
+        }
+
+        fn reads_data_only(&self) -> bool {
+            self.data_only
         }
 
         fn changed_extents(&mut self) -> Result<Option<Vec<Extent>>> {
