@@ -30,9 +30,19 @@ use std::time::{Duration, Instant};
 pub const HOLD_GRACE: Duration = Duration::from_secs(10 * 60);
 
 /// The held disks of every group push under way, by instant id.
-#[derive(Default)]
 pub struct HeldGroups {
     instants: Mutex<HashMap<String, HeldInstant>>,
+    /// [`HOLD_GRACE`], shorter in tests.
+    grace: Duration,
+}
+
+impl Default for HeldGroups {
+    fn default() -> Self {
+        HeldGroups {
+            instants: Mutex::default(),
+            grace: HOLD_GRACE,
+        }
+    }
 }
 
 struct HeldInstant {
@@ -142,7 +152,7 @@ impl HeldGroups {
             let mut all = self.lock();
             let ids: Vec<String> = all
                 .iter()
-                .filter(|(_, h)| h.pushing == 0 && h.idle_since.elapsed() >= HOLD_GRACE)
+                .filter(|(_, h)| h.pushing == 0 && h.idle_since.elapsed() >= self.grace)
                 .map(|(id, _)| id.clone())
                 .collect();
             ids.iter().filter_map(|id| all.remove(id)).collect()
@@ -470,6 +480,85 @@ mod tests {
     /// An instant is one identity's and one shape's; one whose pushes all
     /// ended with nothing held is not kept (failing pushes under made-up
     /// instants cannot grow the table).
+    /// A disk of `job` received and sealed, as a push seals it.
+    fn sealed(job: &JobDir, id: RevisionId) -> Sealed {
+        use crate::storage::{NewRevision, NewRevisionSpec, PushEnd};
+        use backy_common::checksum::StreamChecksum;
+        use backy_common::manifest::{digest, Manifest};
+        use backy_common::revision::StorageMode;
+        let size = 1 << 20;
+        let spec = NewRevisionSpec {
+            id,
+            size,
+            block_size: backy_common::DEFAULT_BLOCK_SIZE,
+            tags: ["manual:a".to_string()].into(),
+            source: Default::default(),
+            key_check: None,
+        };
+        let gate = crate::work::Gate::new(
+            Arc::new(crate::work::WorkPool::new(1)),
+            "test",
+            Arc::new(|| false),
+        );
+        let mut rev = NewRevision::create(job, spec, None, StorageMode::Copy, None, gate).expect("created");
+        let data = vec![7u8; size as usize];
+        rev.data(0, &data).expect("written");
+        let mut sum = StreamChecksum::new();
+        sum.data(0, &data);
+        let mut manifest = Manifest::zeroed(size, backy_common::DEFAULT_BLOCK_SIZE).expect("manifest");
+        manifest.set(0, digest(&data)).expect("digest");
+        let end = PushEnd {
+            stream_checksum: sum.finish().to_vec(),
+            manifest_digest: manifest.file_digest().to_vec(),
+            audit: None,
+        };
+        rev.commit(&end).expect("sealed")
+    }
+
+    /// A client that never commits: its held disk stays (the job's push
+    /// slot with it) until the grace has passed; the sweep then removes
+    /// the sealed files and frees the job.
+    #[test]
+    fn the_held_disks_of_an_abandoned_instant_are_dropped_and_free_their_job() {
+        let dir = tempfile::tempdir().expect("dir");
+        let server = crate::state::test_server(dir.path(), "  vm1: {schedule: none}\n");
+        let job = server.job("vm1").expect("job");
+        job.ensure().expect("job dir");
+        let activity = &server.jobs.activity;
+        for grace in [Duration::from_secs(3600), Duration::ZERO] {
+            let groups = Arc::new(HeldGroups {
+                grace,
+                ..HeldGroups::default()
+            });
+            let joined = groups.join(&instant(2), "hv01").expect("joined");
+            let id = RevisionId::new_random();
+            let slot = activity.try_start_push(job.name(), id).expect("slot");
+            joined.hold(sealed(&job, id), slot).expect("held");
+            drop(joined);
+            assert!(job.sealed_digests_path(&id).exists());
+            groups.sweep();
+            if grace.is_zero() {
+                assert_eq!(groups.instants(), 0);
+                assert!(!job.partial_image_path(&id).exists(), "the sealed image went");
+                assert!(!job.sealed_digests_path(&id).exists(), "the sealed manifest went");
+                assert!(activity
+                    .try_start_push(job.name(), RevisionId::new_random())
+                    .is_ok());
+            } else {
+                assert_eq!(groups.instants(), 1, "held for its commit within the grace");
+                let e = activity
+                    .try_start_push(job.name(), RevisionId::new_random())
+                    .err();
+                assert!(e.is_some(), "the job's push slot stays held");
+                drop(groups);
+            }
+        }
+        assert!(
+            job.revisions().expect("revisions").is_empty(),
+            "nothing committed"
+        );
+    }
+
     #[test]
     fn instants_belong_to_their_pusher_and_vanish_when_empty() {
         let groups = Arc::new(HeldGroups::default());
