@@ -120,13 +120,20 @@ impl Server {
         if !self.config().jobs.contains_key(&name) {
             return;
         }
-        let outcome = match result {
-            Ok(_) => Ok(()),
-            Err(e) => Err(e.message.clone()),
-        };
-        self.record_outcome(&name, &outcome);
-        if result.is_err() {
-            self.jobs.activity.record_failed_rev(&name, rev.parse().ok());
+        match result {
+            Ok(_) => self.record_outcome(&name, &Ok(())),
+            Err(e) => {
+                // The client may have reported this attempt already (its
+                // report can overtake the server noticing the stream end):
+                // counted once, with the client's reason.
+                if self
+                    .jobs
+                    .activity
+                    .count_server_failure(&name, rev.parse().ok(), &e.message)
+                {
+                    self.jobs.index.notify();
+                }
+            }
         }
     }
 

@@ -129,11 +129,23 @@ impl Activity {
         }
     }
 
-    /// Remembers the revision id of a push that failed on the server.
-    pub fn record_failed_rev(&self, job: &JobName, rev: Option<RevisionId>) {
-        if let Some(r) = self.runtime().get_mut(job) {
-            r.last_failed_rev = rev;
+    /// A push that failed on the server: counted, unless the client's
+    /// report of the same attempt (`rev`) came first, whose reason then
+    /// stays (it knows better why its stream broke). Returns whether it
+    /// was counted.
+    pub fn count_server_failure(&self, job: &JobName, rev: Option<RevisionId>, error: &str) -> bool {
+        let mut rt = self.runtime();
+        let r = rt.entry(job.clone()).or_default();
+        let now = Utc::now();
+        r.last_outcome = Some(now);
+        if rev.is_some() && r.last_failed_rev == rev && r.failures > 0 {
+            return false;
         }
+        r.failures = r.failures.saturating_add(1);
+        r.last_failure = Some(now);
+        r.last_error = crate::text::clip(error);
+        r.last_failed_rev = rev;
+        true
     }
 
     /// A push that failed on the client: counted, unless the server already
@@ -225,5 +237,34 @@ impl Drop for ReadGuard {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// One failed attempt counts once, whichever side tells first; the
+    /// client's reason wins either way.
+    #[test]
+    fn a_failed_attempt_counts_once_whichever_side_tells_first() {
+        let activity = Arc::new(Activity::default());
+        let job = JobName::new("vm1").expect("a name");
+        let (a, b) = (RevisionId::new_random(), RevisionId::new_random());
+        // The server first, then the client's report.
+        assert!(activity.count_server_failure(&job, Some(a), "stream ended"));
+        assert_eq!(activity.count_client_failure(&job, Some(a), "scratch full"), 1);
+        assert_eq!(activity.job_runtime(&job).last_error, "scratch full");
+        // The client's report first, then the server noticing.
+        assert_eq!(
+            activity.count_client_failure(&job, Some(b), "scratch full again"),
+            2
+        );
+        assert!(!activity.count_server_failure(&job, Some(b), "stream ended"));
+        let rt = activity.job_runtime(&job);
+        assert_eq!((rt.failures, rt.last_error.as_str()), (2, "scratch full again"));
+        // Another attempt counts.
+        assert!(activity.count_server_failure(&job, None, "refused"));
+        assert_eq!(activity.job_runtime(&job).failures, 3);
     }
 }
