@@ -467,6 +467,21 @@ async fn held_push_tagged(
     raw(url, token).await.push(stream).await.map(|r| r.into_inner())
 }
 
+/// A `CommitGroup` request of `group` naming `members` (job, revision id).
+fn commit_request(group: &GroupInstant, members: &[(&str, &str)], abort: bool) -> GroupCommit {
+    GroupCommit {
+        group: Some(group.clone()),
+        members: members
+            .iter()
+            .map(|(job, rev)| GroupMember {
+                job: job.to_string(),
+                rev_id: rev.to_string(),
+            })
+            .collect(),
+        abort,
+    }
+}
+
 async fn commit_group(url: &str, token: &str, request: GroupCommit) -> Result<GroupCommitted, tonic::Status> {
     raw(url, token)
         .await
@@ -499,17 +514,7 @@ fn a_group_instant_is_committed_whole_and_only_by_its_pusher() {
         instant: backy_common::RevisionId::new_random().short(),
         disks: 2,
     };
-    let commit = |members: &[(&str, &str)], abort: bool| GroupCommit {
-        group: Some(group.clone()),
-        members: members
-            .iter()
-            .map(|(job, rev)| GroupMember {
-                job: job.to_string(),
-                rev_id: rev.to_string(),
-            })
-            .collect(),
-        abort,
-    };
+    let commit = |members: &[(&str, &str)], abort: bool| commit_request(&group, members, abort);
     let r1 = rt.block_on(held_push(&url, &t1, "vm1", &group, 1)).unwrap();
     let id1 = r1.revision.unwrap().id;
     assert!(site.ids("hv01", "vm1").is_empty(), "a held disk is not listed");
@@ -601,18 +606,7 @@ fn a_group_instant_is_committed_whole_and_only_by_its_pusher() {
         2,
         "image and manifest held"
     );
-    let members = [("vm1", id.as_str()), ("vm2", id.as_str())];
-    let request = GroupCommit {
-        group: Some(group.clone()),
-        members: members
-            .iter()
-            .map(|(job, rev)| GroupMember {
-                job: job.to_string(),
-                rev_id: rev.to_string(),
-            })
-            .collect(),
-        abort: true,
-    };
+    let request = commit_request(&group, &[("vm1", id.as_str()), ("vm2", id.as_str())], true);
     let aborted = rt.block_on(commit_group(&url, &t1, request)).unwrap();
     assert!(aborted.revisions.is_empty());
     assert_eq!(
@@ -675,7 +669,7 @@ fn group_instants_expire_together() {
                 instant: backy_common::RevisionId::new_random().short(),
                 disks: 2,
             };
-            let mut members = Vec::new();
+            let mut ids = Vec::new();
             for job in ["vm1", "vm2"] {
                 let reply = rt
                     .block_on(held_push_tagged(
@@ -687,16 +681,9 @@ fn group_instants_expire_together() {
                         "often",
                     ))
                     .unwrap();
-                members.push(GroupMember {
-                    job: job.into(),
-                    rev_id: reply.revision.unwrap().id,
-                });
+                ids.push(reply.revision.unwrap().id);
             }
-            let request = GroupCommit {
-                group: Some(group.clone()),
-                members,
-                abort: false,
-            };
+            let request = commit_request(&group, &[("vm1", &ids[0]), ("vm2", &ids[1])], false);
             rt.block_on(commit_group(&server.url, &token, request)).unwrap();
             let first = first.get_or_insert(group.instant);
             let (a, b) = (instants("vm1"), instants("vm2"));

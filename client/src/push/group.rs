@@ -244,19 +244,19 @@ async fn finish(
         members,
         abort: !failed.is_empty(),
     };
-    let committed = match client.commit_group(request).await {
-        Ok(reply) if failed.is_empty() => Ok(reply.into_inner()),
-        Ok(_) => Err(Error::precondition(format!(
+    let disk_failed = || {
+        Error::precondition(format!(
             "not committed: {} of the group failed",
             failed.join(", ")
-        ))),
+        ))
+    };
+    let committed = match client.commit_group(request).await {
+        Ok(reply) if failed.is_empty() => Ok(reply.into_inner()),
+        Ok(_) => Err(disk_failed()),
         Err(status) if failed.is_empty() => Err(status_error(status).context("committing the group")),
         Err(status) => {
             tracing::warn!(group, "aborting the group push: {}", status.message());
-            Err(Error::precondition(format!(
-                "not committed: {} of the group failed",
-                failed.join(", ")
-            )))
+            Err(disk_failed())
         }
     };
     let mut outcomes = Vec::new();
