@@ -41,6 +41,16 @@ def read_data_cmd(path):
     return ["python3", "-c", READ_DATA, path]
 
 
+def busy_core_s():
+    """Core-seconds the whole machine has been busy so far (/proc/stat:
+    user, nice, system, irq, softirq): with the kernel's writeback and the
+    loop device's workers, which no process's own CPU time shows."""
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:8]]
+    user, nice, system, _idle, _iowait, irq, softirq = v
+    return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
+
+
 def warm(*paths):
     """Reads the data of `paths` into the page cache (twice: the second
     read finds it there)."""
@@ -80,11 +90,15 @@ def speed_steps(args, server_bin, client_bin, work, mnt, results, servers):
 
     def step(name, cmd, data, srv=None):
         os.sync()  # nothing earlier left to write back inside the step
+        busy0, t0 = busy_core_s(), time.monotonic()
         r = timed(name, cmd, size, server=srv, env=env, cache="keep")
+        # Over the same window as the busy time (the wrapper's start included).
+        r["busy_wall_s"] = time.monotonic() - t0
+        r["busy_core_s"] = busy_core_s() - busy0
         r.pop("stdout", None)
         r["data_bytes"] = data
         r["data_mb_per_s"] = data / MIB / r["wall_s"] if r["wall_s"] > 0 else None
-        for who in ("cpu_s", "server_cpu_s"):
+        for who in ("cpu_s", "server_cpu_s", "busy_core_s"):
             if r.get(who) is not None and data > 0:
                 r[who.replace("_s", "_s_per_gib")] = r[who] / (data / GIB)
         rounds.setdefault(name, []).append(r)
@@ -203,6 +217,16 @@ def checks(results, speed, add):
         r = results.get("speed_full", {})
         if key in r:
             add(f"warm full push: {who} CPU s per GiB of data", r[key], None, None)
+    # Whether a step is bound by the cores: the whole machine's busy
+    # core-seconds per GiB (kernel writeback included) and how many cores
+    # that kept busy on average. A push whose busy time over the machine's
+    # cores exceeds the copy's wall time cannot match the copy.
+    for name, what in (("speed_full", "warm full push"), ("speed_sparse_copy", "sparse copy"),
+                       ("speed_4_pushes", "4 concurrent pushes"), ("speed_4_copies", "4 parallel copies")):
+        r = results.get(name, {})
+        if r.get("busy_core_s_per_gib") is not None and r.get("busy_wall_s"):
+            add(f"{what}: machine busy core-s per GiB", r["busy_core_s_per_gib"], None, None)
+            add(f"{what}: cores busy on average", r["busy_core_s"] / r["busy_wall_s"], None, None)
 
 
 def describe(speed):
