@@ -65,7 +65,9 @@ pub struct Cluster(Arc<Handle>);
 
 impl std::fmt::Debug for Cluster {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Cluster").field("instance_id", &self.instance_id()).finish()
+        f.debug_struct("Cluster")
+            .field("instance_id", &self.instance_id())
+            .finish()
     }
 }
 
@@ -78,7 +80,11 @@ impl Cluster {
         let id = c_string("rados_create", &target(), config.id)?;
         let mut raw: ffi::Rados = ptr::null_mut();
         // SAFETY: `raw` receives the handle; `id` outlives the call.
-        check(unsafe { (api.rados_create)(&mut raw, id.as_ptr()) }.into(), "rados_create", target)?;
+        check(
+            unsafe { (api.rados_create)(&mut raw, id.as_ptr()) }.into(),
+            "rados_create",
+            target,
+        )?;
         // From here the handle is shut down on every path.
         let cluster = Cluster(Arc::new(Handle { api, raw }));
         let conf = c_string("rados_conf_read_file", &target(), &config.conf.to_string_lossy())?;
@@ -93,12 +99,20 @@ impl Cluster {
         }
         if let Some(timeout) = config.op_timeout {
             let secs = timeout.as_secs().max(1).to_string();
-            for option in ["rados_osd_op_timeout", "rados_mon_op_timeout", "client_mount_timeout"] {
+            for option in [
+                "rados_osd_op_timeout",
+                "rados_mon_op_timeout",
+                "client_mount_timeout",
+            ] {
                 cluster.conf_set(option, &secs)?;
             }
         }
         // SAFETY: a configured handle.
-        check(unsafe { (api.rados_connect)(raw) }.into(), "rados_connect", target)?;
+        check(
+            unsafe { (api.rados_connect)(raw) }.into(),
+            "rados_connect",
+            target,
+        )?;
         Ok(cluster)
     }
 
@@ -279,5 +293,56 @@ impl IoCtx {
     /// The client instance this context belongs to.
     pub fn cluster(&self) -> &Cluster {
         &self.0.cluster
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Instant;
+
+    #[test]
+    fn a_missing_conf_file_is_not_found() {
+        let err = Cluster::connect(&ClusterConfig {
+            conf: Path::new("/nonexistent/backy/ceph.conf"),
+            id: "backy-server",
+            keyring: None,
+            op_timeout: Some(Duration::from_secs(1)),
+        })
+        .unwrap_err();
+        assert!(err.is_not_found(), "{err}");
+        assert!(
+            err.to_string().starts_with(
+                "rados_conf_read_file as client.backy-server with /nonexistent/backy/ceph.conf: "
+            ),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn connecting_to_no_monitor_fails_within_the_op_timeout() {
+        let dir = tempfile::tempdir().unwrap();
+        let conf = dir.path().join("ceph.conf");
+        // Nothing listens on the discard port of loopback.
+        std::fs::write(&conf, "[global]\nmon_host = 127.0.0.1:9\n").unwrap();
+        let started = Instant::now();
+        let err = Cluster::connect(&ClusterConfig {
+            conf: &conf,
+            id: "backy-server",
+            keyring: Some(&dir.path().join("keyring")),
+            op_timeout: Some(Duration::from_secs(2)),
+        })
+        .unwrap_err();
+        assert!(err.errno().is_some(), "{err}");
+        assert!(
+            err.to_string()
+                .starts_with("rados_connect as client.backy-server"),
+            "{err}"
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "took {:?}",
+            started.elapsed()
+        );
     }
 }

@@ -175,7 +175,8 @@ mod tests {
 
     #[test]
     fn kinds_follow_the_errno() {
-        let cases: [(i32, fn(&CephError) -> bool); 7] = [
+        type Kind = fn(&CephError) -> bool;
+        let cases: [(i32, Kind); 7] = [
             (libc::ENOENT, CephError::is_not_found),
             (libc::EEXIST, CephError::is_exists),
             (libc::EBUSY, CephError::is_busy),

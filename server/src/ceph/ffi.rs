@@ -227,12 +227,17 @@ static RBD: OnceLock<Result<RbdApi, LoadError>> = OnceLock::new();
 
 /// librados, loaded on first use (a failure is remembered).
 pub(crate) fn rados() -> Result<&'static RadosApi, LoadError> {
-    RADOS.get_or_init(|| RadosApi::load(LIBRADOS)).as_ref().map_err(Clone::clone)
+    RADOS
+        .get_or_init(|| RadosApi::load(LIBRADOS))
+        .as_ref()
+        .map_err(Clone::clone)
 }
 
 /// librbd, loaded on first use (a failure is remembered).
 pub(crate) fn rbd() -> Result<&'static RbdApi, LoadError> {
-    RBD.get_or_init(|| RbdApi::load(LIBRBD)).as_ref().map_err(Clone::clone)
+    RBD.get_or_init(|| RbdApi::load(LIBRBD))
+        .as_ref()
+        .map_err(Clone::clone)
 }
 
 #[cfg(test)]
@@ -249,9 +254,15 @@ mod tests {
 
     #[test]
     fn a_bogus_library_name_is_the_typed_error() {
-        let err = RadosApi::load("librados-backy-bogus.so.2").err().expect("no such library");
+        let err = RadosApi::load("librados-backy-bogus.so.2")
+            .err()
+            .expect("no such library");
         assert!(matches!(err, LoadError::Library { .. }), "{err:?}");
-        assert!(err.to_string().contains("install ceph-common (librados2, librbd1)"), "{err}");
+        assert!(
+            err.to_string()
+                .contains("install ceph-common (librados2, librbd1)"),
+            "{err}"
+        );
         // librbd's functions are not in librados: the first missing one is named.
         let err = RbdApi::load(LIBRADOS).err().expect("librados has no rbd_create2");
         assert!(err.to_string().contains("has no function rbd_create2"), "{err}");

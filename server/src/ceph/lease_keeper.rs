@@ -58,12 +58,24 @@ fn describe(holder: &Option<Locker>) -> String {
 impl KeeperError {
     /// The lease was lost to another server (its epoch moved on).
     pub fn is_lost(&self) -> bool {
-        matches!(self, KeeperError::Lease { source: LeaseError::Lost { .. }, .. })
+        matches!(
+            self,
+            KeeperError::Lease {
+                source: LeaseError::Lost { .. },
+                ..
+            }
+        )
     }
 
     /// The holder's own deadline passed without a renewal.
     pub fn is_expired(&self) -> bool {
-        matches!(self, KeeperError::Lease { source: LeaseError::Expired { .. }, .. })
+        matches!(
+            self,
+            KeeperError::Lease {
+                source: LeaseError::Expired { .. },
+                ..
+            }
+        )
     }
 
     pub fn is_busy(&self) -> bool {
@@ -203,7 +215,9 @@ impl LeaseKeeper {
     /// Extends the held lease by its duration from now. Lost (and no
     /// longer held) if another server took the lock or the epoch moved on.
     pub fn renew(&mut self) -> Result<()> {
-        let held = self.held.ok_or_else(|| KeeperError::NotHeld { oid: self.oid.clone() })?;
+        let held = self.held.ok_or_else(|| KeeperError::NotHeld {
+            oid: self.oid.clone(),
+        })?;
         let sent = Instant::now();
         if let Err(e) = self.lock() {
             if e.is_busy() {
@@ -237,7 +251,9 @@ impl LeaseKeeper {
     /// Gives the lease up at once (the epoch stays: the next take is newer).
     pub fn release(&mut self) -> Result<()> {
         if self.held.take().is_none() {
-            return Err(KeeperError::NotHeld { oid: self.oid.clone() });
+            return Err(KeeperError::NotHeld {
+                oid: self.oid.clone(),
+            });
         }
         match self.io.unlock(&self.oid, LEASE_LOCK, &self.server) {
             // Expired and cleared, or broken: it is free either way.
@@ -260,7 +276,9 @@ impl LeaseKeeper {
     /// The epoch to write under at `now`, or why not: the holder's own
     /// deadline decides (`Lease::may_commit` on its clock).
     pub fn may_write_at(&self, now: Instant) -> Result<u64> {
-        let held = self.held.ok_or_else(|| KeeperError::NotHeld { oid: self.oid.clone() })?;
+        let held = self.held.ok_or_else(|| KeeperError::NotHeld {
+            oid: self.oid.clone(),
+        })?;
         let own = Lease {
             epoch: held.epoch,
             holder: Some(Holder {
@@ -286,7 +304,8 @@ impl LeaseKeeper {
     /// comparison catches (the tests pass an old `now` to be that process).
     pub fn commit_if_holder_at(&mut self, op: WriteOp, now: Instant) -> Result<()> {
         let epoch = self.may_write_at(now)?;
-        let fenced = op.prepend(WriteOp::new().cmpxattr(EPOCH_XATTR, XattrCmp::Eq, epoch.to_string().as_bytes()));
+        let fenced =
+            op.prepend(WriteOp::new().cmpxattr(EPOCH_XATTR, XattrCmp::Eq, epoch.to_string().as_bytes()));
         match self.io.operate(&self.oid, &fenced) {
             Ok(()) => Ok(()),
             Err(e) if e.is_compare_failed() => {

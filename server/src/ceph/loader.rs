@@ -82,8 +82,12 @@ mod tests {
 
     #[test]
     fn a_missing_library_names_itself_and_the_remedy() {
-        let err = Library::open("librados-backy-missing.so.2").err().expect("no such library");
-        assert!(matches!(&err, LoadError::Library { library, .. } if library == "librados-backy-missing.so.2"));
+        let err = Library::open("librados-backy-missing.so.2")
+            .err()
+            .expect("no such library");
+        assert!(
+            matches!(&err, LoadError::Library { library, .. } if library == "librados-backy-missing.so.2")
+        );
         let msg = err.to_string();
         assert!(
             msg.starts_with("librados-backy-missing.so.2 cannot be loaded ("),
@@ -103,7 +107,8 @@ mod tests {
         assert!(libc.symbol("strlen").is_ok());
         let err = libc.symbol("rados_backy_missing").unwrap_err();
         assert!(
-            err.to_string().starts_with("libc.so.6 has no function rados_backy_missing ("),
+            err.to_string()
+                .starts_with("libc.so.6 has no function rados_backy_missing ("),
             "{err}"
         );
     }

@@ -45,10 +45,3 @@ pub fn load() -> Result<(), LoadError> {
     ffi::rbd()?;
     Ok(())
 }
-
-/// Loads a librados under another file name: the loader's error path,
-/// for tests.
-#[doc(hidden)]
-pub fn load_rados_named(library: &str) -> Result<(), LoadError> {
-    ffi::RadosApi::load(library).map(drop)
-}

@@ -135,7 +135,17 @@ impl IoCtx {
         let more_ptr: *mut u8 = &mut more;
         let entries = self.read_omap("rados_read_op_omap_get_vals2", oid, |api, op, iter, rval| {
             // SAFETY: strings and out-pointers outlive the operate call.
-            unsafe { (api.rados_read_op_omap_get_vals2)(op, after.as_ptr(), pre.as_ptr(), max, iter, more_ptr, rval) }
+            unsafe {
+                (api.rados_read_op_omap_get_vals2)(
+                    op,
+                    after.as_ptr(),
+                    pre.as_ptr(),
+                    max,
+                    iter,
+                    more_ptr,
+                    rval,
+                )
+            }
         })?;
         Ok(OmapPage {
             entries,
@@ -162,20 +172,24 @@ impl IoCtx {
     pub fn omap_get(&self, oid: &str, keys: &[&str]) -> Result<BTreeMap<String, Vec<u8>>> {
         let key_ptrs: Vec<*const c_char> = keys.iter().map(|k| k.as_ptr().cast()).collect();
         let key_lens: Vec<usize> = keys.iter().map(|k| k.len()).collect();
-        let entries = self.read_omap("rados_read_op_omap_get_vals_by_keys2", oid, |api, op, iter, rval| {
-            // SAFETY: the key arrays (pointers and lengths, no NUL needed)
-            // outlive the operate call.
-            unsafe {
-                (api.rados_read_op_omap_get_vals_by_keys2)(
-                    op,
-                    key_ptrs.as_ptr(),
-                    keys.len(),
-                    key_lens.as_ptr(),
-                    iter,
-                    rval,
-                )
-            }
-        })?;
+        let entries = self.read_omap(
+            "rados_read_op_omap_get_vals_by_keys2",
+            oid,
+            |api, op, iter, rval| {
+                // SAFETY: the key arrays (pointers and lengths, no NUL needed)
+                // outlive the operate call.
+                unsafe {
+                    (api.rados_read_op_omap_get_vals_by_keys2)(
+                        op,
+                        key_ptrs.as_ptr(),
+                        keys.len(),
+                        key_lens.as_ptr(),
+                        iter,
+                        rval,
+                    )
+                }
+            },
+        )?;
         Ok(entries.into_iter().collect())
     }
 

@@ -124,12 +124,20 @@ impl Image {
             Some(s) => format!("{name}@{s}"),
             None => name.to_string(),
         };
-        let op = if read_only { "rbd_open_read_only" } else { "rbd_open" };
+        let op = if read_only {
+            "rbd_open_read_only"
+        } else {
+            "rbd_open"
+        };
         let n = c_string(op, &label, name)?;
         let s = snap.map(|s| c_string(op, &label, s)).transpose()?;
         let s_ptr = s.as_ref().map_or(ptr::null(), |s| s.as_ptr());
         let mut raw: RawImage = ptr::null_mut();
-        let open = if read_only { api.rbd_open_read_only } else { api.rbd_open };
+        let open = if read_only {
+            api.rbd_open_read_only
+        } else {
+            api.rbd_open
+        };
         // SAFETY: strings outlive the call; `raw` receives the handle.
         let rc = unsafe { open(io.raw(), n.as_ptr(), &mut raw, s_ptr) };
         check(rc.into(), op, || label.clone())?;
@@ -176,9 +184,17 @@ impl Image {
             let want = (len - done).min(READ_CHUNK);
             // SAFETY: `buf[done..done + want]` is writable.
             let rc = unsafe {
-                (self.api.rbd_read2)(self.raw, offset + done as u64, want, buf[done..].as_mut_ptr().cast(), 0)
+                (self.api.rbd_read2)(
+                    self.raw,
+                    offset + done as u64,
+                    want,
+                    buf[done..].as_mut_ptr().cast(),
+                    0,
+                )
             };
-            let got = check(rc as i64, "rbd_read2", || format!("{} at {}", self.name, offset + done as u64))?;
+            let got = check(rc as i64, "rbd_read2", || {
+                format!("{} at {}", self.name, offset + done as u64)
+            })?;
             let got = (got as usize).min(want);
             done += got;
             if got < want {

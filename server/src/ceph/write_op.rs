@@ -25,9 +25,18 @@ pub enum XattrCmp {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Step {
-    CmpXattr { name: String, cmp: XattrCmp, value: Vec<u8> },
-    SetXattr { name: String, value: Vec<u8> },
-    Create { exclusive: bool },
+    CmpXattr {
+        name: String,
+        cmp: XattrCmp,
+        value: Vec<u8>,
+    },
+    SetXattr {
+        name: String,
+        value: Vec<u8>,
+    },
+    Create {
+        exclusive: bool,
+    },
     WriteFull(Vec<u8>),
     OmapSet(Vec<(String, Vec<u8>)>),
     OmapRmKeys(Vec<String>),
@@ -81,7 +90,8 @@ impl WriteOp {
     }
 
     pub fn omap_rm_keys(mut self, keys: &[&str]) -> WriteOp {
-        self.steps.push(Step::OmapRmKeys(keys.iter().map(|k| k.to_string()).collect()));
+        self.steps
+            .push(Step::OmapRmKeys(keys.iter().map(|k| k.to_string()).collect()));
         self
     }
 
@@ -148,16 +158,22 @@ impl IoCtx {
             for ((step, name), keys) in op.steps.iter().zip(&names).zip(&key_arrays) {
                 let name = name.as_ref().map_or(ptr::null(), |n| n.as_ptr());
                 match step {
-                    Step::CmpXattr { cmp, value, .. } => {
-                        (api.rados_write_op_cmpxattr)(raw, name, *cmp as u8, value.as_ptr().cast(), value.len())
-                    }
+                    Step::CmpXattr { cmp, value, .. } => (api.rados_write_op_cmpxattr)(
+                        raw,
+                        name,
+                        *cmp as u8,
+                        value.as_ptr().cast(),
+                        value.len(),
+                    ),
                     Step::SetXattr { value, .. } => {
                         (api.rados_write_op_setxattr)(raw, name, value.as_ptr().cast(), value.len())
                     }
                     Step::Create { exclusive } => {
                         (api.rados_write_op_create)(raw, c_int::from(*exclusive), ptr::null())
                     }
-                    Step::WriteFull(data) => (api.rados_write_op_write_full)(raw, data.as_ptr().cast(), data.len()),
+                    Step::WriteFull(data) => {
+                        (api.rados_write_op_write_full)(raw, data.as_ptr().cast(), data.len())
+                    }
                     Step::OmapSet(entries) => {
                         if let Some((k, Some(v))) = keys {
                             (api.rados_write_op_omap_set2)(
@@ -172,7 +188,12 @@ impl IoCtx {
                     }
                     Step::OmapRmKeys(list) => {
                         if let Some((k, _)) = keys {
-                            (api.rados_write_op_omap_rm_keys2)(raw, k.ptrs.as_ptr(), k.lens.as_ptr(), list.len())
+                            (api.rados_write_op_omap_rm_keys2)(
+                                raw,
+                                k.ptrs.as_ptr(),
+                                k.lens.as_ptr(),
+                                list.len(),
+                            )
                         }
                     }
                 }
