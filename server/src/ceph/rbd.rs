@@ -24,9 +24,7 @@ pub mod features {
 /// retention lock) requires; object-map and fast-diff, so that
 /// `rbd diff --from-snap` (a cut push's leftovers) and `rbd du` (space per
 /// revision) read a map instead of probing every object; and
-/// exclusive-lock, which those two require. Exclusive-lock is also
-/// handed between writers by librbd (a stale `rbd import-diff` loses it to
-/// the next writer, after the fence). No deep-flatten: backy makes no
+/// exclusive-lock, which the object map requires. No deep-flatten: backy makes no
 /// clones.
 pub const JOB_IMAGE_FEATURES: u64 =
     features::LAYERING | features::EXCLUSIVE_LOCK | features::OBJECT_MAP | features::FAST_DIFF;
