@@ -997,3 +997,51 @@ fn librbd_reads_the_snapshot_import_diff_wrote_and_protect_blocks_removal() {
         .unwrap_err()
         .is_not_found());
 }
+
+#[test]
+fn a_lock_without_duration_is_freed_by_unlock_or_broken_by_another() {
+    let Some(conf) = ceph_conf() else { return };
+    let pool = Confined::new(&conf, "breaklock");
+    let ((a, io_a), (_b, io_b)) = (connect(&conf, &pool), connect(&conf, &pool));
+    let job = "backy.job.vm10";
+    let held = |cookie| LockRequest {
+        name: "lease",
+        cookie,
+        description: "held until unlocked",
+        duration: None,
+        may_renew: false,
+    };
+    assert!(
+        io_b.list_lockers(job, "lease").unwrap_err().is_not_found(),
+        "no object yet"
+    );
+
+    io_a.lock_exclusive(job, &held("a")).unwrap();
+    assert!(io_b.lock_exclusive(job, &held("b")).unwrap_err().is_busy());
+    // Only the owner (instance and cookie) unlocks.
+    assert!(io_b.unlock(job, "lease", "a").unwrap_err().is_not_found());
+    assert!(io_a.unlock(job, "lease", "other").unwrap_err().is_not_found());
+    io_a.unlock(job, "lease", "a").unwrap();
+    assert_eq!(io_b.list_lockers(job, "lease").unwrap().lockers, []);
+
+    // Another instance breaks a held lock by the record's client and
+    // cookie, and takes it.
+    io_a.lock_exclusive(job, &held("a")).unwrap();
+    let locker = io_b.list_lockers(job, "lease").unwrap().lockers.remove(0);
+    assert_eq!(
+        (locker.client.as_str(), locker.cookie.as_str()),
+        (a.client_name().as_str(), "a")
+    );
+    io_b.break_lock(job, "lease", &locker.client, &locker.cookie)
+        .unwrap();
+    assert!(io_b
+        .break_lock(job, "lease", &locker.client, &locker.cookie)
+        .unwrap_err()
+        .is_not_found());
+    io_b.lock_exclusive(job, &held("b")).unwrap();
+    assert_eq!(io_a.list_lockers(job, "lease").unwrap().lockers[0].cookie, "b");
+    assert!(
+        io_a.unlock(job, "lease", "a").unwrap_err().is_not_found(),
+        "A's lock is gone"
+    );
+}

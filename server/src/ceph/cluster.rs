@@ -32,6 +32,16 @@ pub struct ClusterConfig<'a> {
     pub op_timeout: Option<Duration>,
 }
 
+/// A path as a NUL-terminated C string, byte for byte (not only UTF-8).
+fn c_path(op: &'static str, target: &str, path: &Path) -> Result<CString> {
+    use std::os::unix::ffi::OsStrExt;
+    CString::new(path.as_os_str().as_bytes()).map_err(|_| CephError::Invalid {
+        op,
+        target: target.to_string(),
+        reason: format!("{} contains a NUL byte", path.display()),
+    })
+}
+
 /// A NUL-terminated copy of `s`, or the typed error naming the call.
 pub(crate) fn c_string(op: &'static str, target: &str, s: &str) -> Result<CString> {
     CString::new(s).map_err(|_| CephError::Invalid {
@@ -87,7 +97,7 @@ impl Cluster {
         )?;
         // From here the handle is shut down on every path.
         let cluster = Cluster(Arc::new(Handle { api, raw }));
-        let conf = c_string("rados_conf_read_file", &target(), &config.conf.to_string_lossy())?;
+        let conf = c_path("rados_conf_read_file", &target(), config.conf)?;
         // SAFETY: a created, unconnected handle; `conf` outlives the call.
         check(
             unsafe { (api.rados_conf_read_file)(raw, conf.as_ptr()) }.into(),
@@ -95,7 +105,8 @@ impl Cluster {
             target,
         )?;
         if let Some(keyring) = config.keyring {
-            cluster.conf_set("keyring", &keyring.to_string_lossy())?;
+            let k = c_path("rados_conf_set", "keyring", keyring)?;
+            cluster.conf_set_c("keyring", &k)?;
         }
         if let Some(timeout) = config.op_timeout {
             let secs = timeout.as_secs().max(1).to_string();
@@ -117,12 +128,15 @@ impl Cluster {
     }
 
     fn conf_set(&self, option: &str, value: &str) -> Result<()> {
-        let target = || format!("{option}={value}");
+        self.conf_set_c(option, &c_string("rados_conf_set", option, value)?)
+    }
+
+    fn conf_set_c(&self, option: &str, value: &CString) -> Result<()> {
+        let target = || format!("{option}={}", value.to_string_lossy());
         let o = c_string("rados_conf_set", &target(), option)?;
-        let v = c_string("rados_conf_set", &target(), value)?;
         // SAFETY: an unconnected handle; both strings outlive the call.
         check(
-            unsafe { (self.0.api.rados_conf_set)(self.0.raw, o.as_ptr(), v.as_ptr()) }.into(),
+            unsafe { (self.0.api.rados_conf_set)(self.0.raw, o.as_ptr(), value.as_ptr()) }.into(),
             "rados_conf_set",
             target,
         )?;
@@ -225,7 +239,7 @@ impl Cluster {
         if rc < 0 {
             return Err(CephError::MonCommand {
                 command: command.to_string(),
-                errno: -rc,
+                errno: rc.checked_neg().unwrap_or(libc::EIO),
                 status: String::from_utf8_lossy(&status).trim().to_string(),
             });
         }
