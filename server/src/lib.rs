@@ -5,6 +5,7 @@ pub mod access;
 pub mod agent;
 pub mod audit;
 pub mod auth;
+pub mod ceph;
 pub mod dedup;
 pub mod executor;
 pub mod granule_read;
