@@ -19,6 +19,7 @@ pub mod metrics;
 pub mod notify;
 pub mod page;
 pub mod plan;
+pub mod pool;
 pub mod push;
 pub mod replica;
 pub mod replication;

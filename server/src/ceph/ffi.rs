@@ -219,6 +219,16 @@ api! {
         fn rbd_snap_is_protected(image: RawImage, name: *const c_char, is_protected: *mut c_int) -> c_int;
         fn rbd_watchers_list(image: RawImage, watchers: *mut ImageWatcher, max: *mut usize) -> c_int;
         fn rbd_watchers_list_cleanup(watchers: *mut ImageWatcher, num: usize);
+        fn rbd_diff_iterate2(
+            image: RawImage,
+            fromsnapname: *const c_char,
+            ofs: u64,
+            len: u64,
+            include_parent: u8,
+            whole_object: u8,
+            cb: Option<unsafe extern "C" fn(u64, usize, c_int, *mut c_void) -> c_int>,
+            arg: *mut c_void,
+        ) -> c_int;
     }
 }
 

@@ -34,7 +34,7 @@ pub use lease_keeper::{KeeperError, LeaseKeeper, EPOCH_XATTR, LEASE_LOCK};
 pub use loader::LoadError;
 pub use lock::{LockInfo, LockRequest, Locker};
 pub use object::{ObjectStat, OmapPage};
-pub use rbd::{features, Image, Snapshot, Watcher, JOB_IMAGE_FEATURES};
+pub use rbd::{features, DiffExtent, Image, Snapshot, Watcher, JOB_IMAGE_FEATURES};
 pub use write_op::{WriteOp, XattrCmp};
 
 /// Loads librados and librbd now (they load on first use otherwise): a

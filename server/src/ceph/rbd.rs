@@ -8,7 +8,7 @@
 use super::cluster::{c_string, IoCtx};
 use super::error::{check, CephError, Result};
 use super::ffi::{self, ImageWatcher, RawImage, RbdApi, SnapInfo};
-use std::ffi::{c_int, CStr};
+use std::ffi::{c_int, c_void, CStr};
 use std::ptr;
 
 /// `RBD_FEATURE_*` (librbd's features.h).
@@ -39,6 +39,15 @@ pub struct Snapshot {
     /// The image's size when the snapshot was taken.
     pub size: u64,
     pub name: String,
+}
+
+/// A range that differs between two snapshots ([`Image::diff_iterate`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DiffExtent {
+    pub offset: u64,
+    pub len: u64,
+    /// `false`: the range was discarded (reads zeros).
+    pub exists: bool,
 }
 
 /// A client instance watching an image (it has it open).
@@ -177,6 +186,15 @@ impl Image {
     /// ranges read as zeros).
     pub fn read(&self, offset: u64, len: usize) -> Result<Vec<u8>> {
         let mut buf = vec![0u8; len];
+        let done = self.read_into(offset, &mut buf)?;
+        buf.truncate(done);
+        Ok(buf)
+    }
+
+    /// Reads into `buf` from `offset`; returns the bytes read, fewer than
+    /// `buf.len()` only where the image ends.
+    pub fn read_into(&self, offset: u64, buf: &mut [u8]) -> Result<usize> {
+        let len = buf.len();
         let mut done = 0usize;
         while done < len {
             let want = (len - done).min(READ_CHUNK);
@@ -199,8 +217,64 @@ impl Image {
                 break;
             }
         }
-        buf.truncate(done);
-        Ok(buf)
+        Ok(done)
+    }
+
+    /// The extents of the opened snapshot (or head) that differ from
+    /// snapshot `from` (`None`: from an empty image), within
+    /// `offset..offset + len`, merged and in order (`rbd_diff_iterate2`).
+    /// `whole_object`: whole objects, read from the object map (cheap, but
+    /// coarse); otherwise the extents the OSDs track, which cover at least
+    /// every write (an object new since `from` counts from its start).
+    /// Each extent says whether it holds data (`true`) or was discarded.
+    pub fn diff_iterate(
+        &self,
+        from: Option<&str>,
+        offset: u64,
+        len: u64,
+        whole_object: bool,
+    ) -> Result<Vec<DiffExtent>> {
+        let op = "rbd_diff_iterate2";
+        let target = || match from {
+            Some(f) => format!("{} from {f}", self.name),
+            None => self.name.clone(),
+        };
+        let from_c = from.map(|f| c_string(op, &target(), f)).transpose()?;
+        let from_ptr = from_c.as_ref().map_or(ptr::null(), |f| f.as_ptr());
+        let mut out: Vec<DiffExtent> = Vec::new();
+        unsafe extern "C" fn collect(offset: u64, len: usize, exists: c_int, arg: *mut c_void) -> c_int {
+            // SAFETY: `arg` is the `Vec` passed below, alive and not
+            // otherwise borrowed for the whole call.
+            let out = unsafe { &mut *arg.cast::<Vec<DiffExtent>>() };
+            let exists = exists != 0;
+            match out.last_mut() {
+                Some(last) if last.offset + last.len == offset && last.exists == exists => {
+                    last.len += len as u64
+                }
+                _ => out.push(DiffExtent {
+                    offset,
+                    len: len as u64,
+                    exists,
+                }),
+            }
+            0
+        }
+        // SAFETY: an open image; `from_c` and `out` outlive the call, which
+        // calls `collect` synchronously before returning.
+        let rc = unsafe {
+            (self.api.rbd_diff_iterate2)(
+                self.raw,
+                from_ptr,
+                offset,
+                len,
+                0,
+                u8::from(whole_object),
+                Some(collect),
+                (&mut out as *mut Vec<DiffExtent>).cast(),
+            )
+        };
+        check(rc.into(), op, target)?;
+        Ok(out)
     }
 
     /// The image's snapshots, oldest first.
