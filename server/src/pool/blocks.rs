@@ -108,7 +108,11 @@ impl BlockDigests {
             self.piece(first, at, n, |b| b.fill(0), base)?;
             whole.start += 1;
         }
-        let last_part = if last != first { part(&self.current, last) } else { None };
+        let last_part = if last != first {
+            part(&self.current, last)
+        } else {
+            None
+        };
         if last_part.is_some() {
             whole.end -= 1;
         }
@@ -262,7 +266,11 @@ mod tests {
         let parent: Vec<u8> = (0..parent_len).map(|i| (i as u8).wrapping_mul(7) | 1).collect();
         let mut model = if full { Vec::new() } else { parent.clone() };
         model.resize(size, 0);
-        let start = if full { Manifest::zeroed(0, BS).unwrap() } else { manifest_of(&parent) };
+        let start = if full {
+            Manifest::zeroed(0, BS).unwrap()
+        } else {
+            manifest_of(&parent)
+        };
         let mut d = BlockDigests::new(start, size as u64).unwrap();
         let mut base = |offset: u64, buf: &mut [u8]| -> Result<(), Infallible> {
             buf.fill(0);
@@ -295,7 +303,11 @@ mod tests {
             pos += len;
         }
         let f = d.finish(&mut base).unwrap();
-        assert_eq!(f.manifest, manifest_of(&model), "seed {seed} parent {parent_len} size {size}");
+        assert_eq!(
+            f.manifest,
+            manifest_of(&model),
+            "seed {seed} parent {parent_len} size {size}"
+        );
     }
 
     #[test]

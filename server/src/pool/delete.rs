@@ -60,7 +60,12 @@ impl PoolStore {
 
     /// The commit point of a deletion: `ids` join the `deleting` entry
     /// (under the lease). From here on they are not listed.
-    pub fn journal_deletions(&self, keeper: &mut LeaseKeeper, job: &JobName, ids: &[RevisionId]) -> Result<()> {
+    pub fn journal_deletions(
+        &self,
+        keeper: &mut LeaseKeeper,
+        job: &JobName,
+        ids: &[RevisionId],
+    ) -> Result<()> {
         let mut all = self.deleting(job)?;
         for id in ids {
             if !all.contains(id) {
@@ -149,12 +154,7 @@ impl PoolStore {
             keeper.may_write_at(Instant::now())?;
             match head.snap_remove(&snap.name) {
                 Ok(()) => {}
-                Err(e) if e.is_busy() => {
-                    return Err(PoolError::Protected {
-                        job: job.clone(),
-                        id,
-                    })
-                }
+                Err(e) if e.is_busy() => return Err(PoolError::Protected { job: job.clone(), id }),
                 Err(e) => return Err(e.into()),
             }
             parts::remove_manifest(self.io(), job, &id)?;

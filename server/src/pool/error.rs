@@ -102,7 +102,10 @@ mod tests {
     #[test]
     fn kinds_and_reasons_cross_into_the_model() {
         let e: Error = PoolError::StreamChecksum.into();
-        assert_eq!((e.kind, e.reason), (ErrorKind::DataLoss, Reason::StreamChecksumMismatch));
+        assert_eq!(
+            (e.kind, e.reason),
+            (ErrorKind::DataLoss, Reason::StreamChecksumMismatch)
+        );
         let e: Error = PoolError::ManifestMismatch.into();
         assert_eq!(e.reason, Reason::ManifestMismatch);
         let job = JobName::new("vm1").unwrap();

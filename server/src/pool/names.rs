@@ -47,7 +47,10 @@ pub fn snapshot_name(id: &RevisionId) -> String {
 
 /// The `deleting` entry's value.
 pub fn encode_deleting(ids: &[RevisionId]) -> Vec<u8> {
-    ids.iter().map(|id| format!("{id}\n")).collect::<String>().into_bytes()
+    ids.iter()
+        .map(|id| format!("{id}\n"))
+        .collect::<String>()
+        .into_bytes()
 }
 
 /// Reads a `deleting` entry; `what` names it in errors.

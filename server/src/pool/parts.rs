@@ -156,7 +156,10 @@ pub fn read_manifest(io: &IoCtx, job: &JobName, meta: &RevisionMeta) -> Result<M
     if got != meta.manifest_digest {
         return Err(PoolError::DataLoss {
             what,
-            detail: format!("digest {got} does not match the record's {}", meta.manifest_digest),
+            detail: format!(
+                "digest {got} does not match the record's {}",
+                meta.manifest_digest
+            ),
         });
     }
     if m.image_size() != meta.size || m.block_size() != meta.block_size {
@@ -239,9 +242,11 @@ mod tests {
         m.set(3, digest(b"three")).unwrap();
         m.set(300, digest(b"tail")).unwrap();
         let pieces = pieces_of(&m.encode(), 1000);
-        let (back, d) =
-            Manifest::read_from(PartReader::new(pieces.len() as u64, |i| Ok(pieces[i as usize].clone())), "t")
-                .unwrap();
+        let (back, d) = Manifest::read_from(
+            PartReader::new(pieces.len() as u64, |i| Ok(pieces[i as usize].clone())),
+            "t",
+        )
+        .unwrap();
         assert_eq!(back, m);
         assert_eq!(d, m.file_digest());
     }

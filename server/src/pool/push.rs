@@ -250,7 +250,9 @@ impl PoolPush {
         drop(revision);
         let written = parts::write_manifest(io, &job, &spec.id, &finished.manifest)?;
         if written != manifest_digest {
-            return Err(PoolError::Invalid("the manifest written differs from the one checked".into()));
+            return Err(PoolError::Invalid(
+                "the manifest written differs from the one checked".into(),
+            ));
         }
         let meta = RevisionMeta {
             id: spec.id,

@@ -115,7 +115,8 @@ impl PoolStore {
     /// Lists `job` in the pool (from now, unless it is listed already) and
     /// makes its object. Returns when it was first known.
     pub fn add_job(&self, job: &JobName) -> Result<DateTime<Utc>> {
-        self.io.operate(&names::job_object(job), &WriteOp::new().create(false))?;
+        self.io
+            .operate(&names::job_object(job), &WriteOp::new().create(false))?;
         let known = match self.io.omap_get(JOBS_OBJECT, &[job.as_str()]) {
             Ok(k) => k,
             Err(e) if e.is_not_found() => Default::default(),
@@ -133,7 +134,9 @@ impl PoolStore {
         let text = now.to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
         self.io.operate(
             JOBS_OBJECT,
-            &WriteOp::new().create(false).omap_set(&[(job.as_str(), text.as_bytes())]),
+            &WriteOp::new()
+                .create(false)
+                .omap_set(&[(job.as_str(), text.as_bytes())]),
         )?;
         Ok(DateTime::parse_from_rfc3339(&text).map_or(now, |t| t.with_timezone(&Utc)))
     }
@@ -210,7 +213,12 @@ impl PoolStore {
 
     /// Rewrites the records of committed revisions (tags, trust), all in
     /// one write op under the lease.
-    pub fn write_records(&self, keeper: &mut LeaseKeeper, job: &JobName, metas: &[RevisionMeta]) -> Result<()> {
+    pub fn write_records(
+        &self,
+        keeper: &mut LeaseKeeper,
+        job: &JobName,
+        metas: &[RevisionMeta],
+    ) -> Result<()> {
         let have = self.revisions(job)?;
         let mut entries = Vec::new();
         for m in metas {

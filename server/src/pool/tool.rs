@@ -30,7 +30,11 @@ impl RbdTool {
         }
         if let Some(t) = self.op_timeout {
             let secs = t.as_secs().max(1).to_string();
-            for option in ["--rados-osd-op-timeout", "--rados-mon-op-timeout", "--client-mount-timeout"] {
+            for option in [
+                "--rados-osd-op-timeout",
+                "--rados-mon-op-timeout",
+                "--client-mount-timeout",
+            ] {
                 cmd.arg(option).arg(&secs);
             }
         }
@@ -108,7 +112,10 @@ impl ImportDiff {
     /// Writes the end record and waits for `rbd`: its success means the
     /// stream is applied and the end snapshot made.
     pub fn finish(mut self) -> Result<()> {
-        let writer = self.writer.take().ok_or_else(|| PoolError::Invalid("finished twice".into()))?;
+        let writer = self
+            .writer
+            .take()
+            .ok_or_else(|| PoolError::Invalid("finished twice".into()))?;
         let closed = writer.finish().map(drop);
         let (status, stderr) = self.wait();
         match (closed, status) {
@@ -135,9 +142,19 @@ impl ImportDiff {
         (status, stderr)
     }
 
-    fn error(&self, status: Option<std::process::ExitStatus>, stderr: Vec<u8>, ours: Option<String>) -> PoolError {
+    fn error(
+        &self,
+        status: Option<std::process::ExitStatus>,
+        stderr: Vec<u8>,
+        ours: Option<String>,
+    ) -> PoolError {
         let text = String::from_utf8_lossy(&stderr);
-        let last = text.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("").trim();
+        let last = text
+            .lines()
+            .rev()
+            .find(|l| !l.trim().is_empty())
+            .unwrap_or("")
+            .trim();
         let mut detail = match status {
             Some(s) => format!("rbd {s}"),
             None => "rbd could not be waited for".into(),

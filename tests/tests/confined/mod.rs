@@ -1,7 +1,10 @@
 //! A RADOS namespace and a cephx identity confined to it, on the test
 //! cluster (BACKY_TEST_CEPH_CONF): what a pool store's server gets
 //! (docs/DESIGN.md "Ceph pool store", least privilege). Used by
-//! tests/tests/ceph_pool.rs.
+//! tests/tests/ceph_pool.rs and tests/tests/ceph_pool_store.rs.
+
+// Shared by several test files, each using a part of it.
+#![allow(dead_code)]
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
