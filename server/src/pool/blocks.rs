@@ -238,6 +238,10 @@ mod tests {
 
     const BS: u32 = 64 << 10;
 
+    fn members(set: &BlockSet, below: u64) -> Vec<u64> {
+        (0..below).filter(|&b| set.contains(b)).collect()
+    }
+
     fn manifest_of(image: &[u8]) -> Manifest {
         let mut m = Manifest::zeroed(image.len() as u64, BS).unwrap();
         for (b, chunk) in image.chunks(BS as usize).enumerate() {
@@ -338,8 +342,8 @@ mod tests {
         d.data(3 * bs + 10, &[3; 10], &mut base).unwrap();
         let f = d.finish(&mut base).unwrap();
         assert_eq!(reads, [3 * bs], "blocks 0-2 were covered whole");
-        assert_eq!(f.completed.ranges().collect::<Vec<_>>(), [3..4]);
-        assert_eq!(f.touched.ranges().collect::<Vec<_>>(), [0..4]);
+        assert_eq!(members(&f.completed, 8), [3]);
+        assert_eq!(members(&f.touched, 8), [0, 1, 2, 3]);
         assert_eq!(f.changed, 3, "block 2 stayed zeros");
     }
 
@@ -359,6 +363,6 @@ mod tests {
         let mut model = parent.clone();
         model.resize(3 * bs, 0);
         assert_eq!(f.manifest, manifest_of(&model));
-        assert_eq!(f.touched.ranges().collect::<Vec<_>>(), [1..2]);
+        assert_eq!(members(&f.touched, 8), [1]);
     }
 }
