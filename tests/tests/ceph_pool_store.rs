@@ -346,7 +346,11 @@ fn pushes_that_die_leave_nothing_and_the_next_push_rewrites_their_head_writes() 
     let manifest1 = store.manifest(&job, &r1).unwrap();
     let only_r1 = |store: &PoolStore| {
         assert_eq!(snaps(&pool, &job), [r1.id.short()], "no snapshot but r1");
-        assert_eq!(store.revisions(&job).unwrap(), std::slice::from_ref(&r1), "no record but r1");
+        assert_eq!(
+            store.revisions(&job).unwrap(),
+            std::slice::from_ref(&r1),
+            "no record but r1"
+        );
     };
 
     // Dropped mid-way: its writes reach the head, its end record never comes.
