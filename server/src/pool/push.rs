@@ -23,6 +23,7 @@ use backy_common::rbd_diff::DiffHeader;
 use backy_common::revision::{RevisionMeta, Stats, StorageMode, Trust};
 use backy_common::{JobName, MAX_FRAME_DATA};
 use chrono::{DateTime, Utc};
+use std::sync::Mutex;
 use std::time::Instant;
 
 /// A revision being pushed into the pool.
@@ -31,8 +32,10 @@ pub struct PoolPush {
     job: JobName,
     spec: NewRevisionSpec,
     parent: Option<RevisionMeta>,
-    /// The parent's snapshot, read for the blocks the push writes in part.
-    parent_image: Option<Image>,
+    /// The parent's snapshot, read for the blocks the push writes in part
+    /// (in a mutex: digests are taken on another thread than the stream's
+    /// write, and an image is used by one thread at a time).
+    parent_image: Mutex<Option<Image>>,
     parent_size: u64,
     digests: Option<BlockDigests>,
     import: ImportDiff,
@@ -119,7 +122,7 @@ impl PoolPush {
             zero_gaps: parent_meta.is_none() && head.is_some(),
             spec,
             parent: parent_meta,
-            parent_image,
+            parent_image: Mutex::new(parent_image),
             parent_size,
             digests: Some(digests),
             import,
@@ -163,12 +166,23 @@ impl PoolPush {
             )));
         }
         self.check_extent(offset, data.len() as u64)?;
-        self.checksum.data(offset, data);
+        // The stream's write and the two digests of the same bytes (the
+        // blocks', the stream's) run at once, as in the filesystem store's
+        // full push: `rbd` reads the pipe while this side hashes.
         let (image, parent_size) = (&self.parent_image, self.parent_size);
-        if let Some(d) = &mut self.digests {
-            d.data(offset, data, &mut |o, buf| read_base(image, parent_size, o, buf))?;
-        }
-        self.import.data(offset, data)?;
+        let (import, digests, checksum) = (&mut self.import, &mut self.digests, &mut self.checksum);
+        let (written, digested) = rayon_core::join(
+            || import.data(offset, data),
+            || {
+                checksum.data(offset, data);
+                match digests {
+                    Some(d) => d.data(offset, data, &mut |o, buf| read_base(image, parent_size, o, buf)),
+                    None => Ok(()),
+                }
+            },
+        );
+        written?;
+        digested?;
         self.stats.bytes_received += data.len() as u64;
         self.stats.bytes_written += data.len() as u64;
         Ok(())
@@ -333,12 +347,15 @@ fn check_only_ours(
 }
 
 /// The parent's bytes at `offset` (zeros beyond its end, or without one).
-fn read_base(image: &Option<Image>, parent_size: u64, offset: u64, buf: &mut [u8]) -> Result<()> {
+fn read_base(image: &Mutex<Option<Image>>, parent_size: u64, offset: u64, buf: &mut [u8]) -> Result<()> {
     buf.fill(0);
-    let Some(image) = image else { return Ok(()) };
     if offset >= parent_size {
         return Ok(());
     }
+    let image = image.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(image) = image.as_ref() else {
+        return Ok(());
+    };
     let n = ((parent_size - offset) as usize).min(buf.len());
     image.read_into(offset, &mut buf[..n])?;
     Ok(())
