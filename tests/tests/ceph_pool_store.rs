@@ -7,10 +7,12 @@
 //!   snapshot and the store's reads equal the model at that revision, the
 //!   manifests equal the model's, and a second store (a fresh client
 //!   instance) lists the job and both revisions with identical records;
-//! - a push dropped mid-way and one whose stream checksum is wrong leave no
-//!   snapshot and no record; the head's stray writes are reported (step 2),
+//! - a push dropped mid-way, one whose stream checksum is wrong and one
+//!   whose manifest digest is wrong leave no snapshot and no record; the head's stray writes are reported (step 2),
 //!   a push that does not send them again is refused for foreign writes,
-//!   one that does gives the right revision;
+//!   one that does gives the right revision; a parent that is not the
+//!   newest snapshot is refused; a full push onto the image is only what it
+//!   sent; the image grows and shrinks with the source;
 //! - a commit after another server took the lease is refused with nothing
 //!   recorded, and the new holder's `clean_orphans` removes its snapshot
 //!   and manifest;
@@ -386,6 +388,23 @@ fn pushes_that_die_leave_nothing_and_the_next_push_rewrites_their_head_writes() 
     let model_err: backy_common::Error = err.into();
     assert_eq!(model_err.kind, backy_common::ErrorKind::DataLoss);
     assert_eq!(model_err.reason, backy_common::Reason::StreamChecksumMismatch);
+    only_r1(&store);
+
+    // A manifest digest that is not the data's: refused the same way.
+    let mut p = PoolPush::begin(
+        &store,
+        &keeper,
+        &job,
+        spec(RevisionId::new_random(), size, BS),
+        Some((&r1, manifest1.clone())),
+    )
+    .unwrap();
+    let mut scratch = model1.clone();
+    let sum = send(&mut p, &mut scratch, size, &[Change::Data(10, pattern(7, 100))]);
+    let mut bad = end(&sum, &scratch, BS);
+    bad.manifest_digest[0] ^= 1;
+    let err = p.finish(&bad, &mut keeper).unwrap_err();
+    assert!(matches!(err, PoolError::ManifestMismatch), "{err}");
     only_r1(&store);
 
     // Step 2: the head holds the dropped push's writes beyond r1 (and the
