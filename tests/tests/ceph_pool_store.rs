@@ -327,7 +327,7 @@ fn a_full_and_an_incremental_push_equal_the_model_and_a_fresh_store_sees_them() 
 #[test]
 fn pushes_that_die_leave_nothing_and_the_next_push_rewrites_their_head_writes() {
     let Some(conf) = ceph_conf() else { return };
-    let pool = Confined::new(&conf, "cut");
+    let pool = Confined::new(&conf, "store-cut");
     let store = open(&conf, &pool);
     let job = JobName::new("vm2").unwrap();
     store.add_job(&job).unwrap();
@@ -530,7 +530,7 @@ fn pushes_that_die_leave_nothing_and_the_next_push_rewrites_their_head_writes() 
 #[test]
 fn a_commit_after_the_lease_moved_records_nothing_and_the_new_holder_removes_the_orphan() {
     let Some(conf) = ceph_conf() else { return };
-    let pool = Confined::new(&conf, "fence");
+    let pool = Confined::new(&conf, "store-fence");
     let (a, b) = (open(&conf, &pool), open(&conf, &pool));
     let job = JobName::new("vm3").unwrap();
     a.add_job(&job).unwrap();
@@ -603,7 +603,7 @@ fn a_commit_after_the_lease_moved_records_nothing_and_the_new_holder_removes_the
 #[test]
 fn deletion_removes_snapshot_manifest_and_record_and_refuses_a_protected_snapshot() {
     let Some(conf) = ceph_conf() else { return };
-    let pool = Confined::new(&conf, "delete");
+    let pool = Confined::new(&conf, "store-delete");
     let store = open(&conf, &pool);
     let job = JobName::new("vm4").unwrap();
     store.add_job(&job).unwrap();
@@ -707,7 +707,7 @@ fn deletion_removes_snapshot_manifest_and_record_and_refuses_a_protected_snapsho
 #[test]
 fn a_manifest_in_several_objects_reads_back_and_an_altered_piece_is_data_loss() {
     let Some(conf) = ceph_conf() else { return };
-    let pool = Confined::new(&conf, "digests");
+    let pool = Confined::new(&conf, "store-digests");
     let store = open(&conf, &pool);
     let job = JobName::new("vm5").unwrap();
     store.add_job(&job).unwrap();

@@ -30,3 +30,12 @@ pub use parts::part_count;
 pub use push::{PoolPush, PoolSealed};
 pub use store::{PoolConfig, PoolStore, RevisionReader};
 pub use tool::RbdTool;
+
+// A push moves to a blocking thread and back: everything it holds is Send.
+const _: fn() = || {
+    fn send<T: Send>() {}
+    send::<PoolStore>();
+    send::<PoolPush>();
+    send::<PoolSealed>();
+    send::<RevisionReader>();
+};
