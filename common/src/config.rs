@@ -120,6 +120,10 @@ pub struct ServerConfig {
     #[serde(default)]
     pub http_listen: Option<String>,
     pub base_dir: PathBuf,
+    /// Where revisions live: unset, the filesystem under `base-dir`; or a
+    /// Ceph pool (issue 36, in progress: docs/DESIGN.md "Ceph pool store").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub store: Option<StoreConfig>,
     #[serde(default, deserialize_with = "unique_keys::deserialize")]
     pub schedules: BTreeMap<String, ScheduleConfig>,
     #[serde(default, deserialize_with = "unique_keys::deserialize")]
@@ -159,6 +163,31 @@ pub struct ServerConfig {
     /// replica for those jobs).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub replicate: Option<ReplicateConfig>,
+}
+
+/// The store of revisions other than the filesystem under `base-dir`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "kebab-case")]
+pub enum StoreConfig {
+    /// One RBD image per job in a Ceph pool, one snapshot per revision.
+    CephRbd(CephStoreConfig),
+}
+
+/// `store: {type: ceph-rbd, ...}`: the cluster, the identity and the pool.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct CephStoreConfig {
+    /// A ceph.conf naming the monitors.
+    pub conf: PathBuf,
+    /// The cephx id, without `client.`.
+    pub id: String,
+    /// Its keyring; unset: the one the conf names.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keyring: Option<PathBuf>,
+    pub pool: String,
+    /// A RADOS namespace in the pool.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
 }
 
 /// Whose stored blocks a push may be told about. Unless `off`, written
@@ -569,7 +598,38 @@ fn default_listen() -> String {
     DEFAULT_LISTEN.to_string()
 }
 
+impl CephStoreConfig {
+    fn validate(&self) -> Result<()> {
+        for (key, path) in [("conf", Some(&self.conf)), ("keyring", self.keyring.as_ref())] {
+            if let Some(p) = path.filter(|p| !p.is_absolute()) {
+                return Err(Error::invalid(format!("store: {key} {p:?} must be an absolute path")));
+            }
+        }
+        if self.id.is_empty() || self.id.starts_with("client.") {
+            return Err(Error::invalid(format!(
+                "store: id {:?}: give the cephx id without `client.`",
+                self.id
+            )));
+        }
+        if self.pool.is_empty() {
+            return Err(Error::invalid("store: pool is empty"));
+        }
+        if self.namespace.as_deref() == Some("") {
+            return Err(Error::invalid("store: namespace is empty (leave it out for none)"));
+        }
+        Ok(())
+    }
+}
+
 impl ServerConfig {
+    /// The Ceph pool store, when revisions live in one.
+    pub fn ceph_store(&self) -> Option<&CephStoreConfig> {
+        match &self.store {
+            Some(StoreConfig::CephRbd(c)) => Some(c),
+            None => None,
+        }
+    }
+
     /// Parses and validates; `what` names the file in errors.
     pub fn from_yaml(text: &str, what: &str) -> Result<Self> {
         let cfg: ServerConfig = serde_yaml::from_str(text).map_err(|e| {
@@ -647,6 +707,14 @@ impl ServerConfig {
         if let Some(r) = &self.replicate {
             r.validate()?;
         }
+        if let Some(StoreConfig::CephRbd(c)) = &self.store {
+            c.validate()?;
+            if self.replicate.is_some() {
+                return Err(Error::invalid(
+                    "store: a ceph-rbd store cannot be a replica (replicate) yet",
+                ));
+            }
+        }
         self.validate_security()
     }
 
@@ -656,7 +724,8 @@ impl ServerConfig {
     /// would, say, list TLS identities while still serving plaintext.
     /// `None`: `new` may take over.
     pub fn reload_refusal(&self, new: &ServerConfig) -> Option<String> {
-        let fixed: [(&str, bool); 6] = [
+        let fixed: [(&str, bool); 7] = [
+            ("store", self.store != new.store),
             ("listen", self.listen != new.listen),
             ("http-listen", self.http_listen != new.http_listen),
             ("base-dir", self.base_dir != new.base_dir),
