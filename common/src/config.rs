@@ -602,7 +602,9 @@ impl CephStoreConfig {
     fn validate(&self) -> Result<()> {
         for (key, path) in [("conf", Some(&self.conf)), ("keyring", self.keyring.as_ref())] {
             if let Some(p) = path.filter(|p| !p.is_absolute()) {
-                return Err(Error::invalid(format!("store: {key} {p:?} must be an absolute path")));
+                return Err(Error::invalid(format!(
+                    "store: {key} {p:?} must be an absolute path"
+                )));
             }
         }
         if self.id.is_empty() || self.id.starts_with("client.") {
@@ -615,7 +617,9 @@ impl CephStoreConfig {
             return Err(Error::invalid("store: pool is empty"));
         }
         if self.namespace.as_deref() == Some("") {
-            return Err(Error::invalid("store: namespace is empty (leave it out for none)"));
+            return Err(Error::invalid(
+                "store: namespace is empty (leave it out for none)",
+            ));
         }
         Ok(())
     }

@@ -95,7 +95,11 @@ impl PoolBackend {
     /// Renews every held lease; a lost one is dropped (the next push
     /// takes it again, or is refused while another server holds it).
     pub fn renew_all(&self) {
-        let held: Vec<_> = self.keepers().iter().map(|(j, k)| (j.clone(), k.clone())).collect();
+        let held: Vec<_> = self
+            .keepers()
+            .iter()
+            .map(|(j, k)| (j.clone(), k.clone()))
+            .collect();
         for (job, keeper) in held {
             let renewed = lock(&keeper).renew();
             if let Err(e) = renewed {
@@ -124,7 +128,9 @@ impl PoolBackend {
     pub fn resolve(&self, job: &JobName, spec: &str) -> Result<RevisionMeta> {
         let spec = Spec::parse(if spec.is_empty() { "latest" } else { spec })?;
         let revs = self.revisions(job)?;
-        let i = spec.resolve_one(&revs).map_err(|e| e.context(format!("job {job}")))?;
+        let i = spec
+            .resolve_one(&revs)
+            .map_err(|e| e.context(format!("job {job}")))?;
         revs.get(i)
             .cloned()
             .ok_or_else(|| Error::internal("spec resolved outside the revision list"))
@@ -244,7 +250,10 @@ pub fn push(
         )));
     }
     if begin.size == 0 || begin.size > backy_common::manifest::MAX_IMAGE_SIZE {
-        return Err(Error::invalid(format!("job {job}: image size {} is out of range", begin.size)));
+        return Err(Error::invalid(format!(
+            "job {job}: image size {} is out of range",
+            begin.size
+        )));
     }
     let tags = crate::push::check_tags(&begin.tags, config.schedule_of(job_cfg), begin.allow_unscheduled)?;
     // One push per job on this server; the lease keeps other servers out.
@@ -281,7 +290,9 @@ pub fn push(
             .parse()
             .map_err(|e: Error| e.context("push: parent_id"))?;
         let meta = revs.iter().find(|r| r.id == pid).ok_or_else(|| {
-            Error::precondition(format!("parent revision {pid} no longer exists; run the push again"))
+            Error::precondition(format!(
+                "parent revision {pid} no longer exists; run the push again"
+            ))
         })?;
         if !meta.trust.usable_as_parent() {
             return Err(Error::precondition(format!(
@@ -310,11 +321,20 @@ pub fn push(
     };
     let mut rev = {
         let k = lock(&keeper);
-        PoolPush::begin(&pool.store, &k, &job, spec, parent.as_ref().map(|(m, f)| (m, f.clone())))?
+        PoolPush::begin(
+            &pool.store,
+            &k,
+            &job,
+            spec,
+            parent.as_ref().map(|(m, f)| (m, f.clone())),
+        )?
     };
     let block_len = |block: u64| {
         let start = block * u64::from(DEFAULT_BLOCK_SIZE);
-        begin.size.saturating_sub(start).min(u64::from(DEFAULT_BLOCK_SIZE))
+        begin
+            .size
+            .saturating_sub(start)
+            .min(u64::from(DEFAULT_BLOCK_SIZE))
     };
     let meta = loop {
         match rx.blocking_recv() {
@@ -325,7 +345,9 @@ pub fn push(
                     return Err(Error::invalid("granule digests outside the granule exchange"));
                 };
                 if block_len(block) == 0 {
-                    return Err(Error::invalid(format!("granule digests of block {block} past the end")));
+                    return Err(Error::invalid(format!(
+                        "granule digests of block {block} past the end"
+                    )));
                 }
                 // No granule digests are kept in the pool yet: every
                 // granule of a changed block is wanted.
@@ -448,14 +470,22 @@ pub fn stream_image(
 
 /// A job's status from the pool: its revisions; what the pool does not
 /// keep yet (space, schedules' due times) is left empty.
-pub fn header(server: &Server, pool: &PoolBackend, config: &ServerConfig, name: &str) -> Result<(JobStatus, Vec<RevisionInfo>)> {
+pub fn header(
+    server: &Server,
+    pool: &PoolBackend,
+    config: &ServerConfig,
+    name: &str,
+) -> Result<(JobStatus, Vec<RevisionInfo>)> {
     let job = job_name(server, name)?;
     let job_cfg = config.job(&job)?;
     let revs = pool.revisions(&job)?;
     let runtime = server.jobs.activity.job_runtime(&job);
     let status = JobStatus {
         job: name.to_string(),
-        schedule: job_cfg.schedule.clone().unwrap_or_else(|| NO_SCHEDULE.to_string()),
+        schedule: job_cfg
+            .schedule
+            .clone()
+            .unwrap_or_else(|| NO_SCHEDULE.to_string()),
         storage: backy_proto::wire_storage(backy_common::revision::StorageMode::Reflink) as i32,
         running: runtime.push.is_some(),
         sla_ok: true,
@@ -468,7 +498,12 @@ pub fn header(server: &Server, pool: &PoolBackend, config: &ServerConfig, name: 
 }
 
 /// A job's summary from the pool (see [`header`]).
-pub fn summary(server: &Server, pool: &PoolBackend, config: &ServerConfig, name: &JobName) -> Result<JobSummary> {
+pub fn summary(
+    server: &Server,
+    pool: &PoolBackend,
+    config: &ServerConfig,
+    name: &JobName,
+) -> Result<JobSummary> {
     let (status, revs) = header(server, pool, config, name.as_str())?;
     Ok(JobSummary {
         job: status.job,

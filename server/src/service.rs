@@ -517,8 +517,8 @@ impl Backy for Service {
             Some(pool) => crate::pool_serve::plan(&server, &pool, &req),
             None => crate::plan::plan(&server, &req),
         })
-            .await
-            .map(Response::new)
+        .await
+        .map(Response::new)
     }
 
     type ManifestStream = BoxStream<ManifestChunk>;
@@ -639,8 +639,8 @@ impl Backy for Service {
             }
             None => crate::status::of_jobs(&server, &names),
         })
-            .await
-            .map(Response::new)
+        .await
+        .map(Response::new)
     }
 
     type StatusStreamStream = BoxStream<JobStatusPart>;
@@ -747,7 +747,13 @@ impl Backy for Service {
             };
             if let Some(what) = refused {
                 let status = to_status(crate::pool_serve::unsupported(what));
-                audit::record(&caller, "restore", &job_name, &spec, audit::Outcome::Failed(&status.message()));
+                audit::record(
+                    &caller,
+                    "restore",
+                    &job_name,
+                    &spec,
+                    audit::Outcome::Failed(&status.message()),
+                );
                 return Err(status);
             }
             let p = pool.clone();
@@ -782,7 +788,9 @@ impl Backy for Service {
                         &rev,
                         audit::Outcome::Done("cancelled by the client"),
                     ),
-                    Err(e) => audit::record(&caller, "restore", job.as_str(), &rev, audit::Outcome::Failed(&e)),
+                    Err(e) => {
+                        audit::record(&caller, "restore", job.as_str(), &rev, audit::Outcome::Failed(&e))
+                    }
                 }
             })?;
             let idle = self.server.config().limits.idle_timeout.as_duration();

@@ -10,7 +10,10 @@
 //! - a second server started fresh on the same pool lists the same job and
 //!   revisions, and restores the same bytes;
 //! - an operation not supported on a pool yet (forget, verify) is refused
-//!   with one line naming it, FAILED_PRECONDITION, and changes nothing.
+//!   with one line naming it, FAILED_PRECONDITION, and changes nothing;
+//! - the first server holds the job's lease: a push through the second is
+//!   refused naming the holder; stopped (SIGTERM), the first releases it
+//!   and the second pushes at once.
 
 mod confined;
 mod support;
@@ -36,7 +39,13 @@ fn snapshots(pool: &Confined) -> Vec<String> {
     let out = ok(
         pool.tool(
             "rbd",
-            &["snap", "ls", "--format", "json", &format!("rbd/{}/vm1", pool.namespace)],
+            &[
+                "snap",
+                "ls",
+                "--format",
+                "json",
+                &format!("rbd/{}/vm1", pool.namespace),
+            ],
             b"",
         ),
         "rbd snap ls",
@@ -109,7 +118,10 @@ fn pushes_land_as_snapshots_restore_equal_and_a_fresh_server_sees_them() {
     // 5 MiB of data, then at most the changed block.
     let first_sent = revs[0]["bytes_received"].as_u64().unwrap();
     assert!((5 * MIB..6 * MIB).contains(&first_sent), "{revs:?}");
-    assert_eq!(revs[1]["parent_id"], revs[0]["id"], "the second push is incremental");
+    assert_eq!(
+        revs[1]["parent_id"], revs[0]["id"],
+        "the second push is incremental"
+    );
     assert_eq!(revs[1]["changed_blocks"], 1, "{revs:?}");
     let second_sent = revs[1]["bytes_received"].as_u64().unwrap();
     assert!(
@@ -118,8 +130,14 @@ fn pushes_land_as_snapshots_restore_equal_and_a_fresh_server_sees_them() {
     );
     let snaps = snapshots(&pool);
     assert_eq!(snaps.len(), 2, "{snaps:?}");
-    assert!(export(&pool, &snaps[0]) == v1, "rbd export of the first snapshot equals v1");
-    assert!(export(&pool, &snaps[1]) == v2, "rbd export of the second snapshot equals v2");
+    assert!(
+        export(&pool, &snaps[0]) == v1,
+        "rbd export of the first snapshot equals v1"
+    );
+    assert!(
+        export(&pool, &snaps[1]) == v2,
+        "rbd export of the second snapshot equals v2"
+    );
     // The pool holds the revisions: base-dir holds no image.
     let local = files_below(&base);
     assert!(
@@ -139,14 +157,23 @@ fn pushes_land_as_snapshots_restore_equal_and_a_fresh_server_sees_them() {
     assert_eq!(second.revisions("vm1"), revs);
     let target = work.join("restored-second.img");
     second.client_ok(&["restore", "vm1", "-r", "1", target.to_str().unwrap()]);
-    assert!(std::fs::read(&target).unwrap() == v1, "restore through the second server");
+    assert!(
+        std::fs::read(&target).unwrap() == v1,
+        "restore through the second server"
+    );
     let all = second.client_ok(&["status", "--json"]);
     assert!(all.contains("\"vm1\""), "status of every job names vm1: {all}");
 
     // Not supported on a pool yet: refused, one line, nothing changed.
     for (args, what) in [
-        (vec!["forget", "vm1", "-r", "1"], "forget is not supported on a ceph-rbd store yet"),
-        (vec!["verify", "vm1"], "verify is not supported on a ceph-rbd store yet"),
+        (
+            vec!["forget", "vm1", "-r", "1"],
+            "forget is not supported on a ceph-rbd store yet",
+        ),
+        (
+            vec!["verify", "vm1"],
+            "verify is not supported on a ceph-rbd store yet",
+        ),
     ] {
         let out = server.client(&args);
         assert_eq!(out.status.code(), Some(1), "{args:?}");
@@ -154,8 +181,36 @@ fn pushes_land_as_snapshots_restore_equal_and_a_fresh_server_sees_them() {
         let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
         assert_eq!(lines.len(), 1, "one line for {args:?}: {stderr}");
         assert!(lines[0].contains(what), "{args:?}: {stderr}");
-        assert!(lines[0].to_lowercase().contains("precondition"), "{args:?}: {stderr}");
+        assert!(
+            lines[0].to_lowercase().contains("precondition"),
+            "{args:?}: {stderr}"
+        );
     }
     assert_eq!(server.revisions("vm1"), revs);
     assert_eq!(snapshots(&pool), snaps);
+
+    // The first server holds vm1's lease: a push through the second is
+    // refused naming the holder, and changes nothing.
+    write_at(&src, 100, &pattern(5, 4096));
+    let v3 = std::fs::read(&src).unwrap();
+    let out = second.client(&["push", "vm1", "--source", src.to_str().unwrap()]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("held by server"), "{stderr}");
+    assert_eq!(snapshots(&pool), snaps);
+    assert_eq!(second.revisions("vm1"), revs);
+
+    // Stopped, the first server releases the lease: the second takes it at
+    // once (not after the lease's 30 s) and pushes incrementally.
+    let mut server = server;
+    server.terminate();
+    second.client_ok(&["push", "vm1", "--source", src.to_str().unwrap()]);
+    let now = second.revisions("vm1");
+    assert_eq!(now.len(), 3, "{now:?}");
+    assert_eq!(now[2]["parent_id"], revs[1]["id"]);
+    let snaps = snapshots(&pool);
+    assert!(
+        export(&pool, &snaps[2]) == v3,
+        "rbd export of the third snapshot equals v3"
+    );
 }
