@@ -510,7 +510,7 @@ pub fn summary(
         schedule: status.schedule,
         revisions: u32::try_from(revs.len()).unwrap_or(u32::MAX),
         newest: revs.last().cloned(),
-        newest_trusted: revs.last().and_then(|r| r.timestamp.clone()),
+        newest_trusted: revs.last().and_then(|r| r.timestamp),
         storage: status.storage,
         running: status.running,
         sla_ok: true,
