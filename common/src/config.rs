@@ -1416,6 +1416,50 @@ jobs:
         );
     }
 
+    const POOL: &str = "store:\n  type: ceph-rbd\n  conf: /etc/ceph/ceph.conf\n  id: backy-server\n  pool: backups\n";
+
+    #[test]
+    fn a_ceph_store_parses_with_its_optional_keys_and_is_fixed_at_start() {
+        let plain = ServerConfig::from_yaml(GOOD, "t").unwrap();
+        assert_eq!(plain.ceph_store(), None, "no store: the filesystem");
+        let cfg = ServerConfig::from_yaml(&format!("{GOOD}{POOL}"), "t").unwrap();
+        let c = cfg.ceph_store().expect("a ceph-rbd store");
+        assert_eq!(
+            (c.conf.to_str(), c.id.as_str(), c.keyring.as_ref(), c.pool.as_str(), c.namespace.as_ref()),
+            (Some("/etc/ceph/ceph.conf"), "backy-server", None, "backups", None)
+        );
+        let full = format!("{GOOD}{POOL}  keyring: /k\n  namespace: backy\n");
+        let c = ServerConfig::from_yaml(&full, "t").unwrap();
+        let c = c.ceph_store().unwrap();
+        assert_eq!(c.keyring.as_deref(), Some(std::path::Path::new("/k")));
+        assert_eq!(c.namespace.as_deref(), Some("backy"));
+        assert_eq!(
+            plain.reload_refusal(&cfg).as_deref(),
+            Some("store cannot change without a restart")
+        );
+    }
+
+    #[test]
+    fn a_bad_ceph_store_is_one_line() {
+        for (text, says) in [
+            (POOL.replace("ceph-rbd", "s3"), "unknown variant"),
+            (POOL.replace("conf: /etc", "conf: etc"), "store: conf \"etc/ceph/ceph.conf\" must be an absolute path"),
+            (POOL.replace("id: backy-server", "id: client.backy"), "without `client.`"),
+            (POOL.replace("pool: backups", "pool: \"\""), "store: pool is empty"),
+            (format!("{POOL}  namespace: \"\"\n"), "namespace is empty"),
+            (format!("{POOL}  user: x\n"), "unknown field"),
+            (POOL.replace("  pool: backups\n", ""), "missing field `pool`"),
+            (
+                format!("{POOL}replicate: {{source: \"https://s:1\", jobs: [vm1]}}\n"),
+                "cannot be a replica",
+            ),
+        ] {
+            let e = ServerConfig::from_yaml(&format!("{GOOD}{text}"), "t").unwrap_err();
+            assert!(e.message.contains(says), "{text}: {}", e.message);
+            assert!(!e.message.contains('\n'), "one line: {}", e.message);
+        }
+    }
+
     const HASH: &str = "blake3:0000000000000000000000000000000000000000000000000000000000000000";
     const HASH2: &str = "blake3:2222222222222222222222222222222222222222222222222222222222222222";
     const HASH3: &str = "blake3:3333333333333333333333333333333333333333333333333333333333333333";
