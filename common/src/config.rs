@@ -1416,7 +1416,8 @@ jobs:
         );
     }
 
-    const POOL: &str = "store:\n  type: ceph-rbd\n  conf: /etc/ceph/ceph.conf\n  id: backy-server\n  pool: backups\n";
+    const POOL: &str =
+        "store:\n  type: ceph-rbd\n  conf: /etc/ceph/ceph.conf\n  id: backy-server\n  pool: backups\n";
 
     #[test]
     fn a_ceph_store_parses_with_its_optional_keys_and_is_fixed_at_start() {
@@ -1425,7 +1426,13 @@ jobs:
         let cfg = ServerConfig::from_yaml(&format!("{GOOD}{POOL}"), "t").unwrap();
         let c = cfg.ceph_store().expect("a ceph-rbd store");
         assert_eq!(
-            (c.conf.to_str(), c.id.as_str(), c.keyring.as_ref(), c.pool.as_str(), c.namespace.as_ref()),
+            (
+                c.conf.to_str(),
+                c.id.as_str(),
+                c.keyring.as_ref(),
+                c.pool.as_str(),
+                c.namespace.as_ref()
+            ),
             (Some("/etc/ceph/ceph.conf"), "backy-server", None, "backups", None)
         );
         let full = format!("{GOOD}{POOL}  keyring: /k\n  namespace: backy\n");
@@ -1443,9 +1450,18 @@ jobs:
     fn a_bad_ceph_store_is_one_line() {
         for (text, says) in [
             (POOL.replace("ceph-rbd", "s3"), "unknown variant"),
-            (POOL.replace("conf: /etc", "conf: etc"), "store: conf \"etc/ceph/ceph.conf\" must be an absolute path"),
-            (POOL.replace("id: backy-server", "id: client.backy"), "without `client.`"),
-            (POOL.replace("pool: backups", "pool: \"\""), "store: pool is empty"),
+            (
+                POOL.replace("conf: /etc", "conf: etc"),
+                "store: conf \"etc/ceph/ceph.conf\" must be an absolute path",
+            ),
+            (
+                POOL.replace("id: backy-server", "id: client.backy"),
+                "without `client.`",
+            ),
+            (
+                POOL.replace("pool: backups", "pool: \"\""),
+                "store: pool is empty",
+            ),
             (format!("{POOL}  namespace: \"\"\n"), "namespace is empty"),
             (format!("{POOL}  user: x\n"), "unknown field"),
             (POOL.replace("  pool: backups\n", ""), "missing field `pool`"),

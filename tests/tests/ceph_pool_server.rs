@@ -13,7 +13,10 @@
 //!   with one line naming it, FAILED_PRECONDITION, and changes nothing;
 //! - the first server holds the job's lease: a push through the second is
 //!   refused naming the holder; stopped (SIGTERM), the first releases it
-//!   and the second pushes at once.
+//!   and the second pushes at once;
+//! - a push that dies before its end frame leaves no revision; the writes
+//!   it left in the image's head make the next push full, equal to the
+//!   source.
 
 mod confined;
 mod support;
@@ -212,5 +215,49 @@ fn pushes_land_as_snapshots_restore_equal_and_a_fresh_server_sees_them() {
     assert!(
         export(&pool, &snaps[2]) == v3,
         "rbd export of the third snapshot equals v3"
+    );
+
+    // A push that dies before its end frame leaves no revision, but writes
+    // in the image's head: the next push is planned full and equals the
+    // source.
+    for at in [0, 5 * MIB, 9 * MIB] {
+        write_at(&src, at, &pattern(6, (3 * MIB) as usize));
+    }
+    let v4 = std::fs::read(&src).unwrap();
+    let mark = second.log_mark();
+    let out = second.client_env(
+        &[("BACKY_FAULT", "client.before-end")],
+        &["push", "vm1", "--source", src.to_str().unwrap()],
+    );
+    assert!(!out.status.success());
+    second.wait_log(mark, "push failed");
+    assert_eq!(snapshots(&pool), snaps, "no snapshot of the dead push");
+    assert_eq!(second.revisions("vm1"), now, "no revision of the dead push");
+    let head = ok(
+        pool.tool(
+            "rbd",
+            &[
+                "diff",
+                "--from-snap",
+                &snaps[2],
+                &format!("rbd/{}/vm1", pool.namespace),
+            ],
+            b"",
+        ),
+        "rbd diff",
+    );
+    assert!(!head.is_empty(), "the dead push wrote into the head");
+    second.client_ok(&["push", "vm1", "--source", src.to_str().unwrap()]);
+    let after = second.revisions("vm1");
+    assert_eq!(after.len(), 4, "{after:?}");
+    assert!(after[3]["parent_id"].is_null(), "planned full: {after:?}");
+    let snaps = snapshots(&pool);
+    assert!(
+        export(&pool, &snaps[3]) == v4,
+        "rbd export after the dead push equals v4"
+    );
+    assert!(
+        export(&pool, &snaps[2]) == v3,
+        "the earlier snapshot is untouched"
     );
 }
