@@ -355,7 +355,12 @@ pub fn push(
                     return Err(gone());
                 }
             }
-            Some(Step::End(end)) => break rev.finish(&end, &mut lock(&keeper))?,
+            Some(Step::End(end)) => {
+                // Sealing waits for rbd and reads blocks back: without the
+                // keeper's lock, so its renewal goes on meanwhile.
+                let sealed = rev.seal(&end)?;
+                break sealed.publish(&mut lock(&keeper))?;
+            }
             Some(Step::Abort(why)) => return Err(Error::invalid(why)),
             None => return Err(gone()),
         }
