@@ -16,7 +16,9 @@
 //!   and the second pushes at once;
 //! - a push that dies before its end frame leaves no revision; the writes
 //!   it left in the image's head make the next push full, equal to the
-//!   source.
+//!   source;
+//! - `check-config` names the store; `backy-server expire` and `dedup`
+//!   (the filesystem store's) are refused with one line.
 
 mod confined;
 mod support;
@@ -260,4 +262,36 @@ fn pushes_land_as_snapshots_restore_equal_and_a_fresh_server_sees_them() {
         export(&pool, &snaps[2]) == v3,
         "the earlier snapshot is untouched"
     );
+
+    // check-config names the store; the filesystem store's commands are
+    // refused with one line.
+    let check = |args: &[&str]| {
+        std::process::Command::new(bin("backy-server"))
+            .arg("--config")
+            .arg(&second.config_path)
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let out = check(&["check-config"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        stdout.contains("storage ceph-rbd pool rbd (not contacted)"),
+        "{stdout}"
+    );
+    for (args, what) in [
+        (&["expire", "--dry-run"][..], "backy-server expire"),
+        (&["dedup"][..], "backy-server dedup"),
+    ] {
+        let out = check(args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {stderr}");
+        assert_eq!(stderr.lines().count(), 1, "{stderr}");
+        assert!(
+            stderr.contains(&format!("{what} is not supported on a ceph-rbd store yet")),
+            "{stderr}"
+        );
+    }
+    assert_eq!(snapshots(&pool), snaps);
 }
