@@ -186,10 +186,7 @@ fn pushes_land_as_snapshots_restore_equal_and_a_fresh_server_sees_them() {
         let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
         assert_eq!(lines.len(), 1, "one line for {args:?}: {stderr}");
         assert!(lines[0].contains(what), "{args:?}: {stderr}");
-        assert!(
-            lines[0].to_lowercase().contains("precondition"),
-            "{args:?}: {stderr}"
-        );
+        assert!(lines[0].ends_with("(FAILED_PRECONDITION)"), "{args:?}: {stderr}");
     }
     assert_eq!(server.revisions("vm1"), revs);
     assert_eq!(snapshots(&pool), snaps);
@@ -202,6 +199,7 @@ fn pushes_land_as_snapshots_restore_equal_and_a_fresh_server_sees_them() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("held by server"), "{stderr}");
+    assert!(stderr.contains("(ABORTED)"), "{stderr}");
     assert_eq!(snapshots(&pool), snaps);
     assert_eq!(second.revisions("vm1"), revs);
 
