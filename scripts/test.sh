@@ -24,7 +24,7 @@ cargo fmt --all -- --check
 echo "== cargo clippy"
 cargo clippy --release --workspace --all-targets --quiet -- -D warnings
 echo "== ceph test cluster"
-# A throw-away one-node cluster for tests/tests/ceph.rs and ceph_pool.rs, stopped on exit
+# A throw-away one-node cluster for tests/tests/ceph.rs and ceph_pool*.rs, stopped on exit
 # (only the daemons it started). A free mon port, in case another cluster
 # runs on this machine.
 ceph_dir=$(mktemp -d /tmp/backy-ceph.XXXXXX)

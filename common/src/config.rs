@@ -120,6 +120,10 @@ pub struct ServerConfig {
     #[serde(default)]
     pub http_listen: Option<String>,
     pub base_dir: PathBuf,
+    /// Where revisions live: unset, the filesystem under `base-dir`; or a
+    /// Ceph pool (issue 36, in progress: docs/DESIGN.md "Ceph pool store").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub store: Option<StoreConfig>,
     #[serde(default, deserialize_with = "unique_keys::deserialize")]
     pub schedules: BTreeMap<String, ScheduleConfig>,
     #[serde(default, deserialize_with = "unique_keys::deserialize")]
@@ -159,6 +163,31 @@ pub struct ServerConfig {
     /// replica for those jobs).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub replicate: Option<ReplicateConfig>,
+}
+
+/// The store of revisions other than the filesystem under `base-dir`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "kebab-case")]
+pub enum StoreConfig {
+    /// One RBD image per job in a Ceph pool, one snapshot per revision.
+    CephRbd(CephStoreConfig),
+}
+
+/// `store: {type: ceph-rbd, ...}`: the cluster, the identity and the pool.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct CephStoreConfig {
+    /// A ceph.conf naming the monitors.
+    pub conf: PathBuf,
+    /// The cephx id, without `client.`.
+    pub id: String,
+    /// Its keyring; unset: the one the conf names.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keyring: Option<PathBuf>,
+    pub pool: String,
+    /// A RADOS namespace in the pool.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
 }
 
 /// Whose stored blocks a push may be told about. Unless `off`, written
@@ -569,7 +598,42 @@ fn default_listen() -> String {
     DEFAULT_LISTEN.to_string()
 }
 
+impl CephStoreConfig {
+    fn validate(&self) -> Result<()> {
+        for (key, path) in [("conf", Some(&self.conf)), ("keyring", self.keyring.as_ref())] {
+            if let Some(p) = path.filter(|p| !p.is_absolute()) {
+                return Err(Error::invalid(format!(
+                    "store: {key} {p:?} must be an absolute path"
+                )));
+            }
+        }
+        if self.id.is_empty() || self.id.starts_with("client.") {
+            return Err(Error::invalid(format!(
+                "store: id {:?}: give the cephx id without `client.`",
+                self.id
+            )));
+        }
+        if self.pool.is_empty() {
+            return Err(Error::invalid("store: pool is empty"));
+        }
+        if self.namespace.as_deref() == Some("") {
+            return Err(Error::invalid(
+                "store: namespace is empty (leave it out for none)",
+            ));
+        }
+        Ok(())
+    }
+}
+
 impl ServerConfig {
+    /// The Ceph pool store, when revisions live in one.
+    pub fn ceph_store(&self) -> Option<&CephStoreConfig> {
+        match &self.store {
+            Some(StoreConfig::CephRbd(c)) => Some(c),
+            None => None,
+        }
+    }
+
     /// Parses and validates; `what` names the file in errors.
     pub fn from_yaml(text: &str, what: &str) -> Result<Self> {
         let cfg: ServerConfig = serde_yaml::from_str(text).map_err(|e| {
@@ -647,6 +711,14 @@ impl ServerConfig {
         if let Some(r) = &self.replicate {
             r.validate()?;
         }
+        if let Some(StoreConfig::CephRbd(c)) = &self.store {
+            c.validate()?;
+            if self.replicate.is_some() {
+                return Err(Error::invalid(
+                    "store: a ceph-rbd store cannot be a replica (replicate) yet",
+                ));
+            }
+        }
         self.validate_security()
     }
 
@@ -656,7 +728,8 @@ impl ServerConfig {
     /// would, say, list TLS identities while still serving plaintext.
     /// `None`: `new` may take over.
     pub fn reload_refusal(&self, new: &ServerConfig) -> Option<String> {
-        let fixed: [(&str, bool); 6] = [
+        let fixed: [(&str, bool); 7] = [
+            ("store", self.store != new.store),
             ("listen", self.listen != new.listen),
             ("http-listen", self.http_listen != new.http_listen),
             ("base-dir", self.base_dir != new.base_dir),
@@ -1341,6 +1414,66 @@ jobs:
             old.reload_refusal(&new).as_deref(),
             Some("file-mode cannot change without a restart")
         );
+    }
+
+    const POOL: &str =
+        "store:\n  type: ceph-rbd\n  conf: /etc/ceph/ceph.conf\n  id: backy-server\n  pool: backups\n";
+
+    #[test]
+    fn a_ceph_store_parses_with_its_optional_keys_and_is_fixed_at_start() {
+        let plain = ServerConfig::from_yaml(GOOD, "t").unwrap();
+        assert_eq!(plain.ceph_store(), None, "no store: the filesystem");
+        let cfg = ServerConfig::from_yaml(&format!("{GOOD}{POOL}"), "t").unwrap();
+        let c = cfg.ceph_store().expect("a ceph-rbd store");
+        assert_eq!(
+            (
+                c.conf.to_str(),
+                c.id.as_str(),
+                c.keyring.as_ref(),
+                c.pool.as_str(),
+                c.namespace.as_ref()
+            ),
+            (Some("/etc/ceph/ceph.conf"), "backy-server", None, "backups", None)
+        );
+        let full = format!("{GOOD}{POOL}  keyring: /k\n  namespace: backy\n");
+        let c = ServerConfig::from_yaml(&full, "t").unwrap();
+        let c = c.ceph_store().unwrap();
+        assert_eq!(c.keyring.as_deref(), Some(std::path::Path::new("/k")));
+        assert_eq!(c.namespace.as_deref(), Some("backy"));
+        assert_eq!(
+            plain.reload_refusal(&cfg).as_deref(),
+            Some("store cannot change without a restart")
+        );
+    }
+
+    #[test]
+    fn a_bad_ceph_store_is_one_line() {
+        for (text, says) in [
+            (POOL.replace("ceph-rbd", "s3"), "unknown variant"),
+            (
+                POOL.replace("conf: /etc", "conf: etc"),
+                "store: conf \"etc/ceph/ceph.conf\" must be an absolute path",
+            ),
+            (
+                POOL.replace("id: backy-server", "id: client.backy"),
+                "without `client.`",
+            ),
+            (
+                POOL.replace("pool: backups", "pool: \"\""),
+                "store: pool is empty",
+            ),
+            (format!("{POOL}  namespace: \"\"\n"), "namespace is empty"),
+            (format!("{POOL}  user: x\n"), "unknown field"),
+            (POOL.replace("  pool: backups\n", ""), "missing field `pool`"),
+            (
+                format!("{POOL}replicate: {{source: \"https://s:1\", jobs: [vm1]}}\n"),
+                "cannot be a replica",
+            ),
+        ] {
+            let e = ServerConfig::from_yaml(&format!("{GOOD}{text}"), "t").unwrap_err();
+            assert!(e.message.contains(says), "{text}: {}", e.message);
+            assert!(!e.message.contains('\n'), "one line: {}", e.message);
+        }
     }
 
     const HASH: &str = "blake3:0000000000000000000000000000000000000000000000000000000000000000";

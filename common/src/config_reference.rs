@@ -68,7 +68,7 @@ pub const SERVER: ConfigReference = ConfigReference {
     description: &[
         "backy-server reads this YAML file at start (--config, default /etc/backy/server.yaml) \
          and again on SIGHUP (systemctl reload backy-server): jobs, schedules, clients, limits, \
-         scrub and resume are taken at once; listen, base-dir, tls, insecure-plaintext and \
+         scrub and resume are taken at once; listen, base-dir, store, tls, insecure-plaintext and \
          file-mode need a restart (a reload changing them is refused and logged). \
          Unknown keys are errors. `backy-server check-config` checks a file.",
         "Sizes are bytes, or a number with K, M, G or T (powers of 1024). Intervals are a \
@@ -78,6 +78,13 @@ pub const SERVER: ConfigReference = ConfigReference {
     keys: &[
         key("listen", "address", Is("127.0.0.1:6023"), "Address of the gRPC listener; [::]:6023 for IPv6 too. Any address other than loopback needs tls."),
         key("base-dir", "path", Required, "Where revisions live: BASE/JOB/REVISION. On btrfs, XFS with reflink=1 or ZFS 2.2 or later a revision costs only its changes; elsewhere each is a full copy. Owned by backy:backy, mode 0750; the packaged unit may write only to /srv/backy."),
+        key("store", "mapping", Means("the filesystem under base-dir"), "Revisions in a Ceph pool instead (in progress: README, Revisions in a Ceph pool): one RBD image per job, one snapshot per revision, every record in the pool; base-dir then holds only this server's local state. Needs a restart to change."),
+        key("store.type", "ceph-rbd", Required, "The kind of store; ceph-rbd is the only one besides the default."),
+        key("store.conf", "path", Required, "A ceph.conf naming the monitors."),
+        key("store.id", "string", Required, "The cephx id the server connects as, without client. (least privilege: mon 'profile rbd' osd 'profile rbd pool=POOL')."),
+        key("store.keyring", "path", Means("the keyring the conf names"), "The identity's keyring."),
+        key("store.pool", "string", Required, "The pool of the backups; not the pool of the VMs' disks."),
+        key("store.namespace", "string", Means("none"), "A RADOS namespace in the pool: one store per namespace."),
         key("tls", "mapping", Unset, "TLS on every connection; required unless insecure-plaintext."),
         key("tls.cert", "path", Required, "The server's certificate chain (PEM)."),
         key("tls.key", "path", Required, "Its private key (PEM): 0600 owned by the server's user, or 0640 of the secrets-group."),

@@ -73,6 +73,13 @@ fn server_everything() -> ServerConfig {
         listen: DEFAULT_LISTEN.into(),
         http_listen: Some("127.0.0.1:9623".into()),
         base_dir: "/b".into(),
+        store: Some(StoreConfig::CephRbd(CephStoreConfig {
+            conf: "/ceph.conf".into(),
+            id: "i".into(),
+            keyring: Some("/keyring".into()),
+            pool: "p".into(),
+            namespace: Some("n".into()),
+        })),
         schedules: BTreeMap::from([(
             "someschedule".into(),
             ScheduleConfig {

@@ -20,6 +20,7 @@ pub mod notify;
 pub mod page;
 pub mod plan;
 pub mod pool;
+pub mod pool_serve;
 pub mod push;
 pub mod replica;
 pub mod replication;
@@ -98,7 +99,16 @@ pub async fn serve(config: ServerConfig, preflight: Preflight, config_path: Path
     let server = Arc::new(Server::new(config, mode));
     dedup::attach(&server);
     let s = server.clone();
+    let pool_config = server.config().ceph_store().cloned();
     let jobs = tokio::task::spawn_blocking(move || {
+        if let Some(c) = pool_config {
+            // Revisions live in the pool; base-dir keeps only local state.
+            let pool = pool_serve::PoolBackend::open(&c, &s.config().listen)
+                .with_context(|| format!("store: ceph-rbd pool {}", c.pool))?;
+            let jobs = pool.store.jobs().context("listing the pool's jobs")?.len();
+            let _ = s.pool.set(Arc::new(pool));
+            return anyhow::Ok(jobs);
+        }
         // Before the jobs' cleanup, which would remove the sealed files.
         let finished = group::recover(&s).context("finishing interrupted group commits")?;
         if finished > 0 {
@@ -121,13 +131,18 @@ pub async fn serve(config: ServerConfig, preflight: Preflight, config_path: Path
     // Expire once before serving, so what clients first see is settled
     // (revisions a stopped server should have expired are gone), then on
     // a timer.
-    let s = server.clone();
-    tokio::task::spawn_blocking(move || schedule::expire_all(&s))
-        .await
-        .context("expiry at start")?;
-    spawn_expiry(server.clone());
+    if let Some(pool) = server.pool() {
+        // No expiry or scrub on a pool yet (docs/DESIGN.md).
+        pool_serve::spawn_renewal(pool);
+    } else {
+        let s = server.clone();
+        tokio::task::spawn_blocking(move || schedule::expire_all(&s))
+            .await
+            .context("expiry at start")?;
+        spawn_expiry(server.clone());
+        scrub::spawn(server.clone());
+    }
     spawn_refusal_summaries(server.clone());
-    scrub::spawn(server.clone());
     spawn_reload_on_hup(server.clone(), config_path);
     // Health: SERVING from here until shutdown begins.
     let (health, health_service) = tonic_health::server::health_reporter();
@@ -219,6 +234,10 @@ pub async fn serve(config: ServerConfig, preflight: Preflight, config_path: Path
                 ),
             }
         }
+    }
+    if let Some(pool) = server.pool() {
+        // Another server may take the jobs at once, not after the lease.
+        let _ = tokio::task::spawn_blocking(move || pool.release_all()).await;
     }
     tracing::info!("stopped");
     Ok(())

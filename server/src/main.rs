@@ -348,6 +348,17 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         _ => {}
     }
     let config = load(&cli.config)?;
+    if config.ceph_store().is_some() {
+        // They read and rewrite the filesystem store under base-dir.
+        let refused = match &cli.command {
+            Some(Command::Expire { .. }) => Some("backy-server expire"),
+            Some(Command::Dedup { .. }) => Some("backy-server dedup"),
+            _ => None,
+        };
+        if let Some(what) = refused {
+            anyhow::bail!("{}", backy_server::pool_serve::unsupported(what).message);
+        }
+    }
     if let Some(Command::Expire { dry_run: _, job }) = &cli.command {
         return expire_dry_run(&config, job.as_ref());
     }
@@ -367,12 +378,17 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         for line in &misread {
             eprintln!("warning: {line}; rename it: `backy-client tags JOB -r ID add NEW`, then `remove TAG`");
         }
+        // The cluster is not contacted here: start-up does that.
+        let storage = match config.ceph_store() {
+            Some(c) => format!("ceph-rbd pool {} (not contacted)", c.pool),
+            None => preflight.mode.as_str().to_string(),
+        };
         return print_out(&format!(
             "{}: OK ({}, {}, storage {}{})\n",
             cli.config.display(),
             count(config.jobs.len() as u64, "job"),
             count(config.schedules.len() as u64, "schedule"),
-            preflight.mode.as_str(),
+            storage,
             checked_as
                 .map(|u| format!("; files readable by {u}"))
                 .unwrap_or_default()

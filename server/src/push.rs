@@ -342,7 +342,7 @@ pub fn publish_and_expire(
 }
 
 /// Validates a new revision's tags: see [`crate::revisions::check_tags`].
-fn check_tags(
+pub(crate) fn check_tags(
     tags: &[String],
     schedule: Option<&backy_common::config::Schedule>,
     allow_unscheduled: bool,

@@ -339,11 +339,11 @@ const ZERO_GRANULE: u64 = backy_common::ranges::GRANULE;
 /// The frames of a restore stream, through the shared framer (neighbouring
 /// zero ranges merged, all-zero granules as zeros). Each method returns
 /// whether the receiver is still there.
-struct Frames<S>(Framer<Sender<S>>);
+pub(crate) struct Frames<S>(Framer<Sender<S>>);
 
 /// Restore frames out of the framer's ranges; `send` answers whether the
 /// receiver took the frame.
-struct Sender<S>(S);
+pub(crate) struct Sender<S>(S);
 
 impl<S: FnMut(Frame) -> bool> RangeSink for Sender<S> {
     fn data(&mut self, offset: u64, data: Vec<u8>) -> Result<()> {
@@ -366,20 +366,20 @@ impl<S: FnMut(Frame) -> bool> Sender<S> {
 }
 
 impl<S: FnMut(Frame) -> bool> Frames<S> {
-    fn new(send: S) -> Self {
+    pub(crate) fn new(send: S) -> Self {
         Frames(Framer::new(Sender(send)))
     }
 
-    fn zero(&mut self, offset: u64, len: u64) -> bool {
+    pub(crate) fn zero(&mut self, offset: u64, len: u64) -> bool {
         self.0.zero(offset, len).is_ok()
     }
 
     /// Data read at `offset`; its all-zero granules go as zero ranges.
-    fn data(&mut self, offset: u64, data: Vec<u8>) -> bool {
+    pub(crate) fn data(&mut self, offset: u64, data: Vec<u8>) -> bool {
         self.0.data_owned(offset, data, ZERO_GRANULE).is_ok()
     }
 
-    fn end(self) -> bool {
+    pub(crate) fn end(self) -> bool {
         match self.0.finish() {
             Ok(mut done) => done
                 .sink

@@ -119,6 +119,15 @@ impl Service {
         Ok(caller)
     }
 
+    /// Refuses `what` when revisions live in a Ceph pool, which does not
+    /// do it yet (FAILED_PRECONDITION, one line).
+    fn refuse_on_pool(&self, what: &str) -> std::result::Result<(), Status> {
+        match self.server.pool() {
+            Some(_) => Err(to_status(crate::pool_serve::unsupported(what))),
+            None => Ok(()),
+        }
+    }
+
     /// A stream permit of `caller`, counted as an open stream of `kind`;
     /// a refusal is audited.
     fn permit(&self, caller: &Caller, kind: &'static str) -> std::result::Result<Permit, Status> {
@@ -191,6 +200,7 @@ impl Service {
             name.to_string()
         };
         let caller = self.check(&req, &req.get_ref().job, Action::Remove, &action)?;
+        self.refuse_on_pool(name)?;
         let server = self.server.clone();
         let req = req.into_inner();
         let (job, spec) = (req.job.clone(), req.revisions.clone());
@@ -276,7 +286,10 @@ impl Service {
         let writer = run(thread, move || {
             let (job, rev) = (begin.job.clone(), begin.rev_id.clone());
             let started = std::time::Instant::now();
-            let result = crate::push::run(server.clone(), begin, rx, gate, answer, &who.name);
+            let result = match server.pool() {
+                Some(pool) => crate::pool_serve::push(server.clone(), &pool, begin, rx, answer),
+                None => crate::push::run(server.clone(), begin, rx, gate, answer, &who.name),
+            };
             server.metrics.push_done(result.is_ok(), started.elapsed());
             if let Err(e) = &result {
                 tracing::warn!(job, "push failed: {e}");
@@ -500,9 +513,12 @@ impl Backy for Service {
         self.check(&req, &req.get_ref().job, action, what)?;
         let server = self.server.clone();
         let req = req.into_inner();
-        blocking(move || crate::plan::plan(&server, &req))
-            .await
-            .map(Response::new)
+        blocking(move || match server.pool() {
+            Some(pool) => crate::pool_serve::plan(&server, &pool, &req),
+            None => crate::plan::plan(&server, &req),
+        })
+        .await
+        .map(Response::new)
     }
 
     type ManifestStream = BoxStream<ManifestChunk>;
@@ -517,7 +533,26 @@ impl Backy for Service {
         let server = self.server.clone();
         let req = req.into_inner();
         let (tx, rx) = mpsc::channel(4);
-        if req.resume {
+        if let Some(pool) = server.pool() {
+            if req.resume {
+                return Err(to_status(crate::pool_serve::unsupported("resuming a push")));
+            }
+            let (job_name, spec) = (req.job.clone(), req.revision.clone());
+            let p = pool.clone();
+            let resolved = blocking(move || {
+                let job = backy_common::JobName::new(&req.job)?;
+                server.config().job(&job)?;
+                let meta = p.resolve(&job, &req.revision)?;
+                Ok((job, meta))
+            })
+            .await;
+            audit::result(&caller, "manifest", &job_name, &spec, &resolved);
+            let (job, meta) = resolved?;
+            run(thread, move || {
+                let _permit = permit;
+                crate::pool_serve::stream_manifest(&pool, &job, &meta, &tx)
+            })?;
+        } else if req.resume {
             // A partial revision's manifest is computed, not stored.
             let (info, manifest) = blocking(move || {
                 let job = server.job(&req.job)?;
@@ -591,9 +626,21 @@ impl Backy for Service {
         let _permit = all.then(|| self.permit(&caller, "status")).transpose()?;
         let names = self.visible(&caller, req.into_inner().job);
         let server = self.server.clone();
-        blocking(move || crate::status::of_jobs(&server, &names))
-            .await
-            .map(Response::new)
+        blocking(move || match server.pool() {
+            Some(pool) => {
+                let config = server.config();
+                let mut jobs = Vec::with_capacity(names.len());
+                for name in &names {
+                    let (mut job, revisions) = crate::pool_serve::header(&server, &pool, &config, name)?;
+                    job.revisions = revisions;
+                    jobs.push(job);
+                }
+                Ok(StatusReply { jobs, store: None })
+            }
+            None => crate::status::of_jobs(&server, &names),
+        })
+        .await
+        .map(Response::new)
     }
 
     type StatusStreamStream = BoxStream<JobStatusPart>;
@@ -619,8 +666,14 @@ impl Backy for Service {
         run(thread, move || {
             let _permit = permit;
             let config = server.config();
+            let pool = server.pool();
             for name in names {
-                let (header, entry) = match crate::status::header(&server, &config, &name) {
+                let built = match &pool {
+                    Some(pool) => crate::pool_serve::header(&server, pool, &config, &name)
+                        .map(|(h, revisions)| (h, crate::status::Revisions { revisions })),
+                    None => crate::status::header(&server, &config, &name),
+                };
+                let (header, entry) = match built {
                     Ok(built) => built,
                     Err(e) => {
                         let _ = tx.blocking_send(Err(to_status(e)));
@@ -658,7 +711,11 @@ impl Backy for Service {
                 if !auth::may_see(&config, &caller, name, Action::Read) {
                     continue;
                 }
-                let item = crate::status::summary(&server, &config, name).map_err(to_status);
+                let item = match server.pool() {
+                    Some(pool) => crate::pool_serve::summary(&server, &pool, &config, name),
+                    None => crate::status::summary(&server, &config, name),
+                }
+                .map_err(to_status);
                 if tx.blocking_send(item).is_err() {
                     break; // the caller went away
                 }
@@ -680,6 +737,65 @@ impl Backy for Service {
         let server = self.server.clone();
         let req = req.into_inner();
         let (job_name, spec, from) = (req.job.clone(), req.revision.clone(), req.from);
+        if let Some(pool) = self.server.pool() {
+            let refused = if !req.granules.is_empty() {
+                Some("a rollback (granules)")
+            } else if !req.base.is_empty() {
+                Some("a restore relative to a base revision (replication)")
+            } else {
+                None
+            };
+            if let Some(what) = refused {
+                let status = to_status(crate::pool_serve::unsupported(what));
+                audit::record(
+                    &caller,
+                    "restore",
+                    &job_name,
+                    &spec,
+                    audit::Outcome::Failed(&status.message()),
+                );
+                return Err(status);
+            }
+            let p = pool.clone();
+            let resolved = blocking(move || {
+                let job = backy_common::JobName::new(&req.job)?;
+                server.config().job(&job)?;
+                let meta = p.resolve(&job, &req.revision)?;
+                Ok((job, meta))
+            })
+            .await;
+            audit::result(&caller, "restore", &job_name, &spec, &resolved);
+            let (job, meta) = resolved?;
+            let (tx, rx) = mpsc::channel(FRAMES_IN_FLIGHT);
+            let server = self.server.clone();
+            run(thread, move || {
+                let _permit = permit;
+                let started = std::time::Instant::now();
+                let streamed = crate::pool_serve::stream_image(&server, &pool, &job, &meta, from, tx);
+                let outcome = match &streamed {
+                    Ok(true) => "completed",
+                    Ok(false) => "cancelled",
+                    Err(_) => "failed",
+                };
+                server.metrics.restore_done(outcome, started.elapsed());
+                let rev = meta.id.to_string();
+                match streamed {
+                    Ok(true) => audit::record(&caller, "restore", job.as_str(), &rev, audit::Outcome::Ok),
+                    Ok(false) => audit::record(
+                        &caller,
+                        "restore",
+                        job.as_str(),
+                        &rev,
+                        audit::Outcome::Done("cancelled by the client"),
+                    ),
+                    Err(e) => {
+                        audit::record(&caller, "restore", job.as_str(), &rev, audit::Outcome::Failed(&e))
+                    }
+                }
+            })?;
+            let idle = self.server.config().limits.idle_timeout.as_duration();
+            return Ok(Response::new(Box::pin(stall_guarded(rx, idle))));
+        }
         let granules = req.granules;
         let resolved = resolve_with_base(server, req.job, req.revision, req.base).await;
         let (job, meta, base) = resolved.inspect_err(|e| {
@@ -732,6 +848,7 @@ impl Backy for Service {
     ) -> std::result::Result<Response<ReadGranulesReply>, Status> {
         // Refusals are audited; reads are not (an export makes thousands).
         self.check(&req, &req.get_ref().job, Action::Fetch, "read")?;
+        self.refuse_on_pool("reading granules (export)")?;
         let server = self.server.clone();
         let req = req.into_inner();
         let reply = blocking(move || crate::granule_read::read(&server, &req)).await?;
@@ -745,6 +862,7 @@ impl Backy for Service {
         req: Request<VerifyRequest>,
     ) -> std::result::Result<Response<Self::VerifyStream>, Status> {
         let caller = self.check(&req, &req.get_ref().job, Action::Append, "verify")?;
+        self.refuse_on_pool("verify")?;
         let permit = self.permit(&caller, "verify")?;
         let thread = self.reserve(&caller, "verify")?;
         let server = self.server.clone();
@@ -857,6 +975,7 @@ impl Backy for Service {
             tags_right(req.get_ref()),
             &tags_what(req.get_ref()),
         )?;
+        self.refuse_on_pool("changing tags")?;
         let server = self.server.clone();
         let req = req.into_inner();
         let action = match tags_request::Action::try_from(req.action) {
@@ -946,6 +1065,7 @@ impl Backy for Service {
             "commit-group"
         };
         let caller = auth::caller(&req)?;
+        self.refuse_on_pool("a group commit")?;
         let config = self.server.config();
         for m in &req.get_ref().members {
             if let Err(status) = auth::authorize(&config, &caller, &m.job, Action::Append, what) {
@@ -1001,6 +1121,7 @@ impl Backy for Service {
         req: Request<Streaming<AgentReport>>,
     ) -> std::result::Result<Response<Self::AgentStream>, Status> {
         let caller = auth::caller(&req)?;
+        self.refuse_on_pool("the agent (schedules)")?;
         let permit = self.permit(&caller, "agent")?;
         let mut reports = req.into_inner();
         // Refused before the stream opens: the agent sees the refusal as

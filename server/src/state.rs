@@ -37,6 +37,8 @@ pub struct Server {
     pub replica_bwlimit: Arc<backy_common::bwlimit::Limiter>,
     /// The disks of group pushes waiting for their group's commit.
     pub groups: Arc<crate::group::HeldGroups>,
+    /// Set at start-up when revisions live in a Ceph pool (`store:`).
+    pub pool: std::sync::OnceLock<Arc<crate::pool_serve::PoolBackend>>,
 }
 
 impl Server {
@@ -58,10 +60,16 @@ impl Server {
             fetched,
             replica_bwlimit: Default::default(),
             groups: Default::default(),
+            pool: Default::default(),
             refusals: std::sync::Mutex::new(backy_common::throttle::Throttle::new(
                 backy_common::throttle::Limits::REFUSALS,
             )),
         }
+    }
+
+    /// The Ceph pool store, when revisions live in one.
+    pub fn pool(&self) -> Option<Arc<crate::pool_serve::PoolBackend>> {
+        self.pool.get().cloned()
     }
 
     pub fn config(&self) -> Arc<ServerConfig> {

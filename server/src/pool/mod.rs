@@ -1,8 +1,9 @@
 //! The Ceph pool store's backend (issue 36, docs/DESIGN.md "Ceph pool
 //! store"): jobs, revision records and manifests in a RADOS pool (or
 //! namespace), one RBD image per job and one snapshot per revision, on the
-//! server's binding (`crate::ceph`). Not wired into the server yet: the
-//! next step puts it behind `crate::job::Txn`.
+//! server's binding (`crate::ceph`). The server calls it through
+//! `crate::pool_serve` (push, status, restore); `crate::job::Txn` does not
+//! know it yet.
 //!
 //! - `names.rs`: the objects and keys of the pool layout;
 //! - `store.rs`: [`PoolStore`]: open, jobs, records, manifests, reads,

@@ -556,6 +556,16 @@ impl Server {
         found.unwrap_or_default()
     }
 
+    /// Sends SIGTERM and waits for the server to stop (bounded).
+    pub fn terminate(&mut self) {
+        let pid = rustix::process::Pid::from_child(&self.child);
+        rustix::process::kill_process(pid, rustix::process::Signal::TERM).expect("SIGTERM to backy-server");
+        assert!(
+            !self.wait_exit(),
+            "backy-server stopped on SIGTERM, not by a signal"
+        );
+    }
+
     /// Waits for the server process to end by itself (e.g. at a fault
     /// point); returns whether it was killed by a signal (abort).
     pub fn wait_exit(&mut self) -> bool {

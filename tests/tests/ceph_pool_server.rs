@@ -1,0 +1,295 @@
+//! A server whose revisions live in a Ceph pool (`store: {type: ceph-rbd}`,
+//! issue 36's first slice, docs/DESIGN.md "Ceph pool store"), through real
+//! `backy-server` and `backy-client` processes on the one-node test cluster
+//! (BACKY_TEST_CEPH_CONF), as a cephx identity confined to one namespace:
+//!
+//! - a full push and an incremental push by scan become snapshots: `rbd
+//!   export` of each equals the source at that time, and nothing lands
+//!   under base-dir;
+//! - restores of both equal the sources;
+//! - a second server started fresh on the same pool lists the same job and
+//!   revisions, and restores the same bytes;
+//! - an operation not supported on a pool yet (forget, verify) is refused
+//!   with one line naming it, FAILED_PRECONDITION, and changes nothing;
+//! - the first server holds the job's lease: a push through the second is
+//!   refused naming the holder; stopped (SIGTERM), the first releases it
+//!   and the second pushes at once;
+//! - a push that dies before its end frame leaves no revision; the writes
+//!   it left in the image's head make the next push full, equal to the
+//!   source;
+//! - `check-config` names the store; `backy-server expire` and `dedup`
+//!   (the filesystem store's) are refused with one line.
+
+mod confined;
+mod support;
+
+use confined::{ceph_conf, ok, Confined};
+use std::path::Path;
+use support::*;
+
+const MIB: u64 = 1 << 20;
+
+fn config(conf: &Path, pool: &Confined) -> String {
+    format!(
+        "listen: 127.0.0.1:0\nbase-dir: BASE\nstore:\n  type: ceph-rbd\n  conf: {}\n  id: {}\n  keyring: {}\n  pool: rbd\n  namespace: {}\njobs:\n  vm1: {{schedule: none}}\n",
+        conf.display(),
+        pool.id,
+        pool.keyring.display(),
+        pool.namespace
+    )
+}
+
+/// The image's snapshots, oldest first (their names are revision ids).
+fn snapshots(pool: &Confined) -> Vec<String> {
+    let out = ok(
+        pool.tool(
+            "rbd",
+            &[
+                "snap",
+                "ls",
+                "--format",
+                "json",
+                &format!("rbd/{}/vm1", pool.namespace),
+            ],
+            b"",
+        ),
+        "rbd snap ls",
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["name"].as_str().unwrap().to_string())
+        .collect()
+}
+
+fn export(pool: &Confined, snap: &str) -> Vec<u8> {
+    ok(
+        pool.tool(
+            "rbd",
+            &["export", &format!("rbd/{}/vm1@{snap}", pool.namespace), "-"],
+            b"",
+        ),
+        "rbd export",
+    )
+}
+
+/// Files below `dir` (recursively), as paths relative to it.
+fn files_below(dir: &Path) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let e = e.unwrap();
+            if e.file_type().unwrap().is_dir() {
+                todo.push(e.path());
+            } else {
+                out.push(e.path().strip_prefix(dir).unwrap().display().to_string());
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+#[test]
+fn pushes_land_as_snapshots_restore_equal_and_a_fresh_server_sees_them() {
+    let Some(conf) = ceph_conf() else { return };
+    let pool = Confined::new(&conf, "srv");
+    let dir = tempfile::tempdir().unwrap();
+    let work = dir.path().join("work");
+    std::fs::create_dir_all(&work).unwrap();
+    let base = dir.path().join("backy");
+    let server = Server::start_config(&base, &config(&conf, &pool));
+
+    // 4 MiB blocks: data in blocks 0, 2 and the short last one, a hole in 1.
+    let size = 13 * MIB + 12345;
+    let src = work.join("src.img");
+    make_image(&src, size, &[]);
+    write_at(&src, 0, &pattern(1, (3 * MIB) as usize));
+    write_at(&src, 8 * MIB + 777, &pattern(2, MIB as usize));
+    write_at(&src, 12 * MIB, &pattern(3, (MIB + 12345) as usize));
+    let v1 = std::fs::read(&src).unwrap();
+    server.client_ok(&["push", "vm1", "--source", src.to_str().unwrap()]);
+
+    // One changed block: the incremental push sends that block only.
+    write_at(&src, 8 * MIB + 100, &pattern(4, 4096));
+    let v2 = std::fs::read(&src).unwrap();
+    server.client_ok(&["push", "vm1", "--source", src.to_str().unwrap()]);
+
+    let revs = server.revisions("vm1");
+    assert_eq!(revs.len(), 2, "{revs:?}");
+    // Data bytes sent (zero granules go as zero ranges): about all of v1's
+    // 5 MiB of data, then at most the changed block.
+    let first_sent = revs[0]["bytes_received"].as_u64().unwrap();
+    assert!((5 * MIB..6 * MIB).contains(&first_sent), "{revs:?}");
+    assert_eq!(
+        revs[1]["parent_id"], revs[0]["id"],
+        "the second push is incremental"
+    );
+    assert_eq!(revs[1]["changed_blocks"], 1, "{revs:?}");
+    let second_sent = revs[1]["bytes_received"].as_u64().unwrap();
+    assert!(
+        (4096..=4 * MIB).contains(&second_sent),
+        "the incremental push sent within its one changed block: {revs:?}"
+    );
+    let snaps = snapshots(&pool);
+    assert_eq!(snaps.len(), 2, "{snaps:?}");
+    assert!(
+        export(&pool, &snaps[0]) == v1,
+        "rbd export of the first snapshot equals v1"
+    );
+    assert!(
+        export(&pool, &snaps[1]) == v2,
+        "rbd export of the second snapshot equals v2"
+    );
+    // The pool holds the revisions: base-dir holds no image.
+    let local = files_below(&base);
+    assert!(
+        !local.iter().any(|f| f.starts_with("vm1/")),
+        "nothing of vm1 under base-dir: {local:?}"
+    );
+
+    for (spec, want) in [("1", &v1), ("latest", &v2)] {
+        let target = work.join(format!("restored-{spec}.img"));
+        server.client_ok(&["restore", "vm1", "-r", spec, target.to_str().unwrap()]);
+        assert!(std::fs::read(&target).unwrap() == *want, "restore -r {spec}");
+    }
+
+    // A second server, fresh base-dir, same pool: the same job and revisions.
+    let base2 = dir.path().join("backy2");
+    let second = Server::start_config(&base2, &config(&conf, &pool));
+    assert_eq!(second.revisions("vm1"), revs);
+    let target = work.join("restored-second.img");
+    second.client_ok(&["restore", "vm1", "-r", "1", target.to_str().unwrap()]);
+    assert!(
+        std::fs::read(&target).unwrap() == v1,
+        "restore through the second server"
+    );
+    let all = second.client_ok(&["status", "--json"]);
+    assert!(all.contains("\"vm1\""), "status of every job names vm1: {all}");
+
+    // Not supported on a pool yet: refused, one line, nothing changed.
+    for (args, what) in [
+        (
+            vec!["forget", "vm1", "-r", "1"],
+            "forget is not supported on a ceph-rbd store yet",
+        ),
+        (
+            vec!["verify", "vm1"],
+            "verify is not supported on a ceph-rbd store yet",
+        ),
+    ] {
+        let out = server.client(&args);
+        assert_eq!(out.status.code(), Some(1), "{args:?}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+        assert_eq!(lines.len(), 1, "one line for {args:?}: {stderr}");
+        assert!(lines[0].contains(what), "{args:?}: {stderr}");
+        assert!(lines[0].ends_with("(FAILED_PRECONDITION)"), "{args:?}: {stderr}");
+    }
+    assert_eq!(server.revisions("vm1"), revs);
+    assert_eq!(snapshots(&pool), snaps);
+
+    // The first server holds vm1's lease: a push through the second is
+    // refused naming the holder, and changes nothing.
+    write_at(&src, 100, &pattern(5, 4096));
+    let v3 = std::fs::read(&src).unwrap();
+    let out = second.client(&["push", "vm1", "--source", src.to_str().unwrap()]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("held by server"), "{stderr}");
+    assert!(stderr.contains("(ABORTED)"), "{stderr}");
+    assert_eq!(snapshots(&pool), snaps);
+    assert_eq!(second.revisions("vm1"), revs);
+
+    // Stopped, the first server releases the lease: the second takes it at
+    // once (not after the lease's 30 s) and pushes incrementally.
+    let mut server = server;
+    server.terminate();
+    second.client_ok(&["push", "vm1", "--source", src.to_str().unwrap()]);
+    let now = second.revisions("vm1");
+    assert_eq!(now.len(), 3, "{now:?}");
+    assert_eq!(now[2]["parent_id"], revs[1]["id"]);
+    let snaps = snapshots(&pool);
+    assert!(
+        export(&pool, &snaps[2]) == v3,
+        "rbd export of the third snapshot equals v3"
+    );
+
+    // A push that dies before its end frame leaves no revision, but writes
+    // in the image's head: the next push is planned full and equals the
+    // source.
+    for at in [0, 5 * MIB, 9 * MIB] {
+        write_at(&src, at, &pattern(6, (3 * MIB) as usize));
+    }
+    let v4 = std::fs::read(&src).unwrap();
+    let mark = second.log_mark();
+    let out = second.client_env(
+        &[("BACKY_FAULT", "client.before-end")],
+        &["push", "vm1", "--source", src.to_str().unwrap()],
+    );
+    assert!(!out.status.success());
+    second.wait_log(mark, "push failed");
+    assert_eq!(snapshots(&pool), snaps, "no snapshot of the dead push");
+    assert_eq!(second.revisions("vm1"), now, "no revision of the dead push");
+    let head = ok(
+        pool.tool(
+            "rbd",
+            &[
+                "diff",
+                "--from-snap",
+                &snaps[2],
+                &format!("rbd/{}/vm1", pool.namespace),
+            ],
+            b"",
+        ),
+        "rbd diff",
+    );
+    assert!(!head.is_empty(), "the dead push wrote into the head");
+    second.client_ok(&["push", "vm1", "--source", src.to_str().unwrap()]);
+    let after = second.revisions("vm1");
+    assert_eq!(after.len(), 4, "{after:?}");
+    assert!(after[3]["parent_id"].is_null(), "planned full: {after:?}");
+    let snaps = snapshots(&pool);
+    assert!(
+        export(&pool, &snaps[3]) == v4,
+        "rbd export after the dead push equals v4"
+    );
+    assert!(
+        export(&pool, &snaps[2]) == v3,
+        "the earlier snapshot is untouched"
+    );
+
+    // check-config names the store; the filesystem store's commands are
+    // refused with one line.
+    let check = |args: &[&str]| {
+        std::process::Command::new(bin("backy-server"))
+            .arg("--config")
+            .arg(&second.config_path)
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let out = check(&["check-config"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        stdout.contains("storage ceph-rbd pool rbd (not contacted)"),
+        "{stdout}"
+    );
+    for (args, what) in [
+        (&["expire", "--dry-run"][..], "backy-server expire"),
+        (&["dedup"][..], "backy-server dedup"),
+    ] {
+        let out = check(args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {stderr}");
+        assert_eq!(stderr.lines().count(), 1, "{stderr}");
+        assert!(
+            stderr.contains(&format!("{what} is not supported on a ceph-rbd store yet")),
+            "{stderr}"
+        );
+    }
+    assert_eq!(snapshots(&pool), snaps);
+}
