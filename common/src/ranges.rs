@@ -93,6 +93,23 @@ impl Extent {
     }
 }
 
+/// The next range of a push stream, checked: ranges ascend (none starts
+/// before `position`, the end of the last) and lie inside an image of
+/// `size`. The error is the one-line reason.
+pub fn next_extent(position: u64, offset: u64, len: u64, size: u64) -> Result<Extent, String> {
+    if offset < position {
+        return Err(format!(
+            "frames out of order: range at {offset} after one ending at {position}"
+        ));
+    }
+    match offset.checked_add(len) {
+        Some(end) if end <= size => Ok(Extent { offset, len }),
+        _ => Err(format!(
+            "range {offset}+{len} lies beyond the announced image size {size}"
+        )),
+    }
+}
+
 /// Merges touching or overlapping extents (input in any order).
 pub fn coalesce(mut extents: Vec<Extent>) -> Vec<Extent> {
     extents.retain(|e| e.len > 0);
@@ -147,6 +164,22 @@ pub fn blocks_of(e: Extent, block_size: u32) -> std::ops::Range<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_push_streams_ranges_ascend_inside_the_image() {
+        assert_eq!(next_extent(0, 0, 10, 10), Ok(Extent { offset: 0, len: 10 }));
+        assert_eq!(next_extent(10, 12, 3, 20), Ok(Extent { offset: 12, len: 3 }));
+        assert_eq!(
+            next_extent(10, 9, 1, 20),
+            Err("frames out of order: range at 9 after one ending at 10".into())
+        );
+        assert_eq!(
+            next_extent(0, 15, 6, 20),
+            Err("range 15+6 lies beyond the announced image size 20".into())
+        );
+        // No overflow past u64::MAX.
+        assert!(next_extent(0, u64::MAX, 2, u64::MAX).is_err());
+    }
     use proptest::prelude::*;
 
     #[test]

@@ -269,43 +269,17 @@ pub fn push(
         }
     }
     let revs = pool.revisions(&job)?;
-    if revs.iter().any(|r| r.id == id) {
-        return Err(Error::exists(format!("job {job}: revision {id} exists already")));
-    }
-    if let Some(newest) = crate::plan::choose_parent(&revs) {
-        if begin.size < newest.size && !begin.allow_shrink {
-            return Err(Error::precondition(format!(
-                "job {job}: the source has {} but revision {} has {}: push with --allow-shrink if it really shrank",
-                backy_common::units::format_bytes(begin.size),
-                newest.id.short(),
-                backy_common::units::format_bytes(newest.size),
-            )));
-        }
-    }
-    let parent = if begin.parent_id.is_empty() {
-        None
-    } else {
-        let pid: RevisionId = begin
-            .parent_id
-            .parse()
-            .map_err(|e: Error| e.context("push: parent_id"))?;
-        let meta = revs.iter().find(|r| r.id == pid).ok_or_else(|| {
-            Error::precondition(format!(
-                "parent revision {pid} no longer exists; run the push again"
-            ))
-        })?;
-        if !meta.trust.usable_as_parent() {
-            return Err(Error::precondition(format!(
-                "parent revision {pid} is distrusted; run the push again for a full backup"
-            )));
-        }
-        if pool.head_dirty(&job, meta)? {
-            return Err(Error::precondition(format!(
+    let parent = match crate::push::check_against_stored(&job, id, &begin, &revs)? {
+        None => None,
+        Some(meta) => {
+            if pool.head_dirty(&job, meta)? {
+                return Err(Error::precondition(format!(
                 "job {job}: a push that died left writes in the image; run the push again (it will be full)"
             )));
+            }
+            let manifest = pool.store.manifest(&job, meta)?;
+            Some((meta.clone(), manifest))
         }
-        let manifest = pool.store.manifest(&job, meta)?;
-        Some((meta.clone(), manifest))
     };
     let spec = NewRevisionSpec {
         id,

@@ -9,7 +9,7 @@ use backy_common::granules;
 use backy_common::manifest::Digest;
 use backy_common::revision::{RevisionMeta, SourceInfo};
 use backy_common::schedule::ExpiryRun;
-use backy_common::{fault, Error, ErrorKind, Result, RevisionId, DEFAULT_BLOCK_SIZE};
+use backy_common::{fault, Error, ErrorKind, JobName, Result, RevisionId, DEFAULT_BLOCK_SIZE};
 use backy_proto::PushBegin;
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -30,6 +30,53 @@ pub enum Step {
     /// (A channel that closes without `End` or `Abort` means the client
     /// went away: what arrived is kept for resuming.)
     Abort(String),
+}
+
+/// The checks of a push's begin frame against the job's stored revisions,
+/// whichever store holds them: the revision is new, the source has not
+/// shrunk (compared with the revision a push would build on, whatever
+/// parent the client names: a full backup of a shrunken disk is refused
+/// too) unless the client says so, and a named parent exists and is
+/// trusted. Returns that parent.
+pub fn check_against_stored<'r>(
+    job: &JobName,
+    id: RevisionId,
+    begin: &PushBegin,
+    revs: &'r [RevisionMeta],
+) -> Result<Option<&'r RevisionMeta>> {
+    if revs.iter().any(|r| r.id == id) {
+        return Err(Error::exists(format!("job {job}: revision {id} exists already")));
+    }
+    if let Some(newest) = crate::plan::choose_parent(revs) {
+        if begin.size < newest.size && !begin.allow_shrink {
+            return Err(Error::precondition(format!(
+                "job {job}: the source has {} but revision {} has {}: a disk shrinks \
+                 rarely and by mistake often; check the source, or push with \
+                 --allow-shrink if it really shrank",
+                backy_common::units::format_bytes(begin.size),
+                newest.id.short(),
+                backy_common::units::format_bytes(newest.size),
+            )));
+        }
+    }
+    if begin.parent_id.is_empty() {
+        return Ok(None);
+    }
+    let pid: RevisionId = begin
+        .parent_id
+        .parse()
+        .map_err(|e: Error| e.context("push: parent_id"))?;
+    let meta = revs.iter().find(|r| r.id == pid).ok_or_else(|| {
+        Error::precondition(format!(
+            "parent revision {pid} no longer exists; run the push again"
+        ))
+    })?;
+    if !meta.trust.usable_as_parent() {
+        return Err(Error::precondition(format!(
+            "parent revision {pid} is distrusted; run the push again for a full backup"
+        )));
+    }
+    Ok(Some(meta))
 }
 
 /// Where the answers of the granule exchange go (block, bitmap, held); an
@@ -120,47 +167,7 @@ pub fn run(
     };
     txn.clean_leftovers_for_push(resuming.as_ref().map(|r| r.id))?;
     fault::point("push.locked");
-    let revs = txn.revisions();
-    if revs.iter().any(|r| r.id == id) {
-        return Err(Error::exists(format!(
-            "job {}: revision {id} exists already",
-            job.name()
-        )));
-    }
-    // Compared with the revision a push would build on, whatever parent the
-    // client names: a full backup of a shrunken disk is refused too.
-    if let Some(newest) = crate::plan::choose_parent(revs) {
-        if begin.size < newest.size && !begin.allow_shrink {
-            return Err(Error::precondition(format!(
-                "job {}: the source has {} but revision {} has {}: a disk shrinks \
-                 rarely and by mistake often; check the source, or push with \
-                 --allow-shrink if it really shrank",
-                job.name(),
-                backy_common::units::format_bytes(begin.size),
-                newest.id.short(),
-                backy_common::units::format_bytes(newest.size),
-            )));
-        }
-    }
-    let parent = if begin.parent_id.is_empty() {
-        None
-    } else {
-        let pid: RevisionId = begin
-            .parent_id
-            .parse()
-            .map_err(|e: Error| e.context("push: parent_id"))?;
-        let meta = revs.iter().find(|r| r.id == pid).ok_or_else(|| {
-            Error::precondition(format!(
-                "parent revision {pid} no longer exists; run the push again"
-            ))
-        })?;
-        if !meta.trust.usable_as_parent() {
-            return Err(Error::precondition(format!(
-                "parent revision {pid} is distrusted; run the push again for a full backup"
-            )));
-        }
-        Some(meta.clone())
-    };
+    let parent = check_against_stored(job.name(), id, &begin, txn.revisions())?.cloned();
     // An incremental push on a parent of another key would mix two keys in
     // one image (docs/encryption.md): refused before anything is written.
     let key_check =

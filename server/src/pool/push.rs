@@ -135,21 +135,9 @@ impl PoolPush {
     }
 
     fn check_extent(&mut self, offset: u64, len: u64) -> Result<()> {
-        if offset < self.position {
-            return Err(PoolError::Invalid(format!(
-                "frames out of order: range at {offset} after one ending at {}",
-                self.position
-            )));
-        }
-        let end = offset
-            .checked_add(len)
-            .filter(|&end| end <= self.spec.size)
-            .ok_or_else(|| {
-                PoolError::Invalid(format!(
-                    "range {offset}+{len} lies beyond the announced image size {}",
-                    self.spec.size
-                ))
-            })?;
+        let end = backy_common::ranges::next_extent(self.position, offset, len, self.spec.size)
+            .map_err(PoolError::Invalid)?
+            .end();
         if self.zero_gaps && offset > self.position {
             self.import.zero(self.position, offset - self.position)?;
         }

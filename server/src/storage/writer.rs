@@ -301,26 +301,10 @@ impl NewRevision {
     }
 
     fn check_extent(&mut self, offset: u64, len: u64) -> Result<Extent> {
-        if offset < self.position {
-            return Err(Error::invalid(format!(
-                "frames out of order: range at {offset} after one ending at {}",
-                self.position
-            )));
-        }
-        let end = offset
-            .checked_add(len)
-            .filter(|&end| end <= self.spec.size)
-            .ok_or_else(|| {
-                Error::invalid(format!(
-                    "range {offset}+{len} lies beyond the announced image size {}",
-                    self.spec.size
-                ))
-            })?;
-        self.position = end;
-        Ok(Extent {
-            offset,
-            len: end - offset,
-        })
+        let e = backy_common::ranges::next_extent(self.position, offset, len, self.spec.size)
+            .map_err(Error::invalid)?;
+        self.position = e.end();
+        Ok(e)
     }
 
     /// Writes one data range: of its whole granules only those that
