@@ -12,11 +12,10 @@ use crate::ceph::LeaseKeeper;
 use crate::pool::{PoolConfig, PoolPush, PoolStore};
 use crate::push::{Received, Step};
 use crate::state::Server;
-use crate::storage::NewRevisionSpec;
 use backy_common::config::{CephStoreConfig, ServerConfig, NO_SCHEDULE};
 use backy_common::lease::LeaseTimes;
 use backy_common::manifest::Manifest;
-use backy_common::revision::{RevisionMeta, SourceInfo};
+use backy_common::revision::RevisionMeta;
 use backy_common::spec::Spec;
 use backy_common::{granules, Error, JobName, Result, RevisionId, DEFAULT_BLOCK_SIZE, MAX_FRAME_DATA};
 use backy_proto::restore_frame::Frame;
@@ -125,6 +124,15 @@ impl PoolBackend {
     }
 
     /// The revision `spec` names.
+    /// `job` (a name from a request, which the server's config must list)
+    /// and its revision `spec`.
+    pub fn resolve_request(&self, server: &Server, job: &str, spec: &str) -> Result<(JobName, RevisionMeta)> {
+        let job = JobName::new(job)?;
+        server.config().job(&job)?;
+        let meta = self.resolve(&job, spec)?;
+        Ok((job, meta))
+    }
+
     pub fn resolve(&self, job: &JobName, spec: &str) -> Result<RevisionMeta> {
         let spec = Spec::parse(if spec.is_empty() { "latest" } else { spec })?;
         let revs = self.revisions(job)?;
@@ -281,18 +289,7 @@ pub fn push(
             Some((meta.clone(), manifest))
         }
     };
-    let spec = NewRevisionSpec {
-        id,
-        size: begin.size,
-        block_size: begin.block_size,
-        tags,
-        source: SourceInfo {
-            kind: backy_proto::source_kind_name(begin.source_kind()).to_string(),
-            snapshot: begin.source_snapshot.clone(),
-            group: None,
-        },
-        key_check: None,
-    };
+    let spec = crate::push::new_revision_spec(&begin, id, tags, None, None);
     let mut rev = {
         let k = lock(&keeper);
         PoolPush::begin(

@@ -7,7 +7,7 @@ use crate::storage::{NewRevision, NewRevisionSpec, PushEnd};
 use crate::work::Gate;
 use backy_common::granules;
 use backy_common::manifest::Digest;
-use backy_common::revision::{RevisionMeta, SourceInfo};
+use backy_common::revision::{GroupInstant, RevisionMeta, SourceInfo};
 use backy_common::schedule::ExpiryRun;
 use backy_common::{fault, Error, ErrorKind, JobName, Result, RevisionId, DEFAULT_BLOCK_SIZE};
 use backy_proto::PushBegin;
@@ -30,6 +30,28 @@ pub enum Step {
     /// (A channel that closes without `End` or `Abort` means the client
     /// went away: what arrived is kept for resuming.)
     Abort(String),
+}
+
+/// What a push's begin frame says the new revision is.
+pub fn new_revision_spec(
+    begin: &PushBegin,
+    id: RevisionId,
+    tags: BTreeSet<String>,
+    group: Option<GroupInstant>,
+    key_check: Option<String>,
+) -> NewRevisionSpec {
+    NewRevisionSpec {
+        id,
+        size: begin.size,
+        block_size: begin.block_size,
+        tags,
+        source: SourceInfo {
+            kind: backy_proto::source_kind_name(begin.source_kind()).to_string(),
+            snapshot: begin.source_snapshot.clone(),
+            group,
+        },
+        key_check,
+    }
 }
 
 /// The checks of a push's begin frame against the job's stored revisions,
@@ -193,18 +215,7 @@ pub fn run(
         Some(meta) => Some((meta, job.manifest(meta)?)),
         None => None,
     };
-    let spec = NewRevisionSpec {
-        id,
-        size: begin.size,
-        block_size: begin.block_size,
-        tags,
-        source: SourceInfo {
-            kind: backy_proto::source_kind_name(begin.source_kind()).to_string(),
-            snapshot: begin.source_snapshot.clone(),
-            group,
-        },
-        key_check: key_check.map(hex::encode),
-    };
+    let spec = new_revision_spec(&begin, id, tags, group, key_check.map(hex::encode));
     let checkpoint_every = (config.resume.enabled && begin.resumable).then_some(config.resume.checkpoint);
     let mut rev = match &resuming {
         Some(record) => {

@@ -539,13 +539,7 @@ impl Backy for Service {
             }
             let (job_name, spec) = (req.job.clone(), req.revision.clone());
             let p = pool.clone();
-            let resolved = blocking(move || {
-                let job = backy_common::JobName::new(&req.job)?;
-                server.config().job(&job)?;
-                let meta = p.resolve(&job, &req.revision)?;
-                Ok((job, meta))
-            })
-            .await;
+            let resolved = blocking(move || p.resolve_request(&server, &req.job, &req.revision)).await;
             audit::result(&caller, "manifest", &job_name, &spec, &resolved);
             let (job, meta) = resolved?;
             run(thread, move || {
@@ -757,13 +751,7 @@ impl Backy for Service {
                 return Err(status);
             }
             let p = pool.clone();
-            let resolved = blocking(move || {
-                let job = backy_common::JobName::new(&req.job)?;
-                server.config().job(&job)?;
-                let meta = p.resolve(&job, &req.revision)?;
-                Ok((job, meta))
-            })
-            .await;
+            let resolved = blocking(move || p.resolve_request(&server, &req.job, &req.revision)).await;
             audit::result(&caller, "restore", &job_name, &spec, &resolved);
             let (job, meta) = resolved?;
             let (tx, rx) = mpsc::channel(FRAMES_IN_FLIGHT);

@@ -39,41 +39,6 @@ fn config(conf: &Path, pool: &Confined) -> String {
     )
 }
 
-/// The image's snapshots, oldest first (their names are revision ids).
-fn snapshots(pool: &Confined) -> Vec<String> {
-    let out = ok(
-        pool.tool(
-            "rbd",
-            &[
-                "snap",
-                "ls",
-                "--format",
-                "json",
-                &format!("rbd/{}/vm1", pool.namespace),
-            ],
-            b"",
-        ),
-        "rbd snap ls",
-    );
-    let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|s| s["name"].as_str().unwrap().to_string())
-        .collect()
-}
-
-fn export(pool: &Confined, snap: &str) -> Vec<u8> {
-    ok(
-        pool.tool(
-            "rbd",
-            &["export", &format!("rbd/{}/vm1@{snap}", pool.namespace), "-"],
-            b"",
-        ),
-        "rbd export",
-    )
-}
-
 /// Files below `dir` (recursively), as paths relative to it.
 fn files_below(dir: &Path) -> Vec<String> {
     let mut out = Vec::new();
@@ -133,14 +98,14 @@ fn pushes_land_as_snapshots_restore_equal_and_a_fresh_server_sees_them() {
         (4096..=4 * MIB).contains(&second_sent),
         "the incremental push sent within its one changed block: {revs:?}"
     );
-    let snaps = snapshots(&pool);
+    let snaps = pool.snapshots("vm1");
     assert_eq!(snaps.len(), 2, "{snaps:?}");
     assert!(
-        export(&pool, &snaps[0]) == v1,
+        pool.export("vm1", Some(&snaps[0])) == v1,
         "rbd export of the first snapshot equals v1"
     );
     assert!(
-        export(&pool, &snaps[1]) == v2,
+        pool.export("vm1", Some(&snaps[1])) == v2,
         "rbd export of the second snapshot equals v2"
     );
     // The pool holds the revisions: base-dir holds no image.
@@ -189,7 +154,7 @@ fn pushes_land_as_snapshots_restore_equal_and_a_fresh_server_sees_them() {
         assert!(lines[0].ends_with("(FAILED_PRECONDITION)"), "{args:?}: {stderr}");
     }
     assert_eq!(server.revisions("vm1"), revs);
-    assert_eq!(snapshots(&pool), snaps);
+    assert_eq!(pool.snapshots("vm1"), snaps);
 
     // The first server holds vm1's lease: a push through the second is
     // refused naming the holder, and changes nothing.
@@ -200,7 +165,7 @@ fn pushes_land_as_snapshots_restore_equal_and_a_fresh_server_sees_them() {
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("held by server"), "{stderr}");
     assert!(stderr.contains("(ABORTED)"), "{stderr}");
-    assert_eq!(snapshots(&pool), snaps);
+    assert_eq!(pool.snapshots("vm1"), snaps);
     assert_eq!(second.revisions("vm1"), revs);
 
     // Stopped, the first server releases the lease: the second takes it at
@@ -211,9 +176,9 @@ fn pushes_land_as_snapshots_restore_equal_and_a_fresh_server_sees_them() {
     let now = second.revisions("vm1");
     assert_eq!(now.len(), 3, "{now:?}");
     assert_eq!(now[2]["parent_id"], revs[1]["id"]);
-    let snaps = snapshots(&pool);
+    let snaps = pool.snapshots("vm1");
     assert!(
-        export(&pool, &snaps[2]) == v3,
+        pool.export("vm1", Some(&snaps[2])) == v3,
         "rbd export of the third snapshot equals v3"
     );
 
@@ -231,7 +196,7 @@ fn pushes_land_as_snapshots_restore_equal_and_a_fresh_server_sees_them() {
     );
     assert!(!out.status.success());
     second.wait_log(mark, "push failed");
-    assert_eq!(snapshots(&pool), snaps, "no snapshot of the dead push");
+    assert_eq!(pool.snapshots("vm1"), snaps, "no snapshot of the dead push");
     assert_eq!(second.revisions("vm1"), now, "no revision of the dead push");
     let head = ok(
         pool.tool(
@@ -251,13 +216,13 @@ fn pushes_land_as_snapshots_restore_equal_and_a_fresh_server_sees_them() {
     let after = second.revisions("vm1");
     assert_eq!(after.len(), 4, "{after:?}");
     assert!(after[3]["parent_id"].is_null(), "planned full: {after:?}");
-    let snaps = snapshots(&pool);
+    let snaps = pool.snapshots("vm1");
     assert!(
-        export(&pool, &snaps[3]) == v4,
+        pool.export("vm1", Some(&snaps[3])) == v4,
         "rbd export after the dead push equals v4"
     );
     assert!(
-        export(&pool, &snaps[2]) == v3,
+        pool.export("vm1", Some(&snaps[2])) == v3,
         "the earlier snapshot is untouched"
     );
 
@@ -291,5 +256,5 @@ fn pushes_land_as_snapshots_restore_equal_and_a_fresh_server_sees_them() {
             "{stderr}"
         );
     }
-    assert_eq!(snapshots(&pool), snaps);
+    assert_eq!(pool.snapshots("vm1"), snaps);
 }
