@@ -12,6 +12,9 @@
 #    machine, with the line's packages and apt's reason;
 # 3. what is missing is installed.
 #
+# A dpkg run that was interrupted is finished first (dpkg --configure -a),
+# and apt waits up to 5 minutes for another apt or dpkg to release its lock.
+#
 # QEMU: qemu-utils, qemu-system-x86 and what they need from their own
 # release (seabios, qemu-system-common/-data) all come from backports
 # (10.0 on Debian 12); bookworm's qemu-system-x86 7.2 cannot sit beside
@@ -92,10 +95,32 @@ done
   [ -z "$archive_key" ] || echo "Signed-By: $archive_key"
 } >"$state/parts/backy-test-backports.sources"
 apt_opts=(-o "Dir::Etc::sourceparts=$state/parts" -o "Dir::State::lists=$state/lists"
-  -o "Dir::Cache::pkgcache=$state/pkgcache.bin" -o "Dir::Cache::srcpkgcache=$state/srcpkgcache.bin" -o APT::Sandbox::User=root)
+  -o "Dir::Cache::pkgcache=$state/pkgcache.bin" -o "Dir::Cache::srcpkgcache=$state/srcpkgcache.bin" -o APT::Sandbox::User=root
+  -o DPkg::Lock::Timeout=300)
 export DEBIAN_FRONTEND=noninteractive
 
 started=$SECONDS
+# A dpkg run that was cut short (a killed install, a machine image taken in
+# the middle of one) leaves its journal in /var/lib/dpkg/updates and
+# packages half-configured, and apt then refuses every install until it is
+# finished. Finish it first, as apt's message asks.
+if compgen -G '/var/lib/dpkg/updates/[0-9]*' >/dev/null || [ -n "$(dpkg --audit 2>/dev/null)" ]; then
+  echo "test-deps.sh: an interrupted dpkg run left packages unconfigured; finishing it (dpkg --configure -a)"
+  # dpkg has no lock timeout of its own: another apt or dpkg holding the
+  # lock is waited for up to 5 minutes, as apt does below.
+  waited=0
+  until out=$(dpkg --force-confdef --force-confold --configure -a 2>&1); do
+    if ! grep -qi 'lock' <<<"$out" || ((waited >= 300)); then
+      fail "dpkg --configure -a failed:
+$(tail -n 20 <<<"$out")"
+    fi
+    sleep 2
+    waited=$((waited + 2))
+  done
+  audit=$(dpkg --audit 2>&1) || true
+  [ -z "$audit" ] || fail "packages still not configured after dpkg --configure -a:
+$audit"
+fi
 if ! out=$(apt-get "${apt_opts[@]}" update -qq 2>&1) || grep -q '^[EW]:' <<<"$out"; then
   fail "apt-get update failed:
 $out"

@@ -21,9 +21,34 @@ fail() {
 step() { echo "== packages: $*"; }
 
 [ "$(id -u)" = 0 ] || fail "needs root (dpkg -i, a server running as user backy)"
+# Written before the install, removed after the purge: packages found
+# installed while it exists are this test's own, left by a run that was
+# killed (or a machine image taken in the middle of one), and are purged.
+marker=/var/lib/backy-test/packages-installed
+if [ -e "$marker" ]; then
+  echo "test-packages.sh: purging the packages a killed run of this test left installed"
+  if [[ "$(dpkg-query -W -f '${Status}' backy-server backy-client 2>/dev/null)" == *installed* ]]; then
+    dpkg --purge backy-client backy-server >/dev/null || fail "purging the leftover packages failed"
+  fi
+  # shellcheck disable=SC1090
+  . "$marker"
+  if [ "${had_user:-true}" = false ] && getent passwd backy >/dev/null; then
+    deluser --system --quiet backy >/dev/null 2>&1 || true
+    delgroup --system --quiet backy >/dev/null 2>&1 || true
+  fi
+  rm -f "$marker"
+fi
+# Installed without the marker (runs before it existed): purged only when
+# that loses nothing, no configuration in /etc/backy and no store in
+# /var/lib/backy; anything else may be an operator's and is refused.
+holds_nothing() {
+  [ -z "$(ls -A /etc/backy 2>/dev/null)" ] && [ -z "$(ls -A /var/lib/backy 2>/dev/null)" ]
+}
 for p in backy-server backy-client; do
-  if [[ "$(dpkg-query -W -f '${Status}' "$p" 2>/dev/null)" == *"ok installed"* ]]; then
-    fail "$p is installed on this machine; this test installs and purges it, so remove it first"
+  if [[ "$(dpkg-query -W -f '${Status}' "$p" 2>/dev/null)" == *installed* ]]; then
+    holds_nothing || fail "$p is installed on this machine with configuration or data (/etc/backy, /var/lib/backy); this test installs and purges it, so remove it first"
+    echo "test-packages.sh: purging $p, installed here without configuration or data"
+    dpkg --purge "$p" >/dev/null || fail "purging $p failed"
   fi
 done
 
@@ -59,6 +84,9 @@ cleanup() {
     delgroup --system --quiet backy >/dev/null 2>&1 || true
   fi
   rm -rf "$tmp"
+  if [[ "$(dpkg-query -W -f '${Status}' backy-server backy-client 2>/dev/null)" != *installed* ]]; then
+    rm -f "$marker"
+  fi
   exit "$status"
 }
 trap cleanup EXIT
@@ -73,6 +101,9 @@ for pkg in backy-server backy-client; do
 done
 ls -l $debs | awk '{ printf "%10d  %s\n", $5, $NF }'
 
+mkdir -p "$(dirname "$marker")"
+echo "had_user=$had_user" >"$marker"
+sync "$marker"
 step "dpkg -i (twice: install, then the upgrade path)"
 # Some container images exclude man pages from installation; these are
 # under test.
