@@ -812,6 +812,10 @@ def main():
                     help="rounds of the speed step; each row is the median round (default 3)")
     ap.add_argument("--speed-only", action="store_true",
                     help="run only the speed step (e.g. --size 64G --data 0.125 for the large image)")
+    ap.add_argument("--no-pool", dest="pool", action="store_false",
+                    help="skip the pool step (backy on a Ceph pool store against rbd import/export, on a "
+                         "one-node cluster of its own or BACKY_BENCH_CEPH_CONF's)")
+    ap.add_argument("--pool-only", action="store_true", help="run only the pool step")
     args = ap.parse_args()
     if args.smoke:
         # Not a multiple of 4 KiB (short last block, page and XTS unit),
@@ -834,7 +838,7 @@ def main():
     # store, the copy from the export, rsync target, restic and borg repos
     # each hold up to the data once; metadata and slack on top.
     fs_size = max(512 * MIB, int(data_bytes * (7 + len(peers)) * 1.3) + GIB)
-    if args.speed_only:
+    if args.speed_only or args.pool_only:
         # The image, its copy or the restore, and a job's two revisions.
         fs_size = int(data_bytes * 4 * 1.3) + GIB
     elif args.dedup:
@@ -853,14 +857,18 @@ def main():
     results = {}
     dedup = None
     speed = None
+    pool = None
     with open("/proc/loadavg") as f:
         load_at_start = f.read().split()[:3]
     try:
-        if args.speed or args.speed_only:
+        if (args.speed or args.speed_only) and not args.pool_only:
             import bench_speed
             speed = bench_speed.speed_steps(args, server_bin, client_bin, work, mnt, results, servers)
-        if args.speed_only:
-            return report(args, results, 0, [], load_at_start, None, speed)
+        if (args.pool or args.pool_only) and not args.speed_only:
+            import bench_pool
+            pool = bench_pool.pool_steps(args, server_bin, client_bin, work, mnt, results, servers)
+        if args.speed_only or args.pool_only:
+            return report(args, results, 0, [], load_at_start, None, speed, pool)
         if args.dedup:
             dedup = dedup_steps(args, server_bin, client_bin, work, mnt, results, servers)
         img = os.path.join(mnt, "disk.img")
@@ -1116,7 +1124,7 @@ def main():
         subprocess.run(["umount", mnt])
         shutil.rmtree(work, ignore_errors=True)
 
-    report(args, results, changed_bytes, writes, load_at_start, dedup, speed)
+    report(args, results, changed_bytes, writes, load_at_start, dedup, speed, pool)
 
 
 def machine(load_at_start):
@@ -1174,7 +1182,7 @@ def print_dedup(args, d, results):
           f"{d['space_max_diff_bytes']} bytes over {len(d['space'])} jobs")
 
 
-def report(args, results, changed_bytes, writes, load_at_start, dedup=None, speed=None):
+def report(args, results, changed_bytes, writes, load_at_start, dedup=None, speed=None, pool=None):
     n_writes = len(writes)
     # The dedup step runs first (on the fresh filesystem) but reads best
     # after the rest.
@@ -1292,8 +1300,12 @@ def report(args, results, changed_bytes, writes, load_at_start, dedup=None, spee
         import bench_speed
         bench_speed.checks(results, speed, lambda name, v, target, met: checks.append(
             {"check": name, "ratio": v, "target": target, "met": met}))
+    if pool:
+        import bench_pool
+        bench_pool.checks(results, pool, lambda name, v, target, met: checks.append(
+            {"check": name, "ratio": v, "target": target, "met": met}))
     rss = [r.get(k) for r in results.values() for k in ("peak_rss", "server_peak_rss")
-           if k in r and r["name"].startswith(("backy", "dedup", "speed"))]
+           if k in r and r["name"].startswith(("backy", "dedup", "speed", "pool_full", "pool_incr", "pool_restore"))]
     if rss:
         checks.append({"check": "backy peak RSS (client and server) < 200 MiB", "ratio": max(rss) / MIB,
                        "target": 200, "met": max(rss) < 200 * MIB})
@@ -1333,6 +1345,9 @@ def report(args, results, changed_bytes, writes, load_at_start, dedup=None, spee
     if speed:
         import bench_speed
         bench_speed.describe(speed)
+    if pool:
+        import bench_pool
+        bench_pool.describe(pool)
     print()
     for c in checks:
         met = {True: "met", False: "MISSED", None: ""}[c["met"]]
@@ -1340,7 +1355,7 @@ def report(args, results, changed_bytes, writes, load_at_start, dedup=None, spee
         print(f"{c['check']:<48}{c['ratio']:>8.2f} {target:<16}{met}")
     out = {"size": args.size, "data_fraction": args.data, "change_fraction": args.change,
            "changed_ranges": n_writes, "changed_bytes": changed_bytes, "machine": m,
-           "results": results, "dedup": dedup, "speed": speed, "checks": checks}
+           "results": results, "dedup": dedup, "speed": speed, "pool": pool, "checks": checks}
     os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
     with open(args.json, "w") as f:
         json.dump(out, f, indent=2)

@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # Starts a throw-away one-node Ceph cluster for the tests: one mon, one
-# memstore OSD, pool "rbd", everything under DIR, listening on 127.0.0.1
-# only. Prints the ceph.conf path on success. Stop it with ceph-down.sh DIR.
+# OSD (memstore, or bluestore on a sparse file), pool "rbd", everything
+# under DIR, listening on 127.0.0.1 only. Prints the ceph.conf path on success. Stop it with ceph-down.sh DIR.
 #
 # Usage: scripts/ceph-up.sh DIR [MON_PORT]   (MON_PORT: msgr2 port, v1 = +1)
-# Env: BACKY_CEPH_STORE_BYTES (memstore capacity, default 4G),
+# Env: BACKY_CEPH_OBJECTSTORE (memstore, the default, or bluestore: on a
+#      sparse file DIR/osd.0/block, as the benchmark measures the pool),
+#      BACKY_CEPH_STORE_BYTES (the store's capacity, default 4G),
 #      BACKY_CEPH_TIMEOUT (seconds for the whole start, default 90).
 set -euo pipefail
 trap 'fail "line $LINENO failed: $BASH_COMMAND"' ERR
@@ -13,6 +15,17 @@ dir=${1:?usage: ceph-up.sh DIR [MON_PORT]}
 port=${2:-3300}
 v1port=$((port + 1))
 store_bytes=${BACKY_CEPH_STORE_BYTES:-4G}
+objectstore=${BACKY_CEPH_OBJECTSTORE:-memstore}
+case $objectstore in
+  memstore) store_conf="memstore device bytes = $store_bytes" ;;
+  # The block file is created sparse by mkfs; the small RocksDB cache
+  # keeps the OSD within the test machine's memory.
+  bluestore) store_conf="bluestore block create = true
+bluestore block size = $(numfmt --from=iec "$store_bytes")
+bluestore cache autotune = false
+bluestore cache size = 536870912" ;;
+  *) echo "ceph-up: BACKY_CEPH_OBJECTSTORE must be memstore or bluestore, not '$objectstore'" >&2; exit 1 ;;
+esac
 deadline=$(($(date +%s) + ${BACKY_CEPH_TIMEOUT:-90}))
 conf=$dir/ceph.conf
 export CEPH_CONF=$conf
@@ -77,8 +90,8 @@ mon data avail warn = 1
 mon data avail crit = 0
 paxos propose interval = 0.05
 paxos min wait = 0.01
-osd objectstore = memstore
-memstore device bytes = $store_bytes
+osd objectstore = $objectstore
+$store_conf
 osd memory target = 939524096
 osd op num shards = 1
 osd op num threads per shard = 2
