@@ -235,17 +235,6 @@ async fn handle(app: Arc<App>, req: Request<Incoming>, peer: SocketAddr) -> Repl
 /// Pages and metrics: index reads, off the async workers.
 fn route(app: &App, path: &str, caller: &Caller) -> Reply {
     let server = &app.server;
-    // They read the filesystem store's index: on a pool they would show
-    // jobs without revisions.
-    if server.pool().is_some() {
-        return text(
-            StatusCode::NOT_IMPLEMENTED,
-            format!(
-                "{}\n",
-                crate::pool_serve::unsupported("the status page and /metrics")
-            ),
-        );
-    }
     if path == "/metrics" {
         return match crate::scrape::render(&app.host, server, caller) {
             Ok(body) => reply(

@@ -162,7 +162,18 @@ pub fn overview(server: &Server, caller: &Caller) -> Result<String> {
         count("ok"),
         count("none"),
     );
-    if let Ok(fs) = rustix::fs::statvfs(&config.base_dir) {
+    if let Some(pool) = server.pool() {
+        let c = pool.store.config();
+        let _ = write!(
+            body,
+            "<span>store: ceph-rbd pool {}{}</span>",
+            esc(&c.pool),
+            c.namespace
+                .as_deref()
+                .map(|n| format!(" namespace {}", esc(n)))
+                .unwrap_or_default()
+        );
+    } else if let Ok(fs) = rustix::fs::statvfs(&config.base_dir) {
         let frsize = fs.f_frsize.max(1);
         let _ = write!(
             body,

@@ -9,7 +9,7 @@
 //! pool for now, no take-over or redirects yet.
 
 use crate::ceph::LeaseKeeper;
-use crate::pool::{PoolConfig, PoolPush, PoolStore};
+use crate::pool::{JobSpace, PoolConfig, PoolPush, PoolStore, SnapshotSpace};
 use crate::push::{Received, Step};
 use crate::state::Server;
 use backy_common::config::{CephStoreConfig, ServerConfig, NO_SCHEDULE};
@@ -21,6 +21,7 @@ use backy_common::{granules, Error, JobName, Result, RevisionId, DEFAULT_BLOCK_S
 use backy_proto::restore_frame::Frame;
 use backy_proto::{
     JobStatus, JobSummary, ManifestChunk, PlanReply, PlanRequest, PushBegin, RestoreFrame, RevisionInfo,
+    Space,
 };
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -456,6 +457,13 @@ pub fn header(
     let job_cfg = config.job(&job)?;
     let revs = pool.revisions(&job)?;
     let runtime = server.jobs.activity.job_runtime(&job);
+    let ids: Vec<_> = revs.iter().map(|r| r.id).collect();
+    // Space is a convenience: a cluster that cannot say leaves it out.
+    let space = pool
+        .store
+        .space(&job, &ids)
+        .inspect_err(|e| tracing::warn!(job = %job, "space in the pool unknown: {e}"))
+        .ok();
     let status = JobStatus {
         job: name.to_string(),
         schedule: job_cfg
@@ -468,9 +476,45 @@ pub fn header(
         failures: runtime.failures,
         last_error: runtime.last_error,
         client: job_cfg.client.clone().unwrap_or_default(),
+        space: space.as_ref().map(job_space),
         ..JobStatus::default()
     };
-    Ok((status, revs.iter().map(RevisionInfo::from).collect()))
+    let infos = revs
+        .iter()
+        .map(|r| RevisionInfo {
+            space: space.as_ref().and_then(|s| {
+                s.revisions
+                    .iter()
+                    .find(|(id, _)| *id == r.id)
+                    .map(|(_, s)| revision_space(s))
+            }),
+            ..RevisionInfo::from(r)
+        })
+        .collect();
+    Ok((status, infos))
+}
+
+/// A revision's space as `rbd du` counts it: `total` the objects holding
+/// its data, `exclusive` those it added (differing from the revision
+/// before), `shared` the rest (docs/DESIGN.md, "Space on a pool").
+fn revision_space(s: &SnapshotSpace) -> Space {
+    Space {
+        total_bytes: s.data_bytes,
+        exclusive_bytes: s.added_bytes,
+        shared_bytes: s.data_bytes.saturating_sub(s.added_bytes),
+        disk_bytes: 0,
+    }
+}
+
+/// A job's: images share no object with other jobs, so all it uses (each
+/// object once, the head's included) is its own.
+fn job_space(s: &JobSpace) -> Space {
+    Space {
+        total_bytes: s.total_bytes(),
+        exclusive_bytes: s.used_bytes(),
+        shared_bytes: 0,
+        disk_bytes: 0,
+    }
 }
 
 /// A job's summary from the pool (see [`header`]).
@@ -492,6 +536,7 @@ pub fn summary(
         sla_ok: true,
         failures: status.failures,
         last_error: status.last_error,
+        space: status.space,
         ..JobSummary::default()
     })
 }

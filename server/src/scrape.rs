@@ -110,6 +110,21 @@ impl Collector for HostCollector {
                 stats.bytes,
             )?;
         }
+        // On a pool: the revisions its records list; no scrub runs there.
+        if let Some(pool) = server.pool() {
+            let total: u64 = config
+                .jobs
+                .keys()
+                .filter_map(|n| pool.revisions(n).ok())
+                .map(|r| r.len() as u64)
+                .sum();
+            return gauge(
+                &mut e,
+                "backy_revisions",
+                "Committed revisions of all jobs",
+                total,
+            );
+        }
         // Scrub progress: revisions whose last check (a verify, or the
         // commit) is older than scrub.interval.
         let interval =

@@ -620,21 +620,9 @@ impl Backy for Service {
         let _permit = all.then(|| self.permit(&caller, "status")).transpose()?;
         let names = self.visible(&caller, req.into_inner().job);
         let server = self.server.clone();
-        blocking(move || match server.pool() {
-            Some(pool) => {
-                let config = server.config();
-                let mut jobs = Vec::with_capacity(names.len());
-                for name in &names {
-                    let (mut job, revisions) = crate::pool_serve::header(&server, &pool, &config, name)?;
-                    job.revisions = revisions;
-                    jobs.push(job);
-                }
-                Ok(StatusReply { jobs, store: None })
-            }
-            None => crate::status::of_jobs(&server, &names),
-        })
-        .await
-        .map(Response::new)
+        blocking(move || crate::status::of_jobs(&server, &names))
+            .await
+            .map(Response::new)
     }
 
     type StatusStreamStream = BoxStream<JobStatusPart>;
@@ -660,14 +648,8 @@ impl Backy for Service {
         run(thread, move || {
             let _permit = permit;
             let config = server.config();
-            let pool = server.pool();
             for name in names {
-                let built = match &pool {
-                    Some(pool) => crate::pool_serve::header(&server, pool, &config, &name)
-                        .map(|(h, revisions)| (h, crate::status::Revisions { revisions })),
-                    None => crate::status::header(&server, &config, &name),
-                };
-                let (header, entry) = match built {
+                let (header, entry) = match crate::status::header(&server, &config, &name) {
                     Ok(built) => built,
                     Err(e) => {
                         let _ = tx.blocking_send(Err(to_status(e)));
@@ -705,11 +687,7 @@ impl Backy for Service {
                 if !auth::may_see(&config, &caller, name, Action::Read) {
                     continue;
                 }
-                let item = match server.pool() {
-                    Some(pool) => crate::pool_serve::summary(&server, &pool, &config, name),
-                    None => crate::status::summary(&server, &config, name),
-                }
-                .map_err(to_status);
+                let item = crate::status::summary(&server, &config, name).map_err(to_status);
                 if tx.blocking_send(item).is_err() {
                     break; // the caller went away
                 }

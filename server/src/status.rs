@@ -90,7 +90,8 @@ pub fn of_jobs(server: &Server, names: &[String]) -> Result<StatusReply> {
     }
     Ok(StatusReply {
         jobs,
-        store: store_space(&config),
+        // On a pool the base dir holds no revision.
+        store: server.pool().is_none().then(|| store_space(&config)).flatten(),
     })
 }
 
@@ -141,8 +142,13 @@ pub struct Revisions {
     pub revisions: Vec<RevisionInfo>,
 }
 
-/// One job's status without its revisions, and its revisions.
+/// One job's status without its revisions, and its revisions (from the
+/// filesystem store's index, or from the pool).
 pub fn header(server: &Server, config: &ServerConfig, name: &str) -> Result<(JobStatus, Revisions)> {
+    if let Some(pool) = server.pool() {
+        let (status, revisions) = crate::pool_serve::header(server, &pool, config, name)?;
+        return Ok((status, Revisions { revisions }));
+    }
     let job = server.job(name)?;
     let entry = server.jobs.indexed(&job)?;
     let h = health(server, config, &job, &entry)?;
@@ -237,6 +243,9 @@ fn replica_state(server: &Server, config: &ServerConfig, job: &JobName) -> Optio
 
 /// The summary of one job.
 pub fn summary(server: &Server, config: &ServerConfig, name: &JobName) -> Result<JobSummary> {
+    if let Some(pool) = server.pool() {
+        return crate::pool_serve::summary(server, &pool, config, name);
+    }
     let job = JobDir::new(&config.base_dir, name.clone());
     let entry = server.jobs.indexed(&job)?;
     let h = health(server, config, &job, &entry)?;

@@ -13,6 +13,7 @@
 //! - `tool.rs`: `rbd import-diff` fed by a `DiffWriter`;
 //! - `push.rs`: [`PoolPush`]: a push's stream, checks and commit;
 //! - `delete.rs`: deletion with its journal, orphan removal;
+//! - `space.rs`: what a job takes in the pool, as `rbd du` counts it;
 //! - `error.rs`: [`PoolError`], by kind.
 //!
 //! Every call blocks on the cluster: async callers use `spawn_blocking`.
@@ -23,12 +24,14 @@ mod error;
 pub mod names;
 mod parts;
 mod push;
+mod space;
 mod store;
 mod tool;
 
 pub use error::{PoolError, Result};
 pub use parts::part_count;
 pub use push::{PoolPush, PoolSealed};
+pub use space::{JobSpace, SnapshotSpace};
 pub use store::{PoolConfig, PoolStore, RevisionReader};
 pub use tool::RbdTool;
 

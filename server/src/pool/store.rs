@@ -40,6 +40,7 @@ pub struct PoolStore {
     config: PoolConfig,
     cluster: Cluster,
     io: IoCtx,
+    space: super::space::SpaceCache,
 }
 
 impl PoolStore {
@@ -52,11 +53,20 @@ impl PoolStore {
             op_timeout: config.op_timeout,
         })?;
         let io = cluster.ioctx(&config.pool, config.namespace.as_deref())?;
-        Ok(PoolStore { config, cluster, io })
+        Ok(PoolStore {
+            config,
+            cluster,
+            io,
+            space: Default::default(),
+        })
     }
 
     pub fn config(&self) -> &PoolConfig {
         &self.config
+    }
+
+    pub(super) fn space_cache(&self) -> &super::space::SpaceCache {
+        &self.space
     }
 
     pub fn cluster(&self) -> &Cluster {
