@@ -134,6 +134,25 @@ impl PoolBackend {
         Ok((job, meta))
     }
 
+    /// The base of a restore (a revision of `job` the caller holds, by
+    /// id): `None` when not asked for; gone is NOT_FOUND, as on a
+    /// filesystem store.
+    pub fn base(&self, job: &JobName, base: &str) -> Result<Option<RevisionMeta>> {
+        if base.is_empty() {
+            return Ok(None);
+        }
+        let id: RevisionId = base.parse().map_err(|e: Error| e.context("base"))?;
+        self.revisions(job)?
+            .into_iter()
+            .find(|r| r.id == id)
+            .map(Some)
+            .ok_or_else(|| {
+                Error::not_found(format!(
+                    "job {job}: base revision {id} no longer exists (ask without a base)"
+                ))
+            })
+    }
+
     pub fn resolve(&self, job: &JobName, spec: &str) -> Result<RevisionMeta> {
         let spec = Spec::parse(if spec.is_empty() { "latest" } else { spec })?;
         let revs = self.revisions(job)?;
@@ -369,12 +388,15 @@ pub fn stream_manifest(
 
 /// Streams a whole revision read from its snapshot (librbd), zero blocks
 /// as zero ranges; `from`: a resumed restore's block-aligned offset.
-/// `Ok(false)`: the receiver went away.
+/// `Ok(false)`: the receiver went away. With `base` (a revision of the job
+/// the receiver holds: a replica), blocks whose digest equals the base's
+/// are skipped; the others go whole.
 pub fn stream_image(
     server: &Server,
     pool: &PoolBackend,
     job: &JobName,
     meta: &RevisionMeta,
+    base: Option<&RevisionMeta>,
     from: u64,
     tx: mpsc::Sender<std::result::Result<RestoreFrame, tonic::Status>>,
 ) -> Result<bool> {
@@ -391,6 +413,7 @@ pub fn stream_image(
     };
     let result = (|| -> Result<bool> {
         let manifest: Manifest = pool.store.manifest(job, meta)?;
+        let base = base.map(|b| pool.store.manifest(job, b)).transpose()?;
         if !from.is_multiple_of(u64::from(meta.block_size)) || from > meta.size {
             return Err(Error::invalid(format!(
                 "resume offset {from}: must be a multiple of the block size {} within the image's {} bytes",
@@ -411,6 +434,12 @@ pub fn stream_image(
         let mut out = crate::restore::Frames::new(send);
         for block in from / u64::from(meta.block_size)..manifest.block_count() {
             let (offset, len) = (manifest.block_offset(block), manifest.block_len(block));
+            if base
+                .as_ref()
+                .is_some_and(|b| backy_common::replicate::same_block(b, &manifest, block))
+            {
+                continue;
+            }
             if manifest.is_zero(block) {
                 if !out.zero(offset, len) {
                     return Ok(false);

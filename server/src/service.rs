@@ -710,13 +710,7 @@ impl Backy for Service {
         let req = req.into_inner();
         let (job_name, spec, from) = (req.job.clone(), req.revision.clone(), req.from);
         if let Some(pool) = self.server.pool() {
-            let refused = if !req.granules.is_empty() {
-                Some("a rollback (granules)")
-            } else if !req.base.is_empty() {
-                Some("a restore relative to a base revision (replication)")
-            } else {
-                None
-            };
+            let refused = (!req.granules.is_empty()).then_some("a rollback (granules)");
             if let Some(what) = refused {
                 let status = to_status(crate::pool_serve::unsupported(what));
                 audit::record(
@@ -729,15 +723,25 @@ impl Backy for Service {
                 return Err(status);
             }
             let p = pool.clone();
-            let resolved = blocking(move || p.resolve_request(&server, &req.job, &req.revision)).await;
+            let resolved = blocking(move || {
+                let (job, meta) = p.resolve_request(&server, &req.job, &req.revision)?;
+                let base = p.base(&job, &req.base)?;
+                Ok((job, meta, base))
+            })
+            .await;
             audit::result(&caller, "restore", &job_name, &spec, &resolved);
-            let (job, meta) = resolved?;
+            let (job, meta, base) = resolved?;
             let (tx, rx) = mpsc::channel(FRAMES_IN_FLIGHT);
             let server = self.server.clone();
+            let copy = caller.role == backy_common::config::Role::Replica;
             run(thread, move || {
                 let _permit = permit;
                 let started = std::time::Instant::now();
-                let streamed = crate::pool_serve::stream_image(&server, &pool, &job, &meta, from, tx);
+                let streamed =
+                    crate::pool_serve::stream_image(&server, &pool, &job, &meta, base.as_ref(), from, tx);
+                if copy && matches!(streamed, Ok(true)) {
+                    server.fetched.record(&job, &caller.name, meta.id);
+                }
                 let outcome = match &streamed {
                     Ok(true) => "completed",
                     Ok(false) => "cancelled",

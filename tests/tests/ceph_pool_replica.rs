@@ -1,0 +1,126 @@
+//! Replication from a server on a Ceph pool store to a server on a
+//! filesystem store (issue 36, docs/DESIGN.md "Served from a pool"),
+//! through real processes: the pool server (one-node test cluster,
+//! BACKY_TEST_CEPH_CONF, a confined cephx identity) is the source, a
+//! server on btrfs copies its job with `replicate:`:
+//!
+//! - the first round copies the revision whole; the copy restores to the
+//!   source's bytes with the same id;
+//! - after an incremental push on the pool, the next round receives only
+//!   the changed block (a restore relative to the copy it holds) and the
+//!   copy restores byte for byte; the copies share extents on btrfs.
+
+mod confined;
+mod support;
+
+use confined::{ceph_conf, Confined};
+use serde_json::Value;
+use std::path::Path;
+use support::*;
+
+fn source_config(conf: &Path, pool: &Confined, port: u16) -> String {
+    format!(
+        "listen: 127.0.0.1:{port}\nbase-dir: BASE\nstore:\n  type: ceph-rbd\n  conf: {}\n  id: {}\n  keyring: {}\n  pool: rbd\n  namespace: {}\njobs:\n  vm1: {{schedule: none}}\n",
+        conf.display(),
+        pool.id,
+        pool.keyring.display(),
+        pool.namespace
+    )
+}
+
+fn revisions(server: &Server) -> Vec<Value> {
+    let v: Value = serde_json::from_str(&server.client_ok(&["status", "vm1", "--json"])).unwrap();
+    v["jobs"][0]["revisions"].as_array().unwrap().clone()
+}
+
+/// The copied-revision lines of the next round after `mark`.
+fn round(server: &Server, mark: usize) -> Vec<String> {
+    server.wait_log(mark, "replication round done");
+    server
+        .log_lines(mark)
+        .into_iter()
+        .filter(|l| l.contains("copied revision"))
+        .collect()
+}
+
+fn received(line: &str) -> u64 {
+    let at = line
+        .find("received=")
+        .unwrap_or_else(|| panic!("received in {line}"));
+    line[at + 9..]
+        .split(|c: char| !c.is_ascii_digit())
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+#[test]
+fn a_filesystem_replica_copies_a_pool_job_incrementally() {
+    let Some(conf) = ceph_conf() else { return };
+    let pool = Confined::new(&conf, "rep");
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let source = Server::start_config(&dir.path().join("source"), &source_config(&conf, &pool, port));
+    let src = dir.path().join("src.img");
+    let size = 24 * MIB;
+    make_image(&src, size, &[]);
+    write_at(&src, 0, &pattern(1, (10 * MIB) as usize));
+    write_at(&src, 16 * MIB, &pattern(2, (4 * MIB) as usize));
+    let v1 = std::fs::read(&src).unwrap();
+    source.client_ok(&["push", "vm1", "--source", src.to_str().unwrap()]);
+
+    let fs = LoopFs::new("btrfs", 400 << 20);
+    let base = fs.mount.join("store");
+    std::fs::create_dir_all(&base).unwrap();
+    let replica = Server::start_config(
+        &base,
+        &format!(
+            "listen: 127.0.0.1:0\nbase-dir: BASE\nreplicate: {{source: 'http://127.0.0.1:{port}', interval: 1h, jobs: [vm1]}}\n"
+        ),
+    );
+    let first = round(&replica, 0);
+    assert_eq!(first.len(), 1, "the first round copies the revision: {first:?}");
+    let on_source = revisions(&source);
+    let copied = revisions(&replica);
+    assert_eq!(copied.len(), 1, "{copied:?}");
+    assert_eq!(copied[0]["id"], on_source[0]["id"]);
+    assert_eq!(copied[0]["manifest_digest"], on_source[0]["manifest_digest"]);
+    let target = dir.path().join("r1.img");
+    replica.client_ok(&["restore", "vm1", "-r", "latest", target.to_str().unwrap()]);
+    assert!(std::fs::read(&target).unwrap() == v1, "the copy restores to v1");
+
+    // One block changed on the source: the next round receives that block.
+    write_at(&src, 17 * MIB, &pattern(3, 4096));
+    let v2 = std::fs::read(&src).unwrap();
+    source.client_ok(&["push", "vm1", "--source", src.to_str().unwrap()]);
+    let mark = replica.log_mark();
+    replica.hup();
+    let second = round(&replica, mark);
+    assert_eq!(
+        second.len(),
+        1,
+        "the second round copies the new revision: {second:?}"
+    );
+    let got = received(&second[0]);
+    assert!(
+        (4096..=4 * MIB).contains(&got),
+        "only the changed block travels (relative to the copy of v1): {}",
+        second[0]
+    );
+    let copied = revisions(&replica);
+    assert_eq!(copied.len(), 2, "{copied:?}");
+    assert_eq!(copied[1]["id"], revisions(&source)[1]["id"]);
+    let target = dir.path().join("r2.img");
+    replica.client_ok(&["restore", "vm1", "-r", "latest", target.to_str().unwrap()]);
+    assert!(
+        std::fs::read(&target).unwrap() == v2,
+        "the second copy restores to v2"
+    );
+    // 14 MiB of data each: the second copy adds at most its changed block.
+    let (_, exclusive) = btrfs_du(&base.join("vm1").join(copied[1]["id"].as_str().unwrap()));
+    assert!(
+        exclusive <= 4 * MIB,
+        "the second copy shares its parent's unchanged extents: {exclusive} exclusive"
+    );
+}
