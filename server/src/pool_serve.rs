@@ -20,8 +20,8 @@ use backy_common::spec::Spec;
 use backy_common::{granules, Error, JobName, Result, RevisionId, DEFAULT_BLOCK_SIZE, MAX_FRAME_DATA};
 use backy_proto::restore_frame::Frame;
 use backy_proto::{
-    JobStatus, JobSummary, ManifestChunk, PlanReply, PlanRequest, PushBegin, RestoreFrame, RevisionInfo,
-    Space,
+    GranuleDigests, JobStatus, JobSummary, ManifestChunk, PlanReply, PlanRequest, PushBegin, RestoreFrame,
+    RevisionInfo, Space,
 };
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -388,18 +388,29 @@ pub fn stream_manifest(
 
 /// Streams a whole revision read from its snapshot (librbd), zero blocks
 /// as zero ranges; `from`: a resumed restore's block-aligned offset.
-/// `Ok(false)`: the receiver went away. With `base` (a revision of the job
-/// the receiver holds: a replica), blocks whose digest equals the base's
-/// are skipped; the others go whole.
+/// What a restore stream is relative to (see [`stream_image`]).
+pub struct Relative<'a> {
+    /// A revision of the job the receiver holds (a replica).
+    pub base: Option<&'a RevisionMeta>,
+    /// Blocks below this offset are not sent (a copy resuming).
+    pub from: u64,
+    /// A rollback: the receiver's granule digests of its differing blocks.
+    pub granules: &'a [GranuleDigests],
+}
+
+/// `Ok(false)`: the receiver went away. With a `base`, blocks whose digest
+/// equals the base's are skipped and the others go whole; with `granules`
+/// (a rollback), only those blocks, and of each the granules that differ,
+/// as on a filesystem store.
 pub fn stream_image(
     server: &Server,
     pool: &PoolBackend,
     job: &JobName,
     meta: &RevisionMeta,
-    base: Option<&RevisionMeta>,
-    from: u64,
+    relative: Relative<'_>,
     tx: mpsc::Sender<std::result::Result<RestoreFrame, tonic::Status>>,
 ) -> Result<bool> {
+    let Relative { base, from, granules } = relative;
     let send = |frame: Frame| {
         let n = match &frame {
             Frame::Data(d) => d.data.len(),
@@ -428,8 +439,28 @@ pub fn stream_image(
                 meta.id, meta.size
             )));
         }
+        if !granules.is_empty() {
+            if base.is_some() || from != 0 {
+                return Err(Error::invalid(
+                    "a rollback (granules) cannot be combined with base or from",
+                ));
+            }
+            backy_common::rollback::check_request(
+                &manifest,
+                granules.iter().map(|g| (g.block, g.digests.as_slice())),
+            )?;
+        }
         if !send(Frame::Begin(RevisionInfo::from(meta))) {
             return Ok(false);
+        }
+        if !granules.is_empty() {
+            let read_at = |buf: &mut [u8], at: u64| Ok(reader.read_exact_at(at, buf)?);
+            return crate::restore::send_granules(
+                read_at,
+                &manifest,
+                granules,
+                crate::restore::Frames::new(send),
+            );
         }
         let mut out = crate::restore::Frames::new(send);
         for block in from / u64::from(meta.block_size)..manifest.block_count() {
@@ -450,15 +481,7 @@ pub fn stream_image(
             while pos < offset + len {
                 let n = (offset + len - pos).min(MAX_FRAME_DATA as u64) as usize;
                 let mut data = vec![0u8; n];
-                let got = reader.read_at(pos, &mut data)?;
-                if got != n {
-                    return Err(Error::data_loss(format!(
-                        "job {job}: snapshot {} ends at {} within the revision's {} bytes",
-                        meta.id,
-                        pos + got as u64,
-                        meta.size
-                    )));
-                }
+                reader.read_exact_at(pos, &mut data)?;
                 if !out.data(pos, data) {
                     return Ok(false);
                 }

@@ -200,7 +200,11 @@ pub fn stream_image(
             return Ok(false);
         }
         if !granules.is_empty() {
-            return send_granules(&file, &path, &manifest, &granules, Frames::new(send));
+            let read_at = |buf: &mut [u8], at: u64| {
+                file.read_exact_at(buf, at)
+                    .map_err(|e| Error::io(format!("reading {}", path.display()), e))
+            };
+            return send_granules(read_at, &manifest, &granules, Frames::new(send));
         }
         let _ = rustix::fs::fadvise(&file, 0, None, rustix::fs::Advice::Sequential);
         let mut out = Frames::new(send);
@@ -252,9 +256,8 @@ pub fn stream_image(
 
 /// The rest of a rollback's stream: of each block the receiver named, the
 /// granules where the revision differs from the receiver's digests.
-fn send_granules<S: FnMut(Frame) -> bool>(
-    file: &File,
-    path: &std::path::Path,
+pub(crate) fn send_granules<S: FnMut(Frame) -> bool>(
+    mut read_at: impl FnMut(&mut [u8], u64) -> Result<()>,
     manifest: &Manifest,
     granules: &[GranuleDigests],
     mut out: Frames<S>,
@@ -269,8 +272,7 @@ fn send_granules<S: FnMut(Frame) -> bool>(
         if manifest.is_zero(wanted.block) {
             block_bytes.fill(0);
         } else {
-            file.read_exact_at(&mut block_bytes, offset)
-                .map_err(|e| Error::io(format!("reading {}", path.display()), e))?;
+            read_at(&mut block_bytes, offset)?;
         }
         for run in rollback::ranges_to_send(&wanted.digests, &block_bytes)? {
             let mut pos = run.start;

@@ -710,19 +710,8 @@ impl Backy for Service {
         let req = req.into_inner();
         let (job_name, spec, from) = (req.job.clone(), req.revision.clone(), req.from);
         if let Some(pool) = self.server.pool() {
-            let refused = (!req.granules.is_empty()).then_some("a rollback (granules)");
-            if let Some(what) = refused {
-                let status = to_status(crate::pool_serve::unsupported(what));
-                audit::record(
-                    &caller,
-                    "restore",
-                    &job_name,
-                    &spec,
-                    audit::Outcome::Failed(&status.message()),
-                );
-                return Err(status);
-            }
             let p = pool.clone();
+            let granules = req.granules.clone();
             let resolved = blocking(move || {
                 let (job, meta) = p.resolve_request(&server, &req.job, &req.revision)?;
                 let base = p.base(&job, &req.base)?;
@@ -737,8 +726,18 @@ impl Backy for Service {
             run(thread, move || {
                 let _permit = permit;
                 let started = std::time::Instant::now();
-                let streamed =
-                    crate::pool_serve::stream_image(&server, &pool, &job, &meta, base.as_ref(), from, tx);
+                let streamed = crate::pool_serve::stream_image(
+                    &server,
+                    &pool,
+                    &job,
+                    &meta,
+                    crate::pool_serve::Relative {
+                        base: base.as_ref(),
+                        from,
+                        granules: &granules,
+                    },
+                    tx,
+                );
                 if copy && matches!(streamed, Ok(true)) {
                     server.fetched.record(&job, &caller.name, meta.id);
                 }
@@ -818,10 +817,13 @@ impl Backy for Service {
     ) -> std::result::Result<Response<ReadGranulesReply>, Status> {
         // Refusals are audited; reads are not (an export makes thousands).
         self.check(&req, &req.get_ref().job, Action::Fetch, "read")?;
-        self.refuse_on_pool("reading granules (export)")?;
         let server = self.server.clone();
         let req = req.into_inner();
-        let reply = blocking(move || crate::granule_read::read(&server, &req)).await?;
+        let reply = blocking(move || match server.pool() {
+            Some(pool) => crate::granule_read::read_pool(&server, &pool, &req),
+            None => crate::granule_read::read(&server, &req),
+        })
+        .await?;
         Ok(Response::new(reply))
     }
 

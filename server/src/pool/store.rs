@@ -259,7 +259,10 @@ impl PoolStore {
                     e.into()
                 }
             })?;
-        Ok(RevisionReader { image })
+        Ok(RevisionReader {
+            image,
+            what: format!("job {job}: snapshot {id}"),
+        })
     }
 
     /// Reads revision `id` of `job` from `offset` into `buf`; returns the
@@ -286,6 +289,8 @@ impl PoolStore {
 /// One revision opened for reading.
 pub struct RevisionReader {
     image: Image,
+    /// Names the snapshot in errors.
+    what: String,
 }
 
 impl RevisionReader {
@@ -296,5 +301,22 @@ impl RevisionReader {
     /// Reads from `offset` into `buf`; fewer bytes only at the end.
     pub fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<usize> {
         Ok(self.image.read_into(offset, buf)?)
+    }
+
+    /// Fills `buf` from `offset`: a snapshot that ends before is DataLoss
+    /// (its record said it is longer).
+    pub fn read_exact_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        let got = self.read_at(offset, buf)?;
+        if got == buf.len() {
+            return Ok(());
+        }
+        Err(PoolError::DataLoss {
+            what: self.what.clone(),
+            detail: format!(
+                "ends at {} within the {} bytes asked from {offset}",
+                offset + got as u64,
+                buf.len()
+            ),
+        })
     }
 }
