@@ -713,11 +713,6 @@ impl ServerConfig {
         }
         if let Some(StoreConfig::CephRbd(c)) = &self.store {
             c.validate()?;
-            if self.replicate.is_some() {
-                return Err(Error::invalid(
-                    "store: a ceph-rbd store cannot be a replica (replicate) yet",
-                ));
-            }
         }
         self.validate_security()
     }
@@ -1465,10 +1460,6 @@ jobs:
             (format!("{POOL}  namespace: \"\"\n"), "namespace is empty"),
             (format!("{POOL}  user: x\n"), "unknown field"),
             (POOL.replace("  pool: backups\n", ""), "missing field `pool`"),
-            (
-                format!("{POOL}replicate: {{source: \"https://s:1\", jobs: [vm1]}}\n"),
-                "cannot be a replica",
-            ),
         ] {
             let e = ServerConfig::from_yaml(&format!("{GOOD}{text}"), "t").unwrap_err();
             assert!(e.message.contains(says), "{text}: {}", e.message);

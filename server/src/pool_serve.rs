@@ -164,14 +164,30 @@ impl PoolBackend {
             .ok_or_else(|| Error::internal("spec resolved outside the revision list"))
     }
 
+    /// Readies `job` for a new revision (a push's or a replica's copy):
+    /// its lease, its entry in the job list, deletions a crash left
+    /// unfinished and snapshots without a record removed.
+    pub(crate) fn prepare_write(&self, job: &JobName) -> Result<Arc<Mutex<LeaseKeeper>>> {
+        let keeper = self.lease(job)?;
+        self.store.add_job(job)?;
+        let mut k = lock(&keeper);
+        self.store.finish_deletions(&mut k, job)?;
+        let removed = self.store.clean_orphans(&mut k, job, &[])?;
+        if !removed.is_empty() {
+            tracing::warn!(job = %job, orphans = removed.len(), "removed snapshots without a record");
+        }
+        drop(k);
+        Ok(keeper)
+    }
+
     /// Whether the image's head holds writes beyond `parent` (a push that
     /// died): then only a full push gives the right revision.
-    fn head_dirty(&self, job: &JobName, parent: &RevisionMeta) -> Result<bool> {
+    pub(crate) fn head_dirty(&self, job: &JobName, parent: &RevisionMeta) -> Result<bool> {
         Ok(!self.store.head_changes(job, &parent.id)?.is_empty())
     }
 }
 
-fn lock(k: &Mutex<LeaseKeeper>) -> std::sync::MutexGuard<'_, LeaseKeeper> {
+pub(crate) fn lock(k: &Mutex<LeaseKeeper>) -> std::sync::MutexGuard<'_, LeaseKeeper> {
     k.lock().unwrap_or_else(|p| p.into_inner())
 }
 
@@ -286,16 +302,7 @@ pub fn push(
     let tags = crate::push::check_tags(&begin.tags, config.schedule_of(job_cfg), begin.allow_unscheduled)?;
     // One push per job on this server; the lease keeps other servers out.
     let _running = server.jobs.activity.try_start_push(&job, id)?;
-    let keeper = pool.lease(&job)?;
-    pool.store.add_job(&job)?;
-    {
-        let mut k = lock(&keeper);
-        pool.store.finish_deletions(&mut k, &job)?;
-        let removed = pool.store.clean_orphans(&mut k, &job, &[])?;
-        if !removed.is_empty() {
-            tracing::warn!(job = %job, orphans = removed.len(), "removed snapshots without a record");
-        }
-    }
+    let keeper = pool.prepare_write(&job)?;
     let revs = pool.revisions(&job)?;
     let parent = match crate::push::check_against_stored(&job, id, &begin, &revs)? {
         None => None,

@@ -124,3 +124,96 @@ fn a_filesystem_replica_copies_a_pool_job_incrementally() {
         "the second copy shares its parent's unchanged extents: {exclusive} exclusive"
     );
 }
+
+/// A job moves from a filesystem store into the pool and back out: a pool
+/// server replicates a filesystem server's job (each round relative to
+/// the copy it holds), and a second filesystem server replicates the
+/// pool's copy. Every hop keeps the revisions' ids, times, manifests and
+/// trust, and every copy restores byte for byte.
+#[test]
+fn a_job_moves_from_a_filesystem_store_into_the_pool_and_back() {
+    let Some(conf) = ceph_conf() else { return };
+    let pool = Confined::new(&conf, "mov");
+    let dir = tempfile::tempdir().unwrap();
+    let fs = LoopFs::new("btrfs", 600 << 20);
+    let (src_port, pool_port) = (free_port(), free_port());
+    let first = Server::start_config(
+        &fs.mount.join("first"),
+        &format!("listen: 127.0.0.1:{src_port}\nbase-dir: BASE\njobs:\n  vm1: {{schedule: none}}\n"),
+    );
+    let src = dir.path().join("src.img");
+    make_image(&src, 24 * MIB, &[]);
+    write_at(&src, 0, &pattern(11, (6 * MIB) as usize));
+    write_at(&src, 20 * MIB, &pattern(12, MIB as usize));
+    let v1 = std::fs::read(&src).unwrap();
+    first.client_ok(&["push", "vm1", "--source", src.to_str().unwrap()]);
+
+    // Into the pool: a pool server with `replicate:` from the first.
+    let pooled = Server::start_config(
+        &dir.path().join("pooled"),
+        &format!(
+            "listen: 127.0.0.1:{pool_port}\nbase-dir: BASE\nstore:\n  type: ceph-rbd\n  conf: {}\n  id: {}\n  keyring: {}\n  pool: rbd\n  namespace: {}\nreplicate: {{source: 'http://127.0.0.1:{src_port}', interval: 1h, jobs: [vm1]}}\n",
+            conf.display(),
+            pool.id,
+            pool.keyring.display(),
+            pool.namespace
+        ),
+    );
+    assert_eq!(
+        round(&pooled, 0).len(),
+        1,
+        "the first round copies v1 into the pool"
+    );
+    write_at(&src, 2 * MIB + 100, &pattern(13, 4096));
+    let v2 = std::fs::read(&src).unwrap();
+    first.client_ok(&["push", "vm1", "--source", src.to_str().unwrap()]);
+    let mark = pooled.log_mark();
+    pooled.hup();
+    let second = round(&pooled, mark);
+    assert_eq!(second.len(), 1, "{second:?}");
+    assert!(
+        received(&second[0]) <= 4 * MIB,
+        "the pool's copy of v2 is relative to its copy of v1: {}",
+        second[0]
+    );
+    let on_first = revisions(&first);
+    let in_pool = revisions(&pooled);
+    for key in ["id", "timestamp", "manifest_digest", "trust", "size"] {
+        let a: Vec<_> = on_first.iter().map(|r| &r[key]).collect();
+        let b: Vec<_> = in_pool.iter().map(|r| &r[key]).collect();
+        assert_eq!(a, b, "the pool's copies keep {key}");
+    }
+    let snaps = pool.snapshots("vm1");
+    assert_eq!(snaps.len(), 2, "{snaps:?}");
+    assert!(
+        pool.export("vm1", Some(&snaps[0])) == v1,
+        "rbd export of the first copy is v1"
+    );
+    assert!(
+        pool.export("vm1", Some(&snaps[1])) == v2,
+        "rbd export of the second copy is v2"
+    );
+
+    // And back out: a filesystem server replicates the pool's copies.
+    let back = Server::start_config(
+        &fs.mount.join("back"),
+        &format!(
+            "listen: 127.0.0.1:0\nbase-dir: BASE\nreplicate: {{source: 'http://127.0.0.1:{pool_port}', interval: 1h, jobs: [vm1]}}\n"
+        ),
+    );
+    assert_eq!(round(&back, 0).len(), 2, "both revisions come back");
+    let out = revisions(&back);
+    for key in ["id", "timestamp", "manifest_digest", "trust", "size"] {
+        let a: Vec<_> = on_first.iter().map(|r| &r[key]).collect();
+        let b: Vec<_> = out.iter().map(|r| &r[key]).collect();
+        assert_eq!(a, b, "the copies back out keep {key}");
+    }
+    for (spec, want) in [("1", &v1), ("latest", &v2)] {
+        let target = dir.path().join(format!("back-{spec}.img"));
+        back.client_ok(&["restore", "vm1", "-r", spec, target.to_str().unwrap()]);
+        assert!(
+            std::fs::read(&target).unwrap() == *want,
+            "restore -r {spec} after the round trip"
+        );
+    }
+}

@@ -193,7 +193,7 @@ impl PoolPush {
     /// The end-to-end checks, then the end record (the snapshot), the check
     /// that the snapshot holds only this push's writes, and the manifest in
     /// the pool. What is left is to publish the record.
-    pub fn seal(mut self, end: &PushEnd) -> Result<PoolSealed> {
+    pub fn seal(self, end: &PushEnd) -> Result<PoolSealed> {
         if end.stream_checksum.as_slice() != self.checksum.finish() {
             return Err(PoolError::StreamChecksum);
         }
@@ -203,6 +203,28 @@ impl PoolPush {
                     .into(),
             ));
         }
+        let timestamp = self.timestamp;
+        self.seal_checked(&end.manifest_digest, timestamp, end.audit.clone())
+    }
+
+    /// Seals a replica's copy of a source's revision: no stream checksum
+    /// (the source's restore stream has none), the manifest digest must be
+    /// the source's, and the revision keeps the source's time and audit.
+    pub fn seal_copy(
+        self,
+        manifest_digest: &[u8],
+        timestamp: DateTime<Utc>,
+        audit: Option<backy_common::tracker_audit::AuditOutcome>,
+    ) -> Result<PoolSealed> {
+        self.seal_checked(manifest_digest, timestamp, audit)
+    }
+
+    fn seal_checked(
+        mut self,
+        expected_manifest: &[u8],
+        timestamp: DateTime<Utc>,
+        audit: Option<backy_common::tracker_audit::AuditOutcome>,
+    ) -> Result<PoolSealed> {
         let (image, parent_size) = (&self.parent_image, self.parent_size);
         let digests = self
             .digests
@@ -210,7 +232,7 @@ impl PoolPush {
             .ok_or_else(|| PoolError::Invalid("sealed twice".into()))?;
         let finished = digests.finish(&mut |o, buf| read_base(image, parent_size, o, buf))?;
         let manifest_digest = finished.manifest.file_digest();
-        if end.manifest_digest.as_slice() != manifest_digest {
+        if expected_manifest != manifest_digest {
             return Err(PoolError::ManifestMismatch);
         }
         if self.zero_gaps && self.position < self.spec.size {
@@ -223,7 +245,6 @@ impl PoolPush {
             parent,
             import,
             stats,
-            timestamp,
             started,
             ..
         } = self;
@@ -269,7 +290,7 @@ impl PoolPush {
             stats: Stats {
                 changed_blocks: finished.changed,
                 duration: started.elapsed().as_secs_f64(),
-                audit: end.audit.clone(),
+                audit,
                 ..stats
             },
             manifest_digest: hex::encode(manifest_digest),

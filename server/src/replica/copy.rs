@@ -19,13 +19,13 @@ use std::sync::Arc;
 /// What the source says of a revision, held to what a push of it would
 /// have to satisfy: a hostile or broken source gets no further than a
 /// hostile client.
-fn check_listing(
+pub(super) fn check_listing(
     config: &backy_common::config::ServerConfig,
-    job: &JobDir,
+    job: &backy_common::JobName,
     target: &RevisionMeta,
 ) -> Result<()> {
     let max = config
-        .job(job.name())
+        .job(job)
         .ok()
         .and_then(|j| j.max_size)
         .unwrap_or(crate::push::DEFAULT_MAX_SIZE)
@@ -101,6 +101,65 @@ fn replace_distrusted(
     Ok(meta)
 }
 
+/// A range of the revision as the source sent it.
+pub(super) enum Received {
+    Data(u64, Vec<u8>),
+    Zero(u64, u64),
+}
+
+/// Streams `request` from the source into `sink` until its end frame: the
+/// begin frame must name `info` (id and manifest digest), a source that
+/// sends nothing for `idle` is given up on like a silent pusher, and
+/// reading no faster than `limit` holds the source back too (the stream's
+/// flow control). An error leaves the sink where it got.
+pub(super) fn receive(
+    client: &Client,
+    handle: &tokio::runtime::Handle,
+    request: RestoreRequest,
+    info: &RevisionInfo,
+    idle: std::time::Duration,
+    limit: &backy_common::bwlimit::Limiter,
+    mut sink: impl FnMut(Received) -> Result<()>,
+) -> Result<()> {
+    let mut client = client.clone();
+    let next = |stream: &mut tonic::Streaming<backy_proto::RestoreFrame>| {
+        handle.block_on(async {
+            match tokio::time::timeout(idle, stream.message()).await {
+                Ok(m) => m.map_err(status_error),
+                Err(_) => Err(Error::unavailable(format!(
+                    "the source sent nothing for {} s",
+                    idle.as_secs()
+                ))),
+            }
+        })
+    };
+    let mut stream = handle
+        .block_on(client.restore(request))
+        .map_err(status_error)?
+        .into_inner();
+    loop {
+        let frame = next(&mut stream)?
+            .ok_or_else(|| Error::unavailable("the source's stream ended before its end frame"))?
+            .frame
+            .ok_or_else(|| Error::invalid("an empty frame from the source"))?;
+        match frame {
+            Frame::Begin(b) if b.id != info.id || b.manifest_digest != info.manifest_digest => {
+                return Err(Error::precondition(format!(
+                    "the source sent revision {} ({}) for {} ({})",
+                    b.id, b.manifest_digest, info.id, info.manifest_digest
+                )))
+            }
+            Frame::Begin(_) => {}
+            Frame::Data(d) => {
+                limit.wait(d.data.len() as u64);
+                sink(Received::Data(d.offset, d.data))?;
+            }
+            Frame::Zero(z) => sink(Received::Zero(z.offset, z.length))?,
+            Frame::End(_) => return Ok(()),
+        }
+    }
+}
+
 /// What one transfer did.
 pub struct Copied {
     pub meta: RevisionMeta,
@@ -114,7 +173,7 @@ pub struct Copied {
 /// on a blocking thread; the stream is read through `handle`.
 pub fn copy(
     server: &Arc<Server>,
-    mut client: Client,
+    client: Client,
     handle: &tokio::runtime::Handle,
     job: &JobDir,
     transfer: Transfer,
@@ -122,7 +181,7 @@ pub fn copy(
 ) -> Result<Copied> {
     let config = server.config();
     let target = RevisionMeta::try_from(info)?;
-    check_listing(&config, job, &target)?;
+    check_listing(&config, job.name(), &target)?;
     // As a client's would be: a lying source could otherwise put any text
     // into `status`.
     if let Some(audit) = &target.stats.audit {
@@ -202,54 +261,27 @@ pub fn copy(
         from,
         granules: Vec::new(),
     };
-    // A source that stops sending is given up on like a silent pusher.
-    let idle = config.limits.idle_timeout.as_duration();
-    let next = |stream: &mut tonic::Streaming<backy_proto::RestoreFrame>| {
-        handle.block_on(async {
-            match tokio::time::timeout(idle, stream.message()).await {
-                Ok(m) => m.map_err(status_error),
-                Err(_) => Err(Error::unavailable(format!(
-                    "the source sent nothing for {} s",
-                    idle.as_secs()
-                ))),
-            }
-        })
-    };
-    let mut received = 0u64;
-    // One limit for every copy from the source (they run one at a time).
     let limit = server.replica_bwlimit.clone();
     limit.set_rate(config.replicate.as_ref().and_then(|r| r.bwlimit));
-    let outcome = (|| -> Result<()> {
-        let mut stream = handle
-            .block_on(client.restore(request))
-            .map_err(status_error)?
-            .into_inner();
-        loop {
-            let frame = next(&mut stream)?
-                .ok_or_else(|| Error::unavailable("the source's stream ended before its end frame"))?
-                .frame
-                .ok_or_else(|| Error::invalid("an empty frame from the source"))?;
-            match frame {
-                Frame::Begin(b) if b.id != info.id || b.manifest_digest != info.manifest_digest => {
-                    return Err(Error::precondition(format!(
-                        "the source sent revision {} ({}) for {} ({})",
-                        b.id, b.manifest_digest, info.id, info.manifest_digest
-                    )))
-                }
-                Frame::Begin(_) => {}
-                Frame::Data(d) => {
-                    // Reading no faster than the limit holds the source
-                    // back too (the stream's flow control).
-                    limit.wait(d.data.len() as u64);
-                    received += d.data.len() as u64;
-                    rev.data(d.offset, &d.data)?;
-                    fault::point("replica.frame");
-                }
-                Frame::Zero(z) => rev.zero(z.offset, z.length)?,
-                Frame::End(_) => return Ok(()),
+    let idle = config.limits.idle_timeout.as_duration();
+    let mut received = 0u64;
+    let outcome = receive(
+        &client,
+        handle,
+        request,
+        info,
+        idle,
+        &limit,
+        |frame| match frame {
+            Received::Data(offset, data) => {
+                received += data.len() as u64;
+                rev.data(offset, &data)?;
+                fault::point("replica.frame");
+                Ok(())
             }
-        }
-    })();
+            Received::Zero(offset, len) => rev.zero(offset, len),
+        },
+    );
     if let Err(e) = outcome {
         // A broken connection or a source gone: keep what arrived for the
         // next round. Anything else (a bad frame): nothing is kept.

@@ -267,9 +267,11 @@ async fn job_round(server: &Arc<Server>, client: &Client, name: &JobName, tally:
     };
     let here = held(server, &job).await?;
     // Before anything lands: this directory holds a copy (see
-    // `crate::replication::jobs::own_job`).
-    let source_url = config.replicate.as_ref().map_or("", |r| r.source.as_str());
-    crate::replication::jobs::mark_copy(job.path(), source_url)?;
+    // `crate::replication::jobs::own_job`). A pool has no job directory.
+    if server.pool().is_none() {
+        let source_url = config.replicate.as_ref().map_or("", |r| r.source.as_str());
+        crate::replication::jobs::mark_copy(job.path(), source_url)?;
+    }
     let disordered = replicate::out_of_order(&source, &here, owed, at);
     let transfers = replicate::plan(&source, &here, owed, at);
     let handle = tokio::runtime::Handle::current();
@@ -279,9 +281,12 @@ async fn job_round(server: &Arc<Server>, client: &Client, name: &JobName, tally:
             continue;
         };
         let (s, c, j, h) = (server.clone(), client.clone(), job.clone(), handle.clone());
-        let copied = tokio::task::spawn_blocking(move || copy(&s, c, &h, &j, transfer, &info))
-            .await
-            .map_err(|e| Error::internal(format!("a copy panicked: {e}")))?;
+        let copied = tokio::task::spawn_blocking(move || match s.pool() {
+            Some(pool) => super::pool_copy::copy(&s, &pool, c, &h, j.name(), transfer, &info),
+            None => copy(&s, c, &h, &j, transfer, &info),
+        })
+        .await
+        .map_err(|e| Error::internal(format!("a copy panicked: {e}")))?;
         match copied {
             Ok(Copied {
                 meta,
@@ -304,7 +309,8 @@ async fn job_round(server: &Arc<Server>, client: &Client, name: &JobName, tally:
         }
     }
     let here = held(server, &job).await?;
-    if owed == Owed::All && failure.is_none() {
+    // Not on a pool yet: its copies stay until removed there.
+    if owed == Owed::All && failure.is_none() && server.pool().is_none() {
         tally.expired += mirror_expiry(server, &job, &source, &here, at).await?;
     }
     if failure.is_none() && !disordered.is_empty() {
@@ -336,9 +342,12 @@ async fn job_round(server: &Arc<Server>, client: &Client, name: &JobName, tally:
 /// The revisions this server holds of `job`.
 async fn held(server: &Arc<Server>, job: &JobDir) -> Result<Vec<Listed>> {
     let (s, j) = (server.clone(), job.clone());
-    tokio::task::spawn_blocking(move || Ok(s.jobs.indexed(&j)?.revisions.iter().map(listed).collect()))
-        .await
-        .map_err(|e| Error::internal(format!("reading the index panicked: {e}")))?
+    tokio::task::spawn_blocking(move || match s.pool() {
+        Some(pool) => Ok(pool.revisions(j.name())?.iter().map(listed).collect()),
+        None => Ok(s.jobs.indexed(&j)?.revisions.iter().map(listed).collect()),
+    })
+    .await
+    .map_err(|e| Error::internal(format!("reading the index panicked: {e}")))?
 }
 
 /// Removes the copies the source expired (see
