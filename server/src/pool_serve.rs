@@ -26,12 +26,6 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use tokio::sync::mpsc;
 
-/// The lease: 30 s, renewed every 10 s, writes stop 5 s before it could
-/// expire (docs/DESIGN.md "The lease and fencing").
-const LEASE: (u64, u64, u64) = (30_000, 10_000, 5_000);
-/// Bounds every call to the cluster.
-const OP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
-
 /// The pool store of a server and the leases it holds.
 pub struct PoolBackend {
     pub store: PoolStore,
@@ -57,13 +51,14 @@ impl PoolBackend {
             keyring: c.keyring.clone(),
             pool: c.pool.clone(),
             namespace: c.namespace.clone(),
-            op_timeout: Some(OP_TIMEOUT),
+            op_timeout: Some(c.op_timeout.as_duration()),
         })?;
         let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
             .map(|h| h.trim().to_string())
             .unwrap_or_else(|_| "unknown-host".to_string());
-        let times = LeaseTimes::new(LEASE.0, LEASE.1, LEASE.2)
-            .map_err(|e| Error::internal(format!("lease times: {e}")))?;
+        // The store's lease, lease-renewal and lease-margin (docs/DESIGN.md
+        // "The lease and fencing"), checked at parse.
+        let times = c.lease_times()?;
         Ok(PoolBackend {
             store,
             name: format!("{host} {listen}"),
