@@ -13,6 +13,7 @@
 //! - `tool.rs`: `rbd import-diff` fed by a `DiffWriter`;
 //! - `push.rs`: [`PoolPush`]: a push's stream, checks and commit;
 //! - `delete.rs`: deletion with its journal, orphan removal;
+//! - `fence.rs`: blocklisting a job's previous holder and its writers;
 //! - `error.rs`: [`PoolError`], by kind.
 //!
 //! Every call blocks on the cluster: async callers use `spawn_blocking`.
@@ -20,6 +21,7 @@
 mod blocks;
 mod delete;
 mod error;
+mod fence;
 pub mod names;
 mod parts;
 mod push;
