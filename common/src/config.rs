@@ -955,13 +955,62 @@ impl ServerConfig {
     }
 }
 
+/// `server:` of client.yaml: one URL, or several (a list) tried in order
+/// when a connection fails: servers in front of one Ceph pool.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Servers(Vec<String>);
+
+impl Servers {
+    /// The URLs in the order to try them; never empty.
+    pub fn urls(&self) -> &[String] {
+        &self.0
+    }
+}
+
+impl From<&str> for Servers {
+    fn from(url: &str) -> Self {
+        Servers(vec![url.to_string()])
+    }
+}
+
+impl Serialize for Servers {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        match self.0.as_slice() {
+            [one] => s.serialize_str(one),
+            many => many.serialize(s),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Servers {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum OneOrMany {
+            One(String),
+            Many(Vec<String>),
+        }
+        let urls = match OneOrMany::deserialize(d)? {
+            OneOrMany::One(url) => vec![url],
+            OneOrMany::Many(urls) => urls,
+        };
+        if urls.is_empty() {
+            return Err(serde::de::Error::custom(
+                "server: give a URL or a list of at least one",
+            ));
+        }
+        Ok(Servers(urls))
+    }
+}
+
 /// `backy-client`'s configuration file.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case", deny_unknown_fields)]
 pub struct ClientConfig {
-    /// Server URL, e.g. `https://backup01:6023`.
+    /// Server URL, e.g. `https://backup01:6023`, or a list of them tried
+    /// in order when a connection fails (servers in front of one pool).
     #[serde(default)]
-    pub server: Option<String>,
+    pub server: Option<Servers>,
     /// File holding this client's bearer token (mode 0600).
     #[serde(default)]
     pub token_file: Option<PathBuf>,

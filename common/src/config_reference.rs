@@ -164,7 +164,7 @@ pub const CLIENT: ConfigReference = ConfigReference {
          guest, with BACKY_NODE); once pre-snapshot started, post-snapshot and cleanup always run.",
     ],
     keys: &[
-        key("server", "URL", Means("http://127.0.0.1:6023"), "The server; https:// for anything but the same host."),
+        key("server", "URL or list of URLs", Means("http://127.0.0.1:6023"), "The server; https:// for anything but the same host. A list names several servers in front of one Ceph pool, tried in order when a connection fails (the agent uses the first); a push refused because another of them holds the job's lease is sent once to that holder, which the refusal names."),
         key("token-file", "path", Unset, "This hypervisor's bearer token: the file `backy-server hash-token --generate` wrote (0600)."),
         key("ca", "path", Means("the system trust store"), "The CA the server's certificate must chain to (PEM)."),
         key("tls-server-name", "string", Unset, "The name the server's certificate carries, when the URL names the server otherwise (by address, say)."),

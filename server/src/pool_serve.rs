@@ -117,6 +117,37 @@ impl PoolBackend {
         Ok(keeper)
     }
 
+    /// Refuses (`Busy`, naming the holder's URL for the client to follow)
+    /// when another server holds `job`'s lease now: a plan there is
+    /// wasted. A free or expired lease is no refusal: the push takes it.
+    pub fn refuse_if_held_elsewhere(&self, job: &JobName) -> Result<()> {
+        if self.keepers().contains_key(job) {
+            return Ok(());
+        }
+        let name = lock_map(&self.name).clone();
+        let keeper = self.store.keeper(job, &name, self.times);
+        let context = |e: crate::pool::PoolError| Error::from(e).context(format!("job {job}"));
+        // The OSD lists no expired locker: one listed holds the lease now.
+        let Some(holder) = keeper.holder().map_err(|e| context(e.into()))? else {
+            return Ok(());
+        };
+        let own = self
+            .store
+            .cluster()
+            .instance_addr()
+            .map_err(|e| context(e.into()))?;
+        if crate::ceph::same_instance(&own, &holder.address) {
+            return Ok(());
+        }
+        Err(context(
+            crate::ceph::KeeperError::Busy {
+                oid: crate::pool::names::job_object(job),
+                holder: Some(holder),
+            }
+            .into(),
+        ))
+    }
+
     /// Fences the previous holder of a job taken over, if not done yet.
     fn fence_pending(&self, job: &JobName) -> Result<()> {
         let Some(previous) = lock_map(&self.unfenced).get(job).cloned() else {
@@ -244,6 +275,7 @@ pub fn plan(server: &Server, pool: &PoolBackend, req: &PlanRequest) -> Result<Pl
     let config = server.config();
     let schedule = config.schedule_of(config.job(&job)?);
     crate::revisions::check_tags(&req.tags, schedule, req.allow_unscheduled)?;
+    pool.refuse_if_held_elsewhere(&job)?;
     let revs = pool.revisions(&job)?;
     let mut reason = "ceph-rbd store: schedules are not evaluated yet, every push runs".to_string();
     let mut parent = crate::plan::choose_parent(&revs);
@@ -574,7 +606,11 @@ mod tests {
             ("[::]:6023", true, "https://backup01:6023"),
         ];
         for (bound, tls, url) in cases {
-            assert_eq!(advertised(bound.parse().unwrap(), tls, "backup01"), url, "{bound}");
+            assert_eq!(
+                advertised(bound.parse().unwrap(), tls, "backup01"),
+                url,
+                "{bound}"
+            );
         }
     }
 }

@@ -12,8 +12,9 @@
 //! - an operation not supported on a pool yet (forget, verify) is refused
 //!   with one line naming it, FAILED_PRECONDITION, and changes nothing;
 //! - the first server holds the job's lease: a push through the second is
-//!   refused naming the holder; stopped (SIGTERM), the first releases it
-//!   and the second pushes at once;
+//!   refused naming the holder, and the client sends it to the holder;
+//!   stopped (SIGTERM), the first releases it and the second pushes at
+//!   once;
 //! - a push that dies before its end frame leaves no revision; the writes
 //!   it left in the image's head make the next push full, equal to the
 //!   source;
@@ -26,10 +27,15 @@
 //!   refuses the job naming it while its lease lasts, takes it over after
 //!   (the take-over time is printed), fences it, and the half push is no
 //!   revision; the next push completes and restores equal; the killed
-//!   server restarted cannot push to the job;
+//!   server restarted cannot take the job (its push lands through the
+//!   holder);
 //! - a holder frozen (SIGSTOP) after its lease check, right before its
 //!   commit: taken over and fenced; continued, its commit is refused
 //!   (blocklisted) and nothing of it is a revision or a snapshot.
+//!
+//! A push through a server not holding the job's lease is sent by the
+//! client to the holder the refusal names; client.yaml's `server:` list
+//! is tried in order when a connection fails.
 
 mod confined;
 mod support;
@@ -168,29 +174,42 @@ fn pushes_land_as_snapshots_restore_equal_and_a_fresh_server_sees_them() {
     assert_eq!(pool.snapshots("vm1"), snaps);
 
     // The first server holds vm1's lease: a push through the second is
-    // refused naming the holder, and changes nothing.
+    // refused naming the holder, and the client sends it there (once).
     write_at(&src, 100, &pattern(5, 4096));
     let v3 = std::fs::read(&src).unwrap();
-    let out = second.client(&["push", "vm1", "--source", src.to_str().unwrap()]);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{stderr}");
-    assert!(stderr.contains("held by server"), "{stderr}");
-    assert!(stderr.contains("(ABORTED)"), "{stderr}");
-    assert_eq!(pool.snapshots("vm1"), snaps);
-    assert_eq!(second.revisions("vm1"), revs);
+    let (first_mark, second_mark) = (server.log_mark(), second.log_mark());
+    second.client_ok(&["push", "vm1", "--source", src.to_str().unwrap()]);
+    server.wait_log(first_mark, "committed revision to the pool");
+    assert!(
+        !second
+            .log_lines(second_mark)
+            .iter()
+            .any(|l| l.contains("committed revision")),
+        "the second server committed nothing"
+    );
+    let followed = second.revisions("vm1");
+    assert_eq!(followed.len(), 3, "{followed:?}");
+    assert_eq!(followed[2]["parent_id"], revs[1]["id"]);
+    let snaps = pool.snapshots("vm1");
+    assert!(
+        pool.export("vm1", Some(&snaps[2])) == v3,
+        "rbd export of the third snapshot equals v3"
+    );
 
     // Stopped, the first server releases the lease: the second takes it at
     // once (not after the lease's 30 s) and pushes incrementally.
     let mut server = server;
     server.terminate();
+    write_at(&src, 200, &pattern(7, 4096));
+    let v3b = std::fs::read(&src).unwrap();
     second.client_ok(&["push", "vm1", "--source", src.to_str().unwrap()]);
     let now = second.revisions("vm1");
-    assert_eq!(now.len(), 3, "{now:?}");
-    assert_eq!(now[2]["parent_id"], revs[1]["id"]);
+    assert_eq!(now.len(), 4, "{now:?}");
+    assert_eq!(now[3]["parent_id"], followed[2]["id"]);
     let snaps = pool.snapshots("vm1");
     assert!(
-        pool.export("vm1", Some(&snaps[2])) == v3,
-        "rbd export of the third snapshot equals v3"
+        pool.export("vm1", Some(&snaps[3])) == v3b,
+        "rbd export of the fourth snapshot equals the source"
     );
 
     // A push that dies before its end frame leaves no revision, but writes
@@ -215,7 +234,7 @@ fn pushes_land_as_snapshots_restore_equal_and_a_fresh_server_sees_them() {
             &[
                 "diff",
                 "--from-snap",
-                &snaps[2],
+                &snaps[3],
                 &format!("rbd/{}/vm1", pool.namespace),
             ],
             b"",
@@ -225,15 +244,15 @@ fn pushes_land_as_snapshots_restore_equal_and_a_fresh_server_sees_them() {
     assert!(!head.is_empty(), "the dead push wrote into the head");
     second.client_ok(&["push", "vm1", "--source", src.to_str().unwrap()]);
     let after = second.revisions("vm1");
-    assert_eq!(after.len(), 4, "{after:?}");
-    assert!(after[3]["parent_id"].is_null(), "planned full: {after:?}");
+    assert_eq!(after.len(), 5, "{after:?}");
+    assert!(after[4]["parent_id"].is_null(), "planned full: {after:?}");
     let snaps = pool.snapshots("vm1");
     assert!(
-        pool.export("vm1", Some(&snaps[3])) == v4,
+        pool.export("vm1", Some(&snaps[4])) == v4,
         "rbd export after the dead push equals v4"
     );
     assert!(
-        pool.export("vm1", Some(&snaps[2])) == v3,
+        pool.export("vm1", Some(&snaps[3])) == v3b,
         "the earlier snapshot is untouched"
     );
 
@@ -276,7 +295,8 @@ const LEASE_SECS: u64 = 6;
 
 /// A server config on the pool with a short lease.
 fn short_lease_config(conf: &Path, pool: &Confined) -> String {
-    let keys = format!("  lease: {LEASE_SECS}s\n  lease-renewal: 2s\n  lease-margin: 1s\n  op-timeout: 10s\n");
+    let keys =
+        format!("  lease: {LEASE_SECS}s\n  lease-renewal: 2s\n  lease-margin: 1s\n  op-timeout: 10s\n");
     config(conf, pool).replace("jobs:\n", &format!("{keys}jobs:\n"))
 }
 
@@ -297,12 +317,19 @@ fn spawn_client(server: &Server, args: &[&str]) -> std::process::Child {
 
 /// Waits (bounded) until process `pid` is stopped (state T).
 fn wait_stopped(pid: u32) {
-    wait_for("the server to stop itself", std::time::Duration::from_secs(60), || {
-        std::fs::read_to_string(format!("/proc/{pid}/stat"))
-            .ok()
-            .and_then(|s| s.rsplit_once(')').map(|(_, rest)| rest.trim_start().starts_with('T')))
-            .unwrap_or(false)
-    });
+    wait_for(
+        "the server to stop itself",
+        std::time::Duration::from_secs(60),
+        || {
+            std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .ok()
+                .and_then(|s| {
+                    s.rsplit_once(')')
+                        .map(|(_, rest)| rest.trim_start().starts_with('T'))
+                })
+                .unwrap_or(false)
+        },
+    );
 }
 
 fn signal(pid: u32, sig: rustix::process::Signal) {
@@ -311,23 +338,32 @@ fn signal(pid: u32, sig: rustix::process::Signal) {
 }
 
 /// Pushes through `server` until it takes the job's lease: each refused
-/// push must be ABORTED naming `holder`. At least one refusal is
-/// required (the holder's lease still lasted). Returns the time from
-/// `since` to the push that was let through.
-fn push_until_taken(server: &Server, src: &Path, holder: &str, since: std::time::Instant) -> std::time::Duration {
+/// push must be ABORTED naming `holder` (the client then fails to reach
+/// the holder it follows to: dead, or frozen and not answering within
+/// `--timeout 2`). At least one refusal is required (the holder's lease
+/// still lasted). Returns the time from `since` to the push that was let
+/// through.
+fn push_until_taken(
+    server: &Server,
+    src: &Path,
+    holder: &str,
+    since: std::time::Instant,
+) -> std::time::Duration {
     let mut refused = 0;
     let deadline = since + std::time::Duration::from_secs(3 * LEASE_SECS + 10);
     loop {
         let started = std::time::Instant::now();
-        let out = server.client(&["push", "vm1", "--source", src.to_str().unwrap()]);
+        let out = server.client(&["--timeout", "2", "push", "vm1", "--source", src.to_str().unwrap()]);
         let stderr = String::from_utf8_lossy(&out.stderr);
         if out.status.success() {
             assert!(refused > 0, "refused while the holder's lease lasted");
             return started - since;
         }
         assert!(
-            stderr.contains(&format!("held by server {holder} ")) && stderr.contains("(ABORTED)"),
-            "refused naming {holder}: {stderr}"
+            stderr.contains(&format!("held by server {holder} "))
+                && stderr.contains("(ABORTED)")
+                && stderr.contains(&format!("following it to {holder}")),
+            "refused naming {holder}, which does not answer: {stderr}"
         );
         refused += 1;
         assert!(std::time::Instant::now() < deadline, "never taken over: {stderr}");
@@ -390,7 +426,10 @@ fn a_dead_or_frozen_holder_is_taken_over_after_its_lease_and_fenced() {
     b.wait_log(0, "fenced the job's previous holder");
     let revs = b.revisions("vm1");
     assert_eq!(revs.len(), 2, "the half push is no revision: {revs:?}");
-    assert!(revs[1]["parent_id"].is_null(), "the dirty head made it full: {revs:?}");
+    assert!(
+        revs[1]["parent_id"].is_null(),
+        "the dirty head made it full: {revs:?}"
+    );
     let snaps = pool.snapshots("vm1");
     assert_eq!(snaps.len(), 2, "{snaps:?}");
     assert!(pool.export("vm1", Some(&snaps[0])) == v1);
@@ -399,22 +438,28 @@ fn a_dead_or_frozen_holder_is_taken_over_after_its_lease_and_fenced() {
     b.client_ok(&["restore", "vm1", "-r", "latest", target.to_str().unwrap()]);
     assert!(std::fs::read(&target).unwrap() == v2, "restore through B");
 
-    // A restarted cannot push to the job B holds.
+    // A restarted cannot take the job B holds: it refuses naming B, and
+    // the client's push lands through B.
     a.restart_with_env(&[("BACKY_FAULT", "stop:lease.checked")]);
     write_at(&src, 5 * MIB, &pattern(3, MIB as usize));
-    let out = a.client(&["push", "vm1", "--source", src.to_str().unwrap()]);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    let v3 = std::fs::read(&src).unwrap();
+    let (a_mark, b_mark) = (a.log_mark(), b.log_mark());
+    a.client_ok(&["push", "vm1", "--source", src.to_str().unwrap()]);
+    b.wait_log(b_mark, "committed revision to the pool");
     assert!(
-        stderr.contains(&format!("held by server {} ", b.url)) && stderr.contains("(ABORTED)"),
-        "{stderr}"
+        !a.log_lines(a_mark)
+            .iter()
+            .any(|l| l.contains("committed revision")),
+        "A committed nothing"
     );
-    assert_eq!(b.revisions("vm1"), revs);
+    let revs = b.revisions("vm1");
+    assert_eq!(revs.len(), 3, "{revs:?}");
 
     // The holder that did not die: B releases, A takes the lease and is
     // frozen after its lease check, right before its commit. B takes over
     // after the lease and fences A; continued, A's commit is refused.
     b.terminate();
+    write_at(&src, 7 * MIB, &pattern(8, 4096));
     let frozen = spawn_client(&a, &["push", "vm1", "--source", src.to_str().unwrap()]);
     wait_stopped(a.pid());
     let stopped = std::time::Instant::now();
@@ -433,12 +478,78 @@ fn a_dead_or_frozen_holder_is_taken_over_after_its_lease_and_fenced() {
         "refused as blocklisted or by the epoch: {stderr}"
     );
     let after = b.revisions("vm1");
-    assert_eq!(after.len(), 3, "{after:?}");
-    assert_eq!(after[..2], revs[..], "B's revisions intact");
+    assert_eq!(after.len(), 4, "{after:?}");
+    assert_eq!(after[..3], revs[..], "B's revisions intact");
     let snaps = pool.snapshots("vm1");
     let ids: Vec<&str> = after.iter().map(|r| r["id"].as_str().unwrap()).collect();
-    assert_eq!(snaps.len(), 3, "no snapshot of A's push: {snaps:?} {ids:?}");
-    for (snap, want) in snaps.iter().zip([&v1, &v2, &v4]) {
+    assert_eq!(snaps.len(), 4, "no snapshot of A's push: {snaps:?} {ids:?}");
+    for (snap, want) in snaps.iter().zip([&v1, &v2, &v3, &v4]) {
         assert!(pool.export("vm1", Some(snap)) == *want, "snapshot {snap}");
     }
+}
+
+/// A push reaching a server that does not hold the job's lease is
+/// refused naming the holder (in the error's details) and the client
+/// sends it there once; client.yaml's `server:` list is tried in order
+/// when a connection fails.
+#[test]
+fn a_push_through_another_server_follows_to_the_lease_holder() {
+    let Some(conf) = ceph_conf() else { return };
+    let pool = Confined::new(&conf, "follow");
+    let dir = tempfile::tempdir().unwrap();
+    let work = dir.path().join("work");
+    std::fs::create_dir_all(&work).unwrap();
+    let a = Server::start_config(&dir.path().join("a"), &config(&conf, &pool));
+    let b = Server::start_config(&dir.path().join("b"), &config(&conf, &pool));
+
+    let src = work.join("src.img");
+    make_image(&src, 8 * MIB, &[]);
+    write_at(&src, 0, &pattern(1, MIB as usize));
+    a.client_ok(&["push", "vm1", "--source", src.to_str().unwrap()]);
+
+    // A holds vm1: through B, with a dead server listed first.
+    write_at(&src, 5 * MIB, &pattern(2, MIB as usize));
+    let v2 = std::fs::read(&src).unwrap();
+    let client_yaml = work.join("client.yaml");
+    let dead = format!("http://127.0.0.1:{}", free_port());
+    std::fs::write(&client_yaml, format!("server: [\"{dead}\", \"{}\"]\n", b.url)).unwrap();
+    let (a_mark, b_mark) = (a.log_mark(), b.log_mark());
+    let out = std::process::Command::new(bin("backy-client"))
+        .args(["-v", "--config", client_yaml.to_str().unwrap()])
+        .args(["push", "vm1", "--source", src.to_str().unwrap()])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains(&format!("pushing through {}", a.url)),
+        "followed to A: {stderr}"
+    );
+    assert!(
+        stderr.contains("trying the next server"),
+        "the dead server first: {stderr}"
+    );
+    a.wait_log(a_mark, "committed revision to the pool");
+    assert!(
+        !b.log_lines(b_mark)
+            .iter()
+            .any(|l| l.contains("committed revision")),
+        "B committed nothing"
+    );
+    let revs = b.revisions("vm1");
+    assert_eq!(
+        revs.len(),
+        2,
+        "status through B shows the push through A: {revs:?}"
+    );
+    let snaps = pool.snapshots("vm1");
+    assert!(pool.export("vm1", Some(&snaps[1])) == v2);
+
+    // Without a server to follow to (--server names B only, and B is
+    // refused again by A's lease): the push through B is followed too.
+    write_at(&src, 0, &pattern(3, 4096));
+    let out = b.client(&["push", "vm1", "--source", src.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(b.revisions("vm1").len(), 3);
 }

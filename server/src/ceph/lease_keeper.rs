@@ -87,6 +87,19 @@ impl KeeperError {
         matches!(self, KeeperError::Busy { .. })
     }
 
+    /// The holder's URL when another server holds the lease: its cookie,
+    /// if it is one (`http://` or `https://`).
+    pub fn holder_url(&self) -> Option<&str> {
+        match self {
+            KeeperError::Busy { holder: Some(l), .. }
+                if l.cookie.starts_with("https://") || l.cookie.starts_with("http://") =>
+            {
+                Some(&l.cookie)
+            }
+            _ => None,
+        }
+    }
+
     /// The cluster error underneath, if any (`is_blocklisted`, ...).
     pub fn ceph(&self) -> Option<&CephError> {
         match self {
@@ -403,7 +416,8 @@ pub fn same_instance(own: &str, address: &str) -> bool {
             .to_string()
     };
     let address = bare(address);
-    own.split([',', '[', ']']).any(|a| !a.is_empty() && bare(a) == address)
+    own.split([',', '[', ']'])
+        .any(|a| !a.is_empty() && bare(a) == address)
 }
 
 /// The stored form of an epoch; 0 is "no xattr", which compares as empty.

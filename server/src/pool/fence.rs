@@ -35,4 +35,3 @@ impl PoolStore {
         Ok(addresses)
     }
 }
-
