@@ -360,10 +360,16 @@ mod tests {
             kind: WireKind::Busy as i32,
             reason: 999,
             retryable: true,
+            redirect: String::new(),
         });
         assert_eq!(
             error_of_detail(&newer),
             Some((ErrorKind::Busy, Reason::Unspecified))
         );
+        assert_eq!(redirect_of_detail(&newer), None);
+        let to = error_detail_to(ErrorKind::Busy, Reason::Unspecified, Some("https://b:6023"));
+        assert_eq!(error_of_detail(&to), Some((ErrorKind::Busy, Reason::Unspecified)));
+        assert_eq!(redirect_of_detail(&to).as_deref(), Some("https://b:6023"));
+        assert_eq!(redirect_of_detail(&bytes), None);
     }
 }
