@@ -783,8 +783,10 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
         return run_live_restore(&cli, cmd);
     }
     let config = settings::load(cli.config.as_deref())?;
-    let url = settings::server_url(cli.server.as_deref(), &config);
-    connect::check_url(&url)?;
+    let urls = settings::server_urls(cli.server.as_deref(), &config);
+    for url in &urls {
+        connect::check_url(url)?;
+    }
     let creds = connect::Credentials::load(&connect::CredentialFiles {
         token_file: cli.token_file.as_deref().or(config.token_file.as_deref()),
         ca: cli.ca.as_deref().or(config.ca.as_deref()),
@@ -803,7 +805,7 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
         // An export stops on a signal by itself, and says what it served.
         let exporting = matches!(cli.command, Command::Export(_));
         tokio::select! {
-            result = dispatch(&cli, &url, &creds, &config) => result,
+            result = dispatch(&cli, &urls, &creds, &config) => result,
             // Stopping is how an agent ends (systemd, ^C): not an error.
             signal = interrupted(), if !exporting => if matches!(cli.command, Command::Agent(_)) {
                 tracing::info!("agent stopping on {signal}");
@@ -819,10 +821,32 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
     result
 }
 
+/// Connects to the first of `urls` that answers, in order (servers in
+/// front of one pool); the last error when none does.
+async fn connect_first(
+    urls: &[String],
+    creds: &connect::Credentials,
+    timeout: std::time::Duration,
+) -> backy_common::Result<connect::Client> {
+    let mut last = None;
+    for url in urls {
+        match connect::connect_within(url, creds, timeout).await {
+            Ok(client) => return Ok(client),
+            Err(e) => {
+                if urls.len() > 1 {
+                    tracing::warn!("{url}: {e}; trying the next server");
+                }
+                last = Some(e);
+            }
+        }
+    }
+    Err(last.unwrap_or_else(|| backy_common::Error::invalid("no server to connect to")))
+}
+
 /// Runs the command; returns the exit status.
 async fn dispatch(
     cli: &Cli,
-    url: &str,
+    urls: &[String],
     creds: &connect::Credentials,
     config: &backy_common::config::ClientConfig,
 ) -> anyhow::Result<u8> {
@@ -840,7 +864,8 @@ async fn dispatch(
             workers: cmd.workers,
             connect_timeout: std::time::Duration::from_secs(cli.timeout),
         };
-        agent::run(url, creds, &options, jobs).await?;
+        // The agent keeps to the first server (it reconnects by itself).
+        agent::run(&urls[0], creds, &options, jobs).await?;
         return Ok(0);
     }
     if let Command::Push(cmd) = &cli.command {
@@ -858,7 +883,7 @@ async fn dispatch(
     }
     let progress = progress::Terminal::if_wanted(cli.json || cli.quiet);
     let timeout = std::time::Duration::from_secs(cli.timeout);
-    let mut client = connect::connect_within(url, creds, timeout).await?;
+    let mut client = connect_first(urls, creds, timeout).await?;
     // A command's result, unless --quiet.
     let result = |value: &dyn Reported| if cli.quiet { Ok(()) } else { value.print(cli.json) };
     match &cli.command {
@@ -911,7 +936,35 @@ async fn dispatch(
                     .map(|rate| backy_client::bwlimit::Limiter::new(Some(rate))),
                 group: None,
             };
-            if let Some(pushed) = push::push(&mut client, &args, &*progress).await? {
+            let pushed = match push::push(&mut client, &args, &*progress).await {
+                // Another server in front of the same pool holds the job:
+                // the push runs again there, once (a second refusal stands).
+                Err(e) if e.redirect.is_some() => {
+                    let holder = e.redirect.clone().unwrap_or_default();
+                    let refused = e.to_string();
+                    let following = || format!("{refused}; following it to {holder}");
+                    connect::check_url(&holder).with_context(following)?;
+                    tracing::info!(job = %cmd.job, "{refused}: pushing through {holder}");
+                    let mut there = connect::connect_within(&holder, creds, timeout)
+                        .await
+                        .with_context(following)?;
+                    // A holder that stopped answering (frozen, partitioned)
+                    // is no place to send a push to: it must answer first.
+                    tokio::time::timeout(timeout, connect::server_protocol(&mut there))
+                        .await
+                        .map_err(|_| {
+                            backy_common::Error::unavailable(format!(
+                                "no answer within {} s",
+                                timeout.as_secs()
+                            ))
+                        })
+                        .and_then(|answered| answered)
+                        .with_context(following)?;
+                    push::push(&mut there, &args, &*progress).await?
+                }
+                other => other?,
+            };
+            if let Some(pushed) = pushed {
                 result(&pushed)?;
             } else if !cli.quiet && (cli.verbose > 0 || (!cli.json && std::io::stdout().is_terminal())) {
                 // Not due: silent for cron and timers; a person is told

@@ -73,6 +73,7 @@ impl From<QmpError> for Error {
             kind,
             message: e.to_string(),
             reason: backy_common::Reason::Unspecified,
+            redirect: None,
         }
     }
 }

@@ -28,11 +28,14 @@ pub fn config_name(explicit: Option<&Path>) -> String {
     }
 }
 
-/// The server URL to use.
-pub fn server_url(flag: Option<&str>, config: &ClientConfig) -> String {
-    flag.or(config.server.as_deref())
-        .map(str::to_string)
-        .unwrap_or_else(|| format!("http://{DEFAULT_LISTEN}"))
+/// The server URLs to try, in order: `--server`, else the config's
+/// `server` (one or a list), else the default address.
+pub fn server_urls(flag: Option<&str>, config: &ClientConfig) -> Vec<String> {
+    match (flag, &config.server) {
+        (Some(url), _) => vec![url.to_string()],
+        (None, Some(servers)) => servers.urls().to_vec(),
+        (None, None) => vec![format!("http://{DEFAULT_LISTEN}")],
+    }
 }
 
 #[cfg(test)]
@@ -45,11 +48,11 @@ mod tests {
             server: Some("http://backup:6023".into()),
             ..ClientConfig::default()
         };
-        assert_eq!(server_url(Some("http://x:1"), &cfg), "http://x:1");
-        assert_eq!(server_url(None, &cfg), "http://backup:6023");
+        assert_eq!(server_urls(Some("http://x:1"), &cfg), ["http://x:1"]);
+        assert_eq!(server_urls(None, &cfg), ["http://backup:6023"]);
         assert_eq!(
-            server_url(None, &ClientConfig::default()),
-            "http://127.0.0.1:6023"
+            server_urls(None, &ClientConfig::default()),
+            ["http://127.0.0.1:6023"]
         );
     }
 
@@ -60,7 +63,12 @@ mod tests {
         assert!(e.message.starts_with("reading config"), "{}", e.message);
         let path = dir.path().join("client.yaml");
         std::fs::write(&path, "server: http://b:7\n").unwrap();
-        assert_eq!(load(Some(&path)).unwrap().server.as_deref(), Some("http://b:7"));
+        assert_eq!(load(Some(&path)).unwrap().server, Some("http://b:7".into()));
+        std::fs::write(&path, "server: [\"http://a:7\", \"http://b:7\"]\n").unwrap();
+        let cfg = load(Some(&path)).unwrap();
+        assert_eq!(server_urls(None, &cfg), ["http://a:7", "http://b:7"]);
+        std::fs::write(&path, "server: []\n").unwrap();
+        assert!(load(Some(&path)).unwrap_err().message.contains("at least one"));
         std::fs::write(&path, "sever: x\n").unwrap();
         assert!(load(Some(&path)).unwrap_err().message.contains("unknown field"));
     }

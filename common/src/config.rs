@@ -188,6 +188,37 @@ pub struct CephStoreConfig {
     /// A RADOS namespace in the pool.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub namespace: Option<String>,
+    /// How long a job's lease lasts without a renewal: after a holder
+    /// dies, another server takes its jobs this long after its last
+    /// renewal.
+    #[serde(default = "default_lease")]
+    pub lease: Interval,
+    /// How often a holder renews its leases.
+    #[serde(default = "default_lease_renewal")]
+    pub lease_renewal: Interval,
+    /// A holder stops writing this long before its lease could expire
+    /// (clock rate differences, a slow reply).
+    #[serde(default = "default_lease_margin")]
+    pub lease_margin: Interval,
+    /// Bounds every call to the cluster.
+    #[serde(default = "default_op_timeout")]
+    pub op_timeout: Interval,
+}
+
+fn default_lease() -> Interval {
+    Interval::from_secs(30)
+}
+
+fn default_lease_renewal() -> Interval {
+    Interval::from_secs(10)
+}
+
+fn default_lease_margin() -> Interval {
+    Interval::from_secs(5)
+}
+
+fn default_op_timeout() -> Interval {
+    Interval::from_secs(30)
 }
 
 /// Whose stored blocks a push may be told about. Unless `off`, written
@@ -621,7 +652,25 @@ impl CephStoreConfig {
                 "store: namespace is empty (leave it out for none)",
             ));
         }
+        // Intervals are never zero (the parser refuses "0s").
+        self.lease_times()?;
         Ok(())
+    }
+
+    /// The lease's timing from `lease`, `lease-renewal` and `lease-margin`:
+    /// a holder renews before it must stop writing, and stops before
+    /// another server can take the job.
+    pub fn lease_times(&self) -> Result<crate::lease::LeaseTimes> {
+        let ms = |i: Interval| i.secs().saturating_mul(1000);
+        crate::lease::LeaseTimes::new(ms(self.lease), ms(self.lease_renewal), ms(self.lease_margin)).map_err(
+            |_| {
+                Error::invalid(format!(
+                    "store: lease-renewal {} must be more than 0 and less than lease {} less \
+                     lease-margin {}",
+                    self.lease_renewal, self.lease, self.lease_margin
+                ))
+            },
+        )
     }
 }
 
@@ -901,13 +950,62 @@ impl ServerConfig {
     }
 }
 
+/// `server:` of client.yaml: one URL, or several (a list) tried in order
+/// when a connection fails: servers in front of one Ceph pool.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Servers(Vec<String>);
+
+impl Servers {
+    /// The URLs in the order to try them; never empty.
+    pub fn urls(&self) -> &[String] {
+        &self.0
+    }
+}
+
+impl From<&str> for Servers {
+    fn from(url: &str) -> Self {
+        Servers(vec![url.to_string()])
+    }
+}
+
+impl Serialize for Servers {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        match self.0.as_slice() {
+            [one] => s.serialize_str(one),
+            many => many.serialize(s),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Servers {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum OneOrMany {
+            One(String),
+            Many(Vec<String>),
+        }
+        let urls = match OneOrMany::deserialize(d)? {
+            OneOrMany::One(url) => vec![url],
+            OneOrMany::Many(urls) => urls,
+        };
+        if urls.is_empty() {
+            return Err(serde::de::Error::custom(
+                "server: give a URL or a list of at least one",
+            ));
+        }
+        Ok(Servers(urls))
+    }
+}
+
 /// `backy-client`'s configuration file.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case", deny_unknown_fields)]
 pub struct ClientConfig {
-    /// Server URL, e.g. `https://backup01:6023`.
+    /// Server URL, e.g. `https://backup01:6023`, or a list of them tried
+    /// in order when a connection fails (servers in front of one pool).
     #[serde(default)]
-    pub server: Option<String>,
+    pub server: Option<Servers>,
     /// File holding this client's bearer token (mode 0600).
     #[serde(default)]
     pub token_file: Option<PathBuf>,
@@ -1435,6 +1533,31 @@ jobs:
         let c = c.ceph_store().unwrap();
         assert_eq!(c.keyring.as_deref(), Some(std::path::Path::new("/k")));
         assert_eq!(c.namespace.as_deref(), Some("backy"));
+        let times = c.lease_times().unwrap();
+        assert_eq!(
+            (
+                times.duration,
+                times.renew_after,
+                times.margin,
+                c.op_timeout.secs()
+            ),
+            (30_000, 10_000, 5_000, 30),
+            "the defaults"
+        );
+        let quick =
+            format!("{GOOD}{POOL}  lease: 6s\n  lease-renewal: 2s\n  lease-margin: 1s\n  op-timeout: 5s\n");
+        let q = ServerConfig::from_yaml(&quick, "t").unwrap();
+        let q = q.ceph_store().unwrap();
+        let times = q.lease_times().unwrap();
+        assert_eq!(
+            (
+                times.duration,
+                times.renew_after,
+                times.margin,
+                q.op_timeout.secs()
+            ),
+            (6_000, 2_000, 1_000, 5)
+        );
         assert_eq!(
             plain.reload_refusal(&cfg).as_deref(),
             Some("store cannot change without a restart")
@@ -1459,6 +1582,23 @@ jobs:
             ),
             (format!("{POOL}  namespace: \"\"\n"), "namespace is empty"),
             (format!("{POOL}  user: x\n"), "unknown field"),
+            (
+                format!("{POOL}  lease: 10s\n  lease-renewal: 8s\n  lease-margin: 2s\n"),
+                "store: lease-renewal 8s must be more than 0 and less than lease 10s less lease-margin 2s",
+            ),
+            (
+                format!("{POOL}  lease-renewal: 0s\n"),
+                "interval \"0s\" must be longer than zero",
+            ),
+            (
+                format!("{POOL}  lease: 5s\n  lease-renewal: 1s\n  lease-margin: 5s\n"),
+                "less than lease 5s less lease-margin 5s",
+            ),
+            (
+                format!("{POOL}  lease: 30s\n  lease-renewal: 30s\n"),
+                "less than lease 30s",
+            ),
+            (format!("{POOL}  lease: soon\n"), "bad interval"),
             (POOL.replace("  pool: backups\n", ""), "missing field `pool`"),
         ] {
             let e = ServerConfig::from_yaml(&format!("{GOOD}{text}"), "t").unwrap_err();

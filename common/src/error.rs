@@ -99,6 +99,10 @@ pub struct Error {
     pub kind: ErrorKind,
     pub message: String,
     pub reason: Reason,
+    /// The URL of the server that serves this request instead (the job's
+    /// lease holder in front of a shared pool): a client may send the same
+    /// request there once.
+    pub redirect: Option<String>,
 }
 
 impl fmt::Display for Error {
@@ -115,7 +119,7 @@ macro_rules! ctor {
             $(
                 #[doc = concat!("An error of kind [`ErrorKind::", stringify!($kind), "`].")]
                 pub fn $name(message: impl Into<String>) -> Self {
-                    Error { kind: ErrorKind::$kind, message: message.into(), reason: Reason::Unspecified }
+                    Error { kind: ErrorKind::$kind, message: message.into(), reason: Reason::Unspecified, redirect: None }
                 }
             )*
         }
@@ -159,7 +163,14 @@ impl Error {
             kind,
             message: msg,
             reason: Reason::Unspecified,
+            redirect: None,
         }
+    }
+
+    /// The same error, naming the server to send the request to instead.
+    pub fn with_redirect(mut self, url: impl Into<String>) -> Self {
+        self.redirect = Some(url.into());
+        self
     }
 
     /// The same error, marked with `reason` for programs.

@@ -2,8 +2,10 @@
 //! process (as `kill -9` would: no unwinding, no cleanup) the first time it
 //! reaches the crash point `name`; `BACKY_FAULT=name@N` on the N-th time.
 //! `BACKY_FAULT=error:name[@N]` makes the error point `name` fail instead
-//! (an I/O error that late in an operation). Unset, each point costs one
-//! relaxed atomic load.
+//! (an I/O error that late in an operation). `BACKY_FAULT=stop:name[@N]`
+//! stops the process with SIGSTOP at the crash point `name` instead (a
+//! process frozen there: the test then sends SIGKILL or SIGCONT). Unset,
+//! each point costs one relaxed atomic load.
 //!
 //! Only with the cargo feature `fault-injection` (the test build of
 //! scripts/test.sh turns it on): without it every point is empty and the
@@ -59,11 +61,19 @@ pub fn mode(name: &str) -> bool {
     configured().is_some_and(|f| f.point.strip_prefix("mode:") == Some(name))
 }
 
-/// A named crash point.
+/// A named crash point (or stop point, `stop:name`).
 #[cfg(feature = "fault-injection")]
 pub fn point(name: &str) {
     if let Some(f) = configured() {
-        if f.point == name && f.hits.fetch_add(1, Ordering::SeqCst) + 1 == f.nth {
+        let stop = f.point.strip_prefix("stop:") == Some(name);
+        if (stop || f.point == name) && f.hits.fetch_add(1, Ordering::SeqCst) + 1 == f.nth {
+            if stop {
+                eprintln!("BACKY_FAULT: stopping at {name}@{}", f.nth);
+                // SAFETY: raise has no memory-safety preconditions.
+                unsafe { libc::raise(libc::SIGSTOP) };
+                eprintln!("BACKY_FAULT: continued at {name}@{}", f.nth);
+                return;
+            }
             eprintln!("BACKY_FAULT: aborting at {name}@{}", f.nth);
             std::process::abort();
         }

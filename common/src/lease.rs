@@ -13,8 +13,9 @@
 //! Time is milliseconds on one clock for every decision about one stored
 //! lease (in the pool: the OSD's, which judges a `rados lock` duration).
 //! A holder's own deadline, on its own clock, is [`LeaseTimes::stop_writing_at`].
-//! Not built yet: the store that keeps this record in the pool, the RPC
-//! redirect to the holder, the renewal loop.
+//! The pool's side is `server/src/ceph/lease_keeper.rs` (the lock, the
+//! epoch and holder xattrs) and `server/src/pool_serve.rs` (renewal,
+//! take-over with fencing).
 
 /// Milliseconds on the deciding clock.
 pub type Millis = u64;

@@ -79,6 +79,10 @@ fn server_everything() -> ServerConfig {
             keyring: Some("/keyring".into()),
             pool: "p".into(),
             namespace: Some("n".into()),
+            lease: Interval::from_secs(1),
+            lease_renewal: Interval::from_secs(1),
+            lease_margin: Interval::from_secs(1),
+            op_timeout: Interval::from_secs(1),
         })),
         schedules: BTreeMap::from([(
             "someschedule".into(),
@@ -472,16 +476,23 @@ fn the_reference_defaults_are_the_parsers_defaults() {
                   jobs: {somejob: {schedule: someschedule}}\nclients: {someclient: {token-hash: h}}\n\
                   replicate: {source: 'https://s:1'}\n";
     let client = "jobs: {somejob: {source: {type: file, path: /f}}}\n";
+    // The store's keys, on a server with a pool (which cannot be a replica).
+    let pool = "base-dir: /b\njobs: {somejob: {schedule: none}}\n\
+                store: {type: ceph-rbd, conf: /c, id: i, pool: p}\n";
     let mut checked = 0;
     for (reference, minimal) in [
         (&config_reference::SERVER, server),
         (&config_reference::CLIENT, client),
     ] {
-        let minimal: serde_yaml::Value = serde_yaml::from_str(minimal).unwrap();
         for k in reference.keys {
             let KeyDefault::Is(value) = k.default else {
                 continue;
             };
+            let minimal = match k.path.starts_with("store.") {
+                true => pool,
+                false => minimal,
+            };
+            let minimal: serde_yaml::Value = serde_yaml::from_str(minimal).unwrap();
             let mut given = minimal.clone();
             set(&mut given, k.path, serde_yaml::from_str(value).unwrap());
             let same = if reference.page == config_reference::SERVER.page {

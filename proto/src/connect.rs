@@ -336,6 +336,7 @@ pub fn status_error(status: Status) -> Error {
             code_name(status.code())
         ),
         reason,
+        redirect: crate::redirect_of_detail(status.details()),
     }
 }
 

@@ -256,11 +256,23 @@ fn model_reason(r: ErrorReason) -> Reason {
 
 /// The encoded details of an error status: kind, reason, retryable.
 pub fn error_detail(kind: ErrorKind, reason: Reason) -> Vec<u8> {
+    error_detail_to(kind, reason, None)
+}
+
+/// [`error_detail`] naming the server to send the request to instead.
+pub fn error_detail_to(kind: ErrorKind, reason: Reason, redirect: Option<&str>) -> Vec<u8> {
     prost::Message::encode_to_vec(&ErrorDetail {
         kind: wire_kind(kind) as i32,
         reason: wire_reason(reason) as i32,
         retryable: kind.is_retryable(),
+        redirect: redirect.unwrap_or_default().to_string(),
     })
+}
+
+/// The server an error status's details send the request to, if any.
+pub fn redirect_of_detail(details: &[u8]) -> Option<String> {
+    let d: ErrorDetail = prost::Message::decode(details).ok()?;
+    (!d.redirect.is_empty()).then_some(d.redirect)
 }
 
 /// Kind and reason from an error status's details; `None` when there are
@@ -348,10 +360,16 @@ mod tests {
             kind: WireKind::Busy as i32,
             reason: 999,
             retryable: true,
+            redirect: String::new(),
         });
         assert_eq!(
             error_of_detail(&newer),
             Some((ErrorKind::Busy, Reason::Unspecified))
         );
+        assert_eq!(redirect_of_detail(&newer), None);
+        let to = error_detail_to(ErrorKind::Busy, Reason::Unspecified, Some("https://b:6023"));
+        assert_eq!(error_of_detail(&to), Some((ErrorKind::Busy, Reason::Unspecified)));
+        assert_eq!(redirect_of_detail(&to).as_deref(), Some("https://b:6023"));
+        assert_eq!(redirect_of_detail(&bytes), None);
     }
 }

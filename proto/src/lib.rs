@@ -12,8 +12,8 @@ mod convert;
 pub mod listing;
 
 pub use convert::{
-    datetime, error_detail, error_of_detail, group_instant, model_audit, model_storage, source_kind,
-    source_kind_name, timestamp, wire_audit, wire_group, wire_storage,
+    datetime, error_detail, error_detail_to, error_of_detail, group_instant, model_audit, model_storage,
+    redirect_of_detail, source_kind, source_kind_name, timestamp, wire_audit, wire_group, wire_storage,
 };
 pub use prost_types;
 pub use v1::*;

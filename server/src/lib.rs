@@ -162,6 +162,10 @@ pub async fn serve(config: ServerConfig, preflight: Preflight, config_path: Path
     // The bound address: with port 0 in the config, the port the kernel chose.
     let bound = listener.local_addr()?;
     tracing::info!("listening on {bound}");
+    if let Some(pool) = server.pool() {
+        // Lock records name this server by where clients reach it.
+        pool.set_address(bound, tls.is_some());
+    }
     let mut builder = tonic::transport::Server::builder()
         // As the client: windows of several 1 MiB frames, large frames.
         .tcp_nodelay(true)

@@ -5,10 +5,13 @@
 //! ([`unsupported`]); docs/DESIGN.md "Ceph pool store" lists what.
 //!
 //! The server takes a job's lease at its first push and keeps it
-//! (renewed by [`spawn_renewal`], released at shutdown): one server per
-//! pool for now, no take-over or redirects yet.
+//! (renewed by [`spawn_renewal`], released at shutdown). Several servers
+//! may stand in front of one pool: a push reaching a server while another
+//! holds the job is refused (ABORTED) naming the holder's URL; once the
+//! holder's lease expired (it died or froze), the next push takes the job
+//! over and fences the old holder first ([`PoolBackend::lease`]).
 
-use crate::ceph::LeaseKeeper;
+use crate::ceph::{LeaseKeeper, Locker};
 use crate::pool::{JobSpace, PoolConfig, PoolPush, PoolStore, SnapshotSpace};
 use crate::push::{Received, Step};
 use crate::state::Server;
@@ -27,19 +30,17 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use tokio::sync::mpsc;
 
-/// The lease: 30 s, renewed every 10 s, writes stop 5 s before it could
-/// expire (docs/DESIGN.md "The lease and fencing").
-const LEASE: (u64, u64, u64) = (30_000, 10_000, 5_000);
-/// Bounds every call to the cluster.
-const OP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
-
 /// The pool store of a server and the leases it holds.
 pub struct PoolBackend {
     pub store: PoolStore,
-    /// Names this server in lock records ("held by server NAME").
-    name: String,
+    /// Names this server in lock records ("held by server NAME"): the
+    /// URL clients reach it by, set once bound ([`PoolBackend::set_address`]).
+    name: Mutex<String>,
     times: LeaseTimes,
     keepers: Mutex<HashMap<JobName, Arc<Mutex<LeaseKeeper>>>>,
+    /// Jobs taken over from a holder this server has not fenced yet (the
+    /// blocklist failed): no write until it is.
+    unfenced: Mutex<HashMap<JobName, Locker>>,
 }
 
 /// One line for what a pool store does not do yet (FAILED_PRECONDITION).
@@ -58,38 +59,110 @@ impl PoolBackend {
             keyring: c.keyring.clone(),
             pool: c.pool.clone(),
             namespace: c.namespace.clone(),
-            op_timeout: Some(OP_TIMEOUT),
+            op_timeout: Some(c.op_timeout.as_duration()),
         })?;
-        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
-            .map(|h| h.trim().to_string())
-            .unwrap_or_else(|_| "unknown-host".to_string());
-        let times = LeaseTimes::new(LEASE.0, LEASE.1, LEASE.2)
-            .map_err(|e| Error::internal(format!("lease times: {e}")))?;
+        let host = host_name();
+        // The store's lease, lease-renewal and lease-margin (docs/DESIGN.md
+        // "The lease and fencing"), checked at parse.
+        let times = c.lease_times()?;
         Ok(PoolBackend {
             store,
-            name: format!("{host} {listen}"),
+            name: Mutex::new(format!("{host} {listen}")),
             times,
             keepers: Mutex::default(),
+            unfenced: Mutex::default(),
         })
+    }
+
+    /// Names this server by the URL clients reach it at (`bound`: the
+    /// listener's address, the port the kernel chose for port 0; an
+    /// unspecified address is named by the host name), before any lease.
+    pub fn set_address(&self, bound: std::net::SocketAddr, tls: bool) {
+        *lock_map(&self.name) = advertised(bound, tls, &host_name());
     }
 
     fn keepers(&self) -> std::sync::MutexGuard<'_, HashMap<JobName, Arc<Mutex<LeaseKeeper>>>> {
         self.keepers.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// The job's lease, taken now if this server does not hold it.
-    fn lease(&self, job: &JobName) -> Result<Arc<Mutex<LeaseKeeper>>> {
-        if let Some(k) = self.keepers().get(job) {
-            return Ok(k.clone());
+    /// The job's lease, taken now if this server does not hold it: free,
+    /// released, or expired. Taking over an expired lease fences its
+    /// previous holder first (see [`PoolStore::fence`]), so the caller may
+    /// clean the head and write. While another server holds it: `Busy`
+    /// (ABORTED), naming the holder.
+    pub fn lease(&self, job: &JobName) -> Result<Arc<Mutex<LeaseKeeper>>> {
+        let held = self.keepers().get(job).cloned();
+        if let Some(k) = held {
+            self.fence_pending(job)?;
+            return Ok(k);
         }
-        let mut keeper = self.store.keeper(job, &self.name, self.times);
-        keeper
-            .take()
-            .map_err(|e| Error::from(crate::pool::PoolError::from(e)).context(format!("job {job}")))?;
+        let context = |e: crate::pool::PoolError| Error::from(e).context(format!("job {job}"));
+        let name = lock_map(&self.name).clone();
+        let mut keeper = self.store.keeper(job, &name, self.times);
+        let started = std::time::Instant::now();
+        keeper.take().map_err(|e| context(e.into()))?;
         tracing::info!(job = %job, epoch = keeper.epoch(), "took the job's lease in the pool");
+        let previous = keeper.previous_holder().cloned();
         let keeper = Arc::new(Mutex::new(keeper));
         self.keepers().insert(job.clone(), keeper.clone());
+        if let Some(previous) = previous {
+            // It held the job and did not release it: its lease expired.
+            tracing::warn!(
+                job = %job, holder = %previous.cookie, client = %previous.client,
+                address = %previous.address, "took the job over from its previous holder"
+            );
+            lock_map(&self.unfenced).insert(job.clone(), previous);
+            self.fence_pending(job)?;
+            tracing::info!(job = %job, ms = started.elapsed().as_millis() as u64, "took over and fenced");
+        }
         Ok(keeper)
+    }
+
+    /// Refuses (`Busy`, naming the holder's URL for the client to follow)
+    /// when another server holds `job`'s lease now: a plan there is
+    /// wasted. A free or expired lease is no refusal: the push takes it.
+    pub fn refuse_if_held_elsewhere(&self, job: &JobName) -> Result<()> {
+        if self.keepers().contains_key(job) {
+            return Ok(());
+        }
+        let name = lock_map(&self.name).clone();
+        let keeper = self.store.keeper(job, &name, self.times);
+        let context = |e: crate::pool::PoolError| Error::from(e).context(format!("job {job}"));
+        // The OSD lists no expired locker: one listed holds the lease now.
+        let Some(holder) = keeper.holder().map_err(|e| context(e.into()))? else {
+            return Ok(());
+        };
+        let own = self
+            .store
+            .cluster()
+            .instance_addr()
+            .map_err(|e| context(e.into()))?;
+        if crate::ceph::same_instance(&own, &holder.address) {
+            return Ok(());
+        }
+        Err(context(
+            crate::ceph::KeeperError::Busy {
+                oid: crate::pool::names::job_object(job),
+                holder: Some(holder),
+            }
+            .into(),
+        ))
+    }
+
+    /// Fences the previous holder of a job taken over, if not done yet.
+    fn fence_pending(&self, job: &JobName) -> Result<()> {
+        let Some(previous) = lock_map(&self.unfenced).get(job).cloned() else {
+            return Ok(());
+        };
+        let fenced = self.store.fence(job, &previous).map_err(|e| {
+            Error::from(e).context(format!(
+                "job {job}: fencing its previous holder {} ({} at {})",
+                previous.cookie, previous.client, previous.address
+            ))
+        })?;
+        tracing::warn!(job = %job, addresses = ?fenced, "fenced the job's previous holder (blocklisted)");
+        lock_map(&self.unfenced).remove(job);
+        Ok(())
     }
 
     /// Renews every held lease; a lost one is dropped (the next push
@@ -191,6 +264,25 @@ pub(crate) fn lock(k: &Mutex<LeaseKeeper>) -> std::sync::MutexGuard<'_, LeaseKee
     k.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|_| "unknown-host".to_string())
+}
+
+/// The URL a client reaches a server bound at `bound` by.
+fn advertised(bound: std::net::SocketAddr, tls: bool, host: &str) -> String {
+    let scheme = if tls { "https" } else { "http" };
+    match bound.ip().is_unspecified() {
+        true => format!("{scheme}://{host}:{}", bound.port()),
+        false => format!("{scheme}://{bound}"),
+    }
+}
+
+fn lock_map<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 /// Renews the held leases on time until the process ends.
 pub fn spawn_renewal(pool: Arc<PoolBackend>) {
     let every = std::time::Duration::from_millis(pool.times.renew_after / 2);
@@ -219,6 +311,7 @@ pub fn plan(server: &Server, pool: &PoolBackend, req: &PlanRequest) -> Result<Pl
     let config = server.config();
     let schedule = config.schedule_of(config.job(&job)?);
     crate::revisions::check_tags(&req.tags, schedule, req.allow_unscheduled)?;
+    pool.refuse_if_held_elsewhere(&job)?;
     let revs = pool.revisions(&job)?;
     let mut reason = "ceph-rbd store: schedules are not evaluated yet, every push runs".to_string();
     let mut parent = crate::plan::choose_parent(&revs);
@@ -336,7 +429,11 @@ pub fn push(
     };
     let meta = loop {
         match rx.blocking_recv() {
-            Some(Step::Data(offset, data)) => rev.data(offset, &data)?,
+            Some(Step::Data(offset, data)) => {
+                rev.data(offset, &data)?;
+                // A server killed or frozen in the middle of a push.
+                backy_common::fault::point("pool.frame");
+            }
             Some(Step::Zero(offset, len)) => rev.zero(offset, len)?,
             Some(Step::Granules(block, _, _)) => {
                 let Some(answer) = answer.as_mut() else {
@@ -598,4 +695,26 @@ pub fn summary(
         space: status.space,
         ..JobSummary::default()
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::advertised;
+
+    #[test]
+    fn a_server_is_named_by_the_url_clients_reach_it_at() {
+        let cases = [
+            ("127.0.0.1:6023", false, "http://127.0.0.1:6023"),
+            ("[::1]:7", true, "https://[::1]:7"),
+            ("0.0.0.0:6023", true, "https://backup01:6023"),
+            ("[::]:6023", true, "https://backup01:6023"),
+        ];
+        for (bound, tls, url) in cases {
+            assert_eq!(
+                advertised(bound.parse().unwrap(), tls, "backup01"),
+                url,
+                "{bound}"
+            );
+        }
+    }
 }

@@ -48,7 +48,7 @@ pub fn to_status(e: Error) -> Status {
     Status::with_details(
         code_of(e.kind),
         crate::text::clip(&message),
-        backy_proto::error_detail(e.kind, e.reason).into(),
+        backy_proto::error_detail_to(e.kind, e.reason, e.redirect.as_deref()).into(),
     )
 }
 

@@ -12,13 +12,30 @@
 //! - an operation not supported on a pool yet (forget, verify) is refused
 //!   with one line naming it, FAILED_PRECONDITION, and changes nothing;
 //! - the first server holds the job's lease: a push through the second is
-//!   refused naming the holder; stopped (SIGTERM), the first releases it
-//!   and the second pushes at once;
+//!   refused naming the holder, and the client sends it to the holder;
+//!   stopped (SIGTERM), the first releases it and the second pushes at
+//!   once;
 //! - a push that dies before its end frame leaves no revision; the writes
 //!   it left in the image's head make the next push full, equal to the
 //!   source;
 //! - `check-config` names the store; `backy-server expire` and `dedup`
 //!   (the filesystem store's) are refused with one line.
+//!
+//! Two servers in front of the pool with a short lease (`store: lease`):
+//!
+//! - a holder killed with kill -9 in the middle of a push: the other server
+//!   refuses the job naming it while its lease lasts, takes it over after
+//!   (the take-over time is printed), fences it, and the half push is no
+//!   revision; the next push completes and restores equal; the killed
+//!   server restarted cannot take the job (its push lands through the
+//!   holder);
+//! - a holder frozen (SIGSTOP) after its lease check, right before its
+//!   commit: taken over and fenced; continued, its commit is refused
+//!   (blocklisted) and nothing of it is a revision or a snapshot.
+//!
+//! A push through a server not holding the job's lease is sent by the
+//! client to the holder the refusal names; client.yaml's `server:` list
+//! is tried in order when a connection fails.
 
 mod confined;
 mod support;
@@ -157,29 +174,42 @@ fn pushes_land_as_snapshots_restore_equal_and_a_fresh_server_sees_them() {
     assert_eq!(pool.snapshots("vm1"), snaps);
 
     // The first server holds vm1's lease: a push through the second is
-    // refused naming the holder, and changes nothing.
+    // refused naming the holder, and the client sends it there (once).
     write_at(&src, 100, &pattern(5, 4096));
     let v3 = std::fs::read(&src).unwrap();
-    let out = second.client(&["push", "vm1", "--source", src.to_str().unwrap()]);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{stderr}");
-    assert!(stderr.contains("held by server"), "{stderr}");
-    assert!(stderr.contains("(ABORTED)"), "{stderr}");
-    assert_eq!(pool.snapshots("vm1"), snaps);
-    assert_eq!(second.revisions("vm1"), revs);
+    let (first_mark, second_mark) = (server.log_mark(), second.log_mark());
+    second.client_ok(&["push", "vm1", "--source", src.to_str().unwrap()]);
+    server.wait_log(first_mark, "committed revision to the pool");
+    assert!(
+        !second
+            .log_lines(second_mark)
+            .iter()
+            .any(|l| l.contains("committed revision")),
+        "the second server committed nothing"
+    );
+    let followed = second.revisions("vm1");
+    assert_eq!(followed.len(), 3, "{followed:?}");
+    assert_eq!(followed[2]["parent_id"], revs[1]["id"]);
+    let snaps = pool.snapshots("vm1");
+    assert!(
+        pool.export("vm1", Some(&snaps[2])) == v3,
+        "rbd export of the third snapshot equals v3"
+    );
 
     // Stopped, the first server releases the lease: the second takes it at
     // once (not after the lease's 30 s) and pushes incrementally.
     let mut server = server;
     server.terminate();
+    write_at(&src, 200, &pattern(7, 4096));
+    let v3b = std::fs::read(&src).unwrap();
     second.client_ok(&["push", "vm1", "--source", src.to_str().unwrap()]);
     let now = second.revisions("vm1");
-    assert_eq!(now.len(), 3, "{now:?}");
-    assert_eq!(now[2]["parent_id"], revs[1]["id"]);
+    assert_eq!(now.len(), 4, "{now:?}");
+    assert_eq!(now[3]["parent_id"], followed[2]["id"]);
     let snaps = pool.snapshots("vm1");
     assert!(
-        pool.export("vm1", Some(&snaps[2])) == v3,
-        "rbd export of the third snapshot equals v3"
+        pool.export("vm1", Some(&snaps[3])) == v3b,
+        "rbd export of the fourth snapshot equals the source"
     );
 
     // A push that dies before its end frame leaves no revision, but writes
@@ -204,7 +234,7 @@ fn pushes_land_as_snapshots_restore_equal_and_a_fresh_server_sees_them() {
             &[
                 "diff",
                 "--from-snap",
-                &snaps[2],
+                &snaps[3],
                 &format!("rbd/{}/vm1", pool.namespace),
             ],
             b"",
@@ -214,15 +244,15 @@ fn pushes_land_as_snapshots_restore_equal_and_a_fresh_server_sees_them() {
     assert!(!head.is_empty(), "the dead push wrote into the head");
     second.client_ok(&["push", "vm1", "--source", src.to_str().unwrap()]);
     let after = second.revisions("vm1");
-    assert_eq!(after.len(), 4, "{after:?}");
-    assert!(after[3]["parent_id"].is_null(), "planned full: {after:?}");
+    assert_eq!(after.len(), 5, "{after:?}");
+    assert!(after[4]["parent_id"].is_null(), "planned full: {after:?}");
     let snaps = pool.snapshots("vm1");
     assert!(
-        pool.export("vm1", Some(&snaps[3])) == v4,
+        pool.export("vm1", Some(&snaps[4])) == v4,
         "rbd export after the dead push equals v4"
     );
     assert!(
-        pool.export("vm1", Some(&snaps[2])) == v3,
+        pool.export("vm1", Some(&snaps[3])) == v3b,
         "the earlier snapshot is untouched"
     );
 
@@ -257,4 +287,269 @@ fn pushes_land_as_snapshots_restore_equal_and_a_fresh_server_sees_them() {
         );
     }
     assert_eq!(pool.snapshots("vm1"), snaps);
+}
+
+/// Seconds of the short lease the take-over test runs with
+/// (`store: lease`), so a take-over takes seconds, not the default 30.
+const LEASE_SECS: u64 = 6;
+
+/// A server config on the pool with a short lease.
+fn short_lease_config(conf: &Path, pool: &Confined) -> String {
+    let keys =
+        format!("  lease: {LEASE_SECS}s\n  lease-renewal: 2s\n  lease-margin: 1s\n  op-timeout: 10s\n");
+    config(conf, pool).replace("jobs:\n", &format!("{keys}jobs:\n"))
+}
+
+/// `backy-client ARGS` through `server`, running in the background.
+fn spawn_client(server: &Server, args: &[&str]) -> std::process::Child {
+    std::process::Command::new(bin("backy-client"))
+        .arg("--server")
+        .arg(&server.url)
+        .arg("--config")
+        .arg(&server.client_config)
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("starting backy-client")
+}
+
+/// Waits (bounded) until process `pid` is stopped (state T).
+fn wait_stopped(pid: u32) {
+    wait_for(
+        "the server to stop itself",
+        std::time::Duration::from_secs(60),
+        || {
+            std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .ok()
+                .and_then(|s| {
+                    s.rsplit_once(')')
+                        .map(|(_, rest)| rest.trim_start().starts_with('T'))
+                })
+                .unwrap_or(false)
+        },
+    );
+}
+
+fn signal(pid: u32, sig: rustix::process::Signal) {
+    let pid = rustix::process::Pid::from_raw(pid as i32).expect("pid");
+    rustix::process::kill_process(pid, sig).expect("signal to backy-server");
+}
+
+/// Pushes through `server` until it takes the job's lease: each refused
+/// push must be ABORTED naming `holder` (the client then fails to reach
+/// the holder it follows to: dead, or frozen and not answering within
+/// `--timeout 2`). At least one refusal is required (the holder's lease
+/// still lasted). Returns the time from `since` to the push that was let
+/// through.
+fn push_until_taken(
+    server: &Server,
+    src: &Path,
+    holder: &str,
+    since: std::time::Instant,
+) -> std::time::Duration {
+    let mut refused = 0;
+    let deadline = since + std::time::Duration::from_secs(3 * LEASE_SECS + 10);
+    loop {
+        let started = std::time::Instant::now();
+        let out = server.client(&["--timeout", "2", "push", "vm1", "--source", src.to_str().unwrap()]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        if out.status.success() {
+            assert!(refused > 0, "refused while the holder's lease lasted");
+            return started - since;
+        }
+        assert!(
+            stderr.contains(&format!("held by server {holder} "))
+                && stderr.contains("(ABORTED)")
+                && stderr.contains(&format!("following it to {holder}")),
+            "refused naming {holder}, which does not answer: {stderr}"
+        );
+        refused += 1;
+        assert!(std::time::Instant::now() < deadline, "never taken over: {stderr}");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
+/// Several servers in front of one pool (issue 36 part 3): a holder killed
+/// mid-push, and a holder frozen after its lease check, are taken over by
+/// the other server after the lease, fenced, and nothing of theirs becomes
+/// a revision.
+#[test]
+fn a_dead_or_frozen_holder_is_taken_over_after_its_lease_and_fenced() {
+    let Some(conf) = ceph_conf() else { return };
+    let pool = Confined::new(&conf, "take");
+    let dir = tempfile::tempdir().unwrap();
+    let work = dir.path().join("work");
+    std::fs::create_dir_all(&work).unwrap();
+    let config = short_lease_config(&conf, &pool);
+    let mut a = Server::start_config(&dir.path().join("a"), &config);
+    let mut b = Server::start_config(&dir.path().join("b"), &config);
+    assert_ne!(a.url, b.url);
+
+    let size = 16 * MIB;
+    let src = work.join("src.img");
+    make_image(&src, size, &[]);
+    write_at(&src, 0, &pattern(1, MIB as usize));
+    let v1 = std::fs::read(&src).unwrap();
+    b.client_ok(&["push", "vm1", "--source", src.to_str().unwrap()]);
+    let revs = a.revisions("vm1");
+    assert_eq!(revs.len(), 1, "status through A shows B's push: {revs:?}");
+    // Stopped, B releases the lease: A may take it at once.
+    b.terminate();
+
+    // A is killed with kill -9 in the middle of a push: stopped at its
+    // fourth data frame (the client's data half sent), then SIGKILL.
+    a.restart_with_env(&[("BACKY_FAULT", "stop:pool.frame@4")]);
+    write_at(&src, 0, &pattern(2, size as usize));
+    let v2 = std::fs::read(&src).unwrap();
+    let dying = spawn_client(&a, &["push", "vm1", "--source", src.to_str().unwrap()]);
+    wait_stopped(a.pid());
+    let a_url = a.url.clone();
+    a.kill();
+    let killed = std::time::Instant::now();
+    let out = dying.wait_with_output().unwrap();
+    assert!(!out.status.success(), "the push through the killed server failed");
+
+    // B refuses the job while A's lease lasts (naming A), then takes it
+    // over; the half push is no revision, and B's push completes.
+    b.restart();
+    let taken = push_until_taken(&b, &src, &a_url, killed);
+    println!(
+        "take-over after kill -9 of the holder: {:.1} s (lease {LEASE_SECS} s, renewed every 2 s)",
+        taken.as_secs_f64()
+    );
+    assert!(
+        taken < std::time::Duration::from_secs(LEASE_SECS + 3),
+        "taken within the lease and a poll: {taken:?}"
+    );
+    b.wait_log(0, "fenced the job's previous holder");
+    let revs = b.revisions("vm1");
+    assert_eq!(revs.len(), 2, "the half push is no revision: {revs:?}");
+    assert!(
+        revs[1]["parent_id"].is_null(),
+        "the dirty head made it full: {revs:?}"
+    );
+    let snaps = pool.snapshots("vm1");
+    assert_eq!(snaps.len(), 2, "{snaps:?}");
+    assert!(pool.export("vm1", Some(&snaps[0])) == v1);
+    assert!(pool.export("vm1", Some(&snaps[1])) == v2);
+    let target = work.join("restored-v2.img");
+    b.client_ok(&["restore", "vm1", "-r", "latest", target.to_str().unwrap()]);
+    assert!(std::fs::read(&target).unwrap() == v2, "restore through B");
+
+    // A restarted cannot take the job B holds: it refuses naming B, and
+    // the client's push lands through B.
+    a.restart_with_env(&[("BACKY_FAULT", "stop:lease.checked")]);
+    write_at(&src, 5 * MIB, &pattern(3, MIB as usize));
+    let v3 = std::fs::read(&src).unwrap();
+    let (a_mark, b_mark) = (a.log_mark(), b.log_mark());
+    a.client_ok(&["push", "vm1", "--source", src.to_str().unwrap()]);
+    b.wait_log(b_mark, "committed revision to the pool");
+    assert!(
+        !a.log_lines(a_mark)
+            .iter()
+            .any(|l| l.contains("committed revision")),
+        "A committed nothing"
+    );
+    let revs = b.revisions("vm1");
+    assert_eq!(revs.len(), 3, "{revs:?}");
+
+    // The holder that did not die: B releases, A takes the lease and is
+    // frozen after its lease check, right before its commit. B takes over
+    // after the lease and fences A; continued, A's commit is refused.
+    b.terminate();
+    write_at(&src, 7 * MIB, &pattern(8, 4096));
+    let frozen = spawn_client(&a, &["push", "vm1", "--source", src.to_str().unwrap()]);
+    wait_stopped(a.pid());
+    let stopped = std::time::Instant::now();
+    b.restart();
+    write_at(&src, 9 * MIB, &pattern(4, MIB as usize));
+    let v4 = std::fs::read(&src).unwrap();
+    let taken = push_until_taken(&b, &src, &a.url, stopped);
+    println!("take-over from a frozen holder: {:.1} s", taken.as_secs_f64());
+    signal(a.pid(), rustix::process::Signal::CONT);
+    let out = frozen.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    println!("the frozen holder's push after SIGCONT: {stderr}");
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("ESHUTDOWN") || stderr.contains("lease epoch"),
+        "refused as blocklisted or by the epoch: {stderr}"
+    );
+    let after = b.revisions("vm1");
+    assert_eq!(after.len(), 4, "{after:?}");
+    assert_eq!(after[..3], revs[..], "B's revisions intact");
+    let snaps = pool.snapshots("vm1");
+    let ids: Vec<&str> = after.iter().map(|r| r["id"].as_str().unwrap()).collect();
+    assert_eq!(snaps.len(), 4, "no snapshot of A's push: {snaps:?} {ids:?}");
+    for (snap, want) in snaps.iter().zip([&v1, &v2, &v3, &v4]) {
+        assert!(pool.export("vm1", Some(snap)) == *want, "snapshot {snap}");
+    }
+}
+
+/// A push reaching a server that does not hold the job's lease is
+/// refused naming the holder (in the error's details) and the client
+/// sends it there once; client.yaml's `server:` list is tried in order
+/// when a connection fails.
+#[test]
+fn a_push_through_another_server_follows_to_the_lease_holder() {
+    let Some(conf) = ceph_conf() else { return };
+    let pool = Confined::new(&conf, "follow");
+    let dir = tempfile::tempdir().unwrap();
+    let work = dir.path().join("work");
+    std::fs::create_dir_all(&work).unwrap();
+    let a = Server::start_config(&dir.path().join("a"), &config(&conf, &pool));
+    let b = Server::start_config(&dir.path().join("b"), &config(&conf, &pool));
+
+    let src = work.join("src.img");
+    make_image(&src, 8 * MIB, &[]);
+    write_at(&src, 0, &pattern(1, MIB as usize));
+    a.client_ok(&["push", "vm1", "--source", src.to_str().unwrap()]);
+
+    // A holds vm1: through B, with a dead server listed first.
+    write_at(&src, 5 * MIB, &pattern(2, MIB as usize));
+    let v2 = std::fs::read(&src).unwrap();
+    let client_yaml = work.join("client.yaml");
+    let dead = format!("http://127.0.0.1:{}", free_port());
+    std::fs::write(&client_yaml, format!("server: [\"{dead}\", \"{}\"]\n", b.url)).unwrap();
+    let (a_mark, b_mark) = (a.log_mark(), b.log_mark());
+    let out = std::process::Command::new(bin("backy-client"))
+        .args(["-v", "--config", client_yaml.to_str().unwrap()])
+        .args(["push", "vm1", "--source", src.to_str().unwrap()])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains(&format!("pushing through {}", a.url)),
+        "followed to A: {stderr}"
+    );
+    assert!(
+        stderr.contains("trying the next server"),
+        "the dead server first: {stderr}"
+    );
+    a.wait_log(a_mark, "committed revision to the pool");
+    assert!(
+        !b.log_lines(b_mark)
+            .iter()
+            .any(|l| l.contains("committed revision")),
+        "B committed nothing"
+    );
+    let revs = b.revisions("vm1");
+    assert_eq!(
+        revs.len(),
+        2,
+        "status through B shows the push through A: {revs:?}"
+    );
+    let snaps = pool.snapshots("vm1");
+    assert!(pool.export("vm1", Some(&snaps[1])) == v2);
+
+    // Without a server to follow to (--server names B only, and B is
+    // refused again by A's lease): the push through B is followed too.
+    write_at(&src, 0, &pattern(3, 4096));
+    let out = b.client(&["push", "vm1", "--source", src.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(b.revisions("vm1").len(), 3);
 }

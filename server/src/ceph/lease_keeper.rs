@@ -27,6 +27,11 @@ use std::time::{Duration, Instant};
 pub const LEASE_LOCK: &str = "lease";
 /// The job object's xattr holding the last epoch handed out (decimal).
 pub const EPOCH_XATTR: &str = "epoch";
+/// The job object's xattr naming the holder of that epoch (client,
+/// address and cookie, one a line; empty once released): what a taker
+/// fences. The lock record cannot tell: the OSD drops an expired locker
+/// from it on every read.
+pub const HOLDER_XATTR: &str = "holder";
 
 #[derive(Debug, thiserror::Error)]
 pub enum KeeperError {
@@ -82,6 +87,19 @@ impl KeeperError {
         matches!(self, KeeperError::Busy { .. })
     }
 
+    /// The holder's URL when another server holds the lease: its cookie,
+    /// if it is one (`http://` or `https://`).
+    pub fn holder_url(&self) -> Option<&str> {
+        match self {
+            KeeperError::Busy { holder: Some(l), .. }
+                if l.cookie.starts_with("https://") || l.cookie.starts_with("http://") =>
+            {
+                Some(&l.cookie)
+            }
+            _ => None,
+        }
+    }
+
     /// The cluster error underneath, if any (`is_blocklisted`, ...).
     pub fn ceph(&self) -> Option<&CephError> {
         match self {
@@ -110,6 +128,9 @@ pub struct LeaseKeeper {
     /// Millis on the holder's clock count from here.
     origin: Instant,
     held: Option<Held>,
+    /// The holder before our last take, if it did not release (another
+    /// client instance): the caller fences it.
+    previous: Option<Locker>,
 }
 
 impl LeaseKeeper {
@@ -123,6 +144,7 @@ impl LeaseKeeper {
             times,
             origin: Instant::now(),
             held: None,
+            previous: None,
         }
     }
 
@@ -183,9 +205,18 @@ impl LeaseKeeper {
         }
         .take(&self.server, 0, self.times.duration)
         .map_err(|e| self.lease_error(e))?;
+        let previous = self.stored_holder()?;
+        let cluster = self.io.cluster();
+        let own = cluster.instance_addr()?;
+        let me = Locker {
+            client: cluster.client_name(),
+            cookie: self.server.clone(),
+            address: own.clone(),
+        };
         let cas = WriteOp::new()
             .cmpxattr(EPOCH_XATTR, XattrCmp::Eq, epoch_bytes(current).as_slice())
-            .setxattr(EPOCH_XATTR, taken.epoch.to_string().as_bytes());
+            .setxattr(EPOCH_XATTR, taken.epoch.to_string().as_bytes())
+            .setxattr(HOLDER_XATTR, holder_bytes(&me).as_slice());
         match self.io.operate(&self.oid, &cas) {
             Ok(()) => {}
             // Our lock lapsed between lock and write and a taker bumped it.
@@ -199,7 +230,30 @@ impl LeaseKeeper {
             epoch: taken.epoch,
             sent_at: self.millis(sent),
         });
+        self.previous = previous.filter(|p| !same_instance(&own, &p.address));
         Ok(taken.epoch)
+    }
+
+    /// The holder before the last take that did not release its lease:
+    /// another server (or an earlier incarnation of this one) that may
+    /// still write, until fenced.
+    pub fn previous_holder(&self) -> Option<&Locker> {
+        self.previous.as_ref()
+    }
+
+    /// The holder the job object names; `None` when released or never
+    /// taken. An unreadable value names nobody (logged).
+    fn stored_holder(&self) -> Result<Option<Locker>> {
+        let raw = match self.io.getxattr(&self.oid, HOLDER_XATTR) {
+            Ok(v) => v,
+            Err(e) if e.is_no_data() || e.is_not_found() => return Ok(None),
+            Err(e) => return Err(e.into()),
+        };
+        let parsed = parse_holder(&raw);
+        if parsed.is_none() && !raw.is_empty() {
+            tracing::warn!(oid = %self.oid, "lease holder xattr is unreadable: nobody to fence");
+        }
+        Ok(parsed)
     }
 
     fn lost(&self, yours: u64) -> KeeperError {
@@ -250,11 +304,17 @@ impl LeaseKeeper {
 
     /// Gives the lease up at once (the epoch stays: the next take is newer).
     pub fn release(&mut self) -> Result<()> {
-        if self.held.take().is_none() {
+        if self.held.is_none() {
             return Err(KeeperError::NotHeld {
                 oid: self.oid.clone(),
             });
         }
+        // A clean release leaves nobody for the next taker to fence. Past
+        // our deadline the next taker fences us: we are going anyway.
+        if let Err(e) = self.commit_if_holder(WriteOp::new().setxattr(HOLDER_XATTR, b"")) {
+            tracing::warn!(oid = %self.oid, "release: the holder stays named: {e}");
+        }
+        self.held = None;
         match self.io.unlock(&self.oid, LEASE_LOCK, &self.server) {
             // Expired and cleared, or broken: it is free either way.
             Err(e) if e.is_not_found() => Ok(()),
@@ -304,6 +364,8 @@ impl LeaseKeeper {
     /// comparison catches (the tests pass an old `now` to be that process).
     pub fn commit_if_holder_at(&mut self, op: WriteOp, now: Instant) -> Result<()> {
         let epoch = self.may_write_at(now)?;
+        // A holder frozen here, past its check, is what fencing is for.
+        backy_common::fault::point("lease.checked");
         let fenced =
             op.prepend(WriteOp::new().cmpxattr(EPOCH_XATTR, XattrCmp::Eq, epoch.to_string().as_bytes()));
         match self.io.operate(&self.oid, &fenced) {
@@ -327,6 +389,37 @@ impl LeaseKeeper {
     }
 }
 
+/// The stored form of a holder: client, address, cookie, one a line.
+fn holder_bytes(l: &Locker) -> Vec<u8> {
+    format!("{}\n{}\n{}", l.client, l.address, l.cookie).into_bytes()
+}
+
+fn parse_holder(raw: &[u8]) -> Option<Locker> {
+    let text = std::str::from_utf8(raw).ok()?;
+    let mut lines = text.splitn(3, '\n');
+    let (client, address, cookie) = (lines.next()?, lines.next()?, lines.next()?);
+    (!address.is_empty()).then(|| Locker {
+        client: client.to_string(),
+        address: address.to_string(),
+        cookie: cookie.to_string(),
+    })
+}
+
+/// Whether `address` (from a lock record, a holder xattr or a watcher
+/// list, with or without its `v1:`/`v2:` prefix) is one of `own`'s
+/// (possibly a `[v2:...,v1:...]` vector).
+pub fn same_instance(own: &str, address: &str) -> bool {
+    let bare = |a: &str| {
+        a.strip_prefix("v1:")
+            .or_else(|| a.strip_prefix("v2:"))
+            .unwrap_or(a)
+            .to_string()
+    };
+    let address = bare(address);
+    own.split([',', '[', ']'])
+        .any(|a| !a.is_empty() && bare(a) == address)
+}
+
 /// The stored form of an epoch; 0 is "no xattr", which compares as empty.
 fn epoch_bytes(epoch: u64) -> Vec<u8> {
     if epoch == 0 {
@@ -339,6 +432,30 @@ fn epoch_bytes(epoch: u64) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_holder_round_trips_and_a_bad_one_names_nobody() {
+        let l = Locker {
+            client: "client.4121".into(),
+            cookie: "https://backup01:6023".into(),
+            address: "v1:127.0.0.1:0/2237796526".into(),
+        };
+        assert_eq!(parse_holder(&holder_bytes(&l)), Some(l));
+        assert_eq!(parse_holder(b""), None, "released");
+        assert_eq!(parse_holder(b"client.1"), None);
+        assert_eq!(parse_holder(b"client.1\n\nx"), None);
+        assert_eq!(parse_holder(b"\xff\n1\n2"), None);
+    }
+
+    #[test]
+    fn own_addresses_match_with_or_without_the_protocol() {
+        let own = "[v2:127.0.0.1:0/3301,v1:127.0.0.1:0/3301]";
+        assert!(same_instance(own, "127.0.0.1:0/3301"));
+        assert!(same_instance(own, "v1:127.0.0.1:0/3301"));
+        assert!(same_instance("127.0.0.1:0/3301", "v2:127.0.0.1:0/3301"));
+        assert!(!same_instance(own, "127.0.0.1:0/3302"));
+        assert!(!same_instance(own, "127.0.0.1:0/330"));
+    }
 
     #[test]
     fn epoch_zero_is_the_missing_xattr() {

@@ -30,7 +30,7 @@ mod write_op;
 
 pub use cluster::{Cluster, ClusterConfig, IoCtx};
 pub use error::{errno_name, CephError, EBLOCKLISTED};
-pub use lease_keeper::{KeeperError, LeaseKeeper, EPOCH_XATTR, LEASE_LOCK};
+pub use lease_keeper::{same_instance, KeeperError, LeaseKeeper, EPOCH_XATTR, HOLDER_XATTR, LEASE_LOCK};
 pub use loader::LoadError;
 pub use lock::{LockInfo, LockRequest, Locker};
 pub use object::{ObjectStat, OmapPage};

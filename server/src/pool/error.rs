@@ -87,10 +87,17 @@ impl From<PoolError> for Error {
             PoolError::Model(m) => m.reason,
             _ => Reason::Unspecified,
         };
+        // Refused for another server's lease: the holder's cookie is the
+        // URL clients reach it at.
+        let redirect = match &e {
+            PoolError::Lease(k) => k.holder_url().map(str::to_string),
+            _ => None,
+        };
         Error {
             kind: e.kind(),
             message: e.to_string(),
             reason,
+            redirect,
         }
     }
 }

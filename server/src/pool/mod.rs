@@ -14,6 +14,7 @@
 //! - `push.rs`: [`PoolPush`]: a push's stream, checks and commit;
 //! - `delete.rs`: deletion with its journal, orphan removal;
 //! - `space.rs`: what a job takes in the pool, as `rbd du` counts it;
+//! - `fence.rs`: blocklisting a job's previous holder and its writers;
 //! - `error.rs`: [`PoolError`], by kind.
 //!
 //! Every call blocks on the cluster: async callers use `spawn_blocking`.
@@ -21,6 +22,7 @@
 mod blocks;
 mod delete;
 mod error;
+mod fence;
 pub mod names;
 mod parts;
 mod push;
