@@ -8,6 +8,8 @@
 //! (renewed by [`spawn_renewal`], released at shutdown): one server per
 //! pool for now, no take-over or redirects yet.
 
+pub mod change;
+
 use crate::ceph::LeaseKeeper;
 use crate::pool::{PoolConfig, PoolPush, PoolStore};
 use crate::push::{Received, Step};
@@ -289,6 +291,10 @@ pub fn push(
             Some((meta.clone(), manifest))
         }
     };
+    // Protected from forget before the keeper's lock is taken to begin
+    // (see `change::forget`).
+    let parent_id = parent.as_ref().map(|(m, _)| m.id);
+    _running.set_parent(parent_id);
     let spec = crate::push::new_revision_spec(&begin, id, tags, None, None);
     let mut rev = {
         let k = lock(&keeper);
@@ -330,7 +336,9 @@ pub fn push(
                 // Sealing waits for rbd and reads blocks back: without the
                 // keeper's lock, so its renewal goes on meanwhile.
                 let sealed = rev.seal(&end)?;
-                break sealed.publish(&mut lock(&keeper))?;
+                let mut k = lock(&keeper);
+                change::check_parent(pool, &job, parent_id)?;
+                break sealed.publish(&mut k)?;
             }
             Some(Step::Abort(why)) => return Err(Error::invalid(why)),
             None => return Err(gone()),
@@ -377,6 +385,8 @@ pub fn stream_image(
     from: u64,
     tx: mpsc::Sender<std::result::Result<RestoreFrame, tonic::Status>>,
 ) -> Result<bool> {
+    // In use: a forget through this server is refused meanwhile.
+    let _reading = server.jobs.activity.start_read(job, meta.id);
     let send = |frame: Frame| {
         let n = match &frame {
             Frame::Data(d) => d.data.len(),

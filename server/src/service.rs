@@ -193,6 +193,13 @@ impl Service {
             &str,
             crate::revisions::Apply,
         ) -> Result<Vec<backy_common::revision::RevisionMeta>>,
+        on_pool: fn(
+            &Server,
+            &crate::pool_serve::PoolBackend,
+            &str,
+            &str,
+            crate::revisions::Apply,
+        ) -> Result<Vec<backy_common::revision::RevisionMeta>>,
     ) -> std::result::Result<Response<RevisionsReply>, Status> {
         let action = if req.get_ref().dry_run {
             format!("{name} --dry-run")
@@ -200,13 +207,15 @@ impl Service {
             name.to_string()
         };
         let caller = self.check(&req, &req.get_ref().job, Action::Remove, &action)?;
-        self.refuse_on_pool(name)?;
         let server = self.server.clone();
         let req = req.into_inner();
         let (job, spec) = (req.job.clone(), req.revisions.clone());
-        let result = blocking(move || {
-            let job = server.job(&req.job)?;
-            change(&server, &job, &req.revisions, apply(req.dry_run))
+        let result = blocking(move || match server.pool() {
+            Some(pool) => on_pool(&server, &pool, &req.job, &req.revisions, apply(req.dry_run)),
+            None => {
+                let job = server.job(&req.job)?;
+                change(&server, &job, &req.revisions, apply(req.dry_run))
+            }
         })
         .await;
         audit_changed(&caller, &action, &job, &spec, &result);
@@ -951,8 +960,13 @@ impl Backy for Service {
         // A distrusted revision is no parent and no longer held as the
         // newest trusted one, so expiry may delete it: an operator's call.
         // Hypervisors report damage by `verify`, where the server checks.
-        self.remove_or_distrust(req, "distrust", crate::revisions::distrust)
-            .await
+        self.remove_or_distrust(
+            req,
+            "distrust",
+            crate::revisions::distrust,
+            crate::pool_serve::change::distrust,
+        )
+        .await
     }
 
     async fn tags(&self, req: Request<TagsRequest>) -> std::result::Result<Response<RevisionsReply>, Status> {
@@ -963,7 +977,6 @@ impl Backy for Service {
             tags_right(req.get_ref()),
             &tags_what(req.get_ref()),
         )?;
-        self.refuse_on_pool("changing tags")?;
         let server = self.server.clone();
         let req = req.into_inner();
         let action = match tags_request::Action::try_from(req.action) {
@@ -984,17 +997,20 @@ impl Backy for Service {
             if req.dry_run { " --dry-run" } else { "" },
             clip(&req.tags.join(","))
         );
-        let result = blocking(move || {
-            let job = server.job(&req.job)?;
-            crate::revisions::tags(
-                &server,
-                &job,
-                &req.revisions,
-                action,
-                &req.tags,
-                req.allow_unscheduled,
-                apply(req.dry_run),
-            )
+        let result = blocking(move || match server.pool() {
+            Some(pool) => crate::pool_serve::change::tags(&server, &pool, &req, action),
+            None => {
+                let job = server.job(&req.job)?;
+                crate::revisions::tags(
+                    &server,
+                    &job,
+                    &req.revisions,
+                    action,
+                    &req.tags,
+                    req.allow_unscheduled,
+                    apply(req.dry_run),
+                )
+            }
         })
         .await;
         audit_changed(&caller, &what, &job, &spec, &result);
@@ -1005,8 +1021,13 @@ impl Backy for Service {
         &self,
         req: Request<RevisionsRequest>,
     ) -> std::result::Result<Response<RevisionsReply>, Status> {
-        self.remove_or_distrust(req, "forget", crate::revisions::forget)
-            .await
+        self.remove_or_distrust(
+            req,
+            "forget",
+            crate::revisions::forget,
+            crate::pool_serve::change::forget,
+        )
+        .await
     }
 
     async fn report_failure(
@@ -1172,7 +1193,7 @@ fn tags_what(req: &TagsRequest) -> String {
     )
 }
 
-fn apply(dry_run: bool) -> crate::revisions::Apply {
+pub(crate) fn apply(dry_run: bool) -> crate::revisions::Apply {
     if dry_run {
         crate::revisions::Apply::DryRun
     } else {

@@ -9,7 +9,7 @@
 //! - restores of both equal the sources;
 //! - a second server started fresh on the same pool lists the same job and
 //!   revisions, and restores the same bytes;
-//! - an operation not supported on a pool yet (forget, verify) is refused
+//! - an operation not supported on a pool yet (a rollback) is refused
 //!   with one line naming it, FAILED_PRECONDITION, and changes nothing;
 //! - the first server holds the job's lease: a push through the second is
 //!   refused naming the holder; stopped (SIGTERM), the first releases it
@@ -134,25 +134,22 @@ fn pushes_land_as_snapshots_restore_equal_and_a_fresh_server_sees_them() {
     let all = second.client_ok(&["status", "--json"]);
     assert!(all.contains("\"vm1\""), "status of every job names vm1: {all}");
 
-    // Not supported on a pool yet: refused, one line, nothing changed.
-    for (args, what) in [
-        (
-            vec!["forget", "vm1", "-r", "1"],
-            "forget is not supported on a ceph-rbd store yet",
-        ),
-        (
-            vec!["verify", "vm1"],
-            "verify is not supported on a ceph-rbd store yet",
-        ),
-    ] {
-        let out = server.client(&args);
-        assert_eq!(out.status.code(), Some(1), "{args:?}");
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
-        assert_eq!(lines.len(), 1, "one line for {args:?}: {stderr}");
-        assert!(lines[0].contains(what), "{args:?}: {stderr}");
-        assert!(lines[0].ends_with("(FAILED_PRECONDITION)"), "{args:?}: {stderr}");
-    }
+    // Not supported on a pool yet: refused, one line, nothing changed. A
+    // rollback: the existing target of the revision's size, --force.
+    let rollback = work.join("rollback.img");
+    std::fs::write(&rollback, &v2).unwrap();
+    let out = server.client(&["restore", "vm1", "-r", "1", "--force", rollback.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    // The client says first what it is about to do; then one error line.
+    let lines: Vec<&str> = stderr.lines().filter(|l| l.contains("error:")).collect();
+    assert_eq!(lines.len(), 1, "one error line: {stderr}");
+    assert!(
+        lines[0].contains("a rollback (granules) is not supported on a ceph-rbd store yet"),
+        "{stderr}"
+    );
+    assert!(lines[0].ends_with("(FAILED_PRECONDITION)"), "{stderr}");
+    assert!(std::fs::read(&rollback).unwrap() == v2, "the target is untouched");
     assert_eq!(server.revisions("vm1"), revs);
     assert_eq!(pool.snapshots("vm1"), snaps);
 
@@ -257,4 +254,171 @@ fn pushes_land_as_snapshots_restore_equal_and_a_fresh_server_sees_them() {
         );
     }
     assert_eq!(pool.snapshots("vm1"), snaps);
+}
+
+/// A job on a schedule (tags are checked against it) on the pool.
+fn scheduled_config(conf: &Path, pool: &Confined) -> String {
+    config(conf, pool).replace(
+        "jobs:\n  vm1: {schedule: none}\n",
+        "schedules:\n  s: {daily: {interval: 1d, keep: 3}}\njobs:\n  vm1: {schedule: s}\n",
+    )
+}
+
+/// A refusal: exit 1, one line on stderr with the gRPC code and `needle`.
+fn refused(out: &std::process::Output, code: &str, needle: &str) {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "must fail: {stderr}");
+    assert_eq!(
+        stderr.lines().filter(|l| !l.trim().is_empty()).count(),
+        1,
+        "one line: {stderr}"
+    );
+    assert!(
+        stderr.contains(&format!("({code})")) && stderr.contains(needle),
+        "want {code} and {needle:?}: {stderr}"
+    );
+}
+
+fn tags_of(rev: &serde_json::Value) -> Vec<String> {
+    rev["tags"]
+        .as_array()
+        .unwrap_or_else(|| panic!("tags of {rev}"))
+        .iter()
+        .map(|t| t.as_str().unwrap().to_string())
+        .collect()
+}
+
+/// Tags, distrust and forget change the records in the pool (what a
+/// fresh server reads) with the filesystem store's checks and messages:
+/// tags outside the schedule or none at all are refused, a dry run
+/// changes nothing, a distrusted revision is no parent of the next push,
+/// a forget removes the snapshot and the record, a protected snapshot is
+/// refused whole, and a server not holding the lease changes nothing.
+#[test]
+fn tags_distrust_and_forget_change_the_records_in_the_pool() {
+    let Some(conf) = ceph_conf() else { return };
+    let pool = Confined::new(&conf, "chg");
+    let dir = tempfile::tempdir().unwrap();
+    let work = dir.path().join("work");
+    std::fs::create_dir_all(&work).unwrap();
+    let server = Server::start_config(&dir.path().join("backy"), &scheduled_config(&conf, &pool));
+    let size = 9 * MIB;
+    let src = work.join("src.img");
+    make_image(&src, size, &[]);
+    let push = |n: u64| {
+        write_at(&src, n * MIB, &pattern(n, 4096));
+        server.client_ok(&["push", "vm1", "--source", src.to_str().unwrap()]);
+        std::fs::read(&src).unwrap()
+    };
+    let v1 = push(1);
+    let _v2 = push(2);
+    let revs = server.revisions("vm1");
+    let ids = server.short_ids("vm1");
+    assert_eq!(ids, pool.snapshots("vm1"), "one snapshot per revision");
+    assert_eq!(tags_of(&revs[0]), ["daily"]);
+
+    // Refused as on the filesystem: one line, nothing changed.
+    let out = server.client(&["tags", "vm1", "-r", "1", "set", "keepme"]);
+    refused(
+        &out,
+        "INVALID_ARGUMENT",
+        "tag keepme not in the job's schedule (daily)",
+    );
+    let out = server.client(&["tags", "vm1", "-r", "1", "set"]);
+    refused(&out, "INVALID_ARGUMENT", "would be left without tags");
+    let out = server.client(&["tags", "vm1", "-r", "1", "remove", "daily"]);
+    refused(&out, "INVALID_ARGUMENT", "use forget to delete a revision");
+    let out = server.client(&["forget", "vm1", "-r", "7"]);
+    assert_eq!(out.status.code(), Some(1));
+    let text = server.client_ok(&["tags", "vm1", "-r", "1", "add", "manual:keep", "--dry-run"]);
+    assert!(
+        text.contains("would tag") && text.contains("daily,manual:keep"),
+        "{text}"
+    );
+    let text = server.client_ok(&["forget", "vm1", "-r", "all", "--dry-run"]);
+    assert_eq!(text.matches("would forget").count(), 2, "{text}");
+    let text = server.client_ok(&["distrust", "vm1", "-r", "0", "--dry-run"]);
+    assert!(text.contains("would distrust"), "{text}");
+    assert_eq!(
+        server.revisions("vm1"),
+        revs,
+        "refusals and dry runs change nothing"
+    );
+    assert_eq!(pool.snapshots("vm1"), ids);
+
+    // Tags: add, then remove, written to the records in the pool.
+    server.client_ok(&["tags", "vm1", "-r", "1", "add", "manual:keep"]);
+    let now = server.revisions("vm1");
+    assert_eq!(tags_of(&now[0]), ["daily", "manual:keep"]);
+    assert_eq!(tags_of(&now[1]), ["daily"]);
+    // A fresh server reads the same from the pool.
+    let second = Server::start_config(&dir.path().join("backy2"), &scheduled_config(&conf, &pool));
+    assert_eq!(second.revisions("vm1"), now);
+    server.client_ok(&["tags", "vm1", "-r", &ids[0], "remove", "manual:keep"]);
+    assert_eq!(tags_of(&server.revisions("vm1")[0]), ["daily"]);
+
+    // The second server does not hold the job's lease: refused, nothing changed.
+    for args in [
+        &["distrust", "vm1", "-r", "0"][..],
+        &["forget", "vm1", "-r", "0"][..],
+        &["tags", "vm1", "-r", "0", "add", "manual:x"][..],
+    ] {
+        refused(&second.client(args), "ABORTED", "held by server");
+    }
+    assert_eq!(second.revisions("vm1"), server.revisions("vm1"));
+
+    // Distrust the newest: it is no parent of the next push, whose
+    // revision still equals the source.
+    server.client_ok(&["distrust", "vm1", "-r", "0"]);
+    let now = server.revisions("vm1");
+    assert_eq!(now[1]["trust"], "distrusted", "{now:?}");
+    assert_eq!(now[0]["trust"], revs[0]["trust"]);
+    let v3 = push(3);
+    let now = server.revisions("vm1");
+    assert_eq!(now.len(), 3);
+    assert_ne!(
+        now[2]["parent_id"], now[1]["id"],
+        "a distrusted revision is no parent: {now:?}"
+    );
+    let snaps = pool.snapshots("vm1");
+    assert!(pool.export("vm1", Some(&snaps[2])) == v3);
+
+    // Forget the distrusted one: its snapshot and record go, the others stay.
+    let text = server.client_ok(&["forget", "vm1", "-r", &ids[1]]);
+    assert!(text.contains(&ids[1]), "{text}");
+    let after = server.short_ids("vm1");
+    assert_eq!(after, [ids[0].clone(), snaps[2].clone()]);
+    assert_eq!(pool.snapshots("vm1"), after, "rbd snap ls: the snapshot is gone");
+    let listed = ok(
+        pool.rados(&["listomapkeys", "backy.job.vm1"]),
+        "rados listomapkeys",
+    );
+    let listed = String::from_utf8_lossy(&listed);
+    assert!(!listed.contains(&ids[1]), "no record left: {listed}");
+    assert!(!listed.contains("deleting"), "no journal left: {listed}");
+    let target = work.join("restored.img");
+    server.client_ok(&["restore", "vm1", "-r", &ids[0], target.to_str().unwrap()]);
+    assert!(
+        std::fs::read(&target).unwrap() == v1,
+        "the older revision restores as before"
+    );
+
+    // A protected snapshot (rbd snap protect) is refused whole.
+    let protected = format!("{}@{}", pool.spec("vm1"), ids[0]);
+    ok(
+        pool.tool("rbd", &["snap", "protect", &protected], b""),
+        "rbd snap protect",
+    );
+    let out = server.client(&["forget", "vm1", "-r", "all"]);
+    refused(
+        &out,
+        "FAILED_PRECONDITION",
+        "is protected (rbd snap protect); nothing was deleted",
+    );
+    assert_eq!(pool.snapshots("vm1"), after, "nothing deleted");
+    assert_eq!(server.short_ids("vm1"), after);
+    ok(
+        pool.tool("rbd", &["snap", "unprotect", &protected], b""),
+        "rbd snap unprotect",
+    );
 }
