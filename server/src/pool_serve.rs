@@ -1,14 +1,17 @@
 //! Serving jobs whose revisions live in a Ceph pool (`store: {type:
 //! ceph-rbd}`; issue 36, first slice): plan, push (whole blocks through
-//! `PoolPush`), manifest, status and restore, each on `crate::pool`.
+//! `PoolPush`), manifest, status and restore, each on `crate::pool`;
+//! tags, distrust and forget ([`change`]) and verify ([`verify`]).
 //! Everything else is refused on such a store with one line
 //! ([`unsupported`]); docs/DESIGN.md "Ceph pool store" lists what.
 //!
-//! The server takes a job's lease at its first push and keeps it
+//! The server takes a job's lease at its first push (or change, or
+//! verify) and keeps it
 //! (renewed by [`spawn_renewal`], released at shutdown): one server per
 //! pool for now, no take-over or redirects yet.
 
 pub mod change;
+pub mod verify;
 
 use crate::ceph::LeaseKeeper;
 use crate::pool::{PoolConfig, PoolPush, PoolStore};

@@ -859,21 +859,28 @@ impl Backy for Service {
         req: Request<VerifyRequest>,
     ) -> std::result::Result<Response<Self::VerifyStream>, Status> {
         let caller = self.check(&req, &req.get_ref().job, Action::Append, "verify")?;
-        self.refuse_on_pool("verify")?;
         let permit = self.permit(&caller, "verify")?;
         let thread = self.reserve(&caller, "verify")?;
         let server = self.server.clone();
         let req = req.into_inner();
         let (job_name, spec) = (req.job.clone(), req.revisions.clone());
         let (job, selected) = blocking(move || {
-            let job = server.job(&req.job)?;
             let spec = if req.revisions.is_empty() {
                 "latest"
             } else {
                 &req.revisions
             };
-            let selected = crate::revisions::select(&server, &job, spec)?;
-            Ok((job, selected))
+            match server.pool() {
+                Some(pool) => {
+                    let (job, selected) = crate::pool_serve::verify::select(&server, &pool, &req.job, spec)?;
+                    Ok((VerifyTarget::Pool(pool, job), selected))
+                }
+                None => {
+                    let job = server.job(&req.job)?;
+                    let selected = crate::revisions::select(&server, &job, spec)?;
+                    Ok((VerifyTarget::Files(job), selected))
+                }
+            }
         })
         .await
         .inspect_err(|e| {
@@ -897,7 +904,15 @@ impl Backy for Service {
             let _permit = permit;
             for meta in selected {
                 let started = std::time::Instant::now();
-                let verified = crate::revisions::verify(&server, &job, &meta, &gate, |_| !tx.is_closed());
+                let on_block = |_| !tx.is_closed();
+                let verified = match &job {
+                    VerifyTarget::Files(job) => {
+                        crate::revisions::verify(&server, job, &meta, &gate, on_block)
+                    }
+                    VerifyTarget::Pool(pool, job) => {
+                        crate::pool_serve::verify::verify(&server, pool, job, &meta, &gate, on_block)
+                    }
+                };
                 match &verified {
                     Ok(v) => server.metrics.verify_done(
                         Some(v.bad_blocks.len()),
@@ -933,7 +948,7 @@ impl Backy for Service {
                         error: String::new(),
                     },
                     Err(e) if tx.is_closed() => {
-                        tracing::info!(job = %job.name(), rev = %meta.id, "{e}");
+                        tracing::info!(job = %job_name, rev = %meta.id, "{e}");
                         break;
                     }
                     Err(e) => VerifyReport {
@@ -1199,6 +1214,12 @@ pub(crate) fn apply(dry_run: bool) -> crate::revisions::Apply {
     } else {
         crate::revisions::Apply::Yes
     }
+}
+
+/// Where a verify reads: a job of the filesystem store, or of the pool.
+enum VerifyTarget {
+    Files(crate::storage::JobDir),
+    Pool(Arc<crate::pool_serve::PoolBackend>, backy_common::JobName),
 }
 
 /// The job and the one revision `spec` names, resolved off the async

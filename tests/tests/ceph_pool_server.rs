@@ -19,6 +19,12 @@
 //!   source;
 //! - `check-config` names the store; `backy-server expire` and `dedup`
 //!   (the filesystem store's) are refused with one line.
+//! - tags, distrust and forget change the records in the pool with the
+//!   filesystem store's checks and messages; a distrusted revision is no
+//!   parent; a forget removes snapshot and record; a protected snapshot and
+//!   a server not holding the lease change nothing;
+//! - verify marks a clean revision verified, and reports and distrusts one
+//!   whose stored digests do not match its data.
 
 mod confined;
 mod support;
@@ -421,4 +427,108 @@ fn tags_distrust_and_forget_change_the_records_in_the_pool() {
         pool.tool("rbd", &["snap", "unprotect", &protected], b""),
         "rbd snap unprotect",
     );
+}
+
+/// Verify on a pool re-reads the snapshot and compares it with the
+/// manifest: a clean revision is marked verified; one whose stored digests
+/// do not match its data (a manifest rewritten behind backy's back, with
+/// its record's manifest digest, so the manifest itself reads as intact)
+/// is reported DAMAGED naming the block, exit 1, and is distrusted, as on
+/// the filesystem store.
+#[test]
+fn verify_reads_the_snapshot_and_distrusts_a_revision_whose_digests_do_not_match() {
+    use backy_common::manifest::{digest, Manifest};
+    let Some(conf) = ceph_conf() else { return };
+    let pool = Confined::new(&conf, "ver");
+    let dir = tempfile::tempdir().unwrap();
+    let work = dir.path().join("work");
+    std::fs::create_dir_all(&work).unwrap();
+    let server = Server::start_config(&dir.path().join("backy"), &config(&conf, &pool));
+    // Data in blocks 0 and 2, a hole in block 1.
+    let size = 12 * MIB;
+    let src = work.join("src.img");
+    make_image(&src, size, &[]);
+    write_at(&src, 0, &pattern(1, MIB as usize));
+    write_at(&src, 9 * MIB, &pattern(2, MIB as usize));
+    server.client_ok(&["push", "vm1", "--source", src.to_str().unwrap()]);
+    let id = server.short_ids("vm1")[0].clone();
+
+    let text = server.client_ok(&["verify", "vm1"]);
+    assert!(
+        text.contains(&format!("vm1: {id}: OK, 12.00 MiB checked, now verified")),
+        "{text}"
+    );
+    let revs = server.revisions("vm1");
+    assert_eq!(revs[0]["trust"], "verified", "{revs:?}");
+
+    // Block 2's digest in the manifest no longer matches its data; the
+    // record names the rewritten manifest's digest.
+    let piece = format!("backy.job.vm1@{id}.digests.0");
+    let bytes_path = work.join("piece");
+    ok(
+        pool.rados(&["get", &piece, bytes_path.to_str().unwrap()]),
+        "rados get",
+    );
+    let bytes = std::fs::read(&bytes_path).unwrap();
+    let mut manifest = Manifest::decode(&bytes, "piece").unwrap();
+    let old = hex::encode(manifest.file_digest());
+    manifest.set(2, digest(b"not block 2")).unwrap();
+    let mut wrong = Vec::new();
+    let new = hex::encode(manifest.write_to(&mut wrong).unwrap());
+    std::fs::write(&bytes_path, &wrong).unwrap();
+    ok(
+        pool.rados(&["put", &piece, bytes_path.to_str().unwrap()]),
+        "rados put",
+    );
+    let key = format!("rev.{id}");
+    let record_path = work.join("record");
+    ok(
+        pool.rados(&["getomapval", "backy.job.vm1", &key, record_path.to_str().unwrap()]),
+        "rados getomapval",
+    );
+    let record = std::fs::read_to_string(&record_path).unwrap();
+    assert!(record.contains(&old), "{record}");
+    let record = record.replace(&old, &new);
+    ok(
+        pool.tool(
+            "rados",
+            &[
+                "-p",
+                "rbd",
+                "-N",
+                &pool.namespace,
+                "setomapval",
+                "backy.job.vm1",
+                &key,
+            ],
+            record.as_bytes(),
+        ),
+        "rados setomapval",
+    );
+
+    let out = server.client(&["verify", "vm1"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains(&format!(
+            "vm1: {id}: DAMAGED: 1 block does not match the manifest (offsets [{}]), now distrusted",
+            8 * MIB
+        )),
+        "{stdout}"
+    );
+    let revs = server.revisions("vm1");
+    assert_eq!(revs[0]["trust"], "distrusted", "{revs:?}");
+    assert_eq!(
+        pool.snapshots("vm1"),
+        std::slice::from_ref(&id),
+        "verify removes nothing"
+    );
+
+    // The snapshot itself is untouched (only its digests were rewritten).
+    assert!(pool.export("vm1", Some(&id)) == std::fs::read(&src).unwrap());
 }
