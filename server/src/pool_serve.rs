@@ -11,6 +11,7 @@
 //! pool for now, no take-over or redirects yet.
 
 pub mod change;
+pub mod expire;
 pub mod verify;
 
 use crate::ceph::LeaseKeeper;
@@ -316,7 +317,7 @@ pub fn push(
             .saturating_sub(start)
             .min(u64::from(DEFAULT_BLOCK_SIZE))
     };
-    let meta = loop {
+    let (meta, expired) = loop {
         match rx.blocking_recv() {
             Some(Step::Data(offset, data)) => rev.data(offset, &data)?,
             Some(Step::Zero(offset, len)) => rev.zero(offset, len)?,
@@ -341,7 +342,11 @@ pub fn push(
                 let sealed = rev.seal(&end)?;
                 let mut k = lock(&keeper);
                 change::check_parent(pool, &job, parent_id)?;
-                break sealed.publish(&mut k)?;
+                let meta = sealed.publish(&mut k)?;
+                // Published: the parent expires like any other from here.
+                _running.set_parent(None);
+                let expired = expire::after_commit(&server, pool, &job, &mut k, meta.id);
+                break (meta, expired);
             }
             Some(Step::Abort(why)) => return Err(Error::invalid(why)),
             None => return Err(gone()),
@@ -353,7 +358,7 @@ pub fn push(
     );
     Ok(Received {
         meta,
-        expired: Vec::new(),
+        expired,
         held: false,
     })
 }

@@ -532,3 +532,68 @@ fn verify_reads_the_snapshot_and_distrusts_a_revision_whose_digests_do_not_match
     // The snapshot itself is untouched (only its digests were rewritten).
     assert!(pool.export("vm1", Some(&id)) == std::fs::read(&src).unwrap());
 }
+
+/// Expiry after a commit on a pool, by the schedule's rules (the pure
+/// logic the filesystem store uses): a revision whose only tag is outside
+/// the schedule loses it at the next commit and is deleted (snapshot,
+/// record), one that also carries a `manual:` tag stays; the push's
+/// `--json` names what expired.
+#[test]
+fn expiry_after_a_commit_removes_exactly_what_the_schedule_says() {
+    let Some(conf) = ceph_conf() else { return };
+    let pool = Confined::new(&conf, "exp");
+    let dir = tempfile::tempdir().unwrap();
+    let work = dir.path().join("work");
+    std::fs::create_dir_all(&work).unwrap();
+    let server = Server::start_config(&dir.path().join("backy"), &scheduled_config(&conf, &pool));
+    let src = work.join("src.img");
+    make_image(&src, 9 * MIB, &[]);
+    let push = |n: u64, extra: &[&str]| -> serde_json::Value {
+        write_at(&src, n * MIB, &pattern(n, 4096));
+        let mut args = vec!["push", "vm1", "--source", src.to_str().unwrap(), "--json"];
+        args.extend_from_slice(extra);
+        serde_json::from_str(&server.client_ok(&args)).unwrap()
+    };
+    let unscheduled = ["--force", "--tags", "adhoc", "--allow-unscheduled"];
+    push(1, &unscheduled);
+    let r1 = server.short_ids("vm1")[0].clone();
+    // r1 is r2's parent until r2 is committed; then it has no schedule tag
+    // left and goes.
+    let out = push(2, &[]);
+    let r2 = server.short_ids("vm1")[0].clone();
+    assert_ne!(r1, r2);
+    assert_eq!(out["expired"].as_array().map(Vec::len), Some(1), "{out}");
+    assert_eq!(server.short_ids("vm1"), std::slice::from_ref(&r2));
+    assert_eq!(
+        pool.snapshots("vm1"),
+        std::slice::from_ref(&r2),
+        "rbd snap ls: r1's snapshot is gone"
+    );
+    let keys = ok(
+        pool.rados(&["listomapkeys", "backy.job.vm1"]),
+        "rados listomapkeys",
+    );
+    let keys = String::from_utf8_lossy(&keys);
+    assert!(!keys.contains(&r1) && !keys.contains("deleting"), "{keys}");
+
+    // An unscheduled tag with a manual one: the unscheduled one goes at
+    // the next commit, the revision stays.
+    push(3, &unscheduled);
+    let r3 = server.short_ids("vm1")[1].clone();
+    server.client_ok(&["tags", "vm1", "-r", &r3, "add", "manual:keep"]);
+    let out = push(4, &[]);
+    assert_eq!(out["expired"], serde_json::json!([]), "{out}");
+    let revs = server.revisions("vm1");
+    let ids = server.short_ids("vm1");
+    assert_eq!(ids.len(), 3, "{revs:?}");
+    assert_eq!(ids[..2], [r2.clone(), r3.clone()]);
+    assert_eq!(
+        tags_of(&revs[1]),
+        ["manual:keep"],
+        "adhoc expired, manual:keep stays"
+    );
+    assert_eq!(pool.snapshots("vm1"), ids);
+    let target = work.join("restored.img");
+    server.client_ok(&["restore", "vm1", target.to_str().unwrap()]);
+    assert!(std::fs::read(&target).unwrap() == std::fs::read(&src).unwrap());
+}
