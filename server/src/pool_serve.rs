@@ -1,7 +1,8 @@
 //! Serving jobs whose revisions live in a Ceph pool (`store: {type:
 //! ceph-rbd}`; issue 36, first slice): plan, push (whole blocks through
 //! `PoolPush`), manifest, status and restore, each on `crate::pool`;
-//! tags, distrust and forget ([`change`]) and verify ([`verify`]).
+//! tags, distrust and forget ([`change`]), verify ([`verify`]) and
+//! expiry on the lease holder ([`expire`]).
 //! Everything else is refused on such a store with one line
 //! ([`unsupported`]); docs/DESIGN.md "Ceph pool store" lists what.
 //!
@@ -246,9 +247,6 @@ pub fn push(
     if !begin.key_check.is_empty() {
         return Err(unsupported("a client-encrypted push"));
     }
-    if config.retention_lock_of(job_cfg).is_some() {
-        return Err(unsupported(&format!("job {job}'s retention lock")));
-    }
     if begin.block_size != DEFAULT_BLOCK_SIZE {
         return Err(Error::invalid(format!(
             "block size {} is not this server's {DEFAULT_BLOCK_SIZE}",
@@ -339,10 +337,25 @@ pub fn push(
             Some(Step::End(end)) => {
                 // Sealing waits for rbd and reads blocks back: without the
                 // keeper's lock, so its renewal goes on meanwhile.
-                let sealed = rev.seal(&end)?;
+                let mut sealed = rev.seal(&end)?;
+                // This server's lock for the job, from the revision's time.
+                if let Some(lock) = config.retention_lock_of(job_cfg) {
+                    sealed.set_locked_until(Some(backy_common::revision::lock_end(
+                        sealed.meta().timestamp,
+                        lock,
+                    )?));
+                }
                 let mut k = lock(&keeper);
                 change::check_parent(pool, &job, parent_id)?;
                 let meta = sealed.publish(&mut k)?;
+                if meta.locked_until.is_some() {
+                    // The record's lock already refuses every deletion
+                    // through backy; the protection keeps `rbd snap rm`
+                    // out too. Retried by the expiry round if it fails.
+                    if let Err(e) = pool.store.protect(&job, &meta.id) {
+                        tracing::error!(job = %job, rev = %meta.id, "rbd snap protect of a locked revision: {e}");
+                    }
+                }
                 // Published: the parent expires like any other from here.
                 _running.set_parent(None);
                 let expired = expire::after_commit(&server, pool, &job, &mut k, meta.id);

@@ -24,7 +24,10 @@
 //!   parent; a forget removes snapshot and record; a protected snapshot and
 //!   a server not holding the lease change nothing;
 //! - verify marks a clean revision verified, and reports and distrusts one
-//!   whose stored digests do not match its data.
+//!   whose stored digests do not match its data;
+//! - expiry after a commit removes exactly what the schedule says;
+//! - a retention-locked revision's snapshot is protected, and it survives
+//!   expiry, forget and a config without the lock.
 
 mod confined;
 mod support;
@@ -596,4 +599,82 @@ fn expiry_after_a_commit_removes_exactly_what_the_schedule_says() {
     let target = work.join("restored.img");
     server.client_ok(&["restore", "vm1", target.to_str().unwrap()]);
     assert!(std::fs::read(&target).unwrap() == std::fs::read(&src).unwrap());
+}
+
+/// A job under a retention lock on a pool: each revision's record is
+/// locked from its time on and its snapshot protected (`rbd snap
+/// protect`); expiry keeps a locked revision left without tags, `forget`
+/// is refused with the filesystem's line, also through a server started
+/// fresh with the lock removed from its config, and `rbd snap rm` by hand
+/// is refused by Ceph.
+#[test]
+fn a_retention_locked_revision_is_protected_and_survives_expiry_forget_and_a_config_edit() {
+    let Some(conf) = ceph_conf() else { return };
+    let pool = Confined::new(&conf, "lck");
+    let dir = tempfile::tempdir().unwrap();
+    let work = dir.path().join("work");
+    std::fs::create_dir_all(&work).unwrap();
+    let unlocked = scheduled_config(&conf, &pool);
+    let locked = unlocked.replace("vm1: {schedule: s}", "vm1: {schedule: s, retention-lock: 1h}");
+    let mut server = Server::start_config(&dir.path().join("backy"), &locked);
+    let src = work.join("src.img");
+    make_image(&src, 9 * MIB, &[]);
+    let push = |server: &Server, n: u64, extra: &[&str]| -> serde_json::Value {
+        write_at(&src, n * MIB, &pattern(n, 4096));
+        let mut args = vec!["push", "vm1", "--source", src.to_str().unwrap(), "--json"];
+        args.extend_from_slice(extra);
+        serde_json::from_str(&server.client_ok(&args)).unwrap()
+    };
+    push(&server, 1, &["--force", "--tags", "adhoc", "--allow-unscheduled"]);
+    let out = push(&server, 2, &[]);
+    assert_eq!(
+        out["expired"],
+        serde_json::json!([]),
+        "the locked one stays: {out}"
+    );
+    let revs = server.revisions("vm1");
+    let ids = server.short_ids("vm1");
+    assert_eq!(ids.len(), 2, "{revs:?}");
+    assert!(tags_of(&revs[0]).is_empty(), "kept without tags: {revs:?}");
+    assert_eq!(pool.snapshots("vm1"), ids);
+    let listed = ok(
+        pool.tool("rbd", &["snap", "ls", "--format", "json", &pool.spec("vm1")], b""),
+        "rbd snap ls",
+    );
+    let listed: serde_json::Value = serde_json::from_slice(&listed).unwrap();
+    for snap in listed.as_array().unwrap() {
+        assert_eq!(snap["protected"], "true", "protected: {listed}");
+    }
+
+    let first = format!("{}@{}", pool.spec("vm1"), ids[0]);
+    let out = pool.tool("rbd", &["snap", "rm", "--no-progress", &first], b"");
+    assert!(!out.status.success(), "rbd snap rm of a protected snapshot fails");
+    let out = server.client(&["forget", "vm1", "-r", &ids[0]]);
+    refused(
+        &out,
+        "FAILED_PRECONDITION",
+        "(retention-lock); nothing was deleted",
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("is locked until"));
+    assert_eq!(pool.snapshots("vm1"), ids);
+
+    // The lock lives in the record: a server started with the lock removed
+    // from its config refuses the same.
+    server.terminate();
+    let second = Server::start_config(&dir.path().join("backy2"), &unlocked);
+    let out = second.client(&["forget", "vm1", "-r", "all"]);
+    refused(
+        &out,
+        "FAILED_PRECONDITION",
+        "(retention-lock); nothing was deleted",
+    );
+    assert_eq!(second.short_ids("vm1"), ids);
+    assert_eq!(pool.snapshots("vm1"), ids);
+    for id in &ids {
+        let spec = format!("{}@{id}", pool.spec("vm1"));
+        ok(
+            pool.tool("rbd", &["snap", "unprotect", &spec], b""),
+            "rbd snap unprotect",
+        );
+    }
 }

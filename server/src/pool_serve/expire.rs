@@ -27,12 +27,18 @@ pub(super) fn expire_job(
     run: ExpiryRun,
 ) -> Result<Vec<RevisionId>> {
     let config = server.config();
+    let revs = pool.revisions(job)?;
+    // Locked revisions' snapshots are protected at their commit; a
+    // protect that failed there is done here.
+    let now = Utc::now();
+    for m in revs.iter().filter(|m| m.locked_at(now).is_some()) {
+        pool.store.protect(job, &m.id)?;
+    }
     let Some(schedule) = config.schedule_of(config.job(job)?) else {
         return Ok(Vec::new());
     };
-    let revs = pool.revisions(job)?;
     let protected = server.jobs.activity.protected(job);
-    let plan = schedule::expire(schedule, &revs, Utc::now(), &protected, run);
+    let plan = schedule::expire(schedule, &revs, now, &protected, run);
     if plan.is_noop() {
         return Ok(Vec::new());
     }
