@@ -268,9 +268,38 @@ pub fn is_manual_tag(tag: &str) -> bool {
     tag.starts_with(MANUAL_PREFIX)
 }
 
+/// When a retention lock of `lock` on a revision of `timestamp` ends:
+/// rounded up to a whole second, as status shows times (the lock shown is
+/// the lock enforced). Both stores lock a revision so at its commit.
+pub fn lock_end(timestamp: DateTime<Utc>, lock: crate::units::Interval) -> Result<DateTime<Utc>> {
+    let too_long = || Error::invalid(format!("retention-lock {lock} reaches past the end of time"));
+    let secs = i64::try_from(lock.secs()).map_err(|_| too_long())?;
+    let up = i64::from(timestamp.timestamp_subsec_nanos() > 0);
+    timestamp
+        .timestamp()
+        .checked_add(secs)
+        .and_then(|t| t.checked_add(up))
+        .and_then(|t| DateTime::from_timestamp(t, 0))
+        .ok_or_else(too_long)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_lock_ends_its_interval_after_the_timestamp_rounded_up_to_a_second() {
+        let at = |s: &str| DateTime::parse_from_rfc3339(s).unwrap().with_timezone(&Utc);
+        let hour = crate::units::Interval::from_secs(3600);
+        assert_eq!(
+            super::lock_end(at("2026-01-01T00:00:00Z"), hour).unwrap(),
+            at("2026-01-01T01:00:00Z")
+        );
+        assert_eq!(
+            super::lock_end(at("2026-01-01T00:00:00.25Z"), hour).unwrap(),
+            at("2026-01-01T01:00:01Z")
+        );
+    }
 
     #[test]
     fn source_snapshot_names_are_bounded_and_printable() {

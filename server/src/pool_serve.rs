@@ -1,15 +1,22 @@
 //! Serving jobs whose revisions live in a Ceph pool (`store: {type:
 //! ceph-rbd}`; issue 36, first slice): plan, push (whole blocks through
-//! `PoolPush`), manifest, status and restore, each on `crate::pool`.
+//! `PoolPush`), manifest, status and restore, each on `crate::pool`;
+//! tags, distrust and forget ([`change`]), verify ([`verify`]) and
+//! expiry on the lease holder ([`expire`]).
 //! Everything else is refused on such a store with one line
 //! ([`unsupported`]); docs/DESIGN.md "Ceph pool store" lists what.
 //!
-//! The server takes a job's lease at its first push and keeps it
+//! The server takes a job's lease at its first push (or change, or
+//! verify) and keeps it
 //! (renewed by [`spawn_renewal`], released at shutdown). Several servers
 //! may stand in front of one pool: a push reaching a server while another
 //! holds the job is refused (ABORTED) naming the holder's URL; once the
 //! holder's lease expired (it died or froze), the next push takes the job
 //! over and fences the old holder first ([`PoolBackend::lease`]).
+
+pub mod change;
+pub mod expire;
+pub mod verify;
 
 use crate::ceph::{LeaseKeeper, Locker};
 use crate::pool::{JobSpace, PoolConfig, PoolPush, PoolStore, SnapshotSpace};
@@ -369,9 +376,6 @@ pub fn push(
     if !begin.key_check.is_empty() {
         return Err(unsupported("a client-encrypted push"));
     }
-    if config.retention_lock_of(job_cfg).is_some() {
-        return Err(unsupported(&format!("job {job}'s retention lock")));
-    }
     if begin.block_size != DEFAULT_BLOCK_SIZE {
         return Err(Error::invalid(format!(
             "block size {} is not this server's {DEFAULT_BLOCK_SIZE}",
@@ -409,6 +413,10 @@ pub fn push(
             Some((meta.clone(), manifest))
         }
     };
+    // Protected from forget before the keeper's lock is taken to begin
+    // (see `change::forget`).
+    let parent_id = parent.as_ref().map(|(m, _)| m.id);
+    _running.set_parent(parent_id);
     let spec = crate::push::new_revision_spec(&begin, id, tags, None, None);
     let mut rev = {
         let k = lock(&keeper);
@@ -427,7 +435,7 @@ pub fn push(
             .saturating_sub(start)
             .min(u64::from(DEFAULT_BLOCK_SIZE))
     };
-    let meta = loop {
+    let (meta, expired) = loop {
         match rx.blocking_recv() {
             Some(Step::Data(offset, data)) => {
                 rev.data(offset, &data)?;
@@ -453,8 +461,29 @@ pub fn push(
             Some(Step::End(end)) => {
                 // Sealing waits for rbd and reads blocks back: without the
                 // keeper's lock, so its renewal goes on meanwhile.
-                let sealed = rev.seal(&end)?;
-                break sealed.publish(&mut lock(&keeper))?;
+                let mut sealed = rev.seal(&end)?;
+                // This server's lock for the job, from the revision's time.
+                if let Some(lock) = config.retention_lock_of(job_cfg) {
+                    sealed.set_locked_until(Some(backy_common::revision::lock_end(
+                        sealed.meta().timestamp,
+                        lock,
+                    )?));
+                }
+                let mut k = lock(&keeper);
+                change::check_parent(pool, &job, parent_id)?;
+                let meta = sealed.publish(&mut k)?;
+                if meta.locked_until.is_some() {
+                    // The record's lock already refuses every deletion
+                    // through backy; the protection keeps `rbd snap rm`
+                    // out too. Retried by the expiry round if it fails.
+                    if let Err(e) = pool.store.protect(&job, &meta.id) {
+                        tracing::error!(job = %job, rev = %meta.id, "rbd snap protect of a locked revision: {e}");
+                    }
+                }
+                // Published: the parent expires like any other from here.
+                _running.set_parent(None);
+                let expired = expire::after_commit(&server, pool, &job, &mut k, meta.id);
+                break (meta, expired);
             }
             Some(Step::Abort(why)) => return Err(Error::invalid(why)),
             None => return Err(gone()),
@@ -466,7 +495,7 @@ pub fn push(
     );
     Ok(Received {
         meta,
-        expired: Vec::new(),
+        expired,
         held: false,
     })
 }
@@ -515,6 +544,8 @@ pub fn stream_image(
     tx: mpsc::Sender<std::result::Result<RestoreFrame, tonic::Status>>,
 ) -> Result<bool> {
     let Relative { base, from, granules } = relative;
+    // In use: a forget through this server is refused meanwhile.
+    let _reading = server.jobs.activity.start_read(job, meta.id);
     let send = |frame: Frame| {
         let n = match &frame {
             Frame::Data(d) => d.data.len(),

@@ -122,22 +122,54 @@ pub fn tags(
 ) -> Result<Vec<RevisionMeta>> {
     let config = server.config();
     let schedule = config.schedule_of(config.job(job.name())?);
-    if action != TagAction::Remove {
-        check_tags(tags, schedule, allow_unscheduled)?;
-    } else {
-        // Removing a tag specs misread (stored before they were refused)
-        // must stay possible: the form only.
-        if tags.len() > MAX_TAGS {
-            return Err(Error::invalid(format!("more than {} tags", MAX_TAGS)));
-        }
-        for t in tags {
-            check_tag_format(t)?;
-        }
-    }
+    check_tag_request(action, tags, schedule, allow_unscheduled)?;
     let mut txn = Txn::begin(&server.jobs, job)?;
+    let changed = retag(txn.select(spec)?, action, tags, schedule.is_some())?;
+    if apply == Apply::Yes {
+        txn.write(&changed)?;
+        for m in &changed {
+            tracing::info!(job = %job.name(), rev = %m.id, "tags now {:?}", m.tags);
+        }
+        txn.point_latest("tags.applied");
+    }
+    Ok(changed)
+}
+
+/// The checks of a tags request's tags, before anything is read (both
+/// stores): for set and add those of [`check_tags`]; removing a tag specs
+/// misread (stored before they were refused) must stay possible, so for
+/// remove the form only.
+pub fn check_tag_request(
+    action: TagAction,
+    tags: &[String],
+    schedule: Option<&Schedule>,
+    allow_unscheduled: bool,
+) -> Result<()> {
+    if action != TagAction::Remove {
+        return check_tags(tags, schedule, allow_unscheduled);
+    }
+    if tags.len() > MAX_TAGS {
+        return Err(Error::invalid(format!("more than {} tags", MAX_TAGS)));
+    }
+    for t in tags {
+        check_tag_format(t)?;
+    }
+    Ok(())
+}
+
+/// The `selected` revisions with their tags changed, all or the refusal
+/// (both stores): at most [`MAX_TAGS`] each, and on a `scheduled` job none
+/// left without tags (expiry would delete it: that is what `forget` is
+/// for).
+pub fn retag(
+    selected: Vec<RevisionMeta>,
+    action: TagAction,
+    tags: &[String],
+    scheduled: bool,
+) -> Result<Vec<RevisionMeta>> {
     let tags: BTreeSet<String> = tags.iter().cloned().collect();
     let mut changed = Vec::new();
-    for mut meta in txn.select(spec)? {
+    for mut meta in selected {
         match action {
             TagAction::Set => meta.tags = tags.clone(),
             TagAction::Add => meta.tags.extend(tags.iter().cloned()),
@@ -149,7 +181,7 @@ pub fn tags(
                 meta.id, MAX_TAGS
             )));
         }
-        if schedule.is_some() && meta.tags.is_empty() {
+        if scheduled && meta.tags.is_empty() {
             return Err(Error::invalid(format!(
                 "revision {} would be left without tags, and expiry would delete it; \
                  use forget to delete a revision",
@@ -158,14 +190,28 @@ pub fn tags(
         }
         changed.push(meta);
     }
-    if apply == Apply::Yes {
-        txn.write(&changed)?;
-        for m in &changed {
-            tracing::info!(job = %job.name(), rev = %m.id, "tags now {:?}", m.tags);
-        }
-        txn.point_latest("tags.applied");
-    }
     Ok(changed)
+}
+
+/// The refusals of a forget (both stores, dry run included): a selected
+/// revision in use (`protected`: read by a restore or a verify, the base
+/// of a running push), or under its retention lock.
+pub fn check_forgettable(
+    job: &backy_common::JobName,
+    selected: &[RevisionMeta],
+    protected: &BTreeSet<RevisionId>,
+) -> Result<()> {
+    if let Some(busy) = selected.iter().find(|m| protected.contains(&m.id)) {
+        return Err(Error::precondition(format!(
+            "revision {} is in use by a restore or a push; try again later",
+            busy.id
+        )));
+    }
+    let now = chrono::Utc::now();
+    if let Some((m, until)) = selected.iter().find_map(|m| m.locked_at(now).map(|u| (m, u))) {
+        return Err(crate::job::txn::locked(job, &m.id, until));
+    }
+    Ok(())
 }
 
 /// Deletes the selected revisions, all or none, in one transaction;
@@ -173,19 +219,9 @@ pub fn tags(
 pub fn forget(server: &Server, job: &JobDir, spec: &str, apply: Apply) -> Result<Vec<RevisionMeta>> {
     let mut txn = Txn::begin(&server.jobs, job)?;
     let selected = txn.select(spec)?;
-    let protected = txn.protected();
-    if let Some(busy) = selected.iter().find(|m| protected.contains(&m.id)) {
-        return Err(Error::precondition(format!(
-            "revision {} is in use by a restore or a push; try again later",
-            busy.id
-        )));
-    }
-    // Refused whole, dry run included, while any is locked (the
-    // transaction's delete would refuse it too).
-    let now = chrono::Utc::now();
-    if let Some((m, until)) = selected.iter().find_map(|m| m.locked_at(now).map(|u| (m, u))) {
-        return Err(crate::job::txn::locked(job.name(), &m.id, until));
-    }
+    // Refused whole, dry run included (the transaction's delete would
+    // refuse it too).
+    check_forgettable(job.name(), &selected, &txn.protected())?;
     if apply == Apply::DryRun {
         return Ok(selected);
     }

@@ -193,6 +193,13 @@ impl Service {
             &str,
             crate::revisions::Apply,
         ) -> Result<Vec<backy_common::revision::RevisionMeta>>,
+        on_pool: fn(
+            &Server,
+            &crate::pool_serve::PoolBackend,
+            &str,
+            &str,
+            crate::revisions::Apply,
+        ) -> Result<Vec<backy_common::revision::RevisionMeta>>,
     ) -> std::result::Result<Response<RevisionsReply>, Status> {
         let action = if req.get_ref().dry_run {
             format!("{name} --dry-run")
@@ -200,13 +207,15 @@ impl Service {
             name.to_string()
         };
         let caller = self.check(&req, &req.get_ref().job, Action::Remove, &action)?;
-        self.refuse_on_pool(name)?;
         let server = self.server.clone();
         let req = req.into_inner();
         let (job, spec) = (req.job.clone(), req.revisions.clone());
-        let result = blocking(move || {
-            let job = server.job(&req.job)?;
-            change(&server, &job, &req.revisions, apply(req.dry_run))
+        let result = blocking(move || match server.pool() {
+            Some(pool) => on_pool(&server, &pool, &req.job, &req.revisions, apply(req.dry_run)),
+            None => {
+                let job = server.job(&req.job)?;
+                change(&server, &job, &req.revisions, apply(req.dry_run))
+            }
         })
         .await;
         audit_changed(&caller, &action, &job, &spec, &result);
@@ -834,21 +843,28 @@ impl Backy for Service {
         req: Request<VerifyRequest>,
     ) -> std::result::Result<Response<Self::VerifyStream>, Status> {
         let caller = self.check(&req, &req.get_ref().job, Action::Append, "verify")?;
-        self.refuse_on_pool("verify")?;
         let permit = self.permit(&caller, "verify")?;
         let thread = self.reserve(&caller, "verify")?;
         let server = self.server.clone();
         let req = req.into_inner();
         let (job_name, spec) = (req.job.clone(), req.revisions.clone());
         let (job, selected) = blocking(move || {
-            let job = server.job(&req.job)?;
             let spec = if req.revisions.is_empty() {
                 "latest"
             } else {
                 &req.revisions
             };
-            let selected = crate::revisions::select(&server, &job, spec)?;
-            Ok((job, selected))
+            match server.pool() {
+                Some(pool) => {
+                    let (job, selected) = crate::pool_serve::verify::select(&server, &pool, &req.job, spec)?;
+                    Ok((VerifyTarget::Pool(pool, job), selected))
+                }
+                None => {
+                    let job = server.job(&req.job)?;
+                    let selected = crate::revisions::select(&server, &job, spec)?;
+                    Ok((VerifyTarget::Files(job), selected))
+                }
+            }
         })
         .await
         .inspect_err(|e| {
@@ -872,7 +888,15 @@ impl Backy for Service {
             let _permit = permit;
             for meta in selected {
                 let started = std::time::Instant::now();
-                let verified = crate::revisions::verify(&server, &job, &meta, &gate, |_| !tx.is_closed());
+                let on_block = |_| !tx.is_closed();
+                let verified = match &job {
+                    VerifyTarget::Files(job) => {
+                        crate::revisions::verify(&server, job, &meta, &gate, on_block)
+                    }
+                    VerifyTarget::Pool(pool, job) => {
+                        crate::pool_serve::verify::verify(&server, pool, job, &meta, &gate, on_block)
+                    }
+                };
                 match &verified {
                     Ok(v) => server.metrics.verify_done(
                         Some(v.bad_blocks.len()),
@@ -908,7 +932,7 @@ impl Backy for Service {
                         error: String::new(),
                     },
                     Err(e) if tx.is_closed() => {
-                        tracing::info!(job = %job.name(), rev = %meta.id, "{e}");
+                        tracing::info!(job = %job_name, rev = %meta.id, "{e}");
                         break;
                     }
                     Err(e) => VerifyReport {
@@ -935,8 +959,13 @@ impl Backy for Service {
         // A distrusted revision is no parent and no longer held as the
         // newest trusted one, so expiry may delete it: an operator's call.
         // Hypervisors report damage by `verify`, where the server checks.
-        self.remove_or_distrust(req, "distrust", crate::revisions::distrust)
-            .await
+        self.remove_or_distrust(
+            req,
+            "distrust",
+            crate::revisions::distrust,
+            crate::pool_serve::change::distrust,
+        )
+        .await
     }
 
     async fn tags(&self, req: Request<TagsRequest>) -> std::result::Result<Response<RevisionsReply>, Status> {
@@ -947,7 +976,6 @@ impl Backy for Service {
             tags_right(req.get_ref()),
             &tags_what(req.get_ref()),
         )?;
-        self.refuse_on_pool("changing tags")?;
         let server = self.server.clone();
         let req = req.into_inner();
         let action = match tags_request::Action::try_from(req.action) {
@@ -968,17 +996,20 @@ impl Backy for Service {
             if req.dry_run { " --dry-run" } else { "" },
             clip(&req.tags.join(","))
         );
-        let result = blocking(move || {
-            let job = server.job(&req.job)?;
-            crate::revisions::tags(
-                &server,
-                &job,
-                &req.revisions,
-                action,
-                &req.tags,
-                req.allow_unscheduled,
-                apply(req.dry_run),
-            )
+        let result = blocking(move || match server.pool() {
+            Some(pool) => crate::pool_serve::change::tags(&server, &pool, &req, action),
+            None => {
+                let job = server.job(&req.job)?;
+                crate::revisions::tags(
+                    &server,
+                    &job,
+                    &req.revisions,
+                    action,
+                    &req.tags,
+                    req.allow_unscheduled,
+                    apply(req.dry_run),
+                )
+            }
         })
         .await;
         audit_changed(&caller, &what, &job, &spec, &result);
@@ -989,8 +1020,13 @@ impl Backy for Service {
         &self,
         req: Request<RevisionsRequest>,
     ) -> std::result::Result<Response<RevisionsReply>, Status> {
-        self.remove_or_distrust(req, "forget", crate::revisions::forget)
-            .await
+        self.remove_or_distrust(
+            req,
+            "forget",
+            crate::revisions::forget,
+            crate::pool_serve::change::forget,
+        )
+        .await
     }
 
     async fn report_failure(
@@ -1156,12 +1192,18 @@ fn tags_what(req: &TagsRequest) -> String {
     )
 }
 
-fn apply(dry_run: bool) -> crate::revisions::Apply {
+pub(crate) fn apply(dry_run: bool) -> crate::revisions::Apply {
     if dry_run {
         crate::revisions::Apply::DryRun
     } else {
         crate::revisions::Apply::Yes
     }
+}
+
+/// Where a verify reads: a job of the filesystem store, or of the pool.
+enum VerifyTarget {
+    Files(crate::storage::JobDir),
+    Pool(Arc<crate::pool_serve::PoolBackend>, backy_common::JobName),
 }
 
 /// The job and the one revision `spec` names, resolved off the async

@@ -9,8 +9,7 @@
 //! - restores of both equal the sources;
 //! - a second server started fresh on the same pool lists the same job and
 //!   revisions, and restores the same bytes;
-//! - an operation not supported on a pool yet (forget, verify) is refused
-//!   with one line naming it, FAILED_PRECONDITION, and changes nothing;
+//! - a rollback restore through the second server gives the revision;
 //! - the first server holds the job's lease: a push through the second is
 //!   refused naming the holder, and the client sends it to the holder;
 //!   stopped (SIGTERM), the first releases it and the second pushes at
@@ -20,6 +19,15 @@
 //!   source;
 //! - `check-config` names the store; `backy-server expire` and `dedup`
 //!   (the filesystem store's) are refused with one line.
+//! - tags, distrust and forget change the records in the pool with the
+//!   filesystem store's checks and messages; a distrusted revision is no
+//!   parent; a forget removes snapshot and record; a protected snapshot and
+//!   a server not holding the lease change nothing;
+//! - verify marks a clean revision verified, and reports and distrusts one
+//!   whose stored digests do not match its data;
+//! - expiry after a commit removes exactly what the schedule says;
+//! - a retention-locked revision's snapshot is protected, and it survives
+//!   expiry, forget and a config without the lock.
 //!
 //! Two servers in front of the pool with a short lease (`store: lease`):
 //!
@@ -151,25 +159,12 @@ fn pushes_land_as_snapshots_restore_equal_and_a_fresh_server_sees_them() {
     let all = second.client_ok(&["status", "--json"]);
     assert!(all.contains("\"vm1\""), "status of every job names vm1: {all}");
 
-    // Not supported on a pool yet: refused, one line, nothing changed.
-    for (args, what) in [
-        (
-            vec!["forget", "vm1", "-r", "1"],
-            "forget is not supported on a ceph-rbd store yet",
-        ),
-        (
-            vec!["verify", "vm1"],
-            "verify is not supported on a ceph-rbd store yet",
-        ),
-    ] {
-        let out = server.client(&args);
-        assert_eq!(out.status.code(), Some(1), "{args:?}");
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
-        assert_eq!(lines.len(), 1, "one line for {args:?}: {stderr}");
-        assert!(lines[0].contains(what), "{args:?}: {stderr}");
-        assert!(lines[0].ends_with("(FAILED_PRECONDITION)"), "{args:?}: {stderr}");
-    }
+    // A rollback through the second server (tests/tests/ceph_pool_restore.rs
+    // checks what travels): the existing target of the revision's size.
+    let rollback = work.join("rollback.img");
+    std::fs::write(&rollback, &v2).unwrap();
+    second.client_ok(&["restore", "vm1", "-r", "1", "--force", rollback.to_str().unwrap()]);
+    assert!(std::fs::read(&rollback).unwrap() == v1, "rolled back to r1");
     assert_eq!(server.revisions("vm1"), revs);
     assert_eq!(pool.snapshots("vm1"), snaps);
 
@@ -552,4 +547,418 @@ fn a_push_through_another_server_follows_to_the_lease_holder() {
     let out = b.client(&["push", "vm1", "--source", src.to_str().unwrap()]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(b.revisions("vm1").len(), 3);
+}
+
+/// A job on a schedule (tags are checked against it) on the pool.
+fn scheduled_config(conf: &Path, pool: &Confined) -> String {
+    config(conf, pool).replace(
+        "jobs:\n  vm1: {schedule: none}\n",
+        "schedules:\n  s: {daily: {interval: 1d, keep: 3}}\njobs:\n  vm1: {schedule: s}\n",
+    )
+}
+
+/// A refusal: exit 1, one line on stderr with the gRPC code and `needle`.
+fn refused(out: &std::process::Output, code: &str, needle: &str) {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "must fail: {stderr}");
+    assert_eq!(
+        stderr.lines().filter(|l| !l.trim().is_empty()).count(),
+        1,
+        "one line: {stderr}"
+    );
+    assert!(
+        stderr.contains(&format!("({code})")) && stderr.contains(needle),
+        "want {code} and {needle:?}: {stderr}"
+    );
+}
+
+fn tags_of(rev: &serde_json::Value) -> Vec<String> {
+    rev["tags"]
+        .as_array()
+        .unwrap_or_else(|| panic!("tags of {rev}"))
+        .iter()
+        .map(|t| t.as_str().unwrap().to_string())
+        .collect()
+}
+
+/// Tags, distrust and forget change the records in the pool (what a
+/// fresh server reads) with the filesystem store's checks and messages:
+/// tags outside the schedule or none at all are refused, a dry run
+/// changes nothing, a distrusted revision is no parent of the next push,
+/// a forget removes the snapshot and the record, a protected snapshot is
+/// refused whole, and a server not holding the lease changes nothing.
+#[test]
+fn tags_distrust_and_forget_change_the_records_in_the_pool() {
+    let Some(conf) = ceph_conf() else { return };
+    let pool = Confined::new(&conf, "chg");
+    let dir = tempfile::tempdir().unwrap();
+    let work = dir.path().join("work");
+    std::fs::create_dir_all(&work).unwrap();
+    let server = Server::start_config(&dir.path().join("backy"), &scheduled_config(&conf, &pool));
+    let size = 9 * MIB;
+    let src = work.join("src.img");
+    make_image(&src, size, &[]);
+    let push = |n: u64| {
+        write_at(&src, n * MIB, &pattern(n, 4096));
+        server.client_ok(&["push", "vm1", "--source", src.to_str().unwrap()]);
+        std::fs::read(&src).unwrap()
+    };
+    let v1 = push(1);
+    let _v2 = push(2);
+    let revs = server.revisions("vm1");
+    let ids = server.short_ids("vm1");
+    assert_eq!(ids, pool.snapshots("vm1"), "one snapshot per revision");
+    assert_eq!(tags_of(&revs[0]), ["daily"]);
+
+    // Refused as on the filesystem: one line, nothing changed.
+    let out = server.client(&["tags", "vm1", "-r", "1", "set", "keepme"]);
+    refused(
+        &out,
+        "INVALID_ARGUMENT",
+        "tag keepme not in the job's schedule (daily)",
+    );
+    let out = server.client(&["tags", "vm1", "-r", "1", "set"]);
+    refused(&out, "INVALID_ARGUMENT", "would be left without tags");
+    let out = server.client(&["tags", "vm1", "-r", "1", "remove", "daily"]);
+    refused(&out, "INVALID_ARGUMENT", "use forget to delete a revision");
+    let out = server.client(&["forget", "vm1", "-r", "7"]);
+    assert_eq!(out.status.code(), Some(1));
+    let text = server.client_ok(&["tags", "vm1", "-r", "1", "add", "manual:keep", "--dry-run"]);
+    assert!(
+        text.contains("would tag") && text.contains("daily,manual:keep"),
+        "{text}"
+    );
+    let text = server.client_ok(&["forget", "vm1", "-r", "all", "--dry-run"]);
+    assert_eq!(text.matches("would forget").count(), 2, "{text}");
+    let text = server.client_ok(&["distrust", "vm1", "-r", "0", "--dry-run"]);
+    assert!(text.contains("would distrust"), "{text}");
+    assert_eq!(
+        server.revisions("vm1"),
+        revs,
+        "refusals and dry runs change nothing"
+    );
+    assert_eq!(pool.snapshots("vm1"), ids);
+
+    // Tags: add, then remove, written to the records in the pool.
+    server.client_ok(&["tags", "vm1", "-r", "1", "add", "manual:keep"]);
+    let now = server.revisions("vm1");
+    assert_eq!(tags_of(&now[0]), ["daily", "manual:keep"]);
+    assert_eq!(tags_of(&now[1]), ["daily"]);
+    // A fresh server reads the same from the pool.
+    let second = Server::start_config(&dir.path().join("backy2"), &scheduled_config(&conf, &pool));
+    assert_eq!(second.revisions("vm1"), now);
+    server.client_ok(&["tags", "vm1", "-r", &ids[0], "remove", "manual:keep"]);
+    assert_eq!(tags_of(&server.revisions("vm1")[0]), ["daily"]);
+
+    // The second server does not hold the job's lease: refused, nothing changed.
+    for args in [
+        &["distrust", "vm1", "-r", "0"][..],
+        &["forget", "vm1", "-r", "0"][..],
+        &["tags", "vm1", "-r", "0", "add", "manual:x"][..],
+    ] {
+        refused(&second.client(args), "ABORTED", "held by server");
+    }
+    assert_eq!(second.revisions("vm1"), server.revisions("vm1"));
+
+    // Distrust the newest: it is no parent of the next push, whose
+    // revision still equals the source.
+    server.client_ok(&["distrust", "vm1", "-r", "0"]);
+    let now = server.revisions("vm1");
+    assert_eq!(now[1]["trust"], "distrusted", "{now:?}");
+    assert_eq!(now[0]["trust"], revs[0]["trust"]);
+    let v3 = push(3);
+    let now = server.revisions("vm1");
+    assert_eq!(now.len(), 3);
+    assert_ne!(
+        now[2]["parent_id"], now[1]["id"],
+        "a distrusted revision is no parent: {now:?}"
+    );
+    let snaps = pool.snapshots("vm1");
+    assert!(pool.export("vm1", Some(&snaps[2])) == v3);
+
+    // Forget the distrusted one: its snapshot and record go, the others stay.
+    let text = server.client_ok(&["forget", "vm1", "-r", &ids[1]]);
+    assert!(text.contains(&ids[1]), "{text}");
+    let after = server.short_ids("vm1");
+    assert_eq!(after, [ids[0].clone(), snaps[2].clone()]);
+    assert_eq!(pool.snapshots("vm1"), after, "rbd snap ls: the snapshot is gone");
+    let listed = ok(
+        pool.rados(&["listomapkeys", "backy.job.vm1"]),
+        "rados listomapkeys",
+    );
+    let listed = String::from_utf8_lossy(&listed);
+    assert!(!listed.contains(&ids[1]), "no record left: {listed}");
+    assert!(!listed.contains("deleting"), "no journal left: {listed}");
+    let target = work.join("restored.img");
+    server.client_ok(&["restore", "vm1", "-r", &ids[0], target.to_str().unwrap()]);
+    assert!(
+        std::fs::read(&target).unwrap() == v1,
+        "the older revision restores as before"
+    );
+
+    // A protected snapshot (rbd snap protect) is refused whole.
+    let protected = format!("{}@{}", pool.spec("vm1"), ids[0]);
+    ok(
+        pool.tool("rbd", &["snap", "protect", &protected], b""),
+        "rbd snap protect",
+    );
+    let out = server.client(&["forget", "vm1", "-r", "all"]);
+    refused(
+        &out,
+        "FAILED_PRECONDITION",
+        "is protected (rbd snap protect); nothing was deleted",
+    );
+    assert_eq!(pool.snapshots("vm1"), after, "nothing deleted");
+    assert_eq!(server.short_ids("vm1"), after);
+    ok(
+        pool.tool("rbd", &["snap", "unprotect", &protected], b""),
+        "rbd snap unprotect",
+    );
+}
+
+/// Verify on a pool re-reads the snapshot and compares it with the
+/// manifest: a clean revision is marked verified; one whose stored digests
+/// do not match its data (a manifest rewritten behind backy's back, with
+/// its record's manifest digest, so the manifest itself reads as intact)
+/// is reported DAMAGED naming the block, exit 1, and is distrusted, as on
+/// the filesystem store.
+#[test]
+fn verify_reads_the_snapshot_and_distrusts_a_revision_whose_digests_do_not_match() {
+    use backy_common::manifest::{digest, Manifest};
+    let Some(conf) = ceph_conf() else { return };
+    let pool = Confined::new(&conf, "ver");
+    let dir = tempfile::tempdir().unwrap();
+    let work = dir.path().join("work");
+    std::fs::create_dir_all(&work).unwrap();
+    let server = Server::start_config(&dir.path().join("backy"), &config(&conf, &pool));
+    // Data in blocks 0 and 2, a hole in block 1.
+    let size = 12 * MIB;
+    let src = work.join("src.img");
+    make_image(&src, size, &[]);
+    write_at(&src, 0, &pattern(1, MIB as usize));
+    write_at(&src, 9 * MIB, &pattern(2, MIB as usize));
+    server.client_ok(&["push", "vm1", "--source", src.to_str().unwrap()]);
+    let id = server.short_ids("vm1")[0].clone();
+
+    let text = server.client_ok(&["verify", "vm1"]);
+    assert!(
+        text.contains(&format!("vm1: {id}: OK, 12.00 MiB checked, now verified")),
+        "{text}"
+    );
+    let revs = server.revisions("vm1");
+    assert_eq!(revs[0]["trust"], "verified", "{revs:?}");
+
+    // Block 2's digest in the manifest no longer matches its data; the
+    // record names the rewritten manifest's digest.
+    let piece = format!("backy.job.vm1@{id}.digests.0");
+    let bytes_path = work.join("piece");
+    ok(
+        pool.rados(&["get", &piece, bytes_path.to_str().unwrap()]),
+        "rados get",
+    );
+    let bytes = std::fs::read(&bytes_path).unwrap();
+    let mut manifest = Manifest::decode(&bytes, "piece").unwrap();
+    let old = hex::encode(manifest.file_digest());
+    manifest.set(2, digest(b"not block 2")).unwrap();
+    let mut wrong = Vec::new();
+    let new = hex::encode(manifest.write_to(&mut wrong).unwrap());
+    std::fs::write(&bytes_path, &wrong).unwrap();
+    ok(
+        pool.rados(&["put", &piece, bytes_path.to_str().unwrap()]),
+        "rados put",
+    );
+    let key = format!("rev.{id}");
+    let record_path = work.join("record");
+    ok(
+        pool.rados(&["getomapval", "backy.job.vm1", &key, record_path.to_str().unwrap()]),
+        "rados getomapval",
+    );
+    let record = std::fs::read_to_string(&record_path).unwrap();
+    assert!(record.contains(&old), "{record}");
+    let record = record.replace(&old, &new);
+    ok(
+        pool.tool(
+            "rados",
+            &[
+                "-p",
+                "rbd",
+                "-N",
+                &pool.namespace,
+                "setomapval",
+                "backy.job.vm1",
+                &key,
+            ],
+            record.as_bytes(),
+        ),
+        "rados setomapval",
+    );
+
+    let out = server.client(&["verify", "vm1"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains(&format!(
+            "vm1: {id}: DAMAGED: 1 block does not match the manifest (offsets [{}]), now distrusted",
+            8 * MIB
+        )),
+        "{stdout}"
+    );
+    let revs = server.revisions("vm1");
+    assert_eq!(revs[0]["trust"], "distrusted", "{revs:?}");
+    assert_eq!(
+        pool.snapshots("vm1"),
+        std::slice::from_ref(&id),
+        "verify removes nothing"
+    );
+
+    // The snapshot itself is untouched (only its digests were rewritten).
+    assert!(pool.export("vm1", Some(&id)) == std::fs::read(&src).unwrap());
+}
+
+/// Expiry after a commit on a pool, by the schedule's rules (the pure
+/// logic the filesystem store uses): a revision whose only tag is outside
+/// the schedule loses it at the next commit and is deleted (snapshot,
+/// record), one that also carries a `manual:` tag stays; the push's
+/// `--json` names what expired.
+#[test]
+fn expiry_after_a_commit_removes_exactly_what_the_schedule_says() {
+    let Some(conf) = ceph_conf() else { return };
+    let pool = Confined::new(&conf, "exp");
+    let dir = tempfile::tempdir().unwrap();
+    let work = dir.path().join("work");
+    std::fs::create_dir_all(&work).unwrap();
+    let server = Server::start_config(&dir.path().join("backy"), &scheduled_config(&conf, &pool));
+    let src = work.join("src.img");
+    make_image(&src, 9 * MIB, &[]);
+    let push = |n: u64, extra: &[&str]| -> serde_json::Value {
+        write_at(&src, n * MIB, &pattern(n, 4096));
+        let mut args = vec!["push", "vm1", "--source", src.to_str().unwrap(), "--json"];
+        args.extend_from_slice(extra);
+        serde_json::from_str(&server.client_ok(&args)).unwrap()
+    };
+    let unscheduled = ["--force", "--tags", "adhoc", "--allow-unscheduled"];
+    push(1, &unscheduled);
+    let r1 = server.short_ids("vm1")[0].clone();
+    // r1 is r2's parent until r2 is committed; then it has no schedule tag
+    // left and goes.
+    let out = push(2, &[]);
+    let r2 = server.short_ids("vm1")[0].clone();
+    assert_ne!(r1, r2);
+    assert_eq!(out["expired"].as_array().map(Vec::len), Some(1), "{out}");
+    assert_eq!(server.short_ids("vm1"), std::slice::from_ref(&r2));
+    assert_eq!(
+        pool.snapshots("vm1"),
+        std::slice::from_ref(&r2),
+        "rbd snap ls: r1's snapshot is gone"
+    );
+    let keys = ok(
+        pool.rados(&["listomapkeys", "backy.job.vm1"]),
+        "rados listomapkeys",
+    );
+    let keys = String::from_utf8_lossy(&keys);
+    assert!(!keys.contains(&r1) && !keys.contains("deleting"), "{keys}");
+
+    // An unscheduled tag with a manual one: the unscheduled one goes at
+    // the next commit, the revision stays.
+    push(3, &unscheduled);
+    let r3 = server.short_ids("vm1")[1].clone();
+    server.client_ok(&["tags", "vm1", "-r", &r3, "add", "manual:keep"]);
+    let out = push(4, &[]);
+    assert_eq!(out["expired"], serde_json::json!([]), "{out}");
+    let revs = server.revisions("vm1");
+    let ids = server.short_ids("vm1");
+    assert_eq!(ids.len(), 3, "{revs:?}");
+    assert_eq!(ids[..2], [r2.clone(), r3.clone()]);
+    assert_eq!(
+        tags_of(&revs[1]),
+        ["manual:keep"],
+        "adhoc expired, manual:keep stays"
+    );
+    assert_eq!(pool.snapshots("vm1"), ids);
+    let target = work.join("restored.img");
+    server.client_ok(&["restore", "vm1", target.to_str().unwrap()]);
+    assert!(std::fs::read(&target).unwrap() == std::fs::read(&src).unwrap());
+}
+
+/// A job under a retention lock on a pool: each revision's record is
+/// locked from its time on and its snapshot protected (`rbd snap
+/// protect`); expiry keeps a locked revision left without tags, `forget`
+/// is refused with the filesystem's line, also through a server started
+/// fresh with the lock removed from its config, and `rbd snap rm` by hand
+/// is refused by Ceph.
+#[test]
+fn a_retention_locked_revision_is_protected_and_survives_expiry_forget_and_a_config_edit() {
+    let Some(conf) = ceph_conf() else { return };
+    let pool = Confined::new(&conf, "lck");
+    let dir = tempfile::tempdir().unwrap();
+    let work = dir.path().join("work");
+    std::fs::create_dir_all(&work).unwrap();
+    let unlocked = scheduled_config(&conf, &pool);
+    let locked = unlocked.replace("vm1: {schedule: s}", "vm1: {schedule: s, retention-lock: 1h}");
+    let mut server = Server::start_config(&dir.path().join("backy"), &locked);
+    let src = work.join("src.img");
+    make_image(&src, 9 * MIB, &[]);
+    let push = |server: &Server, n: u64, extra: &[&str]| -> serde_json::Value {
+        write_at(&src, n * MIB, &pattern(n, 4096));
+        let mut args = vec!["push", "vm1", "--source", src.to_str().unwrap(), "--json"];
+        args.extend_from_slice(extra);
+        serde_json::from_str(&server.client_ok(&args)).unwrap()
+    };
+    push(&server, 1, &["--force", "--tags", "adhoc", "--allow-unscheduled"]);
+    let out = push(&server, 2, &[]);
+    assert_eq!(
+        out["expired"],
+        serde_json::json!([]),
+        "the locked one stays: {out}"
+    );
+    let revs = server.revisions("vm1");
+    let ids = server.short_ids("vm1");
+    assert_eq!(ids.len(), 2, "{revs:?}");
+    assert!(tags_of(&revs[0]).is_empty(), "kept without tags: {revs:?}");
+    assert_eq!(pool.snapshots("vm1"), ids);
+    let listed = ok(
+        pool.tool("rbd", &["snap", "ls", "--format", "json", &pool.spec("vm1")], b""),
+        "rbd snap ls",
+    );
+    let listed: serde_json::Value = serde_json::from_slice(&listed).unwrap();
+    for snap in listed.as_array().unwrap() {
+        assert_eq!(snap["protected"], "true", "protected: {listed}");
+    }
+
+    let first = format!("{}@{}", pool.spec("vm1"), ids[0]);
+    let out = pool.tool("rbd", &["snap", "rm", "--no-progress", &first], b"");
+    assert!(!out.status.success(), "rbd snap rm of a protected snapshot fails");
+    let out = server.client(&["forget", "vm1", "-r", &ids[0]]);
+    refused(
+        &out,
+        "FAILED_PRECONDITION",
+        "(retention-lock); nothing was deleted",
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("is locked until"));
+    assert_eq!(pool.snapshots("vm1"), ids);
+
+    // The lock lives in the record: a server started with the lock removed
+    // from its config refuses the same.
+    server.terminate();
+    let second = Server::start_config(&dir.path().join("backy2"), &unlocked);
+    let out = second.client(&["forget", "vm1", "-r", "all"]);
+    refused(
+        &out,
+        "FAILED_PRECONDITION",
+        "(retention-lock); nothing was deleted",
+    );
+    assert_eq!(second.short_ids("vm1"), ids);
+    assert_eq!(pool.snapshots("vm1"), ids);
+    for id in &ids {
+        let spec = format!("{}@{id}", pool.spec("vm1"));
+        ok(
+            pool.tool("rbd", &["snap", "unprotect", &spec], b""),
+            "rbd snap unprotect",
+        );
+    }
 }

@@ -40,8 +40,16 @@ impl PoolStore {
             }
         }
         if let Some(head) = self.head(job)? {
+            let now = chrono::Utc::now();
             for id in ids {
+                // backy protects the snapshot of a revision under its
+                // retention lock; once the lock has passed it may go.
+                let lock_passed = revisions
+                    .iter()
+                    .find(|r| r.id == *id)
+                    .is_some_and(|r| r.locked_until.is_some() && r.locked_at(now).is_none());
                 match head.snap_is_protected(&names::snapshot_name(id)) {
+                    Ok(true) if lock_passed => head.snap_unprotect(&names::snapshot_name(id))?,
                     Ok(true) => {
                         return Err(PoolError::Protected {
                             job: job.clone(),
@@ -56,6 +64,23 @@ impl PoolStore {
         }
         self.journal_deletions(keeper, job, ids)?;
         self.finish_deletions(keeper, job)
+    }
+
+    /// Protects revision `id`'s snapshot (`rbd snap protect`: it cannot be
+    /// removed until unprotected): a revision under its retention lock.
+    /// Protected already is fine.
+    pub fn protect(&self, job: &JobName, id: &RevisionId) -> Result<()> {
+        let Some(head) = self.head(job)? else {
+            return Err(PoolError::NoRevision {
+                job: job.clone(),
+                id: *id,
+            });
+        };
+        let snap = names::snapshot_name(id);
+        if head.snap_is_protected(&snap)? {
+            return Ok(());
+        }
+        Ok(head.snap_protect(&snap)?)
     }
 
     /// The commit point of a deletion: `ids` join the `deleting` entry

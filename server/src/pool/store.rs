@@ -319,4 +319,20 @@ impl RevisionReader {
             ),
         })
     }
+
+    /// The ranges of the snapshot that hold data, ascending: what is
+    /// outside them reads zeros without reading (verify skips them, as
+    /// `SEEK_DATA` lets the filesystem store skip holes).
+    pub fn data_ranges(&self) -> Result<Vec<(u64, u64)>> {
+        let size = self.image.size()?;
+        let mut ranges: Vec<(u64, u64)> = self
+            .image
+            .diff_iterate(None, 0, size, false)?
+            .into_iter()
+            .filter(|e| e.exists)
+            .map(|e| (e.offset, e.len))
+            .collect();
+        ranges.sort_unstable();
+        Ok(ranges)
+    }
 }

@@ -834,19 +834,7 @@ impl Sealed {
     pub fn lock_for(&mut self, lock: Option<backy_common::units::Interval>) -> Result<()> {
         self.meta.locked_until = match lock {
             None => None,
-            Some(lock) => {
-                let too_long =
-                    || Error::invalid(format!("retention-lock {lock} reaches past the end of time"));
-                let secs = i64::try_from(lock.secs()).map_err(|_| too_long())?;
-                let whole = self.meta.timestamp.timestamp();
-                let up = i64::from(self.meta.timestamp.timestamp_subsec_nanos() > 0);
-                let until = whole
-                    .checked_add(secs)
-                    .and_then(|t| t.checked_add(up))
-                    .and_then(|t| DateTime::from_timestamp(t, 0))
-                    .ok_or_else(too_long)?;
-                Some(until)
-            }
+            Some(lock) => Some(backy_common::revision::lock_end(self.meta.timestamp, lock)?),
         };
         Ok(())
     }
