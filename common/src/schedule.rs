@@ -357,6 +357,21 @@ impl ExpiryPlan {
         self.retagged.is_empty() && self.deleted.is_empty()
     }
 
+    /// The records to rewrite: each retagged revision of `revisions` that
+    /// stays, with its tags after expiry.
+    pub fn retagged_records(&self, revisions: &[RevisionMeta]) -> Vec<RevisionMeta> {
+        revisions
+            .iter()
+            .filter(|m| self.retagged.contains(&m.id) && !self.deleted.contains(&m.id))
+            .filter_map(|m| {
+                self.kept.get(&m.id).map(|tags| RevisionMeta {
+                    tags: tags.clone(),
+                    ..m.clone()
+                })
+            })
+            .collect()
+    }
+
     /// One line on why `id` is deleted (for logs and dry runs).
     pub fn reason(&self, id: &RevisionId) -> String {
         match self.removals.get(id) {

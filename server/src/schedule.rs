@@ -69,17 +69,7 @@ pub fn expire_at(
         return Ok(Vec::new());
     }
     let job = txn.job().name().clone();
-    let retagged: Vec<RevisionMeta> = txn
-        .revisions()
-        .iter()
-        .filter(|m| plan.retagged.contains(&m.id) && !plan.deleted.contains(&m.id))
-        .filter_map(|m| {
-            plan.kept.get(&m.id).map(|tags| RevisionMeta {
-                tags: tags.clone(),
-                ..m.clone()
-            })
-        })
-        .collect();
+    let retagged = plan.retagged_records(txn.revisions());
     for m in retagged {
         txn.write(std::slice::from_ref(&m))?;
         tracing::info!(job = %job, rev = %m.id, "expiry: tags now {:?} ({})", m.tags, plan.reason(&m.id));

@@ -15,16 +15,12 @@ mod support;
 
 use confined::{ceph_conf, Confined};
 use serde_json::Value;
-use std::path::Path;
 use support::*;
 
-fn source_config(conf: &Path, pool: &Confined, port: u16) -> String {
+fn source_config(pool: &Confined, port: u16) -> String {
     format!(
-        "listen: 127.0.0.1:{port}\nbase-dir: BASE\nstore:\n  type: ceph-rbd\n  conf: {}\n  id: {}\n  keyring: {}\n  pool: rbd\n  namespace: {}\njobs:\n  vm1: {{schedule: none}}\n",
-        conf.display(),
-        pool.id,
-        pool.keyring.display(),
-        pool.namespace
+        "listen: 127.0.0.1:{port}\nbase-dir: BASE\n{}jobs:\n  vm1: {{schedule: none}}\n",
+        pool.store_yaml(),
     )
 }
 
@@ -61,7 +57,7 @@ fn a_filesystem_replica_copies_a_pool_job_incrementally() {
     let pool = Confined::new(&conf, "rep");
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
-    let source = Server::start_config(&dir.path().join("source"), &source_config(&conf, &pool, port));
+    let source = Server::start_config(&dir.path().join("source"), &source_config(&pool, port));
     let src = dir.path().join("src.img");
     let size = 24 * MIB;
     make_image(&src, size, &[]);
@@ -152,11 +148,8 @@ fn a_job_moves_from_a_filesystem_store_into_the_pool_and_back() {
     let pooled = Server::start_config(
         &dir.path().join("pooled"),
         &format!(
-            "listen: 127.0.0.1:{pool_port}\nbase-dir: BASE\nstore:\n  type: ceph-rbd\n  conf: {}\n  id: {}\n  keyring: {}\n  pool: rbd\n  namespace: {}\nreplicate: {{source: 'http://127.0.0.1:{src_port}', interval: 1h, jobs: [vm1]}}\n",
-            conf.display(),
-            pool.id,
-            pool.keyring.display(),
-            pool.namespace
+            "listen: 127.0.0.1:{pool_port}\nbase-dir: BASE\n{}replicate: {{source: 'http://127.0.0.1:{src_port}', interval: 1h, jobs: [vm1]}}\n",
+        pool.store_yaml(),
         ),
     );
     assert_eq!(

@@ -12,19 +12,15 @@ mod support;
 
 use confined::{ceph_conf, Confined};
 use std::io::{BufRead, BufReader};
-use std::path::Path;
 use std::process::{Command, Stdio};
 use support::*;
 
 const G: u64 = 64 << 10;
 
-fn config(conf: &Path, pool: &Confined) -> String {
+fn config(pool: &Confined) -> String {
     format!(
-        "listen: 127.0.0.1:0\nbase-dir: BASE\nstore:\n  type: ceph-rbd\n  conf: {}\n  id: {}\n  keyring: {}\n  pool: rbd\n  namespace: {}\njobs:\n  vm1: {{schedule: none}}\n",
-        conf.display(),
-        pool.id,
-        pool.keyring.display(),
-        pool.namespace
+        "listen: 127.0.0.1:0\nbase-dir: BASE\n{}jobs:\n  vm1: {{schedule: none}}\n",
+        pool.store_yaml(),
     )
 }
 
@@ -34,7 +30,7 @@ fn a_rollback_fetches_changed_granules_and_the_export_serves_the_snapshot() {
     let Some(conf) = ceph_conf() else { return };
     let pool = Confined::new(&conf, "rst");
     let dir = tempfile::tempdir().unwrap();
-    let server = Server::start_config(&dir.path().join("backy"), &config(&conf, &pool));
+    let server = Server::start_config(&dir.path().join("backy"), &config(&pool));
     let src = dir.path().join("src.img");
     let size = 24 * MIB;
     make_image(&src, size, &[(0, 10 * MIB), (16 * MIB, 4 * MIB)]);

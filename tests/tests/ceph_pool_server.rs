@@ -54,13 +54,10 @@ use support::*;
 
 const MIB: u64 = 1 << 20;
 
-fn config(conf: &Path, pool: &Confined) -> String {
+fn config(pool: &Confined) -> String {
     format!(
-        "listen: 127.0.0.1:0\nbase-dir: BASE\nstore:\n  type: ceph-rbd\n  conf: {}\n  id: {}\n  keyring: {}\n  pool: rbd\n  namespace: {}\njobs:\n  vm1: {{schedule: none}}\n",
-        conf.display(),
-        pool.id,
-        pool.keyring.display(),
-        pool.namespace
+        "listen: 127.0.0.1:0\nbase-dir: BASE\n{}jobs:\n  vm1: {{schedule: none}}\n",
+        pool.store_yaml(),
     )
 }
 
@@ -90,7 +87,7 @@ fn pushes_land_as_snapshots_restore_equal_and_a_fresh_server_sees_them() {
     let work = dir.path().join("work");
     std::fs::create_dir_all(&work).unwrap();
     let base = dir.path().join("backy");
-    let server = Server::start_config(&base, &config(&conf, &pool));
+    let server = Server::start_config(&base, &config(&pool));
 
     // 4 MiB blocks: data in blocks 0, 2 and the short last one, a hole in 1.
     let size = 13 * MIB + 12345;
@@ -148,7 +145,7 @@ fn pushes_land_as_snapshots_restore_equal_and_a_fresh_server_sees_them() {
 
     // A second server, fresh base-dir, same pool: the same job and revisions.
     let base2 = dir.path().join("backy2");
-    let second = Server::start_config(&base2, &config(&conf, &pool));
+    let second = Server::start_config(&base2, &config(&pool));
     assert_eq!(second.revisions("vm1"), revs);
     let target = work.join("restored-second.img");
     second.client_ok(&["restore", "vm1", "-r", "1", target.to_str().unwrap()]);
@@ -289,10 +286,10 @@ fn pushes_land_as_snapshots_restore_equal_and_a_fresh_server_sees_them() {
 const LEASE_SECS: u64 = 6;
 
 /// A server config on the pool with a short lease.
-fn short_lease_config(conf: &Path, pool: &Confined) -> String {
+fn short_lease_config(pool: &Confined) -> String {
     let keys =
         format!("  lease: {LEASE_SECS}s\n  lease-renewal: 2s\n  lease-margin: 1s\n  op-timeout: 10s\n");
-    config(conf, pool).replace("jobs:\n", &format!("{keys}jobs:\n"))
+    config(pool).replace("jobs:\n", &format!("{keys}jobs:\n"))
 }
 
 /// `backy-client ARGS` through `server`, running in the background.
@@ -377,7 +374,7 @@ fn a_dead_or_frozen_holder_is_taken_over_after_its_lease_and_fenced() {
     let dir = tempfile::tempdir().unwrap();
     let work = dir.path().join("work");
     std::fs::create_dir_all(&work).unwrap();
-    let config = short_lease_config(&conf, &pool);
+    let config = short_lease_config(&pool);
     let mut a = Server::start_config(&dir.path().join("a"), &config);
     let mut b = Server::start_config(&dir.path().join("b"), &config);
     assert_ne!(a.url, b.url);
@@ -494,8 +491,8 @@ fn a_push_through_another_server_follows_to_the_lease_holder() {
     let dir = tempfile::tempdir().unwrap();
     let work = dir.path().join("work");
     std::fs::create_dir_all(&work).unwrap();
-    let a = Server::start_config(&dir.path().join("a"), &config(&conf, &pool));
-    let b = Server::start_config(&dir.path().join("b"), &config(&conf, &pool));
+    let a = Server::start_config(&dir.path().join("a"), &config(&pool));
+    let b = Server::start_config(&dir.path().join("b"), &config(&pool));
 
     let src = work.join("src.img");
     make_image(&src, 8 * MIB, &[]);
@@ -550,8 +547,8 @@ fn a_push_through_another_server_follows_to_the_lease_holder() {
 }
 
 /// A job on a schedule (tags are checked against it) on the pool.
-fn scheduled_config(conf: &Path, pool: &Confined) -> String {
-    config(conf, pool).replace(
+fn scheduled_config(pool: &Confined) -> String {
+    config(pool).replace(
         "jobs:\n  vm1: {schedule: none}\n",
         "schedules:\n  s: {daily: {interval: 1d, keep: 3}}\njobs:\n  vm1: {schedule: s}\n",
     )
@@ -594,7 +591,7 @@ fn tags_distrust_and_forget_change_the_records_in_the_pool() {
     let dir = tempfile::tempdir().unwrap();
     let work = dir.path().join("work");
     std::fs::create_dir_all(&work).unwrap();
-    let server = Server::start_config(&dir.path().join("backy"), &scheduled_config(&conf, &pool));
+    let server = Server::start_config(&dir.path().join("backy"), &scheduled_config(&pool));
     let size = 9 * MIB;
     let src = work.join("src.img");
     make_image(&src, size, &[]);
@@ -645,7 +642,7 @@ fn tags_distrust_and_forget_change_the_records_in_the_pool() {
     assert_eq!(tags_of(&now[0]), ["daily", "manual:keep"]);
     assert_eq!(tags_of(&now[1]), ["daily"]);
     // A fresh server reads the same from the pool.
-    let second = Server::start_config(&dir.path().join("backy2"), &scheduled_config(&conf, &pool));
+    let second = Server::start_config(&dir.path().join("backy2"), &scheduled_config(&pool));
     assert_eq!(second.revisions("vm1"), now);
     server.client_ok(&["tags", "vm1", "-r", &ids[0], "remove", "manual:keep"]);
     assert_eq!(tags_of(&server.revisions("vm1")[0]), ["daily"]);
@@ -730,7 +727,7 @@ fn verify_reads_the_snapshot_and_distrusts_a_revision_whose_digests_do_not_match
     let dir = tempfile::tempdir().unwrap();
     let work = dir.path().join("work");
     std::fs::create_dir_all(&work).unwrap();
-    let server = Server::start_config(&dir.path().join("backy"), &config(&conf, &pool));
+    let server = Server::start_config(&dir.path().join("backy"), &config(&pool));
     // Data in blocks 0 and 2, a hole in block 1.
     let size = 12 * MIB;
     let src = work.join("src.img");
@@ -832,7 +829,7 @@ fn expiry_after_a_commit_removes_exactly_what_the_schedule_says() {
     let dir = tempfile::tempdir().unwrap();
     let work = dir.path().join("work");
     std::fs::create_dir_all(&work).unwrap();
-    let server = Server::start_config(&dir.path().join("backy"), &scheduled_config(&conf, &pool));
+    let server = Server::start_config(&dir.path().join("backy"), &scheduled_config(&pool));
     let src = work.join("src.img");
     make_image(&src, 9 * MIB, &[]);
     let push = |n: u64, extra: &[&str]| -> serde_json::Value {
@@ -898,7 +895,7 @@ fn a_retention_locked_revision_is_protected_and_survives_expiry_forget_and_a_con
     let dir = tempfile::tempdir().unwrap();
     let work = dir.path().join("work");
     std::fs::create_dir_all(&work).unwrap();
-    let unlocked = scheduled_config(&conf, &pool);
+    let unlocked = scheduled_config(&pool);
     let locked = unlocked.replace("vm1: {schedule: s}", "vm1: {schedule: s, retention-lock: 1h}");
     let mut server = Server::start_config(&dir.path().join("backy"), &locked);
     let src = work.join("src.img");

@@ -60,11 +60,8 @@ impl Drop for SourceImage<'_> {
 
 fn config(conf: &Path, pool: &Confined, image: &str) -> String {
     format!(
-        "listen: 127.0.0.1:0\nbase-dir: BASE\nstore:\n  type: ceph-rbd\n  conf: {}\n  id: {}\n  keyring: {}\n  pool: rbd\n  namespace: {}\njobs:\n  vm1:\n    schedule: none\n    source: {{type: ceph-rbd, pool: rbd, image: {image}, conf: {}}}\n",
-        conf.display(),
-        pool.id,
-        pool.keyring.display(),
-        pool.namespace,
+        "listen: 127.0.0.1:0\nbase-dir: BASE\n{}jobs:\n  vm1:\n    schedule: none\n    source: {{type: ceph-rbd, pool: rbd, image: {image}, conf: {}}}\n",
+        pool.store_yaml(),
         conf.display(),
     )
 }

@@ -13,18 +13,14 @@ mod confined;
 mod support;
 
 use confined::{ceph_conf, ok, Confined};
-use std::path::Path;
 use support::*;
 
 const MIB: u64 = 1 << 20;
 
-fn config(conf: &Path, pool: &Confined) -> String {
+fn config(pool: &Confined) -> String {
     format!(
-        "listen: 127.0.0.1:0\nhttp-listen: 127.0.0.1:0\nbase-dir: BASE\nstore:\n  type: ceph-rbd\n  conf: {}\n  id: {}\n  keyring: {}\n  pool: rbd\n  namespace: {}\njobs:\n  vm1: {{schedule: none}}\n",
-        conf.display(),
-        pool.id,
-        pool.keyring.display(),
-        pool.namespace
+        "listen: 127.0.0.1:0\nhttp-listen: 127.0.0.1:0\nbase-dir: BASE\n{}jobs:\n  vm1: {{schedule: none}}\n",
+        pool.store_yaml(),
     )
 }
 
@@ -63,7 +59,7 @@ fn status_gives_rbd_du_space_and_the_page_and_metrics_read_the_pool() {
     let pool = Confined::new(&conf, "sta");
     let dir = tempfile::tempdir().unwrap();
     let base = dir.path().join("backy");
-    let server = Server::start_config(&base, &config(&conf, &pool));
+    let server = Server::start_config(&base, &config(&pool));
     let src = dir.path().join("src.img");
 
     // 4 MiB objects: data in objects 0, 2 and 3 (the short last one).

@@ -8,7 +8,6 @@
 use super::{lock, PoolBackend};
 use crate::ceph::LeaseKeeper;
 use crate::state::Server;
-use backy_common::revision::RevisionMeta;
 use backy_common::schedule::{self, ExpiryRun};
 use backy_common::{JobName, Result, RevisionId};
 use chrono::Utc;
@@ -42,16 +41,7 @@ pub(super) fn expire_job(
     if plan.is_noop() {
         return Ok(Vec::new());
     }
-    let retagged: Vec<RevisionMeta> = revs
-        .iter()
-        .filter(|m| plan.retagged.contains(&m.id) && !plan.deleted.contains(&m.id))
-        .filter_map(|m| {
-            plan.kept.get(&m.id).map(|tags| RevisionMeta {
-                tags: tags.clone(),
-                ..m.clone()
-            })
-        })
-        .collect();
+    let retagged = plan.retagged_records(&revs);
     if !retagged.is_empty() {
         pool.store.write_records(k, job, &retagged)?;
         for m in &retagged {

@@ -109,18 +109,23 @@ pub(super) enum Received {
 
 /// Streams `request` from the source into `sink` until its end frame: the
 /// begin frame must name `info` (id and manifest digest), a source that
-/// sends nothing for `idle` is given up on like a silent pusher, and
-/// reading no faster than `limit` holds the source back too (the stream's
-/// flow control). An error leaves the sink where it got.
+/// sends nothing for `limits.idle-timeout` is given up on like a silent
+/// pusher, and reading no faster than `replicate.bwlimit` (one limit for
+/// every copy from the source: they run one at a time) holds the source
+/// back too (the stream's flow control). An error leaves the sink where
+/// it got.
 pub(super) fn receive(
+    server: &Server,
     client: &Client,
     handle: &tokio::runtime::Handle,
     request: RestoreRequest,
     info: &RevisionInfo,
-    idle: std::time::Duration,
-    limit: &backy_common::bwlimit::Limiter,
     mut sink: impl FnMut(Received) -> Result<()>,
 ) -> Result<()> {
+    let config = server.config();
+    let limit = &server.replica_bwlimit;
+    limit.set_rate(config.replicate.as_ref().and_then(|r| r.bwlimit));
+    let idle = config.limits.idle_timeout.as_duration();
     let mut client = client.clone();
     let next = |stream: &mut tonic::Streaming<backy_proto::RestoreFrame>| {
         handle.block_on(async {
@@ -218,14 +223,7 @@ pub fn copy(
         Some(meta) => Some((meta, job.manifest(meta)?)),
         None => None,
     };
-    let spec = NewRevisionSpec {
-        id: target.id,
-        size: target.size,
-        block_size: target.block_size,
-        tags: target.tags.clone(),
-        source: target.source.clone(),
-        key_check: target.key_check.clone(),
-    };
+    let spec = NewRevisionSpec::copy_of(&target);
     let stopping = server.clone();
     let gate = Gate::new(
         server.work.clone(),
@@ -261,27 +259,16 @@ pub fn copy(
         from,
         granules: Vec::new(),
     };
-    let limit = server.replica_bwlimit.clone();
-    limit.set_rate(config.replicate.as_ref().and_then(|r| r.bwlimit));
-    let idle = config.limits.idle_timeout.as_duration();
     let mut received = 0u64;
-    let outcome = receive(
-        &client,
-        handle,
-        request,
-        info,
-        idle,
-        &limit,
-        |frame| match frame {
-            Received::Data(offset, data) => {
-                received += data.len() as u64;
-                rev.data(offset, &data)?;
-                fault::point("replica.frame");
-                Ok(())
-            }
-            Received::Zero(offset, len) => rev.zero(offset, len),
-        },
-    );
+    let outcome = receive(server, &client, handle, request, info, |frame| match frame {
+        Received::Data(offset, data) => {
+            received += data.len() as u64;
+            rev.data(offset, &data)?;
+            fault::point("replica.frame");
+            Ok(())
+        }
+        Received::Zero(offset, len) => rev.zero(offset, len),
+    });
     if let Err(e) = outcome {
         // A broken connection or a source gone: keep what arrived for the
         // next round. Anything else (a bad frame): nothing is kept.

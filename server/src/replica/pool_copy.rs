@@ -62,14 +62,7 @@ pub fn copy(
         Some(meta) => Some((meta, pool.store.manifest(job, meta)?)),
         None => None,
     };
-    let spec = NewRevisionSpec {
-        id: target.id,
-        size: target.size,
-        block_size: target.block_size,
-        tags: target.tags.clone(),
-        source: target.source.clone(),
-        key_check: target.key_check.clone(),
-    };
+    let spec = NewRevisionSpec::copy_of(&target);
     let mut rev = PoolPush::begin(&pool.store, &lock(&keeper), job, spec, parent)?;
     let request = RestoreRequest {
         job: job.to_string(),
@@ -78,27 +71,16 @@ pub fn copy(
         from: 0,
         granules: Vec::new(),
     };
-    let limit = server.replica_bwlimit.clone();
-    limit.set_rate(config.replicate.as_ref().and_then(|r| r.bwlimit));
-    let idle = config.limits.idle_timeout.as_duration();
     let mut received = 0u64;
     // A failure drops the push: no snapshot, no record (the pool keeps
     // no partial copy to resume; the next round copies it again).
-    receive(
-        &client,
-        handle,
-        request,
-        info,
-        idle,
-        &limit,
-        |frame| match frame {
-            Received::Data(offset, data) => {
-                received += data.len() as u64;
-                Ok(rev.data(offset, &data)?)
-            }
-            Received::Zero(offset, len) => Ok(rev.zero(offset, len)?),
-        },
-    )?;
+    receive(server, &client, handle, request, info, |frame| match frame {
+        Received::Data(offset, data) => {
+            received += data.len() as u64;
+            Ok(rev.data(offset, &data)?)
+        }
+        Received::Zero(offset, len) => Ok(rev.zero(offset, len)?),
+    })?;
     let sealed = rev.seal_copy(&expected, target.timestamp, target.stats.audit.clone())?;
     let meta = sealed.publish(&mut lock(&keeper))?;
     server.metrics.received(received as usize);

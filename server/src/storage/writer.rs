@@ -35,6 +35,21 @@ pub struct NewRevisionSpec {
     pub key_check: Option<String>,
 }
 
+impl NewRevisionSpec {
+    /// A replica's copy of a source's revision: its id, size, tags, source
+    /// and key check as listed.
+    pub fn copy_of(target: &backy_common::revision::RevisionMeta) -> Self {
+        NewRevisionSpec {
+            id: target.id,
+            size: target.size,
+            block_size: target.block_size,
+            tags: target.tags.clone(),
+            source: target.source.clone(),
+            key_check: target.key_check.clone(),
+        }
+    }
+}
+
 /// What the client announced in its `PushEnd`.
 #[derive(Clone, Debug, Default)]
 pub struct PushEnd {

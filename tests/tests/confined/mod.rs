@@ -126,6 +126,18 @@ impl Confined {
         )
     }
 
+    /// The `store:` section of a server.yaml on this namespace, as this
+    /// identity.
+    pub fn store_yaml(&self) -> String {
+        format!(
+            "store:\n  type: ceph-rbd\n  conf: {}\n  id: {}\n  keyring: {}\n  pool: rbd\n  namespace: {}\n",
+            self.conf.display(),
+            self.id,
+            self.keyring.display(),
+            self.namespace
+        )
+    }
+
     pub fn spec(&self, image: &str) -> String {
         format!("rbd/{}/{image}", self.namespace)
     }
