@@ -125,36 +125,100 @@ pub struct AgentOptions {
     pub connect_timeout: Duration,
 }
 
-/// Runs until interrupted. A session that fails at once is retried after
-/// a wait that doubles each time (capped); its reason is logged when it
-/// changes, not at every attempt.
-pub async fn run(url: &str, creds: &Credentials, options: &AgentOptions, jobs: JobsConfig) -> Result<()> {
-    let mut backoff = Duration::from_secs(1);
-    let mut last_reason = String::new();
-    loop {
-        let started = tokio::time::Instant::now();
-        let ended = session(url, creds, options, &jobs, &mut last_reason).await;
-        if started.elapsed() >= STABLE_SESSION {
-            backoff = Duration::from_secs(1);
+/// What every session of one agent shares: how to connect, what to run,
+/// the worker slots (`--workers` counts pushes on this host, whichever
+/// server ordered them) and the servers it holds sessions with.
+struct Agent {
+    creds: Credentials,
+    options: AgentOptions,
+    jobs: JobsConfig,
+    slots: Arc<Semaphore>,
+    servers: Mutex<std::collections::HashSet<String>>,
+}
+
+impl Agent {
+    /// Holds a session with `holder` too, the server another one named as
+    /// a job's lease holder (servers in front of one Ceph pool), unless
+    /// one is held already. A URL that would not pass as a configured one
+    /// is refused (logged).
+    fn follow(self: &Arc<Self>, holder: &str, job: &str) {
+        if let Err(e) = crate::connect::check_url(holder) {
+            tracing::warn!(job, "not following the job to its holder: {e}");
+            return;
         }
-        let cap = match &ended {
-            Err(e) if refused(e) => MAX_REFUSED_BACKOFF,
-            _ => MAX_BACKOFF,
-        };
-        backoff = backoff.min(cap);
-        let reason = match &ended {
-            Ok(()) => "server closed the agent stream".to_string(),
-            Err(e) => format!("agent session ended: {e}"),
-        };
-        if reason == last_reason {
-            tracing::info!("reconnecting in {} s", backoff.as_secs());
-        } else {
-            tracing::warn!("{reason}; reconnecting in {} s", backoff.as_secs());
-            last_reason = reason;
+        let new = self
+            .servers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(holder.to_string());
+        if new {
+            tracing::info!(job, "the job is held by {holder}: holding a session there too");
+            let agent = self.clone();
+            let url = holder.to_string();
+            tokio::spawn(async move { agent.keep_session(&url).await });
         }
-        tokio::time::sleep(backoff).await;
-        backoff = (backoff * 2).min(cap);
     }
+
+    /// One server's session, reconnected for as long as the agent runs. A
+    /// session that fails at once is retried after a wait that doubles
+    /// each time (capped); its reason is logged when it changes, not at
+    /// every attempt.
+    async fn keep_session(self: Arc<Self>, url: &str) {
+        let mut backoff = Duration::from_secs(1);
+        let mut last_reason = String::new();
+        loop {
+            let started = tokio::time::Instant::now();
+            let ended = session(url, &self, &mut last_reason).await;
+            if started.elapsed() >= STABLE_SESSION {
+                backoff = Duration::from_secs(1);
+            }
+            let cap = match &ended {
+                Err(e) if refused(e) => MAX_REFUSED_BACKOFF,
+                _ => MAX_BACKOFF,
+            };
+            backoff = backoff.min(cap);
+            let reason = match &ended {
+                Ok(()) => format!("{url}: server closed the agent stream"),
+                Err(e) => format!("{url}: agent session ended: {e}"),
+            };
+            if reason == last_reason {
+                tracing::info!("{url}: reconnecting in {} s", backoff.as_secs());
+            } else {
+                tracing::warn!("{reason}; reconnecting in {} s", backoff.as_secs());
+                last_reason = reason;
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(cap);
+        }
+    }
+}
+
+/// Runs until interrupted: a session with each of `urls` (one server, or
+/// several in front of one Ceph pool, each ordering the jobs whose lease
+/// it holds), and with every server they name as a job's holder.
+pub async fn run(
+    urls: &[String],
+    creds: &Credentials,
+    options: &AgentOptions,
+    jobs: JobsConfig,
+) -> Result<()> {
+    let agent = Arc::new(Agent {
+        creds: creds.clone(),
+        options: options.clone(),
+        jobs,
+        slots: Arc::new(Semaphore::new(options.workers.max(1) as usize)),
+        servers: Mutex::new(urls.iter().cloned().collect()),
+    });
+    let mut sessions = tokio::task::JoinSet::new();
+    for url in urls {
+        let agent = agent.clone();
+        let url = url.clone();
+        sessions.spawn(async move { agent.keep_session(&url).await });
+    }
+    while let Some(ended) = sessions.join_next().await {
+        ended.map_err(|e| Error::internal(format!("agent session task: {e}")))?;
+    }
+    Err(Error::invalid("no server to hold an agent session with"))
 }
 
 /// A refusal that retrying cannot lift: only an operator can.
@@ -166,15 +230,10 @@ fn refused(e: &Error) -> bool {
     )
 }
 
-async fn session(
-    url: &str,
-    creds: &Credentials,
-    options: &AgentOptions,
-    jobs: &JobsConfig,
-    last_reason: &mut String,
-) -> Result<()> {
+async fn session(url: &str, agent: &Arc<Agent>, last_reason: &mut String) -> Result<()> {
+    let options = &agent.options;
     let workers = options.workers;
-    let mut client = connect_within(url, creds, options.connect_timeout).await?;
+    let mut client = connect_within(url, &agent.creds, options.connect_timeout).await?;
     let (reports, rx) = mpsc::channel(16);
     reports
         .send(AgentReport {
@@ -202,16 +261,21 @@ async fn session(
     tracing::info!(workers, "connected to {url} as {name}");
     // Connected: a later failure is news again.
     last_reason.clear();
-    let slots = Arc::new(Semaphore::new(workers.max(1) as usize));
     while let Some(order) = orders.message().await.map_err(status_error)? {
-        let permit = slots
+        if !order.holder.is_empty() {
+            // Not an order: another server orders this job.
+            agent.follow(&order.holder, &order.job);
+            continue;
+        }
+        let permit = agent
+            .slots
             .clone()
             .acquire_owned()
             .await
             .map_err(|_| Error::internal("worker pool closed"))?;
         let reports = reports.clone();
         let client = client.clone();
-        let jobs = jobs.clone();
+        let jobs = agent.jobs.clone();
         tokio::spawn(async move {
             let outcome = run_order(client, &order, &jobs, permit).await;
             let _ = reports

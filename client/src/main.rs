@@ -864,8 +864,8 @@ async fn dispatch(
             workers: cmd.workers,
             connect_timeout: std::time::Duration::from_secs(cli.timeout),
         };
-        // The agent keeps to the first server (it reconnects by itself).
-        agent::run(&urls[0], creds, &options, jobs).await?;
+        // A session with every listed server (each reconnects by itself).
+        agent::run(urls, creds, &options, jobs).await?;
         return Ok(0);
     }
     if let Command::Push(cmd) = &cli.command {

@@ -17,6 +17,43 @@ pub const REPLAN: Duration = Duration::from_secs(60);
 /// The shortest: planning at most this often per agent.
 pub const MIN_REPLAN: Duration = Duration::from_secs(1);
 
+/// The jobs ordered and not yet reported, over every agent session of
+/// this server: an agent may hold several sessions with one server (under
+/// two URLs that name it, or two agents of one name), and a job is ordered
+/// by one of them at a time.
+#[derive(Default)]
+pub struct Ordered {
+    by_job: std::sync::Mutex<std::collections::HashMap<JobName, u64>>,
+    sessions: std::sync::atomic::AtomicU64,
+}
+
+impl Ordered {
+    fn new_session(&self) -> u64 {
+        self.sessions.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn map(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<JobName, u64>> {
+        self.by_job.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Claims `job` for `session`'s order; false while another session's
+    /// order of it is outstanding.
+    fn claim(&self, job: &JobName, session: u64) -> bool {
+        *self.map().entry(job.clone()).or_insert(session) == session
+    }
+
+    fn release(&self, job: &JobName, session: u64) {
+        let mut map = self.map();
+        if map.get(job) == Some(&session) {
+            map.remove(job);
+        }
+    }
+
+    fn release_session(&self, session: u64) {
+        self.map().retain(|_, s| *s != session);
+    }
+}
+
 /// What an agent's hello establishes.
 pub struct Hello {
     /// The client identity whose jobs it runs.
@@ -76,21 +113,25 @@ pub async fn serve(
     orders: mpsc::Sender<std::result::Result<AgentOrder, Status>>,
 ) {
     let Hello { agent, workers } = hello;
+    let session = server.agent_orders.new_session();
     // The name as logs show it (an admin may run an agent of any name).
     let shown = crate::text::quoted(&agent);
     tracing::info!(agent = %shown, workers, "agent connected");
     let mut outstanding: BTreeMap<JobName, chrono::DateTime<chrono::Utc>> = BTreeMap::new();
+    // Jobs this session sent elsewhere, and where (pool stores).
+    let mut told: BTreeMap<JobName, String> = BTreeMap::new();
     // Planning wakes at the earliest next due time of the agent's jobs, or
     // when anything changes (a commit, expiry, an outcome, a reload): an
     // idle site costs nothing per second, however many jobs and agents.
     let mut changes = server.jobs.index.subscribe();
     let mut wake = tokio::time::Instant::now();
-    loop {
+    'session: loop {
         tokio::select! {
             msg = reports.message() => match msg {
                 Ok(Some(AgentReport { report: Some(Report::Outcome(o)) })) => {
                     let Ok(job) = JobName::new(&o.job) else { continue };
                     if let Some(ordered_at) = outstanding.remove(&job) {
+                        server.agent_orders.release(&job, session);
                         if !o.ok {
                             // Failures before the push reached the server
                             // (source unreadable, ...) count for backoff too.
@@ -122,36 +163,55 @@ pub async fn serve(
                     let agent = agent.clone();
                     let busy: BTreeSet<JobName> = outstanding.keys().cloned().collect();
                     let room = workers.saturating_sub(outstanding.len());
-                    tokio::task::spawn_blocking(move || due_orders(&s, &agent, &busy, room)).await
+                    tokio::task::spawn_blocking(move || due_orders(&s, &agent, session, &busy, room)).await
                 };
                 let planned = match planned {
                     Ok(Ok(p)) => p,
                     Ok(Err(e)) => {
                         tracing::error!(agent = %shown, "planning orders failed: {e}");
-                        Planned { orders: Vec::new(), next: None }
+                        Planned::default()
                     }
                     Err(e) => {
                         tracing::error!(agent = %shown, "planning orders failed: {e}");
-                        Planned { orders: Vec::new(), next: None }
+                        Planned::default()
                     }
                 };
                 for (job, order) in planned.orders {
                     tracing::info!(agent = %shown, job = %job, tags = %order.tags.join(","), "ordering push");
                     if orders.send(Ok(order)).await.is_err() {
-                        return;
+                        break 'session;
                     }
+                    told.remove(&job);
                     outstanding.insert(job, chrono::Utc::now());
+                }
+                // Said once per job and holder: the agent connects there
+                // and that server's session orders the job.
+                for (job, holder) in planned.elsewhere {
+                    if told.get(&job) == Some(&holder) {
+                        continue;
+                    }
+                    tracing::info!(agent = %shown, job = %job, holder = %holder, "job held by another server: sending the agent there");
+                    let order = AgentOrder { job: job.to_string(), holder: holder.clone(), ..AgentOrder::default() };
+                    if orders.send(Ok(order)).await.is_err() {
+                        break 'session;
+                    }
+                    told.insert(job, holder);
                 }
                 wake = next_wake(planned.next);
             }
         }
     }
+    server.agent_orders.release_session(session);
     tracing::info!(agent = %shown, "agent disconnected");
 }
 
 /// What one planning round found.
+#[derive(Default)]
 struct Planned {
     orders: Vec<(JobName, AgentOrder)>,
+    /// Jobs of the agent whose lease another server in front of the same
+    /// pool holds (or is being handed): that server orders them; its URL.
+    elsewhere: Vec<(JobName, String)>,
     /// The earliest time a job of the agent that was not ordered now becomes
     /// due (failure backoff included).
     next: Option<chrono::DateTime<chrono::Utc>>,
@@ -171,13 +231,19 @@ fn next_wake(next: Option<chrono::DateTime<chrono::Utc>>) -> tokio::time::Instan
 }
 
 /// Orders for the agent's due jobs that are not already ordered or running,
-/// and when the next of the others is due.
-fn due_orders(server: &Server, agent: &str, outstanding: &BTreeSet<JobName>, room: usize) -> Result<Planned> {
+/// and when the next of the others is due. On a pool store, only jobs this
+/// server holds the lease of, or takes now because they are due and free;
+/// the others go to `elsewhere`.
+fn due_orders(
+    server: &Server,
+    agent: &str,
+    session: u64,
+    outstanding: &BTreeSet<JobName>,
+    room: usize,
+) -> Result<Planned> {
     let config = server.config();
-    let mut planned = Planned {
-        orders: Vec::new(),
-        next: None,
-    };
+    let pool = server.pool();
+    let mut planned = Planned::default();
     for name in server.jobs_of(agent).iter() {
         let Some(job_cfg) = config.jobs.get(name) else {
             continue;
@@ -191,15 +257,41 @@ fn due_orders(server: &Server, agent: &str, outstanding: &BTreeSet<JobName>, roo
         if outstanding.contains(name) || server.jobs.activity.job_runtime(name).push.is_some() {
             continue; // its outcome wakes planning again
         }
-        let job = server.job(name.as_str())?;
-        let entry = server.jobs.indexed(&job)?;
-        let state = crate::schedule::due_state(server, &job, schedule, &entry.revisions);
-        if state.due_now && planned.orders.len() < room {
+        let state = match &pool {
+            None => {
+                let job = server.job(name.as_str())?;
+                let entry = server.jobs.indexed(&job)?;
+                crate::schedule::due_state(server, name, schedule, &entry.revisions)
+            }
+            Some(pool) => match crate::pool_serve::agent::due_here(server, pool, name, schedule) {
+                crate::pool_serve::agent::Here::Due(state) => state,
+                crate::pool_serve::agent::Here::Elsewhere(url) => {
+                    planned.elsewhere.push((name.clone(), url));
+                    continue;
+                }
+                crate::pool_serve::agent::Here::Unknown => continue,
+            },
+        };
+        let ordered = state.due_now
+            && planned.orders.len() < room
+            && match &pool {
+                None => true,
+                Some(pool) => match crate::pool_serve::agent::take(pool, name) {
+                    crate::pool_serve::agent::Taken::Yes => true,
+                    crate::pool_serve::agent::Taken::Elsewhere(url) => {
+                        planned.elsewhere.push((name.clone(), url));
+                        continue;
+                    }
+                    crate::pool_serve::agent::Taken::No => false,
+                },
+            };
+        if ordered && server.agent_orders.claim(name, session) {
             planned.orders.push((
                 name.clone(),
                 AgentOrder {
                     job: name.to_string(),
                     tags: state.tags.iter().cloned().collect(),
+                    ..AgentOrder::default()
                 },
             ));
         } else if let Some(at) = state.next_due {

@@ -2,15 +2,59 @@
 
 use crate::state::Server;
 use crate::storage::JobDir;
+use backy_common::config::Schedule;
 use backy_common::manifest::Manifest;
 use backy_common::revision::RevisionMeta;
-use backy_common::{Error, Result, RevisionId, DEFAULT_BLOCK_SIZE};
+use backy_common::{Error, JobName, Result, RevisionId, DEFAULT_BLOCK_SIZE};
 use backy_proto::{PlanReply, PlanRequest, RevisionInfo};
 
 /// The revision a new push builds on: the newest one that is not
 /// distrusted.
 pub fn choose_parent(revs: &[RevisionMeta]) -> Option<&RevisionMeta> {
     revs.iter().rev().find(|r| r.trust.usable_as_parent())
+}
+
+/// Whether a push asked for by `req` runs now, with which tags, and why:
+/// the schedule's decision (any store).
+pub fn decide(
+    server: &Server,
+    job: &JobName,
+    schedule: Option<&Schedule>,
+    revs: &[RevisionMeta],
+    req: &PlanRequest,
+) -> (bool, Vec<String>, String) {
+    let Some(schedule) = schedule else {
+        return (
+            true,
+            req.tags.clone(),
+            "job has no schedule: every push runs".to_string(),
+        );
+    };
+    let state = crate::schedule::due_state(server, job, schedule, revs);
+    // An agent's order is forced (the order, not a second look, decides),
+    // but a push that is due anyway says why it is due.
+    if req.force && !state.due_now {
+        // Forced: the given tags, else those of the next slot, so a forced
+        // revision is never born without tags (expiry would delete it at
+        // once).
+        let tags = if !req.tags.is_empty() {
+            req.tags.clone()
+        } else if !state.next_tags.is_empty() {
+            state.next_tags.iter().cloned().collect()
+        } else {
+            schedule.keys().cloned().collect()
+        };
+        (true, tags, "forced".to_string())
+    } else if state.due_now {
+        let tags = if req.tags.is_empty() {
+            state.tags.iter().cloned().collect()
+        } else {
+            req.tags.clone()
+        };
+        (true, tags, state.reason)
+    } else {
+        (false, Vec::new(), state.reason)
+    }
 }
 
 pub fn plan(server: &Server, req: &PlanRequest) -> Result<PlanReply> {
@@ -21,40 +65,7 @@ pub fn plan(server: &Server, req: &PlanRequest) -> Result<PlanReply> {
     crate::revisions::check_tags(&req.tags, config.schedule_of(job_cfg), req.allow_unscheduled)?;
     let entry = server.jobs.indexed(&job)?;
     let revs = &entry.revisions;
-    let (due, tags, reason) = match config.schedule_of(job_cfg) {
-        None => (
-            true,
-            req.tags.clone(),
-            "job has no schedule: every push runs".to_string(),
-        ),
-        Some(schedule) => {
-            let state = crate::schedule::due_state(server, &job, schedule, revs);
-            // An agent's order is forced (the order, not a second look,
-            // decides), but a push that is due anyway says why it is due.
-            if req.force && !state.due_now {
-                // Forced: the given tags, else those of the next slot, so a
-                // forced revision is never born without tags (expiry would
-                // delete it at once).
-                let tags = if !req.tags.is_empty() {
-                    req.tags.clone()
-                } else if !state.next_tags.is_empty() {
-                    state.next_tags.iter().cloned().collect()
-                } else {
-                    schedule.keys().cloned().collect()
-                };
-                (true, tags, "forced".to_string())
-            } else if state.due_now {
-                let tags = if req.tags.is_empty() {
-                    state.tags.iter().cloned().collect()
-                } else {
-                    req.tags.clone()
-                };
-                (true, tags, state.reason)
-            } else {
-                (false, Vec::new(), state.reason)
-            }
-        }
-    };
+    let (due, tags, reason) = decide(server, job.name(), config.schedule_of(job_cfg), revs, req);
     let parent = choose_parent(revs);
     // An interrupted push on the same parent continues under its own id.
     let resume = job

@@ -14,6 +14,7 @@
 //! holder's lease expired (it died or froze), the next push takes the job
 //! over and fences the old holder first ([`PoolBackend::lease`]).
 
+pub mod agent;
 pub mod change;
 pub mod expire;
 pub mod verify;
@@ -320,20 +321,18 @@ pub fn plan(server: &Server, pool: &PoolBackend, req: &PlanRequest) -> Result<Pl
     crate::revisions::check_tags(&req.tags, schedule, req.allow_unscheduled)?;
     pool.refuse_if_held_elsewhere(&job)?;
     let revs = pool.revisions(&job)?;
-    let mut reason = "ceph-rbd store: schedules are not evaluated yet, every push runs".to_string();
+    // The schedule decides as on a filesystem store; its failure backoff
+    // is this server's (it starts afresh on a server that takes the job).
+    let (due, tags, mut reason) = crate::plan::decide(server, &job, schedule, &revs, req);
     let mut parent = crate::plan::choose_parent(&revs);
-    if let Some(p) = parent {
+    if let Some(p) = parent.filter(|_| due) {
         if pool.head_dirty(&job, p)? {
             reason.push_str("; a push that died left writes in the image: this one is full");
             parent = None;
         }
     }
-    let tags = match (req.tags.is_empty(), schedule) {
-        (true, Some(s)) => s.keys().cloned().collect(),
-        _ => req.tags.clone(),
-    };
     Ok(PlanReply {
-        due: true,
+        due,
         tags,
         parent_id: parent.map(|p| p.id.uuid().to_string()).unwrap_or_default(),
         parent_snapshot: parent.map(|p| p.source.snapshot.clone()).unwrap_or_default(),

@@ -8,21 +8,21 @@ use crate::storage::JobDir;
 use backy_common::config::{Schedule, ServerConfig};
 use backy_common::revision::RevisionMeta;
 use backy_common::schedule::{self, DueState, ExpiryPlan, ExpiryRun, FailureState, Held};
-use backy_common::{fault, Result, RevisionId};
+use backy_common::{fault, JobName, Result, RevisionId};
 use chrono::{DateTime, Utc};
 use std::collections::BTreeSet;
 
 /// The due state of a scheduled job now. Revisions dated after the
 /// server's clock count as dated when found, and the reason says so.
-pub fn due_state(server: &Server, job: &JobDir, schedule: &Schedule, revs: &[RevisionMeta]) -> DueState {
+pub fn due_state(server: &Server, job: &JobName, schedule: &Schedule, revs: &[RevisionMeta]) -> DueState {
     let now = Utc::now();
-    let rt = server.jobs.activity.job_runtime(job.name());
+    let rt = server.jobs.activity.job_runtime(job);
     let failures = FailureState {
         consecutive: rt.failures,
         last_failure: rt.last_failure,
     };
-    let offset = schedule::spread_offset(job.name().as_str(), schedule);
-    let dated = server.jobs.activity.dated(job.name(), revs, now);
+    let offset = schedule::spread_offset(job.as_str(), schedule);
+    let dated = server.jobs.activity.dated(job, revs, now);
     let mut state = schedule::due(schedule, offset, &dated.revisions, &failures, now);
     if !dated.future.is_empty() {
         state.reason.push_str(&future_note(&dated.future));

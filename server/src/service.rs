@@ -1129,7 +1129,6 @@ impl Backy for Service {
         req: Request<Streaming<AgentReport>>,
     ) -> std::result::Result<Response<Self::AgentStream>, Status> {
         let caller = auth::caller(&req)?;
-        self.refuse_on_pool("the agent (schedules)")?;
         let permit = self.permit(&caller, "agent")?;
         let mut reports = req.into_inner();
         // Refused before the stream opens: the agent sees the refusal as

@@ -39,6 +39,8 @@ pub struct Server {
     pub groups: Arc<crate::group::HeldGroups>,
     /// Set at start-up when revisions live in a Ceph pool (`store:`).
     pub pool: std::sync::OnceLock<Arc<crate::pool_serve::PoolBackend>>,
+    /// Jobs ordered by agent sessions and not yet reported.
+    pub agent_orders: crate::agent::Ordered,
 }
 
 impl Server {
@@ -61,6 +63,7 @@ impl Server {
             replica_bwlimit: Default::default(),
             groups: Default::default(),
             pool: Default::default(),
+            agent_orders: Default::default(),
             refusals: std::sync::Mutex::new(backy_common::throttle::Throttle::new(
                 backy_common::throttle::Limits::REFUSALS,
             )),

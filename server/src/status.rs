@@ -38,7 +38,7 @@ fn health(server: &Server, config: &ServerConfig, job: &JobDir, entry: &JobEntry
     let copy = server.is_copy(job.name());
     let sched = config.schedule_of(job_cfg).map(|s| {
         let sla = backy_common::schedule::sla(s, &dated.revisions, now, entry.since);
-        let due = (!copy).then(|| crate::schedule::due_state(server, job, s, revs));
+        let due = (!copy).then(|| crate::schedule::due_state(server, job.name(), s, revs));
         (sla, due)
     });
     let storage = revs.last().map(|r| r.storage).unwrap_or(server.storage_mode);

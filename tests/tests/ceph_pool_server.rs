@@ -595,9 +595,10 @@ fn tags_distrust_and_forget_change_the_records_in_the_pool() {
     let size = 9 * MIB;
     let src = work.join("src.img");
     make_image(&src, size, &[]);
+    // Forced: the schedule makes only the first push of a day due.
     let push = |n: u64| {
         write_at(&src, n * MIB, &pattern(n, 4096));
-        server.client_ok(&["push", "vm1", "--source", src.to_str().unwrap()]);
+        server.client_ok(&["push", "vm1", "--source", src.to_str().unwrap(), "--force"]);
         std::fs::read(&src).unwrap()
     };
     let v1 = push(1);
@@ -865,7 +866,9 @@ fn expiry_after_a_commit_removes_exactly_what_the_schedule_says() {
     push(3, &unscheduled);
     let r3 = server.short_ids("vm1")[1].clone();
     server.client_ok(&["tags", "vm1", "-r", &r3, "add", "manual:keep"]);
-    let out = push(4, &[]);
+    // r2 is today's daily: only a forced push runs (with the next slot's
+    // tag, daily).
+    let out = push(4, &["--force"]);
     assert_eq!(out["expired"], serde_json::json!([]), "{out}");
     let revs = server.revisions("vm1");
     let ids = server.short_ids("vm1");

@@ -138,6 +138,22 @@ impl Confined {
         )
     }
 
+    /// The cookie (the server's URL) of the lease on `job`, if held now.
+    /// No job object yet (never pushed): `None`.
+    pub fn lease_holder(&self, job: &str) -> Option<String> {
+        let out = self.rados(&["lock", "info", &format!("backy.job.{job}"), "lease"]);
+        if String::from_utf8_lossy(&out.stderr).contains("No such file or directory") {
+            return None;
+        }
+        let out = ok(out, "rados lock info");
+        let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        v["lockers"]
+            .as_array()
+            .and_then(|l| l.first())
+            .and_then(|l| l["cookie"].as_str())
+            .map(str::to_string)
+    }
+
     pub fn spec(&self, image: &str) -> String {
         format!("rbd/{}/{image}", self.namespace)
     }
