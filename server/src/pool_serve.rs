@@ -23,7 +23,7 @@ use crate::ceph::{LeaseKeeper, Locker};
 use crate::pool::{JobSpace, PoolConfig, PoolPush, PoolStore, SnapshotSpace};
 use crate::push::{Received, Step};
 use crate::state::Server;
-use backy_common::config::{CephStoreConfig, ServerConfig, NO_SCHEDULE};
+use backy_common::config::{CephStoreConfig, ServerConfig};
 use backy_common::lease::LeaseTimes;
 use backy_common::manifest::Manifest;
 use backy_common::revision::RevisionMeta;
@@ -631,8 +631,10 @@ pub fn stream_image(
     result
 }
 
-/// A job's status from the pool: its revisions; what the pool does not
-/// keep yet (space, schedules' due times) is left empty.
+/// A job's status from the pool: its revisions, space as `rbd du` counts
+/// it, and the schedule's SLA and next due time. A job never backed up
+/// has no first-backup grace here (the pool keeps no time the job was
+/// first known): its SLA is missed until its first revision.
 pub fn header(
     server: &Server,
     pool: &PoolBackend,
@@ -642,7 +644,7 @@ pub fn header(
     let job = job_name(server, name)?;
     let job_cfg = config.job(&job)?;
     let revs = pool.revisions(&job)?;
-    let runtime = server.jobs.activity.job_runtime(&job);
+    let h = crate::status::health(server, config, &job, &revs, None)?;
     let ids: Vec<_> = revs.iter().map(|r| r.id).collect();
     // Space is a convenience: a cluster that cannot say leaves it out.
     let space = pool
@@ -652,15 +654,17 @@ pub fn header(
         .ok();
     let status = JobStatus {
         job: name.to_string(),
-        schedule: job_cfg
-            .schedule
-            .clone()
-            .unwrap_or_else(|| NO_SCHEDULE.to_string()),
+        schedule: h.schedule,
         storage: backy_proto::wire_storage(backy_common::revision::StorageMode::Reflink) as i32,
-        running: runtime.push.is_some(),
-        sla_ok: true,
-        failures: runtime.failures,
-        last_error: runtime.last_error,
+        running: h.runtime.push.is_some(),
+        sla_ok: h.sla_ok,
+        sla_overdue_secs: h.sla_overdue_secs,
+        sla_window_secs: h.sla_window_secs,
+        next_due: h.next_due,
+        next_tags: h.next_tags,
+        failures: h.runtime.failures,
+        last_error: h.runtime.last_error,
+        future_revisions: h.future,
         client: job_cfg.client.clone().unwrap_or_default(),
         space: space.as_ref().map(job_space),
         ..JobStatus::default()
@@ -716,13 +720,24 @@ pub fn summary(
         schedule: status.schedule,
         revisions: u32::try_from(revs.len()).unwrap_or(u32::MAX),
         newest: revs.last().cloned(),
-        newest_trusted: revs.last().and_then(|r| r.timestamp),
+        newest_trusted: revs
+            .iter()
+            .rev()
+            .find(|r| r.trust != backy_proto::Trust::Distrusted as i32)
+            .and_then(|r| r.timestamp),
         storage: status.storage,
         running: status.running,
-        sla_ok: true,
+        sla_ok: status.sla_ok,
+        sla_overdue_secs: status.sla_overdue_secs,
+        sla_window_secs: status.sla_window_secs,
+        next_due: status.next_due,
+        next_tags: status.next_tags,
         failures: status.failures,
         last_error: status.last_error,
         space: status.space,
+        future_revisions: status.future_revisions,
+        distrusted: u32::try_from(revs.iter().filter(|r| r.trust == backy_proto::Trust::Distrusted as i32).count())
+            .unwrap_or(u32::MAX),
         ..JobSummary::default()
     })
 }

@@ -1,11 +1,11 @@
 //! Building `status` replies: one job with its revisions, or a summary per
 //! job for a whole host. Both read the index, never the disk.
 
-use crate::job::{JobEntry, JobRuntime};
+use crate::job::JobRuntime;
 use crate::state::Server;
 use crate::storage::JobDir;
 use backy_common::config::{ServerConfig, NO_SCHEDULE};
-use backy_common::revision::Trust;
+use backy_common::revision::{RevisionMeta, Trust};
 use backy_common::space::Usage;
 use backy_common::{JobName, Result};
 use backy_proto::{
@@ -15,30 +15,37 @@ use backy_proto::{
 use prost::Message;
 
 /// What status says about a job besides its revisions.
-struct Health {
-    schedule: String,
-    storage: i32,
-    sla_ok: bool,
-    sla_overdue_secs: i64,
-    sla_window_secs: u64,
-    next_due: Option<backy_proto::prost_types::Timestamp>,
-    next_tags: Vec<String>,
-    runtime: JobRuntime,
+pub struct Health {
+    pub schedule: String,
+    pub storage: i32,
+    pub sla_ok: bool,
+    pub sla_overdue_secs: i64,
+    pub sla_window_secs: u64,
+    pub next_due: Option<backy_proto::prost_types::Timestamp>,
+    pub next_tags: Vec<String>,
+    pub runtime: JobRuntime,
     /// Revisions dated after the server's clock.
-    future: Vec<String>,
+    pub future: Vec<String>,
 }
 
-fn health(server: &Server, config: &ServerConfig, job: &JobDir, entry: &JobEntry) -> Result<Health> {
-    let revs = &entry.revisions;
-    let job_cfg = config.job(job.name())?;
+/// A job's health from its revisions (from the index, or from the pool);
+/// `since`: when the store first knew the job (the first backup's grace).
+pub fn health(
+    server: &Server,
+    config: &ServerConfig,
+    job: &JobName,
+    revs: &[RevisionMeta],
+    since: Option<chrono::DateTime<chrono::Utc>>,
+) -> Result<Health> {
+    let job_cfg = config.job(job)?;
     let now = chrono::Utc::now();
-    let dated = server.jobs.activity.dated(job.name(), revs, now);
+    let dated = server.jobs.activity.dated(job, revs, now);
     // A copy takes no pushes: its schedule only keeps copies, nothing is
     // ever due.
-    let copy = server.is_copy(job.name());
+    let copy = server.is_copy(job);
     let sched = config.schedule_of(job_cfg).map(|s| {
-        let sla = backy_common::schedule::sla(s, &dated.revisions, now, entry.since);
-        let due = (!copy).then(|| crate::schedule::due_state(server, job.name(), s, revs));
+        let sla = backy_common::schedule::sla(s, &dated.revisions, now, since);
+        let due = (!copy).then(|| crate::schedule::due_state(server, job, s, revs));
         (sla, due)
     });
     let storage = revs.last().map(|r| r.storage).unwrap_or(server.storage_mode);
@@ -63,7 +70,7 @@ fn health(server: &Server, config: &ServerConfig, job: &JobDir, entry: &JobEntry
             .and_then(|(_, due)| due.as_ref())
             .map(|due| due.next_tags.iter().cloned().collect())
             .unwrap_or_default(),
-        runtime: server.jobs.activity.job_runtime(job.name()),
+        runtime: server.jobs.activity.job_runtime(job),
         future: dated.future.iter().map(ToString::to_string).collect(),
     })
 }
@@ -151,7 +158,7 @@ pub fn header(server: &Server, config: &ServerConfig, name: &str) -> Result<(Job
     }
     let job = server.job(name)?;
     let entry = server.jobs.indexed(&job)?;
-    let h = health(server, config, &job, &entry)?;
+    let h = health(server, config, job.name(), &entry.revisions, entry.since)?;
     let space = server.jobs.space(&job, &entry);
     let revisions = entry
         .revisions
@@ -248,7 +255,7 @@ pub fn summary(server: &Server, config: &ServerConfig, name: &JobName) -> Result
     }
     let job = JobDir::new(&config.base_dir, name.clone());
     let entry = server.jobs.indexed(&job)?;
-    let h = health(server, config, &job, &entry)?;
+    let h = health(server, config, job.name(), &entry.revisions, entry.since)?;
     let revs = &entry.revisions;
     let newest_trusted = revs
         .iter()

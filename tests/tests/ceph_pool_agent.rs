@@ -51,9 +51,11 @@ fn an_agent_is_sent_to_the_server_holding_its_job_and_schedules_decide() {
     let a = Server::start_config(&dir.path().join("a"), &text);
     let b = Server::start_config(&dir.path().join("b"), &text);
 
-    // B holds vm2: a manual push with a manual tag only, so the schedule's
-    // daily is still due.
-    b.client_ok(&["push", "vm2", "--force", "--tags", "manual:first"]);
+    // B holds vm2, which has no revision (pushed through B, then
+    // forgotten): its first backup is due.
+    b.client_ok(&["push", "vm2"]);
+    b.client_ok(&["forget", "vm2", "-r", "all"]);
+    assert!(b.revisions("vm2").is_empty());
     assert_eq!(pool.lease_holder("vm2").as_deref(), Some(b.url.as_str()));
     assert_eq!(pool.lease_holder("vm1"), None, "nobody holds vm1 yet");
 
@@ -90,9 +92,7 @@ fn an_agent_is_sent_to_the_server_holding_its_job_and_schedules_decide() {
     );
     assert_eq!(pool.lease_holder("vm1").as_deref(), Some(a.url.as_str()));
     assert_eq!(pool.lease_holder("vm2").as_deref(), Some(b.url.as_str()));
-    let vm2 = b.revisions("vm2");
-    assert_eq!(vm2.len(), 2, "{vm2:?}");
-    assert_eq!(tags_of(&vm2[0]), ["manual:first"]);
+    assert_eq!(b.revisions("vm2").len(), 1);
 
     // Nothing is due now: a push runs nothing, through either server.
     for (server, job) in [(&a, "vm1"), (&b, "vm2"), (&b, "vm1")] {
@@ -106,5 +106,22 @@ fn an_agent_is_sent_to_the_server_holding_its_job_and_schedules_decide() {
         );
     }
     assert_eq!(a.revisions("vm1").len(), 1);
-    assert_eq!(a.revisions("vm2").len(), 2);
+    assert_eq!(a.revisions("vm2").len(), 1);
+
+    // Status through either server says what the schedule says: within
+    // the SLA, the next daily due later, within a day.
+    for server in [&a, &b] {
+        let text = server.client_ok(&["--json", "status", "vm1"]);
+        let status: serde_json::Value = serde_json::from_str(&text).unwrap();
+        let job = &status["jobs"][0];
+        assert_eq!(job["sla_ok"], true, "{job}");
+        assert_eq!(job["next_tags"], serde_json::json!(["daily"]), "{job}");
+        let next = chrono::DateTime::parse_from_rfc3339(job["next_due"].as_str().unwrap()).unwrap();
+        let in_ = next.with_timezone(&chrono::Utc) - chrono::Utc::now();
+        assert!(
+            in_ > chrono::Duration::zero() && in_ <= chrono::Duration::hours(24),
+            "next due in {in_}: {job}"
+        );
+        server.client_ok(&["check", "vm1"]);
+    }
 }
