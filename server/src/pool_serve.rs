@@ -736,8 +736,12 @@ pub fn summary(
         last_error: status.last_error,
         space: status.space,
         future_revisions: status.future_revisions,
-        distrusted: u32::try_from(revs.iter().filter(|r| r.trust == backy_proto::Trust::Distrusted as i32).count())
-            .unwrap_or(u32::MAX),
+        distrusted: u32::try_from(
+            revs.iter()
+                .filter(|r| r.trust == backy_proto::Trust::Distrusted as i32)
+                .count(),
+        )
+        .unwrap_or(u32::MAX),
         ..JobSummary::default()
     })
 }
