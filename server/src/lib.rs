@@ -132,10 +132,11 @@ pub async fn serve(config: ServerConfig, preflight: Preflight, config_path: Path
     // (revisions a stopped server should have expired are gone), then on
     // a timer.
     if let Some(pool) = server.pool() {
-        // Expiry runs on the jobs whose lease this server holds (none at
-        // start); no scrub on a pool yet (docs/DESIGN.md).
+        // Expiry and scrub run on the jobs whose lease this server holds
+        // (none at start).
         pool_serve::spawn_renewal(pool.clone());
         pool_serve::expire::spawn(server.clone(), pool, EXPIRY_EVERY);
+        scrub::spawn(server.clone());
     } else {
         let s = server.clone();
         tokio::task::spawn_blocking(move || schedule::expire_all(&s))

@@ -173,6 +173,11 @@ impl PoolBackend {
         Ok(())
     }
 
+    /// The jobs whose lease this server holds now.
+    pub fn held_jobs(&self) -> Vec<JobName> {
+        self.keepers().keys().cloned().collect()
+    }
+
     /// Renews every held lease; a lost one is dropped (the next push
     /// takes it again, or is refused while another server holds it).
     pub fn renew_all(&self) {

@@ -110,35 +110,34 @@ impl Collector for HostCollector {
                 stats.bytes,
             )?;
         }
-        // On a pool: the revisions its records list; no scrub runs there.
-        if let Some(pool) = server.pool() {
-            let total: u64 = config
-                .jobs
-                .keys()
-                .filter_map(|n| pool.revisions(n).ok())
-                .map(|r| r.len() as u64)
-                .sum();
-            return gauge(
-                &mut e,
-                "backy_revisions",
-                "Committed revisions of all jobs",
-                total,
-            );
-        }
         // Scrub progress: revisions whose last check (a verify, or the
-        // commit) is older than scrub.interval.
+        // commit) is older than scrub.interval. On a pool, every job's
+        // records (the backlog of the fleet; each holder scrubs its own).
         let interval =
             chrono::Duration::from_std(config.scrub.interval.as_duration()).unwrap_or(chrono::Duration::MAX);
         let now = chrono::Utc::now();
+        let pool = server.pool();
         let (mut total, mut due) = (0u64, 0u64);
+        let mut count = |revs: &[backy_common::revision::RevisionMeta]| {
+            for r in revs {
+                total += 1;
+                let checked = r.verified_at.unwrap_or(r.timestamp);
+                if checked.checked_add_signed(interval).is_some_and(|t| t <= now) {
+                    due += 1;
+                }
+            }
+        };
         for name in config.jobs.keys() {
-            let job = crate::storage::JobDir::new(&config.base_dir, name.clone());
-            if let Ok(entry) = server.jobs.indexed(&job) {
-                for r in &entry.revisions {
-                    total += 1;
-                    let checked = r.verified_at.unwrap_or(r.timestamp);
-                    if checked.checked_add_signed(interval).is_some_and(|t| t <= now) {
-                        due += 1;
+            match &pool {
+                Some(pool) => {
+                    if let Ok(revs) = pool.revisions(name) {
+                        count(&revs);
+                    }
+                }
+                None => {
+                    let job = crate::storage::JobDir::new(&config.base_dir, name.clone());
+                    if let Ok(entry) = server.jobs.indexed(&job) {
+                        count(&entry.revisions);
                     }
                 }
             }

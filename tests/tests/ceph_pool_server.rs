@@ -24,7 +24,8 @@
 //!   parent; a forget removes snapshot and record; a protected snapshot and
 //!   a server not holding the lease change nothing;
 //! - verify marks a clean revision verified, and reports and distrusts one
-//!   whose stored digests do not match its data;
+//!   whose stored digests do not match its data; the background scrub does
+//!   the same on the lease holder only;
 //! - expiry after a commit removes exactly what the schedule says;
 //! - a retention-locked revision's snapshot is protected, and it survives
 //!   expiry, forget and a config without the lock.
@@ -722,7 +723,6 @@ fn tags_distrust_and_forget_change_the_records_in_the_pool() {
 /// the filesystem store.
 #[test]
 fn verify_reads_the_snapshot_and_distrusts_a_revision_whose_digests_do_not_match() {
-    use backy_common::manifest::{digest, Manifest};
     let Some(conf) = ceph_conf() else { return };
     let pool = Confined::new(&conf, "ver");
     let dir = tempfile::tempdir().unwrap();
@@ -748,6 +748,40 @@ fn verify_reads_the_snapshot_and_distrusts_a_revision_whose_digests_do_not_match
 
     // Block 2's digest in the manifest no longer matches its data; the
     // record names the rewritten manifest's digest.
+    corrupt_digest(&pool, &work, &id, 2);
+
+    let out = server.client(&["verify", "vm1"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains(&format!(
+            "vm1: {id}: DAMAGED: 1 block does not match the manifest (offsets [{}]), now distrusted",
+            8 * MIB
+        )),
+        "{stdout}"
+    );
+    let revs = server.revisions("vm1");
+    assert_eq!(revs[0]["trust"], "distrusted", "{revs:?}");
+    assert_eq!(
+        pool.snapshots("vm1"),
+        std::slice::from_ref(&id),
+        "verify removes nothing"
+    );
+
+    // The snapshot itself is untouched (only its digests were rewritten).
+    assert!(pool.export("vm1", Some(&id)) == std::fs::read(&src).unwrap());
+}
+
+/// Rewrites the stored digest of `block` of revision `id` of vm1 (its
+/// manifest piece, and the record's manifest digest to match), so the
+/// manifest reads as intact and only the block's data disagrees with it.
+fn corrupt_digest(pool: &Confined, work: &Path, id: &str, block: u64) {
+    use backy_common::manifest::{digest, Manifest};
     let piece = format!("backy.job.vm1@{id}.digests.0");
     let bytes_path = work.join("piece");
     ok(
@@ -757,7 +791,7 @@ fn verify_reads_the_snapshot_and_distrusts_a_revision_whose_digests_do_not_match
     let bytes = std::fs::read(&bytes_path).unwrap();
     let mut manifest = Manifest::decode(&bytes, "piece").unwrap();
     let old = hex::encode(manifest.file_digest());
-    manifest.set(2, digest(b"not block 2")).unwrap();
+    manifest.set(block, digest(b"not this block")).unwrap();
     let mut wrong = Vec::new();
     let new = hex::encode(manifest.write_to(&mut wrong).unwrap());
     std::fs::write(&bytes_path, &wrong).unwrap();
@@ -790,32 +824,51 @@ fn verify_reads_the_snapshot_and_distrusts_a_revision_whose_digests_do_not_match
         ),
         "rados setomapval",
     );
+}
 
-    let out = server.client(&["verify", "vm1"]);
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(
-        out.status.code(),
-        Some(1),
-        "{stdout}{}",
-        String::from_utf8_lossy(&out.stderr)
+/// The background scrub on a pool: the lease holder re-reads its jobs'
+/// snapshots (marking a clean revision verified, distrusting one whose
+/// digests do not match); a server not holding the job leaves it alone.
+#[test]
+fn the_scrub_runs_on_the_holder_and_distrusts_a_damaged_revision() {
+    let Some(conf) = ceph_conf() else { return };
+    let pool = Confined::new(&conf, "scr");
+    let dir = tempfile::tempdir().unwrap();
+    let work = dir.path().join("work");
+    std::fs::create_dir_all(&work).unwrap();
+    let text = config(&pool).replace("jobs:\n", "scrub: {interval: 1s, rate: 256M}\njobs:\n");
+    let a = Server::start_config(&dir.path().join("a"), &text);
+    let b = Server::start_config(&dir.path().join("b"), &text);
+    let src = work.join("src.img");
+    make_image(&src, 12 * MIB, &[]);
+    write_at(&src, 9 * MIB, &pattern(2, MIB as usize));
+    let b_mark = b.log_mark();
+    a.client_ok(&["push", "vm1", "--source", src.to_str().unwrap()]);
+    let id = a.short_ids("vm1")[0].clone();
+    wait_for(
+        "A's scrub to verify the revision",
+        std::time::Duration::from_secs(30),
+        || a.revisions("vm1")[0]["trust"] == "verified",
+    );
+
+    corrupt_digest(&pool, &work, &id, 2);
+    wait_for(
+        "A's scrub to distrust the revision",
+        std::time::Duration::from_secs(30),
+        || a.revisions("vm1")[0]["trust"] == "distrusted",
+    );
+    a.wait_log(
+        0,
+        "scrub: revision distrusted: 1 block does not match the manifest",
     );
     assert!(
-        stdout.contains(&format!(
-            "vm1: {id}: DAMAGED: 1 block does not match the manifest (offsets [{}]), now distrusted",
-            8 * MIB
-        )),
-        "{stdout}"
+        !b.log_lines(b_mark).iter().any(|l| l.contains("scrub:")),
+        "B holds no lease: it scrubs nothing"
     );
-    let revs = server.revisions("vm1");
-    assert_eq!(revs[0]["trust"], "distrusted", "{revs:?}");
-    assert_eq!(
-        pool.snapshots("vm1"),
-        std::slice::from_ref(&id),
-        "verify removes nothing"
+    assert!(
+        pool.export("vm1", Some(&id)) == std::fs::read(&src).unwrap(),
+        "the scrub changes no data"
     );
-
-    // The snapshot itself is untouched (only its digests were rewritten).
-    assert!(pool.export("vm1", Some(&id)) == std::fs::read(&src).unwrap());
 }
 
 /// Expiry after a commit on a pool, by the schedule's rules (the pure
