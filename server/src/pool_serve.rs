@@ -342,7 +342,10 @@ pub fn plan(server: &Server, pool: &PoolBackend, req: &PlanRequest) -> Result<Pl
         parent_id: parent.map(|p| p.id.uuid().to_string()).unwrap_or_default(),
         parent_snapshot: parent.map(|p| p.source.snapshot.clone()).unwrap_or_default(),
         parent_size: parent.map(|p| p.size).unwrap_or(0),
-        parent_key_check: Vec::new(),
+        parent_key_check: parent
+            .and_then(|p| p.key_check.as_deref())
+            .and_then(|k| hex::decode(k).ok())
+            .unwrap_or_default(),
         block_size: DEFAULT_BLOCK_SIZE,
         new_id: RevisionId::new_random().uuid().to_string(),
         reason,
@@ -376,9 +379,6 @@ pub fn push(
     }
     if begin.group.is_some() || begin.hold {
         return Err(unsupported("a group push"));
-    }
-    if !begin.key_check.is_empty() {
-        return Err(unsupported("a client-encrypted push"));
     }
     if begin.block_size != DEFAULT_BLOCK_SIZE {
         return Err(Error::invalid(format!(
@@ -417,11 +417,12 @@ pub fn push(
             Some((meta.clone(), manifest))
         }
     };
+    let key_check = crate::push::check_key(&job, &begin, parent.as_ref().map(|(m, _)| m))?;
     // Protected from forget before the keeper's lock is taken to begin
     // (see `change::forget`).
     let parent_id = parent.as_ref().map(|(m, _)| m.id);
     _running.set_parent(parent_id);
-    let spec = crate::push::new_revision_spec(&begin, id, tags, None, None);
+    let spec = crate::push::new_revision_spec(&begin, id, tags, None, key_check);
     let mut rev = {
         let k = lock(&keeper);
         PoolPush::begin(

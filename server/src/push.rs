@@ -54,6 +54,28 @@ pub fn new_revision_spec(
     }
 }
 
+/// The key check of a client-encrypted push (hex; `None`: a plain push),
+/// checked against its parent's: an incremental push on a parent of
+/// another key would mix two keys in one image (docs/encryption.md), so
+/// it is refused before anything is written. Any store.
+pub fn check_key(job: &JobName, begin: &PushBegin, parent: Option<&RevisionMeta>) -> Result<Option<String>> {
+    let key_check =
+        backy_common::encryption::parse_key_check(&begin.key_check).map_err(|e| e.context("push"))?;
+    if key_check.is_some() {
+        backy_common::encryption::check_size(begin.size)?;
+    }
+    if let Some(meta) = parent {
+        let stored = backy_common::encryption::stored_key_check(meta.key_check.as_deref())
+            .map_err(|e| e.context(format!("revision {}", meta.id)))?;
+        if let Some(why) = backy_common::encryption::key_change(stored.as_ref(), key_check.as_ref()) {
+            return Err(Error::precondition(format!(
+                "job {job}: {why}: push with --new-key for a full backup (docs/encryption.md)"
+            )));
+        }
+    }
+    Ok(key_check.map(hex::encode))
+}
+
 /// The checks of a push's begin frame against the job's stored revisions,
 /// whichever store holds them: the revision is new, the source has not
 /// shrunk (compared with the revision a push would build on, whatever
@@ -190,23 +212,7 @@ pub fn run(
     txn.clean_leftovers_for_push(resuming.as_ref().map(|r| r.id))?;
     fault::point("push.locked");
     let parent = check_against_stored(job.name(), id, &begin, txn.revisions())?.cloned();
-    // An incremental push on a parent of another key would mix two keys in
-    // one image (docs/encryption.md): refused before anything is written.
-    let key_check =
-        backy_common::encryption::parse_key_check(&begin.key_check).map_err(|e| e.context("push"))?;
-    if key_check.is_some() {
-        backy_common::encryption::check_size(begin.size)?;
-    }
-    if let Some(meta) = &parent {
-        let stored = backy_common::encryption::stored_key_check(meta.key_check.as_deref())
-            .map_err(|e| e.context(format!("revision {}", meta.id)))?;
-        if let Some(why) = backy_common::encryption::key_change(stored.as_ref(), key_check.as_ref()) {
-            return Err(Error::precondition(format!(
-                "job {}: {why}: push with --new-key for a full backup (docs/encryption.md)",
-                job.name()
-            )));
-        }
-    }
+    let key_check = check_key(job.name(), &begin, parent.as_ref())?;
     // Registered under the lock: from here on expiry and forget keep the
     // parent, and leftover cleanup keeps this push's files.
     running.set_parent(parent.as_ref().map(|p| p.id));
@@ -215,7 +221,7 @@ pub fn run(
         Some(meta) => Some((meta, job.manifest(meta)?)),
         None => None,
     };
-    let spec = new_revision_spec(&begin, id, tags, group, key_check.map(hex::encode));
+    let spec = new_revision_spec(&begin, id, tags, group, key_check);
     let checkpoint_every = (config.resume.enabled && begin.resumable).then_some(config.resume.checkpoint);
     let mut rev = match &resuming {
         Some(record) => {
