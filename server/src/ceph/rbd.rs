@@ -105,8 +105,22 @@ impl std::fmt::Debug for Image {
     }
 }
 
+/// Held across every `rbd_open*` and `rbd_close` of this process: librbd
+/// (Ceph 18) was seen to hang for good in an open while another image of
+/// the same client instance opened or closed at the same time, its
+/// completion thread locking a mutex of a freed context (two pushes
+/// sealing at once through one server, in a namespace made minutes
+/// before). Opens and closes are a few round trips each; reads and writes
+/// on open images are not serialised.
+static OPEN_CLOSE: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn open_close_lock() -> std::sync::MutexGuard<'static, ()> {
+    OPEN_CLOSE.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 impl Drop for Image {
     fn drop(&mut self) {
+        let _serial = open_close_lock();
         // SAFETY: opened by rbd_open*; used by no one else. A failed close
         // leaves nothing to undo.
         unsafe { (self.api.rbd_close)(self.raw) };
@@ -145,8 +159,11 @@ impl Image {
         } else {
             api.rbd_open
         };
-        // SAFETY: strings outlive the call; `raw` receives the handle.
-        let rc = unsafe { open(io.raw(), n.as_ptr(), &mut raw, s_ptr) };
+        let rc = {
+            let _serial = open_close_lock();
+            // SAFETY: strings outlive the call; `raw` receives the handle.
+            unsafe { open(io.raw(), n.as_ptr(), &mut raw, s_ptr) }
+        };
         check(rc.into(), op, || label.clone())?;
         Ok(Image {
             api,
