@@ -164,7 +164,13 @@ impl BlockDigests {
 
     /// A piece of `block` at `at` within it (ranges ascend: at or after
     /// what the open block holds so far; a gap before it is the base's).
-    fn piece<E>(&mut self, block: u64, at: usize, piece: Piece<'_>, base: &mut BaseRead<'_, E>) -> Result<(), E> {
+    fn piece<E>(
+        &mut self,
+        block: u64,
+        at: usize,
+        piece: Piece<'_>,
+        base: &mut BaseRead<'_, E>,
+    ) -> Result<(), E> {
         self.close_unless(block, base)?;
         if self.open.is_none() {
             self.open = Some(Open {
