@@ -4,7 +4,9 @@
 //! touch in part is completed from its base, the parent snapshot's bytes
 //! (zeros for a full push or beyond the parent's end), read by the caller's
 //! `base` function. Ranges come in ascending order, so one block is open
-//! at a time and memory stays at about one block.
+//! at a time and its bytes arrive from its start to its end: it is hashed
+//! as they come (the base read for the gaps between the ranges), never
+//! copied into a buffer of the block first.
 
 use backy_common::blockset::BlockSet;
 use backy_common::manifest::{digest, Manifest};
@@ -17,9 +19,20 @@ pub type BaseRead<'a, E> = dyn FnMut(u64, &mut [u8]) -> Result<(), E> + 'a;
 
 struct Open {
     block: u64,
-    buf: Vec<u8>,
-    /// Ranges of `buf` the push wrote, in order, merged.
-    ranges: Vec<(usize, usize)>,
+    /// The block's bytes below `filled`, hashed in order.
+    hasher: blake3::Hasher,
+    filled: usize,
+    /// Some of them came from the base (a gap between the ranges).
+    from_base: bool,
+}
+
+/// Zeros hashed for the parts of a block a zero range covers.
+static ZEROS: [u8; 64 << 10] = [0; 64 << 10];
+
+/// What a piece of a block is made of.
+enum Piece<'a> {
+    Data(&'a [u8]),
+    Zeros(usize),
 }
 
 /// Per-block digests of one push: the parent's manifest, resized, with the
@@ -79,7 +92,7 @@ impl BlockDigests {
                 self.close_unless(block, base)?;
                 self.set(block, digest(piece));
             } else {
-                self.piece(block, at, n, |buf| buf.copy_from_slice(piece), base)?;
+                self.piece(block, at, Piece::Data(piece), base)?;
             }
             pos += n as u64;
             rest = tail;
@@ -105,7 +118,7 @@ impl BlockDigests {
         let (first, last) = (blocks.start, blocks.end - 1);
         let mut whole = blocks.clone();
         if let Some((at, n)) = part(&self.current, first) {
-            self.piece(first, at, n, |b| b.fill(0), base)?;
+            self.piece(first, at, Piece::Zeros(n), base)?;
             whole.start += 1;
         }
         let last_part = if last != first {
@@ -127,7 +140,7 @@ impl BlockDigests {
             self.touched.insert(whole);
         }
         if let Some((at, n)) = last_part {
-            self.piece(last, at, n, |b| b.fill(0), base)?;
+            self.piece(last, at, Piece::Zeros(n), base)?;
         }
         Ok(())
     }
@@ -149,49 +162,78 @@ impl BlockDigests {
         Ok(())
     }
 
+    /// A piece of `block` at `at` within it (ranges ascend: at or after
+    /// what the open block holds so far; a gap before it is the base's).
     fn piece<E>(
         &mut self,
         block: u64,
         at: usize,
-        n: usize,
-        fill: impl FnOnce(&mut [u8]),
+        piece: Piece<'_>,
         base: &mut BaseRead<'_, E>,
     ) -> Result<(), E> {
         self.close_unless(block, base)?;
-        let len = self.current.block_len(block) as usize;
-        let open = self.open.get_or_insert_with(|| Open {
-            block,
-            buf: Vec::new(),
-            ranges: Vec::new(),
-        });
-        open.buf.resize(len, 0);
-        fill(&mut open.buf[at..at + n]);
-        match open.ranges.last_mut() {
-            Some(last) if last.1 == at => last.1 = at + n,
-            _ => open.ranges.push((at, at + n)),
+        if self.open.is_none() {
+            self.open = Some(Open {
+                block,
+                hasher: blake3::Hasher::new(),
+                filled: 0,
+                from_base: false,
+            });
+        }
+        self.fill_from_base(at, base)?;
+        let Some(open) = self.open.as_mut() else {
+            return Ok(());
+        };
+        match piece {
+            Piece::Data(data) => {
+                open.hasher.update(data);
+                open.filled += data.len();
+            }
+            Piece::Zeros(n) => {
+                let mut left = n;
+                while left > 0 {
+                    let k = left.min(ZEROS.len());
+                    open.hasher.update(&ZEROS[..k]);
+                    left -= k;
+                }
+                open.filled += n;
+            }
         }
         Ok(())
     }
 
-    /// Digests the open block: from the ranges alone when they cover it,
-    /// else over its base.
+    /// Hashes the open block's base bytes from what it holds up to `to`.
+    fn fill_from_base<E>(&mut self, to: usize, base: &mut BaseRead<'_, E>) -> Result<(), E> {
+        let Some(open) = self.open.as_mut() else {
+            return Ok(());
+        };
+        if to <= open.filled {
+            return Ok(());
+        }
+        let start = self.current.block_offset(open.block) + open.filled as u64;
+        self.scratch.resize(to - open.filled, 0);
+        base(start, &mut self.scratch)?;
+        open.hasher.update(&self.scratch);
+        open.filled = to;
+        open.from_base = true;
+        Ok(())
+    }
+
+    /// Digests the open block, its end from the base when the ranges
+    /// stopped short of it.
     fn close<E>(&mut self, base: &mut BaseRead<'_, E>) -> Result<(), E> {
+        let Some(block) = self.open.as_ref().map(|o| o.block) else {
+            return Ok(());
+        };
+        let len = self.current.block_len(block) as usize;
+        self.fill_from_base(len, base)?;
         let Some(open) = self.open.take() else {
             return Ok(());
         };
-        let len = open.buf.len();
-        let d = if open.ranges == [(0, len)] {
-            digest(&open.buf)
-        } else {
-            self.scratch.resize(len, 0);
-            base(self.current.block_offset(open.block), &mut self.scratch)?;
-            for &(from, to) in &open.ranges {
-                self.scratch[from..to].copy_from_slice(&open.buf[from..to]);
-            }
-            self.completed.insert(open.block..open.block + 1);
-            digest(&self.scratch)
-        };
-        self.set(open.block, d);
+        if open.from_base {
+            self.completed.insert(block..block + 1);
+        }
+        self.set(block, *open.hasher.finalize().as_bytes());
         Ok(())
     }
 
@@ -341,7 +383,11 @@ mod tests {
         d.zero(2 * bs, bs, &mut base).unwrap();
         d.data(3 * bs + 10, &[3; 10], &mut base).unwrap();
         let f = d.finish(&mut base).unwrap();
-        assert_eq!(reads, [3 * bs], "blocks 0-2 were covered whole");
+        assert_eq!(
+            reads,
+            [3 * bs, 3 * bs + 20],
+            "blocks 0-2 were covered whole; block 3's gaps are read"
+        );
         assert_eq!(members(&f.completed, 8), [3]);
         assert_eq!(members(&f.touched, 8), [0, 1, 2, 3]);
         assert_eq!(f.changed, 3, "block 2 stayed zeros");
