@@ -19,7 +19,9 @@
 //! - a hand-over to a server that never comes: the holder releases, the
 //!   job is refused elsewhere naming the target while reserved, and after
 //!   the reservation the next push through A takes the job back and
-//!   removes the request.
+//!   removes the request;
+//! - a request is removed only while it is the one read: a hand-over
+//!   recorded again meanwhile stays (`omap_cmp` in the removing op).
 
 mod confined;
 mod support;
@@ -412,4 +414,56 @@ fn a_hand_over_to_a_server_that_never_comes_lapses() {
     assert_eq!(revs.len(), 2, "{revs:?}");
     let snaps = pool.snapshots("vm1");
     assert!(pool.export("vm1", Some(&snaps[1])) == v2);
+}
+
+/// A request is removed only while it is the one read (`omap_cmp` in the
+/// removing op): a hand-over recorded again meanwhile stays.
+#[test]
+fn a_request_is_removed_only_while_unchanged() {
+    use backy_common::handover::Request;
+    use backy_server::pool::{PoolConfig, PoolStore};
+    let Some(conf) = ceph_conf() else { return };
+    let pool = Confined::new(&conf, "cmp");
+    let store = PoolStore::open(PoolConfig {
+        conf: conf.clone(),
+        id: pool.id.clone(),
+        keyring: Some(pool.keyring.clone()),
+        pool: "rbd".into(),
+        namespace: Some(pool.namespace.clone()),
+        op_timeout: Some(std::time::Duration::from_secs(30)),
+    })
+    .expect("open the pool store as the confined identity");
+    let vm1 = backy_common::JobName::new("vm1").unwrap();
+    assert_eq!(store.handover(&vm1).unwrap(), None, "no object yet");
+    assert!(store.handovers().unwrap().is_empty());
+    // Whole seconds: the stored form keeps no fraction.
+    let now = chrono::DateTime::from_timestamp(chrono::Utc::now().timestamp(), 0).unwrap();
+    let request = |to: &str| Request {
+        to: to.into(),
+        requested: now,
+        until: now + chrono::Duration::seconds(60),
+        by: "root@test".into(),
+    };
+    store
+        .request_handovers(&[(vm1.clone(), request("http://b:1"))])
+        .unwrap();
+    let first = store.handover(&vm1).unwrap().expect("recorded");
+    assert_eq!(first.request, request("http://b:1"));
+    store
+        .request_handovers(&[(vm1.clone(), request("http://c:1"))])
+        .unwrap();
+    assert!(
+        !store.withdraw_handover(&vm1, &first).unwrap(),
+        "changed since: kept"
+    );
+    let second = store.handover(&vm1).unwrap().expect("still there");
+    assert_eq!(second.request.to, "http://c:1");
+    assert_eq!(store.handovers().unwrap().len(), 1);
+    assert!(store.withdraw_handover(&vm1, &second).unwrap());
+    assert_eq!(store.handover(&vm1).unwrap(), None);
+    assert!(
+        !store.withdraw_handover(&vm1, &second).unwrap(),
+        "gone: nothing to remove"
+    );
+    assert_eq!(requests(&pool), Vec::<String>::new());
 }

@@ -253,7 +253,7 @@ mod tests {
         assert_eq!(e.redirect.as_deref(), Some("http://b:6023"));
         assert_eq!(e.message, "job vm1: handed over to server http://b:6023");
         let e = not_released_yet(&job, "http://a:6023");
-        assert_eq!((e.kind, e.redirect), (ErrorKind::Busy, None));
+        assert_eq!((e.kind, e.redirect.as_deref()), (ErrorKind::Busy, None));
         assert!(e.message.contains("http://a:6023 has not released it yet"), "{e}");
     }
 }
