@@ -33,7 +33,7 @@ impl PoolStore {
         };
         Ok(entries
             .into_iter()
-            .filter_map(|(key, raw)| decode(&key, raw).map(|(job, s)| (job, s)))
+            .filter_map(|(key, raw)| decode(&key, raw))
             .collect())
     }
 
