@@ -21,6 +21,7 @@ pub mod framer;
 pub mod fuzz_plan;
 pub mod granules;
 pub mod group_commit;
+pub mod handover;
 pub mod id;
 pub mod instants;
 pub mod job;

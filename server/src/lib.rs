@@ -134,7 +134,7 @@ pub async fn serve(config: ServerConfig, preflight: Preflight, config_path: Path
     if let Some(pool) = server.pool() {
         // Expiry and scrub run on the jobs whose lease this server holds
         // (none at start).
-        pool_serve::spawn_renewal(pool.clone());
+        pool_serve::spawn_renewal(server.clone(), pool.clone());
         pool_serve::expire::spawn(server.clone(), pool, EXPIRY_EVERY);
         scrub::spawn(server.clone());
     } else {

@@ -108,6 +108,40 @@ enum Command {
         #[arg(value_name = "JOB")]
         jobs: Vec<String>,
     },
+    /// Hand jobs to another server in front of the same Ceph pool.
+    ///
+    /// Records a request in the pool (as the store's identity): the
+    /// job's lease holder stops taking new work on it, lets a push still
+    /// running there finish, releases the lease, and the target server
+    /// takes it at its next lease round; meanwhile every server sends the
+    /// job's clients to the target. The job stays reserved for the target
+    /// until --reserve has passed, after which any server may take it
+    /// again (a target that never comes strands no job). Waits up to
+    /// --wait, then prints one line per job. Exit status: 0 when the target
+    /// holds each job (or the job is free and reserved for it), 3 when a
+    /// holder has not released a job within --wait (the request stands),
+    /// 1 on an error (nothing recorded for bad arguments). Only on a
+    /// ceph-rbd store.
+    #[command(
+        after_help = "Examples:\n  backy-server hand-over vm1 --to https://backup02:6023\n  backy-server hand-over vm1 vm2 vm3 --to https://backup02:6023 --wait 2m --reserve 1h"
+    )]
+    HandOver {
+        /// The jobs to move (names from server.yaml).
+        #[arg(value_name = "JOB", required = true)]
+        jobs: Vec<String>,
+        /// The target server's URL, as it names itself in lock records and
+        /// its log ("this server's name in lock records and hand-overs").
+        #[arg(long, value_name = "URL")]
+        to: String,
+        /// How long to wait for the target to hold each job [default: 3
+        /// lease-renewal intervals]
+        #[arg(long, value_name = "DURATION")]
+        wait: Option<String>,
+        /// How long the jobs stay reserved for the target [default: 4
+        /// lease durations]; give a running push time to end
+        #[arg(long, value_name = "DURATION")]
+        reserve: Option<String>,
+    },
     /// Print the fingerprint of a client certificate (PEM) for
     /// `clients: NAME: cert-fingerprint:` (mutual TLS).
     CertFingerprint {
@@ -307,6 +341,103 @@ fn check_access(
     Ok(Some(checked))
 }
 
+/// The hand-over's requests stand, but a holder has not released a job
+/// within --wait: exit status 3 (the lines said so already).
+#[derive(Debug)]
+struct NotReleased;
+
+impl std::fmt::Display for NotReleased {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a holder has not released its job yet")
+    }
+}
+
+impl std::error::Error for NotReleased {}
+
+/// `backy-server hand-over`: every argument checked before the cluster is
+/// contacted, so bad input records nothing.
+fn hand_over(
+    config: &ServerConfig,
+    path: &std::path::Path,
+    jobs: &[String],
+    to: &str,
+    wait: Option<&str>,
+    reserve: Option<&str>,
+) -> anyhow::Result<()> {
+    use backy_common::units::Interval;
+    use backy_server::pool_serve::handover_command::{run, Options};
+    let Some(store) = config.ceph_store() else {
+        anyhow::bail!(
+            "backy-server hand-over moves jobs between servers in front of one ceph-rbd pool; {} \
+             names a filesystem store (its jobs move to another host by replication)",
+            path.display()
+        );
+    };
+    let to = backy_common::handover::check_target(to)?;
+    let mut names = Vec::new();
+    for job in jobs {
+        let name = JobName::new(job).map_err(|e| anyhow::anyhow!("{}", e.message))?;
+        config
+            .job(&name)
+            .map_err(|e| anyhow::anyhow!("{} in {}", e.message, path.display()))?;
+        if !names.contains(&name) {
+            names.push(name);
+        }
+    }
+    let times = store.lease_times()?;
+    let interval =
+        |flag: &str, given: Option<&str>, default_ms: u64| -> anyhow::Result<std::time::Duration> {
+            match given {
+                Some(text) => Ok(Interval::parse(text)
+                    .map_err(|e| anyhow::anyhow!("--{flag}: {}", e.message))?
+                    .as_duration()),
+                None => Ok(std::time::Duration::from_millis(default_ms)),
+            }
+        };
+    let wait = interval("wait", wait, 3 * times.renew_after)?;
+    let reserve = interval("reserve", reserve, 4 * times.duration)?;
+    let shortest = std::time::Duration::from_millis(2 * times.renew_after);
+    if reserve < shortest {
+        anyhow::bail!(
+            "--reserve {} s is shorter than two lease renewals ({} s, store: lease-renewal): the \
+             holder and the target might not see the request in time",
+            reserve.as_secs(),
+            shortest.as_secs()
+        );
+    }
+    let pool = backy_server::pool::PoolStore::open(backy_server::pool::PoolConfig {
+        conf: store.conf.clone(),
+        id: store.id.clone(),
+        keyring: store.keyring.clone(),
+        pool: store.pool.clone(),
+        namespace: store.namespace.clone(),
+        op_timeout: Some(store.op_timeout.as_duration()),
+    })
+    .with_context(|| format!("store: ceph-rbd pool {}", store.pool))?;
+    let by = format!(
+        "{}@{}",
+        backy_server::access::Account::current().who.name,
+        backy_server::pool_serve::host_name()
+    );
+    let outcomes = run(
+        &pool,
+        &names,
+        &Options {
+            to,
+            wait,
+            reserve,
+            by,
+        },
+    )?;
+    let text: String = outcomes.iter().map(|o| format!("{}\n", o.line)).collect();
+    print_out(&text)?;
+    if outcomes.iter().all(|o| o.done) {
+        Ok(())
+    } else {
+        Err(NotReleased.into())
+    }
+}
+
 fn main() -> std::process::ExitCode {
     backy_common::allocator::keep_buffers_on_heap();
     // Usage errors exit 2 (clap's convention, as for backy-client); --help
@@ -319,6 +450,7 @@ fn main() -> std::process::ExitCode {
     });
     match run(cli) {
         Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) if e.is::<NotReleased>() => std::process::ExitCode::from(3),
         Err(e) => {
             eprintln!("backy-server: error: {e:#}");
             std::process::ExitCode::FAILURE
@@ -348,6 +480,22 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         _ => {}
     }
     let config = load(&cli.config)?;
+    if let Some(Command::HandOver {
+        jobs,
+        to,
+        wait,
+        reserve,
+    }) = &cli.command
+    {
+        return hand_over(
+            &config,
+            &cli.config,
+            jobs,
+            to,
+            wait.as_deref(),
+            reserve.as_deref(),
+        );
+    }
     if config.ceph_store().is_some() {
         // They read and rewrite the filesystem store under base-dir.
         let refused = match &cli.command {

@@ -12,11 +12,15 @@
 //! may stand in front of one pool: a push reaching a server while another
 //! holds the job is refused (ABORTED) naming the holder's URL; once the
 //! holder's lease expired (it died or froze), the next push takes the job
-//! over and fences the old holder first ([`PoolBackend::lease`]).
+//! over and fences the old holder first ([`PoolBackend::lease`]). An
+//! operator moves a job to another server with `backy-server hand-over`
+//! ([`handover`], [`handover_command`]).
 
 pub mod agent;
 pub mod change;
 pub mod expire;
+mod handover;
+pub mod handover_command;
 pub mod verify;
 
 use crate::ceph::{LeaseKeeper, Locker};
@@ -49,6 +53,8 @@ pub struct PoolBackend {
     /// Jobs taken over from a holder this server has not fenced yet (the
     /// blocklist failed): no write until it is.
     unfenced: Mutex<HashMap<JobName, Locker>>,
+    /// Jobs being handed over to or from this server.
+    handovers: handover::Handovers,
 }
 
 /// One line for what a pool store does not do yet (FAILED_PRECONDITION).
@@ -79,6 +85,7 @@ impl PoolBackend {
             times,
             keepers: Mutex::default(),
             unfenced: Mutex::default(),
+            handovers: Default::default(),
         })
     }
 
@@ -86,7 +93,9 @@ impl PoolBackend {
     /// listener's address, the port the kernel chose for port 0; an
     /// unspecified address is named by the host name), before any lease.
     pub fn set_address(&self, bound: std::net::SocketAddr, tls: bool) {
-        *lock_map(&self.name) = advertised(bound, tls, &host_name());
+        let name = advertised(bound, tls, &host_name());
+        tracing::info!("this server's name in lock records and hand-overs: {name}");
+        *lock_map(&self.name) = name;
     }
 
     fn keepers(&self) -> std::sync::MutexGuard<'_, HashMap<JobName, Arc<Mutex<LeaseKeeper>>>> {
@@ -96,23 +105,29 @@ impl PoolBackend {
     /// The job's lease, taken now if this server does not hold it: free,
     /// released, or expired. Taking over an expired lease fences its
     /// previous holder first (see [`PoolStore::fence`]), so the caller may
-    /// clean the head and write. While another server holds it: `Busy`
-    /// (ABORTED), naming the holder.
+    /// clean the head and write. While another server holds it, or the
+    /// job is handed over to another server: `Busy` (ABORTED), with that
+    /// server's URL in `redirect`.
     pub fn lease(&self, job: &JobName) -> Result<Arc<Mutex<LeaseKeeper>>> {
         let held = self.keepers().get(job).cloned();
         if let Some(k) = held {
+            self.refuse_if_leaving(job)?;
             self.fence_pending(job)?;
             return Ok(k);
         }
+        let take = self.check_take(job)?;
         let context = |e: crate::pool::PoolError| Error::from(e).context(format!("job {job}"));
         let name = lock_map(&self.name).clone();
         let mut keeper = self.store.keeper(job, &name, self.times);
         let started = std::time::Instant::now();
-        keeper.take().map_err(|e| context(e.into()))?;
+        keeper
+            .take()
+            .map_err(|e| self.take_refused(job, &take, context(e.into())))?;
         tracing::info!(job = %job, epoch = keeper.epoch(), "took the job's lease in the pool");
         let previous = keeper.previous_holder().cloned();
         let keeper = Arc::new(Mutex::new(keeper));
         self.keepers().insert(job.clone(), keeper.clone());
+        self.taken(job, take);
         if let Some(previous) = previous {
             // It held the job and did not release it: its lease expired.
             tracing::warn!(
@@ -127,12 +142,14 @@ impl PoolBackend {
     }
 
     /// Refuses (`Busy`, naming the holder's URL for the client to follow)
-    /// when another server holds `job`'s lease now: a plan there is
-    /// wasted. A free or expired lease is no refusal: the push takes it.
+    /// when another server holds `job`'s lease now, or the job is handed
+    /// over to another server (naming that one): a plan there is wasted.
+    /// A free or expired lease is no refusal: the push takes it.
     pub fn refuse_if_held_elsewhere(&self, job: &JobName) -> Result<()> {
         if self.keepers().contains_key(job) {
-            return Ok(());
+            return self.refuse_if_leaving(job);
         }
+        let take = self.check_take(job)?;
         let name = lock_map(&self.name).clone();
         let keeper = self.store.keeper(job, &name, self.times);
         let context = |e: crate::pool::PoolError| Error::from(e).context(format!("job {job}"));
@@ -148,13 +165,14 @@ impl PoolBackend {
         if crate::ceph::same_instance(&own, &holder.address) {
             return Ok(());
         }
-        Err(context(
+        let refused = context(
             crate::ceph::KeeperError::Busy {
                 oid: crate::pool::names::job_object(job),
                 holder: Some(holder),
             }
             .into(),
-        ))
+        );
+        Err(self.take_refused(job, &take, refused))
     }
 
     /// Fences the previous holder of a job taken over, if not done yet.
@@ -277,7 +295,8 @@ pub(crate) fn lock(k: &Mutex<LeaseKeeper>) -> std::sync::MutexGuard<'_, LeaseKee
     k.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-fn host_name() -> String {
+/// This host's name (`/proc/sys/kernel/hostname`).
+pub fn host_name() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|h| h.trim().to_string())
         .unwrap_or_else(|_| "unknown-host".to_string())
@@ -296,16 +315,21 @@ fn lock_map<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// Renews the held leases on time until the process ends.
-pub fn spawn_renewal(pool: Arc<PoolBackend>) {
+/// Renews the held leases on time, and carries out hand-overs (one read
+/// of the requests per round), until the process ends.
+pub fn spawn_renewal(server: Arc<Server>, pool: Arc<PoolBackend>) {
     let every = std::time::Duration::from_millis(pool.times.renew_after / 2);
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
-            let p = pool.clone();
-            let _ = tokio::task::spawn_blocking(move || p.renew_all()).await;
+            let (s, p) = (server.clone(), pool.clone());
+            let _ = tokio::task::spawn_blocking(move || {
+                p.renew_all();
+                handover::round(&p, &|job| s.config().job(job).is_ok());
+            })
+            .await;
         }
     });
 }

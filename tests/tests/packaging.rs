@@ -262,6 +262,7 @@ fn generate_assets_writes_man_pages_and_completions_without_config_or_server() {
         "backy-server.1",
         "backy-server-check-config.1",
         "backy-server-hash-token.1",
+        "backy-server-hand-over.1",
     ] {
         assert!(pages.iter().any(|p| p == want), "{want} in {pages:?}");
     }

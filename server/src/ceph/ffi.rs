@@ -152,6 +152,15 @@ api! {
             val_lens: *const usize,
             num: usize,
         );
+        fn rados_write_op_omap_cmp2(
+            op: RawWriteOp,
+            key: *const c_char,
+            comparison: u8,
+            value: *const c_char,
+            key_len: usize,
+            value_len: usize,
+            prval: *mut c_int,
+        );
         fn rados_write_op_omap_rm_keys2(
             op: RawWriteOp,
             keys: *const *const c_char,

@@ -40,6 +40,10 @@ enum Step {
     WriteFull(Vec<u8>),
     OmapSet(Vec<(String, Vec<u8>)>),
     OmapRmKeys(Vec<String>),
+    OmapCmp {
+        key: String,
+        value: Vec<u8>,
+    },
 }
 
 /// The steps of one write op, applied in the order added.
@@ -92,6 +96,17 @@ impl WriteOp {
     pub fn omap_rm_keys(mut self, keys: &[&str]) -> WriteOp {
         self.steps
             .push(Step::OmapRmKeys(keys.iter().map(|k| k.to_string()).collect()));
+        self
+    }
+
+    /// Cancels the op (ECANCELED) unless omap key `key` holds exactly
+    /// `value`: a value read earlier is changed only if nobody changed it
+    /// since.
+    pub fn omap_cmp_eq(mut self, key: &str, value: &[u8]) -> WriteOp {
+        self.steps.push(Step::OmapCmp {
+            key: key.to_string(),
+            value: value.to_vec(),
+        });
         self
     }
 
@@ -151,11 +166,15 @@ impl IoCtx {
                 _ => None,
             })
             .collect();
-        // SAFETY: every buffer (names, values, key arrays, `o`) lives until
-        // the op is operated and released, both below.
+        // Where each omap comparison's own result goes (librados writes
+        // it at operate): one slot per step, never moved meanwhile.
+        let mut slots: Vec<c_int> = vec![0; op.steps.len()];
+        let results = slots.as_mut_ptr();
+        // SAFETY: every buffer (names, values, key arrays, result slots,
+        // `o`) lives until the op is operated and released, both below.
         unsafe {
             let raw = (api.rados_create_write_op)();
-            for ((step, name), keys) in op.steps.iter().zip(&names).zip(&key_arrays) {
+            for (i, ((step, name), keys)) in op.steps.iter().zip(&names).zip(&key_arrays).enumerate() {
                 let name = name.as_ref().map_or(ptr::null(), |n| n.as_ptr());
                 match step {
                     Step::CmpXattr { cmp, value, .. } => (api.rados_write_op_cmpxattr)(
@@ -186,6 +205,15 @@ impl IoCtx {
                             )
                         }
                     }
+                    Step::OmapCmp { key, value } => (api.rados_write_op_omap_cmp2)(
+                        raw,
+                        key.as_ptr().cast(),
+                        XattrCmp::Eq as u8,
+                        value.as_ptr().cast(),
+                        key.len(),
+                        value.len(),
+                        results.add(i),
+                    ),
                     Step::OmapRmKeys(list) => {
                         if let Some((k, _)) = keys {
                             (api.rados_write_op_omap_rm_keys2)(

@@ -14,6 +14,7 @@
 //! - `push.rs`: [`PoolPush`]: a push's stream, checks and commit;
 //! - `delete.rs`: deletion with its journal, orphan removal;
 //! - `space.rs`: what a job takes in the pool, as `rbd du` counts it;
+//! - `handovers.rs`: the operator's hand-over requests (`backy.handovers`);
 //! - `fence.rs`: blocklisting a job's previous holder and its writers;
 //! - `error.rs`: [`PoolError`], by kind.
 //!
@@ -23,6 +24,7 @@ mod blocks;
 mod delete;
 mod error;
 mod fence;
+mod handovers;
 pub mod names;
 mod parts;
 mod push;
@@ -31,6 +33,7 @@ mod store;
 mod tool;
 
 pub use error::{PoolError, Result};
+pub use handovers::Stored as StoredHandover;
 pub use parts::part_count;
 pub use push::{PoolPush, PoolSealed};
 pub use space::{JobSpace, SnapshotSpace};

@@ -6,6 +6,10 @@ use backy_common::{Error, JobName, Result, RevisionId};
 
 /// The job list: omap `<job>` → when the pool first knew it (RFC 3339).
 pub const JOBS_OBJECT: &str = "backy.jobs";
+/// Hand-over requests: omap `<job>` → the request
+/// (`backy_common::handover::Request`), read once per lease round by every
+/// server for all its jobs.
+pub const HANDOVERS_OBJECT: &str = "backy.handovers";
 /// The omap key of a job's unfinished deletion: the ids, one a line.
 pub const DELETING_KEY: &str = "deleting";
 /// The prefix of a job's revision records in its object's omap.
@@ -108,6 +112,7 @@ mod tests {
         assert_ne!(job_object(&tricky), digests_object(&vm1, &r, 0));
         assert!(JobName::new("vm1@x").is_err(), "'@' is no job name's");
         assert_ne!(job_object(&JobName::new("s").unwrap()), JOBS_OBJECT);
+        assert_ne!(job_object(&JobName::new("s").unwrap()), HANDOVERS_OBJECT);
     }
 
     #[test]
