@@ -211,7 +211,13 @@ impl Service {
         let req = req.into_inner();
         let (job, spec) = (req.job.clone(), req.revisions.clone());
         let result = blocking(move || match server.pool() {
-            Some(pool) => on_pool(&server, &pool, &req.job, &req.revisions, apply(req.dry_run)),
+            Some(pool) => {
+                let changed = on_pool(&server, &pool, &req.job, &req.revisions, apply(req.dry_run));
+                // The filesystem's index wakes agents on its own; a pool
+                // job's change does it here (a forget may make it due).
+                server.jobs.index.notify();
+                changed
+            }
             None => {
                 let job = server.job(&req.job)?;
                 change(&server, &job, &req.revisions, apply(req.dry_run))

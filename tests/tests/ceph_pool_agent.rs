@@ -8,7 +8,9 @@
 //!   the agent reached: that server names the holder, the agent holds a
 //!   session there too, and the holder orders the job;
 //! - a free job is ordered by the server that takes its lease, and stays
-//!   with it.
+//!   with it;
+//! - a job handed to another server (`backy-server hand-over`) is ordered
+//!   there once due, through the agent's session with it.
 
 mod confined;
 mod support;
@@ -66,7 +68,6 @@ fn an_agent_is_sent_to_the_server_holding_its_job_and_schedules_decide() {
         let daily = |job: &str| b.revisions(job).iter().any(|r| tags_of(r) == ["daily"]);
         daily("vm1") && daily("vm2")
     });
-    agent.terminate();
     let log = agent.log();
     assert!(
         log.contains(&format!(
@@ -124,4 +125,25 @@ fn an_agent_is_sent_to_the_server_holding_its_job_and_schedules_decide() {
         );
         server.client_ok(&["check", "vm1"]);
     }
+
+    // vm1 handed from A to B, then made due (its revision forgotten): B
+    // orders it through the agent's session there, A sends the agent on.
+    let (a_mark, b_mark) = (a.log_mark(), b.log_mark());
+    let out = std::process::Command::new(bin("backy-server"))
+        .args(["--config", a.config_path.to_str().unwrap(), "hand-over", "vm1", "--to", &b.url])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    wait_for("B to hold vm1", Duration::from_secs(30), || {
+        pool.lease_holder("vm1").as_deref() == Some(b.url.as_str())
+    });
+    b.client_ok(&["forget", "vm1", "-r", "all"]);
+    wait_for("vm1's daily revision through B", Duration::from_secs(90), || {
+        b.revisions("vm1").len() == 1
+    });
+    assert!(ordered(b.log_lines(b_mark), "vm1"), "B ordered vm1");
+    assert!(!ordered(a.log_lines(a_mark), "vm1"), "A did not order vm1");
+    assert_eq!(pool.lease_holder("vm1").as_deref(), Some(b.url.as_str()));
+    agent.terminate();
 }
