@@ -130,7 +130,14 @@ fn an_agent_is_sent_to_the_server_holding_its_job_and_schedules_decide() {
     // orders it through the agent's session there, A sends the agent on.
     let (a_mark, b_mark) = (a.log_mark(), b.log_mark());
     let out = std::process::Command::new(bin("backy-server"))
-        .args(["--config", a.config_path.to_str().unwrap(), "hand-over", "vm1", "--to", &b.url])
+        .args([
+            "--config",
+            a.config_path.to_str().unwrap(),
+            "hand-over",
+            "vm1",
+            "--to",
+            &b.url,
+        ])
         .stdin(std::process::Stdio::null())
         .output()
         .unwrap();

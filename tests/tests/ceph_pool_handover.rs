@@ -63,20 +63,6 @@ fn stderr(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
-/// Who holds `job`'s lease, as its lock record names it (the cookie).
-fn lock_holder(pool: &Confined, job: &str) -> Option<String> {
-    let out = pool.rados(&["lock", "info", &format!("backy.job.{job}"), "lease"]);
-    if !out.status.success() {
-        return None;
-    }
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("lock info is JSON");
-    v["lockers"]
-        .as_array()
-        .and_then(|l| l.first())
-        .and_then(|l| l["cookie"].as_str())
-        .map(String::from)
-}
-
 /// The jobs with a hand-over request in the pool.
 fn requests(pool: &Confined) -> Vec<String> {
     let out = pool.rados(&["listomapkeys", "backy.handovers"]);
@@ -121,7 +107,7 @@ fn a_job_is_handed_over_and_its_pushes_follow_to_the_target() {
     make_image(&src, 8 * MIB, &[]);
     write_at(&src, 0, &pattern(1, MIB as usize));
     a.client_ok(&["push", "vm1", "--source", src.to_str().unwrap()]);
-    assert_eq!(lock_holder(&pool, "vm1").as_deref(), Some(a.url.as_str()));
+    assert_eq!(pool.lease_holder("vm1").as_deref(), Some(a.url.as_str()));
 
     // Refusals: one line, exit 1, nothing recorded.
     let fs_config = work.join("fs.yaml");
@@ -157,7 +143,7 @@ fn a_job_is_handed_over_and_its_pushes_follow_to_the_target() {
         "--reserve 3 s is shorter than two lease renewals (4 s, store: lease-renewal)",
     );
     assert_eq!(requests(&pool), Vec::<String>::new(), "nothing recorded");
-    assert_eq!(lock_holder(&pool, "vm1").as_deref(), Some(a.url.as_str()));
+    assert_eq!(pool.lease_holder("vm1").as_deref(), Some(a.url.as_str()));
 
     // The hand-over: A releases, B takes the job at its next round.
     let (a_mark, b_mark) = (a.log_mark(), b.log_mark());
@@ -170,7 +156,7 @@ fn a_job_is_handed_over_and_its_pushes_follow_to_the_target() {
         format!("job vm1: released by {}, now held by {}\n", a.url, b.url)
     );
     println!("hand-over to a live server: {:.1} s", took.as_secs_f64());
-    assert_eq!(lock_holder(&pool, "vm1").as_deref(), Some(b.url.as_str()));
+    assert_eq!(pool.lease_holder("vm1").as_deref(), Some(b.url.as_str()));
     assert_eq!(requests(&pool), Vec::<String>::new(), "B removed the request");
     a.wait_log(a_mark, "released the job's lease to hand it over");
     b.wait_log(b_mark, "took the job handed over to this server");
@@ -209,7 +195,7 @@ fn a_job_is_handed_over_and_its_pushes_follow_to_the_target() {
         pool.export("vm1", Some(&snaps[1])) == v2,
         "the snapshot equals the source"
     );
-    assert_eq!(lock_holder(&pool, "vm1").as_deref(), Some(b.url.as_str()));
+    assert_eq!(pool.lease_holder("vm1").as_deref(), Some(b.url.as_str()));
 
     // Handing the job to its holder changes nothing and says so.
     let out = hand_over(&b.config_path, &["vm1", "--to", &format!("{}/", b.url)]);
@@ -219,32 +205,15 @@ fn a_job_is_handed_over_and_its_pushes_follow_to_the_target() {
         format!("job vm1: already held by {}: nothing to hand over\n", b.url)
     );
     assert_eq!(requests(&pool), Vec::<String>::new());
-    assert_eq!(lock_holder(&pool, "vm1").as_deref(), Some(b.url.as_str()));
+    assert_eq!(pool.lease_holder("vm1").as_deref(), Some(b.url.as_str()));
 
     // A job nobody holds is reserved at once and taken by the target at its
     // next round.
-    assert_eq!(lock_holder(&pool, "vm2"), None);
+    assert_eq!(pool.lease_holder("vm2"), None);
     let out = hand_over(&a.config_path, &["vm2", "--to", &a.url]);
     assert!(out.status.success(), "{}", stderr(&out));
     assert_eq!(stdout(&out), format!("job vm2: now held by {}\n", a.url));
-    assert_eq!(lock_holder(&pool, "vm2").as_deref(), Some(a.url.as_str()));
-}
-
-/// Waits (bounded) until process `pid` is stopped (state T).
-fn wait_stopped(pid: u32) {
-    wait_for(
-        "the client to stop itself",
-        std::time::Duration::from_secs(60),
-        || {
-            std::fs::read_to_string(format!("/proc/{pid}/stat"))
-                .ok()
-                .and_then(|s| {
-                    s.rsplit_once(')')
-                        .map(|(_, rest)| rest.trim_start().starts_with('T'))
-                })
-                .unwrap_or(false)
-        },
-    );
+    assert_eq!(pool.lease_holder("vm2").as_deref(), Some(a.url.as_str()));
 }
 
 /// A hand-over while a push runs on the holder: the push is never cut;
@@ -294,7 +263,7 @@ fn a_hand_over_waits_for_the_push_running_on_the_holder() {
     );
     assert!(stderr(&out).is_empty(), "{}", stderr(&out));
     assert_eq!(requests(&pool), ["vm1"]);
-    assert_eq!(lock_holder(&pool, "vm1").as_deref(), Some(a.url.as_str()));
+    assert_eq!(pool.lease_holder("vm1").as_deref(), Some(a.url.as_str()));
     a.wait_log(a_mark, "handing the job over");
 
     // New work through the holder is refused naming the target, which
@@ -331,7 +300,7 @@ fn a_hand_over_waits_for_the_push_running_on_the_holder() {
     let b_mark = 0;
     b.wait_log(b_mark, "took the job handed over to this server");
     wait_for("B to hold vm1", std::time::Duration::from_secs(10), || {
-        lock_holder(&pool, "vm1").as_deref() == Some(b.url.as_str())
+        pool.lease_holder("vm1").as_deref() == Some(b.url.as_str())
     });
     assert_eq!(requests(&pool), Vec::<String>::new());
     let revs = b.revisions("vm1");
@@ -375,7 +344,7 @@ fn a_hand_over_to_a_server_that_never_comes_lapses() {
         )),
         "{line}"
     );
-    assert_eq!(lock_holder(&pool, "vm1"), None, "released");
+    assert_eq!(pool.lease_holder("vm1"), None, "released");
     assert_eq!(requests(&pool), ["vm1"], "the reservation stands");
 
     // Reserved: through B the push is refused naming the dead target, which
@@ -390,7 +359,7 @@ fn a_hand_over_to_a_server_that_never_comes_lapses() {
             && err.contains(&format!("following it to {dead}")),
         "{err}"
     );
-    assert_eq!(lock_holder(&pool, "vm1"), None);
+    assert_eq!(pool.lease_holder("vm1"), None);
 
     // Past the reservation (6 s from the request), A takes the job back at
     // the next push and removes the request.
@@ -404,7 +373,7 @@ fn a_hand_over_to_a_server_that_never_comes_lapses() {
     let out = push_source(&a, &src);
     assert!(out.status.success(), "{}", stderr(&out));
     a.wait_log(a_mark, "took the job after its hand-over lapsed");
-    assert_eq!(lock_holder(&pool, "vm1").as_deref(), Some(a.url.as_str()));
+    assert_eq!(pool.lease_holder("vm1").as_deref(), Some(a.url.as_str()));
     assert_eq!(
         requests(&pool),
         Vec::<String>::new(),

@@ -308,23 +308,6 @@ fn spawn_client(server: &Server, args: &[&str]) -> std::process::Child {
         .expect("starting backy-client")
 }
 
-/// Waits (bounded) until process `pid` is stopped (state T).
-fn wait_stopped(pid: u32) {
-    wait_for(
-        "the server to stop itself",
-        std::time::Duration::from_secs(60),
-        || {
-            std::fs::read_to_string(format!("/proc/{pid}/stat"))
-                .ok()
-                .and_then(|s| {
-                    s.rsplit_once(')')
-                        .map(|(_, rest)| rest.trim_start().starts_with('T'))
-                })
-                .unwrap_or(false)
-        },
-    );
-}
-
 fn signal(pid: u32, sig: rustix::process::Signal) {
     let pid = rustix::process::Pid::from_raw(pid as i32).expect("pid");
     rustix::process::kill_process(pid, sig).expect("signal to backy-server");

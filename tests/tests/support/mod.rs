@@ -459,6 +459,24 @@ pub fn wait_for(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
     }
 }
 
+/// Waits (bounded) until process `pid` is stopped (state T): a process
+/// that stopped itself at a fault point (`BACKY_FAULT=stop:NAME`).
+pub fn wait_stopped(pid: u32) {
+    wait_for(
+        &format!("process {pid} to stop itself"),
+        Duration::from_secs(60),
+        || {
+            std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .ok()
+                .and_then(|s| {
+                    s.rsplit_once(')')
+                        .map(|(_, rest)| rest.trim_start().starts_with('T'))
+                })
+                .unwrap_or(false)
+        },
+    );
+}
+
 /// A free loopback port (for servers that must come back on the same
 /// address after a restart).
 pub fn free_port() -> u16 {
