@@ -687,21 +687,10 @@ pub fn header(
         .inspect_err(|e| tracing::warn!(job = %job, "space in the pool unknown: {e}"))
         .ok();
     let status = JobStatus {
-        job: name.to_string(),
-        schedule: h.schedule,
         storage: backy_proto::wire_storage(backy_common::revision::StorageMode::Reflink) as i32,
-        running: h.runtime.push.is_some(),
-        sla_ok: h.sla_ok,
-        sla_overdue_secs: h.sla_overdue_secs,
-        sla_window_secs: h.sla_window_secs,
-        next_due: h.next_due,
-        next_tags: h.next_tags,
-        failures: h.runtime.failures,
-        last_error: h.runtime.last_error,
-        future_revisions: h.future,
         client: job_cfg.client.clone().unwrap_or_default(),
         space: space.as_ref().map(job_space),
-        ..JobStatus::default()
+        ..h.status(name)
     };
     let infos = revs
         .iter()

@@ -28,6 +28,47 @@ pub struct Health {
     pub future: Vec<String>,
 }
 
+impl Health {
+    /// `job`'s status with these fields filled in (the rest: the caller's
+    /// store).
+    pub fn status(self, job: &str) -> JobStatus {
+        JobStatus {
+            job: job.to_string(),
+            schedule: self.schedule,
+            storage: self.storage,
+            running: self.runtime.push.is_some(),
+            sla_ok: self.sla_ok,
+            sla_overdue_secs: self.sla_overdue_secs,
+            sla_window_secs: self.sla_window_secs,
+            next_due: self.next_due,
+            next_tags: self.next_tags,
+            failures: self.runtime.failures,
+            last_error: self.runtime.last_error,
+            future_revisions: self.future,
+            ..JobStatus::default()
+        }
+    }
+
+    /// `job`'s summary with these fields filled in.
+    pub fn summary(self, job: &str) -> JobSummary {
+        JobSummary {
+            job: job.to_string(),
+            schedule: self.schedule,
+            storage: self.storage,
+            running: self.runtime.push.is_some(),
+            sla_ok: self.sla_ok,
+            sla_overdue_secs: self.sla_overdue_secs,
+            sla_window_secs: self.sla_window_secs,
+            next_due: self.next_due,
+            next_tags: self.next_tags,
+            failures: self.runtime.failures,
+            last_error: self.runtime.last_error,
+            future_revisions: self.future,
+            ..JobSummary::default()
+        }
+    }
+}
+
 /// A job's health from its revisions (from the index, or from the pool);
 /// `since`: when the store first knew the job (the first backup's grace).
 pub fn health(
@@ -172,21 +213,9 @@ pub fn header(server: &Server, config: &ServerConfig, name: &str) -> Result<(Job
         })
         .collect();
     let status = JobStatus {
-        job: name.to_string(),
-        revisions: Vec::new(),
         space: space.job.as_ref().map(|u| wire_space(u, space.job_on_disk)),
         store: store_space(config),
-        storage: h.storage,
         allocated_bytes: entry.allocated_bytes(&job),
-        running: h.runtime.push.is_some(),
-        sla_ok: h.sla_ok,
-        sla_overdue_secs: h.sla_overdue_secs,
-        sla_window_secs: h.sla_window_secs,
-        next_due: h.next_due,
-        next_tags: h.next_tags,
-        failures: h.runtime.failures,
-        schedule: h.schedule,
-        last_error: h.runtime.last_error,
         replica: replica_state(server, config, job.name()),
         fetched_by: server
             .fetched
@@ -198,13 +227,13 @@ pub fn header(server: &Server, config: &ServerConfig, name: &str) -> Result<(Job
                 at: Some(backy_proto::timestamp(&f.at)),
             })
             .collect(),
-        future_revisions: h.future,
         // Its owner, for a replica of this server (see proto/backy.proto).
         client: config
             .job(job.name())
             .ok()
             .and_then(|j| j.client.clone().or_else(|| j.copy_owner.clone()))
             .unwrap_or_default(),
+        ..h.status(name)
     };
     Ok((status, Revisions { revisions }))
 }
@@ -263,8 +292,6 @@ pub fn summary(server: &Server, config: &ServerConfig, name: &JobName) -> Result
         .find(|r| r.trust != Trust::Distrusted)
         .map(|r| backy_proto::timestamp(&r.timestamp));
     Ok(JobSummary {
-        job: name.to_string(),
-        schedule: h.schedule,
         revisions: u32::try_from(revs.len()).unwrap_or(u32::MAX),
         distrusted: u32::try_from(revs.iter().filter(|r| r.trust == Trust::Distrusted).count())
             .unwrap_or(u32::MAX),
@@ -278,16 +305,7 @@ pub fn summary(server: &Server, config: &ServerConfig, name: &JobName) -> Result
             .last_space(&job, &entry)
             .and_then(|s| s.job.as_ref().map(|u| wire_space(u, s.job_on_disk))),
         store: store_space(config),
-        storage: h.storage,
-        running: h.runtime.push.is_some(),
-        sla_ok: h.sla_ok,
-        sla_overdue_secs: h.sla_overdue_secs,
-        sla_window_secs: h.sla_window_secs,
-        next_due: h.next_due,
-        next_tags: h.next_tags,
-        failures: h.runtime.failures,
-        last_error: h.runtime.last_error,
         replica: replica_state(server, config, name),
-        future_revisions: h.future,
+        ..h.summary(name.as_str())
     })
 }
