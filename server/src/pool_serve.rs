@@ -641,19 +641,15 @@ pub fn stream_image(
                 }
                 continue;
             }
-            // The block (one object) in one read, into a new buffer per
-            // frame, not zeroed: each moves into its message uncopied.
-            let lens: Vec<usize> = (0..len)
-                .step_by(MAX_FRAME_DATA)
-                .map(|at| (len - at).min(MAX_FRAME_DATA as u64) as usize)
-                .collect();
             let mut pos = offset;
-            for data in reader.read_exact_pieces(offset, &lens)? {
-                let n = data.len() as u64;
+            while pos < offset + len {
+                let n = (offset + len - pos).min(MAX_FRAME_DATA as u64) as usize;
+                let mut data = vec![0u8; n];
+                reader.read_exact_at(pos, &mut data)?;
                 if !out.data(pos, data) {
                     return Ok(false);
                 }
-                pos += n;
+                pos += n as u64;
             }
         }
         Ok(out.end())

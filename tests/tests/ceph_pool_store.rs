@@ -169,19 +169,6 @@ fn read_all(store: &PoolStore, job: &JobName, id: &RevisionId, size: u64) -> Vec
         4,
         "short at the end"
     );
-    // The restore's reads: consecutive pieces in one request, across
-    // objects, equal to the bytes read above; short at the end is DataLoss.
-    let lens = [MIB as usize, 5, 3 * MIB as usize + 7, 1];
-    let at = MIB + 12_345;
-    let pieces = reader.read_exact_pieces(at, &lens).unwrap();
-    assert_eq!(pieces.iter().map(Vec::len).collect::<Vec<_>>(), lens);
-    assert_eq!(
-        pieces.concat(),
-        out[at as usize..at as usize + lens.iter().sum::<usize>()],
-        "read_exact_pieces"
-    );
-    let e = reader.read_exact_pieces(size - 4, &[2, 3]).unwrap_err();
-    assert!(e.to_string().contains("within the 5 bytes"), "{e}");
     out
 }
 

@@ -14,7 +14,6 @@ pub(crate) type RawWriteOp = *mut c_void;
 pub(crate) type RawReadOp = *mut c_void;
 pub(crate) type OmapIter = *mut c_void;
 pub(crate) type RawImage = *mut c_void;
-pub(crate) type RawCompletion = *mut c_void;
 
 /// `rbd_snap_info_t`.
 #[repr(C)]
@@ -220,15 +219,6 @@ api! {
         fn rbd_get_features(image: RawImage, features: *mut u64) -> c_int;
         fn rbd_resize(image: RawImage, size: u64) -> c_int;
         fn rbd_read2(image: RawImage, ofs: u64, len: usize, buf: *mut c_char, op_flags: c_int) -> libc::ssize_t;
-        fn rbd_aio_create_completion(
-            cb_arg: *mut c_void,
-            complete_cb: Option<unsafe extern "C" fn(RawCompletion, *mut c_void)>,
-            c: *mut RawCompletion,
-        ) -> c_int;
-        fn rbd_aio_readv(image: RawImage, iov: *const libc::iovec, iovcnt: c_int, off: u64, c: RawCompletion) -> c_int;
-        fn rbd_aio_wait_for_complete(c: RawCompletion) -> c_int;
-        fn rbd_aio_get_return_value(c: RawCompletion) -> libc::ssize_t;
-        fn rbd_aio_release(c: RawCompletion);
         fn rbd_snap_list(image: RawImage, snaps: *mut SnapInfo, max_snaps: *mut c_int) -> c_int;
         fn rbd_snap_list_end(snaps: *mut SnapInfo);
         fn rbd_snap_create(image: RawImage, name: *const c_char) -> c_int;

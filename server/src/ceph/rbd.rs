@@ -208,57 +208,6 @@ impl Image {
         Ok(buf)
     }
 
-    /// Consecutive pieces of `lens` bytes from `offset` in one read (one
-    /// request per object, where a read per piece would make one each), in
-    /// new buffers that are not zeroed first; the pieces are shorter, or
-    /// empty, where the image ends. A restore reads a 4 MiB block (one
-    /// object) into its four 1 MiB frames this way.
-    pub fn read_pieces(&self, offset: u64, lens: &[usize]) -> Result<Vec<Vec<u8>>> {
-        let mut bufs: Vec<Vec<u8>> = lens.iter().map(|&n| Vec::with_capacity(n)).collect();
-        let iov: Vec<libc::iovec> = bufs
-            .iter_mut()
-            .zip(lens)
-            .map(|(b, &n)| libc::iovec {
-                iov_base: b.spare_capacity_mut().as_mut_ptr().cast(),
-                iov_len: n,
-            })
-            .collect();
-        let target = || format!("{} at {offset}", self.name);
-        let count = c_int::try_from(iov.len()).map_err(|_| CephError::Reply {
-            op: "rbd_aio_readv",
-            target: target(),
-            reason: format!("{} pieces in one read", iov.len()),
-        })?;
-        let mut c: ffi::RawCompletion = ptr::null_mut();
-        // SAFETY: `c` receives the completion; no callback.
-        let rc = unsafe { (self.api.rbd_aio_create_completion)(ptr::null_mut(), None, &mut c) };
-        check(rc.into(), "rbd_aio_create_completion", target)?;
-        // SAFETY: the iovecs point into `bufs`' spare capacity, each
-        // `lens[i]` bytes long; `bufs` is neither moved nor dropped until
-        // the wait below returns (the read then is complete).
-        let rc = unsafe { (self.api.rbd_aio_readv)(self.raw, iov.as_ptr(), count, offset, c) };
-        let got = if rc < 0 {
-            i64::from(rc)
-        } else {
-            // SAFETY: a completion submitted above, waited for once.
-            unsafe { (self.api.rbd_aio_wait_for_complete)(c) };
-            // SAFETY: complete.
-            unsafe { (self.api.rbd_aio_get_return_value)(c) as i64 }
-        };
-        // SAFETY: created above, released once, after the read completed
-        // (or was never submitted).
-        unsafe { (self.api.rbd_aio_release)(c) };
-        let mut left = check(got, "rbd_aio_readv", target)? as usize;
-        for (b, &n) in bufs.iter_mut().zip(lens) {
-            let k = left.min(n);
-            // SAFETY: librbd filled the pieces in order: the first `k`
-            // bytes of this one are written.
-            unsafe { b.set_len(k) };
-            left -= k;
-        }
-        Ok(bufs)
-    }
-
     /// Reads into `buf` from `offset`; returns the bytes read, fewer than
     /// `buf.len()` only where the image ends.
     pub fn read_into(&self, offset: u64, buf: &mut [u8]) -> Result<usize> {

@@ -307,28 +307,15 @@ impl RevisionReader {
     /// (its record said it is longer).
     pub fn read_exact_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
         let got = self.read_at(offset, buf)?;
-        self.exact(offset, got, buf.len())
-    }
-
-    /// Consecutive pieces of `lens` bytes from `offset` in one read
-    /// ([`Image::read_pieces`]); short is DataLoss as for
-    /// [`RevisionReader::read_exact_at`].
-    pub fn read_exact_pieces(&self, offset: u64, lens: &[usize]) -> Result<Vec<Vec<u8>>> {
-        let bufs = self.image.read_pieces(offset, lens)?;
-        let got: usize = bufs.iter().map(Vec::len).sum();
-        self.exact(offset, got, lens.iter().sum())?;
-        Ok(bufs)
-    }
-
-    fn exact(&self, offset: u64, got: usize, len: usize) -> Result<()> {
-        if got == len {
+        if got == buf.len() {
             return Ok(());
         }
         Err(PoolError::DataLoss {
             what: self.what.clone(),
             detail: format!(
-                "ends at {} within the {len} bytes asked from {offset}",
+                "ends at {} within the {} bytes asked from {offset}",
                 offset + got as u64,
+                buf.len()
             ),
         })
     }
